@@ -1,0 +1,214 @@
+"""The `sdtune` command line: a thin Typer layer that builds a config and calls the library.
+
+Exit codes: 0 success, 1 failure during the work (for example a non-finite loss), 2 bad input.
+Only typer is imported at start-up; torch and diffusers load inside the commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from .config import SampleConfig, TrainConfig
+from .errors import SdtuneError
+
+app = typer.Typer(
+    name="sdtune",
+    help="Fine-tune Stable Diffusion v1.x with parameter-efficient methods (filter atoms, LoRA, ...) and compare them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Method-specific flags: (flag's python name, method, option name in the method's options).
+METHOD_FLAGS = [("atoms_m", "atoms", "m"), ("atoms_1x1", "atoms", "include_1x1")]
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Turn sdtune's errors into one line on stderr and the right exit code, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        warnings.formatwarning = _one_line_warning
+        try:
+            return command(*args, **kwargs)
+        except SdtuneError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _default(config_class: type, name: str) -> str:
+    value = config_class.__dataclass_fields__[name].default
+    return f" (default: {value})" if value is not None else ""
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    """--option key=value pairs; values are read as TOML scalars (numbers, true/false) or strings."""
+    import tomllib
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise SdtuneError(f"--option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = raw
+    return options
+
+
+@app.command()
+@handle_errors
+def train(
+    concept: Optional[str] = typer.Option(None, help="Concept name; its placeholder is <NAME>." + _default(TrainConfig, "concept")),
+    method: Optional[str] = typer.Option(None, help="Tuning method (see `sdtune methods`)." + _default(TrainConfig, "method")),
+    model: Optional[str] = typer.Option(None, help="'tiny', a hub id or a diffusers folder." + _default(TrainConfig, "model")),
+    images: Optional[Path] = typer.Option(None, help="Folder of training images (default: concepts/NAME, else the built-in demo set)."),
+    output: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<concept>-<method>)."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps." + _default(TrainConfig, "steps")),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step." + _default(TrainConfig, "batch_size")),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's own, 1e-3 for atoms)."),
+    resolution: Optional[int] = typer.Option(None, help="Training image size in pixels (default: the model's native size)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed." + _default(TrainConfig, "seed")),
+    token: Optional[str] = typer.Option(None, help="Text that replaces the placeholder (default: 'sks <concept>')."),
+    template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
+    save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16." + _default(TrainConfig, "mixed_precision")),
+    atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
+    atoms_1x1: Optional[bool] = typer.Option(None, "--atoms-1x1/--no-atoms-1x1", help="atoms: also tune 1x1 convolutions (default: no)."),
+    option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
+    config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
+) -> None:
+    """Train an adapter for a concept and write it to the run folder."""
+    from . import train as run_training
+
+    settings = locals()
+    file_values = TrainConfig.load(config) if config else TrainConfig()
+    chosen_method = method or file_values.method
+    options = dict(file_values.options)
+    for flag, flag_method, key in METHOD_FLAGS:
+        if settings[flag] is not None:
+            if flag_method != chosen_method:
+                raise SdtuneError(f"--{flag.replace('_', '-')} applies to --method {flag_method}, not {chosen_method}")
+            options[key] = settings[flag]
+    options.update(_parse_options(option))
+    overrides = {
+        name: settings[name]
+        for name in (
+            "concept", "method", "model", "steps", "batch_size", "lr", "resolution", "seed",
+            "token", "template", "save_every", "mixed_precision",
+        )
+    }
+    overrides.update(images=str(images) if images else None, output=str(output) if output else None)
+    train_config = TrainConfig.load(config, options=options, **overrides)
+    run = run_training(train_config)
+    final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
+    typer.echo(
+        f"trained {run.method.describe()} in {run.seconds:.1f} s; final loss {final}\n"
+        f"adapter: {run.adapter}"
+    )
+
+
+@app.command()
+@handle_errors
+def sample(
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
+    prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
+    adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder; without it the base model is sampled."),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's, else CompVis/stable-diffusion-v1-4)."),
+    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples, else ./samples)."),
+    num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps." + _default(SampleConfig, "steps")),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale." + _default(SampleConfig, "guidance")),
+    seed: Optional[int] = typer.Option(None, help="First seed." + _default(SampleConfig, "seed")),
+    resolution: Optional[int] = typer.Option(None, help="Image size in pixels (default: the model's native size)."),
+    token: Optional[str] = typer.Option(None, help="Text for placeholders (default: the adapter's token)."),
+) -> None:
+    """Draw images for every prompt and one grid (rows = prompts, columns = seeds)."""
+    from . import sample as run_sampling
+
+    sample_config = SampleConfig.load(
+        None,
+        prompts=str(prompts) if prompts else None,
+        prompt=list(prompt),
+        adapter=str(adapter) if adapter else None,
+        model=model,
+        output=str(output) if output else None,
+        num_images=num_images,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        resolution=resolution,
+        token=token,
+    )
+    result = run_sampling(sample_config)
+    typer.echo(f"wrote {len(result.images)} images and {result.grid}")
+
+
+@app.command("methods")
+@handle_errors
+def list_methods(
+    model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', a hub id or a folder."),
+) -> None:
+    """List every method with its trainable parameter count and adapter size."""
+    from . import methods
+    from .models import build_sd14_unet, load_pipeline
+
+    rows = []
+    for name in methods.available():
+        unet = build_sd14_unet("meta") if model == "sd14" else load_pipeline(model).unet
+        method = methods.create(name)
+        method.inject(unet)
+        size = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+        rows.append((name, f"{method.num_parameters():,}", f"{len(method.target_names)}", _human_bytes(size), method.summary))
+    header = ("method", "trainable", "layers", "adapter", "what it trains")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+    typer.echo(f"on {'SD v1.4' if model == 'sd14' else model}:")
+    for row in [header] + rows:
+        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"sdtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Fine-tune Stable Diffusion v1.x with parameter-efficient methods and compare them."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

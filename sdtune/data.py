@@ -1,0 +1,148 @@
+"""Training data: image folders, concepts, prompt files.
+
+Images of any mode (RGBA, palette, CMYK, 16-bit, greyscale) are converted to RGB; files that are
+not images are skipped with a warning as long as others remain. PIL's decompression-bomb guard
+stays on.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+from .errors import SdtuneError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+PLACEHOLDER = re.compile(r"<([^<>\s]+)>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt files
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a text file: one a line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise SdtuneError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise SdtuneError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def fill_placeholders(prompt: str, token: str | None) -> str:
+    """Replace every `<name>` with the concept's token, or with plain `name` when there is none."""
+    return PLACEHOLDER.sub(lambda match: token if token else match.group(1), prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SdtuneError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise SdtuneError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def concept_images(concept: str, images: str | Path | None = None) -> list[Path]:
+    """The training images for a concept: `images`, else ./concepts/NAME, else the built-in demo set."""
+    if images is not None:
+        return list_images(images)
+    local = Path("concepts") / concept
+    if local.is_dir():
+        return list_images(local)
+    from .demo_images import DEMO_CONCEPTS, demo_concept_folder
+
+    if concept in DEMO_CONCEPTS:
+        return list_images(demo_concept_folder(concept))
+    raise SdtuneError(
+        f"no images for concept {concept!r}: give --images DIR or put them in concepts/{concept}/ "
+        f"(built-in demo sets: {', '.join(DEMO_CONCEPTS)})"
+    )
+
+
+def to_rgb(image):
+    """Any PIL image as 8-bit RGB; transparency is composited on white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        low, high = array.min(), array.max()
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(path: Path, resolution: int):
+    """Open, convert, resize the shorter side to `resolution` and center-crop to a square."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("RGB", (resolution, resolution))  # JPEGs decode at reduced size when large
+        image = to_rgb(image)
+    width, height = image.size
+    if min(width, height) < resolution:
+        warnings.warn(f"{path.name} is {width}x{height}, smaller than {resolution}px: upscaled", stacklevel=2)
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_images(paths: list[Path], resolution: int) -> list:
+    """Every readable image; unreadable files are skipped with a warning, none readable is an error."""
+    from PIL import Image, UnidentifiedImageError
+
+    loaded, skipped = [], []
+    for path in paths:
+        try:
+            loaded.append(load_image(path, resolution))
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            skipped.append(path)
+            warnings.warn(f"skipping {path}: not a readable image ({str(error).splitlines()[0][:100]})", stacklevel=2)
+    if not loaded:
+        folder = paths[0].parent if paths else "?"
+        raise SdtuneError(f"no readable images in {folder} ({len(skipped)} file(s) could not be read)")
+    return loaded
+
+
+class ConceptDataset:
+    """Few-shot concept images as tensors in [-1, 1], each with a random horizontal flip."""
+
+    def __init__(self, images: list, prompt: str):
+        import numpy as np
+        import torch
+
+        arrays = [np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in images]
+        self.pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        self.prompt = prompt
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        pixels = self.pixels[index]
+        if torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        return pixels

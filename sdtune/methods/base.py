@@ -1,0 +1,142 @@
+"""The interface every tuning method implements, and what all of them share.
+
+A method is created from its options, injected into a frozen UNet (it wraps or selects the
+parameters it trains), and can then give its trainable parameters, save and load its state,
+merge its update into the base weights, and count its parameters. Adapter files and the training
+loop only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import SdtuneError
+
+
+class Method(ABC):
+    """One tuning method: its options, its injection, its state and its merge."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type]
+
+    def __init__(self, **options: Any):
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise SdtuneError(
+                f"method {self.name!r} has no option(s) {', '.join(unknown)}; it takes: {', '.join(sorted(known))}"
+            )
+        self.options = self.Options(**options)
+        self.validate_options()
+        self.target_names: list[str] = []
+        self.base_fingerprint: str | None = None
+        self._unet: nn.Module | None = None
+
+    def validate_options(self) -> None:
+        """Raise SdtuneError for option values that cannot work."""
+
+    # -- the interface -------------------------------------------------------------------------
+    @abstractmethod
+    def find_targets(self, unet: nn.Module) -> list[str]:
+        """Names of the UNet modules this method changes."""
+
+    @abstractmethod
+    def _inject(self, unet: nn.Module, targets: list[str]) -> None:
+        """Wrap or select the targets; after this, `trainable_parameters()` is valid."""
+
+    @abstractmethod
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser updates."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor needed to rebuild the update on the same base model."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what `state_dict` returned (after `inject` on the same base model)."""
+
+    @abstractmethod
+    def merge(self) -> None:
+        """Fold the update into the base weights and remove every wrapper."""
+
+    # -- shared behaviour ----------------------------------------------------------------------
+    def inject(self, unet: nn.Module) -> list[nn.Parameter]:
+        """Freeze the UNet, apply the method to it, and return the trainable parameters."""
+        if self._unet is not None:
+            raise RuntimeError(f"{self.name}: already injected")
+        unet.requires_grad_(False)
+        targets = self.find_targets(unet)
+        if not targets:
+            raise SdtuneError(f"method {self.name!r} found no layer to tune in this UNet")
+        self.base_fingerprint = fingerprint(unet, targets)
+        self.target_names = targets
+        self._unet = unet
+        self._inject(unet, targets)
+        return self.trainable_parameters()
+
+    def num_parameters(self) -> int:
+        """How many numbers training updates."""
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+    def describe(self) -> str:
+        """A one-line human description: method, options and size."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.options_dict().items())
+        size = f", {self.num_parameters():,} trainable parameters in {len(self.target_names)} layers" if self._unet else ""
+        return f"{self.name} ({opts}){size}"
+
+    @property
+    def unet(self) -> nn.Module:
+        if self._unet is None:
+            raise RuntimeError(f"{self.name}: inject() first")
+        return self._unet
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers the methods share
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `root.get_submodule(name)` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def named_convs(unet: nn.Module, kernel_sizes: set[int]) -> Iterator[tuple[str, nn.Conv2d]]:
+    """The UNet's square Conv2d layers whose kernel size is in `kernel_sizes`, in module order."""
+    for name, module in unet.named_modules():
+        if type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1]:
+            if module.kernel_size[0] in kernel_sizes and module.groups == 1:
+                yield name, module
+
+
+def fingerprint(unet: nn.Module, names: list[str]) -> str:
+    """A short hash of the named layers' shapes and a fixed sample of their weights.
+
+    Values are rounded to float16 first, so a base model loaded in fp16 or fp32 gives the same
+    fingerprint; the sample (64 evenly spaced values per weight) keeps it fast on SD v1.4.
+    """
+    digest = hashlib.sha256()
+    for name in names:
+        weight = getattr(unet.get_submodule(name), "weight", None)
+        if weight is None:
+            digest.update(f"{name};".encode())
+            continue
+        digest.update(f"{name}:{tuple(weight.shape)};".encode())
+        if weight.is_meta:
+            continue
+        flat = weight.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()), device=flat.device).long()
+        digest.update(flat[index].to(torch.float16).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

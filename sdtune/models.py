@@ -1,0 +1,271 @@
+"""Load Stable Diffusion pipelines (hub id, local folder or the embedded tiny model).
+
+Every model goes through `StableDiffusionPipeline.from_pretrained`, the tiny one included: it is
+built once, deterministically and offline, saved in diffusers layout to the cache folder, and then
+loaded from there like any other folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from .errors import SdtuneError
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
+TINY = "tiny"
+# Bump when the tiny model's construction changes, so stale caches are not reused.
+TINY_VERSION = 1
+TINY_SEED = 0
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' load-time chatter and progress bars; sdtune shows its own."""
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
+def cache_dir() -> Path:
+    """Where sdtune keeps built models and decompositions (`SDTUNE_CACHE` overrides)."""
+    if os.environ.get("SDTUNE_CACHE"):
+        return Path(os.environ["SDTUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdtune"
+
+
+def sd14_unet_config() -> dict:
+    """SD v1.4's UNet config, shipped with the package so its architecture needs no download."""
+    text = resources.files("sdtune.resources").joinpath("sd14_unet_config.json").read_text()
+    return json.loads(text)
+
+
+def build_sd14_unet(device: str = "meta"):
+    """SD v1.4's UNet architecture with no weights (meta device) or random weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        return UNet2DConditionModel.from_config(sd14_unet_config())
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded tiny model
+
+
+def tiny_unet_config() -> dict:
+    """SD v1.4's UNet block structure at tiny widths (same 52 3x3 convolutions)."""
+    config = sd14_unet_config()
+    config.update(
+        block_out_channels=[32, 64, 64, 64],
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        sample_size=8,
+    )
+    config.pop("_diffusers_version")
+    config.pop("_class_name")
+    return config
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's map from bytes to printable characters (the base alphabet of their BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def _tiny_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary in CLIP's format, built from a small fixed word list.
+
+    Every byte has a token (alone and as the end of a word), so any text can be encoded; the merges
+    make whole tokens of the words sdtune's prompts use most.
+    """
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
+    words = (
+        "a an the of in on at with by and from to is this photo picture painting style sks "
+        "castle canal dog cat house tree forest lake mountains snow river boat bridge water sky "
+        "digit handwritten zero one two three four five six seven eight nine"
+    ).split()
+    merges: list[tuple[str, str]] = []
+    seen = set(vocab_list)
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        current = parts[0]
+        for part in parts[1:]:
+            merged = current + part
+            if merged not in seen:
+                merges.append((current, part))
+                vocab_list.append(merged)
+                seen.add(merged)
+            current = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(vocab_list)}, merges
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED):
+    """Build the tiny SD-architecture pipeline in memory, deterministically from `seed`."""
+    quiet_libraries()
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges = _tiny_tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    # SD v1.4's scheduler configuration.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_model_path() -> Path:
+    """The tiny model's folder in diffusers layout, built on first use."""
+    target = cache_dir() / "models" / f"tiny-v{TINY_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished first; its copy is identical.
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading any model
+
+
+def resolve_model(model: str) -> str:
+    """The path or hub id that `from_pretrained` should read for `model`."""
+    if model == TINY:
+        return str(tiny_model_path())
+    return model
+
+
+def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
+    """Load a Stable Diffusion pipeline from "tiny", a hub id or a local diffusers folder.
+
+    A hub id is read from the local Hugging Face cache first and downloaded only where that fails
+    and the network is allowed. The safety checker and its feature extractor are not loaded.
+    """
+    quiet_libraries()
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    source = resolve_model(model)
+    path = Path(source)
+    is_folder = path.exists()
+    if is_folder:
+        if not path.is_dir() or not (path / "model_index.json").exists():
+            raise SdtuneError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
+        if missing:
+            raise SdtuneError(f"--model {model}: the folder lacks component(s) {', '.join(missing)}")
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise SdtuneError(f"--model {model}: no such folder, and not a hub id; use --model tiny or a local folder")
+
+    kwargs = dict(
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dtype=dtype or torch.float32,
+    )
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
+        except Exception as local_error:
+            if is_folder:
+                raise SdtuneError(f"--model {model}: could not load the folder: {_first_line(local_error)}") from None
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+                raise SdtuneError(
+                    f"--model {model}: weights not found in the local Hugging Face cache and the hub is offline; "
+                    "use --model tiny or a local folder"
+                ) from None
+            try:
+                pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+            except Exception as remote_error:
+                raise SdtuneError(
+                    f"--model {model}: weights not found locally and could not be downloaded "
+                    f"({_first_line(remote_error)}); use --model tiny or a local folder"
+                ) from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.sdtune_model_id = model
+    return pipe
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]

@@ -1,0 +1,109 @@
+"""Prompt files → images and one grid (rows = prompts, columns = seeds, the prompt under each row)."""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import SampleConfig
+
+CAPTION_LINE_HEIGHT = 14
+CAPTION_LINES = 2
+GRID_PAD = 4
+MIN_CELL = 128  # small images are shown enlarged so the captions stay readable
+
+
+@dataclass
+class SampleResult:
+    output: Path
+    images: list[Path]
+    grid: Path
+    prompts: list[str]
+
+
+def grid_size(rows: int, columns: int, image_size: int) -> tuple[int, int]:
+    """Width and height of a grid of `rows` x `columns` square images with captions."""
+    cell = max(image_size, MIN_CELL)
+    width = columns * cell + (columns + 1) * GRID_PAD
+    height = rows * (cell + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD) + GRID_PAD
+    return width, height
+
+
+def make_grid(rows: list[list], captions: list[str]):
+    """One image: each row of PIL images with its caption written below it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image_size = rows[0][0].size[0]
+    cell = max(image_size, MIN_CELL)
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", grid_size(len(rows), columns, image_size), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=11)
+    chars = max(10, int((grid.size[0] - 2 * GRID_PAD) / 6))
+    y = GRID_PAD
+    for row, caption in zip(rows, captions):
+        for column, image in enumerate(row):
+            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (GRID_PAD + column * (cell + GRID_PAD), y))
+        y += cell
+        lines = textwrap.wrap(caption, chars)[:CAPTION_LINES] or [""]
+        for k, line in enumerate(lines):
+            draw.text((GRID_PAD, y + 1 + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
+        y += CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD
+    return grid
+
+
+def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .adapter import adapter_path, load_adapter, read_adapter
+    from .data import fill_placeholders, read_prompt_file
+    from .fileio import atomic_write
+    from .models import DEFAULT_MODEL, load_pipeline
+
+    config.validate()
+    prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+    info = read_adapter(config.adapter)[0] if config.adapter else None
+    model = config.model or (info.base_model if info else DEFAULT_MODEL)
+    token = config.token or (info.token if info else None)
+    if config.output:
+        output = Path(config.output)
+    elif config.adapter:
+        output = adapter_path(config.adapter).parent / "samples"
+    else:
+        output = Path("samples")
+
+    pipe = load_pipeline(model)
+    if config.adapter:
+        load_adapter(config.adapter, pipe, merge=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    seeds = [config.seed + j for j in range(config.num_images)]
+    rows, files, filled = [], [], []
+    for index, prompt in enumerate(tqdm(prompts, desc="sample", unit="prompt", disable=not progress)):
+        text = fill_placeholders(prompt, token)
+        filled.append(text)
+        generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        images = pipe(
+            text,
+            num_images_per_prompt=len(seeds),
+            generator=generators,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance,
+            height=resolution,
+            width=resolution,
+        ).images
+        for seed, image in zip(seeds, images):
+            path = output / "images" / f"{index:03d}-seed{seed}.png"
+            with atomic_write(path) as tmp:
+                image.save(tmp, format="PNG")
+            files.append(path)
+        rows.append(images)
+    grid_path = output / "grid.png"
+    with atomic_write(grid_path) as tmp:
+        make_grid(rows, filled).save(tmp, format="PNG")
+    return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
