@@ -12,6 +12,7 @@ CAPTION_LINE_HEIGHT = 14
 CAPTION_LINES = 2
 GRID_PAD = 4
 MIN_CELL = 128  # small images are shown enlarged so the captions stay readable
+IMAGES_PER_CALL = 16  # images drawn per pipeline call (classifier-free guidance doubles the batch)
 
 
 @dataclass
@@ -83,13 +84,17 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
 
     (output / "images").mkdir(parents=True, exist_ok=True)
     seeds = [config.seed + j for j in range(config.num_images)]
-    rows, files, filled = [], [], []
-    for index, prompt in enumerate(tqdm(prompts, desc="sample", unit="prompt", disable=not progress)):
-        text = fill_placeholders(prompt, token)
-        filled.append(text)
-        generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    rows, files = [], []
+    filled = [fill_placeholders(prompt, token) for prompt in prompts]
+    # Several prompts go through the pipeline at once; every image keeps its own seeded generator,
+    # so the images do not depend on how prompts are batched.
+    per_call = max(1, IMAGES_PER_CALL // len(seeds))
+    bar = tqdm(total=len(filled), desc="sample", unit="prompt", disable=not progress)
+    for first in range(0, len(filled), per_call):
+        texts = filled[first : first + per_call]
+        generators = [torch.Generator(device).manual_seed(seed) for _ in texts for seed in seeds]
         images = pipe(
-            text,
+            texts,
             num_images_per_prompt=len(seeds),
             generator=generators,
             num_inference_steps=config.steps,
@@ -97,12 +102,16 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
             height=resolution,
             width=resolution,
         ).images
-        for seed, image in zip(seeds, images):
-            path = output / "images" / f"{index:03d}-seed{seed}.png"
-            with atomic_write(path) as tmp:
-                image.save(tmp, format="PNG")
-            files.append(path)
-        rows.append(images)
+        for offset in range(len(texts)):
+            row = images[offset * len(seeds) : (offset + 1) * len(seeds)]
+            for seed, image in zip(seeds, row):
+                path = output / "images" / f"{first + offset:03d}-seed{seed}.png"
+                with atomic_write(path) as tmp:
+                    image.save(tmp, format="PNG")
+                files.append(path)
+            rows.append(row)
+        bar.update(len(texts))
+    bar.close()
     grid_path = output / "grid.png"
     with atomic_write(grid_path) as tmp:
         make_grid(rows, filled).save(tmp, format="PNG")

@@ -1,0 +1,37 @@
+# Two commands for a fresh clone: `make demo` (train filter atoms on the castle demo set with the
+# embedded tiny model, then sample the paper's 20 prompts into a grid) and `make test`.
+# Both create the virtual environment first if needed.
+
+VENV ?= .venv
+PYTHON ?= python3
+# A pinned torch keeps pip from replacing an installed build; override for another (e.g. CUDA) build.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdtune-installed
+DEMO_STEPS ?= 200
+RUN ?= runs/castle-atoms
+
+.PHONY: env demo test test-all bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sdtune train --model tiny --concept castle --method atoms --steps $(DEMO_STEPS) --output $(RUN)
+	$(VENV)/bin/sdtune sample --adapter $(RUN) --prompts prompts/castle.txt --num-images 4 --steps 30
+	@echo "grid: $(RUN)/samples/grid.png"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf runs .pytest_cache
