@@ -7,6 +7,7 @@ Only typer is imported at start-up; torch and diffusers load inside the commands
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +48,13 @@ def handle_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except Exception as error:
+            if os.environ.get("SDTUNE_DEBUG"):
+                raise
+            message = str(error).strip().splitlines()
+            detail = f": {message[0][:300]}" if message else ""
+            typer.echo(f"error: {type(error).__name__}{detail} (set SDTUNE_DEBUG=1 for the traceback)", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

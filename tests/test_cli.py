@@ -1,0 +1,140 @@
+"""The command line end to end on the tiny model, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdtune.cli import app
+from sdtune.sampling import grid_size
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, code: int, pattern: str):
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # progress bars may come before it
+    assert pattern in errors[0], errors[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, private_cache):
+    output = tmp_path_factory.mktemp("run") / "castle-atoms"
+    result = invoke("train", "--model", "tiny", "--steps", 3, "--output", output, "--seed", 1)
+    assert result.exit_code == 0, result.output
+    return output
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, sdtune.cli; sys.exit(1 if 'torch' in sys.modules or 'diffusers' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert "train" in invoke("--help").output
+
+
+def test_train_writes_adapter_config_and_metrics(trained_run):
+    from safetensors import safe_open
+
+    assert sorted(p.name for p in trained_run.iterdir()) == ["adapter.safetensors", "config.toml", "metrics.jsonl"]
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
+    with safe_open(str(trained_run / "adapter.safetensors"), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["method"] == "atoms" and meta["base_model"] == "tiny" and meta["token"] == "sks castle"
+    assert meta["placeholder"] == "<castle>" and len(meta["fingerprint"]) == 16
+
+
+def test_config_replays(trained_run, tmp_path):
+    result = invoke("train", "--config", trained_run / "config.toml", "--steps", 2, "--output", tmp_path / "replay")
+    assert result.exit_code == 0, result.output
+    assert "seed = 1" in (tmp_path / "replay" / "config.toml").read_text()
+
+
+def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("photo of a <castle>.\n# skipped\nThe <castle> at dawn.\n")
+    args = ("sample", "--adapter", trained_run, "--prompts", prompts, "--num-images", 2, "--steps", 2)
+    first = invoke(*args, "--output", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    invoke(*args, "--output", tmp_path / "b")
+    grid = Image.open(tmp_path / "a" / "grid.png")
+    assert grid.size == grid_size(rows=2, columns=2, image_size=64)
+    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert names == ["000-seed0.png", "000-seed1.png", "001-seed0.png", "001-seed1.png"]
+    for name in names:
+        assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
+
+
+def test_sample_base_model_without_adapter(tmp_path, private_cache):
+    result = invoke("sample", "--model", "tiny", "--prompt", "a <castle>", "--num-images", 1, "--steps", 1, "--output", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_methods_table_counts_sd14():
+    result = invoke("methods")
+    assert result.exit_code == 0, result.output
+    assert "4,212" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (("train", "--method", "nope", "--model", "tiny"), "unknown method 'nope'"),
+        (("train", "--model", "tiny", "--images", "/no/such/dir"), "image folder not found"),
+        (("train", "--model", "tiny", "--steps", 0), "--steps must be at least 1"),
+        (("train", "--model", "tiny", "--lr", -1), "--lr must be positive"),
+        (("train", "--model", "/no/such/model"), "use --model tiny"),
+        (("train", "--method", "atoms", "--option", "rank=4"), "has no option(s) rank"),
+        (("sample", "--adapter", "/no/adapter.safetensors", "--prompt", "x"), "adapter not found"),
+        (("sample", "--model", "tiny"), "give a prompt file"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, pattern):
+    assert_one_line_error(invoke(*args), 2, pattern)
+
+
+def test_empty_image_folder_and_prompt_file(tmp_path, trained_run):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("train", "--model", "tiny", "--images", tmp_path / "empty"), 2, "has no images")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    assert_one_line_error(invoke("sample", "--adapter", trained_run, "--prompts", tmp_path / "empty.txt"), 2, "has no prompts")
+
+
+def test_unknown_toml_setting(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('method = "atoms"\nstepz = 3\n')
+    assert_one_line_error(invoke("train", "--config", config), 2, "unknown setting(s)")
+
+
+def test_adapter_for_another_base_model_is_refused(trained_run, tmp_path):
+    from sdtune.models import build_tiny_pipeline
+
+    other = tmp_path / "other-model"
+    build_tiny_pipeline(seed=5).save_pretrained(other)
+    result = invoke("sample", "--adapter", trained_run, "--model", other, "--prompt", "x", "--steps", 1)
+    assert_one_line_error(result, 2, "was trained on base model 'tiny'")
+
+
+def test_non_finite_loss_stops_with_exit_1_and_keeps_last_adapter(tmp_path):
+    from safetensors import safe_open
+
+    output = tmp_path / "nan"
+    result = invoke("train", "--model", "tiny", "--steps", 6, "--lr", "1e30", "--save-every", 1, "--output", output)
+    assert_one_line_error(result, 1, "loss is")
+    step = int(result.stderr.split("at step ")[1].split(";")[0])
+    assert step > 1
+    with safe_open(str(output / "adapter.safetensors"), framework="pt") as handle:
+        assert int(handle.metadata()["step"]) == step - 1
+    assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]

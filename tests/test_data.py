@@ -1,0 +1,91 @@
+"""Images of every kind, prompt files and the demo concepts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdtune.data import concept_images, fill_placeholders, list_images, load_images, read_prompt_file
+from sdtune.demo_images import DEMO_COUNT, demo_concept_folder, draw_demo_image
+from sdtune.errors import SdtuneError
+
+
+def test_prompt_file_skips_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\n\nphoto of a <castle>.\n  The <castle> at night.  \n", encoding="utf-8")
+    assert read_prompt_file(path) == ["photo of a <castle>.", "The <castle> at night."]
+
+
+@pytest.mark.parametrize("content", [b"", b"# only comments\n\n", b"\xff\xfe\x00bad"])
+def test_empty_or_undecodable_prompt_file_is_refused(tmp_path, content):
+    path = tmp_path / "p.txt"
+    path.write_bytes(content)
+    with pytest.raises(SdtuneError):
+        read_prompt_file(path)
+
+
+def test_paper_prompt_files_have_twenty_prompts():
+    for concept in ("castle", "canal"):
+        prompts = read_prompt_file(f"prompts/{concept}.txt")
+        assert len(prompts) == 20 and all(f"<{concept}>" in p for p in prompts)
+
+
+def test_placeholders():
+    assert fill_placeholders("A <castle> by a lake", "sks castle") == "A sks castle by a lake"
+    assert fill_placeholders("A <castle> by a lake", None) == "A castle by a lake"
+
+
+def odd_images(folder):
+    """Every mode sdtune must accept, plus a tiny image."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("P").save(folder / "palette.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 65535, (80, 80), dtype=np.uint16)).save(folder / "sixteen.png")
+    rgb.resize((20, 12)).save(folder / "tiny.webp")
+
+
+def test_every_image_mode_becomes_rgb(tmp_path):
+    odd_images(tmp_path)
+    with pytest.warns(UserWarning, match="smaller than 64px: upscaled"):
+        images = load_images(list_images(tmp_path), 64)
+    assert len(images) == 6
+    for image in images:
+        assert image.mode == "RGB" and image.size == (64, 64)
+    sixteen = np.asarray(images[[p.name for p in list_images(tmp_path)].index("sixteen.png")])
+    assert sixteen.max() > 200 and sixteen.min() < 50, "16-bit images are rescaled, not clipped"
+
+
+def test_unreadable_files_are_skipped_while_others_remain(tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "good.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    with pytest.warns(UserWarning, match="skipping .*broken.png"):
+        assert len(load_images(list_images(tmp_path), 64)) == 1
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(SdtuneError, match="no readable images"):
+        load_images(list_images(tmp_path), 64)
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(SdtuneError, match="not found"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SdtuneError, match="has no images"):
+        list_images(tmp_path)
+
+
+def test_demo_concepts_are_drawn_deterministically(tmp_path, monkeypatch):
+    folder = demo_concept_folder("canal")
+    files = sorted(folder.iterdir())
+    assert len(files) == DEMO_COUNT
+    assert np.array_equal(np.asarray(Image.open(files[3])), np.asarray(draw_demo_image("canal", 3)))
+    monkeypatch.chdir(tmp_path)
+    assert concept_images("castle")[0].parent.name.startswith("castle")
+    (tmp_path / "concepts" / "castle").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "concepts" / "castle" / "mine.png")
+    assert [p.name for p in concept_images("castle")] == ["mine.png"]
+    with pytest.raises(SdtuneError, match="no images for concept 'dragon'"):
+        concept_images("dragon")

@@ -1,0 +1,64 @@
+"""The embedded tiny model and model loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sdtune.errors import SdtuneError
+from sdtune.methods.base import named_convs
+from sdtune.models import build_sd14_unet, build_tiny_pipeline, load_pipeline, sd14_unet_config
+
+
+def test_tiny_model_is_deterministic():
+    first, second = build_tiny_pipeline().unet.state_dict(), build_tiny_pipeline().unet.state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_tiny_model_has_sd14_structure(tiny_pipe):
+    tiny, sd14 = tiny_pipe.unet.config, sd14_unet_config()
+    for key in ("down_block_types", "up_block_types", "layers_per_block", "in_channels", "out_channels"):
+        assert list(tiny[key]) == list(sd14[key]) if isinstance(sd14[key], list) else tiny[key] == sd14[key]
+    assert not tiny.use_linear_projection  # conv proj_in / proj_out, as in SD v1.4
+    tiny_convs = [name for name, _ in named_convs(tiny_pipe.unet, {3})]
+    sd14_convs = [name for name, _ in named_convs(build_sd14_unet("meta"), {3})]
+    assert len(tiny_convs) == 52 and tiny_convs == sd14_convs
+    assert tiny_pipe.vae_scale_factor == 8
+    assert type(tiny_pipe.text_encoder).__name__ == "CLIPTextModel"
+
+
+def test_tiny_tokenizer_encodes_any_text(tiny_pipe):
+    tokenizer = tiny_pipe.tokenizer
+    ids = tokenizer("photo of a sks castle, Ünïcode & emoji 🏰").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert "castle" in tokenizer.decode(ids)
+    assert len(tokenizer("word " * 200, truncation=True, max_length=77).input_ids) == 77
+
+
+def test_loads_a_folder_with_safety_checker_entries(tiny_path, tmp_path):
+    folder = tmp_path / "sd-like"
+    shutil.copytree(tiny_path, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = load_pipeline(str(folder))
+    assert pipe.safety_checker is None
+
+
+def test_missing_component_is_named(tiny_path, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_path, folder)
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(SdtuneError, match="lacks component.*vae"):
+        load_pipeline(str(folder))
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "someone/not-cached-model"])
+def test_unavailable_model_names_tiny(model):
+    with pytest.raises(SdtuneError, match="--model tiny"):
+        load_pipeline(model)
