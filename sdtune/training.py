@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .fileio import write_text_atomic
 # Learning rates that train each method well at batch size 1 (the `--lr` default).
 DEFAULT_LR = {"atoms": 1e-3}
 FALLBACK_LR = 1e-4
+FEW_SHOT_IMAGES = (3, 50)
 
 
 @dataclass
@@ -65,6 +67,8 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
     dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
+    if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
+        warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
