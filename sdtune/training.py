@@ -19,6 +19,8 @@ from .fileio import write_text_atomic
 
 # Learning rates that train each method well at batch size 1 (the `--lr` default).
 DEFAULT_LR = {"atoms": 1e-3}
+# BitFit/DiffFit: DiffFit-pytorch trains SD with 1e-3 (the paper finds ~10x the pre-training lr best)
+DEFAULT_LR.update(bitfit=1e-3, difffit=1e-3, full=1e-5)
 FALLBACK_LR = 1e-4
 FEW_SHOT_IMAGES = (3, 50)
 

@@ -20,6 +20,11 @@ CASES = [
     ("atoms", {}, 1e-2),
     ("atoms", {"m": 4}, 1e-2),
     ("atoms", {"include_1x1": True}, 1e-2),
+    ("bitfit", {}, 1e-2),
+    ("bitfit", {"targets": "attn,ff"}, 1e-2),
+    ("difffit", {}, 1e-2),
+    ("difffit", {"resnet_gamma": True}, 1e-2),
+    ("full", {}, 1e-3),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts, _ in CASES]
 
@@ -30,6 +35,31 @@ def expected_count(name: str, options: dict, unet) -> int:
         sizes = {3, 1} if options.get("include_1x1") else {3}
         m = options.get("m", 9)
         return sum(min(m, conv.kernel_size[0] ** 2) * conv.kernel_size[0] ** 2 for _, conv in named_convs(unet, sizes))
+    if name == "bitfit":
+        wanted = [t for t in options.get("targets", "").split(",") if t]
+        return sum(
+            p.numel()
+            for n, p in unet.named_parameters()
+            if n.endswith(".bias") and (not wanted or any(t in n.rpartition(".")[0] for t in wanted))
+        )
+    if name == "difffit":
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
+        biases = sum(p.numel() for n, p in unet.named_parameters() if n.endswith(".bias"))
+        norm_weights = sum(m.weight.numel() for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)))
+        gammas = 0
+        for block in unet.modules():
+            if isinstance(block, BasicTransformerBlock):
+                width = block.norm1.normalized_shape[0]
+                gammas += 3 * width  # attn1, attn2 and ff branches
+                for attention in (block.attn1, block.attn2):  # q, k, v and out projections
+                    gammas += sum(lin.out_features for lin in (attention.to_q, attention.to_k, attention.to_v, attention.to_out[0]))
+            if isinstance(block, ResnetBlock2D) and options.get("resnet_gamma"):
+                gammas += block.conv2.out_channels
+        return biases + norm_weights + gammas
+    if name == "full":
+        return sum(p.numel() for p in unet.parameters())
     raise AssertionError(f"no formula for {name}")
 
 
@@ -129,6 +159,11 @@ def test_adapter_refuses_another_base_model(name, options, lr, tiny_pipe, tmp_pa
 
 SD14_COUNTS = [
     ("atoms", {}, 4_212),
+    ("bitfit", {}, 343_684),  # every UNet bias
+    # biases 343,684 + norm weights 100,160 + γ 137,280 (11 x width in each of the 16 transformer blocks)
+    ("difffit", {}, 581_124),
+    ("difffit", {"resnet_gamma": True}, 601_284),  # + conv2 output channels of the 22 ResnetBlock2D
+    ("full", {}, 859_520_964),
 ]
 
 

@@ -10,6 +10,9 @@ from .base import Method
 _REGISTRY: dict[str, str] = {
     # name -> "module:Class", imported on demand so listing methods stays cheap
     "atoms": "atoms:FilterAtoms",
+    "bitfit": "difffit:BitFit",
+    "difffit": "difffit:DiffFit",
+    "full": "difffit:FullFineTune",
 }
 
 
