@@ -18,6 +18,7 @@ from .fileio import write_text_atomic
 
 # Learning rates that train each method well at batch size 1 (the `--lr` default).
 DEFAULT_LR = {"atoms": 1e-3}
+DEFAULT_LR["gift"] = 1e-3  # as atoms: few parameters, batch 1 (the paper's FGVC runs use 1e-4 at batch 64)
 FALLBACK_LR = 1e-4
 
 

@@ -20,6 +20,9 @@ CASES = [
     ("atoms", {}, 1e-2),
     ("atoms", {"m": 4}, 1e-2),
     ("atoms", {"include_1x1": True}, 1e-2),
+    ("gift", {}, 1e-2),
+    ("gift", {"generator": "simple"}, 3e-2),  # Δω scales with ω·φ, small on the tiny model: needs a larger step
+    ("gift", {"targets": "attn1.to_out.0,attn2.to_out.0", "blocks": 2, "clusters": 8}, 1e-2),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts, _ in CASES]
 
@@ -30,6 +33,20 @@ def expected_count(name: str, options: dict, unet) -> int:
         sizes = {3, 1} if options.get("include_1x1") else {3}
         m = options.get("m", 9)
         return sum(min(m, conv.kernel_size[0] ** 2) * conv.kernel_size[0] ** 2 for _, conv in named_convs(unet, sizes))
+    if name == "gift":
+        r, clusters, blocks = options.get("rank", 16), options.get("clusters", 64), options.get("blocks", 1)
+        suffixes = options.get("targets", "attn1.to_out.0").split(",")
+        widths = {
+            module.in_features
+            for module_name, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and ".transformer_blocks." in module_name
+            and any(module_name.endswith("." + s) for s in suffixes)
+        }
+        # per PaCa block: assignment r->M with bias, q/k/v/out r->r with bias, FFN r->2r->r with biases
+        block = (r * clusters + clusters) + 4 * (r * r + r) + (r * 2 * r + 2 * r) + (2 * r * r + r)
+        hyper = blocks * block if options.get("generator", "paca") == "paca" else 0
+        return sum(2 * d * r + hyper for d in widths)  # one (φ, H, ψ) per input width
     raise AssertionError(f"no formula for {name}")
 
 
@@ -129,6 +146,9 @@ def test_adapter_refuses_another_base_model(name, options, lr, tiny_pipe, tmp_pa
 
 SD14_COUNTS = [
     ("atoms", {}, 4_212),
+    # attn1.to_out.0 at widths 320, 640, 1280: φ and ψ per width, plus one PaCa block (r=16, M=64) per width
+    ("gift", {}, 2 * 16 * (320 + 640 + 1280) + 3 * ((16 * 64 + 64) + 4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16))),
+    ("gift", {"generator": "simple"}, 2 * 16 * (320 + 640 + 1280)),
 ]
 
 

@@ -10,6 +10,7 @@ from .base import Method
 _REGISTRY: dict[str, str] = {
     # name -> "module:Class", imported on demand so listing methods stays cheap
     "atoms": "atoms:FilterAtoms",
+    "gift": "gift:Gift",
 }
 
 
