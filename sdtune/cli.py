@@ -28,6 +28,12 @@ app = typer.Typer(
 
 # Method-specific flags: (flag's python name, method, option name in the method's options).
 METHOD_FLAGS = [("atoms_m", "atoms", "m"), ("atoms_1x1", "atoms", "include_1x1")]
+METHOD_FLAGS += [
+    ("gift_generator", "gift", "generator"),
+    ("gift_rank", "gift", "rank"),
+    ("gift_clusters", "gift", "clusters"),
+    ("gift_blocks", "gift", "blocks"),
+]
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -99,6 +105,10 @@ def train(
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16." + _default(TrainConfig, "mixed_precision")),
     atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
     atoms_1x1: Optional[bool] = typer.Option(None, "--atoms-1x1/--no-atoms-1x1", help="atoms: also tune 1x1 convolutions (default: no)."),
+    gift_generator: Optional[str] = typer.Option(None, help="gift: simple (H = identity) or paca (cluster-attention hyper-Transformer) (default: paca)."),
+    gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
+    gift_clusters: Optional[int] = typer.Option(None, help="gift: number of PaCa clusters M (default: 64)."),
+    gift_blocks: Optional[int] = typer.Option(None, help="gift: number of PaCa blocks l (default: 1)."),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
 ) -> None:
@@ -166,6 +176,25 @@ def sample(
     )
     result = run_sampling(sample_config)
     typer.echo(f"wrote {len(result.images)} images and {result.grid}")
+
+
+@app.command()
+@handle_errors
+def explain(
+    run: Path = typer.Argument(..., help="Run folder (or adapter file) to explain."),
+    prompt: Optional[str] = typer.Option(None, help="gift: the prompt whose image the cluster maps are drawn on; <name> placeholders get the adapter's token."),
+    layer: Optional[str] = typer.Option(None, help="gift/atoms: only this tuned layer (its full module name; default: all)."),
+    step: Optional[int] = typer.Option(None, help="gift: the denoising step to read, from 0 (default: the mean over all steps)."),
+    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/explain)."),
+    steps: int = typer.Option(30, help="gift: denoising steps."),
+    guidance: float = typer.Option(7.5, help="gift: classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="gift: seed of the generated image."),
+) -> None:
+    """Draw what an adapter learned: GIFT cluster maps, filter-atom updates, per-layer update norms."""
+    from .explain import explain as run_explain
+
+    result = run_explain(run, prompt=prompt, layer=layer, step=step, output=output, steps=steps, guidance=guidance, seed=seed)
+    typer.echo(f"wrote {len(result.files)} pictures to {result.output}")
 
 
 @app.command("methods")

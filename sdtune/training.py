@@ -21,6 +21,7 @@ from .fileio import write_text_atomic
 DEFAULT_LR = {"atoms": 1e-3}
 # BitFit/DiffFit: DiffFit-pytorch trains SD with 1e-3 (the paper finds ~10x the pre-training lr best)
 DEFAULT_LR.update(bitfit=1e-3, difffit=1e-3, full=1e-5)
+DEFAULT_LR["gift"] = 1e-3  # as atoms: few parameters, batch 1 (the paper's FGVC runs use 1e-4 at batch 64)
 FALLBACK_LR = 1e-4
 FEW_SHOT_IMAGES = (3, 50)
 

@@ -25,6 +25,9 @@ CASES = [
     ("difffit", {}, 1e-2),
     ("difffit", {"resnet_gamma": True}, 1e-2),
     ("full", {}, 1e-3),
+    ("gift", {}, 1e-2),
+    ("gift", {"generator": "simple"}, 3e-2),  # Δω scales with ω·φ, small on the tiny model: needs a larger step
+    ("gift", {"targets": "attn1.to_out.0,attn2.to_out.0", "blocks": 2, "clusters": 8}, 1e-2),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts, _ in CASES]
 
@@ -60,6 +63,20 @@ def expected_count(name: str, options: dict, unet) -> int:
         return biases + norm_weights + gammas
     if name == "full":
         return sum(p.numel() for p in unet.parameters())
+    if name == "gift":
+        r, clusters, blocks = options.get("rank", 16), options.get("clusters", 64), options.get("blocks", 1)
+        suffixes = options.get("targets", "attn1.to_out.0").split(",")
+        widths = {
+            module.in_features
+            for module_name, module in unet.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and ".transformer_blocks." in module_name
+            and any(module_name.endswith("." + s) for s in suffixes)
+        }
+        # per PaCa block: assignment r->M with bias, q/k/v/out r->r with bias, FFN r->2r->r with biases
+        block = (r * clusters + clusters) + 4 * (r * r + r) + (r * 2 * r + 2 * r) + (2 * r * r + r)
+        hyper = blocks * block if options.get("generator", "paca") == "paca" else 0
+        return sum(2 * d * r + hyper for d in widths)  # one (φ, H, ψ) per input width
     raise AssertionError(f"no formula for {name}")
 
 
@@ -164,6 +181,9 @@ SD14_COUNTS = [
     ("difffit", {}, 581_124),
     ("difffit", {"resnet_gamma": True}, 601_284),  # + conv2 output channels of the 22 ResnetBlock2D
     ("full", {}, 859_520_964),
+    # attn1.to_out.0 at widths 320, 640, 1280: φ and ψ per width, plus one PaCa block (r=16, M=64) per width
+    ("gift", {}, 2 * 16 * (320 + 640 + 1280) + 3 * ((16 * 64 + 64) + 4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16))),
+    ("gift", {"generator": "simple"}, 2 * 16 * (320 + 640 + 1280)),
 ]
 
 

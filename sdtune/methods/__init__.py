@@ -13,6 +13,7 @@ _REGISTRY: dict[str, str] = {
     "bitfit": "difffit:BitFit",
     "difffit": "difffit:DiffFit",
     "full": "difffit:FullFineTune",
+    "gift": "gift:Gift",
 }
 
 

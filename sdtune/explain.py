@@ -1,0 +1,358 @@
+"""`sdtune explain`: pictures of what an adapter learned.
+
+- GIFT: generate an image with the adapter unmerged, read each tuned layer's output Y (h*w tokens x
+  d_out) through the layer's cluster matrix C (d_out x M), and draw the M maps Y·C, upsampled and
+  min–max normalised, over the image: one grid per layer. Under classifier-free guidance the
+  conditional half of the batch is used; one step's output or the mean over all steps.
+- Filter atoms: the learned atom updates ΔD as k×k tiles, one row per layer.
+- Every method: a bar chart of per-layer update norms ‖ΔW‖, from the merged UNet against the base
+  weights, which needs nothing from the method but its merge.
+
+Images are drawn with PIL only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SdtuneError
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+GRID_PAD = 2
+HEADER = 18  # one line of text above every picture
+MAX_CELL = 256  # cluster maps of SD's 512-pixel images are shown at half size to keep grids small
+OVERLAY_ALPHA = 0.5
+ATOM_TAP = 12  # pixels per kernel tap in the atom tiles
+BAR_HEIGHT = 12
+BAR_LENGTH = 400
+MAX_BARS = 64  # full fine-tuning changes ~700 modules: show the largest
+
+
+@dataclass
+class ExplainResult:
+    output: Path
+    method: str
+    files: list[Path] = field(default_factory=list)
+    image: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (tests check them against the literal formulas)
+
+
+def minmax_per_map(maps):
+    """Each map (first axis) scaled to [0, 1]; a constant map becomes all zeros."""
+    flat = maps.reshape(maps.shape[0], -1)
+    low = flat.min(dim=1, keepdim=True).values
+    high = flat.max(dim=1, keepdim=True).values
+    return ((flat - low) / (high - low).clamp_min(1e-12)).reshape(maps.shape)
+
+
+def heat_colours(values):
+    """A jet-like colour map: values in [0, 1] (numpy, any shape) → RGB in [0, 1], shape + (3,)."""
+    import numpy as np
+
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    centres = np.array([0.75, 0.5, 0.25])  # red peaks at 0.75 and up, green at 0.5, blue at 0.25
+    return np.clip(1.5 - np.abs(4.0 * v - 4.0 * centres), 0.0, 1.0)
+
+
+def token_grid(tokens: int, latent_height: int, latent_width: int) -> tuple[int, int] | None:
+    """(h, w) with h*w = tokens and the latent's aspect ratio, or None for a non-spatial layer."""
+    if tokens < 1:
+        return None
+    height = round(math.sqrt(tokens * latent_height / latent_width))
+    if height < 1 or tokens % height:
+        return None
+    width = tokens // height
+    if height * latent_width != width * latent_height:
+        return None
+    return height, width
+
+
+def grid_layout(count: int) -> tuple[int, int]:
+    """(rows, columns) of a near-square grid for `count` pictures."""
+    columns = math.ceil(math.sqrt(count))
+    return math.ceil(count / columns), columns
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def explain(
+    run: str | Path,
+    prompt: str | None = None,
+    layer: str | None = None,
+    step: int | None = None,
+    output: str | Path | None = None,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    seed: int = 0,
+    resolution: int | None = None,
+    token: str | None = None,
+    model: str | None = None,
+) -> ExplainResult:
+    """Write the explanation pictures of a run's adapter to `output` (default RUN/explain)."""
+    import torch
+
+    from .adapter import adapter_path, load_adapter, read_adapter
+    from .fileio import atomic_write
+    from .models import load_pipeline
+
+    path = adapter_path(run)
+    info = read_adapter(path)[0]
+    if steps < 1:
+        raise SdtuneError(f"--steps must be at least 1, got {steps}")
+    if step is not None and step < 0:
+        raise SdtuneError(f"--step counts denoising steps from 0, got {step}")
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise SdtuneError(f"--resolution must be a positive multiple of 8, got {resolution}")
+    if info.method == "gift" and not prompt:
+        raise SdtuneError("a gift run needs --prompt: its cluster maps are drawn over a generated image")
+    if layer is not None and info.method not in ("gift", "atoms"):
+        raise SdtuneError(f"--layer applies to gift and atoms runs; this is a {info.method} run")
+    output = Path(output) if output else path.parent / "explain"
+
+    pipe = load_pipeline(model or info.base_model)
+    base = {name: p.detach().to("cpu", copy=True) for name, p in pipe.unet.named_parameters()}
+    method = load_adapter(path, pipe, merge=False)
+    if layer is not None and layer not in method.target_names:
+        shown = ", ".join(method.target_names[:4]) + (", …" if len(method.target_names) > 4 else "")
+        raise SdtuneError(f"unknown layer {layer!r}; this adapter tunes {len(method.target_names)} layers: {shown}")
+    chosen = [layer] if layer else list(method.target_names)
+    output.mkdir(parents=True, exist_ok=True)
+    result = ExplainResult(output=output, method=info.method)
+
+    def save(image, name: str) -> Path:
+        file = output / name
+        with atomic_write(file) as tmp:
+            image.save(tmp, format="PNG")
+        result.files.append(file)
+        return file
+
+    if info.method == "gift":
+        from .data import fill_placeholders
+
+        text = fill_placeholders(prompt, token or info.token)
+        image, maps, timing = gift_cluster_maps(pipe, method, chosen, text, step, steps, guidance, seed, resolution)
+        result.image = save(image, "image.png")
+        for name in chosen:
+            if name not in maps:
+                if layer is not None:
+                    raise SdtuneError(f"layer {name!r} does not act on image tokens; its clusters cannot be drawn")
+                warnings.warn(f"skipped {name}: its output is not a grid of image tokens")
+                continue
+            title = f"{info.options.get('generator', 'paca')}, {timing}: {name}"
+            save(overlay_grid(image, maps[name], title), f"{name}.png")
+    elif info.method == "atoms":
+        save(atom_tiles({name: method.layers[name].delta_atoms.detach().cpu() for name in chosen}), "atoms.png")
+
+    method.merge()
+    with torch.no_grad():
+        norms = update_norms(base, pipe.unet)
+    save(bar_chart(norms, f"{info.method}: per-layer update norm ||dW|| (merged minus base weights)"), "update-norms.png")
+    return result
+
+
+def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, resolution):
+    """Generate one image and return it with {layer: maps (M, h, w)} and a note of the step used."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latent = resolution // pipe.vae_scale_factor
+    # A step is one UNet evaluation; some schedulers (PNDM, SD v1.x's default) add one at the start.
+    pipe.scheduler.set_timesteps(steps)
+    evaluations = len(pipe.scheduler.timesteps)
+    if step is not None and not 0 <= step < evaluations:
+        extra = f"; {steps} steps take {evaluations} UNet evaluations with this scheduler" if evaluations != steps else ""
+        raise SdtuneError(f"--step must be between 0 and {evaluations - 1}{extra}, got {step}")
+    clusters = {name: method.layers[name].clusters().float().cpu() for name in names}
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(names, 0)
+    current = {"step": -1}
+
+    def count_step(module, args):
+        current["step"] += 1  # one UNet call per denoising step; CFG batches both halves in it
+
+    def capture(name):
+        def hook(module, args, out):
+            if step is None or current["step"] == step:
+                # one image per prompt: the batch is [unconditional, conditional] under CFG, else
+                # [conditional]; the last item is the conditional one either way
+                y = out[-1].detach().float().cpu()
+                sums[name] = sums[name] + y if name in sums else y
+                counts[name] += 1
+
+        return hook
+
+    handles = [pipe.unet.register_forward_pre_hook(count_step)]
+    handles += [method.layers[name].register_forward_hook(capture(name)) for name in names]
+    try:
+        with torch.no_grad():
+            image = pipe(
+                text,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator(device).manual_seed(seed),
+            ).images[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    from .methods.gift import cluster_maps
+
+    maps = {}
+    for name in names:
+        if not counts[name]:
+            continue
+        outputs = sums[name] / counts[name]  # tokens x d_out
+        grid = token_grid(outputs.shape[0], latent, latent)
+        if grid is None:
+            continue
+        maps[name] = cluster_maps(outputs, clusters[name], *grid)
+    timing = f"step {step} of {evaluations}" if step is not None else f"mean over {evaluations} steps"
+    return image, maps, timing
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=11)
+
+
+def overlay_grid(image, maps, title: str):
+    """One cell per map: the map upsampled to the image, min–max normalised, in heat colours over it."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+
+    width, height = image.size
+    upsampled = F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    normalised = minmax_per_map(upsampled).numpy()
+    picture = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    scale = min(1.0, MAX_CELL / max(width, height))
+    cell_w, cell_h = max(1, round(width * scale)), max(1, round(height * scale))
+    rows, columns = grid_layout(len(normalised))
+    canvas = Image.new(
+        "RGB",
+        (columns * cell_w + (columns + 1) * GRID_PAD, HEADER + rows * cell_h + (rows + 1) * GRID_PAD),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    draw.text((GRID_PAD, 3), title, fill="black", font=font)
+    for index, values in enumerate(normalised):
+        blended = (1 - OVERLAY_ALPHA) * picture + OVERLAY_ALPHA * heat_colours(values)
+        cell = Image.fromarray((blended * 255).round().astype(np.uint8))
+        if cell.size != (cell_w, cell_h):
+            cell = cell.resize((cell_w, cell_h), Image.Resampling.BILINEAR)
+        row, column = divmod(index, columns)
+        x = GRID_PAD + column * (cell_w + GRID_PAD)
+        y = HEADER + GRID_PAD + row * (cell_h + GRID_PAD)
+        canvas.paste(cell, (x, y))
+        draw.text((x + 2, y + 1), str(index), fill="white", font=font, stroke_width=1, stroke_fill="black")
+    return canvas
+
+
+def _label_width(labels: list[str]) -> int:
+    font = _font()
+    return int(max((font.getlength(label) for label in labels), default=0)) + 8
+
+
+def atom_tiles(deltas: dict):
+    """One row per layer: its m atom updates ΔD (k×k each), red positive, blue negative, white zero.
+
+    Each row is scaled by its own largest |ΔD| (written beside it), so small layers stay visible.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    labels = {name: f"{name}  max {delta.abs().max().item():.2e}" for name, delta in deltas.items()}
+    label_w = _label_width(list(labels.values()))
+    atoms = max(delta.shape[0] for delta in deltas.values())
+    k = max(delta.shape[-1] for delta in deltas.values())
+    tile = k * ATOM_TAP
+    row_h = max(tile, 14)
+    canvas = Image.new(
+        "RGB",
+        (label_w + atoms * (tile + GRID_PAD) + GRID_PAD, HEADER + len(deltas) * (row_h + GRID_PAD) + GRID_PAD),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    draw.text((GRID_PAD, 3), "filter atoms: learned atom updates dD (red +, blue -), one row per layer", fill="black", font=font)
+    for row, (name, delta) in enumerate(deltas.items()):
+        y = HEADER + GRID_PAD + row * (row_h + GRID_PAD)
+        draw.text((GRID_PAD, y + (row_h - 12) // 2), labels[name], fill="black", font=font)
+        values = delta.float().numpy()
+        scaled = values / max(float(np.abs(values).max()), 1e-12)
+        for index, atom in enumerate(scaled):
+            rgb = np.stack([1 - np.clip(-atom, 0, 1), 1 - np.abs(atom), 1 - np.clip(atom, 0, 1)], axis=-1)
+            cell = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize(
+                (atom.shape[1] * ATOM_TAP, atom.shape[0] * ATOM_TAP), Image.Resampling.NEAREST
+            )
+            x = label_w + index * (tile + GRID_PAD)
+            canvas.paste(cell, (x, y))
+            draw.rectangle((x - 1, y - 1, x + cell.size[0], y + cell.size[1]), outline=(128, 128, 128))
+    return canvas
+
+
+def update_norms(base: dict, unet) -> dict[str, float]:
+    """‖ΔW‖ per module (Frobenius norm over all its parameters) between `base` and `unet`'s weights.
+
+    Parameters that the merge added or removed, or whose shape changed, are not compared; modules
+    whose weights are unchanged are left out.
+    """
+    squares: dict[str, float] = {}
+    for name, parameter in unet.named_parameters():
+        before = base.get(name)
+        if before is None or before.shape != parameter.shape:
+            continue
+        module = name.rpartition(".")[0]
+        diff = (parameter.detach().float().cpu() - before.float()).pow(2).sum().item()
+        squares[module] = squares.get(module, 0.0) + diff
+    return {module: math.sqrt(value) for module, value in squares.items() if value > 0}
+
+
+def bar_chart(values: dict[str, float], title: str):
+    """Horizontal bars in module order, the largest MAX_BARS when there are more."""
+    from PIL import Image, ImageDraw
+
+    shown = values
+    if len(values) > MAX_BARS:
+        keep = set(sorted(values, key=values.get, reverse=True)[:MAX_BARS])
+        shown = {name: value for name, value in values.items() if name in keep}
+        title += f" (largest {MAX_BARS} of {len(values)} changed layers)"
+    if not shown:
+        title += ": no layer changed"
+    label_w = _label_width(list(shown))
+    value_w = 70
+    canvas = Image.new(
+        "RGB",
+        (label_w + BAR_LENGTH + value_w + 2 * GRID_PAD, HEADER + max(len(shown), 1) * (BAR_HEIGHT + GRID_PAD) + GRID_PAD),
+        "white",
+    )
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    draw.text((GRID_PAD, 3), title, fill="black", font=font)
+    top = max(shown.values(), default=0.0)
+    for row, (name, value) in enumerate(shown.items()):
+        y = HEADER + GRID_PAD + row * (BAR_HEIGHT + GRID_PAD)
+        draw.text((GRID_PAD, y), name, fill="black", font=font)
+        length = max(1, round(BAR_LENGTH * value / top)) if top > 0 else 0
+        draw.rectangle((label_w, y, label_w + length, y + BAR_HEIGHT - 1), fill=(220, 90, 40))
+        draw.text((label_w + length + 4, y), f"{value:.3g}", fill="black", font=font)
+    return canvas

@@ -1,0 +1,248 @@
+"""GIFT: a generator makes each layer's update from the layer's own frozen weight.
+
+For a frozen Linear weight ω (d_out x d_in), each row a "parameter token":
+P = ω·φᵀ (d_out x r), P' = H(P), Δω = P'·ψᵀ (d_out x d_in), with φ (r, d_in) and ψ (d_in, r)
+bias-free and ψ zero-initialised, so an untrained adapter is the base model.
+
+H is the identity (`simple`) or the Parameter-to-Cluster Attention hyper-Transformer (`paca`) of
+Savadikar, Song and Wu, "GIFT: Generative Interpretable Fine-Tuning Transformers" (2023): l blocks
+of w ← w + PaCa(ℓ2(w)); w ← w + FFN(ℓ2(w)). PaCa softly assigns the N = d_out parameter tokens to M
+clusters, C = sigmoid(u·A + a)/N, and attends from the tokens to the M cluster tokens ℓ2(Cᵀu).
+C (d_out x M) is what `sdtune explain` projects a layer's output onto to draw the cluster maps.
+
+One generator (φ, H, ψ) serves every targeted layer with the same input width, as the paper shares
+one across its isotropic ViT; the SD v1.x UNet has three widths (320, 640, 1280).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import SdtuneError
+from .base import Method, replace_module
+
+GENERATORS = ("simple", "paca")
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths as pure functions (tests check these against the literal formulas)
+
+
+def l2_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit ℓ2 norm (all-zero rows stay zero)."""
+    return F.normalize(x, dim=-1)
+
+
+def cluster_assignment(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """C = sigmoid(u·A + a) / N for u (N x r), A = weightᵀ (r x M), a (M): the N x M cluster matrix."""
+    return torch.sigmoid(u @ weight.T + bias) / u.shape[-2]
+
+
+def gift_delta(weight: torch.Tensor, phi: torch.Tensor, psi: torch.Tensor, generator=None) -> torch.Tensor:
+    """Δω = H(ω·φᵀ)·ψᵀ in float32, for ω (d_out, d_in), φ (r, d_in), ψ (d_in, r); H = identity if None."""
+    tokens = weight.float() @ phi.float().T
+    if generator is not None:
+        tokens = generator(tokens)
+    return tokens @ psi.float().T
+
+
+def cluster_maps(outputs: torch.Tensor, clusters: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The layer's output Y (h*w tokens x d_out) projected on the clusters C (d_out x M): (M, h, w)."""
+    return (outputs.float() @ clusters.float()).T.reshape(clusters.shape[1], height, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+
+
+class ParameterToClusterAttention(nn.Module):
+    """Single-head attention from N parameter tokens to M learned clusters of them."""
+
+    def __init__(self, rank: int, clusters: int):
+        super().__init__()
+        self.assign = nn.Linear(rank, clusters)  # A and a
+        self.query = nn.Linear(rank, rank)
+        self.key = nn.Linear(rank, rank)
+        self.value = nn.Linear(rank, rank)
+        self.proj = nn.Linear(rank, rank)
+
+    def clusters(self, u: torch.Tensor) -> torch.Tensor:
+        return cluster_assignment(u, self.assign.weight, self.assign.bias)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        c = self.clusters(u)  # N x M
+        z = l2_rows(c.T @ u)  # M x r: one token per cluster
+        q, k, v = self.query(u), self.key(z), self.value(z)
+        attention = torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1)  # N x M
+        return self.proj(attention @ v)
+
+
+class PacaBlock(nn.Module):
+    """w ← w + PaCa(ℓ2(w)); w ← w + FFN(ℓ2(w)), FFN r → 2r → r with GELU."""
+
+    def __init__(self, rank: int, clusters: int):
+        super().__init__()
+        self.attention = ParameterToClusterAttention(rank, clusters)
+        self.ffn = nn.Sequential(nn.Linear(rank, 2 * rank), nn.GELU(), nn.Linear(2 * rank, rank))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w = w + self.attention(l2_rows(w))
+        return w + self.ffn(l2_rows(w))
+
+
+class Generator(nn.Module):
+    """φ, H and ψ for one input width."""
+
+    def __init__(self, width: int, rank: int, kind: str, clusters: int, blocks: int):
+        super().__init__()
+        self.phi = nn.Linear(width, rank, bias=False)
+        self.blocks = nn.ModuleList(PacaBlock(rank, clusters) for _ in range(blocks if kind == "paca" else 0))
+        self.psi = nn.Linear(rank, width, bias=False)
+        nn.init.zeros_(self.psi.weight)
+
+    def hyper(self, tokens: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            tokens = block(tokens)
+        return tokens
+
+    def delta(self, weight: torch.Tensor) -> torch.Tensor:
+        return gift_delta(weight, self.phi.weight, self.psi.weight, self.hyper if len(self.blocks) else None)
+
+    def clusters(self, weight: torch.Tensor) -> torch.Tensor:
+        """The matrix a layer's output is read through: the last PaCa block's C, or ω·φᵀ for H = identity."""
+        tokens = weight.float() @ self.phi.weight.float().T
+        if not len(self.blocks):
+            return tokens
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        return self.blocks[-1].attention.clusters(l2_rows(tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+
+
+class GiftLinear(nn.Module):
+    """A frozen Linear whose weight is ω + Δω, Δω made by the (shared) generator; ONE matmul."""
+
+    def __init__(self, base: nn.Linear, generator: Generator):
+        super().__init__()
+        self.base_layer = base
+        self.generator = generator  # registered here too, so moving the UNet moves it
+
+    def delta_weight(self) -> torch.Tensor:
+        # the generator runs in float32 even under mixed precision, as the reference does: its
+        # ℓ2 norms and softmax are on tiny r-dimensional tokens, and the cost is per layer, not per token
+        with torch.autocast(self.base_layer.weight.device.type, enabled=False):
+            return self.generator.delta(self.base_layer.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+        bias = self.base_layer.bias
+        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+
+    @torch.no_grad()
+    def clusters(self) -> torch.Tensor:
+        return self.generator.clusters(self.base_layer.weight)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The base Linear with Δω added to its weight."""
+        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+        return self.base_layer
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+
+
+@dataclass
+class GiftOptions:
+    # paca by default: the seed paper's generator, whose cluster matrix C is what its interpretability
+    # rests on (the authors' later code defaults to simple, which `sdtune explain` reads through ω·φ)
+    generator: str = "paca"
+    rank: int = 16
+    clusters: int = 64
+    blocks: int = 1
+    targets: str = "attn1.to_out.0"  # comma-separated module-name endings inside transformer blocks
+
+
+class Gift(Method):
+    name = "gift"
+    summary = "GIFT: one generator per width makes ΔW = H(W·φ)·ψ from each self-attention output projection's weight"
+    Options = GiftOptions
+
+    def validate_options(self) -> None:
+        o = self.options
+        if isinstance(o.targets, (list, tuple)):  # a TOML array from a config file
+            o.targets = ",".join(str(t) for t in o.targets)
+        if o.generator not in GENERATORS:
+            raise SdtuneError(f"--gift-generator must be one of {', '.join(GENERATORS)}, got {o.generator!r}")
+        for flag, value in (("rank", o.rank), ("clusters", o.clusters), ("blocks", o.blocks)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SdtuneError(f"--gift-{flag} must be a whole number of at least 1, got {value!r}")
+        if not isinstance(o.targets, str) or not self.target_suffixes():
+            raise SdtuneError(f"gift targets must name module endings such as attn1.to_out.0, got {o.targets!r}")
+
+    def target_suffixes(self) -> list[str]:
+        return [t.strip() for t in str(self.options.targets).split(",") if t.strip()]
+
+    def find_targets(self, unet: nn.Module) -> list[str]:
+        found: list[str] = []
+        for suffix in self.target_suffixes():
+            names = [
+                name
+                for name, module in unet.named_modules()
+                if type(module) is nn.Linear and ".transformer_blocks." in name and name.endswith("." + suffix)
+            ]
+            if not names:
+                raise SdtuneError(f"gift target {suffix!r} matches no Linear layer in the UNet's transformer blocks")
+            found += names
+        order = {name: i for i, (name, _) in enumerate(unet.named_modules())}
+        return sorted(set(found), key=order.__getitem__)
+
+    def _inject(self, unet: nn.Module, targets: list[str]) -> None:
+        o = self.options
+        self.generators = nn.ModuleDict()
+        self.layers: dict[str, GiftLinear] = {}
+        for name in targets:
+            base = unet.get_submodule(name)
+            key = str(base.in_features)
+            if key not in self.generators:
+                generator = Generator(base.in_features, o.rank, o.generator, o.clusters, o.blocks)
+                self.generators[key] = generator.to(base.weight.device)
+            layer = GiftLinear(base, self.generators[key])
+            replace_module(unet, name, layer)
+            self.layers[name] = layer
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.generators.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"generators.{k}": v.detach() for k, v in self.generators.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state_dict()
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or extra:
+            raise SdtuneError(
+                f"adapter does not fit this model: {len(missing)} tensor(s) missing"
+                f"{' (' + missing[0] + ', …)' if missing else ''}, {len(extra)} unexpected"
+                f"{' (' + extra[0] + ', …)' if extra else ''}"
+            )
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise SdtuneError(
+                    f"adapter tensor {key} has shape {tuple(value.shape)}, the model needs {tuple(expected[key].shape)}"
+                )
+        self.generators.load_state_dict({k.removeprefix("generators."): v for k, v in state.items()})
+
+    def merge(self) -> None:
+        for name, layer in self.layers.items():
+            replace_module(self.unet, name, layer.merged())
+        self.layers = {}

@@ -1,0 +1,161 @@
+"""`sdtune explain`: GIFT cluster maps, atom tiles, update norms, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from sdtune import methods
+from sdtune.adapter import save_adapter
+from sdtune.errors import SdtuneError
+from sdtune.explain import GRID_PAD, HEADER, explain, gift_cluster_maps, heat_colours, minmax_per_map, token_grid
+
+IMAGE = 64  # the tiny model's native image size: 8x8 latents, VAE factor 8
+
+
+def make_run(tmp_path, name, options, scale=0.05):
+    """A run folder with a perturbed (as if trained) adapter for the tiny model."""
+    from sdtune.models import load_pipeline
+
+    method = methods.create(name, **options)
+    method.inject(load_pipeline("tiny").unet)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for parameter in method.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    run = tmp_path / f"run-{name}"
+    save_adapter(run / "adapter.safetensors", method, "tiny", placeholder="<castle>", token="sks castle")
+    return run, method
+
+
+def test_minmax_and_heat_colours_literal():
+    maps = torch.tensor([[[1.0, 3.0], [5.0, 2.0]], [[-2.0, -2.0], [-2.0, -2.0]]])
+    out = minmax_per_map(maps)
+    torch.testing.assert_close(out[0], (maps[0] - 1.0) / 4.0)
+    torch.testing.assert_close(out[1], torch.zeros(2, 2))  # a constant map has no contrast
+    colours = heat_colours(torch.tensor([0.0, 0.5, 1.0]).numpy())
+    assert colours.shape == (3, 3)
+    assert colours[0].tolist() == [0.0, 0.0, 0.5]  # dark blue
+    assert colours[1].tolist() == [0.5, 1.0, 0.5]  # green
+    assert colours[2].tolist() == [0.5, 0.0, 0.0]  # dark red
+
+
+def test_token_grid():
+    assert token_grid(64, 8, 8) == (8, 8)
+    assert token_grid(16, 64, 64) == (4, 4)
+    assert token_grid(8, 4, 8) == (2, 4)
+    assert token_grid(77, 8, 8) is None  # text tokens (cross-attention keys) are not an image
+
+
+def expected_grid_size(maps: int, cell: int) -> tuple[int, int]:
+    columns = math.ceil(math.sqrt(maps))
+    rows = math.ceil(maps / columns)
+    return columns * cell + (columns + 1) * GRID_PAD, HEADER + rows * cell + (rows + 1) * GRID_PAD
+
+
+def test_gift_explain_writes_one_grid_per_layer(tmp_path):
+    run, method = make_run(tmp_path, "gift", {"clusters": 6})
+    result = explain(run, prompt="photo of a <castle>", steps=2)
+    assert result.output == run / "explain"
+    names = {p.name for p in result.files}
+    assert names == {"image.png", "update-norms.png"} | {f"{name}.png" for name in method.target_names}
+    assert Image.open(result.image).size == (IMAGE, IMAGE)
+    for name in method.target_names:
+        grid = Image.open(result.output / f"{name}.png")
+        assert grid.size == expected_grid_size(6, IMAGE)  # 2 rows x 3 columns
+
+
+def test_gift_explain_one_layer_simple_generator(tmp_path):
+    run, method = make_run(tmp_path, "gift", {"generator": "simple", "rank": 5})
+    layer = method.target_names[3]
+    result = explain(run, prompt="a castle", layer=layer, step=1, steps=3, output=tmp_path / "out")
+    assert sorted(p.name for p in result.files) == sorted(["image.png", f"{layer}.png", "update-norms.png"])
+    # H = identity: the maps are read through ω·φ, one per rank direction
+    assert Image.open(tmp_path / "out" / f"{layer}.png").size == expected_grid_size(5, IMAGE)
+
+
+def test_maps_use_the_conditional_half_at_the_chosen_step(tmp_path):
+    """Capture the layer output independently and compare: step K's call, second half of the CFG batch."""
+    from sdtune.adapter import load_adapter
+    from sdtune.methods.gift import cluster_maps
+    from sdtune.models import load_pipeline
+
+    run, _ = make_run(tmp_path, "gift", {"clusters": 4})
+    pipe = load_pipeline("tiny")
+    method = load_adapter(run, pipe, merge=False)
+    # 32 wide, 8x8 tokens; the second block, so the text (through the first block's cross-attention)
+    # already makes the two halves differ
+    name = method.target_names[1]
+    calls = []
+    handle = method.layers[name].register_forward_hook(lambda m, a, out: calls.append(out.detach().clone()))
+    _, maps, _ = gift_cluster_maps(pipe, method, [name], "a castle", step=2, steps=3, guidance=7.5, seed=0, resolution=None)
+    handle.remove()
+    # PNDM (the tiny model's and SD v1.4's scheduler) evaluates the UNet once more than the step count;
+    # each evaluation holds [unconditional, conditional]
+    assert len(calls) == 4 and calls[2].shape[0] == 2
+    expected = cluster_maps(calls[2][1], method.layers[name].clusters(), 8, 8)
+    torch.testing.assert_close(maps[name], expected)
+    assert not torch.allclose(maps[name], cluster_maps(calls[2][0], method.layers[name].clusters(), 8, 8))
+
+    _, mean_maps, timing = gift_cluster_maps(pipe, method, [name], "a castle", None, 3, 7.5, 0, None)
+    assert timing == "mean over 4 steps"
+    torch.testing.assert_close(
+        mean_maps[name], cluster_maps(sum(c[1] for c in calls) / 4, method.layers[name].clusters(), 8, 8)
+    )
+
+
+def test_atoms_explain_draws_tiles_and_norms(tmp_path):
+    from sdtune.explain import update_norms
+    from sdtune.models import load_pipeline
+
+    run, method = make_run(tmp_path, "atoms", {}, scale=0.01)
+    result = explain(run)
+    assert sorted(p.name for p in result.files) == ["atoms.png", "update-norms.png"]
+    tiles = Image.open(result.output / "atoms.png")
+    layers = len(method.target_names)  # 52 3x3 convs, 9 atoms of 3x3 taps each
+    row = 3 * 12  # 12 pixels per tap
+    assert tiles.size[1] == HEADER + layers * (row + GRID_PAD) + GRID_PAD
+    assert tiles.size[0] > 9 * (row + GRID_PAD)
+    norms_png = Image.open(result.output / "update-norms.png")
+    assert norms_png.size[1] == HEADER + layers * (12 + GRID_PAD) + GRID_PAD  # one bar per changed conv
+
+    # the norms are ‖W_merged - W_base‖ per conv, for exactly the tuned convs
+    base = load_pipeline("tiny").unet
+    method.merge()
+    norms = update_norms(dict(base.named_parameters()), method.unet)
+    assert set(norms) == set(method.target_names)
+    for name in method.target_names:
+        diff = method.unet.get_submodule(name).weight - base.get_submodule(name).weight
+        assert norms[name] == pytest.approx(diff.norm().item(), rel=1e-5)
+
+
+def test_explain_errors(tmp_path):
+    run, method = make_run(tmp_path, "gift", {"clusters": 4})
+    with pytest.raises(SdtuneError, match="unknown layer 'down_blocks.0.nothing'"):
+        explain(run, prompt="x", layer="down_blocks.0.nothing", steps=1)
+    with pytest.raises(SdtuneError, match="needs --prompt"):
+        explain(run)
+    with pytest.raises(SdtuneError, match="--step must be between 0 and 2; 2 steps take 3 UNet evaluations"):
+        explain(run, prompt="x", steps=2, step=3)
+    with pytest.raises(SdtuneError, match="--step counts denoising steps from 0"):
+        explain(run, prompt="x", step=-1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SdtuneError, match="adapter not found"):
+        explain(tmp_path / "empty", prompt="x")
+
+
+def test_explain_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    run, _ = make_run(tmp_path, "atoms", {"m": 2}, scale=0.01)
+    runner = CliRunner()
+    result = runner.invoke(app, ["explain", str(run), "--output", str(tmp_path / "pictures")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "pictures" / "atoms.png").is_file() and (tmp_path / "pictures" / "update-norms.png").is_file()
+    bad = runner.invoke(app, ["explain", str(run), "--layer", "nowhere"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: unknown layer 'nowhere'")
