@@ -17,12 +17,6 @@ from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
 from .fileio import write_text_atomic
 
-# Learning rates that train each method well at batch size 1 (the `--lr` default).
-DEFAULT_LR = {"atoms": 1e-3}
-# BitFit/DiffFit: DiffFit-pytorch trains SD with 1e-3 (the paper finds ~10x the pre-training lr best)
-DEFAULT_LR.update(bitfit=1e-3, difffit=1e-3, full=1e-5)
-DEFAULT_LR["gift"] = 1e-3  # as atoms: few parameters, batch 1 (the paper's FGVC runs use 1e-4 at batch 64)
-FALLBACK_LR = 1e-4
 FEW_SHOT_IMAGES = (3, 50)
 
 
@@ -52,7 +46,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
-    config = config.resolved(DEFAULT_LR.get(config.method, FALLBACK_LR))
+    config = config.resolved(method.default_lr)
     image_paths = concept_images(config.concept, config.images)
     output = Path(config.output)
     try:
@@ -78,7 +72,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     parameters = method.inject(unet)
     for parameter in parameters:
         parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
@@ -105,6 +104,7 @@ class FilterAtoms(Method):
     name = "atoms"
     summary = "filter atoms: train only the m spatial atoms of each convolution (ΔW = α·ΔD)"
     Options = AtomsOptions
+    default_lr = 1e-3  # a few thousand parameters: a larger step than the low-rank methods
 
     def validate_options(self) -> None:
         if self.options.m < 1:
@@ -166,26 +166,6 @@ class FilterAtoms(Method):
             state[f"{name}.atoms"] = layer.atoms.detach()
             state[f"{name}.delta_atoms"] = layer.delta_atoms.detach()
         return state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.state_dict())
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise SdtuneError(
-                f"adapter does not fit this model: {len(missing)} tensor(s) missing"
-                f"{' (' + missing[0] + ', …)' if missing else ''}, {len(extra)} unexpected"
-                f"{' (' + extra[0] + ', …)' if extra else ''}"
-            )
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                for attr in ("atoms", "delta_atoms"):
-                    target, value = getattr(layer, attr), state[f"{name}.{attr}"]
-                    if target.shape != value.shape:
-                        raise SdtuneError(
-                            f"adapter tensor {name}.{attr} has shape {tuple(value.shape)}, "
-                            f"the model needs {tuple(target.shape)}"
-                        )
-                    target.copy_(value)
 
     def merge(self) -> None:
         for name, layer in self.layers.items():

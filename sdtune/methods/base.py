@@ -25,6 +25,10 @@ class Method(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type]
+    default_lr: ClassVar[float] = 1e-4  # the `--lr` default: trains the method well at batch size 1
+    # AdamW's decoupled decay pulls trainable tensors towards 0: right for updates that start at 0,
+    # wrong for base weights trained in place (those methods set 0).
+    weight_decay: ClassVar[float] = 1e-2
 
     def __init__(self, **options: Any):
         known = {f.name for f in dataclasses.fields(self.Options)}
@@ -59,9 +63,28 @@ class Method(ABC):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor needed to rebuild the update on the same base model."""
 
-    @abstractmethod
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load what `state_dict` returned (after `inject` on the same base model)."""
+        """Load what `state_dict` returned (after `inject` on the same base model).
+
+        The default copies into the tensors `state_dict()` returns, which must share storage with
+        the method's own (detached views do). Keys and shapes are all checked before any copy.
+        """
+        own = self.state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise SdtuneError(
+                f"adapter does not fit this model: {len(missing)} tensor(s) missing"
+                f"{' (' + missing[0] + ', …)' if missing else ''}, {len(extra)} unexpected"
+                f"{' (' + extra[0] + ', …)' if extra else ''}"
+            )
+        for key, tensor in own.items():
+            if state[key].shape != tensor.shape:
+                raise SdtuneError(
+                    f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model needs {tuple(tensor.shape)}"
+                )
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state[key])
 
     @abstractmethod
     def merge(self) -> None:
