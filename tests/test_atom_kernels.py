@@ -1,0 +1,62 @@
+"""The fast tap-mixing convolutions equal the literal conv2d(x, W + W_r·M), values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sdtune.methods.atom_kernels import FormedWeightConv, TapMixedConv, tap_mixed_conv2d
+
+
+def literal(x, conv, mixing):
+    taps = mixing.shape[0]
+    weight = conv.weight + (conv.weight.reshape(-1, taps) @ mixing).reshape(conv.weight.shape)
+    return torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+
+def make_conv(stride, bias, kernel=3):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 6, kernel, stride=stride, padding=kernel // 2, bias=bias).double()
+    conv.requires_grad_(False)
+    return conv
+
+
+@pytest.mark.parametrize("function", [TapMixedConv, FormedWeightConv])
+@pytest.mark.parametrize("stride,bias,kernel", [(1, True, 3), (2, True, 3), (1, False, 3), (1, True, 1)])
+def test_gradcheck_against_the_definition(function, stride, bias, kernel):
+    conv = make_conv(stride, bias, kernel)
+    x = torch.randn(2, 5, 7, 7, dtype=torch.float64, requires_grad=True)
+    mixing = (0.3 * torch.randn(kernel * kernel, kernel * kernel, dtype=torch.float64)).requires_grad_()
+
+    def fast(x, mixing):
+        return function.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+    torch.testing.assert_close(fast(x, mixing), literal(x, conv, mixing), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fast, (x, mixing))
+    grads_fast = torch.autograd.grad(fast(x, mixing).square().sum(), (x, mixing))
+    grads_literal = torch.autograd.grad(literal(x, conv, mixing).square().sum(), (x, mixing))
+    for a, b in zip(grads_fast, grads_literal):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["auto", "tap", "weight", "autograd"])
+def test_every_mode_gives_the_same_float32_result(mode):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(1, 8, 40, 40, requires_grad=True)  # 1,600 positions: auto takes the weight side
+    mixing = (0.1 * torch.randn(9, 9)).requires_grad_()
+    out = tap_mixed_conv2d(x, conv, mixing, mode=mode)
+    out.square().mean().backward()
+    reference = literal(x.detach().requires_grad_(), conv, mixing.detach().requires_grad_())
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_and_autocast_use_the_formed_weight():
+    conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    x, mixing = torch.randn(1, 4, 6, 6), 0.1 * torch.randn(9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(tap_mixed_conv2d(x, conv, mixing), literal(x, conv, mixing))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tap_mixed_conv2d(x, conv, mixing.requires_grad_())
+    assert out.dtype == torch.bfloat16
