@@ -1,0 +1,278 @@
+"""Training-step and sampling speed and peak memory of every method, measured side by side.
+
+    python benchmarks/speed.py                                  # SD v1.4 architecture, 32x32 latents, CPU
+    python benchmarks/speed.py --latent 64 --batch 1 --steps 3
+    python benchmarks/speed.py --arch tiny --latent 8           # seconds, for a quick look
+    python benchmarks/speed.py --device cuda --dtype bf16 --latent 64 --batch 4
+    python benchmarks/speed.py --sampling                       # also time inference: base, merged, unmerged
+
+The UNet is built from SD v1.4's config with random weights (no download). Each configuration runs
+in a fresh process, so its peak memory is its own: max RSS on CPU, torch.cuda.max_memory_allocated
+on GPU. One training step = forward, MSE loss, backward, AdamW step; the time is the median of
+`--steps` steps after `--warmup` steps. Rows:
+
+- floor: nothing trainable; backward still runs to the input (the least any method can cost)
+- atoms: sdtune's filter atoms (kernel chosen per layer); atoms[tap], atoms[weight], atoms[autograd]
+  force one formulation (autograd: plain autograd on the formed weight W + ΔW)
+- atoms-reference: the reference code's formulation, the frozen conv plus a second conv with ΔW
+- lora / loha / lokr: peft on the same 52 3x3 convolutions, rank 4
+- others: the method with its defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ROWS = "floor,atoms,atoms[tap],atoms[weight],atoms[autograd],atoms-reference,lora,full"
+
+
+def build(arch: str, device: str, dtype):
+    import torch
+
+    from sdtune.models import build_sd14_unet, build_tiny_pipeline
+
+    torch.manual_seed(0)
+    unet = build_sd14_unet("cpu") if arch == "sd14" else build_tiny_pipeline().unet
+    return unet.to(device=device, dtype=dtype)
+
+
+def apply_row(row: str, unet):
+    """Inject the row's method; returns (method or None, trainable parameters)."""
+    from sdtune import methods
+
+    if row == "floor":
+        unet.requires_grad_(False)
+        return None, []
+    if row.startswith("atoms"):
+        kernel = row[row.index("[") + 1 : -1] if "[" in row else "auto"
+        method = methods.create("atoms", kernel="autograd" if row == "atoms-reference" else kernel)
+        params = method.inject(unet)
+        if row == "atoms-reference":
+            use_two_convolutions(method)
+        return method, params
+    options = {"rank": 4, "targets": "conv"} if row in ("lora", "loha", "lokr") else {}
+    method = methods.create(row, **options)
+    return method, method.inject(unet)
+
+
+def use_two_convolutions(method) -> None:
+    """The reference implementation: y = conv(x, W) + conv(x, α·ΔD), with α stored per layer."""
+    import torch
+
+    for layer in method.layers.values():
+        taps = layer.atoms.shape[1]
+        alpha = layer.base_layer.weight.detach().reshape(-1, taps) @ layer.atoms.T  # as big as W
+
+        def forward(x, layer=layer, alpha=alpha):
+            delta = (alpha @ layer.delta_atoms.reshape(-1, taps)).reshape(layer.base_layer.weight.shape)
+            return layer.base_layer(x) + torch.nn.functional.conv2d(
+                x, delta.to(x.dtype), None, layer.base_layer.stride, layer.base_layer.padding
+            )
+
+        layer.forward = forward
+
+
+def inputs(unet, args, device, dtype):
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    channels = unet.config.in_channels
+    latents = torch.randn(args.batch, channels, args.latent, args.latent, generator=generator)
+    embeddings = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=generator)
+    timesteps = torch.randint(0, 1000, (args.batch,), generator=generator)
+    return latents.to(device, dtype), timesteps.to(device), embeddings.to(device, dtype)
+
+
+def peak_memory_gb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_training(row: str, args) -> dict:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    unet = build(args.arch, args.device, torch.float32)
+    method, params = apply_row(row, unet)
+    if dtype != torch.float32:  # frozen weights in low precision, trainable ones kept in fp32
+        trainable = {id(p) for p in params}
+        for p in unet.parameters():
+            if id(p) not in trainable:
+                p.data = p.data.to(dtype)
+    latents, timesteps, embeddings = inputs(unet, args, args.device, dtype)
+    target = torch.randn_like(latents)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    if row == "floor":
+        latents.requires_grad_(True)
+    memory_before = peak_memory_gb(args.device)
+    times = []
+    for step in range(args.warmup + args.steps):
+        synchronize(args.device)
+        start = time.perf_counter()
+        with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
+            prediction = unet(latents, timesteps, embeddings).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+        loss.backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        latents.grad = None
+        synchronize(args.device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return {
+        "row": row,
+        "seconds": statistics.median(times),
+        "peak_gb": peak_memory_gb(args.device),
+        "model_gb": memory_before,
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def measure_sampling(row: str, args) -> dict:
+    """UNet evaluations as in sampling with guidance (batch 2): base, with the adapter, merged."""
+    import torch
+
+    unet = build(args.arch, args.device, torch.float32)
+    latents, timesteps, embeddings = inputs(unet, args, args.device, torch.float32)
+    latents, timesteps, embeddings = (torch.cat([t, t]) for t in (latents, timesteps, embeddings))
+
+    def timed() -> float:
+        times = []
+        with torch.no_grad():
+            for step in range(args.warmup + args.steps):
+                synchronize(args.device)
+                start = time.perf_counter()
+                unet(latents, timesteps, embeddings)
+                synchronize(args.device)
+                if step >= args.warmup:
+                    times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    base = timed()
+    method, params = apply_row(row, unet)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 1e-3)
+    unmerged = timed()
+    method.merge()
+    merged = timed()
+    return {"row": row, "base": base, "unmerged": unmerged, "merged": merged}
+
+
+def run_child(kind: str, row: str, args) -> dict:
+    command = [sys.executable, __file__, "--child", kind, "--row", row] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "row", "rows", "sampling", "markdown")
+    ]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["?"])[-1]
+        return {"row": row, "error": tail}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["sd14", "tiny"], default="sd14")
+    parser.add_argument("--latent", type=int, default=32, help="latent size (64 = 512 px images)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated rows (methods) to measure")
+    parser.add_argument("--sampling", action="store_true", help="also time inference: base, unmerged, merged")
+    parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        measure = measure_training if args.child == "train" else measure_sampling
+        print(json.dumps(measure(args.row, args)))
+        return
+
+    import torch
+
+    header = (
+        f"{args.arch} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, "
+        f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.steps} steps after {args.warmup}"
+    )
+    print(header, flush=True)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    results = []
+    for row in rows:
+        results.append(run_child("train", row, args))
+        print(f"  measured {row}", file=sys.stderr, flush=True)
+    lines = training_table(results)
+    if args.sampling:
+        sampled = [run_child("sample", row, args) for row in rows if row not in ("floor", "atoms-reference") and "[" not in row]
+        lines += [""] + sampling_table(sampled)
+    text = "\n".join([f"**{header}**", ""] + lines)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a", encoding="utf-8") as handle:
+            handle.write("\n" + text + "\n")
+
+
+def training_table(results: list[dict]) -> list[str]:
+    by_row = {r["row"]: r for r in results if "error" not in r}
+    floor, lora = by_row.get("floor"), by_row.get("lora")
+    lines = [
+        "| method | trainable | s/step | peak GB | ×floor | ×LoRA | peak ×LoRA |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | |")
+            continue
+        ratio = lambda base, key: f"{r[key] / base[key]:.2f}" if base else "–"  # noqa: E731
+        lines.append(
+            f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['peak_gb']:.2f} | "
+            f"{ratio(floor, 'seconds')} | {ratio(lora, 'seconds')} | {ratio(lora, 'peak_gb')} |"
+        )
+    if "atoms" in by_row and "atoms-reference" in by_row:
+        lines.append("")
+        lines.append(f"atoms / atoms-reference step time: {by_row['atoms']['seconds'] / by_row['atoms-reference']['seconds']:.2f}")
+    return lines
+
+
+def sampling_table(results: list[dict]) -> list[str]:
+    lines = [
+        "| method | base s | unmerged s | merged s | merged ×base | unmerged ×base |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {r['row']} | {r['base']:.3f} | {r['unmerged']:.3f} | {r['merged']:.3f} | "
+            f"{r['merged'] / r['base']:.3f} | {r['unmerged'] / r['base']:.3f} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    main()
