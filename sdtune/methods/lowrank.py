@@ -12,6 +12,8 @@ this module only chooses the layers, builds the peft config, and unwraps after m
 
 Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<parameter>`
 (for example `down_blocks.0.resnets.0.conv1.lora_A.weight` or `...to_q.hada_w1_a`).
+The scale is always alpha/rank, as in peft (LyCORIS forces 1 when both LoKr factors are full);
+with the default alpha = rank the two agree.
 
 Targets: `conv` means the UNet's 3×3 convolutions (52 in SD v1.x, as the filter-atom method
 tunes), `attn` the to_q, to_k, to_v and to_out.0 projections of every attention, `all` both.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import re
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,8 +69,6 @@ def _is_int(value: Any) -> bool:
 
 class _PeftLowRank(Method):
     """What LoRA, LoHa and LoKr share: target choice, peft injection, state, merge."""
-
-    peft_type: ClassVar[str]
 
     def validate_options(self) -> None:
         o = self.options
