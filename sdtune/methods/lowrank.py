@@ -70,6 +70,8 @@ def _is_int(value: Any) -> bool:
 class _PeftLowRank(Method):
     """What LoRA, LoHa and LoKr share: target choice, peft injection, state, merge."""
 
+    default_lr = 1e-4  # the usual SD LoRA rate with alpha = rank (scale 1)
+
     def validate_options(self) -> None:
         o = self.options
         if not _is_int(o.rank) or o.rank < 1:
@@ -121,29 +123,11 @@ class _PeftLowRank(Method):
         return parameters
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """peft's adapter-name-free keys; the tensors are views of the parameters, so the shared
+        `load_state_dict` copies into them."""
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(self.unet, adapter_name=ADAPTER, save_embedding_layers=False)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
-        expected = self.state_dict()
-        if set(state) != set(expected):
-            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise SdtuneError(
-                f"adapter does not fit this model: {len(missing)} tensor(s) missing"
-                f"{' (' + missing[0] + ', …)' if missing else ''}, {len(extra)} unexpected"
-                f"{' (' + extra[0] + ', …)' if extra else ''}"
-            )
-        for key, target in expected.items():
-            if state[key].shape != target.shape:
-                raise SdtuneError(
-                    f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model needs {tuple(target.shape)}"
-                )
-        result = set_peft_model_state_dict(self.unet, state, adapter_name=ADAPTER)
-        if result.unexpected_keys:
-            raise SdtuneError(f"adapter tensor {result.unexpected_keys[0]} was not used by {self.name}")
 
     def merge(self) -> None:
         for name, layer in self.layers.items():
