@@ -114,8 +114,9 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
             f"adapter {adapter_path(path)} was trained on base model {info.base_model!r}; "
             f"the loaded model's layers differ (fingerprint {found or 'none'} != {info.fingerprint})"
         )
+    device = unet.device  # read once: diffusers walks every module to find it
     method.inject(unet)
-    method.load_state_dict({k: v.to(unet.device) for k, v in tensors.items()})
+    method.load_state_dict({k: v.to(device) for k, v in tensors.items()})
     if merge:
         method.merge()
     method.info = info

@@ -26,13 +26,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Method-specific flags: (flag's python name, method, option name in the method's options).
+# Method-specific flags: (flag's python name, method or tuple of methods, option name in the method's options).
 METHOD_FLAGS = [("atoms_m", "atoms", "m"), ("atoms_1x1", "atoms", "include_1x1")]
 METHOD_FLAGS += [
     ("gift_generator", "gift", "generator"),
     ("gift_rank", "gift", "rank"),
     ("gift_clusters", "gift", "clusters"),
     ("gift_blocks", "gift", "blocks"),
+]
+_LOW_RANK = ("lora", "loha", "lokr")
+METHOD_FLAGS += [
+    ("rank", _LOW_RANK, "rank"),
+    ("alpha", _LOW_RANK, "alpha"),
+    ("targets", _LOW_RANK, "targets"),
+    ("factor", ("lokr",), "factor"),
+    ("decompose_both", ("lokr",), "decompose_both"),
+    ("tucker", ("loha", "lokr"), "tucker"),
 ]
 
 
@@ -109,6 +118,12 @@ def train(
     gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
     gift_clusters: Optional[int] = typer.Option(None, help="gift: number of PaCa clusters M (default: 64)."),
     gift_blocks: Optional[int] = typer.Option(None, help="gift: number of PaCa blocks l (default: 1)."),
+    rank: Optional[int] = typer.Option(None, help="lora/loha/lokr: rank r (default: 4)."),
+    alpha: Optional[float] = typer.Option(None, help="lora/loha/lokr: alpha; the update is scaled by alpha/rank (default: the rank)."),
+    targets: Optional[str] = typer.Option(None, help="lora/loha/lokr: conv (3x3 convs), attn (to_q/k/v/out) or all (default: all)."),
+    factor: Optional[int] = typer.Option(None, help="lokr: Kronecker factor size, -1 for automatic (default: -1)."),
+    decompose_both: Optional[bool] = typer.Option(None, "--decompose-both/--no-decompose-both", help="lokr: also make the first Kronecker factor low-rank (default: no)."),
+    tucker: Optional[bool] = typer.Option(None, "--tucker/--no-tucker", help="loha/lokr: Tucker-decompose 3x3 conv updates (default: no)."),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
 ) -> None:
@@ -119,10 +134,11 @@ def train(
     file_values = TrainConfig.load(config) if config else TrainConfig()
     chosen_method = method or file_values.method
     options = dict(file_values.options)
-    for flag, flag_method, key in METHOD_FLAGS:
+    for flag, flag_methods, key in METHOD_FLAGS:
         if settings[flag] is not None:
-            if flag_method != chosen_method:
-                raise SdtuneError(f"--{flag.replace('_', '-')} applies to --method {flag_method}, not {chosen_method}")
+            flag_methods = (flag_methods,) if isinstance(flag_methods, str) else flag_methods
+            if chosen_method not in flag_methods:
+                raise SdtuneError(f"--{flag.replace('_', '-')} applies to --method {'/'.join(flag_methods)}, not {chosen_method}")
             options[key] = settings[flag]
     options.update(_parse_options(option))
     overrides = {

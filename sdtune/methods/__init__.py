@@ -14,6 +14,9 @@ _REGISTRY: dict[str, str] = {
     "difffit": "difffit:DiffFit",
     "full": "difffit:FullFineTune",
     "gift": "gift:Gift",
+    "lora": "lowrank:Lora",
+    "loha": "lowrank:Loha",
+    "lokr": "lowrank:Lokr",
 }
 
 
