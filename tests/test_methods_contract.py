@@ -25,7 +25,7 @@ CASES = [
     ("difffit", {}, 1e-2),
     ("difffit", {"resnet_gamma": True}, 1e-2),
     ("full", {}, 1e-3),
-    ("gift", {}, 1e-2),
+    ("gift", {}, 3e-2),  # at 1e-2 the loss falls by only 1-7 % in 15 steps on the random tiny model
     ("gift", {"generator": "simple"}, 3e-2),  # Δω scales with ω·φ, small on the tiny model: needs a larger step
     ("gift", {"targets": "attn1.to_out.0,attn2.to_out.0", "blocks": 2, "clusters": 8}, 1e-2),
     ("lora", {}, 1e-3),
