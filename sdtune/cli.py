@@ -26,7 +26,14 @@ app = typer.Typer(
 )
 
 # Method-specific flags: (flag's python name, method, option name in the method's options).
-METHOD_FLAGS = [("atoms_m", "atoms", "m"), ("atoms_1x1", "atoms", "include_1x1")]
+METHOD_FLAGS = [
+    ("atoms_m", "atoms", "m"),
+    ("atoms_1x1", "atoms", "include_1x1"),
+    ("atoms_m1", "atoms", "m1"),
+    ("atoms_kc", "atoms", "kc"),
+    ("atoms_init", "atoms", "init"),
+    ("atoms_linear", "atoms", "linear"),
+]
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -90,7 +97,11 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16." + _default(TrainConfig, "mixed_precision")),
     atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
-    atoms_1x1: Optional[bool] = typer.Option(None, "--atoms-1x1/--no-atoms-1x1", help="atoms: also tune 1x1 convolutions (default: no)."),
+    atoms_1x1: Optional[bool] = typer.Option(None, "--atoms-1x1/--no-atoms-1x1", help="atoms: also tune 1x1 convolutions (default: only with --atoms-kc > 1)."),
+    atoms_m1: Optional[int] = typer.Option(None, help="atoms: sub-atoms per atom; > 0 trains β and D1 (over-complete variant) (default: 0)."),
+    atoms_kc: Optional[int] = typer.Option(None, help="atoms: channel atoms over kc×kc channel blocks; with --atoms-m1, the D1+Dc variant (default: 1)."),
+    atoms_init: Optional[str] = typer.Option(None, help="atoms: decomposition, svd or sparse (dictionary learning) (default: svd)."),
+    atoms_linear: Optional[bool] = typer.Option(None, "--atoms-linear/--no-atoms-linear", help="atoms: also the attention projections, atoms over 4×4 weight blocks (-o linear_kc=N) (default: no)."),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
 ) -> None:
