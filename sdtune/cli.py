@@ -27,15 +27,18 @@ app = typer.Typer(
 )
 
 # Method-specific flags: (flag's python name, method or tuple of methods, option name in the method's options).
-METHOD_FLAGS = [("atoms_m", "atoms", "m"), ("atoms_1x1", "atoms", "include_1x1")]
-METHOD_FLAGS += [
+_LOW_RANK = ("lora", "loha", "lokr")
+METHOD_FLAGS = [
+    ("atoms_m", "atoms", "m"),
+    ("atoms_1x1", "atoms", "include_1x1"),
+    ("atoms_m1", "atoms", "m1"),
+    ("atoms_kc", "atoms", "kc"),
+    ("atoms_init", "atoms", "init"),
+    ("atoms_linear", "atoms", "linear"),
     ("gift_generator", "gift", "generator"),
     ("gift_rank", "gift", "rank"),
     ("gift_clusters", "gift", "clusters"),
     ("gift_blocks", "gift", "blocks"),
-]
-_LOW_RANK = ("lora", "loha", "lokr")
-METHOD_FLAGS += [
     ("rank", _LOW_RANK, "rank"),
     ("alpha", _LOW_RANK, "alpha"),
     ("targets", _LOW_RANK, "targets"),
@@ -113,7 +116,6 @@ def train(
     save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16." + _default(TrainConfig, "mixed_precision")),
     atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
-    atoms_1x1: Optional[bool] = typer.Option(None, "--atoms-1x1/--no-atoms-1x1", help="atoms: also tune 1x1 convolutions (default: no)."),
     gift_generator: Optional[str] = typer.Option(None, help="gift: simple (H = identity) or paca (cluster-attention hyper-Transformer) (default: paca)."),
     gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
     gift_clusters: Optional[int] = typer.Option(None, help="gift: number of PaCa clusters M (default: 64)."),
@@ -124,6 +126,11 @@ def train(
     factor: Optional[int] = typer.Option(None, help="lokr: Kronecker factor size, -1 for automatic (default: -1)."),
     decompose_both: Optional[bool] = typer.Option(None, "--decompose-both/--no-decompose-both", help="lokr: also make the first Kronecker factor low-rank (default: no)."),
     tucker: Optional[bool] = typer.Option(None, "--tucker/--no-tucker", help="loha/lokr: Tucker-decompose 3x3 conv updates (default: no)."),
+    atoms_1x1: Optional[bool] = typer.Option(None, "--atoms-1x1/--no-atoms-1x1", help="atoms: also tune 1x1 convolutions (default: only with --atoms-kc > 1)."),
+    atoms_m1: Optional[int] = typer.Option(None, help="atoms: sub-atoms per atom; > 0 trains β and D1 (over-complete variant) (default: 0)."),
+    atoms_kc: Optional[int] = typer.Option(None, help="atoms: channel atoms over kc×kc channel blocks; with --atoms-m1, the D1+Dc variant (default: 1)."),
+    atoms_init: Optional[str] = typer.Option(None, help="atoms: decomposition, svd or sparse (dictionary learning) (default: svd)."),
+    atoms_linear: Optional[bool] = typer.Option(None, "--atoms-linear/--no-atoms-linear", help="atoms: also the attention projections, atoms over 4×4 weight blocks (-o linear_kc=N) (default: no)."),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
 ) -> None:

@@ -35,6 +35,11 @@ CASES = [
     ("lokr", {}, 1e-2),
     ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}, 1e-2),
     ("lokr", {"targets": "conv", "rank": 2, "tucker": True}, 1e-2),
+    ("atoms", {"m1": 2}, 1e-2),
+    ("atoms", {"kc": 2}, 1e-2),
+    ("atoms", {"m1": 2, "kc": 2}, 1e-2),
+    ("atoms", {"init": "sparse", "m": 4}, 1e-2),
+    ("atoms", {"linear": True}, 1e-2),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts, _ in CASES]
 
@@ -42,9 +47,28 @@ IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" fo
 def expected_count(name: str, options: dict, unet) -> int:
     """The trainable-parameter formula of each method, computed from the UNet's layer shapes."""
     if name == "atoms":
-        sizes = {3, 1} if options.get("include_1x1") else {3}
-        m = options.get("m", 9)
-        return sum(min(m, conv.kernel_size[0] ** 2) * conv.kernel_size[0] ** 2 for _, conv in named_convs(unet, sizes))
+        m, m1, kc = options.get("m", 9), options.get("m1", 0), options.get("kc", 1)
+        include_1x1 = options.get("include_1x1")
+        sizes = {3, 1} if include_1x1 or (include_1x1 is None and kc > 1) else {3}
+        total = 0
+        for _, conv in named_convs(unet, sizes):
+            k, c_in, c_out = conv.kernel_size[0], conv.in_channels, conv.out_channels
+            atoms = min(m, k * k)
+            b = kc if c_in % kc == 0 and c_out % kc == 0 else 1
+            if m1 == 0:
+                total += atoms * b * b * (k * b) ** 2  # ΔD: m'·b² atoms of (k·b)²
+            else:
+                total += c_in * atoms * m1 + atoms * m1 * k * k  # β and D1
+                total += (b * b * atoms) ** 2 if kc > 1 else 0  # Dc
+        if options.get("linear"):
+            lk = options.get("linear_kc", 4)
+            for module_name, module in unet.named_modules():
+                if isinstance(module, torch.nn.Linear) and module_name.rsplit(".", 1)[-1] in {"to_q", "to_k", "to_v"} | (
+                    {"0"} if module_name.endswith("to_out.0") else set()
+                ):
+                    b = lk if module.in_features % lk == 0 and module.out_features % lk == 0 else 1
+                    total += min(m, b * b) * b * b
+        return total
     if name == "bitfit":
         wanted = [t for t in options.get("targets", "").split(",") if t]
         return sum(
@@ -250,6 +274,14 @@ SD14_COUNTS = [
     ("lora", {}, 2_188_960 + 797_184),
     ("loha", {}, 2 * (2_188_960 + 797_184)),  # two LoRA-sized pairs
     ("lokr", {}, 218_376),  # low_rank_count's LoKr formula on SD v1.4's shapes
+    # D1, m1 = 4: Σ over the 52 3×3 convs of c_in·9·4 (Σ c_in = 55,684) + 52·9·4·9
+    ("atoms", {"m1": 4}, 2_021_472),
+    # kc = 2: 52 3×3 convs × 9·4 atoms of 6×6, + 46 1×1 convs × 4 atoms of 2×2
+    ("atoms", {"kc": 2}, 68_128),
+    # D1+Dc, m1 = 4, kc = 2: the D1 count + 52·36² (Dc) + 1×1 convs: 4·Σ c_in (47,040) + 46·(4 + 16)
+    ("atoms", {"m1": 4, "kc": 2}, 2_277_944),
+    # linear: + 128 attention projections × 9 atoms of 4×4
+    ("atoms", {"linear": True}, 22_644),
 ]
 
 

@@ -1,86 +1,408 @@
-"""Filter atoms: tune only the spatial filter atoms of each convolution.
+"""Filter atoms: tune the filter subspace of each convolution, not its filters.
 
-A conv weight W (c_out, c_in, k, k), reshaped to W_r (c_out*c_in, k*k), is factored as α·D with m
-atoms D (m, k*k) and coefficients α (c_out*c_in, m). Training changes the atoms only:
-ΔW = α·ΔD with ΔD (m, k, k) zero-initialised, so an untrained adapter is the base model.
+("Large Convolutional Model Tuning via Filter Subspace", Chen, Miao & Qiu, ICLR 2025.)
 
-With the truncated-SVD decomposition D holds orthonormal rows and α = W_r·Dᵀ, so
-ΔW = W_r·(Dᵀ·ΔD): a k²×k² matrix acting on the kernel's tap axis. α is therefore never stored;
-the adapter keeps D (m·k² numbers per layer) and ΔD.
+Notation
+--------
+A conv weight W (c_out, c_in, k, k). For a block size b (1 unless channel atoms are asked for) its
+block view W_b has one row per b×b block of channels and (k·b)² columns,
+
+    W_b[(o, i), (p, h, q, w)] = W[o·b + p, i·b + q, h, w]        (b = 1: W_r, (c_out·c_in, k²))
+
+and is factored as W_b ≈ α·D: M atoms D (M, (k·b)²) and coefficients α (rows, M). Let
+m' = min(m, k²): atoms beyond the number of taps add nothing a frozen α could use.
+
+α is never stored (it is as big as W). The adapter keeps D, and α is rebuilt from the base weight:
+
+    α = W_b·P,   P = Dᵀ for the orthonormal atoms of `init="svd"`,
+                 P = D⁺ (pseudo-inverse, float64) for the sparse-coding atoms of `init="sparse"`.
+
+For the SVD, W_b·Dᵀ is the least-squares (and exact when m' = k²) coefficient matrix. For sparse
+coding, the lasso coefficients that dictionary learning ends with are not used by the adapter:
+storing them costs as much as W, and rebuilding them means re-running an iterative solver whose
+result depends on the machine's arithmetic. W_b·D⁺ is the closed-form least-squares coefficient for
+the learned atoms: a pure function of the base weight and the stored D (so save → load is exact to
+float rounding anywhere), at least as faithful a reconstruction as the lasso code, exact when
+m' = k², and it keeps every D/kc update a (k·b)²×(k·b)² matrix acting on the block's taps.
+
+Variants (each has zero update at init and folds into W ← W + ΔW)
+------------------------------------------------------------------
+- `D` (default; the paper's "bases_l1"): train ΔD (m', k, k), zero-init.
+      ΔW_r = α·ΔD = W_r·(P·ΔD)                                  trainable m'·k² per conv
+- `kc` (kc > 1, m1 = 0; "coeff_l1", channel atoms): b = kc where kc divides c_in and c_out, else b = 1
+  for that layer. M = m'·b² atoms of size (k·b)×(k·b); train ΔD (M, k·b, k·b), zero-init.
+      ΔW_b = α·ΔD = W_b·(P·ΔD)                                  trainable m'·b²·(k·b)² per conv
+- `D1` (m1 > 0, kc = 1; "bases_l2", over-complete): every input channel c gets its own atom
+  updates, each a combination of m1 sub-atoms of that atom:
+      ΔD[c, j] = Σ_s β[c, j, s]·D1[j, s]        β (c_in, m', m1) ~ N(0, 1/m1), D1 (m', m1, k²) zero-init
+      ΔW[o, c] = Σ_j α[o, c, j]·ΔD[c, j]                         trainable c_in·m'·m1 + m'·m1·k² per conv
+  (β's scale makes ΔD[c, j] as large as one D1 row, so D1 learns at the D variant's pace.)
+- `D1+Dc` (m1 > 0 and kc > 1; "coeff_bases_l1"): the D1 variant plus trainable bases of the
+  coefficients. The filters of one b×b channel block have b²·m' coefficients; as one vector a
+  (ordered p, q, j) it is re-expressed over the bases I + ΔDc, ΔDc (b²·m', b²·m') zero-init:
+      a' = a·(I + ΔDc)                          (α' = α with every block's a replaced by a')
+      W + ΔW = R + α'·(D + ΔD[c])               (R = W − α·D, the part the atoms do not reach)
+      ΔW[o, c] = Σ_j (α' − α)[o, c, j]·D[j] + Σ_j α'[o, c, j]·ΔD[c, j]
+                                                trainable c_in·m'·m1 + m'·m1·k² + (b²·m')² per conv
+  Its decomposition is the per-filter one (b = 1); kc only groups the coefficients.
+- `linear` (with any of the above): the attention projections to_q, to_k, to_v and to_out.0. A
+  weight (d_out, d_in) is seen as (d_out/b)·(d_in/b) blocks of b×b, b = `linear_kc` where it divides
+  both sizes (else 1); M = min(m, b²) atoms of b×b; the D-variant update ΔW_b = W_b·(P·ΔD), ΔD (M, b, b)
+  zero-init: trainable min(m, b²)·b² per projection.
+
+Targets: every 3×3 conv; the 1×1 convs (shortcuts, proj_in/proj_out, where atoms are scalars unless
+kc > 1) when `include_1x1` is true, by default only when kc > 1.
+
+Where the paper's public code differs: its "bases_l2" forward lays β·D1 out atom-major and reads it
+back channel-major, so a channel's atom j is updated from another atom's sub-atoms, and its
+"coeff_bases_l1" creates Dc but never uses it; the formulas above are the variants as described.
+
+Decompositions are cached per base model (a fingerprint of the targeted layers' weights) in
+`<cache>/decompositions`, so a second run reuses them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import SdtuneError
 from .base import Method, fingerprint, named_convs, replace_module
 
+INITS = ("svd", "sparse")
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# Sparse coding settings. λ is relative to the weights' RMS, so every layer gets the same sparsity
+# pressure whatever its scale. Many short alternations (warm-started codes) move the atoms further
+# than a few long ones for the same work; the dictionary is learned from a fixed-size random sample
+# of rows, which keeps every SD v1.4 layer to about a second.
+SPARSE_PENALTY = 0.2
+SPARSE_ROUNDS = 60
+SPARSE_LASSO_STEPS = 3
+SPARSE_SAMPLE_ROWS = 8192
+# Singular values of D below this fraction of the largest are dropped by D⁺, so near-dependent
+# learned atoms (a layer with fewer blocks than atoms gives some) cannot blow the update up.
+PINV_RTOL = 1e-3
+DECOMPOSITION_VERSION = "1"  # bump when a decomposition's algorithm changes: old cache entries are ignored
+
 
 # ---------------------------------------------------------------------------------------------
 # The maths as pure functions (tests check these against the literal formulas)
 
 
-def svd_atoms(weight: torch.Tensor, m: int) -> torch.Tensor:
-    """The m leading right singular vectors of W reshaped to (c_out*c_in, k*k): atoms D (m, k*k).
+def to_blocks(weight: torch.Tensor, kc: int = 1) -> torch.Tensor:
+    """The block view W_b (c_out/kc · c_in/kc, kc·k·kc·k) of a conv weight (a Linear weight is k = 1)."""
+    if weight.dim() == 2:
+        weight = weight.reshape(*weight.shape, 1, 1)
+    c_out, c_in, kh, kw = weight.shape
+    if kc == 1:
+        return weight.reshape(c_out * c_in, kh * kw)
+    blocks = weight.reshape(c_out // kc, kc, c_in // kc, kc, kh, kw).permute(0, 2, 1, 4, 3, 5)
+    return blocks.reshape((c_out // kc) * (c_in // kc), kc * kh * kc * kw)
 
-    Computed from the k²×k² Gram matrix in float64 (exactly the SVD's right factor, at a fraction
-    of its cost). Each atom's sign is fixed so that its largest entry is positive.
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple, kc: int = 1) -> torch.Tensor:
+    """The inverse of `to_blocks`: a tensor of `shape` (4-D conv or 2-D Linear)."""
+    c_out, c_in = shape[0], shape[1]
+    kh, kw = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
+    if kc == 1:
+        return blocks.reshape(shape)
+    weight = blocks.reshape(c_out // kc, c_in // kc, kc, kh, kc, kw).permute(0, 2, 1, 4, 3, 5)
+    return weight.reshape(shape)
+
+
+def svd_atoms(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """The m leading right singular vectors of the data matrix: atoms D (m, n).
+
+    `rows` is the (N, n) block view, or a 4-D conv weight (read as W_r). Computed from the n×n Gram
+    matrix in float64 (exactly the SVD's right factor, at a fraction of its cost). Each atom's sign
+    is fixed so that its largest entry is positive.
     """
-    taps = weight.shape[-1] * weight.shape[-2]
-    flat = weight.detach().reshape(-1, taps).double()
+    if rows.dim() == 4:
+        rows = rows.reshape(-1, rows.shape[-1] * rows.shape[-2])
+    flat = rows.detach().double()
     gram = flat.T @ flat
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    order = torch.argsort(eigenvalues, descending=True)[:m]
-    atoms = eigenvectors[:, order].T.contiguous()
+    order = torch.argsort(eigenvalues, descending=True, stable=True)[:m]
+    return _fix_signs(eigenvectors[:, order].T.contiguous()).float()
+
+
+def _fix_signs(atoms: torch.Tensor) -> torch.Tensor:
     sign = torch.sign(atoms.gather(1, atoms.abs().argmax(dim=1, keepdim=True)))
-    return (atoms * sign).float()
+    return atoms * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def atom_coefficients(weight: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-    """α = W_r·Dᵀ (c_out*c_in, m): the least-squares coefficients for orthonormal atoms."""
-    return weight.reshape(-1, atoms.shape[1]) @ atoms.T.to(weight.dtype)
+def lasso_codes(
+    rows: torch.Tensor, atoms: torch.Tensor, penalty: float, steps: int, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """FISTA for every row at once: argmin_α ½‖X − α·D‖² + λ‖α‖₁ (α: (N, m)), `steps` iterations."""
+    gram = atoms @ atoms.T
+    lipschitz = float(torch.linalg.eigvalsh(gram).max().clamp_min(1e-12))
+    target = rows @ atoms.T
+    codes = torch.zeros_like(target) if start is None else start.clone()
+    point, t = codes, 1.0
+    for _ in range(steps):
+        step = point - (point @ gram - target) / lipschitz
+        new = torch.sign(step) * (step.abs() - penalty / lipschitz).clamp_min(0)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        point = new + ((t - 1) / t_next) * (new - codes)
+        codes, t = new, t_next
+    return codes
 
 
-def weight_diff(weight: torch.Tensor, atoms: torch.Tensor, delta_atoms: torch.Tensor) -> torch.Tensor:
-    """ΔW = α·ΔD = W_r·(Dᵀ·ΔD), reshaped like W."""
-    taps = atoms.shape[1]
-    mixing = atoms.T.float() @ delta_atoms.reshape(-1, taps).float()
-    return (weight.reshape(-1, taps) @ mixing.to(weight.dtype)).reshape(weight.shape)
+def _update_atoms(rows: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """One sweep of block coordinate descent on the atoms, each renormalised to unit length.
+
+    Atom j's least-squares value given the others is (α_jᵀX − Σ_{i≠j} α_jᵀα_i·D_i) / α_jᵀα_j; only
+    the m×m and m×n Gram products are needed (the sweep runs in numpy: tiny matrices, many steps).
+    An atom no row uses restarts on the worst-fitted row.
+    """
+    code_gram = (codes.T @ codes).double().numpy()
+    code_data = (codes.T @ rows).double().numpy()
+    new = atoms.double().numpy().copy()
+    for j in range(new.shape[0]):
+        if code_gram[j, j] <= 1e-12:
+            residual = rows - codes @ torch.from_numpy(new).to(rows.dtype)
+            worst = residual[residual.norm(dim=1).argmax()].double().numpy()
+            if np.linalg.norm(worst) > 1e-12:
+                new[j] = worst / np.linalg.norm(worst)
+            continue
+        update = code_data[j] - code_gram[j] @ new + code_gram[j, j] * new[j]
+        norm = np.linalg.norm(update)
+        if norm > 1e-12:
+            new[j] = update / norm
+    return torch.from_numpy(new).to(atoms.dtype)
+
+
+def sparse_atoms(
+    rows: torch.Tensor,
+    m: int,
+    seed: int = 0,
+    penalty: float = SPARSE_PENALTY,
+    rounds: int = SPARSE_ROUNDS,
+    lasso_steps: int = SPARSE_LASSO_STEPS,
+    sample_rows: int = SPARSE_SAMPLE_ROWS,
+) -> torch.Tensor:
+    """Dictionary learning with a lasso penalty: m unit-norm atoms D (m, n) for the rows of X.
+
+    min_{α, D} ½‖X − α·D‖² + λ‖α‖₁ with ‖D_j‖ = 1, by `rounds` alternations of FISTA on α (warm
+    started) and a block-coordinate sweep on D. X is `sample_rows` rows drawn with a seeded
+    generator (so the result is a function of the weight and `seed`), scaled to unit RMS. D starts
+    from random orthonormal rows. Atoms come out ordered by use (ℓ1 mass of their codes) with the
+    largest entry of each positive. Float32 iterations: the atoms are stored, never recomputed.
+    """
+    if rows.dim() == 4:
+        rows = rows.reshape(-1, rows.shape[-1] * rows.shape[-2])
+    rows = rows.detach()
+    n = rows.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    if rows.shape[0] > sample_rows:
+        index = torch.randint(rows.shape[0], (sample_rows,), generator=generator).sort().values
+        data = rows[index.to(rows.device)]
+    else:
+        data = rows
+    data = data.float().cpu()
+    scale = data.pow(2).mean().sqrt()
+    if not scale > 0:
+        return svd_atoms(rows, m)  # all-zero weights: any orthonormal atoms represent them
+    data = data / scale
+    start = torch.randn(max(m, n), n, generator=generator, dtype=torch.float64)
+    atoms = (torch.linalg.qr(start.T).Q.T[:m] if m <= n else F.normalize(start[:m], dim=1)).float()
+    codes = None
+    for _ in range(rounds):
+        codes = lasso_codes(data, atoms, penalty, lasso_steps, start=codes)
+        atoms = _update_atoms(data, codes, atoms)
+    codes = lasso_codes(data, atoms, penalty, lasso_steps, start=codes)
+    order = torch.argsort(codes.abs().sum(dim=0), descending=True, stable=True)
+    return _fix_signs(atoms[order]).contiguous().to(rows.device)
+
+
+def atom_projector(atoms: torch.Tensor, orthonormal: bool) -> torch.Tensor:
+    """P (n, M) with α = W_b·P: Dᵀ for orthonormal atoms, else the pseudo-inverse D⁺."""
+    if orthonormal or atoms.is_meta:
+        return atoms.T.contiguous()
+    return torch.linalg.pinv(atoms.double(), rtol=PINV_RTOL).to(atoms.dtype)
+
+
+def atom_coefficients(weight: torch.Tensor, atoms: torch.Tensor, kc: int = 1, projector=None) -> torch.Tensor:
+    """α = W_b·P (rows, M); P defaults to Dᵀ (the least-squares coefficients for orthonormal atoms)."""
+    projector = atoms.T if projector is None else projector
+    return to_blocks(weight, kc) @ projector.to(weight.dtype)
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def weight_diff(
+    weight: torch.Tensor, atoms: torch.Tensor, delta_atoms: torch.Tensor, kc: int = 1, projector=None
+) -> torch.Tensor:
+    """D and kc variants (and linear): ΔW_b = α·ΔD = W_b·(P·ΔD), reshaped like W."""
+    dtype = _compute_dtype(weight)
+    projector = atoms.T if projector is None else projector
+    mixing = projector.to(dtype) @ delta_atoms.reshape(-1, atoms.shape[1]).to(dtype)
+    return from_blocks(to_blocks(weight, kc) @ mixing.to(weight.dtype), weight.shape, kc)
+
+
+def _coefficient_blocks(alpha: torch.Tensor, kc: int) -> torch.Tensor:
+    """α (c_out, c_in, m) → one row per kc×kc channel block, columns ordered (p, q, j)."""
+    c_out, c_in, m = alpha.shape
+    blocks = alpha.reshape(c_out // kc, kc, c_in // kc, kc, m).permute(0, 2, 1, 3, 4)
+    return blocks.reshape((c_out // kc) * (c_in // kc), kc * kc * m)
+
+
+def _coefficients_from_blocks(blocks: torch.Tensor, shape: tuple, kc: int) -> torch.Tensor:
+    c_out, c_in, m = shape
+    alpha = blocks.reshape(c_out // kc, c_in // kc, kc, kc, m).permute(0, 2, 1, 3, 4)
+    return alpha.reshape(shape)
+
+
+def sub_atom_weight_diff(
+    weight: torch.Tensor,
+    atoms: torch.Tensor,
+    beta: torch.Tensor,
+    sub_atoms: torch.Tensor,
+    delta_coeff_bases: torch.Tensor | None = None,
+    kc: int = 1,
+    projector=None,
+) -> torch.Tensor:
+    """D1 variant, and D1+Dc when `delta_coeff_bases` is given (see the module docstring)."""
+    c_out, c_in = weight.shape[:2]
+    m, taps = atoms.shape
+    dtype = _compute_dtype(weight)
+    flat = weight.reshape(c_out, c_in, taps).to(dtype)
+    projector = (atoms.T if projector is None else projector).to(dtype)
+    # ΔD[c, j] = Σ_s β[c, j, s]·D1[j, s]: (c_in, m, taps)
+    delta = torch.einsum("cjs,jst->cjt", beta.to(dtype), sub_atoms.reshape(m, -1, taps).to(dtype))
+    if delta_coeff_bases is None:
+        # Σ_j α[o, c, j]·ΔD[c, j] = W_r[o, c]·(P·ΔD[c]): one taps×taps mixing per input channel
+        mixing = projector.unsqueeze(0) @ delta
+        diff = torch.bmm(flat.transpose(0, 1), mixing).transpose(0, 1)
+    else:
+        alpha = flat @ projector
+        delta_alpha = _coefficients_from_blocks(
+            _coefficient_blocks(alpha, kc) @ delta_coeff_bases.to(dtype), alpha.shape, kc
+        )
+        diff = delta_alpha @ atoms.to(dtype) + torch.einsum("ocj,cjt->oct", alpha + delta_alpha, delta)
+    return diff.reshape(weight.shape).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
-# The layer
+# The layers: each runs ONE convolution (or matmul) on W + ΔW
 
 
-class FilterAtomConv2d(nn.Module):
-    """A frozen Conv2d whose filters are rebuilt from trainable atoms; runs ONE convolution."""
+class _AtomLayer(nn.Module):
+    """What every tuned layer shares: frozen base layer, atoms D with their projector P, W + ΔW."""
 
-    def __init__(self, base: nn.Conv2d, atoms: torch.Tensor):
-        super().__init__()
+    state_names: tuple[str, ...] = ()
+
+    def _set_base(self, base: nn.Module, atoms: torch.Tensor, kc: int, orthonormal: bool) -> None:
         self.base_layer = base
-        k = base.kernel_size[0]
+        self.kc = kc
+        self.orthonormal = orthonormal
         self.register_buffer("atoms", atoms.to(device=base.weight.device, dtype=torch.float32))
-        self.delta_atoms = nn.Parameter(
-            torch.zeros(atoms.shape[0], k, k, device=base.weight.device, dtype=torch.float32)
-        )
+        self.register_buffer("projector", atom_projector(self.atoms, orthonormal), persistent=False)
+
+    def set_atoms(self, atoms: torch.Tensor) -> None:
+        """Replace D (as loading an adapter does) and the projector derived from it."""
+        self.atoms.copy_(atoms)
+        self.projector = atom_projector(self.atoms, self.orthonormal)
 
     def delta_weight(self) -> torch.Tensor:
-        return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms)
+        raise NotImplementedError
+
+    def trainable(self) -> list[nn.Parameter]:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_layer.weight + self.delta_weight()
         return self.base_layer._conv_forward(x, weight.to(x.dtype), self.base_layer.bias)
 
     @torch.no_grad()
-    def merged(self) -> nn.Conv2d:
-        """The base conv with ΔW added to its weight."""
+    def merged(self) -> nn.Module:
+        """The base layer with ΔW added to its weight."""
         self.base_layer.weight += self.delta_weight()
         return self.base_layer
+
+
+class FilterAtomConv2d(_AtomLayer):
+    """A frozen Conv2d whose filters change only through their atoms (D variant; kc > 1: channel atoms)."""
+
+    state_names = ("atoms", "delta_atoms")
+
+    def __init__(self, base: nn.Conv2d, atoms: torch.Tensor, kc: int = 1, orthonormal: bool = True):
+        super().__init__()
+        self._set_base(base, atoms, kc, orthonormal)
+        side = base.kernel_size[0] * kc
+        self.delta_atoms = nn.Parameter(torch.zeros(atoms.shape[0], side, side, device=base.weight.device))
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.delta_atoms]
+
+    def delta_weight(self) -> torch.Tensor:
+        return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms, self.kc, self.projector)
+
+
+class FilterAtomLinear(_AtomLayer):
+    """A frozen Linear whose kc×kc weight blocks change only through their atoms."""
+
+    state_names = ("atoms", "delta_atoms")
+
+    def __init__(self, base: nn.Linear, atoms: torch.Tensor, kc: int = 1, orthonormal: bool = True):
+        super().__init__()
+        self._set_base(base, atoms, kc, orthonormal)
+        self.delta_atoms = nn.Parameter(torch.zeros(atoms.shape[0], kc, kc, device=base.weight.device))
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.delta_atoms]
+
+    def delta_weight(self) -> torch.Tensor:
+        return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms, self.kc, self.projector)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_layer.weight + self.delta_weight()
+        return F.linear(x, weight.to(x.dtype), self.base_layer.bias)
+
+
+class SubAtomConv2d(_AtomLayer):
+    """A frozen Conv2d tuned through per-channel combinations of sub-atoms (D1), optionally with
+    trainable bases of its coefficients (D1+Dc, kc = the coefficient block size)."""
+
+    def __init__(
+        self,
+        base: nn.Conv2d,
+        atoms: torch.Tensor,
+        m1: int,
+        kc: int = 1,
+        coefficient_bases: bool = False,
+        orthonormal: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self._set_base(base, atoms, kc, orthonormal)
+        m, k, device = atoms.shape[0], base.kernel_size[0], base.weight.device
+        beta = torch.randn(base.in_channels, m, m1, generator=generator) / math.sqrt(m1)
+        self.beta = nn.Parameter(beta.to(device))
+        self.sub_atoms = nn.Parameter(torch.zeros(m, m1, k, k, device=device))
+        size = kc * kc * m
+        self.delta_coeff_bases = nn.Parameter(torch.zeros(size, size, device=device)) if coefficient_bases else None
+        self.state_names = ("atoms", "beta", "sub_atoms") + (("delta_coeff_bases",) if coefficient_bases else ())
+
+    def trainable(self) -> list[nn.Parameter]:
+        extra = [self.delta_coeff_bases] if self.delta_coeff_bases is not None else []
+        return [self.beta, self.sub_atoms, *extra]
+
+    def delta_weight(self) -> torch.Tensor:
+        return sub_atom_weight_diff(
+            self.base_layer.weight, self.atoms, self.beta, self.sub_atoms, self.delta_coeff_bases, self.kc, self.projector
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,9 +411,25 @@ class FilterAtomConv2d(nn.Module):
 
 @dataclass
 class AtomsOptions:
-    m: int = 9
-    include_1x1: bool = False
-    init: str = "svd"
+    m: int = 9  # atoms per filter (at most k²)
+    include_1x1: bool | None = None  # None: only when kc > 1
+    init: str = "svd"  # svd | sparse
+    m1: int = 0  # sub-atoms per atom (D1 variant); 0: off
+    kc: int = 1  # channel-block size of the atoms (kc variant; with m1: D1+Dc)
+    linear: bool = False  # also the attention projections
+    linear_kc: int = 4  # block size of the attention projections' atoms
+    seed: int = 0  # for β's init and the sparse coding's sample and start
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one target is decomposed and tuned."""
+
+    kind: str  # "atoms" (D, kc, linear) or "sub_atoms" (D1, D1+Dc)
+    block: int  # block size of the decomposition
+    coefficient_block: int  # block size of the coefficient bases (D1+Dc), else 1
+    num_atoms: int  # M
+    atom_size: int  # n = (k·block)²
 
 
 def decomposition_cache_dir() -> Path:
@@ -100,72 +438,142 @@ def decomposition_cache_dir() -> Path:
     return cache_dir() / "decompositions"
 
 
+def named_attention_projections(unet: nn.Module):
+    """The attention blocks' q/k/v/out Linear layers, in module order."""
+    suffixes = tuple("." + name for name in ATTENTION_PROJECTIONS)
+    for name, module in unet.named_modules():
+        if type(module) is nn.Linear and name.endswith(suffixes):
+            yield name, module
+
+
+def decompose(rows: torch.Tensor, num_atoms: int, init: str, seed: int) -> torch.Tensor:
+    """Atoms (num_atoms, n) for the rows of a block view."""
+    if init == "sparse":
+        return sparse_atoms(rows, num_atoms, seed=seed)
+    return svd_atoms(rows, num_atoms)
+
+
 class FilterAtoms(Method):
     name = "atoms"
-    summary = "filter atoms: train only the m spatial atoms of each convolution (ΔW = α·ΔD)"
+    summary = "filter atoms: train the atoms of each conv's filter subspace (ΔW = α·ΔD; D1, kc and D1+Dc variants)"
     Options = AtomsOptions
     default_lr = 1e-3  # a few thousand parameters: a larger step than the low-rank methods
 
     def validate_options(self) -> None:
-        if self.options.m < 1:
-            raise SdtuneError(f"--atoms-m must be at least 1, got {self.options.m}")
-        if self.options.init != "svd":
-            raise SdtuneError(f"--atoms-init {self.options.init!r} is not available; choose: svd")
+        o = self.options
+        for field, flag, least in (("m", "--atoms-m", 1), ("m1", "--atoms-m1", 0), ("kc", "--atoms-kc", 1),
+                                   ("linear_kc", "linear_kc", 1), ("seed", "seed", 0)):
+            value = getattr(o, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise SdtuneError(f"{flag} must be an integer of at least {least}, got {value!r}")
+        if o.init not in INITS:
+            raise SdtuneError(f"--atoms-init {o.init!r} is not available; choose: {', '.join(INITS)}")
+        for field, flag in (("include_1x1", "--atoms-1x1"), ("linear", "--atoms-linear")):
+            value = getattr(o, field)
+            if not (isinstance(value, bool) or (value is None and field == "include_1x1")):
+                raise SdtuneError(f"{flag} must be true or false, got {value!r}")
+
+    @property
+    def variant(self) -> str:
+        if self.options.m1 > 0:
+            return "D1+Dc" if self.options.kc > 1 else "D1"
+        return "kc" if self.options.kc > 1 else "D"
 
     def find_targets(self, unet: nn.Module) -> list[str]:
-        sizes = {3, 1} if self.options.include_1x1 else {3}
-        return [name for name, _ in named_convs(unet, sizes)]
+        include_1x1 = self.options.include_1x1
+        if include_1x1 is None:
+            include_1x1 = self.options.kc > 1
+        targets = [name for name, _ in named_convs(unet, {3, 1} if include_1x1 else {3})]
+        if self.options.linear:
+            targets += [name for name, _ in named_attention_projections(unet)]
+        return targets
 
     def atoms_per_layer(self, conv: nn.Conv2d) -> int:
         return min(self.options.m, conv.kernel_size[0] ** 2)
 
+    def plan(self, module: nn.Module) -> LayerPlan:
+        o = self.options
+        if isinstance(module, nn.Linear):
+            block = o.linear_kc if module.out_features % o.linear_kc == 0 and module.in_features % o.linear_kc == 0 else 1
+            return LayerPlan("atoms", block, 1, min(o.m, block * block), block * block)
+        k = module.kernel_size[0]
+        kc = o.kc if module.in_channels % o.kc == 0 and module.out_channels % o.kc == 0 else 1
+        m = self.atoms_per_layer(module)
+        if o.m1 > 0:
+            return LayerPlan("sub_atoms", 1, kc, m, k * k)
+        return LayerPlan("atoms", kc, 1, m * kc * kc, (k * kc) ** 2)
+
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
-        decomposition = self._decompose(unet, targets)
-        self.layers: dict[str, FilterAtomConv2d] = {}
+        plans = {name: self.plan(unet.get_submodule(name)) for name in targets}
+        decomposition = self._decompose(unet, plans)
+        orthonormal = self.options.init == "svd"
+        generator = torch.Generator().manual_seed(self.options.seed)
+        self.layers: dict[str, nn.Module] = {}
         for name in targets:
-            layer = FilterAtomConv2d(unet.get_submodule(name), decomposition[name])
+            base, plan = unet.get_submodule(name), plans[name]
+            if isinstance(base, nn.Linear):
+                layer = FilterAtomLinear(base, decomposition[name], plan.block, orthonormal)
+            elif plan.kind == "sub_atoms":
+                layer = SubAtomConv2d(
+                    base, decomposition[name], self.options.m1, plan.coefficient_block,
+                    coefficient_bases=self.options.kc > 1, orthonormal=orthonormal, generator=generator,
+                )
+            else:
+                layer = FilterAtomConv2d(base, decomposition[name], plan.block, orthonormal)
             replace_module(unet, name, layer)
             self.layers[name] = layer
 
-    def _decompose(self, unet: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
+    def _decompose(self, unet: nn.Module, plans: dict[str, LayerPlan]) -> dict[str, torch.Tensor]:
         """Atoms for every target, from the cache when this base model was decomposed before."""
-        convs = {name: unet.get_submodule(name) for name in targets}
-        if any(conv.weight.is_meta for conv in convs.values()):
-            return {
-                name: torch.empty(self.atoms_per_layer(conv), conv.kernel_size[0] ** 2, device="meta")
-                for name, conv in convs.items()
-            }
+        modules = {name: unet.get_submodule(name) for name in plans}
+        if any(module.weight.is_meta for module in modules.values()):
+            return {name: torch.empty(p.num_atoms, p.atom_size, device="meta") for name, p in plans.items()}
         from safetensors.torch import load_file, save_file
 
-        key = f"{self.options.init}-m{self.options.m}-{fingerprint(unet, targets)}"
+        layout = json.dumps(
+            [DECOMPOSITION_VERSION, self.options.init, self.options.seed]
+            + [[name, p.block, p.num_atoms] for name, p in plans.items()]
+        )
+        layout_hash = hashlib.sha256(layout.encode()).hexdigest()[:12]
+        key = f"{self.options.init}-{layout_hash}-{fingerprint(unet, list(plans))}"
         path = decomposition_cache_dir() / f"{key}.safetensors"
         if path.exists():
             try:
                 cached = load_file(path)
-                if set(cached) == set(targets):
+                if set(cached) == set(plans) and all(
+                    tuple(cached[n].shape) == (p.num_atoms, p.atom_size) for n, p in plans.items()
+                ):
                     return cached
             except Exception:
                 pass  # a damaged cache entry is recomputed below
-        decomposition = {name: svd_atoms(conv.weight, self.atoms_per_layer(conv)) for name, conv in convs.items()}
+        decomposition = {
+            name: decompose(to_blocks(modules[name].weight.detach(), p.block), p.num_atoms, self.options.init, self.options.seed)
+            for name, p in plans.items()
+        }
         try:
             from ..fileio import atomic_write
 
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(path) as tmp:
-                save_file({k: v.contiguous() for k, v in decomposition.items()}, str(tmp))
+                save_file({k: v.detach().cpu().contiguous() for k, v in decomposition.items()}, str(tmp))
         except OSError:
             pass  # the cache is an optimisation; an unwritable cache folder is not an error
         return decomposition
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [layer.delta_atoms for layer in self.layers.values()]
+        return [p for layer in self.layers.values() for p in layer.trainable()]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for name, layer in self.layers.items():
-            state[f"{name}.atoms"] = layer.atoms.detach()
-            state[f"{name}.delta_atoms"] = layer.delta_atoms.detach()
-        return state
+        return {
+            f"{name}.{attr}": getattr(layer, attr).detach()
+            for name, layer in self.layers.items()
+            for attr in layer.state_names
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        for layer in self.layers.values():
+            layer.set_atoms(layer.atoms)  # the adapter's atoms define α: refresh what derives from them
 
     def merge(self) -> None:
         for name, layer in self.layers.items():
