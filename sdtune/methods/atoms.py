@@ -75,9 +75,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
+from .atom_kernels import tap_mixed_conv2d
 from .base import Method, fingerprint, named_convs, replace_module
 
 INITS = ("svd", "sparse")
+KERNELS = ("auto", "tap", "weight", "autograd")
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # Sparse coding settings. λ is relative to the weights' RMS, so every layer gets the same sparsity
@@ -338,17 +340,28 @@ class FilterAtomConv2d(_AtomLayer):
 
     state_names = ("atoms", "delta_atoms")
 
-    def __init__(self, base: nn.Conv2d, atoms: torch.Tensor, kc: int = 1, orthonormal: bool = True):
+    def __init__(
+        self, base: nn.Conv2d, atoms: torch.Tensor, kc: int = 1, orthonormal: bool = True, kernel: str = "auto"
+    ):
         super().__init__()
         self._set_base(base, atoms, kc, orthonormal)
         side = base.kernel_size[0] * kc
         self.delta_atoms = nn.Parameter(torch.zeros(atoms.shape[0], side, side, device=base.weight.device))
+        self.kernel = kernel
 
     def trainable(self) -> list[nn.Parameter]:
         return [self.delta_atoms]
 
     def delta_weight(self) -> torch.Tensor:
         return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms, self.kc, self.projector)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kc != 1:
+            return super().forward(x)
+        # ΔW = W_r·(P·ΔD): a k²×k² mixing of the taps, which the fast kernels apply exactly
+        taps = self.atoms.shape[1]
+        mixing = self.projector.to(self.delta_atoms.dtype) @ self.delta_atoms.reshape(-1, taps)
+        return tap_mixed_conv2d(x, self.base_layer, mixing, self.kernel)
 
 
 class FilterAtomLinear(_AtomLayer):
@@ -420,6 +433,9 @@ class AtomsOptions:
     linear: bool = False  # also the attention projections
     linear_kc: int = 4  # block size of the attention projections' atoms
     seed: int = 0  # for β's init and the sparse coding's sample and start
+    # how the D variant's convolutions run: auto (per layer size), tap, weight, or autograd (the
+    # plain formula, for comparison); all exact, see atom_kernels
+    kernel: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -469,6 +485,8 @@ class FilterAtoms(Method):
                 raise SdtuneError(f"{flag} must be an integer of at least {least}, got {value!r}")
         if o.init not in INITS:
             raise SdtuneError(f"--atoms-init {o.init!r} is not available; choose: {', '.join(INITS)}")
+        if o.kernel not in KERNELS:
+            raise SdtuneError(f"atoms kernel {o.kernel!r} is not available; choose: {', '.join(KERNELS)}")
         for field, flag in (("include_1x1", "--atoms-1x1"), ("linear", "--atoms-linear")):
             value = getattr(o, field)
             if not (isinstance(value, bool) or (value is None and field == "include_1x1")):
@@ -520,7 +538,7 @@ class FilterAtoms(Method):
                     coefficient_bases=self.options.kc > 1, orthonormal=orthonormal, generator=generator,
                 )
             else:
-                layer = FilterAtomConv2d(base, decomposition[name], plan.block, orthonormal)
+                layer = FilterAtomConv2d(base, decomposition[name], plan.block, orthonormal, self.options.kernel)
             replace_module(unet, name, layer)
             self.layers[name] = layer
 
