@@ -231,16 +231,21 @@ def list_methods(
 
     rows = []
     for name in methods.available():
-        unet = build_sd14_unet("meta") if model == "sd14" else load_pipeline(model).unet
-        method = methods.create(name)
-        method.inject(unet)
-        size = sum(t.numel() * t.element_size() for t in method.state_dict().values())
-        rows.append((name, f"{method.num_parameters():,}", f"{len(method.target_names)}", _human_bytes(size), method.summary))
-    header = ("method", "trainable", "layers", "adapter", "what it trains")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+        for variant in methods.method_class(name).variants:
+            unet = build_sd14_unet("meta") if model == "sd14" else load_pipeline(model).unet
+            method = methods.create(name, **variant)
+            method.inject(unet)
+            size = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+            options = ", ".join(f"{k}={v}" for k, v in variant.items()) or "defaults"
+            rows.append((name, options, f"{method.num_parameters():,}", f"{len(method.target_names)}", _human_bytes(size)))
+    header = ("method", "options", "trainable", "layers", "adapter")
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     typer.echo(f"on {'SD v1.4' if model == 'sd14' else model}:")
     for row in [header] + rows:
-        typer.echo("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        typer.echo("  ".join(cell.rjust(w) if i in (2, 3, 4) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    typer.echo("")
+    for name in methods.available():
+        typer.echo(f"{name}: {methods.method_class(name).summary}")
 
 
 def _human_bytes(n: int) -> str:

@@ -29,6 +29,8 @@ class Method(ABC):
     # AdamW's decoupled decay pulls trainable tensors towards 0: right for updates that start at 0,
     # wrong for base weights trained in place (those methods set 0).
     weight_decay: ClassVar[float] = 1e-2
+    # option sets that `sdtune methods` lists (the defaults first)
+    variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
     def __init__(self, **options: Any):
         known = {f.name for f in dataclasses.fields(self.Options)}

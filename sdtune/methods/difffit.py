@@ -170,6 +170,7 @@ class DiffFit(InPlaceMethod):
     name = "difffit"
     summary = "DiffFit: biases, norm affine params and per-channel scales γ on transformer branches and q/k/v/out"
     Options = DiffFitOptions
+    variants = ({}, {"resnet_gamma": True})
 
     def validate_options(self) -> None:
         if not isinstance(self.options.resnet_gamma, bool):

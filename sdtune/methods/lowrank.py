@@ -142,6 +142,7 @@ class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
+    variants = ({}, {"targets": "conv"}, {"targets": "attn"}, {"rank": 16})
 
     def peft_config(self, targets: list[str]):
         from peft import LoraConfig
@@ -155,6 +156,7 @@ class Loha(_PeftLowRank):
     name = "loha"
     summary = "LoHa: Hadamard product of two low-rank updates (B1·A1)⊙(B2·A2) (peft)"
     Options = LohaOptions
+    variants = ({}, {"targets": "conv"})
 
     def peft_config(self, targets: list[str]):
         from peft import LoHaConfig
@@ -171,6 +173,7 @@ class Lokr(_PeftLowRank):
     name = "lokr"
     summary = "LoKr: Kronecker product update W1 ⊗ W2 with low-rank factors where small (peft)"
     Options = LokrOptions
+    variants = ({}, {"targets": "conv"}, {"decompose_both": True})
 
     def validate_options(self) -> None:
         super().validate_options()
