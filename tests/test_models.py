@@ -62,3 +62,12 @@ def test_missing_component_is_named(tiny_path, tmp_path):
 def test_unavailable_model_names_tiny(model):
     with pytest.raises(SdtuneError, match="--model tiny"):
         load_pipeline(model)
+
+
+@pytest.mark.parametrize("size", [1, 2, 63, 64, 1000, 2**24 + 3, 29_491_200])
+def test_fingerprint_sample_indices_stay_in_bounds(size):
+    from sdtune.methods.base import sample_indices
+
+    index = sample_indices(size, 64)
+    assert index[0] == 0 and index[-1] == size - 1 and len(index) == min(64, size)
+    assert bool((index[1:] >= index[:-1]).all())

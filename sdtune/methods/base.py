@@ -146,6 +146,18 @@ def named_convs(unet: nn.Module, kernel_sizes: set[int]) -> Iterator[tuple[str, 
                 yield name, module
 
 
+FINGERPRINT_SAMPLES = 64
+
+
+def sample_indices(size: int, count: int) -> torch.Tensor:
+    """`count` evenly spaced indices into a tensor of `size` elements, first and last included.
+
+    Integer arithmetic: a float linspace rounds past the end for sizes above 2**24.
+    """
+    count = min(count, size)
+    return torch.arange(count, dtype=torch.int64) * (size - 1) // max(count - 1, 1)
+
+
 def fingerprint(unet: nn.Module, names: list[str]) -> str:
     """A short hash of the named layers' shapes and a fixed sample of their weights.
 
@@ -162,6 +174,6 @@ def fingerprint(unet: nn.Module, names: list[str]) -> str:
         if weight.is_meta:
             continue
         flat = weight.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel()), device=flat.device).long()
+        index = sample_indices(flat.numel(), FINGERPRINT_SAMPLES).to(flat.device)
         digest.update(flat[index].to(torch.float16).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
