@@ -59,7 +59,7 @@ def apply_row(row: str, unet):
         if row == "atoms-reference":
             use_two_convolutions(method)
         return method, params
-    options = {"rank": 4, "targets": "conv"} if row in ("lora", "loha", "lokr") else {}
+    options = {"rank": 4, "targets": "conv3x3"} if row in ("lora", "loha", "lokr") else {}
     method = methods.create(row, **options)
     return method, method.inject(unet)
 

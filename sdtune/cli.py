@@ -122,7 +122,7 @@ def train(
     gift_blocks: Optional[int] = typer.Option(None, help="gift: number of PaCa blocks l (default: 1)."),
     rank: Optional[int] = typer.Option(None, help="lora/loha/lokr: rank r (default: 4)."),
     alpha: Optional[float] = typer.Option(None, help="lora/loha/lokr: alpha; the update is scaled by alpha/rank (default: the rank)."),
-    targets: Optional[str] = typer.Option(None, help="lora/loha/lokr: conv (3x3 convs), attn (to_q/k/v/out) or all (default: all)."),
+    targets: Optional[str] = typer.Option(None, help="lora/loha/lokr: conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out) or all (default: all)."),
     factor: Optional[int] = typer.Option(None, help="lokr: Kronecker factor size, -1 for automatic (default: -1)."),
     decompose_both: Optional[bool] = typer.Option(None, "--decompose-both/--no-decompose-both", help="lokr: also make the first Kronecker factor low-rank (default: no)."),
     tucker: Optional[bool] = typer.Option(None, "--tucker/--no-tucker", help="loha/lokr: Tucker-decompose 3x3 conv updates (default: no)."),

@@ -42,7 +42,7 @@ def randomize(method, seed=0):
         ("lokr", {"rank": True}, "--rank must be a whole number"),
         ("lora", {"alpha": 0}, "--alpha must be a positive number"),
         ("lora", {"alpha": "big"}, "--alpha must be a positive number"),
-        ("loha", {"targets": "mlp"}, "--targets 'mlp' is not available; choose: conv, attn, all"),
+        ("loha", {"targets": "mlp"}, "--targets 'mlp' is not available; choose: conv, conv3x3, attn, all"),
         ("lokr", {"factor": 0}, "--factor must be -1"),
         ("lokr", {"factor": -2}, "--factor must be -1"),
         ("lokr", {"tucker": "yes"}, "--tucker must be true or false"),
@@ -84,8 +84,8 @@ def test_targets(unet):
     [
         ("lora", {}, {"lora_A.weight", "lora_B.weight"}),
         ("loha", {}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
-        ("loha", {"targets": "conv", "tucker": True}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
-        ("lokr", {"targets": "conv", "rank": 1, "tucker": True}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}),
+        ("loha", {"targets": "conv3x3", "tucker": True}, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"}),
+        ("lokr", {"targets": "conv3x3", "rank": 1, "tucker": True}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}),
         ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}, {"lokr_w1_a", "lokr_w1_b", "lokr_w2"}),
     ],
 )

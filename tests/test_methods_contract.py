@@ -115,13 +115,14 @@ def expected_count(name: str, options: dict, unet) -> int:
 
 
 def low_rank_targets(targets: str, unet) -> list:
-    """conv: the 3x3 convolutions; attn: to_q, to_k, to_v, to_out.0 of every attention."""
-    convs = [conv for _, conv in named_convs(unet, {3})]
+    """conv: the 3x3 and 1x1 convolutions (conv3x3: only the 3x3); attn: to_q, to_k, to_v, to_out.0."""
+    convs = [conv for _, conv in named_convs(unet, {3, 1})]
+    convs3 = [conv for _, conv in named_convs(unet, {3})]
     projections = [
         module for name, module in unet.named_modules()
         if type(module) is torch.nn.Linear and (name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith(".to_out.0"))
     ]
-    return {"conv": convs, "attn": projections, "all": convs + projections}[targets]
+    return {"conv": convs, "conv3x3": convs3, "attn": projections, "all": convs + projections}[targets]
 
 
 def kronecker_split(dim: int, factor: int) -> tuple[int, int]:
@@ -270,11 +271,13 @@ SD14_COUNTS = [
     # attn1.to_out.0 at widths 320, 640, 1280: φ and ψ per width, plus one PaCa block (r=16, M=64) per width
     ("gift", {}, 2 * 16 * (320 + 640 + 1280) + 3 * ((16 * 64 + 64) + 4 * (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16))),
     ("gift", {"generator": "simple"}, 2 * 16 * (320 + 640 + 1280)),
-    ("lora", {"targets": "conv"}, 2_188_960),
+    ("lora", {"targets": "conv3x3"}, 2_188_960),
     ("lora", {"targets": "attn"}, 797_184),
-    ("lora", {}, 2_188_960 + 797_184),
-    ("loha", {}, 2 * (2_188_960 + 797_184)),  # two LoRA-sized pairs
-    ("lokr", {}, 218_376),  # low_rank_count's LoKr formula on SD v1.4's shapes
+    # the 46 1x1 convolutions add r·(c_in + c_out) each: 337,920 at rank 4
+    ("lora", {"targets": "conv"}, 2_188_960 + 337_920),
+    ("lora", {}, 2_188_960 + 337_920 + 797_184),
+    ("loha", {}, 2 * (2_188_960 + 337_920 + 797_184)),  # two LoRA-sized pairs
+    ("lokr", {}, 261_440),  # low_rank_count's LoKr formula on SD v1.4's shapes
     # D1, m1 = 4: Σ over the 52 3×3 convs of c_in·9·4 (Σ c_in = 55,684) + 52·9·4·9
     ("atoms", {"m1": 4}, 2_021_472),
     # kc = 2: 52 3×3 convs × 9·4 atoms of 6×6, + 46 1×1 convs × 4 atoms of 2×2

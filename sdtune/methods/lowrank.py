@@ -15,8 +15,9 @@ Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<p
 The scale is always alpha/rank, as in peft (LyCORIS forces 1 when both LoKr factors are full);
 with the default alpha = rank the two agree.
 
-Targets: `conv` means the UNet's 3×3 convolutions (52 in SD v1.x, as the filter-atom method
-tunes), `attn` the to_q, to_k, to_v and to_out.0 projections of every attention, `all` both.
+Targets: `conv` means the UNet's 3×3 and 1×1 convolutions (LoCon), `conv3x3` only the 52 3×3
+convolutions that the filter-atom method tunes, `attn` the to_q, to_k, to_v and to_out.0
+projections of every attention, `all` the convolutions and the projections.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..errors import SdtuneError
 from .base import Method, named_convs, replace_module
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
-TARGET_CHOICES = ("conv", "attn", "all")
+TARGET_CHOICES = ("conv", "conv3x3", "attn", "all")
 _ATTN_PROJECTION = re.compile(r"(^|\.)(to_q|to_k|to_v|to_out\.0)$")
 
 
@@ -89,8 +90,10 @@ class _PeftLowRank(Method):
 
     def find_targets(self, unet: nn.Module) -> list[str]:
         chosen: set[str] = set()
-        if self.options.targets in ("conv", "all"):
+        if self.options.targets == "conv3x3":
             chosen.update(name for name, _ in named_convs(unet, {3}))
+        if self.options.targets in ("conv", "all"):
+            chosen.update(name for name, _ in named_convs(unet, {3, 1}))
         if self.options.targets in ("attn", "all"):
             chosen.update(attention_projections(unet))
         return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
@@ -142,7 +145,7 @@ class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
-    variants = ({}, {"targets": "conv"}, {"targets": "attn"}, {"rank": 16})
+    variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"rank": 16})
 
     def peft_config(self, targets: list[str]):
         from peft import LoraConfig
@@ -156,7 +159,7 @@ class Loha(_PeftLowRank):
     name = "loha"
     summary = "LoHa: Hadamard product of two low-rank updates (B1·A1)⊙(B2·A2) (peft)"
     Options = LohaOptions
-    variants = ({}, {"targets": "conv"})
+    variants = ({}, {"targets": "conv3x3"})
 
     def peft_config(self, targets: list[str]):
         from peft import LoHaConfig
@@ -173,7 +176,7 @@ class Lokr(_PeftLowRank):
     name = "lokr"
     summary = "LoKr: Kronecker product update W1 ⊗ W2 with low-rank factors where small (peft)"
     Options = LokrOptions
-    variants = ({}, {"targets": "conv"}, {"decompose_both": True})
+    variants = ({}, {"targets": "conv3x3"}, {"decompose_both": True})
 
     def validate_options(self) -> None:
         super().validate_options()
