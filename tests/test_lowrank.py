@@ -65,14 +65,16 @@ def test_alpha_defaults_to_rank(name):
 
 
 def test_targets(unet):
-    convs = [name for name, _ in named_convs(unet, {3})]
+    convs3 = [name for name, _ in named_convs(unet, {3})]
+    convs = [name for name, _ in named_convs(unet, {3, 1})]
     projections = [
         name for name, module in unet.named_modules()
         if isinstance(module, nn.Linear) and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
     ]
-    assert len(convs) == 52 and len(projections) == 128  # SD v1.x's layout: 16 transformer blocks x 2 attentions x 4
-    found = {t: methods.create("lora", targets=t).find_targets(unet) for t in ("conv", "attn", "all")}
-    assert found["conv"] == convs
+    assert len(convs3) == 52 and len(projections) == 128  # SD v1.x's layout: 16 transformer blocks x 2 attentions x 4
+    found = {t: methods.create("lora", targets=t).find_targets(unet) for t in ("conv", "conv3x3", "attn", "all")}
+    assert found["conv3x3"] == convs3
+    assert found["conv"] == convs and len(convs) > len(convs3)
     assert found["attn"] == projections
     assert sorted(found["all"]) == sorted(convs + projections)
     order = [name for name, _ in unet.named_modules()]

@@ -80,6 +80,7 @@ from .base import Method, fingerprint, named_convs, replace_module
 
 INITS = ("svd", "sparse")
 KERNELS = ("auto", "tap", "weight", "autograd")
+GRAM_CHUNK_ROWS = 1 << 18
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # Sparse coding settings. λ is relative to the weights' RMS, so every layer gets the same sparsity
@@ -130,8 +131,11 @@ def svd_atoms(rows: torch.Tensor, m: int) -> torch.Tensor:
     """
     if rows.dim() == 4:
         rows = rows.reshape(-1, rows.shape[-1] * rows.shape[-2])
-    flat = rows.detach().double()
-    gram = flat.T @ flat
+    rows = rows.detach()
+    gram = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[0], GRAM_CHUNK_ROWS):  # chunks: no float64 copy of a whole weight
+        chunk = rows[start : start + GRAM_CHUNK_ROWS].double()
+        gram += chunk.T @ chunk
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     order = torch.argsort(eigenvalues, descending=True, stable=True)[:m]
     return _fix_signs(eigenvectors[:, order].T.contiguous()).float()
