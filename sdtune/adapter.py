@@ -7,6 +7,7 @@ weights, and the concept's placeholder and token.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ class AdapterInfo:
     options: dict[str, Any]
     base_model: str
     fingerprint: str
+    structure: str = ""
+    weight_sample: bytes = b""
     placeholder: str = ""
     token: str = ""
     extra: dict[str, str] = field(default_factory=dict)
@@ -56,6 +59,8 @@ def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "
         "options": json.dumps(method.options_dict(), sort_keys=True),
         "base_model": base_model,
         "fingerprint": method.base_fingerprint or "",
+        "structure": method.base_structure or "",
+        "weight_sample": base64.b64encode(method.base_sample.numpy().astype("<f4").tobytes()).decode(),
         "placeholder": placeholder,
         "token": token,
         "num_parameters": str(method.num_parameters()),
@@ -80,18 +85,23 @@ def read_adapter(path: str | Path):
         raise SdtuneError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:120]})") from None
     if metadata.get("format") != FORMAT:
         raise SdtuneError(f"{path}: not an sdtune adapter (no '{FORMAT}' metadata)")
-    known = {"format", "sdtune_version", "method", "options", "base_model", "fingerprint", "placeholder", "token"}
+    known = {
+        "format", "sdtune_version", "method", "options", "base_model", "fingerprint", "structure",
+        "weight_sample", "placeholder", "token",
+    }
     try:
         info = AdapterInfo(
             method=metadata["method"],
             options=json.loads(metadata["options"]),
             base_model=metadata["base_model"],
             fingerprint=metadata["fingerprint"],
+            structure=metadata["structure"],
+            weight_sample=base64.b64decode(metadata["weight_sample"]),
             placeholder=metadata.get("placeholder", ""),
             token=metadata.get("token", ""),
             extra={k: v for k, v in metadata.items() if k not in known},
         )
-    except (KeyError, json.JSONDecodeError) as error:
+    except (KeyError, ValueError) as error:
         raise SdtuneError(f"{path}: damaged sdtune adapter metadata ({error})") from None
     return info, tensors
 
@@ -99,21 +109,26 @@ def read_adapter(path: str | Path):
 def load_adapter(path: str | Path, pipeline, merge: bool = True):
     """Rebuild the adapter's method on `pipeline.unet` and load its tensors; merge by default.
 
-    Refuses, with a clear message, an adapter made for a base model whose targeted layers differ.
+    Refuses, with a clear message, an adapter made for a base model whose targeted layers differ
+    in names, shapes or weights; the same weights in another precision (fp16, bf16) are accepted.
     """
+    import numpy as np
+    import torch
+
     from . import methods
-    from .methods.base import fingerprint
+    from .methods.base import fingerprint, same_weights, structure_digest, weight_sample
 
     info, tensors = read_adapter(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
     targets = method.find_targets(unet)
-    found = fingerprint(unet, targets) if targets else ""
-    if found != info.fingerprint:
-        raise SdtuneError(
-            f"adapter {adapter_path(path)} was trained on base model {info.base_model!r}; "
-            f"the loaded model's layers differ (fingerprint {found or 'none'} != {info.fingerprint})"
-        )
+    trained_on = f"adapter {adapter_path(path)} was trained on base model {info.base_model!r}"
+    if structure_digest(unet, targets) != info.structure:
+        raise SdtuneError(f"{trained_on}; the loaded model's layers have other names or shapes")
+    if fingerprint(unet, targets) != info.fingerprint:  # same weights also in fp16/bf16: compare values
+        expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
+        if not same_weights(expected, weight_sample(unet, targets)):
+            raise SdtuneError(f"{trained_on}; the loaded model's weights differ")
     device = unet.device  # read once: diffusers walks every module to find it
     method.inject(unet)
     method.load_state_dict({k: v.to(device) for k, v in tensors.items()})

@@ -52,7 +52,7 @@ def test_train_writes_adapter_config_and_metrics(trained_run):
     with safe_open(str(trained_run / "adapter.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
     assert meta["method"] == "atoms" and meta["base_model"] == "tiny" and meta["token"] == "sks castle"
-    assert meta["placeholder"] == "<castle>" and len(meta["fingerprint"]) == 16
+    assert meta["placeholder"] == "<castle>" and len(meta["fingerprint"]) == 16 and len(meta["structure"]) == 16
 
 
 def test_config_replays(trained_run, tmp_path):

@@ -296,3 +296,16 @@ def test_sd14_parameter_counts(name, options, count):
     method = methods.create(name, **options)
     method.inject(build_sd14_unet("meta"))
     assert method.num_parameters() == count
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapter_loads_into_the_same_base_in_another_precision(dtype, tiny_pipe, tmp_path):
+    from sdtune.models import load_pipeline
+
+    method = methods.create("atoms")
+    method.inject(tiny_pipe.unet)
+    perturb(method)
+    path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny")
+    low_precision = load_pipeline("tiny", dtype=dtype)
+    load_adapter(path, low_precision)  # merged into the fp16/bf16 weights
+    assert low_precision.unet.conv_in.weight.dtype == dtype

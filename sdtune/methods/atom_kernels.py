@@ -49,6 +49,7 @@ class TapMixedConv(torch.autograd.Function):
         positions = unfolded.shape[-1]
         mix = torch.eye(taps, dtype=x.dtype, device=x.device) + mixing.to(x.dtype)
         mixed = torch.matmul(mix, unfolded.view(batch, channels, taps, positions))
+        del unfolded  # 9x the input: free it before the GEMM's output is allocated
         out = torch.matmul(weight.reshape(out_channels, -1), mixed.view(batch, channels * taps, positions))
         if bias is not None:
             out = out + bias.view(1, -1, 1)
@@ -69,6 +70,7 @@ class TapMixedConv(torch.autograd.Function):
         grad_mixed = torch.matmul(weight.reshape(out_channels, -1).T, grad).view(batch, channels, taps, positions)
         unfolded = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
         grad_mixing = torch.einsum("bcsl,bctl->st", grad_mixed, unfolded.view(batch, channels, taps, positions))
+        del unfolded
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_unfolded = torch.matmul(mix.T, grad_mixed).view(batch, channels * taps, positions)

@@ -102,6 +102,8 @@ class Method(ABC):
         if not targets:
             raise SdtuneError(f"method {self.name!r} found no layer to tune in this UNet")
         self.base_fingerprint = fingerprint(unet, targets)
+        self.base_structure = structure_digest(unet, targets)
+        self.base_sample = weight_sample(unet, targets)
         self.target_names = targets
         self._unet = unet
         self._inject(unet, targets)
@@ -156,6 +158,39 @@ def sample_indices(size: int, count: int) -> torch.Tensor:
     """
     count = min(count, size)
     return torch.arange(count, dtype=torch.int64) * (size - 1) // max(count - 1, 1)
+
+
+def structure_digest(unet: nn.Module, names: list[str]) -> str:
+    """A short hash of the named layers' names and weight shapes."""
+    digest = hashlib.sha256()
+    for name in names:
+        weight = getattr(unet.get_submodule(name), "weight", None)
+        digest.update(f"{name}:{tuple(weight.shape) if weight is not None else ''};".encode())
+    return digest.hexdigest()[:16]
+
+
+def weight_sample(unet: nn.Module, names: list[str]) -> torch.Tensor:
+    """A fixed sample of the named layers' weights (64 evenly spaced values each), as float32."""
+    values = []
+    for name in names:
+        weight = getattr(unet.get_submodule(name), "weight", None)
+        if weight is None or weight.is_meta:
+            continue
+        flat = weight.detach().reshape(-1)
+        values.append(flat[sample_indices(flat.numel(), FINGERPRINT_SAMPLES).to(flat.device)].float().cpu())
+    return torch.cat(values) if values else torch.zeros(0)
+
+
+def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 1e-2) -> bool:
+    """Whether two weight samples come from the same model, up to a change of precision.
+
+    bfloat16 keeps 8 significant bits (relative error up to 0.4 %); a different base model, even a
+    fine-tuned one, moves most weights by far more.
+    """
+    if expected.shape != found.shape:
+        return False
+    scale = expected.square().mean().sqrt().item() if expected.numel() else 0.0
+    return bool(((expected - found).abs() <= relative * expected.abs() + 1e-3 * scale).all())
 
 
 def fingerprint(unet: nn.Module, names: list[str]) -> str:
