@@ -87,7 +87,8 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
         ).input_ids.to(device)
         prompt_embeds = text_encoder(ids)[0]
 
-    write_text_atomic(output / "config.toml", config.to_toml())
+    if accelerator.is_main_process:
+        write_text_atomic(output / "config.toml", config.to_toml())
     metrics_path = output / "metrics.jsonl"
     metrics = open(metrics_path, "w", encoding="utf-8") if accelerator.is_main_process else None
     adapter = output / ADAPTER_FILE
