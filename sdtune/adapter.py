@@ -116,18 +116,20 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
     import torch
 
     from . import methods
-    from .methods.base import fingerprint, same_weights, structure_digest, weight_sample
+    from .methods.base import fingerprint_of, same_weights, structure_digest, weight_sample
 
     info, tensors = read_adapter(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
     targets = method.find_targets(unet)
     trained_on = f"adapter {adapter_path(path)} was trained on base model {info.base_model!r}"
-    if structure_digest(unet, targets) != info.structure:
+    structure = structure_digest(unet, targets)
+    if structure != info.structure:
         raise SdtuneError(f"{trained_on}; the loaded model's layers have other names or shapes")
-    if fingerprint(unet, targets) != info.fingerprint:  # same weights also in fp16/bf16: compare values
+    sample = weight_sample(unet, targets)
+    if fingerprint_of(structure, sample) != info.fingerprint:  # same weights also in fp16/bf16: compare values
         expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
-        if not same_weights(expected, weight_sample(unet, targets)):
+        if not same_weights(expected, sample):
             raise SdtuneError(f"{trained_on}; the loaded model's weights differ")
     device = unet.device  # read once: diffusers walks every module to find it
     method.inject(unet)

@@ -43,6 +43,8 @@ class Method(ABC):
         self.validate_options()
         self.target_names: list[str] = []
         self.base_fingerprint: str | None = None
+        self.base_structure: str | None = None
+        self.base_sample: torch.Tensor = torch.zeros(0)
         self._unet: nn.Module | None = None
 
     def validate_options(self) -> None:
@@ -101,9 +103,9 @@ class Method(ABC):
         targets = self.find_targets(unet)
         if not targets:
             raise SdtuneError(f"method {self.name!r} found no layer to tune in this UNet")
-        self.base_fingerprint = fingerprint(unet, targets)
         self.base_structure = structure_digest(unet, targets)
         self.base_sample = weight_sample(unet, targets)
+        self.base_fingerprint = fingerprint_of(self.base_structure, self.base_sample)
         self.target_names = targets
         self._unet = unet
         self._inject(unet, targets)
@@ -194,21 +196,16 @@ def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 
 
 
 def fingerprint(unet: nn.Module, names: list[str]) -> str:
-    """A short hash of the named layers' shapes and a fixed sample of their weights.
+    """A short hash of the named layers' shapes and a fixed sample of their weights."""
+    return fingerprint_of(structure_digest(unet, names), weight_sample(unet, names))
+
+
+def fingerprint_of(structure: str, sample: torch.Tensor) -> str:
+    """The fingerprint from a structure digest and a weight sample.
 
     Values are rounded to float16 first, so a base model loaded in fp16 or fp32 gives the same
     fingerprint; the sample (64 evenly spaced values per weight) keeps it fast on SD v1.4.
     """
-    digest = hashlib.sha256()
-    for name in names:
-        weight = getattr(unet.get_submodule(name), "weight", None)
-        if weight is None:
-            digest.update(f"{name};".encode())
-            continue
-        digest.update(f"{name}:{tuple(weight.shape)};".encode())
-        if weight.is_meta:
-            continue
-        flat = weight.detach().reshape(-1)
-        index = sample_indices(flat.numel(), FINGERPRINT_SAMPLES).to(flat.device)
-        digest.update(flat[index].to(torch.float16).cpu().numpy().tobytes())
+    digest = hashlib.sha256(structure.encode())
+    digest.update(sample.to(torch.float16).numpy().tobytes())
     return digest.hexdigest()[:16]
