@@ -93,7 +93,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str,
         raw = handle.read(header_length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise damaged("the header is not JSON") from None
     if not isinstance(header, dict):
         raise damaged("the header is not a JSON object")
@@ -114,7 +114,9 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str,
             raise damaged(f"tensor {name!r} has data_offsets {offsets!r}")
         begin, end = offsets
         needed = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
-        if not begin <= end <= body or end - begin != needed:
+        if end > body:
+            raise damaged(f"tensor {name!r} ends at byte {end:,} of a body of {body:,} bytes: the file is cut short")
+        if end - begin != needed:
             raise damaged(f"tensor {name!r} declares shape {tuple(shape)} ({needed:,} bytes) but holds {end - begin:,} bytes")
         entries[name] = TensorEntry(dtype, tuple(shape))
         ranges.append((begin, end))
