@@ -56,9 +56,8 @@ def make_grid(rows: list[list], captions: list[str]):
 
 def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     import torch
-    from tqdm.auto import tqdm
-
     from diffusers.utils import logging as diffusers_logging
+    from tqdm.auto import tqdm
 
     from .adapter import adapter_path, load_adapter, read_adapter_info
     from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts

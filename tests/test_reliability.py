@@ -116,7 +116,7 @@ assert Image.MAX_IMAGE_PIXELS is not None
 skipped = sorted(str(w.message).split(":")[0] for w in caught if "decompression-bomb" in str(w.message))
 print(len(images), skipped)
 """
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
         assert result.returncode == 0, result.stderr[-2000:]
         bomb, big = tmp_path / "bomb.png", tmp_path / "big.png"
         assert result.stdout.strip() == f"1 {[f'skipping {big}', f'skipping {bomb}']}"
@@ -379,13 +379,13 @@ def _edit_metadata(key, value):
 
 
 def _huge_shape(header):
-    name = sorted(k for k in header if k != "__metadata__")[0]
+    name = min(k for k in header if k != "__metadata__")
     header[name]["shape"] = [10**6, 10**6]  # 10^12 elements; the body holds a few bytes
 
 
 def _relabel(dtype):
     def edit(header):
-        name = sorted(k for k in header if k != "__metadata__")[0]
+        name = min(k for k in header if k != "__metadata__")
         header[name]["dtype"] = dtype  # same byte size as F32, so the offsets still add up
 
     return edit
@@ -469,7 +469,7 @@ class TestHostileAdapters:
         """Every file sdtune reads is safetensors, JSON, TOML or an image: no pickle, no unsafe torch.load."""
         for path in sorted((ROOT / "sdtune").rglob("*.py")):
             source = path.read_text()
-            assert not re.search(r"^\s*(import|from)\s+(pickle|dill|cloudpickle|joblib)\b", source, re.M), path
+            assert not re.search(r"^\s*(import|from)\s+(pickle|dill|cloudpickle|joblib)\b", source, re.MULTILINE), path
             for call in re.findall(r"torch\.load\([^)]*\)", source):
                 assert "weights_only=True" in call, f"{path}: {call}"
             assert "weights_only=False" not in source, path
