@@ -253,23 +253,6 @@ def expected_shapes(method_name: str, options: dict[str, Any], unet) -> dict[str
     return {key: tuple(tensor.shape) for key, tensor in method.state_dict().items()}
 
 
-def check_tensor_names(path: Path, entries: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]]) -> None:
-    """Refuse an adapter whose tensor names are not those its method makes on this model."""
-    missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
-    if missing or extra:
-        raise SdtuneError(
-            f"{path}: the tensors do not fit its method on this model: {len(missing)} missing"
-            f"{' (' + missing[0] + ', …)' if missing else ''}, {len(extra)} unexpected"
-            f"{' (' + extra[0] + ', …)' if extra else ''}"
-        )
-
-
-def check_tensor_shapes(path: Path, entries: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]]) -> None:
-    for key, shape in expected.items():
-        if entries[key].shape != shape:
-            raise SdtuneError(f"{path}: tensor {key} has shape {entries[key].shape}, the model needs {shape}")
-
-
 def load_adapter(path: str | Path, pipeline, merge: bool = True):
     """Rebuild the adapter's method on `pipeline.unet` and load its tensors; merge by default.
 
@@ -280,14 +263,17 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
     import torch
 
     from . import methods
-    from .methods.base import fingerprint_of, same_weights, structure_digest, weight_sample
+    from .methods.base import (
+        check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample,
+    )
 
     path = adapter_path(path)
     info, entries = read_adapter_info(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
     expected = expected_shapes(info.method, info.options, unet)
-    check_tensor_names(path, entries, expected)  # first: names that do not fit mean another method's tensors
+    found = {key: entry.shape for key, entry in entries.items()}
+    check_state_names(expected, found, f"adapter {path}")  # first: other names mean another method's tensors
     targets = method.find_targets(unet)
     trained_on = f"adapter {path} was trained on base model {info.base_model!r}"
     structure = structure_digest(unet, targets)
@@ -298,7 +284,7 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
         expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
         if not same_weights(expected, sample):
             raise SdtuneError(f"{trained_on}; the loaded model's weights differ")
-    check_tensor_shapes(path, entries, expected)
+    check_state_shapes(expected, found, f"adapter {path}")
     tensors = read_tensors(path)
     bad = first_non_finite(tensors)
     if bad:

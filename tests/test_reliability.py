@@ -402,7 +402,7 @@ HOSTILE_ADAPTERS = {
     "float64 tensor": (_edit_tensors(lambda t: t.update({_first_delta(t): t[_first_delta(t)].double()})), "is F64"),
     "int64 tensor": (_edit_tensors(lambda t: t.update({_first_delta(t): t[_first_delta(t)].long()})), "is I64"),
     "extra tensor": (_edit_tensors(lambda t: t.update({"no_such_layer.delta_atoms": t[_first_delta(t)].clone()})), "1 unexpected (no_such_layer"),
-    "missing tensor": (_edit_tensors(lambda t: t.pop(_first_delta(t))), "1 missing"),
+    "missing tensor": (_edit_tensors(lambda t: t.pop(_first_delta(t))), "1 tensor(s) missing"),
     "wrong shape": (_edit_tensors(lambda t: t.update({_first_delta(t): t[_first_delta(t)][:4]})), "has shape (4, 3, 3), the model needs (9, 3, 3)"),
     "NaN values": (_edit_tensors(lambda t: t[_first_delta(t)].view(-1).__setitem__(0, float("nan"))), "holds NaN or infinite values"),
     "header not JSON": (lambda data: struct.pack("<Q", 10) + b"{not json}" + data[8:], "the header is not JSON"),
@@ -420,7 +420,7 @@ HOSTILE_ADAPTERS = {
     "option of the wrong type": (_edit_metadata("options", '{"m": "nine"}'), "--atoms-m must be an integer"),
     "options that change the shapes": (_edit_metadata("options", '{"m": 4}'), "tensor conv_in.atoms has shape (9, 9), the model needs (4, 9)"),
     "another method's tensors": (
-        _edit_header(lambda h: h["__metadata__"].update(method="lora", options="{}")), "450 missing (conv_in.lora_A.weight, …), 104 unexpected"
+        _edit_header(lambda h: h["__metadata__"].update(method="lora", options="{}")), "450 tensor(s) missing (conv_in.lora_A.weight, …), 104 unexpected"
     ),
     "weight sample not base64": (_edit_metadata("weight_sample", "%%%"), "damaged sdtune adapter metadata"),
     "weight sample of odd length": (_edit_metadata("weight_sample", "AAAA"), "weight_sample is not float32 values"),
