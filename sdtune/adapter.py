@@ -271,9 +271,9 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
     info, entries = read_adapter_info(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
-    expected = expected_shapes(info.method, info.options, unet)
+    shapes = expected_shapes(info.method, info.options, unet)
     found = {key: entry.shape for key, entry in entries.items()}
-    check_state_names(expected, found, f"adapter {path}")  # first: other names mean another method's tensors
+    check_state_names(shapes, found, f"adapter {path}")  # first: other names mean another method's tensors
     targets = method.find_targets(unet)
     trained_on = f"adapter {path} was trained on base model {info.base_model!r}"
     structure = structure_digest(unet, targets)
@@ -284,7 +284,7 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
         expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
         if not same_weights(expected, sample):
             raise SdtuneError(f"{trained_on}; the loaded model's weights differ")
-    check_state_shapes(expected, found, f"adapter {path}")
+    check_state_shapes(shapes, found, f"adapter {path}")
     tensors = read_tensors(path)
     bad = first_non_finite(tensors)
     if bad:

@@ -37,11 +37,14 @@ class _Config:
         if unknown:
             where = f" in {path}" if path else ""
             raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
-        hints = typing.get_type_hints(cls)
-        values = {name: checked_value(name, value, hints[name]) for name, value in values.items()}
         config = cls(**values)
         config.validate()
         return config
+
+    def __post_init__(self) -> None:
+        # the Python API builds configs directly: types are checked here, for TOML and flags alike
+        for name, hint in typing.get_type_hints(type(self)).items():
+            setattr(self, name, checked_value(name, getattr(self, name), hint))
 
     def validate(self) -> None:
         pass
