@@ -242,6 +242,7 @@ def clip_score(model, processor, images: list, texts: list[str]) -> float:
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     metric = CLIPScore(model_name_or_path=lambda: (_pooled_clip_class()(model), processor))
+    metric.to(images[0].device if images else "cpu")  # its running sum lives where the scores are computed
     for start in range(0, len(images), BATCH):
         metric.update(images[start : start + BATCH], texts[start : start + BATCH])
     return metric.compute().item()
@@ -381,6 +382,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if not prompts and info is not None:
         prompts = [run_prompt(run, info.placeholder or "<concept>")]
+    files = image_folder(config.images) if config.images else []
     if config.output:
         output = Path(config.output)
     else:
@@ -388,10 +390,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     if not output.parent.is_dir():
         raise SdtuneError(f"output folder not found: {output.parent}")
 
-    # The generated images and their prompts.
-    if config.images:
-        files = image_folder(config.images)
-    else:
+    # The generated images: the folder's, or sampled now with the run's adapter.
+    if not config.images:
         from .sampling import sample
 
         result = sample(
