@@ -196,7 +196,7 @@ def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
         shown.add(run.method)
         axes.scatter(run.num_parameters, run.metrics[metric], color=colors[run.method], label=label, s=40, zorder=3)
         axes.annotate(run.name, (run.num_parameters, run.metrics[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    title, meaning = METRICS[metric]
+    title = METRICS[metric][0]
     axes.set_xscale("log")
     axes.set_xlabel("trainable parameters")
     axes.set_ylabel(title)
@@ -320,11 +320,11 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
 
     table = markdown_table(summaries, metric_names)
     lines = ["# Comparison", "", table, ""]
-    lines += [
-        "Trainable: parameters the optimiser updates. Adapter: the adapter file's size. s/step: median training "
+    lines.append(
+        "- Trainable: parameters the optimiser updates. Adapter: the adapter file's size. s/step: median training "
         "step time from metrics.jsonl. Peak MB: peak memory, where the run logged it."
-    ]
-    lines += [f"{METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
+    )
+    lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
     notes = [f"- {run.name}: {METRICS[m][0]} unavailable ({why})" for run in summaries for m, why in run.unavailable.items() if m in METRICS]
     missing = [f"- {run.name}: not evaluated (no eval.json; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
     if notes or missing:

@@ -31,7 +31,14 @@ def invoke(*args):
 def metric_models(tmp_path_factory):
     """A tiny random CLIP (with the tiny BPE tokenizer) and a tiny ViT, saved as model folders."""
     from transformers import (
-        CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig, ViTImageProcessor, ViTModel,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
     )
 
     from sdtune.models import _tiny_tokenizer_files
@@ -143,7 +150,7 @@ def test_metrics_match_a_direct_computation(metric_models, image_sets, tmp_path)
 
     # KID by hand: unbiased MMD^2 with the cubic polynomial kernel; equal set sizes make one subset, std 0.
     d = g_raw.shape[1]
-    kernel = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3
     k_gg, k_rr, k_gr = kernel(g_raw, g_raw), kernel(r_raw, r_raw), kernel(r_raw, g_raw)
     m = len(g_raw)
     mmd = ((k_gg.sum() - k_gg.diagonal().sum()) + (k_rr.sum() - k_rr.diagonal().sum())) / (m * (m - 1)) - 2 * k_gr.mean()
