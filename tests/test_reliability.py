@@ -464,6 +464,8 @@ class TestHostileAdapters:
         result = invoke("sample", "--adapter", hostile, "--prompt", "x", "--output", tmp_path / "out")
         assert_one_line_error(result, 2, f"{suffix} files are pickles, which can run code when loaded")
         assert not marker.exists()
+        pickle.loads(hostile.read_bytes())  # the control: unpickling the file does run its code
+        assert marker.exists()
 
     def test_no_pickle_loading_anywhere_in_the_package(self):
         """Every file sdtune reads is safetensors, JSON, TOML or an image: no pickle, no unsafe torch.load."""
