@@ -13,8 +13,8 @@ The pipeline is saved in fp16 (safetensors) before evaluation, so a run cut shor
 weights. Evaluation reloads the saved folder, draws images per digit prompt with the pipeline,
 and classifies them with a small CNN trained on the real digits.
 
-    PYTHONPATH=. python scripts/pretrain_tiny.py --device cuda --output tiny-digits \\
-        --vae-seconds 90 --unet-seconds 180 --report tiny-digits/report.json
+    PYTHONPATH=. python scripts/pretrain_tiny.py --device cuda --output tiny-digits --report report.json \\
+        --vae-seconds 75 --unet-seconds 170 --batch-size 512 --guidance-sweep 2,7
 """
 
 from __future__ import annotations
