@@ -38,8 +38,9 @@ DEFAULT_ROWS = "floor,atoms,atoms[tap],atoms[weight],atoms[autograd],atoms-refer
 def build(arch: str, device: str, dtype):
     import torch
 
-    from sdtune.models import build_sd14_unet, build_tiny_pipeline
+    from sdtune.models import build_sd14_unet, build_tiny_pipeline, quiet_libraries
 
+    quiet_libraries()
     torch.manual_seed(0)
     unet = build_sd14_unet(device) if arch == "sd14" else build_tiny_pipeline().unet  # random init on the device
     return unet.to(device=device, dtype=dtype)
