@@ -18,16 +18,22 @@ def half_dtype(mixed_precision: str):
 
 
 def cast_frozen_parameters(module, dtype, trainable) -> None:
-    """Cast every parameter of `module` that is not trainable to `dtype`; trainable ones to fp32."""
+    """Cast the parameters of `module`'s fully frozen layers to `dtype`; trainable ones to fp32.
+
+    A layer holding a trainable parameter keeps all of its own in fp32 (a GroupNorm with a trained
+    bias and a half weight would mix dtypes in one kernel); wrapped base layers are cast.
+    """
     import torch
 
     trainable_ids = {id(p) for p in trainable}
-    for parameter in module.parameters():
-        if id(parameter) in trainable_ids:
-            parameter.data = parameter.data.float()
-        elif parameter.is_floating_point() and dtype is not None:
-            parameter.data = parameter.data.to(dtype)
-    for parameter in trainable:  # trainable tensors a method keeps outside the module
+    for layer in module.modules():
+        own = list(layer.parameters(recurse=False))
+        if dtype is None or any(id(p) in trainable_ids for p in own):
+            continue
+        for parameter in own:
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+    for parameter in trainable:
         parameter.data = parameter.data.to(torch.float32)
 
 

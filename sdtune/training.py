@@ -212,10 +212,14 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
 def make_accelerator(config: TrainConfig, output: Path):
     """Accelerate's Accelerator for the run: mixed precision, and TensorBoard logs in OUTPUT/logs."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
     from .tracking import logging_dir
 
+    # Accelerate keeps one state per process; a second run in the same process (the Python API, the
+    # tests) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     try:
         return Accelerator(
             mixed_precision=config.mixed_precision,
