@@ -226,5 +226,5 @@ def make_accelerator(config: TrainConfig, output: Path):
             log_with=None if config.log_with == "none" else config.log_with,
             project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(logging_dir(output))),
         )
-    except ValueError as error:  # fp16 on a CPU, for one
+    except ValueError as error:  # a precision the device lacks
         raise SdtuneError(f"--mixed-precision {config.mixed_precision}: {str(error).splitlines()[0]}") from None
