@@ -51,7 +51,10 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     config = config.resolved(method.default_lr)
     image_paths = concept_images(config.concept, config.images)
-    image_paths, held_out_paths = validation.hold_out(image_paths, config.validation_images, config.seed)
+    if config.validation_images and not config.validate_every:
+        warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=2)
+    held_out_count = config.validation_images if config.validate_every else 0
+    image_paths, held_out_paths = validation.hold_out(image_paths, held_out_count, config.seed)
     sample_prompts = validation.validation_prompts(config) if config.validate_every else []
     output = Path(config.output)
     try:
