@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
 
 def snr_loss_weights(noise_scheduler, timesteps, snr_gamma: float):
     """Per-example min-SNR-γ weights for the scheduler's prediction type."""

@@ -17,6 +17,19 @@ def half_dtype(mixed_precision: str):
     return getattr(torch, name) if name else None
 
 
+def frozen_dtype(accelerator):
+    """The dtype to store frozen weights in: the half dtype where Accelerate autocasts, else None (fp32).
+
+    Accelerate runs fp16 on a CPU without autocast (in fp32), so frozen weights stay fp32 there too.
+    """
+    import warnings
+
+    mixed_precision = accelerator.mixed_precision
+    if mixed_precision == "fp16" and not accelerator.native_amp:
+        warnings.warn(f"--mixed-precision fp16 has no effect on {accelerator.device.type} (training runs in fp32); bf16 does", stacklevel=2)
+    return half_dtype(mixed_precision) if accelerator.native_amp else None
+
+
 def cast_frozen_parameters(module, dtype, trainable) -> None:
     """Cast the parameters of `module`'s fully frozen layers to `dtype`; trainable ones to fp32.
 
@@ -37,9 +50,8 @@ def cast_frozen_parameters(module, dtype, trainable) -> None:
         parameter.data = parameter.data.to(torch.float32)
 
 
-def place_frozen_models(mixed_precision: str, device, text_encoder, vae, no_half_vae: bool) -> None:
-    """Move the frozen text encoder and VAE to `device`, in the half dtype under mixed precision."""
-    dtype = half_dtype(mixed_precision)
+def place_frozen_models(device, dtype, text_encoder, vae, no_half_vae: bool) -> None:
+    """Move the frozen text encoder and VAE to `device`, in `dtype` (None: as they are)."""
     text_encoder.to(device)
     vae.to(device)
     # Parameter by parameter: diffusers' `to(dtype)` warns about fp32-kept modules even when there are none.

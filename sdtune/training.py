@@ -44,7 +44,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     from .latents import CachedLatents, PromptEmbeddings, batch_latents
     from .losses import denoising_loss, training_noise
     from .models import load_pipeline
-    from .precision import cast_frozen_parameters, half_dtype, place_frozen_models
+    from .precision import cast_frozen_parameters, frozen_dtype, place_frozen_models
     from .tracking import PROJECT_NAME, gradient_norm, log_image
 
     config.validate()
@@ -82,10 +82,11 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     parameters = method.inject(unet)
-    cast_frozen_parameters(unet, half_dtype(config.mixed_precision), parameters)  # trainable stay fp32
+    weight_dtype = frozen_dtype(accelerator)
+    cast_frozen_parameters(unet, weight_dtype, parameters)  # trainable stay fp32
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
     device = accelerator.device
-    place_frozen_models(config.mixed_precision, device, text_encoder, vae, config.no_half_vae)
+    place_frozen_models(device, weight_dtype, text_encoder, vae, config.no_half_vae)
     unet.to(device)
     prompt_embeddings = PromptEmbeddings(tokenizer, text_encoder)
 

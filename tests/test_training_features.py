@@ -126,6 +126,14 @@ def test_bf16_halves_the_vae_without_no_half_vae(tmp_path, tiny_path, loaded_pip
     assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocasts on a GPU")
+def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path, tiny_path, loaded_pipes):
+    with pytest.warns(UserWarning, match="fp16 has no effect on cpu"):
+        run = run_training(tmp_path, "fp16", mixed_precision="fp16", steps=1, method="difffit")
+    assert all(torch.isfinite(torch.tensor(run.losses)))
+    assert {p.dtype for p in loaded_pipes[-1].unet.parameters()} == {torch.float32}
+
+
 # ---------------------------------------------------------------------------------------------
 # Latent caching
 
