@@ -156,7 +156,9 @@ def test_cached_latents_give_the_same_losses_and_skip_the_vae(tmp_path, tiny_pat
     encoded.clear()
     cached = run_training(tmp_path, "cached", cache_latents=True, **settings)
     assert sum(encoded) == 2 * 8  # every image and its mirror image, once
-    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=1e-4, atol=1e-6)
+    # On a GPU the VAE's kernels differ with the batch size (cache: 8 images a call; loop: 2), by ~1e-3.
+    rtol = 5e-3 if torch.cuda.is_available() else 1e-4
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=rtol, atol=1e-6)
 
 
 def test_cached_latents_keep_random_flips():
