@@ -296,6 +296,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
     assert list(rows[0]) == [
         "run", "method", "variant", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
         "clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "diversity",
+        "digit_fidelity", "style_fidelity", "preservation",
     ]
     for row, run in zip(rows, two_runs):
         info = read_adapter(run)[0]
@@ -307,7 +308,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
     assert rows[0]["variant"] == "defaults" and "rank=2" in rows[1]["variant"]
     for name, value in report["metrics"].items():
         assert float(rows[0][name]) == pytest.approx(value)
-    assert all(rows[1][name] == "" for name in metric_names + ["kid_std"])
+    assert all(rows[1][name] == "" for name in metric_names + ["kid_std", "digit_fidelity", "preservation"])
 
     table = (out / "comparison.md").read_text()
     assert "| atoms | atoms | defaults |" in table and "lora: not evaluated" in table
@@ -324,3 +325,21 @@ def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):
     (tmp_path / "not-a-run").mkdir()
     result = invoke("compare", tmp_path / "not-a-run", "--output", tmp_path / "cmp2")
     assert result.exit_code == 2 and "not a run folder" in result.stderr
+
+
+def test_compare_reads_the_quality_benchmark_metrics(two_runs, tmp_path):
+    """benchmarks/quality.py writes digit fidelity, style fidelity and preservation into eval.json."""
+    import shutil
+
+    from sdtune.evaluation import FORMAT
+
+    run = tmp_path / "atoms"
+    shutil.copytree(two_runs[1], run)
+    metrics = {"digit_fidelity": 0.91, "style_fidelity": 0.42, "preservation": 0.75}
+    (run / "eval.json").write_text(json.dumps({"format": FORMAT, "metrics": metrics, "unavailable": {}}))
+    result = sdtune.compare([str(run)], str(tmp_path / "cmp"), grid=False, progress=False)
+    with open(tmp_path / "cmp" / "comparison.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert {name: float(row[name]) for name in metrics} == metrics
+    assert "| digit fidelity | style fidelity | preservation |" in result.table
+    assert {"digit_fidelity-vs-parameters.png", "preservation-vs-parameters.png"} <= {p.name for p in result.files}
