@@ -19,17 +19,18 @@ def test_classifier_learns_the_real_digits_and_gives_features():
     pixels, labels = load_digits()
     assert pixels.shape == (5000, 28, 28) and pixels.dtype == np.uint8
     assert np.bincount(labels).tolist() == [500] * 10
-    keep = np.concatenate([np.flatnonzero(labels == c)[:120] for c in range(10)])
-    model, accuracy = train_classifier(pixels[keep], labels[keep], epochs=2, generator=torch.Generator().manual_seed(0),
+    keep = np.concatenate([np.flatnonzero(labels == c)[:200] for c in range(10)])
+    torch.manual_seed(0)  # the initial weights
+    model, accuracy = train_classifier(pixels[keep], labels[keep], epochs=3, generator=torch.Generator().manual_seed(0),
                                        held_out_per_class=20)
-    assert accuracy > 0.6  # chance is 0.1
+    assert accuracy > 0.7  # chance is 0.1
 
     # generated images come as (N, 3, 64, 64) in [0, 1]: the classifier reads them through the same resize
     held = np.concatenate([np.flatnonzero(labels == c)[:20] for c in range(10)])
     rgb64 = torch.nn.functional.interpolate(
         torch.as_tensor(pixels[held], dtype=torch.float32).unsqueeze(1) / 255, size=(64, 64), mode="bilinear"
     ).expand(-1, 3, -1, -1)
-    assert (classify(model, rgb64) == torch.as_tensor(labels[held])).float().mean() > 0.6
+    assert (classify(model, rgb64) == torch.as_tensor(labels[held])).float().mean() > 0.7
     features = classifier_features(model, rgb64)
     assert features.shape == (200, FEATURES) and not model.training
     assert torch.equal(features, classifier_features(model, rgb64))  # dropout is off: the same image, the same features
