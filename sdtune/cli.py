@@ -115,6 +115,13 @@ def train(
     template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
     save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16." + _default(TrainConfig, "mixed_precision")),
+    dataset: Optional[str] = typer.Option(None, help="Train on a whole class-labelled dataset instead of a concept (see `sdtune datasets`); each image is captioned from the dataset's template."),
+    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (VTAB-1k, class folders, metadata.jsonl); with --concept, a CustomConcept101 folder."),
+    classes: Optional[str] = typer.Option(None, help="Only these classes, comma-separated (default: all)."),
+    max_per_class: Optional[int] = typer.Option(None, help="At most N images a class, drawn at random (default: all)."),
+    split: Optional[str] = typer.Option(None, help="VTAB-1k split: train800val200, train800, val200 or test (default: train800val200)."),
+    class_template: Optional[str] = typer.Option(None, help="Caption template; {class} is replaced by the class name (default: the dataset's own)."),
+    balance_classes: Optional[bool] = typer.Option(None, "--balance-classes/--no-balance-classes", help="Draw every class equally often (default: yes)."),
     atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
     gift_generator: Optional[str] = typer.Option(None, help="gift: simple (H = identity) or paca (cluster-attention hyper-Transformer) (default: paca)."),
     gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
@@ -134,7 +141,7 @@ def train(
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
 ) -> None:
-    """Train an adapter for a concept and write it to the run folder."""
+    """Train an adapter for a concept (or a whole dataset) and write it to the run folder."""
     from . import train as run_training
 
     settings = locals()
@@ -153,9 +160,14 @@ def train(
         for name in (
             "concept", "method", "model", "steps", "batch_size", "lr", "resolution", "seed",
             "token", "template", "save_every", "mixed_precision",
+            "dataset", "classes", "max_per_class", "split", "class_template", "balance_classes",
         )
     }
-    overrides.update(images=str(images) if images else None, output=str(output) if output else None)
+    overrides.update(
+        images=str(images) if images else None,
+        output=str(output) if output else None,
+        data_root=str(data_root) if data_root else None,
+    )
     train_config = TrainConfig.load(config, options=options, **overrides)
     run = run_training(train_config)
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
@@ -179,6 +191,10 @@ def sample(
     seed: Optional[int] = typer.Option(None, help="First seed." + _default(SampleConfig, "seed")),
     resolution: Optional[int] = typer.Option(None, help="Image size in pixels (default: the model's native size)."),
     token: Optional[str] = typer.Option(None, help="Text for placeholders (default: the adapter's token)."),
+    dataset: Optional[str] = typer.Option(None, help="One row per class of this dataset, captioned from its template (see `sdtune datasets`)."),
+    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder, for datasets whose classes come from it (imagefolder)."),
+    classes: Optional[str] = typer.Option(None, help="With --dataset: only these classes, comma-separated."),
+    class_template: Optional[str] = typer.Option(None, help="With --dataset: caption template with {class} (default: the dataset's own)."),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds)."""
     from . import sample as run_sampling
@@ -196,6 +212,10 @@ def sample(
         seed=seed,
         resolution=resolution,
         token=token,
+        dataset=dataset,
+        data_root=str(data_root) if data_root else None,
+        classes=classes,
+        class_template=class_template,
     )
     result = run_sampling(sample_config)
     typer.echo(f"wrote {len(result.images)} images and {result.grid}")
@@ -246,6 +266,22 @@ def list_methods(
     typer.echo("")
     for name in methods.available():
         typer.echo(f"{name}: {methods.method_class(name).summary}")
+
+
+@app.command("datasets")
+@handle_errors
+def list_datasets() -> None:
+    """List the registered datasets with their class counts and caption templates."""
+    from .datasets import registry
+
+    rows = [
+        (info.name, str(len(info.class_names)) if info.class_names else "folder", "--data-root" if info.needs_root else "built in", info.template)
+        for info in registry().values()
+    ]
+    header = ("dataset", "classes", "images", "template")
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _human_bytes(n: int) -> str:

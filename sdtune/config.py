@@ -78,8 +78,21 @@ class TrainConfig(_Config):
     seed: int = 0
     save_every: int = 0  # also save the adapter every N steps (0: only at the end)
     mixed_precision: str = "no"
+    # Whole-dataset training (sdtune/datasets.py): every image captioned from the dataset's template.
+    dataset: str | None = None  # a registered dataset (`sdtune datasets`); replaces the concept's images
+    data_root: str | None = None  # the dataset's folder; with a concept, a CustomConcept101 folder
+    classes: list[str] = field(default_factory=list)  # only these classes (default: all)
+    max_per_class: int = 0  # at most N images a class, drawn at random (0: all)
+    split: str | None = None  # VTAB-1k split file (default train800val200)
+    class_template: str | None = None  # caption template with {class} (default: the dataset's own)
+    balance_classes: bool = True  # draw every class equally often
 
     def validate(self) -> None:
+        _split_classes(self)
+        if self.dataset is not None:
+            _check_dataset(self)
+        elif self.classes or self.max_per_class or self.split:
+            raise SdtuneError("--classes, --max-per-class and --split need --dataset")
         if not self.concept or not self.concept.replace("-", "").replace("_", "").isalnum():
             raise SdtuneError(f"--concept must be a plain name (letters, digits, - or _), got {self.concept!r}")
         for name in ("steps", "batch_size"):
@@ -98,21 +111,45 @@ class TrainConfig(_Config):
 
     @property
     def placeholder(self) -> str:
-        return f"<{self.concept}>"
+        return "" if self.dataset else f"<{self.concept}>"
 
     def resolved(self, default_lr: float) -> "TrainConfig":
         """A copy with every default filled in, as written to config.toml."""
+        name = self.dataset or self.concept
         return dataclasses.replace(
             self,
             options=dict(self.options),
-            output=self.output or str(Path("runs") / f"{self.concept}-{self.method}"),
-            token=self.token or f"sks {self.concept}",
+            classes=list(self.classes),
+            output=self.output or str(Path("runs") / f"{name}-{self.method}"),
+            token=None if self.dataset else self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
         )
 
     @property
     def prompt(self) -> str:
         return self.template.format(token=self.token or f"sks {self.concept}")
+
+
+def _split_classes(config) -> None:
+    """--classes a,b,c (or a TOML list) as a list of names."""
+    if isinstance(config.classes, str):
+        config.classes = [name.strip() for name in config.classes.split(",") if name.strip()]
+    if not isinstance(config.classes, list) or not all(isinstance(name, str) and name for name in config.classes):
+        raise SdtuneError(f"--classes takes class names separated by commas, got {config.classes!r}")
+
+
+def _check_dataset(config) -> None:
+    from .datasets import VTAB_SPLITS, dataset_info
+
+    dataset_info(config.dataset)  # an unknown name lists the known ones
+    if getattr(config, "images", None):
+        raise SdtuneError("give --dataset or --images, not both")
+    if getattr(config, "max_per_class", 0) < 0:
+        raise SdtuneError(f"--max-per-class must be 0 (all) or more, got {config.max_per_class}")
+    if getattr(config, "split", None) is not None and config.split not in VTAB_SPLITS:
+        raise SdtuneError(f"--split must be one of {', '.join(VTAB_SPLITS)}, got {config.split!r}")
+    if config.class_template is not None and not config.class_template.strip():
+        raise SdtuneError("--class-template must not be empty")
 
 
 @dataclass
@@ -130,10 +167,19 @@ class SampleConfig(_Config):
     seed: int = 0
     resolution: int | None = None
     token: str | None = None  # default: the adapter's token
+    dataset: str | None = None  # one row per class, captioned from the dataset's template
+    data_root: str | None = None  # only for datasets whose classes come from their folder
+    classes: list[str] = field(default_factory=list)  # only these classes' rows
+    class_template: str | None = None  # default: the dataset's own
 
     def validate(self) -> None:
-        if not self.prompts and not self.prompt:
-            raise SdtuneError("give a prompt file (--prompts FILE) or a prompt (--prompt TEXT)")
+        _split_classes(self)
+        if self.dataset is not None:
+            _check_dataset(self)
+        elif self.classes:
+            raise SdtuneError("--classes needs --dataset")
+        if not self.prompts and not self.prompt and not self.dataset:
+            raise SdtuneError("give a prompt file (--prompts FILE), a prompt (--prompt TEXT) or a dataset (--dataset NAME)")
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -64,7 +64,13 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from .models import DEFAULT_MODEL, load_pipeline
 
     config.validate()
-    prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+    prompts = []
+    if config.dataset:
+        from .datasets import class_captions
+
+        # One row per class, captioned as training captioned that class.
+        prompts += [caption for _, caption in class_captions(config.dataset, config.data_root, config.classes, config.class_template)]
+    prompts += list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     info = read_adapter(config.adapter)[0] if config.adapter else None
     model = config.model or (info.base_model if info else DEFAULT_MODEL)
     token = config.token or (info.token if info else None)

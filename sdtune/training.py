@@ -41,13 +41,15 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     from tqdm.auto import tqdm
 
     from . import methods
-    from .data import ConceptDataset, concept_images, load_images
+    from .data import ConceptDataset, load_images
+    from .datasets import CaptionEmbeddings, ClassImageDataset, concept_image_paths, dataset_from_config
     from .models import load_pipeline
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     config = config.resolved(method.default_lr)
-    image_paths = concept_images(config.concept, config.images)
+    labelled = dataset_from_config(config) if config.dataset else None  # bad input fails before the model loads
+    image_paths = None if labelled else concept_image_paths(config)
     output = Path(config.output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -63,9 +65,12 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
-    if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
-        warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
+    if labelled:
+        dataset = ClassImageDataset(labelled, resolution)  # (pixels, caption index) per image
+    else:
+        dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
+        if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
+            warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -74,18 +79,18 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
         parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
+    sampler = dataset.balanced_sampler(config.seed) if labelled and config.balance_classes else None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator
+    )
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     device = accelerator.device
     vae.to(device)
     text_encoder.to(device)
     unet.train()
 
-    with torch.no_grad():
-        ids = tokenizer(
-            config.prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        prompt_embeds = text_encoder(ids)[0]
+    # Each distinct caption goes through the text encoder once; a concept has a single one.
+    caption_embeds = CaptionEmbeddings(tokenizer, text_encoder, dataset.captions if labelled else [config.prompt], device)
 
     if accelerator.is_main_process:
         write_text_atomic(output / "config.toml", config.to_toml())
@@ -96,7 +101,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
 
     def save() -> None:
         if accelerator.is_main_process:
-            save_adapter(adapter, method, base_model, placeholder=config.placeholder, token=config.token, step=str(step))
+            save_adapter(adapter, method, base_model, placeholder=config.placeholder, token=config.token or "", step=str(step))
 
     losses: list[float] = []
     bar = tqdm(
@@ -109,7 +114,8 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     step = 0
     try:
         while step < config.steps:
-            for pixels in loader:
+            for batch in loader:
+                pixels, caption_ids = batch if labelled else (batch, None)
                 if step >= config.steps:
                     break
                 step_start = time.perf_counter()
@@ -126,7 +132,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
                 else:
                     target = noise
                 with accelerator.autocast():
-                    prediction = unet(noisy, timesteps, prompt_embeds.expand(latents.shape[0], -1, -1)).sample
+                    prediction = unet(noisy, timesteps, caption_embeds(caption_ids, latents.shape[0])).sample
                 loss = F.mse_loss(prediction.float(), target.float())
                 if not torch.isfinite(loss):
                     raise TrainingFailed(
