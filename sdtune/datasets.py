@@ -326,7 +326,7 @@ def load_dataset(
         if not data_root:
             where = f"{name}/{DEFAULT_SPLIT}.txt (VTAB-1k) or one folder per class" if info.group else "the images"
             raise SdtuneError(f"dataset {name!r} needs --data-root DIR, the folder holding {where}")
-        root = Path(data_root)
+        root = Path(data_root).expanduser()
         if not root.is_dir():
             raise SdtuneError(f"--data-root folder not found: {root}")
         vtab_list = _vtab_list_file(root, name, split or DEFAULT_SPLIT) if info.group else None
@@ -598,7 +598,7 @@ def custom_concept(root: str | Path, concept: str) -> CustomConcept:
 
 def concept_images_in_root(root: str | Path, concept: str) -> list[Path]:
     """A concept's images under `--data-root`: a CustomConcept101 folder, else `ROOT/<concept>/`."""
-    root = Path(root)
+    root = Path(root).expanduser()
     if (root / "dataset.json").is_file():
         return custom_concept(root, concept).images
     if (root / concept).is_dir():
