@@ -109,6 +109,16 @@ class TrainConfig(_Config):
         if "{token}" not in self.template:
             raise SdtuneError(f"--template must contain {{token}}, got {self.template!r}")
 
+    def __post_init__(self) -> None:
+        _split_classes(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        if not self.dataset:  # a concept run's config.toml stays free of dataset settings
+            for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
+                values.pop(name, None)
+        return values
+
     @property
     def placeholder(self) -> str:
         return "" if self.dataset else f"<{self.concept}>"
@@ -171,6 +181,9 @@ class SampleConfig(_Config):
     data_root: str | None = None  # only for datasets whose classes come from their folder
     classes: list[str] = field(default_factory=list)  # only these classes' rows
     class_template: str | None = None  # default: the dataset's own
+
+    def __post_init__(self) -> None:
+        _split_classes(self)
 
     def validate(self) -> None:
         _split_classes(self)
