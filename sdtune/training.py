@@ -49,7 +49,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     config = config.resolved(method.default_lr)
     labelled = dataset_from_config(config) if config.dataset else None  # bad input fails before the model loads
-    image_paths = None if labelled else concept_image_paths(config)
+    image_paths = None if labelled is not None else concept_image_paths(config)
     output = Path(config.output)
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    if labelled:
+    if labelled is not None:
         dataset = ClassImageDataset(labelled, resolution)  # (pixels, caption index) per image
     else:
         dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
@@ -79,7 +79,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
         parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    sampler = dataset.balanced_sampler(config.seed) if labelled and config.balance_classes else None
+    sampler = dataset.balanced_sampler(config.seed) if labelled is not None and config.balance_classes else None
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator
     )
@@ -90,7 +90,8 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     unet.train()
 
     # Each distinct caption goes through the text encoder once; a concept has a single one.
-    caption_embeds = CaptionEmbeddings(tokenizer, text_encoder, dataset.captions if labelled else [config.prompt], device)
+    captions = dataset.captions if labelled is not None else [config.prompt]
+    caption_embeds = CaptionEmbeddings(tokenizer, text_encoder, captions, device)
 
     if accelerator.is_main_process:
         write_text_atomic(output / "config.toml", config.to_toml())
@@ -115,7 +116,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     try:
         while step < config.steps:
             for batch in loader:
-                pixels, caption_ids = batch if labelled else (batch, None)
+                pixels, caption_ids = batch if labelled is not None else (batch, None)
                 if step >= config.steps:
                     break
                 step_start = time.perf_counter()
