@@ -198,3 +198,59 @@ class SampleConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+
+
+FID_FEATURES = ("inception", "clip", "dino", "none")
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+
+
+@dataclass
+class EvaluateConfig(_Config):
+    """Everything `sdtune evaluate` needs: what to measure, against what, with which models."""
+
+    run: str | None = None  # run folder or adapter file to sample from (and where eval.json goes)
+    images: str | None = None  # a folder of generated images instead of sampling (e.g. RUN/samples)
+    prompts: str | None = None  # prompt file; default: the run's training prompt
+    prompt: list[str] = field(default_factory=list)  # prompts given directly
+    reference: str | None = None  # reference images; default: the run's training images
+    output: str | None = None  # default: RUN/eval.json, else IMAGES/eval.json
+    num_images: int = 4  # images per prompt when sampling
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    resolution: int | None = None
+    clip_model: str = DEFAULT_CLIP_MODEL  # CLIP-T, CLIP-I (and FID features with fid_features="clip")
+    dino_model: str = DEFAULT_DINO_MODEL  # DINO, diversity (and FID features with fid_features="dino")
+    fid_features: str = "inception"  # feature model of FID and KID: inception, clip, dino or none
+
+    def validate(self) -> None:
+        if not self.run and not self.images:
+            raise SdtuneError("give a run to sample from (--run RUN) or a folder of generated images (--images DIR)")
+        for name in ("num_images", "steps"):
+            if getattr(self, name) < 1:
+                raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.fid_features not in FID_FEATURES:
+            raise SdtuneError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}")
+
+
+@dataclass
+class CompareConfig(_Config):
+    """Everything `sdtune compare` needs: the runs, where to write, and how to draw the image grid."""
+
+    runs: list[str] = field(default_factory=list)
+    output: str = "comparison"
+    prompts: str | None = None  # grid prompts; default: the first run's evaluation prompts, else its training prompt
+    prompt: list[str] = field(default_factory=list)
+    seed: int = 0  # the one seed every run samples the grid with
+    steps: int = 30
+    guidance: float = 7.5
+    grid: bool = True  # sample the side-by-side grid (the only part that runs the models)
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise SdtuneError("give at least one run folder to compare")
+        if self.steps < 1:
+            raise SdtuneError(f"--steps must be at least 1, got {self.steps}")

@@ -23,26 +23,34 @@ class SampleResult:
     prompts: list[str]
 
 
-def grid_size(rows: int, columns: int, image_size: int) -> tuple[int, int]:
-    """Width and height of a grid of `rows` x `columns` square images with captions."""
+def grid_size(rows: int, columns: int, image_size: int, header: bool = False) -> tuple[int, int]:
+    """Width and height of a grid of `rows` x `columns` square images with captions (and column labels)."""
     cell = max(image_size, MIN_CELL)
     width = columns * cell + (columns + 1) * GRID_PAD
     height = rows * (cell + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD) + GRID_PAD
+    if header:
+        height += CAPTION_LINES * CAPTION_LINE_HEIGHT
     return width, height
 
 
-def make_grid(rows: list[list], captions: list[str]):
-    """One image: each row of PIL images with its caption written below it."""
+def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | None = None):
+    """One image: each row of PIL images with its caption written below it, labels above the columns."""
     from PIL import Image, ImageDraw, ImageFont
 
     image_size = rows[0][0].size[0]
     cell = max(image_size, MIN_CELL)
     columns = max(len(row) for row in rows)
-    grid = Image.new("RGB", grid_size(len(rows), columns, image_size), "white")
+    grid = Image.new("RGB", grid_size(len(rows), columns, image_size, header=bool(column_labels)), "white")
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=11)
     chars = max(10, int((grid.size[0] - 2 * GRID_PAD) / 6))
     y = GRID_PAD
+    if column_labels:
+        for column, label in enumerate(column_labels):
+            lines = textwrap.wrap(label, max(4, cell // 6))[:CAPTION_LINES] or [""]
+            for k, line in enumerate(lines):
+                draw.text((GRID_PAD + column * (cell + GRID_PAD), y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
+        y += CAPTION_LINES * CAPTION_LINE_HEIGHT
     for row, caption in zip(rows, captions):
         for column, image in enumerate(row):
             grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (GRID_PAD + column * (cell + GRID_PAD), y))
