@@ -450,8 +450,10 @@ def read_folder(root: Path, template: str, name: str = "imagefolder", class_name
         if loose:
             warnings.warn(f"{len(loose)} image(s) directly in {root} are not in a class folder: skipped", stacklevel=2)
         return LabelledDataset(name, list(all_names), template, sorted(examples, key=lambda e: (e.label, str(e.image))))
+    if class_names:
+        raise SdtuneError(f"no {DEFAULT_SPLIT}.txt (VTAB-1k), class folders or {METADATA_FILE} for {name!r} in {root}")
     files = list_images(root)
-    class_name = (class_names or [root.name])[0]
+    class_name = root.name
     examples = [Example(p, _beside_caption(p) or render(template, class_name), 0) for p in files]
     return LabelledDataset(name, [class_name], template, examples)
 

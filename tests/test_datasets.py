@@ -264,9 +264,13 @@ def test_vtab_task_from_class_folders(tmp_path):
         load_dataset("eurosat", tmp_path)
 
 
-def test_missing_data_root_is_refused():
+def test_missing_data_root_is_refused(tmp_path):
     with pytest.raises(SdtuneError, match="dataset 'sun397' needs --data-root DIR"):
         load_dataset("sun397")
+    write_png(tmp_path / "loose.png", 1)  # images with no labels cannot be a VTAB task
+    with pytest.raises(SdtuneError, match="no train800val200.txt .*class folders or metadata.jsonl for 'sun397'"):
+        load_dataset("sun397", tmp_path)
+    assert load_dataset("imagefolder", tmp_path).class_names == [tmp_path.name]
 
 
 def make_custom_concept101(root):
