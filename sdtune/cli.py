@@ -69,6 +69,10 @@ def handle_errors(command: Callable) -> Callable:
         except Exception as error:
             if os.environ.get("SDTUNE_DEBUG"):
                 raise
+            if isinstance(error, OSError) and error.strerror:  # disk full, read-only folder, ...
+                where = f"{error.filename}: " if error.filename else ""
+                typer.echo(f"error: {where}{error.strerror}", err=True)
+                raise typer.Exit(1) from None
             message = str(error).strip().splitlines()
             detail = f": {message[0][:300]}" if message else ""
             typer.echo(f"error: {type(error).__name__}{detail} (set SDTUNE_DEBUG=1 for the traceback)", err=True)

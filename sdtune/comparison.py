@@ -98,12 +98,12 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
 
 
 def summarize_run(path: str | Path) -> RunSummary:
-    from .adapter import ADAPTER_FILE, read_adapter
+    from .adapter import ADAPTER_FILE, read_adapter_info
 
     path = Path(path)
     if not (path / ADAPTER_FILE).is_file():
         raise SdtuneError(f"{path}: not a run folder (no {ADAPTER_FILE})")
-    info = read_adapter(path)[0]
+    info = read_adapter_info(path)[0]
     records = read_metrics_log(path / "metrics.jsonl")
     seconds = [r["step_seconds"] for r in records if isinstance(r.get("step_seconds"), (int, float))]
     memory = [r["peak_memory_mb"] for r in records if isinstance(r.get("peak_memory_mb"), (int, float))]

@@ -8,7 +8,11 @@ replayed with `sdtune train --config runs/NAME/config.toml`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from .errors import SdtuneError
 from .models import DEFAULT_MODEL
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
 
 
 class _Config:
@@ -37,6 +42,11 @@ class _Config:
         config.validate()
         return config
 
+    def __post_init__(self) -> None:
+        # the Python API builds configs directly: types are checked here, for TOML and flags alike
+        for name, hint in typing.get_type_hints(type(self)).items():
+            setattr(self, name, checked_value(name, getattr(self, name), hint))
+
     def validate(self) -> None:
         pass
 
@@ -49,6 +59,34 @@ class _Config:
         return tomli_w.dumps(self.to_dict())
 
 
+def checked_value(name: str, value: Any, hint: Any) -> Any:
+    """`value` if it has the type `hint` allows (an int also passes as a float); else a one-line error."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return value
+        if origin is str and isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if origin is list and isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+    expected = " or ".join(_type_name(kind) for kind in allowed if kind is not type(None))
+    raise SdtuneError(f"setting {name} must be {expected}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    origin = typing.get_origin(kind) or kind
+    names = {int: "a whole number", float: "a number", str: "text", bool: "true or false",
+             dict: "a table", list: "a list of text"}
+    return names.get(origin, getattr(origin, "__name__", str(origin)))
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -57,6 +95,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise SdtuneError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SdtuneError(f"{path}: not valid TOML ({error})") from None
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise SdtuneError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 @dataclass
@@ -98,8 +141,9 @@ class TrainConfig(_Config):
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise SdtuneError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SdtuneError(f"--lr must be positive and finite, got {self.lr}")
+        check_seed(self.seed)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.save_every < 0:
@@ -110,7 +154,8 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--template must contain {{token}}, got {self.template!r}")
 
     def __post_init__(self) -> None:
-        _split_classes(self)
+        _split_classes(self)  # "a,b,c" from the command line
+        super().__post_init__()
 
     def to_dict(self) -> dict[str, Any]:
         values = super().to_dict()
@@ -183,7 +228,8 @@ class SampleConfig(_Config):
     class_template: str | None = None  # default: the dataset's own
 
     def __post_init__(self) -> None:
-        _split_classes(self)
+        _split_classes(self)  # "a,b,c" from the command line
+        super().__post_init__()
 
     def validate(self) -> None:
         _split_classes(self)
@@ -196,6 +242,9 @@ class SampleConfig(_Config):
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not math.isfinite(self.guidance):
+            raise SdtuneError(f"--guidance must be a finite number, got {self.guidance}")
+        check_seed(self.seed)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
 

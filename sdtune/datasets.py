@@ -95,7 +95,7 @@ class LabelledDataset:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # small images are expected in datasets; not one warning each
                 return load_image(example.image, resolution)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise SdtuneError(f"cannot read image {example.image}: {str(error).splitlines()[0][:100]}") from None
 
     def select_classes(self, names: list[str]) -> "LabelledDataset":

@@ -369,7 +369,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     """Sample with the run's adapter (or read --images), measure every metric, write eval.json."""
     import torch
 
-    from .adapter import adapter_path, read_adapter
+    from .adapter import adapter_path, read_adapter_info
     from .config import SampleConfig
     from .data import fill_placeholders, read_prompt_file
     from .fileio import write_text_atomic
@@ -377,7 +377,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     config.validate()
     quiet_libraries()
-    info = read_adapter(config.run)[0] if config.run else None
+    info = read_adapter_info(config.run)[0] if config.run else None
     run = adapter_path(config.run).parent if config.run else None
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if not prompts and info is not None:

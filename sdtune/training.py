@@ -12,10 +12,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import ADAPTER_FILE, save_adapter
+from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
-from .errors import SdtuneError, TrainingFailed
-from .fileio import write_text_atomic
+from .errors import TrainingFailed
+from .fileio import ensure_writable_folder, write_text_atomic
 
 FEW_SHOT_IMAGES = (3, 50)
 
@@ -41,7 +41,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     from tqdm.auto import tqdm
 
     from . import methods
-    from .data import ConceptDataset, load_images
+    from .data import ConceptDataset, load_images, warn_truncated_prompts
     from .datasets import CaptionEmbeddings, ClassImageDataset, concept_image_paths, dataset_from_config
     from .models import load_pipeline
 
@@ -50,14 +50,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     config = config.resolved(method.default_lr)
     labelled = dataset_from_config(config) if config.dataset else None  # bad input fails before the model loads
     image_paths = None if labelled is not None else concept_image_paths(config)
-    output = Path(config.output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise SdtuneError(f"cannot write to output folder {output}: {error.strerror}") from None
+    output = ensure_writable_folder(config.output)
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
@@ -75,6 +68,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     parameters = method.inject(unet)
+    ensure_writable_folder(output, needed_bytes=adapter_bytes(method))
     for parameter in parameters:
         parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
@@ -91,6 +85,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
 
     # Each distinct caption goes through the text encoder once; a concept has a single one.
     captions = dataset.captions if labelled is not None else [config.prompt]
+    warn_truncated_prompts(tokenizer, captions)
     caption_embeds = CaptionEmbeddings(tokenizer, text_encoder, captions, device)
 
     if accelerator.is_main_process:
