@@ -334,7 +334,7 @@ def test_train_on_digits_then_sample_one_row_per_class(tmp_path, private_cache):
     run = tmp_path / "digits-atoms"
     result = invoke(
         "train", "--dataset", "digits", "--classes", "one,seven", "--max-per-class", 3, "--method", "atoms",
-        "--model", "tiny", "--steps", 3, "--batch-size", 2, "--output", run,
+        "--model", "tiny-random", "--steps", 3, "--batch-size", 2, "--output", run,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -353,7 +353,7 @@ def test_train_on_digits_then_sample_one_row_per_class(tmp_path, private_cache):
 
 
 def test_sample_dataset_without_adapter_draws_every_class(tmp_path, private_cache):
-    result = invoke("sample", "--model", "tiny", "--dataset", "digits", "--num-images", 1, "--steps", 1, "--output", tmp_path)
+    result = invoke("sample", "--model", "tiny-random", "--dataset", "digits", "--num-images", 1, "--steps", 1, "--output", tmp_path)
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "grid.png").size == grid_size(rows=10, columns=1, image_size=64)
 
@@ -369,7 +369,7 @@ def test_train_concept_from_custom_concept101_root(tmp_path, private_cache):
     config = TrainConfig(concept="castle", data_root=str(tmp_path / "cc101"))
     assert [p.name for p in datasets.concept_image_paths(config)] == ["0.jpg", "1.jpg", "2.jpg"]
     result = invoke(
-        "train", "--concept", "castle", "--data-root", tmp_path / "cc101", "--model", "tiny", "--steps", 1,
+        "train", "--concept", "castle", "--data-root", tmp_path / "cc101", "--model", "tiny-random", "--steps", 1,
         "--resolution", 32, "--output", tmp_path / "run",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -393,14 +393,14 @@ def empty_class_root(tmp_path):
     "args,pattern",
     [
         (("train", "--dataset", "mnist"), "unknown dataset 'mnist'; known: digits, imagefolder"),
-        (("train", "--dataset", "eurosat", "--model", "tiny"), "dataset 'eurosat' needs --data-root DIR"),
-        (("train", "--dataset", "digits", "--classes", "one,eleven", "--model", "tiny"), "unknown class 'eleven'"),
+        (("train", "--dataset", "eurosat", "--model", "tiny-random"), "dataset 'eurosat' needs --data-root DIR"),
+        (("train", "--dataset", "digits", "--classes", "one,eleven", "--model", "tiny-random"), "unknown class 'eleven'"),
         (("train", "--dataset", "digits", "--images", "x"), "give --dataset or --images, not both"),
         (("train", "--classes", "one"), "need --dataset"),
         (("train", "--dataset", "digits", "--max-per-class", -1), "--max-per-class must be 0"),
         (("train", "--dataset", "digits", "--split", "dev"), "--split must be one of"),
-        (("sample", "--model", "tiny", "--dataset", "digits", "--classes", "ten"), "unknown class 'ten'"),
-        (("sample", "--model", "tiny", "--classes", "ten", "--prompt", "x"), "--classes needs --dataset"),
+        (("sample", "--model", "tiny-random", "--dataset", "digits", "--classes", "ten"), "unknown class 'ten'"),
+        (("sample", "--model", "tiny-random", "--classes", "ten", "--prompt", "x"), "--classes needs --dataset"),
     ],
 )
 def test_bad_dataset_input_is_one_line_exit_2(args, pattern):
@@ -408,5 +408,5 @@ def test_bad_dataset_input_is_one_line_exit_2(args, pattern):
 
 
 def test_empty_class_folder_via_cli(empty_class_root):
-    result = invoke("train", "--dataset", "imagefolder", "--data-root", empty_class_root, "--model", "tiny")
+    result = invoke("train", "--dataset", "imagefolder", "--data-root", empty_class_root, "--model", "tiny-random")
     assert_one_line_error(result, 2, "has no images")
