@@ -175,69 +175,33 @@ class BalancedClassSampler:
 
 
 class ClassImageDataset:
-    """A labelled dataset for the training loop: (pixels in [-1, 1], caption index) per example.
+    """A labelled dataset for the training loop: `{"pixels": (3, H, W) in [-1, 1], "prompt": caption}` per image.
 
-    Images are decoded when drawn, so large datasets need no memory up front. The captions are
-    listed once (`captions`), so each distinct caption is encoded by the text encoder once.
+    Images are decoded when drawn, so large datasets need no memory up front, and are not flipped
+    (digits, house numbers and text are not mirror images of themselves). `captions` lists the
+    distinct captions; the loop encodes each of them once.
     """
 
     def __init__(self, dataset: LabelledDataset, resolution: int):
         self.dataset = dataset
         self.resolution = resolution
         self.captions = sorted({example.caption for example in dataset.examples})
-        index = {caption: i for i, caption in enumerate(self.captions)}
-        self.caption_ids = [index[example.caption] for example in dataset.examples]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def example(self, index: int, flip: bool = False) -> dict:
+        """One item; `flip` is accepted for the latent cache's sake and ignored: datasets are not flipped."""
         import numpy as np
         import torch
 
-        image = self.dataset.image(self.dataset.examples[index], self.resolution)
+        example = self.dataset.examples[index]
+        image = self.dataset.image(example, self.resolution)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-        return pixels, self.caption_ids[index]
+        return {"pixels": pixels, "prompt": example.caption}
 
-    def balanced_sampler(self, seed: int = 0) -> BalancedClassSampler:
-        return BalancedClassSampler(self.dataset.labels, seed)
-
-
-class CaptionEmbeddings:
-    """Text-encoder outputs per caption, each distinct caption encoded once (up to `capacity` kept)."""
-
-    def __init__(self, tokenizer, text_encoder, captions: list[str], device, capacity: int = 1024):
-        self.tokenizer, self.text_encoder, self.captions = tokenizer, text_encoder, captions
-        self.device, self.capacity = device, capacity
-        self.cache: dict[int, Any] = {}
-
-    def __call__(self, caption_ids, batch_size: int):
-        """Embeddings (batch, tokens, width) for a batch of caption indices (None: caption 0 for all)."""
-        import torch
-
-        if caption_ids is None:
-            return self.lookup([0])[0:1].expand(batch_size, -1, -1)
-        return self.lookup([int(i) for i in torch.as_tensor(caption_ids).tolist()])
-
-    def lookup(self, ids: list[int]):
-        import torch
-
-        missing = sorted(set(ids) - set(self.cache))
-        fresh = {}
-        if missing:
-            with torch.no_grad():
-                tokens = self.tokenizer(
-                    [self.captions[i] for i in missing],
-                    padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(self.device)
-                encoded = self.text_encoder(tokens)[0]
-            fresh = dict(zip(missing, encoded))
-            room = self.capacity - len(self.cache)
-            self.cache.update(dict(list(fresh.items())[: max(room, 0)]))
-        return torch.stack([self.cache[i] if i in self.cache else fresh[i] for i in ids])
+    def __getitem__(self, index: int) -> dict:
+        return self.example(index)
 
 
 # ---------------------------------------------------------------------------------------------

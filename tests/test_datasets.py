@@ -130,12 +130,15 @@ def test_digits_classes_and_max_per_class():
     assert image.mode == "RGB" and image.size == (32, 32)
 
 
-def test_class_image_dataset_gives_pixels_and_caption_indices():
+def test_class_image_dataset_gives_pixels_and_captions():
+    import torch
+
     dataset = ClassImageDataset(load_dataset("digits", classes=["one", "two"], max_per_class=3), 16)
     assert len(dataset) == 6 and len(dataset.captions) == 2
-    pixels, caption = dataset[0]
-    assert pixels.shape == (3, 16, 16) and -1.0 <= pixels.min() and pixels.max() <= 1.0
-    assert dataset.captions[caption] == "This is a picture of the handwritten digit one."
+    item = dataset[0]
+    assert item["pixels"].shape == (3, 16, 16) and -1.0 <= item["pixels"].min() and item["pixels"].max() <= 1.0
+    assert item["prompt"] == "This is a picture of the handwritten digit one."
+    assert torch.equal(dataset.example(0, flip=True)["pixels"], item["pixels"])  # digits are never mirrored
 
 
 def test_bad_classes_are_refused():
@@ -307,27 +310,6 @@ def test_custom_concept101_layout(tmp_path):
 # Training and sampling through the command line
 
 
-def test_caption_embeddings_encode_each_caption_once(tiny_pipe):
-    import torch
-
-    calls = []
-    encoder = tiny_pipe.text_encoder
-
-    def counting(ids):
-        calls.append(ids.shape[0])
-        return encoder(ids)
-
-    captions = ["a", "b b", "c c c"]
-    embeddings = datasets.CaptionEmbeddings(tiny_pipe.tokenizer, counting, captions, "cpu")
-    first = embeddings(torch.tensor([2, 0, 2]), 3)
-    second = embeddings(torch.tensor([0, 2]), 2)
-    assert calls == [2]  # captions 0 and 2, once
-    assert torch.equal(first[0], first[2]) and torch.equal(second[0], first[1])
-    ids = tiny_pipe.tokenizer(["c c c"], padding="max_length", max_length=tiny_pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.allclose(first[0], encoder(ids)[0][0])
-
-
 def test_train_on_digits_then_sample_one_row_per_class(tmp_path, private_cache):
     from safetensors import safe_open
 
@@ -350,6 +332,16 @@ def test_train_on_digits_then_sample_one_row_per_class(tmp_path, private_cache):
     assert sorted(p.name for p in (run / "samples" / "images").iterdir()) == [
         "000-seed0.png", "000-seed1.png", "001-seed0.png", "001-seed1.png",
     ]  # fmt: skip
+
+
+def test_train_on_digits_with_cached_latents(tmp_path, private_cache):
+    run = tmp_path / "cached"
+    result = invoke(
+        "train", "--dataset", "digits", "--max-per-class", 1, "--model", "tiny-random", "--steps", 2, "--batch-size", 2,
+        "--cache-latents", "--output", run,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_sample_dataset_without_adapter_draws_every_class(tmp_path, private_cache):
@@ -399,6 +391,7 @@ def empty_class_root(tmp_path):
         (("train", "--classes", "one"), "need --dataset"),
         (("train", "--dataset", "digits", "--max-per-class", -1), "--max-per-class must be 0"),
         (("train", "--dataset", "digits", "--split", "dev"), "--split must be one of"),
+        (("train", "--dataset", "digits", "--validate-every", 2), "--dataset does not combine with --validate-every"),
         (("sample", "--model", "tiny-random", "--dataset", "digits", "--classes", "ten"), "unknown class 'ten'"),
         (("sample", "--model", "tiny-random", "--classes", "ten", "--prompt", "x"), "--classes needs --dataset"),
     ],
