@@ -58,16 +58,16 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     import torch
     from tqdm.auto import tqdm
 
-    from .adapter import adapter_path, load_adapter, read_adapter
+    from .adapter import adapter_info, adapter_path, load_adapter
     from .data import fill_placeholders, read_prompt_file
     from .fileio import atomic_write
     from .models import DEFAULT_MODEL, load_pipeline
 
     config.validate()
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
-    info = read_adapter(config.adapter)[0] if config.adapter else None
-    model = config.model or (info.base_model if info else DEFAULT_MODEL)
-    token = config.token or (info.token if info else None)
+    info = adapter_info(config.adapter) if config.adapter else None
+    model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
+    token = config.token or (info.token if info else None) or None
     if config.output:
         output = Path(config.output)
     elif config.adapter:
