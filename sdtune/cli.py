@@ -224,14 +224,14 @@ def explain(
 @handle_errors
 def export(
     source: Path = typer.Argument(..., help="sdtune adapter file or run folder."),
-    format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr: a folder for PeftModel.from_pretrained)."),
+    export_format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr: a folder for PeftModel.from_pretrained)."),
     output: Path = typer.Option(..., help="Output file (kohya, diffusers) or new folder (peft)."),
     model: Optional[str] = typer.Option(None, help="kohya, diff-style methods: the base model ΔW = merged - base is computed on (default: the adapter's)."),
 ) -> None:
     """Write an adapter in a format other tools load."""
     from .export import export_adapter
 
-    config = ExportConfig.load(None, source=str(source), format=format, output=str(output), model=model)
+    config = ExportConfig.load(None, source=str(source), format=export_format, output=str(output), model=model)
     result = export_adapter(config.source, config.format, config.output, model=config.model)
     typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
 
