@@ -391,24 +391,30 @@ def kohya_keys_only(keys) -> bool:
 
 
 def is_kohya_file(path: Path) -> bool:
-    """Whether `path` is a safetensors file with kohya-format keys and no sdtune adapter metadata."""
-    from safetensors import safe_open
+    """Whether `path` is a valid safetensors file whose keys are all kohya-format module keys."""
+    from .adapter import read_safetensors_header
 
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return kohya_keys_only(handle.keys())
-    except Exception:
-        return False
+        metadata, entries = read_safetensors_header(path)
+    except (SdtuneError, OSError):
+        return False  # the sdtune reader reports what is wrong with it
+    return kohya_keys_only(entries)
 
 
 def read_kohya(path: Path) -> tuple[dict[str, str], dict]:
-    from safetensors import safe_open
+    """Metadata and tensors, with the checks sdtune adapters get: a header checked against the file's
+    size before anything is loaded, floating-point tensors only, and no NaN or infinite value."""
+    from .adapter import ADAPTER_DTYPES, first_non_finite, read_safetensors_header, read_tensors
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}, {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:
-        raise SdtuneError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:120]})") from None
+    metadata, entries = read_safetensors_header(path)
+    odd = next((f"{name} is {entry.dtype}" for name, entry in entries.items() if entry.dtype not in ADAPTER_DTYPES), None)
+    if odd:
+        raise SdtuneError(f"{path}: tensor {odd}; adapters hold {', '.join(sorted(ADAPTER_DTYPES))} tensors")
+    tensors = read_tensors(path)
+    bad = first_non_finite(tensors)
+    if bad:
+        raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
+    return metadata, tensors
 
 
 def kohya_info(path: Path, metadata: dict[str, str]):

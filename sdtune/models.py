@@ -21,6 +21,7 @@ TINY = "tiny"
 # Bump when the tiny model's construction changes, so stale caches are not reused.
 TINY_VERSION = 1
 TINY_SEED = 0
+PICKLE_WEIGHTS = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 
 
 def quiet_libraries() -> None:
@@ -230,6 +231,14 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
         if missing:
             raise SdtuneError(f"--model {model}: the folder lacks component(s) {', '.join(missing)}")
+        for component in ("unet", "vae", "text_encoder"):
+            files = [p for p in (path / component).iterdir() if p.is_file()]
+            pickled = [p.name for p in files if p.suffix in PICKLE_WEIGHTS]
+            if pickled and not any(p.suffix == ".safetensors" for p in files):
+                raise SdtuneError(
+                    f"--model {model}: {component}/ holds only pickled weights ({pickled[0]}), which can run "
+                    "code when loaded; sdtune reads safetensors only"
+                )
     elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise SdtuneError(f"--model {model}: no such folder, and not a hub id; use --model tiny or a local folder")
 
@@ -238,9 +247,10 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         feature_extractor=None,
         requires_safety_checker=False,
         dtype=dtype or torch.float32,
+        use_safetensors=True,  # pickled weights (.bin, .ckpt) can run code when loaded: never read them
     )
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # failures become one SdtuneError line
     try:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)

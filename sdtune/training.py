@@ -12,10 +12,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import ADAPTER_FILE, save_adapter
+from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
-from .errors import SdtuneError, TrainingFailed
-from .fileio import write_text_atomic
+from .errors import TrainingFailed
+from .fileio import ensure_writable_folder, write_text_atomic
 
 FEW_SHOT_IMAGES = (3, 50)
 
@@ -41,21 +41,14 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     from tqdm.auto import tqdm
 
     from . import methods
-    from .data import ConceptDataset, concept_images, load_images
+    from .data import ConceptDataset, concept_images, load_images, warn_truncated_prompts
     from .models import load_pipeline
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     config = config.resolved(method.default_lr)
     image_paths = concept_images(config.concept, config.images)
-    output = Path(config.output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise SdtuneError(f"cannot write to output folder {output}: {error.strerror}") from None
+    output = ensure_writable_folder(config.output)
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed)
@@ -70,6 +63,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     parameters = method.inject(unet)
+    ensure_writable_folder(output, needed_bytes=adapter_bytes(method))
     for parameter in parameters:
         parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
@@ -81,6 +75,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     text_encoder.to(device)
     unet.train()
 
+    warn_truncated_prompts(tokenizer, [config.prompt])
     with torch.no_grad():
         ids = tokenizer(
             config.prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
