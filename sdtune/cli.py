@@ -107,7 +107,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 def train(
     concept: Optional[str] = typer.Option(None, help="Concept name; its placeholder is <NAME>." + _default(TrainConfig, "concept")),
     method: Optional[str] = typer.Option(None, help="Tuning method (see `sdtune methods`)." + _default(TrainConfig, "method")),
-    model: Optional[str] = typer.Option(None, help="'tiny', a hub id or a diffusers folder." + _default(TrainConfig, "model")),
+    model: Optional[str] = typer.Option(None, help="'tiny' (pretrained on digits), 'tiny-random', a hub id or a diffusers folder." + _default(TrainConfig, "model")),
     images: Optional[Path] = typer.Option(None, help="Folder of training images (default: concepts/NAME, else the built-in demo set)."),
     output: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<concept>-<method>)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps." + _default(TrainConfig, "steps")),
@@ -335,7 +335,7 @@ def compare(
 @app.command("methods")
 @handle_errors
 def list_methods(
-    model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', a hub id or a folder."),
+    model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', 'tiny-random', a hub id or a folder."),
 ) -> None:
     """List every method with its trainable parameter count and adapter size."""
     from . import methods

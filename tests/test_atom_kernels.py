@@ -86,7 +86,7 @@ def test_filter_atoms_unet_gradients_agree_across_kernels(options, tiny_path, un
     inputs = [t.double() if t.is_floating_point() else t for t in unet_inputs]
     results = []
     for kernel in ("autograd", "tap", "weight"):
-        unet = load_pipeline("tiny").unet.double()
+        unet = load_pipeline("tiny-random").unet.double()
         method = methods.create("atoms", kernel=kernel, **options)
         params = method.inject(unet)
         with torch.no_grad():

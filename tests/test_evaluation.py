@@ -225,7 +225,7 @@ def two_runs(tmp_path_factory, private_cache):
     root = tmp_path_factory.mktemp("runs")
     runs = []
     for method, options in (("atoms", {}), ("lora", {"rank": 2})):
-        run = train(TrainConfig(model="tiny", method=method, options=options, steps=3, output=str(root / method)), progress=False)
+        run = train(TrainConfig(model="tiny-random", method=method, options=options, steps=3, output=str(root / method)), progress=False)
         runs.append(run.output)
     return runs
 

@@ -18,7 +18,7 @@ def test_two_processes_train_and_write_one_adapter(tmp_path, tiny_path):
     output = tmp_path / "run"
     result = subprocess.run(
         [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--cpu", "-m", "sdtune", "train", "--model", "tiny", "--steps", "4",
+         "--dynamo_backend", "no", "--cpu", "-m", "sdtune", "train", "--model", "tiny-random", "--steps", "4",
          "--output", str(output)],
         capture_output=True, text=True, env=dict(os.environ), timeout=600,
     )

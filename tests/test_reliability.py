@@ -84,7 +84,7 @@ class TestImages:
         Image.new("CMYK", (70, 90), (0, 80, 160, 0)).save(images / "cmyk.jpg")
         Image.new("RGB", (16, 24), "blue").save(images / "small.png")
         with pytest.warns(UserWarning) as record:
-            result = invoke("train", "--model", "tiny", "--steps", 1, "--images", images, "--output", tmp_path / "run")
+            result = invoke("train", "--model", "tiny-random", "--steps", 1, "--images", images, "--output", tmp_path / "run")
         assert result.exit_code == 0, result.output
         messages = [str(w.message) for w in record]
         assert any("skipping" in m and "broken.jpg" in m for m in messages), messages
@@ -96,7 +96,7 @@ class TestImages:
         (tmp_path / "bomb.png").write_bytes(png_header_only(20000, 20000))
         (tmp_path / "cut.png").write_bytes(png_header_only(64, 64)[:40])
         with pytest.warns(UserWarning, match="skipping"):
-            result = invoke("train", "--model", "tiny", "--images", tmp_path, "--output", tmp_path / "run")
+            result = invoke("train", "--model", "tiny-random", "--images", tmp_path, "--output", tmp_path / "run")
         assert_one_line_error(result, 2, "no readable images")
 
     def test_decompression_bomb_is_refused_without_allocating_it(self, tmp_path):
@@ -188,14 +188,14 @@ class TestPrompts:
     def test_prompt_file_in_another_encoding_is_one_line_exit_2(self, tmp_path, content):
         path = tmp_path / "prompts.txt"
         path.write_bytes(content)
-        result = invoke("sample", "--model", "tiny", "--prompts", path, "--output", tmp_path / "out")
+        result = invoke("sample", "--model", "tiny-random", "--prompts", path, "--output", tmp_path / "out")
         assert_one_line_error(result, 2, "not UTF-8 text")
         assert not (tmp_path / "out").exists()
 
     def test_long_prompt_is_truncated_with_a_warning_when_sampling(self, tmp_path, private_cache):
         with pytest.warns(UserWarning, match=r"tokens, over the text encoder's 77: truncated") as record:
             result = invoke(
-                "sample", "--model", "tiny", "--prompt", LONG_PROMPT, "--prompt", "a short one",
+                "sample", "--model", "tiny-random", "--prompt", LONG_PROMPT, "--prompt", "a short one",
                 "--num-images", 1, "--steps", 1, "--output", tmp_path,
             )
         assert result.exit_code == 0, result.output
@@ -206,7 +206,7 @@ class TestPrompts:
     def test_long_training_prompt_is_truncated_with_a_warning(self, tmp_path, private_cache):
         template = "{token} " + "by the lake with snow on the mountains " * 12
         with pytest.warns(UserWarning, match=r"tokens, over the text encoder's 77: truncated"):
-            result = invoke("train", "--model", "tiny", "--steps", 1, "--template", template, "--output", tmp_path / "run")
+            result = invoke("train", "--model", "tiny-random", "--steps", 1, "--template", template, "--output", tmp_path / "run")
         assert result.exit_code == 0, result.output
 
     def test_prompts_that_fit_give_no_warning(self, tiny_pipe):
@@ -248,7 +248,7 @@ class TestSettings:
         ],
     )
     def test_bad_train_flags_are_one_line_exit_2(self, tmp_path, args, pattern):
-        result = invoke("train", "--model", "tiny", "--output", tmp_path / "run", *args)
+        result = invoke("train", "--model", "tiny-random", "--output", tmp_path / "run", *args)
         assert_one_line_error(result, 2, pattern)
         assert not (tmp_path / "run").exists(), "nothing is written before the settings are checked"
 
@@ -263,7 +263,7 @@ class TestSettings:
         ],
     )
     def test_bad_sample_flags_are_one_line_exit_2(self, tmp_path, args, pattern):
-        result = invoke("sample", "--model", "tiny", "--prompt", "x", "--output", tmp_path / "out", *args)
+        result = invoke("sample", "--model", "tiny-random", "--prompt", "x", "--output", tmp_path / "out", *args)
         assert_one_line_error(result, 2, pattern)
 
     @pytest.mark.parametrize(
@@ -285,7 +285,7 @@ class TestSettings:
     def test_bad_toml_config_is_one_line_exit_2(self, tmp_path, toml, pattern):
         config = tmp_path / "run.toml"
         config.write_text(toml)
-        result = invoke("train", "--model", "tiny", "--config", config, "--output", tmp_path / "run")
+        result = invoke("train", "--model", "tiny-random", "--config", config, "--output", tmp_path / "run")
         assert_one_line_error(result, 2, pattern)
 
     def test_toml_numbers_are_accepted_as_their_field_types(self, tmp_path):
@@ -339,12 +339,12 @@ def adapter_file(tmp_path_factory, private_cache):
     from sdtune.models import load_pipeline
 
     method = methods.create("atoms")
-    method.inject(load_pipeline("tiny").unet)
+    method.inject(load_pipeline("tiny-random").unet)
     with torch.no_grad():
         for parameter in method.trainable_parameters():
             parameter.normal_(0, 0.01)
     path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
-    return save_adapter(path, method, "tiny", placeholder="<castle>", token="sks castle")
+    return save_adapter(path, method, "tiny-random", placeholder="<castle>", token="sks castle")
 
 
 def _first_delta(tensors: dict) -> str:
@@ -501,7 +501,7 @@ class TestOutputFolders:
         blocker = tmp_path / "a-file"
         blocker.write_text("x")
         args = ("--prompt", "x") if command == "sample" else ()
-        result = invoke(command, "--model", "tiny", "--output", blocker / "run", *args)
+        result = invoke(command, "--model", "tiny-random", "--output", blocker / "run", *args)
         assert_one_line_error(result, 2, "cannot write to output folder")
 
     def test_too_little_free_space_fails_before_training(self, tmp_path, monkeypatch, private_cache):
@@ -509,7 +509,7 @@ class TestOutputFolders:
 
         usage = shutil.disk_usage(tmp_path)
         monkeypatch.setattr(sdtune.fileio.shutil, "disk_usage", lambda _: usage._replace(free=1000))
-        result = invoke("train", "--model", "tiny", "--steps", 1, "--output", tmp_path / "run")
+        result = invoke("train", "--model", "tiny-random", "--steps", 1, "--output", tmp_path / "run")
         assert_one_line_error(result, 2, "has 0.0 MB free; this run needs about 0.1 MB")
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -518,7 +518,7 @@ class TestOutputFolders:
 
         monkeypatch.setattr(safetensors.torch, "save_file", _fail_with_disk_full_after(1, safetensors.torch.save_file))
         output = tmp_path / "run"
-        result = invoke("train", "--model", "tiny", "--steps", 2, "--save-every", 1, "--output", output)
+        result = invoke("train", "--model", "tiny-random", "--steps", 2, "--save-every", 1, "--output", output)
         assert_one_line_error(result, 1, f"{output / 'adapter.safetensors'}: No space left on device")
         from sdtune.adapter import read_adapter_info
 
@@ -527,7 +527,7 @@ class TestOutputFolders:
 
     def test_disk_full_while_sampling_leaves_no_partial_image(self, tmp_path, monkeypatch, private_cache):
         monkeypatch.setattr(Image.Image, "save", _fail_with_disk_full_after(1, Image.Image.save))
-        result = invoke("sample", "--model", "tiny", "--prompt", "x", "--num-images", 2, "--steps", 1, "--output", tmp_path)
+        result = invoke("sample", "--model", "tiny-random", "--prompt", "x", "--num-images", 2, "--steps", 1, "--output", tmp_path)
         assert_one_line_error(result, 1, "seed1.png: No space left on device")
         assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["000-seed0.png"]
         Image.open(tmp_path / "images" / "000-seed0.png").verify()
@@ -543,5 +543,5 @@ class TestOutputFolders:
         with torch.no_grad():
             method.trainable_parameters()[0].fill_(float("inf"))
         with pytest.raises(TrainingFailed, match="holds NaN or infinite values"):
-            save_adapter(tmp_path / "adapter.safetensors", method, "tiny")
+            save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random")
         assert list(tmp_path.iterdir()) == []
