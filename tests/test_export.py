@@ -61,14 +61,14 @@ def make_adapter(name, options, path, scale=0.05):
     """An adapter whose every trainable tensor is perturbed, as training would; and the tuned outputs' UNet."""
     from sdtune.models import load_pipeline
 
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny-random")
     method = methods.create(name, **options)
     method.inject(pipe.unet)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for parameter in method.trainable_parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-    save_adapter(path, method, "tiny", placeholder="<castle>", token="sks castle")
+    save_adapter(path, method, "tiny-random", placeholder="<castle>", token="sks castle")
     method.merge()
     return pipe
 
@@ -131,7 +131,7 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
     from sdtune.models import load_pipeline
 
     tuned = run_unet(make_adapter(name, options, tmp_path / "a.safetensors").unet, inputs)
-    base_pipe = load_pipeline("tiny")
+    base_pipe = load_pipeline("tiny-random")
     assert (tuned - run_unet(base_pipe.unet, inputs)).abs().max() > 1e-4
     out = tmp_path / "castle.safetensors"
     result = export_adapter(tmp_path / "a.safetensors", "kohya", out)
@@ -161,13 +161,13 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
     if name != "lora":
         assert json.loads(metadata["ss_network_args"])["algo"] == name
 
-    literal = load_pipeline("tiny")
+    literal = load_pipeline("tiny-random")
     literal_kohya_merge(state, literal.unet)
     torch.testing.assert_close(run_unet(literal.unet, inputs), tuned, rtol=0, atol=1e-4)
 
-    own = load_pipeline("tiny")  # sdtune reads kohya files too
+    own = load_pipeline("tiny-random")  # sdtune reads kohya files too
     loaded = load_adapter(out, own)
-    assert loaded.info.token == "sks castle" and loaded.info.base_model == "tiny"
+    assert loaded.info.token == "sks castle" and loaded.info.base_model == "tiny-random"
     torch.testing.assert_close(run_unet(own.unet, inputs), tuned, rtol=0, atol=1e-4)
 
 
@@ -185,13 +185,13 @@ def test_kohya_diff_export_is_merged_minus_base(name, options, tmp_path, inputs)
     if name == "atoms":  # 3x3 convs: a diff of the conv weight's shape
         assert state["lora_unet_down_blocks_0_resnets_0_conv1.diff"].shape == (32, 32, 3, 3)
 
-    rebuilt = load_pipeline("tiny").unet
+    rebuilt = load_pipeline("tiny-random").unet
     literal_kohya_merge(state, rebuilt)
     expected = merged.state_dict()
     for key, value in rebuilt.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
 
-    own = load_pipeline("tiny")
+    own = load_pipeline("tiny-random")
     load_adapter(out, own)
     torch.testing.assert_close(run_unet(own.unet, inputs), run_unet(merged, inputs), rtol=0, atol=1e-5)
 
@@ -215,7 +215,7 @@ def test_kohya_export_loads_in_lycoris(name, options, tmp_path, inputs, monkeypa
     out = tmp_path / "k.safetensors"
     export_adapter(tmp_path / "a.safetensors", "kohya", out)
     state = load_file(out)
-    unet = load_pipeline("tiny").unet
+    unet = load_pipeline("tiny-random").unet
     network, _ = lycoris_kohya.create_network_from_weights(1.0, str(out), None, None, unet, weights_sd=state)
     assert len(network.unet_loras) == len({key.partition(".")[0] for key in state})
     network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)  # LyCORIS' own forward
@@ -235,15 +235,15 @@ def test_diffusers_lora_loads_with_load_lora_weights(tmp_path, inputs):
     export_adapter(tmp_path / "a.safetensors", "diffusers", out)
     assert all(key.startswith("unet.") and ".lora_" in key for key in load_file(out))
 
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny-random")
     pipe.load_lora_weights(str(out))
     torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(tuned_pipe.unet, inputs), rtol=0, atol=1e-4)
-    assert (run_unet(pipe.unet, inputs) - run_unet(load_pipeline("tiny").unet, inputs)).abs().max() > 1e-3
+    assert (run_unet(pipe.unet, inputs) - run_unet(load_pipeline("tiny-random").unet, inputs)).abs().max() > 1e-3
 
     def image(p):
         return p("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
 
-    reference = load_pipeline("tiny")
+    reference = load_pipeline("tiny-random")
     load_adapter(tmp_path / "a.safetensors", reference)
     assert abs(image(pipe) - image(reference)).max() < 1e-3
 
@@ -259,10 +259,10 @@ def test_peft_folder_loads_with_peft(name, options, tmp_path, inputs):
     export_adapter(tmp_path / "a.safetensors", "peft", folder)
     assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
 
-    model = PeftModel.from_pretrained(load_pipeline("tiny").unet, str(folder))
+    model = PeftModel.from_pretrained(load_pipeline("tiny-random").unet, str(folder))
     torch.testing.assert_close(run_unet(model, inputs), tuned, rtol=0, atol=1e-4)
 
-    unet = load_pipeline("tiny").unet
+    unet = load_pipeline("tiny-random").unet
     config = PeftConfig.from_pretrained(str(folder))
     inject_adapter_in_model(config, unet)
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
@@ -310,7 +310,7 @@ def test_kohya_file_errors_are_one_line(tmp_path):
     for message, state in cases.items():
         path = tmp_path / "bad.safetensors"
         save_file(state, str(path))
-        pipe = load_pipeline("tiny")
+        pipe = load_pipeline("tiny-random")
         before = pipe.unet.down_blocks[0].resnets[0].conv1.weight.clone()
         with pytest.raises(SdtuneError, match=None) as error:
             load_adapter(path, pipe)
@@ -341,7 +341,7 @@ def test_kohya_file_from_elsewhere_applies_to_unet_and_text_encoder(tmp_path, in
     }
     path = tmp_path / "elsewhere.safetensors"
     save_file(state, str(path), metadata={"ss_network_module": "networks.lora"})
-    pipe, base = load_pipeline("tiny"), load_pipeline("tiny")
+    pipe, base = load_pipeline("tiny-random"), load_pipeline("tiny-random")
     adapter = load_adapter(path, pipe)
     assert sorted(adapter.target_names) == sorted(
         ["up_blocks.1.resnets.0.conv2", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
@@ -364,7 +364,7 @@ def test_kohya_file_from_elsewhere_applies_to_unet_and_text_encoder(tmp_path, in
     to_k = lambda p: p.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight  # noqa: E731
     torch.testing.assert_close(to_k(pipe), to_k(base) + k_delta, rtol=0, atol=1e-6)
     with pytest.raises(SdtuneError, match="applied merged"):
-        load_adapter(path, load_pipeline("tiny"), merge=False)
+        load_adapter(path, load_pipeline("tiny-random"), merge=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_merged_pipeline_loads_in_plain_diffusers(name, options, dtype, tmp_path
         generator = torch.Generator().manual_seed(0)
         return pipe("a photo of a sks castle", num_inference_steps=3, generator=generator, output_type="np").images
 
-    merged, unmerged, base = load_pipeline("tiny"), load_pipeline("tiny"), load_pipeline("tiny")
+    merged, unmerged, base = load_pipeline("tiny-random"), load_pipeline("tiny-random"), load_pipeline("tiny-random")
     load_adapter(tmp_path / "a.safetensors", merged)
     load_adapter(tmp_path / "a.safetensors", unmerged, merge=False)
     tolerance = 1e-4 if dtype == "fp32" else 2e-2
@@ -446,7 +446,7 @@ def test_cli_export_merge_and_sample_with_a_kohya_file(tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and kohya.is_file()
 
-    result = runner.invoke(app, ["sample", "--adapter", str(kohya), "--model", "tiny", "--prompt", "a <castle>",
+    result = runner.invoke(app, ["sample", "--adapter", str(kohya), "--model", "tiny-random", "--prompt", "a <castle>",
                                  "--num-images", "1", "--steps", "2", "--output", str(tmp_path / "samples")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "samples" / "grid.png").is_file()
