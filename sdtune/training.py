@@ -30,27 +30,35 @@ class Run:
     method: object
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
 
 
 def train(config: TrainConfig, progress: bool = True) -> Run:
     import torch
-    import torch.nn.functional as F
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from . import methods
+    from . import methods, prior, validation
     from .data import ConceptDataset, concept_images, load_images, warn_truncated_prompts
+    from .latents import CachedLatents, PromptEmbeddings, batch_latents
+    from .losses import denoising_loss, training_noise
     from .models import load_pipeline
+    from .precision import cast_frozen_parameters, frozen_dtype, place_frozen_models
+    from .tracking import PROJECT_NAME, gradient_norm, log_image
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     config = config.resolved(method.default_lr)
     image_paths = concept_images(config.concept, config.images)
+    if config.validation_images and not config.validate_every:
+        warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=2)
+    held_out_count = config.validation_images if config.validate_every else 0
+    image_paths, held_out_paths = validation.hold_out(image_paths, held_out_count, config.seed)
+    sample_prompts = validation.validation_prompts(config) if config.validate_every else []
     output = ensure_writable_folder(config.output)
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = make_accelerator(config, output)
     set_seed(config.seed)
     pipe = load_pipeline(config.model)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -59,28 +67,47 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
     if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
         warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
+    class_dataset = None
+    if config.with_prior_preservation:  # class images are drawn by the base model, before the method is injected
+        class_paths = prior.class_image_paths(config, pipe, output, resolution, accelerator, progress)
+        class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     parameters = method.inject(unet)
     ensure_writable_folder(output, needed_bytes=adapter_bytes(method))
-    for parameter in parameters:
-        parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
+    weight_dtype = frozen_dtype(accelerator)
+    cast_frozen_parameters(unet, weight_dtype, parameters)  # trainable stay fp32
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     device = accelerator.device
-    vae.to(device)
-    text_encoder.to(device)
-    unet.train()
+    place_frozen_models(device, weight_dtype, text_encoder, vae, config.no_half_vae)
+    unet.to(device)
+    prompt_embeddings = PromptEmbeddings(tokenizer, text_encoder)
 
     warn_truncated_prompts(tokenizer, [config.prompt])
-    with torch.no_grad():
-        ids = tokenizer(
-            config.prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        prompt_embeds = text_encoder(ids)[0]
+    validation_loss = None
+    if config.validate_every and accelerator.is_main_process:
+        held_out = ConceptDataset(load_images(held_out_paths, resolution), config.prompt) if held_out_paths else dataset
+        prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+        validation_loss = validation.ValidationLoss(held_out.pixels, prompt_embeddings(prompts, device), vae, noise_scheduler)
+    if config.cache_latents:
+        dataset = CachedLatents(dataset, vae)
+        class_dataset = CachedLatents(class_dataset, vae) if class_dataset else None
+        prompt_embeddings.precompute(dataset.prompts() + (class_dataset.prompts() if class_dataset else []))
+        vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
+        text_encoder.to("cpu")
+
+    generator = torch.Generator().manual_seed(config.seed)
+    train_data, collate = dataset, None
+    if class_dataset is not None:
+        train_data, collate = prior.PriorPreservationDataset(dataset, class_dataset), prior.collate_with_prior
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=collate
+    )
+    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    unet.train()
+    if config.log_with != "none":
+        accelerator.init_trackers(PROJECT_NAME)
 
     if accelerator.is_main_process:
         write_text_atomic(output / "config.toml", config.to_toml())
@@ -88,10 +115,24 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     metrics = open(metrics_path, "w", encoding="utf-8") if accelerator.is_main_process else None
     adapter = output / ADAPTER_FILE
     base_model = pipe.sdtune_model_id
+    validation_losses: dict[int, float] = {}
 
     def save() -> None:
         if accelerator.is_main_process:
             save_adapter(adapter, method, base_model, placeholder=config.placeholder, token=config.token, step=str(step))
+
+    def validate() -> dict:
+        """Validation loss and sample grid, on the main process; the others wait."""
+        values = {}
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(unet)
+            values["val_loss"] = validation_loss(model, accelerator.autocast, device)
+            validation_losses[step] = values["val_loss"]
+            grid = validation.sample_grid(pipe, sample_prompts, resolution, device, accelerator.autocast)
+            validation.save_grid(grid, output, step)
+            log_image(accelerator, "samples", grid, step)
+        accelerator.wait_for_everyone()
+        return values
 
     losses: list[float] = []
     bar = tqdm(
@@ -104,43 +145,46 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     step = 0
     try:
         while step < config.steps:
-            for pixels in loader:
+            for batch in loader:
                 if step >= config.steps:
                     break
                 step_start = time.perf_counter()
-                with torch.no_grad():
-                    latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.sample()
-                    latents = latents * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
+                latents = batch_latents(batch, vae)
+                noise = training_noise(latents, config.noise_offset)
                 timesteps = torch.randint(
                     0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
                 ).long()
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
-                with accelerator.autocast():
-                    prediction = unet(noisy, timesteps, prompt_embeds.expand(latents.shape[0], -1, -1)).sample
-                loss = F.mse_loss(prediction.float(), target.float())
-                if not torch.isfinite(loss):
+                loss = denoising_loss(
+                    unet, noise_scheduler, latents, prompt_embeddings(batch["prompt"], device), noise, timesteps,
+                    accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
+                )
+                if not torch.isfinite(loss.total):
                     raise TrainingFailed(
-                        f"loss is {loss.item()} at step {step + 1}; stopped without saving "
+                        f"loss is {loss.total.item()} at step {step + 1}; stopped without saving "
                         f"(the last saved adapter, if any, is kept in {output})"
                     )
-                accelerator.backward(loss)
+                accelerator.backward(loss.total)
+                grad_norm = gradient_norm(parameters, accelerator)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
-                loss_value = accelerator.gather(loss.detach()).mean().item()
+                loss_value = accelerator.gather(loss.total.detach()).mean().item()
                 losses.append(loss_value)
                 seconds = time.perf_counter() - step_start
+                values = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
+                if grad_norm is not None:
+                    values["grad_norm"] = grad_norm
+                if loss.prior is not None:
+                    values["instance_loss"] = accelerator.gather(loss.instance.detach()).mean().item()
+                    values["prior_loss"] = accelerator.gather(loss.prior.detach()).mean().item()
+                if config.validate_every and (step % config.validate_every == 0 or step == config.steps):
+                    values.update(validate())
+                accelerator.log(values, step=step)
                 if metrics:
                     record = {
                         "step": step,
-                        "loss": loss_value,
-                        "lr": optimizer.param_groups[0]["lr"],
+                        **values,
                         "step_seconds": round(seconds, 5),
                         "images_per_second": round(latents.shape[0] * accelerator.num_processes / seconds, 3),
                     }
@@ -155,6 +199,31 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
         bar.close()
         if metrics:
             metrics.close()
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - start
-    return Run(output=output, adapter=adapter, config=config, method=method, losses=losses, seconds=elapsed)
+    return Run(
+        output=output, adapter=adapter, config=config, method=method, losses=losses, seconds=elapsed,
+        validation_losses=validation_losses,
+    )
+
+
+def make_accelerator(config: TrainConfig, output: Path):
+    """Accelerate's Accelerator for the run: mixed precision, and TensorBoard logs in OUTPUT/logs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    from .tracking import logging_dir
+
+    # Accelerate keeps one state per process; a second run in the same process (the Python API, the
+    # tests) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    try:
+        return Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.log_with == "none" else config.log_with,
+            project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(logging_dir(output))),
+        )
+    except ValueError as error:  # a precision the device lacks
+        raise SdtuneError(f"--mixed-precision {config.mixed_precision}: {str(error).splitlines()[0]}") from None
