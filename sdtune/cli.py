@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from .config import CompareConfig, EvaluateConfig, SampleConfig, TrainConfig
+from .config import CompareConfig, EvaluateConfig, ExportConfig, MergeConfig, SampleConfig, TrainConfig
 from .errors import SdtuneError
 
 app = typer.Typer(
@@ -202,7 +202,7 @@ def train(
 def sample(
     prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
-    adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder; without it the base model is sampled."),
+    adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's, else CompVis/stable-diffusion-v1-4)."),
     output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
@@ -259,6 +259,37 @@ def explain(
     result = run_explain(run, prompt=prompt, layer=layer, step=step, output=output, steps=steps, guidance=guidance, seed=seed)
     typer.echo(f"wrote {len(result.files)} pictures to {result.output}")
 
+
+@app.command("export")
+@handle_errors
+def export(
+    source: Path = typer.Argument(..., help="sdtune adapter file or run folder."),
+    export_format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr: a folder for PeftModel.from_pretrained)."),
+    output: Path = typer.Option(..., help="Output file (kohya, diffusers) or new folder (peft)."),
+    model: Optional[str] = typer.Option(None, help="kohya, diff-style methods: the base model ΔW = merged - base is computed on (default: the adapter's)."),
+) -> None:
+    """Write an adapter in a format other tools load."""
+    from .export import export_adapter
+
+    config = ExportConfig.load(None, source=str(source), format=export_format, output=str(output), model=model)
+    result = export_adapter(config.source, config.format, config.output, model=config.model)
+    typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
+
+
+@app.command("merge")
+@handle_errors
+def merge(
+    source: Path = typer.Argument(..., help="sdtune adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file."),
+    output: Path = typer.Option(..., help="New folder for the merged diffusers pipeline."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 weights." + _default(MergeConfig, "dtype")),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's)."),
+) -> None:
+    """Save the base pipeline with the adapter baked into the UNet, loadable by plain diffusers."""
+    from .export import merge_adapter
+
+    config = MergeConfig.load(None, source=str(source), output=str(output), dtype=dtype, model=model)
+    result = merge_adapter(config.source, config.output, dtype=config.dtype, model=config.model)
+    typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
 
 @app.command()
 @handle_errors

@@ -286,6 +286,42 @@ class SampleConfig(_Config):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
 
 
+EXPORT_FORMATS = ("kohya", "diffusers", "peft")
+MERGE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class ExportConfig(_Config):
+    """Everything `sdtune export` needs."""
+
+    source: str = ""  # an sdtune adapter file or run folder
+    format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr)
+    output: str = ""  # a file (kohya, diffusers) or a new folder (peft)
+    model: str | None = None  # the base model diff-style kohya exports use (default: the adapter's)
+
+    def validate(self) -> None:
+        if not self.source or not self.output:
+            raise SdtuneError("export needs an adapter (file or run folder) and --output")
+        if self.format not in EXPORT_FORMATS:
+            raise SdtuneError(f"--format {self.format!r} is not available; choose: {', '.join(EXPORT_FORMATS)}")
+
+
+@dataclass
+class MergeConfig(_Config):
+    """Everything `sdtune merge` needs."""
+
+    source: str = ""  # an sdtune adapter file or run folder, or a kohya-format file
+    output: str = ""  # a new folder for the diffusers pipeline
+    dtype: str = "fp32"
+    model: str | None = None  # default: the adapter's base model
+
+    def validate(self) -> None:
+        if not self.source or not self.output:
+            raise SdtuneError("merge needs an adapter (file or run folder) and --output")
+        if self.dtype not in MERGE_DTYPES:
+            raise SdtuneError(f"--dtype {self.dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
+
+
 FID_FEATURES = ("inception", "clip", "dino", "none")
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
