@@ -40,7 +40,10 @@ def compare(runs, output, **options):
 
 
 def load_adapter(path, pipeline, merge: bool = True):
-    """Load an sdtune adapter file or run folder into `pipeline`'s UNet; returns the method."""
+    """Load an sdtune adapter file or run folder into `pipeline`'s UNet; returns the method.
+
+    A kohya-format file (LoRA, LoHa, LoKr, full-weight diffs, from any trainer) is added to the
+    base weights instead (always merged)."""
     from .adapter import load_adapter as _load
 
     return _load(path, pipeline, merge=merge)

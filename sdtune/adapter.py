@@ -253,21 +253,38 @@ def expected_shapes(method_name: str, options: dict[str, Any], unet) -> dict[str
     return {key: tuple(tensor.shape) for key, tensor in method.state_dict().items()}
 
 
+def adapter_info(path: str | Path) -> AdapterInfo:
+    """What an sdtune adapter, or a kohya-format file (trained anywhere), says about itself."""
+    from .export import is_kohya_file, kohya_info, read_kohya
+
+    path = adapter_path(path)
+    if is_kohya_file(path):
+        return kohya_info(path, read_kohya(path)[0])
+    return read_adapter_info(path)[0]
+
+
 def load_adapter(path: str | Path, pipeline, merge: bool = True):
     """Rebuild the adapter's method on `pipeline.unet` and load its tensors; merge by default.
 
     Refuses, with a clear message, an adapter made for a base model whose targeted layers differ
     in names, shapes or weights; the same weights in another precision (fp16, bf16) are accepted.
+    A kohya-format file (LoRA, LoHa, LoKr or full-weight diffs from sdtune or any other trainer)
+    is added to the base weights: it is always merged (`sdtune.export.load_kohya`).
     """
     import numpy as np
     import torch
 
     from . import methods
+    from .export import is_kohya_file, load_kohya
     from .methods.base import (
         check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample,
     )
 
     path = adapter_path(path)
+    if is_kohya_file(path):
+        if not merge:
+            raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
+        return load_kohya(path, pipeline)
     info, entries = read_adapter_info(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet

@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from .config import CompareConfig, EvaluateConfig, SampleConfig, TrainConfig
+from .config import CompareConfig, EvaluateConfig, ExportConfig, MergeConfig, SampleConfig, TrainConfig
 from .errors import SdtuneError
 
 app = typer.Typer(
@@ -131,6 +131,13 @@ def train(
     validation_prompts: Optional[Path] = typer.Option(None, help="Prompt file for validation samples (default: three prompts with the concept)."),
     validation_images: Optional[int] = typer.Option(None, help="Images held out of training for the validation loss (0: the training images)." + _default(TrainConfig, "validation_images")),
     log_with: Optional[str] = typer.Option(None, help="tensorboard (event files in OUTPUT/logs) or none (default: tensorboard when installed)."),
+    dataset: Optional[str] = typer.Option(None, help="Train on a whole class-labelled dataset instead of a concept (see `sdtune datasets`); each image is captioned from the dataset's template."),
+    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (VTAB-1k, class folders, metadata.jsonl); with --concept, a CustomConcept101 folder."),
+    classes: Optional[str] = typer.Option(None, help="Only these classes, comma-separated (default: all)."),
+    max_per_class: Optional[int] = typer.Option(None, help="At most N images a class, drawn at random (default: all)."),
+    split: Optional[str] = typer.Option(None, help="VTAB-1k split: train800val200, train800, val200 or test (default: train800val200)."),
+    class_template: Optional[str] = typer.Option(None, help="Caption template; {class} is replaced by the class name (default: the dataset's own)."),
+    balance_classes: Optional[bool] = typer.Option(None, "--balance-classes/--no-balance-classes", help="Draw every class equally often (default: yes)."),
     atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
     gift_generator: Optional[str] = typer.Option(None, help="gift: simple (H = identity) or paca (cluster-attention hyper-Transformer) (default: paca)."),
     gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
@@ -150,7 +157,7 @@ def train(
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
 ) -> None:
-    """Train an adapter for a concept and write it to the run folder."""
+    """Train an adapter for a concept (or a whole dataset) and write it to the run folder."""
     from . import train as run_training
 
     settings = locals()
@@ -171,10 +178,13 @@ def train(
             "token", "template", "save_every", "mixed_precision",
             "no_half_vae", "snr_gamma", "noise_offset", "cache_latents", "class_prompt", "num_class_images",
             "prior_loss_weight", "validate_every", "validation_images", "log_with",
+            "dataset", "classes", "max_per_class", "split", "class_template", "balance_classes",
         )
     }
-    overrides.update(images=str(images) if images else None, output=str(output) if output else None)
     overrides.update(
+        images=str(images) if images else None,
+        output=str(output) if output else None,
+        data_root=str(data_root) if data_root else None,
         class_images=str(class_images) if class_images else None,
         validation_prompts=str(validation_prompts) if validation_prompts else None,
     )
@@ -192,7 +202,7 @@ def train(
 def sample(
     prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
-    adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder; without it the base model is sampled."),
+    adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled."),
     model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's, else CompVis/stable-diffusion-v1-4)."),
     output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
@@ -201,6 +211,10 @@ def sample(
     seed: Optional[int] = typer.Option(None, help="First seed." + _default(SampleConfig, "seed")),
     resolution: Optional[int] = typer.Option(None, help="Image size in pixels (default: the model's native size)."),
     token: Optional[str] = typer.Option(None, help="Text for placeholders (default: the adapter's token)."),
+    dataset: Optional[str] = typer.Option(None, help="One row per class of this dataset, captioned from its template (see `sdtune datasets`)."),
+    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder, for datasets whose classes come from it (imagefolder)."),
+    classes: Optional[str] = typer.Option(None, help="With --dataset: only these classes, comma-separated."),
+    class_template: Optional[str] = typer.Option(None, help="With --dataset: caption template with {class} (default: the dataset's own)."),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds)."""
     from . import sample as run_sampling
@@ -218,6 +232,10 @@ def sample(
         seed=seed,
         resolution=resolution,
         token=token,
+        dataset=dataset,
+        data_root=str(data_root) if data_root else None,
+        classes=classes,
+        class_template=class_template,
     )
     result = run_sampling(sample_config)
     typer.echo(f"wrote {len(result.images)} images and {result.grid}")
@@ -241,6 +259,37 @@ def explain(
     result = run_explain(run, prompt=prompt, layer=layer, step=step, output=output, steps=steps, guidance=guidance, seed=seed)
     typer.echo(f"wrote {len(result.files)} pictures to {result.output}")
 
+
+@app.command("export")
+@handle_errors
+def export(
+    source: Path = typer.Argument(..., help="sdtune adapter file or run folder."),
+    export_format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr: a folder for PeftModel.from_pretrained)."),
+    output: Path = typer.Option(..., help="Output file (kohya, diffusers) or new folder (peft)."),
+    model: Optional[str] = typer.Option(None, help="kohya, diff-style methods: the base model ΔW = merged - base is computed on (default: the adapter's)."),
+) -> None:
+    """Write an adapter in a format other tools load."""
+    from .export import export_adapter
+
+    config = ExportConfig.load(None, source=str(source), format=export_format, output=str(output), model=model)
+    result = export_adapter(config.source, config.format, config.output, model=config.model)
+    typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
+
+
+@app.command("merge")
+@handle_errors
+def merge(
+    source: Path = typer.Argument(..., help="sdtune adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file."),
+    output: Path = typer.Option(..., help="New folder for the merged diffusers pipeline."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 weights." + _default(MergeConfig, "dtype")),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's)."),
+) -> None:
+    """Save the base pipeline with the adapter baked into the UNet, loadable by plain diffusers."""
+    from .export import merge_adapter
+
+    config = MergeConfig.load(None, source=str(source), output=str(output), dtype=dtype, model=model)
+    result = merge_adapter(config.source, config.output, dtype=config.dtype, model=config.model)
+    typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
 
 @app.command()
 @handle_errors
@@ -345,6 +394,22 @@ def list_methods(
     typer.echo("")
     for name in methods.available():
         typer.echo(f"{name}: {methods.method_class(name).summary}")
+
+
+@app.command("datasets")
+@handle_errors
+def list_datasets() -> None:
+    """List the registered datasets with their class counts and caption templates."""
+    from .datasets import registry
+
+    rows = [
+        (info.name, str(len(info.class_names)) if info.class_names else "folder", "--data-root" if info.needs_root else "built in", info.template)
+        for info in registry().values()
+    ]
+    header = ("dataset", "classes", "images", "template")
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 def _human_bytes(n: int) -> str:

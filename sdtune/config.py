@@ -139,8 +139,23 @@ class TrainConfig(_Config):
     validation_prompts: str | None = None  # prompt file; default: a few prompts with the concept
     validation_images: int = 0  # images held out of training for the validation loss (0: the training images)
     log_with: str | None = None  # tensorboard or none; default: tensorboard when installed
+    # Whole-dataset training (sdtune/datasets.py): every image captioned from the dataset's template.
+    dataset: str | None = None  # a registered dataset (`sdtune datasets`); replaces the concept's images
+    data_root: str | None = None  # the dataset's folder; with a concept, a CustomConcept101 folder
+    classes: list[str] = field(default_factory=list)  # only these classes (default: all)
+    max_per_class: int = 0  # at most N images a class, drawn at random (0: all)
+    split: str | None = None  # VTAB-1k split file (default train800val200)
+    class_template: str | None = None  # caption template with {class} (default: the dataset's own)
+    balance_classes: bool = True  # draw every class equally often
 
     def validate(self) -> None:
+        _split_classes(self)
+        if self.dataset is not None:
+            _check_dataset(self)
+        elif self.classes or self.max_per_class or self.split:
+            raise SdtuneError("--classes, --max-per-class and --split need --dataset")
+        if self.dataset is not None and (self.validate_every or self.with_prior_preservation):
+            raise SdtuneError("--dataset does not combine with --validate-every or prior preservation (class images)")
         if not self.concept or not self.concept.replace("-", "").replace("_", "").isalnum():
             raise SdtuneError(f"--concept must be a plain name (letters, digits, - or _), got {self.concept!r}")
         for name in ("steps", "batch_size"):
@@ -171,18 +186,31 @@ class TrainConfig(_Config):
     def with_prior_preservation(self) -> bool:
         return bool(self.class_images or self.class_prompt or self.num_class_images)
 
+    def __post_init__(self) -> None:
+        _split_classes(self)  # "a,b,c" from the command line
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        if not self.dataset:  # a concept run's config.toml stays free of dataset settings
+            for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
+                values.pop(name, None)
+        return values
+
     @property
     def placeholder(self) -> str:
-        return f"<{self.concept}>"
+        return "" if self.dataset else f"<{self.concept}>"
 
     def resolved(self, default_lr: float) -> "TrainConfig":
         """A copy with every default filled in, as written to config.toml."""
+        name = self.dataset or self.concept
         prior = self.with_prior_preservation
         return dataclasses.replace(
             self,
             options=dict(self.options),
-            output=self.output or str(Path("runs") / f"{self.concept}-{self.method}"),
-            token=self.token or f"sks {self.concept}",
+            classes=list(self.classes),
+            output=self.output or str(Path("runs") / f"{name}-{self.method}"),
+            token=None if self.dataset else self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
             class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),
             num_class_images=self.num_class_images or (DEFAULT_CLASS_IMAGES if prior and not self.class_images else None),
@@ -192,6 +220,28 @@ class TrainConfig(_Config):
     @property
     def prompt(self) -> str:
         return self.template.format(token=self.token or f"sks {self.concept}")
+
+
+def _split_classes(config) -> None:
+    """--classes a,b,c (or a TOML list) as a list of names."""
+    if isinstance(config.classes, str):
+        config.classes = [name.strip() for name in config.classes.split(",") if name.strip()]
+    if not isinstance(config.classes, list) or not all(isinstance(name, str) and name for name in config.classes):
+        raise SdtuneError(f"--classes takes class names separated by commas, got {config.classes!r}")
+
+
+def _check_dataset(config) -> None:
+    from .datasets import VTAB_SPLITS, dataset_info
+
+    dataset_info(config.dataset)  # an unknown name lists the known ones
+    if getattr(config, "images", None):
+        raise SdtuneError("give --dataset or --images, not both")
+    if getattr(config, "max_per_class", 0) < 0:
+        raise SdtuneError(f"--max-per-class must be 0 (all) or more, got {config.max_per_class}")
+    if getattr(config, "split", None) is not None and config.split not in VTAB_SPLITS:
+        raise SdtuneError(f"--split must be one of {', '.join(VTAB_SPLITS)}, got {config.split!r}")
+    if config.class_template is not None and not config.class_template.strip():
+        raise SdtuneError("--class-template must not be empty")
 
 
 @dataclass
@@ -209,10 +259,23 @@ class SampleConfig(_Config):
     seed: int = 0
     resolution: int | None = None
     token: str | None = None  # default: the adapter's token
+    dataset: str | None = None  # one row per class, captioned from the dataset's template
+    data_root: str | None = None  # only for datasets whose classes come from their folder
+    classes: list[str] = field(default_factory=list)  # only these classes' rows
+    class_template: str | None = None  # default: the dataset's own
+
+    def __post_init__(self) -> None:
+        _split_classes(self)  # "a,b,c" from the command line
+        super().__post_init__()
 
     def validate(self) -> None:
-        if not self.prompts and not self.prompt:
-            raise SdtuneError("give a prompt file (--prompts FILE) or a prompt (--prompt TEXT)")
+        _split_classes(self)
+        if self.dataset is not None:
+            _check_dataset(self)
+        elif self.classes:
+            raise SdtuneError("--classes needs --dataset")
+        if not self.prompts and not self.prompt and not self.dataset:
+            raise SdtuneError("give a prompt file (--prompts FILE), a prompt (--prompt TEXT) or a dataset (--dataset NAME)")
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -221,6 +284,42 @@ class SampleConfig(_Config):
         check_seed(self.seed)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+
+
+EXPORT_FORMATS = ("kohya", "diffusers", "peft")
+MERGE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class ExportConfig(_Config):
+    """Everything `sdtune export` needs."""
+
+    source: str = ""  # an sdtune adapter file or run folder
+    format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr)
+    output: str = ""  # a file (kohya, diffusers) or a new folder (peft)
+    model: str | None = None  # the base model diff-style kohya exports use (default: the adapter's)
+
+    def validate(self) -> None:
+        if not self.source or not self.output:
+            raise SdtuneError("export needs an adapter (file or run folder) and --output")
+        if self.format not in EXPORT_FORMATS:
+            raise SdtuneError(f"--format {self.format!r} is not available; choose: {', '.join(EXPORT_FORMATS)}")
+
+
+@dataclass
+class MergeConfig(_Config):
+    """Everything `sdtune merge` needs."""
+
+    source: str = ""  # an sdtune adapter file or run folder, or a kohya-format file
+    output: str = ""  # a new folder for the diffusers pipeline
+    dtype: str = "fp32"
+    model: str | None = None  # default: the adapter's base model
+
+    def validate(self) -> None:
+        if not self.source or not self.output:
+            raise SdtuneError("merge needs an adapter (file or run folder) and --output")
+        if self.dtype not in MERGE_DTYPES:
+            raise SdtuneError(f"--dtype {self.dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
 
 
 FID_FEATURES = ("inception", "clip", "dino", "none")

@@ -123,6 +123,14 @@ def load_image(path: Path, resolution: int):
     width, height = image.size
     if min(width, height) < resolution:
         warnings.warn(f"{path.name} is {width}x{height}, smaller than {resolution}px: upscaled", stacklevel=2)
+    return fit_square(image, resolution)
+
+
+def fit_square(image, resolution: int):
+    """Resize an RGB image's shorter side to `resolution` and center-crop it to a square."""
+    from PIL import Image
+
+    width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)

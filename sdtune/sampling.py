@@ -67,16 +67,22 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
 
-    from .adapter import adapter_path, load_adapter, read_adapter_info
+    from .adapter import adapter_info, adapter_path, load_adapter
     from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts
     from .fileio import atomic_write, ensure_writable_folder
     from .models import DEFAULT_MODEL, load_pipeline
 
     config.validate()
-    prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
-    info = read_adapter_info(config.adapter)[0] if config.adapter else None
-    model = config.model or (info.base_model if info else DEFAULT_MODEL)
-    token = config.token or (info.token if info else None)
+    prompts = []
+    if config.dataset:
+        from .datasets import class_captions
+
+        # One row per class, captioned as training captioned that class.
+        prompts += [caption for _, caption in class_captions(config.dataset, config.data_root, config.classes, config.class_template)]
+    prompts += list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+    info = adapter_info(config.adapter) if config.adapter else None
+    model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
+    token = config.token or (info.token if info else None) or None
     if config.output:
         output = Path(config.output)
     elif config.adapter:

@@ -40,7 +40,8 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     from tqdm.auto import tqdm
 
     from . import methods, prior, validation
-    from .data import ConceptDataset, concept_images, load_images, warn_truncated_prompts
+    from .data import ConceptDataset, load_images, warn_truncated_prompts
+    from .datasets import BalancedClassSampler, ClassImageDataset, concept_image_paths, dataset_from_config
     from .latents import CachedLatents, PromptEmbeddings, batch_latents
     from .losses import denoising_loss, training_noise
     from .models import load_pipeline
@@ -50,7 +51,8 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     config = config.resolved(method.default_lr)
-    image_paths = concept_images(config.concept, config.images)
+    labelled = dataset_from_config(config) if config.dataset else None  # bad input fails before the model loads
+    image_paths = [] if labelled is not None else concept_image_paths(config)
     if config.validation_images and not config.validate_every:
         warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=2)
     held_out_count = config.validation_images if config.validate_every else 0
@@ -64,9 +66,12 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
-    if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
-        warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
+    if labelled is not None:
+        dataset = ClassImageDataset(labelled, resolution)  # {"pixels", "prompt"}: each image with its own caption
+    else:
+        dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
+        if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
+            warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
     class_dataset = None
     if config.with_prior_preservation:  # class images are drawn by the base model, before the method is injected
         class_paths = prior.class_image_paths(config, pipe, output, resolution, accelerator, progress)
@@ -84,7 +89,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     unet.to(device)
     prompt_embeddings = PromptEmbeddings(tokenizer, text_encoder)
 
-    warn_truncated_prompts(tokenizer, [config.prompt])
+    warn_truncated_prompts(tokenizer, dataset.captions if labelled is not None else [config.prompt])
     validation_loss = None
     if config.validate_every and accelerator.is_main_process:
         held_out = ConceptDataset(load_images(held_out_paths, resolution), config.prompt) if held_out_paths else dataset
@@ -101,8 +106,11 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     train_data, collate = dataset, None
     if class_dataset is not None:
         train_data, collate = prior.PriorPreservationDataset(dataset, class_dataset), prior.collate_with_prior
+    # A dataset draws every class equally often; the sampler's indices hold for cached latents too.
+    sampler = BalancedClassSampler(labelled.labels, config.seed) if labelled is not None and config.balance_classes else None
     loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=collate
+        train_data, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=generator,
+        collate_fn=collate,
     )
     unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     unet.train()
@@ -119,7 +127,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
 
     def save() -> None:
         if accelerator.is_main_process:
-            save_adapter(adapter, method, base_model, placeholder=config.placeholder, token=config.token, step=str(step))
+            save_adapter(adapter, method, base_model, placeholder=config.placeholder, token=config.token or "", step=str(step))
 
     def validate() -> dict:
         """Validation loss and sample grid, on the main process; the others wait."""

@@ -1,0 +1,467 @@
+"""Export (kohya, diffusers, peft), kohya-format files as adapters, and merged pipelines, on the tiny model.
+
+Every export is loaded back by something other than sdtune's own reader (a literal key-by-key
+reconstruction, LyCORIS, diffusers, peft, plain diffusers in a fresh process) and compared with
+sdtune's own loading.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sdtune import methods
+from sdtune.adapter import load_adapter, save_adapter
+from sdtune.errors import SdtuneError
+from sdtune.export import export_adapter, merge_adapter
+
+LOW_RANK = [
+    ("lora", {}),
+    ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0}),
+    ("loha", {"alpha": 2.0}),
+    ("loha", {"targets": "conv", "tucker": True}),
+    ("lokr", {"alpha": 2.0}),  # tiny layers: both factors full, alpha/rank folded into w1
+    ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}),
+    ("lokr", {"targets": "conv", "rank": 2, "tucker": True}),
+]
+DIFF_STYLE = [
+    ("atoms", {}),
+    ("atoms", {"include_1x1": True, "kc": 2}),
+    ("bitfit", {}),
+    ("difffit", {}),
+    ("gift", {}),
+    ("full", {}),
+]
+
+
+def ids(cases):
+    return [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in cases]
+
+
+def run_unet(unet, inputs):
+    with torch.no_grad():
+        return unet(*inputs).sample
+
+
+@pytest.fixture
+def inputs(unet_inputs):
+    # 16x16 latents: at 8x8 the last down block runs at 1x1, where GroupNorm amplifies rounding
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    return (latents, *unet_inputs[1:])
+
+
+def make_adapter(name, options, path, scale=0.05):
+    """An adapter whose every trainable tensor is perturbed, as training would; and the tuned outputs' UNet."""
+    from sdtune.models import load_pipeline
+
+    pipe = load_pipeline("tiny-random")
+    method = methods.create(name, **options)
+    method.inject(pipe.unet)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in method.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    save_adapter(path, method, "tiny-random", placeholder="<castle>", token="sks castle")
+    method.merge()
+    return pipe
+
+
+def literal_kohya_merge(state: dict, unet) -> list[str]:
+    """Add a kohya-format file's updates to `unet` by the literal formulas, key by key; the module names."""
+    modules = {"lora_unet_" + name.replace(".", "_"): name for name, _ in unet.named_modules()}
+    groups = defaultdict(dict)
+    for key, value in state.items():
+        prefix, _, suffix = key.partition(".")
+        groups[prefix][suffix] = value.float()
+    for prefix, p in groups.items():
+        module = unet.get_submodule(modules[prefix])
+        weight = module.weight
+        delta, delta_bias = None, None
+        if "lora_down.weight" in p:  # ΔW = up·down·alpha/rank
+            down, up = p["lora_down.weight"], p["lora_up.weight"]
+            delta = (up.flatten(1) @ down.flatten(1)) * (p["alpha"] / down.shape[0])
+        elif "hada_w1_a" in p:  # ΔW = (w1a·w1b) ⊙ (w2a·w2b)·alpha/rank
+            if "hada_t1" in p:
+                # m[o, i, h, w] = Σ_ab t[a, b, h, w]·w_a[a, o]·w_b[b, i]
+                m1 = torch.einsum("abhw,ao,bi->oihw", p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"])
+                m2 = torch.einsum("abhw,ao,bi->oihw", p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"])
+            else:
+                m1, m2 = p["hada_w1_a"] @ p["hada_w1_b"], p["hada_w2_a"] @ p["hada_w2_b"]
+            delta = m1 * m2 * (p["alpha"] / p["hada_w1_b"].shape[0])
+        elif any(k.startswith("lokr_") for k in p):  # ΔW = w1 ⊗ w2 · (alpha/rank, or 1 with both factors full)
+            w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+            if "lokr_w2" in p:
+                w2 = p["lokr_w2"]
+            elif "lokr_t2" in p:
+                w2 = torch.einsum("abhw,ao,bi->oihw", p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+            else:
+                w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
+            full = "lokr_w1" in p and "lokr_w2" in p
+            rank = p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else (p["lokr_w1_b"].shape[0] if "lokr_w1_b" in p else 1)
+            scale = 1.0 if full else p["alpha"] / rank
+            if w2.ndim == 4:
+                w1 = w1[:, :, None, None]
+            delta = torch.kron(w1.contiguous(), w2.contiguous()) * scale
+        else:
+            delta = p.get("diff", p.get("w_norm"))
+            delta_bias = p.get("diff_b", p.get("b_norm"))
+            if delta is not None:
+                assert delta.shape == weight.shape  # full-weight diffs keep the weight's shape
+        with torch.no_grad():
+            if delta is not None:
+                weight += delta.reshape(weight.shape)
+            if delta_bias is not None:
+                module.bias += delta_bias
+    return [modules[prefix] for prefix in groups]
+
+
+# ---------------------------------------------------------------------------------------------
+# kohya
+
+
+@pytest.mark.parametrize("name,options", LOW_RANK, ids=ids(LOW_RANK))
+def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path, inputs):
+    from sdtune.models import load_pipeline
+
+    tuned = run_unet(make_adapter(name, options, tmp_path / "a.safetensors").unet, inputs)
+    base_pipe = load_pipeline("tiny-random")
+    assert (tuned - run_unet(base_pipe.unet, inputs)).abs().max() > 1e-4
+    out = tmp_path / "castle.safetensors"
+    result = export_adapter(tmp_path / "a.safetensors", "kohya", out)
+    assert result.output == out
+    state = load_file(out)
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+
+    # key names: lora_unet_<module path, dots as _> + the algorithm's tensor names
+    modules = {"lora_unet_" + n.replace(".", "_") for n, _ in base_pipe.unet.named_modules()}
+    expected_suffixes = {
+        "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+        "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
+        "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+    }[name]
+    for key in state:
+        prefix, _, suffix = key.partition(".")
+        assert prefix in modules and suffix in expected_suffixes, key
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.alpha" in state or options.get("targets") == "attn"
+    alpha = options.get("alpha", float(options.get("rank", 4)))
+    assert all(state[k].item() == alpha for k in state if k.endswith(".alpha"))
+    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_network_dim"] == str(options.get("rank", 4))
+    assert float(metadata["ss_network_alpha"]) == alpha
+    assert metadata["ss_network_module"] == ("networks.lora" if name == "lora" else "lycoris.kohya")
+    assert metadata["ss_output_name"] == "castle"
+    if name != "lora":
+        assert json.loads(metadata["ss_network_args"])["algo"] == name
+
+    literal = load_pipeline("tiny-random")
+    literal_kohya_merge(state, literal.unet)
+    torch.testing.assert_close(run_unet(literal.unet, inputs), tuned, rtol=0, atol=1e-4)
+
+    own = load_pipeline("tiny-random")  # sdtune reads kohya files too
+    loaded = load_adapter(out, own)
+    assert loaded.info.token == "sks castle" and loaded.info.base_model == "tiny-random"
+    torch.testing.assert_close(run_unet(own.unet, inputs), tuned, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,options", DIFF_STYLE, ids=ids(DIFF_STYLE))
+def test_kohya_diff_export_is_merged_minus_base(name, options, tmp_path, inputs):
+    from sdtune.models import load_pipeline
+
+    merged = make_adapter(name, options, tmp_path / "a.safetensors").unet
+    out = tmp_path / "diff.safetensors"
+    export_adapter(tmp_path / "a.safetensors", "kohya", out)
+    state = load_file(out)
+    assert all(key.startswith("lora_unet_") for key in state)
+    suffixes = {key.partition(".")[2] for key in state}
+    assert suffixes <= {"diff", "diff_b", "w_norm", "b_norm"}, suffixes
+    if name == "atoms":  # 3x3 convs: a diff of the conv weight's shape
+        assert state["lora_unet_down_blocks_0_resnets_0_conv1.diff"].shape == (32, 32, 3, 3)
+
+    rebuilt = load_pipeline("tiny-random").unet
+    literal_kohya_merge(state, rebuilt)
+    expected = merged.state_dict()
+    for key, value in rebuilt.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+    own = load_pipeline("tiny-random")
+    load_adapter(out, own)
+    torch.testing.assert_close(run_unet(own.unet, inputs), run_unet(merged, inputs), rtol=0, atol=1e-5)
+
+
+# Left out: LyCORIS' loader reads the rank of a Tucker LoKr from lokr_w2_a's second dimension, which
+# its own Tucker layout (rank first, as peft's) does not hold there; and it builds decompose_both
+# factors only when both are low-rank (peft keeps a small w2 full).
+LYCORIS_CASES = [c for c in LOW_RANK if not (c[0] == "lokr" and (c[1].get("decompose_both") or c[1].get("tucker")))]
+LYCORIS_CASES += [("atoms", {}), ("gift", {}), ("full", {})]
+
+
+@pytest.mark.parametrize("name,options", LYCORIS_CASES, ids=ids(LYCORIS_CASES))
+def test_kohya_export_loads_in_lycoris(name, options, tmp_path, inputs, monkeypatch):
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    # its network constructor first wraps the UNet by type and by name, and both lists hold the
+    # time embedding's linears (a duplicate it asserts against); the loader then replaces them all
+    monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
+    from sdtune.models import load_pipeline
+
+    tuned = run_unet(make_adapter(name, options, tmp_path / "a.safetensors").unet, inputs)
+    out = tmp_path / "k.safetensors"
+    export_adapter(tmp_path / "a.safetensors", "kohya", out)
+    state = load_file(out)
+    unet = load_pipeline("tiny-random").unet
+    network, _ = lycoris_kohya.create_network_from_weights(1.0, str(out), None, None, unet, weights_sd=state)
+    assert len(network.unet_loras) == len({key.partition(".")[0] for key in state})
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)  # LyCORIS' own forward
+    torch.testing.assert_close(run_unet(unet, inputs), tuned, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers and peft
+
+
+def test_diffusers_lora_loads_with_load_lora_weights(tmp_path, inputs):
+    from sdtune.models import load_pipeline
+
+    options = {"rank": 4, "alpha": 2.0}  # scale 0.5: checks that alpha/rank reaches diffusers
+    tuned_pipe = make_adapter("lora", options, tmp_path / "a.safetensors", scale=0.2)
+    out = tmp_path / "pytorch_lora_weights.safetensors"
+    export_adapter(tmp_path / "a.safetensors", "diffusers", out)
+    assert all(key.startswith("unet.") and ".lora_" in key for key in load_file(out))
+
+    pipe = load_pipeline("tiny-random")
+    pipe.load_lora_weights(str(out))
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(tuned_pipe.unet, inputs), rtol=0, atol=1e-4)
+    assert (run_unet(pipe.unet, inputs) - run_unet(load_pipeline("tiny-random").unet, inputs)).abs().max() > 1e-3
+
+    def image(p):
+        return p("a photo", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    reference = load_pipeline("tiny-random")
+    load_adapter(tmp_path / "a.safetensors", reference)
+    assert abs(image(pipe) - image(reference)).max() < 1e-3
+
+
+@pytest.mark.parametrize("name,options", LOW_RANK, ids=ids(LOW_RANK))
+def test_peft_folder_loads_with_peft(name, options, tmp_path, inputs):
+    from peft import PeftConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
+
+    from sdtune.models import load_pipeline
+
+    tuned = run_unet(make_adapter(name, options, tmp_path / "a.safetensors").unet, inputs)
+    folder = tmp_path / "peft"
+    export_adapter(tmp_path / "a.safetensors", "peft", folder)
+    assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+    model = PeftModel.from_pretrained(load_pipeline("tiny-random").unet, str(folder))
+    torch.testing.assert_close(run_unet(model, inputs), tuned, rtol=0, atol=1e-4)
+
+    unet = load_pipeline("tiny-random").unet
+    config = PeftConfig.from_pretrained(str(folder))
+    inject_adapter_in_model(config, unet)
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    result = set_peft_model_state_dict(unet, state)
+    assert not result.unexpected_keys
+    torch.testing.assert_close(run_unet(unet, inputs), tuned, rtol=0, atol=1e-4)
+
+
+def test_formats_a_method_cannot_take_are_refused(tmp_path):
+    make_adapter("atoms", {}, tmp_path / "a.safetensors")
+    with pytest.raises(SdtuneError, match="--format diffusers holds LoRA"):
+        export_adapter(tmp_path / "a.safetensors", "diffusers", tmp_path / "x.safetensors")
+    with pytest.raises(SdtuneError, match="--format peft holds peft methods"):
+        export_adapter(tmp_path / "a.safetensors", "peft", tmp_path / "x")
+    make_adapter("loha", {}, tmp_path / "b.safetensors")
+    with pytest.raises(SdtuneError, match="--format diffusers holds LoRA, not loha"):
+        export_adapter(tmp_path / "b.safetensors", "diffusers", tmp_path / "x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# kohya files trained elsewhere
+
+
+def test_kohya_file_errors_are_one_line(tmp_path):
+    from sdtune.models import load_pipeline
+
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    good = {f"{conv}.lora_down.weight": torch.zeros(2, 32, 3, 3), f"{conv}.lora_up.weight": torch.zeros(32, 2, 1, 1)}
+    cases = {
+        "matches no module of the UNet": {"lora_unet_down_blocks_9_nowhere.lora_down.weight": torch.zeros(1, 1), **good},
+        "has shape (32, 64, 3, 3), but down_blocks.0.resnets.0.conv1's weight has shape (32, 32, 3, 3)": {
+            f"{conv}.lora_down.weight": torch.zeros(2, 64, 3, 3),
+            f"{conv}.lora_up.weight": torch.zeros(32, 2, 1, 1),
+        },
+        "has shape (32, 32, 1, 1), but": {
+            f"{conv}.lora_down.weight": torch.zeros(2, 32, 1, 1),
+            f"{conv}.lora_up.weight": torch.zeros(32, 2, 1, 1),
+        },
+        "lacks lora_up.weight": {f"{conv}.lora_down.weight": torch.zeros(2, 32, 3, 3)},
+        "DoRA": {**good, f"{conv}.dora_scale": torch.ones(32, 1, 1, 1)},
+        "matches no module of the text encoder": {"lora_te_text_model_nowhere.lora_down.weight": torch.zeros(1, 1)},
+        "holds NaN or infinite values": {**good, f"{conv}.alpha": torch.tensor(float("nan"))},
+        "adapters hold BF16, F16, F32 tensors": {**good, f"{conv}.alpha": torch.tensor(4, dtype=torch.int64)},
+    }
+    for message, state in cases.items():
+        path = tmp_path / "bad.safetensors"
+        save_file(state, str(path))
+        pipe = load_pipeline("tiny-random")
+        before = pipe.unet.down_blocks[0].resnets[0].conv1.weight.clone()
+        with pytest.raises(SdtuneError, match=None) as error:
+            load_adapter(path, pipe)
+        assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+        assert torch.equal(pipe.unet.down_blocks[0].resnets[0].conv1.weight, before)  # nothing applied
+
+
+def test_kohya_file_from_elsewhere_applies_to_unet_and_text_encoder(tmp_path, inputs):
+    """A file as kohya-ss writes it (no sdtune metadata), with a Tucker LoRA and a text-encoder LoRA."""
+    from sdtune.models import load_pipeline
+
+    g = torch.Generator().manual_seed(3)
+    conv, attn, te = (
+        "lora_unet_up_blocks_1_resnets_0_conv2",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+    )
+    state = {
+        f"{conv}.lora_down.weight": torch.randn(3, 64, 1, 1, generator=g),
+        f"{conv}.lora_mid.weight": torch.randn(3, 3, 3, 3, generator=g),
+        f"{conv}.lora_up.weight": torch.randn(64, 3, 1, 1, generator=g) * 0.1,
+        f"{conv}.alpha": torch.tensor(1.5),
+        f"{attn}.lora_down.weight": torch.randn(2, 32, generator=g),
+        f"{attn}.lora_up.weight": torch.randn(64, 2, generator=g) * 0.1,
+        f"{te}.lora_down.weight": torch.randn(2, 32, generator=g),
+        f"{te}.lora_up.weight": torch.randn(32, 2, generator=g) * 0.1,
+        f"{te}.alpha": torch.tensor(1.0),
+    }
+    path = tmp_path / "elsewhere.safetensors"
+    save_file(state, str(path), metadata={"ss_network_module": "networks.lora"})
+    pipe, base = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    adapter = load_adapter(path, pipe)
+    assert sorted(adapter.target_names) == sorted(
+        ["up_blocks.1.resnets.0.conv2", "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+         "text_encoder." + ("text_model." if hasattr(pipe.text_encoder, "text_model") else "") + "encoder.layers.0.self_attn.q_proj"]
+    )
+    # the Tucker LoRA: x → 1x1 down → 3x3 mid → 1x1 up, scaled by alpha/rank, as one 3x3 conv
+    x = torch.randn(1, 64, 6, 6, generator=g)
+    conv_base = base.unet.up_blocks[1].resnets[0].conv2
+    chain = torch.nn.functional.conv2d(x, state[f"{conv}.lora_down.weight"])
+    chain = torch.nn.functional.conv2d(chain, state[f"{conv}.lora_mid.weight"], padding=1)
+    chain = torch.nn.functional.conv2d(chain, state[f"{conv}.lora_up.weight"]) * (1.5 / 3)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet.up_blocks[1].resnets[0].conv2(x), conv_base(x) + chain, rtol=0, atol=1e-5)
+    te_delta = state[f"{te}.lora_up.weight"] @ state[f"{te}.lora_down.weight"] * 0.5
+    def q_proj(p):  # transformers 5's CLIPTextModel has no `text_model` level any more; kohya's names do
+        return getattr(p.text_encoder, "text_model", p.text_encoder).encoder.layers[0].self_attn.q_proj.weight
+
+    torch.testing.assert_close(q_proj(pipe), q_proj(base) + te_delta, rtol=0, atol=1e-6)
+    k_delta = state[f"{attn}.lora_up.weight"] @ state[f"{attn}.lora_down.weight"]  # no alpha: scale 1
+    to_k = lambda p: p.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight  # noqa: E731
+    torch.testing.assert_close(to_k(pipe), to_k(base) + k_delta, rtol=0, atol=1e-6)
+    with pytest.raises(SdtuneError, match="applied merged"):
+        load_adapter(path, load_pipeline("tiny-random"), merge=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+PLAIN_DIFFUSERS = """
+import sys, numpy, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False)
+assert "sdtune" not in sys.modules
+pipe.to(torch.float32)  # fp16 folders too: the CPU runs float32
+image = pipe("a photo of a sks castle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+numpy.save(sys.argv[2], image)
+"""
+
+
+@pytest.mark.parametrize(
+    "name,options,dtype", [("atoms", {}, "fp32"), pytest.param("lora", {"alpha": 2.0}, "fp16", marks=pytest.mark.slow)]
+)
+def test_merged_pipeline_loads_in_plain_diffusers(name, options, dtype, tmp_path):
+    import numpy as np
+
+    from sdtune.models import load_pipeline
+
+    make_adapter(name, options, tmp_path / "a.safetensors", scale=0.2)
+    folder = tmp_path / "merged"
+    merge_adapter(tmp_path / "a.safetensors", folder, dtype=dtype)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
+    assert {p.parent.name for p in files if p.suffix == ".safetensors"} == {"unet", "vae", "text_encoder"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no temporary folder left
+    assert json.loads((folder / "sdtune_merge.json").read_text())["token"] == "sks castle"
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("conv_in.weight").dtype == {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, "-c", PLAIN_DIFFUSERS, str(folder), str(tmp_path / "image.npy")]
+    result = subprocess.run(script, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain = np.load(tmp_path / "image.npy")
+
+    def image(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a photo of a sks castle", num_inference_steps=3, generator=generator, output_type="np").images
+
+    merged, unmerged, base = load_pipeline("tiny-random"), load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    load_adapter(tmp_path / "a.safetensors", merged)
+    load_adapter(tmp_path / "a.safetensors", unmerged, merge=False)
+    tolerance = 1e-4 if dtype == "fp32" else 2e-2
+    assert abs(plain - image(merged)).max() < tolerance
+    assert abs(plain - image(unmerged)).max() < tolerance
+    assert abs(image(merged) - image(base)).max() > 10 * tolerance  # the update shows in the images
+
+
+def test_merge_refuses_a_used_folder_and_a_bad_dtype(tmp_path):
+    make_adapter("bitfit", {}, tmp_path / "a.safetensors")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    with pytest.raises(SdtuneError, match="already exists"):
+        merge_adapter(tmp_path / "a.safetensors", tmp_path / "used")
+    assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
+    with pytest.raises(SdtuneError, match="--dtype"):
+        merge_adapter(tmp_path / "a.safetensors", tmp_path / "new", dtype="int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_export_merge_and_sample_with_a_kohya_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    runner = CliRunner()
+    make_adapter("lora", {"targets": "conv3x3"}, tmp_path / "run" / "adapter.safetensors")
+    kohya = tmp_path / "castle.safetensors"
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "kohya", "--output", str(kohya)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and kohya.is_file()
+
+    result = runner.invoke(app, ["sample", "--adapter", str(kohya), "--model", "tiny-random", "--prompt", "a <castle>",
+                                 "--num-images", "1", "--steps", "2", "--output", str(tmp_path / "samples")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "samples" / "grid.png").is_file()
+
+    result = runner.invoke(app, ["merge", str(kohya), "--output", str(tmp_path / "merged"), "--dtype", "fp16"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "merged" / "model_index.json").is_file()
+
+    for args, message in [
+        (["export", str(tmp_path / "run"), "--format", "onnx", "--output", str(tmp_path / "x")], "--format 'onnx'"),
+        (["export", str(kohya), "--format", "peft", "--output", str(tmp_path / "x")], "already is a kohya-format file"),
+        (["merge", str(tmp_path / "run"), "--output", str(tmp_path / "merged")], "already exists"),
+        (["export", str(tmp_path / "nothing"), "--format", "kohya", "--output", str(tmp_path / "x")], "adapter not found"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0], result.stderr
