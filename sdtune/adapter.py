@@ -15,7 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import SdtuneError
-from .fileio import atomic_write
+from .fileio import save_safetensors
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
@@ -48,8 +48,6 @@ def adapter_path(path: str | Path) -> Path:
 
 def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "", token: str = "", **extra: str) -> Path:
     """Write the method's state and metadata to `path` atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -67,8 +65,7 @@ def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "
         **{k: str(v) for k, v in extra.items()},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    save_safetensors(state, path, metadata)  # atomic, and the same bytes for the same adapter
     return path
 
 

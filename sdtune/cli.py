@@ -115,6 +115,16 @@ def train(
     template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
     save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16." + _default(TrainConfig, "mixed_precision")),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step." + _default(TrainConfig, "gradient_accumulation_steps")),
+    lr_scheduler: Optional[str] = typer.Option(None, help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial." + _default(TrainConfig, "lr_scheduler")),
+    lr_warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warm-up from 0 to --lr." + _default(TrainConfig, "lr_warmup_steps")),
+    lr_cycles: Optional[int] = typer.Option(None, help="cosine_with_restarts: number of cycles." + _default(TrainConfig, "lr_cycles")),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this; 0: no clipping (the norm is logged anyway)." + _default(TrainConfig, "max_grad_norm")),
+    ema_decay: Optional[float] = typer.Option(None, help="Also write adapter-ema.safetensors, an EMA of the trained weights with this decay; 0: none." + _default(TrainConfig, "ema_decay")),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time (default: no)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
+    keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
+    resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
     atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
     gift_generator: Optional[str] = typer.Option(None, help="gift: simple (H = identity) or paca (cluster-attention hyper-Transformer) (default: paca)."),
     gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
@@ -152,15 +162,18 @@ def train(
         name: settings[name]
         for name in (
             "concept", "method", "model", "steps", "batch_size", "lr", "resolution", "seed",
-            "token", "template", "save_every", "mixed_precision",
+            "token", "template", "save_every", "mixed_precision", "gradient_accumulation_steps", "lr_scheduler",
+            "lr_warmup_steps", "lr_cycles", "max_grad_norm", "ema_decay", "gradient_checkpointing", "checkpoint_every",
+            "keep_checkpoints", "resume",
         )
     }
     overrides.update(images=str(images) if images else None, output=str(output) if output else None)
     train_config = TrainConfig.load(config, options=options, **overrides)
     run = run_training(train_config)
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
+    resumed = f" (resumed from {run.resumed_from})" if run.resumed_from else ""
     typer.echo(
-        f"trained {run.method.describe()} in {run.seconds:.1f} s; final loss {final}\n"
+        f"trained {run.method.describe()} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
     )
 
