@@ -178,6 +178,7 @@ class OutputLock:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()} {_hostname()}\n".encode())
         os.fsync(fd)
         self._fd = fd
