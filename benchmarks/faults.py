@@ -61,7 +61,11 @@ def losses(output: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in map(json.loads, lines)]
 
 
-def problems_after_kill(output: Path, checkpoint_every: int) -> list[str]:
+def losses_so_far(output: Path) -> list[str]:
+    return [line for line in (output / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
+
+
+def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list[str]:
     """What is wrong with a killed run's folder: truncated or half-written files under their final names."""
     from safetensors import safe_open
 
@@ -80,8 +84,8 @@ def problems_after_kill(output: Path, checkpoint_every: int) -> list[str]:
             found.append(f"{name}: {error}")
             continue
         step = int(info.extra["step"])
-        if step % checkpoint_every:
-            found.append(f"{name} is of step {step}, not a checkpoint step")
+        if step % checkpoint_every and step != steps:  # adapters are written at checkpoints and at the end
+            found.append(f"{name} is of step {step}, neither a checkpoint step nor the last")
     for step, folder in list_checkpoints(output):
         try:
             state = read_state(folder)
@@ -111,7 +115,7 @@ def trial(work: Path, index: int, rng: random.Random, steps: int, reference: Pat
     root = output / "checkpoints"
     staging = sorted(p.name for p in root.iterdir() if p.name.startswith(".")) if root.is_dir() else []
     saved = [p.name for p in sorted(root.iterdir())] if root.is_dir() else []
-    found = problems_after_kill(output, checkpoint_every)
+    found = problems_after_kill(output, checkpoint_every, steps)
     run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
     for name in ADAPTERS:
         if (output / name).read_bytes() != (reference / name).read_bytes():
@@ -141,9 +145,11 @@ def main(argv: list[str] | None = None) -> str:
     shutil.rmtree(reference, ignore_errors=True)
     process = start(train_command(reference, args.steps, "--checkpoint-every", "1"), work / "uninterrupted.log")
     began = wait_for_training(process, reference)
+    while len(losses_so_far(reference)) < args.steps and process.poll() is None:
+        time.sleep(0.02)  # until the last step is logged (the interpreter's exit afterwards is not training)
+    train_seconds = time.perf_counter() - began
     if process.wait() != 0:
         raise RuntimeError(f"the uninterrupted run failed; see {work / 'uninterrupted.log'}")
-    train_seconds = time.perf_counter() - began
     print(f"uninterrupted run: {args.steps} steps in {train_seconds:.1f} s of training; each trial is killed "
           f"at a uniform moment of its first {train_seconds * 1.2:.1f} s of training", flush=True)
 

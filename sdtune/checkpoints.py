@@ -96,6 +96,7 @@ def save_checkpoint(accelerator, output: str | Path, step: int, state: dict[str,
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's RNG file is in place before the folder is published
     if accelerator.is_main_process:
         save_safetensors(_numbered(parameters), staging / TRAINABLE_FILE, {"format": FORMAT})
         if ema is not None:

@@ -118,7 +118,7 @@ def test_kill_9_during_training_then_resume_gives_the_same_adapter(tmp_path, tin
     os.kill(process.pid, signal.SIGKILL)  # right after the first checkpoint: mid-way through step 3
     process.wait()
     assert process.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
-    assert faults.problems_after_kill(output, 2) == []
+    assert faults.problems_after_kill(output, 2, steps) == []
     assert (output / LOCK_FILE).exists()  # the killed run's lock, taken over below
 
     run = train(TrainConfig(output=str(output), resume="latest", **settings), progress=False)
