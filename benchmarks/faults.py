@@ -1,7 +1,8 @@
 """Kill -9 fault injection: training runs killed at random moments must lose nothing.
 
 Each trial starts `sdtune train --model tiny` with `--checkpoint-every K` (K drawn from 1..5) as its
-own process and kills it with SIGKILL at a random moment of its training. Then it checks the run
+own process and kills it with SIGKILL at a random moment of its training: once its metrics show a
+random number of finished steps, after a uniform delay of up to one step's time (checkpoint included). Then it checks the run
 folder: the adapter is absent (killed before the first save) or a complete adapter of a saved step,
 every `checkpoints/step-N` folder is complete, and `--resume latest` finishes with the same adapter
 bytes (raw and EMA) and the same per-step losses as one uninterrupted run.
@@ -100,14 +101,18 @@ def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list
     return found
 
 
-def trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, train_seconds: float) -> tuple[bool, str]:
+def trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, step_seconds: float) -> tuple[bool, str]:
     checkpoint_every = rng.randint(1, 5)
     output = work / f"trial-{index:02d}"
     command = train_command(output, steps, "--checkpoint-every", str(checkpoint_every))
     process = start(command, work / f"trial-{index:02d}.log")
-    wait_for_training(process, output)
-    delay = rng.uniform(0, train_seconds)
-    time.sleep(delay)
+    began = wait_for_training(process, output)
+    # a random moment: during a random step (its compute, or the checkpoint and adapter writes before it)
+    logged = rng.randrange(steps)
+    while len(losses_so_far(output)) < logged and process.poll() is None:
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, step_seconds))
+    delay = time.perf_counter() - began
     killed = process.poll() is None
     if killed:
         os.kill(process.pid, signal.SIGKILL)
@@ -150,13 +155,15 @@ def main(argv: list[str] | None = None) -> str:
     train_seconds = time.perf_counter() - began
     if process.wait() != 0:
         raise RuntimeError(f"the uninterrupted run failed; see {work / 'uninterrupted.log'}")
-    print(f"uninterrupted run: {args.steps} steps in {train_seconds:.1f} s of training; each trial is killed "
-          f"at a uniform moment of its first {train_seconds * 1.2:.1f} s of training", flush=True)
+    step_seconds = train_seconds / args.steps
+    print(f"uninterrupted run: {args.steps} steps in {train_seconds:.1f} s of training, checkpoint every step; each "
+          f"trial is killed once its metrics show a random number of steps (0 to {args.steps - 1}), after a uniform "
+          f"delay of up to {step_seconds:.2f} s (one step with its checkpoint)", flush=True)
 
     recovered = 0
     for index in range(args.trials):
         shutil.rmtree(work / f"trial-{index:02d}", ignore_errors=True)
-        ok, detail = trial(work, index, rng, args.steps, reference, train_seconds * 1.2)
+        ok, detail = trial(work, index, rng, args.steps, reference, step_seconds)
         recovered += ok
         print(f"trial {index + 1:2d}: {'recovered' if ok else 'LOST'}: {detail}", flush=True)
     summary = f"{args.trials} trials, {recovered} recovered, {args.trials - recovered} lost"

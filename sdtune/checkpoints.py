@@ -59,13 +59,19 @@ def remove_partial_checkpoints(output: str | Path) -> None:
 
 
 def resolve_resume(resume: str | None, output: str | Path) -> Path | None:
-    """The checkpoint folder to resume from: `latest` (None when the run has none yet) or a folder."""
+    """The checkpoint folder to resume from: `latest` (None when the run has none yet), a checkpoint
+    folder, or a run folder (its newest checkpoint)."""
     if not resume:
         return None
     if resume == "latest":
         found = list_checkpoints(output)
         return found[-1][1] if found else None
     folder = Path(resume)
+    if checkpoints_root(folder).is_dir() and not (folder / STATE_FILE).exists():
+        found = list_checkpoints(folder)
+        if not found:
+            raise SdtuneError(f"{checkpoints_root(folder)} holds no complete checkpoint")
+        return found[-1][1]
     read_state(folder)  # refuses anything but a complete checkpoint
     return folder
 

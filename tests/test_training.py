@@ -101,6 +101,11 @@ def test_resume_after_an_interruption_gives_the_same_adapter_bytes(uninterrupted
     assert (output / "adapter.safetensors").read_bytes() == (uninterrupted / "adapter.safetensors").read_bytes()
     assert len(records(output)) == 6
 
+    # a run folder means its newest checkpoint: the finished run has nothing left to train
+    run = train(config(output, resume=str(output), **RESUMABLE), progress=False)
+    assert run.resumed_from == output / "checkpoints" / "step-6" and run.losses == []
+    assert (output / "adapter.safetensors").read_bytes() == (uninterrupted / "adapter.safetensors").read_bytes()
+
 
 def test_resume_latest_without_checkpoints_starts_at_step_zero(tmp_path, tiny_path):
     with pytest.warns(UserWarning, match="no checkpoint"):
