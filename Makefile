@@ -10,6 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdtune-installed
 DEMO_STEPS ?= 200
 RUN ?= runs/castle-atoms
+DEMO_MODEL ?= tiny
 
 .PHONY: env demo test test-all bench clean
 
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sdtune train --model tiny --concept castle --method atoms --steps $(DEMO_STEPS) --output $(RUN)
+	$(VENV)/bin/sdtune train --model $(DEMO_MODEL) --concept castle --method atoms --steps $(DEMO_STEPS) --output $(RUN)
 	$(VENV)/bin/sdtune sample --adapter $(RUN) --prompts prompts/castle.txt --num-images 4 --steps 30
 	@echo "grid: $(RUN)/samples/grid.png"
 

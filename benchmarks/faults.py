@@ -1,11 +1,12 @@
 """Kill -9 fault injection: training runs killed at random moments must lose nothing.
 
-Each trial starts `sdtune train --model tiny` with `--checkpoint-every K` (K drawn from 1..5) as its
-own process and kills it with SIGKILL at a random moment of its training: once its metrics show a
-random number of finished steps, after a uniform delay of up to one step's time (checkpoint included). Then it checks the run
-folder: the adapter is absent (killed before the first save) or a complete adapter of a saved step,
-every `checkpoints/step-N` folder is complete, and `--resume latest` finishes with the same adapter
-bytes (raw and EMA) and the same per-step losses as one uninterrupted run.
+Each trial starts `sdtune train --model tiny-random` (the embedded tiny model, random weights) with
+`--checkpoint-every K` (K drawn from 1..5) as its own process and kills it with SIGKILL at a random
+moment of its training: once its metrics show a random number of finished steps, after a uniform
+delay of up to one step's time (checkpoint included). Then it checks the run folder: the adapter is
+absent (killed before the first save) or a complete adapter of a saved step, every
+`checkpoints/step-N` folder is complete, and `--resume latest` finishes with the same adapter bytes
+(raw and EMA) and the same per-step losses as one uninterrupted run.
 
     python benchmarks/faults.py --trials 20
 
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 # Settings whose state crosses steps, so an inexact resume would show in the bytes.
-TRAIN_ARGS = ["--model", "tiny", "--seed", "7", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--ema-decay", "0.9"]
+TRAIN_ARGS = ["--model", "tiny-random", "--seed", "7", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--ema-decay", "0.9"]
 ADAPTERS = ("adapter.safetensors", "adapter-ema.safetensors")
 
 

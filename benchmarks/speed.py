@@ -7,8 +7,8 @@
     python benchmarks/speed.py --sampling                       # also time inference: base, merged, unmerged
 
 The UNet is built from SD v1.4's config with random weights (no download). Each configuration runs
-in a fresh process, so its peak memory is its own: max RSS on CPU, torch.cuda.max_memory_allocated
-on GPU. One training step = forward, MSE loss, backward, AdamW step; the time is the median of
+in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
+process and the peak is torch.cuda.max_memory_allocated, reset before each row. One training step = forward, MSE loss, backward, AdamW step; the time is the median of
 `--steps` steps after `--warmup` steps. Rows:
 
 - floor: nothing trainable; backward still runs to the input (the least any method can cost)
@@ -38,10 +38,11 @@ DEFAULT_ROWS = "floor,atoms,atoms[tap],atoms[weight],atoms[autograd],atoms-refer
 def build(arch: str, device: str, dtype):
     import torch
 
-    from sdtune.models import build_sd14_unet, build_tiny_pipeline
+    from sdtune.models import build_sd14_unet, build_tiny_pipeline, quiet_libraries
 
+    quiet_libraries()
     torch.manual_seed(0)
-    unet = build_sd14_unet("cpu") if arch == "sd14" else build_tiny_pipeline().unet
+    unet = build_sd14_unet(device) if arch == "sd14" else build_tiny_pipeline().unet  # random init on the device
     return unet.to(device=device, dtype=dtype)
 
 
@@ -179,7 +180,28 @@ def measure_sampling(row: str, args) -> dict:
     return {"row": row, "base": base, "unmerged": unmerged, "merged": merged}
 
 
+def run_in_process(kind: str, row: str, args) -> dict:
+    """On a GPU the peak is reset per row, so rows share one process (no import per row)."""
+    import gc
+
+    import torch
+
+    measure = measure_training if kind == "train" else measure_sampling
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        return measure(row, args)
+    except Exception as error:  # noqa: BLE001 - one failed row (e.g. out of memory) must not end the table
+        return {"row": row, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def run_child(kind: str, row: str, args) -> dict:
+    if args.device.startswith("cuda"):
+        return run_in_process(kind, row, args)
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "row", "rows", "sampling", "markdown")
     ]
@@ -214,9 +236,11 @@ def main() -> None:
 
     import torch
 
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # every row gets the autotuned convolutions
     header = (
         f"{args.arch} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, "
-        f"{args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} steps after {args.warmup}"
     )
     print(header, flush=True)
@@ -234,6 +258,12 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as handle:
             handle.write("\n" + text + "\n")
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
 
 
 def training_table(results: list[dict]) -> list[str]:

@@ -1,13 +1,14 @@
 """sdtune: parameter-efficient fine-tuning of Stable Diffusion v1.x.
 
 Heavy libraries (torch, diffusers) are imported only when a function that needs them is called,
-so `import sdtune` and `sdtune --help` stay fast. The loop and the sampler live in `training`
-and `sampling` so that `sdtune.train` and `sdtune.sample` stay the functions below.
+so `import sdtune` and `sdtune --help` stay fast. The loop, the sampler, the metrics and the
+comparison live in `training`, `sampling`, `evaluation` and `comparison` so that `sdtune.train`,
+`sdtune.sample`, `sdtune.evaluate` and `sdtune.compare` stay the functions below.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "sample", "load_adapter", "__version__"]
+__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "__version__"]
 
 
 def train(config):
@@ -22,6 +23,20 @@ def sample(config):
     from .sampling import sample as _sample
 
     return _sample(config)
+
+
+def evaluate(config):
+    """Measure a run's images as `config` (a `sdtune.config.EvaluateConfig`) says; writes eval.json."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(config)
+
+
+def compare(runs, output, **options):
+    """Compare run folders into `output`: table (md, csv), plots, image grid; options: `CompareConfig`'s."""
+    from .comparison import compare as _compare
+
+    return _compare(runs, output, **options)
 
 
 def load_adapter(path, pipeline, merge: bool = True):

@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import SdtuneError
+from .errors import SdtuneError, TrainingFailed
 from .fileio import save_safetensors
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+MAX_HEADER_BYTES = 16 * 2**20  # an SD v1.4 `full` adapter's header is about 100 KB
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+ADAPTER_DTYPES = {"F32", "F16", "BF16"}  # trained tensors; anything else is not an sdtune adapter's
+REQUIRED_METADATA = ("method", "options", "base_model", "fingerprint", "structure", "weight_sample")
+KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token"}
 
 
 @dataclass
@@ -37,13 +49,100 @@ class AdapterInfo:
 
 
 def adapter_path(path: str | Path) -> Path:
-    """The adapter file for a file path or a run folder."""
+    """The adapter file for a file path or a run folder; pickle-based formats are refused."""
     path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise SdtuneError(
+            f"{path}: {path.suffix} files are pickles, which can run code when loaded; "
+            "sdtune reads adapters only as safetensors"
+        )
     if path.is_dir():
         path = path / ADAPTER_FILE
     if not path.is_file():
         raise SdtuneError(f"adapter not found: {path}")
     return path
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header declares it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+    """The metadata and tensor table of a safetensors file, checked against the file's size.
+
+    Nothing is allocated from what the header declares: the header's length must fit the file, every
+    tensor's byte range must lie in the body and match its shape and dtype, and the ranges must
+    tile the body exactly, so a file cannot declare more data than it holds.
+    """
+    path = Path(path)
+
+    def damaged(reason: str) -> SdtuneError:
+        return SdtuneError(f"{path}: not a valid safetensors file ({reason})")
+
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < 8:
+            raise damaged(f"{size} bytes, shorter than the 8-byte header length")
+        (header_length,) = struct.unpack("<Q", handle.read(8))
+        if header_length > min(size - 8, MAX_HEADER_BYTES):
+            raise damaged(f"header of {header_length} bytes declared in a file of {size} bytes")
+        raw = handle.read(header_length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise damaged("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise damaged("its metadata is not a table of strings")
+    body = size - 8 - header_length
+    entries, ranges = {}, []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise damaged(f"tensor {name!r} has no dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            raise damaged(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise damaged(f"tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+            raise damaged(f"tensor {name!r} has data_offsets {offsets!r}")
+        begin, end = offsets
+        needed = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
+        if end > body:
+            raise damaged(f"tensor {name!r} ends at byte {end:,} of a body of {body:,} bytes: the file is cut short")
+        if end - begin != needed:
+            raise damaged(f"tensor {name!r} declares shape {tuple(shape)} ({needed:,} bytes) but holds {end - begin:,} bytes")
+        entries[name] = TensorEntry(dtype, tuple(shape))
+        ranges.append((begin, end))
+    position = 0
+    for begin, end in sorted(ranges):
+        if begin != position:
+            raise damaged("tensor data overlaps or leaves gaps")
+        position = end
+    if position != body:
+        raise damaged(f"the header describes {position:,} bytes of data, the file holds {body:,}")
+    return metadata, entries
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def adapter_bytes(method) -> int:
+    """About the room an adapter of this injected method needs: its tensors, twice (an atomic
+    rewrite keeps the previous file until the new one is complete)."""
+    return 2 * sum(t.numel() * t.element_size() for t in method.state_dict().values())
+
+
+def first_non_finite(tensors: dict) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, if any."""
+    return next((key for key, tensor in tensors.items() if not bool(tensor.isfinite().all())), None)
 
 
 def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "", token: str = "", **extra: str) -> Path:
@@ -65,42 +164,90 @@ def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "
         **{k: str(v) for k, v in extra.items()},
     }
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    bad = first_non_finite(state)
+    if bad:
+        raise TrainingFailed(f"tensor {bad} holds NaN or infinite values; {path} not written")
     save_safetensors(state, path, metadata)  # atomic, and the same bytes for the same adapter
     return path
 
 
-def read_adapter(path: str | Path):
-    """(AdapterInfo, tensors) from an sdtune adapter file; refuses anything else."""
-    from safetensors import safe_open
+def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEntry]]:
+    """What an sdtune adapter file says about itself and its tensors, checked; no tensor is loaded."""
+    from . import methods
 
     path = adapter_path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:
-        raise SdtuneError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:120]})") from None
+    metadata, entries = read_safetensors_header(path)
     if metadata.get("format") != FORMAT:
         raise SdtuneError(f"{path}: not an sdtune adapter (no '{FORMAT}' metadata)")
-    known = {
-        "format", "sdtune_version", "method", "options", "base_model", "fingerprint", "structure",
-        "weight_sample", "placeholder", "token",
-    }
-    try:
-        info = AdapterInfo(
-            method=metadata["method"],
-            options=json.loads(metadata["options"]),
-            base_model=metadata["base_model"],
-            fingerprint=metadata["fingerprint"],
-            structure=metadata["structure"],
-            weight_sample=base64.b64decode(metadata["weight_sample"]),
-            placeholder=metadata.get("placeholder", ""),
-            token=metadata.get("token", ""),
-            extra={k: v for k, v in metadata.items() if k not in known},
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise SdtuneError(f"{path}: damaged sdtune adapter metadata (no {', '.join(missing)})")
+    if metadata["method"] not in methods.available():
+        raise SdtuneError(
+            f"{path}: made with method {metadata['method']!r}, which this sdtune does not have "
+            f"({', '.join(methods.available())})"
         )
-    except (KeyError, ValueError) as error:
-        raise SdtuneError(f"{path}: damaged sdtune adapter metadata ({error})") from None
-    return info, tensors
+    try:
+        options = json.loads(metadata["options"])
+        sample = base64.b64decode(metadata["weight_sample"], validate=True)
+    except ValueError as error:
+        raise SdtuneError(f"{path}: damaged sdtune adapter metadata ({str(error).splitlines()[0][:120]})") from None
+    if not isinstance(options, dict):
+        raise SdtuneError(f"{path}: damaged sdtune adapter metadata (options are not a JSON object)")
+    try:
+        methods.create(metadata["method"], **options)
+    except SdtuneError as error:
+        raise SdtuneError(f"{path}: unusable method options: {error}") from None
+    if len(sample) % 4:
+        raise SdtuneError(f"{path}: damaged sdtune adapter metadata (weight_sample is not float32 values)")
+    for name, entry in entries.items():
+        if entry.dtype not in ADAPTER_DTYPES:
+            raise SdtuneError(
+                f"{path}: tensor {name} is {entry.dtype}; adapters hold {', '.join(sorted(ADAPTER_DTYPES))} tensors"
+            )
+    info = AdapterInfo(
+        method=metadata["method"],
+        options=options,
+        base_model=metadata["base_model"],
+        fingerprint=metadata["fingerprint"],
+        structure=metadata["structure"],
+        weight_sample=sample,
+        placeholder=metadata.get("placeholder", ""),
+        token=metadata.get("token", ""),
+        extra={k: v for k, v in metadata.items() if k not in KNOWN_METADATA},
+    )
+    return info, entries
+
+
+def read_tensors(path: Path) -> dict:
+    """Every tensor of a safetensors file whose header `read_safetensors_header` has checked."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        raise SdtuneError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:120]})") from None
+
+
+def read_adapter(path: str | Path):
+    """(AdapterInfo, tensors) from an sdtune adapter file; refuses anything else."""
+    info, _ = read_adapter_info(path)
+    return info, read_tensors(adapter_path(path))
+
+
+def expected_shapes(method_name: str, options: dict[str, Any], unet) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor the method's state holds on `unet`, from an injection into a copy
+    of its architecture on the meta device: no memory is allocated, and `unet` is left untouched."""
+    import torch
+
+    from . import methods
+
+    with torch.device("meta"):
+        skeleton = type(unet).from_config(unet.config)
+    method = methods.create(method_name, **options)
+    method.inject(skeleton)
+    return {key: tuple(tensor.shape) for key, tensor in method.state_dict().items()}
 
 
 def load_adapter(path: str | Path, pipeline, merge: bool = True):
@@ -113,13 +260,19 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
     import torch
 
     from . import methods
-    from .methods.base import fingerprint_of, same_weights, structure_digest, weight_sample
+    from .methods.base import (
+        check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample,
+    )
 
-    info, tensors = read_adapter(path)
+    path = adapter_path(path)
+    info, entries = read_adapter_info(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
+    shapes = expected_shapes(info.method, info.options, unet)
+    found = {key: entry.shape for key, entry in entries.items()}
+    check_state_names(shapes, found, f"adapter {path}")  # first: other names mean another method's tensors
     targets = method.find_targets(unet)
-    trained_on = f"adapter {adapter_path(path)} was trained on base model {info.base_model!r}"
+    trained_on = f"adapter {path} was trained on base model {info.base_model!r}"
     structure = structure_digest(unet, targets)
     if structure != info.structure:
         raise SdtuneError(f"{trained_on}; the loaded model's layers have other names or shapes")
@@ -128,6 +281,11 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
         expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
         if not same_weights(expected, sample):
             raise SdtuneError(f"{trained_on}; the loaded model's weights differ")
+    check_state_shapes(shapes, found, f"adapter {path}")
+    tensors = read_tensors(path)
+    bad = first_non_finite(tensors)
+    if bad:
+        raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
     device = unet.device  # read once: diffusers walks every module to find it
     method.inject(unet)
     method.load_state_dict({k: v.to(device) for k, v in tensors.items()})

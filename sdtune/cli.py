@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from .config import SampleConfig, TrainConfig
+from .config import CompareConfig, EvaluateConfig, SampleConfig, TrainConfig
 from .errors import SdtuneError
 
 app = typer.Typer(
@@ -69,6 +69,10 @@ def handle_errors(command: Callable) -> Callable:
         except Exception as error:
             if os.environ.get("SDTUNE_DEBUG"):
                 raise
+            if isinstance(error, OSError) and error.strerror:  # disk full, read-only folder, ...
+                where = f"{error.filename}: " if error.filename else ""
+                typer.echo(f"error: {where}{error.strerror}", err=True)
+                raise typer.Exit(1) from None
             message = str(error).strip().splitlines()
             detail = f": {message[0][:300]}" if message else ""
             typer.echo(f"error: {type(error).__name__}{detail} (set SDTUNE_DEBUG=1 for the traceback)", err=True)
@@ -103,7 +107,7 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
 def train(
     concept: Optional[str] = typer.Option(None, help="Concept name; its placeholder is <NAME>." + _default(TrainConfig, "concept")),
     method: Optional[str] = typer.Option(None, help="Tuning method (see `sdtune methods`)." + _default(TrainConfig, "method")),
-    model: Optional[str] = typer.Option(None, help="'tiny', a hub id or a diffusers folder." + _default(TrainConfig, "model")),
+    model: Optional[str] = typer.Option(None, help="'tiny' (pretrained on digits), 'tiny-random', a hub id or a diffusers folder." + _default(TrainConfig, "model")),
     images: Optional[Path] = typer.Option(None, help="Folder of training images (default: concepts/NAME, else the built-in demo set)."),
     output: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<concept>-<method>)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps." + _default(TrainConfig, "steps")),
@@ -233,10 +237,87 @@ def explain(
     typer.echo(f"wrote {len(result.files)} pictures to {result.output}")
 
 
+@app.command()
+@handle_errors
+def evaluate(
+    run: Optional[Path] = typer.Option(None, help="Run folder (or adapter file) to sample from; eval.json goes there."),
+    images: Optional[Path] = typer.Option(None, help="Measure this folder of generated images instead of sampling (e.g. RUN/samples)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the run's training prompt); <name> reads as the plain name for CLIP-T."),
+    prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
+    reference: Optional[Path] = typer.Option(None, help="Reference images for CLIP-I, DINO, FID and KID (default: the run's training images)."),
+    output: Optional[Path] = typer.Option(None, help="Where to write the results (default: RUN/eval.json, else IMAGES/eval.json)."),
+    num_images: Optional[int] = typer.Option(None, help="Images per prompt when sampling." + _default(EvaluateConfig, "num_images")),
+    seed: Optional[int] = typer.Option(None, help="First seed when sampling; also seeds KID's subsets." + _default(EvaluateConfig, "seed")),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps when sampling." + _default(EvaluateConfig, "steps")),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale when sampling." + _default(EvaluateConfig, "guidance")),
+    resolution: Optional[int] = typer.Option(None, help="Image size when sampling (default: the model's native size)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP for CLIP-T and CLIP-I: a hub id or a folder." + _default(EvaluateConfig, "clip_model")),
+    dino_model: Optional[str] = typer.Option(None, help="ViT for DINO and diversity: a hub id or a folder." + _default(EvaluateConfig, "dino_model")),
+    fid_features: Optional[str] = typer.Option(None, help="FID/KID features: inception (needs torch-fidelity), clip, dino or none." + _default(EvaluateConfig, "fid_features")),
+) -> None:
+    """Measure a run's images: CLIP-T, CLIP-I, DINO, FID, KID and diversity; writes eval.json."""
+    from . import evaluate as run_evaluation
+
+    def text(path: Optional[Path]) -> Optional[str]:
+        return str(path) if path else None
+
+    evaluate_config = EvaluateConfig.load(
+        None,
+        run=text(run),
+        images=text(images),
+        prompts=text(prompts),
+        prompt=list(prompt),
+        reference=text(reference),
+        output=text(output),
+        num_images=num_images,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        resolution=resolution,
+        clip_model=clip_model,
+        dino_model=dino_model,
+        fid_features=fid_features,
+    )
+    result = run_evaluation(evaluate_config)
+    report = result.report
+    typer.echo(f"{report['generated_images']} generated images, {report['reference_images']} reference images")
+    typer.echo(result.table())
+    typer.echo(f"wrote {result.output}")
+
+
+@app.command()
+@handle_errors
+def compare(
+    runs: List[Path] = typer.Argument(..., help="Run folders to compare (each with its adapter, metrics.jsonl and, if measured, eval.json)."),
+    output: Path = typer.Option(..., help="Folder for comparison.md, comparison.csv, the plots and the image grid."),
+    prompts: Optional[Path] = typer.Option(None, help="Grid prompts (default: the first run's evaluation prompts, else its training prompt)."),
+    prompt: List[str] = typer.Option([], help="A grid prompt (repeatable)."),
+    seed: Optional[int] = typer.Option(None, help="The seed every run samples the grid with." + _default(CompareConfig, "seed")),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps for the grid." + _default(CompareConfig, "steps")),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale for the grid." + _default(CompareConfig, "guidance")),
+    grid: Optional[bool] = typer.Option(None, "--grid/--no-grid", help="Sample the side-by-side grid (rows = prompts, columns = runs) (default: yes)."),
+) -> None:
+    """Compare runs: a table (markdown and CSV), metric-vs-parameters and loss plots, an image grid."""
+    from . import compare as run_comparison
+
+    result = run_comparison(
+        [str(r) for r in runs],
+        str(output),
+        prompts=str(prompts) if prompts else None,
+        prompt=list(prompt),
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        grid=grid,
+    )
+    typer.echo(result.table)
+    typer.echo(f"wrote {len(result.files)} files to {result.output}")
+
+
 @app.command("methods")
 @handle_errors
 def list_methods(
-    model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', a hub id or a folder."),
+    model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', 'tiny-random', a hub id or a folder."),
 ) -> None:
     """List every method with its trainable parameter count and adapter size."""
     from . import methods

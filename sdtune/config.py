@@ -8,7 +8,11 @@ replayed with `sdtune train --config runs/NAME/config.toml`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from .models import DEFAULT_MODEL
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
 
 
 class _Config:
@@ -38,6 +43,11 @@ class _Config:
         config.validate()
         return config
 
+    def __post_init__(self) -> None:
+        # the Python API builds configs directly: types are checked here, for TOML and flags alike
+        for name, hint in typing.get_type_hints(type(self)).items():
+            setattr(self, name, checked_value(name, getattr(self, name), hint))
+
     def validate(self) -> None:
         pass
 
@@ -50,6 +60,34 @@ class _Config:
         return tomli_w.dumps(self.to_dict())
 
 
+def checked_value(name: str, value: Any, hint: Any) -> Any:
+    """`value` if it has the type `hint` allows (an int also passes as a float); else a one-line error."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        origin = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None:
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict) and isinstance(value, origin):
+            return value
+        if origin is str and isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if origin is list and isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return value
+    expected = " or ".join(_type_name(kind) for kind in allowed if kind is not type(None))
+    raise SdtuneError(f"setting {name} must be {expected}, got {value!r}")
+
+
+def _type_name(kind: Any) -> str:
+    origin = typing.get_origin(kind) or kind
+    names = {int: "a whole number", float: "a number", str: "text", bool: "true or false",
+             dict: "a table", list: "a list of text"}
+    return names.get(origin, getattr(origin, "__name__", str(origin)))
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -58,6 +96,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise SdtuneError(f"config file not found: {path}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SdtuneError(f"{path}: not valid TOML ({error})") from None
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise SdtuneError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 @dataclass
@@ -96,8 +139,9 @@ class TrainConfig(_Config):
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            raise SdtuneError(f"--lr must be positive, got {self.lr}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SdtuneError(f"--lr must be positive and finite, got {self.lr}")
+        check_seed(self.seed)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.save_every < 0:
@@ -161,5 +205,64 @@ class SampleConfig(_Config):
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not math.isfinite(self.guidance):
+            raise SdtuneError(f"--guidance must be a finite number, got {self.guidance}")
+        check_seed(self.seed)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+
+
+FID_FEATURES = ("inception", "clip", "dino", "none")
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+
+
+@dataclass
+class EvaluateConfig(_Config):
+    """Everything `sdtune evaluate` needs: what to measure, against what, with which models."""
+
+    run: str | None = None  # run folder or adapter file to sample from (and where eval.json goes)
+    images: str | None = None  # a folder of generated images instead of sampling (e.g. RUN/samples)
+    prompts: str | None = None  # prompt file; default: the run's training prompt
+    prompt: list[str] = field(default_factory=list)  # prompts given directly
+    reference: str | None = None  # reference images; default: the run's training images
+    output: str | None = None  # default: RUN/eval.json, else IMAGES/eval.json
+    num_images: int = 4  # images per prompt when sampling
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    resolution: int | None = None
+    clip_model: str = DEFAULT_CLIP_MODEL  # CLIP-T, CLIP-I (and FID features with fid_features="clip")
+    dino_model: str = DEFAULT_DINO_MODEL  # DINO, diversity (and FID features with fid_features="dino")
+    fid_features: str = "inception"  # feature model of FID and KID: inception, clip, dino or none
+
+    def validate(self) -> None:
+        if not self.run and not self.images:
+            raise SdtuneError("give a run to sample from (--run RUN) or a folder of generated images (--images DIR)")
+        for name in ("num_images", "steps"):
+            if getattr(self, name) < 1:
+                raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.fid_features not in FID_FEATURES:
+            raise SdtuneError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}")
+
+
+@dataclass
+class CompareConfig(_Config):
+    """Everything `sdtune compare` needs: the runs, where to write, and how to draw the image grid."""
+
+    runs: list[str] = field(default_factory=list)
+    output: str = "comparison"
+    prompts: str | None = None  # grid prompts; default: the first run's evaluation prompts, else its training prompt
+    prompt: list[str] = field(default_factory=list)
+    seed: int = 0  # the one seed every run samples the grid with
+    steps: int = 30
+    guidance: float = 7.5
+    grid: bool = True  # sample the side-by-side grid (the only part that runs the models)
+
+    def validate(self) -> None:
+        if not self.runs:
+            raise SdtuneError("give at least one run folder to compare")
+        if self.steps < 1:
+            raise SdtuneError(f"--steps must be at least 1, got {self.steps}")

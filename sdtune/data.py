@@ -27,7 +27,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise SdtuneError(f"prompt file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
     except UnicodeDecodeError as error:
         raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
     prompts = [line.strip() for line in text.splitlines()]
@@ -35,6 +35,24 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not prompts:
         raise SdtuneError(f"prompt file {path} has no prompts")
     return prompts
+
+
+def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
+    """Warn about every prompt longer than the text encoder reads (77 tokens for CLIP, with start and end)."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit - 1 : -1])
+            warnings.warn(
+                f"prompt {_shorten(prompt)!r} is {len(ids)} tokens, over the text encoder's {limit}: "
+                f"truncated, {_shorten(dropped)!r} is not read",
+                stacklevel=2,
+            )
+
+
+def _shorten(text: str, length: int = 40) -> str:
+    return text if len(text) <= length else text[: length - 1] + "…"
 
 
 def fill_placeholders(prompt: str, token: str | None) -> str:
@@ -79,7 +97,7 @@ def to_rgb(image):
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)
         low, high = array.min(), array.max()
         scale = 255.0 / (high - low) if high > low else 0.0
         image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
@@ -95,7 +113,11 @@ def load_image(path: Path, resolution: int):
     """Open, convert, resize the shorter side to `resolution` and center-crop to a square."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with warnings.catch_warnings():
+        # PIL only warns between its limit and twice it, and would still decode the whole image
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
         image.draft("RGB", (resolution, resolution))  # JPEGs decode at reduced size when large
         image = to_rgb(image)
     width, height = image.size
@@ -116,7 +138,10 @@ def load_images(paths: list[Path], resolution: int) -> list:
     for path in paths:
         try:
             loaded.append(load_image(path, resolution))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            skipped.append(path)
+            warnings.warn(f"skipping {path}: over PIL's decompression-bomb limit ({str(error).split(',')[0]})", stacklevel=2)
+        except (UnidentifiedImageError, OSError, ValueError) as error:
             skipped.append(path)
             warnings.warn(f"skipping {path}: not a readable image ({str(error).splitlines()[0][:100]})", stacklevel=2)
     if not loaded:

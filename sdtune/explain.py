@@ -100,12 +100,12 @@ def explain(
     """Write the explanation pictures of a run's adapter to `output` (default RUN/explain)."""
     import torch
 
-    from .adapter import adapter_path, load_adapter, read_adapter
+    from .adapter import adapter_path, load_adapter, read_adapter_info
     from .fileio import atomic_write
     from .models import load_pipeline
 
     path = adapter_path(run)
-    info = read_adapter(path)[0]
+    info = read_adapter_info(path)[0]
     if steps < 1:
         raise SdtuneError(f"--steps must be at least 1, got {steps}")
     if step is not None and step < 0:

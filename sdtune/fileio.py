@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import SdtuneError
 
 
 @contextlib.contextmanager
@@ -21,10 +24,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except OSError as error:
+            if error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(path)) from error  # name the file, not its temporary
         with contextlib.suppress(OSError):
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -39,6 +47,24 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def ensure_writable_folder(folder: str | os.PathLike, needed_bytes: int = 0) -> Path:
+    """Create `folder` if needed and check, before any work starts, that a file can be written in it
+    and that `needed_bytes` are free there."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as error:
+        raise SdtuneError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
+    if free < needed_bytes:
+        raise SdtuneError(
+            f"output folder {folder} has {free / 2**20:.1f} MB free; this run needs about {needed_bytes / 2**20:.1f} MB"
+        )
+    return folder
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

@@ -1,8 +1,12 @@
-"""Load Stable Diffusion pipelines (hub id, local folder or the embedded tiny model).
+"""Load Stable Diffusion pipelines (hub id, local folder or one of the two embedded tiny models).
 
-Every model goes through `StableDiffusionPipeline.from_pretrained`, the tiny one included: it is
-built once, deterministically and offline, saved in diffusers layout to the cache folder, and then
-loaded from there like any other folder.
+Every model goes through `StableDiffusionPipeline.from_pretrained`, the tiny ones included:
+
+- `tiny`: the tiny architecture pretrained on handwritten digits (prompts "This is a picture of the
+  handwritten digit seven."), shipped as package data in `sdtune/resources/tiny-digits/` and made by
+  `scripts/pretrain_tiny.py`;
+- `tiny-random`: the same architecture with random weights, built once, deterministically and
+  offline, saved in diffusers layout to the cache folder, and then loaded from there.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from .errors import SdtuneError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TINY = "tiny"
+TINY_RANDOM = "tiny-random"
+TINY_DIGITS_FOLDER = "tiny-digits"
 # Bump when the tiny model's construction changes, so stale caches are not reused.
 TINY_VERSION = 1
 TINY_SEED = 0
+PICKLE_WEIGHTS = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 
 
 def quiet_libraries() -> None:
@@ -179,8 +186,19 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     )
 
 
-def tiny_model_path() -> Path:
-    """The tiny model's folder in diffusers layout, built on first use."""
+def tiny_pretrained_path() -> Path:
+    """The pretrained tiny model's folder (package data); a one-line error where it is not installed."""
+    target = Path(str(resources.files("sdtune.resources").joinpath(TINY_DIGITS_FOLDER)))
+    if not (target / "model_index.json").exists():
+        raise SdtuneError(
+            f"--model {TINY}: the pretrained tiny weights are not installed ({target}); "
+            f"make them with scripts/pretrain_tiny.py, or use --model {TINY_RANDOM}"
+        )
+    return target
+
+
+def tiny_random_path() -> Path:
+    """The random tiny model's folder in diffusers layout, built on first use."""
     target = cache_dir() / "models" / f"tiny-v{TINY_VERSION}"
     if (target / "model_index.json").exists():
         return target
@@ -206,12 +224,14 @@ def tiny_model_path() -> Path:
 def resolve_model(model: str) -> str:
     """The path or hub id that `from_pretrained` should read for `model`."""
     if model == TINY:
-        return str(tiny_model_path())
+        return str(tiny_pretrained_path())
+    if model == TINY_RANDOM:
+        return str(tiny_random_path())
     return model
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
-    """Load a Stable Diffusion pipeline from "tiny", a hub id or a local diffusers folder.
+    """Load a Stable Diffusion pipeline from "tiny", "tiny-random", a hub id or a local diffusers folder.
 
     A hub id is read from the local Hugging Face cache first and downloaded only where that fails
     and the network is allowed. The safety checker and its feature extractor are not loaded.
@@ -230,6 +250,14 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
         if missing:
             raise SdtuneError(f"--model {model}: the folder lacks component(s) {', '.join(missing)}")
+        for component in ("unet", "vae", "text_encoder"):
+            files = [p for p in (path / component).iterdir() if p.is_file()]
+            pickled = [p.name for p in files if p.suffix in PICKLE_WEIGHTS]
+            if pickled and not any(p.suffix == ".safetensors" for p in files):
+                raise SdtuneError(
+                    f"--model {model}: {component}/ holds only pickled weights ({pickled[0]}), which can run "
+                    "code when loaded; sdtune reads safetensors only"
+                )
     elif source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise SdtuneError(f"--model {model}: no such folder, and not a hub id; use --model tiny or a local folder")
 
@@ -238,9 +266,10 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         feature_extractor=None,
         requires_safety_checker=False,
         dtype=dtype or torch.float32,
+        use_safetensors=True,  # pickled weights (.bin, .ckpt) can run code when loaded: never read them
     )
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # failures become one SdtuneError line
     try:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)

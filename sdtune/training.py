@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import ADAPTER_FILE, save_adapter
+from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
-from .fileio import OutputLock, write_text_atomic
+from .fileio import OutputLock, ensure_writable_folder, write_text_atomic
 
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
@@ -65,14 +64,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     resume = config.resume
     config = config.resolved(method.default_lr)
     image_paths = concept_images(config.concept, config.images)
-    output = Path(config.output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise SdtuneError(f"cannot write to output folder {output}: {error.strerror}") from None
+    output = ensure_writable_folder(config.output)
 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -117,7 +109,7 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
 
     from . import __version__
     from .checkpoints import list_checkpoints, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
-    from .data import ConceptDataset, load_images
+    from .data import ConceptDataset, load_images, warn_truncated_prompts
     from .models import load_pipeline
 
     if accelerator.is_main_process:
@@ -142,6 +134,11 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     parameters = method.inject(unet)
+    # room for the adapter(s) and, with checkpoints, the newest ones plus one being written
+    # (the trained weights, AdamW's two moments, the EMA)
+    copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
+    trained_bytes = sum(p.numel() * 4 for p in parameters)
+    ensure_writable_folder(output, needed_bytes=adapter_bytes(method) * (1 + bool(config.ema_decay)) + copies * trained_bytes)
     for parameter in parameters:
         parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
     if config.gradient_checkpointing:
@@ -167,6 +164,7 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
     text_encoder.to(device)
     unet.train()
 
+    warn_truncated_prompts(tokenizer, [config.prompt])
     with torch.no_grad():
         ids = tokenizer(
             config.prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"

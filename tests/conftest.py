@@ -25,9 +25,9 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_path(private_cache):
-    from sdtune.models import tiny_model_path
+    from sdtune.models import tiny_random_path
 
-    return tiny_model_path()
+    return tiny_random_path()
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def tiny_pipe(tiny_path):
     """A fresh tiny pipeline (loaded from the cached folder, so tests may change it freely)."""
     from sdtune.models import load_pipeline
 
-    return load_pipeline("tiny")
+    return load_pipeline("tiny-random")
 
 
 @pytest.fixture

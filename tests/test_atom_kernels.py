@@ -52,14 +52,29 @@ def test_every_mode_gives_the_same_float32_result(mode):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_no_grad_and_autocast_use_the_formed_weight():
+def test_no_grad_uses_the_formed_weight():
     conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
     x, mixing = torch.randn(1, 4, 6, 6), 0.1 * torch.randn(9, 9)
     with torch.no_grad():
         torch.testing.assert_close(tap_mixed_conv2d(x, conv, mixing), literal(x, conv, mixing))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = tap_mixed_conv2d(x, conv, mixing.requires_grad_())
-    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["tap", "weight"])
+def test_fast_kernels_under_autocast_match_the_autocast_convolution(mode):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    results = {}
+    for name in (mode, "autograd"):
+        mixing = (0.1 * torch.randn(9, 9, generator=torch.Generator().manual_seed(3))).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tap_mixed_conv2d(x, conv, mixing, mode=name)
+        grads = torch.autograd.grad(out.float().square().mean(), (x, mixing))
+        results[name] = (out, *grads)
+    out, grad_x, grad_mixing = results[mode]
+    assert out.dtype == torch.bfloat16 and grad_mixing.dtype == torch.float32
+    for fast, plain in zip(results[mode], results["autograd"]):
+        torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.05 * plain.abs().max().item())
 
 
 @pytest.mark.parametrize("options", [{}, {"m": 4}, {"init": "sparse", "m": 4}])
@@ -71,7 +86,7 @@ def test_filter_atoms_unet_gradients_agree_across_kernels(options, tiny_path, un
     inputs = [t.double() if t.is_floating_point() else t for t in unet_inputs]
     results = []
     for kernel in ("autograd", "tap", "weight"):
-        unet = load_pipeline("tiny").unet.double()
+        unet = load_pipeline("tiny-random").unet.double()
         method = methods.create("atoms", kernel=kernel, **options)
         params = method.inject(unet)
         with torch.no_grad():

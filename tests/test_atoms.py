@@ -244,7 +244,7 @@ def test_adapter_atoms_define_the_update(tiny_pipe, unet_inputs):
     state = method.state_dict()
 
     other = methods.create("atoms", init="sparse", m=4)
-    fresh = load_pipeline("tiny")
+    fresh = load_pipeline("tiny-random")
     other.inject(fresh.unet)
     for layer in other.layers.values():
         layer.set_atoms(torch.randn(layer.atoms.shape, generator=generator(9)))
@@ -257,15 +257,15 @@ def test_adapter_atoms_define_the_update(tiny_pipe, unet_inputs):
 def test_decomposition_is_cached_per_base_model(init, function, tiny_path, monkeypatch):
     from sdtune.models import load_pipeline
 
-    methods.create("atoms", init=init).inject(load_pipeline("tiny").unet)
+    methods.create("atoms", init=init).inject(load_pipeline("tiny-random").unet)
 
     def fail(*args, **kwargs):
         raise AssertionError("decomposition recomputed")
 
     monkeypatch.setattr(A, function, fail)
-    methods.create("atoms", init=init).inject(load_pipeline("tiny").unet)  # from the cache
+    methods.create("atoms", init=init).inject(load_pipeline("tiny-random").unet)  # from the cache
     with pytest.raises(AssertionError, match="recomputed"):  # other atoms: not the same entry
-        methods.create("atoms", init=init, kc=2).inject(load_pipeline("tiny").unet)
+        methods.create("atoms", init=init, kc=2).inject(load_pipeline("tiny-random").unet)
     with pytest.raises(AssertionError, match="recomputed"):  # other weights: not the same entry
         from sdtune.models import build_tiny_pipeline
 
@@ -310,7 +310,7 @@ def test_cli_flags_reach_the_method(tiny_path, tmp_path, monkeypatch):
     monkeypatch.setattr(A, "sparse_atoms", lambda rows, m, seed=0: sparse_calls.append(m) or A.svd_atoms(rows, m))
 
     result = CliRunner().invoke(app, [
-        "train", "--model", "tiny", "--method", "atoms", "--steps", "1", "--output", str(tmp_path / "run"),
+        "train", "--model", "tiny-random", "--method", "atoms", "--steps", "1", "--output", str(tmp_path / "run"),
         "--atoms-m1", "2", "--atoms-kc", "2", "--atoms-init", "sparse", "--atoms-linear",
     ])
     assert result.exit_code == 0, result.output
@@ -319,5 +319,5 @@ def test_cli_flags_reach_the_method(tiny_path, tmp_path, monkeypatch):
     assert {k: info.options[k] for k in ("m1", "kc", "init", "linear")} == {"m1": 2, "kc": 2, "init": "sparse", "linear": True}
     assert any(k.endswith(".delta_coeff_bases") for k in tensors) and any(k.endswith("to_q.delta_atoms") for k in tensors)
 
-    bad = CliRunner().invoke(app, ["train", "--model", "tiny", "--atoms-init", "pca", "--output", str(tmp_path / "bad")])
+    bad = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--atoms-init", "pca", "--output", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--atoms-init 'pca' is not available" in bad.output

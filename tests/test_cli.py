@@ -32,7 +32,7 @@ def assert_one_line_error(result, code: int, pattern: str):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, private_cache):
     output = tmp_path_factory.mktemp("run") / "castle-atoms"
-    result = invoke("train", "--model", "tiny", "--steps", 3, "--output", output, "--seed", 1)
+    result = invoke("train", "--model", "tiny-random", "--steps", 3, "--output", output, "--seed", 1)
     assert result.exit_code == 0, result.output
     return output
 
@@ -51,7 +51,7 @@ def test_train_writes_adapter_config_and_metrics(trained_run):
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
     with safe_open(str(trained_run / "adapter.safetensors"), framework="pt") as handle:
         meta = handle.metadata()
-    assert meta["method"] == "atoms" and meta["base_model"] == "tiny" and meta["token"] == "sks castle"
+    assert meta["method"] == "atoms" and meta["base_model"] == "tiny-random" and meta["token"] == "sks castle"
     assert meta["placeholder"] == "<castle>" and len(meta["fingerprint"]) == 16 and len(meta["structure"]) == 16
 
 
@@ -77,7 +77,7 @@ def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
 
 
 def test_sample_base_model_without_adapter(tmp_path, private_cache):
-    result = invoke("sample", "--model", "tiny", "--prompt", "a <castle>", "--num-images", 1, "--steps", 1, "--output", tmp_path)
+    result = invoke("sample", "--model", "tiny-random", "--prompt", "a <castle>", "--num-images", 1, "--steps", 1, "--output", tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").exists()
 
@@ -91,14 +91,14 @@ def test_methods_table_counts_sd14():
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        (("train", "--method", "nope", "--model", "tiny"), "unknown method 'nope'"),
-        (("train", "--model", "tiny", "--images", "/no/such/dir"), "image folder not found"),
-        (("train", "--model", "tiny", "--steps", 0), "--steps must be at least 1"),
-        (("train", "--model", "tiny", "--lr", -1), "--lr must be positive"),
+        (("train", "--method", "nope", "--model", "tiny-random"), "unknown method 'nope'"),
+        (("train", "--model", "tiny-random", "--images", "/no/such/dir"), "image folder not found"),
+        (("train", "--model", "tiny-random", "--steps", 0), "--steps must be at least 1"),
+        (("train", "--model", "tiny-random", "--lr", -1), "--lr must be positive"),
         (("train", "--model", "/no/such/model"), "use --model tiny"),
         (("train", "--method", "atoms", "--option", "rank=4"), "has no option(s) rank"),
         (("sample", "--adapter", "/no/adapter.safetensors", "--prompt", "x"), "adapter not found"),
-        (("sample", "--model", "tiny"), "give a prompt file"),
+        (("sample", "--model", "tiny-random"), "give a prompt file"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, pattern):
@@ -107,7 +107,7 @@ def test_bad_input_is_one_line_exit_2(args, pattern):
 
 def test_empty_image_folder_and_prompt_file(tmp_path, trained_run):
     (tmp_path / "empty").mkdir()
-    assert_one_line_error(invoke("train", "--model", "tiny", "--images", tmp_path / "empty"), 2, "has no images")
+    assert_one_line_error(invoke("train", "--model", "tiny-random", "--images", tmp_path / "empty"), 2, "has no images")
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
     assert_one_line_error(invoke("sample", "--adapter", trained_run, "--prompts", tmp_path / "empty.txt"), 2, "has no prompts")
 
@@ -124,14 +124,14 @@ def test_adapter_for_another_base_model_is_refused(trained_run, tmp_path):
     other = tmp_path / "other-model"
     build_tiny_pipeline(seed=5).save_pretrained(other)
     result = invoke("sample", "--adapter", trained_run, "--model", other, "--prompt", "x", "--steps", 1)
-    assert_one_line_error(result, 2, "was trained on base model 'tiny'")
+    assert_one_line_error(result, 2, "was trained on base model 'tiny-random'")
 
 
 def test_non_finite_loss_stops_with_exit_1_and_keeps_last_adapter(tmp_path):
     from safetensors import safe_open
 
     output = tmp_path / "nan"
-    result = invoke("train", "--model", "tiny", "--steps", 6, "--lr", "1e30", "--save-every", 1, "--output", output)
+    result = invoke("train", "--model", "tiny-random", "--steps", 6, "--lr", "1e30", "--save-every", 1, "--output", output)
     assert_one_line_error(result, 1, "loss is")
     step = int(result.stderr.split("at step ")[1].split(";")[0])
     assert step > 1

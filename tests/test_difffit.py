@@ -165,7 +165,7 @@ def test_adapter_from_another_architecture_is_refused(tiny_pipe):
     fresh = methods.create("difffit")
     from sdtune.models import load_pipeline
 
-    fresh.inject(load_pipeline("tiny").unet)
+    fresh.inject(load_pipeline("tiny-random").unet)
     with pytest.raises(SdtuneError, match="conv_in.bias has shape"):
         fresh.load_state_dict(state)
     del state["conv_in.bias"]

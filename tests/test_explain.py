@@ -21,13 +21,13 @@ def make_run(tmp_path, name, options, scale=0.05):
     from sdtune.models import load_pipeline
 
     method = methods.create(name, **options)
-    method.inject(load_pipeline("tiny").unet)
+    method.inject(load_pipeline("tiny-random").unet)
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for parameter in method.trainable_parameters():
             parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
     run = tmp_path / f"run-{name}"
-    save_adapter(run / "adapter.safetensors", method, "tiny", placeholder="<castle>", token="sks castle")
+    save_adapter(run / "adapter.safetensors", method, "tiny-random", placeholder="<castle>", token="sks castle")
     return run, method
 
 
@@ -84,7 +84,7 @@ def test_maps_use_the_conditional_half_at_the_chosen_step(tmp_path):
     from sdtune.models import load_pipeline
 
     run, _ = make_run(tmp_path, "gift", {"clusters": 4})
-    pipe = load_pipeline("tiny")
+    pipe = load_pipeline("tiny-random")
     method = load_adapter(run, pipe, merge=False)
     # 32 wide, 8x8 tokens; the second block, so the text (through the first block's cross-attention)
     # already makes the two halves differ
@@ -123,7 +123,7 @@ def test_atoms_explain_draws_tiles_and_norms(tmp_path):
     assert norms_png.size[1] == HEADER + layers * (12 + GRID_PAD) + GRID_PAD  # one bar per changed conv
 
     # the norms are ‖W_merged - W_base‖ per conv, for exactly the tuned convs
-    base = load_pipeline("tiny").unet
+    base = load_pipeline("tiny-random").unet
     method.merge()
     norms = update_norms(dict(base.named_parameters()), method.unet)
     assert set(norms) == set(method.target_names)

@@ -165,7 +165,7 @@ def test_cli_flags_reach_the_method(tmp_path, tiny_path):
     wrong = runner.invoke(app, ["train", "--method", "atoms", "--gift-rank", "4", "--output", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "--gift-rank applies to --method gift, not atoms" in wrong.output
 
-    args = ["train", "--model", "tiny", "--method", "gift", "--steps", "1", "--output", str(tmp_path / "run")]
+    args = ["train", "--model", "tiny-random", "--method", "gift", "--steps", "1", "--output", str(tmp_path / "run")]
     args += ["--gift-generator", "paca", "--gift-rank", "4", "--gift-clusters", "5", "--gift-blocks", "2"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -19,7 +19,7 @@ LOW_RANK = ("lora", "loha", "lokr")
 def base_unet(tiny_path):
     from sdtune.models import load_pipeline
 
-    return load_pipeline("tiny").unet
+    return load_pipeline("tiny-random").unet
 
 
 @pytest.fixture
@@ -208,7 +208,7 @@ def test_cli_flags_reach_the_right_methods_only(args, message, tmp_path):
 
     from sdtune.cli import app
 
-    result = CliRunner().invoke(app, ["train", "--model", "tiny", "--output", str(tmp_path / "run"), *args])
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--output", str(tmp_path / "run"), *args])
     assert result.exit_code == 2
     assert message in result.output
 
@@ -228,6 +228,6 @@ def test_cli_flags_set_the_options(monkeypatch, tmp_path):
 
     monkeypatch.setattr(sdtune, "train", fake_train)
     args = ["--rank", "2", "--alpha", "1", "--targets", "conv", "--factor", "8", "--decompose-both", "--tucker"]
-    result = CliRunner().invoke(app, ["train", "--method", "lokr", "--model", "tiny", "--output", str(tmp_path), *args])
+    result = CliRunner().invoke(app, ["train", "--method", "lokr", "--model", "tiny-random", "--output", str(tmp_path), *args])
     assert "stop before training" in result.output
     assert seen == {"rank": 2, "alpha": 1.0, "targets": "conv", "factor": 8, "decompose_both": True, "tucker": True}

@@ -220,16 +220,16 @@ def test_save_load_and_merge_reproduce_outputs(name, options, lr, tiny_pipe, une
     method.inject(tiny_pipe.unet)
     perturb(method)
     tuned = run_unet(tiny_pipe.unet, unet_inputs)
-    base = run_unet(load_pipeline("tiny").unet, unet_inputs)
+    base = run_unet(load_pipeline("tiny-random").unet, unet_inputs)
     assert (tuned - base).abs().max() > 1e-4, "the perturbed update should change the outputs"
 
-    path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny", placeholder="<castle>", token="sks castle")
-    unmerged = load_adapter(path, load_pipeline("tiny"), merge=False)
-    fresh = load_pipeline("tiny")
+    path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random", placeholder="<castle>", token="sks castle")
+    unmerged = load_adapter(path, load_pipeline("tiny-random"), merge=False)
+    fresh = load_pipeline("tiny-random")
     load_adapter(path, fresh, merge=False)
     torch.testing.assert_close(run_unet(fresh.unet, unet_inputs), tuned, rtol=0, atol=1e-5)
 
-    merged_pipe = load_pipeline("tiny")
+    merged_pipe = load_pipeline("tiny-random")
     load_adapter(path, merged_pipe, merge=True)
     torch.testing.assert_close(run_unet(merged_pipe.unet, unet_inputs), tuned, rtol=0, atol=1e-5)
     assert unmerged.num_parameters() == method.num_parameters()
@@ -246,7 +246,7 @@ def test_parameter_count_matches_formula(name, options, lr, tiny_pipe):
 
     method = methods.create(name, **options)
     method.inject(tiny_pipe.unet)
-    assert method.num_parameters() == expected_count(name, options, load_pipeline("tiny").unet)
+    assert method.num_parameters() == expected_count(name, options, load_pipeline("tiny-random").unet)
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
@@ -255,9 +255,9 @@ def test_adapter_refuses_another_base_model(name, options, lr, tiny_pipe, tmp_pa
 
     method = methods.create(name, **options)
     method.inject(tiny_pipe.unet)
-    path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny")
+    path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random")
     other = build_tiny_pipeline(seed=99)  # same shapes, other weights
-    with pytest.raises(SdtuneError, match="was trained on base model 'tiny'"):
+    with pytest.raises(SdtuneError, match="was trained on base model 'tiny-random'"):
         load_adapter(path, other)
 
 
@@ -305,7 +305,7 @@ def test_adapter_loads_into_the_same_base_in_another_precision(dtype, tiny_pipe,
     method = methods.create("atoms")
     method.inject(tiny_pipe.unet)
     perturb(method)
-    path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny")
-    low_precision = load_pipeline("tiny", dtype=dtype)
+    path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random")
+    low_precision = load_pipeline("tiny-random", dtype=dtype)
     load_adapter(path, low_precision)  # merged into the fp16/bf16 weights
     assert low_precision.unet.conv_in.weight.dtype == dtype

@@ -10,7 +10,7 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.methods.base import named_convs
-from sdtune.models import build_sd14_unet, build_tiny_pipeline, load_pipeline, sd14_unet_config
+from sdtune.models import build_sd14_unet, build_tiny_pipeline, load_pipeline, sd14_unet_config, tiny_unet_config
 
 
 def test_tiny_model_is_deterministic():
@@ -56,6 +56,57 @@ def test_missing_component_is_named(tiny_path, tmp_path):
     shutil.rmtree(folder / "vae")
     with pytest.raises(SdtuneError, match="lacks component.*vae"):
         load_pipeline(str(folder))
+
+
+def test_tiny_without_installed_weights_points_to_tiny_random(monkeypatch):
+    import sdtune.models as models
+
+    monkeypatch.setattr(models, "TINY_DIGITS_FOLDER", "no-such-folder")
+    with pytest.raises(SdtuneError, match="pretrained tiny weights are not installed.*--model tiny-random"):
+        load_pipeline("tiny")
+
+
+def test_tiny_and_tiny_random_are_different_base_models(tiny_pipe, tmp_path, monkeypatch):
+    import sdtune.models as models
+    from sdtune import methods
+    from sdtune.adapter import load_adapter, save_adapter
+
+    stand_in = tmp_path / "tiny-digits"  # the pretrained folder's stand-in: same architecture, other weights
+    build_tiny_pipeline(seed=5).save_pretrained(stand_in)
+    monkeypatch.setattr(models, "tiny_pretrained_path", lambda: stand_in)
+    pretrained = load_pipeline("tiny")
+    assert pretrained.sdtune_model_id == "tiny"
+    assert not torch.equal(pretrained.unet.conv_in.weight, tiny_pipe.unet.conv_in.weight)
+
+    method = methods.create("lora")
+    method.inject(tiny_pipe.unet)
+    adapter = save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random")
+    with pytest.raises(SdtuneError, match="was trained on base model 'tiny-random'"):
+        load_adapter(adapter, pretrained)
+    load_adapter(adapter, load_pipeline("tiny-random"))
+
+
+def _shipped_tiny_exists() -> bool:
+    from importlib import resources
+
+    from sdtune.models import TINY_DIGITS_FOLDER
+
+    return resources.files("sdtune.resources").joinpath(TINY_DIGITS_FOLDER, "model_index.json").is_file()
+
+
+@pytest.mark.skipif(not _shipped_tiny_exists(), reason="the pretrained tiny weights are not installed")
+def test_shipped_tiny_is_the_tiny_architecture_with_other_weights():
+    shipped, random = load_pipeline("tiny"), build_tiny_pipeline()
+    for key, value in tiny_unet_config().items():
+        assert (list(shipped.unet.config[key]) if isinstance(value, list) else shipped.unet.config[key]) == value, key
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(shipped, name).state_dict(), getattr(random, name).state_dict()
+        assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}, name
+    assert shipped.tokenizer.get_vocab() == random.tokenizer.get_vocab()
+    # trained: the UNet and VAE moved away from the random initialisation, the latent scale was measured
+    assert not torch.allclose(shipped.unet.conv_in.weight, random.unet.conv_in.weight)
+    assert not torch.allclose(shipped.vae.encoder.conv_in.weight, random.vae.encoder.conv_in.weight)
+    assert shipped.vae.config.scaling_factor != random.vae.config.scaling_factor
 
 
 @pytest.mark.parametrize("model", ["/no/such/folder", "someone/not-cached-model"])

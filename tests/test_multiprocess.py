@@ -24,7 +24,7 @@ def free_port() -> int:
 
 def two_processes(*train_args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "-m", "sdtune", "train", "--model", "tiny", *train_args]
+               "-m", "sdtune", "train", "--model", "tiny-random", *train_args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
 

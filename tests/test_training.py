@@ -17,7 +17,7 @@ from sdtune.training import changed_settings, metrics_until, train
 
 
 def config(output, **settings) -> TrainConfig:
-    return TrainConfig(model="tiny", output=str(output), **{"steps": 2, "seed": 3, **settings})
+    return TrainConfig(model="tiny-random", output=str(output), **{"steps": 2, "seed": 3, **settings})
 
 
 def records(output) -> list[dict]:
@@ -160,7 +160,7 @@ def test_ema_adapter_is_the_moving_average_and_loads(tmp_path, tiny_path):
     assert any(not torch.equal(ema[k], second[k]) for k in second)
     info, _ = read_adapter(two / "adapter-ema.safetensors")
     assert info.extra["ema_decay"] == "0.9" and info.extra["step"] == "2"
-    load_adapter(two / "adapter-ema.safetensors", load_pipeline("tiny"))
+    load_adapter(two / "adapter-ema.safetensors", load_pipeline("tiny-random"))
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tmp_path, tiny_path, monkeypatch):

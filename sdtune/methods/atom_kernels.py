@@ -28,7 +28,7 @@ from torch import nn
 # Batch x output positions up to which the tap side is faster than the weight side (CPU, fp32):
 # at 8x8 and 16x16 feature maps the tap side takes 0.35-0.45x the weight side's time, at 32x32
 # they are even, at 64x64 the weight side wins.
-TAP_SIDE_MAX_POSITIONS = 1024
+TAP_SIDE_MAX_POSITIONS = {"cpu": 1024}
 
 
 def _mixed_weight(weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,7 @@ class TapMixedConv(torch.autograd.Function):
         out_height = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         ctx.save_for_backward(x, weight, mix)
         ctx.geometry = (stride, padding, dilation, (kh, kw))
+        ctx.mixing_dtype = mixing.dtype
         return out.view(batch, out_channels, out_height, positions // out_height)
 
     @staticmethod
@@ -75,7 +76,7 @@ class TapMixedConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_unfolded = torch.matmul(mix.T, grad_mixed).view(batch, channels * taps, positions)
             grad_x = F.fold(grad_unfolded, (height, width), kernel, dilation=dilation, padding=padding, stride=stride)
-        return grad_x, None, grad_mixing, None, None, None, None
+        return grad_x, None, grad_mixing.to(ctx.mixing_dtype), None, None, None, None
 
 
 class FormedWeightConv(torch.autograd.Function):
@@ -105,15 +106,28 @@ class FormedWeightConv(torch.autograd.Function):
 def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """conv(x) with `conv.weight` replaced by W_r·(I + mixing), exactly, by the fastest route.
 
-    `mode`: "auto" (by output positions), "tap", "weight", or "autograd" (plain autograd on the
-    formed weight: the reference the others are tested against). Under autocast, or when no
-    gradient is needed, the formed weight is used directly.
+    `mode`: "auto" (by output positions and device), "tap", "weight", or "autograd" (plain autograd
+    on the formed weight: the reference the others are tested against). When no gradient is
+    needed, the formed weight is used directly. Under autocast the fast kernels run in the
+    autocast dtype, as the library convolution would; the mixing matrix and its gradient stay fp32.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and mode != "autograd":
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _fast_or_plain(x.to(dtype), conv, mixing, mode, dtype)
+    return _fast_or_plain(x, conv, mixing, mode, None)
+
+
+def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str, dtype) -> torch.Tensor:
+    weight, bias = conv.weight, conv.bias
+    if dtype is not None:
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     plain = (
         mode == "autograd"
         or not torch.is_grad_enabled()
-        or torch.is_autocast_enabled(x.device.type)
-        or x.dtype != conv.weight.dtype
+        or x.dtype != weight.dtype
         or conv.groups != 1
         or conv.weight.requires_grad
         or conv.padding_mode != "zeros"
@@ -124,6 +138,7 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
     if mode == "auto":
         out_h = (x.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
         out_w = (x.shape[3] + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
-        mode = "tap" if x.shape[0] * out_h * out_w <= TAP_SIDE_MAX_POSITIONS else "weight"
+        limit = TAP_SIDE_MAX_POSITIONS.get(x.device.type, TAP_SIDE_MAX_POSITIONS["cpu"])
+        mode = "tap" if x.shape[0] * out_h * out_w <= limit else "weight"
     function = TapMixedConv if mode == "tap" else FormedWeightConv
-    return function.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+    return function.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)

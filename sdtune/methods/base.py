@@ -74,18 +74,8 @@ class Method(ABC):
         the method's own (detached views do). Keys and shapes are all checked before any copy.
         """
         own = self.state_dict()
-        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or extra:
-            raise SdtuneError(
-                f"adapter does not fit this model: {len(missing)} tensor(s) missing"
-                f"{' (' + missing[0] + ', …)' if missing else ''}, {len(extra)} unexpected"
-                f"{' (' + extra[0] + ', …)' if extra else ''}"
-            )
-        for key, tensor in own.items():
-            if state[key].shape != tensor.shape:
-                raise SdtuneError(
-                    f"adapter tensor {key} has shape {tuple(state[key].shape)}, the model needs {tuple(tensor.shape)}"
-                )
+        check_state_names(own, state)
+        check_state_shapes({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()})
         with torch.no_grad():
             for key, tensor in own.items():
                 tensor.copy_(state[key])
@@ -133,6 +123,24 @@ class Method(ABC):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers the methods share
+
+
+def check_state_names(own: dict, found: dict, what: str = "adapter") -> None:
+    """Refuse a state whose tensor names are not exactly the method's own."""
+    missing, extra = sorted(set(own) - set(found)), sorted(set(found) - set(own))
+    if missing or extra:
+        raise SdtuneError(
+            f"{what} does not fit this model: {len(missing)} tensor(s) missing"
+            f"{' (' + missing[0] + ', …)' if missing else ''}, {len(extra)} unexpected"
+            f"{' (' + extra[0] + ', …)' if extra else ''}"
+        )
+
+
+def check_state_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str = "adapter") -> None:
+    """Refuse a state with a tensor whose shape is not the method's own (names checked first)."""
+    for key, shape in own.items():
+        if found[key] != shape:
+            raise SdtuneError(f"{what} tensor {key} has shape {found[key]}, the model needs {shape}")
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

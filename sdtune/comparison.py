@@ -1,0 +1,338 @@
+"""Compare runs: one table (markdown and CSV), metric-vs-parameters and loss plots, and an image grid.
+
+Each run folder gives its method and options and trainable-parameter count (the adapter's metadata),
+the adapter's size on disk, the training speed and loss curve (metrics.jsonl) and, where `sdtune
+evaluate` measured it, every metric of eval.json. The grid samples every run with the same prompts
+and the same seed: rows = prompts, columns = runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import CompareConfig
+from .errors import SdtuneError
+from .evaluation import METRICS, format_metric, read_evaluation
+
+TABLE_FILE = "comparison.md"
+CSV_FILE = "comparison.csv"
+LOSS_PLOT = "loss.png"
+GRID_FILE = "grid.png"
+BASE_COLUMNS = (
+    "run", "method", "variant", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+)
+
+
+@dataclass
+class RunSummary:
+    """What one run folder says about itself."""
+
+    name: str
+    path: Path
+    method: str
+    variant: str
+    num_parameters: int
+    adapter_bytes: int
+    seconds_per_step: float | None = None
+    peak_memory_mb: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    eval_prompts: list[str] = field(default_factory=list)
+    placeholder: str = ""
+
+    def row(self) -> dict[str, Any]:
+        """The CSV row: numbers as they are, blanks where nothing was logged or measured."""
+        values: dict[str, Any] = {
+            "run": self.name,
+            "method": self.method,
+            "variant": self.variant,
+            "trainable_parameters": self.num_parameters,
+            "adapter_bytes": self.adapter_bytes,
+            "train_seconds_per_step": self.seconds_per_step,
+            "peak_memory_mb": self.peak_memory_mb,
+        }
+        values.update({name: self.metrics.get(name) for name in METRICS})
+        return {key: "" if value is None else value for key, value in values.items()}
+
+
+@dataclass
+class Comparison:
+    output: Path
+    runs: list[RunSummary]
+    files: list[Path]
+    table: str
+
+
+def variant_of(method: str, options: dict[str, Any]) -> str:
+    """The options that differ from the method's defaults, e.g. 'rank=8, targets=attn', or 'defaults'."""
+    from . import methods
+
+    try:
+        defaults = methods.create(method).options_dict()
+    except SdtuneError:
+        defaults = {}
+    changed = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
+    return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line cut short by a kill is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def summarize_run(path: str | Path) -> RunSummary:
+    from .adapter import ADAPTER_FILE, read_adapter_info
+
+    path = Path(path)
+    if not (path / ADAPTER_FILE).is_file():
+        raise SdtuneError(f"{path}: not a run folder (no {ADAPTER_FILE})")
+    info = read_adapter_info(path)[0]
+    records = read_metrics_log(path / "metrics.jsonl")
+    seconds = [r["step_seconds"] for r in records if isinstance(r.get("step_seconds"), (int, float))]
+    memory = [r["peak_memory_mb"] for r in records if isinstance(r.get("peak_memory_mb"), (int, float))]
+    memory += [r["peak_memory_bytes"] / 2**20 for r in records if isinstance(r.get("peak_memory_bytes"), (int, float))]
+    losses = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and "loss" in r]
+    report = read_evaluation(path) or {}
+    return RunSummary(
+        name=path.name,
+        path=path,
+        method=info.method,
+        variant=variant_of(info.method, info.options),
+        num_parameters=int(info.extra.get("num_parameters", 0)),
+        adapter_bytes=(path / ADAPTER_FILE).stat().st_size,
+        seconds_per_step=statistics.median(seconds) if seconds else None,  # the median skips the first step's warm-up
+        peak_memory_mb=max(memory) if memory else None,
+        losses=losses,
+        metrics={k: float(v) for k, v in report.get("metrics", {}).items() if k in METRICS},
+        unavailable=dict(report.get("unavailable", {})),
+        eval_prompts=list(report.get("prompts", [])),
+        placeholder=info.placeholder,
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
+    header = ["run", "method", "variant", "trainable", "adapter", "s/step", "peak MB"]
+    header += [METRICS[name][0] for name in metric_names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    for run in runs:
+        cells = [
+            run.name,
+            run.method,
+            run.variant,
+            f"{run.num_parameters:,}",
+            human_bytes(run.adapter_bytes),
+            f"{run.seconds_per_step:.3f}" if run.seconds_per_step is not None else "",
+            f"{run.peak_memory_mb:,.0f}" if run.peak_memory_mb is not None else "",
+        ]
+        cells += [format_metric(name, run.metrics[name]) if name in run.metrics else "" for name in metric_names]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, no display)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _method_colors(runs: list[RunSummary]) -> dict[str, Any]:
+    plt = _pyplot()
+    palette = plt.get_cmap("tab10")
+    methods = sorted({run.method for run in runs})
+    return {method: palette(i % 10) for i, method in enumerate(methods)}
+
+
+def _save(figure, path: Path) -> Path:
+    from .fileio import atomic_write
+
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+    return path
+
+
+def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
+    """The metric against trainable parameters (log axis), one labelled point per run, coloured by method."""
+    plt = _pyplot()
+    colors = _method_colors(runs)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    shown = set()
+    for run in runs:
+        if metric not in run.metrics or run.num_parameters <= 0:
+            continue
+        label = run.method if run.method not in shown else None
+        shown.add(run.method)
+        axes.scatter(run.num_parameters, run.metrics[metric], color=colors[run.method], label=label, s=40, zorder=3)
+        axes.annotate(run.name, (run.num_parameters, run.metrics[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    title = METRICS[metric][0]
+    axes.set_xscale("log")
+    axes.set_xlabel("trainable parameters")
+    axes.set_ylabel(title)
+    axes.set_title(f"{title} vs trainable parameters")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_losses(runs: list[RunSummary], path: Path) -> Path:
+    """Every run's training loss per step: the raw values faint, a moving average on top."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4))
+    palette = plt.get_cmap("tab10")
+    for i, run in enumerate(runs):
+        if not run.losses:
+            continue
+        steps = [s for s, _ in run.losses]
+        values = [v for _, v in run.losses]
+        color = palette(i % 10)
+        window = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, k - window + 1) : k + 1]) / len(values[max(0, k - window + 1) : k + 1]) for k in range(len(values))]
+        axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        axes.plot(steps, smooth, color=color, linewidth=1.6, label=f"{run.name} ({run.method})")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("training loss")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def sample_grid(runs: list[RunSummary], prompts: list[str], config: CompareConfig, output: Path, progress: bool) -> Path:
+    """Sample every run on the same prompts with the same seed; rows = prompts, columns = runs."""
+    from PIL import Image
+
+    from .config import SampleConfig
+    from .fileio import atomic_write
+    from .sampling import make_grid, sample
+
+    columns = []
+    for run in runs:
+        result = sample(
+            SampleConfig(
+                adapter=str(run.path),
+                prompt=prompts,
+                output=str(output / "samples" / run.name),
+                num_images=1,
+                steps=config.steps,
+                guidance=config.guidance,
+                seed=config.seed,
+            ),
+            progress=progress,
+        )
+        columns.append([Image.open(path).convert("RGB") for path in result.images])
+    rows = [[column[r] for column in columns] for r in range(len(prompts))]
+    labels = [f"{run.name} ({run.method}, {run.num_parameters:,})" for run in runs]
+    path = output / GRID_FILE
+    with atomic_write(path) as tmp:
+        make_grid(rows, prompts, column_labels=labels).save(tmp, format="PNG")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+
+
+def _unique_names(runs: list[RunSummary]) -> None:
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+    for run in runs:
+        if seen[run.name] > 1:
+            run.name = f"{run.path.parent.name}-{run.name}" if run.path.parent.name else str(run.path)
+    counts: dict[str, int] = {}
+    for run in runs:  # still the same (the same folder given twice): number them
+        counts[run.name] = counts.get(run.name, 0) + 1
+        if counts[run.name] > 1:
+            run.name = f"{run.name}-{counts[run.name]}"
+
+
+def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list[str]:
+    from .data import read_prompt_file
+    from .evaluation import run_prompt
+
+    prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+    if prompts:
+        return prompts
+    first = runs[0]
+    return first.eval_prompts or [run_prompt(first.path, first.placeholder or "<concept>")]
+
+
+def compare(runs: list[str], output: str, progress: bool = True, **options: Any) -> Comparison:
+    """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png."""
+    from .fileio import write_text_atomic
+
+    config = CompareConfig.load(None, runs=[str(r) for r in runs], output=str(output), **options)
+    summaries = [summarize_run(path) for path in config.runs]
+    _unique_names(summaries)
+    out = Path(config.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SdtuneError(f"cannot write to output folder {out}: {error.strerror}") from None
+
+    files: list[Path] = []
+    metric_names = [name for name in METRICS if any(name in run.metrics for run in summaries)]
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(BASE_COLUMNS) + list(METRICS), lineterminator="\n")
+    writer.writeheader()
+    for run in summaries:
+        writer.writerow(run.row())
+    write_text_atomic(out / CSV_FILE, buffer.getvalue())
+    files.append(out / CSV_FILE)
+
+    plots = [plot_metric(summaries, name, out / f"{name}-vs-parameters.png") for name in metric_names if name != "kid_std"]
+    if any(run.losses for run in summaries):
+        plots.append(plot_losses(summaries, out / LOSS_PLOT))
+    grid = sample_grid(summaries, grid_prompts(config, summaries), config, out, progress) if config.grid else None
+
+    table = markdown_table(summaries, metric_names)
+    lines = ["# Comparison", "", table, ""]
+    lines.append(
+        "- Trainable: parameters the optimiser updates. Adapter: the adapter file's size. s/step: median training "
+        "step time from metrics.jsonl. Peak MB: peak memory, where the run logged it."
+    )
+    lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
+    notes = [f"- {run.name}: {METRICS[m][0]} unavailable ({why})" for run in summaries for m, why in run.unavailable.items() if m in METRICS]
+    missing = [f"- {run.name}: not evaluated (no eval.json; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
+    if notes or missing:
+        lines += ["", "## Missing metrics", "", *missing, *notes]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{plot.stem}]({plot.name})" for plot in plots]
+    if grid is not None:
+        lines += ["", f"## Samples (seed {config.seed}; rows = prompts, columns = runs)", "", f"![grid]({grid.name})"]
+    write_text_atomic(out / TABLE_FILE, "\n".join(lines) + "\n")
+    files += [out / TABLE_FILE, *plots] + ([grid] if grid else [])
+    return Comparison(output=out, runs=summaries, files=files, table=table)

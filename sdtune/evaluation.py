@@ -1,0 +1,518 @@
+"""Measure generated images: text alignment, fidelity to the reference images, distance, diversity.
+
+- CLIP-T: torchmetrics' CLIPScore between each image and its prompt (100 × cosine, floored at 0).
+- CLIP-I and DINO: mean cosine similarity over every (generated, reference) pair of image embeddings.
+- FID and KID: torchmetrics' FrechetInceptionDistance / KernelInceptionDistance between the generated
+  and the reference images, on Inception features (torch-fidelity) or on the CLIP or DINO embeddings.
+- diversity: 1 − mean cosine similarity over the pairs of generated images' DINO embeddings.
+
+Every model is named by an option and loaded from a folder or the local Hugging Face cache (downloaded
+only where the hub is online). A metric whose model cannot be had is reported unavailable with a
+one-line reason, and the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import EvaluateConfig
+from .errors import SdtuneError
+
+EVAL_FILE = "eval.json"
+FORMAT = "sdtune-eval/1"
+SAMPLES_FOLDER = "eval-samples"
+BATCH = 32
+KID_MAX_SUBSET = 1000
+INCEPTION_FEATURES = 2048
+
+# name -> (title, what it says); the order of every table
+METRICS: dict[str, tuple[str, str]] = {
+    "clip_t": ("CLIP-T", "text alignment: CLIP score of image and prompt (higher is better)"),
+    "clip_i": ("CLIP-I", "fidelity: CLIP image similarity to the reference images (higher is better)"),
+    "dino": ("DINO", "fidelity: DINO image similarity to the reference images (higher is better)"),
+    "fid": ("FID", "Fréchet distance to the reference images' features (lower is better)"),
+    "kid": ("KID", "kernel distance to the reference images' features (lower is better)"),
+    "kid_std": ("KID std", "KID's standard deviation over subsets"),
+    "diversity": ("diversity", "1 − mean DINO similarity among the generated images (higher is more varied)"),
+}
+SAMPLE_NAME = re.compile(r"^(\d+)-seed-?\d+$")
+
+
+class MetricUnavailable(Exception):
+    """A metric cannot be computed here; the message says why in one line."""
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured; `report` is what eval.json holds."""
+
+    output: Path
+    metrics: dict[str, float]
+    unavailable: dict[str, str]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The metrics as aligned text: name, value (or why it is unavailable), meaning."""
+        rows = []
+        for name, (title, meaning) in METRICS.items():
+            if name in self.metrics:
+                rows.append((title, format_metric(name, self.metrics[name]), meaning))
+            elif name in self.unavailable:
+                rows.append((title, "unavailable", self.unavailable[name]))
+        width = [max(len(row[i]) for row in rows) for i in range(2)]
+        return "\n".join(f"{a.ljust(width[0])}  {b.rjust(width[1])}  {c}" for a, b, c in rows)
+
+
+def format_metric(name: str, value: float) -> str:
+    if name == "clip_t" or name == "fid":
+        return f"{value:.2f}"
+    if name in ("kid", "kid_std"):
+        return f"{value:.5f}"
+    return f"{value:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+def from_pretrained(flag: str, name: str, load: Callable[..., Any]):
+    """`load(source, local_files_only=...)` for a folder or a hub id, or MetricUnavailable saying why not."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MetricUnavailable(f"{flag} {name}: not a model folder (no config.json)")
+        try:
+            return load(str(path), local_files_only=True)
+        except Exception as error:
+            raise MetricUnavailable(f"{flag} {name}: could not load the folder ({_first_line(error)})") from None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise MetricUnavailable(f"{flag} {name}: no such folder, and not a hub id")
+    try:
+        return load(name, local_files_only=True)
+    except Exception:
+        if hub_offline():
+            raise MetricUnavailable(f"{flag} {name}: not in the local Hugging Face cache and the hub is offline") from None
+    try:
+        return load(name)
+    except Exception as error:
+        raise MetricUnavailable(
+            f"{flag} {name}: not in the local Hugging Face cache and could not be downloaded ({_first_line(error)})"
+        ) from None
+
+
+def _tensor_of(output):
+    """The embedding tensor: transformers 5 returns a model output whose pooler_output holds it."""
+    return output if not hasattr(output, "pooler_output") else output.pooler_output
+
+
+def _pooled_clip_class():
+    from torch import nn
+
+    class PooledCLIP(nn.Module):
+        """A CLIPModel whose get_image_features / get_text_features return tensors, as CLIPScore expects."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.config = model.config
+
+        def get_image_features(self, *args, **kwargs):
+            return _tensor_of(self.model.get_image_features(*args, **kwargs))
+
+        def get_text_features(self, *args, **kwargs):
+            return _tensor_of(self.model.get_text_features(*args, **kwargs))
+
+    return PooledCLIP
+
+
+def load_clip(name: str):
+    """(CLIPModel in eval mode, CLIPProcessor) from a folder or the hub."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = from_pretrained("--clip-model", name, CLIPModel.from_pretrained)
+    processor = from_pretrained("--clip-model", name, CLIPProcessor.from_pretrained)
+    return model.eval(), processor
+
+
+def load_dino(name: str):
+    """(a ViT such as DINO ViT-S/16 through AutoModel, in eval mode, its image processor)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = from_pretrained("--dino-model", name, AutoModel.from_pretrained)
+    processor = from_pretrained("--dino-model", name, AutoImageProcessor.from_pretrained)
+    return model.eval(), processor
+
+
+def image_features_class():
+    import torch
+    from torch import nn
+
+    class ImageFeatures(nn.Module):
+        """uint8 images (N, 3, H, W) → one embedding each, through a Hugging Face model and its processor.
+
+        Also what FID and KID take as their feature extractor (`num_features` tells them the width).
+        """
+
+        def __init__(self, model, processor, embed: Callable, num_features: int):
+            super().__init__()
+            self.model = model
+            self.processor = processor
+            self.embed = embed
+            self.num_features = num_features
+
+        @torch.no_grad()
+        def forward(self, images):
+            arrays = [image.permute(1, 2, 0).cpu().numpy() for image in images]
+            pixels = self.processor(images=arrays, return_tensors="pt")["pixel_values"]
+            device = next(self.model.parameters()).device
+            return self.embed(self.model, pixels.to(device)).float().cpu()  # metric states live on the CPU
+
+    return ImageFeatures
+
+
+def clip_features(model, processor):
+    """CLIP's projected image embedding (what CLIP-I compares)."""
+    return image_features_class()(
+        model, processor, lambda m, pixels: _tensor_of(m.get_image_features(pixel_values=pixels)), model.config.projection_dim
+    )
+
+
+def dino_features(model, processor):
+    """The ViT's class token after the last layer norm (DINO's image embedding)."""
+    return image_features_class()(
+        model, processor, lambda m, pixels: m(pixel_values=pixels).last_hidden_state[:, 0], model.config.hidden_size
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on uint8 image tensors (3, H, W)
+
+
+def _batches(images: list, size: int = BATCH):
+    """Stacked batches of images of the same size, in order within each size."""
+    import torch
+
+    by_size: dict[tuple, list] = {}
+    for image in images:
+        by_size.setdefault(tuple(image.shape), []).append(image)
+    for group in by_size.values():
+        for start in range(0, len(group), size):
+            yield torch.stack(group[start : start + size])
+
+
+def embed(features, images: list):
+    """Unit-length embeddings (N, D) of `images` through an ImageFeatures module."""
+    import torch
+
+    vectors = torch.cat([features(batch) for batch in _batches(images)]) if images else torch.zeros(0)
+    return torch.nn.functional.normalize(vectors.double(), dim=-1)
+
+
+def mean_cross_similarity(a, b) -> float:
+    """Mean cosine similarity over every pair (row of a, row of b) of unit vectors."""
+    return (a @ b.T).mean().item()
+
+
+def mean_pairwise_similarity(a) -> float:
+    """Mean cosine similarity over the distinct pairs of rows of a (unit vectors)."""
+    n = a.shape[0]
+    if n < 2:
+        raise MetricUnavailable("needs at least 2 generated images")
+    similarities = a @ a.T
+    return ((similarities.sum() - similarities.diagonal().sum()) / (n * (n - 1))).item()
+
+
+def clip_score(model, processor, images: list, texts: list[str]) -> float:
+    """torchmetrics' CLIPScore averaged over (image, text) pairs, with an already loaded CLIP."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    metric = CLIPScore(model_name_or_path=lambda: (_pooled_clip_class()(model), processor))
+    metric.to(images[0].device if images else "cpu")  # its running sum lives where the scores are computed
+    for start in range(0, len(images), BATCH):
+        metric.update(images[start : start + BATCH], texts[start : start + BATCH])
+    return metric.compute().item()
+
+
+def distribution_distances(feature, generated: list, reference: list, seed: int = 0) -> dict[str, float]:
+    """FID, KID and KID's std between the two sets; `feature` is 2048 (Inception) or an nn.Module.
+
+    KID's subsets are as large as the smaller set allows (at most 1000), so small sets work.
+    """
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(generated) < 2 or len(reference) < 2:
+        raise MetricUnavailable("needs at least 2 generated and 2 reference images")
+    subset_size = min(len(generated), len(reference), KID_MAX_SUBSET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KID's note that it keeps every feature in memory
+        try:
+            fid = FrechetInceptionDistance(feature=feature)
+            kid = KernelInceptionDistance(feature=feature, subset_size=subset_size)
+        except ModuleNotFoundError:
+            raise MetricUnavailable("Inception features need torch-fidelity (pip install torch-fidelity)") from None
+        except Exception as error:
+            raise MetricUnavailable(f"the Inception weights could not be loaded ({_first_line(error)})") from None
+    for real, images in ((True, reference), (False, generated)):
+        for batch in _batches(images):
+            fid.update(batch, real=real)
+            kid.update(batch, real=real)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # KID draws its subsets from the global generator
+    try:
+        kid_mean, kid_std = kid.compute()
+    finally:
+        torch.random.set_rng_state(state)
+    return {"fid": fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Images and prompts
+
+
+def _to_tensor(image):
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def read_images(paths: list[Path], resolution: int | None = None) -> list:
+    """uint8 tensors (3, H, W): as they are, or resized and center-cropped to `resolution`."""
+    from PIL import Image
+
+    from .data import load_images, to_rgb
+
+    if resolution:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # small reference images are upscaled: expected here
+            return [_to_tensor(image) for image in load_images(paths, resolution)]
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(_to_tensor(to_rgb(image)))
+    return images
+
+
+def image_folder(path: str | Path) -> list[Path]:
+    """The images of a folder, or of its images/ subfolder (what `sdtune sample` writes)."""
+    from .data import list_images
+
+    path = Path(path)
+    if (path / "images").is_dir():
+        path = path / "images"
+    return list_images(path)
+
+
+def pair_prompts(files: list[Path], prompts: list[str]) -> list[str]:
+    """The prompt of each image: the only one, or by the NNN index of `sdtune sample`'s NNN-seedS names."""
+    if not prompts:
+        raise MetricUnavailable("no prompts (give --prompts FILE or --prompt TEXT)")
+    if len(prompts) == 1:
+        return [prompts[0]] * len(files)
+    paired = []
+    for path in files:
+        match = SAMPLE_NAME.match(path.stem)
+        if not match or int(match.group(1)) >= len(prompts):
+            raise MetricUnavailable(
+                f"cannot tell {path.name}'s prompt among {len(prompts)} (sdtune sample names images NNN-seedS)"
+            )
+        paired.append(prompts[int(match.group(1))])
+    return paired
+
+
+def run_prompt(run: Path, placeholder: str) -> str:
+    """The run's training prompt with the placeholder, e.g. 'photo of a <castle>.'."""
+    from .config import read_toml
+
+    template = "photo of a {token}."
+    if (run / "config.toml").is_file():
+        template = read_toml(run / "config.toml").get("template", template)
+    return template.format(token=placeholder)
+
+
+def run_reference(run: Path) -> list[Path]:
+    """The images the run was trained on."""
+    from .config import read_toml
+    from .data import concept_images
+
+    if not (run / "config.toml").is_file():
+        raise MetricUnavailable(f"no reference images: {run} has no config.toml (give --reference DIR)")
+    settings = read_toml(run / "config.toml")
+    try:
+        return concept_images(settings.get("concept", ""), settings.get("images"))
+    except SdtuneError as error:
+        raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
+    """Sample with the run's adapter (or read --images), measure every metric, write eval.json."""
+    import torch
+
+    from .adapter import adapter_path, read_adapter_info
+    from .config import SampleConfig
+    from .data import fill_placeholders, read_prompt_file
+    from .fileio import write_text_atomic
+    from .models import quiet_libraries
+
+    config.validate()
+    quiet_libraries()
+    info = read_adapter_info(config.run)[0] if config.run else None
+    run = adapter_path(config.run).parent if config.run else None
+    prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+    if not prompts and info is not None:
+        prompts = [run_prompt(run, info.placeholder or "<concept>")]
+    files = image_folder(config.images) if config.images else []
+    if config.output:
+        output = Path(config.output)
+    else:
+        output = (run if run else Path(config.images)) / EVAL_FILE
+    if not output.parent.is_dir():
+        raise SdtuneError(f"output folder not found: {output.parent}")
+
+    # The generated images: the folder's, or sampled now with the run's adapter.
+    if not config.images:
+        from .sampling import sample
+
+        result = sample(
+            SampleConfig(
+                adapter=config.run,
+                prompt=prompts,
+                output=str(run / SAMPLES_FOLDER),
+                num_images=config.num_images,
+                steps=config.steps,
+                guidance=config.guidance,
+                seed=config.seed,
+                resolution=config.resolution,
+            ),
+            progress=progress,
+        )
+        files = result.images
+    generated = read_images(files)
+
+    # The reference images, at the generated images' size so that both sets are treated alike.
+    metrics: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
+    reference_files: list[Path] = []
+    try:
+        if config.reference:
+            from .data import list_images
+
+            reference_files = list_images(config.reference)
+        elif run is not None:
+            reference_files = run_reference(run)
+        else:
+            raise MetricUnavailable("no reference images (give --reference DIR)")
+    except MetricUnavailable as error:
+        for name in ("clip_i", "dino", "fid", "kid", "kid_std"):
+            unavailable[name] = str(error)
+    reference = read_images(reference_files, resolution=generated[0].shape[-1]) if reference_files else []
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def measure(names: tuple[str, ...], compute: Callable[[], dict[str, float]]) -> None:
+        names = tuple(n for n in names if n not in unavailable)
+        if not names:
+            return
+        try:
+            values = compute()
+        except MetricUnavailable as error:
+            unavailable.update({name: str(error) for name in names})
+        else:
+            metrics.update({name: value for name, value in values.items() if name in names})
+
+    models: dict[str, Any] = {}
+
+    def model(kind: str):
+        if kind not in models:
+            try:
+                loaded, processor = load_clip(config.clip_model) if kind == "clip" else load_dino(config.dino_model)
+                models[kind] = (loaded.to(device), processor)
+            except MetricUnavailable as error:
+                models[kind] = error
+        if isinstance(models[kind], MetricUnavailable):
+            raise models[kind]
+        return models[kind]
+
+    def embeddings(kind: str) -> tuple:
+        key = f"{kind}-embeddings"
+        if key not in models:
+            extractor = (clip_features if kind == "clip" else dino_features)(*model(kind))
+            models[key] = (embed(extractor, generated), embed(extractor, reference))
+        return models[key]
+
+    texts = [fill_placeholders(p, None) for p in prompts]  # CLIP reads <castle> as the plain class word
+
+    def clip_t() -> dict[str, float]:
+        paired = pair_prompts(files, texts) if config.images else [t for t in texts for _ in range(config.num_images)]
+        return {"clip_t": clip_score(*model("clip"), [g.to(device) for g in generated], paired)}
+
+    measure(("clip_t",), clip_t)
+    measure(("clip_i",), lambda: {"clip_i": mean_cross_similarity(*embeddings("clip"))})
+    measure(("dino",), lambda: {"dino": mean_cross_similarity(*embeddings("dino"))})
+    measure(("diversity",), lambda: {"diversity": 1.0 - mean_pairwise_similarity(embeddings("dino")[0])})
+
+    def distances() -> dict[str, float]:
+        if config.fid_features == "none":
+            raise MetricUnavailable("--fid-features none")
+        if config.fid_features == "inception":
+            feature = INCEPTION_FEATURES
+        else:
+            feature = (clip_features if config.fid_features == "clip" else dino_features)(*model(config.fid_features))
+        return distribution_distances(feature, generated, reference, seed=config.seed)
+
+    measure(("fid", "kid", "kid_std"), distances)
+
+    report: dict[str, Any] = {
+        "format": FORMAT,
+        "run": str(run) if run else None,
+        "images": str(Path(files[0]).parent),
+        "reference": str(reference_files[0].parent) if reference_files else None,
+        "prompts": prompts,
+        "generated_images": len(generated),
+        "reference_images": len(reference),
+        "seed": config.seed,
+        "models": {"clip": config.clip_model, "dino": config.dino_model, "fid_features": config.fid_features},
+        "metrics": {name: metrics[name] for name in METRICS if name in metrics},
+        "unavailable": {name: unavailable[name] for name in METRICS if name in unavailable},
+    }
+    if not config.images:
+        report.update(num_images=config.num_images, steps=config.steps, guidance=config.guidance)
+    if info is not None:
+        report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)))
+    write_text_atomic(output, json.dumps(report, indent=2) + "\n")
+    return Evaluation(output=output, metrics=report["metrics"], unavailable=report["unavailable"], report=report)
+
+
+def read_evaluation(run: str | Path) -> dict[str, Any] | None:
+    """A run's eval.json, or None when it has none."""
+    path = Path(run) / EVAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SdtuneError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise SdtuneError(f"{path}: not an sdtune evaluation (no '{FORMAT}' format)")
+    return report

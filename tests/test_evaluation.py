@@ -1,0 +1,326 @@
+"""Metrics against a direct computation on tiny random CLIP and DINO models; comparison files of two runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import sdtune
+from sdtune.cli import app
+from sdtune.config import EvaluateConfig, TrainConfig
+from sdtune.evaluation import MetricUnavailable, evaluate, pair_prompts
+from sdtune.sampling import grid_size
+
+runner = CliRunner()
+IMAGE_SIZE = 48
+PROMPT = "photo of a <castle>."
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    """A tiny random CLIP (with the tiny BPE tokenizer) and a tiny ViT, saved as model folders."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    from sdtune.models import _tiny_tokenizer_files
+
+    root = tmp_path_factory.mktemp("metric-models")
+    vocab, merges = _tiny_tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+    text = dict(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / "clip")
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8)
+    ViTModel(vit, add_pooling_layer=False).save_pretrained(root / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
+def _draw(folder, count, seed):
+    """Images with some shared structure (a gradient) and some noise, so similarities are not trivial."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, IMAGE_SIZE)[None, :, None]
+    for k in range(count):
+        pixels = ramp * rng.uniform(0.3, 1.0, size=3) + rng.normal(0, 40, size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{k:03d}-seed{k}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image-sets")
+    return _draw(root / "generated", 4, seed=1), _draw(root / "reference", 4, seed=2)
+
+
+def _pil(folder):
+    return [Image.open(path).convert("RGB") for path in sorted(folder.iterdir())]
+
+
+def _unit(x):
+    return torch.nn.functional.normalize(x.double(), dim=-1)
+
+
+@torch.no_grad()
+def test_metrics_match_a_direct_computation(metric_models, image_sets, tmp_path):
+    from scipy import linalg
+    from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
+
+    clip_path, dino_path = metric_models
+    generated, reference = image_sets
+
+    # CLIP by hand: the vision and text towers and their projections, not get_*_features.
+    clip = CLIPModel.from_pretrained(clip_path).eval()
+    processor = CLIPProcessor.from_pretrained(clip_path)
+
+    def clip_image(images):
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        return _unit(clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output))
+
+    def clip_text(text):
+        tokens = processor(text=[text], return_tensors="pt", padding=True)
+        return _unit(clip.text_projection(clip.text_model(**tokens).pooler_output))
+
+    g_clip, r_clip = clip_image(_pil(generated)), clip_image(_pil(reference))
+    # CLIPScore floors the mean of 100 x cosine at 0: take a prompt this random CLIP scores above 0.
+    scores = {text: (100 * g_clip @ clip_text(text).T).mean().item() for text in ("photo of a castle.", "a castle", "a dog", "snow")}
+    prompt, clip_t = max(scores.items(), key=lambda item: item[1])
+    assert clip_t > 0
+
+    result = evaluate(
+        EvaluateConfig(
+            images=str(generated), reference=str(reference), prompt=[prompt], output=str(tmp_path / "eval.json"),
+            clip_model=str(clip_path), dino_model=str(dino_path), fid_features="dino",
+        ),
+        progress=False,
+    )
+    assert result.unavailable == {}
+    assert json.loads((tmp_path / "eval.json").read_text())["metrics"] == result.metrics
+    assert result.metrics["clip_t"] == pytest.approx(clip_t, rel=1e-4)
+    assert result.metrics["clip_i"] == pytest.approx((g_clip @ r_clip.T).mean().item(), rel=1e-5)
+
+    # DINO by hand: the class token.
+    vit = ViTModel.from_pretrained(dino_path, add_pooling_layer=False).eval()
+    vit_processor = AutoImageProcessor.from_pretrained(dino_path)
+
+    def cls(images):
+        return vit(pixel_values=vit_processor(images=images, return_tensors="pt")["pixel_values"]).last_hidden_state[:, 0]
+
+    g_raw, r_raw = cls(_pil(generated)).double(), cls(_pil(reference)).double()
+    g, r = _unit(g_raw), _unit(r_raw)
+    assert result.metrics["dino"] == pytest.approx((g @ r.T).mean().item(), rel=1e-5)
+    n = len(g)
+    off_diagonal = (g @ g.T).sum() - (g @ g.T).diagonal().sum()
+    assert result.metrics["diversity"] == pytest.approx(1 - off_diagonal.item() / (n * (n - 1)), rel=1e-5)
+
+    # FID by hand on the raw class tokens: |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)).
+    def moments(x):
+        return x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False)
+
+    (mu_g, s_g), (mu_r, s_r) = moments(g_raw), moments(r_raw)
+    fid = np.sum((mu_g - mu_r) ** 2) + np.trace(s_g + s_r) - 2 * np.trace(linalg.sqrtm(s_r @ s_g)).real
+    assert result.metrics["fid"] == pytest.approx(fid, rel=1e-3, abs=1e-3)
+
+    # KID by hand: unbiased MMD^2 with the cubic polynomial kernel; equal set sizes make one subset, std 0.
+    d = g_raw.shape[1]
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3
+    k_gg, k_rr, k_gr = kernel(g_raw, g_raw), kernel(r_raw, r_raw), kernel(r_raw, g_raw)
+    m = len(g_raw)
+    mmd = ((k_gg.sum() - k_gg.diagonal().sum()) + (k_rr.sum() - k_rr.diagonal().sum())) / (m * (m - 1)) - 2 * k_gr.mean()
+    assert result.metrics["kid"] == pytest.approx(mmd.item(), rel=1e-4, abs=1e-6)
+    assert result.metrics["kid_std"] == pytest.approx(0, abs=1e-6)
+
+
+def test_missing_models_leave_the_other_metrics(metric_models, image_sets, tmp_path):
+    clip_path, dino_path = metric_models
+    generated, reference = image_sets
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+
+    result = evaluate(
+        EvaluateConfig(
+            images=str(generated), reference=str(reference), prompt=[PROMPT], output=str(tmp_path / "a.json"),
+            clip_model="nobody/no-such-clip", dino_model=str(dino_path), fid_features="clip",
+        ),
+        progress=False,
+    )
+    offline = "--clip-model nobody/no-such-clip: not in the local Hugging Face cache and the hub is offline"
+    assert result.unavailable == {name: offline for name in ("clip_t", "clip_i", "fid", "kid", "kid_std")}
+    assert set(result.metrics) == {"dino", "diversity"}
+
+    result = evaluate(
+        EvaluateConfig(
+            images=str(generated), reference=str(reference), prompt=[PROMPT], output=str(tmp_path / "b.json"),
+            clip_model=str(clip_path), dino_model=str(not_a_model), fid_features="inception",
+        ),
+        progress=False,
+    )
+    assert result.unavailable["dino"] == result.unavailable["diversity"] == f"--dino-model {not_a_model}: not a model folder (no config.json)"
+    assert set(result.metrics) == {"clip_t", "clip_i"}
+    try:
+        import torch_fidelity  # noqa: F401
+    except ModuleNotFoundError:
+        assert "torch-fidelity" in result.unavailable["fid"]
+    assert result.unavailable["kid"] == result.unavailable["fid"] and "\n" not in result.unavailable["fid"]
+    assert "unavailable" in result.table() and "CLIP-I" in result.table()
+
+
+def test_without_reference_only_text_alignment_and_diversity(metric_models, image_sets, tmp_path):
+    clip_path, dino_path = metric_models
+    result = evaluate(
+        EvaluateConfig(images=str(image_sets[0]), output=str(tmp_path / "eval.json"), clip_model=str(clip_path),
+                       dino_model=str(dino_path), fid_features="dino"),
+        progress=False,
+    )
+    assert set(result.metrics) == {"diversity"}
+    assert result.unavailable["clip_i"].startswith("no reference images")
+    assert result.unavailable["clip_t"].startswith("no prompts")
+
+
+def test_images_pair_with_prompts_by_sample_index(tmp_path):
+    files = [tmp_path / name for name in ("000-seed0.png", "000-seed1.png", "001-seed0.png")]
+    assert pair_prompts(files, ["a", "b"]) == ["a", "a", "b"]
+    assert pair_prompts(files, ["only"]) == ["only"] * 3
+    with pytest.raises(MetricUnavailable, match="cannot tell 005-seed0.png's prompt among 2"):
+        pair_prompts([tmp_path / "005-seed0.png"], ["a", "b"])
+    with pytest.raises(MetricUnavailable, match="cannot tell photo.png's prompt"):
+        pair_prompts([tmp_path / "photo.png"], ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: evaluate and compare end to end
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, private_cache):
+    from sdtune.training import train
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = []
+    for method, options in (("atoms", {}), ("lora", {"rank": 2})):
+        run = train(TrainConfig(model="tiny-random", method=method, options=options, steps=3, output=str(root / method)), progress=False)
+        runs.append(run.output)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(two_runs, metric_models):
+    """The atoms run measured through the library: two sampled images, FID on DINO features."""
+    clip_path, dino_path = metric_models
+    result = sdtune.evaluate(
+        EvaluateConfig(run=str(two_runs[0]), num_images=2, steps=1, clip_model=str(clip_path),
+                       dino_model=str(dino_path), fid_features="dino")
+    )
+    assert result.output == two_runs[0] / "eval.json" and result.unavailable == {}
+    return two_runs[0]
+
+
+def test_evaluate_command_samples_the_run_and_writes_eval_json(two_runs, metric_models):
+    clip_path, dino_path = metric_models
+    run = two_runs[1]
+    result = invoke(
+        "evaluate", "--run", run, "--num-images", 2, "--steps", 1, "--clip-model", clip_path,
+        "--dino-model", dino_path, "--fid-features", "clip",
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").unlink()  # the comparison below needs one run without measurements
+    assert report["method"] == "lora" and report["num_parameters"] > 0
+    assert report["prompts"] == [PROMPT] and report["generated_images"] == 2 and report["reference_images"] == 8
+    assert set(report["metrics"]) == {"clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "diversity"}
+    assert len(list((run / "eval-samples" / "images").iterdir())) == 2
+    for title in ("CLIP-T", "CLIP-I", "DINO", "FID", "KID", "diversity"):
+        assert title in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        ((), "give a run to sample from"),
+        (("--images", "/no/such/folder"), "image folder not found"),
+        (("--run", "/no/run"), "adapter not found"),
+        (("--images", ".", "--fid-features", "pixels"), "--fid-features must be one of"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line_exit_2(args, pattern):
+    result = invoke("evaluate", *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and pattern in result.stderr
+
+
+def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_path):
+    from sdtune.adapter import read_adapter
+
+    evaluated, plain = two_runs
+    report = json.loads((evaluated / "eval.json").read_text())
+    assert not (plain / "eval.json").exists()
+
+    result = sdtune.compare([str(evaluated), str(plain)], str(tmp_path / "cmp"), prompt=[PROMPT, "a <castle> at night"], steps=1, progress=False)
+    out = tmp_path / "cmp"
+    assert callable(sdtune.compare) and callable(sdtune.evaluate)  # the submodules do not shadow the functions
+    metric_names = ["clip_t", "clip_i", "dino", "fid", "kid", "diversity"]
+    expected = {"comparison.md", "comparison.csv", "loss.png", "grid.png"} | {f"{m}-vs-parameters.png" for m in metric_names}
+    assert expected <= {p.name for p in out.iterdir()}
+    assert {p.name for p in result.files} == expected
+
+    with open(out / "comparison.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["run"] for row in rows] == ["atoms", "lora"] and [row["method"] for row in rows] == ["atoms", "lora"]
+    assert list(rows[0]) == [
+        "run", "method", "variant", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+        "clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "diversity",
+    ]
+    for row, run in zip(rows, two_runs):
+        info = read_adapter(run)[0]
+        assert int(row["trainable_parameters"]) == int(info.extra["num_parameters"])
+        assert int(row["adapter_bytes"]) == (run / "adapter.safetensors").stat().st_size
+        seconds = [json.loads(line)["step_seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert float(row["train_seconds_per_step"]) == pytest.approx(statistics.median(seconds))
+        assert row["peak_memory_mb"] == ""
+    assert rows[0]["variant"] == "defaults" and "rank=2" in rows[1]["variant"]
+    for name, value in report["metrics"].items():
+        assert float(rows[0][name]) == pytest.approx(value)
+    assert all(rows[1][name] == "" for name in metric_names + ["kid_std"])
+
+    table = (out / "comparison.md").read_text()
+    assert "| atoms | atoms | defaults |" in table and "lora: not evaluated" in table
+    assert "![grid](grid.png)" in table and "![loss](loss.png)" in table
+    grid = Image.open(out / "grid.png")
+    assert grid.size == grid_size(rows=2, columns=2, image_size=64, header=True)
+
+
+def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):
+    result = invoke("compare", *two_runs, "--output", tmp_path / "cmp", "--no-grid")
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (tmp_path / "cmp").iterdir()}
+    assert {"comparison.md", "comparison.csv", "loss.png"} <= names and "grid.png" not in names
+    (tmp_path / "not-a-run").mkdir()
+    result = invoke("compare", tmp_path / "not-a-run", "--output", tmp_path / "cmp2")
+    assert result.exit_code == 2 and "not a run folder" in result.stderr
