@@ -118,7 +118,6 @@ def train(
     token: Optional[str] = typer.Option(None, help="Text that replaces the placeholder (default: 'sks <concept>')."),
     template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
     save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
-    mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16." + _default(TrainConfig, "mixed_precision")),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step." + _default(TrainConfig, "gradient_accumulation_steps")),
     lr_scheduler: Optional[str] = typer.Option(None, help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial." + _default(TrainConfig, "lr_scheduler")),
     lr_warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warm-up from 0 to --lr." + _default(TrainConfig, "lr_warmup_steps")),
@@ -129,6 +128,19 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16; trainable parameters stay fp32, the frozen models are stored in the half dtype." + _default(TrainConfig, "mixed_precision")),
+    no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
+    snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
+    noise_offset: Optional[float] = typer.Option(None, help="Add this times a per-image, per-channel Gaussian to the noise (0.05-0.1 typical)." + _default(TrainConfig, "noise_offset")),
+    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image) and prompt once; the VAE leaves the accelerator (default: no)."),
+    class_images: Optional[Path] = typer.Option(None, help="Prior preservation: folder of class images (default: generated into OUTPUT/class-images)."),
+    class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: the class images' prompt (default: the template with the plain concept name)."),
+    num_class_images: Optional[int] = typer.Option(None, help="Prior preservation: class images to use, generated if missing (default: 100, or all of --class-images)."),
+    prior_loss_weight: Optional[float] = typer.Option(None, help="Prior preservation: weight of the class images' loss." + _default(TrainConfig, "prior_loss_weight")),
+    validate_every: Optional[int] = typer.Option(None, help="Every N steps, sample the validation prompts into OUTPUT/samples/step-N.png and log the validation loss (0: never)." + _default(TrainConfig, "validate_every")),
+    validation_prompts: Optional[Path] = typer.Option(None, help="Prompt file for validation samples (default: three prompts with the concept)."),
+    validation_images: Optional[int] = typer.Option(None, help="Images held out of training for the validation loss (0: the training images)." + _default(TrainConfig, "validation_images")),
+    log_with: Optional[str] = typer.Option(None, help="tensorboard (event files in OUTPUT/logs) or none (default: tensorboard when installed)."),
     atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
     gift_generator: Optional[str] = typer.Option(None, help="gift: simple (H = identity) or paca (cluster-attention hyper-Transformer) (default: paca)."),
     gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
@@ -169,9 +181,15 @@ def train(
             "token", "template", "save_every", "mixed_precision", "gradient_accumulation_steps", "lr_scheduler",
             "lr_warmup_steps", "lr_cycles", "max_grad_norm", "ema_decay", "gradient_checkpointing", "checkpoint_every",
             "keep_checkpoints", "resume",
+            "no_half_vae", "snr_gamma", "noise_offset", "cache_latents", "class_prompt", "num_class_images",
+            "prior_loss_weight", "validate_every", "validation_images", "log_with",
         )
     }
     overrides.update(images=str(images) if images else None, output=str(output) if output else None)
+    overrides.update(
+        class_images=str(class_images) if class_images else None,
+        validation_prompts=str(validation_prompts) if validation_prompts else None,
+    )
     train_config = TrainConfig.load(config, options=options, **overrides)
     run = run_training(train_config)
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"

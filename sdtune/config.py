@@ -19,10 +19,12 @@ from typing import Any
 
 from .errors import SdtuneError
 from .models import DEFAULT_MODEL
+from .tracking import LOG_WITH, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
+DEFAULT_CLASS_IMAGES = 100  # as diffusers' DreamBooth script
 
 
 class _Config:
@@ -132,6 +134,22 @@ class TrainConfig(_Config):
     checkpoint_every: int = 0  # full training state every N steps into checkpoints/step-N (0: none)
     keep_checkpoints: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder; never written to config.toml
+    # Loss
+    snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); unset: plain MSE
+    noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
+    # Memory
+    no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16)
+    cache_latents: bool = False  # encode every image (and its mirror image) and prompt once
+    # Prior preservation (DreamBooth): on when any of the class settings is given
+    class_images: str | None = None  # folder of class images; default: generated into OUTPUT/class-images
+    class_prompt: str | None = None  # default: the template with the plain concept name
+    num_class_images: int | None = None  # default: 100 generated, or every image of --class-images
+    prior_loss_weight: float = 1.0
+    # Validation and logs
+    validate_every: int = 0  # sample the validation prompts and measure the validation loss every N steps
+    validation_prompts: str | None = None  # prompt file; default: a few prompts with the concept
+    validation_images: int = 0  # images held out of training for the validation loss (0: the training images)
+    log_with: str | None = None  # tensorboard or none; default: tensorboard when installed
 
     def validate(self) -> None:
         if not self.concept or not self.concept.replace("-", "").replace("_", "").isalnum():
@@ -162,6 +180,19 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if "{token}" not in self.template:
             raise SdtuneError(f"--template must contain {{token}}, got {self.template!r}")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise SdtuneError(f"--snr-gamma must be positive, got {self.snr_gamma}")
+        for name in ("noise_offset", "prior_loss_weight", "validate_every", "validation_images"):
+            if not getattr(self, name) >= 0:
+                raise SdtuneError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.num_class_images is not None and self.num_class_images < 1:
+            raise SdtuneError(f"--num-class-images must be at least 1, got {self.num_class_images}")
+        if self.log_with is not None and self.log_with not in LOG_WITH:
+            raise SdtuneError(f"--log-with must be one of {', '.join(LOG_WITH)}, got {self.log_with!r}")
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return bool(self.class_images or self.class_prompt or self.num_class_images)
 
     @property
     def placeholder(self) -> str:
@@ -169,6 +200,7 @@ class TrainConfig(_Config):
 
     def resolved(self, default_lr: float) -> "TrainConfig":
         """A copy with every default filled in, as written to config.toml."""
+        prior = self.with_prior_preservation
         return dataclasses.replace(
             self,
             options=dict(self.options),
@@ -176,6 +208,9 @@ class TrainConfig(_Config):
             token=self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
             resume=None,  # how this run started, not a setting to replay
+            class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),
+            num_class_images=self.num_class_images or (DEFAULT_CLASS_IMAGES if prior and not self.class_images else None),
+            log_with=resolve_log_with(self.log_with),
         )
 
     @property

@@ -151,7 +151,11 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 
 class ConceptDataset:
-    """Few-shot concept images as tensors in [-1, 1], each with a random horizontal flip."""
+    """Few-shot concept images as tensors in [-1, 1], each with a random horizontal flip.
+
+    Items are `{"pixels": (3, H, W) tensor, "prompt": str}`. `example(index, flip)` gives one item with the
+    flip chosen by the caller, so a latent cache can encode both orientations once and still flip at random.
+    """
 
     def __init__(self, images: list, prompt: str):
         import numpy as np
@@ -164,10 +168,16 @@ class ConceptDataset:
     def __len__(self) -> int:
         return len(self.pixels)
 
-    def __getitem__(self, index: int):
-        import torch
-
+    def example(self, index: int, flip: bool) -> dict:
         pixels = self.pixels[index]
-        if torch.rand(()) < 0.5:
-            pixels = pixels.flip(-1)
-        return pixels
+        return {"pixels": pixels.flip(-1) if flip else pixels, "prompt": self.prompt}
+
+    def __getitem__(self, index: int) -> dict:
+        return self.example(index, random_flip())
+
+
+def random_flip() -> bool:
+    """One fair coin from torch's global generator (seeded by the run's seed)."""
+    import torch
+
+    return bool(torch.rand(()) < 0.5)

@@ -43,6 +43,7 @@ class Run:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: Path | None = None
+    validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
 
 
 def derived_seed(*keys: int) -> int:
@@ -53,10 +54,7 @@ def derived_seed(*keys: int) -> int:
 
 
 def train(config: TrainConfig, progress: bool = True) -> Run:
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
-
-    from . import methods
+    from . import methods, validation
     from .data import concept_images
 
     config.validate()
@@ -64,18 +62,17 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     resume = config.resume
     config = config.resolved(method.default_lr)
     image_paths = concept_images(config.concept, config.images)
+    if config.validation_images and not config.validate_every:
+        warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=2)
+    held_out_count = config.validation_images if config.validate_every else 0
+    image_paths, held_out_paths = validation.hold_out(image_paths, held_out_count, config.seed)
+    sample_prompts = validation.validation_prompts(config) if config.validate_every else []
     output = ensure_writable_folder(config.output)
 
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        # an optimiser step every N micro-batches, also across epoch ends, so steps are the same whatever the data size
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-    )
+    accelerator = make_accelerator(config, output)
     lock = lock_output(accelerator, output)
     try:
-        return _train(config, method, image_paths, output, accelerator, resume, progress)
+        return _train(config, method, image_paths, held_out_paths, sample_prompts, output, accelerator, resume, progress)
     finally:
         lock.release()
 
@@ -98,19 +95,25 @@ def lock_output(accelerator, output: Path) -> OutputLock:
     return lock
 
 
-def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, resume: str | None, progress: bool) -> Run:
+def _train(
+    config: TrainConfig, method, image_paths, held_out_paths, sample_prompts, output: Path, accelerator,
+    resume: str | None, progress: bool,
+) -> Run:
     import torch
-    import torch.nn.functional as F
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from . import __version__
+    from . import __version__, prior, validation
     from .checkpoints import list_checkpoints, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
     from .data import ConceptDataset, load_images, warn_truncated_prompts
+    from .latents import CachedLatents, PromptEmbeddings, batch_latents
+    from .losses import denoising_loss, training_noise
     from .models import load_pipeline
+    from .precision import cast_frozen_parameters, frozen_dtype, place_frozen_models
+    from .tracking import PROJECT_NAME, log_image
 
     if accelerator.is_main_process:
         remove_partial_checkpoints(output)  # staging folders of a killed run
@@ -130,6 +133,10 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
     dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
     if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
         warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
+    class_dataset = None
+    if config.with_prior_preservation:  # class images are drawn by the base model, before the method is injected
+        class_paths = prior.class_image_paths(config, pipe, output, resolution, accelerator, progress)
+        class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -139,8 +146,8 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
     copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
     trained_bytes = sum(p.numel() * 4 for p in parameters)
     ensure_writable_folder(output, needed_bytes=adapter_bytes(method) * (1 + bool(config.ema_decay)) + copies * trained_bytes)
-    for parameter in parameters:
-        parameter.data = parameter.data.float()  # trainable weights stay fp32 under mixed precision
+    weight_dtype = frozen_dtype(accelerator)
+    cast_frozen_parameters(unet, weight_dtype, parameters)  # trainable stay fp32
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
@@ -152,24 +159,39 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
         num_training_steps=config.steps * accelerator.num_processes,
         num_cycles=config.lr_cycles,
     )
-    data_order = torch.Generator()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=data_order)
+    device = accelerator.device
+    place_frozen_models(device, weight_dtype, text_encoder, vae, config.no_half_vae)
+    unet.to(device)
+    prompt_embeddings = PromptEmbeddings(tokenizer, text_encoder)
+
+    warn_truncated_prompts(tokenizer, [config.prompt])
+    validation_loss = None
+    if config.validate_every and accelerator.is_main_process:
+        held_out = ConceptDataset(load_images(held_out_paths, resolution), config.prompt) if held_out_paths else dataset
+        prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+        validation_loss = validation.ValidationLoss(held_out.pixels, prompt_embeddings(prompts, device), vae, noise_scheduler)
+    if config.cache_latents:
+        dataset = CachedLatents(dataset, vae)
+        class_dataset = CachedLatents(class_dataset, vae) if class_dataset else None
+        prompt_embeddings.precompute(dataset.prompts() + (class_dataset.prompts() if class_dataset else []))
+        vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
+        text_encoder.to("cpu")
+
+    data_order = torch.Generator()  # reseeded every epoch (see batches_from)
+    train_data, collate = dataset, None
+    if class_dataset is not None:
+        train_data, collate = prior.PriorPreservationDataset(dataset, class_dataset), prior.collate_with_prior
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=config.batch_size, shuffle=True, generator=data_order, collate_fn=collate
+    )
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     # checkpoints hold the trainable parameters (trainable.safetensors), not the frozen UNet
     accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
     ema = EMAModel(parameters, decay=config.ema_decay) if config.ema_decay else None
-    device = accelerator.device
-    vae.to(device)
-    text_encoder.to(device)
     unet.train()
-
-    warn_truncated_prompts(tokenizer, [config.prompt])
-    with torch.no_grad():
-        ids = tokenizer(
-            config.prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        prompt_embeds = text_encoder(ids)[0]
+    if config.log_with != "none":
+        accelerator.init_trackers(PROJECT_NAME)
 
     step = micro_batches = 0
     if resume_from is not None:
@@ -193,6 +215,7 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
     adapter = output / ADAPTER_FILE
     base_model = pipe.sdtune_model_id
     process = accelerator.process_index
+    validation_losses: dict[int, float] = {}
 
     def batches_from(micro_batch: int):
         """Micro-batches from number `micro_batch` on, epoch after epoch; resuming replays the epoch's draws."""
@@ -223,6 +246,24 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
             save_adapter(output / EMA_ADAPTER_FILE, method, base_model, ema_decay=str(config.ema_decay), **extra)
             ema.restore(parameters)
 
+    def gathered_mean(values: list) -> float:
+        """The mean over a step's micro-batches and over the processes."""
+        return accelerator.gather(torch.stack(values).mean()).mean().item()
+
+    def validate() -> dict:
+        """Validation loss and sample grid, on the main process; the others wait."""
+        values = {}
+        if accelerator.is_main_process:
+            with torch.random.fork_rng(devices=[]):  # the data stream's RNG stays as if no validation ran
+                model = accelerator.unwrap_model(unet)
+                values["val_loss"] = validation_loss(model, accelerator.autocast, device)
+                validation_losses[step] = values["val_loss"]
+                grid = validation.sample_grid(pipe, sample_prompts, resolution, device, accelerator.autocast)
+            validation.save_grid(grid, output, step)
+            log_image(accelerator, "samples", grid, step)
+        accelerator.wait_for_everyone()
+        return values
+
     losses: list[float] = []
     bar = tqdm(
         total=config.steps,
@@ -237,34 +278,28 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
         while step < config.steps:
             step_start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            step_losses = []
+            step_losses, instance_losses, prior_losses = [], [], []
             for micro_batch in range(config.gradient_accumulation_steps):
-                pixels = next(batches)
+                batch = next(batches)
                 micro_batches += 1
                 # a forked RNG seeded by (seed, step, micro-batch): same draws after a resume, data stream untouched
                 with accelerator.accumulate(unet), torch.random.fork_rng(devices=[]):
                     torch.manual_seed(derived_seed(config.seed, STEP_STREAM, step, micro_batch, process))
-                    with torch.no_grad():
-                        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.sample()
-                        latents = latents * vae.config.scaling_factor
-                    noise = torch.randn_like(latents)
+                    latents = batch_latents(batch, vae)
+                    noise = training_noise(latents, config.noise_offset)
                     timesteps = torch.randint(
                         0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
                     ).long()
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    if noise_scheduler.config.prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                    else:
-                        target = noise
-                    with accelerator.autocast():
-                        prediction = unet(noisy, timesteps, prompt_embeds.expand(latents.shape[0], -1, -1)).sample
-                    loss = F.mse_loss(prediction.float(), target.float())
-                    if not torch.isfinite(loss):
+                    loss = denoising_loss(
+                        unet, noise_scheduler, latents, prompt_embeddings(batch["prompt"], device), noise, timesteps,
+                        accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
+                    )
+                    if not torch.isfinite(loss.total):
                         raise TrainingFailed(
-                            f"loss is {loss.item()} at step {step + 1}; stopped without saving "
+                            f"loss is {loss.total.item()} at step {step + 1}; stopped without saving "
                             f"(the last saved adapter and checkpoint, if any, are kept in {output})"
                         )
-                    accelerator.backward(loss)
+                    accelerator.backward(loss.total)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf).item()
                         if accelerator.scaler is None and not math.isfinite(grad_norm):
@@ -275,21 +310,28 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                step_losses.append(loss.detach())
+                step_losses.append(loss.total.detach())
+                if loss.prior is not None:
+                    instance_losses.append(loss.instance.detach())
+                    prior_losses.append(loss.prior.detach())
             step += 1
             if ema is not None:
                 ema.step(parameters)
-
-            loss_value = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+            loss_value = gathered_mean(step_losses)
             losses.append(loss_value)
             seconds = time.perf_counter() - step_start
+            # grad_norm is the norm before clipping; None when an fp16 overflow made the step skip
+            values = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+            if prior_losses:
+                values.update(instance_loss=gathered_mean(instance_losses), prior_loss=gathered_mean(prior_losses))
+            if config.validate_every and (step % config.validate_every == 0 or step == config.steps):
+                values.update(validate())
+            accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
             if metrics:
                 images = latents.shape[0] * config.gradient_accumulation_steps * accelerator.num_processes
                 record = {
                     "step": step,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # None: fp16 overflow, step skipped
+                    **values,
                     "step_seconds": round(seconds, 5),
                     "images_per_second": round(images / seconds, 3),
                 }
@@ -317,10 +359,12 @@ def _train(config: TrainConfig, method, image_paths, output: Path, accelerator, 
         bar.close()
         if metrics:
             metrics.close()
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - start
     return Run(
-        output=output, adapter=adapter, config=config, method=method, losses=losses, seconds=elapsed, resumed_from=resume_from
+        output=output, adapter=adapter, config=config, method=method, losses=losses, seconds=elapsed,
+        resumed_from=resume_from, validation_losses=validation_losses,
     )
 
 
@@ -344,3 +388,28 @@ def metrics_until(path: Path, step: int) -> str:
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line + "\n")
     return "".join(kept)
+
+
+def make_accelerator(config: TrainConfig, output: Path):
+    """Accelerate's Accelerator for the run: mixed precision, gradient accumulation, TensorBoard logs in OUTPUT/logs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    from .tracking import logging_dir
+
+    # Accelerate keeps one state per process; a second run in the same process (the Python API, the
+    # tests) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
+    try:
+        return Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.log_with == "none" else config.log_with,
+            project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(logging_dir(output))),
+            # an optimiser step every N micro-batches, also across epoch ends, whatever the data size
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
+            ),
+        )
+    except ValueError as error:  # a precision the device lacks
+        raise SdtuneError(f"--mixed-precision {config.mixed_precision}: {str(error).splitlines()[0]}") from None

@@ -46,7 +46,7 @@ def test_help_does_not_import_torch():
 def test_train_writes_adapter_config_and_metrics(trained_run):
     from safetensors import safe_open
 
-    assert sorted(p.name for p in trained_run.iterdir()) == ["adapter.safetensors", "config.toml", "metrics.jsonl"]
+    assert sorted(p.name for p in trained_run.iterdir()) == ["adapter.safetensors", "config.toml", "logs", "metrics.jsonl"]
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
     with safe_open(str(trained_run / "adapter.safetensors"), framework="pt") as handle:

@@ -1,0 +1,104 @@
+"""The denoising loss: noise (with an optional offset), the prediction target, min-SNR-γ weights and
+the DreamBooth prior-preservation term.
+
+Min-SNR-γ (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy") weights
+each example's MSE by min(SNR(t), γ) / SNR(t) for ε-prediction and min(SNR(t), γ) / (SNR(t) + 1) for
+v-prediction, with SNR from diffusers' `compute_snr`, as diffusers' train_text_to_image.py does.
+Noise offset (Guttenberg 2023) adds a per-image, per-channel constant to the noise so the model learns
+to change an image's overall brightness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def snr_loss_weights(noise_scheduler, timesteps, snr_gamma: float):
+    """Per-example min-SNR-γ weights for the scheduler's prediction type."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    raise ValueError(f"min-SNR weighting does not support prediction type {prediction_type!r}")
+
+
+def training_noise(latents, noise_offset: float = 0.0, generator=None):
+    """Gaussian noise like `latents`, plus `noise_offset` times a per-image, per-channel Gaussian constant."""
+    import torch
+
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        offset = torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
+        noise = noise + noise_offset * offset
+    return noise
+
+
+def prediction_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict: the noise, the velocity or the clean latents."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+@dataclass
+class LossParts:
+    """The loss that is minimised and its parts, for logging."""
+
+    total: object  # scalar tensor
+    instance: object
+    prior: object | None = None
+
+
+def per_example_mse(prediction, target):
+    """Mean squared error of each example in the batch, in fp32."""
+    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
+def combine_loss(
+    errors, timesteps, noise_scheduler, snr_gamma: float | None = None, is_prior=None, prior_loss_weight: float = 1.0
+) -> LossParts:
+    """instance loss (min-SNR weighted when `snr_gamma`) + prior_loss_weight × prior loss.
+
+    `errors` are per-example MSEs; `is_prior` marks the class (prior-preservation) examples. As in
+    diffusers' DreamBooth script, the weights apply to the instance examples and the prior term is plain MSE.
+    """
+    import torch
+
+    if is_prior is None:
+        is_prior = torch.zeros(errors.shape[0], dtype=torch.bool, device=errors.device)
+    instance = ~is_prior
+    instance_errors = errors[instance]
+    if snr_gamma:
+        instance_errors = instance_errors * snr_loss_weights(noise_scheduler, timesteps[instance], snr_gamma)
+    instance_loss = instance_errors.mean()
+    if not bool(is_prior.any()):
+        return LossParts(total=instance_loss, instance=instance_loss)
+    prior_loss = errors[is_prior].mean()
+    return LossParts(total=instance_loss + prior_loss_weight * prior_loss, instance=instance_loss, prior=prior_loss)
+
+
+def denoising_loss(
+    unet, noise_scheduler, latents, prompt_embeds, noise, timesteps, autocast, snr_gamma=None, is_prior=None, prior_loss_weight=1.0
+) -> LossParts:
+    """Noise `latents` to `timesteps`, predict with the UNet and compare with the target."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)
+    with autocast():
+        prediction = unet(noisy, timesteps, prompt_embeds).sample
+    errors = per_example_mse(prediction, target)
+    return combine_loss(errors, timesteps, noise_scheduler, snr_gamma, is_prior, prior_loss_weight)

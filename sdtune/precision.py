@@ -1,0 +1,60 @@
+"""Mixed precision: trainable parameters in fp32, the frozen models in the half dtype to save memory.
+
+Accelerate's autocast runs the forward in the half dtype either way; storing the frozen weights in it
+halves their memory. SD's VAE overflows in fp16, so `--no-half-vae` keeps it in fp32.
+"""
+
+from __future__ import annotations
+
+HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def half_dtype(mixed_precision: str):
+    """torch's dtype for `fp16`/`bf16`, None for `no`."""
+    import torch
+
+    name = HALF_DTYPES.get(mixed_precision)
+    return getattr(torch, name) if name else None
+
+
+def frozen_dtype(accelerator):
+    """The dtype to store frozen weights in: the half dtype where Accelerate autocasts, else None (fp32).
+
+    Accelerate runs fp16 on a CPU without autocast (in fp32), so frozen weights stay fp32 there too.
+    """
+    import warnings
+
+    mixed_precision = accelerator.mixed_precision
+    if mixed_precision == "fp16" and not accelerator.native_amp:
+        warnings.warn(f"--mixed-precision fp16 has no effect on {accelerator.device.type} (training runs in fp32); bf16 does", stacklevel=2)
+    return half_dtype(mixed_precision) if accelerator.native_amp else None
+
+
+def cast_frozen_parameters(module, dtype, trainable) -> None:
+    """Cast the parameters of `module`'s fully frozen layers to `dtype`; trainable ones to fp32.
+
+    A layer holding a trainable parameter keeps all of its own in fp32 (a GroupNorm with a trained
+    bias and a half weight would mix dtypes in one kernel); wrapped base layers are cast.
+    """
+    import torch
+
+    trainable_ids = {id(p) for p in trainable}
+    for layer in module.modules():
+        own = list(layer.parameters(recurse=False))
+        if dtype is None or any(id(p) in trainable_ids for p in own):
+            continue
+        for parameter in own:
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+    for parameter in trainable:
+        parameter.data = parameter.data.to(torch.float32)
+
+
+def place_frozen_models(device, dtype, text_encoder, vae, no_half_vae: bool) -> None:
+    """Move the frozen text encoder and VAE to `device`, in `dtype` (None: as they are)."""
+    text_encoder.to(device)
+    vae.to(device)
+    # Parameter by parameter: diffusers' `to(dtype)` warns about fp32-kept modules even when there are none.
+    cast_frozen_parameters(text_encoder, dtype, ())
+    if not no_half_vae:
+        cast_frozen_parameters(vae, dtype, ())

@@ -1,0 +1,342 @@
+"""Training options: min-SNR-γ, noise offset, mixed precision, latent caching, prior preservation,
+validation during training and TensorBoard logs, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdtune import losses, prior, validation
+from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
+
+
+@pytest.fixture
+def fast_sampling(monkeypatch):
+    """Few denoising steps for validation samples and class images (the images are noise anyway)."""
+    monkeypatch.setattr(validation, "SAMPLE_STEPS", 2)
+    monkeypatch.setattr(prior, "GENERATION_STEPS", 2)
+
+
+@pytest.fixture
+def loaded_pipes(monkeypatch):
+    """Every pipeline `train` loads, so a test can look at the models after (or during) training."""
+    import sdtune.models
+
+    pipes = []
+    original = sdtune.models.load_pipeline
+
+    def load_and_keep(*args, **kwargs):
+        pipes.append(original(*args, **kwargs))
+        return pipes[-1]
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", load_and_keep)
+    return pipes
+
+
+def run_training(tmp_path, name: str, **settings):
+    from sdtune.training import train
+
+    settings = {"model": "tiny-random", "steps": 2, "log_with": "none", "output": str(tmp_path / name), **settings}
+    return train(TrainConfig(**settings), progress=False)
+
+
+def read_metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run.output / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Min-SNR-γ and noise offset
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_the_formula(prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 10, 100, 400, 999])
+    gamma = 5.0
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = torch.clamp(snr, max=gamma)
+    expected = clipped / snr if prediction_type == "epsilon" else clipped / (snr + 1)
+    weights = losses.snr_loss_weights(scheduler, timesteps, gamma)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-7)
+    # high-SNR (early) timesteps are down-weighted; under epsilon the noisy ones keep weight 1
+    assert weights[0] < weights[2] and (prediction_type != "epsilon" or weights[-1] == 1)
+
+
+def test_min_snr_weights_the_instance_loss_and_prior_term_is_added():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    errors = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    timesteps = torch.tensor([5, 900, 5, 900])
+    is_prior = torch.tensor([False, False, True, True])
+    weights = losses.snr_loss_weights(scheduler, timesteps[:2], 5.0)
+    parts = losses.combine_loss(errors, timesteps, scheduler, snr_gamma=5.0, is_prior=is_prior, prior_loss_weight=0.5)
+    torch.testing.assert_close(parts.instance, (weights * errors[:2]).mean())
+    torch.testing.assert_close(parts.prior, torch.tensor(4.0))
+    torch.testing.assert_close(parts.total, parts.instance + 0.5 * 4.0)
+    plain = losses.combine_loss(errors, timesteps, scheduler)
+    torch.testing.assert_close(plain.total, errors.mean())
+
+
+def test_noise_offset_adds_a_per_channel_constant():
+    latents = torch.zeros(3, 4, 8, 8)
+    plain = losses.training_noise(latents, 0.0, torch.Generator().manual_seed(7))
+    offset = losses.training_noise(latents, 0.1, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(latents.shape, generator=generator)
+    constants = torch.randn(3, 4, 1, 1, generator=generator)
+    torch.testing.assert_close(plain, base)
+    torch.testing.assert_close(offset, base + 0.1 * constants)
+    difference = offset - plain
+    torch.testing.assert_close(difference, difference[..., :1, :1].expand_as(difference))  # constant over pixels
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def test_bf16_trains_with_fp32_trainable_parameters_and_half_frozen_models(tmp_path, tiny_path, loaded_pipes):
+    run = run_training(tmp_path, "bf16", mixed_precision="bf16", no_half_vae=True)
+    assert len(run.losses) == 2 and all(torch.isfinite(torch.tensor(run.losses)))
+    pipe = loaded_pipes[-1]
+    trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
+    frozen = [p for p in pipe.unet.parameters() if not p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}  # --no-half-vae
+    assert all(t.dtype == torch.float32 for t in run.method.state_dict().values())
+
+
+def test_bf16_halves_the_vae_without_no_half_vae(tmp_path, tiny_path, loaded_pipes):
+    run_training(tmp_path, "bf16-vae", mixed_precision="bf16", steps=1, method="bitfit")
+    pipe = loaded_pipes[-1]
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
+    biases = [p for p in pipe.unet.parameters() if p.requires_grad]
+    assert biases and {p.dtype for p in biases} == {torch.float32}  # in-place trainables too
+    # layers without a trained bias are stored in bf16; those with one stay whole in fp32
+    unet = pipe.unet
+    assert unet.conv_in.weight.dtype == torch.float32 and unet.conv_in.bias.requires_grad
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocasts on a GPU")
+def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path, tiny_path, loaded_pipes):
+    with pytest.warns(UserWarning, match="fp16 has no effect on cpu"):
+        run = run_training(tmp_path, "fp16", mixed_precision="fp16", steps=1, method="difffit")
+    assert all(torch.isfinite(torch.tensor(run.losses)))
+    assert {p.dtype for p in loaded_pipes[-1].unet.parameters()} == {torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent caching
+
+
+def test_cached_latents_give_the_same_losses_and_skip_the_vae(tmp_path, tiny_path, monkeypatch):
+    import sdtune.models
+
+    original = sdtune.models.load_pipeline
+    encoded: list[int] = []
+
+    def load_counting(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        pipe.vae.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(inputs[0].shape[0]))
+        return pipe
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", load_counting)
+    settings = dict(steps=10, batch_size=2, seed=3)  # 8 castle images: 2.5 epochs
+    uncached = run_training(tmp_path, "uncached", **settings)
+    assert sum(encoded) == 10 * 2
+    encoded.clear()
+    cached = run_training(tmp_path, "cached", cache_latents=True, **settings)
+    assert sum(encoded) == 2 * 8  # every image and its mirror image, once
+    # On a GPU the VAE's kernels differ with the batch size (cache: 8 images a call; loop: 2), by ~1e-3.
+    rtol = 5e-3 if torch.cuda.is_available() else 1e-4
+    torch.testing.assert_close(torch.tensor(cached.losses), torch.tensor(uncached.losses), rtol=rtol, atol=1e-6)
+
+
+def test_cached_latents_keep_random_flips():
+    from sdtune.data import ConceptDataset
+    from sdtune.latents import CachedLatents
+    from sdtune.models import load_pipeline
+    from PIL import Image
+
+    images = [Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))]
+    images[0].paste((0, 255, 0), (0, 0, 32, 64))  # left half green: not symmetric
+    dataset = CachedLatents(ConceptDataset(images, "a photo"), load_pipeline("tiny-random").vae)
+    assert not torch.equal(dataset.parameters[False][0], dataset.parameters[True][0])
+    torch.manual_seed(0)
+    seen = {bool(torch.equal(dataset[0]["latent_parameters"], dataset.parameters[True][0])) for _ in range(20)}
+    assert seen == {False, True}
+    assert dataset[1]["prompt"] == "a photo" and "pixels" not in dataset[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prior preservation
+
+
+def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fast_sampling, loaded_pipes):
+    settings = dict(class_prompt="photo of a castle", num_class_images=2, prior_loss_weight=0.5)
+    run = run_training(tmp_path, "prior", **settings)
+    folder = run.output / "class-images"
+    files = sorted(p.name for p in folder.glob("*.png"))
+    assert files == ["class-0000.png", "class-0001.png"]
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["loss"] == pytest.approx(record["instance_loss"] + 0.5 * record["prior_loss"], rel=1e-5)
+        assert record["images_per_second"] > 0
+    times = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    drawn = []
+    original = prior.generate_class_images
+    prior.generate_class_images = lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1]
+    try:
+        run_training(tmp_path, "prior", **settings)  # the same run folder: the images are reused
+    finally:
+        prior.generate_class_images = original
+    assert drawn == [0] and times == {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    with pytest.raises(SdtuneError, match="class images drawn for"):
+        run_training(tmp_path, "prior", class_prompt="photo of a tower", num_class_images=2)
+
+
+def test_prior_batches_hold_instance_then_class_examples():
+    instances = [{"pixels": torch.zeros(3, 8, 8), "prompt": "sks"} for _ in range(3)]
+    classes = [{"pixels": torch.ones(3, 8, 8), "prompt": "class"} for _ in range(5)]
+    dataset = prior.PriorPreservationDataset(instances, classes)
+    assert len(dataset) == 5
+    batch = prior.collate_with_prior([dataset[0], dataset[4]])
+    assert batch["prompt"] == ["sks", "sks", "class", "class"]
+    assert batch["is_prior"].tolist() == [False, False, True, True]
+    assert batch["pixels"][:2].eq(0).all() and batch["pixels"][2:].eq(1).all()
+
+
+def test_given_class_images_folder(tmp_path, tiny_path):
+    from sdtune.demo_images import demo_concept_folder
+
+    run = run_training(tmp_path, "given", class_images=str(demo_concept_folder("canal")), steps=1)
+    assert not (run.output / "class-images").exists()
+    assert "prior_loss" in read_metrics(run)[0]
+    assert run.config.class_prompt == "photo of a castle."
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and TensorBoard
+
+
+def test_validation_samples_loss_and_tensorboard_events(tmp_path, tiny_path, fast_sampling):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdtune.sampling import grid_size
+
+    run = run_training(tmp_path, "validate", steps=4, validate_every=2, validation_images=2, log_with="tensorboard")
+    for step in (2, 4):
+        grid = Image.open(run.output / "samples" / f"step-{step}.png")
+        assert grid.size == grid_size(rows=len(validation.DEFAULT_PROMPTS), columns=len(validation.SAMPLE_SEEDS), image_size=64)
+    records = read_metrics(run)
+    assert ["val_loss" in r for r in records] == [False, True, False, True]
+    assert sorted(run.validation_losses) == [2, 4]
+    assert all(r["grad_norm"] > 0 for r in records)
+
+    events = EventAccumulator(str(run.output / "logs" / "sdtune"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "grad_norm", "val_loss"} <= set(tags["scalars"])
+    logged = {event.step: event.value for event in events.Scalars("loss")}
+    assert sorted(logged) == [1, 2, 3, 4]
+    for record in records:
+        assert logged[record["step"]] == pytest.approx(record["loss"], rel=1e-6)
+    assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
+    assert "samples" in tags["images"] and [e.step for e in events.Images("samples")] == [2, 4]
+
+
+def test_validation_loss_is_fixed_for_a_fixed_model(tiny_pipe):
+    from contextlib import nullcontext
+
+    from diffusers import DDPMScheduler
+
+    from sdtune.latents import PromptEmbeddings
+
+    pixels = torch.rand(3, 3, 64, 64) * 2 - 1
+    embeds = PromptEmbeddings(tiny_pipe.tokenizer, tiny_pipe.text_encoder)(["a photo"] * 3, "cpu")
+    scheduler = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
+    loss = validation.ValidationLoss(pixels, embeds, tiny_pipe.vae, scheduler)
+    assert len(loss) == 3 * validation.LOSS_TIMESTEPS
+    first = loss(tiny_pipe.unet, nullcontext, "cpu")
+    torch.randn(100)  # the global random state does not matter
+    assert loss(tiny_pipe.unet, nullcontext, "cpu") == first
+    with torch.no_grad():
+        for parameter in tiny_pipe.unet.conv_out.parameters():
+            parameter.add_(0.05)
+    assert loss(tiny_pipe.unet, nullcontext, "cpu") != first
+
+
+def test_hold_out_and_its_fallback(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(8)]
+    train_paths, held = validation.hold_out(paths, 2, seed=0)
+    assert len(held) == 2 and len(train_paths) == 6 and not set(held) & set(train_paths)
+    assert validation.hold_out(paths, 2, seed=0) == (train_paths, held)
+    with pytest.warns(UserWarning, match="measured on the training images"):
+        assert validation.hold_out(paths[:4], 2, seed=0) == (paths[:4], [])
+
+
+def test_validation_prompts_fill_the_token(tmp_path):
+    config = TrainConfig(concept="castle").resolved(1e-3)
+    assert validation.validation_prompts(config)[0] == "photo of a sks castle."
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nthe <castle> at night\n")
+    config = TrainConfig(concept="castle", validation_prompts=str(prompts)).resolved(1e-3)
+    assert validation.validation_prompts(config) == ["the sks castle at night"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_flags_reach_the_config(tmp_path, tiny_path):
+    import tomllib
+
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    output = tmp_path / "cli"
+    args = [
+        "train", "--model", "tiny-random", "--steps", "1", "--output", str(output), "--snr-gamma", "5", "--noise-offset", "0.05",
+        "--cache-latents", "--mixed-precision", "bf16", "--no-half-vae", "--log-with", "none", "--prior-loss-weight", "0.5",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = tomllib.loads((output / "config.toml").read_text())
+    assert written["snr_gamma"] == 5 and written["noise_offset"] == 0.05 and written["cache_latents"] is True
+    assert written["no_half_vae"] is True and written["log_with"] == "none" and written["prior_loss_weight"] == 0.5
+    assert "class_prompt" not in written  # no prior preservation without class settings
+    assert sorted(p.name for p in output.iterdir()) == ["adapter.safetensors", "config.toml", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (("--snr-gamma", "0"), "--snr-gamma must be positive"),
+        (("--noise-offset", "-1"), "--noise-offset must be 0 or more"),
+        (("--num-class-images", "0"), "--num-class-images must be at least 1"),
+        (("--log-with", "wandb"), "--log-with must be one of"),
+        (("--validate-every", "1", "--validation-prompts", "/no/prompts.txt"), "prompt file not found"),
+        (("--class-images", "/no/class/dir"), "image folder not found"),
+    ],
+)
+def test_bad_training_options_are_one_line_errors(args, pattern, tmp_path, tiny_path):
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--steps", "1", "--output", str(tmp_path / "x"), *args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and pattern in errors[0], result.stderr
