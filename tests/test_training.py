@@ -107,6 +107,16 @@ def test_resume_after_an_interruption_gives_the_same_adapter_bytes(uninterrupted
     assert (output / "adapter.safetensors").read_bytes() == (uninterrupted / "adapter.safetensors").read_bytes()
 
 
+def test_resume_of_a_labelled_dataset_crosses_epochs_exactly(tmp_path, tiny_path):
+    # 10 digits in batches of 2: 5 steps an epoch, so the resumed run replays the balanced sampler's
+    # draws of the second epoch
+    settings = dict(dataset="digits", max_per_class=1, batch_size=2, steps=9, checkpoint_every=3, log_with="none")
+    train(config(tmp_path / "whole", **settings), progress=False)
+    train(config(tmp_path / "cut", **{**settings, "steps": 6}), progress=False)
+    train(config(tmp_path / "cut", resume="latest", **settings), progress=False)
+    assert (tmp_path / "cut" / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
+
+
 def test_resume_latest_without_checkpoints_starts_at_step_zero(tmp_path, tiny_path):
     with pytest.warns(UserWarning, match="no checkpoint"):
         run = train(config(tmp_path / "run", steps=1, resume="latest"), progress=False)
