@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .errors import SdtuneError, TrainingFailed
-from .fileio import atomic_write
+from .fileio import save_safetensors
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
@@ -147,8 +147,6 @@ def first_non_finite(tensors: dict) -> str | None:
 
 def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "", token: str = "", **extra: str) -> Path:
     """Write the method's state and metadata to `path` atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -169,8 +167,7 @@ def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "
     bad = first_non_finite(state)
     if bad:
         raise TrainingFailed(f"tensor {bad} holds NaN or infinite values; {path} not written")
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    save_safetensors(state, path, metadata)  # atomic, and the same bytes for the same adapter
     return path
 
 

@@ -118,6 +118,16 @@ def train(
     token: Optional[str] = typer.Option(None, help="Text that replaces the placeholder (default: 'sks <concept>')."),
     template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
     save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step." + _default(TrainConfig, "gradient_accumulation_steps")),
+    lr_scheduler: Optional[str] = typer.Option(None, help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial." + _default(TrainConfig, "lr_scheduler")),
+    lr_warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warm-up from 0 to --lr." + _default(TrainConfig, "lr_warmup_steps")),
+    lr_cycles: Optional[int] = typer.Option(None, help="cosine_with_restarts: number of cycles." + _default(TrainConfig, "lr_cycles")),
+    max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this; 0: no clipping (the norm is logged anyway)." + _default(TrainConfig, "max_grad_norm")),
+    ema_decay: Optional[float] = typer.Option(None, help="Also write adapter-ema.safetensors, an EMA of the trained weights with this decay; 0: none." + _default(TrainConfig, "ema_decay")),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time (default: no)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
+    keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
+    resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16; trainable parameters stay fp32, the frozen models are stored in the half dtype." + _default(TrainConfig, "mixed_precision")),
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
@@ -175,7 +185,9 @@ def train(
         name: settings[name]
         for name in (
             "concept", "method", "model", "steps", "batch_size", "lr", "resolution", "seed",
-            "token", "template", "save_every", "mixed_precision",
+            "token", "template", "save_every", "mixed_precision", "gradient_accumulation_steps", "lr_scheduler",
+            "lr_warmup_steps", "lr_cycles", "max_grad_norm", "ema_decay", "gradient_checkpointing", "checkpoint_every",
+            "keep_checkpoints", "resume",
             "no_half_vae", "snr_gamma", "noise_offset", "cache_latents", "class_prompt", "num_class_images",
             "prior_loss_weight", "validate_every", "validation_images", "log_with",
             "dataset", "classes", "max_per_class", "split", "class_template", "balance_classes",
@@ -191,8 +203,9 @@ def train(
     train_config = TrainConfig.load(config, options=options, **overrides)
     run = run_training(train_config)
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
+    resumed = f" (resumed from {run.resumed_from})" if run.resumed_from else ""
     typer.echo(
-        f"trained {run.method.describe()} in {run.seconds:.1f} s; final loss {final}\n"
+        f"trained {run.method.describe()} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
     )
 

@@ -22,6 +22,7 @@ from .models import DEFAULT_MODEL
 from .tracking import LOG_WITH, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
 DEFAULT_CLASS_IMAGES = 100  # as diffusers' DreamBooth script
 
@@ -123,6 +124,16 @@ class TrainConfig(_Config):
     seed: int = 0
     save_every: int = 0  # also save the adapter every N steps (0: only at the end)
     mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_cycles: int = 1  # cosine_with_restarts: number of hard restarts
+    max_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping; the norm is logged anyway)
+    ema_decay: float = 0.0  # keep an EMA of the trained weights with this decay (0: none)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # full training state every N steps into checkpoints/step-N (0: none)
+    keep_checkpoints: int = 3
+    resume: str | None = None  # "latest" or a checkpoint folder; never written to config.toml
     # Loss
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); unset: plain MSE
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
@@ -168,6 +179,18 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.save_every < 0:
             raise SdtuneError(f"--save-every must be 0 or more, got {self.save_every}")
+        for name in ("gradient_accumulation_steps", "lr_cycles", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "checkpoint_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise SdtuneError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise SdtuneError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise SdtuneError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.resume is not None and not self.resume:
+            raise SdtuneError("--resume takes 'latest' or a checkpoint folder")
         if self.mixed_precision not in MIXED_PRECISION:
             raise SdtuneError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if "{token}" not in self.template:
@@ -212,6 +235,7 @@ class TrainConfig(_Config):
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
             token=None if self.dataset else self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
+            resume=None,  # how this run started, not a setting to replay
             class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),
             num_class_images=self.num_class_images or (DEFAULT_CLASS_IMAGES if prior and not self.class_images else None),
             log_with=resolve_log_with(self.log_with),

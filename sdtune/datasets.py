@@ -157,6 +157,12 @@ class BalancedClassSampler:
 
         self.by_class = [np.flatnonzero(np.asarray(labels) == label) for label in sorted(set(labels))]
         self.per_class = max(len(indices) for indices in self.by_class)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start the draws again from `seed` (the loop reseeds every epoch, so a resumed run repeats them)."""
+        import numpy as np
+
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:

@@ -30,20 +30,6 @@ def logging_dir(output: Path) -> Path:
     return Path(output) / LOGS_FOLDER
 
 
-def gradient_norm(parameters, accelerator) -> float | None:
-    """The L2 norm of the trainable parameters' gradients (unscaled under fp16), None without gradients."""
-    import torch
-
-    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    if not norms:
-        return None
-    norm = torch.stack(norms).norm().item()
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and scaler.is_enabled():
-        norm /= scaler.get_scale()
-    return norm
-
-
 def log_image(accelerator, name: str, image, step: int) -> None:
     """Send one PIL image to the TensorBoard tracker, if there is one."""
     import numpy as np

@@ -1,7 +1,7 @@
 """Reliability: bad input, hostile files and full disks end in a one-line error, never a crash.
 
 Sections (one class each): training images, prompts, settings and model folders, hostile adapter
-files, output folders and full disks.
+files, output folders and full disks, and runs that are killed, diverge or meet another run.
 """
 
 from __future__ import annotations
@@ -9,13 +9,16 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import pickle
 import random
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -545,3 +548,115 @@ class TestOutputFolders:
         with pytest.raises(TrainingFailed, match="holds NaN or infinite values"):
             save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random")
         assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Kills, NaNs and a second run into the same folder
+
+
+def faults_benchmark():
+    """benchmarks/faults.py as a module: its trial helpers are what these tests use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("faults", ROOT / "benchmarks" / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+class TestInterruptions:
+    def test_second_run_into_a_locked_folder_refuses(self, tmp_path, tiny_path):
+        from sdtune.fileio import LOCK_FILE, OutputLock
+
+        output = tmp_path / "run"
+        output.mkdir()
+        with OutputLock(output):  # an open lock of its own, as a running process holds it
+            result = invoke("train", "--model", "tiny-random", "--steps", 1, "--output", output)
+        assert_one_line_error(result, 2, f"output folder {output} is in use by another sdtune run (pid {os.getpid()}")
+        assert not (output / "metrics.jsonl").exists() and not (output / LOCK_FILE).exists()
+
+    def test_stale_lock_of_a_dead_process_is_taken_over(self, tmp_path, tiny_path):
+        from sdtune.fileio import LOCK_FILE
+
+        output = tmp_path / "run"
+        output.mkdir()
+        (output / LOCK_FILE).write_text(f"{dead_pid()} somewhere\n")
+        result = invoke("train", "--model", "tiny-random", "--steps", 1, "--output", output)
+        assert result.exit_code == 0, result.output
+        assert not (output / LOCK_FILE).exists()
+
+    def test_without_flock_the_lock_checks_the_pid(self, tmp_path, monkeypatch):
+        import sdtune.fileio
+        from sdtune.fileio import LOCK_FILE, OutputLock
+
+        def no_flock(fd):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(sdtune.fileio, "_try_flock", no_flock)
+        host = sdtune.fileio._hostname()
+        (tmp_path / LOCK_FILE).write_text(f"{os.getppid()} {host}\n")  # a live process
+        with pytest.raises(SdtuneError, match=f"pid {os.getppid()} on {host}"):
+            OutputLock(tmp_path).acquire()
+        (tmp_path / LOCK_FILE).write_text(f"{dead_pid()} {host}\n")
+        with OutputLock(tmp_path):
+            assert (tmp_path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        assert not (tmp_path / LOCK_FILE).exists()
+
+    def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(self, tmp_path, tiny_path):
+        from sdtune.adapter import read_adapter_info
+
+        output = tmp_path / "nan"
+        args = ("--steps", 8, "--lr", "1e30", "--checkpoint-every", 1, "--keep-checkpoints", 10, "--output", output)
+        result = invoke("train", "--model", "tiny-random", *args)
+        assert_one_line_error(result, 1, "at step ")
+        error = result.stderr.strip().splitlines()[-1]
+        step = int(error.split("at step ")[1].split(";")[0])
+        assert step > 1 and ("is nan" in error or "is inf" in error or "not finite" in error), error
+        saved = sorted(int(p.name.split("-")[1]) for p in (output / "checkpoints").iterdir())
+        assert saved == list(range(1, step))  # nothing of the failing step or later
+        assert read_adapter_info(output)[0].extra["step"] == str(step - 1)
+        assert not [p for p in output.rglob("*") if p.name.startswith(".")]
+
+    def test_kill_9_during_training_then_resume_gives_the_same_adapter(self, tmp_path, tiny_path):
+        from sdtune.config import TrainConfig
+        from sdtune.fileio import LOCK_FILE
+        from sdtune.training import train
+
+        faults = faults_benchmark()
+        steps, reference, output = 6, tmp_path / "uninterrupted", tmp_path / "killed"
+        settings = dict(
+            model="tiny-random", seed=7, lr_scheduler="cosine", lr_warmup_steps=2, ema_decay=0.9, steps=steps,
+            checkpoint_every=2,
+        )
+        assert faults.TRAIN_ARGS == [
+            "--model", "tiny-random", "--seed", "7", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2",
+            "--ema-decay", "0.9",
+        ]
+        train(TrainConfig(output=str(reference), **settings), progress=False)
+
+        process = faults.start(faults.train_command(output, steps, "--checkpoint-every", "2"), tmp_path / "log")
+        deadline = time.time() + 600
+        while not (output / "checkpoints" / "step-2").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)  # right after the first checkpoint: mid-way through step 3
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
+        assert faults.problems_after_kill(output, 2, steps) == []
+        assert (output / LOCK_FILE).exists()  # the killed run's lock, taken over below
+
+        run = train(TrainConfig(output=str(output), resume="latest", **settings), progress=False)
+        assert run.resumed_from is not None
+        for name in faults.ADAPTERS:
+            assert (output / name).read_bytes() == (reference / name).read_bytes(), name
+        assert faults.losses(output) == faults.losses(reference)
+
+    @pytest.mark.slow
+    def test_fault_benchmark_three_random_kills(self, tmp_path, tiny_path):
+        summary = faults_benchmark().main(["--trials", "3", "--steps", "6", "--work", str(tmp_path)])
+        assert summary == "3 trials, 3 recovered, 0 lost"

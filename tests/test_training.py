@@ -1,0 +1,219 @@
+"""The training loop's options: checkpoints and exact resume, LR schedules, clipping, EMA, accumulation,
+gradient checkpointing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sdtune.checkpoints import list_checkpoints
+from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
+from sdtune.training import changed_settings, metrics_until, train
+
+
+def config(output, **settings) -> TrainConfig:
+    return TrainConfig(model="tiny-random", output=str(output), **{"steps": 2, "seed": 3, **settings})
+
+
+def records(output) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors(path) -> dict:
+    return load_file(str(path))
+
+
+# Everything that keeps state across steps at once: accumulation position, warm-up and cosine, clipping, EMA.
+RESUMABLE = dict(
+    steps=6, checkpoint_every=2, keep_checkpoints=2, gradient_accumulation_steps=2, lr_scheduler="cosine",
+    lr_warmup_steps=2, max_grad_norm=0.5, ema_decay=0.9,
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_path):
+    output = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(config(output, **RESUMABLE), progress=False)
+    return output
+
+
+def test_checkpoints_hold_the_training_state_and_only_the_newest_stay(uninterrupted):
+    assert [step for step, _ in list_checkpoints(uninterrupted)] == [4, 6]  # keep_checkpoints=2
+    assert not [p for p in (uninterrupted / "checkpoints").iterdir() if p.name.startswith(".")]
+    folder = uninterrupted / "checkpoints" / "step-6"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        "ema.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "state.json", "trainable.safetensors"
+    ]  # no copy of the frozen UNet
+    state = json.loads((folder / "state.json").read_text())
+    assert state["step"] == 6 and state["micro_batches"] == 12 and state["config"]["lr_scheduler"] == "cosine"
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {6.0}  # one optimiser step per 2 micro-batches
+    assert "grad_norm" in records(uninterrupted)[0]
+
+
+def test_resume_after_an_interruption_gives_the_same_adapter_bytes(uninterrupted, tmp_path, monkeypatch):
+    import sdtune.checkpoints
+    import sdtune.training
+
+    output = tmp_path / "run"
+    original_save = sdtune.checkpoints.save_checkpoint
+
+    def save_then_crash(accelerator, out, step, *args, **kwargs):
+        folder = original_save(accelerator, out, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt  # a crash right after the checkpoint, before the adapter is written
+        return folder
+
+    monkeypatch.setattr(sdtune.checkpoints, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(output, **RESUMABLE), progress=False)
+    with safe_open(str(output / "adapter.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["step"] == "2"  # the adapter of the previous checkpoint
+    assert [r["step"] for r in records(output)] == [1, 2, 3, 4]
+    monkeypatch.undo()
+
+    weights_only = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        weights_only.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    run = train(config(output, resume="latest", **RESUMABLE), progress=False)
+    monkeypatch.undo()
+    assert run.resumed_from == output / "checkpoints" / "step-4"
+    assert weights_only and all(w is True for w in weights_only)  # accelerate reads its torch.save files safely
+
+    for name in ("adapter.safetensors", "adapter-ema.safetensors"):
+        assert (output / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+    same = ("step", "loss", "lr", "grad_norm")
+    assert [{k: r[k] for k in same} for r in records(output)] == [{k: r[k] for k in same} for r in records(uninterrupted)]
+
+    # resuming from an older checkpoint folder replays the same steps again
+    train(config(output, resume=str(output / "checkpoints" / "step-4"), **RESUMABLE), progress=False)
+    assert (output / "adapter.safetensors").read_bytes() == (uninterrupted / "adapter.safetensors").read_bytes()
+    assert len(records(output)) == 6
+
+    # a run folder means its newest checkpoint: the finished run has nothing left to train
+    run = train(config(output, resume=str(output), **RESUMABLE), progress=False)
+    assert run.resumed_from == output / "checkpoints" / "step-6" and run.losses == []
+    assert (output / "adapter.safetensors").read_bytes() == (uninterrupted / "adapter.safetensors").read_bytes()
+
+
+def test_resume_of_a_labelled_dataset_crosses_epochs_exactly(tmp_path, tiny_path):
+    # 10 digits in batches of 2: 5 steps an epoch, so the resumed run replays the balanced sampler's
+    # draws of the second epoch
+    settings = dict(dataset="digits", max_per_class=1, batch_size=2, steps=9, checkpoint_every=3, log_with="none")
+    train(config(tmp_path / "whole", **settings), progress=False)
+    train(config(tmp_path / "cut", **{**settings, "steps": 6}), progress=False)
+    train(config(tmp_path / "cut", resume="latest", **settings), progress=False)
+    assert (tmp_path / "cut" / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
+
+
+def test_resume_latest_without_checkpoints_starts_at_step_zero(tmp_path, tiny_path):
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        run = train(config(tmp_path / "run", steps=1, resume="latest"), progress=False)
+    assert run.resumed_from is None and len(run.losses) == 1
+
+
+def test_resume_refuses_what_is_not_a_checkpoint_and_a_fresh_run_over_checkpoints(tmp_path, tiny_path):
+    with pytest.raises(SdtuneError, match="checkpoint folder not found"):
+        train(config(tmp_path / "a", resume=str(tmp_path / "nothing")), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SdtuneError, match="not an sdtune checkpoint"):
+        train(config(tmp_path / "a", resume=str(tmp_path / "empty")), progress=False)
+    (tmp_path / "b" / "checkpoints" / "step-1").mkdir(parents=True)
+    with pytest.raises(SdtuneError, match="holds checkpoints of an earlier run: add --resume latest"):
+        train(config(tmp_path / "b"), progress=False)
+
+
+def test_warm_up_then_linear_decay_and_clipping(tmp_path, tiny_path, monkeypatch):
+    from accelerate import Accelerator
+
+    clipped = []
+    original = Accelerator.clip_grad_norm_
+
+    def recording_clip(self, parameters, max_norm, norm_type=2):
+        parameters = list(parameters)
+        before = original(self, parameters, max_norm, norm_type)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters if p.grad is not None]))
+        clipped.append((before.item(), after.item()))
+        return before
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording_clip)
+    output = tmp_path / "run"
+    train(config(output, steps=4, lr=1e-3, lr_scheduler="linear", lr_warmup_steps=2, max_grad_norm=0.01), progress=False)
+    logged = records(output)
+    assert [r["lr"] for r in logged] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+    assert [r["grad_norm"] for r in logged] == pytest.approx([before for before, _ in clipped])
+    assert all(before > 0.01 and after == pytest.approx(0.01, rel=1e-3) for before, after in clipped)
+
+
+def test_ema_adapter_is_the_moving_average_and_loads(tmp_path, tiny_path):
+    from sdtune.adapter import load_adapter, read_adapter
+    from sdtune.models import load_pipeline
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(config(one, steps=1), progress=False)
+    train(config(two, steps=2, ema_decay=0.9), progress=False)
+    first, second, ema = tensors(one / "adapter.safetensors"), tensors(two / "adapter.safetensors"), tensors(two / "adapter-ema.safetensors")
+    decay = 2 / 11  # diffusers' EMAModel warm-up, min((1 + t) / (10 + t), 0.9) at its second update
+    for key in second:
+        torch.testing.assert_close(ema[key], decay * first[key] + (1 - decay) * second[key])
+    assert any(not torch.equal(ema[k], second[k]) for k in second)
+    info, _ = read_adapter(two / "adapter-ema.safetensors")
+    assert info.extra["ema_decay"] == "0.9" and info.extra["step"] == "2"
+    load_adapter(two / "adapter-ema.safetensors", load_pipeline("tiny-random"))
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tmp_path, tiny_path, monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    train(config(plain, steps=2), progress=False)
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    train(config(checkpointed, steps=2, gradient_checkpointing=True), progress=False)
+    assert calls, "the UNet ran its blocks through torch.utils.checkpoint"
+    for a, b in zip(records(plain), records(checkpointed)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    expected, got = tensors(plain / "adapter.safetensors"), tensors(checkpointed / "adapter.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7)
+
+
+def test_training_settings_are_validated():
+    for settings, message in [
+        (dict(gradient_accumulation_steps=0), "--gradient-accumulation-steps must be at least 1"),
+        (dict(lr_scheduler="step"), "--lr-scheduler must be one of"),
+        (dict(ema_decay=1.0), "--ema-decay must be in [0, 1)"),
+        (dict(max_grad_norm=-1.0), "--max-grad-norm must be 0 or more"),
+        (dict(keep_checkpoints=0), "--keep-checkpoints must be at least 1"),
+        (dict(checkpoint_every=-2), "--checkpoint-every must be 0 or more"),
+    ]:
+        with pytest.raises(SdtuneError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            TrainConfig(**settings).validate()
+    assert "resume" not in TrainConfig(resume="latest").resolved(1e-3).to_toml()
+
+
+def test_changed_settings_and_metrics_until(tmp_path):
+    saved = TrainConfig(output="a", checkpoint_every=2).to_dict()
+    assert changed_settings(saved, TrainConfig(output="b", checkpoint_every=5, resume="latest")) == ""
+    assert changed_settings(saved, TrainConfig(output="a", lr=0.5)) == "lr: None -> 0.5"
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+    assert metrics_until(path, 2) == '{"step": 1}\n{"step": 2}\n'
+    assert metrics_until(path, 0) == ""
