@@ -413,10 +413,11 @@ def test_merged_pipeline_loads_in_plain_diffusers(name, options, dtype, tmp_path
     merged, unmerged, base = load_pipeline("tiny-random"), load_pipeline("tiny-random"), load_pipeline("tiny-random")
     load_adapter(tmp_path / "a.safetensors", merged)
     load_adapter(tmp_path / "a.safetensors", unmerged, merge=False)
-    tolerance = 1e-4 if dtype == "fp32" else 2e-2
-    assert abs(plain - image(merged)).max() < tolerance
-    assert abs(plain - image(unmerged)).max() < tolerance
-    assert abs(image(merged) - image(base)).max() > 10 * tolerance  # the update shows in the images
+    # thread counts differ between this process and the plain one: fp32 images agree to a few 1e-4
+    tolerance = 1e-3 if dtype == "fp32" else 2e-2
+    differences = [abs(plain - image(merged)).max(), abs(plain - image(unmerged)).max()]
+    assert max(differences) < tolerance
+    assert abs(image(merged) - image(base)).max() > 10 * max(differences)  # the update shows far above that
 
 
 def test_merge_refuses_a_used_folder_and_a_bad_dtype(tmp_path):
