@@ -352,7 +352,8 @@ def main(argv=None) -> int:
             )
             lr, train_seconds = run.config.lr, run.seconds
         else:
-            (config, train_seconds), lr = finished, finished[0]["lr"]
+            saved_config, train_seconds = finished
+            lr = saved_config["lr"]
             log(f"{name}: reusing the run in {run_dir}")
         pipe = load_pipeline("tiny")
         pipe.set_progress_bar_config(disable=True)

@@ -150,34 +150,42 @@ def measure_training(row: str, args) -> dict:
 
 
 def measure_sampling(row: str, args) -> dict:
-    """UNet evaluations as in sampling with guidance (batch 2): base, with the adapter, merged."""
+    """UNet evaluations as in sampling with guidance (batch 2): the base, the adapted UNet, the merged one.
+
+    The three are separate models timed in turns within each round (rotating which goes first), and the
+    ratios are medians of the per-round ratios, so load on a shared machine falls on all three alike.
+    """
     import torch
 
-    unet = build(args.arch, args.device, torch.float32)
-    latents, timesteps, embeddings = inputs(unet, args, args.device, torch.float32)
-    latents, timesteps, embeddings = (torch.cat([t, t]) for t in (latents, timesteps, embeddings))
-
-    def timed() -> float:
-        times = []
+    def adapted(merge: bool):
+        unet = build(args.arch, args.device, torch.float32)
+        method, params = apply_row(row, unet)
+        generator = torch.Generator().manual_seed(1)  # the same update for the merged and unmerged copies
         with torch.no_grad():
-            for step in range(args.warmup + args.steps):
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=generator).to(p) * 1e-3)
+        if merge:
+            method.merge()
+        return unet
+
+    models = {"base": build(args.arch, args.device, torch.float32), "unmerged": adapted(False), "merged": adapted(True)}
+    latents, timesteps, embeddings = inputs(models["base"], args, args.device, torch.float32)
+    latents, timesteps, embeddings = (torch.cat([t, t]) for t in (latents, timesteps, embeddings))
+    names = list(models)
+    times = {name: [] for name in names}
+    with torch.no_grad():
+        for round_ in range(args.warmup + args.steps):
+            for name in names[round_ % 3 :] + names[: round_ % 3]:
                 synchronize(args.device)
                 start = time.perf_counter()
-                unet(latents, timesteps, embeddings)
+                models[name](latents, timesteps, embeddings)
                 synchronize(args.device)
-                if step >= args.warmup:
-                    times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    base = timed()
-    method, params = apply_row(row, unet)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn_like(p) * 1e-3)
-    unmerged = timed()
-    method.merge()
-    merged = timed()
-    return {"row": row, "base": base, "unmerged": unmerged, "merged": merged}
+                if round_ >= args.warmup:
+                    times[name].append(time.perf_counter() - start)
+    result = {"row": row, **{name: statistics.median(values) for name, values in times.items()}}
+    for name in ("unmerged", "merged"):
+        result[f"{name}_ratio"] = statistics.median(t / b for t, b in zip(times[name], times["base"]))
+    return result
 
 
 def run_in_process(kind: str, row: str, args) -> dict:
@@ -299,7 +307,7 @@ def sampling_table(results: list[dict]) -> list[str]:
             continue
         lines.append(
             f"| {r['row']} | {r['base']:.3f} | {r['unmerged']:.3f} | {r['merged']:.3f} | "
-            f"{r['merged'] / r['base']:.3f} | {r['unmerged'] / r['base']:.3f} |"
+            f"{r['merged_ratio']:.3f} | {r['unmerged_ratio']:.3f} |"
         )
     return lines
 

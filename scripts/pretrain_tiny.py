@@ -108,6 +108,28 @@ class Budget:
         return min(1.0, self.elapsed() / max(self.seconds, 1e-9))
 
 
+class LossLog:
+    """A loss averaged over the steps since the last line, read to the host (one sync) only every
+    `every` seconds and at the end of the budget; a non-finite average stops the run."""
+
+    def __init__(self, stage: str, quantity: str, every: float, budget: Budget):
+        self.stage, self.quantity, self.every, self.budget = stage, quantity, every, budget
+        self.history, self.window, self.last = [], [], time.time()
+
+    def add(self, step: int, loss, lr: float) -> None:
+        import torch
+
+        self.window.append(loss.detach())
+        if time.time() - self.last < self.every and self.budget.left():
+            return
+        value = torch.stack(self.window).mean().item()
+        if not math.isfinite(value):
+            raise RuntimeError(f"{self.stage} {self.quantity} became {value} by step {step}")
+        self.history.append({"step": step, "seconds": round(self.budget.elapsed(), 1), self.quantity: value, "lr": lr})
+        log(f"{self.stage.lower()} step {step:6d}  {self.quantity} {value:.5f}  lr {lr:.2e}")
+        self.window, self.last = [], time.time()
+
+
 def autocast(args, stage: str):
     import contextlib
 
@@ -132,8 +154,8 @@ def train_vae(vae, images, args, generator) -> dict:
 
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    budget, step, history, window = Budget(args.vae_seconds), 0, [], []
-    last_log = time.time()
+    budget, step = Budget(args.vae_seconds), 0
+    losses = LossLog("VAE", "mse", args.log_every, budget)
     n = images.shape[0]
     while budget.left():
         index = torch.randint(0, n, (args.vae_batch_size,), generator=generator, device=images.device)
@@ -159,19 +181,12 @@ def train_vae(vae, images, args, generator) -> dict:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         step += 1
-        window.append(mse.detach())
-        if time.time() - last_log >= args.log_every or not budget.left():
-            value = torch.stack(window).mean().item()  # the only host sync: checked here, not every step
-            if not math.isfinite(value):
-                raise RuntimeError(f"VAE loss became {value} by step {step}")
-            history.append({"step": step, "seconds": round(budget.elapsed(), 1), "mse": value, "lr": lr})
-            log(f"vae step {step:6d}  mse {value:.5f}  lr {lr:.2e}")
-            window, last_log = [], time.time()
+        losses.add(step, mse, lr)
     sync(args)
     seconds = budget.elapsed()
     vae.eval().requires_grad_(False)
     return {"steps": step, "seconds": round(seconds, 1), "ms_per_step": round(1000 * seconds / max(step, 1), 2),
-            "batch_size": args.vae_batch_size, "lr": args.vae_lr, "kl_weight": args.vae_kl_weight, "history": history}
+            "batch_size": args.vae_batch_size, "lr": args.vae_lr, "kl_weight": args.vae_kl_weight, "history": losses.history}
 
 
 def encode_all(vae, images, args, batch_size: int = 500):
@@ -226,8 +241,8 @@ def train_unet(pipe, latent_mean, latent_std, labels, embeddings, args, generato
     params, ema_params = list(unet.parameters()), list(ema.parameters())
     uncond_row = len(DIGITS)
     device = latent_mean.device
-    budget, step, history, window = Budget(args.unet_seconds), 0, [], []
-    last_log = time.time()
+    budget, step = Budget(args.unet_seconds), 0
+    losses = LossLog("UNet", "loss", args.log_every, budget)
     n = latent_mean.shape[0]
     while budget.left():
         index = torch.randint(0, n, (args.batch_size,), generator=generator, device=device)
@@ -255,20 +270,13 @@ def train_unet(pipe, latent_mean, latent_std, labels, embeddings, args, generato
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
-        window.append(loss.detach())
-        if time.time() - last_log >= args.log_every or not budget.left():
-            value = torch.stack(window).mean().item()
-            if not math.isfinite(value):
-                raise RuntimeError(f"UNet loss became {value} by step {step}")
-            history.append({"step": step, "seconds": round(budget.elapsed(), 1), "loss": value, "lr": lr})
-            log(f"unet step {step:6d}  loss {value:.5f}  lr {lr:.2e}")
-            window, last_log = [], time.time()
+        losses.add(step, loss, lr)
     sync(args)
     seconds = budget.elapsed()
     unet.eval().requires_grad_(False)
     info = {"steps": step, "seconds": round(seconds, 1), "ms_per_step": round(1000 * seconds / max(step, 1), 2),
             "batch_size": args.batch_size, "lr": args.unet_lr, "warmup_steps": args.warmup_steps,
-            "ema_decay": args.ema_decay, "caption_dropout": args.caption_dropout, "history": history}
+            "ema_decay": args.ema_decay, "caption_dropout": args.caption_dropout, "history": losses.history}
     return ema, info
 
 

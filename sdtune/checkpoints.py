@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SdtuneError
-from .fileio import fsync_directory, publish_directory, remove_directory, save_safetensors
+from .fileio import fsync_directory, publish_directory, read_json, remove_directory, save_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -81,12 +81,7 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     state_path = folder / STATE_FILE
     if not folder.is_dir():
         raise SdtuneError(f"checkpoint folder not found: {folder}")
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SdtuneError(f"{folder} is not an sdtune checkpoint (no {STATE_FILE})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SdtuneError(f"{state_path}: damaged checkpoint state ({error})") from None
+    state = read_json(state_path, missing=f"{folder} is not an sdtune checkpoint (no {STATE_FILE})", damaged="damaged checkpoint state")
     if state.get("format") != FORMAT or not (folder / TRAINABLE_FILE).is_file():
         raise SdtuneError(f"{folder} is not a complete sdtune checkpoint")
     return state

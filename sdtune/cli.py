@@ -102,6 +102,13 @@ def _parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+def is_main_process() -> bool:
+    """False on the other processes of `accelerate launch`, which stay quiet."""
+    from .distributed import process_state
+
+    return process_state().is_main_process
+
+
 @app.command()
 @handle_errors
 def train(
@@ -202,6 +209,8 @@ def train(
     )
     train_config = TrainConfig.load(config, options=options, **overrides)
     run = run_training(train_config)
+    if not is_main_process():
+        return
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
     resumed = f" (resumed from {run.resumed_from})" if run.resumed_from else ""
     typer.echo(
@@ -251,7 +260,8 @@ def sample(
         class_template=class_template,
     )
     result = run_sampling(sample_config)
-    typer.echo(f"wrote {len(result.images)} images and {result.grid}")
+    if is_main_process():
+        typer.echo(f"wrote {len(result.images)} images and {result.grid}")
 
 
 @app.command()
@@ -449,7 +459,17 @@ def main_options(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Under `accelerate launch` / torchrun, leave the process group cleanly once the command is done."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

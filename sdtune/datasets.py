@@ -526,12 +526,11 @@ def custom_concept(root: str | Path, concept: str) -> CustomConcept:
     """
     root = Path(root)
     index_file = root / "dataset.json"
-    try:
-        entries = json.loads(index_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SdtuneError(f"no CustomConcept101 dataset.json in {root}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SdtuneError(f"{index_file}: not valid JSON ({error})") from None
+    from .fileio import read_json
+
+    entries = read_json(index_file, missing=f"no CustomConcept101 dataset.json in {root}")
+    if not isinstance(entries, list):
+        raise SdtuneError(f"{index_file}: not a CustomConcept101 index (a JSON list of concepts)")
     entries = [e for e in entries if isinstance(e, dict) and e.get("instance_data_dir")]
 
     def folder_name(entry):

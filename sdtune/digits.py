@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from .datasets import DIGIT_NAMES, DIGITS_TEMPLATE
+from .datasets import DIGIT_NAMES, DIGITS_TEMPLATE  # noqa: F401  (DIGIT_NAMES is used from here by scripts)
 
 DIGIT_PROMPT = DIGITS_TEMPLATE.replace("{class}", "{}")  # the prompts the tiny model was pretrained on
 CLASSIFIER_SIZE = 28

@@ -510,13 +510,12 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
 def read_evaluation(run: str | Path) -> dict[str, Any] | None:
     """A run's eval.json, or None when it has none."""
+    from .fileio import read_json
+
     path = Path(run) / EVAL_FILE
-    if not path.is_file():
+    report = read_json(path)
+    if report is None:
         return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SdtuneError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise SdtuneError(f"{path}: not an sdtune evaluation (no '{FORMAT}' format)")
     return report

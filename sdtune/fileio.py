@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -47,6 +48,22 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike, missing: str | None = None, damaged: str = "not valid JSON"):
+    """The JSON in `path`; a one-line error when it is damaged, and when it is missing, `missing`
+    (or None returned when no message is given)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing is None:
+            return None
+        raise SdtuneError(missing) from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SdtuneError(f"{path}: {damaged} ({error})") from None
 
 
 def ensure_writable_folder(folder: str | os.PathLike, needed_bytes: int = 0) -> Path:

@@ -63,12 +63,9 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
 
 
 def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
-    import torch
-    from diffusers.utils import logging as diffusers_logging
-    from tqdm.auto import tqdm
-
     from .adapter import adapter_info, adapter_path, load_adapter
     from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts
+    from .distributed import process_state
     from .fileio import atomic_write, ensure_writable_folder
     from .models import DEFAULT_MODEL, load_pipeline
 
@@ -91,29 +88,66 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         output = Path("samples")
     ensure_writable_folder(output / "images")
 
+    # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes
+    # their images; the main process then reads them all back for the grid.
+    state = process_state()
     pipe = load_pipeline(model)
     if config.adapter:
         load_adapter(config.adapter, pipe, merge=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = state.device
     pipe.to(device)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     seeds = [config.seed + j for j in range(config.num_images)]
-    rows, files = [], []
     filled = [fill_placeholders(prompt, token) for prompt in prompts]
-    warn_truncated_prompts(pipe.tokenizer, filled)
-    # Several prompts go through the pipeline at once; every image keeps its own seeded generator,
-    # so the images do not depend on how prompts are batched.
+    if state.is_main_process:
+        warn_truncated_prompts(pipe.tokenizer, filled)
+    files = [output / "images" / f"{index:03d}-seed{seed}.png" for index in range(len(filled)) for seed in seeds]
+    # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
+    # images depend (in the last bit) on what else is in it, so the images are the same on any number
+    # of processes.
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
-    bar = tqdm(total=len(filled), desc="sample", unit="prompt", disable=not progress)
+    batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
+    with state.split_between_processes(batches) as mine:
+        rows = draw_rows(pipe, filled, mine, seeds, files, config, resolution, device, progress and state.is_main_process)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return SampleResult(output=output, images=files, grid=output / "grid.png", prompts=filled)
+    for index in range(len(filled)):
+        if index not in rows:  # drawn by another process
+            rows[index] = [load_png(path) for path in files[index * len(seeds) : (index + 1) * len(seeds)]]
+    grid_path = output / "grid.png"
+    with atomic_write(grid_path) as tmp:
+        make_grid([rows[index] for index in range(len(filled))], filled).save(tmp, format="PNG")
+    return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
+
+
+def load_png(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
+              config: SampleConfig, resolution: int, device, progress: bool) -> dict[int, list]:
+    """Draw each batch of prompt indices (one image per seed, each with its own seeded generator), write
+    every image to its file and return the rows by prompt index."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm.auto import tqdm
+
+    from .fileio import atomic_write
+
+    rows = {}
+    bar = tqdm(total=sum(map(len, batches)), desc="sample", unit="prompt", disable=not progress)
     verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its own truncation notice repeats the warning above
+    diffusers_logging.set_verbosity_error()  # its own truncation notice repeats sdtune's warning
     try:
-        for first in range(0, len(filled), per_call):
-            texts = filled[first : first + per_call]
-            generators = [torch.Generator(device).manual_seed(seed) for _ in texts for seed in seeds]
+        for batch in batches:
+            generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in seeds]
             images = pipe(
-                texts,
+                [prompts[index] for index in batch],
                 num_images_per_prompt=len(seeds),
                 generator=generators,
                 num_inference_steps=config.steps,
@@ -121,19 +155,14 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
                 height=resolution,
                 width=resolution,
             ).images
-            for offset in range(len(texts)):
+            for offset, index in enumerate(batch):
                 row = images[offset * len(seeds) : (offset + 1) * len(seeds)]
-                for seed, image in zip(seeds, row):
-                    path = output / "images" / f"{first + offset:03d}-seed{seed}.png"
-                    with atomic_write(path) as tmp:
+                for column, image in enumerate(row):
+                    with atomic_write(files[index * len(seeds) + column]) as tmp:
                         image.save(tmp, format="PNG")
-                    files.append(path)
-                rows.append(row)
-            bar.update(len(texts))
+                rows[index] = row
+            bar.update(len(batch))
     finally:
         bar.close()
         diffusers_logging.set_verbosity(verbosity)
-    grid_path = output / "grid.png"
-    with atomic_write(grid_path) as tmp:
-        make_grid(rows, filled).save(tmp, format="PNG")
-    return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
+    return rows

@@ -367,12 +367,15 @@ def _train(
                 save_adapters()
         check_finite()
         save_adapters()
+        accelerator.wait_for_everyone()
     finally:
         bar.close()
         if metrics:
             metrics.close()
-        accelerator.end_training()
-    accelerator.wait_for_everyone()
+        # The trackers end here, but not the process group (as accelerator.end_training() would): it
+        # belongs to the launched process, which may go on to sample.
+        for tracker in accelerator.trackers:
+            tracker.finish()
     elapsed = time.perf_counter() - start
     return Run(
         output=output, adapter=adapter, config=config, method=method, losses=losses, seconds=elapsed,
