@@ -11,6 +11,9 @@ STAMP := $(VENV)/.sdtune-installed
 DEMO_STEPS ?= 200
 RUN ?= runs/castle-atoms
 DEMO_MODEL ?= tiny
+# Tests run on one worker per core (at most 4), one thread each: the tiny model's small operations
+# gain nothing from a second thread, and a second worker nearly halves the suite's time.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4
 
 .PHONY: env demo test test-all bench clean
 
@@ -29,10 +32,10 @@ demo: $(STAMP)
 	@echo "grid: $(RUN)/samples/grid.png"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ""
+	$(PYTEST) -m ""
 
 clean:
 	rm -rf runs .pytest_cache
