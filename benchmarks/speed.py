@@ -5,6 +5,7 @@
     python benchmarks/speed.py --arch tiny --latent 8           # seconds, for a quick look
     python benchmarks/speed.py --device cuda --dtype bf16 --latent 64 --batch 4
     python benchmarks/speed.py --sampling                       # also time inference: base, merged, unmerged
+    python benchmarks/speed.py --sampling-only --rows atoms,lora,loha,lokr,difffit,bitfit,gift,full
 
 The UNet is built from SD v1.4's config with random weights (no download). Each configuration runs
 in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
@@ -211,7 +212,8 @@ def run_child(kind: str, row: str, args) -> dict:
     if args.device.startswith("cuda"):
         return run_in_process(kind, row, args)
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "row", "rows", "sampling", "markdown")
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown")
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -232,6 +234,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated rows (methods) to measure")
     parser.add_argument("--sampling", action="store_true", help="also time inference: base, unmerged, merged")
+    parser.add_argument("--sampling-only", action="store_true", help="time inference only (no training table)")
     parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
@@ -253,12 +256,14 @@ def main() -> None:
     )
     print(header, flush=True)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    results = []
-    for row in rows:
-        results.append(run_child("train", row, args))
-        print(f"  measured {row}", file=sys.stderr, flush=True)
-    lines = training_table(results)
-    if args.sampling:
+    lines = []
+    if not args.sampling_only:
+        results = []
+        for row in rows:
+            results.append(run_child("train", row, args))
+            print(f"  measured {row}", file=sys.stderr, flush=True)
+        lines = training_table(results)
+    if args.sampling or args.sampling_only:
         sampled = [run_child("sample", row, args) for row in rows if row not in ("floor", "atoms-reference") and "[" not in row]
         lines += [""] + sampling_table(sampled)
     text = "\n".join([f"**{header}**", ""] + lines)
