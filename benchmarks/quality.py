@@ -3,6 +3,7 @@
     python benchmarks/quality.py               # every method but full: ~12 min on 2 idle CPU cores, more on a loaded one
     python benchmarks/quality.py --methods atoms,lora,full --steps 400 --images-per-class 8
     python benchmarks/quality.py --reuse       # keep the runs already trained with this budget; measure again
+    python benchmarks/quality.py --methods atoms,lora --lr-scales 1,3,10   # a learning-rate sweep
     sdtune compare runs/quality/* --output runs/quality-report/compare --no-grid
 
 The concept. The `tiny` base was pretrained on MNIST digits drawn the MNIST way: thin, mostly upright
@@ -30,7 +31,8 @@ What is measured (every run samples with the same seeds, sampler, `--sample-step
 - trainable parameters, and training seconds (`Run.seconds`: the loop alone, model loading excluded).
 
 Equal budget: the same `--steps`, `--batch-size`, `--seed` and concept images for every method, each at
-its own default learning rate (`method.default_lr`) and default options.
+its own default learning rate (`method.default_lr`) and default options; `--lr-scales` trains each method
+at several multiples of that rate and names, per method, the best rate that keeps preservation.
 
 Writes, under `--output` (default runs/quality): one run folder per method, each with an `eval.json`
 in `sdtune evaluate`'s format holding the three metrics, so `sdtune compare runs/quality/*` tabulates
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -63,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--steps", type=int, default=200, help="optimiser steps, every method")
+    parser.add_argument("--lr-scales", default="1",
+                        help="comma-separated multiples of each method's default learning rate, one run each "
+                             "(e.g. 1,3,10: a learning-rate sweep; runs other than 1x are named METHOD-lrNx)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="training seed; sampling seeds are fixed per prompt")
     parser.add_argument("--concept-images", type=int, default=6, help="real sevens turned into the concept")
@@ -76,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "and seed (it is still sampled and measured)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.lr_scales = [float(x) for x in args.lr_scales.split(",") if x.strip()]
     args.report = args.report or args.output.rstrip("/") + "-report"
     return args
 
@@ -166,8 +173,8 @@ def measure(images, kinds, digits, classifier, concept_features, concept_style, 
     return result
 
 
-def finished_run(run_dir: Path, args):
-    """(method, train seconds) of a run folder trained with this budget, or None."""
+def finished_run(run_dir: Path, args, lr: float):
+    """(config, train seconds) of a run folder trained with this budget and learning rate, or None."""
     import tomllib
 
     from sdtune.adapter import ADAPTER_FILE
@@ -178,6 +185,8 @@ def finished_run(run_dir: Path, args):
         return None
     config = tomllib.loads(config_path.read_text(encoding="utf-8"))
     if (config.get("steps"), config.get("batch_size"), config.get("seed")) != (args.steps, args.batch_size, args.seed):
+        return None
+    if not math.isclose(config.get("lr") or 0.0, lr, rel_tol=1e-6):
         return None
     records = read_metrics_log(run_dir / "metrics.jsonl")
     if len(records) != args.steps:
@@ -220,20 +229,40 @@ def write_eval(run_dir: Path, method, result: dict, base: dict, args, prompts: l
 
 def markdown(rows: list[dict], base: dict, concept: dict) -> str:
     lines = [
-        "| method | trainable | digit fidelity | style fidelity | slant | ink | read as 7 | preservation | Δ vs base | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        (f"| concept images | | {concept['digit_fidelity']:.4f} | 1.00 | {concept['style']['slant']:.3f} | "
+        "| run | trainable | lr | digit fidelity | style fidelity | slant | ink | read as 7 | preservation | Δ vs base | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| concept images | | | {concept['digit_fidelity']:.4f} | 1.00 | {concept['style']['slant']:.3f} | "
          f"{concept['style']['ink']:.3f} | {concept['concept_read_as_seven']:.0%} | | | |"),
-        (f"| base (no tuning) | 0 | {base['digit_fidelity']:.4f} | 0.00 | {base['style']['slant']:.3f} | "
+        (f"| base (no tuning) | 0 | | {base['digit_fidelity']:.4f} | 0.00 | {base['style']['slant']:.3f} | "
          f"{base['style']['ink']:.3f} | {base['concept_read_as_seven']:.0%} | {base['preservation']:.1%} | | |"),
     ]
     for row in rows:
         delta = 100 * (row["preservation"] - base["preservation"])
         lines.append(
-            f"| {row['method']} | {row['num_parameters']:,} | {row['digit_fidelity']:.4f} | {row['style_fidelity']:.2f} | "
+            f"| {row['run']} | {row['num_parameters']:,} | {row['lr']:.0e} | {row['digit_fidelity']:.4f} | {row['style_fidelity']:.2f} | "
             f"{row['style']['slant']:.3f} | {row['style']['ink']:.3f} | {row['concept_read_as_seven']:.0%} | "
             f"{row['preservation']:.1%} | {delta:+.1f} pt | {row['train_seconds']:.1f} |"
         )
+    if any(row["run"] != row["method"] for row in rows):
+        lines += ["", best_runs(rows, base)]
+    return "\n".join(lines)
+
+
+PRESERVATION_FLOOR = 0.10  # a learning-rate sweep's pick may lose at most 10 points of preservation
+
+
+def best_runs(rows: list[dict], base: dict) -> str:
+    """Per method, the run of the sweep with the most style fidelity that keeps preservation within
+    PRESERVATION_FLOOR of the base's."""
+    lines = [f"Best learning rate per method (most style fidelity with preservation ≥ base − {PRESERVATION_FLOOR:.0%}):", ""]
+    for method in dict.fromkeys(row["method"] for row in rows):
+        kept = [r for r in rows if r["method"] == method and r["preservation"] >= base["preservation"] - PRESERVATION_FLOOR]
+        if not kept:
+            lines.append(f"- {method}: every learning rate lost more than {PRESERVATION_FLOOR:.0%} of preservation")
+            continue
+        best = max(kept, key=lambda r: r["style_fidelity"])
+        lines.append(f"- {method}: {best['run']} (lr {best['lr']:.0e}): style fidelity {best['style_fidelity']:.2f}, "
+                     f"preservation {best['preservation']:.1%}")
     return "\n".join(lines)
 
 
@@ -245,13 +274,14 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     palette = plt.get_cmap("tab10")
-    for i, row in enumerate(rows):
-        color = palette(i % 10)
+    method_index = {method: i for i, method in enumerate(dict.fromkeys(row["method"] for row in rows))}
+    for row in rows:
+        color = palette(method_index[row["method"]] % 10)
         left.scatter(row["style_fidelity"], 100 * row["preservation"], color=color, s=50, zorder=3)
-        left.annotate(row["method"], (row["style_fidelity"], 100 * row["preservation"]), textcoords="offset points",
+        left.annotate(row["run"], (row["style_fidelity"], 100 * row["preservation"]), textcoords="offset points",
                       xytext=(5, 4), fontsize=8)
         right.scatter(row["num_parameters"], row["style_fidelity"], color=color, s=50, zorder=3)
-        right.annotate(row["method"], (row["num_parameters"], row["style_fidelity"]), textcoords="offset points",
+        right.annotate(row["run"], (row["num_parameters"], row["style_fidelity"]), textcoords="offset points",
                        xytext=(5, 4), fontsize=8)
     left.scatter(0.0, 100 * base["preservation"], color="black", marker="x", s=60, zorder=3)
     left.annotate("base", (0.0, 100 * base["preservation"]), textcoords="offset points", xytext=(5, -10), fontsize=8)
@@ -340,35 +370,38 @@ def main(argv=None) -> int:
 
     rows = []
     for name in args.methods:
-        run_dir = output / name
-        finished = finished_run(run_dir, args) if args.reuse else None
-        if finished is None:
-            run = sdtune.train(
-                TrainConfig(
-                    concept="seven", method=name, model="tiny", images=str(concept_folder), output=str(run_dir),
-                    token="seven", template="This is a picture of the handwritten digit {token} in sks style.",
-                    steps=args.steps, batch_size=args.batch_size, resolution=64, seed=args.seed, log_with="none",
-                ),
-            )
-            lr, train_seconds = run.config.lr, run.seconds
-        else:
-            saved_config, train_seconds = finished
-            lr = saved_config["lr"]
-            log(f"{name}: reusing the run in {run_dir}")
-        pipe = load_pipeline("tiny")
-        pipe.set_progress_bar_config(disable=True)
-        method = load_adapter(run_dir, pipe)
-        images = generate(pipe, prompts, seeds, args.sample_steps)
-        result = measure(images, kinds, digits, classifier, concept_features, concept_style, base["style"])
-        # the adapter's own count: a merged method no longer holds its trainable tensors
-        num_parameters = int(read_adapter_info(run_dir)[0].extra["num_parameters"])
-        result.update(method=name, num_parameters=num_parameters, train_seconds=train_seconds, lr=lr)
-        write_eval(run_dir, method, result, base, args, prompts)
-        rows.append(result)
-        named_images.append((name, images))
-        log(f"{name}: {result['num_parameters']:,} params, lr {lr:g}, train {train_seconds:.1f}s, "
-            f"digit fidelity {result['digit_fidelity']:.4f}, style fidelity {result['style_fidelity']:.2f}, "
-            f"preservation {result['preservation']:.1%}")
+        for scale in args.lr_scales:
+            lr = methods.method_class(name).default_lr * scale
+            run_name = name if scale == 1 else f"{name}-lr{scale:g}x"
+            run_dir = output / run_name
+            finished = finished_run(run_dir, args, lr) if args.reuse else None
+            if finished is None:
+                run = sdtune.train(
+                    TrainConfig(
+                        concept="seven", method=name, model="tiny", images=str(concept_folder), output=str(run_dir),
+                        token="seven", template="This is a picture of the handwritten digit {token} in sks style.",
+                        steps=args.steps, batch_size=args.batch_size, resolution=64, seed=args.seed, log_with="none",
+                        lr=lr,
+                    ),
+                )
+                train_seconds = run.seconds
+            else:
+                train_seconds = finished[1]
+                log(f"{run_name}: reusing the run in {run_dir}")
+            pipe = load_pipeline("tiny")
+            pipe.set_progress_bar_config(disable=True)
+            method = load_adapter(run_dir, pipe)
+            images = generate(pipe, prompts, seeds, args.sample_steps)
+            result = measure(images, kinds, digits, classifier, concept_features, concept_style, base["style"])
+            # the adapter's own count: a merged method no longer holds its trainable tensors
+            num_parameters = int(read_adapter_info(run_dir)[0].extra["num_parameters"])
+            result.update(method=name, run=run_name, num_parameters=num_parameters, train_seconds=train_seconds, lr=lr)
+            write_eval(run_dir, method, result, base, args, prompts)
+            rows.append(result)
+            named_images.append((run_name, images))
+            log(f"{run_name}: {result['num_parameters']:,} params, lr {lr:g}, train {train_seconds:.1f}s, "
+                f"digit fidelity {result['digit_fidelity']:.4f}, style fidelity {result['style_fidelity']:.2f}, "
+                f"preservation {result['preservation']:.1%}")
 
     table = markdown(rows, base, concept_row)
     print("\n" + table + "\n", flush=True)
