@@ -55,13 +55,11 @@ def read_json(path: str | os.PathLike, missing: str | None = None, damaged: str 
     (or None returned when no message is given)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         if missing is None:
             return None
         raise SdtuneError(missing) from None
-    try:
-        return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise SdtuneError(f"{path}: {damaged} ({error})") from None
 

@@ -306,6 +306,18 @@ def test_custom_concept101_layout(tmp_path):
         custom_concept(tmp_path, "dragon")
 
 
+@pytest.mark.parametrize(
+    "index,message",
+    [(None, "no CustomConcept101 dataset.json in"), ("[{", "dataset.json: not valid JSON"),
+     ('{"castle": 1}', "not a CustomConcept101 index")],
+)
+def test_custom_concept101_index_errors_are_one_line(tmp_path, index, message):
+    if index is not None:
+        (tmp_path / "dataset.json").write_text(index)
+    with pytest.raises(SdtuneError, match=message):
+        custom_concept(tmp_path, "castle")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training and sampling through the command line
 

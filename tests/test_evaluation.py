@@ -343,3 +343,16 @@ def test_compare_reads_the_quality_benchmark_metrics(two_runs, tmp_path):
     assert {name: float(row[name]) for name in metrics} == metrics
     assert "| digit fidelity | style fidelity | preservation |" in result.table
     assert {"digit_fidelity-vs-parameters.png", "preservation-vs-parameters.png"} <= {p.name for p in result.files}
+
+
+def test_read_evaluation_of_missing_damaged_and_foreign_files(tmp_path):
+    from sdtune.errors import SdtuneError
+    from sdtune.evaluation import read_evaluation
+
+    assert read_evaluation(tmp_path) is None
+    (tmp_path / "eval.json").write_text('{"metrics": ')
+    with pytest.raises(SdtuneError, match="eval.json: not valid JSON"):
+        read_evaluation(tmp_path)
+    (tmp_path / "eval.json").write_text('{"metrics": {}}')
+    with pytest.raises(SdtuneError, match="not an sdtune evaluation"):
+        read_evaluation(tmp_path)

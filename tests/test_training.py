@@ -129,6 +129,9 @@ def test_resume_refuses_what_is_not_a_checkpoint_and_a_fresh_run_over_checkpoint
     (tmp_path / "empty").mkdir()
     with pytest.raises(SdtuneError, match="not an sdtune checkpoint"):
         train(config(tmp_path / "a", resume=str(tmp_path / "empty")), progress=False)
+    (tmp_path / "empty" / "state.json").write_bytes(b'{"format": \xff')
+    with pytest.raises(SdtuneError, match="state.json: damaged checkpoint state"):
+        train(config(tmp_path / "a", resume=str(tmp_path / "empty")), progress=False)
     (tmp_path / "b" / "checkpoints" / "step-1").mkdir(parents=True)
     with pytest.raises(SdtuneError, match="holds checkpoints of an earlier run: add --resume latest"):
         train(config(tmp_path / "b"), progress=False)
