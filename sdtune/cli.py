@@ -121,6 +121,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Images per step." + _default(TrainConfig, "batch_size")),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's own, 1e-3 for atoms)."),
     resolution: Optional[int] = typer.Option(None, help="Training image size in pixels (default: the model's native size)."),
+    random_flip: Optional[bool] = typer.Option(None, "--random-flip/--no-random-flip", help="Mirror each concept image left-right half the time (default: no; leave off for text, digits, slanted styles, asymmetric objects)."),
     seed: Optional[int] = typer.Option(None, help="Random seed." + _default(TrainConfig, "seed")),
     token: Optional[str] = typer.Option(None, help="Text that replaces the placeholder (default: 'sks <concept>')."),
     template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
@@ -139,7 +140,7 @@ def train(
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
     noise_offset: Optional[float] = typer.Option(None, help="Add this times a per-image, per-channel Gaussian to the noise (0.05-0.1 typical)." + _default(TrainConfig, "noise_offset")),
-    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image) and prompt once; the VAE leaves the accelerator (default: no)."),
+    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image, with --random-flip) and prompt once; the VAE leaves the accelerator (default: no)."),
     class_images: Optional[Path] = typer.Option(None, help="Prior preservation: folder of class images (default: generated into OUTPUT/class-images)."),
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: the class images' prompt (default: the template with the plain concept name)."),
     num_class_images: Optional[int] = typer.Option(None, help="Prior preservation: class images to use, generated if missing (default: 100, or all of --class-images)."),
@@ -191,7 +192,7 @@ def train(
     overrides = {
         name: settings[name]
         for name in (
-            "concept", "method", "model", "steps", "batch_size", "lr", "resolution", "seed",
+            "concept", "method", "model", "steps", "batch_size", "lr", "resolution", "random_flip", "seed",
             "token", "template", "save_every", "mixed_precision", "gradient_accumulation_steps", "lr_scheduler",
             "lr_warmup_steps", "lr_cycles", "max_grad_norm", "ema_decay", "gradient_checkpointing", "checkpoint_every",
             "keep_checkpoints", "resume",

@@ -121,6 +121,7 @@ class TrainConfig(_Config):
     batch_size: int = 1
     lr: float | None = None  # default: the method's own
     resolution: int | None = None  # default: the model's native size
+    random_flip: bool = False  # mirror concept images left-right at random (not for text, digits, slanted styles)
     seed: int = 0
     save_every: int = 0  # also save the adapter every N steps (0: only at the end)
     mixed_precision: str = "no"
@@ -139,7 +140,7 @@ class TrainConfig(_Config):
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
     # Memory
     no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16)
-    cache_latents: bool = False  # encode every image (and its mirror image) and prompt once
+    cache_latents: bool = False  # encode every image (and its mirror image, with random_flip) and prompt once
     # Prior preservation (DreamBooth): on when any of the class settings is given
     class_images: str | None = None  # folder of class images; default: generated into OUTPUT/class-images
     class_prompt: str | None = None  # default: the template with the plain concept name
@@ -165,6 +166,8 @@ class TrainConfig(_Config):
             _check_dataset(self)
         elif self.classes or self.max_per_class or self.split:
             raise SdtuneError("--classes, --max-per-class and --split need --dataset")
+        if self.dataset is not None and self.random_flip:
+            raise SdtuneError("--random-flip applies to concept images; labelled datasets are not mirrored")
         if self.dataset is not None and (self.validate_every or self.with_prior_preservation):
             raise SdtuneError("--dataset does not combine with --validate-every or prior preservation (class images)")
         if not self.concept or not self.concept.replace("-", "").replace("_", "").isalnum():

@@ -159,19 +159,22 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 
 class ConceptDataset:
-    """Few-shot concept images as tensors in [-1, 1], each with a random horizontal flip.
+    """Few-shot concept images as tensors in [-1, 1], with `random_flip` each mirrored left-right half the time.
 
     Items are `{"pixels": (3, H, W) tensor, "prompt": str}`. `example(index, flip)` gives one item with the
     flip chosen by the caller, so a latent cache can encode both orientations once and still flip at random.
+    Flipping is off unless asked for (as in diffusers and kohya): it would teach a mirrored concept where
+    orientation matters (text, digits, a slanted style, an asymmetric object).
     """
 
-    def __init__(self, images: list, prompt: str):
+    def __init__(self, images: list, prompt: str, random_flip: bool = False):
         import numpy as np
         import torch
 
         arrays = [np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in images]
         self.pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         self.prompt = prompt
+        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -181,7 +184,7 @@ class ConceptDataset:
         return {"pixels": pixels.flip(-1) if flip else pixels, "prompt": self.prompt}
 
     def __getitem__(self, index: int) -> dict:
-        return self.example(index, random_flip())
+        return self.example(index, self.random_flip and random_flip())
 
 
 def random_flip() -> bool:

@@ -57,16 +57,17 @@ def encode_images(vae, pixels):
 class CachedLatents:
     """A dataset's items with the VAE's latent distribution (`"latent_parameters"`) in place of the pixels.
 
-    The dataset must offer `example(index, flip)`; both orientations of every image are encoded up front
-    and kept on the CPU (the data loader moves each batch to the device).
+    The dataset must offer `example(index, flip)`; every image is encoded up front, in both orientations
+    when the dataset flips at random, and kept on the CPU (the data loader moves each batch to the device).
     """
 
     def __init__(self, dataset, vae):
         import torch
 
         self.dataset = dataset
+        self.random_flip = getattr(dataset, "random_flip", False)
         self.parameters = {}
-        for flip in (False, True):
+        for flip in (False, True) if self.random_flip else (False,):
             chunks = []
             for start in range(0, len(dataset), ENCODE_BATCH):
                 indices = range(start, min(start + ENCODE_BATCH, len(dataset)))
@@ -78,7 +79,7 @@ class CachedLatents:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        flip = random_flip()  # the same draw the dataset itself makes
+        flip = self.random_flip and random_flip()  # the same draw the dataset itself makes
         example = {k: v for k, v in self.dataset.example(index, flip).items() if k != "pixels"}
         example["latent_parameters"] = self.parameters[flip][index]
         return example

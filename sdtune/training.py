@@ -137,13 +137,13 @@ def _train(
     if labelled is not None:
         dataset = ClassImageDataset(labelled, resolution)  # {"pixels", "prompt"}: each image with its own caption
     else:
-        dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt)
+        dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt, config.random_flip)
         if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
             warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
     class_dataset = None
     if config.with_prior_preservation:  # class images are drawn by the base model, before the method is injected
         class_paths = prior.class_image_paths(config, pipe, output, resolution, accelerator, progress)
-        class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt)
+        class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt, config.random_flip)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)

@@ -404,6 +404,7 @@ def empty_class_root(tmp_path):
         (("train", "--dataset", "digits", "--max-per-class", -1), "--max-per-class must be 0"),
         (("train", "--dataset", "digits", "--split", "dev"), "--split must be one of"),
         (("train", "--dataset", "digits", "--validate-every", 2), "--dataset does not combine with --validate-every"),
+        (("train", "--dataset", "digits", "--random-flip"), "--random-flip applies to concept images"),
         (("sample", "--model", "tiny-random", "--dataset", "digits", "--classes", "ten"), "unknown class 'ten'"),
         (("sample", "--model", "tiny-random", "--classes", "ten", "--prompt", "x"), "--classes needs --dataset"),
     ],

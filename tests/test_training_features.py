@@ -150,7 +150,7 @@ def test_cached_latents_give_the_same_losses_and_skip_the_vae(tmp_path, tiny_pat
         return pipe
 
     monkeypatch.setattr(sdtune.models, "load_pipeline", load_counting)
-    settings = dict(steps=10, batch_size=2, seed=3)  # 8 castle images: 2.5 epochs
+    settings = dict(steps=10, batch_size=2, seed=3, random_flip=True)  # 8 castle images: 2.5 epochs
     uncached = run_training(tmp_path, "uncached", **settings)
     assert sum(encoded) == 10 * 2
     encoded.clear()
@@ -169,12 +169,33 @@ def test_cached_latents_keep_random_flips():
 
     images = [Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))]
     images[0].paste((0, 255, 0), (0, 0, 32, 64))  # left half green: not symmetric
-    dataset = CachedLatents(ConceptDataset(images, "a photo"), load_pipeline("tiny-random").vae)
+    vae = load_pipeline("tiny-random").vae
+    dataset = CachedLatents(ConceptDataset(images, "a photo", random_flip=True), vae)
     assert not torch.equal(dataset.parameters[False][0], dataset.parameters[True][0])
     torch.manual_seed(0)
     seen = {bool(torch.equal(dataset[0]["latent_parameters"], dataset.parameters[True][0])) for _ in range(20)}
     assert seen == {False, True}
     assert dataset[1]["prompt"] == "a photo" and "pixels" not in dataset[1]
+
+    # without random flips (the default) only the images as given are encoded and drawn
+    unflipped = CachedLatents(ConceptDataset(images, "a photo"), vae)
+    assert list(unflipped.parameters) == [False]
+    assert all(torch.equal(unflipped[0]["latent_parameters"], unflipped.parameters[False][0]) for _ in range(10))
+
+
+def test_concept_images_are_mirrored_only_with_random_flip():
+    from PIL import Image
+
+    from sdtune.data import ConceptDataset
+
+    image = Image.new("RGB", (64, 64), (255, 0, 0))
+    image.paste((0, 255, 0), (0, 0, 32, 64))
+    torch.manual_seed(0)
+    plain = ConceptDataset([image], "a photo")
+    assert all(torch.equal(plain[0]["pixels"], plain.pixels[0]) for _ in range(20))
+    flipping = ConceptDataset([image], "a photo", random_flip=True)
+    seen = {bool(torch.equal(flipping[0]["pixels"], flipping.pixels[0].flip(-1))) for _ in range(20)}
+    assert seen == {False, True}
 
 
 # ---------------------------------------------------------------------------------------------
