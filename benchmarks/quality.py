@@ -173,12 +173,13 @@ def measure(images, kinds, digits, classifier, concept_features, concept_style, 
     return result
 
 
-def finished_run(run_dir: Path, args, lr: float):
-    """(config, train seconds) of a run folder trained with this budget and learning rate, or None."""
+def finished_run_seconds(run_dir: Path, args, lr: float) -> float | None:
+    """The training seconds of a run folder trained with this budget and learning rate, or None."""
     import tomllib
 
     from sdtune.adapter import ADAPTER_FILE
     from sdtune.comparison import read_metrics_log
+    from sdtune.evaluation import read_evaluation
 
     config_path = run_dir / "config.toml"
     if not (run_dir / ADAPTER_FILE).is_file() or not config_path.is_file():
@@ -191,10 +192,9 @@ def finished_run(run_dir: Path, args, lr: float):
     records = read_metrics_log(run_dir / "metrics.jsonl")
     if len(records) != args.steps:
         return None
-    report = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    report = read_evaluation(run_dir) or {}
     # the loop's own time when this benchmark recorded it, else the sum of its logged step times
-    seconds = report.get("train_seconds") or sum(r.get("step_seconds", 0.0) for r in records)
-    return config, seconds
+    return report.get("train_seconds") or sum(r.get("step_seconds", 0.0) for r in records)
 
 
 def write_eval(run_dir: Path, method, result: dict, base: dict, args, prompts: list[str]) -> None:
@@ -374,8 +374,8 @@ def main(argv=None) -> int:
             lr = methods.method_class(name).default_lr * scale
             run_name = name if scale == 1 else f"{name}-lr{scale:g}x"
             run_dir = output / run_name
-            finished = finished_run(run_dir, args, lr) if args.reuse else None
-            if finished is None:
+            train_seconds = finished_run_seconds(run_dir, args, lr) if args.reuse else None
+            if train_seconds is None:
                 run = sdtune.train(
                     TrainConfig(
                         concept="seven", method=name, model="tiny", images=str(concept_folder), output=str(run_dir),
@@ -386,7 +386,6 @@ def main(argv=None) -> int:
                 )
                 train_seconds = run.seconds
             else:
-                train_seconds = finished[1]
                 log(f"{run_name}: reusing the run in {run_dir}")
             pipe = load_pipeline("tiny")
             pipe.set_progress_bar_config(disable=True)

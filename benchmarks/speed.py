@@ -176,7 +176,8 @@ def measure_sampling(row: str, args) -> dict:
     times = {name: [] for name in names}
     with torch.no_grad():
         for round_ in range(args.warmup + args.steps):
-            for name in names[round_ % 3 :] + names[: round_ % 3]:
+            first = round_ % len(names)
+            for name in names[first:] + names[:first]:
                 synchronize(args.device)
                 start = time.perf_counter()
                 models[name](latents, timesteps, embeddings)

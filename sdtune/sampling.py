@@ -111,12 +111,12 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     with state.split_between_processes(batches) as mine:
         rows = draw_rows(pipe, filled, mine, seeds, files, config, resolution, device, progress and state.is_main_process)
     state.wait_for_everyone()
+    grid_path = output / "grid.png"
     if not state.is_main_process:
-        return SampleResult(output=output, images=files, grid=output / "grid.png", prompts=filled)
+        return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
     for index in range(len(filled)):
         if index not in rows:  # drawn by another process
             rows[index] = [load_png(path) for path in files[index * len(seeds) : (index + 1) * len(seeds)]]
-    grid_path = output / "grid.png"
     with atomic_write(grid_path) as tmp:
         make_grid([rows[index] for index in range(len(filled))], filled).save(tmp, format="PNG")
     return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
