@@ -27,7 +27,8 @@ from torch import nn
 
 # Batch x output positions up to which the tap side is faster than the weight side (CPU, fp32):
 # at 8x8 and 16x16 feature maps the tap side takes 0.35-0.45x the weight side's time, at 32x32
-# they are even, at 64x64 the weight side wins.
+# they are even, at 64x64 the weight side wins. A whole SD v1.4 step at 64x64 latents with the limit
+# at 256 or 4096 positions took 1.035x and 1.084x the step with 1024.
 # On an H200 (SD v1.4, 64x64 latents, batch 1, bf16) the weight side everywhere took 0.124 s a step
 # and the CPU limit 0.142 s: cuDNN's weight gradient is cheap there, unfold/fold traffic is not.
 TAP_SIDE_MAX_POSITIONS = {"cpu": 1024, "cuda": 0}
@@ -72,11 +73,16 @@ class TapMixedConv(torch.autograd.Function):
         # dL/d(mixed taps): the same GEMM as the input gradient of the frozen convolution
         grad_mixed = torch.matmul(weight.reshape(out_channels, -1).T, grad).view(batch, channels, taps, positions)
         unfolded = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        grad_mixing = torch.einsum("bcsl,bctl->st", grad_mixed, unfolded.view(batch, channels, taps, positions))
-        del unfolded
+        # Σ over batch, channels and positions as one batched GEMM over (batch, channel) pairs: the
+        # transposed operand is a view, so nothing 9x the input is copied (einsum permuted both
+        # operands into new tensors first, 5-10x slower at 32x32 and larger maps)
+        pairs = grad_mixed.reshape(batch * channels, taps, positions)
+        grad_mixing = torch.matmul(pairs, unfolded.view(batch * channels, taps, positions).transpose(1, 2)).sum(0)
+        del unfolded, pairs
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_unfolded = torch.matmul(mix.T, grad_mixed).view(batch, channels * taps, positions)
+            del grad_mixed
             grad_x = F.fold(grad_unfolded, (height, width), kernel, dilation=dilation, padding=padding, stride=stride)
         return grad_x, None, grad_mixing.to(ctx.mixing_dtype), None, None, None, None
 
