@@ -7,6 +7,8 @@ Random weights (the default) need no download; reconstruction on them says littl
 weights, whose taps are far from isotropic. Reported per setting: seconds for all targeted layers,
 relative error ‖W − α·D‖/‖W‖ over all of them with the adapter's α = W_b·P, and for sparse coding
 the lasso code's own error and its fraction of zeros (on each layer's dictionary-learning sample).
+Then, what `sdtune train` pays: `method.inject` on the whole UNet with the default options, once with
+an empty decomposition cache (decompose every layer, write the cache) and once more (read it back).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=[9, 4])
     parser.add_argument("--kc", type=int, nargs="+", default=[1])
     parser.add_argument("--weights", default="random", help="'random' or a diffusers UNet folder")
+    parser.add_argument("--skip-inject", action="store_true", help="only the per-setting table")
     args = parser.parse_args()
 
     from sdtune.models import build_sd14_unet
@@ -65,6 +68,37 @@ def main() -> None:
                 if init == "sparse":
                     line += f"; lasso code: rel. error {(lasso_error / sample_total) ** 0.5:.3f}, {zeros:.0%} zeros"
                 print(line, flush=True)
+    if not args.skip_inject:
+        time_injection(unet)
+
+
+def time_injection(unet) -> None:
+    """inject() with an empty cache, then with the cache it wrote, for each init at the default options."""
+    import copy
+    import os
+    import tempfile
+
+    from sdtune import methods
+
+    with tempfile.TemporaryDirectory() as cache:
+        previous = os.environ.get("SDTUNE_CACHE")
+        os.environ["SDTUNE_CACHE"] = cache
+        try:
+            for init in A.INITS:
+                seconds = []
+                for _ in range(2):
+                    fresh = copy.deepcopy(unet)
+                    start = time.perf_counter()
+                    methods.create("atoms", init=init).inject(fresh)
+                    seconds.append(time.perf_counter() - start)
+                    del fresh
+                print(f"inject atoms (init={init}, defaults): {seconds[0]:.2f} s with an empty cache, "
+                      f"{seconds[1]:.2f} s from the cache", flush=True)
+        finally:
+            if previous is None:
+                os.environ.pop("SDTUNE_CACHE")
+            else:
+                os.environ["SDTUNE_CACHE"] = previous
 
 
 if __name__ == "__main__":

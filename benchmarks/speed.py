@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,15 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROWS = "floor,atoms,atoms[tap],atoms[weight],atoms[autograd],atoms-reference,lora,full"
 
 
-def build(arch: str, device: str, dtype):
+def build(arch: str, device: str):
+    """The UNet in fp32 with seed-0 random weights, initialised on the device itself."""
     import torch
 
     from sdtune.models import build_sd14_unet, build_tiny_pipeline, quiet_libraries
 
     quiet_libraries()
     torch.manual_seed(0)
-    unet = build_sd14_unet(device) if arch == "sd14" else build_tiny_pipeline().unet  # random init on the device
-    return unet.to(device=device, dtype=dtype)
+    unet = build_sd14_unet(device) if arch == "sd14" else build_tiny_pipeline().unet
+    return unet.to(device)
 
 
 def apply_row(row: str, unet):
@@ -113,7 +115,7 @@ def measure_training(row: str, args) -> dict:
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    unet = build(args.arch, args.device, torch.float32)
+    unet = build(args.arch, args.device)
     method, params = apply_row(row, unet)
     if dtype != torch.float32:  # frozen weights in low precision, trainable ones kept in fp32
         trainable = {id(p) for p in params}
@@ -151,15 +153,17 @@ def measure_training(row: str, args) -> dict:
 
 
 def measure_sampling(row: str, args) -> dict:
-    """UNet evaluations as in sampling with guidance (batch 2): the base, the adapted UNet, the merged one.
+    """UNet evaluations as in sampling with guidance (batch 2): the base, the adapted UNet, the merged one,
+    each wholly in `--dtype`.
 
     The three are separate models timed in turns within each round (rotating which goes first), and the
     ratios are medians of the per-round ratios, so load on a shared machine falls on all three alike.
+    FLOPs of one call of each are counted too.
     """
     import torch
 
     def adapted(merge: bool):
-        unet = build(args.arch, args.device, torch.float32)
+        unet = build(args.arch, args.device)
         method, params = apply_row(row, unet)
         generator = torch.Generator().manual_seed(1)  # the same update for the merged and unmerged copies
         with torch.no_grad():
@@ -167,10 +171,11 @@ def measure_sampling(row: str, args) -> dict:
                 p.add_(torch.randn(p.shape, generator=generator).to(p) * 1e-3)
         if merge:
             method.merge()
-        return unet
+        return unet.to(dtype)
 
-    models = {"base": build(args.arch, args.device, torch.float32), "unmerged": adapted(False), "merged": adapted(True)}
-    latents, timesteps, embeddings = inputs(models["base"], args, args.device, torch.float32)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    models = {"base": build(args.arch, args.device).to(dtype), "unmerged": adapted(False), "merged": adapted(True)}
+    latents, timesteps, embeddings = inputs(models["base"], args, args.device, dtype)
     latents, timesteps, embeddings = (torch.cat([t, t]) for t in (latents, timesteps, embeddings))
     names = list(models)
     times = {name: [] for name in names}
@@ -185,9 +190,23 @@ def measure_sampling(row: str, args) -> dict:
                 if round_ >= args.warmup:
                     times[name].append(time.perf_counter() - start)
     result = {"row": row, **{name: statistics.median(values) for name, values in times.items()}}
+    flops = {name: count_flops(model, latents, timesteps, embeddings) for name, model in models.items()}
+    result["base_gflop"] = flops["base"] / 1e9
     for name in ("unmerged", "merged"):
         result[f"{name}_ratio"] = statistics.median(t / b for t, b in zip(times[name], times["base"]))
+        result[f"{name}_flop_ratio"] = flops[name] / flops["base"]
     return result
+
+
+def count_flops(model, *inputs) -> int:
+    """The matmul, convolution and attention FLOPs of one call (torch's FlopCounterMode): a cost that,
+    unlike time, has no noise."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return counter.get_total_flops()
 
 
 def run_in_process(kind: str, row: str, args) -> dict:
@@ -214,7 +233,7 @@ def run_child(kind: str, row: str, args) -> dict:
         return run_in_process(kind, row, args)
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown")
+        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark")
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -237,6 +256,11 @@ def main() -> None:
     parser.add_argument("--sampling", action="store_true", help="also time inference: base, unmerged, merged")
     parser.add_argument("--sampling-only", action="store_true", help="time inference only (no training table)")
     parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true",
+        help="let cuDNN autotune every convolution first (off by default, as in sdtune training; the autotuning "
+        "of each row's shapes can take minutes)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,30 +272,56 @@ def main() -> None:
 
     import torch
 
-    if args.device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # every row gets the autotuned convolutions
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     header = (
         f"{args.arch} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, "
         f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"median of {args.steps} steps after {args.warmup}"
+        f"median of {args.steps} steps after {args.warmup}" + (", cuDNN autotuned" if args.cudnn_benchmark else "")
     )
     print(header, flush=True)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    lines = []
-    if not args.sampling_only:
-        results = []
-        for row in rows:
-            results.append(run_child("train", row, args))
-            print(f"  measured {row}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
+    lines, results, sampled, cut = [], [], [], False
+    try:
+        if not args.sampling_only:
+            for row in rows:
+                results.append(timed(run_child, "train", row, args))
+        if args.sampling or args.sampling_only:
+            for row in rows:
+                if row not in ("floor", "atoms-reference") and "[" not in row:
+                    sampled.append(timed(run_child, "sample", row, args))
+    except StoppedEarly:
+        cut = True
+    if results:
         lines = training_table(results)
-    if args.sampling or args.sampling_only:
-        sampled = [run_child("sample", row, args) for row in rows if row not in ("floor", "atoms-reference") and "[" not in row]
+    if sampled:
         lines += [""] + sampling_table(sampled)
+    if cut:
+        lines += ["", "(stopped early by SIGTERM: the rows not shown were not measured)"]
     text = "\n".join([f"**{header}**", ""] + lines)
-    print(text)
+    print(text, flush=True)
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as handle:
             handle.write("\n" + text + "\n")
+    if cut:
+        sys.exit(124)
+
+
+class StoppedEarly(BaseException):
+    """Raised by SIGTERM; a BaseException, so a row's own error handling does not swallow it."""
+
+
+def stop_early(signum, frame) -> None:
+    raise StoppedEarly
+
+
+def timed(run, kind: str, row: str, args) -> dict:
+    """Run one row and say on stderr how long it took in all (a cut-off run's log shows where time went)."""
+    start = time.perf_counter()
+    result = run(kind, row, args)
+    outcome = f"failed: {result['error']}" if "error" in result else "done"
+    print(f"  {kind} {row}: {outcome} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return result
 
 
 def device_name(device: str) -> str:
@@ -304,16 +354,17 @@ def training_table(results: list[dict]) -> list[str]:
 
 def sampling_table(results: list[dict]) -> list[str]:
     lines = [
-        "| method | base s | unmerged s | merged s | merged ×base | unmerged ×base |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | base s | unmerged s | merged s | merged ×base | unmerged ×base | base GFLOP | merged FLOP ×base | unmerged FLOP ×base |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | |")
             continue
         lines.append(
             f"| {r['row']} | {r['base']:.3f} | {r['unmerged']:.3f} | {r['merged']:.3f} | "
-            f"{r['merged_ratio']:.3f} | {r['unmerged_ratio']:.3f} |"
+            f"{r['merged_ratio']:.3f} | {r['unmerged_ratio']:.3f} | {r['base_gflop']:.1f} | "
+            f"{r['merged_flop_ratio']:.4f} | {r['unmerged_flop_ratio']:.4f} |"
         )
     return lines
 
