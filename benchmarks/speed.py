@@ -6,6 +6,7 @@
     python benchmarks/speed.py --device cuda --dtype bf16 --latent 64 --batch 4
     python benchmarks/speed.py --sampling                       # also time inference: base, merged, unmerged
     python benchmarks/speed.py --sampling-only --rows atoms,lora,loha,lokr,difffit,bitfit,gift,full
+    python benchmarks/speed.py --interleave --rows floor,atoms,lora   # steps in turns, in one process
 
 The UNet is built from SD v1.4's config with random weights (no download). Each configuration runs
 in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
@@ -111,7 +112,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_training(row: str, args) -> dict:
+def training_setup(row: str, args):
+    """The row's model, ready to train: returns (one training step as a function, trainable parameter count)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -127,9 +129,8 @@ def measure_training(row: str, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     if row == "floor":
         latents.requires_grad_(True)
-    memory_before = peak_memory_gb(args.device)
-    times = []
-    for step in range(args.warmup + args.steps):
+
+    def step() -> float:
         synchronize(args.device)
         start = time.perf_counter()
         with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
@@ -141,15 +142,46 @@ def measure_training(row: str, args) -> dict:
             optimizer.zero_grad(set_to_none=True)
         latents.grad = None
         synchronize(args.device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    return step, sum(p.numel() for p in params)
+
+
+def measure_training(row: str, args) -> dict:
+    step, trainable = training_setup(row, args)
+    memory_before = peak_memory_gb(args.device)
+    times = [step() for _ in range(args.warmup + args.steps)][args.warmup :]
     return {
         "row": row,
         "seconds": statistics.median(times),
         "peak_gb": peak_memory_gb(args.device),
         "model_gb": memory_before,
-        "trainable": sum(p.numel() for p in params),
+        "trainable": trainable,
     }
+
+
+def measure_interleaved(rows: list[str], args) -> list[dict]:
+    """Every row's model in one process, one training step each in turns per round (the first rotating).
+
+    Ratios to the floor and to LoRA are medians of the per-round ratios, so a slow spell on a shared
+    machine falls on every row of that round alike. No peak memory: the rows share one process.
+    """
+    setups = {row: training_setup(row, args) for row in rows}
+    times = {row: [] for row in rows}
+    for round_ in range(args.warmup + args.steps):
+        first = round_ % len(rows)
+        for row in rows[first:] + rows[:first]:
+            seconds = setups[row][0]()
+            if round_ >= args.warmup:
+                times[row].append(seconds)
+    results = []
+    for row in rows:
+        result = {"row": row, "seconds": statistics.median(times[row]), "trainable": setups[row][1]}
+        for reference in ("floor", "lora", "atoms-reference"):
+            if reference in times:
+                result[f"{reference}_ratio"] = statistics.median(t / b for t, b in zip(times[row], times[reference]))
+        results.append(result)
+    return results
 
 
 def measure_sampling(row: str, args) -> dict:
@@ -233,7 +265,7 @@ def run_child(kind: str, row: str, args) -> dict:
         return run_in_process(kind, row, args)
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark")
+        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave")
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -255,6 +287,10 @@ def main() -> None:
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated rows (methods) to measure")
     parser.add_argument("--sampling", action="store_true", help="also time inference: base, unmerged, merged")
     parser.add_argument("--sampling-only", action="store_true", help="time inference only (no training table)")
+    parser.add_argument(
+        "--interleave", action="store_true",
+        help="train every row's model in one process, a step each in turn: steadier ratios on a shared machine, no peak memory",
+    )
     parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
     parser.add_argument(
         "--cudnn-benchmark", action="store_true",
@@ -283,7 +319,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
     lines, results, sampled, cut = [], [], [], False
     try:
-        if not args.sampling_only:
+        if args.interleave and not args.sampling_only:
+            results = measure_interleaved(rows, args)
+        elif not args.sampling_only:
             for row in rows:
                 results.append(timed(run_child, "train", row, args))
         if args.sampling or args.sampling_only:
@@ -293,7 +331,7 @@ def main() -> None:
     except StoppedEarly:
         cut = True
     if results:
-        lines = training_table(results)
+        lines = interleaved_table(results) if args.interleave else training_table(results)
     if sampled:
         lines += [""] + sampling_table(sampled)
     if cut:
@@ -349,6 +387,21 @@ def training_table(results: list[dict]) -> list[str]:
     if "atoms" in by_row and "atoms-reference" in by_row:
         lines.append("")
         lines.append(f"atoms / atoms-reference step time: {by_row['atoms']['seconds'] / by_row['atoms-reference']['seconds']:.2f}")
+    return lines
+
+
+def interleaved_table(results: list[dict]) -> list[str]:
+    lines = [
+        "| method | trainable | s/step | ×floor | ×LoRA |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        ratio = lambda key: f"{r[key]:.2f}" if key in r else "–"  # noqa: E731
+        lines.append(f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {ratio('floor_ratio')} | {ratio('lora_ratio')} |")
+    atoms = next((r for r in results if r["row"] == "atoms"), None)
+    if atoms and "atoms-reference_ratio" in atoms:
+        lines += ["", f"atoms / atoms-reference step time: {atoms['atoms-reference_ratio']:.2f}"]
+    lines += ["", "(rows timed in turns in one process; ratios are medians of the per-round ratios)"]
     return lines
 
 
