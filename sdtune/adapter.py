@@ -260,13 +260,16 @@ def adapter_info(path: str | Path) -> AdapterInfo:
     return read_adapter_info(path)[0]
 
 
-def load_adapter(path: str | Path, pipeline, merge: bool = True):
+def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
     """Rebuild the adapter's method on `pipeline.unet` and load its tensors; merge by default.
 
     Refuses, with a clear message, an adapter made for a base model whose targeted layers differ
     in names, shapes or weights; the same weights in another precision (fp16, bf16) are accepted.
     A kohya-format file (LoRA, LoHa, LoKr or full-weight diffs from sdtune or any other trainer)
     is added to the base weights: it is always merged (`sdtune.export.load_kohya`).
+
+    `scale` sets the strength of the merged update: every changed weight becomes W + scale·(W' − W),
+    W' the fully merged one (a kohya file's ΔW is multiplied, as its loaders' multiplier does).
     """
     import numpy as np
     import torch
@@ -278,10 +281,12 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
     )
 
     path = adapter_path(path)
+    if scale != 1.0 and not merge:
+        raise SdtuneError("an adapter scale other than 1 is applied by merging; merge=False is not available with it")
     if is_kohya_file(path):
         if not merge:
             raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
-        return load_kohya(path, pipeline)
+        return load_kohya(path, pipeline, multiplier=scale)
     info, entries = read_adapter_info(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
@@ -304,9 +309,20 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True):
     if bad:
         raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
     device = unet.device  # read once: diffusers walks every module to find it
+    before = {}
+    if scale != 1.0:  # the targets' own weights, to interpolate towards the merged ones
+        before = {
+            (name, attr): parameter.detach().clone()
+            for name in targets
+            for attr, parameter in unet.get_submodule(name).named_parameters(recurse=False)
+        }
     method.inject(unet)
     method.load_state_dict({k: v.to(device) for k, v in tensors.items()})
     if merge:
         method.merge()
+    with torch.no_grad():
+        for (name, attr), base in before.items():
+            merged = getattr(unet.get_submodule(name), attr)
+            merged.copy_((base.float() + scale * (merged.float() - base.float())).to(merged.dtype))
     method.info = info
     return method

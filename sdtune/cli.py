@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from .config import CompareConfig, EvaluateConfig, ExportConfig, MergeConfig, SampleConfig, TrainConfig
+from .config import SCHEDULERS, CompareConfig, EvaluateConfig, ExportConfig, MergeConfig, SampleConfig, TrainConfig
 from .errors import SdtuneError
 
 app = typer.Typer(
@@ -238,6 +238,9 @@ def sample(
     data_root: Optional[Path] = typer.Option(None, help="The dataset's folder, for datasets whose classes come from it (imagefolder)."),
     classes: Optional[str] = typer.Option(None, help="With --dataset: only these classes, comma-separated."),
     class_template: Optional[str] = typer.Option(None, help="With --dataset: caption template with {class} (default: the dataset's own)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="What guidance steers away from, for every prompt (placeholders filled)."),
+    scheduler: Optional[str] = typer.Option(None, help=f"Sampler: {', '.join(SCHEDULERS)} (default: the model's own)."),
+    adapter_scale: Optional[float] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model)." + _default(SampleConfig, "adapter_scale")),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds)."""
     from . import sample as run_sampling
@@ -259,6 +262,9 @@ def sample(
         data_root=str(data_root) if data_root else None,
         classes=classes,
         class_template=class_template,
+        negative_prompt=negative_prompt,
+        scheduler=scheduler,
+        adapter_scale=adapter_scale,
     )
     result = run_sampling(sample_config)
     if is_main_process():
@@ -307,12 +313,13 @@ def merge(
     output: Path = typer.Option(..., help="New folder for the merged diffusers pipeline."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 weights." + _default(MergeConfig, "dtype")),
     model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's)."),
+    scale: Optional[float] = typer.Option(None, help="Strength of the update baked in, W + scale·ΔW." + _default(MergeConfig, "scale")),
 ) -> None:
     """Save the base pipeline with the adapter baked into the UNet, loadable by plain diffusers."""
     from .export import merge_adapter
 
-    config = MergeConfig.load(None, source=str(source), output=str(output), dtype=dtype, model=model)
-    result = merge_adapter(config.source, config.output, dtype=config.dtype, model=config.model)
+    config = MergeConfig.load(None, source=str(source), output=str(output), dtype=dtype, model=model, scale=scale)
+    result = merge_adapter(config.source, config.output, dtype=config.dtype, model=config.model, scale=config.scale)
     typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
 
 @app.command()

@@ -24,6 +24,9 @@ from .tracking import LOG_WITH, resolve_log_with
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
+# `sdtune sample --scheduler`: "default" keeps the model's own (PNDM for SD v1.4); the rest are diffusers'
+# classes, built from the model's scheduler config (the names follow diffusers' and the web UIs' usage)
+SCHEDULERS = ("default", "ddim", "pndm", "euler", "euler-ancestral", "dpm++", "dpm++-karras", "unipc", "heun", "ddpm")
 DEFAULT_CLASS_IMAGES = 100  # as diffusers' DreamBooth script
 
 
@@ -290,6 +293,9 @@ class SampleConfig(_Config):
     data_root: str | None = None  # only for datasets whose classes come from their folder
     classes: list[str] = field(default_factory=list)  # only these classes' rows
     class_template: str | None = None  # default: the dataset's own
+    negative_prompt: str | None = None  # what classifier-free guidance steers away from, for every prompt
+    scheduler: str = "default"  # the sampler; "default" is the model's own
+    adapter_scale: float = 1.0  # the update's strength: W + scale·ΔW (0: the base model)
 
     def __post_init__(self) -> None:
         _split_classes(self)  # "a,b,c" from the command line
@@ -311,6 +317,12 @@ class SampleConfig(_Config):
         check_seed(self.seed)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.scheduler not in SCHEDULERS:
+            raise SdtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not math.isfinite(self.adapter_scale):
+            raise SdtuneError(f"--adapter-scale must be a finite number, got {self.adapter_scale}")
+        if self.adapter_scale != 1.0 and not self.adapter:
+            raise SdtuneError("--adapter-scale needs --adapter")
 
 
 EXPORT_FORMATS = ("kohya", "diffusers", "peft")
@@ -341,12 +353,15 @@ class MergeConfig(_Config):
     output: str = ""  # a new folder for the diffusers pipeline
     dtype: str = "fp32"
     model: str | None = None  # default: the adapter's base model
+    scale: float = 1.0  # the update's strength: W + scale·ΔW
 
     def validate(self) -> None:
         if not self.source or not self.output:
             raise SdtuneError("merge needs an adapter (file or run folder) and --output")
         if self.dtype not in MERGE_DTYPES:
             raise SdtuneError(f"--dtype {self.dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
+        if not math.isfinite(self.scale):
+            raise SdtuneError(f"--scale must be a finite number, got {self.scale}")
 
 
 FID_FEATURES = ("inception", "clip", "dino", "none")

@@ -45,6 +45,7 @@ nothing is lost in speed, and the result is a plain UNet that `sdtune merge` can
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -339,8 +340,10 @@ class MergeResult:
     method: str
 
 
-def merge_adapter(source: str | Path, output: str | Path, dtype: str = "fp32", model: str | None = None) -> MergeResult:
-    """A diffusers pipeline folder: the base pipeline with the adapter's update baked into the UNet.
+def merge_adapter(
+    source: str | Path, output: str | Path, dtype: str = "fp32", model: str | None = None, scale: float = 1.0
+) -> MergeResult:
+    """A diffusers pipeline folder: the base pipeline with the adapter's update (times `scale`) baked into the UNet.
 
     Every component is saved with safetensors; `StableDiffusionPipeline.from_pretrained(output)`
     loads it with no sdtune installed. The folder is built beside `output` and renamed onto it.
@@ -353,12 +356,14 @@ def merge_adapter(source: str | Path, output: str | Path, dtype: str = "fp32", m
 
     if dtype not in MERGE_DTYPES:
         raise SdtuneError(f"--dtype {dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
+    if not math.isfinite(scale):
+        raise SdtuneError(f"--scale must be a finite number, got {scale}")
     output = Path(output)
     _check_folder_free(output)
     info = adapter_info(source)
     pipe = load_pipeline(model or info.base_model or DEFAULT_MODEL)
     keys = set(pipe.unet.state_dict())
-    load_adapter(source, pipe, merge=True)
+    load_adapter(source, pipe, merge=True, scale=scale)
     if set(pipe.unet.state_dict()) != keys or hasattr(pipe.unet, "peft_config"):
         raise RuntimeError("the merged UNet is not the base model's architecture")
     pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
@@ -369,6 +374,7 @@ def merge_adapter(source: str | Path, output: str | Path, dtype: str = "fp32", m
         "base_model": info.base_model,
         "placeholder": info.placeholder,
         "token": info.token,
+        "scale": scale,
         "dtype": dtype,
     }
 

@@ -93,7 +93,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     state = process_state()
     pipe = load_pipeline(model)
     if config.adapter:
-        load_adapter(config.adapter, pipe, merge=True)
+        load_adapter(config.adapter, pipe, merge=True, scale=config.adapter_scale)
+    if config.scheduler != "default":
+        pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     device = state.device
     pipe.to(device)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -109,7 +111,8 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
     with state.split_between_processes(batches) as mine:
-        rows = draw_rows(pipe, filled, mine, seeds, files, config, resolution, device, progress and state.is_main_process)
+        rows = draw_rows(pipe, filled, mine, seeds, files, config, resolution, device, progress and state.is_main_process,
+                         negative_prompt=fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None)
     state.wait_for_everyone()
     grid_path = output / "grid.png"
     if not state.is_main_process:
@@ -122,6 +125,25 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
 
 
+def make_scheduler(name: str, config):
+    """The sampler `name` (one of config.SCHEDULERS but "default"), set up from the model's scheduler config."""
+    import diffusers
+
+    classes = {
+        "ddim": "DDIMScheduler",
+        "pndm": "PNDMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "euler-ancestral": "EulerAncestralDiscreteScheduler",
+        "dpm++": "DPMSolverMultistepScheduler",
+        "dpm++-karras": "DPMSolverMultistepScheduler",
+        "unipc": "UniPCMultistepScheduler",
+        "heun": "HeunDiscreteScheduler",
+        "ddpm": "DDPMScheduler",
+    }
+    options = {"use_karras_sigmas": True} if name == "dpm++-karras" else {}
+    return getattr(diffusers, classes[name]).from_config(config, **options)
+
+
 def load_png(path: Path):
     from PIL import Image
 
@@ -130,7 +152,8 @@ def load_png(path: Path):
 
 
 def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
-              config: SampleConfig, resolution: int, device, progress: bool) -> dict[int, list]:
+              config: SampleConfig, resolution: int, device, progress: bool,
+              negative_prompt: str | None = None) -> dict[int, list]:
     """Draw each batch of prompt indices (one image per seed, each with its own seeded generator), write
     every image to its file and return the rows by prompt index."""
     import torch
@@ -148,6 +171,7 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
             generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in seeds]
             images = pipe(
                 [prompts[index] for index in batch],
+                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
                 num_images_per_prompt=len(seeds),
                 generator=generators,
                 num_inference_steps=config.steps,

@@ -82,6 +82,36 @@ def test_sample_base_model_without_adapter(tmp_path, private_cache):
     assert (tmp_path / "grid.png").exists()
 
 
+def test_sample_negative_prompt_scheduler_and_adapter_scale(trained_run, tmp_path):
+    common = ("--prompt", "a <castle>", "--num-images", 1, "--steps", 3)
+
+    def image(name, *extra):
+        result = invoke("sample", *common, *extra, "--output", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        return (tmp_path / name / "images" / "000-seed0.png").read_bytes()
+
+    plain = image("plain", "--adapter", trained_run)
+    assert image("negative", "--adapter", trained_run, "--negative-prompt", "a blurry <castle>") != plain
+    ancestral = image("ancestral", "--adapter", trained_run, "--scheduler", "euler-ancestral")
+    assert ancestral != plain  # another sampler, and still seeded image by image
+    assert image("ancestral-again", "--adapter", trained_run, "--scheduler", "euler-ancestral") == ancestral
+    base = image("base", "--model", "tiny-random", "--token", "sks castle")
+    assert image("scale-0", "--adapter", trained_run, "--adapter-scale", 0) == base
+
+
+def test_every_scheduler_is_built_from_the_model_config():
+    from diffusers import PNDMScheduler
+
+    from sdtune.config import SCHEDULERS
+    from sdtune.sampling import make_scheduler
+
+    config = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
+    built = {name: make_scheduler(name, config) for name in SCHEDULERS if name != "default"}
+    assert len({type(s).__name__ for s in built.values()}) == len(built) - 1  # dpm++ twice, with and without Karras
+    assert built["dpm++-karras"].config.use_karras_sigmas and not built["dpm++"].config.use_karras_sigmas
+    assert all(s.config.beta_schedule == "scaled_linear" and s.config.beta_end == 0.012 for s in built.values())
+
+
 def test_methods_table_counts_sd14():
     result = invoke("methods")
     assert result.exit_code == 0, result.output
@@ -99,6 +129,9 @@ def test_methods_table_counts_sd14():
         (("train", "--method", "atoms", "--option", "rank=4"), "has no option(s) rank"),
         (("sample", "--adapter", "/no/adapter.safetensors", "--prompt", "x"), "adapter not found"),
         (("sample", "--model", "tiny-random"), "give a prompt file"),
+        (("sample", "--model", "tiny-random", "--prompt", "x", "--scheduler", "nope"), "--scheduler must be one of"),
+        (("sample", "--model", "tiny-random", "--prompt", "x", "--adapter-scale", 0.5), "--adapter-scale needs --adapter"),
+        (("sample", "--model", "tiny-random", "--prompt", "x", "--adapter-scale", "nan"), "--adapter-scale must be a finite"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, pattern):

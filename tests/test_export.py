@@ -429,6 +429,25 @@ def test_merge_refuses_a_used_folder_and_a_bad_dtype(tmp_path):
     assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
     with pytest.raises(SdtuneError, match="--dtype"):
         merge_adapter(tmp_path / "a.safetensors", tmp_path / "new", dtype="int8")
+    with pytest.raises(SdtuneError, match="--scale"):
+        merge_adapter(tmp_path / "a.safetensors", tmp_path / "new", scale=float("nan"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_merge_bakes_in_the_scaled_update(tmp_path):
+    from safetensors.torch import load_file
+
+    from sdtune.models import load_pipeline
+
+    make_adapter("atoms", {}, tmp_path / "a.safetensors", scale=0.2)
+    merge_adapter(tmp_path / "a.safetensors", tmp_path / "merged", scale=0.5)
+    assert json.loads((tmp_path / "merged" / "sdtune_merge.json").read_text())["scale"] == 0.5
+    baked = load_file(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
+    scaled, full = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    load_adapter(tmp_path / "a.safetensors", scaled, scale=0.5)
+    load_adapter(tmp_path / "a.safetensors", full)
+    assert all(torch.equal(baked[key], value) for key, value in scaled.unet.state_dict().items())
+    assert not all(torch.equal(baked[key], value) for key, value in full.unet.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,6 +233,10 @@ def test_save_load_and_merge_reproduce_outputs(name, options, lr, tiny_pipe, une
     load_adapter(path, merged_pipe, merge=True)
     torch.testing.assert_close(run_unet(merged_pipe.unet, unet_inputs), tuned, rtol=0, atol=1e-5)
     assert unmerged.num_parameters() == method.num_parameters()
+    # strength 0 leaves every weight the base's: the method's merge touches only its targets
+    unscaled = load_pipeline("tiny-random")
+    load_adapter(path, unscaled, scale=0.0)
+    torch.testing.assert_close(run_unet(unscaled.unet, unet_inputs), base, rtol=0, atol=0)
 
     # merging in place: the UNet keeps only plain diffusers modules and the same outputs
     method.merge()
@@ -245,6 +249,30 @@ def test_save_load_and_merge_reproduce_outputs(name, options, lr, tiny_pipe, une
         assert [(n, p.shape) for n, p in merged_unet.named_parameters()] == [(n, p.shape) for n, p in reference.named_parameters()]
         assert [n for n, _ in merged_unet.named_buffers()] == [n for n, _ in reference.named_buffers()]
         assert not any(m._forward_hooks or m._forward_pre_hooks or getattr(m, "parametrizations", None) for m in merged_unet.modules())
+
+
+@pytest.mark.parametrize("name,halved", [("atoms", "delta_atoms"), ("lora", "lora_B")])
+def test_adapter_scale_scales_the_update(name, halved, tiny_pipe, unet_inputs, tmp_path):
+    """ΔW is linear in atoms' ΔD and in LoRA's B: halving them is the adapter at scale 0.5."""
+    from sdtune.models import load_pipeline
+
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    unet_inputs = (latents, *unet_inputs[1:])
+    method = methods.create(name)
+    method.inject(tiny_pipe.unet)
+    perturb(method)
+    full = save_adapter(tmp_path / "full.safetensors", method, "tiny-random", placeholder="<castle>", token="sks castle")
+    state = method.state_dict()
+    assert any(halved in key for key in state)
+    method.load_state_dict({key: value * 0.5 if halved in key else value for key, value in state.items()})
+    half = save_adapter(tmp_path / "half.safetensors", method, "tiny-random", placeholder="<castle>", token="sks castle")
+
+    scaled, reference = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    load_adapter(full, scaled, scale=0.5)
+    load_adapter(half, reference)
+    torch.testing.assert_close(run_unet(scaled.unet, unet_inputs), run_unet(reference.unet, unet_inputs), rtol=0, atol=1e-5)
+    with pytest.raises(SdtuneError, match="merge=False"):
+        load_adapter(full, load_pipeline("tiny-random"), merge=False, scale=0.5)
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
