@@ -384,6 +384,9 @@ class EvaluateConfig(_Config):
     steps: int = 30
     guidance: float = 7.5
     resolution: int | None = None
+    negative_prompt: str | None = None  # sampling settings as `sdtune sample`'s
+    scheduler: str = "default"
+    adapter_scale: float = 1.0
     clip_model: str = DEFAULT_CLIP_MODEL  # CLIP-T, CLIP-I (and FID features with fid_features="clip")
     dino_model: str = DEFAULT_DINO_MODEL  # DINO, diversity (and FID features with fid_features="dino")
     fid_features: str = "inception"  # feature model of FID and KID: inception, clip, dino or none
@@ -398,6 +401,10 @@ class EvaluateConfig(_Config):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.fid_features not in FID_FEATURES:
             raise SdtuneError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise SdtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not math.isfinite(self.adapter_scale):
+            raise SdtuneError(f"--adapter-scale must be a finite number, got {self.adapter_scale}")
 
 
 @dataclass

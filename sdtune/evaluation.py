@@ -408,6 +408,9 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
                 guidance=config.guidance,
                 seed=config.seed,
                 resolution=config.resolution,
+                negative_prompt=config.negative_prompt,
+                scheduler=config.scheduler,
+                adapter_scale=config.adapter_scale,
             ),
             progress=progress,
         )
@@ -501,7 +504,10 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         "unavailable": {name: unavailable[name] for name in METRICS if name in unavailable},
     }
     if not config.images:
-        report.update(num_images=config.num_images, steps=config.steps, guidance=config.guidance)
+        report.update(
+            num_images=config.num_images, steps=config.steps, guidance=config.guidance,
+            negative_prompt=config.negative_prompt, scheduler=config.scheduler, adapter_scale=config.adapter_scale,
+        )
     if info is not None:
         report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)))
     write_text_atomic(output, json.dumps(report, indent=2) + "\n")

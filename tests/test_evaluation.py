@@ -247,10 +247,12 @@ def test_evaluate_command_samples_the_run_and_writes_eval_json(two_runs, metric_
     run = two_runs[1]
     result = invoke(
         "evaluate", "--run", run, "--num-images", 2, "--steps", 1, "--clip-model", clip_path,
-        "--dino-model", dino_path, "--fid-features", "clip",
+        "--dino-model", dino_path, "--fid-features", "clip", "--scheduler", "ddim", "--adapter-scale", 0.5,
+        "--negative-prompt", "blurry",
     )
     assert result.exit_code == 0, result.output
     report = json.loads((run / "eval.json").read_text())
+    assert (report["scheduler"], report["adapter_scale"], report["negative_prompt"]) == ("ddim", 0.5, "blurry")
     (run / "eval.json").unlink()  # the comparison below needs one run without measurements
     assert report["method"] == "lora" and report["num_parameters"] > 0
     assert report["prompts"] == [PROMPT] and report["generated_images"] == 2 and report["reference_images"] == 8
@@ -267,6 +269,7 @@ def test_evaluate_command_samples_the_run_and_writes_eval_json(two_runs, metric_
         (("--images", "/no/such/folder"), "image folder not found"),
         (("--run", "/no/run"), "adapter not found"),
         (("--images", ".", "--fid-features", "pixels"), "--fid-features must be one of"),
+        (("--images", ".", "--scheduler", "fast"), "--scheduler must be one of"),
     ],
 )
 def test_evaluate_bad_input_is_one_line_exit_2(args, pattern):
