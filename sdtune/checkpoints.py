@@ -113,12 +113,15 @@ def save_checkpoint(accelerator, output: str | Path, step: int, state: dict[str,
     return final
 
 
-def load_checkpoint(accelerator, folder: str | Path, parameters: list, ema) -> dict[str, Any]:
+def load_checkpoint(accelerator, folder: str | Path, parameters: list, ema, optimizer: str = "adamw") -> dict[str, Any]:
     """Restore what `save_checkpoint` wrote into the prepared objects; returns the state document."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     state = read_state(folder)
+    saved_optimizer = state.get("config", {}).get("optimizer", "adamw")  # checkpoints from before the setting: AdamW
+    if saved_optimizer != optimizer:
+        raise SdtuneError(f"{folder} holds the state of --optimizer {saved_optimizer}; resume with it, not {optimizer}")
     accelerator.load_state(str(folder))
     _copy_numbered(load_file(str(folder / TRAINABLE_FILE)), parameters, folder / TRAINABLE_FILE)
     if ema is not None:

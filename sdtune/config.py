@@ -22,6 +22,7 @@ from .models import DEFAULT_MODEL
 from .tracking import LOG_WITH, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
 # `sdtune sample --scheduler`: "default" keeps the model's own (PNDM for SD v1.4); the rest are diffusers'
@@ -129,6 +130,11 @@ class TrainConfig(_Config):
     save_every: int = 0  # also save the adapter every N steps (0: only at the end)
     mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    optimizer: str = "adamw"  # adamw, adam, sgd (momentum 0.9) or adafactor (torch.optim's)
+    weight_decay: float | None = None  # default: the method's own (1e-2; 0 for methods that train base weights)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lr_cycles: int = 1  # cosine_with_restarts: number of hard restarts
@@ -193,6 +199,15 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise SdtuneError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SdtuneError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.weight_decay is not None and not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise SdtuneError(f"--weight-decay must be 0 or more and finite, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SdtuneError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not (self.adam_epsilon > 0 and math.isfinite(self.adam_epsilon)):
+            raise SdtuneError(f"--adam-epsilon must be positive and finite, got {self.adam_epsilon}")
         if not 0 <= self.ema_decay < 1:
             raise SdtuneError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.resume is not None and not self.resume:

@@ -157,7 +157,7 @@ def _train(
     cast_frozen_parameters(unet, weight_dtype, parameters)  # trainable stay fp32
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=method.weight_decay)
+    optimizer = make_optimizer(config, parameters, method.weight_decay)
     # Accelerate steps a prepared scheduler once per process per optimiser step, hence the factors
     lr_scheduler = get_scheduler(
         "constant_with_warmup" if config.lr_scheduler == "constant" and config.lr_warmup_steps else config.lr_scheduler,
@@ -205,7 +205,7 @@ def _train(
 
     step = micro_batches = 0
     if resume_from is not None:
-        resumed = load_checkpoint(accelerator, resume_from, parameters, ema)
+        resumed = load_checkpoint(accelerator, resume_from, parameters, ema, config.optimizer)
         step, micro_batches = resumed["step"], resumed["micro_batches"]
         accelerator.step = 0  # accumulate()'s micro-batch counter, aligned with the loop's
         changed = changed_settings(resumed["config"], config)
@@ -381,6 +381,23 @@ def _train(
         output=output, adapter=adapter, config=config, method=method, losses=losses, seconds=elapsed,
         resumed_from=resume_from, validation_losses=validation_losses,
     )
+
+
+def make_optimizer(config: TrainConfig, parameters: list, method_weight_decay: float):
+    """torch.optim's `config.optimizer` over the trainable parameters (decay: the config's, else the method's)."""
+    import torch
+
+    decay = method_weight_decay if config.weight_decay is None else config.weight_decay
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=decay)
+    if config.optimizer == "adam":  # L2 penalty in the gradient, not decoupled decay
+        return torch.optim.Adam(parameters, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=decay)
+    if not hasattr(torch.optim, "Adafactor"):
+        raise SdtuneError(f"--optimizer adafactor needs torch 2.5 or newer; this is torch {torch.__version__}")
+    return torch.optim.Adafactor(parameters, lr=config.lr, weight_decay=decay)
 
 
 def changed_settings(saved: dict, config: TrainConfig) -> str:

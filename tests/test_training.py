@@ -117,6 +117,39 @@ def test_resume_of_a_labelled_dataset_crosses_epochs_exactly(tmp_path, tiny_path
     assert (tmp_path / "cut" / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("name,kind", [("adamw", "AdamW"), ("adam", "Adam"), ("sgd", "SGD"), ("adafactor", "Adafactor")])
+def test_optimizer_settings_build_that_optimizer(name, kind):
+    from sdtune.training import make_optimizer
+
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    settings = TrainConfig(optimizer=name, lr=1e-3, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6)
+    optimizer = make_optimizer(settings, [parameter], 1e-2)
+    group = optimizer.param_groups[0]
+    assert type(optimizer).__name__ == kind and group["lr"] == 1e-3
+    assert group["weight_decay"] == 1e-2  # the method's own, unless --weight-decay is given
+    if name in ("adamw", "adam"):
+        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6
+    if name == "sgd":
+        assert group["momentum"] == 0.9
+    overridden = make_optimizer(TrainConfig(optimizer=name, lr=1e-3, weight_decay=0.0), [parameter], 1e-2)
+    assert overridden.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_resume_with_another_optimizer_is_refused_and_loses_nothing(tmp_path, tiny_path):
+    output = tmp_path / "sgd"
+    train(config(output, optimizer="sgd", lr=1e-2, checkpoint_every=2), progress=False)
+    assert 'optimizer = "sgd"' in (output / "config.toml").read_text()
+    state = torch.load(output / "checkpoints" / "step-2" / "optimizer.bin", weights_only=True)
+    assert state["param_groups"][0]["momentum"] == 0.9  # SGD's state, not AdamW's
+    kept = {name: (output / name).read_bytes() for name in ("adapter.safetensors", "config.toml", "metrics.jsonl")}
+    with pytest.raises(SdtuneError, match="holds the state of --optimizer sgd; resume with it, not adamw"):
+        train(config(output, steps=3, checkpoint_every=2, resume="latest"), progress=False)
+    assert {name: (output / name).read_bytes() for name in kept} == kept
+    with pytest.warns(UserWarning, match="steps: 2 -> 3"):  # extending a finished run
+        resumed = train(config(output, optimizer="sgd", lr=1e-2, steps=3, checkpoint_every=2, resume="latest"), progress=False)
+    assert resumed.resumed_from == output / "checkpoints" / "step-2" and len(resumed.losses) == 1
+
+
 def test_resume_latest_without_checkpoints_starts_at_step_zero(tmp_path, tiny_path):
     with pytest.warns(UserWarning, match="no checkpoint"):
         run = train(config(tmp_path / "run", steps=1, resume="latest"), progress=False)

@@ -331,12 +331,15 @@ def test_cli_flags_reach_the_config(tmp_path, tiny_path):
     args = [
         "train", "--model", "tiny-random", "--steps", "1", "--output", str(output), "--snr-gamma", "5", "--noise-offset", "0.05",
         "--cache-latents", "--mixed-precision", "bf16", "--no-half-vae", "--log-with", "none", "--prior-loss-weight", "0.5",
+        "--optimizer", "adam", "--weight-decay", "0", "--adam-beta1", "0.8", "--adam-beta2", "0.99", "--adam-epsilon", "1e-6",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     written = tomllib.loads((output / "config.toml").read_text())
     assert written["snr_gamma"] == 5 and written["noise_offset"] == 0.05 and written["cache_latents"] is True
     assert written["no_half_vae"] is True and written["log_with"] == "none" and written["prior_loss_weight"] == 0.5
+    assert (written["optimizer"], written["weight_decay"], written["adam_beta1"], written["adam_beta2"]) == ("adam", 0, 0.8, 0.99)
+    assert written["adam_epsilon"] == 1e-6
     assert "class_prompt" not in written  # no prior preservation without class settings
     assert sorted(p.name for p in output.iterdir()) == ["adapter.safetensors", "config.toml", "metrics.jsonl"]
 
@@ -350,6 +353,10 @@ def test_cli_flags_reach_the_config(tmp_path, tiny_path):
         (("--log-with", "wandb"), "--log-with must be one of"),
         (("--validate-every", "1", "--validation-prompts", "/no/prompts.txt"), "prompt file not found"),
         (("--class-images", "/no/class/dir"), "image folder not found"),
+        (("--optimizer", "lion"), "--optimizer must be one of"),
+        (("--weight-decay", "-1"), "--weight-decay must be 0 or more"),
+        (("--adam-beta2", "1"), "--adam-beta2 must be in [0, 1)"),
+        (("--adam-epsilon", "0"), "--adam-epsilon must be positive"),
     ],
 )
 def test_bad_training_options_are_one_line_errors(args, pattern, tmp_path, tiny_path):
