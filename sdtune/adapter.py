@@ -277,7 +277,8 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     from . import methods
     from .export import is_kohya_file, load_kohya
     from .methods.base import (
-        check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample,
+        check_state_names, check_state_shapes, fingerprint_of, own_parameters, same_weights, structure_digest,
+        weight_sample,
     )
 
     path = adapter_path(path)
@@ -309,13 +310,7 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     if bad:
         raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
     device = unet.device  # read once: diffusers walks every module to find it
-    before = {}
-    if scale != 1.0:  # the targets' own weights, to interpolate towards the merged ones
-        before = {
-            (name, attr): parameter.detach().clone()
-            for name in targets
-            for attr, parameter in unet.get_submodule(name).named_parameters(recurse=False)
-        }
+    before = own_parameters(unet, targets) if scale != 1.0 else {}  # to interpolate towards the merged weights
     method.inject(unet)
     method.load_state_dict({k: v.to(device) for k, v in tensors.items()})
     if merge:

@@ -332,12 +332,17 @@ class SampleConfig(_Config):
         check_seed(self.seed)
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.scheduler not in SCHEDULERS:
-            raise SdtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if not math.isfinite(self.adapter_scale):
-            raise SdtuneError(f"--adapter-scale must be a finite number, got {self.adapter_scale}")
+        _check_sampler_settings(self)
         if self.adapter_scale != 1.0 and not self.adapter:
             raise SdtuneError("--adapter-scale needs --adapter")
+
+
+def _check_sampler_settings(config) -> None:
+    """The sampling settings `sdtune sample` and `sdtune evaluate` share."""
+    if config.scheduler not in SCHEDULERS:
+        raise SdtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {config.scheduler!r}")
+    if not math.isfinite(config.adapter_scale):
+        raise SdtuneError(f"--adapter-scale must be a finite number, got {config.adapter_scale}")
 
 
 EXPORT_FORMATS = ("kohya", "diffusers", "peft")
@@ -416,10 +421,7 @@ class EvaluateConfig(_Config):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.fid_features not in FID_FEATURES:
             raise SdtuneError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise SdtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if not math.isfinite(self.adapter_scale):
-            raise SdtuneError(f"--adapter-scale must be a finite number, got {self.adapter_scale}")
+        _check_sampler_settings(self)
 
 
 @dataclass

@@ -225,17 +225,13 @@ def kohya_diff_state(path: Path, info, model: str | None) -> tuple[dict, dict[st
 
     from . import methods
     from .adapter import load_adapter
+    from .methods.base import own_parameters
     from .methods.difffit import NORM_TYPES
     from .models import load_pipeline
 
     pipe = load_pipeline(model or info.base_model)
     unet = pipe.unet
-    names = methods.create(info.method, **info.options).find_targets(unet)
-    before = {
-        (name, attr): parameter.detach().clone()
-        for name in names
-        for attr, parameter in unet.get_submodule(name).named_parameters(recurse=False)
-    }
+    before = own_parameters(unet, methods.create(info.method, **info.options).find_targets(unet))
     load_adapter(path, pipe, merge=True)
     state: dict[str, torch.Tensor] = {}
     for (name, attr), base in before.items():

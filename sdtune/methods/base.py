@@ -203,6 +203,15 @@ def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 
     return bool(((expected - found).abs() <= relative * expected.abs() + 1e-3 * scale).all())
 
 
+def own_parameters(unet: nn.Module, names: list[str]) -> dict[tuple[str, str], torch.Tensor]:
+    """Copies of the named modules' own parameters, by (module name, parameter name): what a merge may change."""
+    return {
+        (name, attr): parameter.detach().clone()
+        for name in names
+        for attr, parameter in unet.get_submodule(name).named_parameters(recurse=False)
+    }
+
+
 def fingerprint(unet: nn.Module, names: list[str]) -> str:
     """A short hash of the named layers' shapes and a fixed sample of their weights."""
     return fingerprint_of(structure_digest(unet, names), weight_sample(unet, names))
