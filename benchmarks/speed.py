@@ -50,6 +50,12 @@ def build(arch: str, device: str):
     return unet.to(device)
 
 
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def apply_row(row: str, unet):
     """Inject the row's method; returns (method or None, trainable parameters)."""
     from sdtune import methods
@@ -116,7 +122,7 @@ def training_setup(row: str, args):
     """The row's model, ready to train: returns (one training step as a function, trainable parameter count)."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     unet = build(args.arch, args.device)
     method, params = apply_row(row, unet)
     if dtype != torch.float32:  # frozen weights in low precision, trainable ones kept in fp32
@@ -205,7 +211,7 @@ def measure_sampling(row: str, args) -> dict:
             method.merge()
         return unet.to(dtype)
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     models = {"base": build(args.arch, args.device).to(dtype), "unmerged": adapted(False), "merged": adapted(True)}
     latents, timesteps, embeddings = inputs(models["base"], args, args.device, dtype)
     latents, timesteps, embeddings = (torch.cat([t, t]) for t in (latents, timesteps, embeddings))
