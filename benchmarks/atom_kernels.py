@@ -7,8 +7,9 @@ Runs SD v1.4's UNet (random weights) once to record the input shape of each 3x3 
 times forward + backward of every distinct (channels in, channels out, size) with
 - frozen: the library convolution with a frozen weight (only the input gradient: the floor),
 - tap / weight / autograd: `tap_mixed_conv2d` in each mode (gradients for the input and the atoms),
-and prints milliseconds per call, the ratio of each to the frozen convolution, and the output
-positions (batch × height × width) that `TAP_SIDE_MAX_POSITIONS` compares against.
+in turns, and prints milliseconds per call, the median per-round ratio of each to the frozen
+convolution, and the input positions (batch × height × width) that `TAP_SIDE_MAX_POSITIONS` compares
+against.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def main() -> None:
         f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, torch {torch.__version__}; "
         f"current tap-side limit {TAP_SIDE_MAX_POSITIONS}"
     )
-    print("| in | out | stride | size | count | positions | frozen ms | tap × | weight × | autograd × | best |")
+    print("| in | out | stride | size | count | input positions | frozen ms | tap × | weight × | autograd × | best |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for (c_in, c_out, stride, height, width), count in conv_shapes(args.latent, args.batch, args.device, dtype):
         conv = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1).to(args.device, dtype).requires_grad_(False)
@@ -104,9 +105,18 @@ def main() -> None:
 
             return call
 
-        base = time_call(frozen, args.device, args.steps, args.warmup)
-        ratios = {mode: time_call(fast(mode), args.device, args.steps, args.warmup) / base for mode in ("tap", "weight", "autograd")}
-        positions = args.batch * (height // stride) * (width // stride)
+        calls = {"frozen": frozen, **{mode: fast(mode) for mode in ("tap", "weight", "autograd")}}
+        times = {name: [] for name in calls}
+        for round_ in range(args.warmup + args.steps):  # in turns, so drift falls on every column alike
+            for name, call in calls.items():
+                milliseconds = time_call(call, args.device, 1, 0)
+                if round_ >= args.warmup:
+                    times[name].append(milliseconds)
+        base = statistics.median(times["frozen"])
+        ratios = {
+            mode: statistics.median(t / b for t, b in zip(times[mode], times["frozen"])) for mode in ("tap", "weight", "autograd")
+        }
+        positions = args.batch * height * width
         best = min(ratios, key=ratios.get)
         print(
             f"| {c_in} | {c_out} | {stride} | {height} | {count} | {positions} | {base:.3f} | "

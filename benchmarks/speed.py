@@ -176,10 +176,13 @@ def measure_interleaved(rows: list[str], args) -> list[dict]:
     times = {row: [] for row in rows}
     for round_ in range(args.warmup + args.steps):
         first = round_ % len(rows)
+        spent = {}
         for row in rows[first:] + rows[:first]:
-            seconds = setups[row][0]()
+            spent[row] = setups[row][0]()
             if round_ >= args.warmup:
-                times[row].append(seconds)
+                times[row].append(spent[row])
+        label = "warm-up" if round_ < args.warmup else f"round {round_ - args.warmup + 1}"
+        print(f"{label}: " + ", ".join(f"{row} {spent[row]:.3f} s" for row in rows), file=sys.stderr, flush=True)
     results = []
     for row in rows:
         result = {"row": row, "seconds": statistics.median(times[row]), "trainable": setups[row][1]}

@@ -24,9 +24,12 @@ def make_conv(stride, bias, kernel=3):
 
 @pytest.mark.parametrize("function", [TapMixedConv, FormedWeightConv])
 @pytest.mark.parametrize("stride,bias,kernel", [(1, True, 3), (2, True, 3), (1, False, 3), (1, True, 1)])
-def test_gradcheck_against_the_definition(function, stride, bias, kernel):
+# 7x7 maps: more output positions than output channels, the tap side forms the weight for its forward;
+# 2x2 maps: fewer, it convolves the unfolded input instead
+@pytest.mark.parametrize("batch,size", [(2, 7), (1, 2)])
+def test_gradcheck_against_the_definition(function, stride, bias, kernel, batch, size):
     conv = make_conv(stride, bias, kernel)
-    x = torch.randn(2, 5, 7, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, 5, size, size, dtype=torch.float64, requires_grad=True)
     mixing = (0.3 * torch.randn(kernel * kernel, kernel * kernel, dtype=torch.float64)).requires_grad_()
 
     def fast(x, mixing):

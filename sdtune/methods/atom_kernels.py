@@ -5,16 +5,17 @@ M = P·ΔD acting on the tap axis of the frozen weight. Autograd on `conv2d(x, W
 whole weight every step, keeps a copy of it for backward and computes a full weight gradient that
 is then contracted down to k²×k² numbers. Two custom autograd functions avoid that:
 
-- `TapMixedConv` (tap side): unfold x, mix the k² taps of every input channel with (I + M), one
-  GEMM with the frozen W. Backward: H = Wᵀ·G, the GEMM the input gradient needs anyway, gives both
-  grad_x (mix back with (I + M)ᵀ, then fold) and grad_M = Σ H·unfold(x)ᵀ. No weight gradient, no
-  formed weight, nothing stored but x. Fast where there are few output positions per channel (the
-  deep, wide layers); unfold/fold traffic grows with the image.
+- `TapMixedConv` (tap side): the forward convolves x with the formed W_r·(I + M) where that weight is
+  no bigger than the unfolded input, else unfolds x, mixes the k² taps of every input channel with
+  (I + M) and does one GEMM with the frozen W. Backward: H = Wᵀ·G, the GEMM the input gradient needs
+  anyway; the rest is a depthwise convolution of x with k² outputs per channel and weight (I + M),
+  whose library backward gives grad_x and, summed over channels, grad_M in one call. No weight
+  gradient, no stored formed weight, nothing stored but x.
 - `FormedWeightConv` (weight side): one library convolution with W + ΔW formed on the fly and not
-  kept; backward forms it again and asks the library for grad_x and grad_W in one call. Fast at
-  large images, where the library's direct convolution beats unfold + GEMM.
+  kept; backward forms it again and asks the library for grad_x and grad_W in one call. Fast on
+  large maps, where the library's weight gradient costs less than H's memory traffic.
 
-`tap_mixed_conv2d` picks per call by the number of output positions (`TAP_SIDE_MAX_POSITIONS`),
+`tap_mixed_conv2d` picks per call by the number of input positions (`TAP_SIDE_MAX_POSITIONS`),
 measured on CPU with `benchmarks/speed.py`. Both are exact: tests compare them with
 `conv2d(x, W + W_r·M)` by gradcheck in float64.
 """
@@ -25,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Batch x output positions up to which the tap side is faster than the weight side (CPU, fp32):
-# at 8x8 and 16x16 feature maps the tap side takes 0.35-0.45x the weight side's time, at 32x32
-# they are even, at 64x64 the weight side wins. A whole SD v1.4 step at 64x64 latents with the limit
-# at 256 or 4096 positions took 1.035x and 1.084x the step with 1024.
+# Batch x input positions up to which the tap side is faster than the weight side (CPU, fp32): on
+# 8x8 to 32x32 maps of SD v1.4 the tap side costs 0.5-1.6x the frozen convolution and the weight side
+# 1.7-5.6x; on 64x64 maps they are within this machine's noise, and the weight side wins on the 320->4
+# output convolution and the stride-2 one. With this limit an SD v1.4 step at 32x32 latents took 0.85x
+# the frozen floor (0.78x LoRA's), against 1.00x (0.90x) with the unfold/fold tap side it replaced.
 # On an H200 (SD v1.4, 64x64 latents, batch 1, bf16) the weight side everywhere took 0.124 s a step
-# and the CPU limit 0.142 s: cuDNN's weight gradient is cheap there, unfold/fold traffic is not.
+# and the CPU limit 0.142 s (with the unfold/fold tap side): cuDNN's weight gradient is cheap there.
 TAP_SIDE_MAX_POSITIONS = {"cpu": 1024, "cuda": 0}
 
 
@@ -41,49 +43,51 @@ def _mixed_weight(weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
 
 
 class TapMixedConv(torch.autograd.Function):
-    """conv2d(x, W_r·(I + M)) computed on the input's taps; gradients for x and M only."""
+    """conv2d(x, W_r·(I + M)) whose backward works on the taps; gradients for x and M only."""
 
     @staticmethod
     def forward(ctx, x, weight, mixing, bias, stride, padding, dilation):
         batch, channels, height, width = x.shape
         out_channels, _, kh, kw = weight.shape
         taps = kh * kw
-        unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-        positions = unfolded.shape[-1]
         mix = torch.eye(taps, dtype=x.dtype, device=x.device) + mixing.to(x.dtype)
+        ctx.save_for_backward(x, weight, mix)
+        ctx.geometry = (stride, padding, dilation)
+        ctx.mixing_dtype = mixing.dtype
+        out_height = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_width = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        positions = out_height * out_width
+        if out_channels <= batch * positions:
+            # the formed weight is no bigger than the unfolded input: form it and let the library convolve
+            return F.conv2d(x, _mixed_weight(weight, mixing.to(x.dtype)), bias, stride, padding, dilation)
+        unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         mixed = torch.matmul(mix, unfolded.view(batch, channels, taps, positions))
         del unfolded  # 9x the input: free it before the GEMM's output is allocated
         out = torch.matmul(weight.reshape(out_channels, -1), mixed.view(batch, channels * taps, positions))
         if bias is not None:
             out = out + bias.view(1, -1, 1)
-        out_height = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        ctx.save_for_backward(x, weight, mix)
-        ctx.geometry = (stride, padding, dilation, (kh, kw))
-        ctx.mixing_dtype = mixing.dtype
-        return out.view(batch, out_channels, out_height, positions // out_height)
+        return out.view(batch, out_channels, out_height, out_width)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, mix = ctx.saved_tensors
-        stride, padding, dilation, kernel = ctx.geometry
-        batch, channels, height, width = x.shape
-        out_channels, taps = weight.shape[0], mix.shape[0]
-        grad = grad.reshape(batch, out_channels, -1)
-        positions = grad.shape[-1]
-        # dL/d(mixed taps): the same GEMM as the input gradient of the frozen convolution
-        grad_mixed = torch.matmul(weight.reshape(out_channels, -1).T, grad).view(batch, channels, taps, positions)
-        unfolded = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        # Σ over batch, channels and positions as one batched GEMM over (batch, channel) pairs: the
-        # transposed operand is a view, so nothing 9x the input is copied (einsum permuted both
-        # operands into new tensors first, 5-10x slower at 32x32 and larger maps)
-        pairs = grad_mixed.reshape(batch * channels, taps, positions)
-        grad_mixing = torch.matmul(pairs, unfolded.view(batch * channels, taps, positions).transpose(1, 2)).sum(0)
-        del unfolded, pairs
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_unfolded = torch.matmul(mix.T, grad_mixed).view(batch, channels * taps, positions)
-            del grad_mixed
-            grad_x = F.fold(grad_unfolded, (height, width), kernel, dilation=dilation, padding=padding, stride=stride)
+        stride, padding, dilation = ctx.geometry
+        batch, channels = x.shape[:2]
+        out_channels, _, kh, kw = weight.shape
+        taps = kh * kw
+        out_height, out_width = grad.shape[-2:]
+        # dL/d(mixed taps) H = Wᵀ·G: the GEMM the frozen convolution's input gradient needs anyway
+        grad_taps = torch.matmul(weight.reshape(out_channels, -1).T, grad.reshape(batch, out_channels, -1))
+        grad_taps = grad_taps.view(batch, channels * taps, out_height, out_width)
+        # The rest is a depthwise convolution with `taps` outputs per channel and weight (I + M): its
+        # input gradient is grad_x, its weight gradient summed over channels is dL/dM. One library
+        # call does both without the unfolded input (unfold/fold and small GEMMs were 2-5x slower).
+        depthwise = mix.view(1, taps, kh, kw).expand(channels, taps, kh, kw).reshape(channels * taps, 1, kh, kw)
+        grad_x, grad_depthwise, _ = torch.ops.aten.convolution_backward(
+            grad_taps, x, depthwise, None, stride, padding, dilation, False, (0, 0), channels,
+            [ctx.needs_input_grad[0], True, False],
+        )
+        grad_mixing = grad_depthwise.view(channels, taps, taps).sum(0)
         return grad_x, None, grad_mixing.to(ctx.mixing_dtype), None, None, None, None
 
 
@@ -144,9 +148,7 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode:
     if plain:
         return conv._conv_forward(x, _mixed_weight(conv.weight, mixing.to(conv.weight.dtype)).to(x.dtype), conv.bias)
     if mode == "auto":
-        out_h = (x.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-        out_w = (x.shape[3] + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
         limit = TAP_SIDE_MAX_POSITIONS.get(x.device.type, TAP_SIDE_MAX_POSITIONS["cpu"])
-        mode = "tap" if x.shape[0] * out_h * out_w <= limit else "weight"
+        mode = "tap" if x.shape[0] * x.shape[2] * x.shape[3] <= limit else "weight"
     function = TapMixedConv if mode == "tap" else FormedWeightConv
     return function.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
