@@ -39,11 +39,12 @@ def compare(runs, output, **options):
     return _compare(runs, output, **options)
 
 
-def load_adapter(path, pipeline, merge: bool = True):
+def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
     """Load an sdtune adapter file or run folder into `pipeline`'s UNet; returns the method.
 
-    A kohya-format file (LoRA, LoHa, LoKr, full-weight diffs, from any trainer) is added to the
-    base weights instead (always merged)."""
+    `scale` sets the merged update's strength, W + scale·ΔW (0: the base weights). A kohya-format
+    file (LoRA, LoHa, LoKr, full-weight diffs, from any trainer) is added to the base weights
+    instead (always merged, its ΔW times `scale`)."""
     from .adapter import load_adapter as _load
 
-    return _load(path, pipeline, merge=merge)
+    return _load(path, pipeline, merge=merge, scale=scale)

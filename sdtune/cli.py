@@ -246,9 +246,9 @@ def sample(
     class_template: Optional[str] = typer.Option(None, help="With --dataset: caption template with {class} (default: the dataset's own)."),
     negative_prompt: Optional[str] = typer.Option(None, help="What guidance steers away from, for every prompt (placeholders filled)."),
     scheduler: Optional[str] = typer.Option(None, help=f"Sampler: {', '.join(SCHEDULERS)} (default: the model's own)."),
-    adapter_scale: Optional[float] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model)." + _default(SampleConfig, "adapter_scale")),
+    adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side." + _default(SampleConfig, "adapter_scale")),
 ) -> None:
-    """Draw images for every prompt and one grid (rows = prompts, columns = seeds)."""
+    """Draw images for every prompt and one grid (rows = prompts, columns = seeds, per strength)."""
     from . import sample as run_sampling
 
     sample_config = SampleConfig.load(

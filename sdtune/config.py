@@ -81,14 +81,20 @@ def checked_value(name: str, value: Any, hint: Any) -> Any:
             return value
         if origin is str and isinstance(value, os.PathLike):
             return os.fspath(value)
-        if origin is list and isinstance(value, list) and all(isinstance(item, str) for item in value):
-            return value
+        if origin is list and isinstance(value, list):
+            item_kind = (typing.get_args(kind) or (str,))[0]
+            if item_kind is str and all(isinstance(item, str) for item in value):
+                return value
+            if item_kind is float and all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value):
+                return [float(item) for item in value]
     expected = " or ".join(_type_name(kind) for kind in allowed if kind is not type(None))
     raise SdtuneError(f"setting {name} must be {expected}, got {value!r}")
 
 
 def _type_name(kind: Any) -> str:
     origin = typing.get_origin(kind) or kind
+    if origin is list and typing.get_args(kind) == (float,):
+        return "a list of numbers"
     names = {int: "a whole number", float: "a number", str: "text", bool: "true or false",
              dict: "a table", list: "a list of text"}
     return names.get(origin, getattr(origin, "__name__", str(origin)))
@@ -310,11 +316,18 @@ class SampleConfig(_Config):
     class_template: str | None = None  # default: the dataset's own
     negative_prompt: str | None = None  # what classifier-free guidance steers away from, for every prompt
     scheduler: str = "default"  # the sampler; "default" is the model's own
-    adapter_scale: float = 1.0  # the update's strength: W + scale·ΔW (0: the base model)
+    # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each
+    adapter_scale: float | list[float] = 1.0
 
     def __post_init__(self) -> None:
         _split_classes(self)  # "a,b,c" from the command line
+        _split_scales(self)  # "0,0.5,1" from the command line
         super().__post_init__()
+
+    @property
+    def adapter_scales(self) -> list[float]:
+        """The strengths to draw at: one, or the sweep's."""
+        return list(self.adapter_scale) if isinstance(self.adapter_scale, list) else [self.adapter_scale]
 
     def validate(self) -> None:
         _split_classes(self)
@@ -333,16 +346,37 @@ class SampleConfig(_Config):
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         _check_sampler_settings(self)
-        if self.adapter_scale != 1.0 and not self.adapter:
+        if (isinstance(self.adapter_scale, list) or self.adapter_scale != 1.0) and not self.adapter:
             raise SdtuneError("--adapter-scale needs --adapter")
+        if isinstance(self.adapter_scale, list):
+            if not self.adapter_scale:
+                raise SdtuneError("--adapter-scale needs at least one number")
+            if len(set(self.adapter_scale)) != len(self.adapter_scale):
+                raise SdtuneError(f"--adapter-scale lists a strength twice: {_scales_text(self.adapter_scale)}")
+
+
+def _split_scales(config) -> None:
+    """--adapter-scale 0,0.5,1 as a list of numbers; one number stays a number."""
+    if not isinstance(config.adapter_scale, str):
+        return
+    try:
+        values = [float(value) for value in config.adapter_scale.split(",") if value.strip()]
+    except ValueError:
+        raise SdtuneError(f"--adapter-scale takes numbers separated by commas, got {config.adapter_scale!r}") from None
+    config.adapter_scale = values if len(values) != 1 else values[0]
+
+
+def _scales_text(scales: list[float]) -> str:
+    return ",".join(f"{scale:g}" for scale in scales)
 
 
 def _check_sampler_settings(config) -> None:
     """The sampling settings `sdtune sample` and `sdtune evaluate` share."""
     if config.scheduler not in SCHEDULERS:
         raise SdtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {config.scheduler!r}")
-    if not math.isfinite(config.adapter_scale):
-        raise SdtuneError(f"--adapter-scale must be a finite number, got {config.adapter_scale}")
+    scales = config.adapter_scale if isinstance(config.adapter_scale, list) else [config.adapter_scale]
+    if not all(math.isfinite(scale) for scale in scales):
+        raise SdtuneError(f"--adapter-scale must be a finite number, got {_scales_text(scales)}")
 
 
 EXPORT_FORMATS = ("kohya", "diffusers", "peft")

@@ -98,4 +98,6 @@ def batch_latents(batch, vae):
             distribution = DiagonalGaussianDistribution(batch["latent_parameters"])
         else:
             distribution = DiagonalGaussianDistribution(encode_images(vae, batch["pixels"]))
-        return distribution.sample() * vae.config.scaling_factor
+        # contiguous: the VAE's output may be channels-last, and the library convolutions round
+        # differently by layout; cached and uncached runs must feed the UNet the same thing
+        return (distribution.sample() * vae.config.scaling_factor).contiguous()

@@ -1,4 +1,5 @@
-"""Prompt files → images and one grid (rows = prompts, columns = seeds, the prompt under each row)."""
+"""Prompt files → images and one grid (rows = prompts, columns = seeds, per adapter strength in a sweep;
+the prompt under each row)."""
 
 from __future__ import annotations
 
@@ -92,37 +93,69 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     # their images; the main process then reads them all back for the grid.
     state = process_state()
     pipe = load_pipeline(model)
-    if config.adapter:
-        load_adapter(config.adapter, pipe, merge=True, scale=config.adapter_scale)
+    scales = config.adapter_scales
+    sweep = isinstance(config.adapter_scale, list)
+    # A sweep restores these base weights before each strength, so each one's images are those a run
+    # with that single --adapter-scale draws.
+    base_weights = _base_weights(pipe) if sweep else None
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     device = state.device
-    pipe.to(device)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     seeds = [config.seed + j for j in range(config.num_images)]
     filled = [fill_placeholders(prompt, token) for prompt in prompts]
     if state.is_main_process:
         warn_truncated_prompts(pipe.tokenizer, filled)
-    files = [output / "images" / f"{index:03d}-seed{seed}.png" for index in range(len(filled)) for seed in seeds]
+    negative_prompt = fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
     # of processes.
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
-    with state.split_between_processes(batches) as mine:
-        rows = draw_rows(pipe, filled, mine, seeds, files, config, resolution, device, progress and state.is_main_process,
-                         negative_prompt=fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None)
+    files, rows = {}, {}
+    for position, scale in enumerate(scales):
+        if position:
+            pipe.to("cpu")
+            _restore_weights(pipe, base_weights)
+        if config.adapter:
+            load_adapter(config.adapter, pipe, merge=True, scale=scale)
+        pipe.to(device)
+        stem = f"scale{scale:g}-" if sweep else ""
+        files[scale] = [output / "images" / f"{index:03d}-{stem}seed{seed}.png" for index in range(len(filled)) for seed in seeds]
+        with state.split_between_processes(batches) as mine:
+            rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
+                                    progress and state.is_main_process, negative_prompt=negative_prompt,
+                                    description=f"sample at {scale:g}" if sweep else "sample")
     state.wait_for_everyone()
     grid_path = output / "grid.png"
+    every_file = [path for scale in scales for path in files[scale]]
     if not state.is_main_process:
-        return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
-    for index in range(len(filled)):
-        if index not in rows:  # drawn by another process
-            rows[index] = [load_png(path) for path in files[index * len(seeds) : (index + 1) * len(seeds)]]
+        return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled)
+    for scale in scales:
+        for index in range(len(filled)):
+            if index not in rows[scale]:  # drawn by another process
+                rows[scale][index] = [load_png(path) for path in files[scale][index * len(seeds) : (index + 1) * len(seeds)]]
+    grid_rows = [[image for scale in scales for image in rows[scale][index]] for index in range(len(filled))]
+    labels = [f"scale {scale:g}, seed {seed}" for scale in scales for seed in seeds] if sweep else None
     with atomic_write(grid_path) as tmp:
-        make_grid([rows[index] for index in range(len(filled))], filled).save(tmp, format="PNG")
-    return SampleResult(output=output, images=files, grid=grid_path, prompts=filled)
+        make_grid(grid_rows, filled, column_labels=labels).save(tmp, format="PNG")
+    return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled)
+
+
+def _base_weights(pipe) -> dict[str, dict]:
+    """Copies of the weights an adapter may change (the UNet's, the text encoder's for kohya files)."""
+    components = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
+    return {
+        name: {key: value.detach().clone() for key, value in module.state_dict().items()}
+        for name, module in components.items()
+        if module is not None
+    }
+
+
+def _restore_weights(pipe, weights: dict[str, dict]) -> None:
+    for name, state in weights.items():
+        getattr(pipe, name).load_state_dict(state)
 
 
 def make_scheduler(name: str, config):
@@ -153,7 +186,7 @@ def load_png(path: Path):
 
 def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
               config: SampleConfig, resolution: int, device, progress: bool,
-              negative_prompt: str | None = None) -> dict[int, list]:
+              negative_prompt: str | None = None, description: str = "sample") -> dict[int, list]:
     """Draw each batch of prompt indices (one image per seed, each with its own seeded generator), write
     every image to its file and return the rows by prompt index."""
     import torch
@@ -163,7 +196,7 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
     from .fileio import atomic_write
 
     rows = {}
-    bar = tqdm(total=sum(map(len, batches)), desc="sample", unit="prompt", disable=not progress)
+    bar = tqdm(total=sum(map(len, batches)), desc=description, unit="prompt", disable=not progress)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its own truncation notice repeats sdtune's warning
     try:

@@ -99,6 +99,37 @@ def test_sample_negative_prompt_scheduler_and_adapter_scale(trained_run, tmp_pat
     assert image("scale-0", "--adapter", trained_run, "--adapter-scale", 0) == base
 
 
+def test_sample_sweeps_adapter_strengths(trained_run, tmp_path):
+    common = ("--prompt", "a <castle>", "--num-images", 2, "--steps", 2)
+    result = invoke("sample", *common, "--adapter", trained_run, "--adapter-scale", "1,0", "--output", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    images = tmp_path / "sweep" / "images"
+    names = sorted(p.name for p in images.iterdir())
+    assert names == ["000-scale0-seed0.png", "000-scale0-seed1.png", "000-scale1-seed0.png", "000-scale1-seed1.png"]
+    assert Image.open(tmp_path / "sweep" / "grid.png").size == grid_size(rows=1, columns=4, image_size=64, header=True)
+    # each strength draws what a run at that one strength draws; 0 after 1 is the base model again
+    assert invoke("sample", *common, "--adapter", trained_run, "--output", tmp_path / "plain").exit_code == 0
+    assert invoke("sample", *common, "--model", "tiny-random", "--token", "sks castle", "--output", tmp_path / "base").exit_code == 0
+    for seed in (0, 1):
+        adapted = (images / f"000-scale1-seed{seed}.png").read_bytes()
+        assert adapted == (tmp_path / "plain" / "images" / f"000-seed{seed}.png").read_bytes()
+        assert (images / f"000-scale0-seed{seed}.png").read_bytes() == (tmp_path / "base" / "images" / f"000-seed{seed}.png").read_bytes()
+        assert adapted != (images / f"000-scale0-seed{seed}.png").read_bytes()
+
+
+def test_adapter_scale_takes_one_number_or_a_list(tmp_path):
+    from sdtune.config import SampleConfig
+    from sdtune.errors import SdtuneError
+
+    settings = tmp_path / "sample.toml"
+    settings.write_text('prompt = ["x"]\nadapter = "run"\nadapter_scale = [0, 0.5, 1]\n')
+    assert SampleConfig.load(settings).adapter_scales == [0.0, 0.5, 1.0]
+    assert SampleConfig.load(None, prompt=["x"], adapter="run", adapter_scale="0.25").adapter_scale == 0.25
+    assert SampleConfig.load(None, prompt=["x"], adapter="run", adapter_scale="0, 0.5").adapter_scales == [0.0, 0.5]
+    with pytest.raises(SdtuneError, match="adapter_scale must be a number or a list of numbers"):
+        SampleConfig(prompt=["x"], adapter="run", adapter_scale=["strong"])
+
+
 def test_every_scheduler_is_built_from_the_model_config():
     from diffusers import PNDMScheduler
 
@@ -132,6 +163,10 @@ def test_methods_table_counts_sd14():
         (("sample", "--model", "tiny-random", "--prompt", "x", "--scheduler", "nope"), "--scheduler must be one of"),
         (("sample", "--model", "tiny-random", "--prompt", "x", "--adapter-scale", 0.5), "--adapter-scale needs --adapter"),
         (("sample", "--model", "tiny-random", "--prompt", "x", "--adapter-scale", "nan"), "--adapter-scale must be a finite"),
+        (("sample", "--model", "tiny-random", "--prompt", "x", "--adapter-scale", "0,1"), "--adapter-scale needs --adapter"),
+        (("sample", "--adapter", "run", "--prompt", "x", "--adapter-scale", "0,strong"), "--adapter-scale takes numbers separated by commas"),
+        (("sample", "--adapter", "run", "--prompt", "x", "--adapter-scale", "0.5,0.5"), "lists a strength twice: 0.5,0.5"),
+        (("sample", "--adapter", "run", "--prompt", "x", "--adapter-scale", "0,inf"), "--adapter-scale must be a finite number, got 0,inf"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, pattern):
