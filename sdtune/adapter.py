@@ -260,6 +260,45 @@ def adapter_info(path: str | Path) -> AdapterInfo:
     return read_adapter_info(path)[0]
 
 
+def changeable_weights(path: str | Path, pipeline) -> dict[str, dict]:
+    """Copies of the parameters loading this adapter may change, by component and name (`restore_weights`).
+
+    An sdtune adapter changes only its method's target layers; a kohya-format file may change any
+    UNet or text-encoder layer, so for it both are copied whole.
+    """
+    from . import methods
+    from .export import is_kohya_file
+
+    path = adapter_path(path)
+    components = {"unet": pipeline.unet}
+    if is_kohya_file(path):
+        components["text_encoder"] = getattr(pipeline, "text_encoder", None)
+        names = {component: None for component in components}
+    else:
+        info, _ = read_adapter_info(path)
+        names = {"unet": set(methods.create(info.method, **info.options).find_targets(pipeline.unet))}
+    return {
+        component: {
+            name: parameter.detach().clone()
+            for name, parameter in module.named_parameters()
+            if names[component] is None or name.rpartition(".")[0] in names[component]
+        }
+        for component, module in components.items()
+        if module is not None
+    }
+
+
+def restore_weights(pipeline, weights: dict[str, dict]) -> None:
+    """Put back the parameters `changeable_weights` copied (after a merge, the modules are the base's again)."""
+    import torch
+
+    with torch.no_grad():
+        for component, parameters in weights.items():
+            module = getattr(pipeline, component)
+            for name, value in parameters.items():
+                module.get_parameter(name).copy_(value)
+
+
 def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
     """Rebuild the adapter's method on `pipeline.unet` and load its tensors; merge by default.
 

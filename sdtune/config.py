@@ -331,6 +331,7 @@ class SampleConfig(_Config):
 
     def validate(self) -> None:
         _split_classes(self)
+        _split_scales(self)
         if self.dataset is not None:
             _check_dataset(self)
         elif self.classes:
@@ -351,8 +352,9 @@ class SampleConfig(_Config):
         if isinstance(self.adapter_scale, list):
             if not self.adapter_scale:
                 raise SdtuneError("--adapter-scale needs at least one number")
-            if len(set(self.adapter_scale)) != len(self.adapter_scale):
-                raise SdtuneError(f"--adapter-scale lists a strength twice: {_scales_text(self.adapter_scale)}")
+            names = [f"{scale:g}" for scale in self.adapter_scale]  # as the image files are named
+            if len(set(names)) != len(names):
+                raise SdtuneError(f"--adapter-scale lists a strength twice (to 6 digits): {_scales_text(self.adapter_scale)}")
 
 
 def _split_scales(config) -> None:

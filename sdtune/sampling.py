@@ -64,7 +64,7 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
 
 
 def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
-    from .adapter import adapter_info, adapter_path, load_adapter
+    from .adapter import adapter_info, adapter_path, changeable_weights, load_adapter, restore_weights
     from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts
     from .distributed import process_state
     from .fileio import atomic_write, ensure_writable_folder
@@ -95,9 +95,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     pipe = load_pipeline(model)
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list)
-    # A sweep restores these base weights before each strength, so each one's images are those a run
+    # A sweep restores the base weights before each strength, so each one's images are those a run
     # with that single --adapter-scale draws.
-    base_weights = _base_weights(pipe) if sweep else None
+    base_weights = changeable_weights(config.adapter, pipe) if sweep else None
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     device = state.device
@@ -117,7 +117,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     for position, scale in enumerate(scales):
         if position:
             pipe.to("cpu")
-            _restore_weights(pipe, base_weights)
+            restore_weights(pipe, base_weights)
+        if position == len(scales) - 1:
+            base_weights = None  # not needed again: free it while the last strength is drawn
         if config.adapter:
             load_adapter(config.adapter, pipe, merge=True, scale=scale)
         pipe.to(device)
@@ -141,21 +143,6 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     with atomic_write(grid_path) as tmp:
         make_grid(grid_rows, filled, column_labels=labels).save(tmp, format="PNG")
     return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled)
-
-
-def _base_weights(pipe) -> dict[str, dict]:
-    """Copies of the weights an adapter may change (the UNet's, the text encoder's for kohya files)."""
-    components = {"unet": pipe.unet, "text_encoder": getattr(pipe, "text_encoder", None)}
-    return {
-        name: {key: value.detach().clone() for key, value in module.state_dict().items()}
-        for name, module in components.items()
-        if module is not None
-    }
-
-
-def _restore_weights(pipe, weights: dict[str, dict]) -> None:
-    for name, state in weights.items():
-        getattr(pipe, name).load_state_dict(state)
 
 
 def make_scheduler(name: str, config):

@@ -43,6 +43,29 @@ def test_gradcheck_against_the_definition(function, stride, bias, kernel, batch,
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("function", [TapMixedConv, FormedWeightConv])
+@pytest.mark.parametrize("batch,height,width", [(2, 7, 5), (1, 3, 2)])  # both tap-side forwards, as above
+def test_gradcheck_with_odd_geometry(function, batch, height, width):
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)).double().requires_grad_(False)
+    x = torch.randn(batch, 3, height, width, dtype=torch.float64, requires_grad=True)
+    mixing = (0.3 * torch.randn(6, 6, dtype=torch.float64)).requires_grad_()
+
+    def fast(x, mixing):
+        return function.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+    torch.testing.assert_close(fast(x, mixing), literal(x, conv, mixing), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fast, (x, mixing))
+
+
+def test_a_trainable_bias_keeps_its_gradient():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    conv.weight.requires_grad_(False)
+    mixing = (0.1 * torch.randn(9, 9)).requires_grad_()
+    tap_mixed_conv2d(torch.randn(1, 4, 5, 5), conv, mixing, mode="tap").sum().backward()
+    assert conv.bias.grad is not None and mixing.grad is not None
+
+
 @pytest.mark.parametrize("mode", ["auto", "tap", "weight", "autograd"])
 def test_every_mode_gives_the_same_float32_result(mode):
     torch.manual_seed(1)

@@ -165,7 +165,7 @@ def test_methods_table_counts_sd14():
         (("sample", "--model", "tiny-random", "--prompt", "x", "--adapter-scale", "nan"), "--adapter-scale must be a finite"),
         (("sample", "--model", "tiny-random", "--prompt", "x", "--adapter-scale", "0,1"), "--adapter-scale needs --adapter"),
         (("sample", "--adapter", "run", "--prompt", "x", "--adapter-scale", "0,strong"), "--adapter-scale takes numbers separated by commas"),
-        (("sample", "--adapter", "run", "--prompt", "x", "--adapter-scale", "0.5,0.5"), "lists a strength twice: 0.5,0.5"),
+        (("sample", "--adapter", "run", "--prompt", "x", "--adapter-scale", "0.5,0.5"), "lists a strength twice (to 6 digits): 0.5,0.5"),
         (("sample", "--adapter", "run", "--prompt", "x", "--adapter-scale", "0,inf"), "--adapter-scale must be a finite number, got 0,inf"),
     ],
 )

@@ -454,6 +454,22 @@ def test_merge_bakes_in_the_scaled_update(tmp_path):
 # the command line
 
 
+def test_changeable_weights_are_the_targets_or_everything_for_kohya_files(tmp_path):
+    from sdtune.adapter import changeable_weights
+    from sdtune.models import load_pipeline
+
+    pipe = load_pipeline("tiny-random")
+    make_adapter("lora", {"targets": "conv3x3"}, tmp_path / "a.safetensors")
+    export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors")
+    own = changeable_weights(tmp_path / "a.safetensors", pipe)
+    convs = {f"{name}.weight" for name, module in pipe.unet.named_modules()
+             if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3)}
+    assert set(own) == {"unet"} and convs <= set(own["unet"]) and len(own["unet"]) < len(dict(pipe.unet.named_parameters()))
+    every = changeable_weights(tmp_path / "k.safetensors", pipe)
+    assert {component: len(weights) for component, weights in every.items()} == {
+        "unet": len(dict(pipe.unet.named_parameters())), "text_encoder": len(dict(pipe.text_encoder.named_parameters()))}
+
+
 def test_cli_export_merge_and_sample_with_a_kohya_file(tmp_path):
     from typer.testing import CliRunner
 
@@ -470,6 +486,12 @@ def test_cli_export_merge_and_sample_with_a_kohya_file(tmp_path):
                                  "--num-images", "1", "--steps", "2", "--output", str(tmp_path / "samples")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "samples" / "grid.png").is_file()
+    # a strength sweep restores the base weights between strengths (a kohya file may touch any layer)
+    result = runner.invoke(app, ["sample", "--adapter", str(kohya), "--model", "tiny-random", "--prompt", "a <castle>",
+                                 "--num-images", "1", "--steps", "2", "--adapter-scale", "1,0", "--output", str(tmp_path / "sweep")])
+    assert result.exit_code == 0, result.output
+    swept = {name: (tmp_path / "sweep" / "images" / f"000-scale{name}-seed0.png").read_bytes() for name in ("0", "1")}
+    assert swept["1"] == (tmp_path / "samples" / "images" / "000-seed0.png").read_bytes() != swept["0"]
 
     result = runner.invoke(app, ["merge", str(kohya), "--output", str(tmp_path / "merged"), "--dtype", "fp16"])
     assert result.exit_code == 0, result.output

@@ -85,10 +85,13 @@ class TapMixedConv(torch.autograd.Function):
         depthwise = mix.view(1, taps, kh, kw).expand(channels, taps, kh, kw).reshape(channels * taps, 1, kh, kw)
         grad_x, grad_depthwise, _ = torch.ops.aten.convolution_backward(
             grad_taps, x, depthwise, None, stride, padding, dilation, False, (0, 0), channels,
-            [ctx.needs_input_grad[0], True, False],
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False],
         )
-        grad_mixing = grad_depthwise.view(channels, taps, taps).sum(0)
-        return grad_x, None, grad_mixing.to(ctx.mixing_dtype), None, None, None, None
+        grad_mixing = None
+        if ctx.needs_input_grad[2]:  # summed in fp32 at least: fp16 sums over 1,280 channels overflow early
+            at_least_fp32 = torch.promote_types(grad_depthwise.dtype, torch.float32)
+            grad_mixing = grad_depthwise.view(channels, taps, taps).sum(0, dtype=at_least_fp32).to(ctx.mixing_dtype)
+        return grad_x, None, grad_mixing, None, None, None, None
 
 
 class FormedWeightConv(torch.autograd.Function):
@@ -118,7 +121,7 @@ class FormedWeightConv(torch.autograd.Function):
 def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """conv(x) with `conv.weight` replaced by W_r·(I + mixing), exactly, by the fastest route.
 
-    `mode`: "auto" (by output positions and device), "tap", "weight", or "autograd" (plain autograd
+    `mode`: "auto" (by input positions and device), "tap", "weight", or "autograd" (plain autograd
     on the formed weight: the reference the others are tested against). When no gradient is
     needed, the formed weight is used directly. Under autocast the fast kernels run in the
     autocast dtype, as the library convolution would; the mixing matrix and its gradient stay fp32.
@@ -142,13 +145,14 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode:
         or x.dtype != weight.dtype
         or conv.groups != 1
         or conv.weight.requires_grad
+        or (conv.bias is not None and conv.bias.requires_grad)
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
     )
     if plain:
         return conv._conv_forward(x, _mixed_weight(conv.weight, mixing.to(conv.weight.dtype)).to(x.dtype), conv.bias)
     if mode == "auto":
-        limit = TAP_SIDE_MAX_POSITIONS.get(x.device.type, TAP_SIDE_MAX_POSITIONS["cpu"])
+        limit = TAP_SIDE_MAX_POSITIONS.get(x.device.type, 0)  # elsewhere (mps, xpu): the library's own route
         mode = "tap" if x.shape[0] * x.shape[2] * x.shape[3] <= limit else "weight"
     function = TapMixedConv if mode == "tap" else FormedWeightConv
     return function.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
