@@ -261,28 +261,22 @@ def adapter_info(path: str | Path) -> AdapterInfo:
 
 
 def changeable_weights(path: str | Path, pipeline) -> dict[str, dict]:
-    """Copies of the parameters loading this adapter may change, by component and name (`restore_weights`).
+    """Copies of the parameters loading this adapter may change, by component (`restore_weights`).
 
     An sdtune adapter changes only its method's target layers; a kohya-format file may change any
     UNet or text-encoder layer, so for it both are copied whole.
     """
     from . import methods
     from .export import is_kohya_file
+    from .methods.base import own_parameters
 
     path = adapter_path(path)
-    components = {"unet": pipeline.unet}
-    if is_kohya_file(path):
-        components["text_encoder"] = getattr(pipeline, "text_encoder", None)
-        names = {component: None for component in components}
-    else:
+    if not is_kohya_file(path):
         info, _ = read_adapter_info(path)
-        names = {"unet": set(methods.create(info.method, **info.options).find_targets(pipeline.unet))}
+        return {"unet": own_parameters(pipeline.unet, methods.create(info.method, **info.options).find_targets(pipeline.unet))}
+    components = {"unet": pipeline.unet, "text_encoder": getattr(pipeline, "text_encoder", None)}
     return {
-        component: {
-            name: parameter.detach().clone()
-            for name, parameter in module.named_parameters()
-            if names[component] is None or name.rpartition(".")[0] in names[component]
-        }
+        component: own_parameters(module, [name for name, _ in module.named_modules()])
         for component, module in components.items()
         if module is not None
     }
@@ -295,8 +289,8 @@ def restore_weights(pipeline, weights: dict[str, dict]) -> None:
     with torch.no_grad():
         for component, parameters in weights.items():
             module = getattr(pipeline, component)
-            for name, value in parameters.items():
-                module.get_parameter(name).copy_(value)
+            for (name, attr), value in parameters.items():
+                getattr(module.get_submodule(name), attr).copy_(value)
 
 
 def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):

@@ -462,7 +462,7 @@ def test_changeable_weights_are_the_targets_or_everything_for_kohya_files(tmp_pa
     make_adapter("lora", {"targets": "conv3x3"}, tmp_path / "a.safetensors")
     export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors")
     own = changeable_weights(tmp_path / "a.safetensors", pipe)
-    convs = {f"{name}.weight" for name, module in pipe.unet.named_modules()
+    convs = {(name, "weight") for name, module in pipe.unet.named_modules()
              if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3)}
     assert set(own) == {"unet"} and convs <= set(own["unet"]) and len(own["unet"]) < len(dict(pipe.unet.named_parameters()))
     every = changeable_weights(tmp_path / "k.safetensors", pipe)
