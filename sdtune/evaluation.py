@@ -45,7 +45,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "style_fidelity": ("style fidelity", "share of the base-to-reference gap in slant and ink closed (1 = reference)"),
     "preservation": ("preservation", "digit-classifier accuracy on the other digits' plain prompts (higher is better)"),
 }
-SAMPLE_NAME = re.compile(r"^(\d+)-seed-?\d+$")
+# `sdtune sample`'s image names: NNN-seedK, or NNN-scaleS-seedK in a strength sweep
+SAMPLE_NAME = re.compile(r"^(\d+)-(?:scale(-?[\d.]+(?:e[+-]\d+)?)-)?seed-?\d+$")
 
 
 class MetricUnavailable(Exception):
@@ -324,6 +325,21 @@ def image_folder(path: str | Path) -> list[Path]:
     return list_images(path)
 
 
+def one_strength(files: list[Path], scale: float, folder: str) -> list[Path]:
+    """From a strength sweep's images (NNN-scaleS-seedK), those drawn at `scale`; other folders as they are."""
+    strengths = {}
+    for path in files:
+        match = SAMPLE_NAME.match(path.stem)
+        strengths.setdefault(match.group(2) if match else None, []).append(path)
+    if set(strengths) == {None}:
+        return files
+    wanted = f"{scale:g}"
+    if wanted not in strengths:
+        found = ", ".join(sorted((s for s in strengths if s is not None), key=float))
+        raise SdtuneError(f"{folder} holds images drawn at adapter strengths {found}: pick one with --adapter-scale")
+    return strengths[wanted]
+
+
 def pair_prompts(files: list[Path], prompts: list[str]) -> list[str]:
     """The prompt of each image: the only one, or by the NNN index of `sdtune sample`'s NNN-seedS names."""
     if not prompts:
@@ -386,7 +402,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if not prompts and info is not None:
         prompts = [run_prompt(run, info.placeholder or "<concept>")]
-    files = image_folder(config.images) if config.images else []
+    files = one_strength(image_folder(config.images), config.adapter_scale, config.images) if config.images else []
     if config.output:
         output = Path(config.output)
     else:

@@ -214,6 +214,37 @@ def test_images_pair_with_prompts_by_sample_index(tmp_path):
         pair_prompts([tmp_path / "photo.png"], ["a", "b"])
 
 
+def test_a_strength_sweep_folder_is_measured_one_strength_at_a_time(metric_models, image_sets, tmp_path):
+    from sdtune.errors import SdtuneError
+    from sdtune.evaluation import one_strength
+
+    clip_path, dino_path = metric_models
+    sweep = tmp_path / "sweep" / "images"
+    sweep.mkdir(parents=True)
+    originals = sorted(image_sets[0].iterdir())  # four different images
+    for strength, pair in (("0", originals[:2]), ("0.5", originals[2:])):
+        for seed, source in enumerate(pair):
+            (sweep / f"000-scale{strength}-seed{seed}.png").write_bytes(source.read_bytes())
+    files = sorted(sweep.iterdir())
+    assert [p.name for p in one_strength(files, 0.5, "sweep")] == ["000-scale0.5-seed0.png", "000-scale0.5-seed1.png"]
+    assert pair_prompts(files, ["a", "b"]) == ["a"] * 4  # NNN still names the prompt
+    with pytest.raises(SdtuneError, match="sweep holds images drawn at adapter strengths 0, 0.5: pick one with --adapter-scale"):
+        one_strength(files, 1.0, "sweep")
+
+    def diversity(strength):
+        config = EvaluateConfig(images=str(sweep.parent), output=str(tmp_path / f"{strength}.json"), adapter_scale=strength,
+                                clip_model=str(clip_path), dino_model=str(dino_path), fid_features="none")
+        return evaluate(config, progress=False).metrics["diversity"]
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for source in originals[2:]:
+        (plain / source.name).write_bytes(source.read_bytes())
+    expected = evaluate(EvaluateConfig(images=str(plain), output=str(tmp_path / "plain.json"), clip_model=str(clip_path),
+                                       dino_model=str(dino_path), fid_features="none"), progress=False).metrics["diversity"]
+    assert diversity(0.5) == expected != diversity(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs: evaluate and compare end to end
 
