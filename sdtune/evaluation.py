@@ -325,12 +325,17 @@ def image_folder(path: str | Path) -> list[Path]:
     return list_images(path)
 
 
+def sweep_strength(path: Path) -> str | None:
+    """The S of a strength sweep's image name NNN-scaleS-seedK; None for any other name."""
+    match = SAMPLE_NAME.match(path.stem)
+    return match.group(2) if match else None
+
+
 def one_strength(files: list[Path], scale: float, folder: str) -> list[Path]:
     """From a strength sweep's images (NNN-scaleS-seedK), those drawn at `scale`; other folders as they are."""
     strengths = {}
     for path in files:
-        match = SAMPLE_NAME.match(path.stem)
-        strengths.setdefault(match.group(2) if match else None, []).append(path)
+        strengths.setdefault(sweep_strength(path), []).append(path)
     if set(strengths) == {None}:
         return files
     wanted = f"{scale:g}"
@@ -524,6 +529,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
             num_images=config.num_images, steps=config.steps, guidance=config.guidance,
             negative_prompt=config.negative_prompt, scheduler=config.scheduler, adapter_scale=config.adapter_scale,
         )
+    elif sweep_strength(files[0]) is not None:  # one strength of a sweep's images: say which
+        report.update(adapter_scale=config.adapter_scale)
     if info is not None:
         report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)))
     write_text_atomic(output, json.dumps(report, indent=2) + "\n")

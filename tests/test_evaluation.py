@@ -234,14 +234,18 @@ def test_a_strength_sweep_folder_is_measured_one_strength_at_a_time(metric_model
     def diversity(strength):
         config = EvaluateConfig(images=str(sweep.parent), output=str(tmp_path / f"{strength}.json"), adapter_scale=strength,
                                 clip_model=str(clip_path), dino_model=str(dino_path), fid_features="none")
-        return evaluate(config, progress=False).metrics["diversity"]
+        result = evaluate(config, progress=False)
+        assert result.report["adapter_scale"] == strength
+        return result.metrics["diversity"]
 
     plain = tmp_path / "plain"
     plain.mkdir()
     for source in originals[2:]:
         (plain / source.name).write_bytes(source.read_bytes())
     expected = evaluate(EvaluateConfig(images=str(plain), output=str(tmp_path / "plain.json"), clip_model=str(clip_path),
-                                       dino_model=str(dino_path), fid_features="none"), progress=False).metrics["diversity"]
+                                       dino_model=str(dino_path), fid_features="none"), progress=False)
+    assert "adapter_scale" not in expected.report
+    expected = expected.metrics["diversity"]
     assert diversity(0.5) == expected != diversity(0)
 
 
