@@ -352,7 +352,7 @@ class SampleConfig(_Config):
         if isinstance(self.adapter_scale, list):
             if not self.adapter_scale:
                 raise SdtuneError("--adapter-scale needs at least one number")
-            names = [f"{scale:g}" for scale in self.adapter_scale]  # as the image files are named
+            names = [strength_name(scale) for scale in self.adapter_scale]
             if len(set(names)) != len(names):
                 raise SdtuneError(f"--adapter-scale lists a strength twice (to 6 digits): {_scales_text(self.adapter_scale)}")
 
@@ -368,8 +368,13 @@ def _split_scales(config) -> None:
     config.adapter_scale = values if len(values) != 1 else values[0]
 
 
+def strength_name(scale: float) -> str:
+    """How an adapter strength is written: in a sweep's image names (NNN-scaleS-seedK), labels and messages."""
+    return f"{scale:g}"
+
+
 def _scales_text(scales: list[float]) -> str:
-    return ",".join(f"{scale:g}" for scale in scales)
+    return ",".join(strength_name(scale) for scale in scales)
 
 
 def _check_sampler_settings(config) -> None:

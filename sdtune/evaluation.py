@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import EvaluateConfig
+from .config import EvaluateConfig, strength_name
 from .errors import SdtuneError
 
 EVAL_FILE = "eval.json"
@@ -338,7 +338,7 @@ def one_strength(files: list[Path], scale: float, folder: str) -> list[Path]:
         strengths.setdefault(sweep_strength(path), []).append(path)
     if set(strengths) == {None}:
         return files
-    wanted = f"{scale:g}"
+    wanted = strength_name(scale)
     if wanted not in strengths:
         found = ", ".join(sorted((s for s in strengths if s is not None), key=float))
         raise SdtuneError(f"{folder} holds images drawn at adapter strengths {found}: pick one with --adapter-scale")

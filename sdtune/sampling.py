@@ -7,7 +7,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SampleConfig
+from .config import SampleConfig, strength_name
 
 CAPTION_LINE_HEIGHT = 14
 CAPTION_LINES = 2
@@ -123,12 +123,12 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         if config.adapter:
             load_adapter(config.adapter, pipe, merge=True, scale=scale)
         pipe.to(device)
-        stem = f"scale{scale:g}-" if sweep else ""
+        stem = f"scale{strength_name(scale)}-" if sweep else ""
         files[scale] = [output / "images" / f"{index:03d}-{stem}seed{seed}.png" for index in range(len(filled)) for seed in seeds]
         with state.split_between_processes(batches) as mine:
             rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
                                     progress and state.is_main_process, negative_prompt=negative_prompt,
-                                    description=f"sample at {scale:g}" if sweep else "sample")
+                                    description=f"sample at {strength_name(scale)}" if sweep else "sample")
     state.wait_for_everyone()
     grid_path = output / "grid.png"
     every_file = [path for scale in scales for path in files[scale]]
@@ -139,7 +139,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
             if index not in rows[scale]:  # drawn by another process
                 rows[scale][index] = [load_png(path) for path in files[scale][index * len(seeds) : (index + 1) * len(seeds)]]
     grid_rows = [[image for scale in scales for image in rows[scale][index]] for index in range(len(filled))]
-    labels = [f"scale {scale:g}, seed {seed}" for scale in scales for seed in seeds] if sweep else None
+    labels = [f"scale {strength_name(scale)}, seed {seed}" for scale in scales for seed in seeds] if sweep else None
     with atomic_write(grid_path) as tmp:
         make_grid(grid_rows, filled, column_labels=labels).save(tmp, format="PNG")
     return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled)
