@@ -260,67 +260,26 @@ def adapter_info(path: str | Path) -> AdapterInfo:
     return read_adapter_info(path)[0]
 
 
-def changeable_weights(path: str | Path, pipeline) -> dict[str, dict]:
-    """Copies of the parameters loading this adapter may change, by component (`restore_weights`).
+def open_adapter(path: str | Path, pipeline):
+    """The adapter at `path` bound to `pipeline`, at strength 1 and not merged.
 
-    An sdtune adapter changes only its method's target layers; a kohya-format file may change any
-    UNet or text-encoder layer, so for it both are copied whole.
-    """
-    from . import methods
-    from .export import is_kohya_file
-    from .methods.base import own_parameters
-
-    path = adapter_path(path)
-    if not is_kohya_file(path):
-        info, _ = read_adapter_info(path)
-        return {"unet": own_parameters(pipeline.unet, methods.create(info.method, **info.options).find_targets(pipeline.unet))}
-    components = {"unet": pipeline.unet, "text_encoder": getattr(pipeline, "text_encoder", None)}
-    return {
-        component: own_parameters(module, [name for name, _ in module.named_modules()])
-        for component, module in components.items()
-        if module is not None
-    }
-
-
-def restore_weights(pipeline, weights: dict[str, dict]) -> None:
-    """Put back the parameters `changeable_weights` copied (after a merge, the modules are the base's again)."""
-    import torch
-
-    with torch.no_grad():
-        for component, parameters in weights.items():
-            module = getattr(pipeline, component)
-            for (name, attr), value in parameters.items():
-                getattr(module.get_submodule(name), attr).copy_(value)
-
-
-def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
-    """Rebuild the adapter's method on `pipeline.unet` and load its tensors; merge by default.
-
-    Refuses, with a clear message, an adapter made for a base model whose targeted layers differ
-    in names, shapes or weights; the same weights in another precision (fp16, bf16) are accepted.
-    A kohya-format file (LoRA, LoHa, LoKr or full-weight diffs from sdtune or any other trainer)
-    is added to the base weights: it is always merged (`sdtune.export.load_kohya`).
-
-    `scale` sets the strength of the merged update: every changed weight becomes W + scale·(W' − W),
-    W' the fully merged one (a kohya file's ΔW is multiplied, as its loaders' multiplier does).
+    An sdtune adapter: its method injected into `pipeline.unet` with its tensors loaded, so the UNet
+    computes with it. Refused, with a clear message, for a base model whose targeted layers differ in
+    names, shapes or weights; the same weights in another precision (fp16, bf16) are accepted.
+    A kohya-format file (LoRA, LoHa, LoKr or full-weight diffs from sdtune or any other trainer):
+    its updates, each checked against the module it changes, not yet added (they apply merged).
+    Either has `set_scale`, `merge` and `unmerge`.
     """
     import numpy as np
     import torch
 
     from . import methods
-    from .export import is_kohya_file, load_kohya
-    from .methods.base import (
-        check_state_names, check_state_shapes, fingerprint_of, own_parameters, same_weights, structure_digest,
-        weight_sample,
-    )
+    from .export import is_kohya_file, read_kohya_updates
+    from .methods.base import check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample
 
     path = adapter_path(path)
-    if scale != 1.0 and not merge:
-        raise SdtuneError("an adapter scale other than 1 is applied by merging; merge=False is not available with it")
     if is_kohya_file(path):
-        if not merge:
-            raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
-        return load_kohya(path, pipeline, multiplier=scale)
+        return read_kohya_updates(path, pipeline)
     info, entries = read_adapter_info(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
@@ -343,14 +302,26 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     if bad:
         raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
     device = unet.device  # read once: diffusers walks every module to find it
-    before = own_parameters(unet, targets) if scale != 1.0 else {}  # to interpolate towards the merged weights
     method.inject(unet)
     method.load_state_dict({k: v.to(device) for k, v in tensors.items()})
-    if merge:
-        method.merge()
-    with torch.no_grad():
-        for (name, attr), base in before.items():
-            merged = getattr(unet.get_submodule(name), attr)
-            merged.copy_((base.float() + scale * (merged.float() - base.float())).to(merged.dtype))
-    method.info = info
     return method
+
+
+def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
+    """Apply the adapter at `path` to `pipeline` at strength `scale` (W + scale·ΔW); merged by default.
+
+    Merged, the UNet (and, for kohya files, the text encoder) is plain again, with the update in its
+    weights; unmerged (`merge=False`, sdtune adapters only), the method's layers compute the update,
+    and the returned method can be trained further, rescaled or merged. See `open_adapter`.
+    """
+    from .export import is_kohya_file
+
+    path = adapter_path(path)
+    if not merge and is_kohya_file(path):
+        raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
+    adapter = open_adapter(path, pipeline)
+    if scale != 1.0:
+        adapter.set_scale(scale)
+    if merge:
+        adapter.merge(keep_base=False)
+    return adapter

@@ -223,22 +223,16 @@ def kohya_diff_state(path: Path, info, model: str | None) -> tuple[dict, dict[st
     import torch
     from torch import nn
 
-    from . import methods
-    from .adapter import load_adapter
-    from .methods.base import own_parameters
+    from .adapter import open_adapter
     from .methods.difffit import NORM_TYPES
     from .models import load_pipeline
 
     pipe = load_pipeline(model or info.base_model)
     unet = pipe.unet
-    before = own_parameters(unet, methods.create(info.method, **info.options).find_targets(unet))
-    load_adapter(path, pipe, merge=True)
+    diffs = open_adapter(path, pipe).weight_diffs()
     state: dict[str, torch.Tensor] = {}
-    for (name, attr), base in before.items():
+    for (name, attr), delta in diffs.items():
         module = unet.get_submodule(name)
-        delta = getattr(module, attr).detach().float() - base.float()
-        if not delta.any():
-            continue
         key = kohya_name(UNET_PREFIX, name)
         if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
             state[f"{key}.{'diff' if attr == 'weight' else 'diff_b'}"] = delta.contiguous()
@@ -439,15 +433,76 @@ def kohya_info(path: Path, metadata: dict[str, str]):
 
 
 @dataclass
+class KohyaUpdate:
+    """One module's ΔW and Δbias (float32, either may be None) from a kohya-format file."""
+
+    name: str  # `text_encoder.` + the module name for the text encoder
+    module: Any
+    delta_weight: Any
+    delta_bias: Any
+
+
+@dataclass
 class KohyaAdapter:
-    """What `load_kohya` applied: the file's info and the changed modules (`lora_unet_...` → module)."""
+    """A kohya-format file's updates, checked against a pipeline's modules; they apply merged.
+
+    The same strength, merge and unmerge as a method: `merge` adds scale·ΔW (and scale·Δbias) to
+    the modules' weights, `unmerge` puts back the weights as they were.
+    """
 
     info: Any
-    target_names: list[str]
+    updates: list[KohyaUpdate]
     name: str = "kohya"
+    scale: float = 1.0
+    merged: bool = False
+    _unmerged_weights: dict | None = None
+
+    @property
+    def target_names(self) -> list[str]:
+        return [update.name for update in self.updates]
 
     def describe(self) -> str:
         return f"{self.info.method}: {len(self.target_names)} modules changed"
+
+    def set_scale(self, scale: float) -> None:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise SdtuneError(f"an adapter's scale must be a finite number, got {scale}")
+        if self.merged:
+            raise RuntimeError("kohya: unmerge() before changing the scale")
+        self.scale = scale
+
+    def merge(self, keep_base: bool = True) -> None:
+        import torch
+
+        from .methods.base import copy_parameters
+
+        if self.merged:
+            return
+        modules = {update.name: update.module for update in self.updates}
+        self._unmerged_weights = copy_parameters(modules, "cpu") if keep_base else None
+        with torch.no_grad():
+            for update in self.updates:
+                module = update.module
+                if update.delta_weight is not None:
+                    module.weight += (update.delta_weight * self.scale).to(module.weight.device, module.weight.dtype)
+                if update.delta_bias is not None:
+                    module.bias += (update.delta_bias * self.scale).to(module.bias.device, module.bias.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        import torch
+
+        if not self.merged:
+            return
+        if self._unmerged_weights is None:
+            raise RuntimeError("kohya: merged with keep_base=False; there is nothing to unmerge to")
+        modules = {update.name: update.module for update in self.updates}
+        with torch.no_grad():
+            for (name, attr), value in self._unmerged_weights.items():
+                getattr(modules[name], attr).copy_(value)
+        self._unmerged_weights = None
+        self.merged = False
 
 
 def kohya_kind(parts: dict[str, Any], where: str) -> str:
@@ -533,10 +588,19 @@ def _fit(delta, weight, exact_shape, where: str, module_name: str):
 
 
 def load_kohya(path: str | Path, pipeline, multiplier: float = 1.0) -> KohyaAdapter:
-    """Add a kohya-format file's updates (UNet `lora_unet_*`, text encoder `lora_te_*`) to `pipeline`'s weights.
+    """Add a kohya-format file's updates (UNet `lora_unet_*`, text encoder `lora_te_*`), times
+    `multiplier`, to `pipeline`'s weights."""
+    adapter = read_kohya_updates(path, pipeline)
+    adapter.set_scale(multiplier)
+    adapter.merge(keep_base=False)
+    return adapter
 
-    Every key is matched to a module and every ΔW checked against its weight before any weight
-    changes; a key that matches no module, or an update whose shape does not fit, is a one-line error.
+
+def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
+    """A kohya-format file's updates (UNet `lora_unet_*`, text encoder `lora_te_*`) for `pipeline`, not yet added.
+
+    Every key is matched to a module and every ΔW checked against its weight; a key that matches
+    no module, or an update whose shape does not fit, is a one-line error.
     """
     import torch
 
@@ -578,12 +642,6 @@ def load_kohya(path: str | Path, pipeline, multiplier: float = 1.0) -> KohyaAdap
             if bias is None or tuple(delta_bias.shape) != tuple(bias.shape):
                 have = tuple(bias.shape) if bias is not None else "no bias"
                 raise SdtuneError(f"{where}: the bias update has shape {tuple(delta_bias.shape)}, {module_name} has {have}")
-        updates.append((f"{'' if prefix == UNET_PREFIX else 'text_encoder.'}{module_name}", module, delta_weight, delta_bias))
-
-    with torch.no_grad():
-        for _, module, delta_weight, delta_bias in updates:
-            if delta_weight is not None:
-                module.weight += (delta_weight * multiplier).to(module.weight.device, module.weight.dtype)
-            if delta_bias is not None:
-                module.bias += (delta_bias * multiplier).to(module.bias.device, module.bias.dtype)
-    return KohyaAdapter(kohya_info(path, metadata), [name for name, *_ in updates])
+        name = f"{'' if prefix == UNET_PREFIX else 'text_encoder.'}{module_name}"
+        updates.append(KohyaUpdate(name, module, delta_weight, delta_bias))
+    return KohyaAdapter(kohya_info(path, metadata), updates)

@@ -64,7 +64,7 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
 
 
 def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
-    from .adapter import adapter_info, adapter_path, changeable_weights, load_adapter, restore_weights
+    from .adapter import adapter_info, adapter_path, open_adapter
     from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts
     from .distributed import process_state
     from .fileio import atomic_write, ensure_writable_folder
@@ -95,9 +95,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     pipe = load_pipeline(model)
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list)
-    # A sweep restores the base weights before each strength, so each one's images are those a run
-    # with that single --adapter-scale draws.
-    base_weights = changeable_weights(config.adapter, pipe) if sweep else None
+    adapter = open_adapter(config.adapter, pipe) if config.adapter else None
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     device = state.device
@@ -115,13 +113,13 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
     files, rows = {}, {}
     for position, scale in enumerate(scales):
-        if position:
-            pipe.to("cpu")
-            restore_weights(pipe, base_weights)
-        if position == len(scales) - 1:
-            base_weights = None  # not needed again: free it while the last strength is drawn
-        if config.adapter:
-            load_adapter(config.adapter, pipe, merge=True, scale=scale)
+        last = position == len(scales) - 1
+        if adapter is not None:
+            # merged at each strength afresh from the exact base weights (kept unless this is the
+            # last strength), so each strength's images are those of a run at that single strength
+            adapter.unmerge()
+            adapter.set_scale(scale)
+            adapter.merge(keep_base=not last)
         pipe.to(device)
         stem = f"scale{strength_name(scale)}-" if sweep else ""
         files[scale] = [output / "images" / f"{index:03d}-{stem}seed{seed}.png" for index in range(len(filled)) for seed in seeds]

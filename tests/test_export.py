@@ -454,20 +454,28 @@ def test_merge_bakes_in_the_scaled_update(tmp_path):
 # the command line
 
 
-def test_changeable_weights_are_the_targets_or_everything_for_kohya_files(tmp_path):
-    from sdtune.adapter import changeable_weights
+def test_kohya_file_strength_merge_and_unmerge(tmp_path):
+    """A kohya file's updates take a strength and unmerge to the exact base weights, touching only their modules."""
+    from sdtune.adapter import open_adapter
+    from sdtune.export import load_kohya
     from sdtune.models import load_pipeline
 
-    pipe = load_pipeline("tiny-random")
     make_adapter("lora", {"targets": "conv3x3"}, tmp_path / "a.safetensors")
     export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors")
-    own = changeable_weights(tmp_path / "a.safetensors", pipe)
-    convs = {(name, "weight") for name, module in pipe.unet.named_modules()
-             if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3)}
-    assert set(own) == {"unet"} and convs <= set(own["unet"]) and len(own["unet"]) < len(dict(pipe.unet.named_parameters()))
-    every = changeable_weights(tmp_path / "k.safetensors", pipe)
-    assert {component: len(weights) for component, weights in every.items()} == {
-        "unet": len(dict(pipe.unet.named_parameters())), "text_encoder": len(dict(pipe.text_encoder.named_parameters()))}
+    pipe = load_pipeline("tiny-random")
+    before = {key: value.clone() for key, value in pipe.unet.state_dict().items()}
+    adapter = open_adapter(tmp_path / "k.safetensors", pipe)
+    assert all(torch.equal(value, before[key]) for key, value in pipe.unet.state_dict().items()), "not applied until merged"
+    adapter.set_scale(0.5)
+    adapter.merge()
+    assert {name for name, _ in adapter._unmerged_weights} == set(adapter.target_names), "only the changed modules are kept"
+    reference = load_pipeline("tiny-random")
+    load_kohya(tmp_path / "k.safetensors", reference, multiplier=0.5)
+    merged = pipe.unet.state_dict()
+    assert all(torch.equal(merged[key], value) for key, value in reference.unet.state_dict().items())
+    assert not all(torch.equal(merged[key], before[key]) for key in before)
+    adapter.unmerge()
+    assert all(torch.equal(value, before[key]) for key, value in pipe.unet.state_dict().items())
 
 
 def test_cli_export_merge_and_sample_with_a_kohya_file(tmp_path):

@@ -271,8 +271,50 @@ def test_adapter_scale_scales_the_update(name, halved, tiny_pipe, unet_inputs, t
     load_adapter(full, scaled, scale=0.5)
     load_adapter(half, reference)
     torch.testing.assert_close(run_unet(scaled.unet, unet_inputs), run_unet(reference.unet, unet_inputs), rtol=0, atol=1e-5)
-    with pytest.raises(SdtuneError, match="merge=False"):
-        load_adapter(full, load_pipeline("tiny-random"), merge=False, scale=0.5)
+    unmerged = load_pipeline("tiny-random")
+    load_adapter(full, unmerged, merge=False, scale=0.5)  # the layers compute the half-strength update
+    torch.testing.assert_close(run_unet(unmerged.unet, unet_inputs), run_unet(reference.unet, unet_inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
+def test_strength_merge_and_unmerge(name, options, lr, tiny_pipe, unet_inputs):
+    """set_scale acts alike merged and unmerged, and unmerge gives back the exact base weights and layers."""
+    from sdtune.models import load_pipeline
+
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    unet_inputs = (latents, *unet_inputs[1:])
+    base = run_unet(load_pipeline("tiny-random").unet, unet_inputs)
+    method = methods.create(name, **options)
+    method.inject(tiny_pipe.unet)
+    perturb(method)
+    state = {key: value.clone() for key, value in method.state_dict().items()}
+    unet_state = {key: value.clone() for key, value in tiny_pipe.unet.state_dict().items()}
+    tuned = run_unet(tiny_pipe.unet, unet_inputs)
+
+    method.set_scale(0.5)
+    half = run_unet(tiny_pipe.unet, unet_inputs)
+    assert (half - tuned).abs().max() > 1e-4 and (half - base).abs().max() > 1e-4
+    assert all(torch.equal(value, state[key]) for key, value in method.state_dict().items()), "the state is the full-strength one"
+    method.merge()
+    assert all(type(m).__module__.startswith(("torch.", "diffusers.")) for m in tiny_pipe.unet.modules())
+    torch.testing.assert_close(run_unet(tiny_pipe.unet, unet_inputs), half, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        method.set_scale(1.0)
+    method.unmerge()
+    torch.testing.assert_close(run_unet(tiny_pipe.unet, unet_inputs), half, rtol=0, atol=1e-5)
+
+    method.set_scale(0.0)
+    torch.testing.assert_close(run_unet(tiny_pipe.unet, unet_inputs), base, rtol=0, atol=1e-5)
+    method.set_scale(1.0)
+    after = tiny_pipe.unet.state_dict()
+    assert after.keys() == unet_state.keys() and all(torch.equal(after[k], unet_state[k]) for k in unet_state)
+    torch.testing.assert_close(run_unet(tiny_pipe.unet, unet_inputs), tuned, rtol=0, atol=0)
+    assert [p.data_ptr() for p in method.trainable_parameters()] and all(p.requires_grad for p in method.trainable_parameters())
+    with pytest.raises(SdtuneError, match="finite"):
+        method.set_scale(float("nan"))
+    method.merge(keep_base=False)
+    with pytest.raises(RuntimeError, match="keep_base=False"):
+        method.unmerge()
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)

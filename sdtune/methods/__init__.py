@@ -10,9 +10,9 @@ from .base import Method
 _REGISTRY: dict[str, str] = {
     # name -> "module:Class", imported on demand so listing methods stays cheap
     "atoms": "atoms:FilterAtoms",
-    "bitfit": "difffit:BitFit",
+    "bitfit": "bitfit:BitFit",
     "difffit": "difffit:DiffFit",
-    "full": "difffit:FullFineTune",
+    "full": "full:FullFineTune",
     "gift": "gift:Gift",
     "lora": "lowrank:Lora",
     "loha": "lowrank:Loha",

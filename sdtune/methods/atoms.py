@@ -76,12 +76,11 @@ from torch import nn
 
 from ..errors import SdtuneError
 from .atom_kernels import tap_mixed_conv2d
-from .base import Method, fingerprint, named_convs, replace_module
+from .base import ATTENTION_PROJECTIONS, DeltaLayer, WrappedLayers, fingerprint, named_convs, named_linears, replace_module
 
 INITS = ("svd", "sparse")
 KERNELS = ("auto", "tap", "weight", "autograd")
 GRAM_CHUNK_ROWS = 1 << 18
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 # Sparse coding settings. λ is relative to the weights' RMS, so every layer gets the same sparsity
 # pressure whatever its scale. Many short alternations (warm-started codes) move the atoms further
@@ -238,12 +237,6 @@ def atom_projector(atoms: torch.Tensor, orthonormal: bool) -> torch.Tensor:
     return torch.linalg.pinv(atoms.double(), rtol=PINV_RTOL).to(atoms.dtype)
 
 
-def atom_coefficients(weight: torch.Tensor, atoms: torch.Tensor, kc: int = 1, projector=None) -> torch.Tensor:
-    """α = W_b·P (rows, M); P defaults to Dᵀ (the least-squares coefficients for orthonormal atoms)."""
-    projector = atoms.T if projector is None else projector
-    return to_blocks(weight, kc) @ projector.to(weight.dtype)
-
-
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
@@ -305,13 +298,13 @@ def sub_atom_weight_diff(
 # The layers: each runs ONE convolution (or matmul) on W + ΔW
 
 
-class _AtomLayer(nn.Module):
-    """What every tuned layer shares: frozen base layer, atoms D with their projector P, W + ΔW."""
+class _AtomLayer(DeltaLayer):
+    """What every tuned layer shares: the frozen base layer, atoms D with their projector P."""
 
     state_names: tuple[str, ...] = ()
 
-    def _set_base(self, base: nn.Module, atoms: torch.Tensor, kc: int, orthonormal: bool) -> None:
-        self.base_layer = base
+    def __init__(self, base: nn.Module, atoms: torch.Tensor, kc: int, orthonormal: bool):
+        super().__init__(base)
         self.kc = kc
         self.orthonormal = orthonormal
         self.register_buffer("atoms", atoms.to(device=base.weight.device, dtype=torch.float32))
@@ -322,22 +315,6 @@ class _AtomLayer(nn.Module):
         self.atoms.copy_(atoms)
         self.projector = atom_projector(self.atoms, self.orthonormal)
 
-    def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def trainable(self) -> list[nn.Parameter]:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_layer.weight + self.delta_weight()
-        return self.base_layer._conv_forward(x, weight.to(x.dtype), self.base_layer.bias)
-
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
-        """The base layer with ΔW added to its weight."""
-        self.base_layer.weight += self.delta_weight()
-        return self.base_layer
-
 
 class FilterAtomConv2d(_AtomLayer):
     """A frozen Conv2d whose filters change only through their atoms (D variant; kc > 1: channel atoms)."""
@@ -347,14 +324,10 @@ class FilterAtomConv2d(_AtomLayer):
     def __init__(
         self, base: nn.Conv2d, atoms: torch.Tensor, kc: int = 1, orthonormal: bool = True, kernel: str = "auto"
     ):
-        super().__init__()
-        self._set_base(base, atoms, kc, orthonormal)
+        super().__init__(base, atoms, kc, orthonormal)
         side = base.kernel_size[0] * kc
         self.delta_atoms = nn.Parameter(torch.zeros(atoms.shape[0], side, side, device=base.weight.device))
         self.kernel = kernel
-
-    def trainable(self) -> list[nn.Parameter]:
-        return [self.delta_atoms]
 
     def delta_weight(self) -> torch.Tensor:
         return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms, self.kc, self.projector)
@@ -365,6 +338,8 @@ class FilterAtomConv2d(_AtomLayer):
         # ΔW = W_r·(P·ΔD): a k²×k² mixing of the taps, which the fast kernels apply exactly
         taps = self.atoms.shape[1]
         mixing = self.projector.to(self.delta_atoms.dtype) @ self.delta_atoms.reshape(-1, taps)
+        if self.scale != 1.0:
+            mixing = mixing * self.scale
         return tap_mixed_conv2d(x, self.base_layer, mixing, self.kernel)
 
 
@@ -374,19 +349,11 @@ class FilterAtomLinear(_AtomLayer):
     state_names = ("atoms", "delta_atoms")
 
     def __init__(self, base: nn.Linear, atoms: torch.Tensor, kc: int = 1, orthonormal: bool = True):
-        super().__init__()
-        self._set_base(base, atoms, kc, orthonormal)
+        super().__init__(base, atoms, kc, orthonormal)
         self.delta_atoms = nn.Parameter(torch.zeros(atoms.shape[0], kc, kc, device=base.weight.device))
-
-    def trainable(self) -> list[nn.Parameter]:
-        return [self.delta_atoms]
 
     def delta_weight(self) -> torch.Tensor:
         return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms, self.kc, self.projector)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_layer.weight + self.delta_weight()
-        return F.linear(x, weight.to(x.dtype), self.base_layer.bias)
 
 
 class SubAtomConv2d(_AtomLayer):
@@ -403,8 +370,7 @@ class SubAtomConv2d(_AtomLayer):
         orthonormal: bool = True,
         generator: torch.Generator | None = None,
     ):
-        super().__init__()
-        self._set_base(base, atoms, kc, orthonormal)
+        super().__init__(base, atoms, kc, orthonormal)
         m, k, device = atoms.shape[0], base.kernel_size[0], base.weight.device
         beta = torch.randn(base.in_channels, m, m1, generator=generator) / math.sqrt(m1)
         self.beta = nn.Parameter(beta.to(device))
@@ -412,10 +378,6 @@ class SubAtomConv2d(_AtomLayer):
         size = kc * kc * m
         self.delta_coeff_bases = nn.Parameter(torch.zeros(size, size, device=device)) if coefficient_bases else None
         self.state_names = ("atoms", "beta", "sub_atoms") + (("delta_coeff_bases",) if coefficient_bases else ())
-
-    def trainable(self) -> list[nn.Parameter]:
-        extra = [self.delta_coeff_bases] if self.delta_coeff_bases is not None else []
-        return [self.beta, self.sub_atoms, *extra]
 
     def delta_weight(self) -> torch.Tensor:
         return sub_atom_weight_diff(
@@ -459,14 +421,6 @@ def decomposition_cache_dir() -> Path:
     return cache_dir() / "decompositions"
 
 
-def named_attention_projections(unet: nn.Module):
-    """The attention blocks' q/k/v/out Linear layers, in module order."""
-    suffixes = tuple("." + name for name in ATTENTION_PROJECTIONS)
-    for name, module in unet.named_modules():
-        if type(module) is nn.Linear and name.endswith(suffixes):
-            yield name, module
-
-
 def decompose(rows: torch.Tensor, num_atoms: int, init: str, seed: int) -> torch.Tensor:
     """Atoms (num_atoms, n) for the rows of a block view."""
     if init == "sparse":
@@ -474,7 +428,7 @@ def decompose(rows: torch.Tensor, num_atoms: int, init: str, seed: int) -> torch
     return svd_atoms(rows, num_atoms)
 
 
-class FilterAtoms(Method):
+class FilterAtoms(WrappedLayers):
     name = "atoms"
     summary = "filter atoms: train the atoms of each conv's filter subspace (ΔW = α·ΔD; D1, kc and D1+Dc variants)"
     Options = AtomsOptions
@@ -509,7 +463,7 @@ class FilterAtoms(Method):
             include_1x1 = self.options.kc > 1
         targets = [name for name, _ in named_convs(unet, {3, 1} if include_1x1 else {3})]
         if self.options.linear:
-            targets += [name for name, _ in named_attention_projections(unet)]
+            targets += [name for name, _ in named_linears(unet, ATTENTION_PROJECTIONS)]
         return targets
 
     def atoms_per_layer(self, conv: nn.Conv2d) -> int:
@@ -532,7 +486,6 @@ class FilterAtoms(Method):
         decomposition = self._decompose(unet, plans)
         orthonormal = self.options.init == "svd"
         generator = torch.Generator().manual_seed(self.options.seed)
-        self.layers: dict[str, nn.Module] = {}
         for name in targets:
             base, plan = unet.get_submodule(name), plans[name]
             if isinstance(base, nn.Linear):
@@ -584,10 +537,9 @@ class FilterAtoms(Method):
             pass  # the cache is an optimisation; an unwritable cache folder is not an error
         return decomposition
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers.values() for p in layer.trainable()]
-
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.merged:
+            return {}
         return {
             f"{name}.{attr}": getattr(layer, attr).detach()
             for name, layer in self.layers.items()
@@ -599,7 +551,3 @@ class FilterAtoms(Method):
         for layer in self.layers.values():
             layer.set_atoms(layer.atoms)  # the adapter's atoms define α: refresh what derives from them
 
-    def merge(self) -> None:
-        for name, layer in self.layers.items():
-            replace_module(self.unet, name, layer.merged())
-        self.layers = {}

@@ -1,26 +1,36 @@
 """The interface every tuning method implements, and what all of them share.
 
 A method is created from its options, injected into a frozen UNet (it wraps or selects the
-parameters it trains), and can then give its trainable parameters, save and load its state,
-merge its update into the base weights, and count its parameters. Adapter files and the training
-loop only ever talk to this interface.
+parameters it trains), and can then give its trainable parameters, save and load its state, set the
+strength of its update, merge it into the base weights and unmerge it again, and count its
+parameters. Adapter files, sampling and the training loop only ever talk to this interface.
+
+Two shapes cover every method so far, each a base class here:
+- `WrappedLayers`: each target is replaced by a layer computing with W + scale·ΔW (`DeltaLayer`
+  for sdtune's own maths; peft's layers for the low-rank family);
+- `InPlaceMethod` (methods/inplace.py): the UNet's own parameters train, so the tuned values are the
+  weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
 
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
 
 class Method(ABC):
-    """One tuning method: its options, its injection, its state and its merge."""
+    """One tuning method: its options, its injection, its state, its strength and its merge."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -46,6 +56,11 @@ class Method(ABC):
         self.base_structure: str | None = None
         self.base_sample: torch.Tensor = torch.zeros(0)
         self._unet: nn.Module | None = None
+        # the tuned layers by module name: wrappers, or the modules whose own parameters train
+        self.layers: dict[str, nn.Module] = {}
+        self.scale = 1.0  # strength of the update: the UNet computes with W + scale·ΔW
+        self.merged = False
+        self._unmerged_weights: dict[tuple[str, str], torch.Tensor] | None = None
 
     def validate_options(self) -> None:
         """Raise SdtuneError for option values that cannot work."""
@@ -80,9 +95,66 @@ class Method(ABC):
             for key, tensor in own.items():
                 tensor.copy_(state[key])
 
+    # -- strength, merge and unmerge ----------------------------------------------------------
+    def set_scale(self, scale: float) -> None:
+        """Set the update's strength: W + scale·ΔW from now on (0: the base model, 1: as trained).
+
+        Applies to the unmerged UNet and to what `merge` folds in; change it while unmerged.
+        """
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise SdtuneError(f"an adapter's scale must be a finite number, got {scale}")
+        if self.merged:
+            raise RuntimeError(f"{self.name}: unmerge() before changing the scale")
+        self._apply_scale(scale)
+        self.scale = scale
+
+    def merge(self, keep_base: bool = True) -> None:
+        """Fold scale·ΔW into the base weights and remove every wrapper and hook: the UNet is plain again.
+
+        With `keep_base`, the changed weights are copied first (to the CPU) so that `unmerge` puts
+        them back exactly; without it the merge is one-way and costs no copy. Merging a merged
+        method does nothing.
+        """
+        if self.merged:
+            return
+        self._unmerged_weights = copy_parameters(self._changed_modules(), "cpu") if keep_base else None
+        self._merge()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo `merge`: the base weights exactly as they were, the wrappers and hooks back in place."""
+        if not self.merged:
+            return
+        if self._unmerged_weights is None:
+            raise RuntimeError(f"{self.name}: merged with keep_base=False; there is nothing to unmerge to")
+        self._unmerge()
+        changed = self._changed_modules()
+        with torch.no_grad():
+            for (name, attr), value in self._unmerged_weights.items():
+                getattr(changed[name], attr).copy_(value)
+        self._unmerged_weights = None
+        self.merged = False
+
+    def _initial_weights(self) -> dict[tuple[str, str], torch.Tensor]:
+        """Weights the method trains in place, as they were before training (none for wrappers)."""
+        return {}
+
     @abstractmethod
-    def merge(self) -> None:
-        """Fold the update into the base weights and remove every wrapper."""
+    def _changed_modules(self) -> dict[str, nn.Module]:
+        """The plain modules whose own parameters a merge changes, by module name."""
+
+    @abstractmethod
+    def _apply_scale(self, scale: float) -> None:
+        """Make the unmerged UNet compute with W + scale·ΔW."""
+
+    @abstractmethod
+    def _merge(self) -> None:
+        """Fold scale·ΔW into the base weights; leave only plain modules in the UNet."""
+
+    @abstractmethod
+    def _unmerge(self) -> None:
+        """Put the wrappers (or hooks) back; the base weights are restored by `unmerge`."""
 
     # -- shared behaviour ----------------------------------------------------------------------
     def inject(self, unet: nn.Module) -> list[nn.Parameter]:
@@ -120,6 +192,109 @@ class Method(ABC):
             raise RuntimeError(f"{self.name}: inject() first")
         return self._unet
 
+    @torch.no_grad()
+    def weight_diffs(self) -> dict[tuple[str, str], torch.Tensor]:
+        """Merge (if not merged yet), and return ΔW = merged − base of every weight the merge changed,
+        by (module name, parameter name), in float32 on the CPU; `unmerge` goes back."""
+        if self.merged and self._unmerged_weights is None:
+            raise RuntimeError(f"{self.name}: merged with keep_base=False; the base weights are gone")
+        self.merge(keep_base=True)
+        changed = self._changed_modules()
+        bases = {**self._unmerged_weights, **self._initial_weights()}
+        diffs = {}
+        for (name, attr), base in bases.items():
+            delta = getattr(changed[name], attr).detach().float().cpu() - base.float()
+            if delta.any():
+                diffs[(name, attr)] = delta
+        return diffs
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods that wrap their targets
+
+
+class DeltaLayer(nn.Module):
+    """A frozen Conv2d or Linear that computes with W + scale·ΔW, in ONE convolution or matmul.
+
+    Subclasses give ΔW (`delta_weight`) from their own trainable tensors; the method sets `scale`.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base_layer = base
+        self.scale = 1.0
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scaled_delta(self) -> torch.Tensor:
+        """scale·ΔW in the base weight's dtype (at scale 1 exactly ΔW)."""
+        delta = self.delta_weight()
+        if self.scale != 1.0:
+            delta = delta * self.scale
+        return delta.to(self.base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        weight = (base.weight + self.scaled_delta()).to(x.dtype)
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, bias)
+        return base._conv_forward(x, weight, bias)
+
+    @torch.no_grad()
+    def merge_into_base(self) -> nn.Module:
+        """The base layer with scale·ΔW added to its weight."""
+        self.base_layer.weight += self.scaled_delta()
+        return self.base_layer
+
+
+class WrappedLayers(Method):
+    """A method that replaces each target by a layer computing with W + scale·ΔW.
+
+    Defaults fit `DeltaLayer`s; a method whose layers come from elsewhere (peft) overrides the
+    three per-layer hooks below.
+    """
+
+    def layer_base(self, layer: nn.Module) -> nn.Module:
+        """The plain module a wrapper wraps."""
+        return layer.base_layer
+
+    def layer_delta(self, layer: nn.Module) -> torch.Tensor:
+        """scale·ΔW of one wrapper, in its base weight's dtype."""
+        return layer.scaled_delta()
+
+    def set_layer_scale(self, layer: nn.Module, scale: float) -> None:
+        layer.scale = scale
+
+    def _changed_modules(self) -> dict[str, nn.Module]:
+        return {name: self.layer_base(layer) for name, layer in self.layers.items()}
+
+    def _apply_scale(self, scale: float) -> None:
+        for layer in self.layers.values():
+            self.set_layer_scale(layer, scale)
+
+    @torch.no_grad()
+    def _merge(self) -> None:
+        for name, layer in self.layers.items():
+            base = self.layer_base(layer)
+            base.weight += self.layer_delta(layer)
+            replace_module(self.unet, name, base)
+
+    def _unmerge(self) -> None:
+        for name, layer in self.layers.items():
+            replace_module(self.unet, name, layer)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every wrapper's parameters, not the frozen base layers' (none once merged)."""
+        if self.merged:
+            return []
+        return [p for layer in self.layers.values() for p in self.layer_parameters(layer)]
+
+    def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The trainable parameters of one wrapper."""
+        return [p for name, p in layer.named_parameters() if not name.startswith("base_layer.")]
+
 
 # ---------------------------------------------------------------------------------------------
 # Helpers the methods share
@@ -156,6 +331,20 @@ def named_convs(unet: nn.Module, kernel_sizes: set[int]) -> Iterator[tuple[str, 
         if type(module) is nn.Conv2d and module.kernel_size[0] == module.kernel_size[1]:
             if module.kernel_size[0] in kernel_sizes and module.groups == 1:
                 yield name, module
+
+
+def named_linears(unet: nn.Module, endings: tuple[str, ...] | list[str], within: str = "") -> Iterator[tuple[str, nn.Linear]]:
+    """The UNet's Linear layers whose names end with one of `endings` (after a dot), in module order;
+    with `within`, only those whose name contains it."""
+    suffixes = tuple("." + ending for ending in endings)
+    for name, module in unet.named_modules():
+        if type(module) is nn.Linear and name.endswith(suffixes) and within in name:
+            yield name, module
+
+
+def attention_projections(unet: nn.Module) -> list[str]:
+    """Names of the q/k/v/out Linear layers of every attention, in module order."""
+    return [name for name, _ in named_linears(unet, ATTENTION_PROJECTIONS)]
 
 
 FINGERPRINT_SAMPLES = 64
@@ -203,12 +392,12 @@ def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 
     return bool(((expected - found).abs() <= relative * expected.abs() + 1e-3 * scale).all())
 
 
-def own_parameters(unet: nn.Module, names: list[str]) -> dict[tuple[str, str], torch.Tensor]:
-    """Copies of the named modules' own parameters, by (module name, parameter name): what a merge may change."""
+def copy_parameters(modules: dict[str, nn.Module], device: str | None = None) -> dict[tuple[str, str], torch.Tensor]:
+    """Copies of each module's own (not its children's) parameters, by (module name, parameter name)."""
     return {
-        (name, attr): parameter.detach().clone()
-        for name in names
-        for attr, parameter in unet.get_submodule(name).named_parameters(recurse=False)
+        (name, attr): parameter.detach().to(device or parameter.device, copy=True)
+        for name, module in modules.items()
+        for attr, parameter in module.named_parameters(recurse=False)
     }
 
 

@@ -1,8 +1,4 @@
-"""Methods that train a subset of the UNet's own parameters: BitFit, DiffFit, and full fine-tuning.
-
-They share one shape: the chosen parameters are trained in place, so the UNet always computes with
-the tuned values and "merging" them is nothing to do. The adapter stores their tuned values (not
-deltas), which is exactly what a fresh copy of the same base model needs to reproduce the outputs.
+"""DiffFit: biases, norms and per-channel scales γ (Xie et al., 2023), trained in place.
 
 DiffFit adds per-channel scale factors γ (init 1, so step 0 is the base model). Following
 DiffFit-pytorch (mkshing/DiffFit-pytorch, the reference port of Xie et al. 2023 to Stable
@@ -22,109 +18,15 @@ removes the hook and the parameter, leaving plain diffusers modules.
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import Method
+from .inplace import InPlaceMethod, own_parameter
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-
-def own_parameter(module: nn.Module, name: str) -> nn.Parameter | None:
-    """The module's own (not a child's) parameter called `name`, if it has one."""
-    return module._parameters.get(name)
-
-
-# ---------------------------------------------------------------------------------------------
-# The shared shape: trained in place, stored as tuned values
-
-
-class InPlaceMethod(Method):
-    """A method whose trainable tensors are UNet parameters (or live on UNet modules)."""
-
-    weight_decay = 0.0  # decay would shrink the base model's own biases and norms towards 0
-    # DiffFit-pytorch trains SD with 1e-3 (the paper finds ~10x the pre-training lr best)
-    default_lr = 1e-3
-
-    def _inject(self, unet: nn.Module, targets: list[str]) -> None:
-        # state key -> parameter; the keys name where the tensor lives in the UNet
-        self.params: dict[str, nn.Parameter] = self._select(unet, targets)
-        for parameter in self.params.values():
-            parameter.requires_grad_(True)
-
-    @abstractmethod
-    def _select(self, unet: nn.Module, targets: list[str]) -> dict[str, nn.Parameter]:
-        """The parameters to train, keyed by where they live in the UNet."""
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.params.values())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: parameter.detach() for key, parameter in self.params.items()}
-
-    def merge(self) -> None:
-        """The tuned values already are the weights: fold what is not, then freeze them again."""
-        self._fold()
-        for parameter in self.params.values():
-            parameter.requires_grad_(False)
-        self.params = {}
-
-    def _fold(self) -> None:
-        """Fold whatever is not a plain UNet parameter into the weights (nothing, unless overridden)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# BitFit
-
-
-def parse_targets(value) -> str:
-    """Module-name substrings as one comma-separated string (accepts a list too)."""
-    if isinstance(value, (list, tuple)):
-        parts = value
-    elif isinstance(value, str):
-        parts = value.split(",")
-    else:
-        raise SdtuneError(f"targets must be module-name substrings separated by commas, got {value!r}")
-    if not all(isinstance(part, str) for part in parts):
-        raise SdtuneError(f"targets must be module-name substrings separated by commas, got {value!r}")
-    parts = [part.strip() for part in parts]
-    if any(not part for part in parts) and value not in ("", [], ()):
-        raise SdtuneError(f"targets has an empty entry: {value!r}")
-    return ",".join(part for part in parts if part)
-
-
-@dataclass
-class BitFitOptions:
-    # comma-separated substrings of module names whose biases are trained; empty: every bias
-    targets: str = ""
-
-
-class BitFit(InPlaceMethod):
-    name = "bitfit"
-    summary = "BitFit: train only the UNet's bias terms (optionally only in modules matching `targets`)"
-    Options = BitFitOptions
-
-    def validate_options(self) -> None:
-        self.options.targets = parse_targets(self.options.targets)
-
-    def find_targets(self, unet: nn.Module) -> list[str]:
-        wanted = [part for part in self.options.targets.split(",") if part]
-        return [
-            name
-            for name, module in unet.named_modules()
-            if own_parameter(module, "bias") is not None and (not wanted or any(part in name for part in wanted))
-        ]
-
-    def _select(self, unet: nn.Module, targets: list[str]) -> dict[str, nn.Parameter]:
-        return {f"{name}.bias": own_parameter(unet.get_submodule(name), "bias") for name in targets}
-
-
-# ---------------------------------------------------------------------------------------------
-# DiffFit
 
 
 class ScaleOutputChannels:
@@ -220,6 +122,7 @@ class DiffFit(InPlaceMethod):
                     params[f"{name}.{attr}"] = parameter
 
         self.scaled: dict[str, _Scaled] = {}
+        self.gamma_parameters: dict[tuple[nn.Module, str], nn.Parameter] = {}  # kept while merged, for unmerge
         for owner_name, gamma_name, layer_name in self._gamma_sites(unet):
             owner = unet.get_submodule(owner_name)
             full_name = f"{owner_name}.{layer_name}"
@@ -229,11 +132,15 @@ class DiffFit(InPlaceMethod):
             gamma = nn.Parameter(torch.ones(layer.weight.shape[0], device=layer.weight.device, dtype=torch.float32))
             owner.register_parameter(gamma_name, gamma)
             params[f"{owner_name}.{gamma_name}"] = gamma
+            self.gamma_parameters[(owner, gamma_name)] = gamma
             self.scaled.setdefault(full_name, _Scaled(layer)).gammas.append((owner, gamma_name))
+        self._hook_scales()
+        return params
+
+    def _hook_scales(self) -> None:
         for entry in self.scaled.values():
             channel_dim = 1 if isinstance(entry.layer, nn.Conv2d) else -1
             entry.handle = entry.layer.register_forward_hook(ScaleOutputChannels(entry.gammas, channel_dim))
-        return params
 
     @torch.no_grad()
     def _fold(self) -> None:
@@ -246,7 +153,12 @@ class DiffFit(InPlaceMethod):
                 entry.layer.bias.mul_(scale.to(entry.layer.bias.dtype))
             for owner, gamma_name in entry.gammas:
                 delattr(owner, gamma_name)
-        self.scaled = {}
+
+    def _unfold(self) -> None:
+        for entry in self.scaled.values():
+            for owner, gamma_name in entry.gammas:
+                owner.register_parameter(gamma_name, self.gamma_parameters[(owner, gamma_name)])
+        self._hook_scales()
 
 
 def last_linear_index(feed_forward: nn.Module, block_name: str) -> int:
@@ -258,25 +170,3 @@ def last_linear_index(feed_forward: nn.Module, block_name: str) -> int:
                 return index
             break
     raise SdtuneError(f"difffit cannot fold the feed-forward scale of {block_name}: its output layer is not a Linear")
-
-
-# ---------------------------------------------------------------------------------------------
-# Full fine-tuning
-
-
-@dataclass
-class FullOptions:
-    pass
-
-
-class FullFineTune(InPlaceMethod):
-    name = "full"
-    summary = "full fine-tuning: every UNet parameter (the reference the efficient methods are compared with)"
-    Options = FullOptions
-    default_lr = 1e-5
-
-    def find_targets(self, unet: nn.Module) -> list[str]:
-        return [name for name, module in unet.named_modules() if module._parameters]
-
-    def _select(self, unet: nn.Module, targets: list[str]) -> dict[str, nn.Parameter]:
-        return dict(unet.named_parameters())

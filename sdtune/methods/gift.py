@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import Method, replace_module
+from .base import DeltaLayer, WrappedLayers, named_linears, replace_module
 
 GENERATORS = ("simple", "paca")
 
@@ -127,12 +127,11 @@ class Generator(nn.Module):
 # The layer
 
 
-class GiftLinear(nn.Module):
+class GiftLinear(DeltaLayer):
     """A frozen Linear whose weight is ω + Δω, Δω made by the (shared) generator; ONE matmul."""
 
     def __init__(self, base: nn.Linear, generator: Generator):
-        super().__init__()
-        self.base_layer = base
+        super().__init__(base)
         self.generator = generator  # registered here too, so moving the UNet moves it
 
     def delta_weight(self) -> torch.Tensor:
@@ -141,20 +140,9 @@ class GiftLinear(nn.Module):
         with torch.autocast(self.base_layer.weight.device.type, enabled=False):
             return self.generator.delta(self.base_layer.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
-        bias = self.base_layer.bias
-        return F.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
-
     @torch.no_grad()
     def clusters(self) -> torch.Tensor:
         return self.generator.clusters(self.base_layer.weight)
-
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """The base Linear with Δω added to its weight."""
-        self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-        return self.base_layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +160,7 @@ class GiftOptions:
     targets: str = "attn1.to_out.0"  # comma-separated module-name endings inside transformer blocks
 
 
-class Gift(Method):
+class Gift(WrappedLayers):
     name = "gift"
     summary = "GIFT: one generator per width makes ΔW = H(W·φ)·ψ from each self-attention output projection's weight"
     Options = GiftOptions
@@ -197,11 +185,7 @@ class Gift(Method):
     def find_targets(self, unet: nn.Module) -> list[str]:
         found: list[str] = []
         for suffix in self.target_suffixes():
-            names = [
-                name
-                for name, module in unet.named_modules()
-                if type(module) is nn.Linear and ".transformer_blocks." in name and name.endswith("." + suffix)
-            ]
+            names = [name for name, _ in named_linears(unet, [suffix], within=".transformer_blocks.")]
             if not names:
                 raise SdtuneError(f"gift target {suffix!r} matches no Linear layer in the UNet's transformer blocks")
             found += names
@@ -211,7 +195,6 @@ class Gift(Method):
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
         o = self.options
         self.generators = nn.ModuleDict()
-        self.layers: dict[str, GiftLinear] = {}
         for name in targets:
             base = unet.get_submodule(name)
             key = str(base.in_features)
@@ -223,12 +206,10 @@ class Gift(Method):
             self.layers[name] = layer
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.generators.parameters())
+        """The generators' parameters, once each (layers of one width share a generator)."""
+        return [] if self.merged else list(self.generators.parameters())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.merged:
+            return {}
         return {f"generators.{k}": v.detach() for k, v in self.generators.state_dict().items()}
-
-    def merge(self) -> None:
-        for name, layer in self.layers.items():
-            replace_module(self.unet, name, layer.merged())
-        self.layers = {}

@@ -31,16 +31,10 @@ import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import Method, named_convs, replace_module
+from .base import WrappedLayers, attention_projections, named_convs
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
 TARGET_CHOICES = ("conv", "conv3x3", "attn", "all")
-_ATTN_PROJECTION = re.compile(r"(^|\.)(to_q|to_k|to_v|to_out\.0)$")
-
-
-def attention_projections(unet: nn.Module) -> list[str]:
-    """Names of the q/k/v/out Linear layers of every attention, in module order."""
-    return [name for name, module in unet.named_modules() if type(module) is nn.Linear and _ATTN_PROJECTION.search(name)]
 
 
 @dataclass
@@ -68,7 +62,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _PeftLowRank(Method):
+class _PeftLowRank(WrappedLayers):
     """What LoRA, LoHa and LoKr share: target choice, peft injection, state, merge."""
 
     default_lr = 1e-4  # the usual SD LoRA rate with alpha = rank (scale 1)
@@ -106,7 +100,8 @@ class _PeftLowRank(Method):
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(self.peft_config(targets), unet, adapter_name=ADAPTER)
-        self.layers: dict[str, nn.Module] = {name: unet.get_submodule(name) for name in targets}
+        self.peft_config_of_unet = unet.peft_config  # inject_adapter_in_model's record; a merged UNet goes without
+        self.layers = {name: unet.get_submodule(name) for name in targets}
         missed = [name for name, layer in self.layers.items() if not hasattr(layer, "get_base_layer")]
         if missed:
             raise RuntimeError(f"{self.name}: peft did not wrap {missed[:3]}")
@@ -116,13 +111,23 @@ class _PeftLowRank(Method):
         # peft full-matches a string target against each module name: exact names, no suffix matches
         return "^(?:" + "|".join(re.escape(name) for name in targets) + ")$"
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
+    # peft's layers: the base layer, ΔW with peft's scaling (alpha/rank times the strength), its set_scale
+    def layer_base(self, layer: nn.Module) -> nn.Module:
+        return layer.get_base_layer()
+
+    def layer_delta(self, layer: nn.Module) -> torch.Tensor:
+        # what peft's own merge adds to the weight
+        return layer.get_delta_weight(ADAPTER)
+
+    def set_layer_scale(self, layer: nn.Module, scale: float) -> None:
+        layer.set_scale(ADAPTER, scale)
+
+    def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         parameters = []
-        for layer in self.layers.values():
-            for key, parameter in layer.named_parameters():
-                attr, adapter = (key.split(".") + [""])[:2]  # e.g. "lora_A.sdtune.weight", "hada_w1_a.sdtune"
-                if attr in layer.adapter_layer_names and adapter == ADAPTER:
-                    parameters.append(parameter)
+        for key, parameter in layer.named_parameters():
+            attr, adapter = (key.split(".") + [""])[:2]  # e.g. "lora_A.sdtune.weight", "hada_w1_a.sdtune"
+            if attr in layer.adapter_layer_names and adapter == ADAPTER:
+                parameters.append(parameter)
         return parameters
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -130,15 +135,18 @@ class _PeftLowRank(Method):
         `load_state_dict` copies into them."""
         from peft import get_peft_model_state_dict
 
+        if self.merged:
+            return {}
         return get_peft_model_state_dict(self.unet, adapter_name=ADAPTER, save_embedding_layers=False)
 
-    def merge(self) -> None:
-        for name, layer in self.layers.items():
-            layer.merge(safe_merge=True, adapter_names=[ADAPTER])
-            replace_module(self.unet, name, layer.get_base_layer())
-        self.layers = {}
+    def _merge(self) -> None:
+        super()._merge()
         if hasattr(self.unet, "peft_config"):
-            del self.unet.peft_config  # inject_adapter_in_model left it; the merged UNet is plain
+            del self.unet.peft_config  # the merged UNet is plain
+
+    def _unmerge(self) -> None:
+        super()._unmerge()
+        self.unet.peft_config = self.peft_config_of_unet
 
 
 class Lora(_PeftLowRank):
