@@ -155,7 +155,9 @@ def test_metrics_match_a_direct_computation(metric_models, image_sets, tmp_path)
     m = len(g_raw)
     mmd = ((k_gg.sum() - k_gg.diagonal().sum()) + (k_rr.sum() - k_rr.diagonal().sum())) / (m * (m - 1)) - 2 * k_gr.mean()
     assert result.metrics["kid"] == pytest.approx(mmd.item(), rel=1e-4, abs=1e-6)
-    assert result.metrics["kid_std"] == pytest.approx(0, abs=1e-6)
+    # every subset is a permutation of the same sets: the std is the float32 rounding of MMD², a
+    # difference of kernel means (~1 here) summed in another order per subset
+    assert result.metrics["kid_std"] == pytest.approx(0, abs=1e-5 * k_gg.abs().mean().item())
 
 
 def test_missing_models_leave_the_other_metrics(metric_models, image_sets, tmp_path):
