@@ -74,6 +74,11 @@ def token_grid(tokens: int, latent_height: int, latent_width: int) -> tuple[int,
     return height, width
 
 
+def cluster_maps(outputs, clusters, height: int, width: int):
+    """A layer's output Y (h*w tokens x d_out) projected on the clusters C (d_out x M): (M, h, w)."""
+    return (outputs.float() @ clusters.float()).T.reshape(clusters.shape[1], height, width)
+
+
 def grid_layout(count: int) -> tuple[int, int]:
     """(rows, columns) of a near-square grid for `count` pictures."""
     columns = math.ceil(math.sqrt(count))
@@ -100,6 +105,7 @@ def explain(
     """Write the explanation pictures of a run's adapter to `output` (default RUN/explain)."""
     import torch
 
+    from . import methods
     from .adapter import adapter_path, load_adapter, read_adapter_info
     from .fileio import atomic_write
     from .models import load_pipeline
@@ -112,10 +118,12 @@ def explain(
         raise SdtuneError(f"--step counts denoising steps from 0, got {step}")
     if resolution is not None and (resolution < 8 or resolution % 8):
         raise SdtuneError(f"--resolution must be a positive multiple of 8, got {resolution}")
-    if info.method == "gift" and not prompt:
-        raise SdtuneError("a gift run needs --prompt: its cluster maps are drawn over a generated image")
-    if layer is not None and info.method not in ("gift", "atoms"):
-        raise SdtuneError(f"--layer applies to gift and atoms runs; this is a {info.method} run")
+    explanation = methods.method_class(info.method).explanation
+    if explanation == "clusters" and not prompt:
+        raise SdtuneError(f"a {info.method} run needs --prompt: its cluster maps are drawn over a generated image")
+    if layer is not None and not explanation:
+        explained = " and ".join(name for name in methods.available() if methods.method_class(name).explanation)
+        raise SdtuneError(f"--layer applies to {explained} runs; this is a {info.method} run")
     output = Path(output) if output else path.parent / "explain"
 
     pipe = load_pipeline(model or info.base_model)
@@ -135,7 +143,7 @@ def explain(
         result.files.append(file)
         return file
 
-    if info.method == "gift":
+    if explanation == "clusters":
         from .data import fill_placeholders
 
         text = fill_placeholders(prompt, token or info.token)
@@ -147,10 +155,10 @@ def explain(
                     raise SdtuneError(f"layer {name!r} does not act on image tokens; its clusters cannot be drawn")
                 warnings.warn(f"skipped {name}: its output is not a grid of image tokens")
                 continue
-            title = f"{info.options.get('generator', 'paca')}, {timing}: {name}"
+            title = f"{method.explanation_label()}, {timing}: {name}"
             save(overlay_grid(image, maps[name], title), f"{name}.png")
-    elif info.method == "atoms":
-        save(atom_tiles({name: method.layers[name].delta_atoms.detach().cpu() for name in chosen}), "atoms.png")
+    elif explanation == "tiles":
+        save(atom_tiles({name: method.update_tiles(name).cpu() for name in chosen}), "atoms.png")
 
     method.merge()
     with torch.no_grad():
@@ -173,7 +181,7 @@ def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, re
     if step is not None and not 0 <= step < evaluations:
         extra = f"; {steps} steps take {evaluations} UNet evaluations with this scheduler" if evaluations != steps else ""
         raise SdtuneError(f"--step must be between 0 and {evaluations - 1}{extra}, got {step}")
-    clusters = {name: method.layers[name].clusters().float().cpu() for name in names}
+    clusters = {name: method.output_clusters(name).float().cpu() for name in names}
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(names, 0)
     current = {"step": -1}
@@ -208,7 +216,6 @@ def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, re
         for handle in handles:
             handle.remove()
 
-    from .methods.gift import cluster_maps
 
     maps = {}
     for name in names:

@@ -11,7 +11,7 @@ from PIL import Image
 from sdtune import methods
 from sdtune.adapter import save_adapter
 from sdtune.errors import SdtuneError
-from sdtune.explain import GRID_PAD, HEADER, explain, gift_cluster_maps, heat_colours, minmax_per_map, token_grid
+from sdtune.explain import GRID_PAD, HEADER, cluster_maps, explain, gift_cluster_maps, heat_colours, minmax_per_map, token_grid
 
 IMAGE = 64  # the tiny model's native image size: 8x8 latents, VAE factor 8
 
@@ -80,7 +80,6 @@ def test_gift_explain_one_layer_simple_generator(tmp_path):
 def test_maps_use_the_conditional_half_at_the_chosen_step(tmp_path):
     """Capture the layer output independently and compare: step K's call, second half of the CFG batch."""
     from sdtune.adapter import load_adapter
-    from sdtune.methods.gift import cluster_maps
     from sdtune.models import load_pipeline
 
     run, _ = make_run(tmp_path, "gift", {"clusters": 4})
@@ -130,6 +129,16 @@ def test_atoms_explain_draws_tiles_and_norms(tmp_path):
     for name in method.target_names:
         diff = method.unet.get_submodule(name).weight - base.get_submodule(name).weight
         assert norms[name] == pytest.approx(diff.norm().item(), rel=1e-5)
+
+
+def test_sub_atom_explain_draws_the_sub_atoms(tmp_path):
+    """The D1 variant has no ΔD of its own: its tiles are the m·m1 sub-atoms D1 of each layer."""
+    run, method = make_run(tmp_path, "atoms", {"m1": 2, "m": 3}, scale=0.01)
+    result = explain(run)
+    tiles = Image.open(result.output / "atoms.png")
+    assert tiles.size[0] > 6 * (3 * 12 + GRID_PAD)
+    first = method.target_names[0]
+    assert torch.equal(method.update_tiles(first), method.layers[first].sub_atoms.detach().reshape(6, 3, 3))
 
 
 def test_explain_errors(tmp_path):

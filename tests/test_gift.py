@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from sdtune import methods
 from sdtune.errors import SdtuneError
-from sdtune.methods.gift import Generator, cluster_assignment, cluster_maps, gift_delta
+from sdtune.explain import cluster_maps
+from sdtune.methods.gift import Generator, cluster_assignment, gift_delta
 
 
 def randomise(module, seed=0, scale=0.3):

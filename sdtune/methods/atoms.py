@@ -537,6 +537,15 @@ class FilterAtoms(WrappedLayers):
             pass  # the cache is an optimisation; an unwritable cache folder is not an error
         return decomposition
 
+    explanation = "tiles"
+
+    def update_tiles(self, layer: str) -> torch.Tensor:
+        """ΔD as (M, k·kc, k·kc) tiles; for the D1 variants the sub-atoms D1 as (m·m1, k, k)."""
+        module = self.layers[layer]
+        if isinstance(module, SubAtomConv2d):
+            return module.sub_atoms.detach().flatten(0, 1)
+        return module.delta_atoms.detach()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.merged:
             return {}

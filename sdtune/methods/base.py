@@ -41,6 +41,9 @@ class Method(ABC):
     weight_decay: ClassVar[float] = 1e-2
     # option sets that `sdtune methods` lists (the defaults first)
     variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    # what `sdtune explain` draws beyond the per-layer update norms: "clusters" (each tuned layer's
+    # output read through `output_clusters`, over a generated image) or "tiles" (`update_tiles`)
+    explanation: ClassVar[str] = ""
 
     def __init__(self, **options: Any):
         known = {f.name for f in dataclasses.fields(self.Options)}
@@ -185,6 +188,19 @@ class Method(ABC):
         opts = ", ".join(f"{k}={v}" for k, v in self.options_dict().items())
         size = f", {self.num_parameters():,} trainable parameters in {len(self.target_names)} layers" if self._unet else ""
         return f"{self.name} ({opts}){size}"
+
+    # -- what `sdtune explain` reads (methods with an `explanation`) ---------------------------
+    def output_clusters(self, layer: str) -> torch.Tensor:
+        """The (d_out, M) matrix a tuned layer's output is projected on to draw M cluster maps."""
+        raise NotImplementedError(f"{self.name} has no cluster maps")
+
+    def update_tiles(self, layer: str) -> torch.Tensor:
+        """A tuned layer's learned update as small (n, h, w) tiles."""
+        raise NotImplementedError(f"{self.name} has no update tiles")
+
+    def explanation_label(self) -> str:
+        """How the explanation pictures name this method's variant."""
+        return self.name
 
     @property
     def unet(self) -> nn.Module:

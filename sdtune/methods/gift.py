@@ -8,7 +8,8 @@ H is the identity (`simple`) or the Parameter-to-Cluster Attention hyper-Transfo
 Savadikar, Song and Wu, "GIFT: Generative Interpretable Fine-Tuning Transformers" (2023): l blocks
 of w ← w + PaCa(ℓ2(w)); w ← w + FFN(ℓ2(w)). PaCa softly assigns the N = d_out parameter tokens to M
 clusters, C = sigmoid(u·A + a)/N, and attends from the tokens to the M cluster tokens ℓ2(Cᵀu).
-C (d_out x M) is what `sdtune explain` projects a layer's output onto to draw the cluster maps.
+C (d_out x M) is what `sdtune explain` projects a layer's output onto to draw the cluster maps
+(`Gift.output_clusters`).
 
 One generator (φ, H, ψ) serves every targeted layer with the same input width, as the paper shares
 one across its isotropic ViT; the SD v1.x UNet has three widths (320, 640, 1280).
@@ -49,11 +50,6 @@ def gift_delta(weight: torch.Tensor, phi: torch.Tensor, psi: torch.Tensor, gener
     if generator is not None:
         tokens = generator(tokens)
     return tokens @ psi.float().T
-
-
-def cluster_maps(outputs: torch.Tensor, clusters: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The layer's output Y (h*w tokens x d_out) projected on the clusters C (d_out x M): (M, h, w)."""
-    return (outputs.float() @ clusters.float()).T.reshape(clusters.shape[1], height, width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +200,14 @@ class Gift(WrappedLayers):
             layer = GiftLinear(base, self.generators[key])
             replace_module(unet, name, layer)
             self.layers[name] = layer
+
+    explanation = "clusters"
+
+    def output_clusters(self, layer: str) -> torch.Tensor:
+        return self.layers[layer].clusters()
+
+    def explanation_label(self) -> str:
+        return self.options.generator
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The generators' parameters, once each (layers of one width share a generator)."""
