@@ -8,7 +8,7 @@ comparison live in `training`, `sampling`, `evaluation` and `comparison` so that
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "__version__"]
+__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "open_adapter", "__version__"]
 
 
 def train(config):
@@ -40,11 +40,19 @@ def compare(runs, output, **options):
 
 
 def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
-    """Load an sdtune adapter file or run folder into `pipeline`'s UNet; returns the method.
+    """Apply an sdtune adapter file or run folder to `pipeline`'s UNet at strength `scale`
+    (W + scale·ΔW; 0: the base weights), merged by default; returns the method.
 
-    `scale` sets the merged update's strength, W + scale·ΔW (0: the base weights). A kohya-format
-    file (LoRA, LoHa, LoKr, full-weight diffs, from any trainer) is added to the base weights
-    instead (always merged, its ΔW times `scale`)."""
+    A kohya-format file (LoRA, LoHa, LoKr, full-weight diffs, from any trainer) is added to the
+    base weights instead (always merged, its ΔW times `scale`)."""
     from .adapter import load_adapter as _load
 
     return _load(path, pipeline, merge=merge, scale=scale)
+
+
+def open_adapter(path, pipeline):
+    """The adapter bound to `pipeline`, unmerged, with `set_scale`, `merge` and `unmerge`: an sdtune
+    adapter's method (its layers compute the update), or a kohya-format file's updates (not yet added)."""
+    from .adapter import open_adapter as _open
+
+    return _open(path, pipeline)

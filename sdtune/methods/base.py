@@ -309,7 +309,20 @@ class WrappedLayers(Method):
 
     def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         """The trainable parameters of one wrapper."""
-        return [p for name, p in layer.named_parameters() if not name.startswith("base_layer.")]
+        return [p for _, p in self.named_layer_parameters(layer)]
+
+    def named_layer_parameters(self, layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in layer.named_parameters() if not name.startswith("base_layer.")]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """`<target>.<parameter>` for every wrapper's parameters (nothing once merged)."""
+        if self.merged:
+            return {}
+        return {
+            f"{name}.{key}": parameter.detach()
+            for name, layer in self.layers.items()
+            for key, parameter in self.named_layer_parameters(layer)
+        }
 
 
 # ---------------------------------------------------------------------------------------------
