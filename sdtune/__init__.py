@@ -6,7 +6,7 @@ comparison live in `training`, `sampling`, `evaluation` and `comparison` so that
 `sdtune.sample`, `sdtune.evaluate` and `sdtune.compare` stay the functions below.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "open_adapter", "__version__"]
 

@@ -9,43 +9,23 @@ from __future__ import annotations
 
 import base64
 import json
-import math
-import os
-import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .adapter_info import AdapterInfo
 from .errors import SdtuneError, TrainingFailed
 from .fileio import save_safetensors
+from .kohya import is_kohya_file, kohya_info, read_kohya, read_kohya_updates
+from .safetensors_checks import (
+    TensorEntry, check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors,
+)
+from .version import __version__
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
-MAX_HEADER_BYTES = 16 * 2**20  # an SD v1.4 `full` adapter's header is about 100 KB
-SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
-ADAPTER_DTYPES = {"F32", "F16", "BF16"}  # trained tensors; anything else is not an sdtune adapter's
 REQUIRED_METADATA = ("method", "options", "base_model", "fingerprint", "structure", "weight_sample")
 KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token"}
-
-
-@dataclass
-class AdapterInfo:
-    """What an adapter file says about itself."""
-
-    method: str
-    options: dict[str, Any]
-    base_model: str
-    fingerprint: str
-    structure: str = ""
-    weight_sample: bytes = b""
-    placeholder: str = ""
-    token: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def adapter_path(path: str | Path) -> Path:
@@ -63,86 +43,10 @@ def adapter_path(path: str | Path) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor as a safetensors header declares it."""
-
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def read_safetensors_header(path: str | Path) -> tuple[dict[str, str], dict[str, TensorEntry]]:
-    """The metadata and tensor table of a safetensors file, checked against the file's size.
-
-    Nothing is allocated from what the header declares: the header's length must fit the file, every
-    tensor's byte range must lie in the body and match its shape and dtype, and the ranges must
-    tile the body exactly, so a file cannot declare more data than it holds.
-    """
-    path = Path(path)
-
-    def damaged(reason: str) -> SdtuneError:
-        return SdtuneError(f"{path}: not a valid safetensors file ({reason})")
-
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        if size < 8:
-            raise damaged(f"{size} bytes, shorter than the 8-byte header length")
-        (header_length,) = struct.unpack("<Q", handle.read(8))
-        if header_length > min(size - 8, MAX_HEADER_BYTES):
-            raise damaged(f"header of {header_length} bytes declared in a file of {size} bytes")
-        raw = handle.read(header_length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise damaged("the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise damaged("the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise damaged("its metadata is not a table of strings")
-    body = size - 8 - header_length
-    entries, ranges = {}, []
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise damaged(f"tensor {name!r} has no dtype, shape and data_offsets")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPE_BYTES:
-            raise damaged(f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
-            raise damaged(f"tensor {name!r} has shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
-            raise damaged(f"tensor {name!r} has data_offsets {offsets!r}")
-        begin, end = offsets
-        needed = math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]
-        if end > body:
-            raise damaged(f"tensor {name!r} ends at byte {end:,} of a body of {body:,} bytes: the file is cut short")
-        if end - begin != needed:
-            raise damaged(f"tensor {name!r} declares shape {tuple(shape)} ({needed:,} bytes) but holds {end - begin:,} bytes")
-        entries[name] = TensorEntry(dtype, tuple(shape))
-        ranges.append((begin, end))
-    position = 0
-    for begin, end in sorted(ranges):
-        if begin != position:
-            raise damaged("tensor data overlaps or leaves gaps")
-        position = end
-    if position != body:
-        raise damaged(f"the header describes {position:,} bytes of data, the file holds {body:,}")
-    return metadata, entries
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def adapter_bytes(method) -> int:
     """About the room an adapter of this injected method needs: its tensors, twice (an atomic
     rewrite keeps the previous file until the new one is complete)."""
     return 2 * sum(t.numel() * t.element_size() for t in method.state_dict().values())
-
-
-def first_non_finite(tensors: dict) -> str | None:
-    """The name of the first tensor holding a NaN or an infinity, if any."""
-    return next((key for key, tensor in tensors.items() if not bool(tensor.isfinite().all())), None)
 
 
 def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "", token: str = "", **extra: str) -> Path:
@@ -200,11 +104,7 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
         raise SdtuneError(f"{path}: unusable method options: {error}") from None
     if len(sample) % 4:
         raise SdtuneError(f"{path}: damaged sdtune adapter metadata (weight_sample is not float32 values)")
-    for name, entry in entries.items():
-        if entry.dtype not in ADAPTER_DTYPES:
-            raise SdtuneError(
-                f"{path}: tensor {name} is {entry.dtype}; adapters hold {', '.join(sorted(ADAPTER_DTYPES))} tensors"
-            )
+    check_adapter_dtypes(path, entries)
     info = AdapterInfo(
         method=metadata["method"],
         options=options,
@@ -217,17 +117,6 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
         extra={k: v for k, v in metadata.items() if k not in KNOWN_METADATA},
     )
     return info, entries
-
-
-def read_tensors(path: Path) -> dict:
-    """Every tensor of a safetensors file whose header `read_safetensors_header` has checked."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as error:
-        raise SdtuneError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0][:120]})") from None
 
 
 def read_adapter(path: str | Path):
@@ -252,8 +141,6 @@ def expected_shapes(method_name: str, options: dict[str, Any], unet) -> dict[str
 
 def adapter_info(path: str | Path) -> AdapterInfo:
     """What an sdtune adapter, or a kohya-format file (trained anywhere), says about itself."""
-    from .export import is_kohya_file, kohya_info, read_kohya
-
     path = adapter_path(path)
     if is_kohya_file(path):
         return kohya_info(path, read_kohya(path)[0])
@@ -274,7 +161,6 @@ def open_adapter(path: str | Path, pipeline):
     import torch
 
     from . import methods
-    from .export import is_kohya_file, read_kohya_updates
     from .methods.base import check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample
 
     path = adapter_path(path)
@@ -314,8 +200,6 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     weights; unmerged (`merge=False`, sdtune adapters only), the method's layers compute the update,
     and the returned method can be trained further, rescaled or merged. See `open_adapter`.
     """
-    from .export import is_kohya_file
-
     path = adapter_path(path)
     if not merge and is_kohya_file(path):
         raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")

@@ -322,7 +322,7 @@ def merge(
     scale: Optional[float] = typer.Option(None, help="Strength of the update baked in, W + scale·ΔW." + _default(MergeConfig, "scale")),
 ) -> None:
     """Save the base pipeline with the adapter baked into the UNet, loadable by plain diffusers."""
-    from .export import merge_adapter
+    from .merging import merge_adapter
 
     config = MergeConfig.load(None, source=str(source), output=str(output), dtype=dtype, model=model, scale=scale)
     result = merge_adapter(config.source, config.output, dtype=config.dtype, model=config.model, scale=config.scale)

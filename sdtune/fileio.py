@@ -174,6 +174,27 @@ def remove_directory(path: str | os.PathLike) -> None:
     shutil.rmtree(doomed)
 
 
+def check_folder_free(output: Path) -> None:
+    """Refuse an `--output` folder that exists and is not empty."""
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        raise SdtuneError(f"--output {output} already exists; give a new folder (or remove it)")
+
+
+def write_folder(output: Path, fill) -> Path:
+    """Build a folder with `fill(tmp)` beside `output`, then rename it onto `output` (absent or empty)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    check_folder_free(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        fill(tmp)
+        if output.is_dir():
+            output.rmdir()  # empty: checked above
+        os.rename(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
 # ---------------------------------------------------------------------------------------------
 # One run per output folder
 

@@ -109,7 +109,7 @@ def _train(
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from . import __version__, prior, validation
+    from . import prior, validation
     from .checkpoints import list_checkpoints, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
     from .data import ConceptDataset, load_images, warn_truncated_prompts
     from .datasets import BalancedClassSampler, ClassImageDataset
@@ -118,6 +118,7 @@ def _train(
     from .models import load_pipeline
     from .precision import cast_frozen_parameters, frozen_dtype, place_frozen_models
     from .tracking import PROJECT_NAME, log_image
+    from .version import __version__
 
     if accelerator.is_main_process:
         remove_partial_checkpoints(output)  # staging folders of a killed run

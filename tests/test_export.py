@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.errors import SdtuneError
-from sdtune.export import export_adapter, merge_adapter
+from sdtune.export import export_adapter
+from sdtune.merging import merge_adapter
 
 LOW_RANK = [
     ("lora", {}),
@@ -282,6 +283,34 @@ def test_formats_a_method_cannot_take_are_refused(tmp_path):
         export_adapter(tmp_path / "b.safetensors", "diffusers", tmp_path / "x.safetensors")
 
 
+def test_every_method_says_which_formats_it_exports():
+    from sdtune.config import EXPORT_FORMATS
+
+    for name in methods.available():
+        method = methods.create(name)
+        assert "kohya" in method.export_formats and set(method.export_formats) <= set(EXPORT_FORMATS), name
+        if "peft" not in method.export_formats:
+            with pytest.raises(SdtuneError, match="no peft form"):
+                method.to_peft_config(["conv_in"])
+        if "diffusers" in method.export_formats:
+            assert callable(method.diffusers_lora_layers), name
+    assert methods.create("atoms").kohya_tensors({}) is None  # full-weight diffs on the base model
+
+
+def test_the_kohya_reader_has_one_reader_per_kind():
+    from sdtune.kohya import KOHYA_KINDS, KOHYA_READERS, kohya_delta
+
+    assert set(KOHYA_READERS) == set(KOHYA_KINDS)
+    down, up = torch.randn(2, 8), torch.randn(6, 2)
+    delta, bias, shape = kohya_delta({"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(1.0)}, "x")
+    torch.testing.assert_close(delta, up @ down / 2)
+    assert bias is None and shape == (6, 8)
+    delta, bias, shape = kohya_delta({"diff_b": torch.ones(3)}, "x")
+    assert delta is None and torch.equal(bias, torch.ones(3)) and shape is None
+    with pytest.raises(SdtuneError, match="x: loha update lacks hada_w2_a, hada_w2_b"):
+        kohya_delta({"hada_w1_a": down.T, "hada_w1_b": down}, "x")
+
+
 # ---------------------------------------------------------------------------------------------
 # kohya files trained elsewhere
 
@@ -457,7 +486,7 @@ def test_merge_bakes_in_the_scaled_update(tmp_path):
 def test_kohya_file_strength_merge_and_unmerge(tmp_path):
     """A kohya file's updates take a strength and unmerge to the exact base weights, touching only their modules."""
     from sdtune.adapter import open_adapter
-    from sdtune.export import load_kohya
+    from sdtune.kohya import load_kohya
     from sdtune.models import load_pipeline
 
     make_adapter("lora", {"targets": "conv3x3"}, tmp_path / "a.safetensors")

@@ -208,6 +208,26 @@ class Method(ABC):
             raise RuntimeError(f"{self.name}: inject() first")
         return self._unet
 
+    # -- views of the update in other formats ----------------------------------------------------
+    # What the file writers (`sdtune export`) ask a method instead of testing its name. They read
+    # the adapter's saved tensors (`state_dict()`'s keys), with no model and nothing injected.
+
+    # the `sdtune export --format`s this method's adapters can be written in
+    export_formats: ClassVar[tuple[str, ...]] = ("kohya",)
+
+    def kohya_tensors(
+        self, tensors: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]] | None:
+        """The update as kohya/LyCORIS tensors, computed from the adapter's `tensors` alone:
+        (UNet module name → {kohya suffix, e.g. `lora_down.weight`: tensor}, kohya-ss' `ss_network_*`
+        metadata). None (this default): the update is exported as full-weight differences
+        (merged − base), computed on the base model."""
+        return None
+
+    def to_peft_config(self, module_names: list[str]):
+        """The peft config (a `peft.PeftConfig`) that wraps exactly `module_names` with this method's layers."""
+        raise SdtuneError(f"method {self.name!r} has no peft form")
+
     @torch.no_grad()
     def weight_diffs(self) -> dict[tuple[str, str], torch.Tensor]:
         """Merge (if not merged yet), and return ΔW = merged − base of every weight the merge changed,

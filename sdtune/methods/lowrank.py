@@ -8,7 +8,9 @@
 Why peft rather than lycoris-lora: peft implements all three on Linear and Conv2d (its LoHa and
 LoKr are ports of LyCORIS' maths, factorisation and "use_effective_conv2d" = LyCORIS' tucker),
 diffusers integrates with it, and its layers inject into any nn.Module and merge one by one. So
-this module only chooses the layers, builds the peft config, and unwraps after merging.
+this module only chooses the layers, builds the peft config, and unwraps after merging; it
+also gives the update in the formats other tools read (`kohya_tensors`: peft's tensors under
+LyCORIS' names, which are the same maths; `diffusers_lora_layers` for LoRA).
 
 Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<parameter>`
 (for example `down_blocks.0.resnets.0.conv1.lora_A.weight` or `...to_q.hada_w1_a`).
@@ -22,6 +24,7 @@ projections of every attention, `all` the convolutions and the projections.
 
 from __future__ import annotations
 
+import json
 import re
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -35,6 +38,14 @@ from .base import WrappedLayers, attention_projections, named_convs
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
 TARGET_CHOICES = ("conv", "conv3x3", "attn", "all")
+
+# peft's adapter tensor names (after `<module>.`) and their kohya/LyCORIS names
+PEFT_TO_KOHYA = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    **{name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+}
 
 
 @dataclass
@@ -62,10 +73,33 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _exact(targets: list[str]) -> str:
+    """A peft `target_modules` pattern for exactly `targets`: peft full-matches a string target
+    against each module name, so exact names, no suffix matches."""
+    return "^(?:" + "|".join(re.escape(name) for name in targets) + ")$"
+
+
+def split_peft_key(key: str) -> tuple[str, str]:
+    """(`down_blocks.0.resnets.0.conv1`, `lora_A.weight`) from a peft adapter key."""
+    for suffix in PEFT_TO_KOHYA:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise SdtuneError(f"unexpected tensor {key!r} in a low-rank adapter")
+
+
+def _group_by_module(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    groups: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        module, suffix = split_peft_key(key)
+        groups.setdefault(module, {})[suffix] = tensor
+    return groups
+
+
 class _PeftLowRank(WrappedLayers):
     """What LoRA, LoHa and LoKr share: target choice, peft injection, state, merge."""
 
     default_lr = 1e-4  # the usual SD LoRA rate with alpha = rank (scale 1)
+    export_formats = ("kohya", "peft")
 
     def validate_options(self) -> None:
         o = self.options
@@ -93,23 +127,18 @@ class _PeftLowRank(WrappedLayers):
         return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
 
     @abstractmethod
-    def peft_config(self, targets: list[str]):
-        """The peft config that wraps exactly `targets`."""
+    def to_peft_config(self, module_names: list[str]):
+        """The peft config that wraps exactly `module_names`."""
 
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.peft_config(targets), unet, adapter_name=ADAPTER)
+        inject_adapter_in_model(self.to_peft_config(targets), unet, adapter_name=ADAPTER)
         self.peft_config_of_unet = unet.peft_config  # inject_adapter_in_model's record; a merged UNet goes without
         self.layers = {name: unet.get_submodule(name) for name in targets}
         missed = [name for name, layer in self.layers.items() if not hasattr(layer, "get_base_layer")]
         if missed:
             raise RuntimeError(f"{self.name}: peft did not wrap {missed[:3]}")
-
-    @staticmethod
-    def _exact(targets: list[str]) -> str:
-        # peft full-matches a string target against each module name: exact names, no suffix matches
-        return "^(?:" + "|".join(re.escape(name) for name in targets) + ")$"
 
     # peft's layers: the base layer, ΔW with peft's scaling (alpha/rank times the strength), its set_scale
     def layer_base(self, layer: nn.Module) -> nn.Module:
@@ -148,19 +177,67 @@ class _PeftLowRank(WrappedLayers):
         super()._unmerge()
         self.unet.peft_config = self.peft_config_of_unet
 
+    def kohya_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+        """peft's tensors under their LyCORIS names, plus `alpha`, per module; kohya-ss' network metadata."""
+        rank, alpha = self.options.rank, float(self.options.alpha)
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for module, parts in _group_by_module(tensors).items():
+            own = {PEFT_TO_KOHYA[suffix]: tensor for suffix, tensor in self._kohya_factors(parts).items()}
+            modules[module] = {**own, "alpha": torch.tensor(alpha, dtype=torch.float32)}
+        network, args = self._kohya_network()
+        if any(tensor.ndim == 4 for tensor in tensors.values()):
+            args.update(conv_dim=str(rank), conv_alpha=f"{alpha:g}")
+        metadata = {
+            "ss_network_module": network,
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}",
+            "ss_network_args": json.dumps(args),
+        }
+        return modules, metadata
+
+    def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One module's peft tensors as LyCORIS' maths wants them (the same, but for LoKr's full factors)."""
+        return parts
+
+    def _kohya_network(self) -> tuple[str, dict[str, str]]:
+        """kohya-ss' network module for this method and its args (LyCORIS' for LoHa and LoKr)."""
+        args = {"algo": self.name}
+        if self.options.tucker:
+            args["use_tucker"] = "True"
+        return "lycoris.kohya", args
+
 
 class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
     variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"rank": 16})
+    export_formats = ("kohya", "diffusers", "peft")
 
-    def peft_config(self, targets: list[str]):
+    def to_peft_config(self, module_names: list[str]):
         from peft import LoraConfig
 
         return LoraConfig(
-            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=self._exact(targets), lora_dropout=0.0
+            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=_exact(module_names), lora_dropout=0.0
         )
+
+    def _kohya_network(self) -> tuple[str, dict[str, str]]:
+        return "networks.lora", {}  # kohya-ss' own LoRA
+
+    def diffusers_lora_layers(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """The adapter's `tensors` as diffusers' `save_lora_weights` takes them, alpha/rank folded into
+        lora_B, and the LoraConfig metadata (lora_alpha = r), so loaders that read the metadata and
+        older ones that do not get the same update."""
+        scale = float(self.options.alpha) / self.options.rank
+        layers = {}
+        for key, tensor in tensors.items():
+            _, suffix = split_peft_key(key)
+            if suffix == "lora_B.weight":
+                tensor = (tensor.float() * scale).to(tensor.dtype)
+            layers[key] = tensor.contiguous()
+        modules = list(_group_by_module(tensors))
+        metadata = {"r": self.options.rank, "lora_alpha": self.options.rank, "target_modules": _exact(modules)}
+        return layers, metadata
 
 
 class Loha(_PeftLowRank):
@@ -169,13 +246,13 @@ class Loha(_PeftLowRank):
     Options = LohaOptions
     variants = ({}, {"targets": "conv3x3"})
 
-    def peft_config(self, targets: list[str]):
+    def to_peft_config(self, module_names: list[str]):
         from peft import LoHaConfig
 
         return LoHaConfig(
             r=self.options.rank,
             alpha=self.options.alpha,
-            target_modules=self._exact(targets),
+            target_modules=_exact(module_names),
             use_effective_conv2d=self.options.tucker,
         )
 
@@ -192,14 +269,27 @@ class Lokr(_PeftLowRank):
         if not _is_int(factor) or not (factor == -1 or factor >= 1):
             raise SdtuneError(f"--factor must be -1 (automatic) or a whole number of at least 1, got {factor!r}")
 
-    def peft_config(self, targets: list[str]):
+    def to_peft_config(self, module_names: list[str]):
         from peft import LoKrConfig
 
         return LoKrConfig(
             r=self.options.rank,
             alpha=self.options.alpha,
-            target_modules=self._exact(targets),
+            target_modules=_exact(module_names),
             decompose_factor=self.options.factor,
             decompose_both=self.options.decompose_both,
             use_effective_conv2d=self.options.tucker,
         )
+
+    def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "lokr_w1" in parts and "lokr_w2" in parts:
+            # both factors full: LyCORIS and ComfyUI use scale 1, peft alpha/rank; fold it into w1
+            w1 = parts["lokr_w1"]
+            parts = {**parts, "lokr_w1": (w1.float() * (self.options.alpha / self.options.rank)).to(w1.dtype)}
+        return parts
+
+    def _kohya_network(self) -> tuple[str, dict[str, str]]:
+        network, args = super()._kohya_network()
+        args["factor"] = str(self.options.factor)
+        args["decompose_both"] = str(bool(self.options.decompose_both))
+        return network, args

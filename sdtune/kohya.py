@@ -1,0 +1,449 @@
+"""Kohya/LyCORIS-format files: the keys ComfyUI, AUTOMATIC1111 and kohya-ss/sd-scripts read, written and read.
+
+One safetensors file; each changed module is named `lora_unet_<module name, dots as _>` (UNet) or
+`lora_te_<module name>` (text encoder, read only), and its tensors are keys under that name, one
+set per kind of update:
+
+* LoRA: `.lora_down.weight`, `.lora_up.weight` (+ `.lora_mid.weight`, a Tucker core), `.alpha`;
+  ΔW = up·down·(alpha/rank), rank = lora_down's first dimension. peft's lora_A/lora_B are
+  lora_down/lora_up (same shapes: a k×k conv down to r channels, then a 1×1 conv up) and peft's
+  scale lora_alpha/r is the same, so sdtune's LoRA tensors are copied as they are.
+* LoHa: `.hada_w1_a`, `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` (+ `.hada_t1`, `.hada_t2` with
+  tucker), `.alpha`; ΔW = (w1a·w1b) ⊙ (w2a·w2b)·alpha/rank. peft's LoHa is a port of LyCORIS'
+  (same names, shapes and maths), so these are copied too.
+* LoKr: `.lokr_w1` or `.lokr_w1_a`/`.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a`/`.lokr_w2_b`
+  (+ `.lokr_t2`), `.alpha`; ΔW = w1 ⊗ w2 · alpha/rank where a factor is low-rank and · 1 where both
+  are full (LyCORIS and ComfyUI ignore alpha then, peft does not: its alpha/rank is folded into w1).
+* full-weight differences: `.diff` (weight) and `.diff_b` (bias) on convolutions and linears (a
+  3×3 conv's diff has its weight's shape), and `.w_norm`/`.b_norm` on GroupNorm/LayerNorm
+  (LyCORIS' norm keys: its full-weight module takes only linears and convolutions).
+
+Writing (`sdtune export --format kohya`): a method that has its own kohya tensors (LoRA, LoHa, LoKr:
+`Method.kohya_tensors`) gives them, computed from its adapter alone; every other method (atoms,
+DiffFit, BitFit, GIFT, full) is written as full-weight differences ΔW = merged − base of each changed
+module, computed on the base model (`kohya_diff_state`). A module whose bias alone changed (BitFit,
+DiffFit's biases) gets `.diff_b` alone: ComfyUI and sdtune read it; LyCORIS and AUTOMATIC1111 want a
+`.diff` beside it, which would cost a zero copy of the weight. The metadata holds kohya-ss' `ss_*`
+entries and sdtune's own (`sdtune_*`: method, options, base model, placeholder and token), so sdtune
+reads the token back.
+
+Reading (`load_kohya`, used by `sdtune.load_adapter` for files trained anywhere): each module's ΔW is
+rebuilt from its keys by the reader of its kind (`KOHYA_READERS`, one small function per kind, as
+ComfyUI and LyCORIS dispatch per algorithm) and added to the base weights. Why not peft: a file from
+another trainer may mix ranks and alphas per layer, tucker cores (`lora_mid`, `hada_t1`, `lokr_t2`),
+LoKr's full-factor scale rule and full-weight diffs, none of which needs a peft config guessed from
+shapes this way; sampling merges anyway, so nothing is lost in speed, and the result is a plain UNet
+that `sdtune merge` can save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .adapter_info import AdapterInfo
+from .errors import SdtuneError
+from .safetensors_checks import check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors
+from .version import __version__
+
+UNET_PREFIX = "lora_unet"
+TEXT_ENCODER_PREFIX = "lora_te"
+KOHYA_FORMAT = "sdtune-kohya/1"
+
+# every tensor name a kohya-format file may hold per module, by kind
+KOHYA_KINDS = {
+    "lora": {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"},
+    "diff": {"diff", "diff_b"},
+    "norm": {"w_norm", "b_norm"},
+}
+
+
+def norm_types() -> tuple[type, ...]:
+    """The layers whose changes are written as LyCORIS' norm keys (`.w_norm`/`.b_norm`)."""
+    from torch import nn
+
+    return (nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def kohya_name(prefix: str, module_name: str) -> str:
+    """`lora_unet_down_blocks_0_resnets_0_conv1` for prefix `lora_unet`, module `down_blocks.0.resnets.0.conv1`."""
+    return f"{prefix}_{module_name.replace('.', '_')}"
+
+
+def kohya_keys_only(keys) -> bool:
+    """Whether every key is a kohya-format module key (`lora_unet_...` or `lora_te_...`)."""
+    keys = list(keys)
+    return bool(keys) and all(key.split(".", 1)[0].startswith((UNET_PREFIX + "_", TEXT_ENCODER_PREFIX + "_")) for key in keys)
+
+
+def is_kohya_file(path: Path) -> bool:
+    """Whether `path` is a valid safetensors file whose keys are all kohya-format module keys."""
+    try:
+        metadata, entries = read_safetensors_header(path)
+    except (SdtuneError, OSError):
+        return False  # the sdtune reader reports what is wrong with it
+    return kohya_keys_only(entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def kohya_state(modules: dict[str, dict[str, Any]]) -> dict:
+    """A method's own kohya tensors (UNet module name → {kohya suffix: tensor}) under their kohya keys."""
+    state = {}
+    for module, parts in modules.items():
+        name = kohya_name(UNET_PREFIX, module)
+        for suffix, tensor in parts.items():
+            state[f"{name}.{suffix}"] = tensor.detach().cpu().contiguous()
+    return state
+
+
+def kohya_diff_state(unet, diffs: dict[tuple[str, str], Any], where: str | Path) -> tuple[dict, dict[str, str]]:
+    """`.diff`/`.diff_b` (linears, convs) and `.w_norm`/`.b_norm` (norms) from ΔW ((module name,
+    parameter name) → merged − base, the changed weights only) and the merged `unet`'s module types."""
+    import torch
+    from torch import nn
+
+    state: dict[str, torch.Tensor] = {}
+    for (name, attr), delta in diffs.items():
+        module = unet.get_submodule(name)
+        key = kohya_name(UNET_PREFIX, name)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
+            state[f"{key}.{'diff' if attr == 'weight' else 'diff_b'}"] = delta.contiguous()
+        elif isinstance(module, norm_types()) and attr in ("weight", "bias"):
+            state[f"{key}.{'w_norm' if attr == 'weight' else 'b_norm'}"] = delta.contiguous()
+            # LyCORIS finds a norm module by its w_norm: keep one, even when only the bias changed
+            state.setdefault(f"{key}.w_norm", torch.zeros_like(module.weight, dtype=torch.float32))
+        else:
+            raise SdtuneError(f"{where}: the change of {name}.{attr} ({type(module).__name__}) has no kohya key")
+    if not state:
+        raise SdtuneError(f"{where}: the adapter does not change the base model; there is nothing to export")
+    extra = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
+    return dict(sorted(state.items())), extra
+
+
+def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
+    """The file with kohya-ss' `ss_*` metadata (`extra`: the network's) and sdtune's own."""
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_write
+
+    metadata = {
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": output.stem,
+        "ss_sd_model_name": info.base_model,
+        "ss_training_comment": f"exported by sdtune {__version__} from a {info.method} adapter",
+        **extra,
+        "sdtune_format": KOHYA_FORMAT,
+        "sdtune_method": info.method,
+        "sdtune_options": json.dumps(info.options, sort_keys=True),
+        "sdtune_base_model": info.base_model,
+        "sdtune_placeholder": info.placeholder,
+        "sdtune_token": info.token,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(output) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_kohya(path: Path) -> tuple[dict[str, str], dict]:
+    """Metadata and tensors, with the checks sdtune adapters get: a header checked against the file's
+    size before anything is loaded, floating-point tensors only, and no NaN or infinite value."""
+    metadata, entries = read_safetensors_header(path)
+    check_adapter_dtypes(path, entries)
+    tensors = read_tensors(path)
+    bad = first_non_finite(tensors)
+    if bad:
+        raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
+    return metadata, tensors
+
+
+def kohya_info(path: Path, metadata: dict[str, str]) -> AdapterInfo:
+    """An AdapterInfo for a kohya-format file; sdtune's own exports carry the token and base model."""
+    try:
+        options = json.loads(metadata.get("sdtune_options", "{}"))
+    except ValueError:
+        options = {}
+    return AdapterInfo(
+        method=f"kohya ({metadata.get('sdtune_method') or metadata.get('ss_network_module') or 'unknown trainer'})",
+        options=options,
+        base_model=metadata.get("sdtune_base_model", ""),
+        fingerprint="",
+        placeholder=metadata.get("sdtune_placeholder", ""),
+        token=metadata.get("sdtune_token", ""),
+        extra=dict(metadata),
+    )
+
+
+@dataclass
+class KohyaUpdate:
+    """One module's ΔW and Δbias (float32, either may be None) from a kohya-format file."""
+
+    name: str  # `text_encoder.` + the module name for the text encoder
+    module: Any
+    delta_weight: Any
+    delta_bias: Any
+
+
+@dataclass
+class KohyaAdapter:
+    """A kohya-format file's updates, checked against a pipeline's modules; they apply merged.
+
+    The same strength, merge and unmerge as a method: `merge` adds scale·ΔW (and scale·Δbias) to
+    the modules' weights, `unmerge` puts back the weights as they were.
+    """
+
+    info: AdapterInfo
+    updates: list[KohyaUpdate]
+    name: str = "kohya"
+    scale: float = 1.0
+    merged: bool = False
+    _unmerged_weights: dict | None = None
+
+    @property
+    def target_names(self) -> list[str]:
+        return [update.name for update in self.updates]
+
+    def describe(self) -> str:
+        return f"{self.info.method}: {len(self.target_names)} modules changed"
+
+    def set_scale(self, scale: float) -> None:
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise SdtuneError(f"an adapter's scale must be a finite number, got {scale}")
+        if self.merged:
+            raise RuntimeError("kohya: unmerge() before changing the scale")
+        self.scale = scale
+
+    def merge(self, keep_base: bool = True) -> None:
+        import torch
+
+        from .methods.base import copy_parameters
+
+        if self.merged:
+            return
+        modules = {update.name: update.module for update in self.updates}
+        self._unmerged_weights = copy_parameters(modules, "cpu") if keep_base else None
+        with torch.no_grad():
+            for update in self.updates:
+                module = update.module
+                if update.delta_weight is not None:
+                    module.weight += (update.delta_weight * self.scale).to(module.weight.device, module.weight.dtype)
+                if update.delta_bias is not None:
+                    module.bias += (update.delta_bias * self.scale).to(module.bias.device, module.bias.dtype)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        import torch
+
+        if not self.merged:
+            return
+        if self._unmerged_weights is None:
+            raise RuntimeError("kohya: merged with keep_base=False; there is nothing to unmerge to")
+        modules = {update.name: update.module for update in self.updates}
+        with torch.no_grad():
+            for (name, attr), value in self._unmerged_weights.items():
+                getattr(modules[name], attr).copy_(value)
+        self._unmerged_weights = None
+        self.merged = False
+
+
+def kohya_kind(parts: dict[str, Any], where: str) -> str:
+    """Which update a module's tensors describe; refuses unknown or mixed names."""
+    if "dora_scale" in parts:
+        raise SdtuneError(f"{where}: DoRA (dora_scale) updates are not supported")
+    kinds = [kind for kind, names in KOHYA_KINDS.items() if set(parts) & (names - {"alpha"})]
+    unknown = sorted(set(parts) - set().union(*KOHYA_KINDS.values()))
+    if unknown or len(kinds) != 1:
+        found = ", ".join(sorted(parts))
+        raise SdtuneError(f"{where}: tensors {found} are no known update (LoRA, LoHa, LoKr, diff, norm)")
+    return kinds[0]
+
+
+@dataclass
+class KohyaModule:
+    """One module's tensors in a kohya-format file, in float32, by suffix (`lora_down.weight`, `alpha`, …)."""
+
+    tensors: dict[str, Any]
+    kind: str
+    where: str  # "<file>: <kohya module name>", for errors
+    alpha: float | None  # the `.alpha` scalar, if the file has one
+
+    def need(self, *names: str) -> list:
+        """The named tensors; a one-line error naming those the file lacks."""
+        missing = [name for name in names if name not in self.tensors]
+        if missing:
+            raise SdtuneError(f"{self.where}: {self.kind} update lacks {', '.join(missing)}")
+        return [self.tensors[name] for name in names]
+
+
+# Each reader gives (ΔW or None, Δbias or None, ΔW's natural shape or None: the weight's shape
+# it must have exactly, where the kind knows it), as ComfyUI builds them.
+Delta = tuple[Any, Any, "tuple[int, ...] | None"]
+
+
+def read_lora(m: KohyaModule) -> Delta:
+    """ΔW = up·down·alpha/rank; with `lora_mid` (Tucker), down is the 1×1 down through the k×k core."""
+    import torch
+
+    down, up = m.need("lora_down.weight", "lora_up.weight")
+    rank = down.shape[0]
+    if "lora_mid.weight" in m.tensors:  # Tucker core: 1x1 down, k×k mid, 1x1 up
+        down = torch.einsum("abhw,bi->aihw", m.tensors["lora_mid.weight"], down.flatten(1))
+    delta = up.flatten(1) @ down.flatten(1)
+    scale = m.alpha / rank if m.alpha else 1.0
+    return delta * scale, None, tuple(up.shape[:1]) + tuple(down.shape[1:])
+
+
+def read_loha(m: KohyaModule) -> Delta:
+    """ΔW = (w1a·w1b) ⊙ (w2a·w2b)·alpha/rank; with `hada_t1`/`hada_t2`, each product through its core."""
+    import torch
+
+    w1a, w1b, w2a, w2b = m.need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    rank = w1b.shape[0]
+    if "hada_t1" in m.tensors:
+        t1, t2 = m.need("hada_t1", "hada_t2")
+        m1 = torch.einsum("ijkl,jr,ip->prkl", t1, w1b, w1a)
+        m2 = torch.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a)
+    else:
+        m1, m2 = w1a @ w1b, w2a @ w2b
+    scale = m.alpha / rank if m.alpha else 1.0
+    return m1 * m2 * scale, None, None
+
+
+def read_lokr(m: KohyaModule) -> Delta:
+    """ΔW = w1 ⊗ w2 · alpha/rank, each factor full or low-rank (w2 through `lokr_t2`); scale 1 when both are full."""
+    import torch
+
+    t, dim = m.tensors, None
+    if "lokr_w1" in t:
+        w1 = t["lokr_w1"]
+    else:
+        w1a, w1b = m.need("lokr_w1_a", "lokr_w1_b")
+        w1, dim = w1a @ w1b, w1b.shape[0]
+    if "lokr_w2" in t:
+        w2 = t["lokr_w2"]
+    else:
+        w2a, w2b = m.need("lokr_w2_a", "lokr_w2_b")
+        dim = w2b.shape[0]
+        if "lokr_t2" in t:
+            w2 = torch.einsum("ijkl,ip,jr->prkl", t["lokr_t2"], w2a, w2b)
+        else:
+            w2 = w2a.flatten(1) @ w2b.flatten(1)
+    scale = m.alpha / dim if m.alpha and dim else 1.0  # both factors full: scale 1
+    if w2.ndim == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1.contiguous(), w2.contiguous()) * scale, None, None
+
+
+def read_diff(m: KohyaModule) -> Delta:
+    """ΔW = `diff`, Δbias = `diff_b`, as they are."""
+    delta = m.tensors.get("diff")
+    return delta, m.tensors.get("diff_b"), tuple(delta.shape) if delta is not None else None
+
+
+def read_norm(m: KohyaModule) -> Delta:
+    """A norm layer's Δweight = `w_norm`, Δbias = `b_norm`, as they are."""
+    delta = m.tensors.get("w_norm")
+    return delta, m.tensors.get("b_norm"), tuple(delta.shape) if delta is not None else None
+
+
+KOHYA_READERS: dict[str, Callable[[KohyaModule], Delta]] = {
+    "lora": read_lora,
+    "loha": read_loha,
+    "lokr": read_lokr,
+    "diff": read_diff,
+    "norm": read_norm,
+}
+
+
+def kohya_delta(parts: dict[str, Any], where: str) -> Delta:
+    """(ΔW or None, Δbias or None, natural ΔW shape) of one module, in float32, by its kind's reader."""
+    kind = kohya_kind(parts, where)
+    tensors = {key: value.float() for key, value in parts.items()}
+    alpha = tensors["alpha"].item() if "alpha" in tensors else None
+    return KOHYA_READERS[kind](KohyaModule(tensors, kind, where, alpha))
+
+
+def _fit(delta, weight, exact_shape, where: str, module_name: str):
+    """ΔW reshaped to the weight's shape, or a one-line error when it cannot fit."""
+    shape = tuple(weight.shape)
+    fits = delta.shape[0] == shape[0] and delta.numel() == weight.numel()
+    if exact_shape is not None and len(exact_shape) == len(shape):
+        fits = fits and tuple(exact_shape) == shape
+    if not fits:
+        shown = tuple(exact_shape) if exact_shape is not None else tuple(delta.shape)
+        raise SdtuneError(f"{where}: the update has shape {shown}, but {module_name}'s weight has shape {shape}")
+    return delta.reshape(shape)
+
+
+def load_kohya(path: str | Path, pipeline, multiplier: float = 1.0) -> KohyaAdapter:
+    """Add a kohya-format file's updates (UNet `lora_unet_*`, text encoder `lora_te_*`), times
+    `multiplier`, to `pipeline`'s weights."""
+    adapter = read_kohya_updates(path, pipeline)
+    adapter.set_scale(multiplier)
+    adapter.merge(keep_base=False)
+    return adapter
+
+
+def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
+    """A kohya-format file's updates (UNet `lora_unet_*`, text encoder `lora_te_*`) for `pipeline`, not yet added.
+
+    Every key is matched to a module and every ΔW checked against its weight; a key that matches
+    no module, or an update whose shape does not fit, is a one-line error.
+    """
+    import torch
+
+    path = Path(path)
+    metadata, tensors = read_kohya(path)
+    if not kohya_keys_only(tensors):
+        odd = next((key for key in tensors if not kohya_keys_only([key])), "")
+        raise SdtuneError(f"{path}: key {odd!r} is not a kohya-format key (lora_unet_... or lora_te_...)")
+    components = {UNET_PREFIX: pipeline.unet, TEXT_ENCODER_PREFIX: getattr(pipeline, "text_encoder", None)}
+    lookup = {}
+    for prefix, component in components.items():
+        if component is None:
+            continue
+        for module_name, module in component.named_modules():
+            if module_name:
+                lookup[kohya_name(prefix, module_name)] = (prefix, module_name, module)
+                if prefix == TEXT_ENCODER_PREFIX and not hasattr(component, "text_model"):
+                    # kohya names CLIP's layers as transformers 4 did, under `text_model.`
+                    lookup[kohya_name(prefix, "text_model." + module_name)] = (prefix, module_name, module)
+    groups: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        lora_name, _, suffix = key.partition(".")
+        groups.setdefault(lora_name, {})[suffix] = tensor
+
+    updates = []
+    for lora_name, parts in groups.items():
+        where = f"{path}: {lora_name}"
+        if lora_name not in lookup:
+            what = "UNet" if lora_name.startswith(UNET_PREFIX + "_") else "text encoder"
+            raise SdtuneError(f"{path}: key {lora_name}.{next(iter(parts))} matches no module of the {what}")
+        prefix, module_name, module = lookup[lora_name]
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if not isinstance(weight, torch.nn.Parameter):
+            raise SdtuneError(f"{where}: {module_name} ({type(module).__name__}) has no weight to update")
+        delta_weight, delta_bias, natural_shape = kohya_delta(parts, where)
+        if delta_weight is not None:
+            delta_weight = _fit(delta_weight, weight, natural_shape, where, module_name)
+        if delta_bias is not None:
+            if bias is None or tuple(delta_bias.shape) != tuple(bias.shape):
+                have = tuple(bias.shape) if bias is not None else "no bias"
+                raise SdtuneError(f"{where}: the bias update has shape {tuple(delta_bias.shape)}, {module_name} has {have}")
+        name = f"{'' if prefix == UNET_PREFIX else 'text_encoder.'}{module_name}"
+        updates.append(KohyaUpdate(name, module, delta_weight, delta_bias))
+    return KohyaAdapter(kohya_info(path, metadata), updates)
