@@ -99,8 +99,10 @@ def parse_targets(value) -> str:
 
 @dataclass
 class BitFitOptions:
-    # comma-separated substrings of module names whose biases are trained; empty: every bias
-    targets: str = ""
+    targets: str = field(
+        default="",
+        metadata={"help": "comma-separated substrings of module names whose biases are trained", "default": "every bias"},
+    )
 
 
 class BitFit(InPlaceMethod):
@@ -153,8 +155,9 @@ class ScaleOutputChannels:
 
 @dataclass
 class DiffFitOptions:
-    # also scale each ResnetBlock2D's residual branch (not done by DiffFit-pytorch)
-    resnet_gamma: bool = False
+    resnet_gamma: bool = field(
+        default=False, metadata={"help": "also scale each ResnetBlock2D's residual branch (not done by DiffFit-pytorch)"}
+    )
 
 
 @dataclass
