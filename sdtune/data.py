@@ -74,10 +74,15 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def concept_images(concept: str, images: str | Path | None = None) -> list[Path]:
-    """The training images for a concept: `images`, else ./concepts/NAME, else the built-in demo set."""
+def concept_images(concept: str, images: str | Path | None = None, data_root: str | Path | None = None) -> list[Path]:
+    """The training images for a concept: `images`, else under `data_root` (a CustomConcept101 folder
+    or ROOT/NAME), else ./concepts/NAME, else the built-in demo set."""
     if images is not None:
         return list_images(images)
+    if data_root:
+        from .datasets import concept_images_in_root
+
+        return concept_images_in_root(data_root, concept)
     local = Path("concepts") / concept
     if local.is_dir():
         return list_images(local)

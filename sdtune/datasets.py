@@ -592,12 +592,3 @@ def dataset_from_config(config) -> LabelledDataset:
         template=config.class_template,
         seed=config.seed,
     )
-
-
-def concept_image_paths(config) -> list[Path]:
-    """A concept's images: `images`, else under `data_root`, else concepts/NAME or the demo set."""
-    from .data import concept_images
-
-    if config.images is None and config.data_root:
-        return concept_images_in_root(config.data_root, config.concept)
-    return concept_images(config.concept, config.images)

@@ -107,6 +107,8 @@ def _group_by_module(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _write_folder(output: Path, fill) -> Path:
     """Build a folder with `fill(tmp)` beside `output`, then rename it onto `output` (absent or empty)."""
+    from .fileio import publish_directory
+
     output.parent.mkdir(parents=True, exist_ok=True)
     _check_folder_free(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
@@ -114,7 +116,7 @@ def _write_folder(output: Path, fill) -> Path:
         fill(tmp)
         if output.is_dir():
             output.rmdir()  # empty: checked above
-        os.rename(tmp, output)
+        publish_directory(tmp, output, replace=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
