@@ -20,6 +20,8 @@ from typer.core import TyperCommand
 
 from . import methods
 from .config import (
+    DEFAULT_CLASS_IMAGES,
+    DEFAULT_MODEL,
     SCHEDULERS,
     CompareConfig,
     EvaluateConfig,
@@ -74,6 +76,8 @@ def handle_errors(command: Callable) -> Callable:
 
 def _default(config_class: type, name: str) -> str:
     value = config_class.__dataclass_fields__[name].default
+    if isinstance(value, bool):
+        value = "yes" if value else "no"
     return f" (default: {value})" if value is not None else ""
 
 
@@ -199,7 +203,7 @@ def train(
     lr_cycles: Optional[int] = typer.Option(None, help="cosine_with_restarts: number of cycles." + _default(TrainConfig, "lr_cycles")),
     max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this; 0: no clipping (the norm is logged anyway)." + _default(TrainConfig, "max_grad_norm")),
     ema_decay: Optional[float] = typer.Option(None, help="Also write adapter-ema.safetensors, an EMA of the trained weights with this decay; 0: none." + _default(TrainConfig, "ema_decay")),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time (default: no)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time" + _default(TrainConfig, "gradient_checkpointing") + "."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
@@ -207,10 +211,10 @@ def train(
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
     noise_offset: Optional[float] = typer.Option(None, help="Add this times a per-image, per-channel Gaussian to the noise (0.05-0.1 typical)." + _default(TrainConfig, "noise_offset")),
-    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image, with --random-flip) and prompt once; the VAE leaves the accelerator (default: no)."),
+    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image, with --random-flip) and prompt once; the VAE leaves the accelerator" + _default(TrainConfig, "cache_latents") + "."),
     class_images: Optional[Path] = typer.Option(None, help="Prior preservation: folder of class images (default: generated into OUTPUT/class-images)."),
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: the class images' prompt (default: the template with the plain concept name)."),
-    num_class_images: Optional[int] = typer.Option(None, help="Prior preservation: class images to use, generated if missing (default: 100, or all of --class-images)."),
+    num_class_images: Optional[int] = typer.Option(None, help=f"Prior preservation: class images to use, generated if missing (default: {DEFAULT_CLASS_IMAGES}, or all of --class-images)."),
     prior_loss_weight: Optional[float] = typer.Option(None, help="Prior preservation: weight of the class images' loss." + _default(TrainConfig, "prior_loss_weight")),
     validate_every: Optional[int] = typer.Option(None, help="Every N steps, sample the validation prompts into OUTPUT/samples/step-N.png and log the validation loss (0: never)." + _default(TrainConfig, "validate_every")),
     validation_prompts: Optional[Path] = typer.Option(None, help="Prompt file for validation samples (default: three prompts with the concept)."),
@@ -222,7 +226,7 @@ def train(
     max_per_class: Optional[int] = typer.Option(None, help="At most N images a class, drawn at random (default: all)."),
     split: Optional[str] = typer.Option(None, help="VTAB-1k split: train800val200, train800, val200 or test (default: train800val200)."),
     class_template: Optional[str] = typer.Option(None, help="Caption template; {class} is replaced by the class name (default: the dataset's own)."),
-    balance_classes: Optional[bool] = typer.Option(None, "--balance-classes/--no-balance-classes", help="Draw every class equally often (default: yes)."),
+    balance_classes: Optional[bool] = typer.Option(None, "--balance-classes/--no-balance-classes", help="Draw every class equally often" + _default(TrainConfig, "balance_classes") + "."),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
     **method_options: Any,  # the method-option flags (with_method_option_flags)
@@ -253,7 +257,7 @@ def sample(
     prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's, else CompVis/stable-diffusion-v1-4)."),
+    model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
     output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps." + _default(SampleConfig, "steps")),
@@ -374,7 +378,7 @@ def compare(
     seed: Optional[int] = typer.Option(None, help="The seed every run samples the grid with." + _default(CompareConfig, "seed")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps for the grid." + _default(CompareConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale for the grid." + _default(CompareConfig, "guidance")),
-    grid: Optional[bool] = typer.Option(None, "--grid/--no-grid", help="Sample the side-by-side grid (rows = prompts, columns = runs) (default: yes)."),
+    grid: Optional[bool] = typer.Option(None, "--grid/--no-grid", help="Sample the side-by-side grid (rows = prompts, columns = runs)" + _default(CompareConfig, "grid") + "."),
 ) -> None:
     """Compare runs: a table (markdown and CSV), metric-vs-parameters and loss plots, an image grid."""
     from . import compare as run_comparison
