@@ -178,7 +178,7 @@ def finished_run_seconds(run_dir: Path, args, lr: float) -> float | None:
     import tomllib
 
     from sdtune.adapter import ADAPTER_FILE
-    from sdtune.comparison import read_metrics_log
+    from sdtune.tracking import read_metrics_log
     from sdtune.evaluation import read_evaluation
 
     config_path = run_dir / "config.toml"

@@ -6,7 +6,9 @@ Only typer is imported at start-up; torch and diffusers load inside the commands
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -14,8 +16,21 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperCommand
 
-from .config import SCHEDULERS, CompareConfig, EvaluateConfig, ExportConfig, MergeConfig, SampleConfig, TrainConfig
+from . import methods
+from .config import (
+    DEFAULT_CLASS_IMAGES,
+    DEFAULT_MODEL,
+    SCHEDULERS,
+    CompareConfig,
+    EvaluateConfig,
+    ExplainConfig,
+    ExportConfig,
+    MergeConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from .errors import SdtuneError
 
 app = typer.Typer(
@@ -25,28 +40,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# Method-specific flags: (flag's python name, method or tuple of methods, option name in the method's options).
-_LOW_RANK = ("lora", "loha", "lokr")
-METHOD_FLAGS = [
-    ("atoms_m", "atoms", "m"),
-    ("atoms_1x1", "atoms", "include_1x1"),
-    ("atoms_m1", "atoms", "m1"),
-    ("atoms_kc", "atoms", "kc"),
-    ("atoms_init", "atoms", "init"),
-    ("atoms_linear", "atoms", "linear"),
-    ("gift_generator", "gift", "generator"),
-    ("gift_rank", "gift", "rank"),
-    ("gift_clusters", "gift", "clusters"),
-    ("gift_blocks", "gift", "blocks"),
-    ("rank", _LOW_RANK, "rank"),
-    ("alpha", _LOW_RANK, "alpha"),
-    ("targets", _LOW_RANK, "targets"),
-    ("factor", ("lokr",), "factor"),
-    ("decompose_both", ("lokr",), "decompose_both"),
-    ("tucker", ("loha", "lokr"), "tucker"),
-]
-
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
@@ -83,7 +76,79 @@ def handle_errors(command: Callable) -> Callable:
 
 def _default(config_class: type, name: str) -> str:
     value = config_class.__dataclass_fields__[name].default
+    if isinstance(value, bool):
+        value = "yes" if value else "no"
     return f" (default: {value})" if value is not None else ""
+
+
+def _config_values(config_class: type, settings: dict[str, Any], **renamed: Any) -> dict[str, Any]:
+    """The command's settings that are fields of `config_class`, unset ones left out; paths as text.
+
+    `renamed` gives the fields whose command parameter has another name (`--format` is `export_format`).
+    """
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {**settings, **renamed}
+    return {
+        name: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        for name, value in values.items()
+        if name in names and value is not None
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Method options as flags: one per `methods.OPTION_FLAGS` entry, with the help of the option's field.
+
+
+def _flag_parameter(flag: str) -> str:
+    """The command parameter behind a method-option flag: --atoms-1x1 is atoms_1x1."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def with_method_option_flags(command: Callable) -> Callable:
+    """Give `command`, which takes **method_options, one typer option per method-option flag (before --option).
+
+    Their help is left empty here and filled in by `MethodOptionsCommand` when the help is shown:
+    it comes from the method modules, which import torch.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    flags = [
+        inspect.Parameter(
+            _flag_parameter(flag),
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=typer.Option(None, spec.switch or flag),
+            annotation=Optional[spec.type],
+        )
+        for flag, spec in methods.OPTION_FLAGS.items()
+    ]
+    at = [p.name for p in parameters].index("option")
+    command.__signature__ = signature.replace(parameters=parameters[:at] + flags + parameters[at:])
+    return command
+
+
+class MethodOptionsCommand(TyperCommand):
+    """A command with method-option flags: their help is read from the methods when the help is shown."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        # typer's rich rendering and click's plain one both start here
+        flags = {_flag_parameter(flag): flag for flag in methods.OPTION_FLAGS}
+        for parameter in self.params:
+            if parameter.name in flags and not parameter.help:
+                parameter.help = methods.option_flag_help(flags[parameter.name])
+        return super().format_help(ctx, formatter)
+
+
+def method_options_from_flags(method: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The options the method-option flags set (`values`: parameter name → value or None), for `method`."""
+    options = {}
+    for flag, spec in methods.OPTION_FLAGS.items():
+        value = values[_flag_parameter(flag)]
+        if value is None:
+            continue
+        if method not in spec.methods:
+            raise SdtuneError(f"{flag} applies to --method {'/'.join(spec.methods)}, not {method}")
+        options[spec.option] = value
+    return options
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -109,8 +174,9 @@ def is_main_process() -> bool:
     return process_state().is_main_process
 
 
-@app.command()
+@app.command(cls=MethodOptionsCommand)
 @handle_errors
+@with_method_option_flags
 def train(
     concept: Optional[str] = typer.Option(None, help="Concept name; its placeholder is <NAME>." + _default(TrainConfig, "concept")),
     method: Optional[str] = typer.Option(None, help="Tuning method (see `sdtune methods`)." + _default(TrainConfig, "method")),
@@ -137,7 +203,7 @@ def train(
     lr_cycles: Optional[int] = typer.Option(None, help="cosine_with_restarts: number of cycles." + _default(TrainConfig, "lr_cycles")),
     max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this; 0: no clipping (the norm is logged anyway)." + _default(TrainConfig, "max_grad_norm")),
     ema_decay: Optional[float] = typer.Option(None, help="Also write adapter-ema.safetensors, an EMA of the trained weights with this decay; 0: none." + _default(TrainConfig, "ema_decay")),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time (default: no)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time" + _default(TrainConfig, "gradient_checkpointing") + "."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
@@ -145,10 +211,10 @@ def train(
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
     noise_offset: Optional[float] = typer.Option(None, help="Add this times a per-image, per-channel Gaussian to the noise (0.05-0.1 typical)." + _default(TrainConfig, "noise_offset")),
-    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image, with --random-flip) and prompt once; the VAE leaves the accelerator (default: no)."),
+    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image, with --random-flip) and prompt once; the VAE leaves the accelerator" + _default(TrainConfig, "cache_latents") + "."),
     class_images: Optional[Path] = typer.Option(None, help="Prior preservation: folder of class images (default: generated into OUTPUT/class-images)."),
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: the class images' prompt (default: the template with the plain concept name)."),
-    num_class_images: Optional[int] = typer.Option(None, help="Prior preservation: class images to use, generated if missing (default: 100, or all of --class-images)."),
+    num_class_images: Optional[int] = typer.Option(None, help=f"Prior preservation: class images to use, generated if missing (default: {DEFAULT_CLASS_IMAGES}, or all of --class-images)."),
     prior_loss_weight: Optional[float] = typer.Option(None, help="Prior preservation: weight of the class images' loss." + _default(TrainConfig, "prior_loss_weight")),
     validate_every: Optional[int] = typer.Option(None, help="Every N steps, sample the validation prompts into OUTPUT/samples/step-N.png and log the validation loss (0: never)." + _default(TrainConfig, "validate_every")),
     validation_prompts: Optional[Path] = typer.Option(None, help="Prompt file for validation samples (default: three prompts with the concept)."),
@@ -160,61 +226,20 @@ def train(
     max_per_class: Optional[int] = typer.Option(None, help="At most N images a class, drawn at random (default: all)."),
     split: Optional[str] = typer.Option(None, help="VTAB-1k split: train800val200, train800, val200 or test (default: train800val200)."),
     class_template: Optional[str] = typer.Option(None, help="Caption template; {class} is replaced by the class name (default: the dataset's own)."),
-    balance_classes: Optional[bool] = typer.Option(None, "--balance-classes/--no-balance-classes", help="Draw every class equally often (default: yes)."),
-    atoms_m: Optional[int] = typer.Option(None, help="atoms: number of filter atoms per convolution (default: 9)."),
-    gift_generator: Optional[str] = typer.Option(None, help="gift: simple (H = identity) or paca (cluster-attention hyper-Transformer) (default: paca)."),
-    gift_rank: Optional[int] = typer.Option(None, help="gift: rank r of the parameter tokens (default: 16)."),
-    gift_clusters: Optional[int] = typer.Option(None, help="gift: number of PaCa clusters M (default: 64)."),
-    gift_blocks: Optional[int] = typer.Option(None, help="gift: number of PaCa blocks l (default: 1)."),
-    rank: Optional[int] = typer.Option(None, help="lora/loha/lokr: rank r (default: 4)."),
-    alpha: Optional[float] = typer.Option(None, help="lora/loha/lokr: alpha; the update is scaled by alpha/rank (default: the rank)."),
-    targets: Optional[str] = typer.Option(None, help="lora/loha/lokr: conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out) or all (default: all)."),
-    factor: Optional[int] = typer.Option(None, help="lokr: Kronecker factor size, -1 for automatic (default: -1)."),
-    decompose_both: Optional[bool] = typer.Option(None, "--decompose-both/--no-decompose-both", help="lokr: also make the first Kronecker factor low-rank (default: no)."),
-    tucker: Optional[bool] = typer.Option(None, "--tucker/--no-tucker", help="loha/lokr: Tucker-decompose 3x3 conv updates (default: no)."),
-    atoms_1x1: Optional[bool] = typer.Option(None, "--atoms-1x1/--no-atoms-1x1", help="atoms: also tune 1x1 convolutions (default: only with --atoms-kc > 1)."),
-    atoms_m1: Optional[int] = typer.Option(None, help="atoms: sub-atoms per atom; > 0 trains β and D1 (over-complete variant) (default: 0)."),
-    atoms_kc: Optional[int] = typer.Option(None, help="atoms: channel atoms over kc×kc channel blocks; with --atoms-m1, the D1+Dc variant (default: 1)."),
-    atoms_init: Optional[str] = typer.Option(None, help="atoms: decomposition, svd or sparse (dictionary learning) (default: svd)."),
-    atoms_linear: Optional[bool] = typer.Option(None, "--atoms-linear/--no-atoms-linear", help="atoms: also the attention projections, atoms over 4×4 weight blocks (-o linear_kc=N) (default: no)."),
+    balance_classes: Optional[bool] = typer.Option(None, "--balance-classes/--no-balance-classes", help="Draw every class equally often" + _default(TrainConfig, "balance_classes") + "."),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
+    **method_options: Any,  # the method-option flags (with_method_option_flags)
 ) -> None:
     """Train an adapter for a concept (or a whole dataset) and write it to the run folder."""
     from . import train as run_training
 
     settings = locals()
     file_values = TrainConfig.load(config) if config else TrainConfig()
-    chosen_method = method or file_values.method
     options = dict(file_values.options)
-    for flag, flag_methods, key in METHOD_FLAGS:
-        if settings[flag] is not None:
-            flag_methods = (flag_methods,) if isinstance(flag_methods, str) else flag_methods
-            if chosen_method not in flag_methods:
-                raise SdtuneError(f"--{flag.replace('_', '-')} applies to --method {'/'.join(flag_methods)}, not {chosen_method}")
-            options[key] = settings[flag]
+    options.update(method_options_from_flags(method or file_values.method, method_options))
     options.update(_parse_options(option))
-    overrides = {
-        name: settings[name]
-        for name in (
-            "concept", "method", "model", "steps", "batch_size", "lr", "resolution", "random_flip", "seed",
-            "token", "template", "save_every", "mixed_precision", "gradient_accumulation_steps", "lr_scheduler",
-            "optimizer", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-            "lr_warmup_steps", "lr_cycles", "max_grad_norm", "ema_decay", "gradient_checkpointing", "checkpoint_every",
-            "keep_checkpoints", "resume",
-            "no_half_vae", "snr_gamma", "noise_offset", "cache_latents", "class_prompt", "num_class_images",
-            "prior_loss_weight", "validate_every", "validation_images", "log_with",
-            "dataset", "classes", "max_per_class", "split", "class_template", "balance_classes",
-        )
-    }
-    overrides.update(
-        images=str(images) if images else None,
-        output=str(output) if output else None,
-        data_root=str(data_root) if data_root else None,
-        class_images=str(class_images) if class_images else None,
-        validation_prompts=str(validation_prompts) if validation_prompts else None,
-    )
-    train_config = TrainConfig.load(config, options=options, **overrides)
+    train_config = TrainConfig.load(config, options=options, **_config_values(TrainConfig, settings))
     run = run_training(train_config)
     if not is_main_process():
         return
@@ -232,7 +257,7 @@ def sample(
     prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled."),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's, else CompVis/stable-diffusion-v1-4)."),
+    model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
     output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps." + _default(SampleConfig, "steps")),
@@ -249,29 +274,10 @@ def sample(
     adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side." + _default(SampleConfig, "adapter_scale")),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds, per strength)."""
+    settings = locals()
     from . import sample as run_sampling
 
-    sample_config = SampleConfig.load(
-        None,
-        prompts=str(prompts) if prompts else None,
-        prompt=list(prompt),
-        adapter=str(adapter) if adapter else None,
-        model=model,
-        output=str(output) if output else None,
-        num_images=num_images,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        resolution=resolution,
-        token=token,
-        dataset=dataset,
-        data_root=str(data_root) if data_root else None,
-        classes=classes,
-        class_template=class_template,
-        negative_prompt=negative_prompt,
-        scheduler=scheduler,
-        adapter_scale=adapter_scale,
-    )
+    sample_config = SampleConfig.load(None, **_config_values(SampleConfig, settings))
     result = run_sampling(sample_config)
     if is_main_process():
         typer.echo(f"wrote {len(result.images)} images and {result.grid}")
@@ -285,14 +291,15 @@ def explain(
     layer: Optional[str] = typer.Option(None, help="gift/atoms: only this tuned layer (its full module name; default: all)."),
     step: Optional[int] = typer.Option(None, help="gift: the denoising step to read, from 0 (default: the mean over all steps)."),
     output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/explain)."),
-    steps: int = typer.Option(30, help="gift: denoising steps."),
-    guidance: float = typer.Option(7.5, help="gift: classifier-free guidance scale."),
-    seed: int = typer.Option(0, help="gift: seed of the generated image."),
+    steps: Optional[int] = typer.Option(None, help="gift: denoising steps." + _default(ExplainConfig, "steps")),
+    guidance: Optional[float] = typer.Option(None, help="gift: classifier-free guidance scale." + _default(ExplainConfig, "guidance")),
+    seed: Optional[int] = typer.Option(None, help="gift: seed of the generated image." + _default(ExplainConfig, "seed")),
 ) -> None:
     """Draw what an adapter learned: GIFT cluster maps, filter-atom updates, per-layer update norms."""
     from .explain import explain as run_explain
 
-    result = run_explain(run, prompt=prompt, layer=layer, step=step, output=output, steps=steps, guidance=guidance, seed=seed)
+    # validated by explain, once the adapter is found
+    result = run_explain(ExplainConfig(**_config_values(ExplainConfig, locals())))
     typer.echo(f"wrote {len(result.files)} pictures to {result.output}")
 
 
@@ -307,7 +314,7 @@ def export(
     """Write an adapter in a format other tools load."""
     from .export import export_adapter
 
-    config = ExportConfig.load(None, source=str(source), format=export_format, output=str(output), model=model)
+    config = ExportConfig.load(None, **_config_values(ExportConfig, locals(), format=export_format))
     result = export_adapter(config.source, config.format, config.output, model=config.model)
     typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
 
@@ -324,7 +331,7 @@ def merge(
     """Save the base pipeline with the adapter baked into the UNet, loadable by plain diffusers."""
     from .merging import merge_adapter
 
-    config = MergeConfig.load(None, source=str(source), output=str(output), dtype=dtype, model=model, scale=scale)
+    config = MergeConfig.load(None, **_config_values(MergeConfig, locals()))
     result = merge_adapter(config.source, config.output, dtype=config.dtype, model=config.model, scale=config.scale)
     typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
 
@@ -350,31 +357,10 @@ def evaluate(
     fid_features: Optional[str] = typer.Option(None, help="FID/KID features: inception (needs torch-fidelity), clip, dino or none." + _default(EvaluateConfig, "fid_features")),
 ) -> None:
     """Measure a run's images: CLIP-T, CLIP-I, DINO, FID, KID and diversity; writes eval.json."""
+    settings = locals()
     from . import evaluate as run_evaluation
 
-    def text(path: Optional[Path]) -> Optional[str]:
-        return str(path) if path else None
-
-    evaluate_config = EvaluateConfig.load(
-        None,
-        run=text(run),
-        images=text(images),
-        prompts=text(prompts),
-        prompt=list(prompt),
-        reference=text(reference),
-        output=text(output),
-        num_images=num_images,
-        seed=seed,
-        steps=steps,
-        guidance=guidance,
-        resolution=resolution,
-        negative_prompt=negative_prompt,
-        scheduler=scheduler,
-        adapter_scale=adapter_scale,
-        clip_model=clip_model,
-        dino_model=dino_model,
-        fid_features=fid_features,
-    )
+    evaluate_config = EvaluateConfig.load(None, **_config_values(EvaluateConfig, settings))
     result = run_evaluation(evaluate_config)
     report = result.report
     typer.echo(f"{report['generated_images']} generated images, {report['reference_images']} reference images")
@@ -392,7 +378,7 @@ def compare(
     seed: Optional[int] = typer.Option(None, help="The seed every run samples the grid with." + _default(CompareConfig, "seed")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps for the grid." + _default(CompareConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale for the grid." + _default(CompareConfig, "guidance")),
-    grid: Optional[bool] = typer.Option(None, "--grid/--no-grid", help="Sample the side-by-side grid (rows = prompts, columns = runs) (default: yes)."),
+    grid: Optional[bool] = typer.Option(None, "--grid/--no-grid", help="Sample the side-by-side grid (rows = prompts, columns = runs)" + _default(CompareConfig, "grid") + "."),
 ) -> None:
     """Compare runs: a table (markdown and CSV), metric-vs-parameters and loss plots, an image grid."""
     from . import compare as run_comparison
@@ -417,7 +403,7 @@ def list_methods(
     model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', 'tiny-random', a hub id or a folder."),
 ) -> None:
     """List every method with its trainable parameter count and adapter size."""
-    from . import methods
+    from .comparison import human_bytes
     from .models import build_sd14_unet, load_pipeline
 
     rows = []
@@ -428,7 +414,7 @@ def list_methods(
             method.inject(unet)
             size = sum(t.numel() * t.element_size() for t in method.state_dict().values())
             options = ", ".join(f"{k}={v}" for k, v in variant.items()) or "defaults"
-            rows.append((name, options, f"{method.num_parameters():,}", f"{len(method.target_names)}", _human_bytes(size)))
+            rows.append((name, options, f"{method.num_parameters():,}", f"{len(method.target_names)}", human_bytes(size)))
     header = ("method", "options", "trainable", "layers", "adapter")
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     typer.echo(f"on {'SD v1.4' if model == 'sd14' else model}:")
@@ -453,14 +439,6 @@ def list_datasets() -> None:
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def version_callback(value: bool) -> None:

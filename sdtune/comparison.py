@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from .config import CompareConfig
 from .errors import SdtuneError
 from .evaluation import METRICS, format_metric, read_evaluation
+from .tracking import METRICS_FILE, read_metrics_log
 
 TABLE_FILE = "comparison.md"
 CSV_FILE = "comparison.csv"
@@ -82,21 +82,6 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
 
 
-def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a line cut short by a kill is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def summarize_run(path: str | Path) -> RunSummary:
     from .adapter import ADAPTER_FILE, read_adapter_info
 
@@ -104,7 +89,7 @@ def summarize_run(path: str | Path) -> RunSummary:
     if not (path / ADAPTER_FILE).is_file():
         raise SdtuneError(f"{path}: not a run folder (no {ADAPTER_FILE})")
     info = read_adapter_info(path)[0]
-    records = read_metrics_log(path / "metrics.jsonl")
+    records = read_metrics_log(path / METRICS_FILE)
     seconds = [r["step_seconds"] for r in records if isinstance(r.get("step_seconds"), (int, float))]
     memory = [r["peak_memory_mb"] for r in records if isinstance(r.get("peak_memory_mb"), (int, float))]
     memory += [r["peak_memory_bytes"] / 2**20 for r in records if isinstance(r.get("peak_memory_bytes"), (int, float))]

@@ -115,6 +115,12 @@ def check_seed(seed: int) -> None:
         raise SdtuneError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
+def check_resolution(resolution: int | None) -> None:
+    """An image size the VAE maps to whole latents: a positive multiple of 8 (None: the model's own)."""
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise SdtuneError(f"--resolution must be a positive multiple of 8, got {resolution}")
+
+
 @dataclass
 class TrainConfig(_Config):
     """Everything `sdtune train` needs. Unset values are resolved by `resolved()`."""
@@ -193,8 +199,7 @@ class TrainConfig(_Config):
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise SdtuneError(f"--lr must be positive and finite, got {self.lr}")
         check_seed(self.seed)
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        check_resolution(self.resolution)
         if self.save_every < 0:
             raise SdtuneError(f"--save-every must be 0 or more, got {self.save_every}")
         for name in ("gradient_accumulation_steps", "lr_cycles", "keep_checkpoints"):
@@ -344,8 +349,7 @@ class SampleConfig(_Config):
         if not math.isfinite(self.guidance):
             raise SdtuneError(f"--guidance must be a finite number, got {self.guidance}")
         check_seed(self.seed)
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        check_resolution(self.resolution)
         _check_sampler_settings(self)
         if (isinstance(self.adapter_scale, list) or self.adapter_scale != 1.0) and not self.adapter:
             raise SdtuneError("--adapter-scale needs --adapter")
@@ -458,8 +462,7 @@ class EvaluateConfig(_Config):
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise SdtuneError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        check_resolution(self.resolution)
         if self.fid_features not in FID_FEATURES:
             raise SdtuneError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}")
         _check_sampler_settings(self)
@@ -483,3 +486,29 @@ class CompareConfig(_Config):
             raise SdtuneError("give at least one run folder to compare")
         if self.steps < 1:
             raise SdtuneError(f"--steps must be at least 1, got {self.steps}")
+
+
+@dataclass
+class ExplainConfig(_Config):
+    """Everything `sdtune explain` needs: the run, and how to draw what its adapter learned."""
+
+    run: str = ""  # run folder or adapter file
+    prompt: str | None = None  # the prompt of the image that maps are drawn over, where a method draws them
+    layer: str | None = None  # only this tuned layer (its full module name); default: all
+    step: int | None = None  # the denoising step to read, from 0; default: the mean over all steps
+    output: str | None = None  # default: RUN/explain
+    steps: int = 30  # denoising steps of the generated image
+    guidance: float = 7.5
+    seed: int = 0  # seed of the generated image
+    resolution: int | None = None  # default: the model's native size
+    token: str | None = None  # text for <name> placeholders; default: the adapter's token
+    model: str | None = None  # default: the adapter's base model
+
+    def validate(self) -> None:
+        if not self.run:
+            raise SdtuneError("explain needs a run folder or adapter file")
+        if self.steps < 1:
+            raise SdtuneError(f"--steps must be at least 1, got {self.steps}")
+        if self.step is not None and self.step < 0:
+            raise SdtuneError(f"--step counts denoising steps from 0, got {self.step}")
+        check_resolution(self.resolution)

@@ -74,23 +74,6 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def concept_images(concept: str, images: str | Path | None = None) -> list[Path]:
-    """The training images for a concept: `images`, else ./concepts/NAME, else the built-in demo set."""
-    if images is not None:
-        return list_images(images)
-    local = Path("concepts") / concept
-    if local.is_dir():
-        return list_images(local)
-    from .demo_images import DEMO_CONCEPTS, demo_concept_folder
-
-    if concept in DEMO_CONCEPTS:
-        return list_images(demo_concept_folder(concept))
-    raise SdtuneError(
-        f"no images for concept {concept!r}: give --images DIR or put them in concepts/{concept}/ "
-        f"(built-in demo sets: {', '.join(DEMO_CONCEPTS)})"
-    )
-
-
 def to_rgb(image):
     """Any PIL image as 8-bit RGB; transparency is composited on white."""
     import numpy as np

@@ -567,14 +567,31 @@ def custom_concept(root: str | Path, concept: str) -> CustomConcept:
     )
 
 
-def concept_images_in_root(root: str | Path, concept: str) -> list[Path]:
-    """A concept's images under `--data-root`: a CustomConcept101 folder, else `ROOT/<concept>/`."""
-    root = Path(root).expanduser()
-    if (root / "dataset.json").is_file():
-        return custom_concept(root, concept).images
-    if (root / concept).is_dir():
-        return list_images(root / concept)
-    raise SdtuneError(f"no images for concept {concept!r} in {root}: expected {root / 'dataset.json'} (CustomConcept101) or {root / concept}/")
+def concept_images(concept: str, images: str | Path | None = None, data_root: str | Path | None = None) -> list[Path]:
+    """The training images for a concept: `images`, else under `data_root` (a CustomConcept101 folder
+    or ROOT/NAME), else ./concepts/NAME, else the built-in demo set."""
+    if images is not None:
+        return list_images(images)
+    if data_root:
+        root = Path(data_root).expanduser()
+        if (root / "dataset.json").is_file():
+            return custom_concept(root, concept).images
+        if (root / concept).is_dir():
+            return list_images(root / concept)
+        raise SdtuneError(
+            f"no images for concept {concept!r} in {root}: expected {root / 'dataset.json'} (CustomConcept101) or {root / concept}/"
+        )
+    local = Path("concepts") / concept
+    if local.is_dir():
+        return list_images(local)
+    from .demo_images import DEMO_CONCEPTS, demo_concept_folder
+
+    if concept in DEMO_CONCEPTS:
+        return list_images(demo_concept_folder(concept))
+    raise SdtuneError(
+        f"no images for concept {concept!r}: give --images DIR or put them in concepts/{concept}/ "
+        f"(built-in demo sets: {', '.join(DEMO_CONCEPTS)})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,12 +609,3 @@ def dataset_from_config(config) -> LabelledDataset:
         template=config.class_template,
         seed=config.seed,
     )
-
-
-def concept_image_paths(config) -> list[Path]:
-    """A concept's images: `images`, else under `data_root`, else concepts/NAME or the demo set."""
-    from .data import concept_images
-
-    if config.images is None and config.data_root:
-        return concept_images_in_root(config.data_root, config.concept)
-    return concept_images(config.concept, config.images)

@@ -375,7 +375,7 @@ def run_prompt(run: Path, placeholder: str) -> str:
 def run_reference(run: Path) -> list[Path]:
     """The images the run was trained on."""
     from .config import read_toml
-    from .data import concept_images
+    from .datasets import concept_images
 
     if not (run / "config.toml").is_file():
         raise MetricUnavailable(f"no reference images: {run} has no config.toml (give --reference DIR)")

@@ -17,11 +17,11 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from .config import ExplainConfig
 from .errors import SdtuneError
 
-DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 7.5
 GRID_PAD = 2
 HEADER = 18  # one line of text above every picture
 MAX_CELL = 256  # cluster maps of SD's 512-pixel images are shown at half size to keep grids small
@@ -89,20 +89,12 @@ def grid_layout(count: int) -> tuple[int, int]:
 # The command
 
 
-def explain(
-    run: str | Path,
-    prompt: str | None = None,
-    layer: str | None = None,
-    step: int | None = None,
-    output: str | Path | None = None,
-    steps: int = DEFAULT_STEPS,
-    guidance: float = DEFAULT_GUIDANCE,
-    seed: int = 0,
-    resolution: int | None = None,
-    token: str | None = None,
-    model: str | None = None,
-) -> ExplainResult:
-    """Write the explanation pictures of a run's adapter to `output` (default RUN/explain)."""
+def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
+    """Write the explanation pictures of a run's adapter to `output` (default RUN/explain).
+
+    `run` is an `ExplainConfig`, or a run folder (or adapter file) with the config's other settings
+    as keywords: `explain("runs/castle-gift", prompt="photo of a <castle>", steps=20)`.
+    """
     import torch
 
     from . import methods
@@ -110,21 +102,24 @@ def explain(
     from .fileio import atomic_write
     from .models import load_pipeline
 
-    path = adapter_path(run)
+    if isinstance(run, ExplainConfig):
+        if settings:
+            raise TypeError("explain takes an ExplainConfig or a run with settings, not both")
+        config = run
+    else:
+        config = ExplainConfig(run=run, **settings)
+    path = adapter_path(config.run)
     info = read_adapter_info(path)[0]
-    if steps < 1:
-        raise SdtuneError(f"--steps must be at least 1, got {steps}")
-    if step is not None and step < 0:
-        raise SdtuneError(f"--step counts denoising steps from 0, got {step}")
-    if resolution is not None and (resolution < 8 or resolution % 8):
-        raise SdtuneError(f"--resolution must be a positive multiple of 8, got {resolution}")
+    config.validate()
+    prompt, layer, step, steps, guidance = config.prompt, config.layer, config.step, config.steps, config.guidance
+    seed, resolution, token, model = config.seed, config.resolution, config.token, config.model
     explanation = methods.method_class(info.method).explanation
     if explanation == "clusters" and not prompt:
         raise SdtuneError(f"a {info.method} run needs --prompt: its cluster maps are drawn over a generated image")
     if layer is not None and not explanation:
         explained = " and ".join(name for name in methods.available() if methods.method_class(name).explanation)
         raise SdtuneError(f"--layer applies to {explained} runs; this is a {info.method} run")
-    output = Path(output) if output else path.parent / "explain"
+    output = Path(config.output) if config.output else path.parent / "explain"
 
     pipe = load_pipeline(model or info.base_model)
     base = {name: p.detach().to("cpu", copy=True) for name, p in pipe.unet.named_parameters()}

@@ -139,16 +139,17 @@ def fsync_tree(root: str | os.PathLike) -> None:
     fsync_directory(root)
 
 
-def publish_directory(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+def publish_directory(staging: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
     """Flush `staging` and rename it to `final`; readers see the old `final` or the complete new one.
 
     An existing `final` is first renamed aside and removed afterwards, so a crash in between leaves
-    either name complete or absent, never half-written.
+    either name complete or absent, never half-written. With `replace=False` a `final` that holds
+    anything is kept and the rename fails with an OSError (an empty one is replaced).
     """
     staging, final = Path(staging), Path(final)
     fsync_tree(staging)
     aside = None
-    if final.exists():
+    if replace and final.exists():
         aside = final.with_name(f".{final.name}.replaced")
         remove_directory(aside)
         os.replace(final, aside)
@@ -187,9 +188,7 @@ def write_folder(output: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
         fill(tmp)
-        if output.is_dir():
-            output.rmdir()  # empty: checked above
-        os.rename(tmp, output)
+        publish_directory(tmp, output, replace=False)  # an empty `output` is replaced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import SdtuneError
+from .fileio import publish_directory
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TINY = "tiny"
@@ -207,7 +208,7 @@ def tiny_random_path() -> Path:
     try:
         build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
         try:
-            os.replace(staging, target)
+            publish_directory(staging, target, replace=False)
         except OSError:
             # Another process finished first; its copy is identical.
             if not (target / "model_index.json").exists():

@@ -1,14 +1,22 @@
-"""Training logs for TensorBoard, through Accelerate's trackers (`metrics.jsonl` is written as well)."""
+"""Training logs: TensorBoard, through Accelerate's trackers, and the plain `metrics.jsonl`.
+
+`metrics.jsonl` holds one JSON record a line, one line per optimiser step, flushed as it is written;
+a run killed mid-line leaves a cut line that every reader skips.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any, Iterator
 
 from .errors import SdtuneError
+from .fileio import write_text_atomic
 
 LOG_WITH = ("tensorboard", "none")
 LOGS_FOLDER = "logs"
 PROJECT_NAME = "sdtune"  # TensorBoard runs go to OUTPUT/logs/sdtune
+METRICS_FILE = "metrics.jsonl"
 
 
 def tensorboard_installed() -> bool:
@@ -38,3 +46,52 @@ def log_image(accelerator, name: str, image, step: int) -> None:
         return
     tracker = accelerator.get_tracker("tensorboard")
     tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl
+
+
+def metrics_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each record of a metrics.jsonl with its line; a line cut short by a kill is skipped."""
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            yield line, record
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl."""
+    return [record for _, record in metrics_lines(path)]
+
+
+def metrics_until(path: Path, step: int) -> str:
+    """The metrics.jsonl lines of steps 1..`step`, as they are."""
+    if step == 0:
+        return ""
+    return "".join(
+        line + "\n"
+        for line, record in metrics_lines(path)
+        if isinstance(record.get("step"), int) and record["step"] <= step
+    )
+
+
+class MetricsLog:
+    """A run's metrics.jsonl, open for appending; a resumed run first drops the steps its checkpoint did not reach."""
+
+    def __init__(self, output: Path, step: int):
+        path = Path(output) / METRICS_FILE
+        write_text_atomic(path, metrics_until(path, step))
+        self._file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,8 +1,10 @@
 """The training loop: a frozen Stable Diffusion UNet, one injected method, Hugging Face Accelerate.
 
-Reads top to bottom: resolve the config, check the inputs, lock the output folder, load the model,
-inject the method, restore a checkpoint when resuming, then denoise-and-step for `steps` optimiser
-steps, logging every step, checkpointing every `checkpoint_every` and writing the adapter atomically.
+`train(config)` resolves the config, checks the inputs and locks the output folder; a `Trainer` then
+reads top to bottom: it sets up (model, data, method injection, optimizer, accelerator.prepare, a
+checkpoint's state when resuming), and for `steps` optimiser steps runs `step()` on the device,
+reads the step's values on the host (`read()`), logs them and saves what is due: the adapter
+atomically, a checkpoint every `checkpoint_every` steps.
 
 Exact resume: epoch e's data order and augmentation draws derive from (seed, e), and each
 micro-batch's noise, timesteps and latent sample from (seed, step, micro-batch), with that micro-batch
@@ -13,20 +15,22 @@ hardware and library versions).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
 from .fileio import OutputLock, ensure_writable_folder, write_text_atomic
+from .tracking import MetricsLog
 
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
+CONFIG_FILE = "config.toml"
 DATA_STREAM, STEP_STREAM = 0, 1
 # settings that may change on resume without making the run differ from an uninterrupted one
 RUN_CONTROL = {"resume", "checkpoint_every", "keep_checkpoints", "save_every", "output"}
@@ -54,30 +58,47 @@ def derived_seed(*keys: int) -> int:
 
 
 def train(config: TrainConfig, progress: bool = True) -> Run:
-    from . import methods, validation
-    from .datasets import concept_image_paths, dataset_from_config
+    from . import methods
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     resume = config.resume
     config = config.resolved(method.default_lr)
-    labelled = dataset_from_config(config) if config.dataset else None  # bad input fails before the model loads
-    image_paths = [] if labelled is not None else concept_image_paths(config)
-    if config.validation_images and not config.validate_every:
-        warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=2)
-    held_out_count = config.validation_images if config.validate_every else 0
-    image_paths, held_out_paths = validation.hold_out(image_paths, held_out_count, config.seed)
-    sample_prompts = validation.validation_prompts(config) if config.validate_every else []
+    inputs = read_inputs(config)  # bad input fails before the model loads
     output = ensure_writable_folder(config.output)
 
     accelerator = make_accelerator(config, output)
     lock = lock_output(accelerator, output)
     try:
-        return _train(
-            config, method, labelled, image_paths, held_out_paths, sample_prompts, output, accelerator, resume, progress
-        )
+        return Trainer(config, method, inputs, accelerator, output, resume=resume, progress=progress).fit()
     finally:
         lock.release()
+
+
+@dataclass
+class Inputs:
+    """What a run trains and validates on, read and checked before the model loads."""
+
+    labelled: Any  # a LabelledDataset when training on a whole dataset, else None
+    image_paths: list[Path]  # the concept's training images
+    held_out_paths: list[Path]  # the concept's images held out for the validation loss
+    sample_prompts: list[str]  # the validation samples' prompts
+
+
+def read_inputs(config: TrainConfig) -> Inputs:
+    """The run's images (some held out with --validation-images) or labelled dataset, and validation prompts."""
+    from . import validation
+    from .datasets import concept_images
+    from .datasets import dataset_from_config
+
+    labelled = dataset_from_config(config) if config.dataset else None
+    image_paths = [] if labelled is not None else concept_images(config.concept, config.images, config.data_root)
+    if config.validation_images and not config.validate_every:
+        warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=3)
+    held_out_count = config.validation_images if config.validate_every else 0
+    image_paths, held_out_paths = validation.hold_out(image_paths, held_out_count, config.seed)
+    sample_prompts = validation.validation_prompts(config) if config.validate_every else []
+    return Inputs(labelled, image_paths, held_out_paths, sample_prompts)
 
 
 def lock_output(accelerator, output: Path) -> OutputLock:
@@ -98,290 +119,462 @@ def lock_output(accelerator, output: Path) -> OutputLock:
     return lock
 
 
-def _train(
-    config: TrainConfig, method, labelled, image_paths, held_out_paths, sample_prompts, output: Path, accelerator,
-    resume: str | None, progress: bool,
-) -> Run:
-    import torch
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
+@dataclass
+class StepResult:
+    """What one optimiser step left for the host to read: its losses stay on the device until `Trainer.read`."""
 
-    from . import prior, validation
-    from .checkpoints import list_checkpoints, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
-    from .data import ConceptDataset, load_images, warn_truncated_prompts
-    from .datasets import BalancedClassSampler, ClassImageDataset
-    from .latents import CachedLatents, PromptEmbeddings, batch_latents
-    from .losses import denoising_loss, training_noise
-    from .models import load_pipeline
-    from .precision import cast_frozen_parameters, frozen_dtype, place_frozen_models
-    from .tracking import PROJECT_NAME, log_image
-    from .version import __version__
+    started: float  # time.perf_counter() when the step began
+    lr: float  # the learning rate the step used
+    losses: list = field(default_factory=list)  # each micro-batch's loss (a tensor)
+    instance_losses: list = field(default_factory=list)  # with prior preservation: the concept images' part
+    prior_losses: list = field(default_factory=list)  # and the class images' part
+    grad_norm: float = math.nan  # the norm before clipping; not finite when an fp16 overflow skipped the step
+    images: int = 0  # images the step trained on, over every micro-batch and process
+    seconds: float = 0.0  # from the start of the step until the host has read its values
 
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(output)  # staging folders of a killed run
-    resume_from = resolve_resume(resume, output)
-    if resume_from is None and list_checkpoints(output):
-        raise SdtuneError(
-            f"{output} holds checkpoints of an earlier run: add --resume latest to continue it, or choose another --output"
+
+class Trainer:
+    """One training run: the constructor sets it up, `fit()` runs it.
+
+    Each step, `step()` runs the micro-batches on the device, `read()` brings the step's values to
+    the host, `log()` writes them and `save_due()` saves what is due. The host waits for the device
+    in `check_finite` (each micro-batch's loss, each step's gradient norm) and in `read`; a step that
+    never waits would keep those as tensors in its `StepResult` and check them when it is read.
+    """
+
+    def __init__(
+        self, config: TrainConfig, method, inputs: Inputs, accelerator, output: Path, *,
+        resume: str | None = None, progress: bool = True,
+    ):
+        from accelerate.utils import set_seed
+
+        self.config, self.method, self.inputs, self.accelerator = config, method, inputs, accelerator
+        self.output, self.progress = output, progress
+        self.process = accelerator.process_index
+        self.global_step = 0  # optimiser steps done
+        self.micro_batches = 0  # micro-batches drawn (the data stream's position)
+        self.losses: list[float] = []  # each step's loss (the steps of this run, not those before a resume)
+        self.validation_losses: dict[int, float] = {}
+        self.metrics: MetricsLog | None = None
+        self.bar = None
+
+        self.resume_from = self._find_checkpoint(resume)
+        set_seed(config.seed)
+        self._load_model()
+        self._load_data()
+        self._inject_method()
+        self._make_optimizer()
+        self._place_models()
+        self._prepare_data()
+        self._prepare()
+        if self.resume_from is not None:
+            self._resume()
+        self.batches = self._batches_from(self.micro_batches)
+
+    # -----------------------------------------------------------------------------------------
+    # Set up
+
+    def _find_checkpoint(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from, if any; an output folder with another run's checkpoints is refused."""
+        from .checkpoints import list_checkpoints, remove_partial_checkpoints, resolve_resume
+
+        output = self.output
+        if self.accelerator.is_main_process:
+            remove_partial_checkpoints(output)  # staging folders of a killed run
+        resume_from = resolve_resume(resume, output)
+        if resume_from is None and list_checkpoints(output):
+            raise SdtuneError(
+                f"{output} holds checkpoints of an earlier run: add --resume latest to continue it, or choose another --output"
+            )
+        if resume == "latest" and resume_from is None:
+            warnings.warn(f"no checkpoint in {output} yet: starting from step 0", stacklevel=3)
+        return resume_from
+
+    def _load_model(self) -> None:
+        from diffusers import DDPMScheduler
+
+        from . import models
+
+        self.pipe = pipe = models.load_pipeline(self.config.model)
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.resolution = self.config.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
+
+    def _load_data(self) -> None:
+        """The training images (and the class images, drawn by the base model before the method is injected)."""
+        from . import prior
+        from .data import ConceptDataset, load_images
+        from .datasets import ClassImageDataset
+
+        config, inputs, resolution = self.config, self.inputs, self.resolution
+        if inputs.labelled is not None:
+            self.dataset = ClassImageDataset(inputs.labelled, resolution)  # {"pixels", "prompt"}: each image with its own caption
+        else:
+            self.dataset = ConceptDataset(load_images(inputs.image_paths, resolution), config.prompt, config.random_flip)
+            if not FEW_SHOT_IMAGES[0] <= len(self.dataset) <= FEW_SHOT_IMAGES[1]:
+                warnings.warn(f"{len(self.dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=3)
+        self.class_dataset = None
+        if config.with_prior_preservation:
+            class_paths = prior.class_image_paths(config, self.pipe, self.output, resolution, self.accelerator, self.progress)
+            self.class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt, config.random_flip)
+
+    def _inject_method(self) -> None:
+        """Inject the method into the UNet; check there is room for what the run writes; freeze the rest in its dtype."""
+        from .precision import cast_frozen_parameters, frozen_dtype
+
+        config, method = self.config, self.method
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        self.parameters = parameters = method.inject(self.unet)
+        # room for the adapter(s) and, with checkpoints, the newest ones plus one being written
+        # (the trained weights, AdamW's two moments, the EMA)
+        copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
+        trained_bytes = sum(p.numel() * 4 for p in parameters)
+        needed = adapter_bytes(method) * (1 + bool(config.ema_decay)) + copies * trained_bytes
+        ensure_writable_folder(self.output, needed_bytes=needed)
+        self.weight_dtype = frozen_dtype(self.accelerator)
+        cast_frozen_parameters(self.unet, self.weight_dtype, parameters)  # trainable stay fp32
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+
+    def _make_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        config, processes = self.config, self.accelerator.num_processes
+        self.optimizer = make_optimizer(config, self.parameters, self.method.weight_decay)
+        # Accelerate steps a prepared scheduler once per process per optimiser step, hence the factors
+        self.lr_scheduler = get_scheduler(
+            "constant_with_warmup" if config.lr_scheduler == "constant" and config.lr_warmup_steps else config.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps * processes,
+            num_training_steps=config.steps * processes,
+            num_cycles=config.lr_cycles,
         )
-    if resume == "latest" and resume_from is None:
-        warnings.warn(f"no checkpoint in {output} yet: starting from step 0", stacklevel=2)
 
-    set_seed(config.seed)
-    pipe = load_pipeline(config.model)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    resolution = config.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    if labelled is not None:
-        dataset = ClassImageDataset(labelled, resolution)  # {"pixels", "prompt"}: each image with its own caption
-    else:
-        dataset = ConceptDataset(load_images(image_paths, resolution), config.prompt, config.random_flip)
-        if not FEW_SHOT_IMAGES[0] <= len(dataset) <= FEW_SHOT_IMAGES[1]:
-            warnings.warn(f"{len(dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=2)
-    class_dataset = None
-    if config.with_prior_preservation:  # class images are drawn by the base model, before the method is injected
-        class_paths = prior.class_image_paths(config, pipe, output, resolution, accelerator, progress)
-        class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt, config.random_flip)
+    def _place_models(self) -> None:
+        from .latents import PromptEmbeddings
+        from .precision import place_frozen_models
 
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    parameters = method.inject(unet)
-    # room for the adapter(s) and, with checkpoints, the newest ones plus one being written
-    # (the trained weights, AdamW's two moments, the EMA)
-    copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
-    trained_bytes = sum(p.numel() * 4 for p in parameters)
-    ensure_writable_folder(output, needed_bytes=adapter_bytes(method) * (1 + bool(config.ema_decay)) + copies * trained_bytes)
-    weight_dtype = frozen_dtype(accelerator)
-    cast_frozen_parameters(unet, weight_dtype, parameters)  # trainable stay fp32
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    optimizer = make_optimizer(config, parameters, method.weight_decay)
-    # Accelerate steps a prepared scheduler once per process per optimiser step, hence the factors
-    lr_scheduler = get_scheduler(
-        "constant_with_warmup" if config.lr_scheduler == "constant" and config.lr_warmup_steps else config.lr_scheduler,
-        optimizer,
-        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=config.steps * accelerator.num_processes,
-        num_cycles=config.lr_cycles,
-    )
-    device = accelerator.device
-    place_frozen_models(device, weight_dtype, text_encoder, vae, config.no_half_vae)
-    unet.to(device)
-    prompt_embeddings = PromptEmbeddings(tokenizer, text_encoder)
+        self.device = self.accelerator.device
+        place_frozen_models(self.device, self.weight_dtype, self.text_encoder, self.vae, self.config.no_half_vae)
+        self.unet.to(self.device)
+        self.prompt_embeddings = PromptEmbeddings(self.tokenizer, self.text_encoder)
 
-    warn_truncated_prompts(tokenizer, dataset.captions if labelled is not None else [config.prompt])
-    validation_loss = None
-    if config.validate_every and accelerator.is_main_process:
-        held_out = ConceptDataset(load_images(held_out_paths, resolution), config.prompt) if held_out_paths else dataset
-        prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
-        validation_loss = validation.ValidationLoss(held_out.pixels, prompt_embeddings(prompts, device), vae, noise_scheduler)
-    if config.cache_latents:
-        dataset = CachedLatents(dataset, vae)
-        class_dataset = CachedLatents(class_dataset, vae) if class_dataset else None
-        prompt_embeddings.precompute(dataset.prompts() + (class_dataset.prompts() if class_dataset else []))
-        vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
-        text_encoder.to("cpu")
+    def _prepare_data(self) -> None:
+        """The validation loss's images, the latent cache and the loader."""
+        import torch
 
-    data_order = torch.Generator()  # reseeded every epoch (see batches_from)
-    train_data, collate = dataset, None
-    if class_dataset is not None:
-        train_data, collate = prior.PriorPreservationDataset(dataset, class_dataset), prior.collate_with_prior
-    # A dataset draws every class equally often; the sampler's indices hold for cached latents too.
-    sampler = BalancedClassSampler(labelled.labels) if labelled is not None and config.balance_classes else None
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler, generator=data_order,
-        collate_fn=collate,
-    )
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    # checkpoints hold the trainable parameters (trainable.safetensors), not the frozen UNet
-    accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
-    accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
-    ema = EMAModel(parameters, decay=config.ema_decay) if config.ema_decay else None
-    unet.train()
-    if config.log_with != "none":
-        accelerator.init_trackers(PROJECT_NAME)
+        from . import prior, validation
+        from .data import ConceptDataset, load_images, warn_truncated_prompts
+        from .datasets import BalancedClassSampler
+        from .latents import CachedLatents
 
-    step = micro_batches = 0
-    if resume_from is not None:
-        resumed = load_checkpoint(accelerator, resume_from, parameters, ema, config.optimizer)
-        step, micro_batches = resumed["step"], resumed["micro_batches"]
+        config, inputs, device = self.config, self.inputs, self.device
+        labelled = inputs.labelled
+        warn_truncated_prompts(self.tokenizer, self.dataset.captions if labelled is not None else [config.prompt])
+        self.validation_loss = None
+        if config.validate_every and self.accelerator.is_main_process:
+            held_out = self.dataset
+            if inputs.held_out_paths:
+                held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), config.prompt)
+            prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+            self.validation_loss = validation.ValidationLoss(
+                held_out.pixels, self.prompt_embeddings(prompts, device), self.vae, self.noise_scheduler
+            )
+        if config.cache_latents:
+            self.dataset = CachedLatents(self.dataset, self.vae)
+            self.class_dataset = CachedLatents(self.class_dataset, self.vae) if self.class_dataset else None
+            self.prompt_embeddings.precompute(self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else []))
+            self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
+            self.text_encoder.to("cpu")
+
+        self.data_order = torch.Generator()  # reseeded every epoch (see _batches_from)
+        train_data, collate = self.dataset, None
+        if self.class_dataset is not None:
+            train_data, collate = prior.PriorPreservationDataset(self.dataset, self.class_dataset), prior.collate_with_prior
+        # A dataset draws every class equally often; the sampler's indices hold for cached latents too.
+        self.sampler = BalancedClassSampler(labelled.labels) if labelled is not None and config.balance_classes else None
+        self.loader = torch.utils.data.DataLoader(
+            train_data, batch_size=config.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            generator=self.data_order, collate_fn=collate,
+        )
+
+    def _prepare(self) -> None:
+        """accelerator.prepare, checkpoint hooks, the EMA, trackers."""
+        from diffusers.training_utils import EMAModel
+
+        from .tracking import PROJECT_NAME
+
+        accelerator = self.accelerator
+        self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
+            self.unet, self.optimizer, self.loader, self.lr_scheduler
+        )
+        # checkpoints hold the trainable parameters (trainable.safetensors), not the frozen UNet
+        accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
+        self.ema = EMAModel(self.parameters, decay=self.config.ema_decay) if self.config.ema_decay else None
+        self.unet.train()
+        if self.config.log_with != "none":
+            accelerator.init_trackers(PROJECT_NAME)
+
+    def _resume(self) -> None:
+        """The checkpoint's weights, optimizer, scheduler, EMA and RNG states, and where the data stream was."""
+        from .checkpoints import load_checkpoint
+
+        accelerator = self.accelerator
+        resumed = load_checkpoint(accelerator, self.resume_from, self.parameters, self.ema, self.config.optimizer)
+        self.global_step, self.micro_batches = resumed["step"], resumed["micro_batches"]
         accelerator.step = 0  # accumulate()'s micro-batch counter, aligned with the loop's
-        changed = changed_settings(resumed["config"], config)
+        changed = changed_settings(resumed["config"], self.config)
         if changed or resumed["num_processes"] != accelerator.num_processes:
             warnings.warn(
                 f"resuming with other settings ({changed or 'number of processes'}): "
                 "the run will differ from an uninterrupted one",
-                stacklevel=2,
+                stacklevel=3,
             )
 
-    metrics_path = output / "metrics.jsonl"
-    metrics = None
-    if accelerator.is_main_process:
-        write_text_atomic(output / "config.toml", config.to_toml())
-        write_text_atomic(metrics_path, metrics_until(metrics_path, step))  # drop steps the checkpoint did not reach
-        metrics = open(metrics_path, "a", encoding="utf-8")
-    adapter = output / ADAPTER_FILE
-    base_model = pipe.sdtune_model_id
-    process = accelerator.process_index
-    validation_losses: dict[int, float] = {}
-
-    def batches_from(micro_batch: int):
+    def _batches_from(self, micro_batch: int):
         """Micro-batches from number `micro_batch` on, epoch after epoch; resuming replays the epoch's draws."""
-        epoch, skip = divmod(micro_batch, len(loader))
+        import torch
+
+        seed = self.config.seed
+        epoch, skip = divmod(micro_batch, len(self.loader))
         while True:
-            data_order.manual_seed(derived_seed(config.seed, DATA_STREAM, epoch))  # the same order on every process
-            if sampler is not None:
-                sampler.reseed(derived_seed(config.seed, DATA_STREAM, epoch))
-            torch.manual_seed(derived_seed(config.seed, DATA_STREAM, epoch, process))  # the dataset's flips
-            for index, batch in enumerate(loader):
+            self.data_order.manual_seed(derived_seed(seed, DATA_STREAM, epoch))  # the same order on every process
+            if self.sampler is not None:
+                self.sampler.reseed(derived_seed(seed, DATA_STREAM, epoch))
+            torch.manual_seed(derived_seed(seed, DATA_STREAM, epoch, self.process))  # the dataset's flips
+            for index, batch in enumerate(self.loader):
                 if index >= skip:
                     yield batch
             epoch, skip = epoch + 1, 0
 
-    def check_finite() -> None:
-        if not all(bool(torch.isfinite(p).all()) for p in parameters):
-            raise TrainingFailed(
-                f"trained weights are not finite after step {step}; stopped without saving "
-                f"(the last saved adapter and checkpoint, if any, are kept in {output})"
+    # -----------------------------------------------------------------------------------------
+    # The loop
+
+    def fit(self) -> Run:
+        """Train until `config.steps`, saving as due, then write the adapter(s)."""
+        self._open_logs()
+        start = time.perf_counter()
+        try:
+            while self.global_step < self.config.steps:
+                result = self.step()
+                values = self.read(result)
+                if self._validation_due():
+                    values.update(self.validate())
+                self.log(values, result)
+                self.save_due()
+            self.check_weights()
+            self.save_adapters()
+            self.accelerator.wait_for_everyone()
+        finally:
+            self._close_logs()
+        return Run(
+            output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
+            losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from,
+            validation_losses=self.validation_losses,
+        )
+
+    def step(self) -> StepResult:
+        """One optimiser step over `gradient_accumulation_steps` micro-batches."""
+        import torch
+
+        from .latents import batch_latents
+
+        config, accelerator = self.config, self.accelerator
+        result = StepResult(started=time.perf_counter(), lr=self.optimizer.param_groups[0]["lr"])
+        for micro_batch in range(config.gradient_accumulation_steps):
+            batch = next(self.batches)
+            self.micro_batches += 1
+            # a forked RNG seeded by (seed, step, micro-batch): same draws after a resume, data stream untouched
+            with accelerator.accumulate(self.unet), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derived_seed(config.seed, STEP_STREAM, self.global_step, micro_batch, self.process))
+                latents = batch_latents(batch, self.vae)
+                loss = self.loss(latents, batch)
+                self.check_finite("loss", loss.total)
+                accelerator.backward(loss.total)
+                if accelerator.sync_gradients:
+                    result.grad_norm = accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf).item()
+                    if accelerator.scaler is None:  # under fp16 the scaler skips such a step
+                        self.check_finite("gradient norm", result.grad_norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss.total.detach())
+            if loss.prior is not None:
+                result.instance_losses.append(loss.instance.detach())
+                result.prior_losses.append(loss.prior.detach())
+        result.images = latents.shape[0] * config.gradient_accumulation_steps * accelerator.num_processes
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.step(self.parameters)
+        return result
+
+    def loss(self, latents, batch):
+        """The denoising loss of one micro-batch, with noise and timesteps from the current RNG."""
+        import torch
+
+        from .losses import denoising_loss, training_noise
+
+        config = self.config
+        noise = training_noise(latents, config.noise_offset)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device
+        ).long()
+        return denoising_loss(
+            self.unet, self.noise_scheduler, latents, self.prompt_embeddings(batch["prompt"], self.device), noise,
+            timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
+        )
+
+    def read(self, result: StepResult) -> dict[str, Any]:
+        """The step's values on the host (the mean loss over micro-batches and processes): here the host waits."""
+        loss = self._gathered_mean(result.losses)
+        self.losses.append(loss)
+        result.seconds = time.perf_counter() - result.started
+        grad_norm = result.grad_norm
+        values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+        if result.prior_losses:
+            values.update(
+                instance_loss=self._gathered_mean(result.instance_losses), prior_loss=self._gathered_mean(result.prior_losses)
             )
+        return values
 
-    def save_adapters() -> None:
-        if not accelerator.is_main_process:
+    def _gathered_mean(self, values: list) -> float:
+        import torch
+
+        return self.accelerator.gather(torch.stack(values).mean()).mean().item()
+
+    def log(self, values: dict[str, Any], result: StepResult) -> None:
+        """To the trackers (TensorBoard), metrics.jsonl and the progress bar."""
+        step = self.global_step
+        self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
+        if self.metrics is not None:
+            seconds = result.seconds
+            self.metrics.write(
+                {"step": step, **values, "step_seconds": round(seconds, 5), "images_per_second": round(result.images / seconds, 3)}
+            )
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}")
+
+    # -----------------------------------------------------------------------------------------
+    # Finite values: checked before anything is saved
+
+    def check_finite(self, name: str, value) -> None:
+        """Stop when a step's loss or gradient norm (a number or a one-element tensor) is NaN or infinite."""
+        value = value.item() if hasattr(value, "item") else value
+        if not math.isfinite(value):
+            self._fail(f"{name} is {value} at step {self.global_step + 1}")
+
+    def check_weights(self) -> None:
+        """Stop rather than save weights a step has ruined."""
+        import torch
+
+        if not all(bool(torch.isfinite(p).all()) for p in self.parameters):
+            self._fail(f"trained weights are not finite after step {self.global_step}")
+
+    def _fail(self, problem: str) -> NoReturn:
+        raise TrainingFailed(
+            f"{problem}; stopped without saving "
+            f"(the last saved adapter and checkpoint, if any, are kept in {self.output})"
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Saving
+
+    def save_due(self) -> None:
+        """A checkpoint every `checkpoint_every` steps, the adapter then and every `save_every` steps (the
+        last step's adapter is written by `fit`)."""
+        config, step = self.config, self.global_step
+        checkpoint_now = config.checkpoint_every and step % config.checkpoint_every == 0
+        adapter_now = step < config.steps and (checkpoint_now or (config.save_every and step % config.save_every == 0))
+        if checkpoint_now or adapter_now:
+            self.check_weights()
+        if checkpoint_now:
+            self.save_checkpoint()
+        if adapter_now:
+            self.save_adapters()
+
+    def save_adapters(self) -> None:
+        """adapter.safetensors and, with an EMA, adapter-ema.safetensors (main process)."""
+        if not self.accelerator.is_main_process:
             return
-        extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(step))
-        save_adapter(adapter, method, base_model, **extra)
-        if ema is not None:  # the EMA weights in the same format, so load_adapter reads them
-            ema.store(parameters)
-            ema.copy_to(parameters)
-            save_adapter(output / EMA_ADAPTER_FILE, method, base_model, ema_decay=str(config.ema_decay), **extra)
-            ema.restore(parameters)
+        config, method, base_model = self.config, self.method, self.pipe.sdtune_model_id
+        extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(self.global_step))
+        save_adapter(self.output / ADAPTER_FILE, method, base_model, **extra)
+        if self.ema is not None:  # the EMA weights in the same format, so load_adapter reads them
+            self.ema.store(self.parameters)
+            self.ema.copy_to(self.parameters)
+            save_adapter(self.output / EMA_ADAPTER_FILE, method, base_model, ema_decay=str(config.ema_decay), **extra)
+            self.ema.restore(self.parameters)
 
-    def gathered_mean(values: list) -> float:
-        """The mean over a step's micro-batches and over the processes."""
-        return accelerator.gather(torch.stack(values).mean()).mean().item()
+    def save_checkpoint(self) -> None:
+        """The full training state into checkpoints/step-N (every process takes part)."""
+        from . import checkpoints
+        from .version import __version__
 
-    def validate() -> dict:
+        accelerator = self.accelerator
+        state = {
+            "micro_batches": self.micro_batches,
+            "num_processes": accelerator.num_processes,
+            "config": self.config.to_dict(),
+            "sdtune_version": __version__,
+        }
+        checkpoints.save_checkpoint(
+            accelerator, self.output, self.global_step, state, self.parameters, self.ema, self.config.keep_checkpoints
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Validation and logs
+
+    def _validation_due(self) -> bool:
+        every, step = self.config.validate_every, self.global_step
+        return bool(every) and (step % every == 0 or step == self.config.steps)
+
+    def validate(self) -> dict[str, float]:
         """Validation loss and sample grid, on the main process; the others wait."""
-        values = {}
+        import torch
+
+        from . import validation
+        from .tracking import log_image
+
+        accelerator, values = self.accelerator, {}
         if accelerator.is_main_process:
             with torch.random.fork_rng(devices=[]):  # the data stream's RNG stays as if no validation ran
-                model = accelerator.unwrap_model(unet)
-                values["val_loss"] = validation_loss(model, accelerator.autocast, device)
-                validation_losses[step] = values["val_loss"]
-                grid = validation.sample_grid(pipe, sample_prompts, resolution, device, accelerator.autocast)
-            validation.save_grid(grid, output, step)
-            log_image(accelerator, "samples", grid, step)
+                model = accelerator.unwrap_model(self.unet)
+                values["val_loss"] = self.validation_loss(model, accelerator.autocast, self.device)
+                self.validation_losses[self.global_step] = values["val_loss"]
+                grid = validation.sample_grid(
+                    self.pipe, self.inputs.sample_prompts, self.resolution, self.device, accelerator.autocast
+                )
+            validation.save_grid(grid, self.output, self.global_step)
+            log_image(accelerator, "samples", grid, self.global_step)
         accelerator.wait_for_everyone()
         return values
 
-    losses: list[float] = []
-    bar = tqdm(
-        total=config.steps,
-        initial=step,
-        desc=f"train {config.method}",
-        unit="step",
-        disable=not (progress and accelerator.is_local_main_process),
-    )
-    batches = batches_from(micro_batches)
-    start = time.perf_counter()
-    try:
-        while step < config.steps:
-            step_start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            step_losses, instance_losses, prior_losses = [], [], []
-            for micro_batch in range(config.gradient_accumulation_steps):
-                batch = next(batches)
-                micro_batches += 1
-                # a forked RNG seeded by (seed, step, micro-batch): same draws after a resume, data stream untouched
-                with accelerator.accumulate(unet), torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(derived_seed(config.seed, STEP_STREAM, step, micro_batch, process))
-                    latents = batch_latents(batch, vae)
-                    noise = training_noise(latents, config.noise_offset)
-                    timesteps = torch.randint(
-                        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device
-                    ).long()
-                    loss = denoising_loss(
-                        unet, noise_scheduler, latents, prompt_embeddings(batch["prompt"], device), noise, timesteps,
-                        accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
-                    )
-                    if not torch.isfinite(loss.total):
-                        raise TrainingFailed(
-                            f"loss is {loss.total.item()} at step {step + 1}; stopped without saving "
-                            f"(the last saved adapter and checkpoint, if any, are kept in {output})"
-                        )
-                    accelerator.backward(loss.total)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm or math.inf).item()
-                        if accelerator.scaler is None and not math.isfinite(grad_norm):
-                            raise TrainingFailed(
-                                f"gradient norm is {grad_norm} at step {step + 1}; stopped without saving "
-                                f"(the last saved adapter and checkpoint, if any, are kept in {output})"
-                            )
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_losses.append(loss.total.detach())
-                if loss.prior is not None:
-                    instance_losses.append(loss.instance.detach())
-                    prior_losses.append(loss.prior.detach())
-            step += 1
-            if ema is not None:
-                ema.step(parameters)
-            loss_value = gathered_mean(step_losses)
-            losses.append(loss_value)
-            seconds = time.perf_counter() - step_start
-            # grad_norm is the norm before clipping; None when an fp16 overflow made the step skip
-            values = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
-            if prior_losses:
-                values.update(instance_loss=gathered_mean(instance_losses), prior_loss=gathered_mean(prior_losses))
-            if config.validate_every and (step % config.validate_every == 0 or step == config.steps):
-                values.update(validate())
-            accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
-            if metrics:
-                images = latents.shape[0] * config.gradient_accumulation_steps * accelerator.num_processes
-                record = {
-                    "step": step,
-                    **values,
-                    "step_seconds": round(seconds, 5),
-                    "images_per_second": round(images / seconds, 3),
-                }
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            checkpoint_now = config.checkpoint_every and step % config.checkpoint_every == 0
-            adapter_now = step < config.steps and (checkpoint_now or (config.save_every and step % config.save_every == 0))
-            if checkpoint_now or adapter_now:
-                check_finite()  # never save weights a step has already ruined
-            if checkpoint_now:
-                state = {
-                    "micro_batches": micro_batches,
-                    "num_processes": accelerator.num_processes,
-                    "config": config.to_dict(),
-                    "sdtune_version": __version__,
-                }
-                save_checkpoint(accelerator, output, step, state, parameters, ema, config.keep_checkpoints)
-            if adapter_now:
-                save_adapters()
-        check_finite()
-        save_adapters()
-        accelerator.wait_for_everyone()
-    finally:
-        bar.close()
-        if metrics:
-            metrics.close()
+    def _open_logs(self) -> None:
+        """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        if self.accelerator.is_main_process:
+            write_text_atomic(self.output / CONFIG_FILE, config.to_toml())
+            self.metrics = MetricsLog(self.output, self.global_step)
+        self.bar = tqdm(
+            total=config.steps,
+            initial=self.global_step,
+            desc=f"train {config.method}",
+            unit="step",
+            disable=not (self.progress and self.accelerator.is_local_main_process),
+        )
+
+    def _close_logs(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
         # The trackers end here, but not the process group (as accelerator.end_training() would): it
         # belongs to the launched process, which may go on to sample.
-        for tracker in accelerator.trackers:
+        for tracker in self.accelerator.trackers:
             tracker.finish()
-    elapsed = time.perf_counter() - start
-    return Run(
-        output=output, adapter=adapter, config=config, method=method, losses=losses, seconds=elapsed,
-        resumed_from=resume_from, validation_losses=validation_losses,
-    )
 
 
 def make_optimizer(config: TrainConfig, parameters: list, method_weight_decay: float):
@@ -406,21 +599,6 @@ def changed_settings(saved: dict, config: TrainConfig) -> str:
     current = config.to_dict()
     names = sorted((set(saved) | set(current)) - RUN_CONTROL)
     return ", ".join(f"{n}: {saved.get(n)} -> {current.get(n)}" for n in names if saved.get(n) != current.get(n))
-
-
-def metrics_until(path: Path, step: int) -> str:
-    """The metrics.jsonl lines of steps 1..`step` (a line cut short by a kill is dropped)."""
-    if step == 0 or not path.exists():
-        return ""
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line + "\n")
-    return "".join(kept)
 
 
 def make_accelerator(config: TrainConfig, output: Path):

@@ -206,3 +206,18 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_last_adapter(tmp_path):
     with safe_open(str(output / "adapter.safetensors"), framework="pt") as handle:
         assert int(handle.metadata()["step"]) == step - 1
     assert not [p for p in output.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_method_option_flags_show_the_option_fields_help_and_default():
+    import dataclasses
+
+    from sdtune import methods
+
+    for flag, spec in methods.OPTION_FLAGS.items():
+        for name in spec.methods:
+            options = {f.name: f for f in dataclasses.fields(methods.method_class(name).Options)}
+            assert options[spec.option].metadata["help"], (flag, name)
+    assert methods.option_flag_help("--rank") == "lora/loha/lokr: rank r (default: 4)."
+    shown = " ".join(invoke("train", "--help").output.replace("│", " ").split())  # rich wraps the help column
+    assert "--atoms-m <int> atoms: number of filter atoms per convolution (default: 9)." in shown
+    assert "--alpha <float> lora/loha/lokr: alpha; the update is scaled by alpha/rank (default: the rank)." in shown

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.data import concept_images, fill_placeholders, list_images, load_images, read_prompt_file
+from sdtune.data import fill_placeholders, list_images, load_images, read_prompt_file
+from sdtune.datasets import concept_images
 from sdtune.demo_images import DEMO_COUNT, demo_concept_folder, draw_demo_image
 from sdtune.errors import SdtuneError
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from sdtune import datasets
 from sdtune.cli import app
 from sdtune.config import TrainConfig
+from sdtune.datasets import concept_images
 from sdtune.datasets import (
     VTAB_DIR,
     BalancedClassSampler,
@@ -371,7 +372,7 @@ def test_train_concept_from_custom_concept101_root(tmp_path, private_cache):
     (tmp_path / "cc101").mkdir()
     make_custom_concept101(tmp_path / "cc101")
     config = TrainConfig(concept="castle", data_root=str(tmp_path / "cc101"))
-    assert [p.name for p in datasets.concept_image_paths(config)] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [p.name for p in concept_images(config.concept, config.images, config.data_root)] == ["0.jpg", "1.jpg", "2.jpg"]
     result = invoke(
         "train", "--concept", "castle", "--data-root", tmp_path / "cc101", "--model", "tiny-random", "--steps", 1,
         "--resolution", 32, "--output", tmp_path / "run",

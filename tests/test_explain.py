@@ -168,3 +168,15 @@ def test_explain_cli(tmp_path):
     assert (tmp_path / "pictures" / "atoms.png").is_file() and (tmp_path / "pictures" / "update-norms.png").is_file()
     bad = runner.invoke(app, ["explain", str(run), "--layer", "nowhere"])
     assert bad.exit_code == 2 and bad.output.startswith("error: unknown layer 'nowhere'")
+
+
+def test_explain_config_checks_its_settings():
+    from sdtune.config import ExplainConfig
+
+    assert ExplainConfig.load(None, run="runs/castle-gift").steps == 30
+    with pytest.raises(SdtuneError, match="--steps must be at least 1, got 0"):
+        ExplainConfig.load(None, run="runs/castle-gift", steps=0)
+    with pytest.raises(SdtuneError, match="--resolution must be a positive multiple of 8, got 12"):
+        ExplainConfig.load(None, run="runs/castle-gift", resolution=12)
+    with pytest.raises(SdtuneError, match="unknown setting"):
+        ExplainConfig.load(None, run="runs/castle-gift", strength=2)

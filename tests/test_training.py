@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from sdtune.checkpoints import list_checkpoints
 from sdtune.config import TrainConfig
 from sdtune.errors import SdtuneError
-from sdtune.training import changed_settings, metrics_until, train
+from sdtune.tracking import metrics_until
+from sdtune.training import changed_settings, train
 
 
 def config(output, **settings) -> TrainConfig:

@@ -1,11 +1,18 @@
-"""The registry of tuning methods: `available()` lists them, `create(name, **options)` builds one."""
+"""The registry of tuning methods: `available()` lists them, `create(name, **options)` builds one.
+
+It also holds `OPTION_FLAGS`, the dedicated `sdtune train` flags of method options. Importing this
+module stays cheap (no torch): the method modules load only when a method is asked for.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import SdtuneError
-from .base import Method
+
+if TYPE_CHECKING:
+    from .base import Method
 
 _REGISTRY: dict[str, str] = {
     # name -> "module:Class", imported on demand so listing methods stays cheap
@@ -17,6 +24,38 @@ _REGISTRY: dict[str, str] = {
     "lora": "lowrank:Lora",
     "loha": "lowrank:Loha",
     "lokr": "lowrank:Lokr",
+}
+
+
+class OptionFlag(NamedTuple):
+    """A command-line flag for one method option; its help is the option field's metadata."""
+
+    methods: tuple[str, ...]  # the methods that take it (the first one's Options field gives the help)
+    option: str  # the option's name in their Options
+    type: type  # the flag's value type
+    switch: str | None = None  # true/false options: the "--x/--no-x" pair
+
+
+_LOW_RANK = ("lora", "loha", "lokr")
+# `sdtune train`'s flags for method options, in the order `sdtune train --help` lists them;
+# every other option is reached with `-o KEY=VALUE`.
+OPTION_FLAGS: dict[str, OptionFlag] = {
+    "--atoms-m": OptionFlag(("atoms",), "m", int),
+    "--gift-generator": OptionFlag(("gift",), "generator", str),
+    "--gift-rank": OptionFlag(("gift",), "rank", int),
+    "--gift-clusters": OptionFlag(("gift",), "clusters", int),
+    "--gift-blocks": OptionFlag(("gift",), "blocks", int),
+    "--rank": OptionFlag(_LOW_RANK, "rank", int),
+    "--alpha": OptionFlag(_LOW_RANK, "alpha", float),
+    "--targets": OptionFlag(_LOW_RANK, "targets", str),
+    "--factor": OptionFlag(("lokr",), "factor", int),
+    "--decompose-both": OptionFlag(("lokr",), "decompose_both", bool, "--decompose-both/--no-decompose-both"),
+    "--tucker": OptionFlag(("loha", "lokr"), "tucker", bool, "--tucker/--no-tucker"),
+    "--atoms-1x1": OptionFlag(("atoms",), "include_1x1", bool, "--atoms-1x1/--no-atoms-1x1"),
+    "--atoms-m1": OptionFlag(("atoms",), "m1", int),
+    "--atoms-kc": OptionFlag(("atoms",), "kc", int),
+    "--atoms-init": OptionFlag(("atoms",), "init", str),
+    "--atoms-linear": OptionFlag(("atoms",), "linear", bool, "--atoms-linear/--no-atoms-linear"),
 }
 
 
@@ -39,4 +78,31 @@ def create(name: str, **options: Any) -> Method:
     return method_class(name)(**options)
 
 
-__all__ = ["Method", "available", "create", "method_class"]
+def option_help(name: str, option: str) -> str:
+    """An option's help text with its default, from the field's metadata: "rank r (default: 4)".
+
+    The metadata's "help" says what the option does; "default", where given, is how the default is
+    shown (what an unset or empty value means).
+    """
+    field = {f.name: f for f in dataclasses.fields(method_class(name).Options)}[option]
+    default = field.metadata.get("default", field.default)
+    if isinstance(default, bool):
+        default = "yes" if default else "no"
+    return f"{field.metadata['help']} (default: {default})"
+
+
+def option_flag_help(flag: str) -> str:
+    """The help of one of `OPTION_FLAGS`: "lora/loha/lokr: rank r (default: 4).". Imports the method."""
+    spec = OPTION_FLAGS[flag]
+    return f"{'/'.join(spec.methods)}: {option_help(spec.methods[0], spec.option)}."
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Method":  # the base class imports torch: only when asked for
+        from .base import Method
+
+        return Method
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Method", "OPTION_FLAGS", "OptionFlag", "available", "create", "method_class", "option_flag_help", "option_help"]

@@ -66,7 +66,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -391,17 +391,28 @@ class SubAtomConv2d(_AtomLayer):
 
 @dataclass
 class AtomsOptions:
-    m: int = 9  # atoms per filter (at most k²)
-    include_1x1: bool | None = None  # None: only when kc > 1
-    init: str = "svd"  # svd | sparse
-    m1: int = 0  # sub-atoms per atom (D1 variant); 0: off
-    kc: int = 1  # channel-block size of the atoms (kc variant; with m1: D1+Dc)
-    linear: bool = False  # also the attention projections
-    linear_kc: int = 4  # block size of the attention projections' atoms
-    seed: int = 0  # for β's init and the sparse coding's sample and start
-    # how the D variant's convolutions run: auto (per layer size), tap, weight, or autograd (the
-    # plain formula, for comparison); all exact, see atom_kernels
-    kernel: str = "auto"
+    m: int = field(default=9, metadata={"help": "number of filter atoms per convolution"})  # at most k²
+    include_1x1: bool | None = field(
+        default=None, metadata={"help": "also tune 1x1 convolutions", "default": "only with --atoms-kc > 1"}
+    )
+    init: str = field(default="svd", metadata={"help": "decomposition, svd or sparse (dictionary learning)"})
+    m1: int = field(default=0, metadata={"help": "sub-atoms per atom; > 0 trains β and D1 (over-complete variant)"})
+    kc: int = field(
+        default=1, metadata={"help": "channel atoms over kc×kc channel blocks; with --atoms-m1, the D1+Dc variant"}
+    )
+    linear: bool = field(
+        default=False,
+        metadata={"help": "also the attention projections, atoms over 4×4 weight blocks (-o linear_kc=N)"},
+    )
+    linear_kc: int = field(default=4, metadata={"help": "block size of the attention projections' atoms"})
+    seed: int = field(default=0, metadata={"help": "seed of β's init and of the sparse coding's sample and start"})
+    kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "how the D variant's convolutions run: auto (per layer size), tap, weight, or autograd "
+            "(the plain formula, for comparison); all exact, see atom_kernels"
+        },
+    )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ modules whose names contain one of `targets`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -29,8 +29,10 @@ def parse_targets(value) -> str:
 
 @dataclass
 class BitFitOptions:
-    # comma-separated substrings of module names whose biases are trained; empty: every bias
-    targets: str = ""
+    targets: str = field(
+        default="",
+        metadata={"help": "comma-separated substrings of module names whose biases are trained", "default": "every bias"},
+    )
 
 
 class BitFit(InPlaceMethod):

@@ -55,8 +55,9 @@ class ScaleOutputChannels:
 
 @dataclass
 class DiffFitOptions:
-    # also scale each ResnetBlock2D's residual branch (not done by DiffFit-pytorch)
-    resnet_gamma: bool = False
+    resnet_gamma: bool = field(
+        default=False, metadata={"help": "also scale each ResnetBlock2D's residual branch (not done by DiffFit-pytorch)"}
+    )
 
 
 @dataclass

@@ -18,7 +18,7 @@ one across its isotropic ViT; the SD v1.x UNet has three widths (320, 640, 1280)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -149,11 +149,15 @@ class GiftLinear(DeltaLayer):
 class GiftOptions:
     # paca by default: the seed paper's generator, whose cluster matrix C is what its interpretability
     # rests on (the authors' later code defaults to simple, which `sdtune explain` reads through ω·φ)
-    generator: str = "paca"
-    rank: int = 16
-    clusters: int = 64
-    blocks: int = 1
-    targets: str = "attn1.to_out.0"  # comma-separated module-name endings inside transformer blocks
+    generator: str = field(
+        default="paca", metadata={"help": "simple (H = identity) or paca (cluster-attention hyper-Transformer)"}
+    )
+    rank: int = field(default=16, metadata={"help": "rank r of the parameter tokens"})
+    clusters: int = field(default=64, metadata={"help": "number of PaCa clusters M"})
+    blocks: int = field(default=1, metadata={"help": "number of PaCa blocks l"})
+    targets: str = field(
+        default="attn1.to_out.0", metadata={"help": "comma-separated module-name endings inside transformer blocks"}
+    )
 
 
 class Gift(WrappedLayers):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,23 +50,28 @@ PEFT_TO_KOHYA = {
 
 @dataclass
 class LoraOptions:
-    rank: int = 4
-    alpha: float | None = None  # None: alpha = rank, so the update's scale α/r is 1
+    rank: int = field(default=4, metadata={"help": "rank r"})
+    # unset: alpha = rank, so the update's scale α/r is 1
+    alpha: float | None = field(
+        default=None, metadata={"help": "alpha; the update is scaled by alpha/rank", "default": "the rank"}
+    )
     # Both convolutions and attention by default: LoCon/LyCORIS practice for LoHa and LoKr,
     # and the layers the filter-atom comparison tunes (its convs) plus the usual LoRA ones.
-    targets: str = "all"
+    targets: str = field(
+        default="all", metadata={"help": "conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out) or all"}
+    )
 
 
 @dataclass
 class LohaOptions(LoraOptions):
-    tucker: bool = False
+    tucker: bool = field(default=False, metadata={"help": "Tucker-decompose 3x3 conv updates"})
 
 
 @dataclass
 class LokrOptions(LoraOptions):
-    factor: int = -1
-    decompose_both: bool = False
-    tucker: bool = False
+    factor: int = field(default=-1, metadata={"help": "Kronecker factor size, -1 for automatic"})
+    decompose_both: bool = field(default=False, metadata={"help": "also make the first Kronecker factor low-rank"})
+    tucker: bool = field(default=False, metadata={"help": "Tucker-decompose 3x3 conv updates"})
 
 
 def _is_int(value: Any) -> bool:
