@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SdtuneError
+from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
 from .tracking import LOG_WITH, resolve_log_with
 
@@ -126,7 +127,7 @@ class TrainConfig(_Config):
     """Everything `sdtune train` needs. Unset values are resolved by `resolved()`."""
 
     concept: str = "castle"
-    method: str = "atoms"
+    method: str = DEFAULT_METHOD
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options
     model: str = DEFAULT_MODEL
     images: str | None = None  # folder of training images; default concepts/NAME or the demo set

@@ -14,6 +14,8 @@ from ..errors import SdtuneError
 if TYPE_CHECKING:
     from .base import Method
 
+DEFAULT_METHOD = "atoms"  # what `sdtune train` trains unless told otherwise
+
 _REGISTRY: dict[str, str] = {
     # name -> "module:Class", imported on demand so listing methods stays cheap
     "atoms": "atoms:FilterAtoms",
