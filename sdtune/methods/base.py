@@ -278,12 +278,6 @@ class DeltaLayer(nn.Module):
             return F.linear(x, weight, bias)
         return base._conv_forward(x, weight, bias)
 
-    @torch.no_grad()
-    def merge_into_base(self) -> nn.Module:
-        """The base layer with scale·ΔW added to its weight."""
-        self.base_layer.weight += self.scaled_delta()
-        return self.base_layer
-
 
 class WrappedLayers(Method):
     """A method that replaces each target by a layer computing with W + scale·ΔW.
@@ -319,6 +313,8 @@ class WrappedLayers(Method):
 
     def _unmerge(self) -> None:
         for name, layer in self.layers.items():
+            # the merged UNet may have moved (sampling moves it to the GPU): the wrapper follows its base
+            layer.to(self.layer_base(layer).weight.device)
             replace_module(self.unet, name, layer)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -158,7 +158,9 @@ class DiffFit(InPlaceMethod):
     def _unfold(self) -> None:
         for entry in self.scaled.values():
             for owner, gamma_name in entry.gammas:
-                owner.register_parameter(gamma_name, self.gamma_parameters[(owner, gamma_name)])
+                gamma = self.gamma_parameters[(owner, gamma_name)]
+                gamma.data = gamma.data.to(entry.layer.weight.device)  # the merged UNet may have moved
+                owner.register_parameter(gamma_name, gamma)
         self._hook_scales()
 
 
