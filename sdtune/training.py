@@ -88,8 +88,7 @@ class Inputs:
 def read_inputs(config: TrainConfig) -> Inputs:
     """The run's images (some held out with --validation-images) or labelled dataset, and validation prompts."""
     from . import validation
-    from .datasets import concept_images
-    from .datasets import dataset_from_config
+    from .datasets import concept_images, dataset_from_config
 
     labelled = dataset_from_config(config) if config.dataset else None
     image_paths = [] if labelled is not None else concept_images(config.concept, config.images, config.data_root)
