@@ -162,7 +162,7 @@ class TrainConfig(_Config):
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
     # Memory
     no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16)
-    cache_latents: bool = False  # encode every image (and its mirror image, with random_flip) and prompt once
+    cache_latents: bool = True  # encode every image (and its mirror image, with random_flip) and prompt once; exact
     # Prior preservation (DreamBooth): on when any of the class settings is given
     class_images: str | None = None  # folder of class images; default: generated into OUTPUT/class-images
     class_prompt: str | None = None  # default: the template with the plain concept name
