@@ -246,6 +246,8 @@ class Trainer:
         cast_frozen_parameters(self.unet, self.weight_dtype, parameters)  # trainable stay fp32
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if config.compile:
+            self.unet.compile()  # in place: the module, its parameters and the method's layers stay as they are
 
     def _make_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -584,6 +586,7 @@ class Trainer:
         import torch
 
         from . import validation
+        from .precision import sampling_dtype
         from .tracking import log_image
 
         accelerator, values = self.accelerator, {}
@@ -592,9 +595,10 @@ class Trainer:
                 model = accelerator.unwrap_model(self.unet)
                 values["val_loss"] = self.validation_loss(model, accelerator.autocast, self.device)
                 self.validation_losses[self.global_step] = values["val_loss"]
-                grid = validation.sample_grid(
-                    self.pipe, self.inputs.sample_prompts, self.resolution, self.device, accelerator.autocast
-                )
+                dtype = sampling_dtype(self.config.validation_dtype, self.device)
+                if dtype == torch.float32 and self.weight_dtype is not None:
+                    dtype = self.weight_dtype  # frozen weights stored in half run in half
+                grid = validation.sample_grid(self.pipe, self.inputs.sample_prompts, self.resolution, self.device, dtype)
             validation.save_grid(grid, self.output, self.global_step)
             log_image(accelerator, "samples", grid, self.global_step)
         accelerator.wait_for_everyone()
