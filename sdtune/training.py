@@ -21,12 +21,13 @@ hardware and library versions).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
@@ -64,6 +65,14 @@ def derived_seed(*keys: int) -> int:
 
 
 def train(config: TrainConfig, progress: bool = True) -> Run:
+    with open_trainer(config, progress) as trainer:
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Trainer"]:
+    """A `Trainer` set up for `config`, its output folder locked while the block runs (what `train` runs,
+    and what a benchmark steps through with `advance`)."""
     from . import methods
 
     config.validate()
@@ -76,7 +85,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     accelerator = make_accelerator(config, output)
     lock = lock_output(accelerator, output)
     try:
-        return Trainer(config, method, inputs, accelerator, output, resume=resume, progress=progress).fit()
+        yield Trainer(config, method, inputs, accelerator, output, resume=resume, progress=progress)
     finally:
         lock.release()
 
@@ -371,7 +380,7 @@ class Trainer:
 
     def fit(self) -> Run:
         """Train until `config.steps`, saving as due, then write the adapter(s)."""
-        self._open_logs()
+        self.open_logs()
         start = time.perf_counter()
         try:
             while self.global_step < self.config.steps:
@@ -381,7 +390,7 @@ class Trainer:
             self.save_adapters()
             self.accelerator.wait_for_everyone()
         finally:
-            self._close_logs()
+            self.close_logs()
         return Run(
             output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from,
@@ -604,7 +613,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         return values
 
-    def _open_logs(self) -> None:
+    def open_logs(self) -> None:
         """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""
         from tqdm.auto import tqdm
 
@@ -620,7 +629,7 @@ class Trainer:
             disable=not (self.progress and self.accelerator.is_local_main_process),
         )
 
-    def _close_logs(self) -> None:
+    def close_logs(self) -> None:
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
