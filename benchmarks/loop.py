@@ -53,7 +53,12 @@ def model_folder(name: str, device: str) -> str:
     if name == "tiny":
         return str(tiny_random_path())
     if name == "sd14":
-        return str(sd14_random_path("cuda" if device.startswith("cuda") else "cpu"))
+        if device.startswith("cuda"):
+            try:
+                return str(sd14_random_path("cuda"))  # random weights are drawn in a moment there
+            except Exception as error:  # noqa: BLE001 - the CPU builds the same architecture, more slowly
+                progress(f"building on the GPU failed ({type(error).__name__}: {error}); building on the CPU")
+        return str(sd14_random_path("cpu"))
     return name
 
 
@@ -193,17 +198,19 @@ def measure_training(method: str, batch: int, folder: str, args, floor_unet, wor
 
 
 def training_table(results: list[dict], interleaved: bool) -> list[str]:
+    peak = any("peak_gb" in r for r in results)
     lines = [
-        "| method | batch | whole step s | bare step s | floor s | whole ×bare | whole ×floor | bare ×floor |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | batch | whole step s | bare step s | floor s | whole ×bare | whole ×floor | bare ×floor |" + (" peak GB |" if peak else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if peak else ""),
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['batch']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['method']} | {r['batch']} | failed: {r['error']} | | | | | |" + (" |" if peak else ""))
             continue
         lines.append(
             f"| {r['method']} | {r['batch']} | {r['whole']:.4f} | {r['bare']:.4f} | {r['floor']:.4f} | "
             f"{r['whole_bare']:.3f} | {r['whole_floor']:.3f} | {r['bare_floor']:.3f} |"
+            + (f" {r.get('peak_gb', 0):.1f} |" if peak else "")
         )
     how = (
         "whole, bare and floor timed in turns in one process; ratios are medians of the per-round ratios"
@@ -318,6 +325,17 @@ def sampling_table(results: list[dict]) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def free_memory(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -389,6 +407,7 @@ def main(argv: list[str] | None = None) -> str:
         results = []
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
+                free_memory(args.device)
                 try:
                     results.append(measure_training(method, batch, folder, args, floor_unet, work))
                 except Exception as error:  # noqa: BLE001 - one failed row (out of memory, say) must not end the table

@@ -14,6 +14,7 @@ CAPTION_LINES = 2
 GRID_PAD = 4
 MIN_CELL = 128  # small images are shown enlarged so the captions stay readable
 IMAGES_PER_CALL = 16  # images drawn per pipeline call (classifier-free guidance doubles the batch)
+DECODE_BATCH = 4  # images per VAE decoding call
 
 
 @dataclass
@@ -270,6 +271,9 @@ def decode(pipe, latents) -> list:
     import torch
 
     vae = pipe.vae
+    images = []
     with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(decoded, output_type="pil")
+        for part in latents.split(DECODE_BATCH):  # a 512 px decode holds gigabytes of activations an image
+            decoded = vae.decode(part.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            images += pipe.image_processor.postprocess(decoded, output_type="pil")
+    return images

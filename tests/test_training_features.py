@@ -182,6 +182,14 @@ def test_cached_latents_keep_random_flips():
     unflipped = CachedLatents(ConceptDataset(images, "a photo"), vae)
     assert list(unflipped.parameters) == [False]
     assert all(torch.equal(unflipped[0]["latent_parameters"], unflipped.parameters[False][0]) for _ in range(10))
+    # drawing an item reads nothing more from the dataset (a labelled dataset would decode its file again)
+    unflipped.dataset = None
+    assert unflipped[1]["prompt"] == "a photo" and unflipped.prompts() == ["a photo", "a photo"]
+    # an image's latents do not depend on the images encoded with it
+    from sdtune.latents import encode_images
+
+    pixels = torch.stack([ConceptDataset(images, "").pixels[i] for i in (1, 0)])
+    assert torch.equal(encode_images(vae, pixels)[1], unflipped.parameters[False][0])
 
 
 def test_concept_images_are_mirrored_only_with_random_flip():
