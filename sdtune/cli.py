@@ -41,6 +41,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+DTYPE_HELP = "fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU); under fp16 the VAE decodes in fp32, as SD v1's overflows in fp16."
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -204,6 +207,7 @@ def train(
     max_grad_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this; 0: no clipping (the norm is logged anyway)." + _default(TrainConfig, "max_grad_norm")),
     ema_decay: Optional[float] = typer.Option(None, help="Also write adapter-ema.safetensors, an EMA of the trained weights with this decay; 0: none." + _default(TrainConfig, "ema_decay")),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time" + _default(TrainConfig, "gradient_checkpointing") + "."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet: the first steps compile (minutes for SD), later ones may run faster" + _default(TrainConfig, "compile") + "."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
@@ -219,6 +223,7 @@ def train(
     validate_every: Optional[int] = typer.Option(None, help="Every N steps, sample the validation prompts into OUTPUT/samples/step-N.png and log the validation loss (0: never)." + _default(TrainConfig, "validate_every")),
     validation_prompts: Optional[Path] = typer.Option(None, help="Prompt file for validation samples (default: three prompts with the concept)."),
     validation_images: Optional[int] = typer.Option(None, help="Images held out of training for the validation loss (0: the training images)." + _default(TrainConfig, "validation_images")),
+    validation_dtype: Optional[str] = typer.Option(None, help="The validation grids' precision: fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU)."),
     log_with: Optional[str] = typer.Option(None, help="tensorboard (event files in OUTPUT/logs) or none (default: tensorboard when installed)."),
     dataset: Optional[str] = typer.Option(None, help="Train on a whole class-labelled dataset instead of a concept (see `sdtune datasets`); each image is captioned from the dataset's template."),
     data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (VTAB-1k, class folders, metadata.jsonl); with --concept, a CustomConcept101 folder."),
@@ -272,6 +277,7 @@ def sample(
     negative_prompt: Optional[str] = typer.Option(None, help="What guidance steers away from, for every prompt (placeholders filled)."),
     scheduler: Optional[str] = typer.Option(None, help=f"Sampler: {', '.join(SCHEDULERS)} (default: the model's own)."),
     adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side." + _default(SampleConfig, "adapter_scale")),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds, per strength)."""
     settings = locals()
@@ -280,7 +286,10 @@ def sample(
     sample_config = SampleConfig.load(None, **_config_values(SampleConfig, settings))
     result = run_sampling(sample_config)
     if is_main_process():
-        typer.echo(f"wrote {len(result.images)} images and {result.grid}")
+        typer.echo(
+            f"wrote {len(result.images)} images and {result.grid} "
+            f"({result.dtype}; start-up {result.startup_seconds:.1f} s, {result.seconds_per_image:.2f} s an image)"
+        )
 
 
 @app.command()
@@ -352,6 +361,7 @@ def evaluate(
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt when sampling, as for `sdtune sample`."),
     scheduler: Optional[str] = typer.Option(None, help=f"Sampler when sampling: {', '.join(SCHEDULERS)}."),
     adapter_scale: Optional[float] = typer.Option(None, help="Strength of the run's update when sampling, W + scale·ΔW." + _default(EvaluateConfig, "adapter_scale")),
+    dtype: Optional[str] = typer.Option(None, help="When sampling: " + DTYPE_HELP),
     clip_model: Optional[str] = typer.Option(None, help="CLIP for CLIP-T and CLIP-I: a hub id or a folder." + _default(EvaluateConfig, "clip_model")),
     dino_model: Optional[str] = typer.Option(None, help="ViT for DINO and diversity: a hub id or a folder." + _default(EvaluateConfig, "dino_model")),
     fid_features: Optional[str] = typer.Option(None, help="FID/KID features: inception (needs torch-fidelity), clip, dino or none." + _default(EvaluateConfig, "fid_features")),

@@ -23,6 +23,7 @@ from .models import DEFAULT_MODEL
 from .tracking import LOG_WITH, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+SAMPLE_DTYPES = ("fp16", "bf16", "fp32")  # sample/evaluate --dtype, train --validation-dtype
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
@@ -116,6 +117,11 @@ def check_seed(seed: int) -> None:
         raise SdtuneError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
+def check_sample_dtype(flag: str, dtype: str | None) -> None:
+    if dtype is not None and dtype not in SAMPLE_DTYPES:
+        raise SdtuneError(f"{flag} must be one of {', '.join(SAMPLE_DTYPES)}, got {dtype!r}")
+
+
 def check_resolution(resolution: int | None) -> None:
     """An image size the VAE maps to whole latents: a positive multiple of 8 (None: the model's own)."""
     if resolution is not None and (resolution < 8 or resolution % 8):
@@ -154,6 +160,7 @@ class TrainConfig(_Config):
     max_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping; the norm is logged anyway)
     ema_decay: float = 0.0  # keep an EMA of the trained weights with this decay (0: none)
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet: slow first steps, then faster ones (measure before using)
     checkpoint_every: int = 0  # full training state every N steps into checkpoints/step-N (0: none)
     keep_checkpoints: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder; never written to config.toml
@@ -162,7 +169,7 @@ class TrainConfig(_Config):
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
     # Memory
     no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16)
-    cache_latents: bool = False  # encode every image (and its mirror image, with random_flip) and prompt once
+    cache_latents: bool = True  # encode every image (and its mirror image, with random_flip) and prompt once; exact
     # Prior preservation (DreamBooth): on when any of the class settings is given
     class_images: str | None = None  # folder of class images; default: generated into OUTPUT/class-images
     class_prompt: str | None = None  # default: the template with the plain concept name
@@ -172,6 +179,7 @@ class TrainConfig(_Config):
     validate_every: int = 0  # sample the validation prompts and measure the validation loss every N steps
     validation_prompts: str | None = None  # prompt file; default: a few prompts with the concept
     validation_images: int = 0  # images held out of training for the validation loss (0: the training images)
+    validation_dtype: str | None = None  # the validation grids' precision, as `sdtune sample --dtype`
     log_with: str | None = None  # tensorboard or none; default: tensorboard when installed
     # Whole-dataset training (sdtune/datasets.py): every image captioned from the dataset's template.
     dataset: str | None = None  # a registered dataset (`sdtune datasets`); replaces the concept's images
@@ -235,6 +243,7 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.num_class_images is not None and self.num_class_images < 1:
             raise SdtuneError(f"--num-class-images must be at least 1, got {self.num_class_images}")
+        check_sample_dtype("--validation-dtype", self.validation_dtype)
         if self.log_with is not None and self.log_with not in LOG_WITH:
             raise SdtuneError(f"--log-with must be one of {', '.join(LOG_WITH)}, got {self.log_with!r}")
 
@@ -324,6 +333,7 @@ class SampleConfig(_Config):
     scheduler: str = "default"  # the sampler; "default" is the model's own
     # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each
     adapter_scale: float | list[float] = 1.0
+    dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (the VAE decodes in fp32 under fp16)
 
     def __post_init__(self) -> None:
         _split_classes(self)  # "a,b,c" from the command line
@@ -386,6 +396,7 @@ def _check_sampler_settings(config) -> None:
     """The sampling settings `sdtune sample` and `sdtune evaluate` share."""
     if config.scheduler not in SCHEDULERS:
         raise SdtuneError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {config.scheduler!r}")
+    check_sample_dtype("--dtype", config.dtype)
     scales = config.adapter_scale if isinstance(config.adapter_scale, list) else [config.adapter_scale]
     if not all(math.isfinite(scale) for scale in scales):
         raise SdtuneError(f"--adapter-scale must be a finite number, got {_scales_text(scales)}")
@@ -453,6 +464,7 @@ class EvaluateConfig(_Config):
     negative_prompt: str | None = None  # sampling settings as `sdtune sample`'s
     scheduler: str = "default"
     adapter_scale: float = 1.0
+    dtype: str | None = None  # as `sdtune sample --dtype`
     clip_model: str = DEFAULT_CLIP_MODEL  # CLIP-T, CLIP-I (and FID features with fid_features="clip")
     dino_model: str = DEFAULT_DINO_MODEL  # DINO, diversity (and FID features with fid_features="dino")
     fid_features: str = "inception"  # feature model of FID and KID: inception, clip, dino or none

@@ -192,6 +192,7 @@ class ClassImageDataset:
         self.dataset = dataset
         self.resolution = resolution
         self.captions = sorted({example.caption for example in dataset.examples})
+        self.decodes_on_draw = dataset.arrays is None  # image files, decoded and resized when drawn
 
     def __len__(self) -> int:
         return len(self.dataset)

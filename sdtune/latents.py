@@ -1,16 +1,18 @@
 """What the UNet trains on: latents from the VAE and prompt embeddings from the text encoder.
 
-Text embeddings are computed once per distinct prompt. With `--cache-latents`, each training image is
-encoded once as it is and once mirrored, and the loop samples from the stored latent distributions: the
-VAE is not run again (it can leave the accelerator), random flips stay, and for a given seed a cached
-run draws exactly the random numbers an uncached one does.
+Text embeddings are computed once per distinct prompt, and images are encoded one per VAE call, so an
+image's latents never depend on the images that came with it. By default (`--no-cache-latents` turns it
+off) each training image is encoded once as it is and, with random flips, once mirrored, before the
+loop; the loop then samples from the stored latent distributions: the VAE is not run again (it can leave
+the accelerator), random flips stay, and for a given seed a cached run draws the same random numbers and
+trains on the same latents, bit for bit, as an uncached one.
 """
 
 from __future__ import annotations
 
 from .data import random_flip
 
-ENCODE_BATCH = 8  # images per VAE call while filling the cache
+ENCODE_BATCH = 8  # images read at a time while filling the cache
 
 
 class PromptEmbeddings:
@@ -47,11 +49,29 @@ class PromptEmbeddings:
 
 
 def encode_images(vae, pixels):
-    """The VAE's latent-distribution parameters (mean and log-variance, stacked) for a batch of images."""
+    """The VAE's latent-distribution parameters (mean and log-variance, stacked) for a batch of images.
+
+    One image per VAE call: the library kernels round differently for different batch sizes, and a
+    cached image must give the latents it gives when it is encoded in the loop's batches.
+    """
     import torch
 
     with torch.no_grad():
-        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters
+        pixels = pixels.to(vae.device, vae.dtype)
+        return torch.cat([vae.encode(pixels[i : i + 1]).latent_dist.parameters for i in range(len(pixels))])
+
+
+class _Examples:
+    """A dataset's examples in one orientation, for a DataLoader that fills the latent cache."""
+
+    def __init__(self, dataset, flip: bool):
+        self.dataset, self.flip = dataset, flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset.example(index, self.flip)
 
 
 class CachedLatents:
@@ -59,20 +79,26 @@ class CachedLatents:
 
     The dataset must offer `example(index, flip)`; every image is encoded up front, in both orientations
     when the dataset flips at random, and kept on the CPU (the data loader moves each batch to the device).
+    The other fields of each item (its prompt) are kept too, so drawing an item decodes nothing; a dataset
+    that decodes its images when drawn (`decodes_on_draw`) is read by `workers` processes while filling.
     """
 
-    def __init__(self, dataset, vae):
+    def __init__(self, dataset, vae, workers: int = 0):
         import torch
 
         self.dataset = dataset
         self.random_flip = getattr(dataset, "random_flip", False)
         self.parameters = {}
+        self.items: list[dict] = []
         for flip in (False, True) if self.random_flip else (False,):
+            loader = torch.utils.data.DataLoader(
+                _Examples(dataset, flip), batch_size=ENCODE_BATCH, num_workers=workers, collate_fn=list
+            )
             chunks = []
-            for start in range(0, len(dataset), ENCODE_BATCH):
-                indices = range(start, min(start + ENCODE_BATCH, len(dataset)))
-                pixels = torch.stack([dataset.example(i, flip)["pixels"] for i in indices])
-                chunks.append(encode_images(vae, pixels).cpu())
+            for examples in loader:
+                chunks.append(encode_images(vae, torch.stack([example["pixels"] for example in examples])).cpu())
+                if not flip:
+                    self.items += [{k: v for k, v in example.items() if k != "pixels"} for example in examples]
             self.parameters[flip] = torch.cat(chunks)
 
     def __len__(self) -> int:
@@ -80,12 +106,10 @@ class CachedLatents:
 
     def __getitem__(self, index: int) -> dict:
         flip = self.random_flip and random_flip()  # the same draw the dataset itself makes
-        example = {k: v for k, v in self.dataset.example(index, flip).items() if k != "pixels"}
-        example["latent_parameters"] = self.parameters[flip][index]
-        return example
+        return {**self.items[index], "latent_parameters": self.parameters[flip][index]}
 
     def prompts(self) -> list[str]:
-        return [self.dataset.example(i, False)["prompt"] for i in range(len(self.dataset))]
+        return [item["prompt"] for item in self.items]
 
 
 def batch_latents(batch, vae):

@@ -76,19 +76,20 @@ def combine_loss(
 
     `errors` are per-example MSEs; `is_prior` marks the class (prior-preservation) examples. As in
     diffusers' DreamBooth script, the weights apply to the instance examples and the prior term is plain MSE.
+    Nothing here waits for the device: the two parts are masked means, not selections (whose size the
+    host would have to read), and they equal the means of the selected examples.
     """
-    import torch
-
-    if is_prior is None:
-        is_prior = torch.zeros(errors.shape[0], dtype=torch.bool, device=errors.device)
-    instance = ~is_prior
-    instance_errors = errors[instance]
     if snr_gamma:
-        instance_errors = instance_errors * snr_loss_weights(noise_scheduler, timesteps[instance], snr_gamma)
-    instance_loss = instance_errors.mean()
-    if not bool(is_prior.any()):
+        errors_weighted = errors * snr_loss_weights(noise_scheduler, timesteps, snr_gamma)
+    else:
+        errors_weighted = errors
+    if is_prior is None:
+        instance_loss = errors_weighted.mean()
         return LossParts(total=instance_loss, instance=instance_loss)
-    prior_loss = errors[is_prior].mean()
+    prior_mask = is_prior.to(errors.dtype)
+    instance_mask = 1 - prior_mask
+    instance_loss = (errors_weighted * instance_mask).sum() / instance_mask.sum()
+    prior_loss = (errors * prior_mask).sum() / prior_mask.sum()
     return LossParts(total=instance_loss + prior_loss_weight * prior_loss, instance=instance_loss, prior=prior_loss)
 
 

@@ -28,6 +28,7 @@ TINY_DIGITS_FOLDER = "tiny-digits"
 # Bump when the tiny model's construction changes, so stale caches are not reused.
 TINY_VERSION = 1
 TINY_SEED = 0
+SD14_RANDOM_VERSION = 1  # bump when build_sd14_pipeline changes
 PICKLE_WEIGHTS = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 
 
@@ -125,16 +126,39 @@ def _tiny_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(vocab_list)}, merges
 
 
-def build_tiny_pipeline(seed: int = TINY_SEED):
-    """Build the tiny SD-architecture pipeline in memory, deterministically from `seed`."""
-    quiet_libraries()
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tiny_tokenizer():
+    from transformers import CLIPTokenizer
 
     vocab, merges = _tiny_tokenizer_files()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
     tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _sd14_scheduler():
+    """SD v1.4's scheduler configuration."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED):
+    """Build the tiny SD-architecture pipeline in memory, deterministically from `seed`."""
+    quiet_libraries()
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = _tiny_tokenizer_files()
+    tokenizer = _tiny_tokenizer()
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config())
@@ -165,22 +189,50 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
             pad_token_id=vocab["<|endoftext|>"],
         )
     )
-    # SD v1.4's scheduler configuration.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=_sd14_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _resource_config(name: str) -> dict:
+    config = json.loads(resources.files("sdtune.resources").joinpath(name).read_text())
+    config.pop("_class_name", None)
+    config.pop("_diffusers_version", None)
+    return config
+
+
+def build_sd14_pipeline(seed: int = TINY_SEED, device: str = "cpu"):
+    """SD v1.4's architecture at full size with random weights, deterministically from `seed`: its UNet,
+    KL VAE and CLIP ViT-L/14 text encoder built from their configs (shipped with the package), with the
+    tiny model's offline tokenizer. It draws noise, at SD v1.4's cost in time and memory: for benchmarks.
+    `device` is where the weights are initialised (a GPU does it in a moment)."""
+    quiet_libraries()
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = _tiny_tokenizer_files()
+    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    with torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**_resource_config("sd14_unet_config.json"))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**_resource_config("sd14_vae_config.json"))
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{**_resource_config("sd14_text_encoder_config.json"), **ids}))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(),
+        unet=unet,
+        scheduler=_sd14_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -200,13 +252,22 @@ def tiny_pretrained_path() -> Path:
 
 def tiny_random_path() -> Path:
     """The random tiny model's folder in diffusers layout, built on first use."""
-    target = cache_dir() / "models" / f"tiny-v{TINY_VERSION}"
+    return _built_pipeline_path(f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
+
+
+def sd14_random_path(device: str = "cpu") -> Path:
+    """A folder in diffusers layout holding `build_sd14_pipeline()` (4.3 GB in fp32), built on first use."""
+    return _built_pipeline_path(f"sd14-random-v{SD14_RANDOM_VERSION}", lambda: build_sd14_pipeline(device=device))
+
+
+def _built_pipeline_path(name: str, build) -> Path:
+    target = cache_dir() / "models" / name
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        build().save_pretrained(staging, safe_serialization=True)
         try:
             publish_directory(staging, target, replace=False)
         except OSError:

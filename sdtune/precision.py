@@ -58,3 +58,35 @@ def place_frozen_models(device, dtype, text_encoder, vae, no_half_vae: bool) -> 
     cast_frozen_parameters(text_encoder, dtype, ())
     if not no_half_vae:
         cast_frozen_parameters(vae, dtype, ())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling precision: `sdtune sample --dtype`, `evaluate --dtype`, `train --validation-dtype`
+
+DTYPE_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def sampling_dtype(name: str | None, device):
+    """torch's dtype for `name`; None: fp16 on a GPU, fp32 elsewhere (CPUs gain nothing from half weights)."""
+    import torch
+
+    if name is None:
+        name = "fp16" if torch.device(device).type == "cuda" else "fp32"
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def vae_dtype(dtype, vae):
+    """The dtype the VAE decodes in: fp32 under fp16 when the VAE asks for it (`force_upcast`, which SD v1's
+    VAE config leaves at its default, True: it overflows in fp16), else `dtype` (bf16 has fp32's range)."""
+    import torch
+
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
+        return torch.float32
+    return dtype
+
+
+def cast_pipeline(pipe, dtype) -> None:
+    """Store the UNet and text encoder in `dtype`, the VAE in `vae_dtype(dtype)` (on their devices)."""
+    for module in (pipe.unet, pipe.text_encoder):
+        cast_frozen_parameters(module, dtype, ())
+    cast_frozen_parameters(pipe.vae, vae_dtype(dtype, pipe.vae), ())

@@ -14,6 +14,7 @@ CAPTION_LINES = 2
 GRID_PAD = 4
 MIN_CELL = 128  # small images are shown enlarged so the captions stay readable
 IMAGES_PER_CALL = 16  # images drawn per pipeline call (classifier-free guidance doubles the batch)
+DECODE_BATCH = 4  # images per VAE decoding call
 
 
 @dataclass
@@ -22,6 +23,14 @@ class SampleResult:
     images: list[Path]
     grid: Path
     prompts: list[str]
+    dtype: str = "fp32"  # the precision the images were drawn in
+    startup_seconds: float = 0.0  # libraries, pipeline, adapter and merge, until the first image is begun
+    draw_seconds: float = 0.0  # drawing and writing this process's images
+    images_drawn: int = 0  # by this process
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.draw_seconds / self.images_drawn if self.images_drawn else 0.0
 
 
 def grid_size(rows: int, columns: int, image_size: int, header: bool = False) -> tuple[int, int]:
@@ -64,11 +73,15 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
 
 
 def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
-    from .adapter import adapter_info, adapter_path, open_adapter
+    import time
+
+    started = time.perf_counter()
+    from .adapter import adapter_info, adapter_path
     from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts
     from .distributed import process_state
     from .fileio import atomic_write, ensure_writable_folder
-    from .models import DEFAULT_MODEL, load_pipeline
+    from .models import DEFAULT_MODEL
+    from .precision import cast_pipeline, sampling_dtype
 
     config.validate()
     prompts = []
@@ -92,14 +105,14 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes
     # their images; the main process then reads them all back for the grid.
     state = process_state()
-    pipe = load_pipeline(model)
-    scales = config.adapter_scales
-    sweep = isinstance(config.adapter_scale, list)
-    adapter = open_adapter(config.adapter, pipe) if config.adapter else None
+    device = state.device
+    dtype = sampling_dtype(config.dtype, device)
+    pipe, adapter = sampling_pipeline(model, config.adapter, device)
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
-    device = state.device
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    scales = config.adapter_scales
+    sweep = isinstance(config.adapter_scale, list)
 
     seeds = [config.seed + j for j in range(config.num_images)]
     filled = [fill_placeholders(prompt, token) for prompt in prompts]
@@ -112,26 +125,35 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
     files, rows = {}, {}
+    startup = draw_started = None
     for position, scale in enumerate(scales):
         last = position == len(scales) - 1
         if adapter is not None:
             # merged at each strength afresh from the exact base weights (kept unless this is the
-            # last strength), so each strength's images are those of a run at that single strength
+            # last strength), in fp32, so each strength's images are those of a run at that single
+            # strength; the weights the merge does not change only ever round to `dtype` the same way
+            cast_pipeline(pipe, torch_float32())
             adapter.unmerge()
             adapter.set_scale(scale)
             adapter.merge(keep_base=not last)
-        pipe.to(device)
+        cast_pipeline(pipe, dtype)
+        if startup is None:
+            startup = time.perf_counter() - started
+            draw_started = time.perf_counter()
         stem = f"scale{strength_name(scale)}-" if sweep else ""
         files[scale] = [output / "images" / f"{index:03d}-{stem}seed{seed}.png" for index in range(len(filled)) for seed in seeds]
         with state.split_between_processes(batches) as mine:
             rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
                                     progress and state.is_main_process, negative_prompt=negative_prompt,
                                     description=f"sample at {strength_name(scale)}" if sweep else "sample")
+    draw_seconds = time.perf_counter() - draw_started
+    drawn = sum(len(row) for scale in scales for row in rows[scale].values())
+    timing = dict(dtype=dtype_name(dtype), startup_seconds=startup, draw_seconds=draw_seconds, images_drawn=drawn)
     state.wait_for_everyone()
     grid_path = output / "grid.png"
     every_file = [path for scale in scales for path in files[scale]]
     if not state.is_main_process:
-        return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled)
+        return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled, **timing)
     for scale in scales:
         for index in range(len(filled)):
             if index not in rows[scale]:  # drawn by another process
@@ -140,7 +162,30 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     labels = [f"scale {strength_name(scale)}, seed {seed}" for scale in scales for seed in seeds] if sweep else None
     with atomic_write(grid_path) as tmp:
         make_grid(grid_rows, filled, column_labels=labels).save(tmp, format="PNG")
-    return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled)
+    return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled, **timing)
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def dtype_name(dtype) -> str:
+    return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}[str(dtype)]
+
+
+def sampling_pipeline(model: str, adapter_file: str | None, device):
+    """The base pipeline on `device` in fp32, with the adapter at `adapter_file` (if any) opened on it,
+    unmerged: (pipeline, adapter or None). The weights go to the device first, so the adapter is
+    injected and merged there (a GPU merges SD v1.4 in milliseconds, a CPU takes seconds)."""
+    from .adapter import open_adapter
+    from .models import load_pipeline
+
+    pipe = load_pipeline(model)
+    pipe.to(device)
+    adapter = open_adapter(adapter_file, pipe) if adapter_file else None
+    return pipe, adapter
 
 
 def make_scheduler(name: str, config):
@@ -187,7 +232,8 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
     try:
         for batch in batches:
             generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in seeds]
-            images = pipe(
+            images = draw(
+                pipe,
                 [prompts[index] for index in batch],
                 negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
                 num_images_per_prompt=len(seeds),
@@ -196,7 +242,7 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
                 guidance_scale=config.guidance,
                 height=resolution,
                 width=resolution,
-            ).images
+            )
             for offset, index in enumerate(batch):
                 row = images[offset * len(seeds) : (offset + 1) * len(seeds)]
                 for column, image in enumerate(row):
@@ -208,3 +254,26 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
         bar.close()
         diffusers_logging.set_verbosity(verbosity)
     return rows
+
+
+def draw(pipe, prompts, **settings) -> list:
+    """PIL images from the pipeline: its denoising loop, then `decode`."""
+    import torch
+
+    with torch.no_grad():
+        latents = pipe(prompts, output_type="latent", **settings).images
+    return decode(pipe, latents)
+
+
+def decode(pipe, latents) -> list:
+    """The VAE's images of `latents`, decoded in the VAE's own dtype (fp32 where the UNet runs in fp16,
+    see `precision.vae_dtype`) with autocast off, as the pipeline itself decodes them."""
+    import torch
+
+    vae = pipe.vae
+    images = []
+    with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):
+        for part in latents.split(DECODE_BATCH):  # a 512 px decode holds gigabytes of activations an image
+            decoded = vae.decode(part.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+            images += pipe.image_processor.postprocess(decoded, output_type="pil")
+    return images

@@ -6,6 +6,12 @@ checkpoint's state when resuming), and for `steps` optimiser steps runs `step()`
 reads the step's values on the host (`read()`), logs them and saves what is due: the adapter
 atomically, a checkpoint every `checkpoint_every` steps.
 
+The host never waits for the device inside a step: a step's loss and gradient norm stay on the
+device, and the host reads them (one transfer) after it has queued the next step, so the device
+always has work. A step after which something is saved or drawn (a checkpoint, the adapter,
+validation, the last step) is read at once instead, and its values are checked before anything is
+written: a non-finite loss or gradient norm stops the run without saving.
+
 Exact resume: epoch e's data order and augmentation draws derive from (seed, e), and each
 micro-batch's noise, timesteps and latent sample from (seed, step, micro-batch), with that micro-batch
 run in a forked RNG so the data stream is never disturbed. A run resumed from a checkpoint therefore
@@ -15,12 +21,13 @@ hardware and library versions).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
@@ -58,6 +65,14 @@ def derived_seed(*keys: int) -> int:
 
 
 def train(config: TrainConfig, progress: bool = True) -> Run:
+    with open_trainer(config, progress) as trainer:
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Trainer"]:
+    """A `Trainer` set up for `config`, its output folder locked while the block runs (what `train` runs,
+    and what a benchmark steps through with `advance`)."""
     from . import methods
 
     config.validate()
@@ -70,7 +85,7 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
     accelerator = make_accelerator(config, output)
     lock = lock_output(accelerator, output)
     try:
-        return Trainer(config, method, inputs, accelerator, output, resume=resume, progress=progress).fit()
+        yield Trainer(config, method, inputs, accelerator, output, resume=resume, progress=progress)
     finally:
         lock.release()
 
@@ -120,25 +135,27 @@ def lock_output(accelerator, output: Path) -> OutputLock:
 
 @dataclass
 class StepResult:
-    """What one optimiser step left for the host to read: its losses stay on the device until `Trainer.read`."""
+    """What one optimiser step left for the host to read: its values stay on the device until `Trainer.read`."""
 
+    step: int  # the optimiser step (from 1)
     started: float  # time.perf_counter() when the step began
     lr: float  # the learning rate the step used
     losses: list = field(default_factory=list)  # each micro-batch's loss (a tensor)
     instance_losses: list = field(default_factory=list)  # with prior preservation: the concept images' part
     prior_losses: list = field(default_factory=list)  # and the class images' part
-    grad_norm: float = math.nan  # the norm before clipping; not finite when an fp16 overflow skipped the step
+    grad_norm: Any = None  # the norm before clipping (a tensor); not finite when an fp16 overflow skipped the step
     images: int = 0  # images the step trained on, over every micro-batch and process
-    seconds: float = 0.0  # from the start of the step until the host has read its values
+    seconds: float = 0.0  # from the end of the previous step (or this one's start) until the host has read its values
 
 
 class Trainer:
     """One training run: the constructor sets it up, `fit()` runs it.
 
-    Each step, `step()` runs the micro-batches on the device, `read()` brings the step's values to
-    the host, `log()` writes them and `save_due()` saves what is due. The host waits for the device
-    in `check_finite` (each micro-batch's loss, each step's gradient norm) and in `read`; a step that
-    never waits would keep those as tensors in its `StepResult` and check them when it is read.
+    Each step, `step()` queues the micro-batches on the device, `read()` brings the step's values to
+    the host, `check_finite` stops at a non-finite one, `log()` writes them and `save_due()` saves what
+    is due. `advance()` runs one step and reads the step before it while this one runs, so the host
+    waits only for work the device has already been given; a step after which something is saved or
+    drawn is read at once (`save_or_validation_due`), before any file is written.
     """
 
     def __init__(
@@ -156,6 +173,8 @@ class Trainer:
         self.validation_losses: dict[int, float] = {}
         self.metrics: MetricsLog | None = None
         self.bar = None
+        self.pending: StepResult | None = None  # a step queued on the device whose values the host has not read
+        self.last_read = 0.0  # time.perf_counter() when the host last read a step's values
 
         self.resume_from = self._find_checkpoint(resume)
         set_seed(config.seed)
@@ -235,6 +254,8 @@ class Trainer:
         cast_frozen_parameters(self.unet, self.weight_dtype, parameters)  # trainable stay fp32
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if config.compile:
+            self.unet.compile()  # in place: the module, its parameters and the method's layers stay as they are
 
     def _make_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -280,9 +301,11 @@ class Trainer:
             self.validation_loss = validation.ValidationLoss(
                 held_out.pixels, self.prompt_embeddings(prompts, device), self.vae, self.noise_scheduler
             )
+        workers = data_workers(self.dataset, self.accelerator.num_processes)
         if config.cache_latents:
-            self.dataset = CachedLatents(self.dataset, self.vae)
+            self.dataset = CachedLatents(self.dataset, self.vae, workers)
             self.class_dataset = CachedLatents(self.class_dataset, self.vae) if self.class_dataset else None
+            workers = 0  # drawing a cached item decodes nothing
             self.prompt_embeddings.precompute(self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else []))
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
             self.text_encoder.to("cpu")
@@ -293,9 +316,12 @@ class Trainer:
             train_data, collate = prior.PriorPreservationDataset(self.dataset, self.class_dataset), prior.collate_with_prior
         # A dataset draws every class equally often; the sampler's indices hold for cached latents too.
         self.sampler = BalancedClassSampler(labelled.labels) if labelled is not None and config.balance_classes else None
+        # Batches go to the device from pinned memory without waiting (see make_accelerator); worker
+        # processes decode the images of a dataset read from files, which draws no random numbers.
         self.loader = torch.utils.data.DataLoader(
             train_data, batch_size=config.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-            generator=self.data_order, collate_fn=collate,
+            generator=self.data_order, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda",
         )
 
     def _prepare(self) -> None:
@@ -353,35 +379,63 @@ class Trainer:
 
     def fit(self) -> Run:
         """Train until `config.steps`, saving as due, then write the adapter(s)."""
-        self._open_logs()
+        self.open_logs()
         start = time.perf_counter()
         try:
             while self.global_step < self.config.steps:
-                result = self.step()
-                values = self.read(result)
-                if self._validation_due():
-                    values.update(self.validate())
-                self.log(values, result)
-                self.save_due()
+                self.advance()
+            self.finish_pending()
             self.check_weights()
             self.save_adapters()
             self.accelerator.wait_for_everyone()
         finally:
-            self._close_logs()
+            self.close_logs()
         return Run(
             output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from,
             validation_losses=self.validation_losses,
         )
 
+    def advance(self) -> None:
+        """One optimiser step: queue it, then read the step before it (which the device has finished or
+        is finishing while this one waits in its queue). A step after which something is saved or drawn
+        is read at once, and its validation and saves follow."""
+        result = self.step()
+        self.finish_pending()
+        if self.save_or_validation_due():
+            self.finish(result)
+        else:
+            self.pending = result
+
+    def finish_pending(self) -> None:
+        if self.pending is not None:
+            result, self.pending = self.pending, None
+            self.finish(result)
+
+    def finish(self, result: StepResult) -> None:
+        """Read a step's values (stopping at a non-finite one), validate and log it, and save what is due."""
+        values = self.read(result)
+        if result.step == self.global_step and self._validation_due():
+            values.update(self.validate())
+        self.log(values, result)
+        if result.step == self.global_step:
+            self.save_due()
+
+    def save_or_validation_due(self) -> bool:
+        """Whether the step just taken is followed by a save, validation or the end of the run."""
+        config, step = self.config, self.global_step
+        every = [config.checkpoint_every, config.save_every, config.validate_every]
+        return step >= config.steps or any(n and step % n == 0 for n in every)
+
     def step(self) -> StepResult:
-        """One optimiser step over `gradient_accumulation_steps` micro-batches."""
+        """One optimiser step over `gradient_accumulation_steps` micro-batches, queued on the device: nothing
+        here waits for it (the losses and the gradient norm stay tensors until `read`)."""
         import torch
 
         from .latents import batch_latents
 
         config, accelerator = self.config, self.accelerator
-        result = StepResult(started=time.perf_counter(), lr=self.optimizer.param_groups[0]["lr"])
+        result = StepResult(step=self.global_step + 1, started=time.perf_counter(), lr=self.optimizer.param_groups[0]["lr"])
         for micro_batch in range(config.gradient_accumulation_steps):
             batch = next(self.batches)
             self.micro_batches += 1
@@ -390,12 +444,9 @@ class Trainer:
                 torch.manual_seed(derived_seed(config.seed, STEP_STREAM, self.global_step, micro_batch, self.process))
                 latents = batch_latents(batch, self.vae)
                 loss = self.loss(latents, batch)
-                self.check_finite("loss", loss.total)
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients:
-                    result.grad_norm = accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf).item()
-                    if accelerator.scaler is None:  # under fp16 the scaler skips such a step
-                        self.check_finite("gradient norm", result.grad_norm)
+                    result.grad_norm = accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -426,49 +477,58 @@ class Trainer:
         )
 
     def read(self, result: StepResult) -> dict[str, Any]:
-        """The step's values on the host (the mean loss over micro-batches and processes): here the host waits."""
-        loss = self._gathered_mean(result.losses)
-        self.losses.append(loss)
-        result.seconds = time.perf_counter() - result.started
-        grad_norm = result.grad_norm
-        values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
-        if result.prior_losses:
-            values.update(
-                instance_loss=self._gathered_mean(result.instance_losses), prior_loss=self._gathered_mean(result.prior_losses)
-            )
-        return values
-
-    def _gathered_mean(self, values: list) -> float:
+        """The step's values on the host (losses averaged over micro-batches and processes), in one transfer:
+        here the host waits for the device. A non-finite loss or gradient norm stops the run."""
         import torch
 
-        return self.accelerator.gather(torch.stack(values).mean()).mean().item()
+        parts = [result.losses] + ([result.instance_losses, result.prior_losses] if result.prior_losses else [])
+        means = torch.stack([torch.stack(losses).mean() for losses in parts])
+        means = self.accelerator.gather(means).view(-1, len(parts)).mean(dim=0)
+        grad_norm = result.grad_norm
+        if isinstance(grad_norm, torch.Tensor):  # one transfer for everything the step left on the device
+            *numbers, grad_norm = torch.cat([means, grad_norm.detach().reshape(1).to(means)]).tolist()
+        else:
+            numbers = means.tolist()
+            grad_norm = math.nan if grad_norm is None else float(grad_norm)
+        now = time.perf_counter()
+        result.seconds = now - max(result.started, self.last_read)
+        self.last_read = now
+        loss = numbers[0]
+        self.check_finite("loss", loss, result.step)
+        if self.accelerator.scaler is None:  # under fp16 the scaler skips such a step
+            self.check_finite("gradient norm", grad_norm, result.step)
+        self.losses.append(loss)
+        values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+        if result.prior_losses:
+            values.update(instance_loss=numbers[1], prior_loss=numbers[2])
+        return values
 
     def log(self, values: dict[str, Any], result: StepResult) -> None:
         """To the trackers (TensorBoard), metrics.jsonl and the progress bar."""
-        step = self.global_step
+        step = result.step
         self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
         if self.metrics is not None:
             seconds = result.seconds
             self.metrics.write(
                 {"step": step, **values, "step_seconds": round(seconds, 5), "images_per_second": round(result.images / seconds, 3)}
             )
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)  # drawn by update, at most 10 times a second
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}")
 
     # -----------------------------------------------------------------------------------------
     # Finite values: checked before anything is saved
 
-    def check_finite(self, name: str, value) -> None:
+    def check_finite(self, name: str, value, step: int | None = None) -> None:
         """Stop when a step's loss or gradient norm (a number or a one-element tensor) is NaN or infinite."""
         value = value.item() if hasattr(value, "item") else value
         if not math.isfinite(value):
-            self._fail(f"{name} is {value} at step {self.global_step + 1}")
+            self._fail(f"{name} is {value} at step {step or self.global_step + 1}")
 
     def check_weights(self) -> None:
-        """Stop rather than save weights a step has ruined."""
+        """Stop rather than save weights a step has ruined (one transfer for all of them)."""
         import torch
 
-        if not all(bool(torch.isfinite(p).all()) for p in self.parameters):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.parameters]).all()):
             self._fail(f"trained weights are not finite after step {self.global_step}")
 
     def _fail(self, problem: str) -> NoReturn:
@@ -534,6 +594,7 @@ class Trainer:
         import torch
 
         from . import validation
+        from .precision import sampling_dtype
         from .tracking import log_image
 
         accelerator, values = self.accelerator, {}
@@ -542,15 +603,16 @@ class Trainer:
                 model = accelerator.unwrap_model(self.unet)
                 values["val_loss"] = self.validation_loss(model, accelerator.autocast, self.device)
                 self.validation_losses[self.global_step] = values["val_loss"]
-                grid = validation.sample_grid(
-                    self.pipe, self.inputs.sample_prompts, self.resolution, self.device, accelerator.autocast
-                )
+                dtype = sampling_dtype(self.config.validation_dtype, self.device)
+                if dtype == torch.float32 and self.weight_dtype is not None:
+                    dtype = self.weight_dtype  # frozen weights stored in half run in half
+                grid = validation.sample_grid(self.pipe, self.inputs.sample_prompts, self.resolution, self.device, dtype)
             validation.save_grid(grid, self.output, self.global_step)
             log_image(accelerator, "samples", grid, self.global_step)
         accelerator.wait_for_everyone()
         return values
 
-    def _open_logs(self) -> None:
+    def open_logs(self) -> None:
         """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""
         from tqdm.auto import tqdm
 
@@ -566,7 +628,7 @@ class Trainer:
             disable=not (self.progress and self.accelerator.is_local_main_process),
         )
 
-    def _close_logs(self) -> None:
+    def close_logs(self) -> None:
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -574,6 +636,16 @@ class Trainer:
         # belongs to the launched process, which may go on to sample.
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+def data_workers(dataset, processes: int = 1) -> int:
+    """Worker processes for a dataset that decodes image files when an item is drawn; 0 for the others
+    (in-memory images cost less to index than a worker costs to pass them on)."""
+    import os
+
+    if not getattr(dataset, "decodes_on_draw", False):
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) // processes - 1))
 
 
 def make_optimizer(config: TrainConfig, parameters: list, method_weight_decay: float):
@@ -604,7 +676,7 @@ def make_accelerator(config: TrainConfig, output: Path):
     """Accelerate's Accelerator for the run: mixed precision, gradient accumulation, TensorBoard logs in OUTPUT/logs."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
     from .tracking import logging_dir
 
@@ -620,6 +692,8 @@ def make_accelerator(config: TrainConfig, output: Path):
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=config.gradient_accumulation_steps, sync_with_dataloader=False
             ),
+            # a blocking copy to a GPU waits for everything queued before it; batches come from pinned memory
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
         )
     except ValueError as error:  # a precision the device lacks
         raise SdtuneError(f"--mixed-precision {config.mixed_precision}: {str(error).splitlines()[0]}") from None

@@ -114,34 +114,44 @@ def on_device(modules, device):
             module.to(place)
 
 
-def sample_grid(pipe, prompts: list[str], resolution: int, device, autocast):
-    """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet."""
+def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
+    """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet.
+
+    The UNet being trained keeps its weights; with `dtype` fp16 or bf16 (see `sdtune sample --dtype`) it
+    and the text encoder run under autocast in that dtype, and the VAE decodes in its own dtype. Every
+    prompt and seed goes through the pipeline at once (a few calls for many prompts).
+    """
     import torch
 
-    from .sampling import make_grid
+    from .sampling import IMAGES_PER_CALL, decode, make_grid
 
     unet = pipe.unet
     was_training = unet.training
     unet.eval()
     pipe.set_progress_bar_config(disable=True)
-    rows = []
+    dtype = dtype or torch.float32
+    per_call = max(1, IMAGES_PER_CALL // len(SAMPLE_SEEDS))
+    images = []
     try:
-        with torch.no_grad(), on_device([pipe.vae, pipe.text_encoder], device), autocast():
-            for prompt in prompts:
-                generators = [torch.Generator(device).manual_seed(seed) for seed in SAMPLE_SEEDS]
-                rows.append(
-                    pipe(
-                        prompt,
+        with torch.no_grad(), on_device([pipe.vae, pipe.text_encoder], device):
+            for first in range(0, len(prompts), per_call):
+                batch = prompts[first : first + per_call]
+                generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in SAMPLE_SEEDS]
+                with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                    latents = pipe(
+                        batch,
                         num_images_per_prompt=len(SAMPLE_SEEDS),
                         generator=generators,
                         num_inference_steps=SAMPLE_STEPS,
                         guidance_scale=SAMPLE_GUIDANCE,
                         height=resolution,
                         width=resolution,
+                        output_type="latent",
                     ).images
-                )
+                images += decode(pipe, latents)
     finally:
         unet.train(was_training)
+    rows = [images[i * len(SAMPLE_SEEDS) : (i + 1) * len(SAMPLE_SEEDS)] for i in range(len(prompts))]
     return make_grid(rows, prompts)
 
 

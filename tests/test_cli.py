@@ -117,6 +117,45 @@ def test_sample_sweeps_adapter_strengths(trained_run, tmp_path):
         assert adapted != (images / f"000-scale0-seed{seed}.png").read_bytes()
 
 
+def test_sample_in_half_precision_keeps_the_vae_in_fp32_under_fp16(trained_run, tmp_path):
+    import numpy as np
+
+    common = ("--prompt", "a <castle>", "--num-images", 2, "--steps", 2, "--adapter", trained_run)
+
+    def pixels(name, *extra):
+        result = invoke("sample", *common, *extra, "--output", tmp_path / name)
+        assert result.exit_code == 0, result.output
+        return result.output, [np.asarray(Image.open(tmp_path / name / "images" / f"000-seed{s}.png"), dtype=float) for s in (0, 1)]
+
+    output, full = pixels("fp32")  # the default on a CPU
+    assert "(fp32; start-up " in output and " s an image)" in output
+    for dtype in ("bf16", "fp16"):
+        output, half = pixels(dtype, "--dtype", dtype)
+        assert f"({dtype}; " in output
+        assert all(0 < np.abs(a - b).mean() < 20 for a, b in zip(full, half))  # the same pictures, rounded otherwise
+    # a sweep in half precision draws, at each strength, what a single-strength run draws
+    sweep = invoke("sample", *common, "--dtype", "bf16", "--adapter-scale", "0,1", "--output", tmp_path / "sweep")
+    assert sweep.exit_code == 0, sweep.output
+    for seed in (0, 1):
+        assert (tmp_path / "sweep" / "images" / f"000-scale1-seed{seed}.png").read_bytes() == (
+            tmp_path / "bf16" / "images" / f"000-seed{seed}.png"
+        ).read_bytes()
+    assert_one_line_error(invoke("sample", *common, "--dtype", "fp64", "--output", tmp_path / "x"), 2, "--dtype must be one of")
+
+
+def test_sampling_pipeline_dtypes(tiny_pipe):
+    import torch
+
+    from sdtune.precision import cast_pipeline, sampling_dtype, vae_dtype
+
+    assert sampling_dtype(None, "cpu") == torch.float32 and sampling_dtype(None, "cuda") == torch.float16
+    assert sampling_dtype("bf16", "cpu") == torch.bfloat16
+    assert vae_dtype(torch.float16, tiny_pipe.vae) == torch.float32  # SD v1's VAE overflows in fp16
+    assert vae_dtype(torch.bfloat16, tiny_pipe.vae) == torch.bfloat16
+    cast_pipeline(tiny_pipe, torch.float16)
+    assert tiny_pipe.unet.dtype == tiny_pipe.text_encoder.dtype == torch.float16 and tiny_pipe.vae.dtype == torch.float32
+
+
 def test_adapter_scale_takes_one_number_or_a_list(tmp_path):
     from sdtune.config import SampleConfig
     from sdtune.errors import SdtuneError

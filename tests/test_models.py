@@ -122,3 +122,16 @@ def test_fingerprint_sample_indices_stay_in_bounds(size):
     index = sample_indices(size, 64)
     assert index[0] == 0 and index[-1] == size - 1 and len(index) == min(64, size)
     assert bool((index[1:] >= index[:-1]).all())
+
+
+def test_full_size_sd14_pipeline_for_benchmarks_has_sd14_shapes():
+    from sdtune.models import build_sd14_pipeline
+
+    pipe = build_sd14_pipeline(device="meta")  # the architecture without allocating its 4.3 GB
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert count(pipe.unet) == 859_520_964  # SD v1.4's UNet, VAE and CLIP ViT-L/14 text encoder
+    assert count(pipe.vae) == 83_653_863
+    assert count(pipe.text_encoder) == 123_060_480
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 64
+    ids = pipe.tokenizer("photo of a sks castle.").input_ids
+    assert max(ids) < pipe.text_encoder.config.vocab_size and ids[-1] == pipe.text_encoder.config.eos_token_id

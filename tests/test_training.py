@@ -254,3 +254,90 @@ def test_changed_settings_and_metrics_until(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
     assert metrics_until(path, 2) == '{"step": 1}\n{"step": 2}\n'
     assert metrics_until(path, 0) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# A loop at the device's pace
+
+
+def test_a_step_never_reads_the_device_and_read_brings_its_values(tmp_path, tiny_path, monkeypatch):
+    """What `step()` queues stays on the device: nothing in sdtune reads a tensor back inside it (on a
+    GPU each read would make the host wait); `read` brings the step's values in one transfer."""
+    import traceback
+
+    import sdtune
+    from sdtune.training import open_trainer
+
+    package = str(next(iter(sdtune.__path__)))
+    reads = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = traceback.extract_stack()[-2]  # the code that reads the tensor
+            if caller.filename.startswith(package):
+                reads.append((name, f"{caller.filename}:{caller.lineno}"))
+            return original(self, *args, **kwargs)
+
+        return read
+
+    settings = dict(steps=3, gradient_accumulation_steps=2, max_grad_norm=1.0, class_images=None, snr_gamma=5.0)
+    with open_trainer(config(tmp_path / "run", **settings), progress=False) as trainer:
+        trainer.open_logs()
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, name, recording(name))
+        result = trainer.step()
+        monkeypatch.undo()
+        assert reads == []
+        assert [loss.shape for loss in result.losses] == [torch.Size([])] * 2 and isinstance(result.grad_norm, torch.Tensor)
+        values = trainer.read(result)
+        assert values["loss"] == pytest.approx(torch.stack(result.losses).mean().item())
+        assert values["grad_norm"] == pytest.approx(result.grad_norm.item())
+        trainer.close_logs()
+
+
+def test_a_non_finite_step_read_late_is_named_and_nothing_after_the_last_good_save_is_written(tmp_path, tiny_path):
+    from sdtune.errors import TrainingFailed
+
+    output = tmp_path / "nan"
+    with pytest.raises(TrainingFailed, match=r"loss is (nan|inf) at step \d+; stopped without saving") as failure:
+        train(config(output, steps=12, lr=1e30, save_every=5, log_with="none"), progress=False)
+    step = int(str(failure.value).split("at step ")[1].split(";")[0])
+    logged = [r["step"] for r in records(output)]
+    assert logged == list(range(1, step))  # every step before the failing one, read one step late, is logged
+    if step > 5:
+        with safe_open(str(output / "adapter.safetensors"), framework="pt") as handle:
+            assert int(handle.metadata()["step"]) == 5 * ((step - 1) // 5)
+    else:
+        assert not (output / "adapter.safetensors").exists()
+
+
+def test_step_seconds_follow_the_loop_pace(tmp_path, tiny_path):
+    run = train(config(tmp_path / "run", steps=6, log_with="none"), progress=False)
+    seconds = [r["step_seconds"] for r in records(run.output)]
+    assert len(seconds) == 6 and all(s > 0 for s in seconds)
+    assert sum(seconds) <= run.seconds  # intervals between reads: they never overlap
+
+
+def test_compile_compiles_the_unet_in_place(tmp_path, tiny_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *args, **kwargs: compiled.append(type(module).__name__))
+    run = train(config(tmp_path / "run", steps=1, compile=True, log_with="none"), progress=False)
+    assert compiled == ["UNet2DConditionModel"] and run.config.compile
+    assert "compile = true" in (run.output / "config.toml").read_text()
+
+
+def test_loop_benchmark_runs_on_the_tiny_model(tmp_path, tiny_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loop.py"
+    spec = importlib.util.spec_from_file_location("loop_benchmark", path)
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    text = loop.main(["--methods", "atoms", "--batches", "2", "--steps", "2", "--warmup", "1", "--work", str(tmp_path)])
+    row = next(line for line in text.splitlines() if line.startswith("| atoms | 2 |"))
+    whole, bare, floor, *ratios = (float(cell) for cell in row.strip("|").split("|")[2:])
+    assert whole > 0 and bare > 0 and floor > 0 and all(r > 0 for r in ratios)
+    assert [r["step"] for r in records(tmp_path / "atoms-batch2")] == [1, 2, 3]
