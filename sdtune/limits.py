@@ -219,30 +219,31 @@ def check_run_fits(config, method, image_count: int = 0) -> None:
     check_memory(parts)
 
 
-def check_sample_fits(model: str, config, prompts: int) -> int:
-    """`sdtune sample`'s sizes (`config`: a SampleConfig, for `prompts` prompts) against the model and the
-    machine; returns the resolution it draws at."""
+def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:
+    """`sdtune sample`'s sizes (`config`: a SampleConfig, for `prompts` prompts; `grid_size`: the size of
+    its grid, as `sampling.grid_size`) against the model and the machine; returns the resolution it draws at."""
     columns = config.num_images * len(config.adapter_scales)
     asked = f"--num-images {config.num_images:,} for {prompts:,} prompt(s)"
     if len(config.adapter_scales) > 1:
         asked += f" at {len(config.adapter_scales)} strengths"
-    return check_drawing_fits(model, config.resolution, config.steps, prompts * columns, asked, grid=(prompts, columns))
+
+    def grid_bytes(resolution: int) -> int:
+        width, height = grid_size(rows=prompts, columns=columns, image_size=resolution, header=True)
+        return width * height * 3
+
+    return check_drawing_fits(model, config.resolution, config.steps, prompts * columns, asked, grid_bytes)
 
 
 def check_drawing_fits(model: str, resolution: int | None, steps: int, images: int = 1, asked: str = "",
-                       grid: tuple[int, int] | None = None) -> int:
-    """What drawing `images` images (`asked`: the settings that ask for them) and, with `grid` =
-    (rows, columns), their grid needs; returns the resolution used."""
+                       grid_bytes=None) -> int:
+    """What drawing `images` images (`asked`: the settings that ask for them) and their grid
+    (`grid_bytes(resolution)`, if any) needs; returns the resolution used."""
     from .models import read_model_configs
-    from .sampling import grid_size
 
     configs = read_model_configs(model)
     resolution = check_resolution(model, configs, resolution)
     check_sampling_steps(model, configs, steps)
-    kept = images * resolution * resolution * 3  # every image, as 8-bit RGB
-    if grid is not None:
-        width, height = grid_size(rows=grid[0], columns=grid[1], image_size=resolution, header=True)
-        kept += width * height * 3
+    kept = images * resolution * resolution * 3 + (grid_bytes(resolution) if grid_bytes else 0)  # 8-bit RGB
     check_memory([
         (f"--resolution {resolution}", "one image's last VAE feature maps", vae_feature_map_bytes(configs, resolution, 4)),
         (asked or f"--resolution {resolution}", f"the {images:,} image(s) kept for the grid", kept),
