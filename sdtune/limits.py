@@ -158,14 +158,18 @@ def free_disk(folder: Path) -> tuple[int, Path]:
 
 def count_parameters(configs, method) -> tuple[int, int]:
     """(frozen UNet parameters, trained parameters) for a fresh copy of `method` injected into the
-    UNet built from its config on the meta device: nothing is allocated, whatever the options."""
+    UNet built from its config on the meta device: nothing is allocated, whatever the options.
+    (0, 0) where the config builds no UNet: loading the model says what is wrong with it."""
     import torch
     from diffusers import UNet2DConditionModel
 
     from . import methods
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(configs.unet)
+        try:
+            unet = UNet2DConditionModel.from_config(configs.unet)
+        except Exception:
+            return 0, 0
         probe = methods.create(method.name, **method.options_dict())
         probe.inject(unet)
     trained = probe.num_parameters()

@@ -190,3 +190,27 @@ def test_the_smallest_resolution_follows_the_models_widths():
     sd14_vae = {"block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
     sd14 = ModelConfigs("StableDiffusionPipeline", sd14_unet_config(), sd14_vae, {"num_train_timesteps": 1000})
     assert smallest_resolution(sd14) == 8 and sd14.native_resolution == 512
+
+
+def test_memory_is_the_gpus_where_the_run_uses_one(monkeypatch):
+    """The bound is the GPU's memory when the run trains on one (Accelerate's choice), else the RAM's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdtune.errors import SdtuneError
+    from sdtune.limits import check_memory, device_memory, ram_bytes
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=(i + 1) * 2**30, name=f"GPU{i}"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device_memory() == (2 * 2**30, "the GPU (GPU1) has 2.0 GB")
+    with pytest.raises(SdtuneError, match=r"^--resolution 512 needs more memory than there is: 3.0 GB for its maps alone, and the GPU \(GPU1\) has 2.0 GB$"):
+        check_memory([("--resolution 512", "its maps", 3 * 2**30), ("--model m", "weights", 1)])
+    with pytest.raises(SdtuneError, match=r"^this run needs at least 2.5 GB of memory \(maps 1.5 GB, weights 1.0 GB\), and the GPU"):
+        check_memory([("--resolution 512", "maps", 3 * 2**29), ("--model m", "weights", 2**30)])
+    check_memory([("--resolution 512", "maps", 2**30)])  # fits: no error
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert device_memory()[0] == ram_bytes() > 0
