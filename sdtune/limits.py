@@ -6,15 +6,16 @@ take is one line and exit code 2, not a library error (or an hour of work) later
 reads the model's configs only (`models.read_model_configs`), never its weights:
 
 - the smallest resolution: below it some GroupNorm of the UNet or the VAE would see a single value
-  per group at batch size 1, which torch refuses to normalise (the tiny model's 32-channel first
-  block reaches that at 16 px; SD v1.4's widths never do);
+  per group at batch size 1, which torch refuses to normalise (the tiny model's 32 channels in 32
+  groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
 - denoising steps: at most the scheduler's training timesteps (1000 for SD), as diffusers'
   schedulers require;
 - memory: a lower bound of what the run keeps at once (the UNet's weights, the trained parameters
   with their gradients and optimiser state, counted by injecting the method into the UNet built on
-  the meta device, one image's first VAE feature maps, the images sampling keeps for the grid)
-  against the memory of the device the run uses (the GPU, else the machine's RAM). The bound is
-  never above what the run needs, so a refusal is certain; a run that passes may still run out;
+  the meta device, one image's first VAE feature maps) against the memory of the device the run
+  uses (the GPU, else the machine's RAM), and what stays in RAM either way (the training and class
+  images, the images sampling keeps for its grid) against the RAM. The bound is never above what
+  the run needs, so a refusal is certain; a run that passes may still run out;
 - the number of micro-batches (steps × gradient accumulation) and the metrics log it writes
   (a line a step) against the output folder's free disk.
 """
@@ -103,9 +104,9 @@ def check_sampling_steps(model: str, configs, steps: int) -> None:
 # What the machine takes
 
 
-def device_memory() -> tuple[int, str]:
-    """The memory a run's tensors live in, and how to name it: the GPU's that this process would use
-    (Accelerate picks it the same way), else the machine's RAM."""
+def device_memory() -> tuple[int, str] | None:
+    """The memory of the GPU this process would use (Accelerate picks it the same way), and how to
+    name it; None where the run uses the CPU (its tensors live in RAM)."""
     import torch
 
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -113,7 +114,7 @@ def device_memory() -> tuple[int, str]:
         index = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
         props = torch.cuda.get_device_properties(index)
         return props.total_memory, f"the GPU ({props.name}) has {human_bytes(props.total_memory)}"
-    return ram_bytes(), f"this machine has {human_bytes(ram_bytes())} of memory"
+    return None
 
 
 def ram_bytes() -> int:
@@ -125,17 +126,23 @@ def ram_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(parts: list[tuple[str, str, int]]) -> None:
-    """`parts`: (the setting behind it, what it is, its bytes) of what a run keeps at once. The
-    largest one alone, or all of them together, beyond the device's memory is a one-line refusal."""
-    available, device = device_memory()
-    culprit, what, largest = max(parts, key=lambda part: part[2])
-    if largest > available:
-        raise SdtuneError(f"{culprit} needs more memory than there is: {human_bytes(largest)} for {what} alone, and {device}")
-    total = sum(part[2] for part in parts)
-    if total > available:
-        listed = ", ".join(f"{what} {human_bytes(size)}" for _, what, size in parts if size)
-        raise SdtuneError(f"this run needs at least {human_bytes(total)} of memory ({listed}), and {device}")
+def check_memory(on_device: list[tuple[str, str, int]], on_host: list[tuple[str, str, int]] = ()) -> None:
+    """What a run keeps at once, each part (the setting behind it, what it is, its bytes): `on_device`
+    where the run computes (the GPU's memory, or RAM on a CPU), `on_host` in RAM either way. Any part
+    alone, or a memory's parts together, beyond that memory is a one-line refusal."""
+    ram = (ram_bytes(), f"this machine has {human_bytes(ram_bytes())} of memory")
+    gpu = device_memory()
+    groups = [(list(on_device), gpu), (list(on_host), ram)] if gpu else [(list(on_device) + list(on_host), ram)]
+    for parts, (available, device) in groups:
+        if not parts:
+            continue
+        culprit, what, largest = max(parts, key=lambda part: part[2])
+        if largest > available:
+            raise SdtuneError(f"{culprit} needs more memory than there is: {human_bytes(largest)} for {what} alone, and {device}")
+        total = sum(part[2] for part in parts)
+        if total > available:
+            listed = ", ".join(f"{what} {human_bytes(size)}" for _, what, size in parts if size)
+            raise SdtuneError(f"this run needs at least {human_bytes(total)} of memory ({listed}), and {device}")
 
 
 def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int) -> int:
@@ -207,7 +214,7 @@ def check_run_fits(config, method, image_count: int = 0) -> None:
     frozen, trained = count_parameters(configs, method)
     state = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer] + (4 if config.ema_decay else 0)
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
-    parts = [
+    on_device = [
         (f"--model {config.model}", "the UNet's frozen weights", frozen * (2 if half else 4)),
         (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
          trained * state),
@@ -215,12 +222,12 @@ def check_run_fits(config, method, image_count: int = 0) -> None:
          vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4)),
         (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {config.batch_size:,} images",
          config.batch_size * pixels),
-        (f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels),
     ]
+    on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
     if config.with_prior_preservation and config.num_class_images:
-        parts.append((f"--num-class-images {config.num_class_images:,}", f"{config.num_class_images:,} class images",
-                      config.num_class_images * pixels))
-    check_memory(parts)
+        on_host.append((f"--num-class-images {config.num_class_images:,}", f"{config.num_class_images:,} class images",
+                        config.num_class_images * pixels))
+    check_memory(on_device, on_host)
 
 
 def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:
@@ -248,8 +255,8 @@ def check_drawing_fits(model: str, resolution: int | None, steps: int, images: i
     resolution = check_resolution(model, configs, resolution)
     check_sampling_steps(model, configs, steps)
     kept = images * resolution * resolution * 3 + (grid_bytes(resolution) if grid_bytes else 0)  # 8-bit RGB
-    check_memory([
-        (f"--resolution {resolution}", "one image's last VAE feature maps", vae_feature_map_bytes(configs, resolution, 4)),
-        (asked or f"--resolution {resolution}", f"the {images:,} image(s) kept for the grid", kept),
-    ])
+    check_memory(
+        [(f"--resolution {resolution}", "one image's last VAE feature maps", vae_feature_map_bytes(configs, resolution, 4))],
+        [(asked or f"--resolution {resolution}", f"the {images:,} image(s) kept for the grid", kept)],
+    )
     return resolution

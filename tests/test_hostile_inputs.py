@@ -194,7 +194,8 @@ def test_the_smallest_resolution_follows_the_models_widths():
 
 
 def test_memory_is_the_gpus_where_the_run_uses_one(monkeypatch):
-    """The bound is the GPU's memory when the run trains on one (Accelerate's choice), else the RAM's."""
+    """Device parts are bounded by the GPU's memory when the run trains on one (Accelerate's choice), host
+    parts (images) by the RAM; on a CPU, all of them together by the RAM."""
     from types import SimpleNamespace
 
     import torch
@@ -212,6 +213,10 @@ def test_memory_is_the_gpus_where_the_run_uses_one(monkeypatch):
         check_memory([("--resolution 512", "its maps", 3 * 2**30), ("--model m", "weights", 1)])
     with pytest.raises(SdtuneError, match=r"^this run needs at least 2.5 GB of memory \(maps 1.5 GB, weights 1.0 GB\), and the GPU"):
         check_memory([("--resolution 512", "maps", 3 * 2**29), ("--model m", "weights", 2**30)])
-    check_memory([("--resolution 512", "maps", 2**30)])  # fits: no error
+    check_memory([("--resolution 512", "maps", 2**30)], [("--num-images 4", "images", 3 * 2**30)])  # images in RAM
+    with pytest.raises(SdtuneError, match=r"^--num-images 9 needs more memory than there is: .* and this machine has"):
+        check_memory([("--resolution 512", "maps", 2**30)], [("--num-images 9", "images", 2 * ram_bytes())])
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    assert device_memory()[0] == ram_bytes() > 0
+    assert device_memory() is None
+    with pytest.raises(SdtuneError, match=r"^this run needs at least .* and this machine has"):
+        check_memory([("--resolution 512", "maps", ram_bytes() // 2 + 1)], [("--num-images 4", "images", ram_bytes() // 2 + 1)])
