@@ -316,16 +316,19 @@ def explain(
 @handle_errors
 def export(
     source: Path = typer.Argument(..., help="sdtune adapter file or run folder."),
-    export_format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr: a folder for PeftModel.from_pretrained)."),
+    export_format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method; the README says which loader reads which), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr: a folder for PeftModel.from_pretrained)."),
     output: Path = typer.Option(..., help="Output file (kohya, diffusers) or new folder (peft)."),
     model: Optional[str] = typer.Option(None, help="kohya, diff-style methods: the base model ΔW = merged - base is computed on (default: the adapter's)."),
+    full_diff: bool = typer.Option(False, "--full-diff", help="kohya, diff-style methods: a zero .diff beside every .diff_b of a module whose bias alone changed (BitFit, DiffFit), so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too; the zeros cost as much as those weights (the command says how much)."),
 ) -> None:
     """Write an adapter in a format other tools load."""
     from .export import export_adapter
 
     config = ExportConfig.load(None, **_config_values(ExportConfig, locals(), format=export_format))
-    result = export_adapter(config.source, config.format, config.output, model=config.model)
+    result = export_adapter(config.source, config.format, config.output, model=config.model, full_diff=config.full_diff)
     typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
+    for note in result.notes:
+        typer.echo(note)
 
 
 @app.command("merge")
@@ -413,7 +416,7 @@ def list_methods(
     model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', 'tiny-random', a hub id or a folder."),
 ) -> None:
     """List every method with its trainable parameter count and adapter size."""
-    from .comparison import human_bytes
+    from .fileio import human_bytes
     from .models import build_sd14_unet, load_pipeline
 
     rows = []

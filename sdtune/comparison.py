@@ -18,6 +18,7 @@ from typing import Any
 from .config import CompareConfig
 from .errors import SdtuneError
 from .evaluation import METRICS, format_metric, read_evaluation
+from .fileio import human_bytes
 from .tracking import METRICS_FILE, read_metrics_log
 
 TABLE_FILE = "comparison.md"
@@ -110,14 +111,6 @@ def summarize_run(path: str | Path) -> RunSummary:
         eval_prompts=list(report.get("prompts", [])),
         placeholder=info.placeholder,
     )
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:

@@ -108,6 +108,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SdtuneError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise SdtuneError(f"--config {path} is a folder; give a TOML file (a run's config.toml)") from None
+    except OSError as error:
+        raise SdtuneError(f"config file {path} cannot be read: {error.strerror or error}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SdtuneError(f"{path}: not valid TOML ({error})") from None
 
@@ -414,12 +418,15 @@ class ExportConfig(_Config):
     format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr)
     output: str = ""  # a file (kohya, diffusers) or a new folder (peft)
     model: str | None = None  # the base model diff-style kohya exports use (default: the adapter's)
+    full_diff: bool = False  # kohya diffs: a zero .diff beside every lone .diff_b, for LyCORIS, A1111, InvokeAI
 
     def validate(self) -> None:
         if not self.source or not self.output:
             raise SdtuneError("export needs an adapter (file or run folder) and --output")
         if self.format not in EXPORT_FORMATS:
             raise SdtuneError(f"--format {self.format!r} is not available; choose: {', '.join(EXPORT_FORMATS)}")
+        if self.full_diff and self.format != "kohya":
+            raise SdtuneError(f"--full-diff applies to --format kohya, not {self.format}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ stays on.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .errors import SdtuneError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 PLACEHOLDER = re.compile(r"<([^<>\s]+)>")
+MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -22,12 +24,27 @@ PLACEHOLDER = re.compile(r"<([^<>\s]+)>")
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a text file: one a line; blank lines and lines starting with '#' are skipped."""
+    """Prompts from a text file: one a line; blank lines and lines starting with '#' are skipped.
+
+    `-` reads standard input; a FIFO or /dev/stdin is read as any file is."""
     path = Path(path)
-    if not path.is_file():
-        raise SdtuneError(f"prompt file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
+        if str(path) == "-":  # standard input, as command-line tools read it
+            stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+            data, path = stream.read(MAX_PROMPT_FILE_BYTES + 1), Path("standard input")
+            data = data.encode() if isinstance(data, str) else data
+        else:
+            with open(path, "rb") as handle:  # also /dev/stdin, a FIFO or a process substitution
+                data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
+        if len(data) > MAX_PROMPT_FILE_BYTES:
+            raise SdtuneError(f"prompt file {path} holds more than {MAX_PROMPT_FILE_BYTES // 2**20} MB; give one prompt a line")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
+    except FileNotFoundError:
+        raise SdtuneError(f"prompt file not found: {path}") from None
+    except IsADirectoryError:
+        raise SdtuneError(f"prompt file {path} is a folder; give a text file with one prompt a line") from None
+    except OSError as error:
+        raise SdtuneError(f"prompt file {path} cannot be read: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
         raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
     prompts = [line.strip() for line in text.splitlines()]

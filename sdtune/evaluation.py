@@ -91,8 +91,9 @@ def hub_offline() -> bool:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    from .models import first_sentence
+
+    return first_sentence(error)
 
 
 def from_pretrained(flag: str, name: str, load: Callable[..., Any]):
@@ -115,8 +116,10 @@ def from_pretrained(flag: str, name: str, load: Callable[..., Any]):
     try:
         return load(name)
     except Exception as error:
+        from .models import hub_reason
+
         raise MetricUnavailable(
-            f"{flag} {name}: not in the local Hugging Face cache and could not be downloaded ({_first_line(error)})"
+            f"{flag} {name}: not in the local Hugging Face cache and could not be downloaded ({hub_reason(error)})"
         ) from None
 
 

@@ -100,6 +100,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     from . import methods
     from .adapter import adapter_path, load_adapter, read_adapter_info
     from .fileio import atomic_write
+    from .limits import check_drawing_fits
     from .models import load_pipeline
 
     if isinstance(run, ExplainConfig):
@@ -120,6 +121,8 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
         explained = " and ".join(name for name in methods.available() if methods.method_class(name).explanation)
         raise SdtuneError(f"--layer applies to {explained} runs; this is a {info.method} run")
     output = Path(config.output) if config.output else path.parent / "explain"
+    if explanation == "clusters":  # it draws an image: sizes the model or the machine cannot take stop here
+        check_drawing_fits(model or info.base_model, resolution, steps)
 
     pipe = load_pipeline(model or info.base_model)
     base = {name: p.detach().to("cpu", copy=True) for name, p in pipe.unet.named_parameters()}

@@ -7,6 +7,9 @@ methods that have them.
   as LyCORIS writes them (`sdtune.kohya` describes the keys and writes the file): the method's own
   kohya tensors where it has them (`Method.kohya_tensors`: LoRA, LoHa, LoKr), otherwise the
   full-weight differences ΔW = merged − base of each changed module, computed on the base model.
+  A module whose bias alone changed gets `.diff_b` alone, which ComfyUI and sdtune read; with
+  `full_diff` a zero `.diff` goes beside it, for LyCORIS, AUTOMATIC1111 and InvokeAI (the result's
+  notes say which applies, and what the zeros cost).
 - `diffusers` (LoRA): `StableDiffusionPipeline.save_lora_weights`' layout (`unet.<module>.lora_A.weight`)
   for `load_lora_weights`. alpha/rank is folded into lora_B and the LoraConfig metadata says
   lora_alpha = r, so loaders that read the metadata and older ones that do not get the same update
@@ -20,15 +23,17 @@ Whole pipelines with the update baked in are written by `sdtune.merging`.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
-from .fileio import write_folder
-from .kohya import is_kohya_file, kohya_diff_state, kohya_state, write_kohya
+from .fileio import human_bytes, write_folder
+from .kohya import is_kohya_file, kohya_diff_state, kohya_state, missing_diffs, with_zero_diffs, write_kohya
 
 
 @dataclass
@@ -36,19 +41,26 @@ class ExportResult:
     output: Path
     format: str
     tensors: int
+    notes: list[str] = field(default_factory=list)  # what the command says about the file, a line each
 
 
-def export_adapter(source: str | Path, format: str, output: str | Path, model: str | None = None) -> ExportResult:
+def export_adapter(
+    source: str | Path, format: str, output: str | Path, model: str | None = None, full_diff: bool = False
+) -> ExportResult:
     """Write the sdtune adapter `source` (file or run folder) in another `format` to `output`.
 
     `model` overrides the base model that diff-style kohya exports compute ΔW on (default: the
-    adapter's own base model).
+    adapter's own base model). `full_diff` (kohya diffs): a zero `.diff` beside every `.diff_b` whose
+    module's weight did not change, so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too.
+    The method's export warnings (`Method.export_warnings`) are issued as Python warnings.
     """
     from . import methods
     from .adapter import adapter_path, read_adapter
 
     if format not in FORMATS:
         raise SdtuneError(f"--format {format!r} is not available; choose: {', '.join(FORMATS)}")
+    if full_diff and format != "kohya":
+        raise SdtuneError(f"--full-diff applies to --format kohya, not {format}")
     output = Path(output)
     path = adapter_path(source)
     if is_kohya_file(path):
@@ -61,20 +73,52 @@ def export_adapter(source: str | Path, format: str, output: str | Path, model: s
     if format == "kohya":
         _check_file_target(output)
         own = method.kohya_tensors(tensors)
+        if own is not None and full_diff:
+            raise SdtuneError(
+                f"--full-diff applies to kohya files of full-weight differences; a {method.name} adapter is written "
+                "as its own kohya tensors, which need no .diff"
+            )
+        _warn(method.export_warnings(format, tensors))
         if own is not None:
             modules, extra = own
-            state = kohya_state(modules)
+            state, missing = kohya_state(modules), None
         else:
             unet, diffs = _diffs_on_base_model(path, info, model)
             state, extra = kohya_diff_state(unet, diffs, path)
+            missing = missing_diffs(unet, state)
+            if full_diff:
+                state = with_zero_diffs(state, missing)
         write_kohya(output, state, info, extra)
-        return ExportResult(output, format, len(state))
+        notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size) if missing is not None else []
+        return ExportResult(output, format, len(state), notes)
+    _warn(method.export_warnings(format, tensors))
     if format == "diffusers":
         _check_file_target(output)
         count = write_diffusers_lora(output, method, tensors)
         return ExportResult(output, format, count)
     count = write_peft_folder(output, method, info, tensors)
     return ExportResult(output, format, count)
+
+
+def _warn(messages: list[str]) -> None:
+    for message in messages:
+        warnings.warn(message, stacklevel=3)
+
+
+def _full_diff_notes(missing: dict[str, tuple[int, ...]], state: dict, full_diff: bool, file_bytes: int) -> list[str]:
+    """What a full-weight-difference kohya file holds for the loaders that want a `.diff` in every module."""
+    zeros = human_bytes(sum(math.prod(shape) for shape in missing.values()) * 4)
+    if not missing:
+        return ["--full-diff: every changed module has its .diff already; the file is the same as without it"] if full_diff else []
+    if full_diff:
+        return [f"--full-diff: {len(missing)} zero .diff tensors beside .diff_b ones, {zeros} of the file's "
+                f"{human_bytes(file_bytes)}; LyCORIS, AUTOMATIC1111 and InvokeAI read it too"]
+    modules = len({key.partition(".")[0] for key in state})
+    return [
+        f"{len(missing)} of {modules} modules changed their bias alone and carry .diff_b without .diff: ComfyUI and "
+        f"sdtune read this file, LyCORIS, AUTOMATIC1111 and InvokeAI refuse it; --full-diff adds a zero .diff "
+        f"beside each for them ({zeros} more)"
+    ]
 
 
 def _not_available(format: str, method) -> str:

@@ -45,6 +45,15 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def human_bytes(n: float) -> str:
+    """A size as people read it: 512 B, 3.2 MB, 1.4 TB (units of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -22,10 +22,11 @@ Writing (`sdtune export --format kohya`): a method that has its own kohya tensor
 `Method.kohya_tensors`) gives them, computed from its adapter alone; every other method (atoms,
 DiffFit, BitFit, GIFT, full) is written as full-weight differences ΔW = merged − base of each changed
 module, computed on the base model (`kohya_diff_state`). A module whose bias alone changed (BitFit,
-DiffFit's biases) gets `.diff_b` alone: ComfyUI and sdtune read it; LyCORIS and AUTOMATIC1111 want a
-`.diff` beside it, which would cost a zero copy of the weight. The metadata holds kohya-ss' `ss_*`
-entries and sdtune's own (`sdtune_*`: method, options, base model, placeholder and token), so sdtune
-reads the token back.
+DiffFit's biases) gets `.diff_b` alone: ComfyUI and sdtune read it; LyCORIS, AUTOMATIC1111 and
+InvokeAI refuse a file holding one. `--full-diff` writes a zero `.diff` of the weight's shape beside
+each (`missing_diffs`), which every loader reads, at the cost of those zeros. The metadata holds
+kohya-ss' `ss_*` entries and sdtune's own (`sdtune_*`: method, options, base model, placeholder and
+token), so sdtune reads the token back.
 
 Reading (`load_kohya`, used by `sdtune.load_adapter` for files trained anywhere): each module's ΔW is
 rebuilt from its keys by the reader of its kind (`KOHYA_READERS`, one small function per kind, as
@@ -126,6 +127,26 @@ def kohya_diff_state(unet, diffs: dict[tuple[str, str], Any], where: str | Path)
         raise SdtuneError(f"{where}: the adapter does not change the base model; there is nothing to export")
     extra = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
     return dict(sorted(state.items())), extra
+
+
+def missing_diffs(unet, state: dict) -> dict[str, tuple[int, ...]]:
+    """`<module>.diff` → the weight's shape, for every module of a diff `state` that has a `.diff_b`
+    and no `.diff` (its bias alone changed). ComfyUI and sdtune read such a module; LyCORIS,
+    AUTOMATIC1111 and InvokeAI find no update kind in it and refuse the whole file."""
+    names = {kohya_name(UNET_PREFIX, name): module for name, module in unet.named_modules() if name}
+    missing = {}
+    for key in state:
+        module = key.removesuffix(".diff_b")
+        if key.endswith(".diff_b") and f"{module}.diff" not in state:
+            missing[f"{module}.diff"] = tuple(names[module].weight.shape)
+    return missing
+
+
+def with_zero_diffs(state: dict, missing: dict[str, tuple[int, ...]]) -> dict:
+    """`state` with a float32 zero `.diff` for each of `missing` (`sdtune export --full-diff`)."""
+    import torch
+
+    return dict(sorted({**state, **{key: torch.zeros(shape) for key, shape in missing.items()}}.items()))
 
 
 def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import MERGE_DTYPES
 from .errors import SdtuneError
 from .fileio import check_folder_free, write_folder, write_text_atomic
+from .safetensors_checks import first_non_finite
 
 
 @dataclass
@@ -29,6 +30,7 @@ def merge_adapter(
     installed. The folder is built beside `output` and renamed onto it.
     """
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     from .adapter import adapter_info, load_adapter
     from .models import DEFAULT_MODEL, load_pipeline
@@ -45,7 +47,16 @@ def merge_adapter(
     load_adapter(source, pipe, merge=True, scale=scale)
     if set(pipe.unet.state_dict()) != keys or hasattr(pipe.unet, "peft_config"):
         raise RuntimeError("the merged UNet is not the base model's architecture")
-    pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its notice on casting a loaded model says nothing here
+    try:
+        pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    overflowed = first_non_finite(dict(pipe.unet.named_parameters()))
+    if overflowed:  # a huge --scale, or an update too large for --dtype: refuse rather than write it
+        raise SdtuneError(f"the merged weight {overflowed} overflows {dtype} at --scale {scale:g}; use a smaller --scale"
+                          + (" or a wider --dtype" if dtype != "fp32" else ""))
     provenance = {
         "merged_from": str(source),
         "method": info.method,

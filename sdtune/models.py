@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -292,6 +294,149 @@ def resolve_model(model: str) -> str:
     return model
 
 
+# The pipeline classes sdtune trains and samples: SD 1.x and 2.x. Others (SDXL, SD3, Flux, ...) are
+# refused by the name in their model_index.json before anything loads.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+CONFIG_FILES = {"unet": "unet/config.json", "vae": "vae/config.json", "scheduler": "scheduler/scheduler_config.json"}
+
+
+@dataclass
+class ModelConfigs:
+    """A pipeline's configs, read without its weights: what sizes it takes is known before it loads."""
+
+    pipeline: str  # model_index.json's _class_name
+    unet: dict
+    vae: dict
+    scheduler: dict
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.get("block_out_channels", [0] * 4)) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.get("sample_size", 64)) * self.vae_scale_factor
+
+
+def read_model_configs(model: str) -> ModelConfigs:
+    """`model`'s model_index.json, UNet, VAE and scheduler configs, from its folder or the Hugging Face
+    cache (the hub where it is online); a one-line error where the model cannot be found, is no
+    diffusers pipeline, or is a pipeline sdtune cannot train."""
+    source = resolve_model(model)
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise SdtuneError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+        index = _read_config(model, path / "model_index.json")
+        check_pipeline_class(model, index)
+        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
+        if missing:
+            raise SdtuneError(f"--model {model}: the folder lacks component(s) {', '.join(missing)}")
+        files = {name: path / file for name, file in CONFIG_FILES.items()}
+    else:
+        check_hub_id(model, source)
+        fetch = _HubFiles(model, source)
+        index = _read_config(model, fetch("model_index.json"))
+        check_pipeline_class(model, index)
+        files = {name: fetch(file) for name, file in CONFIG_FILES.items()}
+    configs = {name: _read_config(model, file) for name, file in files.items()}
+    return ModelConfigs(index["_class_name"], **configs)
+
+
+def check_pipeline_class(model: str, index: dict) -> None:
+    """Refuse a pipeline sdtune cannot train (SDXL, ...) by the class its model_index.json names."""
+    name = index.get("_class_name")
+    if not isinstance(name, str):
+        raise SdtuneError(f"--model {model}: model_index.json names no pipeline class (_class_name)")
+    if name not in SUPPORTED_PIPELINES:
+        raise SdtuneError(
+            f"--model {model} is a {name}, which sdtune does not support yet; it trains and samples "
+            f"{' and '.join(SUPPORTED_PIPELINES)} models (SD 1.x, 2.x)"
+        )
+
+
+def check_hub_id(model: str, source: str) -> None:
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise SdtuneError(f"--model {model}: no such folder, and not a hub id; use --model tiny or a local folder")
+
+
+def _read_config(model: str, file: Path) -> dict:
+    try:
+        value = json.loads(Path(file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdtuneError(f"--model {model}: {Path(file).parent.name}/{Path(file).name} is missing") from None
+    except (OSError, ValueError) as error:
+        raise SdtuneError(f"--model {model}: {Path(file).name} is not a readable JSON config ({type(error).__name__})") from None
+    if not isinstance(value, dict):
+        raise SdtuneError(f"--model {model}: {Path(file).name} is not a JSON object")
+    return value
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def not_found(model: str, reason: str) -> str:
+    """The one line for a hub id that is not on disk and cannot be fetched."""
+    return f"--model {model}: not in the local Hugging Face cache, and {reason}; use --model tiny or a local folder"
+
+
+class _HubFiles:
+    """A hub model's small files: from the Hugging Face cache, else downloaded where the hub is online.
+
+    The hub is asked about the model once first (`model_info`), which fails fast and clearly when it
+    cannot be reached or has no such model; file downloads retry for half a minute before they fail.
+    """
+
+    def __init__(self, model: str, repo: str):
+        self.model, self.repo, self.asked = model, repo, False
+
+    def __call__(self, filename: str) -> Path:
+        from huggingface_hub import hf_hub_download, model_info, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(self.repo, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+        if hub_offline():
+            raise SdtuneError(not_found(self.model, "the hub is offline (HF_HUB_OFFLINE)"))
+        try:
+            if not self.asked:
+                model_info(self.repo)
+                self.asked = True
+            return Path(hf_hub_download(self.repo, filename))
+        except Exception as error:
+            raise SdtuneError(not_found(self.model, hub_reason(error))) from None
+
+
+def hub_reason(error: BaseException) -> str:
+    """Why a hub download failed, in a few whole words (the libraries' messages run to paragraphs)."""
+    kinds = {type_.__name__ for type_ in type(error).__mro__}
+    cause = error.__cause__ or error.__context__
+    if cause is not None and cause is not error:
+        kinds |= {type_.__name__ for type_ in type(cause).__mro__}
+    if "GatedRepoError" in kinds:
+        return "it is gated on the hub: accept its licence there and log in (hf auth login)"
+    if "RepositoryNotFoundError" in kinds:
+        return "the hub has no such model (or it is private: log in with hf auth login)"
+    if "RevisionNotFoundError" in kinds:
+        return "the hub has no such revision of it"
+    if kinds & {"ConnectError", "ConnectionError", "NetworkError", "TimeoutException", "Timeout", "TransportError",
+                "LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
+        return "the hub could not be reached"
+    if kinds & {"EntryNotFoundError", "RemoteEntryNotFoundError"}:
+        return "the hub's copy lacks a file the pipeline needs"
+    return first_sentence(error)
+
+
+def first_sentence(error: BaseException, limit: int = 160) -> str:
+    """The first sentence of an error's message, cut at a word (with an ellipsis) when longer than `limit`."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+    return sentence
+
+
 def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     """Load a Stable Diffusion pipeline from "tiny", "tiny-random", a hub id or a local diffusers folder.
 
@@ -303,15 +448,11 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    read_model_configs(model)  # a model that is missing, or not a pipeline sdtune trains, stops here
     source = resolve_model(model)
     path = Path(source)
     is_folder = path.exists()
     if is_folder:
-        if not path.is_dir() or not (path / "model_index.json").exists():
-            raise SdtuneError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
-        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
-        if missing:
-            raise SdtuneError(f"--model {model}: the folder lacks component(s) {', '.join(missing)}")
         for component in ("unet", "vae", "text_encoder"):
             files = [p for p in (path / component).iterdir() if p.is_file()]
             pickled = [p.name for p in files if p.suffix in PICKLE_WEIGHTS]
@@ -320,8 +461,6 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
                     f"--model {model}: {component}/ holds only pickled weights ({pickled[0]}), which can run "
                     "code when loaded; sdtune reads safetensors only"
                 )
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise SdtuneError(f"--model {model}: no such folder, and not a hub id; use --model tiny or a local folder")
 
     kwargs = dict(
         safety_checker=None,
@@ -337,18 +476,15 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
             pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
         except Exception as local_error:
             if is_folder:
-                raise SdtuneError(f"--model {model}: could not load the folder: {_first_line(local_error)}") from None
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-                raise SdtuneError(
-                    f"--model {model}: weights not found in the local Hugging Face cache and the hub is offline; "
-                    "use --model tiny or a local folder"
-                ) from None
+                raise SdtuneError(f"--model {model}: could not load the folder: {first_sentence(local_error)}") from None
+            weights = f"--model {model}: its weights are not in the local Hugging Face cache, and"
+            if hub_offline():
+                raise SdtuneError(f"{weights} the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder") from None
             try:
                 pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
             except Exception as remote_error:
                 raise SdtuneError(
-                    f"--model {model}: weights not found locally and could not be downloaded "
-                    f"({_first_line(remote_error)}); use --model tiny or a local folder"
+                    f"{weights} they could not be downloaded: {hub_reason(remote_error)}; use --model tiny or a local folder"
                 ) from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
@@ -356,7 +492,3 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     pipe.sdtune_model_id = model
     return pipe
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]

@@ -80,6 +80,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts
     from .distributed import process_state
     from .fileio import atomic_write, ensure_writable_folder
+    from .limits import check_sample_fits
     from .models import DEFAULT_MODEL
     from .precision import cast_pipeline, sampling_dtype
 
@@ -94,6 +95,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     info = adapter_info(config.adapter) if config.adapter else None
     model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
     token = config.token or (info.token if info else None) or None
+    check_sample_fits(model, config, len(prompts), grid_size)  # sizes the model or the machine cannot take, before it loads
     if config.output:
         output = Path(config.output)
     elif config.adapter:

@@ -33,6 +33,7 @@ from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
 from .fileio import OutputLock, ensure_writable_folder, write_text_atomic
+from .limits import check_run_fits
 from .tracking import MetricsLog
 
 FEW_SHOT_IMAGES = (3, 50)
@@ -80,6 +81,7 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     resume = config.resume
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
+    check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
     output = ensure_writable_folder(config.output)
 
     accelerator = make_accelerator(config, output)

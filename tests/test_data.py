@@ -26,6 +26,40 @@ def test_empty_or_undecodable_prompt_file_is_refused(tmp_path, content):
         read_prompt_file(path)
 
 
+def test_prompts_from_standard_input_a_fifo_and_dev_stdin(tmp_path, monkeypatch):
+    """`-`, /dev/stdin and a FIFO are read as command-line tools read them, not reported missing."""
+    import io
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a <castle>\n# no\nb\n")))
+    assert read_prompt_file("-") == ["a <castle>", "b"]
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("from a pipe\n"))
+    writer.start()
+    assert read_prompt_file(fifo) == ["from a pipe"]
+    writer.join()
+
+    code = "from sdtune.data import read_prompt_file; print(read_prompt_file('/dev/stdin'))"
+    result = subprocess.run([sys.executable, "-c", code], input="piped <castle>\n", capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "['piped <castle>']", result.stderr
+
+
+def test_cli_samples_prompts_from_standard_input(tmp_path, private_cache):
+    from test_cli import runner
+
+    from sdtune.cli import app
+
+    args = ["sample", "--model", "tiny-random", "--prompts", "-", "--num-images", "1", "--steps", "1", "--output", str(tmp_path)]
+    result = runner.invoke(app, args, input="a <castle>\nthe <castle>\n")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000-seed0.png", "001-seed0.png"]
+
+
 def test_paper_prompt_files_have_twenty_prompts():
     for concept in ("castle", "canal"):
         prompts = read_prompt_file(f"prompts/{concept}.txt")

@@ -223,6 +223,82 @@ def test_kohya_export_loads_in_lycoris(name, options, tmp_path, inputs, monkeypa
     torch.testing.assert_close(run_unet(unet, inputs), tuned, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["bitfit", "difffit"])
+def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs, monkeypatch):
+    """A module whose bias alone changed has `.diff_b` alone: LyCORIS refuses the default file and reads
+    the `--full-diff` one, whose zero `.diff`s are the only difference."""
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
+    from sdtune.models import load_pipeline
+
+    tuned = run_unet(make_adapter(name, {}, tmp_path / "a.safetensors").unet, inputs)
+    default = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "default.safetensors")
+    assert len(default.notes) == 1 and "ComfyUI and sdtune read this file, LyCORIS, AUTOMATIC1111 and InvokeAI refuse it" in default.notes[0]
+    state = load_file(tmp_path / "default.safetensors")
+    lonely = [key for key in state if key.endswith(".diff_b") and key.removesuffix("_b") not in state]
+    assert lonely
+    with pytest.raises(AttributeError):  # its loader finds no update kind in a module holding .diff_b alone
+        lycoris_kohya.create_network_from_weights(1.0, "", None, None, load_pipeline("tiny-random").unet, weights_sd=state)
+
+    full = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "full.safetensors", full_diff=True)
+    assert full.notes[0].startswith(f"--full-diff: {len(lonely)} zero .diff tensors beside .diff_b ones")
+    full_state = load_file(tmp_path / "full.safetensors")
+    added = set(full_state) - set(state)
+    assert added == {key.removesuffix("_b") for key in lonely}
+    assert all(not full_state[key].any() for key in added) and all(torch.equal(full_state[k], v) for k, v in state.items())
+    unet = load_pipeline("tiny-random").unet
+    network, _ = lycoris_kohya.create_network_from_weights(1.0, "", None, None, unet, weights_sd=full_state)
+    assert len(network.unet_loras) == len({key.partition(".")[0] for key in full_state})
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    torch.testing.assert_close(run_unet(unet, inputs), tuned, rtol=0, atol=1e-4)
+    own = load_pipeline("tiny-random")
+    load_adapter(tmp_path / "full.safetensors", own)
+    torch.testing.assert_close(run_unet(own.unet, inputs), tuned, rtol=0, atol=1e-5)
+
+
+def test_full_diff_applies_to_kohya_diffs_only(tmp_path):
+    make_adapter("lora", {}, tmp_path / "lora.safetensors")
+    with pytest.raises(SdtuneError, match="--full-diff applies to kohya files of full-weight differences; a lora adapter"):
+        export_adapter(tmp_path / "lora.safetensors", "kohya", tmp_path / "x.safetensors", full_diff=True)
+    with pytest.raises(SdtuneError, match="--full-diff applies to --format kohya, not peft"):
+        export_adapter(tmp_path / "lora.safetensors", "peft", tmp_path / "x", full_diff=True)
+    assert not list(tmp_path.glob("x*"))
+    make_adapter("atoms", {}, tmp_path / "atoms.safetensors")  # every module's weight changed: nothing to add
+    plain = export_adapter(tmp_path / "atoms.safetensors", "kohya", tmp_path / "plain.safetensors")
+    full = export_adapter(tmp_path / "atoms.safetensors", "kohya", tmp_path / "full.safetensors", full_diff=True)
+    assert plain.notes == [] and "every changed module has its .diff already" in full.notes[0]
+    plain_state, full_state = load_file(tmp_path / "plain.safetensors"), load_file(tmp_path / "full.safetensors")
+    assert plain_state.keys() == full_state.keys() and all(torch.equal(full_state[k], v) for k, v in plain_state.items())
+
+
+@pytest.mark.parametrize(
+    "name,options,warned",
+    [
+        ("loha", {"alpha": 2.0}, ["applies alpha/rank twice when it merges"]),
+        ("loha", {}, []),
+        ("lokr", {"alpha": 2.0}, ["applies alpha/rank twice when it merges"]),  # some factors low-rank
+        ("lokr", {"alpha": 2.0, "targets": "attn"}, []),  # both factors full everywhere: scale 1 in the file
+        ("lokr", {"targets": "conv", "rank": 2, "tucker": True}, ["cannot load Tucker LoKr files"]),
+        ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}, ["expects both Kronecker factors low-rank"]),
+        ("lora", {"alpha": 2.0}, []),
+    ],
+    ids=lambda value: str(value),
+)
+def test_kohya_exports_warn_where_lycoris_reads_them_wrongly(name, options, warned, tmp_path):
+    """LyCORIS 4.1.3 merges LoHa and LoKr with alpha/rank applied twice, and cannot rebuild some LoKr
+    layouts; the method warns on kohya export (sdtune's and ComfyUI's readers are right either way)."""
+    import warnings
+
+    make_adapter(name, options, tmp_path / "a.safetensors")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors")
+        if "peft" in methods.method_class(name).export_formats:
+            export_adapter(tmp_path / "a.safetensors", "peft", tmp_path / "peft")  # peft reads its own maths
+    messages = [str(w.message) for w in record if "LyCORIS" in str(w.message)]
+    assert len(messages) == len(warned) and all(part in message for part, message in zip(warned, messages)), messages
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers and peft
 

@@ -324,6 +324,13 @@ def test_parameter_count_matches_formula(name, options, lr, tiny_pipe):
     method = methods.create(name, **options)
     method.inject(tiny_pipe.unet)
     assert method.num_parameters() == expected_count(name, options, load_pipeline("tiny-random").unet)
+    # what `sdtune train` counts before the model loads: the method injected into a meta-device UNet
+    from sdtune.limits import count_parameters
+    from sdtune.models import read_model_configs
+
+    frozen, trained = count_parameters(read_model_configs("tiny-random"), method)
+    assert trained == method.num_parameters()
+    assert frozen + trained == sum(p.numel() for p in tiny_pipe.unet.parameters())
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)

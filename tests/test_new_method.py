@@ -45,6 +45,10 @@ def test_the_example_method_keeps_the_contract(channel_scale, tiny_pipe, tmp_pat
     method = methods.create("channel-scale")
     parameters = method.inject(tiny_pipe.unet)
     assert method.num_parameters() == sum(conv.out_channels for _, conv in named_convs(load_pipeline("tiny-random").unet, {3}))
+    from sdtune.limits import count_parameters
+    from sdtune.models import read_model_configs
+
+    assert count_parameters(read_model_configs("tiny-random"), method)[1] == method.num_parameters()  # on the meta device
     assert torch.equal(run_unet(tiny_pipe.unet, inputs), base), "zero update at init"
 
     optimizer = torch.optim.AdamW(parameters, lr=1e-2)

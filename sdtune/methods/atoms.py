@@ -93,6 +93,7 @@ SPARSE_SAMPLE_ROWS = 8192
 # Singular values of D below this fraction of the largest are dropped by D⁺, so near-dependent
 # learned atoms (a layer with fewer blocks than atoms gives some) cannot blow the update up.
 PINV_RTOL = 1e-3
+MAX_SEED = 2**32 - 1  # as `--seed`
 DECOMPOSITION_VERSION = "1"  # bump when a decomposition's algorithm changes: old cache entries are ignored
 
 
@@ -453,6 +454,8 @@ class FilterAtoms(WrappedLayers):
             value = getattr(o, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise SdtuneError(f"{flag} must be an integer of at least {least}, got {value!r}")
+        if o.seed > MAX_SEED:
+            raise SdtuneError(f"atoms seed must be between 0 and {MAX_SEED}, as --seed, got {o.seed}")
         if o.init not in INITS:
             raise SdtuneError(f"--atoms-init {o.init!r} is not available; choose: {', '.join(INITS)}")
         if o.kernel not in KERNELS:

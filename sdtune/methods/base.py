@@ -224,6 +224,11 @@ class Method(ABC):
         (merged − base), computed on the base model."""
         return None
 
+    def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """What to warn about when the adapter's `tensors` are written in `format`: known loaders that
+        read the file wrongly for this method's options (none by default)."""
+        return []
+
     def to_peft_config(self, module_names: list[str]):
         """The peft config (a `peft.PeftConfig`) that wraps exactly `module_names` with this method's layers."""
         raise SdtuneError(f"method {self.name!r} has no peft form")
@@ -422,7 +427,7 @@ def weight_sample(unet: nn.Module, names: list[str]) -> torch.Tensor:
             continue
         flat = weight.detach().reshape(-1)
         values.append(flat[sample_indices(flat.numel(), FINGERPRINT_SAMPLES).to(flat.device)].float().cpu())
-    return torch.cat(values) if values else torch.zeros(0)
+    return torch.cat(values) if values else torch.zeros(0, device="cpu")
 
 
 def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 1e-2) -> bool:

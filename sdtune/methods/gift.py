@@ -28,6 +28,7 @@ from ..errors import SdtuneError
 from .base import DeltaLayer, WrappedLayers, named_linears, replace_module
 
 GENERATORS = ("simple", "paca")
+MAX_BLOCKS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +177,8 @@ class Gift(WrappedLayers):
         for flag, value in (("rank", o.rank), ("clusters", o.clusters), ("blocks", o.blocks)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SdtuneError(f"--gift-{flag} must be a whole number of at least 1, got {value!r}")
+        if o.blocks > MAX_BLOCKS:  # each block is one more sequential step of every update; thousands take minutes to build
+            raise SdtuneError(f"--gift-blocks must be at most {MAX_BLOCKS} (the paper uses 1 or 2), got {o.blocks}")
         if not isinstance(o.targets, str) or not self.target_suffixes():
             raise SdtuneError(f"gift targets must name module endings such as attn1.to_out.0, got {o.targets!r}")
 

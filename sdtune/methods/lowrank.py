@@ -25,6 +25,7 @@ projections of every attention, `all` the convolutions and the projections.
 from __future__ import annotations
 
 import json
+import math
 import re
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -112,8 +113,8 @@ class _PeftLowRank(WrappedLayers):
             raise SdtuneError(f"--rank must be a whole number of at least 1, got {o.rank!r}")
         if o.alpha is None:
             o.alpha = float(o.rank)
-        elif isinstance(o.alpha, bool) or not isinstance(o.alpha, (int, float)) or not o.alpha > 0:
-            raise SdtuneError(f"--alpha must be a positive number, got {o.alpha!r}")
+        elif isinstance(o.alpha, bool) or not isinstance(o.alpha, (int, float)) or not 0 < o.alpha < math.inf:
+            raise SdtuneError(f"--alpha must be a positive number (and finite), got {o.alpha!r}")
         o.alpha = float(o.alpha)
         if o.targets not in TARGET_CHOICES:
             raise SdtuneError(f"--targets {o.targets!r} is not available; choose: {', '.join(TARGET_CHOICES)}")
@@ -212,6 +213,13 @@ class _PeftLowRank(WrappedLayers):
         return "lycoris.kohya", args
 
 
+def _lycoris_merge_warning(method) -> str:
+    o = method.options
+    return (f"{method.name} with alpha {o.alpha:g} ≠ rank {o.rank}: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank "
+            "twice when it merges this file (merge_to, get_diff_weight; its forward pass is right); ComfyUI and sdtune "
+            "read it right, and alpha = rank (the default) avoids it")
+
+
 class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
@@ -251,6 +259,9 @@ class Loha(_PeftLowRank):
     Options = LohaOptions
     variants = ({}, {"targets": "conv3x3"})
 
+    def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        return [_lycoris_merge_warning(self)] if format == "kohya" and self.options.alpha != self.options.rank else []
+
     def to_peft_config(self, module_names: list[str]):
         from peft import LoHaConfig
 
@@ -285,6 +296,24 @@ class Lokr(_PeftLowRank):
             decompose_both=self.options.decompose_both,
             use_effective_conv2d=self.options.tucker,
         )
+
+    def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """LyCORIS 4.1.3's loader and merge, which the kohya file meets: its maths is right only where it
+        rebuilds the factors' layout from their shapes as peft laid them out."""
+        if format != "kohya":
+            return []
+        modules = _group_by_module(tensors).values()
+        found = []
+        # both factors full: alpha/rank is folded into w1 and the file's scale is 1, which LyCORIS gets right
+        if self.options.alpha != self.options.rank and any("lokr_w1" not in m or "lokr_w2" not in m for m in modules):
+            found.append(_lycoris_merge_warning(self))
+        if any("lokr_t2" in m for m in modules):
+            found.append("LyCORIS (lycoris-lora 4.1.3) cannot load Tucker LoKr files, its own included (it reads the "
+                         "rank from lokr_w2_a's second dimension; the Tucker layout holds it first); ComfyUI and sdtune read this one")
+        if any("lokr_w1_a" in m and "lokr_w2" in m for m in modules):
+            found.append("LyCORIS (lycoris-lora 4.1.3) cannot load this file: with --decompose-both it expects both "
+                         "Kronecker factors low-rank, and a layer this small keeps w2 full; ComfyUI and sdtune read it")
+        return found
 
     def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "lokr_w1" in parts and "lokr_w2" in parts:

@@ -1,0 +1,262 @@
+"""What a run's sizes need, checked against the model and the machine before the model loads.
+
+`sdtune train` and `sdtune sample` (and evaluate, compare and explain, which sample) call these once
+their settings are valid and before any weight is read, so a size the model or the machine cannot
+take is one line and exit code 2, not a library error (or an hour of work) later. Everything here
+reads the model's configs only (`models.read_model_configs`), never its weights:
+
+- the smallest resolution: below it some GroupNorm of the UNet or the VAE would see a single value
+  per group at batch size 1, which torch refuses to normalise (the tiny model's 32 channels in 32
+  groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
+- denoising steps: at most the scheduler's training timesteps (1000 for SD), as diffusers'
+  schedulers require;
+- memory: a lower bound of what the run keeps at once (the UNet's weights, the trained parameters
+  with their gradients and optimiser state, counted by injecting the method into the UNet built on
+  the meta device, one image's first VAE feature maps) against the memory of the device the run
+  uses (the GPU, else the machine's RAM), and what stays in RAM either way (the training and class
+  images, the images sampling keeps for its grid) against the RAM. The bound is never above what
+  the run needs, so a refusal is certain; a run that passes may still run out;
+- the number of micro-batches (steps × gradient accumulation) and the metrics log it writes
+  (a line a step) against the output folder's free disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+from .errors import SdtuneError
+from .fileio import human_bytes
+
+# bytes of optimiser state per trained parameter (fp32): Adam's two moments, SGD's momentum;
+# Adafactor's factored moments are counted as nothing (a lower bound)
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "adafactor": 0}
+METRICS_LINE_BYTES = 64  # metrics.jsonl: a step's line is longer than this
+MAX_MICRO_BATCHES = 10**12  # over 30 years at a thousand micro-batches a second
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model takes
+
+
+def fewest_values_per_group(configs, resolution: int) -> tuple[int, str]:
+    """The fewest values any GroupNorm of the UNet and the VAE (encoder and decoder) normalises per
+    group for one image of `resolution` pixels, and where."""
+    fewest = (math.inf, "")
+
+    def norm(channels: int, groups: int | None, size: int, where: str) -> None:
+        nonlocal fewest
+        if groups:
+            values = channels // groups * size * size
+            fewest = min(fewest, (values, where))
+
+    unet, vae = configs.unet, configs.vae
+    widths = list(unet.get("block_out_channels", []))
+    size = resolution // configs.vae_scale_factor
+    for i, width in enumerate(widths):  # each down block's first resnet takes the previous block's channels
+        norm(min(widths[max(i - 1, 0)], width), unet.get("norm_num_groups", 32), size, f"UNet block {i}")
+        if i < len(widths) - 1:
+            size = -(-size // 2)  # a stride-2 convolution with padding 1
+    widths = list(vae.get("block_out_channels", []))
+    groups = vae.get("norm_num_groups", 32)
+    size = resolution
+    for i, width in enumerate(widths):
+        norm(min(widths[max(i - 1, 0)], width), groups, size, f"VAE encoder block {i}")
+        if i < len(widths) - 1:
+            size //= 2  # the VAE pads on one side only
+    latent = resolution // configs.vae_scale_factor
+    for i, width in enumerate(reversed(widths)):
+        norm(width, groups, latent * 2**i, f"VAE decoder block {i}")
+    return fewest
+
+
+def smallest_resolution(configs) -> int:
+    """The smallest resolution (a multiple of 8) at which every GroupNorm sees more than one value per group."""
+    step = 8
+    resolution = step
+    while fewest_values_per_group(configs, resolution)[0] <= 1 and resolution < 4096:
+        resolution += step
+    return resolution
+
+
+def check_resolution(model: str, configs, resolution: int | None) -> int:
+    """The resolution a run uses (the model's native one by default); too small a one is refused."""
+    resolution = resolution or configs.native_resolution
+    least = smallest_resolution(configs)
+    if resolution < least:
+        _, where = fewest_values_per_group(configs, resolution)
+        raise SdtuneError(
+            f"--resolution {resolution} is too small for {model}: at least {least} (below it, a GroupNorm of the "
+            f"{where} would normalise a single value per group)"
+        )
+    return resolution
+
+
+def check_sampling_steps(model: str, configs, steps: int) -> None:
+    timesteps = int(configs.scheduler.get("num_train_timesteps", 1000))
+    if steps > timesteps:
+        raise SdtuneError(f"--steps {steps:,}: {model}'s scheduler has {timesteps} timesteps, so at most {timesteps} denoising steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the machine takes
+
+
+def device_memory() -> tuple[int, str] | None:
+    """The memory of the GPU this process would use (Accelerate picks it the same way), and how to
+    name it; None where the run uses the CPU (its tensors live in RAM)."""
+    import torch
+
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if not cpu and torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(index)
+        return props.total_memory, f"the GPU ({props.name}) has {human_bytes(props.total_memory)}"
+    return None
+
+
+def ram_bytes() -> int:
+    try:
+        import psutil  # Accelerate's own requirement
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(on_device: list[tuple[str, str, int]], on_host: list[tuple[str, str, int]] = ()) -> None:
+    """What a run keeps at once, each part (the setting behind it, what it is, its bytes): `on_device`
+    where the run computes (the GPU's memory, or RAM on a CPU), `on_host` in RAM either way. Any part
+    alone, or a memory's parts together, beyond that memory is a one-line refusal."""
+    ram = (ram_bytes(), f"this machine has {human_bytes(ram_bytes())} of memory")
+    gpu = device_memory()
+    groups = [(list(on_device), gpu), (list(on_host), ram)] if gpu else [(list(on_device) + list(on_host), ram)]
+    for parts, (available, device) in groups:
+        if not parts:
+            continue
+        culprit, what, largest = max(parts, key=lambda part: part[2])
+        if largest > available:
+            raise SdtuneError(f"{culprit} needs more memory than there is: {human_bytes(largest)} for {what} alone, and {device}")
+        total = sum(part[2] for part in parts)
+        if total > available:
+            listed = ", ".join(f"{what} {human_bytes(size)}" for _, what, size in parts if size)
+            raise SdtuneError(f"this run needs at least {human_bytes(total)} of memory ({listed}), and {device}")
+
+
+def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int) -> int:
+    """Two of the VAE's full-resolution feature maps (a convolution's input and output) for one image."""
+    channels = int(configs.vae.get("block_out_channels", [128])[0])
+    return 2 * channels * resolution * resolution * dtype_bytes
+
+
+def free_disk(folder: Path) -> tuple[int, Path]:
+    """Free bytes where `folder` is (or would be created), and that existing folder."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free, existing
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks the commands call
+
+
+def count_parameters(configs, method) -> tuple[int, int]:
+    """(frozen UNet parameters, trained parameters) for a fresh copy of `method` injected into the
+    UNet built from its config on the meta device: nothing is allocated, whatever the options.
+    (0, 0) where the config builds no UNet: loading the model says what is wrong with it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from . import methods
+
+    with torch.device("meta"):
+        try:
+            unet = UNet2DConditionModel.from_config(configs.unet)
+        except Exception:
+            return 0, 0
+        probe = methods.create(method.name, **method.options_dict())
+        probe.inject(unet)
+    trained = probe.num_parameters()
+    return sum(p.numel() for p in unet.parameters()) - trained, trained
+
+
+def changed_options(method) -> str:
+    """The method and the options that differ from its defaults: `gift (rank=100000)`."""
+    from . import methods
+
+    defaults = methods.create(method.name).options_dict()
+    changed = [f"{key}={value}" for key, value in method.options_dict().items() if value != defaults.get(key)]
+    return f"{method.name} ({', '.join(changed)})" if changed else method.name
+
+
+def check_run_fits(config, method, image_count: int = 0) -> None:
+    """`sdtune train`'s sizes against the model and the machine (`config` resolved)."""
+    from .models import read_model_configs
+
+    configs = read_model_configs(config.model)
+    resolution = check_resolution(config.model, configs, config.resolution)
+    micro_batches = config.steps * config.gradient_accumulation_steps
+    if micro_batches > MAX_MICRO_BATCHES:
+        raise SdtuneError(
+            f"--steps {config.steps:,} × --gradient-accumulation-steps {config.gradient_accumulation_steps:,} "
+            f"is {micro_batches:.3g} micro-batches; sdtune runs at most 10^12 (over 30 years at a thousand a second)"
+        )
+    free, folder = free_disk(Path(config.output))
+    if config.steps * METRICS_LINE_BYTES > free:
+        raise SdtuneError(
+            f"--steps {config.steps:,} writes a line a step to metrics.jsonl, at least "
+            f"{human_bytes(config.steps * METRICS_LINE_BYTES)}; {folder} has {human_bytes(free)} free"
+        )
+    half = config.mixed_precision in ("fp16", "bf16")
+    frozen, trained = count_parameters(configs, method)
+    state = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer] + (4 if config.ema_decay else 0)
+    pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
+    on_device = [
+        (f"--model {config.model}", "the UNet's frozen weights", frozen * (2 if half else 4)),
+        (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
+         trained * state),
+        (f"--resolution {resolution}", "one image's first VAE feature maps",
+         vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4)),
+        (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {config.batch_size:,} images",
+         config.batch_size * pixels),
+    ]
+    on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
+    if config.with_prior_preservation and config.num_class_images:
+        on_host.append((f"--num-class-images {config.num_class_images:,}", f"{config.num_class_images:,} class images",
+                        config.num_class_images * pixels))
+    check_memory(on_device, on_host)
+
+
+def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:
+    """`sdtune sample`'s sizes (`config`: a SampleConfig, for `prompts` prompts; `grid_size`: the size of
+    its grid, as `sampling.grid_size`) against the model and the machine; returns the resolution it draws at."""
+    columns = config.num_images * len(config.adapter_scales)
+    asked = f"--num-images {config.num_images:,} for {prompts:,} prompt(s)"
+    if len(config.adapter_scales) > 1:
+        asked += f" at {len(config.adapter_scales)} strengths"
+
+    def grid_bytes(resolution: int) -> int:
+        width, height = grid_size(rows=prompts, columns=columns, image_size=resolution, header=True)
+        return width * height * 3
+
+    return check_drawing_fits(model, config.resolution, config.steps, prompts * columns, asked, grid_bytes)
+
+
+def check_drawing_fits(model: str, resolution: int | None, steps: int, images: int = 1, asked: str = "",
+                       grid_bytes=None) -> int:
+    """What drawing `images` images (`asked`: the settings that ask for them) and their grid
+    (`grid_bytes(resolution)`, if any) needs; returns the resolution used."""
+    from .models import read_model_configs
+
+    configs = read_model_configs(model)
+    resolution = check_resolution(model, configs, resolution)
+    check_sampling_steps(model, configs, steps)
+    kept = images * resolution * resolution * 3 + (grid_bytes(resolution) if grid_bytes else 0)  # 8-bit RGB
+    check_memory(
+        [(f"--resolution {resolution}", "one image's last VAE feature maps", vae_feature_map_bytes(configs, resolution, 4))],
+        [(asked or f"--resolution {resolution}", f"the {images:,} image(s) kept for the grid", kept)],
+    )
+    return resolution

@@ -1,0 +1,222 @@
+"""Hostile inputs across train, sample, merge and export: one table, one check.
+
+Every row is a command line that must be refused: with its exit code (2 for bad input), one line on
+stderr that says why, no traceback, and nothing written, neither in the test's folder nor in the
+adapters' run folders. Most rows fail before the model loads and cost milliseconds; the few that
+need a model use `tiny-random`. Placeholders: {tmp} is the test's own folder, {runs} the folder of
+the module's adapters ({atoms}, {bitfit}, {lora}: run folders; {kohya}: a kohya-format file).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import invoke
+
+ROOT = Path(__file__).resolve().parents[1]
+HUGE = "1000000000000000000"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, private_cache):
+    """Adapters of three methods (one step of training's worth of change each) and a kohya export."""
+    import torch
+
+    from sdtune import methods
+    from sdtune.adapter import save_adapter
+    from sdtune.export import export_adapter
+    from sdtune.models import load_pipeline
+
+    folder = tmp_path_factory.mktemp("runs")
+    for name in ("atoms", "bitfit", "lora"):
+        pipe = load_pipeline("tiny-random")
+        method = methods.create(name)
+        method.inject(pipe.unet)
+        with torch.no_grad():
+            for parameter in method.trainable_parameters():
+                parameter.add_(torch.full_like(parameter, 0.01))
+        (folder / name).mkdir()
+        save_adapter(folder / name / "adapter.safetensors", method, "tiny-random", placeholder="<castle>", token="sks castle")
+    export_adapter(folder / "atoms", "kohya", folder / "atoms-kohya.safetensors")
+    return folder
+
+
+def make_files(tmp: Path) -> None:
+    """What some rows name: a folder where a file belongs, an SDXL pipeline, a text file as an adapter."""
+    (tmp / "a-folder").mkdir()
+    (tmp / "sdxl").mkdir()
+    (tmp / "sdxl" / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"], '
+        '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "vae": ["diffusers", "AutoencoderKL"]}'
+    )
+    (tmp / "a-file").write_text("not a folder\n")
+    (tmp / "text.safetensors").write_text("not safetensors at all\n")
+    (tmp / "empty-images").mkdir()
+
+
+TRAIN = ("train", "--model", "tiny-random", "--output", "{tmp}/out", "--log-with", "none")
+SAMPLE = ("sample", "--model", "tiny-random", "--prompt", "a <castle>", "--output", "{tmp}/out")
+
+CASES = [
+    # train: sizes the model or the machine cannot take, before the model loads
+    ("train-resolution-8", (*TRAIN, "--resolution", 8), 2, "--resolution 8 is too small for tiny-random: at least 24"),
+    ("train-resolution-16", (*TRAIN, "--resolution", 16), 2, "--resolution 16 is too small for tiny-random: at least 24"),
+    ("train-resolution-huge", (*TRAIN, "--resolution", 100000), 2, "--resolution 100000 needs more memory than there is"),
+    ("train-resolution-odd", (*TRAIN, "--resolution", 60), 2, "--resolution must be a positive multiple of 8"),
+    ("train-steps-huge", (*TRAIN, "--steps", HUGE), 2, "micro-batches; sdtune runs at most 10^12"),
+    ("train-accumulation-huge", (*TRAIN, "--gradient-accumulation-steps", HUGE), 2, "micro-batches; sdtune runs at most 10^12"),
+    ("train-batch-huge", (*TRAIN, "--batch-size", 10**9), 2, "--batch-size 1,000,000,000 needs more memory than there is"),
+    ("train-class-images-huge", (*TRAIN, "--num-class-images", 10**12), 2, "--num-class-images 1,000,000,000,000 needs more memory"),
+    ("train-gift-rank-huge", (*TRAIN, "--method", "gift", "--option", "rank=100000"), 2, "gift (rank=100000) needs more memory than there is"),
+    ("train-gift-blocks-huge", (*TRAIN, "--gift-blocks", 10**6, "--method", "gift"), 2, "--gift-blocks must be at most 64"),
+    ("train-lora-rank-huge", (*TRAIN, "--method", "lora", "--rank", 10**7), 2, "lora (rank=10000000, alpha=10000000.0) needs more memory"),
+    ("train-lora-alpha-inf", (*TRAIN, "--method", "lora", "--option", "alpha=inf"), 2, "--alpha must be a positive number (and finite), got inf"),
+    ("train-lora-alpha-nan", (*TRAIN, "--method", "loha", "--alpha", "nan"), 2, "--alpha must be a positive number (and finite), got nan"),
+    ("train-atoms-seed-huge", (*TRAIN, "--option", "seed=" + HUGE), 2, "atoms seed must be between 0 and 4294967295"),
+    ("train-steps-zero", (*TRAIN, "--steps", 0), 2, "--steps must be at least 1"),
+    ("train-lr-nan", (*TRAIN, "--lr", "nan"), 2, "--lr must be positive and finite"),
+    ("train-unknown-method", (*TRAIN, "--method", "nope"), 2, "unknown method 'nope'"),
+    ("train-unknown-option", (*TRAIN, "--option", "rank=4"), 2, "has no option(s) rank"),
+    ("train-flag-of-another-method", (*TRAIN, "--rank", 4), 2, "--rank applies to --method lora/loha/lokr"),
+    ("train-template-without-token", (*TRAIN, "--template", "a photo"), 2, "--template must contain {{token}}"),
+    ("train-concept-path", (*TRAIN, "--concept", "../etc"), 2, "--concept must be a plain name"),
+    ("train-dataset-validation", (*TRAIN, "--dataset", "digits", "--validate-every", 5), 2, "--dataset does not combine with --validate-every"),
+    ("train-config-folder", (*TRAIN, "--config", "{tmp}/a-folder"), 2, "--config {tmp}/a-folder is a folder"),
+    ("train-config-missing", (*TRAIN, "--config", "{tmp}/none.toml"), 2, "config file not found"),
+    ("train-images-missing", (*TRAIN, "--images", "{tmp}/no-images"), 2, "image folder not found"),
+    ("train-images-empty", (*TRAIN, "--images", "{tmp}/empty-images"), 2, "has no images"),
+    ("train-output-is-a-file", (*TRAIN[:3], "--output", "{tmp}/a-file"), 2, "cannot write to output folder"),
+    ("train-model-sdxl", (*TRAIN[:1], "--model", "{tmp}/sdxl", "--output", "{tmp}/out"), 2,
+     "is a StableDiffusionXLPipeline, which sdtune does not support yet"),
+    ("train-model-missing-folder", (*TRAIN[:1], "--model", "/no/such/model", "--output", "{tmp}/out"), 2, "no such folder, and not a hub id"),
+    ("train-model-not-cached", (*TRAIN[:1], "--model", "nobody/no-such-model", "--output", "{tmp}/out"), 2,
+     "--model nobody/no-such-model: not in the local Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder"),
+    # sample
+    ("sample-steps-huge", (*SAMPLE, "--steps", 10**9), 2, "tiny-random's scheduler has 1000 timesteps, so at most 1000 denoising steps"),
+    ("sample-num-images-huge", (*SAMPLE, "--num-images", 10**12), 2, "--num-images 1,000,000,000,000 for 1 prompt(s) needs more memory"),
+    ("sample-resolution-huge", (*SAMPLE, "--resolution", 100000), 2, "--resolution 100000 needs more memory than there is"),
+    ("sample-resolution-8", (*SAMPLE, "--resolution", 8), 2, "--resolution 8 is too small for tiny-random: at least 24"),
+    ("sample-prompts-folder", (*SAMPLE, "--prompts", "{tmp}/a-folder"), 2, "prompt file {tmp}/a-folder is a folder"),
+    ("sample-prompts-missing", (*SAMPLE, "--prompts", "{tmp}/none.txt"), 2, "prompt file not found"),
+    ("sample-prompts-endless", (*SAMPLE, "--prompts", "/dev/zero"), 2, "prompt file /dev/zero holds more than 64 MB"),
+    ("sample-no-prompt", ("sample", "--model", "tiny-random", "--output", "{tmp}/out"), 2, "give a prompt file"),
+    ("sample-scheduler", (*SAMPLE, "--scheduler", "nope"), 2, "--scheduler must be one of"),
+    ("sample-adapter-scale-inf", (*SAMPLE[:1], "--adapter", "{runs}/atoms", "--prompt", "x", "--adapter-scale", "0,inf", "--output", "{tmp}/out"),
+     2, "--adapter-scale must be a finite number"),
+    ("sample-adapter-missing", (*SAMPLE[:1], "--adapter", "{tmp}/none.safetensors", "--prompt", "x", "--output", "{tmp}/out"), 2, "adapter not found"),
+    ("sample-adapter-not-safetensors", (*SAMPLE[:1], "--adapter", "{tmp}/text.safetensors", "--prompt", "x", "--output", "{tmp}/out"), 2,
+     "text.safetensors"),
+    ("sample-model-sdxl", (*SAMPLE[:1], "--model", "{tmp}/sdxl", "--prompt", "x", "--output", "{tmp}/out"), 2, "is a StableDiffusionXLPipeline"),
+    # merge
+    ("merge-scale-overflows", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e308"), 2, "overflows fp32 at --scale 1e+308"),
+    ("merge-scale-overflows-fp16", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e8", "--dtype", "fp16"), 2,
+     "overflows fp16 at --scale 1e+08; use a smaller --scale or a wider --dtype"),
+    ("merge-scale-nan", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "nan"), 2, "--scale must be a finite number"),
+    ("merge-dtype", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--dtype", "fp8"), 2, "--dtype 'fp8' is not available"),
+    ("merge-missing", ("merge", "{tmp}/none", "--output", "{tmp}/out"), 2, "adapter not found"),
+    ("merge-model-sdxl", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--model", "{tmp}/sdxl"), 2, "is a StableDiffusionXLPipeline"),
+    # export
+    ("export-format", ("export", "{runs}/atoms", "--format", "nope", "--output", "{tmp}/out"), 2, "--format 'nope' is not available"),
+    ("export-format-of-another-method", ("export", "{runs}/atoms", "--format", "diffusers", "--output", "{tmp}/out"), 2,
+     "--format diffusers holds LoRA, not atoms"),
+    ("export-full-diff-own-tensors", ("export", "{runs}/lora", "--format", "kohya", "--full-diff", "--output", "{tmp}/out"), 2,
+     "--full-diff applies to kohya files of full-weight differences; a lora adapter"),
+    ("export-full-diff-peft", ("export", "{runs}/lora", "--format", "peft", "--full-diff", "--output", "{tmp}/out"), 2,
+     "--full-diff applies to --format kohya, not peft"),
+    ("export-output-folder", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/a-folder"), 2, "is a folder; this format is one file"),
+    ("export-kohya-file", ("export", "{runs}/atoms-kohya.safetensors", "--format", "kohya", "--output", "{tmp}/out"), 2,
+     "already is a kohya-format file"),
+    ("export-model-sdxl", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/out", "--model", "{tmp}/sdxl"), 2,
+     "is a StableDiffusionXLPipeline"),
+]
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for folders)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("name,args,code,message", CASES, ids=[case[0] for case in CASES])
+def test_hostile_input_is_refused_in_one_line_writing_nothing(name, args, code, message, runs, tmp_path, private_cache):
+    make_files(tmp_path)
+    fill = {"tmp": tmp_path, "runs": runs}
+    before, runs_before = tree(tmp_path), tree(runs)
+    result = invoke(*(str(arg).format(**fill) for arg in args))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message.format(**fill) in lines[0], lines[0]
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert tree(tmp_path) == before, "nothing is written"
+    assert tree(runs) == runs_before, "nothing is written beside the adapters"
+
+
+def test_a_model_the_hub_cannot_give_is_one_whole_line(tmp_path):
+    """Online but unreachable: the reason is said whole and short, not a library's paragraph cut mid-word."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "sdtune", "train", "--model", "nobody/no-such-model", "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == (
+        "error: --model nobody/no-such-model: not in the local Hugging Face cache, and the hub could not be reached; "
+        "use --model tiny or a local folder"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_pipelines_are_refused_by_their_class(tmp_path):
+    from sdtune.errors import SdtuneError
+    from sdtune.models import load_pipeline, read_model_configs
+
+    make_files(tmp_path)
+    for call in (read_model_configs, load_pipeline):
+        with pytest.raises(SdtuneError, match="is a StableDiffusionXLPipeline, which sdtune does not support yet"):
+            call(str(tmp_path / "sdxl"))
+    assert read_model_configs("tiny-random").pipeline == "StableDiffusionPipeline"
+
+
+def test_the_smallest_resolution_follows_the_models_widths():
+    from sdtune.limits import fewest_values_per_group, smallest_resolution
+    from sdtune.models import ModelConfigs, read_model_configs, sd14_unet_config
+
+    tiny = read_model_configs("tiny-random")
+    assert smallest_resolution(tiny) == 24  # a 32-channel block with 32 groups at 1x1 below that
+    assert fewest_values_per_group(tiny, 16) == (1, "UNet block 1")
+    sd14_vae = {"block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
+    sd14 = ModelConfigs("StableDiffusionPipeline", sd14_unet_config(), sd14_vae, {"num_train_timesteps": 1000})
+    assert smallest_resolution(sd14) == 8 and sd14.native_resolution == 512
+
+
+def test_memory_is_the_gpus_where_the_run_uses_one(monkeypatch):
+    """Device parts are bounded by the GPU's memory when the run trains on one (Accelerate's choice), host
+    parts (images) by the RAM; on a CPU, all of them together by the RAM."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sdtune.errors import SdtuneError
+    from sdtune.limits import check_memory, device_memory, ram_bytes
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=(i + 1) * 2**30, name=f"GPU{i}"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert device_memory() == (2 * 2**30, "the GPU (GPU1) has 2.0 GB")
+    with pytest.raises(SdtuneError, match=r"^--resolution 512 needs more memory than there is: 3.0 GB for its maps alone, and the GPU \(GPU1\) has 2.0 GB$"):
+        check_memory([("--resolution 512", "its maps", 3 * 2**30), ("--model m", "weights", 1)])
+    with pytest.raises(SdtuneError, match=r"^this run needs at least 2.5 GB of memory \(maps 1.5 GB, weights 1.0 GB\), and the GPU"):
+        check_memory([("--resolution 512", "maps", 3 * 2**29), ("--model m", "weights", 2**30)])
+    check_memory([("--resolution 512", "maps", 2**30)], [("--num-images 4", "images", 3 * 2**30)])  # images in RAM
+    with pytest.raises(SdtuneError, match=r"^--num-images 9 needs more memory than there is: .* and this machine has"):
+        check_memory([("--resolution 512", "maps", 2**30)], [("--num-images 9", "images", 2 * ram_bytes())])
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert device_memory() is None
+    with pytest.raises(SdtuneError, match=r"^this run needs at least .* and this machine has"):
+        check_memory([("--resolution 512", "maps", ram_bytes() // 2 + 1)], [("--num-images 4", "images", ram_bytes() // 2 + 1)])
