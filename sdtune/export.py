@@ -21,13 +21,13 @@ Whole pipelines with the update baked in are written by `sdtune.merging`.
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
-from .fileio import write_folder
+from .fileio import default_mode, failures_named, make_temp_folder, output_file_lock, write_folder
 from .kohya import is_kohya_file, kohya_diff_state, kohya_state, write_kohya
 
 
@@ -38,43 +38,50 @@ class ExportResult:
     tensors: int
 
 
-def export_adapter(source: str | Path, format: str, output: str | Path, model: str | None = None) -> ExportResult:
+def export_adapter(
+    source: str | Path, format: str, output: str | Path, model: str | None = None, overwrite: bool = False
+) -> ExportResult:
     """Write the sdtune adapter `source` (file or run folder) in another `format` to `output`.
 
     `model` overrides the base model that diff-style kohya exports compute ΔW on (default: the
-    adapter's own base model).
+    adapter's own base model). An existing `output` is refused unless `overwrite`; one that is, or
+    holds, the adapter is refused always.
     """
     from . import methods
     from .adapter import adapter_path, read_adapter
+    from .fileio import check_output_target
 
     if format not in FORMATS:
         raise SdtuneError(f"--format {format!r} is not available; choose: {', '.join(FORMATS)}")
     output = Path(output)
     path = adapter_path(source)
+    check_output_target(output, [path], overwrite)
     if is_kohya_file(path):
         raise SdtuneError(f"{path} already is a kohya-format file; export takes sdtune adapters")
     info, tensors = read_adapter(path)
     method = methods.create(info.method, **info.options)
     if format not in method.export_formats:
         raise SdtuneError(_not_available(format, method))
+    if format in ("kohya", "diffusers"):
+        _check_file_target(output)
 
-    if format == "kohya":
-        _check_file_target(output)
-        own = method.kohya_tensors(tensors)
-        if own is not None:
-            modules, extra = own
-            state = kohya_state(modules)
-        else:
-            unet, diffs = _diffs_on_base_model(path, info, model)
-            state, extra = kohya_diff_state(unet, diffs, path)
-        write_kohya(output, state, info, extra)
-        return ExportResult(output, format, len(state))
-    if format == "diffusers":
-        _check_file_target(output)
-        count = write_diffusers_lora(output, method, tensors)
+    with output_file_lock(output):
+        check_output_target(output, [path], overwrite)  # again, now that no other command writes it
+        if format == "kohya":
+            own = method.kohya_tensors(tensors)
+            if own is not None:
+                modules, extra = own
+                state = kohya_state(modules)
+            else:
+                unet, diffs = _diffs_on_base_model(path, info, model)
+                state, extra = kohya_diff_state(unet, diffs, path)
+            write_kohya(output, state, info, extra)
+            return ExportResult(output, format, len(state))
+        if format == "diffusers":
+            count = write_diffusers_lora(output, method, tensors)
+            return ExportResult(output, format, count)
+        count = write_peft_folder(output, method, info, tensors, overwrite)
         return ExportResult(output, format, count)
-    count = write_peft_folder(output, method, info, tensors)
-    return ExportResult(output, format, count)
 
 
 def _not_available(format: str, method) -> str:
@@ -112,12 +119,19 @@ def write_diffusers_lora(output: Path, method, tensors) -> int:
 
     layers, metadata = method.diffusers_lora_layers(tensors)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=layers, weight_name=output.name, unet_lora_adapter_metadata=metadata
-        )
-        os.replace(Path(tmp) / output.name, output)
+    tmp = make_temp_folder(output)
+    try:
+        with failures_named(output):
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=layers, weight_name=output.name, unet_lora_adapter_metadata=metadata
+            )
+            written = tmp / output.name
+            os.chmod(written, default_mode())
+            os.replace(written, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return len(layers)
+
 
 
 def peft_module_names(tensors) -> list[str]:
@@ -127,7 +141,7 @@ def peft_module_names(tensors) -> list[str]:
     return list(modules)
 
 
-def write_peft_folder(output: Path, method, info, tensors) -> int:
+def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = False) -> int:
     """adapter_config.json (the method's own peft config) + adapter_model.safetensors."""
     from safetensors.torch import save_file
 
@@ -140,5 +154,5 @@ def write_peft_folder(output: Path, method, info, tensors) -> int:
         config.save_pretrained(str(folder))
         save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    write_folder(output, fill)
+    write_folder(output, fill, overwrite)
     return len(state)
