@@ -328,11 +328,12 @@ def save_checkpoint(accelerator, output: str | Path, step: int, state: dict[str,
             document = {"format": FORMAT, "step": step, **state}
             (staging / STATE_FILE).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n", encoding="utf-8")
             publish_directory(staging, final)
-    except Exception as error:
+    except BaseException as error:  # an interrupt too: no staging folder is left behind
+        full = disk_full(final) if isinstance(error, Exception) and is_disk_full(error, root) else None
         if accelerator.is_main_process:
             remove_directory(staging)
-        if is_disk_full(error, root):
-            raise disk_full(final) from None
+        if full is not None:
+            raise full from None
         raise
     if accelerator.is_main_process:
         for _, old in list_checkpoints(output)[:-keep]:

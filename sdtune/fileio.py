@@ -27,7 +27,6 @@ HEADER_SUFFIX = ".header"  # the rewritten safetensors header's temporary (`save
 # what a full disk (or quota) looks like, through Python, safetensors' Rust writer or torch's zip writer
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
-TORCH_WRITE_FAILURE_TEXTS = ("file write failed", "unexpected pos", "inline_container")
 
 
 class DiskFull(TrainingFailed):
@@ -175,13 +174,13 @@ def _pid_gone(pid: int) -> bool:
 
 def is_disk_full(error: BaseException, folder: str | os.PathLike | None = None) -> bool:
     """Whether `error` is a write that failed for want of room. torch's zip writer does not say why it
-    failed: its failures count when `folder` has (almost) no room left."""
+    failed: a failure that is not an OSError counts when `folder` has (almost) no room left."""
     if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
         return True
     text = str(error)
     if any(marker in text for marker in DISK_FULL_TEXTS):
         return True
-    if folder is not None and any(marker in text for marker in TORCH_WRITE_FAILURE_TEXTS):
+    if folder is not None and not isinstance(error, OSError):  # torch's writer: "file write failed", "iostream error", ...
         return free_bytes(folder) < 2**20
     return False
 
