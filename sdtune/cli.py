@@ -68,6 +68,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+interrupted_with: int | None = None  # the exit code of a command that SIGINT or SIGTERM ended
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as SIGINT is: files being written are cleaned up on the way out."""
 
@@ -95,8 +98,10 @@ def handle_errors(command: Callable) -> Callable:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:
+            global interrupted_with
+            interrupted_with = 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
             typer.echo("interrupted", err=True)
-            raise typer.Exit(128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130) from None
+            raise typer.Exit(interrupted_with) from None
         except Exception as error:
             if os.environ.get("SDTUNE_DEBUG"):
                 raise
@@ -506,6 +511,15 @@ def main_options(
 def main() -> None:
     try:
         app()
+    except SystemExit as exit:
+        if interrupted_with is not None and exit.code == interrupted_with:
+            # Cleaned up and said so: leave with that code. Python's own exit would turn an interrupt
+            # that some library code saw on its way into a death by SIGINT (exit status -2).
+            end_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(interrupted_with)
+        raise
     finally:
         end_process_group()
 

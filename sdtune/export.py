@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
-from .fileio import default_mode, failures_named, make_temp_folder, output_file_lock, write_folder
+from .fileio import default_mode, failures_named, make_temp_folder, output_file_lock, temp_path, write_folder
 from .kohya import is_kohya_file, kohya_diff_state, kohya_state, write_kohya
 
 
@@ -119,9 +119,10 @@ def write_diffusers_lora(output: Path, method, tensors) -> int:
 
     layers, metadata = method.diffusers_lora_layers(tensors)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_folder(output)
+    tmp = temp_path(output)
     try:
         with failures_named(output):
+            make_temp_folder(tmp)
             StableDiffusionPipeline.save_lora_weights(
                 tmp, unet_lora_layers=layers, weight_name=output.name, unet_lora_adapter_metadata=metadata
             )

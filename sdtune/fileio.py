@@ -58,21 +58,25 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
-def make_temp_file(path: Path) -> Path:
-    """An empty temporary file beside `path`, with the mode the umask gives."""
-    fd, name = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, default_mode())
-    finally:
-        os.close(fd)
-    return Path(name)
+def temp_path(path: Path) -> Path:
+    """A new temporary's name beside `path` (not yet created): a caller holds the name before the file
+    exists, so an interrupt right after its creation still finds it to remove."""
+    import secrets
+
+    return path.with_name(f"{temp_prefix(path.name)}{secrets.token_hex(4)}{TEMP_SUFFIX}")
 
 
-def make_temp_folder(path: Path) -> Path:
-    """An empty temporary folder beside `path`, with the mode the umask gives."""
-    folder = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent))
-    os.chmod(folder, default_mode(directory=True))
-    return folder
+def make_temp_file(tmp: Path) -> Path:
+    """Create the temporary file `tmp` (from `temp_path`), empty, with the mode the umask gives."""
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # open() applies the umask
+    os.close(fd)
+    return tmp
+
+
+def make_temp_folder(tmp: Path) -> Path:
+    """Create the temporary folder `tmp` (from `temp_path`), with the mode the umask gives."""
+    tmp.mkdir(0o777)
+    return tmp
 
 
 def temporary_target(name: str) -> str | None:
@@ -97,8 +101,8 @@ def temporary_target(name: str) -> str | None:
 
 def sweep_temporaries(folder: str | os.PathLike, owns: Callable[[str], bool], older_than: float) -> list[Path]:
     """Remove the temporaries in `folder` (files and folders) of the names `owns` accepts that were last
-    written before `older_than` (a time.time(), the moment the caller's lock was taken): a killed
-    command's. Returns what was removed."""
+    written before `older_than` (the time the caller's lock was taken): a killed command's. Returns
+    what was removed."""
     folder = Path(folder)
     removed = []
     try:
@@ -235,10 +239,10 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     untouched; a kill -9 leaves it for the next command's sweep.
     """
     path = Path(path)
-    tmp: Path | None = None
+    tmp = temp_path(path)
     try:
         with failures_named(path):
-            tmp = make_temp_file(path)
+            make_temp_file(tmp)
             yield tmp
             with open(tmp, "rb+") as handle:
                 os.fchmod(handle.fileno(), default_mode())  # some writers (safetensors) make their file 0600
@@ -246,10 +250,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
         fsync_directory(path.parent)
     finally:
-        if tmp is not None:
-            for leftover in (tmp, tmp.with_name(tmp.name + HEADER_SUFFIX)):
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
+        for leftover in (tmp, tmp.with_name(tmp.name + HEADER_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -419,9 +422,10 @@ def write_folder(output: Path, fill, overwrite: bool = False) -> Path:
     or replaced with `overwrite`). A write that finds the disk full names `output` and the room left."""
     output.parent.mkdir(parents=True, exist_ok=True)
     check_output_target(output, [], overwrite)
-    tmp = make_temp_folder(output)
+    tmp = temp_path(output)
     try:
         with failures_named(output, folder=output.parent):
+            make_temp_folder(tmp)
             fill(tmp)
             publish_directory(tmp, output, replace=overwrite)  # an empty `output` is replaced anyway
     finally:
@@ -447,7 +451,8 @@ class OutputLock:
     (even by SIGKILL), so the lock of a killed command is taken over at once. The file holds the
     holder's pid and host for the refusal message. Where the file system has no `flock`, the pid is
     checked instead: a lock whose process no longer runs on this host is taken over. `acquired_at`
-    (a time.time()) tells the holder's temporaries from those a killed command left before it.
+    (the lock file's modification time) tells the holder's temporaries from those a killed command
+    left before it.
     """
 
     def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, what: str | None = None):
@@ -484,7 +489,8 @@ class OutputLock:
         os.write(fd, f"{os.getpid()} {_hostname()}\n".encode())
         os.fsync(fd)
         self._fd = fd
-        self.acquired_at = time.time()
+        # the file system's clock, as the temporaries' times are: theirs are older, or this holder's
+        self.acquired_at = os.fstat(fd).st_mtime
         return self
 
     def sweep(self, owns: Callable[[str], bool], folder: str | os.PathLike | None = None) -> list[Path]:

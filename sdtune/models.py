@@ -206,7 +206,7 @@ def tiny_random_path() -> Path:
     with a warning."""
     import warnings
 
-    from .fileio import make_temp_folder, sweep_dead_temporaries
+    from .fileio import make_temp_folder, sweep_dead_temporaries, temp_path
 
     target = cache_dir() / "models" / f"tiny-v{TINY_VERSION}"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +216,9 @@ def tiny_random_path() -> Path:
         return target
     if problem is not None:
         warnings.warn(f"cached model {target} is damaged ({problem}): rebuilt", stacklevel=3)
-    staging = make_temp_folder(target)
+    staging = temp_path(target)
     try:
+        make_temp_folder(staging)
         build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
         write_manifest(staging)
         try:
