@@ -432,6 +432,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
                 negative_prompt=config.negative_prompt,
                 scheduler=config.scheduler,
                 adapter_scale=config.adapter_scale,
+                overwrite=True,  # the evaluation's own folder: measuring again draws it again
             ),
             progress=progress,
         )
