@@ -1,5 +1,5 @@
 # Two commands for a fresh clone: `make demo` (train filter atoms on the castle demo set with the
-# embedded tiny model, then sample the paper's 20 prompts into a grid) and `make test`.
+# embedded tiny model, then sample the paper's 20 prompts into a grid; run again, it replaces both) and `make test`.
 # Both create the virtual environment first if needed.
 
 VENV ?= .venv
@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sdtune train --model $(DEMO_MODEL) --concept castle --method atoms --steps $(DEMO_STEPS) --output $(RUN)
-	$(VENV)/bin/sdtune sample --adapter $(RUN) --prompts prompts/castle.txt --num-images 4 --steps 30
+	$(VENV)/bin/sdtune train --model $(DEMO_MODEL) --concept castle --method atoms --steps $(DEMO_STEPS) --output $(RUN) --overwrite
+	$(VENV)/bin/sdtune sample --adapter $(RUN) --prompts prompts/castle.txt --num-images 4 --steps 30 --overwrite
 	@echo "grid: $(RUN)/samples/grid.png"
 
 test: $(STAMP)

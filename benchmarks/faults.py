@@ -1,14 +1,33 @@
-"""Kill -9 fault injection: training runs killed at random moments must lose nothing.
+"""Fault injection: training runs and commands killed, disks filled, files corrupted must lose nothing.
 
-Each trial starts `sdtune train --model tiny-random` (the embedded tiny model, random weights) with
-`--checkpoint-every K` (K drawn from 1..5) as its own process and kills it with SIGKILL at a random
-moment of its training: once its metrics show a random number of finished steps, after a uniform
-delay of up to one step's time (checkpoint included). Then it checks the run folder: the adapter is
-absent (killed before the first save) or a complete adapter of a saved step, every
-`checkpoints/step-N` folder is complete, and `--resume latest` finishes with the same adapter bytes
-(raw and EMA) and the same per-step losses as one uninterrupted run.
+Every trial runs `sdtune` (the embedded tiny model with random weights, `--model tiny-random`) as its own
+process, with its own cache folder, and checks afterwards that nothing was lost, that no temporary file is
+left, and that any error is one line. The kinds of fault (`--faults`, comma-separated, or `all`):
 
-    python benchmarks/faults.py --trials 20
+- `kill`: `sdtune train --checkpoint-every K` (K drawn from 1..5) gets SIGKILL, SIGTERM or SIGINT at a
+  random moment of its training (once its metrics show a random number of finished steps, after a uniform
+  delay of up to one step's time, checkpoint included). SIGTERM and SIGINT must end it with exit code 143 or
+  130 and the one line "interrupted", leaving no temporary; after any signal the adapter is absent (killed
+  before the first save) or a complete adapter of a saved step, every `checkpoints/step-N` folder is
+  complete, and `--resume latest` finishes with the same adapter bytes (raw and EMA) and the same per-step
+  losses as one uninterrupted run, leaving no temporary and no lock.
+- `corrupt`: a finished run's newest checkpoint is damaged in one of `DAMAGES`' ways (state.json edited,
+  a file truncated, removed or holding NaN). Resuming it by name must be refused in one line naming the
+  file (exit 2); `--resume latest` must fall back to the checkpoint before it, with one warning line, and
+  end with the uninterrupted run's adapter bytes and losses.
+- `cache`: an entry of sdtune's cache is damaged (`CACHE_DAMAGES`: the filter-atom decomposition, the
+  tiny-random model, a demo image); a fresh run must rebuild it with one warning line and train the
+  uninterrupted run's adapter.
+- `fill` (needs root, for a small tmpfs): the run folder's disk is filled by another process at a random
+  moment of training. The run must stop with exit code 1 and one line naming the file and the room left,
+  keep its last adapter and checkpoints whole, leave no temporary, and, once there is room again,
+  `--resume latest` must end with the uninterrupted run's adapter.
+- `commands`: `sdtune merge` or `sdtune sample` gets SIGKILL, SIGTERM or SIGINT at a random moment; run
+  again (with `--overwrite` where the first one finished), it must leave a complete output and no
+  temporary (SIGTERM and SIGINT: none already after the signal).
+
+    python benchmarks/faults.py --trials 20                  # kills of training runs
+    python benchmarks/faults.py --faults all --trials 5      # five trials of each kind
 
 prints one line per trial, then "N trials, N recovered, 0 lost".
 """
@@ -21,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +50,9 @@ from pathlib import Path
 # Settings whose state crosses steps, so an inexact resume would show in the bytes.
 TRAIN_ARGS = ["--model", "tiny-random", "--seed", "7", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--ema-decay", "0.9"]
 ADAPTERS = ("adapter.safetensors", "adapter-ema.safetensors")
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+INTERRUPTED_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+FAULTS = ("kill", "corrupt", "cache", "fill", "commands")
 
 
 def train_command(output: Path, steps: int, *extra: str) -> list[str]:
@@ -40,9 +63,9 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
+def start(command: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=ENV)
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env or ENV)
 
 
 def wait_for_training(process: subprocess.Popen, output: Path) -> float:
@@ -52,10 +75,11 @@ def wait_for_training(process: subprocess.Popen, output: Path) -> float:
     return time.perf_counter()
 
 
-def run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV)
+def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, env=env or ENV)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return result
 
 
 def losses(output: Path) -> list[tuple]:
@@ -67,12 +91,44 @@ def losses_so_far(output: Path) -> list[str]:
     return [line for line in (output / "metrics.jsonl").read_text().splitlines() if line.endswith("}")]
 
 
+def messages(text: str) -> list[str]:
+    """The lines a command said, without its progress bars."""
+    lines = [line.strip() for chunk in text.splitlines() for line in chunk.split("\r")]
+    return [line for line in lines if line and "it/s]" not in line and "step/s" not in line and "prompt/s" not in line
+            and not line.startswith(("train ", "sample", "class images"))]
+
+
+def one_line(text: str, prefix: str, *needles: str) -> str | None:
+    """What is wrong with a command's output that should end in one `prefix` line holding `needles`."""
+    said = messages(text)
+    if "Traceback" in text:
+        return "a traceback"
+    found = [line for line in said if line.startswith(prefix)]
+    if len(found) != 1:
+        return f"{len(found)} '{prefix}' lines: {said[-3:]}"
+    missing = [needle for needle in needles if needle not in found[0]]
+    return f"'{found[0]}' lacks {missing}" if missing else None
+
+
+def leftovers(*folders: Path) -> list[str]:
+    """Temporaries, staging folders and locks left under `folders`."""
+    from sdtune.fileio import temporary_target
+
+    found = []
+    for folder in folders:
+        if folder.is_dir():
+            for path in folder.rglob(".*"):
+                if temporary_target(path.name) or path.name.endswith((".partial", ".lock")):
+                    found.append(str(path.relative_to(folder)))
+    return sorted(found)
+
+
 def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list[str]:
     """What is wrong with a killed run's folder: truncated or half-written files under their final names."""
     from safetensors import safe_open
 
     from sdtune.adapter import read_adapter
-    from sdtune.checkpoints import EMA_FILE, TRAINABLE_FILE, list_checkpoints, read_state
+    from sdtune.checkpoints import EMA_FILE, TRAINABLE_FILE, check_checkpoint, list_checkpoints
     from sdtune.errors import SdtuneError
 
     found = []
@@ -90,7 +146,7 @@ def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list
             found.append(f"{name} is of step {step}, neither a checkpoint step nor the last")
     for step, folder in list_checkpoints(output):
         try:
-            state = read_state(folder)
+            state = check_checkpoint(folder).state
             assert state["step"] == step, f"state.json says step {state['step']}"
             for name in (TRAINABLE_FILE, EMA_FILE):
                 with safe_open(str(folder / name), framework="pt") as handle:
@@ -98,15 +154,41 @@ def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list
             for name in ("optimizer.bin", "scheduler.bin"):
                 assert (folder / name).stat().st_size > 0, f"{name} is empty"
         except Exception as error:  # any unreadable file is a loss
-            found.append(f"{folder.name}: {str(error)[:120]}")
+            found.append(f"{folder.name}: {str(error)[:160]}")
     return found
+
+
+def same_as_reference(output: Path, reference: Path) -> list[str]:
+    found = [f"{name} differs from the uninterrupted run's" for name in ADAPTERS
+             if (output / name).read_bytes() != (reference / name).read_bytes()]
+    if losses(output) != losses(reference):
+        found.append("metrics differ from the uninterrupted run's")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# kill: signals during training
+
+
+def finished_run(output: Path, steps: int) -> bool:
+    """Whether a run wrote its last adapter (a signal after that lands on the exiting interpreter)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(output / ADAPTERS[0]), framework="pt") as handle:
+            return handle.metadata()["step"] == str(steps)
+    except Exception:
+        return False
 
 
 def trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, step_seconds: float) -> tuple[bool, str]:
     checkpoint_every = rng.randint(1, 5)
+    name = rng.choice(list(SIGNALS))
     output = work / f"trial-{index:02d}"
+    log = work / f"trial-{index:02d}.log"
+    shutil.rmtree(output, ignore_errors=True)
     command = train_command(output, steps, "--checkpoint-every", str(checkpoint_every))
-    process = start(command, work / f"trial-{index:02d}.log")
+    process = start(command, log)
     began = wait_for_training(process, output)
     # a random moment: during a random step (its compute, or the checkpoint and adapter writes before it)
     logged = rng.randrange(steps)
@@ -116,34 +198,350 @@ def trial(work: Path, index: int, rng: random.Random, steps: int, reference: Pat
     delay = time.perf_counter() - began
     killed = process.poll() is None
     if killed:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+        os.kill(process.pid, SIGNALS[name])
+    code = process.wait()
     root = output / "checkpoints"
     staging = sorted(p.name for p in root.iterdir() if p.name.startswith(".")) if root.is_dir() else []
     saved = [p.name for p in sorted(root.iterdir())] if root.is_dir() else []
     found = problems_after_kill(output, checkpoint_every, steps)
+    finished = code == 0 or (code == -SIGNALS[name] and finished_run(output, steps))
+    if killed and name != "KILL" and not finished:  # it may have finished between the check and the signal
+        if code != INTERRUPTED_CODES[SIGNALS[name]]:
+            found.append(f"exit code {code} after SIG{name}")
+        problem = one_line(log.read_text(), "interrupted")
+        if problem:
+            found.append(f"after SIG{name}: {problem}")
+        if leftovers(output):
+            found.append(f"left after SIG{name}: {', '.join(leftovers(output))}")
     run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
-    for name in ADAPTERS:
-        if (output / name).read_bytes() != (reference / name).read_bytes():
-            found.append(f"{name} after resume differs from the uninterrupted run")
-    if losses(output) != losses(reference):
-        found.append("metrics after resume differ from the uninterrupted run")
-    moment = f"killed {delay:.2f} s into training" if killed else "finished before the kill"
+    found += same_as_reference(output, reference)
+    if leftovers(output):
+        found.append(f"left after the resume: {', '.join(leftovers(output))}")
+    moment = f"SIG{name} {delay:.2f} s into training" if killed else "finished before the signal"
     hit = f", mid-write of {', '.join(staging)}" if staging else ""
     detail = f"checkpoint every {checkpoint_every}, {moment}{hit}; checkpoints then: {', '.join(saved) or 'none'}"
     return not found, detail + ("" if not found else "; LOST: " + "; ".join(found))
 
 
+# ---------------------------------------------------------------------------------------------
+# corrupt: a damaged checkpoint
+
+
+def _edit_state(**changes):
+    def damage(folder: Path) -> str:
+        path = folder / "state.json"
+        state = json.loads(path.read_text())
+        state.update(changes)
+        path.write_text(json.dumps(state))
+        return "state.json"
+
+    return damage
+
+
+def _truncate(name: str, keep: float = 0.5):
+    def damage(folder: Path) -> str:
+        path = folder / name
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+        return name
+
+    return damage
+
+
+def _remove(name: str):
+    def damage(folder: Path) -> str:
+        (folder / name).unlink()
+        return name
+
+    return damage
+
+
+def _nan_tensor(name: str):
+    def damage(folder: Path) -> str:
+        path = folder / name
+        data = bytearray(path.read_bytes())
+        (length,) = struct.unpack("<Q", data[:8])
+        data[8 + length : 8 + length + 4] = struct.pack("<f", float("nan"))  # the first value of the first tensor
+        path.write_bytes(bytes(data))
+        return name
+
+    return damage
+
+
+def _nan_optimizer(folder: Path) -> str:
+    import torch
+
+    path = folder / "optimizer.bin"
+    state = torch.load(path, weights_only=True)
+    state["state"][0]["exp_avg"].view(-1)[0] = float("nan")
+    torch.save(state, path)
+    return "optimizer.bin"
+
+
+DAMAGES = {
+    "step edited to 999": _edit_state(step=999),
+    "negative step": _edit_state(step=-2),
+    "micro-batches edited": _edit_state(micro_batches=0),
+    "state.json truncated": _truncate("state.json"),
+    "optimizer.bin truncated": _truncate("optimizer.bin"),
+    "optimizer.bin removed": _remove("optimizer.bin"),
+    "optimizer moment NaN": _nan_optimizer,
+    "scheduler.bin truncated": _truncate("scheduler.bin", 0.9),
+    "trainable.safetensors truncated": _truncate("trainable.safetensors", 0.9),
+    "trainable tensor NaN": _nan_tensor("trainable.safetensors"),
+    "ema.safetensors removed": _remove("ema.safetensors"),
+    "RNG state truncated": _truncate("random_states_0.pkl"),
+}
+
+
+def corrupt_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path) -> tuple[bool, str]:
+    kind = rng.choice(sorted(DAMAGES))
+    output = work / f"corrupt-{index:02d}"
+    shutil.rmtree(output, ignore_errors=True)
+    shutil.copytree(reference, output)
+    newest = output / "checkpoints" / f"step-{steps}"
+    damaged = DAMAGES[kind](newest)
+    found = []
+    named = subprocess.run(train_command(output, steps, "--checkpoint-every", "1", "--resume", str(newest)),
+                           capture_output=True, text=True, env=ENV)
+    if named.returncode != 2:
+        found.append(f"resuming it by name: exit code {named.returncode}")
+    problem = one_line(named.stderr, "error: ", damaged, str(newest))
+    if problem:
+        found.append(f"resuming it by name: {problem}")
+    latest = subprocess.run(train_command(output, steps, "--checkpoint-every", "1", "--resume", "latest"),
+                            capture_output=True, text=True, env=ENV)
+    if latest.returncode != 0:
+        found.append(f"--resume latest: exit code {latest.returncode}: {messages(latest.stderr)[-1:]}")
+    else:
+        problem = one_line(latest.stderr, "warning: damaged checkpoint", damaged, f"resuming from step-{steps - 1}")
+        if problem:
+            found.append(f"--resume latest: {problem}")
+        found += same_as_reference(output, reference)
+        found += [f"after the resume: {p}" for p in problems_after_kill(output, 1, steps)]
+    if leftovers(output):
+        found.append(f"left: {', '.join(leftovers(output))}")
+    return not found, f"step-{steps}: {kind}" + ("" if not found else "; LOST: " + "; ".join(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# cache: a damaged cache entry
+
+
+def _damage_decomposition(cache: Path, rng: random.Random) -> str:
+    path = sorted((cache / "decompositions").glob("*.safetensors"))[0]
+    _nan_tensor(path.name)(path.parent) if rng.random() < 0.5 else _flip_body_byte(path, rng)
+    return "cached decomposition"
+
+
+def _flip_body_byte(path: Path, rng: random.Random) -> None:
+    data = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    position = rng.randrange(8 + length, len(data))
+    data[position] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _damage_model(cache: Path, rng: random.Random) -> str:
+    folder = next((cache / "models").glob("tiny-v*"))
+    if rng.random() < 0.5:
+        (folder / "model_index.json").unlink()
+    else:
+        _flip_body_byte(folder / "unet" / "diffusion_pytorch_model.safetensors", rng)
+    return "cached model"
+
+
+def _damage_demo_image(cache: Path, rng: random.Random) -> str:
+    path = rng.choice(sorted((cache / "concepts").glob("*/*.png")))
+    path.write_bytes(path.read_bytes()[: rng.randrange(20, path.stat().st_size - 100)])
+    return "cached demo image"
+
+
+CACHE_DAMAGES = {"decomposition": _damage_decomposition, "tiny model": _damage_model, "demo image": _damage_demo_image}
+
+
+def cache_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path) -> tuple[bool, str]:
+    kind = rng.choice(sorted(CACHE_DAMAGES))
+    cache, output = work / f"cache-{index:02d}-cache", work / f"cache-{index:02d}"
+    for stale in (cache, output):
+        shutil.rmtree(stale, ignore_errors=True)
+    shutil.copytree(work / "cache", cache)
+    what = CACHE_DAMAGES[kind](cache, rng)
+    result = subprocess.run(train_command(output, steps, "--checkpoint-every", "1"), capture_output=True, text=True,
+                            env={**ENV, "SDTUNE_CACHE": str(cache)})
+    found = []
+    if result.returncode != 0:
+        found.append(f"exit code {result.returncode}: {messages(result.stderr)[-1:]}")
+    else:
+        problem = one_line(result.stderr, f"warning: {what}", "damaged")
+        if problem:
+            found.append(problem)
+        found += same_as_reference(output, reference)
+    if leftovers(output, cache):
+        found.append(f"left: {', '.join(leftovers(output, cache))}")
+    return not found, f"{kind}" + ("" if not found else "; LOST: " + "; ".join(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# fill: the disk fills during training
+
+
+def can_mount_tmpfs(folder: Path) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    return mounted
+
+
+def fill_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path) -> tuple[bool, str]:
+    checkpoint_every = rng.randint(1, 3)
+    disk, moved = work / f"fill-{index:02d}-disk", work / f"fill-{index:02d}"
+    shutil.rmtree(moved, ignore_errors=True)
+    disk.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        output, log = disk / "run", work / f"fill-{index:02d}.log"
+        process = start(train_command(output, steps, "--checkpoint-every", str(checkpoint_every)), log)
+        wait_for_training(process, output)
+        logged = rng.randrange(steps)
+        while len(losses_so_far(output)) < logged and process.poll() is None:
+            time.sleep(0.005)
+        with open(disk / "filler", "wb", buffering=0) as filler:  # another program takes all the room left
+            try:
+                while True:
+                    filler.write(b"\0" * 4096)
+                    filler.flush()
+            except OSError:
+                pass
+        code = process.wait()
+        found = []
+        if code not in (0, 1):
+            found.append(f"exit code {code}")
+        if code == 1:
+            problem = one_line(log.read_text(), "error: ", "No space left on device", "free in")
+            if problem:
+                found.append(problem)
+        found += problems_after_kill(output, checkpoint_every, steps)
+        if leftovers(output):
+            found.append(f"left after the full disk: {', '.join(leftovers(output))}")
+        said = [line for line in messages(log.read_text()) if line.startswith("error: ")]
+        (disk / "filler").unlink()
+        shutil.copytree(output, moved)  # resumed where there is room
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    run(train_command(moved, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
+    found += same_as_reference(moved, reference)
+    detail = f"checkpoint every {checkpoint_every}, filled after {logged} steps: {said[0] if said else 'finished first'}"
+    return not found, detail + ("" if not found else "; LOST: " + "; ".join(found))
+
+
+# ---------------------------------------------------------------------------------------------
+# commands: merge and sample killed
+
+
+def command_args(kind: str, reference: Path, output: Path) -> list[str]:
+    if kind == "merge":
+        return [sys.executable, "-m", "sdtune", "merge", str(reference), "--output", str(output)]
+    return [sys.executable, "-m", "sdtune", "sample", "--adapter", str(reference), "--prompt", "a <castle>",
+            "--prompt", "a <castle> in the snow", "--num-images", "8", "--steps", "4", "--output", str(output)]
+
+
+def complete_output(kind: str, output: Path) -> list[str]:
+    from PIL import Image
+
+    from sdtune.models import cached_model_problem
+
+    if kind == "merge":
+        if not (output / "sdtune_merge.json").is_file():
+            return ["no sdtune_merge.json"]
+        problem = cached_model_problem(output)
+        return [problem] if problem else []
+    found = []
+    images = sorted((output / "images").glob("*.png"))
+    if len(images) != 16:
+        found.append(f"{len(images)} images of 16")
+    for path in images + [output / "grid.png"]:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:
+            found.append(f"{path.name}: {error}")
+    return found
+
+
+def lock_of(kind: str, output: Path) -> Path:
+    """The lock a command holds while it works (taken once its imports are done)."""
+    return output.parent / f".{output.name}.sdtune.lock" if kind == "merge" else output / ".sdtune.lock"
+
+
+def command_trial(work: Path, index: int, rng: random.Random, reference: Path, seconds: dict) -> tuple[bool, str]:
+    kind = rng.choice(["merge", "sample"])
+    name = rng.choice(list(SIGNALS))
+    folder = work / f"command-{index:02d}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    output, log = folder / "out", work / f"command-{index:02d}.log"
+    process = start(command_args(kind, reference, output), log)
+    while not lock_of(kind, output).exists() and process.poll() is None:
+        time.sleep(0.005)
+    delay = rng.uniform(0, seconds[kind])
+    time.sleep(delay)
+    killed = process.poll() is None
+    if killed:
+        os.kill(process.pid, SIGNALS[name])
+    code = process.wait()
+    found = []
+    if killed and name != "KILL" and code != 0 and not (code == -SIGNALS[name] and not complete_output(kind, output)):
+        if code != INTERRUPTED_CODES[SIGNALS[name]]:
+            found.append(f"exit code {code} after SIG{name}")
+        problem = one_line(log.read_text(), "interrupted")
+        if problem:
+            found.append(f"after SIG{name}: {problem}")
+        if leftovers(folder):
+            found.append(f"left after SIG{name}: {', '.join(leftovers(folder))}")
+    again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
+    result = subprocess.run(again, capture_output=True, text=True, env=ENV)
+    if result.returncode != 0:
+        found.append(f"run again: exit code {result.returncode}: {messages(result.stderr)[-1:]}")
+    found += complete_output(kind, output)
+    if leftovers(folder):
+        found.append(f"left after running again: {', '.join(leftovers(folder))}")
+    moment = f"SIG{name} {delay:.2f} s into its work" if killed else "finished before the signal"
+    return not found, f"{kind}, {moment}" + ("" if not found else "; LOST: " + "; ".join(found))
+
+
+def working_seconds(kind: str, reference: Path, output: Path) -> float:
+    """How long a command works once it holds its lock."""
+    process = start(command_args(kind, reference, output), output.parent / f"{kind}.log")
+    while not lock_of(kind, output).exists() and process.poll() is None:
+        time.sleep(0.005)
+    began = time.perf_counter()
+    if process.wait() != 0:
+        raise RuntimeError(f"sdtune {kind} failed; see {output.parent / f'{kind}.log'}")
+    return time.perf_counter() - began
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=20, help="trials of each kind of fault")
+    parser.add_argument("--faults", default="kill", help=f"comma-separated: {', '.join(FAULTS)}, or all")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args(argv)
+    faults = FAULTS if args.faults == "all" else tuple(args.faults.split(","))
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown:
+        parser.error(f"unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(FAULTS)}")
     sys.path.insert(0, str(REPO))
-    work = args.work or Path(tempfile.mkdtemp(prefix="sdtune-faults-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="sdtune-faults-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    ENV["SDTUNE_CACHE"] = str(work / "cache")  # every run's own, so cache faults damage no one else's
     rng = random.Random(args.seed)
 
     # the uninterrupted run, with the most checkpoints (every step), gives the length of a run's training
@@ -157,17 +555,38 @@ def main(argv: list[str] | None = None) -> str:
     if process.wait() != 0:
         raise RuntimeError(f"the uninterrupted run failed; see {work / 'uninterrupted.log'}")
     step_seconds = train_seconds / args.steps
-    print(f"uninterrupted run: {args.steps} steps in {train_seconds:.1f} s of training, checkpoint every step; each "
-          f"trial is killed once its metrics show a random number of steps (0 to {args.steps - 1}), after a uniform "
-          f"delay of up to {step_seconds:.2f} s (one step with its checkpoint)", flush=True)
+    print(f"uninterrupted run: {args.steps} steps in {train_seconds:.1f} s of training, checkpoint every step", flush=True)
 
-    recovered = 0
-    for index in range(args.trials):
-        shutil.rmtree(work / f"trial-{index:02d}", ignore_errors=True)
-        ok, detail = trial(work, index, rng, args.steps, reference, step_seconds)
+    trials: list = []
+    if "kill" in faults:
+        print(f"kill: each trial gets SIGKILL, SIGTERM or SIGINT once its metrics show a random number of steps "
+              f"(0 to {args.steps - 1}), after a uniform delay of up to {step_seconds:.2f} s (one step with its checkpoint)", flush=True)
+        trials += [("kill", lambda i: trial(work, i, rng, args.steps, reference, step_seconds))] * args.trials
+    if "corrupt" in faults:
+        trials += [("corrupt", lambda i: corrupt_trial(work, i, rng, args.steps, reference))] * args.trials
+    if "cache" in faults:
+        trials += [("cache", lambda i: cache_trial(work, i, rng, args.steps, reference))] * args.trials
+    if "fill" in faults:
+        if can_mount_tmpfs(work / "probe-disk"):
+            trials += [("fill", lambda i: fill_trial(work, i, rng, args.steps, reference))] * args.trials
+        else:
+            print("fill: skipped (filling a disk needs root, to mount a small tmpfs)", flush=True)
+    if "commands" in faults:
+        probe = work / "probe"
+        shutil.rmtree(probe, ignore_errors=True)
+        probe.mkdir()
+        seconds = {kind: working_seconds(kind, reference, probe / kind) for kind in ("merge", "sample")}
+        print(f"commands: merge works {seconds['merge']:.1f} s, sample {seconds['sample']:.1f} s once they hold their lock; "
+              "each trial signals one of them after a uniform delay of up to that", flush=True)
+        trials += [("command", lambda i: command_trial(work, i, rng, reference, seconds))] * args.trials
+
+    recovered, counts = 0, {}
+    for label, run_trial in trials:
+        index = counts[label] = counts.get(label, -1) + 1
+        ok, detail = run_trial(index)
         recovered += ok
-        print(f"trial {index + 1:2d}: {'recovered' if ok else 'LOST'}: {detail}", flush=True)
-    summary = f"{args.trials} trials, {recovered} recovered, {args.trials - recovered} lost"
+        print(f"{label} {index + 1:2d}: {'recovered' if ok else 'LOST'}: {detail}", flush=True)
+    summary = f"{len(trials)} trials, {recovered} recovered, {len(trials) - recovered} lost"
     print(summary, flush=True)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

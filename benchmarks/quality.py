@@ -381,7 +381,7 @@ def main(argv=None) -> int:
                         concept="seven", method=name, model="tiny", images=str(concept_folder), output=str(run_dir),
                         token="seven", template="This is a picture of the handwritten digit {token} in sks style.",
                         steps=args.steps, batch_size=args.batch_size, resolution=64, seed=args.seed, log_with="none",
-                        lr=lr,
+                        lr=lr, overwrite=True,  # an earlier benchmark's run of this name, not reused, is replaced
                     ),
                 )
                 train_seconds = run.seconds

@@ -17,7 +17,7 @@ from .errors import SdtuneError, TrainingFailed
 from .fileio import save_safetensors
 from .kohya import is_kohya_file, kohya_info, read_kohya, read_kohya_updates
 from .safetensors_checks import (
-    TensorEntry, check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors,
+    TensorEntry, check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
 )
 from .version import __version__
 
@@ -187,6 +187,7 @@ def open_adapter(path: str | Path, pipeline):
     bad = first_non_finite(tensors)
     if bad:
         raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
+    warn_absurd_values(path, tensors)
     device = unet.device  # read once: diffusers walks every module to find it
     method.inject(unet)
     method.load_state_dict({k: v.to(device) for k, v in tensors.items()})

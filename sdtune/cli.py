@@ -10,13 +10,20 @@ import dataclasses
 import functools
 import inspect
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 from . import methods
 from .config import (
@@ -33,7 +40,23 @@ from .config import (
 )
 from .errors import SdtuneError
 
+class OneLineErrorsGroup(TyperGroup):
+    """The command group whose usage errors (`--steps ten`, an unknown flag, a missing option) are one
+    line on stderr and exit code 2, as sdtune's own errors, not a box with the usage."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as error:
+            if isinstance(error, NoArgsIsHelpError):
+                raise
+            message = " ".join(error.format_message().split())
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=OneLineErrorsGroup,
     name="sdtune",
     help="Fine-tune Stable Diffusion v1.x with parameter-efficient methods (filter atoms, LoRA, ...) and compare them.",
     no_args_is_help=True,
@@ -48,24 +71,44 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+interrupted_with: int | None = None  # the exit code of a command that SIGINT or SIGTERM ended
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as SIGINT is: files being written are cleaned up on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise Terminated()
+
+
 def handle_errors(command: Callable) -> Callable:
-    """Turn sdtune's errors into one line on stderr and the right exit code, never a traceback."""
+    """Turn sdtune's errors into one line on stderr and the right exit code, never a traceback.
+
+    SIGINT and SIGTERM end the command as an interrupt does: every temporary file is removed on the
+    way out, "interrupted" is said, and the exit code is 130 (SIGINT) or 143 (SIGTERM).
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         warnings.formatwarning = _one_line_warning
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return command(*args, **kwargs)
         except SdtuneError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
+            global interrupted_with
+            interrupted_with = 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupted_with) from None
         except Exception as error:
             if os.environ.get("SDTUNE_DEBUG"):
                 raise
-            if isinstance(error, OSError) and error.strerror:  # disk full, read-only folder, ...
+            if isinstance(error, OSError) and error.strerror:  # a read-only folder, ...
                 where = f"{error.filename}: " if error.filename else ""
                 typer.echo(f"error: {where}{error.strerror}", err=True)
                 raise typer.Exit(1) from None
@@ -73,6 +116,9 @@ def handle_errors(command: Callable) -> Callable:
             detail = f": {message[0][:300]}" if message else ""
             typer.echo(f"error: {type(error).__name__}{detail} (set SDTUNE_DEBUG=1 for the traceback)", err=True)
             raise typer.Exit(1) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper
 
@@ -210,7 +256,8 @@ def train(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet: the first steps compile (minutes for SD), later ones may run faster" + _default(TrainConfig, "compile") + "."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
-    resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
+    resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest intact one in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an earlier run's adapter, logs and checkpoints in OUTPUT (default: refuse)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16; trainable parameters stay fp32, the frozen models are stored in the half dtype." + _default(TrainConfig, "mixed_precision")),
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
@@ -278,6 +325,7 @@ def sample(
     scheduler: Optional[str] = typer.Option(None, help=f"Sampler: {', '.join(SCHEDULERS)} (default: the model's own)."),
     adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side." + _default(SampleConfig, "adapter_scale")),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace the grid and images of an earlier sample in OUTPUT (default: refuse)."),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds, per strength)."""
     settings = locals()
@@ -320,12 +368,15 @@ def export(
     output: Path = typer.Option(..., help="Output file (kohya, diffusers) or new folder (peft)."),
     model: Optional[str] = typer.Option(None, help="kohya, diff-style methods: the base model ΔW = merged - base is computed on (default: the adapter's)."),
     full_diff: bool = typer.Option(False, "--full-diff", help="kohya, diff-style methods: a zero .diff beside every .diff_b of a module whose bias alone changed (BitFit, DiffFit), so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too; the zeros cost as much as those weights (the command says how much)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output (never the adapter exported) (default: refuse)."),
 ) -> None:
     """Write an adapter in a format other tools load."""
     from .export import export_adapter
 
     config = ExportConfig.load(None, **_config_values(ExportConfig, locals(), format=export_format))
-    result = export_adapter(config.source, config.format, config.output, model=config.model, full_diff=config.full_diff)
+    result = export_adapter(
+        config.source, config.format, config.output, model=config.model, full_diff=config.full_diff, overwrite=config.overwrite
+    )
     typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
     for note in result.notes:
         typer.echo(note)
@@ -339,12 +390,15 @@ def merge(
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 weights." + _default(MergeConfig, "dtype")),
     model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's)."),
     scale: Optional[float] = typer.Option(None, help="Strength of the update baked in, W + scale·ΔW." + _default(MergeConfig, "scale")),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder (never one holding the adapter) (default: refuse)."),
 ) -> None:
     """Save the base pipeline with the adapter baked into the UNet, loadable by plain diffusers."""
     from .merging import merge_adapter
 
     config = MergeConfig.load(None, **_config_values(MergeConfig, locals()))
-    result = merge_adapter(config.source, config.output, dtype=config.dtype, model=config.model, scale=config.scale)
+    result = merge_adapter(
+        config.source, config.output, dtype=config.dtype, model=config.model, scale=config.scale, overwrite=config.overwrite
+    )
     typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
 
 @app.command()
@@ -472,6 +526,15 @@ def main_options(
 def main() -> None:
     try:
         app()
+    except SystemExit as exit:
+        if interrupted_with is not None and exit.code == interrupted_with:
+            # Cleaned up and said so: leave with that code. Python's own exit would turn an interrupt
+            # that some library code saw on its way into a death by SIGINT (exit status -2).
+            end_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(interrupted_with)
+        raise
     finally:
         end_process_group()
 

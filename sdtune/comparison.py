@@ -226,6 +226,7 @@ def sample_grid(runs: list[RunSummary], prompts: list[str], config: CompareConfi
                 steps=config.steps,
                 guidance=config.guidance,
                 seed=config.seed,
+                overwrite=True,  # the comparison's own folder, drawn again with it
             ),
             progress=progress,
         )

@@ -168,6 +168,7 @@ class TrainConfig(_Config):
     checkpoint_every: int = 0  # full training state every N steps into checkpoints/step-N (0: none)
     keep_checkpoints: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder; never written to config.toml
+    overwrite: bool = False  # replace an earlier run's files in the output folder; never written to config.toml
     # Loss
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); unset: plain MSE
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
@@ -236,6 +237,8 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.resume is not None and not self.resume:
             raise SdtuneError("--resume takes 'latest' or a checkpoint folder")
+        if self.resume and self.overwrite:
+            raise SdtuneError("give --resume to continue a run or --overwrite to replace it, not both")
         if self.mixed_precision not in MIXED_PRECISION:
             raise SdtuneError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if "{token}" not in self.template:
@@ -261,6 +264,7 @@ class TrainConfig(_Config):
 
     def to_dict(self) -> dict[str, Any]:
         values = super().to_dict()
+        values.pop("overwrite", None)  # run control, as resume
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings
             for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
                 values.pop(name, None)
@@ -282,6 +286,7 @@ class TrainConfig(_Config):
             token=None if self.dataset else self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
             resume=None,  # how this run started, not a setting to replay
+            overwrite=False,
             class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),
             num_class_images=self.num_class_images or (DEFAULT_CLASS_IMAGES if prior and not self.class_images else None),
             log_with=resolve_log_with(self.log_with),
@@ -338,6 +343,7 @@ class SampleConfig(_Config):
     # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each
     adapter_scale: float | list[float] = 1.0
     dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (the VAE decodes in fp32 under fp16)
+    overwrite: bool = False  # replace the images and grid of an earlier sample in the output folder
 
     def __post_init__(self) -> None:
         _split_classes(self)  # "a,b,c" from the command line
@@ -381,7 +387,7 @@ def _split_scales(config) -> None:
     if not isinstance(config.adapter_scale, str):
         return
     try:
-        values = [float(value) for value in config.adapter_scale.split(",") if value.strip()]
+        values = [float(value) for value in config.adapter_scale.split(",")]
     except ValueError:
         raise SdtuneError(f"--adapter-scale takes numbers separated by commas, got {config.adapter_scale!r}") from None
     config.adapter_scale = values if len(values) != 1 else values[0]
@@ -419,6 +425,7 @@ class ExportConfig(_Config):
     output: str = ""  # a file (kohya, diffusers) or a new folder (peft)
     model: str | None = None  # the base model diff-style kohya exports use (default: the adapter's)
     full_diff: bool = False  # kohya diffs: a zero .diff beside every lone .diff_b, for LyCORIS, A1111, InvokeAI
+    overwrite: bool = False  # replace an existing output (never the adapter being exported)
 
     def validate(self) -> None:
         if not self.source or not self.output:
@@ -438,6 +445,7 @@ class MergeConfig(_Config):
     dtype: str = "fp32"
     model: str | None = None  # default: the adapter's base model
     scale: float = 1.0  # the update's strength: W + scale·ΔW
+    overwrite: bool = False  # replace an existing output folder (never one holding the adapter)
 
     def validate(self) -> None:
         if not self.source or not self.output:

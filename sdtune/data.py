@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import SdtuneError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
 PLACEHOLDER = re.compile(r"<([^<>\s]+)>")
 MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt file
 
@@ -83,12 +83,32 @@ def fill_placeholders(prompt: str, token: str | None) -> str:
 
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SdtuneError(f"{folder} is a file, not a folder of images")
     if not folder.is_dir():
         raise SdtuneError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    except OSError as error:
+        raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
     if not files:
         raise SdtuneError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
+
+
+def damaged_image(path: str | Path) -> str | None:
+    """What is wrong with an image file that should be whole (a cached or generated one), or None:
+    every chunk's checksum (`verify`) and a full decode must pass."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.load()
+    except Exception as error:  # PIL raises many kinds for damaged files
+        return (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
+    return None
 
 
 def to_rgb(image):
@@ -118,6 +138,8 @@ def load_image(path: Path, resolution: int):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(path)
     with image:
+        if getattr(image, "n_frames", 1) > 1:
+            warnings.warn(f"{path.name} has {image.n_frames} frames: the first is used", stacklevel=3)
         image.draft("RGB", (resolution, resolution))  # JPEGs decode at reduced size when large
         image = to_rgb(image)
     width, height = image.size

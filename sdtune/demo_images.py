@@ -18,17 +18,26 @@ _SUPERSAMPLE = 2
 
 
 def demo_concept_folder(concept: str) -> Path:
-    """The folder of the demo set's PNGs, drawn on first use."""
-    from .fileio import atomic_write
+    """The folder of the demo set's PNGs, drawn on first use. Each cached PNG is checked when the folder
+    is read; a damaged one is drawn again, with a warning."""
+    import warnings
+
+    from .data import damaged_image
+    from .fileio import atomic_write, sweep_dead_temporaries
     from .models import cache_dir
 
     folder = cache_dir() / "concepts" / f"{concept}-v{DEMO_VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
+    sweep_dead_temporaries(folder, lambda name: name.endswith(".png"))
     for index in range(DEMO_COUNT):
         path = folder / f"{concept}-{index:02d}.png"
-        if not path.exists():
-            with atomic_write(path) as tmp:
-                draw_demo_image(concept, index).save(tmp, format="PNG")
+        if path.exists():
+            problem = damaged_image(path)
+            if problem is None:
+                continue
+            warnings.warn(f"cached demo image {path} is damaged ({problem}): drawn again", stacklevel=3)
+        with atomic_write(path) as tmp:
+            draw_demo_image(concept, index).save(tmp, format="PNG")
     return folder
 
 

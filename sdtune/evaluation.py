@@ -436,6 +436,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
                 scheduler=config.scheduler,
                 adapter_scale=config.adapter_scale,
                 dtype=config.dtype,
+                overwrite=True,  # the evaluation's own folder: measuring again draws it again
             ),
             progress=progress,
         )

@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
-from .fileio import human_bytes, write_folder
+from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
 from .kohya import is_kohya_file, kohya_diff_state, kohya_state, missing_diffs, with_zero_diffs, write_kohya
 
 
@@ -45,17 +45,20 @@ class ExportResult:
 
 
 def export_adapter(
-    source: str | Path, format: str, output: str | Path, model: str | None = None, full_diff: bool = False
+    source: str | Path, format: str, output: str | Path, model: str | None = None, full_diff: bool = False,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write the sdtune adapter `source` (file or run folder) in another `format` to `output`.
 
     `model` overrides the base model that diff-style kohya exports compute ΔW on (default: the
     adapter's own base model). `full_diff` (kohya diffs): a zero `.diff` beside every `.diff_b` whose
     module's weight did not change, so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too.
-    The method's export warnings (`Method.export_warnings`) are issued as Python warnings.
+    The method's export warnings (`Method.export_warnings`) are issued as Python warnings. An
+    existing `output` is refused unless `overwrite`; one that is, or holds, the adapter is refused always.
     """
     from . import methods
     from .adapter import adapter_path, read_adapter
+    from .fileio import check_output_target
 
     if format not in FORMATS:
         raise SdtuneError(f"--format {format!r} is not available; choose: {', '.join(FORMATS)}")
@@ -63,41 +66,44 @@ def export_adapter(
         raise SdtuneError(f"--full-diff applies to --format kohya, not {format}")
     output = Path(output)
     path = adapter_path(source)
+    check_output_target(output, [path], overwrite)
     if is_kohya_file(path):
         raise SdtuneError(f"{path} already is a kohya-format file; export takes sdtune adapters")
     info, tensors = read_adapter(path)
     method = methods.create(info.method, **info.options)
     if format not in method.export_formats:
         raise SdtuneError(_not_available(format, method))
+    if format in ("kohya", "diffusers"):
+        _check_file_target(output)
 
-    if format == "kohya":
-        _check_file_target(output)
-        own = method.kohya_tensors(tensors)
-        if own is not None and full_diff:
-            raise SdtuneError(
-                f"--full-diff applies to kohya files of full-weight differences; a {method.name} adapter is written "
-                "as its own kohya tensors, which need no .diff"
-            )
+    with output_file_lock(output):
+        check_output_target(output, [path], overwrite)  # again, now that no other command writes it
+        if format == "kohya":
+            own = method.kohya_tensors(tensors)
+            if own is not None and full_diff:
+                raise SdtuneError(
+                    f"--full-diff applies to kohya files of full-weight differences; a {method.name} adapter is written "
+                    "as its own kohya tensors, which need no .diff"
+                )
+            _warn(method.export_warnings(format, tensors))
+            if own is not None:
+                modules, extra = own
+                state, missing = kohya_state(modules), None
+            else:
+                unet, diffs = _diffs_on_base_model(path, info, model)
+                state, extra = kohya_diff_state(unet, diffs, path)
+                missing = missing_diffs(unet, state)
+                if full_diff:
+                    state = with_zero_diffs(state, missing)
+            write_kohya(output, state, info, extra)
+            notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size) if missing is not None else []
+            return ExportResult(output, format, len(state), notes)
         _warn(method.export_warnings(format, tensors))
-        if own is not None:
-            modules, extra = own
-            state, missing = kohya_state(modules), None
-        else:
-            unet, diffs = _diffs_on_base_model(path, info, model)
-            state, extra = kohya_diff_state(unet, diffs, path)
-            missing = missing_diffs(unet, state)
-            if full_diff:
-                state = with_zero_diffs(state, missing)
-        write_kohya(output, state, info, extra)
-        notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size) if missing is not None else []
-        return ExportResult(output, format, len(state), notes)
-    _warn(method.export_warnings(format, tensors))
-    if format == "diffusers":
-        _check_file_target(output)
-        count = write_diffusers_lora(output, method, tensors)
+        if format == "diffusers":
+            count = write_diffusers_lora(output, method, tensors)
+            return ExportResult(output, format, count)
+        count = write_peft_folder(output, method, info, tensors, overwrite)
         return ExportResult(output, format, count)
-    count = write_peft_folder(output, method, info, tensors)
-    return ExportResult(output, format, count)
 
 
 def _warn(messages: list[str]) -> None:
@@ -156,12 +162,20 @@ def write_diffusers_lora(output: Path, method, tensors) -> int:
 
     layers, metadata = method.diffusers_lora_layers(tensors)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as tmp:
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=layers, weight_name=output.name, unet_lora_adapter_metadata=metadata
-        )
-        os.replace(Path(tmp) / output.name, output)
+    tmp = temp_path(output)
+    try:
+        with failures_named(output):
+            make_temp_folder(tmp)
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=layers, weight_name=output.name, unet_lora_adapter_metadata=metadata
+            )
+            written = tmp / output.name
+            os.chmod(written, default_mode())
+            os.replace(written, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return len(layers)
+
 
 
 def peft_module_names(tensors) -> list[str]:
@@ -171,7 +185,7 @@ def peft_module_names(tensors) -> list[str]:
     return list(modules)
 
 
-def write_peft_folder(output: Path, method, info, tensors) -> int:
+def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = False) -> int:
     """adapter_config.json (the method's own peft config) + adapter_model.safetensors."""
     from safetensors.torch import save_file
 
@@ -184,5 +198,5 @@ def write_peft_folder(output: Path, method, info, tensors) -> int:
         config.save_pretrained(str(folder))
         save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    write_folder(output, fill)
+    write_folder(output, fill, overwrite)
     return len(state)

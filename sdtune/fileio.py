@@ -1,16 +1,233 @@
-"""Writing files so that a crash or a kill never leaves a half-written one."""
+"""Writing files so that a crash or a kill never leaves a half-written one, nor a temporary one for long.
+
+Every file is written to a hidden temporary beside it, `.NAME.PID.XXXXXXXX.tmp`, and renamed onto
+`NAME`; every folder is built as `.NAME.PID.XXXXXXXX.tmp/` and renamed. A kill can leave such a
+temporary: each command sweeps those of the files it writes when it starts (`sweep_temporaries`),
+once it holds the lock of the folder or file it writes (`OutputLock`), so a temporary older than the
+lock is a dead command's. Files get the mode the umask gives (as `open` does), not the 0600 of
+`tempfile`. A write that fails names the file, and a full disk says how much room is left.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from .errors import SdtuneError
+from .errors import SdtuneError, TrainingFailed
+
+TEMP_SUFFIX = ".tmp"
+HEADER_SUFFIX = ".header"  # the rewritten safetensors header's temporary (`save_safetensors`)
+# what a full disk (or quota) looks like, through Python, safetensors' Rust writer or torch's zip writer
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+class DiskFull(TrainingFailed):
+    """A write failed for want of room: exit code 1, naming the file and the room left."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes, temporaries and write failures
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode `open` (0666) or `mkdir` (0777) would give a new file or folder under the umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temporary's name for the file or folder `name`: hidden, with the writer's pid."""
+    return f".{name}.{os.getpid()}."
+
+
+def temp_path(path: Path) -> Path:
+    """A new temporary's name beside `path` (not yet created): a caller holds the name before the file
+    exists, so an interrupt right after its creation still finds it to remove."""
+    import secrets
+
+    return path.with_name(f"{temp_prefix(path.name)}{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def make_temp_file(tmp: Path) -> Path:
+    """Create the temporary file `tmp` (from `temp_path`), empty, with the mode the umask gives."""
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # open() applies the umask
+    os.close(fd)
+    return tmp
+
+
+def make_temp_folder(tmp: Path) -> Path:
+    """Create the temporary folder `tmp` (from `temp_path`), with the mode the umask gives."""
+    tmp.mkdir(0o777)
+    return tmp
+
+
+def temporary_target(name: str) -> str | None:
+    """The file or folder name a temporary named `name` was for (`.adapter.safetensors.123.ab_c9xyz.tmp`
+    is adapter.safetensors's), also for names without the pid that older versions wrote; None when
+    `name` is not a temporary."""
+    if not name.startswith("."):
+        return None
+    stem = name[1:]
+    for suffix in (TEMP_SUFFIX + HEADER_SUFFIX, TEMP_SUFFIX):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        return None
+    target, dot, _random = stem.rpartition(".")
+    if not dot or not target:
+        return None
+    head, dot, pid = target.rpartition(".")
+    return head if dot and head and pid.isdigit() else target
+
+
+def sweep_temporaries(folder: str | os.PathLike, owns: Callable[[str], bool], older_than: float) -> list[Path]:
+    """Remove the temporaries in `folder` (files and folders) of the names `owns` accepts that were last
+    written before `older_than` (the time the caller's lock was taken): a killed command's. Returns
+    what was removed."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        target = temporary_target(path.name)
+        if target is None or not owns(target):
+            continue
+        try:
+            if path.lstat().st_mtime >= older_than:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            continue  # swept next time
+        removed.append(path)
+    return removed
+
+
+def sweep_dead_temporaries(folder: str | os.PathLike, owns: Callable[[str], bool], legacy_age: float = 86400.0) -> list[Path]:
+    """Remove the temporaries in a folder that several commands share without a lock (sdtune's cache):
+    those whose writer (the pid in their name) no longer runs, and unnamed ones older than `legacy_age` seconds."""
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    stale_before = time.time() - legacy_age
+    dead = []
+    for path in entries:
+        target = temporary_target(path.name)
+        if target is None or not owns(target):
+            continue
+        pid = temporary_pid(path.name)
+        try:
+            gone = _pid_gone(pid) if pid is not None else path.lstat().st_mtime < stale_before
+        except OSError:
+            continue
+        if gone:
+            dead.append(path)
+    for path in dead:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return dead
+
+
+def temporary_pid(name: str) -> int | None:
+    """The writer's pid in a temporary's name, if it has one."""
+    target = temporary_target(name)
+    if target is None:
+        return None
+    rest = name[1 + len(target) :].split(".")
+    return int(rest[1]) if len(rest) > 3 and rest[1].isdigit() else None
+
+
+def _pid_gone(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def is_disk_full(error: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """Whether `error` is a write that failed for want of room. torch's zip writer does not say why it
+    failed: a failure that is not an OSError counts when `folder` has (almost) no room left."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    text = str(error)
+    if any(marker in text for marker in DISK_FULL_TEXTS):
+        return True
+    if folder is not None and not isinstance(error, OSError):  # torch's writer: "file write failed", "iostream error", ...
+        return free_bytes(folder) < 2**20
+    return False
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
+def human_size(count: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
+def disk_full(path: str | os.PathLike) -> DiskFull:
+    """The one-line error of a write to `path` that found the disk full."""
+    path = Path(path)
+    return DiskFull(f"{path}: No space left on device ({human_size(free_bytes(path.parent))} free in {path.parent})")
+
+
+@contextlib.contextmanager
+def failures_named(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn a failed write into a one-line error naming `path` (not a temporary): a full disk with the
+    room left, any other OSError with its reason."""
+    path = Path(path)
+    try:
+        yield
+    except SdtuneError:
+        raise
+    except Exception as error:
+        if is_disk_full(error, folder if folder is not None else path.parent):
+            raise disk_full(path) from None
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
 
 
 @contextlib.contextmanager
@@ -18,31 +235,24 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is flushed and renamed onto `path`.
 
     The rename is atomic on POSIX file systems, so readers see the old file or the new one,
-    never a partial one. On failure the temporary file is removed and `path` is untouched.
+    never a partial one. On failure (or an interrupt) the temporary file is removed and `path` is
+    untouched; a kill -9 leaves it for the next command's sweep.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_path(path)
     try:
-        try:
+        with failures_named(path):
+            make_temp_file(tmp)
             yield tmp
             with open(tmp, "rb+") as handle:
+                os.fchmod(handle.fileno(), default_mode())  # some writers (safetensors) make their file 0600
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except OSError as error:
-            if error.errno is None:
-                raise
-            raise OSError(error.errno, error.strerror, str(path)) from error  # name the file, not its temporary
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        fsync_directory(path.parent)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        for leftover in (tmp, tmp.with_name(tmp.name + HEADER_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def human_bytes(n: float) -> str:
@@ -73,21 +283,21 @@ def read_json(path: str | os.PathLike, missing: str | None = None, damaged: str 
         raise SdtuneError(f"{path}: {damaged} ({error})") from None
 
 
-def ensure_writable_folder(folder: str | os.PathLike, needed_bytes: int = 0) -> Path:
+def ensure_writable_folder(folder: str | os.PathLike, needed_bytes: int = 0, what: str | None = None) -> Path:
     """Create `folder` if needed and check, before any work starts, that a file can be written in it
-    and that `needed_bytes` are free there."""
+    and that `needed_bytes` are free there. `what` names the output in the message (default: the folder)."""
     folder = Path(folder)
+    what = what or f"output folder {folder}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
         free = shutil.disk_usage(folder).free
     except OSError as error:
-        raise SdtuneError(f"cannot write to output folder {folder}: {error.strerror or error}") from None
+        target = f"to {what}" if what.startswith("output folder") else what
+        raise SdtuneError(f"cannot write {target}: {error.strerror or error}") from None
     if free < needed_bytes:
-        raise SdtuneError(
-            f"output folder {folder} has {free / 2**20:.1f} MB free; this run needs about {needed_bytes / 2**20:.1f} MB"
-        )
+        raise SdtuneError(f"{what} has {free / 2**20:.1f} MB free; this run needs about {needed_bytes / 2**20:.1f} MB")
     return folder
 
 
@@ -105,8 +315,6 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
 
 
 def _sort_safetensors_metadata(path: Path) -> None:
-    import json
-    import shutil
     import struct
 
     with open(path, "rb+") as handle:
@@ -120,10 +328,10 @@ def _sort_safetensors_metadata(path: Path) -> None:
             handle.write(text + b" " * (length - len(text)))
             return
         padded = text + b" " * (-len(text) % 8)
-        with open(path.with_name(path.name + ".header"), "wb") as out:
+        with open(path.with_name(path.name + HEADER_SUFFIX), "wb") as out:
             out.write(struct.pack("<Q", len(padded)) + padded)
             shutil.copyfileobj(handle, out, 1 << 24)
-    os.replace(path.with_name(path.name + ".header"), path)
+    os.replace(path.with_name(path.name + HEADER_SUFFIX), path)
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -148,18 +356,31 @@ def fsync_tree(root: str | os.PathLike) -> None:
     fsync_directory(root)
 
 
+def apply_default_modes(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the modes the umask gives new files and folders (writers
+    such as safetensors make their files 0600, tempfile its folders 0700)."""
+    root = Path(root)
+    file_mode, folder_mode = default_mode(), default_mode(directory=True)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, folder_mode if path.is_dir() else file_mode)
+
+
 def publish_directory(staging: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
     """Flush `staging` and rename it to `final`; readers see the old `final` or the complete new one.
+    Its files and folders get the modes the umask gives.
 
-    An existing `final` is first renamed aside and removed afterwards, so a crash in between leaves
-    either name complete or absent, never half-written. With `replace=False` a `final` that holds
-    anything is kept and the rename fails with an OSError (an empty one is replaced).
+    An existing `final` is first renamed aside (to a temporary name the next sweep recognises) and
+    removed afterwards, so a crash in between leaves either name complete or absent, never
+    half-written. With `replace=False` a `final` that holds anything is kept and the rename fails
+    with an OSError (an empty one is replaced).
     """
     staging, final = Path(staging), Path(final)
+    apply_default_modes(staging)
     fsync_tree(staging)
     aside = None
     if replace and final.exists():
-        aside = final.with_name(f".{final.name}.replaced")
+        aside = final.with_name(f"{temp_prefix(final.name)}replaced{TEMP_SUFFIX}")
         remove_directory(aside)
         os.replace(final, aside)
     os.replace(staging, final)
@@ -169,13 +390,15 @@ def publish_directory(staging: str | os.PathLike, final: str | os.PathLike, repl
 
 
 def remove_directory(path: str | os.PathLike) -> None:
-    """Delete a directory tree by renaming it to a hidden name first, so it never lingers half-deleted."""
-    import shutil
-
+    """Delete a directory tree by renaming it to a hidden temporary name first, so it never lingers
+    half-deleted under its own name (a kill leaves it to the next sweep)."""
     path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
     if not path.exists():
         return
-    doomed = path if path.name.startswith(".") else path.with_name(f".{path.name}.deleting")
+    doomed = path if path.name.startswith(".") else path.with_name(f"{temp_prefix(path.name)}deleting{TEMP_SUFFIX}")
     if doomed != path:
         if doomed.exists():
             shutil.rmtree(doomed)
@@ -184,50 +407,73 @@ def remove_directory(path: str | os.PathLike) -> None:
     shutil.rmtree(doomed)
 
 
+def check_output_target(output: str | os.PathLike, sources: list[str | os.PathLike], overwrite: bool = False) -> Path:
+    """Refuse an `--output` that is, or holds, one of the files the command reads (whatever
+    `overwrite` says), and one that exists unless `overwrite` is given (an empty folder is free)."""
+    output = Path(output)
+    resolved = output.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise SdtuneError(f"--output {output} is where the input {source} is; write to another path")
+    if not overwrite and output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        raise SdtuneError(f"--output {output} already exists; give a new path, or --overwrite to replace it")
+    return output
+
+
 def check_folder_free(output: Path) -> None:
     """Refuse an `--output` folder that exists and is not empty."""
-    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
-        raise SdtuneError(f"--output {output} already exists; give a new folder (or remove it)")
+    check_output_target(output, [])
 
 
-def write_folder(output: Path, fill) -> Path:
-    """Build a folder with `fill(tmp)` beside `output`, then rename it onto `output` (absent or empty)."""
+def write_folder(output: Path, fill, overwrite: bool = False) -> Path:
+    """Build a folder with `fill(tmp)` beside `output`, then rename it onto `output` (absent or empty,
+    or replaced with `overwrite`). A write that finds the disk full names `output` and the room left."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    check_folder_free(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    check_output_target(output, [], overwrite)
+    tmp = temp_path(output)
     try:
-        fill(tmp)
-        publish_directory(tmp, output, replace=False)  # an empty `output` is replaced
+        with failures_named(output, folder=output.parent):
+            make_temp_folder(tmp)
+            fill(tmp)
+            publish_directory(tmp, output, replace=overwrite)  # an empty `output` is replaced anyway
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
 # ---------------------------------------------------------------------------------------------
-# One run per output folder
+# One command per output
 
 LOCK_FILE = ".sdtune.lock"
 
 
+def file_lock_name(name: str) -> str:
+    """The lock file of a single output file (an export) or folder built beside it (a merge)."""
+    return f".{name}.sdtune.lock"
+
+
 class OutputLock:
-    """An exclusive lock on an output folder, held for a whole run.
+    """An exclusive lock on an output folder (or, with `name`, on one output in it), held for a whole command.
 
     The lock is `flock` on `FOLDER/.sdtune.lock`, which the kernel releases when its process dies
-    (even by SIGKILL), so the lock of a killed run is taken over at once. The file holds the
+    (even by SIGKILL), so the lock of a killed command is taken over at once. The file holds the
     holder's pid and host for the refusal message. Where the file system has no `flock`, the pid is
-    checked instead: a lock whose process no longer runs on this host is taken over.
+    checked instead: a lock whose process no longer runs on this host is taken over. `acquired_at`
+    (the lock file's modification time) tells the holder's temporaries from those a killed command
+    left before it.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, what: str | None = None):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
+        self.path = self.folder / name
+        self.what = what or f"output folder {self.folder}"
+        self.acquired_at = 0.0
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
-        from .errors import SdtuneError
-
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
             try:
                 held = not _try_flock(fd)
             except OSError:  # no flock here (some network file systems): fall back to the pid
@@ -237,7 +483,7 @@ class OutputLock:
                 os.close(fd)
                 who = f"pid {holder[0]} on {holder[1]}" if holder else "another process"
                 raise SdtuneError(
-                    f"output folder {self.folder} is in use by another sdtune run ({who}); "
+                    f"{self.what} is in use by another sdtune run ({who}); "
                     f"wait for it to finish or choose another --output"
                 )
             try:  # the holder may have removed the file between our open and lock: retry on the new one
@@ -252,7 +498,14 @@ class OutputLock:
         os.write(fd, f"{os.getpid()} {_hostname()}\n".encode())
         os.fsync(fd)
         self._fd = fd
+        # the file system's clock, as the temporaries' times are: theirs are older, or this holder's
+        self.acquired_at = os.fstat(fd).st_mtime
         return self
+
+    def sweep(self, owns: Callable[[str], bool], folder: str | os.PathLike | None = None) -> list[Path]:
+        """Remove the temporaries of the names `owns` accepts that a killed command left in `folder`
+        (default: the locked folder): those written before this lock was taken."""
+        return sweep_temporaries(self.folder if folder is None else folder, owns, self.acquired_at)
 
     def release(self) -> None:
         if self._fd is None:
@@ -267,6 +520,18 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def output_file_lock(output: str | os.PathLike) -> Iterator[OutputLock]:
+    """Hold the lock of one output (a file, or a folder built beside it and renamed onto it) once its
+    folder is known to be writable, after sweeping the temporaries a killed command left of it.
+    `sdtune export` and `sdtune merge` write this way."""
+    output = Path(output)
+    ensure_writable_folder(output.parent, what=f"--output {output}")
+    with OutputLock(output.parent, file_lock_name(output.name), what=f"--output {output}") as lock:
+        lock.sweep(lambda name: name == output.name)
+        yield lock
 
 
 def _try_flock(fd: int) -> bool:

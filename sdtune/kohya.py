@@ -47,7 +47,9 @@ from typing import Any, Callable
 
 from .adapter_info import AdapterInfo
 from .errors import SdtuneError
-from .safetensors_checks import check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors
+from .safetensors_checks import (
+    check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
+)
 from .version import __version__
 
 UNET_PREFIX = "lora_unet"
@@ -83,12 +85,16 @@ def kohya_keys_only(keys) -> bool:
 
 
 def is_kohya_file(path: Path) -> bool:
-    """Whether `path` is a valid safetensors file whose keys are all kohya-format module keys."""
+    """Whether `path` is a valid safetensors file of kohya-format module keys: not an sdtune adapter, and
+    most keys kohya's (a stray other key is then reported by the kohya reader, by name)."""
     try:
         metadata, entries = read_safetensors_header(path)
     except (SdtuneError, OSError):
         return False  # the sdtune reader reports what is wrong with it
-    return kohya_keys_only(entries)
+    if metadata.get("format", "").startswith("sdtune-adapter"):
+        return False
+    kohya = sum(kohya_keys_only([key]) for key in entries)
+    return kohya > 0 and kohya * 2 > len(entries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +435,7 @@ def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
 
     path = Path(path)
     metadata, tensors = read_kohya(path)
+    warn_absurd_values(path, tensors)
     if not kohya_keys_only(tensors):
         odd = next((key for key in tensors if not kohya_keys_only([key])), "")
         raise SdtuneError(f"{path}: key {odd!r} is not a kohya-format key (lora_unet_... or lora_te_...)")

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -252,6 +251,9 @@ def tiny_pretrained_path() -> Path:
     return target
 
 
+CACHE_MANIFEST = "sdtune-cache.json"  # the SHA-256 of every file of a cached model, written when it is built
+
+
 def tiny_random_path() -> Path:
     """The random tiny model's folder in diffusers layout, built on first use."""
     return _built_pipeline_path(f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
@@ -263,22 +265,82 @@ def sd14_random_path(device: str = "cpu") -> Path:
 
 
 def _built_pipeline_path(name: str, build) -> Path:
+    """A built pipeline's cached folder. It is checked each time (every file against the digest
+    written with it); a damaged one is rebuilt, with a warning."""
+    import warnings
+
+    from .fileio import make_temp_folder, sweep_dead_temporaries, temp_path
+
     target = cache_dir() / "models" / name
-    if (target / "model_index.json").exists():
-        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    sweep_dead_temporaries(target.parent, lambda entry: entry == target.name)
+    problem = cached_model_problem(target) if target.exists() else None
+    if target.exists() and problem is None:
+        return target
+    if problem is not None:
+        warnings.warn(f"cached model {target} is damaged ({problem}): rebuilt", stacklevel=3)
+    staging = temp_path(target)
     try:
+        make_temp_folder(staging)
         build().save_pretrained(staging, safe_serialization=True)
+        write_manifest(staging)
         try:
-            publish_directory(staging, target, replace=False)
+            publish_directory(staging, target, replace=problem is not None)
         except OSError:
             # Another process finished first; its copy is identical.
-            if not (target / "model_index.json").exists():
+            if cached_model_problem(target) is not None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """The digest of every file under `folder`, in `folder/sdtune-cache.json`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CACHE_MANIFEST)
+    manifest = {str(p.relative_to(folder)): _digest(p) for p in files}
+    (folder / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def cached_model_problem(folder: Path) -> str | None:
+    """What is wrong with a cached model folder, or None: every file its manifest lists must be there
+    with the same digest (a folder from before manifests: model_index.json and each component's
+    safetensors weights with a sound header)."""
+    from .safetensors_checks import read_safetensors_header
+
+    if not (folder / "model_index.json").is_file():
+        return "no model_index.json"
+    manifest_path = folder / CACHE_MANIFEST
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            for name, digest in manifest.items():
+                if not (folder / name).is_file():
+                    return f"{name} is missing"
+                if _digest(folder / name) != digest:
+                    return f"{name} is not the file written"
+        except (OSError, ValueError, AttributeError) as error:
+            return f"unreadable {CACHE_MANIFEST} ({error})"
+        return None
+    for component in ("unet", "vae", "text_encoder"):
+        weights = sorted((folder / component).glob("*.safetensors"))
+        if not weights:
+            return f"no {component} weights"
+        try:
+            read_safetensors_header(weights[0])
+        except (SdtuneError, OSError) as error:
+            return str(error)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

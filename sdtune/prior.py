@@ -53,7 +53,7 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
             "remove the folder or give --class-images"
         )
     write_text_atomic(recorded, prompt + "\n")
-    missing = [i for i in range(count) if not (folder / f"class-{i:04d}.png").exists()]
+    missing = [i for i in range(count) if not _whole_class_image(folder / f"class-{i:04d}.png")]
     if not missing:
         return 0
     device = accelerator.device
@@ -78,6 +78,18 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
         bar.update(len(indices))
     bar.close()
     return len(missing)
+
+
+def _whole_class_image(path: Path) -> bool:
+    """Whether a generated class image is there and whole; a damaged one is drawn again, with a warning."""
+    from .data import damaged_image
+
+    if not path.exists():
+        return False
+    problem = damaged_image(path)
+    if problem is not None:
+        warnings.warn(f"class image {path} is damaged ({problem}): drawn again", stacklevel=4)
+    return problem is None
 
 
 class PriorPreservationDataset:

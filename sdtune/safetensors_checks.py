@@ -120,3 +120,26 @@ def read_tensors(path: Path) -> dict:
 def first_non_finite(tensors: dict) -> str | None:
     """The name of the first tensor holding a NaN or an infinity, if any."""
     return next((key for key, tensor in tensors.items() if not bool(tensor.isfinite().all())), None)
+
+
+# Trained updates (and the full weights of `full`, BitFit's biases, kohya alphas) stay far below this;
+# values above it make the UNet's activations overflow, and the images come out black or as noise.
+ABSURD_VALUE = 1e4
+
+
+def warn_absurd_values(path: str | Path, tensors: dict) -> None:
+    """Warn, naming the tensor, when an adapter holds finite values no training gives (above ABSURD_VALUE)."""
+    import warnings
+
+    largest, name = 0.0, None
+    for key, tensor in tensors.items():
+        if tensor.numel():
+            value = float(tensor.detach().abs().max())
+            if value > largest:
+                largest, name = value, key
+    if largest > ABSURD_VALUE:
+        warnings.warn(
+            f"{path}: tensor {name} holds values up to {largest:.3g}, far beyond a trained update's; "
+            "images drawn with it will likely be black or noise",
+            stacklevel=3,
+        )

@@ -15,6 +15,7 @@ GRID_PAD = 4
 MIN_CELL = 128  # small images are shown enlarged so the captions stay readable
 IMAGES_PER_CALL = 16  # images drawn per pipeline call (classifier-free guidance doubles the batch)
 DECODE_BATCH = 4  # images per VAE decoding call
+GRID_FILE = "grid.png"
 
 
 @dataclass
@@ -73,16 +74,18 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
 
 
 def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
+    """Draw every prompt at every seed (and strength) into OUTPUT/images, and the grid. The output folder
+    is locked while it is written; an earlier sample's files there are refused unless `config.overwrite`."""
     import time
 
     started = time.perf_counter()
     from .adapter import adapter_info, adapter_path
-    from .data import fill_placeholders, read_prompt_file, warn_truncated_prompts
-    from .distributed import process_state
-    from .fileio import atomic_write, ensure_writable_folder
+    from .data import read_prompt_file
+    from .distributed import lock_on_main_process, process_state
+    from .errors import SdtuneError
+    from .fileio import OutputLock, ensure_writable_folder
     from .limits import check_sample_fits
     from .models import DEFAULT_MODEL
-    from .precision import cast_pipeline, sampling_dtype
 
     config.validate()
     prompts = []
@@ -102,11 +105,45 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         output = adapter_path(config.adapter).parent / "samples"
     else:
         output = Path("samples")
+    if config.adapter and output.resolve() == adapter_path(config.adapter).resolve():
+        raise SdtuneError(f"--output {output} is the adapter file; give a folder for the images")
     ensure_writable_folder(output / "images")
 
     # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes
     # their images; the main process then reads them all back for the grid.
     state = process_state()
+    lock = lock_on_main_process(state, OutputLock(output))
+    try:
+        if state.is_main_process:
+            lock.sweep(lambda name: name == GRID_FILE)
+            lock.sweep(lambda name: name.endswith(".png"), output / "images")
+        sweep = isinstance(config.adapter_scale, list)
+        seeds = [config.seed + j for j in range(config.num_images)]
+        files = {
+            scale: [output / "images" / image_name(index, seed, scale if sweep else None) for index in range(len(prompts)) for seed in seeds]
+            for scale in config.adapter_scales
+        }
+        earlier = [path for path in [output / GRID_FILE, *(p for paths in files.values() for p in paths)] if path.exists()]
+        if earlier and not config.overwrite:
+            more = f" and {len(earlier) - 1} more" if len(earlier) > 1 else ""
+            raise SdtuneError(
+                f"{output} holds an earlier sample ({earlier[0].relative_to(output)}{more}): "
+                "add --overwrite to replace it, or choose another --output"
+            )
+        return _sample(config, prompts, files, model, token, output, state, progress, started)
+    finally:
+        lock.release()
+
+
+def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, token: str | None, output: Path, state,
+            progress: bool, started: float) -> SampleResult:
+    """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid."""
+    import time
+
+    from .data import fill_placeholders, warn_truncated_prompts
+    from .fileio import atomic_write
+    from .precision import cast_pipeline, sampling_dtype
+
     device = state.device
     dtype = sampling_dtype(config.dtype, device)
     pipe, adapter = sampling_pipeline(model, config.adapter, device)
@@ -126,7 +163,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     # of processes.
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
-    files, rows = {}, {}
+    rows = {}
     startup = draw_started = None
     for position, scale in enumerate(scales):
         last = position == len(scales) - 1
@@ -142,8 +179,6 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         if startup is None:
             startup = time.perf_counter() - started
             draw_started = time.perf_counter()
-        stem = f"scale{strength_name(scale)}-" if sweep else ""
-        files[scale] = [output / "images" / f"{index:03d}-{stem}seed{seed}.png" for index in range(len(filled)) for seed in seeds]
         with state.split_between_processes(batches) as mine:
             rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
                                     progress and state.is_main_process, negative_prompt=negative_prompt,
@@ -152,7 +187,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     drawn = sum(len(row) for scale in scales for row in rows[scale].values())
     timing = dict(dtype=dtype_name(dtype), startup_seconds=startup, draw_seconds=draw_seconds, images_drawn=drawn)
     state.wait_for_everyone()
-    grid_path = output / "grid.png"
+    grid_path = output / GRID_FILE
     every_file = [path for scale in scales for path in files[scale]]
     if not state.is_main_process:
         return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled, **timing)
@@ -165,6 +200,12 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     with atomic_write(grid_path) as tmp:
         make_grid(grid_rows, filled, column_labels=labels).save(tmp, format="PNG")
     return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled, **timing)
+
+
+def image_name(index: int, seed: int, scale: float | None = None) -> str:
+    """An image's file name: NNN-seedK.png, NNN-scaleS-seedK.png in a strength sweep."""
+    stem = f"scale{strength_name(scale)}-" if scale is not None else ""
+    return f"{index:03d}-{stem}seed{seed}.png"
 
 
 def torch_float32():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import SdtuneError
-from .fileio import write_text_atomic
+from .fileio import failures_named, write_text_atomic
 
 LOG_WITH = ("tensorboard", "none")
 LOGS_FOLDER = "logs"
@@ -85,13 +85,15 @@ class MetricsLog:
     """A run's metrics.jsonl, open for appending; a resumed run first drops the steps its checkpoint did not reach."""
 
     def __init__(self, output: Path, step: int):
-        path = Path(output) / METRICS_FILE
+        self.path = path = Path(output) / METRICS_FILE
         write_text_atomic(path, metrics_until(path, step))
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with failures_named(self.path):  # a full disk names this file and the room left
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        with failures_named(self.path):
+            self._file.close()

@@ -32,16 +32,20 @@ from typing import Any, Iterator, NoReturn
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
-from .fileio import OutputLock, ensure_writable_folder, write_text_atomic
+from .fileio import OutputLock, ensure_writable_folder, remove_directory, write_text_atomic
 from .limits import check_run_fits
-from .tracking import MetricsLog
+from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog
 
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
 CONFIG_FILE = "config.toml"
 DATA_STREAM, STEP_STREAM = 0, 1
 # settings that may change on resume without making the run differ from an uninterrupted one
-RUN_CONTROL = {"resume", "checkpoint_every", "keep_checkpoints", "save_every", "output"}
+RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output"}
+# what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
+RUN_FILES = (ADAPTER_FILE, EMA_ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)
+RUN_FOLDERS = (LOGS_FOLDER, "checkpoints")
+VALIDATION_GRIDS = "samples"  # OUTPUT/samples/step-N.png (sample's grid.png and images/ there are not the run's)
 
 
 @dataclass
@@ -78,7 +82,7 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
-    resume = config.resume
+    resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
     check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
@@ -87,7 +91,9 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     accelerator = make_accelerator(config, output)
     lock = lock_output(accelerator, output)
     try:
-        yield Trainer(config, method, inputs, accelerator, output, resume=resume, progress=progress)
+        if accelerator.is_main_process:
+            sweep_run_folder(lock)
+        yield Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
     finally:
         lock.release()
 
@@ -119,20 +125,39 @@ def read_inputs(config: TrainConfig) -> Inputs:
 
 def lock_output(accelerator, output: Path) -> OutputLock:
     """Lock the output folder (main process); every process raises the same one-line error if it is taken."""
-    from accelerate.utils import broadcast_object_list
+    from .distributed import lock_on_main_process
 
-    lock, refusal = OutputLock(output), None
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-        except SdtuneError as error:
-            refusal = str(error)
-    if accelerator.num_processes > 1:
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal:
-        lock.release()
-        raise SdtuneError(refusal)
-    return lock
+    return lock_on_main_process(accelerator, OutputLock(output))
+
+
+def sweep_run_folder(lock: OutputLock) -> None:
+    """Remove the temporaries a killed run left in its folder (the lock is held: they are older than it)."""
+    from .prior import CLASS_IMAGES_FOLDER
+
+    output = lock.folder
+    lock.sweep(lambda name: name in RUN_FILES + RUN_FOLDERS + (VALIDATION_GRIDS, CLASS_IMAGES_FOLDER))
+    lock.sweep(lambda name: name.startswith("step-") and name.endswith(".png"), output / VALIDATION_GRIDS)
+    lock.sweep(lambda name: name.startswith("class-"), output / CLASS_IMAGES_FOLDER)
+    lock.sweep(lambda name: name.startswith("step-"), output / "checkpoints")
+
+
+def earlier_run(output: Path) -> list[str]:
+    """The files and folders of an earlier run in `output`."""
+    found = [name for name in RUN_FILES + RUN_FOLDERS if (output / name).exists()]
+    grids = output / VALIDATION_GRIDS
+    if grids.is_dir() and any(grids.glob("step-*.png")):
+        found.append(f"{VALIDATION_GRIDS}/step-N.png")
+    return found
+
+
+def remove_earlier_run(output: Path) -> None:
+    """Remove what an earlier run wrote (class images, sampled images and evaluations stay)."""
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        remove_directory(output / name)
+    for grid in (output / VALIDATION_GRIDS).glob("step-*.png"):
+        grid.unlink(missing_ok=True)
 
 
 @dataclass
@@ -162,7 +187,7 @@ class Trainer:
 
     def __init__(
         self, config: TrainConfig, method, inputs: Inputs, accelerator, output: Path, *,
-        resume: str | None = None, progress: bool = True,
+        resume: str | None = None, overwrite: bool = False, progress: bool = True,
     ):
         from accelerate.utils import set_seed
 
@@ -178,7 +203,8 @@ class Trainer:
         self.pending: StepResult | None = None  # a step queued on the device whose values the host has not read
         self.last_read = 0.0  # time.perf_counter() when the host last read a step's values
 
-        self.resume_from = self._find_checkpoint(resume)
+        self.checkpoint = self._find_checkpoint(resume, overwrite)
+        self.resume_from = self.checkpoint.folder if self.checkpoint is not None else None
         set_seed(config.seed)
         self._load_model()
         self._load_data()
@@ -187,28 +213,40 @@ class Trainer:
         self._place_models()
         self._prepare_data()
         self._prepare()
-        if self.resume_from is not None:
+        if self.checkpoint is not None:
             self._resume()
         self.batches = self._batches_from(self.micro_batches)
 
     # -----------------------------------------------------------------------------------------
     # Set up
 
-    def _find_checkpoint(self, resume: str | None) -> Path | None:
-        """The checkpoint to resume from, if any; an output folder with another run's checkpoints is refused."""
-        from .checkpoints import list_checkpoints, remove_partial_checkpoints, resolve_resume
+    def _find_checkpoint(self, resume: str | None, overwrite: bool):
+        """The checked checkpoint to resume from, if any. A fresh run into a folder with an earlier run's
+        files (with or without checkpoints) is refused, or, with `overwrite`, they are removed first."""
+        from .checkpoints import list_checkpoints, remove_partial_checkpoints, select_checkpoint
 
-        output = self.output
-        if self.accelerator.is_main_process:
+        output, accelerator = self.output, self.accelerator
+        if accelerator.is_main_process:
             remove_partial_checkpoints(output)  # staging folders of a killed run
-        resume_from = resolve_resume(resume, output)
-        if resume_from is None and list_checkpoints(output):
-            raise SdtuneError(
-                f"{output} holds checkpoints of an earlier run: add --resume latest to continue it, or choose another --output"
-            )
-        if resume == "latest" and resume_from is None:
+        checkpoint = select_checkpoint(resume, output, self.config)
+        if not resume:
+            earlier = earlier_run(output)
+            if earlier and not overwrite:
+                if list_checkpoints(output):
+                    raise SdtuneError(
+                        f"{output} holds checkpoints of an earlier run: add --resume latest to continue it, "
+                        "--overwrite to replace it, or choose another --output"
+                    )
+                raise SdtuneError(
+                    f"{output} holds an earlier run ({', '.join(earlier)}): add --overwrite to replace it, "
+                    "or choose another --output"
+                )
+            if earlier and accelerator.is_main_process:
+                remove_earlier_run(output)
+            accelerator.wait_for_everyone()
+        if resume == "latest" and checkpoint is None:
             warnings.warn(f"no checkpoint in {output} yet: starting from step 0", stacklevel=3)
-        return resume_from
+        return checkpoint
 
     def _load_model(self) -> None:
         from diffusers import DDPMScheduler
@@ -318,6 +356,12 @@ class Trainer:
             train_data, collate = prior.PriorPreservationDataset(self.dataset, self.class_dataset), prior.collate_with_prior
         # A dataset draws every class equally often; the sampler's indices hold for cached latents too.
         self.sampler = BalancedClassSampler(labelled.labels) if labelled is not None and config.balance_classes else None
+        if config.batch_size > len(train_data):
+            warnings.warn(
+                f"--batch-size {config.batch_size} is more than the {len(train_data)} training images: "
+                f"each step trains on {len(train_data)}",
+                stacklevel=3,
+            )
         # Batches go to the device from pinned memory without waiting (see make_accelerator); worker
         # processes decode the images of a dataset read from files, which draws no random numbers.
         self.loader = torch.utils.data.DataLoader(
@@ -349,7 +393,7 @@ class Trainer:
         from .checkpoints import load_checkpoint
 
         accelerator = self.accelerator
-        resumed = load_checkpoint(accelerator, self.resume_from, self.parameters, self.ema, self.config.optimizer)
+        resumed = load_checkpoint(accelerator, self.checkpoint, self.parameters, self.ema)
         self.global_step, self.micro_batches = resumed["step"], resumed["micro_batches"]
         accelerator.step = 0  # accumulate()'s micro-batch counter, aligned with the loop's
         changed = changed_settings(resumed["config"], self.config)

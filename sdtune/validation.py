@@ -42,8 +42,12 @@ def hold_out(paths: list[Path], count: int, seed: int) -> tuple[list[Path], list
     if count <= 0:
         return paths, []
     if len(paths) - count < MIN_TRAINING_IMAGES:
+        leaves = (
+            f"would leave {len(paths) - count} of {len(paths)} images to train on" if count < len(paths)
+            else f"is not fewer than the {len(paths)} images"
+        )
         warnings.warn(
-            f"--validation-images {count} would leave {len(paths) - count} of {len(paths)} images to train on; "
+            f"--validation-images {count} {leaves} (at least {MIN_TRAINING_IMAGES} must stay); "
             "the validation loss is measured on the training images instead",
             stacklevel=2,
         )

@@ -66,6 +66,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -433,6 +434,36 @@ def decomposition_cache_dir() -> Path:
     return cache_dir() / "decompositions"
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of named tensors (names, dtypes, shapes and bytes), to tell a cache entry that changed on disk."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_decomposition(path: Path, plans: dict[str, LayerPlan]) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """A cached decomposition and "", or None and what is wrong with it (unreadable, other layers or
+    shapes, NaN or infinite values, bytes that are not those written)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            cached = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        return None, f"unreadable: {(str(error).splitlines() or [type(error).__name__])[0][:100]}"
+    if set(cached) != set(plans) or any(tuple(cached[n].shape) != (p.num_atoms, p.atom_size) for n, p in plans.items()):
+        return None, "other layers or shapes than this model's"
+    if not all(bool(tensor.isfinite().all()) for tensor in cached.values()):
+        return None, "NaN or infinite values"
+    if "sha256" in metadata and metadata["sha256"] != tensors_digest(cached):
+        return None, "its bytes are not those written"
+    return cached, ""
+
+
 def decompose(rows: torch.Tensor, num_atoms: int, init: str, seed: int) -> torch.Tensor:
     """Atoms (num_atoms, n) for the rows of a block view."""
     if init == "sparse":
@@ -449,9 +480,9 @@ class FilterAtoms(WrappedLayers):
 
     def validate_options(self) -> None:
         o = self.options
-        for field, flag, least in (("m", "--atoms-m", 1), ("m1", "--atoms-m1", 0), ("kc", "--atoms-kc", 1),
-                                   ("linear_kc", "linear_kc", 1), ("seed", "seed", 0)):
-            value = getattr(o, field)
+        for name, flag, least in (("m", "--atoms-m", 1), ("m1", "--atoms-m1", 0), ("kc", "--atoms-kc", 1),
+                                  ("linear_kc", "linear_kc", 1), ("seed", "seed", 0)):
+            value = getattr(o, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise SdtuneError(f"{flag} must be an integer of at least {least}, got {value!r}")
         if o.seed > MAX_SEED:
@@ -460,9 +491,9 @@ class FilterAtoms(WrappedLayers):
             raise SdtuneError(f"--atoms-init {o.init!r} is not available; choose: {', '.join(INITS)}")
         if o.kernel not in KERNELS:
             raise SdtuneError(f"atoms kernel {o.kernel!r} is not available; choose: {', '.join(KERNELS)}")
-        for field, flag in (("include_1x1", "--atoms-1x1"), ("linear", "--atoms-linear")):
-            value = getattr(o, field)
-            if not (isinstance(value, bool) or (value is None and field == "include_1x1")):
+        for name, flag in (("include_1x1", "--atoms-1x1"), ("linear", "--atoms-linear")):
+            value = getattr(o, name)
+            if not (isinstance(value, bool) or (value is None and name == "include_1x1")):
                 raise SdtuneError(f"{flag} must be true or false, got {value!r}")
 
     @property
@@ -483,6 +514,25 @@ class FilterAtoms(WrappedLayers):
     def atoms_per_layer(self, conv: nn.Conv2d) -> int:
         return min(self.options.m, conv.kernel_size[0] ** 2)
 
+    def _check_m_usable(self, unet: nn.Module, targets: list[str]) -> None:
+        """Refuse an --atoms-m that no tuned layer can use: a k×k convolution has at most k² atoms, and an
+        attention projection's b×b blocks (--atoms-linear) at most b². A smaller one is capped per layer."""
+        most = {}
+        for name in targets:
+            module = unet.get_submodule(name)
+            if isinstance(module, nn.Linear):
+                block = self.plan(module).block
+                most.setdefault(f"{block}x{block} blocks of the attention projections", block * block)
+            else:
+                k = module.kernel_size[0]
+                most.setdefault(f"{k}x{k} convolutions", k * k)
+        if most and self.options.m > max(most.values()):
+            usable = max(most.values())
+            where = ", ".join(f"{count} for {what}" for what, count in sorted(most.items(), key=lambda item: -item[1]))
+            raise SdtuneError(
+                f"--atoms-m {self.options.m} is more atoms than any tuned layer has ({where}); give --atoms-m {usable} or less"
+            )
+
     def plan(self, module: nn.Module) -> LayerPlan:
         o = self.options
         if isinstance(module, nn.Linear):
@@ -497,6 +547,7 @@ class FilterAtoms(WrappedLayers):
 
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
         plans = {name: self.plan(unet.get_submodule(name)) for name in targets}
+        self._check_m_usable(unet, targets)
         decomposition = self._decompose(unet, plans)
         orthonormal = self.options.init == "svd"
         generator = torch.Generator().manual_seed(self.options.seed)
@@ -515,11 +566,15 @@ class FilterAtoms(WrappedLayers):
             self.layers[name] = layer
 
     def _decompose(self, unet: nn.Module, plans: dict[str, LayerPlan]) -> dict[str, torch.Tensor]:
-        """Atoms for every target, from the cache when this base model was decomposed before."""
+        """Atoms for every target, from the cache when this base model was decomposed before. A cache
+        entry is checked when read (its checksum, shapes and finite values); a damaged one is rebuilt,
+        with a warning."""
         modules = {name: unet.get_submodule(name) for name in plans}
         if any(module.weight.is_meta for module in modules.values()):
             return {name: torch.empty(p.num_atoms, p.atom_size, device="meta") for name, p in plans.items()}
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
+
+        from ..fileio import atomic_write, sweep_dead_temporaries
 
         layout = json.dumps(
             [DECOMPOSITION_VERSION, self.options.init, self.options.seed]
@@ -528,25 +583,21 @@ class FilterAtoms(WrappedLayers):
         layout_hash = hashlib.sha256(layout.encode()).hexdigest()[:12]
         key = f"{self.options.init}-{layout_hash}-{fingerprint(unet, list(plans))}"
         path = decomposition_cache_dir() / f"{key}.safetensors"
+        sweep_dead_temporaries(path.parent, lambda name: name.endswith(".safetensors"))
         if path.exists():
-            try:
-                cached = load_file(path)
-                if set(cached) == set(plans) and all(
-                    tuple(cached[n].shape) == (p.num_atoms, p.atom_size) for n, p in plans.items()
-                ):
-                    return cached
-            except Exception:
-                pass  # a damaged cache entry is recomputed below
+            cached, problem = read_decomposition(path, plans)
+            if cached is not None:
+                return cached
+            warnings.warn(f"cached decomposition {path} is damaged ({problem}): rebuilt", stacklevel=4)
         decomposition = {
             name: decompose(to_blocks(modules[name].weight.detach(), p.block), p.num_atoms, self.options.init, self.options.seed)
             for name, p in plans.items()
         }
+        tensors = {k: v.detach().cpu().contiguous() for k, v in decomposition.items()}
         try:
-            from ..fileio import atomic_write
-
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(path) as tmp:
-                save_file({k: v.detach().cpu().contiguous() for k, v in decomposition.items()}, str(tmp))
+                save_file(tensors, str(tmp), metadata={"sha256": tensors_digest(tensors)})
         except OSError:
             pass  # the cache is an optimisation; an unwritable cache folder is not an error
         return decomposition
