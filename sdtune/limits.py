@@ -214,14 +214,16 @@ def check_run_fits(config, method, image_count: int = 0) -> None:
     frozen, trained = count_parameters(configs, method)
     state = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer] + (4 if config.ema_decay else 0)
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
+    # a concept's batches hold at most all its images (the loader says so and trains on them all)
+    batch = min(config.batch_size, image_count) if image_count else config.batch_size
     on_device = [
         (f"--model {config.model}", "the UNet's frozen weights", frozen * (2 if half else 4)),
         (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
          trained * state),
         (f"--resolution {resolution}", "one image's first VAE feature maps",
          vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4)),
-        (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {config.batch_size:,} images",
-         config.batch_size * pixels),
+        (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {batch:,} images",
+         batch * pixels),
     ]
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
     if config.with_prior_preservation and config.num_class_images:

@@ -69,7 +69,6 @@ CASES = [
     ("train-resolution-odd", (*TRAIN, "--resolution", 60), 2, "--resolution must be a positive multiple of 8"),
     ("train-steps-huge", (*TRAIN, "--steps", HUGE), 2, "micro-batches; sdtune runs at most 10^12"),
     ("train-accumulation-huge", (*TRAIN, "--gradient-accumulation-steps", HUGE), 2, "micro-batches; sdtune runs at most 10^12"),
-    ("train-batch-huge", (*TRAIN, "--batch-size", 10**9), 2, "--batch-size 1,000,000,000 needs more memory than there is"),
     ("train-class-images-huge", (*TRAIN, "--num-class-images", 10**12), 2, "--num-class-images 1,000,000,000,000 needs more memory"),
     ("train-gift-rank-huge", (*TRAIN, "--method", "gift", "--option", "rank=100000"), 2, "gift (rank=100000) needs more memory than there is"),
     ("train-gift-blocks-huge", (*TRAIN, "--gift-blocks", 10**6, "--method", "gift"), 2, "--gift-blocks must be at most 64"),
