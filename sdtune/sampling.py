@@ -3,6 +3,7 @@ the prompt under each row)."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ MIN_CELL = 128  # small images are shown enlarged so the captions stay readable
 IMAGES_PER_CALL = 16  # images drawn per pipeline call (classifier-free guidance doubles the batch)
 DECODE_BATCH = 4  # images per VAE decoding call
 GRID_FILE = "grid.png"
+IMAGE_NAME = re.compile(r"^\d{3,}-(scale.+-)?seed\d+\.png$")  # what `image_name` writes
 
 
 @dataclass
@@ -199,6 +201,10 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     labels = [f"scale {strength_name(scale)}, seed {seed}" for scale in scales for seed in seeds] if sweep else None
     with atomic_write(grid_path) as tmp:
         make_grid(grid_rows, filled, column_labels=labels).save(tmp, format="PNG")
+    if config.overwrite:  # an earlier sample's images that this one did not draw again would mix with it
+        for stale in set((output / "images").glob("*.png")) - set(every_file):
+            if IMAGE_NAME.match(stale.name):
+                stale.unlink(missing_ok=True)
     return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled, **timing)
 
 

@@ -310,6 +310,15 @@ def test_overwrite_replaces_an_existing_output(finished, tmp_path, command):
     assert snapshot(tmp_path).keys() == first.keys() and leftovers(tmp_path) == []
 
 
+def test_sample_overwrite_leaves_no_image_of_the_earlier_sample(finished, tmp_path):
+    output = tmp_path / "sampled"
+    args = ("sample", "--adapter", finished, "--prompt", "a <castle>", "--steps", 1, "--output", output)
+    assert invoke(*args, "--num-images", 3).exit_code == 0
+    (output / "images" / "mine.png").write_bytes(b"the user's")
+    assert invoke(*args, "--num-images", 1, "--overwrite").exit_code == 0
+    assert sorted(p.name for p in (output / "images").iterdir()) == ["000-seed0.png", "mine.png"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Temporaries: swept on start; SIGTERM and SIGINT clean up
 
