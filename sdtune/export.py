@@ -70,15 +70,18 @@ def export_adapter(
     if format not in method.export_formats:
         raise SdtuneError(_not_available(format, method))
 
-    if format == "kohya":
+    if format != "peft":  # one file
         _check_file_target(output)
-        own = method.kohya_tensors(tensors)
-        if own is not None and full_diff:
-            raise SdtuneError(
-                f"--full-diff applies to kohya files of full-weight differences; a {method.name} adapter is written "
-                "as its own kohya tensors, which need no .diff"
-            )
-        _warn(method.export_warnings(format, tensors))
+    own = method.kohya_tensors(tensors) if format == "kohya" else None
+    if own is not None and full_diff:
+        raise SdtuneError(
+            f"--full-diff applies to kohya files of full-weight differences; a {method.name} adapter is written "
+            "as its own kohya tensors, which need no .diff"
+        )
+    for message in method.export_warnings(format, tensors):
+        warnings.warn(message, stacklevel=2)
+
+    if format == "kohya":
         if own is not None:
             modules, extra = own
             state, missing = kohya_state(modules), None
@@ -91,18 +94,11 @@ def export_adapter(
         write_kohya(output, state, info, extra)
         notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size) if missing is not None else []
         return ExportResult(output, format, len(state), notes)
-    _warn(method.export_warnings(format, tensors))
     if format == "diffusers":
-        _check_file_target(output)
         count = write_diffusers_lora(output, method, tensors)
         return ExportResult(output, format, count)
     count = write_peft_folder(output, method, info, tensors)
     return ExportResult(output, format, count)
-
-
-def _warn(messages: list[str]) -> None:
-    for message in messages:
-        warnings.warn(message, stacklevel=3)
 
 
 def _full_diff_notes(missing: dict[str, tuple[int, ...]], state: dict, full_diff: bool, file_bytes: int) -> list[str]:
