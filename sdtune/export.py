@@ -76,16 +76,18 @@ def export_adapter(
     if format in ("kohya", "diffusers"):
         _check_file_target(output)
 
+    own = method.kohya_tensors(tensors) if format == "kohya" else None
+    if own is not None and full_diff:
+        raise SdtuneError(
+            f"--full-diff applies to kohya files of full-weight differences; a {method.name} adapter is written "
+            "as its own kohya tensors, which need no .diff"
+        )
+    for message in method.export_warnings(format, tensors):
+        warnings.warn(message, stacklevel=2)
+
     with output_file_lock(output):
         check_output_target(output, [path], overwrite)  # again, now that no other command writes it
         if format == "kohya":
-            own = method.kohya_tensors(tensors)
-            if own is not None and full_diff:
-                raise SdtuneError(
-                    f"--full-diff applies to kohya files of full-weight differences; a {method.name} adapter is written "
-                    "as its own kohya tensors, which need no .diff"
-                )
-            _warn(method.export_warnings(format, tensors))
             if own is not None:
                 modules, extra = own
                 state, missing = kohya_state(modules), None
@@ -98,17 +100,11 @@ def export_adapter(
             write_kohya(output, state, info, extra)
             notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size) if missing is not None else []
             return ExportResult(output, format, len(state), notes)
-        _warn(method.export_warnings(format, tensors))
         if format == "diffusers":
             count = write_diffusers_lora(output, method, tensors)
             return ExportResult(output, format, count)
         count = write_peft_folder(output, method, info, tensors, overwrite)
         return ExportResult(output, format, count)
-
-
-def _warn(messages: list[str]) -> None:
-    for message in messages:
-        warnings.warn(message, stacklevel=3)
 
 
 def _full_diff_notes(missing: dict[str, tuple[int, ...]], state: dict, full_diff: bool, file_bytes: int) -> list[str]:
