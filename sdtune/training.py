@@ -448,9 +448,8 @@ class Trainer:
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients:
                     result.grad_norm = accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
-                self.optimizer.step()
+                self.optimizer_step()
                 self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss.total.detach())
             if loss.prior is not None:
                 result.instance_losses.append(loss.instance.detach())
@@ -460,6 +459,28 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.parameters)
         return result
+
+    def optimizer_step(self) -> None:
+        """The optimizer's step and zero_grad, at the end of an accumulation cycle.
+
+        Accelerate's optimizer wrapper looks a package up on every step (`is_lomo_available`: an import
+        search, milliseconds once transformers' import hooks are installed); where the wrapper would only
+        call the optimizer (no fp16 loss scaling, no XLA), the optimizer is called directly.
+        """
+        from accelerate.optimizer import AcceleratedOptimizer
+        from accelerate.utils import DistributedType
+
+        accelerator, optimizer = self.accelerator, self.optimizer
+        direct = (
+            type(optimizer) is AcceleratedOptimizer and optimizer.scaler is None
+            and accelerator.distributed_type != DistributedType.XLA
+        )
+        if not direct:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        elif accelerator.sync_gradients:
+            optimizer.optimizer.step()
+            optimizer.optimizer.zero_grad(set_to_none=True)
 
     def loss(self, latents, batch):
         """The denoising loss of one micro-batch, with noise and timesteps from the current RNG."""
