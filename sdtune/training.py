@@ -33,7 +33,7 @@ from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
 from .fileio import OutputLock, ensure_writable_folder, write_text_atomic
-from .tracking import MetricsLog
+from .tracking import MetricsLog, log_scalars
 
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
@@ -528,7 +528,7 @@ class Trainer:
     def log(self, values: dict[str, Any], result: StepResult) -> None:
         """To the trackers (TensorBoard), metrics.jsonl and the progress bar."""
         step = result.step
-        self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
+        log_scalars(self.accelerator, {k: v for k, v in values.items() if v is not None}, step)
         if self.metrics is not None:
             seconds = result.seconds
             self.metrics.write(
