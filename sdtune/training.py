@@ -447,7 +447,7 @@ class Trainer:
                 loss = self.loss(latents, batch)
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients:
-                    result.grad_norm = accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
+                    result.grad_norm = self.grad_norm()
                 self.optimizer_step()
                 self.lr_scheduler.step()
             result.losses.append(loss.total.detach())
@@ -459,6 +459,22 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.parameters)
         return result
+
+    def grad_norm(self):
+        """The gradients' total norm before clipping (a tensor), clipped to `max_grad_norm` when it is set.
+
+        Without clipping, the norm alone: `clip_grad_norm_` would also multiply every gradient by 1, one
+        more pass over them (milliseconds for LoRA's hundreds of tensors on a CPU). The same value.
+        """
+        import torch
+        from accelerate.utils import DistributedType
+
+        accelerator = self.accelerator
+        plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        if self.config.max_grad_norm or not plain or not hasattr(torch.nn.utils, "get_total_norm"):
+            return accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm or math.inf)
+        accelerator.unscale_gradients()
+        return torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
 
     def optimizer_step(self) -> None:
         """The optimizer's step and zero_grad, at the end of an accumulation cycle.
