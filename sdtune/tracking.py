@@ -38,6 +38,17 @@ def logging_dir(output: Path) -> Path:
     return Path(output) / LOGS_FOLDER
 
 
+def log_scalars(accelerator, values: dict[str, float], step: int) -> None:
+    """The step's values to the trackers. TensorBoard's writer queues them for its own thread, which writes
+    them every few steps (and when the run ends); Accelerate's `log` would wait for the file after each step."""
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        if tracker.name == "tensorboard":
+            for name, value in values.items():
+                tracker.writer.add_scalar(name, value, global_step=step)
+        else:
+            tracker.log(values, step=step)
+
+
 def log_image(accelerator, name: str, image, step: int) -> None:
     """Send one PIL image to the TensorBoard tracker, if there is one."""
     import numpy as np

@@ -32,9 +32,14 @@ from typing import Any, Iterator, NoReturn
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
+<<<<<<< HEAD
 from .fileio import OutputLock, ensure_writable_folder, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog
+=======
+from .fileio import OutputLock, ensure_writable_folder, write_text_atomic
+from .tracking import MetricsLog, log_scalars
+>>>>>>> loop14
 
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
@@ -492,10 +497,9 @@ class Trainer:
                 loss = self.loss(latents, batch)
                 accelerator.backward(loss.total)
                 if accelerator.sync_gradients:
-                    result.grad_norm = accelerator.clip_grad_norm_(self.parameters, config.max_grad_norm or math.inf)
-                self.optimizer.step()
+                    result.grad_norm = self.grad_norm()
+                self.optimizer_step()
                 self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss.total.detach())
             if loss.prior is not None:
                 result.instance_losses.append(loss.instance.detach())
@@ -505,6 +509,44 @@ class Trainer:
         if self.ema is not None:
             self.ema.step(self.parameters)
         return result
+
+    def grad_norm(self):
+        """The gradients' total norm before clipping (a tensor), clipped to `max_grad_norm` when it is set.
+
+        Without clipping, the norm alone: `clip_grad_norm_` would also multiply every gradient by 1, one
+        more pass over them (milliseconds for LoRA's hundreds of tensors on a CPU). The same value.
+        """
+        import torch
+        from accelerate.utils import DistributedType
+
+        accelerator = self.accelerator
+        plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        if self.config.max_grad_norm or not plain or not hasattr(torch.nn.utils, "get_total_norm"):
+            return accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm or math.inf)
+        accelerator.unscale_gradients()
+        return torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
+
+    def optimizer_step(self) -> None:
+        """The optimizer's step and zero_grad, at the end of an accumulation cycle.
+
+        Accelerate's optimizer wrapper looks a package up on every step (`is_lomo_available`: an import
+        search, milliseconds once transformers' import hooks are installed); where the wrapper would only
+        call the optimizer (no fp16 loss scaling, no XLA), the optimizer is called directly.
+        """
+        from accelerate.optimizer import AcceleratedOptimizer
+        from accelerate.utils import DistributedType
+
+        accelerator, optimizer = self.accelerator, self.optimizer
+        direct = (
+            type(optimizer) is AcceleratedOptimizer and optimizer.scaler is None
+            and accelerator.distributed_type != DistributedType.XLA
+        )
+        if not direct:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        elif accelerator.sync_gradients:
+            optimizer.optimizer.step()
+            optimizer.optimizer.zero_grad(set_to_none=True)
 
     def loss(self, latents, batch):
         """The denoising loss of one micro-batch, with noise and timesteps from the current RNG."""
@@ -552,7 +594,7 @@ class Trainer:
     def log(self, values: dict[str, Any], result: StepResult) -> None:
         """To the trackers (TensorBoard), metrics.jsonl and the progress bar."""
         step = result.step
-        self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
+        log_scalars(self.accelerator, {k: v for k, v in values.items() if v is not None}, step)
         if self.metrics is not None:
             seconds = result.seconds
             self.metrics.write(
