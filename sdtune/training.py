@@ -205,8 +205,12 @@ class Trainer:
         self.validation_losses: dict[int, float] = {}
         self.metrics: MetricsLog | None = None
         self.bar = None
+<<<<<<< HEAD
         self.pending: StepResult | None = None  # a step queued on the device whose values the host has not read
         self.last_read = 0.0  # time.perf_counter() when the host last read a step's values
+=======
+        self.replaces: list[str] = []  # an earlier run's files that --overwrite replaces
+>>>>>>> disk21
 
         self.checkpoint = self._find_checkpoint(resume, overwrite)
         self.resume_from = self.checkpoint.folder if self.checkpoint is not None else None
@@ -217,6 +221,7 @@ class Trainer:
         self._make_optimizer()
         self._place_models()
         self._prepare_data()
+        self._replace_earlier_run()
         self._prepare()
         if self.checkpoint is not None:
             self._resume()
@@ -227,7 +232,8 @@ class Trainer:
 
     def _find_checkpoint(self, resume: str | None, overwrite: bool):
         """The checked checkpoint to resume from, if any. A fresh run into a folder with an earlier run's
-        files (with or without checkpoints) is refused, or, with `overwrite`, they are removed first."""
+        files (with or without checkpoints) is refused; with `overwrite` they are replaced, once the
+        set-up has checked the inputs, so a refused run replaces nothing."""
         from .checkpoints import list_checkpoints, remove_partial_checkpoints, select_checkpoint
 
         output, accelerator = self.output, self.accelerator
@@ -246,12 +252,17 @@ class Trainer:
                     f"{output} holds an earlier run ({', '.join(earlier)}): add --overwrite to replace it, "
                     "or choose another --output"
                 )
-            if earlier and accelerator.is_main_process:
-                remove_earlier_run(output)
-            accelerator.wait_for_everyone()
+            self.replaces = earlier  # removed once the set-up has checked every input (`_replace_earlier_run`)
         if resume == "latest" and checkpoint is None:
             warnings.warn(f"no checkpoint in {output} yet: starting from step 0", stacklevel=3)
         return checkpoint
+
+    def _replace_earlier_run(self) -> None:
+        """With --overwrite, remove an earlier run's files, now that the inputs are known to be good and
+        before this run writes its own (the trackers open their log files next)."""
+        if self.replaces and self.accelerator.is_main_process:
+            remove_earlier_run(self.output)
+        self.accelerator.wait_for_everyone()
 
     def _load_model(self) -> None:
         from diffusers import DDPMScheduler

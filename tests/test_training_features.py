@@ -227,12 +227,14 @@ def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fas
     original = prior.generate_class_images
     prior.generate_class_images = lambda *a, **k: drawn.append(original(*a, **k)) or drawn[-1]
     try:
-        run_training(tmp_path, "prior", **settings)  # the same run folder: the images are reused
+        run_training(tmp_path, "prior", overwrite=True, **settings)  # the same run folder: the images are reused
     finally:
         prior.generate_class_images = original
     assert drawn == [0] and times == {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+    adapter = (run.output / "adapter.safetensors").read_bytes()
     with pytest.raises(SdtuneError, match="class images drawn for"):
-        run_training(tmp_path, "prior", class_prompt="photo of a tower", num_class_images=2)
+        run_training(tmp_path, "prior", class_prompt="photo of a tower", num_class_images=2, overwrite=True)
+    assert (run.output / "adapter.safetensors").read_bytes() == adapter, "a refused run replaces nothing"
 
 
 def test_prior_batches_hold_instance_then_class_examples():
