@@ -7,6 +7,7 @@
     python benchmarks/speed.py --sampling                       # also time inference: base, merged, unmerged
     python benchmarks/speed.py --sampling-only --rows atoms,lora,loha,lokr,difffit,bitfit,gift,full
     python benchmarks/speed.py --interleave --rows floor,atoms,lora   # steps in turns, in one process
+    python benchmarks/speed.py --arch tiny --latent 8 --interleave --load 2 --rows floor,atoms,lora  # beside 2 busy processes
 
 The UNet is built from SD v1.4's config with random weights (no download). Each configuration runs
 in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
@@ -19,6 +20,10 @@ process and the peak is torch.cuda.max_memory_allocated, reset before each row. 
 - atoms-reference: the reference code's formulation, the frozen conv plus a second conv with ΔW
 - lora / loha / lokr: peft on the same 52 3x3 convolutions, rank 4
 - others: the method with its defaults
+
+`--load N` starts N busy processes (one pure-Python spin loop each) for the whole measurement and
+stops them after it: a training step on a machine whose cores other work keeps busy, where every
+parallel region of a multi-threaded kernel waits for its threads to be scheduled.
 """
 
 from __future__ import annotations
@@ -153,6 +158,26 @@ def training_setup(row: str, args):
     return step, sum(p.numel() for p in params)
 
 
+class BusyProcesses:
+    """`count` CPU-bound processes for the duration of a `with` block (`speed.py --load`)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        code = "while True:\n    pass"
+        self.processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.wait()
+        return False
+
+
 def measure_training(row: str, args) -> dict:
     step, trainable = training_setup(row, args)
     memory_before = peak_memory_gb(args.device)
@@ -274,7 +299,7 @@ def run_child(kind: str, row: str, args) -> dict:
         return run_in_process(kind, row, args)
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave")
+        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave", "load")
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -300,6 +325,10 @@ def main() -> None:
         "--interleave", action="store_true",
         help="train every row's model in one process, a step each in turn: steadier ratios on a shared machine, no peak memory",
     )
+    parser.add_argument(
+        "--load", type=int, default=0, metavar="N",
+        help="run beside N busy processes (a loaded machine: each spins on one core until the measurement ends)",
+    )
     parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
     parser.add_argument(
         "--cudnn-benchmark", action="store_true",
@@ -322,21 +351,23 @@ def main() -> None:
         f"{args.arch} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, "
         f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} steps after {args.warmup}" + (", cuDNN autotuned" if args.cudnn_benchmark else "")
+        + (f", beside {args.load} busy processes" if args.load else "")
     )
     print(header, flush=True)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
     lines, results, sampled, cut = [], [], [], False
     try:
-        if args.interleave and not args.sampling_only:
-            results = measure_interleaved(rows, args)
-        elif not args.sampling_only:
-            for row in rows:
-                results.append(timed(run_child, "train", row, args))
-        if args.sampling or args.sampling_only:
-            for row in rows:
-                if row not in ("floor", "atoms-reference") and "[" not in row:
-                    sampled.append(timed(run_child, "sample", row, args))
+        with BusyProcesses(args.load):
+            if args.interleave and not args.sampling_only:
+                results = measure_interleaved(rows, args)
+            elif not args.sampling_only:
+                for row in rows:
+                    results.append(timed(run_child, "train", row, args))
+            if args.sampling or args.sampling_only:
+                for row in rows:
+                    if row not in ("floor", "atoms-reference") and "[" not in row:
+                        sampled.append(timed(run_child, "sample", row, args))
     except StoppedEarly:
         cut = True
     if results:
