@@ -79,6 +79,14 @@ def test_kernel_equals_autograd_in_float64(name, per_channel):
     torch.testing.assert_close(grad_mixing, expected_mixing, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("tile", [(8, 16, 1, False), (4, 64, 2, True)])
+def test_other_tiles_give_the_same_numbers(monkeypatch, tile):
+    from sdtune.methods import atom_triton
+
+    monkeypatch.setattr(atom_triton, "TAP_TILE", tile)
+    test_kernel_equals_autograd_in_float64("stride 2", False)
+
+
 def test_gradcheck_through_the_autograd_function():
     torch.manual_seed(3)
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double().requires_grad_(False)

@@ -10,8 +10,8 @@ frozen weight, the work the frozen convolution's input gradient does anyway):
 where p_t(q) is the output position that input position q feeds through tap t (none where the stride
 skips q or q is past the map's edge). One program takes a tile of channels × input positions, gathers the
 k² values of H that each input position feeds, accumulates grad_x in fp32 and writes it once, and reduces
-x·H over its tile to one partial sum of each entry of dL/dM. The partial sums are added up by torch in a
-fixed order, so the result is deterministic: no atomics. Nothing 9× the input is read but H itself: no
+x·H over its positions to one partial sum of each entry of dL/dM per channel. The partial sums are added up
+by torch in a fixed order, so the result is deterministic: no atomics. Nothing 9× the input is read but H itself: no
 unfolded input, no mixed copy of H, no depthwise weight gradient.
 
 H is formed per block of channels (`TAP_H_CHUNK_BYTES`), so it never holds more than that beyond what the
@@ -29,6 +29,26 @@ import triton.language as tl
 
 # At most this many bytes of H = Wᵀ·G exist at once: the channels are taken in blocks that fit.
 TAP_H_CHUNK_BYTES = 32 << 20
+# (channels, input positions, warps, unrolled) of one program, or None for `tile`'s choice; the
+# per-layer benchmark times others with --triton-tiles.
+TAP_TILE: tuple[int, int, int, bool] | None = None
+
+
+@triton.jit
+def _tap_pair(h_rows, mix_ptr, part_rows, x, acc, p, gather_ok, c, c_ok, s, t, positions,
+              taps: tl.constexpr, NEED_X: tl.constexpr, NEED_M: tl.constexpr, PER_CHANNEL: tl.constexpr,
+              acc_dtype: tl.constexpr):
+    """Taps s (of H) and t (of x): grad_x += (I + M)[s, t]·H_s(p_t(q)); partial dL/dM[s, t] = Σ_q x·H_s(p_t(q))."""
+    h = tl.load(h_rows + s * positions + p[None, :], mask=gather_ok, other=0.0).to(acc_dtype)
+    if NEED_X:
+        if PER_CHANNEL:
+            weight = tl.load(mix_ptr + c * (taps * taps) + (s * taps + t), mask=c_ok, other=0.0)
+            acc += weight.to(acc_dtype)[:, None] * h
+        else:
+            acc += tl.load(mix_ptr + (s * taps + t)).to(acc_dtype) * h
+    if NEED_M:
+        tl.store(part_rows + (s * taps + t), tl.sum(x * h, axis=1), mask=c_ok)
+    return acc
 
 
 @triton.jit
@@ -39,31 +59,32 @@ def _tap_backward_kernel(
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
     NEED_X: tl.constexpr, NEED_M: tl.constexpr, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     c_block = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)
     n_q_blocks = tl.num_programs(0)
-    n_c_blocks = tl.num_programs(1)
     taps: tl.constexpr = KH * KW
-    acc_dtype = tl.float64 if FP64 else tl.float32
+    acc_dtype: tl.constexpr = tl.float64 if FP64 else tl.float32
 
-    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = (c_block * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     c_ok = c < channels
     q_ok = q < height * width
     qh = q // width
     qw = q % width
     tile_ok = c_ok[:, None] & q_ok[None, :]
-    c64 = c.to(tl.int64)
-    b64 = b.to(tl.int64)
+    x = tl.zeros([BLOCK_C, BLOCK_Q], dtype=acc_dtype)
     if NEED_M:
-        x = tl.load(x_ptr + b64 * x_batch_stride + c64[:, None] * x_channel_stride + q[None, :], mask=tile_ok, other=0.0)
+        x = tl.load(x_ptr + b * x_batch_stride + c[:, None] * x_channel_stride + q[None, :], mask=tile_ok, other=0.0)
         x = x.to(acc_dtype)
     acc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=acc_dtype)
     positions = out_height * out_width
-    h_rows = h_ptr + (b64 * channels + c64[:, None]) * (taps * positions)
-    for t in tl.static_range(taps):
+    h_rows = h_ptr + (b * channels + c[:, None]) * (taps * positions)
+    # partial sums of dL/dM: one row of taps² per (batch, block of positions, channel)
+    part_rows = part_ptr + ((b * n_q_blocks + q_block) * channels + c) * (taps * taps)
+    for t in range(taps):  # a loop, not unrolled: 81 gathers in flight would spill registers
         # the output position p_t(q) that input position q feeds through tap t, where there is one
         nh = qh + pad_h - (t // KW) * dil_h
         nw = qw + pad_w - (t % KW) * dil_w
@@ -73,32 +94,28 @@ def _tap_backward_kernel(
         fed = fed & (ph < out_height) & (pw < out_width)
         p = tl.where(fed, ph * out_width + pw, 0)
         gather_ok = c_ok[:, None] & fed[None, :]
-        for s in tl.static_range(taps):
-            h = tl.load(h_rows + s * positions + p[None, :], mask=gather_ok, other=0.0).to(acc_dtype)
-            if NEED_X:
-                if PER_CHANNEL:
-                    weight = tl.load(mix_ptr + c64 * (taps * taps) + (s * taps + t), mask=c_ok, other=0.0)
-                    acc += weight.to(acc_dtype)[:, None] * h
-                else:
-                    acc += tl.load(mix_ptr + (s * taps + t)).to(acc_dtype) * h
-            if NEED_M:
-                per_channel = tl.sum(x * h, axis=1)
-                if PER_CHANNEL:
-                    row = (b64 * n_q_blocks + q_block) * channels + c64
-                    tl.store(part_ptr + row * (taps * taps) + (s * taps + t), per_channel, mask=c_ok)
-                else:
-                    program = (b64 * n_c_blocks + c_block) * n_q_blocks + q_block
-                    tl.store(part_ptr + program * (taps * taps) + (s * taps + t), tl.sum(per_channel, axis=0))
+        if UNROLL:  # the k² gathers of one tap in flight together (more registers)
+            for s in tl.static_range(taps):
+                acc = _tap_pair(h_rows, mix_ptr, part_rows, x, acc, p, gather_ok, c, c_ok, s, t, positions,
+                                taps, NEED_X, NEED_M, PER_CHANNEL, acc_dtype)
+        else:
+            for s in range(taps):
+                acc = _tap_pair(h_rows, mix_ptr, part_rows, x, acc, p, gather_ok, c, c_ok, s, t, positions,
+                                taps, NEED_X, NEED_M, PER_CHANNEL, acc_dtype)
     if NEED_X:
-        out = gx_ptr + b64 * gx_batch_stride + c64[:, None] * gx_channel_stride + q[None, :]
+        out = gx_ptr + b * gx_batch_stride + c[:, None] * gx_channel_stride + q[None, :]
         tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=tile_ok)
 
 
-def _blocks(channels: int, positions: int) -> tuple[int, int, int]:
-    """Tile sizes (channels, input positions) and warps: about 2,048 elements a program."""
-    block_q = min(256, triton.next_power_of_2(max(positions, 16)))
-    block_c = min(triton.next_power_of_2(channels), max(1, 2048 // block_q))
-    return block_c, block_q, 4
+def tile(channels: int, positions: int) -> tuple[int, int, int, bool]:
+    """(channels, input positions, warps, unrolled) of one program: `TAP_TILE`, or by default 16
+    channels × 32 positions on 4 warps, one warp per 4 channels, so that each row's sum stays in its
+    warp, with the k² gathers of a tap unrolled (no register spills on sm_90)."""
+    if TAP_TILE is not None:
+        return TAP_TILE
+    block_q = min(32, triton.next_power_of_2(max(positions, 1)))
+    block_c = min(16, triton.next_power_of_2(max(channels, 1)))
+    return block_c, block_q, 4, True
 
 
 def tap_backward(
@@ -133,7 +150,7 @@ def tap_backward(
     chunk_bytes = TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     per_channel_bytes = batch * taps * positions * x.element_size()
     chunk = max(1, min(channels, chunk_bytes // max(per_channel_bytes, 1)))
-    block_c, block_q, warps = _blocks(min(chunk, channels), height * width)
+    block_c, block_q, warps, unroll = tile(min(chunk, channels), height * width)
     n_q = triton.cdiv(height * width, block_q)
     sums = []
     for start in range(0, channels, chunk):
@@ -143,8 +160,7 @@ def tap_backward(
         h = torch.matmul(rows[:, start * taps : stop * taps].T, grad)
         n_c = triton.cdiv(count, block_c)
         if need_mixing:
-            shape = (batch * n_q, count, taps * taps) if per_channel else (batch * n_c * n_q, taps * taps)
-            part = torch.empty(shape, dtype=acc_dtype, device=x.device)
+            part = torch.empty(batch * n_q, count, taps * taps, dtype=acc_dtype, device=x.device)
         else:
             part = h  # never written
         x_chunk = x[:, start:stop]
@@ -155,18 +171,18 @@ def tap_backward(
             x.stride(0), x.stride(1), gx_chunk.stride(0), gx_chunk.stride(1),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             KH=kh, KW=kw, BLOCK_C=block_c, BLOCK_Q=block_q,
-            NEED_X=need_x, NEED_M=need_mixing, PER_CHANNEL=per_channel, FP64=fp64,
+            NEED_X=need_x, NEED_M=need_mixing, PER_CHANNEL=per_channel, FP64=fp64, UNROLL=unroll,
             num_warps=warps,
         )
         del h
         if need_mixing:
-            sums.append(part.sum(0))
+            sums.append(part.sum(0) if per_channel else part.sum((0, 1)))
     if need_mixing:
         if per_channel:
             grad_mix = torch.cat(sums).view(channels, taps, taps)
         else:
             grad_mix = sums[0]
-            for partial in sums[1:]:
+            for partial in sums[1:]:  # in order: the same sum every time
                 grad_mix = grad_mix + partial
             grad_mix = grad_mix.view(taps, taps)
     return grad_x, grad_mix
