@@ -7,6 +7,7 @@
     python benchmarks/speed.py --sampling                       # also time inference: base, merged, unmerged
     python benchmarks/speed.py --sampling-only --rows atoms,lora,loha,lokr,difffit,bitfit,gift,full
     python benchmarks/speed.py --interleave --rows floor,atoms,lora   # steps in turns, in one process
+    python benchmarks/speed.py --arch tiny --latent 8 --interleave --load 2 --rows floor,atoms,lora  # beside 2 busy processes
 
 The UNet is built from SD v1.4's config with random weights (no download). Each configuration runs
 in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
@@ -15,10 +16,20 @@ process and the peak is torch.cuda.max_memory_allocated, reset before each row. 
 
 - floor: nothing trainable; backward still runs to the input (the least any method can cost)
 - atoms: sdtune's filter atoms (kernel chosen per layer); atoms[tap], atoms[weight], atoms[autograd]
-  force one formulation (autograd: plain autograd on the formed weight W + ΔW)
+  force one formulation (autograd: plain autograd on the formed weight W + ΔW), atoms[tap-unfold],
+  atoms[tap-depthwise], atoms[tap-triton] the tap side with one backward (`atom_kernels.MODES`);
+  atoms{m1=4}, atoms{kc=2}, atoms{include_1x1=true}, ... a variant (options as `key=value;key=value`,
+  combinable with a kernel: atoms{include_1x1=true}[tap-triton])
 - atoms-reference: the reference code's formulation, the frozen conv plus a second conv with ΔW
 - lora / loha / lokr: peft on the same 52 3x3 convolutions, rank 4
 - others: the method with its defaults
+
+`--load N` starts N busy processes (one pure-Python spin loop each) for the whole measurement and
+stops them after it: a training step on a machine whose cores other work keeps busy, where every
+parallel region of a multi-threaded kernel waits for its threads to be scheduled. With `--interleave`,
+each round runs every row once with the busy processes stopped (SIGSTOP) and once with them running,
+and the table adds each row's slow-down (median per-round loaded/unloaded ratio) and that slow-down
+over LoRA's: the rows' own noise and the machine's drift fall on both halves of a round alike.
 """
 
 from __future__ import annotations
@@ -64,15 +75,36 @@ def apply_row(row: str, unet):
         unet.requires_grad_(False)
         return None, []
     if row.startswith("atoms"):
-        kernel = row[row.index("[") + 1 : -1] if "[" in row else "auto"
-        method = methods.create("atoms", kernel="autograd" if row == "atoms-reference" else kernel)
+        from sdtune.methods.atom_kernels import MODES
+        from sdtune.methods.atoms import KERNELS
+
+        kernel = row[row.index("[") + 1 : row.index("]")] if "[" in row else "auto"
+        options = atoms_options(row[row.index("{") + 1 : row.index("}")]) if "{" in row else {}
+        if kernel not in MODES:
+            raise ValueError(f"unknown atoms kernel {kernel!r}; choose from {', '.join(MODES)}")
+        options["kernel"] = "autograd" if row == "atoms-reference" else kernel if kernel in KERNELS else "auto"
+        method = methods.create("atoms", **options)
         params = method.inject(unet)
+        if kernel not in KERNELS:  # one tap-side backward: set on the layers, the option only names the sides
+            for layer in method.layers.values():
+                if hasattr(layer, "kernel"):
+                    layer.kernel = kernel
         if row == "atoms-reference":
             use_two_convolutions(method)
         return method, params
     options = {"rank": 4, "targets": "conv3x3"} if row in ("lora", "loha", "lokr") else {}
     method = methods.create(row, **options)
     return method, method.inject(unet)
+
+
+def atoms_options(text: str) -> dict:
+    """`m1=4;kc=2;include_1x1=true` -> {"m1": 4, "kc": 2, "include_1x1": True}."""
+    options = {}
+    for item in filter(None, text.split(";")):
+        key, value = item.split("=")
+        lowered = value.strip().lower()
+        options[key.strip()] = {"true": True, "false": False}.get(lowered, int(value) if value.strip().isdigit() else value)
+    return options
 
 
 def use_two_convolutions(method) -> None:
@@ -153,6 +185,34 @@ def training_setup(row: str, args):
     return step, sum(p.numel() for p in params)
 
 
+class BusyProcesses:
+    """`count` CPU-bound processes for the duration of a `with` block (`speed.py --load`)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        code = "while True:\n    pass"
+        self.processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.count)]
+        return self
+
+    def pause(self):
+        for process in self.processes:
+            process.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        for process in self.processes:
+            process.send_signal(signal.SIGCONT)
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.wait()
+        return False
+
+
 def measure_training(row: str, args) -> dict:
     step, trainable = training_setup(row, args)
     memory_before = peak_memory_gb(args.device)
@@ -166,30 +226,50 @@ def measure_training(row: str, args) -> dict:
     }
 
 
-def measure_interleaved(rows: list[str], args) -> list[dict]:
+def measure_interleaved(rows: list[str], args, busy: "BusyProcesses | None" = None) -> list[dict]:
     """Every row's model in one process, one training step each in turns per round (the first rotating).
 
     Ratios to the floor and to LoRA are medians of the per-round ratios, so a slow spell on a shared
     machine falls on every row of that round alike. No peak memory: the rows share one process.
+    With busy processes (`--load`), every round runs the rows twice, once with the busy processes
+    stopped (SIGSTOP) and once with them running, in alternating order: each row's slow-down is the
+    median of its per-round loaded/unloaded ratios, measured minutes apart at most.
     """
     setups = {row: training_setup(row, args) for row in rows}
-    times = {row: [] for row in rows}
+    phases = ["unloaded", "loaded"] if busy and busy.count else ["unloaded"]
+    times = {(phase, row): [] for phase in phases for row in rows}
     for round_ in range(args.warmup + args.steps):
         first = round_ % len(rows)
         spent = {}
-        for row in rows[first:] + rows[:first]:
-            spent[row] = setups[row][0]()
-            if round_ >= args.warmup:
-                times[row].append(spent[row])
+        for phase in phases if round_ % 2 == 0 else phases[::-1]:
+            if busy and busy.count:
+                busy.pause() if phase == "unloaded" else busy.resume()
+            for row in rows[first:] + rows[:first]:
+                spent[phase, row] = setups[row][0]()
+                if round_ >= args.warmup:
+                    times[phase, row].append(spent[phase, row])
         label = "warm-up" if round_ < args.warmup else f"round {round_ - args.warmup + 1}"
-        print(f"{label}: " + ", ".join(f"{row} {spent[row]:.3f} s" for row in rows), file=sys.stderr, flush=True)
+        print(f"{label}: " + ", ".join(f"{row}{'' if phase == 'unloaded' else ' loaded'} {seconds:.3f} s"
+                                       for (phase, row), seconds in spent.items()), file=sys.stderr, flush=True)
+    if busy and busy.count:
+        busy.resume()
     results = []
     for row in rows:
-        result = {"row": row, "seconds": statistics.median(times[row]), "trainable": setups[row][1]}
-        for reference in ("floor", "lora", "atoms-reference"):
-            if reference in times:
-                result[f"{reference}_ratio"] = statistics.median(t / b for t, b in zip(times[row], times[reference]))
+        result = {"row": row, "seconds": statistics.median(times["unloaded", row]), "trainable": setups[row][1]}
+        for phase in phases:
+            prefix = "" if phase == "unloaded" else "loaded_"
+            for reference in ("floor", "lora", "atoms-reference"):
+                if reference in rows:
+                    ratios = (t / b for t, b in zip(times[phase, row], times[phase, reference]))
+                    result[f"{prefix}{reference}_ratio"] = statistics.median(ratios)
+        if "loaded" in phases:
+            result["loaded_seconds"] = statistics.median(times["loaded", row])
+            result["slowdown"] = statistics.median(t / b for t, b in zip(times["loaded", row], times["unloaded", row]))
         results.append(result)
+    if "loaded" in phases and "lora" in rows:
+        lora = next(r for r in results if r["row"] == "lora")
+        for result in results:
+            result["slowdown_lora_ratio"] = result["slowdown"] / lora["slowdown"]
     return results
 
 
@@ -274,7 +354,7 @@ def run_child(kind: str, row: str, args) -> dict:
         return run_in_process(kind, row, args)
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave")
+        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave", "load")
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -300,6 +380,10 @@ def main() -> None:
         "--interleave", action="store_true",
         help="train every row's model in one process, a step each in turn: steadier ratios on a shared machine, no peak memory",
     )
+    parser.add_argument(
+        "--load", type=int, default=0, metavar="N",
+        help="run beside N busy processes (a loaded machine: each spins on one core); with --interleave, every round also runs each row with them stopped, for its slow-down",
+    )
     parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
     parser.add_argument(
         "--cudnn-benchmark", action="store_true",
@@ -322,21 +406,23 @@ def main() -> None:
         f"{args.arch} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, "
         f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} steps after {args.warmup}" + (", cuDNN autotuned" if args.cudnn_benchmark else "")
+        + (f", beside {args.load} busy processes" if args.load else "")
     )
     print(header, flush=True)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
     lines, results, sampled, cut = [], [], [], False
     try:
-        if args.interleave and not args.sampling_only:
-            results = measure_interleaved(rows, args)
-        elif not args.sampling_only:
-            for row in rows:
-                results.append(timed(run_child, "train", row, args))
-        if args.sampling or args.sampling_only:
-            for row in rows:
-                if row not in ("floor", "atoms-reference") and "[" not in row:
-                    sampled.append(timed(run_child, "sample", row, args))
+        with BusyProcesses(args.load) as busy:
+            if args.interleave and not args.sampling_only:
+                results = measure_interleaved(rows, args, busy)
+            elif not args.sampling_only:
+                for row in rows:
+                    results.append(timed(run_child, "train", row, args))
+            if args.sampling or args.sampling_only:
+                for row in rows:
+                    if row not in ("floor", "atoms-reference") and "[" not in row:
+                        sampled.append(timed(run_child, "sample", row, args))
     except StoppedEarly:
         cut = True
     if results:
@@ -381,17 +467,17 @@ def training_table(results: list[dict]) -> list[str]:
     by_row = {r["row"]: r for r in results if "error" not in r}
     floor, lora = by_row.get("floor"), by_row.get("lora")
     lines = [
-        "| method | trainable | s/step | peak GB | ×floor | ×LoRA | peak ×LoRA |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | trainable | s/step | peak GB | ×floor | ×LoRA | peak ×floor | peak ×LoRA |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | |")
             continue
-        ratio = lambda base, key: f"{r[key] / base[key]:.2f}" if base else "–"  # noqa: E731
+        ratio = lambda base, key, digits=2: f"{r[key] / base[key]:.{digits}f}" if base else "–"  # noqa: E731
         lines.append(
-            f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['peak_gb']:.2f} | "
-            f"{ratio(floor, 'seconds')} | {ratio(lora, 'seconds')} | {ratio(lora, 'peak_gb')} |"
+            f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['peak_gb']:.3f} | "
+            f"{ratio(floor, 'seconds')} | {ratio(lora, 'seconds')} | {ratio(floor, 'peak_gb', 3)} | {ratio(lora, 'peak_gb')} |"
         )
     if "atoms" in by_row and "atoms-reference" in by_row:
         lines.append("")
@@ -400,17 +486,26 @@ def training_table(results: list[dict]) -> list[str]:
 
 
 def interleaved_table(results: list[dict]) -> list[str]:
+    loaded = any("slowdown" in r for r in results)
     lines = [
-        "| method | trainable | s/step | ×floor | ×LoRA |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| method | trainable | s/step | ×floor | ×LoRA |" + (" loaded s/step | loaded ×floor | loaded ×LoRA | slow-down | slow-down ×LoRA's |" if loaded else ""),
+        "| --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: | ---: | ---: | ---: |" if loaded else ""),
     ]
     for r in results:
         ratio = lambda key: f"{r[key]:.2f}" if key in r else "–"  # noqa: E731
-        lines.append(f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {ratio('floor_ratio')} | {ratio('lora_ratio')} |")
+        line = f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {ratio('floor_ratio')} | {ratio('lora_ratio')} |"
+        if loaded:
+            line += (
+                f" {r['loaded_seconds']:.3f} | {ratio('loaded_floor_ratio')} | {ratio('loaded_lora_ratio')} |"
+                f" {ratio('slowdown')} | {ratio('slowdown_lora_ratio')} |"
+            )
+        lines.append(line)
     atoms = next((r for r in results if r["row"] == "atoms"), None)
     if atoms and "atoms-reference_ratio" in atoms:
         lines += ["", f"atoms / atoms-reference step time: {atoms['atoms-reference_ratio']:.2f}"]
-    lines += ["", "(rows timed in turns in one process; ratios are medians of the per-round ratios)"]
+    lines += ["", "(rows timed in turns in one process; ratios are medians of the per-round ratios"
+              + ("; each round also runs every row beside the busy processes, and a row's slow-down is the median"
+                 " of its per-round loaded/unloaded ratios)" if loaded else ")")]
     return lines
 
 

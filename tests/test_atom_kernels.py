@@ -6,13 +6,27 @@ import pytest
 import torch
 from torch import nn
 
-from sdtune.methods.atom_kernels import FormedWeightConv, TapMixedConv, tap_mixed_conv2d
+from sdtune.methods import atom_kernels
+from sdtune.methods.atom_kernels import FormedWeightConv, TapMixedConv, route, tap_mixed_conv2d
+
+# every exact route: the tap side with each library backward, and the weight side
+ROUTES = ["tap-unfold", "tap-depthwise", "weight"]
 
 
 def literal(x, conv, mixing):
-    taps = mixing.shape[0]
-    weight = conv.weight + (conv.weight.reshape(-1, taps) @ mixing).reshape(conv.weight.shape)
+    """conv2d(x, W + W_r·M), M (k², k²) or one per input channel (c_in, k², k²)."""
+    taps = mixing.shape[-1]
+    rows = conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1], taps)
+    delta = rows @ mixing if mixing.dim() == 2 else torch.einsum("ocs,cst->oct", rows, mixing)
+    weight = conv.weight + delta.reshape(conv.weight.shape)
     return torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+
+def apply(route_name, x, conv, mixing):
+    if route_name == "weight":
+        return FormedWeightConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+    backward = route_name.removeprefix("tap-")
+    return TapMixedConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation, backward)
 
 
 def make_conv(stride, bias, kernel=3):
@@ -22,18 +36,18 @@ def make_conv(stride, bias, kernel=3):
     return conv
 
 
-@pytest.mark.parametrize("function", [TapMixedConv, FormedWeightConv])
+@pytest.mark.parametrize("route_name", ROUTES)
 @pytest.mark.parametrize("stride,bias,kernel", [(1, True, 3), (2, True, 3), (1, False, 3), (1, True, 1)])
 # 7x7 maps: more output positions than output channels, the tap side forms the weight for its forward;
 # 2x2 maps: fewer, it convolves the unfolded input instead
 @pytest.mark.parametrize("batch,size", [(2, 7), (1, 2)])
-def test_gradcheck_against_the_definition(function, stride, bias, kernel, batch, size):
+def test_gradcheck_against_the_definition(route_name, stride, bias, kernel, batch, size):
     conv = make_conv(stride, bias, kernel)
     x = torch.randn(batch, 5, size, size, dtype=torch.float64, requires_grad=True)
     mixing = (0.3 * torch.randn(kernel * kernel, kernel * kernel, dtype=torch.float64)).requires_grad_()
 
     def fast(x, mixing):
-        return function.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+        return apply(route_name, x, conv, mixing)
 
     torch.testing.assert_close(fast(x, mixing), literal(x, conv, mixing), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(fast, (x, mixing))
@@ -43,19 +57,45 @@ def test_gradcheck_against_the_definition(function, stride, bias, kernel, batch,
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("function", [TapMixedConv, FormedWeightConv])
+@pytest.mark.parametrize("route_name", ROUTES)
 @pytest.mark.parametrize("batch,height,width", [(2, 7, 5), (1, 3, 2)])  # both tap-side forwards, as above
-def test_gradcheck_with_odd_geometry(function, batch, height, width):
+@pytest.mark.parametrize("per_channel", [False, True])  # one M, or one per input channel (the D1 variant's)
+def test_gradcheck_with_odd_geometry(route_name, batch, height, width, per_channel):
     torch.manual_seed(4)
     conv = nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)).double().requires_grad_(False)
     x = torch.randn(batch, 3, height, width, dtype=torch.float64, requires_grad=True)
-    mixing = (0.3 * torch.randn(6, 6, dtype=torch.float64)).requires_grad_()
+    mixing = (0.3 * torch.randn(*((3,) if per_channel else ()), 6, 6, dtype=torch.float64)).requires_grad_()
 
     def fast(x, mixing):
-        return function.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+        return apply(route_name, x, conv, mixing)
 
     torch.testing.assert_close(fast(x, mixing), literal(x, conv, mixing), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(fast, (x, mixing))
+
+
+@pytest.mark.parametrize("route_name", ["tap-unfold", "tap-depthwise"])
+def test_only_the_gradients_asked_for(route_name):
+    conv = make_conv(1, True)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    mixing = (0.3 * torch.randn(9, 9, dtype=torch.float64)).requires_grad_()
+    (grad_mixing,) = torch.autograd.grad(apply(route_name, x, conv, mixing).square().sum(), (mixing,))
+    (reference,) = torch.autograd.grad(literal(x, conv, mixing).square().sum(), (mixing,))
+    torch.testing.assert_close(grad_mixing, reference, rtol=0, atol=1e-10)
+    x.requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(apply(route_name, x, conv, mixing.detach()).square().sum(), (x,))
+    (reference,) = torch.autograd.grad(literal(x, conv, mixing.detach()).square().sum(), (x,))
+    torch.testing.assert_close(grad_x, reference, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("route_name", ROUTES)
+def test_float32_gradients_repeat_bitwise(route_name):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(16, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 16, 9, 9, requires_grad=True)
+    mixing = (0.1 * torch.randn(9, 9)).requires_grad_()
+    first, second = (torch.autograd.grad(apply(route_name, x, conv, mixing).square().sum(), (x, mixing)) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def test_a_trainable_bias_keeps_its_gradient():
@@ -66,7 +106,7 @@ def test_a_trainable_bias_keeps_its_gradient():
     assert conv.bias.grad is not None and mixing.grad is not None
 
 
-@pytest.mark.parametrize("mode", ["auto", "tap", "weight", "autograd"])
+@pytest.mark.parametrize("mode", ["auto", "tap", "tap-unfold", "tap-depthwise", "weight", "autograd"])
 def test_every_mode_gives_the_same_float32_result(mode):
     torch.manual_seed(1)
     conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
@@ -85,7 +125,18 @@ def test_no_grad_uses_the_formed_weight():
         torch.testing.assert_close(tap_mixed_conv2d(x, conv, mixing), literal(x, conv, mixing))
 
 
-@pytest.mark.parametrize("mode", ["tap", "weight"])
+def test_the_route_follows_the_device_and_the_map_size(monkeypatch):
+    small, large = torch.empty(1, 4, 32, 32), torch.empty(2, 4, 32, 32)  # 1,024 and 2,048 input positions
+    assert route(small) == ("tap", "unfold") and route(large) == ("weight", None)
+    assert route(large, "tap") == ("tap", "unfold") and route(small, "tap-depthwise") == ("tap", "depthwise")
+    assert route(small, "weight") == ("weight", None)
+    # a device whose tap side is the Triton kernel takes the weight side when Triton is missing
+    monkeypatch.setitem(atom_kernels.TAP_BACKWARD, "cpu", "triton")
+    monkeypatch.setitem(atom_kernels._triton_state, "function", None)
+    assert route(small) == ("weight", None) and route(small, "tap") == ("tap", "depthwise")
+
+
+@pytest.mark.parametrize("mode", ["tap", "tap-depthwise", "weight"])
 def test_fast_kernels_under_autocast_match_the_autocast_convolution(mode):
     torch.manual_seed(2)
     conv = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)

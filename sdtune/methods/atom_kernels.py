@@ -1,26 +1,40 @@
 """Fast exact convolutions for updates that mix a kernel's taps: conv(x, W_r·(I + M)).
 
 Filter-atom updates with coefficients α = W_r·P have ΔW = α·ΔD = W_r·(P·ΔD): one k²×k² matrix
-M = P·ΔD acting on the tap axis of the frozen weight. Autograd on `conv2d(x, W + ΔW)` re-forms the
-whole weight every step, keeps a copy of it for backward and computes a full weight gradient that
-is then contracted down to k²×k² numbers. Two custom autograd functions avoid that:
+M = P·ΔD acting on the tap axis of the frozen weight (or, for the D1 variant, one M_c per input
+channel: pass `mixing` as (c_in, k², k²)). Autograd on `conv2d(x, W + ΔW)` re-forms the whole weight
+every step, keeps a copy of it for backward and computes a full weight gradient that is then
+contracted down to k²×k² numbers. Two custom autograd functions avoid that:
 
 - `TapMixedConv` (tap side): the forward convolves x with the formed W_r·(I + M) where that weight is
   no bigger than the unfolded input, else unfolds x, mixes the k² taps of every input channel with
   (I + M) and does one GEMM with the frozen W. Backward: H = Wᵀ·G, the GEMM the input gradient needs
-  anyway; the rest is a depthwise convolution of x with k² outputs per channel and weight (I + M),
-  whose library backward gives grad_x and, summed over channels, grad_M in one call. No weight
-  gradient, no stored formed weight, nothing stored but x.
+  anyway; grad_x and dL/dM are then cheap contractions of H with (I + M) and with x's taps. No weight
+  gradient, no stored formed weight, nothing stored but x. Three ways to do those contractions
+  (`TAP_BACKWARDS`):
+  - "unfold": dL/dM = Σ H·unfold(x)ᵀ as one batched GEMM over (batch, channel) pairs, grad_x = fold of
+    (I + M)ᵀ·H. Library calls with a few parallel regions each: the CPU default.
+  - "depthwise": one depthwise library convolution backward with k² outputs per channel and weight
+    (I + M) gives both. Fewer bytes moved on CPU, but oneDNN runs this grouped convolution's backward
+    as one parallel region per channel on maps of 32×32 and more (323 regions for 320 channels, against
+    3 for "unfold"): each region waits for both threads to be scheduled, so on a machine whose cores
+    other work keeps busy it slows down many times more than the library's own convolutions do.
+  - "triton" (CUDA): `atom_triton.tap_backward`, one kernel that reads H and x in place and writes grad_x
+    and per-tile partial sums of dL/dM (no unfolded input, no mixed copy of H, no atomics); H is formed
+    per block of channels so that little memory is added to the frozen convolution's backward.
 - `FormedWeightConv` (weight side): one library convolution with W + ΔW formed on the fly and not
-  kept; backward forms it again and asks the library for grad_x and grad_W in one call. Fast on
-  large maps, where the library's weight gradient costs less than H's memory traffic.
+  kept; backward forms it again and asks the library for grad_x and grad_W in one call. On CPU, fast
+  on large maps, where the library's weight gradient costs less than H's memory traffic.
 
-`tap_mixed_conv2d` picks per call by the number of input positions (`TAP_SIDE_MAX_POSITIONS`),
-measured on CPU with `benchmarks/speed.py`. Both are exact: tests compare them with
-`conv2d(x, W + W_r·M)` by gradcheck in float64.
+`tap_mixed_conv2d` picks per call by the device and the number of input positions
+(`TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with `benchmarks/atom_kernels.py` and
+`benchmarks/speed.py`. All are exact: tests compare them with `conv2d(x, W + W_r·M)` by gradcheck in
+float64 (the Triton kernel through Triton's CPU interpreter).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,35 +45,74 @@ from torch import nn
 # 1.7-5.6x; on 64x64 maps they are within this machine's noise, and the weight side wins on the 320->4
 # output convolution and the stride-2 one. With this limit an SD v1.4 step at 32x32 latents took 0.85x
 # the frozen floor (0.78x LoRA's), against 1.00x (0.90x) with the unfold/fold tap side it replaced.
-# On an H200 (SD v1.4, 64x64 latents, batch 1, bf16) the weight side everywhere took 0.124 s a step
-# and the CPU limit 0.142 s (with the unfold/fold tap side): cuDNN's weight gradient is cheap there.
-TAP_SIDE_MAX_POSITIONS = {"cpu": 1024, "cuda": 0}
+# On CUDA the limit holds for the Triton tap side (None: every size); without Triton, CUDA takes the
+# weight side everywhere: on an H200 (SD v1.4, 64x64 latents, batch 1, bf16) it took 0.124 s a step
+# and the library tap side up to 1,024 positions 0.142 s, since cuDNN's weight gradient is cheap there.
+TAP_SIDE_MAX_POSITIONS: dict[str, int | None] = {"cpu": 1024, "cuda": None}
+# Which contraction the tap side's backward uses, per device type (see the module docstring).
+TAP_BACKWARD = {"cpu": "unfold", "cuda": "triton"}
+TAP_BACKWARDS = ("unfold", "depthwise", "triton")
+MODES = ("auto", "tap", "weight", "autograd") + tuple(f"tap-{name}" for name in TAP_BACKWARDS)
+
+_triton_state: dict[str, object] = {}
+
+
+def triton_tap_backward():
+    """`atom_triton.tap_backward`, or None where Triton cannot be imported (or failed once)."""
+    if "function" not in _triton_state:
+        try:
+            from .atom_triton import tap_backward
+        except Exception:  # noqa: BLE001 - no Triton, or one that does not load: the library routes remain
+            tap_backward = None
+        _triton_state["function"] = tap_backward
+    return _triton_state["function"]
+
+
+def _identity_plus(mixing: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    taps = mixing.shape[-1]
+    return torch.eye(taps, dtype=dtype, device=mixing.device) + mixing.to(dtype)
 
 
 def _mixed_weight(weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
-    taps = mixing.shape[0]
-    flat = weight.reshape(-1, taps)
-    return (flat + flat @ mixing).reshape(weight.shape)
+    """W_r·(I + M) shaped like W; `mixing` (k², k²) or one per input channel (c_in, k², k²)."""
+    taps = mixing.shape[-1]
+    if mixing.dim() == 2:
+        flat = weight.reshape(-1, taps)
+        return torch.addmm(flat, flat, mixing).reshape(weight.shape)
+    out_channels, channels = weight.shape[:2]
+    flat = weight.reshape(out_channels, channels, taps).transpose(0, 1)  # (c_in, c_out, k²)
+    return torch.baddbmm(flat, flat, mixing).transpose(0, 1).reshape(weight.shape)
+
+
+def _sum_mixing_grad(grad: torch.Tensor, per_channel: bool, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """(batch·channels or channels, k², k²) per-channel products -> dL/dM, summed in fp32 at least
+    (fp16 sums over 1,280 channels overflow early)."""
+    at_least_fp32 = torch.promote_types(grad.dtype, torch.float32)
+    taps = grad.shape[-1]
+    grad = grad.reshape(-1, channels, taps, taps)
+    if per_channel:
+        return grad.sum(0, dtype=at_least_fp32).to(dtype)
+    return grad.sum((0, 1), dtype=at_least_fp32).to(dtype)
 
 
 class TapMixedConv(torch.autograd.Function):
     """conv2d(x, W_r·(I + M)) whose backward works on the taps; gradients for x and M only."""
 
     @staticmethod
-    def forward(ctx, x, weight, mixing, bias, stride, padding, dilation):
+    def forward(ctx, x, weight, mixing, bias, stride, padding, dilation, backward="unfold"):
         batch, channels, height, width = x.shape
         out_channels, _, kh, kw = weight.shape
         taps = kh * kw
-        mix = torch.eye(taps, dtype=x.dtype, device=x.device) + mixing.to(x.dtype)
-        ctx.save_for_backward(x, weight, mix)
+        ctx.save_for_backward(x, weight, mixing)
         ctx.geometry = (stride, padding, dilation)
-        ctx.mixing_dtype = mixing.dtype
+        ctx.backward_route = backward
         out_height = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         out_width = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         positions = out_height * out_width
-        if out_channels <= batch * positions:
+        if backward == "triton" or out_channels <= batch * positions:
             # the formed weight is no bigger than the unfolded input: form it and let the library convolve
             return F.conv2d(x, _mixed_weight(weight, mixing.to(x.dtype)), bias, stride, padding, dilation)
+        mix = _identity_plus(mixing, x.dtype)
         unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         mixed = torch.matmul(mix, unfolded.view(batch, channels, taps, positions))
         del unfolded  # 9x the input: free it before the GEMM's output is allocated
@@ -70,28 +123,84 @@ class TapMixedConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mix = ctx.saved_tensors
+        x, weight, mixing = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
-        batch, channels = x.shape[:2]
-        out_channels, _, kh, kw = weight.shape
-        taps = kh * kw
-        out_height, out_width = grad.shape[-2:]
-        # dL/d(mixed taps) H = Wᵀ·G: the GEMM the frozen convolution's input gradient needs anyway
-        grad_taps = torch.matmul(weight.reshape(out_channels, -1).T, grad.reshape(batch, out_channels, -1))
-        grad_taps = grad_taps.view(batch, channels * taps, out_height, out_width)
-        # The rest is a depthwise convolution with `taps` outputs per channel and weight (I + M): its
-        # input gradient is grad_x, its weight gradient summed over channels is dL/dM. One library
-        # call does both without the unfolded input (unfold/fold and small GEMMs were 2-5x slower).
-        depthwise = mix.view(1, taps, kh, kw).expand(channels, taps, kh, kw).reshape(channels * taps, 1, kh, kw)
-        grad_x, grad_depthwise, _ = torch.ops.aten.convolution_backward(
-            grad_taps, x, depthwise, None, stride, padding, dilation, False, (0, 0), channels,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[2], False],
+        need_x, need_mixing = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if ctx.backward_route == "triton":
+            grad_x, grad_mixing = _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+        else:
+            contract = _unfold_backward if ctx.backward_route == "unfold" else _depthwise_backward
+            grad_x, grad_mixing = contract(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+        return grad_x, None, grad_mixing, None, None, None, None, None
+
+
+def _grad_taps(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """H = Wᵀ·G, (batch, c_in·k², output positions): the GEMM the frozen convolution's input gradient needs anyway."""
+    out_channels = weight.shape[0]
+    return torch.matmul(weight.reshape(out_channels, -1).T, grad.reshape(grad.shape[0], out_channels, -1))
+
+
+def _unfold_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+    batch, channels, height, width = x.shape
+    kh, kw = weight.shape[-2:]
+    taps = kh * kw
+    grad_taps = _grad_taps(weight, grad)
+    positions = grad_taps.shape[-1]
+    pairs = grad_taps.view(batch * channels, taps, positions)
+    grad_mixing = None
+    if need_mixing:
+        # Σ over positions as one batched GEMM over (batch, channel) pairs: the transposed operand is a
+        # view, so nothing 9x the input is copied but the unfolded input itself
+        unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        products = torch.matmul(pairs, unfolded.view(batch * channels, taps, positions).transpose(1, 2))
+        del unfolded
+        grad_mixing = _sum_mixing_grad(products, mixing.dim() == 3, channels, mixing.dtype)
+    grad_x = None
+    if need_x:
+        mix = _identity_plus(mixing, x.dtype)
+        mixed = torch.matmul(mix.transpose(-1, -2), grad_taps.view(batch, channels, taps, positions))
+        del grad_taps, pairs
+        grad_x = F.fold(
+            mixed.view(batch, channels * taps, positions), (height, width), (kh, kw),
+            dilation=dilation, padding=padding, stride=stride,
         )
-        grad_mixing = None
-        if ctx.needs_input_grad[2]:  # summed in fp32 at least: fp16 sums over 1,280 channels overflow early
-            at_least_fp32 = torch.promote_types(grad_depthwise.dtype, torch.float32)
-            grad_mixing = grad_depthwise.view(channels, taps, taps).sum(0, dtype=at_least_fp32).to(ctx.mixing_dtype)
-        return grad_x, None, grad_mixing, None, None, None, None
+    return grad_x, grad_mixing
+
+
+def _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+    channels = x.shape[1]
+    kh, kw = weight.shape[-2:]
+    taps = kh * kw
+    out_height, out_width = grad.shape[-2:]
+    grad_taps = _grad_taps(weight, grad).view(x.shape[0], channels * taps, out_height, out_width)
+    # The rest is a depthwise convolution with `taps` outputs per channel and weight (I + M): its
+    # input gradient is grad_x, its weight gradient summed over channels is dL/dM.
+    mix = _identity_plus(mixing, x.dtype)
+    depthwise = mix.expand(channels, taps, taps).reshape(channels * taps, 1, kh, kw)
+    grad_x, grad_depthwise, _ = torch.ops.aten.convolution_backward(
+        grad_taps, x, depthwise, None, stride, padding, dilation, False, (0, 0), channels,
+        [need_x, need_mixing, False],
+    )
+    grad_mixing = None
+    if need_mixing:
+        products = grad_depthwise.view(channels, taps, taps)
+        grad_mixing = _sum_mixing_grad(products, mixing.dim() == 3, channels, mixing.dtype)
+    return grad_x, grad_mixing
+
+
+def _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+    function = triton_tap_backward()
+    if function is not None:
+        mix = _identity_plus(mixing, torch.promote_types(mixing.dtype, torch.float32))
+        try:
+            grad_x, grad_mixing = function(
+                x, weight, mix, grad, stride, padding, dilation, need_x=need_x, need_mixing=need_mixing
+            )
+            return grad_x, grad_mixing.to(mixing.dtype) if grad_mixing is not None else None
+        except Exception as error:  # noqa: BLE001 - an exact library route is always there to fall back on
+            warnings.warn(f"the Triton tap-side kernel failed ({type(error).__name__}: {error}); using the library's", stacklevel=2)
+            _triton_state["function"] = None
+    return _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
 
 
 class FormedWeightConv(torch.autograd.Function):
@@ -107,24 +216,31 @@ class FormedWeightConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mixing = ctx.saved_tensors
         stride, padding, dilation, has_bias = ctx.geometry
-        taps = mixing.shape[0]
+        taps = mixing.shape[-1]
         formed = _mixed_weight(weight, mixing.to(weight.dtype))
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad, x, formed, None, stride, padding, dilation, False, (0, 0), 1,
             [ctx.needs_input_grad[0], True, False],
         )
-        # W'_r = W_r·(I + M), so dL/dM = W_rᵀ·dL/dW'_r
-        grad_mixing = weight.reshape(-1, taps).T @ grad_weight.reshape(-1, taps)
+        # W'_r = W_r·(I + M), so dL/dM = W_rᵀ·dL/dW'_r (per input channel for one M per channel)
+        if mixing.dim() == 2:
+            grad_mixing = weight.reshape(-1, taps).T @ grad_weight.reshape(-1, taps)
+        else:
+            out_channels, channels = weight.shape[:2]
+            rows = weight.reshape(out_channels, channels, taps).transpose(0, 1)
+            grad_mixing = torch.bmm(rows.transpose(1, 2), grad_weight.reshape(out_channels, channels, taps).transpose(0, 1))
         return grad_x, None, grad_mixing.to(mixing.dtype), None, None, None, None
 
 
 def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """conv(x) with `conv.weight` replaced by W_r·(I + mixing), exactly, by the fastest route.
 
-    `mode`: "auto" (by input positions and device), "tap", "weight", or "autograd" (plain autograd
-    on the formed weight: the reference the others are tested against). When no gradient is
-    needed, the formed weight is used directly. Under autocast the fast kernels run in the
-    autocast dtype, as the library convolution would; the mixing matrix and its gradient stay fp32.
+    `mixing`: (k², k²), or (c_in, k², k²) for one per input channel. `mode`: "auto" (by input
+    positions and device), "tap" (the device's tap-side backward), "tap-unfold", "tap-depthwise",
+    "tap-triton" (one tap-side backward), "weight", or "autograd" (plain autograd on the formed weight:
+    the reference the others are tested against). When no gradient is needed, the formed weight is
+    used directly. Under autocast the fast kernels run in the autocast dtype, as the library
+    convolution would; the mixing matrix and its gradient stay fp32.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and mode != "autograd":
@@ -132,6 +248,25 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
         with torch.autocast(device_type, enabled=False):
             return _fast_or_plain(x.to(dtype), conv, mixing, mode, dtype)
     return _fast_or_plain(x, conv, mixing, mode, None)
+
+
+def route(x: torch.Tensor, mode: str = "auto") -> tuple[str, str | None]:
+    """(side, tap-side backward) that `mode` takes for input x: ("tap", "unfold"), ("weight", None), ..."""
+    device_type = x.device.type
+    if mode.startswith("tap-"):
+        return "tap", mode[4:]
+    if mode == "weight":
+        return "weight", None
+    backward = TAP_BACKWARD.get(device_type, "depthwise")
+    if backward == "triton" and (device_type != "cuda" or triton_tap_backward() is None):
+        if mode == "auto":
+            return "weight", None  # CUDA without Triton: cuDNN's weight gradient beats the library tap side
+        backward = "depthwise"
+    if mode == "tap":
+        return "tap", backward
+    limit = TAP_SIDE_MAX_POSITIONS.get(device_type, 0)  # elsewhere (mps, xpu): the library's own route
+    positions = x.shape[0] * x.shape[2] * x.shape[3]
+    return ("tap", backward) if limit is None or positions <= limit else ("weight", None)
 
 
 def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str, dtype) -> torch.Tensor:
@@ -151,8 +286,7 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode:
     )
     if plain:
         return conv._conv_forward(x, _mixed_weight(conv.weight, mixing.to(conv.weight.dtype)).to(x.dtype), conv.bias)
-    if mode == "auto":
-        limit = TAP_SIDE_MAX_POSITIONS.get(x.device.type, 0)  # elsewhere (mps, xpu): the library's own route
-        mode = "tap" if x.shape[0] * x.shape[2] * x.shape[3] <= limit else "weight"
-    function = TapMixedConv if mode == "tap" else FormedWeightConv
-    return function.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
+    side, backward = route(x, mode)
+    if side == "tap":
+        return TapMixedConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation, backward)
+    return FormedWeightConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)

@@ -1,0 +1,188 @@
+"""A Triton kernel for the tap side's backward: grad_x and dL/dM from H = Wᵀ·G, reading x in place.
+
+For y = conv(x, W_r·(I + M)) (taps s, t of a kh×kw kernel; M one k²×k² matrix, or one per input channel
+as in the D1 variant), with G = dL/dy and H[b, c, s, p] = Σ_o W[o, c, s]·G[b, o, p] (one GEMM with the
+frozen weight, the work the frozen convolution's input gradient does anyway):
+
+    grad_x[b, c, q] = Σ_t Σ_s (I + M)[s, t]·H[b, c, s, p_t(q)]
+    dL/dM[s, t]     = Σ_{b, c, q} x[b, c, q]·H[b, c, s, p_t(q)]
+
+where p_t(q) is the output position that input position q feeds through tap t (none where the stride
+skips q or q is past the map's edge). One program takes a tile of channels × input positions, gathers the
+k² values of H that each input position feeds, accumulates grad_x in fp32 and writes it once, and reduces
+x·H over its positions to one partial sum of each entry of dL/dM per channel. The partial sums are added up
+by torch in a fixed order, so the result is deterministic: no atomics. Nothing 9× the input is read but H itself: no
+unfolded input, no mixed copy of H, no depthwise weight gradient.
+
+H is formed per block of channels (`TAP_H_CHUNK_BYTES`), so it never holds more than that beyond what the
+frozen convolution's backward holds.
+
+Under `TRITON_INTERPRET=1` (set before this module is imported) the kernel runs on CPU tensors, float64
+included: that is how the tests check it without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# At most this many bytes of H = Wᵀ·G exist at once: the channels are taken in blocks that fit.
+TAP_H_CHUNK_BYTES = 32 << 20
+# (channels, input positions, warps, unrolled) of one program, or None for `tile`'s choice; the
+# per-layer benchmark times others with --triton-tiles.
+TAP_TILE: tuple[int, int, int, bool] | None = None
+
+
+@triton.jit
+def _tap_pair(h_rows, mix_ptr, part_rows, x, acc, p, gather_ok, c, c_ok, s, t, positions,
+              taps: tl.constexpr, NEED_X: tl.constexpr, NEED_M: tl.constexpr, PER_CHANNEL: tl.constexpr,
+              acc_dtype: tl.constexpr):
+    """Taps s (of H) and t (of x): grad_x += (I + M)[s, t]·H_s(p_t(q)); partial dL/dM[s, t] = Σ_q x·H_s(p_t(q))."""
+    h = tl.load(h_rows + s * positions + p[None, :], mask=gather_ok, other=0.0).to(acc_dtype)
+    if NEED_X:
+        if PER_CHANNEL:
+            weight = tl.load(mix_ptr + c * (taps * taps) + (s * taps + t), mask=c_ok, other=0.0)
+            acc += weight.to(acc_dtype)[:, None] * h
+        else:
+            acc += tl.load(mix_ptr + (s * taps + t)).to(acc_dtype) * h
+    if NEED_M:
+        tl.store(part_rows + (s * taps + t), tl.sum(x * h, axis=1), mask=c_ok)
+    return acc
+
+
+@triton.jit
+def _tap_backward_kernel(
+    h_ptr, x_ptr, mix_ptr, gx_ptr, part_ptr,
+    channels, height, width, out_height, out_width,
+    x_batch_stride, x_channel_stride, gx_batch_stride, gx_channel_stride,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_M: tl.constexpr, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    c_block = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_q_blocks = tl.num_programs(0)
+    taps: tl.constexpr = KH * KW
+    acc_dtype: tl.constexpr = tl.float64 if FP64 else tl.float32
+
+    c = (c_block * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    q = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    c_ok = c < channels
+    q_ok = q < height * width
+    qh = q // width
+    qw = q % width
+    tile_ok = c_ok[:, None] & q_ok[None, :]
+    x = tl.zeros([BLOCK_C, BLOCK_Q], dtype=acc_dtype)
+    if NEED_M:
+        x = tl.load(x_ptr + b * x_batch_stride + c[:, None] * x_channel_stride + q[None, :], mask=tile_ok, other=0.0)
+        x = x.to(acc_dtype)
+    acc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=acc_dtype)
+    positions = out_height * out_width
+    h_rows = h_ptr + (b * channels + c[:, None]) * (taps * positions)
+    # partial sums of dL/dM: one row of taps² per (batch, block of positions, channel)
+    part_rows = part_ptr + ((b * n_q_blocks + q_block) * channels + c) * (taps * taps)
+    for t in range(taps):  # a loop, not unrolled: 81 gathers in flight would spill registers
+        # the output position p_t(q) that input position q feeds through tap t, where there is one
+        nh = qh + pad_h - (t // KW) * dil_h
+        nw = qw + pad_w - (t % KW) * dil_w
+        ph = tl.where(nh >= 0, nh, 0) // stride_h
+        pw = tl.where(nw >= 0, nw, 0) // stride_w
+        fed = q_ok & (nh >= 0) & (nw >= 0) & (ph * stride_h == nh) & (pw * stride_w == nw)
+        fed = fed & (ph < out_height) & (pw < out_width)
+        p = tl.where(fed, ph * out_width + pw, 0)
+        gather_ok = c_ok[:, None] & fed[None, :]
+        if UNROLL:  # the k² gathers of one tap in flight together (more registers)
+            for s in tl.static_range(taps):
+                acc = _tap_pair(h_rows, mix_ptr, part_rows, x, acc, p, gather_ok, c, c_ok, s, t, positions,
+                                taps, NEED_X, NEED_M, PER_CHANNEL, acc_dtype)
+        else:
+            for s in range(taps):
+                acc = _tap_pair(h_rows, mix_ptr, part_rows, x, acc, p, gather_ok, c, c_ok, s, t, positions,
+                                taps, NEED_X, NEED_M, PER_CHANNEL, acc_dtype)
+    if NEED_X:
+        out = gx_ptr + b * gx_batch_stride + c[:, None] * gx_channel_stride + q[None, :]
+        tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def tile(channels: int, positions: int) -> tuple[int, int, int, bool]:
+    """(channels, input positions, warps, unrolled) of one program: `TAP_TILE`, or by default 16
+    channels × 32 positions on 4 warps, one warp per 4 channels, so that each row's sum stays in its
+    warp, with the k² gathers of a tap unrolled (no register spills on sm_90)."""
+    if TAP_TILE is not None:
+        return TAP_TILE
+    block_q = min(32, triton.next_power_of_2(max(positions, 1)))
+    block_c = min(16, triton.next_power_of_2(max(channels, 1)))
+    return block_c, block_q, 4, True
+
+
+def tap_backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mix: torch.Tensor,
+    grad: torch.Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    need_x: bool = True,
+    need_mixing: bool = True,
+    chunk_bytes: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """grad_x and dL/dM of y = conv(x, W_r·mix) given G = dL/dy (`mix` = I + M: (k², k²), or
+    (c_in, k², k²) for one per input channel). dL/dM comes back in fp32 (float64 for float64 inputs),
+    shaped like `mix`."""
+    batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    taps = kh * kw
+    out_height, out_width = grad.shape[-2:]
+    positions = out_height * out_width
+    per_channel = mix.dim() == 3
+    fp64 = x.dtype == torch.float64
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    x = x.contiguous()
+    grad = grad.contiguous().view(batch, out_channels, positions)
+    mix = mix.to(acc_dtype).contiguous()
+    rows = weight.reshape(out_channels, channels * taps)
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_mix = None
+    chunk_bytes = TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    per_channel_bytes = batch * taps * positions * x.element_size()
+    chunk = max(1, min(channels, chunk_bytes // max(per_channel_bytes, 1)))
+    block_c, block_q, warps, unroll = tile(min(chunk, channels), height * width)
+    n_q = triton.cdiv(height * width, block_q)
+    sums = []
+    for start in range(0, channels, chunk):
+        stop = min(channels, start + chunk)
+        count = stop - start
+        # H for this block of channels: (batch, count·k², positions), the input gradient's GEMM
+        h = torch.matmul(rows[:, start * taps : stop * taps].T, grad)
+        n_c = triton.cdiv(count, block_c)
+        if need_mixing:
+            part = torch.empty(batch * n_q, count, taps * taps, dtype=acc_dtype, device=x.device)
+        else:
+            part = h  # never written
+        x_chunk = x[:, start:stop]
+        gx_chunk = grad_x[:, start:stop] if need_x else x_chunk
+        _tap_backward_kernel[(n_q, n_c, batch)](
+            h, x_chunk, mix[start:stop] if per_channel else mix, gx_chunk, part,
+            count, height, width, out_height, out_width,
+            x.stride(0), x.stride(1), gx_chunk.stride(0), gx_chunk.stride(1),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            KH=kh, KW=kw, BLOCK_C=block_c, BLOCK_Q=block_q,
+            NEED_X=need_x, NEED_M=need_mixing, PER_CHANNEL=per_channel, FP64=fp64, UNROLL=unroll,
+            num_warps=warps,
+        )
+        del h
+        if need_mixing:
+            sums.append(part.sum(0) if per_channel else part.sum((0, 1)))
+    if need_mixing:
+        if per_channel:
+            grad_mix = torch.cat(sums).view(channels, taps, taps)
+        else:
+            grad_mix = sums[0]
+            for partial in sums[1:]:  # in order: the same sum every time
+                grad_mix = grad_mix + partial
+            grad_mix = grad_mix.view(taps, taps)
+    return grad_x, grad_mix

@@ -1,0 +1,146 @@
+"""The Triton tap-side kernel equals autograd on the formed weight W + W_r·M.
+
+Run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before the kernel's module is
+imported), so these tests need Triton installed but no GPU; they are skipped where Triton is missing.
+Shapes are small: the interpreter runs every program of the grid in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+pytest.importorskip("triton")
+
+from sdtune.methods import atom_kernels  # noqa: E402
+from sdtune.methods.atom_kernels import TapMixedConv, tap_mixed_conv2d  # noqa: E402
+from sdtune.methods.atom_triton import tap_backward  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="the Triton kernel needs a GPU or TRITON_INTERPRET=1",
+)
+
+
+def formed_weight(weight, mixing):
+    taps = mixing.shape[-1]
+    rows = weight.reshape(weight.shape[0], weight.shape[1], taps)
+    delta = rows @ mixing if mixing.dim() == 2 else torch.einsum("ocs,cst->oct", rows, mixing)
+    return weight + delta.reshape(weight.shape)
+
+
+def reference(x, weight, mixing, grad, stride, padding, dilation):
+    """grad_x and dL/dM by autograd on conv2d(x, W + W_r·M)."""
+    x = x.detach().requires_grad_()
+    mixing = mixing.detach().requires_grad_()
+    out = torch.nn.functional.conv2d(x, formed_weight(weight, mixing), None, stride, padding, dilation)
+    return torch.autograd.grad(out, (x, mixing), grad)
+
+
+GEOMETRIES = {
+    # name: (batch, c_in, c_out, height, width, kernel, stride, padding, dilation)
+    "3x3": (2, 5, 6, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),
+    "stride 2": (2, 5, 6, 7, 8, (3, 3), (2, 2), (1, 1), (1, 1)),
+    "3x2 strided dilated": (1, 3, 4, 7, 5, (3, 2), (2, 1), (2, 0), (2, 1)),
+    "1x1": (2, 5, 6, 6, 6, (1, 1), (1, 1), (0, 0), (1, 1)),
+    "37 channels": (1, 37, 4, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1)),  # not a multiple of the tile
+    "no padding": (1, 4, 3, 6, 6, (3, 3), (1, 1), (0, 0), (1, 1)),
+}
+
+
+# one M for all channels on every geometry; one per input channel (the D1 variant's) on two
+CASES = [(name, False) for name in GEOMETRIES] + [("stride 2", True), ("3x2 strided dilated", True)]
+
+
+@pytest.mark.parametrize("name,per_channel", CASES)
+def test_kernel_equals_autograd_in_float64(name, per_channel):
+    batch, c_in, c_out, height, width, kernel, stride, padding, dilation = GEOMETRIES[name]
+    generator = torch.Generator().manual_seed(7)
+    taps = kernel[0] * kernel[1]
+    x = torch.randn(batch, c_in, height, width, generator=generator, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, *kernel, generator=generator, dtype=torch.float64)
+    mixing = 0.3 * torch.randn(*((c_in,) if per_channel else ()), taps, taps, generator=generator, dtype=torch.float64)
+    out_shape = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation).shape
+    grad = torch.randn(out_shape, generator=generator, dtype=torch.float64)
+    expected_x, expected_mixing = reference(x, weight, mixing, grad, stride, padding, dilation)
+    eye = torch.eye(taps, dtype=torch.float64)
+    grad_x, grad_mixing = tap_backward(x, weight, eye + mixing, grad, stride, padding, dilation)
+    torch.testing.assert_close(grad_x, expected_x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_mixing, expected_mixing, rtol=0, atol=1e-11)
+    # H taken in blocks of channels (as for a large layer: here three) gives the same numbers
+    chunk_bytes = grad[:, :1].numel() * taps * x.element_size() * -(-c_in // 3)
+    grad_x, grad_mixing = tap_backward(x, weight, eye + mixing, grad, stride, padding, dilation, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(grad_x, expected_x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_mixing, expected_mixing, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("tile", [(8, 16, 1, False), (4, 64, 2, True)])
+def test_other_tiles_give_the_same_numbers(monkeypatch, tile):
+    from sdtune.methods import atom_triton
+
+    monkeypatch.setattr(atom_triton, "TAP_TILE", tile)
+    test_kernel_equals_autograd_in_float64("stride 2", False)
+
+
+def test_gradcheck_through_the_autograd_function():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double().requires_grad_(False)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    mixing = (0.3 * torch.randn(9, 9, dtype=torch.float64)).requires_grad_()
+
+    def fast(x, mixing):
+        return TapMixedConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation, "triton")
+
+    assert torch.autograd.gradcheck(fast, (x, mixing), fast_mode=True)
+
+
+def test_float32_close_to_float64_and_bitwise_repeatable():
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 12, 8, 8, generator=generator, dtype=torch.float64)
+    weight = torch.randn(10, 12, 3, 3, generator=generator, dtype=torch.float64)
+    mix = torch.eye(9, dtype=torch.float64) + 0.3 * torch.randn(9, 9, generator=generator, dtype=torch.float64)
+    grad = torch.randn(2, 10, 8, 8, generator=generator, dtype=torch.float64)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    expected_x, expected_mixing = tap_backward(x, weight, mix, grad, *geometry)
+    first = tap_backward(x.float(), weight.float(), mix.float(), grad.float(), *geometry)
+    second = tap_backward(x.float(), weight.float(), mix.float(), grad.float(), *geometry)
+    assert first[0].dtype == torch.float32 and first[1].dtype == torch.float32
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # no atomics: the same sums in the same order every time
+    torch.testing.assert_close(first[0].double(), expected_x, rtol=1e-5, atol=1e-5 * expected_x.abs().max().item())
+    torch.testing.assert_close(first[1].double(), expected_mixing, rtol=1e-5, atol=1e-5 * expected_mixing.abs().max().item())
+
+
+def test_only_the_gradients_asked_for():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 5, 5, generator=generator, dtype=torch.float64)
+    weight = torch.randn(3, 4, 3, 3, generator=generator, dtype=torch.float64)
+    mix = torch.eye(9, dtype=torch.float64)
+    grad = torch.randn(1, 3, 5, 5, generator=generator, dtype=torch.float64)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    full_x, full_mixing = tap_backward(x, weight, mix, grad, *geometry)
+    only_x = tap_backward(x, weight, mix, grad, *geometry, need_mixing=False)
+    only_mixing = tap_backward(x, weight, mix, grad, *geometry, need_x=False)
+    assert only_x[1] is None and only_mixing[0] is None
+    assert torch.equal(only_x[0], full_x) and torch.equal(only_mixing[1], full_mixing)
+
+
+def test_the_triton_mode_of_the_layer_function():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(6, 5, 3, padding=1).double().requires_grad_(False)
+    x = torch.randn(2, 6, 6, 6, dtype=torch.float64, requires_grad=True)
+    mixing = (0.2 * torch.randn(9, 9, dtype=torch.float64)).requires_grad_()
+    assert atom_kernels.route(x, "tap-triton") == ("tap", "triton")
+    out = tap_mixed_conv2d(x, conv, mixing, mode="tap-triton")
+    grads = torch.autograd.grad(out.square().sum(), (x, mixing))
+    expected = torch.nn.functional.conv2d(x, formed_weight(conv.weight, mixing), conv.bias, 1, 1)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, mixing))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert atom_kernels.triton_tap_backward() is not None  # it ran: no fallback to the library
