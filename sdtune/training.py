@@ -32,14 +32,9 @@ from typing import Any, Iterator, NoReturn
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
-<<<<<<< HEAD
 from .fileio import OutputLock, ensure_writable_folder, remove_directory, write_text_atomic
 from .limits import check_run_fits
-from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog
-=======
-from .fileio import OutputLock, ensure_writable_folder, write_text_atomic
-from .tracking import MetricsLog, log_scalars
->>>>>>> loop14
+from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, log_scalars
 
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
@@ -205,12 +200,9 @@ class Trainer:
         self.validation_losses: dict[int, float] = {}
         self.metrics: MetricsLog | None = None
         self.bar = None
-<<<<<<< HEAD
         self.pending: StepResult | None = None  # a step queued on the device whose values the host has not read
         self.last_read = 0.0  # time.perf_counter() when the host last read a step's values
-=======
         self.replaces: list[str] = []  # an earlier run's files that --overwrite replaces
->>>>>>> disk21
 
         self.checkpoint = self._find_checkpoint(resume, overwrite)
         self.resume_from = self.checkpoint.folder if self.checkpoint is not None else None
