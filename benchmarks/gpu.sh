@@ -83,7 +83,7 @@ loop() {
         || echo "loop.py $* ended with $?" >>"$out/loop.log"
 }
 
-tiles=8x256x4,32x32x4,8x64x2  # other Triton tiles for the per-layer tables (the default: 16x32x4u)
+tiles=16x32x4u,8x256x4,32x32x4,8x64x2  # other Triton tiles for the per-layer tables (default: 4x128x4u)
 kernel_rows="floor,atoms,atoms[tap-triton],atoms[tap-depthwise],atoms[weight],lora"
 
 group_kernel() {
