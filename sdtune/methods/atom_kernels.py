@@ -28,8 +28,8 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
 
 `tap_mixed_conv2d` picks per call by the device, the weight's size and the number of input positions
 (`PLAIN_MAX_WEIGHTS`, `TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with
-`benchmarks/atom_kernels.py` and `benchmarks/speed.py`. All are exact: tests compare them with `conv2d(x, W + W_r·M)` by gradcheck in
-float64 (the Triton kernel through Triton's CPU interpreter).
+`benchmarks/atom_kernels.py` and `benchmarks/speed.py`. All are exact: tests compare them with
+`conv2d(x, W + W_r·M)` by gradcheck in float64 (the Triton kernel through Triton's CPU interpreter).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from torch import nn
 # 8x8 to 32x32 maps of SD v1.4 the tap side costs 0.5-1.6x the frozen convolution and the weight side
 # 1.7-5.6x; on 64x64 maps they are within this machine's noise, and the weight side wins on the 320->4
 # output convolution and the stride-2 one. With this limit an SD v1.4 step at 32x32 latents took 0.85x
-# the frozen floor (0.78x LoRA's), against 1.00x (0.90x) with the unfold/fold tap side it replaced.
+# the frozen floor (0.78x LoRA's) with the depthwise backward, and 0.93x against its 0.88x with the unfold
+# backward (ten rounds in turns: 3.28 and 3.25 s a step, within this machine's noise).
 # On CUDA the limit holds for the Triton tap side (None: every size); without Triton, CUDA takes the
 # weight side everywhere: on an H200 (SD v1.4, 64x64 latents, batch 1, bf16) it took 0.124 s a step
 # and the library tap side up to 1,024 positions 0.142 s, since cuDNN's weight gradient is cheap there.
@@ -54,7 +55,8 @@ TAP_BACKWARD = {"cpu": "unfold", "cuda": "triton"}
 # Convolutions with at most this many weights take plain autograd on the formed weight: the weight
 # gradient of so small a weight costs less than the fast routes' extra calls (CPU, one thread: 64->64
 # channels on 8x8 maps 514 us a forward and backward against 599 for the tap side; 128->128, 1,592
-# against 1,251). The tiny model's convolutions are all this small; SD v1.4's only conv_in and conv_out.
+# against 1,251). All the tiny model's convolutions but its eight 128->64 ones are this small; of SD
+# v1.4's, only conv_in and conv_out.
 PLAIN_MAX_WEIGHTS = {"cpu": 1 << 16}
 TAP_BACKWARDS = ("unfold", "depthwise", "triton")
 MODES = ("auto", "tap", "weight", "autograd") + tuple(f"tap-{name}" for name in TAP_BACKWARDS)
