@@ -10,9 +10,9 @@ frozen weight, the work the frozen convolution's input gradient does anyway):
 where p_t(q) is the output position that input position q feeds through tap t (none where the stride
 skips q or q is past the map's edge). One program takes a tile of channels × input positions, gathers the
 k² values of H that each input position feeds, accumulates grad_x in fp32 and writes it once, and reduces
-x·H over its positions to one partial sum of each entry of dL/dM per channel. The partial sums are added up
-by torch in a fixed order, so the result is deterministic: no atomics. Nothing 9× the input is read but H itself: no
-unfolded input, no mixed copy of H, no depthwise weight gradient.
+x·H over its positions to one partial sum of each entry of dL/dM per channel. The partial sums are added
+up by torch in a fixed order, so the result is deterministic: no atomics. Nothing 9× the input is read but
+H itself: no unfolded input, no mixed copy of H, no depthwise weight gradient.
 
 H is formed per block of channels (`TAP_H_CHUNK_BYTES`), so it never holds more than that beyond what the
 frozen convolution's backward holds.
