@@ -25,8 +25,9 @@ process and the peak is torch.cuda.max_memory_allocated, reset before each row. 
 - others: the method with its defaults
 
 `--load N` starts N busy processes (a pure-Python spin loop each, or with `--load-kind torch` torch's
-elementwise kernels on two threads) for the whole measurement and stops them after it: a training step on a machine whose cores other work keeps busy, where every
-parallel region of a multi-threaded kernel waits for its threads to be scheduled. With `--interleave`,
+elementwise kernels on two threads) for the whole measurement and stops them after it: a training step
+on a machine whose cores other work keeps busy, where every parallel region of a multi-threaded kernel
+waits for its threads to be scheduled. With `--interleave`,
 each round runs every row once with the busy processes stopped (SIGSTOP) and once with them running,
 and the table adds each row's slow-down (median per-round loaded/unloaded ratio) and that slow-down
 over LoRA's: the rows' own noise and the machine's drift fall on both halves of a round alike.
@@ -250,8 +251,10 @@ def measure_interleaved(rows: list[str], args, busy: "BusyProcesses | None" = No
         first = round_ % len(rows)
         spent = {}
         for phase in phases if round_ % 2 == 0 else phases[::-1]:
-            if busy and busy.count:
-                busy.pause() if phase == "unloaded" else busy.resume()
+            if busy and busy.count and phase == "unloaded":
+                busy.pause()
+            elif busy and busy.count:
+                busy.resume()
             for row in rows[first:] + rows[:first]:
                 spent[phase, row] = setups[row][0]()
                 if round_ >= args.warmup:
