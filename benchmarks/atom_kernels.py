@@ -4,6 +4,7 @@
     python benchmarks/atom_kernels.py --device cuda --dtype bf16 --latent 64 --batch 4
     python benchmarks/atom_kernels.py --device cuda --dtype bf16 --check      # the Triton kernel's bf16 error
     python benchmarks/atom_kernels.py --include-1x1 --per-channel            # 1x1 layers; the D1 variant's mixing
+    python benchmarks/atom_kernels.py --device cuda --dtype bf16 --triton-tiles 8x256x4,32x32x4u   # other tiles
 
 Runs SD v1.4's UNet (random weights) once to record the input shape of each 3x3 convolution (and 1x1 with
 `--include-1x1`), then times forward + backward of every distinct (channels in, channels out, stride, size)
@@ -79,13 +80,22 @@ def time_call(function, device: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def routes_here(device: str) -> list[str]:
+def routes_here(device: str, tiles: str = "") -> list[str]:
+    """The routes to time: "tap-triton@16x32x4u" is the Triton kernel with one tile (channels x positions
+    x warps, u: the taps' gathers unrolled)."""
     from sdtune.methods.atom_kernels import triton_tap_backward
 
     routes = ["tap-unfold", "tap-depthwise"]
     if device == "cuda" and triton_tap_backward() is not None:
         routes.append("tap-triton")
+        routes += [f"tap-triton@{spec}" for spec in filter(None, tiles.split(","))]
     return routes + ["weight", "autograd"]
+
+
+def parse_tile(spec: str) -> tuple[int, int, int, bool]:
+    unroll = spec.endswith("u")
+    channels, positions, warps = (int(n) for n in spec.rstrip("u").split("x"))
+    return channels, positions, warps, unroll
 
 
 def make_layer(c_in, c_out, k, stride, device, dtype, per_channel, generator):
@@ -105,7 +115,7 @@ def table(args) -> None:
     from sdtune.methods.atom_kernels import TAP_BACKWARD, TAP_SIDE_MAX_POSITIONS, tap_mixed_conv2d
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    routes = routes_here(args.device)
+    routes = routes_here(args.device, args.triton_tiles)
     device_backward = TAP_BACKWARD.get(args.device, "depthwise")
     if f"tap-{device_backward}" not in routes:
         device_backward = "depthwise"
@@ -133,10 +143,20 @@ def table(args) -> None:
             conv(x).sum().backward()
 
         def fast(mode):
+            mode, _, spec = mode.partition("@")
+
             def call():
-                with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
-                    out = tap_mixed_conv2d(x, conv, mixing, mode)
-                out.sum().backward()
+                if spec:
+                    from sdtune.methods import atom_triton
+
+                    atom_triton.TAP_TILE = parse_tile(spec)
+                try:
+                    with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
+                        out = tap_mixed_conv2d(x, conv, mixing, mode)
+                    out.sum().backward()
+                finally:
+                    if spec:
+                        atom_triton.TAP_TILE = None
 
             return call
 
@@ -193,7 +213,7 @@ def print_rule(totals, routes, backward: str, current) -> None:
         f"the current rule ({tap} {name(current)}): {summed(current):.1f} ms ({summed(current) / frozen:.2f}×)"
     )
     for route in routes:
-        every = sum(count * ms[route] for _, count, _, ms in totals)
+        every = sum(count * ms[route] for _, count, _, ms in totals)  # a tile's column: that tile everywhere
         print(f"  {route} on every layer: {every:.1f} ms ({every / frozen:.2f}×)")
 
 
@@ -258,6 +278,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--include-1x1", action="store_true", help="also the 1x1 convolutions (atoms' include_1x1)")
     parser.add_argument("--per-channel", action="store_true", help="one mixing matrix per input channel (the D1 variant)")
+    parser.add_argument(
+        "--triton-tiles", default="", metavar="SPECS",
+        help="also time the Triton kernel with these tiles, e.g. 8x256x4,32x32x4u (channels x positions x warps, u: unrolled)",
+    )
     parser.add_argument("--check", action="store_true", help="the tap side's error against autograd instead of times")
     parser.add_argument("--tolerance", type=float, default=2e-2, help="--check: largest relative error allowed")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune each convolution first")

@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
 # The GPU tables of benchmarks/RESULTS.md: SD v1.4 architecture, 512 px (64x64 latents), within one
 # wall-clock budget. Configurations run most important first, each limited to what is left of the
-# budget, and each appends its tables to OUT_DIR/loop.md or OUT_DIR/speed.md as soon as it is done, so a
-# run cut short keeps everything it finished; OUT_DIR/speed.log and loop.log say how long every row took.
-#   bash benchmarks/gpu.sh OUT_DIR [TOTAL_SECONDS]          (default 420)
+# budget, and each appends its tables to OUT_DIR/loop.md, speed.md or kernels.md as soon as it is done, so
+# a run cut short keeps everything it finished; OUT_DIR/speed.log and loop.log say how long every row took.
+# Five files at most come back (a device call returns eight).
+#   bash benchmarks/gpu.sh OUT_DIR [TOTAL_SECONDS] [GROUPS]    (default 420 s and loop,kernel,sampling,rest)
+# GROUPS, comma-separated, run in the order given:
+#   kernel   filter atoms' kernels: the Triton tap side's bf16 error against autograd on the formed weight
+#            (kernels.md ends with PASS or FAIL), the training step of every kernel against the floor and
+#            LoRA in bf16 at batch 1 and 4 (speed.md, with peak memory), the per-layer tables with the
+#            measured rule and other Triton tiles, the same in fp16, the variants (1x1, D1, kc), fp16 error
+#   loop     the whole sdtune train step and sdtune sample (loop.py)
+#   sampling merged sampling of every method; rest: fp32 tables
+# For the kernel issue alone: `bash benchmarks/gpu.sh OUT 300 kernel` (about 5 minutes).
 # The GPU machine has torch, Triton and peft but no diffusers: the wheels it lacks travel in the ignored
 # folder .whl (`bash benchmarks/wheels.sh` fills it here; carry .whl with the call), installed into
 # /tmp/site when diffusers cannot be imported. The full-size SD v1.4-architecture pipeline with random
 # weights that loop.py trains and samples is built on the GPU into $SDTUNE_CACHE (default
 # /tmp/sdtune-cache), never into OUT_DIR.
 # DEVICE, ARCH and LATENT override cuda, sd14 and 64: `DEVICE=cpu ARCH=tiny LATENT=8` checks the
-# script itself in a few minutes on a machine without a GPU.
+# script itself in a few minutes on a machine without a GPU (per-layer tables at SD v1.4's layers
+# with LATENT-sized latents; the Triton rows fall back to the library there).
 set -u
 out=${1:?output folder}
 budget=${2:-420}
+groups=${3:-loop,kernel,sampling,rest}
 device=${DEVICE:-cuda}
 arch=${ARCH:-sd14}
 latent=${LATENT:-64}
@@ -29,6 +40,8 @@ if ! python3 -c "import diffusers, tomli_w" 2>/dev/null; then
 fi
 python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" >>"$out/loop.log" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" >>"$out/speed.log" 2>&1
 
 left() { echo $((deadline - SECONDS)); }
 
@@ -45,15 +58,16 @@ speed() {
         || echo "speed.py $* ended with $?" >>"$out/speed.log"
 }
 
-kernels() {  # DTYPE BATCH
+kernels() {  # atom_kernels.py arguments: one per-layer table (or --check) appended to kernels.md
     local limit
     limit=$(left)
     if [ "$limit" -lt 20 ]; then
-        echo "skipped (budget spent): atom_kernels.py $1 batch $2" >>"$out/speed.log"
+        echo "skipped (budget spent): atom_kernels.py $*" >>"$out/speed.log"
         return
     fi
-    timeout "$limit" python3 "$here/atom_kernels.py" --device "$device" --latent "$latent" --dtype "$1" --batch "$2" \
-        >"$out/kernels-$1-batch$2.md" 2>&1 || echo "atom_kernels.py $1 batch $2 ended with $?" >>"$out/speed.log"
+    echo "== atom_kernels.py $* (${limit} s left)" | tee -a "$out/kernels.md" >>"$out/speed.log"
+    timeout "$limit" python3 "$here/atom_kernels.py" --device "$device" --latent "$latent" "$@" \
+        >>"$out/kernels.md" 2>>"$out/speed.log" || echo "atom_kernels.py $* ended with $?" | tee -a "$out/kernels.md" >>"$out/speed.log"
 }
 
 loop() {
@@ -69,24 +83,53 @@ loop() {
         || echo "loop.py $* ended with $?" >>"$out/loop.log"
 }
 
-# 1. the whole sdtune train step against the bare UNet step and the floor (bf16, batch 1 and 4, atoms and
-#    LoRA), then sdtune sample against plain diffusers in fp16 (start-up and time per image)
-loop --mixed-precision bf16 --steps 30 --warmup 10
-loop --sampling-only --sample-dtype fp16 --sample-rounds 2
-# 2. bf16 sampling, and the opt-in --compile (its first step compiles for a minute or more)
-loop --sampling-only --sample-dtype bf16 --sample-rounds 1
-loop --mixed-precision bf16 --methods atoms --batches 1,4 --compile --steps 30 --warmup 10
-# 3. the bare steps of every formulation: bf16 at batch 1 and 4, atoms against LoRA and the floor
-speed --dtype bf16 --batch 1 --rows "floor,atoms,atoms[tap],atoms[weight],lora"
-speed --dtype bf16 --batch 4 --rows "floor,atoms,atoms[tap],atoms[weight],lora"
-# 4. merged sampling costs what the base costs, every method (fp16, as sampling runs on a GPU)
-speed --dtype fp16 --batch 1 --sampling-only --rows "atoms,lora,loha,lokr,difffit,bitfit,gift,full"
-# 5. fp32, with the reference formulation and full fine-tuning
-speed --dtype fp32 --batch 1 --rows "floor,atoms,atoms[weight],atoms-reference,lora,full"
-# 6. which kernel wins per layer
-kernels bf16 1
-kernels bf16 4
-# 7. the rest
-speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[tap],atoms[weight],lora"
-speed --dtype fp32 --batch 4 --rows "floor,atoms,atoms[tap],atoms[weight],lora"
+tiles=16x32x4u,8x256x4,32x32x4,8x64x2  # other Triton tiles for the per-layer tables (default: 4x128x4u)
+kernel_rows="floor,atoms,atoms[tap-triton],atoms[tap-depthwise],atoms[weight],lora"
+
+group_kernel() {
+    # 1. is the Triton kernel right in bf16? (every distinct layer; a strided odd one)
+    kernels --check --dtype bf16 --batch 2
+    # 2. the training step of every kernel against the floor and LoRA, with peak memory: bf16, batch 1 and 4
+    speed --dtype bf16 --batch 1 --rows "$kernel_rows"
+    speed --dtype bf16 --batch 4 --rows "$kernel_rows"
+    # 3. why: per layer, every route and tile, and the rule that the table measures
+    kernels --dtype bf16 --batch 1 --triton-tiles "$tiles"
+    kernels --dtype bf16 --batch 4 --triton-tiles "$tiles"
+    # 4. fp16
+    speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
+    speed --dtype fp16 --batch 4 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
+    # 5. the variants: 1x1 convolutions through the same kernels, D1 and kc on their plain route, and what
+    #    D1's per-channel mixing would cost through the kernels
+    speed --dtype bf16 --batch 1 --rows "floor,atoms{include_1x1=true},atoms{include_1x1=true}[weight],atoms{m1=4},atoms{kc=2},lora"
+    kernels --dtype bf16 --batch 1 --per-channel
+    kernels --check --dtype fp16 --batch 2
+}
+
+group_loop() {
+    # the whole sdtune train step against the bare UNet step and the floor (bf16, batch 1 and 4, atoms and
+    # LoRA), then sdtune sample against plain diffusers in fp16 (start-up and time per image); the opt-in
+    # bf16 sampling, and the opt-in --compile (its first step compiles for a minute or more)
+    loop --mixed-precision bf16 --steps 30 --warmup 10
+    loop --sampling-only --sample-dtype fp16 --sample-rounds 2
+    loop --sampling-only --sample-dtype bf16 --sample-rounds 1
+    loop --mixed-precision bf16 --methods atoms,lora --batches 1,4 --compile --steps 30 --warmup 10
+}
+
+group_sampling() {
+    # merged sampling costs what the base costs, every method (fp16, as sampling runs on a GPU)
+    speed --dtype fp16 --batch 1 --sampling-only --rows "atoms,lora,loha,lokr,difffit,bitfit,gift,full"
+}
+
+group_rest() {
+    # fp32, with the reference formulation and full fine-tuning
+    speed --dtype fp32 --batch 1 --rows "floor,atoms,atoms[weight],atoms-reference,lora,full"
+    speed --dtype fp32 --batch 4 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
+}
+
+for group in ${groups//,/ }; do
+    case $group in
+        kernel | loop | sampling | rest) "group_$group" ;;
+        *) echo "unknown group $group (kernel, loop, sampling, rest)" >>"$out/speed.log" ;;
+    esac
+done
 remaining=$(left); echo "finished with $((remaining > 0 ? remaining : 0)) s of the budget left" | tee -a "$out/loop.log" >>"$out/speed.log"

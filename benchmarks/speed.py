@@ -24,9 +24,10 @@ process and the peak is torch.cuda.max_memory_allocated, reset before each row. 
 - lora / loha / lokr: peft on the same 52 3x3 convolutions, rank 4
 - others: the method with its defaults
 
-`--load N` starts N busy processes (one pure-Python spin loop each) for the whole measurement and
-stops them after it: a training step on a machine whose cores other work keeps busy, where every
-parallel region of a multi-threaded kernel waits for its threads to be scheduled. With `--interleave`,
+`--load N` starts N busy processes (a pure-Python spin loop each, or with `--load-kind torch` torch's
+elementwise kernels on two threads) for the whole measurement and stops them after it: a training step
+on a machine whose cores other work keeps busy, where every parallel region of a multi-threaded kernel
+waits for its threads to be scheduled. With `--interleave`,
 each round runs every row once with the busy processes stopped (SIGSTOP) and once with them running,
 and the table adds each row's slow-down (median per-round loaded/unloaded ratio) and that slow-down
 over LoRA's: the rows' own noise and the machine's drift fall on both halves of a round alike.
@@ -185,16 +186,24 @@ def training_setup(row: str, args):
     return step, sum(p.numel() for p in params)
 
 
+# What a busy process runs (`--load-kind`): a pure-Python spin loop on one core, or torch's elementwise
+# kernels on two threads, one OpenMP parallel region per call, as a test worker or another training run does.
+LOAD_CODE = {
+    "spin": "while True:\n    pass",
+    "torch": "import torch\ntorch.set_num_threads(2)\na = torch.randn(1 << 17)\nwhile True:\n    a.mul_(1.0)",
+}
+
+
 class BusyProcesses:
     """`count` CPU-bound processes for the duration of a `with` block (`speed.py --load`)."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, kind: str = "spin"):
         self.count = count
+        self.kind = kind
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self):
-        code = "while True:\n    pass"
-        self.processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.count)]
+        self.processes = [subprocess.Popen([sys.executable, "-c", LOAD_CODE[self.kind]]) for _ in range(self.count)]
         return self
 
     def pause(self):
@@ -242,8 +251,10 @@ def measure_interleaved(rows: list[str], args, busy: "BusyProcesses | None" = No
         first = round_ % len(rows)
         spent = {}
         for phase in phases if round_ % 2 == 0 else phases[::-1]:
-            if busy and busy.count:
-                busy.pause() if phase == "unloaded" else busy.resume()
+            if busy and busy.count and phase == "unloaded":
+                busy.pause()
+            elif busy and busy.count:
+                busy.resume()
             for row in rows[first:] + rows[:first]:
                 spent[phase, row] = setups[row][0]()
                 if round_ >= args.warmup:
@@ -354,7 +365,7 @@ def run_child(kind: str, row: str, args) -> dict:
         return run_in_process(kind, row, args)
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave", "load")
+        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave", "load", "load_kind")
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -384,6 +395,10 @@ def main() -> None:
         "--load", type=int, default=0, metavar="N",
         help="run beside N busy processes (a loaded machine: each spins on one core); with --interleave, every round also runs each row with them stopped, for its slow-down",
     )
+    parser.add_argument(
+        "--load-kind", choices=sorted(LOAD_CODE), default="spin",
+        help="what each busy process runs: a Python spin loop (spin) or torch kernels on two threads (torch)",
+    )
     parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
     parser.add_argument(
         "--cudnn-benchmark", action="store_true",
@@ -406,14 +421,14 @@ def main() -> None:
         f"{args.arch} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, "
         f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} steps after {args.warmup}" + (", cuDNN autotuned" if args.cudnn_benchmark else "")
-        + (f", beside {args.load} busy processes" if args.load else "")
+        + (f", beside {args.load} busy processes ({args.load_kind})" if args.load else "")
     )
     print(header, flush=True)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
     lines, results, sampled, cut = [], [], [], False
     try:
-        with BusyProcesses(args.load) as busy:
+        with BusyProcesses(args.load, args.load_kind) as busy:
             if args.interleave and not args.sampling_only:
                 results = measure_interleaved(rows, args, busy)
             elif not args.sampling_only:

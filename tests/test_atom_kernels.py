@@ -110,7 +110,7 @@ def test_a_trainable_bias_keeps_its_gradient():
 def test_every_mode_gives_the_same_float32_result(mode):
     torch.manual_seed(1)
     conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
-    x = torch.randn(1, 8, 40, 40, requires_grad=True)  # 1,600 positions: auto takes the weight side
+    x = torch.randn(1, 8, 40, 40, requires_grad=True)  # 576 weights: auto takes plain autograd
     mixing = (0.1 * torch.randn(9, 9)).requires_grad_()
     out = tap_mixed_conv2d(x, conv, mixing, mode=mode)
     out.square().mean().backward()
@@ -130,6 +130,9 @@ def test_the_route_follows_the_device_and_the_map_size(monkeypatch):
     assert route(small) == ("tap", "unfold") and route(large) == ("weight", None)
     assert route(large, "tap") == ("tap", "unfold") and route(small, "tap-depthwise") == ("tap", "depthwise")
     assert route(small, "weight") == ("weight", None)
+    # a weight of at most PLAIN_MAX_WEIGHTS numbers: plain autograd, whatever the map
+    assert route(large, weights=1 << 16) == ("autograd", None) and route(large, weights=(1 << 16) + 1) == ("weight", None)
+    assert route(small, "tap", weights=9) == ("tap", "unfold")
     # a device whose tap side is the Triton kernel takes the weight side when Triton is missing
     monkeypatch.setitem(atom_kernels.TAP_BACKWARD, "cpu", "triton")
     monkeypatch.setitem(atom_kernels._triton_state, "function", None)

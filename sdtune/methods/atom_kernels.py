@@ -26,10 +26,10 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
   kept; backward forms it again and asks the library for grad_x and grad_W in one call. On CPU, fast
   on large maps, where the library's weight gradient costs less than H's memory traffic.
 
-`tap_mixed_conv2d` picks per call by the device and the number of input positions
-(`TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with `benchmarks/atom_kernels.py` and
-`benchmarks/speed.py`. All are exact: tests compare them with `conv2d(x, W + W_r·M)` by gradcheck in
-float64 (the Triton kernel through Triton's CPU interpreter).
+`tap_mixed_conv2d` picks per call by the device, the weight's size and the number of input positions
+(`PLAIN_MAX_WEIGHTS`, `TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with
+`benchmarks/atom_kernels.py` and `benchmarks/speed.py`. All are exact: tests compare them with
+`conv2d(x, W + W_r·M)` by gradcheck in float64 (the Triton kernel through Triton's CPU interpreter).
 """
 
 from __future__ import annotations
@@ -44,13 +44,20 @@ from torch import nn
 # 8x8 to 32x32 maps of SD v1.4 the tap side costs 0.5-1.6x the frozen convolution and the weight side
 # 1.7-5.6x; on 64x64 maps they are within this machine's noise, and the weight side wins on the 320->4
 # output convolution and the stride-2 one. With this limit an SD v1.4 step at 32x32 latents took 0.85x
-# the frozen floor (0.78x LoRA's), against 1.00x (0.90x) with the unfold/fold tap side it replaced.
+# the frozen floor (0.78x LoRA's) with the depthwise backward, and 0.93x against its 0.88x with the unfold
+# backward (ten rounds in turns: 3.28 and 3.25 s a step, within this machine's noise).
 # On CUDA the limit holds for the Triton tap side (None: every size); without Triton, CUDA takes the
 # weight side everywhere: on an H200 (SD v1.4, 64x64 latents, batch 1, bf16) it took 0.124 s a step
 # and the library tap side up to 1,024 positions 0.142 s, since cuDNN's weight gradient is cheap there.
 TAP_SIDE_MAX_POSITIONS: dict[str, int | None] = {"cpu": 1024, "cuda": None}
 # Which contraction the tap side's backward uses, per device type (see the module docstring).
 TAP_BACKWARD = {"cpu": "unfold", "cuda": "triton"}
+# Convolutions with at most this many weights take plain autograd on the formed weight: the weight
+# gradient of so small a weight costs less than the fast routes' extra calls (CPU, one thread: 64->64
+# channels on 8x8 maps 514 us a forward and backward against 599 for the tap side; 128->128, 1,592
+# against 1,251). All the tiny model's convolutions but its eight 128->64 ones are this small; of SD
+# v1.4's, only conv_in and conv_out.
+PLAIN_MAX_WEIGHTS = {"cpu": 1 << 16}
 TAP_BACKWARDS = ("unfold", "depthwise", "triton")
 MODES = ("auto", "tap", "weight", "autograd") + tuple(f"tap-{name}" for name in TAP_BACKWARDS)
 
@@ -235,28 +242,32 @@ class FormedWeightConv(torch.autograd.Function):
 def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str = "auto") -> torch.Tensor:
     """conv(x) with `conv.weight` replaced by W_r·(I + mixing), exactly, by the fastest route.
 
-    `mixing`: (k², k²), or (c_in, k², k²) for one per input channel. `mode`: "auto" (by input
-    positions and device), "tap" (the device's tap-side backward), "tap-unfold", "tap-depthwise",
+    `mixing`: (k², k²), or (c_in, k², k²) for one per input channel. `mode`: "auto" (by the device,
+    the weight's size and the input positions), "tap" (the device's tap-side backward), "tap-unfold", "tap-depthwise",
     "tap-triton" (one tap-side backward), "weight", or "autograd" (plain autograd on the formed weight:
     the reference the others are tested against). When no gradient is needed, the formed weight is
     used directly. Under autocast the fast kernels run in the autocast dtype, as the library
     convolution would; the mixing matrix and its gradient stay fp32.
     """
+    side, backward = route(x, mode, conv.weight.numel())
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and mode != "autograd":
+    if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and side != "autograd":
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _fast_or_plain(x.to(dtype), conv, mixing, mode, dtype)
-    return _fast_or_plain(x, conv, mixing, mode, None)
+            return _fast_or_plain(x.to(dtype), conv, mixing, side, backward, dtype)
+    return _fast_or_plain(x, conv, mixing, side, backward, None)
 
 
-def route(x: torch.Tensor, mode: str = "auto") -> tuple[str, str | None]:
-    """(side, tap-side backward) that `mode` takes for input x: ("tap", "unfold"), ("weight", None), ..."""
+def route(x: torch.Tensor, mode: str = "auto", weights: int | None = None) -> tuple[str, str | None]:
+    """(side, tap-side backward) that `mode` takes for input x and a weight of `weights` numbers:
+    ("tap", "unfold"), ("weight", None), ("autograd", None)..."""
     device_type = x.device.type
     if mode.startswith("tap-"):
         return "tap", mode[4:]
-    if mode == "weight":
-        return "weight", None
+    if mode in ("weight", "autograd"):
+        return mode, None
+    if mode == "auto" and weights is not None and weights <= PLAIN_MAX_WEIGHTS.get(device_type, 0):
+        return "autograd", None
     backward = TAP_BACKWARD.get(device_type, "depthwise")
     if backward == "triton" and (device_type != "cuda" or triton_tap_backward() is None):
         if mode == "auto":
@@ -269,13 +280,13 @@ def route(x: torch.Tensor, mode: str = "auto") -> tuple[str, str | None]:
     return ("tap", backward) if limit is None or positions <= limit else ("weight", None)
 
 
-def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str, dtype) -> torch.Tensor:
+def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side: str, backward, dtype) -> torch.Tensor:
     weight, bias = conv.weight, conv.bias
     if dtype is not None:
         weight = weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     plain = (
-        mode == "autograd"
+        side == "autograd"
         or not torch.is_grad_enabled()
         or x.dtype != weight.dtype
         or conv.groups != 1
@@ -285,8 +296,7 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode:
         or isinstance(conv.padding, str)
     )
     if plain:
-        return conv._conv_forward(x, _mixed_weight(conv.weight, mixing.to(conv.weight.dtype)).to(x.dtype), conv.bias)
-    side, backward = route(x, mode)
+        return conv._conv_forward(x, _mixed_weight(weight, mixing.to(weight.dtype)).to(x.dtype), bias)
     if side == "tap":
         return TapMixedConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation, backward)
     return FormedWeightConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
