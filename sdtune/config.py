@@ -402,6 +402,9 @@ def _scales_text(scales: list[float]) -> str:
     return ",".join(strength_name(scale) for scale in scales)
 
 
+MAX_ADAPTER_SCALE = 100.0  # strengths are fractions or small multiples of the trained update
+
+
 def _check_sampler_settings(config) -> None:
     """The sampling settings `sdtune sample` and `sdtune evaluate` share."""
     if config.scheduler not in SCHEDULERS:
@@ -410,6 +413,11 @@ def _check_sampler_settings(config) -> None:
     scales = config.adapter_scale if isinstance(config.adapter_scale, list) else [config.adapter_scale]
     if not all(math.isfinite(scale) for scale in scales):
         raise SdtuneError(f"--adapter-scale must be a finite number, got {_scales_text(scales)}")
+    if any(abs(scale) > MAX_ADAPTER_SCALE for scale in scales):
+        raise SdtuneError(
+            f"--adapter-scale must lie within ±{MAX_ADAPTER_SCALE:g} (further out, the weights overflow to "
+            f"infinities and the images come out blank), got {_scales_text(scales)}"
+        )
 
 
 EXPORT_FORMATS = ("kohya", "diffusers", "peft")

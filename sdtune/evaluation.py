@@ -384,7 +384,7 @@ def run_reference(run: Path) -> list[Path]:
         raise MetricUnavailable(f"no reference images: {run} has no config.toml (give --reference DIR)")
     settings = read_toml(run / "config.toml")
     try:
-        return concept_images(settings.get("concept", ""), settings.get("images"))
+        return concept_images(settings.get("concept", ""), settings.get("images"), settings.get("data_root"))
     except SdtuneError as error:
         raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
 

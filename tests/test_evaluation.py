@@ -396,3 +396,17 @@ def test_read_evaluation_of_missing_damaged_and_foreign_files(tmp_path):
     (tmp_path / "eval.json").write_text('{"metrics": {}}')
     with pytest.raises(SdtuneError, match="not an sdtune evaluation"):
         read_evaluation(tmp_path)
+
+
+def test_reference_images_come_from_the_runs_data_root(tmp_path):
+    """A run trained on ROOT/NAME (--data-root) is measured against those images, not the demo set."""
+    from sdtune.evaluation import run_reference
+
+    folder = tmp_path / "photos" / "castle"
+    folder.mkdir(parents=True)
+    for index in range(2):
+        Image.new("RGB", (8, 8), (index * 100, 0, 0)).save(folder / f"{index}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'concept = "castle"\ndata_root = "{tmp_path / "photos"}"\n')
+    assert sorted(p.name for p in run_reference(run)) == ["0.png", "1.png"]

@@ -106,6 +106,8 @@ CASES = [
     ("sample-scheduler", (*SAMPLE, "--scheduler", "nope"), 2, "--scheduler must be one of"),
     ("sample-adapter-scale-inf", (*SAMPLE[:1], "--adapter", "{runs}/atoms", "--prompt", "x", "--adapter-scale", "0,inf", "--output", "{tmp}/out"),
      2, "--adapter-scale must be a finite number"),
+    ("sample-adapter-scale-huge", (*SAMPLE[:1], "--adapter", "{runs}/atoms", "--prompt", "x", "--adapter-scale", "1e308", "--output", "{tmp}/out"),
+     2, "--adapter-scale must lie within"),
     ("sample-adapter-missing", (*SAMPLE[:1], "--adapter", "{tmp}/none.safetensors", "--prompt", "x", "--output", "{tmp}/out"), 2, "adapter not found"),
     ("sample-adapter-not-safetensors", (*SAMPLE[:1], "--adapter", "{tmp}/text.safetensors", "--prompt", "x", "--output", "{tmp}/out"), 2,
      "text.safetensors"),
