@@ -16,6 +16,7 @@ import torch
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.conditioning import PromptConditioning, UNetConditions
+from test_evaluation import metric_models  # noqa: F401  (a fixture: tiny random CLIP and DINO folders)
 
 FAMILIES = ["tiny-sd2-random", "tiny-sdxl-random"]
 # every method with its default variant, and a learning rate at which 6 steps lower the loss
@@ -254,3 +255,20 @@ def test_methods_counts_the_full_size_architectures_without_weights():
     method = methods.create("atoms")
     method.inject(unet)
     assert method.num_parameters() == 3_240  # 40 3x3 convolutions x 9 atoms x 9 taps
+
+
+def test_evaluate_and_compare_an_sd2_run(built, metric_models, tmp_path):
+    """evaluate samples the run's model (v-prediction) and measures it; compare reads the result."""
+    import sdtune
+    from sdtune.config import EvaluateConfig
+    from sdtune.training import train
+
+    run = train(train_config("tiny-sd2-random", tmp_path / "run", steps=2, checkpoint_every=0), progress=False).output
+    clip_path, dino_path = metric_models
+    result = sdtune.evaluate(
+        EvaluateConfig(run=str(run), num_images=2, steps=1, clip_model=str(clip_path), dino_model=str(dino_path), fid_features="dino")
+    )
+    report = json.loads(result.output.read_text())
+    assert report["generated_images"] == 2 and set(report["metrics"]) >= {"clip_t", "clip_i", "dino", "fid"}
+    compared = sdtune.compare([str(run)], str(tmp_path / "compare"))
+    assert compared.files
