@@ -272,3 +272,18 @@ def test_evaluate_and_compare_an_sd2_run(built, metric_models, tmp_path):
     assert report["generated_images"] == 2 and set(report["metrics"]) >= {"clip_t", "clip_i", "dino", "fid"}
     compared = sdtune.compare([str(run)], str(tmp_path / "compare"))
     assert compared.files
+
+
+def test_sdxl_vae_in_fp16_gets_the_no_half_vae_advice(built):
+    import warnings
+
+    from sdtune.precision import warn_half_vae
+
+    sdxl, sd2 = load("tiny-sdxl-random"), load("tiny-sd2-random")
+    with pytest.warns(UserWarning, match="add --no-half-vae"):
+        warn_half_vae(sdxl, torch.float16, no_half_vae=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_half_vae(sdxl, torch.float16, no_half_vae=True)
+        warn_half_vae(sdxl, torch.bfloat16, no_half_vae=False)
+        warn_half_vae(sd2, torch.float16, no_half_vae=False)
