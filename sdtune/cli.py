@@ -58,7 +58,7 @@ class OneLineErrorsGroup(TyperGroup):
 app = typer.Typer(
     cls=OneLineErrorsGroup,
     name="sdtune",
-    help="Fine-tune Stable Diffusion v1.x with parameter-efficient methods (filter atoms, LoRA, ...) and compare them.",
+    help="Fine-tune Stable Diffusion (SD 1.x, 2.x, SDXL) with parameter-efficient methods (filter atoms, LoRA, ...) and compare them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -229,7 +229,7 @@ def is_main_process() -> bool:
 def train(
     concept: Optional[str] = typer.Option(None, help="Concept name; its placeholder is <NAME>." + _default(TrainConfig, "concept")),
     method: Optional[str] = typer.Option(None, help="Tuning method (see `sdtune methods`)." + _default(TrainConfig, "method")),
-    model: Optional[str] = typer.Option(None, help="'tiny' (pretrained on digits), 'tiny-random', a hub id or a diffusers folder." + _default(TrainConfig, "model")),
+    model: Optional[str] = typer.Option(None, help="An SD 1.x, 2.x or SDXL pipeline: a hub id or a diffusers folder; or 'tiny' (pretrained on digits), 'tiny-random', 'tiny-sd2-random', 'tiny-sdxl-random'." + _default(TrainConfig, "model")),
     images: Optional[Path] = typer.Option(None, help="Folder of training images (default: concepts/NAME, else the built-in demo set)."),
     output: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<concept>-<method>)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps." + _default(TrainConfig, "steps")),
@@ -520,7 +520,7 @@ def version_callback(value: bool) -> None:
 def main_options(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."),
 ) -> None:
-    """Fine-tune Stable Diffusion v1.x with parameter-efficient methods and compare them."""
+    """Fine-tune Stable Diffusion (SD 1.x, 2.x, SDXL) with parameter-efficient methods and compare them."""
 
 
 def main() -> None:
