@@ -287,3 +287,14 @@ def test_sdxl_vae_in_fp16_gets_the_no_half_vae_advice(built):
         warn_half_vae(sdxl, torch.float16, no_half_vae=True)
         warn_half_vae(sdxl, torch.bfloat16, no_half_vae=False)
         warn_half_vae(sd2, torch.float16, no_half_vae=False)
+
+
+def test_an_adapter_refuses_another_familys_model(built, tmp_path):
+    from sdtune.errors import SdtuneError
+
+    pipe = fresh_unet("tiny-sd2-random")
+    method = methods.create("atoms")
+    method.inject(pipe.unet)
+    path = save_adapter(tmp_path / "sd2.safetensors", method, "tiny-sd2-random")
+    with pytest.raises(SdtuneError, match="does not fit this model"):
+        load_adapter(path, fresh_unet("tiny-sdxl-random"))
