@@ -12,6 +12,8 @@
 #            measured rule and other Triton tiles, the same in fp16, the variants (1x1, D1, kc), fp16 error
 #   loop     the whole sdtune train step and sdtune sample (loop.py)
 #   sampling merged sampling of every method; rest: fp32 tables
+#   families one training step per method on the SDXL-architecture UNet at 1024 px and the SD 2.1 one at
+#            768 px, bf16 batch 1, with peak memory (not in the default groups)
 # For the kernel issue alone: `bash benchmarks/gpu.sh OUT 300 kernel` (about 5 minutes).
 # The GPU machine has torch, Triton and peft but no diffusers: the wheels it lacks travel in the ignored
 # folder .whl (`bash benchmarks/wheels.sh` fills it here; carry .whl with the call), installed into
@@ -126,10 +128,17 @@ group_rest() {
     speed --dtype fp32 --batch 4 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
 }
 
+group_families() {
+    # the later --arch and --latent override the defaults speed() passes
+    local rows="floor,atoms,lora,loha,lokr,difffit,bitfit,gift,full"
+    speed --arch sdxl --latent 128 --dtype bf16 --batch 1 --steps 3 --warmup 1 --rows "$rows"
+    speed --arch sd2 --latent 96 --dtype bf16 --batch 1 --steps 3 --warmup 1 --rows "$rows"
+}
+
 for group in ${groups//,/ }; do
     case $group in
-        kernel | loop | sampling | rest) "group_$group" ;;
-        *) echo "unknown group $group (kernel, loop, sampling, rest)" >>"$out/speed.log" ;;
+        kernel | loop | sampling | rest | families) "group_$group" ;;
+        *) echo "unknown group $group (kernel, loop, sampling, rest, families)" >>"$out/speed.log" ;;
     esac
 done
 remaining=$(left); echo "finished with $((remaining > 0 ? remaining : 0)) s of the budget left" | tee -a "$out/loop.log" >>"$out/speed.log"

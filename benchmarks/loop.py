@@ -142,7 +142,7 @@ def measure_training(method: str, batch: int, folder: str, args, floor_unet, wor
         mixed_precision=args.mixed_precision, output=str(work / f"{method}-batch{batch}"), compile=args.compile,
     )
     with open_trainer(config, progress=False) as trainer:
-        embeddings = trainer.prompt_embeddings([trainer.config.prompt], trainer.device)
+        embeddings = trainer.prompt_embeddings([trainer.config.prompt], trainer.device).encoder_hidden_states  # SD 1.x models
         unet = trainer.accelerator.unwrap_model(trainer.unet)
         bare = bare_step(unet, trainer.parameters, batch, args.latent, embeddings, args.device, args.mixed_precision, False)
         floor = bare_step(floor_unet, [], batch, args.latent, embeddings, args.device, args.mixed_precision, True)

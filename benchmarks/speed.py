@@ -8,8 +8,10 @@
     python benchmarks/speed.py --sampling-only --rows atoms,lora,loha,lokr,difffit,bitfit,gift,full
     python benchmarks/speed.py --interleave --rows floor,atoms,lora   # steps in turns, in one process
     python benchmarks/speed.py --arch tiny --latent 8 --interleave --load 2 --rows floor,atoms,lora  # beside 2 busy processes
+    python benchmarks/speed.py --arch sdxl --device cuda --dtype bf16 --latent 128 --rows floor,atoms,lora,loha,lokr,difffit,bitfit,gift,full
 
-The UNet is built from SD v1.4's config with random weights (no download). Each configuration runs
+The UNet is built from SD v1.4's config (`--arch sd2`: SD 2.1's, `--arch sdxl`: SDXL base 1.0's, with
+its pooled-embedding and time-id inputs filled in) with random weights (no download). Each configuration runs
 in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
 process and the peak is torch.cuda.max_memory_allocated, reset before each row. One training step = forward, MSE loss, backward, AdamW step; the time is the median of
 `--steps` steps after `--warmup` steps. Rows:
@@ -54,12 +56,37 @@ def build(arch: str, device: str):
     """The UNet in fp32 with seed-0 random weights, initialised on the device itself."""
     import torch
 
-    from sdtune.models import build_sd14_unet, build_tiny_pipeline, quiet_libraries
+    from sdtune.models import build_arch_unet, build_tiny_pipeline, quiet_libraries
 
     quiet_libraries()
     torch.manual_seed(0)
-    unet = build_sd14_unet(device) if arch == "sd14" else build_tiny_pipeline().unet
+    unet = build_tiny_pipeline().unet if arch == "tiny" else build_arch_unet(ARCHES[arch], device)
+    if unet.config.addition_embed_type == "text_time":
+        fill_sdxl_conditions(unet)
     return unet.to(device)
+
+
+ARCHES = {"sd14": "sd14", "sd2": "sd2-arch", "sdxl": "sdxl-arch"}  # --arch -> sdtune.models.ARCHITECTURES
+
+
+def fill_sdxl_conditions(unet) -> None:
+    """Give an SDXL UNet called as unet(latents, timesteps, embeddings) a pooled embedding (zeros) and the
+    time ids of an uncropped image of the latents' size, as its text_time conditioning needs."""
+    import torch
+
+    config = unet.config
+    pooled_width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def add(module, args, kwargs):
+        if kwargs.get("added_cond_kwargs") is not None:
+            return None
+        latents = args[0]
+        batch, side = latents.shape[0], [latents.shape[-2] * 8, latents.shape[-1] * 8]
+        time_ids = torch.tensor([side + [0, 0] + side], device=latents.device, dtype=latents.dtype).repeat(batch, 1)
+        text_embeds = torch.zeros(batch, pooled_width, device=latents.device, dtype=latents.dtype)
+        return args, {**kwargs, "added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+
+    unet.register_forward_pre_hook(add, with_kwargs=True)
 
 
 def torch_dtype(name: str):
@@ -377,7 +404,7 @@ def run_child(kind: str, row: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["sd14", "tiny"], default="sd14")
+    parser.add_argument("--arch", choices=["sd14", "sd2", "sdxl", "tiny"], default="sd14")
     parser.add_argument("--latent", type=int, default=32, help="latent size (64 = 512 px images)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", default="cpu")

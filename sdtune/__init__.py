@@ -1,4 +1,4 @@
-"""sdtune: parameter-efficient fine-tuning of Stable Diffusion v1.x.
+"""sdtune: parameter-efficient fine-tuning of Stable Diffusion (SD 1.x, 2.x and SDXL).
 
 Heavy libraries (torch, diffusers) are imported only when a function that needs them is called,
 so `import sdtune` and `sdtune --help` stay fast. The loop, the sampler, the metrics and the

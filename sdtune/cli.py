@@ -58,7 +58,7 @@ class OneLineErrorsGroup(TyperGroup):
 app = typer.Typer(
     cls=OneLineErrorsGroup,
     name="sdtune",
-    help="Fine-tune Stable Diffusion v1.x with parameter-efficient methods (filter atoms, LoRA, ...) and compare them.",
+    help="Fine-tune Stable Diffusion (SD 1.x, 2.x, SDXL) with parameter-efficient methods (filter atoms, LoRA, ...) and compare them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -229,7 +229,7 @@ def is_main_process() -> bool:
 def train(
     concept: Optional[str] = typer.Option(None, help="Concept name; its placeholder is <NAME>." + _default(TrainConfig, "concept")),
     method: Optional[str] = typer.Option(None, help="Tuning method (see `sdtune methods`)." + _default(TrainConfig, "method")),
-    model: Optional[str] = typer.Option(None, help="'tiny' (pretrained on digits), 'tiny-random', a hub id or a diffusers folder." + _default(TrainConfig, "model")),
+    model: Optional[str] = typer.Option(None, help="An SD 1.x, 2.x or SDXL pipeline: a hub id or a diffusers folder; or 'tiny' (pretrained on digits), 'tiny-random', 'tiny-sd2-random', 'tiny-sdxl-random'." + _default(TrainConfig, "model")),
     images: Optional[Path] = typer.Option(None, help="Folder of training images (default: concepts/NAME, else the built-in demo set)."),
     output: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<concept>-<method>)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps." + _default(TrainConfig, "steps")),
@@ -467,16 +467,16 @@ def compare(
 @app.command("methods")
 @handle_errors
 def list_methods(
-    model: str = typer.Option("sd14", help="Architecture to count on: 'sd14' (SD v1.4, built without weights), 'tiny', 'tiny-random', a hub id or a folder."),
+    model: str = typer.Option("sd14", help="Architecture to count on: 'sd14', 'sd2-arch' or 'sdxl-arch' (SD v1.4, SD 2.1, SDXL base, built without weights), 'tiny', 'tiny-random', 'tiny-sd2-random', 'tiny-sdxl-random', a hub id or a folder."),
 ) -> None:
     """List every method with its trainable parameter count and adapter size."""
     from .fileio import human_bytes
-    from .models import build_sd14_unet, load_pipeline
+    from .models import ARCHITECTURES, build_arch_unet, load_pipeline
 
     rows = []
     for name in methods.available():
         for variant in methods.method_class(name).variants:
-            unet = build_sd14_unet("meta") if model == "sd14" else load_pipeline(model).unet
+            unet = build_arch_unet(model, "meta") if model in ARCHITECTURES else load_pipeline(model).unet
             method = methods.create(name, **variant)
             method.inject(unet)
             size = sum(t.numel() * t.element_size() for t in method.state_dict().values())
@@ -484,7 +484,7 @@ def list_methods(
             rows.append((name, options, f"{method.num_parameters():,}", f"{len(method.target_names)}", human_bytes(size)))
     header = ("method", "options", "trainable", "layers", "adapter")
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    typer.echo(f"on {'SD v1.4' if model == 'sd14' else model}:")
+    typer.echo(f"on {ARCHITECTURES[model][1] + ' (no weights)' if model in ARCHITECTURES else model}:")
     for row in [header] + rows:
         typer.echo("  ".join(cell.rjust(w) if i in (2, 3, 4) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     typer.echo("")
@@ -520,7 +520,7 @@ def version_callback(value: bool) -> None:
 def main_options(
     version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Show the version and exit."),
 ) -> None:
-    """Fine-tune Stable Diffusion v1.x with parameter-efficient methods and compare them."""
+    """Fine-tune Stable Diffusion (SD 1.x, 2.x, SDXL) with parameter-efficient methods and compare them."""
 
 
 def main() -> None:

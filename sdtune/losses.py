@@ -22,7 +22,9 @@ def snr_loss_weights(noise_scheduler, timesteps, snr_gamma: float):
     clipped = torch.minimum(snr, torch.full_like(snr, snr_gamma))
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
-        return clipped / snr
+        # a zero-terminal-SNR schedule (rescale_betas_zero_snr) has SNR 0 at its last step, where
+        # min(SNR, γ) / SNR tends to 1
+        return torch.where(snr > 0, clipped / snr.clamp_min(torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     if prediction_type == "sample":
@@ -96,10 +98,15 @@ def combine_loss(
 def denoising_loss(
     unet, noise_scheduler, latents, prompt_embeds, noise, timesteps, autocast, snr_gamma=None, is_prior=None, prior_loss_weight=1.0
 ) -> LossParts:
-    """Noise `latents` to `timesteps`, predict with the UNet and compare with the target."""
+    """Noise `latents` to `timesteps`, predict with the UNet and compare with the target.
+
+    `prompt_embeds`: the UNet's conditioning (`conditioning.UNetConditions`, or SD 1.x/2.x's bare
+    encoder hidden states)."""
+    from .conditioning import as_conditions
+
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     with autocast():
-        prediction = unet(noisy, timesteps, prompt_embeds).sample
+        prediction = unet(noisy, timesteps, **as_conditions(prompt_embeds).unet_kwargs()).sample
     errors = per_example_mse(prediction, target)
     return combine_loss(errors, timesteps, noise_scheduler, snr_gamma, is_prior, prior_loss_weight)

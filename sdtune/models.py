@@ -1,12 +1,21 @@
-"""Load Stable Diffusion pipelines (hub id, local folder or one of the two embedded tiny models).
+"""Load Stable Diffusion pipelines (hub id, local folder or one of the embedded tiny models).
 
-Every model goes through `StableDiffusionPipeline.from_pretrained`, the tiny ones included:
+sdtune trains three families: SD 1.x and SD 2.x (`StableDiffusionPipeline`) and SDXL
+(`StableDiffusionXLPipeline`); model_index.json names the class, and the resolution, prediction type and
+text encoders come from the model's own configs. Every model goes through `from_pretrained`, the tiny
+ones included:
 
 - `tiny`: the tiny architecture pretrained on handwritten digits (prompts "This is a picture of the
   handwritten digit seven."), shipped as package data in `sdtune/resources/tiny-digits/` and made by
   `scripts/pretrain_tiny.py`;
 - `tiny-random`: the same architecture with random weights, built once, deterministically and
-  offline, saved in diffusers layout to the cache folder, and then loaded from there.
+  offline, saved in diffusers layout to the cache folder, and then loaded from there;
+- `tiny-sd2-random`, `tiny-sdxl-random`: SD 2.x's architecture (v-prediction, linear attention
+  projections, an OpenCLIP-style text encoder) and SDXL's (two text encoders, micro-conditioning) at
+  tiny widths with random weights, built the same way.
+
+`sd14`, `sd2-arch` and `sdxl-arch` name the full-size UNets (SD v1.4, SD 2.1, SDXL base 1.0), built
+from their configs without weights, for counting (`sdtune methods --model sdxl-arch`).
 """
 
 from __future__ import annotations
@@ -25,11 +34,14 @@ from .fileio import publish_directory
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TINY = "tiny"
 TINY_RANDOM = "tiny-random"
+TINY_SD2_RANDOM = "tiny-sd2-random"
+TINY_SDXL_RANDOM = "tiny-sdxl-random"
 TINY_DIGITS_FOLDER = "tiny-digits"
 # Bump when the tiny model's construction changes, so stale caches are not reused.
 TINY_VERSION = 1
 TINY_SEED = 0
 SD14_RANDOM_VERSION = 1  # bump when build_sd14_pipeline changes
+FAMILY_TINY_VERSION = 1  # bump when build_tiny_sd2_pipeline or build_tiny_sdxl_pipeline changes
 PICKLE_WEIGHTS = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 
 
@@ -59,11 +71,24 @@ def sd14_unet_config() -> dict:
 
 def build_sd14_unet(device: str = "meta"):
     """SD v1.4's UNet architecture with no weights (meta device) or random weights."""
+    return build_arch_unet("sd14", device)
+
+
+# The full-size UNets `sdtune methods` counts on without weights: name -> (config resource, description)
+ARCHITECTURES = {
+    "sd14": ("sd14_unet_config.json", "SD v1.4"),
+    "sd2-arch": ("sd2_unet_config.json", "SD 2.1"),
+    "sdxl-arch": ("sdxl_unet_config.json", "SDXL base 1.0"),
+}
+
+
+def build_arch_unet(name: str, device: str = "meta"):
+    """A full-size UNet architecture (`ARCHITECTURES`) with no weights (meta device) or random weights."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):
-        return UNet2DConditionModel.from_config(sd14_unet_config())
+        return UNet2DConditionModel.from_config(_resource_config(ARCHITECTURES[name][0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +227,117 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     )
 
 
+def _tiny_text_encoder_config(**changes):
+    """The tiny CLIP text encoder's config (32 wide, 2 layers) with the tiny tokenizer's ids."""
+    from transformers import CLIPTextConfig
+
+    vocab, _ = _tiny_tokenizer_files()
+    settings = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    return CLIPTextConfig(**{**settings, **changes})
+
+
+def _tiny_vae(seed: int, **changes):
+    from diffusers import AutoencoderKL
+
+    import torch
+
+    torch.manual_seed(seed)
+    settings = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    return AutoencoderKL(**{**settings, **changes})
+
+
+def tiny_sd2_unet_config() -> dict:
+    """SD 2.1's UNet block structure (linear proj_in/out, per-block head counts, upcast attention) at tiny widths."""
+    config = _resource_config("sd2_unet_config.json")
+    config.update(block_out_channels=[32, 64, 64, 64], attention_head_dim=[2, 4, 4, 4], cross_attention_dim=32, sample_size=8)
+    return config
+
+
+def build_tiny_sd2_pipeline(seed: int = TINY_SEED):
+    """SD 2.x's architecture at tiny widths with random weights, deterministically from `seed`: a
+    v-prediction DDIM schedule as SD 2.1's, and an OpenCLIP-style text encoder (gelu)."""
+    quiet_libraries()
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sd2_unet_config())
+    vae = _tiny_vae(seed + 1)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_text_encoder_config(hidden_act="gelu"))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, num_train_timesteps=1000, prediction_type="v_prediction",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_unet_config() -> dict:
+    """SDXL base's UNet block structure (DownBlock2D + CrossAttnDownBlock2D x2, more transformer layers
+    deeper down, "text_time" added conditioning) at tiny widths, for two 32-wide text encoders."""
+    config = _resource_config("sdxl_unet_config.json")
+    config.update(
+        block_out_channels=[32, 64, 64],
+        attention_head_dim=[2, 4, 4],
+        transformer_layers_per_block=[1, 1, 2],
+        cross_attention_dim=64,  # the two encoders' hidden states side by side
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + the pooled embedding
+        sample_size=8,
+    )
+    return config
+
+
+def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
+    """SDXL's architecture at tiny widths with random weights, deterministically from `seed`: a CLIP text
+    encoder and a second one with a projection (pooled embedding), SDXL's VAE scaling and Euler schedule."""
+    quiet_libraries()
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
+    vae = _tiny_vae(seed + 1, scaling_factor=0.13025, force_upcast=True)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_tiny_text_encoder_config())
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_encoder_config(hidden_act="gelu"))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(), unet=unet, scheduler=scheduler, add_watermarker=False,
+    )
+
+
 def _resource_config(name: str) -> dict:
     config = json.loads(resources.files("sdtune.resources").joinpath(name).read_text())
     config.pop("_class_name", None)
@@ -257,6 +393,14 @@ CACHE_MANIFEST = "sdtune-cache.json"  # the SHA-256 of every file of a cached mo
 def tiny_random_path() -> Path:
     """The random tiny model's folder in diffusers layout, built on first use."""
     return _built_pipeline_path(f"tiny-v{TINY_VERSION}", build_tiny_pipeline)
+
+
+def tiny_sd2_random_path() -> Path:
+    return _built_pipeline_path(f"tiny-sd2-v{FAMILY_TINY_VERSION}", build_tiny_sd2_pipeline)
+
+
+def tiny_sdxl_random_path() -> Path:
+    return _built_pipeline_path(f"tiny-sdxl-v{FAMILY_TINY_VERSION}", build_tiny_sdxl_pipeline)
 
 
 def sd14_random_path(device: str = "cpu") -> Path:
@@ -353,12 +497,21 @@ def resolve_model(model: str) -> str:
         return str(tiny_pretrained_path())
     if model == TINY_RANDOM:
         return str(tiny_random_path())
+    if model == TINY_SD2_RANDOM:
+        return str(tiny_sd2_random_path())
+    if model == TINY_SDXL_RANDOM:
+        return str(tiny_sdxl_random_path())
     return model
 
 
-# The pipeline classes sdtune trains and samples: SD 1.x and 2.x. Others (SDXL, SD3, Flux, ...) are
-# refused by the name in their model_index.json before anything loads.
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# The pipeline classes sdtune trains and samples (SD 1.x and 2.x; SDXL) and the components each needs.
+# Others (SD3, Flux, ...) are refused by the name in their model_index.json before anything loads.
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": SD_COMPONENTS,
+    "StableDiffusionXLPipeline": SD_COMPONENTS + ("text_encoder_2", "tokenizer_2"),
+}
+FAMILY_NAMES = {"StableDiffusionPipeline": "SD 1.x/2.x", "StableDiffusionXLPipeline": "SDXL"}
 CONFIG_FILES = {"unet": "unet/config.json", "vae": "vae/config.json", "scheduler": "scheduler/scheduler_config.json"}
 
 
@@ -379,6 +532,10 @@ class ModelConfigs:
     def native_resolution(self) -> int:
         return int(self.unet.get("sample_size", 64)) * self.vae_scale_factor
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.pipeline == "StableDiffusionXLPipeline"
+
 
 def read_model_configs(model: str) -> ModelConfigs:
     """`model`'s model_index.json, UNet, VAE and scheduler configs, from its folder or the Hugging Face
@@ -391,29 +548,43 @@ def read_model_configs(model: str) -> ModelConfigs:
             raise SdtuneError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
         index = _read_config(model, path / "model_index.json")
         check_pipeline_class(model, index)
-        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / c).is_dir()]
+        missing = [c for c in SUPPORTED_PIPELINES[index["_class_name"]] if not (path / c).is_dir()]
         if missing:
-            raise SdtuneError(f"--model {model}: the folder lacks component(s) {', '.join(missing)}")
+            raise SdtuneError(
+                f"--model {model}: the folder lacks component(s) {', '.join(missing)}, which a "
+                f"{index['_class_name']} needs"
+            )
         files = {name: path / file for name, file in CONFIG_FILES.items()}
     else:
         check_hub_id(model, source)
         fetch = _HubFiles(model, source)
         index = _read_config(model, fetch("model_index.json"))
         check_pipeline_class(model, index)
+        missing = [c for c in SUPPORTED_PIPELINES[index["_class_name"]] if not _names_component(index.get(c))]
+        if missing:
+            raise SdtuneError(
+                f"--model {model}: its model_index.json lacks component(s) {', '.join(missing)}, which a "
+                f"{index['_class_name']} needs"
+            )
         files = {name: fetch(file) for name, file in CONFIG_FILES.items()}
     configs = {name: _read_config(model, file) for name, file in files.items()}
     return ModelConfigs(index["_class_name"], **configs)
 
 
+def _names_component(entry) -> bool:
+    """Whether a model_index.json entry names a component (`[library, class]`, not `[null, null]`)."""
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
 def check_pipeline_class(model: str, index: dict) -> None:
-    """Refuse a pipeline sdtune cannot train (SDXL, ...) by the class its model_index.json names."""
+    """Refuse a pipeline sdtune cannot train (SD3, Flux, ...) by the class its model_index.json names."""
     name = index.get("_class_name")
     if not isinstance(name, str):
         raise SdtuneError(f"--model {model}: model_index.json names no pipeline class (_class_name)")
     if name not in SUPPORTED_PIPELINES:
         raise SdtuneError(
             f"--model {model} is a {name}, which sdtune does not support yet; it trains and samples "
-            f"{' and '.join(SUPPORTED_PIPELINES)} models (SD 1.x, 2.x)"
+            f"{' and '.join(SUPPORTED_PIPELINES)} models (SD 1.x, 2.x and SDXL)"
         )
 
 
@@ -506,16 +677,17 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     and the network is allowed. The safety checker and its feature extractor are not loaded.
     """
     quiet_libraries()
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    read_model_configs(model)  # a model that is missing, or not a pipeline sdtune trains, stops here
+    configs = read_model_configs(model)  # a model that is missing, or not a pipeline sdtune trains, stops here
+    pipeline_class = getattr(diffusers, configs.pipeline)
     source = resolve_model(model)
     path = Path(source)
     is_folder = path.exists()
     if is_folder:
-        for component in ("unet", "vae", "text_encoder"):
+        for component in ("unet", "vae") + tuple(c for c in SUPPORTED_PIPELINES[configs.pipeline] if c.startswith("text_encoder")):
             files = [p for p in (path / component).iterdir() if p.is_file()]
             pickled = [p.name for p in files if p.suffix in PICKLE_WEIGHTS]
             if pickled and not any(p.suffix == ".safetensors" for p in files):
@@ -525,17 +697,19 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
                 )
 
     kwargs = dict(
-        safety_checker=None,
         feature_extractor=None,
-        requires_safety_checker=False,
         dtype=dtype or torch.float32,
         use_safetensors=True,  # pickled weights (.bin, .ckpt) can run code when loaded: never read them
     )
+    if configs.is_sdxl:
+        kwargs.update(image_encoder=None, add_watermarker=False)
+    else:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # failures become one SdtuneError line
     try:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
+            pipe = pipeline_class.from_pretrained(source, local_files_only=True, **kwargs)
         except Exception as local_error:
             if is_folder:
                 raise SdtuneError(f"--model {model}: could not load the folder: {first_sentence(local_error)}") from None
@@ -543,7 +717,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
             if hub_offline():
                 raise SdtuneError(f"{weights} the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder") from None
             try:
-                pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+                pipe = pipeline_class.from_pretrained(source, **kwargs)
             except Exception as remote_error:
                 raise SdtuneError(
                     f"{weights} they could not be downloaded: {hub_reason(remote_error)}; use --model tiny or a local folder"
@@ -554,3 +728,22 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     pipe.sdtune_model_id = model
     return pipe
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What differs between families, seen from a loaded pipeline
+
+
+def is_sdxl(pipe) -> bool:
+    """Whether `pipe` conditions its UNet as SDXL does (two text encoders, pooled embedding, time ids)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders, in the order their hidden states are concatenated."""
+    return [pipe.text_encoder] + ([pipe.text_encoder_2] if is_sdxl(pipe) else [])
+
+
+def tokenizers(pipe) -> list:
+    """The tokenizer of each of `text_encoders(pipe)`."""
+    return [pipe.tokenizer] + ([pipe.tokenizer_2] if is_sdxl(pipe) else [])

@@ -50,14 +50,32 @@ def cast_frozen_parameters(module, dtype, trainable) -> None:
         parameter.data = parameter.data.to(torch.float32)
 
 
-def place_frozen_models(device, dtype, text_encoder, vae, no_half_vae: bool) -> None:
-    """Move the frozen text encoder and VAE to `device`, in `dtype` (None: as they are)."""
-    text_encoder.to(device)
+def place_frozen_models(device, dtype, text_encoders, vae, no_half_vae: bool) -> None:
+    """Move the frozen text encoder(s) (a module or a list) and VAE to `device`, in `dtype` (None: as they are)."""
+    text_encoders = text_encoders if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     vae.to(device)
-    # Parameter by parameter: diffusers' `to(dtype)` warns about fp32-kept modules even when there are none.
-    cast_frozen_parameters(text_encoder, dtype, ())
+    for text_encoder in text_encoders:
+        text_encoder.to(device)
+        # Parameter by parameter: diffusers' `to(dtype)` warns about fp32-kept modules even when there are none.
+        cast_frozen_parameters(text_encoder, dtype, ())
     if not no_half_vae:
         cast_frozen_parameters(vae, dtype, ())
+
+
+def warn_half_vae(pipe, dtype, no_half_vae: bool) -> None:
+    """Advise --no-half-vae where an SDXL VAE that overflows in fp16 (its config's `force_upcast`) would run in fp16."""
+    import warnings
+
+    import torch
+
+    from .models import is_sdxl
+
+    if is_sdxl(pipe) and dtype == torch.float16 and not no_half_vae and getattr(pipe.vae.config, "force_upcast", True):
+        warnings.warn(
+            "this SDXL model's VAE overflows in fp16 (its config sets force_upcast): add --no-half-vae to keep "
+            "it in fp32, or use --mixed-precision bf16",
+            stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +105,7 @@ def vae_dtype(dtype, vae):
 
 def cast_pipeline(pipe, dtype) -> None:
     """Store the UNet and text encoder in `dtype`, the VAE in `vae_dtype(dtype)` (on their devices)."""
-    for module in (pipe.unet, pipe.text_encoder):
-        cast_frozen_parameters(module, dtype, ())
+    for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            cast_frozen_parameters(module, dtype, ())
     cast_frozen_parameters(pipe.vae, vae_dtype(dtype, pipe.vae), ())

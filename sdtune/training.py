@@ -263,6 +263,7 @@ class Trainer:
 
         self.pipe = pipe = models.load_pipeline(self.config.model)
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.text_encoders = models.text_encoders(pipe)  # SDXL: two
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.resolution = self.config.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -290,7 +291,8 @@ class Trainer:
 
         config, method = self.config, self.method
         self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
+        for text_encoder in self.text_encoders:
+            text_encoder.requires_grad_(False)
         self.parameters = parameters = method.inject(self.unet)
         # room for the adapter(s) and, with checkpoints, the newest ones plus one being written
         # (the trained weights, AdamW's two moments, the EMA)
@@ -320,13 +322,14 @@ class Trainer:
         )
 
     def _place_models(self) -> None:
-        from .latents import PromptEmbeddings
-        from .precision import place_frozen_models
+        from .conditioning import PromptConditioning
+        from .precision import place_frozen_models, warn_half_vae
 
         self.device = self.accelerator.device
-        place_frozen_models(self.device, self.weight_dtype, self.text_encoder, self.vae, self.config.no_half_vae)
+        place_frozen_models(self.device, self.weight_dtype, self.text_encoders, self.vae, self.config.no_half_vae)
+        warn_half_vae(self.pipe, self.weight_dtype, self.config.no_half_vae)
         self.unet.to(self.device)
-        self.prompt_embeddings = PromptEmbeddings(self.tokenizer, self.text_encoder)
+        self.prompt_embeddings = PromptConditioning(self.pipe)  # prompts -> the UNet's conditioning
 
     def _prepare_data(self) -> None:
         """The validation loss's images, the latent cache and the loader."""
@@ -347,7 +350,8 @@ class Trainer:
                 held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), config.prompt)
             prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
             self.validation_loss = validation.ValidationLoss(
-                held_out.pixels, self.prompt_embeddings(prompts, device), self.vae, self.noise_scheduler
+                held_out.pixels, self.prompt_embeddings(prompts, device, size=held_out.pixels.shape[-2:]), self.vae,
+                self.noise_scheduler,
             )
         workers = data_workers(self.dataset, self.accelerator.num_processes)
         if config.cache_latents:
@@ -356,7 +360,8 @@ class Trainer:
             workers = 0  # drawing a cached item decodes nothing
             self.prompt_embeddings.precompute(self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else []))
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
-            self.text_encoder.to("cpu")
+            for text_encoder in self.text_encoders:
+                text_encoder.to("cpu")
 
         self.data_order = torch.Generator()  # reseeded every epoch (see _batches_from)
         train_data, collate = self.dataset, None
@@ -563,9 +568,14 @@ class Trainer:
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device
         ).long()
         return denoising_loss(
-            self.unet, self.noise_scheduler, latents, self.prompt_embeddings(batch["prompt"], self.device), noise,
+            self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise,
             timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
         )
+
+    def conditions(self, batch, latents):
+        """The UNet's conditioning for a batch: its prompts (and, for SDXL, its images' sizes and crops)."""
+        size = [side * self.pipe.vae_scale_factor for side in latents.shape[-2:]]
+        return self.prompt_embeddings(batch["prompt"], self.device, batch, size)
 
     def read(self, result: StepResult) -> dict[str, Any]:
         """The step's values on the host (losses averaged over micro-batches and processes), in one transfer:

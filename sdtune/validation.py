@@ -66,6 +66,8 @@ class ValidationLoss:
     def __init__(self, pixels, prompt_embeds, vae, noise_scheduler):
         import torch
 
+        from .conditioning import as_conditions
+
         self.noise_scheduler = noise_scheduler
         with torch.no_grad():
             means = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
@@ -76,7 +78,8 @@ class ValidationLoss:
         self.timesteps = steps.repeat(len(means))
         generator = torch.Generator().manual_seed(LOSS_SEED)
         self.noise = torch.randn(self.latents.shape, generator=generator)
-        self.prompt_embeds = prompt_embeds.detach().cpu().repeat_interleave(len(steps), dim=0)  # one per image
+        # one per image: UNetConditions, or SD 1.x/2.x's bare encoder hidden states
+        self.prompt_embeds = as_conditions(prompt_embeds).cpu().repeat_interleave(len(steps))
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -127,6 +130,7 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
     """
     import torch
 
+    from .models import text_encoders
     from .sampling import IMAGES_PER_CALL, decode, make_grid
 
     unet = pipe.unet
@@ -137,7 +141,7 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
     per_call = max(1, IMAGES_PER_CALL // len(SAMPLE_SEEDS))
     images = []
     try:
-        with torch.no_grad(), on_device([pipe.vae, pipe.text_encoder], device):
+        with torch.no_grad(), on_device([pipe.vae, *text_encoders(pipe)], device):
             for first in range(0, len(prompts), per_call):
                 batch = prompts[first : first + per_call]
                 generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in SAMPLE_SEEDS]

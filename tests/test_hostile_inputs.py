@@ -46,13 +46,21 @@ def runs(tmp_path_factory, private_cache):
 
 
 def make_files(tmp: Path) -> None:
-    """What some rows name: a folder where a file belongs, an SDXL pipeline, a text file as an adapter."""
+    """What some rows name: a folder where a file belongs, an SD3 pipeline, an SDXL pipeline lacking its second
+    text encoder, a text file as an adapter."""
     (tmp / "a-folder").mkdir()
+    (tmp / "sd3").mkdir()
+    (tmp / "sd3" / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1", "transformer": ["diffusers", "SD3Transformer2DModel"], '
+        '"text_encoder_3": ["transformers", "T5EncoderModel"], "vae": ["diffusers", "AutoencoderKL"]}'
+    )
     (tmp / "sdxl").mkdir()
     (tmp / "sdxl" / "model_index.json").write_text(
         '{"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"], '
-        '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "vae": ["diffusers", "AutoencoderKL"]}'
+        '"text_encoder": ["transformers", "CLIPTextModel"], "vae": ["diffusers", "AutoencoderKL"]}'
     )
+    for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp / "sdxl" / component).mkdir()
     (tmp / "a-file").write_text("not a folder\n")
     (tmp / "text.safetensors").write_text("not safetensors at all\n")
     (tmp / "empty-images").mkdir()
@@ -89,8 +97,10 @@ CASES = [
     ("train-images-missing", (*TRAIN, "--images", "{tmp}/no-images"), 2, "image folder not found"),
     ("train-images-empty", (*TRAIN, "--images", "{tmp}/empty-images"), 2, "has no images"),
     ("train-output-is-a-file", (*TRAIN[:3], "--output", "{tmp}/a-file"), 2, "cannot write to output folder"),
-    ("train-model-sdxl", (*TRAIN[:1], "--model", "{tmp}/sdxl", "--output", "{tmp}/out"), 2,
-     "is a StableDiffusionXLPipeline, which sdtune does not support yet"),
+    ("train-model-sd3", (*TRAIN[:1], "--model", "{tmp}/sd3", "--output", "{tmp}/out"), 2,
+     "is a StableDiffusion3Pipeline, which sdtune does not support yet"),
+    ("train-model-sdxl-one-text-encoder", (*TRAIN[:1], "--model", "{tmp}/sdxl", "--output", "{tmp}/out"), 2,
+     "the folder lacks component(s) text_encoder_2, tokenizer_2, which a StableDiffusionXLPipeline needs"),
     ("train-model-missing-folder", (*TRAIN[:1], "--model", "/no/such/model", "--output", "{tmp}/out"), 2, "no such folder, and not a hub id"),
     ("train-model-not-cached", (*TRAIN[:1], "--model", "nobody/no-such-model", "--output", "{tmp}/out"), 2,
      "--model nobody/no-such-model: not in the local Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder"),
@@ -111,7 +121,9 @@ CASES = [
     ("sample-adapter-missing", (*SAMPLE[:1], "--adapter", "{tmp}/none.safetensors", "--prompt", "x", "--output", "{tmp}/out"), 2, "adapter not found"),
     ("sample-adapter-not-safetensors", (*SAMPLE[:1], "--adapter", "{tmp}/text.safetensors", "--prompt", "x", "--output", "{tmp}/out"), 2,
      "text.safetensors"),
-    ("sample-model-sdxl", (*SAMPLE[:1], "--model", "{tmp}/sdxl", "--prompt", "x", "--output", "{tmp}/out"), 2, "is a StableDiffusionXLPipeline"),
+    ("sample-model-sd3", (*SAMPLE[:1], "--model", "{tmp}/sd3", "--prompt", "x", "--output", "{tmp}/out"), 2, "is a StableDiffusion3Pipeline"),
+    ("sample-model-sdxl-one-text-encoder", (*SAMPLE[:1], "--model", "{tmp}/sdxl", "--prompt", "x", "--output", "{tmp}/out"), 2,
+     "lacks component(s) text_encoder_2, tokenizer_2"),
     # merge
     ("merge-scale-overflows", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e308"), 2, "overflows fp32 at --scale 1e+308"),
     ("merge-scale-overflows-fp16", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e8", "--dtype", "fp16"), 2,
@@ -119,7 +131,7 @@ CASES = [
     ("merge-scale-nan", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "nan"), 2, "--scale must be a finite number"),
     ("merge-dtype", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--dtype", "fp8"), 2, "--dtype 'fp8' is not available"),
     ("merge-missing", ("merge", "{tmp}/none", "--output", "{tmp}/out"), 2, "adapter not found"),
-    ("merge-model-sdxl", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--model", "{tmp}/sdxl"), 2, "is a StableDiffusionXLPipeline"),
+    ("merge-model-sd3", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--model", "{tmp}/sd3"), 2, "is a StableDiffusion3Pipeline"),
     # export
     ("export-format", ("export", "{runs}/atoms", "--format", "nope", "--output", "{tmp}/out"), 2, "--format 'nope' is not available"),
     ("export-format-of-another-method", ("export", "{runs}/atoms", "--format", "diffusers", "--output", "{tmp}/out"), 2,
@@ -131,8 +143,8 @@ CASES = [
     ("export-output-folder", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/a-folder"), 2, "is a folder; this format is one file"),
     ("export-kohya-file", ("export", "{runs}/atoms-kohya.safetensors", "--format", "kohya", "--output", "{tmp}/out"), 2,
      "already is a kohya-format file"),
-    ("export-model-sdxl", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/out", "--model", "{tmp}/sdxl"), 2,
-     "is a StableDiffusionXLPipeline"),
+    ("export-model-sd3", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/out", "--model", "{tmp}/sd3"), 2,
+     "is a StableDiffusion3Pipeline"),
 ]
 
 
@@ -177,7 +189,9 @@ def test_unsupported_pipelines_are_refused_by_their_class(tmp_path):
 
     make_files(tmp_path)
     for call in (read_model_configs, load_pipeline):
-        with pytest.raises(SdtuneError, match="is a StableDiffusionXLPipeline, which sdtune does not support yet"):
+        with pytest.raises(SdtuneError, match="is a StableDiffusion3Pipeline, which sdtune does not support yet"):
+            call(str(tmp_path / "sd3"))
+        with pytest.raises(SdtuneError, match=r"lacks component\(s\) text_encoder_2, tokenizer_2"):
             call(str(tmp_path / "sdxl"))
     assert read_model_configs("tiny-random").pipeline == "StableDiffusionPipeline"
 
