@@ -1,7 +1,7 @@
 """Kohya/LyCORIS-format files: the keys ComfyUI, AUTOMATIC1111 and kohya-ss/sd-scripts read, written and read.
 
 One safetensors file; each changed module is named `lora_unet_<module name, dots as _>` (UNet) or
-`lora_te_<module name>` (text encoder, read only), and its tensors are keys under that name, one
+`lora_te_<module name>` (text encoder, read only; SDXL: `lora_te1_`, `lora_te2_`), and its tensors are keys under that name, one
 set per kind of update. Which names (`kohya_layout`, for writing and reading alike): SD 1.x and 2.x
 files name the UNet's modules as diffusers does (`lora_unet_down_blocks_0_attentions_0_proj_in`), as
 kohya-ss trains them on the diffusers UNet; SDXL files as the original code does
@@ -52,10 +52,10 @@ from typing import Any, Callable, Mapping
 
 from .adapter_info import AdapterInfo
 from .errors import SdtuneError
-from .sgm_names import SgmNames
 from .safetensors_checks import (
     check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
 )
+from .sgm_names import SgmNames
 from .version import __version__
 
 UNET_PREFIX = "lora_unet"

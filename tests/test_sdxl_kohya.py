@@ -379,7 +379,6 @@ def test_kohya_sdxl_file_from_elsewhere_matches_lycoris(tmp_path):
     unet, encoders = tiny_sdxl_unet(), tiny_text_encoders()
     before = {name: value.clone() for name, value in unet.state_dict().items()}
     adapter = kohya_updates(path, unet, encoders)
-    second = encoders["text_encoder_2"]
     first = "text_encoder." + ("text_model." if hasattr(encoders["text_encoder"], "text_model") else "") + "encoder.layers."
     assert sorted(adapter.target_names) == sorted(ELSEWHERE_MODULES | {
         first + "0.self_attn.q_proj", first + "1.self_attn.out_proj", "text_encoder_2.text_model.encoder.layers.1.mlp.fc1",
@@ -454,3 +453,20 @@ def test_export_falls_back_to_sd_names_where_the_base_model_is_unreadable(tmp_pa
     result = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors")
     assert len(result.notes) == 1 and "could not be read" in result.notes[0] and "SD 1.x/2.x" in result.notes[0]
     assert all("down_blocks" in key or "up_blocks" in key or "mid_block" in key for key in load_file(tmp_path / "k.safetensors"))
+
+
+def test_sd_files_with_original_names_load_too(tmp_path, tiny_path):
+    """An SD 1.x file naming the UNet's modules as the original model does reads as its diffusers-named twin."""
+    from sdtune.models import load_pipeline
+
+    g = torch.Generator().manual_seed(4)
+    parts = {"lora_down.weight": torch.randn(2, 32, generator=g), "lora_up.weight": torch.randn(32, 2, generator=g) * 0.1,
+             "alpha": torch.tensor(1.0)}
+    original, diffusers = tmp_path / "original.safetensors", tmp_path / "diffusers.safetensors"
+    save_file({f"lora_unet_input_blocks_1_1_proj_in.{k}": v for k, v in parts.items()}, str(original))
+    save_file({f"lora_unet_down_blocks_0_attentions_0_proj_in.{k}": v for k, v in parts.items()}, str(diffusers))
+    first, second = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    assert load_adapter(original, first).target_names == ["down_blocks.0.attentions.0.proj_in"]
+    load_adapter(diffusers, second)
+    for (name, mine), (_, theirs) in zip(first.unet.state_dict().items(), second.unet.state_dict().items()):
+        assert torch.equal(mine, theirs), name
