@@ -93,8 +93,15 @@ class KohyaLayout:
     text_encoder_prefixes: dict  # pipeline component (`text_encoder`, `text_encoder_2`) → key prefix
     base_model_version: str  # kohya-ss' `ss_base_model_version`
 
-    def unet_key(self, module_name: str) -> str:
-        """`lora_unet_<name>` of the UNet module `module_name` (a diffusers name)."""
+    def key(self, module_name: str) -> str:
+        """The kohya name of a UNet module (its diffusers name) or of a text encoder's
+        (`text_encoder.<module>`, `text_encoder_2.<module>`), as kohya-ss writes it: CLIP's layers
+        under `text_model.` as transformers 4 named them, the projection (`text_projection`) beside."""
+        component, _, rest = module_name.partition(".")
+        if component in self.text_encoder_prefixes:
+            if not rest.startswith("text_model.") and rest != "text_projection":
+                rest = "text_model." + rest
+            return kohya_name(self.text_encoder_prefixes[component], rest)
         name = self.sgm.to_sgm(module_name) if self.sgm is not None else module_name
         if name is None:
             raise SdtuneError(f"UNet module {module_name} has no name in the original SDXL UNet; kohya files cannot hold it")
@@ -135,11 +142,11 @@ def is_kohya_file(path: Path) -> bool:
 
 
 def kohya_state(modules: dict[str, dict[str, Any]], layout: KohyaLayout | None = None) -> dict:
-    """A method's own kohya tensors (UNet module name → {kohya suffix: tensor}) under their kohya keys
-    (`layout`'s; diffusers' names without one)."""
+    """A method's own kohya tensors (module name → {kohya suffix: tensor}) under their kohya keys
+    (`layout.key`'s, text encoder modules too; diffusers' UNet names without a layout)."""
     state = {}
     for module, parts in modules.items():
-        name = layout.unet_key(module) if layout is not None else kohya_name(UNET_PREFIX, module)
+        name = layout.key(module) if layout is not None else kohya_name(UNET_PREFIX, module)
         for suffix, tensor in parts.items():
             state[f"{name}.{suffix}"] = tensor.detach().cpu().contiguous()
     return state
@@ -156,7 +163,7 @@ def kohya_diff_state(unet, diffs: dict[tuple[str, str], Any], where: str | Path)
     state: dict[str, torch.Tensor] = {}
     for (name, attr), delta in diffs.items():
         module = unet.get_submodule(name)
-        key = layout.unet_key(name)
+        key = layout.key(name)
         if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
             state[f"{key}.{'diff' if attr == 'weight' else 'diff_b'}"] = delta.contiguous()
         elif isinstance(module, norm_types()) and attr in ("weight", "bias"):
@@ -183,7 +190,7 @@ def missing_diffs(unet, state: dict) -> dict[str, tuple[int, ...]]:
     names = {}
     for name, module in unet.named_modules():
         if name and hasattr(module, "weight") and (layout.sgm is None or layout.sgm.to_sgm(name)):
-            names[layout.unet_key(name)] = module
+            names[layout.key(name)] = module
     missing = {}
     for key in state:
         module = key.removesuffix(".diff_b")

@@ -109,7 +109,7 @@ def test_sdxl_kohya_names_match_diffusers_and_lycoris_tables():
     assert layout.sgm is not None and layout.text_encoder_prefixes == {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     assert layout.base_model_version == "sdxl_base_v1-0"
     layers = [name for name in layer_names(unet) if isinstance(unet.get_submodule(name), (torch.nn.Linear, torch.nn.Conv2d))]
-    keys = {f"{layout.unet_key(name)}.lora_down.weight": name for name in layers}
+    keys = {f"{layout.key(name)}.lora_down.weight": name for name in layers}
     assert len(keys) == len(layers) == 794 and all(key.startswith("lora_unet_") for key in keys)
     assert not any("down_blocks" in key or "up_blocks" in key or "mid_block" in key for key in keys)
     mapped = _maybe_map_sgm_blocks_to_diffusers(dict(keys), unet.config)
@@ -120,7 +120,7 @@ def test_sdxl_kohya_names_match_diffusers_and_lycoris_tables():
         diffusers_key = kohya_name("lora_unet", name)
         converted = convert_diffusers_name_to_compvis(diffusers_key)
         if converted != diffusers_key:  # its table covers the blocks, conv_in/out and the time embedding
-            assert converted == layout.unet_key(name), name
+            assert converted == layout.key(name), name
             lycoris_converted += 1
     assert lycoris_converted == len(layer_names(unet)) - 3  # all but add_embedding's two linears and conv_norm_out
 
@@ -130,7 +130,7 @@ def test_sd_keys_stay_diffusers_names():
 
     layout = kohya_layout(sd14_unet_config())
     assert layout.sgm is None and layout.text_encoder_prefixes == {"text_encoder": "lora_te"}
-    assert layout.unet_key("down_blocks.0.resnets.0.conv1") == "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert layout.key("down_blocks.0.resnets.0.conv1") == "lora_unet_down_blocks_0_resnets_0_conv1"
     assert layout.base_model_version == "sd_v1"
 
 
@@ -209,7 +209,8 @@ def sdxl_readable(monkeypatch):
     """Until sdtune loads SDXL pipelines, let its config reader accept one (export reads the UNet config only)."""
     import sdtune.models
 
-    monkeypatch.setattr(sdtune.models, "SUPPORTED_PIPELINES", (*sdtune.models.SUPPORTED_PIPELINES, "StableDiffusionXLPipeline"))
+    if "StableDiffusionXLPipeline" not in sdtune.models.SUPPORTED_PIPELINES:
+        monkeypatch.setattr(sdtune.models, "SUPPORTED_PIPELINES", (*sdtune.models.SUPPORTED_PIPELINES, "StableDiffusionXLPipeline"))
 
 
 @pytest.mark.parametrize("name,options", LOW_RANK, ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()))
@@ -232,7 +233,7 @@ def test_sdxl_low_rank_export_has_original_names_and_loads_elsewhere(name, optio
         metadata = handle.metadata()
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     layout = kohya_layout(base.config)
-    expected = {layout.unet_key(target) for target in method.target_names}
+    expected = {layout.key(target) for target in method.target_names}
     assert {key.partition(".")[0] for key in state} == expected
     assert not any("down_blocks" in key or "up_blocks" in key or "mid_block" in key for key in state)
     if options.get("targets") != "attn":
@@ -263,7 +264,7 @@ def test_sdxl_diff_export_has_original_names(name, tmp_path):
     state, extra = kohya_diff_state(tuned_unet, diffs, tmp_path / "a.safetensors")
     assert extra["ss_base_model_version"] == "sdxl_base_v1-0"
     layout = kohya_layout(tuned_unet.config)
-    assert {key.partition(".")[0] for key in state} == {layout.unet_key(module) for module, _ in diffs}
+    assert {key.partition(".")[0] for key in state} == {layout.key(module) for module, _ in diffs}
     assert all(key.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "lora_unet_out_",
                                "lora_unet_time_embed_", "lora_unet_label_emb_")) for key in state), sorted(state)[:3]
     tuned = run_unet(tuned_unet, inputs)
@@ -281,6 +282,29 @@ def test_sdxl_diff_export_has_original_names(name, tmp_path):
     lycoris_unet = tiny_sdxl_unet()
     lycoris_merge(state, lycoris_unet, tiny_text_encoders())
     torch.testing.assert_close(run_unet(lycoris_unet, inputs), tuned, rtol=0, atol=1e-5)
+
+
+def test_every_module_key_written_reads_back_to_its_module():
+    """The names `KohyaLayout.key` writes (UNet and text encoders, SDXL's and SD's) are the ones the
+    reader finds each module by."""
+    from sdtune.kohya import kohya_module_lookup
+    from sdtune.models import tiny_unet_config
+    from diffusers import UNet2DConditionModel
+
+    sdxl_unet, sdxl_encoders = tiny_sdxl_unet(), tiny_text_encoders()
+    sd_unet, sd_encoders = UNet2DConditionModel(**tiny_unet_config()), {"text_encoder": tiny_text_encoders()["text_encoder"]}
+    for unet, encoders in [(sdxl_unet, sdxl_encoders), (sd_unet, sd_encoders)]:
+        layout, lookup = kohya_layout(unet.config), kohya_module_lookup(unet, encoders)
+        modules = {name: unet.get_submodule(name) for name in layer_names(unet)}
+        for component, encoder in encoders.items():
+            modules.update({f"{component}.{name}": encoder.get_submodule(name) for name in layer_names(encoder)})
+        keys = {name: layout.key(name) for name in modules}
+        assert len(set(keys.values())) == len(keys)
+        for name, key in keys.items():
+            assert lookup[key][2] is modules[name], name
+    assert kohya_layout(sdxl_unet.config).key("text_encoder_2.text_projection") == "lora_te2_text_projection"
+    assert kohya_layout(sdxl_unet.config).key("text_encoder.encoder.layers.0.mlp.fc1") == "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    assert kohya_layout(sd_unet.config).key("text_encoder.encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
 
 
 def test_kohya_state_without_layout_is_unchanged():
