@@ -15,7 +15,7 @@ The correspondence follows from the config alone:
   norm2/conv2, skip_connection = conv_shortcut; inside an attention the names are the same.
 
 Checked against diffusers' own converter of original checkpoints (`convert_ldm_unet_checkpoint`) on
-SD 1.4's and SDXL's full configs (tests/test_sdxl_kohya.py).
+SD 1.4's, SD 2.1's and SDXL's full configs (tests/test_sdxl_kohya.py).
 """
 
 from __future__ import annotations

@@ -35,7 +35,10 @@ def meta_unet(config: dict):
 def full_size_configs() -> dict:
     from sdtune.models import sd14_unet_config
 
-    return {"sd14": sd14_unet_config(), "sdxl": sdxl_unet_config()}
+    # SD 2.1: SD 1.4's blocks with linear projections, per-block head sizes and OpenCLIP's width
+    sd21 = {**sd14_unet_config(), "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+            "use_linear_projection": True, "sample_size": 96}
+    return {"sd14": sd14_unet_config(), "sd21": sd21, "sdxl": sdxl_unet_config()}
 
 
 def layer_names(unet) -> list[str]:
@@ -47,7 +50,7 @@ def layer_names(unet) -> list[str]:
 # names
 
 
-@pytest.mark.parametrize("model", ["sd14", "sdxl"])
+@pytest.mark.parametrize("model", ["sd14", "sd21", "sdxl"])
 def test_sgm_names_round_trip_and_match_diffusers_checkpoint_converter(model):
     """Every parameter named as the original checkpoint names it, by our table, is put back where it
     belongs by diffusers' own converter of original checkpoints."""
@@ -80,8 +83,9 @@ def test_sgm_names_round_trip_and_match_diffusers_checkpoint_converter(model):
             "add_embedding.linear_2": "label_emb.0.2",
             "conv_norm_out": "out.0",
         }
-    else:
-        expected = {"up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv", "down_blocks.3.resnets.1.norm1": "input_blocks.11.0.in_layers.0"}
+    else:  # the first up block has no attentions: its upsampler is the layer's second module
+        expected = {"up_blocks.0.upsamplers.0.conv": "output_blocks.2.1.conv", "down_blocks.3.resnets.1.norm1": "input_blocks.11.0.in_layers.0",
+                    "up_blocks.3.attentions.2.proj_out": "output_blocks.11.1.proj_out"}
     assert {name: names.to_sgm(name) for name in expected} == expected
     assert names.to_sgm("down_blocks.0") is None and names.to_diffusers("input_blocks.1.0.in_layers.1") is None
 
