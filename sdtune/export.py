@@ -121,7 +121,7 @@ def _kohya_layout_of(model: str):
     except SdtuneError as error:
         return kohya_layout({}), [
             f"the UNet config of {model} could not be read ({error}); the keys use SD 1.x/2.x's (diffusers') "
-            "module names, which SDXL loaders other than sdtune and ComfyUI do not read; --model names a base model to read"
+            "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
         ]
 
 

@@ -477,10 +477,15 @@ def test_export_falls_back_to_sd_names_where_the_base_model_is_unreadable(tmp_pa
     """An adapter whose base model's config cannot be read is written with SD 1.x/2.x's names, and says so."""
     from sdtune.export import export_adapter
 
-    tuned_adapter("lora", {"targets": "attn"}, tmp_path / "a.safetensors", base_model=str(tmp_path / "gone"))
+    tuned_unet, _ = tuned_adapter("lora", {"targets": "attn"}, tmp_path / "a.safetensors", base_model=str(tmp_path / "gone"))
     result = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors")
     assert len(result.notes) == 1 and "could not be read" in result.notes[0] and "SD 1.x/2.x" in result.notes[0]
-    assert all("down_blocks" in key or "up_blocks" in key or "mid_block" in key for key in load_file(tmp_path / "k.safetensors"))
+    state = load_file(tmp_path / "k.safetensors")
+    assert all("down_blocks" in key or "up_blocks" in key or "mid_block" in key for key in state)
+    # such a file still loads on SDXL in diffusers (and sdtune), which take diffusers-style names too
+    inputs, pipe = unet_inputs(), tiny_sdxl_pipeline()
+    pipe.load_lora_weights(dict(state))
+    torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(tuned_unet, inputs), rtol=0, atol=1e-4)
 
 
 def test_sd_files_with_original_names_load_too(tmp_path, tiny_path):
