@@ -33,7 +33,7 @@ from pathlib import Path
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
-from .kohya import is_kohya_file, kohya_diff_state, kohya_state, missing_diffs, with_zero_diffs, write_kohya
+from .kohya import is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya
 
 
 @dataclass
@@ -50,7 +50,8 @@ def export_adapter(
 ) -> ExportResult:
     """Write the sdtune adapter `source` (file or run folder) in another `format` to `output`.
 
-    `model` overrides the base model that diff-style kohya exports compute ΔW on (default: the
+    `model` overrides the base model that diff-style kohya exports compute ΔW on, and whose UNet
+    config decides kohya key names (`kohya_layout`: SDXL's are the original model's) (default: the
     adapter's own base model). `full_diff` (kohya diffs): a zero `.diff` beside every `.diff_b` whose
     module's weight did not change, so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too.
     The method's export warnings (`Method.export_warnings`) are issued as Python warnings. An
@@ -90,7 +91,9 @@ def export_adapter(
         if format == "kohya":
             if own is not None:
                 modules, extra = own
-                state, missing = kohya_state(modules), None
+                layout, notes = _kohya_layout_of(model or info.base_model)
+                state, missing = kohya_state(modules, layout), None
+                extra = {**extra, "ss_base_model_version": layout.base_model_version}
             else:
                 unet, diffs = _diffs_on_base_model(path, info, model)
                 state, extra = kohya_diff_state(unet, diffs, path)
@@ -98,13 +101,28 @@ def export_adapter(
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             write_kohya(output, state, info, extra)
-            notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size) if missing is not None else []
+            if missing is not None:
+                notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
             return ExportResult(output, format, len(state), notes)
         if format == "diffusers":
             count = write_diffusers_lora(output, method, tensors)
             return ExportResult(output, format, count)
         count = write_peft_folder(output, method, info, tensors, overwrite)
         return ExportResult(output, format, count)
+
+
+def _kohya_layout_of(model: str):
+    """The kohya layout of `model` from its UNet config (SDXL's names differ), and a note where the
+    config cannot be read: then SD 1.x/2.x's names, as before sdtune knew SDXL's."""
+    from .models import read_model_configs
+
+    try:
+        return kohya_layout(read_model_configs(model).unet), []
+    except SdtuneError as error:
+        return kohya_layout({}), [
+            f"the UNet config of {model} could not be read ({error}); the keys use SD 1.x/2.x's (diffusers') "
+            "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
+        ]
 
 
 def _full_diff_notes(missing: dict[str, tuple[int, ...]], state: dict, full_diff: bool, file_bytes: int) -> list[str]:

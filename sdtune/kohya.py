@@ -1,8 +1,13 @@
 """Kohya/LyCORIS-format files: the keys ComfyUI, AUTOMATIC1111 and kohya-ss/sd-scripts read, written and read.
 
 One safetensors file; each changed module is named `lora_unet_<module name, dots as _>` (UNet) or
-`lora_te_<module name>` (text encoder, read only), and its tensors are keys under that name, one
-set per kind of update:
+`lora_te_<module name>` (text encoder, read only; SDXL: `lora_te1_`, `lora_te2_`), and its tensors are keys under that name, one
+set per kind of update. Which names (`kohya_layout`, for writing and reading alike): SD 1.x and 2.x
+files name the UNet's modules as diffusers does (`lora_unet_down_blocks_0_attentions_0_proj_in`), as
+kohya-ss trains them on the diffusers UNet; SDXL files as the original code does
+(`lora_unet_input_blocks_1_0_in_layers_2`, `sdtune.sgm_names`), as kohya-ss trains SDXL on that
+UNet, with `lora_te1_`/`lora_te2_` for its two text encoders. Reading takes either UNet spelling
+(as ComfyUI does).
 
 * LoRA: `.lora_down.weight`, `.lora_up.weight` (+ `.lora_mid.weight`, a Tucker core), `.alpha`;
   ΔW = up·down·(alpha/rank), rank = lora_down's first dimension. peft's lora_A/lora_B are
@@ -43,17 +48,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .adapter_info import AdapterInfo
 from .errors import SdtuneError
 from .safetensors_checks import (
     check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
 )
+from .sgm_names import SgmNames
 from .version import __version__
 
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
+KOHYA_PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX, "lora_te1", "lora_te2")
 KOHYA_FORMAT = "sdtune-kohya/1"
 
 # every tensor name a kohya-format file may hold per module, by kind
@@ -78,10 +85,43 @@ def kohya_name(prefix: str, module_name: str) -> str:
     return f"{prefix}_{module_name.replace('.', '_')}"
 
 
+@dataclass(frozen=True)
+class KohyaLayout:
+    """How a kohya file names one model's modules: the UNet's, and each text encoder's prefix."""
+
+    sgm: SgmNames | None  # the UNet by its original names (SDXL); None: by diffusers' names
+    text_encoder_prefixes: dict  # pipeline component (`text_encoder`, `text_encoder_2`) → key prefix
+    base_model_version: str  # kohya-ss' `ss_base_model_version`
+
+    def key(self, module_name: str) -> str:
+        """The kohya name of a UNet module (its diffusers name) or of a text encoder's
+        (`text_encoder.<module>`, `text_encoder_2.<module>`), as kohya-ss writes it: CLIP's layers
+        under `text_model.` as transformers 4 named them, the projection (`text_projection`) beside."""
+        component, _, rest = module_name.partition(".")
+        if component in self.text_encoder_prefixes:
+            if not rest.startswith("text_model.") and rest != "text_projection":
+                rest = "text_model." + rest
+            return kohya_name(self.text_encoder_prefixes[component], rest)
+        name = self.sgm.to_sgm(module_name) if self.sgm is not None else module_name
+        if name is None:
+            raise SdtuneError(f"UNet module {module_name} has no name in the original SDXL UNet; kohya files cannot hold it")
+        return kohya_name(UNET_PREFIX, name)
+
+
+def kohya_layout(unet_config: Mapping) -> KohyaLayout:
+    """The kohya names of the model whose UNet has `unet_config`: SDXL's (added text/time conditioning)
+    are the original model's with `lora_te1`/`lora_te2`, as kohya-ss writes them and SDXL loaders
+    read them; SD 1.x/2.x's are diffusers' with `lora_te`."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return KohyaLayout(SgmNames(unet_config), {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, "sdxl_base_v1-0")
+    return KohyaLayout(None, {"text_encoder": TEXT_ENCODER_PREFIX}, "sd_v1")
+
+
 def kohya_keys_only(keys) -> bool:
-    """Whether every key is a kohya-format module key (`lora_unet_...` or `lora_te_...`)."""
+    """Whether every key is a kohya-format module key (`lora_unet_...`, `lora_te_...`, `lora_te1_...`, `lora_te2_...`)."""
     keys = list(keys)
-    return bool(keys) and all(key.split(".", 1)[0].startswith((UNET_PREFIX + "_", TEXT_ENCODER_PREFIX + "_")) for key in keys)
+    starts = tuple(prefix + "_" for prefix in KOHYA_PREFIXES)
+    return bool(keys) and all(key.split(".", 1)[0].startswith(starts) for key in keys)
 
 
 def is_kohya_file(path: Path) -> bool:
@@ -101,11 +141,12 @@ def is_kohya_file(path: Path) -> bool:
 # Writing
 
 
-def kohya_state(modules: dict[str, dict[str, Any]]) -> dict:
-    """A method's own kohya tensors (UNet module name → {kohya suffix: tensor}) under their kohya keys."""
+def kohya_state(modules: dict[str, dict[str, Any]], layout: KohyaLayout | None = None) -> dict:
+    """A method's own kohya tensors (module name → {kohya suffix: tensor}) under their kohya keys
+    (`layout.key`'s, text encoder modules too; diffusers' UNet names without a layout)."""
     state = {}
     for module, parts in modules.items():
-        name = kohya_name(UNET_PREFIX, module)
+        name = layout.key(module) if layout is not None else kohya_name(UNET_PREFIX, module)
         for suffix, tensor in parts.items():
             state[f"{name}.{suffix}"] = tensor.detach().cpu().contiguous()
     return state
@@ -113,14 +154,16 @@ def kohya_state(modules: dict[str, dict[str, Any]]) -> dict:
 
 def kohya_diff_state(unet, diffs: dict[tuple[str, str], Any], where: str | Path) -> tuple[dict, dict[str, str]]:
     """`.diff`/`.diff_b` (linears, convs) and `.w_norm`/`.b_norm` (norms) from ΔW ((module name,
-    parameter name) → merged − base, the changed weights only) and the merged `unet`'s module types."""
+    parameter name) → merged − base, the changed weights only) and the merged `unet`'s module types,
+    named by the UNet's kohya layout."""
     import torch
     from torch import nn
 
+    layout = kohya_layout(unet.config)
     state: dict[str, torch.Tensor] = {}
     for (name, attr), delta in diffs.items():
         module = unet.get_submodule(name)
-        key = kohya_name(UNET_PREFIX, name)
+        key = layout.key(name)
         if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
             state[f"{key}.{'diff' if attr == 'weight' else 'diff_b'}"] = delta.contiguous()
         elif isinstance(module, norm_types()) and attr in ("weight", "bias"):
@@ -131,7 +174,11 @@ def kohya_diff_state(unet, diffs: dict[tuple[str, str], Any], where: str | Path)
             raise SdtuneError(f"{where}: the change of {name}.{attr} ({type(module).__name__}) has no kohya key")
     if not state:
         raise SdtuneError(f"{where}: the adapter does not change the base model; there is nothing to export")
-    extra = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
+    extra = {
+        "ss_base_model_version": layout.base_model_version,
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps({"algo": "full"}),
+    }
     return dict(sorted(state.items())), extra
 
 
@@ -139,7 +186,11 @@ def missing_diffs(unet, state: dict) -> dict[str, tuple[int, ...]]:
     """`<module>.diff` → the weight's shape, for every module of a diff `state` that has a `.diff_b`
     and no `.diff` (its bias alone changed). ComfyUI and sdtune read such a module; LyCORIS,
     AUTOMATIC1111 and InvokeAI find no update kind in it and refuse the whole file."""
-    names = {kohya_name(UNET_PREFIX, name): module for name, module in unet.named_modules() if name}
+    layout = kohya_layout(unet.config)
+    names = {}
+    for name, module in unet.named_modules():
+        if name and hasattr(module, "weight") and (layout.sgm is None or layout.sgm.to_sgm(name)):
+            names[layout.key(name)] = module
     missing = {}
     for key in state:
         module = key.removesuffix(".diff_b")
@@ -162,7 +213,7 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
     from .fileio import atomic_write
 
     metadata = {
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": "sd_v1",  # `extra` holds the layout's (kohya_layout)
         "ss_v2": "False",
         "ss_output_name": output.stem,
         "ss_sd_model_name": info.base_model,
@@ -417,7 +468,7 @@ def _fit(delta, weight, exact_shape, where: str, module_name: str):
 
 
 def load_kohya(path: str | Path, pipeline, multiplier: float = 1.0) -> KohyaAdapter:
-    """Add a kohya-format file's updates (UNet `lora_unet_*`, text encoder `lora_te_*`), times
+    """Add a kohya-format file's updates (UNet `lora_unet_*`, text encoders `lora_te*_*`), times
     `multiplier`, to `pipeline`'s weights."""
     adapter = read_kohya_updates(path, pipeline)
     adapter.set_scale(multiplier)
@@ -426,7 +477,40 @@ def load_kohya(path: str | Path, pipeline, multiplier: float = 1.0) -> KohyaAdap
 
 
 def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
-    """A kohya-format file's updates (UNet `lora_unet_*`, text encoder `lora_te_*`) for `pipeline`, not yet added.
+    """A kohya-format file's updates for `pipeline`'s UNet and text encoders, not yet added (`kohya_updates`)."""
+    encoders = {name: getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")}
+    return kohya_updates(path, pipeline.unet, {name: encoder for name, encoder in encoders.items() if encoder is not None})
+
+
+def kohya_module_lookup(unet, text_encoders: Mapping[str, Any]) -> dict[str, tuple[str, str, Any]]:
+    """kohya module name → (component, module name, module) for a UNet and its text encoders
+    (component name → encoder), in every spelling the file may use: the UNet's diffusers and
+    original names, and each text encoder's names with and without `text_model.`."""
+    layout = kohya_layout(unet.config)
+    sgm = layout.sgm or SgmNames(unet.config)
+    lookup = {}
+    for module_name, module in unet.named_modules():
+        if module_name:
+            lookup[kohya_name(UNET_PREFIX, module_name)] = ("unet", module_name, module)
+            original = sgm.to_sgm(module_name)
+            if original:
+                lookup.setdefault(kohya_name(UNET_PREFIX, original), ("unet", module_name, module))
+    for component, encoder in text_encoders.items():
+        prefix = layout.text_encoder_prefixes.get(component)
+        if prefix is None:
+            continue
+        for module_name, module in encoder.named_modules():
+            if module_name:
+                lookup[kohya_name(prefix, module_name)] = (component, module_name, module)
+                if not hasattr(encoder, "text_model"):
+                    # kohya names CLIP's layers as transformers 4 did, under `text_model.`
+                    lookup[kohya_name(prefix, "text_model." + module_name)] = (component, module_name, module)
+    return lookup
+
+
+def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> KohyaAdapter:
+    """A kohya-format file's updates for `unet` and `text_encoders` (pipeline component name, e.g.
+    `text_encoder_2`, → encoder), not yet added.
 
     Every key is matched to a module and every ΔW checked against its weight; a key that matches
     no module, or an update whose shape does not fit, is a one-line error.
@@ -438,18 +522,8 @@ def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
     warn_absurd_values(path, tensors)
     if not kohya_keys_only(tensors):
         odd = next((key for key in tensors if not kohya_keys_only([key])), "")
-        raise SdtuneError(f"{path}: key {odd!r} is not a kohya-format key (lora_unet_... or lora_te_...)")
-    components = {UNET_PREFIX: pipeline.unet, TEXT_ENCODER_PREFIX: getattr(pipeline, "text_encoder", None)}
-    lookup = {}
-    for prefix, component in components.items():
-        if component is None:
-            continue
-        for module_name, module in component.named_modules():
-            if module_name:
-                lookup[kohya_name(prefix, module_name)] = (prefix, module_name, module)
-                if prefix == TEXT_ENCODER_PREFIX and not hasattr(component, "text_model"):
-                    # kohya names CLIP's layers as transformers 4 did, under `text_model.`
-                    lookup[kohya_name(prefix, "text_model." + module_name)] = (prefix, module_name, module)
+        raise SdtuneError(f"{path}: key {odd!r} is not a kohya-format key (lora_unet_..., lora_te_..., lora_te1_... or lora_te2_...)")
+    lookup, layout, updated = kohya_module_lookup(unet, text_encoders), kohya_layout(unet.config), set()
     groups: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         lora_name, _, suffix = key.partition(".")
@@ -459,9 +533,15 @@ def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
     for lora_name, parts in groups.items():
         where = f"{path}: {lora_name}"
         if lora_name not in lookup:
-            what = "UNet" if lora_name.startswith(UNET_PREFIX + "_") else "text encoder"
-            raise SdtuneError(f"{path}: key {lora_name}.{next(iter(parts))} matches no module of the {what}")
-        prefix, module_name, module = lookup[lora_name]
+            prefix, prefixes = "_".join(lora_name.split("_", 2)[:2]), layout.text_encoder_prefixes.values()
+            if prefix == UNET_PREFIX:
+                what = "the UNet"
+            elif prefix in prefixes:
+                what = "the text encoder"
+            else:
+                what = f"this model's text encoders ({', '.join(p + '_' for p in prefixes)})"
+            raise SdtuneError(f"{path}: key {lora_name}.{next(iter(parts))} matches no module of {what}")
+        component, module_name, module = lookup[lora_name]
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         if not isinstance(weight, torch.nn.Parameter):
             raise SdtuneError(f"{where}: {module_name} ({type(module).__name__}) has no weight to update")
@@ -472,6 +552,9 @@ def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
             if bias is None or tuple(delta_bias.shape) != tuple(bias.shape):
                 have = tuple(bias.shape) if bias is not None else "no bias"
                 raise SdtuneError(f"{where}: the bias update has shape {tuple(delta_bias.shape)}, {module_name} has {have}")
-        name = f"{'' if prefix == UNET_PREFIX else 'text_encoder.'}{module_name}"
+        name = module_name if component == "unet" else f"{component}.{module_name}"
+        if id(module) in updated:
+            raise SdtuneError(f"{where}: {name} is updated twice in the file (under two spellings of its name)")
+        updated.add(id(module))
         updates.append(KohyaUpdate(name, module, delta_weight, delta_bias))
     return KohyaAdapter(kohya_info(path, metadata), updates)
