@@ -345,8 +345,9 @@ def _check_photo_settings(config) -> None:
     concepts = config.concepts
     if len(set(concepts)) != len(concepts):
         raise SdtuneError(f"--concept names a concept twice: {', '.join(concepts)}")
-    if isinstance(config.images, list) and len(config.images) != len(concepts):
-        raise SdtuneError(f"give one --images folder per --concept: {len(config.images)} for {len(concepts)} concepts")
+    folders = len(config.images) if isinstance(config.images, list) else int(config.images is not None)
+    if folders and folders != len(concepts):
+        raise SdtuneError(f"give one --images folder per --concept: {folders} for {len(concepts)} concepts")
     if len(concepts) > 1:
         if config.dataset is not None:
             raise SdtuneError("--dataset trains on a labelled dataset; it takes no --concept")
