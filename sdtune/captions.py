@@ -81,9 +81,9 @@ def tags(caption: str) -> list[str]:
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
-def check_keep_tokens(prompts: list[str], images: list[Path], keep_tokens: int) -> None:
+def check_keep_tokens(captioned: list[tuple[Path, str]], keep_tokens: int) -> None:
     """Refuse a --keep-tokens larger than an image's caption has tags: it would keep the whole caption."""
-    for prompt, image in zip(prompts, images):
+    for image, prompt in captioned:
         count = len(tags(prompt))
         if count < keep_tokens:
             raise SdtuneError(

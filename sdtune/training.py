@@ -131,17 +131,13 @@ def read_inputs(config: TrainConfig) -> Inputs:
     inputs = Inputs(labelled, [p for p, _, _ in training], [p for p, _, _ in held_out], sample_prompts,
                     prompts=[t for _, t, _ in training], held_out_prompts=[t for _, t, _ in held_out],
                     concept_labels=[c for _, _, c in training])
-    if config.shuffle_caption:
-        from .captions import check_keep_tokens
-
-        check_keep_tokens(inputs.prompts + inputs.held_out_prompts, inputs.image_paths + inputs.held_out_paths, config.keep_tokens)
     return inputs
 
 
 def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     """(image, prompt, concept index) of every concept's images: a caption beside the image (or in the
     folder's metadata.jsonl) with placeholders filled, else the template's prompt for the concept."""
-    from .captions import read_captions
+    from .captions import check_keep_tokens, read_captions
     from .data import fill_placeholders
     from .datasets import concept_images
 
@@ -151,7 +147,10 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     found = []
     for label, (concept, folder) in enumerate(zip(concepts, folders)):
         paths = concept_images(concept, folder, config.data_root)
-        for path, caption in zip(paths, read_captions(paths)):
+        captions = read_captions(paths)
+        if config.shuffle_caption:  # a template's prompt is no list of tags: only captions are checked
+            check_keep_tokens([(path, caption) for path, caption in zip(paths, captions) if caption], config.keep_tokens)
+        for path, caption in zip(paths, captions):
             prompt = fill_placeholders(caption, tokens) if caption else config.concept_prompt(concept)
             found.append((path, prompt, label))
     return found
