@@ -15,6 +15,7 @@ from typing import Iterator
 
 from .errors import SdtuneError
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a photo is stored turned or mirrored
 MAX_STEP = 64  # px: SD's latent grid (VAE ×8) stays divisible by the UNet's three downsamplings (×8)
 VAE_FACTOR = 8  # pixels per latent cell of SD's VAE: every side is a multiple of it
 
@@ -104,7 +105,6 @@ def image_buckets(config, paths: list) -> list[tuple[int, int]]:
     loads; unreadable images are left out, as loading skips them."""
     from PIL import Image
 
-    from .data import EXIF_ORIENTATION
     from .models import read_model_configs
 
     sizes = bucket_sizes(config.resolution or read_model_configs(config.model).native_resolution)

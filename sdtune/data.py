@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .buckets import EXIF_ORIENTATION, nearest_bucket
 from .errors import SdtuneError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
 PLACEHOLDER = re.compile(r"<([^<>\s]+)>")
-EXIF_ORIENTATION = 0x0112
 MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt file
 
 
@@ -169,13 +169,12 @@ def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | No
             width, height = height, width
         size = (resolution, resolution)
         if buckets:
-            from .buckets import nearest_bucket
-
             size = nearest_bucket(width, height, buckets)
         image.draft("RGB", size[::-1] if turned else size)  # JPEGs decode at reduced size when large
         image = to_rgb(ImageOps.exif_transpose(image))
     if max(size[0] / width, size[1] / height) > 1:
-        warnings.warn(f"{path.name} is {width}x{height}, smaller than {size[0]}x{size[1]}px: upscaled", stacklevel=2)
+        smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
+        warnings.warn(f"{path.name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=2)
     framed = frame(image, *size)
     framed.original_size = (height, width)
     return framed
