@@ -119,7 +119,7 @@ class Inputs:
 def read_inputs(config: TrainConfig) -> Inputs:
     """The run's images (some held out with --validation-images) or labelled dataset, and validation prompts."""
     from . import validation
-    from .datasets import concept_images, dataset_from_config
+    from .datasets import dataset_from_config
 
     labelled = dataset_from_config(config) if config.dataset else None
     images = [] if labelled is not None else concept_inputs(config)
@@ -303,7 +303,7 @@ class Trainer:
         """The training images (and the class images, drawn by the base model before the method is injected)."""
         from . import prior
         from .buckets import bucket_sizes, check_buckets
-        from .data import ConceptDataset, load_framed_images, load_images
+        from .data import ConceptDataset, load_framed_images
         from .datasets import ClassImageDataset
 
         config, inputs, resolution = self.config, self.inputs, self.resolution
@@ -323,7 +323,7 @@ class Trainer:
         self.class_dataset = None
         if config.with_prior_preservation:
             class_paths = prior.class_image_paths(config, self.pipe, self.output, resolution, self.accelerator, self.progress)
-            self.class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt, config.random_flip)
+            self.class_dataset = ConceptDataset(load_framed_images(class_paths, resolution), config.class_prompt, config.random_flip)
 
     def _inject_method(self) -> None:
         """Inject the method into the UNet; check there is room for what the run writes; freeze the rest in its dtype."""
