@@ -81,7 +81,9 @@ class BucketBatchSampler:
         for size in sorted(set(bucket_of)):
             members = [i for i, s in enumerate(bucket_of) if s == size]
             self.buckets.append(np.asarray([i for i in members for _ in range(repeats[i])], dtype=np.int64))
-        self.batch_size = batch_size
+        # not `batch_size`: Accelerate then shards these batches across processes as whole batches of
+        # varying length, never topping one up with another bucket's images
+        self.images_per_batch = batch_size
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -90,13 +92,13 @@ class BucketBatchSampler:
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return sum(-(-len(members) // self.batch_size) for members in self.buckets)
+        return sum(-(-len(members) // self.images_per_batch) for members in self.buckets)
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = []
         for members in self.buckets:
             order = self.rng.permutation(members)
-            batches += [order[start : start + self.batch_size].tolist() for start in range(0, len(order), self.batch_size)]
+            batches += [order[start : start + self.images_per_batch].tolist() for start in range(0, len(order), self.images_per_batch)]
         return iter([batches[i] for i in self.rng.permutation(len(batches))])
 
 

@@ -88,6 +88,16 @@ def test_images_fill_their_bucket_and_tell_their_original_size_and_crop(tmp_path
     assert batch["original_size"].shape == (2, 2) and batch["crop_top_left"].tolist() == [[0, 25], [0, 25]]
 
 
+def test_labelled_dataset_items_tell_their_original_size_and_crop(tmp_path):
+    from sdtune.datasets import ClassImageDataset, read_folder
+
+    photo_set(tmp_path / "photos" / "castle", counts=(1, 0, 1))
+    dataset = ClassImageDataset(read_folder(tmp_path / "photos", "a photo of a {class}."), 64)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [item["original_size"].tolist() for item in items] == [[128, 96], [90, 160]]  # portrait-0, wide-0
+    assert [item["crop_top_left"].tolist() for item in items] == [[10, 0], [0, 25]]
+
+
 def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     from sdtune.data import load_framed
 
@@ -269,3 +279,15 @@ def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
 def test_photo_settings_that_do_not_combine_are_refused(settings, message):
     with pytest.raises(SdtuneError, match=message):
         TrainConfig(**settings).validate()
+
+
+@pytest.mark.slow
+def test_two_processes_take_whole_bucket_batches(tmp_path, tiny_path):
+    """Accelerate shards the bucket batches (some smaller: 3 images in batches of 2) as whole batches."""
+    from test_multiprocess import two_processes
+
+    images = photo_set(tmp_path / "photos", counts=(2, 3, 2))[0].parent
+    result = two_processes("train", "--images", str(images), "--buckets", "--batch-size", "2", "--steps", "5",
+                           "--log-with", "none", "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 5
