@@ -11,6 +11,7 @@ stack into one tensor and one UNet call.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterator
 
 from .errors import SdtuneError
@@ -107,9 +108,12 @@ def image_buckets(config, paths: list) -> list[tuple[int, int]]:
     loads; unreadable images are left out, as loading skips them."""
     from PIL import Image
 
+    from .limits import smallest_resolution
     from .models import read_model_configs
 
-    sizes = bucket_sizes(config.resolution or read_model_configs(config.model).native_resolution)
+    configs = read_model_configs(config.model)
+    resolution = config.resolution or configs.native_resolution
+    sizes, least = bucket_sizes(resolution), smallest_resolution(configs)
     found = []
     for path in paths:
         try:
@@ -121,4 +125,9 @@ def image_buckets(config, paths: list) -> list[tuple[int, int]]:
             found.append(None)
             continue
         found.append(nearest_bucket(width, height, sizes))
+        if min(found[-1]) < least:  # a GroupNorm would normalise single values, as --resolution's check says
+            raise SdtuneError(
+                f"--buckets: {Path(path).name} ({width}x{height}) goes to the {found[-1][0]}x{found[-1][1]} bucket, "
+                f"smaller than {config.model}'s smallest side ({least} px); give a larger --resolution"
+            )
     return found

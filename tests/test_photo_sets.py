@@ -218,6 +218,34 @@ def test_caption_augmentation_trains_and_resumes_exactly(tmp_path, tiny_path):
     assert (resumed.output / "adapter.safetensors").read_bytes() == (whole.output / "adapter.safetensors").read_bytes()
 
 
+def test_captions_reach_the_validation_loss_and_prior_preservation(tmp_path, tiny_path, monkeypatch):
+    from sdtune import validation
+
+    monkeypatch.setattr(validation, "SAMPLE_STEPS", 2)
+    folder = photo_set(tmp_path / "photos", counts=(2, 2, 1))[0].parent
+    for path in sorted(folder.glob("*.png")):
+        path.with_suffix(".txt").write_text(f"a <castle> seen as {path.stem}")
+    class_images = photo_set(tmp_path / "class", counts=(1, 1, 1), seed=2)[0].parent
+    embedded: list[str] = []
+    original = validation.ValidationLoss.__init__
+
+    def recording(self, pixels, prompt_embeds, *args):
+        embedded.append(len(prompt_embeds))
+        return original(self, pixels, prompt_embeds, *args)
+
+    monkeypatch.setattr(validation.ValidationLoss, "__init__", recording)
+    prompts: list[str] = []
+    import sdtune.training
+
+    original_loss = sdtune.training.Trainer.loss
+    monkeypatch.setattr(sdtune.training.Trainer, "loss", lambda self, latents, batch: prompts.extend(batch["prompt"]) or original_loss(self, latents, batch))
+    run = run_training(tmp_path, "prior", images=str(folder), class_images=str(class_images), class_prompt="photo of a castle.",
+                       validate_every=2, validation_images=1, caption_dropout=0.5, batch_size=2, steps=2)
+    assert set(run.validation_losses) == {2} and embedded == [1]
+    assert {p for p in prompts if p.startswith("a sks castle seen as")} and "photo of a castle." in prompts
+    assert len(prompts) == 2 * 2 * 2  # concept and class examples in every batch
+
+
 # ---------------------------------------------------------------------------------------------
 # Several concepts
 
