@@ -104,8 +104,8 @@ class BucketBatchSampler:
 
 
 def image_buckets(config, paths: list) -> list[tuple[int, int]]:
-    """The bucket of each readable image, from its header alone (no pixel is decoded), before the model
-    loads; unreadable images are left out, as loading skips them."""
+    """The bucket of each image, from its header alone (no pixel is decoded), before the model loads; None
+    for an unreadable image (loading skips it with a warning). A bucket too small for the model is refused."""
     from PIL import Image
 
     from .limits import smallest_resolution

@@ -343,6 +343,8 @@ PHOTO_SETTINGS = ("buckets", "caption_dropout", "shuffle_caption", "keep_tokens"
 def _check_photo_settings(config) -> None:
     """Several concepts, buckets and caption augmentation: what combines with what."""
     concepts = config.concepts
+    if not concepts:
+        raise SdtuneError("--concept needs a name (or a list of names)")
     if len(set(concepts)) != len(concepts):
         raise SdtuneError(f"--concept names a concept twice: {', '.join(concepts)}")
     folders = len(config.images) if isinstance(config.images, list) else int(config.images is not None)

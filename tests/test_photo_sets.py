@@ -296,6 +296,7 @@ def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(concept=["castle", "castle"]), "--concept names a concept twice"),
+    (dict(concept=[]), "--concept needs a name"),
     (dict(concept=["castle", "canal"], images=["a"]), "give one --images folder per --concept: 1 for 2 concepts"),
     (dict(concept=["castle", "canal"], token="zwx"), "--token replaces one concept's placeholder"),
     (dict(concept=["castle", "canal"], class_prompt="a castle"), "prior preservation .* takes one --concept"),
