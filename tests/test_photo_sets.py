@@ -132,6 +132,7 @@ def test_a_bucket_with_fewer_images_than_a_batch_is_refused():
         check_buckets([(64, 64)] * 2 + [(96, 40)], batch_size=2, names=["a.png", "b.png", "wide.png"])
 
 
+@pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
 def test_buckets_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path):
     """Three shapes in batches of 2 (3 batches an epoch): the cached run equals the uncached one bit for
     bit, and a run cut at step 4 and resumed (in its second epoch) ends with the uninterrupted adapter."""
@@ -206,6 +207,7 @@ def test_shuffled_captions_keep_their_first_tags_and_dropout_empties_some():
     assert plain[0]["prompt"] == items[0]["prompt"]
 
 
+@pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
 def test_caption_augmentation_trains_and_resumes_exactly(tmp_path, tiny_path):
     folder = photo_set(tmp_path / "photos", counts=(1, 2, 1))[0].parent
     for i, path in enumerate(sorted(folder.glob("*.png"))):
@@ -273,6 +275,19 @@ def test_several_concepts_train_one_adapter_that_knows_every_placeholder(tmp_pat
     written = (run.output / "config.toml").read_text()
     assert 'concept = [\n    "castle",\n    "canal",\n]' in written or 'concept = ["castle", "canal"]' in written
     assert TrainConfig(concept=["castle"]).concept == "castle"  # one concept stays a plain setting
+
+
+def test_several_concepts_in_buckets_are_drawn_equally_often(tmp_path, tiny_path, monkeypatch):
+    castle = photo_set(tmp_path / "castle", counts=(1, 1, 1))[0].parent
+    canal = photo_set(tmp_path / "canal", counts=(2, 2, 2), seed=1)[0].parent
+    prompts: list[str] = []
+    import sdtune.training
+
+    original_loss = sdtune.training.Trainer.loss
+    monkeypatch.setattr(sdtune.training.Trainer, "loss", lambda self, latents, batch: prompts.extend(batch["prompt"]) or original_loss(self, latents, batch))
+    run_training(tmp_path, "both", concept=["castle", "canal"], images=[str(castle), str(canal)], buckets=True, steps=12)
+    # each castle image twice, each canal image once: 6 and 6 in an epoch of 12 batches of one
+    assert prompts.count("photo of a sks castle.") == prompts.count("photo of a sks canal.") == 6
 
 
 def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
