@@ -255,6 +255,8 @@ def test_captions_reach_the_validation_loss_and_prior_preservation(tmp_path, tin
 def test_several_concepts_train_one_adapter_that_knows_every_placeholder(tmp_path, tiny_path, monkeypatch):
     from sdtune.adapter import read_adapter_info
     from sdtune.data import fill_placeholders
+    from sdtune.export import export_adapter
+    from sdtune.adapter import adapter_info
 
     castle = photo_set(tmp_path / "castle", counts=(1, 1, 1))[0].parent
     canal = photo_set(tmp_path / "canal", counts=(2, 2, 2), seed=1)[0].parent
@@ -271,6 +273,8 @@ def test_several_concepts_train_one_adapter_that_knows_every_placeholder(tmp_pat
     info, _ = read_adapter_info(run.adapter)
     assert info.placeholder_tokens() == {"castle": "sks castle", "canal": "sks canal"}
     assert fill_placeholders("a <castle> by a <canal> and a <bridge>", info.placeholder_tokens()) == "a sks castle by a sks canal and a bridge"
+    export_adapter(run.output, "kohya", tmp_path / "both.safetensors")  # the tokens travel with a kohya export
+    assert adapter_info(tmp_path / "both.safetensors").placeholder_tokens() == info.placeholder_tokens()
     assert run.output.name == "both" and TrainConfig(concept=["castle", "canal"]).resolved(1e-3).output == "runs/castle+canal-atoms"
     written = (run.output / "config.toml").read_text()
     assert 'concept = [\n    "castle",\n    "canal",\n]' in written or 'concept = ["castle", "canal"]' in written
