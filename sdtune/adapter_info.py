@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+CONCEPT_TOKENS = "concept_tokens"  # metadata of an adapter of several concepts: JSON {name: token}
+
 
 @dataclass
 class AdapterInfo:
@@ -22,3 +24,16 @@ class AdapterInfo:
     placeholder: str = ""
     token: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+
+    def placeholder_tokens(self) -> str | dict[str, str] | None:
+        """What fills `<name>` placeholders: each concept's token (an adapter of several concepts), else its token."""
+        import json
+
+        if CONCEPT_TOKENS in self.extra:
+            try:
+                tokens = json.loads(self.extra[CONCEPT_TOKENS])
+            except ValueError:
+                tokens = None
+            if isinstance(tokens, dict) and all(isinstance(v, str) for v in tokens.values()):
+                return tokens
+        return self.token or None

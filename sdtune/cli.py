@@ -227,10 +227,10 @@ def is_main_process() -> bool:
 @handle_errors
 @with_method_option_flags
 def train(
-    concept: Optional[str] = typer.Option(None, help="Concept name; its placeholder is <NAME>." + _default(TrainConfig, "concept")),
+    concept: Optional[List[str]] = typer.Option(None, help="Concept name; its placeholder is <NAME>. Repeat for several concepts in one adapter (each with its own images, drawn equally often)." + _default(TrainConfig, "concept")),
     method: Optional[str] = typer.Option(None, help="Tuning method (see `sdtune methods`)." + _default(TrainConfig, "method")),
     model: Optional[str] = typer.Option(None, help="An SD 1.x, 2.x or SDXL pipeline: a hub id or a diffusers folder; or 'tiny' (pretrained on digits), 'tiny-random', 'tiny-sd2-random', 'tiny-sdxl-random'." + _default(TrainConfig, "model")),
-    images: Optional[Path] = typer.Option(None, help="Folder of training images (default: concepts/NAME, else the built-in demo set)."),
+    images: Optional[List[Path]] = typer.Option(None, help="Folder of training images, one per --concept (default: concepts/NAME, else the built-in demo set); an img.txt beside img.png, or metadata.jsonl, captions it."),
     output: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<concept>-<method>)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps." + _default(TrainConfig, "steps")),
     batch_size: Optional[int] = typer.Option(None, help="Images per step." + _default(TrainConfig, "batch_size")),
@@ -279,6 +279,10 @@ def train(
     split: Optional[str] = typer.Option(None, help="VTAB-1k split: train800val200, train800, val200 or test (default: train800val200)."),
     class_template: Optional[str] = typer.Option(None, help="Caption template; {class} is replaced by the class name (default: the dataset's own)."),
     balance_classes: Optional[bool] = typer.Option(None, "--balance-classes/--no-balance-classes", help="Draw every class equally often" + _default(TrainConfig, "balance_classes") + "."),
+    buckets: Optional[bool] = typer.Option(None, "--buckets/--no-buckets", help="Aspect-ratio buckets: each image resized and cropped to the bucket (about --resolution² pixels) nearest its shape, batches from one bucket; off: center-cropped squares" + _default(TrainConfig, "buckets") + "."),
+    caption_dropout: Optional[float] = typer.Option(None, help="Train on the empty prompt with this probability." + _default(TrainConfig, "caption_dropout")),
+    shuffle_caption: Optional[bool] = typer.Option(None, "--shuffle-caption/--no-shuffle-caption", help="Shuffle each caption's comma-separated tags every time it is drawn" + _default(TrainConfig, "shuffle_caption") + "."),
+    keep_tokens: Optional[int] = typer.Option(None, help="With --shuffle-caption: the first N tags stay in place." + _default(TrainConfig, "keep_tokens")),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
     **method_options: Any,  # the method-option flags (with_method_option_flags)
@@ -287,6 +291,9 @@ def train(
     from . import train as run_training
 
     settings = locals()
+    for name in ("concept", "images"):  # repeatable: one value stays one setting
+        values = [str(value) for value in settings[name] or []]
+        settings[name] = None if not values else values[0] if len(values) == 1 else values
     file_values = TrainConfig.load(config) if config else TrainConfig()
     options = dict(file_values.options)
     options.update(method_options_from_flags(method or file_values.method, method_options))

@@ -91,6 +91,9 @@ class PromptConditioning:
         self.sdxl = is_sdxl(pipe)
         self.vae_scale_factor = pipe.vae_scale_factor
         self.cache: dict = {}  # prompt -> (hidden states, pooled embedding or None)
+        # False (shuffled captions, whose tag orders are too many to keep): the cache keeps what
+        # `precompute` put in it, and other prompts are encoded each time they come, to the same values.
+        self.remember_new = True
 
     def encode(self, ids_per_encoder):
         """One prompt's (hidden states, pooled embedding or None) from its token ids for each encoder."""
@@ -107,32 +110,42 @@ class PromptConditioning:
         return torch.cat([h.to(hidden[-1].dtype) for h in hidden], dim=-1), pooled
 
     def precompute(self, prompts) -> None:
+        self.cache.update(self.encode_prompts({p for p in prompts if p not in self.cache}))
+
+    def encode_prompts(self, prompts) -> dict:
+        """Each prompt's (hidden states, pooled embedding or None), one prompt per encoder call."""
         import torch
 
-        missing = sorted({p for p in prompts if p not in self.cache})
+        missing = sorted(prompts)
         if not missing:
-            return
+            return {}
         ids = [
             tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
             for tokenizer in self.tokenizers
         ]
         with torch.no_grad():
-            for index, prompt in enumerate(missing):
-                # One prompt per call: the embedding does not depend on which prompts came with it.
-                self.cache[prompt] = self.encode([per_encoder[index] for per_encoder in ids])
+            # One prompt per call: the embedding does not depend on which prompts came with it.
+            return {prompt: self.encode([per_encoder[index] for per_encoder in ids]) for index, prompt in enumerate(missing)}
+
+    def lookup(self, prompts) -> dict:
+        """prompt -> its cached or freshly computed embeddings, for every prompt of `prompts`."""
+        if self.remember_new:
+            self.precompute(prompts)
+            return self.cache
+        return {**self.cache, **self.encode_prompts({p for p in prompts if p not in self.cache})}
 
     def __call__(self, prompts, device, batch=None, size=None) -> UNetConditions:
         """The conditions of `prompts`; for SDXL also the time ids of `batch`'s images, which are
         `size` (height, width) pixels."""
         import torch
 
-        self.precompute(prompts)
-        hidden = torch.stack([self.cache[p][0] for p in prompts]).to(device)
+        found = self.lookup(prompts)
+        hidden = torch.stack([found[p][0] for p in prompts]).to(device)
         if not self.sdxl:
             return UNetConditions(hidden)
         if size is None:
             raise ValueError("SDXL's conditioning needs the images' size: it is part of the time ids")
-        pooled = torch.stack([self.cache[p][1] for p in prompts]).to(device)
+        pooled = torch.stack([found[p][1] for p in prompts]).to(device)
         ids = time_ids(batch, len(prompts), tuple(int(s) for s in size)).to(device, pooled.dtype)
         return UNetConditions(hidden, pooled, ids)

@@ -136,11 +136,11 @@ def check_resolution(resolution: int | None) -> None:
 class TrainConfig(_Config):
     """Everything `sdtune train` needs. Unset values are resolved by `resolved()`."""
 
-    concept: str = "castle"
+    concept: str | list[str] = "castle"  # several train one adapter, each with its own images and placeholder
     method: str = DEFAULT_METHOD
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options
     model: str = DEFAULT_MODEL
-    images: str | None = None  # folder of training images; default concepts/NAME or the demo set
+    images: str | list[str] | None = None  # folder of training images (one per concept); default concepts/NAME or the demo set
     output: str | None = None  # default runs/<concept>-<method>
     token: str | None = None  # replaces the placeholder; default "sks <concept>"
     template: str = "photo of a {token}."
@@ -194,9 +194,15 @@ class TrainConfig(_Config):
     split: str | None = None  # VTAB-1k split file (default train800val200)
     class_template: str | None = None  # caption template with {class} (default: the dataset's own)
     balance_classes: bool = True  # draw every class equally often
+    # Photo sets (sdtune/buckets.py, sdtune/captions.py): captions beside concept images are always read
+    buckets: bool = False  # aspect-ratio buckets instead of center-cropping every image to a square
+    caption_dropout: float = 0.0  # train on the empty prompt with this probability
+    shuffle_caption: bool = False  # shuffle each caption's comma-separated tags every time it is drawn
+    keep_tokens: int = 0  # with shuffle_caption: the first N tags stay in place
 
     def validate(self) -> None:
         _split_classes(self)
+        _check_photo_settings(self)
         if self.dataset is not None:
             _check_dataset(self)
         elif self.classes or self.max_per_class or self.split:
@@ -205,8 +211,9 @@ class TrainConfig(_Config):
             raise SdtuneError("--random-flip applies to concept images; labelled datasets are not mirrored")
         if self.dataset is not None and (self.validate_every or self.with_prior_preservation):
             raise SdtuneError("--dataset does not combine with --validate-every or prior preservation (class images)")
-        if not self.concept or not self.concept.replace("-", "").replace("_", "").isalnum():
-            raise SdtuneError(f"--concept must be a plain name (letters, digits, - or _), got {self.concept!r}")
+        for concept in self.concepts:
+            if not concept or not concept.replace("-", "").replace("_", "").isalnum():
+                raise SdtuneError(f"--concept must be a plain name (letters, digits, - or _), got {concept!r}")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -261,10 +268,33 @@ class TrainConfig(_Config):
     def __post_init__(self) -> None:
         _split_classes(self)  # "a,b,c" from the command line
         super().__post_init__()
+        for name in ("concept", "images"):  # one concept stays a plain setting, as before several were possible
+            value = getattr(self, name)
+            if isinstance(value, list) and len(value) == 1:
+                setattr(self, name, value[0])
+
+    @property
+    def concepts(self) -> list[str]:
+        """The concepts' names (one or several)."""
+        return list(self.concept) if isinstance(self.concept, list) else [self.concept]
+
+    @property
+    def concept_tokens(self) -> dict[str, str]:
+        """Each concept's name → the text that replaces its placeholder `<name>`."""
+        if len(self.concepts) == 1:
+            return {self.concepts[0]: self.token or f"sks {self.concepts[0]}"}
+        return {name: f"sks {name}" for name in self.concepts}
+
+    def concept_prompt(self, name: str) -> str:
+        """The template's prompt for one concept's images."""
+        return self.template.format(token=self.concept_tokens[name])
 
     def to_dict(self) -> dict[str, Any]:
         values = super().to_dict()
         values.pop("overwrite", None)  # run control, as resume
+        for name in PHOTO_SETTINGS:  # at their defaults, left out: a run's config.toml reads as before they existed
+            if values.get(name) == TrainConfig.__dataclass_fields__[name].default:
+                values.pop(name)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings
             for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
                 values.pop(name, None)
@@ -272,18 +302,19 @@ class TrainConfig(_Config):
 
     @property
     def placeholder(self) -> str:
-        return "" if self.dataset else f"<{self.concept}>"
+        """The (first) concept's placeholder; `concept_tokens` has every concept's."""
+        return "" if self.dataset else f"<{self.concepts[0]}>"
 
     def resolved(self, default_lr: float) -> "TrainConfig":
         """A copy with every default filled in, as written to config.toml."""
-        name = self.dataset or self.concept
+        name = self.dataset or "+".join(self.concepts)
         prior = self.with_prior_preservation
         return dataclasses.replace(
             self,
             options=dict(self.options),
             classes=list(self.classes),
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
-            token=None if self.dataset else self.token or f"sks {self.concept}",
+            token=None if self.dataset or len(self.concepts) > 1 else self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
             resume=None,  # how this run started, not a setting to replay
             overwrite=False,
@@ -294,7 +325,8 @@ class TrainConfig(_Config):
 
     @property
     def prompt(self) -> str:
-        return self.template.format(token=self.token or f"sks {self.concept}")
+        """The (first) concept's prompt from the template."""
+        return self.concept_prompt(self.concepts[0])
 
 
 def _split_classes(config) -> None:
@@ -303,6 +335,38 @@ def _split_classes(config) -> None:
         config.classes = [name.strip() for name in config.classes.split(",") if name.strip()]
     if not isinstance(config.classes, list) or not all(isinstance(name, str) and name for name in config.classes):
         raise SdtuneError(f"--classes takes class names separated by commas, got {config.classes!r}")
+
+
+PHOTO_SETTINGS = ("buckets", "caption_dropout", "shuffle_caption", "keep_tokens")
+
+
+def _check_photo_settings(config) -> None:
+    """Several concepts, buckets and caption augmentation: what combines with what."""
+    concepts = config.concepts
+    if not concepts:
+        raise SdtuneError("--concept needs a name (or a list of names)")
+    if len(set(concepts)) != len(concepts):
+        raise SdtuneError(f"--concept names a concept twice: {', '.join(concepts)}")
+    folders = len(config.images) if isinstance(config.images, list) else int(config.images is not None)
+    if folders and folders != len(concepts):
+        raise SdtuneError(f"give one --images folder per --concept: {folders} for {len(concepts)} concepts")
+    if len(concepts) > 1:
+        if config.dataset is not None:
+            raise SdtuneError("--dataset trains on a labelled dataset; it takes no --concept")
+        if config.token is not None:
+            raise SdtuneError("--token replaces one concept's placeholder; with several concepts each <NAME> becomes 'sks NAME'")
+        if config.with_prior_preservation:
+            raise SdtuneError("prior preservation (class images) takes one --concept")
+    if not (0 <= config.caption_dropout < 1):
+        raise SdtuneError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
+    if config.keep_tokens < 0:
+        raise SdtuneError(f"--keep-tokens must be 0 or more, got {config.keep_tokens}")
+    if config.keep_tokens and not config.shuffle_caption:
+        raise SdtuneError("--keep-tokens applies to --shuffle-caption")
+    if config.buckets and config.dataset is not None:
+        raise SdtuneError("--buckets applies to concept images; a labelled dataset's images are center-cropped")
+    if config.buckets and config.with_prior_preservation:
+        raise SdtuneError("--buckets does not combine with prior preservation (class images are square) yet")
 
 
 def _check_dataset(config) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .buckets import EXIF_ORIENTATION, nearest_bucket
 from .errors import SdtuneError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
@@ -72,8 +75,12 @@ def _shorten(text: str, length: int = 40) -> str:
     return text if len(text) <= length else text[: length - 1] + "…"
 
 
-def fill_placeholders(prompt: str, token: str | None) -> str:
-    """Replace every `<name>` with the concept's token, or with plain `name` when there is none."""
+def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
+    """Replace every `<name>` with the concept's token, or with plain `name` when there is none.
+
+    With several concepts `token` maps each name to its token; a `<name>` it lacks becomes plain `name`."""
+    if isinstance(token, dict):
+        return PLACEHOLDER.sub(lambda match: token.get(match.group(1), match.group(1)), prompt)
     return PLACEHOLDER.sub(lambda match: token if token else match.group(1), prompt)
 
 
@@ -129,9 +136,25 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+@dataclass
+class Framed:
+    """An image at its training size, and where it came from (SDXL's size and crop conditioning)."""
+
+    image: Any  # RGB PIL image
+    original_size: tuple[int, int]  # (height, width) of the file's image, before any resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop, in the resized image's pixels
+    resized_width: int  # the resized image's width, to mirror the crop's left edge with the image
+
+
 def load_image(path: Path, resolution: int):
     """Open, convert, resize the shorter side to `resolution` and center-crop to a square."""
-    from PIL import Image
+    return load_framed(path, resolution).image
+
+
+def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None) -> Framed:
+    """Open, convert and fit an image into a `resolution` square or, with `buckets`, into the (width,
+    height) bucket nearest its aspect ratio. A phone photo's EXIF orientation is applied first."""
+    from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
         # PIL only warns between its limit and twice it, and would still decode the whole image
@@ -140,34 +163,55 @@ def load_image(path: Path, resolution: int):
     with image:
         if getattr(image, "n_frames", 1) > 1:
             warnings.warn(f"{path.name} has {image.n_frames} frames: the first is used", stacklevel=3)
-        image.draft("RGB", (resolution, resolution))  # JPEGs decode at reduced size when large
-        image = to_rgb(image)
-    width, height = image.size
-    if min(width, height) < resolution:
-        warnings.warn(f"{path.name} is {width}x{height}, smaller than {resolution}px: upscaled", stacklevel=2)
-    return fit_square(image, resolution)
+        width, height = image.size
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # stored turned by a quarter
+        if turned:
+            width, height = height, width
+        size = (resolution, resolution)
+        if buckets:
+            size = nearest_bucket(width, height, buckets)
+        image.draft("RGB", size[::-1] if turned else size)  # JPEGs decode at reduced size when large
+        image = to_rgb(ImageOps.exif_transpose(image))
+    if max(size[0] / width, size[1] / height) > 1:
+        smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
+        warnings.warn(f"{path.name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=2)
+    framed = frame(image, *size)
+    framed.original_size = (height, width)
+    return framed
 
 
 def fit_square(image, resolution: int):
     """Resize an RGB image's shorter side to `resolution` and center-crop it to a square."""
+    return frame(image, resolution, resolution).image
+
+
+def frame(image, width: int, height: int) -> Framed:
+    """Resize an RGB image to cover `width`×`height` and center-crop it to that size."""
     from PIL import Image
 
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    old_width, old_height = image.size
+    scale = max(width / old_width, height / old_height)
+    size = (max(width, round(old_width * scale)), max(height, round(old_height * scale)))
+    resized = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return Framed(resized.crop((left, top, left + width, top + height)), (old_height, old_width), (top, left), size[0])
 
 
 def load_images(paths: list[Path], resolution: int) -> list:
     """Every readable image; unreadable files are skipped with a warning, none readable is an error."""
+    return [framed.image for framed in load_framed_images(paths, resolution)]
+
+
+def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
+                       skipped: list[Path] | None = None) -> list[Framed]:
+    """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
+    `skipped`), none readable is an error."""
     from PIL import Image, UnidentifiedImageError
 
-    loaded, skipped = [], []
+    loaded, skipped = [], skipped if skipped is not None else []
     for path in paths:
         try:
-            loaded.append(load_image(path, resolution))
+            loaded.append(load_framed(path, resolution, buckets))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             skipped.append(path)
             warnings.warn(f"skipping {path}: over PIL's decompression-bomb limit ({str(error).split(',')[0]})", stacklevel=2)
@@ -183,27 +227,49 @@ def load_images(paths: list[Path], resolution: int) -> list:
 class ConceptDataset:
     """Few-shot concept images as tensors in [-1, 1], with `random_flip` each mirrored left-right half the time.
 
-    Items are `{"pixels": (3, H, W) tensor, "prompt": str}`. `example(index, flip)` gives one item with the
-    flip chosen by the caller, so a latent cache can encode both orientations once and still flip at random.
+    Items are `{"pixels": (3, H, W) tensor, "prompt": str, "original_size": (h, w), "crop_top_left":
+    (top, left)}` (the last two as int64 tensors, so the default collate stacks them). `prompt` is one
+    prompt for every image or a list with each image's own (its caption). `images` are PIL images, or
+    `Framed` ones that also tell their original size and crop; images of several sizes (aspect-ratio
+    buckets) are kept one tensor each. `example(index, flip)` gives one item with the flip chosen by
+    the caller, so a latent cache can encode both orientations once and still flip at random.
     Flipping is off unless asked for (as in diffusers and kohya): it would teach a mirrored concept where
     orientation matters (text, digits, a slanted style, an asymmetric object).
     """
 
-    def __init__(self, images: list, prompt: str, random_flip: bool = False):
+    def __init__(self, images: list, prompt: str | list[str], random_flip: bool = False):
         import numpy as np
         import torch
 
-        arrays = [np.asarray(image, dtype=np.float32) / 127.5 - 1.0 for image in images]
-        self.pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-        self.prompt = prompt
+        framed = [image if isinstance(image, Framed) else Framed(image, image.size[::-1], (0, 0), image.size[0]) for image in images]
+        tensors = [torch.from_numpy(np.asarray(f.image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous() for f in framed]
+        one_size = len({tuple(t.shape) for t in tensors}) == 1
+        self.pixels = torch.stack(tensors) if one_size else tensors  # a list where the sizes differ (buckets)
+        self.prompts = list(prompt) if isinstance(prompt, list) else [prompt] * len(framed)
+        if len(self.prompts) != len(framed):
+            raise ValueError(f"{len(self.prompts)} prompts for {len(framed)} images")
+        self.prompt = self.prompts[0]
+        self.sizes = [(t.shape[2], t.shape[1]) for t in tensors]  # (width, height): the bucket of each image
+        self.original_sizes = [f.original_size for f in framed]
+        self.crops = [(f.crop_top_left, f.resized_width) for f in framed]
         self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.pixels)
 
     def example(self, index: int, flip: bool) -> dict:
+        import torch
+
         pixels = self.pixels[index]
-        return {"pixels": pixels.flip(-1) if flip else pixels, "prompt": self.prompt}
+        (top, left), resized_width = self.crops[index]
+        if flip:  # the crop's left edge, seen in the mirrored image
+            left = resized_width - left - pixels.shape[-1]
+        return {
+            "pixels": pixels.flip(-1) if flip else pixels,
+            "prompt": self.prompts[index],
+            "original_size": torch.tensor(self.original_sizes[index]),
+            "crop_top_left": torch.tensor((top, left)),
+        }
 
     def __getitem__(self, index: int) -> dict:
         return self.example(index, self.random_flip and random_flip())

@@ -85,16 +85,20 @@ class LabelledDataset:
 
     def image(self, example: Example, resolution: int):
         """The example as an RGB PIL image, resized and center-cropped to `resolution`."""
+        return self.framed(example, resolution).image
+
+    def framed(self, example: Example, resolution: int):
+        """The example resized and center-cropped to `resolution`, with its original size and crop (`data.Framed`)."""
         from PIL import Image, UnidentifiedImageError
 
-        from .data import fit_square, load_image, to_rgb
+        from .data import frame, load_framed, to_rgb
 
         if isinstance(example.image, int):
-            return fit_square(to_rgb(Image.fromarray(self.arrays[example.image])), resolution)
+            return frame(to_rgb(Image.fromarray(self.arrays[example.image])), resolution, resolution)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # small images are expected in datasets; not one warning each
-                return load_image(example.image, resolution)
+                return load_framed(example.image, resolution)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise SdtuneError(f"cannot read image {example.image}: {str(error).splitlines()[0][:100]}") from None
 
@@ -181,7 +185,8 @@ class BalancedClassSampler:
 
 
 class ClassImageDataset:
-    """A labelled dataset for the training loop: `{"pixels": (3, H, W) in [-1, 1], "prompt": caption}` per image.
+    """A labelled dataset for the training loop: `{"pixels": (3, H, W) in [-1, 1], "prompt": caption,
+    "original_size", "crop_top_left"}` per image (as `data.ConceptDataset`'s).
 
     Images are decoded when drawn, so large datasets need no memory up front, and are not flipped
     (digits, house numbers and text are not mirror images of themselves). `captions` lists the
@@ -203,9 +208,10 @@ class ClassImageDataset:
         import torch
 
         example = self.dataset.examples[index]
-        image = self.dataset.image(example, self.resolution)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-        return {"pixels": pixels, "prompt": example.caption}
+        framed = self.dataset.framed(example, self.resolution)
+        pixels = torch.from_numpy(np.asarray(framed.image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+        return {"pixels": pixels, "prompt": example.caption, "original_size": torch.tensor(framed.original_size),
+                "crop_top_left": torch.tensor(framed.crop_top_left)}
 
     def __getitem__(self, index: int) -> dict:
         return self.example(index)

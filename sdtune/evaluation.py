@@ -383,8 +383,12 @@ def run_reference(run: Path) -> list[Path]:
     if not (run / "config.toml").is_file():
         raise MetricUnavailable(f"no reference images: {run} has no config.toml (give --reference DIR)")
     settings = read_toml(run / "config.toml")
+    concepts, folders = settings.get("concept", ""), settings.get("images")
+    if not isinstance(concepts, list):  # one concept (several: a list, with a list of folders or none)
+        concepts, folders = [concepts], [folders]
     try:
-        return concept_images(settings.get("concept", ""), settings.get("images"), settings.get("data_root"))
+        return [path for concept, folder in zip(concepts, folders or [None] * len(concepts))
+                for path in concept_images(concept, folder, settings.get("data_root"))]
     except SdtuneError as error:
         raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
 

@@ -144,7 +144,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     if explanation == "clusters":
         from .data import fill_placeholders
 
-        text = fill_placeholders(prompt, token or info.token)
+        text = fill_placeholders(prompt, token or info.placeholder_tokens())
         image, maps, timing = gift_cluster_maps(pipe, method, chosen, text, step, steps, guidance, seed, resolution)
         result.image = save(image, "image.png")
         for name in chosen:

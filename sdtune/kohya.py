@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .adapter_info import AdapterInfo
+from .adapter_info import CONCEPT_TOKENS, AdapterInfo
 from .errors import SdtuneError
 from .safetensors_checks import (
     check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
@@ -225,6 +225,7 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         "sdtune_base_model": info.base_model,
         "sdtune_placeholder": info.placeholder,
         "sdtune_token": info.token,
+        **{key: info.extra[key] for key in (CONCEPT_TOKENS,) if key in info.extra},  # several concepts' tokens
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(output) as tmp:

@@ -1,4 +1,4 @@
-"""What the UNet trains on: latents from the VAE and prompt embeddings from the text encoder.
+"""What the UNet trains on: latents from the VAE (prompts become conditioning in conditioning.py).
 
 Text embeddings are computed once per distinct prompt, and images are encoded one per VAE call, so an
 image's latents never depend on the images that came with it. By default (`--no-cache-latents` turns it
@@ -13,39 +13,6 @@ from __future__ import annotations
 from .data import random_flip
 
 ENCODE_BATCH = 8  # images read at a time while filling the cache
-
-
-class PromptEmbeddings:
-    """Text-encoder outputs, computed once per distinct prompt."""
-
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.cache: dict = {}
-
-    def precompute(self, prompts) -> None:
-        import torch
-
-        missing = sorted({p for p in prompts if p not in self.cache})
-        if not missing:
-            return
-        ids = self.tokenizer(
-            missing,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        with torch.no_grad():
-            for prompt, single in zip(missing, ids):
-                # One prompt per call: the embedding does not depend on which prompts came with it.
-                self.cache[prompt] = self.text_encoder(single[None].to(self.text_encoder.device))[0][0]
-
-    def __call__(self, prompts, device):
-        import torch
-
-        self.precompute(prompts)
-        return torch.stack([self.cache[p] for p in prompts]).to(device)
 
 
 def encode_images(vae, pixels):
@@ -79,8 +46,10 @@ class CachedLatents:
 
     The dataset must offer `example(index, flip)`; every image is encoded up front, in both orientations
     when the dataset flips at random, and kept on the CPU (the data loader moves each batch to the device).
-    The other fields of each item (its prompt) are kept too, so drawing an item decodes nothing; a dataset
-    that decodes its images when drawn (`decodes_on_draw`) is read by `workers` processes while filling.
+    The other fields of each item (its prompt, original size and crop, which a flip changes) are kept
+    too, so drawing an item decodes nothing; a dataset that decodes its images when drawn
+    (`decodes_on_draw`) is read by `workers` processes while filling. Images of several sizes (aspect-ratio
+    buckets) keep latents of several sizes, one tensor each.
     """
 
     def __init__(self, dataset, vae, workers: int = 0):
@@ -89,27 +58,28 @@ class CachedLatents:
         self.dataset = dataset
         self.random_flip = getattr(dataset, "random_flip", False)
         self.parameters = {}
-        self.items: list[dict] = []
+        self.items: dict[bool, list[dict]] = {}
         for flip in (False, True) if self.random_flip else (False,):
             loader = torch.utils.data.DataLoader(
                 _Examples(dataset, flip), batch_size=ENCODE_BATCH, num_workers=workers, collate_fn=list
             )
-            chunks = []
+            parameters, self.items[flip] = [], []
             for examples in loader:
-                chunks.append(encode_images(vae, torch.stack([example["pixels"] for example in examples])).cpu())
-                if not flip:
-                    self.items += [{k: v for k, v in example.items() if k != "pixels"} for example in examples]
-            self.parameters[flip] = torch.cat(chunks)
+                for example in examples:  # one image per VAE call (encode_images), whatever their sizes
+                    parameters.append(encode_images(vae, example["pixels"][None])[0].cpu())
+                self.items[flip] += [{k: v for k, v in example.items() if k != "pixels"} for example in examples]
+            one_size = len({tuple(p.shape) for p in parameters}) == 1
+            self.parameters[flip] = torch.stack(parameters) if one_size else parameters
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         flip = self.random_flip and random_flip()  # the same draw the dataset itself makes
-        return {**self.items[index], "latent_parameters": self.parameters[flip][index]}
+        return {**self.items[flip][index], "latent_parameters": self.parameters[flip][index]}
 
     def prompts(self) -> list[str]:
-        return [item["prompt"] for item in self.items]
+        return [item["prompt"] for item in self.items[False]]
 
 
 def batch_latents(batch, vae):

@@ -99,7 +99,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     prompts += list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     info = adapter_info(config.adapter) if config.adapter else None
     model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
-    token = config.token or (info.token if info else None) or None
+    token = config.token or (info.placeholder_tokens() if info else None) or None
     check_sample_fits(model, config, len(prompts), grid_size)  # sizes the model or the machine cannot take, before it loads
     if config.output:
         output = Path(config.output)

@@ -22,6 +22,7 @@ hardware and library versions).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -86,6 +87,10 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
     check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
+    if config.buckets:
+        from .buckets import check_buckets, image_buckets
+
+        check_buckets(image_buckets(config, inputs.image_paths), config.batch_size, [p.name for p in inputs.image_paths])
     output = ensure_writable_folder(config.output)
 
     accelerator = make_accelerator(config, output)
@@ -103,24 +108,52 @@ class Inputs:
     """What a run trains and validates on, read and checked before the model loads."""
 
     labelled: Any  # a LabelledDataset when training on a whole dataset, else None
-    image_paths: list[Path]  # the concept's training images
-    held_out_paths: list[Path]  # the concept's images held out for the validation loss
+    image_paths: list[Path]  # the concepts' training images
+    held_out_paths: list[Path]  # the concepts' images held out for the validation loss
     sample_prompts: list[str]  # the validation samples' prompts
+    prompts: list[str] = field(default_factory=list)  # each training image's prompt: its caption, else the template's
+    held_out_prompts: list[str] = field(default_factory=list)
+    concept_labels: list[int] = field(default_factory=list)  # each training image's concept (index into config.concepts)
 
 
 def read_inputs(config: TrainConfig) -> Inputs:
     """The run's images (some held out with --validation-images) or labelled dataset, and validation prompts."""
     from . import validation
-    from .datasets import concept_images, dataset_from_config
+    from .datasets import dataset_from_config
 
     labelled = dataset_from_config(config) if config.dataset else None
-    image_paths = [] if labelled is not None else concept_images(config.concept, config.images, config.data_root)
+    images = [] if labelled is not None else concept_inputs(config)
     if config.validation_images and not config.validate_every:
         warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=3)
     held_out_count = config.validation_images if config.validate_every else 0
-    image_paths, held_out_paths = validation.hold_out(image_paths, held_out_count, config.seed)
+    training, held_out = validation.hold_out(images, held_out_count, config.seed)
     sample_prompts = validation.validation_prompts(config) if config.validate_every else []
-    return Inputs(labelled, image_paths, held_out_paths, sample_prompts)
+    inputs = Inputs(labelled, [p for p, _, _ in training], [p for p, _, _ in held_out], sample_prompts,
+                    prompts=[t for _, t, _ in training], held_out_prompts=[t for _, t, _ in held_out],
+                    concept_labels=[c for _, _, c in training])
+    return inputs
+
+
+def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
+    """(image, prompt, concept index) of every concept's images: a caption beside the image (or in the
+    folder's metadata.jsonl) with placeholders filled, else the template's prompt for the concept."""
+    from .captions import check_keep_tokens, read_captions
+    from .data import fill_placeholders
+    from .datasets import concept_images
+
+    concepts = config.concepts
+    folders = config.images if isinstance(config.images, list) else [config.images] * len(concepts)
+    tokens = config.concept_tokens if len(concepts) > 1 else config.token or f"sks {concepts[0]}"
+    found = []
+    for label, (concept, folder) in enumerate(zip(concepts, folders)):
+        paths = concept_images(concept, folder, config.data_root)
+        captions = read_captions(paths)
+        if config.shuffle_caption:  # a template's prompt is no list of tags: only captions are checked
+            check_keep_tokens([(path, caption) for path, caption in zip(paths, captions) if caption], config.keep_tokens)
+        for path, caption in zip(paths, captions):
+            prompt = fill_placeholders(caption, tokens) if caption else config.concept_prompt(concept)
+            found.append((path, prompt, label))
+    return found
 
 
 def lock_output(accelerator, output: Path) -> OutputLock:
@@ -270,20 +303,28 @@ class Trainer:
     def _load_data(self) -> None:
         """The training images (and the class images, drawn by the base model before the method is injected)."""
         from . import prior
-        from .data import ConceptDataset, load_images
+        from .buckets import bucket_sizes, check_buckets
+        from .data import ConceptDataset, load_framed_images
         from .datasets import ClassImageDataset
 
         config, inputs, resolution = self.config, self.inputs, self.resolution
         if inputs.labelled is not None:
             self.dataset = ClassImageDataset(inputs.labelled, resolution)  # {"pixels", "prompt"}: each image with its own caption
         else:
-            self.dataset = ConceptDataset(load_images(inputs.image_paths, resolution), config.prompt, config.random_flip)
+            skipped: list[Path] = []
+            framed = load_framed_images(inputs.image_paths, resolution, bucket_sizes(resolution) if config.buckets else None, skipped)
+            kept = [i for i, path in enumerate(inputs.image_paths) if path not in skipped]
+            self.image_prompts = [inputs.prompts[i] for i in kept]
+            self.concept_labels = [inputs.concept_labels[i] for i in kept]
+            self.dataset = ConceptDataset(framed, self.image_prompts, config.random_flip)
+            if config.buckets:  # checked before the model loaded, from the images' headers; again as decoded
+                check_buckets(self.dataset.sizes, config.batch_size, [inputs.image_paths[i].name for i in kept])
             if not FEW_SHOT_IMAGES[0] <= len(self.dataset) <= FEW_SHOT_IMAGES[1]:
                 warnings.warn(f"{len(self.dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=3)
         self.class_dataset = None
         if config.with_prior_preservation:
             class_paths = prior.class_image_paths(config, self.pipe, self.output, resolution, self.accelerator, self.progress)
-            self.class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt, config.random_flip)
+            self.class_dataset = ConceptDataset(load_framed_images(class_paths, resolution), config.class_prompt, config.random_flip)
 
     def _inject_method(self) -> None:
         """Inject the method into the UNet; check there is room for what the run writes; freeze the rest in its dtype."""
@@ -336,18 +377,22 @@ class Trainer:
         import torch
 
         from . import prior, validation
+        from .buckets import BucketBatchSampler
+        from .captions import AugmentedCaptions
         from .data import ConceptDataset, load_images, warn_truncated_prompts
         from .datasets import BalancedClassSampler
         from .latents import CachedLatents
 
         config, inputs, device = self.config, self.inputs, self.device
         labelled = inputs.labelled
-        warn_truncated_prompts(self.tokenizer, self.dataset.captions if labelled is not None else [config.prompt])
+        warn_truncated_prompts(self.tokenizer, self.dataset.captions if labelled is not None else sorted(set(self.image_prompts)))
         self.validation_loss = None
         if config.validate_every and self.accelerator.is_main_process:
             held_out = self.dataset
             if inputs.held_out_paths:
-                held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), config.prompt)
+                held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), inputs.held_out_prompts)
+            elif config.buckets:  # the loss is measured on one batch of square images
+                held_out = ConceptDataset(load_images(inputs.image_paths, self.resolution), self.image_prompts)
             prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
             self.validation_loss = validation.ValidationLoss(
                 held_out.pixels, self.prompt_embeddings(prompts, device, size=held_out.pixels.shape[-2:]), self.vae,
@@ -358,17 +403,34 @@ class Trainer:
             self.dataset = CachedLatents(self.dataset, self.vae, workers)
             self.class_dataset = CachedLatents(self.class_dataset, self.vae) if self.class_dataset else None
             workers = 0  # drawing a cached item decodes nothing
-            self.prompt_embeddings.precompute(self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else []))
+            self.prompt_embeddings.precompute(
+                self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else [])
+                + ([""] if config.caption_dropout else [])
+            )
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
-            for text_encoder in self.text_encoders:
-                text_encoder.to("cpu")
+            if not config.shuffle_caption:  # shuffled captions are encoded in the loop
+                for text_encoder in self.text_encoders:
+                    text_encoder.to("cpu")
+        self.prompt_embeddings.remember_new = not config.shuffle_caption  # a shuffled caption's orders are too many
 
         self.data_order = torch.Generator()  # reseeded every epoch (see _batches_from)
         train_data, collate = self.dataset, None
+        if config.shuffle_caption or config.caption_dropout:  # drawn after the dataset's flip, cached or not
+            train_data = AugmentedCaptions(train_data, config.shuffle_caption, config.keep_tokens, config.caption_dropout)
         if self.class_dataset is not None:
-            train_data, collate = prior.PriorPreservationDataset(self.dataset, self.class_dataset), prior.collate_with_prior
-        # A dataset draws every class equally often; the sampler's indices hold for cached latents too.
-        self.sampler = BalancedClassSampler(labelled.labels) if labelled is not None and config.balance_classes else None
+            train_data, collate = prior.PriorPreservationDataset(train_data, self.class_dataset), prior.collate_with_prior
+        # A dataset draws every class (every concept) equally often; the sampler's indices hold for cached
+        # latents too. Buckets: batches of one image size, each concept's images repeated to the largest's number.
+        self.sampler = self.batch_sampler = None
+        concepts = len(config.concepts) if labelled is None else 1
+        if config.buckets:
+            counts = [self.concept_labels.count(label) for label in range(concepts)]
+            repeats = [-(-max(counts) // counts[label]) for label in self.concept_labels]
+            self.sampler = self.batch_sampler = BucketBatchSampler(self.dataset_sizes(), config.batch_size, repeats)
+        elif labelled is not None and config.balance_classes:
+            self.sampler = BalancedClassSampler(labelled.labels)
+        elif concepts > 1:
+            self.sampler = BalancedClassSampler(self.concept_labels)
         if config.batch_size > len(train_data):
             warnings.warn(
                 f"--batch-size {config.batch_size} is more than the {len(train_data)} training images: "
@@ -377,11 +439,18 @@ class Trainer:
             )
         # Batches go to the device from pinned memory without waiting (see make_accelerator); worker
         # processes decode the images of a dataset read from files, which draws no random numbers.
+        if self.batch_sampler is not None:
+            batching = dict(batch_sampler=self.batch_sampler)
+        else:
+            batching = dict(batch_size=config.batch_size, shuffle=self.sampler is None, sampler=self.sampler)
         self.loader = torch.utils.data.DataLoader(
-            train_data, batch_size=config.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-            generator=self.data_order, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
-            pin_memory=device.type == "cuda",
+            train_data, **batching, generator=self.data_order, collate_fn=collate, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         )
+
+    def dataset_sizes(self) -> list[tuple[int, int]]:
+        """Each concept image's (width, height): its bucket."""
+        return getattr(self.dataset, "dataset", self.dataset).sizes  # the dataset under the latent cache
 
     def _prepare(self) -> None:
         """accelerator.prepare, checkpoint hooks, the EMA, trackers."""
@@ -660,6 +729,8 @@ class Trainer:
             return
         config, method, base_model = self.config, self.method, self.pipe.sdtune_model_id
         extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(self.global_step))
+        if len(config.concepts) > 1 and not config.dataset:  # sampling fills each <name> with its own token
+            extra.update(token=config.concept_tokens[config.concepts[0]], concept_tokens=json.dumps(config.concept_tokens))
         save_adapter(self.output / ADAPTER_FILE, method, base_model, **extra)
         if self.ema is not None:  # the EMA weights in the same format, so load_adapter reads them
             self.ema.store(self.parameters)

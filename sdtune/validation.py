@@ -31,8 +31,8 @@ def validation_prompts(config) -> list[str]:
     if config.validation_prompts:
         prompts = read_prompt_file(config.validation_prompts)
     else:
-        prompts = [p.format(concept=config.concept) for p in DEFAULT_PROMPTS]
-    return [fill_placeholders(p, config.token) for p in prompts]
+        prompts = [p.format(concept=concept) for concept in config.concepts for p in DEFAULT_PROMPTS]
+    return [fill_placeholders(p, config.concept_tokens if len(config.concepts) > 1 else config.token) for p in prompts]
 
 
 def hold_out(paths: list[Path], count: int, seed: int) -> tuple[list[Path], list[Path]]:

@@ -64,6 +64,16 @@ def make_files(tmp: Path) -> None:
     (tmp / "a-file").write_text("not a folder\n")
     (tmp / "text.safetensors").write_text("not safetensors at all\n")
     (tmp / "empty-images").mkdir()
+    # photo sets: 3:4, 1:1, 16:9 and 3:1 photos, captioned badly
+    from PIL import Image
+
+    for name, captions in {"latin1": {"a": "café".encode("latin-1")}, "empty": {"a": b" \n"}, "tags": {"b": b"a <castle>, snow"}}.items():
+        folder = tmp / f"photos-{name}"
+        folder.mkdir()
+        for stem, size in {"a": (96, 128), "b": (100, 100), "c": (100, 100), "d": (160, 90), "e": (300, 100)}.items():
+            Image.new("RGB", size, (200, 120, 40)).save(folder / f"{stem}.png")
+        for stem, text in captions.items():
+            (folder / f"{stem}.txt").write_bytes(text)
 
 
 TRAIN = ("train", "--model", "tiny-random", "--output", "{tmp}/out", "--log-with", "none")
@@ -101,6 +111,18 @@ CASES = [
      "is a StableDiffusion3Pipeline, which sdtune does not support yet"),
     ("train-model-sdxl-one-text-encoder", (*TRAIN[:1], "--model", "{tmp}/sdxl", "--output", "{tmp}/out"), 2,
      "the folder lacks component(s) text_encoder_2, tokenizer_2, which a StableDiffusionXLPipeline needs"),
+    ("train-caption-not-utf8", (*TRAIN, "--images", "{tmp}/photos-latin1"), 2, "caption file {tmp}/photos-latin1/a.txt: not UTF-8 text (byte 3)"),
+    ("train-caption-empty", (*TRAIN, "--images", "{tmp}/photos-empty"), 2, "caption file {tmp}/photos-empty/a.txt is empty"),
+    ("train-bucket-of-one", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--batch-size", 2), 2,
+     "--buckets: the 56x72 bucket holds 1 image(s) (a.png), fewer than --batch-size 2; give a --batch-size of at most 1"),
+    ("train-bucket-too-small", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--resolution", 32), 2,
+     "--buckets: e.png (300x100) goes to the 64x16 bucket, smaller than tiny-random's smallest side (24 px)"),
+    ("train-keep-tokens-over-caption", (*TRAIN, "--images", "{tmp}/photos-tags", "--shuffle-caption", "--keep-tokens", 3), 2,
+     "--keep-tokens 3 is more than the 2 comma-separated tag(s) of b.png's caption"),
+    ("train-keep-tokens-without-shuffle", (*TRAIN, "--keep-tokens", 1), 2, "--keep-tokens applies to --shuffle-caption"),
+    ("train-caption-dropout-one", (*TRAIN, "--caption-dropout", 1), 2, "--caption-dropout must be in [0, 1)"),
+    ("train-concepts-one-folder", (*TRAIN, "--concept", "castle", "--concept", "canal", "--images", "{tmp}/photos-tags"), 2,
+     "give one --images folder per --concept: 1 for 2 concepts"),
     ("train-model-missing-folder", (*TRAIN[:1], "--model", "/no/such/model", "--output", "{tmp}/out"), 2, "no such folder, and not a hub id"),
     ("train-model-not-cached", (*TRAIN[:1], "--model", "nobody/no-such-model", "--output", "{tmp}/out"), 2,
      "--model nobody/no-such-model: not in the local Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder"),

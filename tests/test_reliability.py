@@ -277,7 +277,7 @@ class TestSettings:
             ("steps = true\n", "setting steps must be a whole number, got True"),
             ("lr = true\n", "setting lr must be a number, got True"),
             ("options = 3\n", "setting options must be a table, got 3"),
-            ("images = 5\n", "setting images must be text, got 5"),
+            ("images = 5\n", "setting images must be text or a list of text, got 5"),
             ("[train]\nsteps = 3\n", "unknown setting(s)"),
             ("lr = inf\n", "--lr must be positive and finite"),
             ("[options]\nm = 3\nrank = 4\n", "has no option(s) rank"),

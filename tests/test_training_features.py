@@ -293,10 +293,10 @@ def test_validation_loss_is_fixed_for_a_fixed_model(tiny_pipe):
 
     from diffusers import DDPMScheduler
 
-    from sdtune.latents import PromptEmbeddings
+    from sdtune.conditioning import PromptConditioning
 
     pixels = torch.rand(3, 3, 64, 64) * 2 - 1
-    embeds = PromptEmbeddings(tiny_pipe.tokenizer, tiny_pipe.text_encoder)(["a photo"] * 3, "cpu")
+    embeds = PromptConditioning(tiny_pipe)(["a photo"] * 3, "cpu")
     scheduler = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
     loss = validation.ValidationLoss(pixels, embeds, tiny_pipe.vae, scheduler)
     assert len(loss) == 3 * validation.LOSS_TIMESTEPS

@@ -1,0 +1,120 @@
+"""Captions for concept images, and the caption augmentations of kohya-ss' trainers.
+
+A caption file beside an image (`img.txt` for `img.png`) or a row of the folder's `metadata.jsonl`
+(`{"file_name": "img.png", "text": "..."}`, diffusers' imagefolder convention) replaces the template's
+prompt for that image; `<name>` placeholders in it become the concept's token. An image without
+either gets the template's prompt.
+
+In the loop, `--shuffle-caption` shuffles a caption's comma-separated tags, keeping the first
+`--keep-tokens` in place, and `--caption-dropout P` trains on the empty prompt with probability P
+(what classifier-free guidance needs). Both draw from torch's generator, which the loop seeds per
+epoch (and process), so a resumed run draws what the uninterrupted one drew.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import SdtuneError
+
+CAPTION_SUFFIX = ".txt"
+METADATA_FILE = "metadata.jsonl"
+
+
+def read_captions(images: list[Path]) -> list[str | None]:
+    """Each image's caption (whitespace collapsed), or None where it has none."""
+    metadata: dict[Path, dict[str, str | None]] = {}
+    captions = []
+    for image in images:
+        folder = image.parent
+        if folder not in metadata:
+            metadata[folder] = _read_metadata(folder / METADATA_FILE)
+        beside = image.with_suffix(CAPTION_SUFFIX)
+        if beside.is_file():
+            captions.append(_read_caption_file(beside))
+        else:
+            captions.append(metadata[folder].get(image.name))
+    return captions
+
+
+def _read_caption_file(path: Path) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SdtuneError(f"caption file {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise SdtuneError(f"caption file {path} cannot be read: {error.strerror or error}") from None
+    caption = " ".join(text.split())
+    if not caption:
+        raise SdtuneError(f"caption file {path} is empty; write the image's caption in it, or remove it to use --template")
+    return caption
+
+
+def _read_metadata(path: Path) -> dict[str, str | None]:
+    """file name → caption from a concept folder's metadata.jsonl (none: an empty map)."""
+    if not path.is_file():
+        return {}
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    captions: dict[str, str | None] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SdtuneError(f"{path} line {number}: not JSON ({error.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise SdtuneError(f"{path} line {number}: needs a \"file_name\"")
+        text = row.get("text")
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise SdtuneError(f"{path} line {number}: \"text\" must be a caption (non-empty text), got {text!r}")
+        captions[Path(row["file_name"]).name] = " ".join(text.split()) if text else None
+    return captions
+
+
+def tags(caption: str) -> list[str]:
+    """A caption's comma-separated tags, stripped; empty ones dropped."""
+    return [tag.strip() for tag in caption.split(",") if tag.strip()]
+
+
+def check_keep_tokens(captioned: list[tuple[Path, str]], keep_tokens: int) -> None:
+    """Refuse a --keep-tokens larger than an image's caption has tags: it would keep the whole caption."""
+    for image, prompt in captioned:
+        count = len(tags(prompt))
+        if count < keep_tokens:
+            raise SdtuneError(
+                f"--keep-tokens {keep_tokens} is more than the {count} comma-separated tag(s) of {image.name}'s caption "
+                f"({prompt[:60]!r}); give a smaller --keep-tokens"
+            )
+
+
+class AugmentedCaptions:
+    """A dataset's items with their prompts shuffled (tags after the first `keep_tokens`) and dropped
+    (with probability `dropout`). Works on raw and cached datasets alike; drawing an item draws the
+    dataset's own random numbers first, then these."""
+
+    def __init__(self, dataset, shuffle: bool = False, keep_tokens: int = 0, dropout: float = 0.0):
+        self.dataset, self.shuffle, self.keep_tokens, self.dropout = dataset, shuffle, keep_tokens, dropout
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        item["prompt"] = self.augment(item["prompt"])
+        return item
+
+    def augment(self, prompt: str) -> str:
+        import torch
+
+        if self.shuffle:
+            parts = tags(prompt)
+            kept, rest = parts[: self.keep_tokens], parts[self.keep_tokens :]
+            prompt = ", ".join(kept + [rest[i] for i in torch.randperm(len(rest)).tolist()])
+        if self.dropout and bool(torch.rand(()) < self.dropout):
+            prompt = ""
+        return prompt

@@ -1,0 +1,341 @@
+"""Photo sets: aspect-ratio buckets, captions beside concept images, caption shuffle and dropout,
+several concepts in one run; images of 3:4, 1:1 and 16:9 drawn here with PIL."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdtune.buckets import BucketBatchSampler, bucket_sizes, bucket_step, check_buckets, nearest_bucket
+from sdtune.captions import AugmentedCaptions, read_captions
+from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
+
+SHAPES = {"portrait": (96, 128), "square": (100, 100), "wide": (160, 90)}  # (width, height): 3:4, 1:1, 16:9
+
+
+def photo_set(folder: Path, counts=(2, 2, 2), seed: int = 0) -> list[Path]:
+    """Noise photos of 3:4, 1:1 and 16:9 (`counts` of each) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for (name, (width, height)), count in zip(SHAPES.items(), counts):
+        for i in range(count):
+            path = folder / f"{name}-{i}.png"
+            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+            paths.append(path)
+    return paths
+
+
+def run_training(tmp_path, name: str, **settings):
+    from sdtune.training import train
+
+    settings = {"model": "tiny-random", "steps": 2, "log_with": "none", "output": str(tmp_path / name), **settings}
+    return train(TrainConfig(**settings), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets
+
+
+def test_buckets_hold_about_the_resolution_squared_in_steps_of_64_px():
+    assert bucket_step(512) == bucket_step(1024) == 64 and bucket_step(64) == 8  # tiny models get several buckets too
+    for resolution in (64, 512, 768):
+        sizes = bucket_sizes(resolution)
+        step = bucket_step(resolution)
+        assert sizes[0] == (resolution, resolution) and len(sizes) == len(set(sizes)) > 4
+        for width, height in sizes:
+            assert width % step == 0 and height % step == 0
+            assert 0.75 * resolution**2 <= width * height <= resolution**2
+            assert resolution // 2 <= min(width, height) and max(width, height) <= 2 * resolution
+            assert (height, width) in sizes
+    sizes = bucket_sizes(512)
+    assert nearest_bucket(300, 400, sizes) == (448, 576)  # 3:4 → 0.78
+    assert nearest_bucket(1000, 1000, sizes) == (512, 512)
+    assert nearest_bucket(1920, 1080, sizes) == (640, 384)  # 16:9 = 1.78 → 1.67 (1.75 is not a bucket: 768x448 is over 512²)
+    for width, height in ((300, 400), (1920, 1080), (1080, 1920), (5000, 100)):
+        chosen = nearest_bucket(width, height, sizes)
+        distance = abs(math.log(chosen[0] / chosen[1]) - math.log(width / height))
+        assert all(distance <= abs(math.log(w / h) - math.log(width / height)) for w, h in sizes)
+
+
+def test_images_fill_their_bucket_and_tell_their_original_size_and_crop(tmp_path):
+    from sdtune.data import ConceptDataset, load_framed, load_framed_images
+
+    paths = photo_set(tmp_path, counts=(1, 1, 1))
+    buckets = bucket_sizes(64)
+    framed = load_framed_images(paths, 64, buckets)
+    assert [f.image.size for f in framed] == [nearest_bucket(w, h, buckets) for w, h in SHAPES.values()]
+    assert [f.original_size for f in framed] == [(h, w) for w, h in SHAPES.values()]
+    assert [f.image.size for f in framed] == [(56, 72), (64, 64), (80, 48)]
+    wide = framed[2]  # 160x90 covers 80x48 at 0.533: 85x48, cropped 2 px from the left
+    assert wide.crop_top_left == (0, 2)
+    square = load_framed(paths[2], 64)  # center crop, without buckets: 114x64, 25 px from the left
+    assert square.image.size == (64, 64) and square.crop_top_left == (0, 25) and square.original_size == (90, 160)
+
+    dataset = ConceptDataset([square, *framed], "a photo")
+    assert isinstance(dataset.pixels, list) and [tuple(p.shape[1:]) for p in dataset.pixels][1] == (72, 56)
+    item, mirrored = dataset.example(0, False), dataset.example(0, True)
+    assert item["original_size"].tolist() == [90, 160] and item["crop_top_left"].tolist() == [0, 25]
+    assert mirrored["crop_top_left"].tolist() == [0, 114 - 25 - 64]  # the crop's left edge in the mirrored image
+    batch = torch.utils.data.default_collate([dataset.example(0, False), dataset.example(0, True)])
+    assert batch["original_size"].shape == (2, 2) and batch["crop_top_left"].tolist() == [[0, 25], [0, 25]]
+
+
+def test_labelled_dataset_items_tell_their_original_size_and_crop(tmp_path):
+    from sdtune.datasets import ClassImageDataset, read_folder
+
+    photo_set(tmp_path / "photos" / "castle", counts=(1, 0, 1))
+    dataset = ClassImageDataset(read_folder(tmp_path / "photos", "a photo of a {class}."), 64)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [item["original_size"].tolist() for item in items] == [[128, 96], [90, 160]]  # portrait-0, wide-0
+    assert [item["crop_top_left"].tolist() for item in items] == [[10, 0], [0, 25]]
+
+
+def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
+    from sdtune.data import load_framed
+
+    pixels = np.zeros((90, 160, 3), dtype=np.uint8)  # stored landscape, shown portrait (orientation 6: turned 90°)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    framed = load_framed(tmp_path / "phone.jpg", 64, bucket_sizes(64))
+    assert framed.original_size == (160, 90) and framed.image.size[0] < framed.image.size[1]
+
+
+def test_bucket_batches_come_from_one_bucket_and_repeat_exactly():
+    bucket_of = [(48, 80)] * 3 + [(64, 64)] * 4 + [(96, 40)] * 2
+    sampler = BucketBatchSampler(bucket_of, batch_size=2)
+    assert len(sampler) == 2 + 2 + 1
+    sampler.reseed(5)
+    first = list(sampler)
+    assert len(first) == len(sampler)
+    assert sorted(i for batch in first for i in batch) == list(range(9))  # every image once an epoch
+    assert all(len({bucket_of[i] for i in batch}) == 1 for batch in first)
+    second = list(sampler)
+    sampler.reseed(5)
+    assert list(sampler) == first and second != first
+    repeated = BucketBatchSampler(bucket_of, batch_size=2, repeats=[2] * 3 + [1] * 6)
+    assert sorted(i for batch in repeated for i in batch) == sorted([0, 1, 2] * 2 + list(range(3, 9)))
+
+
+def test_a_bucket_with_fewer_images_than_a_batch_is_refused():
+    check_buckets([(64, 64)] * 2 + [(96, 40)], batch_size=1)
+    with pytest.raises(SdtuneError, match=r"the 96x40 bucket holds 1 image\(s\) \(wide.png\), fewer than --batch-size 2"):
+        check_buckets([(64, 64)] * 2 + [(96, 40)], batch_size=2, names=["a.png", "b.png", "wide.png"])
+
+
+@pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
+def test_buckets_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path):
+    """Three shapes in batches of 2 (3 batches an epoch): the cached run equals the uncached one bit for
+    bit, and a run cut at step 4 and resumed (in its second epoch) ends with the uninterrupted adapter."""
+    images = photo_set(tmp_path / "photos")[0].parent
+    shapes: list = []
+    import sdtune.training
+
+    original_step = sdtune.training.Trainer.loss
+
+    def recording_loss(self, latents, batch):
+        shapes.append(tuple(latents.shape))
+        return original_step(self, latents, batch)
+
+    settings = dict(images=str(images), buckets=True, batch_size=2, seed=3, steps=6, random_flip=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdtune.training.Trainer, "loss", recording_loss)
+        whole = run_training(tmp_path, "whole", **settings)
+    assert {shape[2:] for shape in shapes} == {(9, 7), (8, 8), (6, 10)}  # latents of the three buckets (÷8)
+    assert all(shape[0] == 2 for shape in shapes)
+    uncached = run_training(tmp_path, "uncached", cache_latents=False, **settings)
+    assert uncached.losses == whole.losses
+    run_training(tmp_path, "cut", **{**settings, "steps": 4, "checkpoint_every": 2})
+    resumed = run_training(tmp_path, "cut", **{**settings, "checkpoint_every": 2, "resume": "latest"})
+    assert resumed.losses == whole.losses[4:]
+    for run in (uncached, resumed):
+        assert (run.output / "adapter.safetensors").read_bytes() == (whole.output / "adapter.safetensors").read_bytes()
+    assert "buckets = true" in (whole.output / "config.toml").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions
+
+
+def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
+    from sdtune.training import concept_inputs
+
+    paths = photo_set(tmp_path / "photos", counts=(2, 1, 1))
+    (tmp_path / "photos" / "portrait-0.txt").write_text("a <castle>  at dusk,\nfog\n")
+    rows = [{"file_name": "square-0.png", "text": "the <castle> from above"}, {"file_name": "wide-0.png"}]
+    (tmp_path / "photos" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert read_captions(paths) == ["a <castle> at dusk, fog", None, "the <castle> from above", None]
+    config = TrainConfig(images=str(tmp_path / "photos"), token="zwx castle")
+    assert [prompt for _, prompt, _ in concept_inputs(config)] == [
+        "a zwx castle at dusk, fog", "photo of a zwx castle.", "the zwx castle from above", "photo of a zwx castle.",
+    ]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe caption", r"portrait-0.txt: not UTF-8 text \(byte 0\)"),
+    (b"  \n ", r"portrait-0.txt is empty"),
+])
+def test_a_bad_caption_file_is_refused(tmp_path, content, message):
+    paths = photo_set(tmp_path, counts=(1, 1, 0))
+    (tmp_path / "portrait-0.txt").write_bytes(content)
+    with pytest.raises(SdtuneError, match=message):
+        read_captions(paths)
+
+
+def test_shuffled_captions_keep_their_first_tags_and_dropout_empties_some():
+    items = [{"prompt": "sks castle, tower, snow, dusk, red roof"}] * 400
+    augmented = AugmentedCaptions(items, shuffle=True, keep_tokens=2, dropout=0.25)
+    torch.manual_seed(0)
+    drawn = [augmented[i]["prompt"] for i in range(len(items))]
+    torch.manual_seed(0)
+    assert [augmented[i]["prompt"] for i in range(len(items))] == drawn  # the loop's seeded stream decides
+    kept = [p for p in drawn if p]
+    assert 0.18 < 1 - len(kept) / len(drawn) < 0.32
+    assert all(p.startswith("sks castle, tower, ") for p in kept)
+    assert all(sorted(p.split(", ")) == sorted(items[0]["prompt"].split(", ")) for p in kept)
+    assert len(set(kept)) == 6  # every order of the three shuffled tags
+    plain = AugmentedCaptions(items, dropout=0.0, shuffle=False)
+    assert plain[0]["prompt"] == items[0]["prompt"]
+
+
+@pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
+def test_caption_augmentation_trains_and_resumes_exactly(tmp_path, tiny_path):
+    folder = photo_set(tmp_path / "photos", counts=(1, 2, 1))[0].parent
+    for i, path in enumerate(sorted(folder.glob("*.png"))):
+        path.with_suffix(".txt").write_text(f"<castle>, tag{i}, stone, snow, dusk")
+    settings = dict(images=str(folder), shuffle_caption=True, keep_tokens=1, caption_dropout=0.3, batch_size=2, steps=5)
+    whole = run_training(tmp_path, "whole", **settings)
+    run_training(tmp_path, "cut", **{**settings, "steps": 3, "checkpoint_every": 3})
+    resumed = run_training(tmp_path, "cut", **{**settings, "checkpoint_every": 3, "resume": "latest"})
+    assert resumed.losses == whole.losses[3:]
+    assert (resumed.output / "adapter.safetensors").read_bytes() == (whole.output / "adapter.safetensors").read_bytes()
+
+
+def test_captions_reach_the_validation_loss_and_prior_preservation(tmp_path, tiny_path, monkeypatch):
+    from sdtune import validation
+
+    monkeypatch.setattr(validation, "SAMPLE_STEPS", 2)
+    folder = photo_set(tmp_path / "photos", counts=(2, 2, 1))[0].parent
+    for path in sorted(folder.glob("*.png")):
+        path.with_suffix(".txt").write_text(f"a <castle> seen as {path.stem}")
+    class_images = photo_set(tmp_path / "class", counts=(1, 1, 1), seed=2)[0].parent
+    embedded: list[str] = []
+    original = validation.ValidationLoss.__init__
+
+    def recording(self, pixels, prompt_embeds, *args):
+        embedded.append(len(prompt_embeds))
+        return original(self, pixels, prompt_embeds, *args)
+
+    monkeypatch.setattr(validation.ValidationLoss, "__init__", recording)
+    prompts: list[str] = []
+    import sdtune.training
+
+    original_loss = sdtune.training.Trainer.loss
+    monkeypatch.setattr(sdtune.training.Trainer, "loss", lambda self, latents, batch: prompts.extend(batch["prompt"]) or original_loss(self, latents, batch))
+    run = run_training(tmp_path, "prior", images=str(folder), class_images=str(class_images), class_prompt="photo of a castle.",
+                       validate_every=2, validation_images=1, caption_dropout=0.5, batch_size=2, steps=2)
+    assert set(run.validation_losses) == {2} and embedded == [1]
+    assert {p for p in prompts if p.startswith("a sks castle seen as")} and "photo of a castle." in prompts
+    assert len(prompts) == 2 * 2 * 2  # concept and class examples in every batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Several concepts
+
+
+def test_several_concepts_train_one_adapter_that_knows_every_placeholder(tmp_path, tiny_path, monkeypatch):
+    from sdtune.adapter import read_adapter_info
+    from sdtune.data import fill_placeholders
+    from sdtune.export import export_adapter
+    from sdtune.adapter import adapter_info
+
+    castle = photo_set(tmp_path / "castle", counts=(1, 1, 1))[0].parent
+    canal = photo_set(tmp_path / "canal", counts=(2, 2, 2), seed=1)[0].parent
+    (canal / "wide-0.txt").write_text("a <canal> at night, seen from the <castle>")
+    prompts: list[str] = []
+    import sdtune.training
+
+    original_loss = sdtune.training.Trainer.loss
+    monkeypatch.setattr(sdtune.training.Trainer, "loss", lambda self, latents, batch: prompts.extend(batch["prompt"]) or original_loss(self, latents, batch))
+    run = run_training(tmp_path, "both", concept=["castle", "canal"], images=[str(castle), str(canal)], steps=6, batch_size=2)
+    # 3 castle and 6 canal images: the balanced sampler draws each concept 6 times an epoch of 12
+    assert sum("sks castle." in p for p in prompts) == sum("sks canal" in p for p in prompts) == 6
+    assert "a sks canal at night, seen from the sks castle" in prompts
+    info, _ = read_adapter_info(run.adapter)
+    assert info.placeholder_tokens() == {"castle": "sks castle", "canal": "sks canal"}
+    assert fill_placeholders("a <castle> by a <canal> and a <bridge>", info.placeholder_tokens()) == "a sks castle by a sks canal and a bridge"
+    export_adapter(run.output, "kohya", tmp_path / "both.safetensors")  # the tokens travel with a kohya export
+    assert adapter_info(tmp_path / "both.safetensors").placeholder_tokens() == info.placeholder_tokens()
+    assert run.output.name == "both" and TrainConfig(concept=["castle", "canal"]).resolved(1e-3).output == "runs/castle+canal-atoms"
+    written = (run.output / "config.toml").read_text()
+    assert 'concept = [\n    "castle",\n    "canal",\n]' in written or 'concept = ["castle", "canal"]' in written
+    assert TrainConfig(concept=["castle"]).concept == "castle"  # one concept stays a plain setting
+
+
+def test_several_concepts_in_buckets_are_drawn_equally_often(tmp_path, tiny_path, monkeypatch):
+    castle = photo_set(tmp_path / "castle", counts=(1, 1, 1))[0].parent
+    canal = photo_set(tmp_path / "canal", counts=(2, 2, 2), seed=1)[0].parent
+    prompts: list[str] = []
+    import sdtune.training
+
+    original_loss = sdtune.training.Trainer.loss
+    monkeypatch.setattr(sdtune.training.Trainer, "loss", lambda self, latents, batch: prompts.extend(batch["prompt"]) or original_loss(self, latents, batch))
+    run_training(tmp_path, "both", concept=["castle", "canal"], images=[str(castle), str(canal)], buckets=True, steps=12)
+    # each castle image twice, each canal image once: 6 and 6 in an epoch of 12 batches of one
+    assert prompts.count("photo of a sks castle.") == prompts.count("photo of a sks canal.") == 6
+
+
+def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
+    import sdtune
+    from test_cli import invoke
+
+    seen = {}
+
+    def refuse(config):
+        seen["config"] = config
+        raise SdtuneError("stopped before training")
+
+    monkeypatch.setattr(sdtune, "train", refuse)
+    result = invoke("train", "--concept", "castle", "--concept", "canal", "--images", "a", "--images", "b", "--buckets",
+                    "--caption-dropout", "0.1", "--shuffle-caption", "--keep-tokens", "1")
+    assert "stopped before training" in result.stderr, result.output
+    config = seen["config"]
+    assert config.concepts == ["castle", "canal"] and config.images == ["a", "b"]
+    assert config.buckets and config.caption_dropout == 0.1 and config.shuffle_caption and config.keep_tokens == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(concept=["castle", "castle"]), "--concept names a concept twice"),
+    (dict(concept=[]), "--concept needs a name"),
+    (dict(concept=["castle", "canal"], images=["a"]), "give one --images folder per --concept: 1 for 2 concepts"),
+    (dict(concept=["castle", "canal"], token="zwx"), "--token replaces one concept's placeholder"),
+    (dict(concept=["castle", "canal"], class_prompt="a castle"), "prior preservation .* takes one --concept"),
+    (dict(keep_tokens=1), "--keep-tokens applies to --shuffle-caption"),
+    (dict(caption_dropout=1.0), r"--caption-dropout must be in \[0, 1\)"),
+    (dict(buckets=True, dataset="digits"), "--buckets applies to concept images"),
+    (dict(buckets=True, class_prompt="a castle"), "--buckets does not combine with prior preservation"),
+])
+def test_photo_settings_that_do_not_combine_are_refused(settings, message):
+    with pytest.raises(SdtuneError, match=message):
+        TrainConfig(**settings).validate()
+
+
+@pytest.mark.slow
+def test_two_processes_take_whole_bucket_batches(tmp_path, tiny_path):
+    """Accelerate shards the bucket batches (some smaller: 3 images in batches of 2) as whole batches."""
+    from test_multiprocess import two_processes
+
+    images = photo_set(tmp_path / "photos", counts=(2, 3, 2))[0].parent
+    result = two_processes("train", "--images", str(images), "--buckets", "--batch-size", "2", "--steps", "5",
+                           "--log-with", "none", "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 5
