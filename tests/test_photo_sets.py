@@ -339,3 +339,29 @@ def test_two_processes_take_whole_bucket_batches(tmp_path, tiny_path):
                            "--log-with", "none", "--output", str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_sdxl_time_ids_come_from_each_bucket_image(tmp_path, monkeypatch):
+    """SDXL's micro-conditioning: every training image's original size, crop and bucket size."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def recording(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=None, **kwargs):
+        if self.training and added_cond_kwargs is not None:
+            seen.append((tuple(sample.shape[-2:]), added_cond_kwargs["time_ids"].detach().cpu()))
+        return forward(self, sample, timestep, encoder_hidden_states, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    photo_set(tmp_path / "photos", counts=(1, 1, 1))
+    run_training(tmp_path, "sdxl", model="tiny-sdxl-random", images=str(tmp_path / "photos"), buckets=True, steps=3,
+                 batch_size=1, random_flip=False)
+    originals = {(h, w) for w, h in SHAPES.values()}
+    assert len(seen) == 3
+    for (latent_h, latent_w), ids in seen:
+        original, crop, target = ids[0, :2].tolist(), ids[0, 2:4].tolist(), ids[0, 4:].tolist()
+        assert tuple(int(v) for v in original) in originals
+        assert target[0] % latent_h == 0 and target[0] / latent_h == target[1] / latent_w  # the bucket, in pixels
+        assert all(v >= 0 for v in crop)
+    assert len({tuple(ids[0, 4:].tolist()) for _, ids in seen}) > 1  # several buckets
