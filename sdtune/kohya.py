@@ -1,7 +1,7 @@
 """Kohya/LyCORIS-format files: the keys ComfyUI, AUTOMATIC1111 and kohya-ss/sd-scripts read, written and read.
 
 One safetensors file; each changed module is named `lora_unet_<module name, dots as _>` (UNet) or
-`lora_te_<module name>` (text encoder, read only), and its tensors are keys under that name, one
+`lora_te_<module name>` (text encoder; `lora_te1_`/`lora_te2_` for two), and its tensors are keys under that name, one
 set per kind of update:
 
 * LoRA: `.lora_down.weight`, `.lora_up.weight` (+ `.lora_mid.weight`, a Tucker core), `.alpha`;
@@ -101,11 +101,29 @@ def is_kohya_file(path: Path) -> bool:
 # Writing
 
 
-def kohya_state(modules: dict[str, dict[str, Any]]) -> dict:
-    """A method's own kohya tensors (UNet module name → {kohya suffix: tensor}) under their kohya keys."""
+def text_encoder_kohya_prefix(index: int, count: int) -> str:
+    """kohya's prefix of a pipeline's `index`-th of `count` text encoders: `lora_te` for one, `lora_te1`,
+    `lora_te2` for two (SDXL)."""
+    return TEXT_ENCODER_PREFIX if count == 1 else f"{TEXT_ENCODER_PREFIX}{index + 1}"
+
+
+def module_kohya_name(module: str, encoders: list[str]) -> str:
+    """The kohya name of a method's module: a UNet module's, or `<encoder prefix>.<module>` of one of the
+    text `encoders` (text_encoder, text_encoder_2), named as transformers 4 named CLIP's layers (under
+    `text_model.`), as kohya-ss does."""
+    prefix, _, rest = module.partition(".")
+    if prefix not in encoders:
+        return kohya_name(UNET_PREFIX, module)
+    rest = rest if rest.startswith("text_model.") else "text_model." + rest
+    return kohya_name(text_encoder_kohya_prefix(encoders.index(prefix), len(encoders)), rest)
+
+
+def kohya_state(modules: dict[str, dict[str, Any]], encoders: list[str] | tuple = ()) -> dict:
+    """A method's own kohya tensors (module name → {kohya suffix: tensor}) under their kohya keys; the
+    modules of the text `encoders` (prefixes, in order) are named `<encoder>.<module>`."""
     state = {}
     for module, parts in modules.items():
-        name = kohya_name(UNET_PREFIX, module)
+        name = module_kohya_name(module, list(encoders))
         for suffix, tensor in parts.items():
             state[f"{name}.{suffix}"] = tensor.detach().cpu().contiguous()
     return state

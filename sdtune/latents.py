@@ -16,26 +16,33 @@ ENCODE_BATCH = 8  # images read at a time while filling the cache
 
 
 class PromptEmbeddings:
-    """Text-encoder outputs, computed once per distinct prompt."""
+    """Text-encoder outputs, computed once per distinct prompt; for a `trained` text encoder, on every
+    call, with gradients (nothing is cached)."""
 
-    def __init__(self, tokenizer, text_encoder):
+    def __init__(self, tokenizer, text_encoder, trained: bool = False):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.trained = trained
         self.cache: dict = {}
 
-    def precompute(self, prompts) -> None:
-        import torch
-
-        missing = sorted({p for p in prompts if p not in self.cache})
-        if not missing:
-            return
-        ids = self.tokenizer(
-            missing,
+    def token_ids(self, prompts):
+        return self.tokenizer(
+            prompts,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
+
+    def precompute(self, prompts) -> None:
+        import torch
+
+        if self.trained:
+            return
+        missing = sorted({p for p in prompts if p not in self.cache})
+        if not missing:
+            return
+        ids = self.token_ids(missing)
         with torch.no_grad():
             for prompt, single in zip(missing, ids):
                 # One prompt per call: the embedding does not depend on which prompts came with it.
@@ -44,6 +51,8 @@ class PromptEmbeddings:
     def __call__(self, prompts, device):
         import torch
 
+        if self.trained:
+            return self.text_encoder(self.token_ids(list(prompts)).to(device))[0]
         self.precompute(prompts)
         return torch.stack([self.cache[p] for p in prompts]).to(device)
 

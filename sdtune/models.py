@@ -202,6 +202,11 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     )
 
 
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders, in order (SD 1.x/2.x: one; SDXL: two)."""
+    return [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+
+
 def _resource_config(name: str) -> dict:
     config = json.loads(resources.files("sdtune.resources").joinpath(name).read_text())
     config.pop("_class_name", None)

@@ -50,12 +50,13 @@ def cast_frozen_parameters(module, dtype, trainable) -> None:
         parameter.data = parameter.data.to(torch.float32)
 
 
-def place_frozen_models(device, dtype, text_encoder, vae, no_half_vae: bool) -> None:
-    """Move the frozen text encoder and VAE to `device`, in `dtype` (None: as they are)."""
+def place_frozen_models(device, dtype, text_encoder, vae, no_half_vae: bool, trainable=()) -> None:
+    """Move the text encoder and VAE to `device`, their frozen weights in `dtype` (None: as they are); the
+    `trainable` parameters (a method's, in a trained text encoder) stay fp32."""
     text_encoder.to(device)
     vae.to(device)
     # Parameter by parameter: diffusers' `to(dtype)` warns about fp32-kept modules even when there are none.
-    cast_frozen_parameters(text_encoder, dtype, ())
+    cast_frozen_parameters(text_encoder, dtype, trainable)
     if not no_half_vae:
         cast_frozen_parameters(vae, dtype, ())
 

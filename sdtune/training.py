@@ -82,6 +82,9 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
+    if config.train_text_encoder and not method.trains_text_encoder:
+        able = [name for name in methods.available() if methods.method_class(name).trains_text_encoder]
+        raise SdtuneError(f"--train-text-encoder: method {method.name!r} cannot train the text encoder; {', '.join(able)} can")
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
@@ -288,10 +291,14 @@ class Trainer:
         """Inject the method into the UNet; check there is room for what the run writes; freeze the rest in its dtype."""
         from .precision import cast_frozen_parameters, frozen_dtype
 
+        from .models import text_encoders
+
         config, method = self.config, self.method
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(False)
-        self.parameters = parameters = method.inject(self.unet)
+        # with --train-text-encoder the method tunes them too: they run in the loop, with gradients
+        self.trained_encoders = text_encoders(self.pipe) if config.train_text_encoder else []
+        self.parameters = parameters = method.inject(self.unet, self.trained_encoders)
         # room for the adapter(s) and, with checkpoints, the newest ones plus one being written
         # (the trained weights, AdamW's two moments, the EMA)
         copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
@@ -299,7 +306,8 @@ class Trainer:
         needed = adapter_bytes(method) * (1 + bool(config.ema_decay)) + copies * trained_bytes
         ensure_writable_folder(self.output, needed_bytes=needed)
         self.weight_dtype = frozen_dtype(self.accelerator)
-        cast_frozen_parameters(self.unet, self.weight_dtype, parameters)  # trainable stay fp32
+        for model in (self.unet, *self.trained_encoders):
+            cast_frozen_parameters(model, self.weight_dtype, parameters)  # trainable stay fp32
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if config.compile:
@@ -309,7 +317,15 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         config, processes = self.config, self.accelerator.num_processes
-        self.optimizer = make_optimizer(config, self.parameters, self.method.weight_decay)
+        encoder_parameters = self.method.text_encoder_parameters()
+        groups = self.parameters
+        if encoder_parameters:  # the text encoder's own learning rate: a second parameter group
+            own = {id(p) for p in encoder_parameters}
+            groups = [
+                {"params": [p for p in self.parameters if id(p) not in own]},
+                {"params": encoder_parameters, "lr": config.text_encoder_lr},
+            ]
+        self.optimizer = make_optimizer(config, groups, self.method.weight_decay)
         # Accelerate steps a prepared scheduler once per process per optimiser step, hence the factors
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup" if config.lr_scheduler == "constant" and config.lr_warmup_steps else config.lr_scheduler,
@@ -324,9 +340,9 @@ class Trainer:
         from .precision import place_frozen_models
 
         self.device = self.accelerator.device
-        place_frozen_models(self.device, self.weight_dtype, self.text_encoder, self.vae, self.config.no_half_vae)
+        place_frozen_models(self.device, self.weight_dtype, self.text_encoder, self.vae, self.config.no_half_vae, self.parameters)
         self.unet.to(self.device)
-        self.prompt_embeddings = PromptEmbeddings(self.tokenizer, self.text_encoder)
+        self.prompt_embeddings = PromptEmbeddings(self.tokenizer, self.text_encoder, trained=bool(self.trained_encoders))
 
     def _prepare_data(self) -> None:
         """The validation loss's images, the latent cache and the loader."""
@@ -345,9 +361,9 @@ class Trainer:
             held_out = self.dataset
             if inputs.held_out_paths:
                 held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), config.prompt)
-            prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+            self.validation_prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
             self.validation_loss = validation.ValidationLoss(
-                held_out.pixels, self.prompt_embeddings(prompts, device), self.vae, self.noise_scheduler
+                held_out.pixels, self.validation_embeddings(), self.vae, self.noise_scheduler
             )
         workers = data_workers(self.dataset, self.accelerator.num_processes)
         if config.cache_latents:
@@ -356,7 +372,8 @@ class Trainer:
             workers = 0  # drawing a cached item decodes nothing
             self.prompt_embeddings.precompute(self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else []))
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
-            self.text_encoder.to("cpu")
+            if not self.trained_encoders:
+                self.text_encoder.to("cpu")
 
         self.data_order = torch.Generator()  # reseeded every epoch (see _batches_from)
         train_data, collate = self.dataset, None
@@ -388,6 +405,11 @@ class Trainer:
         self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
             self.unet, self.optimizer, self.loader, self.lr_scheduler
         )
+        if self.trained_encoders:  # trained: prepared too (DDP, autocast), and the embeddings come from it
+            self.trained_encoders = [accelerator.prepare(encoder) for encoder in self.trained_encoders]
+            self.prompt_embeddings.text_encoder = self.trained_encoders[0]
+            for encoder in self.trained_encoders:
+                encoder.train()
         # checkpoints hold the trainable parameters (trainable.safetensors), not the frozen UNet
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
@@ -494,7 +516,7 @@ class Trainer:
             batch = next(self.batches)
             self.micro_batches += 1
             # a forked RNG seeded by (seed, step, micro-batch): same draws after a resume, data stream untouched
-            with accelerator.accumulate(self.unet), torch.random.fork_rng(devices=[]):
+            with accelerator.accumulate(self.unet, *self.trained_encoders), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derived_seed(config.seed, STEP_STREAM, self.global_step, micro_batch, self.process))
                 latents = batch_latents(batch, self.vae)
                 loss = self.loss(latents, batch)
@@ -692,6 +714,8 @@ class Trainer:
         if accelerator.is_main_process:
             with torch.random.fork_rng(devices=[]):  # the data stream's RNG stays as if no validation ran
                 model = accelerator.unwrap_model(self.unet)
+                if self.trained_encoders:  # the held-out prompts as the text encoder now reads them
+                    self.validation_loss.use_prompt_embeds(self.validation_embeddings())
                 values["val_loss"] = self.validation_loss(model, accelerator.autocast, self.device)
                 self.validation_losses[self.global_step] = values["val_loss"]
                 dtype = sampling_dtype(self.config.validation_dtype, self.device)
@@ -702,6 +726,13 @@ class Trainer:
             log_image(accelerator, "samples", grid, self.global_step)
         accelerator.wait_for_everyone()
         return values
+
+    def validation_embeddings(self):
+        """The held-out images' prompt embeddings, without gradients."""
+        import torch
+
+        with torch.no_grad():
+            return self.prompt_embeddings(self.validation_prompts, self.device)
 
     def open_logs(self) -> None:
         """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""

@@ -76,7 +76,12 @@ class ValidationLoss:
         self.timesteps = steps.repeat(len(means))
         generator = torch.Generator().manual_seed(LOSS_SEED)
         self.noise = torch.randn(self.latents.shape, generator=generator)
-        self.prompt_embeds = prompt_embeds.detach().cpu().repeat_interleave(len(steps), dim=0)  # one per image
+        self.use_prompt_embeds(prompt_embeds)
+
+    def use_prompt_embeds(self, prompt_embeds) -> None:
+        """The images' prompt embeddings (one per image), e.g. from a text encoder being trained."""
+        per_image = len(self.latents) // len(prompt_embeds)
+        self.prompt_embeds = prompt_embeds.detach().cpu().repeat_interleave(per_image, dim=0)
 
     def __len__(self) -> int:
         return len(self.latents)
