@@ -95,9 +95,9 @@ def export_adapter(
                 modules, extra = own
                 state, missing = kohya_state(modules, info.text_encoders), None
             else:
-                unet, diffs = _diffs_on_base_model(path, info, model)
-                state, extra = kohya_diff_state(unet, diffs, path)
-                missing = missing_diffs(unet, state)
+                models, diffs = _diffs_on_base_model(path, info, model)
+                state, extra = kohya_diff_state(models, diffs, path, info.text_encoders)
+                missing = missing_diffs(models.unet, state)
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             write_kohya(output, state, info, extra)
@@ -147,12 +147,13 @@ def _check_file_target(output: Path) -> None:
 
 
 def _diffs_on_base_model(path: Path, info, model: str | None):
-    """The base model's UNet with the adapter merged in, and ΔW of every weight the merge changed."""
+    """The base model's UNet (and tuned text encoders: the method's `models`) with the adapter merged in,
+    and ΔW of every weight the merge changed."""
     from .adapter import open_adapter
     from .models import load_pipeline
 
-    pipe = load_pipeline(model or info.base_model)
-    return pipe.unet, open_adapter(path, pipe).weight_diffs()
+    method = open_adapter(path, load_pipeline(model or info.base_model))
+    return method.models, method.weight_diffs()
 
 
 def tensors_by_model(tensors: dict, encoders: tuple[str, ...] | list[str]) -> dict[str, dict]:

