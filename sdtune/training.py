@@ -6,6 +6,10 @@ checkpoint's state when resuming), and for `steps` optimiser steps runs `step()`
 reads the step's values on the host (`read()`), logs them and saves what is due: the adapter
 atomically, a checkpoint every `checkpoint_every` steps.
 
+With `train_text_encoder`, the method is injected into the text encoder(s) too; they stay on the
+device, are prepared by Accelerate, and compute the prompt embeddings in the loop with gradients; their
+parameters are the optimizer's second group, at `text_encoder_lr`.
+
 The host never waits for the device inside a step: a step's loss and gradient norm stay on the
 device, and the host reads them (one transfer) after it has queued the next step, so the device
 always has work. A step after which something is saved or drawn (a checkpoint, the adapter,
@@ -728,11 +732,17 @@ class Trainer:
         return values
 
     def validation_embeddings(self):
-        """The held-out images' prompt embeddings, without gradients."""
+        """The held-out images' prompt embeddings, without gradients (from the unwrapped text encoder: the
+        main process alone runs it)."""
         import torch
 
-        with torch.no_grad():
-            return self.prompt_embeddings(self.validation_prompts, self.device)
+        from .latents import PromptEmbeddings
+
+        embeddings, precision = self.prompt_embeddings, contextlib.nullcontext()
+        if self.trained_encoders:  # its trained layers are fp32, its frozen ones maybe half: as in the loop
+            embeddings, precision = PromptEmbeddings(self.tokenizer, self.text_encoder, trained=True), self.accelerator.autocast()
+        with torch.no_grad(), precision:
+            return embeddings(self.validation_prompts, self.device)
 
     def open_logs(self) -> None:
         """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""

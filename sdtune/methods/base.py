@@ -1,7 +1,8 @@
 """The interface every tuning method implements, and what all of them share.
 
 A method is created from its options, injected into a frozen UNet (it wraps or selects the
-parameters it trains), and can then give its trainable parameters, save and load its state, set the
+parameters it trains; a method that `trains_text_encoder` also into the text encoders, whose
+modules it names `text_encoder.<module>`), and can then give its trainable parameters, save and load its state, set the
 strength of its update, merge it into the base weights and unmerge it again, and count its
 parameters. Adapter files, sampling and the training loop only ever talk to this interface.
 

@@ -19,7 +19,9 @@ with the default alpha = rank the two agree.
 
 Targets: `conv` means the UNet's 3×3 and 1×1 convolutions (LoCon), `conv3x3` only the 52 3×3
 convolutions that the filter-atom method tunes, `attn` the to_q, to_k, to_v and to_out.0
-projections of every attention, `all` the convolutions and the projections.
+projections of every attention, `all` the convolutions and the projections. With text encoders
+(`--train-text-encoder`), the same layers go on their q/k/v/out projections and MLP linears, saved
+under `text_encoder.<module>.<parameter>`.
 """
 
 from __future__ import annotations
