@@ -292,10 +292,10 @@ class Trainer:
             self.class_dataset = ConceptDataset(load_images(class_paths, resolution), config.class_prompt, config.random_flip)
 
     def _inject_method(self) -> None:
-        """Inject the method into the UNet; check there is room for what the run writes; freeze the rest in its dtype."""
-        from .precision import cast_frozen_parameters, frozen_dtype
-
+        """Inject the method into the UNet (and the text encoders it trains); check there is room for what the
+        run writes; freeze the rest in its dtype."""
         from .models import text_encoders
+        from .precision import cast_frozen_parameters, frozen_dtype
 
         config, method = self.config, self.method
         self.vae.requires_grad_(False)
