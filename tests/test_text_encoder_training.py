@@ -183,6 +183,18 @@ def test_kohya_export_names_the_text_encoder_lora_te_and_loads_back(tmp_path, in
             torch.testing.assert_close(pipe.unet(*inputs).sample, tuned_pipe.unet(*inputs).sample, rtol=0, atol=1e-4)
 
 
+def test_merged_pipeline_bakes_in_the_text_encoder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.merging import merge_adapter
+
+    path = tmp_path / "adapter.safetensors"
+    tuned_pipe, _ = tuned_adapter("lokr", {}, path)
+    merge_adapter(path, tmp_path / "merged")
+    merged = StableDiffusionPipeline.from_pretrained(str(tmp_path / "merged"), safety_checker=None, requires_safety_checker=False)
+    torch.testing.assert_close(encode(merged), encode(tuned_pipe), rtol=0, atol=1e-5)
+
+
 def test_atoms_kohya_export_writes_text_encoder_diffs(tmp_path, inputs):
     path = tmp_path / "adapter.safetensors"
     tuned_pipe, _ = tuned_adapter("atoms", {}, path)
