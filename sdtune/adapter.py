@@ -25,7 +25,7 @@ ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 REQUIRED_METADATA = ("method", "options", "base_model", "fingerprint", "structure", "weight_sample")
-KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token"}
+KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token", "text_encoders"}
 
 
 def adapter_path(path: str | Path) -> Path:
@@ -67,6 +67,8 @@ def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "
         "num_parameters": str(method.num_parameters()),
         **{k: str(v) for k, v in extra.items()},
     }
+    if method.text_encoders:  # only then: adapters of the UNet alone keep their bytes
+        metadata["text_encoders"] = ",".join(method.text_encoders)
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
     bad = first_non_finite(state)
     if bad:
@@ -114,6 +116,7 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
         weight_sample=sample,
         placeholder=metadata.get("placeholder", ""),
         token=metadata.get("token", ""),
+        text_encoders=tuple(name for name in metadata.get("text_encoders", "").split(",") if name),
         extra={k: v for k, v in metadata.items() if k not in KNOWN_METADATA},
     )
     return info, entries
@@ -125,18 +128,32 @@ def read_adapter(path: str | Path):
     return info, read_tensors(adapter_path(path))
 
 
-def expected_shapes(method_name: str, options: dict[str, Any], unet) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor the method's state holds on `unet`, from an injection into a copy
-    of its architecture on the meta device: no memory is allocated, and `unet` is left untouched."""
+def expected_shapes(method_name: str, options: dict[str, Any], unet, text_encoders=()) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor the method's state holds on `unet` (and `text_encoders`), from an
+    injection into copies of their architectures on the meta device: no memory is allocated, and the
+    models are left untouched."""
     import torch
 
     from . import methods
 
     with torch.device("meta"):
         skeleton = type(unet).from_config(unet.config)
+        encoders = [type(encoder)(encoder.config) for encoder in text_encoders]
     method = methods.create(method_name, **options)
-    method.inject(skeleton)
+    method.inject(skeleton, encoders)
     return {key: tuple(tensor.shape) for key, tensor in method.state_dict().items()}
+
+
+def trained_text_encoders(path: Path, info: AdapterInfo, pipeline) -> list:
+    """The pipeline's text encoders that the adapter trained, in order; refused where it has fewer."""
+    from .methods.base import text_encoder_prefix
+    from .models import text_encoders
+
+    available = {text_encoder_prefix(i): encoder for i, encoder in enumerate(text_encoders(pipeline))}
+    missing = [name for name in info.text_encoders if name not in available]
+    if missing or list(info.text_encoders) != list(available)[: len(info.text_encoders)]:
+        raise SdtuneError(f"adapter {path} trained {', '.join(info.text_encoders)}; this pipeline has {', '.join(available) or 'no text encoder'}")
+    return [available[name] for name in info.text_encoders]
 
 
 def adapter_info(path: str | Path) -> AdapterInfo:
@@ -150,8 +167,8 @@ def adapter_info(path: str | Path) -> AdapterInfo:
 def open_adapter(path: str | Path, pipeline):
     """The adapter at `path` bound to `pipeline`, at strength 1 and not merged.
 
-    An sdtune adapter: its method injected into `pipeline.unet` with its tensors loaded, so the UNet
-    computes with it. Refused, with a clear message, for a base model whose targeted layers differ in
+    An sdtune adapter: its method injected into `pipeline.unet` (and the text encoders it trained) with
+    its tensors loaded, so the UNet computes with it. Refused, with a clear message, for a base model whose targeted layers differ in
     names, shapes or weights; the same weights in another precision (fp16, bf16) are accepted.
     A kohya-format file (LoRA, LoHa, LoKr or full-weight diffs from sdtune or any other trainer):
     its updates, each checked against the module it changes, not yet added (they apply merged).
@@ -161,7 +178,10 @@ def open_adapter(path: str | Path, pipeline):
     import torch
 
     from . import methods
-    from .methods.base import check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample
+    from .methods.base import (
+        ModelParts, check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, text_encoder_prefix,
+        weight_sample,
+    )
 
     path = adapter_path(path)
     if is_kohya_file(path):
@@ -169,15 +189,17 @@ def open_adapter(path: str | Path, pipeline):
     info, entries = read_adapter_info(path)
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
-    shapes = expected_shapes(info.method, info.options, unet)
+    encoders = trained_text_encoders(path, info, pipeline) if info.text_encoders else []
+    shapes = expected_shapes(info.method, info.options, unet, encoders)
     found = {key: entry.shape for key, entry in entries.items()}
     check_state_names(shapes, found, f"adapter {path}")  # first: other names mean another method's tensors
-    targets = method.find_targets(unet)
+    parts = ModelParts(unet, {text_encoder_prefix(i): encoder for i, encoder in enumerate(encoders)})
+    targets = method.all_targets(unet, parts.text_encoders)
     trained_on = f"adapter {path} was trained on base model {info.base_model!r}"
-    structure = structure_digest(unet, targets)
+    structure = structure_digest(parts, targets)
     if structure != info.structure:
         raise SdtuneError(f"{trained_on}; the loaded model's layers have other names or shapes")
-    sample = weight_sample(unet, targets)
+    sample = weight_sample(parts, targets)
     if fingerprint_of(structure, sample) != info.fingerprint:  # same weights also in fp16/bf16: compare values
         expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
         if not same_weights(expected, sample):
@@ -189,15 +211,16 @@ def open_adapter(path: str | Path, pipeline):
         raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
     warn_absurd_values(path, tensors)
     device = unet.device  # read once: diffusers walks every module to find it
-    method.inject(unet)
-    method.load_state_dict({k: v.to(device) for k, v in tensors.items()})
+    method.inject(unet, encoders)
+    devices = {prefix: encoder.device for prefix, encoder in parts.text_encoders.items()}
+    method.load_state_dict({k: v.to(devices.get(k.partition(".")[0], device)) for k, v in tensors.items()})
     return method
 
 
 def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
     """Apply the adapter at `path` to `pipeline` at strength `scale` (W + scale·ΔW); merged by default.
 
-    Merged, the UNet (and, for kohya files, the text encoder) is plain again, with the update in its
+    Merged, the UNet (and the text encoder, where the adapter changes it) is plain again, with the update in its
     weights; unmerged (`merge=False`, sdtune adapters only), the method's layers compute the update,
     and the returned method can be trained further, rescaled or merged. See `open_adapter`.
     """

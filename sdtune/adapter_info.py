@@ -23,6 +23,7 @@ class AdapterInfo:
     weight_sample: bytes = b""
     placeholder: str = ""
     token: str = ""
+    text_encoders: tuple[str, ...] = ()  # the text encoders the adapter trained (text_encoder, text_encoder_2)
     extra: dict[str, str] = field(default_factory=dict)
 
     def placeholder_tokens(self) -> str | dict[str, str] | None:

@@ -235,6 +235,8 @@ def train(
     steps: Optional[int] = typer.Option(None, help="Optimiser steps." + _default(TrainConfig, "steps")),
     batch_size: Optional[int] = typer.Option(None, help="Images per step." + _default(TrainConfig, "batch_size")),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's own, 1e-3 for atoms)."),
+    train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder/--no-train-text-encoder", help="Also tune the text encoder's attention and MLP linears with the method (lora, loha, lokr); the adapter holds both" + _default(TrainConfig, "train_text_encoder") + "."),
+    text_encoder_lr: Optional[float] = typer.Option(None, help="The text encoder's learning rate, with --train-text-encoder (default: --lr)."),
     resolution: Optional[int] = typer.Option(None, help="Training image size in pixels (default: the model's native size)."),
     random_flip: Optional[bool] = typer.Option(None, "--random-flip/--no-random-flip", help="Mirror each concept image left-right half the time (default: no; leave off for text, digits, slanted styles, asymmetric objects)."),
     seed: Optional[int] = typer.Option(None, help="Random seed." + _default(TrainConfig, "seed")),

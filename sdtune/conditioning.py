@@ -83,33 +83,53 @@ def time_ids(batch, count: int, size: tuple[int, int]):
 
 
 class PromptConditioning:
-    """A pipeline's prompts → UNetConditions, with each prompt's text embeddings computed once."""
+    """A pipeline's prompts → UNetConditions, with each prompt's text embeddings computed once.
 
-    def __init__(self, pipe):
+    `trained` (a text encoder being trained): nothing is cached, and every call runs the encoders on its
+    whole batch of prompts, with gradients.
+    """
+
+    def __init__(self, pipe, trained: bool = False):
         self.tokenizers = tokenizers(pipe)
-        self.text_encoders = text_encoders(pipe)
+        self.text_encoders = text_encoders(pipe)  # replaced by their prepared (wrapped) forms when trained
         self.sdxl = is_sdxl(pipe)
         self.vae_scale_factor = pipe.vae_scale_factor
+        self.trained = trained
         self.cache: dict = {}  # prompt -> (hidden states, pooled embedding or None)
         # False (shuffled captions, whose tag orders are too many to keep): the cache keeps what
         # `precompute` put in it, and other prompts are encoded each time they come, to the same values.
         self.remember_new = True
 
-    def encode(self, ids_per_encoder):
-        """One prompt's (hidden states, pooled embedding or None) from its token ids for each encoder."""
+    def token_ids(self, prompts) -> list:
+        """The prompts' token ids for each encoder, padded to its length."""
+        return [
+            tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            for tokenizer in self.tokenizers
+        ]
+
+    def encode_batch(self, ids_per_encoder):
+        """(hidden states, pooled embeddings or None) of a batch of prompts, from their token ids for each encoder."""
         if not self.sdxl:
             encoder = self.text_encoders[0]
-            return encoder(ids_per_encoder[0][None].to(encoder.device))[0][0], None
+            return encoder(ids_per_encoder[0].to(encoder.device))[0], None
         import torch
 
         hidden, pooled = [], None
         for encoder, ids in zip(self.text_encoders, ids_per_encoder):
-            output = encoder(ids[None].to(encoder.device), output_hidden_states=True)
-            hidden.append(output.hidden_states[-2][0])
-            pooled = output[0][0]  # the last encoder's projected embedding (CLIPTextModelWithProjection)
+            output = encoder(ids.to(encoder.device), output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # the last encoder's projected embedding (CLIPTextModelWithProjection)
         return torch.cat([h.to(hidden[-1].dtype) for h in hidden], dim=-1), pooled
 
+    def encode(self, ids_per_encoder):
+        """One prompt's (hidden states, pooled embedding or None) from its token ids for each encoder."""
+        hidden, pooled = self.encode_batch([ids[None] for ids in ids_per_encoder])
+        return hidden[0], None if pooled is None else pooled[0]
+
     def precompute(self, prompts) -> None:
+        if self.trained:
+            return
         self.cache.update(self.encode_prompts({p for p in prompts if p not in self.cache}))
 
     def encode_prompts(self, prompts) -> dict:
@@ -119,11 +139,7 @@ class PromptConditioning:
         missing = sorted(prompts)
         if not missing:
             return {}
-        ids = [
-            tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            for tokenizer in self.tokenizers
-        ]
+        ids = self.token_ids(missing)
         with torch.no_grad():
             # One prompt per call: the embedding does not depend on which prompts came with it.
             return {prompt: self.encode([per_encoder[index] for per_encoder in ids]) for index, prompt in enumerate(missing)}
@@ -140,12 +156,16 @@ class PromptConditioning:
         `size` (height, width) pixels."""
         import torch
 
-        found = self.lookup(prompts)
-        hidden = torch.stack([found[p][0] for p in prompts]).to(device)
+        if self.trained:
+            hidden, pooled = self.encode_batch(self.token_ids(prompts))
+            hidden = hidden.to(device)
+        else:
+            found = self.lookup(prompts)
+            hidden = torch.stack([found[p][0] for p in prompts]).to(device)
         if not self.sdxl:
             return UNetConditions(hidden)
         if size is None:
             raise ValueError("SDXL's conditioning needs the images' size: it is part of the time ids")
-        pooled = torch.stack([found[p][1] for p in prompts]).to(device)
+        pooled = pooled.to(device) if self.trained else torch.stack([found[p][1] for p in prompts]).to(device)
         ids = time_ids(batch, len(prompts), tuple(int(s) for s in size)).to(device, pooled.dtype)
         return UNetConditions(hidden, pooled, ids)

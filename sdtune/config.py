@@ -147,6 +147,8 @@ class TrainConfig(_Config):
     steps: int = 400
     batch_size: int = 1
     lr: float | None = None  # default: the method's own
+    train_text_encoder: bool = False  # also tune the text encoder(s), for methods that can (lora, loha, lokr)
+    text_encoder_lr: float | None = None  # the text encoder's learning rate; default: lr
     resolution: int | None = None  # default: the model's native size
     random_flip: bool = False  # mirror concept images left-right at random (not for text, digits, slanted styles)
     seed: int = 0
@@ -219,6 +221,10 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise SdtuneError(f"--lr must be positive and finite, got {self.lr}")
+        if self.text_encoder_lr is not None and not (self.text_encoder_lr > 0 and math.isfinite(self.text_encoder_lr)):
+            raise SdtuneError(f"--text-encoder-lr must be positive and finite, got {self.text_encoder_lr}")
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise SdtuneError("--text-encoder-lr applies with --train-text-encoder")
         check_seed(self.seed)
         check_resolution(self.resolution)
         if self.save_every < 0:
@@ -295,6 +301,8 @@ class TrainConfig(_Config):
         for name in PHOTO_SETTINGS:  # at their defaults, left out: a run's config.toml reads as before they existed
             if values.get(name) == TrainConfig.__dataclass_fields__[name].default:
                 values.pop(name)
+        if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
+            values.pop("train_text_encoder", None)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings
             for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
                 values.pop(name, None)
@@ -316,6 +324,7 @@ class TrainConfig(_Config):
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
             token=None if self.dataset or len(self.concepts) > 1 else self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
+            text_encoder_lr=(self.text_encoder_lr or self.lr or default_lr) if self.train_text_encoder else None,
             resume=None,  # how this run started, not a setting to replay
             overwrite=False,
             class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),

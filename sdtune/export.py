@@ -16,7 +16,10 @@ methods that have them.
   (`Lora.diffusers_lora_layers`).
 - `peft` (lora, loha, lokr): a folder with `adapter_config.json` (`Method.to_peft_config`) and
   `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes it for a UNet wrapped in
-  `PeftModel` (keys start with `base_model.model.`).
+  `PeftModel` (keys start with `base_model.model.`); a trained text encoder's the same in `text_encoder/`.
+
+A trained text encoder (`--train-text-encoder`) is written as kohya's `lora_te_` modules (`lora_te1_`,
+`lora_te2_` for two encoders) and diffusers' `text_encoder.` layers.
 
 Whole pipelines with the update baked in are written by `sdtune.merging`.
 """
@@ -95,9 +98,9 @@ def export_adapter(
                 state, missing = kohya_state(modules, layout), None
                 extra = {**extra, "ss_base_model_version": layout.base_model_version}
             else:
-                unet, diffs = _diffs_on_base_model(path, info, model)
-                state, extra = kohya_diff_state(unet, diffs, path)
-                missing = missing_diffs(unet, state)
+                models, diffs = _diffs_on_base_model(path, info, model)
+                state, extra = kohya_diff_state(models, diffs, path)
+                missing = missing_diffs(models.unet, state)
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             write_kohya(output, state, info, extra)
@@ -105,7 +108,7 @@ def export_adapter(
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
             return ExportResult(output, format, len(state), notes)
         if format == "diffusers":
-            count = write_diffusers_lora(output, method, tensors)
+            count = write_diffusers_lora(output, method, tensors, info.text_encoders)
             return ExportResult(output, format, count)
         count = write_peft_folder(output, method, info, tensors, overwrite)
         return ExportResult(output, format, count)
@@ -162,34 +165,50 @@ def _check_file_target(output: Path) -> None:
 
 
 def _diffs_on_base_model(path: Path, info, model: str | None):
-    """The base model's UNet with the adapter merged in, and ΔW of every weight the merge changed."""
+    """The base model's UNet (and tuned text encoders: the method's `models`) with the adapter merged in,
+    and ΔW of every weight the merge changed."""
     from .adapter import open_adapter
     from .models import load_pipeline
 
-    pipe = load_pipeline(model or info.base_model)
-    return pipe.unet, open_adapter(path, pipe).weight_diffs()
+    method = open_adapter(path, load_pipeline(model or info.base_model))
+    return method.models, method.weight_diffs()
 
 
-def write_diffusers_lora(output: Path, method, tensors) -> int:
-    """`unet.<module>.lora_A/B.weight` through diffusers' own writer, as the method gives them."""
-    from diffusers import StableDiffusionPipeline
+def tensors_by_model(tensors: dict, encoders: tuple[str, ...] | list[str]) -> dict[str, dict]:
+    """An adapter's tensors split by the model they belong to: "unet", then each text encoder's (keys
+    without the `<encoder>.` prefix)."""
+    parts: dict[str, dict] = {"unet": {}, **{encoder: {} for encoder in encoders}}
+    for key, tensor in tensors.items():
+        prefix, _, rest = key.partition(".")
+        if prefix in encoders:
+            parts[prefix][rest] = tensor
+        else:
+            parts["unet"][key] = tensor
+    return parts
 
-    layers, metadata = method.diffusers_lora_layers(tensors)
+
+def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...] = ()) -> int:
+    """`unet.<module>.lora_A/B.weight` (and `text_encoder.<module>...` for a trained text encoder) through
+    diffusers' own writer, as the method gives them."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    arguments = {}
+    for part, own in tensors_by_model(tensors, encoders).items():
+        layers, metadata = method.diffusers_lora_layers(own)
+        arguments[f"{part}_lora_layers"], arguments[f"{part}_lora_adapter_metadata"] = layers, metadata
+    writer = StableDiffusionXLPipeline if "text_encoder_2" in encoders else StableDiffusionPipeline
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(output)
     try:
         with failures_named(output):
             make_temp_folder(tmp)
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=layers, weight_name=output.name, unet_lora_adapter_metadata=metadata
-            )
+            writer.save_lora_weights(tmp, weight_name=output.name, **arguments)
             written = tmp / output.name
             os.chmod(written, default_mode())
             os.replace(written, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return len(layers)
-
+    return len(tensors)
 
 
 def peft_module_names(tensors) -> list[str]:
@@ -200,17 +219,19 @@ def peft_module_names(tensors) -> list[str]:
 
 
 def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = False) -> int:
-    """adapter_config.json (the method's own peft config) + adapter_model.safetensors."""
+    """adapter_config.json (the method's own peft config) + adapter_model.safetensors; a trained text
+    encoder's in a subfolder of its name (`text_encoder/`), for `PeftModel.from_pretrained` on it."""
     from safetensors.torch import save_file
 
-    config = method.to_peft_config(peft_module_names(tensors))
-    config.base_model_name_or_path = info.base_model
-    config.inference_mode = True
-    state = {f"base_model.model.{key}": tensor.contiguous() for key, tensor in tensors.items()}
-
     def fill(folder: Path) -> None:
-        config.save_pretrained(str(folder))
-        save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        for part, own in tensors_by_model(tensors, info.text_encoders).items():
+            where = folder if part == "unet" else folder / part
+            config = method.to_peft_config(peft_module_names(own))
+            config.base_model_name_or_path = info.base_model
+            config.inference_mode = True
+            config.save_pretrained(str(where))
+            state = {f"base_model.model.{key}": tensor.contiguous() for key, tensor in own.items()}
+            save_file(state, str(where / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     write_folder(output, fill, overwrite)
-    return len(state)
+    return len(tensors)

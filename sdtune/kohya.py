@@ -1,7 +1,7 @@
 """Kohya/LyCORIS-format files: the keys ComfyUI, AUTOMATIC1111 and kohya-ss/sd-scripts read, written and read.
 
 One safetensors file; each changed module is named `lora_unet_<module name, dots as _>` (UNet) or
-`lora_te_<module name>` (text encoder, read only; SDXL: `lora_te1_`, `lora_te2_`), and its tensors are keys under that name, one
+`lora_te_<module name>` (text encoder; SDXL: `lora_te1_`, `lora_te2_`), and its tensors are keys under that name, one
 set per kind of update. Which names (`kohya_layout`, for writing and reading alike): SD 1.x and 2.x
 files name the UNet's modules as diffusers does (`lora_unet_down_blocks_0_attentions_0_proj_in`), as
 kohya-ss trains them on the diffusers UNet; SDXL files as the original code does
@@ -155,11 +155,12 @@ def kohya_state(modules: dict[str, dict[str, Any]], layout: KohyaLayout | None =
 def kohya_diff_state(unet, diffs: dict[tuple[str, str], Any], where: str | Path) -> tuple[dict, dict[str, str]]:
     """`.diff`/`.diff_b` (linears, convs) and `.w_norm`/`.b_norm` (norms) from ΔW ((module name,
     parameter name) → merged − base, the changed weights only) and the merged `unet`'s module types,
-    named by the UNet's kohya layout."""
+    named by the UNet's kohya layout (`unet`: the UNet, or the method's `models`, whose `get_submodule`
+    finds the text encoders' modules too, by prefix)."""
     import torch
     from torch import nn
 
-    layout = kohya_layout(unet.config)
+    layout = kohya_layout(getattr(unet, "unet", unet).config)
     state: dict[str, torch.Tensor] = {}
     for (name, attr), delta in diffs.items():
         module = unet.get_submodule(name)

@@ -50,14 +50,15 @@ def cast_frozen_parameters(module, dtype, trainable) -> None:
         parameter.data = parameter.data.to(torch.float32)
 
 
-def place_frozen_models(device, dtype, text_encoders, vae, no_half_vae: bool) -> None:
-    """Move the frozen text encoder(s) (a module or a list) and VAE to `device`, in `dtype` (None: as they are)."""
+def place_frozen_models(device, dtype, text_encoders, vae, no_half_vae: bool, trainable=()) -> None:
+    """Move the text encoder(s) (a module or a list) and VAE to `device`, their frozen weights in `dtype`
+    (None: as they are); the `trainable` parameters (a method's, in a trained text encoder) stay fp32."""
     text_encoders = text_encoders if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     vae.to(device)
     for text_encoder in text_encoders:
         text_encoder.to(device)
         # Parameter by parameter: diffusers' `to(dtype)` warns about fp32-kept modules even when there are none.
-        cast_frozen_parameters(text_encoder, dtype, ())
+        cast_frozen_parameters(text_encoder, dtype, trainable)
     if not no_half_vae:
         cast_frozen_parameters(vae, dtype, ())
 

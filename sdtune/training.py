@@ -6,6 +6,10 @@ checkpoint's state when resuming), and for `steps` optimiser steps runs `step()`
 reads the step's values on the host (`read()`), logs them and saves what is due: the adapter
 atomically, a checkpoint every `checkpoint_every` steps.
 
+With `train_text_encoder`, the method is injected into the text encoder(s) too; they stay on the
+device, are prepared by Accelerate, and compute the prompt embeddings in the loop with gradients; their
+parameters are the optimizer's second group, at `text_encoder_lr`.
+
 The host never waits for the device inside a step: a step's loss and gradient norm stay on the
 device, and the host reads them (one transfer) after it has queued the next step, so the device
 always has work. A step after which something is saved or drawn (a checkpoint, the adapter,
@@ -83,6 +87,9 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
 
     config.validate()
     method = methods.create(config.method, **config.options)  # bad method or options fail first
+    if config.train_text_encoder and not method.trains_text_encoder:
+        able = [name for name in methods.available() if methods.method_class(name).trains_text_encoder]
+        raise SdtuneError(f"--train-text-encoder: method {method.name!r} cannot train the text encoder; {', '.join(able)} can")
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
@@ -327,14 +334,17 @@ class Trainer:
             self.class_dataset = ConceptDataset(load_framed_images(class_paths, resolution), config.class_prompt, config.random_flip)
 
     def _inject_method(self) -> None:
-        """Inject the method into the UNet; check there is room for what the run writes; freeze the rest in its dtype."""
+        """Inject the method into the UNet (and the text encoders it trains); check there is room for what the
+        run writes; freeze the rest in its dtype."""
         from .precision import cast_frozen_parameters, frozen_dtype
 
         config, method = self.config, self.method
         self.vae.requires_grad_(False)
         for text_encoder in self.text_encoders:
             text_encoder.requires_grad_(False)
-        self.parameters = parameters = method.inject(self.unet)
+        # with --train-text-encoder the method tunes them too: they run in the loop, with gradients
+        self.trained_encoders = list(self.text_encoders) if config.train_text_encoder else []
+        self.parameters = parameters = method.inject(self.unet, self.trained_encoders)
         # room for the adapter(s) and, with checkpoints, the newest ones plus one being written
         # (the trained weights, AdamW's two moments, the EMA)
         copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
@@ -342,7 +352,8 @@ class Trainer:
         needed = adapter_bytes(method) * (1 + bool(config.ema_decay)) + copies * trained_bytes
         ensure_writable_folder(self.output, needed_bytes=needed)
         self.weight_dtype = frozen_dtype(self.accelerator)
-        cast_frozen_parameters(self.unet, self.weight_dtype, parameters)  # trainable stay fp32
+        for model in (self.unet, *self.trained_encoders):
+            cast_frozen_parameters(model, self.weight_dtype, parameters)  # trainable stay fp32
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if config.compile:
@@ -352,7 +363,15 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         config, processes = self.config, self.accelerator.num_processes
-        self.optimizer = make_optimizer(config, self.parameters, self.method.weight_decay)
+        encoder_parameters = self.method.text_encoder_parameters()
+        groups = self.parameters
+        if encoder_parameters:  # the text encoder's own learning rate: a second parameter group
+            own = {id(p) for p in encoder_parameters}
+            groups = [
+                {"params": [p for p in self.parameters if id(p) not in own]},
+                {"params": encoder_parameters, "lr": config.text_encoder_lr},
+            ]
+        self.optimizer = make_optimizer(config, groups, self.method.weight_decay)
         # Accelerate steps a prepared scheduler once per process per optimiser step, hence the factors
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup" if config.lr_scheduler == "constant" and config.lr_warmup_steps else config.lr_scheduler,
@@ -367,10 +386,13 @@ class Trainer:
         from .precision import place_frozen_models, warn_half_vae
 
         self.device = self.accelerator.device
-        place_frozen_models(self.device, self.weight_dtype, self.text_encoders, self.vae, self.config.no_half_vae)
+        place_frozen_models(
+            self.device, self.weight_dtype, self.text_encoders, self.vae, self.config.no_half_vae, self.parameters
+        )
         warn_half_vae(self.pipe, self.weight_dtype, self.config.no_half_vae)
         self.unet.to(self.device)
-        self.prompt_embeddings = PromptConditioning(self.pipe)  # prompts -> the UNet's conditioning
+        # prompts -> the UNet's conditioning (with gradients, through trained text encoders)
+        self.prompt_embeddings = PromptConditioning(self.pipe, trained=bool(self.trained_encoders))
 
     def _prepare_data(self) -> None:
         """The validation loss's images, the latent cache and the loader."""
@@ -393,10 +415,10 @@ class Trainer:
                 held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), inputs.held_out_prompts)
             elif config.buckets:  # the loss is measured on one batch of square images
                 held_out = ConceptDataset(load_images(inputs.image_paths, self.resolution), self.image_prompts)
-            prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+            self.validation_prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+            self.validation_size = held_out.pixels.shape[-2:]
             self.validation_loss = validation.ValidationLoss(
-                held_out.pixels, self.prompt_embeddings(prompts, device, size=held_out.pixels.shape[-2:]), self.vae,
-                self.noise_scheduler,
+                held_out.pixels, self.validation_embeddings(), self.vae, self.noise_scheduler
             )
         workers = data_workers(self.dataset, self.accelerator.num_processes)
         if config.cache_latents:
@@ -408,7 +430,7 @@ class Trainer:
                 + ([""] if config.caption_dropout else [])
             )
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
-            if not config.shuffle_caption:  # shuffled captions are encoded in the loop
+            if not config.shuffle_caption and not self.trained_encoders:  # else they run in the loop
                 for text_encoder in self.text_encoders:
                     text_encoder.to("cpu")
         self.prompt_embeddings.remember_new = not config.shuffle_caption  # a shuffled caption's orders are too many
@@ -462,6 +484,11 @@ class Trainer:
         self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
             self.unet, self.optimizer, self.loader, self.lr_scheduler
         )
+        if self.trained_encoders:  # trained: prepared too (DDP, autocast), and the embeddings come from it
+            self.trained_encoders = [accelerator.prepare(encoder) for encoder in self.trained_encoders]
+            self.prompt_embeddings.text_encoders = self.trained_encoders
+            for encoder in self.trained_encoders:
+                encoder.train()
         # checkpoints hold the trainable parameters (trainable.safetensors), not the frozen UNet
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
@@ -568,7 +595,7 @@ class Trainer:
             batch = next(self.batches)
             self.micro_batches += 1
             # a forked RNG seeded by (seed, step, micro-batch): same draws after a resume, data stream untouched
-            with accelerator.accumulate(self.unet), torch.random.fork_rng(devices=[]):
+            with accelerator.accumulate(self.unet, *self.trained_encoders), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derived_seed(config.seed, STEP_STREAM, self.global_step, micro_batch, self.process))
                 latents = batch_latents(batch, self.vae)
                 loss = self.loss(latents, batch)
@@ -773,6 +800,8 @@ class Trainer:
         if accelerator.is_main_process:
             with torch.random.fork_rng(devices=[]):  # the data stream's RNG stays as if no validation ran
                 model = accelerator.unwrap_model(self.unet)
+                if self.trained_encoders:  # the held-out prompts as the text encoder now reads them
+                    self.validation_loss.use_prompt_embeds(self.validation_embeddings())
                 values["val_loss"] = self.validation_loss(model, accelerator.autocast, self.device)
                 self.validation_losses[self.global_step] = values["val_loss"]
                 dtype = sampling_dtype(self.config.validation_dtype, self.device)
@@ -783,6 +812,19 @@ class Trainer:
             log_image(accelerator, "samples", grid, self.global_step)
         accelerator.wait_for_everyone()
         return values
+
+    def validation_embeddings(self):
+        """The held-out images' conditioning, without gradients (from the unwrapped text encoders: the main
+        process alone runs them)."""
+        import torch
+
+        from .conditioning import PromptConditioning
+
+        embeddings, precision = self.prompt_embeddings, contextlib.nullcontext()
+        if self.trained_encoders:  # their trained layers are fp32, their frozen ones maybe half: as in the loop
+            embeddings, precision = PromptConditioning(self.pipe, trained=True), self.accelerator.autocast()
+        with torch.no_grad(), precision:
+            return embeddings(self.validation_prompts, self.device, size=self.validation_size)
 
     def open_logs(self) -> None:
         """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""

@@ -78,8 +78,14 @@ class ValidationLoss:
         self.timesteps = steps.repeat(len(means))
         generator = torch.Generator().manual_seed(LOSS_SEED)
         self.noise = torch.randn(self.latents.shape, generator=generator)
-        # one per image: UNetConditions, or SD 1.x/2.x's bare encoder hidden states
-        self.prompt_embeds = as_conditions(prompt_embeds).cpu().repeat_interleave(len(steps))
+        self.use_prompt_embeds(prompt_embeds)
+
+    def use_prompt_embeds(self, prompt_embeds) -> None:
+        """The images' conditioning, one per image (UNetConditions, or SD 1.x/2.x's bare encoder hidden
+        states), e.g. again from a text encoder being trained."""
+        conditions = as_conditions(prompt_embeds)
+        per_image = len(self.latents) // len(conditions)
+        self.prompt_embeds = conditions.cpu().repeat_interleave(per_image)
 
     def __len__(self) -> int:
         return len(self.latents)

@@ -50,6 +50,9 @@ Variants (each has zero update at init and folds into W ← W + ΔW)
   both sizes (else 1); M = min(m, b²) atoms of b×b; the D-variant update ΔW_b = W_b·(P·ΔD), ΔD (M, b, b)
   zero-init: trainable min(m, b²)·b² per projection.
 
+With `--train-text-encoder` the linear form also tunes the text encoder's q/k/v/out projections and
+MLP linears (fc1, fc2), whatever `linear` says for the UNet.
+
 Targets: every 3×3 conv; the 1×1 convs (shortcuts, proj_in/proj_out, where atoms are scalars unless
 kc > 1) when `include_1x1` is true, by default only when kc > 1.
 
@@ -476,6 +479,7 @@ class FilterAtoms(WrappedLayers):
     summary = "filter atoms: train the atoms of each conv's filter subspace (ΔW = α·ΔD; D1, kc and D1+Dc variants)"
     Options = AtomsOptions
     variants = ({}, {"m": 6}, {"m1": 4}, {"kc": 2}, {"m1": 4, "kc": 2}, {"linear": True}, {"include_1x1": True})
+    trains_text_encoder = True  # the linear form, on the text encoder's attention and MLP linears
     default_lr = 1e-3  # a few thousand parameters: a larger step than the low-rank methods
 
     def validate_options(self) -> None:
@@ -564,6 +568,16 @@ class FilterAtoms(WrappedLayers):
                 layer = FilterAtomConv2d(base, decomposition[name], plan.block, orthonormal, self.options.kernel)
             replace_module(unet, name, layer)
             self.layers[name] = layer
+
+    def _inject_text_encoder(self, text_encoder: nn.Module, prefix: str, targets: list[str]) -> None:
+        """The linear form on the text encoder's attention and MLP linears (b×b weight blocks, b = linear_kc
+        where it divides both sizes), with atoms decomposed from its own weights."""
+        plans = {name: self.plan(text_encoder.get_submodule(name)) for name in targets}
+        decomposition = self._decompose(text_encoder, plans)
+        for name in targets:
+            layer = FilterAtomLinear(text_encoder.get_submodule(name), decomposition[name], plans[name].block, self.options.init == "svd")
+            replace_module(text_encoder, name, layer)
+            self.layers[f"{prefix}.{name}"] = layer
 
     def _decompose(self, unet: nn.Module, plans: dict[str, LayerPlan]) -> dict[str, torch.Tensor]:
         """Atoms for every target, from the cache when this base model was decomposed before. A cache

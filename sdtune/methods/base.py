@@ -1,7 +1,8 @@
 """The interface every tuning method implements, and what all of them share.
 
 A method is created from its options, injected into a frozen UNet (it wraps or selects the
-parameters it trains), and can then give its trainable parameters, save and load its state, set the
+parameters it trains; a method that `trains_text_encoder` also into the text encoders, whose
+modules it names `text_encoder.<module>`), and can then give its trainable parameters, save and load its state, set the
 strength of its update, merge it into the base weights and unmerge it again, and count its
 parameters. Adapter files, sampling and the training loop only ever talk to this interface.
 
@@ -27,6 +28,33 @@ from torch import nn
 from ..errors import SdtuneError
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# a CLIP text encoder's attention and MLP linears: what kohya-ss and diffusers train there
+TEXT_ENCODER_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def text_encoder_prefix(index: int) -> str:
+    """The name of a pipeline's `index`-th text encoder (diffusers': text_encoder, text_encoder_2), which
+    prefixes its modules' names in a method's targets and state."""
+    return "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+
+
+class ModelParts:
+    """The UNet and the trained text encoders seen as one tree for module lookups: a name starting with
+    `text_encoder.` (or `text_encoder_2.`) is that encoder's module, any other the UNet's."""
+
+    def __init__(self, unet: nn.Module, text_encoders: dict[str, nn.Module]):
+        self.unet, self.text_encoders = unet, text_encoders
+
+    def split(self, name: str) -> tuple[nn.Module, str]:
+        """(the model holding module `name`, its name there)."""
+        prefix, _, rest = name.partition(".")
+        if prefix in self.text_encoders:
+            return self.text_encoders[prefix], rest
+        return self.unet, name
+
+    def get_submodule(self, name: str) -> nn.Module:
+        model, local = self.split(name)
+        return model.get_submodule(local)
 
 
 class Method(ABC):
@@ -44,6 +72,8 @@ class Method(ABC):
     # what `sdtune explain` draws beyond the per-layer update norms: "clusters" (each tuned layer's
     # output read through `output_clusters`, over a generated image) or "tiles" (`update_tiles`)
     explanation: ClassVar[str] = ""
+    # whether `inject` also takes text encoders (their linears tuned with the method's own maths)
+    trains_text_encoder: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         known = {f.name for f in dataclasses.fields(self.Options)}
@@ -59,6 +89,7 @@ class Method(ABC):
         self.base_structure: str | None = None
         self.base_sample: torch.Tensor = torch.zeros(0)
         self._unet: nn.Module | None = None
+        self.text_encoders: dict[str, nn.Module] = {}  # the trained encoders by prefix (text_encoder, ...)
         # the tuned layers by module name: wrappers, or the modules whose own parameters train
         self.layers: dict[str, nn.Module] = {}
         self.scale = 1.0  # strength of the update: the UNet computes with W + scale·ΔW
@@ -76,6 +107,14 @@ class Method(ABC):
     @abstractmethod
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
         """Wrap or select the targets; after this, `trainable_parameters()` is valid."""
+
+    def find_text_encoder_targets(self, text_encoder: nn.Module) -> list[str]:
+        """Names of the text encoder's modules this method changes (methods that train it)."""
+        return [name for name, _ in named_linears(text_encoder, TEXT_ENCODER_LINEARS)]
+
+    def _inject_text_encoder(self, text_encoder: nn.Module, prefix: str, targets: list[str]) -> None:
+        """Wrap the text encoder's `targets`, registering them in `layers` as `<prefix>.<name>`."""
+        raise SdtuneError(f"method {self.name!r} cannot train the text encoder")
 
     @abstractmethod
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -160,21 +199,52 @@ class Method(ABC):
         """Put the wrappers (or hooks) back; the base weights are restored by `unmerge`."""
 
     # -- shared behaviour ----------------------------------------------------------------------
-    def inject(self, unet: nn.Module) -> list[nn.Parameter]:
-        """Freeze the UNet, apply the method to it, and return the trainable parameters."""
+    def inject(self, unet: nn.Module, text_encoders: list[nn.Module] | tuple = ()) -> list[nn.Parameter]:
+        """Freeze the UNet (and `text_encoders`, which the method then tunes too), apply the method, and
+        return the trainable parameters: the UNet's first, then each text encoder's."""
         if self._unet is not None:
             raise RuntimeError(f"{self.name}: already injected")
+        if text_encoders and not self.trains_text_encoder:
+            raise SdtuneError(f"method {self.name!r} cannot train the text encoder")
+        encoders = {text_encoder_prefix(i): encoder for i, encoder in enumerate(text_encoders)}
         unet.requires_grad_(False)
-        targets = self.find_targets(unet)
-        if not targets:
+        for encoder in encoders.values():
+            encoder.requires_grad_(False)
+        unet_targets = self.find_targets(unet)
+        if not unet_targets:
             raise SdtuneError(f"method {self.name!r} found no layer to tune in this UNet")
-        self.base_structure = structure_digest(unet, targets)
-        self.base_sample = weight_sample(unet, targets)
+        targets = self.all_targets(unet, encoders)
+        parts = ModelParts(unet, encoders)
+        self.base_structure = structure_digest(parts, targets)
+        self.base_sample = weight_sample(parts, targets)
         self.base_fingerprint = fingerprint_of(self.base_structure, self.base_sample)
         self.target_names = targets
         self._unet = unet
-        self._inject(unet, targets)
+        self.text_encoders = encoders
+        self._inject(unet, unet_targets)
+        for prefix, encoder in encoders.items():
+            own = [name[len(prefix) + 1 :] for name in targets if name.startswith(prefix + ".")]
+            self._inject_text_encoder(encoder, prefix, own)
         return self.trainable_parameters()
+
+    def all_targets(self, unet: nn.Module, text_encoders: dict[str, nn.Module]) -> list[str]:
+        """The UNet's targets, then each text encoder's as `<prefix>.<name>` (what the fingerprint covers)."""
+        targets = self.find_targets(unet)
+        for prefix, encoder in text_encoders.items():
+            own = self.find_text_encoder_targets(encoder)
+            if not own:
+                raise SdtuneError(f"method {self.name!r} found no layer to tune in the {prefix.replace('_', ' ')}")
+            targets += [f"{prefix}.{name}" for name in own]
+        return targets
+
+    @property
+    def models(self) -> ModelParts:
+        """The UNet and the trained text encoders, for looking modules up by target name."""
+        return ModelParts(self.unet, self.text_encoders)
+
+    def text_encoder_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters that live in the text encoders (their own learning rate)."""
+        return []
 
     def num_parameters(self) -> int:
         """How many numbers training updates."""
@@ -314,19 +384,25 @@ class WrappedLayers(Method):
         for name, layer in self.layers.items():
             base = self.layer_base(layer)
             base.weight += self.layer_delta(layer)
-            replace_module(self.unet, name, base)
+            replace_module(self.models, name, base)
 
     def _unmerge(self) -> None:
         for name, layer in self.layers.items():
             # the merged UNet may have moved (sampling moves it to the GPU): the wrapper follows its base
             layer.to(self.layer_base(layer).weight.device)
-            replace_module(self.unet, name, layer)
+            replace_module(self.models, name, layer)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every wrapper's parameters, not the frozen base layers' (none once merged)."""
         if self.merged:
             return []
         return [p for layer in self.layers.values() for p in self.layer_parameters(layer)]
+
+    def text_encoder_parameters(self) -> list[nn.Parameter]:
+        if self.merged:
+            return []
+        prefixes = tuple(prefix + "." for prefix in self.text_encoders)
+        return [p for name, layer in self.layers.items() if prefixes and name.startswith(prefixes) for p in self.layer_parameters(layer)]
 
     def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         """The trainable parameters of one wrapper."""
@@ -368,11 +444,10 @@ def check_state_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[i
             raise SdtuneError(f"{what} tensor {key} has shape {found[key]}, the model needs {shape}")
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module | ModelParts, name: str, new: nn.Module) -> None:
     """Put `new` where `root.get_submodule(name)` is."""
     parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+    setattr(root.get_submodule(parent_name), child, new)  # get_submodule("") is the root (ModelParts: the UNet)
 
 
 def named_convs(unet: nn.Module, kernel_sizes: set[int]) -> Iterator[tuple[str, nn.Conv2d]]:

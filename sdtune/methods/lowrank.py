@@ -19,7 +19,9 @@ with the default alpha = rank the two agree.
 
 Targets: `conv` means the UNet's 3×3 and 1×1 convolutions (LoCon), `conv3x3` only the 52 3×3
 convolutions that the filter-atom method tunes, `attn` the to_q, to_k, to_v and to_out.0
-projections of every attention, `all` the convolutions and the projections.
+projections of every attention, `all` the convolutions and the projections. With text encoders
+(`--train-text-encoder`), the same layers go on their q/k/v/out projections and MLP linears, saved
+under `text_encoder.<module>.<parameter>`.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class _PeftLowRank(WrappedLayers):
 
     default_lr = 1e-4  # the usual SD LoRA rate with alpha = rank (scale 1)
     export_formats = ("kohya", "peft")
+    trains_text_encoder = True  # the same peft layers on the text encoder's attention and MLP linears
 
     def validate_options(self) -> None:
         o = self.options
@@ -137,14 +140,27 @@ class _PeftLowRank(WrappedLayers):
         """The peft config that wraps exactly `module_names`."""
 
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
+        self.peft_configs: dict[str, Any] = {}  # inject_adapter_in_model's record per model; a merged one goes without
+        self._inject_peft(unet, "", targets)
+
+    def _inject_text_encoder(self, text_encoder: nn.Module, prefix: str, targets: list[str]) -> None:
+        self._inject_peft(text_encoder, prefix, targets)
+
+    def _inject_peft(self, model: nn.Module, prefix: str, targets: list[str]) -> None:
+        """peft's layers on `model`'s `targets`, registered under `<prefix>.<name>` (the UNet's: `<name>`)."""
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(self.to_peft_config(targets), unet, adapter_name=ADAPTER)
-        self.peft_config_of_unet = unet.peft_config  # inject_adapter_in_model's record; a merged UNet goes without
-        self.layers = {name: unet.get_submodule(name) for name in targets}
-        missed = [name for name, layer in self.layers.items() if not hasattr(layer, "get_base_layer")]
+        inject_adapter_in_model(self.to_peft_config(targets), model, adapter_name=ADAPTER)
+        self.peft_configs[prefix] = model.peft_config
+        layers = {f"{prefix}.{name}" if prefix else name: model.get_submodule(name) for name in targets}
+        missed = [name for name, layer in layers.items() if not hasattr(layer, "get_base_layer")]
         if missed:
             raise RuntimeError(f"{self.name}: peft did not wrap {missed[:3]}")
+        self.layers.update(layers)
+
+    def _peft_models(self) -> dict[str, nn.Module]:
+        """The models peft wrapped, by prefix ("" for the UNet)."""
+        return {"": self.unet, **self.text_encoders}
 
     # peft's layers: the base layer, ΔW with peft's scaling (alpha/rank times the strength), its set_scale
     def layer_base(self, layer: nn.Module) -> nn.Module:
@@ -172,16 +188,22 @@ class _PeftLowRank(WrappedLayers):
 
         if self.merged:
             return {}
-        return get_peft_model_state_dict(self.unet, adapter_name=ADAPTER, save_embedding_layers=False)
+        state = {}
+        for prefix, model in self._peft_models().items():
+            own = get_peft_model_state_dict(model, adapter_name=ADAPTER, save_embedding_layers=False)
+            state.update({f"{prefix}.{key}" if prefix else key: tensor for key, tensor in own.items()})
+        return state
 
     def _merge(self) -> None:
         super()._merge()
-        if hasattr(self.unet, "peft_config"):
-            del self.unet.peft_config  # the merged UNet is plain
+        for model in self._peft_models().values():
+            if hasattr(model, "peft_config"):
+                del model.peft_config  # the merged model is plain
 
     def _unmerge(self) -> None:
         super()._unmerge()
-        self.unet.peft_config = self.peft_config_of_unet
+        for prefix, model in self._peft_models().items():
+            model.peft_config = self.peft_configs[prefix]
 
     def kohya_tensors(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
         """peft's tensors under their LyCORIS names, plus `alpha`, per module; kohya-ss' network metadata."""
