@@ -16,7 +16,7 @@ are the batch's own size and (0, 0), an image that was neither resized nor cropp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .models import is_sdxl, text_encoders, tokenizers
 
@@ -28,7 +28,6 @@ class UNetConditions:
     encoder_hidden_states: object  # (batch, tokens, width) tensor
     text_embeds: object | None = None  # SDXL: (batch, pooled width)
     time_ids: object | None = None  # SDXL: (batch, 6)
-    _parts: tuple = field(default=("encoder_hidden_states", "text_embeds", "time_ids"), init=False, repr=False)
 
     def unet_kwargs(self) -> dict:
         kwargs = {"encoder_hidden_states": self.encoder_hidden_states}
@@ -37,7 +36,7 @@ class UNetConditions:
         return kwargs
 
     def _map(self, function) -> "UNetConditions":
-        return UNetConditions(*(None if getattr(self, n) is None else function(getattr(self, n)) for n in self._parts))
+        return UNetConditions(*(None if part is None else function(part) for part in vars(self).values()))
 
     def to(self, device) -> "UNetConditions":
         return self._map(lambda t: t.to(device))
