@@ -83,6 +83,8 @@ class ValidationLoss:
     def use_prompt_embeds(self, prompt_embeds) -> None:
         """The images' conditioning, one per image (UNetConditions, or SD 1.x/2.x's bare encoder hidden
         states), e.g. again from a text encoder being trained."""
+        from .conditioning import as_conditions
+
         conditions = as_conditions(prompt_embeds)
         per_image = len(self.latents) // len(conditions)
         self.prompt_embeds = conditions.cpu().repeat_interleave(per_image)
