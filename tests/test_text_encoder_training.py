@@ -238,8 +238,8 @@ def test_peft_export_writes_the_text_encoder_beside_the_unet(tmp_path):
 
 def config(output, **settings) -> TrainConfig:
     return TrainConfig(
-        model="tiny-random", method="lora", output=str(output), log_with="none",
-        **{"steps": 2, "seed": 3, "train_text_encoder": True, **settings},
+        output=str(output), log_with="none",
+        **{"model": "tiny-random", "method": "lora", "steps": 2, "seed": 3, "train_text_encoder": True, **settings},
     )
 
 
@@ -293,3 +293,21 @@ def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monke
     resumed = train(config(tmp_path / "split", resume="latest", **settings), progress=False)
     assert resumed.resumed_from is not None
     assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
+
+
+def test_sdxl_trains_both_text_encoders_and_exports_lora_te1_and_te2(tmp_path):
+    """On SDXL both encoders are tuned, trained through the pooled embedding too, and exported under
+    kohya-ss' SDXL prefixes."""
+    pipe = load_pipeline("tiny-sdxl-random")
+    before = [{k: v.clone() for k, v in e.state_dict().items()} for e in (pipe.text_encoder, pipe.text_encoder_2)]
+    run = train(config(tmp_path / "run", model="tiny-sdxl-random", text_encoder_lr=1e-2, steps=3), progress=False)
+    tuned = load_pipeline("tiny-sdxl-random")
+    method = load_adapter(run.adapter, tuned, merge=True)
+    for name, encoder, base in zip(("text_encoder", "text_encoder_2"), (tuned.text_encoder, tuned.text_encoder_2), before):
+        assert any(f"{name}." in target for target in method.target_names)
+        changed = [k for k, v in encoder.state_dict().items() if not torch.equal(v, base[k])]
+        assert changed, f"{name} did not change"
+    out = tmp_path / "kohya.safetensors"
+    export_adapter(run.adapter, "kohya", out)
+    prefixes = {key.split("_text_model_")[0] for key in load_file(out) if "_text_model_" in key}
+    assert prefixes == {"lora_te1", "lora_te2"}
