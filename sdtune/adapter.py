@@ -135,10 +135,11 @@ def expected_shapes(method_name: str, options: dict[str, Any], unet, text_encode
     import torch
 
     from . import methods
+    from .methods.base import text_encoder_layers
 
     with torch.device("meta"):
         skeleton = type(unet).from_config(unet.config)
-        encoders = [type(encoder)(encoder.config) for encoder in text_encoders]
+        encoders = [type(layers)(layers.config) for layers in map(text_encoder_layers, text_encoders)]
     method = methods.create(method_name, **options)
     method.inject(skeleton, encoders)
     return {key: tuple(tensor.shape) for key, tensor in method.state_dict().items()}
@@ -179,7 +180,14 @@ def open_adapter(path: str | Path, pipeline):
 
     from . import methods
     from .methods.base import (
-        ModelParts, check_state_names, check_state_shapes, fingerprint_of, same_weights, structure_digest, text_encoder_prefix,
+        ModelParts,
+        check_state_names,
+        check_state_shapes,
+        fingerprint_of,
+        same_weights,
+        structure_digest,
+        text_encoder_layers,
+        text_encoder_prefix,
         weight_sample,
     )
 
@@ -193,7 +201,7 @@ def open_adapter(path: str | Path, pipeline):
     shapes = expected_shapes(info.method, info.options, unet, encoders)
     found = {key: entry.shape for key, entry in entries.items()}
     check_state_names(shapes, found, f"adapter {path}")  # first: other names mean another method's tensors
-    parts = ModelParts(unet, {text_encoder_prefix(i): encoder for i, encoder in enumerate(encoders)})
+    parts = ModelParts(unet, {text_encoder_prefix(i): text_encoder_layers(encoder) for i, encoder in enumerate(encoders)})
     targets = method.all_targets(unet, parts.text_encoders)
     trained_on = f"adapter {path} was trained on base model {info.base_model!r}"
     structure = structure_digest(parts, targets)

@@ -311,3 +311,23 @@ def test_sdxl_trains_both_text_encoders_and_exports_lora_te1_and_te2(tmp_path):
     export_adapter(run.adapter, "kohya", out)
     prefixes = {key.split("_text_model_")[0] for key in load_file(out) if "_text_model_" in key}
     assert prefixes == {"lora_te1", "lora_te2"}
+
+
+def test_adapters_name_clip_layers_alike_under_transformers_4_and_5(tmp_path, inputs):
+    """transformers 4 kept CLIP's layers below a `text_model` module, transformers 5 at the top: an
+    adapter saved with one loads with the other."""
+    pipe, method = tuned_adapter("lora", {}, tmp_path / "a.safetensors")
+    expected = encode(pipe)
+
+    class WrappedAsTransformers4(torch.nn.Module):  # CLIPTextModel's shape under transformers 4
+        def __init__(self, text_model):
+            super().__init__()
+            self.text_model, self.config = text_model, text_model.config
+
+        def forward(self, *args, **kwargs):
+            return self.text_model(*args, **kwargs)
+
+    other = load_pipeline("tiny-random")
+    other.text_encoder = WrappedAsTransformers4(other.text_encoder)
+    load_adapter(tmp_path / "a.safetensors", other, merge=True)
+    assert torch.allclose(encode(other), expected, atol=1e-5)

@@ -206,7 +206,7 @@ class Method(ABC):
             raise RuntimeError(f"{self.name}: already injected")
         if text_encoders and not self.trains_text_encoder:
             raise SdtuneError(f"method {self.name!r} cannot train the text encoder")
-        encoders = {text_encoder_prefix(i): encoder for i, encoder in enumerate(text_encoders)}
+        encoders = {text_encoder_prefix(i): text_encoder_layers(encoder) for i, encoder in enumerate(text_encoders)}
         unet.requires_grad_(False)
         for encoder in encoders.values():
             encoder.requires_grad_(False)
@@ -442,6 +442,13 @@ def check_state_shapes(own: dict[str, tuple[int, ...]], found: dict[str, tuple[i
     for key, shape in own.items():
         if found[key] != shape:
             raise SdtuneError(f"{what} tensor {key} has shape {found[key]}, the model needs {shape}")
+
+
+def text_encoder_layers(encoder: nn.Module) -> nn.Module:
+    """The module whose names an adapter gives a text encoder's layers: CLIP's transformer. transformers 5
+    puts CLIPTextModel's layers at its top, transformers 4 (and CLIPTextModelWithProjection) below
+    `text_model`; naming them from there, an adapter reads the same whichever version saved or loads it."""
+    return getattr(encoder, "text_model", encoder)
 
 
 def replace_module(root: nn.Module | ModelParts, name: str, new: nn.Module) -> None:
