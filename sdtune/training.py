@@ -207,6 +207,7 @@ class StepResult:
     step: int  # the optimiser step (from 1)
     started: float  # time.perf_counter() when the step began
     lr: float  # the learning rate the step used
+    text_encoder_lr: float | None = None  # with a trained text encoder: its group's
     losses: list = field(default_factory=list)  # each micro-batch's loss (a tensor)
     instance_losses: list = field(default_factory=list)  # with prior preservation: the concept images' part
     prior_losses: list = field(default_factory=list)  # and the class images' part
@@ -590,7 +591,11 @@ class Trainer:
         from .latents import batch_latents
 
         config, accelerator = self.config, self.accelerator
-        result = StepResult(step=self.global_step + 1, started=time.perf_counter(), lr=self.optimizer.param_groups[0]["lr"])
+        groups = self.optimizer.param_groups
+        result = StepResult(
+            step=self.global_step + 1, started=time.perf_counter(), lr=groups[0]["lr"],
+            text_encoder_lr=groups[1]["lr"] if len(groups) > 1 else None,
+        )
         for micro_batch in range(config.gradient_accumulation_steps):
             batch = next(self.batches)
             self.micro_batches += 1
@@ -696,6 +701,8 @@ class Trainer:
             self.check_finite("gradient norm", grad_norm, result.step)
         self.losses.append(loss)
         values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
+        if result.text_encoder_lr is not None:
+            values["text_encoder_lr"] = result.text_encoder_lr
         if result.prior_losses:
             values.update(instance_loss=numbers[1], prior_loss=numbers[2])
         return values

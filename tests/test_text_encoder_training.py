@@ -8,6 +8,8 @@ files name it `lora_te_`, diffusers `text_encoder.`, and other loaders read thos
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -250,6 +252,9 @@ def test_the_text_encoder_gets_its_own_learning_rate(tmp_path, tiny_path):
         assert [g["lr"] for g in groups] == [1e-4, 3e-5]
         assert {id(p) for p in groups[1]["params"]} == encoder and not encoder & {id(p) for p in groups[0]["params"]}
         assert all(p.requires_grad for p in trainer.method.text_encoder_parameters())
+        trainer.fit()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(row["lr"] == 1e-4 and row["text_encoder_lr"] == 3e-5 for row in logged)
     with open_trainer(config(tmp_path / "run2", lr=2e-4), progress=False) as trainer:
         assert [g["lr"] for g in trainer.optimizer.param_groups] == [2e-4, 2e-4]  # default: --lr
     with open_trainer(config(tmp_path / "run3", train_text_encoder=False), progress=False) as trainer:
