@@ -144,6 +144,18 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache)
 def test_two_shards_share_a_plan_and_one_report_gathers_both(tmp_path, private_cache):
     plan = write_plan(tmp_path)
     output = tmp_path / "out"
+    first, first_lines = sweep(plan, output, shard="0/2")
+    second, second_lines = sweep(plan, output, shard="1/2")
+    assert (first.ran, second.ran) == (["castle-atoms"], ["castle-lora"]), first_lines + second_lines
+    assert "report: 1 of 2 runs finished" in first_lines[-1] and "report: 2 of 2 runs finished" in second_lines[-1]
+    page = (output / "report" / "index.html").read_text()
+    assert page.count('class="finished"') == 2
+
+
+@pytest.mark.slow
+def test_two_shard_processes_at_once_then_one_report(tmp_path, private_cache):
+    plan = write_plan(tmp_path)
+    output = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     shards = [
         subprocess.Popen([sys.executable, "-m", "sdtune", "sweep", str(plan), "--shard", f"{i}/2", "--output", str(output)],
@@ -226,3 +238,31 @@ def test_the_shipped_plans_expand(plan, count, names, tmp_path):
         assert {run.train.dataset for run in expanded.runs} == set(vtab_tasks())
     result = invoke("sweep", ROOT / "sweeps" / f"{plan}.toml", "--dry-run", "--output", tmp_path / "out")
     assert result.exit_code == 0 and f"{count} runs" in result.stdout.splitlines()[0], result.output
+
+
+def test_the_digits_metric_set_measures_a_run_against_the_base_model(tmp_path, private_cache):
+    plan = (ROOT / "sweeps" / "digits-quality.toml").read_text()
+    plan = (plan.replace("steps = 200", "steps = 1").replace("steps = 25", "steps = 2").replace("num_images = 4", "num_images = 1")
+            .replace('method = ["atoms", "lora", "loha", "lokr", "difffit", "bitfit", "gift"]', 'method = ["lora"]')
+            .replace('prompts = "prompts/', f'prompts = "{ROOT.as_posix()}/prompts/'))
+    result, lines = sweep(write_plan(tmp_path, plan), tmp_path / "out")
+    assert result.ran == ["lora-seed0"], lines
+    assert len(list((tmp_path / "out" / "concept-images").glob("*.png"))) == 6
+    report = json.loads((tmp_path / "out" / "runs" / "lora-seed0" / "eval.json").read_text())
+    assert set(report["metrics"]) == {"digit_fidelity", "style_fidelity", "preservation"}
+    assert 0 <= report["metrics"]["preservation"] <= 1 and 0 <= report["base_preservation"] <= 1
+    assert report["concept_read_as_digit"] is not None and report["num_parameters"] > 0
+    assert len(list((tmp_path / "out" / "base").glob("*/images/*.png"))) == 10  # the base model's draws, once
+
+
+def test_the_best_learning_rate_keeps_preservation_and_learns_most():
+    from sdtune.digits import best_learning_rates
+
+    def row(method, lr, style, preservation, base=1.0):
+        return {"method": method, "lr": lr, "style_fidelity": style, "preservation": preservation, "base_preservation": base}
+
+    rows = [row("a", 1e-3, 0.1, 1.0), row("a", 1e-3, 0.2, 0.9), row("a", 3e-3, 0.3, 0.95), row("a", 3e-3, 0.3, 0.8),
+            row("a", 1e-2, 0.6, 0.5), row("b", 1e-3, 0.5, 0.5)]
+    best = best_learning_rates(rows)
+    assert best["a"]["lr"] == 1e-3 and best["a"]["seeds"] == 2 and best["a"]["style_fidelity"] == pytest.approx(0.15)
+    assert best["b"] is None  # every rate lost more than 10 points
