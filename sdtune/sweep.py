@@ -29,8 +29,10 @@ from typing import Any, Callable
 
 from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
 from .errors import SdtuneError
+from .fileio import OutputLock
 
 RUN_MARKER = "sweep-run.json"
+RUN_LOCK = ".sdtune-sweep.lock"  # held by the sweep process working on a run, beside training's own lock
 MARKER_FORMAT = "sdtune-sweep-run/1"
 RUNS_FOLDER = "runs"
 REPORT_FOLDER = "report"
@@ -420,7 +422,19 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
                 log(f"{prefix}: finished earlier, skipped")
                 result.skipped.append(run.name)
                 continue
+            lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
             try:
+                run.folder.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+            except SdtuneError:  # another sweep process is on this run: its run, not a failure here
+                log(f"{prefix}: in use by another sweep process, skipped")
+                result.skipped.append(run.name)
+                continue
+            try:
+                if run.state() == "finished":  # finished by another process while this one waited
+                    log(f"{prefix}: finished by another process, skipped")
+                    result.skipped.append(run.name)
+                    continue
                 run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"))
             except KeyboardInterrupt:
                 raise
@@ -434,6 +448,8 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
                     pass
             else:
                 result.ran.append(run.name)
+            finally:
+                lock.release()
     result.report = write_report(plan, log)
     return result
 

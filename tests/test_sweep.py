@@ -141,6 +141,20 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache)
     assert "failed" in (tmp_path / "out" / "report" / "index.html").read_text()
 
 
+def test_a_run_another_sweep_process_holds_is_left_to_it(tmp_path, private_cache):
+    from sdtune.fileio import OutputLock
+    from sdtune.sweep import RUN_LOCK
+
+    plan = write_plan(tmp_path)
+    held = tmp_path / "out" / "runs" / "castle-atoms"
+    held.mkdir(parents=True)
+    with OutputLock(held, RUN_LOCK):
+        result, lines = sweep(plan, tmp_path / "out")
+    assert result.ran == ["castle-lora"] and result.skipped == ["castle-atoms"] and not result.failed, lines
+    assert any("castle-atoms: in use by another sweep process, skipped" in line for line in lines)
+    assert not (held / "sweep-run.json").exists()
+
+
 def test_two_shards_share_a_plan_and_one_report_gathers_both(tmp_path, private_cache):
     plan = write_plan(tmp_path)
     output = tmp_path / "out"
