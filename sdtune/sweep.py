@@ -410,12 +410,20 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
         for line in dry_run_lines(plan, runs):
             log(line)
         return result
+    main = True
     if not config.report_only:
+        from .distributed import lock_on_main_process, process_state
         from .models import quiet_libraries
 
         quiet_libraries()
+        # under `accelerate launch` every process goes through the runs together (training and sampling
+        # are shared out); the main one alone measures, marks and reports
+        state = process_state()
+        main = state.is_main_process
+        log = log if main else (lambda message: None)
         metric_set = METRIC_SETS[plan.metrics]()
-        metric_set.prepare(plan, log)
+        if main:
+            metric_set.prepare(plan, log)
         for number, run in enumerate(runs, 1):
             prefix = f"[{number}/{len(runs)}] {run.name}"
             if run.state() == "finished" and (run.folder / "adapter.safetensors").is_file():
@@ -425,7 +433,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
             lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
             try:
                 run.folder.mkdir(parents=True, exist_ok=True)
-                lock.acquire()
+                lock_on_main_process(state, lock)
             except SdtuneError:  # another sweep process is on this run: its run, not a failure here
                 log(f"{prefix}: in use by another sweep process, skipped")
                 result.skipped.append(run.name)
@@ -435,22 +443,24 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
                     log(f"{prefix}: finished by another process, skipped")
                     result.skipped.append(run.name)
                     continue
-                run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"))
+                run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # one run's failure is recorded; the others go on
                 message = _error_line(error)
                 log(f"{prefix}: failed: {message}")
                 result.failed[run.name] = message
-                try:
-                    write_marker(run, "failed", error=message)
-                except OSError:
-                    pass
+                if main:
+                    try:
+                        write_marker(run, "failed", error=message)
+                    except OSError:
+                        pass
             else:
                 result.ran.append(run.name)
             finally:
                 lock.release()
-    result.report = write_report(plan, log)
+    if main:
+        result.report = write_report(plan, log)
     return result
 
 
@@ -461,7 +471,7 @@ def _error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
-def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None]) -> None:
+def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], main: bool = True) -> None:
     """Train (or find trained, or resume), sample, measure; then mark the run finished."""
     from .training import train
 
@@ -481,6 +491,8 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None]) ->
 
         log("sampling")
         samples = sample(run.sample, progress=False)
+    if not main:
+        return
     log("measuring")
     report = metric_set.measure(plan, run, samples, lambda: base_samples(plan, run)) or {}
     images = []

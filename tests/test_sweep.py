@@ -280,3 +280,24 @@ def test_the_best_learning_rate_keeps_preservation_and_learns_most():
     best = best_learning_rates(rows)
     assert best["a"]["lr"] == 1e-3 and best["a"]["seeds"] == 2 and best["a"]["style_fidelity"] == pytest.approx(0.15)
     assert best["b"] is None  # every rate lost more than 10 points
+
+
+@pytest.mark.slow
+def test_a_sweep_under_two_processes_trains_each_run_on_both(tmp_path, private_cache):
+    """As `accelerate launch --multi_gpu` runs it: torchrun with a two-process gloo group (see test_multiprocess)."""
+    from test_multiprocess import free_port
+
+    plan = write_plan(tmp_path)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "sdtune", "sweep", str(plan), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("finished in") == 2  # the main process alone reports
+    for name in ("castle-atoms", "castle-lora"):
+        run = tmp_path / "out" / "runs" / name
+        assert json.loads((run / "sweep-run.json").read_text())["state"] == "finished"
+        assert json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())["num_processes"] == 2
