@@ -231,6 +231,8 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
     methods.create(method, **dict(settings.get("options", {})))  # unknown or bad options: one line now
     default_lr = methods.method_class(method).default_lr
     if scale is not None:
+        if "lr" in settings:
+            raise SdtuneError(f"give lr or {LR_SCALE_AXIS}, not both")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
             raise SdtuneError(f"{LR_SCALE_AXIS} must be a positive number, got {scale!r}")
         settings["lr"] = default_lr * scale
@@ -270,6 +272,8 @@ def fingerprint(train: dict, sample: SampleConfig | None, evaluate: dict, metric
     sampled = None
     if sample is not None:
         sampled = {k: v for k, v in sample.to_dict().items() if k not in PER_RUN_SAMPLE}
+        if sample.prompts and Path(sample.prompts).is_file():  # an edited prompt file is a new setting
+            sampled["prompts_text"] = Path(sample.prompts).read_text(encoding="utf-8", errors="replace")
     text = json.dumps({"train": train, "sample": sampled, "evaluate": evaluate, "metrics": metrics}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -215,6 +215,8 @@ BAD_PLANS = [
     ("per-run setting", TINY_PLAN.replace("[train]", '[train]\noutput = "x"'), "[train] output is set per run"),
     ("bad option", TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = "big" } }'), "rank"),
     ("same names", TINY_PLAN.replace('"atoms", "lora"', '"lora", { name = "lora", method = "lora" }'), "both named 'castle-lora'"),
+    ("lr and lr_scale", TINY_PLAN.replace("[axes]", '[axes]\nlr_scale = [1]\nseed = [{ name = "s1", seed = 1, lr = 1e-3 }]'),
+     "give lr or lr_scale, not both"),
     ("unknown metrics", 'metrics = "fid"\n' + TINY_PLAN, "metrics 'fid' is not a metric set"),
     ("not toml", "name = ", "not valid TOML"),
 ]
