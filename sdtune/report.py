@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -130,6 +131,20 @@ def data_uri(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _img(path: Path, name: str) -> str:
+    return f'<img src="{data_uri(path)}" alt="{html.escape(name)}: {html.escape(path.name)}">'
+
+
+def _run_lr(folder: Path) -> Any:
+    """The learning rate the run trained with (its config.toml), or blank."""
+    import tomllib
+
+    try:
+        return tomllib.loads((folder / "config.toml").read_text(encoding="utf-8")).get("lr", "")
+    except (OSError, ValueError):
+        return ""
+
+
 def _number(value: Any) -> str:
     if value in ("", None):
         return ""
@@ -159,7 +174,7 @@ def write_html_report(plan, comparison) -> Path:
 
     columns = [("index", "#", True), ("run", "run", False), ("state", "state", False)]
     columns += [(f"axis-{axis}", axis, False) for axis in axes]
-    columns += [("variant", "variant", False), ("trainable_parameters", "trainable", True),
+    columns += [("variant", "variant", False), ("lr", "lr", True), ("trainable_parameters", "trainable", True),
                 ("train_seconds_per_step", "s/step", True)]
     columns += [(name, METRICS[name][0], True) for name in metric_names]
     columns += [("error", "note", False)]
@@ -176,6 +191,8 @@ def write_html_report(plan, comparison) -> Path:
                                   "error": marker.get("error", "") if state == "failed" else ""}
         values.update({f"axis-{axis}": run.axes.get(axis, "") for axis in axes})
         values.update(row)
+        if state == "finished":
+            values["lr"] = _run_lr(run.folder)
         cells = []
         for key, _, numeric in columns:
             value = values.get(key, "")
@@ -193,6 +210,12 @@ def write_html_report(plan, comparison) -> Path:
                 paths = [run.folder / name for name in files if (run.folder / name).is_file()]
                 if paths:
                     prompts.setdefault(prompt, []).append((run, paths))
+
+    for prompts_file in sorted(plan.output.glob("base/*/prompts.json")):  # the base model's draws (digits metrics)
+        for index, prompt in enumerate(json.loads(prompts_file.read_text(encoding="utf-8"))):
+            paths = sorted(prompts_file.parent.glob(f"images/{index:03d}-*.png"))
+            if prompt in prompts and paths:
+                prompts[prompt].insert(0, (None, paths))
 
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -219,11 +242,11 @@ def write_html_report(plan, comparison) -> Path:
         for prompt, entries in prompts.items():
             parts.append(f'<div class="prompt"><h3>{html.escape(prompt)}</h3><div class="cells">')
             for run, paths in entries:
+                name = run.name if run is not None else "base model"
                 images = "".join(
-                    f'<a href="{link(run)}"><img src="{data_uri(path)}" alt="{html.escape(run.name)}: {html.escape(path.name)}"></a>'
-                    for path in paths
+                    (f'<a href="{link(run)}">{_img(path, name)}</a>' if run is not None else _img(path, name)) for path in paths
                 )
-                parts.append(f"<figure>{images}<figcaption>{html.escape(run.name)}</figcaption></figure>")
+                parts.append(f"<figure>{images}<figcaption>{html.escape(name)}</figcaption></figure>")
             parts.append("</div></div>")
     parts.append(f'<p id="selftest"></p><script>{SCRIPT}</script></body></html>')
     path = folder / REPORT_FILE
