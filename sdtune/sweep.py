@@ -99,6 +99,8 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
     from . import methods
 
     path = Path(path)
+    if not path.is_file():
+        raise SdtuneError(f"plan {path}: {'a folder; give a TOML file' if path.is_dir() else 'no such file'}")
     values = read_toml(path)
 
     def bad(problem: str) -> SdtuneError:

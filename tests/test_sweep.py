@@ -230,6 +230,11 @@ def test_a_bad_plan_is_refused_in_one_line_before_anything_runs(text, message, t
     assert result.stdout == "" and not (tmp_path / "out").exists()
 
 
+def test_a_missing_plan_is_refused(tmp_path):
+    assert_one_line_error(invoke("sweep", tmp_path / "nope.toml"), 2, "nope.toml: no such file")
+    assert_one_line_error(invoke("sweep", tmp_path), 2, "a folder; give a TOML file")
+
+
 @pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "0/0"])
 def test_a_bad_shard_is_refused(shard, tmp_path):
     assert_one_line_error(invoke("sweep", write_plan(tmp_path), "--shard", shard), 2, "--shard takes i/N")
@@ -239,7 +244,7 @@ def test_a_bad_shard_is_refused(shard, tmp_path):
     ("paper-fewshot", 24, ["castle-atoms-m9", "castle-atoms-m9-m1_4", "castle-atoms-m9-kc2", "canal-lora-r16", "canal-lokr-r8-both"]),
     ("paper-vtab", 19, ["cifar", "caltech101", "sun397", "eurosat", "smallnorb_ele"]),
     ("digits-quality", 7, ["atoms-seed0", "lora-seed0", "gift-seed0"]),
-    ("digits-lr", 42, ["lora-lr0.3x-seed0", "atoms-lr3x-seed2", "lokr-lr1x-seed1"]),
+    ("digits-lr", 45, ["lora-lr0.3x-seed0", "difffit-lr0.03x-seed2", "atoms-lr3x-seed2", "lokr-lr1x-seed1"]),
 ])
 def test_the_shipped_plans_expand(plan, count, names, tmp_path):
     from sdtune.sweep import read_plan
