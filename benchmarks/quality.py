@@ -75,6 +75,17 @@ def markdown(rows: list[dict]) -> str:
             f"{row['style_fidelity']:.2f} | {row['style'].get('slant', 0):.3f} | {row['style'].get('ink', 0):.3f} | {read_as} | "
             f"{row['preservation']:.1%} | {delta:+.1f} pt |"
         )
+    lines += ["", "Per method and learning rate, over seeds (each seed's value in brackets):", "",
+              "| method | lr | seeds | style fidelity | preservation | Δ vs base |", "|---|---:|---:|---|---|---:|"]
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["lr"]), []).append(row)
+    for (method, lr), members in groups.items():
+        style = [r["style_fidelity"] for r in members]
+        kept = [r["preservation"] for r in members]
+        delta = 100 * (sum(kept) / len(kept) - sum(r["base_preservation"] for r in members) / len(members))
+        lines.append(f"| {method} | {lr:.0e} | {len(members)} | {sum(style) / len(style):.2f} ({', '.join(f'{v:.2f}' for v in style)}) | "
+                     f"{sum(kept) / len(kept):.1%} ({', '.join(f'{v:.1%}' for v in kept)}) | {delta:+.1f} pt |")
     lines += ["", f"Best learning rate per method (most mean style fidelity over seeds with mean preservation ≥ base − "
                   f"{PRESERVATION_FLOOR:.0%}):", ""]
     for method, best in best_learning_rates(rows).items():
