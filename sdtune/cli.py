@@ -36,9 +36,10 @@ from .config import (
     ExportConfig,
     MergeConfig,
     SampleConfig,
+    SweepConfig,
     TrainConfig,
 )
-from .errors import SdtuneError
+from .errors import SdtuneError, SweepFailed
 
 class OneLineErrorsGroup(TyperGroup):
     """The command group whose usage errors (`--steps ten`, an unknown flag, a missing option) are one
@@ -471,6 +472,24 @@ def compare(
     )
     typer.echo(result.table)
     typer.echo(f"wrote {len(result.files)} files to {result.output}")
+
+
+@app.command()
+@handle_errors
+def sweep(
+    plan: Path = typer.Argument(..., help="The plan: a TOML file of shared settings and axes (see sweeps/*.toml)."),
+    shard: Optional[str] = typer.Option(None, help="i/N: only the runs whose index is i modulo N, i from 0 (a GPU each, or $SLURM_ARRAY_TASK_ID/N)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs (index, name, state, what they train); train nothing."),
+    report_only: bool = typer.Option(False, "--report-only", help="Write the report over the runs finished so far; train nothing."),
+    output: Optional[Path] = typer.Option(None, help="The sweep's folder (default: the plan's output, else runs/sweeps/NAME)."),
+) -> None:
+    """Run a plan: train, sample and measure every run (skipping finished ones), then write OUTPUT/report/index.html."""
+    from .sweep import run_sweep
+
+    config = SweepConfig.load(None, **_config_values(SweepConfig, locals()))
+    result = run_sweep(config, log=typer.echo)
+    if result.failed:
+        raise SweepFailed(f"{len(result.failed)} run(s) failed: {', '.join(result.failed)} (see their sweep-run.json)")
 
 
 @app.command("methods")

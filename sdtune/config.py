@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -621,3 +622,31 @@ class ExplainConfig(_Config):
         if self.step is not None and self.step < 0:
             raise SdtuneError(f"--step counts denoising steps from 0, got {self.step}")
         check_resolution(self.resolution)
+
+
+@dataclass
+class SweepConfig(_Config):
+    """Everything `sdtune sweep` needs: the plan, and which of its runs to do here."""
+
+    plan: str = ""  # the plan's TOML file (sweeps/*.toml)
+    output: str | None = None  # default: the plan's own `output`, else runs/sweeps/<plan name>
+    shard: str | None = None  # "i/N": the runs whose index is i modulo N (i from 0)
+    dry_run: bool = False  # list the runs and their state; train nothing
+    report_only: bool = False  # write the report over the runs finished so far; train nothing
+
+    def validate(self) -> None:
+        if not self.plan:
+            raise SdtuneError("sweep needs a plan file (sweeps/*.toml)")
+        if self.dry_run and self.report_only:
+            raise SdtuneError("give --dry-run or --report-only, not both")
+        parse_shard(self.shard)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`--shard i/N` (0 <= i < N) as (i, N), or None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise SdtuneError(f"--shard takes i/N with 0 <= i < N (e.g. 0/4 ... 3/4), got {text!r}")
+    return int(match.group(1)), int(match.group(2))

@@ -11,3 +11,9 @@ class TrainingFailed(SdtuneError):
     """Training started but could not go on (for example a non-finite loss): exit code 1."""
 
     exit_code = 1
+
+
+class SweepFailed(SdtuneError):
+    """A sweep went through its runs but some failed (each recorded in its folder): exit code 1."""
+
+    exit_code = 1

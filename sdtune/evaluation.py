@@ -40,7 +40,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "kid": ("KID", "kernel distance to the reference images' features (lower is better)"),
     "kid_std": ("KID std", "KID's standard deviation over subsets"),
     "diversity": ("diversity", "1 − mean DINO similarity among the generated images (higher is more varied)"),
-    # written by benchmarks/quality.py on the digits model (sdtune.digits' classifier)
+    # the digits metric set (sdtune.digits.DigitMetrics: a sweep plan's metrics = "digits"), on the tiny digits model
     "digit_fidelity": ("digit fidelity", "digit-classifier feature similarity to the reference images (higher is better)"),
     "style_fidelity": ("style fidelity", "share of the base-to-reference gap in slant and ink closed (1 = reference)"),
     "preservation": ("preservation", "digit-classifier accuracy on the other digits' plain prompts (higher is better)"),

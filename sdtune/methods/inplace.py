@@ -28,7 +28,8 @@ class InPlaceMethod(Method):
     """A method whose trainable tensors are UNet parameters (or live on UNet modules)."""
 
     weight_decay = 0.0  # decay would shrink the base model's own biases and norms towards 0
-    # DiffFit-pytorch trains SD with 1e-3 (the paper finds ~10x the pre-training lr best)
+    # DiffFit-pytorch trains SD with 1e-3 (the paper finds ~10x the pre-training lr best); BitFit and DiffFit
+    # set their own measured rates
     default_lr = 1e-3
 
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:

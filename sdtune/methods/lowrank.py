@@ -106,7 +106,7 @@ def _group_by_module(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
 class _PeftLowRank(WrappedLayers):
     """What LoRA, LoHa and LoKr share: target choice, peft injection, state, merge."""
 
-    default_lr = 1e-4  # the usual SD LoRA rate with alpha = rank (scale 1)
+    default_lr = 1e-4  # the usual SD LoRA rate with alpha = rank (scale 1); LoHa's measured pick (LoRA, LoKr: 3e-5)
     export_formats = ("kohya", "peft")
     trains_text_encoder = True  # the same peft layers on the text encoder's attention and MLP linears
 
@@ -248,6 +248,7 @@ class Lora(_PeftLowRank):
     Options = LoraOptions
     variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"rank": 16})
     export_formats = ("kohya", "diffusers", "peft")
+    default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 28 points of preservation
 
     def to_peft_config(self, module_names: list[str]):
         from peft import LoraConfig
@@ -300,6 +301,7 @@ class Lokr(_PeftLowRank):
     summary = "LoKr: Kronecker product update W1 ⊗ W2 with low-rank factors where small (peft)"
     Options = LokrOptions
     variants = ({}, {"targets": "conv3x3"}, {"decompose_both": True})
+    default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 11 points
 
     def validate_options(self) -> None:
         super().validate_options()

@@ -1,0 +1,254 @@
+"""A sweep's report: one self-contained HTML file (report/index.html), readable with no network.
+
+It holds the runs' table (click a header to sort), the plots `sdtune compare` draws, and for every
+prompt the runs' images side by side, each linked to its run's config.toml. Images and plots are
+inlined as data URIs so that the file is the whole report: images up to THUMBNAIL pixels a side are
+inlined as the PNGs they are (the tiny models' 64 px images are a few KB); larger ones (SD's 512 px)
+as THUMBNAIL-pixel JPEG previews, which keeps a 20-prompt, 30-run report near 10 MB; the full images
+stay in the run folders. Opened as `index.html?selftest=1` the page checks itself (every image
+decoded, the table sorts) and writes the outcome into `#selftest`, which headless Chromium's
+`--dump-dom` reads in the tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+REPORT_FILE = "index.html"
+THUMBNAIL = 256
+
+SCRIPT = r"""
+(function () {
+  function cellValue(row, column) {
+    var cell = row.cells[column];
+    return cell ? cell.getAttribute("data-value") : "";
+  }
+  function compare(a, b) {
+    if (a === b) return 0;
+    if (a === "" || a === null) return 1;
+    if (b === "" || b === null) return -1;
+    var x = parseFloat(a), y = parseFloat(b);
+    if (!isNaN(x) && !isNaN(y) && String(x) === a.trim() && String(y) === b.trim()) return x - y;
+    if (!isNaN(Number(a)) && !isNaN(Number(b))) return Number(a) - Number(b);
+    return a.localeCompare(b);
+  }
+  function sortBy(header) {
+    var table = header.closest("table"), body = table.tBodies[0];
+    var column = Array.prototype.indexOf.call(header.parentNode.children, header);
+    var ascending = header.getAttribute("aria-sort") !== "ascending";
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (r, s) {
+      var a = cellValue(r, column), b = cellValue(s, column);
+      if (a === "" && b !== "") return 1;
+      if (b === "" && a !== "") return -1;
+      var order = compare(a, b);
+      return ascending ? order : -order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+    Array.prototype.forEach.call(header.parentNode.children, function (th) { th.removeAttribute("aria-sort"); });
+    header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+  }
+  Array.prototype.forEach.call(document.querySelectorAll("th.sortable"), function (th) {
+    th.addEventListener("click", function () { sortBy(th); });
+  });
+
+  function columnValues(key) {
+    var header = document.querySelector('th[data-key="' + key + '"]');
+    var column = Array.prototype.indexOf.call(header.parentNode.children, header);
+    return Array.prototype.map.call(document.querySelector("#runs").tBodies[0].rows, function (row) {
+      return cellValue(row, column);
+    });
+  }
+  function ordered(values, sign) {
+    for (var i = 1; i < values.length; i++) {
+      if (values[i - 1] === "" || values[i] === "") continue;
+      if (sign * compare(values[i - 1], values[i]) > 0) return false;
+    }
+    return true;
+  }
+  function selftest() {
+    var problems = [];
+    var images = Array.prototype.slice.call(document.images);
+    images.forEach(function (image) {
+      if (!image.complete || image.naturalWidth === 0) problems.push("image not shown: " + image.alt);
+    });
+    ["run", "index"].forEach(function (key) {
+      var header = document.querySelector('th[data-key="' + key + '"]');
+      if (!header) { problems.push("no column " + key); return; }
+      header.click();
+      if (!ordered(columnValues(key), 1)) problems.push("not ascending by " + key + ": " + columnValues(key).join(","));
+      header.click();
+      if (!ordered(columnValues(key), -1)) problems.push("not descending by " + key + ": " + columnValues(key).join(","));
+    });
+    var result = document.getElementById("selftest");
+    result.textContent = (problems.length ? "selftest FAIL " + problems.join("; ") : "selftest PASS") +
+      " images=" + images.length + " rows=" + document.querySelector("#runs").tBodies[0].rows.length;
+  }
+  if (/[?&]selftest=1\b/.test(location.search)) {
+    if (document.readyState === "complete") selftest(); else window.addEventListener("load", selftest);
+  }
+})();
+"""
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertical-align: top; }
+th.sortable { cursor: pointer; background: #f3f3f3; user-select: none; }
+th[aria-sort=ascending]::after { content: " \\25B2"; }
+th[aria-sort=descending]::after { content: " \\25BC"; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; }
+tr.failed td { background: #fde8e8; }
+tr.pending td { color: #888; }
+.plots img { max-width: 48%; margin: 0.3em; border: 1px solid #ddd; }
+.prompt { margin: 1.2em 0; }
+.prompt h3 { font-size: 1em; font-weight: normal; font-style: italic; }
+.cells { display: flex; flex-wrap: wrap; gap: 0.6em; }
+figure { margin: 0; text-align: center; font-size: 0.8em; }
+figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid #ddd; }
+#selftest { color: #888; font-size: 0.8em; }
+"""
+
+
+def data_uri(path: Path) -> str:
+    """The image as a data URI: as it is when small, else a THUMBNAIL-pixel JPEG preview."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if max(image.size) <= THUMBNAIL and path.suffix.lower() == ".png":
+            return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        preview = image.convert("RGB")
+        preview.thumbnail((THUMBNAIL, THUMBNAIL))
+        buffer = io.BytesIO()
+        preview.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _img(path: Path, name: str) -> str:
+    return f'<img src="{data_uri(path)}" alt="{html.escape(name)}: {html.escape(path.name)}">'
+
+
+def _run_lr(folder: Path) -> Any:
+    """The learning rate the run trained with (its config.toml), or blank."""
+    import tomllib
+
+    try:
+        return tomllib.loads((folder / "config.toml").read_text(encoding="utf-8")).get("lr", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _number(value: Any) -> str:
+    if value in ("", None):
+        return ""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_html_report(plan, comparison) -> Path:
+    """Write plan.output/report/index.html (atomically: shards may write it at the same time)."""
+    from .evaluation import METRICS
+    from .fileio import write_text_atomic
+
+    folder = plan.report_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rows_by_folder = {}
+    if comparison is not None:
+        for summary in comparison.runs:
+            rows_by_folder[Path(summary.path).resolve()] = summary.row()
+    metric_names = [name for name in METRICS if any(row.get(name) not in ("", None) for row in rows_by_folder.values())]
+    axes = [axis for axis, _ in plan.axes]
+
+    def link(run) -> str:
+        return html.escape(os.path.relpath(run.folder / "config.toml", folder).replace(os.sep, "/"))
+
+    columns = [("index", "#", True), ("run", "run", False), ("state", "state", False)]
+    columns += [(f"axis-{axis}", axis, False) for axis in axes]
+    columns += [("variant", "variant", False), ("lr", "lr", True), ("trainable_parameters", "trainable", True),
+                ("train_seconds_per_step", "s/step", True)]
+    columns += [(name, METRICS[name][0], True) for name in metric_names]
+    columns += [("error", "note", False)]
+    head = "".join(f'<th class="sortable" data-key="{html.escape(key)}">{html.escape(title)}</th>' for key, title, _ in columns)
+    body = []
+    prompts: dict[str, list[tuple[Any, list[Path]]]] = {}
+    counts = {"finished": 0, "failed": 0, "pending": 0}
+    for run in plan.runs:
+        state = run.state()
+        counts[state] = counts.get(state, 0) + 1
+        marker = run.marker() or {}
+        row = rows_by_folder.get(run.folder.resolve(), {}) if state == "finished" else {}
+        values: dict[str, Any] = {"index": run.index, "run": run.name, "state": state,
+                                  "error": marker.get("error", "") if state == "failed" else ""}
+        values.update({f"axis-{axis}": run.axes.get(axis, "") for axis in axes})
+        values.update(row)
+        if state == "finished":
+            values["lr"] = _run_lr(run.folder)
+        cells = []
+        for key, _, numeric in columns:
+            value = values.get(key, "")
+            raw = "" if value in ("", None) else str(value)
+            shown = _number(value) if numeric else raw
+            if key == "run" and state == "finished":
+                shown_html = f'<a href="{link(run)}">{html.escape(shown)}</a>'
+            else:
+                shown_html = html.escape(shown)
+            css = ' class="number"' if numeric else ""
+            cells.append(f'<td{css} data-value="{html.escape(raw)}">{shown_html}</td>')
+        body.append(f'<tr class="{state}" data-run="{html.escape(run.name)}">{"".join(cells)}</tr>')
+        if state == "finished":
+            for prompt, files in zip(marker.get("prompts", []), marker.get("images", [])):
+                paths = [run.folder / name for name in files if (run.folder / name).is_file()]
+                if paths:
+                    prompts.setdefault(prompt, []).append((run, paths))
+
+    for prompts_file in sorted(plan.output.glob("base/*/prompts.json")):  # the base model's draws (digits metrics)
+        for index, prompt in enumerate(json.loads(prompts_file.read_text(encoding="utf-8"))):
+            paths = sorted(prompts_file.parent.glob(f"images/{index:03d}-*.png"))
+            if prompt in prompts and paths:
+                prompts[prompt].insert(0, (None, paths))
+
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>sweep {html.escape(plan.name)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Sweep {html.escape(plan.name)}</h1>",
+    ]
+    if plan.description:
+        parts.append(f"<p>{html.escape(plan.description)}</p>")
+    parts.append(
+        f"<p>{len(plan.runs)} runs: {counts['finished']} finished, {counts['failed']} failed, "
+        f"{counts['pending']} pending. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from "
+        f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it.</p>"
+    )
+    parts.append(f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    if metric_names:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(METRICS[n][0])}: {html.escape(METRICS[n][1])}</li>" for n in metric_names) + "</ul>")
+    plots = [path for path in (comparison.files if comparison else []) if path.suffix == ".png" and path.is_file()]
+    if plots:
+        parts.append('<h2>Plots</h2><div class="plots">')
+        parts += [f'<img src="{data_uri(path)}" alt="{html.escape(path.stem)}">' for path in plots]
+        parts.append("</div>")
+    if prompts:
+        parts.append("<h2>Samples</h2><p>Each image links to its run's config.toml.</p>")
+        for prompt, entries in prompts.items():
+            parts.append(f'<div class="prompt"><h3>{html.escape(prompt)}</h3><div class="cells">')
+            for run, paths in entries:
+                name = run.name if run is not None else "base model"
+                images = "".join(
+                    (f'<a href="{link(run)}">{_img(path, name)}</a>' if run is not None else _img(path, name)) for path in paths
+                )
+                parts.append(f"<figure>{images}<figcaption>{html.escape(name)}</figcaption></figure>")
+            parts.append("</div></div>")
+    parts.append(f'<p id="selftest"></p><script>{SCRIPT}</script></body></html>')
+    path = folder / REPORT_FILE
+    write_text_atomic(path, "\n".join(parts) + "\n")
+    return path

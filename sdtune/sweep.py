@@ -1,0 +1,557 @@
+"""Sweeps: one plan (TOML) of methods, concepts or datasets, learning rates and seeds, run as many runs.
+
+A plan names the settings every run shares (`[train]`, `[sample]`, `[evaluate]`, all fields of the
+config dataclasses) and the axes (`[axes]`) whose every combination is one run, named from its values
+in axis order (`castle-atoms-seed0`). Each run trains into OUTPUT/runs/NAME, samples its prompts into
+RUN/samples and is measured (eval.json); the report (OUTPUT/report/index.html and `sdtune compare`'s
+table and plots) is written over whatever runs have finished.
+
+Runs are found again, never redone: a run whose marker (RUN/sweep-run.json) holds the same settings is
+skipped; a run whose training finished with the same settings is only sampled and measured again; one
+interrupted with checkpoints of the same settings resumes from the latest. `--shard i/N` (i from 0)
+takes the runs whose index in the expansion order is i modulo N, so N processes (GPUs, Slurm array
+tasks) share a plan with no coordinator: every run writes only its own folder, and the report is
+written atomically by whichever shard finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
+from .errors import SdtuneError
+from .fileio import OutputLock
+
+RUN_MARKER = "sweep-run.json"
+RUN_LOCK = ".sdtune-sweep.lock"  # held by the sweep process working on a run, beside training's own lock
+MARKER_FORMAT = "sdtune-sweep-run/1"
+RUNS_FOLDER = "runs"
+REPORT_FOLDER = "report"
+BASE_FOLDER = "base"
+SAMPLES_FOLDER = "samples"
+PLAN_KEYS = ("name", "description", "output", "metrics", "train", "axes", "sample", "evaluate")
+LR_SCALE_AXIS = "lr_scale"  # multiples of each run's method's own default learning rate
+# what a plan's text settings may refer to as {name}; other braces ({token}, {class}) are left as they are
+PLACEHOLDERS = ("concept", "dataset", "method", "seed", "sweep")
+# what the plan sets per run, not in [train]
+PER_RUN_TRAIN = ("output", "resume", "overwrite")
+PER_RUN_SAMPLE = ("adapter", "output", "overwrite")
+PER_RUN_EVALUATE = ("run", "images", "output")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass
+class RunSpec:
+    """One run of a plan: its stable name, its axis values and the configs that drive it."""
+
+    index: int
+    name: str
+    axes: dict[str, Any]
+    folder: Path
+    train: TrainConfig
+    sample: SampleConfig | None
+    evaluate: dict[str, Any]
+    fingerprint: str = ""
+
+    def marker(self) -> dict[str, Any] | None:
+        return read_marker(self.folder)
+
+    def state(self) -> str:
+        """finished, failed (with these settings), or pending."""
+        marker = read_marker(self.folder)
+        if marker is None or marker.get("fingerprint") != self.fingerprint:
+            return "pending"
+        return marker.get("state", "pending")
+
+
+@dataclass
+class Plan:
+    path: Path
+    name: str
+    description: str
+    output: Path
+    metrics: str
+    train: dict[str, Any]
+    axes: list[tuple[str, list[Any]]]
+    sample: dict[str, Any] | None
+    evaluate: dict[str, Any]
+    runs: list[RunSpec] = field(default_factory=list)
+
+    @property
+    def report_folder(self) -> Path:
+        return self.output / REPORT_FOLDER
+
+
+def read_plan(path: str | Path, output: str | None = None) -> Plan:
+    """The plan at `path`, checked and expanded to its runs; a bad plan is one SdtuneError line."""
+    from . import methods
+
+    path = Path(path)
+    if not path.is_file():
+        raise SdtuneError(f"plan {path}: {'a folder; give a TOML file' if path.is_dir() else 'no such file'}")
+    values = read_toml(path)
+
+    def bad(problem: str) -> SdtuneError:
+        return SdtuneError(f"plan {path}: {problem}")
+
+    unknown = sorted(set(values) - set(PLAN_KEYS))
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(unknown)}; a plan has {', '.join(PLAN_KEYS)}")
+    for section in ("train", "axes", "sample", "evaluate"):
+        if section in values and not isinstance(values[section], dict):
+            raise bad(f"[{section}] must be a table")
+    for key in ("name", "description", "output", "metrics"):
+        if key in values and not isinstance(values[key], str):
+            raise bad(f"{key} must be text")
+    metrics = values.get("metrics", "standard")
+    if metrics not in METRIC_SETS:
+        raise bad(f"metrics {metrics!r} is not a metric set; choose: {', '.join(METRIC_SETS)}")
+    train = dict(values.get("train", {}))
+    _check_keys(bad, "train", train, TrainConfig, PER_RUN_TRAIN)
+    sample = values.get("sample")
+    if sample is not None:
+        _check_keys(bad, "sample", sample, SampleConfig, PER_RUN_SAMPLE)
+    evaluate = dict(values.get("evaluate", {}))
+    _check_keys(bad, "evaluate", evaluate, EvaluateConfig, PER_RUN_EVALUATE)
+    axes = list(values.get("axes", {}).items())
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(PER_RUN_TRAIN)
+    for axis, axis_values in axes:
+        if axis not in train_fields and axis != LR_SCALE_AXIS:
+            raise bad(f"unknown axis {axis!r}: an axis is a [train] setting (method, concept, dataset, lr, seed, "
+                      f"steps, ...) or {LR_SCALE_AXIS}")
+        if not isinstance(axis_values, list):
+            raise bad(f"axis {axis} must be a list of values")
+        if not axis_values:
+            raise bad(f"axis {axis} has no values")
+        if axis in train:
+            raise bad(f"{axis} is both an axis and a [train] setting")
+    if any(axis == LR_SCALE_AXIS for axis, _ in axes) and ("lr" in train or any(axis == "lr" for axis, _ in axes)):
+        raise bad(f"give lr or {LR_SCALE_AXIS}, not both")
+
+    name = values.get("name") or path.stem
+    root = Path(output or values.get("output") or Path("runs") / "sweeps" / name)
+    plan = Plan(path, name, values.get("description", ""), root, metrics, train, axes, sample, evaluate)
+
+    names: dict[str, int] = {}
+    for index, combination in enumerate(itertools.product(*(axis_values for _, axis_values in axes))):
+        settings = dict(train)
+        labels: list[str] = []
+        axis_values: dict[str, Any] = {}
+        for (axis, _), value in zip(axes, combination):
+            label, changes = _axis_value(bad, axis, value, train_fields)
+            labels.append(label)
+            axis_values[axis] = label
+            settings.update(changes)
+        run_name = "-".join(labels) or "run"
+        if run_name in names:
+            raise bad(f"runs {names[run_name]} and {index} are both named {run_name!r}; give the tables a distinct name")
+        names[run_name] = index
+        folder = root / RUNS_FOLDER / run_name
+        try:
+            plan.runs.append(_run_spec(plan, index, run_name, axis_values, folder, settings, methods))
+        except SdtuneError as error:
+            raise bad(f"run {run_name}: {error}") from None
+    return plan
+
+
+def _check_keys(bad, section: str, values: dict, config_class: type, per_run: tuple[str, ...]) -> None:
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise bad(f"unknown [{section}] setting(s) {', '.join(unknown)}")
+    fixed = sorted(set(values) & set(per_run))
+    if fixed:
+        raise bad(f"[{section}] {', '.join(fixed)} is set per run by the sweep")
+
+
+def _axis_value(bad, axis: str, value: Any, train_fields: set[str]) -> tuple[str, dict[str, Any]]:
+    """An axis value's label in run names and the [train] settings it makes. A table sets several
+    settings at once (its `name` is its label): `{name = "m1", method = "atoms", options = {m1 = 4}}`."""
+    if isinstance(value, dict):
+        changes = dict(value)
+        label = changes.pop("name", None)
+        unknown = sorted(set(changes) - train_fields - {LR_SCALE_AXIS})
+        if unknown:
+            raise bad(f"axis {axis}: unknown setting(s) {', '.join(unknown)} in {value!r}")
+        if label is None:
+            label = "-".join(_label(k, v) for k, v in changes.items())
+        if not isinstance(label, str) or not label:
+            raise bad(f"axis {axis}: a table's name must be text, got {label!r}")
+        return _safe_name(label), changes
+    if isinstance(value, (list, dict)):
+        raise bad(f"axis {axis}: values are numbers, text, true/false or tables, got {value!r}")
+    return _safe_name(_label(axis, value)), {axis: value}
+
+
+def _label(axis: str, value: Any) -> str:
+    if axis == LR_SCALE_AXIS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"lr{value:g}x"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return axis.replace("_", "") + ("" if value else "-off")
+    if isinstance(value, float):
+        return f"{axis.replace('_', '')}{value:g}"
+    if isinstance(value, dict):  # options tables inside a table
+        return "-".join(f"{k}{v}" for k, v in value.items())
+    return f"{axis.replace('_', '')}{value}"
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("._")
+    return name or "run"
+
+
+def substitute(value: Any, names: dict[str, Any]) -> Any:
+    """`{concept}`, `{dataset}`, ... in text settings replaced by the run's values; other braces kept."""
+    if isinstance(value, str):
+        return re.sub(r"\{(\w+)\}", lambda m: str(names[m.group(1)]) if m.group(1) in names else m.group(0), value)
+    if isinstance(value, list):
+        return [substitute(item, names) for item in value]
+    if isinstance(value, dict):
+        return {key: substitute(item, names) for key, item in value.items()}
+    return value
+
+
+def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, settings: dict, methods) -> RunSpec:
+    scale = settings.pop(LR_SCALE_AXIS, None)
+    method = settings.get("method", TrainConfig.method)
+    if not isinstance(method, str) or method not in methods.available():
+        raise SdtuneError(f"unknown method {method!r}; available: {', '.join(methods.available())}")
+    methods.create(method, **dict(settings.get("options", {})))  # unknown or bad options: one line now
+    default_lr = methods.method_class(method).default_lr
+    if scale is not None:
+        if "lr" in settings:
+            raise SdtuneError(f"give lr or {LR_SCALE_AXIS}, not both")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+            raise SdtuneError(f"{LR_SCALE_AXIS} must be a positive number, got {scale!r}")
+        settings["lr"] = default_lr * scale
+    names = {key: settings.get(key, getattr(TrainConfig, key, None)) for key in PLACEHOLDERS if key != "sweep"}
+    names.update(concept=settings.get("concept", TrainConfig.concept), method=method, sweep=str(plan.output))
+    names["dataset"] = names["dataset"] or ""
+    settings = substitute(settings, names)
+    train = TrainConfig.load(None, **settings, output=str(folder))
+    if plan.sample is None and plan.metrics != "none" and plan.metrics != "standard":
+        raise SdtuneError(f"metrics {plan.metrics} measures the sampled images: give a [sample] section")
+    sample = None
+    if plan.sample is not None:
+        sample = SampleConfig.load(None, **substitute(plan.sample, names), adapter=str(folder),
+                                   output=str(folder / SAMPLES_FOLDER), overwrite=True)
+    evaluate = substitute(plan.evaluate, names)
+    EvaluateConfig.load(None, **evaluate, run=str(folder))
+    resolved = train.resolved(default_lr)
+    spec = RunSpec(index, name, axes, folder, train, sample, evaluate)
+    spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics)
+    return spec
+
+
+def train_settings(config: TrainConfig) -> dict[str, Any]:
+    """A resolved config's settings as config.toml holds them, less what may change between runs of one."""
+    from .training import RUN_CONTROL
+
+    return {k: v for k, v in _toml_round_trip(config.to_toml()).items() if k not in RUN_CONTROL}
+
+
+def _toml_round_trip(text: str) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def fingerprint(train: dict, sample: SampleConfig | None, evaluate: dict, metrics: str) -> str:
+    sampled = None
+    if sample is not None:
+        sampled = {k: v for k, v in sample.to_dict().items() if k not in PER_RUN_SAMPLE}
+        if sample.prompts and Path(sample.prompts).is_file():  # an edited prompt file is a new setting
+            sampled["prompts_text"] = Path(sample.prompts).read_text(encoding="utf-8", errors="replace")
+    text = json.dumps({"train": train, "sample": sampled, "evaluate": evaluate, "metrics": metrics}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shard_runs(runs: list[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
+    if shard is None:
+        return list(runs)
+    i, n = shard
+    return [run for run in runs if run.index % n == i]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markers
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+
+
+def write_marker(run: RunSpec, state: str, **extra: Any) -> None:
+    from .fileio import write_text_atomic
+
+    marker = {"format": MARKER_FORMAT, "name": run.name, "index": run.index, "state": state,
+              "fingerprint": run.fingerprint, "axes": run.axes, **extra}
+    write_text_atomic(run.folder / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric sets: what measures a run's images (chosen by the plan's `metrics`)
+
+
+class StandardMetrics:
+    """`sdtune evaluate`: CLIP-T, CLIP-I, DINO, FID, KID, diversity (each where its model is available)."""
+
+    def prepare(self, plan: Plan, log: Callable[[str], None]) -> None:
+        pass
+
+    def measure(self, plan: Plan, run: RunSpec, samples, base) -> dict[str, Any]:
+        from .evaluation import evaluate
+
+        settings = dict(run.evaluate)
+        if samples is not None:
+            settings.update(images=str(samples.output / "images"), prompt=list(samples.prompts))
+            settings.pop("prompts", None)
+        result = evaluate(EvaluateConfig.load(None, **settings, run=str(run.folder)), progress=False)
+        return result.report
+
+
+class NoMetrics:
+    def prepare(self, plan: Plan, log: Callable[[str], None]) -> None:
+        pass
+
+    def measure(self, plan: Plan, run: RunSpec, samples, base) -> dict[str, Any]:
+        return {}
+
+
+def _digit_metrics():
+    from .digits import DigitMetrics
+
+    return DigitMetrics()
+
+
+METRIC_SETS: dict[str, Callable[[], Any]] = {"standard": StandardMetrics, "digits": _digit_metrics, "none": NoMetrics}
+
+
+def base_samples(plan: Plan, run: RunSpec):
+    """The base model's images for the run's sample settings (no adapter), drawn once per sweep into
+    OUTPUT/base/<key>; shards that race both draw and the first to publish wins (same images)."""
+    from .fileio import publish_directory, remove_directory, temp_path
+    from .sampling import sample
+
+    settings = {k: v for k, v in run.sample.to_dict().items() if k not in PER_RUN_SAMPLE and k != "adapter_scale"}
+    settings["model"] = settings.get("model") or run.train.model
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    final = plan.output / BASE_FOLDER / key
+    if not (final / "prompts.json").is_file():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = temp_path(final)
+        try:
+            result = sample(SampleConfig.load(None, **settings, output=str(staging)), progress=False)
+            (staging / "prompts.json").write_text(json.dumps(result.prompts) + "\n", encoding="utf-8")
+            try:
+                publish_directory(staging, final, replace=False)
+            except OSError:
+                pass  # another shard published the same images first
+        finally:
+            if staging.exists():
+                remove_directory(staging)
+    prompts = json.loads((final / "prompts.json").read_text(encoding="utf-8"))
+    return prompts, final / "images"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class SweepResult:
+    plan: Plan
+    ran: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    report: Path | None
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
+    """One line a run: index, name, state, and what it trains."""
+    width = max((len(run.name) for run in runs), default=0)
+    lines = []
+    for run in runs:
+        train = run.train
+        options = ", ".join(f"{k}={v}" for k, v in train.options.items())
+        lr = f"lr {train.lr:g}" if train.lr else "lr default"
+        what = train.dataset or train.concept
+        lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {run.state():<8}  {train.method}"
+                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps")
+    return lines
+
+
+def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
+    """Run `config.plan`'s runs (the shard's), then write the report over every finished run."""
+    config.validate()
+    plan = read_plan(config.plan, config.output)
+    shard = parse_shard(config.shard)
+    runs = shard_runs(plan.runs, shard)
+    result = SweepResult(plan, [], [], {}, None)
+    if config.dry_run:
+        where = f" (shard {config.shard}: {len(runs)})" if shard else ""
+        log(f"plan {plan.name}: {len(plan.runs)} runs{where}, into {plan.output}")
+        for line in dry_run_lines(plan, runs):
+            log(line)
+        return result
+    main = True
+    if not config.report_only:
+        from .distributed import lock_on_main_process, process_state
+        from .models import quiet_libraries
+
+        quiet_libraries()
+        # under `accelerate launch` every process goes through the runs together (training and sampling
+        # are shared out); the main one alone measures, marks and reports
+        state = process_state()
+        main = state.is_main_process
+        log = log if main else (lambda message: None)
+        metric_set = METRIC_SETS[plan.metrics]()
+        if main:
+            metric_set.prepare(plan, log)
+        for number, run in enumerate(runs, 1):
+            prefix = f"[{number}/{len(runs)}] {run.name}"
+            if run.state() == "finished" and (run.folder / "adapter.safetensors").is_file():
+                log(f"{prefix}: finished earlier, skipped")
+                result.skipped.append(run.name)
+                continue
+            lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
+            try:
+                run.folder.mkdir(parents=True, exist_ok=True)
+                lock_on_main_process(state, lock)
+            except SdtuneError:  # another sweep process is on this run: its run, not a failure here
+                log(f"{prefix}: in use by another sweep process, skipped")
+                result.skipped.append(run.name)
+                continue
+            try:
+                if run.state() == "finished":  # finished by another process while this one waited
+                    log(f"{prefix}: finished by another process, skipped")
+                    result.skipped.append(run.name)
+                    continue
+                run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # one run's failure is recorded; the others go on
+                message = _error_line(error)
+                log(f"{prefix}: failed: {message}")
+                result.failed[run.name] = message
+                if main:
+                    try:
+                        write_marker(run, "failed", error=message)
+                    except OSError:
+                        pass
+            else:
+                result.ran.append(run.name)
+            finally:
+                lock.release()
+    if main:
+        result.report = write_report(plan, log)
+    return result
+
+
+def _error_line(error: BaseException) -> str:
+    if isinstance(error, SdtuneError):
+        return str(error)
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+
+
+def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], main: bool = True) -> None:
+    """Train (or find trained, or resume), sample, measure; then mark the run finished."""
+    from .training import train
+
+    started = time.perf_counter()
+    run.folder.mkdir(parents=True, exist_ok=True)
+    state = training_state(run)
+    if state == "trained":
+        log("trained earlier with these settings; sampling and measuring")
+    else:
+        resume = state == "resumable"
+        log("resuming from its latest checkpoint" if resume else "training")
+        config = dataclasses.replace(run.train, resume="latest" if resume else None, overwrite=not resume)
+        train(config, progress=False)
+    samples = None
+    if run.sample is not None:
+        from .sampling import sample
+
+        log("sampling")
+        samples = sample(run.sample, progress=False)
+    if not main:
+        return
+    log("measuring")
+    report = metric_set.measure(plan, run, samples, lambda: base_samples(plan, run)) or {}
+    images = []
+    if samples is not None:
+        per_prompt = len(samples.images) // max(len(samples.prompts), 1)
+        images = [[str(Path(p).relative_to(run.folder)) for p in samples.images[i * per_prompt:(i + 1) * per_prompt]]
+                  for i in range(len(samples.prompts))]
+    write_marker(run, "finished", prompts=list(samples.prompts) if samples else [], images=images,
+                 metrics=report.get("metrics", {}), seconds=round(time.perf_counter() - started, 1))
+    log(f"finished in {time.perf_counter() - started:.1f}s")
+
+
+def training_state(run: RunSpec) -> str:
+    """trained (finished with these settings), resumable (checkpoints of these settings) or fresh."""
+    from .checkpoints import list_checkpoints
+    from .methods import method_class
+    from .tracking import METRICS_FILE, read_metrics_log
+
+    config_path = run.folder / "config.toml"
+    if not config_path.is_file():
+        return "fresh"
+    from .training import RUN_CONTROL
+
+    try:
+        written = {k: v for k, v in read_toml(config_path).items() if k not in RUN_CONTROL}
+    except SdtuneError:
+        return "fresh"
+    if written != train_settings(run.train.resolved(method_class(run.train.method).default_lr)):
+        return "fresh"
+    records = read_metrics_log(run.folder / METRICS_FILE) if (run.folder / METRICS_FILE).is_file() else []
+    last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
+    if (run.folder / "adapter.safetensors").is_file() and last >= run.train.steps:
+        return "trained"
+    return "resumable" if list_checkpoints(run.folder) else "fresh"
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(plan: Plan, log: Callable[[str], None] = print) -> Path:
+    """OUTPUT/report: `sdtune compare`'s table and plots over the finished runs, and index.html."""
+    from .report import write_html_report
+
+    finished = [run for run in plan.runs if run.state() == "finished"]
+    comparison = None
+    if finished:
+        from .comparison import compare
+
+        comparison = compare([str(run.folder) for run in finished], str(plan.report_folder / "compare"),
+                             progress=False, grid=False)
+    path = write_html_report(plan, comparison)
+    failed = sum(run.state() == "failed" for run in plan.runs)
+    log(f"report: {len(finished)} of {len(plan.runs)} runs finished"
+        + (f", {failed} failed" if failed else "") + f"; wrote {path}")
+    return path

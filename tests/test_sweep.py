@@ -1,0 +1,310 @@
+"""`sdtune sweep`: plans expand to named runs; runs are trained, sampled, measured, skipped when finished,
+resumed when interrupted, shared out by shards; bad plans are one line; the HTML report renders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import assert_one_line_error, invoke
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_PLAN = """
+name = "tiny"
+[train]
+model = "tiny"
+steps = 2
+log_with = "none"
+checkpoint_every = 1
+[axes]
+concept = ["castle"]
+method = ["atoms", "lora"]
+[sample]
+prompt = ["photo of a <castle>.", "a <castle> at night"]
+num_images = 1
+steps = 2
+[evaluate]
+fid_features = "none"
+"""
+
+
+def write_plan(folder: Path, text: str = TINY_PLAN, name: str = "plan.toml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def sweep(plan: Path, output: Path, **options):
+    from sdtune.config import SweepConfig
+    from sdtune.sweep import run_sweep
+
+    lines: list[str] = []
+    result = run_sweep(SweepConfig(plan=str(plan), output=str(output), **options), log=lines.append)
+    return result, lines
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, private_cache):
+    """The tiny plan run once: two runs, trained, sampled, measured, and the report."""
+    folder = tmp_path_factory.mktemp("sweep")
+    plan = write_plan(folder)
+    result, lines = sweep(plan, folder / "out")
+    assert result.exit_code == 0 and result.ran == ["castle-atoms", "castle-lora"], lines
+    return plan, folder / "out"
+
+
+def test_dry_run_lists_the_runs_by_name_and_writes_nothing(tmp_path):
+    plan = write_plan(tmp_path)
+    result = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("plan tiny: 2 runs")
+    assert [line.split()[:3] for line in lines[1:]] == [["0", "castle-atoms", "pending"], ["1", "castle-lora", "pending"]]
+    assert not (tmp_path / "out").exists()
+    shard = invoke("sweep", plan, "--dry-run", "--shard", "1/2", "--output", tmp_path / "out")
+    assert [line.split()[1] for line in shard.stdout.splitlines()[1:]] == ["castle-lora"]
+
+
+def test_a_sweep_trains_samples_measures_every_run_and_writes_the_report(finished):
+    _, output = finished
+    for name in ("castle-atoms", "castle-lora"):
+        run = output / "runs" / name
+        marker = json.loads((run / "sweep-run.json").read_text())
+        assert marker["state"] == "finished" and marker["axes"] == {"concept": "castle", "method": name.split("-")[1]}
+        assert (run / "adapter.safetensors").is_file() and (run / "eval.json").is_file()
+        assert marker["prompts"] == ["photo of a sks castle.", "a sks castle at night"]
+        assert all((run / image).is_file() for images in marker["images"] for image in images)
+    page = (output / "report" / "index.html").read_text()
+    assert "castle-atoms" in page and "castle-lora" in page and "http" not in page.replace("http-equiv", "")
+    assert page.count("<img ") >= 4  # two prompts × two runs, and the loss plot
+    assert 'href="../runs/castle-atoms/config.toml"' in page
+    assert (output / "report" / "compare" / "comparison.csv").is_file()
+
+
+def test_finished_runs_are_skipped_not_retrained(finished):
+    plan, output = finished
+    adapters = {name: (output / "runs" / name / "adapter.safetensors").stat().st_mtime_ns for name in ("castle-atoms", "castle-lora")}
+    result, lines = sweep(plan, output)
+    assert result.skipped == ["castle-atoms", "castle-lora"] and result.ran == [] and result.exit_code == 0, lines
+    assert {name: (output / "runs" / name / "adapter.safetensors").stat().st_mtime_ns for name in adapters} == adapters
+    dry = invoke("sweep", plan, "--dry-run", "--output", output)
+    assert [line.split()[2] for line in dry.stdout.splitlines()[1:]] == ["finished", "finished"]
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, private_cache):
+    from sdtune.tracking import read_metrics_log
+
+    plan = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '"atoms"').replace("steps = 2\nlog", "steps = 3\nlog"))
+    result, _ = sweep(plan, tmp_path / "out")
+    run = tmp_path / "out" / "runs" / "castle-atoms"
+    # what a kill after step 1 leaves: the step-1 checkpoint, config.toml and metrics up to there; no adapter
+    for name in ("adapter.safetensors", "sweep-run.json", "eval.json"):
+        (run / name).unlink()
+    for step in (2, 3):
+        shutil.rmtree(run / "checkpoints" / f"step-{step}")
+    result, lines = sweep(plan, tmp_path / "out")
+    assert result.ran == ["castle-atoms"], lines
+    assert any("resuming from its latest checkpoint" in line for line in lines), lines
+    assert [record["step"] for record in read_metrics_log(run / "metrics.jsonl")] == [1, 2, 3]
+    assert (run / "adapter.safetensors").is_file()
+
+
+def test_a_changed_setting_retrains_the_run(finished, tmp_path):
+    plan, output = finished
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    changed = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '"lora"').replace("steps = 2\nlog", "steps = 1\nlog"))
+    result, lines = sweep(changed, copy)
+    assert result.ran == ["castle-lora"], lines
+    assert any(line.endswith(": training") for line in lines), lines
+
+
+def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache):
+    plan = write_plan(tmp_path, TINY_PLAN.replace(
+        'concept = ["castle"]', 'images = [{ name = "missing", images = "{sweep}/missing" }, { name = "present", images = "{sweep}/images" }]')
+                      .replace('"atoms", "lora"', '"lora"'))
+    from sdtune.demo_images import demo_concept_folder
+
+    shutil.copytree(demo_concept_folder("castle"), tmp_path / "out" / "images")
+    result = invoke("sweep", plan, "--output", tmp_path / "out")
+    assert_one_line_error(result, 1, "1 run(s) failed: missing-lora")
+    marker = json.loads((tmp_path / "out" / "runs" / "missing-lora" / "sweep-run.json").read_text())
+    assert marker["state"] == "failed" and "missing" in marker["error"]
+    assert json.loads((tmp_path / "out" / "runs" / "present-lora" / "sweep-run.json").read_text())["state"] == "finished"
+    assert "failed" in (tmp_path / "out" / "report" / "index.html").read_text()
+
+
+def test_a_run_another_sweep_process_holds_is_left_to_it(tmp_path, private_cache):
+    from sdtune.fileio import OutputLock
+    from sdtune.sweep import RUN_LOCK
+
+    plan = write_plan(tmp_path)
+    held = tmp_path / "out" / "runs" / "castle-atoms"
+    held.mkdir(parents=True)
+    with OutputLock(held, RUN_LOCK):
+        result, lines = sweep(plan, tmp_path / "out")
+    assert result.ran == ["castle-lora"] and result.skipped == ["castle-atoms"] and not result.failed, lines
+    assert any("castle-atoms: in use by another sweep process, skipped" in line for line in lines)
+    assert not (held / "sweep-run.json").exists()
+
+
+def test_two_shards_share_a_plan_and_one_report_gathers_both(tmp_path, private_cache):
+    plan = write_plan(tmp_path)
+    output = tmp_path / "out"
+    first, first_lines = sweep(plan, output, shard="0/2")
+    second, second_lines = sweep(plan, output, shard="1/2")
+    assert (first.ran, second.ran) == (["castle-atoms"], ["castle-lora"]), first_lines + second_lines
+    assert "report: 1 of 2 runs finished" in first_lines[-1] and "report: 2 of 2 runs finished" in second_lines[-1]
+    page = (output / "report" / "index.html").read_text()
+    assert page.count('class="finished"') == 2
+
+
+@pytest.mark.slow
+def test_two_shard_processes_at_once_then_one_report(tmp_path, private_cache):
+    plan = write_plan(tmp_path)
+    output = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    shards = [
+        subprocess.Popen([sys.executable, "-m", "sdtune", "sweep", str(plan), "--shard", f"{i}/2", "--output", str(output)],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [shard.communicate(timeout=300) for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], outputs
+    assert "castle-atoms" in outputs[0][0] and "castle-lora" not in outputs[0][0]
+    assert "castle-lora" in outputs[1][0] and "castle-atoms" not in outputs[1][0]
+    result = invoke("sweep", plan, "--report-only", "--output", output)
+    assert result.exit_code == 0 and "2 of 2 runs finished" in result.stdout, result.output
+    page = (output / "report" / "index.html").read_text()
+    assert page.count('class="finished"') == 2
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_the_report_renders_in_a_browser_sorts_and_shows_every_image(finished, tmp_path):
+    _, output = finished
+    page = output / "report" / "index.html"
+    result = subprocess.run(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+         page.resolve().as_uri() + "?selftest=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert "selftest PASS" in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "images=5 rows=2" in result.stdout  # two prompts × two runs, the loss plot; two table rows
+
+
+BAD_PLANS = [
+    ("unknown axis", TINY_PLAN.replace("[axes]", "[axes]\ncolour = [1, 2]"), "unknown axis 'colour'"),
+    ("unknown method", TINY_PLAN.replace('"atoms", "lora"', '"atoms", "lorax"'), "run castle-lorax: unknown method 'lorax'"),
+    ("bad learning rate", TINY_PLAN.replace("[axes]", "[axes]\nlr = [1e-4, -1.0]"), "--lr must be positive and finite, got -1.0"),
+    ("empty axis", TINY_PLAN.replace('concept = ["castle"]', "concept = []"), "axis concept has no values"),
+    ("unknown key", "colour = 1\n" + TINY_PLAN, "unknown key(s) colour"),
+    ("unknown train setting", TINY_PLAN.replace("steps = 2\nlog", "stepz = 2\nlog"), "unknown [train] setting(s) stepz"),
+    ("per-run setting", TINY_PLAN.replace("[train]", '[train]\noutput = "x"'), "[train] output is set per run"),
+    ("bad option", TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = "big" } }'), "rank"),
+    ("same names", TINY_PLAN.replace('"atoms", "lora"', '"lora", { name = "lora", method = "lora" }'), "both named 'castle-lora'"),
+    ("lr and lr_scale", TINY_PLAN.replace("[axes]", '[axes]\nlr_scale = [1]\nseed = [{ name = "s1", seed = 1, lr = 1e-3 }]'),
+     "give lr or lr_scale, not both"),
+    ("unknown metrics", 'metrics = "fid"\n' + TINY_PLAN, "metrics 'fid' is not a metric set"),
+    ("not toml", "name = ", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,message", [case[1:] for case in BAD_PLANS], ids=[case[0] for case in BAD_PLANS])
+def test_a_bad_plan_is_refused_in_one_line_before_anything_runs(text, message, tmp_path):
+    plan = write_plan(tmp_path, text)
+    result = invoke("sweep", plan, "--output", tmp_path / "out")
+    assert_one_line_error(result, 2, message)
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_a_missing_plan_is_refused(tmp_path):
+    assert_one_line_error(invoke("sweep", tmp_path / "nope.toml"), 2, "nope.toml: no such file")
+    assert_one_line_error(invoke("sweep", tmp_path), 2, "a folder; give a TOML file")
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1", "a/b", "0/0"])
+def test_a_bad_shard_is_refused(shard, tmp_path):
+    assert_one_line_error(invoke("sweep", write_plan(tmp_path), "--shard", shard), 2, "--shard takes i/N")
+
+
+@pytest.mark.parametrize("plan,count,names", [
+    ("paper-fewshot", 24, ["castle-atoms-m9", "castle-atoms-m9-m1_4", "castle-atoms-m9-kc2", "canal-lora-r16", "canal-lokr-r8-both"]),
+    ("paper-vtab", 19, ["cifar", "caltech101", "sun397", "eurosat", "smallnorb_ele"]),
+    ("digits-quality", 7, ["atoms-seed0", "lora-seed0", "gift-seed0"]),
+    ("digits-lr", 48, ["lora-lr3e-5-seed0", "difffit-lr3e-5-seed2", "bitfit-lr3e-4-seed1", "atoms-lr3e-3-seed2", "lokr-lr1e-4-seed1"]),
+])
+def test_the_shipped_plans_expand(plan, count, names, tmp_path):
+    from sdtune.sweep import read_plan
+
+    expanded = read_plan(ROOT / "sweeps" / f"{plan}.toml", output=str(tmp_path))
+    assert len(expanded.runs) == count
+    assert set(names) <= {run.name for run in expanded.runs}
+    assert [run.index for run in expanded.runs] == list(range(count))
+    if plan == "paper-vtab":
+        from sdtune.datasets import vtab_tasks
+
+        assert {run.train.dataset for run in expanded.runs} == set(vtab_tasks())
+    result = invoke("sweep", ROOT / "sweeps" / f"{plan}.toml", "--dry-run", "--output", tmp_path / "out")
+    assert result.exit_code == 0 and f"{count} runs" in result.stdout.splitlines()[0], result.output
+
+
+def test_the_digits_metric_set_measures_a_run_against_the_base_model(tmp_path, private_cache):
+    plan = (ROOT / "sweeps" / "digits-quality.toml").read_text()
+    plan = (plan.replace("steps = 200", "steps = 1").replace("steps = 25", "steps = 2").replace("num_images = 4", "num_images = 1")
+            .replace('method = ["atoms", "lora", "loha", "lokr", "difffit", "bitfit", "gift"]', 'method = ["lora"]')
+            .replace('prompts = "prompts/', f'prompts = "{ROOT.as_posix()}/prompts/'))
+    result, lines = sweep(write_plan(tmp_path, plan), tmp_path / "out")
+    assert result.ran == ["lora-seed0"], lines
+    assert len(list((tmp_path / "out" / "concept-images").glob("*.png"))) == 6
+    report = json.loads((tmp_path / "out" / "runs" / "lora-seed0" / "eval.json").read_text())
+    assert set(report["metrics"]) == {"digit_fidelity", "style_fidelity", "preservation"}
+    assert 0 <= report["metrics"]["preservation"] <= 1 and 0 <= report["base_preservation"] <= 1
+    assert report["concept_read_as_digit"] is not None and report["num_parameters"] > 0
+    assert len(list((tmp_path / "out" / "base").glob("*/images/*.png"))) == 10  # the base model's draws, once
+
+
+def test_the_best_learning_rate_keeps_preservation_and_learns_most():
+    from sdtune.digits import best_learning_rates
+
+    def row(method, lr, style, preservation, base=1.0):
+        return {"method": method, "lr": lr, "style_fidelity": style, "preservation": preservation, "base_preservation": base}
+
+    rows = [row("a", 1e-3, 0.1, 1.0), row("a", 1e-3, 0.2, 0.9), row("a", 3e-3, 0.3, 0.95), row("a", 3e-3, 0.3, 0.8),
+            row("a", 1e-2, 0.6, 0.5), row("b", 1e-3, 0.5, 0.5)]
+    best = best_learning_rates(rows)
+    assert best["a"]["lr"] == 1e-3 and best["a"]["seeds"] == 2 and best["a"]["style_fidelity"] == pytest.approx(0.15)
+    assert best["b"] is None  # every rate lost more than 10 points
+
+
+@pytest.mark.slow
+def test_a_sweep_under_two_processes_trains_each_run_on_both(tmp_path, private_cache):
+    """As `accelerate launch --multi_gpu` runs it: torchrun with a two-process gloo group (see test_multiprocess)."""
+    from test_multiprocess import free_port
+
+    plan = write_plan(tmp_path)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "sdtune", "sweep", str(plan), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("finished in") == 2  # the main process alone reports
+    for name in ("castle-atoms", "castle-lora"):
+        run = tmp_path / "out" / "runs" / name
+        assert json.loads((run / "sweep-run.json").read_text())["state"] == "finished"
+        assert json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())["num_processes"] == 2
