@@ -51,15 +51,8 @@ def _read_caption_file(path: Path) -> str:
     return caption
 
 
-def _read_metadata(path: Path) -> dict[str, str | None]:
-    """file name → caption from a concept folder's metadata.jsonl (none: an empty map)."""
-    if not path.is_file():
-        return {}
-    try:
-        lines = path.read_bytes().decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as error:
-        raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    captions: dict[str, str | None] = {}
+def metadata_rows(path: Path, lines: list[str]):
+    """(line number, row) of each row of a metadata.jsonl's `lines`: a JSON object with a "file_name"."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -69,6 +62,19 @@ def _read_metadata(path: Path) -> dict[str, str | None]:
             raise SdtuneError(f"{path} line {number}: not JSON ({error.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise SdtuneError(f"{path} line {number}: needs a \"file_name\"")
+        yield number, row
+
+
+def _read_metadata(path: Path) -> dict[str, str | None]:
+    """file name → caption from a concept folder's metadata.jsonl (none: an empty map)."""
+    if not path.is_file():
+        return {}
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    captions: dict[str, str | None] = {}
+    for number, row in metadata_rows(path, lines):
         text = row.get("text")
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise SdtuneError(f"{path} line {number}: \"text\" must be a caption (non-empty text), got {text!r}")

@@ -18,7 +18,6 @@ Images go through `sdtune.data` (to_rgb, load_image), so every image mode is acc
 
 from __future__ import annotations
 
-import json
 import tomllib
 import warnings
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from .captions import metadata_rows
 from .data import IMAGE_EXTENSIONS, list_images, read_prompt_file
 from .errors import SdtuneError
 
@@ -468,15 +468,7 @@ def _read_metadata(root: Path, template: str, name: str, class_names: list[str] 
     """
     path = root / METADATA_FILE
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SdtuneError(f"{path} line {number}: not JSON ({error.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise SdtuneError(f"{path} line {number}: needs a \"file_name\"")
+    for number, row in metadata_rows(path, path.read_text(encoding="utf-8").splitlines()):
         image = root / row["file_name"]
         if not image.is_file():
             raise SdtuneError(f"{path} line {number}: image not found: {image}")

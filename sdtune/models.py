@@ -180,41 +180,16 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
     """Build the tiny SD-architecture pipeline in memory, deterministically from `seed`."""
     quiet_libraries()
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    vocab, _ = _tiny_tokenizer_files()
     tokenizer = _tiny_tokenizer()
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config())
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=64,
-    )
+    vae = _tiny_vae(seed + 1)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_encoder_config())
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
