@@ -67,13 +67,17 @@ def make_files(tmp: Path) -> None:
     # photo sets: 3:4, 1:1, 16:9 and 3:1 photos, captioned badly
     from PIL import Image
 
-    for name, captions in {"latin1": {"a": "café".encode("latin-1")}, "empty": {"a": b" \n"}, "tags": {"b": b"a <castle>, snow"}}.items():
+    metadata = {"metadata-json": b'{"file_name": "a.png", "text": "x"\n', "metadata-text": b'{"file_name": "a.png", "text": ""}\n'}
+    for name, captions in {"latin1": {"a": "café".encode("latin-1")}, "empty": {"a": b" \n"}, "tags": {"b": b"a <castle>, snow"},
+                           **{name: {} for name in metadata}}.items():
         folder = tmp / f"photos-{name}"
         folder.mkdir()
         for stem, size in {"a": (96, 128), "b": (100, 100), "c": (100, 100), "d": (160, 90), "e": (300, 100)}.items():
             Image.new("RGB", size, (200, 120, 40)).save(folder / f"{stem}.png")
         for stem, text in captions.items():
             (folder / f"{stem}.txt").write_bytes(text)
+        if name in metadata:
+            (folder / "metadata.jsonl").write_bytes(metadata[name])
 
 
 TRAIN = ("train", "--model", "tiny-random", "--output", "{tmp}/out", "--log-with", "none")
@@ -119,6 +123,8 @@ CASES = [
      "the folder lacks component(s) text_encoder_2, tokenizer_2, which a StableDiffusionXLPipeline needs"),
     ("train-caption-not-utf8", (*TRAIN, "--images", "{tmp}/photos-latin1"), 2, "caption file {tmp}/photos-latin1/a.txt: not UTF-8 text (byte 3)"),
     ("train-caption-empty", (*TRAIN, "--images", "{tmp}/photos-empty"), 2, "caption file {tmp}/photos-empty/a.txt is empty"),
+    ("train-metadata-not-json", (*TRAIN, "--images", "{tmp}/photos-metadata-json"), 2, "{tmp}/photos-metadata-json/metadata.jsonl line 1: not JSON"),
+    ("train-metadata-empty-text", (*TRAIN, "--images", "{tmp}/photos-metadata-text"), 2, "line 1: \"text\" must be a caption (non-empty text)"),
     ("train-bucket-of-one", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--batch-size", 2), 2,
      "--buckets: the 56x72 bucket holds 1 image(s) (a.png), fewer than --batch-size 2; give a --batch-size of at most 1"),
     ("train-bucket-too-small", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--resolution", 32), 2,
