@@ -332,6 +332,7 @@ def sample(
     classes: Optional[str] = typer.Option(None, help="With --dataset: only these classes, comma-separated."),
     class_template: Optional[str] = typer.Option(None, help="With --dataset: caption template with {class} (default: the dataset's own)."),
     negative_prompt: Optional[str] = typer.Option(None, help="What guidance steers away from, for every prompt (placeholders filled)."),
+    guidance_rescale: Optional[float] = typer.Option(None, help="Rescale the guided prediction, 0 to 1 (default: 0.7 for a zero-terminal-SNR model, else 0)."),
     scheduler: Optional[str] = typer.Option(None, help=f"Sampler: {', '.join(SCHEDULERS)} (default: the model's own)."),
     adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side." + _default(SampleConfig, "adapter_scale")),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),

@@ -413,6 +413,9 @@ class SampleConfig(_Config):
     classes: list[str] = field(default_factory=list)  # only these classes' rows
     class_template: str | None = None  # default: the dataset's own
     negative_prompt: str | None = None  # what classifier-free guidance steers away from, for every prompt
+    # rescales the guided prediction's spread (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
+    # Steps Are Flawed"); default: 0.7 for a zero-terminal-SNR model (its scheduler config says so), else 0
+    guidance_rescale: float | None = None
     scheduler: str = "default"  # the sampler; "default" is the model's own
     # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each
     adapter_scale: float | list[float] = 1.0
@@ -443,6 +446,8 @@ class SampleConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not math.isfinite(self.guidance):
             raise SdtuneError(f"--guidance must be a finite number, got {self.guidance}")
+        if self.guidance_rescale is not None and not 0 <= self.guidance_rescale <= 1:
+            raise SdtuneError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         check_seed(self.seed)
         check_resolution(self.resolution)
         _check_sampler_settings(self)

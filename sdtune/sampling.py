@@ -263,6 +263,16 @@ def load_png(path: Path):
         return image.convert("RGB")
 
 
+ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-terminal-SNR models
+
+
+def guidance_rescale(config: SampleConfig, pipe) -> float:
+    """--guidance-rescale, else 0.7 for a model trained on a zero-terminal-SNR schedule, else 0."""
+    if config.guidance_rescale is not None:
+        return config.guidance_rescale
+    return ZERO_SNR_GUIDANCE_RESCALE if pipe.scheduler.config.get("rescale_betas_zero_snr", False) else 0.0
+
+
 def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
               config: SampleConfig, resolution: int, device, progress: bool,
               negative_prompt: str | None = None, description: str = "sample") -> dict[int, list]:
@@ -289,6 +299,7 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
                 generator=generators,
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance,
+                guidance_rescale=guidance_rescale(config, pipe),
                 height=resolution,
                 width=resolution,
             )

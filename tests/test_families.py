@@ -298,3 +298,34 @@ def test_an_adapter_refuses_another_familys_model(built, tmp_path):
     path = save_adapter(tmp_path / "sd2.safetensors", method, "tiny-sd2-random")
     with pytest.raises(SdtuneError, match="does not fit this model"):
         load_adapter(path, fresh_unet("tiny-sdxl-random"))
+
+
+def test_zero_terminal_snr_models_sample_with_rescaled_guidance(tmp_path, monkeypatch):
+    """A model whose scheduler is zero-terminal-SNR samples with guidance rescale 0.7 unless told otherwise."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.config import SampleConfig
+    from sdtune.errors import SdtuneError
+    from sdtune.models import load_pipeline
+    from sdtune.sampling import guidance_rescale, sample
+
+    pipe = load_pipeline("tiny-sd2-random")
+    plain = SampleConfig(prompt=["x"], model="tiny-sd2-random")
+    assert guidance_rescale(plain, pipe) == 0.0
+    pipe.scheduler.register_to_config(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    assert guidance_rescale(plain, pipe) == 0.7
+    assert guidance_rescale(SampleConfig(prompt=["x"], guidance_rescale=0.2), pipe) == 0.2
+    with pytest.raises(SdtuneError, match="--guidance-rescale must be in"):
+        SampleConfig(prompt=["x"], guidance_rescale=1.5).validate()
+
+    seen = []
+    call = StableDiffusionPipeline.__call__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs.get("guidance_rescale"))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", recording)
+    sample(SampleConfig(prompt=["x"], model="tiny-sd2-random", num_images=1, steps=2, guidance_rescale=0.3,
+                        output=str(tmp_path / "out")), progress=False)
+    assert seen == [0.3]
