@@ -518,7 +518,9 @@ def list_methods(
         typer.echo("  ".join(cell.rjust(w) if i in (2, 3, 4) else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     typer.echo("")
     for name in methods.available():
-        typer.echo(f"{name}: {methods.method_class(name).summary}")
+        method_class = methods.method_class(name)
+        also = "; --train-text-encoder tunes the text encoder(s) too" if method_class.trains_text_encoder else ""
+        typer.echo(f"{name}: {method_class.summary}{also}")
 
 
 @app.command("datasets")
