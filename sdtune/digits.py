@@ -200,23 +200,17 @@ class DigitMetrics:
         self._base: dict[str, dict] = {}
 
     def prepare(self, plan, log) -> None:
-        from .fileio import publish_directory, remove_directory, temp_path
+        from .fileio import publish_once
 
         final = Path(plan.output) / CONCEPT_FOLDER
         if final.is_dir() and any(final.glob("*.png")):
             return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = temp_path(final)
-        try:
+
+        def fill(staging: Path) -> None:
             pixels, labels = load_digits()
             make_concept_images(pixels, labels, CONCEPT_COUNT, staging)
-            try:
-                publish_directory(staging, final, replace=False)
-            except OSError:
-                pass  # another shard wrote the same images first
-        finally:
-            if staging.exists():
-                remove_directory(staging)
+
+        publish_once(final, fill)
         log(f"digits metrics: concept images in {final}")
 
     def classifier(self):

@@ -366,6 +366,22 @@ def apply_default_modes(root: str | os.PathLike) -> None:
             os.chmod(path, folder_mode if path.is_dir() else file_mode)
 
 
+def publish_once(final: Path, fill: Callable[[Path], None]) -> None:
+    """`fill(staging)` a new folder, then publish it as `final`, unless another process published `final`
+    first (then its copy stays and this one is dropped)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_path(final)
+    try:
+        fill(staging)
+        try:
+            publish_directory(staging, final, replace=False)
+        except OSError:
+            pass  # another process published it first
+    finally:
+        if staging.exists():
+            remove_directory(staging)
+
+
 def publish_directory(staging: str | os.PathLike, final: str | os.PathLike, replace: bool = True) -> None:
     """Flush `staging` and rename it to `final`; readers see the old `final` or the complete new one.
     Its files and folders get the modes the umask gives.

@@ -348,7 +348,7 @@ METRIC_SETS: dict[str, Callable[[], Any]] = {"standard": StandardMetrics, "digit
 def base_samples(plan: Plan, run: RunSpec):
     """The base model's images for the run's sample settings (no adapter), drawn once per sweep into
     OUTPUT/base/<key>; shards that race both draw and the first to publish wins (same images)."""
-    from .fileio import publish_directory, remove_directory, temp_path
+    from .fileio import publish_once
     from .sampling import sample
 
     settings = {k: v for k, v in run.sample.to_dict().items() if k not in PER_RUN_SAMPLE and k != "adapter_scale"}
@@ -356,18 +356,12 @@ def base_samples(plan: Plan, run: RunSpec):
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     final = plan.output / BASE_FOLDER / key
     if not (final / "prompts.json").is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = temp_path(final)
-        try:
+
+        def fill(staging: Path) -> None:
             result = sample(SampleConfig.load(None, **settings, output=str(staging)), progress=False)
             (staging / "prompts.json").write_text(json.dumps(result.prompts) + "\n", encoding="utf-8")
-            try:
-                publish_directory(staging, final, replace=False)
-            except OSError:
-                pass  # another shard published the same images first
-        finally:
-            if staging.exists():
-                remove_directory(staging)
+
+        publish_once(final, fill)
     prompts = json.loads((final / "prompts.json").read_text(encoding="utf-8"))
     return prompts, final / "images"
 
