@@ -94,6 +94,8 @@ def handle_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         warnings.formatwarning = _one_line_warning
+        if os.environ.get("RANK", "0") != "0":  # the other processes of `accelerate launch` stay quiet
+            warnings.simplefilter("ignore")
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:

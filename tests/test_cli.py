@@ -262,3 +262,22 @@ def test_method_option_flags_show_the_option_fields_help_and_default():
     shown = " ".join(invoke("train", "--help").output.replace("│", " ").split())  # rich wraps the help column
     assert "--atoms-m <int> atoms: number of filter atoms per convolution (default: 9)." in shown
     assert "--alpha <float> lora/loha/lokr: alpha; the update is scaled by alpha/rank (default: the rank)." in shown
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_only_the_main_process_prints_warnings(rank, printed, monkeypatch):
+    """Under `accelerate launch` every process runs the command; a warning is said once, by rank 0."""
+    import warnings
+
+    from sdtune.cli import handle_errors
+
+    monkeypatch.setenv("RANK", rank)
+
+    @handle_errors
+    def command():
+        warnings.warn("a damaged checkpoint was passed over")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        command()
+    assert [str(w.message) for w in caught] == (["a damaged checkpoint was passed over"] if printed else [])
