@@ -243,7 +243,7 @@ def train(
     resolution: Optional[int] = typer.Option(None, help="Training image size in pixels (default: the model's native size)."),
     random_flip: Optional[bool] = typer.Option(None, "--random-flip/--no-random-flip", help="Mirror each concept image left-right half the time (default: no; leave off for text, digits, slanted styles, asymmetric objects)."),
     seed: Optional[int] = typer.Option(None, help="Random seed." + _default(TrainConfig, "seed")),
-    token: Optional[str] = typer.Option(None, help="Text that replaces the placeholder (default: 'sks <concept>')."),
+    token: Optional[List[str]] = typer.Option(None, help="Text that replaces the placeholder (default: 'sks <concept>'); with several --concept, one each, in order."),
     template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
     save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step." + _default(TrainConfig, "gradient_accumulation_steps")),

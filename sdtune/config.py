@@ -143,7 +143,7 @@ class TrainConfig(_Config):
     model: str = DEFAULT_MODEL
     images: str | list[str] | None = None  # folder of training images (one per concept); default concepts/NAME or the demo set
     output: str | None = None  # default runs/<concept>-<method>
-    token: str | None = None  # replaces the placeholder; default "sks <concept>"
+    token: str | list[str] | None = None  # replaces the placeholder (one per concept); default "sks <concept>"
     template: str = "photo of a {token}."
     steps: int = 400
     batch_size: int = 1
@@ -275,7 +275,7 @@ class TrainConfig(_Config):
     def __post_init__(self) -> None:
         _split_classes(self)  # "a,b,c" from the command line
         super().__post_init__()
-        for name in ("concept", "images"):  # one concept stays a plain setting, as before several were possible
+        for name in ("concept", "images", "token"):  # one concept stays a plain setting, as before several were possible
             value = getattr(self, name)
             if isinstance(value, list) and len(value) == 1:
                 setattr(self, name, value[0])
@@ -290,6 +290,8 @@ class TrainConfig(_Config):
         """Each concept's name → the text that replaces its placeholder `<name>`."""
         if len(self.concepts) == 1:
             return {self.concepts[0]: self.token or f"sks {self.concepts[0]}"}
+        if isinstance(self.token, list):
+            return dict(zip(self.concepts, self.token))
         return {name: f"sks {name}" for name in self.concepts}
 
     def concept_prompt(self, name: str) -> str:
@@ -323,7 +325,7 @@ class TrainConfig(_Config):
             options=dict(self.options),
             classes=list(self.classes),
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
-            token=None if self.dataset or len(self.concepts) > 1 else self.token or f"sks {self.concept}",
+            token=None if self.dataset else self.token if len(self.concepts) > 1 else self.token or f"sks {self.concept}",
             lr=self.lr or default_lr,
             text_encoder_lr=(self.text_encoder_lr or self.lr or default_lr) if self.train_text_encoder else None,
             resume=None,  # how this run started, not a setting to replay
@@ -360,11 +362,15 @@ def _check_photo_settings(config) -> None:
     folders = len(config.images) if isinstance(config.images, list) else int(config.images is not None)
     if folders and folders != len(concepts):
         raise SdtuneError(f"give one --images folder per --concept: {folders} for {len(concepts)} concepts")
+    tokens = len(config.token) if isinstance(config.token, list) else int(config.token is not None)
+    if tokens and tokens != len(concepts):
+        raise SdtuneError(
+            f"give one --token per --concept ({tokens} for {len(concepts)} concepts), or none: each <NAME> then "
+            "becomes 'sks NAME'"
+        )
     if len(concepts) > 1:
         if config.dataset is not None:
             raise SdtuneError("--dataset trains on a labelled dataset; it takes no --concept")
-        if config.token is not None:
-            raise SdtuneError("--token replaces one concept's placeholder; with several concepts each <NAME> becomes 'sks NAME'")
         if config.with_prior_preservation:
             raise SdtuneError("prior preservation (class images) takes one --concept")
     if not (0 <= config.caption_dropout < 1):

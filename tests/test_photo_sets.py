@@ -311,13 +311,22 @@ def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
     config = seen["config"]
     assert config.concepts == ["castle", "canal"] and config.images == ["a", "b"]
     assert config.buckets and config.caption_dropout == 0.1 and config.shuffle_caption and config.keep_tokens == 1
+    assert config.concept_tokens == {"castle": "sks castle", "canal": "sks canal"}
+    invoke("train", "--concept", "castle", "--concept", "canal", "--token", "zwx tower", "--token", "qrv river")
+    config = seen["config"]
+    assert config.concept_tokens == {"castle": "zwx tower", "canal": "qrv river"}
+    assert config.resolved(1e-3).token == ["zwx tower", "qrv river"]  # kept in the run's config.toml
+    assert config.concept_prompt("canal") == "photo of a qrv river."
+    invoke("train", "--token", "zwx tower")
+    assert seen["config"].token == "zwx tower"  # one concept, one token: a plain setting
 
 
 @pytest.mark.parametrize("settings, message", [
     (dict(concept=["castle", "castle"]), "--concept names a concept twice"),
     (dict(concept=[]), "--concept needs a name"),
     (dict(concept=["castle", "canal"], images=["a"]), "give one --images folder per --concept: 1 for 2 concepts"),
-    (dict(concept=["castle", "canal"], token="zwx"), "--token replaces one concept's placeholder"),
+    (dict(concept=["castle", "canal"], token="zwx"), "give one --token per --concept \\(1 for 2 concepts\\)"),
+    (dict(concept="castle", token=["zwx", "qrv"]), "give one --token per --concept \\(2 for 1 concepts\\)"),
     (dict(concept=["castle", "canal"], class_prompt="a castle"), "prior preservation .* takes one --concept"),
     (dict(keep_tokens=1), "--keep-tokens applies to --shuffle-caption"),
     (dict(caption_dropout=1.0), r"--caption-dropout must be in \[0, 1\)"),
