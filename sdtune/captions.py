@@ -38,14 +38,24 @@ def read_captions(images: list[Path]) -> list[str | None]:
     return captions
 
 
-def _read_caption_file(path: Path) -> str:
+def read_utf8(path: Path, what: str = "") -> str:
+    """A text file's content (a byte-order mark dropped); one line naming the file where it is not UTF-8
+    or cannot be read. `what` names the kind of file in the message ("caption file ")."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise SdtuneError(f"caption file {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+        raise SdtuneError(f"{what}{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
     except OSError as error:
-        raise SdtuneError(f"caption file {path} cannot be read: {error.strerror or error}") from None
-    caption = " ".join(text.split())
+        raise SdtuneError(f"{what}{path} cannot be read: {error.strerror or error}") from None
+
+
+def caption_text(path: Path) -> str:
+    """A caption file's text, whitespace collapsed ("" for a file of blanks)."""
+    return " ".join(read_utf8(path, "caption file ").split())
+
+
+def _read_caption_file(path: Path) -> str:
+    caption = caption_text(path)
     if not caption:
         raise SdtuneError(f"caption file {path} is empty; write the image's caption in it, or remove it to use --template")
     return caption
@@ -69,12 +79,8 @@ def _read_metadata(path: Path) -> dict[str, str | None]:
     """file name → caption from a concept folder's metadata.jsonl (none: an empty map)."""
     if not path.is_file():
         return {}
-    try:
-        lines = path.read_bytes().decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError as error:
-        raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
     captions: dict[str, str | None] = {}
-    for number, row in metadata_rows(path, lines):
+    for number, row in metadata_rows(path, read_utf8(path).splitlines()):
         text = row.get("text")
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise SdtuneError(f"{path} line {number}: \"text\" must be a caption (non-empty text), got {text!r}")

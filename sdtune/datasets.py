@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from .captions import metadata_rows
+from .captions import CAPTION_SUFFIX, METADATA_FILE, caption_text, metadata_rows, read_utf8
 from .data import IMAGE_EXTENSIONS, list_images, read_prompt_file
 from .errors import SdtuneError
 
@@ -37,7 +37,6 @@ DIGITS_TEMPLATE = "This is a picture of the handwritten digit {class}."
 FOLDER_TEMPLATE = "a photo of a {class}."
 VTAB_SPLITS = ("train800val200", "train800", "val200", "test")
 DEFAULT_SPLIT = "train800val200"
-METADATA_FILE = "metadata.jsonl"
 
 
 def render(template: str, class_name: str) -> str:
@@ -436,14 +435,9 @@ def read_folder(root: Path, template: str, name: str = "imagefolder", class_name
 
 
 def _beside_caption(image: Path) -> str | None:
-    caption_file = image.with_suffix(".txt")
-    if not caption_file.is_file():
-        return None
-    try:
-        text = " ".join(caption_file.read_text(encoding="utf-8").split())
-    except UnicodeDecodeError:
-        raise SdtuneError(f"{caption_file}: not UTF-8 text") from None
-    return text or None
+    """The caption in `img.txt` beside `img.png`; None without one, or for an empty one (the template's then)."""
+    caption_file = image.with_suffix(CAPTION_SUFFIX)
+    return (caption_text(caption_file) or None) if caption_file.is_file() else None
 
 
 def _folder_labels(folders: list[str], class_names: list[str], root: Path, name: str) -> list[int]:
@@ -468,7 +462,7 @@ def _read_metadata(root: Path, template: str, name: str, class_names: list[str] 
     """
     path = root / METADATA_FILE
     rows = []
-    for number, row in metadata_rows(path, path.read_text(encoding="utf-8").splitlines()):
+    for number, row in metadata_rows(path, read_utf8(path).splitlines()):
         image = root / row["file_name"]
         if not image.is_file():
             raise SdtuneError(f"{path} line {number}: image not found: {image}")
