@@ -21,6 +21,14 @@ MAX_STEP = 64  # px: SD's latent grid (VAE ×8) stays divisible by the UNet's th
 VAE_FACTOR = 8  # pixels per latent cell of SD's VAE: every side is a multiple of it
 
 
+def upright_size(image) -> tuple[tuple[int, int], bool]:
+    """An opened PIL image's (width, height) as it is shown, after its EXIF orientation, and whether it
+    is stored turned by a quarter (then its stored width and height are swapped)."""
+    width, height = image.size
+    turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return ((height, width) if turned else (width, height)), turned
+
+
 def bucket_step(resolution: int) -> int:
     """The bucket sides' step: 64 px, or for smaller resolutions (the tiny test models) resolution/8
     rounded down to a multiple of 8 (at least 8), so that a small model has several buckets too."""
@@ -118,9 +126,7 @@ def image_buckets(config, paths: list) -> list[tuple[int, int]]:
     for path in paths:
         try:
             with Image.open(path) as image:
-                width, height = image.size
-                if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
-                    width, height = height, width
+                (width, height), _ = upright_size(image)
         except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
             found.append(None)
             continue

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .buckets import EXIF_ORIENTATION, nearest_bucket
+from .buckets import nearest_bucket, upright_size
 from .errors import SdtuneError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
@@ -163,10 +163,7 @@ def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | No
     with image:
         if getattr(image, "n_frames", 1) > 1:
             warnings.warn(f"{path.name} has {image.n_frames} frames: the first is used", stacklevel=3)
-        width, height = image.size
-        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # stored turned by a quarter
-        if turned:
-            width, height = height, width
+        (width, height), turned = upright_size(image)
         size = (resolution, resolution)
         if buckets:
             size = nearest_bucket(width, height, buckets)
