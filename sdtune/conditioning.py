@@ -54,11 +54,6 @@ class UNetConditions:
         return len(self.encoder_hidden_states)
 
 
-def as_conditions(value) -> UNetConditions:
-    """`value` as UNetConditions: a bare tensor is an SD 1.x/2.x `encoder_hidden_states`."""
-    return value if isinstance(value, UNetConditions) else UNetConditions(value)
-
-
 def _pairs(value, count: int, default: tuple[int, int]):
     """A (count, 2) tensor from a batch field: a (count, 2) tensor, or default_collate's [heights, widths]."""
     import torch
@@ -92,7 +87,6 @@ class PromptConditioning:
         self.tokenizers = tokenizers(pipe)
         self.text_encoders = text_encoders(pipe)  # replaced by their prepared (wrapped) forms when trained
         self.sdxl = is_sdxl(pipe)
-        self.vae_scale_factor = pipe.vae_scale_factor
         self.trained = trained
         self.cache: dict = {}  # prompt -> (hidden states, pooled embedding or None)
         # False (shuffled captions, whose tag orders are too many to keep): the cache keeps what

@@ -96,17 +96,13 @@ def combine_loss(
 
 
 def denoising_loss(
-    unet, noise_scheduler, latents, prompt_embeds, noise, timesteps, autocast, snr_gamma=None, is_prior=None, prior_loss_weight=1.0
+    unet, noise_scheduler, latents, conditions, noise, timesteps, autocast, snr_gamma=None, is_prior=None, prior_loss_weight=1.0
 ) -> LossParts:
-    """Noise `latents` to `timesteps`, predict with the UNet and compare with the target.
-
-    `prompt_embeds`: the UNet's conditioning (`conditioning.UNetConditions`, or SD 1.x/2.x's bare
-    encoder hidden states)."""
-    from .conditioning import as_conditions
-
+    """Noise `latents` to `timesteps`, predict with the UNet (on `conditions`, a
+    `conditioning.UNetConditions`) and compare with the target."""
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     with autocast():
-        prediction = unet(noisy, timesteps, **as_conditions(prompt_embeds).unet_kwargs()).sample
+        prediction = unet(noisy, timesteps, **conditions.unet_kwargs()).sample
     errors = per_example_mse(prediction, target)
     return combine_loss(errors, timesteps, noise_scheduler, snr_gamma, is_prior, prior_loss_weight)

@@ -66,8 +66,6 @@ class ValidationLoss:
     def __init__(self, pixels, prompt_embeds, vae, noise_scheduler):
         import torch
 
-        from .conditioning import as_conditions
-
         self.noise_scheduler = noise_scheduler
         with torch.no_grad():
             means = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().float().cpu()
@@ -80,12 +78,9 @@ class ValidationLoss:
         self.noise = torch.randn(self.latents.shape, generator=generator)
         self.use_prompt_embeds(prompt_embeds)
 
-    def use_prompt_embeds(self, prompt_embeds) -> None:
-        """The images' conditioning, one per image (UNetConditions, or SD 1.x/2.x's bare encoder hidden
-        states), e.g. again from a text encoder being trained."""
-        from .conditioning import as_conditions
-
-        conditions = as_conditions(prompt_embeds)
+    def use_prompt_embeds(self, conditions) -> None:
+        """The images' conditioning (`conditioning.UNetConditions`, one per image), e.g. again from a text
+        encoder being trained."""
         per_image = len(self.latents) // len(conditions)
         self.prompt_embeds = conditions.cpu().repeat_interleave(per_image)
 
