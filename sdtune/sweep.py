@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .adapter import ADAPTER_FILE
 from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
 from .errors import SdtuneError
 from .fileio import OutputLock
@@ -426,7 +427,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
             metric_set.prepare(plan, log)
         for number, run in enumerate(runs, 1):
             prefix = f"[{number}/{len(runs)}] {run.name}"
-            if run.state() == "finished" and (run.folder / "adapter.safetensors").is_file():
+            if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():
                 log(f"{prefix}: finished earlier, skipped")
                 result.skipped.append(run.name)
                 continue
@@ -524,7 +525,7 @@ def training_state(run: RunSpec) -> str:
         return "fresh"
     records = read_metrics_log(run.folder / METRICS_FILE) if (run.folder / METRICS_FILE).is_file() else []
     last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
-    if (run.folder / "adapter.safetensors").is_file() and last >= run.train.steps:
+    if (run.folder / ADAPTER_FILE).is_file() and last >= run.train.steps:
         return "trained"
     return "resumable" if list_checkpoints(run.folder) else "fresh"
 

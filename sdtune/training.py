@@ -303,7 +303,7 @@ class Trainer:
         from . import models
 
         self.pipe = pipe = models.load_pipeline(self.config.model)
-        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.unet, self.vae, self.tokenizer = pipe.unet, pipe.vae, pipe.tokenizer
         self.text_encoders = models.text_encoders(pipe)  # SDXL: two
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.resolution = self.config.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
