@@ -6,6 +6,11 @@ to 4:1, as kohya-ss' defaults at 512 px). Each image goes to the bucket nearest 
 log ratio, so 2:1 and 1:2 are equally far from square), is resized to cover the bucket and
 center-cropped into it. `BucketBatchSampler` draws every batch from one bucket: images of one size
 stack into one tensor and one UNet call.
+
+With prior preservation the class images are bucketed too, by their own aspect ratio, and each batch of a
+bucket takes as many class examples from that bucket's pool (`class_pools`): the class images of the same
+bucket when it holds a batch of them, else those of the nearest buckets, framed into the batch's size, so
+the concept and class examples of a step stack into one tensor, as without buckets.
 """
 
 from __future__ import annotations
@@ -54,6 +59,32 @@ def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tup
     return min(sizes, key=lambda size: abs(math.log(size[0] / size[1]) - ratio))
 
 
+def aspect_distance(size: tuple[int, int], other: tuple[int, int]) -> float:
+    """How far apart two (width, height) sizes' aspect ratios are, in log ratio (rounded: 2:1 and 1:2 are
+    equally far from square, exactly)."""
+    return round(abs(math.log(size[0] / size[1]) - math.log(other[0] / other[1])), 9)
+
+
+def class_pools(instance_buckets: list, class_buckets: list, batch_size: int) -> dict[tuple[int, int], list[int]]:
+    """For each concept images' bucket, the class images (indices into `class_buckets`, each image's own
+    bucket or None for an unreadable one) its batches draw from: those of the same bucket when it holds at
+    least a batch of them, else those of the nearest buckets (equally near ones together), nearest first,
+    until they hold a batch (or all of them, when the class images are fewer than a batch)."""
+    members: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(class_buckets):
+        if size is not None:
+            members.setdefault(size, []).append(index)
+    pools = {}
+    for size in sorted({s for s in instance_buckets if s is not None}):
+        pool: list[int] = []
+        for reach in sorted({aspect_distance(size, other) for other in members}):
+            pool = sorted(i for other, indices in members.items() if aspect_distance(size, other) <= reach for i in indices)
+            if len(pool) >= batch_size:
+                break
+        pools[size] = pool
+    return pools
+
+
 def check_buckets(bucket_of: list, batch_size: int, names: list[str] | None = None) -> None:
     """Refuse a bucket holding fewer images than a batch: its batches would be smaller than the others'
     (one image trained alone, as often as a full batch), which kohya-ss does silently."""
@@ -80,16 +111,26 @@ class BucketBatchSampler:
     batch may be smaller), and shuffles the batches of all buckets together. `repeats[i]` puts image i in
     the epoch that many times (balanced concepts). The number of batches is the same every epoch, so the
     loop can skip the batches already drawn when it resumes; `reseed` starts the draws again from a seed.
+
+    With `class_pools` (prior preservation: each bucket's class examples, see `class_pools`) every index
+    becomes an (image, class example) pair: each bucket's pool is drawn in a shuffled order, reshuffled
+    when it runs out, by the same seeded generator after the batches are laid out (so the concept images'
+    order is the one drawn without class images).
     """
 
-    def __init__(self, bucket_of: list[tuple[int, int]], batch_size: int, repeats: list[int] | None = None, seed: int = 0):
+    def __init__(self, bucket_of: list[tuple[int, int]], batch_size: int, repeats: list[int] | None = None, seed: int = 0,
+                 class_pools: dict[tuple[int, int], list[int]] | None = None):
         import numpy as np
 
         repeats = repeats or [1] * len(bucket_of)
+        self.sizes = sorted(set(bucket_of))
         self.buckets: list[np.ndarray] = []
-        for size in sorted(set(bucket_of)):
+        for size in self.sizes:
             members = [i for i, s in enumerate(bucket_of) if s == size]
             self.buckets.append(np.asarray([i for i in members for _ in range(repeats[i])], dtype=np.int64))
+        if class_pools is not None and not all(class_pools.get(size) for size in self.sizes):
+            raise ValueError("every bucket needs class examples to draw from")
+        self.class_pools = class_pools
         # not `batch_size`: Accelerate then shards these batches across processes as whole batches of
         # varying length, never topping one up with another bucket's images
         self.images_per_batch = batch_size
@@ -103,12 +144,24 @@ class BucketBatchSampler:
     def __len__(self) -> int:
         return sum(-(-len(members) // self.images_per_batch) for members in self.buckets)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         batches = []
-        for members in self.buckets:
+        for size, members in zip(self.sizes, self.buckets):
             order = self.rng.permutation(members)
-            batches += [order[start : start + self.images_per_batch].tolist() for start in range(0, len(order), self.images_per_batch)]
-        return iter([batches[i] for i in self.rng.permutation(len(batches))])
+            batches += [(size, order[start : start + self.images_per_batch].tolist()) for start in range(0, len(order), self.images_per_batch)]
+        batches = [batches[i] for i in self.rng.permutation(len(batches))]
+        if self.class_pools is None:
+            return iter([batch for _, batch in batches])
+        left: dict[tuple[int, int], list[int]] = {}  # each pool's class examples not yet drawn in this pass
+        paired = []
+        for size, batch in batches:
+            pairs = []
+            for index in batch:
+                if not left.get(size):
+                    left[size] = self.rng.permutation(self.class_pools[size]).tolist()
+                pairs.append((index, left[size].pop()))
+            paired.append(pairs)
+        return iter(paired)
 
 
 def image_buckets(config, paths: list) -> list[tuple[int, int]]:

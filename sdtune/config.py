@@ -381,8 +381,6 @@ def _check_photo_settings(config) -> None:
         raise SdtuneError("--keep-tokens applies to --shuffle-caption")
     if config.buckets and config.dataset is not None:
         raise SdtuneError("--buckets applies to concept images; a labelled dataset's images are center-cropped")
-    if config.buckets and config.with_prior_preservation:
-        raise SdtuneError("--buckets does not combine with prior preservation (class images are square) yet")
 
 
 def _check_dataset(config) -> None:

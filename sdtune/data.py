@@ -154,6 +154,16 @@ def load_image(path: Path, resolution: int):
 def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None) -> Framed:
     """Open, convert and fit an image into a `resolution` square or, with `buckets`, into the (width,
     height) bucket nearest its aspect ratio. A phone photo's EXIF orientation is applied first."""
+
+    def own_size(width: int, height: int) -> tuple[int, int]:
+        return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
+
+    return load_framed_sizes(path, lambda width, height: [own_size(width, height)])[0]
+
+
+def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True) -> list[Framed]:
+    """Open and convert an image once (EXIF orientation applied) and fit it into each (width, height) of
+    `sizes_of(width, height)`, given its upright size; upscaling into the first size warns if `warn_upscaled`."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
@@ -162,18 +172,19 @@ def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | No
         image = Image.open(path)
     with image:
         if getattr(image, "n_frames", 1) > 1:
-            warnings.warn(f"{path.name} has {image.n_frames} frames: the first is used", stacklevel=3)
+            warnings.warn(f"{path.name} has {image.n_frames} frames: the first is used", stacklevel=4)
         (width, height), turned = upright_size(image)
-        size = (resolution, resolution)
-        if buckets:
-            size = nearest_bucket(width, height, buckets)
-        image.draft("RGB", size[::-1] if turned else size)  # JPEGs decode at reduced size when large
+        sizes = sizes_of(width, height)
+        largest = (max(w for w, _ in sizes), max(h for _, h in sizes))  # a draft covering it covers every size
+        image.draft("RGB", largest[::-1] if turned else largest)  # JPEGs decode at reduced size when large
         image = to_rgb(ImageOps.exif_transpose(image))
-    if max(size[0] / width, size[1] / height) > 1:
+    size = sizes[0]
+    if warn_upscaled and max(size[0] / width, size[1] / height) > 1:
         smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
-        warnings.warn(f"{path.name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=2)
-    framed = frame(image, *size)
-    framed.original_size = (height, width)
+        warnings.warn(f"{path.name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=3)
+    framed = [frame(image, *size) for size in sizes]
+    for each in framed:
+        each.original_size = (height, width)
     return framed
 
 

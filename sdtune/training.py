@@ -329,10 +329,14 @@ class Trainer:
                 check_buckets(self.dataset.sizes, config.batch_size, [inputs.image_paths[i].name for i in kept])
             if not FEW_SHOT_IMAGES[0] <= len(self.dataset) <= FEW_SHOT_IMAGES[1]:
                 warnings.warn(f"{len(self.dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=3)
-        self.class_dataset = None
+        self.class_dataset, self.class_pools = None, None
         if config.with_prior_preservation:
             class_paths = prior.class_image_paths(config, self.pipe, self.output, resolution, self.accelerator, self.progress)
-            self.class_dataset = ConceptDataset(load_framed_images(class_paths, resolution), config.class_prompt, config.random_flip)
+            if config.buckets:  # each bucket's batches draw class examples of their own size (see prior.py)
+                framed, self.class_pools = prior.bucketed_class_images(class_paths, resolution, self.dataset.sizes, config.batch_size)
+            else:
+                framed = load_framed_images(class_paths, resolution)
+            self.class_dataset = ConceptDataset(framed, config.class_prompt, config.random_flip)
 
     def _inject_method(self) -> None:
         """Inject the method into the UNet (and the text encoders it trains); check there is room for what the
@@ -449,7 +453,9 @@ class Trainer:
         if config.buckets:
             counts = [self.concept_labels.count(label) for label in range(concepts)]
             repeats = [-(-max(counts) // counts[label]) for label in self.concept_labels]
-            self.sampler = self.batch_sampler = BucketBatchSampler(self.dataset_sizes(), config.batch_size, repeats)
+            self.sampler = self.batch_sampler = BucketBatchSampler(
+                self.dataset_sizes(), config.batch_size, repeats, class_pools=self.class_pools
+            )
         elif labelled is not None and config.balance_classes:
             self.sampler = BalancedClassSampler(labelled.labels)
         elif concepts > 1:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdtune.buckets import BucketBatchSampler, bucket_sizes, bucket_step, check_buckets, nearest_bucket
+from sdtune.buckets import BucketBatchSampler, bucket_sizes, bucket_step, check_buckets, class_pools, nearest_bucket
 from sdtune.captions import AugmentedCaptions, read_captions
 from sdtune.config import TrainConfig
 from sdtune.errors import SdtuneError
@@ -160,6 +160,97 @@ def test_buckets_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path
     for run in (uncached, resumed):
         assert (run.output / "adapter.safetensors").read_bytes() == (whole.output / "adapter.safetensors").read_bytes()
     assert "buckets = true" in (whole.output / "config.toml").read_text()
+
+
+def test_each_bucket_draws_class_images_of_its_own_shape_or_the_nearest():
+    portrait, square, wide, tall = (56, 72), (64, 64), (80, 48), (40, 104)
+    class_buckets = [square, portrait, square, None, square, wide]  # None: an unreadable class image
+    pools = class_pools([portrait, square, wide, tall, portrait], class_buckets, batch_size=2)
+    assert pools[square] == [0, 2, 4]  # its own bucket holds a batch
+    assert pools[portrait] == [0, 1, 2, 4]  # one of its own: the nearest bucket's (square) join
+    assert pools[wide] == [0, 2, 4, 5]
+    assert pools[tall] == [0, 1, 2, 4]  # square and portrait: the nearest until they hold a batch
+    assert class_pools([wide], [portrait, (72, 56)], batch_size=3) == {wide: [0, 1]}  # fewer than a batch: all
+    assert class_pools([square], [portrait, wide, (72, 56)], batch_size=1)[square] == [0, 2]  # 7:9 and 9:7, equally near, together
+
+
+def test_bucket_batches_pair_each_image_with_a_class_example_of_its_bucket():
+    bucket_of = [(48, 80)] * 3 + [(64, 64)] * 4
+    pools = {(48, 80): [10, 11], (64, 64): [20, 21, 22]}
+    plain, paired = BucketBatchSampler(bucket_of, 2, seed=4), BucketBatchSampler(bucket_of, 2, seed=4, class_pools=pools)
+    batches = list(paired)
+    assert [[image for image, _ in batch] for batch in batches] == list(plain)  # the concept images' order is kept
+    for batch in batches:
+        assert all(example in pools[bucket_of[image]] for image, example in batch)
+    for size, pool in pools.items():  # each pool in a shuffled order, reshuffled when it runs out
+        drawn = [example for batch in batches for image, example in batch if bucket_of[image] == size]
+        assert sorted(drawn[: len(pool)]) == pool and len(drawn) == bucket_of.count(size)
+    paired.reseed(4)
+    assert list(paired) == batches
+    with pytest.raises(ValueError, match="every bucket needs class examples"):
+        BucketBatchSampler(bucket_of, 2, class_pools={(64, 64): [0]})
+
+
+def test_bucketed_class_images_are_framed_into_each_bucket_that_draws_them(tmp_path):
+    from sdtune.prior import bucketed_class_images
+
+    paths = photo_set(tmp_path, counts=(1, 2, 1))  # portrait-0, square-0, square-1, wide-0
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    portrait, square, wide = (56, 72), (64, 64), (80, 48)
+    with pytest.warns(UserWarning) as caught:
+        framed, pools = bucketed_class_images([*paths, tmp_path / "broken.png"], 64, [square, wide, square], 2)
+    messages = [str(w.message) for w in caught]
+    assert any("portrait-0.png" in m and "unused" in m for m in messages)  # no concept image is a portrait
+    assert any(m.startswith(f"skipping {tmp_path / 'broken.png'}: not a readable image") for m in messages)
+    assert sorted(pools) == [square, wide]
+    assert [framed[i].image.size for i in pools[square]] == [square, square]
+    assert {framed[i].original_size for i in pools[square]} == {(100, 100)}
+    # the wide bucket holds one wide image: the squares (nearer than the portrait) join it, framed 80x48
+    assert [(framed[i].image.size, framed[i].original_size) for i in pools[wide]] == [(wide, (100, 100))] * 2 + [(wide, (90, 160))]
+    assert framed[pools[wide][0]].crop_top_left == (16, 0)  # 100x100 covers 80x48 at 0.8: 80x80, 16 px from the top
+    with pytest.raises(SdtuneError, match="no readable class images in .* for the 80x48 bucket"), pytest.warns(UserWarning, match="skipping"):
+        bucketed_class_images([tmp_path / "broken.png"], 64, [wide], 2)
+
+
+@pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
+def test_buckets_with_prior_preservation_train_and_resume_exactly(tmp_path, tiny_path):
+    """Concept photos of three shapes, class photos of two (no wide one): every step stacks the concept
+    examples and as many class examples of the same size (the wide bucket's from the square class images);
+    cached equals uncached, and a run cut at step 4 and resumed ends with the uninterrupted adapter."""
+    images = photo_set(tmp_path / "photos")[0].parent
+    class_images = photo_set(tmp_path / "class", counts=(2, 3, 0), seed=2)[0].parent
+    batches: list = []
+    import sdtune.training
+
+    original_loss = sdtune.training.Trainer.loss
+
+    def recording_loss(self, latents, batch):
+        batches.append((tuple(latents.shape), batch["is_prior"].tolist(), batch["original_size"].tolist(), list(batch["prompt"])))
+        return original_loss(self, latents, batch)
+
+    settings = dict(images=str(images), class_images=str(class_images), class_prompt="photo of a castle.", buckets=True,
+                    batch_size=2, seed=3, steps=6, random_flip=True, checkpoint_every=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sdtune.training.Trainer, "loss", recording_loss)
+        whole = run_training(tmp_path, "whole", **settings)
+    assert {shape[2:] for shape, *_ in batches} == {(9, 7), (8, 8), (6, 10)}  # the three buckets, class examples too
+    originals = {(h, w): name for name, (w, h) in SHAPES.items()}
+    for shape, is_prior, original_sizes, prompts in batches:
+        assert shape[0] == 4 and is_prior == [False, False, True, True]
+        assert prompts[2:] == ["photo of a castle."] * 2 and "photo of a castle." not in prompts[:2]
+        concept, classes = {originals[tuple(s)] for s in original_sizes[:2]}, {originals[tuple(s)] for s in original_sizes[2:]}
+        assert len(concept) == 1 and classes == ({"square"} if concept == {"wide"} else concept)
+    assert all(math.isfinite(loss) for loss in whole.losses) and len(whole.losses) == 6
+    metrics = [json.loads(line) for line in (whole.output / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["prior_loss"]) and math.isfinite(row["instance_loss"]) for row in metrics)
+    uncached = run_training(tmp_path, "uncached", cache_latents=False, **settings)
+    assert uncached.losses == whole.losses
+    run_training(tmp_path, "cut", **{**settings, "steps": 4})
+    resumed = run_training(tmp_path, "cut", **{**settings, "resume": "latest"})
+    assert resumed.losses == whole.losses[4:]
+    for run in (uncached, resumed):
+        assert (run.output / "adapter.safetensors").read_bytes() == (whole.output / "adapter.safetensors").read_bytes()
+    TrainConfig(buckets=True, class_prompt="a castle").validate()  # combined since class images are bucketed too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +422,6 @@ def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
     (dict(keep_tokens=1), "--keep-tokens applies to --shuffle-caption"),
     (dict(caption_dropout=1.0), r"--caption-dropout must be in \[0, 1\)"),
     (dict(buckets=True, dataset="digits"), "--buckets applies to concept images"),
-    (dict(buckets=True, class_prompt="a castle"), "--buckets does not combine with prior preservation"),
 ])
 def test_photo_settings_that_do_not_combine_are_refused(settings, message):
     with pytest.raises(SdtuneError, match=message):
