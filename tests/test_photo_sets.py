@@ -464,3 +464,15 @@ def test_sdxl_time_ids_come_from_each_bucket_image(tmp_path, monkeypatch):
         assert target[0] % latent_h == 0 and target[0] / latent_h == target[1] / latent_w  # the bucket, in pixels
         assert all(v >= 0 for v in crop)
     assert len({tuple(ids[0, 4:].tolist()) for _, ids in seen}) > 1  # several buckets
+
+    seen.clear()  # with prior preservation: each class row tells its own class image's size and crop
+    photo_set(tmp_path / "class", counts=(0, 1, 0), seed=2)
+    run_training(tmp_path, "sdxl-prior", model="tiny-sdxl-random", images=str(tmp_path / "photos"), buckets=True, steps=3,
+                 batch_size=1, random_flip=False, class_images=str(tmp_path / "class"), class_prompt="photo of a castle.")
+    assert len(seen) == 3
+    for (latent_h, latent_w), ids in seen:
+        assert ids.shape[0] == 2 and ids[0, 4:].tolist() == ids[1, 4:].tolist()  # one size for the pair
+        assert ids[1, :2].tolist() == [100, 100]  # the square class image, cropped into every bucket
+        height, width = (int(v) for v in ids[1, 4:].tolist())
+        side = max(width, height)  # the square resized to cover the bucket, then center-cropped
+        assert ids[1, 2:4].tolist() == [(side - height) // 2, (side - width) // 2]
