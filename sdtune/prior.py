@@ -127,11 +127,11 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
             unused.append(path.name)
             continue
         try:
-            if index in problems:
-                raise UnidentifiedImageError(problems[index])
-            examples = load_framed_sizes(path, lambda width, height: serves, serves[0] == own[index])
+            examples = [] if index in problems else load_framed_sizes(path, lambda width, height: serves, serves[0] == own[index])
         except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
-            warnings.warn(f"skipping {path}: not a readable image ({(str(error).splitlines() or [''])[0][:100]})", stacklevel=2)
+            problems[index] = str(error)
+        if index in problems:
+            warnings.warn(f"skipping {path}: not a readable image ({(problems[index].splitlines() or [''])[0][:100]})", stacklevel=2)
             continue
         for size, example in zip(serves, examples):
             pools[size].append(len(framed))
@@ -151,7 +151,7 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
 
 class PriorPreservationDataset:
     """Pairs every concept example with a class example; as long as the longer of the two. An index is a
-    number, or an (concept example, class example) pair where a bucket sampler chooses the class example."""
+    number, or a (concept example, class example) pair where a bucket sampler chooses the class example."""
 
     def __init__(self, instances, classes):
         self.instances = instances
