@@ -157,7 +157,7 @@ def test_fast_kernels_under_autocast_match_the_autocast_convolution(mode):
         torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.05 * plain.abs().max().item())
 
 
-@pytest.mark.parametrize("options", [{}, {"m": 4}, {"init": "sparse", "m": 4}])
+@pytest.mark.parametrize("options", [{}, {"m": 4}, {"init": "sparse", "m": 4}, {"m1": 2}, {"m1": 3, "m": 4}])
 def test_filter_atoms_unet_gradients_agree_across_kernels(options, tiny_path, unet_inputs):
     from sdtune import methods
     from sdtune.models import load_pipeline

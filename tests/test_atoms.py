@@ -80,6 +80,30 @@ def test_d1_variant_is_alpha_times_channel_atom_updates(m):
     assert (A.sub_atom_weight_diff(weight, atoms, beta, sub_atoms) - expected).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("kernel", ["tap-unfold", "tap-depthwise", "weight", "auto"])
+@pytest.mark.parametrize("stride,batch,height,width", [(1, 2, 7, 5), (2, 3, 6, 6), (1, 1, 2, 3)])
+def test_d1_layer_through_the_tap_kernels_equals_its_formed_weight(kernel, stride, batch, height, width):
+    # 5 -> 7 channels (no tile's multiple), padding 1, stride 2, batch > 1; scale 0.7 for strength
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, stride=stride, padding=1).double().requires_grad_(False)
+    _, atoms = svd_factors(conv.weight.reshape(-1, 9), 4)
+    layer = A.SubAtomConv2d(conv, atoms, m1=2, kernel=kernel).double()
+    layer.scale = 0.7
+    with torch.no_grad():
+        layer.sub_atoms.copy_(randn(*layer.sub_atoms.shape, seed=3))
+    x = randn(batch, 5, height, width, seed=4).requires_grad_(True)
+
+    def through_the_layer(x, beta, sub_atoms):
+        return torch.func.functional_call(layer, {"beta": beta, "sub_atoms": sub_atoms}, (x,))
+
+    beta = layer.beta.detach().clone().requires_grad_(True)
+    sub_atoms = layer.sub_atoms.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(through_the_layer, (x, beta, sub_atoms))
+    delta = A.sub_atom_weight_diff(conv.weight, layer.atoms, beta, sub_atoms, projector=layer.projector)
+    expected = conv._conv_forward(x, conv.weight + 0.7 * delta, conv.bias)
+    torch.testing.assert_close(through_the_layer(x, beta, sub_atoms), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("m", [9, 4])
 def test_d1_dc_variant_rebases_block_coefficients(m):
     c_out, c_in, m1, kc = 4, 6, 2, 2

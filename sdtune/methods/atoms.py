@@ -269,6 +269,18 @@ def _coefficients_from_blocks(blocks: torch.Tensor, shape: tuple, kc: int) -> to
     return alpha.reshape(shape)
 
 
+def _sub_atom_deltas(atoms, beta, sub_atoms, dtype) -> torch.Tensor:
+    """ΔD[c, j] = Σ_s β[c, j, s]·D1[j, s]: (c_in, m, taps)."""
+    m, taps = atoms.shape
+    return torch.einsum("cjs,jst->cjt", beta.to(dtype), sub_atoms.reshape(m, -1, taps).to(dtype))
+
+
+def sub_atom_mixing(atoms, beta, sub_atoms, projector=None, dtype=torch.float32) -> torch.Tensor:
+    """D1's per-input-channel tap mixing M_c = P·ΔD[c] (c_in, k², k²): ΔW[:, c] = W_r[:, c]·M_c."""
+    projector = (atoms.T if projector is None else projector).to(dtype)
+    return projector.unsqueeze(0) @ _sub_atom_deltas(atoms, beta, sub_atoms, dtype)
+
+
 def sub_atom_weight_diff(
     weight: torch.Tensor,
     atoms: torch.Tensor,
@@ -280,22 +292,21 @@ def sub_atom_weight_diff(
 ) -> torch.Tensor:
     """D1 variant, and D1+Dc when `delta_coeff_bases` is given (see the module docstring)."""
     c_out, c_in = weight.shape[:2]
-    m, taps = atoms.shape
+    taps = atoms.shape[1]
     dtype = _compute_dtype(weight)
     flat = weight.reshape(c_out, c_in, taps).to(dtype)
-    projector = (atoms.T if projector is None else projector).to(dtype)
-    # ΔD[c, j] = Σ_s β[c, j, s]·D1[j, s]: (c_in, m, taps)
-    delta = torch.einsum("cjs,jst->cjt", beta.to(dtype), sub_atoms.reshape(m, -1, taps).to(dtype))
     if delta_coeff_bases is None:
         # Σ_j α[o, c, j]·ΔD[c, j] = W_r[o, c]·(P·ΔD[c]): one taps×taps mixing per input channel
-        mixing = projector.unsqueeze(0) @ delta
+        mixing = sub_atom_mixing(atoms, beta, sub_atoms, projector, dtype)
         diff = torch.bmm(flat.transpose(0, 1), mixing).transpose(0, 1)
-    else:
-        alpha = flat @ projector
-        delta_alpha = _coefficients_from_blocks(
-            _coefficient_blocks(alpha, kc) @ delta_coeff_bases.to(dtype), alpha.shape, kc
-        )
-        diff = delta_alpha @ atoms.to(dtype) + torch.einsum("ocj,cjt->oct", alpha + delta_alpha, delta)
+        return diff.reshape(weight.shape).to(weight.dtype)
+    projector = (atoms.T if projector is None else projector).to(dtype)
+    delta = _sub_atom_deltas(atoms, beta, sub_atoms, dtype)
+    alpha = flat @ projector
+    delta_alpha = _coefficients_from_blocks(
+        _coefficient_blocks(alpha, kc) @ delta_coeff_bases.to(dtype), alpha.shape, kc
+    )
+    diff = delta_alpha @ atoms.to(dtype) + torch.einsum("ocj,cjt->oct", alpha + delta_alpha, delta)
     return diff.reshape(weight.shape).to(weight.dtype)
 
 
@@ -374,8 +385,10 @@ class SubAtomConv2d(_AtomLayer):
         coefficient_bases: bool = False,
         orthonormal: bool = True,
         generator: torch.Generator | None = None,
+        kernel: str = "auto",
     ):
         super().__init__(base, atoms, kc, orthonormal)
+        self.kernel = kernel
         m, k, device = atoms.shape[0], base.kernel_size[0], base.weight.device
         beta = torch.randn(base.in_channels, m, m1, generator=generator) / math.sqrt(m1)
         self.beta = nn.Parameter(beta.to(device))
@@ -388,6 +401,15 @@ class SubAtomConv2d(_AtomLayer):
         return sub_atom_weight_diff(
             self.base_layer.weight, self.atoms, self.beta, self.sub_atoms, self.delta_coeff_bases, self.kc, self.projector
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta_coeff_bases is not None:
+            return super().forward(x)  # D1+Dc mixes coefficients across channels: no tap mixing expresses it
+        # D1: ΔW[:, c] = W_r[:, c]·M_c, one k²×k² mixing per input channel, which the fast kernels apply exactly
+        mixing = sub_atom_mixing(self.atoms, self.beta, self.sub_atoms, self.projector, self.sub_atoms.dtype)
+        if self.scale != 1.0:
+            mixing = mixing * self.scale
+        return tap_mixed_conv2d(x, self.base_layer, mixing, self.kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +436,7 @@ class AtomsOptions:
     kernel: str = field(
         default="auto",
         metadata={
-            "help": "how the D variant's convolutions run: auto (per layer size), tap, weight, or autograd "
+            "help": "how the D and D1 variants' convolutions run: auto (per layer size), tap, weight, or autograd "
             "(the plain formula, for comparison); all exact, see atom_kernels"
         },
     )
@@ -563,6 +585,7 @@ class FilterAtoms(WrappedLayers):
                 layer = SubAtomConv2d(
                     base, decomposition[name], self.options.m1, plan.coefficient_block,
                     coefficient_bases=self.options.kc > 1, orthonormal=orthonormal, generator=generator,
+                    kernel=self.options.kernel,
                 )
             else:
                 layer = FilterAtomConv2d(base, decomposition[name], plan.block, orthonormal, self.options.kernel)
