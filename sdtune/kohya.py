@@ -208,10 +208,9 @@ def with_zero_diffs(state: dict, missing: dict[str, tuple[int, ...]]) -> dict:
 
 
 def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
-    """The file with kohya-ss' `ss_*` metadata (`extra`: the network's) and sdtune's own."""
-    from safetensors.torch import save_file
-
-    from .fileio import atomic_write
+    """The file with kohya-ss' `ss_*` metadata (`extra`: the network's) and sdtune's own, keys sorted
+    (the same adapter gives the same bytes)."""
+    from .fileio import save_safetensors
 
     metadata = {
         "ss_base_model_version": "sd_v1",  # `extra` holds the layout's (kohya_layout)
@@ -229,8 +228,7 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         **{key: info.extra[key] for key in (CONCEPT_TOKENS,) if key in info.extra},  # several concepts' tokens
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(output) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    save_safetensors(state, output, metadata)
     return output
 
 

@@ -161,6 +161,9 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
     assert metadata["ss_output_name"] == "castle"
     if name != "lora":
         assert json.loads(metadata["ss_network_args"])["algo"] == name
+    header = out.read_bytes()[8 : 8 + int.from_bytes(out.read_bytes()[:8], "little")]
+    written = list(json.loads(header)["__metadata__"])
+    assert written == sorted(written)  # safetensors' own order changes from process to process
 
     literal = load_pipeline("tiny-random")
     literal_kohya_merge(state, literal.unet)
