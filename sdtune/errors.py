@@ -1,5 +1,7 @@
 """Errors that the CLI turns into one line on stderr and a meaningful exit code."""
 
+import re
+
 
 class SdtuneError(Exception):
     """A problem the user can fix (bad input, missing model, wrong adapter): exit code 2."""
@@ -17,3 +19,20 @@ class SweepFailed(SdtuneError):
     """A sweep went through its runs but some failed (each recorded in its folder): exit code 1."""
 
     exit_code = 1
+
+
+def first_sentence(error: BaseException, limit: int = 160) -> str:
+    """The first sentence of an error's message on one line, cut at a word (with an ellipsis) when
+    longer than `limit`: what a one-line message can quote of another library's error."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
+    return sentence
+
+
+def error_line(error: BaseException) -> str:
+    """One line for a failure: an SdtuneError's own message, else the error's type and first sentence."""
+    if isinstance(error, SdtuneError):
+        return str(error)
+    return f"{type(error).__name__}: {first_sentence(error, 300)}" if str(error).strip() else type(error).__name__

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import EvaluateConfig, strength_name
-from .errors import SdtuneError
+from .errors import SdtuneError, first_sentence
 
 EVAL_FILE = "eval.json"
 FORMAT = "sdtune-eval/1"
@@ -90,12 +90,6 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def _first_line(error: BaseException) -> str:
-    from .models import first_sentence
-
-    return first_sentence(error)
-
-
 def from_pretrained(flag: str, name: str, load: Callable[..., Any]):
     """`load(source, local_files_only=...)` for a folder or a hub id, or MetricUnavailable saying why not."""
     path = Path(name).expanduser()
@@ -105,7 +99,7 @@ def from_pretrained(flag: str, name: str, load: Callable[..., Any]):
         try:
             return load(str(path), local_files_only=True)
         except Exception as error:
-            raise MetricUnavailable(f"{flag} {name}: could not load the folder ({_first_line(error)})") from None
+            raise MetricUnavailable(f"{flag} {name}: could not load the folder ({first_sentence(error)})") from None
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise MetricUnavailable(f"{flag} {name}: no such folder, and not a hub id")
     try:
@@ -276,7 +270,7 @@ def distribution_distances(feature, generated: list, reference: list, seed: int 
         except ModuleNotFoundError:
             raise MetricUnavailable("Inception features need torch-fidelity (pip install torch-fidelity)") from None
         except Exception as error:
-            raise MetricUnavailable(f"the Inception weights could not be loaded ({_first_line(error)})") from None
+            raise MetricUnavailable(f"the Inception weights could not be loaded ({first_sentence(error)})") from None
     for real, images in ((True, reference), (False, generated)):
         for batch in _batches(images):
             fid.update(batch, real=real)

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import SdtuneError
+from .errors import SdtuneError, first_sentence
 from .fileio import publish_directory
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -634,15 +633,6 @@ def hub_reason(error: BaseException) -> str:
     if kinds & {"EntryNotFoundError", "RemoteEntryNotFoundError"}:
         return "the hub's copy lacks a file the pipeline needs"
     return first_sentence(error)
-
-
-def first_sentence(error: BaseException, limit: int = 160) -> str:
-    """The first sentence of an error's message, cut at a word (with an ellipsis) when longer than `limit`."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0].rstrip(".")
-    if len(sentence) > limit:
-        sentence = sentence[:limit].rsplit(" ", 1)[0] + " …"
-    return sentence
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from .adapter import ADAPTER_FILE
 from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
-from .errors import SdtuneError
+from .errors import SdtuneError, error_line
 from .fileio import OutputLock
 
 RUN_MARKER = "sweep-run.json"
@@ -448,7 +448,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # one run's failure is recorded; the others go on
-                message = _error_line(error)
+                message = error_line(error)
                 log(f"{prefix}: failed: {message}")
                 result.failed[run.name] = message
                 if main:
@@ -463,13 +463,6 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
     if main:
         result.report = write_report(plan, log)
     return result
-
-
-def _error_line(error: BaseException) -> str:
-    if isinstance(error, SdtuneError):
-        return str(error)
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], main: bool = True) -> None:

@@ -269,3 +269,17 @@ def test_memory_is_the_gpus_where_the_run_uses_one(monkeypatch):
     assert device_memory() is None
     with pytest.raises(SdtuneError, match=r"^this run needs at least .* and this machine has"):
         check_memory([("--resolution 512", "maps", ram_bytes() // 2 + 1)], [("--num-images 4", "images", ram_bytes() // 2 + 1)])
+
+
+def test_one_line_of_another_library_error():
+    from sdtune.errors import SdtuneError, error_line, first_sentence
+
+    long = ValueError("The file is damaged.\nIt was written by an old version " + "and more " * 40)
+    assert first_sentence(long) == "The file is damaged"
+    words = OSError(" ".join(f"word{i}" for i in range(60)))
+    cut = first_sentence(words, limit=50)
+    assert cut.endswith(" …") and len(cut) <= 52 and cut[:-2] in str(words) and str(words)[len(cut) - 2] == " "
+    assert first_sentence(KeyError()) == "KeyError"
+    assert error_line(long) == "ValueError: The file is damaged"
+    assert error_line(RuntimeError("")) == "RuntimeError"
+    assert error_line(SdtuneError("--steps must be positive. Really.")) == "--steps must be positive. Really."
