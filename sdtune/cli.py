@@ -39,7 +39,7 @@ from .config import (
     SweepConfig,
     TrainConfig,
 )
-from .errors import SdtuneError, SweepFailed
+from .errors import SdtuneError, SweepFailed, error_line
 
 class OneLineErrorsGroup(TyperGroup):
     """The command group whose usage errors (`--steps ten`, an unknown flag, a missing option) are one
@@ -115,9 +115,7 @@ def handle_errors(command: Callable) -> Callable:
                 where = f"{error.filename}: " if error.filename else ""
                 typer.echo(f"error: {where}{error.strerror}", err=True)
                 raise typer.Exit(1) from None
-            message = str(error).strip().splitlines()
-            detail = f": {message[0][:300]}" if message else ""
-            typer.echo(f"error: {type(error).__name__}{detail} (set SDTUNE_DEBUG=1 for the traceback)", err=True)
+            typer.echo(f"error: {error_line(error)} (set SDTUNE_DEBUG=1 for the traceback)", err=True)
             raise typer.Exit(1) from None
         finally:
             if main_thread:

@@ -283,3 +283,17 @@ def test_one_line_of_another_library_error():
     assert error_line(long) == "ValueError: The file is damaged"
     assert error_line(RuntimeError("")) == "RuntimeError"
     assert error_line(SdtuneError("--steps must be positive. Really.")) == "--steps must be positive. Really."
+
+
+def test_an_unexpected_error_is_one_line_cut_at_a_word(monkeypatch):
+    from test_cli import assert_one_line_error
+
+    import sdtune.datasets
+
+    def broken():
+        raise RuntimeError("The registry broke. " + "Details follow " * 40 + "\nline two")
+
+    monkeypatch.setattr(sdtune.datasets, "registry", broken)
+    monkeypatch.delenv("SDTUNE_DEBUG", raising=False)
+    result = invoke("datasets")
+    assert_one_line_error(result, 1, "error: RuntimeError: The registry broke (set SDTUNE_DEBUG=1 for the traceback)")
