@@ -183,6 +183,36 @@ def count_parameters(configs, method) -> tuple[int, int]:
     return sum(p.numel() for p in unet.parameters()) - trained, trained
 
 
+def count_text_encoder_parameters(configs, method, train: bool) -> tuple[int, int]:
+    """(frozen, trained) parameters of the text encoders whose configs were read, built on the meta
+    device; trained only where `train` (--train-text-encoder), by injecting a fresh copy of `method`
+    into them with the UNet. (0, 0) for what cannot be built: this is a lower bound."""
+    import torch
+    import transformers
+    from diffusers import UNet2DConditionModel
+
+    from . import methods
+
+    encoders = []
+    with torch.device("meta"):
+        for class_name, config in configs.text_encoders:
+            try:
+                model_class = getattr(transformers, class_name)
+                encoders.append(model_class(model_class.config_class.from_dict(config)))
+            except Exception:
+                continue
+        total = sum(p.numel() for encoder in encoders for p in encoder.parameters())
+        if not (train and encoders):
+            return total, 0
+        try:
+            probe = methods.create(method.name, **method.options_dict())
+            probe.inject(UNet2DConditionModel.from_config(configs.unet), encoders)
+        except Exception:
+            return total, 0
+    trained = sum(p.numel() for p in probe.text_encoder_parameters())
+    return sum(p.numel() for encoder in encoders for p in encoder.parameters()) - trained, trained
+
+
 def changed_options(method) -> str:
     """The method and the options that differ from its defaults: `gift (rank=100000)`."""
     from . import methods
@@ -212,12 +242,15 @@ def check_run_fits(config, method, image_count: int = 0) -> None:
         )
     half = config.mixed_precision in ("fp16", "bf16")
     frozen, trained = count_parameters(configs, method)
+    frozen_text, trained_text = count_text_encoder_parameters(configs, method, config.train_text_encoder)
+    trained += trained_text
     state = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer] + (4 if config.ema_decay else 0)
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
     # a concept's batches hold at most all its images (the loader says so and trains on them all)
     batch = min(config.batch_size, image_count) if image_count else config.batch_size
     on_device = [
         (f"--model {config.model}", "the UNet's frozen weights", frozen * (2 if half else 4)),
+        (f"--model {config.model}", "the text encoders' frozen weights", frozen_text * (2 if half else 4)),
         (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
          trained * state),
         (f"--resolution {resolution}", "one image's first VAE feature maps",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -487,6 +487,7 @@ SUPPORTED_PIPELINES = {
 }
 FAMILY_NAMES = {"StableDiffusionPipeline": "SD 1.x/2.x", "StableDiffusionXLPipeline": "SDXL"}
 CONFIG_FILES = {"unet": "unet/config.json", "vae": "vae/config.json", "scheduler": "scheduler/scheduler_config.json"}
+TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -497,6 +498,8 @@ class ModelConfigs:
     unet: dict
     vae: dict
     scheduler: dict
+    # (transformers class, config) of each text encoder whose config could be read, in pipeline order
+    text_encoders: list = field(default_factory=list)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -529,6 +532,7 @@ def read_model_configs(model: str) -> ModelConfigs:
                 f"{index['_class_name']} needs"
             )
         files = {name: path / file for name, file in CONFIG_FILES.items()}
+        read_optional = path.joinpath
     else:
         check_hub_id(model, source)
         fetch = _HubFiles(model, source)
@@ -541,8 +545,16 @@ def read_model_configs(model: str) -> ModelConfigs:
                 f"{index['_class_name']} needs"
             )
         files = {name: fetch(file) for name, file in CONFIG_FILES.items()}
+        read_optional = fetch
     configs = {name: _read_config(model, file) for name, file in files.items()}
-    return ModelConfigs(index["_class_name"], **configs)
+    encoders = []
+    for name in TEXT_ENCODER_COMPONENTS:
+        if _names_component(index.get(name)):
+            try:  # only for the memory estimate: loading the model says what is wrong with an encoder
+                encoders.append((index[name][1], _read_config(model, read_optional(f"{name}/config.json"))))
+            except SdtuneError:
+                pass
+    return ModelConfigs(index["_class_name"], **configs, text_encoders=encoders)
 
 
 def _names_component(entry) -> bool:

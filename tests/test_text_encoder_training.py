@@ -336,3 +336,20 @@ def test_adapters_name_clip_layers_alike_under_transformers_4_and_5(tmp_path, in
     other.text_encoder = WrappedAsTransformers4(other.text_encoder)
     load_adapter(tmp_path / "a.safetensors", other, merge=True)
     assert torch.allclose(encode(other), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-sdxl-random"])
+@pytest.mark.parametrize("name", ["lora", "atoms"])
+def test_the_memory_check_counts_the_text_encoders_before_the_model_loads(model, name):
+    from sdtune.limits import count_text_encoder_parameters
+    from sdtune.models import read_model_configs, text_encoders
+
+    configs = read_model_configs(model)
+    pipe = load_pipeline(model)
+    encoders = text_encoders(pipe)
+    method = methods.create(name)
+    method.inject(pipe.unet, encoders)
+    trained = sum(p.numel() for p in method.text_encoder_parameters())
+    frozen = sum(p.numel() for encoder in encoders for p in encoder.parameters()) - trained
+    assert trained > 0 and count_text_encoder_parameters(configs, methods.create(name), True) == (frozen, trained)
+    assert count_text_encoder_parameters(configs, methods.create(name), False) == (frozen, 0)
