@@ -100,9 +100,9 @@ group_kernel() {
     # 4. fp16
     speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
     speed --dtype fp16 --batch 4 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
-    # 5. the variants: 1x1 convolutions through the same kernels, D1 and kc on their plain route, and what
-    #    D1's per-channel mixing would cost through the kernels
-    speed --dtype bf16 --batch 1 --rows "floor,atoms{include_1x1=true},atoms{include_1x1=true}[weight],atoms{m1=4},atoms{kc=2},lora"
+    # 5. the variants: 1x1 convolutions and D1 (one mixing per channel) through the same kernels, D1 on
+    #    autograd over the formed weight for comparison, kc on its plain route; per layer, D1's mixing
+    speed --dtype bf16 --batch 1 --rows "floor,atoms{include_1x1=true},atoms{include_1x1=true}[weight],atoms{m1=4},atoms[autograd]{m1=4},atoms{kc=2},lora"
     kernels --dtype bf16 --batch 1 --per-channel
     kernels --check --dtype fp16 --batch 2
 }
