@@ -92,7 +92,7 @@ def bare_step(unet, parameters, batch: int, latent: int, embeddings, device: str
     timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     embeddings = embeddings.expand(batch, -1, -1).to(device, weight_dtype).contiguous()
     target = torch.randn_like(latents)
-    optimizer = torch.optim.AdamW(parameters, lr=1e-9) if parameters else None
+    optimizer = torch.optim.AdamW(parameters, lr=1e-9, foreach=True) if parameters else None  # as the trainer's
     if floor:
         latents.requires_grad_(True)
     kind = torch.device(device).type

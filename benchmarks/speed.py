@@ -192,7 +192,7 @@ def training_setup(row: str, args):
                 p.data = p.data.to(dtype)
     latents, timesteps, embeddings = inputs(unet, args, args.device, dtype)
     target = torch.randn_like(latents)
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None  # as sdtune train's
     if row == "floor":
         latents.requires_grad_(True)
 

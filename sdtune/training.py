@@ -881,12 +881,19 @@ def make_optimizer(config: TrainConfig, parameters: list, method_weight_decay: f
 
     decay = method_weight_decay if config.weight_decay is None else config.weight_decay
     betas = (config.adam_beta1, config.adam_beta2)
+    # The multi-tensor step, which torch takes by default on CUDA only: on a CPU it updates LoRA's 452 tensors
+    # in 6.5 ms against 11.5 one by one (tiny model), with the same bits.
+    foreach = True
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=decay)
+        return torch.optim.AdamW(
+            parameters, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=decay, foreach=foreach
+        )
     if config.optimizer == "adam":  # L2 penalty in the gradient, not decoupled decay
-        return torch.optim.Adam(parameters, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=decay)
+        return torch.optim.Adam(
+            parameters, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=decay, foreach=foreach
+        )
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=decay)
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=0.9, weight_decay=decay, foreach=foreach)
     if not hasattr(torch.optim, "Adafactor"):
         raise SdtuneError(f"--optimizer adafactor needs torch 2.5 or newer; this is torch {torch.__version__}")
     return torch.optim.Adafactor(parameters, lr=config.lr, weight_decay=decay)
