@@ -104,6 +104,7 @@ group_kernel() {
     #    autograd over the formed weight for comparison, kc on its plain route; per layer, D1's mixing
     speed --dtype bf16 --batch 1 --rows "floor,atoms{include_1x1=true},atoms{include_1x1=true}[weight],atoms{m1=4},atoms[autograd]{m1=4},atoms{kc=2},lora"
     kernels --dtype bf16 --batch 1 --per-channel
+    kernels --check --dtype bf16 --batch 2 --per-channel
     kernels --check --dtype fp16 --batch 2
 }
 
