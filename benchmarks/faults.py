@@ -527,6 +527,9 @@ def working_seconds(kind: str, reference: Path, output: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> str:
+    # Started in the background by a non-interactive shell, this process (and so every sdtune it starts)
+    # would ignore SIGINT; a caught signal is reset to its default in the children, as from a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="trials of each kind of fault")
     parser.add_argument("--faults", default="kill", help=f"comma-separated: {', '.join(FAULTS)}, or all")

@@ -407,6 +407,8 @@ def interrupted(*a, **k):
         original(*a, **k)  # the handler runs here, inside the write
     return result
 setattr(fileio, name, interrupted)
+# as from a terminal: a job started in the background by a non-interactive shell inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.argv = ["sdtune", *args]
 from sdtune.cli import main
 main()
