@@ -21,7 +21,7 @@ from typing import Any
 from .errors import SdtuneError
 from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
-from .tracking import LOG_WITH, resolve_log_with
+from .tracking import PROJECT_NAME, check_log_with, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAMPLE_DTYPES = ("fp16", "bf16", "fp32")  # sample/evaluate --dtype, train --validation-dtype
@@ -188,7 +188,8 @@ class TrainConfig(_Config):
     validation_prompts: str | None = None  # prompt file; default: a few prompts with the concept
     validation_images: int = 0  # images held out of training for the validation loss (0: the training images)
     validation_dtype: str | None = None  # the validation grids' precision, as `sdtune sample --dtype`
-    log_with: str | None = None  # tensorboard or none; default: tensorboard when installed
+    log_with: str | None = None  # comma-separated trackers (tensorboard, wandb, mlflow, ...) or none; default: tensorboard when installed
+    tracker_project: str = PROJECT_NAME  # the trackers' project (W&B project, TensorBoard's folder in OUTPUT/logs)
     # Whole-dataset training (sdtune/datasets.py): every image captioned from the dataset's template.
     dataset: str | None = None  # a registered dataset (`sdtune datasets`); replaces the concept's images
     data_root: str | None = None  # the dataset's folder; with a concept, a CustomConcept101 folder
@@ -265,8 +266,9 @@ class TrainConfig(_Config):
         if self.num_class_images is not None and self.num_class_images < 1:
             raise SdtuneError(f"--num-class-images must be at least 1, got {self.num_class_images}")
         check_sample_dtype("--validation-dtype", self.validation_dtype)
-        if self.log_with is not None and self.log_with not in LOG_WITH:
-            raise SdtuneError(f"--log-with must be one of {', '.join(LOG_WITH)}, got {self.log_with!r}")
+        check_log_with(self.log_with)
+        if not self.tracker_project or not self.tracker_project.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise SdtuneError(f"--tracker-project must be a plain name (letters, digits, -, _ or .), got {self.tracker_project!r}")
 
     @property
     def with_prior_preservation(self) -> bool:

@@ -39,14 +39,14 @@ from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
 from .fileio import OutputLock, ensure_writable_folder, remove_directory, write_text_atomic
 from .limits import check_run_fits
-from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, log_scalars
+from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, check_trackers_ready, log_scalars
 
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
 CONFIG_FILE = "config.toml"
 DATA_STREAM, STEP_STREAM = 0, 1
 # settings that may change on resume without making the run differ from an uninterrupted one
-RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output"}
+RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output", "log_with", "tracker_project"}
 # what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
 RUN_FILES = (ADAPTER_FILE, EMA_ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)
 RUN_FOLDERS = (LOGS_FOLDER, "checkpoints")
@@ -111,6 +111,7 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
         from .buckets import check_buckets, image_buckets
 
         check_buckets(image_buckets(config, inputs.image_paths), config.batch_size, [p.name for p in inputs.image_paths])
+    check_trackers_ready(config.log_with)  # a tracker's login, before the model loads
     output = ensure_writable_folder(config.output)
 
     accelerator = make_accelerator(config, output)
@@ -499,7 +500,7 @@ class Trainer:
         """accelerator.prepare, checkpoint hooks, the EMA, trackers."""
         from diffusers.training_utils import EMAModel
 
-        from .tracking import PROJECT_NAME
+        from .tracking import start_trackers
 
         accelerator = self.accelerator
         self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
@@ -515,8 +516,7 @@ class Trainer:
         accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
         self.ema = EMAModel(self.parameters, decay=self.config.ema_decay) if self.config.ema_decay else None
         self.unet.train()
-        if self.config.log_with != "none":
-            accelerator.init_trackers(PROJECT_NAME)
+        start_trackers(accelerator, self.config, self.output)
 
     def _resume(self) -> None:
         """The checkpoint's weights, optimizer, scheduler, EMA and RNG states, and where the data stream was."""
@@ -942,7 +942,7 @@ def make_accelerator(config: TrainConfig, output: Path):
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 
-    from .tracking import logging_dir
+    from .tracking import logging_dir, tracker_names
 
     # Accelerate keeps one state per process; a second run in the same process (the Python API, the
     # tests) may ask for another precision. The process group (PartialState) is kept.
@@ -950,7 +950,7 @@ def make_accelerator(config: TrainConfig, output: Path):
     try:
         return Accelerator(
             mixed_precision=config.mixed_precision,
-            log_with=None if config.log_with == "none" else config.log_with,
+            log_with=tracker_names(config.log_with) or None,
             project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(logging_dir(output))),
             # an optimiser step every N micro-batches, also across epoch ends, whatever the data size
             gradient_accumulation_plugin=GradientAccumulationPlugin(

@@ -288,6 +288,105 @@ def test_validation_samples_loss_and_tensorboard_events(tmp_path, tiny_path, fas
     assert "samples" in tags["images"] and [e.step for e in events.Images("samples")] == [2, 4]
 
 
+def wandb_records(path):
+    """The records of an offline W&B run file (a LevelDB-style log of protobuf records, 32 KiB blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, block, pieces = 7, 32768, b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the rest of a block
+            position += left
+            continue
+        pieces += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or its last piece
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            yield record
+
+
+def wandb_history(records) -> list[dict[str, str]]:
+    """The logged steps: each a row of key -> JSON value (images as samples/... keys)."""
+    return [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item} for r in records if r.HasField("history")]
+
+
+def test_wandb_gets_the_steps_settings_and_grids_and_a_resumed_run_goes_on_in_the_same_wandb_run(
+    tmp_path, monkeypatch, fast_sampling
+):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    settings = dict(steps=2, validate_every=2, checkpoint_every=2, log_with="tensorboard,wandb", tracker_project="castles")
+    run = run_training(tmp_path, "tracked", **settings)
+    run_id = (run.output / "logs" / "wandb-run-id").read_text().strip()
+    first = list((run.output / "logs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(first) == 1 and (run.output / "logs" / "castles").is_dir()  # TensorBoard beside W&B
+
+    records = list(wandb_records(first[0]))
+    started = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (started.run_id, started.project, started.display_name) == (run_id, "castles", "tracked")
+    settings_logged = {i.key: json.loads(i.value_json) for r in records if r.HasField("config") for i in r.config.update}
+    assert settings_logged["method"] == "atoms" and settings_logged["steps"] == 2 and settings_logged["seed"] == 0
+    history = wandb_history(records)
+    assert [int(row["_step"]) for row in history] == [1, 2]
+    for row, record in zip(history, read_metrics(run)):
+        assert float(row["loss"]) == pytest.approx(record["loss"]) and float(row["grad_norm"]) == pytest.approx(record["grad_norm"])
+    assert "val_loss" in history[1] and history[1]["samples/_type"] == '"images/separated"'
+
+    resumed = run_training(tmp_path, "tracked", **{**settings, "steps": 3, "resume": "latest"})
+    again = sorted((resumed.output / "logs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(again) == 2  # a second offline segment of the same W&B run
+    later = wandb_history(wandb_records(next(p for p in again if p != first[0])))
+    assert [int(row["_step"]) for row in later] == [3]
+
+
+def test_trackers_are_checked_before_the_model_loads(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from sdtune import tracking
+    from sdtune.cli import app
+
+    monkeypatch.setattr(tracking, "installed", lambda package: package == "tensorboard")
+    monkeypatch.setattr("sdtune.models.load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    base = ("train", "--model", "tiny-random", "--steps", "1", "--output", str(tmp_path / "run"))
+    for value, line in [
+        ("tensorboard,mlflow", "--log-with mlflow needs the mlflow package (pip install mlflow)"),
+        ("comet_ml", "--log-with comet_ml needs the comet_ml package (pip install comet-ml)"),
+        ("tensorboard,tensorboard", "--log-with takes none or comma-separated trackers out of tensorboard, wandb"),
+        ("neptune", "--log-with takes none or comma-separated trackers"),
+    ]:
+        result = CliRunner().invoke(app, [*base, "--log-with", value])
+        assert result.exit_code == 2 and line in result.output, (value, result.output)
+    result = CliRunner().invoke(app, [*base, "--tracker-project", "a/b"])
+    assert result.exit_code == 2 and "--tracker-project must be a plain name" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_without_a_key_fails_before_the_model_loads(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # settings an earlier offline run in this process left (its mode among them)
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no saved W&B settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setattr("sdtune.models.load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--steps", "1", "--log-with", "wandb",
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--log-with wandb: No API key configured" in result.output, result.output
+    assert "WANDB_MODE=offline" in result.output and not (tmp_path / "run").exists()
+
+
 def test_validation_loss_is_fixed_for_a_fixed_model(tiny_pipe):
     from contextlib import nullcontext
 
@@ -361,7 +460,7 @@ def test_cli_flags_reach_the_config(tmp_path, tiny_path):
         (("--snr-gamma", "0"), "--snr-gamma must be positive"),
         (("--noise-offset", "-1"), "--noise-offset must be 0 or more"),
         (("--num-class-images", "0"), "--num-class-images must be at least 1"),
-        (("--log-with", "wandb"), "--log-with must be one of"),
+        (("--log-with", "tensorboard,nope"), "--log-with takes none or comma-separated trackers"),
         (("--validate-every", "1", "--validation-prompts", "/no/prompts.txt"), "prompt file not found"),
         (("--class-images", "/no/class/dir"), "image folder not found"),
         (("--optimizer", "lion"), "--optimizer must be one of"),
