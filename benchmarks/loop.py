@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--sample-images", type=int, default=2, help="images per prompt")
     parser.add_argument("--sample-steps", type=int, default=30)
     parser.add_argument("--sample-rounds", type=int, default=2, help="fresh processes of each sampler")
-    parser.add_argument("--work", type=Path, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--work", type=Path, help="a new folder for this call's runs goes in here (default: the temporary folder)")
     parser.add_argument("--markdown", type=Path, help="append the tables to this Markdown file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
@@ -395,8 +395,9 @@ def main(argv: list[str] | None = None) -> str:
     folder = model_folder(args.model, args.device)
     if args.latent is None:
         args.latent = 8 if args.model == "tiny" else 64
-    work = args.work or Path(tempfile.mkdtemp(prefix="sdtune-loop-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sdtune-loop-", dir=args.work))  # each call's own: runs are never overwritten
     name = {"tiny": "tiny", "sd14": "SD v1.4 architecture (random weights)"}.get(args.model, args.model)
     header = (
         f"{name}, {args.latent}x{args.latent} latents ({args.latent * 8} px), {device_name(args.device)}, "
