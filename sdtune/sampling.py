@@ -181,10 +181,12 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         if startup is None:
             startup = time.perf_counter() - started
             draw_started = time.perf_counter()
+        settings = generation_settings(pipe, config, model, resolution, dtype, negative_prompt, scale if adapter else None)
         with state.split_between_processes(batches) as mine:
             rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
                                     progress and state.is_main_process, negative_prompt=negative_prompt,
-                                    description=f"sample at {strength_name(scale)}" if sweep else "sample")
+                                    description=f"sample at {strength_name(scale)}" if sweep else "sample",
+                                    settings=settings)
     draw_seconds = time.perf_counter() - draw_started
     drawn = sum(len(row) for scale in scales for row in rows[scale].values())
     timing = dict(dtype=dtype_name(dtype), startup_seconds=startup, draw_seconds=draw_seconds, images_drawn=drawn)
@@ -256,6 +258,69 @@ def make_scheduler(name: str, config):
     return getattr(diffusers, classes[name]).from_config(config, **options)
 
 
+# diffusers' schedulers by the names the AUTOMATIC1111 web UI writes (and image sites read) in "parameters"
+SAMPLER_NAMES = {
+    "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a", "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "UniPCMultistepScheduler": "UniPC", "HeunDiscreteScheduler": "Heun", "DDPMScheduler": "DDPM",
+    "LMSDiscreteScheduler": "LMS",
+}
+PARAMETERS_CHUNK, SETTINGS_CHUNK = "parameters", "sdtune"  # the PNG text chunks every sampled image carries
+
+
+def sampler_name(scheduler) -> str:
+    name = SAMPLER_NAMES.get(type(scheduler).__name__, type(scheduler).__name__)
+    return name + " Karras" if getattr(scheduler.config, "use_karras_sigmas", False) else name
+
+
+def generation_settings(pipe, config: SampleConfig, model: str, resolution: int, dtype, negative_prompt: str | None,
+                        scale: float | None) -> dict:
+    """What every image of a sample shares, for its PNG text: names, never local paths."""
+    from .version import __version__
+
+    settings = {
+        "negative_prompt": negative_prompt, "steps": config.steps, "guidance": config.guidance,
+        "guidance_rescale": guidance_rescale(config, pipe), "sampler": sampler_name(pipe.scheduler),
+        "width": resolution, "height": resolution, "model": shown_name(model), "dtype": dtype_name(dtype),
+        "version": f"sdtune {__version__}",
+    }
+    if scale is not None:
+        settings.update(adapter=shown_name(config.adapter), adapter_scale=scale)
+    return settings
+
+
+def shown_name(source: str) -> str:
+    """A model or adapter as an image may show it: a hub id as it is, a local file or folder by its name."""
+    path = Path(source)
+    return path.name if path.exists() else source
+
+
+def png_text(settings: dict):
+    """PNG text chunks: "parameters" as the AUTOMATIC1111 web UI writes it (prompt, negative prompt, then
+    `Key: value` pairs) and "sdtune" with the same settings as JSON."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    pairs = {
+        "Steps": settings["steps"], "Sampler": settings["sampler"], "CFG scale": settings["guidance"],
+        "Seed": settings["seed"], "Size": f"{settings['width']}x{settings['height']}", "Model": settings["model"],
+    }
+    if settings.get("guidance_rescale"):
+        pairs["Guidance rescale"] = settings["guidance_rescale"]
+    if "adapter" in settings:
+        pairs.update({"Adapter": settings["adapter"], "Adapter strength": strength_name(settings["adapter_scale"])})
+    pairs.update({"Dtype": settings["dtype"], "Version": settings["version"]})
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items()))
+    info = PngInfo()
+    info.add_text(PARAMETERS_CHUNK, "\n".join(lines))  # tEXt where the text is Latin-1, as the web UI writes it
+    info.add_text(SETTINGS_CHUNK, json.dumps({k: v for k, v in settings.items() if v is not None}, sort_keys=True))
+    return info
+
+
 def load_png(path: Path):
     from PIL import Image
 
@@ -275,9 +340,11 @@ def guidance_rescale(config: SampleConfig, pipe) -> float:
 
 def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
               config: SampleConfig, resolution: int, device, progress: bool,
-              negative_prompt: str | None = None, description: str = "sample") -> dict[int, list]:
+              negative_prompt: str | None = None, description: str = "sample",
+              settings: dict | None = None) -> dict[int, list]:
     """Draw each batch of prompt indices (one image per seed, each with its own seeded generator), write
-    every image to its file and return the rows by prompt index."""
+    every image to its file (with `settings`, its prompt and seed in the PNG's text) and return the rows
+    by prompt index."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
@@ -306,8 +373,9 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
             for offset, index in enumerate(batch):
                 row = images[offset * len(seeds) : (offset + 1) * len(seeds)]
                 for column, image in enumerate(row):
+                    text = png_text({"prompt": prompts[index], "seed": seeds[column], **(settings or {})})
                     with atomic_write(files[index * len(seeds) + column]) as tmp:
-                        image.save(tmp, format="PNG")
+                        image.save(tmp, format="PNG", pnginfo=text)
                 rows[index] = row
             bar.update(len(batch))
     finally:

@@ -82,6 +82,12 @@ def test_sample_base_model_without_adapter(tmp_path, private_cache):
     assert (tmp_path / "grid.png").exists()
 
 
+def pixels_of(path) -> bytes:
+    """An image's pixels, without its PNG text (which names the adapter and its strength)."""
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
 def test_sample_negative_prompt_scheduler_and_adapter_scale(trained_run, tmp_path):
     common = ("--prompt", "a <castle>", "--num-images", 1, "--steps", 3)
 
@@ -95,8 +101,9 @@ def test_sample_negative_prompt_scheduler_and_adapter_scale(trained_run, tmp_pat
     ancestral = image("ancestral", "--adapter", trained_run, "--scheduler", "euler-ancestral")
     assert ancestral != plain  # another sampler, and still seeded image by image
     assert image("ancestral-again", "--adapter", trained_run, "--scheduler", "euler-ancestral") == ancestral
-    base = image("base", "--model", "tiny-random", "--token", "sks castle")
-    assert image("scale-0", "--adapter", trained_run, "--adapter-scale", 0) == base
+    image("base", "--model", "tiny-random", "--token", "sks castle")
+    image("scale-0", "--adapter", trained_run, "--adapter-scale", 0)
+    assert pixels_of(tmp_path / "scale-0" / "images" / "000-seed0.png") == pixels_of(tmp_path / "base" / "images" / "000-seed0.png")
 
 
 def test_sample_sweeps_adapter_strengths(trained_run, tmp_path):
@@ -113,8 +120,40 @@ def test_sample_sweeps_adapter_strengths(trained_run, tmp_path):
     for seed in (0, 1):
         adapted = (images / f"000-scale1-seed{seed}.png").read_bytes()
         assert adapted == (tmp_path / "plain" / "images" / f"000-seed{seed}.png").read_bytes()
-        assert (images / f"000-scale0-seed{seed}.png").read_bytes() == (tmp_path / "base" / "images" / f"000-seed{seed}.png").read_bytes()
+        assert pixels_of(images / f"000-scale0-seed{seed}.png") == pixels_of(tmp_path / "base" / "images" / f"000-seed{seed}.png")
         assert adapted != (images / f"000-scale0-seed{seed}.png").read_bytes()
+
+
+def test_sampled_images_carry_their_settings_as_the_web_ui_writes_them(trained_run, tmp_path):
+    from pathlib import Path
+
+    result = invoke("sample", "--adapter", trained_run, "--prompt", "a <castle>, at dawn", "--prompt", "ein Schloß ☃",
+                    "--negative-prompt", "blurry", "--num-images", 2, "--seed", 7, "--steps", 2, "--scheduler", "dpm++-karras",
+                    "--adapter-scale", "0.5,1", "--output", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    run_name = Path(trained_run).name
+    with Image.open(tmp_path / "out" / "images" / "000-scale0.5-seed8.png") as image:
+        parameters, settings = image.text["parameters"], json.loads(image.text["sdtune"])
+    assert parameters.splitlines() == [
+        "a sks castle, at dawn",
+        "Negative prompt: blurry",
+        f"Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 8, Size: 64x64, Model: tiny-random, "
+        f"Adapter: {run_name}, Adapter strength: 0.5, Dtype: fp32, Version: sdtune {sdtune_version()}",
+    ]
+    assert settings == {
+        "prompt": "a sks castle, at dawn", "negative_prompt": "blurry", "seed": 8, "steps": 2, "guidance": 7.5,
+        "guidance_rescale": 0.0, "sampler": "DPM++ 2M Karras", "width": 64, "height": 64, "model": "tiny-random",
+        "adapter": run_name, "adapter_scale": 0.5, "dtype": "fp32", "version": f"sdtune {sdtune_version()}",
+    }
+    with Image.open(tmp_path / "out" / "images" / "001-scale1-seed7.png") as image:
+        assert json.loads(image.text["sdtune"])["prompt"] == "ein Schloß ☃" and "Adapter strength: 1," in image.text["parameters"]
+    assert str(tmp_path) not in parameters and str(Path(trained_run).parent) not in image.text["sdtune"]  # names, not paths
+
+
+def sdtune_version() -> str:
+    from sdtune import __version__
+
+    return __version__
 
 
 def test_sample_in_half_precision_keeps_the_vae_in_fp32_under_fp16(trained_run, tmp_path):
