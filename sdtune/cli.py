@@ -289,6 +289,7 @@ def train(
     keep_tokens: Optional[int] = typer.Option(None, help="With --shuffle-caption: the first N tags stay in place." + _default(TrainConfig, "keep_tokens")),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and say what would train, on what, in how much memory and where; load no model, write nothing."),
     **method_options: Any,  # the method-option flags (with_method_option_flags)
 ) -> None:
     """Train an adapter for a concept (or a whole dataset) and write it to the run folder."""
@@ -303,6 +304,11 @@ def train(
     options.update(method_options_from_flags(method or file_values.method, method_options))
     options.update(_parse_options(option))
     train_config = TrainConfig.load(config, options=options, **_config_values(TrainConfig, settings))
+    if dry_run:
+        from .training import plan_run
+
+        typer.echo("\n".join(plan_run(train_config).summary()) + "\n(dry run: no model loaded, nothing written)")
+        return
     run = run_training(train_config)
     if not is_main_process():
         return

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdtuneError
@@ -222,8 +223,20 @@ def changed_options(method) -> str:
     return f"{method.name} ({', '.join(changed)})" if changed else method.name
 
 
-def check_run_fits(config, method, image_count: int = 0) -> None:
-    """`sdtune train`'s sizes against the model and the machine (`config` resolved)."""
+@dataclass
+class RunSizes:
+    """A training run's sizes, as `check_run_fits` found them (lower bounds for the memory)."""
+
+    resolution: int
+    unet_frozen: int  # the UNet's parameters the method leaves frozen
+    text_frozen: int  # the text encoders' frozen parameters
+    trained: int  # parameters trained (UNet and, with --train-text-encoder, text encoders)
+    device_bytes: int  # at least this where the run computes (a GPU's memory, or RAM on a CPU)
+    host_bytes: int  # at least this of RAM besides
+
+
+def check_run_fits(config, method, image_count: int = 0) -> RunSizes:
+    """`sdtune train`'s sizes against the model and the machine (`config` resolved); what it found."""
     from .models import read_model_configs
 
     configs = read_model_configs(config.model)
@@ -263,6 +276,7 @@ def check_run_fits(config, method, image_count: int = 0) -> None:
         on_host.append((f"--num-class-images {config.num_class_images:,}", f"{config.num_class_images:,} class images",
                         config.num_class_images * pixels))
     check_memory(on_device, on_host)
+    return RunSizes(resolution, frozen, frozen_text, trained, sum(part[2] for part in on_device), sum(part[2] for part in on_host))
 
 
 def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:

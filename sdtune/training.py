@@ -37,7 +37,7 @@ from typing import Any, Iterator, NoReturn
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
-from .fileio import OutputLock, ensure_writable_folder, remove_directory, write_text_atomic
+from .fileio import OutputLock, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, check_trackers_ready, log_scalars
 
@@ -92,10 +92,52 @@ def train(config: TrainConfig, progress: bool = True) -> Run:
         return trainer.fit()
 
 
-@contextlib.contextmanager
-def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Trainer"]:
-    """A `Trainer` set up for `config`, its output folder locked while the block runs (what `train` runs,
-    and what a benchmark steps through with `advance`)."""
+@dataclass
+class RunPlan:
+    """A training run as its settings, inputs and sizes describe it, checked before any weight is read:
+    what `sdtune train --dry-run` prints and what `open_trainer` goes on to run."""
+
+    config: TrainConfig  # resolved: the method's default learning rate, the default output, ...
+    method: Any  # the method, not yet injected
+    inputs: Inputs
+    sizes: Any  # limits.RunSizes
+    resume: str | None
+    overwrite: bool
+    start: str  # where the run would start: a new folder, a checkpoint, or over an earlier run (or "not read")
+
+    def summary(self) -> list[str]:
+        """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
+        config, sizes, inputs = self.config, self.sizes, self.inputs
+        lines = [
+            f"{self.method.describe()} on {config.model} at {sizes.resolution} px: {sizes.trained:,} trained parameters, "
+            f"{sizes.unet_frozen + sizes.text_frozen:,} frozen",
+        ]
+        if inputs.labelled is not None:
+            images = len(inputs.labelled)
+            lines.append(f"dataset {inputs.labelled.name}: {images:,} images in {len(inputs.labelled.class_names):,} classes, "
+                         f"captioned like {inputs.labelled.caption(0)!r}")
+        else:
+            images = len(inputs.image_paths)
+            held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
+            named = ", ".join(config.concepts)
+            lines.append(f"{images:,} training images of {named}{held}; prompts like {inputs.prompts[0]!r}")
+        accumulated = config.gradient_accumulation_steps
+        seen = config.steps * config.batch_size * accumulated
+        lines.append(
+            f"{config.steps:,} steps at batch size {config.batch_size}"
+            + (f", {accumulated} micro-batches a step" if accumulated > 1 else "")
+            + f": {seen:,} images drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
+            f"{config.optimizer}, mixed precision {config.mixed_precision}"
+        )
+        ram = f", and {human_bytes(sizes.host_bytes)} of RAM for the training images" if sizes.host_bytes else ""
+        lines.append(f"memory: at least {human_bytes(sizes.device_bytes)} where it computes{ram}")
+        lines.append(f"output: {config.output} ({self.start})")
+        return lines
+
+
+def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
+    """Check a run's settings, inputs, sizes and (with `output_state`) output folder without loading the model
+    or writing anything. A run itself reads its output folder's state once the folder is locked."""
     from . import methods
 
     config.validate()
@@ -106,11 +148,54 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
-    check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
+    sizes = check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
         check_buckets(image_buckets(config, inputs.image_paths), config.batch_size, [p.name for p in inputs.image_paths])
+    checkpoint, earlier = run_start(Path(config.output), resume, overwrite, config) if output_state else (None, [])
+    if not output_state:
+        start = "not read"
+    elif checkpoint is not None:
+        start = f"resumes from {checkpoint.folder}"
+    elif earlier:
+        start = f"replaces an earlier run: {', '.join(earlier)}"
+    else:
+        start = "a new run"
+    return RunPlan(config, method, inputs, sizes, resume, overwrite, start)
+
+
+def run_start(output: Path, resume: str | None, overwrite: bool, config: TrainConfig):
+    """(the checked checkpoint to resume from or None, the earlier run's files a fresh run replaces). A fresh
+    run into a folder with an earlier run's files (with or without checkpoints) is refused unless `overwrite`."""
+    from .checkpoints import list_checkpoints, select_checkpoint
+
+    checkpoint = select_checkpoint(resume, output, config)
+    earlier = []
+    if not resume:
+        earlier = earlier_run(output)
+        if earlier and not overwrite:
+            if list_checkpoints(output):
+                raise SdtuneError(
+                    f"{output} holds checkpoints of an earlier run: add --resume latest to continue it, "
+                    "--overwrite to replace it, or choose another --output"
+                )
+            raise SdtuneError(
+                f"{output} holds an earlier run ({', '.join(earlier)}): add --overwrite to replace it, "
+                "or choose another --output"
+            )
+    return checkpoint, earlier
+
+
+@contextlib.contextmanager
+def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Trainer"]:
+    """A `Trainer` set up for `config`, its output folder locked while the block runs (what `train` runs,
+    and what a benchmark steps through with `advance`)."""
+    from . import methods
+
+    plan = plan_run(config, output_state=False)  # the output folder is read under its lock, by the Trainer
+    config, method, inputs = plan.config, plan.method, plan.inputs
+    resume, overwrite = plan.resume, plan.overwrite
     check_trackers_ready(config.log_with)  # a tracker's login, before the model loads
     output = ensure_writable_folder(config.output)
 
@@ -282,25 +367,12 @@ class Trainer:
         """The checked checkpoint to resume from, if any. A fresh run into a folder with an earlier run's
         files (with or without checkpoints) is refused; with `overwrite` they are replaced, once the
         set-up has checked the inputs, so a refused run replaces nothing."""
-        from .checkpoints import list_checkpoints, remove_partial_checkpoints, select_checkpoint
+        from .checkpoints import remove_partial_checkpoints
 
         output, accelerator = self.output, self.accelerator
         if accelerator.is_main_process:
             remove_partial_checkpoints(output)  # staging folders of a killed run
-        checkpoint = select_checkpoint(resume, output, self.config)
-        if not resume:
-            earlier = earlier_run(output)
-            if earlier and not overwrite:
-                if list_checkpoints(output):
-                    raise SdtuneError(
-                        f"{output} holds checkpoints of an earlier run: add --resume latest to continue it, "
-                        "--overwrite to replace it, or choose another --output"
-                    )
-                raise SdtuneError(
-                    f"{output} holds an earlier run ({', '.join(earlier)}): add --overwrite to replace it, "
-                    "or choose another --output"
-                )
-            self.replaces = earlier  # removed once the set-up has checked every input (`_replace_earlier_run`)
+        checkpoint, self.replaces = run_start(output, resume, overwrite, self.config)  # replaced once every input is checked
         if resume == "latest" and checkpoint is None:
             warnings.warn(f"no checkpoint in {output} yet: starting from step 0", stacklevel=3)
         return checkpoint

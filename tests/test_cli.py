@@ -61,6 +61,32 @@ def test_config_replays(trained_run, tmp_path):
     assert "seed = 1" in (tmp_path / "replay" / "config.toml").read_text()
 
 
+def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_run, tmp_path, monkeypatch):
+    import sdtune.models
+    from sdtune import methods
+
+    counted = methods.create("atoms")
+    counted.inject(sdtune.models.load_pipeline("tiny-random").unet)
+    monkeypatch.setattr(sdtune.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+
+    result = invoke("train", "--model", "tiny-random", "--dry-run", "--steps", 40, "--batch-size", 2, "--output", tmp_path / "new")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("atoms (m=9,") and f": {counted.num_parameters():,} trained parameters" in lines[0]
+    assert lines[1] == "8 training images of castle; prompts like 'photo of a sks castle.'"
+    assert lines[2].startswith("40 steps at batch size 2: 80 images drawn, 10.0 epochs; lr 0.001 (constant), adamw")
+    assert lines[3].startswith("memory: at least ") and lines[4] == f"output: {tmp_path / 'new'} (a new run)"
+    assert not (tmp_path / "new").exists()
+
+    before = sorted(p.name for p in trained_run.iterdir())
+    refused = invoke("train", "--model", "tiny-random", "--dry-run", "--output", trained_run)
+    assert refused.exit_code == 2 and "holds an earlier run" in refused.output
+    replaced = invoke("train", "--model", "tiny-random", "--dry-run", "--overwrite", "--output", trained_run)
+    assert replaced.exit_code == 0 and f"output: {trained_run} (replaces an earlier run: adapter.safetensors" in replaced.output
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+    assert invoke("train", "--model", "tiny-random", "--dry-run", "--steps", 0).exit_code == 2
+
+
 def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("photo of a <castle>.\n# skipped\nThe <castle> at dawn.\n")
