@@ -344,12 +344,13 @@ def sample(
     adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side." + _default(SampleConfig, "adapter_scale")),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace the grid and images of an earlier sample in OUTPUT (default: refuse)."),
+    config: Optional[Path] = typer.Option(None, help="A TOML file of these settings (as a sweep plan's [sample]); flags override it."),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds, per strength)."""
-    settings = locals()
+    settings = {**locals(), "prompt": list(prompt) or None}  # no --prompt leaves the file's prompts
     from . import sample as run_sampling
 
-    sample_config = SampleConfig.load(None, **_config_values(SampleConfig, settings))
+    sample_config = SampleConfig.load(config, **_config_values(SampleConfig, settings))
     result = run_sampling(sample_config)
     if is_main_process():
         typer.echo(
@@ -440,12 +441,13 @@ def evaluate(
     clip_model: Optional[str] = typer.Option(None, help="CLIP for CLIP-T and CLIP-I: a hub id or a folder." + _default(EvaluateConfig, "clip_model")),
     dino_model: Optional[str] = typer.Option(None, help="ViT for DINO and diversity: a hub id or a folder." + _default(EvaluateConfig, "dino_model")),
     fid_features: Optional[str] = typer.Option(None, help="FID/KID features: inception (needs torch-fidelity), clip, dino or none." + _default(EvaluateConfig, "fid_features")),
+    config: Optional[Path] = typer.Option(None, help="A TOML file of these settings (as a sweep plan's [evaluate]); flags override it."),
 ) -> None:
     """Measure a run's images: CLIP-T, CLIP-I, DINO, FID, KID and diversity; writes eval.json."""
-    settings = locals()
+    settings = {**locals(), "prompt": list(prompt) or None}  # no --prompt leaves the file's prompts
     from . import evaluate as run_evaluation
 
-    evaluate_config = EvaluateConfig.load(None, **_config_values(EvaluateConfig, settings))
+    evaluate_config = EvaluateConfig.load(config, **_config_values(EvaluateConfig, settings))
     result = run_evaluation(evaluate_config)
     report = result.report
     typer.echo(f"{report['generated_images']} generated images, {report['reference_images']} reference images")

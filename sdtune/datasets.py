@@ -314,6 +314,11 @@ def load_dataset(
             dataset = read_folder(root, template, name=name, class_names=list(info.class_names) or None)
     if classes:
         dataset = dataset.select_classes(list(classes))
+        # a class asked for by name but without images would be dropped unseen from training
+        empty = [name for name, count in zip(dataset.class_names, dataset.counts()) if not count]
+        if empty and dataset.examples:
+            where = f" in {data_root}" if data_root else ""
+            raise SdtuneError(f"--classes: no images of {', '.join(repr(n) for n in empty)}{where}; drop it or add its images")
     if max_per_class:
         dataset = replace(dataset, examples=balanced_subset(dataset.examples, max_per_class, seed))
     if not dataset.examples:

@@ -114,6 +114,35 @@ def pixels_of(path) -> bytes:
         return image.convert("RGB").tobytes()
 
 
+def test_sample_and_evaluate_read_their_settings_from_a_config_file(trained_run, tmp_path):
+    """`--config` takes the TOML keys of SampleConfig/EvaluateConfig (a sweep plan's [sample], [evaluate]);
+    flags override the file, and a file without --prompt keeps its prompts."""
+    settings = tmp_path / "sample.toml"
+    settings.write_text(f'adapter = "{trained_run}"\nprompt = ["a <castle>", "the <castle> at dawn"]\nnum_images = 1\nsteps = 1\n')
+    result = invoke("sample", "--config", settings, "--output", tmp_path / "from-file")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "from-file" / "images").iterdir()) == ["000-seed0.png", "001-seed0.png"]
+    result = invoke("sample", "--config", settings, "--num-images", 2, "--prompt", "a <castle>", "--output", tmp_path / "flags")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "flags" / "images").iterdir()) == ["000-seed0.png", "000-seed1.png"]
+
+    measure = tmp_path / "evaluate.toml"
+    measure.write_text(
+        f'images = "{tmp_path / "from-file"}"\nprompt = ["a <castle>", "the <castle> at dawn"]\n'
+        f'output = "{tmp_path / "eval.json"}"\nclip_model = "nobody/no-such-clip"\n'
+        f'dino_model = "nobody/no-such-dino"\nfid_features = "none"\n'
+    )
+    result = invoke("evaluate", "--config", measure)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["generated_images"] == 2 and report["models"]["clip"] == "nobody/no-such-clip"
+    assert report["prompts"] == ["a <castle>", "the <castle> at dawn"]
+
+    settings.write_text("num_imagez = 1\n")
+    assert_one_line_error(invoke("sample", "--config", settings), 2, f"unknown setting(s) in {settings}: num_imagez")
+    assert_one_line_error(invoke("evaluate", "--config", tmp_path / "missing.toml"), 2, "config file not found")
+
+
 def test_sample_negative_prompt_scheduler_and_adapter_scale(trained_run, tmp_path):
     common = ("--prompt", "a <castle>", "--num-images", 1, "--steps", 3)
 

@@ -248,6 +248,8 @@ def test_vtab_1k_layout(tmp_path):
     assert dataset.examples[3].caption == "This is a satellite picture of sea lake."
     assert len(load_dataset("eurosat", folder, split="val200")) == 1  # the task folder itself also works
     assert load_dataset("eurosat", tmp_path, classes=["forest"]).counts() == [2]
+    with pytest.raises(SdtuneError, match=f"--classes: no images of 'river' in {tmp_path}"):
+        load_dataset("eurosat", tmp_path, classes=["forest", "river"])  # not trained on forest alone
     with pytest.raises(SdtuneError, match="no train800.txt for eurosat"):
         load_dataset("eurosat", tmp_path, split="train800")
     (folder / "train800val200.txt").write_text("images/train/0.jpg 10\n")
@@ -263,6 +265,8 @@ def test_vtab_task_from_class_folders(tmp_path):
         ("a.png", "This is a satellite picture of forest."),
         ("b.png", "This is a satellite picture of sea lake."),
     }
+    with pytest.raises(SdtuneError, match="--classes: no images of 'river'"):
+        load_dataset("eurosat", tmp_path, classes=["forest", "river"])
     write_png(tmp_path / "volcano" / "c.png", 3)
     with pytest.raises(SdtuneError, match="volcano is not a class of 'eurosat'"):
         load_dataset("eurosat", tmp_path)
