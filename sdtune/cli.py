@@ -108,6 +108,9 @@ def handle_errors(command: Callable) -> Callable:
             interrupted_with = 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
             typer.echo("interrupted", err=True)
             raise typer.Exit(interrupted_with) from None
+        except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as a SIGPIPE would
+            _silence_stdout()
+            raise typer.Exit(128 + signal.SIGPIPE) from None
         except Exception as error:
             if os.environ.get("SDTUNE_DEBUG"):
                 raise
@@ -122,6 +125,19 @@ def handle_errors(command: Callable) -> Callable:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it on the way out raises nothing more."""
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a descriptor (a test runner's)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def _default(config_class: type, name: str) -> str:

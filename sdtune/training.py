@@ -645,10 +645,11 @@ class Trainer:
     def advance(self) -> None:
         """One optimiser step: queue it, then read the step before it (which the device has finished or
         is finishing while this one waits in its queue). A step after which something is saved or drawn
-        is read at once, and its validation and saves follow."""
+        is read at once, and its validation and saves follow; so is every step on a CPU, which computes a
+        step as it queues it (read a step late, each step's time would be the next one's)."""
         result = self.step()
         self.finish_pending()
-        if self.save_or_validation_due():
+        if self.save_or_validation_due() or self.device.type == "cpu":
             self.finish(result)
         else:
             self.pending = result

@@ -61,6 +61,18 @@ def test_config_replays(trained_run, tmp_path):
     assert "seed = 1" in (tmp_path / "replay" / "config.toml").read_text()
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`sdtune sweep PLAN --dry-run | head -1`: the reader leaves early; no error line, the status of a SIGPIPE."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('name = "many"\n[train]\nmodel = "tiny-random"\nsteps = 1\n[axes]\nseed = ' + str(list(range(2000))) + "\n")
+    reader = subprocess.Popen([sys.executable, "-m", "sdtune", "sweep", str(plan), "--output", str(tmp_path / "out"), "--dry-run"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.readline().startswith(b"plan many: 2000 runs")
+    reader.stdout.close()  # as head does after its line
+    assert reader.wait(timeout=120) == 141 and reader.stderr.read() == b""
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_run, tmp_path, monkeypatch):
     import sdtune.models
     from sdtune import methods

@@ -393,3 +393,13 @@ def test_adapter_loads_into_the_same_base_in_another_precision(dtype, tiny_pipe,
     low_precision = load_pipeline("tiny-random", dtype=dtype)
     load_adapter(path, low_precision)  # merged into the fp16/bf16 weights
     assert low_precision.unet.conv_in.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("first,second", [("atoms", "lora"), ("lora", "loha"), ("difffit", "difffit"), ("gift", "bitfit")])
+def test_a_unet_carries_one_unmerged_method_at_a_time(first, second, tiny_pipe):
+    carried = methods.create(first)
+    carried.inject(tiny_pipe.unet)
+    with pytest.raises(SdtuneError, match=f"this UNet already carries {first} \\(unmerged\\).*before injecting {second}"):
+        methods.create(second).inject(tiny_pipe.unet)
+    carried.merge()  # plain again: the next method goes on top of the merged weights
+    methods.create(second).inject(tiny_pipe.unet)

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import SdtuneError
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+CARRIED_METHOD = "_sdtune_method"  # set on a UNet while a method's update is injected and not merged
 # a CLIP text encoder's attention and MLP linears: what kohya-ss and diffusers train there
 TEXT_ENCODER_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -163,6 +164,7 @@ class Method(ABC):
         self._unmerged_weights = copy_parameters(self._changed_modules(), "cpu") if keep_base else None
         self._merge()
         self.merged = True
+        self._unet.__dict__.pop(CARRIED_METHOD, None)  # plain again: another method may be injected
 
     def unmerge(self) -> None:
         """Undo `merge`: the base weights exactly as they were, the wrappers and hooks back in place."""
@@ -177,6 +179,7 @@ class Method(ABC):
                 getattr(changed[name], attr).copy_(value)
         self._unmerged_weights = None
         self.merged = False
+        setattr(self._unet, CARRIED_METHOD, self.name)
 
     def _initial_weights(self) -> dict[tuple[str, str], torch.Tensor]:
         """Weights the method trains in place, as they were before training (none for wrappers)."""
@@ -204,6 +207,12 @@ class Method(ABC):
         return the trainable parameters: the UNet's first, then each text encoder's."""
         if self._unet is not None:
             raise RuntimeError(f"{self.name}: already injected")
+        carried = getattr(unet, CARRIED_METHOD, None)
+        if carried is not None:  # one update at a time: wrappers of two methods would wrap each other
+            raise SdtuneError(
+                f"this UNet already carries {carried} (unmerged): merge it into the weights (method.merge()) "
+                f"or load a fresh pipeline before injecting {self.name}"
+            )
         if text_encoders and not self.trains_text_encoder:
             raise SdtuneError(f"method {self.name!r} cannot train the text encoder")
         encoders = {text_encoder_prefix(i): text_encoder_layers(encoder) for i, encoder in enumerate(text_encoders)}
@@ -222,6 +231,7 @@ class Method(ABC):
         self._unet = unet
         self.text_encoders = encoders
         self._inject(unet, unet_targets)
+        setattr(unet, CARRIED_METHOD, self.name)
         for prefix, encoder in encoders.items():
             own = [name[len(prefix) + 1 :] for name in targets if name.startswith(prefix + ".")]
             self._inject_text_encoder(encoder, prefix, own)
