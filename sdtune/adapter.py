@@ -106,6 +106,8 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
         raise SdtuneError(f"{path}: unusable method options: {error}") from None
     if len(sample) % 4:
         raise SdtuneError(f"{path}: damaged sdtune adapter metadata (weight_sample is not float32 values)")
+    if not metadata.get("num_parameters", "0").isdecimal():  # compare and evaluate report it as a count
+        raise SdtuneError(f"{path}: damaged sdtune adapter metadata (num_parameters {metadata['num_parameters']!r} is not a count)")
     check_adapter_dtypes(path, entries)
     info = AdapterInfo(
         method=metadata["method"],
