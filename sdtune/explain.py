@@ -124,7 +124,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
         given = [flag for flag, value in (("--prompt", prompt), ("--step", step)) if value is not None]
         if given:
             drawn = " and ".join(name for name in methods.available() if methods.method_class(name).explanation == "clusters")
-            raise SdtuneError(f"{', '.join(given)} applies to {drawn} runs (maps over a generated image); this is a {info.method} run")
+            raise SdtuneError(f"{', '.join(given)} applies to {drawn} runs (maps over a generated image), not to {info.method}")
     output = Path(config.output) if config.output else path.parent / "explain"
     blocker = file_in_the_way(output)
     if blocker:
