@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,6 +287,8 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png."""
     from .fileio import ensure_writable_folder, write_text_atomic
 
+    if isinstance(runs, (str, os.PathLike)):  # one run folder, not a list of one-letter names
+        runs = [runs]
     config = CompareConfig.load(None, runs=[str(r) for r in runs], output=str(output), **options)
     summaries = [summarize_run(path) for path in config.runs]
     _unique_names(summaries)

@@ -358,3 +358,27 @@ def test_an_unexpected_error_is_one_line_cut_at_a_word(monkeypatch):
     monkeypatch.delenv("SDTUNE_DEBUG", raising=False)
     result = invoke("datasets")
     assert_one_line_error(result, 1, "error: RuntimeError: The registry broke (set SDTUNE_DEBUG=1 for the traceback)")
+
+
+def test_the_library_refuses_bad_arguments_leaving_the_pipeline_as_it_was(runs, tmp_path, private_cache):
+    """The Python API's hostile inputs: a refused adapter strength binds nothing to the pipeline (a
+    later, good load still fits it), a config of the wrong kind is named, one run folder is one run."""
+    import sdtune
+    from sdtune.errors import SdtuneError
+    from sdtune.models import load_pipeline
+
+    pipe = load_pipeline("tiny-random")
+    names = set(pipe.unet.state_dict())
+    for scale in (float("nan"), float("inf"), "strong", None, True):
+        with pytest.raises(SdtuneError, match=r"^an adapter's scale must be a finite number, got "):
+            sdtune.load_adapter(runs / "lora", pipe, scale=scale)
+        assert set(pipe.unet.state_dict()) == names
+    with pytest.raises(SdtuneError, match=r"^an adapter is a file or run folder path, got None$"):
+        sdtune.load_adapter(None, pipe)
+    sdtune.load_adapter(runs / "lora", pipe, scale=0.5)
+    with pytest.raises(SdtuneError, match=r"^give a sdtune.config.SampleConfig \(such as SampleConfig.load\(None, ...\)\), got dict$"):
+        sdtune.sample({"prompt": ["x"]})
+    with pytest.raises(SdtuneError, match=r"^give a sdtune.config.EvaluateConfig"):
+        sdtune.evaluate("runs/castle")
+    comparison = sdtune.compare(str(runs / "lora"), tmp_path / "comparison", grid=False, progress=False)
+    assert [run.name for run in comparison.runs] == ["lora"]
