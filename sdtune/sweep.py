@@ -437,6 +437,11 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
         metric_set = METRIC_SETS[plan.metrics]()
         if main:
             metric_set.prepare(plan, log)
+            from .data import read_prompt_file
+
+            # a missing or empty prompt file stops the sweep now, not after each run's training
+            for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
+                read_prompt_file(prompts)
         for number, run in enumerate(runs, 1):
             prefix = f"[{number}/{len(runs)}] {run.name}"
             if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():

@@ -83,6 +83,8 @@ def make_files(tmp: Path) -> None:
     (tmp / "escape.toml").write_text('name = "../../etc"\n[train]\nmodel = "tiny-random"\n[axes]\nmethod = ["lora"]\n')
     axes = "".join(f"{axis} = [{', '.join(str(k + 1) for k in range(10))}]\n" for axis in ("seed", "steps", "batch_size", "lr", "gradient_accumulation_steps", "lr_warmup_steps"))
     (tmp / "million.toml").write_text(f'[train]\nmodel = "tiny-random"\n[axes]\n{axes}')
+    (tmp / "no-prompts.toml").write_text(
+        f'[train]\nmodel = "tiny-random"\nsteps = 1\n[axes]\nmethod = ["lora"]\n[sample]\nprompts = "{tmp}/none.txt"\n')
     (tmp / "plan.toml").write_text('[train]\nmodel = "tiny-random"\nsteps = 1\n[axes]\nmethod = ["lora"]\n')
     # photo sets: 3:4, 1:1, 16:9 and 3:1 photos, captioned badly
     from PIL import Image
@@ -238,6 +240,7 @@ CASES = [
     ("sweep-plan-name-a-path", ("sweep", "{tmp}/escape.toml", "--dry-run"), 2, "name must be a plain name (letters, digits, ., - or _), got '../../etc'"),
     ("sweep-million-runs", ("sweep", "{tmp}/million.toml", "--dry-run"), 2,
      "the axes make 1,000,000 runs (10 x 10 x 10 x 10 x 10 x 10); a plan runs at most 10,000"),
+    ("sweep-prompts-missing", ("sweep", "{tmp}/no-prompts.toml", "--output", "{tmp}/sweep"), 2, "prompt file not found: {tmp}/none.txt"),
     ("sweep-output-is-a-file", ("sweep", "{tmp}/plan.toml", "--output", "{tmp}/a-file"), 2,
      "cannot write to the sweep's folder {tmp}/a-file: {tmp}/a-file is a file, not a folder"),
 ]
