@@ -349,7 +349,9 @@ class TrainConfig(_Config):
 def _split_classes(config) -> None:
     """--classes a,b,c (or a TOML list) as a list of names."""
     if isinstance(config.classes, str):
-        config.classes = [name.strip() for name in config.classes.split(",") if name.strip()]
+        text, config.classes = config.classes, [name.strip() for name in config.classes.split(",") if name.strip()]
+        if not config.classes:  # given, but naming none: not "every class"
+            raise SdtuneError(f"--classes takes class names separated by commas, got {text!r}")
     if not isinstance(config.classes, list) or not all(isinstance(name, str) and name for name in config.classes):
         raise SdtuneError(f"--classes takes class names separated by commas, got {config.classes!r}")
 
@@ -400,6 +402,8 @@ def _check_dataset(config) -> None:
         raise SdtuneError(f"--split must be one of {', '.join(VTAB_SPLITS)}, got {config.split!r}")
     if config.class_template is not None and not config.class_template.strip():
         raise SdtuneError("--class-template must not be empty")
+    if config.class_template is not None and "{class}" not in config.class_template:  # every class captioned alike
+        raise SdtuneError(f"--class-template must contain {{class}}, got {config.class_template!r}")
 
 
 @dataclass
