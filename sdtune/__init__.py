@@ -11,25 +11,35 @@ from .version import __version__
 __all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "open_adapter", "__version__"]
 
 
+def _checked_config(config, kind: str):
+    """`config` if it is a `sdtune.config.<kind>`: anything else is one clear error, not an AttributeError deep inside."""
+    from . import config as configs
+    from .errors import SdtuneError
+
+    if not isinstance(config, getattr(configs, kind)):
+        raise SdtuneError(f"give a sdtune.config.{kind} (such as {kind}.load(None, ...)), got {type(config).__name__}")
+    return config
+
+
 def train(config):
     """Train an adapter as `config` (a `sdtune.config.TrainConfig`) says; returns a `Run`."""
     from .training import train as _train
 
-    return _train(config)
+    return _train(_checked_config(config, "TrainConfig"))
 
 
 def sample(config):
     """Draw images and a grid as `config` (a `sdtune.config.SampleConfig`) says."""
     from .sampling import sample as _sample
 
-    return _sample(config)
+    return _sample(_checked_config(config, "SampleConfig"))
 
 
 def evaluate(config):
     """Measure a run's images as `config` (a `sdtune.config.EvaluateConfig`) says; writes eval.json."""
     from .evaluation import evaluate as _evaluate
 
-    return _evaluate(config)
+    return _evaluate(_checked_config(config, "EvaluateConfig"))
 
 
 def compare(runs, output, **options):

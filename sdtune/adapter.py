@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder",
 
 def adapter_path(path: str | Path) -> Path:
     """The adapter file for a file path or a run folder; pickle-based formats are refused."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SdtuneError(f"an adapter is a file or run folder path, got {path!r}")
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SdtuneError(
@@ -106,6 +110,8 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
         raise SdtuneError(f"{path}: unusable method options: {error}") from None
     if len(sample) % 4:
         raise SdtuneError(f"{path}: damaged sdtune adapter metadata (weight_sample is not float32 values)")
+    if not metadata.get("num_parameters", "0").isdecimal():  # compare and evaluate report it as a count
+        raise SdtuneError(f"{path}: damaged sdtune adapter metadata (num_parameters {metadata['num_parameters']!r} is not a count)")
     check_adapter_dtypes(path, entries)
     info = AdapterInfo(
         method=metadata["method"],
@@ -235,6 +241,12 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     path = adapter_path(path)
     if not merge and is_kohya_file(path):
         raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
+    try:  # before the adapter is bound: a refused scale leaves the pipeline as it was
+        finite = math.isfinite(float(scale))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite or isinstance(scale, bool):
+        raise SdtuneError(f"an adapter's scale must be a finite number, got {scale!r}")
     adapter = open_adapter(path, pipeline)
     if scale != 1.0:
         adapter.set_scale(scale)

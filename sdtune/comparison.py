@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,29 +208,43 @@ def plot_losses(runs: list[RunSummary], path: Path) -> Path:
     return _save(figure, path)
 
 
-def sample_grid(runs: list[RunSummary], prompts: list[str], config: CompareConfig, output: Path, progress: bool) -> Path:
+def grid_sample_configs(runs: list[RunSummary], prompts: list[str], config: CompareConfig, output: Path) -> list:
+    """Each run's sampling of the grid, checked against its model and the machine before anything is written."""
+    from .adapter import adapter_info
+    from .config import SampleConfig
+    from .limits import check_sample_fits
+    from .models import DEFAULT_MODEL
+    from .sampling import grid_size
+
+    configs = []
+    for run in runs:
+        sample_config = SampleConfig(
+            adapter=str(run.path),
+            prompt=prompts,
+            output=str(output / "samples" / run.name),
+            num_images=1,
+            steps=config.steps,
+            guidance=config.guidance,
+            seed=config.seed,
+            overwrite=True,  # the comparison's own folder, drawn again with it
+        )
+        sample_config.validate()
+        model = adapter_info(run.path).base_model or DEFAULT_MODEL
+        check_sample_fits(model, sample_config, len(prompts), grid_size)
+        configs.append(sample_config)
+    return configs
+
+
+def sample_grid(runs: list[RunSummary], prompts: list[str], configs: list, output: Path, progress: bool) -> Path:
     """Sample every run on the same prompts with the same seed; rows = prompts, columns = runs."""
     from PIL import Image
 
-    from .config import SampleConfig
     from .fileio import atomic_write
     from .sampling import make_grid, sample
 
     columns = []
-    for run in runs:
-        result = sample(
-            SampleConfig(
-                adapter=str(run.path),
-                prompt=prompts,
-                output=str(output / "samples" / run.name),
-                num_images=1,
-                steps=config.steps,
-                guidance=config.guidance,
-                seed=config.seed,
-                overwrite=True,  # the comparison's own folder, drawn again with it
-            ),
-            progress=progress,
-        )
+    for sample_config in configs:
+        result = sample(sample_config, progress=progress)
         columns.append([Image.open(path).convert("RGB") for path in result.images])
     rows = [[column[r] for column in columns] for r in range(len(prompts))]
     labels = [f"{run.name} ({run.method}, {run.num_parameters:,})" for run in runs]
@@ -270,16 +285,19 @@ def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list[str]:
 
 def compare(runs: list[str], output: str, progress: bool = True, **options: Any) -> Comparison:
     """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png."""
-    from .fileio import write_text_atomic
+    from .fileio import ensure_writable_folder, write_text_atomic
 
+    if isinstance(runs, (str, os.PathLike)):  # one run folder, not a list of one-letter names
+        runs = [runs]
     config = CompareConfig.load(None, runs=[str(r) for r in runs], output=str(output), **options)
     summaries = [summarize_run(path) for path in config.runs]
     _unique_names(summaries)
     out = Path(config.output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SdtuneError(f"cannot write to output folder {out}: {error.strerror}") from None
+    # Everything that can refuse is checked before the first file is written: an earlier comparison
+    # in `out` stays whole.
+    prompts = grid_prompts(config, summaries) if config.grid else []
+    grid_configs = grid_sample_configs(summaries, prompts, config, out) if config.grid else []
+    ensure_writable_folder(out)
 
     files: list[Path] = []
     metric_names = [name for name in METRICS if any(name in run.metrics for run in summaries)]
@@ -295,7 +313,7 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     plots = [plot_metric(summaries, name, out / f"{name}-vs-parameters.png") for name in metric_names if name != "kid_std"]
     if any(run.losses for run in summaries):
         plots.append(plot_losses(summaries, out / LOSS_PLOT))
-    grid = sample_grid(summaries, grid_prompts(config, summaries), config, out, progress) if config.grid else None
+    grid = sample_grid(summaries, prompts, grid_configs, out, progress) if config.grid else None
 
     table = markdown_table(summaries, metric_names)
     lines = ["# Comparison", "", table, ""]

@@ -122,6 +122,11 @@ def check_seed(seed: int) -> None:
         raise SdtuneError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
+def check_guidance(guidance: float) -> None:
+    if not math.isfinite(guidance):
+        raise SdtuneError(f"--guidance must be a finite number, got {guidance}")
+
+
 def check_sample_dtype(flag: str, dtype: str | None) -> None:
     if dtype is not None and dtype not in SAMPLE_DTYPES:
         raise SdtuneError(f"{flag} must be one of {', '.join(SAMPLE_DTYPES)}, got {dtype!r}")
@@ -346,7 +351,9 @@ class TrainConfig(_Config):
 def _split_classes(config) -> None:
     """--classes a,b,c (or a TOML list) as a list of names."""
     if isinstance(config.classes, str):
-        config.classes = [name.strip() for name in config.classes.split(",") if name.strip()]
+        text, config.classes = config.classes, [name.strip() for name in config.classes.split(",") if name.strip()]
+        if not config.classes:  # given, but naming none: not "every class"
+            raise SdtuneError(f"--classes takes class names separated by commas, got {text!r}")
     if not isinstance(config.classes, list) or not all(isinstance(name, str) and name for name in config.classes):
         raise SdtuneError(f"--classes takes class names separated by commas, got {config.classes!r}")
 
@@ -397,6 +404,8 @@ def _check_dataset(config) -> None:
         raise SdtuneError(f"--split must be one of {', '.join(VTAB_SPLITS)}, got {config.split!r}")
     if config.class_template is not None and not config.class_template.strip():
         raise SdtuneError("--class-template must not be empty")
+    if config.class_template is not None and "{class}" not in config.class_template:  # every class captioned alike
+        raise SdtuneError(f"--class-template must contain {{class}}, got {config.class_template!r}")
 
 
 @dataclass
@@ -450,8 +459,7 @@ class SampleConfig(_Config):
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not math.isfinite(self.guidance):
-            raise SdtuneError(f"--guidance must be a finite number, got {self.guidance}")
+        check_guidance(self.guidance)
         if self.guidance_rescale is not None and not 0 <= self.guidance_rescale <= 1:
             raise SdtuneError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         check_seed(self.seed)
@@ -583,6 +591,8 @@ class EvaluateConfig(_Config):
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_guidance(self.guidance)
+        check_seed(self.seed)
         check_resolution(self.resolution)
         if self.fid_features not in FID_FEATURES:
             raise SdtuneError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}")
@@ -607,6 +617,8 @@ class CompareConfig(_Config):
             raise SdtuneError("give at least one run folder to compare")
         if self.steps < 1:
             raise SdtuneError(f"--steps must be at least 1, got {self.steps}")
+        check_guidance(self.guidance)
+        check_seed(self.seed)
 
 
 @dataclass
@@ -632,6 +644,8 @@ class ExplainConfig(_Config):
             raise SdtuneError(f"--steps must be at least 1, got {self.steps}")
         if self.step is not None and self.step < 0:
             raise SdtuneError(f"--step counts denoising steps from 0, got {self.step}")
+        check_guidance(self.guidance)
+        check_seed(self.seed)
         check_resolution(self.resolution)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import EvaluateConfig, strength_name
-from .errors import SdtuneError, first_sentence
+from .errors import SdtuneError, error_line, first_sentence
 
 EVAL_FILE = "eval.json"
 FORMAT = "sdtune-eval/1"
@@ -307,8 +307,11 @@ def read_images(paths: list[Path], resolution: int | None = None) -> list:
             return [_to_tensor(image) for image in load_images(paths, resolution)]
     images = []
     for path in paths:
-        with Image.open(path) as image:
-            images.append(_to_tensor(to_rgb(image)))
+        try:
+            with Image.open(path) as image:
+                images.append(_to_tensor(to_rgb(image)))
+        except (OSError, ValueError) as error:  # not an image, or a damaged one
+            raise SdtuneError(f"{path}: not a readable image ({first_sentence(error)})") from None
     return images
 
 
@@ -366,7 +369,13 @@ def run_prompt(run: Path, placeholder: str) -> str:
     template = "photo of a {token}."
     if (run / "config.toml").is_file():
         template = read_toml(run / "config.toml").get("template", template)
-    return template.format(token=placeholder)
+    try:
+        return template.format(token=placeholder)
+    except (AttributeError, LookupError, ValueError) as error:  # a config.toml edited by hand, or not sdtune's
+        raise SdtuneError(
+            f"{run / 'config.toml'}: template {template!r} is not a caption template with {{token}} ({error_line(error)}); "
+            "give --prompt or --prompts"
+        ) from None
 
 
 def run_reference(run: Path) -> list[Path]:
@@ -380,6 +389,9 @@ def run_reference(run: Path) -> list[Path]:
     concepts, folders = settings.get("concept", ""), settings.get("images")
     if not isinstance(concepts, list):  # one concept (several: a list, with a list of folders or none)
         concepts, folders = [concepts], [folders]
+    named = [*concepts, *(folders or []), settings.get("data_root")]
+    if not all(value is None or isinstance(value, str) for value in named):
+        raise MetricUnavailable(f"no reference images: {run / 'config.toml'} names its concept or images as other than text (give --reference DIR)")
     try:
         return [path for concept, folder in zip(concepts, folders or [None] * len(concepts))
                 for path in concept_images(concept, folder, settings.get("data_root"))]
@@ -415,6 +427,24 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         output = (run if run else Path(config.images)) / EVAL_FILE
     if not output.parent.is_dir():
         raise SdtuneError(f"output folder not found: {output.parent}")
+    if output.is_dir():
+        raise SdtuneError(f"--output {output} is a folder; give the path of the results file (such as {output / EVAL_FILE})")
+
+    # The reference images, found before anything is drawn: a run whose config names none says so now.
+    unavailable: dict[str, str] = {}
+    reference_files: list[Path] = []
+    try:
+        if config.reference:
+            from .data import list_images
+
+            reference_files = list_images(config.reference)
+        elif run is not None:
+            reference_files = run_reference(run)
+        else:
+            raise MetricUnavailable("no reference images (give --reference DIR)")
+    except MetricUnavailable as error:
+        for name in ("clip_i", "dino", "fid", "kid", "kid_std"):
+            unavailable[name] = str(error)
 
     # The generated images: the folder's, or sampled now with the run's adapter.
     if not config.images:
@@ -443,20 +473,6 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     # The reference images, at the generated images' size so that both sets are treated alike.
     metrics: dict[str, float] = {}
-    unavailable: dict[str, str] = {}
-    reference_files: list[Path] = []
-    try:
-        if config.reference:
-            from .data import list_images
-
-            reference_files = list_images(config.reference)
-        elif run is not None:
-            reference_files = run_reference(run)
-        else:
-            raise MetricUnavailable("no reference images (give --reference DIR)")
-    except MetricUnavailable as error:
-        for name in ("clip_i", "dino", "fid", "kid", "kid_std"):
-            unavailable[name] = str(error)
     reference = read_images(reference_files, resolution=generated[0].shape[-1]) if reference_files else []
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -283,6 +283,15 @@ def read_json(path: str | os.PathLike, missing: str | None = None, damaged: str 
         raise SdtuneError(f"{path}: {damaged} ({error})") from None
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file where `folder` or one of its parents should be a folder, if any (mkdir's own error,
+    "File exists" or "Not a directory", does not say which)."""
+    for path in [Path(folder), *Path(folder).parents]:
+        if path.exists() or path.is_symlink():
+            return None if path.is_dir() else path
+    return None
+
+
 def ensure_writable_folder(folder: str | os.PathLike, needed_bytes: int = 0, what: str | None = None) -> Path:
     """Create `folder` if needed and check, before any work starts, that a file can be written in it
     and that `needed_bytes` are free there. `what` names the output in the message (default: the folder)."""
@@ -295,7 +304,9 @@ def ensure_writable_folder(folder: str | os.PathLike, needed_bytes: int = 0, wha
         free = shutil.disk_usage(folder).free
     except OSError as error:
         target = f"to {what}" if what.startswith("output folder") else what
-        raise SdtuneError(f"cannot write {target}: {error.strerror or error}") from None
+        blocker = file_in_the_way(folder)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or error
+        raise SdtuneError(f"cannot write {target}: {reason}") from None
     if free < needed_bytes:
         raise SdtuneError(f"{what} has {free / 2**20:.1f} MB free; this run needs about {needed_bytes / 2**20:.1f} MB")
     return folder

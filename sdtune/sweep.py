@@ -30,7 +30,7 @@ from typing import Any, Callable
 from .adapter import ADAPTER_FILE
 from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
 from .errors import SdtuneError, error_line
-from .fileio import OutputLock
+from .fileio import OutputLock, file_in_the_way
 
 RUN_MARKER = "sweep-run.json"
 RUN_LOCK = ".sdtune-sweep.lock"  # held by the sweep process working on a run, beside training's own lock
@@ -40,6 +40,7 @@ REPORT_FOLDER = "report"
 BASE_FOLDER = "base"
 SAMPLES_FOLDER = "samples"
 PLAN_KEYS = ("name", "description", "output", "metrics", "train", "axes", "sample", "evaluate")
+MAX_RUNS = 10_000  # every run trains a model: more is a plan typed wrong, and expanding it would take minutes
 LR_SCALE_AXIS = "lr_scale"  # multiples of each run's method's own default learning rate
 # what a plan's text settings may refer to as {name}; other braces ({token}, {class}) are left as they are
 PLACEHOLDERS = ("concept", "dataset", "method", "seed", "sweep")
@@ -116,6 +117,10 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
     for key in ("name", "description", "output", "metrics"):
         if key in values and not isinstance(values[key], str):
             raise bad(f"{key} must be text")
+    if not values:
+        raise bad("empty; a plan has [train] settings and [axes] (see sweeps/*.toml)")
+    if "name" in values and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", values["name"]):
+        raise bad(f"name must be a plain name (letters, digits, ., - or _), got {values['name']!r}")
     metrics = values.get("metrics", "standard")
     if metrics not in METRIC_SETS:
         raise bad(f"metrics {metrics!r} is not a metric set; choose: {', '.join(METRIC_SETS)}")
@@ -138,6 +143,10 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
             raise bad(f"axis {axis} has no values")
         if axis in train:
             raise bad(f"{axis} is both an axis and a [train] setting")
+    count = math.prod(len(axis_values) for _, axis_values in axes)
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(axis_values)) for _, axis_values in axes)
+        raise bad(f"the axes make {count:,} runs ({sizes}); a plan runs at most {MAX_RUNS:,}: split it, or use fewer values")
     if any(axis == LR_SCALE_AXIS for axis, _ in axes) and ("lr" in train or any(axis == "lr" for axis, _ in axes)):
         raise bad(f"give lr or {LR_SCALE_AXIS}, not both")
 
@@ -411,6 +420,9 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
         for line in dry_run_lines(plan, runs):
             log(line)
         return result
+    blocker = file_in_the_way(plan.output)
+    if blocker:
+        raise SdtuneError(f"cannot write to the sweep's folder {plan.output}: {blocker} is a file, not a folder")
     main = True
     if not config.report_only:
         from .distributed import lock_on_main_process, process_state
@@ -425,6 +437,11 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
         metric_set = METRIC_SETS[plan.metrics]()
         if main:
             metric_set.prepare(plan, log)
+            from .data import read_prompt_file
+
+            # a missing or empty prompt file stops the sweep now, not after each run's training
+            for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
+                read_prompt_file(prompts)
         for number, run in enumerate(runs, 1):
             prefix = f"[{number}/{len(runs)}] {run.name}"
             if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():

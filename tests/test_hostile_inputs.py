@@ -1,4 +1,4 @@
-"""Hostile inputs across train, sample, merge and export: one table, one check.
+"""Hostile inputs across train, sample, merge, export, explain, evaluate, compare and sweep: one table, one check.
 
 Every row is a command line that must be refused: with its exit code (2 for bad input), one line on
 stderr that says why, no traceback, and nothing written, neither in the test's folder nor in the
@@ -42,6 +42,15 @@ def runs(tmp_path_factory, private_cache):
         (folder / name).mkdir()
         save_adapter(folder / name / "adapter.safetensors", method, "tiny-random", placeholder="<castle>", token="sks castle")
     export_adapter(folder / "atoms", "kohya", folder / "atoms-kohya.safetensors")
+    # a run whose config.toml was edited by hand, and an adapter whose metadata was
+    (folder / "odd-template").mkdir()
+    (folder / "odd-template" / "adapter.safetensors").write_bytes((folder / "lora" / "adapter.safetensors").read_bytes())
+    (folder / "odd-template" / "config.toml").write_text('concept = "castle"\ntemplate = "photo of a {oops}"\n')
+    pipe = load_pipeline("tiny-random")
+    method = methods.create("lora")
+    method.inject(pipe.unet)
+    (folder / "odd-count").mkdir()
+    save_adapter(folder / "odd-count" / "adapter.safetensors", method, "tiny-random", num_parameters="lots")
     return folder
 
 
@@ -64,6 +73,19 @@ def make_files(tmp: Path) -> None:
     (tmp / "a-file").write_text("not a folder\n")
     (tmp / "text.safetensors").write_text("not safetensors at all\n")
     (tmp / "empty-images").mkdir()
+    (tmp / "not-images").mkdir()
+    (tmp / "not-images" / "a.png").write_text("not a picture\n")
+    (tmp / "empty.txt").write_text("")
+    (tmp / "comparison").mkdir()
+    (tmp / "comparison" / "comparison.csv").write_text("an earlier comparison\n")
+    # sweep plans: empty, named as a path, a million runs, and one good plan
+    (tmp / "empty.toml").write_text("")
+    (tmp / "escape.toml").write_text('name = "../../etc"\n[train]\nmodel = "tiny-random"\n[axes]\nmethod = ["lora"]\n')
+    axes = "".join(f"{axis} = [{', '.join(str(k + 1) for k in range(10))}]\n" for axis in ("seed", "steps", "batch_size", "lr", "gradient_accumulation_steps", "lr_warmup_steps"))
+    (tmp / "million.toml").write_text(f'[train]\nmodel = "tiny-random"\n[axes]\n{axes}')
+    (tmp / "no-prompts.toml").write_text(
+        f'[train]\nmodel = "tiny-random"\nsteps = 1\n[axes]\nmethod = ["lora"]\n[sample]\nprompts = "{tmp}/none.txt"\n')
+    (tmp / "plan.toml").write_text('[train]\nmodel = "tiny-random"\nsteps = 1\n[axes]\nmethod = ["lora"]\n')
     # photo sets: 3:4, 1:1, 16:9 and 3:1 photos, captioned badly
     from PIL import Image
 
@@ -147,6 +169,10 @@ CASES = [
     ("sample-prompts-missing", (*SAMPLE, "--prompts", "{tmp}/none.txt"), 2, "prompt file not found"),
     ("sample-prompts-endless", (*SAMPLE, "--prompts", "/dev/zero"), 2, "prompt file /dev/zero holds more than 64 MB"),
     ("sample-no-prompt", ("sample", "--model", "tiny-random", "--output", "{tmp}/out"), 2, "give a prompt file"),
+    ("sample-classes-none", ("sample", "--model", "tiny-random", "--dataset", "digits", "--classes", ",", "--output", "{tmp}/out"), 2,
+     "--classes takes class names separated by commas, got ','"),
+    ("sample-class-template-without-class", ("sample", "--model", "tiny-random", "--dataset", "digits", "--class-template", "a photo",
+                                             "--output", "{tmp}/out"), 2, "--class-template must contain {{class}}, got 'a photo'"),
     ("sample-scheduler", (*SAMPLE, "--scheduler", "nope"), 2, "--scheduler must be one of"),
     ("sample-adapter-scale-inf", (*SAMPLE[:1], "--adapter", "{runs}/atoms", "--prompt", "x", "--adapter-scale", "0,inf", "--output", "{tmp}/out"),
      2, "--adapter-scale must be a finite number"),
@@ -158,6 +184,8 @@ CASES = [
     ("sample-model-sd3", (*SAMPLE[:1], "--model", "{tmp}/sd3", "--prompt", "x", "--output", "{tmp}/out"), 2, "is a StableDiffusion3Pipeline"),
     ("sample-model-sdxl-one-text-encoder", (*SAMPLE[:1], "--model", "{tmp}/sdxl", "--prompt", "x", "--output", "{tmp}/out"), 2,
      "lacks component(s) text_encoder_2, tokenizer_2"),
+    ("sample-output-is-a-file", (*SAMPLE[:5], "--output", "{tmp}/a-file"), 2,
+     "cannot write to output folder {tmp}/a-file/images: {tmp}/a-file is a file, not a folder"),
     # merge
     ("merge-scale-overflows", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e308"), 2, "overflows fp32 at --scale 1e+308"),
     ("merge-scale-overflows-fp16", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e8", "--dtype", "fp16"), 2,
@@ -166,6 +194,8 @@ CASES = [
     ("merge-dtype", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--dtype", "fp8"), 2, "--dtype 'fp8' is not available"),
     ("merge-missing", ("merge", "{tmp}/none", "--output", "{tmp}/out"), 2, "adapter not found"),
     ("merge-model-sd3", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--model", "{tmp}/sd3"), 2, "is a StableDiffusion3Pipeline"),
+    ("merge-output-under-a-file", ("merge", "{runs}/atoms", "--output", "{tmp}/a-file/merged"), 2,
+     "cannot write --output {tmp}/a-file/merged: {tmp}/a-file is a file, not a folder"),
     # export
     ("export-format", ("export", "{runs}/atoms", "--format", "nope", "--output", "{tmp}/out"), 2, "--format 'nope' is not available"),
     ("export-format-of-another-method", ("export", "{runs}/atoms", "--format", "diffusers", "--output", "{tmp}/out"), 2,
@@ -177,8 +207,46 @@ CASES = [
     ("export-output-folder", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/a-folder"), 2, "is a folder; this format is one file"),
     ("export-kohya-file", ("export", "{runs}/atoms-kohya.safetensors", "--format", "kohya", "--output", "{tmp}/out"), 2,
      "already is a kohya-format file"),
+    ("export-output-under-a-file", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/a-file/x.safetensors"), 2,
+     "cannot write --output {tmp}/a-file/x.safetensors: {tmp}/a-file is a file, not a folder"),
     ("export-model-sd3", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/out", "--model", "{tmp}/sd3"), 2,
      "is a StableDiffusion3Pipeline"),
+    # explain
+    ("explain-guidance-nan", ("explain", "{runs}/atoms", "--guidance", "nan"), 2, "--guidance must be a finite number, got nan"),
+    ("explain-seed-negative", ("explain", "{runs}/atoms", "--seed", -5), 2, "--seed must be between 0 and 4294967295, got -5"),
+    ("explain-step-of-atoms", ("explain", "{runs}/atoms", "--step", 3), 2, "--step applies to gift runs (maps over a generated image), not to atoms"),
+    ("explain-output-is-a-file", ("explain", "{runs}/lora", "--output", "{tmp}/a-file"), 2,
+     "cannot write to output folder {tmp}/a-file: {tmp}/a-file is a file, not a folder"),
+    # evaluate
+    ("evaluate-images-not-images", ("evaluate", "--images", "{tmp}/not-images", "--prompt", "x", "--output", "{tmp}/eval.json"), 2,
+     "{tmp}/not-images/a.png: not a readable image (cannot identify image file"),
+    ("evaluate-output-folder", ("evaluate", "--images", "{tmp}/photos-tags", "--prompt", "x", "--output", "{tmp}/a-folder"), 2,
+     "--output {tmp}/a-folder is a folder; give the path of the results file"),
+    ("evaluate-seed-negative", ("evaluate", "--images", "{tmp}/photos-tags", "--prompt", "x", "--seed", -1, "--output", "{tmp}/eval.json"),
+     2, "--seed must be between 0 and 4294967295, got -1"),
+    ("evaluate-run-template", ("evaluate", "--run", "{runs}/odd-template", "--output", "{tmp}/eval.json"), 2,
+     "{runs}/odd-template/config.toml: template 'photo of a {{oops}}' is not a caption template with {{token}} (KeyError: 'oops')"),
+    # compare: an earlier comparison in --output stays as it was
+    ("compare-prompts-empty", ("compare", "{runs}/lora", "--output", "{tmp}/comparison", "--prompts", "{tmp}/empty.txt"), 2,
+     "prompt file {tmp}/empty.txt has no prompts"),
+    ("compare-steps-huge", ("compare", "{runs}/lora", "--output", "{tmp}/comparison", "--steps", 10**9), 2,
+     "tiny-random's scheduler has 1000 timesteps, so at most 1000 denoising steps"),
+    ("compare-run-template", ("compare", "{runs}/odd-template", "--output", "{tmp}/comparison"), 2,
+     "template 'photo of a {{oops}}' is not a caption template"),
+    ("compare-seed-negative", ("compare", "{runs}/lora", "--output", "{tmp}/out", "--seed", -1), 2, "--seed must be between 0 and 4294967295"),
+    ("compare-guidance-inf", ("compare", "{runs}/lora", "--output", "{tmp}/out", "--guidance", "inf"), 2, "--guidance must be a finite number, got inf"),
+    ("compare-output-is-a-file", ("compare", "{runs}/lora", "--output", "{tmp}/a-file", "--no-grid"), 2,
+     "cannot write to output folder {tmp}/a-file: {tmp}/a-file is a file, not a folder"),
+    ("compare-parameter-count-damaged", ("compare", "{runs}/odd-count", "--output", "{tmp}/out", "--no-grid"), 2,
+     "damaged sdtune adapter metadata (num_parameters 'lots' is not a count)"),
+    # sweep
+    ("sweep-plan-empty", ("sweep", "{tmp}/empty.toml", "--dry-run"), 2, "plan {tmp}/empty.toml: empty; a plan has [train] settings and [axes]"),
+    ("sweep-plan-name-a-path", ("sweep", "{tmp}/escape.toml", "--dry-run"), 2, "name must be a plain name (letters, digits, ., - or _), got '../../etc'"),
+    ("sweep-million-runs", ("sweep", "{tmp}/million.toml", "--dry-run"), 2,
+     "the axes make 1,000,000 runs (10 x 10 x 10 x 10 x 10 x 10); a plan runs at most 10,000"),
+    ("sweep-prompts-missing", ("sweep", "{tmp}/no-prompts.toml", "--output", "{tmp}/sweep"), 2, "prompt file not found: {tmp}/none.txt"),
+    ("sweep-output-is-a-file", ("sweep", "{tmp}/plan.toml", "--output", "{tmp}/a-file"), 2,
+     "cannot write to the sweep's folder {tmp}/a-file: {tmp}/a-file is a file, not a folder"),
 ]
 
 
@@ -297,3 +365,27 @@ def test_an_unexpected_error_is_one_line_cut_at_a_word(monkeypatch):
     monkeypatch.delenv("SDTUNE_DEBUG", raising=False)
     result = invoke("datasets")
     assert_one_line_error(result, 1, "error: RuntimeError: The registry broke (set SDTUNE_DEBUG=1 for the traceback)")
+
+
+def test_the_library_refuses_bad_arguments_leaving_the_pipeline_as_it_was(runs, tmp_path, private_cache):
+    """The Python API's hostile inputs: a refused adapter strength binds nothing to the pipeline (a
+    later, good load still fits it), a config of the wrong kind is named, one run folder is one run."""
+    import sdtune
+    from sdtune.errors import SdtuneError
+    from sdtune.models import load_pipeline
+
+    pipe = load_pipeline("tiny-random")
+    names = set(pipe.unet.state_dict())
+    for scale in (float("nan"), float("inf"), "strong", None, True):
+        with pytest.raises(SdtuneError, match=r"^an adapter's scale must be a finite number, got "):
+            sdtune.load_adapter(runs / "lora", pipe, scale=scale)
+        assert set(pipe.unet.state_dict()) == names
+    with pytest.raises(SdtuneError, match=r"^an adapter is a file or run folder path, got None$"):
+        sdtune.load_adapter(None, pipe)
+    sdtune.load_adapter(runs / "lora", pipe, scale=0.5)
+    with pytest.raises(SdtuneError, match=r"^give a sdtune.config.SampleConfig \(such as SampleConfig.load\(None, ...\)\), got dict$"):
+        sdtune.sample({"prompt": ["x"]})
+    with pytest.raises(SdtuneError, match=r"^give a sdtune.config.EvaluateConfig"):
+        sdtune.evaluate("runs/castle")
+    comparison = sdtune.compare(str(runs / "lora"), tmp_path / "comparison", grid=False, progress=False)
+    assert [run.name for run in comparison.runs] == ["lora"]
