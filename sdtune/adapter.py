@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -238,15 +237,12 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     weights; unmerged (`merge=False`, sdtune adapters only), the method's layers compute the update,
     and the returned method can be trained further, rescaled or merged. See `open_adapter`.
     """
+    from .methods.base import checked_scale
+
     path = adapter_path(path)
     if not merge and is_kohya_file(path):
         raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
-    try:  # before the adapter is bound: a refused scale leaves the pipeline as it was
-        finite = math.isfinite(float(scale))
-    except (TypeError, ValueError):
-        finite = False
-    if not finite or isinstance(scale, bool):
-        raise SdtuneError(f"an adapter's scale must be a finite number, got {scale!r}")
+    checked_scale(scale)  # before the adapter is bound: a refused scale leaves the pipeline as it was
     adapter = open_adapter(path, pipeline)
     if scale != 1.0:
         adapter.set_scale(scale)

@@ -45,7 +45,6 @@ that `sdtune merge` can save.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -298,9 +297,9 @@ class KohyaAdapter:
         return f"{self.info.method}: {len(self.target_names)} modules changed"
 
     def set_scale(self, scale: float) -> None:
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise SdtuneError(f"an adapter's scale must be a finite number, got {scale}")
+        from .methods.base import checked_scale
+
+        scale = checked_scale(scale)
         if self.merged:
             raise RuntimeError("kohya: unmerge() before changing the scale")
         self.scale = scale

@@ -191,8 +191,6 @@ def run_start(output: Path, resume: str | None, overwrite: bool, config: TrainCo
 def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Trainer"]:
     """A `Trainer` set up for `config`, its output folder locked while the block runs (what `train` runs,
     and what a benchmark steps through with `advance`)."""
-    from . import methods
-
     plan = plan_run(config, output_state=False)  # the output folder is read under its lock, by the Trainer
     config, method, inputs = plan.config, plan.method, plan.inputs
     resume, overwrite = plan.resume, plan.overwrite

@@ -144,9 +144,7 @@ class Method(ABC):
 
         Applies to the unmerged UNet and to what `merge` folds in; change it while unmerged.
         """
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise SdtuneError(f"an adapter's scale must be a finite number, got {scale}")
+        scale = checked_scale(scale)
         if self.merged:
             raise RuntimeError(f"{self.name}: unmerge() before changing the scale")
         self._apply_scale(scale)
@@ -532,6 +530,17 @@ def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 
         return False
     scale = expected.square().mean().sqrt().item() if expected.numel() else 0.0
     return bool(((expected - found).abs() <= relative * expected.abs() + 1e-3 * scale).all())
+
+
+def checked_scale(scale) -> float:
+    """An adapter's strength as a float; anything but a finite number (True and False included) is refused."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(scale, bool) or not math.isfinite(value):
+        raise SdtuneError(f"an adapter's scale must be a finite number, got {scale!r}")
+    return value
 
 
 def copy_parameters(modules: dict[str, nn.Module], device: str | None = None) -> dict[tuple[str, str], torch.Tensor]:
