@@ -6,7 +6,13 @@ comparison live in `training`, `sampling`, `evaluation` and `comparison` so that
 `sdtune.sample`, `sdtune.evaluate` and `sdtune.compare` stay the functions below.
 """
 
+import logging
+
 from .version import __version__
+
+# bitsandbytes, which peft and transformers import whenever it is installed (`--optimizer adamw8bit`), warns on
+# every CPU import that an optional 4-bit matmul kernel is missing; sdtune uses no 4-bit matmul
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "open_adapter", "__version__"]
 

@@ -21,11 +21,11 @@ from typing import Any
 from .errors import SdtuneError
 from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
+from .optimizers import OPTIMIZERS
 from .tracking import PROJECT_NAME, check_log_with, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAMPLE_DTYPES = ("fp16", "bf16", "fp32")  # sample/evaluate --dtype, train --validation-dtype
-OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
 # `sdtune sample --scheduler`: "default" keeps the model's own (PNDM for SD v1.4); the rest are diffusers'
@@ -161,7 +161,7 @@ class TrainConfig(_Config):
     save_every: int = 0  # also save the adapter every N steps (0: only at the end)
     mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
-    optimizer: str = "adamw"  # adamw, adam, sgd (momentum 0.9) or adafactor (torch.optim's)
+    optimizer: str = "adamw"  # adamw, adam, sgd (momentum 0.9), adafactor, adamw8bit or prodigy (sdtune/optimizers.py)
     weight_decay: float | None = None  # default: the method's own (1e-2; 0 for methods that train base weights)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -324,7 +324,10 @@ class TrainConfig(_Config):
         return "" if self.dataset else f"<{self.concepts[0]}>"
 
     def resolved(self, default_lr: float) -> "TrainConfig":
-        """A copy with every default filled in, as written to config.toml."""
+        """A copy with every default filled in, as written to config.toml (the learning rate: the optimiser's
+        own where it has one, as Prodigy does, else the method's `default_lr`)."""
+        optimizer = OPTIMIZERS.get(self.optimizer)
+        lr = optimizer.default_lr if optimizer and optimizer.default_lr else default_lr
         name = self.dataset or "+".join(self.concepts)
         prior = self.with_prior_preservation
         return dataclasses.replace(
@@ -333,8 +336,8 @@ class TrainConfig(_Config):
             classes=list(self.classes),
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
             token=None if self.dataset else self.token if len(self.concepts) > 1 else self.token or f"sks {self.concept}",
-            lr=self.lr or default_lr,
-            text_encoder_lr=(self.text_encoder_lr or self.lr or default_lr) if self.train_text_encoder else None,
+            lr=self.lr or lr,
+            text_encoder_lr=(self.text_encoder_lr or self.lr or lr) if self.train_text_encoder else None,
             resume=None,  # how this run started, not a setting to replay
             overwrite=False,
             class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),

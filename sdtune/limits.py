@@ -30,10 +30,8 @@ from pathlib import Path
 
 from .errors import SdtuneError
 from .fileio import human_bytes
+from .optimizers import OPTIMIZERS
 
-# bytes of optimiser state per trained parameter (fp32): Adam's two moments, SGD's momentum;
-# Adafactor's factored moments are counted as nothing (a lower bound)
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adam": 8, "sgd": 4, "adafactor": 0}
 METRICS_LINE_BYTES = 64  # metrics.jsonl: a step's line is longer than this
 MAX_MICRO_BATCHES = 10**12  # over 30 years at a thousand micro-batches a second
 
@@ -257,7 +255,7 @@ def check_run_fits(config, method, image_count: int = 0) -> RunSizes:
     frozen, trained = count_parameters(configs, method)
     frozen_text, trained_text = count_text_encoder_parameters(configs, method, config.train_text_encoder)
     trained += trained_text
-    state = 4 + 4 + OPTIMIZER_STATE_BYTES[config.optimizer] + (4 if config.ema_decay else 0)
+    state = 4 + 4 + OPTIMIZERS[config.optimizer].state_bytes + (4 if config.ema_decay else 0)
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
     # a concept's batches hold at most all its images (the loader says so and trains on them all)
     batch = min(config.batch_size, image_count) if image_count else config.batch_size

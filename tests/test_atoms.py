@@ -345,3 +345,11 @@ def test_cli_flags_reach_the_method(tiny_path, tmp_path, monkeypatch):
 
     bad = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--atoms-init", "pca", "--output", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--atoms-init 'pca' is not available" in bad.output
+
+
+def test_the_description_shows_whether_1x1_convolutions_are_tuned():
+    from sdtune import methods
+
+    assert "include_1x1=False" in methods.create("atoms").describe()
+    assert "include_1x1=True" in methods.create("atoms", kc=2).describe()
+    assert methods.create("atoms", kc=2).options_dict()["include_1x1"] is None  # what the adapter file keeps

@@ -118,9 +118,12 @@ def test_resume_of_a_labelled_dataset_crosses_epochs_exactly(tmp_path, tiny_path
     assert (tmp_path / "cut" / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("name,kind", [("adamw", "AdamW"), ("adam", "Adam"), ("sgd", "SGD"), ("adafactor", "Adafactor")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [("adamw", "AdamW"), ("adam", "Adam"), ("sgd", "SGD"), ("adafactor", "Adafactor"), ("adamw8bit", "AdamW8bit"), ("prodigy", "Prodigy")],
+)
 def test_optimizer_settings_build_that_optimizer(name, kind):
-    from sdtune.training import make_optimizer
+    from sdtune.optimizers import make_optimizer
 
     parameter = torch.nn.Parameter(torch.zeros(3))
     settings = TrainConfig(optimizer=name, lr=1e-3, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6)
@@ -128,12 +131,58 @@ def test_optimizer_settings_build_that_optimizer(name, kind):
     group = optimizer.param_groups[0]
     assert type(optimizer).__name__ == kind and group["lr"] == 1e-3
     assert group["weight_decay"] == 1e-2  # the method's own, unless --weight-decay is given
-    if name in ("adamw", "adam"):
-        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6
+    if name in ("adamw", "adam", "adamw8bit", "prodigy"):
+        assert tuple(group["betas"][:2]) == (0.8, 0.99) and group["eps"] == 1e-6
+    if name == "prodigy":  # as diffusers' DreamBooth LoRA script: decoupled decay, bias correction
+        assert group["decouple"] and group["use_bias_correction"] and not group["safeguard_warmup"]
     if name == "sgd":
         assert group["momentum"] == 0.9
     overridden = make_optimizer(TrainConfig(optimizer=name, lr=1e-3, weight_decay=0.0), [parameter], 1e-2)
     assert overridden.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name,method", [("adamw8bit", "full"), ("prodigy", "lora")])
+def test_package_optimizers_train_and_resume_exactly(name, method, tmp_path, tiny_path):
+    # full fine-tuning has tensors of 4,096 numbers and more, which AdamW8bit keeps in 8 bits
+    settings = dict(method=method, optimizer=name, steps=4, checkpoint_every=2, lr_warmup_steps=1, log_with="none")
+    whole = train(config(tmp_path / "whole", **settings), progress=False)
+    train(config(tmp_path / "cut", **{**settings, "steps": 2}), progress=False)
+    train(config(tmp_path / "cut", resume="latest", **settings), progress=False)
+    assert (tmp_path / "cut" / "adapter.safetensors").read_bytes() == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
+    state = torch.load(tmp_path / "whole" / "checkpoints" / "step-4" / "optimizer.bin", weights_only=True)
+    if name == "adamw8bit":
+        quantised = [s for s in state["state"].values() if s["__bnb_optimizer_quant_state__"]["state1"].dtype == torch.uint8]
+        assert quantised  # moments of the large tensors in 8 bits
+    else:
+        group = state["param_groups"][0]
+        assert group["lr"] == 1.0 and group["safeguard_warmup"]  # Prodigy's own lr; warm-up with its safeguard
+        assert group["d"] >= group["d0"] and group["d_numerator"] > 0  # estimating its step size from d0 up
+        assert 'lr = 1.0' in (tmp_path / "whole" / "config.toml").read_text()
+    assert whole.losses and all(torch.isfinite(torch.tensor(whole.losses)))
+
+
+def test_an_optimizer_without_its_package_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    import importlib.util
+
+    from sdtune.training import plan_run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    with pytest.raises(SdtuneError, match=r"^--optimizer prodigy needs the prodigyopt package: pip install prodigyopt"):
+        plan_run(TrainConfig(model="no/such-model", output=str(tmp_path / "run"), optimizer="prodigy"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_check_counts_each_optimizers_state(tmp_path):
+    from sdtune.training import plan_run
+
+    def device_bytes(optimizer):
+        return plan_run(config(tmp_path / optimizer, method="full", optimizer=optimizer)).sizes.device_bytes
+
+    trained = plan_run(config(tmp_path / "count", method="full")).sizes.trained
+    adamw = device_bytes("adamw")
+    assert adamw - device_bytes("adamw8bit") == 6 * trained  # 8-bit moments: 2 bytes a parameter against 8
+    assert device_bytes("prodigy") - adamw == 8 * trained  # Prodigy adds s and the initial weights
 
 
 def test_resume_with_another_optimizer_is_refused_and_loses_nothing(tmp_path, tiny_path):

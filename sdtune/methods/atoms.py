@@ -72,6 +72,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -528,10 +529,16 @@ class FilterAtoms(WrappedLayers):
             return "D1+Dc" if self.options.kc > 1 else "D1"
         return "kc" if self.options.kc > 1 else "D"
 
+    @property
+    def includes_1x1(self) -> bool:
+        """Whether 1x1 convolutions are tuned: as `include_1x1` says, by default only with kc > 1."""
+        return self.options.kc > 1 if self.options.include_1x1 is None else self.options.include_1x1
+
+    def shown_options(self) -> dict[str, Any]:
+        return {**self.options_dict(), "include_1x1": self.includes_1x1}
+
     def find_targets(self, unet: nn.Module) -> list[str]:
-        include_1x1 = self.options.include_1x1
-        if include_1x1 is None:
-            include_1x1 = self.options.kc > 1
+        include_1x1 = self.includes_1x1
         targets = [name for name, _ in named_convs(unet, {3, 1} if include_1x1 else {3})]
         if self.options.linear:
             targets += [name for name, _ in named_linears(unet, ATTENTION_PROJECTIONS)]

@@ -261,9 +261,13 @@ class Method(ABC):
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
+    def shown_options(self) -> dict[str, Any]:
+        """The options as `describe` shows them: an option left to be derived shows what it derives to."""
+        return self.options_dict()
+
     def describe(self) -> str:
         """A one-line human description: method, options and size."""
-        opts = ", ".join(f"{k}={v}" for k, v in self.options_dict().items())
+        opts = ", ".join(f"{k}={v}" for k, v in self.shown_options().items())
         size = f", {self.num_parameters():,} trainable parameters in {len(self.target_names)} layers" if self._unet else ""
         return f"{self.name} ({opts}){size}"
 
