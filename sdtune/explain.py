@@ -99,7 +99,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
 
     from . import methods
     from .adapter import adapter_path, load_adapter, read_adapter_info
-    from .fileio import atomic_write, file_in_the_way
+    from .fileio import atomic_write, check_no_file_in_the_way
     from .limits import check_drawing_fits
     from .models import load_pipeline
 
@@ -126,9 +126,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
             drawn = " and ".join(name for name in methods.available() if methods.method_class(name).explanation == "clusters")
             raise SdtuneError(f"{', '.join(given)} applies to {drawn} runs (maps over a generated image), not to {info.method}")
     output = Path(config.output) if config.output else path.parent / "explain"
-    blocker = file_in_the_way(output)
-    if blocker:
-        raise SdtuneError(f"cannot write to output folder {output}: {blocker} is a file, not a folder")
+    check_no_file_in_the_way(output, "output folder")
     if explanation == "clusters":  # it draws an image: sizes the model or the machine cannot take stop here
         check_drawing_fits(model or info.base_model, resolution, steps)
 

@@ -292,6 +292,13 @@ def file_in_the_way(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+def check_no_file_in_the_way(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work and without creating anything, a `folder` that a file stands in the way of."""
+    blocker = file_in_the_way(folder)
+    if blocker:
+        raise SdtuneError(f"cannot write to {what} {folder}: {blocker} is a file, not a folder")
+
+
 def ensure_writable_folder(folder: str | os.PathLike, needed_bytes: int = 0, what: str | None = None) -> Path:
     """Create `folder` if needed and check, before any work starts, that a file can be written in it
     and that `needed_bytes` are free there. `what` names the output in the message (default: the folder)."""

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from .adapter import ADAPTER_FILE
 from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
 from .errors import SdtuneError, error_line
-from .fileio import OutputLock, file_in_the_way
+from .fileio import OutputLock, check_no_file_in_the_way
 
 RUN_MARKER = "sweep-run.json"
 RUN_LOCK = ".sdtune-sweep.lock"  # held by the sweep process working on a run, beside training's own lock
@@ -420,9 +420,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
         for line in dry_run_lines(plan, runs):
             log(line)
         return result
-    blocker = file_in_the_way(plan.output)
-    if blocker:
-        raise SdtuneError(f"cannot write to the sweep's folder {plan.output}: {blocker} is a file, not a folder")
+    check_no_file_in_the_way(plan.output, "the sweep's folder")
     main = True
     if not config.report_only:
         from .distributed import lock_on_main_process, process_state
