@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SdtuneError
+from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
@@ -180,6 +181,9 @@ class TrainConfig(_Config):
     # Loss
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); unset: plain MSE
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
+    loss_type: str = "l2"  # l2, or the pseudo-Huber losses huber and smooth_l1 (sdtune/losses.py)
+    huber_c: float = 0.1  # the pseudo-Huber threshold c (at the noisiest timesteps, with the snr schedule)
+    huber_schedule: str = "snr"  # how c follows the timestep: snr, exponential or constant
     # Memory
     no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16)
     cache_latents: bool = True  # encode every image (and its mirror image, with random_flip) and prompt once; exact
@@ -263,6 +267,14 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if "{token}" not in self.template:
             raise SdtuneError(f"--template must contain {{token}}, got {self.template!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise SdtuneError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.huber_schedule not in HUBER_SCHEDULES:
+            raise SdtuneError(f"--huber-schedule must be one of {', '.join(HUBER_SCHEDULES)}, got {self.huber_schedule!r}")
+        if not (self.huber_c > 0 and math.isfinite(self.huber_c)):
+            raise SdtuneError(f"--huber-c must be positive and finite, got {self.huber_c}")
+        if self.huber_schedule != "constant" and self.huber_c > 1:
+            raise SdtuneError(f"--huber-c must be at most 1 with --huber-schedule {self.huber_schedule}, got {self.huber_c}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise SdtuneError(f"--snr-gamma must be positive, got {self.snr_gamma}")
         for name in ("noise_offset", "prior_loss_weight", "validate_every", "validation_images"):
@@ -311,6 +323,9 @@ class TrainConfig(_Config):
         for name in PHOTO_SETTINGS:  # at their defaults, left out: a run's config.toml reads as before they existed
             if values.get(name) == TrainConfig.__dataclass_fields__[name].default:
                 values.pop(name)
+        if self.loss_type == "l2":  # a plain-MSE run's config.toml stays as before the pseudo-Huber losses existed
+            for name in ("loss_type", "huber_c", "huber_schedule"):
+                values.pop(name, None)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings

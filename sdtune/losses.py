@@ -6,11 +6,23 @@ each example's MSE by min(SNR(t), γ) / SNR(t) for ε-prediction and min(SNR(t),
 v-prediction, with SNR from diffusers' `compute_snr`, as diffusers' train_text_to_image.py does.
 Noise offset (Guttenberg 2023) adds a per-image, per-channel constant to the noise so the model learns
 to change an image's overall brightness.
+
+The pseudo-Huber losses (Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption Resistance
+using Scheduled Pseudo-Huber Loss"), as kohya-ss' sd-scripts define them, replace each element's squared
+error d² by `huber`: 2c(√(d² + c²) − c), which is d² for |d| ≪ c and 2c|d| for |d| ≫ c, so an outlier
+(a badly cropped photo, a watermark) pulls less; or `smooth_l1`: 2(√(d² + c²) − c), d²/c near 0.
+Its threshold c follows the timestep: `snr` (the paper's): c_t = (1 − c)/(1 + σ_t)² + c with
+σ_t = √((1 − ᾱ_t)/ᾱ_t), near 1 (almost MSE) at low noise and c at high noise; `exponential`:
+c_t = c^(t/T); `constant`: c.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 
 
 def snr_loss_weights(noise_scheduler, timesteps, snr_gamma: float):
@@ -71,6 +83,39 @@ def per_example_mse(prediction, target):
     return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
 
 
+@dataclass(frozen=True)
+class ErrorMeasure:
+    """How a prediction's error is measured, element by element, before the mean over each example."""
+
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+
+    def huber_threshold(self, noise_scheduler, timesteps):
+        """Each example's c_t, as `huber_schedule` says (a tensor of the batch's size)."""
+        import torch
+
+        if self.huber_schedule == "constant":
+            return torch.full(timesteps.shape, self.huber_c, device=timesteps.device)
+        if self.huber_schedule == "exponential":
+            steps = noise_scheduler.config.num_train_timesteps
+            return torch.exp(timesteps.float() * (math.log(self.huber_c) / steps))
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        return (1 - self.huber_c) / (1 + sigmas) ** 2 + self.huber_c
+
+    def per_example(self, prediction, target, noise_scheduler, timesteps):
+        """Each example's mean error, in fp32."""
+        if self.loss_type == "l2":
+            return per_example_mse(prediction, target)
+        c = self.huber_threshold(noise_scheduler, timesteps).view(-1, *[1] * (prediction.ndim - 1))
+        squared = (prediction.float() - target.float()) ** 2
+        errors = 2 * squared / ((squared + c**2).sqrt() + c)  # = 2(√(d² + c²) − c), without cancelling digits
+        if self.loss_type == "huber":
+            errors = c * errors
+        return errors.mean(dim=tuple(range(1, prediction.ndim)))
+
+
 def combine_loss(
     errors, timesteps, noise_scheduler, snr_gamma: float | None = None, is_prior=None, prior_loss_weight: float = 1.0
 ) -> LossParts:
@@ -96,13 +141,14 @@ def combine_loss(
 
 
 def denoising_loss(
-    unet, noise_scheduler, latents, conditions, noise, timesteps, autocast, snr_gamma=None, is_prior=None, prior_loss_weight=1.0
+    unet, noise_scheduler, latents, conditions, noise, timesteps, autocast, snr_gamma=None, is_prior=None,
+    prior_loss_weight=1.0, measure: ErrorMeasure = ErrorMeasure(),
 ) -> LossParts:
     """Noise `latents` to `timesteps`, predict with the UNet (on `conditions`, a
-    `conditioning.UNetConditions`) and compare with the target."""
+    `conditioning.UNetConditions`) and compare with the target (`measure`: MSE unless told otherwise)."""
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     with autocast():
         prediction = unet(noisy, timesteps, **conditions.unet_kwargs()).sample
-    errors = per_example_mse(prediction, target)
+    errors = measure.per_example(prediction, target, noise_scheduler, timesteps)
     return combine_loss(errors, timesteps, noise_scheduler, snr_gamma, is_prior, prior_loss_weight)

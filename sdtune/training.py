@@ -770,7 +770,7 @@ class Trainer:
         """The denoising loss of one micro-batch, with noise and timesteps from the current RNG."""
         import torch
 
-        from .losses import denoising_loss, training_noise
+        from .losses import ErrorMeasure, denoising_loss, training_noise
 
         config = self.config
         noise = training_noise(latents, config.noise_offset)
@@ -780,6 +780,7 @@ class Trainer:
         return denoising_loss(
             self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise,
             timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
+            ErrorMeasure(config.loss_type, config.huber_c, config.huber_schedule),
         )
 
     def conditions(self, batch, latents):
@@ -979,8 +980,10 @@ def data_workers(dataset, processes: int = 1) -> int:
 
 
 def changed_settings(saved: dict, config: TrainConfig) -> str:
-    """The settings, other than run control (checkpointing, output), that differ from a checkpoint's."""
+    """The settings, other than run control (checkpointing, output), that differ from a checkpoint's. A setting
+    the checkpoint lacks is one an earlier sdtune did not have: that run had its default."""
     current = config.to_dict()
+    saved = {**TrainConfig().to_dict(), **saved}
     names = sorted((set(saved) | set(current)) - RUN_CONTROL)
     return ", ".join(f"{n}: {saved.get(n)} -> {current.get(n)}" for n in names if saved.get(n) != current.get(n))
 

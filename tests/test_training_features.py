@@ -97,6 +97,57 @@ def test_noise_offset_adds_a_per_channel_constant():
     torch.testing.assert_close(difference, difference[..., :1, :1].expand_as(difference))  # constant over pixels
 
 
+@pytest.mark.parametrize("schedule", ["snr", "exponential", "constant"])
+def test_pseudo_huber_thresholds_follow_their_schedules(schedule):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([0, 10, 500, 999])
+    c = losses.ErrorMeasure("huber", 0.1, schedule).huber_threshold(scheduler, timesteps).double()
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    expected = {
+        "snr": 0.9 / (1 + ((1 - alpha_bar) / alpha_bar).sqrt()) ** 2 + 0.1,
+        "exponential": 0.1 ** (timesteps.double() / 1000),
+        "constant": torch.full((4,), 0.1, dtype=torch.float64),
+    }[schedule]
+    torch.testing.assert_close(c, expected, rtol=1e-5, atol=1e-7)
+    if schedule != "constant":  # near 1 (almost MSE) at little noise, towards c at much noise
+        assert c[0] > 0.98 and c[-1] < 0.11 and bool((c[:-1] >= c[1:]).all())
+
+
+def test_pseudo_huber_losses_are_mse_for_small_errors_and_linear_for_large_ones():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    timesteps = torch.tensor([3, 700])
+    target = torch.zeros(2, 4, 8, 8)
+    huber = losses.ErrorMeasure("huber", 0.5, "constant")
+    smooth = losses.ErrorMeasure("smooth_l1", 0.5, "constant")
+    small, large = torch.full_like(target, 1e-3), torch.full_like(target, 100.0)
+    torch.testing.assert_close(huber.per_example(small, target, scheduler, timesteps), torch.full((2,), 1e-6), rtol=1e-3, atol=0)
+    torch.testing.assert_close(smooth.per_example(small, target, scheduler, timesteps), torch.full((2,), 2e-6), rtol=1e-3, atol=0)
+    torch.testing.assert_close(huber.per_example(large, target, scheduler, timesteps), torch.full((2,), 2 * 0.5 * ((100**2 + 0.5**2) ** 0.5 - 0.5)))  # about 2c|d|
+    # an element's error, literally: 2c(√(d² + c²) − c), its mean over each example
+    prediction = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    measure = losses.ErrorMeasure("huber", 0.1, "snr")
+    c = measure.huber_threshold(scheduler, timesteps).view(2, 1, 1, 1)
+    expected = (2 * c * ((prediction**2 + c**2).sqrt() - c)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(measure.per_example(prediction, target, scheduler, timesteps), expected)
+    mse = losses.ErrorMeasure().per_example(prediction, target, scheduler, timesteps)
+    torch.testing.assert_close(mse, (prediction**2).mean(dim=(1, 2, 3)))
+
+
+def test_a_pseudo_huber_run_trains_with_that_loss_and_says_so(tmp_path, tiny_path):
+    import tomllib
+
+    plain = run_training(tmp_path, "plain", steps=3)
+    huber = run_training(tmp_path, "huber", steps=3, loss_type="huber", huber_c=0.2, huber_schedule="exponential")
+    assert huber.losses != plain.losses and all(map(torch.isfinite, torch.tensor(huber.losses)))
+    written = tomllib.loads((huber.output / "config.toml").read_text())
+    assert (written["loss_type"], written["huber_c"], written["huber_schedule"]) == ("huber", 0.2, "exponential")
+    assert "loss_type" not in tomllib.loads((plain.output / "config.toml").read_text())  # as before the option
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixed precision
 
@@ -442,6 +493,7 @@ def test_cli_flags_reach_the_config(tmp_path, tiny_path):
         "train", "--model", "tiny-random", "--steps", "1", "--output", str(output), "--snr-gamma", "5", "--noise-offset", "0.05",
         "--cache-latents", "--mixed-precision", "bf16", "--no-half-vae", "--log-with", "none", "--prior-loss-weight", "0.5",
         "--optimizer", "adam", "--weight-decay", "0", "--adam-beta1", "0.8", "--adam-beta2", "0.99", "--adam-epsilon", "1e-6",
+        "--loss-type", "smooth_l1", "--huber-c", "0.3", "--huber-schedule", "constant",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -450,6 +502,7 @@ def test_cli_flags_reach_the_config(tmp_path, tiny_path):
     assert written["no_half_vae"] is True and written["log_with"] == "none" and written["prior_loss_weight"] == 0.5
     assert (written["optimizer"], written["weight_decay"], written["adam_beta1"], written["adam_beta2"]) == ("adam", 0, 0.8, 0.99)
     assert written["adam_epsilon"] == 1e-6
+    assert (written["loss_type"], written["huber_c"], written["huber_schedule"]) == ("smooth_l1", 0.3, "constant")
     assert "class_prompt" not in written  # no prior preservation without class settings
     assert sorted(p.name for p in output.iterdir()) == ["adapter.safetensors", "config.toml", "metrics.jsonl"]
 
@@ -467,6 +520,10 @@ def test_cli_flags_reach_the_config(tmp_path, tiny_path):
         (("--weight-decay", "-1"), "--weight-decay must be 0 or more"),
         (("--adam-beta2", "1"), "--adam-beta2 must be in [0, 1)"),
         (("--adam-epsilon", "0"), "--adam-epsilon must be positive"),
+        (("--loss-type", "l1"), "--loss-type must be one of l2, huber, smooth_l1"),
+        (("--huber-schedule", "cosine"), "--huber-schedule must be one of snr, exponential, constant"),
+        (("--loss-type", "huber", "--huber-c", "0"), "--huber-c must be positive and finite"),
+        (("--loss-type", "huber", "--huber-c", "1.5"), "--huber-c must be at most 1 with --huber-schedule snr"),
     ],
 )
 def test_bad_training_options_are_one_line_errors(args, pattern, tmp_path, tiny_path):
