@@ -14,7 +14,7 @@ from .version import __version__
 # every CPU import that an optional 4-bit matmul kernel is missing; sdtune uses no 4-bit matmul
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "open_adapter", "__version__"]
+__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "__version__"]
 
 
 def _checked_config(config, kind: str):
@@ -64,6 +64,14 @@ def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
     from .adapter import load_adapter as _load
 
     return _load(path, pipeline, merge=merge, scale=scale)
+
+
+def load_adapters(paths, pipeline, scales=None):
+    """Stack several adapters (sdtune or kohya-format) onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ
+    the update that adapter makes on the base weights it was trained on, whatever the order."""
+    from .adapter import load_adapters as _load
+
+    _load(list(paths), pipeline, scales)
 
 
 def open_adapter(path, pipeline):

@@ -215,7 +215,8 @@ def open_adapter(path: str | Path, pipeline):
     sample = weight_sample(parts, targets)
     if fingerprint_of(structure, sample) != info.fingerprint:  # same weights also in fp16/bf16: compare values
         expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
-        if not same_weights(expected, sample):
+        # or trained on the weights an earlier adapter merged into changed: adapters stack
+        if not (same_weights(expected, sample) or same_weights(expected, weight_sample(parts, targets, base=True))):
             raise SdtuneError(f"{trained_on}; the loaded model's weights differ")
     check_state_shapes(shapes, found, f"adapter {path}")
     tensors = read_tensors(path)
@@ -249,3 +250,37 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     if merge:
         adapter.merge(keep_base=False)
     return adapter
+
+
+def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> None:
+    """Stack adapters onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ the update adapter i makes on the base
+    weights it was trained on (`scales`: one each, default 1).
+
+    Filter atoms, GIFT and DiffFit derive their update from the weights they meet, so each adapter is bound to
+    the base weights in turn, its update read and the base put back; the updates are added at the end, which
+    is what kohya loaders do with diffs and LoRAs, and what does not depend on the order. `load_adapter`
+    called again instead merges each adapter into the weights the ones before it left.
+    """
+    import torch
+
+    from .methods.base import checked_scale, remember_base_samples
+
+    scales = [1.0] * len(paths) if scales is None else list(scales)
+    if len(scales) != len(paths):
+        raise SdtuneError(f"give one strength per adapter: {len(paths)} adapters, {len(scales)} strengths")
+    for scale in scales:
+        checked_scale(scale)
+    total: dict[tuple[int, str], list] = {}
+    for path, scale in zip(paths, scales):
+        adapter = open_adapter(path, pipeline)
+        if scale != 1.0:
+            adapter.set_scale(scale)
+        for module, attr, delta in adapter.take_update():
+            entry = total.setdefault((id(module), attr), [module, attr, 0])
+            entry[2] = entry[2] + delta
+    remember_base_samples({id(module): module for module, _, _ in total.values()}.values())
+    with torch.no_grad():
+        for module, attr, delta in total.values():
+            weight = getattr(module, attr)
+            weight += delta.to(weight.device, weight.dtype)
+

@@ -344,9 +344,9 @@ def train(
 def sample(
     prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
-    adapter: Optional[Path] = typer.Option(None, help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled."),
+    adapter: List[Path] = typer.Option([], help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled. Repeat it to stack adapters: each is merged in turn."),
     model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
-    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples, else ./samples)."),
+    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples of the first adapter, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps." + _default(SampleConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale." + _default(SampleConfig, "guidance")),
@@ -360,13 +360,14 @@ def sample(
     negative_prompt: Optional[str] = typer.Option(None, help="What guidance steers away from, for every prompt (placeholders filled)."),
     guidance_rescale: Optional[float] = typer.Option(None, help="Rescale the guided prediction, 0 to 1 (default: 0.7 for a zero-terminal-SNR model, else 0)."),
     scheduler: Optional[str] = typer.Option(None, help=f"Sampler: {', '.join(SCHEDULERS)} (default: the model's own)."),
-    adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side." + _default(SampleConfig, "adapter_scale")),
+    adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side; with stacked adapters, one for all or one each." + _default(SampleConfig, "adapter_scale")),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace the grid and images of an earlier sample in OUTPUT (default: refuse)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings (as a sweep plan's [sample]); flags override it."),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds, per strength)."""
-    settings = {**locals(), "prompt": list(prompt) or None}  # no --prompt leaves the file's prompts
+    # no --prompt leaves the file's prompts, no --adapter the file's adapter
+    settings = {**locals(), "prompt": list(prompt) or None, "adapter": [str(path) for path in adapter] or None}
     from . import sample as run_sampling
 
     sample_config = SampleConfig.load(config, **_config_values(SampleConfig, settings))
@@ -423,19 +424,20 @@ def export(
 @app.command("merge")
 @handle_errors
 def merge(
-    source: Path = typer.Argument(..., help="sdtune adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file."),
+    source: List[Path] = typer.Argument(..., help="sdtune adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; several stack, merged in turn."),
     output: Path = typer.Option(..., help="New folder for the merged diffusers pipeline."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 weights." + _default(MergeConfig, "dtype")),
-    model: Optional[str] = typer.Option(None, help="Base model (default: the adapter's)."),
-    scale: Optional[float] = typer.Option(None, help="Strength of the update baked in, W + scale·ΔW." + _default(MergeConfig, "scale")),
+    model: Optional[str] = typer.Option(None, help="Base model (default: the (first) adapter's)."),
+    scale: Optional[str] = typer.Option(None, help="Strength of the update baked in, W + scale·ΔW; with several adapters, one for all or one each, comma-separated." + _default(MergeConfig, "scale")),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder (never one holding the adapter) (default: refuse)."),
 ) -> None:
     """Save the base pipeline with the adapter baked into the UNet, loadable by plain diffusers."""
     from .merging import merge_adapter
 
-    config = MergeConfig.load(None, **_config_values(MergeConfig, locals()))
+    settings = {**locals(), "source": [str(path) for path in source]}
+    config = MergeConfig.load(None, **_config_values(MergeConfig, settings))
     result = merge_adapter(
-        config.source, config.output, dtype=config.dtype, model=config.model, scale=config.scale, overwrite=config.overwrite
+        config.sources, config.output, dtype=config.dtype, model=config.model, scale=config.scales, overwrite=config.overwrite
     )
     typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
 

@@ -432,9 +432,9 @@ class SampleConfig(_Config):
 
     prompts: str | None = None  # a prompt file; one prompt a line, '#' comments
     prompt: list[str] = field(default_factory=list)  # prompts given directly
-    adapter: str | None = None  # adapter file or run folder; none samples the base model
-    model: str | None = None  # default: the adapter's base model, else SD v1.4
-    output: str | None = None  # default: <run>/samples, else samples/
+    adapter: str | list[str] | None = None  # adapter file or run folder (several stack); none samples the base model
+    model: str | None = None  # default: the (first) adapter's base model, else SD v1.4
+    output: str | None = None  # default: <run>/samples (the first adapter's), else samples/
     num_images: int = 4
     steps: int = 30
     guidance: float = 7.5
@@ -450,7 +450,8 @@ class SampleConfig(_Config):
     # Steps Are Flawed"); default: 0.7 for a zero-terminal-SNR model (its scheduler config says so), else 0
     guidance_rescale: float | None = None
     scheduler: str = "default"  # the sampler; "default" is the model's own
-    # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each
+    # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each,
+    # or, with several adapters, gives each its own strength
     adapter_scale: float | list[float] = 1.0
     dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (the VAE decodes in fp32 under fp16)
     overwrite: bool = False  # replace the images and grid of an earlier sample in the output folder
@@ -459,11 +460,33 @@ class SampleConfig(_Config):
         _split_classes(self)  # "a,b,c" from the command line
         _split_scales(self)  # "0,0.5,1" from the command line
         super().__post_init__()
+        if isinstance(self.adapter, list) and len(self.adapter) <= 1:  # one adapter stays a plain setting
+            self.adapter = self.adapter[0] if self.adapter else None
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters, in the order they merge: none, one, or several that stack."""
+        if self.adapter is None:
+            return []
+        return [str(a) for a in self.adapter] if isinstance(self.adapter, list) else [str(self.adapter)]
+
+    @property
+    def stacked(self) -> bool:
+        """Several adapters, merged one after the other into the base model, each at its own strength."""
+        return len(self.adapters) > 1
 
     @property
     def adapter_scales(self) -> list[float]:
-        """The strengths to draw at: one, or the sweep's."""
+        """The strengths to draw at: one, or the sweep's (stacked adapters: one drawing, their own strengths)."""
+        if self.stacked:
+            return [1.0]
         return list(self.adapter_scale) if isinstance(self.adapter_scale, list) else [self.adapter_scale]
+
+    @property
+    def stack_scales(self) -> list[float]:
+        """Each stacked adapter's strength: one each, or one for all."""
+        scales = self.adapter_scale if isinstance(self.adapter_scale, list) else [self.adapter_scale]
+        return list(scales) if len(scales) > 1 else scales * len(self.adapters)
 
     def validate(self) -> None:
         _split_classes(self)
@@ -485,7 +508,14 @@ class SampleConfig(_Config):
         _check_sampler_settings(self)
         if (isinstance(self.adapter_scale, list) or self.adapter_scale != 1.0) and not self.adapter:
             raise SdtuneError("--adapter-scale needs --adapter")
-        if isinstance(self.adapter_scale, list):
+        if self.stacked:
+            if isinstance(self.adapter_scale, list) and len(self.adapter_scale) != len(self.adapters):
+                raise SdtuneError(
+                    f"--adapter-scale with {len(self.adapters)} adapters takes one strength for all or one each "
+                    f"({len(self.adapters)}, comma-separated), got {_scales_text(self.adapter_scale)}; "
+                    "a strength sweep takes one adapter"
+                )
+        elif isinstance(self.adapter_scale, list):
             if not self.adapter_scale:
                 raise SdtuneError("--adapter-scale needs at least one number")
             names = [strength_name(scale) for scale in self.adapter_scale]
@@ -495,13 +525,18 @@ class SampleConfig(_Config):
 
 def _split_scales(config) -> None:
     """--adapter-scale 0,0.5,1 as a list of numbers; one number stays a number."""
-    if not isinstance(config.adapter_scale, str):
-        return
+    config.adapter_scale = split_numbers(config.adapter_scale, "--adapter-scale")
+
+
+def split_numbers(value, flag: str):
+    """"0,0.5,1" from the command line as a list of numbers; one number stays a number."""
+    if not isinstance(value, str):
+        return value
     try:
-        values = [float(value) for value in config.adapter_scale.split(",")]
+        values = [float(part) for part in value.split(",")]
     except ValueError:
-        raise SdtuneError(f"--adapter-scale takes numbers separated by commas, got {config.adapter_scale!r}") from None
-    config.adapter_scale = values if len(values) != 1 else values[0]
+        raise SdtuneError(f"{flag} takes numbers separated by commas, got {value!r}") from None
+    return values if len(values) != 1 else values[0]
 
 
 def strength_name(scale: float) -> str:
@@ -559,20 +594,42 @@ class ExportConfig(_Config):
 class MergeConfig(_Config):
     """Everything `sdtune merge` needs."""
 
-    source: str = ""  # an sdtune adapter file or run folder, or a kohya-format file
+    source: str | list[str] = ""  # an sdtune adapter file or run folder, or a kohya-format file; several stack
     output: str = ""  # a new folder for the diffusers pipeline
     dtype: str = "fp32"
-    model: str | None = None  # default: the adapter's base model
-    scale: float = 1.0  # the update's strength: W + scale·ΔW
+    model: str | None = None  # default: the (first) adapter's base model
+    scale: float | list[float] = 1.0  # the update's strength: W + scale·ΔW; with several adapters, one each
     overwrite: bool = False  # replace an existing output folder (never one holding the adapter)
 
+    def __post_init__(self) -> None:
+        self.scale = split_numbers(self.scale, "--scale")  # "1,0.5" from the command line
+        super().__post_init__()
+        if isinstance(self.source, list) and len(self.source) == 1:  # one adapter stays a plain setting
+            self.source = self.source[0]
+
+    @property
+    def sources(self) -> list[str]:
+        return [str(s) for s in self.source] if isinstance(self.source, list) else [str(self.source)] if self.source else []
+
+    @property
+    def scales(self) -> list[float]:
+        """Each adapter's strength: one each, or one for all."""
+        scales = self.scale if isinstance(self.scale, list) else [self.scale]
+        return list(scales) if len(scales) > 1 else scales * len(self.sources)
+
     def validate(self) -> None:
-        if not self.source or not self.output:
+        self.scale = split_numbers(self.scale, "--scale")
+        if not self.sources or not self.output:
             raise SdtuneError("merge needs an adapter (file or run folder) and --output")
         if self.dtype not in MERGE_DTYPES:
             raise SdtuneError(f"--dtype {self.dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
-        if not math.isfinite(self.scale):
-            raise SdtuneError(f"--scale must be a finite number, got {self.scale}")
+        scales = self.scale if isinstance(self.scale, list) else [self.scale]
+        if isinstance(self.scale, list) and len(self.scale) != len(self.sources):
+            raise SdtuneError(
+                f"--scale with {len(self.sources)} adapters takes one strength for all or one each, got {_scales_text(scales)}"
+            )
+        if not all(math.isfinite(scale) for scale in scales):
+            raise SdtuneError(f"--scale must be a finite number, got {_scales_text(scales)}")
 
 
 FID_FEATURES = ("inception", "clip", "dino", "none")

@@ -307,11 +307,12 @@ class KohyaAdapter:
     def merge(self, keep_base: bool = True) -> None:
         import torch
 
-        from .methods.base import copy_parameters
+        from .methods.base import copy_parameters, remember_base_samples
 
         if self.merged:
             return
         modules = {update.name: update.module for update in self.updates}
+        remember_base_samples(modules.values())
         self._unmerged_weights = copy_parameters(modules, "cpu") if keep_base else None
         with torch.no_grad():
             for update in self.updates:
@@ -321,6 +322,17 @@ class KohyaAdapter:
                 if update.delta_bias is not None:
                     module.bias += (update.delta_bias * self.scale).to(module.bias.device, module.bias.dtype)
         self.merged = True
+
+    def take_update(self) -> list[tuple[Any, str, Any]]:
+        """(module, parameter name, scale·ΔW) of every update, in float32 on the CPU; nothing is changed."""
+        if self.merged:
+            raise RuntimeError("kohya: take_update() reads the updates of an unmerged file")
+        taken = []
+        for update in self.updates:
+            for attr, delta in (("weight", update.delta_weight), ("bias", update.delta_bias)):
+                if delta is not None:
+                    taken.append((update.module, attr, delta.float().cpu() * self.scale))
+        return taken
 
     def unmerge(self) -> None:
         import torch

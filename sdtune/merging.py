@@ -22,43 +22,52 @@ class MergeResult:
 
 
 def merge_adapter(
-    source: str | Path, output: str | Path, dtype: str = "fp32", model: str | None = None, scale: float = 1.0,
-    overwrite: bool = False,
+    source: str | Path | list, output: str | Path, dtype: str = "fp32", model: str | None = None,
+    scale: float | list[float] = 1.0, overwrite: bool = False,
 ) -> MergeResult:
     """A diffusers pipeline folder: the base pipeline with the adapter's update (times `scale`) baked into the UNet.
 
-    `source` is an sdtune adapter (file or run folder) or a kohya-format file. Every component is
+    `source` is an sdtune adapter (file or run folder) or a kohya-format file, or a list of them, which stack:
+    their updates are added (`adapter.load_adapters`), each at its own strength where `scale` is a list. Every component is
     saved with safetensors; `StableDiffusionPipeline.from_pretrained(output)` loads it with no sdtune
     installed. The folder is built beside `output` and renamed onto it. An existing `output` is
-    refused unless `overwrite`; one that is, or holds, the adapter is refused always.
+    refused unless `overwrite`; one that is, or holds, an adapter is refused always.
     """
     import torch
 
-    from .adapter import adapter_info, adapter_path, load_adapter
+    from .adapter import adapter_info, adapter_path, load_adapter, load_adapters
     from .models import DEFAULT_MODEL, load_pipeline
 
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(sources)
     if dtype not in MERGE_DTYPES:
         raise SdtuneError(f"--dtype {dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
-    if not math.isfinite(scale):
-        raise SdtuneError(f"--scale must be a finite number, got {scale}")
+    if not sources or len(scales) != len(sources):
+        raise SdtuneError(f"give one --scale for all adapters or one each: {len(sources)} adapters, {len(scales)} scales")
+    if not all(math.isfinite(s) for s in scales):
+        raise SdtuneError(f"--scale must be a finite number, got {', '.join(f'{s:g}' for s in scales)}")
     output = Path(output)
-    path = adapter_path(source)
-    check_output_target(output, [path], overwrite)
-    info = adapter_info(source)
+    check_output_target(output, [adapter_path(s) for s in sources], overwrite)
+    infos = [adapter_info(s) for s in sources]
+    shown_scale = ",".join(f"{s:g}" for s in scales)
     with output_file_lock(output):
-        pipe = load_pipeline(model or info.base_model or DEFAULT_MODEL)
+        pipe = load_pipeline(model or infos[0].base_model or DEFAULT_MODEL)
         keys = set(pipe.unet.state_dict())
-        load_adapter(source, pipe, merge=True, scale=scale)
+        if len(sources) == 1:
+            load_adapter(sources[0], pipe, merge=True, scale=scales[0])
+        else:
+            load_adapters(sources, pipe, scales)
         if set(pipe.unet.state_dict()) != keys or hasattr(pipe.unet, "peft_config"):
             raise RuntimeError("the merged UNet is not the base model's architecture")
         with quiet_diffusers():  # it warns, naming no module, that none must stay in float32
             pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
         overflowed = first_non_finite(dict(pipe.unet.named_parameters()))
         if overflowed:  # a huge --scale, or an update too large for --dtype: refuse rather than write it
-            raise SdtuneError(f"the merged weight {overflowed} overflows {dtype} at --scale {scale:g}; use a smaller --scale"
+            raise SdtuneError(f"the merged weight {overflowed} overflows {dtype} at --scale {shown_scale}; use a smaller --scale"
                               + (" or a wider --dtype" if dtype != "fp32" else ""))
-        _write_pipeline(pipe, output, _provenance(source, info, scale, dtype), overwrite)
-    return MergeResult(output, dtype, info.method)
+        provenance = [_provenance(path, info, strength, dtype) for path, info, strength in zip(sources, infos, scales)]
+        _write_pipeline(pipe, output, provenance[0] if len(sources) == 1 else {"stacked": provenance, "dtype": dtype}, overwrite)
+    return MergeResult(output, dtype, "+".join(info.method for info in infos))
 
 
 def _provenance(source, info, scale: float, dtype: str) -> dict:

@@ -97,18 +97,19 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         # One row per class, captioned as training captioned that class.
         prompts += [caption for _, caption in class_captions(config.dataset, config.data_root, config.classes, config.class_template)]
     prompts += list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
-    info = adapter_info(config.adapter) if config.adapter else None
+    infos = [adapter_info(adapter) for adapter in config.adapters]
+    info = infos[0] if infos else None
     model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
-    token = config.token or (info.placeholder_tokens() if info else None) or None
+    token = config.token or placeholder_tokens(infos) or None
     check_sample_fits(model, config, len(prompts), grid_size)  # sizes the model or the machine cannot take, before it loads
     if config.output:
         output = Path(config.output)
-    elif config.adapter:
-        output = adapter_path(config.adapter).parent / "samples"
+    elif config.adapters:
+        output = adapter_path(config.adapters[0]).parent / "samples"
     else:
         output = Path("samples")
-    if config.adapter and output.resolve() == adapter_path(config.adapter).resolve():
-        raise SdtuneError(f"--output {output} is the adapter file; give a folder for the images")
+    if any(output.resolve() == adapter_path(adapter).resolve() for adapter in config.adapters):
+        raise SdtuneError(f"--output {output} is an adapter file; give a folder for the images")
     ensure_writable_folder(output / "images")
 
     # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes
@@ -119,7 +120,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         if state.is_main_process:
             lock.sweep(lambda name: name == GRID_FILE)
             lock.sweep(lambda name: name.endswith(".png"), output / "images")
-        sweep = isinstance(config.adapter_scale, list)
+        sweep = isinstance(config.adapter_scale, list) and not config.stacked
         seeds = [config.seed + j for j in range(config.num_images)]
         files = {
             scale: [output / "images" / image_name(index, seed, scale if sweep else None) for index in range(len(prompts)) for seed in seeds]
@@ -148,12 +149,12 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
 
     device = state.device
     dtype = sampling_dtype(config.dtype, device)
-    pipe, adapter = sampling_pipeline(model, config.adapter, device)
+    pipe, adapter = sampling_pipeline(model, config.adapters, device, config.stack_scales)
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     scales = config.adapter_scales
-    sweep = isinstance(config.adapter_scale, list)
+    sweep = isinstance(config.adapter_scale, list) and not config.stacked
 
     seeds = [config.seed + j for j in range(config.num_images)]
     filled = [fill_placeholders(prompt, token) for prompt in prompts]
@@ -181,7 +182,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         if startup is None:
             startup = time.perf_counter() - started
             draw_started = time.perf_counter()
-        settings = generation_settings(pipe, config, model, resolution, dtype, negative_prompt, scale if adapter else None)
+        settings = generation_settings(pipe, config, model, resolution, dtype, negative_prompt, scale)
         with state.split_between_processes(batches) as mine:
             rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
                                     progress and state.is_main_process, negative_prompt=negative_prompt,
@@ -226,16 +227,34 @@ def dtype_name(dtype) -> str:
     return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}[str(dtype)]
 
 
-def sampling_pipeline(model: str, adapter_file: str | None, device):
-    """The base pipeline on `device` in fp32, with the adapter at `adapter_file` (if any) opened on it,
-    unmerged: (pipeline, adapter or None). The weights go to the device first, so the adapter is
+def placeholder_tokens(infos: list) -> str | dict[str, str] | None:
+    """What fills `<name>` placeholders: the adapter's tokens, or those of every stacked adapter by name."""
+    if len(infos) <= 1:
+        return infos[0].placeholder_tokens() if infos else None
+    tokens = {}
+    for info in infos:
+        found = info.placeholder_tokens()
+        if isinstance(found, dict):
+            tokens.update(found)
+        elif found and info.placeholder:
+            tokens[info.placeholder.strip("<>")] = found
+    return tokens or None
+
+
+def sampling_pipeline(model: str, adapter_files: list[str], device, stack_scales: list[float] | None = None):
+    """The base pipeline on `device` in fp32, with the adapter at `adapter_files[0]` (if any) opened on it,
+    unmerged: (pipeline, adapter or None). Several adapters stack, merged at their strengths (`stack_scales`,
+    `adapter.load_adapters`), and no adapter is left to rescale. The weights go to the device first, so adapters are
     injected and merged there (a GPU merges SD v1.4 in milliseconds, a CPU takes seconds)."""
-    from .adapter import open_adapter
+    from .adapter import load_adapters, open_adapter
     from .models import load_pipeline
 
     pipe = load_pipeline(model)
     pipe.to(device)
-    adapter = open_adapter(adapter_file, pipe) if adapter_file else None
+    if len(adapter_files) > 1:
+        load_adapters(adapter_files, pipe, stack_scales)
+        return pipe, None
+    adapter = open_adapter(adapter_files[0], pipe) if adapter_files else None
     return pipe, adapter
 
 
@@ -274,7 +293,7 @@ def sampler_name(scheduler) -> str:
 
 
 def generation_settings(pipe, config: SampleConfig, model: str, resolution: int, dtype, negative_prompt: str | None,
-                        scale: float | None) -> dict:
+                        scale: float) -> dict:
     """What every image of a sample shares, for its PNG text: names, never local paths."""
     from .version import __version__
 
@@ -284,8 +303,10 @@ def generation_settings(pipe, config: SampleConfig, model: str, resolution: int,
         "width": resolution, "height": resolution, "model": shown_name(model), "dtype": dtype_name(dtype),
         "version": f"sdtune {__version__}",
     }
-    if scale is not None:
-        settings.update(adapter=shown_name(config.adapter), adapter_scale=scale)
+    if config.stacked:
+        settings.update(adapter=[shown_name(a) for a in config.adapters], adapter_scale=config.stack_scales)
+    elif config.adapters:
+        settings.update(adapter=shown_name(config.adapters[0]), adapter_scale=scale)
     return settings
 
 
@@ -309,7 +330,12 @@ def png_text(settings: dict):
     if settings.get("guidance_rescale"):
         pairs["Guidance rescale"] = settings["guidance_rescale"]
     if "adapter" in settings:
-        pairs.update({"Adapter": settings["adapter"], "Adapter strength": strength_name(settings["adapter_scale"])})
+        names, scales = settings["adapter"], settings["adapter_scale"]
+        if isinstance(names, list):  # stacked adapters
+            names, scales = ", ".join(names), ", ".join(strength_name(scale) for scale in scales)
+        else:
+            scales = strength_name(scales)
+        pairs.update({"Adapter": names, "Adapter strength": scales})
     pairs.update({"Dtype": settings["dtype"], "Version": settings["version"]})
     lines = [settings["prompt"]]
     if settings.get("negative_prompt"):

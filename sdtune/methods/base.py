@@ -29,6 +29,7 @@ from ..errors import SdtuneError
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 CARRIED_METHOD = "_sdtune_method"  # set on a UNet while a method's update is injected and not merged
+BASE_SAMPLE = "_sdtune_base_sample"  # set on a layer a merge changed: the sample of its weights before
 # a CLIP text encoder's attention and MLP linears: what kohya-ss and diffusers train there
 TEXT_ENCODER_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -159,7 +160,9 @@ class Method(ABC):
         """
         if self.merged:
             return
-        self._unmerged_weights = copy_parameters(self._changed_modules(), "cpu") if keep_base else None
+        changed = self._changed_modules()
+        remember_base_samples(changed.values())
+        self._unmerged_weights = copy_parameters(changed, "cpu") if keep_base else None
         self._merge()
         self.merged = True
         self._unet.__dict__.pop(CARRIED_METHOD, None)  # plain again: another method may be injected
@@ -330,6 +333,18 @@ class Method(ABC):
             if delta.any():
                 diffs[(name, attr)] = delta
         return diffs
+
+    def take_update(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """(module, parameter name, scale·ΔW) of every weight the merge changes, ΔW in float32 on the CPU; the
+        base weights are put back and no wrapper is left, so the UNet is plain and this method is done with.
+        What stacked adapters add up (`adapter.load_adapters`)."""
+        diffs = self.weight_diffs()
+        changed = self._changed_modules()
+        with torch.no_grad():
+            for (name, attr), base in {**self._unmerged_weights, **self._initial_weights()}.items():
+                getattr(changed[name], attr).copy_(base)
+        self._unmerged_weights = None
+        return [(changed[name], attr, delta) for (name, attr), delta in diffs.items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,16 +527,36 @@ def structure_digest(unet: nn.Module, names: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def weight_sample(unet: nn.Module, names: list[str]) -> torch.Tensor:
-    """A fixed sample of the named layers' weights (64 evenly spaced values each), as float32."""
+def layer_sample(module: nn.Module) -> torch.Tensor | None:
+    """A fixed sample of a layer's weight (64 evenly spaced values), as float32 on the CPU (None: no weight)."""
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.is_meta:
+        return None
+    flat = weight.detach().reshape(-1)
+    return flat[sample_indices(flat.numel(), FINGERPRINT_SAMPLES).to(flat.device)].float().cpu()
+
+
+def weight_sample(unet: nn.Module, names: list[str], base: bool = False) -> torch.Tensor:
+    """A fixed sample of the named layers' weights, as float32; with `base`, of their weights before any
+    sdtune merge changed them (`remember_base_samples`), so that adapters stack."""
     values = []
     for name in names:
-        weight = getattr(unet.get_submodule(name), "weight", None)
-        if weight is None or weight.is_meta:
-            continue
-        flat = weight.detach().reshape(-1)
-        values.append(flat[sample_indices(flat.numel(), FINGERPRINT_SAMPLES).to(flat.device)].float().cpu())
+        module = unet.get_submodule(name)
+        sample = module.__dict__.get(BASE_SAMPLE) if base else None
+        sample = layer_sample(module) if sample is None else sample
+        if sample is not None:
+            values.append(sample)
     return torch.cat(values) if values else torch.zeros(0, device="cpu")
+
+
+def remember_base_samples(modules) -> None:
+    """Before a merge changes these modules' weights for good: keep each one's sample of the weights it had
+    before the first merge, which an adapter trained on the base model is checked against (`weight_sample`)."""
+    for module in modules:
+        if BASE_SAMPLE not in module.__dict__:
+            sample = layer_sample(module)
+            if sample is not None:
+                module.__dict__[BASE_SAMPLE] = sample
 
 
 def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 1e-2) -> bool:

@@ -1,0 +1,114 @@
+"""Adapters stack: each merges in turn into the weights the ones before it changed (`load_adapter` twice,
+`sdtune sample --adapter A --adapter B`, `sdtune merge A B`), and each is still checked against the base model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdtune.adapter import load_adapter, load_adapters
+from sdtune.cli import app
+from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
+from sdtune.models import load_pipeline
+from sdtune.training import train
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_path):
+    """A LoRA of castle and filter atoms of canal, both trained on tiny-random (so both change the 3x3 convs)."""
+    root = tmp_path_factory.mktemp("stack")
+    runs = {}
+    for name, concept, method, lr in (("lora", "castle", "lora", 1e-2), ("atoms", "canal", "atoms", 1e-2)):
+        settings = dict(concept=concept, method=method, lr=lr, steps=3, model="tiny-random", log_with="none")
+        runs[name] = train(TrainConfig(output=str(root / name), **settings), progress=False).output
+    return runs
+
+
+def unet_weights(pipe) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in pipe.unet.state_dict().items()}
+
+
+def test_stacked_adapters_add_their_updates_in_any_order(adapters, tiny_path):
+    base = unet_weights(load_pipeline("tiny-random"))
+    alone = {}
+    for name, scale in (("lora", 1.0), ("atoms", 0.5)):
+        pipe = load_pipeline("tiny-random")
+        load_adapter(adapters[name], pipe, scale=scale)
+        alone[name] = unet_weights(pipe)
+    for order in (("lora", "atoms"), ("atoms", "lora")):
+        pipe = load_pipeline("tiny-random")
+        load_adapters([adapters[name] for name in order], pipe, [{"lora": 1.0, "atoms": 0.5}[name] for name in order])
+        stacked = unet_weights(pipe)
+        changed = 0
+        for key, value in stacked.items():
+            expected = alone["lora"][key] + alone["atoms"][key] - base[key]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+            changed += not torch.equal(alone["lora"][key], base[key]) and not torch.equal(alone["atoms"][key], base[key])
+        assert changed >= 52  # both changed every 3x3 convolution
+
+
+def test_load_adapter_again_merges_into_the_weights_the_first_left(adapters, tiny_path):
+    # filter atoms decompose the weights they meet: loaded after a LoRA, their update is not the one trained
+    # on the base weights, which `load_adapters` adds; a LoRA's update is the same on any weights
+    for order in (("atoms", "lora"), ("lora", "atoms")):
+        pipe, reference = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+        for name in order:  # the second one's check reads the weights the first merge changed
+            load_adapter(adapters[name], pipe)
+        load_adapters([adapters[name] for name in order], reference)
+        same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(unet_weights(pipe).values(), unet_weights(reference).values()))
+        assert same == (order[1] == "lora")
+
+
+def test_a_stacked_adapter_of_another_base_model_is_still_refused(adapters, tmp_path, tiny_path):
+    other = train(TrainConfig(output=str(tmp_path / "tiny"), model="tiny", steps=1, log_with="none"), progress=False).output
+    pipe = load_pipeline("tiny-random")
+    load_adapter(adapters["lora"], pipe)
+    with pytest.raises(SdtuneError, match="was trained on base model 'tiny'; the loaded model's weights differ"):
+        load_adapter(other, pipe)
+
+
+def test_sample_stacks_adapters_as_merge_does(adapters, tmp_path, tiny_path):
+    runner = CliRunner()
+    common = ["--prompt", "a <castle> by a <canal>", "--num-images", "1", "--steps", "2"]
+    stacked = runner.invoke(app, ["sample", "--adapter", str(adapters["lora"]), "--adapter", str(adapters["atoms"]),
+                                  "--adapter-scale", "1,0.5", "--output", str(tmp_path / "stacked"), *common])
+    assert stacked.exit_code == 0, stacked.output
+    merged = runner.invoke(app, ["merge", str(adapters["lora"]), str(adapters["atoms"]), "--scale", "1,0.5",
+                                 "--output", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output
+    assert "lora+atoms merged" in merged.output
+    provenance = json.loads((tmp_path / "merged" / "sdtune_merge.json").read_text())
+    assert [(p["method"], p["scale"]) for p in provenance["stacked"]] == [("lora", 1.0), ("atoms", 0.5)]
+    plain = runner.invoke(app, ["sample", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "plain"),
+                                "--prompt", "a sks castle by a sks canal", "--num-images", "1", "--steps", "2"])
+    assert plain.exit_code == 0, plain.output
+    with Image.open(tmp_path / "stacked" / "images" / "000-seed0.png") as image:
+        assert image.text["parameters"].splitlines()[0] == "a sks castle by a sks canal"  # each adapter's token
+        assert "Adapter: lora, atoms, Adapter strength: 1, 0.5" in image.text["parameters"]
+        assert json.loads(image.text["sdtune"])["adapter_scale"] == [1.0, 0.5]
+        stacked_pixels = image.convert("RGB").tobytes()
+    with Image.open(tmp_path / "plain" / "images" / "000-seed0.png") as image:
+        assert image.convert("RGB").tobytes() == stacked_pixels
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "--prompt", "x", "--adapter-scale", "1,0.5,0"],
+         "--adapter-scale with 2 adapters takes one strength for all or one each (2, comma-separated), got 1,0.5,0; "
+         "a strength sweep takes one adapter"),
+        (["merge", "--scale", "1,0.5,0"], "--scale with 2 adapters takes one strength for all or one each, got 1,0.5,0"),
+    ],
+)
+def test_strengths_for_stacked_adapters_are_one_or_one_each(args, message, adapters, tmp_path):
+    command, *rest = args
+    given = ["--adapter", str(adapters["lora"]), "--adapter", str(adapters["atoms"])] if command == "sample" \
+        else [str(adapters["lora"]), str(adapters["atoms"])]
+    result = CliRunner().invoke(app, [command, *given, *rest, "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.output
+    assert not (tmp_path / "out").exists()
