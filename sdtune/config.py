@@ -184,6 +184,9 @@ class TrainConfig(_Config):
     loss_type: str = "l2"  # l2, or the pseudo-Huber losses huber and smooth_l1 (sdtune/losses.py)
     huber_c: float = 0.1  # the pseudo-Huber threshold c (at the noisiest timesteps, with the snr schedule)
     huber_schedule: str = "snr"  # how c follows the timestep: snr, exponential or constant
+    min_timestep: int = 0  # train on timesteps from this one ...
+    max_timestep: int | None = None  # ... up to, not including, this one (default: the scheduler's count, 1000 for SD)
+    input_perturbation: float = 0.0  # noise the input with noise + this times fresh noise; the target keeps the noise
     # Memory
     no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16)
     cache_latents: bool = True  # encode every image (and its mirror image, with random_flip) and prompt once; exact
@@ -275,6 +278,12 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--huber-c must be positive and finite, got {self.huber_c}")
         if self.huber_schedule != "constant" and self.huber_c > 1:
             raise SdtuneError(f"--huber-c must be at most 1 with --huber-schedule {self.huber_schedule}, got {self.huber_c}")
+        if self.min_timestep < 0:
+            raise SdtuneError(f"--min-timestep must be 0 or more, got {self.min_timestep}")
+        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise SdtuneError(f"--max-timestep must be above --min-timestep ({self.min_timestep}), got {self.max_timestep}")
+        if not (self.input_perturbation >= 0 and math.isfinite(self.input_perturbation)):
+            raise SdtuneError(f"--input-perturbation must be 0 or more and finite, got {self.input_perturbation}")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise SdtuneError(f"--snr-gamma must be positive, got {self.snr_gamma}")
         for name in ("noise_offset", "prior_loss_weight", "validate_every", "validation_images"):
@@ -326,6 +335,9 @@ class TrainConfig(_Config):
         if self.loss_type == "l2":  # a plain-MSE run's config.toml stays as before the pseudo-Huber losses existed
             for name in ("loss_type", "huber_c", "huber_schedule"):
                 values.pop(name, None)
+        for name in ("min_timestep", "input_perturbation"):  # at their defaults, left out, as above
+            if values.get(name) == 0:
+                values.pop(name)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings

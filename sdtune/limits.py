@@ -99,6 +99,15 @@ def check_sampling_steps(model: str, configs, steps: int) -> None:
         raise SdtuneError(f"--steps {steps:,}: {model}'s scheduler has {timesteps} timesteps, so at most {timesteps} denoising steps")
 
 
+def check_timestep_range(model: str, configs, least: int, most: int | None) -> None:
+    """`--min-timestep`/`--max-timestep` within the scheduler's training timesteps."""
+    timesteps = int(configs.scheduler.get("num_train_timesteps", 1000))
+    if (most if most is not None else least + 1) > timesteps:
+        flag, value = ("--max-timestep", most) if most is not None else ("--min-timestep", least)
+        raise SdtuneError(f"{flag} {value}: {model}'s scheduler has {timesteps} timesteps (0 to {timesteps - 1})"
+                          + (f", so --max-timestep {timesteps} at most" if most is not None else ""))
+
+
 # ---------------------------------------------------------------------------------------------
 # What the machine takes
 
@@ -239,6 +248,7 @@ def check_run_fits(config, method, image_count: int = 0) -> RunSizes:
 
     configs = read_model_configs(config.model)
     resolution = check_resolution(config.model, configs, config.resolution)
+    check_timestep_range(config.model, configs, config.min_timestep, config.max_timestep)
     micro_batches = config.steps * config.gradient_accumulation_steps
     if micro_batches > MAX_MICRO_BATCHES:
         raise SdtuneError(

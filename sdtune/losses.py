@@ -142,11 +142,18 @@ def combine_loss(
 
 def denoising_loss(
     unet, noise_scheduler, latents, conditions, noise, timesteps, autocast, snr_gamma=None, is_prior=None,
-    prior_loss_weight=1.0, measure: ErrorMeasure = ErrorMeasure(),
+    prior_loss_weight=1.0, measure: ErrorMeasure = ErrorMeasure(), input_perturbation: float = 0.0,
 ) -> LossParts:
     """Noise `latents` to `timesteps`, predict with the UNet (on `conditions`, a
-    `conditioning.UNetConditions`) and compare with the target (`measure`: MSE unless told otherwise)."""
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    `conditioning.UNetConditions`) and compare with the target (`measure`: MSE unless told otherwise).
+    With `input_perturbation` γ (Ning et al. 2023, as diffusers' train_text_to_image.py), the input is noised
+    with noise + γ·ξ, ξ fresh Gaussian noise, while the target is still made from `noise`."""
+    import torch
+
+    applied = noise
+    if input_perturbation:
+        applied = noise + input_perturbation * torch.randn(noise.shape, device=noise.device, dtype=noise.dtype)
+    noisy = noise_scheduler.add_noise(latents, applied, timesteps)
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     with autocast():
         prediction = unet(noisy, timesteps, **conditions.unet_kwargs()).sample

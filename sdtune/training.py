@@ -774,13 +774,12 @@ class Trainer:
 
         config = self.config
         noise = training_noise(latents, config.noise_offset)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device
-        ).long()
+        most = config.max_timestep or self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(config.min_timestep, most, (latents.shape[0],), device=self.device).long()
         return denoising_loss(
             self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise,
             timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
-            ErrorMeasure(config.loss_type, config.huber_c, config.huber_schedule),
+            ErrorMeasure(config.loss_type, config.huber_c, config.huber_schedule), config.input_perturbation,
         )
 
     def conditions(self, batch, latents):

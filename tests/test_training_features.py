@@ -148,6 +148,50 @@ def test_a_pseudo_huber_run_trains_with_that_loss_and_says_so(tmp_path, tiny_pat
     assert "loss_type" not in tomllib.loads((plain.output / "config.toml").read_text())  # as before the option
 
 
+def test_timestep_range_and_input_perturbation_reach_the_loss(tmp_path, tiny_path, monkeypatch):
+    seen = []
+    original = losses.denoising_loss
+
+    def recording(unet, noise_scheduler, latents, conditions, noise, timesteps, *args):
+        seen.append((timesteps.clone(), args[-1]))
+        return original(unet, noise_scheduler, latents, conditions, noise, timesteps, *args)
+
+    monkeypatch.setattr(losses, "denoising_loss", recording)
+    run_training(tmp_path, "range", steps=4, batch_size=2, min_timestep=900, max_timestep=902, input_perturbation=0.1)
+    drawn = torch.cat([timesteps for timesteps, _ in seen])
+    assert set(drawn.tolist()) <= {900, 901} and len(drawn) == 8 and {perturbation for _, perturbation in seen} == {0.1}
+
+
+def test_input_perturbation_noises_the_input_and_keeps_the_target():
+    import contextlib
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from sdtune.conditioning import UNetConditions
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    inputs = []
+
+    def unet(noisy, timesteps, **_):  # predicts zero; keeps what it was given
+        inputs.append(noisy)
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([10, 500])
+    conditions = UNetConditions(torch.zeros(2, 1, 8))
+    torch.manual_seed(0)
+    plain = losses.denoising_loss(unet, scheduler, latents, conditions, noise, timesteps, contextlib.nullcontext)
+    torch.manual_seed(0)
+    perturbed = losses.denoising_loss(unet, scheduler, latents, conditions, noise, timesteps,
+                                      contextlib.nullcontext, input_perturbation=0.1)
+    torch.manual_seed(0)
+    extra = torch.randn(noise.shape)
+    torch.testing.assert_close(inputs[0], scheduler.add_noise(latents, noise, timesteps))
+    torch.testing.assert_close(inputs[1], scheduler.add_noise(latents, noise + 0.1 * extra, timesteps))
+    torch.testing.assert_close(plain.total, perturbed.total)  # the same target: the noise, not the perturbed noise
+
+
 # ---------------------------------------------------------------------------------------------
 # Mixed precision
 
@@ -521,6 +565,10 @@ def test_cli_flags_reach_the_config(tmp_path, tiny_path):
         (("--adam-beta2", "1"), "--adam-beta2 must be in [0, 1)"),
         (("--adam-epsilon", "0"), "--adam-epsilon must be positive"),
         (("--loss-type", "l1"), "--loss-type must be one of l2, huber, smooth_l1"),
+        (("--min-timestep", "500", "--max-timestep", "500"), "--max-timestep must be above --min-timestep (500), got 500"),
+        (("--max-timestep", "1001"), "--max-timestep 1001: tiny-random's scheduler has 1000 timesteps (0 to 999)"),
+        (("--min-timestep", "1000"), "--min-timestep 1000: tiny-random's scheduler has 1000 timesteps (0 to 999)"),
+        (("--input-perturbation", "-0.1"), "--input-perturbation must be 0 or more"),
         (("--huber-schedule", "cosine"), "--huber-schedule must be one of snr, exponential, constant"),
         (("--loss-type", "huber", "--huber-c", "0"), "--huber-c must be positive and finite"),
         (("--loss-type", "huber", "--huber-c", "1.5"), "--huber-c must be at most 1 with --huber-schedule snr"),
