@@ -30,6 +30,7 @@ from .config import (
     DEFAULT_CLASS_IMAGES,
     DEFAULT_MODEL,
     SCHEDULERS,
+    CardConfig,
     CompareConfig,
     EvaluateConfig,
     ExplainConfig,
@@ -424,10 +425,26 @@ def export(
         typer.echo(note)
 
 
+@app.command("card")
+@handle_errors
+def card(
+    source: Path = typer.Argument(..., help="sdtune run folder or adapter file."),
+    output: Optional[Path] = typer.Option(None, help="The card's file (default: RUN/README.md, what the Hub shows for the uploaded folder)."),
+    license: Optional[str] = typer.Option(None, help="The Hub's license id, usually the base model's (creativeml-openrail-m for SD v1.x) (default: none)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing card (default: refuse)."),
+) -> None:
+    """Write a run's model card (README.md): what the adapter is, how to use it, how it was trained and measured."""
+    from .model_card import write_model_card
+
+    config = CardConfig.load(None, **_config_values(CardConfig, locals()))
+    result = write_model_card(config.source, config.output, license=config.license, overwrite=config.overwrite)
+    typer.echo(f"wrote {result.output} ({result.method} on {result.base_model})")
+
+
 @app.command("merge")
 @handle_errors
 def merge(
-    source: List[Path] = typer.Argument(..., help="sdtune adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; several stack, merged in turn."),
+    source: List[Path] = typer.Argument(..., help="sdtune adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; several stack (their updates added)."),
     output: Path = typer.Option(..., help="New folder for the merged diffusers pipeline."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 weights." + _default(MergeConfig, "dtype")),
     model: Optional[str] = typer.Option(None, help="Base model (default: the (first) adapter's)."),

@@ -603,6 +603,22 @@ class ExportConfig(_Config):
 
 
 @dataclass
+class CardConfig(_Config):
+    """Everything `sdtune card` needs."""
+
+    source: str = ""  # an sdtune run folder or adapter file
+    output: str | None = None  # default: RUN/README.md
+    license: str | None = None  # the Hub's license id (the base model's, e.g. creativeml-openrail-m for SD v1.x)
+    overwrite: bool = False  # replace an existing card
+
+    def validate(self) -> None:
+        if not self.source:
+            raise SdtuneError("card needs a run folder or adapter file")
+        if self.license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", self.license):
+            raise SdtuneError(f"--license must be a Hub license id (such as creativeml-openrail-m or mit), got {self.license!r}")
+
+
+@dataclass
 class MergeConfig(_Config):
     """Everything `sdtune merge` needs."""
 

@@ -1,0 +1,197 @@
+"""A run's model card: the README.md the Hugging Face Hub shows for a run folder uploaded as a model repo
+(`sdtune card RUN`).
+
+The card's YAML header is huggingface_hub's `ModelCardData` (base_model, license, tags, the instance prompt,
+a widget of the sample grid), so the Hub links the base model and shows the grid; its text says what the
+adapter is (method, options, trained parameters), how to use it (sdtune, its exports for ComfyUI, AUTOMATIC1111
+and diffusers), how it was trained (from config.toml and metrics.jsonl) and what `sdtune evaluate` measured
+(eval.json). Everything comes from the run's own files; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SdtuneError
+from .version import __version__
+
+CARD_FILE = "README.md"
+GRID = Path("samples") / "grid.png"
+LOSS_WINDOW = 10  # the final loss is the mean of the last steps' losses
+# the training settings a card lists, with their labels, when config.toml has them
+SETTINGS = {
+    "steps": "steps", "batch_size": "batch size", "gradient_accumulation_steps": "gradient accumulation",
+    "lr": "learning rate", "lr_scheduler": "learning-rate schedule", "lr_warmup_steps": "warm-up steps",
+    "optimizer": "optimizer", "resolution": "resolution", "mixed_precision": "mixed precision", "seed": "seed",
+    "train_text_encoder": "text encoder trained", "snr_gamma": "min-SNR γ", "noise_offset": "noise offset",
+    "loss_type": "loss", "class_prompt": "prior preservation (class prompt)", "dataset": "dataset",
+    "buckets": "aspect-ratio buckets", "ema_decay": "EMA decay",
+}
+
+
+@dataclass
+class CardResult:
+    output: Path
+    base_model: str
+    method: str
+
+
+def is_hub_id(name: str) -> bool:
+    """A name the Hub can link: `owner/model`, not a local path or an embedded model."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists() and not name.startswith((".", "/", "~"))
+
+
+def write_model_card(source: str | Path, output: str | Path | None = None, license: str | None = None,
+                     overwrite: bool = False) -> CardResult:
+    """Write the model card of the run (or adapter file) `source`, by default to RUN/README.md."""
+    from .adapter import adapter_info, adapter_path
+    from .fileio import check_output_target, output_file_lock, write_text_atomic
+    from .kohya import is_kohya_file
+
+    path = adapter_path(source)
+    run = path.parent
+    output = Path(output) if output else run / CARD_FILE
+    if output.is_dir():
+        raise SdtuneError(f"--output {output} is a folder; give the card's file path (such as {output / CARD_FILE})")
+    check_output_target(output, [path], overwrite)
+    if is_kohya_file(path):
+        raise SdtuneError(f"{path} is a kohya-format file; a card describes an sdtune run or adapter")
+    text = model_card(path, license)
+    with output_file_lock(output):
+        write_text_atomic(output, text)
+    info = adapter_info(path)
+    return CardResult(output, info.base_model, info.method)
+
+
+def model_card(path: Path, license: str | None = None) -> str:
+    """The card's text (YAML header and Markdown) for the adapter file `path` and the run folder holding it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import methods
+    from .adapter import adapter_info, read_adapter_info
+    from .data import fill_placeholders
+    from .fileio import human_bytes
+
+    info = adapter_info(path)
+    run = path.parent
+    settings = read_settings(run)
+    name = run.name if (run / "config.toml").exists() else path.stem
+    numbers = sum(_count(entry.shape) for entry in read_adapter_info(path)[1].values())
+    template = settings.get("template", "photo of a {token}.")
+    prompt = template.format(token=info.token) if info.token and "{token}" in template else None
+    method = methods.method_class(info.method)
+    tags = ["sdtune", "stable-diffusion", "text-to-image", info.method]
+    grid = run / GRID
+    data = ModelCardData(
+        base_model=info.base_model if is_hub_id(info.base_model) else None,
+        license=license,
+        tags=tags,
+        instance_prompt=prompt,
+        widget=[{"text": prompt or name, "output": {"url": GRID.as_posix()}}] if grid.is_file() else None,
+    )
+    options = ", ".join(f"{key}={value}" for key, value in sorted(info.options.items())) or "defaults"
+    lines = [
+        f"# {name}",
+        "",
+        f"A **{info.method}** adapter ({options}) for `{info.base_model}`: {numbers:,} trained numbers, "
+        f"{human_bytes(path.stat().st_size)} on disk, trained with sdtune {__version__}.",
+        "",
+        f"The method: {method.summary}.",
+    ]
+    if prompt:
+        lines += ["", f"The token `{info.token}` stands for the concept (training prompt: `{prompt}`)."]
+    if grid.is_file():
+        lines += ["", f"![samples]({GRID.as_posix()})"]
+    placeholder = info.placeholder or "<concept>"
+    lines += [
+        "", "## Use it", "", "```bash",
+        f'sdtune sample --adapter {path.name} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
+        f"sdtune export {path.name} --format kohya --output {name}.safetensors      # ComfyUI, AUTOMATIC1111, LyCORIS, InvokeAI",
+        f"sdtune merge {path.name} --output {name}-merged/                        # a whole diffusers pipeline",
+        "```", "", "```python", "import sdtune",
+        *(["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{info.base_model}")']
+          if is_hub_id(info.base_model) else
+          ["from sdtune.models import load_pipeline", "", f'pipe = load_pipeline("{info.base_model}")']),
+        f'sdtune.load_adapter("{path.name}", pipe)   # merged; scale=0.8 weakens it',
+        f'image = pipe("{fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())}").images[0]',
+        "```",
+    ]
+    rows = [(label, _shown(settings[key])) for key, label in SETTINGS.items() if _worth_showing(key, settings.get(key))]
+    losses = final_losses(run)
+    if rows or losses:
+        lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {label} | {value} |" for label, value in rows]
+        if losses:
+            mean = sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:])
+            lines.append(f"| final loss (mean of the last {min(LOSS_WINDOW, len(losses))} steps) | {mean:.4f} |")
+        if (run / "config.toml").exists():
+            lines += ["", "`sdtune train --config config.toml` replays the run (`--output` elsewhere)."]
+    lines += evaluation_lines(run)
+    files = [f for f in (path.name, "config.toml", "metrics.jsonl", "eval.json", GRID.as_posix()) if (run / f).is_file()]
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).strip() + "\n"))
+
+
+def read_settings(run: Path) -> dict:
+    """The run's config.toml, or nothing for an adapter file alone."""
+    path = run / "config.toml"
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise SdtuneError(f"{path}: not a readable run configuration ({error})") from None
+
+
+def final_losses(run: Path) -> list[float]:
+    """Each step's loss from metrics.jsonl (none without it)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    losses = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            value = json.loads(line).get("loss")
+        except (ValueError, AttributeError):
+            continue  # a line cut by a kill
+        if isinstance(value, (int, float)):
+            losses.append(float(value))
+    return losses
+
+
+def evaluation_lines(run: Path) -> list[str]:
+    """The metrics table of the run's eval.json, if `sdtune evaluate` wrote one."""
+    from .evaluation import METRICS, format_metric, read_evaluation
+
+    report = read_evaluation(run)
+    if not report or not report.get("metrics"):
+        return []
+    lines = ["", "## Evaluation (`sdtune evaluate`)", "", "| metric | value | meaning |", "| --- | ---: | --- |"]
+    for key, (title, meaning) in METRICS.items():
+        if key in report["metrics"]:
+            lines.append(f"| {title} | {format_metric(key, report['metrics'][key])} | {meaning} |")
+    return lines
+
+
+def _worth_showing(key: str, value) -> bool:
+    """A setting the card lists: set, and not an option left off (0, false; one micro-batch a step)."""
+    if value is None or value is False:
+        return False
+    if key == "seed":
+        return True
+    return not (value == 0 or (key == "gradient_accumulation_steps" and value == 1))
+
+
+def _count(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else "yes" if value is True else str(value)

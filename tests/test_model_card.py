@@ -1,0 +1,64 @@
+"""`sdtune card`: a run's README.md model card, read back through huggingface_hub as the Hub reads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+from typer.testing import CliRunner
+
+from sdtune.cli import app
+from sdtune.config import SampleConfig, TrainConfig
+from sdtune.evaluation import EVAL_FILE, FORMAT
+from sdtune.model_card import is_hub_id
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_path):
+    import sdtune
+
+    output = tmp_path_factory.mktemp("card") / "castle-lora"
+    sdtune.train(TrainConfig(method="lora", model="tiny-random", steps=3, seed=7, output=str(output), log_with="none"))
+    sdtune.sample(SampleConfig(adapter=str(output), prompt=["a <castle>"], num_images=1, steps=2))
+    (output / EVAL_FILE).write_text(json.dumps({"format": FORMAT, "metrics": {"clip_t": 27.25}, "unavailable": {}}))
+    return output
+
+
+def test_the_card_says_what_the_run_is_and_the_hub_reads_it(run):
+    result = CliRunner().invoke(app, ["card", str(run), "--license", "creativeml-openrail-m"])
+    assert result.exit_code == 0, result.output
+    card = ModelCard.load(run / "README.md")
+    assert card.data.license == "creativeml-openrail-m" and card.data.base_model is None  # tiny-random is no hub id
+    assert card.data.tags == ["sdtune", "stable-diffusion", "text-to-image", "lora"]
+    assert card.data.instance_prompt == "photo of a sks castle."
+    assert card.data.widget == [{"text": "photo of a sks castle.", "output": {"url": "samples/grid.png"}}]
+    text = card.text
+    assert "A **lora** adapter (alpha=4.0, rank=4, targets=all) for `tiny-random`: 213,152 trained numbers" in text
+    assert "| steps | 3 |" in text and "| seed | 7 |" in text and "| optimizer | adamw |" in text
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert f"| final loss (mean of the last 3 steps) | {sum(losses) / 3:.4f} |" in text
+    assert "| CLIP-T | 27.25 |" in text and "![samples](samples/grid.png)" in text
+    assert 'pipe = load_pipeline("tiny-random")' in text and "sdtune.load_adapter(\"adapter.safetensors\", pipe)" in text
+
+
+def test_an_existing_card_is_kept_and_bad_input_is_one_line(run, tmp_path):
+    runner = CliRunner()
+    (run / "README.md").write_text("mine\n")
+    kept = runner.invoke(app, ["card", str(run)])
+    assert kept.exit_code == 2 and "already exists; give a new path, or --overwrite" in kept.stderr
+    assert (run / "README.md").read_text() == "mine\n"
+    bad = runner.invoke(app, ["card", str(run), "--license", "Not A License", "--output", str(tmp_path / "c.md")])
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --license must be a Hub license id")
+    export = runner.invoke(app, ["export", str(run), "--format", "kohya", "--output", str(tmp_path / "k.safetensors")])
+    assert export.exit_code == 0, export.output
+    kohya = runner.invoke(app, ["card", str(tmp_path / "k.safetensors"), "--output", str(tmp_path / "k.md")])
+    assert kohya.exit_code == 2 and "is a kohya-format file; a card describes an sdtune run or adapter" in kohya.stderr
+    assert not (tmp_path / "k.md").exists() and not (tmp_path / "c.md").exists()
+    replaced = runner.invoke(app, ["card", str(run), "--overwrite"])
+    assert replaced.exit_code == 0 and (run / "README.md").read_text().startswith("---\n")
+
+
+def test_hub_ids_are_linked_and_local_names_are_not(tmp_path):
+    assert is_hub_id("CompVis/stable-diffusion-v1-4") and is_hub_id("stabilityai/stable-diffusion-xl-base-1.0")
+    assert not any(map(is_hub_id, ["tiny", str(tmp_path), "./models/sd", "a/b/c", "/abs"]))
