@@ -194,7 +194,7 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
 
     arguments = {}
     for part, own in tensors_by_model(tensors, encoders).items():
-        layers, metadata = method.diffusers_lora_layers(own)
+        layers, metadata = method.diffusers_lora_layers(own, part)
         arguments[f"{part}_lora_layers"], arguments[f"{part}_lora_adapter_metadata"] = layers, metadata
     writer = StableDiffusionXLPipeline if "text_encoder_2" in encoders else StableDiffusionPipeline
     output.parent.mkdir(parents=True, exist_ok=True)
