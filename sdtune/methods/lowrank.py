@@ -314,9 +314,9 @@ class Lora(_PeftLowRank):
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
         if format == "kohya" and self.options.dora:
-            return ["ComfyUI (through v0.3.77) and Forge divide a per-output-channel dora_scale by the base weight's norm "
-                    "‖W‖ where DoRA divides by ‖W + ΔW‖, so they read this file's update slightly off (exact where ΔW "
-                    "keeps each channel's norm); LyCORIS and sdtune read it exactly"]
+            return ["DoRA in a kohya file: LyCORIS and sdtune read it exactly; ComfyUI (through v0.3.77) and Forge divide "
+                    "this per-output-channel dora_scale by the base weight's norm ‖W‖ where DoRA divides by ‖W + ΔW‖, so "
+                    "their update is slightly off; AUTOMATIC1111 takes dora_scale per input channel and misreads it"]
         return []
 
     def diffusers_lora_layers(self, tensors: dict[str, torch.Tensor], model: str = "unet") -> tuple[dict[str, torch.Tensor], dict]:
