@@ -196,15 +196,22 @@ def test_kohya_dora_scale_errors_are_one_line(tmp_path):
 
 
 def test_peft_export_loads_with_peft(tmp_path, inputs):
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
 
     pipe, method = perturbed({"alpha": 2.0})
     path = save_adapter(tmp_path / "a.safetensors", method, "tiny-random")
     folder = tmp_path / "peft"
     export_adapter(path, "peft", folder)
     assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
+    tuned = run_unet(pipe.unet, inputs)
     model = PeftModel.from_pretrained(load_pipeline("tiny-random").unet, str(folder))
-    torch.testing.assert_close(run_unet(model, inputs), run_unet(pipe.unet, inputs), rtol=0, atol=1e-4)
+    torch.testing.assert_close(run_unet(model, inputs), tuned, rtol=0, atol=1e-4)
+
+    unet = load_pipeline("tiny-random").unet  # the README's other way: inject, then the state without its prefix
+    inject_adapter_in_model(PeftConfig.from_pretrained(str(folder)), unet)
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    assert not set_peft_model_state_dict(unet, state).unexpected_keys
+    torch.testing.assert_close(run_unet(unet, inputs), tuned, rtol=0, atol=1e-4)
 
 
 def test_diffusers_export_loads_with_load_lora_weights(tmp_path, inputs):
