@@ -13,7 +13,7 @@ methods that have them.
 - `diffusers` (LoRA): `StableDiffusionPipeline.save_lora_weights`' layout (`unet.<module>.lora_A.weight`)
   for `load_lora_weights`. alpha/rank is folded into lora_B and the LoraConfig metadata says
   lora_alpha = r, so loaders that read the metadata and older ones that do not get the same update
-  (`Lora.diffusers_lora_layers`).
+  (`Lora.diffusers_lora_layers`; DoRA's magnitudes go as peft names them, with `use_dora`).
 - `peft` (lora, loha, lokr): a folder with `adapter_config.json` (`Method.to_peft_config`) and
   `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes it for a UNet wrapped in
   `PeftModel` (keys start with `base_model.model.`); a trained text encoder's the same in `text_encoder/`.
@@ -194,7 +194,7 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
 
     arguments = {}
     for part, own in tensors_by_model(tensors, encoders).items():
-        layers, metadata = method.diffusers_lora_layers(own)
+        layers, metadata = method.diffusers_lora_layers(own, part)
         arguments[f"{part}_lora_layers"], arguments[f"{part}_lora_adapter_metadata"] = layers, metadata
     writer = StableDiffusionXLPipeline if "text_encoder_2" in encoders else StableDiffusionPipeline
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,11 @@ UNet, with `lora_te1_`/`lora_te2_` for its two text encoders. Reading takes eith
 * LoKr: `.lokr_w1` or `.lokr_w1_a`/`.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a`/`.lokr_w2_b`
   (+ `.lokr_t2`), `.alpha`; ΔW = w1 ⊗ w2 · alpha/rank where a factor is low-rank and · 1 where both
   are full (LyCORIS and ComfyUI ignore alpha then, peft does not: its alpha/rank is folded into w1).
+* DoRA (LyCORIS' `dora_wd`), on any of the three above: `.dora_scale`, the magnitude m, beside the
+  factors; W' = m·(W + ΔW)/‖W + ΔW‖, the norm per output channel when dora_scale has the shape
+  (out, 1, …) (LyCORIS' `wd_on_output`, which sdtune writes from peft's magnitude), per input channel
+  when (1, in, …) (LyCORIS' older default). Its ΔW is W' − W, so it needs the base weight: the
+  reader gives ΔW and `decomposed_delta` applies the magnitude on the module's weight.
 * full-weight differences: `.diff` (weight) and `.diff_b` (bias) on convolutions and linears (a
   3×3 conv's diff has its weight's shape), and `.w_norm`/`.b_norm` on GroupNorm/LayerNorm
   (LyCORIS' norm keys: its full-weight module takes only linears and convolutions).
@@ -349,15 +354,20 @@ class KohyaAdapter:
         self.merged = False
 
 
+DORA_SCALE = "dora_scale"  # DoRA's magnitude beside a LoRA, LoHa or LoKr update's factors
+DORA_KINDS = ("lora", "loha", "lokr")
+
+
 def kohya_kind(parts: dict[str, Any], where: str) -> str:
-    """Which update a module's tensors describe; refuses unknown or mixed names."""
-    if "dora_scale" in parts:
-        raise SdtuneError(f"{where}: DoRA (dora_scale) updates are not supported")
-    kinds = [kind for kind, names in KOHYA_KINDS.items() if set(parts) & (names - {"alpha"})]
-    unknown = sorted(set(parts) - set().union(*KOHYA_KINDS.values()))
+    """Which update a module's tensors describe (`dora_scale` aside); refuses unknown or mixed names."""
+    names = set(parts) - {DORA_SCALE}
+    kinds = [kind for kind, known in KOHYA_KINDS.items() if names & (known - {"alpha"})]
+    unknown = sorted(names - set().union(*KOHYA_KINDS.values()))
     if unknown or len(kinds) != 1:
         found = ", ".join(sorted(parts))
-        raise SdtuneError(f"{where}: tensors {found} are no known update (LoRA, LoHa, LoKr, diff, norm)")
+        raise SdtuneError(f"{where}: tensors {found} are no known update (LoRA, LoHa, LoKr, diff, norm; DoRA's dora_scale)")
+    if DORA_SCALE in parts and kinds[0] not in DORA_KINDS:
+        raise SdtuneError(f"{where}: dora_scale goes with a LoRA, LoHa or LoKr update, not with {kinds[0]} tensors")
     return kinds[0]
 
 
@@ -458,10 +468,34 @@ KOHYA_READERS: dict[str, Callable[[KohyaModule], Delta]] = {
 }
 
 
+def decomposed_delta(weight, delta, dora_scale, where: str, module_name: str):
+    """DoRA's ΔW = W' − W, W' = m·(W + ΔW)/‖W + ΔW‖ in float32 on the CPU (`dora_scale` m; `delta`: the
+    low-rank ΔW in the weight's shape), the norm over each output channel for m shaped (out, 1, …), over
+    each input channel for (1, in, …), as LyCORIS computes it (wd_on_output on or off)."""
+    import torch
+
+    base = weight.detach().float().cpu()
+    direction = base + delta
+    ones = (1,) * (base.ndim - 2)
+    m = dora_scale.float()
+    if tuple(m.shape) in ((base.shape[0], 1, *ones), (base.shape[0],)):
+        norm = direction.flatten(1).norm(dim=1).view(-1, 1, *ones)
+    elif tuple(m.shape) == (1, base.shape[1], *ones):
+        norm = direction.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *ones)
+    else:
+        raise SdtuneError(
+            f"{where}: dora_scale has shape {tuple(m.shape)}; {module_name}'s weight {tuple(base.shape)} wants "
+            f"{(base.shape[0], 1, *ones)} (per output channel) or {(1, base.shape[1], *ones)} (per input channel)"
+        )
+    with torch.no_grad():
+        return direction * (m.view(norm.shape) / norm) - base
+
+
 def kohya_delta(parts: dict[str, Any], where: str) -> Delta:
-    """(ΔW or None, Δbias or None, natural ΔW shape) of one module, in float32, by its kind's reader."""
+    """(ΔW or None, Δbias or None, natural ΔW shape) of one module, in float32, by its kind's reader
+    (DoRA's magnitude, `dora_scale`, is applied later, on the module's weight: `decomposed_delta`)."""
     kind = kohya_kind(parts, where)
-    tensors = {key: value.float() for key, value in parts.items()}
+    tensors = {key: value.float() for key, value in parts.items() if key != DORA_SCALE}
     alpha = tensors["alpha"].item() if "alpha" in tensors else None
     return KOHYA_READERS[kind](KohyaModule(tensors, kind, where, alpha))
 
@@ -559,6 +593,8 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
         delta_weight, delta_bias, natural_shape = kohya_delta(parts, where)
         if delta_weight is not None:
             delta_weight = _fit(delta_weight, weight, natural_shape, where, module_name)
+        if DORA_SCALE in parts:
+            delta_weight = decomposed_delta(weight, delta_weight, parts[DORA_SCALE], where, module_name)
         if delta_bias is not None:
             if bias is None or tuple(delta_bias.shape) != tuple(bias.shape):
                 have = tuple(bias.shape) if bias is not None else "no bias"

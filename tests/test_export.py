@@ -410,7 +410,7 @@ def test_kohya_file_errors_are_one_line(tmp_path):
             f"{conv}.lora_up.weight": torch.zeros(32, 2, 1, 1),
         },
         "lacks lora_up.weight": {f"{conv}.lora_down.weight": torch.zeros(2, 32, 3, 3)},
-        "DoRA": {**good, f"{conv}.dora_scale": torch.ones(32, 1, 1, 1)},
+        "dora_scale has shape (16, 1, 1, 1)": {**good, f"{conv}.dora_scale": torch.ones(16, 1, 1, 1)},
         "matches no module of the text encoder": {"lora_te_text_model_nowhere.lora_down.weight": torch.zeros(1, 1)},
         "holds NaN or infinite values": {**good, f"{conv}.alpha": torch.tensor(float("nan"))},
         "adapters hold BF16, F16, F32 tensors": {**good, f"{conv}.alpha": torch.tensor(4, dtype=torch.int64)},

@@ -119,6 +119,8 @@ CASES = [
     ("train-lora-rank-huge", (*TRAIN, "--method", "lora", "--rank", 10**7), 2, "lora (rank=10000000, alpha=10000000.0) needs more memory"),
     ("train-lora-alpha-inf", (*TRAIN, "--method", "lora", "--option", "alpha=inf"), 2, "--alpha must be a positive number (and finite), got inf"),
     ("train-lora-alpha-nan", (*TRAIN, "--method", "loha", "--alpha", "nan"), 2, "--alpha must be a positive number (and finite), got nan"),
+    ("train-lora-dora-not-a-bool", (*TRAIN, "--method", "lora", "--option", "dora=maybe"), 2, "--dora must be true or false, got 'maybe'"),
+    ("train-dora-flag-loha", (*TRAIN, "--method", "loha", "--dora"), 2, "--dora applies to --method lora, not loha"),
     ("train-atoms-seed-huge", (*TRAIN, "--option", "seed=" + HUGE), 2, "atoms seed must be between 0 and 4294967295"),
     ("train-steps-zero", (*TRAIN, "--steps", 0), 2, "--steps must be at least 1"),
     ("train-lr-nan", (*TRAIN, "--lr", "nan"), 2, "--lr must be positive and finite"),

@@ -47,6 +47,8 @@ def randomize(method, seed=0):
         ("lokr", {"factor": -2}, "--factor must be -1"),
         ("lokr", {"tucker": "yes"}, "--tucker must be true or false"),
         ("lokr", {"decompose_both": 1}, "--decompose-both must be true or false"),
+        ("lora", {"dora": "true"}, "--dora must be true or false"),
+        ("loha", {"dora": True}, "method 'loha' has no option(s) dora"),
         ("lora", {"tucker": True}, "method 'lora' has no option(s) tucker"),
         ("loha", {"factor": 4}, "method 'loha' has no option(s) factor"),
     ],
@@ -200,6 +202,7 @@ def test_sd14_counts_match_the_formula_for_every_case():
         (["--method", "atoms", "--rank", "8"], "--rank applies to --method lora/loha/lokr, not atoms"),
         (["--method", "lora", "--factor", "4"], "--factor applies to --method lokr, not lora"),
         (["--method", "lora", "--tucker"], "--tucker applies to --method loha/lokr, not lora"),
+        (["--method", "lokr", "--dora"], "--dora applies to --method lora, not lokr"),
         (["--method", "lokr", "--targets", "mlp"], "--targets 'mlp' is not available"),
     ],
 )

@@ -30,6 +30,8 @@ CASES = [
     ("gift", {"targets": "attn1.to_out.0,attn2.to_out.0", "blocks": 2, "clusters": 8}, 1e-2),
     ("lora", {}, 1e-3),
     ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0}, 1e-3),
+    ("lora", {"dora": True}, 1e-3),
+    ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0, "dora": True}, 1e-3),
     ("loha", {}, 1e-2),
     ("loha", {"targets": "conv", "tucker": True}, 1e-2),
     ("lokr", {}, 1e-2),
@@ -142,8 +144,8 @@ def low_rank_count(name: str, options: dict, layer) -> int:
     is_conv = isinstance(layer, torch.nn.Conv2d)
     d_out, d_in = layer.weight.shape[:2]
     k = layer.kernel_size[0] if is_conv else 1
-    if name == "lora":  # A: d_in*k*k -> r, B: r -> d_out
-        return r * (d_in * k * k + d_out)
+    if name == "lora":  # A: d_in*k*k -> r, B: r -> d_out; DoRA: a magnitude per output channel
+        return r * (d_in * k * k + d_out) + (d_out if options.get("dora") else 0)
     if name == "loha":  # two low-rank pairs, each with an r x r x k x k core under tucker
         if tucker and k > 1:
             return 2 * (r * r * k * k + r * d_out + r * d_in)
@@ -360,6 +362,8 @@ SD14_COUNTS = [
     # the 46 1x1 convolutions add r·(c_in + c_out) each: 337,920 at rank 4
     ("lora", {"targets": "conv"}, 2_188_960 + 337_920),
     ("lora", {}, 2_188_960 + 337_920 + 797_184),
+    # DoRA: + one magnitude per output channel of the 226 layers, 183,364 on SD v1.4
+    ("lora", {"dora": True}, 2_188_960 + 337_920 + 797_184 + 183_364),
     ("loha", {}, 2 * (2_188_960 + 337_920 + 797_184)),  # two LoRA-sized pairs
     ("lokr", {}, 261_440),  # low_rank_count's LoKr formula on SD v1.4's shapes
     # D1, m1 = 4: Σ over the 52 3×3 convs of c_in·9·4 (Σ c_in = 55,684) + 52·9·4·9

@@ -1,6 +1,8 @@
 """LoRA, LoHa and LoKr: low-rank, Hadamard and Kronecker weight updates, built on peft.
 
 - LoRA: ΔW = (α/r)·B·A; on a k×k conv, A is a k×k conv down to r channels and B a 1×1 conv up.
+  With `dora` (DoRA, Liu et al. 2024; peft's `use_dora`): W' = m·(W + (α/r)·B·A)/‖W + (α/r)·B·A‖, the
+  norm and the trained magnitude m (starting at ‖W‖) per output channel; strength S gives W + S·(W' − W).
 - LoHa: ΔW = (α/r)·(B1·A1) ⊙ (B2·A2), with `tucker` a CP/Tucker core per product on k×k convs.
 - LoKr: ΔW = (α/r)·W1 ⊗ W2; each factor is full or low-rank (B·A) following LyCORIS' rules, the
   channel counts split by `factor` (-1: the divisor pair nearest the square root).
@@ -48,11 +50,12 @@ PEFT_TO_KOHYA = {
     "lora_B.weight": "lora_up.weight",
     **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
     **{name: name for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+    "lora_magnitude_vector": "dora_scale",  # DoRA's magnitude: peft (1, out, 1, 1) or (out,), LyCORIS (out, 1, ...)
 }
 
 
 @dataclass
-class LoraOptions:
+class LowRankOptions:
     rank: int = field(default=4, metadata={"help": "rank r"})
     # unset: alpha = rank, so the update's scale α/r is 1
     alpha: float | None = field(
@@ -66,12 +69,19 @@ class LoraOptions:
 
 
 @dataclass
-class LohaOptions(LoraOptions):
+class LoraOptions(LowRankOptions):
+    dora: bool = field(
+        default=False, metadata={"help": "DoRA: also train a magnitude per output channel of the normalised W + ΔW"}
+    )
+
+
+@dataclass
+class LohaOptions(LowRankOptions):
     tucker: bool = field(default=False, metadata={"help": "Tucker-decompose 3x3 conv updates"})
 
 
 @dataclass
-class LokrOptions(LoraOptions):
+class LokrOptions(LowRankOptions):
     factor: int = field(default=-1, metadata={"help": "Kronecker factor size, -1 for automatic"})
     decompose_both: bool = field(default=False, metadata={"help": "also make the first Kronecker factor low-rank"})
     tucker: bool = field(default=False, metadata={"help": "Tucker-decompose 3x3 conv updates"})
@@ -121,7 +131,7 @@ class _PeftLowRank(WrappedLayers):
         o.alpha = float(o.alpha)
         if o.targets not in TARGET_CHOICES:
             raise SdtuneError(f"--targets {o.targets!r} is not available; choose: {', '.join(TARGET_CHOICES)}")
-        for flag in ("tucker", "decompose_both"):
+        for flag in ("tucker", "decompose_both", "dora"):
             if hasattr(o, flag) and not isinstance(getattr(o, flag), bool):
                 raise SdtuneError(f"--{flag.replace('_', '-')} must be true or false, got {getattr(o, flag)!r}")
 
@@ -246,7 +256,7 @@ class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
-    variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"rank": 16})
+    variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"rank": 16}, {"dora": True})
     export_formats = ("kohya", "diffusers", "peft")
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 28 points of preservation
 
@@ -254,16 +264,72 @@ class Lora(_PeftLowRank):
         from peft import LoraConfig
 
         return LoraConfig(
-            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=_exact(module_names), lora_dropout=0.0
+            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=_exact(module_names), lora_dropout=0.0,
+            use_dora=self.options.dora,
         )
 
+    def options_dict(self) -> dict[str, Any]:
+        options = super().options_dict()
+        if not options["dora"]:
+            del options["dora"]  # plain LoRA adapters keep the bytes they had before DoRA
+        return options
+
+    # DoRA's strength. peft's own scale multiplies (α/r)·B·A inside the norm, so at 0 it gives m·W/‖W‖, not
+    # W. Here peft's scale stays at training's and the strength S multiplies what the DoRA module adds
+    # to the base layer's output, (W' − W)·x: the layer computes with W + S·(W' − W), as ComfyUI's strength.
+    def _inject_peft(self, model: nn.Module, prefix: str, targets: list[str]) -> None:
+        super()._inject_peft(model, prefix, targets)
+        if self.options.dora:
+            for name in targets:
+                dora = model.get_submodule(name).lora_magnitude_vector[ADAPTER]
+                dora.sdtune_strength = 1.0
+                dora.register_forward_hook(_dora_strength_hook)
+
+    def set_layer_scale(self, layer: nn.Module, scale: float) -> None:
+        if self.options.dora:
+            layer.lora_magnitude_vector[ADAPTER].sdtune_strength = scale
+        else:
+            super().set_layer_scale(layer, scale)
+
+    def layer_delta(self, layer: nn.Module) -> torch.Tensor:
+        if not self.options.dora:
+            return super().layer_delta(layer)
+        base = layer.get_base_layer().weight
+        dora = layer.lora_magnitude_vector[ADAPTER]
+        weight = dora_weight(base.float(), layer.get_delta_weight(ADAPTER).float(), dora.weight.float())
+        return ((weight - base.float()) * dora.sdtune_strength).to(base.dtype)
+
+    def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "lora_magnitude_vector" in parts:
+            # LyCORIS' dora_scale with wd_on_out: one value per output channel, shaped to broadcast over W
+            ndim = parts["lora_A.weight"].ndim
+            magnitude = parts["lora_magnitude_vector"]
+            parts = {**parts, "lora_magnitude_vector": magnitude.reshape(-1, *[1] * (ndim - 1))}
+        return parts
+
     def _kohya_network(self) -> tuple[str, dict[str, str]]:
+        if self.options.dora:  # kohya-ss' own LoRA has no DoRA; LyCORIS' has, the norm per output channel
+            return "lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
         return "networks.lora", {}  # kohya-ss' own LoRA
 
-    def diffusers_lora_layers(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-        """The adapter's `tensors` as diffusers' `save_lora_weights` takes them, alpha/rank folded into
-        lora_B, and the LoraConfig metadata (lora_alpha = r), so loaders that read the metadata and
-        older ones that do not get the same update."""
+    def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        if format == "kohya" and self.options.dora:
+            return ["DoRA in a kohya file: LyCORIS and sdtune read it exactly; ComfyUI (through v0.3.77) and Forge divide "
+                    "this per-output-channel dora_scale by the base weight's norm ‖W‖ where DoRA divides by ‖W + ΔW‖, so "
+                    "their update is slightly off; AUTOMATIC1111 takes dora_scale per input channel and misreads it"]
+        return []
+
+    def diffusers_lora_layers(self, tensors: dict[str, torch.Tensor], model: str = "unet") -> tuple[dict[str, torch.Tensor], dict]:
+        """The adapter's `tensors` of one `model` (unet, text_encoder, ...) as diffusers' `save_lora_weights`
+        takes them, alpha/rank folded into lora_B, and the LoraConfig metadata (lora_alpha = r), so loaders
+        that read the metadata and older ones that do not get the same update."""
+        if self.options.dora and model != "unet":
+            # its text encoders load through transformers' load_adapter, whose key mapping (peft 0.21's
+            # build_peft_weight_mapping) misses the magnitudes' `.weight`: they keep their initial values
+            raise SdtuneError(
+                "--format diffusers: diffusers' load_lora_weights (0.42, with transformers 5) drops a text encoder's "
+                "DoRA magnitudes; export this adapter with --format peft or kohya"
+            )
         scale = float(self.options.alpha) / self.options.rank
         layers = {}
         for key, tensor in tensors.items():
@@ -273,7 +339,22 @@ class Lora(_PeftLowRank):
             layers[key] = tensor.contiguous()
         modules = list(_group_by_module(tensors))
         metadata = {"r": self.options.rank, "lora_alpha": self.options.rank, "target_modules": _exact(modules)}
+        if self.options.dora:
+            metadata["use_dora"] = True  # the magnitudes keep peft's names and shapes, which diffusers loads
         return layers, metadata
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's W' = m·(W + ΔW)/‖W + ΔW‖, the norm over each output channel (dimension 0), as peft computes it."""
+    direction = weight + delta
+    norm = direction.flatten(1).norm(dim=1)
+    return direction * (magnitude.flatten() / norm).view(-1, *[1] * (weight.ndim - 1))
+
+
+def _dora_strength_hook(module: nn.Module, args, output: torch.Tensor):
+    """peft's DoRA module returns (W' − W)·x; scale it by the strength (1: as peft computes it)."""
+    strength = module.sdtune_strength
+    return None if strength == 1.0 else output * strength
 
 
 class Loha(_PeftLowRank):
