@@ -455,15 +455,20 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         config, processes = self.config, self.accelerator.num_processes
-        encoder_parameters = self.method.text_encoder_parameters()
-        groups = self.parameters
-        if encoder_parameters:  # the text encoder's own learning rate: a second parameter group
-            own = {id(p) for p in encoder_parameters}
-            groups = [
-                {"params": [p for p in self.parameters if id(p) not in own]},
-                {"params": encoder_parameters, "lr": config.text_encoder_lr},
-            ]
-        self.optimizer = make_optimizer(config, groups, self.method.weight_decay)
+        # a parameter group per learning rate: the UNet's at --lr, the text encoder's at --text-encoder-lr,
+        # each times the method's factor (LoRA+'s B matrices)
+        encoder = {id(p) for p in self.method.text_encoder_parameters()}
+        groups, self.encoder_group = [], None
+        for in_encoder, lr in ((False, config.lr), (True, config.text_encoder_lr)):
+            for parameters, factor in self.method.learning_rate_factors():
+                mine = [p for p in parameters if (id(p) in encoder) == in_encoder]
+                if mine:
+                    if in_encoder and self.encoder_group is None:
+                        self.encoder_group = len(groups)
+                    groups.append({"params": mine, "lr": lr * factor})
+        # the trained tensors in the optimiser's order, which checkpoints number them by
+        self.parameters = [p for group in groups for p in group["params"]]
+        self.optimizer = make_optimizer(config, groups if len(groups) > 1 else self.parameters, self.method.weight_decay)
         # Accelerate steps a prepared scheduler once per process per optimiser step, hence the factors
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup" if config.lr_scheduler == "constant" and config.lr_warmup_steps else config.lr_scheduler,
@@ -685,7 +690,7 @@ class Trainer:
         groups = self.optimizer.param_groups
         result = StepResult(
             step=self.global_step + 1, started=time.perf_counter(), lr=groups[0]["lr"],
-            text_encoder_lr=groups[1]["lr"] if len(groups) > 1 else None,
+            text_encoder_lr=groups[self.encoder_group]["lr"] if self.encoder_group is not None else None,
         )
         for micro_batch in range(config.gradient_accumulation_steps):
             batch = next(self.batches)

@@ -51,6 +51,7 @@ OPTION_FLAGS: dict[str, OptionFlag] = {
     "--alpha": OptionFlag(_LOW_RANK, "alpha", float),
     "--targets": OptionFlag(_LOW_RANK, "targets", str),
     "--dora": OptionFlag(("lora",), "dora", bool, "--dora/--no-dora"),
+    "--loraplus-lr-ratio": OptionFlag(("lora",), "loraplus_lr_ratio", float),
     "--factor": OptionFlag(("lokr",), "factor", int),
     "--decompose-both": OptionFlag(("lokr",), "decompose_both", bool, "--decompose-both/--no-decompose-both"),
     "--tucker": OptionFlag(("loha", "lokr"), "tucker", bool, "--tucker/--no-tucker"),

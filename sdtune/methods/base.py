@@ -257,6 +257,10 @@ class Method(ABC):
         """The trainable parameters that live in the text encoders (their own learning rate)."""
         return []
 
+    def learning_rate_factors(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainable parameters by the factor their learning rate gets (LoRA+'s B matrices train faster)."""
+        return [(self.trainable_parameters(), 1.0)]
+
     def num_parameters(self) -> int:
         """How many numbers training updates."""
         return sum(p.numel() for p in self.trainable_parameters())

@@ -73,6 +73,9 @@ class LoraOptions(LowRankOptions):
     dora: bool = field(
         default=False, metadata={"help": "DoRA: also train a magnitude per output channel of the normalised W + ΔW"}
     )
+    loraplus_lr_ratio: float = field(
+        default=1.0, metadata={"help": "LoRA+: the B (up) matrices learn at this times --lr (16 in the paper; 1: plain LoRA)"}
+    )
 
 
 @dataclass
@@ -272,7 +275,32 @@ class Lora(_PeftLowRank):
         options = super().options_dict()
         if not options["dora"]:
             del options["dora"]  # plain LoRA adapters keep the bytes they had before DoRA
+        if options["loraplus_lr_ratio"] == 1.0:
+            del options["loraplus_lr_ratio"]  # and before LoRA+
         return options
+
+    def validate_options(self) -> None:
+        super().validate_options()
+        ratio = self.options.loraplus_lr_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            raise SdtuneError(f"--loraplus-lr-ratio must be a positive number (and finite), got {ratio!r}")
+        self.options.loraplus_lr_ratio = float(ratio)
+
+    # LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): B starts at zero and
+    # must move further than A, so it learns at λ times the rate, as peft's create_loraplus_optimizer and
+    # kohya-ss' loraplus_lr_ratio set it up; DoRA's magnitudes keep the plain rate.
+    def learning_rate_factors(self) -> list[tuple[list[nn.Parameter], float]]:
+        ratio = self.options.loraplus_lr_ratio
+        if ratio == 1.0:
+            return super().learning_rate_factors()
+        plain, faster = [], []
+        for layer in self.layers.values():
+            for key, parameter in layer.named_parameters():
+                if key.startswith("lora_B.") and key.split(".")[1] == ADAPTER:
+                    faster.append(parameter)
+                elif key.split(".")[0] in layer.adapter_layer_names and key.split(".")[1] == ADAPTER:
+                    plain.append(parameter)
+        return [(plain, 1.0), (faster, ratio)]
 
     # DoRA's strength. peft's own scale multiplies (α/r)·B·A inside the norm, so at 0 it gives m·W/‖W‖, not
     # W. Here peft's scale stays at training's and the strength S multiplies what the DoRA module adds
