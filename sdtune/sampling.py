@@ -109,7 +109,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     else:
         output = Path("samples")
     if any(output.resolve() == adapter_path(adapter).resolve() for adapter in config.adapters):
-        raise SdtuneError(f"--output {output} is an adapter file; give a folder for the images")
+        raise SdtuneError(f"--output {output} is the adapter file; give a folder for the images")
     ensure_writable_folder(output / "images")
 
     # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes
