@@ -209,5 +209,5 @@ class Oft(WrappedLayers):
         if format != "peft" or self.options.targets == "attn":
             return []
         return [f"peft (0.21.2) computes OFT on 3×3 convolutions wrongly unless merged (targets={self.options.targets}): "
-                "its forward sums overlapping input patches; call merge_and_unload() after PeftModel.from_pretrained, "
-                "or use --format kohya, which every loader applies as trained"]
+                "its forward sums overlapping input patches (and fails on maps smaller than the kernel); call "
+                "merge_and_unload() after PeftModel.from_pretrained, or use --format kohya"]
