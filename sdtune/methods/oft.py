@@ -20,7 +20,8 @@ Cayley, Neumann, COFT projection and block sharing) under peft's own name, so ad
 in one matmul or convolution, because peft 0.21.2's layers (a) ignore a scale (their `set_scale` warns
 and keeps 1) and (b) on a k×k convolution with k > 1 rotate unfolded input patches and fold them back
 with F.fold, which sums overlapping patches: at R = I such a layer's output is not the base's (each
-pixel counted up to k² times). Their merge (W·Rᵀ) is right, and that is what this module computes.
+pixel counted up to k² times), and maps smaller than the kernel fail. Their merge (W·Rᵀ) is right, and
+that is what this module computes.
 The same reason gives `export_warnings` for peft files that hold k×k convolutions.
 
 Block size: `block_size` b (peft's `oft_block_size`, default 32: it divides every attention width of
