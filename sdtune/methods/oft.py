@@ -12,7 +12,9 @@ radius `eps`, `block_share` uses one R_i for all blocks of a layer.
 
 The update is ΔW = W' − W = W·(Rᵀ − I), and the strength S gives W + S·ΔW, the project's convention for
 updates that are not additive: it is what LyCORIS' `diag-oft` multiplier does (its weight is
-(I + S·(R − I)) applied to W) and what ComfyUI's strength does for OFT files. S = 0 is the base.
+(I + S·(R − I)) applied to W; ComfyUI's reader of such files scales that difference by S once more, S²·ΔW,
+agreeing at 0 and 1). S = 0 is the base; the kohya files sdtune writes are W' − W, which every loader
+scales linearly.
 
 Built on peft's maths, not on peft's layers: each layer keeps peft's `OFTRotationModule` (peft's
 Cayley, Neumann, COFT projection and block sharing) under peft's own name, so adapter keys are peft's
