@@ -41,9 +41,9 @@ CASES = [
     ("atoms", {"m1": 2, "kc": 2}, 1e-2),
     ("atoms", {"init": "sparse", "m": 4}, 1e-2),
     ("atoms", {"linear": True}, 1e-2),
-    ("oft", {}, 1e-2),
+    ("oft", {}, 1e-2),  # the convolutions; conv_in (D = 4·3·3 = 36) takes b = 36
     ("oft", {"targets": "all", "block_share": True}, 1e-2),
-    ("oft", {"targets": "conv", "block_size": 16, "cayley_neumann": True}, 1e-2),  # conv_in (D = 36): b = 18
+    ("oft", {"targets": "attn", "block_size": 16, "cayley_neumann": True}, 1e-2),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts, _ in CASES]
 
@@ -115,7 +115,7 @@ def expected_count(name: str, options: dict, unet) -> int:
     if name in ("lora", "loha", "lokr"):
         return sum(low_rank_count(name, options, layer) for layer in low_rank_targets(options.get("targets", "all"), unet))
     if name == "oft":
-        return sum(oft_count(options, layer) for layer in low_rank_targets(options.get("targets", "attn"), unet))
+        return sum(oft_count(options, layer) for layer in low_rank_targets(options.get("targets", "conv"), unet))
     raise AssertionError(f"no formula for {name}")
 
 

@@ -114,14 +114,18 @@ def per_block(b: int) -> int:
     return b * (b - 1) // 2
 
 
+# The 52 3x3 convolutions: D = 9·c_in, Σ c_in = 55,680 without conv_in, whose D = 4·9 = 36 takes b = 36 (b = 18
+# for 16); the 46 1x1 convolutions: D = c_in, Σ c_in = 47,040.
+CONV_INPUTS = 9 * 55_680 + 47_040  # 548,160
+
 SD14_OFT_COUNTS = [
-    ({}, ATTN_INPUTS // 32 * per_block(32)),  # 3,108 blocks of 32×32: 1,541,568
-    ({"block_size": 64}, ATTN_INPUTS // 64 * per_block(64)),  # 99,456 / 64 = 1,554 blocks: 3,132,864
-    ({"block_share": True}, 128 * per_block(32)),  # one block a layer: 63,488
-    # + the 3x3 convolutions: D = 9·c_in, Σ c_in = 55,680 without conv_in, whose D = 4·9 = 36 takes b = 36;
-    # + the 46 1x1 convolutions: D = c_in, Σ c_in = 47,040
-    ({"targets": "all"}, (ATTN_INPUTS + 9 * 55_680 + 47_040) // 32 * per_block(32) + per_block(36)),  # 10,038,678
-    ({"targets": "conv3x3", "block_size": 16}, 9 * 55_680 // 16 * per_block(16) + 36 // 18 * per_block(18)),
+    ({}, CONV_INPUTS // 32 * per_block(32) + per_block(36)),  # 17,130 blocks of 32×32 + conv_in's 36×36: 8,497,110
+    ({"block_size": 16}, CONV_INPUTS // 16 * per_block(16) + 2 * per_block(18)),  # 4,111,506
+    ({"block_share": True}, 97 * per_block(32) + per_block(36)),  # one block a layer: 48,742
+    ({"targets": "attn"}, ATTN_INPUTS // 32 * per_block(32)),  # 3,108 blocks of 32×32: 1,541,568
+    ({"targets": "attn", "block_size": 64}, ATTN_INPUTS // 64 * per_block(64)),  # 1,554 blocks: 3,132,864
+    ({"targets": "all"}, (ATTN_INPUTS + CONV_INPUTS) // 32 * per_block(32) + per_block(36)),  # 10,038,678
+    ({"targets": "conv3x3", "block_size": 16}, 9 * 55_680 // 16 * per_block(16) + 2 * per_block(18)),
 ]
 
 
@@ -132,7 +136,8 @@ def test_sd14_parameter_counts(options, count):
     method = methods.create("oft", **options)
     method.inject(build_sd14_unet("meta"))
     assert method.num_parameters() == count
-    assert SD14_OFT_COUNTS[0][1] == 1_541_568 and SD14_OFT_COUNTS[3][1] == 10_038_678  # the README's numbers
+    readme = {0: 8_497_110, 1: 4_111_506, 2: 48_742, 3: 1_541_568, 5: 10_038_678}  # the README's numbers
+    assert all(SD14_OFT_COUNTS[index][1] == number for index, number in readme.items())
 
 
 def tuned(options, path):
@@ -160,8 +165,8 @@ def run_unet(unet, inputs):
         return unet(*inputs).sample
 
 
-@pytest.mark.parametrize("options", [{}, {"block_share": True, "cayley_neumann": True}, {"targets": "all", "block_size": 16}],
-                         ids=["default", "shared-neumann", "all"])
+@pytest.mark.parametrize("options", [{"targets": "attn"}, {"targets": "attn", "block_share": True, "cayley_neumann": True},
+                                     {"block_size": 16}], ids=["attn", "attn-shared-neumann", "conv"])
 def test_peft_folder_loads_with_peft(options, tmp_path, inputs):
     from peft import PeftModel
 
@@ -171,7 +176,7 @@ def test_peft_folder_loads_with_peft(options, tmp_path, inputs):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         export_adapter(tmp_path / "a.safetensors", "peft", tmp_path / "peft")
-    convs = options.get("targets", "attn") != "attn"
+    convs = options.get("targets", "conv") != "attn"
     assert any("merge_and_unload()" in str(w.message) for w in record) == convs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -225,7 +230,7 @@ def test_coft_keeps_each_layer_within_its_radius(tiny_pipe, unet_inputs):
     ({"block_size": 1}, "--oft-block-size must be a whole number of at least 2, got 1"),
     ({"block_size": 8.5}, "--oft-block-size must be a whole number of at least 2, got 8.5"),
     ({"block_size": True}, "--oft-block-size must be a whole number of at least 2, got True"),
-    ({"targets": "ff"}, "oft targets 'ff' is not available; choose: attn, conv, conv3x3, all"),
+    ({"targets": "ff"}, "oft targets 'ff' is not available; choose: conv, conv3x3, attn, all"),
     ({"coft": "yes"}, "oft option coft must be true or false, got 'yes'"),
     ({"eps": 0}, "oft option eps must be a positive number (and finite), got 0"),
     ({"eps": float("nan")}, "oft option eps must be a positive number (and finite), got nan"),
@@ -242,7 +247,7 @@ def test_the_block_size_flag_reaches_the_method_before_the_model_loads(tmp_path,
     import sdtune.models
     from sdtune.cli import app
 
-    expected = methods.create("oft", block_size=16)
+    expected = methods.create("oft", block_size=16, targets="attn")
     expected.inject(sdtune.models.load_pipeline("tiny-random").unet)
     monkeypatch.setattr(sdtune.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
     result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--method", "oft", "--oft-block-size", "16",

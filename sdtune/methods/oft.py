@@ -26,16 +26,21 @@ pixel counted up to k² times), and maps smaller than the kernel fail. Their mer
 that is what this module computes.
 The same reason gives `export_warnings` for peft files that hold k×k convolutions.
 
-Block size: `block_size` b (peft's `oft_block_size`, default 32: it divides every attention width of
-SD v1.x/2.x and SDXL and the tiny models). Where b does not divide a layer's D, that layer uses peft's
+Block size: `block_size` b (peft's `oft_block_size`, default 32: it divides every attention width and
+every convolution's c_in·k·k of SD v1.x/2.x, SDXL and the tiny models but `conv_in`'s). Where b does not divide a layer's D, that layer uses peft's
 choice, the divisor of D nearest b (ties: the smaller; D itself when b > D), as peft would when loading
 the file, so exported files keep the shapes peft builds (SD's `conv_in`, D = 4·3·3 = 36, takes b = 36).
 
-Targets: `attn` (default) is the to_q, to_k, to_v and to_out.0 projections of every attention, where
-the paper and its authors' peft DreamBooth example (examples/boft_dreambooth/train_oft.sh, with
-UNET_TARGET_MODULES = to_q/to_k/to_v/to_out.0) put OFT; `conv`, `conv3x3` and `all` are LoRA's families
-(3x3 and 1x1 convolutions, and both). With text encoders (`--train-text-encoder`), the same rotation goes
-on their q/k/v/out projections and MLP linears, saved under `text_encoder.<module>.oft_R.weight`.
+Targets: LoRA's families. `conv` (default): the UNet's 3x3 and 1x1 convolutions; `conv3x3`; `attn`: the
+to_q, to_k, to_v and to_out.0 projections of every attention; `all`: both. The paper and its authors'
+peft DreamBooth example (examples/boft_dreambooth/train_oft.sh, UNET_TARGET_MODULES = to_q/to_k/to_v/
+to_out.0) put OFT on the attention projections; the default is the convolutions by measurement
+(sweeps/digits-lr.toml, benchmarks/RESULTS.md): on the digits concept, OFT on the attention projections
+(or on `all`) broke the other digits' prompts (they drew the same few shapes) at every rate that learned
+anything of the style, and at rates that learned nothing still lost 11–17 points; on the convolutions it
+learned the most style of any method there (0.42 at 3e-5) keeping 92.6 % of the other digits over three
+seeds. `-o targets=attn` is the paper's choice. With text encoders (`--train-text-encoder`), the same
+rotation goes on their q/k/v/out projections and MLP linears, saved under `text_encoder.<module>.oft_R.weight`.
 
 peft's `module_dropout` is not offered: peft 0.21.2 builds its multiplicative-dropout layer and never
 calls it, so it has no effect there either.
@@ -58,14 +63,14 @@ from torch import nn
 from ..errors import SdtuneError
 from .base import DeltaLayer, WrappedLayers, attention_projections, named_convs, replace_module
 
-TARGET_CHOICES = ("attn", "conv", "conv3x3", "all")
+TARGET_CHOICES = ("conv", "conv3x3", "attn", "all")
 
 
 @dataclass
 class OftOptions:
     block_size: int = field(default=32, metadata={"help": "rotation block size b (peft's oft_block_size)"})
     targets: str = field(
-        default="attn", metadata={"help": "attn (to_q/k/v/out), conv (3x3 and 1x1 convs), conv3x3 or all"}
+        default="conv", metadata={"help": "conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out) or all"}
     )
     coft: bool = field(default=False, metadata={"help": "constrained OFT: keep each Q within a ball of radius eps"})
     eps: float = field(default=6e-5, metadata={"help": "COFT's radius (with coft)"})
@@ -147,8 +152,9 @@ class Oft(WrappedLayers):
     name = "oft"
     summary = "OFT: block-diagonal orthogonal rotation of each weight's input side, W' = W·Rᵀ (peft's maths)"
     Options = OftOptions
-    variants = ({}, {"targets": "all"}, {"block_size": 64}, {"block_share": True})
-    # not measured: the OFT authors' SD DreamBooth example in peft (examples/boft_dreambooth/train_oft.sh)
+    variants = ({}, {"targets": "attn"}, {"targets": "all"}, {"block_size": 16}, {"block_share": True})
+    # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 18.5 points; also the rate
+    # of the OFT authors' SD DreamBooth example in peft (examples/boft_dreambooth/train_oft.sh)
     default_lr = 3e-5
     export_formats = ("kohya", "peft")
     trains_text_encoder = True
@@ -209,7 +215,7 @@ class Oft(WrappedLayers):
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
         """peft's unmerged forward is wrong on k×k convolutions (see the module docstring); its merge is right.
         Every target choice but `attn` takes the UNet's 3×3 convolutions."""
-        if format != "peft" or self.options.targets == "attn":
+        if format != "peft" or self.options.targets == "attn":  # the default (conv) warns
             return []
         return [f"peft (0.21.2) computes OFT on 3×3 convolutions wrongly unless merged (targets={self.options.targets}): "
                 "its forward sums overlapping input patches (and fails on maps smaller than the kernel); call "
