@@ -7,8 +7,8 @@ W' = W·Rᵀ, R = diag(R_1, ..., R_n), n = D/b blocks of b×b, each the Cayley t
 Q_i built from b(b−1)/2 trainable numbers: R_i = (I − Q_i)(I + Q_i)⁻¹ (exact; with `cayley_neumann`,
 peft's truncated Neumann series of (I + Q_i)(I − Q_i)⁻¹). Q starts at zero, so R = I and the model is
 the base. Rotating the input side as the paper does keeps the angles between the layer's neurons
-(its "hyperspherical energy"). `coft` (constrained OFT) projects each step's Q back into a ball of
-radius `eps`, `block_share` uses one R_i for all blocks of a layer.
+(its "hyperspherical energy"). `coft` (constrained OFT) projects Q back into a ball of radius eps/√n
+at each forward, as peft's forward does; `block_share` uses one R_i for all blocks of a layer.
 
 The update is ΔW = W' − W = W·(Rᵀ − I), and the strength S gives W + S·ΔW, the project's convention for
 updates that are not additive: it is what LyCORIS' `diag-oft` multiplier does (its weight is
@@ -27,9 +27,10 @@ that is what this module computes.
 The same reason gives `export_warnings` for peft files that hold k×k convolutions.
 
 Block size: `block_size` b (peft's `oft_block_size`, default 32: it divides every attention width and
-every convolution's c_in·k·k of SD v1.x/2.x, SDXL and the tiny models but `conv_in`'s). Where b does not divide a layer's D, that layer uses peft's
-choice, the divisor of D nearest b (ties: the smaller; D itself when b > D), as peft would when loading
-the file, so exported files keep the shapes peft builds (SD's `conv_in`, D = 4·3·3 = 36, takes b = 36).
+every convolution's c_in·k·k of SD v1.x/2.x, SDXL and the tiny models but `conv_in`'s). Where b does not
+divide a layer's D, that layer uses peft's choice, the divisor of D nearest b (ties: the smaller; D itself
+when b > D), as peft does when it loads the file, so exported files keep the shapes peft builds (SD's
+`conv_in`, D = 4·3·3 = 36, takes b = 36).
 
 Targets: LoRA's families. `conv` (default): the UNet's 3x3 and 1x1 convolutions; `conv3x3`; `attn`: the
 to_q, to_k, to_v and to_out.0 projections of every attention; `all`: both. The paper and its authors'
