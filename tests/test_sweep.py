@@ -243,7 +243,7 @@ def test_a_bad_shard_is_refused(shard, tmp_path):
 @pytest.mark.parametrize("plan,count,names", [
     ("paper-fewshot", 24, ["castle-atoms-m9", "castle-atoms-m9-m1_4", "castle-atoms-m9-kc2", "canal-lora-r16", "canal-lokr-r8-both"]),
     ("paper-vtab", 19, ["cifar", "caltech101", "sun397", "eurosat", "smallnorb_ele"]),
-    ("digits-quality", 7, ["atoms-seed0", "lora-seed0", "gift-seed0"]),
+    ("digits-quality", 8, ["atoms-seed0", "lora-seed0", "gift-seed0", "oft-seed0"]),
     ("digits-lr", 54, ["lora-lr3e-5-seed0", "difffit-lr3e-5-seed2", "bitfit-lr3e-4-seed1", "atoms-lr3e-3-seed2", "lokr-lr1e-4-seed1"]),
 ])
 def test_the_shipped_plans_expand(plan, count, names, tmp_path):
