@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -264,8 +265,8 @@ def test_the_shipped_plans_expand(plan, count, names, tmp_path):
 def test_the_digits_metric_set_measures_a_run_against_the_base_model(tmp_path, private_cache):
     plan = (ROOT / "sweeps" / "digits-quality.toml").read_text()
     plan = (plan.replace("steps = 200", "steps = 1").replace("steps = 25", "steps = 2").replace("num_images = 4", "num_images = 1")
-            .replace('method = ["atoms", "lora", "loha", "lokr", "difffit", "bitfit", "gift"]', 'method = ["lora"]')
             .replace('prompts = "prompts/', f'prompts = "{ROOT.as_posix()}/prompts/'))
+    plan = re.sub(r'(?m)^method = \[.*\]$', 'method = ["lora"]', plan)  # whatever methods the plan lists
     result, lines = sweep(write_plan(tmp_path, plan), tmp_path / "out")
     assert result.ran == ["lora-seed0"], lines
     assert len(list((tmp_path / "out" / "concept-images").glob("*.png"))) == 6
