@@ -407,7 +407,7 @@ def explain(
 @handle_errors
 def export(
     source: Path = typer.Argument(..., help="sdtune adapter file or run folder."),
-    export_format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method; the README says which loader reads which), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr: a folder for PeftModel.from_pretrained)."),
+    export_format: str = typer.Option(..., "--format", help="kohya (ComfyUI/A1111/LyCORIS keys, every method; the README says which loader reads which), diffusers (LoRA, for load_lora_weights) or peft (lora/loha/lokr/oft: a folder for PeftModel.from_pretrained)."),
     output: Path = typer.Option(..., help="Output file (kohya, diffusers) or new folder (peft)."),
     model: Optional[str] = typer.Option(None, help="kohya: the base model whose UNet config decides the key names (SDXL's differ) and, for diff-style methods, ΔW = merged - base is computed on (default: the adapter's)."),
     full_diff: bool = typer.Option(False, "--full-diff", help="kohya, diff-style methods: a zero .diff beside every .diff_b of a module whose bias alone changed (BitFit, DiffFit), so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too; the zeros cost as much as those weights (the command says how much)."),

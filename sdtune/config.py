@@ -587,7 +587,7 @@ class ExportConfig(_Config):
     """Everything `sdtune export` needs."""
 
     source: str = ""  # an sdtune adapter file or run folder
-    format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr)
+    format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr, oft)
     output: str = ""  # a file (kohya, diffusers) or a new folder (peft)
     model: str | None = None  # the base model diff-style kohya exports use (default: the adapter's)
     full_diff: bool = False  # kohya diffs: a zero .diff beside every lone .diff_b, for LyCORIS, A1111, InvokeAI

@@ -5,7 +5,7 @@ methods that have them.
 
 - `kohya`: one safetensors file with the keys ComfyUI, AUTOMATIC1111 and kohya-ss/sd-scripts read,
   as LyCORIS writes them (`sdtune.kohya` describes the keys and writes the file): the method's own
-  kohya tensors where it has them (`Method.kohya_tensors`: LoRA, LoHa, LoKr), otherwise the
+  kohya tensors where it has them (`Method.kohya_tensors`: LoRA, LoHa, LoKr), otherwise (OFT among them) the
   full-weight differences ΔW = merged − base of each changed module, computed on the base model.
   A module whose bias alone changed gets `.diff_b` alone, which ComfyUI and sdtune read; with
   `full_diff` a zero `.diff` goes beside it, for LyCORIS, AUTOMATIC1111 and InvokeAI (the result's
@@ -14,7 +14,7 @@ methods that have them.
   for `load_lora_weights`. alpha/rank is folded into lora_B and the LoraConfig metadata says
   lora_alpha = r, so loaders that read the metadata and older ones that do not get the same update
   (`Lora.diffusers_lora_layers`; DoRA's magnitudes go as peft names them, with `use_dora`).
-- `peft` (lora, loha, lokr): a folder with `adapter_config.json` (`Method.to_peft_config`) and
+- `peft` (lora, loha, lokr, oft): a folder with `adapter_config.json` (`Method.to_peft_config`) and
   `adapter_model.safetensors`, as `PeftModel.save_pretrained` writes it for a UNet wrapped in
   `PeftModel` (keys start with `base_model.model.`); a trained text encoder's the same in `text_encoder/`.
 

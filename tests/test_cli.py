@@ -293,7 +293,7 @@ def test_methods_table_counts_sd14():
     assert result.exit_code == 0, result.output
     assert "4,212" in result.output
     tunes_encoder = {line.split(":")[0] for line in result.output.splitlines() if "--train-text-encoder" in line}
-    assert tunes_encoder == {"atoms", "lora", "loha", "lokr"}
+    assert tunes_encoder == {"atoms", "lora", "loha", "lokr", "oft"}
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ DIFF_STYLE = [
     ("difffit", {}),
     ("gift", {}),
     ("full", {}),
+    ("oft", {"targets": "all"}),  # peft's input-side rotation has no LyCORIS form (its diag-oft turns the output side)
 ]
 
 
@@ -204,7 +205,7 @@ def test_kohya_diff_export_is_merged_minus_base(name, options, tmp_path, inputs)
 # its own Tucker layout (rank first, as peft's) does not hold there; and it builds decompose_both
 # factors only when both are low-rank (peft keeps a small w2 full).
 LYCORIS_CASES = [c for c in LOW_RANK if not (c[0] == "lokr" and (c[1].get("decompose_both") or c[1].get("tucker")))]
-LYCORIS_CASES += [("atoms", {}), ("gift", {}), ("full", {})]
+LYCORIS_CASES += [("atoms", {}), ("gift", {}), ("full", {}), ("oft", {"targets": "all"})]
 
 
 @pytest.mark.parametrize("name,options", LYCORIS_CASES, ids=ids(LYCORIS_CASES))

@@ -43,6 +43,9 @@ CASES = [
     ("atoms", {"m1": 2, "kc": 2}, 1e-2),
     ("atoms", {"init": "sparse", "m": 4}, 1e-2),
     ("atoms", {"linear": True}, 1e-2),
+    ("oft", {}, 1e-2),  # the convolutions; conv_in (D = 4·3·3 = 36) takes b = 36
+    ("oft", {"targets": "all", "block_share": True}, 1e-2),
+    ("oft", {"targets": "attn", "block_size": 16, "cayley_neumann": True}, 1e-2),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts, _ in CASES]
 
@@ -113,6 +116,8 @@ def expected_count(name: str, options: dict, unet) -> int:
         return sum(2 * d * r + hyper for d in widths)  # one (φ, H, ψ) per input width
     if name in ("lora", "loha", "lokr"):
         return sum(low_rank_count(name, options, layer) for layer in low_rank_targets(options.get("targets", "all"), unet))
+    if name == "oft":
+        return sum(oft_count(options, layer) for layer in low_rank_targets(options.get("targets", "conv"), unet))
     raise AssertionError(f"no formula for {name}")
 
 
@@ -161,6 +166,15 @@ def low_rank_count(name: str, options: dict, layer) -> int:
     else:
         w2 = b * r + r * d * k * k
     return w1 + w2
+
+
+def oft_count(options: dict, layer) -> int:
+    """OFT on one layer: D/b rotation blocks (one with block_share) of b(b−1)/2 numbers each, D = the weight's
+    input side (c_in·k·k), b the divisor of D nearest the block size (the smaller on a tie), as peft picks it."""
+    dim = layer.weight[0].numel()
+    wanted = options.get("block_size", 32)
+    b = min((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: (abs(d - wanted), d))
+    return (1 if options.get("block_share") else dim // b) * b * (b - 1) // 2
 
 
 def run_unet(unet, inputs):

@@ -61,7 +61,7 @@ def readme_table_flags() -> list[tuple[int, str, str]]:
     for number, line in enumerate(README.read_text(encoding="utf-8").splitlines(), 1):
         if line.startswith("#"):
             command = next((c for heading, c in TABLE_COMMANDS.items() if line == heading or line.startswith(heading + " ")), None)
-            if line.startswith("### `") and line.split("`")[1] in ("atoms", "bitfit", "difffit", "full", "gift", "lora"):
+            if line.startswith("### `") and line.split("`")[1] in ("atoms", "bitfit", "difffit", "full", "gift", "lora", "oft"):
                 command = "train"  # a method's section
         elif command and (line.startswith("| `--") or re.match(r"\| `\w+` \| `--", line)):
             cells = line.split(" | ")[:2]

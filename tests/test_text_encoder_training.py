@@ -26,7 +26,7 @@ from sdtune.training import open_trainer, train
 LOW_RANK = [("lora", {}), ("loha", {}), ("lokr", {}), ("lora", {"targets": "attn", "rank": 2, "alpha": 1.0})]
 # filter atoms' linear form on the text encoder's linears: 4×4 weight blocks where they divide (32×32),
 # else 1×1 (the tiny model's 37-wide MLP)
-CASES = LOW_RANK + [("lora", {"dora": True}), ("atoms", {}), ("atoms", {"linear_kc": 2, "m": 3})]
+CASES = LOW_RANK + [("lora", {"dora": True}), ("atoms", {}), ("atoms", {"linear_kc": 2, "m": 3}), ("oft", {})]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in CASES]
 LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 

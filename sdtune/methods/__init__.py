@@ -26,6 +26,7 @@ _REGISTRY: dict[str, str] = {
     "lora": "lowrank:Lora",
     "loha": "lowrank:Loha",
     "lokr": "lowrank:Lokr",
+    "oft": "oft:Oft",
 }
 
 
@@ -60,6 +61,7 @@ OPTION_FLAGS: dict[str, OptionFlag] = {
     "--atoms-kc": OptionFlag(("atoms",), "kc", int),
     "--atoms-init": OptionFlag(("atoms",), "init", str),
     "--atoms-linear": OptionFlag(("atoms",), "linear", bool, "--atoms-linear/--no-atoms-linear"),
+    "--oft-block-size": OptionFlag(("oft",), "block_size", int),
 }
 
 

@@ -31,6 +31,7 @@ FIXTURES = [
     ("lora", "lora", {"targets": "attn", "rank": 1, "alpha": 2.0}),
     ("loha", "loha", {"targets": "attn", "rank": 1}),
     ("lokr", "lokr", {"targets": "attn", "factor": 16, "decompose_both": True}),
+    ("oft", "oft", {"targets": "attn", "block_size": 8}),
 ]
 
 

@@ -1,0 +1,223 @@
+"""OFT: orthogonal fine-tuning (Qiu et al. 2023, "Controlling Text-to-Image Diffusion by Orthogonal
+Finetuning"), with peft's parametrisation (`peft.OFTConfig`, peft 0.21).
+
+Each tuned layer's weight W (d_out × D, D = d_in, or c_in·k·k for a k×k convolution flattened as peft
+and PyTorch lay it out) turns every neuron's weight vector by the same block-diagonal rotation R:
+W' = W·Rᵀ, R = diag(R_1, ..., R_n), n = D/b blocks of b×b, each the Cayley transform of a skew-symmetric
+Q_i built from b(b−1)/2 trainable numbers: R_i = (I − Q_i)(I + Q_i)⁻¹ (exact; with `cayley_neumann`,
+peft's truncated Neumann series of (I + Q_i)(I − Q_i)⁻¹). Q starts at zero, so R = I and the model is
+the base. Rotating the input side as the paper does keeps the angles between the layer's neurons
+(its "hyperspherical energy"). `coft` (constrained OFT) projects Q back into a ball of radius eps/√n
+at each forward, as peft's forward does; `block_share` uses one R_i for all blocks of a layer.
+
+The update is ΔW = W' − W = W·(Rᵀ − I), and the strength S gives W + S·ΔW, the project's convention for
+updates that are not additive: it is what LyCORIS' `diag-oft` multiplier does (its weight is
+(I + S·(R − I)) applied to W; ComfyUI's reader of such files scales that difference by S once more, S²·ΔW,
+agreeing at 0 and 1). S = 0 is the base; the kohya files sdtune writes are W' − W, which every loader
+scales linearly.
+
+Built on peft's maths, not on peft's layers: each layer keeps peft's `OFTRotationModule` (peft's
+Cayley, Neumann, COFT projection and block sharing) under peft's own name, so adapter keys are peft's
+(`<module>.oft_R.weight`) and `--format peft` writes them as they are; but it computes with W + S·ΔW
+in one matmul or convolution, because peft 0.21.2's layers (a) ignore a scale (their `set_scale` warns
+and keeps 1) and (b) on a k×k convolution with k > 1 rotate unfolded input patches and fold them back
+with F.fold, which sums overlapping patches: at R = I such a layer's output is not the base's (each
+pixel counted up to k² times), and maps smaller than the kernel fail. Their merge (W·Rᵀ) is right, and
+that is what this module computes.
+The same reason gives `export_warnings` for peft files that hold k×k convolutions.
+
+Block size: `block_size` b (peft's `oft_block_size`, default 32: it divides every attention width and
+every convolution's c_in·k·k of SD v1.x/2.x, SDXL and the tiny models but `conv_in`'s). Where b does not
+divide a layer's D, that layer uses peft's choice, the divisor of D nearest b (ties: the smaller; D itself
+when b > D), as peft does when it loads the file, so exported files keep the shapes peft builds (SD's
+`conv_in`, D = 4·3·3 = 36, takes b = 36).
+
+Targets: LoRA's families. `conv` (default): the UNet's 3x3 and 1x1 convolutions; `conv3x3`; `attn`: the
+to_q, to_k, to_v and to_out.0 projections of every attention; `all`: both. The paper and its authors'
+peft DreamBooth example (examples/boft_dreambooth/train_oft.sh, UNET_TARGET_MODULES = to_q/to_k/to_v/
+to_out.0) put OFT on the attention projections; the default is the convolutions by measurement
+(sweeps/digits-lr.toml, benchmarks/RESULTS.md): on the digits concept, OFT on the attention projections
+(or on `all`) broke the other digits' prompts (they drew the same few shapes) at every rate that learned
+anything of the style, and at rates that learned nothing still lost 11–17 points; on the convolutions it
+learned the most style of any method there (0.42 at 3e-5) keeping 92.6 % of the other digits over three
+seeds. `-o targets=attn` is the paper's choice. With text encoders (`--train-text-encoder`), the same
+rotation goes on their q/k/v/out projections and MLP linears, saved under `text_encoder.<module>.oft_R.weight`.
+
+peft's `module_dropout` is not offered: peft 0.21.2 builds its multiplicative-dropout layer and never
+calls it, so it has no effect there either.
+
+Export: `--format peft` (the tensors and an `OFTConfig`); `--format kohya` writes full-weight
+differences (W' − W, computed on the base model). LyCORIS' `diag-oft` (`oft_blocks`, `alpha`) is not
+the same maths: it rotates the *output* axis (W' = blockdiag(R)ᵀ·W over d_out), with R = (I + Q)(I − Q)⁻¹
+from a full b×b block (Q = B − Bᵀ), so peft's input-side rotation has no `oft_blocks` form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import SdtuneError
+from .base import DeltaLayer, WrappedLayers, attention_projections, named_convs, replace_module
+
+TARGET_CHOICES = ("conv", "conv3x3", "attn", "all")
+
+
+@dataclass
+class OftOptions:
+    block_size: int = field(default=32, metadata={"help": "rotation block size b (peft's oft_block_size)"})
+    targets: str = field(
+        default="conv", metadata={"help": "conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out) or all"}
+    )
+    coft: bool = field(default=False, metadata={"help": "constrained OFT: keep each Q within a ball of radius eps"})
+    eps: float = field(default=6e-5, metadata={"help": "COFT's radius (with coft)"})
+    block_share: bool = field(default=False, metadata={"help": "one rotation block shared by all blocks of a layer"})
+    cayley_neumann: bool = field(
+        default=False, metadata={"help": "peft's Neumann-series Cayley transform instead of the exact one"}
+    )
+    neumann_terms: int = field(default=5, metadata={"help": "terms of the Neumann series (with cayley_neumann)"})
+
+
+def layer_block_size(dim: int, block_size: int) -> int:
+    """The block size a layer of input dimension `dim` uses: `block_size` where it divides `dim`, else
+    peft's choice (`OFTLayer.adjust_oft_parameters`): the nearest divisor, the smaller on a tie, `dim`
+    when `block_size` exceeds it."""
+    if dim % block_size == 0:
+        return block_size
+    if block_size >= dim:
+        return dim
+    higher = block_size
+    while higher <= dim and dim % higher != 0:
+        higher += 1
+    lower = block_size
+    while lower > 1 and dim % lower != 0:
+        lower -= 1
+    return lower if block_size - lower <= higher - block_size else higher
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class OftLayer(DeltaLayer):
+    """A Linear or Conv2d turned by a block-diagonal rotation of its input side: ΔW = W·(Rᵀ − I)."""
+
+    def __init__(self, base: nn.Module, options: OftOptions):
+        from peft.tuners.oft.layer import OFTRotationModule
+
+        super().__init__(base)
+        dim = base.weight[0].numel()  # d_in, or c_in·k·k
+        size = layer_block_size(dim, options.block_size)
+        self.blocks = dim // size
+        with torch.device(base.weight.device):  # on the meta device when `sdtune train` counts
+            self.oft_R = OFTRotationModule(
+                1 if options.block_share else self.blocks,
+                size * (size - 1) // 2,
+                size,
+                dim,
+                coft=options.coft,
+                eps=options.eps,
+                block_share=options.block_share,
+                kernel_size=getattr(base, "kernel_size", (0, 0)),
+                use_cayley_neumann=options.cayley_neumann,
+                num_cayley_neumann_terms=options.neumann_terms,
+            )
+        nn.init.zeros_(self.oft_R.weight)  # Q = 0: R = I
+
+    def rotation(self) -> torch.Tensor:
+        """The blocks R_i, (n, b, b) (one, expanded, with block_share), as peft computes them."""
+        rotation = self.oft_R
+        if rotation.coft:  # peft's forward does this projection in place, before the Cayley transform
+            with torch.no_grad():
+                rotation.weight.copy_(rotation._project_batch(rotation.weight, eps=rotation.eps))
+        blocks = rotation._cayley_batch(
+            rotation.weight, rotation.block_size, rotation.use_cayley_neumann, rotation.num_cayley_neumann_terms
+        )
+        return blocks.expand(self.blocks, -1, -1)
+
+    def delta_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        rotation = self.rotation()
+        eye = torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
+        # W·(Rᵀ − I) block by block: (d_out, n, b) · (n, b, b); R − I keeps small rotations' precision
+        blocks = weight.reshape(weight.shape[0], self.blocks, -1).to(rotation.dtype)
+        delta = torch.einsum("onj,nij->oni", blocks, rotation - eye)
+        return delta.reshape(weight.shape)
+
+
+class Oft(WrappedLayers):
+    name = "oft"
+    summary = "OFT: block-diagonal orthogonal rotation of each weight's input side, W' = W·Rᵀ (peft's maths)"
+    Options = OftOptions
+    variants = ({}, {"targets": "attn"}, {"targets": "all"}, {"block_size": 16}, {"block_share": True})
+    # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 18.5 points; also the rate
+    # of the OFT authors' SD DreamBooth example in peft (examples/boft_dreambooth/train_oft.sh)
+    default_lr = 3e-5
+    export_formats = ("kohya", "peft")
+    trains_text_encoder = True
+
+    def validate_options(self) -> None:
+        o = self.options
+        if not _is_int(o.block_size) or o.block_size < 2:
+            raise SdtuneError(f"--oft-block-size must be a whole number of at least 2, got {o.block_size!r}")
+        if o.targets not in TARGET_CHOICES:
+            raise SdtuneError(f"oft targets {o.targets!r} is not available; choose: {', '.join(TARGET_CHOICES)}")
+        for flag in ("coft", "block_share", "cayley_neumann"):
+            if not isinstance(getattr(o, flag), bool):
+                raise SdtuneError(f"oft option {flag} must be true or false, got {getattr(o, flag)!r}")
+        if isinstance(o.eps, bool) or not isinstance(o.eps, (int, float)) or not 0 < o.eps < math.inf:
+            raise SdtuneError(f"oft option eps must be a positive number (and finite), got {o.eps!r}")
+        o.eps = float(o.eps)
+        if not _is_int(o.neumann_terms) or o.neumann_terms < 2:
+            raise SdtuneError(f"oft option neumann_terms must be a whole number of at least 2, got {o.neumann_terms!r}")
+
+    def find_targets(self, unet: nn.Module) -> list[str]:
+        chosen: set[str] = set()
+        if self.options.targets == "conv3x3":
+            chosen.update(name for name, _ in named_convs(unet, {3}))
+        if self.options.targets in ("conv", "all"):
+            chosen.update(name for name, _ in named_convs(unet, {3, 1}))
+        if self.options.targets in ("attn", "all"):
+            chosen.update(attention_projections(unet))
+        return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
+
+    def _inject(self, unet: nn.Module, targets: list[str]) -> None:
+        for name in targets:
+            self.layers[name] = OftLayer(unet.get_submodule(name), self.options)
+            replace_module(unet, name, self.layers[name])
+
+    def _inject_text_encoder(self, text_encoder: nn.Module, prefix: str, targets: list[str]) -> None:
+        for name in targets:
+            layer = OftLayer(text_encoder.get_submodule(name), self.options)
+            replace_module(text_encoder, name, layer)
+            self.layers[f"{prefix}.{name}"] = layer
+
+    def to_peft_config(self, module_names: list[str]):
+        from peft import OFTConfig
+
+        from .lowrank import _exact
+
+        o = self.options
+        return OFTConfig(
+            r=0,
+            oft_block_size=o.block_size,
+            target_modules=_exact(module_names),
+            coft=o.coft,
+            eps=o.eps,
+            block_share=o.block_share,
+            use_cayley_neumann=o.cayley_neumann,
+            num_cayley_neumann_terms=o.neumann_terms,
+        )
+
+    def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """peft's unmerged forward is wrong on k×k convolutions (see the module docstring); its merge is right.
+        Every target choice but `attn` takes the UNet's 3×3 convolutions."""
+        if format != "peft" or self.options.targets == "attn":  # the default (conv) warns
+            return []
+        return [f"peft (0.21.2) computes OFT on 3×3 convolutions wrongly unless merged (targets={self.options.targets}): "
+                "its forward sums overlapping input patches (and fails on maps smaller than the kernel); call "
+                "merge_and_unload() after PeftModel.from_pretrained, or use --format kohya"]
