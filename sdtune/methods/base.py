@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator
 
@@ -503,6 +504,28 @@ def named_linears(unet: nn.Module, endings: tuple[str, ...] | list[str], within:
     for name, module in unet.named_modules():
         if type(module) is nn.Linear and name.endswith(suffixes) and within in name:
             yield name, module
+
+
+LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all")  # what the low-rank methods' and OFT's `targets` name
+
+
+def layer_family(unet: nn.Module, family: str) -> list[str]:
+    """The layers a `targets` family names, in module order: `conv` the 3x3 and 1x1 convolutions, `conv3x3`
+    only the 3x3 ones, `attn` the attention projections (to_q, to_k, to_v, to_out.0), `all` both."""
+    chosen: set[str] = set()
+    if family == "conv3x3":
+        chosen.update(name for name, _ in named_convs(unet, {3}))
+    if family in ("conv", "all"):
+        chosen.update(name for name, _ in named_convs(unet, {3, 1}))
+    if family in ("attn", "all"):
+        chosen.update(attention_projections(unet))
+    return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
+
+
+def exact_module_pattern(names: list[str]) -> str:
+    """A peft `target_modules` pattern for exactly `names`: peft full-matches a string target against each
+    module name, so exact names, no suffix matches."""
+    return "^(?:" + "|".join(re.escape(name) for name in names) + ")$"
 
 
 def attention_projections(unet: nn.Module) -> list[str]:

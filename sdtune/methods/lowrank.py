@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +38,9 @@ import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import WrappedLayers, attention_projections, named_convs
+from .base import LAYER_FAMILIES, WrappedLayers, exact_module_pattern, layer_family
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
-TARGET_CHOICES = ("conv", "conv3x3", "attn", "all")
 
 # peft's adapter tensor names (after `<module>.`) and their kohya/LyCORIS names
 PEFT_TO_KOHYA = {
@@ -94,12 +92,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _exact(targets: list[str]) -> str:
-    """A peft `target_modules` pattern for exactly `targets`: peft full-matches a string target
-    against each module name, so exact names, no suffix matches."""
-    return "^(?:" + "|".join(re.escape(name) for name in targets) + ")$"
-
-
 def split_peft_key(key: str) -> tuple[str, str]:
     """(`down_blocks.0.resnets.0.conv1`, `lora_A.weight`) from a peft adapter key."""
     for suffix in PEFT_TO_KOHYA:
@@ -132,21 +124,14 @@ class _PeftLowRank(WrappedLayers):
         elif isinstance(o.alpha, bool) or not isinstance(o.alpha, (int, float)) or not 0 < o.alpha < math.inf:
             raise SdtuneError(f"--alpha must be a positive number (and finite), got {o.alpha!r}")
         o.alpha = float(o.alpha)
-        if o.targets not in TARGET_CHOICES:
-            raise SdtuneError(f"--targets {o.targets!r} is not available; choose: {', '.join(TARGET_CHOICES)}")
+        if o.targets not in LAYER_FAMILIES:
+            raise SdtuneError(f"--targets {o.targets!r} is not available; choose: {', '.join(LAYER_FAMILIES)}")
         for flag in ("tucker", "decompose_both", "dora"):
             if hasattr(o, flag) and not isinstance(getattr(o, flag), bool):
                 raise SdtuneError(f"--{flag.replace('_', '-')} must be true or false, got {getattr(o, flag)!r}")
 
     def find_targets(self, unet: nn.Module) -> list[str]:
-        chosen: set[str] = set()
-        if self.options.targets == "conv3x3":
-            chosen.update(name for name, _ in named_convs(unet, {3}))
-        if self.options.targets in ("conv", "all"):
-            chosen.update(name for name, _ in named_convs(unet, {3, 1}))
-        if self.options.targets in ("attn", "all"):
-            chosen.update(attention_projections(unet))
-        return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
+        return layer_family(unet, self.options.targets)
 
     @abstractmethod
     def to_peft_config(self, module_names: list[str]):
@@ -267,7 +252,7 @@ class Lora(_PeftLowRank):
         from peft import LoraConfig
 
         return LoraConfig(
-            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=_exact(module_names), lora_dropout=0.0,
+            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=exact_module_pattern(module_names), lora_dropout=0.0,
             use_dora=self.options.dora,
         )
 
@@ -366,7 +351,7 @@ class Lora(_PeftLowRank):
                 tensor = (tensor.float() * scale).to(tensor.dtype)
             layers[key] = tensor.contiguous()
         modules = list(_group_by_module(tensors))
-        metadata = {"r": self.options.rank, "lora_alpha": self.options.rank, "target_modules": _exact(modules)}
+        metadata = {"r": self.options.rank, "lora_alpha": self.options.rank, "target_modules": exact_module_pattern(modules)}
         if self.options.dora:
             metadata["use_dora"] = True  # the magnitudes keep peft's names and shapes, which diffusers loads
         return layers, metadata
@@ -400,7 +385,7 @@ class Loha(_PeftLowRank):
         return LoHaConfig(
             r=self.options.rank,
             alpha=self.options.alpha,
-            target_modules=_exact(module_names),
+            target_modules=exact_module_pattern(module_names),
             use_effective_conv2d=self.options.tucker,
         )
 
@@ -424,7 +409,7 @@ class Lokr(_PeftLowRank):
         return LoKrConfig(
             r=self.options.rank,
             alpha=self.options.alpha,
-            target_modules=_exact(module_names),
+            target_modules=exact_module_pattern(module_names),
             decompose_factor=self.options.factor,
             decompose_both=self.options.decompose_both,
             use_effective_conv2d=self.options.tucker,

@@ -62,9 +62,8 @@ import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import DeltaLayer, WrappedLayers, attention_projections, named_convs, replace_module
+from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_pattern, layer_family, replace_module
 
-TARGET_CHOICES = ("conv", "conv3x3", "attn", "all")
 
 
 @dataclass
@@ -164,8 +163,8 @@ class Oft(WrappedLayers):
         o = self.options
         if not _is_int(o.block_size) or o.block_size < 2:
             raise SdtuneError(f"--oft-block-size must be a whole number of at least 2, got {o.block_size!r}")
-        if o.targets not in TARGET_CHOICES:
-            raise SdtuneError(f"oft targets {o.targets!r} is not available; choose: {', '.join(TARGET_CHOICES)}")
+        if o.targets not in LAYER_FAMILIES:
+            raise SdtuneError(f"oft targets {o.targets!r} is not available; choose: {', '.join(LAYER_FAMILIES)}")
         for flag in ("coft", "block_share", "cayley_neumann"):
             if not isinstance(getattr(o, flag), bool):
                 raise SdtuneError(f"oft option {flag} must be true or false, got {getattr(o, flag)!r}")
@@ -176,14 +175,7 @@ class Oft(WrappedLayers):
             raise SdtuneError(f"oft option neumann_terms must be a whole number of at least 2, got {o.neumann_terms!r}")
 
     def find_targets(self, unet: nn.Module) -> list[str]:
-        chosen: set[str] = set()
-        if self.options.targets == "conv3x3":
-            chosen.update(name for name, _ in named_convs(unet, {3}))
-        if self.options.targets in ("conv", "all"):
-            chosen.update(name for name, _ in named_convs(unet, {3, 1}))
-        if self.options.targets in ("attn", "all"):
-            chosen.update(attention_projections(unet))
-        return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
+        return layer_family(unet, self.options.targets)
 
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
         for name in targets:
@@ -199,13 +191,12 @@ class Oft(WrappedLayers):
     def to_peft_config(self, module_names: list[str]):
         from peft import OFTConfig
 
-        from .lowrank import _exact
 
         o = self.options
         return OFTConfig(
             r=0,
             oft_block_size=o.block_size,
-            target_modules=_exact(module_names),
+            target_modules=exact_module_pattern(module_names),
             coft=o.coft,
             eps=o.eps,
             block_share=o.block_share,
