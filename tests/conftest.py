@@ -48,3 +48,41 @@ def unet_inputs():
     timesteps = torch.tensor([50, 700])
     embeddings = torch.randn(2, 77, 32, generator=generator)
     return latents, timesteps, embeddings
+
+
+@pytest.fixture
+def inputs(unet_inputs):
+    """`unet_inputs` at 16x16 latents: at 8x8 the tiny UNet's last down block runs at 1x1, where GroupNorm
+    amplifies the different rounding of a merged W + ΔW."""
+    import torch
+
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    return (latents, *unet_inputs[1:])
+
+
+@pytest.fixture
+def train_options(monkeypatch, tmp_path):
+    """`train_options(*args)`: the method options `sdtune train ARGS` would train with, read from the config it
+    hands to `sdtune.train` (which is stopped there)."""
+    from typer.testing import CliRunner
+
+    import sdtune
+    from sdtune.cli import app
+    from sdtune.errors import SdtuneError
+
+    seen = {}
+
+    def stop_before_training(config):
+        seen.update(config.options)
+        raise SdtuneError("stop before training")
+
+    monkeypatch.setattr(sdtune, "train", stop_before_training)
+
+    def options(*args) -> dict:
+        seen.clear()
+        result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--output", str(tmp_path / "run"), *args])
+        assert "stop before training" in result.output, result.output
+        return dict(seen)
+
+    return options
+

@@ -32,13 +32,6 @@ def run_unet(unet, inputs):
         return unet(*inputs).sample
 
 
-@pytest.fixture
-def inputs(unet_inputs):
-    # 16x16 latents: at 8x8 the last down block runs at 1x1, where GroupNorm amplifies rounding
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    return (latents, *unet_inputs[1:])
-
-
 def perturbed(options=None, text_encoder=False, scale=0.05):
     """A pipeline with DoRA injected (unmerged) and every trainable tensor moved, as training would."""
     pipe = load_pipeline("tiny-random")
@@ -276,22 +269,12 @@ def test_text_encoder_dora_exports_to_kohya_and_peft(tmp_path, inputs):
         torch.testing.assert_close(encoder(prompt)[0], tuned, rtol=0, atol=1e-4)
 
 
-def test_the_dora_flag_sets_the_option(monkeypatch, tmp_path):
+def test_the_dora_flag_sets_the_option(train_options, tmp_path):
     from typer.testing import CliRunner
 
-    import sdtune
     from sdtune.cli import app
 
-    seen = {}
-
-    def fake_train(config):
-        seen.update(config.options)
-        raise SdtuneError("stop before training")
-
-    monkeypatch.setattr(sdtune, "train", fake_train)
     for args in (["--dora"], ["--option", "dora=true"]):
-        seen.clear()
-        result = CliRunner().invoke(app, ["train", "--method", "lora", "--model", "tiny-random", "--output", str(tmp_path), *args])
-        assert "stop before training" in result.output and seen == {"dora": True}, args
+        assert train_options("--method", "lora", *args) == {"dora": True}, args
     result = CliRunner().invoke(app, ["train", "--method", "loha", "--model", "tiny-random", "--output", str(tmp_path), "--dora"])
     assert result.exit_code == 2 and "--dora applies to --method lora, not loha" in result.output

@@ -216,21 +216,8 @@ def test_cli_flags_reach_the_right_methods_only(args, message, tmp_path):
     assert message in result.output
 
 
-def test_cli_flags_set_the_options(monkeypatch, tmp_path):
+def test_cli_flags_set_the_options(train_options):
     """--rank, --alpha, --targets, --factor, --decompose-both and --tucker become lokr's options."""
-    from typer.testing import CliRunner
-
-    import sdtune
-    from sdtune.cli import app
-
-    seen = {}
-
-    def fake_train(config):
-        seen.update(config.options)
-        raise SdtuneError("stop before training")
-
-    monkeypatch.setattr(sdtune, "train", fake_train)
     args = ["--rank", "2", "--alpha", "1", "--targets", "conv", "--factor", "8", "--decompose-both", "--tucker"]
-    result = CliRunner().invoke(app, ["train", "--method", "lokr", "--model", "tiny-random", "--output", str(tmp_path), *args])
-    assert "stop before training" in result.output
+    seen = train_options("--method", "lokr", *args)
     assert seen == {"rank": 2, "alpha": 1.0, "targets": "conv", "factor": 8, "decompose_both": True, "tucker": True}

@@ -44,14 +44,6 @@ def perturb(method, scale=0.05):
             parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-@pytest.fixture
-def inputs(unet_inputs):
-    # 16x16 latents: at 8x8 the tiny UNet's last down block runs at 1x1, where GroupNorm amplifies the
-    # different rounding of a merged W + ΔW
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    return (latents, *unet_inputs[1:])
-
-
 def tuned_adapter(name, options, path):
     """An adapter of the UNet and the text encoder with every tensor perturbed; its tuned pipeline (unmerged)."""
     pipe = load_pipeline("tiny-random")
