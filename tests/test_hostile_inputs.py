@@ -124,6 +124,7 @@ CASES = [
     ("train-oft-block-size-1", (*TRAIN, "--method", "oft", "--oft-block-size", 1), 2,
      "--oft-block-size must be a whole number of at least 2, got 1"),
     ("train-oft-targets", (*TRAIN, "--method", "oft", "--option", "targets=ff"), 2, "oft targets 'ff' is not available"),
+    ("train-oft-targets-flag", (*TRAIN, "--method", "oft", "--targets", "ff"), 2, "oft targets 'ff' is not available"),
     ("train-atoms-seed-huge", (*TRAIN, "--option", "seed=" + HUGE), 2, "atoms seed must be between 0 and 4294967295"),
     ("train-steps-zero", (*TRAIN, "--steps", 0), 2, "--steps must be at least 1"),
     ("train-lr-nan", (*TRAIN, "--lr", "nan"), 2, "--lr must be positive and finite"),

@@ -50,7 +50,7 @@ OPTION_FLAGS: dict[str, OptionFlag] = {
     "--gift-blocks": OptionFlag(("gift",), "blocks", int),
     "--rank": OptionFlag(_LOW_RANK, "rank", int),
     "--alpha": OptionFlag(_LOW_RANK, "alpha", float),
-    "--targets": OptionFlag(_LOW_RANK, "targets", str),
+    "--targets": OptionFlag((*_LOW_RANK, "oft"), "targets", str),
     "--dora": OptionFlag(("lora",), "dora", bool, "--dora/--no-dora"),
     "--loraplus-lr-ratio": OptionFlag(("lora",), "loraplus_lr_ratio", float),
     "--factor": OptionFlag(("lokr",), "factor", int),
