@@ -72,15 +72,16 @@ def model_card(path: Path, license: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import methods
-    from .adapter import adapter_info, read_adapter_info
+    from .adapter import adapter_info
     from .data import fill_placeholders
     from .fileio import human_bytes
+    from .limits import changed_options
 
     info = adapter_info(path)
     run = path.parent
     settings = read_settings(run)
     name = run.name if (run / "config.toml").exists() else path.stem
-    numbers = sum(_count(entry.shape) for entry in read_adapter_info(path)[1].values())
+    trained = trained_parameters(info)
     template = settings.get("template", "photo of a {token}.")
     prompt = template.format(token=info.token) if info.token and "{token}" in template else None
     method = methods.method_class(info.method)
@@ -93,12 +94,12 @@ def model_card(path: Path, license: str | None = None) -> str:
         instance_prompt=prompt,
         widget=[{"text": prompt or name, "output": {"url": GRID.as_posix()}}] if grid.is_file() else None,
     )
-    options = ", ".join(f"{key}={value}" for key, value in sorted(info.options.items())) or "defaults"
+    counted = f"{trained:,} trained parameters, " if trained else ""
     lines = [
         f"# {name}",
         "",
-        f"A **{info.method}** adapter ({options}) for `{info.base_model}`: {numbers:,} trained numbers, "
-        f"{human_bytes(path.stat().st_size)} on disk, trained with sdtune {__version__}.",
+        f"An sdtune adapter: **{changed_options(methods.create(info.method, **info.options))}** on "
+        f"`{info.base_model}`, {counted}{human_bytes(path.stat().st_size)} on disk (sdtune {__version__}).",
         "",
         f"The method: {method.summary}.",
     ]
@@ -186,11 +187,20 @@ def _worth_showing(key: str, value) -> bool:
     return not (value == 0 or (key == "gradient_accumulation_steps" and value == 1))
 
 
-def _count(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+def trained_parameters(info) -> int:
+    """How many parameters the adapter's method trained, counted on the base model's architecture built on the
+    meta device from its configs (0 where those cannot be read: the card then leaves the count out)."""
+    from . import methods
+    from .limits import count_parameters, count_text_encoder_parameters
+    from .models import read_model_configs
+
+    try:
+        configs = read_model_configs(info.base_model)
+    except SdtuneError:
+        return 0
+    method = methods.create(info.method, **info.options)
+    unet = count_parameters(configs, method)[1]
+    return unet + count_text_encoder_parameters(configs, method, bool(info.text_encoders))[1]
 
 
 def _shown(value) -> str:

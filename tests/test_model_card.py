@@ -34,7 +34,7 @@ def test_the_card_says_what_the_run_is_and_the_hub_reads_it(run):
     assert card.data.instance_prompt == "photo of a sks castle."
     assert card.data.widget == [{"text": "photo of a sks castle.", "output": {"url": "samples/grid.png"}}]
     text = card.text
-    assert "A **lora** adapter (alpha=4.0, rank=4, targets=all) for `tiny-random`: 213,152 trained numbers" in text
+    assert "An sdtune adapter: **lora** on `tiny-random`, 213,152 trained parameters, " in text
     assert "| steps | 3 |" in text and "| seed | 7 |" in text and "| optimizer | adamw |" in text
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert f"| final loss (mean of the last 3 steps) | {sum(losses) / 3:.4f} |" in text
