@@ -474,21 +474,20 @@ def decomposed_delta(weight, delta, dora_scale, where: str, module_name: str):
     each input channel for (1, in, …), as LyCORIS computes it (wd_on_output on or off)."""
     import torch
 
+    from .methods.base import dora_weight
+
     base = weight.detach().float().cpu()
-    direction = base + delta
     ones = (1,) * (base.ndim - 2)
     m = dora_scale.float()
-    if tuple(m.shape) in ((base.shape[0], 1, *ones), (base.shape[0],)):
-        norm = direction.flatten(1).norm(dim=1).view(-1, 1, *ones)
-    elif tuple(m.shape) == (1, base.shape[1], *ones):
-        norm = direction.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, *ones)
-    else:
-        raise SdtuneError(
-            f"{where}: dora_scale has shape {tuple(m.shape)}; {module_name}'s weight {tuple(base.shape)} wants "
-            f"{(base.shape[0], 1, *ones)} (per output channel) or {(1, base.shape[1], *ones)} (per input channel)"
-        )
     with torch.no_grad():
-        return direction * (m.view(norm.shape) / norm) - base
+        if tuple(m.shape) in ((base.shape[0], 1, *ones), (base.shape[0],)):
+            return dora_weight(base, delta, m) - base
+        if tuple(m.shape) == (1, base.shape[1], *ones):  # per input channel: the same with W's first two axes swapped
+            return dora_weight(base.transpose(0, 1), delta.transpose(0, 1), m).transpose(0, 1) - base
+    raise SdtuneError(
+        f"{where}: dora_scale has shape {tuple(m.shape)}; {module_name}'s weight {tuple(base.shape)} wants "
+        f"{(base.shape[0], 1, *ones)} (per output channel) or {(1, base.shape[1], *ones)} (per input channel)"
+    )
 
 
 def kohya_delta(parts: dict[str, Any], where: str) -> Delta:

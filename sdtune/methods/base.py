@@ -331,13 +331,17 @@ class Method(ABC):
             raise RuntimeError(f"{self.name}: merged with keep_base=False; the base weights are gone")
         self.merge(keep_base=True)
         changed = self._changed_modules()
-        bases = {**self._unmerged_weights, **self._initial_weights()}
         diffs = {}
-        for (name, attr), base in bases.items():
+        for (name, attr), base in self._base_weights().items():
             delta = getattr(changed[name], attr).detach().float().cpu() - base.float()
             if delta.any():
                 diffs[(name, attr)] = delta
         return diffs
+
+    def _base_weights(self) -> dict[tuple[str, str], torch.Tensor]:
+        """Merged with keep_base: every weight the merge changed as the base model had it (a method that trains
+        weights in place keeps their values from before training)."""
+        return {**self._unmerged_weights, **self._initial_weights()}
 
     def take_update(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
         """(module, parameter name, scale·ΔW) of every weight the merge changes, ΔW in float32 on the CPU; the
@@ -346,7 +350,7 @@ class Method(ABC):
         diffs = self.weight_diffs()
         changed = self._changed_modules()
         with torch.no_grad():
-            for (name, attr), base in {**self._unmerged_weights, **self._initial_weights()}.items():
+            for (name, attr), base in self._base_weights().items():
                 getattr(changed[name], attr).copy_(base)
         self._unmerged_weights = None
         return [(changed[name], attr, delta) for (name, attr), delta in diffs.items()]
@@ -520,6 +524,19 @@ def layer_family(unet: nn.Module, family: str) -> list[str]:
     if family in ("attn", "all"):
         chosen.update(attention_projections(unet))
     return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
+
+
+def is_whole_number(value: Any) -> bool:
+    """An int option's value: an int, and not a bool (which Python counts as one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's W' = m·(W + ΔW)/‖W + ΔW‖, the norm over each output channel (dimension 0), as peft computes it
+    (`magnitude`: one value per output channel, in any shape that flattens to them)."""
+    direction = weight + delta
+    norm = direction.flatten(1).norm(dim=1)
+    return direction * (magnitude.flatten() / norm).view(-1, *[1] * (weight.ndim - 1))
 
 
 def exact_module_pattern(names: list[str]) -> str:

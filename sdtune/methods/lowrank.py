@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import LAYER_FAMILIES, WrappedLayers, exact_module_pattern, layer_family
+from .base import LAYER_FAMILIES, WrappedLayers, dora_weight, exact_module_pattern, is_whole_number, layer_family
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
 
@@ -88,10 +88,6 @@ class LokrOptions(LowRankOptions):
     tucker: bool = field(default=False, metadata={"help": "Tucker-decompose 3x3 conv updates"})
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def split_peft_key(key: str) -> tuple[str, str]:
     """(`down_blocks.0.resnets.0.conv1`, `lora_A.weight`) from a peft adapter key."""
     for suffix in PEFT_TO_KOHYA:
@@ -117,7 +113,7 @@ class _PeftLowRank(WrappedLayers):
 
     def validate_options(self) -> None:
         o = self.options
-        if not _is_int(o.rank) or o.rank < 1:
+        if not is_whole_number(o.rank) or o.rank < 1:
             raise SdtuneError(f"--rank must be a whole number of at least 1, got {o.rank!r}")
         if o.alpha is None:
             o.alpha = float(o.rank)
@@ -357,13 +353,6 @@ class Lora(_PeftLowRank):
         return layers, metadata
 
 
-def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's W' = m·(W + ΔW)/‖W + ΔW‖, the norm over each output channel (dimension 0), as peft computes it."""
-    direction = weight + delta
-    norm = direction.flatten(1).norm(dim=1)
-    return direction * (magnitude.flatten() / norm).view(-1, *[1] * (weight.ndim - 1))
-
-
 def _dora_strength_hook(module: nn.Module, args, output: torch.Tensor):
     """peft's DoRA module returns (W' − W)·x; scale it by the strength (1: as peft computes it)."""
     strength = module.sdtune_strength
@@ -400,7 +389,7 @@ class Lokr(_PeftLowRank):
     def validate_options(self) -> None:
         super().validate_options()
         factor = self.options.factor
-        if not _is_int(factor) or not (factor == -1 or factor >= 1):
+        if not is_whole_number(factor) or not (factor == -1 or factor >= 1):
             raise SdtuneError(f"--factor must be -1 (automatic) or a whole number of at least 1, got {factor!r}")
 
     def to_peft_config(self, module_names: list[str]):

@@ -56,13 +56,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_pattern, layer_family, replace_module
+from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
 
 
 
@@ -96,10 +95,6 @@ def layer_block_size(dim: int, block_size: int) -> int:
     while lower > 1 and dim % lower != 0:
         lower -= 1
     return lower if block_size - lower <= higher - block_size else higher
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class OftLayer(DeltaLayer):
@@ -161,7 +156,7 @@ class Oft(WrappedLayers):
 
     def validate_options(self) -> None:
         o = self.options
-        if not _is_int(o.block_size) or o.block_size < 2:
+        if not is_whole_number(o.block_size) or o.block_size < 2:
             raise SdtuneError(f"--oft-block-size must be a whole number of at least 2, got {o.block_size!r}")
         if o.targets not in LAYER_FAMILIES:
             raise SdtuneError(f"oft targets {o.targets!r} is not available; choose: {', '.join(LAYER_FAMILIES)}")
@@ -171,7 +166,7 @@ class Oft(WrappedLayers):
         if isinstance(o.eps, bool) or not isinstance(o.eps, (int, float)) or not 0 < o.eps < math.inf:
             raise SdtuneError(f"oft option eps must be a positive number (and finite), got {o.eps!r}")
         o.eps = float(o.eps)
-        if not _is_int(o.neumann_terms) or o.neumann_terms < 2:
+        if not is_whole_number(o.neumann_terms) or o.neumann_terms < 2:
             raise SdtuneError(f"oft option neumann_terms must be a whole number of at least 2, got {o.neumann_terms!r}")
 
     def find_targets(self, unet: nn.Module) -> list[str]:
