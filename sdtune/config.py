@@ -478,9 +478,7 @@ class SampleConfig(_Config):
     @property
     def adapters(self) -> list[str]:
         """The adapters, in the order they merge: none, one, or several that stack."""
-        if self.adapter is None:
-            return []
-        return [str(a) for a in self.adapter] if isinstance(self.adapter, list) else [str(self.adapter)]
+        return listed(self.adapter)
 
     @property
     def stacked(self) -> bool:
@@ -497,8 +495,7 @@ class SampleConfig(_Config):
     @property
     def stack_scales(self) -> list[float]:
         """Each stacked adapter's strength: one each, or one for all."""
-        scales = self.adapter_scale if isinstance(self.adapter_scale, list) else [self.adapter_scale]
-        return list(scales) if len(scales) > 1 else scales * len(self.adapters)
+        return strengths(self.adapter_scale, len(self.adapters))
 
     def validate(self) -> None:
         _split_classes(self)
@@ -524,7 +521,7 @@ class SampleConfig(_Config):
             if isinstance(self.adapter_scale, list) and len(self.adapter_scale) != len(self.adapters):
                 raise SdtuneError(
                     f"--adapter-scale with {len(self.adapters)} adapters takes one strength for all or one each "
-                    f"({len(self.adapters)}, comma-separated), got {_scales_text(self.adapter_scale)}; "
+                    f"({len(self.adapters)}, comma-separated), got {scales_text(self.adapter_scale)}; "
                     "a strength sweep takes one adapter"
                 )
         elif isinstance(self.adapter_scale, list):
@@ -532,7 +529,7 @@ class SampleConfig(_Config):
                 raise SdtuneError("--adapter-scale needs at least one number")
             names = [strength_name(scale) for scale in self.adapter_scale]
             if len(set(names)) != len(names):
-                raise SdtuneError(f"--adapter-scale lists a strength twice (to 6 digits): {_scales_text(self.adapter_scale)}")
+                raise SdtuneError(f"--adapter-scale lists a strength twice (to 6 digits): {scales_text(self.adapter_scale)}")
 
 
 def _split_scales(config) -> None:
@@ -551,12 +548,25 @@ def split_numbers(value, flag: str):
     return values if len(values) != 1 else values[0]
 
 
+def listed(value) -> list[str]:
+    """A setting of one path or several (`--adapter A --adapter B`) as a list of text; unset: none."""
+    if value is None or value == "":
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def strengths(scale: float | list[float], count: int) -> list[float]:
+    """The strength of each of `count` stacked adapters: a list gives one each, a number one for all."""
+    return list(scale) if isinstance(scale, (list, tuple)) else [scale] * count
+
+
 def strength_name(scale: float) -> str:
     """How an adapter strength is written: in a sweep's image names (NNN-scaleS-seedK), labels and messages."""
     return f"{scale:g}"
 
 
-def _scales_text(scales: list[float]) -> str:
+def scales_text(scales: list[float]) -> str:
+    """Strengths as a message and `--adapter-scale` write them: 0,0.5,1."""
     return ",".join(strength_name(scale) for scale in scales)
 
 
@@ -570,11 +580,11 @@ def _check_sampler_settings(config) -> None:
     check_sample_dtype("--dtype", config.dtype)
     scales = config.adapter_scale if isinstance(config.adapter_scale, list) else [config.adapter_scale]
     if not all(math.isfinite(scale) for scale in scales):
-        raise SdtuneError(f"--adapter-scale must be a finite number, got {_scales_text(scales)}")
+        raise SdtuneError(f"--adapter-scale must be a finite number, got {scales_text(scales)}")
     if any(abs(scale) > MAX_ADAPTER_SCALE for scale in scales):
         raise SdtuneError(
             f"--adapter-scale must lie within ±{MAX_ADAPTER_SCALE:g} (further out, the weights overflow to "
-            f"infinities and the images come out blank), got {_scales_text(scales)}"
+            f"infinities and the images come out blank), got {scales_text(scales)}"
         )
 
 
@@ -637,13 +647,12 @@ class MergeConfig(_Config):
 
     @property
     def sources(self) -> list[str]:
-        return [str(s) for s in self.source] if isinstance(self.source, list) else [str(self.source)] if self.source else []
+        return listed(self.source)
 
     @property
     def scales(self) -> list[float]:
         """Each adapter's strength: one each, or one for all."""
-        scales = self.scale if isinstance(self.scale, list) else [self.scale]
-        return list(scales) if len(scales) > 1 else scales * len(self.sources)
+        return strengths(self.scale, len(self.sources))
 
     def validate(self) -> None:
         self.scale = split_numbers(self.scale, "--scale")
@@ -654,10 +663,10 @@ class MergeConfig(_Config):
         scales = self.scale if isinstance(self.scale, list) else [self.scale]
         if isinstance(self.scale, list) and len(self.scale) != len(self.sources):
             raise SdtuneError(
-                f"--scale with {len(self.sources)} adapters takes one strength for all or one each, got {_scales_text(scales)}"
+                f"--scale with {len(self.sources)} adapters takes one strength for all or one each, got {scales_text(scales)}"
             )
         if not all(math.isfinite(scale) for scale in scales):
-            raise SdtuneError(f"--scale must be a finite number, got {_scales_text(scales)}")
+            raise SdtuneError(f"--scale must be a finite number, got {scales_text(scales)}")
 
 
 FID_FEATURES = ("inception", "clip", "dino", "none")

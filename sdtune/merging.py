@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import MERGE_DTYPES
+from .config import MERGE_DTYPES, scales_text, strengths
 from .errors import SdtuneError
 from .fileio import check_output_target, output_file_lock, write_folder, write_text_atomic
 from .safetensors_checks import first_non_finite
@@ -39,17 +39,16 @@ def merge_adapter(
     from .models import DEFAULT_MODEL, load_pipeline
 
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
-    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(sources)
+    scales = strengths(scale, len(sources))
     if dtype not in MERGE_DTYPES:
         raise SdtuneError(f"--dtype {dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
     if not sources or len(scales) != len(sources):
         raise SdtuneError(f"give one --scale for all adapters or one each: {len(sources)} adapters, {len(scales)} scales")
     if not all(math.isfinite(s) for s in scales):
-        raise SdtuneError(f"--scale must be a finite number, got {', '.join(f'{s:g}' for s in scales)}")
+        raise SdtuneError(f"--scale must be a finite number, got {scales_text(scales)}")
     output = Path(output)
     check_output_target(output, [adapter_path(s) for s in sources], overwrite)
     infos = [adapter_info(s) for s in sources]
-    shown_scale = ",".join(f"{s:g}" for s in scales)
     with output_file_lock(output):
         pipe = load_pipeline(model or infos[0].base_model or DEFAULT_MODEL)
         keys = set(pipe.unet.state_dict())
@@ -63,7 +62,7 @@ def merge_adapter(
             pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
         overflowed = first_non_finite(dict(pipe.unet.named_parameters()))
         if overflowed:  # a huge --scale, or an update too large for --dtype: refuse rather than write it
-            raise SdtuneError(f"the merged weight {overflowed} overflows {dtype} at --scale {shown_scale}; use a smaller --scale"
+            raise SdtuneError(f"the merged weight {overflowed} overflows {dtype} at --scale {scales_text(scales)}; use a smaller --scale"
                               + (" or a wider --dtype" if dtype != "fp32" else ""))
         provenance = [_provenance(path, info, strength, dtype) for path, info, strength in zip(sources, infos, scales)]
         _write_pipeline(pipe, output, provenance[0] if len(sources) == 1 else {"stacked": provenance, "dtype": dtype}, overwrite)
