@@ -348,7 +348,7 @@ def train(
 def sample(
     prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
-    adapter: List[Path] = typer.Option([], help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled. Repeat it to stack adapters: each is merged in turn."),
+    adapter: List[Path] = typer.Option([], help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled. Repeat it to stack adapters: their updates are added."),
     model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
     output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples of the first adapter, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),

@@ -60,31 +60,30 @@ def write_model_card(source: str | Path, output: str | Path | None = None, licen
     check_output_target(output, [path], overwrite)
     if is_kohya_file(path):
         raise SdtuneError(f"{path} is a kohya-format file; a card describes an sdtune run or adapter")
-    text = model_card(path, license)
+    info = adapter_info(path)
+    text = model_card(path, info, license)
     with output_file_lock(output):
         write_text_atomic(output, text)
-    info = adapter_info(path)
     return CardResult(output, info.base_model, info.method)
 
 
-def model_card(path: Path, license: str | None = None) -> str:
-    """The card's text (YAML header and Markdown) for the adapter file `path` and the run folder holding it."""
+def model_card(path: Path, info, license: str | None = None) -> str:
+    """The card's text (YAML header and Markdown) for the adapter file `path` (`info`: what it says about itself)
+    and the run folder holding it."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import methods
-    from .adapter import adapter_info
     from .data import fill_placeholders
     from .fileio import human_bytes
     from .limits import changed_options
 
-    info = adapter_info(path)
     run = path.parent
     settings = read_settings(run)
     name = run.name if (run / "config.toml").exists() else path.stem
-    trained = trained_parameters(info)
+    adapter_method = methods.create(info.method, **info.options)
+    trained = trained_parameters(info, adapter_method)
     template = settings.get("template", "photo of a {token}.")
     prompt = template.format(token=info.token) if info.token and "{token}" in template else None
-    method = methods.method_class(info.method)
     tags = ["sdtune", "stable-diffusion", "text-to-image", info.method]
     grid = run / GRID
     data = ModelCardData(
@@ -98,10 +97,10 @@ def model_card(path: Path, license: str | None = None) -> str:
     lines = [
         f"# {name}",
         "",
-        f"An sdtune adapter: **{changed_options(methods.create(info.method, **info.options))}** on "
+        f"An sdtune adapter: **{changed_options(adapter_method)}** on "
         f"`{info.base_model}`, {counted}{human_bytes(path.stat().st_size)} on disk (sdtune {__version__}).",
         "",
-        f"The method: {method.summary}.",
+        f"The method: {adapter_method.summary}.",
     ]
     if prompt:
         lines += ["", f"The token `{info.token}` stands for the concept (training prompt: `{prompt}`)."]
@@ -187,10 +186,9 @@ def _worth_showing(key: str, value) -> bool:
     return not (value == 0 or (key == "gradient_accumulation_steps" and value == 1))
 
 
-def trained_parameters(info) -> int:
+def trained_parameters(info, method) -> int:
     """How many parameters the adapter's method trained, counted on the base model's architecture built on the
     meta device from its configs (0 where those cannot be read: the card then leaves the count out)."""
-    from . import methods
     from .limits import count_parameters, count_text_encoder_parameters
     from .models import read_model_configs
 
@@ -198,7 +196,6 @@ def trained_parameters(info) -> int:
         configs = read_model_configs(info.base_model)
     except SdtuneError:
         return 0
-    method = methods.create(info.method, **info.options)
     unet = count_parameters(configs, method)[1]
     return unet + count_text_encoder_parameters(configs, method, bool(info.text_encoders))[1]
 

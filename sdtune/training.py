@@ -26,6 +26,7 @@ hardware and library versions).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -775,7 +776,7 @@ class Trainer:
         """The denoising loss of one micro-batch, with noise and timesteps from the current RNG."""
         import torch
 
-        from .losses import ErrorMeasure, denoising_loss, training_noise
+        from .losses import denoising_loss, training_noise
 
         config = self.config
         noise = training_noise(latents, config.noise_offset)
@@ -784,8 +785,15 @@ class Trainer:
         return denoising_loss(
             self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise,
             timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
-            ErrorMeasure(config.loss_type, config.huber_c, config.huber_schedule), config.input_perturbation,
+            self.error_measure, config.input_perturbation,
         )
+
+    @functools.cached_property
+    def error_measure(self):
+        """How the loss measures a prediction's error (`losses.ErrorMeasure`), the same every micro-batch."""
+        from .losses import ErrorMeasure
+
+        return ErrorMeasure(self.config.loss_type, self.config.huber_c, self.config.huber_schedule)
 
     def conditions(self, batch, latents):
         """The UNet's conditioning for a batch: its prompts (and, for SDXL, its images' sizes and crops)."""
