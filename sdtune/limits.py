@@ -102,10 +102,11 @@ def check_sampling_steps(model: str, configs, steps: int) -> None:
 def check_timestep_range(model: str, configs, least: int, most: int | None) -> None:
     """`--min-timestep`/`--max-timestep` within the scheduler's training timesteps."""
     timesteps = int(configs.scheduler.get("num_train_timesteps", 1000))
-    if (most if most is not None else least + 1) > timesteps:
-        flag, value = ("--max-timestep", most) if most is not None else ("--min-timestep", least)
-        raise SdtuneError(f"{flag} {value}: {model}'s scheduler has {timesteps} timesteps (0 to {timesteps - 1})"
-                          + (f", so --max-timestep {timesteps} at most" if most is not None else ""))
+    has = f"{model}'s scheduler has {timesteps} timesteps (0 to {timesteps - 1})"
+    if most is not None and most > timesteps:
+        raise SdtuneError(f"--max-timestep {most}: {has}, so --max-timestep {timesteps} at most")
+    if least >= timesteps:
+        raise SdtuneError(f"--min-timestep {least}: {has}")
 
 
 # ---------------------------------------------------------------------------------------------
