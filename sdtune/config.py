@@ -20,6 +20,7 @@ from typing import Any
 
 from .errors import SdtuneError
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
+from .masks import MASK_SOURCES
 from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
@@ -215,6 +216,9 @@ class TrainConfig(_Config):
     caption_dropout: float = 0.0  # train on the empty prompt with this probability
     shuffle_caption: bool = False  # shuffle each caption's comma-separated tags every time it is drawn
     keep_tokens: int = 0  # with shuffle_caption: the first N tags stay in place
+    masked_loss: bool = False  # weight the loss towards each image's subject by its mask (sdtune/masks.py)
+    mask_source: str = "files"  # files: masks/STEM.png beside the images; alpha: each image's alpha channel
+    unmasked_weight: float = 0.1  # the loss weight where a mask is black (1 where it is white)
 
     def validate(self) -> None:
         _split_classes(self)
@@ -332,6 +336,9 @@ class TrainConfig(_Config):
         for name in PHOTO_SETTINGS:  # at their defaults, left out: a run's config.toml reads as before they existed
             if values.get(name) == TrainConfig.__dataclass_fields__[name].default:
                 values.pop(name)
+        if not self.masked_loss:  # as the pseudo-Huber settings below
+            for name in ("mask_source", "unmasked_weight"):
+                values.pop(name, None)
         if self.loss_type == "l2":  # a plain-MSE run's config.toml stays as before the pseudo-Huber losses existed
             for name in ("loss_type", "huber_c", "huber_schedule"):
                 values.pop(name, None)
@@ -388,7 +395,7 @@ def _split_classes(config) -> None:
         raise SdtuneError(f"--classes takes class names separated by commas, got {config.classes!r}")
 
 
-PHOTO_SETTINGS = ("buckets", "caption_dropout", "shuffle_caption", "keep_tokens")
+PHOTO_SETTINGS = ("buckets", "caption_dropout", "shuffle_caption", "keep_tokens", "masked_loss")
 
 
 def _check_photo_settings(config) -> None:
@@ -420,6 +427,14 @@ def _check_photo_settings(config) -> None:
         raise SdtuneError("--keep-tokens applies to --shuffle-caption")
     if config.buckets and config.dataset is not None:
         raise SdtuneError("--buckets applies to concept images; a labelled dataset's images are center-cropped")
+    if config.mask_source not in MASK_SOURCES:
+        raise SdtuneError(f"--mask-source must be one of {', '.join(MASK_SOURCES)}, got {config.mask_source!r}")
+    if not 0 <= config.unmasked_weight < 1:  # 1 would be no mask at all; NaN fails too
+        raise SdtuneError(f"--unmasked-weight must be in [0, 1), got {config.unmasked_weight}")
+    if not config.masked_loss and (config.mask_source, config.unmasked_weight) != (TrainConfig.mask_source, TrainConfig.unmasked_weight):
+        raise SdtuneError("--mask-source and --unmasked-weight apply to --masked-loss")
+    if config.masked_loss and config.dataset is not None:
+        raise SdtuneError("--masked-loss applies to concept images; a labelled dataset's images have no masks")
 
 
 def _check_dataset(config) -> None:

@@ -144,6 +144,7 @@ class Framed:
     original_size: tuple[int, int]  # (height, width) of the file's image, before any resizing
     crop_top_left: tuple[int, int]  # (top, left) of the crop, in the resized image's pixels
     resized_width: int  # the resized image's width, to mirror the crop's left edge with the image
+    mask: Any = None  # with a masked loss: the 8-bit greyscale mask, framed as the image is
 
 
 def load_image(path: Path, resolution: int):
@@ -151,19 +152,20 @@ def load_image(path: Path, resolution: int):
     return load_framed(path, resolution).image
 
 
-def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None) -> Framed:
+def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None, mask_of=None) -> Framed:
     """Open, convert and fit an image into a `resolution` square or, with `buckets`, into the (width,
     height) bucket nearest its aspect ratio. A phone photo's EXIF orientation is applied first."""
 
     def own_size(width: int, height: int) -> tuple[int, int]:
         return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
 
-    return load_framed_sizes(path, lambda width, height: [own_size(width, height)])[0]
+    return load_framed_sizes(path, lambda width, height: [own_size(width, height)], mask_of=mask_of)[0]
 
 
-def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True) -> list[Framed]:
+def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=None) -> list[Framed]:
     """Open and convert an image once (EXIF orientation applied) and fit it into each (width, height) of
-    `sizes_of(width, height)`, given its upright size; upscaling into the first size warns if `warn_upscaled`."""
+    `sizes_of(width, height)`, given its upright size; upscaling into the first size warns if `warn_upscaled`.
+    `mask_of(path, upright image)` gives the image's mask (masks.upright_mask), framed with the image."""
     from PIL import Image, ImageOps
 
     with warnings.catch_warnings():
@@ -177,12 +179,14 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True) -> list[
         sizes = sizes_of(width, height)
         largest = (max(w for w, _ in sizes), max(h for _, h in sizes))  # a draft covering it covers every size
         image.draft("RGB", largest[::-1] if turned else largest)  # JPEGs decode at reduced size when large
-        image = to_rgb(ImageOps.exif_transpose(image))
+        image = ImageOps.exif_transpose(image)
+        mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel
+        image = to_rgb(image)
     size = sizes[0]
     if warn_upscaled and max(size[0] / width, size[1] / height) > 1:
         smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
         warnings.warn(f"{path.name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=3)
-    framed = [frame(image, *size) for size in sizes]
+    framed = [frame(image, *size, mask) for size in sizes]
     for each in framed:
         each.original_size = (height, width)
     return framed
@@ -193,16 +197,21 @@ def fit_square(image, resolution: int):
     return frame(image, resolution, resolution).image
 
 
-def frame(image, width: int, height: int) -> Framed:
-    """Resize an RGB image to cover `width`×`height` and center-crop it to that size."""
+def frame(image, width: int, height: int, mask=None) -> Framed:
+    """Resize an RGB image to cover `width`×`height` and center-crop it to that size; a `mask` of the
+    image's size is resized and cropped alike."""
     from PIL import Image
 
     old_width, old_height = image.size
     scale = max(width / old_width, height / old_height)
     size = (max(width, round(old_width * scale)), max(height, round(old_height * scale)))
-    resized = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return Framed(resized.crop((left, top, left + width, top + height)), (old_height, old_width), (top, left), size[0])
+    box = (left, top, left + width, top + height)
+
+    def fitted(picture):
+        return picture.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0).crop(box)
+
+    return Framed(fitted(image), (old_height, old_width), (top, left), size[0], fitted(mask) if mask is not None else None)
 
 
 def load_images(paths: list[Path], resolution: int) -> list:
@@ -211,7 +220,7 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
-                       skipped: list[Path] | None = None) -> list[Framed]:
+                       skipped: list[Path] | None = None, mask_of=None) -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
     `skipped`), none readable is an error."""
     from PIL import Image, UnidentifiedImageError
@@ -219,7 +228,7 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
     loaded, skipped = [], skipped if skipped is not None else []
     for path in paths:
         try:
-            loaded.append(load_framed(path, resolution, buckets))
+            loaded.append(load_framed(path, resolution, buckets, mask_of))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             skipped.append(path)
             warnings.warn(f"skipping {path}: over PIL's decompression-bomb limit ({str(error).split(',')[0]})", stacklevel=2)
@@ -242,10 +251,12 @@ class ConceptDataset:
     buckets) are kept one tensor each. `example(index, flip)` gives one item with the flip chosen by
     the caller, so a latent cache can encode both orientations once and still flip at random.
     Flipping is off unless asked for (as in diffusers and kohya): it would teach a mirrored concept where
-    orientation matters (text, digits, a slanted style, an asymmetric object).
+    orientation matters (text, digits, a slanted style, an asymmetric object). With `loss_masks` every item
+    also has `"loss_mask"`, a (1, H, W) uint8 tensor flipped with the pixels: the framed image's mask, or
+    255 everywhere for an image without one (class images; see masks.py).
     """
 
-    def __init__(self, images: list, prompt: str | list[str], random_flip: bool = False):
+    def __init__(self, images: list, prompt: str | list[str], random_flip: bool = False, loss_masks: bool = False):
         import numpy as np
         import torch
 
@@ -261,6 +272,11 @@ class ConceptDataset:
         self.original_sizes = [f.original_size for f in framed]
         self.crops = [(f.crop_top_left, f.resized_width) for f in framed]
         self.random_flip = random_flip
+        self.masks = None
+        if loss_masks:  # 8-bit, as read: a float copy of every mask would cost four times the memory
+            self.masks = [torch.from_numpy(np.array(f.mask, dtype=np.uint8))[None] if f.mask is not None
+                          else torch.full((1, 1, 1), 255, dtype=torch.uint8).expand(1, *t.shape[1:])
+                          for f, t in zip(framed, tensors)]
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -272,12 +288,15 @@ class ConceptDataset:
         (top, left), resized_width = self.crops[index]
         if flip:  # the crop's left edge, seen in the mirrored image
             left = resized_width - left - pixels.shape[-1]
-        return {
+        item = {
             "pixels": pixels.flip(-1) if flip else pixels,
             "prompt": self.prompts[index],
             "original_size": torch.tensor(self.original_sizes[index]),
             "crop_top_left": torch.tensor((top, left)),
         }
+        if self.masks is not None:
+            item["loss_mask"] = self.masks[index].flip(-1) if flip else self.masks[index]
+        return item
 
     def __getitem__(self, index: int) -> dict:
         return self.example(index, self.random_flip and random_flip())

@@ -104,16 +104,23 @@ class ErrorMeasure:
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         return (1 - self.huber_c) / (1 + sigmas) ** 2 + self.huber_c
 
-    def per_example(self, prediction, target, noise_scheduler, timesteps):
-        """Each example's mean error, in fp32."""
-        if self.loss_type == "l2":
+    def per_example(self, prediction, target, noise_scheduler, timesteps, weights=None):
+        """Each example's mean error, in fp32; with `weights` (broadcast to the prediction's shape: a masked
+        loss's, see masks.py) each example's weighted mean Σ w·e / Σ w."""
+        if self.loss_type == "l2" and weights is None:
             return per_example_mse(prediction, target)
-        c = self.huber_threshold(noise_scheduler, timesteps).view(-1, *[1] * (prediction.ndim - 1))
         squared = (prediction.float() - target.float()) ** 2
-        errors = 2 * squared / ((squared + c**2).sqrt() + c)  # = 2(√(d² + c²) − c), without cancelling digits
-        if self.loss_type == "huber":
-            errors = c * errors
-        return errors.mean(dim=tuple(range(1, prediction.ndim)))
+        errors = squared
+        if self.loss_type != "l2":
+            c = self.huber_threshold(noise_scheduler, timesteps).view(-1, *[1] * (prediction.ndim - 1))
+            errors = 2 * squared / ((squared + c**2).sqrt() + c)  # = 2(√(d² + c²) − c), without cancelling digits
+            if self.loss_type == "huber":
+                errors = c * errors
+        dims = tuple(range(1, prediction.ndim))
+        if weights is None:
+            return errors.mean(dim=dims)
+        weights = weights.float().expand_as(errors)
+        return (errors * weights).sum(dim=dims) / weights.sum(dim=dims)
 
 
 def combine_loss(
@@ -142,10 +149,11 @@ def combine_loss(
 
 def denoising_loss(
     unet, noise_scheduler, latents, conditions, noise, timesteps, autocast, snr_gamma=None, is_prior=None,
-    prior_loss_weight=1.0, measure: ErrorMeasure = ErrorMeasure(), input_perturbation: float = 0.0,
+    prior_loss_weight=1.0, measure: ErrorMeasure = ErrorMeasure(), input_perturbation: float = 0.0, weights=None,
 ) -> LossParts:
     """Noise `latents` to `timesteps`, predict with the UNet (on `conditions`, a
-    `conditioning.UNetConditions`) and compare with the target (`measure`: MSE unless told otherwise).
+    `conditioning.UNetConditions`) and compare with the target (`measure`: MSE unless told otherwise; each
+    element weighted by `weights`, a masked loss's, before each example's mean).
     With `input_perturbation` γ (Ning et al. 2023, as diffusers' train_text_to_image.py), the input is noised
     with noise + γ·ξ, ξ fresh Gaussian noise, while the target is still made from `noise`."""
     import torch
@@ -157,5 +165,5 @@ def denoising_loss(
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     with autocast():
         prediction = unet(noisy, timesteps, **conditions.unet_kwargs()).sample
-    errors = measure.per_example(prediction, target, noise_scheduler, timesteps)
+    errors = measure.per_example(prediction, target, noise_scheduler, timesteps, weights)
     return combine_loss(errors, timesteps, noise_scheduler, snr_gamma, is_prior, prior_loss_weight)

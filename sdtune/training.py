@@ -151,6 +151,10 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
+    if config.masked_loss:
+        from .masks import check_masks
+
+        check_masks(inputs.image_paths, config.mask_source)
     sizes = check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
     if config.buckets:
         from .buckets import check_buckets, image_buckets
@@ -398,7 +402,7 @@ class Trainer:
 
     def _load_data(self) -> None:
         """The training images (and the class images, drawn by the base model before the method is injected)."""
-        from . import prior
+        from . import masks, prior
         from .buckets import bucket_sizes, check_buckets
         from .data import ConceptDataset, load_framed_images
         from .datasets import ClassImageDataset
@@ -408,11 +412,14 @@ class Trainer:
             self.dataset = ClassImageDataset(inputs.labelled, resolution)  # {"pixels", "prompt"}: each image with its own caption
         else:
             skipped: list[Path] = []
-            framed = load_framed_images(inputs.image_paths, resolution, bucket_sizes(resolution) if config.buckets else None, skipped)
+            mask_of = functools.partial(masks.upright_mask, source=config.mask_source) if config.masked_loss else None
+            framed = load_framed_images(inputs.image_paths, resolution, bucket_sizes(resolution) if config.buckets else None, skipped, mask_of)
             kept = [i for i, path in enumerate(inputs.image_paths) if path not in skipped]
+            for each, index in zip(framed, kept) if config.masked_loss else ():
+                masks.check_framed_mask(each.mask, inputs.image_paths[index].name)
             self.image_prompts = [inputs.prompts[i] for i in kept]
             self.concept_labels = [inputs.concept_labels[i] for i in kept]
-            self.dataset = ConceptDataset(framed, self.image_prompts, config.random_flip)
+            self.dataset = ConceptDataset(framed, self.image_prompts, config.random_flip, config.masked_loss)
             if config.buckets:  # checked before the model loaded, from the images' headers; again as decoded
                 check_buckets(self.dataset.sizes, config.batch_size, [inputs.image_paths[i].name for i in kept])
             if not FEW_SHOT_IMAGES[0] <= len(self.dataset) <= FEW_SHOT_IMAGES[1]:
@@ -424,7 +431,7 @@ class Trainer:
                 framed, self.class_pools = prior.bucketed_class_images(class_paths, resolution, self.dataset.sizes, config.batch_size)
             else:
                 framed = load_framed_images(class_paths, resolution)
-            self.class_dataset = ConceptDataset(framed, config.class_prompt, config.random_flip)
+            self.class_dataset = ConceptDataset(framed, config.class_prompt, config.random_flip, config.masked_loss)  # weight 1
 
     def _inject_method(self) -> None:
         """Inject the method into the UNet (and the text encoders it trains); check there is room for what the
@@ -777,15 +784,19 @@ class Trainer:
         import torch
 
         from .losses import denoising_loss, training_noise
+        from .masks import loss_weights
 
         config = self.config
         noise = training_noise(latents, config.noise_offset)
         most = config.max_timestep or self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(config.min_timestep, most, (latents.shape[0],), device=self.device).long()
+        weights = None
+        if "loss_mask" in batch:  # --masked-loss
+            weights = loss_weights(batch["loss_mask"], latents.shape[-2:], config.unmasked_weight)
         return denoising_loss(
             self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise,
             timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
-            self.error_measure, config.input_perturbation,
+            self.error_measure, config.input_perturbation, weights,
         )
 
     @functools.cached_property

@@ -1,0 +1,126 @@
+"""Masked loss (`--masked-loss`): the loss weighted towards each concept image's subject.
+
+A mask is white where the image is trained, black where it is not, grey in between. It comes from a
+file of the image's stem in a `masks/` folder beside the images (`photos/a.jpg` → `photos/masks/a.png`,
+any image format; kohya-ss reads masks of the same names from a folder of their own too), or with
+`mask_source="alpha"` from the image's own alpha channel (kohya-ss' `--alpha_mask`). A mask is matched
+to the image as it is shown: both are turned upright by their own EXIF orientation, and a mask must then
+have its image's size. It is framed with exactly its image's geometry (resize, crop, bucket, flip;
+see data.py) and averaged over each latent pixel's area.
+
+Each latent element's error is weighted by w = u + (1 − u)·m, m the mask's value there and u the
+`unmasked_weight` (OneTrainer's "unmasked weight"), and each example's loss is the weighted mean
+Σ w·e / Σ w (OneTrainer's "normalize masked area loss"; kohya-ss averages w·e over the whole image, so an
+image's pull shrinks with its subject's area): every image pulls as hard whatever its subject's size, and
+an all-white mask gives the unmasked loss. Class images (prior preservation) have no mask: weight 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import SdtuneError
+
+MASK_FOLDER = "masks"
+MASK_SOURCES = ("files", "alpha")
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def mask_file(image: Path) -> Path | None:
+    """The mask file of a concept image: `masks/STEM.*` beside it (a PNG first), or None."""
+    from .data import IMAGE_EXTENSIONS
+
+    folder = image.parent / MASK_FOLDER
+    for extension in [".png", *sorted(IMAGE_EXTENSIONS - {".png"})]:
+        for candidate in (folder / (image.stem + extension), folder / (image.stem + extension.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def has_alpha(image) -> bool:
+    return image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+
+
+def upright_mask(path: Path, upright_image, source: str):
+    """The mask of the image at `path` as an 8-bit greyscale PIL image, upright and of `upright_image`'s
+    size (the image as decoded, its EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+
+    if source == "alpha":
+        return upright_image.convert("RGBA").getchannel("A")
+    mask_path = mask_file(path)
+    if mask_path is None:  # checked before the model loads; the folder may have changed since
+        raise SdtuneError(f"--masked-loss: {path.name} has no mask {MASK_FOLDER}/{path.stem}.png beside it")
+    with Image.open(mask_path) as mask:
+        mask = ImageOps.exif_transpose(mask).convert("L")
+    if mask.size != upright_image.size:  # the image was decoded at a reduced size (a large JPEG's draft)
+        mask = mask.resize(upright_image.size, Image.Resampling.BOX)
+    return mask
+
+
+def check_masks(paths: list[Path], source: str) -> None:
+    """Before the model loads: every concept image has a mask of its own size that is not black everywhere."""
+    from PIL import Image, ImageOps
+
+    from .buckets import upright_size
+
+    lacking, problems = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                size, _ = upright_size(image)
+                alpha = has_alpha(image)
+        except Exception:  # PIL raises many kinds for unreadable files; loading skips them with a warning
+            continue
+        if source == "alpha":
+            if not alpha:
+                lacking.append(path.name)
+                continue
+            mask_path, describe = path, f"the alpha channel of {path.name}"
+        else:
+            mask_path = mask_file(path)
+            if mask_path is None:
+                lacking.append(path.name)
+                continue
+            describe = f"mask {mask_path}"
+        try:
+            with Image.open(mask_path) as mask:
+                mask_size, _ = upright_size(mask)
+                if mask_size != size:
+                    problems.append(f"{describe} is {mask_size[0]}x{mask_size[1]}, its image {path.name} {size[0]}x{size[1]}: "
+                                    "a mask must have its image's size")
+                    continue
+                values = ImageOps.exif_transpose(mask).convert("RGBA").getchannel("A") if source == "alpha" else mask.convert("L")
+        except SdtuneError:
+            raise
+        except Exception as error:  # PIL raises many kinds for unreadable files
+            problems.append(f"{describe} is not a readable image ({(str(error).splitlines() or [type(error).__name__])[0][:100]})")
+            continue
+        if values.getextrema()[1] == 0:
+            problems.append(f"{describe} is black everywhere: nothing of {path.name} would be trained")
+    if lacking:
+        shown = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
+        where = "an alpha channel" if source == "alpha" else f"a mask in {MASK_FOLDER}/ beside them (same stem, e.g. {MASK_FOLDER}/{Path(lacking[0]).stem}.png)"
+        raise SdtuneError(f"--masked-loss: {len(lacking)} of {len(paths)} concept images have no {where}: {shown}")
+    if problems:
+        raise SdtuneError(f"--masked-loss: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def check_framed_mask(mask, name: str) -> None:
+    """A framed mask keeps some of its subject: a crop can cut a mask's white part away."""
+    if mask.getextrema()[1] == 0:
+        raise SdtuneError(
+            f"--masked-loss: the mask of {name} is black everywhere inside the {mask.size[0]}x{mask.size[1]} crop it "
+            "is trained at: nothing of it would be trained"
+        )
+
+
+def loss_weights(masks, latent_size, unmasked_weight: float):
+    """Each latent element's loss weight, (batch, 1, h, w): the 8-bit masks (batch, 1, H, W) averaged over
+    each latent pixel's area (as kohya-ss does), then u + (1 − u)·mask with u the `unmasked_weight`."""
+    import torch
+
+    masks = masks.float() / 255
+    area = torch.nn.functional.interpolate(masks, size=tuple(latent_size), mode="area")
+    return unmasked_weight + (1 - unmasked_weight) * area
