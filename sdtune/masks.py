@@ -101,7 +101,7 @@ def check_masks(paths: list[Path], source: str) -> None:
             problems.append(f"{describe} is black everywhere: nothing of {path.name} would be trained")
     if lacking:
         shown = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
-        where = "an alpha channel" if source == "alpha" else f"a mask in {MASK_FOLDER}/ beside them (same stem, e.g. {MASK_FOLDER}/{Path(lacking[0]).stem}.png)"
+        where = "alpha channel" if source == "alpha" else f"mask in {MASK_FOLDER}/ beside them (of the same stem: {MASK_FOLDER}/{Path(lacking[0]).stem}.png)"
         raise SdtuneError(f"--masked-loss: {len(lacking)} of {len(paths)} concept images have no {where}: {shown}")
     if problems:
         raise SdtuneError(f"--masked-loss: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))

@@ -100,6 +100,16 @@ def make_files(tmp: Path) -> None:
             (folder / f"{stem}.txt").write_bytes(text)
         if name in metadata:
             (folder / "metadata.jsonl").write_bytes(metadata[name])
+    # masked loss: masks missing, of another size, black everywhere
+    for name in ("missing", "size", "black"):
+        folder = tmp / f"masks-{name}"
+        (folder / "masks").mkdir(parents=True)
+        for stem in "abc":
+            Image.new("RGB", (96, 128), (200, 120, 40)).save(folder / f"{stem}.png")
+            if name != "missing" or stem == "a":
+                Image.new("L", (96, 128), 255).save(folder / "masks" / f"{stem}.png")
+    Image.new("L", (64, 64), 255).save(tmp / "masks-size" / "masks" / "b.png")
+    Image.new("L", (96, 128), 0).save(tmp / "masks-black" / "masks" / "c.png")
 
 
 TRAIN = ("train", "--model", "tiny-random", "--output", "{tmp}/out", "--log-with", "none")
@@ -161,6 +171,18 @@ CASES = [
      "--keep-tokens 3 is more than the 2 comma-separated tag(s) of b.png's caption"),
     ("train-keep-tokens-without-shuffle", (*TRAIN, "--keep-tokens", 1), 2, "--keep-tokens applies to --shuffle-caption"),
     ("train-caption-dropout-one", (*TRAIN, "--caption-dropout", 1), 2, "--caption-dropout must be in [0, 1)"),
+    ("train-masks-missing", (*TRAIN, "--images", "{tmp}/masks-missing", "--masked-loss"), 2,
+     "--masked-loss: 2 of 3 concept images have no mask in masks/ beside them (of the same stem: masks/b.png): b.png, c.png"),
+    ("train-mask-size", (*TRAIN, "--images", "{tmp}/masks-size", "--masked-loss"), 2,
+     "--masked-loss: mask {tmp}/masks-size/masks/b.png is 64x64, its image b.png 96x128: a mask must have its image's size"),
+    ("train-mask-black", (*TRAIN, "--images", "{tmp}/masks-black", "--masked-loss"), 2,
+     "--masked-loss: mask {tmp}/masks-black/masks/c.png is black everywhere: nothing of c.png would be trained"),
+    ("train-mask-no-alpha", (*TRAIN, "--images", "{tmp}/masks-black", "--masked-loss", "--mask-source", "alpha"), 2,
+     "--masked-loss: 3 of 3 concept images have no alpha channel: a.png, b.png, c.png"),
+    ("train-mask-source", (*TRAIN, "--masked-loss", "--mask-source", "layers"), 2, "--mask-source must be one of files, alpha, got 'layers'"),
+    ("train-unmasked-weight-one", (*TRAIN, "--masked-loss", "--unmasked-weight", 1), 2, "--unmasked-weight must be in [0, 1), got 1.0"),
+    ("train-unmasked-weight-alone", (*TRAIN, "--unmasked-weight", 0.5), 2, "--mask-source and --unmasked-weight apply to --masked-loss"),
+    ("train-masked-dataset", (*TRAIN, "--dataset", "digits", "--masked-loss"), 2, "--masked-loss applies to concept images"),
     ("train-concepts-one-folder", (*TRAIN, "--concept", "castle", "--concept", "canal", "--images", "{tmp}/photos-tags"), 2,
      "give one --images folder per --concept: 1 for 2 concepts"),
     ("train-model-missing-folder", (*TRAIN[:1], "--model", "/no/such/model", "--output", "{tmp}/out"), 2, "no such folder, and not a hub id"),
