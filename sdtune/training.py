@@ -796,7 +796,7 @@ class Trainer:
         return denoising_loss(
             self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise,
             timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
-            self.error_measure, config.input_perturbation, weights,
+            self.error_measure, config.input_perturbation, weights=weights,
         )
 
     @functools.cached_property

@@ -152,9 +152,9 @@ def test_timestep_range_and_input_perturbation_reach_the_loss(tmp_path, tiny_pat
     seen = []
     original = losses.denoising_loss
 
-    def recording(unet, noise_scheduler, latents, conditions, noise, timesteps, *args):
+    def recording(unet, noise_scheduler, latents, conditions, noise, timesteps, *args, **kwargs):
         seen.append((timesteps.clone(), args[-1]))
-        return original(unet, noise_scheduler, latents, conditions, noise, timesteps, *args)
+        return original(unet, noise_scheduler, latents, conditions, noise, timesteps, *args, **kwargs)
 
     monkeypatch.setattr(losses, "denoising_loss", recording)
     run_training(tmp_path, "range", steps=4, batch_size=2, min_timestep=900, max_timestep=902, input_perturbation=0.1)
