@@ -281,6 +281,8 @@ def check_run_fits(config, method, image_count: int = 0) -> RunSizes:
          batch * pixels),
     ]
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
+    if config.masked_loss:  # 8-bit, one a pixel
+        on_host.append(("--masked-loss", "the training images' masks", image_count * resolution * resolution))
     if config.with_prior_preservation and config.num_class_images:
         on_host.append((f"--num-class-images {config.num_class_images:,}", f"{config.num_class_images:,} class images",
                         config.num_class_images * pixels))

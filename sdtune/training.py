@@ -123,6 +123,9 @@ class RunPlan:
             held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
             named = ", ".join(config.concepts)
             lines.append(f"{images:,} training images of {named}{held}; prompts like {inputs.prompts[0]!r}")
+            if config.masked_loss:
+                source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
+                lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
         accumulated = config.gradient_accumulation_steps
         seen = config.steps * config.batch_size * accumulated
         lines.append(

@@ -102,6 +102,20 @@ def test_masks_follow_exif_orientation_resize_crop_buckets_and_flip(tmp_path):
             assert subject[:, : subject.shape[1] // 2].sum() > subject[:, subject.shape[1] // 2 :].sum() or flip
 
 
+def test_a_large_jpeg_decoded_at_reduced_size_keeps_its_mask_in_place(tmp_path):
+    """PIL decodes a large JPEG at an eighth of its size (`draft`); its full-size mask is fitted to that first."""
+    from sdtune.data import load_framed
+    from sdtune.masks import upright_mask
+
+    photo = subject_photo(800, 600, (100, 150, 400, 450))
+    photo.convert("RGB").save(tmp_path / "large.jpg", quality=95)
+    (tmp_path / "masks").mkdir()
+    photo.getchannel("A").save(tmp_path / "masks" / "large.png")
+    framed = load_framed(tmp_path / "large.jpg", 64, mask_of=lambda path, image: upright_mask(path, image, "files"))
+    subject, mask = red_part(framed.image), np.asarray(framed.mask) > 127
+    assert subject.sum() > 300 and (subject == mask).mean() > 0.97
+
+
 def test_class_images_weigh_one_and_a_dataset_without_loss_masks_has_none(tmp_path):
     from sdtune.data import ConceptDataset, load_framed
 
@@ -258,6 +272,15 @@ def test_a_mask_whose_white_part_is_cropped_away_is_refused(tmp_path, tiny_path)
     with pytest.raises(SdtuneError, match="the mask of wide.png is black everywhere inside the 64x64 crop"):
         run_training(tmp_path, "cropped", images=str(images), masked_loss=True)
     assert not (tmp_path / "cropped" / "adapter.safetensors").exists()
+
+
+def test_a_dry_run_says_where_the_masks_come_from(tmp_path):
+    from sdtune.training import plan_run
+
+    images = masked_photo_set(tmp_path / "photos")
+    summary = plan_run(TrainConfig(model="tiny-random", images=str(images), masked_loss=True, unmasked_weight=0.0)).summary()
+    assert "masked loss: masks from masks/ beside them, weight 0 where black" in summary
+    assert not any("masked" in line for line in plan_run(TrainConfig(model="tiny-random", images=str(images))).summary())
 
 
 def test_mask_settings_check_what_combines():
