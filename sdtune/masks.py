@@ -61,7 +61,7 @@ def upright_mask(path: Path, upright_image, source: str):
 
 def check_masks(paths: list[Path], source: str) -> None:
     """Before the model loads: every concept image has a mask of its own size that is not black everywhere."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from .buckets import upright_size
 
@@ -91,9 +91,7 @@ def check_masks(paths: list[Path], source: str) -> None:
                     problems.append(f"{describe} is {mask_size[0]}x{mask_size[1]}, its image {path.name} {size[0]}x{size[1]}: "
                                     "a mask must have its image's size")
                     continue
-                values = ImageOps.exif_transpose(mask).convert("RGBA").getchannel("A") if source == "alpha" else mask.convert("L")
-        except SdtuneError:
-            raise
+                values = mask.convert("RGBA").getchannel("A") if source == "alpha" else mask.convert("L")
         except Exception as error:  # PIL raises many kinds for unreadable files
             problems.append(f"{describe} is not a readable image ({(str(error).splitlines() or [type(error).__name__])[0][:100]})")
             continue
