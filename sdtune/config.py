@@ -23,6 +23,7 @@ from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
+from .token_embeddings import DEFAULT_EMBEDDING_LR, check_token_settings, default_token, new_token_names
 from .tracking import PROJECT_NAME, check_log_with, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -215,6 +216,10 @@ class TrainConfig(_Config):
     caption_dropout: float = 0.0  # train on the empty prompt with this probability
     shuffle_caption: bool = False  # shuffle each caption's comma-separated tags every time it is drawn
     keep_tokens: int = 0  # with shuffle_caption: the first N tags stay in place
+    # New token embeddings trained beside the method (sdtune/token_embeddings.py): N new tokens a concept
+    token_embeddings: int = 0  # 0: none; N: <s0>..<sN-1> for the first concept, whose token becomes "<s0><s1> castle"
+    embedding_lr: float | None = None  # the new rows' learning rate; default token_embeddings.DEFAULT_EMBEDDING_LR
+    embedding_init: str | None = None  # the word the rows start from, or "random"; default: the concept's name
 
     def validate(self) -> None:
         _split_classes(self)
@@ -292,6 +297,7 @@ class TrainConfig(_Config):
         if self.num_class_images is not None and self.num_class_images < 1:
             raise SdtuneError(f"--num-class-images must be at least 1, got {self.num_class_images}")
         check_sample_dtype("--validation-dtype", self.validation_dtype)
+        check_token_settings(self)
         check_log_with(self.log_with)
         if not self.tracker_project or not self.tracker_project.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise SdtuneError(f"--tracker-project must be a plain name (letters, digits, -, _ or .), got {self.tracker_project!r}")
@@ -317,10 +323,16 @@ class TrainConfig(_Config):
     def concept_tokens(self) -> dict[str, str]:
         """Each concept's name → the text that replaces its placeholder `<name>`."""
         if len(self.concepts) == 1:
-            return {self.concepts[0]: self.token or f"sks {self.concepts[0]}"}
+            return {self.concepts[0]: self.token or self.default_token(self.concepts[0])}
         if isinstance(self.token, list):
             return dict(zip(self.concepts, self.token))
-        return {name: f"sks {name}" for name in self.concepts}
+        return {name: self.default_token(name) for name in self.concepts}
+
+    def default_token(self, name: str) -> str:
+        """A concept's token where --token gives none: "sks castle", or with new token embeddings "<s0><s1> castle"."""
+        if not self.token_embeddings:
+            return f"sks {name}"
+        return default_token(name, new_token_names(self.concepts, self.token_embeddings)[name])
 
     def concept_prompt(self, name: str) -> str:
         """The template's prompt for one concept's images."""
@@ -340,6 +352,9 @@ class TrainConfig(_Config):
                 values.pop(name)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
+        if not self.token_embeddings:  # a run without new tokens: its config.toml stays as before they existed
+            for name in ("token_embeddings", "embedding_lr", "embedding_init"):
+                values.pop(name, None)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings
             for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
                 values.pop(name, None)
@@ -362,7 +377,7 @@ class TrainConfig(_Config):
             options=dict(self.options),
             classes=list(self.classes),
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
-            token=None if self.dataset else self.token if len(self.concepts) > 1 else self.token or f"sks {self.concept}",
+            token=None if self.dataset else self.token if len(self.concepts) > 1 else self.token or self.default_token(self.concept),
             lr=self.lr or lr,
             text_encoder_lr=(self.text_encoder_lr or self.lr or lr) if self.train_text_encoder else None,
             resume=None,  # how this run started, not a setting to replay
@@ -370,6 +385,7 @@ class TrainConfig(_Config):
             class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),
             num_class_images=self.num_class_images or (DEFAULT_CLASS_IMAGES if prior and not self.class_images else None),
             log_with=resolve_log_with(self.log_with),
+            embedding_lr=(self.embedding_lr or DEFAULT_EMBEDDING_LR) if self.token_embeddings else None,
         )
 
     @property
