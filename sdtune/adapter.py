@@ -80,6 +80,7 @@ def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "
 
         tokens, rows = token_embeddings
         metadata[METADATA_KEY] = json.dumps(list(tokens))
+        metadata["num_parameters"] = str(method.num_parameters() + sum(r.numel() for r in rows.values()))
         state.update(rows)
     bad = first_non_finite(state)
     if bad:
@@ -288,6 +289,7 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
         raise SdtuneError(f"give one strength per adapter: {len(paths)} adapters, {len(scales)} strengths")
     for scale in scales:
         checked_scale(scale)
+    check_new_tokens_apart(paths, pipeline)  # before any adapter is bound: a clash leaves the pipeline as it was
     total: dict[tuple[int, str], list] = {}
     for path, scale in zip(paths, scales):
         adapter = open_adapter(path, pipeline)
@@ -302,3 +304,17 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
             weight = getattr(module, attr)
             weight += delta.to(weight.device, weight.dtype)
 
+
+def check_new_tokens_apart(paths: list, pipeline) -> None:
+    """Refuse adapters whose new tokens (--token-embeddings) clash with each other's or the pipeline's."""
+    from .models import tokenizers
+
+    seen: dict[str, Path] = {token: Path("the pipeline") for token in tokenizers(pipeline)[0].get_vocab()}
+    for path in paths:
+        path = adapter_path(path)
+        if is_kohya_file(path):
+            continue
+        for token in read_adapter_info(path)[0].new_tokens:
+            if token in seen:
+                raise SdtuneError(f"adapter {path} trained token {token}, which {seen[token]} has too; these cannot stack")
+            seen[token] = path

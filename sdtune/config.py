@@ -23,7 +23,7 @@ from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
-from .token_embeddings import DEFAULT_EMBEDDING_LR, check_token_settings, default_token, new_token_names
+from .token_embeddings import DEFAULT_EMBEDDING_LR, NEW_TOKEN, check_token_settings, default_token, new_token_names
 from .tracking import PROJECT_NAME, check_log_with, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -235,6 +235,8 @@ class TrainConfig(_Config):
         for concept in self.concepts:
             if not concept or not concept.replace("-", "").replace("_", "").isalnum():
                 raise SdtuneError(f"--concept must be a plain name (letters, digits, - or _), got {concept!r}")
+            if NEW_TOKEN.fullmatch(f"<{concept}>"):  # <s0> in a prompt is a trained token, never a placeholder
+                raise SdtuneError(f"--concept {concept}: <{concept}> names a trained token (--token-embeddings); choose another name")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -123,6 +123,9 @@ class RunPlan:
             held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
             named = ", ".join(config.concepts)
             lines.append(f"{images:,} training images of {named}{held}; prompts like {inputs.prompts[0]!r}")
+        if config.token_embeddings:
+            lines.append("new token embeddings: " + "; ".join(f"<{name}> is {token!r}" for name, token in config.concept_tokens.items())
+                         + f"; lr {config.embedding_lr:g}, from {config.embedding_init or 'each concept name'}")
         accumulated = config.gradient_accumulation_steps
         seen = config.steps * config.batch_size * accumulated
         lines.append(

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdtune.adapter import load_adapter, read_adapter
+from sdtune.adapter import load_adapter, load_adapters, read_adapter
 from sdtune.config import SampleConfig, TrainConfig
 from sdtune.conditioning import PromptConditioning
 from sdtune.errors import SdtuneError
@@ -56,7 +56,7 @@ def same_conditions(a, b, atol=0.0):
 def trained_run(tmp_path_factory, private_cache):
     """A LoRA run with two new tokens, the text encoder frozen: (run, the trainer's pipeline, the base pipeline)."""
     output = tmp_path_factory.mktemp("pivotal") / "run"
-    with open_trainer(config(output, embedding_lr=5e-2), progress=False) as trainer:
+    with open_trainer(config(output, embedding_lr=5e-2, validate_every=3), progress=False) as trainer:
         run = trainer.fit()
         pipe = trainer.pipe
     return run, pipe, load_pipeline("tiny-random")
@@ -88,6 +88,7 @@ def test_only_the_new_rows_train_and_the_rest_of_the_vocabulary_stays_bit_identi
     assert info.new_tokens == ("<s0>", "<s1>") and info.token == "<s0><s1> castle"
     assert torch.equal(tensors["token_embeddings.text_encoder"], rows.rows.detach())
     assert "token_embeddings = 2" in (run.output / "config.toml").read_text()
+    assert list(run.validation_losses) == [3] and (run.output / "samples" / "step-3.png").is_file()
 
 
 def test_the_new_rows_learn_the_concept(tiny_pipe):
@@ -135,6 +136,10 @@ def test_the_adapter_brings_its_tokens_to_load_sample_and_merge(trained_run, tmp
     torch.testing.assert_close(image(loaded), trained_image, rtol=0, atol=1e-4)  # merged, not unmerged
     with pytest.raises(SdtuneError, match="already has token"):
         load_adapter(run.adapter, loaded)  # twice: the tokens are taken
+    fresh = load_pipeline("tiny-random")
+    with pytest.raises(SdtuneError, match="trained token <s0>, which .* has too; these cannot stack"):
+        load_adapters([run.adapter, run.adapter], fresh)
+    assert "<s0>" not in fresh.tokenizer.get_vocab(), "refused before any adapter was bound"
 
     from sdtune.sampling import sample
 
@@ -209,7 +214,11 @@ def test_the_optimizer_has_one_more_group_at_the_embedding_lr(tmp_path, tiny_pat
 
 def test_sdxl_trains_rows_of_both_encoders_with_the_text_encoder(tmp_path):
     pipe = load_pipeline("tiny-sdxl-random")
-    run = train(config(tmp_path / "run", model="tiny-sdxl-random", train_text_encoder=True, embedding_lr=5e-2), progress=False)
+    settings = config(tmp_path / "run", model="tiny-sdxl-random", train_text_encoder=True, embedding_lr=5e-2)
+    with open_trainer(settings, progress=False) as trainer:
+        run = trainer.fit()
+        for encoder, base in zip(text_encoders(trainer.pipe), text_encoders(pipe)):  # LoRA on the encoder, rows beside
+            assert torch.equal(encoder.get_input_embeddings().base.weight, base.get_input_embeddings().weight)
     info, tensors = read_adapter(run.adapter)
     assert tensors["token_embeddings.text_encoder"].shape == tensors["token_embeddings.text_encoder_2"].shape == (2, 32)
     loaded = load_pipeline("tiny-sdxl-random")
