@@ -36,10 +36,10 @@ from pathlib import Path
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
+from .kohya import is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya
 from .token_embeddings import (
     EMBEDDING_FILE_KEYS, TENSOR_PREFIX, embedding_file_path, kohya_bundles, split_state, write_embedding_file,
 )
-from .kohya import is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya
 
 
 @dataclass

@@ -315,6 +315,7 @@ class StepResult:
     started: float  # time.perf_counter() when the step began
     lr: float  # the learning rate the step used
     text_encoder_lr: float | None = None  # with a trained text encoder: its group's
+    embedding_lr: float | None = None  # with new token embeddings: their group's
     losses: list = field(default_factory=list)  # each micro-batch's loss (a tensor)
     instance_losses: list = field(default_factory=list)  # with prior preservation: the concept images' part
     prior_losses: list = field(default_factory=list)  # and the class images' part
@@ -712,6 +713,7 @@ class Trainer:
         result = StepResult(
             step=self.global_step + 1, started=time.perf_counter(), lr=groups[0]["lr"],
             text_encoder_lr=groups[self.encoder_group]["lr"] if self.encoder_group is not None else None,
+            embedding_lr=groups[self.embedding_group]["lr"] if self.embedding_group is not None else None,
         )
         for micro_batch in range(config.gradient_accumulation_steps):
             batch = next(self.batches)
@@ -845,6 +847,8 @@ class Trainer:
         values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
         if result.text_encoder_lr is not None:
             values["text_encoder_lr"] = result.text_encoder_lr
+        if result.embedding_lr is not None:
+            values["embedding_lr"] = result.embedding_lr
         if result.prior_losses:
             values.update(instance_loss=numbers[1], prior_loss=numbers[2])
         return values

@@ -56,7 +56,11 @@ def same_conditions(a, b, atol=0.0):
 def trained_run(tmp_path_factory, private_cache):
     """A LoRA run with two new tokens, the text encoder frozen: (run, the trainer's pipeline, the base pipeline)."""
     output = tmp_path_factory.mktemp("pivotal") / "run"
-    with open_trainer(config(output, embedding_lr=5e-2, validate_every=3), progress=False) as trainer:
+    prompts = output.parent / "prompts.txt"
+    prompts.write_text("a <castle> at dawn\n")
+    settings = config(output, embedding_lr=5e-2, validate_every=3, validation_prompts=str(prompts))
+    with open_trainer(settings, progress=False) as trainer:
+        assert trainer.inputs.sample_prompts == ["a <s0><s1> castle at dawn"]
         run = trainer.fit()
         pipe = trainer.pipe
     return run, pipe, load_pipeline("tiny-random")
@@ -203,13 +207,16 @@ def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monke
 
 
 def test_the_optimizer_has_one_more_group_at_the_embedding_lr(tmp_path, tiny_path):
-    with open_trainer(config(tmp_path / "run", method="full", lr=1e-5, embedding_lr=2e-3, concept=["castle", "canal"]),
+    with open_trainer(config(tmp_path / "run", method="full", lr=1e-5, embedding_lr=2e-3, concept=["castle", "canal"], steps=2),
                       progress=False) as trainer:
         groups = trainer.optimizer.param_groups
         assert [g["lr"] for g in groups] == [1e-5, 2e-3]
         assert groups[1]["params"] == trainer.token_parameters and len(trainer.token_parameters) == 1
         assert trainer.token_parameters[0].shape == (4, 32)  # two concepts' two tokens
         assert trainer.pipe.tokenizer.tokenize("<s2><s3>") == ["<s2>", "<s3>"]
+        trainer.fit()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(row["lr"] == 1e-5 and row["embedding_lr"] == 2e-3 for row in logged)
 
 
 def test_sdxl_trains_rows_of_both_encoders_with_the_text_encoder(tmp_path):
