@@ -26,7 +26,7 @@ ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 REQUIRED_METADATA = ("method", "options", "base_model", "fingerprint", "structure", "weight_sample")
-KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token", "text_encoders"}
+KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token", "text_encoders", "token_embeddings"}
 
 
 def adapter_path(path: str | Path) -> Path:
@@ -52,8 +52,10 @@ def adapter_bytes(method) -> int:
     return 2 * sum(t.numel() * t.element_size() for t in method.state_dict().values())
 
 
-def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "", token: str = "", **extra: str) -> Path:
-    """Write the method's state and metadata to `path` atomically."""
+def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "", token: str = "",
+                 token_embeddings: tuple[list[str], dict] | None = None, **extra: str) -> Path:
+    """Write the method's state and metadata to `path` atomically; with `token_embeddings` (the new tokens, each
+    text encoder's rows: token_embeddings.trained_rows) those too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
@@ -73,6 +75,13 @@ def save_adapter(path: str | Path, method, base_model: str, placeholder: str = "
     if method.text_encoders:  # only then: adapters of the UNet alone keep their bytes
         metadata["text_encoders"] = ",".join(method.text_encoders)
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    if token_embeddings:  # only then: adapters without new tokens keep their bytes
+        from .token_embeddings import METADATA_KEY
+
+        tokens, rows = token_embeddings
+        metadata[METADATA_KEY] = json.dumps(list(tokens))
+        metadata["num_parameters"] = str(method.num_parameters() + sum(r.numel() for r in rows.values()))
+        state.update(rows)
     bad = first_non_finite(state)
     if bad:
         raise TrainingFailed(f"tensor {bad} holds NaN or infinite values; {path} not written")
@@ -112,6 +121,9 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
     if not metadata.get("num_parameters", "0").isdecimal():  # compare and evaluate report it as a count
         raise SdtuneError(f"{path}: damaged sdtune adapter metadata (num_parameters {metadata['num_parameters']!r} is not a count)")
     check_adapter_dtypes(path, entries)
+    from .token_embeddings import read_token_list
+
+    new_tokens = read_token_list(path, metadata, entries)
     info = AdapterInfo(
         method=metadata["method"],
         options=options,
@@ -122,6 +134,7 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
         placeholder=metadata.get("placeholder", ""),
         token=metadata.get("token", ""),
         text_encoders=tuple(name for name in metadata.get("text_encoders", "").split(",") if name),
+        new_tokens=new_tokens,
         extra={k: v for k, v in metadata.items() if k not in KNOWN_METADATA},
     )
     return info, entries
@@ -199,7 +212,10 @@ def open_adapter(path: str | Path, pipeline):
     path = adapter_path(path)
     if is_kohya_file(path):
         return read_kohya_updates(path, pipeline)
+    from .token_embeddings import add_tokens, split_state
+
     info, entries = read_adapter_info(path)
+    entries, _ = split_state(entries)  # the new tokens' rows are no tensors of the method
     method = methods.create(info.method, **info.options)
     unet = pipeline.unet
     encoders = trained_text_encoders(path, info, pipeline) if info.text_encoders else []
@@ -224,6 +240,9 @@ def open_adapter(path: str | Path, pipeline):
     if bad:
         raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
     warn_absurd_values(path, tensors)
+    tensors, rows = split_state(tensors)
+    if info.new_tokens:  # before the method is injected: a clash leaves the pipeline as it was
+        add_tokens(pipeline, list(info.new_tokens), rows, f"adapter {path}")
     device = unet.device  # read once: diffusers walks every module to find it
     method.inject(unet, encoders)
     devices = {prefix: encoder.device for prefix, encoder in parts.text_encoders.items()}
@@ -270,6 +289,7 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
         raise SdtuneError(f"give one strength per adapter: {len(paths)} adapters, {len(scales)} strengths")
     for scale in scales:
         checked_scale(scale)
+    check_new_tokens_apart(paths, pipeline)  # before any adapter is bound: a clash leaves the pipeline as it was
     total: dict[tuple[int, str], list] = {}
     for path, scale in zip(paths, scales):
         adapter = open_adapter(path, pipeline)
@@ -284,3 +304,17 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
             weight = getattr(module, attr)
             weight += delta.to(weight.device, weight.dtype)
 
+
+def check_new_tokens_apart(paths: list, pipeline) -> None:
+    """Refuse adapters whose new tokens (--token-embeddings) clash with each other's or the pipeline's."""
+    from .models import tokenizers
+
+    seen: dict[str, Path] = {token: Path("the pipeline") for token in tokenizers(pipeline)[0].get_vocab()}
+    for path in paths:
+        path = adapter_path(path)
+        if is_kohya_file(path):
+            continue
+        for token in read_adapter_info(path)[0].new_tokens:
+            if token in seen:
+                raise SdtuneError(f"adapter {path} trained token {token}, which {seen[token]} has too; these cannot stack")
+            seen[token] = path

@@ -24,6 +24,7 @@ class AdapterInfo:
     placeholder: str = ""
     token: str = ""
     text_encoders: tuple[str, ...] = ()  # the text encoders the adapter trained (text_encoder, text_encoder_2)
+    new_tokens: tuple[str, ...] = ()  # tokens whose embeddings it trained (<s0>, <s1>, ...), in row order
     extra: dict[str, str] = field(default_factory=dict)
 
     def placeholder_tokens(self) -> str | dict[str, str] | None:

@@ -24,6 +24,7 @@ from .masks import MASK_SOURCES
 from .methods import DEFAULT_METHOD
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
+from .token_embeddings import DEFAULT_EMBEDDING_LR, NEW_TOKEN, check_token_settings, default_token, new_token_names
 from .tracking import PROJECT_NAME, check_log_with, resolve_log_with
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -219,6 +220,10 @@ class TrainConfig(_Config):
     masked_loss: bool = False  # weight the loss towards each image's subject by its mask (sdtune/masks.py)
     mask_source: str = "files"  # files: masks/STEM.png beside the images; alpha: each image's alpha channel
     unmasked_weight: float = 0.1  # the loss weight where a mask is black (1 where it is white)
+    # New token embeddings trained beside the method (sdtune/token_embeddings.py): N new tokens a concept
+    token_embeddings: int = 0  # 0: none; N: <s0>..<sN-1> for the first concept, whose token becomes "<s0><s1> castle"
+    embedding_lr: float | None = None  # the new rows' learning rate; default token_embeddings.DEFAULT_EMBEDDING_LR
+    embedding_init: str | None = None  # the word the rows start from, or "random"; default: the concept's name
 
     def validate(self) -> None:
         _split_classes(self)
@@ -234,6 +239,8 @@ class TrainConfig(_Config):
         for concept in self.concepts:
             if not concept or not concept.replace("-", "").replace("_", "").isalnum():
                 raise SdtuneError(f"--concept must be a plain name (letters, digits, - or _), got {concept!r}")
+            if NEW_TOKEN.fullmatch(f"<{concept}>"):  # <s0> in a prompt is a trained token, never a placeholder
+                raise SdtuneError(f"--concept {concept}: <{concept}> names a trained token (--token-embeddings); choose another name")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -296,6 +303,7 @@ class TrainConfig(_Config):
         if self.num_class_images is not None and self.num_class_images < 1:
             raise SdtuneError(f"--num-class-images must be at least 1, got {self.num_class_images}")
         check_sample_dtype("--validation-dtype", self.validation_dtype)
+        check_token_settings(self)
         check_log_with(self.log_with)
         if not self.tracker_project or not self.tracker_project.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise SdtuneError(f"--tracker-project must be a plain name (letters, digits, -, _ or .), got {self.tracker_project!r}")
@@ -321,10 +329,16 @@ class TrainConfig(_Config):
     def concept_tokens(self) -> dict[str, str]:
         """Each concept's name → the text that replaces its placeholder `<name>`."""
         if len(self.concepts) == 1:
-            return {self.concepts[0]: self.token or f"sks {self.concepts[0]}"}
+            return {self.concepts[0]: self.token or self.default_token(self.concepts[0])}
         if isinstance(self.token, list):
             return dict(zip(self.concepts, self.token))
-        return {name: f"sks {name}" for name in self.concepts}
+        return {name: self.default_token(name) for name in self.concepts}
+
+    def default_token(self, name: str) -> str:
+        """A concept's token where --token gives none: "sks castle", or with new token embeddings "<s0><s1> castle"."""
+        if not self.token_embeddings:
+            return f"sks {name}"
+        return default_token(name, new_token_names(self.concepts, self.token_embeddings)[name])
 
     def concept_prompt(self, name: str) -> str:
         """The template's prompt for one concept's images."""
@@ -347,6 +361,9 @@ class TrainConfig(_Config):
                 values.pop(name)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
+        if not self.token_embeddings:  # a run without new tokens: its config.toml stays as before they existed
+            for name in ("token_embeddings", "embedding_lr", "embedding_init"):
+                values.pop(name, None)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings
             for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
                 values.pop(name, None)
@@ -369,7 +386,7 @@ class TrainConfig(_Config):
             options=dict(self.options),
             classes=list(self.classes),
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
-            token=None if self.dataset else self.token if len(self.concepts) > 1 else self.token or f"sks {self.concept}",
+            token=None if self.dataset else self.token if len(self.concepts) > 1 else self.token or self.default_token(self.concept),
             lr=self.lr or lr,
             text_encoder_lr=(self.text_encoder_lr or self.lr or lr) if self.train_text_encoder else None,
             resume=None,  # how this run started, not a setting to replay
@@ -377,6 +394,7 @@ class TrainConfig(_Config):
             class_prompt=self.class_prompt or (self.template.format(token=self.concept) if prior else None),
             num_class_images=self.num_class_images or (DEFAULT_CLASS_IMAGES if prior and not self.class_images else None),
             log_with=resolve_log_with(self.log_with),
+            embedding_lr=(self.embedding_lr or DEFAULT_EMBEDDING_LR) if self.token_embeddings else None,
         )
 
     @property

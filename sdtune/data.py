@@ -18,7 +18,8 @@ from .buckets import nearest_bucket, upright_size
 from .errors import SdtuneError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
-PLACEHOLDER = re.compile(r"<([^<>\s]+)>")
+# <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
+PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")
 MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt file
 
 
@@ -78,7 +79,8 @@ def _shorten(text: str, length: int = 40) -> str:
 def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
     """Replace every `<name>` with the concept's token, or with plain `name` when there is none.
 
-    With several concepts `token` maps each name to its token; a `<name>` it lacks becomes plain `name`."""
+    With several concepts `token` maps each name to its token; a `<name>` it lacks becomes plain `name`. New tokens'
+    names (`<s0>`) stay as they are."""
     if isinstance(token, dict):
         return PLACEHOLDER.sub(lambda match: token.get(match.group(1), match.group(1)), prompt)
     return PLACEHOLDER.sub(lambda match: token if token else match.group(1), prompt)

@@ -37,6 +37,9 @@ from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
 from .kohya import is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya
+from .token_embeddings import (
+    EMBEDDING_FILE_KEYS, TENSOR_PREFIX, embedding_file_path, kohya_bundles, split_state, write_embedding_file,
+)
 
 
 @dataclass
@@ -74,6 +77,7 @@ def export_adapter(
     if is_kohya_file(path):
         raise SdtuneError(f"{path} already is a kohya-format file; export takes sdtune adapters")
     info, tensors = read_adapter(path)
+    tensors, token_rows = split_state(tensors)  # new token embeddings: bundled (kohya) or a file beside
     method = methods.create(info.method, **info.options)
     if format not in method.export_formats:
         raise SdtuneError(_not_available(format, method))
@@ -103,15 +107,29 @@ def export_adapter(
                 missing = missing_diffs(models.unet, state)
                 if full_diff:
                     state = with_zero_diffs(state, missing)
-            write_kohya(output, state, info, extra)
+            bundles, bundle_metadata = kohya_bundles(info, token_rows, len(token_rows) > 1) if token_rows else ({}, {})
+            write_kohya(output, {**state, **bundles}, info, {**extra, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
-            return ExportResult(output, format, len(state), notes)
+            return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows))
         if format == "diffusers":
             count = write_diffusers_lora(output, method, tensors, info.text_encoders)
-            return ExportResult(output, format, count)
+            return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
         count = write_peft_folder(output, method, info, tensors, overwrite)
-        return ExportResult(output, format, count)
+        return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
+
+
+def _write_token_file(output: Path, info, rows: dict) -> list[str]:
+    """The new tokens' embedding file beside (or in) the export, and the note that says how to load it."""
+    if not rows:
+        return []
+    path = embedding_file_path(output)
+    write_embedding_file(path, info, rows)
+    keys = ", ".join(EMBEDDING_FILE_KEYS[k.removeprefix(TENSOR_PREFIX)] for k in rows)
+    return [
+        f"token embeddings of {''.join(info.new_tokens)}: {path} ({keys}); diffusers: pipe.load_textual_inversion("
+        f"load_file(path)[key], token={list(info.new_tokens)}, text_encoder=..., tokenizer=...)"
+    ]
 
 
 def _kohya_layout_of(model: str):

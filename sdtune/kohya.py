@@ -60,6 +60,7 @@ from .safetensors_checks import (
     check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
 )
 from .sgm_names import SgmNames
+from .token_embeddings import BUNDLE_PREFIX, add_bundled_tokens
 from .version import __version__
 
 UNET_PREFIX = "lora_unet"
@@ -523,7 +524,13 @@ def load_kohya(path: str | Path, pipeline, multiplier: float = 1.0) -> KohyaAdap
 def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
     """A kohya-format file's updates for `pipeline`'s UNet and text encoders, not yet added (`kohya_updates`)."""
     encoders = {name: getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")}
-    return kohya_updates(path, pipeline.unet, {name: encoder for name, encoder in encoders.items() if encoder is not None})
+    updates = kohya_updates(path, pipeline.unet, {name: encoder for name, encoder in encoders.items() if encoder is not None})
+    metadata, entries = read_safetensors_header(Path(path))
+    bundled = [key for key in entries if key.startswith(BUNDLE_PREFIX)]
+    if bundled:  # embeddings bundled with the update (pivotal tuning): their tokens join the pipeline's
+        tensors = read_tensors(Path(path))
+        add_bundled_tokens(pipeline, metadata, {key: tensors[key] for key in bundled}, str(path))
+    return updates
 
 
 def kohya_module_lookup(unet, text_encoders: Mapping[str, Any]) -> dict[str, tuple[str, str, Any]]:
@@ -564,6 +571,7 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
     path = Path(path)
     metadata, tensors = read_kohya(path)
     warn_absurd_values(path, tensors)
+    tensors = {key: tensor for key, tensor in tensors.items() if not key.startswith(BUNDLE_PREFIX)}  # embeddings: read_kohya_updates
     if not kohya_keys_only(tensors):
         odd = next((key for key in tensors if not kohya_keys_only([key])), "")
         raise SdtuneError(f"{path}: key {odd!r} is not a kohya-format key (lora_unet_..., lora_te_..., lora_te1_... or lora_te2_...)")

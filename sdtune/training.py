@@ -46,7 +46,7 @@ from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, check_trackers_read
 FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
 CONFIG_FILE = "config.toml"
-DATA_STREAM, STEP_STREAM = 0, 1
+DATA_STREAM, STEP_STREAM, EMBEDDING_STREAM = 0, 1, 2
 # settings that may change on resume without making the run differ from an uninterrupted one
 RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output", "log_with", "tracker_project"}
 # what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
@@ -126,6 +126,9 @@ class RunPlan:
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
+        if config.token_embeddings:
+            lines.append("new token embeddings: " + "; ".join(f"<{name}> is {token!r}" for name, token in config.concept_tokens.items())
+                         + f"; lr {config.embedding_lr:g}, from {config.embedding_init or 'each concept name'}")
         accumulated = config.gradient_accumulation_steps
         seen = config.steps * config.batch_size * accumulated
         lines.append(
@@ -159,6 +162,10 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
 
         check_masks(inputs.image_paths, config.mask_source)
     sizes = check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
+    if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
+        from .token_embeddings import check_tokenizers, load_tokenizers
+
+        check_tokenizers(config, load_tokenizers(config.model))
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
@@ -315,6 +322,7 @@ class StepResult:
     started: float  # time.perf_counter() when the step began
     lr: float  # the learning rate the step used
     text_encoder_lr: float | None = None  # with a trained text encoder: its group's
+    embedding_lr: float | None = None  # with new token embeddings: their group's
     losses: list = field(default_factory=list)  # each micro-batch's loss (a tensor)
     instance_losses: list = field(default_factory=list)  # with prior preservation: the concept images' part
     prior_losses: list = field(default_factory=list)  # and the class images' part
@@ -448,6 +456,13 @@ class Trainer:
         # with --train-text-encoder the method tunes them too: they run in the loop, with gradients
         self.trained_encoders = list(self.text_encoders) if config.train_text_encoder else []
         self.parameters = parameters = method.inject(self.unet, self.trained_encoders)
+        # new token embeddings: rows of every text encoder, which then runs in the loop (trained or not)
+        self.token_parameters = []
+        if config.token_embeddings:
+            from .token_embeddings import add_trainable_tokens
+
+            self.token_parameters = add_trainable_tokens(self.pipe, config, derived_seed(config.seed, EMBEDDING_STREAM))
+        self.loop_encoders = list(self.text_encoders) if self.trained_encoders or self.token_parameters else []
         # room for the adapter(s) and, with checkpoints, the newest ones plus one being written
         # (the trained weights, AdamW's two moments, the EMA)
         copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
@@ -477,6 +492,10 @@ class Trainer:
                     if in_encoder and self.encoder_group is None:
                         self.encoder_group = len(groups)
                     groups.append({"params": mine, "lr": lr * factor})
+        self.embedding_group = None
+        if self.token_parameters:  # the new token rows: one more group, at --embedding-lr
+            self.embedding_group = len(groups)
+            groups.append({"params": self.token_parameters, "lr": config.embedding_lr})
         # the trained tensors in the optimiser's order, which checkpoints number them by
         self.parameters = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(config, groups if len(groups) > 1 else self.parameters, self.method.weight_decay)
@@ -500,7 +519,7 @@ class Trainer:
         warn_half_vae(self.pipe, self.weight_dtype, self.config.no_half_vae)
         self.unet.to(self.device)
         # prompts -> the UNet's conditioning (with gradients, through trained text encoders)
-        self.prompt_embeddings = PromptConditioning(self.pipe, trained=bool(self.trained_encoders))
+        self.prompt_embeddings = PromptConditioning(self.pipe, trained=bool(self.loop_encoders))
 
     def _prepare_data(self) -> None:
         """The validation loss's images, the latent cache and the loader."""
@@ -538,7 +557,7 @@ class Trainer:
                 + ([""] if config.caption_dropout else [])
             )
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
-            if not config.shuffle_caption and not self.trained_encoders:  # else they run in the loop
+            if not config.shuffle_caption and not self.loop_encoders:  # else they run in the loop
                 for text_encoder in self.text_encoders:
                     text_encoder.to("cpu")
         self.prompt_embeddings.remember_new = not config.shuffle_caption  # a shuffled caption's orders are too many
@@ -594,10 +613,12 @@ class Trainer:
         self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
             self.unet, self.optimizer, self.loader, self.lr_scheduler
         )
-        if self.trained_encoders:  # trained: prepared too (DDP, autocast), and the embeddings come from it
-            self.trained_encoders = [accelerator.prepare(encoder) for encoder in self.trained_encoders]
-            self.prompt_embeddings.text_encoders = self.trained_encoders
-            for encoder in self.trained_encoders:
+        if self.loop_encoders:  # trained (or holding new token rows): prepared too (DDP, autocast), the embeddings come from them
+            self.loop_encoders = [accelerator.prepare(encoder) for encoder in self.loop_encoders]
+            self.prompt_embeddings.text_encoders = self.loop_encoders
+            if self.trained_encoders:
+                self.trained_encoders = self.loop_encoders
+            for encoder in self.loop_encoders:
                 encoder.train()
         # checkpoints hold the trainable parameters (trainable.safetensors), not the frozen UNet
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
@@ -702,12 +723,13 @@ class Trainer:
         result = StepResult(
             step=self.global_step + 1, started=time.perf_counter(), lr=groups[0]["lr"],
             text_encoder_lr=groups[self.encoder_group]["lr"] if self.encoder_group is not None else None,
+            embedding_lr=groups[self.embedding_group]["lr"] if self.embedding_group is not None else None,
         )
         for micro_batch in range(config.gradient_accumulation_steps):
             batch = next(self.batches)
             self.micro_batches += 1
             # a forked RNG seeded by (seed, step, micro-batch): same draws after a resume, data stream untouched
-            with accelerator.accumulate(self.unet, *self.trained_encoders), torch.random.fork_rng(devices=[]):
+            with accelerator.accumulate(self.unet, *self.loop_encoders), torch.random.fork_rng(devices=[]):
                 seed_global_rng(derived_seed(config.seed, STEP_STREAM, self.global_step, micro_batch, self.process), self.device)
                 latents = batch_latents(batch, self.vae)
                 loss = self.loss(latents, batch)
@@ -839,6 +861,8 @@ class Trainer:
         values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
         if result.text_encoder_lr is not None:
             values["text_encoder_lr"] = result.text_encoder_lr
+        if result.embedding_lr is not None:
+            values["embedding_lr"] = result.embedding_lr
         if result.prior_losses:
             values.update(instance_loss=numbers[1], prior_loss=numbers[2])
         return values
@@ -901,11 +925,17 @@ class Trainer:
         extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(self.global_step))
         if len(config.concepts) > 1 and not config.dataset:  # sampling fills each <name> with its own token
             extra.update(token=config.concept_tokens[config.concepts[0]], concept_tokens=json.dumps(config.concept_tokens))
-        save_adapter(self.output / ADAPTER_FILE, method, base_model, **extra)
+        from .token_embeddings import trained_rows
+
+        def token_rows():  # the new tokens' rows as the parameters hold them now
+            return trained_rows(self.pipe) if self.token_parameters else None
+
+        save_adapter(self.output / ADAPTER_FILE, method, base_model, token_embeddings=token_rows(), **extra)
         if self.ema is not None:  # the EMA weights in the same format, so load_adapter reads them
             self.ema.store(self.parameters)
             self.ema.copy_to(self.parameters)
-            save_adapter(self.output / EMA_ADAPTER_FILE, method, base_model, ema_decay=str(config.ema_decay), **extra)
+            save_adapter(self.output / EMA_ADAPTER_FILE, method, base_model, ema_decay=str(config.ema_decay),
+                         token_embeddings=token_rows(), **extra)
             self.ema.restore(self.parameters)
 
     def save_checkpoint(self) -> None:
@@ -943,7 +973,7 @@ class Trainer:
         if accelerator.is_main_process:
             with torch.random.fork_rng(devices=[]):  # the data stream's RNG stays as if no validation ran
                 model = accelerator.unwrap_model(self.unet)
-                if self.trained_encoders:  # the held-out prompts as the text encoder now reads them
+                if self.loop_encoders:  # the held-out prompts as the text encoder now reads them
                     self.validation_loss.use_prompt_embeds(self.validation_embeddings())
                 values["val_loss"] = self.validation_loss(model, accelerator.autocast, self.device)
                 self.validation_losses[self.global_step] = values["val_loss"]
@@ -964,7 +994,7 @@ class Trainer:
         from .conditioning import PromptConditioning
 
         embeddings, precision = self.prompt_embeddings, contextlib.nullcontext()
-        if self.trained_encoders:  # their trained layers are fp32, their frozen ones maybe half: as in the loop
+        if self.loop_encoders:  # their trained layers are fp32, their frozen ones maybe half: as in the loop
             embeddings, precision = PromptConditioning(self.pipe, trained=True), self.accelerator.autocast()
         with torch.no_grad(), precision:
             return embeddings(self.validation_prompts, self.device, size=self.validation_size)
