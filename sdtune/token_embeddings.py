@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from .errors import SdtuneError
 
@@ -270,11 +271,9 @@ def kohya_bundles(info, rows: dict, sdxl: bool) -> tuple[dict, dict]:
     return state, metadata
 
 
-def embedding_file_path(output) -> "Path":
+def embedding_file_path(output) -> Path:
     """Where an export's standalone embedding file goes: beside a file (`x_emb.safetensors`, as the advanced
     scripts name theirs), inside a folder."""
-    from pathlib import Path
-
     output = Path(output)
     return output.parent / f"{output.stem}_emb.safetensors" if output.suffix else output / "token_embeddings.safetensors"
 
