@@ -151,7 +151,9 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
     inputs = read_inputs(config)  # bad input fails before the model loads
-    sizes = check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
+    from .prior import class_image_count
+
+    sizes = check_run_fits(config, method, len(inputs.image_paths), class_image_count(config))  # and sizes the model or the machine cannot take
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
