@@ -34,6 +34,11 @@ from .errors import SdtuneError
 from .fileio import human_bytes
 from .optimizers import OPTIMIZERS
 
+# The VAE decoder's last resnet keeps its input for the residual while each of its operations reads one
+# full-resolution map and writes another: three at once (measured: the tiny VAE's 2048 px decode peaked at 5.3,
+# benchmarks/RESULTS.md). Attention adds no map of tokens²: diffusers' default processor calls PyTorch's
+# scaled_dot_product_attention, whose flash and memory-efficient kernels (CPU and CUDA) never form the scores.
+DECODER_MAPS = 3
 METRICS_LINE_BYTES = 64  # metrics.jsonl: a step's line is longer than this
 MAX_MICRO_BATCHES = 10**12  # over 30 years at a thousand micro-batches a second
 
@@ -156,10 +161,10 @@ def check_memory(on_device: list[tuple[str, str, int]], on_host: list[tuple[str,
             raise SdtuneError(f"this run needs at least {human_bytes(total)} of memory ({listed}), and {device}")
 
 
-def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int) -> int:
-    """Two of the VAE's full-resolution feature maps (a convolution's input and output) for one image."""
+def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int, maps: int = 2) -> int:
+    """`maps` of the VAE's full-resolution feature maps for one image (two: a convolution's input and output)."""
     channels = int(configs.vae.get("block_out_channels", [128])[0])
-    return 2 * channels * resolution * resolution * dtype_bytes
+    return maps * channels * resolution * resolution * dtype_bytes
 
 
 def free_disk(folder: Path) -> tuple[int, Path]:
@@ -349,8 +354,9 @@ def check_drawing_fits(model: str, resolution: int | None, steps: int, images: i
     resolution = check_resolution(model, configs, resolution)
     check_sampling_steps(model, configs, steps)
     kept = images * resolution * resolution * 3 + (grid_bytes(resolution) if grid_bytes else 0)  # 8-bit RGB
+    decoder = vae_feature_map_bytes(configs, resolution, 4, DECODER_MAPS)  # sampling decodes in float32
     check_memory(
-        [(f"--resolution {resolution}", "one image's last VAE feature maps", vae_feature_map_bytes(configs, resolution, 4))],
+        [(f"--resolution {resolution}", "one image's last VAE decoder feature maps", decoder)],
         [(asked or f"--resolution {resolution}", f"the {images:,} image(s) kept for the grid", kept)],
     )
     return resolution

@@ -170,6 +170,8 @@ CASES = [
     ("sample-steps-huge", (*SAMPLE, "--steps", 10**9), 2, "tiny-random's scheduler has 1000 timesteps, so at most 1000 denoising steps"),
     ("sample-num-images-huge", (*SAMPLE, "--num-images", 10**12), 2, "--num-images 1,000,000,000,000 for 1 prompt(s) needs more memory"),
     ("sample-resolution-huge", (*SAMPLE, "--resolution", 100000), 2, "--resolution 100000 needs more memory than there is"),
+    ("sample-resolution-32768", (*SAMPLE, "--resolution", 32768), 2,
+     "--resolution 32768 needs more memory than there is: 384.0 GB for one image's last VAE decoder feature maps alone"),
     ("sample-resolution-8", (*SAMPLE, "--resolution", 8), 2, "--resolution 8 is too small for tiny-random: at least 24"),
     ("sample-prompts-folder", (*SAMPLE, "--prompts", "{tmp}/a-folder"), 2, "prompt file {tmp}/a-folder is a folder"),
     ("sample-prompts-missing", (*SAMPLE, "--prompts", "{tmp}/none.txt"), 2, "prompt file not found"),

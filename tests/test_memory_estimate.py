@@ -107,3 +107,27 @@ def test_prior_preservation_holds_a_class_example_per_concept_example_and_every_
     assert prior.device_bytes - plain.device_bytes == 2 * image  # two class examples beside the two concept ones
     fewer = plan_run(config(tmp_path / "fewer", batch_size=2, class_images=str(classes), class_prompt="a castle", num_class_images=3)).sizes
     assert fewer.host_bytes - plain.host_bytes == 3 * image
+
+
+def test_sampling_refuses_a_resolution_whose_decoding_cannot_fit(monkeypatch, tmp_path, tiny_path):
+    """On a 16 GB machine the tiny model's 8192 px decode needs three 32-channel float32 maps of 8192² (24 GB):
+    refused in one line before the model loads; SD's and SDXL's usual sizes pass on an 8 GB GPU."""
+    from test_cli import assert_one_line_error, invoke
+
+    from sdtune import limits, models
+
+    monkeypatch.setattr(limits, "device_memory", lambda: None)
+    monkeypatch.setattr(limits, "ram_bytes", lambda: 16 * 2**30)
+    result = invoke("sample", "--model", "tiny-random", "--prompt", "a castle", "--resolution", 8192, "--output", tmp_path / "out")
+    assert_one_line_error(result, 2, "--resolution 8192 needs more memory than there is: 24.0 GB for one image's last "
+                                     "VAE decoder feature maps alone, and this machine has 16.0 GB of memory")
+    assert not (tmp_path / "out").exists()
+    assert limits.check_drawing_fits("tiny-random", 4096, 20) == 4096
+
+    monkeypatch.setattr(limits, "device_memory", lambda: (8 * 2**30, "the GPU has 8.0 GB"))
+    vae = {"block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
+    for pipeline, unet, size in (("StableDiffusionPipeline", models.sd14_unet_config(), 768),
+                                 ("StableDiffusionXLPipeline", {**models.sd14_unet_config(), "sample_size": 128}, 1024)):
+        configs = models.ModelConfigs(pipeline, unet, vae, {"num_train_timesteps": 1000})
+        monkeypatch.setattr(models, "read_model_configs", lambda model, configs=configs: configs)
+        assert limits.check_drawing_fits("some/model", size, 30, images=4) == size
