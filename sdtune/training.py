@@ -827,6 +827,8 @@ class Trainer:
         values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
         if result.text_encoder_lr is not None:
             values["text_encoder_lr"] = result.text_encoder_lr
+        if "d" in self.optimizer.param_groups[0]:  # Prodigy: its step-size estimate, which its README says to watch
+            values["prodigy_d"] = float(self.optimizer.param_groups[0]["d"])
         if result.prior_losses:
             values.update(instance_loss=numbers[1], prior_loss=numbers[2])
         return values

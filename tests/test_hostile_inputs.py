@@ -109,6 +109,9 @@ CASES = [
     # train: sizes the model or the machine cannot take, before the model loads
     ("train-resolution-8", (*TRAIN, "--resolution", 8), 2, "--resolution 8 is too small for tiny-random: at least 24"),
     ("train-resolution-16", (*TRAIN, "--resolution", 16), 2, "--resolution 16 is too small for tiny-random: at least 24"),
+    ("train-prodigy-d-coef-zero", (*TRAIN, "--optimizer", "prodigy", "--prodigy-d-coef", 0), 2, "--prodigy-d-coef must be positive and finite, got 0.0"),
+    ("train-prodigy-d-coef-adamw", (*TRAIN, "--prodigy-d-coef", 2), 2, "--prodigy-d-coef applies to --optimizer prodigy, not adamw"),
+    ("train-prodigy-d0-negative", (*TRAIN, "--optimizer", "prodigy", "--prodigy-d0", "-1e-5"), 2, "--prodigy-d0 must be positive and finite, got -1e-05"),
     ("train-resolution-huge", (*TRAIN, "--resolution", 100000), 2, "--resolution 100000 needs more memory than there is"),
     ("train-resolution-odd", (*TRAIN, "--resolution", 60), 2, "--resolution must be a positive multiple of 8"),
     ("train-steps-huge", (*TRAIN, "--steps", HUGE), 2, "micro-batches; sdtune runs at most 10^12"),
