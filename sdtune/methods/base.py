@@ -375,6 +375,12 @@ class Method(ABC):
         self._unmerged_weights = None
         return [(changed[name], attr, delta) for (name, attr), delta in diffs.items()]
 
+    def stream_update(self) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+        """`take_update` a weight at a time, for what adds many updates up (`adapter.load_adapters`): each is
+        computed when asked for, so a method that can keeps one weight's update at once. This default takes
+        them all first (a method that trains weights in place keeps their initial values anyway)."""
+        yield from self.take_update()
+
 
 # ---------------------------------------------------------------------------------------------
 # Methods that wrap their targets
@@ -442,10 +448,31 @@ class WrappedLayers(Method):
 
     @torch.no_grad()
     def _merge(self) -> None:
+        for layer in self.layers.values():
+            self.layer_base(layer).weight += self.layer_delta(layer)
+        self._put_back_bases()
+
+    def _put_back_bases(self) -> None:
+        """Each wrapped module back in its wrapper's place: the model is plain."""
         for name, layer in self.layers.items():
-            base = self.layer_base(layer)
-            base.weight += self.layer_delta(layer)
-            replace_module(self.models, name, base)
+            replace_module(self.models, name, self.layer_base(layer))
+
+    def stream_update(self) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+        """One layer at a time, each update exactly what `take_update` gives for it (what `merge` would leave in
+        the weight, less the weight, in float32 on the CPU); no weight changes. Exhausted, the model is plain."""
+        if self.merged:
+            raise RuntimeError(f"{self.name}: stream_update() reads the update of an unmerged method")
+        with torch.no_grad():
+            for layer in self.layers.values():
+                weight = self.layer_base(layer).weight
+                merged = (weight + self.layer_delta(layer)).to(weight.dtype)  # as _merge's in-place sum rounds
+                delta = merged.float().cpu() - weight.float().cpu()
+                del merged
+                if delta.any():
+                    yield self.layer_base(layer), "weight", delta
+        self._put_back_bases()
+        self.merged, self._unmerged_weights = True, None
+        self._unet.__dict__.pop(CARRIED_METHOD, None)
 
     def _unmerge(self) -> None:
         for name, layer in self.layers.items():
