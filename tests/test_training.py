@@ -133,8 +133,8 @@ def test_optimizer_settings_build_that_optimizer(name, kind):
     assert group["weight_decay"] == 1e-2  # the method's own, unless --weight-decay is given
     if name in ("adamw", "adam", "adamw8bit", "prodigy"):
         assert tuple(group["betas"][:2]) == (0.8, 0.99) and group["eps"] == 1e-6
-    if name == "prodigy":  # as diffusers' DreamBooth LoRA script: decoupled decay, bias correction
-        assert group["decouple"] and group["use_bias_correction"] and not group["safeguard_warmup"]
+    if name == "prodigy":  # as diffusers' DreamBooth LoRA script by default: decoupled decay, bias correction, safeguard
+        assert group["decouple"] and group["use_bias_correction"] and group["safeguard_warmup"]
     if name == "sgd":
         assert group["momentum"] == 0.9
     overridden = make_optimizer(TrainConfig(optimizer=name, lr=1e-3, weight_decay=0.0), [parameter], 1e-2)
