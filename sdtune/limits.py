@@ -15,8 +15,9 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
   the meta device, what the method forms for backward (`Method.backward_bytes`), the trained text
   encoders' activations, one image's first VAE feature maps, the batch with its class examples)
   against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
-  in RAM either way (the training and class images, the images sampling keeps for its grid) against the RAM. The bound is never above what
-  the run needs, so a refusal is certain; a run that passes may still run out;
+  in RAM either way (the training and class images, the images sampling keeps for its grid) against
+  the RAM. The bound is never above what the run needs, so a refusal is certain; a run that passes
+  may still run out;
 - the number of micro-batches (steps × gradient accumulation) and the metrics log it writes
   (a line a step) against the output folder's free disk.
 """
@@ -302,10 +303,9 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
     # a concept's batches hold at most all its images (the loader says so and trains on them all)
     batch = min(config.batch_size, image_count) if image_count else config.batch_size
-    classes = class_count
     # with prior preservation every batch holds as many class examples as concept ones (prior.collate_with_prior)
-    examples = 2 * batch if classes else batch
-    in_batch = f"{batch:,} concept and {batch:,} class images" if classes else f"{batch:,} images"
+    examples = 2 * batch if class_count else batch
+    in_batch = f"{batch:,} concept and {batch:,} class images" if class_count else f"{batch:,} images"
     on_device = [
         (f"--model {config.model}", "the UNet's frozen weights", frozen * compute_bytes),
         (f"--model {config.model}", "the text encoders' frozen weights", frozen_text * compute_bytes),
@@ -322,9 +322,9 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
                           f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
                           examples * probe.method.text_encoder_activation_bytes(tokens, compute_bytes)))
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
-    if classes:
+    if class_count:
         asked = f"--num-class-images {config.num_class_images:,}" if config.num_class_images else f"--class-images {config.class_images}"
-        on_host.append((asked, f"{classes:,} class images", classes * pixels))
+        on_host.append((asked, f"{class_count:,} class images", class_count * pixels))
     check_memory(on_device, on_host)
     return RunSizes(resolution, frozen, frozen_text, trained, sum(part[2] for part in on_device), sum(part[2] for part in on_host))
 

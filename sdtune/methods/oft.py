@@ -134,7 +134,7 @@ class OftLayer(DeltaLayer):
         return blocks.expand(self.blocks, -1, -1)
 
     def backward_bytes(self, compute_bytes: int) -> int:
-        """Besides the formed weight W' = W + S·ΔW (measured: tests/test_oft.py): three float32 tensors of the
+        """Besides the formed weight W' = W + S·ΔW (measured: tests/test_memory_estimate.py): three float32 tensors of the
         trained blocks (the Cayley transform's and R − I), the exact Cayley's int32 pivots, peft's int64 rows
         and columns of Q's free entries, and under mixed precision W cast to the compute dtype for the einsum."""
         rotation, size = self.oft_R, self.oft_R.block_size
