@@ -279,6 +279,10 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
     the base weights in turn, its update read and the base put back; the updates are added at the end, which
     is what kohya loaders do with diffs and LoRAs, and what does not depend on the order. `load_adapter`
     called again instead merges each adapter into the weights the ones before it left.
+
+    Memory: one float32 sum of the changed weights, each adapter's update added into it a layer at a time as it
+    is computed (`stream_update`), and each layer's sum freed once it is in the weights. A refused adapter
+    (another base model) is refused before any weight changes.
     """
     import torch
 
@@ -295,14 +299,19 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
         adapter = open_adapter(path, pipeline)
         if scale != 1.0:
             adapter.set_scale(scale)
-        for module, attr, delta in adapter.take_update():
-            entry = total.setdefault((id(module), attr), [module, attr, 0])
-            entry[2] = entry[2] + delta
+        for module, attr, delta in adapter.stream_update():
+            entry = total.get((id(module), attr))
+            if entry is None:
+                total[(id(module), attr)] = [module, attr, delta]
+            else:
+                entry[2] += delta
     remember_base_samples({id(module): module for module, _, _ in total.values()}.values())
     with torch.no_grad():
-        for module, attr, delta in total.values():
+        while total:
+            module, attr, delta = total.popitem()[1]
             weight = getattr(module, attr)
             weight += delta.to(weight.device, weight.dtype)
+            del delta
 
 
 def check_new_tokens_apart(paths: list, pipeline) -> None:

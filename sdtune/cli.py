@@ -267,6 +267,8 @@ def train(
     adam_beta1: Optional[float] = typer.Option(None, help="adamw/adam: β1." + _default(TrainConfig, "adam_beta1")),
     adam_beta2: Optional[float] = typer.Option(None, help="adamw/adam: β2." + _default(TrainConfig, "adam_beta2")),
     adam_epsilon: Optional[float] = typer.Option(None, help="adamw/adam: ε." + _default(TrainConfig, "adam_epsilon")),
+    prodigy_d_coef: Optional[float] = typer.Option(None, help="prodigy: scales its estimate of the step size d, as Prodigy's README advises instead of --lr (2 or 10: larger steps; 0.5 or 0.1: smaller)." + _default(TrainConfig, "prodigy_d_coef")),
+    prodigy_d0: Optional[float] = typer.Option(None, help="prodigy: its first estimate of d; raise it to 1e-5 or 1e-4 where metrics.jsonl's prodigy_d stays at it (Prodigy's README)." + _default(TrainConfig, "prodigy_d0")),
     lr_scheduler: Optional[str] = typer.Option(None, help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial." + _default(TrainConfig, "lr_scheduler")),
     lr_warmup_steps: Optional[int] = typer.Option(None, help="Steps of linear warm-up from 0 to --lr." + _default(TrainConfig, "lr_warmup_steps")),
     lr_cycles: Optional[int] = typer.Option(None, help="cosine_with_restarts: number of cycles." + _default(TrainConfig, "lr_cycles")),

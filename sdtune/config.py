@@ -169,6 +169,8 @@ class TrainConfig(_Config):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
+    prodigy_d_coef: float = 1.0  # prodigy: scales its step-size estimate d (Prodigy's README: 2 or 10 larger, 0.5 or 0.1 smaller)
+    prodigy_d0: float = 1e-6  # prodigy: its first estimate of d (Prodigy's README: 1e-5 or 1e-4 where d stays too small)
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     lr_cycles: int = 1  # cosine_with_restarts: number of hard restarts
@@ -271,6 +273,13 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if not (self.adam_epsilon > 0 and math.isfinite(self.adam_epsilon)):
             raise SdtuneError(f"--adam-epsilon must be positive and finite, got {self.adam_epsilon}")
+        if not (self.prodigy_d_coef > 0 and math.isfinite(self.prodigy_d_coef)):
+            raise SdtuneError(f"--prodigy-d-coef must be positive and finite, got {self.prodigy_d_coef}")
+        if not (self.prodigy_d0 > 0 and math.isfinite(self.prodigy_d0)):
+            raise SdtuneError(f"--prodigy-d0 must be positive and finite, got {self.prodigy_d0}")
+        for name, default in (("prodigy_d_coef", 1.0), ("prodigy_d0", 1e-6)):
+            if getattr(self, name) != default and self.optimizer != "prodigy":
+                raise SdtuneError(f"--{name.replace('_', '-')} applies to --optimizer prodigy, not {self.optimizer}")
         if not 0 <= self.ema_decay < 1:
             raise SdtuneError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.resume is not None and not self.resume:
@@ -358,6 +367,9 @@ class TrainConfig(_Config):
                 values.pop(name, None)
         for name in ("min_timestep", "input_perturbation"):  # at their defaults, left out, as above
             if values.get(name) == 0:
+                values.pop(name)
+        for name, default in (("prodigy_d_coef", 1.0), ("prodigy_d0", 1e-6)):  # as above
+            if values.get(name) == default:
                 values.pop(name)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)

@@ -331,14 +331,16 @@ class KohyaAdapter:
 
     def take_update(self) -> list[tuple[Any, str, Any]]:
         """(module, parameter name, scale·ΔW) of every update, in float32 on the CPU; nothing is changed."""
+        return list(self.stream_update())
+
+    def stream_update(self):
+        """`take_update` one update at a time, each scaled when asked for."""
         if self.merged:
             raise RuntimeError("kohya: take_update() reads the updates of an unmerged file")
-        taken = []
         for update in self.updates:
             for attr, delta in (("weight", update.delta_weight), ("bias", update.delta_bias)):
                 if delta is not None:
-                    taken.append((update.module, attr, delta.float().cpu() * self.scale))
-        return taken
+                    yield update.module, attr, delta.float().cpu() * self.scale
 
     def unmerge(self) -> None:
         import torch

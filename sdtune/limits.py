@@ -12,10 +12,12 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
   schedulers require;
 - memory: a lower bound of what the run keeps at once (the UNet's weights, the trained parameters
   with their gradients and optimiser state, counted by injecting the method into the UNet built on
-  the meta device, one image's first VAE feature maps) against the memory of the device the run
-  uses (the GPU, else the machine's RAM), and what stays in RAM either way (the training and class
-  images, the images sampling keeps for its grid) against the RAM. The bound is never above what
-  the run needs, so a refusal is certain; a run that passes may still run out;
+  the meta device, what the method forms for backward (`Method.backward_bytes`), the trained text
+  encoders' activations, one image's first VAE feature maps, the batch with its class examples)
+  against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
+  in RAM either way (the training and class images, the images sampling keeps for its grid) against
+  the RAM. The bound is never above what the run needs, so a refusal is certain; a run that passes
+  may still run out;
 - the number of micro-batches (steps × gradient accumulation) and the metrics log it writes
   (a line a step) against the output folder's free disk.
 """
@@ -27,11 +29,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import SdtuneError
 from .fileio import human_bytes
 from .optimizers import OPTIMIZERS
 
+# The VAE decoder's last resnet keeps its input for the residual while each of its operations reads one
+# full-resolution map and writes another: three at once (measured: the tiny VAE's 2048 px decode peaked at 5.3,
+# benchmarks/RESULTS.md). Attention adds no map of tokens²: diffusers' default processor calls PyTorch's
+# scaled_dot_product_attention, whose flash and memory-efficient kernels (CPU and CUDA) never form the scores.
+DECODER_MAPS = 3
 METRICS_LINE_BYTES = 64  # metrics.jsonl: a step's line is longer than this
 MAX_MICRO_BATCHES = 10**12  # over 30 years at a thousand micro-batches a second
 
@@ -154,10 +162,10 @@ def check_memory(on_device: list[tuple[str, str, int]], on_host: list[tuple[str,
             raise SdtuneError(f"this run needs at least {human_bytes(total)} of memory ({listed}), and {device}")
 
 
-def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int) -> int:
-    """Two of the VAE's full-resolution feature maps (a convolution's input and output) for one image."""
+def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int, maps: int = 2) -> int:
+    """`maps` of the VAE's full-resolution feature maps for one image (two: a convolution's input and output)."""
     channels = int(configs.vae.get("block_out_channels", [128])[0])
-    return 2 * channels * resolution * resolution * dtype_bytes
+    return maps * channels * resolution * resolution * dtype_bytes
 
 
 def free_disk(folder: Path) -> tuple[int, Path]:
@@ -172,54 +180,75 @@ def free_disk(folder: Path) -> tuple[int, Path]:
 # The checks the commands call
 
 
-def count_parameters(configs, method) -> tuple[int, int]:
-    """(frozen UNet parameters, trained parameters) for a fresh copy of `method` injected into the
-    UNet built from its config on the meta device: nothing is allocated, whatever the options.
-    (0, 0) where the config builds no UNet: loading the model says what is wrong with it."""
-    import torch
-    from diffusers import UNet2DConditionModel
+@dataclass
+class MethodProbe:
+    """A fresh copy of a method injected into the model built from its configs on the meta device."""
 
-    from . import methods
+    method: Any  # None where the config builds no UNet (loading the model says what is wrong with it)
+    unet_parameters: int
+    text_encoder_parameters: int  # of the encoders that could be built
+    text_encoder_tokens: int  # the prompt length of the encoders (CLIP's 77)
+    trains_text_encoders: bool  # injected into the text encoders too
 
-    with torch.device("meta"):
-        try:
-            unet = UNet2DConditionModel.from_config(configs.unet)
-        except Exception:
-            return 0, 0
-        probe = methods.create(method.name, **method.options_dict())
-        probe.inject(unet)
-    trained = probe.num_parameters()
-    return sum(p.numel() for p in unet.parameters()) - trained, trained
+    def unet_counts(self) -> tuple[int, int]:
+        trained = self.method.num_parameters() - self.text_trained() if self.method else 0
+        return self.unet_parameters - trained, trained
+
+    def text_trained(self) -> int:
+        return sum(p.numel() for p in self.method.text_encoder_parameters()) if self.method else 0
 
 
-def count_text_encoder_parameters(configs, method, train: bool) -> tuple[int, int]:
-    """(frozen, trained) parameters of the text encoders whose configs were read, built on the meta
-    device; trained only where `train` (--train-text-encoder), by injecting a fresh copy of `method`
-    into them with the UNet. (0, 0) for what cannot be built: this is a lower bound."""
+def probe_method(configs, method, train_text_encoder: bool = False) -> MethodProbe:
+    """Inject a fresh copy of `method` into the UNet (and, with `train_text_encoder`, the text encoders whose
+    configs were read) built on the meta device: nothing is allocated, whatever the options. What cannot be
+    built is left out, so what is counted from it is a lower bound."""
     import torch
     import transformers
     from diffusers import UNet2DConditionModel
 
     from . import methods
 
-    encoders = []
+    encoders, tokens = [], 0
     with torch.device("meta"):
         for class_name, config in configs.text_encoders:
             try:
                 model_class = getattr(transformers, class_name)
                 encoders.append(model_class(model_class.config_class.from_dict(config)))
+                tokens = max(tokens, int(config.get("max_position_embeddings", 77)))
             except Exception:
                 continue
-        total = sum(p.numel() for encoder in encoders for p in encoder.parameters())
-        if not (train and encoders):
-            return total, 0
+        text_total = sum(p.numel() for encoder in encoders for p in encoder.parameters())
         try:
-            probe = methods.create(method.name, **method.options_dict())
-            probe.inject(UNet2DConditionModel.from_config(configs.unet), encoders)
+            unet = UNet2DConditionModel.from_config(configs.unet)
         except Exception:
-            return total, 0
-    trained = sum(p.numel() for p in probe.text_encoder_parameters())
-    return sum(p.numel() for encoder in encoders for p in encoder.parameters()) - trained, trained
+            return MethodProbe(None, 0, text_total, tokens, False)
+        if train_text_encoder and encoders:
+            try:
+                probe = methods.create(method.name, **method.options_dict())
+                probe.inject(unet, encoders)
+            except Exception:  # counted without them
+                unet = UNet2DConditionModel.from_config(configs.unet)
+            else:  # the parameters after injection: a wrapper's are the model's too
+                text_total = sum(p.numel() for encoder in encoders for p in encoder.parameters())
+                return MethodProbe(probe, sum(p.numel() for p in unet.parameters()), text_total, tokens, True)
+        probe = methods.create(method.name, **method.options_dict())
+        probe.inject(unet)
+    return MethodProbe(probe, sum(p.numel() for p in unet.parameters()), text_total, tokens, False)
+
+
+def count_parameters(configs, method) -> tuple[int, int]:
+    """(frozen UNet parameters, trained parameters) for `method` injected into the UNet on the meta device
+    (`probe_method`); (0, 0) where the config builds no UNet."""
+    return probe_method(configs, method).unet_counts()
+
+
+def count_text_encoder_parameters(configs, method, train: bool) -> tuple[int, int]:
+    """(frozen, trained) parameters of the text encoders whose configs were read, built on the meta
+    device; trained only where `train` (--train-text-encoder), by injecting a fresh copy of `method`
+    into them with the UNet. (0, 0) for what cannot be built: this is a lower bound."""
+    probe = probe_method(configs, method, train)
+    trained = probe.text_trained() if probe.trains_text_encoders else 0
+    return probe.text_encoder_parameters - trained, trained
 
 
 def changed_options(method) -> str:
@@ -243,8 +272,9 @@ class RunSizes:
     host_bytes: int  # at least this of RAM besides
 
 
-def check_run_fits(config, method, image_count: int = 0) -> RunSizes:
-    """`sdtune train`'s sizes against the model and the machine (`config` resolved); what it found."""
+def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -> RunSizes:
+    """`sdtune train`'s sizes against the model and the machine (`config` resolved; `image_count` training and
+    `class_count` class images, `prior.class_image_count`); what it found."""
     from .models import read_model_configs
 
     configs = read_model_configs(config.model)
@@ -263,29 +293,40 @@ def check_run_fits(config, method, image_count: int = 0) -> RunSizes:
             f"{human_bytes(config.steps * METRICS_LINE_BYTES)}; {folder} has {human_bytes(free)} free"
         )
     half = config.mixed_precision in ("fp16", "bf16")
-    frozen, trained = count_parameters(configs, method)
-    frozen_text, trained_text = count_text_encoder_parameters(configs, method, config.train_text_encoder)
+    compute_bytes = 2 if half else 4
+    probe = probe_method(configs, method, config.train_text_encoder)
+    frozen, trained = probe.unet_counts()
+    trained_text = probe.text_trained() if probe.trains_text_encoders else 0
+    frozen_text = probe.text_encoder_parameters - trained_text
     trained += trained_text
     state = 4 + 4 + OPTIMIZERS[config.optimizer].state_bytes + (4 if config.ema_decay else 0)
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
     # a concept's batches hold at most all its images (the loader says so and trains on them all)
     batch = min(config.batch_size, image_count) if image_count else config.batch_size
+    # with prior preservation every batch holds as many class examples as concept ones (prior.collate_with_prior)
+    examples = 2 * batch if class_count else batch
+    in_batch = f"{batch:,} concept and {batch:,} class images" if class_count else f"{batch:,} images"
     on_device = [
-        (f"--model {config.model}", "the UNet's frozen weights", frozen * (2 if half else 4)),
-        (f"--model {config.model}", "the text encoders' frozen weights", frozen_text * (2 if half else 4)),
+        (f"--model {config.model}", "the UNet's frozen weights", frozen * compute_bytes),
+        (f"--model {config.model}", "the text encoders' frozen weights", frozen_text * compute_bytes),
         (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
          trained * state),
+        (changed_options(method), "the weights it forms, kept for backward", probe.method.backward_bytes(compute_bytes) if probe.method else 0),
         (f"--resolution {resolution}", "one image's first VAE feature maps",
          vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4)),
-        (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {batch:,} images",
-         batch * pixels),
+        (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {in_batch}", examples * pixels),
     ]
+    if probe.trains_text_encoders:
+        tokens = probe.text_encoder_tokens
+        on_device.append((f"--train-text-encoder with --batch-size {config.batch_size:,}",
+                          f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
+                          examples * probe.method.text_encoder_activation_bytes(tokens, compute_bytes)))
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
     if config.masked_loss:  # 8-bit, one a pixel
         on_host.append(("--masked-loss", "the training images' masks", image_count * resolution * resolution))
-    if config.with_prior_preservation and config.num_class_images:
-        on_host.append((f"--num-class-images {config.num_class_images:,}", f"{config.num_class_images:,} class images",
-                        config.num_class_images * pixels))
+    if class_count:
+        asked = f"--num-class-images {config.num_class_images:,}" if config.num_class_images else f"--class-images {config.class_images}"
+        on_host.append((asked, f"{class_count:,} class images", class_count * pixels))
     check_memory(on_device, on_host)
     return RunSizes(resolution, frozen, frozen_text, trained, sum(part[2] for part in on_device), sum(part[2] for part in on_host))
 
@@ -315,8 +356,9 @@ def check_drawing_fits(model: str, resolution: int | None, steps: int, images: i
     resolution = check_resolution(model, configs, resolution)
     check_sampling_steps(model, configs, steps)
     kept = images * resolution * resolution * 3 + (grid_bytes(resolution) if grid_bytes else 0)  # 8-bit RGB
+    decoder = vae_feature_map_bytes(configs, resolution, 4, DECODER_MAPS)  # sampling decodes in float32
     check_memory(
-        [(f"--resolution {resolution}", "one image's last VAE feature maps", vae_feature_map_bytes(configs, resolution, 4))],
+        [(f"--resolution {resolution}", "one image's last VAE decoder feature maps", decoder)],
         [(asked or f"--resolution {resolution}", f"the {images:,} image(s) kept for the grid", kept)],
     )
     return resolution

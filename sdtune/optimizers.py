@@ -9,8 +9,14 @@ bytes per trained parameter (the memory check, `sdtune/limits.py`). Importing th
   numbers or more (bitsandbytes keeps smaller ones in 32 bits). It runs on CUDA and on CPUs.
 - `prodigy`: Prodigy (Mishchenko and Defazio 2024, "Prodigy: An Expeditiously Adaptive Parameter-Free
   Learner"), an Adam that estimates its own step size d; `--lr` multiplies d, so the default is 1.0. As
-  diffusers' DreamBooth LoRA script sets it up: decoupled weight decay, Adam's bias correction, and with
-  `--lr-warmup-steps` the safeguard that keeps d from growing during warm-up.
+  diffusers' DreamBooth LoRA script sets it up by default, and Prodigy's README advises for diffusion models:
+  decoupled weight decay, Adam's bias correction and the safeguard (lr out of d's denominator, so a
+  warm-up or a schedule cannot inflate d). `--prodigy-d-coef` scales
+  d's estimate: Prodigy's README (github.com/konstmish/prodigy) keeps lr at 1 and tunes d_coef instead
+  (2 or 10 for larger steps, 0.5 or 0.1 for smaller); diffusers' DreamBooth scripts expose only
+  bias correction, the safeguard, decoupled decay and β3, and kohya-ss' passes any Prodigy argument
+  through --optimizer_args. `--prodigy-d0`: d's first estimate (1e-6); the README advises 1e-5 or 1e-4
+  where d stays too small, as it does in short few-shot runs (benchmarks/RESULTS.md); training logs d.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ def make_optimizer(config, parameters: list, method_weight_decay: float):
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
             return Prodigy(
                 parameters, lr=config.lr, betas=betas, eps=config.adam_epsilon, weight_decay=decay,
-                decouple=True, use_bias_correction=True, safeguard_warmup=config.lr_warmup_steps > 0,
+                decouple=True, use_bias_correction=True, safeguard_warmup=True, d_coef=config.prodigy_d_coef,
+                d0=config.prodigy_d0,
             )
     raise SdtuneError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {config.optimizer!r}")

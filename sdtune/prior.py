@@ -41,6 +41,19 @@ def class_image_paths(config, pipe, output: Path, resolution: int, accelerator, 
     return list_images(folder)[: config.num_class_images]
 
 
+def class_image_count(config) -> int:
+    """How many class images a run with prior preservation holds (each once: a bucketed run may frame one
+    into several buckets): --num-class-images, at most the --class-images folder's, else all of that folder's."""
+    if not config.with_prior_preservation:
+        return 0
+    if not config.class_images:
+        return config.num_class_images or 0
+    from .data import list_images
+
+    found = len(list_images(config.class_images))
+    return min(found, config.num_class_images) if config.num_class_images else found
+
+
 def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolution: int, accelerator, seed: int, progress: bool) -> int:
     """Draw the missing images of `folder` (class-0000.png, ...) with the base model; returns how many were drawn.
 

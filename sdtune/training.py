@@ -161,7 +161,9 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         from .masks import check_masks
 
         check_masks(inputs.image_paths, config.mask_source)
-    sizes = check_run_fits(config, method, len(inputs.image_paths))  # and sizes the model or the machine cannot take
+    from .prior import class_image_count
+
+    sizes = check_run_fits(config, method, len(inputs.image_paths), class_image_count(config))  # and sizes the model or the machine cannot take
     if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
         from .token_embeddings import check_tokenizers, load_tokenizers
 
@@ -863,6 +865,8 @@ class Trainer:
             values["text_encoder_lr"] = result.text_encoder_lr
         if result.embedding_lr is not None:
             values["embedding_lr"] = result.embedding_lr
+        if "d" in self.optimizer.param_groups[0]:  # Prodigy: its step-size estimate, which its README says to watch
+            values["prodigy_d"] = float(self.optimizer.param_groups[0]["d"])
         if result.prior_losses:
             values.update(instance_loss=numbers[1], prior_loss=numbers[2])
         return values

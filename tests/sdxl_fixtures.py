@@ -93,9 +93,3 @@ def unet_inputs(batch: int = 2, seed: int = 5) -> tuple:
         torch.randn(batch, 7, 2 * TEXT_DIM, generator=g),
         {"text_embeds": torch.randn(batch, TEXT_DIM, generator=g), "time_ids": torch.randn(batch, 6, generator=g) * 100},
     )
-
-
-def run_unet(unet, inputs) -> torch.Tensor:
-    latents, timesteps, hidden, added = inputs
-    with torch.no_grad():
-        return unet(latents, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample

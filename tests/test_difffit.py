@@ -10,11 +10,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from sdtune import methods
 from sdtune.errors import SdtuneError
-
-
-def run_unet(unet, inputs):
-    with torch.no_grad():
-        return unet(*inputs).sample
+from helpers import run_unet
 
 
 def first(unet, kind):

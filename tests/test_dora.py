@@ -22,14 +22,10 @@ from sdtune.adapter import load_adapter, read_adapter, save_adapter
 from sdtune.errors import SdtuneError
 from sdtune.export import export_adapter
 from sdtune.models import load_pipeline
+from helpers import run_unet
 
 CONV = "down_blocks.0.resnets.0.conv1"
 LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # 32 → 32 from the text embeddings
-
-
-def run_unet(unet, inputs):
-    with torch.no_grad():
-        return unet(*inputs).sample
 
 
 def perturbed(options=None, text_encoder=False, scale=0.05):

@@ -22,6 +22,7 @@ from sdtune.adapter import load_adapter, save_adapter
 from sdtune.errors import SdtuneError
 from sdtune.export import export_adapter
 from sdtune.merging import merge_adapter
+from helpers import run_unet
 
 LOW_RANK = [
     ("lora", {}),
@@ -45,11 +46,6 @@ DIFF_STYLE = [
 
 def ids(cases):
     return [f"{name}-{'-'.join(f'{k}={v}' for k, v in opts.items()) or 'default'}" for name, opts in cases]
-
-
-def run_unet(unet, inputs):
-    with torch.no_grad():
-        return unet(*inputs).sample
 
 
 def make_adapter(name, options, path, scale=0.05):

@@ -16,6 +16,7 @@ import torch
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.conditioning import PromptConditioning, UNetConditions
+from helpers import run_unet
 from test_evaluation import metric_models  # noqa: F401  (a fixture: tiny random CLIP and DINO folders)
 
 FAMILIES = ["tiny-sd2-random", "tiny-sdxl-random"]
@@ -64,12 +65,6 @@ def unet_inputs(pipe, batch: int = 2, latent: int = 16):
     size = latent * pipe.vae_scale_factor
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32)
     return latents, timesteps, UNetConditions(hidden, pooled, time_ids)
-
-
-def run_unet(unet, inputs):
-    latents, timesteps, conditions = inputs
-    with torch.no_grad():
-        return unet(latents, timesteps, **conditions.unet_kwargs()).sample
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -119,6 +119,9 @@ CASES = [
     # train: sizes the model or the machine cannot take, before the model loads
     ("train-resolution-8", (*TRAIN, "--resolution", 8), 2, "--resolution 8 is too small for tiny-random: at least 24"),
     ("train-resolution-16", (*TRAIN, "--resolution", 16), 2, "--resolution 16 is too small for tiny-random: at least 24"),
+    ("train-prodigy-d-coef-zero", (*TRAIN, "--optimizer", "prodigy", "--prodigy-d-coef", 0), 2, "--prodigy-d-coef must be positive and finite, got 0.0"),
+    ("train-prodigy-d-coef-adamw", (*TRAIN, "--prodigy-d-coef", 2), 2, "--prodigy-d-coef applies to --optimizer prodigy, not adamw"),
+    ("train-prodigy-d0-negative", (*TRAIN, "--optimizer", "prodigy", "--prodigy-d0", "-1e-5"), 2, "--prodigy-d0 must be positive and finite, got -1e-05"),
     ("train-resolution-huge", (*TRAIN, "--resolution", 100000), 2, "--resolution 100000 needs more memory than there is"),
     ("train-resolution-odd", (*TRAIN, "--resolution", 60), 2, "--resolution must be a positive multiple of 8"),
     ("train-steps-huge", (*TRAIN, "--steps", HUGE), 2, "micro-batches; sdtune runs at most 10^12"),
@@ -203,6 +206,8 @@ CASES = [
     ("sample-steps-huge", (*SAMPLE, "--steps", 10**9), 2, "tiny-random's scheduler has 1000 timesteps, so at most 1000 denoising steps"),
     ("sample-num-images-huge", (*SAMPLE, "--num-images", 10**12), 2, "--num-images 1,000,000,000,000 for 1 prompt(s) needs more memory"),
     ("sample-resolution-huge", (*SAMPLE, "--resolution", 100000), 2, "--resolution 100000 needs more memory than there is"),
+    ("sample-resolution-32768", (*SAMPLE, "--resolution", 32768), 2,
+     "--resolution 32768 needs more memory than there is: 384.0 GB for one image's last VAE decoder feature maps alone"),
     ("sample-resolution-8", (*SAMPLE, "--resolution", 8), 2, "--resolution 8 is too small for tiny-random: at least 24"),
     ("sample-prompts-folder", (*SAMPLE, "--prompts", "{tmp}/a-folder"), 2, "prompt file {tmp}/a-folder is a folder"),
     ("sample-prompts-missing", (*SAMPLE, "--prompts", "{tmp}/none.txt"), 2, "prompt file not found"),

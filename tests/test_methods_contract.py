@@ -14,6 +14,7 @@ from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.errors import SdtuneError
 from sdtune.methods.base import named_convs
+from helpers import run_unet
 
 # (method name, options, learning rate for the loss check)
 CASES = [
@@ -175,11 +176,6 @@ def oft_count(options: dict, layer) -> int:
     wanted = options.get("block_size", 32)
     b = min((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: (abs(d - wanted), d))
     return (1 if options.get("block_share") else dim // b) * b * (b - 1) // 2
-
-
-def run_unet(unet, inputs):
-    with torch.no_grad():
-        return unet(*inputs).sample
 
 
 def perturb(method, scale=0.05):

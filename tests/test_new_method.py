@@ -13,6 +13,7 @@ import torch
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.methods.base import named_convs
+from helpers import run_unet
 
 README = Path(__file__).parents[1] / "README.md"
 
@@ -28,11 +29,6 @@ def channel_scale(monkeypatch):
     exec(compile(source, "channel_scale.py", "exec"), module.__dict__)
     monkeypatch.setitem(methods._REGISTRY, "channel-scale", "channel_scale:ChannelScale")
     return module
-
-
-def run_unet(unet, inputs):
-    with torch.no_grad():
-        return unet(*inputs).sample
 
 
 def test_the_example_method_keeps_the_contract(channel_scale, tiny_pipe, tmp_path):

@@ -19,6 +19,7 @@ from sdtune.adapter import save_adapter
 from sdtune.errors import SdtuneError
 from sdtune.export import export_adapter
 from sdtune.methods.oft import OftLayer, OftOptions, layer_block_size
+from helpers import run_unet
 
 
 def perturbed(layer: OftLayer, scale: float = 0.3) -> OftLayer:
@@ -158,11 +159,6 @@ def tuned(options, path):
 def inputs(unet_inputs):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     return (latents, *unet_inputs[1:])
-
-
-def run_unet(unet, inputs):
-    with torch.no_grad():
-        return unet(*inputs).sample
 
 
 @pytest.mark.parametrize("options", [{"targets": "attn"}, {"targets": "attn", "block_share": True, "cayley_neumann": True},

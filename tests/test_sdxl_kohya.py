@@ -20,8 +20,9 @@ from sdtune.errors import SdtuneError
 from sdtune.kohya import KohyaLayout, kohya_diff_state, kohya_layout, kohya_name, kohya_state, kohya_updates, missing_diffs
 from sdtune.sgm_names import SgmNames
 
+from helpers import run_unet
 from sdxl_fixtures import (
-    run_unet, sdxl_unet_config, tiny_sdxl_pipeline, tiny_sdxl_unet, tiny_text_encoders, unet_inputs,
+    sdxl_unet_config, tiny_sdxl_pipeline, tiny_sdxl_unet, tiny_text_encoders, unet_inputs,
 )
 
 

@@ -112,3 +112,59 @@ def test_strengths_for_stacked_adapters_are_one_or_one_each(args, message, adapt
     result = CliRunner().invoke(app, [command, *given, *rest, "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.output
     assert not (tmp_path / "out").exists()
+
+
+def summed_all_at_once(paths, pipe, scales):
+    """What stacking computed before it streamed: each adapter's whole update taken, summed, then added."""
+    from sdtune.adapter import open_adapter
+    from sdtune.methods.base import remember_base_samples
+
+    total = {}
+    for path, scale in zip(paths, scales):
+        adapter = open_adapter(path, pipe)
+        if scale != 1.0:
+            adapter.set_scale(scale)
+        for module, attr, delta in adapter.take_update():
+            entry = total.setdefault((id(module), attr), [module, attr, 0])
+            entry[2] = entry[2] + delta
+    remember_base_samples({id(module): module for module, _, _ in total.values()}.values())
+    with torch.no_grad():
+        for module, attr, delta in total.values():
+            getattr(module, attr).add_(delta.to(getattr(module, attr).dtype))
+
+
+def test_stacking_takes_each_update_a_layer_at_a_time_with_the_same_bits(adapters, tiny_path):
+    from sdtune.adapter import open_adapter
+
+    paths, scales = [adapters["atoms"], adapters["lora"]], [0.5, 1.0]  # the other order: the test above
+    pipe, reference = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    load_adapters(paths, pipe, scales)
+    summed_all_at_once(paths, reference, scales)
+    stacked, expected = unet_weights(pipe), unet_weights(reference)
+    assert stacked.keys() == expected.keys() and all(torch.equal(stacked[key], expected[key]) for key in stacked)
+    method = open_adapter(adapters["atoms"], load_pipeline("tiny-random"))
+    computed = []
+    layer_delta = method.layer_delta
+    method.layer_delta = lambda layer: computed.append(layer) or layer_delta(layer)
+    updates = method.stream_update()
+    next(updates)
+    assert len(computed) == 1 < len(method.layers)  # one layer's update at a time
+    assert sum(1 for _ in updates) + 1 == len(computed) == len(method.layers)
+
+
+def test_a_refused_adapter_in_a_stack_leaves_the_base_weights_and_no_wrapper(adapters, tmp_path, tiny_path):
+    from sdtune import methods
+    from sdtune.adapter import save_adapter
+
+    tiny = load_pipeline("tiny")
+    other = methods.create("lora")
+    other.inject(tiny.unet)
+    save_adapter(tmp_path / "other.safetensors", other, "tiny")
+    pipe = load_pipeline("tiny-random")
+    base, names = unet_weights(pipe), [name for name, _ in pipe.unet.named_modules()]
+    with pytest.raises(SdtuneError, match="was trained on base model 'tiny'"):
+        load_adapters([adapters["lora"], adapters["atoms"], tmp_path / "other.safetensors"], pipe)
+    after = unet_weights(pipe)
+    assert after.keys() == base.keys() and all(torch.equal(after[key], base[key]) for key in base)
+    assert [name for name, _ in pipe.unet.named_modules()] == names  # plain: the first two's wrappers are gone
+    load_adapters([adapters["lora"]], pipe)  # and another stack can still be loaded onto it

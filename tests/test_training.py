@@ -133,12 +133,17 @@ def test_optimizer_settings_build_that_optimizer(name, kind):
     assert group["weight_decay"] == 1e-2  # the method's own, unless --weight-decay is given
     if name in ("adamw", "adam", "adamw8bit", "prodigy"):
         assert tuple(group["betas"][:2]) == (0.8, 0.99) and group["eps"] == 1e-6
-    if name == "prodigy":  # as diffusers' DreamBooth LoRA script: decoupled decay, bias correction
-        assert group["decouple"] and group["use_bias_correction"] and not group["safeguard_warmup"]
+    if name == "prodigy":  # as diffusers' DreamBooth LoRA script by default: decoupled decay, bias correction, safeguard
+        assert group["decouple"] and group["use_bias_correction"] and group["safeguard_warmup"]
     if name == "sgd":
         assert group["momentum"] == 0.9
     overridden = make_optimizer(TrainConfig(optimizer=name, lr=1e-3, weight_decay=0.0), [parameter], 1e-2)
     assert overridden.param_groups[0]["weight_decay"] == 0.0
+    if name == "prodigy":  # the step-size estimate's scale and first value, Prodigy's own knobs
+        assert group["d_coef"] == 1.0 and group["d0"] == group["d"] == 1e-6
+        tuned = make_optimizer(TrainConfig(optimizer=name, lr=1.0, prodigy_d_coef=10.0, prodigy_d0=1e-4), [parameter], 1e-2)
+        assert tuned.param_groups[0]["d_coef"] == 10.0 and tuned.param_groups[0]["d0"] == tuned.param_groups[0]["d"] == 1e-4
+        assert not {"prodigy_d_coef", "prodigy_d0"} & set(TrainConfig(optimizer=name).to_dict())  # at their defaults, config.toml as before
 
 
 @pytest.mark.parametrize("name,method", [("adamw8bit", "full"), ("prodigy", "lora")])
@@ -158,6 +163,7 @@ def test_package_optimizers_train_and_resume_exactly(name, method, tmp_path, tin
         assert group["lr"] == 1.0 and group["safeguard_warmup"]  # Prodigy's own lr; warm-up with its safeguard
         assert group["d"] >= group["d0"] and group["d_numerator"] > 0  # estimating its step size from d0 up
         assert 'lr = 1.0' in (tmp_path / "whole" / "config.toml").read_text()
+        assert [record["prodigy_d"] for record in records(tmp_path / "whole")][-1] == group["d"]  # logged, to watch
     assert whole.losses and all(torch.isfinite(torch.tensor(whole.losses)))
 
 

@@ -349,6 +349,9 @@ class FilterAtomConv2d(_AtomLayer):
     def delta_weight(self) -> torch.Tensor:
         return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms, self.kc, self.projector)
 
+    def backward_bytes(self, compute_bytes: int) -> int:
+        return super().backward_bytes(compute_bytes) if self.kc != 1 else 0  # the tap mixing forms no weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kc != 1:
             return super().forward(x)
@@ -402,6 +405,9 @@ class SubAtomConv2d(_AtomLayer):
         return sub_atom_weight_diff(
             self.base_layer.weight, self.atoms, self.beta, self.sub_atoms, self.delta_coeff_bases, self.kc, self.projector
         )
+
+    def backward_bytes(self, compute_bytes: int) -> int:
+        return super().backward_bytes(compute_bytes) if self.delta_coeff_bases is not None else 0  # as forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delta_coeff_bases is not None:

@@ -266,6 +266,26 @@ class Method(ABC):
         """How many numbers training updates."""
         return sum(p.numel() for p in self.trainable_parameters())
 
+    def backward_bytes(self, compute_bytes: int) -> int:
+        """Bytes of the tensors this method forms from the weights in a training step that autograd keeps for
+        backward, whatever the batch (a weight W + ΔW formed per layer, say): what the memory check
+        (`limits.py`) adds to the trained parameters. `compute_bytes`: 2 under mixed precision, else 4.
+        Valid once injected, on the meta device too; none by default."""
+        return 0
+
+    def text_encoder_activation_bytes(self, tokens: int, compute_bytes: int) -> int:
+        """At least what the trained text encoders keep for backward per prompt of `tokens` tokens: the input of
+        every tuned linear, which the gradient of its update reads (q/k/v share one)."""
+        inputs = {}
+        for name in self.target_names:
+            if name.partition(".")[0] not in self.text_encoders:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            module = self.models.get_submodule(name)
+            width = getattr(module, "in_features", None) or getattr(getattr(module, "base_layer", None), "in_features", 0)
+            inputs[f"{parent}.q_proj" if leaf in ("q_proj", "k_proj", "v_proj") else name] = width
+        return sum(inputs.values()) * tokens * compute_bytes
+
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
@@ -355,6 +375,12 @@ class Method(ABC):
         self._unmerged_weights = None
         return [(changed[name], attr, delta) for (name, attr), delta in diffs.items()]
 
+    def stream_update(self) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+        """`take_update` a weight at a time, for what adds many updates up (`adapter.load_adapters`): each is
+        computed when asked for, so a method that can keeps one weight's update at once. This default takes
+        them all first (a method that trains weights in place keeps their initial values anyway)."""
+        yield from self.take_update()
+
 
 # ---------------------------------------------------------------------------------------------
 # Methods that wrap their targets
@@ -380,6 +406,11 @@ class DeltaLayer(nn.Module):
         if self.scale != 1.0:
             delta = delta * self.scale
         return delta.to(self.base_layer.weight.dtype)
+
+    def backward_bytes(self, compute_bytes: int) -> int:
+        """What `forward` keeps for backward beyond the input and the base weight: the weight W + scale·ΔW it
+        forms, in the compute dtype (what the linear or convolution saves to pass the gradient to ΔW)."""
+        return self.base_layer.weight.numel() * compute_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -417,16 +448,41 @@ class WrappedLayers(Method):
 
     @torch.no_grad()
     def _merge(self) -> None:
+        for layer in self.layers.values():
+            self.layer_base(layer).weight += self.layer_delta(layer)
+        self._put_back_bases()
+
+    def _put_back_bases(self) -> None:
+        """Each wrapped module back in its wrapper's place: the model is plain."""
         for name, layer in self.layers.items():
-            base = self.layer_base(layer)
-            base.weight += self.layer_delta(layer)
-            replace_module(self.models, name, base)
+            replace_module(self.models, name, self.layer_base(layer))
+
+    def stream_update(self) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+        """One layer at a time, each update exactly what `take_update` gives for it (what `merge` would leave in
+        the weight, less the weight, in float32 on the CPU); no weight changes. Exhausted, the model is plain."""
+        if self.merged:
+            raise RuntimeError(f"{self.name}: stream_update() reads the update of an unmerged method")
+        with torch.no_grad():
+            for layer in self.layers.values():
+                weight = self.layer_base(layer).weight
+                merged = (weight + self.layer_delta(layer)).to(weight.dtype)  # as _merge's in-place sum rounds
+                delta = merged.float().cpu() - weight.float().cpu()
+                del merged
+                if delta.any():
+                    yield self.layer_base(layer), "weight", delta
+        self._put_back_bases()
+        self.merged, self._unmerged_weights = True, None
+        self._unet.__dict__.pop(CARRIED_METHOD, None)
 
     def _unmerge(self) -> None:
         for name, layer in self.layers.items():
             # the merged UNet may have moved (sampling moves it to the GPU): the wrapper follows its base
             layer.to(self.layer_base(layer).weight.device)
             replace_module(self.models, name, layer)
+
+    def backward_bytes(self, compute_bytes: int) -> int:
+        """Each wrapper's own (`DeltaLayer.backward_bytes`); peft's layers keep only activations."""
+        return sum(layer.backward_bytes(compute_bytes) for layer in self.layers.values() if isinstance(layer, DeltaLayer))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every wrapper's parameters, not the frozen base layers' (none once merged)."""

@@ -188,8 +188,8 @@ class _PeftLowRank(WrappedLayers):
             state.update({f"{prefix}.{key}" if prefix else key: tensor for key, tensor in own.items()})
         return state
 
-    def _merge(self) -> None:
-        super()._merge()
+    def _put_back_bases(self) -> None:
+        super()._put_back_bases()
         for model in self._peft_models().values():
             if hasattr(model, "peft_config"):
                 del model.peft_config  # the merged model is plain

@@ -133,6 +133,18 @@ class OftLayer(DeltaLayer):
         )
         return blocks.expand(self.blocks, -1, -1)
 
+    def backward_bytes(self, compute_bytes: int) -> int:
+        """Besides the formed weight W' = W + S·ΔW (measured: tests/test_memory_estimate.py): three float32 tensors of the
+        trained blocks (the Cayley transform's and R − I), the exact Cayley's int32 pivots, peft's int64 rows
+        and columns of Q's free entries, and under mixed precision W cast to the compute dtype for the einsum."""
+        rotation, size = self.oft_R, self.oft_R.block_size
+        trained_blocks = rotation.weight.shape[0]  # n, or 1 with block_share
+        blocks = 3 * trained_blocks * size * size * 4
+        pivots = 0 if rotation.use_cayley_neumann else trained_blocks * size * 4
+        free_entries = 2 * (size * (size - 1) // 2) * 8
+        cast = self.base_layer.weight.numel() * compute_bytes if compute_bytes != 4 else 0
+        return super().backward_bytes(compute_bytes) + blocks + pivots + free_entries + cast
+
     def delta_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
         rotation = self.rotation()

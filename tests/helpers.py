@@ -1,0 +1,17 @@
+"""Plain helpers the test modules share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def run_unet(unet, inputs) -> torch.Tensor:
+    """The UNet's prediction on fixed `inputs`, without gradients: (latents, timesteps, text embeddings), SDXL's
+    with its added conditions (a dict) fourth, or (latents, timesteps, a `conditioning` object)."""
+    latents, timesteps, conditions, *added = inputs
+    with torch.no_grad():
+        if hasattr(conditions, "unet_kwargs"):
+            return unet(latents, timesteps, **conditions.unet_kwargs()).sample
+        if added:
+            return unet(latents, timesteps, encoder_hidden_states=conditions, added_cond_kwargs=added[0]).sample
+        return unet(latents, timesteps, conditions).sample

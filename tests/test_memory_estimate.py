@@ -1,0 +1,133 @@
+"""The memory check's parts (sdtune/limits.py) against what PyTorch keeps: the tensors a method forms for
+backward, the trained text encoders' activations, prior preservation's class images and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sdtune import methods
+from sdtune.config import TrainConfig
+from sdtune.methods.base import DeltaLayer
+
+
+def config(output, **settings) -> TrainConfig:
+    return TrainConfig(model="tiny-random", output=str(output), **{"steps": 2, "seed": 3, **settings})
+
+
+def saved_bytes(run, exclude=()) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `run()` runs, but `exclude`'s."""
+    skip = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    seen = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(size for pointer, size in seen.items() if pointer not in skip)
+
+
+def layer_saved_bytes(layer: DeltaLayer) -> int:
+    """What one wrapped layer's forward saves beyond its input, base weight and trained parameters."""
+    base = layer.base_layer
+    x = torch.randn(2, base.in_features) if isinstance(base, nn.Linear) else torch.randn(1, base.in_channels, 4, 4)
+    x.requires_grad_(True)
+    return saved_bytes(lambda: layer(x), [x, base.weight, *layer.parameters()])
+
+
+@pytest.mark.parametrize("options", [{}, {"targets": "attn"}, {"block_share": True}, {"cayley_neumann": True}])
+def test_oft_states_exactly_what_its_backward_keeps(tiny_pipe, options):
+    """OFT forms W' = W·Rᵀ (and R's blocks) per layer each step: its `backward_bytes` is what autograd saves."""
+    method = methods.create("oft", **options)
+    method.inject(tiny_pipe.unet)
+    measured = sum(layer_saved_bytes(layer) for layer in method.layers.values())
+    weights = sum(layer.base_layer.weight.numel() for layer in method.layers.values())
+    assert method.backward_bytes(4) == measured
+    assert measured > 4 * weights  # a float32 weight-sized copy per layer, and more
+
+
+def test_the_memory_check_adds_what_the_method_keeps_for_backward(tmp_path, monkeypatch, tiny_path):
+    from sdtune.limits import probe_method
+    from sdtune.methods.oft import Oft
+    from sdtune.models import read_model_configs
+    from sdtune.training import plan_run
+
+    with_backward = plan_run(config(tmp_path / "a", method="oft")).sizes.device_bytes
+    half = plan_run(config(tmp_path / "b", method="oft", mixed_precision="bf16")).sizes
+    probe = probe_method(read_model_configs("tiny-random"), methods.create("oft")).method
+    full, halved = probe.backward_bytes(4), probe.backward_bytes(2)
+    monkeypatch.setattr(Oft, "backward_bytes", lambda self, compute_bytes: 0)
+    without = plan_run(config(tmp_path / "c", method="oft")).sizes.device_bytes
+    assert with_backward - without == full > 0
+    weights = sum(layer.base_layer.weight.numel() for layer in probe.layers.values())
+    # under bf16 the formed weight is half as large, and the einsum keeps W cast to bf16 besides
+    assert full - 4 * weights == halved - 2 * 2 * weights
+    assert half.device_bytes < with_backward
+
+
+def test_the_trained_text_encoders_activations_are_counted(tmp_path, tiny_pipe, monkeypatch, tiny_path):
+    """The inputs of every tuned linear of the text encoder, a lower bound of what its forward saves."""
+    from sdtune.methods.base import Method
+    from sdtune.training import plan_run
+
+    method = methods.create("lora")
+    encoder = tiny_pipe.text_encoder
+    method.inject(tiny_pipe.unet, [encoder])
+    per_prompt = method.text_encoder_activation_bytes(77, 4)
+    hidden, inner, layers = encoder.config.hidden_size, encoder.config.intermediate_size, encoder.config.num_hidden_layers
+    assert per_prompt == layers * (3 * hidden + inner) * 77 * 4  # q/k/v's shared input, out_proj's, fc1's, fc2's
+    ids = torch.zeros(1, 77, dtype=torch.long)
+    measured = saved_bytes(lambda: encoder(ids), list(encoder.parameters()))
+    assert per_prompt <= measured
+
+    def device_bytes(name, **settings):
+        return plan_run(config(tmp_path / name, method="lora", train_text_encoder=True, batch_size=2, **settings)).sizes.device_bytes
+
+    counted = device_bytes("a")
+    monkeypatch.setattr(Method, "text_encoder_activation_bytes", lambda self, tokens, compute_bytes: 0)
+    assert counted - device_bytes("b") == 2 * per_prompt  # a batch of two prompts
+
+
+def test_prior_preservation_holds_a_class_example_per_concept_example_and_every_class_image(tmp_path, tiny_path):
+    from PIL import Image
+
+    from sdtune.training import plan_run
+
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    for index in range(5):
+        Image.new("RGB", (32, 32), (index * 40, 0, 0)).save(classes / f"{index}.png")
+    plain = plan_run(config(tmp_path / "plain", batch_size=2)).sizes
+    prior = plan_run(config(tmp_path / "prior", batch_size=2, class_images=str(classes), class_prompt="a castle")).sizes
+    image = 3 * plain.resolution**2 * 4
+    assert prior.host_bytes - plain.host_bytes == 5 * image  # every image of the folder, as training loads them
+    assert prior.device_bytes - plain.device_bytes == 2 * image  # two class examples beside the two concept ones
+    fewer = plan_run(config(tmp_path / "fewer", batch_size=2, class_images=str(classes), class_prompt="a castle", num_class_images=3)).sizes
+    assert fewer.host_bytes - plain.host_bytes == 3 * image
+
+
+def test_sampling_refuses_a_resolution_whose_decoding_cannot_fit(monkeypatch, tmp_path, tiny_path):
+    """On a 16 GB machine the tiny model's 8192 px decode needs three 32-channel float32 maps of 8192² (24 GB):
+    refused in one line before the model loads; SD's and SDXL's usual sizes pass on an 8 GB GPU."""
+    from test_cli import assert_one_line_error, invoke
+
+    from sdtune import limits, models
+
+    monkeypatch.setattr(limits, "device_memory", lambda: None)
+    monkeypatch.setattr(limits, "ram_bytes", lambda: 16 * 2**30)
+    result = invoke("sample", "--model", "tiny-random", "--prompt", "a castle", "--resolution", 8192, "--output", tmp_path / "out")
+    assert_one_line_error(result, 2, "--resolution 8192 needs more memory than there is: 24.0 GB for one image's last "
+                                     "VAE decoder feature maps alone, and this machine has 16.0 GB of memory")
+    assert not (tmp_path / "out").exists()
+    assert limits.check_drawing_fits("tiny-random", 4096, 20) == 4096
+
+    monkeypatch.setattr(limits, "device_memory", lambda: (8 * 2**30, "the GPU has 8.0 GB"))
+    vae = {"block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
+    for pipeline, unet, size in (("StableDiffusionPipeline", models.sd14_unet_config(), 768),
+                                 ("StableDiffusionXLPipeline", {**models.sd14_unet_config(), "sample_size": 128}, 1024)):
+        configs = models.ModelConfigs(pipeline, unet, vae, {"num_train_timesteps": 1000})
+        monkeypatch.setattr(models, "read_model_configs", lambda model, configs=configs: configs)
+        assert limits.check_drawing_fits("some/model", size, 30, images=4) == size
