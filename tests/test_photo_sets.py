@@ -196,7 +196,7 @@ def test_bucketed_class_images_are_framed_into_each_bucket_that_draws_them(tmp_p
 
     paths = photo_set(tmp_path, counts=(1, 2, 1))  # portrait-0, square-0, square-1, wide-0
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    portrait, square, wide = (56, 72), (64, 64), (80, 48)
+    square, wide = (64, 64), (80, 48)
     with pytest.warns(UserWarning) as caught:
         framed, pools = bucketed_class_images([*paths, tmp_path / "broken.png"], 64, [square, wide, square], 2)
     messages = [str(w.message) for w in caught]
