@@ -81,10 +81,10 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     settings = read_settings(run)
     name = run.name if (run / "config.toml").exists() else path.stem
     adapter_method = methods.create(info.method, **info.options)
-    trained = trained_parameters(info, adapter_method)
+    trained = trained_parameters(info, adapter_method) + token_rows(path)
     template = settings.get("template", "photo of a {token}.")
     prompt = template.format(token=info.token) if info.token and "{token}" in template else None
-    tags = ["sdtune", "stable-diffusion", "text-to-image", info.method]
+    tags = ["sdtune", "stable-diffusion", "text-to-image", info.method] + (["textual_inversion"] if info.new_tokens else [])
     grid = run / GRID
     data = ModelCardData(
         base_model=info.base_model if is_hub_id(info.base_model) else None,
@@ -104,6 +104,11 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     ]
     if prompt:
         lines += ["", f"The token `{info.token}` stands for the concept (training prompt: `{prompt}`)."]
+    if info.new_tokens:
+        tokens = ", ".join(f"`{token}`" for token in info.new_tokens)
+        lines += ["", f"It also trained the embeddings of new tokens ({tokens}), which sdtune adds to the tokenizer "
+                  "when it loads the adapter. Every export also writes them as `NAME_emb.safetensors` for diffusers' "
+                  "`load_textual_inversion`, and the kohya file bundles them for ComfyUI and AUTOMATIC1111."]
     if grid.is_file():
         lines += ["", f"![samples]({GRID.as_posix()})"]
     placeholder = info.placeholder or "<concept>"
@@ -198,6 +203,17 @@ def trained_parameters(info, method) -> int:
         return 0
     unet = count_parameters(configs, method)[1]
     return unet + count_text_encoder_parameters(configs, method, bool(info.text_encoders))[1]
+
+
+def token_rows(path: Path) -> int:
+    """How many numbers the adapter's new token embeddings hold (0 without any)."""
+    from safetensors import safe_open
+
+    from .token_embeddings import TENSOR_PREFIX
+
+    with safe_open(path, "pt") as tensors:
+        shapes = [tensors.get_slice(key).get_shape() for key in tensors.keys() if key.startswith(TENSOR_PREFIX)]
+    return sum(rows * width for rows, width in shapes)
 
 
 def _shown(value) -> str:

@@ -253,3 +253,23 @@ def test_clashing_tokens_and_bad_settings_are_refused(tiny_pipe):
     with pytest.raises(SdtuneError, match="lacks the new token"):
         TrainConfig(token_embeddings=2, token="sks castle").validate()
     TrainConfig(token_embeddings=2, token="a <s0><s1> castle").validate()
+
+
+def test_the_model_card_names_the_new_tokens_and_counts_their_rows(trained_run):
+    from huggingface_hub import ModelCard
+    from safetensors.torch import load_file
+
+    from sdtune import methods
+    from sdtune.adapter import adapter_info
+    from sdtune.model_card import trained_parameters, write_model_card
+
+    adapter = trained_run[0].adapter
+    rows = load_file(adapter)["token_embeddings.text_encoder"]
+    write_model_card(adapter.parent, overwrite=True)
+    card = ModelCard.load(adapter.parent / "README.md")
+    assert "textual_inversion" in card.data.tags
+    assert "new tokens (`<s0>`, `<s1>`)" in card.text and "load_textual_inversion" in card.text
+    info = adapter_info(adapter)
+    by_method = trained_parameters(info, methods.create(info.method, **info.options))
+    assert rows.shape[0] == 2 and by_method > 0
+    assert f"{by_method + rows.numel():,} trained parameters" in card.text
