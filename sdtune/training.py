@@ -137,7 +137,9 @@ class RunPlan:
             + f": {seen:,} images drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
             f"{config.optimizer}, mixed precision {config.mixed_precision}"
         )
-        ram = f", and {human_bytes(sizes.host_bytes)} of RAM for the training images" if sizes.host_bytes else ""
+        held = "training images" + (", their masks" if config.masked_loss else "")
+        held += " and class images" if config.with_prior_preservation else ""
+        ram = f", and {human_bytes(sizes.host_bytes)} of RAM for the {held}" if sizes.host_bytes else ""
         lines.append(f"memory: at least {human_bytes(sizes.device_bytes)} where it computes{ram}")
         lines.append(f"output: {config.output} ({self.start})")
         return lines
