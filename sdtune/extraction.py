@@ -120,6 +120,7 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     from .kohya import kohya_layout, write_kohya
     from .merging import quiet_diffusers
     from .models import DEFAULT_MODEL, load_pipeline
+    from .safetensors_checks import first_non_finite
 
     config.validate()
     output, summary = Path(config.output), summary_path(config.output)
@@ -162,6 +163,9 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         if not layers:
             what = "changes only biases or norm layers, which LoRA cannot hold" if left_out else "changes nothing"
             raise SdtuneError(f"{path}: the adapter {what}; there is no LoRA to extract")
+        overflowed = first_non_finite(state)
+        if overflowed:  # an update beyond fp16's 65504
+            raise SdtuneError(f"{overflowed} overflows {config.dtype}; use --dtype fp32 or bf16")
         relative_error = _relative_error(layers, left_out)
         result = ExtractResult(output, summary, layers, relative_error, left_out, _notes(layers, left_out))
         extra = _kohya_metadata(config, info, layout, layers, relative_error)

@@ -307,3 +307,11 @@ def test_cli_prints_each_layer_and_keeps_what_exists(tmp_path):
     again = invoke("extract", tmp_path / "a.safetensors", "--output", out)
     assert_one_line_error(again, 2, f"--output {tmp_path / 'small.extract.json'} already exists")
     assert invoke("extract", tmp_path / "a.safetensors", "--output", out, "--overwrite").exit_code == 0
+
+
+def test_an_update_beyond_fp16_is_refused_in_fp16(tmp_path):
+    make_adapter("lora", {}, tmp_path / "a.safetensors", scale=1000.0)
+    with pytest.raises(SdtuneError, match=r"^lora_unet_.*\.lora_up\.weight overflows fp16; use --dtype fp32 or bf16$"):
+        extract(tmp_path / "a.safetensors", tmp_path / "h.safetensors", dtype="fp16")
+    assert not (tmp_path / "h.safetensors").exists()
+    extract(tmp_path / "a.safetensors", tmp_path / "h.safetensors", dtype="bf16")
