@@ -14,7 +14,7 @@ from .version import __version__
 # every CPU import that an optional 4-bit matmul kernel is missing; sdtune uses no 4-bit matmul
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "__version__"]
+__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "extract_lora", "__version__"]
 
 
 def _checked_config(config, kind: str):
@@ -80,3 +80,11 @@ def open_adapter(path, pipeline):
     from .adapter import open_adapter as _open
 
     return _open(path, pipeline)
+
+
+def extract_lora(config):
+    """Write an adapter's update (sdtune or kohya-format) as a kohya LoRA/LoCon file of a chosen rank, as
+    `config` (a `sdtune.config.ExtractConfig`) says; returns an `ExtractResult` with each layer's kept fraction."""
+    from .extraction import extract_lora as _extract
+
+    return _extract(_checked_config(config, "ExtractConfig"))

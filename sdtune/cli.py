@@ -35,6 +35,7 @@ from .config import (
     EvaluateConfig,
     ExplainConfig,
     ExportConfig,
+    ExtractConfig,
     MergeConfig,
     SampleConfig,
     SweepConfig,
@@ -431,6 +432,34 @@ def export(
     typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
     for note in result.notes:
         typer.echo(note)
+
+
+@app.command("extract")
+@handle_errors
+def extract(
+    source: Path = typer.Argument(..., help="sdtune adapter file or run folder (any method), or a kohya-format LoRA/LoHa/LoKr/diff file."),
+    output: Path = typer.Option(..., help="The LoRA file (kohya keys); its per-layer summary goes beside it as NAME.extract.json."),
+    rank: Optional[int] = typer.Option(None, help="Each layer's rank; with --dynamic, the most a layer takes (kohya-ss' --dim)." + _default(ExtractConfig, "rank")),
+    conv_rank: Optional[int] = typer.Option(None, help="The rank of 3x3 convolutions, LoCon (kohya-ss' --conv_dim) (default: --rank)."),
+    dynamic: Optional[str] = typer.Option(None, help="Choose each layer's rank from its singular values, as kohya-ss' resize: sv_fro (keep --threshold of the Frobenius norm), sv_cumulative (of the sum of singular values) or sv_ratio (keep those within 1/--threshold of the largest) (default: the fixed --rank)."),
+    threshold: Optional[float] = typer.Option(None, help="--dynamic's target: a fraction in (0, 1] for sv_fro and sv_cumulative, a ratio of 1 or more for sv_ratio."),
+    model: Optional[str] = typer.Option(None, help="The base model the update is computed on (default: the adapter's)."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 tensors." + _default(ExtractConfig, "dtype")),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output and summary (never the adapter read) (default: refuse)."),
+) -> None:
+    """Write any adapter's update as a kohya LoRA/LoCon file of a chosen rank (truncated SVD of each layer's ΔW)."""
+    from .extraction import extract_lora
+
+    config = ExtractConfig.load(None, **_config_values(ExtractConfig, locals()))
+    result = extract_lora(config)
+    for layer in result.layers:
+        typer.echo(f"{layer.key}  rank {layer.rank}/{layer.max_rank}  kept {layer.kept:.2%} of ‖ΔW‖")
+    for note in result.notes:
+        typer.echo(note)
+    ranks = sorted({layer.rank for layer in result.layers})
+    shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    typer.echo(f"wrote {result.output} ({len(result.layers)} layers, rank {shown}); relative error {result.relative_error:.4%}; "
+               f"summary in {result.summary}")
 
 
 @app.command("card")

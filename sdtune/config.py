@@ -657,6 +657,50 @@ class ExportConfig(_Config):
             raise SdtuneError(f"--full-diff applies to --format kohya, not {self.format}")
 
 
+EXTRACT_DYNAMIC = ("sv_fro", "sv_cumulative", "sv_ratio")  # kohya-ss resize_lora's --dynamic_method
+
+
+@dataclass
+class ExtractConfig(_Config):
+    """Everything `sdtune extract` needs: an adapter's update as a LoRA of the chosen rank."""
+
+    source: str = ""  # an sdtune adapter file or run folder, or a kohya-format file
+    output: str = ""  # the LoRA file; its summary goes beside it as <name>.extract.json
+    rank: int = 4  # each layer's rank (with --dynamic, the most it may take), as kohya-ss' --dim
+    conv_rank: int | None = None  # the rank of 3x3 convolutions (LoCon) (default: --rank), as kohya-ss' --conv_dim
+    dynamic: str | None = None  # choose each layer's rank from its singular values: sv_fro, sv_cumulative or sv_ratio
+    threshold: float | None = None  # --dynamic's target: kept fraction (sv_fro, sv_cumulative) or largest/smallest kept (sv_ratio)
+    model: str | None = None  # the base model ΔW is computed on (default: the adapter's)
+    dtype: str = "fp32"  # the LoRA's tensors: fp32, fp16 or bf16
+    overwrite: bool = False  # replace an existing output (never the adapter read)
+
+    def validate(self) -> None:
+        if not self.source or not self.output:
+            raise SdtuneError("extract needs an adapter (file or run folder) and --output")
+        for flag, value in (("--rank", self.rank), ("--conv-rank", self.conv_rank)):
+            if value is not None and value < 1:
+                raise SdtuneError(f"{flag} must be 1 or more, got {value}")
+        if self.dtype not in MERGE_DTYPES:
+            raise SdtuneError(f"--dtype {self.dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
+        if self.dynamic is None:
+            if self.threshold is not None:
+                raise SdtuneError("--threshold applies with --dynamic (sv_fro, sv_cumulative or sv_ratio)")
+            return
+        if self.dynamic not in EXTRACT_DYNAMIC:
+            raise SdtuneError(f"--dynamic {self.dynamic!r} is not available; choose: {', '.join(EXTRACT_DYNAMIC)}")
+        if self.threshold is None:
+            raise SdtuneError(f"--dynamic {self.dynamic} needs --threshold")
+        if self.dynamic == "sv_ratio":
+            if not (math.isfinite(self.threshold) and self.threshold >= 1):
+                raise SdtuneError(f"--threshold with --dynamic sv_ratio is the largest kept ratio of singular values, 1 or more, got {self.threshold}")
+        elif not 0 < self.threshold <= 1:
+            raise SdtuneError(f"--threshold with --dynamic {self.dynamic} is the fraction to keep, above 0 and at most 1, got {self.threshold}")
+
+    @property
+    def layer_conv_rank(self) -> int:
+        return self.rank if self.conv_rank is None else self.conv_rank
+
+
 @dataclass
 class CardConfig(_Config):
     """Everything `sdtune card` needs."""

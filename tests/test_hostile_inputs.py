@@ -1,4 +1,4 @@
-"""Hostile inputs across train, sample, merge, export, explain, evaluate, compare and sweep: one table, one check.
+"""Hostile inputs across train, sample, merge, export, extract, explain, evaluate, compare and sweep: one table, one check.
 
 Every row is a command line that must be refused: with its exit code (2 for bad input), one line on
 stderr that says why, no traceback, and nothing written, neither in the test's folder nor in the
@@ -255,6 +255,35 @@ CASES = [
      "cannot write --output {tmp}/a-file/x.safetensors: {tmp}/a-file is a file, not a folder"),
     ("export-model-sd3", ("export", "{runs}/bitfit", "--format", "kohya", "--output", "{tmp}/out", "--model", "{tmp}/sd3"), 2,
      "is a StableDiffusion3Pipeline"),
+    # extract: settings and paths refused before the model loads; an adapter LoRA cannot hold after
+    ("extract-rank-zero", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--rank", 0), 2, "--rank must be 1 or more, got 0"),
+    ("extract-conv-rank-negative", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--conv-rank", -2), 2,
+     "--conv-rank must be 1 or more, got -2"),
+    ("extract-dynamic-unknown", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--dynamic", "svd", "--threshold", 0.9), 2,
+     "--dynamic 'svd' is not available; choose: sv_fro, sv_cumulative, sv_ratio"),
+    ("extract-dynamic-without-threshold", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--dynamic", "sv_fro"), 2,
+     "--dynamic sv_fro needs --threshold"),
+    ("extract-threshold-without-dynamic", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--threshold", 0.9), 2,
+     "--threshold applies with --dynamic"),
+    ("extract-threshold-above-1", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--dynamic", "sv_fro", "--threshold", 1.5), 2,
+     "--threshold with --dynamic sv_fro is the fraction to keep, above 0 and at most 1, got 1.5"),
+    ("extract-threshold-nan", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--dynamic", "sv_cumulative", "--threshold", "nan"), 2,
+     "--threshold with --dynamic sv_cumulative is the fraction to keep, above 0 and at most 1, got nan"),
+    ("extract-ratio-below-1", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--dynamic", "sv_ratio", "--threshold", 0.5), 2,
+     "--threshold with --dynamic sv_ratio is the largest kept ratio of singular values, 1 or more, got 0.5"),
+    ("extract-dtype", ("extract", "{runs}/atoms", "--output", "{tmp}/lora.safetensors", "--dtype", "fp8"), 2, "--dtype 'fp8' is not available"),
+    ("extract-output-exists", ("extract", "{runs}/atoms", "--output", "{tmp}/a-file"), 2,
+     "--output {tmp}/a-file already exists; give a new path, or --overwrite to replace it"),
+    ("extract-output-folder", ("extract", "{runs}/atoms", "--output", "{tmp}/a-folder", "--overwrite"), 2, "is a folder; a LoRA is one file"),
+    ("extract-output-is-the-adapter", ("extract", "{runs}/atoms", "--output", "{runs}/atoms/adapter.safetensors", "--overwrite"), 2,
+     "is where the input {runs}/atoms/adapter.safetensors is"),
+    ("extract-output-under-a-file", ("extract", "{runs}/atoms", "--output", "{tmp}/a-file/lora.safetensors"), 2,
+     "cannot write --output {tmp}/a-file/lora.safetensors: {tmp}/a-file is a file, not a folder"),
+    ("extract-source-missing", ("extract", "{tmp}/none", "--output", "{tmp}/lora.safetensors"), 2, "adapter not found: {tmp}/none"),
+    ("extract-source-not-safetensors", ("extract", "{tmp}/text.safetensors", "--output", "{tmp}/lora.safetensors"), 2, "text.safetensors"),
+    ("extract-source-pickle", ("extract", "{tmp}/a.ckpt", "--output", "{tmp}/lora.safetensors"), 2, "files are pickles"),
+    ("extract-bitfit", ("extract", "{runs}/bitfit", "--output", "{tmp}/lora.safetensors"), 2,
+     "the adapter changes only biases or norm layers, which LoRA cannot hold; there is no LoRA to extract"),
     # explain
     ("explain-guidance-nan", ("explain", "{runs}/atoms", "--guidance", "nan"), 2, "--guidance must be a finite number, got nan"),
     ("explain-seed-negative", ("explain", "{runs}/atoms", "--seed", -5), 2, "--seed must be between 0 and 4294967295, got -5"),

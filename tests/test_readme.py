@@ -11,7 +11,7 @@ from sdtune.cli import app
 
 README = Path(__file__).parents[1] / "README.md"
 FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*")
-COMMAND_LINE = re.compile(r"\bsdtune (train|sample|explain|export|merge|evaluate|compare|sweep|methods|datasets)\b(.*)")
+COMMAND_LINE = re.compile(r"\bsdtune (train|sample|explain|export|extract|merge|evaluate|compare|sweep|methods|datasets)\b(.*)")
 
 # the sections whose option tables are one command's (the methods' tables give train's flags)
 TABLE_COMMANDS = {
@@ -23,6 +23,7 @@ TABLE_COMMANDS = {
     "## Datasets": "train",
     "## Methods": "train",
     "## Evaluate and compare": "evaluate",
+    "#### `sdtune extract`: any adapter as a LoRA of a chosen rank": "extract",
 }
 
 
@@ -73,9 +74,9 @@ def readme_table_flags() -> list[tuple[int, str, str]]:
 
 def test_the_readme_names_commands_and_tables_to_check():
     commands = {command for _, command, _ in readme_command_lines()}
-    assert commands >= {"train", "sample", "export", "merge", "evaluate", "compare", "sweep", "methods", "datasets", "explain"}
+    assert commands >= {"train", "sample", "export", "extract", "merge", "evaluate", "compare", "sweep", "methods", "datasets", "explain"}
     tables = {command for _, command, _ in readme_table_flags()}
-    assert tables == {"train", "sample", "evaluate"}
+    assert tables == {"train", "sample", "evaluate", "extract"}
 
 
 def test_every_readme_command_line_uses_flags_its_command_has():

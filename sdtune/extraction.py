@@ -1,0 +1,235 @@
+"""Any adapter as a kohya LoRA/LoCon file of a chosen rank (`sdtune extract`), as kohya-ss'
+`extract_lora_from_models.py` and `resize_lora.py` make them.
+
+Each layer's update ΔW (an sdtune adapter's, on the base weights it was trained on, or a kohya-format
+file's: `take_update`, what stacked adapters add up) is cut to its best rank-r approximation by a
+truncated SVD in float32 on the CPU, ΔW ≈ U_r·diag(S_r)·V_rᵀ (Eckart–Young: no rank-r matrix is closer
+in Frobenius norm; the error is √Σ of the discarded S²). Written as kohya-ss writes an extracted LoRA:
+`lora_up` = U_r·diag(S_r), `lora_down` = V_rᵀ (a 3×3 conv: a k×k conv down to r channels, a 1×1 conv
+up, LoCon), `.alpha` = r, so alpha/rank = 1.
+
+r is `rank` (3×3 convs: `conv_rank`), or with `dynamic` the smallest rank that meets `threshold`
+(kohya-ss' `--dynamic_method`, with `rank` the most a layer takes): `sv_fro` keeps that fraction of
+‖ΔW‖_F, `sv_cumulative` that fraction of Σ S, `sv_ratio` every S within 1/threshold of the largest.
+A layer never takes more than min(out, in·k²), nor more than ΔW's numerical rank (the singular values
+above S₀·max(shape)·ε, as `torch.linalg.matrix_rank` counts them): a rank-4 LoRA extracted at rank 16
+stays rank 4. Layers whose ΔW is zero are left out; so are changes LoRA cannot hold (biases, norm
+layers), which the summary names with their share of the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ExtractConfig
+from .errors import SdtuneError
+from .fileio import check_output_target, output_file_lock, write_text_atomic
+from .version import __version__
+
+
+@dataclass
+class LayerExtraction:
+    """One layer's low-rank approximation: the rank it took, and how much of its ΔW that keeps."""
+
+    key: str  # the kohya module name (`lora_unet_...`, `lora_te_...`)
+    module: str  # the module's name in the pipeline (`text_encoder.` + its name for a text encoder's)
+    shape: list[int]  # ΔW's shape (the weight's)
+    rank: int
+    max_rank: int  # min(out, in·k²)
+    norm: float  # ‖ΔW‖_F
+    kept: float  # ‖ΔW_r‖_F / ‖ΔW‖_F = √(Σ kept S² / Σ S²)
+    error: float  # ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F = √(Σ discarded S² / Σ S²)
+
+
+@dataclass
+class ExtractResult:
+    output: Path
+    summary: Path  # the per-layer JSON beside the file
+    layers: list[LayerExtraction]
+    relative_error: float  # ‖all discarded‖ / ‖the whole update‖, left-out changes included
+    left_out: list[dict] = field(default_factory=list)  # {"module", "parameter", "norm"} of changes LoRA cannot hold
+    notes: list[str] = field(default_factory=list)
+
+
+def summary_path(output: str | Path) -> Path:
+    """Where the per-layer summary of the LoRA file `output` goes: `<name>.extract.json` beside it."""
+    output = Path(output)
+    return output.with_name(output.stem + ".extract.json")
+
+
+def chosen_rank(singular_values, limit: int, dynamic: str | None = None, threshold: float | None = None) -> int:
+    """The rank a layer with these singular values (descending) takes: `limit`, or with `dynamic` the
+    smallest that meets `threshold`, at most `limit`; at least 1."""
+    import torch
+
+    s = singular_values.double()
+    if dynamic is None:
+        rank = limit
+    elif dynamic == "sv_ratio":  # every S within 1/threshold of the largest
+        rank = int((s >= s[0] / threshold).sum())
+    else:
+        values = s**2 if dynamic == "sv_fro" else s
+        target = threshold**2 if dynamic == "sv_fro" else threshold
+        fractions = torch.cumsum(values, 0) / values.sum()
+        # the first rank whose kept fraction reaches the target (a hair's tolerance for the rounding of a sum)
+        rank = int(torch.searchsorted(fractions, torch.tensor(target * (1 - 1e-12), dtype=fractions.dtype))) + 1
+    return max(1, min(rank, limit, len(s)))
+
+
+def low_rank(delta, limit: int, dynamic: str | None = None, threshold: float | None = None):
+    """(lora_up, lora_down, rank, singular values) of ΔW's best approximation within rank `limit`, in float32:
+    a conv's ΔW as its (out, in·k·k) matrix, lora_down a k×k conv and lora_up a 1×1 conv."""
+    import torch
+
+    out, shape = delta.shape[0], tuple(delta.shape)
+    matrix = delta.detach().float().cpu().reshape(out, -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    tolerance = s[0] * max(matrix.shape) * torch.finfo(torch.float32).eps
+    numerical = max(1, int((s > tolerance).sum()))
+    rank = chosen_rank(s, min(limit, numerical), dynamic, threshold)
+    up = (u[:, :rank] * s[:rank]).contiguous()
+    down = vh[:rank].contiguous()
+    if len(shape) == 4:
+        up, down = up.reshape(out, rank, 1, 1), down.reshape(rank, *shape[1:])
+    return up, down, rank, s
+
+
+def named_updates(adapter, pipeline) -> list[tuple[str, object, str, object]]:
+    """(module name, module, parameter name, ΔW in float32) of every change the adapter makes, ΔW on the base weights
+    it was trained on (`take_update`, at strength 1); text encoders' modules named `<component>.<name>`. The
+    pipeline is left with its base weights."""
+    updates = adapter.take_update()
+    names = {id(module): name for name, module in pipeline.unet.named_modules()}
+    for component in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipeline, component, None)
+        if encoder is not None:
+            names.update({id(module): f"{component}.{name}" for name, module in encoder.named_modules()})
+    return [(names[id(module)], module, attr, delta) for module, attr, delta in updates]
+
+
+def extract_lora(config: ExtractConfig) -> ExtractResult:
+    """Write `config.source`'s update as a kohya LoRA file at `config.output` (and its summary beside it)."""
+    import torch
+    from torch import nn
+
+    from .adapter import adapter_info, adapter_path, open_adapter
+    from .kohya import kohya_layout, write_kohya
+    from .merging import quiet_diffusers
+    from .models import DEFAULT_MODEL, load_pipeline
+    from .safetensors_checks import first_non_finite
+
+    config.validate()
+    output, summary = Path(config.output), summary_path(config.output)
+    path = adapter_path(config.source)
+    for target in (output, summary):
+        if target.is_dir():
+            raise SdtuneError(f"--output {target} is a folder; a LoRA is one file, give a file name")
+        check_output_target(target, [path], config.overwrite)
+    info = adapter_info(path)  # the file is read and checked before any model loads
+    model = config.model or info.base_model or DEFAULT_MODEL
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.dtype]
+
+    with output_file_lock(output):
+        for target in (output, summary):
+            check_output_target(target, [path], config.overwrite)  # again, now that no other command writes it
+        with quiet_diffusers():
+            pipeline = load_pipeline(model)
+        layout = kohya_layout(pipeline.unet.config)
+        state, layers, left_out = {}, [], []
+        for name, module, attr, delta in named_updates(open_adapter(path, pipeline), pipeline):
+            if not delta.any():
+                continue
+            if not (attr == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))):
+                left_out.append({"module": name, "parameter": attr, "norm": float(delta.double().norm())})
+                continue
+            conv = delta.ndim == 4 and tuple(delta.shape[2:]) != (1, 1)
+            limit = config.layer_conv_rank if conv else config.rank
+            up, down, rank, s = low_rank(delta, limit, config.dynamic, config.threshold)
+            key = layout.key(name)
+            state[f"{key}.lora_up.weight"] = up.to(dtype)
+            state[f"{key}.lora_down.weight"] = down.to(dtype)
+            state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)  # alpha/rank = 1
+            squares = s.double() ** 2
+            total = float(squares.sum())
+            layers.append(LayerExtraction(
+                key=key, module=name, shape=list(delta.shape), rank=rank, max_rank=min(delta.shape[0], delta[0].numel()),
+                norm=math.sqrt(total), kept=math.sqrt(float(squares[:rank].sum()) / total),
+                error=math.sqrt(float(squares[rank:].sum()) / total),
+            ))
+        if not layers:
+            what = "changes only biases or norm layers, which LoRA cannot hold" if left_out else "changes nothing"
+            raise SdtuneError(f"{path}: the adapter {what}; there is no LoRA to extract")
+        overflowed = first_non_finite(state)
+        if overflowed:  # an update beyond fp16's 65504
+            raise SdtuneError(f"{overflowed} overflows {config.dtype}; use --dtype fp32 or bf16")
+        relative_error = _relative_error(layers, left_out)
+        result = ExtractResult(output, summary, layers, relative_error, left_out, _notes(layers, left_out))
+        extra = _kohya_metadata(config, info, layout, layers, relative_error)
+        base = dataclasses.replace(info, base_model=info.base_model or model)
+        write_kohya(output, dict(sorted(state.items())), base, extra)
+        write_text_atomic(summary, json.dumps(_summary(config, path, model, result), indent=2) + "\n")
+    return result
+
+
+def _relative_error(layers: list[LayerExtraction], left_out: list[dict]) -> float:
+    """‖what the file does not hold‖ / ‖the whole update‖, over every tensor the adapter changes."""
+    lost = sum((layer.error * layer.norm) ** 2 for layer in layers) + sum(item["norm"] ** 2 for item in left_out)
+    whole = sum(layer.norm**2 for layer in layers) + sum(item["norm"] ** 2 for item in left_out)
+    return math.sqrt(lost / whole) if whole else 0.0
+
+
+def _notes(layers: list[LayerExtraction], left_out: list[dict]) -> list[str]:
+    if not left_out:
+        return []
+    share = math.sqrt(sum(item["norm"] ** 2 for item in left_out) / sum(
+        [layer.norm**2 for layer in layers] + [item["norm"] ** 2 for item in left_out]))
+    biases = sum(item["parameter"] == "bias" for item in left_out)
+    kinds = [f"{count} {what}" for count, what in ((biases, "biases"), (len(left_out) - biases, "norm layers' weights")) if count]
+    return [f"left out: {' and '.join(kinds)}, which LoRA cannot hold: {share:.2%} of the update's norm (in the relative error)"]
+
+
+def _kohya_metadata(config: ExtractConfig, info, layout, layers: list[LayerExtraction], relative_error: float) -> dict[str, str]:
+    """kohya-ss' `ss_*` entries as its extract and resize scripts write them, and how the file was made."""
+    convs = any(len(layer.shape) == 4 and layer.shape[2:] != [1, 1] for layer in layers)
+    dim = "Dynamic" if config.dynamic else str(config.rank)
+    network_args = {"conv_dim": str(config.layer_conv_rank), "conv_alpha": str(float(config.layer_conv_rank))} if convs else {}
+    if config.dynamic and convs:
+        network_args = {"conv_dim": "Dynamic", "conv_alpha": "Dynamic"}
+    how = f"--dynamic {config.dynamic} --threshold {config.threshold:g}, at most rank {config.rank}" if config.dynamic else f"rank {config.rank}"
+    if convs and config.conv_rank is not None:
+        how += f", 3x3 convs {config.conv_rank}"
+    return {
+        "ss_base_model_version": layout.base_model_version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": dim,
+        "ss_network_alpha": dim if config.dynamic else str(float(config.rank)),
+        "ss_network_args": json.dumps(network_args),
+        "ss_training_comment": f"extracted by sdtune {__version__} from a {info.method} adapter at {how}; "
+                               f"relative error {relative_error:.4g}",
+        "sdtune_extraction": json.dumps({
+            "rank": config.rank, "conv_rank": config.layer_conv_rank, "dynamic": config.dynamic,
+            "threshold": config.threshold, "relative_error": relative_error,
+        }, sort_keys=True),
+    }
+
+
+def _summary(config: ExtractConfig, path: Path, model: str, result: ExtractResult) -> dict:
+    ranks = [layer.rank for layer in result.layers]
+    return {
+        "source": str(path),
+        "output": str(result.output),
+        "base_model": model,
+        "rank": config.rank,
+        "conv_rank": config.layer_conv_rank,
+        "dynamic": config.dynamic,
+        "threshold": config.threshold,
+        "dtype": config.dtype,
+        "relative_error": result.relative_error,
+        "ranks": {"min": min(ranks), "max": max(ranks), "total": sum(ranks)},
+        "layers": [dataclasses.asdict(layer) for layer in result.layers],
+        "left_out": result.left_out,
+    }
