@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from helpers import run_unet
 from test_cli import assert_one_line_error, invoke
-from test_export import make_adapter, run_unet
+from test_export import make_adapter
 
 from sdtune import methods
 from sdtune.adapter import load_adapter, open_adapter, save_adapter
@@ -242,7 +243,6 @@ def test_a_kohya_file_is_extracted_and_resized(tmp_path, inputs):
 
 
 def test_sdxl_lora_has_original_names_and_loads_in_diffusers(tmp_path):
-    from sdxl_fixtures import run_unet as run_sdxl
     from sdxl_fixtures import tiny_sdxl_pipeline, unet_inputs
 
     folder = tmp_path / "tiny-sdxl"
@@ -259,7 +259,7 @@ def test_sdxl_lora_has_original_names_and_loads_in_diffusers(tmp_path):
     save_adapter(tmp_path / "a.safetensors", method, str(folder))
     method.merge()
     inputs = unet_inputs()
-    tuned = run_sdxl(pipe.unet, inputs)
+    tuned = run_unet(pipe.unet, inputs)
     out = tmp_path / "lora.safetensors"
     result = extract(tmp_path / "a.safetensors", out, rank=FULL)
     keys = {layer.key for layer in result.layers}
@@ -270,7 +270,7 @@ def test_sdxl_lora_has_original_names_and_loads_in_diffusers(tmp_path):
     for loader in ("sdtune", "diffusers"):
         loaded = tiny_sdxl_pipeline()
         load_adapter(out, loaded) if loader == "sdtune" else loaded.load_lora_weights(str(out))
-        torch.testing.assert_close(run_sdxl(loaded.unet, inputs), tuned, rtol=0, atol=1e-4, msg=loader)
+        torch.testing.assert_close(run_unet(loaded.unet, inputs), tuned, rtol=0, atol=1e-4, msg=loader)
 
 
 def test_changes_lora_cannot_hold_are_named_and_counted(tmp_path):
