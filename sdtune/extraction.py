@@ -14,7 +14,9 @@ r is `rank` (3×3 convs: `conv_rank`), or with `dynamic` the smallest rank that 
 A layer never takes more than min(out, in·k²), nor more than ΔW's numerical rank (the singular values
 above S₀·max(shape)·ε, as `torch.linalg.matrix_rank` counts them): a rank-4 LoRA extracted at rank 16
 stays rank 4. Layers whose ΔW is zero are left out; so are changes LoRA cannot hold (biases, norm
-layers), which the summary names with their share of the update.
+layers), which the summary names with their share of the update. New token embeddings the source carries
+are bundled in the file as `sdtune export --format kohya` bundles them (an sdtune adapter's also written to
+`NAME_emb.safetensors` beside it), exactly: they are rows, not a weight update.
 """
 
 from __future__ import annotations
@@ -170,9 +172,34 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         result = ExtractResult(output, summary, layers, relative_error, left_out, _notes(layers, left_out))
         extra = _kohya_metadata(config, info, layout, layers, relative_error)
         base = dataclasses.replace(info, base_model=info.base_model or model)
-        write_kohya(output, dict(sorted(state.items())), base, extra)
+        bundles, bundle_metadata, rows = carried_tokens(path, info)
+        write_kohya(output, {**dict(sorted(state.items())), **bundles}, base, {**extra, **bundle_metadata})
+        if rows:
+            from .token_embeddings import embedding_file_path, write_embedding_file
+
+            write_embedding_file(embedding_file_path(output), info, rows)
+            result.notes.append(f"new tokens {''.join(info.new_tokens)} bundled, and in {embedding_file_path(output)}")
         write_text_atomic(summary, json.dumps(_summary(config, path, model, result), indent=2) + "\n")
     return result
+
+
+def carried_tokens(path: Path, info) -> tuple[dict, dict, dict]:
+    """The new token embeddings a source carries: (kohya bundles, their metadata, an sdtune adapter's rows)."""
+    from safetensors import safe_open
+
+    from .adapter import read_adapter
+    from .kohya import is_kohya_file
+    from .token_embeddings import BUNDLE_PREFIX, KOHYA_METADATA_KEY, kohya_bundles, split_state
+
+    if is_kohya_file(path):  # bundles pass through as they are
+        with safe_open(path, "pt") as tensors:
+            metadata = tensors.metadata() or {}
+            bundles = {key: tensors.get_tensor(key) for key in tensors.keys() if key.startswith(BUNDLE_PREFIX)}
+        return bundles, {k: v for k, v in metadata.items() if bundles and k.startswith(KOHYA_METADATA_KEY)}, {}
+    if not info.new_tokens:
+        return {}, {}, {}
+    rows = split_state(read_adapter(path)[1])[1]
+    return *kohya_bundles(info, rows, len(rows) > 1), rows
 
 
 def _relative_error(layers: list[LayerExtraction], left_out: list[dict]) -> float:

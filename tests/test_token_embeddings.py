@@ -273,3 +273,26 @@ def test_the_model_card_names_the_new_tokens_and_counts_their_rows(trained_run):
     by_method = trained_parameters(info, methods.create(info.method, **info.options))
     assert rows.shape[0] == 2 and by_method > 0
     assert f"{by_method + rows.numel():,} trained parameters" in card.text
+
+
+def test_an_extracted_lora_carries_the_new_tokens_and_so_does_its_own_extraction(trained_run, tmp_path):
+    from sdtune.config import ExtractConfig
+    from sdtune.extraction import extract_lora
+
+    run, pipe, _ = trained_run
+    exported = tmp_path / "exported.safetensors"
+    export_adapter(run.output, "kohya", exported)
+    bundle = "bundle_emb.castle_tokens.string_to_param.*"
+    extracted = tmp_path / "lora.safetensors"
+    result = extract_lora(ExtractConfig(source=str(run.adapter), output=str(extracted), rank=2))
+    assert torch.equal(load_file(extracted)[bundle], load_file(exported)[bundle])
+    assert torch.equal(load_file(tmp_path / "lora_emb.safetensors")["clip_l"], load_file(tmp_path / "exported_emb.safetensors")["clip_l"])
+    assert any("<s0><s1>" in note for note in result.notes)
+    loaded = load_pipeline("tiny-random")  # read back with the tokens it trained, whose prompts read as trained
+    load_adapter(extracted, loaded)
+    ids = loaded.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+    assert ids == pipe.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+    assert torch.equal(loaded.text_encoder.get_input_embeddings().weight[ids], load_file(exported)[bundle])
+    again = tmp_path / "again.safetensors"  # a kohya source's bundles pass through
+    extract_lora(ExtractConfig(source=str(extracted), output=str(again), rank=1))
+    assert torch.equal(load_file(again)[bundle], load_file(exported)[bundle])
