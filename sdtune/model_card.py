@@ -28,7 +28,8 @@ SETTINGS = {
     "optimizer": "optimizer", "resolution": "resolution", "mixed_precision": "mixed precision", "seed": "seed",
     "train_text_encoder": "text encoder trained", "snr_gamma": "min-SNR γ", "noise_offset": "noise offset",
     "loss_type": "loss", "class_prompt": "prior preservation (class prompt)", "dataset": "dataset",
-    "buckets": "aspect-ratio buckets", "ema_decay": "EMA decay",
+    "buckets": "aspect-ratio buckets", "ema_decay": "EMA decay", "masked_loss": "masked loss",
+    "unmasked_weight": "unmasked weight", "token_embeddings": "new tokens a concept", "embedding_lr": "embedding learning rate",
 }
 
 

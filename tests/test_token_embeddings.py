@@ -269,6 +269,7 @@ def test_the_model_card_names_the_new_tokens_and_counts_their_rows(trained_run):
     card = ModelCard.load(adapter.parent / "README.md")
     assert "textual_inversion" in card.data.tags
     assert "new tokens (`<s0>`, `<s1>`)" in card.text and "load_textual_inversion" in card.text
+    assert "| new tokens a concept | 2 |" in card.text and "| embedding learning rate | 0.05 |" in card.text
     info = adapter_info(adapter)
     by_method = trained_parameters(info, methods.create(info.method, **info.options))
     assert rows.shape[0] == 2 and by_method > 0
