@@ -15,3 +15,19 @@ def run_unet(unet, inputs) -> torch.Tensor:
         if added:
             return unet(latents, timesteps, encoder_hidden_states=conditions, added_cond_kwargs=added[0]).sample
         return unet(latents, timesteps, conditions).sample
+
+
+def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """Make runs stop (KeyboardInterrupt) right after writing their checkpoint of `at_step`, before the adapter
+    is written: a crash to resume from. `monkeypatch.undo()` ends it."""
+    import sdtune.checkpoints
+
+    original_save = sdtune.checkpoints.save_checkpoint
+
+    def save_then_crash(accelerator, out, step, *args, **kwargs):
+        folder = original_save(accelerator, out, step, *args, **kwargs)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return folder
+
+    monkeypatch.setattr(sdtune.checkpoints, "save_checkpoint", save_then_crash)

@@ -16,7 +16,7 @@ import torch
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.conditioning import PromptConditioning, UNetConditions
-from helpers import run_unet
+from helpers import crash_after_checkpoint, run_unet
 from test_evaluation import metric_models  # noqa: F401  (a fixture: tiny random CLIP and DINO folders)
 
 FAMILIES = ["tiny-sd2-random", "tiny-sdxl-random"]
@@ -178,20 +178,11 @@ def train_config(family, output, **settings):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_resumes_exactly(family, built, tmp_path, monkeypatch):
-    import sdtune.checkpoints
     from sdtune.training import train
 
     uninterrupted = train(train_config(family, tmp_path / "whole"), progress=False)
     assert uninterrupted.losses[-1] == uninterrupted.losses[-1]  # finite
-    original_save = sdtune.checkpoints.save_checkpoint
-
-    def save_then_crash(accelerator, out, step, *args, **kwargs):
-        folder = original_save(accelerator, out, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt
-        return folder
-
-    monkeypatch.setattr(sdtune.checkpoints, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(train_config(family, tmp_path / "resumed"), progress=False)
     monkeypatch.undo()

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from helpers import crash_after_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -270,20 +271,10 @@ def test_a_run_trains_the_text_encoder_and_the_adapter_reproduces_it(tmp_path, t
 
 
 def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monkeypatch):
-    import sdtune.checkpoints
-
     settings = dict(steps=4, checkpoint_every=2, lr=1e-3, text_encoder_lr=5e-4)
     whole = train(config(tmp_path / "whole", **settings), progress=False)
 
-    original = sdtune.checkpoints.save_checkpoint
-
-    def save_then_crash(accelerator, out, step, *args, **kwargs):
-        folder = original(accelerator, out, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt
-        return folder
-
-    monkeypatch.setattr(sdtune.checkpoints, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path / "split", **settings), progress=False)
     monkeypatch.undo()

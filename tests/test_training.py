@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import crash_after_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -59,19 +60,8 @@ def test_checkpoints_hold_the_training_state_and_only_the_newest_stay(uninterrup
 
 
 def test_resume_after_an_interruption_gives_the_same_adapter_bytes(uninterrupted, tmp_path, monkeypatch):
-    import sdtune.checkpoints
-    import sdtune.training
-
     output = tmp_path / "run"
-    original_save = sdtune.checkpoints.save_checkpoint
-
-    def save_then_crash(accelerator, out, step, *args, **kwargs):
-        folder = original_save(accelerator, out, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt  # a crash right after the checkpoint, before the adapter is written
-        return folder
-
-    monkeypatch.setattr(sdtune.checkpoints, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         train(config(output, **RESUMABLE), progress=False)
     with safe_open(str(output / "adapter.safetensors"), framework="pt") as handle:
