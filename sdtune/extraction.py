@@ -142,7 +142,8 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
             pipeline = load_pipeline(model)
         layout = kohya_layout(pipeline.unet.config)
         state, layers, left_out = {}, [], []
-        for name, module, attr, delta in named_updates(open_adapter(path, pipeline), pipeline):
+        adapter = open_adapter(path, pipeline)
+        for name, module, attr, delta in named_updates(adapter, pipeline):
             if not delta.any():
                 continue
             if not (attr == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))):
@@ -172,7 +173,7 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         result = ExtractResult(output, summary, layers, relative_error, left_out, _notes(layers, left_out))
         extra = _kohya_metadata(config, info, layout, layers, relative_error)
         base = dataclasses.replace(info, base_model=info.base_model or model)
-        bundles, bundle_metadata, rows = carried_tokens(path, info)
+        bundles, bundle_metadata, rows = carried_tokens(adapter, path, info)
         write_kohya(output, {**dict(sorted(state.items())), **bundles}, base, {**extra, **bundle_metadata})
         if rows:
             from .token_embeddings import embedding_file_path, write_embedding_file
@@ -183,19 +184,15 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     return result
 
 
-def carried_tokens(path: Path, info) -> tuple[dict, dict, dict]:
+def carried_tokens(adapter, path: Path, info) -> tuple[dict, dict, dict]:
     """The new token embeddings a source carries: (kohya bundles, their metadata, an sdtune adapter's rows)."""
-    from safetensors import safe_open
-
     from .adapter import read_adapter
     from .kohya import is_kohya_file
-    from .token_embeddings import BUNDLE_PREFIX, KOHYA_METADATA_KEY, kohya_bundles, split_state
+    from .token_embeddings import KOHYA_METADATA_KEY, kohya_bundles, split_state
 
-    if is_kohya_file(path):  # bundles pass through as they are
-        with safe_open(path, "pt") as tensors:
-            metadata = tensors.metadata() or {}
-            bundles = {key: tensors.get_tensor(key) for key in tensors.keys() if key.startswith(BUNDLE_PREFIX)}
-        return bundles, {k: v for k, v in metadata.items() if bundles and k.startswith(KOHYA_METADATA_KEY)}, {}
+    if is_kohya_file(path):  # bundles pass through as the opened file holds them
+        bundles = adapter.bundled_embeddings
+        return bundles, {k: v for k, v in info.extra.items() if bundles and k.startswith(KOHYA_METADATA_KEY)}, {}
     if not info.new_tokens:
         return {}, {}, {}
     rows = split_state(read_adapter(path)[1])[1]

@@ -50,7 +50,7 @@ that `sdtune merge` can save.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -294,6 +294,7 @@ class KohyaAdapter:
     scale: float = 1.0
     merged: bool = False
     _unmerged_weights: dict | None = None
+    bundled_embeddings: dict = field(default_factory=dict)  # `bundle_emb.*` tensors (pivotal tuning), by key
 
     @property
     def target_names(self) -> list[str]:
@@ -527,11 +528,8 @@ def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
     """A kohya-format file's updates for `pipeline`'s UNet and text encoders, not yet added (`kohya_updates`)."""
     encoders = {name: getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")}
     updates = kohya_updates(path, pipeline.unet, {name: encoder for name, encoder in encoders.items() if encoder is not None})
-    metadata, entries = read_safetensors_header(Path(path))
-    bundled = [key for key in entries if key.startswith(BUNDLE_PREFIX)]
-    if bundled:  # embeddings bundled with the update (pivotal tuning): their tokens join the pipeline's
-        tensors = read_tensors(Path(path))
-        add_bundled_tokens(pipeline, metadata, {key: tensors[key] for key in bundled}, str(path))
+    if updates.bundled_embeddings:  # embeddings bundled with the update (pivotal tuning): their tokens join the pipeline's
+        add_bundled_tokens(pipeline, updates.info.extra, updates.bundled_embeddings, str(path))
     return updates
 
 
@@ -573,7 +571,8 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
     path = Path(path)
     metadata, tensors = read_kohya(path)
     warn_absurd_values(path, tensors)
-    tensors = {key: tensor for key, tensor in tensors.items() if not key.startswith(BUNDLE_PREFIX)}  # embeddings: read_kohya_updates
+    bundled = {key: tensor for key, tensor in tensors.items() if key.startswith(BUNDLE_PREFIX)}  # embeddings: read_kohya_updates
+    tensors = {key: tensor for key, tensor in tensors.items() if key not in bundled}
     if not kohya_keys_only(tensors):
         odd = next((key for key in tensors if not kohya_keys_only([key])), "")
         raise SdtuneError(f"{path}: key {odd!r} is not a kohya-format key (lora_unet_..., lora_te_..., lora_te1_... or lora_te2_...)")
@@ -613,4 +612,4 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
             raise SdtuneError(f"{where}: {name} is updated twice in the file (under two spellings of its name)")
         updated.add(id(module))
         updates.append(KohyaUpdate(name, module, delta_weight, delta_bias))
-    return KohyaAdapter(kohya_info(path, metadata), updates)
+    return KohyaAdapter(kohya_info(path, metadata), updates, bundled_embeddings=bundled)
