@@ -197,6 +197,11 @@ class MethodProbe:
     def text_trained(self) -> int:
         return sum(p.numel() for p in self.method.text_encoder_parameters()) if self.method else 0
 
+    def text_counts(self) -> tuple[int, int]:
+        """(frozen, trained) parameters of the text encoders; trained only where the method was injected into them."""
+        trained = self.text_trained() if self.trains_text_encoders else 0
+        return self.text_encoder_parameters - trained, trained
+
 
 def probe_method(configs, method, train_text_encoder: bool = False) -> MethodProbe:
     """Inject a fresh copy of `method` into the UNet (and, with `train_text_encoder`, the text encoders whose
@@ -246,9 +251,7 @@ def count_text_encoder_parameters(configs, method, train: bool) -> tuple[int, in
     """(frozen, trained) parameters of the text encoders whose configs were read, built on the meta
     device; trained only where `train` (--train-text-encoder), by injecting a fresh copy of `method`
     into them with the UNet. (0, 0) for what cannot be built: this is a lower bound."""
-    probe = probe_method(configs, method, train)
-    trained = probe.text_trained() if probe.trains_text_encoders else 0
-    return probe.text_encoder_parameters - trained, trained
+    return probe_method(configs, method, train).text_counts()
 
 
 def changed_options(method) -> str:
@@ -296,8 +299,7 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     compute_bytes = 2 if half else 4
     probe = probe_method(configs, method, config.train_text_encoder)
     frozen, trained = probe.unet_counts()
-    trained_text = probe.text_trained() if probe.trains_text_encoders else 0
-    frozen_text = probe.text_encoder_parameters - trained_text
+    frozen_text, trained_text = probe.text_counts()
     trained += trained_text
     state = 4 + 4 + OPTIMIZERS[config.optimizer].state_bytes + (4 if config.ema_decay else 0)
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)

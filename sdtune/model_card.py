@@ -195,15 +195,15 @@ def _worth_showing(key: str, value) -> bool:
 def trained_parameters(info, method) -> int:
     """How many parameters the adapter's method trained, counted on the base model's architecture built on the
     meta device from its configs (0 where those cannot be read: the card then leaves the count out)."""
-    from .limits import count_parameters, count_text_encoder_parameters
+    from .limits import probe_method
     from .models import read_model_configs
 
     try:
         configs = read_model_configs(info.base_model)
     except SdtuneError:
         return 0
-    unet = count_parameters(configs, method)[1]
-    return unet + count_text_encoder_parameters(configs, method, bool(info.text_encoders))[1]
+    probe = probe_method(configs, method, bool(info.text_encoders))  # the UNet and text encoders injected once
+    return probe.unet_counts()[1] + probe.text_counts()[1]
 
 
 def token_rows(path: Path) -> int:
