@@ -31,3 +31,18 @@ def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
         return folder
 
     monkeypatch.setattr(sdtune.checkpoints, "save_checkpoint", save_then_crash)
+
+
+def uninterrupted_and_resumed(configure, folder, monkeypatch, at_step: int):
+    """(a whole run, the same run stopped after its checkpoint of `at_step` and resumed): `configure(output,
+    **changes)` gives each run's TrainConfig."""
+    import pytest
+
+    from sdtune.training import train
+
+    whole = train(configure(folder / "whole"), progress=False)
+    crash_after_checkpoint(monkeypatch, at_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(configure(folder / "split"), progress=False)
+    monkeypatch.undo()
+    return whole, train(configure(folder / "split", resume="latest"), progress=False)

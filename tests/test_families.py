@@ -16,7 +16,7 @@ import torch
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.conditioning import PromptConditioning, UNetConditions
-from helpers import crash_after_checkpoint, run_unet
+from helpers import run_unet, uninterrupted_and_resumed
 from test_evaluation import metric_models  # noqa: F401  (a fixture: tiny random CLIP and DINO folders)
 
 FAMILIES = ["tiny-sd2-random", "tiny-sdxl-random"]
@@ -178,17 +178,9 @@ def train_config(family, output, **settings):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_resumes_exactly(family, built, tmp_path, monkeypatch):
-    from sdtune.training import train
-
-    uninterrupted = train(train_config(family, tmp_path / "whole"), progress=False)
-    assert uninterrupted.losses[-1] == uninterrupted.losses[-1]  # finite
-    crash_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train(train_config(family, tmp_path / "resumed"), progress=False)
-    monkeypatch.undo()
-    train(train_config(family, tmp_path / "resumed", resume="latest"), progress=False)
-    whole, resumed = (tmp_path / "whole" / "adapter.safetensors"), (tmp_path / "resumed" / "adapter.safetensors")
-    assert resumed.read_bytes() == whole.read_bytes()
+    whole, resumed = uninterrupted_and_resumed(lambda out, **more: train_config(family, out, **more), tmp_path, monkeypatch, 2)
+    assert whole.losses[-1] == whole.losses[-1]  # finite
+    assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
 
 
 def test_sdxl_sample_merge_and_export(built, tmp_path):

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import crash_after_checkpoint
+from helpers import uninterrupted_and_resumed
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -272,13 +272,7 @@ def test_a_run_trains_the_text_encoder_and_the_adapter_reproduces_it(tmp_path, t
 
 def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monkeypatch):
     settings = dict(steps=4, checkpoint_every=2, lr=1e-3, text_encoder_lr=5e-4)
-    whole = train(config(tmp_path / "whole", **settings), progress=False)
-
-    crash_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path / "split", **settings), progress=False)
-    monkeypatch.undo()
-    resumed = train(config(tmp_path / "split", resume="latest", **settings), progress=False)
+    whole, resumed = uninterrupted_and_resumed(lambda out, **more: config(out, **settings, **more), tmp_path, monkeypatch, 2)
     assert resumed.resumed_from is not None
     assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import crash_after_checkpoint
+from helpers import uninterrupted_and_resumed
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -24,7 +24,7 @@ from sdtune.export import export_adapter
 from sdtune.merging import merge_adapter
 from sdtune.models import load_pipeline, text_encoders, tokenizers
 from sdtune.token_embeddings import add_trainable_tokens, check_tokenizers, new_token_names
-from sdtune.training import open_trainer, train
+from sdtune.training import open_trainer
 
 PROMPT = "a photo of <s0><s1> castle"
 
@@ -187,12 +187,7 @@ def test_kohya_and_diffusers_exports_carry_the_embeddings(trained_run, tmp_path)
 
 def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monkeypatch):
     settings = dict(steps=4, checkpoint_every=2, embedding_init="random", method="bitfit")
-    whole = train(config(tmp_path / "whole", **settings), progress=False)
-    crash_after_checkpoint(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path / "split", **settings), progress=False)
-    monkeypatch.undo()
-    resumed = train(config(tmp_path / "split", resume="latest", **settings), progress=False)
+    whole, resumed = uninterrupted_and_resumed(lambda out, **more: config(out, **settings, **more), tmp_path, monkeypatch, 2)
     assert resumed.resumed_from is not None
     assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
 
