@@ -285,6 +285,8 @@ def train(
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
     noise_offset: Optional[float] = typer.Option(None, help="Add this times a per-image, per-channel Gaussian to the noise (0.05-0.1 typical)." + _default(TrainConfig, "noise_offset")),
+    multires_noise_iterations: Optional[int] = typer.Option(None, help="Multi-resolution (pyramid) noise with this many scales, as kohya-ss' --multires_noise_iterations (6-10 typical; 0: off)." + _default(TrainConfig, "multires_noise_iterations")),
+    multires_noise_discount: Optional[float] = typer.Option(None, help="With --multires-noise-iterations: each coarser scale's noise is scaled by this once more." + _default(TrainConfig, "multires_noise_discount")),
     loss_type: Optional[str] = typer.Option(None, help="l2, or a pseudo-Huber loss that outliers pull less: huber, smooth_l1." + _default(TrainConfig, "loss_type")),
     huber_c: Optional[float] = typer.Option(None, help="The pseudo-Huber threshold c (with the snr schedule, c at the noisiest timesteps, near 1 at the least noisy)." + _default(TrainConfig, "huber_c")),
     huber_schedule: Optional[str] = typer.Option(None, help="How c follows the timestep: snr, exponential or constant." + _default(TrainConfig, "huber_schedule")),

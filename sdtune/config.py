@@ -185,6 +185,8 @@ class TrainConfig(_Config):
     # Loss
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); unset: plain MSE
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
+    multires_noise_iterations: int = 0  # multi-resolution (pyramid) noise with this many scales (0: off), as kohya-ss'
+    multires_noise_discount: float = 0.3  # ... each coarser scale's noise scaled by this once more
     loss_type: str = "l2"  # l2, or the pseudo-Huber losses huber and smooth_l1 (sdtune/losses.py)
     huber_c: float = 0.1  # the pseudo-Huber threshold c (at the noisiest timesteps, with the snr schedule)
     huber_schedule: str = "snr"  # how c follows the timestep: snr, exponential or constant
@@ -304,6 +306,12 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--max-timestep must be above --min-timestep ({self.min_timestep}), got {self.max_timestep}")
         if not (self.input_perturbation >= 0 and math.isfinite(self.input_perturbation)):
             raise SdtuneError(f"--input-perturbation must be 0 or more and finite, got {self.input_perturbation}")
+        if self.multires_noise_iterations < 0:
+            raise SdtuneError(f"--multires-noise-iterations must be 0 (off) or more, got {self.multires_noise_iterations}")
+        if not (0 < self.multires_noise_discount <= 1):
+            raise SdtuneError(f"--multires-noise-discount must be in (0, 1], got {self.multires_noise_discount}")
+        if self.multires_noise_discount != 0.3 and not self.multires_noise_iterations:
+            raise SdtuneError("--multires-noise-discount applies with --multires-noise-iterations")
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             raise SdtuneError(f"--snr-gamma must be positive, got {self.snr_gamma}")
         for name in ("noise_offset", "prior_loss_weight", "validate_every", "validation_images"):
@@ -368,6 +376,9 @@ class TrainConfig(_Config):
         for name in ("min_timestep", "input_perturbation"):  # at their defaults, left out, as above
             if values.get(name) == 0:
                 values.pop(name)
+        if not self.multires_noise_iterations:  # as above
+            for name in ("multires_noise_iterations", "multires_noise_discount"):
+                values.pop(name, None)
         for name, default in (("prodigy_d_coef", 1.0), ("prodigy_d0", 1e-6)):  # as above
             if values.get(name) == default:
                 values.pop(name)

@@ -6,6 +6,10 @@ each example's MSE by min(SNR(t), γ) / SNR(t) for ε-prediction and min(SNR(t),
 v-prediction, with SNR from diffusers' `compute_snr`, as diffusers' train_text_to_image.py does.
 Noise offset (Guttenberg 2023) adds a per-image, per-channel constant to the noise so the model learns
 to change an image's overall brightness.
+Multi-resolution (pyramid) noise (Whitaker 2023, "Multi-Resolution Noise for Diffusion Model Training"), as
+kohya-ss' sd-scripts' `pyramid_noise_like`: to the noise n add, for i = 0 … N−1, Gaussian noise drawn at
+⌊h/rᵢⁱ⌋×⌊w/rᵢⁱ⌋ (rᵢ uniform in [2, 4), at least 1×1), bilinearly upsampled and scaled by Dⁱ, stopping
+after the first 1-pixel side; then divide by the result's standard deviation (over the whole batch).
 
 The pseudo-Huber losses (Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption Resistance
 using Scheduled Pseudo-Huber Loss"), as kohya-ss' sd-scripts define them, replace each element's squared
@@ -44,8 +48,10 @@ def snr_loss_weights(noise_scheduler, timesteps, snr_gamma: float):
     raise ValueError(f"min-SNR weighting does not support prediction type {prediction_type!r}")
 
 
-def training_noise(latents, noise_offset: float = 0.0, generator=None):
-    """Gaussian noise like `latents`, plus `noise_offset` times a per-image, per-channel Gaussian constant."""
+def training_noise(latents, noise_offset: float = 0.0, generator=None, multires_iterations: int = 0,
+                   multires_discount: float = 0.3):
+    """Gaussian noise like `latents`, plus `noise_offset` times a per-image, per-channel Gaussian constant, then
+    with `multires_iterations` the pyramid noise of that (as sd-scripts: offset first, then the pyramid)."""
     import torch
 
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -54,7 +60,28 @@ def training_noise(latents, noise_offset: float = 0.0, generator=None):
             (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
         )
         noise = noise + noise_offset * offset
+    if multires_iterations:
+        noise = pyramid_noise(noise, multires_iterations, multires_discount, generator)
     return noise
+
+
+def pyramid_noise(noise, iterations: int, discount: float, generator=None):
+    """`noise` plus `iterations` coarser Gaussian noises, each upsampled and scaled by discountⁱ, normalised to
+    unit standard deviation (sd-scripts' `pyramid_noise_like`). The sizes' factors rᵢ come from the CPU RNG (the
+    global one unless `generator` is a CPU generator), so the host never waits for the device to size them."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, channels, height, width = noise.shape
+    cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
+    for i in range(iterations):
+        r = 2 + 2 * torch.rand((), generator=cpu_generator, dtype=torch.float64).item()  # not always 2×: [2, 4)
+        low_height, low_width = max(1, int(height / r**i)), max(1, int(width / r**i))
+        coarse = torch.randn((batch, channels, low_height, low_width), generator=generator, device=noise.device, dtype=noise.dtype)
+        noise = noise + F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**i
+        if low_height == 1 or low_width == 1:
+            break  # the coarsest is a single row or column
+    return noise / noise.std()
 
 
 def prediction_target(noise_scheduler, latents, noise, timesteps):

@@ -816,7 +816,7 @@ class Trainer:
         from .masks import loss_weights
 
         config = self.config
-        noise = training_noise(latents, config.noise_offset)
+        noise = training_noise(latents, config.noise_offset, None, config.multires_noise_iterations, config.multires_noise_discount)
         most = config.max_timestep or self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(config.min_timestep, most, (latents.shape[0],), device=self.device).long()
         weights = None

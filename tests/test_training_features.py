@@ -97,6 +97,48 @@ def test_noise_offset_adds_a_per_channel_constant():
     torch.testing.assert_close(difference, difference[..., :1, :1].expand_as(difference))  # constant over pixels
 
 
+def test_multires_noise_adds_upsampled_coarser_noises_and_normalises():
+    import torch.nn.functional as F
+
+    latents = torch.zeros(2, 4, 32, 24)
+    noise = losses.training_noise(latents, 0.0, torch.Generator().manual_seed(5), multires_iterations=3, multires_discount=0.5)
+    # sd-scripts' pyramid_noise_like by hand: scale i adds noise drawn at ⌊h/rⁱ⌋×⌊w/rⁱ⌋, r in [2, 4), times 0.5ⁱ
+    generator = torch.Generator().manual_seed(5)
+    expected, sizes = torch.randn(latents.shape, generator=generator), []
+    for i in range(3):
+        r = 2 + 2 * torch.rand((), generator=generator, dtype=torch.float64).item()
+        sizes.append((max(1, int(32 / r**i)), max(1, int(24 / r**i))))
+        coarse = torch.randn(2, 4, *sizes[-1], generator=generator)
+        expected = expected + F.interpolate(coarse, size=(32, 24), mode="bilinear") * 0.5**i
+    torch.testing.assert_close(noise, expected / expected.std())
+    assert sizes[0] == (32, 24) and 2 <= sizes[1][0] <= 16 and sizes[2][0] < sizes[1][0]  # full size, then coarser
+    assert noise.std().item() == pytest.approx(1.0, abs=1e-6)
+    # the coarse scales correlate neighbouring pixels, which plain Gaussian noise does not
+    big = torch.zeros(1, 4, 64, 64)
+    for iterations, low, high in ((0, -0.05, 0.05), (6, 0.2, 0.9)):
+        drawn = losses.training_noise(big, 0.0, torch.Generator().manual_seed(1), multires_iterations=iterations,
+                                      multires_discount=0.8)
+        left, right = drawn[..., :-1].flatten(), drawn[..., 1:].flatten()
+        assert low < torch.corrcoef(torch.stack([left, right]))[0, 1].item() < high
+    # the pyramid stops after its first 1-pixel side: an 8×8 latent has at most 4 scales
+    small = torch.zeros(1, 4, 8, 8)
+    torch.testing.assert_close(losses.training_noise(small, 0.0, torch.Generator().manual_seed(2), multires_iterations=4),
+                               losses.training_noise(small, 0.0, torch.Generator().manual_seed(2), multires_iterations=50))
+
+
+def test_multires_noise_off_draws_exactly_the_plain_noise_and_follows_the_offset():
+    latents = torch.zeros(3, 4, 8, 8)
+    plain_generator, off_generator = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    plain = losses.training_noise(latents, 0.1, plain_generator)
+    off = losses.training_noise(latents, 0.1, off_generator, multires_iterations=0, multires_discount=0.9)
+    assert torch.equal(plain, off) and torch.equal(plain_generator.get_state(), off_generator.get_state())
+    # with both, as sd-scripts: the offset noise goes through the pyramid
+    generator = torch.Generator().manual_seed(7)
+    both = losses.training_noise(latents, 0.1, generator, multires_iterations=2)
+    pyramid = losses.pyramid_noise(losses.training_noise(latents, 0.1, off_generator.manual_seed(7)), 2, 0.3, off_generator)
+    torch.testing.assert_close(both, pyramid)
+
+
 @pytest.mark.parametrize("schedule", ["snr", "exponential", "constant"])
 def test_pseudo_huber_thresholds_follow_their_schedules(schedule):
     from diffusers import DDPMScheduler
@@ -146,6 +188,21 @@ def test_a_pseudo_huber_run_trains_with_that_loss_and_says_so(tmp_path, tiny_pat
     written = tomllib.loads((huber.output / "config.toml").read_text())
     assert (written["loss_type"], written["huber_c"], written["huber_schedule"]) == ("huber", 0.2, "exponential")
     assert "loss_type" not in tomllib.loads((plain.output / "config.toml").read_text())  # as before the option
+
+
+def test_a_multires_noise_run_trains_on_pyramid_noise_and_says_so(tmp_path, tiny_path):
+    import tomllib
+
+    from sdtune.model_card import write_model_card
+
+    plain = run_training(tmp_path, "plain", steps=2)
+    pyramid = run_training(tmp_path, "pyramid", steps=2, multires_noise_iterations=6, multires_noise_discount=0.4)
+    assert pyramid.losses != plain.losses and all(map(torch.isfinite, torch.tensor(pyramid.losses)))
+    written = tomllib.loads((pyramid.output / "config.toml").read_text())
+    assert (written["multires_noise_iterations"], written["multires_noise_discount"]) == (6, 0.4)
+    assert "multires_noise_iterations" not in (plain.output / "config.toml").read_text()  # as before the option
+    card = (write_model_card(pyramid.output).output).read_text()
+    assert "multires noise iterations" in card and "0.4" in card
 
 
 def test_timestep_range_and_input_perturbation_reach_the_loss(tmp_path, tiny_path, monkeypatch):
