@@ -10,6 +10,9 @@ Multi-resolution (pyramid) noise (Whitaker 2023, "Multi-Resolution Noise for Dif
 kohya-ss' sd-scripts' `pyramid_noise_like`: to the noise n add, for i = 0 … N−1, Gaussian noise drawn at
 ⌊h/rᵢⁱ⌋×⌊w/rᵢⁱ⌋ (rᵢ uniform in [2, 4), at least 1×1), bilinearly upsampled and scaled by Dⁱ, stopping
 after the first 1-pixel side; then divide by the result's standard deviation (over the whole batch).
+Debiased estimation (Yu et al. 2023, "Debias the Training of Diffusion Models"), as sd-scripts'
+`apply_debiased_estimation`: each example's loss times 1/√SNR(t) under ε-prediction and 1/(SNR(t) + 1) under
+v-prediction, SNR(t) clamped at 1000 (infinite at t = 0 on some schedules); with min-SNR-γ both weights apply.
 
 The pseudo-Huber losses (Khrapov et al. 2024, "Improving Diffusion Models's Data-Corruption Resistance
 using Scheduled Pseudo-Huber Loss"), as kohya-ss' sd-scripts define them, replace each element's squared
@@ -46,6 +49,24 @@ def snr_loss_weights(noise_scheduler, timesteps, snr_gamma: float):
     if prediction_type == "sample":
         return clipped
     raise ValueError(f"min-SNR weighting does not support prediction type {prediction_type!r}")
+
+
+DEBIASED_SNR_LIMIT = 1000.0  # sd-scripts' clamp
+DEBIASED_PREDICTION_TYPES = ("epsilon", "v_prediction")  # sd-scripts' two
+
+
+def debiased_loss_weights(noise_scheduler, timesteps):
+    """Per-example debiased-estimation weights for the scheduler's prediction type (sd-scripts')."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = torch.clamp(compute_snr(noise_scheduler, timesteps), max=DEBIASED_SNR_LIMIT)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return 1 / torch.sqrt(snr)
+    if prediction_type == "v_prediction":
+        return 1 / (snr + 1)
+    raise ValueError(f"debiased estimation does not support prediction type {prediction_type!r}")
 
 
 def training_noise(latents, noise_offset: float = 0.0, generator=None, multires_iterations: int = 0,
@@ -151,9 +172,11 @@ class ErrorMeasure:
 
 
 def combine_loss(
-    errors, timesteps, noise_scheduler, snr_gamma: float | None = None, is_prior=None, prior_loss_weight: float = 1.0
+    errors, timesteps, noise_scheduler, snr_gamma: float | None = None, is_prior=None, prior_loss_weight: float = 1.0,
+    debiased_estimation: bool = False,
 ) -> LossParts:
-    """instance loss (min-SNR weighted when `snr_gamma`) + prior_loss_weight × prior loss.
+    """instance loss (min-SNR weighted when `snr_gamma`, debiased-estimation weighted when `debiased_estimation`:
+    both multiply, as in sd-scripts) + prior_loss_weight × prior loss.
 
     `errors` are per-example MSEs; `is_prior` marks the class (prior-preservation) examples. As in
     diffusers' DreamBooth script, the weights apply to the instance examples and the prior term is plain MSE.
@@ -164,6 +187,8 @@ def combine_loss(
         errors_weighted = errors * snr_loss_weights(noise_scheduler, timesteps, snr_gamma)
     else:
         errors_weighted = errors
+    if debiased_estimation:
+        errors_weighted = errors_weighted * debiased_loss_weights(noise_scheduler, timesteps)
     if is_prior is None:
         instance_loss = errors_weighted.mean()
         return LossParts(total=instance_loss, instance=instance_loss)
@@ -177,6 +202,7 @@ def combine_loss(
 def denoising_loss(
     unet, noise_scheduler, latents, conditions, noise, timesteps, autocast, snr_gamma=None, is_prior=None,
     prior_loss_weight=1.0, measure: ErrorMeasure = ErrorMeasure(), input_perturbation: float = 0.0, weights=None,
+    debiased_estimation: bool = False,
 ) -> LossParts:
     """Noise `latents` to `timesteps`, predict with the UNet (on `conditions`, a
     `conditioning.UNetConditions`) and compare with the target (`measure`: MSE unless told otherwise; each
@@ -193,4 +219,4 @@ def denoising_loss(
     with autocast():
         prediction = unet(noisy, timesteps, **conditions.unet_kwargs()).sample
     errors = measure.per_example(prediction, target, noise_scheduler, timesteps, weights)
-    return combine_loss(errors, timesteps, noise_scheduler, snr_gamma, is_prior, prior_loss_weight)
+    return combine_loss(errors, timesteps, noise_scheduler, snr_gamma, is_prior, prior_loss_weight, debiased_estimation)

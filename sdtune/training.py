@@ -825,7 +825,7 @@ class Trainer:
         return denoising_loss(
             self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise,
             timesteps, self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
-            self.error_measure, config.input_perturbation, weights=weights,
+            self.error_measure, config.input_perturbation, weights=weights, debiased_estimation=config.debiased_estimation,
         )
 
     @functools.cached_property

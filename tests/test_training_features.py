@@ -84,6 +84,70 @@ def test_min_snr_weights_the_instance_loss_and_prior_term_is_added():
     torch.testing.assert_close(plain.total, errors.mean())
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_debiased_estimation_weights_follow_sd_scripts(prediction_type):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 1, 10, 400, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = torch.clamp(alpha_bar / (1 - alpha_bar), max=1000)
+    assert snr[0] == 1000  # SD's first timestep has SNR ≈ 1175: the clamp bites
+    expected = 1 / snr.sqrt() if prediction_type == "epsilon" else 1 / (snr + 1)
+    weights = losses.debiased_loss_weights(scheduler, timesteps)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-7)
+    assert bool((weights[:-1] < weights[1:]).all())  # the noisier the step, the larger its weight
+
+
+def test_debiased_estimation_multiplies_min_snr_and_masked_errors_and_spares_the_prior_term():
+    import contextlib
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from sdtune.conditioning import UNetConditions
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def unet(noisy, timesteps, **_):  # predicts zero: the error is the noise itself
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    timesteps, is_prior = torch.tensor([20, 700, 300]), torch.tensor([False, False, True])
+    weights = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))  # a masked loss's
+    parts = losses.denoising_loss(unet, scheduler, latents, UNetConditions(torch.zeros(3, 1, 8)), noise, timesteps,
+                                  contextlib.nullcontext, snr_gamma=5.0, is_prior=is_prior, prior_loss_weight=0.5,
+                                  weights=weights, debiased_estimation=True)
+    # by hand: each example's Σw·e/Σw, the instances' times min(SNR, 5)/SNR times 1/√min(SNR, 1000)
+    errors = (noise**2 * weights).sum(dim=(1, 2, 3)) / weights.expand_as(noise).sum(dim=(1, 2, 3))
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    instance = (errors * torch.clamp(snr, max=5) / snr / torch.clamp(snr, max=1000).sqrt())[:2].mean()
+    torch.testing.assert_close(parts.instance, instance)
+    torch.testing.assert_close(parts.prior, errors[2])
+    torch.testing.assert_close(parts.total, instance + 0.5 * errors[2])
+    plain = losses.combine_loss(errors, timesteps, scheduler, debiased_estimation=False)
+    torch.testing.assert_close(plain.total, errors.mean())
+
+
+def test_debiased_estimation_is_refused_where_its_weight_has_no_value():
+    from types import SimpleNamespace
+
+    from sdtune.limits import check_debiased_estimation
+
+    def configs(**scheduler):
+        return SimpleNamespace(scheduler={"num_train_timesteps": 1000, **scheduler})
+
+    check_debiased_estimation("m", configs(), None)
+    check_debiased_estimation("m", configs(prediction_type="v_prediction", rescale_betas_zero_snr=True), None)
+    check_debiased_estimation("m", configs(rescale_betas_zero_snr=True), 999)
+    with pytest.raises(SdtuneError, match="m predicts sample"):
+        check_debiased_estimation("m", configs(prediction_type="sample"), None)
+    with pytest.raises(SdtuneError, match="infinite at m's last timestep .* add --max-timestep 999"):
+        check_debiased_estimation("m", configs(rescale_betas_zero_snr=True), 1000)
+
+
 def test_noise_offset_adds_a_per_channel_constant():
     latents = torch.zeros(3, 4, 8, 8)
     plain = losses.training_noise(latents, 0.0, torch.Generator().manual_seed(7))
@@ -200,9 +264,22 @@ def test_a_multires_noise_run_trains_on_pyramid_noise_and_says_so(tmp_path, tiny
     assert pyramid.losses != plain.losses and all(map(torch.isfinite, torch.tensor(pyramid.losses)))
     written = tomllib.loads((pyramid.output / "config.toml").read_text())
     assert (written["multires_noise_iterations"], written["multires_noise_discount"]) == (6, 0.4)
-    assert "multires_noise_iterations" not in (plain.output / "config.toml").read_text()  # as before the option
+    assert "multires_noise_iterations" not in tomllib.loads((plain.output / "config.toml").read_text())  # as before the option
     card = (write_model_card(pyramid.output).output).read_text()
     assert "multires noise iterations" in card and "0.4" in card
+
+
+def test_a_debiased_estimation_run_weights_its_loss_and_says_so(tmp_path, tiny_path):
+    import tomllib
+
+    from sdtune.model_card import write_model_card
+
+    min_snr = run_training(tmp_path, "min-snr", steps=2, snr_gamma=5.0)
+    debiased = run_training(tmp_path, "debiased", steps=2, snr_gamma=5.0, debiased_estimation=True)
+    assert debiased.losses != min_snr.losses and all(map(torch.isfinite, torch.tensor(debiased.losses)))
+    assert tomllib.loads((debiased.output / "config.toml").read_text())["debiased_estimation"] is True
+    assert "debiased_estimation" not in tomllib.loads((min_snr.output / "config.toml").read_text())  # as before the option
+    assert "debiased estimation" in write_model_card(debiased.output).output.read_text()
 
 
 def test_timestep_range_and_input_perturbation_reach_the_loss(tmp_path, tiny_path, monkeypatch):
