@@ -137,6 +137,8 @@ CASES = [
     ("train-lora-alpha-nan", (*TRAIN, "--method", "loha", "--alpha", "nan"), 2, "--alpha must be a positive number (and finite), got nan"),
     ("train-lora-dora-not-a-bool", (*TRAIN, "--method", "lora", "--option", "dora=maybe"), 2, "--dora must be true or false, got 'maybe'"),
     ("train-dora-flag-loha", (*TRAIN, "--method", "loha", "--dora"), 2, "--dora applies to --method lora, not loha"),
+    ("train-lora-dropout-one", (*TRAIN, "--method", "lora", "--lora-dropout", 1), 2, "--lora-dropout must be a probability in [0, 1), got 1.0"),
+    ("train-rank-dropout-lora", (*TRAIN, "--method", "lora", "--rank-dropout", 0.1), 2, "--rank-dropout applies to --method loha/lokr, not lora"),
     ("train-oft-block-size-1", (*TRAIN, "--method", "oft", "--oft-block-size", 1), 2,
      "--oft-block-size must be a whole number of at least 2, got 1"),
     ("train-oft-targets", (*TRAIN, "--method", "oft", "--option", "targets=ff"), 2, "oft targets 'ff' is not available"),

@@ -51,6 +51,11 @@ def randomize(method, seed=0):
         ("loha", {"dora": True}, "method 'loha' has no option(s) dora"),
         ("lora", {"tucker": True}, "method 'lora' has no option(s) tucker"),
         ("loha", {"factor": 4}, "method 'loha' has no option(s) factor"),
+        ("lora", {"dropout": 1.0}, "--lora-dropout must be a probability in [0, 1), got 1.0"),
+        ("loha", {"rank_dropout": -0.1}, "--rank-dropout must be a probability in [0, 1), got -0.1"),
+        ("lokr", {"module_dropout": "half"}, "--module-dropout must be a probability in [0, 1), got 'half'"),
+        ("lora", {"rank_dropout": 0.1}, "method 'lora' has no option(s) rank_dropout"),
+        ("loha", {"dropout": 0.1}, "method 'loha' has no option(s) dropout"),
     ],
 )
 def test_bad_options_are_one_line_errors(name, options, message):
@@ -204,6 +209,8 @@ def test_sd14_counts_match_the_formula_for_every_case():
         (["--method", "lora", "--tucker"], "--tucker applies to --method loha/lokr, not lora"),
         (["--method", "lokr", "--dora"], "--dora applies to --method lora, not lokr"),
         (["--method", "lokr", "--targets", "mlp"], "--targets 'mlp' is not available"),
+        (["--method", "lora", "--rank-dropout", "0.1"], "--rank-dropout applies to --method loha/lokr, not lora"),
+        (["--method", "loha", "--lora-dropout", "0.1"], "--lora-dropout applies to --method lora, not loha"),
     ],
 )
 def test_cli_flags_reach_the_right_methods_only(args, message, tmp_path):
@@ -221,3 +228,100 @@ def test_cli_flags_set_the_options(train_options):
     args = ["--rank", "2", "--alpha", "1", "--targets", "conv", "--factor", "8", "--decompose-both", "--tucker"]
     seen = train_options("--method", "lokr", *args)
     assert seen == {"rank": 2, "alpha": 1.0, "targets": "conv", "factor": 8, "decompose_both": True, "tucker": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout: peft's lora_dropout (LoRA), rank_dropout and module_dropout (LoHa, LoKr), in training only
+
+DROPOUT_CASES = [("lora", {"dropout": 0.5}), ("loha", {"rank_dropout": 0.5, "module_dropout": 0.3}),
+                 ("lokr", {"rank_dropout": 0.5, "module_dropout": 0.3})]
+
+
+def test_cli_dropout_flags_set_the_options(train_options):
+    assert train_options("--method", "lora", "--lora-dropout", "0.1") == {"dropout": 0.1}
+    assert train_options("--method", "lokr", "--rank-dropout", "0.25", "--module-dropout", "0.1") == {
+        "rank_dropout": 0.25, "module_dropout": 0.1}
+
+
+@pytest.mark.parametrize("name,options", DROPOUT_CASES)
+def test_dropout_acts_in_training_only_and_adds_no_parameter(name, options, base_unet):
+    from helpers import run_unet
+
+    inputs = (torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 600]),
+              torch.randn(2, 8, base_unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(6)))
+    plain, dropping = methods.create(name), methods.create(name, **options)
+    unets = [copy.deepcopy(base_unet).eval() for _ in range(2)]  # loaded for sampling: eval mode
+    for method, unet in zip((plain, dropping), unets):
+        method.inject(unet)
+        randomize(method)
+        assert not any(layer.training for layer in method.layers.values())  # new layers follow the model's mode
+    assert dropping.num_parameters() == plain.num_parameters()
+    assert dropping.state_dict().keys() == plain.state_dict().keys()
+    sampled = run_unet(unets[1], inputs)
+    assert torch.equal(sampled, run_unet(unets[0], inputs))  # eval: no dropout, deterministic
+    unets[1].train()
+    torch.manual_seed(0)
+    first = run_unet(unets[1], inputs)
+    torch.manual_seed(0)
+    assert torch.equal(run_unet(unets[1], inputs), first)  # the same RNG state, the same masks
+    assert not torch.equal(run_unet(unets[1], inputs), first) and not torch.equal(first, sampled)
+
+
+@pytest.mark.parametrize("name,options", DROPOUT_CASES)
+def test_dropout_is_recorded_where_kohya_and_peft_write_it(name, options, base_unet):
+    import json
+
+    method = methods.create(name, **options)
+    method.inject(copy.deepcopy(base_unet))
+    _, metadata = method.kohya_tensors(method.state_dict())
+    args = json.loads(metadata["ss_network_args"])
+    if name == "lora":  # kohya-ss' --network_dropout
+        assert metadata["ss_network_dropout"] == "0.5" and "rank_dropout" not in args
+    else:  # LyCORIS' network args
+        assert (args["rank_dropout"], args["module_dropout"]) == ("0.5", "0.3") and "ss_network_dropout" not in metadata
+    config = method.to_peft_config(["conv_in"])
+    recorded = {"dropout": config.lora_dropout} if name == "lora" else {
+        "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout}
+    assert recorded == options
+    plain = methods.create(name)
+    plain.inject(copy.deepcopy(base_unet))
+    _, plain_metadata = plain.kohya_tensors(plain.state_dict())
+    assert "ss_network_dropout" not in plain_metadata and "dropout" not in plain_metadata["ss_network_args"]
+    assert not set(plain.options_dict()) & {"dropout", "rank_dropout", "module_dropout"}  # adapters as before
+
+
+@pytest.mark.parametrize("name,options", [("lora", {"dropout": 0.3}), ("loha", {"rank_dropout": 0.3, "module_dropout": 0.2})])
+def test_a_run_with_dropout_resumes_exactly_and_validates_without_it(name, options, tmp_path, tiny_path, monkeypatch):
+    from helpers import uninterrupted_and_resumed
+
+    from sdtune import validation
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    def configure(out, **more):
+        settings = dict(model="tiny-random", method=name, options=options, steps=4, checkpoint_every=2, lr=1e-3,
+                        train_text_encoder=name == "lora", log_with="none", output=str(out))
+        return TrainConfig(**{**settings, **more})
+
+    whole, resumed = uninterrupted_and_resumed(configure, tmp_path, monkeypatch, 2)
+    assert resumed.resumed_from is not None
+    assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
+    plain = train(configure(tmp_path / "plain", options={}), progress=False)
+    assert plain.losses != whole.losses  # dropout changed what trained
+    # validation samples with every layer of the method, on the UNet and the text encoder, in eval mode
+    modes, original = [], validation.sample_grid
+
+    def recording(pipe, *args, **kwargs):
+        layers = [module for model in (pipe.unet, pipe.text_encoder) for module in model.modules()
+                  if type(module).__module__.startswith("peft.")]
+        hooks = [layer.register_forward_pre_hook(lambda layer, _: modes.append(layer.training)) for layer in layers]
+        try:
+            return original(pipe, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(validation, "SAMPLE_STEPS", 2)
+    monkeypatch.setattr(validation, "sample_grid", recording)
+    train(configure(tmp_path / "validated", steps=2, checkpoint_every=0, validate_every=2), progress=False)
+    assert modes and not any(modes)

@@ -68,6 +68,9 @@ class LowRankOptions:
 
 @dataclass
 class LoraOptions(LowRankOptions):
+    dropout: float = field(
+        default=0.0, metadata={"help": "peft's lora_dropout: drop each LoRA layer's input features with this probability, in training only"}
+    )
     dora: bool = field(
         default=False, metadata={"help": "DoRA: also train a magnitude per output channel of the normalised W + ΔW"}
     )
@@ -77,12 +80,28 @@ class LoraOptions(LowRankOptions):
 
 
 @dataclass
-class LohaOptions(LowRankOptions):
+class LycorisOptions(LowRankOptions):
+    """LoHa's and LoKr's dropouts, peft's (ports of LyCORIS'); in training only."""
+
+    rank_dropout: float = field(
+        default=0.0, metadata={"help": "drop each output channel of ΔW with this probability (LyCORIS' rank_dropout)"}
+    )
+    module_dropout: float = field(
+        default=0.0, metadata={"help": "skip a layer's whole update with this probability (LyCORIS' module_dropout)"}
+    )
+
+
+# the options that act in training only, and their flags
+DROPOUT_FLAGS = {"dropout": "--lora-dropout", "rank_dropout": "--rank-dropout", "module_dropout": "--module-dropout"}
+
+
+@dataclass
+class LohaOptions(LycorisOptions):
     tucker: bool = field(default=False, metadata={"help": "Tucker-decompose 3x3 conv updates"})
 
 
 @dataclass
-class LokrOptions(LowRankOptions):
+class LokrOptions(LycorisOptions):
     factor: int = field(default=-1, metadata={"help": "Kronecker factor size, -1 for automatic"})
     decompose_both: bool = field(default=False, metadata={"help": "also make the first Kronecker factor low-rank"})
     tucker: bool = field(default=False, metadata={"help": "Tucker-decompose 3x3 conv updates"})
@@ -125,6 +144,19 @@ class _PeftLowRank(WrappedLayers):
         for flag in ("tucker", "decompose_both", "dora"):
             if hasattr(o, flag) and not isinstance(getattr(o, flag), bool):
                 raise SdtuneError(f"--{flag.replace('_', '-')} must be true or false, got {getattr(o, flag)!r}")
+        for name, flag in DROPOUT_FLAGS.items():
+            if hasattr(o, name):
+                p = getattr(o, name)
+                if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+                    raise SdtuneError(f"{flag} must be a probability in [0, 1), got {p!r}")
+                setattr(o, name, float(p))
+
+    def options_dict(self) -> dict[str, Any]:
+        options = super().options_dict()
+        for name in DROPOUT_FLAGS:
+            if options.get(name) == 0:
+                del options[name]  # adapters trained without dropout keep the bytes they had before it
+        return options
 
     def find_targets(self, unet: nn.Module) -> list[str]:
         return layer_family(unet, self.options.targets)
@@ -147,6 +179,8 @@ class _PeftLowRank(WrappedLayers):
         inject_adapter_in_model(self.to_peft_config(targets), model, adapter_name=ADAPTER)
         self.peft_configs[prefix] = model.peft_config
         layers = {f"{prefix}.{name}" if prefix else name: model.get_submodule(name) for name in targets}
+        for layer in layers.values():  # new modules start in training mode: a model loaded to sample must not drop out
+            layer.train(model.training)
         missed = [name for name, layer in layers.items() if not hasattr(layer, "get_base_layer")]
         if missed:
             raise RuntimeError(f"{self.name}: peft did not wrap {missed[:3]}")
@@ -215,6 +249,8 @@ class _PeftLowRank(WrappedLayers):
             "ss_network_alpha": f"{alpha:g}",
             "ss_network_args": json.dumps(args),
         }
+        if getattr(self.options, "dropout", 0):  # kohya-ss' --network_dropout, where it writes it
+            metadata["ss_network_dropout"] = f"{self.options.dropout:g}"
         return modules, metadata
 
     def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -226,6 +262,9 @@ class _PeftLowRank(WrappedLayers):
         args = {"algo": self.name}
         if self.options.tucker:
             args["use_tucker"] = "True"
+        for name in ("rank_dropout", "module_dropout"):  # LyCORIS' network args, as kohya-ss passes them on
+            if getattr(self.options, name):
+                args[name] = f"{getattr(self.options, name):g}"
         return "lycoris.kohya", args
 
 
@@ -248,8 +287,8 @@ class Lora(_PeftLowRank):
         from peft import LoraConfig
 
         return LoraConfig(
-            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=exact_module_pattern(module_names), lora_dropout=0.0,
-            use_dora=self.options.dora,
+            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=exact_module_pattern(module_names),
+            lora_dropout=self.options.dropout, use_dora=self.options.dora,
         )
 
     def options_dict(self) -> dict[str, Any]:
@@ -376,6 +415,8 @@ class Loha(_PeftLowRank):
             alpha=self.options.alpha,
             target_modules=exact_module_pattern(module_names),
             use_effective_conv2d=self.options.tucker,
+            rank_dropout=self.options.rank_dropout,
+            module_dropout=self.options.module_dropout,
         )
 
 
@@ -402,6 +443,8 @@ class Lokr(_PeftLowRank):
             decompose_factor=self.options.factor,
             decompose_both=self.options.decompose_both,
             use_effective_conv2d=self.options.tucker,
+            rank_dropout=self.options.rank_dropout,
+            module_dropout=self.options.module_dropout,
         )
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
