@@ -282,6 +282,18 @@ def test_a_debiased_estimation_run_weights_its_loss_and_says_so(tmp_path, tiny_p
     assert "debiased estimation" in write_model_card(debiased.output).output.read_text()
 
 
+def test_a_run_with_multires_noise_and_debiased_estimation_resumes_exactly(tmp_path, tiny_path, monkeypatch):
+    from helpers import uninterrupted_and_resumed
+
+    def configure(out, **more):  # the pyramid's sizes come from the step's seeded CPU RNG, as its noise does
+        return TrainConfig(model="tiny-random", steps=4, checkpoint_every=2, log_with="none", output=str(out),
+                           multires_noise_iterations=4, debiased_estimation=True, **more)
+
+    whole, resumed = uninterrupted_and_resumed(configure, tmp_path, monkeypatch, 2)
+    assert resumed.resumed_from is not None and resumed.losses == whole.losses[2:]
+    assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
+
+
 def test_timestep_range_and_input_perturbation_reach_the_loss(tmp_path, tiny_path, monkeypatch):
     seen = []
     original = losses.denoising_loss
