@@ -313,7 +313,7 @@ def test_a_run_with_dropout_resumes_exactly_and_validates_without_it(name, optio
 
     def recording(pipe, *args, **kwargs):
         layers = [module for model in (pipe.unet, pipe.text_encoder) for module in model.modules()
-                  if type(module).__module__.startswith("peft.")]
+                  if hasattr(module, "get_base_layer")]  # peft's layers
         hooks = [layer.register_forward_pre_hook(lambda layer, _: modes.append(layer.training)) for layer in layers]
         try:
             return original(pipe, *args, **kwargs)
@@ -325,3 +325,19 @@ def test_a_run_with_dropout_resumes_exactly_and_validates_without_it(name, optio
     monkeypatch.setattr(validation, "sample_grid", recording)
     train(configure(tmp_path / "validated", steps=2, checkpoint_every=0, validate_every=2), progress=False)
     assert modes and not any(modes)
+
+
+def test_loha_rank_dropout_of_every_channel_leaves_the_update_out_not_nan(base_unet):
+    method = methods.create("loha", rank_dropout=0.9)
+    method.inject(copy.deepcopy(base_unet))
+    randomize(method)
+    layer = method.layers["conv_out"]  # 4 output channels: all drop in 0.9⁴ ≈ 66 % of the steps
+    full = layer.get_delta_weight("sdtune")
+    torch.manual_seed(0)
+    deltas = [layer.get_delta_weight("sdtune", apply_rank_dropout=True) for _ in range(50)]
+    torch.manual_seed(0)
+    masks = [(torch.rand(4) > 0.9).float() for _ in range(50)]
+    for delta, mask in zip(deltas, masks):  # peft's draws and scaling: the kept channels times 1/(their fraction)
+        expected = full * (mask / mask.mean()).view(-1, 1, 1, 1) if mask.any() else torch.zeros_like(full)
+        torch.testing.assert_close(delta, expected)
+    assert any(not mask.any() for mask in masks) and any(mask.any() for mask in masks)

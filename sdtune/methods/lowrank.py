@@ -14,6 +14,10 @@ this module only chooses the layers, builds the peft config, and unwraps after m
 also gives the update in the formats other tools read (`kohya_tensors`: peft's tensors under
 LyCORIS' names, which are the same maths; `diffusers_lora_layers` for LoRA).
 
+Dropout (in training only, peft's): LoRA's `dropout` is peft's lora_dropout on each layer's input; LoHa's and
+LoKr's `rank_dropout` and `module_dropout` are peft's ports of LyCORIS'. Injected layers take the model's
+train/eval mode, so a pipeline loaded to sample never drops out.
+
 Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<parameter>`
 (for example `down_blocks.0.resnets.0.conv1.lora_A.weight` or `...to_q.hada_w1_a`).
 The scale is always alpha/rank, as in peft (LyCORIS forces 1 when both LoKr factors are full);
@@ -398,11 +402,44 @@ def _dora_strength_hook(module: nn.Module, args, output: torch.Tensor):
     return None if strength == 1.0 else output * strength
 
 
+class _FiniteRankDropout:
+    """peft's LoHa rank dropout, but for one case: peft rescales the kept output channels by 1/(their fraction),
+    0/0 when every channel drops (at p = 0.1 one step in 10,000 for SD's 4-channel conv_out), and a NaN update
+    ends the run. Here such a step leaves the layer's update out, as module dropout would; the draws are peft's."""
+
+    def get_delta_weight(self, adapter_name: str, *, apply_rank_dropout: bool = False) -> torch.Tensor:
+        weight = super().get_delta_weight(adapter_name)
+        if not apply_rank_dropout:
+            return weight
+        keep = (torch.rand(weight.size(0)) > self.rank_dropout[adapter_name]).to(weight.dtype)
+        kept = keep.mean()  # on the CPU, as peft draws it: no wait for the device
+        if kept > 0:
+            keep = keep / kept
+        return weight * keep.view(-1, *[1] * (weight.ndim - 1)).to(weight.device)
+
+
+_FINITE_RANK_DROPOUT: dict[type, type] = {}
+
+
+def _with_finite_rank_dropout(layer_class: type) -> type:
+    """The subclass of one of peft's LoHa layer classes (Linear, Conv2d) with `_FiniteRankDropout`, made once."""
+    if layer_class not in _FINITE_RANK_DROPOUT:
+        _FINITE_RANK_DROPOUT[layer_class] = type(layer_class.__name__, (_FiniteRankDropout, layer_class), {})
+    return _FINITE_RANK_DROPOUT[layer_class]
+
+
 class Loha(_PeftLowRank):
     name = "loha"
     summary = "LoHa: Hadamard product of two low-rank updates (B1·A1)⊙(B2·A2) (peft)"
     Options = LohaOptions
     variants = ({}, {"targets": "conv3x3"})
+
+    def _inject_peft(self, model: nn.Module, prefix: str, targets: list[str]) -> None:
+        super()._inject_peft(model, prefix, targets)
+        if self.options.rank_dropout:
+            for name in targets:
+                layer = model.get_submodule(name)
+                layer.__class__ = _with_finite_rank_dropout(type(layer))
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
         return [_lycoris_merge_warning(self)] if format == "kohya" and self.options.alpha != self.options.rank else []
