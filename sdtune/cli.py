@@ -448,6 +448,8 @@ def extract(
     threshold: Optional[float] = typer.Option(None, help="--dynamic's target: a fraction in (0, 1] for sv_fro and sv_cumulative, a ratio of 1 or more for sv_ratio."),
     model: Optional[str] = typer.Option(None, help="The base model the update is computed on (default: the adapter's)."),
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 tensors." + _default(ExtractConfig, "dtype")),
+    keep_biases: Optional[bool] = typer.Option(None, "--keep-biases", help="Write Linear/Conv2d bias changes exactly as .diff_b keys beside the LoRA ones, as ComfyUI reads them (LyCORIS and diffusers do not: see the README) (default: left out)."),
+    keep_norms: Optional[bool] = typer.Option(None, "--keep-norms", help="Write norm layers' changes exactly as LyCORIS' .w_norm/.b_norm keys (LyCORIS and ComfyUI read them; diffusers refuses such a file) (default: left out)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output and summary (never the adapter read) (default: refuse)."),
 ) -> None:
     """Write any adapter's update as a kohya LoRA/LoCon file of a chosen rank (truncated SVD of each layer's ΔW)."""
@@ -460,8 +462,9 @@ def extract(
     for note in result.notes:
         typer.echo(note)
     ranks = sorted({layer.rank for layer in result.layers})
-    shown = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-    typer.echo(f"wrote {result.output} ({len(result.layers)} layers, rank {shown}); relative error {result.relative_error:.4%}; "
+    shown = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", rank {ranks[0]}-{ranks[-1]}"
+    kept = f", {len(result.kept)} biases and norms kept" if result.kept else ""
+    typer.echo(f"wrote {result.output} ({len(result.layers)} layers{shown}{kept}); relative error {result.relative_error:.4%}; "
                f"summary in {result.summary}")
 
 

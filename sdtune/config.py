@@ -686,6 +686,8 @@ class ExtractConfig(_Config):
     threshold: float | None = None  # --dynamic's target: kept fraction (sv_fro, sv_cumulative) or largest/smallest kept (sv_ratio)
     model: str | None = None  # the base model ΔW is computed on (default: the adapter's)
     dtype: str = "fp32"  # the LoRA's tensors: fp32, fp16 or bf16
+    keep_biases: bool = False  # write Linear/Conv2d bias changes exactly as `.diff_b` keys (ComfyUI reads them; diffusers refuses the file)
+    keep_norms: bool = False  # write norm layers' changes exactly as LyCORIS' `.w_norm`/`.b_norm` keys (diffusers refuses the file)
     overwrite: bool = False  # replace an existing output (never the adapter read)
 
     def validate(self) -> None:

@@ -14,7 +14,9 @@ r is `rank` (3×3 convs: `conv_rank`), or with `dynamic` the smallest rank that 
 A layer never takes more than min(out, in·k²), nor more than ΔW's numerical rank (the singular values
 above S₀·max(shape)·ε, as `torch.linalg.matrix_rank` counts them): a rank-4 LoRA extracted at rank 16
 stays rank 4. Layers whose ΔW is zero are left out; so are changes LoRA cannot hold (biases, norm
-layers), which the summary names with their share of the update. New token embeddings the source carries
+layers), which the summary names with their share of the update, unless `keep_biases` writes the biases
+exactly as `.diff_b` beside (or without) the layer's LoRA keys, as ComfyUI reads them, and `keep_norms` the
+norm layers' as LyCORIS' `.w_norm`/`.b_norm` (`kohya.bias_and_norm_state`). New token embeddings the source carries
 are bundled in the file as `sdtune export --format kohya` bundles them (an sdtune adapter's also written to
 `NAME_emb.safetensors` beside it), exactly: they are rows, not a weight update.
 """
@@ -55,6 +57,7 @@ class ExtractResult:
     relative_error: float  # ‖all discarded‖ / ‖the whole update‖, left-out changes included
     left_out: list[dict] = field(default_factory=list)  # {"module", "parameter", "norm"} of changes LoRA cannot hold
     notes: list[str] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)  # {"module", "parameter", "key", "norm"} of biases and norms written exactly
 
 
 def summary_path(output: str | Path) -> Path:
@@ -119,7 +122,7 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     from torch import nn
 
     from .adapter import adapter_info, adapter_path, open_adapter
-    from .kohya import kohya_layout, write_kohya
+    from .kohya import bias_and_norm_state, kohya_layout, norm_types, write_kohya
     from .merging import quiet_diffusers
     from .models import DEFAULT_MODEL, load_pipeline
     from .safetensors_checks import first_non_finite
@@ -141,13 +144,20 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         with quiet_diffusers():
             pipeline = load_pipeline(model)
         layout = kohya_layout(pipeline.unet.config)
-        state, layers, left_out = {}, [], []
+        state, layers, left_out, kept, exact = {}, [], [], [], {}
+        keep = {"bias": config.keep_biases, "norm": config.keep_norms}
         adapter = open_adapter(path, pipeline)
         for name, module, attr, delta in named_updates(adapter, pipeline):
             if not delta.any():
                 continue
             if not (attr == "weight" and isinstance(module, (nn.Linear, nn.Conv2d))):
-                left_out.append({"module": name, "parameter": attr, "norm": float(delta.double().norm())})
+                change = {"module": name, "parameter": attr, "norm": float(delta.double().norm())}
+                kind = "norm" if isinstance(module, norm_types()) else "bias" if attr == "bias" else None
+                if keep.get(kind):
+                    kept.append({**change, "key": layout.key(name), "kind": kind})
+                    exact.setdefault(name, (module, {}))[1][attr] = delta
+                else:
+                    left_out.append({**change, "kind": kind})
                 continue
             conv = delta.ndim == 4 and tuple(delta.shape[2:]) != (1, 1)
             limit = config.layer_conv_rank if conv else config.rank
@@ -163,14 +173,19 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
                 norm=math.sqrt(total), kept=math.sqrt(float(squares[:rank].sum()) / total),
                 error=math.sqrt(float(squares[rank:].sum()) / total),
             ))
-        if not layers:
+        for name, (module, deltas) in exact.items():
+            state.update({key: tensor.to(dtype) for key, tensor in bias_and_norm_state(layout.key(name), module, deltas).items()})
+        if not layers and not kept:
             what = "changes only biases or norm layers, which LoRA cannot hold" if left_out else "changes nothing"
-            raise SdtuneError(f"{path}: the adapter {what}; there is no LoRA to extract")
+            hint = f" ({_keep_hint(left_out)})" if _keep_hint(left_out) else ""
+            raise SdtuneError(f"{path}: the adapter {what}; there is no LoRA to extract{hint}")
         overflowed = first_non_finite(state)
         if overflowed:  # an update beyond fp16's 65504
             raise SdtuneError(f"{overflowed} overflows {config.dtype}; use --dtype fp32 or bf16")
-        relative_error = _relative_error(layers, left_out)
-        result = ExtractResult(output, summary, layers, relative_error, left_out, _notes(layers, left_out))
+        relative_error = _relative_error(layers, left_out, kept)
+        kinds = {id(item): item.pop("kind") for item in left_out + kept}  # for the notes; the summary lists the keys
+        notes = _notes(layers, left_out, kept, kinds)
+        result = ExtractResult(output, summary, layers, relative_error, left_out, notes, kept)
         extra = _kohya_metadata(config, info, layout, layers, relative_error)
         base = dataclasses.replace(info, base_model=info.base_model or model)
         bundles, bundle_metadata, rows = carried_tokens(adapter, path, info)
@@ -199,21 +214,48 @@ def carried_tokens(adapter, path: Path, info) -> tuple[dict, dict, dict]:
     return *kohya_bundles(info, rows, len(rows) > 1), rows
 
 
-def _relative_error(layers: list[LayerExtraction], left_out: list[dict]) -> float:
-    """‖what the file does not hold‖ / ‖the whole update‖, over every tensor the adapter changes."""
+def _relative_error(layers: list[LayerExtraction], left_out: list[dict], kept: list[dict] = ()) -> float:
+    """‖what the file does not hold‖ / ‖the whole update‖, over every tensor the adapter changes (`kept`: held exactly)."""
     lost = sum((layer.error * layer.norm) ** 2 for layer in layers) + sum(item["norm"] ** 2 for item in left_out)
-    whole = sum(layer.norm**2 for layer in layers) + sum(item["norm"] ** 2 for item in left_out)
+    whole = sum(layer.norm**2 for layer in layers) + sum(item["norm"] ** 2 for item in [*left_out, *kept])
     return math.sqrt(lost / whole) if whole else 0.0
 
 
-def _notes(layers: list[LayerExtraction], left_out: list[dict]) -> list[str]:
-    if not left_out:
-        return []
-    share = math.sqrt(sum(item["norm"] ** 2 for item in left_out) / sum(
-        [layer.norm**2 for layer in layers] + [item["norm"] ** 2 for item in left_out]))
-    biases = sum(item["parameter"] == "bias" for item in left_out)
-    kinds = [f"{count} {what}" for count, what in ((biases, "biases"), (len(left_out) - biases, "norm layers' weights")) if count]
-    return [f"left out: {' and '.join(kinds)}, which LoRA cannot hold: {share:.2%} of the update's norm (in the relative error)"]
+def _keep_hint(left_out: list[dict]) -> str:
+    """The flags that would write these left-out changes (`kind`: bias, norm, or None for neither)."""
+    flags = [flag for kind, flag in (("bias", "--keep-biases"), ("norm", "--keep-norms")) if any(item["kind"] == kind for item in left_out)]
+    return f"{' and '.join(flags)} write{'s' if len(flags) == 1 else ''} them exactly" if flags else ""
+
+
+def _notes(layers: list[LayerExtraction], left_out: list[dict], kept: list[dict], kinds: dict[int, str | None]) -> list[str]:
+    whole = sum(layer.norm**2 for layer in layers) + sum(item["norm"] ** 2 for item in [*left_out, *kept])
+    notes = []
+    if left_out:
+        share = math.sqrt(sum(item["norm"] ** 2 for item in left_out) / whole)
+        counts = _counts([(item, kinds[id(item)]) for item in left_out], "{} biases", "{} norm layers' changes")
+        others = sum(kinds[id(item)] is None for item in left_out)
+        counts += [f"{others} other tensors"] if others else []
+        hint = _keep_hint([{"kind": kinds[id(item)]} for item in left_out])
+        notes.append(f"left out: {' and '.join(counts)}, which LoRA cannot hold: {share:.2%} of the update's norm (in the relative error)"
+                     + (f"; {hint}" if hint else ""))
+    if kept:
+        share = math.sqrt(sum(item["norm"] ** 2 for item in kept) / whole)
+        held = {kinds[id(item)] for item in kept}
+        counts = _counts([(item, kinds[id(item)]) for item in kept], "{} biases as .diff_b", "{} norm layers as .w_norm/.b_norm")
+        readers = [text for kind, text in (
+            ("bias", "sdtune and ComfyUI read .diff_b (LyCORIS ignores it, and fails on a layer holding it alone)"),
+            ("norm", "sdtune, LyCORIS and ComfyUI read .w_norm/.b_norm"),
+        ) if kind in held]
+        notes.append(f"kept exactly: {' and '.join(counts)}, {share:.2%} of the update's norm; {'; '.join(readers)}; "
+                     "diffusers' load_lora_weights refuses the file")
+    return notes
+
+
+def _counts(items: list[tuple[dict, str | None]], biases: str, norms: str) -> list[str]:
+    """How many Linear/Conv2d biases and how many norm layers (a layer's weight and bias count once) `items` hold."""
+    bias_count = sum(kind == "bias" for _, kind in items)
+    norm_count = len({item["module"] for item, kind in items if kind == "norm"})
+    return [text.format(count) for count, text in ((bias_count, biases), (norm_count, norms)) if count]
 
 
 def _kohya_metadata(config: ExtractConfig, info, layout, layers: list[LayerExtraction], relative_error: float) -> dict[str, str]:
@@ -237,12 +279,13 @@ def _kohya_metadata(config: ExtractConfig, info, layout, layers: list[LayerExtra
         "sdtune_extraction": json.dumps({
             "rank": config.rank, "conv_rank": config.layer_conv_rank, "dynamic": config.dynamic,
             "threshold": config.threshold, "relative_error": relative_error,
+            **{flag: True for flag in ("keep_biases", "keep_norms") if getattr(config, flag)},  # absent when off: the same bytes as before
         }, sort_keys=True),
     }
 
 
 def _summary(config: ExtractConfig, path: Path, model: str, result: ExtractResult) -> dict:
-    ranks = [layer.rank for layer in result.layers]
+    ranks = [layer.rank for layer in result.layers]  # none: BitFit with --keep-biases, biases alone
     return {
         "source": str(path),
         "output": str(result.output),
@@ -253,7 +296,10 @@ def _summary(config: ExtractConfig, path: Path, model: str, result: ExtractResul
         "threshold": config.threshold,
         "dtype": config.dtype,
         "relative_error": result.relative_error,
-        "ranks": {"min": min(ranks), "max": max(ranks), "total": sum(ranks)},
+        "ranks": {"min": min(ranks, default=None), "max": max(ranks, default=None), "total": sum(ranks)},
+        "keep_biases": config.keep_biases,
+        "keep_norms": config.keep_norms,
         "layers": [dataclasses.asdict(layer) for layer in result.layers],
+        "kept": result.kept,
         "left_out": result.left_out,
     }

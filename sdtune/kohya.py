@@ -26,7 +26,9 @@ UNet, with `lora_te1_`/`lora_te2_` for its two text encoders. Reading takes eith
   reader gives ΔW and `decomposed_delta` applies the magnitude on the module's weight.
 * full-weight differences: `.diff` (weight) and `.diff_b` (bias) on convolutions and linears (a
   3×3 conv's diff has its weight's shape), and `.w_norm`/`.b_norm` on GroupNorm/LayerNorm
-  (LyCORIS' norm keys: its full-weight module takes only linears and convolutions).
+  (LyCORIS' norm keys: its full-weight module takes only linears and convolutions). A `.diff_b`
+  beside a LoRA's, LoHa's or LoKr's factors is that module's Δbias, as ComfyUI reads it (`sdtune
+  extract --keep-biases` writes them; LyCORIS ignores it there, diffusers refuses the file).
 
 Writing (`sdtune export --format kohya`): a method that has its own kohya tensors (LoRA, LoHa, LoKr:
 `Method.kohya_tensors`) gives them, computed from its adapter alone; every other method (atoms,
@@ -359,13 +361,17 @@ class KohyaAdapter:
 
 
 DORA_SCALE = "dora_scale"  # DoRA's magnitude beside a LoRA, LoHa or LoKr update's factors
+BIAS_DIFF = "diff_b"  # a Linear's or Conv2d's Δbias, alone or beside its weight's factors
 DORA_KINDS = ("lora", "loha", "lokr")
 
 
 def kohya_kind(parts: dict[str, Any], where: str) -> str:
-    """Which update a module's tensors describe (`dora_scale` aside); refuses unknown or mixed names."""
+    """Which update a module's tensors describe (`dora_scale` aside, and a `diff_b` beside LoRA, LoHa or LoKr
+    factors, as ComfyUI reads it); refuses unknown or mixed names."""
     names = set(parts) - {DORA_SCALE}
     kinds = [kind for kind, known in KOHYA_KINDS.items() if names & (known - {"alpha"})]
+    if len(kinds) == 2 and "diff" in kinds and "diff" not in names and set(kinds) - {"diff"} <= set(DORA_KINDS):
+        kinds.remove("diff")  # the bias rides along with the weight's factors
     unknown = sorted(names - set().union(*KOHYA_KINDS.values()))
     if unknown or len(kinds) != 1:
         found = ", ".join(sorted(parts))
@@ -500,7 +506,26 @@ def kohya_delta(parts: dict[str, Any], where: str) -> Delta:
     kind = kohya_kind(parts, where)
     tensors = {key: value.float() for key, value in parts.items() if key != DORA_SCALE}
     alpha = tensors["alpha"].item() if "alpha" in tensors else None
-    return KOHYA_READERS[kind](KohyaModule(tensors, kind, where, alpha))
+    delta, delta_bias, shape = KOHYA_READERS[kind](KohyaModule(tensors, kind, where, alpha))
+    return delta, tensors.get(BIAS_DIFF, delta_bias), shape
+
+
+def bias_and_norm_state(key: str, module, deltas: Mapping[str, Any]) -> dict:
+    """The keys of a module's bias and norm changes beside (or without) its weight's factors (`deltas`:
+    parameter name → Δ): a Linear's or Conv2d's Δbias as `.diff_b` (ComfyUI reads it beside LoRA keys), a norm
+    layer's Δweight and Δbias as LyCORIS' `.w_norm` and `.b_norm`, both written, the unchanged one as zeros
+    (LyCORIS finds the module by w_norm, AUTOMATIC1111 wants both)."""
+    import torch
+    from torch import nn
+
+    if isinstance(module, norm_types()):
+        state = {f"{key}.w_norm": deltas.get("weight", torch.zeros_like(module.weight, dtype=torch.float32))}
+        if module.bias is not None:
+            state[f"{key}.b_norm"] = deltas.get("bias", torch.zeros_like(module.bias, dtype=torch.float32))
+        return {name: tensor.contiguous() for name, tensor in state.items()}
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and set(deltas) == {"bias"}:
+        return {f"{key}.{BIAS_DIFF}": deltas["bias"].contiguous()}
+    raise SdtuneError(f"{key}: the change of {', '.join(sorted(deltas))} ({type(module).__name__}) has no kohya key")
 
 
 def _fit(delta, weight, exact_shape, where: str, module_name: str):

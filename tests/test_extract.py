@@ -288,6 +288,120 @@ def test_changes_lora_cannot_hold_are_named_and_counted(tmp_path):
     assert not (tmp_path / "b-lora.safetensors").exists() and not (tmp_path / "b-lora.extract.json").exists()
 
 
+def suffixes_by_module(state: dict) -> dict[str, set[str]]:
+    modules = {}
+    for key in state:
+        module, _, suffix = key.partition(".")
+        modules.setdefault(module, set()).add(suffix)
+    return modules
+
+
+def test_kept_biases_and_norms_give_difffits_outputs(tmp_path, inputs):
+    """--keep-biases --keep-norms at full rank: DiffFit's biases as .diff_b (beside the layer's LoRA keys or alone)
+    and its norm layers as .w_norm/.b_norm, exactly; without them, the LoRA keys alone, as before."""
+    tuned = run_unet(make_adapter("difffit", {}, tmp_path / "d.safetensors").unet, inputs)
+    out = tmp_path / "kept.safetensors"
+    result = extract(tmp_path / "d.safetensors", out, rank=FULL, keep_biases=True, keep_norms=True)
+    assert result.left_out == [] and result.relative_error < 1e-5
+    loaded = tiny()
+    load_adapter(out, loaded)
+    torch.testing.assert_close(run_unet(loaded.unet, inputs), tuned, rtol=0, atol=1e-4)
+
+    state = load_file(out)
+    modules = suffixes_by_module(state)
+    lora = {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert {frozenset(suffixes) for suffixes in modules.values()} == {
+        frozenset(lora), frozenset(lora | {"diff_b"}), frozenset({"diff_b"}), frozenset({"w_norm", "b_norm"})}
+    assert modules["lora_unet_down_blocks_0_resnets_0_conv1"] == {"diff_b"}  # DiffFit scales no resnet conv: its bias alone
+    assert modules["lora_unet_down_blocks_0_resnets_0_norm1"] == {"w_norm", "b_norm"}
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["keep_biases"] is summary["keep_norms"] is True and summary["left_out"] == []
+    assert summary["kept"] == result.kept and {item["key"] for item in result.kept} == {
+        module for module, suffixes in modules.items() if suffixes & {"diff_b", "w_norm"}}
+    with safe_open(str(out), framework="pt") as handle:
+        recorded = json.loads(handle.metadata()["sdtune_extraction"])
+    assert recorded["keep_biases"] is recorded["keep_norms"] is True
+    assert len(result.notes) == 1 and result.notes[0].startswith("kept exactly: ") and "refuses the file" in result.notes[0]
+
+    plain = extract(tmp_path / "d.safetensors", tmp_path / "plain.safetensors", rank=FULL)
+    plain_state = load_file(tmp_path / "plain.safetensors")
+    assert {key for key in state if key.partition(".")[2] in lora} == set(plain_state)
+    assert all(torch.equal(state[key], plain_state[key]) for key in plain_state)
+    assert sorted((item["module"], item["parameter"]) for item in plain.left_out) == sorted(
+        (item["module"], item["parameter"]) for item in result.kept)
+    assert plain.notes[0].endswith("--keep-biases and --keep-norms write them exactly")
+    with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as handle:
+        assert "keep" not in handle.metadata()["sdtune_extraction"]  # the default file's bytes are what they were
+    assert json.loads(summary_path(tmp_path / "plain.safetensors").read_text())["kept"] == []
+
+
+def test_kept_norms_load_in_lycoris_and_diffusers_refuses_them(tmp_path, inputs, monkeypatch):
+    """LyCORIS reads .w_norm/.b_norm as sdtune does; diffusers' load_lora_weights refuses any key but LoRA's."""
+    lycoris_kohya = pytest.importorskip("lycoris.kohya")
+    monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])  # as tests/test_export.py
+    make_adapter("difffit", {}, tmp_path / "d.safetensors")
+    out = tmp_path / "norms.safetensors"
+    result = extract(tmp_path / "d.safetensors", out, rank=FULL, keep_norms=True)
+    assert result.kept and {item["parameter"] for item in result.left_out} == {"bias"}
+    own = tiny()
+    load_adapter(out, own)
+    expected = run_unet(own.unet, inputs)
+    without_norms = tiny()
+    extract(tmp_path / "d.safetensors", tmp_path / "plain.safetensors", rank=FULL)
+    load_adapter(tmp_path / "plain.safetensors", without_norms)
+    assert (expected - run_unet(without_norms.unet, inputs)).abs().max() > 1e-3
+
+    state = load_file(out)
+    unet = tiny().unet
+    network, _ = lycoris_kohya.create_network_from_weights(1.0, str(out), None, None, unet, weights_sd=state)
+    assert len(network.unet_loras) == len(suffixes_by_module(state))
+    network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+    torch.testing.assert_close(run_unet(unet, inputs), expected, rtol=0, atol=1e-4)
+
+    with pytest.raises(ValueError, match="have not been correctly renamed"):
+        tiny().load_lora_weights(str(out))
+
+
+def test_bitfit_is_extracted_with_keep_biases(tmp_path, inputs):
+    """BitFit changes biases alone: refused as a LoRA, written as .diff_b keys alone with --keep-biases."""
+    tuned = run_unet(make_adapter("bitfit", {"targets": "attn"}, tmp_path / "b.safetensors").unet, inputs)  # no norm layer's
+    out = tmp_path / "biases.safetensors"
+    refused = invoke("extract", tmp_path / "b.safetensors", "--output", out, "--keep-norms")
+    assert_one_line_error(refused, 2, "changes only biases or norm layers, which LoRA cannot hold; there is no LoRA to extract "
+                                      "(--keep-biases writes them exactly)")
+    assert not out.exists() and not summary_path(out).exists()
+    result = invoke("extract", tmp_path / "b.safetensors", "--output", out, "--keep-biases")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1].startswith(f"wrote {out} (0 layers, ") and "biases and norms kept); relative error 0.0000%" in result.stdout
+    state = load_file(out)
+    assert state and all(key.endswith(".diff_b") for key in state)
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["layers"] == [] and summary["ranks"] == {"min": None, "max": None, "total": 0} and len(summary["kept"]) == len(state)
+    loaded = tiny()
+    load_adapter(out, loaded)
+    torch.testing.assert_close(run_unet(loaded.unet, inputs), tuned, rtol=0, atol=1e-5)
+
+
+def test_kohya_reader_takes_a_bias_beside_lora_factors():
+    """A .diff_b beside LoRA, LoHa or LoKr factors is the module's Δbias (ComfyUI's reading); beside a .diff too."""
+    from sdtune.kohya import kohya_delta
+
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(8, generator=g)
+    factors = {
+        "lora": {"lora_down.weight": torch.randn(2, 4, generator=g), "lora_up.weight": torch.randn(8, 2, generator=g), "alpha": torch.tensor(2.0)},
+        "loha": {name: torch.randn(shape, generator=g) for name, shape in
+                 (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 4)), ("hada_w2_a", (8, 2)), ("hada_w2_b", (2, 4)))},
+        "lokr": {"lokr_w1": torch.randn(2, 2, generator=g), "lokr_w2": torch.randn(4, 2, generator=g)},
+    }
+    for kind, parts in factors.items():
+        delta, delta_bias, _ = kohya_delta(parts, kind)
+        with_bias, got_bias, _ = kohya_delta({**parts, "diff_b": bias}, kind)
+        assert delta_bias is None and torch.equal(got_bias, bias) and torch.equal(with_bias, delta), kind
+    with pytest.raises(SdtuneError, match="are no known update"):
+        kohya_delta({**factors["lora"], "diff": torch.zeros(8, 4), "diff_b": bias}, "mixed")
+
+
 def test_cli_prints_each_layer_and_keeps_what_exists(tmp_path):
     make_adapter("lora", {}, tmp_path / "a.safetensors")
     out = tmp_path / "small.safetensors"

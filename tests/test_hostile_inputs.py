@@ -288,7 +288,8 @@ CASES = [
     ("extract-source-not-safetensors", ("extract", "{tmp}/text.safetensors", "--output", "{tmp}/lora.safetensors"), 2, "text.safetensors"),
     ("extract-source-pickle", ("extract", "{tmp}/a.ckpt", "--output", "{tmp}/lora.safetensors"), 2, "files are pickles"),
     ("extract-bitfit", ("extract", "{runs}/bitfit", "--output", "{tmp}/lora.safetensors"), 2,
-     "the adapter changes only biases or norm layers, which LoRA cannot hold; there is no LoRA to extract"),
+     "the adapter changes only biases or norm layers, which LoRA cannot hold; there is no LoRA to extract "
+     "(--keep-biases and --keep-norms write them exactly)"),
     # explain
     ("explain-guidance-nan", ("explain", "{runs}/atoms", "--guidance", "nan"), 2, "--guidance must be a finite number, got nan"),
     ("explain-seed-negative", ("explain", "{runs}/atoms", "--seed", -5), 2, "--seed must be between 0 and 4294967295, got -5"),
