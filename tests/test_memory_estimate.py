@@ -49,6 +49,25 @@ def test_oft_states_exactly_what_its_backward_keeps(tiny_pipe, options):
     assert measured > 4 * weights  # a float32 weight-sized copy per layer, and more
 
 
+@pytest.mark.parametrize("options", [{}, {"generator": "simple"}, {"rank": 3, "clusters": 11, "blocks": 3}])
+@pytest.mark.parametrize("half", [False, True])
+def test_gift_states_exactly_what_its_backward_keeps(tiny_pipe, options, half):
+    """GIFT forms ω + Δω per layer, and its generator's float32 tokens, cluster matrices and attention besides (about
+    ten times the formed weight on tiny-random): `backward_bytes` is what autograd saves, in fp32 and under bf16."""
+    method = methods.create("gift", **options)
+    method.inject(tiny_pipe.unet)
+    measured = 0
+    for layer in method.layers.values():
+        base = layer.base_layer.to(torch.bfloat16 if half else torch.float32)
+        x = torch.randn(2, base.in_features, dtype=base.weight.dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            measured += saved_bytes(lambda: layer(x), [x, base.weight, *layer.parameters()])
+    compute_bytes = 2 if half else 4
+    assert method.backward_bytes(compute_bytes) == measured
+    formed = sum(layer.base_layer.weight.numel() for layer in method.layers.values()) * compute_bytes
+    assert measured > formed  # what was counted before: the formed weight alone
+
+
 def test_the_memory_check_adds_what_the_method_keeps_for_backward(tmp_path, monkeypatch, tiny_path):
     from sdtune.limits import probe_method
     from sdtune.methods.oft import Oft
