@@ -12,8 +12,8 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
   schedulers require;
 - memory: a lower bound of what the run keeps at once (the UNet's weights, the trained parameters
   with their gradients and optimiser state, counted by injecting the method into the UNet built on
-  the meta device, what the method forms for backward (`Method.backward_bytes`), the trained text
-  encoders' activations, one image's first VAE feature maps, the batch with its class examples)
+  the meta device, what the method forms for backward (`Method.backward_bytes`), the text encoders'
+  activations where the backward runs through them (trained, or training new token rows), one image's first VAE feature maps, the batch with its class examples)
   against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
   in RAM either way (the training and class images, the images sampling keeps for its grid) against
   the RAM. The bound is never above what the run needs, so a refusal is certain; a run that passes
@@ -168,6 +168,24 @@ def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int, maps: int 
     return maps * channels * resolution * resolution * dtype_bytes
 
 
+def text_encoder_backward_bytes(configs, compute_bytes: int) -> int:
+    """What the text encoders keep for backward per prompt when the gradient passes through them, to new token
+    rows (--token-embeddings) or trained linears; their frozen weights keep nothing. Measured on CLIP with
+    saved_tensors_hooks (benchmarks/RESULTS.md): per layer its two LayerNorms' inputs, attention's q, k, v and
+    output, and the MLP activation's input (quick_gelu's sigmoid too); the final LayerNorm's input; each for
+    every token of the padded prompt. Their per-token statistics (a few percent) are left out."""
+    total = 0
+    for _, config in configs.text_encoders:
+        try:
+            hidden, inner = int(config["hidden_size"]), int(config["intermediate_size"])
+            layers, tokens = int(config["num_hidden_layers"]), int(config.get("max_position_embeddings", 77))
+        except (KeyError, TypeError, ValueError):  # an encoder that cannot be read counts nothing: a lower bound
+            continue
+        activation = 2 if config.get("hidden_act", "quick_gelu") == "quick_gelu" else 1
+        total += (layers * (6 * hidden + activation * inner) + hidden) * tokens * compute_bytes
+    return total
+
+
 def free_disk(folder: Path) -> tuple[int, Path]:
     """Free bytes where `folder` is (or would be created), and that existing folder."""
     existing = Path(folder).absolute()
@@ -318,11 +336,15 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
          vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4)),
         (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {in_batch}", examples * pixels),
     ]
-    if probe.trains_text_encoders:
+    if probe.trains_text_encoders or config.token_embeddings:  # the backward runs through the text encoders
         tokens = probe.text_encoder_tokens
-        on_device.append((f"--train-text-encoder with --batch-size {config.batch_size:,}",
+        per_prompt = text_encoder_backward_bytes(configs, compute_bytes)
+        asked = "--train-text-encoder" if probe.trains_text_encoders else f"--token-embeddings {config.token_embeddings}"
+        if probe.trains_text_encoders:  # and the trained linears' inputs, if they are more
+            per_prompt = max(per_prompt, probe.method.text_encoder_activation_bytes(tokens, compute_bytes))
+        on_device.append((f"{asked} with --batch-size {config.batch_size:,}",
                           f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
-                          examples * probe.method.text_encoder_activation_bytes(tokens, compute_bytes)))
+                          examples * per_prompt))
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
     if config.masked_loss:  # 8-bit, one a pixel
         on_host.append(("--masked-loss", "the training images' masks", image_count * resolution * resolution))

@@ -9,7 +9,10 @@ from torch import nn
 
 from sdtune import methods
 from sdtune.config import TrainConfig
+from sdtune import limits
+from sdtune.limits import text_encoder_backward_bytes
 from sdtune.methods.base import DeltaLayer
+from sdtune.models import read_model_configs
 
 
 def config(output, **settings) -> TrainConfig:
@@ -105,9 +108,43 @@ def test_the_trained_text_encoders_activations_are_counted(tmp_path, tiny_pipe, 
     def device_bytes(name, **settings):
         return plan_run(config(tmp_path / name, method="lora", train_text_encoder=True, batch_size=2, **settings)).sizes.device_bytes
 
+    through = text_encoder_backward_bytes(read_model_configs("tiny-random"), 4)
     counted = device_bytes("a")
     monkeypatch.setattr(Method, "text_encoder_activation_bytes", lambda self, tokens, compute_bytes: 0)
-    assert counted - device_bytes("b") == 2 * per_prompt  # a batch of two prompts
+    monkeypatch.setattr(limits, "text_encoder_backward_bytes", lambda configs, compute_bytes: 0)
+    assert counted - device_bytes("b") == 2 * max(per_prompt, through)  # a batch of two prompts, the larger measure
+
+
+def frozen_encoder_with_new_rows(pipe):
+    """The text encoder frozen, its token embedding given one trainable row (what --token-embeddings adds)."""
+    from sdtune.token_embeddings import _module_class
+
+    encoder = pipe.text_encoder
+    encoder.requires_grad_(False)
+    base = encoder.get_input_embeddings()
+    encoder.set_input_embeddings(_module_class()(base, base.weight[:1].detach().clone(), base.num_embeddings - 1))
+    return encoder
+
+
+def test_new_token_rows_count_the_activations_their_backward_keeps_through_the_frozen_text_encoder(tmp_path, tiny_pipe, monkeypatch, tiny_path):
+    """With --token-embeddings alone the gradient still passes through every layer of the frozen text encoder to
+    the rows: its LayerNorms', attention's and MLP activation's inputs are kept, and counted per prompt."""
+    from sdtune.training import plan_run
+
+    encoder = frozen_encoder_with_new_rows(tiny_pipe)
+    c = encoder.config
+    per_prompt = text_encoder_backward_bytes(read_model_configs("tiny-random"), 4)
+    assert per_prompt == (c.num_hidden_layers * (6 * c.hidden_size + 2 * c.intermediate_size) + c.hidden_size) * 77 * 4
+    ids = torch.full((1, 77), encoder.get_input_embeddings().first_id)  # every position a new token
+    measured = saved_bytes(lambda: encoder(ids), [p for p in encoder.parameters() if not p.requires_grad])
+    assert per_prompt <= measured < 1.05 * per_prompt  # the rest: LayerNorm statistics and attention's logsumexp
+    half = text_encoder_backward_bytes(read_model_configs("tiny-random"), 2)
+    assert 2 * half == per_prompt
+
+    def device_bytes(name, **settings):
+        return plan_run(config(tmp_path / name, batch_size=2, **settings)).sizes.device_bytes
+
+    assert device_bytes("tokens", token_embeddings=2) - device_bytes("plain") == 2 * per_prompt  # two prompts
 
 
 def test_prior_preservation_holds_a_class_example_per_concept_example_and_every_class_image(tmp_path, tiny_path):
