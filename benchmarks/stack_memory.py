@@ -3,6 +3,7 @@ adapters' memory").
 
     python benchmarks/stack_memory.py train DIR          # three adapters on tiny-random: LoRA and OFT on every target, filter atoms
     MALLOC_MMAP_THRESHOLD_=4096 python benchmarks/stack_memory.py measure DIR   # one run: the peak above the pipeline
+    MALLOC_MMAP_THRESHOLD_=4096 python benchmarks/stack_memory.py measure-kohya DIR   # the same adapters exported as kohya files
 
 Stacking the same adapters once first leaves out what importing peft and the methods costs (16 MB).
 `MALLOC_MMAP_THRESHOLD_=4096` makes glibc return every freed block of 4 KB or more, so resident memory follows
@@ -28,21 +29,23 @@ def resident_bytes() -> int:
 
 def train_adapters(folder: Path) -> None:
     from sdtune.config import TrainConfig
+    from sdtune.export import export_adapter
     from sdtune.training import train
 
     for name, method, options in ADAPTERS:
         config = TrainConfig(output=str(folder / name), method=method, options=options, lr=1e-2, steps=2,
                              model="tiny-random", log_with="none", overwrite=True)
         train(config, progress=False)
+        export_adapter(folder / name, "kohya", folder / f"{name}-kohya.safetensors", overwrite=True)
 
 
-def measure(folder: Path) -> float:
+def measure(folder: Path, kohya: bool = False) -> float:
     import gc
 
     from sdtune.adapter import load_adapters
     from sdtune.models import load_pipeline
 
-    paths = [folder / name for name, _, _ in ADAPTERS]
+    paths = [folder / (f"{name}-kohya.safetensors" if kohya else name) for name, _, _ in ADAPTERS]
     load_adapters(paths, load_pipeline("tiny-random"))  # once before: what importing peft and the methods costs
     pipe = load_pipeline("tiny-random")
     gc.collect()
@@ -65,4 +68,4 @@ def measure(folder: Path) -> float:
 
 if __name__ == "__main__":
     command, folder = sys.argv[1], Path(sys.argv[2])
-    train_adapters(folder) if command == "train" else measure(folder)
+    train_adapters(folder) if command == "train" else measure(folder, kohya=command == "measure-kohya")

@@ -284,7 +284,8 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
     with its updates pending (`pending_updates`); then a layer at a time, each adapter's update of it is computed
     on its base weight, in the adapters' order, added up and written before the next layer's. A refused adapter
     (another base model) is refused before any weight changes. Kohya files and methods that train weights in
-    place hold their whole update from the start (the file's differences, the initial weights).
+    place hold their whole update from the start (the file's differences, the initial weights): those are added
+    up as they are read, where no update computed on demand comes before them in the stack.
     """
     import torch
 
@@ -296,19 +297,29 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
     for scale in scales:
         checked_scale(scale)
     check_new_tokens_apart(paths, pipeline)  # before any adapter is bound: a clash leaves the pipeline as it was
-    pending: dict[tuple[int, str], tuple] = {}  # by weight: the module, the parameter name, each adapter's update
+    # by weight: the module, the parameter name, and in the adapters' order each one's update (a function) or, where
+    # the first ones held theirs already (kohya files, weights trained in place), their sum so far (a tensor)
+    pending: dict[tuple[int, str], tuple] = {}
     for path, scale in zip(paths, scales):
         adapter = open_adapter(path, pipeline)
         if scale != 1.0:
             adapter.set_scale(scale)
         for module, attr, update in adapter.pending_updates():
-            pending.setdefault((id(module), attr), (module, attr, []))[2].append(update)
+            updates = pending.setdefault((id(module), attr), (module, attr, []))[2]
+            if adapter.updates_on_demand or any(callable(earlier) for earlier in updates):
+                updates.append(update)
+            else:  # held already: added now, as the adapter's own copy can go
+                delta = update()
+                if delta is not None:
+                    updates[:] = [delta if not updates else updates[0].add_(delta)]
+                del delta
+        del adapter
     with torch.no_grad():
         while pending:
             module, attr, updates = pending.pop(next(iter(pending)))
             total = None
             for update in updates:  # in the adapters' order, each on the base weight: the same sum, bit for bit
-                delta = update()
+                delta = update() if callable(update) else update
                 if delta is not None:
                     total = delta if total is None else total.add_(delta)
                 del delta

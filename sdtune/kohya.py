@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from .adapter_info import CONCEPT_TOKENS, AdapterInfo
 from .errors import SdtuneError
@@ -291,6 +291,7 @@ class KohyaAdapter:
     info: AdapterInfo
     updates: list[KohyaUpdate]
     name: str = "kohya"
+    updates_on_demand: ClassVar[bool] = False  # the file's ΔW are computed as it is read
     scale: float = 1.0
     merged: bool = False
     _unmerged_weights: dict | None = None

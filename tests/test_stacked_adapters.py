@@ -135,11 +135,16 @@ def summed_all_at_once(paths, pipe, scales):
 
 
 def test_stacking_takes_each_update_a_layer_at_a_time_with_the_same_bits(adapters, tmp_path, tiny_path):
+    from sdtune.export import export_adapter
+
     # BitFit trains biases in place (its update is taken whole at once), between the two computed a layer at a time
     bitfit = train(TrainConfig(output=str(tmp_path / "bitfit"), method="bitfit", lr=1e-2, steps=1, model="tiny-random",
                                log_with="none"), progress=False).output
+    kohya = tmp_path / "lora-kohya.safetensors"  # a kohya file's updates are read whole, as BitFit's
+    export_adapter(adapters["lora"], "kohya", kohya)
     for paths, scales in (([adapters["atoms"], adapters["lora"]], [0.5, 1.0]),  # the other order: the test above
-                          ([adapters["lora"], bitfit, adapters["atoms"]], [1.0, 2.0, 0.5])):
+                          ([adapters["lora"], bitfit, adapters["atoms"]], [1.0, 2.0, 0.5]),
+                          ([bitfit, kohya, adapters["atoms"], kohya], [1.0, 0.5, 1.0, 0.25])):
         pipe, reference = load_pipeline("tiny-random"), load_pipeline("tiny-random")
         load_adapters(paths, pipe, scales)
         summed_all_at_once(paths, reference, scales)

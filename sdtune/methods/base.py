@@ -78,6 +78,8 @@ class Method(ABC):
     explanation: ClassVar[str] = ""
     # whether `inject` also takes text encoders (their linears tuned with the method's own maths)
     trains_text_encoder: ClassVar[bool] = False
+    # whether `pending_updates` computes each update only when asked (else they are all held already)
+    updates_on_demand: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         known = {f.name for f in dataclasses.fields(self.Options)}
@@ -431,6 +433,8 @@ class WrappedLayers(Method):
     Defaults fit `DeltaLayer`s; a method whose layers come from elsewhere (peft) overrides the
     three per-layer hooks below.
     """
+
+    updates_on_demand = True
 
     def layer_base(self, layer: nn.Module) -> nn.Module:
         """The plain module a wrapper wraps."""
