@@ -275,14 +275,17 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
     """Stack adapters onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ the update adapter i makes on the base
     weights it was trained on (`scales`: one each, default 1).
 
-    Filter atoms, GIFT and DiffFit derive their update from the weights they meet, so each adapter is bound to
-    the base weights in turn, its update read and the base put back; the updates are added at the end, which
-    is what kohya loaders do with diffs and LoRAs, and what does not depend on the order. `load_adapter`
+    Filter atoms, GIFT and DiffFit derive their update from the weights they meet, so every adapter's update of a
+    weight is computed on the base weight before any is added to it; the updates add up, which is what kohya
+    loaders do with diffs and LoRAs, and what does not depend on the order. `load_adapter`
     called again instead merges each adapter into the weights the ones before it left.
 
-    Memory: one float32 sum of the changed weights, each adapter's update added into it a layer at a time as it
-    is computed (`stream_update`), and each layer's sum freed once it is in the weights. A refused adapter
-    (another base model) is refused before any weight changes.
+    Memory: about one layer's update at once. Every adapter is bound and checked first, leaving the model plain
+    with its updates pending (`pending_updates`); then a layer at a time, each adapter's update of it is computed
+    on its base weight, in the adapters' order, added up and written before the next layer's. A refused adapter
+    (another base model) is refused before any weight changes. Kohya files and methods that train weights in
+    place hold their whole update from the start (the file's differences, the initial weights): those are added
+    up as they are read, where no update computed on demand comes before them in the stack.
     """
     import torch
 
@@ -294,24 +297,38 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
     for scale in scales:
         checked_scale(scale)
     check_new_tokens_apart(paths, pipeline)  # before any adapter is bound: a clash leaves the pipeline as it was
-    total: dict[tuple[int, str], list] = {}
+    # by weight: the module, the parameter name, and in the adapters' order each one's update (a function) or, where
+    # the first ones held theirs already (kohya files, weights trained in place), their sum so far (a tensor)
+    pending: dict[tuple[int, str], tuple] = {}
     for path, scale in zip(paths, scales):
         adapter = open_adapter(path, pipeline)
         if scale != 1.0:
             adapter.set_scale(scale)
-        for module, attr, delta in adapter.stream_update():
-            entry = total.get((id(module), attr))
-            if entry is None:
-                total[(id(module), attr)] = [module, attr, delta]
-            else:
-                entry[2] += delta
-    remember_base_samples({id(module): module for module, _, _ in total.values()}.values())
+        for module, attr, update in adapter.pending_updates():
+            updates = pending.setdefault((id(module), attr), (module, attr, []))[2]
+            if adapter.updates_on_demand or any(callable(earlier) for earlier in updates):
+                updates.append(update)
+            else:  # held already: added now, as the adapter's own copy can go
+                delta = update()
+                if delta is not None:
+                    updates[:] = [delta if not updates else updates[0].add_(delta)]
+                del delta
+        del adapter
     with torch.no_grad():
-        while total:
-            module, attr, delta = total.popitem()[1]
-            weight = getattr(module, attr)
-            weight += delta.to(weight.device, weight.dtype)
-            del delta
+        while pending:
+            module, attr, updates = pending.pop(next(iter(pending)))
+            total = None
+            for update in updates:  # in the adapters' order, each on the base weight: the same sum, bit for bit
+                delta = update() if callable(update) else update
+                if delta is not None:
+                    total = delta if total is None else total.add_(delta)
+                del delta
+            updates.clear()
+            if total is not None:
+                remember_base_samples([module])  # its weights before this first change
+                weight = getattr(module, attr)
+                weight += total.to(weight.device, weight.dtype)
+            del total
 
 
 def check_new_tokens_apart(paths: list, pipeline) -> None:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from .adapter_info import CONCEPT_TOKENS, AdapterInfo
 from .errors import SdtuneError
@@ -293,6 +293,7 @@ class KohyaAdapter:
     info: AdapterInfo
     updates: list[KohyaUpdate]
     name: str = "kohya"
+    updates_on_demand: ClassVar[bool] = False  # the file's ΔW are computed as it is read
     scale: float = 1.0
     merged: bool = False
     _unmerged_weights: dict | None = None
@@ -334,16 +335,18 @@ class KohyaAdapter:
 
     def take_update(self) -> list[tuple[Any, str, Any]]:
         """(module, parameter name, scale·ΔW) of every update, in float32 on the CPU; nothing is changed."""
-        return list(self.stream_update())
+        return [(module, attr, scaled()) for module, attr, scaled in self.pending_updates()]
 
-    def stream_update(self):
-        """`take_update` one update at a time, each scaled when asked for."""
+    def pending_updates(self) -> list[tuple[Any, str, Any]]:
+        """`take_update` with each update scaled when its function is called (as `Method.pending_updates`)."""
         if self.merged:
             raise RuntimeError("kohya: take_update() reads the updates of an unmerged file")
-        for update in self.updates:
-            for attr, delta in (("weight", update.delta_weight), ("bias", update.delta_bias)):
-                if delta is not None:
-                    yield update.module, attr, delta.float().cpu() * self.scale
+        return [
+            (update.module, attr, lambda delta=delta: delta.float().cpu() * self.scale)
+            for update in self.updates
+            for attr, delta in (("weight", update.delta_weight), ("bias", update.delta_bias))
+            if delta is not None
+        ]
 
     def unmerge(self) -> None:
         import torch

@@ -12,9 +12,10 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
   schedulers require;
 - memory: a lower bound of what the run keeps at once (the UNet's weights, the trained parameters
   with their gradients and optimiser state, counted by injecting the method into the UNet built on
-  the meta device, what the method forms for backward (`Method.backward_bytes`), the trained text
-  encoders' activations, one image's first VAE feature maps, the batch with its class examples)
-  against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
+  the meta device, what the method forms for backward (`Method.backward_bytes`), the text encoders'
+  activations where the backward runs through them (trained, or training new token rows), the batch with its
+  class examples; apart from those, as they are never alive together: the VAE encoding one image, with its live
+  full-resolution maps) against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
   in RAM either way (the training and class images, the images sampling keeps for its grid) against
   the RAM. The bound is never above what the run needs, so a refusal is certain; a run that passes
   may still run out;
@@ -40,6 +41,10 @@ from .optimizers import OPTIMIZERS
 # benchmarks/RESULTS.md). Attention adds no map of tokens²: diffusers' default processor calls PyTorch's
 # scaled_dot_product_attention, whose flash and memory-efficient kernels (CPU and CUDA) never form the scores.
 DECODER_MAPS = 3
+# The VAE encoder under no_grad keeps at most three of its full-resolution maps at once, as the decoder does: a resnet's
+# input for the residual, an operation's input and output (measured: the tiny VAE's 1024 and 2048 px encodes peaked
+# at 4.3 maps, the CPU convolutions' reordered copies on top, benchmarks/RESULTS.md).
+ENCODER_MAPS = 3
 METRICS_LINE_BYTES = 64  # metrics.jsonl: a step's line is longer than this
 MAX_MICRO_BATCHES = 10**12  # over 30 years at a thousand micro-batches a second
 
@@ -178,10 +183,28 @@ def check_memory(on_device: list[tuple[str, str, int]], on_host: list[tuple[str,
             raise SdtuneError(f"this run needs at least {human_bytes(total)} of memory ({listed}), and {device}")
 
 
-def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int, maps: int = 2) -> int:
-    """`maps` of the VAE's full-resolution feature maps for one image (two: a convolution's input and output)."""
+def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int, maps: int) -> int:
+    """`maps` of the VAE's full-resolution feature maps for one image."""
     channels = int(configs.vae.get("block_out_channels", [128])[0])
     return maps * channels * resolution * resolution * dtype_bytes
+
+
+def text_encoder_backward_bytes(configs, compute_bytes: int) -> int:
+    """What the text encoders keep for backward per prompt when the gradient passes through them, to new token
+    rows (--token-embeddings) or trained linears; their frozen weights keep nothing. Measured on CLIP with
+    saved_tensors_hooks (benchmarks/RESULTS.md): per layer its two LayerNorms' inputs, attention's q, k, v and
+    output, and the MLP activation's input (quick_gelu's sigmoid too); the final LayerNorm's input; each for
+    every token of the padded prompt. Their per-token statistics (a few percent) are left out."""
+    total = 0
+    for _, config in configs.text_encoders:
+        try:
+            hidden, inner = int(config["hidden_size"]), int(config["intermediate_size"])
+            layers, tokens = int(config["num_hidden_layers"]), int(config.get("max_position_embeddings", 77))
+        except (KeyError, TypeError, ValueError):  # an encoder that cannot be read counts nothing: a lower bound
+            continue
+        activation = 2 if config.get("hidden_act", "quick_gelu") == "quick_gelu" else 1
+        total += (layers * (6 * hidden + activation * inner) + hidden) * tokens * compute_bytes
+    return total
 
 
 def free_disk(folder: Path) -> tuple[int, Path]:
@@ -287,8 +310,10 @@ class RunSizes:
     unet_frozen: int  # the UNet's parameters the method leaves frozen
     text_frozen: int  # the text encoders' frozen parameters
     trained: int  # parameters trained (UNet and, with --train-text-encoder, text encoders)
-    device_bytes: int  # at least this where the run computes (a GPU's memory, or RAM on a CPU)
+    device_bytes: int  # at least this where the run computes (a GPU's memory, or RAM on a CPU): the larger of the two below
     host_bytes: int  # at least this of RAM besides
+    step_bytes: int = 0  # what a training step's forward and backward keep there at once
+    encoding_bytes: int = 0  # what the VAE's encoding of an image keeps there at once
 
 
 def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -> RunSizes:
@@ -326,29 +351,51 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     # with prior preservation every batch holds as many class examples as concept ones (prior.collate_with_prior)
     examples = 2 * batch if class_count else batch
     in_batch = f"{batch:,} concept and {batch:,} class images" if class_count else f"{batch:,} images"
-    on_device = [
+    weights = [
         (f"--model {config.model}", "the UNet's frozen weights", frozen * compute_bytes),
         (f"--model {config.model}", "the text encoders' frozen weights", frozen_text * compute_bytes),
-        (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
-         trained * state),
-        (changed_options(method), "the weights it forms, kept for backward", probe.method.backward_bytes(compute_bytes) if probe.method else 0),
-        (f"--resolution {resolution}", "one image's first VAE feature maps",
-         vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4)),
-        (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {in_batch}", examples * pixels),
     ]
-    if probe.trains_text_encoders:
+    trained_part = (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
+                    trained * state)
+    # the VAE encodes one image per call under no_grad: only its live full-resolution maps count (ENCODER_MAPS)
+    encoder_maps = (f"--resolution {resolution}", "one image's first VAE encoder feature maps",
+                    vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4, ENCODER_MAPS))
+    if config.cache_latents:
+        # before the loop, every image encoded while the trained parameters have neither gradients nor optimiser state;
+        # the loop's batches then hold the latents' mean and log-variance, not the pixels
+        encoding = [*weights, (changed_options(method), f"its {trained:,} trained parameters", trained * 4), encoder_maps]
+        latents = 2 * int(configs.vae.get("latent_channels", 4)) * (resolution // configs.vae_scale_factor) ** 2 * 4
+        batch_part = (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"the latents of a batch of {in_batch}",
+                      examples * latents)
+    else:  # each step encodes its batch before the UNet runs, the gradients freed by the optimiser's step
+        batch_part = (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {in_batch}", examples * pixels)
+        encoding = [*weights, (trained_part[0], f"its {trained:,} trained parameters with their {config.optimizer} state",
+                               trained * (state - 4)), batch_part, encoder_maps]
+    on_device = [
+        *weights,
+        trained_part,
+        (changed_options(method), "the weights it forms, kept for backward", probe.method.backward_bytes(compute_bytes) if probe.method else 0),
+        batch_part,
+    ]
+    if probe.trains_text_encoders or config.token_embeddings:  # the backward runs through the text encoders
         tokens = probe.text_encoder_tokens
-        on_device.append((f"--train-text-encoder with --batch-size {config.batch_size:,}",
+        per_prompt = text_encoder_backward_bytes(configs, compute_bytes)
+        asked = "--train-text-encoder" if probe.trains_text_encoders else f"--token-embeddings {config.token_embeddings}"
+        if probe.trains_text_encoders:  # and the trained linears' inputs, if they are more
+            per_prompt = max(per_prompt, probe.method.text_encoder_activation_bytes(tokens, compute_bytes))
+        on_device.append((f"{asked} with --batch-size {config.batch_size:,}",
                           f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
-                          examples * probe.method.text_encoder_activation_bytes(tokens, compute_bytes)))
+                          examples * per_prompt))
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
     if config.masked_loss:  # 8-bit, one a pixel
         on_host.append(("--masked-loss", "the training images' masks", image_count * resolution * resolution))
     if class_count:
         asked = f"--num-class-images {config.num_class_images:,}" if config.num_class_images else f"--class-images {config.class_images}"
         on_host.append((asked, f"{class_count:,} class images", class_count * pixels))
-    check_memory(on_device, on_host)
-    return RunSizes(resolution, frozen, frozen_text, trained, sum(part[2] for part in on_device), sum(part[2] for part in on_host))
+    check_memory(encoding, on_host)  # first the VAE's encoding, whose maps are freed before the UNet runs
+    check_memory(on_device, on_host)  # then the step's forward and backward
+    step, encode = sum(part[2] for part in on_device), sum(part[2] for part in encoding)
+    return RunSizes(resolution, frozen, frozen_text, trained, max(step, encode), sum(part[2] for part in on_host), step, encode)
 
 
 def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:

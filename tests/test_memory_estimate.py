@@ -9,7 +9,10 @@ from torch import nn
 
 from sdtune import methods
 from sdtune.config import TrainConfig
+from sdtune import limits
+from sdtune.limits import text_encoder_backward_bytes
 from sdtune.methods.base import DeltaLayer
+from sdtune.models import read_model_configs
 
 
 def config(output, **settings) -> TrainConfig:
@@ -49,23 +52,42 @@ def test_oft_states_exactly_what_its_backward_keeps(tiny_pipe, options):
     assert measured > 4 * weights  # a float32 weight-sized copy per layer, and more
 
 
+@pytest.mark.parametrize("options", [{}, {"generator": "simple"}, {"rank": 3, "clusters": 11, "blocks": 3}])
+@pytest.mark.parametrize("half", [False, True])
+def test_gift_states_exactly_what_its_backward_keeps(tiny_pipe, options, half):
+    """GIFT forms ω + Δω per layer, and its generator's float32 tokens, cluster matrices and attention besides (about
+    ten times the formed weight on tiny-random): `backward_bytes` is what autograd saves, in fp32 and under bf16."""
+    method = methods.create("gift", **options)
+    method.inject(tiny_pipe.unet)
+    measured = 0
+    for layer in method.layers.values():
+        base = layer.base_layer.to(torch.bfloat16 if half else torch.float32)
+        x = torch.randn(2, base.in_features, dtype=base.weight.dtype, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
+            measured += saved_bytes(lambda: layer(x), [x, base.weight, *layer.parameters()])
+    compute_bytes = 2 if half else 4
+    assert method.backward_bytes(compute_bytes) == measured
+    formed = sum(layer.base_layer.weight.numel() for layer in method.layers.values()) * compute_bytes
+    assert measured > formed  # what was counted before: the formed weight alone
+
+
 def test_the_memory_check_adds_what_the_method_keeps_for_backward(tmp_path, monkeypatch, tiny_path):
     from sdtune.limits import probe_method
     from sdtune.methods.oft import Oft
     from sdtune.models import read_model_configs
     from sdtune.training import plan_run
 
-    with_backward = plan_run(config(tmp_path / "a", method="oft")).sizes.device_bytes
+    with_backward = plan_run(config(tmp_path / "a", method="oft")).sizes.step_bytes
     half = plan_run(config(tmp_path / "b", method="oft", mixed_precision="bf16")).sizes
     probe = probe_method(read_model_configs("tiny-random"), methods.create("oft")).method
     full, halved = probe.backward_bytes(4), probe.backward_bytes(2)
     monkeypatch.setattr(Oft, "backward_bytes", lambda self, compute_bytes: 0)
-    without = plan_run(config(tmp_path / "c", method="oft")).sizes.device_bytes
+    without = plan_run(config(tmp_path / "c", method="oft")).sizes.step_bytes
     assert with_backward - without == full > 0
     weights = sum(layer.base_layer.weight.numel() for layer in probe.layers.values())
     # under bf16 the formed weight is half as large, and the einsum keeps W cast to bf16 besides
     assert full - 4 * weights == halved - 2 * 2 * weights
-    assert half.device_bytes < with_backward
+    assert half.step_bytes < with_backward
 
 
 def test_the_trained_text_encoders_activations_are_counted(tmp_path, tiny_pipe, monkeypatch, tiny_path):
@@ -84,11 +106,45 @@ def test_the_trained_text_encoders_activations_are_counted(tmp_path, tiny_pipe, 
     assert per_prompt <= measured
 
     def device_bytes(name, **settings):
-        return plan_run(config(tmp_path / name, method="lora", train_text_encoder=True, batch_size=2, **settings)).sizes.device_bytes
+        return plan_run(config(tmp_path / name, method="lora", train_text_encoder=True, batch_size=2, **settings)).sizes.step_bytes
 
+    through = text_encoder_backward_bytes(read_model_configs("tiny-random"), 4)
     counted = device_bytes("a")
     monkeypatch.setattr(Method, "text_encoder_activation_bytes", lambda self, tokens, compute_bytes: 0)
-    assert counted - device_bytes("b") == 2 * per_prompt  # a batch of two prompts
+    monkeypatch.setattr(limits, "text_encoder_backward_bytes", lambda configs, compute_bytes: 0)
+    assert counted - device_bytes("b") == 2 * max(per_prompt, through)  # a batch of two prompts, the larger measure
+
+
+def frozen_encoder_with_new_rows(pipe):
+    """The text encoder frozen, its token embedding given one trainable row (what --token-embeddings adds)."""
+    from sdtune.token_embeddings import _module_class
+
+    encoder = pipe.text_encoder
+    encoder.requires_grad_(False)
+    base = encoder.get_input_embeddings()
+    encoder.set_input_embeddings(_module_class()(base, base.weight[:1].detach().clone(), base.num_embeddings - 1))
+    return encoder
+
+
+def test_new_token_rows_count_the_activations_their_backward_keeps_through_the_frozen_text_encoder(tmp_path, tiny_pipe, monkeypatch, tiny_path):
+    """With --token-embeddings alone the gradient still passes through every layer of the frozen text encoder to
+    the rows: its LayerNorms', attention's and MLP activation's inputs are kept, and counted per prompt."""
+    from sdtune.training import plan_run
+
+    encoder = frozen_encoder_with_new_rows(tiny_pipe)
+    c = encoder.config
+    per_prompt = text_encoder_backward_bytes(read_model_configs("tiny-random"), 4)
+    assert per_prompt == (c.num_hidden_layers * (6 * c.hidden_size + 2 * c.intermediate_size) + c.hidden_size) * 77 * 4
+    ids = torch.full((1, 77), encoder.get_input_embeddings().first_id)  # every position a new token
+    measured = saved_bytes(lambda: encoder(ids), [p for p in encoder.parameters() if not p.requires_grad])
+    assert per_prompt <= measured < 1.05 * per_prompt  # the rest: LayerNorm statistics and attention's logsumexp
+    half = text_encoder_backward_bytes(read_model_configs("tiny-random"), 2)
+    assert 2 * half == per_prompt
+
+    def device_bytes(name, **settings):
+        return plan_run(config(tmp_path / name, batch_size=2, **settings)).sizes.step_bytes
+
+    assert device_bytes("tokens", token_embeddings=2) - device_bytes("plain") == 2 * per_prompt  # two prompts
 
 
 def test_prior_preservation_holds_a_class_example_per_concept_example_and_every_class_image(tmp_path, tiny_path):
@@ -103,10 +159,35 @@ def test_prior_preservation_holds_a_class_example_per_concept_example_and_every_
     plain = plan_run(config(tmp_path / "plain", batch_size=2)).sizes
     prior = plan_run(config(tmp_path / "prior", batch_size=2, class_images=str(classes), class_prompt="a castle")).sizes
     image = 3 * plain.resolution**2 * 4
+    latents = 2 * 4 * (plain.resolution // 8) ** 2 * 4  # the cached mean and log-variance the batches hold
     assert prior.host_bytes - plain.host_bytes == 5 * image  # every image of the folder, as training loads them
-    assert prior.device_bytes - plain.device_bytes == 2 * image  # two class examples beside the two concept ones
+    assert prior.step_bytes - plain.step_bytes == 2 * latents  # two class examples beside the two concept ones
+    uncached = dict(batch_size=2, cache_latents=False)
+    plain = plan_run(config(tmp_path / "plain-uncached", **uncached)).sizes
+    prior = plan_run(config(tmp_path / "prior-uncached", **uncached, class_images=str(classes), class_prompt="a castle")).sizes
+    assert prior.step_bytes - plain.step_bytes == prior.encoding_bytes - plain.encoding_bytes == 2 * image  # their pixels
     fewer = plan_run(config(tmp_path / "fewer", batch_size=2, class_images=str(classes), class_prompt="a castle", num_class_images=3)).sizes
     assert fewer.host_bytes - plain.host_bytes == 3 * image
+
+
+def test_the_vae_encoding_is_counted_apart_from_the_step_with_its_live_maps(tmp_path, tiny_path):
+    """The VAE encodes one image at a time under no_grad, before the UNet runs (with cached latents, before the
+    loop): its three live full-resolution maps are counted with what is alive then, never with backward's parts."""
+    from sdtune.limits import ENCODER_MAPS
+    from sdtune.training import plan_run
+
+    configs = read_model_configs("tiny-random")
+    maps = ENCODER_MAPS * configs.vae["block_out_channels"][0] * 64 * 64 * 4
+    cached = plan_run(config(tmp_path / "cached", method="lora", batch_size=2)).sizes
+    weights = (cached.unet_frozen + cached.text_frozen) * 4
+    assert cached.encoding_bytes == weights + 4 * cached.trained + maps  # no gradient nor optimiser state yet
+    assert cached.device_bytes == max(cached.step_bytes, cached.encoding_bytes)
+    uncached = plan_run(config(tmp_path / "uncached", method="lora", batch_size=2, cache_latents=False)).sizes
+    # in the loop: AdamW's two moments (the gradients freed by its step) and the batch's pixels
+    assert uncached.encoding_bytes == weights + 12 * uncached.trained + 2 * 3 * 64 * 64 * 4 + maps
+    large = plan_run(config(tmp_path / "large", method="lora", resolution=512)).sizes
+    assert large.device_bytes == large.encoding_bytes > large.step_bytes  # the maps outgrow the step on the tiny model
+    assert large.encoding_bytes - cached.encoding_bytes == maps * (512**2 // 64**2 - 1)
 
 
 def test_sampling_refuses_a_resolution_whose_decoding_cannot_fit(monkeypatch, tmp_path, tiny_path):

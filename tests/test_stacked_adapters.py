@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 from typer.testing import CliRunner
 
 from sdtune.adapter import load_adapter, load_adapters
@@ -133,23 +134,55 @@ def summed_all_at_once(paths, pipe, scales):
             getattr(module, attr).add_(delta.to(getattr(module, attr).dtype))
 
 
-def test_stacking_takes_each_update_a_layer_at_a_time_with_the_same_bits(adapters, tiny_path):
-    from sdtune.adapter import open_adapter
+def test_stacking_takes_each_update_a_layer_at_a_time_with_the_same_bits(adapters, tmp_path, tiny_path):
+    from sdtune.export import export_adapter
 
-    paths, scales = [adapters["atoms"], adapters["lora"]], [0.5, 1.0]  # the other order: the test above
-    pipe, reference = load_pipeline("tiny-random"), load_pipeline("tiny-random")
-    load_adapters(paths, pipe, scales)
-    summed_all_at_once(paths, reference, scales)
-    stacked, expected = unet_weights(pipe), unet_weights(reference)
-    assert stacked.keys() == expected.keys() and all(torch.equal(stacked[key], expected[key]) for key in stacked)
-    method = open_adapter(adapters["atoms"], load_pipeline("tiny-random"))
+    # BitFit trains biases in place (its update is taken whole at once), between the two computed a layer at a time
+    bitfit = train(TrainConfig(output=str(tmp_path / "bitfit"), method="bitfit", lr=1e-2, steps=1, model="tiny-random",
+                               log_with="none"), progress=False).output
+    kohya = tmp_path / "lora-kohya.safetensors"  # a kohya file's updates are read whole, as BitFit's
+    export_adapter(adapters["lora"], "kohya", kohya)
+    for paths, scales in (([adapters["atoms"], adapters["lora"]], [0.5, 1.0]),  # the other order: the test above
+                          ([adapters["lora"], bitfit, adapters["atoms"]], [1.0, 2.0, 0.5]),
+                          ([bitfit, kohya, adapters["atoms"], kohya], [1.0, 0.5, 1.0, 0.25])):
+        pipe, reference = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+        load_adapters(paths, pipe, scales)
+        summed_all_at_once(paths, reference, scales)
+        stacked, expected = unet_weights(pipe), unet_weights(reference)
+        assert stacked.keys() == expected.keys() and all(torch.equal(stacked[key], expected[key]) for key in stacked)
+
+
+def test_stacking_computes_every_adapters_update_of_a_layer_and_writes_it_before_the_next(adapters, monkeypatch, tiny_path):
+    """The peak is one layer's updates: each layer's are computed (one per adapter), added and written before the
+    next layer's is computed."""
+    from sdtune.methods.base import WrappedLayers
+
+    pipe = load_pipeline("tiny-random")
+    base = {id(module): module.weight.detach().clone() for module in pipe.unet.modules() if isinstance(module, (nn.Conv2d, nn.Linear))}
     computed = []
-    layer_delta = method.layer_delta
-    method.layer_delta = lambda layer: computed.append(layer) or layer_delta(layer)
-    updates = method.stream_update()
-    next(updates)
-    assert len(computed) == 1 < len(method.layers)  # one layer's update at a time
-    assert sum(1 for _ in updates) + 1 == len(computed) == len(method.layers)
+    layer_update = WrappedLayers._layer_update
+
+    changes = set()
+
+    def logged(self, layer):
+        module = self.layer_base(layer)
+        if computed and computed[-1][0] is not module and id(computed[-1][0]) in changes:
+            before = computed[-1][0]  # a new layer: the one before is in the weights already
+            assert not torch.equal(before.weight, base[id(before)]), "a layer's update was not written before the next"
+        computed.append((module, self.name))
+        update = layer_update(self, layer)
+        if update is not None:
+            changes.add(id(module))
+        return update
+
+    monkeypatch.setattr(WrappedLayers, "_layer_update", logged)
+    load_adapters([adapters["lora"], adapters["atoms"]], pipe)
+    order = [id(module) for module, _ in computed]
+    runs = [key for i, key in enumerate(order) if i == 0 or order[i - 1] != key]
+    assert len(runs) == len(set(runs))  # each layer's updates computed together, never again
+    shared = [names for key in runs if len(names := [name for module, name in computed if id(module) == key]) == 2]
+    assert len(shared) >= 52 and all(names == ["lora", "atoms"] for names in shared)  # both, in the adapters' order
+    assert len(changes) >= 52
 
 
 def test_a_refused_adapter_in_a_stack_leaves_the_base_weights_and_no_wrapper(adapters, tmp_path, tiny_path):

@@ -16,11 +16,12 @@ Two shapes cover every method so far, each a base class here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,8 @@ class Method(ABC):
     explanation: ClassVar[str] = ""
     # whether `inject` also takes text encoders (their linears tuned with the method's own maths)
     trains_text_encoder: ClassVar[bool] = False
+    # whether `pending_updates` computes each update only when asked (else they are all held already)
+    updates_on_demand: ClassVar[bool] = False
 
     def __init__(self, **options: Any):
         known = {f.name for f in dataclasses.fields(self.Options)}
@@ -375,11 +378,14 @@ class Method(ABC):
         self._unmerged_weights = None
         return [(changed[name], attr, delta) for (name, attr), delta in diffs.items()]
 
-    def stream_update(self) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
-        """`take_update` a weight at a time, for what adds many updates up (`adapter.load_adapters`): each is
-        computed when asked for, so a method that can keeps one weight's update at once. This default takes
-        them all first (a method that trains weights in place keeps their initial values anyway)."""
-        yield from self.take_update()
+    def pending_updates(self) -> list[tuple[nn.Module, str, Callable[[], torch.Tensor | None]]]:
+        """(module, parameter name, a function giving scale·ΔW) for every weight the merge changes: `take_update`
+        with each update computed when its function is called (float32 on the CPU, None where it changes
+        nothing), from the weight as it is then. The UNet is plain at once and this method done with; several
+        adapters' updates of one weight, each computed before it is written, all read the base weights
+        (`adapter.load_adapters`). This default takes them all now (a method that trains weights in place
+        holds their initial values anyway)."""
+        return [(module, attr, lambda delta=delta: delta) for module, attr, delta in self.take_update()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,6 +434,8 @@ class WrappedLayers(Method):
     three per-layer hooks below.
     """
 
+    updates_on_demand = True
+
     def layer_base(self, layer: nn.Module) -> nn.Module:
         """The plain module a wrapper wraps."""
         return layer.base_layer
@@ -457,22 +465,23 @@ class WrappedLayers(Method):
         for name, layer in self.layers.items():
             replace_module(self.models, name, self.layer_base(layer))
 
-    def stream_update(self) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
-        """One layer at a time, each update exactly what `take_update` gives for it (what `merge` would leave in
-        the weight, less the weight, in float32 on the CPU); no weight changes. Exhausted, the model is plain."""
+    def pending_updates(self) -> list[tuple[nn.Module, str, Callable[[], torch.Tensor | None]]]:
+        """Each wrapped layer's update computed when asked for, exactly what `take_update` gives for it (what
+        `merge` would leave in the weight, less the weight, in float32 on the CPU), from its base weight as it
+        is then. The wrappers leave the model at once (it is plain) but keep computing."""
         if self.merged:
-            raise RuntimeError(f"{self.name}: stream_update() reads the update of an unmerged method")
-        with torch.no_grad():
-            for layer in self.layers.values():
-                weight = self.layer_base(layer).weight
-                merged = (weight + self.layer_delta(layer)).to(weight.dtype)  # as _merge's in-place sum rounds
-                delta = merged.float().cpu() - weight.float().cpu()
-                del merged
-                if delta.any():
-                    yield self.layer_base(layer), "weight", delta
+            raise RuntimeError(f"{self.name}: pending_updates() reads the update of an unmerged method")
         self._put_back_bases()
         self.merged, self._unmerged_weights = True, None
         self._unet.__dict__.pop(CARRIED_METHOD, None)
+        return [(self.layer_base(layer), "weight", functools.partial(self._layer_update, layer)) for layer in self.layers.values()]
+
+    @torch.no_grad()
+    def _layer_update(self, layer: nn.Module) -> torch.Tensor | None:
+        weight = self.layer_base(layer).weight
+        merged = (weight + self.layer_delta(layer)).to(weight.dtype)  # as _merge's in-place sum rounds
+        delta = merged.float().cpu() - weight.float().cpu()
+        return delta if delta.any() else None
 
     def _unmerge(self) -> None:
         for name, layer in self.layers.items():

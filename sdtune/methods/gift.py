@@ -141,6 +141,20 @@ class GiftLinear(DeltaLayer):
     def clusters(self) -> torch.Tensor:
         return self.generator.clusters(self.base_layer.weight)
 
+    def backward_bytes(self, compute_bytes: int) -> int:
+        """What one step's forward keeps for backward (measured with saved_tensors_hooks, exact on tiny-random):
+        the formed weight ω + Δω in the compute dtype; under mixed precision ω cast to float32 for ω·φᵀ; and the
+        generator's float32 tensors: the N x r tokens ψ reads, and per PaCa block (N = d_out) 10 N x r (the ℓ2
+        inputs and outputs, q, the projection's input, the FFN's 2r-wide two), 3 N x M (C, its transpose, the
+        softmax), 4 per-row norms, 4 M x r and 2 M of the cluster tokens."""
+        out_features, in_features = self.base_layer.weight.shape
+        generator = self.generator
+        rank, clusters = generator.phi.out_features, generator.blocks[0].attention.assign.out_features if len(generator.blocks) else 0
+        per_block = out_features * (10 * rank + 3 * clusters + 4) + clusters * (4 * rank + 2)
+        float_weight = 4 * out_features * in_features if compute_bytes != 4 else 0
+        generated = 4 * (out_features * rank + len(generator.blocks) * per_block)
+        return compute_bytes * out_features * in_features + float_weight + generated
+
 
 # ---------------------------------------------------------------------------------------------
 # The method
