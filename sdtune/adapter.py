@@ -183,8 +183,9 @@ def adapter_info(path: str | Path) -> AdapterInfo:
     return read_adapter_info(path)[0]
 
 
-def open_adapter(path: str | Path, pipeline):
-    """The adapter at `path` bound to `pipeline`, at strength 1 and not merged.
+def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = None):
+    """The adapter at `path` bound to `pipeline`, at strength 1 and not merged; its new tokens (if any) join the
+    pipeline's tokenizer(s), under the names `rename` gives where it does (a stack's `stack_new_tokens`).
 
     An sdtune adapter: its method injected into `pipeline.unet` (and the text encoders it trained) with
     its tensors loaded, so the UNet computes with it. Refused, with a clear message, for a base model whose targeted layers differ in
@@ -211,7 +212,7 @@ def open_adapter(path: str | Path, pipeline):
 
     path = adapter_path(path)
     if is_kohya_file(path):
-        return read_kohya_updates(path, pipeline)
+        return read_kohya_updates(path, pipeline, rename)
     from .token_embeddings import add_tokens, split_state
 
     info, entries = read_adapter_info(path)
@@ -242,7 +243,7 @@ def open_adapter(path: str | Path, pipeline):
     warn_absurd_values(path, tensors)
     tensors, rows = split_state(tensors)
     if info.new_tokens:  # before the method is injected: a clash leaves the pipeline as it was
-        add_tokens(pipeline, list(info.new_tokens), rows, f"adapter {path}")
+        add_tokens(pipeline, [(rename or {}).get(t, t) for t in info.new_tokens], rows, f"adapter {path}")
     device = unet.device  # read once: diffusers walks every module to find it
     method.inject(unet, encoders)
     devices = {prefix: encoder.device for prefix, encoder in parts.text_encoders.items()}
@@ -271,9 +272,11 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     return adapter
 
 
-def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> None:
+def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     """Stack adapters onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ the update adapter i makes on the base
-    weights it was trained on (`scales`: one each, default 1).
+    weights it was trained on (`scales`: one each, default 1). Returns the stack's `StackedTokens`: adapters' new
+    tokens (--token-embeddings) named apart, each later adapter's under the next free names (<s2><s3> after
+    another's <s0><s1>, said in one warning line), and what each `<name>` placeholder then becomes.
 
     Filter atoms, GIFT and DiffFit derive their update from the weights they meet, so every adapter's update of a
     weight is computed on the base weight before any is added to it; the updates add up, which is what kohya
@@ -285,8 +288,11 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
     on its base weight, in the adapters' order, added up and written before the next layer's. A refused adapter
     (another base model) is refused before any weight changes. Kohya files and methods that train weights in
     place hold their whole update from the start (the file's differences, the initial weights): those are added
-    up as they are read, where no update computed on demand comes before them in the stack.
+    up as they are read, where no update computed on demand comes before them in the stack. Two adapters of the same
+    concept where either brings new tokens are refused before any is bound.
     """
+    import warnings
+
     import torch
 
     from .methods.base import checked_scale, remember_base_samples
@@ -296,12 +302,14 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
         raise SdtuneError(f"give one strength per adapter: {len(paths)} adapters, {len(scales)} strengths")
     for scale in scales:
         checked_scale(scale)
-    check_new_tokens_apart(paths, pipeline)  # before any adapter is bound: a clash leaves the pipeline as it was
+    stack = stacked_tokens(paths, pipeline)  # before any adapter is bound: a refusal leaves the pipeline as it was
+    if stack.notice:
+        warnings.warn(stack.notice, stacklevel=2)
     # by weight: the module, the parameter name, and in the adapters' order each one's update (a function) or, where
     # the first ones held theirs already (kohya files, weights trained in place), their sum so far (a tensor)
     pending: dict[tuple[int, str], tuple] = {}
-    for path, scale in zip(paths, scales):
-        adapter = open_adapter(path, pipeline)
+    for path, scale, rename in zip(paths, scales, stack.renames):
+        adapter = open_adapter(path, pipeline, rename)
         if scale != 1.0:
             adapter.set_scale(scale)
         for module, attr, update in adapter.pending_updates():
@@ -329,18 +337,20 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None) -> N
                 weight = getattr(module, attr)
                 weight += total.to(weight.device, weight.dtype)
             del total
+    return stack
 
 
-def check_new_tokens_apart(paths: list, pipeline) -> None:
-    """Refuse adapters whose new tokens (--token-embeddings) clash with each other's or the pipeline's."""
-    from .models import tokenizers
+def stacked_tokens(paths: list, pipeline=None):
+    """The stack's `StackedTokens` (token_embeddings.stack_new_tokens), read from the files' headers; with
+    `pipeline`, the names its tokenizer(s) hold are taken."""
+    from .token_embeddings import stack_new_tokens
 
-    seen: dict[str, Path] = {token: Path("the pipeline") for token in tokenizers(pipeline)[0].get_vocab()}
-    for path in paths:
-        path = adapter_path(path)
-        if is_kohya_file(path):
-            continue
-        for token in read_adapter_info(path)[0].new_tokens:
-            if token in seen:
-                raise SdtuneError(f"adapter {path} trained token {token}, which {seen[token]} has too; these cannot stack")
-            seen[token] = path
+    files = [adapter_path(path) for path in paths]
+    infos = [kohya_info(f, read_safetensors_header(f)[0]) if is_kohya_file(f) else read_adapter_info(f)[0] for f in files]
+    taken: set[str] = set()
+    if pipeline is not None:
+        from .models import tokenizers
+
+        for tokenizer in tokenizers(pipeline):
+            taken.update(tokenizer.get_vocab())
+    return stack_new_tokens([str(f) for f in files], infos, taken)

@@ -552,12 +552,13 @@ def load_kohya(path: str | Path, pipeline, multiplier: float = 1.0) -> KohyaAdap
     return adapter
 
 
-def read_kohya_updates(path: str | Path, pipeline) -> KohyaAdapter:
-    """A kohya-format file's updates for `pipeline`'s UNet and text encoders, not yet added (`kohya_updates`)."""
+def read_kohya_updates(path: str | Path, pipeline, rename: dict[str, str] | None = None) -> KohyaAdapter:
+    """A kohya-format file's updates for `pipeline`'s UNet and text encoders, not yet added (`kohya_updates`);
+    its bundled embeddings' tokens join the pipeline's (an sdtune export's under `rename`'s names where it has them)."""
     encoders = {name: getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")}
     updates = kohya_updates(path, pipeline.unet, {name: encoder for name, encoder in encoders.items() if encoder is not None})
     if updates.bundled_embeddings:  # embeddings bundled with the update (pivotal tuning): their tokens join the pipeline's
-        add_bundled_tokens(pipeline, updates.info.extra, updates.bundled_embeddings, str(path))
+        add_bundled_tokens(pipeline, updates.info.extra, updates.bundled_embeddings, str(path), rename)
     return updates
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import MERGE_DTYPES, scales_text, strengths
@@ -19,6 +19,7 @@ class MergeResult:
     output: Path
     dtype: str
     method: str
+    token_renames: list = field(default_factory=list)  # stacked: each adapter's renamed new tokens ({}: unchanged)
 
 
 def merge_adapter(
@@ -52,10 +53,11 @@ def merge_adapter(
     with output_file_lock(output):
         pipe = load_pipeline(model or infos[0].base_model or DEFAULT_MODEL)
         keys = set(pipe.unet.state_dict())
+        renames = [{}]
         if len(sources) == 1:
             load_adapter(sources[0], pipe, merge=True, scale=scales[0])
         else:
-            load_adapters(sources, pipe, scales)
+            renames = load_adapters(sources, pipe, scales).renames
         if set(pipe.unet.state_dict()) != keys or hasattr(pipe.unet, "peft_config"):
             raise RuntimeError("the merged UNet is not the base model's architecture")
         with quiet_diffusers():  # it warns, naming no module, that none must stay in float32
@@ -64,22 +66,26 @@ def merge_adapter(
         if overflowed:  # a huge --scale, or an update too large for --dtype: refuse rather than write it
             raise SdtuneError(f"the merged weight {overflowed} overflows {dtype} at --scale {scales_text(scales)}; use a smaller --scale"
                               + (" or a wider --dtype" if dtype != "fp32" else ""))
-        provenance = [_provenance(path, info, strength, dtype) for path, info, strength in zip(sources, infos, scales)]
+        provenance = [_provenance(*row, dtype) for row in zip(sources, infos, scales, renames)]
         _write_pipeline(pipe, output, provenance[0] if len(sources) == 1 else {"stacked": provenance, "dtype": dtype}, overwrite)
-    return MergeResult(output, dtype, "+".join(info.method for info in infos))
+    return MergeResult(output, dtype, "+".join(info.method for info in infos), renames if len(sources) > 1 else [])
 
 
-def _provenance(source, info, scale: float, dtype: str) -> dict:
-    """What sdtune_merge.json records: where the merged weights came from."""
+def _provenance(source, info, scale: float, rename: dict, dtype: str) -> dict:
+    """What sdtune_merge.json records: where the merged weights came from (and, stacked, the names its new tokens
+    have in the merged tokenizer where they are not their own)."""
+    from .token_embeddings import renamed
+
     return {
         "merged_from": str(source),
         "method": info.method,
         "options": info.options,
         "base_model": info.base_model,
         "placeholder": info.placeholder,
-        "token": info.token,
+        "token": renamed(info.token, rename),
         "scale": scale,
         "dtype": dtype,
+        **({"renamed_tokens": rename} if rename else {}),
     }
 
 

@@ -100,7 +100,8 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     infos = [adapter_info(adapter) for adapter in config.adapters]
     info = infos[0] if infos else None
     model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
-    token = config.token or placeholder_tokens(infos) or None
+    placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
+    token = config.token or placeholders or None
     check_sample_fits(model, config, len(prompts), grid_size)  # sizes the model or the machine cannot take, before it loads
     if config.output:
         output = Path(config.output)
@@ -149,7 +150,9 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
 
     device = state.device
     dtype = sampling_dtype(config.dtype, device)
-    pipe, adapter = sampling_pipeline(model, config.adapters, device, config.stack_scales)
+    pipe, adapter, stack = sampling_pipeline(model, config.adapters, device, config.stack_scales)
+    if stack is not None and not config.token:  # stacked adapters' new tokens as the stack named them
+        token = stack.placeholders
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -227,24 +230,20 @@ def dtype_name(dtype) -> str:
     return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}[str(dtype)]
 
 
-def placeholder_tokens(infos: list) -> str | dict[str, str] | None:
-    """What fills `<name>` placeholders: the adapter's tokens, or those of every stacked adapter by name."""
+def placeholder_tokens(infos: list, names: list[str] | None = None) -> str | dict[str, str] | None:
+    """What fills `<name>` placeholders: the adapter's tokens, or those of every stacked adapter by name (their new
+    tokens named apart, as `load_adapters` names them; two adapters of one concept with new tokens are refused)."""
     if len(infos) <= 1:
         return infos[0].placeholder_tokens() if infos else None
-    tokens = {}
-    for info in infos:
-        found = info.placeholder_tokens()
-        if isinstance(found, dict):
-            tokens.update(found)
-        elif found and info.placeholder:
-            tokens[info.placeholder.strip("<>")] = found
-    return tokens or None
+    from .token_embeddings import stack_new_tokens
+
+    return stack_new_tokens(names or [f"adapter {i + 1}" for i in range(len(infos))], infos).placeholders
 
 
 def sampling_pipeline(model: str, adapter_files: list[str], device, stack_scales: list[float] | None = None):
     """The base pipeline on `device` in fp32, with the adapter at `adapter_files[0]` (if any) opened on it,
-    unmerged: (pipeline, adapter or None). Several adapters stack, merged at their strengths (`stack_scales`,
-    `adapter.load_adapters`), and no adapter is left to rescale. The weights go to the device first, so adapters are
+    unmerged: (pipeline, adapter or None, None). Several adapters stack, merged at their strengths (`stack_scales`,
+    `adapter.load_adapters`), and no adapter is left to rescale: (pipeline, None, the stack's `StackedTokens`). The weights go to the device first, so adapters are
     injected and merged there (a GPU merges SD v1.4 in milliseconds, a CPU takes seconds)."""
     from .adapter import load_adapters, open_adapter
     from .models import load_pipeline
@@ -252,10 +251,9 @@ def sampling_pipeline(model: str, adapter_files: list[str], device, stack_scales
     pipe = load_pipeline(model)
     pipe.to(device)
     if len(adapter_files) > 1:
-        load_adapters(adapter_files, pipe, stack_scales)
-        return pipe, None
+        return pipe, None, load_adapters(adapter_files, pipe, stack_scales)
     adapter = open_adapter(adapter_files[0], pipe) if adapter_files else None
-    return pipe, adapter
+    return pipe, adapter, None
 
 
 def make_scheduler(name: str, config):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdtuneError
@@ -232,6 +233,76 @@ def add_tokens(pipe, tokens: list[str], rows: dict, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stacked adapters: every run names its tokens <s0>.., so later adapters' tokens take the next free names
+
+
+@dataclass
+class StackedTokens:
+    """How stacked adapters' new tokens are named in the pipeline they share."""
+
+    renames: list[dict[str, str]]  # one per adapter, in stack order: its new tokens' names here ({}: unchanged)
+    placeholders: dict[str, str] | None  # what fills each `<name>` placeholder, with the renamed tokens
+    notice: str = ""  # the renames in one line ("" where none)
+
+
+def adapter_new_tokens(info) -> tuple[str, ...]:
+    """An adapter's new tokens: an sdtune adapter's, or those an sdtune kohya export's metadata lists."""
+    if info.new_tokens:
+        return tuple(info.new_tokens)
+    try:
+        tokens = json.loads(info.extra.get(KOHYA_METADATA_KEY, "[]"))
+    except ValueError:
+        return ()
+    if isinstance(tokens, list) and all(isinstance(t, str) and NEW_TOKEN.fullmatch(t) for t in tokens):
+        return tuple(tokens)
+    return ()
+
+
+def renamed(text: str, rename: dict[str, str]) -> str:
+    """`text` with each new token that `rename` names written under its new name."""
+    return NEW_TOKEN.sub(lambda match: rename.get(match.group(0), match.group(0)), text) if rename else text
+
+
+def concept_texts(info) -> dict[str, str]:
+    """What each of an adapter's concepts' `<name>` placeholder becomes ({} for an adapter that names none)."""
+    found = info.placeholder_tokens()
+    if isinstance(found, dict):
+        return dict(found)
+    return {info.placeholder.strip("<>"): found} if found and info.placeholder else {}
+
+
+def stack_new_tokens(names: list[str], infos: list, taken=()) -> StackedTokens:
+    """Name stacked adapters' new tokens apart: an adapter keeps its names where they are free (in `taken`, the
+    pipeline's vocabulary, and the adapters before it), else all of its tokens take the next free ones (<s2><s3>
+    after another's <s0><s1>). Refused: two adapters naming the same concept where either brings new tokens,
+    as `<name>` would then mean either."""
+    used = {t for t in taken if NEW_TOKEN.fullmatch(t)}
+    owner: dict[str, int] = {}
+    renames, placeholders, said = [], {}, []
+    for index, (name, info) in enumerate(zip(names, infos)):
+        tokens, texts = adapter_new_tokens(info), concept_texts(info)
+        for concept in texts:
+            earlier = owner.get(concept)
+            if earlier is not None and (tokens or adapter_new_tokens(infos[earlier])):
+                raise SdtuneError(
+                    f"adapters {names[earlier]} and {name} both train concept <{concept}>, so <{concept}> in a prompt "
+                    "would mean either; stack adapters of different concepts"
+                )
+            owner[concept] = index
+        rename = {}
+        if used & set(tokens):
+            first = 1 + max(int(t[2:-1]) for t in used)
+            rename = {t: f"<s{first + i}>" for i, t in enumerate(tokens)}
+            shown = ", ".join(f"<{c}> is {renamed(text, rename)!r}" for c, text in texts.items())
+            said.append(f"{name}: {''.join(tokens)} as {''.join(rename.values())}" + (f" ({shown})" if shown else ""))
+        used.update(rename.get(t, t) for t in tokens)
+        renames.append(rename)
+        placeholders.update({concept: renamed(text, rename) for concept, text in texts.items()})
+    notice = "stacked adapters' new tokens renamed apart: " + "; ".join(said) if said else ""
+    return StackedTokens(renames, placeholders or None, notice)
+
+
+# ---------------------------------------------------------------------------------------------
 # Other tools' files
 
 BUNDLE_PREFIX = "bundle_emb."  # kohya-ss / OneTrainer: embeddings bundled in a LoRA file, as ComfyUI and A1111 read them
@@ -288,9 +359,9 @@ def write_embedding_file(path, info, rows: dict) -> None:
     save_safetensors(state, path, {"tokens": json.dumps(list(info.new_tokens)), "format": "pt"})
 
 
-def add_bundled_tokens(pipe, metadata: dict, bundles: dict, where: str) -> None:
+def add_bundled_tokens(pipe, metadata: dict, bundles: dict, where: str, rename: dict | None = None) -> None:
     """A kohya file's bundled embeddings into `pipe`: sdtune's own exports as the tokens they were trained as
-    (their metadata lists them), others as diffusers loads an embedding of N rows (the name, then name_1 ...,
+    (their metadata lists them; `rename` gives some other names in a stack), others as diffusers loads an embedding of N rows (the name, then name_1 ...,
     which the pipelines expand the name to)."""
     from .methods.base import text_encoder_prefix
     from .models import is_sdxl
@@ -315,7 +386,7 @@ def add_bundled_tokens(pipe, metadata: dict, bundles: dict, where: str) -> None:
         import torch
 
         stacked = {TENSOR_PREFIX + p: torch.stack([r[t] for t in tokens]) for p, r in rows.items()}
-        add_tokens(pipe, tokens, stacked, where)
+        add_tokens(pipe, [(rename or {}).get(t, t) for t in tokens], stacked, where)
         return
     from .models import text_encoders, tokenizers
 

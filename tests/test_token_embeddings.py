@@ -142,7 +142,7 @@ def test_the_adapter_brings_its_tokens_to_load_sample_and_merge(trained_run, tmp
     with pytest.raises(SdtuneError, match="already has token"):
         load_adapter(run.adapter, loaded)  # twice: the tokens are taken
     fresh = load_pipeline("tiny-random")
-    with pytest.raises(SdtuneError, match="trained token <s0>, which .* has too; these cannot stack"):
+    with pytest.raises(SdtuneError, match="both train concept <castle>, so <castle> in a prompt would mean either"):
         load_adapters([run.adapter, run.adapter], fresh)
     assert "<s0>" not in fresh.tokenizer.get_vocab(), "refused before any adapter was bound"
 
@@ -156,6 +156,72 @@ def test_the_adapter_brings_its_tokens_to_load_sample_and_merge(trained_run, tmp
     plain = StableDiffusionPipeline.from_pretrained(str(merged), safety_checker=None, requires_safety_checker=False)
     plain.set_progress_bar_config(disable=True)
     torch.testing.assert_close(image(plain), image(loaded), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def canal_run(tmp_path_factory, private_cache):
+    """A second LoRA run with two new tokens, of another concept: its tokens are <s0><s1> too."""
+    output = tmp_path_factory.mktemp("pivotal-canal") / "canal"
+    with open_trainer(config(output, concept=["canal"], embedding_lr=5e-2, embedding_init="random"), progress=False) as trainer:
+        return trainer.fit()
+
+
+def test_adapters_with_new_tokens_stack_under_the_next_free_names(trained_run, canal_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    castle, canal = trained_run[0].adapter, canal_run.adapter
+    castle_rows, canal_rows = (load_file(a)["token_embeddings.text_encoder"] for a in (castle, canal))
+    stacked = load_pipeline("tiny-random")
+    with pytest.warns(UserWarning, match=r"renamed apart: .*canal.*: <s0><s1> as <s2><s3> \(<canal> is '<s2><s3> canal'\)"):
+        stack = load_adapters([castle, canal], stacked)
+    assert stack.renames == [{}, {"<s0>": "<s2>", "<s1>": "<s3>"}]
+    assert stack.placeholders == {"castle": "<s0><s1> castle", "canal": "<s2><s3> canal"}
+    matrix = stacked.text_encoder.get_input_embeddings().weight
+    for tokens, rows in ((["<s0>", "<s1>"], castle_rows), (["<s2>", "<s3>"], canal_rows)):  # each adapter's own rows
+        assert torch.equal(matrix[stacked.tokenizer.convert_tokens_to_ids(tokens)], rows)
+    for adapter, own, here in ((castle, "a photo of <s0><s1> castle", "a photo of <s0><s1> castle"),
+                               (canal, "a photo of <s0><s1> canal", "a photo of <s2><s3> canal")):
+        alone = load_pipeline("tiny-random")  # each prompt reads in the stack as with its adapter alone
+        load_adapter(adapter, alone)
+        same_conditions(embeddings(stacked, here), embeddings(alone, own))
+
+    with pytest.warns(UserWarning, match="renamed apart"):  # plain diffusers reads the stack's tokens
+        merged = merge_adapter([castle, canal], tmp_path / "merged")
+    assert merged.token_renames == stack.renames
+    provenance = json.loads((merged.output / "sdtune_merge.json").read_text())["stacked"]
+    assert provenance[1]["token"] == "<s2><s3> canal" and provenance[1]["renamed_tokens"] == {"<s0>": "<s2>", "<s1>": "<s3>"}
+    plain = StableDiffusionPipeline.from_pretrained(str(merged.output), safety_checker=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    prompt = "a photo of <s2><s3> canal by <s0><s1> castle"
+    same_conditions(embeddings(plain, prompt), embeddings(stacked, prompt))
+    torch.testing.assert_close(image(plain, prompt), image(stacked, prompt), rtol=0, atol=1e-5)
+
+    from sdtune.sampling import sample
+
+    with pytest.warns(UserWarning, match="renamed apart"):
+        result = sample(SampleConfig(adapter=[str(castle), str(canal)], prompt=["a <canal> by a <castle>"], num_images=1,
+                                     steps=2, output=str(tmp_path / "samples")), progress=False)
+    assert result.prompts == ["a <s2><s3> canal by a <s0><s1> castle"] and result.images[0].is_file()
+
+    kohya = tmp_path / "canal.safetensors"  # an sdtune kohya export's bundled tokens are renamed the same way
+    export_adapter(canal, "kohya", kohya)
+    from_kohya = load_pipeline("tiny-random")
+    with pytest.warns(UserWarning, match="<s0><s1> as <s2><s3>"):
+        assert load_adapters([castle, kohya], from_kohya).renames == stack.renames
+    same_conditions(embeddings(from_kohya, prompt), embeddings(stacked, prompt), atol=1e-6)
+
+
+def test_a_stack_of_two_adapters_of_one_concept_is_refused_in_one_line(trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    adapter = str(trained_run[0].adapter)
+    result = CliRunner().invoke(app, ["sample", "--adapter", adapter, "--adapter", adapter, "--prompt", "a <castle>",
+                                      "--output", str(tmp_path / "out"), "--model", "no-such-model"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "both train concept <castle>" in result.output  # before the model loads
+    assert not (tmp_path / "out").exists()
 
 
 def test_kohya_and_diffusers_exports_carry_the_embeddings(trained_run, tmp_path):
