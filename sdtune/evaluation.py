@@ -1,6 +1,7 @@
 """Measure generated images: text alignment, fidelity to the reference images, distance, diversity.
 
-- CLIP-T: torchmetrics' CLIPScore between each image and its prompt (100 × cosine, floored at 0).
+- CLIP-T: torchmetrics' CLIPScore between each image and its prompt (100 × cosine, floored at 0), the prompt's
+  placeholders as plain class words and without sdtune's new tokens (`<s0>`).
 - CLIP-I and DINO: mean cosine similarity over every (generated, reference) pair of image embeddings.
 - FID and KID: torchmetrics' FrechetInceptionDistance / KernelInceptionDistance between the generated
   and the reference images, on Inception features (torch-fidelity) or on the CLIP or DINO embeddings.
@@ -508,7 +509,10 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
             models[key] = (embed(extractor, generated), embed(extractor, reference))
         return models[key]
 
-    texts = [fill_placeholders(p, None) for p in prompts]  # CLIP reads <castle> as the plain class word
+    from .token_embeddings import without_new_tokens
+
+    # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all: it never learnt them
+    texts = [without_new_tokens(fill_placeholders(p, None)) for p in prompts]
 
     def clip_t() -> dict[str, float]:
         paired = pair_prompts(files, texts) if config.images else [t for t in texts for _ in range(config.num_images)]

@@ -44,6 +44,12 @@ def default_token(concept: str, tokens: list[str]) -> str:
     return "".join(tokens) + f" {concept}"
 
 
+def without_new_tokens(text: str) -> str:
+    """`text` without sdtune's new-token names: what a model that never learnt them should read
+    (`a <s0><s1> castle` → `a castle`)."""
+    return " ".join(NEW_TOKEN.sub(" ", text).split())
+
+
 def check_token_settings(config) -> None:
     """The settings alone: the count, the learning rate, and that every concept's token holds its new tokens."""
     import math

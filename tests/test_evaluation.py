@@ -206,6 +206,31 @@ def test_without_reference_only_text_alignment_and_diversity(metric_models, imag
     assert result.unavailable["clip_t"].startswith("no prompts")
 
 
+@torch.no_grad()
+def test_clip_t_scores_the_prompt_without_its_new_tokens(metric_models, image_sets, tmp_path):
+    """CLIP never learnt `<s0>`: a prompt that writes new tokens out is scored as its words alone."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from sdtune.token_embeddings import without_new_tokens
+
+    clip_path, dino_path = metric_models
+    clip, processor = CLIPModel.from_pretrained(clip_path).eval(), CLIPProcessor.from_pretrained(clip_path)
+    pixels = processor(images=_pil(image_sets[0]), return_tensors="pt")["pixel_values"]
+    images = _unit(clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output))
+
+    def score(text):
+        tokens = processor(text=[text], return_tensors="pt", padding=True)
+        return (100 * images @ _unit(clip.text_projection(clip.text_model(**tokens).pooler_output)).T).mean().item()
+
+    # a prompt this random CLIP scores above 0, and differently with the new tokens read literally
+    candidates = [f"{lead}<s0><s1> {word}" for lead in ("a ", "photo of a ", "") for word in ("castle", "dog", "snow")]
+    prompt = next(p for p in candidates if score(without_new_tokens(p)) > 0 and abs(score(p) - score(without_new_tokens(p))) > 1e-3)
+    assert without_new_tokens("photo of a <s0><s1> castle.") == "photo of a castle."
+    result = evaluate(EvaluateConfig(images=str(image_sets[0]), prompt=[prompt], output=str(tmp_path / "eval.json"),
+                                     clip_model=str(clip_path), dino_model=str(dino_path)), progress=False)
+    assert result.metrics["clip_t"] == pytest.approx(score(without_new_tokens(prompt)), rel=1e-4)
+
+
 def test_images_pair_with_prompts_by_sample_index(tmp_path):
     files = [tmp_path / name for name in ("000-seed0.png", "000-seed1.png", "001-seed0.png")]
     assert pair_prompts(files, ["a", "b"]) == ["a", "a", "b"]
