@@ -36,7 +36,9 @@ from pathlib import Path
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
-from .kohya import is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya
+from .kohya import (
+    is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya,
+)
 from .token_embeddings import (
     EMBEDDING_FILE_KEYS, TENSOR_PREFIX, embedding_file_path, kohya_bundles, split_state, write_embedding_file,
 )
@@ -48,6 +50,47 @@ class ExportResult:
     format: str
     tensors: int
     notes: list[str] = field(default_factory=list)  # what the command says about the file, a line each
+
+
+# sdtune's settings under the names kohya-ss' train_network.py records them (`ss_*`, each value as its str())
+KOHYA_TRAINING_KEYS = {
+    "lr": "ss_learning_rate", "steps": "ss_max_train_steps", "batch_size": "ss_batch_size_per_device",
+    "gradient_accumulation_steps": "ss_gradient_accumulation_steps", "lr_scheduler": "ss_lr_scheduler",
+    "lr_warmup_steps": "ss_lr_warmup_steps", "optimizer": "ss_optimizer", "mixed_precision": "ss_mixed_precision",
+    "seed": "ss_seed", "max_grad_norm": "ss_max_grad_norm", "gradient_checkpointing": "ss_gradient_checkpointing",
+    "cache_latents": "ss_cache_latents", "noise_offset": "ss_noise_offset",
+    "multires_noise_iterations": "ss_multires_noise_iterations", "multires_noise_discount": "ss_multires_noise_discount",
+    "snr_gamma": "ss_min_snr_gamma", "debiased_estimation": "ss_debiased_estimation",
+    "input_perturbation": "ss_ip_noise_gamma", "prior_loss_weight": "ss_prior_loss_weight",
+    "caption_dropout": "ss_caption_dropout_rate", "shuffle_caption": "ss_shuffle_caption", "keep_tokens": "ss_keep_tokens",
+    "random_flip": "ss_flip_aug", "buckets": "ss_enable_bucket",
+}
+
+
+def training_metadata(path: Path, info) -> dict[str, str]:
+    """kohya-ss' training keys for the adapter file `path` (`info`: its header), as train_network.py writes them
+    and AUTOMATIC1111's and Forge's LoRA metadata view and LoRA managers show them: the steps it was saved at, and
+    the run's settings where its config.toml lies beside it. Only settings sdtune has: no epochs, repeats or tags."""
+    from dataclasses import MISSING, fields
+
+    from .config import TrainConfig, read_toml
+
+    step = str(info.extra.get("step", ""))
+    metadata = {"ss_steps": step} if step.isdigit() else {}
+    if not (path.parent / "config.toml").is_file():
+        return metadata
+    saved = read_toml(path.parent / "config.toml")
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    settings = {**defaults, **{name: value for name, value in saved.items() if name in defaults}}
+    metadata.update({key: str(settings[name]) for name, key in KOHYA_TRAINING_KEYS.items()})
+    metadata["ss_unet_lr"] = metadata["ss_learning_rate"]
+    metadata["ss_total_batch_size"] = str(settings["batch_size"] * settings["gradient_accumulation_steps"])
+    if settings["train_text_encoder"]:
+        text_lr = settings["text_encoder_lr"]
+        metadata["ss_text_encoder_lr"] = str(settings["lr"] if text_lr is None else text_lr)
+    if settings["resolution"]:
+        metadata["ss_resolution"] = str((settings["resolution"], settings["resolution"]))  # kohya's (width, height)
+    return metadata
 
 
 def export_adapter(
@@ -108,7 +151,7 @@ def export_adapter(
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             bundles, bundle_metadata = kohya_bundles(info, token_rows, len(token_rows) > 1) if token_rows else ({}, {})
-            write_kohya(output, {**state, **bundles}, info, {**extra, **bundle_metadata})
+            write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info), **extra, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
             return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows))

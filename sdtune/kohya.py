@@ -214,6 +214,22 @@ def with_zero_diffs(state: dict, missing: dict[str, tuple[int, ...]]) -> dict:
     return dict(sorted({**state, **{key: torch.zeros(shape) for key, shape in missing.items()}}.items()))
 
 
+def kohya_model_hashes(state: dict, metadata: dict[str, str]) -> dict[str, str]:
+    """`sshs_model_hash` and `sshs_legacy_hash`, as kohya-ss' `precalculate_safetensors_hashes` computes them for
+    sd-webui-additional-networks: the SHA-256 of the safetensors bytes after the header, and the first 8 hex digits of
+    the SHA-256 of 64 KiB at offset 1 MiB, of the file the tensors would make with the `ss_*` metadata alone."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save(state, {key: value for key, value in metadata.items() if key.startswith("ss_")})
+    header = int.from_bytes(data[:8], "little")
+    return {
+        "sshs_model_hash": hashlib.sha256(data[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+    }
+
+
 def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
     """The file with kohya-ss' `ss_*` metadata (`extra`: the network's) and sdtune's own, keys sorted
     (the same adapter gives the same bytes)."""
@@ -234,6 +250,7 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         "sdtune_token": info.token,
         **{key: info.extra[key] for key in (CONCEPT_TOKENS,) if key in info.extra},  # several concepts' tokens
     }
+    metadata.update(kohya_model_hashes(state, metadata))
     output.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, output, metadata)
     return output

@@ -613,3 +613,48 @@ def test_cli_export_merge_and_sample_with_a_kohya_file(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tmp_path):
+    """kohya-ss' training keys (train_network.py's names, str() values) from the run's config.toml and the adapter's
+    step; sshs_* as its precalculate_safetensors_hashes: SHA-256 of the bytes after the header (what
+    AUTOMATIC1111 computes of the file) and 8 hex digits of 64 KiB at 1 MiB, with the ss_* metadata alone."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save
+
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    settings = dict(model="tiny-random", method="lora", steps=3, batch_size=2, lr=2e-4, train_text_encoder=True,
+                    text_encoder_lr=5e-5, noise_offset=0.05, snr_gamma=5.0, lr_scheduler="cosine", lr_warmup_steps=1,
+                    seed=7, log_with="none", output=str(tmp_path / "run"))
+    train(TrainConfig(**settings), progress=False)
+    out = tmp_path / "castle.safetensors"
+    export_adapter(tmp_path / "run", "kohya", out)
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+    expected = {
+        "ss_steps": "3", "ss_max_train_steps": "3", "ss_batch_size_per_device": "2", "ss_total_batch_size": "2",
+        "ss_learning_rate": "0.0002", "ss_unet_lr": "0.0002", "ss_text_encoder_lr": "5e-05", "ss_noise_offset": "0.05",
+        "ss_min_snr_gamma": "5.0", "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "1", "ss_seed": "7",
+        "ss_optimizer": "adamw", "ss_mixed_precision": "no", "ss_debiased_estimation": "False", "ss_flip_aug": "False",
+    }
+    assert {key: metadata.get(key) for key in expected} == expected
+    assert "ss_resolution" not in metadata  # the model's own size, which config.toml leaves out
+
+    state = load_file(out)
+    data = out.read_bytes()
+    assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+    alone = save(state, {key: value for key, value in metadata.items() if key.startswith("ss_")})
+    assert metadata["sshs_legacy_hash"] == hashlib.sha256(alone[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+
+    # the adapter file without its run: the step it was saved at, no settings
+    shutil.copy(tmp_path / "run" / "adapter.safetensors", tmp_path / "alone.safetensors")
+    export_adapter(tmp_path / "alone.safetensors", "kohya", tmp_path / "alone-kohya.safetensors")
+    with safe_open(str(tmp_path / "alone-kohya.safetensors"), framework="pt") as handle:
+        bare = handle.metadata()
+    assert bare["ss_steps"] == "3" and "ss_learning_rate" not in bare and "ss_seed" not in bare
+    alone_state = load_file(tmp_path / "alone-kohya.safetensors")
+    assert alone_state.keys() == state.keys() and all(torch.equal(alone_state[k], state[k]) for k in state)
