@@ -26,6 +26,7 @@ Whole pipelines with the update baked in are written by `sdtune.merging`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -70,7 +71,7 @@ KOHYA_TRAINING_KEYS = {
 def training_metadata(path: Path, info) -> dict[str, str]:
     """kohya-ss' training keys for the adapter file `path` (`info`: its header), as train_network.py writes them
     and AUTOMATIC1111's and Forge's LoRA metadata view and LoRA managers show them: the steps it was saved at, and
-    the run's settings where its config.toml lies beside it. Only settings sdtune has: no epochs, repeats or tags."""
+    the run's settings where its config.toml lies beside it. Only settings sdtune has: no epochs or repeats."""
     from dataclasses import MISSING, fields
 
     from .config import TrainConfig, read_toml
@@ -90,7 +91,36 @@ def training_metadata(path: Path, info) -> dict[str, str]:
         metadata["ss_text_encoder_lr"] = str(settings["lr"] if text_lr is None else text_lr)
     if settings["resolution"]:
         metadata["ss_resolution"] = str((settings["resolution"], settings["resolution"]))  # kohya's (width, height)
+    if not settings["dataset"]:
+        metadata.update(_training_images_metadata(saved))
     return metadata
+
+
+def _training_images_metadata(saved: dict) -> dict[str, str]:
+    """kohya-ss' `ss_tag_frequency` (per image folder, how many prompts hold each comma-separated tag: the trigger
+    words users look for), `ss_dataset_dirs` and `ss_num_train_images`, from the concept images the run's settings
+    name, read again now; nothing where they are no longer there."""
+    from collections import Counter
+    from dataclasses import fields
+
+    from .captions import tags
+    from .config import TrainConfig
+    from .training import concept_inputs
+
+    known = {f.name for f in fields(TrainConfig)}
+    try:
+        found = concept_inputs(TrainConfig(**{name: value for name, value in saved.items() if name in known}))
+    except (SdtuneError, OSError, TypeError, ValueError):
+        return {}
+    frequency: dict[str, Counter] = {}
+    for path, prompt, _ in found:
+        frequency.setdefault(path.parent.name, Counter()).update(set(tags(prompt)))
+    folders = {folder: {"n_repeats": 1, "img_count": sum(1 for p, _, _ in found if p.parent.name == folder)} for folder in frequency}
+    return {
+        "ss_tag_frequency": json.dumps({folder: dict(counts) for folder, counts in frequency.items()}),
+        "ss_dataset_dirs": json.dumps(folders),
+        "ss_num_train_images": str(len(found)),
+    }
 
 
 def export_adapter(

@@ -658,3 +658,38 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
     assert bare["ss_steps"] == "3" and "ss_learning_rate" not in bare and "ss_seed" not in bare
     alone_state = load_file(tmp_path / "alone-kohya.safetensors")
     assert alone_state.keys() == state.keys() and all(torch.equal(alone_state[k], state[k]) for k in state)
+
+
+def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
+    """ss_tag_frequency: per image folder, how many prompts hold each comma-separated tag (placeholders filled);
+    left out once the images are gone."""
+    import shutil
+
+    from PIL import Image
+
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    photos = tmp_path / "dog-photos"
+    photos.mkdir()
+    captions = ["<dog>, red collar, park", "<dog>, park", "<dog>, red collar", None]
+    for index, caption in enumerate(captions):
+        Image.new("RGB", (64, 64), (40 * index, 90, 160)).save(photos / f"{index}.png")
+        if caption:
+            (photos / f"{index}.txt").write_text(caption)
+    train(TrainConfig(model="tiny-random", concept="dog", images=str(photos), steps=1, log_with="none",
+                      output=str(tmp_path / "run")), progress=False)
+    export_adapter(tmp_path / "run", "kohya", tmp_path / "dog.safetensors")
+    with safe_open(str(tmp_path / "dog.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["ss_tag_frequency"]) == {
+        "dog-photos": {"sks dog": 3, "red collar": 2, "park": 2, "photo of a sks dog.": 1}
+    }
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"dog-photos": {"n_repeats": 1, "img_count": 4}}
+    assert metadata["ss_num_train_images"] == "4"
+
+    shutil.rmtree(photos)
+    export_adapter(tmp_path / "run", "kohya", tmp_path / "later.safetensors")
+    with safe_open(str(tmp_path / "later.safetensors"), framework="pt") as handle:
+        later = handle.metadata()
+    assert "ss_tag_frequency" not in later and later["ss_learning_rate"] == metadata["ss_learning_rate"]
