@@ -322,6 +322,7 @@ def train(
     token_embeddings: Optional[int] = typer.Option(None, help="Train N new tokens a concept beside the method (pivotal tuning): <s0>..<sN-1> for the first concept, whose token becomes '<s0><s1> NAME'; 0: none." + _default(TrainConfig, "token_embeddings")),
     embedding_lr: Optional[float] = typer.Option(None, help="With --token-embeddings: the new rows' learning rate (default: 5e-3)."),
     embedding_init: Optional[str] = typer.Option(None, help="With --token-embeddings: the word whose embedding the new rows start from, or 'random' (default: the concept's name)."),
+    retract_embeddings: Optional[bool] = typer.Option(None, "--retract-embeddings/--no-retract-embeddings", help="With --token-embeddings: after each step scale the new rows by (vocabulary std / their std)^0.1, as diffusers' advanced scripts do" + _default(TrainConfig, "retract_embeddings") + "."),
     option: List[str] = typer.Option([], "--option", "-o", help="Any method option as KEY=VALUE (repeatable)."),
     config: Optional[Path] = typer.Option(None, help="A TOML file of these settings; flags override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and say what would train, on what, in how much memory and where; load no model, write nothing."),

@@ -229,6 +229,7 @@ class TrainConfig(_Config):
     token_embeddings: int = 0  # 0: none; N: <s0>..<sN-1> for the first concept, whose token becomes "<s0><s1> castle"
     embedding_lr: float | None = None  # the new rows' learning rate; default token_embeddings.DEFAULT_EMBEDDING_LR
     embedding_init: str | None = None  # the word the rows start from, or "random"; default: the concept's name
+    retract_embeddings: bool = False  # after each step, scale the new rows by (vocabulary std / their std)^0.1, as diffusers'
 
     def validate(self) -> None:
         _split_classes(self)
@@ -390,6 +391,8 @@ class TrainConfig(_Config):
         if not self.token_embeddings:  # a run without new tokens: its config.toml stays as before they existed
             for name in ("token_embeddings", "embedding_lr", "embedding_init"):
                 values.pop(name, None)
+        if not self.retract_embeddings:  # as it was before the setting existed
+            values.pop("retract_embeddings", None)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings
             for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
                 values.pop(name, None)

@@ -32,6 +32,7 @@ SETTINGS = {
     "loss_type": "loss", "class_prompt": "prior preservation (class prompt)", "dataset": "dataset",
     "buckets": "aspect-ratio buckets", "ema_decay": "EMA decay", "masked_loss": "masked loss",
     "unmasked_weight": "unmasked weight", "token_embeddings": "new tokens a concept", "embedding_lr": "embedding learning rate",
+    "retract_embeddings": "embeddings retracted",
 }
 
 

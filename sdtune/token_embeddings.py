@@ -5,7 +5,9 @@ name them (`<s0><s1>` for the first concept, `<s2><s3>` for the second, ...); it
 becomes in prompts) is then `<s0><s1> castle` unless `--token` says otherwise. Each new token has its own
 row in every text encoder's embedding matrix (SDXL: a 768-wide one for CLIP-L, a 1280-wide one for
 CLIP-G), initialised from an initializer word's rows (diffusers' `--initializer_concept`) or at random
-with the matrix's spread, and trained at `embedding_lr` in the optimizer's own group.
+with the matrix's spread, and trained at `embedding_lr` in the optimizer's own group. With
+`retract_embeddings`, after every optimiser step the rows are scaled by (the matrix's std / their std)^0.1, as
+the advanced scripts' `retract_embeddings` does after each of theirs.
 
 During training the rows live in `NewTokenRows`, which stands in for the encoder's token embedding: ids
 of the new tokens read the trained rows, every other id the frozen matrix, whose rows therefore stay
@@ -60,8 +62,8 @@ def check_token_settings(config) -> None:
     if config.embedding_lr is not None and not (config.embedding_lr > 0 and math.isfinite(config.embedding_lr)):
         raise SdtuneError(f"--embedding-lr must be positive and finite, got {config.embedding_lr}")
     if not count:
-        if config.embedding_lr is not None or config.embedding_init is not None:
-            raise SdtuneError("--embedding-lr and --embedding-init apply with --token-embeddings N")
+        if config.embedding_lr is not None or config.embedding_init is not None or config.retract_embeddings:
+            raise SdtuneError("--embedding-lr, --embedding-init and --retract-embeddings apply with --token-embeddings N")
         return
     if config.dataset:
         raise SdtuneError("--token-embeddings trains new tokens for concepts; a --dataset's captions name none")
@@ -128,6 +130,13 @@ def _module_class():
             super().__init__()
             self.base, self.first_id = base, first_id
             self.rows = torch.nn.Parameter(rows)
+            self.vocabulary_std = base.weight.detach().float().std().item()  # the frozen matrix's spread
+
+        @torch.no_grad()
+        def retract_(self) -> None:
+            """Scale the rows by (vocabulary std / their std)^0.1, as the advanced scripts' `retract_embeddings`
+            does after every step: rows drifting far from the vocabulary's spread are pulled back a little."""
+            self.rows.mul_((self.vocabulary_std / self.rows.float().std()) ** 0.1)
 
         @property
         def weight(self):  # what code reading `get_input_embeddings().weight` (dtype, device) expects
@@ -173,6 +182,16 @@ def add_trainable_tokens(pipe, config, seed: int) -> list:
         encoder.set_input_embeddings(module)
         parameters.append(module.rows)
     return parameters
+
+
+def retract_rows(pipe) -> None:
+    """Every text encoder's new rows scaled back towards the vocabulary's spread (`NewTokenRows.retract_`)."""
+    from .models import text_encoders
+
+    for encoder in text_encoders(pipe):
+        module = encoder.get_input_embeddings()
+        if hasattr(module, "retract_"):
+            module.retract_()
 
 
 def trained_rows(pipe) -> tuple[list[str], dict]:

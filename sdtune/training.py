@@ -128,7 +128,8 @@ class RunPlan:
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
         if config.token_embeddings:
             lines.append("new token embeddings: " + "; ".join(f"<{name}> is {token!r}" for name, token in config.concept_tokens.items())
-                         + f"; lr {config.embedding_lr:g}, from {config.embedding_init or 'each concept name'}")
+                         + f"; lr {config.embedding_lr:g}, from {config.embedding_init or 'each concept name'}"
+                         + (", retracted each step" if config.retract_embeddings else ""))
         accumulated = config.gradient_accumulation_steps
         seen = config.steps * config.batch_size * accumulated
         lines.append(
@@ -721,6 +722,7 @@ class Trainer:
         import torch
 
         from .latents import batch_latents
+        from .token_embeddings import retract_rows
 
         config, accelerator = self.config, self.accelerator
         groups = self.optimizer.param_groups
@@ -741,6 +743,8 @@ class Trainer:
                 if accelerator.sync_gradients:
                     result.grad_norm = self.grad_norm()
                 self.optimizer_step()
+                if config.retract_embeddings and accelerator.sync_gradients:
+                    retract_rows(self.pipe)
                 self.lr_scheduler.step()
             result.losses.append(loss.total.detach())
             if loss.prior is not None:

@@ -349,3 +349,50 @@ def test_an_extracted_lora_carries_the_new_tokens_and_so_does_its_own_extraction
     again = tmp_path / "again.safetensors"  # a kohya source's bundles pass through
     extract_lora(ExtractConfig(source=str(extracted), output=str(again), rank=1))
     assert torch.equal(load_file(again)[bundle], load_file(exported)[bundle])
+
+
+def test_retraction_scales_the_rows_towards_the_vocabulary_spread_after_each_step(tmp_path, tiny_path, monkeypatch):
+    """--retract-embeddings: after each optimiser step rows ← rows·(std(vocabulary) / std(rows))^0.1, as the advanced
+    scripts' retract_embeddings; off, a run draws what it drew; a resumed run ends with the uninterrupted bytes."""
+    from sdtune.token_embeddings import retract_rows
+
+    with open_trainer(config(tmp_path / "once", steps=1, embedding_lr=5e-2, retract_embeddings=True), progress=False) as trainer:
+        module = trainer.pipe.text_encoder.get_input_embeddings()
+        vocabulary = module.base.weight.detach().float().std().item()
+        assert module.vocabulary_std == vocabulary
+        seen = []
+        original = module.retract_
+
+        def retract():
+            before = module.rows.detach().clone()
+            original()
+            seen.append((before, module.rows.detach().clone()))
+
+        monkeypatch.setattr(module, "retract_", retract)
+        trainer.fit()
+    (before, after), = seen
+    torch.testing.assert_close(after, before * (vocabulary / before.std()) ** 0.1, rtol=1e-6, atol=0)
+    assert not torch.equal(after, before)
+
+    rows = torch.full((2, 32), 3.0) + torch.arange(64.0).view(2, 32)
+    pipe = load_pipeline("tiny-random")
+    add_trainable_tokens(pipe, TrainConfig(token_embeddings=2), seed=0)
+    module = pipe.text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        module.rows.copy_(rows)
+    retract_rows(pipe)
+    assert torch.allclose(module.rows.detach(), rows * (module.vocabulary_std / rows.std()) ** 0.1)
+
+    plain = TrainConfig(token_embeddings=2).resolved(1e-4).to_dict()
+    assert "retract_embeddings" not in plain and TrainConfig(token_embeddings=2, retract_embeddings=True).resolved(1e-4).to_dict()["retract_embeddings"]
+    with pytest.raises(SdtuneError, match="--retract-embeddings apply with --token-embeddings"):
+        TrainConfig(retract_embeddings=True).validate()
+
+    settings = dict(steps=4, checkpoint_every=2, method="bitfit", retract_embeddings=True)
+    whole, resumed = uninterrupted_and_resumed(lambda out, **more: config(out, **settings, **more), tmp_path, monkeypatch, 2)
+    assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
+    unretracted = config(tmp_path / "plain", **{**settings, "retract_embeddings": False, "checkpoint_every": 0})
+    with open_trainer(unretracted, progress=False) as trainer:
+        plain_run = trainer.fit()
+    assert read_adapter(plain_run.adapter)[1]["token_embeddings.text_encoder"].ne(
+        read_adapter(whole.adapter)[1]["token_embeddings.text_encoder"]).any()
