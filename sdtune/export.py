@@ -169,6 +169,7 @@ def export_adapter(
     with output_file_lock(output):
         check_output_target(output, [path], overwrite)  # again, now that no other command writes it
         if format == "kohya":
+            spec = _model_spec_of(model or info.base_model, output.stem)
             if own is not None:
                 modules, extra = own
                 layout, notes = _kohya_layout_of(model or info.base_model)
@@ -181,7 +182,7 @@ def export_adapter(
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             bundles, bundle_metadata = kohya_bundles(info, token_rows, len(token_rows) > 1) if token_rows else ({}, {})
-            write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info), **extra, **bundle_metadata})
+            write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info), **extra, **spec, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
             return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows))
@@ -203,6 +204,18 @@ def _write_token_file(output: Path, info, rows: dict) -> list[str]:
         f"token embeddings of {''.join(info.new_tokens)}: {path} ({keys}); diffusers: pipe.load_textual_inversion("
         f"load_file(path)[key], token={list(info.new_tokens)}, text_encoder=..., tokenizer=...)"
     ]
+
+
+def _model_spec_of(model: str, title: str) -> dict[str, str]:
+    """`kohya.model_spec` from `model`'s configs; none where they cannot be read (the layout's note says so)."""
+    from .kohya import model_spec
+    from .models import read_model_configs
+
+    try:
+        configs = read_model_configs(model)
+    except SdtuneError:
+        return {}
+    return model_spec(configs.unet, configs.scheduler, configs.vae, title)
 
 
 def _kohya_layout_of(model: str):

@@ -122,7 +122,7 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     from torch import nn
 
     from .adapter import adapter_info, adapter_path, open_adapter
-    from .kohya import bias_and_norm_state, kohya_layout, norm_types, write_kohya
+    from .kohya import bias_and_norm_state, kohya_layout, model_spec, norm_types, write_kohya
     from .merging import quiet_diffusers
     from .models import DEFAULT_MODEL, load_pipeline
     from .safetensors_checks import first_non_finite
@@ -189,7 +189,8 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         extra = _kohya_metadata(config, info, layout, layers, relative_error)
         base = dataclasses.replace(info, base_model=info.base_model or model)
         bundles, bundle_metadata, rows = carried_tokens(adapter, path, info)
-        write_kohya(output, {**dict(sorted(state.items())), **bundles}, base, {**extra, **bundle_metadata})
+        spec = model_spec(pipeline.unet.config, pipeline.scheduler.config, pipeline.vae.config, output.stem)
+        write_kohya(output, {**dict(sorted(state.items())), **bundles}, base, {**extra, **spec, **bundle_metadata})
         if rows:
             from .token_embeddings import embedding_file_path, write_embedding_file
 

@@ -230,6 +230,36 @@ def kohya_model_hashes(state: dict, metadata: dict[str, str]) -> dict[str, str]:
     }
 
 
+def model_spec(unet_config: Mapping, scheduler_config: Mapping, vae_config: Mapping, title: str) -> dict[str, str]:
+    """Stability AI's ModelSpec keys for a LoRA of the model with these configs, as kohya-ss' `sai_model_spec`
+    writes them (ComfyUI, SwarmUI and model managers read the architecture from them), with kohya-ss' own
+    `ss_v2`/`ss_base_model_version` for SD 2.x (AUTOMATIC1111 tells SD 2.x LoRAs apart by them)."""
+    sdxl = unet_config.get("addition_embed_type") == "text_time"
+    # SD 2.x: linear projections in its transformers (SD 1.x's are 1x1 convolutions), OpenCLIP ViT-H's width
+    v2 = not sdxl and bool(unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024)
+    v_prediction = scheduler_config.get("prediction_type") == "v_prediction"
+    if sdxl:
+        architecture = "stable-diffusion-xl-v1-base"
+    elif v2:
+        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+    else:
+        architecture = "stable-diffusion-v1"
+    size = unet_config.get("sample_size", 64)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    pixels = int(size) * 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{pixels}x{pixels}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+    }
+    if v2:
+        spec.update({"ss_v2": "True", "ss_base_model_version": "sd_v2"})
+    return spec
+
+
 def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
     """The file with kohya-ss' `ss_*` metadata (`extra`: the network's) and sdtune's own, keys sorted
     (the same adapter gives the same bytes)."""

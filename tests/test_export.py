@@ -643,6 +643,7 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
     }
     assert {key: metadata.get(key) for key in expected} == expected
     assert "ss_resolution" not in metadata  # the model's own size, which config.toml leaves out
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora" and metadata["modelspec.title"] == "castle"
 
     state = load_file(out)
     data = out.read_bytes()
@@ -693,3 +694,22 @@ def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
     with safe_open(str(tmp_path / "later.safetensors"), framework="pt") as handle:
         later = handle.metadata()
     assert "ss_tag_frequency" not in later and later["ss_learning_rate"] == metadata["ss_learning_rate"]
+
+
+@pytest.mark.parametrize("model,architecture,prediction,v2", [
+    ("tiny-random", "stable-diffusion-v1/lora", "epsilon", None),
+    ("tiny-sd2-random", "stable-diffusion-v2-768-v/lora", "v", "True"),
+    ("tiny-sdxl-random", "stable-diffusion-xl-v1-base/lora", "epsilon", None),
+])
+def test_kohya_files_carry_the_model_spec_kohya_writes(model, architecture, prediction, v2):
+    """ModelSpec keys (kohya-ss' sai_model_spec) naming the base model's family, and kohya's ss_v2 for SD 2.x."""
+    from sdtune.kohya import model_spec
+    from sdtune.models import read_model_configs
+
+    configs = read_model_configs(model)
+    spec = model_spec(configs.unet, configs.scheduler, configs.vae, "castle")
+    pixels = configs.unet["sample_size"] * 2 ** (len(configs.vae["block_out_channels"]) - 1)
+    assert spec["modelspec.architecture"] == architecture and spec["modelspec.prediction_type"] == prediction
+    assert spec["modelspec.resolution"] == f"{pixels}x{pixels}" and spec["modelspec.title"] == "castle"
+    assert spec["modelspec.sai_model_spec"] == "1.0.0"
+    assert spec.get("ss_v2") == v2 and spec.get("ss_base_model_version") == ("sd_v2" if v2 else None)
