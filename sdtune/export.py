@@ -169,10 +169,9 @@ def export_adapter(
     with output_file_lock(output):
         check_output_target(output, [path], overwrite)  # again, now that no other command writes it
         if format == "kohya":
-            spec = _model_spec_of(model or info.base_model, output.stem)
+            layout, spec, notes = _kohya_layout_of(model or info.base_model, output.stem)
             if own is not None:
                 modules, extra = own
-                layout, notes = _kohya_layout_of(model or info.base_model)
                 state, missing = kohya_state(modules, layout), None
                 extra = {**extra, "ss_base_model_version": layout.base_model_version}
             else:
@@ -206,27 +205,18 @@ def _write_token_file(output: Path, info, rows: dict) -> list[str]:
     ]
 
 
-def _model_spec_of(model: str, title: str) -> dict[str, str]:
-    """`kohya.model_spec` from `model`'s configs; none where they cannot be read (the layout's note says so)."""
+def _kohya_layout_of(model: str, title: str):
+    """The kohya layout of `model` from its UNet config (SDXL's names differ), its ModelSpec keys
+    (`kohya.model_spec`, the file's `title`), and a note where the configs cannot be read: then SD 1.x/2.x's
+    names, as before sdtune knew SDXL's, and no ModelSpec keys."""
     from .kohya import model_spec
     from .models import read_model_configs
 
     try:
         configs = read_model_configs(model)
-    except SdtuneError:
-        return {}
-    return model_spec(configs.unet, configs.scheduler, configs.vae, title)
-
-
-def _kohya_layout_of(model: str):
-    """The kohya layout of `model` from its UNet config (SDXL's names differ), and a note where the
-    config cannot be read: then SD 1.x/2.x's names, as before sdtune knew SDXL's."""
-    from .models import read_model_configs
-
-    try:
-        return kohya_layout(read_model_configs(model).unet), []
+        return kohya_layout(configs.unet), model_spec(configs.unet, configs.scheduler, configs.vae, title), []
     except SdtuneError as error:
-        return kohya_layout({}), [
+        return kohya_layout({}), {}, [
             f"the UNet config of {model} could not be read ({error}); the keys use SD 1.x/2.x's (diffusers') "
             "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
         ]

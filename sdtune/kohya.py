@@ -118,10 +118,21 @@ class KohyaLayout:
 def kohya_layout(unet_config: Mapping) -> KohyaLayout:
     """The kohya names of the model whose UNet has `unet_config`: SDXL's (added text/time conditioning)
     are the original model's with `lora_te1`/`lora_te2`, as kohya-ss writes them and SDXL loaders
-    read them; SD 1.x/2.x's are diffusers' with `lora_te`."""
-    if unet_config.get("addition_embed_type") == "text_time":
+    read them; SD 1.x/2.x's are diffusers' with `lora_te` (kohya-ss' version `sd_v2` for SD 2.x)."""
+    if is_sdxl_unet(unet_config):
         return KohyaLayout(SgmNames(unet_config), {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}, "sdxl_base_v1-0")
-    return KohyaLayout(None, {"text_encoder": TEXT_ENCODER_PREFIX}, "sd_v1")
+    return KohyaLayout(None, {"text_encoder": TEXT_ENCODER_PREFIX}, "sd_v2" if is_sd2_unet(unet_config) else "sd_v1")
+
+
+def is_sdxl_unet(unet_config: Mapping) -> bool:
+    return unet_config.get("addition_embed_type") == "text_time"  # SDXL's added text/time conditioning
+
+
+def is_sd2_unet(unet_config: Mapping) -> bool:
+    """SD 2.x: linear projections in its transformers (SD 1.x's are 1x1 convolutions), OpenCLIP ViT-H's width."""
+    return not is_sdxl_unet(unet_config) and bool(
+        unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024
+    )
 
 
 def kohya_keys_only(keys) -> bool:
@@ -232,11 +243,8 @@ def kohya_model_hashes(state: dict, metadata: dict[str, str]) -> dict[str, str]:
 
 def model_spec(unet_config: Mapping, scheduler_config: Mapping, vae_config: Mapping, title: str) -> dict[str, str]:
     """Stability AI's ModelSpec keys for a LoRA of the model with these configs, as kohya-ss' `sai_model_spec`
-    writes them (ComfyUI, SwarmUI and model managers read the architecture from them), with kohya-ss' own
-    `ss_v2`/`ss_base_model_version` for SD 2.x (AUTOMATIC1111 tells SD 2.x LoRAs apart by them)."""
-    sdxl = unet_config.get("addition_embed_type") == "text_time"
-    # SD 2.x: linear projections in its transformers (SD 1.x's are 1x1 convolutions), OpenCLIP ViT-H's width
-    v2 = not sdxl and bool(unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024)
+    writes them (ComfyUI, SwarmUI and model managers read the architecture from them)."""
+    sdxl, v2 = is_sdxl_unet(unet_config), is_sd2_unet(unet_config)
     v_prediction = scheduler_config.get("prediction_type") == "v_prediction"
     if sdxl:
         architecture = "stable-diffusion-xl-v1-base"
@@ -247,7 +255,7 @@ def model_spec(unet_config: Mapping, scheduler_config: Mapping, vae_config: Mapp
     size = unet_config.get("sample_size", 64)
     size = size[0] if isinstance(size, (list, tuple)) else size
     pixels = int(size) * 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
-    spec = {
+    return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
@@ -255,9 +263,6 @@ def model_spec(unet_config: Mapping, scheduler_config: Mapping, vae_config: Mapp
         "modelspec.resolution": f"{pixels}x{pixels}",
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
     }
-    if v2:
-        spec.update({"ss_v2": "True", "ss_base_model_version": "sd_v2"})
-    return spec
 
 
 def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
@@ -267,7 +272,6 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
 
     metadata = {
         "ss_base_model_version": "sd_v1",  # `extra` holds the layout's (kohya_layout)
-        "ss_v2": "False",
         "ss_output_name": output.stem,
         "ss_sd_model_name": info.base_model,
         "ss_training_comment": f"exported by sdtune {__version__} from a {info.method} adapter",
@@ -280,6 +284,7 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         "sdtune_token": info.token,
         **{key: info.extra[key] for key in (CONCEPT_TOKENS,) if key in info.extra},  # several concepts' tokens
     }
+    metadata["ss_v2"] = str(metadata["ss_base_model_version"] == "sd_v2")
     metadata.update(kohya_model_hashes(state, metadata))
     output.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, output, metadata)

@@ -696,15 +696,16 @@ def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
     assert "ss_tag_frequency" not in later and later["ss_learning_rate"] == metadata["ss_learning_rate"]
 
 
-@pytest.mark.parametrize("model,architecture,prediction,v2", [
-    ("tiny-random", "stable-diffusion-v1/lora", "epsilon", None),
-    ("tiny-sd2-random", "stable-diffusion-v2-768-v/lora", "v", "True"),
-    ("tiny-sdxl-random", "stable-diffusion-xl-v1-base/lora", "epsilon", None),
+@pytest.mark.parametrize("model,architecture,prediction,version", [
+    ("tiny-random", "stable-diffusion-v1/lora", "epsilon", "sd_v1"),
+    ("tiny-sd2-random", "stable-diffusion-v2-768-v/lora", "v", "sd_v2"),
+    ("tiny-sdxl-random", "stable-diffusion-xl-v1-base/lora", "epsilon", "sdxl_base_v1-0"),
 ])
-def test_kohya_files_carry_the_model_spec_kohya_writes(model, architecture, prediction, v2):
-    """ModelSpec keys (kohya-ss' sai_model_spec) naming the base model's family, and kohya's ss_v2 for SD 2.x."""
-    from sdtune.kohya import model_spec
-    from sdtune.models import read_model_configs
+def test_kohya_files_carry_the_model_spec_kohya_writes(model, architecture, prediction, version, tmp_path):
+    """ModelSpec keys (kohya-ss' sai_model_spec) naming the base model's family, kohya's ss_base_model_version from
+    the layout and ss_v2 True for SD 2.x alone, in the file an export writes."""
+    from sdtune.kohya import kohya_layout, model_spec
+    from sdtune.models import load_pipeline, read_model_configs
 
     configs = read_model_configs(model)
     spec = model_spec(configs.unet, configs.scheduler, configs.vae, "castle")
@@ -712,4 +713,13 @@ def test_kohya_files_carry_the_model_spec_kohya_writes(model, architecture, pred
     assert spec["modelspec.architecture"] == architecture and spec["modelspec.prediction_type"] == prediction
     assert spec["modelspec.resolution"] == f"{pixels}x{pixels}" and spec["modelspec.title"] == "castle"
     assert spec["modelspec.sai_model_spec"] == "1.0.0"
-    assert spec.get("ss_v2") == v2 and spec.get("ss_base_model_version") == ("sd_v2" if v2 else None)
+    assert kohya_layout(configs.unet).base_model_version == version
+
+    method = methods.create("lora", rank=2)
+    method.inject(load_pipeline(model).unet)
+    save_adapter(tmp_path / "a.safetensors", method, model, placeholder="<castle>", token="sks castle")
+    export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "castle.safetensors")
+    with safe_open(str(tmp_path / "castle.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert {key: metadata[key] for key in spec} == spec
+    assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(version == "sd_v2")
