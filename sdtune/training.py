@@ -983,7 +983,7 @@ class Trainer:
         if accelerator.is_main_process:
             # the data stream's RNG stays as if no validation ran; the text encoders are in eval mode as the UNet
             # is (validation.py), so a method's dropout is off
-            with torch.random.fork_rng(devices=[]), evaluating(self.loop_encoders):
+            with torch.random.fork_rng(devices=[]), validation.evaluating(self.loop_encoders):
                 model = accelerator.unwrap_model(self.unet)
                 if self.loop_encoders:  # the held-out prompts as the text encoder now reads them
                     self.validation_loss.use_prompt_embeds(self.validation_embeddings())
@@ -1035,19 +1035,6 @@ class Trainer:
         # belongs to the launched process, which may go on to sample.
         for tracker in self.accelerator.trackers:
             tracker.finish()
-
-
-@contextlib.contextmanager
-def evaluating(modules):
-    """`modules` in eval mode for a while, then back in the mode each was in."""
-    modes = [module.training for module in modules]
-    for module in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in zip(modules, modes):
-            module.train(mode)
 
 
 def data_workers(dataset, processes: int = 1) -> int:

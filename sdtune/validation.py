@@ -92,23 +92,31 @@ class ValidationLoss:
 
         from .losses import denoising_loss
 
-        was_training = unet.training
-        unet.eval()
         total = 0.0
-        try:
-            with torch.no_grad():
-                for start in range(0, len(self), LOSS_BATCH):
-                    part = slice(start, start + LOSS_BATCH)
-                    latents = self.latents[part].to(device)
-                    embeds = self.prompt_embeds[part].to(device)
-                    loss = denoising_loss(
-                        unet, self.noise_scheduler, latents, embeds, self.noise[part].to(device),
-                        self.timesteps[part].to(device), autocast,
-                    )
-                    total += loss.total.item() * len(latents)
-        finally:
-            unet.train(was_training)
+        with torch.no_grad(), evaluating([unet]):
+            for start in range(0, len(self), LOSS_BATCH):
+                part = slice(start, start + LOSS_BATCH)
+                latents = self.latents[part].to(device)
+                embeds = self.prompt_embeds[part].to(device)
+                loss = denoising_loss(
+                    unet, self.noise_scheduler, latents, embeds, self.noise[part].to(device),
+                    self.timesteps[part].to(device), autocast,
+                )
+                total += loss.total.item() * len(latents)
         return total / len(self)
+
+
+@contextlib.contextmanager
+def evaluating(modules):
+    """`modules` in eval mode for a while (a method's dropout off), then back in the mode each was in."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes):
+            module.train(mode)
 
 
 @contextlib.contextmanager
@@ -136,32 +144,26 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
     from .models import text_encoders
     from .sampling import IMAGES_PER_CALL, decode, make_grid
 
-    unet = pipe.unet
-    was_training = unet.training
-    unet.eval()
     pipe.set_progress_bar_config(disable=True)
     dtype = dtype or torch.float32
     per_call = max(1, IMAGES_PER_CALL // len(SAMPLE_SEEDS))
     images = []
-    try:
-        with torch.no_grad(), on_device([pipe.vae, *text_encoders(pipe)], device):
-            for first in range(0, len(prompts), per_call):
-                batch = prompts[first : first + per_call]
-                generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in SAMPLE_SEEDS]
-                with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-                    latents = pipe(
-                        batch,
-                        num_images_per_prompt=len(SAMPLE_SEEDS),
-                        generator=generators,
-                        num_inference_steps=SAMPLE_STEPS,
-                        guidance_scale=SAMPLE_GUIDANCE,
-                        height=resolution,
-                        width=resolution,
-                        output_type="latent",
-                    ).images
-                images += decode(pipe, latents)
-    finally:
-        unet.train(was_training)
+    with torch.no_grad(), evaluating([pipe.unet]), on_device([pipe.vae, *text_encoders(pipe)], device):
+        for first in range(0, len(prompts), per_call):
+            batch = prompts[first : first + per_call]
+            generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in SAMPLE_SEEDS]
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                latents = pipe(
+                    batch,
+                    num_images_per_prompt=len(SAMPLE_SEEDS),
+                    generator=generators,
+                    num_inference_steps=SAMPLE_STEPS,
+                    guidance_scale=SAMPLE_GUIDANCE,
+                    height=resolution,
+                    width=resolution,
+                    output_type="latent",
+                ).images
+            images += decode(pipe, latents)
     rows = [images[i * len(SAMPLE_SEEDS) : (i + 1) * len(SAMPLE_SEEDS)] for i in range(len(prompts))]
     return make_grid(rows, prompts)
 
