@@ -92,33 +92,30 @@ def training_metadata(path: Path, info) -> dict[str, str]:
     if settings["resolution"]:
         metadata["ss_resolution"] = str((settings["resolution"], settings["resolution"]))  # kohya's (width, height)
     if not settings["dataset"]:
-        metadata.update(_training_images_metadata(saved))
+        metadata.update(_training_images_metadata(TrainConfig, settings))
     return metadata
 
 
-def _training_images_metadata(saved: dict) -> dict[str, str]:
+def _training_images_metadata(config_class, settings: dict) -> dict[str, str]:
     """kohya-ss' `ss_tag_frequency` (per image folder, how many prompts hold each comma-separated tag: the trigger
     words users look for), `ss_dataset_dirs` and `ss_num_train_images`, from the concept images the run's settings
     name, read again now; nothing where they are no longer there."""
     from collections import Counter
-    from dataclasses import fields
 
     from .captions import tags
-    from .config import TrainConfig
     from .training import concept_inputs
 
-    known = {f.name for f in fields(TrainConfig)}
     try:
-        found = concept_inputs(TrainConfig(**{name: value for name, value in saved.items() if name in known}))
+        found = concept_inputs(config_class(**settings))
     except (SdtuneError, OSError, TypeError, ValueError):
         return {}
     frequency: dict[str, Counter] = {}
     for path, prompt, _ in found:
         frequency.setdefault(path.parent.name, Counter()).update(set(tags(prompt)))
-    folders = {folder: {"n_repeats": 1, "img_count": sum(1 for p, _, _ in found if p.parent.name == folder)} for folder in frequency}
+    images = Counter(path.parent.name for path, _, _ in found)
     return {
         "ss_tag_frequency": json.dumps({folder: dict(counts) for folder, counts in frequency.items()}),
-        "ss_dataset_dirs": json.dumps(folders),
+        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": count} for folder, count in images.items()}),
         "ss_num_train_images": str(len(found)),
     }
 
