@@ -57,7 +57,7 @@ class ExportResult:
 KOHYA_TRAINING_KEYS = {
     "lr": "ss_learning_rate", "steps": "ss_max_train_steps", "batch_size": "ss_batch_size_per_device",
     "gradient_accumulation_steps": "ss_gradient_accumulation_steps", "lr_scheduler": "ss_lr_scheduler",
-    "lr_warmup_steps": "ss_lr_warmup_steps", "optimizer": "ss_optimizer", "mixed_precision": "ss_mixed_precision",
+    "lr_warmup_steps": "ss_lr_warmup_steps", "mixed_precision": "ss_mixed_precision",
     "seed": "ss_seed", "max_grad_norm": "ss_max_grad_norm", "gradient_checkpointing": "ss_gradient_checkpointing",
     "cache_latents": "ss_cache_latents", "noise_offset": "ss_noise_offset",
     "multires_noise_iterations": "ss_multires_noise_iterations", "multires_noise_discount": "ss_multires_noise_discount",
@@ -74,7 +74,11 @@ def training_metadata(path: Path, info) -> dict[str, str]:
     the run's settings where its config.toml lies beside it. Only settings sdtune has: no epochs or repeats."""
     from dataclasses import MISSING, fields
 
+    from types import SimpleNamespace
+
     from .config import TrainConfig, read_toml
+    from .methods import method_class
+    from .optimizers import kohya_optimizer_name
 
     step = str(info.extra.get("step", ""))
     metadata = {"ss_steps": step} if step.isdigit() else {}
@@ -85,6 +89,8 @@ def training_metadata(path: Path, info) -> dict[str, str]:
     settings = {**defaults, **{name: value for name, value in saved.items() if name in defaults}}
     metadata.update({key: str(settings[name]) for name, key in KOHYA_TRAINING_KEYS.items()})
     metadata["ss_unet_lr"] = metadata["ss_learning_rate"]
+    weight_decay = method_class(info.method).weight_decay
+    metadata["ss_optimizer"] = kohya_optimizer_name(SimpleNamespace(**settings), weight_decay)
     metadata["ss_total_batch_size"] = str(settings["batch_size"] * settings["gradient_accumulation_steps"])
     if settings["train_text_encoder"]:
         text_lr = settings["text_encoder_lr"]

@@ -127,6 +127,12 @@ def test_optimizer_settings_build_that_optimizer(name, kind):
         assert group["decouple"] and group["use_bias_correction"] and group["safeguard_warmup"]
     if name == "sgd":
         assert group["momentum"] == 0.9
+    # kohya-ss' ss_optimizer: the class built, and the arguments it was given, as the group holds them
+    from sdtune.optimizers import kohya_optimizer_name, optimizer_arguments
+
+    held = ",".join(f"{key}={tuple(group[key]) if key == 'betas' else group[key]}" for key in optimizer_arguments(settings, 1e-2))
+    assert kohya_optimizer_name(settings, 1e-2) == f"{type(optimizer).__module__}.{kind}({held})"
+    assert "betas=(0.8, 0.99)" in held or name in ("sgd", "adafactor")
     overridden = make_optimizer(TrainConfig(optimizer=name, lr=1e-3, weight_decay=0.0), [parameter], 1e-2)
     assert overridden.param_groups[0]["weight_decay"] == 0.0
     if name == "prodigy":  # the step-size estimate's scale and first value, Prodigy's own knobs
