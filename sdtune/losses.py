@@ -179,16 +179,17 @@ def combine_loss(
     both multiply, as in sd-scripts) + prior_loss_weight × prior loss.
 
     `errors` are per-example MSEs; `is_prior` marks the class (prior-preservation) examples. As in
-    diffusers' DreamBooth script, the weights apply to the instance examples and the prior term is plain MSE.
+    diffusers' DreamBooth script, min-SNR weights the instance examples and leaves the prior term plain; the
+    debiased weights, sd-scripts' own, weight both, as sd-scripts weights its regularisation images.
     Nothing here waits for the device: the two parts are masked means, not selections (whose size the
     host would have to read), and they equal the means of the selected examples.
     """
+    if debiased_estimation:
+        errors = errors * debiased_loss_weights(noise_scheduler, timesteps)
     if snr_gamma:
         errors_weighted = errors * snr_loss_weights(noise_scheduler, timesteps, snr_gamma)
     else:
         errors_weighted = errors
-    if debiased_estimation:
-        errors_weighted = errors_weighted * debiased_loss_weights(noise_scheduler, timesteps)
     if is_prior is None:
         instance_loss = errors_weighted.mean()
         return LossParts(total=instance_loss, instance=instance_loss)

@@ -100,7 +100,7 @@ def test_debiased_estimation_weights_follow_sd_scripts(prediction_type):
     assert bool((weights[:-1] < weights[1:]).all())  # the noisier the step, the larger its weight
 
 
-def test_debiased_estimation_multiplies_min_snr_and_masked_errors_and_spares_the_prior_term():
+def test_debiased_estimation_multiplies_min_snr_and_masked_errors_and_weights_the_prior_term_too():
     import contextlib
     from types import SimpleNamespace
 
@@ -119,14 +119,15 @@ def test_debiased_estimation_multiplies_min_snr_and_masked_errors_and_spares_the
     parts = losses.denoising_loss(unet, scheduler, latents, UNetConditions(torch.zeros(3, 1, 8)), noise, timesteps,
                                   contextlib.nullcontext, snr_gamma=5.0, is_prior=is_prior, prior_loss_weight=0.5,
                                   weights=weights, debiased_estimation=True)
-    # by hand: each example's Σw·e/Σw, the instances' times min(SNR, 5)/SNR times 1/√min(SNR, 1000)
+    # by hand: each example's Σw·e/Σw times 1/√min(SNR, 1000), the instances' also times min(SNR, 5)/SNR
     errors = (noise**2 * weights).sum(dim=(1, 2, 3)) / weights.expand_as(noise).sum(dim=(1, 2, 3))
     alpha_bar = scheduler.alphas_cumprod[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
     instance = (errors * torch.clamp(snr, max=5) / snr / torch.clamp(snr, max=1000).sqrt())[:2].mean()
     torch.testing.assert_close(parts.instance, instance)
-    torch.testing.assert_close(parts.prior, errors[2])
-    torch.testing.assert_close(parts.total, instance + 0.5 * errors[2])
+    prior = errors[2] / torch.clamp(snr[2], max=1000).sqrt()  # debiased as sd-scripts' regularisation images; no min-SNR
+    torch.testing.assert_close(parts.prior, prior)
+    torch.testing.assert_close(parts.total, instance + 0.5 * prior)
     plain = losses.combine_loss(errors, timesteps, scheduler, debiased_estimation=False)
     torch.testing.assert_close(plain.total, errors.mean())
 
