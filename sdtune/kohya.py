@@ -228,17 +228,65 @@ def with_zero_diffs(state: dict, missing: dict[str, tuple[int, ...]]) -> dict:
 def kohya_model_hashes(state: dict, metadata: dict[str, str]) -> dict[str, str]:
     """`sshs_model_hash` and `sshs_legacy_hash`, as kohya-ss' `precalculate_safetensors_hashes` computes them for
     sd-webui-additional-networks: the SHA-256 of the safetensors bytes after the header, and the first 8 hex digits of
-    the SHA-256 of 64 KiB at offset 1 MiB, of the file the tensors would make with the `ss_*` metadata alone."""
+    the SHA-256 of 64 KiB at offset 1 MiB, of the file the tensors would make with the `ss_*` metadata alone.
+
+    kohya-ss serialises the whole file in memory for this; here the tensors are hashed one at a time in the file's
+    order, which safetensors itself gives for one-element stand-ins of the same names and dtypes, so a large export
+    holds no second copy of its tensors. Files too small for that window, or whose header would not come out as the
+    stand-ins' does, are serialised whole, as kohya-ss does."""
     import hashlib
 
+    import torch
     from safetensors.torch import save
 
-    data = save(state, {key: value for key, value in metadata.items() if key.startswith("ss_")})
-    header = int.from_bytes(data[:8], "little")
-    return {
-        "sshs_model_hash": hashlib.sha256(data[8 + header :]).hexdigest(),
-        "sshs_legacy_hash": hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
-    }
+    kept = {key: value for key, value in metadata.items() if key.startswith("ss_")}
+    tensors = {name: tensor.detach() for name, tensor in state.items()}
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in tensors.items()}
+    layout = _safetensors_layout(tensors, sizes, kept)
+    window = (0x100000 - 8 - layout[1]) if layout else -1
+    if window < 0 or 8 + layout[1] + sum(sizes.values()) < 0x100000 + 0x10000:
+        data = save(state, kept)
+        header = int.from_bytes(data[:8], "little")
+        return {
+            "sshs_model_hash": hashlib.sha256(data[8 + header :]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+        }
+    model_hash, legacy, position = hashlib.sha256(), bytearray(), 0
+    for name in layout[0]:
+        raw = tensors[name].contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        model_hash.update(raw)
+        low, high = max(window - position, 0), min(window + 0x10000 - position, len(raw))
+        if low < high:
+            legacy += raw[low:high].tobytes()
+        position += len(raw)
+    return {"sshs_model_hash": model_hash.hexdigest(), "sshs_legacy_hash": hashlib.sha256(legacy).hexdigest()[:8]}
+
+
+def _safetensors_layout(tensors: dict, sizes: dict[str, int], metadata: dict[str, str]) -> tuple[list[str], int] | None:
+    """The order safetensors writes `tensors` in and its header's length with `metadata` (None when the stand-ins'
+    header is not the one this formula gives, so the caller serialises the file itself)."""
+    import json
+
+    import torch
+    from safetensors.torch import save
+
+    stand_ins = save({name: torch.zeros(1, dtype=tensor.dtype) for name, tensor in tensors.items()}, metadata)
+    length = int.from_bytes(stand_ins[:8], "little")
+    written = json.loads(stand_ins[8 : 8 + length])
+    order = sorted((name for name in written if name != "__metadata__"), key=lambda name: written[name]["data_offsets"])
+
+    def header_length(shapes: dict, sizes: dict) -> int:
+        entries, offset = {"__metadata__": metadata}, 0  # written even when empty
+        for name in order:
+            entries[name] = {"dtype": written[name]["dtype"], "shape": shapes[name], "data_offsets": [offset, offset + sizes[name]]}
+            offset += sizes[name]
+        text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+        return len(text) + (8 - len(text) % 8) % 8
+
+    ones = {name: [1] for name in order}
+    if header_length(ones, {name: written[name]["data_offsets"][1] - written[name]["data_offsets"][0] for name in order}) != length:
+        return None
+    return order, header_length({name: list(tensors[name].shape) for name in order}, sizes)
 
 
 def model_spec(unet_config: Mapping, scheduler_config: Mapping, vae_config: Mapping, title: str) -> dict[str, str]:

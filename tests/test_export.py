@@ -615,6 +615,39 @@ def test_cli_export_merge_and_sample_with_a_kohya_file(tmp_path):
         assert len(errors) == 1 and message in errors[0], result.stderr
 
 
+@pytest.mark.parametrize("metadata", [{}, {"ss_tag_frequency": '{"é \\"x\\"": {"a\\nb": 1}}', "sdtune_method": "lora"}])
+def test_kohya_hashes_hashed_a_tensor_at_a_time_equal_kohya_ss_whole_file_ones(metadata):
+    """A file past the legacy hash's window (1 MiB + 64 KiB) is hashed tensor by tensor, in safetensors' own order
+    (mixed dtypes sort apart from names), with the header's length computed: the hashes kohya-ss gets by
+    serialising the whole file; a smaller file takes kohya-ss' way."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    from sdtune.kohya import _safetensors_layout, kohya_model_hashes
+
+    generator = torch.Generator().manual_seed(0)
+    large = {
+        "lora_unet_b.lora_down.weight": torch.randn(300, 1000, generator=generator).half(),
+        "lora_unet_b.alpha": torch.tensor(4.0),
+        "lora_unet_a.diff": torch.randn(600, 600, generator=generator).bfloat16(),
+        "lora_unet_c.steps": torch.arange(10),
+        **{f"lora_unet_m{i}.diff": torch.randn(32, 32, generator=generator) for i in range(20)},
+    }
+    small = {"lora_unet_b.alpha": torch.tensor(4.0), "lora_unet_b.lora_up.weight": torch.randn(8, 4, generator=generator)}
+    kept = {key: value for key, value in metadata.items() if key.startswith("ss_")}
+    for state in (large, small):
+        data = save(state, kept)
+        header = int.from_bytes(data[:8], "little")
+        assert kohya_model_hashes(state, metadata) == {
+            "sshs_model_hash": hashlib.sha256(data[8 + header :]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+        }
+    sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in large.items()}
+    order, length = _safetensors_layout(large, sizes, kept)
+    assert length == int.from_bytes(save(large, kept)[:8], "little") and order[0] == "lora_unet_c.steps"
+
+
 def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tmp_path):
     """kohya-ss' training keys (train_network.py's names, str() values) from the run's config.toml and the adapter's
     step; sshs_* as its precalculate_safetensors_hashes: SHA-256 of the bytes after the header (what
