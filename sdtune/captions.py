@@ -93,6 +93,27 @@ def tags(caption: str) -> list[str]:
     return [tag.strip() for tag in caption.split(",") if tag.strip()]
 
 
+# an adapter's record of the images it was trained on, under the kohya-ss names its kohya export gives them
+TRAINING_IMAGES_KEYS = {"tag_frequency": "ss_tag_frequency", "dataset_dirs": "ss_dataset_dirs", "num_train_images": "ss_num_train_images"}
+
+
+def training_images_record(images: list[Path], prompts: list[str]) -> dict[str, str]:
+    """What kohya-ss records of a run's images (each a JSON string, under `TRAINING_IMAGES_KEYS`' sdtune names): per
+    image folder, how many prompts hold each comma-separated tag (the trigger words users look for) and how many
+    images it has; and the number of images."""
+    from collections import Counter
+
+    frequency: dict[str, Counter] = {}
+    for path, prompt in zip(images, prompts):
+        frequency.setdefault(path.parent.name, Counter()).update(set(tags(prompt)))
+    counts = Counter(path.parent.name for path in images)
+    return {
+        "tag_frequency": json.dumps({folder: dict(tags) for folder, tags in frequency.items()}),
+        "dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": count} for folder, count in counts.items()}),
+        "num_train_images": str(len(images)),
+    }
+
+
 def check_keep_tokens(captioned: list[tuple[Path, str]], keep_tokens: int) -> None:
     """Refuse a --keep-tokens larger than an image's caption has tags: it would keep the whole caption."""
     for image, prompt in captioned:

@@ -26,7 +26,6 @@ Whole pipelines with the update baked in are written by `sdtune.merging`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -73,15 +72,18 @@ def training_metadata(path: Path, info) -> dict[str, str]:
     and AUTOMATIC1111's and Forge's LoRA metadata view and LoRA managers show them: the steps it was saved at, and
     the run's settings where its config.toml lies beside it. Only settings sdtune has: no epochs or repeats."""
     from dataclasses import MISSING, fields
-
     from types import SimpleNamespace
 
+    from .captions import TRAINING_IMAGES_KEYS
     from .config import TrainConfig, read_toml
     from .methods import method_class
     from .optimizers import kohya_optimizer_name
 
     step = str(info.extra.get("step", ""))
     metadata = {"ss_steps": step} if step.isdigit() else {}
+    # the images it was trained on, as the adapter recorded them
+    recorded = {kohya: info.extra[name] for name, kohya in TRAINING_IMAGES_KEYS.items() if name in info.extra}
+    metadata.update(recorded)
     if not (path.parent / "config.toml").is_file():
         return metadata
     saved = read_toml(path.parent / "config.toml")
@@ -97,33 +99,24 @@ def training_metadata(path: Path, info) -> dict[str, str]:
         metadata["ss_text_encoder_lr"] = str(settings["lr"] if text_lr is None else text_lr)
     if settings["resolution"]:
         metadata["ss_resolution"] = str((settings["resolution"], settings["resolution"]))  # kohya's (width, height)
-    if not settings["dataset"]:
+    if not settings["dataset"] and not recorded:
         metadata.update(_training_images_metadata(TrainConfig, settings))
     return metadata
 
 
 def _training_images_metadata(config_class, settings: dict) -> dict[str, str]:
-    """kohya-ss' `ss_tag_frequency` (per image folder, how many prompts hold each comma-separated tag: the trigger
-    words users look for), `ss_dataset_dirs` and `ss_num_train_images`, from the concept images the run's settings
-    name, read again now; nothing where they are no longer there."""
-    from collections import Counter
-
-    from .captions import tags
+    """For an adapter saved before adapters recorded their images: kohya-ss' `ss_tag_frequency`, `ss_dataset_dirs`
+    and `ss_num_train_images` from the concept images the run's settings name, read again now; nothing where they
+    are no longer there."""
+    from .captions import TRAINING_IMAGES_KEYS, training_images_record
     from .training import concept_inputs
 
     try:
         found = concept_inputs(config_class(**settings))
     except (SdtuneError, OSError, TypeError, ValueError):
         return {}
-    frequency: dict[str, Counter] = {}
-    for path, prompt, _ in found:
-        frequency.setdefault(path.parent.name, Counter()).update(set(tags(prompt)))
-    images = Counter(path.parent.name for path, _, _ in found)
-    return {
-        "ss_tag_frequency": json.dumps({folder: dict(counts) for folder, counts in frequency.items()}),
-        "ss_dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": count} for folder, count in images.items()}),
-        "ss_num_train_images": str(len(found)),
-    }
+    record = training_images_record([path for path, _, _ in found], [prompt for _, prompt, _ in found])
+    return {TRAINING_IMAGES_KEYS[name]: value for name, value in record.items()}
 
 
 def export_adapter(

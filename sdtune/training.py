@@ -935,7 +935,11 @@ class Trainer:
         extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(self.global_step))
         if len(config.concepts) > 1 and not config.dataset:  # sampling fills each <name> with its own token
             extra.update(token=config.concept_tokens[config.concepts[0]], concept_tokens=json.dumps(config.concept_tokens))
+        from .captions import training_images_record
         from .token_embeddings import trained_rows
+
+        if not config.dataset:  # its kohya export's trigger words, wherever the images are by then
+            extra.update(training_images_record(self.inputs.image_paths, self.inputs.prompts))
 
         def token_rows():  # the new tokens' rows as the parameters hold them now
             return trained_rows(self.pipe) if self.token_parameters else None

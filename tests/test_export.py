@@ -695,8 +695,9 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
 
 
 def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
-    """ss_tag_frequency: per image folder, how many prompts hold each comma-separated tag (placeholders filled);
-    left out once the images are gone."""
+    """ss_tag_frequency: per image folder, how many prompts hold each comma-separated tag (placeholders filled), as the
+    adapter recorded them in training, so the images may be gone by export; an adapter without the record (saved
+    before adapters kept it) has them read again from its run's images, left out once those are gone."""
     import shutil
 
     from PIL import Image
@@ -722,11 +723,29 @@ def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
     assert json.loads(metadata["ss_dataset_dirs"]) == {"dog-photos": {"n_repeats": 1, "img_count": 4}}
     assert metadata["ss_num_train_images"] == "4"
 
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    with safe_open(str(adapter), framework="pt") as handle:
+        header = handle.metadata()
+    older = {key: value for key, value in header.items() if key not in ("tag_frequency", "dataset_dirs", "num_train_images")}
+    assert len(older) == len(header) - 3
+    (tmp_path / "older").mkdir()
+    shutil.copy(tmp_path / "run" / "config.toml", tmp_path / "older" / "config.toml")
+    save_file(load_file(adapter), str(tmp_path / "older" / "adapter.safetensors"), older)
+    export_adapter(tmp_path / "older", "kohya", tmp_path / "older.safetensors")
+    with safe_open(str(tmp_path / "older.safetensors"), framework="pt") as handle:
+        read_again = handle.metadata()
+    keys = ("ss_tag_frequency", "ss_dataset_dirs", "ss_num_train_images")
+    assert {key: read_again[key] for key in keys} == {key: metadata[key] for key in keys}
+
     shutil.rmtree(photos)
     export_adapter(tmp_path / "run", "kohya", tmp_path / "later.safetensors")
     with safe_open(str(tmp_path / "later.safetensors"), framework="pt") as handle:
         later = handle.metadata()
-    assert "ss_tag_frequency" not in later and later["ss_learning_rate"] == metadata["ss_learning_rate"]
+    assert {key: later[key] for key in keys} == {key: metadata[key] for key in keys}
+    export_adapter(tmp_path / "older", "kohya", tmp_path / "older-later.safetensors")
+    with safe_open(str(tmp_path / "older-later.safetensors"), framework="pt") as handle:
+        older_later = handle.metadata()
+    assert "ss_tag_frequency" not in older_later and older_later["ss_learning_rate"] == metadata["ss_learning_rate"]
 
 
 @pytest.mark.parametrize("model,architecture,prediction,version", [
