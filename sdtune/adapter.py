@@ -256,7 +256,8 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
 
     Merged, the UNet (and the text encoder, where the adapter changes it) is plain again, with the update in its
     weights; unmerged (`merge=False`, sdtune adapters only), the method's layers compute the update,
-    and the returned method can be trained further, rescaled or merged. See `open_adapter`.
+    and the returned method can be trained further, rescaled or merged. See `open_adapter`. A strength past 1 that
+    makes a merged weight overflow its dtype raises SdtuneError, and the pipeline's weights are then not finite.
     """
     from .methods.base import checked_scale
 
@@ -269,7 +270,33 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
         adapter.set_scale(scale)
     if merge:
         adapter.merge(keep_base=False)
+        if abs(scale) > 1:  # only a strength past 1 can take an adapter's checked values past the dtype's range
+            check_merged_weights_finite(pipeline, f"scale {scale:g}")
     return adapter
+
+
+def _module_name(pipeline, module) -> str:
+    """`module`'s name in the pipeline's UNet or text encoders (text encoders' with their attribute)."""
+    from .models import TEXT_ENCODER_COMPONENTS
+
+    for attribute in ("unet", *TEXT_ENCODER_COMPONENTS):
+        model = getattr(pipeline, attribute, None)
+        for name, candidate in model.named_modules() if model is not None else ():
+            if candidate is module:
+                return f"{attribute}.{name}"
+    return type(module).__name__
+
+
+def check_merged_weights_finite(pipeline, what: str) -> None:
+    """Refuse, naming the first weight, a merge that left a weight infinite or NaN (a huge strength)."""
+    from .models import text_encoders
+    from .safetensors_checks import first_non_finite
+
+    for part, model in (("unet", pipeline.unet), *(("text encoder", encoder) for encoder in text_encoders(pipeline))):
+        overflowed = first_non_finite(dict(model.named_parameters()))
+        if overflowed:
+            raise SdtuneError(f"{what} makes the merged {part} weight {overflowed} overflow {str(model.dtype).removeprefix('torch.')}; "
+                              "use a smaller scale")
 
 
 def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
@@ -289,7 +316,8 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     (another base model) is refused before any weight changes. Kohya files and methods that train weights in
     place hold their whole update from the start (the file's differences, the initial weights): those are added
     up as they are read, where no update computed on demand comes before them in the stack. Two adapters of the same
-    concept where either brings new tokens are refused before any is bound.
+    concept where either brings new tokens are refused before any is bound. Strengths that make a merged weight
+    overflow its dtype raise SdtuneError before that weight changes, with the layers before it merged.
     """
     import warnings
 
@@ -335,7 +363,13 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
             if total is not None:
                 remember_base_samples([module])  # its weights before this first change
                 weight = getattr(module, attr)
-                weight += total.to(weight.device, weight.dtype)
+                merged = weight + total.to(weight.device, weight.dtype)
+                if not bool(merged.isfinite().all()):  # a huge strength: refused before this weight changes
+                    raise SdtuneError(
+                        f"strengths {', '.join(f'{s:g}' for s in scales)} make the merged weight {_module_name(pipeline, module)}."
+                        f"{attr} overflow {str(weight.dtype).removeprefix('torch.')}; use smaller strengths")
+                weight.copy_(merged)
+                del merged
             del total
     return stack
 

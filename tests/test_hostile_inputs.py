@@ -237,7 +237,8 @@ CASES = [
     ("sample-output-is-a-file", (*SAMPLE[:5], "--output", "{tmp}/a-file"), 2,
      "cannot write to output folder {tmp}/a-file/images: {tmp}/a-file is a file, not a folder"),
     # merge
-    ("merge-scale-overflows", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e308"), 2, "overflows fp32 at --scale 1e+308"),
+    ("merge-scale-overflows", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e308"), 2,
+     "scale 1e+308 makes the merged unet weight conv_in.weight overflow float32; use a smaller scale"),
     ("merge-scale-overflows-fp16", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "1e8", "--dtype", "fp16"), 2,
      "overflows fp16 at --scale 1e+08; use a smaller --scale or a wider --dtype"),
     ("merge-scale-nan", ("merge", "{runs}/atoms", "--output", "{tmp}/out", "--scale", "nan"), 2, "--scale must be a finite number"),

@@ -201,3 +201,21 @@ def test_a_refused_adapter_in_a_stack_leaves_the_base_weights_and_no_wrapper(ada
     assert after.keys() == base.keys() and all(torch.equal(after[key], base[key]) for key in base)
     assert [name for name, _ in pipe.unet.named_modules()] == names  # plain: the first two's wrappers are gone
     load_adapters([adapters["lora"]], pipe)  # and another stack can still be loaded onto it
+
+
+def test_a_strength_that_overflows_a_merged_weight_is_refused_naming_it(adapters, tiny_path):
+    """load_adapter past 1 and load_adapters check the merged weights: a huge strength is one SdtuneError naming the
+    weight (stacked: before that weight changes), where it used to leave infinities in the pipeline silently."""
+    pipe = load_pipeline("tiny-random")
+    with pytest.raises(SdtuneError, match=r"scale 1e\+308 makes the merged unet weight \S+ overflow float32; use a smaller scale"):
+        load_adapter(adapters["lora"], pipe, scale=1e308)
+    pipe = load_pipeline("tiny-random")
+    base = unet_weights(pipe)
+    with pytest.raises(SdtuneError, match=r"strengths 1, 1e\+308 make the merged weight unet\.\S+ overflow float32"):
+        load_adapters([adapters["lora"], adapters["atoms"]], pipe, [1.0, 1e308])
+    after = unet_weights(pipe)
+    assert all(bool(value.isfinite().all()) for value in after.values())  # the refused weight kept its value
+    assert after.keys() == base.keys()
+    pipe = load_pipeline("tiny-random")
+    load_adapter(adapters["lora"], pipe, scale=3.0)  # a large but finite strength still merges
+    assert all(bool(value.isfinite().all()) for value in unet_weights(pipe).values())
