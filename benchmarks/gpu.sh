@@ -4,16 +4,18 @@
 # budget, and each appends its tables to OUT_DIR/loop.md, speed.md or kernels.md as soon as it is done, so
 # a run cut short keeps everything it finished; OUT_DIR/speed.log and loop.log say how long every row took.
 # Five files at most come back (a device call returns eight).
-#   bash benchmarks/gpu.sh OUT_DIR [TOTAL_SECONDS] [GROUPS]    (default 420 s and loop,kernel,sampling,rest)
-# GROUPS, comma-separated, run in the order given:
-#   kernel   filter atoms' kernels: the Triton tap side's bf16 error against autograd on the formed weight
-#            (kernels.md ends with PASS or FAIL), the training step of every kernel against the floor and
-#            LoRA in bf16 at batch 1 and 4 (speed.md, with peak memory), the per-layer tables with the
-#            measured rule and other Triton tiles, the same in fp16, the variants (1x1, D1, kc), fp16 error
-#   loop     the whole sdtune train step and sdtune sample (loop.py)
+#   bash benchmarks/gpu.sh OUT_DIR [TOTAL_SECONDS] [GROUPS]    (default 420 s and `default`)
+# GROUPS, comma-separated, run in the order given; each is a list of parts (below), or names one part:
+#   default  everything but families, interleaved so that what the targets need comes first: the Triton
+#            kernel's bf16 error (kernels.md: PASS or FAIL), the whole train step (loop.md), every kernel's
+#            bf16 step at batch 1 and 4 against the floor and LoRA with peak memory (speed.md), fp16 sampling
+#            against plain diffusers (loop.md); then the per-layer tables with the measured rule, fp16,
+#            --compile, the variants (1x1, D1, kc), bf16 sampling, merged sampling of every method, fp32
+#   kernel   filter atoms' kernels alone: kernelcheck kernelspeed kernellayers kernel16 variants
+#   loop     the whole train step and sampling alone (loop.py): train sample16 compile samplebf16
 #   sampling merged sampling of every method; rest: fp32 tables
 #   families one training step per method on the SDXL-architecture UNet at 1024 px and the SD 2.1 one at
-#            768 px, bf16 batch 1, with peak memory (not in the default groups)
+#            768 px, bf16 batch 1, with peak memory (not in the default)
 # For the kernel issue alone: `bash benchmarks/gpu.sh OUT 300 kernel` (about 5 minutes).
 # The GPU machine has torch, Triton and peft but no diffusers: the wheels it lacks travel in the ignored
 # folder .whl (`bash benchmarks/wheels.sh` fills it here; carry .whl with the call), installed into
@@ -26,7 +28,7 @@
 set -u
 out=${1:?output folder}
 budget=${2:-420}
-groups=${3:-loop,kernel,sampling,rest}
+groups=${3:-default}
 device=${DEVICE:-cuda}
 arch=${ARCH:-sd14}
 latent=${LATENT:-64}
@@ -88,58 +90,81 @@ loop() {
 tiles=16x32x4u,8x256x4,32x32x4,8x64x2  # other Triton tiles for the per-layer tables (default: 4x128x4u)
 kernel_rows="floor,atoms,atoms[tap-triton],atoms[tap-depthwise],atoms[weight],lora"
 
-group_kernel() {
-    # 1. is the Triton kernel right in bf16? (every distinct layer; a strided odd one)
+# Each part appends its tables as it finishes; the default order puts first what the loop and kernel targets
+# need (correctness, the bf16 steps, fp16 sampling), then what explains them, then the rest.
+part_kernelcheck() {  # is the Triton kernel right in bf16? (every distinct layer; a strided odd one)
     kernels --check --dtype bf16 --batch 2
-    # 2. the training step of every kernel against the floor and LoRA, with peak memory: bf16, batch 1 and 4
+}
+
+part_train() {  # the whole sdtune train step against the bare UNet step and the floor (bf16, batch 1 and 4, atoms, LoRA)
+    loop --mixed-precision bf16 --steps 30 --warmup 10
+}
+
+part_kernelspeed() {  # the training step of every kernel against the floor and LoRA, with peak memory: bf16, batch 1 and 4
     speed --dtype bf16 --batch 1 --rows "$kernel_rows"
     speed --dtype bf16 --batch 4 --rows "$kernel_rows"
-    # 3. why: per layer, every route and tile, and the rule that the table measures
+}
+
+part_sample16() {  # sdtune sample against plain diffusers in fp16: start-up and time per image
+    loop --sampling-only --sample-dtype fp16 --sample-rounds 2
+}
+
+part_kernellayers() {  # why: per layer, every route and tile, and the rule that the table measures
     kernels --dtype bf16 --batch 1 --triton-tiles "$tiles"
     kernels --dtype bf16 --batch 4 --triton-tiles "$tiles"
-    # 4. fp16
+}
+
+part_kernel16() {  # fp16 steps and the kernel's fp16 error
     speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
     speed --dtype fp16 --batch 4 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
-    # 5. the variants: 1x1 convolutions and D1 (one mixing per channel) through the same kernels, D1 on
-    #    autograd over the formed weight for comparison, kc on its plain route; per layer, D1's mixing
-    speed --dtype bf16 --batch 1 --rows "floor,atoms{include_1x1=true},atoms{include_1x1=true}[weight],atoms{m1=4},atoms[autograd]{m1=4},atoms{kc=2},lora"
-    kernels --dtype bf16 --batch 1 --per-channel
-    kernels --check --dtype bf16 --batch 2 --per-channel
     kernels --check --dtype fp16 --batch 2
 }
 
-group_loop() {
-    # the whole sdtune train step against the bare UNet step and the floor (bf16, batch 1 and 4, atoms and
-    # LoRA), then sdtune sample against plain diffusers in fp16 (start-up and time per image); the opt-in
-    # bf16 sampling, and the opt-in --compile (its first step compiles for a minute or more)
-    loop --mixed-precision bf16 --steps 30 --warmup 10
-    loop --sampling-only --sample-dtype fp16 --sample-rounds 2
-    loop --sampling-only --sample-dtype bf16 --sample-rounds 1
+part_compile() {  # the opt-in --compile (its first step compiles for a minute or more)
     loop --mixed-precision bf16 --methods atoms,lora --batches 1,4 --compile --steps 30 --warmup 10
 }
 
-group_sampling() {
-    # merged sampling costs what the base costs, every method (fp16, as sampling runs on a GPU)
+part_variants() {
+    # 1x1 convolutions and D1 (one mixing per channel) through the same kernels, D1 on autograd over the formed
+    # weight for comparison, kc on its plain route; per layer, D1's mixing
+    speed --dtype bf16 --batch 1 --rows "floor,atoms{include_1x1=true},atoms{include_1x1=true}[weight],atoms{m1=4},atoms[autograd]{m1=4},atoms{kc=2},lora"
+    kernels --dtype bf16 --batch 1 --per-channel
+    kernels --check --dtype bf16 --batch 2 --per-channel
+}
+
+part_samplebf16() {  # the opt-in bf16 sampling
+    loop --sampling-only --sample-dtype bf16 --sample-rounds 1
+}
+
+part_sampling() {  # merged sampling costs what the base costs, every method (fp16, as sampling runs on a GPU)
     speed --dtype fp16 --batch 1 --sampling-only --rows "atoms,lora,loha,lokr,difffit,bitfit,gift,full"
 }
 
-group_rest() {
-    # fp32, with the reference formulation and full fine-tuning
+part_rest() {  # fp32, with the reference formulation and full fine-tuning
     speed --dtype fp32 --batch 1 --rows "floor,atoms,atoms[weight],atoms-reference,lora,full"
     speed --dtype fp32 --batch 4 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
 }
 
-group_families() {
-    # the later --arch and --latent override the defaults speed() passes
+part_families() {  # the later --arch and --latent override the defaults speed() passes
     local rows="floor,atoms,lora,loha,lokr,difffit,bitfit,gift,full"
     speed --arch sdxl --latent 128 --dtype bf16 --batch 1 --steps 3 --warmup 1 --rows "$rows"
     speed --arch sd2 --latent 96 --dtype bf16 --batch 1 --steps 3 --warmup 1 --rows "$rows"
 }
 
+declare -A group_parts=(
+    [default]="kernelcheck train kernelspeed sample16 kernellayers kernel16 compile variants samplebf16 sampling rest"
+    [kernel]="kernelcheck kernelspeed kernellayers kernel16 variants"
+    [loop]="train sample16 compile samplebf16"
+    [sampling]="sampling" [rest]="rest" [families]="families"
+)
 for group in ${groups//,/ }; do
-    case $group in
-        kernel | loop | sampling | rest | families) "group_$group" ;;
-        *) echo "unknown group $group (kernel, loop, sampling, rest, families)" >>"$out/speed.log" ;;
-    esac
+    parts=${group_parts[$group]:-}
+    if [ -z "$parts" ] && declare -F "part_$group" >/dev/null; then
+        parts=$group
+    fi
+    if [ -z "$parts" ]; then
+        echo "unknown group $group (${!group_parts[*]}, or one part: ${group_parts[default]} families)" >>"$out/speed.log"
+    fi
+    for part in $parts; do "part_$part"; done
 done
 remaining=$(left); echo "finished with $((remaining > 0 ? remaining : 0)) s of the budget left" | tee -a "$out/loop.log" >>"$out/speed.log"
