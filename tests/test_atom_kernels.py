@@ -180,3 +180,31 @@ def test_filter_atoms_unet_gradients_agree_across_kernels(options, tiny_path, un
         torch.testing.assert_close(out, reference_out, rtol=1e-9, atol=1e-10)
         for grad, reference in zip(grads, reference_grads):
             torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-8)  # ΔD itself is float32
+
+
+@pytest.mark.parametrize("fold", [False, True])  # one GEMM per image, or the batch folded into the columns
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("geometry,batch,height,width", [
+    ("plain", 3, 1, 1),  # fewer batch·positions than output channels: the tap side's own forward
+    ("plain", 3, 2, 3),
+    ("plain", 2, 7, 7),  # more: the formed weight's forward, the tap side's backward
+    ("odd", 3, 2, 2),
+    ("odd", 2, 7, 5),
+])
+def test_the_unfold_route_with_the_batch_folded_or_not_is_the_definition(fold, per_channel, geometry, batch, height,
+                                                                       width, monkeypatch):
+    monkeypatch.setattr(atom_kernels, "FOLD_BATCH_MAX_POSITIONS", 1 << 30 if fold else 0)
+    torch.manual_seed(5)
+    if geometry == "plain":
+        conv = nn.Conv2d(5, 7, 3, padding=1).double().requires_grad_(False)
+    else:
+        conv = nn.Conv2d(5, 7, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)).double().requires_grad_(False)
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    x = torch.randn(batch, 5, height, width, dtype=torch.float64, requires_grad=True)
+    mixing = (0.3 * torch.randn(*((5,) if per_channel else ()), taps, taps, dtype=torch.float64)).requires_grad_()
+
+    def fast(x, mixing):
+        return apply("tap-unfold", x, conv, mixing)
+
+    torch.testing.assert_close(fast(x, mixing), literal(x, conv, mixing), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fast, (x, mixing))
