@@ -252,3 +252,64 @@ def test_the_block_size_flag_reaches_the_method_before_the_model_loads(tmp_path,
     first = result.output.splitlines()[0]
     assert first.startswith("oft (block_size=16, targets=attn,") and f": {expected.num_parameters():,} trained" in first
     assert "lr 3e-05" in result.output
+
+
+@pytest.mark.parametrize("geometry", [
+    # (c_in, c_out, kernel, stride, padding, dilation, block, batch, height, width)
+    (5, 7, 3, 1, 1, 1, 5, 2, 6, 6),  # blocks of 5 across channels' 9 taps; the formed weight's forward
+    (4, 9, 3, 2, 1, 1, 3, 3, 5, 4),  # stride 2
+    (6, 3, (3, 2), (2, 1), (2, 0), (2, 1), 4, 2, 7, 5),  # a 3x2 kernel, dilation, uneven padding
+    (5, 40, 3, 1, 1, 1, 9, 3, 2, 2),  # more output channels than batch·positions: the rotated input's forward,
+    (5, 100, 3, 1, 1, 1, 9, 1, 9, 9),  # with the batch folded into the GEMMs above and per image here
+    (8, 5, 1, 1, 0, 1, 4, 2, 3, 3),  # 1x1
+])
+def test_the_input_route_is_the_rotated_weights_convolution(geometry):
+    """InputRotatedConv (a CPU's route for OFT on convolutions: no weight gradient, no formed weight kept) equals
+    conv2d(x, W·Aᵀ by blocks), values and gradients for x and A, by gradcheck in float64."""
+    from sdtune.methods.oft import InputRotatedConv
+
+    c_in, c_out, kernel, stride, padding, dilation, size, batch, height, width = geometry
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation).double().requires_grad_(False)
+    blocks = conv.weight[0].numel() // size
+    x = torch.randn(batch, c_in, height, width, dtype=torch.float64, requires_grad=True)
+    mixing = (torch.eye(size, dtype=torch.float64) + 0.3 * torch.randn(blocks, size, size, dtype=torch.float64)).requires_grad_()
+
+    def fast(x, mixing):
+        return InputRotatedConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+    def literal(x, mixing):
+        formed = torch.einsum("onj,nij->oni", conv.weight.reshape(c_out, blocks, size), mixing).reshape(conv.weight.shape)
+        return nn.functional.conv2d(x, formed, conv.bias, conv.stride, conv.padding, conv.dilation)
+
+    torch.testing.assert_close(fast(x, mixing), literal(x, mixing), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(fast, (x, mixing))
+
+
+@pytest.mark.parametrize("options", [{}, {"block_share": True}, {"coft": True}, {"targets": "all", "block_size": 16}])
+def test_the_unets_gradients_agree_between_the_input_and_the_formed_weight_routes(options, tiny_pipe, inputs, monkeypatch):
+    """The tiny UNet with OFT at strength 0.7: the same output and the same gradient of every Q whichever route its
+    convolutions take (a CPU's input route, CUDA's formed weight)."""
+    from sdtune.methods import oft
+
+    method = methods.create("oft", **options)
+    method.inject(tiny_pipe.unet)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in method.layers.values():
+            layer.oft_R.weight.copy_(0.05 * torch.randn(layer.oft_R.weight.shape, generator=generator))
+    method.set_scale(0.7)
+    calls = []
+    apply = oft.InputRotatedConv.apply
+    monkeypatch.setattr(oft.InputRotatedConv, "apply", lambda *args: calls.append(1) or apply(*args))
+    results = {}
+    for route in ("input", "weight"):
+        monkeypatch.setattr(oft, "CONV_ROUTE", {"cpu": route})
+        latents, timesteps, conditions = inputs
+        output = tiny_pipe.unet(latents, timesteps, conditions).sample
+        results[route] = (output.detach(), torch.autograd.grad(output.square().mean(), method.trainable_parameters()))
+    convolutions = sum(isinstance(layer.base_layer, nn.Conv2d) for layer in method.layers.values())
+    assert len(calls) == convolutions > 0  # every trained convolution, on the input route's pass alone
+    torch.testing.assert_close(results["input"][0], results["weight"][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(results["input"][1], results["weight"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)

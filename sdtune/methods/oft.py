@@ -58,10 +58,79 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
 from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
+
+# How a trained k×k convolution computes, per device type: "input" rotates the unfolded input by the blocks and
+# convolves with the frozen W (`InputRotatedConv`: no weight gradient, no formed weight kept); "weight" forms
+# W + S·ΔW and lets autograd take the convolution's weight gradient. On a CPU (SD v1.4, 16x16 latents, one thread)
+# a step with OFT on the convolutions cost 4.9x the frozen floor with 1.64x its peak memory through the formed
+# weight (benchmarks/RESULTS.md); CUDA keeps the formed weight until measured there.
+CONV_ROUTE = {"cpu": "input"}
+# output positions per image up to which the batch is folded into the GEMMs' columns (as filter atoms' unfold route)
+FOLD_BATCH_MAX_POSITIONS = 64
+
+
+def _matmul_over_batch(matrix: torch.Tensor, batched: torch.Tensor) -> torch.Tensor:
+    """matrix (m, k) @ batched (batch, k, p) -> (batch, m, p); one GEMM over the whole batch on small maps."""
+    batch, _, positions = batched.shape
+    if batch == 1 or positions > FOLD_BATCH_MAX_POSITIONS:
+        return torch.matmul(matrix, batched)
+    columns = batched.transpose(0, 1).reshape(batched.shape[1], -1)
+    return torch.matmul(matrix, columns).view(matrix.shape[0], batch, positions).transpose(0, 1)
+
+
+class InputRotatedConv(torch.autograd.Function):
+    """conv2d(x, W') with W' = W·Aᵀ block by block on the flattened input axis (c_in·k·k in blocks of b, A (n, b, b)):
+    the unfolded input's blocks are turned by Aᵀ and convolved with the frozen W. Backward: H = Wᵀ·G (the frozen
+    convolution's input-gradient GEMM), grad_x = fold(A·H), dL/dA = Σ U·Hᵀ over batch and positions, per block.
+    Gradients for x and A only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mixing, bias, stride, padding, dilation):
+        batch, channels, height, width = x.shape
+        out_channels, _, kh, kw = weight.shape
+        blocks, size = mixing.shape[0], mixing.shape[-1]
+        ctx.save_for_backward(x, weight, mixing)
+        ctx.geometry = (stride, padding, dilation)
+        unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (batch, D, P)
+        positions = unfolded.shape[-1]
+        out_height = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        if out_channels <= batch * positions:  # the formed weight is no bigger than the unfolded input
+            del unfolded
+            formed = torch.einsum("onj,nij->oni", weight.reshape(out_channels, blocks, size), mixing)
+            return F.conv2d(x, formed.reshape(weight.shape), bias, stride, padding, dilation)
+        turned = torch.matmul(mixing.transpose(1, 2), unfolded.view(batch, blocks, size, positions))
+        del unfolded
+        out = _matmul_over_batch(weight.reshape(out_channels, -1), turned.view(batch, -1, positions))
+        if bias is not None:
+            out = out + bias.view(1, -1, 1)
+        return out.reshape(batch, out_channels, out_height, positions // out_height)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mixing = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        batch, channels, height, width = x.shape
+        out_channels, _, kh, kw = weight.shape
+        blocks, size = mixing.shape[0], mixing.shape[-1]
+        grad_taps = _matmul_over_batch(weight.reshape(out_channels, -1).T, grad.reshape(batch, out_channels, -1))
+        grad_taps = grad_taps.reshape(batch, blocks, size, -1)  # H, (batch, n, b, P)
+        grad_mixing = grad_x = None
+        if ctx.needs_input_grad[2]:
+            unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+            unfolded = unfolded.view(batch, blocks, size, -1)
+            # Σ over batch and positions of U·Hᵀ, per block: one batched GEMM over blocks
+            by_block = unfolded.permute(1, 2, 0, 3).reshape(blocks, size, -1)  # (n, b, batch·P)
+            grad_mixing = torch.matmul(by_block, grad_taps.permute(1, 0, 3, 2).reshape(blocks, -1, size))
+            del unfolded
+        if ctx.needs_input_grad[0]:
+            turned = torch.matmul(mixing, grad_taps).view(batch, channels * kh * kw, -1)
+            grad_x = F.fold(turned, (height, width), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        return grad_x, None, grad_mixing, None, None, None, None
 
 
 
@@ -136,7 +205,8 @@ class OftLayer(DeltaLayer):
     def backward_bytes(self, compute_bytes: int) -> int:
         """Besides the formed weight W' = W + S·ΔW (measured: tests/test_memory_estimate.py): three float32 tensors of the
         trained blocks (the Cayley transform's and R − I), the exact Cayley's int32 pivots, peft's int64 rows
-        and columns of Q's free entries, and under mixed precision W cast to the compute dtype for the einsum."""
+        and columns of Q's free entries, and under mixed precision W cast to the compute dtype for the einsum.
+        On a CPU's input route (`CONV_ROUTE`) a convolution keeps no formed weight: this is then an upper bound."""
         rotation, size = self.oft_R, self.oft_R.block_size
         trained_blocks = rotation.weight.shape[0]  # n, or 1 with block_share
         blocks = 3 * trained_blocks * size * size * 4
@@ -144,6 +214,21 @@ class OftLayer(DeltaLayer):
         free_entries = 2 * (size * (size - 1) // 2) * 8
         cast = self.base_layer.weight.numel() * compute_bytes if compute_bytes != 4 else 0
         return super().backward_bytes(compute_bytes) + blocks + pivots + free_entries + cast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if not (
+            isinstance(base, nn.Conv2d) and CONV_ROUTE.get(x.device.type) == "input" and torch.is_grad_enabled()
+            and self.oft_R.weight.requires_grad and not base.weight.requires_grad and base.groups == 1
+            and base.padding_mode == "zeros" and not isinstance(base.padding, str) and x.dtype == base.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return super().forward(x)
+        rotation = self.rotation()
+        eye = torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
+        mixing = (eye + self.scale * (rotation - eye)).to(x.dtype)  # I + S·(R − I): W + S·ΔW = W·mixingᵀ by blocks
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        return InputRotatedConv.apply(x, base.weight, mixing, bias, base.stride, base.padding, base.dilation)
 
     def delta_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
