@@ -304,7 +304,7 @@ def test_the_unets_gradients_agree_between_the_input_and_the_formed_weight_route
     monkeypatch.setattr(oft.InputRotatedConv, "apply", lambda *args: calls.append(1) or apply(*args))
     results = {}
     for route in ("input", "weight"):
-        monkeypatch.setattr(oft, "CONV_ROUTE", {"cpu": route})
+        monkeypatch.setattr(oft, "ROUTE", {"cpu": route})
         latents, timesteps, conditions = inputs
         output = tiny_pipe.unet(latents, timesteps, conditions).sample
         results[route] = (output.detach(), torch.autograd.grad(output.square().mean(), method.trainable_parameters()))

@@ -64,12 +64,12 @@ from torch import nn
 from ..errors import SdtuneError
 from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
 
-# How a trained k×k convolution computes, per device type: "input" rotates the unfolded input by the blocks and
-# convolves with the frozen W (`InputRotatedConv`: no weight gradient, no formed weight kept); "weight" forms
-# W + S·ΔW and lets autograd take the convolution's weight gradient. On a CPU (SD v1.4, 16x16 latents, one thread)
+# How a trained layer computes, per device type: "input" turns the layer's input by the blocks (a convolution's
+# unfolded input, `InputRotatedConv`) and applies the frozen W: no weight gradient, no formed weight kept; "weight"
+# forms W + S·ΔW and lets autograd take the layer's weight gradient. On a CPU (SD v1.4, 16x16 latents, one thread)
 # a step with OFT on the convolutions cost 4.9x the frozen floor with 1.64x its peak memory through the formed
 # weight (benchmarks/RESULTS.md); CUDA keeps the formed weight until measured there.
-CONV_ROUTE = {"cpu": "input"}
+ROUTE = {"cpu": "input"}
 # output positions per image up to which the batch is folded into the GEMMs' columns (as filter atoms' unfold route)
 FOLD_BATCH_MAX_POSITIONS = 64
 
@@ -206,7 +206,7 @@ class OftLayer(DeltaLayer):
         """Besides the formed weight W' = W + S·ΔW (measured: tests/test_memory_estimate.py): three float32 tensors of the
         trained blocks (the Cayley transform's and R − I), the exact Cayley's int32 pivots, peft's int64 rows
         and columns of Q's free entries, and under mixed precision W cast to the compute dtype for the einsum.
-        On a CPU's input route (`CONV_ROUTE`) a convolution keeps no formed weight: this is then an upper bound."""
+        On a CPU's input route (`ROUTE`) a layer keeps no formed weight: this is then an upper bound."""
         rotation, size = self.oft_R, self.oft_R.block_size
         trained_blocks = rotation.weight.shape[0]  # n, or 1 with block_share
         blocks = 3 * trained_blocks * size * size * 4
@@ -217,18 +217,22 @@ class OftLayer(DeltaLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        convolution = isinstance(base, nn.Conv2d)
         if not (
-            isinstance(base, nn.Conv2d) and CONV_ROUTE.get(x.device.type) == "input" and torch.is_grad_enabled()
-            and self.oft_R.weight.requires_grad and not base.weight.requires_grad and base.groups == 1
-            and base.padding_mode == "zeros" and not isinstance(base.padding, str) and x.dtype == base.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            ROUTE.get(x.device.type) == "input" and torch.is_grad_enabled() and self.oft_R.weight.requires_grad
+            and not base.weight.requires_grad and x.dtype == base.weight.dtype and not torch.is_autocast_enabled(x.device.type)
+            and (not convolution or (base.groups == 1 and base.padding_mode == "zeros" and not isinstance(base.padding, str)))
         ):
             return super().forward(x)
         rotation = self.rotation()
         eye = torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
         mixing = (eye + self.scale * (rotation - eye)).to(x.dtype)  # I + S·(R − I): W + S·ΔW = W·mixingᵀ by blocks
         bias = base.bias.to(x.dtype) if base.bias is not None else None
-        return InputRotatedConv.apply(x, base.weight, mixing, bias, base.stride, base.padding, base.dilation)
+        if convolution:
+            return InputRotatedConv.apply(x, base.weight, mixing, bias, base.stride, base.padding, base.dilation)
+        # a linear layer: its input's blocks turned, then the frozen W; autograd takes no weight gradient
+        turned = torch.einsum("...ni,nij->...nj", x.unflatten(-1, (self.blocks, -1)), mixing)
+        return F.linear(turned.flatten(-2), base.weight, bias)
 
     def delta_weight(self) -> torch.Tensor:
         weight = self.base_layer.weight
