@@ -10,7 +10,7 @@
 #            kernel's bf16 error (kernels.md: PASS or FAIL), the whole train step (loop.md), every kernel's
 #            bf16 step at batch 1 and 4 against the floor and LoRA with peak memory (speed.md), fp16 sampling
 #            against plain diffusers (loop.md); then the per-layer tables with the measured rule, fp16,
-#            --compile, the variants (1x1, D1, kc), bf16 sampling, merged sampling of every method, fp32
+#            --compile, the variants (1x1, D1, kc), bf16 sampling, OFT's two routes, merged sampling, fp32
 #   kernel   filter atoms' kernels alone: kernelcheck kernelspeed kernellayers kernel16 variants
 #   loop     the whole train step and sampling alone (loop.py): train sample16 compile samplebf16
 #   sampling merged sampling of every method; rest: fp32 tables
@@ -132,6 +132,10 @@ part_variants() {
     kernels --check --dtype bf16 --batch 2 --per-channel
 }
 
+part_oft() {  # OFT's two routes (CUDA takes the formed weight; a CPU the rotated input): which should CUDA take?
+    speed --dtype bf16 --batch 1 --rows "floor,oft[weight],oft[input],oft{targets=attn}[weight],oft{targets=attn}[input],lora"
+}
+
 part_samplebf16() {  # the opt-in bf16 sampling
     loop --sampling-only --sample-dtype bf16 --sample-rounds 1
 }
@@ -152,7 +156,7 @@ part_families() {  # the later --arch and --latent override the defaults speed()
 }
 
 declare -A group_parts=(
-    [default]="kernelcheck train kernelspeed sample16 kernellayers kernel16 compile variants samplebf16 sampling rest"
+    [default]="kernelcheck train kernelspeed sample16 kernellayers kernel16 compile variants samplebf16 oft sampling rest"
     [kernel]="kernelcheck kernelspeed kernellayers kernel16 variants"
     [loop]="train sample16 compile samplebf16"
     [sampling]="sampling" [rest]="rest" [families]="families"

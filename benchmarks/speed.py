@@ -24,7 +24,8 @@ process and the peak is torch.cuda.max_memory_allocated, reset before each row. 
   combinable with a kernel: atoms{include_1x1=true}[tap-triton])
 - atoms-reference: the reference code's formulation, the frozen conv plus a second conv with ΔW
 - lora / loha / lokr: peft on the same 52 3x3 convolutions, rank 4
-- others: the method with its defaults; any row takes options as atoms' do (oft{targets=attn}, lora{targets=attn})
+- others: the method with its defaults; any row takes options as atoms' do (oft{targets=attn}, lora{targets=attn});
+  oft[input] and oft[weight] put every OFT layer on one route (`oft.ROUTE`: the rotated input, or the formed weight)
 
 `--load N` starts N busy processes (a pure-Python spin loop each, or with `--load-kind torch` torch's
 elementwise kernels on two threads) for the whole measurement and stops them after it: a training step
@@ -120,11 +121,18 @@ def apply_row(row: str, unet):
         if row == "atoms-reference":
             use_two_convolutions(method)
         return method, params
-    name = row.split("{")[0]
+    name = row.split("{")[0].split("[")[0]
     options = {"rank": 4, "targets": "conv3x3"} if name in ("lora", "loha", "lokr") else {}
     options.update(atoms_options(row[row.index("{") + 1 : row.index("}")]) if "{" in row else {})
     method = methods.create(name, **options)
-    return method, method.inject(unet)
+    params = method.inject(unet)
+    if "[" in row:  # oft[input], oft[weight]: every layer on that route
+        route = row[row.index("[") + 1 : row.index("]")]
+        if name != "oft" or route not in ("input", "weight"):
+            raise ValueError(f"unknown route {route!r} for {name}; oft takes [input] or [weight]")
+        for layer in method.layers.values():
+            layer.route = route
+    return method, params
 
 
 def atoms_options(text: str) -> dict:  # any method's options, as a row's {...} gives them

@@ -313,3 +313,23 @@ def test_the_unets_gradients_agree_between_the_input_and_the_formed_weight_route
     torch.testing.assert_close(results["input"][0], results["weight"][0], rtol=1e-4, atol=1e-5)
     for a, b in zip(results["input"][1], results["weight"][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["conv3x3", "linear"])
+def test_the_input_route_under_bf16_autocast_computes_as_the_formed_weight_does(kind):
+    """Under autocast the input route runs in autocast's dtype, as the formed weight's convolution or matmul does:
+    the same output dtype, and values and Q's gradient within bf16's rounding of the formed weight's."""
+    torch.manual_seed(0)
+    base = (nn.Conv2d(16, 24, 3, padding=1) if kind == "conv3x3" else nn.Linear(64, 48)).requires_grad_(False)
+    layer = perturbed(OftLayer(base, OftOptions(block_size=16)), scale=0.1)
+    layer.scale = 0.8
+    x = torch.randn(2, 16, 6, 6) if kind == "conv3x3" else torch.randn(2, 5, 64)
+    results = {}
+    for route in ("input", "weight"):
+        layer.route = route
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = layer(x)
+        results[route] = (output, torch.autograd.grad(output.float().square().mean(), layer.oft_R.weight)[0])
+    assert results["input"][0].dtype == results["weight"][0].dtype == torch.bfloat16
+    torch.testing.assert_close(results["input"][0].float(), results["weight"][0].float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(results["input"][1], results["weight"][1], rtol=0.1, atol=0.1 * results["weight"][1].abs().max().item())
