@@ -444,3 +444,26 @@ def test_lora_dropout_with_dora_goes_to_lycoris_args(base_unet):
     assert metadata["ss_network_module"] == "lycoris.kohya"
     assert json.loads(metadata["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_output": "True",
                                                        "module_dropout": "0.25", "conv_dim": "4", "conv_alpha": "4"}
+
+
+def test_lora_dropout_survives_the_adapter_file_into_the_kohya_export(tiny_path, tmp_path):
+    """The options travel in the sdtune adapter's metadata; the kohya file written from it carries networks.lora's
+    network args."""
+    import json
+
+    from safetensors import safe_open
+
+    from sdtune.adapter import save_adapter
+    from sdtune.export import export_adapter
+    from sdtune.models import load_pipeline
+
+    method = methods.create("lora", rank_dropout=0.1, module_dropout=0.05)
+    method.inject(load_pipeline("tiny-random").unet)
+    randomize(method)
+    save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random")
+    export_adapter(tmp_path / "adapter.safetensors", "kohya", tmp_path / "kohya.safetensors")
+    with safe_open(str(tmp_path / "kohya.safetensors"), "pt") as kohya:
+        metadata = kohya.metadata()
+    assert metadata["ss_network_module"] == "networks.lora"
+    args = json.loads(metadata["ss_network_args"])
+    assert (args["rank_dropout"], args["module_dropout"]) == ("0.1", "0.05")
