@@ -467,3 +467,25 @@ def test_lora_dropout_survives_the_adapter_file_into_the_kohya_export(tiny_path,
     assert metadata["ss_network_module"] == "networks.lora"
     args = json.loads(metadata["ss_network_args"])
     assert (args["rank_dropout"], args["module_dropout"]) == ("0.1", "0.05")
+
+
+def test_lora_dropout_masks_are_redrawn_alike_under_gradient_checkpointing(base_unet):
+    """--gradient-checkpointing reruns each block's forward in the backward pass: torch's checkpoint restores the
+    RNG first, so the recomputed masks and skips are the drawn ones and the gradients are exactly as without it."""
+    inputs = (torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 600]),
+              torch.randn(2, 8, base_unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(6)))
+    gradients = []
+    for checkpointing in (False, True):
+        unet = copy.deepcopy(base_unet).train()
+        method = methods.create("lora", rank_dropout=0.5, module_dropout=0.3)
+        method.inject(unet)
+        randomize(method)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        torch.manual_seed(0)
+        unet(*inputs).sample.square().mean().backward()
+        gradients.append([p.grad for p in method.trainable_parameters()])
+    skipped = [grad is None for grad in gradients[0]]
+    assert any(skipped) and not all(skipped)  # module dropout left some layers out of this step
+    assert [grad is None for grad in gradients[1]] == skipped
+    assert all(torch.equal(a, b) for a, b in zip(*gradients) if a is not None)
