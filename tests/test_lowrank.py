@@ -54,7 +54,9 @@ def randomize(method, seed=0):
         ("lora", {"dropout": 1.0}, "--lora-dropout must be a probability in [0, 1), got 1.0"),
         ("loha", {"rank_dropout": -0.1}, "--rank-dropout must be a probability in [0, 1), got -0.1"),
         ("lokr", {"module_dropout": "half"}, "--module-dropout must be a probability in [0, 1), got 'half'"),
-        ("lora", {"rank_dropout": 0.1}, "method 'lora' has no option(s) rank_dropout"),
+        ("lora", {"rank_dropout": 1}, "--rank-dropout must be a probability in [0, 1), got 1"),
+        ("lora", {"module_dropout": True}, "--module-dropout must be a probability in [0, 1), got True"),
+        ("lora", {"dora": True, "rank_dropout": 0.1}, "--rank-dropout does not apply with --dora"),
         ("loha", {"dropout": 0.1}, "method 'loha' has no option(s) dropout"),
     ],
 )
@@ -209,7 +211,8 @@ def test_sd14_counts_match_the_formula_for_every_case():
         (["--method", "lora", "--tucker"], "--tucker applies to --method loha/lokr, not lora"),
         (["--method", "lokr", "--dora"], "--dora applies to --method lora, not lokr"),
         (["--method", "lokr", "--targets", "mlp"], "--targets 'mlp' is not available"),
-        (["--method", "lora", "--rank-dropout", "0.1"], "--rank-dropout applies to --method loha/lokr, not lora"),
+        (["--method", "oft", "--rank-dropout", "0.1"], "--rank-dropout applies to --method lora/loha/lokr, not oft"),
+        (["--method", "lora", "--dora", "--rank-dropout", "0.1"], "--rank-dropout does not apply with --dora"),
         (["--method", "loha", "--lora-dropout", "0.1"], "--lora-dropout applies to --method lora, not loha"),
     ],
 )
@@ -231,15 +234,18 @@ def test_cli_flags_set_the_options(train_options):
 
 
 # ---------------------------------------------------------------------------------------------
-# Dropout: peft's lora_dropout (LoRA), rank_dropout and module_dropout (LoHa, LoKr), in training only
+# Dropout: peft's lora_dropout (LoRA), kohya-ss' rank_dropout and module_dropout (LoRA), peft's (LyCORIS')
+# rank_dropout and module_dropout (LoHa, LoKr), in training only
 
-DROPOUT_CASES = [("lora", {"dropout": 0.5}), ("loha", {"rank_dropout": 0.5, "module_dropout": 0.3}),
-                 ("lokr", {"rank_dropout": 0.5, "module_dropout": 0.3})]
+DROPOUT_CASES = [("lora", {"dropout": 0.5}), ("lora", {"rank_dropout": 0.5, "module_dropout": 0.3}),
+                 ("loha", {"rank_dropout": 0.5, "module_dropout": 0.3}), ("lokr", {"rank_dropout": 0.5, "module_dropout": 0.3})]
 
 
 def test_cli_dropout_flags_set_the_options(train_options):
     assert train_options("--method", "lora", "--lora-dropout", "0.1") == {"dropout": 0.1}
     assert train_options("--method", "lokr", "--rank-dropout", "0.25", "--module-dropout", "0.1") == {
+        "rank_dropout": 0.25, "module_dropout": 0.1}
+    assert train_options("--method", "lora", "--rank-dropout", "0.25", "--module-dropout", "0.1") == {
         "rank_dropout": 0.25, "module_dropout": 0.1}
 
 
@@ -275,14 +281,16 @@ def test_dropout_is_recorded_where_kohya_and_peft_write_it(name, options, base_u
     method.inject(copy.deepcopy(base_unet))
     _, metadata = method.kohya_tensors(method.state_dict())
     args = json.loads(metadata["ss_network_args"])
-    if name == "lora":  # kohya-ss' --network_dropout
+    assert metadata["ss_network_module"] == ("networks.lora" if name == "lora" else "lycoris.kohya")
+    if "dropout" in options:  # kohya-ss' --network_dropout
         assert metadata["ss_network_dropout"] == "0.5" and "rank_dropout" not in args
-    else:  # LyCORIS' network args
+    else:  # network args, strings as kohya-ss passes them: its own LoRA's, LyCORIS'
         assert (args["rank_dropout"], args["module_dropout"]) == ("0.5", "0.3") and "ss_network_dropout" not in metadata
     config = method.to_peft_config(["conv_in"])
-    recorded = {"dropout": config.lora_dropout} if name == "lora" else {
-        "rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout}
-    assert recorded == options
+    if name == "lora":  # peft's LoraConfig has lora_dropout only: kohya-ss' dropouts are sdtune's, on its layers
+        assert config.lora_dropout == options.get("dropout", 0.0)
+    else:
+        assert {"rank_dropout": config.rank_dropout, "module_dropout": config.module_dropout} == options
     plain = methods.create(name)
     plain.inject(copy.deepcopy(base_unet))
     _, plain_metadata = plain.kohya_tensors(plain.state_dict())
@@ -290,7 +298,8 @@ def test_dropout_is_recorded_where_kohya_and_peft_write_it(name, options, base_u
     assert not set(plain.options_dict()) & {"dropout", "rank_dropout", "module_dropout"}  # adapters as before
 
 
-@pytest.mark.parametrize("name,options", [("lora", {"dropout": 0.3}), ("loha", {"rank_dropout": 0.3, "module_dropout": 0.2})])
+@pytest.mark.parametrize("name,options", [("lora", {"dropout": 0.3}), ("lora", {"rank_dropout": 0.3, "module_dropout": 0.2}),
+                                          ("loha", {"rank_dropout": 0.3, "module_dropout": 0.2})])
 def test_a_run_with_dropout_resumes_exactly_and_validates_without_it(name, options, tmp_path, tiny_path, monkeypatch):
     from helpers import uninterrupted_and_resumed
 
@@ -341,3 +350,142 @@ def test_loha_rank_dropout_of_every_channel_leaves_the_update_out_not_nan(base_u
         expected = full * (mask / mask.mean()).view(-1, 1, 1, 1) if mask.any() else torch.zeros_like(full)
         torch.testing.assert_close(delta, expected)
     assert any(not mask.any() for mask in masks) and any(mask.any() for mask in masks)
+
+
+# kohya-ss' rank and module dropout on peft's LoRA layers (sd-scripts' networks/lora.py, LoRAModule.forward)
+
+KOHYA_LAYERS = {"conv": ("down_blocks.0.resnets.0.conv1", (3, 32, 8, 8)),  # a conv map: the mask over channels
+                "tokens": ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", (3, 5, 64)),  # over the last dim
+                "vectors": ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", (3, 64))}
+
+
+def kohya_layer(base_unet, module: str, **options):
+    """One of a LoRA's layers (rank 4, alpha 2: scale 1/2) with random factors, in training mode."""
+    method = methods.create("lora", rank=4, alpha=2, **options)
+    unet = copy.deepcopy(base_unet)
+    method.inject(unet)
+    randomize(method)
+    return method.layers[module].train()
+
+
+@pytest.mark.parametrize("module_dropout", [0.0, 0.4])
+@pytest.mark.parametrize("kind", list(KOHYA_LAYERS))
+def test_lora_rank_dropout_is_kohyas_formula(kind, module_dropout, base_unet):
+    """Against kohya's forward written out with the same seeded draws: base(x) + B(A(x)·mask)·(α/r)/(1 − p),
+    the mask rand(batch, r) > p over the rank features (channels of a conv map, last dim of tokens), after
+    rand(1) < module_dropout, which returns base(x) alone."""
+    import torch.nn.functional as F
+
+    module, shape = KOHYA_LAYERS[kind]
+    p, rank, scale = 0.5, 4, 0.5
+    layer = kohya_layer(base_unet, module, rank_dropout=p, module_dropout=module_dropout)
+    base, down, up = layer.get_base_layer(), layer.lora_A["sdtune"].weight, layer.lora_B["sdtune"].weight
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    outcomes = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = layer(x)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            org = base(x)
+            if module_dropout and torch.rand(1) < module_dropout:
+                assert torch.equal(out, org)
+                outcomes.add("skipped")
+                continue
+            if kind == "conv":
+                lx = F.conv2d(x, down, stride=base.stride, padding=base.padding)
+            else:
+                lx = F.linear(x, down)
+            mask = torch.rand((lx.size(0), rank)) > p
+            mask = mask[:, :, None, None] if lx.ndim == 4 else mask[:, None, :] if lx.ndim == 3 else mask
+            lx = lx * mask
+            lx = F.conv2d(lx, up) if kind == "conv" else F.linear(lx, up)
+            expected = org + lx * (scale * (1.0 / (1.0 - p)))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        outcomes.add("masked")
+        assert not mask.all() and mask.any()
+    assert outcomes == ({"skipped", "masked"} if module_dropout else {"masked"})
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_module_dropout_returns_the_base_output_exactly(dora, base_unet):
+    module, shape = KOHYA_LAYERS["conv"]
+    layer = kohya_layer(base_unet, module, module_dropout=0.5, dora=dora)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = layer.get_base_layer()(x)
+        full = layer.eval()(x)  # peft's forward: what every step that keeps the layer computes
+        layer.train()
+        assert not torch.equal(full, base)
+        skipped = []
+        for seed in range(16):
+            torch.manual_seed(seed)
+            drawn = bool(torch.rand(1) < 0.5)
+            torch.manual_seed(seed)
+            assert torch.equal(layer(x), base if drawn else full)
+            skipped.append(drawn)
+    assert any(skipped) and not all(skipped)
+
+
+def test_lora_dropout_flags_say_which_dropout_each_method_has():
+    shown = methods.option_flag_help("--rank-dropout")
+    assert shown.startswith("lora: drop each of the r features after lora_down") and "kohya-ss' rank_dropout" in shown
+    assert "loha/lokr: drop each output channel of ΔW" in shown
+    assert methods.option_flag_help("--module-dropout").startswith("lora: skip a layer's whole update")
+
+
+def test_lora_dropout_with_dora_goes_to_lycoris_args(base_unet):
+    import json
+
+    method = methods.create("lora", dora=True, module_dropout=0.25)
+    method.inject(copy.deepcopy(base_unet))
+    _, metadata = method.kohya_tensors(method.state_dict())
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "lora", "dora_wd": "True", "wd_on_output": "True",
+                                                       "module_dropout": "0.25", "conv_dim": "4", "conv_alpha": "4"}
+
+
+def test_lora_dropout_survives_the_adapter_file_into_the_kohya_export(tiny_path, tmp_path):
+    """The options travel in the sdtune adapter's metadata; the kohya file written from it carries networks.lora's
+    network args."""
+    import json
+
+    from safetensors import safe_open
+
+    from sdtune.adapter import save_adapter
+    from sdtune.export import export_adapter
+    from sdtune.models import load_pipeline
+
+    method = methods.create("lora", rank_dropout=0.1, module_dropout=0.05)
+    method.inject(load_pipeline("tiny-random").unet)
+    randomize(method)
+    save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random")
+    export_adapter(tmp_path / "adapter.safetensors", "kohya", tmp_path / "kohya.safetensors")
+    with safe_open(str(tmp_path / "kohya.safetensors"), "pt") as kohya:
+        metadata = kohya.metadata()
+    assert metadata["ss_network_module"] == "networks.lora"
+    args = json.loads(metadata["ss_network_args"])
+    assert (args["rank_dropout"], args["module_dropout"]) == ("0.1", "0.05")
+
+
+def test_lora_dropout_masks_are_redrawn_alike_under_gradient_checkpointing(base_unet):
+    """--gradient-checkpointing reruns each block's forward in the backward pass: torch's checkpoint restores the
+    RNG first, so the recomputed masks and skips are the drawn ones and the gradients are exactly as without it."""
+    inputs = (torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 600]),
+              torch.randn(2, 8, base_unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(6)))
+    gradients = []
+    for checkpointing in (False, True):
+        unet = copy.deepcopy(base_unet).train()
+        method = methods.create("lora", rank_dropout=0.5, module_dropout=0.3)
+        method.inject(unet)
+        randomize(method)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        torch.manual_seed(0)
+        unet(*inputs).sample.square().mean().backward()
+        gradients.append([p.grad for p in method.trainable_parameters()])
+    skipped = [grad is None for grad in gradients[0]]
+    assert any(skipped) and not all(skipped)  # module dropout left some layers out of this step
+    assert [grad is None for grad in gradients[1]] == skipped
+    assert all(torch.equal(a, b) for a, b in zip(*gradients) if a is not None)

@@ -39,6 +39,7 @@ CASES = [
     ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}, 1e-2),
     ("lokr", {"targets": "conv", "rank": 2, "tucker": True}, 1e-2),
     ("lora", {"dropout": 0.2}, 1e-3),  # dropout acts in training only: every check here runs the UNet in eval mode
+    ("lora", {"rank_dropout": 0.2, "module_dropout": 0.2}, 1e-3),
     ("loha", {"rank_dropout": 0.2, "module_dropout": 0.2}, 1e-2),
     ("lokr", {"rank_dropout": 0.2, "module_dropout": 0.2}, 1e-2),
     ("atoms", {"kernel": "weight"}, 1e-2),  # the tiny model's feature maps are small: auto takes the tap side

@@ -54,8 +54,8 @@ OPTION_FLAGS: dict[str, OptionFlag] = {
     "--dora": OptionFlag(("lora",), "dora", bool, "--dora/--no-dora"),
     "--loraplus-lr-ratio": OptionFlag(("lora",), "loraplus_lr_ratio", float),
     "--lora-dropout": OptionFlag(("lora",), "dropout", float),
-    "--rank-dropout": OptionFlag(("loha", "lokr"), "rank_dropout", float),
-    "--module-dropout": OptionFlag(("loha", "lokr"), "module_dropout", float),
+    "--rank-dropout": OptionFlag(_LOW_RANK, "rank_dropout", float),
+    "--module-dropout": OptionFlag(_LOW_RANK, "module_dropout", float),
     "--factor": OptionFlag(("lokr",), "factor", int),
     "--decompose-both": OptionFlag(("lokr",), "decompose_both", bool, "--decompose-both/--no-decompose-both"),
     "--tucker": OptionFlag(("loha", "lokr"), "tucker", bool, "--tucker/--no-tucker"),
@@ -101,9 +101,13 @@ def option_help(name: str, option: str) -> str:
 
 
 def option_flag_help(flag: str) -> str:
-    """The help of one of `OPTION_FLAGS`: "lora/loha/lokr: rank r (default: 4).". Imports the method."""
+    """The help of one of `OPTION_FLAGS`: "lora/loha/lokr: rank r (default: 4).", or one sentence per help where
+    the methods' fields say different things ("lora: ... loha/lokr: ..."). Imports the methods."""
     spec = OPTION_FLAGS[flag]
-    return f"{'/'.join(spec.methods)}: {option_help(spec.methods[0], spec.option)}."
+    by_help: dict[str, list[str]] = {}
+    for name in spec.methods:
+        by_help.setdefault(option_help(name, spec.option), []).append(name)
+    return " ".join(f"{'/'.join(names)}: {help}." for help, names in by_help.items())
 
 
 def __getattr__(name: str) -> Any:

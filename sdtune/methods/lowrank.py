@@ -14,7 +14,8 @@ this module only chooses the layers, builds the peft config, and unwraps after m
 also gives the update in the formats other tools read (`kohya_tensors`: peft's tensors under
 LyCORIS' names, which are the same maths; `diffusers_lora_layers` for LoRA).
 
-Dropout (in training only, peft's): LoRA's `dropout` is peft's lora_dropout on each layer's input; LoHa's and
+Dropout (in training only): LoRA's `dropout` is peft's lora_dropout on each layer's input, its `rank_dropout` and
+`module_dropout` kohya-ss' (networks.lora), added to peft's LoRA layers here (`_KohyaDropout`); LoHa's and
 LoKr's `rank_dropout` and `module_dropout` are peft's ports of LyCORIS'. Injected layers take the model's
 train/eval mode, so a pipeline loaded to sample never drops out.
 
@@ -80,6 +81,14 @@ class LoraOptions(LowRankOptions):
     )
     loraplus_lr_ratio: float = field(
         default=1.0, metadata={"help": "LoRA+: the B (up) matrices learn at this times --lr (16 in the paper; 1: plain LoRA)"}
+    )
+    rank_dropout: float = field(
+        default=0.0,
+        metadata={"help": "drop each of the r features after lora_down with this probability, the update scaled by "
+                          "1/(1-p), in training only (kohya-ss' rank_dropout; not with --dora)"},
+    )
+    module_dropout: float = field(
+        default=0.0, metadata={"help": "skip a layer's whole update with this probability, in training only (kohya-ss' module_dropout)"}
     )
 
 
@@ -309,6 +318,10 @@ class Lora(_PeftLowRank):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
             raise SdtuneError(f"--loraplus-lr-ratio must be a positive number (and finite), got {ratio!r}")
         self.options.loraplus_lr_ratio = float(ratio)
+        if self.options.dora and self.options.rank_dropout:
+            # peft's DoRA layer normalises W + ΔW as a whole weight: there are no rank features in its forward to drop
+            raise SdtuneError("--rank-dropout does not apply with --dora (DoRA's update is one normalised weight, with no "
+                              "rank features to drop); --module-dropout and --lora-dropout do")
 
     # LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): B starts at zero and
     # must move further than A, so it learns at λ times the rate, as peft's create_loraplus_optimizer and
@@ -336,6 +349,12 @@ class Lora(_PeftLowRank):
                 dora = model.get_submodule(name).lora_magnitude_vector[ADAPTER]
                 dora.sdtune_strength = 1.0
                 dora.register_forward_hook(_dora_strength_hook)
+        if self.options.rank_dropout or self.options.module_dropout:
+            for name in targets:
+                layer = model.get_submodule(name)
+                layer.__class__ = _with_kohya_dropout(type(layer))
+                layer.sdtune_rank_dropout = self.options.rank_dropout
+                layer.sdtune_module_dropout = self.options.module_dropout
 
     def set_layer_scale(self, layer: nn.Module, scale: float) -> None:
         if self.options.dora:
@@ -360,9 +379,14 @@ class Lora(_PeftLowRank):
         return parts
 
     def _kohya_network(self) -> tuple[str, dict[str, str]]:
-        if self.options.dora:  # kohya-ss' own LoRA has no DoRA; LyCORIS' has, the norm per output channel
-            return "lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
-        return "networks.lora", {}  # kohya-ss' own LoRA
+        # kohya-ss' own LoRA, or LyCORIS' for DoRA (kohya-ss' has none), the norm per output channel; both take the
+        # dropouts as network args, strings as kohya-ss passes them on
+        network, args = ("networks.lora", {}) if not self.options.dora else (
+            "lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+        for name in ("rank_dropout", "module_dropout"):
+            if getattr(self.options, name):
+                args[name] = f"{getattr(self.options, name):g}"
+        return network, args
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
         if format == "kohya" and self.options.dora:
@@ -400,6 +424,65 @@ def _dora_strength_hook(module: nn.Module, args, output: torch.Tensor):
     """peft's DoRA module returns (W' − W)·x; scale it by the strength (1: as peft computes it)."""
     strength = module.sdtune_strength
     return None if strength == 1.0 else output * strength
+
+
+class _KohyaDropout:
+    """kohya-ss' rank and module dropout (sd-scripts' networks/lora.py, LoRAModule.forward) on one of peft's LoRA
+    layers (Linear, Conv2d), in training only; in eval mode, and wherever peft's own forward takes another path
+    (merged, adapters disabled, mixed batches), peft's forward as it is.
+
+    Module dropout: with probability p (one `torch.rand(1)` draw per layer and forward) the base output alone.
+    Rank dropout: the r features after lora_A times a mask `rand(batch, r) > p`, drawn on their device, and the
+    update's scale times 1/(1 − p). peft's lora_dropout on the input stays. The draws come from torch's global
+    RNG, which the training step seeds, so a resumed run draws the same masks. With DoRA (rank dropout refused)
+    module dropout skips to the base output before peft's DoRA forward."""
+
+    sdtune_rank_dropout: float
+    sdtune_module_dropout: float
+    peft_only_kwargs: tuple[str, ...]  # what peft's forward takes for itself and keeps from the base layer
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.training or self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None:
+            return super().forward(x, *args, **kwargs)
+        self._check_forward_args(x, *args, **kwargs)
+        base_kwargs = {key: value for key, value in kwargs.items() if key not in self.peft_only_kwargs}
+        if self.sdtune_module_dropout and torch.rand(1) < self.sdtune_module_dropout:
+            return self.base_layer(x, *args, **base_kwargs)
+        if not self.sdtune_rank_dropout or any(a in self.lora_variant for a in self.active_adapters):
+            return super().forward(x, *args, **kwargs)
+        # peft's vanilla-LoRA forward (Linear.forward, _ConvNd.forward) with the rank mask between A and B
+        result = self.base_layer(x, *args, **base_kwargs)
+        result_dtype = result.dtype
+        p = self.sdtune_rank_dropout
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.lora_A.keys():
+                continue
+            lora_A, lora_B = self.lora_A[active_adapter], self.lora_B[active_adapter]
+            x = self._cast_input_dtype(x, lora_A.weight.dtype)
+            features = lora_A(self.lora_dropout[active_adapter](x))
+            mask = torch.rand((features.size(0), features.size(self._rank_dim)), device=features.device) > p
+            shape = [1] * features.ndim
+            shape[0], shape[self._rank_dim] = mask.shape
+            features = features * mask.view(shape)  # the rank features: the last dim (Linear), the channels (conv)
+            result = result + lora_B(features) * (self.scaling[active_adapter] * (1.0 / (1.0 - p)))
+        return result.to(result_dtype)
+
+    @property
+    def _rank_dim(self) -> int:
+        return -1 if isinstance(self.get_base_layer(), nn.Linear) else 1
+
+
+_KOHYA_DROPOUT: dict[type, type] = {}
+
+
+def _with_kohya_dropout(layer_class: type) -> type:
+    """The subclass of one of peft's LoRA layer classes (Linear, Conv2d) with `_KohyaDropout`, made once."""
+    if layer_class not in _KOHYA_DROPOUT:
+        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+        peft_only = ("adapter_names", *VARIANT_KWARG_KEYS)
+        _KOHYA_DROPOUT[layer_class] = type(layer_class.__name__, (_KohyaDropout, layer_class), {"peft_only_kwargs": peft_only})
+    return _KOHYA_DROPOUT[layer_class]
 
 
 class _FiniteRankDropout:
