@@ -128,20 +128,9 @@ class TapMixedConv(torch.autograd.Function):
             return F.conv2d(x, _mixed_weight(weight, mixing.to(x.dtype)), bias, stride, padding, dilation)
         mix = _identity_plus(mixing, x.dtype)
         unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-        if _folds_batch(batch, positions):  # (channel, tap, batch·position): one GEMM for the whole batch
-            columns = unfolded.view(batch, channels, taps, positions).permute(1, 2, 0, 3).reshape(channels, taps, -1)
-            del unfolded
-            mixed = torch.matmul(mix, columns)
-            del columns
-            out = torch.matmul(weight.reshape(out_channels, -1), mixed.view(channels * taps, -1))
-            out = out.view(out_channels, batch, positions).transpose(0, 1)
-        else:
-            mixed = torch.matmul(mix, unfolded.view(batch, channels, taps, positions))
-            del unfolded  # 9x the input: free it before the GEMM's output is allocated
-            out = torch.matmul(weight.reshape(out_channels, -1), mixed.view(batch, channels * taps, positions))
-        if bias is not None:
-            out = out + bias.view(1, -1, 1)
-        return out.reshape(batch, out_channels, out_height, out_width)
+        mixed = torch.matmul(mix, unfolded.view(batch, channels, taps, positions))
+        del unfolded  # 9x the input: free it before the GEMM's output is allocated
+        return frozen_conv_of_columns(weight, mixed.view(batch, channels * taps, positions), bias, out_height, out_width)
 
     @staticmethod
     def backward(ctx, grad):
@@ -164,6 +153,26 @@ def _grad_taps(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def _folds_batch(batch: int, positions: int) -> bool:
     return batch > 1 and positions <= FOLD_BATCH_MAX_POSITIONS
+
+
+def matmul_over_batch(matrix: torch.Tensor, batched: torch.Tensor) -> torch.Tensor:
+    """matrix (m, k) @ batched (batch, k, p) -> (batch, m, p): on small maps one GEMM over the whole batch's columns
+    (the result a transposed view), else one per image."""
+    batch, rows, positions = batched.shape
+    if not _folds_batch(batch, positions):
+        return torch.matmul(matrix, batched)
+    columns = batched.transpose(0, 1).reshape(rows, -1)
+    return torch.matmul(matrix, columns).view(matrix.shape[0], batch, positions).transpose(0, 1)
+
+
+def frozen_conv_of_columns(weight: torch.Tensor, columns: torch.Tensor, bias, out_height: int, out_width: int):
+    """The frozen convolution W of an unfolded (and transformed) input `columns`, (batch, c_in·kh·kw, positions):
+    one GEMM with W's rows, plus the bias."""
+    out_channels = weight.shape[0]
+    out = matmul_over_batch(weight.reshape(out_channels, -1), columns)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1)
+    return out.reshape(columns.shape[0], out_channels, out_height, out_width)
 
 
 def _unfold_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):

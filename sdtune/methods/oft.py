@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
+from .atom_kernels import frozen_conv_of_columns, matmul_over_batch
 from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
 
 # How a trained layer computes, per device type: "input" turns the layer's input by the blocks (a convolution's
@@ -70,17 +71,6 @@ from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_patter
 # a step with OFT on the convolutions cost 4.9x the frozen floor with 1.64x its peak memory through the formed
 # weight (benchmarks/RESULTS.md); CUDA keeps the formed weight until measured there.
 ROUTE = {"cpu": "input"}
-# output positions per image up to which the batch is folded into the GEMMs' columns (as filter atoms' unfold route)
-FOLD_BATCH_MAX_POSITIONS = 64
-
-
-def _matmul_over_batch(matrix: torch.Tensor, batched: torch.Tensor) -> torch.Tensor:
-    """matrix (m, k) @ batched (batch, k, p) -> (batch, m, p); one GEMM over the whole batch on small maps."""
-    batch, _, positions = batched.shape
-    if batch == 1 or positions > FOLD_BATCH_MAX_POSITIONS:
-        return torch.matmul(matrix, batched)
-    columns = batched.transpose(0, 1).reshape(batched.shape[1], -1)
-    return torch.matmul(matrix, columns).view(matrix.shape[0], batch, positions).transpose(0, 1)
 
 
 class InputRotatedConv(torch.autograd.Function):
@@ -105,10 +95,7 @@ class InputRotatedConv(torch.autograd.Function):
         unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (batch, D, P)
         turned = torch.matmul(mixing.transpose(1, 2), unfolded.view(batch, blocks, size, positions))
         del unfolded
-        out = _matmul_over_batch(weight.reshape(out_channels, -1), turned.view(batch, -1, positions))
-        if bias is not None:
-            out = out + bias.view(1, -1, 1)
-        return out.reshape(batch, out_channels, out_height, out_width)
+        return frozen_conv_of_columns(weight, turned.view(batch, -1, positions), bias, out_height, out_width)
 
     @staticmethod
     def backward(ctx, grad):
@@ -117,7 +104,7 @@ class InputRotatedConv(torch.autograd.Function):
         batch, channels, height, width = x.shape
         out_channels, _, kh, kw = weight.shape
         blocks, size = mixing.shape[0], mixing.shape[-1]
-        grad_taps = _matmul_over_batch(weight.reshape(out_channels, -1).T, grad.reshape(batch, out_channels, -1))
+        grad_taps = matmul_over_batch(weight.reshape(out_channels, -1).T, grad.reshape(batch, out_channels, -1))
         grad_taps = grad_taps.reshape(batch, blocks, size, -1)  # H, (batch, n, b, P)
         grad_mixing = grad_x = None
         if ctx.needs_input_grad[2]:
