@@ -108,7 +108,7 @@ def training_images_record(images: list[Path], prompts: list[str]) -> dict[str, 
         frequency.setdefault(path.parent.name, Counter()).update(set(tags(prompt)))
     counts = Counter(path.parent.name for path in images)
     return {
-        "tag_frequency": json.dumps({folder: dict(tags) for folder, tags in frequency.items()}),
+        "tag_frequency": json.dumps({folder: dict(found) for folder, found in frequency.items()}),
         "dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": count} for folder, count in counts.items()}),
         "num_train_images": str(len(images)),
     }
