@@ -363,8 +363,16 @@ ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-ter
 
 def zero_snr_scheduler(scheduler):
     """`scheduler`'s class with its betas rescaled to SNR 0 at the last timestep and trailing timesteps, as
-    Lin et al. (2023) and diffusers recommend for sampling a model trained with --zero-terminal-snr."""
-    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    Lin et al. (2023) and diffusers recommend for sampling a model trained with --zero-terminal-snr; DDIM where
+    that class has no such option (PNDM), which from_config would ignore."""
+    import inspect
+
+    import diffusers
+
+    kind = type(scheduler)
+    if "rescale_betas_zero_snr" not in inspect.signature(kind.__init__).parameters:
+        kind = diffusers.DDIMScheduler
+    return kind.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
 
 
 def zero_snr_guidance_rescale(scheduler) -> float:

@@ -135,3 +135,15 @@ def test_kohya_export_says_so(run, tmp_path):
     path = export_adapter(str(run.output), "kohya", str(tmp_path / "k.safetensors")).output
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["ss_zero_terminal_snr"] == "True"
+
+
+def test_a_sampler_without_the_option_becomes_ddim():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    from sdtune.sampling import zero_snr_scheduler
+
+    base = {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear"}
+    euler = zero_snr_scheduler(EulerDiscreteScheduler.from_config(base))
+    assert isinstance(euler, EulerDiscreteScheduler) and euler.config.rescale_betas_zero_snr
+    pndm = zero_snr_scheduler(PNDMScheduler.from_config(base))
+    assert isinstance(pndm, DDIMScheduler) and pndm.config.rescale_betas_zero_snr and pndm.config.timestep_spacing == "trailing"
