@@ -284,6 +284,7 @@ def train(
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16; trainable parameters stay fp32, the frozen models are stored in the half dtype." + _default(TrainConfig, "mixed_precision")),
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
+    zero_terminal_snr: Optional[bool] = typer.Option(None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Rescale the training noise schedule's betas so the last timestep has SNR 0 (Lin et al. 2023; v-prediction models only), as kohya-ss' --zero_terminal_snr; samples then use a rescaled, trailing scheduler (default: off)."),
     debiased_estimation: Optional[bool] = typer.Option(None, "--debiased-estimation/--no-debiased-estimation", help="Weight each example's loss by 1/√SNR(t) (v-prediction: 1/(SNR(t)+1)), SNR clamped at 1000, as kohya-ss' --debiased_estimation_loss (default: off)."),
     noise_offset: Optional[float] = typer.Option(None, help="Add this times a per-image, per-channel Gaussian to the noise (0.05-0.1 typical)." + _default(TrainConfig, "noise_offset")),
     multires_noise_iterations: Optional[int] = typer.Option(None, help="Multi-resolution (pyramid) noise with this many scales, as kohya-ss' --multires_noise_iterations (6-10 typical; 0: off)." + _default(TrainConfig, "multires_noise_iterations")),

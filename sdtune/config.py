@@ -185,6 +185,8 @@ class TrainConfig(_Config):
     # Loss
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); unset: plain MSE
     debiased_estimation: bool = False  # weight each example by 1/√SNR(t) (v-prediction: 1/(SNR(t)+1)), as kohya-ss'
+    # rescale the training schedule's betas to SNR 0 at its last timestep (Lin et al. 2023), v-prediction only
+    zero_terminal_snr: bool = False
     noise_offset: float = 0.0  # scale of a per-image, per-channel constant added to the noise
     multires_noise_iterations: int = 0  # multi-resolution (pyramid) noise with this many scales (0: off), as kohya-ss'
     multires_noise_discount: float = 0.3  # ... each coarser scale's noise scaled by this once more
@@ -380,6 +382,8 @@ class TrainConfig(_Config):
                 values.pop(name)
         if not self.debiased_estimation:  # as above
             values.pop("debiased_estimation", None)
+        if not self.zero_terminal_snr:  # as above
+            values.pop("zero_terminal_snr", None)
         if not self.multires_noise_iterations:  # as above
             for name in ("multires_noise_iterations", "multires_noise_discount"):
                 values.pop(name, None)

@@ -122,7 +122,15 @@ def check_timestep_range(model: str, configs, least: int, most: int | None) -> N
         raise SdtuneError(f"--min-timestep {least}: {has}")
 
 
-def check_debiased_estimation(model: str, configs, most: int | None) -> None:
+def check_zero_terminal_snr(model: str, configs) -> None:
+    """`--zero-terminal-snr` needs a v-prediction model: at SNR 0 an ε or sample prediction has nothing to
+    predict from, and DDIM/DDPM sampling divides by √ᾱ_T = 0 (Lin et al. 2023)."""
+    prediction = configs.scheduler.get("prediction_type", "epsilon")
+    if prediction != "v_prediction":
+        raise SdtuneError(f"--zero-terminal-snr needs a v-prediction model (Lin et al. 2023); {model} predicts {prediction}")
+
+
+def check_debiased_estimation(model: str, configs, most: int | None, zero_terminal_snr: bool = False) -> None:
     """`--debiased-estimation`'s weights exist for the model's scheduler: ε- or v-prediction (sd-scripts' two),
     and under ε a finite 1/√SNR at every timestep drawn (a zero-terminal-SNR schedule's last has SNR 0)."""
     from .losses import DEBIASED_PREDICTION_TYPES
@@ -131,7 +139,8 @@ def check_debiased_estimation(model: str, configs, most: int | None) -> None:
     if prediction not in DEBIASED_PREDICTION_TYPES:
         raise SdtuneError(f"--debiased-estimation weights ε- and v-prediction models; {model} predicts {prediction}")
     timesteps = int(configs.scheduler.get("num_train_timesteps", 1000))
-    if prediction == "epsilon" and configs.scheduler.get("rescale_betas_zero_snr") and (most or timesteps) == timesteps:
+    zero_snr = zero_terminal_snr or configs.scheduler.get("rescale_betas_zero_snr")
+    if prediction == "epsilon" and zero_snr and (most or timesteps) == timesteps:
         raise SdtuneError(
             f"--debiased-estimation: 1/√SNR is infinite at {model}'s last timestep (its schedule ends at SNR 0); "
             f"add --max-timestep {timesteps - 1}"
@@ -324,8 +333,10 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     configs = read_model_configs(config.model)
     resolution = check_resolution(config.model, configs, config.resolution)
     check_timestep_range(config.model, configs, config.min_timestep, config.max_timestep)
+    if config.zero_terminal_snr:
+        check_zero_terminal_snr(config.model, configs)
     if config.debiased_estimation:
-        check_debiased_estimation(config.model, configs, config.max_timestep)
+        check_debiased_estimation(config.model, configs, config.max_timestep, config.zero_terminal_snr)
     micro_batches = config.steps * config.gradient_accumulation_steps
     if micro_batches > MAX_MICRO_BATCHES:
         raise SdtuneError(

@@ -27,7 +27,7 @@ SETTINGS = {
     "lr": "learning rate", "lr_scheduler": "learning-rate schedule", "lr_warmup_steps": "warm-up steps",
     "optimizer": "optimizer", "resolution": "resolution", "mixed_precision": "mixed precision", "seed": "seed",
     "train_text_encoder": "text encoder trained", "snr_gamma": "min-SNR γ", "noise_offset": "noise offset",
-    "debiased_estimation": "debiased estimation", "multires_noise_iterations": "multires noise iterations",
+    "debiased_estimation": "debiased estimation", "zero_terminal_snr": "zero terminal SNR", "multires_noise_iterations": "multires noise iterations",
     "multires_noise_discount": "multires noise discount",
     "loss_type": "loss", "class_prompt": "prior preservation (class prompt)", "dataset": "dataset",
     "buckets": "aspect-ratio buckets", "ema_decay": "EMA decay", "masked_loss": "masked loss",

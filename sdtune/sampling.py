@@ -144,6 +144,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid."""
     import time
 
+    from .adapter import adapter_info
     from .data import fill_placeholders, warn_truncated_prompts
     from .fileio import atomic_write
     from .precision import cast_pipeline, sampling_dtype
@@ -155,6 +156,11 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         token = stack.placeholders
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
+    elif adapter is not None and adapter_info(config.adapters[0]).extra.get("zero_terminal_snr") == "true":  # an explicit --scheduler wins
+        pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
+        if state.is_main_process:
+            print(f"{config.adapters[0]} was trained with --zero-terminal-snr: sampling with {type(pipe.scheduler).__name__}, "
+                  "betas rescaled to zero terminal SNR, trailing timesteps")
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list) and not config.stacked
@@ -355,11 +361,29 @@ def load_png(path: Path):
 ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-terminal-SNR models
 
 
+def zero_snr_scheduler(scheduler):
+    """`scheduler`'s class with its betas rescaled to SNR 0 at the last timestep and trailing timesteps, as
+    Lin et al. (2023) and diffusers recommend for sampling a model trained with --zero-terminal-snr; DDIM where
+    that class has no such option (PNDM), which from_config would ignore."""
+    import inspect
+
+    import diffusers
+
+    kind = type(scheduler)
+    if "rescale_betas_zero_snr" not in inspect.signature(kind.__init__).parameters:
+        kind = diffusers.DDIMScheduler
+    return kind.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+def zero_snr_guidance_rescale(scheduler) -> float:
+    return ZERO_SNR_GUIDANCE_RESCALE if scheduler.config.get("rescale_betas_zero_snr", False) else 0.0
+
+
 def guidance_rescale(config: SampleConfig, pipe) -> float:
     """--guidance-rescale, else 0.7 for a model trained on a zero-terminal-SNR schedule, else 0."""
     if config.guidance_rescale is not None:
         return config.guidance_rescale
-    return ZERO_SNR_GUIDANCE_RESCALE if pipe.scheduler.config.get("rescale_betas_zero_snr", False) else 0.0
+    return zero_snr_guidance_rescale(pipe.scheduler)
 
 
 def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],

@@ -409,11 +409,16 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from . import models
+        from .sampling import zero_snr_scheduler
 
         self.pipe = pipe = models.load_pipeline(self.config.model)
         self.unet, self.vae, self.tokenizer = pipe.unet, pipe.vae, pipe.tokenizer
         self.text_encoders = models.text_encoders(pipe)  # SDXL: two
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if self.config.zero_terminal_snr:  # diffusers' rescale (Lin et al. 2023); the grids sample as its paper says
+            self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True)
+            pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
+        else:
+            self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.resolution = self.config.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
 
     def _load_data(self) -> None:
@@ -933,6 +938,8 @@ class Trainer:
             return
         config, method, base_model = self.config, self.method, self.pipe.sdtune_model_id
         extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(self.global_step))
+        if config.zero_terminal_snr:  # only when on: other adapters keep their bytes
+            extra["zero_terminal_snr"] = "true"
         if len(config.concepts) > 1 and not config.dataset:  # sampling fills each <name> with its own token
             extra.update(token=config.concept_tokens[config.concepts[0]], concept_tokens=json.dumps(config.concept_tokens))
         from .captions import training_images_record

@@ -142,7 +142,7 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
     import torch
 
     from .models import text_encoders
-    from .sampling import IMAGES_PER_CALL, decode, make_grid
+    from .sampling import IMAGES_PER_CALL, decode, make_grid, zero_snr_guidance_rescale
 
     pipe.set_progress_bar_config(disable=True)
     dtype = dtype or torch.float32
@@ -159,6 +159,7 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
                     generator=generators,
                     num_inference_steps=SAMPLE_STEPS,
                     guidance_scale=SAMPLE_GUIDANCE,
+                    guidance_rescale=zero_snr_guidance_rescale(pipe.scheduler),
                     height=resolution,
                     width=resolution,
                     output_type="latent",

@@ -672,7 +672,7 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
         "ss_steps": "3", "ss_max_train_steps": "3", "ss_batch_size_per_device": "2", "ss_total_batch_size": "2",
         "ss_learning_rate": "0.0002", "ss_unet_lr": "0.0002", "ss_text_encoder_lr": "5e-05", "ss_noise_offset": "0.05",
         "ss_min_snr_gamma": "5.0", "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "1", "ss_seed": "7",
-        "ss_optimizer": "torch.optim.adamw.AdamW(betas=(0.9, 0.999),eps=1e-08,weight_decay=0.01)", "ss_mixed_precision": "no", "ss_debiased_estimation": "False", "ss_flip_aug": "False",
+        "ss_optimizer": "torch.optim.adamw.AdamW(betas=(0.9, 0.999),eps=1e-08,weight_decay=0.01)", "ss_mixed_precision": "no", "ss_debiased_estimation": "False", "ss_zero_terminal_snr": "False", "ss_flip_aug": "False",
     }
     assert {key: metadata.get(key) for key in expected} == expected
     assert "ss_resolution" not in metadata  # the model's own size, which config.toml leaves out

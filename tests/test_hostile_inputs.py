@@ -122,6 +122,7 @@ CASES = [
     ("train-prodigy-d-coef-zero", (*TRAIN, "--optimizer", "prodigy", "--prodigy-d-coef", 0), 2, "--prodigy-d-coef must be positive and finite, got 0.0"),
     ("train-prodigy-d-coef-adamw", (*TRAIN, "--prodigy-d-coef", 2), 2, "--prodigy-d-coef applies to --optimizer prodigy, not adamw"),
     ("train-prodigy-d0-negative", (*TRAIN, "--optimizer", "prodigy", "--prodigy-d0", "-1e-5"), 2, "--prodigy-d0 must be positive and finite, got -1e-05"),
+    ("train-zero-terminal-snr-epsilon", (*TRAIN, "--zero-terminal-snr"), 2, "--zero-terminal-snr needs a v-prediction model (Lin et al. 2023); tiny-random predicts epsilon"),
     ("train-multires-negative", (*TRAIN, "--multires-noise-iterations", -1), 2, "--multires-noise-iterations must be 0 (off) or more, got -1"),
     ("train-multires-discount-zero", (*TRAIN, "--multires-noise-iterations", 6, "--multires-noise-discount", 0), 2, "--multires-noise-discount must be in (0, 1], got 0.0"),
     ("train-multires-discount-alone", (*TRAIN, "--multires-noise-discount", 0.5), 2, "--multires-noise-discount applies with --multires-noise-iterations"),

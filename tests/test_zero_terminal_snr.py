@@ -1,0 +1,149 @@
+"""--zero-terminal-snr: the training schedule's betas rescaled by diffusers to SNR 0 at the last timestep
+(Lin et al. 2023), on a v-prediction model; what the adapter, sampling and the kohya export then do."""
+
+from __future__ import annotations
+
+import tomllib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
+from sdtune.training import train
+
+MODEL = "tiny-sd2-random"  # v-prediction
+
+
+def config(output, **settings) -> TrainConfig:
+    return TrainConfig(**{"model": MODEL, "output": str(output), "steps": 2, "seed": 3, "log_with": "none",
+                          "zero_terminal_snr": True, **settings})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_path):
+    output = tmp_path_factory.mktemp("ztsnr") / "run"
+    return train(config(output, steps=4, checkpoint_every=2), progress=False)
+
+
+def test_only_v_prediction_models_are_accepted():
+    from sdtune.limits import check_zero_terminal_snr
+
+    def configs(**scheduler):
+        return SimpleNamespace(scheduler=scheduler)
+
+    check_zero_terminal_snr("m", configs(prediction_type="v_prediction"))
+    check_zero_terminal_snr("m", configs(prediction_type="v_prediction", rescale_betas_zero_snr=True))
+    for prediction in ("epsilon", "sample"):
+        with pytest.raises(SdtuneError, match=f"needs a v-prediction model .*; m predicts {prediction}"):
+            check_zero_terminal_snr("m", configs(prediction_type=prediction))
+    with pytest.raises(SdtuneError, match="predicts epsilon"):  # no prediction_type: diffusers' default
+        check_zero_terminal_snr("m", configs())
+
+
+def test_debiased_estimation_sees_the_flag():
+    from sdtune.limits import check_debiased_estimation
+
+    configs = SimpleNamespace(scheduler={"prediction_type": "epsilon", "num_train_timesteps": 1000})
+    check_debiased_estimation("m", configs, None)
+    with pytest.raises(SdtuneError, match="infinite at m's last timestep"):
+        check_debiased_estimation("m", configs, None, zero_terminal_snr=True)
+
+
+def test_the_trainers_schedule_is_diffusers_rescale_bit_for_bit(tmp_path, tiny_path):
+    from diffusers import DDPMScheduler
+
+    from sdtune.models import load_pipeline
+    from sdtune.training import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.config = config(tmp_path / "unused")
+    trainer._load_model()
+    base = load_pipeline(MODEL).scheduler.config
+    expected = DDPMScheduler.from_config(base, rescale_betas_zero_snr=True)
+    assert trainer.noise_scheduler.alphas_cumprod[-1] == 0
+    assert torch.equal(trainer.noise_scheduler.betas, expected.betas)
+    assert torch.equal(trainer.noise_scheduler.alphas_cumprod, expected.alphas_cumprod)
+    assert not torch.equal(expected.betas, DDPMScheduler.from_config(base).betas)
+    # the validation grids sample as the paper says: rescaled betas, trailing timesteps
+    assert trainer.pipe.scheduler.config.rescale_betas_zero_snr is True
+    assert trainer.pipe.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_training_at_the_last_timesteps_is_finite_and_learns(tmp_path, tiny_path):
+    result = train(config(tmp_path / "end", steps=8, min_timestep=990, lr=1e-2), progress=False)
+    losses = torch.tensor(result.losses)
+    assert torch.isfinite(losses).all()
+    assert losses[-3:].mean() < losses[:3].mean()
+
+
+def test_config_toml_records_it_only_when_on(run, tmp_path):
+    assert tomllib.loads((run.output / "config.toml").read_text())["zero_terminal_snr"] is True
+    assert "zero_terminal_snr" not in TrainConfig(model=MODEL, output=str(tmp_path)).to_dict()
+
+
+def test_resume_is_exact(run, tmp_path, monkeypatch):
+    from helpers import crash_after_checkpoint
+
+    cut = tmp_path / "cut"
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(cut, steps=4, checkpoint_every=2), progress=False)
+    monkeypatch.undo()
+    train(config(cut, steps=4, checkpoint_every=2, resume="latest"), progress=False)
+    assert (cut / "adapter.safetensors").read_bytes() == (run.output / "adapter.safetensors").read_bytes()
+
+
+def test_the_adapter_records_it_and_sampling_uses_the_rescaled_trailing_scheduler(run, tmp_path, capsys):
+    from sdtune.adapter import adapter_info
+    from sdtune.config import SampleConfig
+    from sdtune.sampling import sample
+
+    assert adapter_info(run.output / "adapter.safetensors").extra["zero_terminal_snr"] == "true"
+    plain = train(config(tmp_path / "plain", steps=1, zero_terminal_snr=False), progress=False)
+    assert "zero_terminal_snr" not in adapter_info(plain.output / "adapter.safetensors").extra
+
+    drawn = []
+
+    import sdtune.sampling as sampling
+
+    original = sampling.generation_settings
+
+    def spy(pipe, *args, **kwargs):
+        drawn.append(pipe.scheduler.config)
+        return original(pipe, *args, **kwargs)
+
+    sampling.generation_settings = spy
+    try:
+        sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1,
+                            output=str(tmp_path / "samples")), progress=False)
+        assert "trained with --zero-terminal-snr" in capsys.readouterr().out
+        assert drawn[-1].rescale_betas_zero_snr is True and drawn[-1].timestep_spacing == "trailing"
+        sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1, scheduler="euler",
+                            output=str(tmp_path / "euler")), progress=False)  # an explicit --scheduler wins
+        assert not drawn[-1].get("rescale_betas_zero_snr", False)
+    finally:
+        sampling.generation_settings = original
+
+
+def test_kohya_export_says_so(run, tmp_path):
+    from safetensors import safe_open
+
+    from sdtune.export import export_adapter
+
+    path = export_adapter(str(run.output), "kohya", str(tmp_path / "k.safetensors")).output
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_zero_terminal_snr"] == "True"
+
+
+def test_a_sampler_without_the_option_becomes_ddim():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    from sdtune.sampling import zero_snr_scheduler
+
+    base = {"prediction_type": "v_prediction", "beta_schedule": "scaled_linear"}
+    euler = zero_snr_scheduler(EulerDiscreteScheduler.from_config(base))
+    assert isinstance(euler, EulerDiscreteScheduler) and euler.config.rescale_betas_zero_snr
+    pndm = zero_snr_scheduler(PNDMScheduler.from_config(base))
+    assert isinstance(pndm, DDIMScheduler) and pndm.config.rescale_betas_zero_snr and pndm.config.timestep_spacing == "trailing"
