@@ -54,6 +54,7 @@ def make_adapter(name, options, path, scale=0.05):
 
     pipe = load_pipeline("tiny-random")
     method = methods.create(name, **options)
+    torch.manual_seed(7)  # the methods' own initialisation (LoRA's A) draws from the global RNG: the same whatever ran before
     method.inject(pipe.unet)
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
