@@ -242,7 +242,8 @@ def kohya_model_hashes(state: dict, metadata: dict[str, str]) -> dict[str, str]:
     kept = {key: value for key, value in metadata.items() if key.startswith("ss_")}
     tensors = {name: tensor.detach() for name, tensor in state.items()}
     sizes = {name: tensor.numel() * tensor.element_size() for name, tensor in tensors.items()}
-    layout = _safetensors_layout(tensors, sizes, kept)
+    large = sum(sizes.values()) >= 0x100000 + 0x10000  # else no copy worth avoiding: no stand-ins either
+    layout = _safetensors_layout(tensors, sizes, kept) if large else None
     window = (0x100000 - 8 - layout[1]) if layout else -1
     if window < 0 or 8 + layout[1] + sum(sizes.values()) < 0x100000 + 0x10000:
         data = save(state, kept)

@@ -134,17 +134,18 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
                 f"{output} holds an earlier sample ({earlier[0].relative_to(output)}{more}): "
                 "add --overwrite to replace it, or choose another --output"
             )
-        return _sample(config, prompts, files, model, token, output, state, progress, started)
+        # one adapter trained with --zero-terminal-snr samples on the rescaled, trailing schedule
+        zero_snr = len(infos) == 1 and infos[0].extra.get("zero_terminal_snr") == "true"
+        return _sample(config, prompts, files, model, token, output, state, progress, started, zero_snr)
     finally:
         lock.release()
 
 
 def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, token: str | None, output: Path, state,
-            progress: bool, started: float) -> SampleResult:
+            progress: bool, started: float, zero_snr: bool = False) -> SampleResult:
     """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid."""
     import time
 
-    from .adapter import adapter_info
     from .data import fill_placeholders, warn_truncated_prompts
     from .fileio import atomic_write
     from .precision import cast_pipeline, sampling_dtype
@@ -156,7 +157,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         token = stack.placeholders
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
-    elif adapter is not None and adapter_info(config.adapters[0]).extra.get("zero_terminal_snr") == "true":  # an explicit --scheduler wins
+    elif zero_snr:  # an explicit --scheduler wins
         pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
         if state.is_main_process:
             print(f"{config.adapters[0]} was trained with --zero-terminal-snr: sampling with {type(pipe.scheduler).__name__}, "

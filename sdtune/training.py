@@ -844,6 +844,16 @@ class Trainer:
 
         return ErrorMeasure(self.config.loss_type, self.config.huber_c, self.config.huber_schedule)
 
+    @functools.cached_property
+    def training_images_record(self) -> dict[str, str]:
+        """What every saved adapter of a concept run records of its images (its kohya export's trigger words,
+        wherever the images are by then); the images do not change during the run, so it is read once."""
+        from .captions import training_images_record
+
+        if self.config.dataset:
+            return {}
+        return training_images_record(self.inputs.image_paths, self.inputs.prompts)
+
     def conditions(self, batch, latents):
         """The UNet's conditioning for a batch: its prompts (and, for SDXL, its images' sizes and crops)."""
         size = [side * self.pipe.vae_scale_factor for side in latents.shape[-2:]]
@@ -942,11 +952,9 @@ class Trainer:
             extra["zero_terminal_snr"] = "true"
         if len(config.concepts) > 1 and not config.dataset:  # sampling fills each <name> with its own token
             extra.update(token=config.concept_tokens[config.concepts[0]], concept_tokens=json.dumps(config.concept_tokens))
-        from .captions import training_images_record
         from .token_embeddings import trained_rows
 
-        if not config.dataset:  # its kohya export's trigger words, wherever the images are by then
-            extra.update(training_images_record(self.inputs.image_paths, self.inputs.prompts))
+        extra.update(self.training_images_record)
 
         def token_rows():  # the new tokens' rows as the parameters hold them now
             return trained_rows(self.pipe) if self.token_parameters else None

@@ -211,9 +211,8 @@ def _unfold_backward_folded(x, weight, mixing, grad, stride, padding, dilation, 
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     taps = kh * kw
-    columns = grad.reshape(batch, out_channels, -1).transpose(0, 1).reshape(out_channels, -1)
-    grad_taps = torch.matmul(weight.reshape(out_channels, -1).T, columns).view(channels, taps, -1)
-    del columns
+    grad_taps = matmul_over_batch(weight.reshape(out_channels, -1).T, grad.reshape(batch, out_channels, -1))
+    grad_taps = grad_taps.transpose(0, 1).view(channels, taps, -1)  # the folded GEMM's own (c_in·k², batch·P) order
     grad_mixing = None
     if need_mixing:
         unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
