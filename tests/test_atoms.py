@@ -245,6 +245,31 @@ def test_kc_falls_back_to_1_where_channels_do_not_divide(m1):
     torch.testing.assert_close(model(x), tuned, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layer_kind", ["conv", "linear", "conv_transposed_weight"])
+def test_merging_in_place_adds_exactly_the_scaled_update(layer_kind, dtype, monkeypatch):
+    """The in-place merge (W_b += W_b·mixing a few filters at a time, chunks not dividing the rows) leaves
+    W + scale·ΔW, ΔW as `delta_weight` forms it; a weight that is no view of W_b takes the formed update."""
+    monkeypatch.setattr(A, "MERGE_CHUNK_ROWS", 7)
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5) if layer_kind == "linear" else nn.Conv2d(5, 4, 3)
+    base = base.to(dtype)
+    if layer_kind == "conv_transposed_weight":  # channels-last storage: W_b is not a view of W
+        base.weight.data = base.weight.data.to(memory_format=torch.channels_last)
+    rows = A.to_blocks(base.weight.detach(), 1)
+    atoms = torch.linalg.svd(rows.double(), full_matrices=False)[2][:3]
+    layer = (A.FilterAtomLinear if layer_kind == "linear" else A.FilterAtomConv2d)(base, atoms.to(dtype))
+    with torch.no_grad():
+        layer.delta_atoms.copy_(torch.randn(layer.delta_atoms.shape))
+    layer.scale = 0.7
+    expected = base.weight.detach() + layer.scaled_delta()
+    before = base.weight.detach().clone()
+    layer.merge_into_base()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(base.weight.detach(), expected, rtol=0, atol=tolerance)
+    assert (base.weight.detach() - before).abs().max() > 1e-3  # it changed
+
+
 def test_forward_runs_one_convolution(monkeypatch):
     model, x = TwoConvs(), torch.randn(1, 3, 5, 5)
     methods.create("atoms", m1=2, kc=2).inject(model)

@@ -257,6 +257,26 @@ def weight_diff(
     return from_blocks(to_blocks(weight, kc) @ mixing.to(weight.dtype), weight.shape, kc)
 
 
+# Rows of W_b (filters) mixed at a time when merging: a chunk of a few MB stays in cache between its GEMM and
+# its addition, so the merge is one pass over the weight instead of forming ΔW beside it.
+MERGE_CHUNK_ROWS = 1 << 15
+
+
+@torch.no_grad()
+def add_tap_mixing_(weight: torch.Tensor, mixing: torch.Tensor) -> bool:
+    """W_b += W_b·mixing in place, a chunk of filters at a time (kc = 1: W_b is a view of W). False, with W
+    untouched, where W_b is not a view of W."""
+    try:
+        rows = weight.view(-1, mixing.shape[0])
+    except RuntimeError:
+        return False
+    mixing = mixing.to(weight.dtype)
+    for start in range(0, rows.shape[0], MERGE_CHUNK_ROWS):
+        chunk = rows[start : start + MERGE_CHUNK_ROWS]
+        chunk += chunk @ mixing
+    return True
+
+
 def _coefficient_blocks(alpha: torch.Tensor, kc: int) -> torch.Tensor:
     """α (c_out, c_in, m) → one row per kc×kc channel block, columns ordered (p, q, j)."""
     c_out, c_in, m = alpha.shape
@@ -332,6 +352,22 @@ class _AtomLayer(DeltaLayer):
         self.atoms.copy_(atoms)
         self.projector = atom_projector(self.atoms, self.orthonormal)
 
+    def tap_mixing(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """scale·P·ΔD in `dtype`: the k²×k² mixing with ΔW_b = W_b·mixing (kc = 1), or None where ΔW is no such product."""
+        if self.kc != 1 or not hasattr(self, "delta_atoms"):
+            return None
+        taps = self.atoms.shape[1]
+        mixing = self.projector.to(dtype) @ self.delta_atoms.reshape(-1, taps).to(dtype)
+        return mixing * self.scale if self.scale != 1.0 else mixing
+
+    @torch.no_grad()
+    def merge_into_base(self) -> None:
+        """W += scale·ΔW in place."""
+        weight = self.base_layer.weight
+        mixing = self.tap_mixing(_compute_dtype(weight))
+        if mixing is None or not add_tap_mixing_(weight, mixing):
+            weight += self.scaled_delta()
+
 
 class FilterAtomConv2d(_AtomLayer):
     """A frozen Conv2d whose filters change only through their atoms (D variant; kc > 1: channel atoms)."""
@@ -356,11 +392,7 @@ class FilterAtomConv2d(_AtomLayer):
         if self.kc != 1:
             return super().forward(x)
         # ΔW = W_r·(P·ΔD): a k²×k² mixing of the taps, which the fast kernels apply exactly
-        taps = self.atoms.shape[1]
-        mixing = self.projector.to(self.delta_atoms.dtype) @ self.delta_atoms.reshape(-1, taps)
-        if self.scale != 1.0:
-            mixing = mixing * self.scale
-        return tap_mixed_conv2d(x, self.base_layer, mixing, self.kernel)
+        return tap_mixed_conv2d(x, self.base_layer, self.tap_mixing(self.delta_atoms.dtype), self.kernel)
 
 
 class FilterAtomLinear(_AtomLayer):
@@ -510,6 +542,9 @@ class FilterAtoms(WrappedLayers):
     variants = ({}, {"m": 6}, {"m1": 4}, {"kc": 2}, {"m1": 4, "kc": 2}, {"linear": True}, {"include_1x1": True})
     trains_text_encoder = True  # the linear form, on the text encoder's attention and MLP linears
     default_lr = 1e-3  # a few thousand parameters: a larger step; measured (sweeps/digits-lr.toml): 3e-3 lost 15 points
+
+    def merge_layer(self, layer: nn.Module) -> None:
+        layer.merge_into_base()
 
     def validate_options(self) -> None:
         o = self.options

@@ -454,10 +454,14 @@ class WrappedLayers(Method):
         for layer in self.layers.values():
             self.set_layer_scale(layer, scale)
 
+    def merge_layer(self, layer: nn.Module) -> None:
+        """Fold one wrapper's scale·ΔW into its base weight, in place (under no_grad)."""
+        self.layer_base(layer).weight += self.layer_delta(layer)
+
     @torch.no_grad()
     def _merge(self) -> None:
         for layer in self.layers.values():
-            self.layer_base(layer).weight += self.layer_delta(layer)
+            self.merge_layer(layer)
         self._put_back_bases()
 
     def _put_back_bases(self) -> None:
