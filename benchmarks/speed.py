@@ -13,7 +13,8 @@
 The UNet is built from SD v1.4's config (`--arch sd2`: SD 2.1's, `--arch sdxl`: SDXL base 1.0's, with
 its pooled-embedding and time-id inputs filled in) with random weights (no download). Each configuration runs
 in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
-process and the peak is torch.cuda.max_memory_allocated, reset before each row. One training step = forward, MSE loss, backward, AdamW step; the time is the median of
+process and the peak is torch.cuda.max_memory_allocated over the steps after the first (the first step's own peak,
+which on CUDA includes filter atoms timing each layer's candidate routes once, is its own column). One training step = forward, MSE loss, backward, AdamW step; the time is the median of
 `--steps` steps after `--warmup` steps. Rows:
 
 - floor: nothing trainable; backward still runs to the input (the least any method can cost)
@@ -260,16 +261,43 @@ class BusyProcesses:
 
 
 def measure_training(row: str, args) -> dict:
+    """On a GPU the peak is that of the steps after the first: the first step of a row whose layers measure their
+    routes (`atom_kernels.MEASURED`) also runs each candidate once per layer; its own peak is `first_peak_gb`."""
+    import torch
+
     step, trainable = training_setup(row, args)
     memory_before = peak_memory_gb(args.device)
-    times = [step() for _ in range(args.warmup + args.steps)][args.warmup :]
+    times = [step()]
+    first_peak = peak_memory_gb(args.device)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times += [step() for _ in range(args.warmup + args.steps - 1)]
     return {
         "row": row,
-        "seconds": statistics.median(times),
+        "seconds": statistics.median(times[args.warmup :]),
         "peak_gb": peak_memory_gb(args.device),
+        "first_peak_gb": first_peak,
         "model_gb": memory_before,
         "trainable": trainable,
     }
+
+
+def routes_lines(device: str) -> list[str]:
+    """The filter-atom routes measured on this device (`atom_kernels.MEASURED`, kept by every row's process), one
+    line per geometry."""
+    from sdtune.methods.atom_kernels import MEASURED, measured_routes
+
+    if device.split(":")[0] not in MEASURED:
+        return []
+    routes = measured_routes(device)
+    if not routes:
+        return []
+    counts = {}
+    for name in routes.values():
+        counts[name] = counts.get(name, 0) + 1
+    lines = ["", "Filter-atom routes measured on this device (dtype|input|weight|stride|padding|dilation|bias|mixing|input "
+             "gradient → route): " + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())), ""]
+    return lines + [f"- `{key}` → {name}" for key, name in sorted(routes.items())]
 
 
 def measure_interleaved(rows: list[str], args, busy: "BusyProcesses | None" = None) -> list[dict]:
@@ -478,7 +506,7 @@ def main() -> None:
     except StoppedEarly:
         cut = True
     if results:
-        lines = interleaved_table(results) if args.interleave else training_table(results)
+        lines = (interleaved_table(results) if args.interleave else training_table(results)) + routes_lines(args.device)
     if sampled:
         lines += [""] + sampling_table(sampled)
     if cut:
@@ -519,17 +547,18 @@ def training_table(results: list[dict]) -> list[str]:
     by_row = {r["row"]: r for r in results if "error" not in r}
     floor, lora = by_row.get("floor"), by_row.get("lora")
     lines = [
-        "| method | trainable | s/step | peak GB | ×floor | ×LoRA | peak ×floor | peak ×LoRA |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | trainable | s/step | peak GB | ×floor | ×LoRA | peak ×floor | peak ×LoRA | first step's peak GB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | |")
             continue
         ratio = lambda base, key, digits=2: f"{r[key] / base[key]:.{digits}f}" if base else "–"  # noqa: E731
         lines.append(
             f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['peak_gb']:.3f} | "
-            f"{ratio(floor, 'seconds')} | {ratio(lora, 'seconds')} | {ratio(floor, 'peak_gb', 3)} | {ratio(lora, 'peak_gb')} |"
+            f"{ratio(floor, 'seconds')} | {ratio(lora, 'seconds')} | {ratio(floor, 'peak_gb', 3)} | {ratio(lora, 'peak_gb')} | "
+            f"{r.get('first_peak_gb', r['peak_gb']):.3f} |"
         )
     if "atoms" in by_row and "atoms-reference" in by_row:
         lines.append("")

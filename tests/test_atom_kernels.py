@@ -208,3 +208,101 @@ def test_the_unfold_route_with_the_batch_folded_or_not_is_the_definition(fold, p
 
     torch.testing.assert_close(fast(x, mixing), literal(x, conv, mixing), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(fast, (x, mixing))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured routes: on a device in `MEASURED`, "auto" times each geometry's candidates once and keeps the fastest
+
+
+@pytest.fixture
+def measured_on_cpu(monkeypatch, tmp_path):
+    """The CPU measured as CUDA is, with a clock under the test's control: `timed` lists what was timed and
+    `fastest` names the route that measures fastest."""
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(atom_kernels, "MEASURED", {"cpu"})
+    monkeypatch.setattr(atom_kernels, "MEASURED_ROUTES", (("tap", "unfold"), ("weight", None)))
+    monkeypatch.setattr(atom_kernels, "_measured", {})
+    monkeypatch.setattr(atom_kernels, "PLAIN_MAX_WEIGHTS", {})  # the test's small convolutions take the fast routes too
+    state = {"timed": [], "fastest": "weight"}
+    real = atom_kernels._time_route
+
+    def timed(x, conv, mixing, dtype, side, backward):
+        real(x, conv, mixing, dtype, side, backward)  # the trial itself runs: it must leave nothing behind
+        name = atom_kernels._route_name(side, backward)
+        state["timed"].append((tuple(x.shape), name))
+        return 1.0 if name == state["fastest"] else 2.0
+
+    monkeypatch.setattr(atom_kernels, "_time_route", timed)
+    return state
+
+
+def two_sizes():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    conv.requires_grad_(False)
+    mixing = (0.1 * torch.randn(9, 9)).requires_grad_(True)
+    return conv, mixing, [torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(1, 4, 7, 6, requires_grad=True)]
+
+
+@pytest.mark.parametrize("fastest", ["weight", "tap-unfold"])
+def test_measured_routes_take_the_fastest_once_per_geometry_and_keep_it(measured_on_cpu, fastest, monkeypatch):
+    measured_on_cpu["fastest"] = fastest
+    conv, mixing, inputs = two_sizes()
+    taken = []
+    original = atom_kernels._fast_or_plain
+    monkeypatch.setattr(atom_kernels, "_fast_or_plain", lambda x, conv, mixing, side, backward, dtype:
+                        taken.append(atom_kernels._route_name(side, backward)) or original(x, conv, mixing, side, backward, dtype))
+    for x in inputs + inputs:
+        tap_mixed_conv2d(x, conv, mixing).sum().backward()
+    assert measured_on_cpu["timed"] == [((2, 4, 5, 5), "tap-unfold"), ((2, 4, 5, 5), "weight"),
+                                        ((1, 4, 7, 6), "tap-unfold"), ((1, 4, 7, 6), "weight")]  # once per geometry
+    assert taken[-2:] == [fastest] * 2  # the second pass: no trials, the kept route
+    assert sorted(atom_kernels.measured_routes().values()) == [fastest, fastest]
+    # a new process reads the kept choices and measures nothing
+    kept = atom_kernels.routes_file(torch.device("cpu"))
+    assert kept.exists() and sorted(__import__("json").loads(kept.read_text()).values()) == [fastest, fastest]
+    monkeypatch.setattr(atom_kernels, "_measured", {})
+    measured_on_cpu["fastest"] = "the other one"
+    tap_mixed_conv2d(inputs[0], conv, mixing).sum().backward()
+    assert len(measured_on_cpu["timed"]) == 4
+    assert atom_kernels.measured_routes()[next(iter(atom_kernels.measured_routes()))] == fastest
+
+
+def test_measuring_leaves_the_results_gradients_and_random_state_as_without_it(measured_on_cpu):
+    conv, mixing, inputs = two_sizes()
+    x = inputs[0]
+    state = torch.get_rng_state()
+    out = tap_mixed_conv2d(x, conv, mixing)
+    assert torch.equal(torch.get_rng_state(), state)
+    out.sum().backward()
+    assert measured_on_cpu["timed"]
+    grads = x.grad.clone(), mixing.grad.clone()
+    reference_x, reference_mixing = x.detach().clone().requires_grad_(True), mixing.detach().clone().requires_grad_(True)
+    reference = literal(reference_x, conv, reference_mixing)
+    reference.sum().backward()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], reference_x.grad, rtol=1e-5, atol=1e-5)  # the trials added nothing
+    torch.testing.assert_close(grads[1], reference_mixing.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_nothing_is_measured_without_training_or_where_a_mode_is_chosen(measured_on_cpu):
+    conv, mixing, inputs = two_sizes()
+    with torch.no_grad():
+        tap_mixed_conv2d(inputs[0], conv, mixing)
+    tap_mixed_conv2d(inputs[0], conv, mixing.detach())  # a frozen mixing: sampling, not training
+    tap_mixed_conv2d(inputs[0], conv, mixing, mode="tap-unfold").sum().backward()
+    assert measured_on_cpu["timed"] == []
+    assert not atom_kernels.routes_file(torch.device("cpu")).exists()
+
+
+def test_the_real_timer_measures_every_candidate(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(atom_kernels, "MEASURED", {"cpu"})
+    monkeypatch.setattr(atom_kernels, "MEASURED_ROUTES", (("tap", "unfold"), ("weight", None)))
+    monkeypatch.setattr(atom_kernels, "MEASURE_ROUNDS", 1)
+    monkeypatch.setattr(atom_kernels, "_measured", {})
+    monkeypatch.setattr(atom_kernels, "PLAIN_MAX_WEIGHTS", {})
+    conv, mixing, inputs = two_sizes()
+    tap_mixed_conv2d(inputs[0], conv, mixing).sum().backward()
+    assert list(atom_kernels.measured_routes().values())[0] in ("tap-unfold", "weight")
+    assert inputs[0].grad is not None and mixing.grad is not None

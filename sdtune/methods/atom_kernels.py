@@ -29,13 +29,15 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
 
 `tap_mixed_conv2d` picks per call by the device, the weight's size and the number of input positions
 (`PLAIN_MAX_WEIGHTS`, `TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with
-`benchmarks/atom_kernels.py` and `benchmarks/speed.py`. All are exact: tests compare them with
+`benchmarks/atom_kernels.py` and `benchmarks/speed.py`; on CUDA (`MEASURED`) by timing each geometry's
+candidate routes once on the device and keeping the fastest. All are exact: tests compare them with
 `conv2d(x, W + W_r·M)` by gradcheck in float64 (the Triton kernel through Triton's CPU interpreter).
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,7 @@ from torch import nn
 # output convolution and the stride-2 one. With this limit an SD v1.4 step at 32x32 latents took 0.85x
 # the frozen floor (0.78x LoRA's) with the depthwise backward, and 0.93x against its 0.88x with the unfold
 # backward (ten rounds in turns: 3.28 and 3.25 s a step, within this machine's noise).
-# On CUDA the limit holds for the Triton tap side (None: every size); without Triton, CUDA takes the
+# On CUDA (measured per layer, `MEASURED`) this is the route where nothing is measured; without Triton, CUDA takes the
 # weight side everywhere: on an H200 (SD v1.4, 64x64 latents, batch 1, bf16) it took 0.124 s a step
 # and the library tap side up to 1,024 positions 0.142 s, since cuDNN's weight gradient is cheap there.
 TAP_SIDE_MAX_POSITIONS: dict[str, int | None] = {"cpu": 1024, "cuda": None}
@@ -65,6 +67,15 @@ PLAIN_MAX_WEIGHTS = {"cpu": 1 << 16}
 # thread, batch 4, forward + backward: 1,280 channels on 2x2 maps 166 -> 22 ms, on 4x4 83 -> 52 ms, 640 on 8x8
 # 57 -> 51 ms); from 16x16 up the copies cost what the wider GEMM saves.
 FOLD_BATCH_MAX_POSITIONS = 64
+# Device types where "auto" measures instead: each convolution geometry's candidate routes (`MEASURED_ROUTES`) are
+# timed once on the device, forward and backward as training runs them, and the fastest is kept, as cuDNN's
+# benchmark mode picks its algorithms. Which route wins depends on the GPU, the dtype and the layer (the tap side
+# saves cuDNN's weight gradient; H's memory traffic costs most on large maps), so no fixed limit holds on every
+# GPU. The choices are kept in the cache per device name and library versions (`routes_file`): every later run
+# there, a resumed one too, takes the same routes. `measured_routes()` lists them.
+MEASURED = {"cuda"}
+MEASURED_ROUTES = (("tap", "triton"), ("weight", None))
+MEASURE_ROUNDS = 5  # timed forward + backward calls per candidate, after one warm-up call; the median counts
 TAP_BACKWARDS = ("unfold", "depthwise", "triton")
 MODES = ("auto", "tap", "weight", "autograd") + tuple(f"tap-{name}" for name in TAP_BACKWARDS)
 
@@ -308,10 +319,16 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
     """
     side, backward = route(x, mode, conv.weight.numel())
     device_type = x.device.type
+    measure = mode == "auto" and side != "autograd" and device_type in MEASURED
     if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and side != "autograd":
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return _fast_or_plain(x.to(dtype), conv, mixing, side, backward, dtype)
+            x = x.to(dtype)
+            if measure:
+                side, backward = measured_route(x, conv, mixing, dtype, (side, backward))
+            return _fast_or_plain(x, conv, mixing, side, backward, dtype)
+    if measure:
+        side, backward = measured_route(x, conv, mixing, None, (side, backward))
     return _fast_or_plain(x, conv, mixing, side, backward, None)
 
 
@@ -337,23 +354,148 @@ def route(x: torch.Tensor, mode: str = "auto", weights: int | None = None) -> tu
     return ("tap", backward) if limit is None or positions <= limit else ("weight", None)
 
 
-def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side: str, backward, dtype) -> torch.Tensor:
-    weight, bias = conv.weight, conv.bias
-    if dtype is not None:
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    plain = (
-        side == "autograd"
-        or not torch.is_grad_enabled()
-        or x.dtype != weight.dtype
+def _takes_plain(x: torch.Tensor, conv: nn.Conv2d, weight_dtype: torch.dtype) -> bool:
+    """Whether no fast route applies: no gradient, mixed dtypes, a trained frozen weight, or a geometry they lack."""
+    return (
+        not torch.is_grad_enabled()
+        or x.dtype != weight_dtype
         or conv.groups != 1
         or conv.weight.requires_grad
         or (conv.bias is not None and conv.bias.requires_grad)
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
     )
-    if plain:
+
+
+def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side: str, backward, dtype) -> torch.Tensor:
+    weight, bias = conv.weight, conv.bias
+    if dtype is not None:
+        weight = weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if side == "autograd" or _takes_plain(x, conv, weight.dtype):
         return conv._conv_forward(x, _mixed_weight(weight, mixing.to(weight.dtype)).to(x.dtype), bias)
     if side == "tap":
         return TapMixedConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation, backward)
     return FormedWeightConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured routes (`MEASURED`)
+
+_measured: dict[Path, dict[str, str]] = {}  # routes file -> geometry key -> "tap-<backward>" or "weight"
+
+
+def routes_file(device: torch.device) -> Path:
+    """Where this device's measured routes are kept: one JSON file per device name and library versions."""
+    import re
+
+    from ..models import cache_dir
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - no Triton: the key says so
+        triton_version = "none"
+    label = re.sub(r"[^A-Za-z0-9.]+", "-", f"{name}-torch{torch.__version__}-triton{triton_version}").strip("-")
+    return Path(cache_dir()) / "kernels" / f"atom-routes-{label}.json"
+
+
+def _geometry_key(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor) -> str:
+    return "|".join(str(part) for part in (
+        str(x.dtype).removeprefix("torch."), tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride),
+        tuple(conv.padding), tuple(conv.dilation), conv.bias is not None, "per-channel" if mixing.dim() == 3 else "shared",
+        "grad-x" if x.requires_grad else "no-grad-x",
+    ))
+
+
+def _route_name(side: str, backward: str | None) -> str:
+    return f"tap-{backward}" if side == "tap" else side
+
+
+def _candidates(device_type: str) -> list[tuple[str, str | None]]:
+    return [(side, backward) for side, backward in MEASURED_ROUTES
+            if backward != "triton" or (device_type == "cuda" and triton_tap_backward() is not None)]
+
+
+def measured_route(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, dtype, fallback: tuple[str, str | None]):
+    """The fastest of the candidate routes for this layer's geometry: measured on first sight (or read from the
+    routes file), else `fallback` where nothing is measured (no gradient, a geometry only the plain route takes, a
+    compiled graph being traced, a single candidate)."""
+    weight_dtype = dtype if dtype is not None else conv.weight.dtype
+    candidates = _candidates(x.device.type)
+    if (len(candidates) < 2 or not mixing.requires_grad or _takes_plain(x, conv, weight_dtype)
+            or torch.compiler.is_compiling()
+            or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        return fallback
+    path = routes_file(x.device)
+    if path not in _measured:
+        _measured[path] = _read_routes(path)
+    routes = _measured[path]
+    key = _geometry_key(x, conv, mixing)
+    known = {_route_name(*candidate): candidate for candidate in candidates}
+    if routes.get(key) not in known:
+        seconds = {name: _time_route(x, conv, mixing, dtype, *candidate) for name, candidate in known.items()}
+        routes[key] = min(seconds, key=seconds.get)
+        _write_routes(path, routes)
+    return known[routes[key]]
+
+
+def measured_routes(device: torch.device | str | None = None) -> dict[str, str]:
+    """The routes measured by geometry, "dtype|input shape|weight shape|stride|padding|dilation|bias|mixing|input
+    gradient" -> "tap-triton", "weight"...: those kept for `device` (by every process), or else those this
+    process measured or read."""
+    if device is not None:
+        path = routes_file(torch.device(device))
+        return {**_read_routes(path), **_measured.get(path, {})}
+    return {key: name for routes in _measured.values() for key, name in routes.items()}
+
+
+def _time_route(x, conv, mixing, dtype, side, backward) -> float:
+    """Median seconds of one forward and backward of this layer on a route, on copies that nothing else sees."""
+    import statistics
+    import time
+
+    trial_x = x.detach().requires_grad_(x.requires_grad)
+    trial_mixing = mixing.detach().requires_grad_(True)
+    inputs = [tensor for tensor in (trial_x, trial_mixing) if tensor.requires_grad]
+    synchronize = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    grad = None
+    seconds = []
+    with torch.enable_grad():
+        for round_ in range(MEASURE_ROUNDS + 1):
+            synchronize()
+            started = time.perf_counter()
+            out = _fast_or_plain(trial_x, conv, trial_mixing, side, backward, dtype)
+            if grad is None:
+                grad = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(0), device=out.device, dtype=out.dtype)
+            torch.autograd.grad(out, inputs, grad)
+            synchronize()
+            if round_:  # the first call compiles and warms the library's caches
+                seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+def _read_routes(path: Path) -> dict[str, str]:
+    import json
+
+    try:
+        routes = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: measured again
+        return {}
+    return {key: value for key, value in routes.items() if isinstance(key, str) and isinstance(value, str)} if isinstance(routes, dict) else {}
+
+
+def _write_routes(path: Path, routes: dict[str, str]) -> None:
+    import json
+
+    from ..fileio import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        routes = {**_read_routes(path), **routes}  # another process's choices kept too
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(routes, indent=1, sort_keys=True) + "\n")
+    except OSError as error:  # a read-only cache: the choices still hold for this process
+        warnings.warn(f"could not keep the measured filter-atom routes in {path}: {error}", stacklevel=2)
