@@ -173,6 +173,43 @@ def test_merge_leaves_a_plain_unet(name, unet, base_unet):
     assert not torch.equal(changed, base_unet.get_submodule(method.target_names[0]).weight)
 
 
+@pytest.mark.parametrize("targets", ["all", "conv"])
+def test_lora_merges_in_place_what_peft_adds(targets, unet, monkeypatch):
+    """LoRA's merge accumulates scale·B·A into W with one GEMM per layer (3×3, 1×1 and linear layers); every merged
+    weight is W + peft's own get_delta_weight, and a layer where that route does not apply takes peft's form."""
+    from sdtune.methods import lowrank
+
+    method = methods.create("lora", targets=targets)
+    method.inject(unet)
+    randomize(method)
+    method.set_scale(0.6)
+    expected = {name: (method.layer_base(layer).weight + layer.get_delta_weight(lowrank.ADAPTER)).detach().clone()
+                for name, layer in method.layers.items()}
+    kinds = {tuple(method.layer_base(layer).weight.shape[2:]) for layer in method.layers.values()}
+    assert {(3, 3), (1, 1)} <= kinds and (targets == "conv" or () in kinds)
+    in_place = []
+    original = lowrank.add_lora_in_place
+    monkeypatch.setattr(lowrank, "add_lora_in_place", lambda layer: in_place.append(original(layer)) or in_place[-1])
+    modules = {name: method.layer_base(layer) for name, layer in method.layers.items()}
+    method.merge()
+    assert in_place and all(in_place)
+    for name, module in modules.items():
+        torch.testing.assert_close(module.weight, expected[name], rtol=0, atol=1e-6)
+
+
+def test_lora_in_half_precision_on_a_cpu_merges_through_peft(unet):
+    from sdtune.methods import lowrank
+
+    method = methods.create("lora", targets="attn")
+    method.inject(unet)
+    randomize(method)
+    layer = next(iter(method.layers.values()))
+    layer.to(torch.bfloat16)
+    before = method.layer_base(layer).weight.detach().clone()
+    assert not lowrank.add_lora_in_place(layer)
+    assert torch.equal(method.layer_base(layer).weight, before)
+
+
 @pytest.mark.parametrize("name", LOW_RANK)
 def test_load_refuses_tensors_that_do_not_fit(name, unet, base_unet):
     method = methods.create(name)

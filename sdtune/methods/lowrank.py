@@ -288,6 +288,31 @@ def _lycoris_merge_warning(method) -> str:
             "read it right, and alpha = rank (the default) avoids it")
 
 
+@torch.no_grad()
+def add_lora_in_place(layer: nn.Module) -> bool:
+    """W += scaling·B·A as one GEMM accumulating into W: what peft's merge adds, without forming ΔW beside W (peft
+    forms a 3×3 convolution's ΔW as a convolution, transposed in memory, so the addition is strided too). False,
+    with W untouched, where peft's own form is needed: half precision on a CPU, grouped convolutions, a bias on
+    B, a transposed (Conv1D) weight, mixed dtypes."""
+    base = layer.get_base_layer()
+    weight = base.weight
+    if ADAPTER not in getattr(layer, "lora_A", {}) or getattr(layer, "fan_in_fan_out", False) or getattr(base, "groups", 1) != 1:
+        return False
+    if getattr(layer, "lora_bias", {}).get(ADAPTER, False):
+        return False
+    down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    if not (down.dtype == up.dtype == weight.dtype) or (weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if up.dim() == 4 and up.shape[2:] != (1, 1):
+        return False
+    try:
+        rows = weight.view(weight.shape[0], -1)
+    except RuntimeError:  # a layout in which (c_out, c_in·k·k) is no view of W
+        return False
+    rows.addmm_(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), alpha=layer.scaling[ADAPTER])
+    return True
+
+
 class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
@@ -361,6 +386,10 @@ class Lora(_PeftLowRank):
             layer.lora_magnitude_vector[ADAPTER].sdtune_strength = scale
         else:
             super().set_layer_scale(layer, scale)
+
+    def merge_layer(self, layer: nn.Module) -> None:
+        if self.options.dora or not add_lora_in_place(layer):
+            super().merge_layer(layer)
 
     def layer_delta(self, layer: nn.Module) -> torch.Tensor:
         if not self.options.dora:
