@@ -222,6 +222,8 @@ def measured_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(atom_kernels, "MEASURED", {"cpu"})
     monkeypatch.setattr(atom_kernels, "MEASURED_ROUTES", (("tap", "unfold"), ("weight", None)))
     monkeypatch.setattr(atom_kernels, "_measured", {})
+    monkeypatch.setattr(atom_kernels, "_chosen", {})
+    monkeypatch.setattr(atom_kernels, "_routes_files", {})
     monkeypatch.setattr(atom_kernels, "PLAIN_MAX_WEIGHTS", {})  # the test's small convolutions take the fast routes too
     state = {"timed": [], "fastest": "weight"}
     real = atom_kernels._time_route
@@ -262,6 +264,8 @@ def test_measured_routes_take_the_fastest_once_per_geometry_and_keep_it(measured
     kept = atom_kernels.routes_file(torch.device("cpu"))
     assert kept.exists() and sorted(__import__("json").loads(kept.read_text()).values()) == [fastest, fastest]
     monkeypatch.setattr(atom_kernels, "_measured", {})
+    monkeypatch.setattr(atom_kernels, "_chosen", {})
+    monkeypatch.setattr(atom_kernels, "_routes_files", {})
     measured_on_cpu["fastest"] = "the other one"
     tap_mixed_conv2d(inputs[0], conv, mixing).sum().backward()
     assert len(measured_on_cpu["timed"]) == 4
@@ -301,6 +305,8 @@ def test_the_real_timer_measures_every_candidate(monkeypatch, tmp_path):
     monkeypatch.setattr(atom_kernels, "MEASURED_ROUTES", (("tap", "unfold"), ("weight", None)))
     monkeypatch.setattr(atom_kernels, "MEASURE_ROUNDS", 1)
     monkeypatch.setattr(atom_kernels, "_measured", {})
+    monkeypatch.setattr(atom_kernels, "_chosen", {})
+    monkeypatch.setattr(atom_kernels, "_routes_files", {})
     monkeypatch.setattr(atom_kernels, "PLAIN_MAX_WEIGHTS", {})
     conv, mixing, inputs = two_sizes()
     tap_mixed_conv2d(inputs[0], conv, mixing).sum().backward()

@@ -319,7 +319,7 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
     """
     side, backward = route(x, mode, conv.weight.numel())
     device_type = x.device.type
-    measure = mode == "auto" and side != "autograd" and device_type in MEASURED
+    measure = mode == "auto" and side != "autograd" and device_type in MEASURED and torch.is_grad_enabled()
     if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and side != "autograd":
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
@@ -383,10 +383,18 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side:
 # Measured routes (`MEASURED`)
 
 _measured: dict[Path, dict[str, str]] = {}  # routes file -> geometry key -> "tap-<backward>" or "weight"
+_chosen: dict[tuple, tuple[str, str | None]] = {}  # (device, dtype, shapes...) -> (side, backward), this process's
+_routes_files: dict[torch.device, Path] = {}
 
 
 def routes_file(device: torch.device) -> Path:
     """Where this device's measured routes are kept: one JSON file per device name and library versions."""
+    if device not in _routes_files:
+        _routes_files[device] = _routes_file(device)
+    return _routes_files[device]
+
+
+def _routes_file(device: torch.device) -> Path:
     import re
 
     from ..models import cache_dir
@@ -423,6 +431,12 @@ def measured_route(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, dtype
     """The fastest of the candidate routes for this layer's geometry: measured on first sight (or read from the
     routes file), else `fallback` where nothing is measured (no gradient, a geometry only the plain route takes, a
     compiled graph being traced, a single candidate)."""
+    # every step asks for every layer: the chosen routes are found by one dict lookup of the layer's geometry
+    geometry = (x.device, x.dtype, x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation,
+                conv.bias is not None, mixing.dim(), x.requires_grad)
+    chosen = _chosen.get(geometry)
+    if chosen is not None:
+        return chosen
     weight_dtype = dtype if dtype is not None else conv.weight.dtype
     candidates = _candidates(x.device.type)
     if (len(candidates) < 2 or not mixing.requires_grad or _takes_plain(x, conv, weight_dtype)
@@ -439,7 +453,8 @@ def measured_route(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, dtype
         seconds = {name: _time_route(x, conv, mixing, dtype, *candidate) for name, candidate in known.items()}
         routes[key] = min(seconds, key=seconds.get)
         _write_routes(path, routes)
-    return known[routes[key]]
+    _chosen[geometry] = known[routes[key]]
+    return _chosen[geometry]
 
 
 def measured_routes(device: torch.device | str | None = None) -> dict[str, str]:
