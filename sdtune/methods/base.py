@@ -483,8 +483,10 @@ class WrappedLayers(Method):
     @torch.no_grad()
     def _layer_update(self, layer: nn.Module) -> torch.Tensor | None:
         weight = self.layer_base(layer).weight
-        merged = (weight + self.layer_delta(layer)).to(weight.dtype)  # as _merge's in-place sum rounds
-        delta = merged.float().cpu() - weight.float().cpu()
+        base = weight.detach().clone()
+        self.merge_layer(layer)  # the very sum `merge` leaves, bit for bit; the weight is put back at once
+        delta = weight.float().cpu() - base.float().cpu()
+        weight.copy_(base)
         return delta if delta.any() else None
 
     def _unmerge(self) -> None:
