@@ -144,3 +144,89 @@ def test_the_triton_mode_of_the_layer_function():
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert atom_kernels.triton_tap_backward() is not None  # it ran: no fallback to the library
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled for the GPU: every configuration a GPU run takes builds for sm_90 (H100, H200) without spilling
+
+
+def compile_for_gpu(configs: list[dict]) -> dict:
+    """`triton_compile_check.py` in a process of its own, without the interpreter this module turns on."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("triton_compile_check.py")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script), json.dumps(configs)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gpu_configs(dtypes, kernels, tiles, need_x=(True,), per_channel=(False,)) -> list[dict]:
+    configs = []
+    for dtype in dtypes:
+        for kh, kw in kernels:
+            for channels, positions, warps, unroll in tiles:
+                for x in need_x:
+                    for pc in per_channel:
+                        configs.append({
+                            "name": f"{dtype} {kh}x{kw} tile {channels}x{positions}x{warps}{'u' if unroll else ''}"
+                                    f"{'' if x else ' no grad_x'}{' per channel' if pc else ''}",
+                            "dtype": dtype, "arch": 90, "warps": warps, "KH": kh, "KW": kw, "BLOCK_C": channels,
+                            "BLOCK_Q": positions, "NEED_X": x, "NEED_M": True, "PER_CHANNEL": pc, "FP64": False,
+                            "UNROLL": unroll,
+                        })
+    return configs
+
+
+def default_tiles() -> set[tuple]:
+    """`tile()`'s choice for every map a UNet convolution may see (1 to 4,096 positions) and channel count."""
+    from sdtune.methods.atom_triton import tile
+
+    return {tile(channels, positions) for channels in (1, 2, 4, 320) for positions in (1, 4, 16, 64, 256, 1024, 4096)}
+
+
+def ptxas_available() -> bool:
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return (tools / "ptxas").exists() and (tools / "cuobjdump").exists()
+
+
+from pathlib import Path  # noqa: E402
+
+needs_ptxas = pytest.mark.skipif(not ptxas_available(), reason="this Triton ships no ptxas/cuobjdump for sm_90")
+
+
+@needs_ptxas
+def test_the_kernel_compiles_for_sm90_without_spilling_in_what_sd14_at_512px_takes():
+    """SD v1.4 at 64x64 latents takes tiles 4x128 (maps of 128 positions and more) and 8x64 (8x8 maps)."""
+    from sdtune.methods.atom_triton import tile
+
+    inputs = [(4, 4096)] + [(channels, positions) for channels in (320, 640, 1280) for positions in (4096, 1024, 256, 64)]
+    sd14 = sorted({tile(channels, positions) for channels, positions in inputs})
+    assert sd14 == [(4, 128, 4, True), (8, 64, 4, True)]
+    configs = (gpu_configs(["bf16"], [(3, 3)], sd14, need_x=(True, False))
+               + gpu_configs(["bf16"], [(3, 3)], sd14[:1], per_channel=(True,))  # the D1 variant
+               + gpu_configs(["fp16", "fp32"], [(3, 3)], sd14[:1])
+               + gpu_configs(["bf16"], [(1, 1)], sd14[:1]))  # include_1x1
+    results = compile_for_gpu(configs)
+    failed = {name: result for name, result in results.items() if "error" in result or result["local"] or result["stack"]}
+    assert not failed, failed
+
+
+@pytest.mark.slow
+@needs_ptxas
+def test_every_tile_and_option_compiles_for_sm90():
+    tiles = sorted(default_tiles())
+    configs = gpu_configs(["bf16", "fp16", "fp32"], [(3, 3), (1, 1)], tiles, need_x=(True, False), per_channel=(False, True))
+    # the other tiles the per-layer tables time (benchmarks/gpu.sh): they must build; spilling is theirs to show
+    others = [(16, 32, 4, True), (8, 256, 4, False), (32, 32, 4, False), (8, 64, 2, False)]
+    results = compile_for_gpu(configs + gpu_configs(["bf16"], [(3, 3)], others))
+    assert not {name: result for name, result in results.items() if "error" in result}
+    default_names = {config["name"] for config in configs}
+    spilled = {name: result for name, result in results.items() if name in default_names and (result["local"] or result["stack"])}
+    assert not spilled, spilled
