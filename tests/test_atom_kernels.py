@@ -312,3 +312,29 @@ def test_the_real_timer_measures_every_candidate(monkeypatch, tmp_path):
     tap_mixed_conv2d(inputs[0], conv, mixing).sum().backward()
     assert list(atom_kernels.measured_routes().values())[0] in ("tap-unfold", "weight")
     assert inputs[0].grad is not None and mixing.grad is not None
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_unet_measures_its_routes_in_its_first_step_also_under_gradient_checkpointing(measured_on_cpu, checkpointing,
+                                                                                       tiny_path, unet_inputs):
+    """The trials run inside the first forward; gradient checkpointing's recomputation must save what that forward
+    saved (the trials are kept out of its count), and the gradients are those of the chosen routes."""
+    from sdtune import methods
+    from sdtune.models import load_pipeline
+
+    grads = []
+    for measured in (True, False):
+        unet = load_pipeline("tiny-random").unet
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        params = methods.create("atoms", kernel="auto" if measured else "weight").inject(unet)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).reshape(p.shape))
+        unet(*unet_inputs).sample.square().mean().backward()
+        grads.append([p.grad.clone() for p in params])
+    assert measured_on_cpu["timed"]  # every 3x3 convolution's geometry, once
+    assert set(atom_kernels.measured_routes().values()) == {"weight"}
+    for grad, reference in zip(*grads):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-7)

@@ -478,7 +478,9 @@ def _time_route(x, conv, mixing, dtype, side, backward) -> float:
     synchronize = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     grad = None
     seconds = []
-    with torch.enable_grad():
+    # the trials' own saved tensors bypass any saved-tensor hooks around the layer (gradient checkpointing counts
+    # what a forward saves and expects its recomputation to save the same)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
         for round_ in range(MEASURE_ROUNDS + 1):
             synchronize()
             started = time.perf_counter()
