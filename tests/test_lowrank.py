@@ -197,6 +197,45 @@ def test_lora_merges_in_place_what_peft_adds(targets, unet, monkeypatch):
         torch.testing.assert_close(module.weight, expected[name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name,options", [("loha", {}), ("loha", {"targets": "attn"}), ("lokr", {}), ("lokr", {"decompose_both": True}),
+                                          ("lokr", {"targets": "attn", "factor": 4})])
+def test_loha_and_lokr_merge_in_place_what_peft_adds(name, options, unet, monkeypatch):
+    """LoHa's (w1a·w1b) ⊙ (w2a·w2b) and LoKr's w1 ⊗ w2 are added into W a part at a time; every merged weight is
+    W + peft's own get_delta_weight."""
+    from sdtune.methods import lowrank
+
+    method = methods.create(name, **options)
+    method.inject(unet)
+    randomize(method)
+    method.set_scale(0.6)
+    expected = {key: (method.layer_base(layer).weight + layer.get_delta_weight(lowrank.ADAPTER)).detach().clone()
+                for key, layer in method.layers.items()}
+    function = "add_loha_in_place" if name == "loha" else "add_lokr_in_place"
+    in_place, original = [], getattr(lowrank, function)
+    monkeypatch.setattr(lowrank, function, lambda layer: in_place.append(original(layer)) or in_place[-1])
+    monkeypatch.setattr(lowrank, "MERGE_CHUNK_ELEMENTS", 1000)  # several parts per layer
+    modules = {key: method.layer_base(layer) for key, layer in method.layers.items()}
+    method.merge()
+    assert in_place and all(in_place)
+    for key, module in modules.items():
+        torch.testing.assert_close(module.weight, expected[key], rtol=0, atol=1e-6)
+
+
+def test_tucker_factors_merge_through_peft(unet):
+    from sdtune.methods import lowrank
+
+    for name in ("loha", "lokr"):
+        method = methods.create(name, tucker=True, targets="conv3x3")
+        method.inject(copy.deepcopy(unet))
+        randomize(method)
+        core = "hada_t1" if name == "loha" else "lokr_t2"
+        tucker = [layer for layer in method.layers.values() if lowrank.ADAPTER in getattr(layer, core)]
+        assert tucker
+        before = method.layer_base(tucker[0]).weight.detach().clone()
+        assert not (lowrank.add_loha_in_place if name == "loha" else lowrank.add_lokr_in_place)(tucker[0])
+        assert torch.equal(method.layer_base(tucker[0]).weight, before)
+
+
 def test_lora_in_half_precision_on_a_cpu_merges_through_peft(unet):
     from sdtune.methods import lowrank
 

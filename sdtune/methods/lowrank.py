@@ -288,6 +288,78 @@ def _lycoris_merge_warning(method) -> str:
             "read it right, and alpha = rank (the default) avoids it")
 
 
+MERGE_CHUNK_ELEMENTS = 1 << 20  # LoHa's and LoKr's in-place merges form ΔW a few MB of the weight at a time
+
+
+def _plain_merge_target(layer: nn.Module, factors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The base weight, where an in-place merge applies: factors and weight in one dtype (not half precision on a
+    CPU, where peft computes in fp32), an ungrouped layer, a contiguous weight."""
+    weight = layer.get_base_layer().weight
+    if getattr(layer.get_base_layer(), "groups", 1) != 1 or not weight.is_contiguous():
+        return None
+    if any(factor.dtype != weight.dtype for factor in factors):
+        return None
+    if weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16):
+        return None
+    return weight
+
+
+@torch.no_grad()
+def add_loha_in_place(layer: nn.Module) -> bool:
+    """W += scale·(w1a·w1b) ⊙ (w2a·w2b), a few output channels at a time: peft's ΔW (LyCORIS' `HadaWeight`)
+    without forming it whole beside W. False, with W untouched, for Tucker factors or where `_plain_merge_target`
+    says no."""
+    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    if any(ADAPTER not in getattr(layer, name, {}) for name in names) or ADAPTER in getattr(layer, "hada_t1", {}):
+        return False
+    w1a, w1b, w2a, w2b = (getattr(layer, name)[ADAPTER] for name in names)
+    weight = _plain_merge_target(layer, [w1a, w1b, w2a, w2b])
+    if weight is None or w1b.shape[1] * w1a.shape[0] != weight.numel():
+        return False
+    rows = weight.view(w1a.shape[0], -1)
+    step = max(1, MERGE_CHUNK_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        update = w1a[part] @ w1b
+        update *= w2a[part] @ w2b
+        rows[part].add_(update, alpha=layer.scaling[ADAPTER])
+    return True
+
+
+@torch.no_grad()
+def add_lokr_in_place(layer: nn.Module) -> bool:
+    """W += scale·(w1 ⊗ w2), one row of w1 at a time: peft's ΔW (`make_kron`) without forming the Kronecker product
+    whole beside W. False, with W untouched, for Tucker factors or where `_plain_merge_target` says no."""
+    if ADAPTER in getattr(layer, "lokr_t2", {}):
+        return False
+    if ADAPTER in getattr(layer, "lokr_w1", {}):
+        w1 = layer.lokr_w1[ADAPTER]
+    elif ADAPTER in getattr(layer, "lokr_w1_a", {}):
+        w1 = layer.lokr_w1_a[ADAPTER] @ layer.lokr_w1_b[ADAPTER]
+    else:
+        return False
+    if ADAPTER in getattr(layer, "lokr_w2", {}):
+        w2 = layer.lokr_w2[ADAPTER]
+    elif ADAPTER in getattr(layer, "lokr_w2_a", {}):
+        w2 = layer.lokr_w2_a[ADAPTER] @ layer.lokr_w2_b[ADAPTER]
+    else:
+        return False
+    weight = _plain_merge_target(layer, [w1, w2])
+    if weight is None or w1.dim() != 2 or w1.numel() * w2.numel() != weight.numel():
+        return False
+    # kron(w1, w2)[i·c + j, k·d + l, ...] = w1[i, k]·w2[j, l, ...]: W seen as (a, c, b, d, ...) takes w1's rows in turn
+    # (w2 is (c, d, kh, kw), or (c, d·kh·kw) for a convolution whose w2 is low-rank: peft reshapes the product)
+    (a, b), c, rest = w1.shape, w2.shape[0], w2.shape[1:]
+    if weight.shape[0] != a * c:
+        return False
+    blocks = weight.view(a, c, b, *rest)
+    w2 = w2.unsqueeze(1)  # (c, 1, ...): broadcast over w1's columns
+    scale = layer.scaling[ADAPTER]
+    for row in range(a):
+        blocks[row].add_(w1[row].view(1, b, *[1] * len(rest)) * w2, alpha=scale)
+    return True
+
+
 @torch.no_grad()
 def add_lora_in_place(layer: nn.Module) -> bool:
     """W += scaling·B·A as one GEMM accumulating into W: what peft's merge adds, without forming ΔW beside W (peft
@@ -546,6 +618,10 @@ class Loha(_PeftLowRank):
     Options = LohaOptions
     variants = ({}, {"targets": "conv3x3"})
 
+    def merge_layer(self, layer: nn.Module) -> None:
+        if not add_loha_in_place(layer):
+            super().merge_layer(layer)
+
     def _inject_peft(self, model: nn.Module, prefix: str, targets: list[str]) -> None:
         super()._inject_peft(model, prefix, targets)
         if self.options.rank_dropout:
@@ -575,6 +651,10 @@ class Lokr(_PeftLowRank):
     Options = LokrOptions
     variants = ({}, {"targets": "conv3x3"}, {"decompose_both": True})
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 11 points
+
+    def merge_layer(self, layer: nn.Module) -> None:
+        if not add_lokr_in_place(layer):
+            super().merge_layer(layer)
 
     def validate_options(self) -> None:
         super().validate_options()
