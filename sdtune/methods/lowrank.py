@@ -326,23 +326,23 @@ def add_loha_in_place(layer: nn.Module) -> bool:
     return True
 
 
+def _kronecker_factor(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """LoKr's factor `name` (lokr_w1, lokr_w2): the full matrix, or its low-rank product `name`_a·`name`_b."""
+    if ADAPTER in getattr(layer, name, {}):
+        return getattr(layer, name)[ADAPTER]
+    if ADAPTER in getattr(layer, f"{name}_a", {}):
+        return getattr(layer, f"{name}_a")[ADAPTER] @ getattr(layer, f"{name}_b")[ADAPTER]
+    return None
+
+
 @torch.no_grad()
 def add_lokr_in_place(layer: nn.Module) -> bool:
     """W += scale·(w1 ⊗ w2), one row of w1 at a time: peft's ΔW (`make_kron`) without forming the Kronecker product
     whole beside W. False, with W untouched, for Tucker factors or where `_plain_merge_target` says no."""
     if ADAPTER in getattr(layer, "lokr_t2", {}):
         return False
-    if ADAPTER in getattr(layer, "lokr_w1", {}):
-        w1 = layer.lokr_w1[ADAPTER]
-    elif ADAPTER in getattr(layer, "lokr_w1_a", {}):
-        w1 = layer.lokr_w1_a[ADAPTER] @ layer.lokr_w1_b[ADAPTER]
-    else:
-        return False
-    if ADAPTER in getattr(layer, "lokr_w2", {}):
-        w2 = layer.lokr_w2[ADAPTER]
-    elif ADAPTER in getattr(layer, "lokr_w2_a", {}):
-        w2 = layer.lokr_w2_a[ADAPTER] @ layer.lokr_w2_b[ADAPTER]
-    else:
+    w1, w2 = _kronecker_factor(layer, "lokr_w1"), _kronecker_factor(layer, "lokr_w2")
+    if w1 is None or w2 is None:
         return False
     weight = _plain_merge_target(layer, [w1, w2])
     if weight is None or w1.dim() != 2 or w1.numel() * w2.numel() != weight.numel():
