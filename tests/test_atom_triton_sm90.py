@@ -185,7 +185,8 @@ def check_launch(launch) -> None:
     # (batch, channel and partial-sum rows) is int64 in the kernel
     taps = a["KH"] * a["KW"]
     assert taps * a["out_height"] * a["out_width"] < 2**31
-    grid_q = launch["grid"][0]
+    grid_q, grid_c, grid_b = launch["grid"]
+    assert grid_q < 2**31 and grid_c < 2**16 and grid_b < 2**16  # CUDA's grid limits (the interpreter has none)
     assert grid_q * a["BLOCK_Q"] < 2**31 and a["height"] * a["width"] < 2**31
     # every pointer the launch covers fits the tensors it was given (the chunked views' extents)
     assert a["h_ptr"].numel() == launch["grid"][2] * a["channels"] * taps * a["out_height"] * a["out_width"]
@@ -251,3 +252,19 @@ def test_the_benchmarks_other_tiles_compile_for_sm90(compiled_kernel_module, mon
                 assert tile_of(launch) == tile
                 check_launch(launch)
                 assert compile_sm90(compiled_kernel_module, launch)["REG"] <= 255
+
+
+def test_the_gpu_run_sends_every_sd14_convolution_to_the_kernel(monkeypatch):
+    """On CUDA the dispatcher picks the Triton tap side for every convolution, conv_in and conv_out included
+    (no plain-autograd size limit there), and cuDNN's weight side where Triton is unavailable. `route` reads
+    only the input's device and shape: a stand-in carries a CUDA device without a GPU."""
+    from types import SimpleNamespace
+
+    for batch in (1, 4):
+        for c_in, c_out, k, _, size in SD14_CONVS:
+            x = SimpleNamespace(device=torch.device("cuda"), shape=(batch, c_in, size, size))
+            monkeypatch.setitem(atom_kernels._triton_state, "function", lambda *args, **kwargs: None)
+            assert atom_kernels.route(x, "auto", c_out * c_in * k * k) == ("tap", "triton")
+            monkeypatch.setitem(atom_kernels._triton_state, "function", None)
+            assert atom_kernels.route(x, "auto", c_out * c_in * k * k) == ("weight", None)
+            assert atom_kernels.route(x, "tap") == ("tap", "depthwise")
