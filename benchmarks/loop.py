@@ -221,6 +221,9 @@ def training_table(results: list[dict], interleaved: bool) -> list[str]:
         "whole: median step_seconds of metrics.jsonl over the timed steps, run on end; bare and floor: medians of "
         "synchronised steps on end"
     )
+    if peak:  # the floor's own UNet stays on the device through every row
+        how += ("; peak GB: torch.cuda.max_memory_allocated over the row (the trainer, the bare and floor steps, and the "
+                "floor's UNet, held throughout)")
     return lines + ["", f"({how})"]
 
 

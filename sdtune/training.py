@@ -696,10 +696,16 @@ class Trainer:
         step as it queues it (read a step late, each step's time would be the next one's)."""
         result = self.step()
         self.finish_pending()
-        if self.save_or_validation_due() or self.device.type == "cpu":
+        if self.save_or_validation_due() or not self.reads_late:
             self.finish(result)
         else:
             self.pending = result
+
+    @functools.cached_property
+    def reads_late(self) -> bool:
+        """Whether a step is read while the next one waits in the device's queue (see `advance`): on an
+        accelerator, not on a CPU."""
+        return self.device.type != "cpu"
 
     def finish_pending(self) -> None:
         if self.pending is not None:
