@@ -134,15 +134,15 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
                 f"{output} holds an earlier sample ({earlier[0].relative_to(output)}{more}): "
                 "add --overwrite to replace it, or choose another --output"
             )
-        # one adapter trained with --zero-terminal-snr samples on the rescaled, trailing schedule
-        zero_snr = len(infos) == 1 and infos[0].extra.get("zero_terminal_snr") == "true"
+        # any adapter (of a stack too) trained with --zero-terminal-snr samples on the rescaled, trailing schedule
+        zero_snr = zero_snr_adapters(config.adapters, infos)
         return _sample(config, prompts, files, model, token, output, state, progress, started, zero_snr)
     finally:
         lock.release()
 
 
 def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, token: str | None, output: Path, state,
-            progress: bool, started: float, zero_snr: bool = False) -> SampleResult:
+            progress: bool, started: float, zero_snr: list[str] | None = None) -> SampleResult:
     """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid."""
     import time
 
@@ -160,8 +160,8 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     elif zero_snr:  # an explicit --scheduler wins
         pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
         if state.is_main_process:
-            print(f"{config.adapters[0]} was trained with --zero-terminal-snr: sampling with {type(pipe.scheduler).__name__}, "
-                  "betas rescaled to zero terminal SNR, trailing timesteps")
+            print(f"{' and '.join(zero_snr)} {'was' if len(zero_snr) == 1 else 'were'} trained with --zero-terminal-snr: "
+                  f"sampling with {type(pipe.scheduler).__name__}, betas rescaled to zero terminal SNR, trailing timesteps")
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list) and not config.stacked
@@ -360,6 +360,11 @@ def load_png(path: Path):
 
 
 ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-terminal-SNR models
+
+
+def zero_snr_adapters(adapters: list, infos: list) -> list[str]:
+    """The adapters (as given) whose header records training with --zero-terminal-snr."""
+    return [str(adapter) for adapter, info in zip(adapters, infos) if info.extra.get("zero_terminal_snr") == "true"]
 
 
 def zero_snr_scheduler(scheduler):
