@@ -164,6 +164,16 @@ def device_memory() -> tuple[int, str] | None:
     return None
 
 
+def training_device_type() -> str:
+    """The device type a run computes on, as Accelerate picks it: "cuda", "mps" or "cpu" (`device_memory`'s choice)."""
+    import torch
+
+    if device_memory():
+        return "cuda"
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return "mps" if not cpu and torch.backends.mps.is_available() else "cpu"
+
+
 def ram_bytes() -> int:
     try:
         import psutil  # Accelerate's own requirement
@@ -385,7 +395,8 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     on_device = [
         *weights,
         trained_part,
-        (changed_options(method), "the weights it forms, kept for backward", probe.method.backward_bytes(compute_bytes) if probe.method else 0),
+        (changed_options(method), "the weights it forms, kept for backward",
+         probe.method.backward_bytes(compute_bytes, training_device_type(), half) if probe.method else 0),
         batch_part,
     ]
     if probe.trains_text_encoders or config.token_embeddings:  # the backward runs through the text encoders

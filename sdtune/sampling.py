@@ -134,8 +134,8 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
                 f"{output} holds an earlier sample ({earlier[0].relative_to(output)}{more}): "
                 "add --overwrite to replace it, or choose another --output"
             )
-        # adapters trained with --zero-terminal-snr (any of a stack) sample on the rescaled, trailing schedule
-        zero_snr = [str(adapter) for adapter, info in zip(config.adapters, infos) if info.extra.get("zero_terminal_snr") == "true"]
+        # any adapter (of a stack too) trained with --zero-terminal-snr samples on the rescaled, trailing schedule
+        zero_snr = zero_snr_adapters(config.adapters, infos)
         return _sample(config, prompts, files, model, token, output, state, progress, started, zero_snr)
     finally:
         lock.release()
@@ -161,8 +161,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
         if state.is_main_process:
             print(f"{' and '.join(zero_snr)} {'was' if len(zero_snr) == 1 else 'were'} trained with --zero-terminal-snr: "
-                  f"sampling with {type(pipe.scheduler).__name__}, "
-                  "betas rescaled to zero terminal SNR, trailing timesteps")
+                  f"sampling with {type(pipe.scheduler).__name__}, betas rescaled to zero terminal SNR, trailing timesteps")
     resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list) and not config.stacked
@@ -361,6 +360,11 @@ def load_png(path: Path):
 
 
 ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-terminal-SNR models
+
+
+def zero_snr_adapters(adapters: list, infos: list) -> list[str]:
+    """The adapters (as given) whose header records training with --zero-terminal-snr."""
+    return [str(adapter) for adapter, info in zip(adapters, infos) if info.extra.get("zero_terminal_snr") == "true"]
 
 
 def zero_snr_scheduler(scheduler):

@@ -614,10 +614,8 @@ class Trainer:
         return getattr(self.dataset, "dataset", self.dataset).sizes  # the dataset under the latent cache
 
     def _prepare(self) -> None:
-        """accelerator.prepare, checkpoint hooks, the EMA, trackers."""
+        """accelerator.prepare, checkpoint hooks, the EMA."""
         from diffusers.training_utils import EMAModel
-
-        from .tracking import start_trackers
 
         accelerator = self.accelerator
         self.unet, self.optimizer, self.loader, self.lr_scheduler = accelerator.prepare(
@@ -635,7 +633,6 @@ class Trainer:
         accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
         self.ema = EMAModel(self.parameters, decay=self.config.ema_decay) if self.config.ema_decay else None
         self.unet.train()
-        start_trackers(accelerator, self.config, self.output)
 
     def _resume(self) -> None:
         """The checkpoint's weights, optimizer, scheduler, EMA and RNG states, and where the data stream was."""
@@ -672,9 +669,13 @@ class Trainer:
 
     def fit(self) -> Run:
         """Train until `config.steps`, saving as due, then write the adapter(s)."""
+        from .tracking import start_trackers
+
         self.open_logs()
         start = time.perf_counter()
         try:
+            # started here, not in the set-up, so that whatever ends the run finishes them (close_logs)
+            start_trackers(self.accelerator, self.config, self.output)
             while self.global_step < self.config.steps:
                 self.advance()
             self.finish_pending()

@@ -41,21 +41,41 @@ def layer_saved_bytes(layer: DeltaLayer) -> int:
     return saved_bytes(lambda: layer(x), [x, base.weight, *layer.parameters()])
 
 
-@pytest.mark.parametrize("options", [{}, {"targets": "attn"}, {"block_share": True}, {"cayley_neumann": True}])
-def test_oft_states_exactly_what_its_backward_keeps(tiny_pipe, options, monkeypatch):
-    """OFT forms W' = W·Rᵀ (and R's blocks) per layer each step: its `backward_bytes` is what autograd saves on the
-    formed-weight route (CUDA's); a CPU's input route for convolutions keeps less, so the count bounds it."""
+@pytest.mark.parametrize("options", [{}, {"targets": "attn"}, {"targets": "all"}, {"block_share": True}, {"cayley_neumann": True}])
+def test_oft_states_exactly_what_its_backward_keeps_on_either_route(tiny_pipe, options, monkeypatch):
+    """OFT forms W' = W·Rᵀ (and R's blocks) per layer each step on the formed-weight route (CUDA's, and any device's
+    under autocast); a CPU's input route turns the input by the blocks and keeps no weight-sized tensor. Its
+    `backward_bytes` for the device is what autograd saves on that route."""
     from sdtune.methods import oft
 
     method = methods.create("oft", **options)
     method.inject(tiny_pipe.unet)
     on_cpu = sum(layer_saved_bytes(layer) for layer in method.layers.values())
+    assert method.backward_bytes(4, "cpu", False) == on_cpu
     monkeypatch.setattr(oft, "ROUTE", {})
     measured = sum(layer_saved_bytes(layer) for layer in method.layers.values())
     weights = sum(layer.base_layer.weight.numel() for layer in method.layers.values())
-    assert method.backward_bytes(4) == measured
+    assert method.backward_bytes(4) == method.backward_bytes(4, "cuda", False) == measured  # the weight route: as before
     assert measured > 4 * weights  # a float32 weight-sized copy per layer, and more
     assert on_cpu < measured
+    # under autocast every device takes the weight route
+    assert method.backward_bytes(2, "cpu", True) == method.backward_bytes(2, "cuda", True) == method.backward_bytes(2)
+
+
+@pytest.mark.parametrize("targets", ["conv", "attn"])
+def test_oft_under_bf16_autocast_counts_the_weight_route_on_a_cpu(tiny_pipe, targets):
+    """Under autocast a CPU's layers form the weight too: the count is the weight route's, exact with bf16 base
+    weights and biases."""
+    method = methods.create("oft", targets=targets)
+    method.inject(tiny_pipe.unet)
+    measured = 0
+    for layer in method.layers.values():
+        base = layer.base_layer.to(torch.bfloat16)
+        shape = (2, base.in_features) if isinstance(base, nn.Linear) else (1, base.in_channels, 4, 4)
+        x = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            measured += saved_bytes(lambda: layer(x), [x, base.weight, *layer.parameters()])
+    assert method.backward_bytes(2, "cpu", True) == measured
 
 
 @pytest.mark.parametrize("options", [{}, {"generator": "simple"}, {"rank": 3, "clusters": 11, "blocks": 3}])
@@ -86,13 +106,17 @@ def test_the_memory_check_adds_what_the_method_keeps_for_backward(tmp_path, monk
     with_backward = plan_run(config(tmp_path / "a", method="oft")).sizes.step_bytes
     half = plan_run(config(tmp_path / "b", method="oft", mixed_precision="bf16")).sizes
     probe = probe_method(read_model_configs("tiny-random"), methods.create("oft")).method
-    full, halved = probe.backward_bytes(4), probe.backward_bytes(2)
-    monkeypatch.setattr(Oft, "backward_bytes", lambda self, compute_bytes: 0)
+    device = limits.training_device_type()  # this machine's: a CPU's input route, or CUDA's weight route
+    full, halved = probe.backward_bytes(4, device, False), probe.backward_bytes(2, device, True)
+    weight_route, input_route = probe.backward_bytes(4, "cuda", False), probe.backward_bytes(4, "cpu", False)
+    monkeypatch.setattr(Oft, "backward_bytes", lambda self, compute_bytes, device_type="cuda", autocast=False: 0)
     without = plan_run(config(tmp_path / "c", method="oft")).sizes.step_bytes
     assert with_backward - without == full > 0
+    assert half.step_bytes - plan_run(config(tmp_path / "d", method="oft", mixed_precision="bf16")).sizes.step_bytes == halved
     weights = sum(layer.base_layer.weight.numel() for layer in probe.layers.values())
     # under bf16 the formed weight is half as large, and the einsum keeps W cast to bf16 besides
-    assert full - 4 * weights == halved - 2 * 2 * weights
+    assert weight_route - 4 * weights == halved - 2 * 2 * weights
+    assert input_route < weight_route  # a CPU's input route keeps the turning blocks, no formed weight
     assert half.step_bytes < with_backward
 
 

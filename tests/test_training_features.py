@@ -562,11 +562,14 @@ def wandb_history(records) -> list[dict[str, str]]:
 def test_wandb_gets_the_steps_settings_and_grids_and_a_resumed_run_goes_on_in_the_same_wandb_run(
     tmp_path, monkeypatch, fast_sampling
 ):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     settings = dict(steps=2, validate_every=2, checkpoint_every=2, log_with="tensorboard,wandb", tracker_project="castles")
     run = run_training(tmp_path, "tracked", **settings)
+    # run.finish() only asks wandb's service to close the run: the service writes the offline file's records
+    # when it does, after train() has returned (a process's exit waits for it); teardown waits for it here
+    wandb.teardown()
     run_id = (run.output / "logs" / "wandb-run-id").read_text().strip()
     first = list((run.output / "logs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(first) == 1 and (run.output / "logs" / "castles").is_dir()  # TensorBoard beside W&B
@@ -583,10 +586,30 @@ def test_wandb_gets_the_steps_settings_and_grids_and_a_resumed_run_goes_on_in_th
     assert "val_loss" in history[1] and history[1]["samples/_type"] == '"images/separated"'
 
     resumed = run_training(tmp_path, "tracked", **{**settings, "steps": 3, "resume": "latest"})
+    wandb.teardown()
     again = sorted((resumed.output / "logs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(again) == 2  # a second offline segment of the same W&B run
     later = wandb_history(wandb_records(next(p for p in again if p != first[0])))
     assert [int(row["_step"]) for row in later] == [3]
+
+
+def test_a_run_that_fails_before_its_loop_leaves_no_tracker_running(tmp_path, monkeypatch):
+    """Trackers start with the loop, whose end finishes them however it ends: a resume that fails in the
+    set-up starts none (TensorBoard's writer opens its events file when it starts)."""
+    from sdtune.training import Trainer
+
+    settings = dict(steps=2, checkpoint_every=2, log_with="tensorboard", tracker_project="castles")
+    run = run_training(tmp_path, "tracked", **settings)
+    events = sorted((run.output / "logs" / "castles").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+
+    def broken(self):
+        raise SdtuneError("the checkpoint's optimizer state does not load")
+
+    monkeypatch.setattr(Trainer, "_resume", broken)
+    with pytest.raises(SdtuneError, match="does not load"):
+        run_training(tmp_path, "tracked", **{**settings, "steps": 3, "resume": "latest"})
+    assert sorted((run.output / "logs" / "castles").rglob("events.out.tfevents.*")) == events
 
 
 def test_trackers_are_checked_before_the_model_loads(tmp_path, monkeypatch):

@@ -127,6 +127,56 @@ def test_the_adapter_records_it_and_sampling_uses_the_rescaled_trailing_schedule
         sampling.generation_settings = original
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_path):
+    """An adapter of the same model trained without --zero-terminal-snr."""
+    return train(config(tmp_path_factory.mktemp("plain") / "run", steps=1, zero_terminal_snr=False), progress=False).output
+
+
+def test_a_stack_samples_rescaled_when_any_of_its_adapters_asks(run, plain, tmp_path, capsys, monkeypatch):
+    import sdtune.sampling as sampling
+    from sdtune.config import SampleConfig
+
+    drawn = []
+    original = sampling.generation_settings
+
+    def spy(pipe, *args, **kwargs):
+        drawn.append(pipe.scheduler.config)
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generation_settings", spy)
+    common = dict(prompt=["a photo"], steps=2, num_images=1)
+    for name, stack in (("second", [str(plain), str(run.output)]), ("both", [str(run.output), str(run.output)])):
+        sampling.sample(SampleConfig(adapter=stack, output=str(tmp_path / name), **common), progress=False)
+        asked = " and ".join(a for a in stack if a == str(run.output))
+        assert f"{asked} {'were' if ' and ' in asked else 'was'} trained with --zero-terminal-snr: " in capsys.readouterr().out
+        assert drawn[-1].rescale_betas_zero_snr is True and drawn[-1].timestep_spacing == "trailing"
+    sampling.sample(SampleConfig(adapter=[str(plain), str(plain)], output=str(tmp_path / "neither"), **common), progress=False)
+    assert "zero-terminal-snr" not in capsys.readouterr().out
+    assert not drawn[-1].get("rescale_betas_zero_snr", False)
+    sampling.sample(SampleConfig(adapter=[str(plain), str(run.output)], scheduler="euler", output=str(tmp_path / "euler"),
+                                 **common), progress=False)  # an explicit --scheduler wins
+    assert "zero-terminal-snr" not in capsys.readouterr().out
+    assert not drawn[-1].get("rescale_betas_zero_snr", False)
+
+
+def test_train_then_sample_from_the_command_line(plain, tmp_path, tiny_path):
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    runner = CliRunner()
+    trained = runner.invoke(app, ["train", "--model", MODEL, "--zero-terminal-snr", "--steps", "2", "--log-with", "none",
+                                  "--output", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    drawn = runner.invoke(app, ["sample", "--adapter", str(plain), "--adapter", str(tmp_path / "run"), "--prompt", "a photo",
+                                "--num-images", "2", "--steps", "2", "--output", str(tmp_path / "samples")])
+    assert drawn.exit_code == 0, drawn.output
+    assert f"{tmp_path / 'run'} was trained with --zero-terminal-snr: sampling with " in drawn.output
+    assert sorted(path.name for path in (tmp_path / "samples" / "images").iterdir()) == ["000-seed0.png", "000-seed1.png"]
+    assert (tmp_path / "samples" / "grid.png").is_file()
+
+
 def test_kohya_export_says_so(run, tmp_path):
     from safetensors import safe_open
 

@@ -385,8 +385,8 @@ class FilterAtomConv2d(_AtomLayer):
     def delta_weight(self) -> torch.Tensor:
         return weight_diff(self.base_layer.weight, self.atoms, self.delta_atoms, self.kc, self.projector)
 
-    def backward_bytes(self, compute_bytes: int) -> int:
-        return super().backward_bytes(compute_bytes) if self.kc != 1 else 0  # the tap mixing forms no weight
+    def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
+        return super().backward_bytes(compute_bytes, device_type, autocast) if self.kc != 1 else 0  # the tap mixing forms no weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kc != 1:
@@ -438,8 +438,8 @@ class SubAtomConv2d(_AtomLayer):
             self.base_layer.weight, self.atoms, self.beta, self.sub_atoms, self.delta_coeff_bases, self.kc, self.projector
         )
 
-    def backward_bytes(self, compute_bytes: int) -> int:
-        return super().backward_bytes(compute_bytes) if self.delta_coeff_bases is not None else 0  # as forward
+    def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
+        return super().backward_bytes(compute_bytes, device_type, autocast) if self.delta_coeff_bases is not None else 0  # as forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delta_coeff_bases is not None:

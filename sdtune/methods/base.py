@@ -269,11 +269,12 @@ class Method(ABC):
         """How many numbers training updates."""
         return sum(p.numel() for p in self.trainable_parameters())
 
-    def backward_bytes(self, compute_bytes: int) -> int:
+    def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
         """Bytes of the tensors this method forms from the weights in a training step that autograd keeps for
         backward, whatever the batch (a weight W + ΔW formed per layer, say): what the memory check
-        (`limits.py`) adds to the trained parameters. `compute_bytes`: 2 under mixed precision, else 4.
-        Valid once injected, on the meta device too; none by default."""
+        (`limits.py`) adds to the trained parameters. `compute_bytes`: 2 under mixed precision, else 4;
+        `device_type` ("cuda", "cpu", ...) and `autocast`: where and how the step runs, for a method whose
+        layers compute differently there. Valid once injected, on the meta device too; none by default."""
         return 0
 
     def text_encoder_activation_bytes(self, tokens: int, compute_bytes: int) -> int:
@@ -413,9 +414,10 @@ class DeltaLayer(nn.Module):
             delta = delta * self.scale
         return delta.to(self.base_layer.weight.dtype)
 
-    def backward_bytes(self, compute_bytes: int) -> int:
+    def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
         """What `forward` keeps for backward beyond the input and the base weight: the weight W + scale·ΔW it
-        forms, in the compute dtype (what the linear or convolution saves to pass the gradient to ΔW)."""
+        forms, in the compute dtype (what the linear or convolution saves to pass the gradient to ΔW), on any
+        device (`Method.backward_bytes`)."""
         return self.base_layer.weight.numel() * compute_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -495,9 +497,10 @@ class WrappedLayers(Method):
             layer.to(self.layer_base(layer).weight.device)
             replace_module(self.models, name, layer)
 
-    def backward_bytes(self, compute_bytes: int) -> int:
+    def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
         """Each wrapper's own (`DeltaLayer.backward_bytes`); peft's layers keep only activations."""
-        return sum(layer.backward_bytes(compute_bytes) for layer in self.layers.values() if isinstance(layer, DeltaLayer))
+        return sum(layer.backward_bytes(compute_bytes, device_type, autocast)
+                   for layer in self.layers.values() if isinstance(layer, DeltaLayer))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every wrapper's parameters, not the frozen base layers' (none once merged)."""

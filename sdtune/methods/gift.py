@@ -141,8 +141,8 @@ class GiftLinear(DeltaLayer):
     def clusters(self) -> torch.Tensor:
         return self.generator.clusters(self.base_layer.weight)
 
-    def backward_bytes(self, compute_bytes: int) -> int:
-        """What one step's forward keeps for backward (measured with saved_tensors_hooks, exact on tiny-random):
+    def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
+        """What one step's forward keeps for backward on any device (measured with saved_tensors_hooks, exact on tiny-random):
         the formed weight ω + Δω in the compute dtype; under mixed precision ω cast to float32 for ω·φᵀ; and the
         generator's float32 tensors: the N x r tokens ψ reads, and per PaCa block (N = d_out) 10 N x r (the ℓ2
         inputs and outputs, q, the projection's input, the FFN's 2r-wide two), 3 N x M (C, its transpose, the

@@ -190,31 +190,39 @@ class OftLayer(DeltaLayer):
         )
         return blocks.expand(self.blocks, -1, -1)
 
-    def backward_bytes(self, compute_bytes: int) -> int:
-        """Besides the formed weight W' = W + S·ΔW (measured: tests/test_memory_estimate.py): three float32 tensors of the
-        trained blocks (the Cayley transform's and R − I), the exact Cayley's int32 pivots, peft's int64 rows
-        and columns of Q's free entries, and under mixed precision W cast to the compute dtype for the einsum.
-        On a CPU's input route (`ROUTE`) a layer keeps no formed weight: this is then an upper bound."""
+    def training_route(self, device_type: str, autocast: bool) -> str:
+        """"input" or "weight": how this layer computes a training step on `device_type`, under autocast or not.
+        Under autocast the default is the formed weight, the route measured before, until the input route is
+        measured where mixed precision runs (CUDA); on a CPU's bf16 the tiny model's two routes cost the same."""
+        base = self.base_layer
+        route = self.route or (None if autocast else ROUTE.get(device_type)) or "weight"
+        if isinstance(base, nn.Conv2d) and not (base.groups == 1 and base.padding_mode == "zeros" and not isinstance(base.padding, str)):
+            return "weight"  # InputRotatedConv takes plain zero-padded, ungrouped convolutions
+        return route
+
+    def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
+        """Exact in float32 (measured: tests/test_memory_estimate.py): three float32 tensors of the trained blocks (the Cayley
+        transform's and R − I), the exact Cayley's int32 pivots and peft's int64 rows and columns of Q's free
+        entries; on the weight route the formed weight W' = W + S·ΔW and, under mixed precision, W cast to the
+        compute dtype for the einsum; on the input route (`training_route`) no weight-sized tensor, only the
+        n turning blocks I + S·(R − I). (A linear's turned input there is an activation, like its input.)"""
         rotation, size = self.oft_R, self.oft_R.block_size
         trained_blocks = rotation.weight.shape[0]  # n, or 1 with block_share
         blocks = 3 * trained_blocks * size * size * 4
         pivots = 0 if rotation.use_cayley_neumann else trained_blocks * size * 4
         free_entries = 2 * (size * (size - 1) // 2) * 8
+        if self.training_route(device_type, autocast) == "input":
+            return self.blocks * size * size * compute_bytes + blocks + pivots + free_entries
         cast = self.base_layer.weight.numel() * compute_bytes if compute_bytes != 4 else 0
         return super().backward_bytes(compute_bytes) + blocks + pivots + free_entries + cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        convolution = isinstance(base, nn.Conv2d)
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        # under autocast the default is the formed weight, the route measured before, until the input route is
-        # measured where mixed precision runs (CUDA); on a CPU's bf16 the tiny model's two routes cost the same
-        route = self.route or (None if autocast else ROUTE.get(device_type)) or "weight"
         if not (
-            route == "input" and torch.is_grad_enabled()
+            self.training_route(device_type, autocast) == "input" and torch.is_grad_enabled()
             and self.oft_R.weight.requires_grad and not base.weight.requires_grad
-            and (not convolution or (base.groups == 1 and base.padding_mode == "zeros" and not isinstance(base.padding, str)))
         ):
             return super().forward(x)
         if autocast:  # in autocast's dtype, as the formed weight's matmul would run
