@@ -254,10 +254,11 @@ def test_the_benchmarks_other_tiles_compile_for_sm90(compiled_kernel_module, mon
                 assert compile_sm90(compiled_kernel_module, launch)["REG"] <= 255
 
 
-def test_the_gpu_run_sends_every_sd14_convolution_to_the_kernel(monkeypatch):
-    """On CUDA the dispatcher picks the Triton tap side for every convolution, conv_in and conv_out included
-    (no plain-autograd size limit there), and cuDNN's weight side where Triton is unavailable. `route` reads
-    only the input's device and shape: a stand-in carries a CUDA device without a GPU."""
+def test_the_gpu_run_offers_every_sd14_convolution_the_kernel(monkeypatch):
+    """On CUDA every convolution, conv_in and conv_out included (no plain-autograd size limit there), has the
+    Triton tap side as its route before measuring and the candidates `auto` measures are it and cuDNN's weight
+    side; where Triton is unavailable, the weight side alone. `route` reads only the input's device and shape: a
+    stand-in carries a CUDA device without a GPU."""
     from types import SimpleNamespace
 
     for batch in (1, 4):
@@ -265,6 +266,8 @@ def test_the_gpu_run_sends_every_sd14_convolution_to_the_kernel(monkeypatch):
             x = SimpleNamespace(device=torch.device("cuda"), shape=(batch, c_in, size, size))
             monkeypatch.setitem(atom_kernels._triton_state, "function", lambda *args, **kwargs: None)
             assert atom_kernels.route(x, "auto", c_out * c_in * k * k) == ("tap", "triton")
+            assert atom_kernels._candidates("cuda") == [("tap", "triton"), ("weight", None)]
             monkeypatch.setitem(atom_kernels._triton_state, "function", None)
             assert atom_kernels.route(x, "auto", c_out * c_in * k * k) == ("weight", None)
+            assert atom_kernels._candidates("cuda") == [("weight", None)]
             assert atom_kernels.route(x, "tap") == ("tap", "depthwise")

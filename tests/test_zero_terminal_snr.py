@@ -197,30 +197,3 @@ def test_a_sampler_without_the_option_becomes_ddim():
     assert isinstance(euler, EulerDiscreteScheduler) and euler.config.rescale_betas_zero_snr
     pndm = zero_snr_scheduler(PNDMScheduler.from_config(base))
     assert isinstance(pndm, DDIMScheduler) and pndm.config.rescale_betas_zero_snr and pndm.config.timestep_spacing == "trailing"
-
-
-def test_the_command_line_trains_it_and_samples_a_stack_on_the_rescaled_schedule(run, tmp_path):
-    """End to end through the CLI: a stack in which one adapter (not the first) was trained with --zero-terminal-snr
-    samples on the rescaled, trailing schedule, and the line names that adapter."""
-    from typer.testing import CliRunner
-
-    from sdtune.cli import app
-
-    runner = CliRunner()
-    plain = tmp_path / "plain"
-    trained = runner.invoke(app, ["train", "--model", MODEL, "--steps", "1", "--output", str(plain), "--log-with", "none"])
-    assert trained.exit_code == 0, trained.output
-    flagged = tmp_path / "flagged"
-    trained = runner.invoke(app, ["train", "--model", MODEL, "--steps", "1", "--output", str(flagged), "--log-with", "none",
-                                  "--method", "lora", "--zero-terminal-snr"])
-    assert trained.exit_code == 0, trained.output
-    drawn = runner.invoke(app, ["sample", "--adapter", str(plain), "--adapter", str(flagged), "--prompt", "a photo",
-                                "--steps", "2", "--num-images", "1", "--output", str(tmp_path / "samples")])
-    assert drawn.exit_code == 0, drawn.output
-    line = next(line for line in drawn.stdout.splitlines() if "--zero-terminal-snr" in line)
-    assert line.startswith(f"{flagged} was trained with --zero-terminal-snr") and str(plain) + " " not in line
-    from PIL import Image
-
-    image = Image.open(next((tmp_path / "samples" / "images").glob("*.png")))
-    settings = __import__("json").loads(image.text["sdtune"])
-    assert settings["guidance_rescale"] == 0.7 and settings["adapter"] == ["plain", "flagged"]  # the zero-SNR default
