@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,9 +293,7 @@ def routes_lines(device: str) -> list[str]:
     routes = measured_routes(device)
     if not routes:
         return []
-    counts = {}
-    for name in routes.values():
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(routes.values())
     lines = ["", "Filter-atom routes measured on this device (dtype|input|weight|stride|padding|dilation|bias|mixing|input "
              "gradient → route): " + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())), ""]
     return lines + [f"- `{key}` → {name}" for key, name in sorted(routes.items())]

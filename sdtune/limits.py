@@ -156,8 +156,7 @@ def device_memory() -> tuple[int, str] | None:
     name it; None where the run uses the CPU (its tensors live in RAM)."""
     import torch
 
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if not cpu and torch.cuda.is_available():
+    if not cpu_forced() and torch.cuda.is_available():
         index = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
         props = torch.cuda.get_device_properties(index)
         return props.total_memory, f"the GPU ({props.name}) has {human_bytes(props.total_memory)}"
@@ -170,8 +169,12 @@ def training_device_type() -> str:
 
     if device_memory():
         return "cuda"
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return "mps" if not cpu and torch.backends.mps.is_available() else "cpu"
+    return "mps" if not cpu_forced() and torch.backends.mps.is_available() else "cpu"
+
+
+def cpu_forced() -> bool:
+    """Whether Accelerate is told to run on the CPU (`accelerate launch --cpu`, ACCELERATE_USE_CPU)."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
 def ram_bytes() -> int:

@@ -410,12 +410,12 @@ def _routes_file(device: torch.device) -> Path:
     return Path(cache_dir()) / "kernels" / f"atom-routes-{label}.json"
 
 
-def _geometry_key(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor) -> str:
-    return "|".join(str(part) for part in (
-        str(x.dtype).removeprefix("torch."), tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride),
-        tuple(conv.padding), tuple(conv.dilation), conv.bias is not None, "per-channel" if mixing.dim() == 3 else "shared",
-        "grad-x" if x.requires_grad else "no-grad-x",
-    ))
+def _geometry(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor) -> tuple:
+    """What a layer's route depends on: dtype, input shape, weight shape, stride, padding, dilation, bias, mixing,
+    input gradient."""
+    return (str(x.dtype).removeprefix("torch."), tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride),
+            tuple(conv.padding), tuple(conv.dilation), conv.bias is not None,
+            "per-channel" if mixing.dim() == 3 else "shared", "grad-x" if x.requires_grad else "no-grad-x")
 
 
 def _route_name(side: str, backward: str | None) -> str:
@@ -432,8 +432,7 @@ def measured_route(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, dtype
     routes file), else `fallback` where nothing is measured (no gradient, a geometry only the plain route takes, a
     compiled graph being traced, a single candidate)."""
     # every step asks for every layer: the chosen routes are found by one dict lookup of the layer's geometry
-    geometry = (x.device, x.dtype, x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation,
-                conv.bias is not None, mixing.dim(), x.requires_grad)
+    geometry = (x.device, *_geometry(x, conv, mixing))
     chosen = _chosen.get(geometry)
     if chosen is not None:
         return chosen
@@ -447,7 +446,7 @@ def measured_route(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, dtype
     if path not in _measured:
         _measured[path] = _read_routes(path)
     routes = _measured[path]
-    key = _geometry_key(x, conv, mixing)
+    key = "|".join(str(part) for part in geometry[1:])
     known = {_route_name(*candidate): candidate for candidate in candidates}
     if routes.get(key) not in known:
         seconds = {name: _time_route(x, conv, mixing, dtype, *candidate) for name, candidate in known.items()}

@@ -354,7 +354,7 @@ class _AtomLayer(DeltaLayer):
 
     def tap_mixing(self, dtype: torch.dtype) -> torch.Tensor | None:
         """scale·P·ΔD in `dtype`: the k²×k² mixing with ΔW_b = W_b·mixing (kc = 1), or None where ΔW is no such product."""
-        if self.kc != 1 or not hasattr(self, "delta_atoms"):
+        if self.kc != 1:
             return None
         taps = self.atoms.shape[1]
         mixing = self.projector.to(dtype) @ self.delta_atoms.reshape(-1, taps).to(dtype)
@@ -440,6 +440,9 @@ class SubAtomConv2d(_AtomLayer):
 
     def backward_bytes(self, compute_bytes: int, device_type: str = "cuda", autocast: bool = False) -> int:
         return super().backward_bytes(compute_bytes, device_type, autocast) if self.delta_coeff_bases is not None else 0  # as forward
+
+    def tap_mixing(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None  # one mixing per input channel (or none, with Dc): its merge takes the formed update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.delta_coeff_bases is not None:

@@ -366,21 +366,15 @@ def add_lora_in_place(layer: nn.Module) -> bool:
     forms a 3×3 convolution's ΔW as a convolution, transposed in memory, so the addition is strided too). False,
     with W untouched, where peft's own form is needed: half precision on a CPU, grouped convolutions, a bias on
     B, a transposed (Conv1D) weight, mixed dtypes."""
-    base = layer.get_base_layer()
-    weight = base.weight
-    if ADAPTER not in getattr(layer, "lora_A", {}) or getattr(layer, "fan_in_fan_out", False) or getattr(base, "groups", 1) != 1:
+    if ADAPTER not in getattr(layer, "lora_A", {}) or getattr(layer, "fan_in_fan_out", False):
         return False
     if getattr(layer, "lora_bias", {}).get(ADAPTER, False):
         return False
     down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-    if not (down.dtype == up.dtype == weight.dtype) or (weight.device.type == "cpu" and weight.dtype in (torch.float16, torch.bfloat16)):
+    weight = _plain_merge_target(layer, [down, up])
+    if weight is None or (up.dim() == 4 and up.shape[2:] != (1, 1)):
         return False
-    if up.dim() == 4 and up.shape[2:] != (1, 1):
-        return False
-    try:
-        rows = weight.view(weight.shape[0], -1)
-    except RuntimeError:  # a layout in which (c_out, c_in·k·k) is no view of W
-        return False
+    rows = weight.view(weight.shape[0], -1)
     rows.addmm_(up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), alpha=layer.scaling[ADAPTER])
     return True
 
