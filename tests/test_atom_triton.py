@@ -144,3 +144,40 @@ def test_the_triton_mode_of_the_layer_function():
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert atom_kernels.triton_tap_backward() is not None  # it ran: no fallback to the library
+
+
+def test_torch_compile_takes_the_kernel_whole():
+    """torch.compile traces the layer with no graph break and keeps the kernel as one op of the backward graph
+    (it cannot trace the kernel's launch itself); the compiled gradients are the eager ones."""
+    torch.manual_seed(8)
+    conv = nn.Conv2d(5, 4, 3, stride=2, padding=1).double().requires_grad_(False)
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    mixing = (0.2 * torch.randn(5, 9, 9, dtype=torch.float64)).requires_grad_()  # one per channel
+
+    def loss(x, mixing):
+        return tap_mixed_conv2d(x, conv, mixing, mode="tap-triton").square().sum()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(x, mixing)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    expected = torch.autograd.grad(loss(x, mixing), (x, mixing))
+    graphs = []
+
+    def backend(graph, inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep(module, _):
+            graphs.append(module)
+            return make_boxed_func(module.forward)
+
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(graph, inputs)
+
+    compiled = torch.compile(loss, backend=backend, fullgraph=True)
+    got = torch.autograd.grad(compiled(x, mixing), (x, mixing))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    backward_ops = [str(node.target) for node in graphs[-1].graph.nodes if node.op == "call_function"]
+    assert "sdtune.tap_backward_triton.default" in backward_ops
+    assert atom_kernels.triton_tap_backward() is not None  # the kernel ran, not the library's fallback
+    torch._dynamo.reset()

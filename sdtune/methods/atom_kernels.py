@@ -22,7 +22,8 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
     other work keeps busy it slows down many times more than the library's own convolutions do.
   - "triton" (CUDA): `atom_triton.tap_backward`, one kernel that reads H and x in place and writes grad_x
     and per-tile partial sums of dL/dM (no unfolded input, no mixed copy of H, no atomics); H is formed
-    per block of channels so that little memory is added to the frozen convolution's backward.
+    per block of channels so that little memory is added to the frozen convolution's backward. It is called
+    as the custom op `sdtune::tap_backward_triton`, which torch.compile keeps as one op of the backward graph.
 - `FormedWeightConv` (weight side): one library convolution with W + ΔW formed on the fly and not
   kept; backward forms it again and asks the library for grad_x and grad_W in one call. On CPU, fast
   on large maps, where the library's weight gradient costs less than H's memory traffic.
@@ -264,6 +265,29 @@ def _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need
 
 
 def _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+    # Through a custom op: torch.compile keeps it whole in the backward graph instead of tracing the kernel's
+    # launch (whose Python it cannot trace) or the fallback's state.
+    grad_x, grad_mixing = torch.ops.sdtune.tap_backward_triton(
+        x, weight, mixing, grad, list(stride), list(padding), list(dilation), need_x, need_mixing
+    )
+    return (grad_x if need_x else None), (grad_mixing if need_mixing else None)
+
+
+@torch.library.custom_op("sdtune::tap_backward_triton", mutates_args=())
+def _tap_backward_triton(
+    x: torch.Tensor, weight: torch.Tensor, mixing: torch.Tensor, grad: torch.Tensor,
+    stride: list[int], padding: list[int], dilation: list[int], need_x: bool, need_mixing: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`triton_or_library_backward` as an op: each gradient not needed is an empty tensor (an op returns tensors)."""
+    grad_x, grad_mixing = triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+    return (
+        grad_x.contiguous() if need_x else x.new_empty(0),
+        grad_mixing.contiguous() if need_mixing else mixing.new_empty(0),
+    )
+
+
+def triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+    """(grad_x, dL/dM) by the Triton kernel, or by the depthwise backward where Triton is missing or failed."""
     function = triton_tap_backward()
     if function is not None:
         mix = _identity_plus(mixing, torch.promote_types(mixing.dtype, torch.float32))
@@ -276,6 +300,14 @@ def _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x,
             warnings.warn(f"the Triton tap-side kernel failed ({type(error).__name__}: {error}); using the library's", stacklevel=2)
             _triton_state["function"] = None
     return _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+
+
+@_tap_backward_triton.register_fake
+def _(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else x.new_empty(0),
+        torch.empty(mixing.shape, dtype=mixing.dtype, device=mixing.device) if need_mixing else mixing.new_empty(0),
+    )
 
 
 class FormedWeightConv(torch.autograd.Function):
