@@ -371,12 +371,26 @@ def test_step_seconds_follow_the_loop_pace(tmp_path, tiny_path):
     assert sum(seconds) <= run.seconds  # intervals between reads: they never overlap
 
 
-def test_compile_compiles_the_unet_in_place(tmp_path, tiny_path, monkeypatch):
+def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_path, monkeypatch):
+    """Filter atoms' kernels trace whole (fullgraph: no graph break), and the compiled steps give the eager losses.
+    Through Dynamo and AOTAutograd with eager kernels: Inductor's code generation takes minutes on a CPU."""
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *args, **kwargs: compiled.append(type(module).__name__))
-    run = train(config(tmp_path / "run", steps=1, compile=True, log_with="none"), progress=False)
+    compile_module = torch.nn.Module.compile
+
+    def compile_eagerly(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        compile_module(module, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    settings = dict(steps=3, method="atoms", log_with="none")
+    try:
+        eager = train(config(tmp_path / "eager", **settings), progress=False)
+        run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
+    finally:
+        torch._dynamo.reset()
     assert compiled == ["UNet2DConditionModel"] and run.config.compile
     assert "compile = true" in (run.output / "config.toml").read_text()
+    assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
 
 
 def test_loop_benchmark_runs_on_the_tiny_model(tmp_path, tiny_path):
