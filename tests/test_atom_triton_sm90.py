@@ -1,4 +1,5 @@
-"""The Triton tap-side kernel compiles for the H200 (sm_90) in every configuration the GPU run launches.
+"""The Triton tap-side kernel compiles for the H200 (sm_90) in every configuration the GPU run launches, and
+for the GPUs users train on (sm_75 to sm_89) in SD v1.4's launches.
 
 No GPU is needed: Triton's ptxas compiles offline. The launches are the real ones: `tap_backward` runs on
 meta tensors (no memory, no arithmetic) through the autograd Function's backward, as it would under bf16 or
@@ -143,17 +144,18 @@ def run_backwards(dtype, batch, per_channel, needs, convs) -> None:
 _compiled: dict = {}
 
 
-def compile_sm90(module, launch) -> dict:
-    """Compile one recorded launch for sm_90 (cached by its specialisation); its registers and local memory."""
+def compile_sm90(module, launch, arch: int = 90) -> dict:
+    """Compile one recorded launch for sm_90 or `arch` (cached by its specialisation); its registers and local
+    memory."""
     kernel = module._tap_backward_kernel
     signature, constexprs, attrs = specialization(kernel, launch["arguments"])
-    key = (tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)), launch["num_warps"])
+    key = (arch, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)), launch["num_warps"])
     if key not in _compiled:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch["num_warps"]})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch["num_warps"]})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])
             cubin.flush()
@@ -227,6 +229,19 @@ def test_every_sd14_launch_compiles_for_sm90_without_spills(compiled_kernel_modu
     assert set(spilled) <= KNOWN_SPILLS, f"spills (bytes of stack and local memory): {spilled}"
     # tile()'s choices at these sizes: 128 positions by 4 channels, and 64 by 8 on the 8x8 maps
     assert tiles == {(4, 128, 4, True), (8, 64, 4, True)}
+
+
+@pytest.mark.parametrize("arch,dtype_name", [(75, "fp16"), (80, "bf16"), (86, "bf16"), (89, "bf16")],
+                         ids=["T4 sm_75 fp16", "A100 sm_80", "RTX 30 sm_86", "RTX 40 and L4 sm_89"])
+def test_sd14_launches_compile_for_other_gpus_without_spills(compiled_kernel_module, arch, dtype_name):
+    """Users train on more than the H200: the same launches (batch 1 and 4) compile for the GPUs they have,
+    in the dtype each trains in, without spills (sm_75 has no bf16: fp16 there)."""
+    launches = []
+    for batch in (1, 4):
+        launches += record_launches(compiled_kernel_module, dtype_name, batch, per_channel=False)
+    for launch in launches:
+        figures = compile_sm90(compiled_kernel_module, launch, arch)
+        assert figures["REG"] <= 255 and not figures["LOCAL"] and not figures["STACK"], (arch, tile_of(launch), figures)
 
 
 def benchmark_tiles() -> list[tuple]:
