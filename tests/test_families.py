@@ -49,7 +49,10 @@ def fresh_unet(family):
     if family not in _UNETS:
         _UNETS[family] = load(family)
     pipe = _UNETS[family]
-    return SimpleNamespace(unet=copy.deepcopy(pipe.unet), text_encoder_2=getattr(pipe, "text_encoder_2", None),
+    # frozen, as injecting or loading an adapter leaves it: torch's CPU linear layers round differently under
+    # no_grad when their weights require gradients (SD 2.x's linear projections, up to 8e-7)
+    unet = copy.deepcopy(pipe.unet).requires_grad_(False)
+    return SimpleNamespace(unet=unet, text_encoder_2=getattr(pipe, "text_encoder_2", None),
                            vae_scale_factor=pipe.vae_scale_factor)
 
 
