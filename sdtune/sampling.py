@@ -173,7 +173,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     negative_prompt = fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
-    # of processes.
+    # of processes (but for the batches decoded in fp32 after an fp16 decode overflowed: `decode`).
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
     rows = {}
