@@ -140,11 +140,10 @@ def keep_vae_in_fp32(pipe) -> None:
 
     import torch
 
-    if pipe.vae in _OVERFLOWED_VAES:
-        return
-    warnings.warn("the VAE overflowed in fp16 (its decode gave inf or NaN): decoding that batch again, and every later one, in fp32",
-                  stacklevel=3)
-    _OVERFLOWED_VAES.add(pipe.vae)
+    if pipe.vae not in _OVERFLOWED_VAES:
+        warnings.warn("the VAE overflowed in fp16 (its decode gave inf or NaN): decoding that batch again, and every later "
+                      "one, in fp32", stacklevel=3)
+        _OVERFLOWED_VAES.add(pipe.vae)
     cast_vae(pipe.vae, torch.float32)
 
 

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdtune.precision import cast_pipeline, vae_dtype
 from sdtune.sampling import DECODE_BATCH, decode
@@ -113,3 +114,21 @@ def test_only_an_sdxl_vae_that_asks_for_it_is_upcast_up_front(model, private_cac
     assert vae_dtype(torch.bfloat16, pipe) == torch.bfloat16 and vae_dtype(torch.float32, pipe) == torch.float32
     pipe.vae.register_to_config(force_upcast=False)  # an SDXL VAE fixed for fp16 (madebyollin's) says so
     assert vae_dtype(torch.float16, pipe) == torch.float16
+
+
+def test_sample_says_once_in_one_line_that_it_decodes_in_fp32_after_an_overflow(tiny_pipe, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    make_fp16_overflow(tiny_pipe)
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    command = [sys.executable, "-m", "sdtune", "sample", "--model", str(tmp_path / "model"), "--prompt", "a castle",
+               "--num-images", str(DECODE_BATCH + 2), "--steps", "2", "--dtype", "fp16", "--output", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if OVERFLOW_MESSAGE in line]
+    assert len(said) == 1 and said[0].endswith("decoding that batch again, and every later one, in fp32"), result.stderr
+    images = sorted((tmp_path / "out" / "images").glob("*.png"))
+    assert len(images) == DECODE_BATCH + 2
+    assert all(np.isfinite(cells).all() and cells.std() > 0 for cells in pixels(Image.open(path) for path in images))
