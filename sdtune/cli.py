@@ -67,7 +67,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DTYPE_HELP = "fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU); under fp16 the VAE decodes in fp32, as SD v1's overflows in fp16."
+DTYPE_HELP = "fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU); under fp16 an SD v1/v2 VAE decodes in fp16 (a batch that overflows is decoded again, and from then on, in fp32), SDXL's in fp32."
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -282,7 +282,7 @@ def train(
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest intact one in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an earlier run's adapter, logs and checkpoints in OUTPUT (default: refuse)."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16; trainable parameters stay fp32, the frozen models are stored in the half dtype." + _default(TrainConfig, "mixed_precision")),
-    no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16) (default: half)."),
+    no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (for a VAE that overflows in fp16, as SDXL's does) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
     zero_terminal_snr: Optional[bool] = typer.Option(None, "--zero-terminal-snr/--no-zero-terminal-snr", help="Rescale the training noise schedule's betas so the last timestep has SNR 0 (Lin et al. 2023; v-prediction models only), as kohya-ss' --zero_terminal_snr; samples then use a rescaled, trailing scheduler (default: off)."),
     debiased_estimation: Optional[bool] = typer.Option(None, "--debiased-estimation/--no-debiased-estimation", help="Weight each example's loss by 1/√SNR(t) (v-prediction: 1/(SNR(t)+1)), SNR clamped at 1000, as kohya-ss' --debiased_estimation_loss (default: off)."),

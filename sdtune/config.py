@@ -197,7 +197,7 @@ class TrainConfig(_Config):
     max_timestep: int | None = None  # ... up to, not including, this one (default: the scheduler's count, 1000 for SD)
     input_perturbation: float = 0.0  # noise the input with noise + this times fresh noise; the target keeps the noise
     # Memory
-    no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (SD's VAE overflows in fp16)
+    no_half_vae: bool = False  # keep the VAE in fp32 under mixed precision (for a VAE that overflows in fp16, as SDXL's does)
     cache_latents: bool = True  # encode every image (and its mirror image, with random_flip) and prompt once; exact
     # Prior preservation (DreamBooth): on when any of the class settings is given
     class_images: str | None = None  # folder of class images; default: generated into OUTPUT/class-images
@@ -531,7 +531,7 @@ class SampleConfig(_Config):
     # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each,
     # or, with several adapters, gives each its own strength
     adapter_scale: float | list[float] = 1.0
-    dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (the VAE decodes in fp32 under fp16)
+    dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (under fp16 SDXL's VAE decodes in fp32; others in fp16, in fp32 after an overflow)
     overwrite: bool = False  # replace the images and grid of an earlier sample in the output folder
 
     def __post_init__(self) -> None:

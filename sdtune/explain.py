@@ -175,6 +175,8 @@ def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, re
     """Generate one image and return it with {layer: maps (M, h, w)} and a note of the step used."""
     import torch
 
+    from .sampling import draw
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -207,15 +209,15 @@ def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, re
     handles = [pipe.unet.register_forward_pre_hook(count_step)]
     handles += [method.layers[name].register_forward_hook(capture(name)) for name in names]
     try:
-        with torch.no_grad():
-            image = pipe(
-                text,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=resolution,
-                width=resolution,
-                generator=torch.Generator(device).manual_seed(seed),
-            ).images[0]
+        image = draw(
+            pipe,
+            text,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=torch.Generator(device).manual_seed(seed),
+        )[0]
     finally:
         for handle in handles:
             handle.remove()

@@ -1,10 +1,13 @@
 """Mixed precision: trainable parameters in fp32, the frozen models in the half dtype to save memory.
 
 Accelerate's autocast runs the forward in the half dtype either way; storing the frozen weights in it
-halves their memory. SD's VAE overflows in fp16, so `--no-half-vae` keeps it in fp32.
+halves their memory. A VAE may overflow in fp16 (SDXL's does), so `--no-half-vae` keeps it in fp32; sampling
+decodes SD v1/v2 VAEs in fp16 and decodes a batch again in fp32 where that overflows (`sampling.decode`).
 """
 
 from __future__ import annotations
+
+import weakref
 
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
@@ -94,19 +97,59 @@ def sampling_dtype(name: str | None, device):
     return getattr(torch, DTYPE_NAMES[name])
 
 
-def vae_dtype(dtype, vae):
-    """The dtype the VAE decodes in: fp32 under fp16 when the VAE asks for it (`force_upcast`, which SD v1's
-    VAE config leaves at its default, True: it overflows in fp16), else `dtype` (bf16 has fp32's range)."""
+# VAEs whose fp16 decode overflowed: they decode in fp32 for the rest of their life (`keep_vae_in_fp32`)
+_OVERFLOWED_VAES = weakref.WeakSet()
+# the fp32 weights a VAE had before `cast_vae` stored it in fp16, on the host, so that going back to fp32 is exact
+_FP32_VAE_WEIGHTS = weakref.WeakKeyDictionary()
+
+
+def vae_dtype(dtype, pipe):
+    """The dtype the pipeline's VAE is stored and decodes in when sampling in `dtype`: fp32 under fp16 for an SDXL
+    VAE whose config sets `force_upcast` (it is known to overflow in fp16; diffusers' SDXL pipeline upcasts it too)
+    and for a VAE whose fp16 decode has overflowed, else `dtype`. SD v1/v2 VAEs leave `force_upcast` at its default,
+    True, yet decode in fp16 as diffusers' own pipeline decodes them; `sampling.decode` catches an overflow."""
     import torch
 
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", True):
+    from .models import is_sdxl
+
+    vae = pipe.vae
+    if dtype == torch.float16 and (vae in _OVERFLOWED_VAES or (is_sdxl(pipe) and getattr(vae.config, "force_upcast", True))):
         return torch.float32
     return dtype
 
 
+def cast_vae(vae, dtype) -> None:
+    """Store the VAE in `dtype`. Its first cast from fp32 to fp16 keeps the fp32 weights on the host, and a cast back
+    to fp32 restores them, so an fp32 decode after an fp16 one (an overflow's retry) is exactly an fp32 decode."""
+    import torch
+
+    kept = _FP32_VAE_WEIGHTS.get(vae)
+    if dtype == torch.float32 and kept is not None:
+        for name, parameter in vae.named_parameters():
+            parameter.data = kept[name].to(parameter.device)
+        return
+    if dtype == torch.float16 and kept is None and vae.dtype == torch.float32:
+        # a new tensor on the host (the device's is replaced by its fp16 copy below, so on a CPU this copies nothing)
+        _FP32_VAE_WEIGHTS[vae] = {name: parameter.data.to("cpu") for name, parameter in vae.named_parameters()}
+    cast_frozen_parameters(vae, dtype, ())
+
+
+def keep_vae_in_fp32(pipe) -> None:
+    """After the VAE's fp16 decode overflowed: store it in fp32 now and whenever the pipeline is cast again, and say so once."""
+    import warnings
+
+    import torch
+
+    if pipe.vae not in _OVERFLOWED_VAES:
+        warnings.warn("the VAE overflowed in fp16 (its decode gave inf or NaN): decoding that batch again, and every later "
+                      "one, in fp32", stacklevel=3)
+        _OVERFLOWED_VAES.add(pipe.vae)
+    cast_vae(pipe.vae, torch.float32)
+
+
 def cast_pipeline(pipe, dtype) -> None:
-    """Store the UNet and text encoder in `dtype`, the VAE in `vae_dtype(dtype)` (on their devices)."""
+    """Store the UNet and text encoder in `dtype`, the VAE in `vae_dtype(dtype, pipe)` (on their devices)."""
     for module in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if module is not None:
             cast_frozen_parameters(module, dtype, ())
-    cast_frozen_parameters(pipe.vae, vae_dtype(dtype, pipe.vae), ())
+    cast_vae(pipe.vae, vae_dtype(dtype, pipe))

@@ -62,6 +62,8 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
     import torch
     from tqdm.auto import tqdm
 
+    from .sampling import draw
+
     folder.mkdir(parents=True, exist_ok=True)
     recorded = folder / PROMPT_FILE
     if recorded.exists() and recorded.read_text(encoding="utf-8").strip() != prompt:
@@ -80,15 +82,16 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
     for start in range(0, len(missing), GENERATION_BATCH):
         indices = missing[start : start + GENERATION_BATCH]
         generators = [torch.Generator(device).manual_seed(seed + i) for i in indices]
-        with torch.no_grad(), accelerator.autocast():
-            images = pipe(
+        with accelerator.autocast():  # the denoising loop; `draw` decodes in the VAE's own dtype, autocast off
+            images = draw(
+                pipe,
                 [prompt] * len(indices),
                 generator=generators,
                 num_inference_steps=GENERATION_STEPS,
                 guidance_scale=GENERATION_GUIDANCE,
                 height=resolution,
                 width=resolution,
-            ).images
+            )
         for index, image in zip(indices, images):
             with atomic_write(folder / f"class-{index:04d}.png") as tmp:
                 image.save(tmp, format="PNG")

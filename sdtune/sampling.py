@@ -173,7 +173,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     negative_prompt = fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
-    # of processes.
+    # of processes (but for the batches decoded in fp32 after an fp16 decode overflowed: `decode`).
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
     rows = {}
@@ -448,14 +448,26 @@ def draw(pipe, prompts, **settings) -> list:
 
 
 def decode(pipe, latents) -> list:
-    """The VAE's images of `latents`, decoded in the VAE's own dtype (fp32 where the UNet runs in fp16,
-    see `precision.vae_dtype`) with autocast off, as the pipeline itself decodes them."""
+    """The VAE's images of `latents`, decoded in the VAE's own dtype (see `precision.vae_dtype`) with autocast off,
+    as the pipeline itself decodes them. A batch whose fp16 decode overflows (inf or NaN from finite latents) is
+    decoded again in fp32, and the VAE stays in fp32 from then on: that batch's images are exactly an fp32 decode's."""
     import torch
 
+    from .precision import keep_vae_in_fp32
+
     vae = pipe.vae
+
+    def decoded(part):
+        return vae.decode(part.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
     images = []
     with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):
         for part in latents.split(DECODE_BATCH):  # a 512 px decode holds gigabytes of activations an image
-            decoded = vae.decode(part.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-            images += pipe.image_processor.postprocess(decoded, output_type="pil")
+            pixels = decoded(part)
+            # one check a batch, as its pixels go to the host next anyway; latents that are not finite are the
+            # UNet's doing, which no fp32 decode mends
+            if vae.dtype == torch.float16 and not torch.isfinite(pixels).all() and torch.isfinite(part).all():
+                keep_vae_in_fp32(pipe)
+                pixels = decoded(part)
+            images += pipe.image_processor.postprocess(pixels, output_type="pil")
     return images

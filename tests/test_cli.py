@@ -223,7 +223,7 @@ def sdtune_version() -> str:
     return __version__
 
 
-def test_sample_in_half_precision_keeps_the_vae_in_fp32_under_fp16(trained_run, tmp_path):
+def test_sample_in_half_precision_draws_the_same_pictures(trained_run, tmp_path):
     import numpy as np
 
     common = ("--prompt", "a <castle>", "--num-images", 2, "--steps", 2, "--adapter", trained_run)
@@ -256,10 +256,14 @@ def test_sampling_pipeline_dtypes(tiny_pipe):
 
     assert sampling_dtype(None, "cpu") == torch.float32 and sampling_dtype(None, "cuda") == torch.float16
     assert sampling_dtype("bf16", "cpu") == torch.bfloat16
-    assert vae_dtype(torch.float16, tiny_pipe.vae) == torch.float32  # SD v1's VAE overflows in fp16
-    assert vae_dtype(torch.bfloat16, tiny_pipe.vae) == torch.bfloat16
+    # an SD v1 VAE decodes in fp16 as diffusers' pipeline does (a batch that overflows is decoded again in fp32)
+    assert vae_dtype(torch.float16, tiny_pipe) == torch.float16
+    assert vae_dtype(torch.bfloat16, tiny_pipe) == torch.bfloat16
+    vae_weights = [parameter.detach().clone() for parameter in tiny_pipe.vae.parameters()]
     cast_pipeline(tiny_pipe, torch.float16)
-    assert tiny_pipe.unet.dtype == tiny_pipe.text_encoder.dtype == torch.float16 and tiny_pipe.vae.dtype == torch.float32
+    assert tiny_pipe.unet.dtype == tiny_pipe.text_encoder.dtype == tiny_pipe.vae.dtype == torch.float16
+    cast_pipeline(tiny_pipe, torch.float32)  # as a strength sweep merges: the VAE gets its own fp32 weights back
+    assert all(torch.equal(kept, parameter) for kept, parameter in zip(vae_weights, tiny_pipe.vae.parameters()))
 
 
 def test_adapter_scale_takes_one_number_or_a_list(tmp_path):
