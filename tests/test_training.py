@@ -16,6 +16,7 @@ from sdtune.config import TrainConfig
 from sdtune.errors import SdtuneError
 from sdtune.tracking import metrics_until
 from sdtune.training import changed_settings, train
+from test_atom_kernels import measured_on_cpu  # noqa: F401  (a fixture: routes measured on a CPU)
 
 
 def config(output, **settings) -> TrainConfig:
@@ -390,6 +391,23 @@ def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_p
         torch._dynamo.reset()
     assert compiled == ["UNet2DConditionModel"] and run.config.compile
     assert "compile = true" in (run.output / "config.toml").read_text()
+    assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
+
+
+def test_compile_measures_the_kernels_routes_before_it_traces(tmp_path, tiny_path, monkeypatch, measured_on_cpu):
+    """Nothing is timed while torch.compile traces, so the first micro-batch's forward runs once eagerly first: the
+    routes are measured there (here on a CPU measured as CUDA is), the compiled graph takes them, and the steps are
+    an eager run's with the same routes."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda module, *args, **kwargs: compile_module(module, backend="aot_eager", fullgraph=True))
+    settings = dict(steps=3, method="atoms", log_with="none")
+    try:
+        run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
+    finally:
+        torch._dynamo.reset()
+    assert measured_on_cpu["timed"]  # the fastest (the weight side) chosen for every geometry
+    eager = train(config(tmp_path / "eager", **settings), progress=False)
     assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
 
 
