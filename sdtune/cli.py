@@ -74,6 +74,13 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One line, above any progress bar (tqdm clears its bars, writes, and draws them again) rather than on it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(_one_line_warning(message, category, filename, lineno).rstrip("\n"), file=file or sys.stderr)
+
+
 interrupted_with: int | None = None  # the exit code of a command that SIGINT or SIGTERM ended
 
 
@@ -96,6 +103,8 @@ def handle_errors(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         warnings.formatwarning = _one_line_warning
+        if getattr(sys.stderr, "isatty", lambda: False)():  # where progress bars are drawn
+            warnings.showwarning = _show_warning
         if os.environ.get("RANK", "0") != "0":  # the other processes of `accelerate launch` stay quiet
             warnings.simplefilter("ignore")
         main_thread = threading.current_thread() is threading.main_thread()

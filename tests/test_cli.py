@@ -391,3 +391,19 @@ def test_only_the_main_process_prints_warnings(rank, printed, monkeypatch):
         warnings.simplefilter("always")
         command()
     assert [str(w.message) for w in caught] == (["a damaged checkpoint was passed over"] if printed else [])
+
+
+def test_a_warning_prints_on_its_own_line_above_a_progress_bar():
+    import io
+
+    from tqdm import tqdm
+
+    from sdtune.cli import _show_warning
+
+    stream = io.StringIO()
+    with tqdm(total=3, file=stream, ascii=True, mininterval=0) as bar:
+        bar.update(1)
+        _show_warning(UserWarning("the VAE overflowed in fp16"), UserWarning, "sampling.py", 1, file=stream)
+        bar.update(1)
+    shown = [line.split("\r")[-1] for line in stream.getvalue().split("\n")]  # what a terminal leaves on each line
+    assert "warning: the VAE overflowed in fp16" in shown
