@@ -8,6 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton's CPU interpreter for test_atom_triton.py. Triton reads this when it is first imported (its own @jit
+# helpers, tl.sum and the like, become interpreted or compiled then), and importing diffusers or another test
+# module may import it: set here, before any test module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

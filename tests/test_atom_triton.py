@@ -1,7 +1,7 @@
 """The Triton tap-side kernel equals autograd on the formed weight W + W_r·M.
 
-Run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before the kernel's module is
-imported), so these tests need Triton installed but no GPU; they are skipped where Triton is missing.
+Run by Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, which conftest.py sets before anything
+imports Triton), so these tests need Triton installed but no GPU; they are skipped where Triton is missing.
 Shapes are small: the interpreter runs every program of the grid in numpy.
 """
 
@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+from torch import nn
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+triton = pytest.importorskip("triton")
 
-pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(triton.language.sum, InterpretedFunction):
+    # the kernel's tl.sum would raise "Cannot call @triton.jit'd outside of the scope of a kernel" in every test
+    pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set: its tl.sum is compiled, not interpreted",
+                pytrace=False)
 
 from sdtune.methods import atom_kernels  # noqa: E402
 from sdtune.methods.atom_kernels import TapMixedConv, tap_mixed_conv2d  # noqa: E402

@@ -9,15 +9,23 @@ Each recorded launch is specialised as Triton's launcher would (ints equal to 1 
 and ints divisible by 16 are marked so) and compiled for sm_90 once; cuobjdump then reads its registers
 and local memory (spills) from the cubin.
 
-This file loads its own copy of `atom_triton` with Triton's interpreter off, since test_atom_triton.py turns
-it on for the whole process.
+The test process runs Triton interpreted (conftest.py sets TRITON_INTERPRET=1 before anything imports it),
+and Triton fixes at that import whether triton.language's own @jit helpers (tl.sum, ...) are interpreted:
+compiling a kernel that calls an interpreted tl.sum runs the interpreter's patching of triton.language inside
+the code generator and fails. So this file records the launches with its own copy of `atom_triton` loaded with
+the interpreter off (a real JITFunction to specialise against) and compiles them in a child process that
+imports Triton without the interpreter (sm90_compiler.py).
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +80,50 @@ def compiled_kernel_module(tmp_path_factory):
         knobs.interpret = previous
     assert isinstance(module._tap_backward_kernel, triton.runtime.jit.JITFunction)
     return module
+
+
+class Sm90CompileError(Exception):
+    """Triton failed to compile a launch for sm_90; the message is the compiler process's traceback."""
+
+
+class Sm90Compiler:
+    """sm90_compiler.py, started once: compiles one specialisation per call in a process with Triton compiled."""
+
+    def __init__(self):
+        environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests/sm90_compiler.py"), str(ROOT / "sdtune/methods/atom_triton.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment,
+        )  # its stderr is the test's: pytest shows it with a failure
+
+    def compile(self, signature: dict, constexprs: dict, attrs: dict, num_warps: int, arch: int = 90) -> tuple[bytes, str]:
+        """(cubin, ptx) of the kernel specialised so, for sm_`arch`."""
+        request = {
+            "signature": signature, "num_warps": num_warps, "arch": arch,
+            "constexprs": [[list(path), value] for path, value in constexprs.items()],
+            "attrs": [[list(path), value] for path, value in attrs.items()],
+        }
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise Sm90CompileError(f"the compiler process exited with code {self.process.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise Sm90CompileError(f"sm_{arch} {signature} {constexprs} num_warps={num_warps}:\n{reply['error']}")
+        return base64.b64decode(reply["cubin"]), reply["ptx"]
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sm90_compiler(compiled_kernel_module):
+    """The compiler process (after compiled_kernel_module, whose skip applies to it), closed after the module."""
+    compiler = Sm90Compiler()
+    yield compiler
+    compiler.close()
 
 
 class Launches:
@@ -144,27 +196,22 @@ def run_backwards(dtype, batch, per_channel, needs, convs) -> None:
 _compiled: dict = {}
 
 
-def compile_sm90(module, launch, arch: int = 90) -> dict:
+def compile_sm90(module, compiler: Sm90Compiler, launch, arch: int = 90) -> dict:
     """Compile one recorded launch for sm_90 or `arch` (cached by its specialisation); its registers and local
     memory."""
-    kernel = module._tap_backward_kernel
-    signature, constexprs, attrs = specialization(kernel, launch["arguments"])
+    signature, constexprs, attrs = specialization(module._tap_backward_kernel, launch["arguments"])
     key = (arch, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)), launch["num_warps"])
     if key not in _compiled:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch["num_warps"]})
+        binary, ptx = compiler.compile(signature, constexprs, attrs, launch["num_warps"], arch)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
+            cubin.write(binary)
             cubin.flush()
             usage = subprocess.run(
                 [_tool("cuobjdump"), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
             ).stdout
         figures = {name: int(value) for name, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
         assert {"REG", "STACK", "LOCAL"} <= set(figures), usage
-        figures["ptx"] = compiled.asm["ptx"]
+        figures["ptx"] = ptx
         _compiled[key] = figures
     return _compiled[key]
 
@@ -203,7 +250,7 @@ KNOWN_SPILLS = {"fp16 3x3 tile (8, 64, 4, True) grad_x only, per channel"}
 
 
 @pytest.mark.parametrize("dtype_name", ["bf16", pytest.param("fp16", marks=pytest.mark.slow), pytest.param("fp32", marks=pytest.mark.slow)])
-def test_every_sd14_launch_compiles_for_sm90_without_spills(compiled_kernel_module, dtype_name):
+def test_every_sd14_launch_compiles_for_sm90_without_spills(compiled_kernel_module, sm90_compiler, dtype_name):
     """Batch 1 and 4, shared and per-channel mixing, with and without grad_x: the default tiles compile for
     sm_90 with no spills (no stack frame, no local memory) but the known ones."""
     launches = []
@@ -218,7 +265,7 @@ def test_every_sd14_launch_compiles_for_sm90_without_spills(compiled_kernel_modu
     for launch in launches:
         check_launch(launch)
         tiles.add(tile_of(launch))
-        figures = compile_sm90(compiled_kernel_module, launch)
+        figures = compile_sm90(compiled_kernel_module, sm90_compiler, launch)
         a = launch["arguments"]
         wanted = "grad_x and dL/dM" if a["NEED_X"] and a["NEED_M"] else "grad_x only" if a["NEED_X"] else "dL/dM only"
         name = f"{dtype_name} {a['KH']}x{a['KW']} tile {tile_of(launch)} {wanted}, {'per channel' if a['PER_CHANNEL'] else 'shared'}"
@@ -233,14 +280,14 @@ def test_every_sd14_launch_compiles_for_sm90_without_spills(compiled_kernel_modu
 
 @pytest.mark.parametrize("arch,dtype_name", [(75, "fp16"), (80, "bf16"), (86, "bf16"), (89, "bf16")],
                          ids=["T4 sm_75 fp16", "A100 sm_80", "RTX 30 sm_86", "RTX 40 and L4 sm_89"])
-def test_sd14_launches_compile_for_other_gpus_without_spills(compiled_kernel_module, arch, dtype_name):
+def test_sd14_launches_compile_for_other_gpus_without_spills(compiled_kernel_module, sm90_compiler, arch, dtype_name):
     """Users train on more than the H200: the same launches (batch 1 and 4) compile for the GPUs they have,
     in the dtype each trains in, without spills (sm_75 has no bf16: fp16 there)."""
     launches = []
     for batch in (1, 4):
         launches += record_launches(compiled_kernel_module, dtype_name, batch, per_channel=False)
     for launch in launches:
-        figures = compile_sm90(compiled_kernel_module, launch, arch)
+        figures = compile_sm90(compiled_kernel_module, sm90_compiler, launch, arch)
         assert figures["REG"] <= 255 and not figures["LOCAL"] and not figures["STACK"], (arch, tile_of(launch), figures)
 
 
@@ -255,7 +302,7 @@ def benchmark_tiles() -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_the_benchmarks_other_tiles_compile_for_sm90(compiled_kernel_module, monkeypatch):
+def test_the_benchmarks_other_tiles_compile_for_sm90(compiled_kernel_module, sm90_compiler, monkeypatch):
     """The tiles that the per-layer tables time compile too (spills there are reported, not failed: they are
     the alternatives being measured)."""
     tiles = benchmark_tiles()
@@ -268,7 +315,7 @@ def test_the_benchmarks_other_tiles_compile_for_sm90(compiled_kernel_module, mon
             for launch in launches:
                 assert tile_of(launch) == tile
                 check_launch(launch)
-                assert compile_sm90(compiled_kernel_module, launch)["REG"] <= 255
+                assert compile_sm90(compiled_kernel_module, sm90_compiler, launch)["REG"] <= 255
 
 
 def test_the_gpu_run_offers_every_sd14_convolution_the_kernel(monkeypatch):
