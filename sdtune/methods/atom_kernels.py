@@ -22,8 +22,8 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
     other work keeps busy it slows down many times more than the library's own convolutions do.
   - "triton" (CUDA): `atom_triton.tap_backward`, one kernel that reads H and x in place and writes grad_x
     and per-tile partial sums of dL/dM (no unfolded input, no mixed copy of H, no atomics); H is formed
-    per block of channels so that little memory is added to the frozen convolution's backward. It is called
-    as the custom op `sdtune::tap_backward_triton`, which torch.compile keeps as one op of the backward graph.
+    per block of channels so that little memory is added to the frozen convolution's backward. Under
+    torch.compile it is called as the custom op `sdtune::tap_backward_triton`, one op of the backward graph.
 - `FormedWeightConv` (weight side): one library convolution with W + ΔW formed on the fly and not
   kept; backward forms it again and asks the library for grad_x and grad_W in one call. On CPU, fast
   on large maps, where the library's weight gradient costs less than H's memory traffic.
@@ -265,7 +265,9 @@ def _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need
 
 
 def _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
-    # Through a custom op: torch.compile keeps it whole in the backward graph instead of tracing the kernel's
+    if not torch.compiler.is_compiling():  # eager: the op's dispatch would cost ~30 us a layer of host time
+        return triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+    # Traced through a custom op: torch.compile keeps it whole in the backward graph instead of tracing the kernel's
     # launch (whose Python it cannot trace) or the fallback's state.
     grad_x, grad_mixing = torch.ops.sdtune.tap_backward_triton(
         x, weight, mixing, grad, list(stride), list(padding), list(dilation), need_x, need_mixing
