@@ -565,3 +565,33 @@ def test_lora_dropout_masks_are_redrawn_alike_under_gradient_checkpointing(base_
     assert any(skipped) and not all(skipped)  # module dropout left some layers out of this step
     assert [grad is None for grad in gradients[1]] == skipped
     assert all(torch.equal(a, b) for a, b in zip(*gradients) if a is not None)
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr"])
+def test_lycoris_layers_without_dropout_trace_whole_and_add_what_peft_adds(name, base_unet):
+    """peft's LyCORIS forward draws a random number a layer in training even without module dropout, a branch
+    torch.compile cannot trace; without dropout sdtune's layers skip the draw and give peft's output, bit for bit."""
+    inputs = (torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 600]),
+              torch.randn(2, 8, base_unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(6)))
+    unet = copy.deepcopy(base_unet).train()
+    method = methods.create(name)
+    method.inject(unet)
+    randomize(method)
+    with torch.no_grad():
+        ours = unet(*inputs).sample
+        classes = {layer: type(layer) for layer in method.layers.values()}
+        for layer, kind in classes.items():  # back to peft's own class
+            layer.__class__ = next(base for base in kind.__mro__[1:] if base.__module__.startswith("peft."))
+        peft_own = unet(*inputs).sample
+        for layer, kind in classes.items():
+            layer.__class__ = kind
+    assert torch.equal(ours, peft_own)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(lambda: unet(*inputs).sample.square().mean())()
+    finally:
+        torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [reason.reason[:200] for reason in explained.break_reasons[:2]]
+    dropping = methods.create(name, module_dropout=0.1)
+    dropping.inject(copy.deepcopy(base_unet))
+    assert all(type(layer).__module__.startswith("peft.") for layer in dropping.layers.values())  # peft's draws

@@ -16,8 +16,9 @@ LyCORIS' names, which are the same maths; `diffusers_lora_layers` for LoRA).
 
 Dropout (in training only): LoRA's `dropout` is peft's lora_dropout on each layer's input, its `rank_dropout` and
 `module_dropout` kohya-ss' (networks.lora), added to peft's LoRA layers here (`_KohyaDropout`); LoHa's and
-LoKr's `rank_dropout` and `module_dropout` are peft's ports of LyCORIS'. Injected layers take the model's
-train/eval mode, so a pipeline loaded to sample never drops out.
+LoKr's `rank_dropout` and `module_dropout` are peft's ports of LyCORIS' (without either, their layers skip the
+random draw peft makes anyway, so torch.compile traces them whole: `_EveryUpdate`). Injected layers take the
+model's train/eval mode, so a pipeline loaded to sample never drops out.
 
 Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<parameter>`
 (for example `down_blocks.0.resnets.0.conv1.lora_A.weight` or `...to_q.hada_w1_a`).
@@ -606,7 +607,55 @@ def _with_finite_rank_dropout(layer_class: type) -> type:
     return _FINITE_RANK_DROPOUT[layer_class]
 
 
-class Loha(_PeftLowRank):
+class _EveryUpdate:
+    """peft's LyCORIS forward (LoHa, LoKr) in training when module dropout is off: peft still draws `torch.rand(1)`
+    a layer to decide whether to skip the update (`rand > 0`), a data-dependent branch that torch.compile cannot
+    trace, one graph break a layer. Here the update is added without the draw, as peft adds it then."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self.training or self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        result = self.base_layer(x, *args, **kwargs)
+        for active_adapter in self.active_adapters:
+            if active_adapter in self._available_adapters:
+                result = result + self._get_delta_activations(active_adapter, x, *args, **kwargs)
+        return result.to(previous_dtype)
+
+
+_EVERY_UPDATE: dict[type, type] = {}
+
+
+def _lycoris_layer_class(layer_class: type, rank_dropout: float, module_dropout: float) -> type:
+    """One of peft's LoHa or LoKr layer classes with what sdtune changes for these options (made once each):
+    `_FiniteRankDropout` (LoHa with rank dropout), `_EveryUpdate` (no dropout at all, where the draws would
+    change nothing but the RNG's position)."""
+    if rank_dropout and issubclass(layer_class, _loha_layer_class()):
+        return _with_finite_rank_dropout(layer_class)
+    if not rank_dropout and not module_dropout:
+        if layer_class not in _EVERY_UPDATE:
+            _EVERY_UPDATE[layer_class] = type(layer_class.__name__, (_EveryUpdate, layer_class), {})
+        return _EVERY_UPDATE[layer_class]
+    return layer_class
+
+
+def _loha_layer_class() -> type:
+    from peft.tuners.loha.layer import LoHaLayer
+
+    return LoHaLayer
+
+
+class _Lycoris(_PeftLowRank):
+    """What LoHa and LoKr share: peft's LyCORIS layers, with sdtune's changes (`_lycoris_layer_class`)."""
+
+    def _inject_peft(self, model: nn.Module, prefix: str, targets: list[str]) -> None:
+        super()._inject_peft(model, prefix, targets)
+        for name in targets:
+            layer = model.get_submodule(name)
+            layer.__class__ = _lycoris_layer_class(type(layer), self.options.rank_dropout, self.options.module_dropout)
+
+
+class Loha(_Lycoris):
     name = "loha"
     summary = "LoHa: Hadamard product of two low-rank updates (B1·A1)⊙(B2·A2) (peft)"
     Options = LohaOptions
@@ -615,13 +664,6 @@ class Loha(_PeftLowRank):
     def merge_layer(self, layer: nn.Module) -> None:
         if not add_loha_in_place(layer):
             super().merge_layer(layer)
-
-    def _inject_peft(self, model: nn.Module, prefix: str, targets: list[str]) -> None:
-        super()._inject_peft(model, prefix, targets)
-        if self.options.rank_dropout:
-            for name in targets:
-                layer = model.get_submodule(name)
-                layer.__class__ = _with_finite_rank_dropout(type(layer))
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
         return [_lycoris_merge_warning(self)] if format == "kohya" and self.options.alpha != self.options.rank else []
@@ -639,7 +681,7 @@ class Loha(_PeftLowRank):
         )
 
 
-class Lokr(_PeftLowRank):
+class Lokr(_Lycoris):
     name = "lokr"
     summary = "LoKr: Kronecker product update W1 ⊗ W2 with low-rank factors where small (peft)"
     Options = LokrOptions
