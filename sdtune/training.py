@@ -850,7 +850,7 @@ class Trainer:
 
         if self.eager_forward_pending and hasattr(torch.compiler, "set_stance"):
             # --compile: the first micro-batch's forward runs once eagerly too, its result dropped and the RNG left
-            # as it was. Kernels that pick their route by timing it on the device (filter atoms' on a GPU) measure
+            # as it was. Kernels that pick their route by timing it on the device measure
             # there: nothing can be timed while torch.compile traces, and the compiled graph takes their choice.
             self.eager_forward_pending = False
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
