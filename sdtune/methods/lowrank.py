@@ -568,17 +568,22 @@ class _KohyaDropout:
         return -1 if isinstance(self.get_base_layer(), nn.Linear) else 1
 
 
-_KOHYA_DROPOUT: dict[type, type] = {}
+_MIXED_IN: dict[tuple[type, type], type] = {}
+
+
+def _mixed_in(mixin: type, layer_class: type, **attributes: Any) -> type:
+    """The subclass of one of peft's layer classes with one of sdtune's mixins before it (the class name kept, so the
+    layer still reads as peft's), made once per pair."""
+    if (mixin, layer_class) not in _MIXED_IN:
+        _MIXED_IN[mixin, layer_class] = type(layer_class.__name__, (mixin, layer_class), attributes)
+    return _MIXED_IN[mixin, layer_class]
 
 
 def _with_kohya_dropout(layer_class: type) -> type:
-    """The subclass of one of peft's LoRA layer classes (Linear, Conv2d) with `_KohyaDropout`, made once."""
-    if layer_class not in _KOHYA_DROPOUT:
-        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+    """One of peft's LoRA layer classes (Linear, Conv2d) with `_KohyaDropout`."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
-        peft_only = ("adapter_names", *VARIANT_KWARG_KEYS)
-        _KOHYA_DROPOUT[layer_class] = type(layer_class.__name__, (_KohyaDropout, layer_class), {"peft_only_kwargs": peft_only})
-    return _KOHYA_DROPOUT[layer_class]
+    return _mixed_in(_KohyaDropout, layer_class, peft_only_kwargs=("adapter_names", *VARIANT_KWARG_KEYS))
 
 
 class _FiniteRankDropout:
@@ -597,16 +602,6 @@ class _FiniteRankDropout:
         return weight * keep.view(-1, *[1] * (weight.ndim - 1)).to(weight.device)
 
 
-_FINITE_RANK_DROPOUT: dict[type, type] = {}
-
-
-def _with_finite_rank_dropout(layer_class: type) -> type:
-    """The subclass of one of peft's LoHa layer classes (Linear, Conv2d) with `_FiniteRankDropout`, made once."""
-    if layer_class not in _FINITE_RANK_DROPOUT:
-        _FINITE_RANK_DROPOUT[layer_class] = type(layer_class.__name__, (_FiniteRankDropout, layer_class), {})
-    return _FINITE_RANK_DROPOUT[layer_class]
-
-
 class _EveryUpdate:
     """peft's LyCORIS forward (LoHa, LoKr) in training when module dropout is off: peft still draws `torch.rand(1)`
     a layer to decide whether to skip the update (`rand > 0`), a data-dependent branch that torch.compile cannot
@@ -623,36 +618,20 @@ class _EveryUpdate:
         return result.to(previous_dtype)
 
 
-_EVERY_UPDATE: dict[type, type] = {}
-
-
-def _lycoris_layer_class(layer_class: type, rank_dropout: float, module_dropout: float) -> type:
-    """One of peft's LoHa or LoKr layer classes with what sdtune changes for these options (made once each):
-    `_FiniteRankDropout` (LoHa with rank dropout), `_EveryUpdate` (no dropout at all, where the draws would
-    change nothing but the RNG's position)."""
-    if rank_dropout and issubclass(layer_class, _loha_layer_class()):
-        return _with_finite_rank_dropout(layer_class)
-    if not rank_dropout and not module_dropout:
-        if layer_class not in _EVERY_UPDATE:
-            _EVERY_UPDATE[layer_class] = type(layer_class.__name__, (_EveryUpdate, layer_class), {})
-        return _EVERY_UPDATE[layer_class]
-    return layer_class
-
-
-def _loha_layer_class() -> type:
-    from peft.tuners.loha.layer import LoHaLayer
-
-    return LoHaLayer
-
-
 class _Lycoris(_PeftLowRank):
-    """What LoHa and LoKr share: peft's LyCORIS layers, with sdtune's changes (`_lycoris_layer_class`)."""
+    """What LoHa and LoKr share: peft's LyCORIS layers, with what sdtune adds to them (`layer_mixin`)."""
+
+    def layer_mixin(self) -> type | None:
+        """`_EveryUpdate` without dropout, where peft's draws would change nothing but the RNG's position."""
+        return _EveryUpdate if not self.options.rank_dropout and not self.options.module_dropout else None
 
     def _inject_peft(self, model: nn.Module, prefix: str, targets: list[str]) -> None:
         super()._inject_peft(model, prefix, targets)
-        for name in targets:
-            layer = model.get_submodule(name)
-            layer.__class__ = _lycoris_layer_class(type(layer), self.options.rank_dropout, self.options.module_dropout)
+        mixin = self.layer_mixin()
+        if mixin is not None:
+            for name in targets:
+                layer = model.get_submodule(name)
+                layer.__class__ = _mixed_in(mixin, type(layer))
 
 
 class Loha(_Lycoris):
@@ -660,6 +639,9 @@ class Loha(_Lycoris):
     summary = "LoHa: Hadamard product of two low-rank updates (B1·A1)⊙(B2·A2) (peft)"
     Options = LohaOptions
     variants = ({}, {"targets": "conv3x3"})
+
+    def layer_mixin(self) -> type | None:
+        return _FiniteRankDropout if self.options.rank_dropout else super().layer_mixin()
 
     def merge_layer(self, layer: nn.Module) -> None:
         if not add_loha_in_place(layer):
