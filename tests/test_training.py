@@ -372,9 +372,10 @@ def test_step_seconds_follow_the_loop_pace(tmp_path, tiny_path):
     assert sum(seconds) <= run.seconds  # intervals between reads: they never overlap
 
 
-def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_path, monkeypatch):
-    """Filter atoms' kernels trace whole (fullgraph: no graph break), and the compiled steps give the eager losses.
-    Through Dynamo and AOTAutograd with eager kernels: Inductor's code generation takes minutes on a CPU."""
+@pytest.fixture
+def compiled_eagerly(monkeypatch):
+    """`Module.compile` through Dynamo and AOTAutograd with eager kernels and fullgraph (no graph break allowed):
+    Inductor's code generation takes minutes on a CPU. The names of the classes compiled."""
     compiled = []
     compile_module = torch.nn.Module.compile
 
@@ -383,29 +384,26 @@ def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_p
         compile_module(module, backend="aot_eager", fullgraph=True)
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    yield compiled
+    torch._dynamo.reset()
+
+
+def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_path, compiled_eagerly):
+    """Filter atoms' kernels trace whole, and the compiled steps give the eager losses."""
     settings = dict(steps=3, method="atoms", log_with="none")
-    try:
-        eager = train(config(tmp_path / "eager", **settings), progress=False)
-        run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
-    finally:
-        torch._dynamo.reset()
-    assert compiled == ["UNet2DConditionModel"] and run.config.compile
+    eager = train(config(tmp_path / "eager", **settings), progress=False)
+    run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
+    assert compiled_eagerly == ["UNet2DConditionModel"] and run.config.compile
     assert "compile = true" in (run.output / "config.toml").read_text()
     assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
 
 
-def test_compile_measures_the_kernels_routes_before_it_traces(tmp_path, tiny_path, monkeypatch, measured_on_cpu):
+def test_compile_measures_the_kernels_routes_before_it_traces(tmp_path, tiny_path, compiled_eagerly, measured_on_cpu):
     """Nothing is timed while torch.compile traces, so the first micro-batch's forward runs once eagerly first: the
     routes are measured there (here on a CPU measured as CUDA is), the compiled graph takes them, and the steps are
     an eager run's with the same routes."""
-    compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile",
-                        lambda module, *args, **kwargs: compile_module(module, backend="aot_eager", fullgraph=True))
     settings = dict(steps=3, method="atoms", log_with="none")
-    try:
-        run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
-    finally:
-        torch._dynamo.reset()
+    run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
     assert measured_on_cpu["timed"]  # the fastest (the weight side) chosen for every geometry
     eager = train(config(tmp_path / "eager", **settings), progress=False)
     assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
