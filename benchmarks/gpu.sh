@@ -3,7 +3,8 @@
 # wall-clock budget. Configurations run most important first, each limited to what is left of the
 # budget, and each appends its tables to OUT_DIR/loop.md, speed.md or kernels.md as soon as it is done, so
 # a run cut short keeps everything it finished; OUT_DIR/speed.log and loop.log say how long every row took.
-# Five files at most come back (a device call returns eight).
+# Last, OUT_DIR/targets.md says which targets the tables meet (targets.py). Six files at most come back (a device
+# call returns eight).
 #   bash benchmarks/gpu.sh OUT_DIR [TOTAL_SECONDS] [GROUPS]    (default 420 s and `default`)
 # GROUPS, comma-separated, run in the order given; each is a list of parts (below), or names one part:
 #   default  everything but families, interleaved so that what the targets need comes first: the Triton
@@ -172,3 +173,6 @@ for group in ${groups//,/ }; do
     for part in $parts; do "part_$part"; done
 done
 remaining=$(left); echo "finished with $((remaining > 0 ? remaining : 0)) s of the budget left" | tee -a "$out/loop.log" >>"$out/speed.log"
+# the targets, met or not, from the tables above
+python3 "$here/targets.py" "$out" --markdown "$out/targets.md" $([ "$device" = cpu ] && echo --cpu) >/dev/null 2>>"$out/speed.log" \
+    || echo "targets.py ended with $?" >>"$out/speed.log"
