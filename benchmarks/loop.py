@@ -48,6 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import StoppedEarly, stop_early, synchronize, timed_step  # noqa: E402 - the bare step is speed.py's
 
 
 def model_folder(name: str, device: str) -> str:
@@ -63,13 +66,6 @@ def model_folder(name: str, device: str) -> str:
                 progress(f"building on the GPU failed ({type(error).__name__}: {error}); building on the CPU")
         return str(sd14_random_path("cpu"))
     return name
-
-
-def synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def half_dtype(name: str):
@@ -97,23 +93,7 @@ def bare_step(unet, parameters, batch: int, latent: int, embeddings, device: str
     optimizer = torch.optim.AdamW(parameters, lr=1e-9, foreach=True) if parameters else None  # as the trainer's
     if floor:
         latents.requires_grad_(True)
-    kind = torch.device(device).type
-
-    def step() -> float:
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = unet(latents, timesteps, embeddings).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        loss.backward()
-        if optimizer:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        latents.grad = None
-        synchronize(device)
-        return time.perf_counter() - start
-
-    return step
+    return timed_step(unet, latents, timesteps, embeddings, target, optimizer, device, dtype)
 
 
 def plain_unet(folder: str, device: str, mixed_precision: str):
@@ -449,14 +429,6 @@ def main(argv: list[str] | None = None) -> str:
     if cut:
         sys.exit(124)
     return text
-
-
-class StoppedEarly(BaseException):
-    """Raised by SIGTERM; a BaseException, so a row's own error handling does not swallow it."""
-
-
-def stop_early(signum, frame) -> None:
-    raise StoppedEarly
 
 
 if __name__ == "__main__":

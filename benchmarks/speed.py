@@ -186,7 +186,7 @@ def peak_memory_gb(device: str) -> float:
 def synchronize(device: str) -> None:
     import torch
 
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -207,11 +207,20 @@ def training_setup(row: str, args):
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None  # as sdtune train's
     if row == "floor":
         latents.requires_grad_(True)
+    return timed_step(unet, latents, timesteps, embeddings, target, optimizer, args.device, dtype), sum(p.numel() for p in params)
+
+
+def timed_step(unet, latents, timesteps, embeddings, target, optimizer, device: str, dtype):
+    """One bare training step as a function that runs it and gives its seconds: forward under autocast to `dtype`,
+    MSE against `target`, backward, and the optimizer's step (None: the floor, whose latents require grad)."""
+    import torch
+
+    kind = torch.device(device).type
 
     def step() -> float:
-        synchronize(args.device)
+        synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
             prediction = unet(latents, timesteps, embeddings).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
         loss.backward()
@@ -219,10 +228,10 @@ def training_setup(row: str, args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         latents.grad = None
-        synchronize(args.device)
+        synchronize(device)
         return time.perf_counter() - start
 
-    return step, sum(p.numel() for p in params)
+    return step
 
 
 # What a busy process runs (`--load-kind`): a pure-Python spin loop on one core, or torch's elementwise

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SdtuneError
+from .errors import SdtuneError, reading_file
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
 from .methods import DEFAULT_METHOD
@@ -108,14 +108,10 @@ def _type_name(kind: Any) -> str:
 
 def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    with reading_file(path, "config file", "give a TOML file (a run's config.toml)"):
+        text = path.read_bytes()
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SdtuneError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise SdtuneError(f"--config {path} is a folder; give a TOML file (a run's config.toml)") from None
-    except OSError as error:
-        raise SdtuneError(f"config file {path} cannot be read: {error.strerror or error}") from None
+        return tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SdtuneError(f"{path}: not valid TOML ({error})") from None
 

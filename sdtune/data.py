@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .buckets import nearest_bucket, upright_size
-from .errors import SdtuneError
+from .errors import SdtuneError, reading_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
@@ -32,23 +32,18 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
     `-` reads standard input; a FIFO or /dev/stdin is read as any file is."""
     path = Path(path)
-    try:
-        if str(path) == "-":  # standard input, as command-line tools read it
-            stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+    if str(path) == "-":  # standard input, as command-line tools read it
+        stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
+        with reading_file("standard input", "prompt file", "give one prompt a line"):
             data, path = stream.read(MAX_PROMPT_FILE_BYTES + 1), Path("standard input")
-            data = data.encode() if isinstance(data, str) else data
-        else:
-            with open(path, "rb") as handle:  # also /dev/stdin, a FIFO or a process substitution
-                data = handle.read(MAX_PROMPT_FILE_BYTES + 1)
-        if len(data) > MAX_PROMPT_FILE_BYTES:
-            raise SdtuneError(f"prompt file {path} holds more than {MAX_PROMPT_FILE_BYTES // 2**20} MB; give one prompt a line")
+        data = data.encode() if isinstance(data, str) else data
+    else:
+        with reading_file(path, "prompt file", "give a text file with one prompt a line"), open(path, "rb") as handle:
+            data = handle.read(MAX_PROMPT_FILE_BYTES + 1)  # also /dev/stdin, a FIFO or a process substitution
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise SdtuneError(f"prompt file {path} holds more than {MAX_PROMPT_FILE_BYTES // 2**20} MB; give one prompt a line")
+    try:
         text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
-    except FileNotFoundError:
-        raise SdtuneError(f"prompt file not found: {path}") from None
-    except IsADirectoryError:
-        raise SdtuneError(f"prompt file {path} is a folder; give a text file with one prompt a line") from None
-    except OSError as error:
-        raise SdtuneError(f"prompt file {path} cannot be read: {error.strerror or error}") from None
     except UnicodeDecodeError as error:
         raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
     prompts = [line.strip() for line in text.splitlines()]

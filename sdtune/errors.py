@@ -1,6 +1,7 @@
 """Errors that the CLI turns into one line on stderr and a meaningful exit code."""
 
 import re
+from contextlib import contextmanager
 
 
 class SdtuneError(Exception):
@@ -19,6 +20,20 @@ class SweepFailed(SdtuneError):
     """A sweep went through its runs but some failed (each recorded in its folder): exit code 1."""
 
     exit_code = 1
+
+
+@contextmanager
+def reading_file(path, what: str, folder_hint: str):
+    """A file of the user's read inside this block fails as one line naming it: missing, a folder (with
+    `folder_hint`, what to give instead) or unreadable. `what` names the kind of file ("prompt file")."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise SdtuneError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise SdtuneError(f"{what} {path} is a folder; {folder_hint}") from None
+    except OSError as error:
+        raise SdtuneError(f"{what} {path} cannot be read: {error.strerror or error}") from None
 
 
 def first_sentence(error: BaseException, limit: int = 160) -> str:

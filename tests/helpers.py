@@ -46,3 +46,19 @@ def uninterrupted_and_resumed(configure, folder, monkeypatch, at_step: int):
         train(configure(folder / "split"), progress=False)
     monkeypatch.undo()
     return whole, train(configure(folder / "split", resume="latest"), progress=False)
+
+
+# Names as kohya-ss writes them: a UNet convolution, a UNet attention projection, a text-encoder projection
+KOHYA_CONV = "lora_unet_up_blocks_1_resnets_0_conv2"
+KOHYA_ATTN = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+KOHYA_TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+def kohya_tucker_conv(generator: torch.Generator) -> dict:
+    """A rank-3 Tucker LoCon on `KOHYA_CONV` (64 channels, 3x3), as kohya-ss stores one (no sdtune metadata)."""
+    return {
+        f"{KOHYA_CONV}.lora_down.weight": torch.randn(3, 64, 1, 1, generator=generator),
+        f"{KOHYA_CONV}.lora_mid.weight": torch.randn(3, 3, 3, 3, generator=generator),
+        f"{KOHYA_CONV}.lora_up.weight": torch.randn(64, 3, 1, 1, generator=generator) * 0.1,
+        f"{KOHYA_CONV}.alpha": torch.tensor(1.5),
+    }

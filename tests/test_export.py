@@ -22,7 +22,7 @@ from sdtune.adapter import load_adapter, save_adapter
 from sdtune.errors import SdtuneError
 from sdtune.export import export_adapter
 from sdtune.merging import merge_adapter
-from helpers import run_unet
+from helpers import KOHYA_ATTN, KOHYA_CONV, KOHYA_TE, kohya_tucker_conv, run_unet
 
 LOW_RANK = [
     ("lora", {}),
@@ -422,16 +422,9 @@ def test_kohya_file_from_elsewhere_applies_to_unet_and_text_encoder(tmp_path, in
     from sdtune.models import load_pipeline
 
     g = torch.Generator().manual_seed(3)
-    conv, attn, te = (
-        "lora_unet_up_blocks_1_resnets_0_conv2",
-        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k",
-        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-    )
+    conv, attn, te = KOHYA_CONV, KOHYA_ATTN, KOHYA_TE
     state = {
-        f"{conv}.lora_down.weight": torch.randn(3, 64, 1, 1, generator=g),
-        f"{conv}.lora_mid.weight": torch.randn(3, 3, 3, 3, generator=g),
-        f"{conv}.lora_up.weight": torch.randn(64, 3, 1, 1, generator=g) * 0.1,
-        f"{conv}.alpha": torch.tensor(1.5),
+        **kohya_tucker_conv(g),
         f"{attn}.lora_down.weight": torch.randn(2, 32, generator=g),
         f"{attn}.lora_up.weight": torch.randn(64, 2, generator=g) * 0.1,
         f"{te}.lora_down.weight": torch.randn(2, 32, generator=g),

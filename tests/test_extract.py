@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from helpers import run_unet
+from helpers import KOHYA_ATTN, KOHYA_CONV, KOHYA_TE, kohya_tucker_conv, run_unet
 from test_cli import assert_one_line_error, invoke
 from test_export import make_adapter
 
@@ -202,16 +202,9 @@ def test_a_kohya_file_is_extracted_and_resized(tmp_path, inputs):
     """A file as other trainers write it (Tucker LoCon, a text-encoder LoRA, a LoHa) becomes a plain LoRA; a
     rank-8 LoRA resized to rank 2 keeps its two largest singular directions."""
     g = torch.Generator().manual_seed(3)
-    conv, attn, te = (
-        "lora_unet_up_blocks_1_resnets_0_conv2",
-        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k",
-        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-    )
+    conv, attn, te = KOHYA_CONV, KOHYA_ATTN, KOHYA_TE
     state = {
-        f"{conv}.lora_down.weight": torch.randn(3, 64, 1, 1, generator=g),
-        f"{conv}.lora_mid.weight": torch.randn(3, 3, 3, 3, generator=g),
-        f"{conv}.lora_up.weight": torch.randn(64, 3, 1, 1, generator=g) * 0.1,
-        f"{conv}.alpha": torch.tensor(1.5),
+        **kohya_tucker_conv(g),
         f"{attn}.hada_w1_a": torch.randn(64, 2, generator=g) * 0.3,
         f"{attn}.hada_w1_b": torch.randn(2, 32, generator=g),
         f"{attn}.hada_w2_a": torch.randn(64, 2, generator=g) * 0.3,

@@ -176,7 +176,7 @@ CASES = [
     ("train-concept-named-as-a-token", (*TRAIN, "--concept", "s0"), 2, "--concept s0: <s0> names a trained token"),
     ("train-concept-path", (*TRAIN, "--concept", "../etc"), 2, "--concept must be a plain name"),
     ("train-dataset-validation", (*TRAIN, "--dataset", "digits", "--validate-every", 5), 2, "--dataset does not combine with --validate-every"),
-    ("train-config-folder", (*TRAIN, "--config", "{tmp}/a-folder"), 2, "--config {tmp}/a-folder is a folder"),
+    ("train-config-folder", (*TRAIN, "--config", "{tmp}/a-folder"), 2, "config file {tmp}/a-folder is a folder"),
     ("train-config-missing", (*TRAIN, "--config", "{tmp}/none.toml"), 2, "config file not found"),
     ("train-images-missing", (*TRAIN, "--images", "{tmp}/no-images"), 2, "image folder not found"),
     ("train-images-empty", (*TRAIN, "--images", "{tmp}/empty-images"), 2, "has no images"),
