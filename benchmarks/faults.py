@@ -123,6 +123,19 @@ def leftovers(*folders: Path) -> list[str]:
     return sorted(found)
 
 
+def interrupted_problems(name: str, code: int, log: Path, folder: Path) -> list[str]:
+    """What is wrong after SIG`name` interrupted a command: its exit code, its message (one line) and what it left."""
+    found = []
+    if code != INTERRUPTED_CODES[SIGNALS[name]]:
+        found.append(f"exit code {code} after SIG{name}")
+    problem = one_line(log.read_text(), "interrupted")
+    if problem:
+        found.append(f"after SIG{name}: {problem}")
+    if leftovers(folder):
+        found.append(f"left after SIG{name}: {', '.join(leftovers(folder))}")
+    return found
+
+
 def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list[str]:
     """What is wrong with a killed run's folder: truncated or half-written files under their final names."""
     from safetensors import safe_open
@@ -206,13 +219,7 @@ def trial(work: Path, index: int, rng: random.Random, steps: int, reference: Pat
     found = problems_after_kill(output, checkpoint_every, steps)
     finished = code == 0 or (code == -SIGNALS[name] and finished_run(output, steps))
     if killed and name != "KILL" and not finished:  # it may have finished between the check and the signal
-        if code != INTERRUPTED_CODES[SIGNALS[name]]:
-            found.append(f"exit code {code} after SIG{name}")
-        problem = one_line(log.read_text(), "interrupted")
-        if problem:
-            found.append(f"after SIG{name}: {problem}")
-        if leftovers(output):
-            found.append(f"left after SIG{name}: {', '.join(leftovers(output))}")
+        found += interrupted_problems(name, code, log, output)
     run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
     found += same_as_reference(output, reference)
     if leftovers(output):
@@ -494,13 +501,7 @@ def command_trial(work: Path, index: int, rng: random.Random, reference: Path, s
     code = process.wait()
     found = []
     if killed and name != "KILL" and code != 0 and not (code == -SIGNALS[name] and not complete_output(kind, output)):
-        if code != INTERRUPTED_CODES[SIGNALS[name]]:
-            found.append(f"exit code {code} after SIG{name}")
-        problem = one_line(log.read_text(), "interrupted")
-        if problem:
-            found.append(f"after SIG{name}: {problem}")
-        if leftovers(folder):
-            found.append(f"left after SIG{name}: {', '.join(leftovers(folder))}")
+        found += interrupted_problems(name, code, log, folder)
     again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
     result = subprocess.run(again, capture_output=True, text=True, env=ENV)
     if result.returncode != 0:

@@ -50,13 +50,19 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" >>"$ou
 
 left() { echo $((deadline - SECONDS)); }
 
-speed() {
+budget_for() {  # MIN_SECONDS LOG WHAT: the seconds left, or a "skipped" line in LOG and failure below MIN_SECONDS
     local limit
     limit=$(left)
-    if [ "$limit" -lt 20 ]; then
-        echo "skipped (budget spent): speed.py $*" >>"$out/speed.log"
-        return
+    if [ "$limit" -lt "$1" ]; then
+        echo "skipped (budget spent): $3" >>"$2"
+        return 1
     fi
+    echo "$limit"
+}
+
+speed() {
+    local limit
+    limit=$(budget_for 20 "$out/speed.log" "speed.py $*") || return 0
     echo "== speed.py $* (${limit} s left)" >>"$out/speed.log"
     timeout "$limit" python3 "$here/speed.py" --device "$device" --arch "$arch" --latent "$latent" \
         --steps 10 --warmup 3 --markdown "$out/speed.md" "$@" >>"$out/speed.log" 2>&1 \
@@ -65,11 +71,7 @@ speed() {
 
 kernels() {  # atom_kernels.py arguments: one per-layer table (or --check) appended to kernels.md
     local limit
-    limit=$(left)
-    if [ "$limit" -lt 20 ]; then
-        echo "skipped (budget spent): atom_kernels.py $*" >>"$out/speed.log"
-        return
-    fi
+    limit=$(budget_for 20 "$out/speed.log" "atom_kernels.py $*") || return 0
     echo "== atom_kernels.py $* (${limit} s left)" | tee -a "$out/kernels.md" >>"$out/speed.log"
     timeout "$limit" python3 "$here/atom_kernels.py" --device "$device" --latent "$latent" "$@" \
         >>"$out/kernels.md" 2>>"$out/speed.log" || echo "atom_kernels.py $* ended with $?" | tee -a "$out/kernels.md" >>"$out/speed.log"
@@ -77,11 +79,7 @@ kernels() {  # atom_kernels.py arguments: one per-layer table (or --check) appen
 
 loop() {
     local limit
-    limit=$(left)
-    if [ "$limit" -lt 30 ]; then
-        echo "skipped (budget spent): loop.py $*" >>"$out/loop.log"
-        return
-    fi
+    limit=$(budget_for 30 "$out/loop.log" "loop.py $*") || return 0
     echo "== loop.py $* (${limit} s left)" >>"$out/loop.log"
     timeout "$limit" python3 "$here/loop.py" --device "$device" --model "$arch" --latent "$latent" \
         --work /tmp/sdtune-loop --markdown "$out/loop.md" "$@" >>"$out/loop.log" 2>&1 \
