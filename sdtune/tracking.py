@@ -101,6 +101,19 @@ def start_trackers(accelerator, config, output: Path) -> None:
             tracker.store_init_configuration(settings)
 
 
+def finish_trackers(accelerator) -> None:
+    """End the run's trackers (not the process group, as `accelerator.end_training()` would: it belongs to the
+    launched process, which may go on to sample). A tracker whose start an interrupt cut short is passed over:
+    accelerate's trackers make their writer or run in `start()`, and finishing one without it would raise an
+    AttributeError in place of the interrupt."""
+    for tracker in accelerator.trackers:
+        try:
+            tracker.tracker  # the writer or run, once started
+        except AttributeError:
+            continue
+        tracker.finish()
+
+
 def wandb_run_id(output: Path, accelerator) -> str | None:
     """The W&B run id kept in OUTPUT/logs: made on the first start, read on a resume (main process only)."""
     if not accelerator.is_main_process:

@@ -1068,13 +1068,12 @@ class Trainer:
         )
 
     def close_logs(self) -> None:
+        from .tracking import finish_trackers
+
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
-        # The trackers end here, but not the process group (as accelerator.end_training() would): it
-        # belongs to the launched process, which may go on to sample.
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
+        finish_trackers(self.accelerator)
 
 
 def data_workers(dataset, processes: int = 1) -> int:

@@ -612,6 +612,23 @@ def test_a_run_that_fails_before_its_loop_leaves_no_tracker_running(tmp_path, mo
     assert sorted((run.output / "logs" / "castles").rglob("events.out.tfevents.*")) == events
 
 
+def test_an_interrupt_while_the_trackers_start_is_said_as_an_interrupt(tmp_path, monkeypatch):
+    """SIGTERM while TensorBoard's writer is being made (a fraction of a second into `sdtune train`): the
+    command says "interrupted" and exits 143, instead of failing on the tracker that never started."""
+    from accelerate.tracking import TensorBoardTracker
+    from typer.testing import CliRunner
+
+    from sdtune.cli import Terminated, app
+
+    def cut_short(self):
+        raise Terminated()
+
+    monkeypatch.setattr(TensorBoardTracker, "start", cut_short)
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--steps", "2", "--resolution", "32",
+                                      "--output", str(tmp_path / "run"), "--log-with", "tensorboard"])
+    assert result.exit_code == 143 and result.output.strip().splitlines()[-1] == "interrupted", result.output
+
+
 def test_trackers_are_checked_before_the_model_loads(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
