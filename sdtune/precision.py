@@ -133,7 +133,7 @@ def vae_dtype(dtype, pipe):
 
 
 def decoder_side_names(vae) -> list[str]:
-    """The names of the parameters a decode goes through: post_quant_conv's (where the VAE has one) and the decoder's."""
+    """The names of the parameters a decode goes through: post_quant_conv's (where the VAE has one), the decoder's."""
     return [name for name, _ in vae.named_parameters() if name.startswith(("post_quant_conv.", "decoder."))]
 
 
@@ -208,8 +208,8 @@ def warn_vae_overflow(vae, remedy: str) -> None:
 
     if vae not in _WARNED_VAES:
         _WARNED_VAES.add(vae)
-        warnings.warn(f"the VAE overflowed in fp16 (inf or NaN): the images that overflow are decoded again in fp32; for "
-                      f"a VAE that overflows often, {remedy} avoids the double decode", stacklevel=3)
+        warnings.warn(f"the VAE overflowed in fp16 (inf or NaN): the images that overflow are decoded again in fp32; "
+                      f"for a VAE that overflows often, {remedy} avoids the double decode", stacklevel=3)
 
 
 def cast_pipeline(pipe, dtype) -> None:

@@ -87,7 +87,7 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
             images = draw(
                 pipe,
                 [prompt] * len(indices),
-                TRAINING_VAE_REMEDY,
+                remedy=TRAINING_VAE_REMEDY,
                 generator=generators,
                 num_inference_steps=GENERATION_STEPS,
                 guidance_scale=GENERATION_GUIDANCE,

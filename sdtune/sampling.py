@@ -471,7 +471,7 @@ def decode(pipe, latents, remedy=None) -> list:
             pixels = decoded(part, dtype)
             # latents that are not finite are the UNet's doing, which no fp32 decode mends
             overflowed = ~torch.isfinite(pixels).flatten(1).all(1) & torch.isfinite(part).flatten(1).all(1)
-            if dtype != torch.float16 or not overflowed.any():  # one check a batch: its pixels go to the host next anyway
+            if dtype != torch.float16 or not overflowed.any():  # one check a batch: its pixels go to the host next
                 images += postprocess(pixels, output_type="pil")
                 continue
             warn_vae_overflow(vae, remedy or SAMPLING_VAE_REMEDY)

@@ -136,8 +136,8 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
     """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet.
 
     The UNet being trained keeps its weights; with `dtype` fp16 or bf16 (see `sdtune sample --dtype`) it
-    and the text encoder run under autocast in that dtype, and the VAE decodes in its own dtype (the images that overflow
-    in fp16 are decoded again in fp32, and the VAE stays fp16: `sampling.decode`). Every
+    and the text encoder run under autocast in that dtype, and the VAE decodes in its own dtype (the images
+    that overflow in fp16 are decoded again in fp32, and the VAE stays fp16: `sampling.decode`). Every
     prompt and seed goes through the pipeline at once (a few calls for many prompts).
     """
     import torch
