@@ -527,7 +527,7 @@ class SampleConfig(_Config):
     # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each,
     # or, with several adapters, gives each its own strength
     adapter_scale: float | list[float] = 1.0
-    dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (under fp16 SDXL's VAE decodes in fp32; others in fp16, in fp32 after an overflow)
+    dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (under fp16 SDXL's VAE decodes in fp32; others in fp16, an overflowing image again in fp32)
     overwrite: bool = False  # replace the images and grid of an earlier sample in the output folder
 
     def __post_init__(self) -> None:

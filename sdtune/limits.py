@@ -448,7 +448,7 @@ def check_drawing_fits(model: str, resolution: int | None, steps: int, images: i
     resolution = check_resolution(model, configs, resolution)
     check_sampling_steps(model, configs, steps)
     kept = images * resolution * resolution * 3 + (grid_bytes(resolution) if grid_bytes else 0)  # 8-bit RGB
-    # float32: SDXL's VAE decodes in it, and an fp16 decode that overflows is done again in it (`sampling.decode`)
+    # float32: SDXL's VAE decodes in it, and the images whose fp16 decode overflows are decoded again in it (`sampling.decode`)
     decoder = vae_feature_map_bytes(configs, resolution, 4, DECODER_MAPS)
     check_memory(
         [(f"--resolution {resolution}", "one image's last VAE decoder feature maps", decoder)],

@@ -62,6 +62,7 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
     import torch
     from tqdm.auto import tqdm
 
+    from .precision import TRAINING_VAE_REMEDY
     from .sampling import draw
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,6 +87,7 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
             images = draw(
                 pipe,
                 [prompt] * len(indices),
+                remedy=TRAINING_VAE_REMEDY,
                 generator=generators,
                 num_inference_steps=GENERATION_STEPS,
                 guidance_scale=GENERATION_GUIDANCE,

@@ -173,7 +173,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     negative_prompt = fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
-    # of processes (but for the batches decoded in fp32 after an fp16 decode overflowed: `decode`).
+    # of processes (the images whose fp16 decode overflows too: decoded again in fp32, the VAE staying fp16: `decode`).
     per_call = max(1, IMAGES_PER_CALL // len(seeds))
     batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
     rows = {}
@@ -438,36 +438,50 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
     return rows
 
 
-def draw(pipe, prompts, **settings) -> list:
-    """PIL images from the pipeline: its denoising loop, then `decode`."""
+def draw(pipe, prompts, remedy=None, **settings) -> list:
+    """PIL images from the pipeline: its denoising loop, then `decode` (`remedy`: as there)."""
     import torch
 
     with torch.no_grad():
         latents = pipe(prompts, output_type="latent", **settings).images
-    return decode(pipe, latents)
+    return decode(pipe, latents, remedy)
 
 
-def decode(pipe, latents) -> list:
-    """The VAE's images of `latents`, decoded in the VAE's own dtype (see `precision.vae_dtype`) with autocast off,
-    as the pipeline itself decodes them. A batch whose fp16 decode overflows (inf or NaN from finite latents) is
-    decoded again in fp32, and the VAE stays in fp32 from then on: that batch's images are exactly an fp32 decode's."""
+def decode(pipe, latents, remedy=None) -> list:
+    """The VAE's images of `latents`, decoded in the dtype of the VAE's decoder side (see `precision.vae_dtype`) with
+    autocast off, as the pipeline itself decodes them. Under fp16 the images whose pixels overflow (inf or NaN from
+    finite latents) are decoded again in fp32, one at a time, through the decoder side's exact fp32 weights
+    (`precision.fp32_decoder`), the others kept: an overflowing image's result is its own latents' fp32 decode alone,
+    whatever else is in its batch, and the VAE stays fp16. The one warning names `remedy` (default: `sdtune sample`'s)
+    as what avoids the double decode."""
     import torch
 
-    from .precision import keep_vae_in_fp32
+    from .precision import SAMPLING_VAE_REMEDY, decoder_dtype, fp32_decoder, warn_vae_overflow
 
     vae = pipe.vae
+    postprocess = pipe.image_processor.postprocess
 
-    def decoded(part):
-        return vae.decode(part.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    def decoded(part, dtype):
+        return vae.decode(part.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
 
     images = []
     with torch.no_grad(), torch.autocast(latents.device.type, enabled=False):
         for part in latents.split(DECODE_BATCH):  # a 512 px decode holds gigabytes of activations an image
-            pixels = decoded(part)
-            # one check a batch, as its pixels go to the host next anyway; latents that are not finite are the
-            # UNet's doing, which no fp32 decode mends
-            if vae.dtype == torch.float16 and not torch.isfinite(pixels).all() and torch.isfinite(part).all():
-                keep_vae_in_fp32(pipe)
-                pixels = decoded(part)
-            images += pipe.image_processor.postprocess(pixels, output_type="pil")
+            dtype = decoder_dtype(vae)
+            pixels = decoded(part, dtype)
+            # latents that are not finite are the UNet's doing, which no fp32 decode mends
+            overflowed = ~torch.isfinite(pixels).flatten(1).all(1) & torch.isfinite(part).flatten(1).all(1)
+            if dtype != torch.float16 or not overflowed.any():  # one check a batch: its pixels go to the host next
+                images += postprocess(pixels, output_type="pil")
+                continue
+            warn_vae_overflow(vae, remedy or SAMPLING_VAE_REMEDY)
+            with fp32_decoder(vae):
+                # one image a call: convolutions may round an image differently by its batch's size (they do on a
+                # CPU), and an overflowing image's fp32 decode is then the same whatever else overflowed with it
+                again = iter([postprocess(decoded(one, torch.float32), output_type="pil")[0]
+                              for one in part[overflowed].split(1)])
+            # postprocessed apart: the fine images' fp16 pixels go through its float maths in fp16, as in a batch
+            # that did not overflow, the others' in fp32, as in an fp32 decode
+            fine = iter(postprocess(pixels[~overflowed], output_type="pil") if not overflowed.all() else [])
+            images += [next(again) if bad else next(fine) for bad in overflowed.tolist()]
     return images

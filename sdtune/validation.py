@@ -136,13 +136,14 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
     """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet.
 
     The UNet being trained keeps its weights; with `dtype` fp16 or bf16 (see `sdtune sample --dtype`) it
-    and the text encoder run under autocast in that dtype, and the VAE decodes in its own dtype (a batch that overflows
-    in fp16 is decoded again in fp32, and the VAE stays in fp32: `sampling.decode`). Every
+    and the text encoder run under autocast in that dtype, and the VAE decodes in its own dtype (the images
+    that overflow in fp16 are decoded again in fp32, and the VAE stays fp16: `sampling.decode`). Every
     prompt and seed goes through the pipeline at once (a few calls for many prompts).
     """
     import torch
 
     from .models import text_encoders
+    from .precision import TRAINING_VAE_REMEDY
     from .sampling import IMAGES_PER_CALL, decode, make_grid, zero_snr_guidance_rescale
 
     pipe.set_progress_bar_config(disable=True)
@@ -165,7 +166,7 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None):
                     width=resolution,
                     output_type="latent",
                 ).images
-            images += decode(pipe, latents)
+            images += decode(pipe, latents, TRAINING_VAE_REMEDY)
     rows = [images[i * len(SAMPLE_SEEDS) : (i + 1) * len(SAMPLE_SEEDS)] for i in range(len(prompts))]
     return make_grid(rows, prompts)
 

@@ -256,7 +256,7 @@ def test_sampling_pipeline_dtypes(tiny_pipe):
 
     assert sampling_dtype(None, "cpu") == torch.float32 and sampling_dtype(None, "cuda") == torch.float16
     assert sampling_dtype("bf16", "cpu") == torch.bfloat16
-    # an SD v1 VAE decodes in fp16 as diffusers' pipeline does (a batch that overflows is decoded again in fp32)
+    # an SD v1 VAE decodes in fp16 as diffusers' pipeline does (the images that overflow are decoded again in fp32)
     assert vae_dtype(torch.float16, tiny_pipe) == torch.float16
     assert vae_dtype(torch.bfloat16, tiny_pipe) == torch.bfloat16
     vae_weights = [parameter.detach().clone() for parameter in tiny_pipe.vae.parameters()]
