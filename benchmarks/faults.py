@@ -25,6 +25,11 @@ left, and that any error is one line. The kinds of fault (`--faults`, comma-sepa
 - `commands`: `sdtune merge` or `sdtune sample` gets SIGKILL, SIGTERM or SIGINT at a random moment; run
   again (with `--overwrite` where the first one finished), it must leave a complete output and no
   temporary (SIGTERM and SIGINT: none already after the signal).
+- `lines`: `sdtune train --checkpoint-every K` gets SIGTERM or SIGINT as it runs a line of sdtune's or
+  Accelerate's code, drawn uniformly from the distinct lines an uninterrupted run with the same K executes once
+  it enters `sdtune.training` (set-up, loop, saves, validation, the end; found by a trace function), at a
+  uniformly drawn one of the times it runs that line. Moments too short for a timed signal to hit (a tracker
+  starting, a file being renamed) are drawn as often as any. Checked as `kill` is; each trial names its line.
 
     python benchmarks/faults.py --trials 20                  # kills of training runs
     python benchmarks/faults.py --faults all --trials 5      # five trials of each kind
@@ -52,7 +57,7 @@ TRAIN_ARGS = ["--model", "tiny-random", "--seed", "7", "--lr-scheduler", "cosine
 ADAPTERS = ("adapter.safetensors", "adapter-ema.safetensors")
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
 INTERRUPTED_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
-FAULTS = ("kill", "corrupt", "cache", "fill", "commands")
+FAULTS = ("kill", "corrupt", "cache", "fill", "commands", "lines")
 
 
 def train_command(output: Path, steps: int, *extra: str) -> list[str]:
@@ -525,6 +530,88 @@ def working_seconds(kind: str, reference: Path, output: Path) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# lines: a signal at a chosen line of sdtune's code
+
+# Runs `sdtune ARGS` tracing the lines of sdtune's and Accelerate's files that the main thread executes once it has
+# entered sdtune/training.py. With AT ("sdtune/file.py:line") and NTH > 0 it sends itself SIG`SIGNAL` as it runs
+# that line for the NTH time; with AT = "-" it writes, at exit, how often it ran each line to the JSON file WHERE.
+LINE_DRIVER = """
+import atexit, json, os, signal, sys
+at, nth, where, name, args = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
+import accelerate, sdtune
+roots = {os.path.dirname(module.__file__) + os.sep: module.__name__ + "/" for module in (sdtune, accelerate)}
+training = os.path.dirname(sdtune.__file__) + os.sep + "training.py"
+shown, counts, entered = {}, {}, [False]
+
+def line(frame, event, arg):
+    if event == "line":
+        key = shown[frame.f_code.co_filename] + ":" + str(frame.f_lineno)
+        counts[key] = counts.get(key, 0) + 1
+        if key == at and counts[key] == nth:
+            sys.settrace(None)
+            frame.f_trace = None
+            os.kill(os.getpid(), getattr(signal, "SIG" + name))
+            return None
+    return line
+
+def call(frame, event, arg):
+    filename = frame.f_code.co_filename
+    if filename not in shown:
+        root = next((root for root in roots if filename.startswith(root)), None)
+        shown[filename] = roots[root] + filename[len(root):] if root else None
+    if filename == training:
+        entered[0] = True
+    return line if entered[0] and shown[filename] else None
+
+if at == "-":
+    atexit.register(lambda: open(where, "w").write(json.dumps(counts)))
+sys.settrace(call)
+# as from a terminal: a job started in the background by a non-interactive shell inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.argv = ["sdtune", *args]
+from sdtune.cli import main
+main()
+"""
+
+
+def line_command(at: str, nth: int, where: Path, name: str, output: Path, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-c", LINE_DRIVER, at, str(nth), str(where), name, *train_command(output, steps, *extra)[3:]]
+
+
+def counted_lines(work: Path, steps: int, checkpoint_every: int, counts: dict) -> dict[str, int]:
+    """How often an uninterrupted run checkpointing every `checkpoint_every` steps runs each line of sdtune and
+    Accelerate from its entry into sdtune.training (kept in `counts`)."""
+    if checkpoint_every not in counts:
+        output, where = work / "line-count", work / "line-count.json"
+        shutil.rmtree(output, ignore_errors=True)
+        run(line_command("-", 0, where, "TERM", output, steps, "--checkpoint-every", str(checkpoint_every)))
+        counts[checkpoint_every] = json.loads(where.read_text())
+    return counts[checkpoint_every]
+
+
+def line_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, counts: dict) -> tuple[bool, str]:
+    checkpoint_every = rng.randint(1, 5)
+    name = rng.choice(["TERM", "INT"])
+    ran = counted_lines(work, steps, checkpoint_every, counts)
+    at = rng.choice(sorted(ran))  # every line alike, however often it runs
+    nth = rng.randint(1, ran[at])
+    output, log = work / f"line-{index:02d}", work / f"line-{index:02d}.log"
+    shutil.rmtree(output, ignore_errors=True)
+    with open(log, "w") as handle:
+        code = subprocess.run(line_command(at, nth, log.with_suffix(".json"), name, output, steps, "--checkpoint-every",
+                                           str(checkpoint_every)), stdout=handle, stderr=subprocess.STDOUT, env=ENV).returncode
+    found = problems_after_kill(output, checkpoint_every, steps)
+    if code != 0:  # 0: the signal came on a line after the last the run needed, or the line ran fewer times
+        found += interrupted_problems(name, code, log, output)
+    run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
+    found += same_as_reference(output, reference)
+    if leftovers(output):
+        found.append(f"left after the resume: {', '.join(leftovers(output))}")
+    detail = f"checkpoint every {checkpoint_every}, SIG{name} at {at} (run {nth} of {ran[at]} times)" + ("" if code else ", finished")
+    return not found, detail + ("" if not found else "; LOST: " + "; ".join(found))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -583,6 +670,12 @@ def main(argv: list[str] | None = None) -> str:
         print(f"commands: merge works {seconds['merge']:.1f} s, sample {seconds['sample']:.1f} s once they hold their lock; "
               "each trial signals one of them after a uniform delay of up to that", flush=True)
         trials += [("command", lambda i: command_trial(work, i, rng, reference, seconds))] * args.trials
+
+    if "lines" in faults:
+        print("lines: each trial gets SIGTERM or SIGINT at one of the distinct lines of sdtune and Accelerate that an "
+              "uninterrupted run with its checkpoint interval runs once in sdtune.training, drawn uniformly", flush=True)
+        line_counts: dict = {}
+        trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts))] * args.trials
 
     recovered, counts = 0, {}
     for label, run_trial in trials:
