@@ -25,11 +25,12 @@ left, and that any error is one line. The kinds of fault (`--faults`, comma-sepa
 - `commands`: `sdtune merge` or `sdtune sample` gets SIGKILL, SIGTERM or SIGINT at a random moment; run
   again (with `--overwrite` where the first one finished), it must leave a complete output and no
   temporary (SIGTERM and SIGINT: none already after the signal).
-- `lines`: `sdtune train --checkpoint-every K` gets SIGTERM or SIGINT as it runs a line of sdtune's or
-  Accelerate's code, drawn uniformly from the distinct lines an uninterrupted run with the same K executes once
-  it enters `sdtune.training` (set-up, loop, saves, validation, the end; found by a trace function), at a
-  uniformly drawn one of the times it runs that line. Moments too short for a timed signal to hit (a tracker
-  starting, a file being renamed) are drawn as often as any. Checked as `kill` is; each trial names its line.
+- `lines`: `sdtune train --checkpoint-every K`, `merge` or `sample` gets SIGTERM or SIGINT as it runs a line of
+  sdtune's or Accelerate's code, drawn uniformly from the distinct lines an uninterrupted run of the same command
+  executes once it enters the command's module (set-up, loop, saves, validation, the end; found by a trace
+  function), at a uniformly drawn one of the times it runs that line. Moments too short for a timed signal to hit
+  (a tracker starting, a file being renamed) are drawn as often as any. Checked as `kill` (train) and `commands`
+  (merge, sample) are; each trial names its line.
 
     python benchmarks/faults.py --trials 20                  # kills of training runs
     python benchmarks/faults.py --faults all --trials 5      # five trials of each kind
@@ -533,14 +534,14 @@ def working_seconds(kind: str, reference: Path, output: Path) -> float:
 # lines: a signal at a chosen line of sdtune's code
 
 # Runs `sdtune ARGS` tracing the lines of sdtune's and Accelerate's files that the main thread executes once it has
-# entered sdtune/training.py. With AT ("sdtune/file.py:line") and NTH > 0 it sends itself SIG`SIGNAL` as it runs
+# entered sdtune/ENTRY (the command's module: training.py, sampling.py, merging.py). With AT ("sdtune/file.py:line") and NTH > 0 it sends itself SIG`SIGNAL` as it runs
 # that line for the NTH time; with AT = "-" it writes, at exit, how often it ran each line to the JSON file WHERE.
 LINE_DRIVER = """
 import atexit, json, os, signal, sys
-at, nth, where, name, args = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
+entry, at, nth, where, name, args = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6:]
 import accelerate, sdtune
 roots = {os.path.dirname(module.__file__) + os.sep: module.__name__ + "/" for module in (sdtune, accelerate)}
-training = os.path.dirname(sdtune.__file__) + os.sep + "training.py"
+entry = os.path.dirname(sdtune.__file__) + os.sep + entry
 shown, counts, entered = {}, {}, [False]
 
 def line(frame, event, arg):
@@ -559,7 +560,7 @@ def call(frame, event, arg):
     if filename not in shown:
         root = next((root for root in roots if filename.startswith(root)), None)
         shown[filename] = roots[root] + filename[len(root):] if root else None
-    if filename == training:
+    if filename == entry:
         entered[0] = True
     return line if entered[0] and shown[filename] else None
 
@@ -574,40 +575,61 @@ main()
 """
 
 
-def line_command(at: str, nth: int, where: Path, name: str, output: Path, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-c", LINE_DRIVER, at, str(nth), str(where), name, *train_command(output, steps, *extra)[3:]]
+LINE_ENTRIES = {"train": "training.py", "merge": "merging.py", "sample": "sampling.py"}
 
 
-def counted_lines(work: Path, steps: int, checkpoint_every: int, counts: dict) -> dict[str, int]:
-    """How often an uninterrupted run checkpointing every `checkpoint_every` steps runs each line of sdtune and
-    Accelerate from its entry into sdtune.training (kept in `counts`)."""
-    if checkpoint_every not in counts:
-        output, where = work / "line-count", work / "line-count.json"
-        shutil.rmtree(output, ignore_errors=True)
-        run(line_command("-", 0, where, "TERM", output, steps, "--checkpoint-every", str(checkpoint_every)))
-        counts[checkpoint_every] = json.loads(where.read_text())
-    return counts[checkpoint_every]
+def line_command(kind: str, at: str, nth: int, where: Path, name: str, output: Path, reference: Path, steps: int,
+                 checkpoint_every: int) -> list[str]:
+    """`sdtune train` (checkpointing every `checkpoint_every` steps), `merge` or `sample` of `reference` under the driver."""
+    command = (train_command(output, steps, "--checkpoint-every", str(checkpoint_every)) if kind == "train"
+               else command_args(kind, reference, output))
+    return [sys.executable, "-c", LINE_DRIVER, LINE_ENTRIES[kind], at, str(nth), str(where), name, *command[3:]]
+
+
+def counted_lines(work: Path, kind: str, reference: Path, steps: int, checkpoint_every: int, counts: dict) -> dict[str, int]:
+    """How often an uninterrupted command runs each line of sdtune and Accelerate from its entry into its module
+    (kept in `counts`)."""
+    key = (kind, checkpoint_every if kind == "train" else None)
+    if key not in counts:
+        output, where = work / "line-count" / "out", work / "line-count.json"
+        shutil.rmtree(output.parent, ignore_errors=True)
+        output.parent.mkdir(parents=True)
+        run(line_command(kind, "-", 0, where, "TERM", output, reference, steps, checkpoint_every))
+        counts[key] = json.loads(where.read_text())
+    return counts[key]
 
 
 def line_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, counts: dict) -> tuple[bool, str]:
+    kind = rng.choice(list(LINE_ENTRIES))
     checkpoint_every = rng.randint(1, 5)
     name = rng.choice(["TERM", "INT"])
-    ran = counted_lines(work, steps, checkpoint_every, counts)
+    ran = counted_lines(work, kind, reference, steps, checkpoint_every, counts)
     at = rng.choice(sorted(ran))  # every line alike, however often it runs
     nth = rng.randint(1, ran[at])
-    output, log = work / f"line-{index:02d}", work / f"line-{index:02d}.log"
-    shutil.rmtree(output, ignore_errors=True)
+    folder, log = work / f"line-{index:02d}", work / f"line-{index:02d}.log"
+    output = folder / "out"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
     with open(log, "w") as handle:
-        code = subprocess.run(line_command(at, nth, log.with_suffix(".json"), name, output, steps, "--checkpoint-every",
-                                           str(checkpoint_every)), stdout=handle, stderr=subprocess.STDOUT, env=ENV).returncode
-    found = problems_after_kill(output, checkpoint_every, steps)
-    if code != 0:  # 0: the signal came on a line after the last the run needed, or the line ran fewer times
-        found += interrupted_problems(name, code, log, output)
-    run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
-    found += same_as_reference(output, reference)
-    if leftovers(output):
-        found.append(f"left after the resume: {', '.join(leftovers(output))}")
-    detail = f"checkpoint every {checkpoint_every}, SIG{name} at {at} (run {nth} of {ran[at]} times)" + ("" if code else ", finished")
+        command = line_command(kind, at, nth, log.with_suffix(".json"), name, output, reference, steps, checkpoint_every)
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=ENV).returncode
+    found = []
+    if code != 0:  # 0: the signal came on a line after the last the command needed, or the line ran fewer times
+        found += interrupted_problems(name, code, log, folder)
+    if kind == "train":
+        found += problems_after_kill(output, checkpoint_every, steps)
+        run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
+        found += same_as_reference(output, reference)
+    else:
+        again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
+        result = subprocess.run(again, capture_output=True, text=True, env=ENV)
+        if result.returncode != 0:
+            found.append(f"run again: exit code {result.returncode}: {messages(result.stderr)[-1:]}")
+        found += complete_output(kind, output)
+    if leftovers(folder):
+        found.append(f"left after {'the resume' if kind == 'train' else 'running again'}: {', '.join(leftovers(folder))}")
+    setting = f"train, checkpoint every {checkpoint_every}" if kind == "train" else kind
+    detail = f"{setting}, SIG{name} at {at} (run {nth} of {ran[at]} times)" + ("" if code else ", finished")
     return not found, detail + ("" if not found else "; LOST: " + "; ".join(found))
 
 
@@ -673,7 +695,8 @@ def main(argv: list[str] | None = None) -> str:
 
     if "lines" in faults:
         print("lines: each trial gets SIGTERM or SIGINT at one of the distinct lines of sdtune and Accelerate that an "
-              "uninterrupted run with its checkpoint interval runs once in sdtune.training, drawn uniformly", flush=True)
+              "uninterrupted train (with its checkpoint interval), merge or sample runs once in its module, drawn uniformly",
+              flush=True)
         line_counts: dict = {}
         trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts))] * args.trials
 
