@@ -54,7 +54,8 @@ import time
 from pathlib import Path
 
 # Settings whose state crosses steps, so an inexact resume would show in the bytes.
-TRAIN_ARGS = ["--model", "tiny-random", "--seed", "7", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--ema-decay", "0.9"]
+TRAIN_ARGS = ["--model", "tiny-random", "--seed", "7", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2", "--ema-decay", "0.9",
+              "--validate-every", "3"]
 ADAPTERS = ("adapter.safetensors", "adapter-ema.safetensors")
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
 INTERRUPTED_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
