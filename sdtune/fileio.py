@@ -506,35 +506,50 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
-            try:
-                held = not _try_flock(fd)
-            except OSError:  # no flock here (some network file systems): fall back to the pid
-                held = _holder_alive(_read_holder(fd))
-            if held:
-                holder = _read_holder(fd)
+        fd = None
+        try:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+                try:
+                    held = not _try_flock(fd)
+                except OSError:  # no flock here (some network file systems): fall back to the pid
+                    held = _holder_alive(_read_holder(fd))
+                if held:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    fd = None
+                    who = f"pid {holder[0]} on {holder[1]}" if holder else "another process"
+                    raise SdtuneError(
+                        f"{self.what} is in use by another sdtune run ({who}); "
+                        f"wait for it to finish or choose another --output"
+                    )
+                if self._is_ours(fd):  # else the holder removed the file between our open and lock: retry on the new one
+                    break
                 os.close(fd)
-                who = f"pid {holder[0]} on {holder[1]}" if holder else "another process"
-                raise SdtuneError(
-                    f"{self.what} is in use by another sdtune run ({who}); "
-                    f"wait for it to finish or choose another --output"
-                )
-            try:  # the holder may have removed the file between our open and lock: retry on the new one
-                same_file = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, f"{os.getpid()} {_hostname()}\n".encode())
-        os.fsync(fd)
-        self._fd = fd
-        # the file system's clock, as the temporaries' times are: theirs are older, or this holder's
-        self.acquired_at = os.fstat(fd).st_mtime
-        return self
+                fd = None
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()} {_hostname()}\n".encode())
+            os.fsync(fd)
+            # the file system's clock, as the temporaries' times are: theirs are older, or this holder's
+            self.acquired_at = os.fstat(fd).st_mtime
+            self._fd = fd
+            return self
+        except BaseException:  # an interrupt mid-way: leave no lock file behind, as `release` would not be called
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    # flock again: ours already, or free (the interrupt came before we took it), or another's
+                    if _try_flock(fd) and self._is_ours(fd):
+                        self.path.unlink()  # no one else can hold or remove it while our flock holds
+                os.close(fd)
+            raise
+
+    def _is_ours(self, fd: int) -> bool:
+        """Whether `fd` is the file at the lock's path (not one a holder removed after we opened it)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def sweep(self, owns: Callable[[str], bool], folder: str | os.PathLike | None = None) -> list[Path]:
         """Remove the temporaries of the names `owns` accepts that a killed command left in `folder`

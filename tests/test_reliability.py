@@ -632,11 +632,11 @@ class TestInterruptions:
         steps, reference, output = 6, tmp_path / "uninterrupted", tmp_path / "killed"
         settings = dict(
             model="tiny-random", seed=7, lr_scheduler="cosine", lr_warmup_steps=2, ema_decay=0.9, steps=steps,
-            checkpoint_every=2,
+            checkpoint_every=2, validate_every=3,
         )
         assert faults.TRAIN_ARGS == [
             "--model", "tiny-random", "--seed", "7", "--lr-scheduler", "cosine", "--lr-warmup-steps", "2",
-            "--ema-decay", "0.9",
+            "--ema-decay", "0.9", "--validate-every", "3",
         ]
         train(TrainConfig(output=str(reference), **settings), progress=False)
 
@@ -660,3 +660,31 @@ class TestInterruptions:
     def test_fault_benchmark_three_random_kills(self, tmp_path, tiny_path):
         summary = faults_benchmark().main(["--trials", "3", "--steps", "6", "--work", str(tmp_path)])
         assert summary == "3 trials, 3 recovered, 0 lost"
+
+
+@pytest.mark.parametrize("interrupted", ["_try_flock", "_is_ours", "fsync"])
+def test_an_interrupt_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch, interrupted):
+    """SIGTERM or SIGINT between the lock file's creation and the end of `acquire` (where no `release` follows)
+    removes the file the lock created, as `release` does."""
+    import sdtune.fileio
+    from sdtune.fileio import LOCK_FILE, OutputLock
+
+    target = os if interrupted == "fsync" else sdtune.fileio
+    if interrupted == "_is_ours":
+        target = OutputLock
+    original, calls = getattr(target, interrupted), []
+
+    def then_interrupted(*args):  # the signal comes once, right after the call
+        result = original(*args)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(target, interrupted, then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        OutputLock(tmp_path).acquire()
+    monkeypatch.undo()
+    assert not (tmp_path / LOCK_FILE).exists()
+    with OutputLock(tmp_path):  # and the next command takes the lock
+        assert (tmp_path / LOCK_FILE).exists()
