@@ -485,6 +485,14 @@ def complete_output(kind: str, output: Path) -> list[str]:
     return found
 
 
+def problems_run_again(kind: str, reference: Path, output: Path) -> list[str]:
+    """Run an interrupted `merge` or `sample` again (`--overwrite` where the first one finished): what is wrong then."""
+    again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
+    result = subprocess.run(again, capture_output=True, text=True, env=ENV)
+    found = [] if result.returncode == 0 else [f"run again: exit code {result.returncode}: {messages(result.stderr)[-1:]}"]
+    return found + complete_output(kind, output)
+
+
 def lock_of(kind: str, output: Path) -> Path:
     """The lock a command holds while it works (taken once its imports are done)."""
     return output.parent / f".{output.name}.sdtune.lock" if kind == "merge" else output / ".sdtune.lock"
@@ -509,11 +517,7 @@ def command_trial(work: Path, index: int, rng: random.Random, reference: Path, s
     found = []
     if killed and name != "KILL" and code != 0 and not (code == -SIGNALS[name] and not complete_output(kind, output)):
         found += interrupted_problems(name, code, log, folder)
-    again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
-    result = subprocess.run(again, capture_output=True, text=True, env=ENV)
-    if result.returncode != 0:
-        found.append(f"run again: exit code {result.returncode}: {messages(result.stderr)[-1:]}")
-    found += complete_output(kind, output)
+    found += problems_run_again(kind, reference, output)
     if leftovers(folder):
         found.append(f"left after running again: {', '.join(leftovers(folder))}")
     moment = f"SIG{name} {delay:.2f} s into its work" if killed else "finished before the signal"
@@ -622,11 +626,7 @@ def line_trial(work: Path, index: int, rng: random.Random, steps: int, reference
         run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
         found += same_as_reference(output, reference)
     else:
-        again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
-        result = subprocess.run(again, capture_output=True, text=True, env=ENV)
-        if result.returncode != 0:
-            found.append(f"run again: exit code {result.returncode}: {messages(result.stderr)[-1:]}")
-        found += complete_output(kind, output)
+        found += problems_run_again(kind, reference, output)
     if leftovers(folder):
         found.append(f"left after {'the resume' if kind == 'train' else 'running again'}: {', '.join(leftovers(folder))}")
     setting = f"train, checkpoint every {checkpoint_every}" if kind == "train" else kind
