@@ -688,3 +688,9 @@ def test_an_interrupt_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monk
     assert not (tmp_path / LOCK_FILE).exists()
     with OutputLock(tmp_path):  # and the next command takes the lock
         assert (tmp_path / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_fault_benchmark_signals_at_random_lines(tmp_path, tiny_path):
+    summary = faults_benchmark().main(["--faults", "lines", "--trials", "3", "--steps", "4", "--work", str(tmp_path)])
+    assert summary == "3 trials, 3 recovered, 0 lost"
