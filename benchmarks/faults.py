@@ -25,12 +25,12 @@ left, and that any error is one line. The kinds of fault (`--faults`, comma-sepa
 - `commands`: `sdtune merge` or `sdtune sample` gets SIGKILL, SIGTERM or SIGINT at a random moment; run
   again (with `--overwrite` where the first one finished), it must leave a complete output and no
   temporary (SIGTERM and SIGINT: none already after the signal).
-- `lines`: `sdtune train --checkpoint-every K`, `merge` or `sample` gets SIGTERM or SIGINT as it runs a line of
+- `lines`: `sdtune train --checkpoint-every K`, `merge`, `sample` or `export --format kohya` gets SIGTERM or SIGINT as it runs a line of
   sdtune's or Accelerate's code, drawn uniformly from the distinct lines an uninterrupted run of the same command
   executes once it enters the command's module (set-up, loop, saves, validation, the end; found by a trace
   function), at a uniformly drawn one of the times it runs that line. Moments too short for a timed signal to hit
   (a tracker starting, a file being renamed) are drawn as often as any. Checked as `kill` (train) and `commands`
-  (merge, sample) are; each trial names its line.
+  (the others: run again, a complete output) are; each trial names its line.
 
     python benchmarks/faults.py --trials 20                  # kills of training runs
     python benchmarks/faults.py --faults all --trials 5      # five trials of each kind
@@ -458,6 +458,8 @@ def fill_trial(work: Path, index: int, rng: random.Random, steps: int, reference
 def command_args(kind: str, reference: Path, output: Path) -> list[str]:
     if kind == "merge":
         return [sys.executable, "-m", "sdtune", "merge", str(reference), "--output", str(output)]
+    if kind == "export":
+        return [sys.executable, "-m", "sdtune", "export", str(reference), "--format", "kohya", "--output", str(output)]
     return [sys.executable, "-m", "sdtune", "sample", "--adapter", str(reference), "--prompt", "a <castle>",
             "--prompt", "a <castle> in the snow", "--num-images", "8", "--steps", "4", "--output", str(output)]
 
@@ -472,6 +474,14 @@ def complete_output(kind: str, output: Path) -> list[str]:
             return ["no sdtune_merge.json"]
         problem = cached_model_problem(output)
         return [problem] if problem else []
+    if kind == "export":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(output), framework="pt") as handle:
+                return [] if [handle.get_tensor(key) for key in handle.keys()] else ["an empty kohya file"]
+        except Exception as error:  # any unreadable file is a loss
+            return [f"{output.name}: {str(error)[:160]}"]
     found = []
     images = sorted((output / "images").glob("*.png"))
     if len(images) != 16:
@@ -486,7 +496,7 @@ def complete_output(kind: str, output: Path) -> list[str]:
 
 
 def problems_run_again(kind: str, reference: Path, output: Path) -> list[str]:
-    """Run an interrupted `merge` or `sample` again (`--overwrite` where the first one finished): what is wrong then."""
+    """Run an interrupted `merge`, `sample` or `export` again (`--overwrite` where the first one finished): what is wrong then."""
     again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
     result = subprocess.run(again, capture_output=True, text=True, env=ENV)
     found = [] if result.returncode == 0 else [f"run again: exit code {result.returncode}: {messages(result.stderr)[-1:]}"]
@@ -580,7 +590,7 @@ main()
 """
 
 
-LINE_ENTRIES = {"train": "training.py", "merge": "merging.py", "sample": "sampling.py"}
+LINE_ENTRIES = {"train": "training.py", "merge": "merging.py", "sample": "sampling.py", "export": "export.py"}
 
 
 def line_command(kind: str, at: str, nth: int, where: Path, name: str, output: Path, reference: Path, steps: int,
@@ -591,12 +601,16 @@ def line_command(kind: str, at: str, nth: int, where: Path, name: str, output: P
     return [sys.executable, "-c", LINE_DRIVER, LINE_ENTRIES[kind], at, str(nth), str(where), name, *command[3:]]
 
 
+def command_output(folder: Path, kind: str) -> Path:
+    return folder / ("out.safetensors" if kind == "export" else "out")
+
+
 def counted_lines(work: Path, kind: str, reference: Path, steps: int, checkpoint_every: int, counts: dict) -> dict[str, int]:
     """How often an uninterrupted command runs each line of sdtune and Accelerate from its entry into its module
     (kept in `counts`)."""
     key = (kind, checkpoint_every if kind == "train" else None)
     if key not in counts:
-        output, where = work / "line-count" / "out", work / "line-count.json"
+        output, where = command_output(work / "line-count", kind), work / "line-count.json"
         shutil.rmtree(output.parent, ignore_errors=True)
         output.parent.mkdir(parents=True)
         run(line_command(kind, "-", 0, where, "TERM", output, reference, steps, checkpoint_every))
@@ -612,7 +626,7 @@ def line_trial(work: Path, index: int, rng: random.Random, steps: int, reference
     at = rng.choice(sorted(ran))  # every line alike, however often it runs
     nth = rng.randint(1, ran[at])
     folder, log = work / f"line-{index:02d}", work / f"line-{index:02d}.log"
-    output = folder / "out"
+    output = command_output(folder, kind)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     with open(log, "w") as handle:
@@ -696,7 +710,7 @@ def main(argv: list[str] | None = None) -> str:
 
     if "lines" in faults:
         print("lines: each trial gets SIGTERM or SIGINT at one of the distinct lines of sdtune and Accelerate that an "
-              "uninterrupted train (with its checkpoint interval), merge or sample runs once in its module, drawn uniformly",
+              "uninterrupted train (with its checkpoint interval), merge, sample or export runs once in its module, drawn uniformly",
               flush=True)
         line_counts: dict = {}
         trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts))] * args.trials
