@@ -70,6 +70,11 @@ app = typer.Typer(
 DTYPE_HELP = "fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU); under fp16 an SD v1/v2 VAE decodes in fp16 (a batch that overflows is decoded again, and from then on, in fp32), SDXL's in fp32."
 
 
+def counted(count: int, noun: str) -> str:
+    """`1 image`, `2 images`: the count and its noun, singular for one."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
@@ -401,7 +406,7 @@ def sample(
     result = run_sampling(sample_config)
     if is_main_process():
         typer.echo(
-            f"wrote {len(result.images)} images and {result.grid} "
+            f"wrote {counted(len(result.images), 'image')} and {result.grid} "
             f"({result.dtype}; start-up {result.startup_seconds:.1f} s, {result.seconds_per_image:.2f} s an image)"
         )
 
@@ -423,7 +428,7 @@ def explain(
 
     # validated by explain, once the adapter is found
     result = run_explain(ExplainConfig(**_config_values(ExplainConfig, locals())))
-    typer.echo(f"wrote {len(result.files)} pictures to {result.output}")
+    typer.echo(f"wrote {counted(len(result.files), 'picture')} to {result.output}")
 
 
 @app.command("export")
@@ -576,7 +581,7 @@ def compare(
         grid=grid,
     )
     typer.echo(result.table)
-    typer.echo(f"wrote {len(result.files)} files to {result.output}")
+    typer.echo(f"wrote {counted(len(result.files), 'file')} to {result.output}")
 
 
 @app.command()

@@ -118,6 +118,7 @@ def test_sample_base_model_without_adapter(tmp_path, private_cache):
     result = invoke("sample", "--model", "tiny-random", "--prompt", "a <castle>", "--num-images", 1, "--steps", 1, "--output", tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").exists()
+    assert f"wrote 1 image and {tmp_path / 'grid.png'} (fp32; " in result.stdout
 
 
 def pixels_of(path) -> bytes:
