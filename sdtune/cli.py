@@ -42,6 +42,7 @@ from .config import (
     TrainConfig,
 )
 from .errors import SdtuneError, SweepFailed, error_line
+from .fileio import counted
 
 class OneLineErrorsGroup(TyperGroup):
     """The command group whose usage errors (`--steps ten`, an unknown flag, a missing option) are one
@@ -68,11 +69,6 @@ app = typer.Typer(
 )
 
 DTYPE_HELP = "fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU); under fp16 an SD v1/v2 VAE decodes in fp16 (a batch that overflows is decoded again, and from then on, in fp32), SDXL's in fp32."
-
-
-def counted(count: int, noun: str) -> str:
-    """`1 image`, `2 images`: the count and its noun, singular for one."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

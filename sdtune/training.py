@@ -38,7 +38,7 @@ from typing import Any, Iterator, NoReturn
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
-from .fileio import OutputLock, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
+from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .optimizers import check_optimizer_ready, make_optimizer
 from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, check_trackers_ready, log_scalars
@@ -122,7 +122,7 @@ class RunPlan:
             images = len(inputs.image_paths)
             held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
             named = ", ".join(config.concepts)
-            lines.append(f"{images:,} training images of {named}{held}; prompts like {inputs.prompts[0]!r}")
+            lines.append(f"{counted(images, 'training image')} of {named}{held}; prompts like {inputs.prompts[0]!r}")
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
@@ -133,9 +133,9 @@ class RunPlan:
         accumulated = config.gradient_accumulation_steps
         seen = config.steps * config.batch_size * accumulated
         lines.append(
-            f"{config.steps:,} steps at batch size {config.batch_size}"
+            f"{counted(config.steps, 'step')} at batch size {config.batch_size}"
             + (f", {accumulated} micro-batches a step" if accumulated > 1 else "")
-            + f": {seen:,} images drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
+            + f": {counted(seen, 'image')} drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
             f"{config.optimizer}, mixed precision {config.mixed_precision}"
         )
         held = "training images" + (", their masks" if config.masked_loss else "")

@@ -98,6 +98,16 @@ def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_
     assert sorted(p.name for p in trained_run.iterdir()) == before
     assert invoke("train", "--model", "tiny-random", "--dry-run", "--steps", 0).exit_code == 2
 
+    one = tmp_path / "one-photo"
+    one.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(one / "castle.png")
+    single = invoke("train", "--model", "tiny-random", "--dry-run", "--images", one, "--steps", 1, "--output", tmp_path / "single")
+    assert single.exit_code == 0, single.output
+    assert single.output.splitlines()[1:3] == [
+        "1 training image of castle; prompts like 'photo of a sks castle.'",
+        "1 step at batch size 1: 1 image drawn, 1.0 epochs; lr 0.001 (constant), adamw, mixed precision no",
+    ]
+
 
 def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
