@@ -446,3 +446,14 @@ def test_an_adapter_is_refused_by_name_on_a_unet_carrying_an_unmerged_method(tin
             load()
     carried.merge()
     load_adapter(path, tiny_pipe)
+
+
+def test_describe_shows_options_only_where_there_are_some(tiny_pipe):
+    """BitFit's default (no targets: every bias) and full have nothing to show: no empty `targets=` or `()`."""
+    assert methods.create("bitfit").describe() == "bitfit"
+    assert methods.create("full").describe() == "full"
+    assert methods.create("bitfit", targets="attn1").describe() == "bitfit (targets=attn1)"
+    assert methods.create("lora").describe() == "lora (rank=4, alpha=4.0, targets=all)"
+    injected = methods.create("bitfit")
+    injected.inject(tiny_pipe.unet)
+    assert injected.describe() == f"bitfit, {injected.num_parameters():,} trainable parameters in {len(injected.target_names)} layers"

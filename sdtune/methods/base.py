@@ -307,7 +307,7 @@ class Method(ABC):
         """A one-line human description: method, options and size."""
         opts = ", ".join(f"{k}={v}" for k, v in self.shown_options().items())
         size = f", {self.num_parameters():,} trainable parameters in {len(self.target_names)} layers" if self._unet else ""
-        return f"{self.name} ({opts}){size}"
+        return f"{self.name} ({opts}){size}" if opts else f"{self.name}{size}"
 
     # -- what `sdtune explain` reads (methods with an `explanation`) ---------------------------
     def output_clusters(self, layer: str) -> torch.Tensor:
