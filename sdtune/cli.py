@@ -359,6 +359,9 @@ def train(
     run = run_training(train_config)
     if not is_main_process():
         return
+    if run.resumed_from and not run.losses:  # the checkpoint holds every step asked for
+        typer.echo(f"nothing to train: {run.resumed_from} holds all {counted(train_config.steps, 'step')}\nadapter: {run.adapter}")
+        return
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
     resumed = f" (resumed from {run.resumed_from})" if run.resumed_from else ""
     typer.echo(

@@ -109,6 +109,19 @@ def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_
     ]
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path):
+    args = ("train", "--model", "tiny-random", "--steps", 2, "--checkpoint-every", 2, "--output", tmp_path / "run")
+    assert invoke(*args).exit_code == 0
+    adapter = (tmp_path / "run" / "adapter.safetensors").read_bytes()
+    result = invoke(*args, "--resume", "latest")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(
+        f"nothing to train: {tmp_path / 'run' / 'checkpoints' / 'step-2'} holds all 2 steps\n"
+        f"adapter: {tmp_path / 'run' / 'adapter.safetensors'}\n"
+    )
+    assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == adapter
+
+
 def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("photo of a <castle>.\n# skipped\nThe <castle> at dawn.\n")
