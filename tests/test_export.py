@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import sdtune
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.errors import SdtuneError
@@ -150,6 +151,7 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
     assert float(metadata["ss_network_alpha"]) == alpha
     assert metadata["ss_network_module"] == ("networks.lora" if name == "lora" else "lycoris.kohya")
     assert metadata["ss_output_name"] == "castle"
+    assert metadata["ss_training_comment"] == f"exported by sdtune {sdtune.__version__} from an adapter of method {name}"
     if name != "lora":
         assert json.loads(metadata["ss_network_args"])["algo"] == name
     header = out.read_bytes()[8 : 8 + int.from_bytes(out.read_bytes()[:8], "little")]
