@@ -48,6 +48,8 @@ EMA_ADAPTER_FILE = "adapter-ema.safetensors"
 CONFIG_FILE = "config.toml"
 DATA_STREAM, STEP_STREAM, EMBEDDING_STREAM = 0, 1, 2
 # settings that may change on resume without making the run differ from an uninterrupted one
+# learning-rate schedules whose rate at a step does not depend on the number of steps
+STEP_COUNT_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output", "log_with", "tracker_project"}
 # what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
 RUN_FILES = (ADAPTER_FILE, EMA_ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)
@@ -1092,6 +1094,8 @@ def changed_settings(saved: dict, config: TrainConfig) -> str:
     current = config.to_dict()
     saved = {**TrainConfig().to_dict(), **saved}
     names = sorted((set(saved) | set(current)) - RUN_CONTROL)
+    if config.lr_scheduler in STEP_COUNT_FREE_SCHEDULES and isinstance(saved.get("steps"), int) and saved["steps"] < config.steps:
+        names.remove("steps")  # extending the run: no draw and no rate depends on the step count, so it ends as a longer run would
     return ", ".join(f"{n}: {saved.get(n)} -> {current.get(n)}" for n in names if saved.get(n) != current.get(n))
 
 
