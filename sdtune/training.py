@@ -108,6 +108,7 @@ class RunPlan:
     resume: str | None
     overwrite: bool
     start: str  # where the run would start: a new folder, a checkpoint, or over an earlier run (or "not read")
+    buckets: list = field(default_factory=list)  # with --buckets: each concept image's (width, height)
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -125,6 +126,12 @@ class RunPlan:
             held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
             named = ", ".join(config.concepts)
             lines.append(f"{counted(images, 'training image')} of {named}{held}; prompts like {inputs.prompts[0]!r}")
+            if self.buckets:
+                from collections import Counter
+
+                held = Counter(self.buckets)
+                lines.append(f"{counted(len(held), 'aspect-ratio bucket')} (width x height): " + ", ".join(
+                    f"{width}x{height} ({counted(count, 'image')})" for (width, height), count in sorted(held.items())))
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
@@ -173,10 +180,12 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         from .token_embeddings import check_tokenizers, load_tokenizers
 
         check_tokenizers(config, load_tokenizers(config.model))
+    buckets = []
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
-        check_buckets(image_buckets(config, inputs.image_paths), config.batch_size, [p.name for p in inputs.image_paths])
+        buckets = image_buckets(config, inputs.image_paths)
+        check_buckets(buckets, config.batch_size, [p.name for p in inputs.image_paths])
     checkpoint, earlier = run_start(Path(config.output), resume, overwrite, config) if output_state else (None, [])
     if not output_state:
         start = "not read"
@@ -186,7 +195,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = f"replaces an earlier run: {', '.join(earlier)}"
     else:
         start = "a new run"
-    return RunPlan(config, method, inputs, sizes, resume, overwrite, start)
+    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets)
 
 
 def run_start(output: Path, resume: str | None, overwrite: bool, config: TrainConfig):
