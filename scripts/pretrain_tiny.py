@@ -349,11 +349,12 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from sdtune.models import build_tiny_pipeline, quiet_libraries
 
-    quiet_libraries()
+    quiet_libraries()  # before diffusers' pipelines pull in transformers' image processors and their notices
+    from diffusers import StableDiffusionPipeline
+
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but CUDA is not available")
     if args.device == "cuda":

@@ -200,6 +200,7 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     from . import methods
     from .methods.base import (
         ModelParts,
+        check_no_unmerged_method,
         check_state_names,
         check_state_shapes,
         fingerprint_of,
@@ -211,6 +212,7 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     )
 
     path = adapter_path(path)
+    check_no_unmerged_method(pipeline.unet, f"loading {path}")
     if is_kohya_file(path):
         return read_kohya_updates(path, pipeline, rename)
     from .token_embeddings import add_tokens, split_state

@@ -42,6 +42,7 @@ from .config import (
     TrainConfig,
 )
 from .errors import SdtuneError, SweepFailed, error_line
+from .fileio import counted
 
 class OneLineErrorsGroup(TyperGroup):
     """The command group whose usage errors (`--steps ten`, an unknown flag, a missing option) are one
@@ -358,6 +359,9 @@ def train(
     run = run_training(train_config)
     if not is_main_process():
         return
+    if run.resumed_from and not run.losses:  # the checkpoint holds every step asked for
+        typer.echo(f"nothing to train: {run.resumed_from} holds all {counted(train_config.steps, 'step')}\nadapter: {run.adapter}")
+        return
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
     resumed = f" (resumed from {run.resumed_from})" if run.resumed_from else ""
     typer.echo(
@@ -401,7 +405,7 @@ def sample(
     result = run_sampling(sample_config)
     if is_main_process():
         typer.echo(
-            f"wrote {len(result.images)} images and {result.grid} "
+            f"wrote {counted(len(result.images), 'image')} and {result.grid} "
             f"({result.dtype}; start-up {result.startup_seconds:.1f} s, {result.seconds_per_image:.2f} s an image)"
         )
 
@@ -423,7 +427,7 @@ def explain(
 
     # validated by explain, once the adapter is found
     result = run_explain(ExplainConfig(**_config_values(ExplainConfig, locals())))
-    typer.echo(f"wrote {len(result.files)} pictures to {result.output}")
+    typer.echo(f"wrote {counted(len(result.files), 'picture')} to {result.output}")
 
 
 @app.command("export")
@@ -576,7 +580,7 @@ def compare(
         grid=grid,
     )
     typer.echo(result.table)
-    typer.echo(f"wrote {len(result.files)} files to {result.output}")
+    typer.echo(f"wrote {counted(len(result.files), 'file')} to {result.output}")
 
 
 @app.command()

@@ -281,6 +281,9 @@ def tensors_by_model(tensors: dict, encoders: tuple[str, ...] | list[str]) -> di
 def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...] = ()) -> int:
     """`unet.<module>.lora_A/B.weight` (and `text_encoder.<module>...` for a trained text encoder) through
     diffusers' own writer, as the method gives them."""
+    from .models import quiet_libraries
+
+    quiet_libraries()  # the pipelines' import pulls in transformers' image processors, which announce missing backends
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     arguments = {}

@@ -275,7 +275,7 @@ def _kohya_metadata(config: ExtractConfig, info, layout, layers: list[LayerExtra
         "ss_network_dim": dim,
         "ss_network_alpha": dim if config.dynamic else str(float(config.rank)),
         "ss_network_args": json.dumps(network_args),
-        "ss_training_comment": f"extracted by sdtune {__version__} from a {info.method} adapter at {how}; "
+        "ss_training_comment": f"extracted by sdtune {__version__} from an adapter of method {info.method} at {how}; "
                                f"relative error {relative_error:.4g}",
         "sdtune_extraction": json.dumps({
             "rank": config.rank, "conv_rank": config.layer_conv_rank, "dynamic": config.dynamic,

@@ -255,6 +255,11 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
                 leftover.unlink()
 
 
+def counted(count: int, noun: str) -> str:
+    """`1 image`, `2 images`, `1,000 steps`: the count and its noun, singular for one."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def human_bytes(n: float) -> str:
     """A size as people read it: 512 B, 3.2 MB, 1.4 TB (units of 1024)."""
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):

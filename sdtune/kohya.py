@@ -323,7 +323,7 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         "ss_base_model_version": "sd_v1",  # `extra` holds the layout's (kohya_layout)
         "ss_output_name": output.stem,
         "ss_sd_model_name": info.base_model,
-        "ss_training_comment": f"exported by sdtune {__version__} from a {info.method} adapter",
+        "ss_training_comment": f"exported by sdtune {__version__} from an adapter of method {info.method}",
         **extra,
         "sdtune_format": KOHYA_FORMAT,
         "sdtune_method": info.method,

@@ -395,12 +395,15 @@ class SweepResult:
 
 def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
     """One line a run: index, name, state, and what it trains."""
+    from .methods import method_class
+
     width = max((len(run.name) for run in runs), default=0)
     lines = []
     for run in runs:
         train = run.train
         options = ", ".join(f"{k}={v}" for k, v in train.options.items())
-        lr = f"lr {train.lr:g}" if train.lr else "lr default"
+        # the rate it will train at: the method's (or the optimiser's) default where the plan sets none
+        lr = f"lr {train.lr:g}" if train.lr else f"lr {train.resolved(method_class(train.method).default_lr).lr:g} (default)"
         what = train.dataset or train.concept
         lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {run.state():<8}  {train.method}"
                      f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps")

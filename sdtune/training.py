@@ -38,7 +38,7 @@ from typing import Any, Iterator, NoReturn
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed
-from .fileio import OutputLock, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
+from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .optimizers import check_optimizer_ready, make_optimizer
 from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, check_trackers_ready, log_scalars
@@ -48,6 +48,8 @@ EMA_ADAPTER_FILE = "adapter-ema.safetensors"
 CONFIG_FILE = "config.toml"
 DATA_STREAM, STEP_STREAM, EMBEDDING_STREAM = 0, 1, 2
 # settings that may change on resume without making the run differ from an uninterrupted one
+# learning-rate schedules whose rate at a step does not depend on the number of steps
+STEP_COUNT_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output", "log_with", "tracker_project"}
 # what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
 RUN_FILES = (ADAPTER_FILE, EMA_ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)
@@ -106,6 +108,7 @@ class RunPlan:
     resume: str | None
     overwrite: bool
     start: str  # where the run would start: a new folder, a checkpoint, or over an earlier run (or "not read")
+    buckets: list = field(default_factory=list)  # with --buckets: each concept image's (width, height)
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -122,7 +125,13 @@ class RunPlan:
             images = len(inputs.image_paths)
             held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
             named = ", ".join(config.concepts)
-            lines.append(f"{images:,} training images of {named}{held}; prompts like {inputs.prompts[0]!r}")
+            lines.append(f"{counted(images, 'training image')} of {named}{held}; prompts like {inputs.prompts[0]!r}")
+            if self.buckets:
+                from collections import Counter
+
+                held = Counter(self.buckets)
+                lines.append(f"{counted(len(held), 'aspect-ratio bucket')} (width x height): " + ", ".join(
+                    f"{width}x{height} ({counted(count, 'image')})" for (width, height), count in sorted(held.items())))
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
@@ -133,9 +142,9 @@ class RunPlan:
         accumulated = config.gradient_accumulation_steps
         seen = config.steps * config.batch_size * accumulated
         lines.append(
-            f"{config.steps:,} steps at batch size {config.batch_size}"
+            f"{counted(config.steps, 'step')} at batch size {config.batch_size}"
             + (f", {accumulated} micro-batches a step" if accumulated > 1 else "")
-            + f": {seen:,} images drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
+            + f": {counted(seen, 'image')} drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
             f"{config.optimizer}, mixed precision {config.mixed_precision}"
         )
         held = "training images" + (", their masks" if config.masked_loss else "")
@@ -171,10 +180,12 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         from .token_embeddings import check_tokenizers, load_tokenizers
 
         check_tokenizers(config, load_tokenizers(config.model))
+    buckets = []
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
-        check_buckets(image_buckets(config, inputs.image_paths), config.batch_size, [p.name for p in inputs.image_paths])
+        buckets = image_buckets(config, inputs.image_paths)
+        check_buckets(buckets, config.batch_size, [p.name for p in inputs.image_paths])
     checkpoint, earlier = run_start(Path(config.output), resume, overwrite, config) if output_state else (None, [])
     if not output_state:
         start = "not read"
@@ -184,7 +195,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = f"replaces an earlier run: {', '.join(earlier)}"
     else:
         start = "a new run"
-    return RunPlan(config, method, inputs, sizes, resume, overwrite, start)
+    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets)
 
 
 def run_start(output: Path, resume: str | None, overwrite: bool, config: TrainConfig):
@@ -1092,6 +1103,8 @@ def changed_settings(saved: dict, config: TrainConfig) -> str:
     current = config.to_dict()
     saved = {**TrainConfig().to_dict(), **saved}
     names = sorted((set(saved) | set(current)) - RUN_CONTROL)
+    if config.lr_scheduler in STEP_COUNT_FREE_SCHEDULES and isinstance(saved.get("steps"), int) and saved["steps"] < config.steps:
+        names.remove("steps")  # extending the run: no draw and no rate depends on the step count, so it ends as a longer run would
     return ", ".join(f"{n}: {saved.get(n)} -> {current.get(n)}" for n in names if saved.get(n) != current.get(n))
 
 

@@ -12,7 +12,7 @@ import contextlib
 import warnings
 from pathlib import Path
 
-from .fileio import atomic_write
+from .fileio import atomic_write, counted
 
 DEFAULT_PROMPTS = ("photo of a <{concept}>.", "a <{concept}> in the snow", "an oil painting of a <{concept}>")
 SAMPLE_SEEDS = (0, 1)
@@ -44,7 +44,7 @@ def hold_out(paths: list[Path], count: int, seed: int) -> tuple[list[Path], list
     if len(paths) - count < MIN_TRAINING_IMAGES:
         leaves = (
             f"would leave {len(paths) - count} of {len(paths)} images to train on" if count < len(paths)
-            else f"is not fewer than the {len(paths)} images"
+            else f"is not fewer than the {counted(len(paths), 'image')}"
         )
         warnings.warn(
             f"--validation-images {count} {leaves} (at least {MIN_TRAINING_IMAGES} must stay); "

@@ -98,6 +98,29 @@ def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_
     assert sorted(p.name for p in trained_run.iterdir()) == before
     assert invoke("train", "--model", "tiny-random", "--dry-run", "--steps", 0).exit_code == 2
 
+    one = tmp_path / "one-photo"
+    one.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(one / "castle.png")
+    single = invoke("train", "--model", "tiny-random", "--dry-run", "--images", one, "--steps", 1, "--output", tmp_path / "single")
+    assert single.exit_code == 0, single.output
+    assert single.output.splitlines()[1:3] == [
+        "1 training image of castle; prompts like 'photo of a sks castle.'",
+        "1 step at batch size 1: 1 image drawn, 1.0 epochs; lr 0.001 (constant), adamw, mixed precision no",
+    ]
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path):
+    args = ("train", "--model", "tiny-random", "--steps", 2, "--checkpoint-every", 2, "--output", tmp_path / "run")
+    assert invoke(*args).exit_code == 0
+    adapter = (tmp_path / "run" / "adapter.safetensors").read_bytes()
+    result = invoke(*args, "--resume", "latest")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.endswith(
+        f"nothing to train: {tmp_path / 'run' / 'checkpoints' / 'step-2'} holds all 2 steps\n"
+        f"adapter: {tmp_path / 'run' / 'adapter.safetensors'}\n"
+    )
+    assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == adapter
+
 
 def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
@@ -118,6 +141,7 @@ def test_sample_base_model_without_adapter(tmp_path, private_cache):
     result = invoke("sample", "--model", "tiny-random", "--prompt", "a <castle>", "--num-images", 1, "--steps", 1, "--output", tmp_path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").exists()
+    assert f"wrote 1 image and {tmp_path / 'grid.png'} (fp32; " in result.stdout
 
 
 def pixels_of(path) -> bytes:

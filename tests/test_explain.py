@@ -166,6 +166,11 @@ def test_explain_cli(tmp_path):
     result = runner.invoke(app, ["explain", str(run), "--output", str(tmp_path / "pictures")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "pictures" / "atoms.png").is_file() and (tmp_path / "pictures" / "update-norms.png").is_file()
+    assert result.stdout == f"wrote 2 pictures to {tmp_path / 'pictures'}\n"
+    lora, _ = make_run(tmp_path / "lora", "lora", {}, scale=0.01)  # its update norms alone
+    result = runner.invoke(app, ["explain", str(lora), "--output", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote 1 picture to {tmp_path / 'one'}\n"
     bad = runner.invoke(app, ["explain", str(run), "--layer", "nowhere"])
     assert bad.exit_code == 2 and bad.output.startswith("error: unknown layer 'nowhere'")
 

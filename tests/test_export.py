@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import sdtune
 from sdtune import methods
 from sdtune.adapter import load_adapter, save_adapter
 from sdtune.errors import SdtuneError
@@ -150,6 +151,7 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
     assert float(metadata["ss_network_alpha"]) == alpha
     assert metadata["ss_network_module"] == ("networks.lora" if name == "lora" else "lycoris.kohya")
     assert metadata["ss_output_name"] == "castle"
+    assert metadata["ss_training_comment"] == f"exported by sdtune {sdtune.__version__} from an adapter of method {name}"
     if name != "lora":
         assert json.loads(metadata["ss_network_args"])["algo"] == name
     header = out.read_bytes()[8 : 8 + int.from_bytes(out.read_bytes()[:8], "little")]
@@ -295,6 +297,19 @@ def test_kohya_exports_warn_where_lycoris_reads_them_wrongly(name, options, warn
 
 # ---------------------------------------------------------------------------------------------
 # diffusers and peft
+
+
+def test_diffusers_export_prints_its_line_alone(tmp_path):
+    """diffusers' pipeline classes, imported to write the file, pull in transformers' image processors, whose
+    load-time notices (torchvision missing) are library chatter: stderr stays empty, as every command's does."""
+    import os
+
+    make_adapter("lora", {}, tmp_path / "a.safetensors")
+    out = tmp_path / "pytorch_lora_weights.safetensors"
+    command = [sys.executable, "-m", "sdtune", "export", str(tmp_path / "a.safetensors"), "--format", "diffusers", "--output", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"wrote {out} (diffusers, ") and result.stderr == ""
 
 
 def test_diffusers_lora_loads_with_load_lora_weights(tmp_path, inputs):

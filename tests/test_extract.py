@@ -17,6 +17,7 @@ from helpers import KOHYA_ATTN, KOHYA_CONV, KOHYA_TE, kohya_tucker_conv, run_une
 from test_cli import assert_one_line_error, invoke
 from test_export import make_adapter
 
+import sdtune
 from sdtune import methods
 from sdtune.adapter import load_adapter, open_adapter, save_adapter
 from sdtune.config import ExtractConfig
@@ -89,6 +90,7 @@ def test_full_rank_lora_gives_the_adapters_outputs(name, options, tmp_path, inpu
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == str(FULL)
     assert float(metadata["ss_network_alpha"]) == FULL and metadata["ss_base_model_version"] == "sd_v1"
     assert metadata["ss_sd_model_name"] == "tiny-random" and metadata["sdtune_token"] == "sks castle"
+    assert metadata["ss_training_comment"].startswith(f"extracted by sdtune {sdtune.__version__} from an adapter of method {name} at rank")
 
 
 def test_lower_rank_error_is_the_discarded_singular_values(tmp_path):

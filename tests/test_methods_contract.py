@@ -421,3 +421,39 @@ def test_a_unet_carries_one_unmerged_method_at_a_time(first, second, tiny_pipe):
         methods.create(second).inject(tiny_pipe.unet)
     carried.merge()  # plain again: the next method goes on top of the merged weights
     methods.create(second).inject(tiny_pipe.unet)
+
+
+def test_an_adapter_is_refused_by_name_on_a_unet_carrying_an_unmerged_method(tiny_pipe, tmp_path):
+    """The README's sequence: inject, merge, unmerge, then open an adapter on the same pipeline. The refusal names
+    the carried method, not a base-model mismatch (the wrapped layers have other names than the base model's)."""
+    from sdtune import load_adapters, open_adapter
+    from sdtune.export import export_adapter
+
+    trained = methods.create("lora")
+    trained.inject(tiny_pipe.unet)
+    perturb(trained)
+    path = save_adapter(tmp_path / "adapter.safetensors", trained, "tiny-random")
+    trained.merge()
+    kohya = tmp_path / "kohya.safetensors"
+    export_adapter(path, "kohya", kohya)
+    carried = methods.create("atoms")
+    carried.inject(tiny_pipe.unet)
+    carried.merge()
+    carried.unmerge()  # the wrappers are back: the UNet carries atoms again
+    for load in (lambda: load_adapter(path, tiny_pipe), lambda: open_adapter(kohya, tiny_pipe),
+                 lambda: load_adapters([path, kohya], tiny_pipe)):
+        with pytest.raises(SdtuneError, match="this UNet already carries atoms \\(unmerged\\).*before loading"):
+            load()
+    carried.merge()
+    load_adapter(path, tiny_pipe)
+
+
+def test_describe_shows_options_only_where_there_are_some(tiny_pipe):
+    """BitFit's default (no targets: every bias) and full have nothing to show: no empty `targets=` or `()`."""
+    assert methods.create("bitfit").describe() == "bitfit"
+    assert methods.create("full").describe() == "full"
+    assert methods.create("bitfit", targets="attn1").describe() == "bitfit (targets=attn1)"
+    assert methods.create("lora").describe() == "lora (rank=4, alpha=4.0, targets=all)"
+    injected = methods.create("bitfit")
+    injected.inject(tiny_pipe.unet)
+    assert injected.describe() == f"bitfit, {injected.num_parameters():,} trainable parameters in {len(injected.target_names)} layers"

@@ -132,6 +132,16 @@ def test_a_bucket_with_fewer_images_than_a_batch_is_refused():
         check_buckets([(64, 64)] * 2 + [(96, 40)], batch_size=2, names=["a.png", "b.png", "wide.png"])
 
 
+def test_the_dry_run_lists_the_buckets_and_their_images(tmp_path):
+    from sdtune.training import plan_run
+
+    photo_set(tmp_path / "photos", counts=(1, 2, 3))
+    config = TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), buckets=True, output=str(tmp_path / "run"))
+    lines = plan_run(config).summary()
+    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image), 64x64 (2 images), 80x48 (3 images)"
+    assert not any("bucket" in line for line in plan_run(TrainConfig(model="tiny-random", output=str(tmp_path / "run"))).summary())
+
+
 @pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
 def test_buckets_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path):
     """Three shapes in batches of 2 (3 batches an epoch): the cached run equals the uncached one bit for

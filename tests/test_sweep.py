@@ -68,6 +68,7 @@ def test_dry_run_lists_the_runs_by_name_and_writes_nothing(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("plan tiny: 2 runs")
     assert [line.split()[:3] for line in lines[1:]] == [["0", "castle-atoms", "pending"], ["1", "castle-lora", "pending"]]
+    assert ", castle, lr 0.001 (default), seed 0, 2 steps" in lines[1] and ", castle, lr 3e-05 (default), seed 0," in lines[2]
     assert not (tmp_path / "out").exists()
     shard = invoke("sweep", plan, "--dry-run", "--shard", "1/2", "--output", tmp_path / "out")
     assert [line.split()[1] for line in shard.stdout.splitlines()[1:]] == ["castle-lora"]

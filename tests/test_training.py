@@ -198,9 +198,24 @@ def test_resume_with_another_optimizer_is_refused_and_loses_nothing(tmp_path, ti
     with pytest.raises(SdtuneError, match="holds the state of --optimizer sgd; resume with it, not adamw"):
         train(config(output, steps=3, checkpoint_every=2, resume="latest"), progress=False)
     assert {name: (output / name).read_bytes() for name in kept} == kept
-    with pytest.warns(UserWarning, match="steps: 2 -> 3"):  # extending a finished run
-        resumed = train(config(output, optimizer="sgd", lr=1e-2, steps=3, checkpoint_every=2, resume="latest"), progress=False)
+    with pytest.warns(UserWarning, match="lr: 0.01 -> 0.02"):  # another rate: named
+        resumed = train(config(output, optimizer="sgd", lr=2e-2, steps=3, checkpoint_every=2, resume="latest"), progress=False)
     assert resumed.resumed_from == output / "checkpoints" / "step-2" and len(resumed.losses) == 1
+
+
+def test_extending_a_finished_run_ends_as_the_longer_run_would(tmp_path, tiny_path, recwarn):
+    """Under a constant rate nothing the loop draws depends on --steps: raising it is no change worth a warning,
+    and the extended run ends with the longer run's bytes. A schedule that spans the steps is named as changed."""
+    longer = train(config(tmp_path / "longer", steps=3, checkpoint_every=2), progress=False)
+    train(config(tmp_path / "extended", steps=2, checkpoint_every=2), progress=False)
+    extended = train(config(tmp_path / "extended", steps=3, checkpoint_every=2, resume="latest"), progress=False)
+    assert not [w for w in recwarn if "resuming with other settings" in str(w.message)]
+    assert extended.adapter.read_bytes() == longer.adapter.read_bytes()
+    saved = TrainConfig(output="a", steps=2).to_dict()
+    assert changed_settings(saved, TrainConfig(output="a", steps=3, lr_scheduler="constant_with_warmup")) == "lr_scheduler: constant -> constant_with_warmup"
+    assert changed_settings(saved, TrainConfig(output="a", steps=1)) == "steps: 2 -> 1"
+    cosine = TrainConfig(output="a", steps=2, lr_scheduler="cosine").to_dict()
+    assert changed_settings(cosine, TrainConfig(output="a", steps=3, lr_scheduler="cosine")) == "steps: 2 -> 3"
 
 
 def test_resume_latest_without_checkpoints_starts_at_step_zero(tmp_path, tiny_path):

@@ -36,6 +36,17 @@ BASE_SAMPLE = "_sdtune_base_sample"  # set on a layer a merge changed: the sampl
 TEXT_ENCODER_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
+def check_no_unmerged_method(unet: nn.Module, before: str) -> None:
+    """Refuse a second update on a UNet that carries a method unmerged: wrappers of two methods would wrap each
+    other, and its layers no longer have the base model's names."""
+    carried = getattr(unet, CARRIED_METHOD, None)
+    if carried is not None:
+        raise SdtuneError(
+            f"this UNet already carries {carried} (unmerged): merge it into the weights (method.merge()) "
+            f"or load a fresh pipeline before {before}"
+        )
+
+
 def text_encoder_prefix(index: int) -> str:
     """The name of a pipeline's `index`-th text encoder (diffusers': text_encoder, text_encoder_2), which
     prefixes its modules' names in a method's targets and state."""
@@ -212,12 +223,7 @@ class Method(ABC):
         return the trainable parameters: the UNet's first, then each text encoder's."""
         if self._unet is not None:
             raise RuntimeError(f"{self.name}: already injected")
-        carried = getattr(unet, CARRIED_METHOD, None)
-        if carried is not None:  # one update at a time: wrappers of two methods would wrap each other
-            raise SdtuneError(
-                f"this UNet already carries {carried} (unmerged): merge it into the weights (method.merge()) "
-                f"or load a fresh pipeline before injecting {self.name}"
-            )
+        check_no_unmerged_method(unet, f"injecting {self.name}")
         if text_encoders and not self.trains_text_encoder:
             raise SdtuneError(f"method {self.name!r} cannot train the text encoder")
         encoders = {text_encoder_prefix(i): text_encoder_layers(encoder) for i, encoder in enumerate(text_encoders)}
@@ -301,7 +307,7 @@ class Method(ABC):
         """A one-line human description: method, options and size."""
         opts = ", ".join(f"{k}={v}" for k, v in self.shown_options().items())
         size = f", {self.num_parameters():,} trainable parameters in {len(self.target_names)} layers" if self._unet else ""
-        return f"{self.name} ({opts}){size}"
+        return f"{self.name} ({opts}){size}" if opts else f"{self.name}{size}"
 
     # -- what `sdtune explain` reads (methods with an `explanation`) ---------------------------
     def output_clusters(self, layer: str) -> torch.Tensor:

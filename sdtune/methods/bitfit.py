@@ -44,6 +44,9 @@ class BitFit(InPlaceMethod):
     def validate_options(self) -> None:
         self.options.targets = parse_targets(self.options.targets)
 
+    def shown_options(self) -> dict:
+        return {"targets": self.options.targets} if self.options.targets else {}  # none: every bias, nothing to show
+
     def find_targets(self, unet: nn.Module) -> list[str]:
         wanted = [part for part in self.options.targets.split(",") if part]
         return [
