@@ -364,8 +364,9 @@ def train(
         return
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
     resumed = f" (resumed from {run.resumed_from})" if run.resumed_from else ""
+    rows = f", and {run.token_numbers:,} numbers of new token rows" if run.token_numbers else ""
     typer.echo(
-        f"trained {run.method.describe()} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
+        f"trained {run.method.describe()}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
     )
 

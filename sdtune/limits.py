@@ -35,6 +35,7 @@ from typing import Any
 from .errors import SdtuneError
 from .fileio import human_bytes
 from .optimizers import OPTIMIZERS
+from .token_embeddings import new_token_numbers
 
 # The VAE decoder's last resnet keeps its input for the residual while each of its operations reads one
 # full-resolution map and writes another: three at once (measured: the tiny VAE's 2048 px decode peaked at 5.3,
@@ -331,7 +332,7 @@ class RunSizes:
     resolution: int
     unet_frozen: int  # the UNet's parameters the method leaves frozen
     text_frozen: int  # the text encoders' frozen parameters
-    trained: int  # parameters trained (UNet and, with --train-text-encoder, text encoders)
+    trained: int  # parameters trained (UNet and, with --train-text-encoder, text encoders; new token rows)
     device_bytes: int  # at least this where the run computes (a GPU's memory, or RAM on a CPU): the larger of the two below
     host_bytes: int  # at least this of RAM besides
     step_bytes: int = 0  # what a training step's forward and backward keep there at once
@@ -369,6 +370,8 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     frozen_text, trained_text = probe.text_counts()
     trained += trained_text
     state = 4 + 4 + OPTIMIZERS[config.optimizer].state_bytes + (4 if config.ema_decay else 0)
+    token_numbers = new_token_numbers(config, configs)
+    token_state = state - (4 if config.ema_decay else 0)  # the new rows are trained beside the method, without its EMA
     pixels = 3 * resolution * resolution * 4  # one image as the dataset holds it (float32)
     # a concept's batches hold at most all its images (the loader says so and trains on them all)
     batch = min(config.batch_size, image_count) if image_count else config.batch_size
@@ -381,23 +384,28 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     ]
     trained_part = (changed_options(method), f"its {trained:,} trained parameters with their gradients and {config.optimizer} state",
                     trained * state)
+    rows_asked, rows = f"--token-embeddings {config.token_embeddings}", f"the new token rows' {token_numbers:,} numbers"
+    token_part = (rows_asked, f"{rows} with their gradients and {config.optimizer} state", token_numbers * token_state)
     # the VAE encodes one image per call under no_grad: only its live full-resolution maps count (ENCODER_MAPS)
     encoder_maps = (f"--resolution {resolution}", "one image's first VAE encoder feature maps",
                     vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4, ENCODER_MAPS))
     if config.cache_latents:
         # before the loop, every image encoded while the trained parameters have neither gradients nor optimiser state;
         # the loop's batches then hold the latents' mean and log-variance, not the pixels
-        encoding = [*weights, (changed_options(method), f"its {trained:,} trained parameters", trained * 4), encoder_maps]
+        encoding = [*weights, (changed_options(method), f"its {trained:,} trained parameters", trained * 4), encoder_maps,
+                    (rows_asked, rows, token_numbers * 4)]
         latents = 2 * int(configs.vae.get("latent_channels", 4)) * (resolution // configs.vae_scale_factor) ** 2 * 4
         batch_part = (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"the latents of a batch of {in_batch}",
                       examples * latents)
     else:  # each step encodes its batch before the UNet runs, the gradients freed by the optimiser's step
         batch_part = (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {in_batch}", examples * pixels)
         encoding = [*weights, (trained_part[0], f"its {trained:,} trained parameters with their {config.optimizer} state",
-                               trained * (state - 4)), batch_part, encoder_maps]
+                               trained * (state - 4)), batch_part, encoder_maps,
+                    (rows_asked, f"{rows} with their {config.optimizer} state", token_numbers * (token_state - 4))]
     on_device = [
         *weights,
         trained_part,
+        token_part,
         (changed_options(method), "the weights it forms, kept for backward",
          probe.method.backward_bytes(compute_bytes, training_device_type(), half) if probe.method else 0),
         batch_part,
@@ -420,7 +428,8 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     check_memory(encoding, on_host)  # first the VAE's encoding, whose maps are freed before the UNet runs
     check_memory(on_device, on_host)  # then the step's forward and backward
     step, encode = sum(part[2] for part in on_device), sum(part[2] for part in encoding)
-    return RunSizes(resolution, frozen, frozen_text, trained, max(step, encode), sum(part[2] for part in on_host), step, encode)
+    return RunSizes(resolution, frozen, frozen_text, trained + token_numbers, max(step, encode), sum(part[2] for part in on_host),
+                    step, encode)
 
 
 def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:

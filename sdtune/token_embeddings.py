@@ -41,6 +41,20 @@ def new_token_names(concepts: list[str], count: int) -> dict[str, list[str]]:
     return {name: [f"<s{i * count + j}>" for j in range(count)] for i, name in enumerate(concepts)}
 
 
+def new_token_numbers(config, configs) -> int:
+    """How many numbers `--token-embeddings` trains, from the model's configs alone (`models.read_model_configs`): a
+    row of the encoder's embedding width for each new token, in every text encoder."""
+    if not config.token_embeddings:
+        return 0
+    width = 0
+    for _, encoder in configs.text_encoders:
+        try:
+            width += int(encoder["hidden_size"])
+        except (KeyError, TypeError, ValueError):  # an encoder that cannot be read counts nothing: a lower bound
+            continue
+    return len(config.concepts) * config.token_embeddings * width
+
+
 def default_token(concept: str, tokens: list[str]) -> str:
     """What `<concept>` becomes: the new tokens then the class word, as the advanced scripts' `<s0><s1> dog`."""
     return "".join(tokens) + f" {concept}"

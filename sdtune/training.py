@@ -69,6 +69,7 @@ class Run:
     seconds: float = 0.0
     resumed_from: Path | None = None
     validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
+    token_numbers: int = 0  # numbers the new token rows trained beside the method (--token-embeddings)
 
 
 def derived_seed(*keys: int) -> int:
@@ -699,7 +700,7 @@ class Trainer:
         return Run(
             output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from,
-            validation_losses=self.validation_losses,
+            validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
         )
 
     def advance(self) -> None:

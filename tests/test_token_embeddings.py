@@ -396,3 +396,19 @@ def test_retraction_scales_the_rows_towards_the_vocabulary_spread_after_each_ste
         plain_run = trainer.fit()
     assert read_adapter(plain_run.adapter)[1]["token_embeddings.text_encoder"].ne(
         read_adapter(whole.adapter)[1]["token_embeddings.text_encoder"]).any()
+
+
+def test_the_plan_and_the_run_count_the_new_rows_as_trained(trained_run, tmp_path):
+    """The dry run's trained parameters and the memory it checks count the new token rows (a row of the encoder's
+    width a token, with gradients and optimiser state), as the run's last line and the model card do."""
+    from safetensors.torch import load_file
+
+    from sdtune.training import plan_run
+
+    run = trained_run[0]
+    rows = load_file(run.adapter)["token_embeddings.text_encoder"]
+    assert run.token_numbers == rows.numel() > 0
+    with_rows = plan_run(config(tmp_path / "a", embedding_lr=5e-2), output_state=False).sizes
+    without = plan_run(config(tmp_path / "b", token_embeddings=0), output_state=False).sizes
+    assert with_rows.trained - without.trained == rows.numel()
+    assert with_rows.step_bytes - without.step_bytes >= rows.numel() * (4 + 4 + 8)  # weights, gradients, AdamW's moments
