@@ -174,7 +174,9 @@ def test_new_token_rows_count_the_activations_their_backward_keeps_through_the_f
     def device_bytes(name, **settings):
         return plan_run(config(tmp_path / name, batch_size=2, **settings)).sizes.step_bytes
 
-    assert device_bytes("tokens", token_embeddings=2) - device_bytes("plain") == 2 * per_prompt  # two prompts
+    # two prompts' activations, and the two new rows with their gradients and AdamW's two moments
+    rows = 2 * c.hidden_size
+    assert device_bytes("tokens", token_embeddings=2) - device_bytes("plain") == 2 * per_prompt + rows * (4 + 4 + 8)
 
 
 def test_prior_preservation_holds_a_class_example_per_concept_example_and_every_class_image(tmp_path, tiny_path):
