@@ -47,9 +47,9 @@ FEW_SHOT_IMAGES = (3, 50)
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"
 CONFIG_FILE = "config.toml"
 DATA_STREAM, STEP_STREAM, EMBEDDING_STREAM = 0, 1, 2
-# settings that may change on resume without making the run differ from an uninterrupted one
 # learning-rate schedules whose rate at a step does not depend on the number of steps
 STEP_COUNT_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+# settings that may change on resume without making the run differ from an uninterrupted one
 RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output", "log_with", "tracker_project"}
 # what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
 RUN_FILES = (ADAPTER_FILE, EMA_ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)
