@@ -480,7 +480,7 @@ def extract(
     ranks = sorted({layer.rank for layer in result.layers})
     shown = "" if not ranks else f", rank {ranks[0]}" if len(ranks) == 1 else f", rank {ranks[0]}-{ranks[-1]}"
     kept = f", {len(result.kept)} biases and norms kept" if result.kept else ""
-    typer.echo(f"wrote {result.output} ({len(result.layers)} layers{shown}{kept}); relative error {result.relative_error:.4%}; "
+    typer.echo(f"wrote {result.output} ({len(result.layers)} layers{shown}{kept}); relative error {100 * result.relative_error:.3g}%; "
                f"summary in {result.summary}")
 
 
