@@ -94,6 +94,14 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _thread_error(previous: Callable, args: threading.ExceptHookArgs) -> None:
+    """A background thread's error, unless TensorBoard's writer's: its writer raises that again in the main thread's
+    next write, which says it in one line (a full disk naming the log folder); printed here too, it was a traceback."""
+    if type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    previous(args)
+
+
 def handle_errors(command: Callable) -> Callable:
     """Turn sdtune's errors into one line on stderr and the right exit code, never a traceback.
 
@@ -110,6 +118,8 @@ def handle_errors(command: Callable) -> Callable:
             warnings.simplefilter("ignore")
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+        previous_hook = threading.excepthook
+        threading.excepthook = functools.partial(_thread_error, previous_hook)
         try:
             return command(*args, **kwargs)
         except SdtuneError as error:
@@ -133,6 +143,7 @@ def handle_errors(command: Callable) -> Callable:
             typer.echo(f"error: {error_line(error)} (set SDTUNE_DEBUG=1 for the traceback)", err=True)
             raise typer.Exit(1) from None
         finally:
+            threading.excepthook = previous_hook
             if main_thread:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 

@@ -111,7 +111,19 @@ def finish_trackers(accelerator) -> None:
             tracker.tracker  # the writer or run, once started
         except AttributeError:
             continue
-        tracker.finish()
+        with tracker_writes(tracker):
+            tracker.finish()
+
+
+def tracker_writes(tracker):
+    """A block that writes through `tracker`: TensorBoard's failed writes (a full disk) name its log folder and the
+    room left, as every other file sdtune writes does. Its writer thread's own error is raised again in the next
+    write, here (`cli` keeps that thread from printing it)."""
+    import contextlib
+
+    if tracker.name == "tensorboard":
+        return failures_named(Path(tracker.writer.log_dir))
+    return contextlib.nullcontext()
 
 
 def wandb_run_id(output: Path, accelerator) -> str | None:
@@ -143,11 +155,12 @@ def log_scalars(accelerator, values: dict[str, float], step: int) -> None:
     """The step's values to the trackers. TensorBoard's writer queues them for its own thread, which writes
     them every few steps (and when the run ends); Accelerate's `log` would wait for the file after each step."""
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
-        if tracker.name == "tensorboard":
-            for name, value in values.items():
-                tracker.writer.add_scalar(name, value, global_step=step)
-        else:
-            tracker.log(values, step=step)
+        with tracker_writes(tracker):
+            if tracker.name == "tensorboard":
+                for name, value in values.items():
+                    tracker.writer.add_scalar(name, value, global_step=step)
+            else:
+                tracker.log(values, step=step)
 
 
 def log_image(accelerator, name: str, image, step: int) -> None:
@@ -155,10 +168,11 @@ def log_image(accelerator, name: str, image, step: int) -> None:
     import numpy as np
 
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
-        if tracker.name == "tensorboard":
-            tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
-        elif tracker.name in IMAGE_TRACKERS:
-            tracker.log_images({name: [image.convert("RGB")]}, step=step)
+        with tracker_writes(tracker):
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: np.asarray(image.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+            elif tracker.name in IMAGE_TRACKERS:
+                tracker.log_images({name: [image.convert("RGB")]}, step=step)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -457,6 +457,37 @@ def test_a_full_disk_names_the_file_and_the_room_left(tmp_path, monkeypatch, pri
     assert read_adapter_info(output)[0].extra["step"] == "2" and leftovers(output) == []
 
 
+TENSORBOARD_FILLS_DRIVER = """
+import errno, sys
+from tensorboard.summary.writer.record_writer import RecordWriter
+real, calls = RecordWriter.write, []
+def fills(self, data):  # the fourth record finds the disk full
+    calls.append(1)
+    if len(calls) > 3:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(self, data)
+RecordWriter.write = fills
+sys.argv = ["sdtune", "train", "--model", "tiny-random", "--steps", "4", "--log-with", "tensorboard",
+            "--tracker-project", "castles", "--output", sys.argv[1]]
+from sdtune.cli import main
+main()
+"""
+
+
+def test_a_full_disk_under_tensorboard_names_its_log_folder_in_one_line(tmp_path, private_cache):
+    """TensorBoard writes its events from a thread of its own; a full disk there is said once, by the main thread,
+    naming the log folder and the room left: no traceback from the thread (a process of its own: the thread
+    prints to the real stderr)."""
+    output = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", TENSORBOARD_FILLS_DRIVER, str(output)], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert lines[-1].startswith(f"error: {output / 'logs' / 'castles'}: No space left on device ("), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Exception in thread" not in result.stderr, result.stderr[-2000:]
+
+
 def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch, private_cache):
     import sdtune.fileio
     from accelerate import Accelerator
