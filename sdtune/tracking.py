@@ -94,11 +94,13 @@ def start_trackers(accelerator, config, output: Path) -> None:
             "name": Path(output).name, "dir": str(logging_dir(output)), "id": wandb_run_id(output, accelerator),
             "resume": "allow",
         }
-    accelerator.init_trackers(config.tracker_project, init_kwargs=init_kwargs)
+    with failures_named(logging_dir(output) / config.tracker_project):  # TensorBoard writes its first event as it starts
+        accelerator.init_trackers(config.tracker_project, init_kwargs=init_kwargs)
     settings = hyperparameters(config)
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
         if tracker.name != "tensorboard":
-            tracker.store_init_configuration(settings)
+            with tracker_writes(tracker):
+                tracker.store_init_configuration(settings)
 
 
 def finish_trackers(accelerator) -> None:

@@ -460,10 +460,10 @@ def test_a_full_disk_names_the_file_and_the_room_left(tmp_path, monkeypatch, pri
 TENSORBOARD_FILLS_DRIVER = """
 import errno, sys
 from tensorboard.summary.writer.record_writer import RecordWriter
-real, calls = RecordWriter.write, []
-def fills(self, data):  # the fourth record finds the disk full
+real, calls, records = RecordWriter.write, [], int(sys.argv[2])
+def fills(self, data):  # the record after the first `records` finds the disk full
     calls.append(1)
-    if len(calls) > 3:
+    if len(calls) > records:
         raise OSError(errno.ENOSPC, "No space left on device")
     return real(self, data)
 RecordWriter.write = fills
@@ -474,13 +474,14 @@ main()
 """
 
 
-def test_a_full_disk_under_tensorboard_names_its_log_folder_in_one_line(tmp_path, private_cache):
+@pytest.mark.parametrize("records", [0, 3])  # its first event, written as it starts; a later one, from the loop
+def test_a_full_disk_under_tensorboard_names_its_log_folder_in_one_line(tmp_path, private_cache, records):
     """TensorBoard writes its events from a thread of its own; a full disk there is said once, by the main thread,
     naming the log folder and the room left: no traceback from the thread (a process of its own: the thread
     prints to the real stderr)."""
     output = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", TENSORBOARD_FILLS_DRIVER, str(output)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", TENSORBOARD_FILLS_DRIVER, str(output), str(records)], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
