@@ -138,9 +138,9 @@ def decoder_side_names(vae) -> list[str]:
 
 
 def decoder_dtype(vae):
-    """The dtype the VAE decodes in (`vae.dtype` is its first parameter's, the encoder's)."""
-    parameters = dict(vae.named_parameters())
-    return parameters[decoder_side_names(vae)[0]].dtype
+    """The dtype the VAE decodes in (`vae.dtype` is its first parameter's, the encoder's): its decoder's, which
+    post_quant_conv's always shares (the decoder side is cast and swapped as one)."""
+    return next(vae.decoder.parameters()).dtype
 
 
 def keep_fp32_weights(vae, names) -> None:

@@ -130,9 +130,9 @@ class RunPlan:
             if self.buckets:
                 from collections import Counter
 
-                held = Counter(self.buckets)
-                lines.append(f"{counted(len(held), 'aspect-ratio bucket')} (width x height): " + ", ".join(
-                    f"{width}x{height} ({counted(count, 'image')})" for (width, height), count in sorted(held.items())))
+                per_bucket = Counter(self.buckets)
+                lines.append(f"{counted(len(per_bucket), 'aspect-ratio bucket')} (width x height): " + ", ".join(
+                    f"{width}x{height} ({counted(count, 'image')})" for (width, height), count in sorted(per_bucket.items())))
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
