@@ -10,13 +10,14 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
   groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
 - denoising steps: at most the scheduler's training timesteps (1000 for SD), as diffusers'
   schedulers require;
-- memory: a lower bound of what the run keeps at once (the UNet's weights, the trained parameters
+- memory: a lower bound of what the run keeps at once (the UNet's and the VAE's weights, the trained parameters
   with their gradients and optimiser state, counted by injecting the method into the UNet built on
   the meta device, what the method forms for backward (`Method.backward_bytes`), the text encoders'
   activations where the backward runs through them (trained, or training new token rows), the batch with its
   class examples; apart from those, as they are never alive together: the VAE encoding one image, with its live
   full-resolution maps) against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
-  in RAM either way (the training and class images, the images sampling keeps for its grid) against
+  in RAM either way (the training and class images, the fp32 VAE decoder fp16 training keeps for overflowing
+  decodes, the images sampling keeps for its grid) against
   the RAM. The bound is never above what the run needs, so a refusal is certain; a run that passes
   may still run out;
 - the number of micro-batches (steps × gradient accumulation) and the metrics log it writes
@@ -265,6 +266,23 @@ class MethodProbe:
         return self.text_encoder_parameters - trained, trained
 
 
+def vae_parameter_counts(configs) -> tuple[int, int]:
+    """(all, decoder side) parameters of the VAE built from its config on the meta device; (0, 0) where it
+    cannot be built (loading the model says what is wrong with it): a lower bound."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from .precision import decoder_side_names
+
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(configs.vae)
+    except Exception:
+        return 0, 0
+    sizes = {name: parameter.numel() for name, parameter in vae.named_parameters()}
+    return sum(sizes.values()), sum(sizes[name] for name in decoder_side_names(vae))
+
+
 def probe_method(configs, method, train_text_encoder: bool = False) -> MethodProbe:
     """Inject a fresh copy of `method` into the UNet (and, with `train_text_encoder`, the text encoders whose
     configs were read) built on the meta device: nothing is allocated, whatever the options. What cannot be
@@ -386,20 +404,23 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
                     trained * state)
     rows_asked, rows = f"--token-embeddings {config.token_embeddings}", f"the new token rows' {token_numbers:,} numbers"
     token_part = (rows_asked, f"{rows} with their gradients and {config.optimizer} state", token_numbers * token_state)
+    vae_parameters, decoder_parameters = vae_parameter_counts(configs)
+    vae_bytes = 2 if half and not config.no_half_vae else 4
+    vae_weights = (f"--model {config.model}", "the VAE's frozen weights", vae_parameters * vae_bytes)
     # the VAE encodes one image per call under no_grad: only its live full-resolution maps count (ENCODER_MAPS)
     encoder_maps = (f"--resolution {resolution}", "one image's first VAE encoder feature maps",
-                    vae_feature_map_bytes(configs, resolution, 2 if half and not config.no_half_vae else 4, ENCODER_MAPS))
+                    vae_feature_map_bytes(configs, resolution, vae_bytes, ENCODER_MAPS))
     if config.cache_latents:
         # before the loop, every image encoded while the trained parameters have neither gradients nor optimiser state;
         # the loop's batches then hold the latents' mean and log-variance, not the pixels
-        encoding = [*weights, (changed_options(method), f"its {trained:,} trained parameters", trained * 4), encoder_maps,
+        encoding = [*weights, vae_weights, (changed_options(method), f"its {trained:,} trained parameters", trained * 4), encoder_maps,
                     (rows_asked, rows, token_numbers * 4)]
         latents = 2 * int(configs.vae.get("latent_channels", 4)) * (resolution // configs.vae_scale_factor) ** 2 * 4
         batch_part = (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"the latents of a batch of {in_batch}",
                       examples * latents)
     else:  # each step encodes its batch before the UNet runs, the gradients freed by the optimiser's step
         batch_part = (f"--resolution {resolution} and --batch-size {config.batch_size:,}", f"a batch of {in_batch}", examples * pixels)
-        encoding = [*weights, (trained_part[0], f"its {trained:,} trained parameters with their {config.optimizer} state",
+        encoding = [*weights, vae_weights, (trained_part[0], f"its {trained:,} trained parameters with their {config.optimizer} state",
                                trained * (state - 4)), batch_part, encoder_maps,
                     (rows_asked, f"{rows} with their {config.optimizer} state", token_numbers * (token_state - 4))]
     on_device = [
@@ -410,6 +431,8 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
          probe.method.backward_bytes(compute_bytes, training_device_type(), half) if probe.method else 0),
         batch_part,
     ]
+    if not config.cache_latents:  # the VAE stays beside the UNet to encode each batch (cached, it leaves the device)
+        on_device.append(vae_weights)
     if probe.trains_text_encoders or config.token_embeddings:  # the backward runs through the text encoders
         tokens = probe.text_encoder_tokens
         per_prompt = text_encoder_backward_bytes(configs, compute_bytes)
@@ -420,6 +443,9 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
                           f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
                           examples * per_prompt))
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
+    if half and config.mixed_precision == "fp16" and not config.no_half_vae:  # `precision.place_frozen_models`
+        on_host.append(("--mixed-precision fp16", "the VAE decoder's fp32 weights, for images whose fp16 decode overflows",
+                        decoder_parameters * 4))
     if config.masked_loss:  # 8-bit, one a pixel
         on_host.append(("--masked-loss", "the training images' masks", image_count * resolution * resolution))
     if class_count:

@@ -211,15 +211,44 @@ def test_the_vae_encoding_is_counted_apart_from_the_step_with_its_live_maps(tmp_
     configs = read_model_configs("tiny-random")
     maps = ENCODER_MAPS * configs.vae["block_out_channels"][0] * 64 * 64 * 4
     cached = plan_run(config(tmp_path / "cached", method="lora", batch_size=2)).sizes
-    weights = (cached.unet_frozen + cached.text_frozen) * 4
+    vae = sum(p.numel() for p in build_vae(configs).parameters()) * 4
+    weights = (cached.unet_frozen + cached.text_frozen) * 4 + vae
     assert cached.encoding_bytes == weights + 4 * cached.trained + maps  # no gradient nor optimiser state yet
     assert cached.device_bytes == max(cached.step_bytes, cached.encoding_bytes)
     uncached = plan_run(config(tmp_path / "uncached", method="lora", batch_size=2, cache_latents=False)).sizes
     # in the loop: AdamW's two moments (the gradients freed by its step) and the batch's pixels
     assert uncached.encoding_bytes == weights + 12 * uncached.trained + 2 * 3 * 64 * 64 * 4 + maps
+    # uncached, the VAE stays beside the UNet to encode each batch; cached, it has left the device
+    assert uncached.step_bytes - plan_run(config(tmp_path / "uncached-b", method="lora", batch_size=2)).sizes.step_bytes == (
+        vae + 2 * 3 * 64 * 64 * 4 - 2 * 2 * 4 * 8 * 8 * 4)  # pixels instead of the latents' mean and log-variance
     large = plan_run(config(tmp_path / "large", method="lora", resolution=512)).sizes
     assert large.device_bytes == large.encoding_bytes > large.step_bytes  # the maps outgrow the step on the tiny model
     assert large.encoding_bytes - cached.encoding_bytes == maps * (512**2 // 64**2 - 1)
+
+
+def build_vae(configs):
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(configs.vae)
+
+
+def test_fp16_training_counts_the_vae_decoders_fp32_weights_kept_on_the_host(tmp_path, tiny_path):
+    """fp16 training keeps the decoder side's fp32 weights in RAM for validation images whose fp16 decode
+    overflows (`precision.place_frozen_models`); bf16, fp32 and --no-half-vae keep none."""
+    from sdtune.precision import decoder_side_names
+    from sdtune.training import plan_run
+
+    vae = build_vae(read_model_configs("tiny-random"))
+    decoder = sum(p.numel() for name, p in vae.named_parameters() if name in decoder_side_names(vae))
+    sizes = {precision: plan_run(config(tmp_path / precision, method="lora", mixed_precision=precision)).sizes
+             for precision in ("no", "bf16", "fp16")}
+    kept_fp32 = plan_run(config(tmp_path / "fp32-vae", method="lora", mixed_precision="fp16", no_half_vae=True)).sizes
+    assert sizes["fp16"].host_bytes - sizes["bf16"].host_bytes == 4 * decoder > 0
+    assert sizes["bf16"].host_bytes == sizes["no"].host_bytes == kept_fp32.host_bytes
+    # the VAE's weights are stored in the compute dtype, unless --no-half-vae keeps them in fp32
+    vae_bytes = sum(p.numel() for p in vae.parameters())
+    assert kept_fp32.encoding_bytes - sizes["fp16"].encoding_bytes >= 2 * vae_bytes
 
 
 def test_sampling_refuses_a_resolution_whose_decoding_cannot_fit(monkeypatch, tmp_path, tiny_path):
