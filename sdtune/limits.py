@@ -355,6 +355,7 @@ class RunSizes:
     host_bytes: int  # at least this of RAM besides
     step_bytes: int = 0  # what a training step's forward and backward keep there at once
     encoding_bytes: int = 0  # what the VAE's encoding of an image keeps there at once
+    held_in_ram: tuple[str, ...] = ()  # what host_bytes holds
 
 
 def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -> RunSizes:
@@ -443,19 +444,19 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
                           f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
                           examples * per_prompt))
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
-    if half and config.mixed_precision == "fp16" and not config.no_half_vae:  # `precision.place_frozen_models`
-        on_host.append(("--mixed-precision fp16", "the VAE decoder's fp32 weights, for images whose fp16 decode overflows",
-                        decoder_parameters * 4))
     if config.masked_loss:  # 8-bit, one a pixel
         on_host.append(("--masked-loss", "the training images' masks", image_count * resolution * resolution))
     if class_count:
         asked = f"--num-class-images {config.num_class_images:,}" if config.num_class_images else f"--class-images {config.class_images}"
         on_host.append((asked, f"{class_count:,} class images", class_count * pixels))
+    if config.mixed_precision == "fp16" and not config.no_half_vae:  # `precision.place_frozen_models`
+        on_host.append(("--mixed-precision fp16", "the VAE decoder's fp32 weights (for overflowing fp16 decodes)",
+                        decoder_parameters * 4))
     check_memory(encoding, on_host)  # first the VAE's encoding, whose maps are freed before the UNet runs
     check_memory(on_device, on_host)  # then the step's forward and backward
     step, encode = sum(part[2] for part in on_device), sum(part[2] for part in encoding)
     return RunSizes(resolution, frozen, frozen_text, trained + token_numbers, max(step, encode), sum(part[2] for part in on_host),
-                    step, encode)
+                    step, encode, tuple(part[1] for part in on_host if part[2]))
 
 
 def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:

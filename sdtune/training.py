@@ -148,9 +148,8 @@ class RunPlan:
             + f": {counted(seen, 'image')} drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
             f"{config.optimizer}, mixed precision {config.mixed_precision}"
         )
-        held = "training images" + (", their masks" if config.masked_loss else "")
-        held += " and class images" if config.with_prior_preservation else ""
-        ram = f", and {human_bytes(sizes.host_bytes)} of RAM for the {held}" if sizes.host_bytes else ""
+        held = ", ".join(sizes.held_in_ram[:-1]) + " and " * (len(sizes.held_in_ram) > 1) + "".join(sizes.held_in_ram[-1:])
+        ram = f", and {human_bytes(sizes.host_bytes)} of RAM for {held}" if sizes.host_bytes else ""
         lines.append(f"memory: at least {human_bytes(sizes.device_bytes)} where it computes{ram}")
         lines.append(f"output: {config.output} ({self.start})")
         return lines

@@ -246,6 +246,8 @@ def test_fp16_training_counts_the_vae_decoders_fp32_weights_kept_on_the_host(tmp
     kept_fp32 = plan_run(config(tmp_path / "fp32-vae", method="lora", mixed_precision="fp16", no_half_vae=True)).sizes
     assert sizes["fp16"].host_bytes - sizes["bf16"].host_bytes == 4 * decoder > 0
     assert sizes["bf16"].host_bytes == sizes["no"].host_bytes == kept_fp32.host_bytes
+    memory_line = next(line for line in plan_run(config(tmp_path / "fp16", mixed_precision="fp16")).summary() if line.startswith("memory"))
+    assert memory_line.endswith("of RAM for the training images and the VAE decoder's fp32 weights (for overflowing fp16 decodes)")
     # the VAE's weights are stored in the compute dtype, unless --no-half-vae keeps them in fp32
     vae_bytes = sum(p.numel() for p in vae.parameters())
     assert kept_fp32.encoding_bytes - sizes["fp16"].encoding_bytes >= 2 * vae_bytes
