@@ -68,7 +68,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DTYPE_HELP = "fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU); under fp16 an SD v1/v2 VAE decodes in fp16 (a batch that overflows is decoded again, and from then on, in fp32), SDXL's in fp32."
+DTYPE_HELP = "fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU); under fp16 an SD v1/v2 VAE decodes in fp16 (an image that overflows is decoded again in fp32), SDXL's in fp32."
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -406,7 +406,7 @@ def sample(
     adapter_scale: Optional[str] = typer.Option(None, help="Strength of the adapter's update, W + scale·ΔW (0: the base model); several, comma-separated (0,0.5,1), draw every prompt and seed at each, side by side; with stacked adapters, one for all or one each." + _default(SampleConfig, "adapter_scale")),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace the grid and images of an earlier sample in OUTPUT (default: refuse)."),
-    config: Optional[Path] = typer.Option(None, help="A TOML file of these settings (as a sweep plan's [sample]); flags override it."),
+    config: Optional[Path] = typer.Option(None, help="A TOML file of these settings (as a sweep plan's \\[sample]); flags override it."),
 ) -> None:
     """Draw images for every prompt and one grid (rows = prompts, columns = seeds, per strength)."""
     # no --prompt leaves the file's prompts, no --adapter the file's adapter
@@ -552,7 +552,7 @@ def evaluate(
     clip_model: Optional[str] = typer.Option(None, help="CLIP for CLIP-T and CLIP-I: a hub id or a folder." + _default(EvaluateConfig, "clip_model")),
     dino_model: Optional[str] = typer.Option(None, help="ViT for DINO and diversity: a hub id or a folder." + _default(EvaluateConfig, "dino_model")),
     fid_features: Optional[str] = typer.Option(None, help="FID/KID features: inception (needs torch-fidelity), clip, dino or none." + _default(EvaluateConfig, "fid_features")),
-    config: Optional[Path] = typer.Option(None, help="A TOML file of these settings (as a sweep plan's [evaluate]); flags override it."),
+    config: Optional[Path] = typer.Option(None, help="A TOML file of these settings (as a sweep plan's \\[evaluate]); flags override it."),
 ) -> None:
     """Measure a run's images: CLIP-T, CLIP-I, DINO, FID, KID and diversity; writes eval.json."""
     settings = {**locals(), "prompt": list(prompt) or None}  # no --prompt leaves the file's prompts

@@ -43,6 +43,24 @@ def test_help_does_not_import_torch():
     assert "train" in invoke("--help").output
 
 
+def test_every_help_text_is_shown_whole():
+    """Typer renders help through rich, whose markup takes `[name]` for a style and drops it: every bracket
+    a help text means as text is escaped, so nothing of it is lost on the screen."""
+    import typer
+    from rich.markup import render
+
+    group = typer.main.get_command(app)
+    commands = {name: command for name, command in group.commands.items()}
+    for name, command in list(commands.items()):
+        commands.update({f"{name} {sub}": child for sub, child in getattr(command, "commands", {}).items()})
+    checked = 0
+    for name, command in commands.items():
+        for text in [command.help or "", *(getattr(param, "help", None) or "" for param in command.params)]:
+            assert render(text).plain == text.replace("\\[", "["), f"{name}: {text}"
+            checked += 1
+    assert checked > 100
+
+
 def test_train_writes_adapter_config_and_metrics(trained_run):
     from safetensors import safe_open
 
