@@ -1,12 +1,14 @@
 """Training data: image folders, concepts, prompt files.
 
-Images of any mode (RGBA, palette, CMYK, 16-bit, greyscale) are converted to RGB; files that are
-not images are skipped with a warning as long as others remain. PIL's decompression-bomb guard
-stays on.
+Images of any mode (RGBA, palette, CMYK, 16-bit, greyscale) are converted to RGB, transparency composited
+on white; hidden files are never images; files that are not images are skipped with a warning as long as
+others remain (by their header before the model loads, `readable_images`, or as they are decoded). PIL's
+decompression-bomb guard stays on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import warnings
@@ -20,6 +22,7 @@ from .errors import SdtuneError, reading_file
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
 PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")
+SKIPPED_SHOWN = 3  # unreadable files a warning names; it counts the rest
 MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt file
 
 
@@ -92,12 +95,119 @@ def list_images(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise SdtuneError(f"image folder not found: {folder}")
     try:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in folder.iterdir() if is_image_name(p) and p.is_file())
     except OSError as error:
         raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
     if not files:
         raise SdtuneError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
+
+
+def is_image_name(path: Path) -> bool:
+    """Whether a file's name is an image's: an image extension (any case), and not hidden. Hidden files are
+    never photos: macOS writes `._IMG_0001.JPG` (AppleDouble metadata) beside every photo on a FAT or network disk."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
+    """The images whose header PIL reads, within its decompression-bomb limit. The other files are skipped
+    with one warning naming them (the first few, with why; `what` names their kind). Only headers are read:
+    an image damaged further in is found, and skipped, when it is decoded."""
+    from PIL import Image
+
+    readable, skipped = [], []
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_framed_sizes reads it
+                with Image.open(path):  # reads the header alone
+                    pass
+        except Exception as error:  # PIL raises many kinds for files that are not images
+            skipped.append((path, unreadable_because(path, error)))
+        else:
+            readable.append(path)
+    if len(skipped) == 1:
+        warnings.warn(f"skipping {skipped[0][0]}: not a readable {what} ({skipped[0][1]})", stacklevel=2)
+    elif skipped:
+        shown = "; ".join(f"{path} ({why})" for path, why in skipped[:SKIPPED_SHOWN])
+        more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+        warnings.warn(f"skipping {len(skipped)} files that are not readable {what}s: {shown}{more}", stacklevel=2)
+    return readable
+
+
+def duplicate_images(paths: list[Path]) -> list[list[Path]]:
+    """Groups of files with the same bytes (a copy, or a link to another of the files), each in the order
+    given; only files of the same size are read."""
+    import hashlib
+
+    by_size: dict[int, list[Path]] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):  # an unreadable file is named where it is read
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    groups: dict[tuple[int, str], list[Path]] = {}
+    for size, same_size in by_size.items():
+        if len(same_size) < 2:
+            continue
+        for path in same_size:
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                groups.setdefault((size, hashlib.file_digest(handle, "sha256").hexdigest()), []).append(path)
+    order = {path: index for index, path in enumerate(paths)}
+    return sorted((sorted(group, key=order.__getitem__) for group in groups.values() if len(group) > 1), key=lambda g: order[g[0]])
+
+
+def warn_duplicates(paths: list[Path]) -> None:
+    """One warning naming the images that are the same file twice or more: each copy is drawn as another image."""
+    groups = duplicate_images(paths)
+    if groups:
+        one_folder = len({path.parent for group in groups for path in group}) == 1
+        shown = "; ".join(" = ".join(path.name if one_folder else str(path) for path in group) for group in groups[:SKIPPED_SHOWN])
+        more = f"; and {len(groups) - SKIPPED_SHOWN} more" if len(groups) > SKIPPED_SHOWN else ""
+        warnings.warn(f"the same image more than once: {shown}{more}; each copy is trained as another image, so that image is "
+                      "drawn as often as its copies together (remove the copies to train it as often as the others)", stacklevel=2)
+
+
+def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
+    """One warning naming the images whose framing cuts away more than half of them: those of an aspect ratio
+    over twice their frame's (a 10:1 panorama in a square, or in a 4:1 bucket). `frames[i]`: the (width,
+    height) image i is center-cropped into, or None (not read); `hint` ends the warning."""
+    from PIL import Image
+
+    cut = []
+    for path, frame_size in zip(paths, frames):
+        if frame_size is None:
+            continue
+        try:
+            with Image.open(path) as image:
+                (width, height), _ = upright_size(image)
+        except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
+            continue
+        ratio, frame_ratio = width / height, frame_size[0] / frame_size[1]
+        kept = min(ratio, frame_ratio) / max(ratio, frame_ratio)
+        if kept < 0.5:
+            cut.append(f"{path.name} ({width}x{height}: {1 - kept:.0%} cut away)")
+    if cut:
+        shown = ", ".join(cut[:SKIPPED_SHOWN]) + (f", and {len(cut) - SKIPPED_SHOWN} more" if len(cut) > SKIPPED_SHOWN else "")
+        warnings.warn(f"center-cropping cuts away more than half of {shown}; crop such photos yourself to keep the part "
+                      f"that matters{hint}", stacklevel=2)
+
+
+def unreadable_because(path: Path, error: BaseException) -> str:
+    """Why PIL could not read an image file, in a few words (its own messages repeat the path)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"over PIL's decompression-bomb limit: {str(error).split(',')[0]}"
+    if isinstance(error, UnidentifiedImageError):
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                return "an empty file"
+        return "not an image format PIL reads"
+    return first_line(error).replace(f"'{path}'", "").replace(str(path), "").strip() or type(error).__name__
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, at most 100 characters (PIL's messages can run over several)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
 
 
 def damaged_image(path: str | Path) -> str | None:
@@ -116,15 +226,26 @@ def damaged_image(path: str | Path) -> str | None:
 
 
 def to_rgb(image):
-    """Any PIL image as 8-bit RGB; transparency is composited on white."""
+    """Any PIL image as 8-bit RGB; transparency is composited on white.
+
+    16-bit greyscale (a 16-bit PNG or TIFF, and 32-bit integers within 0..65535) keeps its tones: 65535 is
+    white. Floats within 0..1 are scaled by 255. Other integer or float images, whose white is unknown,
+    are stretched from their lowest to their highest value (one value throughout: mid-grey)."""
     import numpy as np
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        low, high = array.min(), array.max()
-        scale = 255.0 / (high - low) if high > low else 0.0
-        image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        if image.mode != "F" and low >= 0 and high <= 65535:
+            scaled = array / 257.0
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            scaled = array * 255.0
+        elif high > low:
+            scaled = (array - low) * (255.0 / (high - low))
+        else:
+            scaled = np.full_like(array, 127.5)
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -226,12 +347,9 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
     for path in paths:
         try:
             loaded.append(load_framed(path, resolution, buckets, mask_of))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
             skipped.append(path)
-            warnings.warn(f"skipping {path}: over PIL's decompression-bomb limit ({str(error).split(',')[0]})", stacklevel=2)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            skipped.append(path)
-            warnings.warn(f"skipping {path}: not a readable image ({str(error).splitlines()[0][:100]})", stacklevel=2)
+            warnings.warn(f"skipping {path}: not a readable image ({unreadable_because(path, error)})", stacklevel=2)
     if not loaded:
         folder = paths[0].parent if paths else "?"
         raise SdtuneError(f"no readable images in {folder} ({len(skipped)} file(s) could not be read)")

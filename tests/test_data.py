@@ -124,3 +124,66 @@ def test_demo_concepts_are_drawn_deterministically(tmp_path, monkeypatch):
     assert [p.name for p in concept_images("castle")] == ["mine.png"]
     with pytest.raises(SdtuneError, match="no images for concept 'dragon'"):
         concept_images("dragon")
+
+
+def test_hidden_files_are_never_images_and_extensions_are_read_in_any_case(tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "IMG_0001.JPG", format="JPEG")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "IMG_0002.jpeg", format="JPEG")
+    (tmp_path / "._IMG_0001.JPG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # macOS' AppleDouble file
+    Image.new("RGB", (64, 64), "red").save(tmp_path / ".hidden.png")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    assert [p.name for p in list_images(tmp_path)] == ["IMG_0001.JPG", "IMG_0002.jpeg"]
+
+
+def test_sixteen_bit_and_float_images_keep_their_tones(tmp_path):
+    from sdtune.data import to_rgb
+
+    white = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert white.mode == "I;16" and np.asarray(to_rgb(white)).min() == 255  # not stretched into black
+    dark = Image.fromarray(np.linspace(0, 8000, 64, dtype=np.uint16).reshape(8, 8))
+    assert np.asarray(to_rgb(dark)).max() == round(8000 / 257)  # a dark photo stays dark
+    dark.save(tmp_path / "dark.png")
+    with Image.open(tmp_path / "dark.png") as reopened:
+        assert np.array_equal(np.asarray(to_rgb(reopened)), np.asarray(to_rgb(dark)))
+    unit = Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F")
+    assert np.asarray(to_rgb(unit)).max() == 128
+    flat = Image.fromarray(np.full((8, 8), -3.0, dtype=np.float32), mode="F")
+    assert np.asarray(to_rgb(flat)).max() == 128  # one value of unknown range: mid-grey
+
+
+def test_files_that_are_no_images_are_skipped_by_their_header_with_one_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from sdtune.data import readable_images
+
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 64), "red").save(good, format="PNG")  # a PNG named .jpg is read as what it is
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_bytes(b"not an image at all")
+    Image.new("RGB", (200, 200)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert readable_images(list_images(tmp_path)) == [good]
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert message.startswith("skipping 3 files that are not readable images: ")
+    assert "bomb.png (over PIL's decompression-bomb limit" in message and "zero.png (" in message and "notes.png (" in message
+    with pytest.warns(UserWarning, match=r"^skipping .*zero.png: not a readable image \("):
+        assert readable_images([good, tmp_path / "zero.png"]) == [good]
+
+
+def test_copies_of_an_image_are_named_in_one_warning(tmp_path):
+    from sdtune.data import duplicate_images, warn_duplicates
+
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "a copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    paths = list_images(tmp_path)
+    assert [[p.name for p in group] for group in duplicate_images(paths)] == [["a copy.png", "a.png", "link.png"]]
+    with pytest.warns(UserWarning, match=r"the same image more than once: a copy.png = a.png = link.png; "):
+        warn_duplicates(paths)
+    assert duplicate_images([tmp_path / "a.png", tmp_path / "b.png"]) == []
