@@ -12,7 +12,7 @@ import contextlib
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +57,23 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
-    """Warn about every prompt longer than the text encoder reads (77 tokens for CLIP, with start and end)."""
+    """One warning for the prompts longer than the text encoder reads (77 tokens for CLIP, with start and end):
+    the first, with what of it is not read, and how many more (a tagger's captions are often all long)."""
     limit = tokenizer.model_max_length
+    long = []
     for prompt in prompts:
         ids = tokenizer(prompt, truncation=False).input_ids
         if len(ids) > limit:
-            dropped = tokenizer.decode(ids[limit - 1 : -1])
-            warnings.warn(
-                f"prompt {_shorten(prompt)!r} is {len(ids)} tokens, over the text encoder's {limit}: "
-                f"truncated, {_shorten(dropped)!r} is not read",
-                stacklevel=2,
-            )
+            long.append((prompt, ids))
+    if long:
+        prompt, ids = long[0]
+        dropped = tokenizer.decode(ids[limit - 1 : -1])
+        more = f"; and {len(long) - 1} more prompt(s) over {limit} tokens, truncated alike" if len(long) > 1 else ""
+        warnings.warn(
+            f"prompt {_shorten(prompt)!r} is {len(ids)} tokens, over the text encoder's {limit}: "
+            f"truncated, {_shorten(dropped)!r} is not read{more}",
+            stacklevel=2,
+        )
 
 
 def _shorten(text: str, length: int = 40) -> str:
@@ -270,29 +276,31 @@ def load_image(path: Path, resolution: int):
     return load_framed(path, resolution).image
 
 
-def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None, mask_of=None) -> Framed:
+def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None, mask_of=None, notes=None) -> Framed:
     """Open, convert and fit an image into a `resolution` square or, with `buckets`, into the (width,
     height) bucket nearest its aspect ratio. A phone photo's EXIF orientation is applied first."""
 
     def own_size(width: int, height: int) -> tuple[int, int]:
         return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
 
-    return load_framed_sizes(path, lambda width, height: [own_size(width, height)], mask_of=mask_of)[0]
+    return load_framed_sizes(path, lambda width, height: [own_size(width, height)], mask_of=mask_of, notes=notes)[0]
 
 
-def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=None) -> list[Framed]:
+def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=None, notes: "LoadNotes | None" = None) -> list[Framed]:
     """Open and convert an image once (EXIF orientation applied) and fit it into each (width, height) of
     `sizes_of(width, height)`, given its upright size; upscaling into the first size warns if `warn_upscaled`.
-    `mask_of(path, upright image)` gives the image's mask (masks.upright_mask), framed with the image."""
+    `mask_of(path, upright image)` gives the image's mask (masks.upright_mask), framed with the image.
+    With `notes`, what would warn (several frames, upscaled) is kept there, for one warning over many images."""
     from PIL import Image, ImageOps
 
+    kept = notes if notes is not None else LoadNotes()
     with warnings.catch_warnings():
         # PIL only warns between its limit and twice it, and would still decode the whole image
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = Image.open(path)
     with image:
         if getattr(image, "n_frames", 1) > 1:
-            warnings.warn(f"{path.name} has {image.n_frames} frames: the first is used", stacklevel=4)
+            kept.frames.append((path.name, image.n_frames))
         (width, height), turned = upright_size(image)
         sizes = sizes_of(width, height)
         largest = (max(w for w, _ in sizes), max(h for _, h in sizes))  # a draft covering it covers every size
@@ -302,12 +310,42 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         image = to_rgb(image)
     size = sizes[0]
     if warn_upscaled and max(size[0] / width, size[1] / height) > 1:
-        smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
-        warnings.warn(f"{path.name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=3)
+        kept.upscaled.append((path.name, (width, height), size))
+    if notes is None:
+        kept.warn()
     framed = [frame(image, *size, mask) for size in sizes]
     for each in framed:
         each.original_size = (height, width)
     return framed
+
+
+@dataclass
+class LoadNotes:
+    """What loading images has to say of them, kept until `warn` says it in one warning a kind (however many
+    images a folder of phone thumbnails or GIFs has)."""
+
+    frames: list = field(default_factory=list)  # (name, frame count) of each image of several frames
+    upscaled: list = field(default_factory=list)  # (name, (width, height), (frame width, frame height)) of each small one
+
+    def warn(self) -> None:
+        if len(self.frames) == 1:
+            name, count = self.frames[0]
+            warnings.warn(f"{name} has {count} frames: the first is used", stacklevel=3)
+        elif self.frames:
+            warnings.warn(f"{listed([name for name, _ in self.frames])} have several frames: the first of each is used", stacklevel=3)
+        if len(self.upscaled) == 1:
+            name, (width, height), size = self.upscaled[0]
+            smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
+            warnings.warn(f"{name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=3)
+        elif self.upscaled:
+            shown = listed([f"{name} ({width}x{height})" for name, (width, height), _ in self.upscaled])
+            warnings.warn(f"{len(self.upscaled)} images are smaller than the size they are trained at, and upscaled: {shown}", stacklevel=3)
+        self.frames, self.upscaled = [], []
+
+
+def listed(names: list[str]) -> str:
+    """The first few of `names`, and how many more."""
+    return ", ".join(names[:SKIPPED_SHOWN]) + (f", and {len(names) - SKIPPED_SHOWN} more" if len(names) > SKIPPED_SHOWN else "")
 
 
 def fit_square(image, resolution: int):
@@ -340,16 +378,20 @@ def load_images(paths: list[Path], resolution: int) -> list:
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
                        skipped: list[Path] | None = None, mask_of=None) -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
-    `skipped`), none readable is an error."""
+    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each."""
     from PIL import Image, UnidentifiedImageError
 
     loaded, skipped = [], skipped if skipped is not None else []
+    notes = LoadNotes()
     for path in paths:
+        said = (len(notes.frames), len(notes.upscaled))
         try:
-            loaded.append(load_framed(path, resolution, buckets, mask_of))
+            loaded.append(load_framed(path, resolution, buckets, mask_of, notes))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
+            del notes.frames[said[0]:], notes.upscaled[said[1]:]  # a skipped image's notes are not said
             skipped.append(path)
             warnings.warn(f"skipping {path}: not a readable image ({unreadable_because(path, error)})", stacklevel=2)
+    notes.warn()
     if not loaded:
         folder = paths[0].parent if paths else "?"
         raise SdtuneError(f"no readable images in {folder} ({len(skipped)} file(s) could not be read)")

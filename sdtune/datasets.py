@@ -90,7 +90,7 @@ class LabelledDataset:
         """The example resized and center-cropped to `resolution`, with its original size and crop (`data.Framed`)."""
         from PIL import Image, UnidentifiedImageError
 
-        from .data import frame, load_framed, to_rgb
+        from .data import frame, load_framed, to_rgb, unreadable_because
 
         if isinstance(example.image, int):
             return frame(to_rgb(Image.fromarray(self.arrays[example.image])), resolution, resolution)
@@ -99,7 +99,7 @@ class LabelledDataset:
                 warnings.simplefilter("ignore")  # small images are expected in datasets; not one warning each
                 return load_framed(example.image, resolution)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise SdtuneError(f"cannot read image {example.image}: {str(error).splitlines()[0][:100]}") from None
+            raise SdtuneError(f"cannot read image {example.image}: {unreadable_because(example.image, error)}") from None
 
     def select_classes(self, names: list[str]) -> "LabelledDataset":
         """Only the named classes, relabelled 0..k-1 in the order given."""

@@ -187,3 +187,26 @@ def test_copies_of_an_image_are_named_in_one_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"the same image more than once: a copy.png = a.png = link.png; "):
         warn_duplicates(paths)
     assert duplicate_images([tmp_path / "a.png", tmp_path / "b.png"]) == []
+
+
+def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
+    import warnings
+
+    from sdtune.data import load_framed_images
+
+    for i in range(5):
+        Image.new("RGB", (20 + i, 20), (40 * i, 0, 0)).save(tmp_path / f"thumb{i}.jpg")
+    frames = [Image.new("RGB", (80, 80), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "b.webp", save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_framed_images(list_images(tmp_path), 64)
+    assert len(loaded) == 7
+    assert [str(w.message) for w in caught] == [
+        "a.gif, b.webp have several frames: the first of each is used",
+        "5 images are smaller than the size they are trained at, and upscaled: thumb0.jpg (20x20), thumb1.jpg (21x20), "
+        "thumb2.jpg (22x20), and 2 more",
+    ]
+    with pytest.warns(UserWarning, match=r"^a.gif has 3 frames: the first is used$"):
+        load_framed_images([tmp_path / "a.gif"], 64)

@@ -270,7 +270,7 @@ def test_bucketed_class_images_are_framed_into_each_bucket_that_draws_them(tmp_p
         framed, pools = bucketed_class_images([*paths, tmp_path / "broken.png"], 64, [square, wide, square], 2)
     messages = [str(w.message) for w in caught]
     assert any("portrait-0.png" in m and "unused" in m for m in messages)  # no concept image is a portrait
-    assert any(m.startswith(f"skipping {tmp_path / 'broken.png'}: not a readable image") for m in messages)
+    assert any(m.startswith(f"skipping class image {tmp_path / 'broken.png'}: not a readable image") for m in messages)
     assert sorted(pools) == [square, wide]
     assert [framed[i].image.size for i in pools[square]] == [square, square]
     assert {framed[i].original_size for i in pools[square]} == {(100, 100)}
@@ -279,6 +279,18 @@ def test_bucketed_class_images_are_framed_into_each_bucket_that_draws_them(tmp_p
     assert framed[pools[wide][0]].crop_top_left == (16, 0)  # 100x100 covers 80x48 at 0.8: 80x80, 16 px from the top
     with pytest.raises(SdtuneError, match="no readable class images in .* for the 80x48 bucket"), pytest.warns(UserWarning, match="skipping"):
         bucketed_class_images([tmp_path / "broken.png"], 64, [wide], 2)
+
+
+def test_class_images_that_are_no_images_are_not_counted(tmp_path):
+    from sdtune.prior import class_image_paths
+
+    photo_set(tmp_path / "class", counts=(1, 1, 1))
+    for name in ("a-empty.png", "b-text.jpg"):
+        (tmp_path / "class" / name).write_bytes(b"" if "empty" in name else b"not an image")
+    config = TrainConfig(class_images=str(tmp_path / "class"), class_prompt="a castle", num_class_images=3)
+    with pytest.warns(UserWarning, match=r"skipping 2 files that are not readable class images: .*a-empty.png \(an empty file\)"):
+        paths = class_image_paths(config, None, tmp_path / "run", 64, None)
+    assert [p.name for p in paths] == ["portrait-0.png", "square-0.png", "wide-0.png"]  # three, as asked
 
 
 @pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
