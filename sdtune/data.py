@@ -19,7 +19,9 @@ from typing import Any
 from .buckets import nearest_bucket, upright_size
 from .errors import SdtuneError, reading_file
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
+# photos PIL does not decode (without plugins): an iPhone's HEIC, cameras' raw files; named, never silently left out
+UNREAD_PHOTO_EXTENSIONS = {".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
 PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")
 SKIPPED_SHOWN = 3  # unreadable files a warning names; it counts the rest
@@ -95,18 +97,39 @@ def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
 
 
 def list_images(folder: str | Path) -> list[Path]:
+    """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (an iPhone's
+    HEIC, a camera's raw files) are named in a warning, or in the error where the folder has no other image."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SdtuneError(f"{folder} is a file, not a folder of images")
     if not folder.is_dir():
         raise SdtuneError(f"image folder not found: {folder}")
     try:
-        files = sorted(p for p in folder.iterdir() if is_image_name(p) and p.is_file())
+        entries = sorted(folder.iterdir())
+        files = [p for p in entries if is_image_name(p) and p.is_file()]
+        unread = [p.name for p in entries if p.suffix.lower() in UNREAD_PHOTO_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
     except OSError as error:
         raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
+    if unread:
+        kinds = "/".join(sorted({Path(name).suffix.lower()[1:].upper() for name in unread}))
+        what = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG"
+        if not files:
+            raise SdtuneError(f"image folder {folder} has {what}")
+        warnings.warn(f"{folder}: skipping {what}", stacklevel=2)
     if not files:
-        raise SdtuneError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        from .masks import MASK_FOLDER
+
+        within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
+        hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
+        raise SdtuneError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}")
     return files
+
+
+def _holds_images(folder: Path) -> bool:
+    try:
+        return any(is_image_name(path) for path in folder.iterdir())
+    except OSError:  # a subfolder that cannot be read gives no hint
+        return False
 
 
 def is_image_name(path: Path) -> bool:

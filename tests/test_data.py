@@ -100,7 +100,7 @@ def test_unreadable_files_are_skipped_while_others_remain(tmp_path):
     with pytest.warns(UserWarning, match="skipping .*broken.png"):
         assert len(load_images(list_images(tmp_path), 64)) == 1
     (tmp_path / "good.png").unlink()
-    with pytest.raises(SdtuneError, match="no readable images"):
+    with pytest.raises(SdtuneError, match="no readable images"), pytest.warns(UserWarning, match="skipping .*broken.png"):
         load_images(list_images(tmp_path), 64)
 
 
@@ -210,3 +210,25 @@ def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
     ]
     with pytest.warns(UserWarning, match=r"^a.gif has 3 frames: the first is used$"):
         load_framed_images([tmp_path / "a.gif"], 64)
+
+
+def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path):
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    Image.new("RGB", (64, 64), "red").save(phone / "web.jfif", format="JPEG")  # what browsers save JPEGs as
+    Image.new("RGB", (64, 64), "red").save(phone / "new.avif")
+    (phone / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (phone / "IMG_0002.dng").write_bytes(b"II*\x00")
+    with pytest.warns(UserWarning, match=r"skipping 2 DNG/HEIC photo\(s\) \(IMG_0001.HEIC, IMG_0002.dng\), a format sdtune does not read"):
+        assert [p.name for p in list_images(phone)] == ["new.avif", "web.jfif"]
+    with pytest.warns(UserWarning, match="HEIC"):
+        assert len(load_images(list_images(phone), 32)) == 2
+    for name in ("new.avif", "web.jfif"):
+        (phone / name).unlink()
+    with pytest.raises(SdtuneError, match=r"phone has 2 DNG/HEIC photo\(s\) .*: convert them to JPEG or PNG"):
+        list_images(phone)
+    (tmp_path / "parent" / "castle").mkdir(parents=True)
+    (tmp_path / "parent" / "masks").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "parent" / "castle" / "a.png")
+    with pytest.raises(SdtuneError, match=r"images in a subfolder are not read: give the subfolder \(.*parent/castle\)"):
+        list_images(tmp_path / "parent")
