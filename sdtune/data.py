@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buckets import nearest_bucket, upright_size
+from .buckets import nearest_bucket, open_image, quiet_pil, upright_size
 from .errors import SdtuneError, reading_file
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", 
 UNREAD_PHOTO_EXTENSIONS = {".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
 PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")
-SKIPPED_SHOWN = 3  # unreadable files a warning names; it counts the rest
+SKIPPED_SHOWN = 3  # files a warning about several names; it counts the rest
 MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt file
 
 
@@ -144,17 +144,22 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
     an image damaged further in is found, and skipped, when it is decoded."""
     from PIL import Image
 
-    readable, skipped = [], []
+    readable, skipped, odd = [], [], []
     for path in paths:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
                 warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_framed_sizes reads it
-                with Image.open(path):  # reads the header alone
-                    pass
+                with Image.open(path) as image:  # reads the header alone
+                    image.getexif()  # and its EXIF block, which PIL warns of when it is corrupt
         except Exception as error:  # PIL raises many kinds for files that are not images
             skipped.append((path, unreadable_because(path, error)))
         else:
             readable.append(path)
+            odd += [f"{path.name} ({' '.join(first_line(w.message).split())})" for w in said if issubclass(w.category, UserWarning)][:1]
+    if odd:
+        warnings.warn(f"PIL finds odd data in {listed(odd)}: read as far as it can, an EXIF orientation it cannot read "
+                      "not applied", stacklevel=2)
     if len(skipped) == 1:
         warnings.warn(f"skipping {skipped[0][0]}: not a readable {what} ({skipped[0][1]})", stacklevel=2)
     elif skipped:
@@ -199,14 +204,12 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
     """One warning naming the images whose framing cuts away more than half of them: those of an aspect ratio
     over twice their frame's (a 10:1 panorama in a square, or in a 4:1 bucket). `frames[i]`: the (width,
     height) image i is center-cropped into, or None (not read); `hint` ends the warning."""
-    from PIL import Image
-
     cut = []
     for path, frame_size in zip(paths, frames):
         if frame_size is None:
             continue
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 (width, height), _ = upright_size(image)
         except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
             continue
@@ -215,8 +218,7 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
         if kept < 0.5:
             cut.append(f"{path.name} ({width}x{height}: {1 - kept:.0%} cut away)")
     if cut:
-        shown = ", ".join(cut[:SKIPPED_SHOWN]) + (f", and {len(cut) - SKIPPED_SHOWN} more" if len(cut) > SKIPPED_SHOWN else "")
-        warnings.warn(f"center-cropping cuts away more than half of {shown}; crop such photos yourself to keep the part "
+        warnings.warn(f"center-cropping cuts away more than half of {listed(cut)}; crop such photos yourself to keep the part "
                       f"that matters{hint}", stacklevel=2)
 
 
@@ -320,7 +322,7 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
     with warnings.catch_warnings():
         # PIL only warns between its limit and twice it, and would still decode the whole image
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(path)
+        image = open_image(path)
     with image:
         if getattr(image, "n_frames", 1) > 1:
             kept.frames.append((path.name, image.n_frames))
@@ -328,7 +330,8 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         sizes = sizes_of(width, height)
         largest = (max(w for w, _ in sizes), max(h for _, h in sizes))  # a draft covering it covers every size
         image.draft("RGB", largest[::-1] if turned else largest)  # JPEGs decode at reduced size when large
-        image = ImageOps.exif_transpose(image)
+        with quiet_pil():  # a corrupt EXIF block was named once, by readable_images
+            image = ImageOps.exif_transpose(image)
         mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel
         image = to_rgb(image)
     size = sizes[0]

@@ -125,7 +125,7 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
     """
     from PIL import Image, UnidentifiedImageError
 
-    from .buckets import bucket_sizes, class_pools, nearest_bucket, upright_size
+    from .buckets import bucket_sizes, class_pools, nearest_bucket, open_image, upright_size
     from .data import LoadNotes, listed, load_framed_sizes, unreadable_because
 
     sizes = bucket_sizes(resolution)
@@ -133,7 +133,7 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
     problems: dict[int, str] = {}
     for index, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 own.append(nearest_bucket(*upright_size(image)[0], sizes))
         except Exception as error:  # PIL raises many kinds for unreadable files
             own.append(None)

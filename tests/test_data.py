@@ -232,3 +232,26 @@ def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "parent" / "castle" / "a.png")
     with pytest.raises(SdtuneError, match=r"images in a subfolder are not read: give the subfolder \(.*parent/castle\)"):
         list_images(tmp_path / "parent")
+
+
+def test_a_corrupt_exif_block_is_named_once_with_its_file(tmp_path):
+    import io
+    import struct
+    import warnings
+
+    from sdtune.buckets import bucket_sizes
+    from sdtune.data import load_framed_images, readable_images, warn_cropped_away
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), "blue").save(buffer, format="JPEG")
+    exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff" + b"\x01" * 30  # 65535 entries promised, 30 bytes given
+    segment = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    (tmp_path / "odd.jpg").write_bytes(buffer.getvalue()[:2] + segment + buffer.getvalue()[2:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = readable_images(list_images(tmp_path))
+        warn_cropped_away(paths, [(1, 1)])  # reads the header again
+        (framed,) = load_framed_images(paths, 64, bucket_sizes(64))
+    assert framed.image.size == (72, 56)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and said[0].startswith("PIL finds odd data in odd.jpg (Corrupt EXIF data."), said
