@@ -9,6 +9,7 @@ decompression-bomb guard stays on.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import warnings
@@ -106,7 +107,8 @@ def list_images(folder: str | Path) -> list[Path]:
         raise SdtuneError(f"image folder not found: {folder}")
     try:
         entries = sorted(folder.iterdir())
-        files = [p for p in entries if is_image_name(p) and p.is_file()]
+        # a broken link too: skipped, and named, as files that cannot be read are
+        files = [p for p in entries if is_image_name(p) and (p.is_file() or (p.is_symlink() and not p.exists()))]
         unread = [p.name for p in entries if p.suffix.lower() in UNREAD_PHOTO_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
     except OSError as error:
         raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
@@ -228,6 +230,8 @@ def unreadable_because(path: Path, error: BaseException) -> str:
 
     if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return f"over PIL's decompression-bomb limit: {str(error).split(',')[0]}"
+    if isinstance(error, FileNotFoundError) and path.is_symlink():
+        return f"a link to {Path(os.readlink(path))}, which is not there"
     if isinstance(error, UnidentifiedImageError):
         with contextlib.suppress(OSError):
             if path.stat().st_size == 0:

@@ -161,6 +161,7 @@ def test_files_that_are_no_images_are_skipped_by_their_header_with_one_warning(t
     Image.new("RGB", (64, 64), "red").save(good, format="PNG")  # a PNG named .jpg is read as what it is
     (tmp_path / "zero.png").write_bytes(b"")
     (tmp_path / "notes.png").write_bytes(b"not an image at all")
+    (tmp_path / "moved.png").symlink_to(tmp_path / "elsewhere" / "moved.png")  # a link whose photo was moved
     Image.new("RGB", (200, 200)).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
     with warnings.catch_warnings(record=True) as caught:
@@ -168,8 +169,9 @@ def test_files_that_are_no_images_are_skipped_by_their_header_with_one_warning(t
         assert readable_images(list_images(tmp_path)) == [good]
     assert len(caught) == 1, [str(w.message) for w in caught]
     message = str(caught[0].message)
-    assert message.startswith("skipping 3 files that are not readable images: ")
-    assert "bomb.png (over PIL's decompression-bomb limit" in message and "zero.png (" in message and "notes.png (" in message
+    assert message.startswith("skipping 4 files that are not readable images: ")
+    assert "bomb.png (over PIL's decompression-bomb limit" in message and f"moved.png (a link to {tmp_path}/elsewhere/moved.png, which is not there)" in message
+    assert message.endswith("; and 1 more")  # zero.png, the fourth in name order
     with pytest.warns(UserWarning, match=r"^skipping .*zero.png: not a readable image \("):
         assert readable_images([good, tmp_path / "zero.png"]) == [good]
 
