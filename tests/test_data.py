@@ -104,6 +104,13 @@ def test_unreadable_files_are_skipped_while_others_remain(tmp_path):
         load_images(list_images(tmp_path), 64)
 
 
+def test_a_folder_under_home_is_found_as_a_shell_finds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
+    assert list_images("~/photos") == [tmp_path / "photos" / "a.png"]
+
+
 def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(SdtuneError, match="not found"):
         list_images(tmp_path / "nope")
