@@ -130,7 +130,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def _holds_images(folder: Path) -> bool:
     try:
-        return any(is_image_name(path) for path in folder.iterdir())
+        return any(is_image_name(path) and path.is_file() for path in folder.iterdir())
     except OSError:  # a subfolder that cannot be read gives no hint
         return False
 

@@ -36,6 +36,8 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 DIGITS_TEMPLATE = "This is a picture of the handwritten digit {class}."
 FOLDER_TEMPLATE = "a photo of a {class}."
 VTAB_SPLITS = ("train800val200", "train800", "val200", "test")
+# folders that systems, not people, put beside class folders: macOS' zip metadata, a Synology NAS's thumbnails
+SYSTEM_FOLDERS = {"__MACOSX", "@eaDir"}
 DEFAULT_SPLIT = "train800val200"
 
 
@@ -415,7 +417,7 @@ def read_folder(root: Path, template: str, name: str = "imagefolder", class_name
     """
     if (root / METADATA_FILE).is_file():
         return _read_metadata(root, template, name, class_names)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_FOLDERS)
     listed: dict = {}  # each folder's caption files
     if folders:
         names = [folder.name for folder in folders]

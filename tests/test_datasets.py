@@ -216,6 +216,8 @@ def test_files_that_are_no_images_are_left_out_of_a_dataset_before_the_model_loa
     (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # hidden: never an image
     (tmp_path / "cat" / "zero.png").write_bytes(b"")
     write_png(tmp_path / "dog" / "only.png", 3)
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)  # what unzipping a Mac's zip leaves: no class
+    (tmp_path / "__MACOSX" / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
     config = TrainConfig(dataset="imagefolder", data_root=str(tmp_path))
     with pytest.warns(UserWarning, match=r"skipping .*zero.png: not a readable image \(an empty file\)"):
         dataset = dataset_from_config(config)
