@@ -329,7 +329,8 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = open_image(path)
     with image:
-        if getattr(image, "n_frames", 1) > 1:
+        # an animation's frames; a phone's MPO JPEG holds the photo first, then its previews, depth or gain maps
+        if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
             kept.frames.append((path.name, image.n_frames))
         (width, height), turned = upright_size(image)
         sizes = sizes_of(width, height)

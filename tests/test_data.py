@@ -208,10 +208,12 @@ def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
     frames = [Image.new("RGB", (80, 80), colour) for colour in ("red", "blue", "green")]
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
     frames[0].save(tmp_path / "b.webp", save_all=True, append_images=frames[1:])
+    # a phone's JPEG with a gain map or depth image is an MPO of two: the photo is the first, said of none
+    Image.new("RGB", (80, 80), "red").save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[frames[1]])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded = load_framed_images(list_images(tmp_path), 64)
-    assert len(loaded) == 7
+    assert len(loaded) == 8 and loaded[2].image.getpixel((5, 5))[0] > 250  # phone.jpg: its red photo
     assert [str(w.message) for w in caught] == [
         "a.gif, b.webp have several frames: the first of each is used",
         "5 images are smaller than the size they are trained at, and upscaled: thumb0.jpg (20x20), thumb1.jpg (21x20), "
