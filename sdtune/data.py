@@ -97,10 +97,11 @@ def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
 # Images
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
     """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (an iPhone's
     HEIC, a camera's raw files) are named in a warning, or in the error where the folder has no other image.
-    `~` is the home folder, as in a shell (`--images=~/photos` and TOML settings are not expanded by one)."""
+    `~` is the home folder, as in a shell (`--images=~/photos` and TOML settings are not expanded by one). `what`
+    names the folder in errors."""
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SdtuneError(f"{folder} is a file, not a folder of images")
@@ -115,16 +116,16 @@ def list_images(folder: str | Path) -> list[Path]:
         raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
     if unread:
         kinds = "/".join(sorted({Path(name).suffix.lower()[1:].upper() for name in unread}))
-        what = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG"
+        unread_text = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG"
         if not files:
-            raise SdtuneError(f"image folder {folder} has {what}")
-        warnings.warn(f"{folder}: skipping {what}", stacklevel=2)
+            raise SdtuneError(f"{what} {folder} has {unread_text}")
+        warnings.warn(f"{folder}: skipping {unread_text}", stacklevel=2)
     if not files:
         from .masks import MASK_FOLDER
 
         within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
         hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
-        raise SdtuneError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}")
+        raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}")
     return files
 
 

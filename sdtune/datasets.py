@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .captions import METADATA_FILE, caption_file, caption_text, metadata_rows, read_utf8
-from .data import IMAGE_EXTENSIONS, is_image_name, list_images, read_prompt_file
+from .data import is_image_name, list_images, read_prompt_file
 from .errors import SdtuneError
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
@@ -425,9 +425,7 @@ def read_folder(root: Path, template: str, name: str = "imagefolder", class_name
         all_names = class_names or names
         examples = []
         for number, folder in enumerate(folders):
-            files = [p for p in sorted(folder.iterdir()) if is_image_name(p) and p.is_file()]
-            if not files:
-                raise SdtuneError(f"class folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files = list_images(folder, "class folder")  # an iPhone's HEIC photos named, not silently left out
             label = known[number] if known else number
             examples += [Example(p, _beside_caption(p, listed) or render(template, all_names[label]), label) for p in files]
         loose = [p for p in root.iterdir() if is_image_name(p) and p.is_file()]

@@ -205,6 +205,9 @@ def test_empty_class_folder_is_refused(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("x")
     with pytest.raises(SdtuneError, match="class folder .*dog has no images"):
         load_dataset("imagefolder", tmp_path)
+    (tmp_path / "dog" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone's: named, not passed over
+    with pytest.raises(SdtuneError, match=r"class folder .*dog has 1 HEIC photo\(s\) \(IMG_0001.HEIC\), a format sdtune does not read"):
+        load_dataset("imagefolder", tmp_path)
 
 
 def test_files_that_are_no_images_are_left_out_of_a_dataset_before_the_model_loads(tmp_path):
