@@ -15,7 +15,9 @@ the concept and class examples of a step stack into one tensor, as without bucke
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -30,8 +32,26 @@ def upright_size(image) -> tuple[tuple[int, int], bool]:
     """An opened PIL image's (width, height) as it is shown, after its EXIF orientation, and whether it
     is stored turned by a quarter (then its stored width and height are swapped)."""
     width, height = image.size
-    turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    with quiet_pil():
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
     return ((height, width) if turned else (width, height)), turned
+
+
+def open_image(path):
+    """PIL's `Image.open` without PIL's own warnings (see quiet_pil): a JPEG's EXIF block is parsed as it opens."""
+    from PIL import Image
+
+    with quiet_pil():
+        return Image.open(path)
+
+
+@contextlib.contextmanager
+def quiet_pil() -> Iterator[None]:
+    """A block in which PIL's own warnings (corrupt EXIF data, ...) are not shown: they name no file, and would
+    come again each time a header is read; data.readable_images names them once, with their file."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
 
 
 def bucket_step(resolution: int) -> int:
@@ -167,8 +187,6 @@ class BucketBatchSampler:
 def image_buckets(config, paths: list) -> list[tuple[int, int]]:
     """The bucket of each image, from its header alone (no pixel is decoded), before the model loads; None
     for an unreadable image (loading skips it with a warning). A bucket too small for the model is refused."""
-    from PIL import Image
-
     from .limits import smallest_resolution
     from .models import read_model_configs
 
@@ -178,7 +196,7 @@ def image_buckets(config, paths: list) -> list[tuple[int, int]]:
     found = []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 (width, height), _ = upright_size(image)
         except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
             found.append(None)

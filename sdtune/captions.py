@@ -1,6 +1,7 @@
 """Captions for concept images, and the caption augmentations of kohya-ss' trainers.
 
-A caption file beside an image (`img.txt` for `img.png`) or a row of the folder's `metadata.jsonl`
+A caption file beside an image (`img.txt` for `img.png`, or kohya-ss' other convention `img.caption`;
+either extension in any case) or a row of the folder's `metadata.jsonl`
 (`{"file_name": "img.png", "text": "..."}`, diffusers' imagefolder convention) replaces the template's
 prompt for that image; `<name>` placeholders in it become the concept's token. An image without
 either gets the template's prompt.
@@ -18,24 +19,57 @@ from pathlib import Path
 
 from .errors import SdtuneError
 
-CAPTION_SUFFIX = ".txt"
+CAPTION_SUFFIXES = (".txt", ".caption")  # in this order: kohya-ss' trainers read either, as their caption_extension says
 METADATA_FILE = "metadata.jsonl"
 
 
 def read_captions(images: list[Path]) -> list[str | None]:
     """Each image's caption (whitespace collapsed), or None where it has none."""
     metadata: dict[Path, dict[str, str | None]] = {}
+    listed: dict[Path, dict] = {}
     captions = []
     for image in images:
         folder = image.parent
         if folder not in metadata:
             metadata[folder] = _read_metadata(folder / METADATA_FILE)
-        beside = image.with_suffix(CAPTION_SUFFIX)
-        if beside.is_file():
+        beside = caption_file(image, listed)
+        if beside is not None:
             captions.append(_read_caption_file(beside))
         else:
             captions.append(metadata[folder].get(image.name))
     return captions
+
+
+def caption_file(image: Path, listed: dict[Path, dict] | None = None) -> Path | None:
+    """The caption file beside an image: `STEM.txt`, else `STEM.caption`, the extension in any case (a camera's
+    `IMG_1.JPG` with `IMG_1.TXT`; the lower-case name first where both are there); None without one. `listed`
+    keeps each folder's caption files between calls, so a folder of many images is listed once."""
+    listed = {} if listed is None else listed
+    folder = image.parent
+    if folder not in listed:
+        listed[folder] = _caption_files(folder)
+    for suffix in CAPTION_SUFFIXES:
+        found = listed[folder].get((image.stem, suffix))
+        if found is not None:
+            return found
+    return None
+
+
+def _caption_files(folder: Path) -> dict[tuple[str, str], Path]:
+    """(stem, lower-case extension) → path of each caption file in `folder`."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # an unreadable folder is named where its images are listed
+        return {}
+    found: dict[tuple[str, str], Path] = {}
+    for path in entries:
+        suffix = path.suffix.lower()
+        if suffix in CAPTION_SUFFIXES and path.is_file():
+            if path.suffix == suffix:  # the lower-case name wins
+                found[(path.stem, suffix)] = path
+            else:
+                found.setdefault((path.stem, suffix), path)
+    return found
 
 
 def read_utf8(path: Path, what: str = "") -> str:

@@ -1,25 +1,31 @@
 """Training data: image folders, concepts, prompt files.
 
-Images of any mode (RGBA, palette, CMYK, 16-bit, greyscale) are converted to RGB; files that are
-not images are skipped with a warning as long as others remain. PIL's decompression-bomb guard
-stays on.
+Images of any mode (RGBA, palette, CMYK, 16-bit, greyscale) are converted to RGB, transparency composited
+on white; hidden files are never images; files that are not images are skipped with a warning as long as
+others remain (by their header before the model loads, `readable_images`, or as they are decoded). PIL's
+decompression-bomb guard stays on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buckets import nearest_bucket, upright_size
+from .buckets import nearest_bucket, open_image, quiet_pil, upright_size
 from .errors import SdtuneError, reading_file
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
+# photos PIL does not decode (without plugins): an iPhone's HEIC, cameras' raw files; named, never silently left out
+UNREAD_PHOTO_EXTENSIONS = {".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
 PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")
+SKIPPED_SHOWN = 3  # files a warning about several names; it counts the rest
 MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt file
 
 
@@ -54,17 +60,23 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
-    """Warn about every prompt longer than the text encoder reads (77 tokens for CLIP, with start and end)."""
+    """One warning for the prompts longer than the text encoder reads (77 tokens for CLIP, with start and end):
+    the first, with what of it is not read, and how many more (a tagger's captions are often all long)."""
     limit = tokenizer.model_max_length
+    long = []
     for prompt in prompts:
         ids = tokenizer(prompt, truncation=False).input_ids
         if len(ids) > limit:
-            dropped = tokenizer.decode(ids[limit - 1 : -1])
-            warnings.warn(
-                f"prompt {_shorten(prompt)!r} is {len(ids)} tokens, over the text encoder's {limit}: "
-                f"truncated, {_shorten(dropped)!r} is not read",
-                stacklevel=2,
-            )
+            long.append((prompt, ids))
+    if long:
+        prompt, ids = long[0]
+        dropped = tokenizer.decode(ids[limit - 1 : -1])
+        more = f"; and {len(long) - 1} more prompt(s) over {limit} tokens, truncated alike" if len(long) > 1 else ""
+        warnings.warn(
+            f"prompt {_shorten(prompt)!r} is {len(ids)} tokens, over the text encoder's {limit}: "
+            f"truncated, {_shorten(dropped)!r} is not read{more}",
+            stacklevel=2,
+        )
 
 
 def _shorten(text: str, length: int = 40) -> str:
@@ -85,19 +97,154 @@ def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
 # Images
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
+def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
+    """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (an iPhone's
+    HEIC, a camera's raw files) are named in a warning, or in the error where the folder has no other image.
+    `~` is the home folder, as in a shell (`--images=~/photos` and TOML settings are not expanded by one). `what`
+    names the folder in errors."""
+    folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SdtuneError(f"{folder} is a file, not a folder of images")
     if not folder.is_dir():
         raise SdtuneError(f"image folder not found: {folder}")
     try:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        entries = sorted(folder.iterdir())
+        # a broken link too: skipped, and named, as files that cannot be read are
+        files = [p for p in entries if is_image_name(p) and (p.is_file() or (p.is_symlink() and not p.exists()))]
+        unread = [p.name for p in entries if p.suffix.lower() in UNREAD_PHOTO_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
     except OSError as error:
         raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
+    if unread:
+        kinds = "/".join(sorted({Path(name).suffix.lower()[1:].upper() for name in unread}))
+        unread_text = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG"
+        if not files:
+            raise SdtuneError(f"{what} {folder} has {unread_text}")
+        warnings.warn(f"{folder}: skipping {unread_text}", stacklevel=2)
     if not files:
-        raise SdtuneError(f"image folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        from .masks import MASK_FOLDER
+
+        within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
+        hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
+        raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}")
     return files
+
+
+def _holds_images(folder: Path) -> bool:
+    try:
+        return any(is_image_name(path) and path.is_file() for path in folder.iterdir())
+    except OSError:  # a subfolder that cannot be read gives no hint
+        return False
+
+
+def is_image_name(path: Path) -> bool:
+    """Whether a file's name is an image's: an image extension (any case), and not hidden. Hidden files are
+    never photos: macOS writes `._IMG_0001.JPG` (AppleDouble metadata) beside every photo on a FAT or network disk."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
+    """The images whose header PIL reads, within its decompression-bomb limit. The other files are skipped
+    with one warning naming them (the first few, with why; `what` names their kind). Only headers are read:
+    an image damaged further in is found, and skipped, when it is decoded."""
+    from PIL import Image
+
+    readable, skipped, odd = [], [], []
+    for path in paths:
+        try:
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_framed_sizes reads it
+                with Image.open(path) as image:  # reads the header alone
+                    image.getexif()  # and its EXIF block, which PIL warns of when it is corrupt
+        except Exception as error:  # PIL raises many kinds for files that are not images
+            skipped.append((path, unreadable_because(path, error)))
+        else:
+            readable.append(path)
+            odd += [f"{path.name} ({' '.join(first_line(w.message).split())})" for w in said if issubclass(w.category, UserWarning)][:1]
+    if odd:
+        warnings.warn(f"PIL finds odd data in {listed(odd)}: read as far as it can, an EXIF orientation it cannot read "
+                      "not applied", stacklevel=2)
+    if len(skipped) == 1:
+        warnings.warn(f"skipping {skipped[0][0]}: not a readable {what} ({skipped[0][1]})", stacklevel=2)
+    elif skipped:
+        shown = "; ".join(f"{path} ({why})" for path, why in skipped[:SKIPPED_SHOWN])
+        more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+        warnings.warn(f"skipping {len(skipped)} files that are not readable {what}s: {shown}{more}", stacklevel=2)
+    return readable
+
+
+def duplicate_images(paths: list[Path]) -> list[list[Path]]:
+    """Groups of files with the same bytes (a copy, or a link to another of the files), each in the order
+    given; only files of the same size are read."""
+    import hashlib
+
+    by_size: dict[int, list[Path]] = {}
+    for path in paths:
+        with contextlib.suppress(OSError):  # an unreadable file is named where it is read
+            by_size.setdefault(path.stat().st_size, []).append(path)
+    groups: dict[tuple[int, str], list[Path]] = {}
+    for size, same_size in by_size.items():
+        if len(same_size) < 2:
+            continue
+        for path in same_size:
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                groups.setdefault((size, hashlib.file_digest(handle, "sha256").hexdigest()), []).append(path)
+    order = {path: index for index, path in enumerate(paths)}
+    return sorted((sorted(group, key=order.__getitem__) for group in groups.values() if len(group) > 1), key=lambda g: order[g[0]])
+
+
+def warn_duplicates(paths: list[Path]) -> None:
+    """One warning naming the images that are the same file twice or more: each copy is drawn as another image."""
+    groups = duplicate_images(paths)
+    if groups:
+        one_folder = len({path.parent for group in groups for path in group}) == 1
+        shown = "; ".join(" = ".join(path.name if one_folder else str(path) for path in group) for group in groups[:SKIPPED_SHOWN])
+        more = f"; and {len(groups) - SKIPPED_SHOWN} more" if len(groups) > SKIPPED_SHOWN else ""
+        warnings.warn(f"the same image more than once: {shown}{more}; each copy is trained as another image, so that image is "
+                      "drawn as often as its copies together (remove the copies to train it as often as the others)", stacklevel=2)
+
+
+def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
+    """One warning naming the images whose framing cuts away more than half of them: those of an aspect ratio
+    over twice their frame's (a 10:1 panorama in a square, or in a 4:1 bucket). `frames[i]`: the (width,
+    height) image i is center-cropped into, or None (not read); `hint` ends the warning."""
+    cut = []
+    for path, frame_size in zip(paths, frames):
+        if frame_size is None:
+            continue
+        try:
+            with open_image(path) as image:
+                (width, height), _ = upright_size(image)
+        except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
+            continue
+        ratio, frame_ratio = width / height, frame_size[0] / frame_size[1]
+        kept = min(ratio, frame_ratio) / max(ratio, frame_ratio)
+        if kept < 0.5:
+            cut.append(f"{path.name} ({width}x{height}: {1 - kept:.0%} cut away)")
+    if cut:
+        warnings.warn(f"center-cropping cuts away more than half of {listed(cut)}; crop such photos yourself to keep the part "
+                      f"that matters{hint}", stacklevel=2)
+
+
+def unreadable_because(path: Path, error: BaseException) -> str:
+    """Why PIL could not read an image file, in a few words (its own messages repeat the path)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"over PIL's decompression-bomb limit: {str(error).split(',')[0]}"
+    if isinstance(error, FileNotFoundError) and path.is_symlink():
+        return f"a link to {Path(os.readlink(path))}, which is not there"
+    if isinstance(error, UnidentifiedImageError):
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:
+                return "an empty file"
+        return "not an image format PIL reads"
+    return first_line(error).replace(f"'{path}'", "").replace(str(path), "").strip() or type(error).__name__
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, at most 100 characters (PIL's messages can run over several)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
 
 
 def damaged_image(path: str | Path) -> str | None:
@@ -116,15 +263,26 @@ def damaged_image(path: str | Path) -> str | None:
 
 
 def to_rgb(image):
-    """Any PIL image as 8-bit RGB; transparency is composited on white."""
+    """Any PIL image as 8-bit RGB; transparency is composited on white.
+
+    16-bit greyscale (a 16-bit PNG or TIFF, and 32-bit integers within 0..65535) keeps its tones: 65535 is
+    white. Floats within 0..1 are scaled by 255. Other integer or float images, whose white is unknown,
+    are stretched from their lowest to their highest value (one value throughout: mid-grey)."""
     import numpy as np
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        low, high = array.min(), array.max()
-        scale = 255.0 / (high - low) if high > low else 0.0
-        image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        if image.mode != "F" and low >= 0 and high <= 65535:
+            scaled = array / 257.0
+        elif image.mode == "F" and low >= 0 and high <= 1:
+            scaled = array * 255.0
+        elif high > low:
+            scaled = (array - low) * (255.0 / (high - low))
+        else:
+            scaled = np.full_like(array, 127.5)
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -149,44 +307,78 @@ def load_image(path: Path, resolution: int):
     return load_framed(path, resolution).image
 
 
-def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None, mask_of=None) -> Framed:
+def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None, mask_of=None, notes=None) -> Framed:
     """Open, convert and fit an image into a `resolution` square or, with `buckets`, into the (width,
     height) bucket nearest its aspect ratio. A phone photo's EXIF orientation is applied first."""
 
     def own_size(width: int, height: int) -> tuple[int, int]:
         return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
 
-    return load_framed_sizes(path, lambda width, height: [own_size(width, height)], mask_of=mask_of)[0]
+    return load_framed_sizes(path, lambda width, height: [own_size(width, height)], mask_of=mask_of, notes=notes)[0]
 
 
-def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=None) -> list[Framed]:
+def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=None, notes: "LoadNotes | None" = None) -> list[Framed]:
     """Open and convert an image once (EXIF orientation applied) and fit it into each (width, height) of
     `sizes_of(width, height)`, given its upright size; upscaling into the first size warns if `warn_upscaled`.
-    `mask_of(path, upright image)` gives the image's mask (masks.upright_mask), framed with the image."""
+    `mask_of(path, upright image)` gives the image's mask (masks.upright_mask), framed with the image.
+    With `notes`, what would warn (several frames, upscaled) is kept there, for one warning over many images."""
     from PIL import Image, ImageOps
 
+    kept = notes if notes is not None else LoadNotes()
     with warnings.catch_warnings():
         # PIL only warns between its limit and twice it, and would still decode the whole image
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = Image.open(path)
+        image = open_image(path)
     with image:
-        if getattr(image, "n_frames", 1) > 1:
-            warnings.warn(f"{path.name} has {image.n_frames} frames: the first is used", stacklevel=4)
+        # an animation's frames; a phone's MPO JPEG holds the photo first, then its previews, depth or gain maps
+        if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+            kept.frames.append((path.name, image.n_frames))
         (width, height), turned = upright_size(image)
         sizes = sizes_of(width, height)
         largest = (max(w for w, _ in sizes), max(h for _, h in sizes))  # a draft covering it covers every size
         image.draft("RGB", largest[::-1] if turned else largest)  # JPEGs decode at reduced size when large
-        image = ImageOps.exif_transpose(image)
+        with quiet_pil():  # a corrupt EXIF block was named once, by readable_images
+            image = ImageOps.exif_transpose(image)
         mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel
         image = to_rgb(image)
     size = sizes[0]
     if warn_upscaled and max(size[0] / width, size[1] / height) > 1:
-        smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
-        warnings.warn(f"{path.name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=3)
+        kept.upscaled.append((path.name, (width, height), size))
+    if notes is None:
+        kept.warn()
     framed = [frame(image, *size, mask) for size in sizes]
     for each in framed:
         each.original_size = (height, width)
     return framed
+
+
+@dataclass
+class LoadNotes:
+    """What loading images has to say of them, kept until `warn` says it in one warning a kind (however many
+    images a folder of phone thumbnails or GIFs has)."""
+
+    frames: list = field(default_factory=list)  # (name, frame count) of each image of several frames
+    upscaled: list = field(default_factory=list)  # (name, (width, height), (frame width, frame height)) of each small one
+
+    def warn(self) -> None:
+        if len(self.frames) == 1:
+            name, count = self.frames[0]
+            warnings.warn(f"{name} has {count} frames: the first is used", stacklevel=3)
+        elif self.frames:
+            warnings.warn(f"{listed([name for name, _ in self.frames])} have several frames: the first of each is used", stacklevel=3)
+        if len(self.upscaled) == 1:
+            name, (width, height), size = self.upscaled[0]
+            smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
+            warnings.warn(f"{name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=3)
+        elif self.upscaled:
+            shown = listed([f"{name} ({width}x{height})" for name, (width, height), _ in self.upscaled])
+            warnings.warn(f"{len(self.upscaled)} images are smaller than the size they are trained at, and upscaled: {shown}", stacklevel=3)
+        self.frames, self.upscaled = [], []
+
+
+def listed(names: list[str]) -> str:
+    """The first few of `names`, and how many more."""
+    return ", ".join(names[:SKIPPED_SHOWN]) + (f", and {len(names) - SKIPPED_SHOWN} more" if len(names) > SKIPPED_SHOWN else "")
 
 
 def fit_square(image, resolution: int):
@@ -219,19 +411,20 @@ def load_images(paths: list[Path], resolution: int) -> list:
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
                        skipped: list[Path] | None = None, mask_of=None) -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
-    `skipped`), none readable is an error."""
+    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each."""
     from PIL import Image, UnidentifiedImageError
 
     loaded, skipped = [], skipped if skipped is not None else []
+    notes = LoadNotes()
     for path in paths:
+        said = (len(notes.frames), len(notes.upscaled))
         try:
-            loaded.append(load_framed(path, resolution, buckets, mask_of))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            loaded.append(load_framed(path, resolution, buckets, mask_of, notes))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
+            del notes.frames[said[0]:], notes.upscaled[said[1]:]  # a skipped image's notes are not said
             skipped.append(path)
-            warnings.warn(f"skipping {path}: over PIL's decompression-bomb limit ({str(error).split(',')[0]})", stacklevel=2)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            skipped.append(path)
-            warnings.warn(f"skipping {path}: not a readable image ({str(error).splitlines()[0][:100]})", stacklevel=2)
+            warnings.warn(f"skipping {path}: not a readable image ({unreadable_because(path, error)})", stacklevel=2)
+    notes.warn()
     if not loaded:
         folder = paths[0].parent if paths else "?"
         raise SdtuneError(f"no readable images in {folder} ({len(skipped)} file(s) could not be read)")

@@ -25,8 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from .captions import CAPTION_SUFFIX, METADATA_FILE, caption_text, metadata_rows, read_utf8
-from .data import IMAGE_EXTENSIONS, list_images, read_prompt_file
+from .captions import METADATA_FILE, caption_file, caption_text, metadata_rows, read_utf8
+from .data import is_image_name, list_images, read_prompt_file
 from .errors import SdtuneError
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
@@ -36,6 +36,8 @@ DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 DIGITS_TEMPLATE = "This is a picture of the handwritten digit {class}."
 FOLDER_TEMPLATE = "a photo of a {class}."
 VTAB_SPLITS = ("train800val200", "train800", "val200", "test")
+# folders that systems, not people, put beside class folders: macOS' zip metadata, a Synology NAS's thumbnails
+SYSTEM_FOLDERS = {"__MACOSX", "@eaDir"}
 DEFAULT_SPLIT = "train800val200"
 
 
@@ -90,7 +92,7 @@ class LabelledDataset:
         """The example resized and center-cropped to `resolution`, with its original size and crop (`data.Framed`)."""
         from PIL import Image, UnidentifiedImageError
 
-        from .data import frame, load_framed, to_rgb
+        from .data import frame, load_framed, to_rgb, unreadable_because
 
         if isinstance(example.image, int):
             return frame(to_rgb(Image.fromarray(self.arrays[example.image])), resolution, resolution)
@@ -99,7 +101,7 @@ class LabelledDataset:
                 warnings.simplefilter("ignore")  # small images are expected in datasets; not one warning each
                 return load_framed(example.image, resolution)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise SdtuneError(f"cannot read image {example.image}: {str(error).splitlines()[0][:100]}") from None
+            raise SdtuneError(f"cannot read image {example.image}: {unreadable_because(example.image, error)}") from None
 
     def select_classes(self, names: list[str]) -> "LabelledDataset":
         """Only the named classes, relabelled 0..k-1 in the order given."""
@@ -415,19 +417,18 @@ def read_folder(root: Path, template: str, name: str = "imagefolder", class_name
     """
     if (root / METADATA_FILE).is_file():
         return _read_metadata(root, template, name, class_names)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in SYSTEM_FOLDERS)
+    listed: dict = {}  # each folder's caption files
     if folders:
         names = [folder.name for folder in folders]
         known = _folder_labels(names, class_names, root, name) if class_names else None
         all_names = class_names or names
         examples = []
         for number, folder in enumerate(folders):
-            files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-            if not files:
-                raise SdtuneError(f"class folder {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            files = list_images(folder, "class folder")  # an iPhone's HEIC photos named, not silently left out
             label = known[number] if known else number
-            examples += [Example(p, _beside_caption(p) or render(template, all_names[label]), label) for p in files]
-        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            examples += [Example(p, _beside_caption(p, listed) or render(template, all_names[label]), label) for p in files]
+        loose = [p for p in root.iterdir() if is_image_name(p) and p.is_file()]
         if loose:
             warnings.warn(f"{len(loose)} image(s) directly in {root} are not in a class folder: skipped", stacklevel=2)
         return LabelledDataset(name, list(all_names), template, sorted(examples, key=lambda e: (e.label, str(e.image))))
@@ -435,14 +436,15 @@ def read_folder(root: Path, template: str, name: str = "imagefolder", class_name
         raise SdtuneError(f"no {DEFAULT_SPLIT}.txt (VTAB-1k), class folders or {METADATA_FILE} for {name!r} in {root}")
     files = list_images(root)
     class_name = root.name
-    examples = [Example(p, _beside_caption(p) or render(template, class_name), 0) for p in files]
+    examples = [Example(p, _beside_caption(p, listed) or render(template, class_name), 0) for p in files]
     return LabelledDataset(name, [class_name], template, examples)
 
 
-def _beside_caption(image: Path) -> str | None:
-    """The caption in `img.txt` beside `img.png`; None without one, or for an empty one (the template's then)."""
-    caption_file = image.with_suffix(CAPTION_SUFFIX)
-    return (caption_text(caption_file) or None) if caption_file.is_file() else None
+def _beside_caption(image: Path, listed: dict) -> str | None:
+    """The caption in `img.txt` (or `img.caption`) beside `img.png`; None without one, or for an empty one (the
+    template's then). `listed`: each folder's caption files (captions.caption_file)."""
+    found = caption_file(image, listed)
+    return (caption_text(found) or None) if found is not None else None
 
 
 def _folder_labels(folders: list[str], class_names: list[str], root: Path, name: str) -> list[int]:
@@ -597,8 +599,9 @@ def concept_images(concept: str, images: str | Path | None = None, data_root: st
 
 
 def dataset_from_config(config) -> LabelledDataset:
-    """The labelled dataset a `TrainConfig` with `dataset` set trains on."""
-    return load_dataset(
+    """The labelled dataset a `TrainConfig` with `dataset` set trains on: its files that are not readable images
+    skipped with a warning, before the model loads (its images are decoded only as the loop draws them)."""
+    dataset = load_dataset(
         config.dataset,
         config.data_root,
         classes=config.classes,
@@ -607,3 +610,22 @@ def dataset_from_config(config) -> LabelledDataset:
         template=config.class_template,
         seed=config.seed,
     )
+    return readable_examples(dataset)
+
+
+def readable_examples(dataset: LabelledDataset) -> LabelledDataset:
+    """The dataset without the files whose header is not a readable image's (data.readable_images warns of
+    them); a class left without images is refused."""
+    from .data import readable_images
+
+    if dataset.arrays is not None:  # in memory: nothing to read
+        return dataset
+    readable = set(readable_images([example.image for example in dataset.examples]))
+    examples = [example for example in dataset.examples if example.image in readable]
+    if len(examples) == len(dataset.examples):
+        return dataset
+    kept = replace(dataset, examples=examples)
+    empty = [name for name, before, after in zip(kept.class_names, dataset.counts(), kept.counts()) if before and not after]
+    if empty:
+        raise SdtuneError(f"dataset {dataset.name!r}: no readable images of class {empty[0]!r}; each of its files is skipped")
+    return kept

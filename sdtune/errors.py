@@ -9,6 +9,21 @@ class SdtuneError(Exception):
 
     exit_code = 2
 
+    def __init__(self, *args):
+        # A DataLoader worker's error is raised again in the loop as its type, its message the worker's whole
+        # traceback ("Caught SdtuneError in DataLoader worker process 0. Original Traceback ..."): keep its own.
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught ") and "\nOriginal Traceback" in args[0]:
+            args = (_raised_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _raised_message(traceback: str, kind: type) -> str:
+    """The message of the `kind` error a printed traceback ends with."""
+    marker = f"{kind.__module__}.{kind.__qualname__}: "
+    if marker in traceback:
+        return traceback.rsplit(marker, 1)[1].strip()
+    return traceback.strip().splitlines()[-1]
+
 
 class TrainingFailed(SdtuneError):
     """Training started but could not go on (for example a non-finite loss): exit code 1."""

@@ -47,12 +47,14 @@ def upright_mask(path: Path, upright_image, source: str):
     size (the image as decoded, its EXIF orientation applied)."""
     from PIL import Image, ImageOps
 
+    from .buckets import open_image, quiet_pil
+
     if source == "alpha":
         return upright_image.convert("RGBA").getchannel("A")
     mask_path = mask_file(path)
     if mask_path is None:  # checked before the model loads; the folder may have changed since
         raise SdtuneError(f"--masked-loss: {path.name} has no mask {MASK_FOLDER}/{path.stem}.png beside it")
-    with Image.open(mask_path) as mask:
+    with open_image(mask_path) as mask, quiet_pil():
         mask = ImageOps.exif_transpose(mask).convert("L")
     if mask.size != upright_image.size:  # the image was decoded at a reduced size (a large JPEG's draft)
         mask = mask.resize(upright_image.size, Image.Resampling.BOX)
@@ -61,14 +63,12 @@ def upright_mask(path: Path, upright_image, source: str):
 
 def check_masks(paths: list[Path], source: str) -> None:
     """Before the model loads: every concept image has a mask of its own size that is not black everywhere."""
-    from PIL import Image
-
-    from .buckets import upright_size
+    from .buckets import open_image, upright_size
 
     lacking, problems = [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 size, _ = upright_size(image)
                 alpha = has_alpha(image)
         except Exception:  # PIL raises many kinds for unreadable files; loading skips them with a warning
@@ -85,7 +85,7 @@ def check_masks(paths: list[Path], source: str) -> None:
                 continue
             describe = f"mask {mask_path}"
         try:
-            with Image.open(mask_path) as mask:
+            with open_image(mask_path) as mask:
                 mask_size, _ = upright_size(mask)
                 if mask_size != size:
                     problems.append(f"{describe} is {mask_size[0]}x{mask_size[1]}, its image {path.name} {size[0]}x{size[1]}: "

@@ -27,10 +27,12 @@ GENERATION_GUIDANCE = 7.5
 
 def class_image_paths(config, pipe, output: Path, resolution: int, accelerator, progress: bool = True) -> list[Path]:
     """The class images: `config.class_images`, else OUTPUT/class-images, filled up to the number asked."""
-    from .data import list_images
+    from .data import list_images, readable_images
 
     if config.class_images:
-        paths = list_images(config.class_images)
+        paths = readable_images(list_images(config.class_images), "class image")  # a file that is none is not counted
+        if not paths:
+            raise SdtuneError(f"no readable class images in {config.class_images}")
         if config.num_class_images and len(paths) < config.num_class_images:
             warnings.warn(f"{config.class_images} has {len(paths)} class images, fewer than the {config.num_class_images} asked for", stacklevel=2)
         return paths[: config.num_class_images] if config.num_class_images else paths
@@ -123,41 +125,44 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
     """
     from PIL import Image, UnidentifiedImageError
 
-    from .buckets import bucket_sizes, class_pools, nearest_bucket, upright_size
-    from .data import load_framed_sizes
+    from .buckets import bucket_sizes, class_pools, nearest_bucket, open_image, upright_size
+    from .data import LoadNotes, listed, load_framed_sizes, unreadable_because
 
     sizes = bucket_sizes(resolution)
     own: list = []  # each image's own bucket, None where its header cannot be read
     problems: dict[int, str] = {}
     for index, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 own.append(nearest_bucket(*upright_size(image)[0], sizes))
         except Exception as error:  # PIL raises many kinds for unreadable files
             own.append(None)
-            problems[index] = str(error)
+            problems[index] = unreadable_because(path, error)
     image_pools = class_pools(instance_buckets, own, batch_size)
     framed, pools, unused = [], {size: [] for size in image_pools}, []
+    notes = LoadNotes()  # small or animated class images, named in one warning a kind
     for index, path in enumerate(paths):
         # its own bucket first: only that framing warns when it upscales a small image
         serves = sorted((size for size, pool in image_pools.items() if index in pool), key=lambda size: size != own[index])
         if own[index] is not None and not serves:
             unused.append(path.name)
             continue
+        said = (len(notes.frames), len(notes.upscaled))
         try:
-            examples = [] if index in problems else load_framed_sizes(path, lambda width, height: serves, serves[0] == own[index])
+            examples = [] if index in problems else load_framed_sizes(path, lambda width, height: serves, serves[0] == own[index], notes=notes)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
-            problems[index] = str(error)
+            del notes.frames[said[0]:], notes.upscaled[said[1]:]
+            problems[index] = unreadable_because(path, error)
         if index in problems:
-            warnings.warn(f"skipping {path}: not a readable image ({(problems[index].splitlines() or [''])[0][:100]})", stacklevel=2)
+            warnings.warn(f"skipping class image {path}: not a readable image ({problems[index]})", stacklevel=2)
             continue
         for size, example in zip(serves, examples):
             pools[size].append(len(framed))
             framed.append(example)
+    notes.warn()
     if unused:
         warnings.warn(
-            f"{len(unused)} class image(s) ({', '.join(unused)[:120]}) are of a shape that no bucket of concept images "
-            "draws from: unused",
+            f"{len(unused)} class image(s) ({listed(unused)}) are of a shape that no bucket of concept images draws from: unused",
             stacklevel=2,
         )
     empty = [size for size, pool in pools.items() if not pool]

@@ -126,7 +126,10 @@ class RunPlan:
             images = len(inputs.image_paths)
             held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
             named = ", ".join(config.concepts)
-            lines.append(f"{counted(images, 'training image')} of {named}{held}; prompts like {inputs.prompts[0]!r}")
+            templates = [config.concept_prompt(config.concepts[label]) for label in inputs.concept_labels]
+            captioned = sum(prompt != template for prompt, template in zip(inputs.prompts, templates))
+            captioned_note = f" ({captioned} with a caption of their own)" if captioned else ""
+            lines.append(f"{counted(images, 'training image')} of {named}{captioned_note}{held}; prompts like {inputs.prompts[0]!r}")
             if self.buckets:
                 from collections import Counter
 
@@ -186,6 +189,11 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
 
         buckets = image_buckets(config, inputs.image_paths)
         check_buckets(buckets, config.batch_size, [p.name for p in inputs.image_paths])
+    if inputs.labelled is None:
+        from .data import warn_cropped_away
+
+        # a square where there are no buckets: only the aspect ratio of the frame matters
+        warn_cropped_away(inputs.image_paths, buckets or [(1, 1)] * len(inputs.image_paths), "" if config.buckets else ", or add --buckets")
     checkpoint, earlier = run_start(Path(config.output), resume, overwrite, config) if output_state else (None, [])
     if not output_state:
         start = "not read"
@@ -275,7 +283,7 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     """(image, prompt, concept index) of every concept's images: a caption beside the image (or in the
     folder's metadata.jsonl) with placeholders filled, else the template's prompt for the concept."""
     from .captions import check_keep_tokens, read_captions
-    from .data import fill_placeholders
+    from .data import fill_placeholders, readable_images, warn_duplicates
     from .datasets import concept_images
 
     concepts = config.concepts
@@ -283,13 +291,17 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     tokens = config.concept_tokens if len(concepts) > 1 else config.token or f"sks {concepts[0]}"
     found = []
     for label, (concept, folder) in enumerate(zip(concepts, folders)):
-        paths = concept_images(concept, folder, config.data_root)
+        listed = concept_images(concept, folder, config.data_root)
+        paths = readable_images(listed)  # files that are no image are skipped, and counted, before the model loads
+        if not paths:
+            raise SdtuneError(f"no readable images in {listed[0].parent} ({len(listed)} file(s) could not be read)")
         captions = read_captions(paths)
         if config.shuffle_caption:  # a template's prompt is no list of tags: only captions are checked
             check_keep_tokens([(path, caption) for path, caption in zip(paths, captions) if caption], config.keep_tokens)
         for path, caption in zip(paths, captions):
             prompt = fill_placeholders(caption, tokens) if caption else config.concept_prompt(concept)
             found.append((path, prompt, label))
+    warn_duplicates([path for path, _, _ in found])
     return found
 
 
@@ -449,6 +461,7 @@ class Trainer:
             kept = [i for i, path in enumerate(inputs.image_paths) if path not in skipped]
             for each, index in zip(framed, kept) if config.masked_loss else ():
                 masks.check_framed_mask(each.mask, inputs.image_paths[index].name)
+            self.image_paths = [inputs.image_paths[i] for i in kept]
             self.image_prompts = [inputs.prompts[i] for i in kept]
             self.concept_labels = [inputs.concept_labels[i] for i in kept]
             self.dataset = ConceptDataset(framed, self.image_prompts, config.random_flip, config.masked_loss)
@@ -550,7 +563,7 @@ class Trainer:
         from . import prior, validation
         from .buckets import BucketBatchSampler
         from .captions import AugmentedCaptions
-        from .data import ConceptDataset, load_images, warn_truncated_prompts
+        from .data import ConceptDataset, load_framed_images, load_images, warn_truncated_prompts
         from .datasets import BalancedClassSampler
         from .latents import CachedLatents
 
@@ -560,10 +573,15 @@ class Trainer:
         self.validation_loss = None
         if config.validate_every and self.accelerator.is_main_process:
             held_out = self.dataset
-            if inputs.held_out_paths:
-                held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), inputs.held_out_prompts)
+            if inputs.held_out_paths:  # a file that cannot be decoded is skipped with its prompt
+                skipped: list[Path] = []
+                framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped)
+                prompts = [prompt for path, prompt in zip(inputs.held_out_paths, inputs.held_out_prompts) if path not in skipped]
+                held_out = ConceptDataset(framed, prompts)
             elif config.buckets:  # the loss is measured on one batch of square images
-                held_out = ConceptDataset(load_images(inputs.image_paths, self.resolution), self.image_prompts)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # what these images warn of was said as they were loaded to train
+                    held_out = ConceptDataset(load_images(self.image_paths, self.resolution), self.image_prompts)
             self.validation_prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
             self.validation_size = held_out.pixels.shape[-2:]
             self.validation_loss = validation.ValidationLoss(
@@ -884,7 +902,7 @@ class Trainer:
 
         if self.config.dataset:
             return {}
-        return training_images_record(self.inputs.image_paths, self.inputs.prompts)
+        return training_images_record(self.image_paths, self.image_prompts)  # those it trained on: none it skipped
 
     def conditions(self, batch, latents):
         """The UNet's conditioning for a batch: its prompts (and, for SDXL, its images' sizes and crops)."""

@@ -100,8 +100,15 @@ def test_unreadable_files_are_skipped_while_others_remain(tmp_path):
     with pytest.warns(UserWarning, match="skipping .*broken.png"):
         assert len(load_images(list_images(tmp_path), 64)) == 1
     (tmp_path / "good.png").unlink()
-    with pytest.raises(SdtuneError, match="no readable images"):
+    with pytest.raises(SdtuneError, match="no readable images"), pytest.warns(UserWarning, match="skipping .*broken.png"):
         load_images(list_images(tmp_path), 64)
+
+
+def test_a_folder_under_home_is_found_as_a_shell_finds_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
+    assert list_images("~/photos") == [tmp_path / "photos" / "a.png"]
 
 
 def test_missing_or_empty_folder(tmp_path):
@@ -124,3 +131,138 @@ def test_demo_concepts_are_drawn_deterministically(tmp_path, monkeypatch):
     assert [p.name for p in concept_images("castle")] == ["mine.png"]
     with pytest.raises(SdtuneError, match="no images for concept 'dragon'"):
         concept_images("dragon")
+
+
+def test_hidden_files_are_never_images_and_extensions_are_read_in_any_case(tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "IMG_0001.JPG", format="JPEG")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "IMG_0002.jpeg", format="JPEG")
+    (tmp_path / "._IMG_0001.JPG").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # macOS' AppleDouble file
+    Image.new("RGB", (64, 64), "red").save(tmp_path / ".hidden.png")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    assert [p.name for p in list_images(tmp_path)] == ["IMG_0001.JPG", "IMG_0002.jpeg"]
+
+
+def test_sixteen_bit_and_float_images_keep_their_tones(tmp_path):
+    from sdtune.data import to_rgb
+
+    white = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert white.mode == "I;16" and np.asarray(to_rgb(white)).min() == 255  # not stretched into black
+    dark = Image.fromarray(np.linspace(0, 8000, 64, dtype=np.uint16).reshape(8, 8))
+    assert np.asarray(to_rgb(dark)).max() == round(8000 / 257)  # a dark photo stays dark
+    dark.save(tmp_path / "dark.png")
+    with Image.open(tmp_path / "dark.png") as reopened:
+        assert np.array_equal(np.asarray(to_rgb(reopened)), np.asarray(to_rgb(dark)))
+    unit = Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32), mode="F")
+    assert np.asarray(to_rgb(unit)).max() == 128
+    flat = Image.fromarray(np.full((8, 8), -3.0, dtype=np.float32), mode="F")
+    assert np.asarray(to_rgb(flat)).max() == 128  # one value of unknown range: mid-grey
+
+
+def test_files_that_are_no_images_are_skipped_by_their_header_with_one_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from sdtune.data import readable_images
+
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 64), "red").save(good, format="PNG")  # a PNG named .jpg is read as what it is
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_bytes(b"not an image at all")
+    (tmp_path / "moved.png").symlink_to(tmp_path / "elsewhere" / "moved.png")  # a link whose photo was moved
+    Image.new("RGB", (200, 200)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert readable_images(list_images(tmp_path)) == [good]
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert message.startswith("skipping 4 files that are not readable images: ")
+    assert "bomb.png (over PIL's decompression-bomb limit" in message and f"moved.png (a link to {tmp_path}/elsewhere/moved.png, which is not there)" in message
+    assert message.endswith("; and 1 more")  # zero.png, the fourth in name order
+    with pytest.warns(UserWarning, match=r"^skipping .*zero.png: not a readable image \("):
+        assert readable_images([good, tmp_path / "zero.png"]) == [good]
+
+
+def test_copies_of_an_image_are_named_in_one_warning(tmp_path):
+    from sdtune.data import duplicate_images, warn_duplicates
+
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "a copy.png").write_bytes((tmp_path / "a.png").read_bytes())
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    paths = list_images(tmp_path)
+    assert [[p.name for p in group] for group in duplicate_images(paths)] == [["a copy.png", "a.png", "link.png"]]
+    with pytest.warns(UserWarning, match=r"the same image more than once: a copy.png = a.png = link.png; "):
+        warn_duplicates(paths)
+    assert duplicate_images([tmp_path / "a.png", tmp_path / "b.png"]) == []
+
+
+def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
+    import warnings
+
+    from sdtune.data import load_framed_images
+
+    for i in range(5):
+        Image.new("RGB", (20 + i, 20), (40 * i, 0, 0)).save(tmp_path / f"thumb{i}.jpg")
+    frames = [Image.new("RGB", (80, 80), colour) for colour in ("red", "blue", "green")]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "b.webp", save_all=True, append_images=frames[1:])
+    # a phone's JPEG with a gain map or depth image is an MPO of two: the photo is the first, said of none
+    Image.new("RGB", (80, 80), "red").save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[frames[1]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_framed_images(list_images(tmp_path), 64)
+    assert len(loaded) == 8 and loaded[2].image.getpixel((5, 5))[0] > 250  # phone.jpg: its red photo
+    assert [str(w.message) for w in caught] == [
+        "a.gif, b.webp have several frames: the first of each is used",
+        "5 images are smaller than the size they are trained at, and upscaled: thumb0.jpg (20x20), thumb1.jpg (21x20), "
+        "thumb2.jpg (22x20), and 2 more",
+    ]
+    with pytest.warns(UserWarning, match=r"^a.gif has 3 frames: the first is used$"):
+        load_framed_images([tmp_path / "a.gif"], 64)
+
+
+def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path):
+    phone = tmp_path / "phone"
+    phone.mkdir()
+    Image.new("RGB", (64, 64), "red").save(phone / "web.jfif", format="JPEG")  # what browsers save JPEGs as
+    Image.new("RGB", (64, 64), "red").save(phone / "new.avif")
+    (phone / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    (phone / "IMG_0002.dng").write_bytes(b"II*\x00")
+    with pytest.warns(UserWarning, match=r"skipping 2 DNG/HEIC photo\(s\) \(IMG_0001.HEIC, IMG_0002.dng\), a format sdtune does not read"):
+        assert [p.name for p in list_images(phone)] == ["new.avif", "web.jfif"]
+    with pytest.warns(UserWarning, match="HEIC"):
+        assert len(load_images(list_images(phone), 32)) == 2
+    for name in ("new.avif", "web.jfif"):
+        (phone / name).unlink()
+    with pytest.raises(SdtuneError, match=r"phone has 2 DNG/HEIC photo\(s\) .*: convert them to JPEG or PNG"):
+        list_images(phone)
+    (tmp_path / "parent" / "castle").mkdir(parents=True)
+    (tmp_path / "parent" / "masks").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "parent" / "castle" / "a.png")
+    with pytest.raises(SdtuneError, match=r"images in a subfolder are not read: give the subfolder \(.*parent/castle\)"):
+        list_images(tmp_path / "parent")
+
+
+def test_a_corrupt_exif_block_is_named_once_with_its_file(tmp_path):
+    import io
+    import struct
+    import warnings
+
+    from sdtune.buckets import bucket_sizes
+    from sdtune.data import load_framed_images, readable_images, warn_cropped_away
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), "blue").save(buffer, format="JPEG")
+    exif = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff" + b"\x01" * 30  # 65535 entries promised, 30 bytes given
+    segment = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    (tmp_path / "odd.jpg").write_bytes(buffer.getvalue()[:2] + segment + buffer.getvalue()[2:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = readable_images(list_images(tmp_path))
+        warn_cropped_away(paths, [(1, 1)])  # reads the header again
+        (framed,) = load_framed_images(paths, 64, bucket_sizes(64))
+    assert framed.image.size == (72, 56)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and said[0].startswith("PIL finds odd data in odd.jpg (Corrupt EXIF data."), said

@@ -205,6 +205,44 @@ def test_empty_class_folder_is_refused(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("x")
     with pytest.raises(SdtuneError, match="class folder .*dog has no images"):
         load_dataset("imagefolder", tmp_path)
+    (tmp_path / "dog" / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # an iPhone's: named, not passed over
+    with pytest.raises(SdtuneError, match=r"class folder .*dog has 1 HEIC photo\(s\) \(IMG_0001.HEIC\), a format sdtune does not read"):
+        load_dataset("imagefolder", tmp_path)
+
+
+def test_files_that_are_no_images_are_left_out_of_a_dataset_before_the_model_loads(tmp_path):
+    from sdtune.datasets import dataset_from_config
+
+    write_png(tmp_path / "cat" / "a.png", 1)
+    write_png(tmp_path / "cat" / "b.JPG", 2)
+    (tmp_path / "cat" / "b.TXT").write_text("a cat on a mat")
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # hidden: never an image
+    (tmp_path / "cat" / "zero.png").write_bytes(b"")
+    write_png(tmp_path / "dog" / "only.png", 3)
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)  # what unzipping a Mac's zip leaves: no class
+    (tmp_path / "__MACOSX" / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07")
+    config = TrainConfig(dataset="imagefolder", data_root=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"skipping .*zero.png: not a readable image \(an empty file\)"):
+        dataset = dataset_from_config(config)
+    assert [(e.image.name, e.caption) for e in dataset.examples] == [
+        ("a.png", "a photo of a cat."), ("b.JPG", "a cat on a mat"), ("only.png", "a photo of a dog.")]
+    (tmp_path / "dog" / "only.png").write_bytes(b"not a png")
+    with pytest.raises(SdtuneError, match="no readable images of class 'dog'"), pytest.warns(UserWarning):
+        dataset_from_config(config)
+
+
+def test_an_image_that_fails_in_a_loader_worker_is_one_line(tmp_path):
+    """A truncated image is found as a worker decodes it: the loop's error is its message, not the worker's traceback."""
+    import torch
+
+    write_png(tmp_path / "cat" / "a.png", 1)
+    (tmp_path / "cat" / "b.png").write_bytes(write_png(tmp_path / "whole.png", 2).read_bytes()[:60])
+    dataset = ClassImageDataset(load_dataset("imagefolder", tmp_path / "cat"), 16)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1)
+    with pytest.raises(SdtuneError) as raised:
+        next(iter(loader))
+    assert str(raised.value).startswith("cannot read image ") and "b.png" in str(raised.value)
+    assert "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
 
 
 def test_metadata_jsonl(tmp_path):

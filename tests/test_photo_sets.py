@@ -142,6 +142,65 @@ def test_the_dry_run_lists_the_buckets_and_their_images(tmp_path):
     assert not any("bucket" in line for line in plan_run(TrainConfig(model="tiny-random", output=str(tmp_path / "run"))).summary())
 
 
+def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
+    from sdtune.training import plan_run
+
+    photo_set(tmp_path / "photos", counts=(1, 2, 1))
+    (tmp_path / "photos" / "zero.png").write_bytes(b"")
+    (tmp_path / "photos" / "notes.jpg").write_bytes(b"a text saved as .jpg")
+    (tmp_path / "photos" / "._square-0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # hidden: not even named
+    config = TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), buckets=True, output=str(tmp_path / "run"))
+    with pytest.warns(UserWarning, match=r"skipping 2 files that are not readable images: .*notes.jpg .*zero.png") as caught:
+        lines = plan_run(config).summary()
+    assert not any("._square-0" in str(w.message) for w in caught)
+    assert lines[1].startswith("4 training images of castle")
+    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image), 64x64 (2 images), 80x48 (1 image)"
+    for path in (tmp_path / "photos").glob("*-*.png"):
+        path.unlink()
+    with pytest.raises(SdtuneError, match=r"no readable images in .*photos \(2 file\(s\) could not be read\)"), pytest.warns(UserWarning):
+        plan_run(config)
+
+
+def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_loads(tmp_path):
+    import warnings
+
+    from sdtune.training import plan_run
+
+    folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent  # up to 16:9: kept
+    Image.new("RGB", (640, 64)).save(folder / "panorama.png")  # 10:1
+    said = {}
+    for buckets in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan_run(TrainConfig(model="tiny-random", images=str(folder), buckets=buckets, output=str(tmp_path / "run")))
+        said[buckets] = [str(w.message) for w in caught if "center-cropping" in str(w.message)]
+    assert said[True] == ["center-cropping cuts away more than half of panorama.png (640x64: 60% cut away); "
+                          "crop such photos yourself to keep the part that matters"]  # into the 128x32 bucket, 4:1
+    assert len(said[False]) == 1 and "panorama.png (640x64: 90% cut away)" in said[False][0]
+    assert said[False][0].endswith(", or add --buckets")
+
+
+def test_an_undecodable_held_out_image_is_skipped_and_warnings_are_given_once(tmp_path, tiny_path):
+    """A file whose header reads but whose pixels do not (a truncated JPEG) is found only as it is decoded."""
+    import warnings
+
+    folder = photo_set(tmp_path / "photos", counts=(2, 2, 2))[0].parent
+    Image.new("RGB", (20, 20), "red").save(folder / "small.png")
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(whole, quality=95)
+    for name in ("z-cut-0.jpg", "z-cut-1.jpg"):
+        (folder / name).write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # seed 0 holds out wide-1.png and z-cut-1.jpg
+        run_training(tmp_path, "held", images=str(folder), validate_every=2, validation_images=2, steps=2)
+        run_training(tmp_path, "buckets", images=str(folder), validate_every=2, buckets=True, steps=2)
+    said = [str(w.message) for w in caught]
+    assert sum("small.png is 20x20" in m for m in said) == 2, said  # once a run: not again for the validation loss
+    assert sum("skipping " in m and "z-cut-0.jpg" in m for m in said) == 2, said
+    assert sum("skipping " in m and "z-cut-1.jpg" in m for m in said) == 2, said
+
+
 @pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
 def test_buckets_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path):
     """Three shapes in batches of 2 (3 batches an epoch): the cached run equals the uncached one bit for
@@ -211,7 +270,7 @@ def test_bucketed_class_images_are_framed_into_each_bucket_that_draws_them(tmp_p
         framed, pools = bucketed_class_images([*paths, tmp_path / "broken.png"], 64, [square, wide, square], 2)
     messages = [str(w.message) for w in caught]
     assert any("portrait-0.png" in m and "unused" in m for m in messages)  # no concept image is a portrait
-    assert any(m.startswith(f"skipping {tmp_path / 'broken.png'}: not a readable image") for m in messages)
+    assert any(m.startswith(f"skipping class image {tmp_path / 'broken.png'}: not a readable image") for m in messages)
     assert sorted(pools) == [square, wide]
     assert [framed[i].image.size for i in pools[square]] == [square, square]
     assert {framed[i].original_size for i in pools[square]} == {(100, 100)}
@@ -220,6 +279,18 @@ def test_bucketed_class_images_are_framed_into_each_bucket_that_draws_them(tmp_p
     assert framed[pools[wide][0]].crop_top_left == (16, 0)  # 100x100 covers 80x48 at 0.8: 80x80, 16 px from the top
     with pytest.raises(SdtuneError, match="no readable class images in .* for the 80x48 bucket"), pytest.warns(UserWarning, match="skipping"):
         bucketed_class_images([tmp_path / "broken.png"], 64, [wide], 2)
+
+
+def test_class_images_that_are_no_images_are_not_counted(tmp_path):
+    from sdtune.prior import class_image_paths
+
+    photo_set(tmp_path / "class", counts=(1, 1, 1))
+    for name in ("a-empty.png", "b-text.jpg"):
+        (tmp_path / "class" / name).write_bytes(b"" if "empty" in name else b"not an image")
+    config = TrainConfig(class_images=str(tmp_path / "class"), class_prompt="a castle", num_class_images=3)
+    with pytest.warns(UserWarning, match=r"skipping 2 files that are not readable class images: .*a-empty.png \(an empty file\)"):
+        paths = class_image_paths(config, None, tmp_path / "run", 64, None)
+    assert [p.name for p in paths] == ["portrait-0.png", "square-0.png", "wide-0.png"]  # three, as asked
 
 
 @pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
@@ -279,6 +350,10 @@ def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
     assert [prompt for _, prompt, _ in concept_inputs(config)] == [
         "a zwx castle at dusk, fog", "photo of a zwx castle.", "the zwx castle from above", "photo of a zwx castle.",
     ]
+    from sdtune.training import plan_run
+
+    summary = plan_run(TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), output=str(tmp_path / "run"))).summary()
+    assert summary[1] == "4 training images of castle (2 with a caption of their own); prompts like 'a sks castle at dusk, fog'"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -289,6 +364,20 @@ def test_a_bad_caption_file_is_refused(tmp_path, content, message):
     paths = photo_set(tmp_path, counts=(1, 1, 0))
     (tmp_path / "portrait-0.txt").write_bytes(content)
     with pytest.raises(SdtuneError, match=message):
+        read_captions(paths)
+
+
+def test_caption_files_in_kohyas_conventions_and_any_case(tmp_path):
+    paths = photo_set(tmp_path, counts=(2, 2, 1))  # portrait-0, portrait-1, square-0, square-1, wide-0
+    (tmp_path / "portrait-0.caption").write_text("a <castle>, kohya's extension")
+    (tmp_path / "portrait-1.TXT").write_text("a <castle> from a camera's card")
+    (tmp_path / "square-0.txt").write_text("the .txt first")
+    (tmp_path / "square-0.caption").write_text("not read")
+    (tmp_path / "square-1.Caption").write_text("  any case  ")
+    assert read_captions(paths) == ["a <castle>, kohya's extension", "a <castle> from a camera's card", "the .txt first",
+                                    "any case", None]
+    (tmp_path / "wide-0.caption").write_bytes(b"\xff caption")
+    with pytest.raises(SdtuneError, match=r"caption file .*wide-0.caption: not UTF-8 text"):
         read_captions(paths)
 
 

@@ -222,6 +222,11 @@ class TestPrompts:
             warn_truncated_prompts(tiny_pipe.tokenizer, [words, "a castle"])
         with pytest.warns(UserWarning, match="78 tokens.*'lake' is not read"):
             warn_truncated_prompts(tiny_pipe.tokenizer, [words + "lake"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_truncated_prompts(tiny_pipe.tokenizer, [words + "lake", "a castle", words + "lake lake", words + "snow"])
+        assert len(caught) == 1, "one warning, however many captions are long"
+        assert str(caught[0].message).endswith("'lake' is not read; and 2 more prompt(s) over 77 tokens, truncated alike")
 
 
 # ---------------------------------------------------------------------------------------------
