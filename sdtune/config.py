@@ -37,6 +37,22 @@ SCHEDULERS = ("default", "ddim", "pndm", "euler", "euler-ancestral", "dpm++", "d
 DEFAULT_CLASS_IMAGES = 100  # as diffusers' DreamBooth script
 
 
+# Settings that name files or folders: a leading `~` is the home folder, as a shell would expand it
+# (`--output=~/runs/x`, TOML values and the Python API are not expanded by one).
+PATH_SETTINGS = frozenset({
+    "source", "output", "runs", "prompts", "run", "images", "reference", "clip_model", "dino_model", "adapter",
+    "model", "data_root", "plan", "resume", "class_images", "validation_prompts",
+})
+
+
+def expand_home(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    if isinstance(value, list):
+        return [expand_home(item) for item in value]
+    return value
+
+
 class _Config:
     """TOML in, TOML out, with clear errors for unknown keys and bad values."""
 
@@ -58,7 +74,8 @@ class _Config:
     def __post_init__(self) -> None:
         # the Python API builds configs directly: types are checked here, for TOML and flags alike
         for name, hint in typing.get_type_hints(type(self)).items():
-            setattr(self, name, checked_value(name, getattr(self, name), hint))
+            value = checked_value(name, getattr(self, name), hint)
+            setattr(self, name, expand_home(value) if name in PATH_SETTINGS else value)
 
     def validate(self) -> None:
         pass

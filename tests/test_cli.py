@@ -61,6 +61,25 @@ def test_every_help_text_is_shown_whole():
     assert checked > 100
 
 
+def test_paths_under_home_are_expanded_where_no_shell_did(tmp_path, monkeypatch):
+    """`--output=~/runs/x` reaches sdtune unexpanded (no shell expands after `=`), as do TOML values: `~` is the
+    home folder there too, never a folder named `~` in the working directory."""
+    from sdtune.config import SampleConfig, TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    result = invoke("train", "--model", "tiny-random", "--dry-run", "--output=~/runs/x")
+    assert result.exit_code == 0, result.output
+    assert f"output: {tmp_path / 'home' / 'runs' / 'x'} (a new run)" in result.output
+    config = TrainConfig(output="~/runs/y", images=["~/a", "b"], class_prompt="~ a prompt")
+    assert config.output == str(tmp_path / "home" / "runs" / "y") and config.images == [str(tmp_path / "home" / "a"), "b"]
+    assert config.class_prompt == "~ a prompt"  # text, not a path
+    sample = SampleConfig(adapter="~/x.safetensors", prompt=["~/x"])
+    assert sample.adapter == str(tmp_path / "home" / "x.safetensors") and sample.prompt == ["~/x"]
+    assert not (tmp_path / "~").exists()
+
+
 def test_train_writes_adapter_config_and_metrics(trained_run):
     from safetensors import safe_open
 
