@@ -30,7 +30,9 @@ def class_image_paths(config, pipe, output: Path, resolution: int, accelerator, 
     from .data import list_images, readable_images
 
     if config.class_images:
-        paths = readable_images(list_images(config.class_images), "class image")  # a file that is none is not counted
+        with warnings.catch_warnings():  # the files that are none were named as the run was planned (`class_image_count`)
+            warnings.simplefilter("ignore")
+            paths = readable_images(list_images(config.class_images), "class image")
         if not paths:
             raise SdtuneError(f"no readable class images in {config.class_images}")
         if config.num_class_images and len(paths) < config.num_class_images:
@@ -50,9 +52,10 @@ def class_image_count(config) -> int:
         return 0
     if not config.class_images:
         return config.num_class_images or 0
-    from .data import list_images
+    from .data import list_images, readable_images
 
-    found = len(list_images(config.class_images))
+    # files that are no image are named here, before the model loads, and not counted
+    found = len(readable_images(list_images(config.class_images), "class image"))
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
