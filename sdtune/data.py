@@ -20,6 +20,7 @@ from typing import Any
 from .buckets import nearest_bucket, open_image, quiet_pil, upright_size
 from .errors import SdtuneError, reading_file
 
+MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
 # photos PIL does not decode (without plugins): an iPhone's HEIC, cameras' raw files; named, never silently left out
 UNREAD_PHOTO_EXTENSIONS = {".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
@@ -121,8 +122,6 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
             raise SdtuneError(f"{what} {folder} has {unread_text}")
         warnings.warn(f"{folder}: skipping {unread_text}", stacklevel=2)
     if not files:
-        from .masks import MASK_FOLDER
-
         within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
         hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
         raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}")

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data import IMAGE_EXTENSIONS, MASK_FOLDER
 from .errors import SdtuneError
 
-MASK_FOLDER = "masks"
 MASK_SOURCES = ("files", "alpha")
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 def mask_file(image: Path) -> Path | None:
     """The mask file of a concept image: `masks/STEM.*` beside it (a PNG first), or None."""
-    from .data import IMAGE_EXTENSIONS
-
     folder = image.parent / MASK_FOLDER
     for extension in [".png", *sorted(IMAGE_EXTENSIONS - {".png"})]:
         for candidate in (folder / (image.stem + extension), folder / (image.stem + extension.upper())):
