@@ -19,7 +19,11 @@ methods that have them.
   `PeftModel` (keys start with `base_model.model.`); a trained text encoder's the same in `text_encoder/`.
 
 A trained text encoder (`--train-text-encoder`) is written as kohya's `lora_te_` modules (`lora_te1_`,
-`lora_te2_` for two encoders) and diffusers' `text_encoder.` layers.
+`lora_te2_` for two encoders) and diffusers' `text_encoder.` layers. The adapter names CLIP's layers from its
+transformer (`encoder.layers.0...`); the diffusers file writes them under `text_model.`, as diffusers' own
+scripts do, and lets its target pattern match them with or without it (transformers 5's CLIPTextModel has no
+`text_model`, its CLIPTextModelWithProjection, SDXL's second encoder, does); a peft folder must hold the
+encoder's own module names, so it takes the installed transformers' (`clip_transformer_prefix`).
 
 Whole pipelines with the update baked in are written by `sdtune.merging`.
 """
@@ -35,6 +39,7 @@ from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
+from .methods.base import exact_module_pattern
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
 from .kohya import (
     is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya,
@@ -289,6 +294,11 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
     arguments = {}
     for part, own in tensors_by_model(tensors, encoders).items():
         layers, metadata = method.diffusers_lora_layers(own, part)
+        if part != "unet":
+            # under `text_model.` as diffusers' scripts write them; the pattern takes either nesting, since
+            # diffusers injects by it into the encoder as built (and maps the keys onto it itself)
+            layers = {CLIP_TRANSFORMER + key: tensor for key, tensor in layers.items()}
+            metadata = {**metadata, "target_modules": exact_module_pattern(peft_module_names(own), CLIP_TRANSFORMER)}
         arguments[f"{part}_lora_layers"], arguments[f"{part}_lora_adapter_metadata"] = layers, metadata
     writer = StableDiffusionXLPipeline if "text_encoder_2" in encoders else StableDiffusionPipeline
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +313,27 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return len(tensors)
+
+
+CLIP_TRANSFORMER = "text_model."  # where transformers 4 put CLIP's transformer in every text encoder class
+
+
+def clip_transformer_prefix(encoder: str) -> str:
+    """The path of CLIP's transformer in `encoder` (a pipeline's `text_encoder`, `text_encoder_2`) as the
+    installed transformers builds it: "" where its layers sit at the model's top (transformers 5's
+    CLIPTextModel), `text_model.` otherwise (CLIPTextModelWithProjection, SDXL's second encoder; transformers 4's
+    both). SD and SDXL pipelines hold a CLIPTextModel as `text_encoder`, a CLIPTextModelWithProjection as
+    `text_encoder_2`; a one-layer model of the class on the meta device tells, weightless."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model_class = CLIPTextModelWithProjection if encoder == "text_encoder_2" else CLIPTextModel
+    config = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                            num_attention_heads=1, max_position_embeddings=8, projection_dim=8,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device("meta"):
+        model = model_class(config)
+    return CLIP_TRANSFORMER if hasattr(model, CLIP_TRANSFORMER.rstrip(".")) else ""
 
 
 def peft_module_names(tensors) -> list[str]:
@@ -320,11 +351,12 @@ def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = Fal
     def fill(folder: Path) -> None:
         for part, own in tensors_by_model(tensors, info.text_encoders).items():
             where = folder if part == "unet" else folder / part
-            config = method.to_peft_config(peft_module_names(own))
+            prefix = "" if part == "unet" else clip_transformer_prefix(part)  # peft loads only its exact names
+            config = method.to_peft_config([prefix + name for name in peft_module_names(own)])
             config.base_model_name_or_path = info.base_model
             config.inference_mode = True
             config.save_pretrained(str(where))
-            state = {f"base_model.model.{key}": tensor.contiguous() for key, tensor in own.items()}
+            state = {f"base_model.model.{prefix}{key}": tensor.contiguous() for key, tensor in own.items()}
             save_file(state, str(where / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     write_folder(output, fill, overwrite)

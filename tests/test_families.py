@@ -310,3 +310,42 @@ def test_zero_terminal_snr_models_sample_with_rescaled_guidance(tmp_path, monkey
     sample(SampleConfig(prompt=["x"], model="tiny-sd2-random", num_images=1, steps=2, guidance_rescale=0.3,
                         output=str(tmp_path / "out")), progress=False)
     assert seen == [0.3]
+
+
+@pytest.mark.parametrize("format", ["diffusers", "peft"])
+def test_sdxl_text_encoder_exports_load_on_both_encoders(format, built, tmp_path):
+    """SDXL's second encoder (CLIPTextModelWithProjection) keeps CLIP's layers under `text_model.`, which
+    transformers 5's CLIPTextModel dropped: diffusers' load_lora_weights and PeftModel put the exported
+    update on both encoders as sdtune does."""
+    from peft import PeftModel
+
+    from sdtune.export import export_adapter
+
+    family = "tiny-sdxl-random"
+    pipe = load(family)
+    method = methods.create("lora")
+    method.inject(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2])
+    with torch.no_grad():
+        for parameter in method.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    adapter = save_adapter(tmp_path / "a.safetensors", method, family, placeholder="<castle>", token="sks castle")
+    ids = pipe.tokenizer(["a photo of sks castle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def encoded(first, second):
+        with torch.no_grad():
+            return first(ids)[0], second(ids).text_embeds
+
+    tuned = encoded(pipe.text_encoder, pipe.text_encoder_2)
+    plain = load(family)
+    untuned = encoded(plain.text_encoder, plain.text_encoder_2)
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(tuned, untuned))
+    if format == "diffusers":
+        export_adapter(adapter, "diffusers", tmp_path / "lora.safetensors")
+        plain.load_lora_weights(str(tmp_path / "lora.safetensors"))
+        loaded = encoded(plain.text_encoder, plain.text_encoder_2)
+    else:
+        export_adapter(adapter, "peft", tmp_path / "peft")
+        loaded = encoded(PeftModel.from_pretrained(plain.text_encoder, str(tmp_path / "peft" / "text_encoder")),
+                         PeftModel.from_pretrained(plain.text_encoder_2, str(tmp_path / "peft" / "text_encoder_2")))
+    for got, want in zip(loaded, tuned):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
