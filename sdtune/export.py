@@ -186,7 +186,8 @@ def export_adapter(
             write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info), **extra, **spec, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
-            return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows))
+            bundled = [_bundle_note(output)] if bundles else []
+            return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows) + bundled)
         if format == "diffusers":
             count = write_diffusers_lora(output, method, tensors, info.text_encoders)
             return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
@@ -200,11 +201,26 @@ def _write_token_file(output: Path, info, rows: dict) -> list[str]:
         return []
     path = embedding_file_path(output)
     write_embedding_file(path, info, rows)
-    keys = ", ".join(EMBEDDING_FILE_KEYS[k.removeprefix(TENSOR_PREFIX)] for k in rows)
+    encoders = [k.removeprefix(TENSOR_PREFIX) for k in rows]
+    keys = [EMBEDDING_FILE_KEYS[encoder] for encoder in encoders]
+    # each key goes into its own encoder and tokenizer, as the advanced scripts' model cards load them
+    loads = "; ".join(
+        f'pipe.load_textual_inversion(state["{key}"], token={list(info.new_tokens)}, text_encoder=pipe.{encoder}, '
+        f"tokenizer=pipe.{encoder.replace('text_encoder', 'tokenizer')})"
+        for encoder, key in zip(encoders, keys)
+    )
     return [
-        f"token embeddings of {''.join(info.new_tokens)}: {path} ({keys}); diffusers: pipe.load_textual_inversion("
-        f"load_file(path)[key], token={list(info.new_tokens)}, text_encoder=..., tokenizer=...)"
+        f"token embeddings of {''.join(info.new_tokens)}: {path} ({', '.join(keys)}); diffusers: state = "
+        f"load_file(\"{path}\"); {loads}"
     ]
+
+
+def _bundle_note(output: Path) -> str:
+    """What diffusers makes of a kohya file with bundled token embeddings."""
+    return (
+        f"diffusers' load_lora_weights refuses a file with bundle_emb keys (it takes LoRA keys alone): give it "
+        f"{output.name} without them, or export --format diffusers, and load the tokens from {embedding_file_path(output).name}"
+    )
 
 
 def _kohya_layout_of(model: str, title: str):
