@@ -277,7 +277,7 @@ def test_an_adapter_refuses_another_familys_model(built, tmp_path):
     method = methods.create("atoms")
     method.inject(pipe.unet)
     path = save_adapter(tmp_path / "sd2.safetensors", method, "tiny-sd2-random")
-    with pytest.raises(SdtuneError, match="does not fit this model"):
+    with pytest.raises(SdtuneError, match=r"\(trained on base model 'tiny-sd2-random'\) does not fit this model"):
         load_adapter(path, fresh_unet("tiny-sdxl-random"))
 
 
