@@ -186,7 +186,8 @@ def export_adapter(
             write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info), **extra, **spec, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
-            bundled = [_bundle_note(output)] if bundles else []
+            # only a LoRA's file is one diffusers would otherwise load
+            bundled = [_bundle_note(output)] if bundles and "diffusers" in method.export_formats else []
             return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows) + bundled)
         if format == "diffusers":
             count = write_diffusers_lora(output, method, tensors, info.text_encoders)
