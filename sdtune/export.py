@@ -173,6 +173,8 @@ def export_adapter(
         if format == "kohya":
             layout, spec, notes = _kohya_layout_of(model or info.base_model, output.stem)
             if own is not None:
+                if model and model != info.base_model and not notes:  # the file's names and metadata come from it
+                    _check_fits(path, info, tensors, model)
                 modules, extra = own
                 state, missing = kohya_state(modules, layout), None
                 extra = {**extra, "ss_base_model_version": layout.base_model_version}
@@ -239,6 +241,25 @@ def _kohya_layout_of(model: str, title: str):
             f"the UNet config of {model} could not be read ({error}); the keys use SD 1.x/2.x's (diffusers') "
             "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
         ]
+
+
+def _check_fits(path: Path, info, tensors: dict, model: str) -> None:
+    """Refuse a `--model` whose UNet does not hold the adapter's UNet tensors (names and shapes, from an injection
+    on the meta device): its kohya names and metadata would describe another model (an SDXL LoRA as SD 2.x's)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .adapter import expected_shapes
+    from .methods.base import check_state_names, check_state_shapes
+    from .models import read_model_configs
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(read_model_configs(model).unet)
+    shapes = expected_shapes(info.method, info.options, unet)
+    found = {key: tuple(tensor.shape) for key, tensor in tensors.items() if key.partition(".")[0] not in info.text_encoders}
+    what = f"adapter {path} (trained on base model {info.base_model!r}), on --model {model},"
+    check_state_names(shapes, found, what)
+    check_state_shapes(shapes, found, what)
 
 
 def _full_diff_notes(missing: dict[str, tuple[int, ...]], state: dict, full_diff: bool, file_bytes: int) -> list[str]:
