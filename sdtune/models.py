@@ -531,6 +531,13 @@ def read_model_configs(model: str) -> ModelConfigs:
                 f"--model {model}: the folder lacks component(s) {', '.join(missing)}, which a "
                 f"{index['_class_name']} needs"
             )
+        # a folder of it that model_index.json does not name (`[null, null]`) is loaded as None
+        unnamed = [c for c in SUPPORTED_PIPELINES[index["_class_name"]] if not _names_component(index.get(c))]
+        if unnamed:
+            raise SdtuneError(
+                f"--model {model}: its model_index.json names no {', '.join(unnamed)}, which a "
+                f"{index['_class_name']} needs"
+            )
         files = {name: path / file for name, file in CONFIG_FILES.items()}
         read_optional = path.joinpath
     else:

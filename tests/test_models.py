@@ -58,6 +58,20 @@ def test_missing_component_is_named(tiny_path, tmp_path):
         load_pipeline(str(folder))
 
 
+def test_a_component_model_index_leaves_unnamed_is_named(private_cache, tmp_path):
+    """An SDXL folder that holds text_encoder_2/ but whose model_index.json has it as [null, null] (diffusers
+    then loads None) is refused in one line, not a TypeError in the first step."""
+    from sdtune.models import read_model_configs, tiny_sdxl_random_path
+
+    folder = tmp_path / "xl"
+    shutil.copytree(tiny_sdxl_random_path(), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(SdtuneError, match=r"model_index.json names no text_encoder_2, which a StableDiffusionXLPipeline needs"):
+        read_model_configs(str(folder))
+
+
 def test_tiny_without_installed_weights_points_to_tiny_random(monkeypatch):
     import sdtune.models as models
 
