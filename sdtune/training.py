@@ -451,6 +451,7 @@ class Trainer:
             for each, index in zip(framed, kept) if config.masked_loss else ():
                 masks.check_framed_mask(each.mask, inputs.image_paths[index].name)
             self.image_prompts = [inputs.prompts[i] for i in kept]
+            self.image_paths = [inputs.image_paths[i] for i in kept]
             self.concept_labels = [inputs.concept_labels[i] for i in kept]
             self.dataset = ConceptDataset(framed, self.image_prompts, config.random_flip, config.masked_loss)
             if config.buckets:  # checked before the model loaded, from the images' headers; again as decoded
@@ -551,7 +552,7 @@ class Trainer:
         from . import prior, validation
         from .buckets import BucketBatchSampler
         from .captions import AugmentedCaptions
-        from .data import ConceptDataset, load_images, warn_truncated_prompts
+        from .data import ConceptDataset, load_framed_images, warn_truncated_prompts
         from .datasets import BalancedClassSampler
         from .latents import CachedLatents
 
@@ -561,11 +562,15 @@ class Trainer:
         self.validation_loss = None
         if config.validate_every and self.accelerator.is_main_process:
             held_out = self.dataset
+            # framed as training frames them: SDXL's time ids give each image's original size and crop
             if inputs.held_out_paths:
-                held_out = ConceptDataset(load_images(inputs.held_out_paths, self.resolution), inputs.held_out_prompts)
+                held_out = ConceptDataset(load_framed_images(inputs.held_out_paths, self.resolution), inputs.held_out_prompts)
             elif config.buckets:  # the loss is measured on one batch of square images
-                held_out = ConceptDataset(load_images(inputs.image_paths, self.resolution), self.image_prompts)
-            self.validation_prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+                held_out = ConceptDataset(load_framed_images(self.image_paths, self.resolution), self.image_prompts)
+            examples = [held_out.example(i, False) for i in range(len(held_out))]
+            self.validation_prompts = [example["prompt"] for example in examples]
+            self.validation_framing = {key: torch.stack([example[key] for example in examples])
+                                       for key in ("original_size", "crop_top_left") if key in examples[0]}
             self.validation_size = held_out.pixels.shape[-2:]
             self.validation_loss = validation.ValidationLoss(
                 held_out.pixels, self.validation_embeddings(), self.vae, self.noise_scheduler
@@ -1061,7 +1066,7 @@ class Trainer:
         if self.loop_encoders:  # their trained layers are fp32, their frozen ones maybe half: as in the loop
             embeddings, precision = PromptConditioning(self.pipe, trained=True), self.accelerator.autocast()
         with torch.no_grad(), precision:
-            return embeddings(self.validation_prompts, self.device, size=self.validation_size)
+            return embeddings(self.validation_prompts, self.device, self.validation_framing, self.validation_size)
 
     def open_logs(self) -> None:
         """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""

@@ -349,3 +349,27 @@ def test_sdxl_text_encoder_exports_load_on_both_encoders(format, built, tmp_path
                          PeftModel.from_pretrained(plain.text_encoder_2, str(tmp_path / "peft" / "text_encoder_2")))
     for got, want in zip(loaded, tuned):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("held_out,buckets", [(0, False), (2, False), (0, True)])
+def test_sdxl_validation_loss_has_each_images_size_and_crop(held_out, buckets, built, tmp_path):
+    """The validation loss conditions SDXL on each image's original size and crop, as training does (held-out
+    images and the square copies buckets measure on were framed without them: 'neither resized nor cropped')."""
+    from PIL import Image
+
+    from sdtune.training import open_trainer
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = [(96, 48), (40, 80), (64, 64), (50, 50), (70, 35)]  # (width, height)
+    for index, (width, height) in enumerate(sizes):
+        Image.new("RGB", (width, height), (40 * index, 90, 200)).save(photos / f"{index}.png")
+    settings = train_config("tiny-sdxl-random", tmp_path / "run", images=[str(photos)], validate_every=1, steps=1,
+                            checkpoint_every=0, validation_images=held_out, buckets=buckets)
+    with open_trainer(settings, progress=False) as trainer:
+        time_ids = trainer.validation_loss.prompt_embeds.time_ids
+        framed = {(h, w): (top, left) for h, w, top, left, *_ in time_ids.tolist()}
+    # each image at 32 px, center-cropped: (original height, width) -> (crop top, left) in the resized image
+    expected = {(48, 96): (0, 16), (80, 40): (16, 0), (64, 64): (0, 0), (50, 50): (0, 0), (35, 70): (0, 16)}
+    assert framed and all(expected[size] == crop for size, crop in framed.items()), framed
+    assert len(framed) == (held_out or len(sizes)) and time_ids[:, 4:].eq(32).all()
