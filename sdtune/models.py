@@ -685,6 +685,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         dtype=dtype or torch.float32,
         use_safetensors=True,  # pickled weights (.bin, .ckpt) can run code when loaded: never read them
     )
+    if is_folder and _fp16_variant_only(path, SUPPORTED_PIPELINES[configs.pipeline]):
+        kwargs["variant"] = "fp16"  # diffusers then reads a component's plain weights where it has no variant
     if configs.is_sdxl:
         kwargs.update(image_encoder=None, add_watermarker=False)
     else:
@@ -712,6 +714,19 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     pipe.sdtune_model_id = model
     return pipe
 
+
+
+def _fp16_variant_only(path: Path, components) -> bool:
+    """Whether some component of the folder holds its weights only as diffusers' fp16 variant
+    (`model.fp16.safetensors`, sharded `...fp16-00001-of-00002...`), as a download of an SDXL repository's
+    fp16 files leaves it: from_pretrained finds them only when asked for the variant."""
+    import re
+
+    for component in components:
+        names = [p.name for p in (path / component).glob("*.safetensors")] if (path / component).is_dir() else []
+        if names and all(re.search(r"\.fp16[.-]", name) for name in names):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,6 +72,24 @@ def test_a_component_model_index_leaves_unnamed_is_named(private_cache, tmp_path
         read_model_configs(str(folder))
 
 
+def test_a_folder_of_fp16_variant_weights_loads(private_cache, tmp_path):
+    """SDXL repositories ship `*.fp16.safetensors` beside the full weights, and a folder of those alone (the
+    VAE's plain here) loads, as diffusers does with variant="fp16"."""
+    import torch
+
+    from sdtune.models import tiny_sdxl_random_path
+
+    folder = tmp_path / "xl-fp16"
+    shutil.copytree(tiny_sdxl_random_path(), folder)
+    for weights in folder.glob("*/*.safetensors"):
+        if weights.parent.name != "vae":
+            weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    pipe, plain = load_pipeline(str(folder)), load_pipeline("tiny-sdxl-random")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, theirs = getattr(pipe, component).state_dict(), getattr(plain, component).state_dict()
+        assert all(torch.equal(mine[key], theirs[key]) for key in theirs), component
+
+
 def test_tiny_without_installed_weights_points_to_tiny_random(monkeypatch):
     import sdtune.models as models
 
