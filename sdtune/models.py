@@ -699,6 +699,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         except Exception as local_error:
             if is_folder:
                 raise SdtuneError(f"--model {model}: could not load the folder: {first_sentence(local_error)}") from None
+            pipe = _cached_fp16_variant(pipeline_class, source, kwargs)
+        if pipe is None:
             weights = f"--model {model}: its weights are not in the local Hugging Face cache, and"
             if hub_offline():
                 raise SdtuneError(f"{weights} the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder") from None
@@ -714,6 +716,15 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     pipe.sdtune_model_id = model
     return pipe
 
+
+
+def _cached_fp16_variant(pipeline_class, source: str, kwargs: dict):
+    """The pipeline from a Hugging Face cache that holds its fp16 variant alone (what `from_pretrained(...,
+    variant="fp16")`, as SDXL's model cards load it, downloads), or None."""
+    try:
+        return pipeline_class.from_pretrained(source, local_files_only=True, **{**kwargs, "variant": "fp16"})
+    except Exception:
+        return None
 
 
 def _fp16_variant_only(path: Path, components) -> bool:

@@ -90,6 +90,30 @@ def test_a_folder_of_fp16_variant_weights_loads(private_cache, tmp_path):
         assert all(torch.equal(mine[key], theirs[key]) for key in theirs), component
 
 
+def test_a_hub_cache_of_the_fp16_variant_alone_loads(private_cache, tmp_path):
+    """`StableDiffusionXLPipeline.from_pretrained(id, variant="fp16")`, as SDXL's model cards load it, leaves the
+    fp16 files alone in the Hugging Face cache: offline, the id loads from them (it said the weights were not cached)."""
+    import os
+    import subprocess
+    import sys
+
+    from sdtune.models import tiny_sdxl_random_path
+
+    repo = tmp_path / "hub" / "models--someorg--tiny-xl"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_sdxl_random_path(), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    for weights in snapshot.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "sdtune", "sample", "--model", "someorg/tiny-xl", "--prompt", "x", "--num-images", "1",
+               "--steps", "1", "--output", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert (tmp_path / "out" / "grid.png").is_file()
+
+
 def test_tiny_without_installed_weights_points_to_tiny_random(monkeypatch):
     import sdtune.models as models
 
