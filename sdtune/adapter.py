@@ -224,7 +224,8 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     encoders = trained_text_encoders(path, info, pipeline) if info.text_encoders else []
     shapes = expected_shapes(info.method, info.options, unet, encoders)
     found = {key: entry.shape for key, entry in entries.items()}
-    check_state_names(shapes, found, f"adapter {path}")  # first: other names mean another method's tensors
+    # first: other names mean another method's tensors, or another model (family) under the same method
+    check_state_names(shapes, found, f"adapter {path} (trained on base model {info.base_model!r})")
     parts = ModelParts(unet, {text_encoder_prefix(i): text_encoder_layers(encoder) for i, encoder in enumerate(encoders)})
     targets = method.all_targets(unet, parts.text_encoders)
     trained_on = f"adapter {path} was trained on base model {info.base_model!r}"

@@ -131,7 +131,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
         check_drawing_fits(model or info.base_model, resolution, steps)
 
     pipe = load_pipeline(model or info.base_model)
-    base = {name: p.detach().to("cpu", copy=True) for name, p in pipe.unet.named_parameters()}
+    base = {name: p.detach().to("cpu", copy=True) for name, p in tuned_weights(pipe, info.text_encoders).items()}
     method = load_adapter(path, pipe, merge=False)
     if layer is not None and layer not in method.target_names:
         shown = ", ".join(method.target_names[:4]) + (", …" if len(method.target_names) > 4 else "")
@@ -166,7 +166,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
 
     method.merge()
     with torch.no_grad():
-        norms = update_norms(base, pipe.unet)
+        norms = update_norms(base, tuned_weights(pipe, info.text_encoders))
     save(bar_chart(norms, f"{info.method}: per-layer update norm ||dW|| (merged minus base weights)"), "update-norms.png")
     return result
 
@@ -323,14 +323,26 @@ def atom_tiles(deltas: dict):
     return canvas
 
 
-def update_norms(base: dict, unet) -> dict[str, float]:
-    """‖ΔW‖ per module (Frobenius norm over all its parameters) between `base` and `unet`'s weights.
+def tuned_weights(pipe, text_encoders=()) -> dict:
+    """The UNet's parameters by name, and those of the text encoders named (an adapter's `text_encoders`) under
+    `<encoder>.`, named from CLIP's transformer as an adapter names their layers."""
+    from .methods.base import text_encoder_layers
 
-    Parameters that the merge added or removed, or whose shape changed, are not compared; modules
-    whose weights are unchanged are left out.
+    weights = dict(pipe.unet.named_parameters())
+    for encoder in text_encoders:
+        weights.update({f"{encoder}.{name}": p for name, p in text_encoder_layers(getattr(pipe, encoder)).named_parameters()})
+    return weights
+
+
+def update_norms(base: dict, tuned) -> dict[str, float]:
+    """‖ΔW‖ per module (Frobenius norm over all its parameters) between `base` and `tuned`'s weights (a model,
+    or parameters by name: `tuned_weights`).
+
+    Parameters that the merge added or removed, or whose shape changed (a token embedding with new rows),
+    are not compared; modules whose weights are unchanged are left out.
     """
     squares: dict[str, float] = {}
-    for name, parameter in unet.named_parameters():
+    for name, parameter in (tuned.items() if isinstance(tuned, dict) else tuned.named_parameters()):
         before = base.get(name)
         if before is None or before.shape != parameter.shape:
             continue

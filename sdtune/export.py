@@ -19,7 +19,11 @@ methods that have them.
   `PeftModel` (keys start with `base_model.model.`); a trained text encoder's the same in `text_encoder/`.
 
 A trained text encoder (`--train-text-encoder`) is written as kohya's `lora_te_` modules (`lora_te1_`,
-`lora_te2_` for two encoders) and diffusers' `text_encoder.` layers.
+`lora_te2_` for two encoders) and diffusers' `text_encoder.` layers. The adapter names CLIP's layers from its
+transformer (`encoder.layers.0...`); the diffusers file writes them under `text_model.`, as diffusers' own
+scripts do, and lets its target pattern match them with or without it (transformers 5's CLIPTextModel has no
+`text_model`, its CLIPTextModelWithProjection, SDXL's second encoder, does); a peft folder must hold the
+encoder's own module names, so it takes the installed transformers' (`clip_transformer_prefix`).
 
 Whole pipelines with the update baked in are written by `sdtune.merging`.
 """
@@ -35,6 +39,7 @@ from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SdtuneError
+from .methods.base import exact_module_pattern
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
 from .kohya import (
     is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya,
@@ -168,6 +173,8 @@ def export_adapter(
         if format == "kohya":
             layout, spec, notes = _kohya_layout_of(model or info.base_model, output.stem)
             if own is not None:
+                if model and model != info.base_model and not notes:  # the file's names and metadata come from it
+                    _check_fits(path, info, tensors, model)
                 modules, extra = own
                 state, missing = kohya_state(modules, layout), None
                 extra = {**extra, "ss_base_model_version": layout.base_model_version}
@@ -181,7 +188,9 @@ def export_adapter(
             write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info), **extra, **spec, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
-            return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows))
+            # only a LoRA's file is one diffusers would otherwise load
+            bundled = [_bundle_note(output)] if bundles and "diffusers" in method.export_formats else []
+            return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows) + bundled)
         if format == "diffusers":
             count = write_diffusers_lora(output, method, tensors, info.text_encoders)
             return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
@@ -195,11 +204,26 @@ def _write_token_file(output: Path, info, rows: dict) -> list[str]:
         return []
     path = embedding_file_path(output)
     write_embedding_file(path, info, rows)
-    keys = ", ".join(EMBEDDING_FILE_KEYS[k.removeprefix(TENSOR_PREFIX)] for k in rows)
+    encoders = [k.removeprefix(TENSOR_PREFIX) for k in rows]
+    keys = [EMBEDDING_FILE_KEYS[encoder] for encoder in encoders]
+    # each key goes into its own encoder and tokenizer, as the advanced scripts' model cards load them
+    loads = "; ".join(
+        f'pipe.load_textual_inversion(state["{key}"], token={list(info.new_tokens)}, text_encoder=pipe.{encoder}, '
+        f"tokenizer=pipe.{encoder.replace('text_encoder', 'tokenizer')})"
+        for encoder, key in zip(encoders, keys)
+    )
     return [
-        f"token embeddings of {''.join(info.new_tokens)}: {path} ({keys}); diffusers: pipe.load_textual_inversion("
-        f"load_file(path)[key], token={list(info.new_tokens)}, text_encoder=..., tokenizer=...)"
+        f"token embeddings of {''.join(info.new_tokens)}: {path} ({', '.join(keys)}); diffusers: state = "
+        f"load_file(\"{path}\"); {loads}"
     ]
+
+
+def _bundle_note(output: Path) -> str:
+    """What diffusers makes of a kohya file with bundled token embeddings."""
+    return (
+        f"diffusers' load_lora_weights refuses a file with bundle_emb keys (it takes LoRA keys alone): give it "
+        f"{output.name} without them, or export --format diffusers, and load the tokens from {embedding_file_path(output).name}"
+    )
 
 
 def _kohya_layout_of(model: str, title: str):
@@ -217,6 +241,25 @@ def _kohya_layout_of(model: str, title: str):
             f"the UNet config of {model} could not be read ({error}); the keys use SD 1.x/2.x's (diffusers') "
             "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
         ]
+
+
+def _check_fits(path: Path, info, tensors: dict, model: str) -> None:
+    """Refuse a `--model` whose UNet does not hold the adapter's UNet tensors (names and shapes, from an injection
+    on the meta device): its kohya names and metadata would describe another model (an SDXL LoRA as SD 2.x's)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .adapter import expected_shapes
+    from .methods.base import check_state_names, check_state_shapes
+    from .models import read_model_configs
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(read_model_configs(model).unet)
+    shapes = expected_shapes(info.method, info.options, unet)
+    found = {key: tuple(tensor.shape) for key, tensor in tensors.items() if key.partition(".")[0] not in info.text_encoders}
+    what = f"adapter {path} (trained on base model {info.base_model!r}), on --model {model},"
+    check_state_names(shapes, found, what)
+    check_state_shapes(shapes, found, what)
 
 
 def _full_diff_notes(missing: dict[str, tuple[int, ...]], state: dict, full_diff: bool, file_bytes: int) -> list[str]:
@@ -289,6 +332,11 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
     arguments = {}
     for part, own in tensors_by_model(tensors, encoders).items():
         layers, metadata = method.diffusers_lora_layers(own, part)
+        if part != "unet":
+            # under `text_model.` as diffusers' scripts write them; the pattern takes either nesting, since
+            # diffusers injects by it into the encoder as built (and maps the keys onto it itself)
+            layers = {CLIP_TRANSFORMER + key: tensor for key, tensor in layers.items()}
+            metadata = {**metadata, "target_modules": exact_module_pattern(peft_module_names(own), CLIP_TRANSFORMER)}
         arguments[f"{part}_lora_layers"], arguments[f"{part}_lora_adapter_metadata"] = layers, metadata
     writer = StableDiffusionXLPipeline if "text_encoder_2" in encoders else StableDiffusionPipeline
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +351,27 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return len(tensors)
+
+
+CLIP_TRANSFORMER = "text_model."  # where transformers 4 put CLIP's transformer in every text encoder class
+
+
+def clip_transformer_prefix(encoder: str) -> str:
+    """The path of CLIP's transformer in `encoder` (a pipeline's `text_encoder`, `text_encoder_2`) as the
+    installed transformers builds it: "" where its layers sit at the model's top (transformers 5's
+    CLIPTextModel), `text_model.` otherwise (CLIPTextModelWithProjection, SDXL's second encoder; transformers 4's
+    both). SD and SDXL pipelines hold a CLIPTextModel as `text_encoder`, a CLIPTextModelWithProjection as
+    `text_encoder_2`; a one-layer model of the class on the meta device tells, weightless."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model_class = CLIPTextModelWithProjection if encoder == "text_encoder_2" else CLIPTextModel
+    config = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                            num_attention_heads=1, max_position_embeddings=8, projection_dim=8,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device("meta"):
+        model = model_class(config)
+    return CLIP_TRANSFORMER if hasattr(model, CLIP_TRANSFORMER.rstrip(".")) else ""
 
 
 def peft_module_names(tensors) -> list[str]:
@@ -320,11 +389,12 @@ def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = Fal
     def fill(folder: Path) -> None:
         for part, own in tensors_by_model(tensors, info.text_encoders).items():
             where = folder if part == "unet" else folder / part
-            config = method.to_peft_config(peft_module_names(own))
+            prefix = "" if part == "unet" else clip_transformer_prefix(part)  # peft loads only its exact names
+            config = method.to_peft_config([prefix + name for name in peft_module_names(own)])
             config.base_model_name_or_path = info.base_model
             config.inference_mode = True
             config.save_pretrained(str(where))
-            state = {f"base_model.model.{key}": tensor.contiguous() for key, tensor in own.items()}
+            state = {f"base_model.model.{prefix}{key}": tensor.contiguous() for key, tensor in own.items()}
             save_file(state, str(where / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     write_folder(output, fill, overwrite)

@@ -334,6 +334,8 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         **{key: info.extra[key] for key in (CONCEPT_TOKENS,) if key in info.extra},  # several concepts' tokens
     }
     metadata["ss_v2"] = str(metadata["ss_base_model_version"] == "sd_v2")
+    if "modelspec.prediction_type" in metadata:  # kohya-ss' --v_parameterization, which model managers read too
+        metadata["ss_v_parameterization"] = str(metadata["modelspec.prediction_type"] == "v")
     metadata.update(kohya_model_hashes(state, metadata))
     output.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(state, output, metadata)

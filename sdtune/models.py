@@ -531,6 +531,13 @@ def read_model_configs(model: str) -> ModelConfigs:
                 f"--model {model}: the folder lacks component(s) {', '.join(missing)}, which a "
                 f"{index['_class_name']} needs"
             )
+        # a folder of it that model_index.json does not name (`[null, null]`) is loaded as None
+        unnamed = [c for c in SUPPORTED_PIPELINES[index["_class_name"]] if not _names_component(index.get(c))]
+        if unnamed:
+            raise SdtuneError(
+                f"--model {model}: its model_index.json names no {', '.join(unnamed)}, which a "
+                f"{index['_class_name']} needs"
+            )
         files = {name: path / file for name, file in CONFIG_FILES.items()}
         read_optional = path.joinpath
     else:
@@ -678,6 +685,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         dtype=dtype or torch.float32,
         use_safetensors=True,  # pickled weights (.bin, .ckpt) can run code when loaded: never read them
     )
+    if is_folder and _fp16_variant_only(path, SUPPORTED_PIPELINES[configs.pipeline]):
+        kwargs["variant"] = "fp16"  # diffusers then reads a component's plain weights where it has no variant
     if configs.is_sdxl:
         kwargs.update(image_encoder=None, add_watermarker=False)
     else:
@@ -690,6 +699,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
         except Exception as local_error:
             if is_folder:
                 raise SdtuneError(f"--model {model}: could not load the folder: {first_sentence(local_error)}") from None
+            pipe = _cached_fp16_variant(pipeline_class, source, kwargs)
+        if pipe is None:
             weights = f"--model {model}: its weights are not in the local Hugging Face cache, and"
             if hub_offline():
                 raise SdtuneError(f"{weights} the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder") from None
@@ -705,6 +716,28 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     pipe.sdtune_model_id = model
     return pipe
 
+
+
+def _cached_fp16_variant(pipeline_class, source: str, kwargs: dict):
+    """The pipeline from a Hugging Face cache that holds its fp16 variant alone (what `from_pretrained(...,
+    variant="fp16")`, as SDXL's model cards load it, downloads), or None."""
+    try:
+        return pipeline_class.from_pretrained(source, local_files_only=True, **{**kwargs, "variant": "fp16"})
+    except Exception:
+        return None
+
+
+def _fp16_variant_only(path: Path, components) -> bool:
+    """Whether some component of the folder holds its weights only as diffusers' fp16 variant
+    (`model.fp16.safetensors`, sharded `...fp16-00001-of-00002...`), as a download of an SDXL repository's
+    fp16 files leaves it: from_pretrained finds them only when asked for the variant."""
+    import re
+
+    for component in components:
+        names = [p.name for p in (path / component).glob("*.safetensors")] if (path / component).is_dir() else []
+        if names and all(re.search(r"\.fp16[.-]", name) for name in names):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

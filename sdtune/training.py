@@ -563,7 +563,7 @@ class Trainer:
         from . import prior, validation
         from .buckets import BucketBatchSampler
         from .captions import AugmentedCaptions
-        from .data import ConceptDataset, load_framed_images, load_images, warn_truncated_prompts
+        from .data import ConceptDataset, load_framed_images, warn_truncated_prompts
         from .datasets import BalancedClassSampler
         from .latents import CachedLatents
 
@@ -573,6 +573,7 @@ class Trainer:
         self.validation_loss = None
         if config.validate_every and self.accelerator.is_main_process:
             held_out = self.dataset
+            # framed as training frames them: SDXL's time ids give each image's original size and crop
             if inputs.held_out_paths:  # a file that cannot be decoded is skipped with its prompt
                 skipped: list[Path] = []
                 framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped)
@@ -581,8 +582,11 @@ class Trainer:
             elif config.buckets:  # the loss is measured on one batch of square images
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # what these images warn of was said as they were loaded to train
-                    held_out = ConceptDataset(load_images(self.image_paths, self.resolution), self.image_prompts)
-            self.validation_prompts = [held_out.example(i, False)["prompt"] for i in range(len(held_out))]
+                    held_out = ConceptDataset(load_framed_images(self.image_paths, self.resolution), self.image_prompts)
+            examples = [held_out.example(i, False) for i in range(len(held_out))]
+            self.validation_prompts = [example["prompt"] for example in examples]
+            self.validation_framing = {key: torch.stack([example[key] for example in examples])
+                                       for key in ("original_size", "crop_top_left") if key in examples[0]}
             self.validation_size = held_out.pixels.shape[-2:]
             self.validation_loss = validation.ValidationLoss(
                 held_out.pixels, self.validation_embeddings(), self.vae, self.noise_scheduler
@@ -1078,7 +1082,7 @@ class Trainer:
         if self.loop_encoders:  # their trained layers are fp32, their frozen ones maybe half: as in the loop
             embeddings, precision = PromptConditioning(self.pipe, trained=True), self.accelerator.autocast()
         with torch.no_grad(), precision:
-            return embeddings(self.validation_prompts, self.device, size=self.validation_size)
+            return embeddings(self.validation_prompts, self.device, self.validation_framing, self.validation_size)
 
     def open_logs(self) -> None:
         """config.toml, metrics.jsonl (a resumed run keeps the lines its checkpoint reached) and the progress bar."""

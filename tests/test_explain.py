@@ -185,3 +185,23 @@ def test_explain_config_checks_its_settings():
         ExplainConfig.load(None, run="runs/castle-gift", resolution=12)
     with pytest.raises(SdtuneError, match="unknown setting"):
         ExplainConfig.load(None, run="runs/castle-gift", strength=2)
+
+
+def test_update_norms_cover_the_text_encoders_an_adapter_trained(tmp_path, monkeypatch):
+    """An SDXL LoRA on the UNet and both text encoders: the bars are every changed layer's, the encoders' too."""
+    import sdtune.explain as explaining
+    from sdtune.models import load_pipeline
+
+    pipe = load_pipeline("tiny-sdxl-random")
+    method = methods.create("lora")
+    method.inject(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2])
+    with torch.no_grad():
+        for parameter in method.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    run = tmp_path / "run-xl"
+    save_adapter(run / "adapter.safetensors", method, "tiny-sdxl-random", placeholder="<castle>", token="sks castle")
+    drawn = {}
+    monkeypatch.setattr(explaining, "bar_chart", lambda values, title: drawn.update(values) or Image.new("RGB", (1, 1)))
+    explain(run)
+    assert set(drawn) == set(method.target_names)
+    assert any(name.startswith("text_encoder_2.") for name in drawn) and any(name.startswith("text_encoder.") for name in drawn)

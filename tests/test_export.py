@@ -784,3 +784,4 @@ def test_kohya_files_carry_the_model_spec_kohya_writes(model, architecture, pred
         metadata = handle.metadata()
     assert {key: metadata[key] for key in spec} == spec
     assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(version == "sd_v2")
+    assert metadata["ss_v_parameterization"] == str(prediction == "v")

@@ -277,7 +277,7 @@ def test_an_adapter_refuses_another_familys_model(built, tmp_path):
     method = methods.create("atoms")
     method.inject(pipe.unet)
     path = save_adapter(tmp_path / "sd2.safetensors", method, "tiny-sd2-random")
-    with pytest.raises(SdtuneError, match="does not fit this model"):
+    with pytest.raises(SdtuneError, match=r"\(trained on base model 'tiny-sd2-random'\) does not fit this model"):
         load_adapter(path, fresh_unet("tiny-sdxl-random"))
 
 
@@ -310,3 +310,66 @@ def test_zero_terminal_snr_models_sample_with_rescaled_guidance(tmp_path, monkey
     sample(SampleConfig(prompt=["x"], model="tiny-sd2-random", num_images=1, steps=2, guidance_rescale=0.3,
                         output=str(tmp_path / "out")), progress=False)
     assert seen == [0.3]
+
+
+@pytest.mark.parametrize("format", ["diffusers", "peft"])
+def test_sdxl_text_encoder_exports_load_on_both_encoders(format, built, tmp_path):
+    """SDXL's second encoder (CLIPTextModelWithProjection) keeps CLIP's layers under `text_model.`, which
+    transformers 5's CLIPTextModel dropped: diffusers' load_lora_weights and PeftModel put the exported
+    update on both encoders as sdtune does."""
+    from peft import PeftModel
+
+    from sdtune.export import export_adapter
+
+    family = "tiny-sdxl-random"
+    pipe = load(family)
+    method = methods.create("lora")
+    method.inject(pipe.unet, [pipe.text_encoder, pipe.text_encoder_2])
+    with torch.no_grad():
+        for parameter in method.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    adapter = save_adapter(tmp_path / "a.safetensors", method, family, placeholder="<castle>", token="sks castle")
+    ids = pipe.tokenizer(["a photo of sks castle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def encoded(first, second):
+        with torch.no_grad():
+            return first(ids)[0], second(ids).text_embeds
+
+    tuned = encoded(pipe.text_encoder, pipe.text_encoder_2)
+    plain = load(family)
+    untuned = encoded(plain.text_encoder, plain.text_encoder_2)
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(tuned, untuned))
+    if format == "diffusers":
+        export_adapter(adapter, "diffusers", tmp_path / "lora.safetensors")
+        plain.load_lora_weights(str(tmp_path / "lora.safetensors"))
+        loaded = encoded(plain.text_encoder, plain.text_encoder_2)
+    else:
+        export_adapter(adapter, "peft", tmp_path / "peft")
+        loaded = encoded(PeftModel.from_pretrained(plain.text_encoder, str(tmp_path / "peft" / "text_encoder")),
+                         PeftModel.from_pretrained(plain.text_encoder_2, str(tmp_path / "peft" / "text_encoder_2")))
+    for got, want in zip(loaded, tuned):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("held_out,buckets", [(0, False), (2, False), (0, True)])
+def test_sdxl_validation_loss_has_each_images_size_and_crop(held_out, buckets, built, tmp_path):
+    """The validation loss conditions SDXL on each image's original size and crop, as training does (held-out
+    images and the square copies buckets measure on were framed without them: 'neither resized nor cropped')."""
+    from PIL import Image
+
+    from sdtune.training import open_trainer
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sizes = [(96, 48), (40, 80), (64, 64), (50, 50), (70, 35)]  # (width, height)
+    for index, (width, height) in enumerate(sizes):
+        Image.new("RGB", (width, height), (40 * index, 90, 200)).save(photos / f"{index}.png")
+    settings = train_config("tiny-sdxl-random", tmp_path / "run", images=[str(photos)], validate_every=1, steps=1,
+                            checkpoint_every=0, validation_images=held_out, buckets=buckets)
+    with open_trainer(settings, progress=False) as trainer:
+        time_ids = trainer.validation_loss.prompt_embeds.time_ids
+        framed = {(h, w): (top, left) for h, w, top, left, *_ in time_ids.tolist()}
+    # each image at 32 px, center-cropped: (original height, width) -> (crop top, left) in the resized image
+    expected = {(48, 96): (0, 16), (80, 40): (16, 0), (64, 64): (0, 0), (50, 50): (0, 0), (35, 70): (0, 16)}
+    assert framed and all(expected[size] == crop for size, crop in framed.items()), framed
+    assert len(framed) == (held_out or len(sizes)) and time_ids[:, 4:].eq(32).all()

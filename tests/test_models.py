@@ -58,6 +58,62 @@ def test_missing_component_is_named(tiny_path, tmp_path):
         load_pipeline(str(folder))
 
 
+def test_a_component_model_index_leaves_unnamed_is_named(private_cache, tmp_path):
+    """An SDXL folder that holds text_encoder_2/ but whose model_index.json has it as [null, null] (diffusers
+    then loads None) is refused in one line, not a TypeError in the first step."""
+    from sdtune.models import read_model_configs, tiny_sdxl_random_path
+
+    folder = tmp_path / "xl"
+    shutil.copytree(tiny_sdxl_random_path(), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(SdtuneError, match=r"model_index.json names no text_encoder_2, which a StableDiffusionXLPipeline needs"):
+        read_model_configs(str(folder))
+
+
+def test_a_folder_of_fp16_variant_weights_loads(private_cache, tmp_path):
+    """SDXL repositories ship `*.fp16.safetensors` beside the full weights, and a folder of those alone (the
+    VAE's plain here) loads, as diffusers does with variant="fp16"."""
+    import torch
+
+    from sdtune.models import tiny_sdxl_random_path
+
+    folder = tmp_path / "xl-fp16"
+    shutil.copytree(tiny_sdxl_random_path(), folder)
+    for weights in folder.glob("*/*.safetensors"):
+        if weights.parent.name != "vae":
+            weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    pipe, plain = load_pipeline(str(folder)), load_pipeline("tiny-sdxl-random")
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, theirs = getattr(pipe, component).state_dict(), getattr(plain, component).state_dict()
+        assert all(torch.equal(mine[key], theirs[key]) for key in theirs), component
+
+
+def test_a_hub_cache_of_the_fp16_variant_alone_loads(private_cache, tmp_path):
+    """`StableDiffusionXLPipeline.from_pretrained(id, variant="fp16")`, as SDXL's model cards load it, leaves the
+    fp16 files alone in the Hugging Face cache: offline, the id loads from them (it said the weights were not cached)."""
+    import os
+    import subprocess
+    import sys
+
+    from sdtune.models import tiny_sdxl_random_path
+
+    repo = tmp_path / "hub" / "models--someorg--tiny-xl"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_sdxl_random_path(), snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    for weights in snapshot.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "sdtune", "sample", "--model", "someorg/tiny-xl", "--prompt", "x", "--num-images", "1",
+               "--steps", "1", "--output", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert (tmp_path / "out" / "grid.png").is_file()
+
+
 def test_tiny_without_installed_weights_points_to_tiny_random(monkeypatch):
     import sdtune.models as models
 

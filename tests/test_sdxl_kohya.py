@@ -504,3 +504,19 @@ def test_sd_files_with_original_names_load_too(tmp_path, tiny_path):
     load_adapter(diffusers, second)
     for (name, mine), (_, theirs) in zip(first.unet.state_dict().items(), second.unet.state_dict().items()):
         assert torch.equal(mine, theirs), name
+
+
+def test_export_refuses_a_model_the_adapter_does_not_fit(tmp_path, sdxl_folder, tiny_path):
+    """`--model` decides the file's names and metadata: an SDXL LoRA is not written as an SD 1.x file (SD names,
+    `sd_v1`) but refused, naming the model it was trained on; the same model in another folder is taken."""
+    from sdtune.export import export_adapter
+
+    tuned_adapter("lora", {}, tmp_path / "a.safetensors", base_model=str(sdxl_folder))
+    with pytest.raises(SdtuneError, match=r"trained on base model .*, on --model .* does not fit this model"):
+        export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "sd.safetensors", model=str(tiny_path))
+    assert not (tmp_path / "sd.safetensors").exists()
+    copy = tmp_path / "copy"
+    tiny_sdxl_pipeline().save_pretrained(copy)
+    export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "xl.safetensors", model=str(copy))
+    with safe_open(str(tmp_path / "xl.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"

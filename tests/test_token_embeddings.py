@@ -287,9 +287,15 @@ def test_sdxl_trains_rows_of_both_encoders_with_the_text_encoder(tmp_path):
         count = before.get_input_embeddings().weight.shape[0]
         assert torch.equal(encoder.get_input_embeddings().weight[:count], before.get_input_embeddings().weight)
 
-    export_adapter(run.output, "kohya", tmp_path / "xl.safetensors")
+    notes = export_adapter(run.output, "kohya", tmp_path / "xl.safetensors").notes
     state = load_file(tmp_path / "xl.safetensors")
     assert {k for k in state if k.startswith("bundle_emb.")} == {"bundle_emb.castle_tokens.clip_l", "bundle_emb.castle_tokens.clip_g"}
+    # the notes say which rows go into which encoder, and that diffusers' LoRA loader refuses the bundles
+    assert 'state["clip_g"], token=[\'<s0>\', \'<s1>\'], text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2' in notes[0]
+    assert 'state["clip_l"]' in notes[0] and "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)" in notes[0]
+    assert "load_lora_weights refuses" in notes[1] and "xl_emb.safetensors" in notes[1]
+    with pytest.raises(ValueError, match="lora"):
+        load_pipeline("tiny-sdxl-random").load_lora_weights(str(tmp_path / "xl.safetensors"))
     standalone = load_file(tmp_path / "xl_emb.safetensors")  # diffusers adds each encoder's rows as sdtune does
     plain = load_pipeline("tiny-sdxl-random")
     for key, encoder, tokenizer in (("clip_l", plain.text_encoder, plain.tokenizer), ("clip_g", plain.text_encoder_2, plain.tokenizer_2)):

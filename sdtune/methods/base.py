@@ -619,10 +619,11 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tens
     return direction * (magnitude.flatten() / norm).view(-1, *[1] * (weight.ndim - 1))
 
 
-def exact_module_pattern(names: list[str]) -> str:
+def exact_module_pattern(names: list[str], optional_prefix: str = "") -> str:
     """A peft `target_modules` pattern for exactly `names`: peft full-matches a string target against each
-    module name, so exact names, no suffix matches."""
-    return "^(?:" + "|".join(re.escape(name) for name in names) + ")$"
+    module name, so exact names, no suffix matches; each may also stand under `optional_prefix`."""
+    prefix = f"(?:{re.escape(optional_prefix)})?" if optional_prefix else ""
+    return "^" + prefix + "(?:" + "|".join(re.escape(name) for name in names) + ")$"
 
 
 def attention_projections(unet: nn.Module) -> list[str]:
