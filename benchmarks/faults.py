@@ -143,8 +143,9 @@ def interrupted_problems(name: str, code: int, log: Path, folder: Path) -> list[
     return found
 
 
-def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list[str]:
-    """What is wrong with a killed run's folder: truncated or half-written files under their final names."""
+def problems_after_kill(output: Path, checkpoint_every: int, steps: int, ema: bool = True) -> list[str]:
+    """What is wrong with a killed run's folder (trained with an EMA unless `ema` is False): truncated or
+    half-written files under their final names."""
     from safetensors import safe_open
 
     from sdtune.adapter import read_adapter
@@ -168,7 +169,7 @@ def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list
         try:
             state = check_checkpoint(folder).state
             assert state["step"] == step, f"state.json says step {state['step']}"
-            for name in (TRAINABLE_FILE, EMA_FILE):
+            for name in (TRAINABLE_FILE, EMA_FILE) if ema else (TRAINABLE_FILE,):
                 with safe_open(str(folder / name), framework="pt") as handle:
                     [handle.get_tensor(key) for key in handle.keys()]
             for name in ("optimizer.bin", "scheduler.bin"):
@@ -734,7 +735,7 @@ def problems_after_interrupt(kind: str, output: Path) -> list[str]:
 
         for run_folder in sorted((output / "runs").glob("*")):
             found += [f"{run_folder.name}: {problem}" for problem in
-                      problems_after_kill(run_folder, SWEEP_CHECKPOINT_EVERY, SWEEP_STEPS)]
+                      problems_after_kill(run_folder, SWEEP_CHECKPOINT_EVERY, SWEEP_STEPS, ema=False)]
             marker = read_marker(run_folder) or {}
             if marker.get("state") == "failed":
                 found.append(f"{run_folder.name} marked failed: {marker.get('error')}")
@@ -865,13 +866,19 @@ def counted_lines(work: Path, kind: str, reference: Path, steps: int, checkpoint
 
 
 def line_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, counts: dict,
-               commands: tuple[str, ...] = tuple(LINE_ENTRIES)) -> tuple[bool, str]:
+               commands: tuple[str, ...] = tuple(LINE_ENTRIES), line: str | None = None) -> tuple[bool, str]:
+    """One signal at a line drawn uniformly (or at `line`, FILE:LINE or FILE:LINE:N, its Nth run: a window found again)."""
     kind = rng.choice(list(commands))
     checkpoint_every = rng.randint(1, 5)
     name = rng.choice(["TERM", "INT"])
     ran = counted_lines(work, kind, reference, steps, checkpoint_every, counts)
     at = rng.choice(sorted(ran))  # every line alike, however often it runs
     nth = rng.randint(1, ran[at])
+    if line is not None:
+        filename, number, *given = line.split(":")
+        at, nth = f"{filename}:{number}", int(given[0]) if given else 1
+        if at not in ran:
+            raise RuntimeError(f"--at {line}: an uninterrupted {kind} does not run {at}")
     folder, log = work / f"line-{index:02d}", work / f"line-{index:02d}.log"
     output = command_output(folder, kind)
     shutil.rmtree(folder, ignore_errors=True)
@@ -913,10 +920,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
     parser.add_argument("--commands", default=",".join(LINE_ENTRIES),
                         help=f"the commands `lines` trials draw from, comma-separated: {', '.join(LINE_ENTRIES)}")
+    parser.add_argument("--at", default=None, help="`lines` trials signal at this line (FILE:LINE, or FILE:LINE:N for its Nth run) "
+                                                  "instead of a drawn one: a window found again")
     args = parser.parse_args(argv)
     commands = tuple(args.commands.split(","))
     if sorted(set(commands) - set(LINE_ENTRIES)) or not commands:
         parser.error(f"--commands {args.commands}: choose from {', '.join(LINE_ENTRIES)}")
+    if args.at and (len(args.at.split(":")) not in (2, 3) or not all(part.isdigit() for part in args.at.split(":")[1:])):
+        parser.error(f"--at {args.at}: give FILE:LINE or FILE:LINE:N, as trials name them (sdtune/fileio.py:523)")
     faults = FAULTS if args.faults == "all" else tuple(args.faults.split(","))
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
@@ -968,7 +979,7 @@ def main(argv: list[str] | None = None) -> str:
               f"uninterrupted {', '.join(commands)} runs once in its module (train: with the trial's checkpoint interval), "
               "drawn uniformly", flush=True)
         line_counts: dict = {}
-        trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts, commands))] * args.trials
+        trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts, commands, args.at))] * args.trials
 
     recovered, counts = 0, {}
     for label, run_trial in trials:
