@@ -255,6 +255,29 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
                 leftover.unlink()
 
 
+@contextlib.contextmanager
+def written_together(paths: list[Path]) -> Iterator[None]:
+    """The files of one output (a LoRA, its summary, its token file), written in the block: an interrupt or a
+    failure once one of them has changed removes them all, so none is left without the others (each file alone is
+    written atomically; the set is not). Before the first changes, earlier files stay as they were."""
+
+    def state(path: Path) -> tuple | None:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    before = [state(path) for path in paths]
+    try:
+        yield
+    except BaseException:
+        if [state(path) for path in paths] != before:
+            for path in paths:
+                path.unlink(missing_ok=True)
+        raise
+
+
 def counted(count: int, noun: str) -> str:
     """`1 image`, `2 images`, `1,000 steps`: the count and its noun, singular for one."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
