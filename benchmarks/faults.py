@@ -25,15 +25,26 @@ left, and that any error is one line. The kinds of fault (`--faults`, comma-sepa
 - `commands`: `sdtune merge` or `sdtune sample` gets SIGKILL, SIGTERM or SIGINT at a random moment; run
   again (with `--overwrite` where the first one finished), it must leave a complete output and no
   temporary (SIGTERM and SIGINT: none already after the signal).
-- `lines`: `sdtune train --checkpoint-every K`, `merge`, `sample` or `export --format kohya` gets SIGTERM or SIGINT as it runs a line of
-  sdtune's or Accelerate's code, drawn uniformly from the distinct lines an uninterrupted run of the same command
-  executes once it enters the command's module (set-up, loop, saves, validation, the end; found by a trace
-  function), at a uniformly drawn one of the times it runs that line. Moments too short for a timed signal to hit
-  (a tracker starting, a file being renamed) are drawn as often as any. Checked as `kill` (train) and `commands`
-  (the others: run again, a complete output) are; each trial names its line.
+- `lines`: `sdtune train --checkpoint-every K`, `merge`, `sample`, `export --format kohya`, `evaluate`, `compare`,
+  `extract` or a two-run `sweep` gets SIGTERM or SIGINT as it runs a line of sdtune's or Accelerate's code, drawn
+  uniformly from the distinct lines an uninterrupted run of the same command executes once it enters the command's
+  module (set-up, loop, saves, validation, the end; found by a trace function), at a uniformly drawn one of the times
+  it runs that line. Moments too short for a timed signal to hit (a tracker starting, a file being renamed, a lock
+  just taken) are drawn as often as any. Checked as `kill` (train) and `commands` (merge, sample, export: run again,
+  a complete output) are; each trial names its line. The commands users run at experiment scale read copies of the
+  uninterrupted training run, tiny random CLIP and DINO models (every metric runs, offline) and a plan of two
+  four-step runs (atoms, LoRA) that are trained, sampled and measured; run again (extract with `--overwrite` where
+  its output exists; evaluate and compare rewrite theirs, a sweep resumes), each must write what its uninterrupted
+  run wrote: evaluate's eval.json and samples, compare's table, plots and grid, extract's LoRA and summary, a sweep's
+  adapters, losses, samples, eval.json, run markers and report (timings, the report's date and paths of the trial's
+  folder aside). Right after the signal, an extract's LoRA and summary are both there or neither, every image and
+  JSON file is whole, and a sweep's runs have whole checkpoints and none is marked failed. `--commands` picks the
+  commands drawn; `--at FILE:LINE[:N]` signals at a given line (its Nth run) instead, to find a window again.
 
     python benchmarks/faults.py --trials 20                  # kills of training runs
     python benchmarks/faults.py --faults all --trials 5      # five trials of each kind
+    python benchmarks/faults.py --faults lines --commands evaluate,sweep --trials 10 --steps 4
+    python benchmarks/faults.py --faults lines --commands extract --at sdtune/extraction.py:200 --trials 1
 
 prints one line per trial, then "N trials, N recovered, 0 lost".
 """
@@ -788,7 +799,7 @@ def working_seconds(kind: str, reference: Path, output: Path) -> float:
 # lines: a signal at a chosen line of sdtune's code
 
 # Runs `sdtune ARGS` tracing the lines of sdtune's and Accelerate's files that the main thread executes once it has
-# entered sdtune/ENTRY (the command's module: training.py, sampling.py, merging.py). With AT ("sdtune/file.py:line") and NTH > 0 it sends itself SIG`SIGNAL` as it runs
+# entered sdtune/ENTRY (the command's module, `LINE_ENTRIES`). With AT ("sdtune/file.py:line") and NTH > 0 it sends itself SIG`SIGNAL` as it runs
 # that line for the NTH time; with AT = "-" it writes, at exit, how often it ran each line to the JSON file WHERE.
 LINE_DRIVER = """
 import atexit, json, os, signal, sys

@@ -725,5 +725,15 @@ def test_an_interrupt_just_after_the_output_lock_is_taken_releases_it(tmp_path, 
 
 @pytest.mark.slow
 def test_fault_benchmark_signals_at_random_lines(tmp_path, tiny_path):
+    """Three trials drawn from every command the benchmark signals (train, merge, sample, export, evaluate, compare,
+    extract, sweep)."""
     summary = faults_benchmark().main(["--faults", "lines", "--trials", "3", "--steps", "4", "--work", str(tmp_path)])
     assert summary == "3 trials, 3 recovered, 0 lost"
+
+
+@pytest.mark.slow
+def test_fault_benchmark_signals_at_random_lines_of_experiment_commands(tmp_path, tiny_path):
+    """evaluate, compare, extract and a two-run sweep, run again or resumed, write what their uninterrupted run wrote."""
+    summary = faults_benchmark().main(["--faults", "lines", "--commands", "evaluate,compare,extract,sweep", "--trials", "2",
+                                       "--steps", "4", "--work", str(tmp_path)])
+    assert summary == "2 trials, 2 recovered, 0 lost"
