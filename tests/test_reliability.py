@@ -690,6 +690,30 @@ def test_an_interrupt_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monk
         assert (tmp_path / LOCK_FILE).exists()
 
 
+def test_an_interrupt_as_the_output_lock_is_released_leaves_no_lock_file(tmp_path, tiny_path, monkeypatch):
+    """SIGTERM or SIGINT as a finished command releases its lock (in the `finally` that releases it, before the file is
+    removed) still ends in one "interrupted" line with no lock file: the CLI releases the locks an interrupt left held."""
+    from sdtune.fileio import OutputLock
+
+    invoke("train", "--model", "tiny-random", "--steps", 1, "--output", tmp_path / "run")
+    release, calls = OutputLock.release, []
+
+    def interrupted_once(self):
+        calls.append(self.path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as the release begins
+        release(self)
+
+    monkeypatch.setattr(OutputLock, "release", interrupted_once)
+    output = tmp_path / "out"
+    result = invoke("sample", "--adapter", tmp_path / "run", "--prompt", "a <castle>", "--num-images", 1, "--steps", 1,
+                    "--output", output)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines()[-1] == "interrupted"
+    assert calls[0] == output / ".sdtune.lock"
+    assert [p.name for p in tmp_path.rglob("*.lock")] == []
+
+
 @pytest.mark.parametrize("command", ["train", "sample", "sweep"])
 def test_an_interrupt_just_after_the_output_lock_is_taken_releases_it(tmp_path, tiny_path, monkeypatch, command):
     """SIGTERM or SIGINT once the lock is taken but before the block that releases it begins (on the caller's
