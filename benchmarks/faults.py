@@ -986,9 +986,10 @@ def main(argv: list[str] | None = None) -> str:
         trials += [("command", lambda i: command_trial(work, i, rng, reference, seconds))] * args.trials
 
     if "lines" in faults:
+        interval = " (train: with the trial's checkpoint interval)" if "train" in commands else ""
         print("lines: each trial gets SIGTERM or SIGINT at one of the distinct lines of sdtune and Accelerate that an "
-              f"uninterrupted {', '.join(commands)} runs once in its module (train: with the trial's checkpoint interval), "
-              "drawn uniformly", flush=True)
+              f"uninterrupted {', '.join(commands)} runs once in its module"
+              f"{interval}, drawn uniformly", flush=True)
         line_counts: dict = {}
         trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts, commands, args.at))] * args.trials
 
