@@ -537,9 +537,23 @@ def training_state(run: RunSpec) -> str:
         return "fresh"
     records = read_metrics_log(run.folder / METRICS_FILE) if (run.folder / METRICS_FILE).is_file() else []
     last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
-    if (run.folder / ADAPTER_FILE).is_file() and last >= run.train.steps:
+    # the adapter's own step, not the log's: a run stopped after logging its last step but before writing its last
+    # adapter holds an earlier checkpoint's adapter
+    if last >= run.train.steps and adapter_step(run.folder) == run.train.steps:
         return "trained"
     return "resumable" if list_checkpoints(run.folder) else "fresh"
+
+
+def adapter_step(folder: Path) -> int | None:
+    """The step the run folder's adapter was saved at (its metadata), or None without a readable adapter."""
+    from .adapter import read_adapter_info
+
+    if not (folder / ADAPTER_FILE).is_file():
+        return None
+    try:
+        return int(read_adapter_info(folder)[0].extra.get("step", ""))
+    except (SdtuneError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
