@@ -25,15 +25,26 @@ left, and that any error is one line. The kinds of fault (`--faults`, comma-sepa
 - `commands`: `sdtune merge` or `sdtune sample` gets SIGKILL, SIGTERM or SIGINT at a random moment; run
   again (with `--overwrite` where the first one finished), it must leave a complete output and no
   temporary (SIGTERM and SIGINT: none already after the signal).
-- `lines`: `sdtune train --checkpoint-every K`, `merge`, `sample` or `export --format kohya` gets SIGTERM or SIGINT as it runs a line of
-  sdtune's or Accelerate's code, drawn uniformly from the distinct lines an uninterrupted run of the same command
-  executes once it enters the command's module (set-up, loop, saves, validation, the end; found by a trace
-  function), at a uniformly drawn one of the times it runs that line. Moments too short for a timed signal to hit
-  (a tracker starting, a file being renamed) are drawn as often as any. Checked as `kill` (train) and `commands`
-  (the others: run again, a complete output) are; each trial names its line.
+- `lines`: `sdtune train --checkpoint-every K`, `merge`, `sample`, `export --format kohya`, `evaluate`, `compare`,
+  `extract` or a two-run `sweep` gets SIGTERM or SIGINT as it runs a line of sdtune's or Accelerate's code, drawn
+  uniformly from the distinct lines an uninterrupted run of the same command executes once it enters the command's
+  module (set-up, loop, saves, validation, the end; found by a trace function), at a uniformly drawn one of the times
+  it runs that line. Moments too short for a timed signal to hit (a tracker starting, a file being renamed, a lock
+  just taken) are drawn as often as any. Checked as `kill` (train) and `commands` (merge, sample, export: run again,
+  a complete output) are; each trial names its line. The commands users run at experiment scale read copies of the
+  uninterrupted training run, tiny random CLIP and DINO models (every metric runs, offline) and a plan of two
+  four-step runs (atoms, LoRA) that are trained, sampled and measured; run again (extract with `--overwrite` where
+  its output exists; evaluate and compare rewrite theirs, a sweep resumes), each must write what its uninterrupted
+  run wrote: evaluate's eval.json and samples, compare's table, plots and grid, extract's LoRA and summary, a sweep's
+  adapters, losses, samples, eval.json, run markers and report (timings, the report's date and paths of the trial's
+  folder aside). Right after the signal, an extract's LoRA and summary are both there or neither, every image and
+  JSON file is whole, and a sweep's runs have whole checkpoints and none is marked failed. `--commands` picks the
+  commands drawn; `--at FILE:LINE[:N]` signals at a given line (its Nth run) instead, to find a window again.
 
     python benchmarks/faults.py --trials 20                  # kills of training runs
     python benchmarks/faults.py --faults all --trials 5      # five trials of each kind
+    python benchmarks/faults.py --faults lines --commands evaluate,sweep --trials 10 --steps 4
+    python benchmarks/faults.py --faults lines --commands extract --at sdtune/extraction.py:200 --trials 1
 
 prints one line per trial, then "N trials, N recovered, 0 lost".
 """
@@ -143,8 +154,9 @@ def interrupted_problems(name: str, code: int, log: Path, folder: Path) -> list[
     return found
 
 
-def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list[str]:
-    """What is wrong with a killed run's folder: truncated or half-written files under their final names."""
+def problems_after_kill(output: Path, checkpoint_every: int, steps: int, ema: bool = True) -> list[str]:
+    """What is wrong with a killed run's folder (trained with an EMA unless `ema` is False): truncated or
+    half-written files under their final names."""
     from safetensors import safe_open
 
     from sdtune.adapter import read_adapter
@@ -168,7 +180,7 @@ def problems_after_kill(output: Path, checkpoint_every: int, steps: int) -> list
         try:
             state = check_checkpoint(folder).state
             assert state["step"] == step, f"state.json says step {state['step']}"
-            for name in (TRAINABLE_FILE, EMA_FILE):
+            for name in (TRAINABLE_FILE, EMA_FILE) if ema else (TRAINABLE_FILE,):
                 with safe_open(str(folder / name), framework="pt") as handle:
                     [handle.get_tensor(key) for key in handle.keys()]
             for name in ("optimizer.bin", "scheduler.bin"):
@@ -456,11 +468,23 @@ def fill_trial(work: Path, index: int, rng: random.Random, steps: int, reference
 
 
 def command_args(kind: str, reference: Path, output: Path) -> list[str]:
+    """The command of `kind` (merge, export, sample; in `lines` trials also evaluate, compare, extract, sweep),
+    reading the uninterrupted training run `reference` or the inputs made from it (`prepare_inputs`)."""
+    sdtune = [sys.executable, "-m", "sdtune"]
+    inputs = inputs_of(reference)
     if kind == "merge":
-        return [sys.executable, "-m", "sdtune", "merge", str(reference), "--output", str(output)]
+        return [*sdtune, "merge", str(reference), "--output", str(output)]
     if kind == "export":
-        return [sys.executable, "-m", "sdtune", "export", str(reference), "--format", "kohya", "--output", str(output)]
-    return [sys.executable, "-m", "sdtune", "sample", "--adapter", str(reference), "--prompt", "a <castle>",
+        return [*sdtune, "export", str(reference), "--format", "kohya", "--output", str(output)]
+    if kind == "extract":
+        return [*sdtune, "extract", str(reference), "--rank", "4", "--output", str(output)]
+    if kind == "evaluate":  # the run is a copy in the trial's folder (`prepare_output`): eval.json goes there
+        return [*sdtune, "evaluate", "--run", str(output), "--num-images", "2", "--steps", "2", *metric_model_args(inputs)]
+    if kind == "compare":
+        return [*sdtune, "compare", str(inputs / "measured"), str(inputs / "plain"), "--steps", "2", "--output", str(output)]
+    if kind == "sweep":
+        return [*sdtune, "sweep", str(inputs / "plan.toml"), "--output", str(output)]
+    return [*sdtune, "sample", "--adapter", str(reference), "--prompt", "a <castle>",
             "--prompt", "a <castle> in the snow", "--num-images", "8", "--steps", "4", "--output", str(output)]
 
 
@@ -474,14 +498,15 @@ def complete_output(kind: str, output: Path) -> list[str]:
             return ["no sdtune_merge.json"]
         problem = cached_model_problem(output)
         return [problem] if problem else []
-    if kind == "export":
+    if kind in ("export", "extract"):
         from safetensors import safe_open
 
+        found = [] if kind == "export" or summary_of(output).is_file() else [f"no {summary_of(output).name}"]
         try:
             with safe_open(str(output), framework="pt") as handle:
-                return [] if [handle.get_tensor(key) for key in handle.keys()] else ["an empty kohya file"]
+                return found + ([] if [handle.get_tensor(key) for key in handle.keys()] else ["an empty kohya file"])
         except Exception as error:  # any unreadable file is a loss
-            return [f"{output.name}: {str(error)[:160]}"]
+            return found + [f"{output.name}: {str(error)[:160]}"]
     found = []
     images = sorted((output / "images").glob("*.png"))
     if len(images) != 16:
@@ -495,12 +520,237 @@ def complete_output(kind: str, output: Path) -> list[str]:
     return found
 
 
-def problems_run_again(kind: str, reference: Path, output: Path) -> list[str]:
-    """Run an interrupted `merge`, `sample` or `export` again (`--overwrite` where the first one finished): what is wrong then."""
-    again = command_args(kind, reference, output) + (["--overwrite"] if output.exists() else [])
+def problems_run_again(kind: str, reference: Path, output: Path, expected: dict | None = None) -> list[str]:
+    """Run an interrupted command again (`--overwrite` where the first one's output exists and the command refuses
+    it; evaluate, compare and sweep rewrite or resume theirs): what is wrong then. `expected`: the uninterrupted
+    command's output (`output_contents`), which the new kinds must give again."""
+    exists = output.exists() or (kind == "extract" and summary_of(output).exists())
+    again = command_args(kind, reference, output) + (["--overwrite"] if exists and kind in OVERWRITTEN else [])
     result = subprocess.run(again, capture_output=True, text=True, env=ENV)
     found = [] if result.returncode == 0 else [f"run again: exit code {result.returncode}: {messages(result.stderr)[-1:]}"]
-    return found + complete_output(kind, output)
+    if expected is None:
+        return found + complete_output(kind, output)
+    return found + differences(output_contents(kind, output), expected)
+
+
+OVERWRITTEN = ("merge", "export", "extract", "sample")  # commands that refuse an existing output without --overwrite
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands users run at experiment scale: evaluate, compare, extract, sweep
+
+SWEEP_STEPS, SWEEP_CHECKPOINT_EVERY = 4, 2
+
+
+def metric_model_args(inputs: Path) -> list[str]:
+    """Tiny random CLIP and DINO (made by `make_metric_models`): every metric runs, offline; FID and KID on DINO features."""
+    return ["--clip-model", str(inputs / "clip"), "--dino-model", str(inputs / "dino"), "--fid-features", "dino"]
+
+
+def inputs_of(reference: Path) -> Path:
+    return reference.parent / "inputs"
+
+
+def summary_of(output: Path) -> Path:
+    """`sdtune extract`'s per-layer summary beside its LoRA file."""
+    return output.with_name(output.stem + ".extract.json")
+
+
+def make_metric_models(folder: Path) -> None:
+    """A tiny random CLIP (with the tiny model's BPE tokenizer) and a tiny ViT as DINO, saved as model folders."""
+    import torch
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+
+    from sdtune.models import _tiny_tokenizer_files
+
+    vocab, merges = _tiny_tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    tokenizer.model_max_length = 77
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder / "clip")
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
+                       patch_size=8), add_pooling_layer=False).save_pretrained(folder / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder / "dino")
+
+
+RUN_COPY = ("adapter.safetensors", "config.toml", "metrics.jsonl")  # what evaluate and compare read of a run
+
+
+def copy_run(reference: Path, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for name in RUN_COPY:
+        shutil.copy2(reference / name, folder / name)
+
+
+def prepare_inputs(reference: Path) -> Path:
+    """What evaluate, compare and sweep read, made once per campaign: the metric models, two copies of the
+    uninterrupted training run (one measured by `sdtune evaluate`) and a two-run sweep plan."""
+    inputs = inputs_of(reference)
+    if (inputs / "plan.toml").is_file():
+        return inputs
+    shutil.rmtree(inputs, ignore_errors=True)
+    inputs.mkdir()
+    make_metric_models(inputs)
+    copy_run(reference, inputs / "plain")
+    copy_run(reference, inputs / "measured")
+    run(command_args("evaluate", reference, inputs / "measured"))
+    models = dict(zip(("clip_model", "dino_model", "fid_features"), metric_model_args(inputs)[1::2]))
+    plan = f"""name = "faults"
+description = "Two short runs on the tiny model with random weights, trained, sampled and measured."
+metrics = "standard"
+
+[train]
+model = "tiny-random"
+steps = {SWEEP_STEPS}
+checkpoint_every = {SWEEP_CHECKPOINT_EVERY}
+seed = 7
+
+[axes]
+method = ["atoms", {{ name = "lora-r2", method = "lora", options = {{ rank = 2 }} }}]
+
+[sample]
+prompt = ["a <castle>"]
+num_images = 2
+steps = 2
+
+[evaluate]
+{chr(10).join(f'{key} = "{value}"' for key, value in models.items())}
+"""
+    (inputs / "plan.toml").write_text(plan)
+    return inputs
+
+
+def prepare_output(kind: str, reference: Path, output: Path) -> None:
+    """What a command's output holds before it runs: evaluate measures (and writes into) its own copy of the run."""
+    if kind == "evaluate":
+        copy_run(reference, output)
+
+
+def _png(path, folder: Path) -> tuple:
+    """An image (a path or a file object) as what it shows and says (its text chunks name the folder it was drawn in)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = {key: value.replace(str(folder), "FOLDER") for key, value in image.text.items()}
+        return image.mode, image.size, image.tobytes(), text
+
+
+def _without_column(rows: list[list[str]], column: str) -> list[list[str]]:
+    if not rows or column not in rows[0]:
+        return rows
+    index = rows[0].index(column)
+    return [row[:index] + row[index + 1:] for row in rows]
+
+
+def _steady(name: str, text: str, folder: Path) -> object:
+    """A text file's content without what differs between two uninterrupted runs: timings and the moment written."""
+    import base64
+    import csv
+    import hashlib
+    import io
+    import re
+    import tomllib
+
+    if name == "sweep-run.json":  # the run's time
+        return {key: value for key, value in json.loads(text).items() if key != "seconds"}
+    if name == "config.toml":  # a resumed run's config names its resume
+        from sdtune.training import RUN_CONTROL
+
+        return {key: value for key, value in tomllib.loads(text).items() if key not in RUN_CONTROL}
+    if name == "comparison.csv":
+        return _without_column(list(csv.reader(io.StringIO(text))), "train_seconds_per_step")
+    if name == "comparison.md":  # the s/step column
+        return [line.split(" | ")[:5] + line.split(" | ")[6:] if line.startswith("| ") else line for line in text.splitlines()]
+    if name == "index.html":  # the sweep report: when written, and the s/step cells
+        text = re.sub(r"Written [^<]*? from", "Written from", text)
+        text = re.sub(r"data:image/png;base64,([A-Za-z0-9+/=]+)",  # sampled images name their run's folder
+                      lambda match: hashlib.sha256(repr(_png(io.BytesIO(base64.b64decode(match.group(1))), folder)).encode()).hexdigest(),
+                      text)
+        keys = re.findall(r'<th class="sortable" data-key="([^"]+)"', text)
+        if "train_seconds_per_step" in keys:
+            column = keys.index("train_seconds_per_step")
+
+            def steady_row(match: re.Match) -> str:
+                cells = re.findall(r"<td.*?</td>", match.group(0))
+                return "".join(cells[:column] + cells[column + 1:])
+
+            text = re.sub(r"<tr class=[^>]*>.*?</tr>", steady_row, text)
+        return text
+    return text
+
+
+# files that differ between two uninterrupted runs, compared otherwise: timings (losses compares metrics.jsonl),
+# TensorBoard's events (wall times), checkpoints (the resumed run's differ in what is kept of the states)
+UNSTEADY = ("metrics.jsonl", "logs", "checkpoints")
+
+
+def output_contents(kind: str, output: Path) -> dict[str, object]:
+    """What a command wrote, as two uninterrupted runs of it agree on: every file under its output (an extract's
+    LoRA file and summary), paths of the trial's folder as FOLDER, images decoded, the losses of training runs."""
+    folder = output.parent
+    files = [output, summary_of(output)] if kind == "extract" else sorted(p for p in output.rglob("*") if p.is_file())
+    contents: dict[str, object] = {}
+    for path in files:
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts) or (kind == "evaluate" and path.name in RUN_COPY):
+            continue
+        if any(part in UNSTEADY for part in relative.parts):
+            if path.name == "metrics.jsonl":
+                contents[str(relative)] = losses(path.parent)
+            continue
+        if path.suffix == ".png":
+            contents[str(relative)] = _png(path, folder)
+        elif path.suffix in (".json", ".md", ".csv", ".html", ".toml", ".txt"):
+            contents[str(relative)] = _steady(path.name, path.read_text(encoding="utf-8").replace(str(folder), "FOLDER"), folder)
+        else:
+            contents[str(relative)] = path.read_bytes()
+    return contents
+
+
+def differences(found: dict, expected: dict) -> list[str]:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    changed = sorted(name for name in set(found) & set(expected) if found[name] != expected[name])
+    return ([f"missing {', '.join(missing)}"] if missing else []) + ([f"not in the uninterrupted output: {', '.join(extra)}"] if extra else []) \
+        + ([f"differs from the uninterrupted output: {', '.join(changed)}"] if changed else [])
+
+
+def problems_after_interrupt(kind: str, output: Path) -> list[str]:
+    """What an interrupted evaluate, compare, extract or sweep must not leave: half an output, a broken file, a
+    damaged run, or a run marked failed by the interrupt."""
+    from PIL import Image
+
+    found = []
+    if kind == "extract" and output.exists() != summary_of(output).exists():
+        found.append(f"{output.name if output.exists() else summary_of(output).name} without "
+                     f"{summary_of(output).name if output.exists() else output.name}")
+    if kind in ("evaluate", "compare", "sweep") and output.is_dir():
+        for path in output.rglob("*"):
+            try:
+                if path.suffix == ".png" and not path.name.startswith("."):
+                    with Image.open(path) as image:
+                        image.load()
+                elif path.suffix == ".json" and not path.name.startswith("."):
+                    json.loads(path.read_text())
+            except Exception as error:  # any unreadable file is a loss
+                found.append(f"{path.relative_to(output)}: {str(error)[:160]}")
+    if kind == "sweep":
+        from sdtune.sweep import read_marker
+
+        for run_folder in sorted((output / "runs").glob("*")):
+            found += [f"{run_folder.name}: {problem}" for problem in
+                      problems_after_kill(run_folder, SWEEP_CHECKPOINT_EVERY, SWEEP_STEPS, ema=False)]
+            marker = read_marker(run_folder) or {}
+            if marker.get("state") == "failed":
+                found.append(f"{run_folder.name} marked failed: {marker.get('error')}")
+    return found
 
 
 def lock_of(kind: str, output: Path) -> Path:
@@ -549,7 +799,7 @@ def working_seconds(kind: str, reference: Path, output: Path) -> float:
 # lines: a signal at a chosen line of sdtune's code
 
 # Runs `sdtune ARGS` tracing the lines of sdtune's and Accelerate's files that the main thread executes once it has
-# entered sdtune/ENTRY (the command's module: training.py, sampling.py, merging.py). With AT ("sdtune/file.py:line") and NTH > 0 it sends itself SIG`SIGNAL` as it runs
+# entered sdtune/ENTRY (the command's module, `LINE_ENTRIES`). With AT ("sdtune/file.py:line") and NTH > 0 it sends itself SIG`SIGNAL` as it runs
 # that line for the NTH time; with AT = "-" it writes, at exit, how often it ran each line to the JSON file WHERE.
 LINE_DRIVER = """
 import atexit, json, os, signal, sys
@@ -590,57 +840,75 @@ main()
 """
 
 
-LINE_ENTRIES = {"train": "training.py", "merge": "merging.py", "sample": "sampling.py", "export": "export.py"}
+LINE_ENTRIES = {"train": "training.py", "merge": "merging.py", "sample": "sampling.py", "export": "export.py",
+                "evaluate": "evaluation.py", "compare": "comparison.py", "extract": "extraction.py", "sweep": "sweep.py"}
+# the commands whose uninterrupted output a trial's must equal once run again (`output_contents`)
+MEASURED = ("evaluate", "compare", "extract", "sweep")
 
 
 def line_command(kind: str, at: str, nth: int, where: Path, name: str, output: Path, reference: Path, steps: int,
                  checkpoint_every: int) -> list[str]:
-    """`sdtune train` (checkpointing every `checkpoint_every` steps), `merge` or `sample` of `reference` under the driver."""
+    """`sdtune train` (checkpointing every `checkpoint_every` steps) or another command of `reference` under the driver."""
     command = (train_command(output, steps, "--checkpoint-every", str(checkpoint_every)) if kind == "train"
                else command_args(kind, reference, output))
     return [sys.executable, "-c", LINE_DRIVER, LINE_ENTRIES[kind], at, str(nth), str(where), name, *command[3:]]
 
 
 def command_output(folder: Path, kind: str) -> Path:
-    return folder / ("out.safetensors" if kind == "export" else "out")
+    return folder / ("out.safetensors" if kind in ("export", "extract") else "out")
 
 
 def counted_lines(work: Path, kind: str, reference: Path, steps: int, checkpoint_every: int, counts: dict) -> dict[str, int]:
     """How often an uninterrupted command runs each line of sdtune and Accelerate from its entry into its module
-    (kept in `counts`)."""
+    (kept in `counts`, with, for the MEASURED commands, what that run wrote: `counts[kind, "output"]`)."""
     key = (kind, checkpoint_every if kind == "train" else None)
     if key not in counts:
-        output, where = command_output(work / "line-count", kind), work / "line-count.json"
+        if kind in MEASURED:
+            prepare_inputs(reference)
+        output, where = command_output(work / f"line-count-{kind}", kind), work / f"line-count-{kind}.json"
         shutil.rmtree(output.parent, ignore_errors=True)
         output.parent.mkdir(parents=True)
+        prepare_output(kind, reference, output)
         run(line_command(kind, "-", 0, where, "TERM", output, reference, steps, checkpoint_every))
         counts[key] = json.loads(where.read_text())
+        if kind in MEASURED:
+            counts[kind, "output"] = output_contents(kind, output)
     return counts[key]
 
 
-def line_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, counts: dict) -> tuple[bool, str]:
-    kind = rng.choice(list(LINE_ENTRIES))
+def line_trial(work: Path, index: int, rng: random.Random, steps: int, reference: Path, counts: dict,
+               commands: tuple[str, ...] = tuple(LINE_ENTRIES), line: str | None = None) -> tuple[bool, str]:
+    """One signal at a line drawn uniformly (or at `line`, FILE:LINE or FILE:LINE:N, its Nth run: a window found again)."""
+    kind = rng.choice(list(commands))
     checkpoint_every = rng.randint(1, 5)
     name = rng.choice(["TERM", "INT"])
     ran = counted_lines(work, kind, reference, steps, checkpoint_every, counts)
     at = rng.choice(sorted(ran))  # every line alike, however often it runs
     nth = rng.randint(1, ran[at])
+    if line is not None:
+        filename, number, *given = line.split(":")
+        at, nth = f"{filename}:{number}", int(given[0]) if given else 1
+        if at not in ran:
+            raise RuntimeError(f"--at {line}: an uninterrupted {kind} does not run {at}")
     folder, log = work / f"line-{index:02d}", work / f"line-{index:02d}.log"
     output = command_output(folder, kind)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
+    prepare_output(kind, reference, output)
     with open(log, "w") as handle:
         command = line_command(kind, at, nth, log.with_suffix(".json"), name, output, reference, steps, checkpoint_every)
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=ENV).returncode
     found = []
     if code != 0:  # 0: the signal came on a line after the last the command needed, or the line ran fewer times
         found += interrupted_problems(name, code, log, folder)
+    if kind in MEASURED:
+        found += [f"after SIG{name}: {problem}" for problem in problems_after_interrupt(kind, output)]
     if kind == "train":
         found += problems_after_kill(output, checkpoint_every, steps)
         run(train_command(output, steps, "--checkpoint-every", str(checkpoint_every), "--resume", "latest"))
         found += same_as_reference(output, reference)
     else:
-        found += problems_run_again(kind, reference, output)
+        found += problems_run_again(kind, reference, output, counts.get((kind, "output")))
     if leftovers(folder):
         found.append(f"left after {'the resume' if kind == 'train' else 'running again'}: {', '.join(leftovers(folder))}")
     setting = f"train, checkpoint every {checkpoint_every}" if kind == "train" else kind
@@ -661,7 +929,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     parser.add_argument("--work", type=Path, default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--commands", default=",".join(LINE_ENTRIES),
+                        help=f"the commands `lines` trials draw from, comma-separated: {', '.join(LINE_ENTRIES)}")
+    parser.add_argument("--at", default=None, help="`lines` trials signal at this line (FILE:LINE, or FILE:LINE:N for its Nth run) "
+                                                  "instead of a drawn one: a window found again")
     args = parser.parse_args(argv)
+    commands = tuple(args.commands.split(","))
+    if sorted(set(commands) - set(LINE_ENTRIES)) or not commands:
+        parser.error(f"--commands {args.commands}: choose from {', '.join(LINE_ENTRIES)}")
+    if args.at and (len(args.at.split(":")) not in (2, 3) or not all(part.isdigit() for part in args.at.split(":")[1:])):
+        parser.error(f"--at {args.at}: give FILE:LINE or FILE:LINE:N, as trials name them (sdtune/fileio.py:523)")
     faults = FAULTS if args.faults == "all" else tuple(args.faults.split(","))
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
@@ -709,11 +986,12 @@ def main(argv: list[str] | None = None) -> str:
         trials += [("command", lambda i: command_trial(work, i, rng, reference, seconds))] * args.trials
 
     if "lines" in faults:
+        interval = " (train: with the trial's checkpoint interval)" if "train" in commands else ""
         print("lines: each trial gets SIGTERM or SIGINT at one of the distinct lines of sdtune and Accelerate that an "
-              "uninterrupted train (with its checkpoint interval), merge, sample or export runs once in its module, drawn uniformly",
-              flush=True)
+              f"uninterrupted {', '.join(commands)} runs once in its module"
+              f"{interval}, drawn uniformly", flush=True)
         line_counts: dict = {}
-        trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts))] * args.trials
+        trials += [("lines", lambda i: line_trial(work, i, rng, args.steps, reference, line_counts, commands, args.at))] * args.trials
 
     recovered, counts = 0, {}
     for label, run_trial in trials:

@@ -126,6 +126,9 @@ def handle_errors(command: Callable) -> Callable:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt as interrupt:
+            from .fileio import release_held_locks
+
+            release_held_locks()  # an interrupt in a lock's release leaves it held: its file would stay behind
             global interrupted_with
             interrupted_with = 128 + signal.SIGTERM if isinstance(interrupt, Terminated) else 130
             typer.echo("interrupted", err=True)

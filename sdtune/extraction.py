@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .config import ExtractConfig
 from .errors import SdtuneError
-from .fileio import check_output_target, output_file_lock, write_text_atomic
+from .fileio import check_output_target, output_file_lock, write_text_atomic, written_together
 from .version import __version__
 
 
@@ -190,13 +190,14 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         base = dataclasses.replace(info, base_model=info.base_model or model)
         bundles, bundle_metadata, rows = carried_tokens(adapter, path, info)
         spec = model_spec(pipeline.unet.config, pipeline.scheduler.config, pipeline.vae.config, output.stem)
-        write_kohya(output, {**dict(sorted(state.items())), **bundles}, base, {**extra, **spec, **bundle_metadata})
-        if rows:
-            from .token_embeddings import embedding_file_path, write_embedding_file
+        from .token_embeddings import embedding_file_path, write_embedding_file
 
-            write_embedding_file(embedding_file_path(output), info, rows)
-            result.notes.append(f"new tokens {''.join(info.new_tokens)} bundled, and in {embedding_file_path(output)}")
-        write_text_atomic(summary, json.dumps(_summary(config, path, model, result), indent=2) + "\n")
+        with written_together([output, summary] + ([embedding_file_path(output)] if rows else [])):
+            write_kohya(output, {**dict(sorted(state.items())), **bundles}, base, {**extra, **spec, **bundle_metadata})
+            if rows:
+                write_embedding_file(embedding_file_path(output), info, rows)
+                result.notes.append(f"new tokens {''.join(info.new_tokens)} bundled, and in {embedding_file_path(output)}")
+            write_text_atomic(summary, json.dumps(_summary(config, path, model, result), indent=2) + "\n")
     return result
 
 

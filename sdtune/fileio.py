@@ -255,6 +255,29 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
                 leftover.unlink()
 
 
+@contextlib.contextmanager
+def written_together(paths: list[Path]) -> Iterator[None]:
+    """The files of one output (a LoRA, its summary, its token file), written in the block: an interrupt or a
+    failure once one of them has changed removes them all, so none is left without the others (each file alone is
+    written atomically; the set is not). Before the first changes, earlier files stay as they were."""
+
+    def state(path: Path) -> tuple | None:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    before = [state(path) for path in paths]
+    try:
+        yield
+    except BaseException:
+        if [state(path) for path in paths] != before:
+            for path in paths:
+                path.unlink(missing_ok=True)
+        raise
+
+
 def counted(count: int, noun: str) -> str:
     """`1 image`, `2 images`, `1,000 steps`: the count and its noun, singular for one."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
@@ -485,6 +508,8 @@ def write_folder(output: Path, fill, overwrite: bool = False) -> Path:
 # One command per output
 
 LOCK_FILE = ".sdtune.lock"
+# the locks this process holds, for `release_held_locks`
+HELD_LOCKS: set["OutputLock"] = set()
 
 
 def file_lock_name(name: str) -> str:
@@ -539,6 +564,7 @@ class OutputLock:
             # the file system's clock, as the temporaries' times are: theirs are older, or this holder's
             self.acquired_at = os.fstat(fd).st_mtime
             self._fd = fd
+            HELD_LOCKS.add(self)
             return self
         except BaseException:  # an interrupt mid-way: leave no lock file behind, as `release` would not be called
             if fd is not None:
@@ -546,6 +572,8 @@ class OutputLock:
                     # flock again: ours already, or free (the interrupt came before we took it), or another's
                     if _try_flock(fd) and self._is_ours(fd):
                         self.path.unlink()  # no one else can hold or remove it while our flock holds
+                self._fd = None
+                HELD_LOCKS.discard(self)
                 os.close(fd)
             raise
 
@@ -564,16 +592,26 @@ class OutputLock:
     def release(self) -> None:
         if self._fd is None:
             return
+        fd = self._fd
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()  # removed while still held, so no one can lock the old file meanwhile
-        os.close(self._fd)
         self._fd = None
+        os.close(fd)
+        HELD_LOCKS.discard(self)
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def release_held_locks() -> None:
+    """Release every lock this process still holds: what the CLI does once SIGINT or SIGTERM has ended a command, as
+    the interrupt may have come as a lock was being released (its `finally`), where nothing would release it again."""
+    for lock in list(HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            lock.release()
 
 
 @contextlib.contextmanager

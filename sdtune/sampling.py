@@ -116,8 +116,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes
     # their images; the main process then reads them all back for the grid.
     state = process_state()
-    lock = lock_on_main_process(state, OutputLock(output))
-    try:
+    lock = OutputLock(output)
+    try:  # taken inside the try: an interrupt just after it is taken still releases it
+        lock_on_main_process(state, lock)
         if state.is_main_process:
             lock.sweep(lambda name: name == GRID_FILE)
             lock.sweep(lambda name: name.endswith(".png"), output / "images")

@@ -450,32 +450,33 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
                 result.skipped.append(run.name)
                 continue
             lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
-            try:
-                run.folder.mkdir(parents=True, exist_ok=True)
-                lock_on_main_process(state, lock)
-            except SdtuneError:  # another sweep process is on this run: its run, not a failure here
-                log(f"{prefix}: in use by another sweep process, skipped")
-                result.skipped.append(run.name)
-                continue
-            try:
-                if run.state() == "finished":  # finished by another process while this one waited
-                    log(f"{prefix}: finished by another process, skipped")
+            try:  # taken inside the try: an interrupt just after it is taken still releases it
+                try:
+                    run.folder.mkdir(parents=True, exist_ok=True)
+                    lock_on_main_process(state, lock)
+                except SdtuneError:  # another sweep process is on this run: its run, not a failure here
+                    log(f"{prefix}: in use by another sweep process, skipped")
                     result.skipped.append(run.name)
                     continue
-                run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
-            except KeyboardInterrupt:
-                raise
-            except Exception as error:  # one run's failure is recorded; the others go on
-                message = error_line(error)
-                log(f"{prefix}: failed: {message}")
-                result.failed[run.name] = message
-                if main:
-                    try:
-                        write_marker(run, "failed", error=message)
-                    except OSError:
-                        pass
-            else:
-                result.ran.append(run.name)
+                try:
+                    if run.state() == "finished":  # finished by another process while this one waited
+                        log(f"{prefix}: finished by another process, skipped")
+                        result.skipped.append(run.name)
+                        continue
+                    run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as error:  # one run's failure is recorded; the others go on
+                    message = error_line(error)
+                    log(f"{prefix}: failed: {message}")
+                    result.failed[run.name] = message
+                    if main:
+                        try:
+                            write_marker(run, "failed", error=message)
+                        except OSError:
+                            pass
+                else:
+                    result.ran.append(run.name)
             finally:
                 lock.release()
     if main:
@@ -536,9 +537,23 @@ def training_state(run: RunSpec) -> str:
         return "fresh"
     records = read_metrics_log(run.folder / METRICS_FILE) if (run.folder / METRICS_FILE).is_file() else []
     last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
-    if (run.folder / ADAPTER_FILE).is_file() and last >= run.train.steps:
+    # the adapter's own step, not the log's: a run stopped after logging its last step but before writing its last
+    # adapter holds an earlier checkpoint's adapter
+    if last >= run.train.steps and adapter_step(run.folder) == run.train.steps:
         return "trained"
     return "resumable" if list_checkpoints(run.folder) else "fresh"
+
+
+def adapter_step(folder: Path) -> int | None:
+    """The step the run folder's adapter was saved at (its metadata), or None without a readable adapter."""
+    from .adapter import read_adapter_info
+
+    if not (folder / ADAPTER_FILE).is_file():
+        return None
+    try:
+        return int(read_adapter_info(folder)[0].extra.get("step", ""))
+    except (SdtuneError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,8 +239,9 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     output = ensure_writable_folder(config.output)
 
     accelerator = make_accelerator(config, output)
-    lock = lock_output(accelerator, output)
-    try:
+    lock = OutputLock(output)
+    try:  # taken inside the try: an interrupt just after it is taken still releases it
+        lock_output(accelerator, lock)
         if accelerator.is_main_process:
             sweep_run_folder(lock)
         yield Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
@@ -305,11 +306,11 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     return found
 
 
-def lock_output(accelerator, output: Path) -> OutputLock:
-    """Lock the output folder (main process); every process raises the same one-line error if it is taken."""
+def lock_output(accelerator, lock: OutputLock) -> OutputLock:
+    """Take the output folder's lock (main process); every process raises the same one-line error if it is taken."""
     from .distributed import lock_on_main_process
 
-    return lock_on_main_process(accelerator, OutputLock(output))
+    return lock_on_main_process(accelerator, lock)
 
 
 def sweep_run_folder(lock: OutputLock) -> None:

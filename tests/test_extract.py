@@ -424,3 +424,38 @@ def test_an_update_beyond_fp16_is_refused_in_fp16(tmp_path):
         extract(tmp_path / "a.safetensors", tmp_path / "h.safetensors", dtype="fp16")
     assert not (tmp_path / "h.safetensors").exists()
     extract(tmp_path / "a.safetensors", tmp_path / "h.safetensors", dtype="bf16")
+
+
+@pytest.mark.parametrize("interrupted", ["once the LoRA is written", "as the summary is written"])
+def test_an_interrupt_between_the_lora_and_its_summary_leaves_neither(tmp_path, monkeypatch, interrupted):
+    """SIGINT or SIGTERM once the LoRA file is written but before its summary is leaves neither file (a LoRA without
+    its summary looks finished, and a second extract refuses it); before the first is written, an earlier pair stays."""
+    import sdtune.extraction
+    import sdtune.kohya
+
+    make_adapter("lora", {}, tmp_path / "a.safetensors")
+    out, summary = tmp_path / "small.safetensors", tmp_path / "small.extract.json"
+    write_kohya = sdtune.kohya.write_kohya
+
+    def written_then_interrupted(*args, **kwargs):
+        write_kohya(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    def interrupted_before(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if interrupted == "once the LoRA is written":
+        monkeypatch.setattr(sdtune.kohya, "write_kohya", written_then_interrupted)
+    else:
+        monkeypatch.setattr(sdtune.extraction, "write_text_atomic", interrupted_before)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path / "a.safetensors", out, rank=2)
+    assert not out.exists() and not summary.exists()
+
+    monkeypatch.undo()
+    extract(tmp_path / "a.safetensors", out, rank=2)
+    earlier = out.read_bytes(), summary.read_bytes()
+    monkeypatch.setattr(sdtune.kohya, "write_kohya", interrupted_before)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path / "a.safetensors", out, rank=1, overwrite=True)
+    assert (out.read_bytes(), summary.read_bytes()) == earlier

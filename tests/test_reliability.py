@@ -695,7 +695,74 @@ def test_an_interrupt_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monk
         assert (tmp_path / LOCK_FILE).exists()
 
 
+def test_an_interrupt_as_the_output_lock_is_released_leaves_no_lock_file(tmp_path, tiny_path, monkeypatch):
+    """SIGTERM or SIGINT as a finished command releases its lock (in the `finally` that releases it, before the file is
+    removed) still ends in one "interrupted" line with no lock file: the CLI releases the locks an interrupt left held."""
+    from sdtune.fileio import OutputLock
+
+    invoke("train", "--model", "tiny-random", "--steps", 1, "--output", tmp_path / "run")
+    release, calls = OutputLock.release, []
+
+    def interrupted_once(self):
+        calls.append(self.path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # as the release begins
+        release(self)
+
+    monkeypatch.setattr(OutputLock, "release", interrupted_once)
+    output = tmp_path / "out"
+    result = invoke("sample", "--adapter", tmp_path / "run", "--prompt", "a <castle>", "--num-images", 1, "--steps", 1,
+                    "--output", output)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines()[-1] == "interrupted"
+    assert calls[0] == output / ".sdtune.lock"
+    assert [p.name for p in tmp_path.rglob("*.lock")] == []
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "sweep"])
+def test_an_interrupt_just_after_the_output_lock_is_taken_releases_it(tmp_path, tiny_path, monkeypatch, command):
+    """SIGTERM or SIGINT once the lock is taken but before the block that releases it begins (on the caller's
+    `try:` line, or on `lock_on_main_process`'s way out) leaves no lock file: the lock is taken inside that block."""
+    import sdtune.distributed
+    from sdtune.config import SampleConfig, SweepConfig, TrainConfig
+    from sdtune.sampling import sample
+    from sdtune.sweep import run_sweep
+    from sdtune.training import train
+
+    if command == "sample":
+        train(TrainConfig(model="tiny-random", steps=1, output=str(tmp_path / "run")), progress=False)
+    original = sdtune.distributed.lock_on_main_process
+
+    def taken_then_interrupted(state, lock):
+        original(state, lock)
+        assert lock.path.exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sdtune.distributed, "lock_on_main_process", taken_then_interrupted)
+    output = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        if command == "train":
+            train(TrainConfig(model="tiny-random", steps=1, output=str(output)), progress=False)
+        elif command == "sample":
+            sample(SampleConfig(adapter=str(tmp_path / "run"), prompt=["a <castle>"], num_images=1, steps=1, output=str(output)), progress=False)
+        else:
+            plan = tmp_path / "plan.toml"
+            plan.write_text('metrics = "none"\n[train]\nmodel = "tiny-random"\nsteps = 1\n[axes]\nseed = [0]\n')
+            run_sweep(SweepConfig(plan=str(plan), output=str(output)), log=lambda message: None)
+    assert [p.name for p in output.rglob("*.lock")] == []
+
+
 @pytest.mark.slow
 def test_fault_benchmark_signals_at_random_lines(tmp_path, tiny_path):
+    """Three trials drawn from every command the benchmark signals (train, merge, sample, export, evaluate, compare,
+    extract, sweep)."""
     summary = faults_benchmark().main(["--faults", "lines", "--trials", "3", "--steps", "4", "--work", str(tmp_path)])
     assert summary == "3 trials, 3 recovered, 0 lost"
+
+
+@pytest.mark.slow
+def test_fault_benchmark_signals_at_random_lines_of_experiment_commands(tmp_path, tiny_path):
+    """evaluate, compare, extract and a two-run sweep, run again or resumed, write what their uninterrupted run wrote."""
+    summary = faults_benchmark().main(["--faults", "lines", "--commands", "evaluate,compare,extract,sweep", "--trials", "2",
+                                       "--steps", "4", "--work", str(tmp_path)])
+    assert summary == "2 trials, 2 recovered, 0 lost"

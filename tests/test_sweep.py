@@ -118,6 +118,33 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, private_c
     assert (run / "adapter.safetensors").is_file()
 
 
+def test_a_run_stopped_after_logging_its_last_step_resumes_to_its_last_adapter(tmp_path, private_cache, monkeypatch):
+    """An interrupt after the last step is logged but before the last adapter is written (at the last checkpoint)
+    leaves metrics.jsonl at the last step beside an earlier checkpoint's adapter: the next sweep resumes the run
+    (it sampled that adapter as trained) and ends with the uninterrupted run's adapter."""
+    from sdtune.training import Trainer
+
+    plan = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '"atoms"').replace("steps = 2\nlog", "steps = 4\nlog")
+                      .replace("checkpoint_every = 1", "checkpoint_every = 2"))
+    sweep(plan, tmp_path / "uninterrupted")
+    save_checkpoint = Trainer.save_checkpoint
+
+    def interrupted_at_the_last(self):
+        if self.global_step == 4:
+            raise KeyboardInterrupt
+        save_checkpoint(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", interrupted_at_the_last)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(plan, tmp_path / "out")
+    monkeypatch.undo()
+    run = Path("runs") / "castle-atoms"
+    assert json.loads((tmp_path / "out" / run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    result, lines = sweep(plan, tmp_path / "out")
+    assert result.ran == ["castle-atoms"] and any("resuming from its latest checkpoint" in line for line in lines), lines
+    assert (tmp_path / "out" / run / "adapter.safetensors").read_bytes() == (tmp_path / "uninterrupted" / run / "adapter.safetensors").read_bytes()
+
+
 def test_a_changed_setting_retrains_the_run(finished, tmp_path):
     plan, output = finished
     copy = tmp_path / "out"
