@@ -73,10 +73,11 @@ KOHYA_TRAINING_KEYS = {
 }
 
 
-def training_metadata(path: Path, info) -> dict[str, str]:
+def training_metadata(path: Path, info, native_resolution: str | None = None) -> dict[str, str]:
     """kohya-ss' training keys for the adapter file `path` (`info`: its header), as train_network.py writes them
     and AUTOMATIC1111's and Forge's LoRA metadata view and LoRA managers show them: the steps it was saved at, and
-    the run's settings where its config.toml lies beside it. Only settings sdtune has: no epochs or repeats."""
+    the run's settings where its config.toml lies beside it (`native_resolution`, modelspec's "WxH": the size of a run
+    that set none). Only settings sdtune has: no epochs or repeats."""
     from dataclasses import MISSING, fields
     from types import SimpleNamespace
 
@@ -105,6 +106,9 @@ def training_metadata(path: Path, info) -> dict[str, str]:
         metadata["ss_text_encoder_lr"] = str(settings["lr"] if text_lr is None else text_lr)
     if settings["resolution"]:
         metadata["ss_resolution"] = str((settings["resolution"], settings["resolution"]))  # kohya's (width, height)
+    elif native_resolution:  # trained at the model's own size (modelspec's "WxH")
+        width, height = native_resolution.split("x")
+        metadata["ss_resolution"] = str((int(width), int(height)))
     if not settings["dataset"] and not recorded:
         metadata.update(_training_images_metadata(TrainConfig, settings))
     return metadata
@@ -185,7 +189,7 @@ def export_adapter(
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             bundles, bundle_metadata = kohya_bundles(info, token_rows, len(token_rows) > 1) if token_rows else ({}, {})
-            write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info), **extra, **spec, **bundle_metadata})
+            write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info, spec.get("modelspec.resolution")), **extra, **spec, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
             # only a LoRA's file is one diffusers would otherwise load

@@ -684,7 +684,7 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
         "ss_optimizer": "torch.optim.adamw.AdamW(betas=(0.9, 0.999),eps=1e-08,weight_decay=0.01)", "ss_mixed_precision": "no", "ss_debiased_estimation": "False", "ss_zero_terminal_snr": "False", "ss_flip_aug": "False",
     }
     assert {key: metadata.get(key) for key in expected} == expected
-    assert "ss_resolution" not in metadata  # the model's own size, which config.toml leaves out
+    assert metadata["ss_resolution"] == "(64, 64)"  # the model's own size, which config.toml leaves out
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora" and metadata["modelspec.title"] == "castle"
 
     state = load_file(out)
@@ -699,6 +699,7 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
     with safe_open(str(tmp_path / "alone-kohya.safetensors"), framework="pt") as handle:
         bare = handle.metadata()
     assert bare["ss_steps"] == "3" and "ss_learning_rate" not in bare and "ss_seed" not in bare
+    assert "ss_resolution" not in bare  # without its run, the size it was trained at is unknown
     alone_state = load_file(tmp_path / "alone-kohya.safetensors")
     assert alone_state.keys() == state.keys() and all(torch.equal(alone_state[k], state[k]) for k in state)
 
