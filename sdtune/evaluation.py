@@ -411,7 +411,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     from .adapter import adapter_path, read_adapter_info
     from .config import SampleConfig
     from .data import fill_placeholders, read_prompt_file
-    from .fileio import write_text_atomic
+    from .fileio import output_file_lock, write_text_atomic
     from .models import quiet_libraries
 
     config.validate()
@@ -556,7 +556,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         report.update(adapter_scale=config.adapter_scale)
     if info is not None:
         report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)))
-    write_text_atomic(output, json.dumps(report, indent=2) + "\n")
+    with output_file_lock(output):  # one writer at a time; what a killed evaluation left of it is swept
+        write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     return Evaluation(output=output, metrics=report["metrics"], unavailable=report["unavailable"], report=report)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 
 import numpy as np
@@ -204,6 +205,28 @@ def test_without_reference_only_text_alignment_and_diversity(metric_models, imag
     assert set(result.metrics) == {"diversity"}
     assert result.unavailable["clip_i"].startswith("no reference images")
     assert result.unavailable["clip_t"].startswith("no prompts")
+
+
+def test_eval_json_is_written_by_one_evaluation_at_a_time(metric_models, image_sets, tmp_path):
+    """An evaluation finishing while another writes the same eval.json is refused in one line, the other's file
+    untouched; what a killed one left of the file (an atomic write's temporary) is swept by the next."""
+    from sdtune.errors import SdtuneError
+    from sdtune.fileio import OutputLock, file_lock_name, temp_path
+
+    clip_path, dino_path = metric_models
+    output = tmp_path / "eval.json"
+    config = EvaluateConfig(images=str(image_sets[0]), output=str(output), clip_model=str(clip_path),
+                            dino_model=str(dino_path), fid_features="none")
+    output.write_text("the other evaluation's\n")
+    with OutputLock(tmp_path, file_lock_name("eval.json")), pytest.raises(SdtuneError, match="is in use by another sdtune run"):
+        evaluate(config, progress=False)
+    assert output.read_text() == "the other evaluation's\n"
+    leftover = temp_path(output)  # as a killed evaluation's atomic write leaves it
+    leftover.write_text("{")
+    os.utime(leftover, (0, 0))  # older than the next lock
+    evaluate(config, progress=False)
+    assert "diversity" in json.loads(output.read_text())["metrics"]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
 
 
 @torch.no_grad()
