@@ -16,6 +16,7 @@ written atomically by whichever shard finishes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -443,45 +444,67 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
             # a missing or empty prompt file stops the sweep now, not after each run's training
             for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
                 read_prompt_file(prompts)
-        for number, run in enumerate(runs, 1):
-            prefix = f"[{number}/{len(runs)}] {run.name}"
-            if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():
-                log(f"{prefix}: finished earlier, skipped")
-                result.skipped.append(run.name)
-                continue
-            lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
-            try:  # taken inside the try: an interrupt just after it is taken still releases it
-                try:
-                    run.folder.mkdir(parents=True, exist_ok=True)
-                    lock_on_main_process(state, lock)
-                except SdtuneError:  # another sweep process is on this run: its run, not a failure here
-                    log(f"{prefix}: in use by another sweep process, skipped")
+        with each_warning_once():  # the runs of a sweep share their inputs, and so their warnings
+            for number, run in enumerate(runs, 1):
+                prefix = f"[{number}/{len(runs)}] {run.name}"
+                if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():
+                    log(f"{prefix}: finished earlier, skipped")
                     result.skipped.append(run.name)
                     continue
-                try:
-                    if run.state() == "finished":  # finished by another process while this one waited
-                        log(f"{prefix}: finished by another process, skipped")
+                lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
+                try:  # taken inside the try: an interrupt just after it is taken still releases it
+                    try:
+                        run.folder.mkdir(parents=True, exist_ok=True)
+                        lock_on_main_process(state, lock)
+                    except SdtuneError:  # another sweep process is on this run: its run, not a failure here
+                        log(f"{prefix}: in use by another sweep process, skipped")
                         result.skipped.append(run.name)
                         continue
-                    run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as error:  # one run's failure is recorded; the others go on
-                    message = error_line(error)
-                    log(f"{prefix}: failed: {message}")
-                    result.failed[run.name] = message
-                    if main:
-                        try:
-                            write_marker(run, "failed", error=message)
-                        except OSError:
-                            pass
-                else:
-                    result.ran.append(run.name)
-            finally:
-                lock.release()
+                    try:
+                        if run.state() == "finished":  # finished by another process while this one waited
+                            log(f"{prefix}: finished by another process, skipped")
+                            result.skipped.append(run.name)
+                            continue
+                        run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as error:  # one run's failure is recorded; the others go on
+                        message = error_line(error)
+                        log(f"{prefix}: failed: {message}")
+                        result.failed[run.name] = message
+                        if main:
+                            try:
+                                write_marker(run, "failed", error=message)
+                            except OSError:
+                                pass
+                    else:
+                        result.ran.append(run.name)
+                finally:
+                    lock.release()
     if main:
         result.report = write_report(plan, log)
     return result
+
+
+@contextlib.contextmanager
+def each_warning_once():
+    """Show each distinct warning once: a sweep's runs read the same images and settings, which warn alike in
+    every run (a skipped file, a small image); a warning that differs, as another folder's, is still shown."""
+    import warnings
+
+    shown: set = set()
+    show = warnings.showwarning
+
+    def show_new(message, category, filename, lineno, file=None, line=None):
+        if (category, str(message)) not in shown:
+            shown.add((category, str(message)))
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_new
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], main: bool = True) -> None:

@@ -170,6 +170,26 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache)
     assert "failed" in (tmp_path / "out" / "report" / "index.html").read_text()
 
 
+def test_a_warning_every_run_gives_alike_is_shown_once(tmp_path, private_cache):
+    """The runs read the same images: a file that is no image is named once for the sweep, not once a run; a
+    warning that differs from run to run (another folder's file) is still shown."""
+    from sdtune.demo_images import demo_concept_folder
+
+    for name in ("first", "second"):
+        shutil.copytree(demo_concept_folder("castle"), tmp_path / "out" / name)
+    (tmp_path / "out" / "first" / "notes.png").write_bytes(b"not an image")
+    (tmp_path / "out" / "second" / "notes.png").write_bytes(b"not an image")
+    plan = write_plan(tmp_path, TINY_PLAN.replace(
+        'concept = ["castle"]', 'images = [{ name = "first", images = "{sweep}/first" }, { name = "second", images = "{sweep}/second" }]')
+                      .replace("checkpoint_every = 1", "checkpoint_every = 0").replace('name = "tiny"', 'name = "tiny"\nmetrics = "none"')
+                      .replace('prompt = ["photo of a <castle>.", "a <castle> at night"]', 'prompt = ["a castle"]'))
+    with pytest.warns(UserWarning) as said:
+        result, lines = sweep(plan, tmp_path / "out")
+    assert result.exit_code == 0 and len(result.ran) == 4, lines
+    skipped = [str(warning.message) for warning in said if "notes.png" in str(warning.message)]
+    assert len(skipped) == 2 and {"first" in message for message in skipped} == {True, False}, skipped
+
+
 def test_a_run_another_sweep_process_holds_is_left_to_it(tmp_path, private_cache):
     from sdtune.fileio import OutputLock
     from sdtune.sweep import RUN_LOCK
