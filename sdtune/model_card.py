@@ -88,7 +88,8 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     trained = trained_parameters(info, adapter_method) + token_rows(path)
     template = settings.get("template", "photo of a {token}.")
     prompt = template.format(token=info.token) if info.token and "{token}" in template else None
-    tags = ["sdtune", "stable-diffusion", "text-to-image", info.method] + (["textual_inversion"] if info.new_tokens else [])
+    family = ["stable-diffusion-xl"] if info.extra.get("base_model_family") == "sdxl" else ["stable-diffusion"]
+    tags = ["sdtune", *family, "text-to-image", info.method] + (["textual_inversion"] if info.new_tokens else [])
     grid = run / GRID
     data = ModelCardData(
         base_model=info.base_model if is_hub_id(info.base_model) else None,

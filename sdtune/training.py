@@ -1001,10 +1001,14 @@ class Trainer:
         """adapter.safetensors and, with an EMA, adapter-ema.safetensors (main process)."""
         if not self.accelerator.is_main_process:
             return
+        from .models import is_sdxl
+
         config, method, base_model = self.config, self.method, self.pipe.sdtune_model_id
         extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(self.global_step))
         if config.zero_terminal_snr:  # only when on: other adapters keep their bytes
             extra["zero_terminal_snr"] = "true"
+        if is_sdxl(self.pipe):  # for what reads the file alone (a model card's tags); SD 1.x/2.x adapters keep their bytes
+            extra["base_model_family"] = "sdxl"
         if len(config.concepts) > 1 and not config.dataset:  # sampling fills each <name> with its own token
             extra.update(token=config.concept_tokens[config.concepts[0]], concept_tokens=json.dumps(config.concept_tokens))
         from .token_embeddings import trained_rows

@@ -62,3 +62,21 @@ def test_an_existing_card_is_kept_and_bad_input_is_one_line(run, tmp_path):
 def test_hub_ids_are_linked_and_local_names_are_not(tmp_path):
     assert is_hub_id("CompVis/stable-diffusion-v1-4") and is_hub_id("stabilityai/stable-diffusion-xl-base-1.0")
     assert not any(map(is_hub_id, ["tiny", str(tmp_path), "./models/sd", "a/b/c", "/abs"]))
+
+
+def test_an_sdxl_adapter_is_tagged_for_sdxl(tmp_path, tiny_path):
+    """The Hub lists SDXL adapters under stable-diffusion-xl: the adapter records its family, so the card says so
+    from the file alone; SD 1.x/2.x adapters keep their bytes (no such key)."""
+    import sdtune
+    from safetensors import safe_open
+
+    from sdtune.adapter import read_adapter_info
+    from sdtune.model_card import model_card
+
+    output = tmp_path / "sdxl-lora"
+    sdtune.train(TrainConfig(method="lora", model="tiny-sdxl-random", steps=1, output=str(output), log_with="none"))
+    info = read_adapter_info(output)[0]
+    assert ModelCard(model_card(output / "adapter.safetensors", info)).data.tags == [
+        "sdtune", "stable-diffusion-xl", "text-to-image", "lora"]
+    with safe_open(str(output / "adapter.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["base_model_family"] == "sdxl"
