@@ -101,9 +101,8 @@ def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
 def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
     """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (an iPhone's
     HEIC, a camera's raw files) are named in a warning, or in the error where the folder has no other image.
-    `~` is the home folder, as in a shell (`--images=~/photos` and TOML settings are not expanded by one). `what`
-    names the folder in errors."""
-    folder = Path(folder).expanduser()
+    `what` names the folder in errors. (A setting's `~` was expanded with the config: `config.PATH_SETTINGS`.)"""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SdtuneError(f"{folder} is a file, not a folder of images")
     if not folder.is_dir():

@@ -238,10 +238,12 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     check_trackers_ready(config.log_with)  # a tracker's login, before the model loads
     output = ensure_writable_folder(config.output)
 
+    from .distributed import lock_on_main_process
+
     accelerator = make_accelerator(config, output)
     lock = OutputLock(output)
     try:  # taken inside the try: an interrupt just after it is taken still releases it
-        lock_output(accelerator, lock)
+        lock_on_main_process(accelerator, lock)  # every process raises the same one-line error if it is taken
         if accelerator.is_main_process:
             sweep_run_folder(lock)
         yield Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
@@ -304,13 +306,6 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
             found.append((path, prompt, label))
     warn_duplicates([path for path, _, _ in found])
     return found
-
-
-def lock_output(accelerator, lock: OutputLock) -> OutputLock:
-    """Take the output folder's lock (main process); every process raises the same one-line error if it is taken."""
-    from .distributed import lock_on_main_process
-
-    return lock_on_main_process(accelerator, lock)
 
 
 def sweep_run_folder(lock: OutputLock) -> None:

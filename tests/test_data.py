@@ -108,7 +108,10 @@ def test_a_folder_under_home_is_found_as_a_shell_finds_it(tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "photos").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
-    assert list_images("~/photos") == [tmp_path / "photos" / "a.png"]
+    from sdtune.config import TrainConfig
+
+    # --images=~/photos and TOML values reach sdtune unexpanded; the config expands them
+    assert list_images(TrainConfig(images="~/photos").images) == [tmp_path / "photos" / "a.png"]
 
 
 def test_missing_or_empty_folder(tmp_path):
