@@ -671,7 +671,7 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
 
     settings = dict(model="tiny-random", method="lora", steps=3, batch_size=2, lr=2e-4, train_text_encoder=True,
                     text_encoder_lr=5e-5, noise_offset=0.05, snr_gamma=5.0, lr_scheduler="cosine", lr_warmup_steps=1,
-                    seed=7, log_with="none", output=str(tmp_path / "run"))
+                    loss_type="huber", huber_c=0.2, seed=7, log_with="none", output=str(tmp_path / "run"))
     train(TrainConfig(**settings), progress=False)
     out = tmp_path / "castle.safetensors"
     export_adapter(tmp_path / "run", "kohya", out)
@@ -681,6 +681,7 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
         "ss_steps": "3", "ss_max_train_steps": "3", "ss_batch_size_per_device": "2", "ss_total_batch_size": "2",
         "ss_learning_rate": "0.0002", "ss_unet_lr": "0.0002", "ss_text_encoder_lr": "5e-05", "ss_noise_offset": "0.05",
         "ss_min_snr_gamma": "5.0", "ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "1", "ss_seed": "7",
+        "ss_loss_type": "huber", "ss_huber_schedule": "snr", "ss_huber_c": "0.2",
         "ss_optimizer": "torch.optim.adamw.AdamW(betas=(0.9, 0.999),eps=1e-08,weight_decay=0.01)", "ss_mixed_precision": "no", "ss_debiased_estimation": "False", "ss_zero_terminal_snr": "False", "ss_flip_aug": "False",
     }
     assert {key: metadata.get(key) for key in expected} == expected
