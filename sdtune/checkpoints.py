@@ -200,6 +200,9 @@ def check_resumable(checkpoint: Checkpoint, config) -> None:
             f"{folder} has trained {step} steps; --steps {config.steps} asks for fewer: give --steps {step} or more "
             "(the finished run's adapter is kept)"
         )
+    if (config.text_encoder_2_lr is None) != (saved.text_encoder_2_lr is None):  # the optimizer's groups differ
+        given = "with" if saved.text_encoder_2_lr is not None else "without"
+        raise SdtuneError(f"{folder} was trained {given} --text-encoder-2-lr (its own optimizer group); resume {given} it")
     if config.ema_decay and not saved.ema_decay:
         raise SdtuneError(f"{folder} has no EMA weights ({EMA_FILE}); resume without --ema-decay or from a run with it")
 

@@ -280,6 +280,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Learning rate (default: the method's own, measured per method; see the README's default learning rates)."),
     train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder/--no-train-text-encoder", help="Also tune the text encoder's attention and MLP linears with the method (`sdtune methods` says which can); the adapter holds both" + _default(TrainConfig, "train_text_encoder") + "."),
     text_encoder_lr: Optional[float] = typer.Option(None, help="The text encoder's learning rate, with --train-text-encoder (default: --lr)."),
+    text_encoder_2_lr: Optional[float] = typer.Option(None, help="SDXL: the second text encoder's (OpenCLIP ViT-bigG) own learning rate, with --train-text-encoder (default: --text-encoder-lr)."),
     resolution: Optional[int] = typer.Option(None, help="Training image size in pixels (default: the model's native size)."),
     random_flip: Optional[bool] = typer.Option(None, "--random-flip/--no-random-flip", help="Mirror each concept image left-right half the time (default: no; leave off for text, digits, slanted styles, asymmetric objects)."),
     seed: Optional[int] = typer.Option(None, help="Random seed." + _default(TrainConfig, "seed")),

@@ -171,6 +171,7 @@ class TrainConfig(_Config):
     lr: float | None = None  # default: the method's own
     train_text_encoder: bool = False  # also tune the text encoder(s), for methods that can (lora, loha, lokr)
     text_encoder_lr: float | None = None  # the text encoder's learning rate; default: lr
+    text_encoder_2_lr: float | None = None  # SDXL's second text encoder's own rate, as kohya's second value; default: text_encoder_lr
     resolution: int | None = None  # default: the model's native size
     random_flip: bool = False  # mirror concept images left-right at random (not for text, digits, slanted styles)
     seed: int = 0
@@ -267,10 +268,12 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise SdtuneError(f"--lr must be positive and finite, got {self.lr}")
-        if self.text_encoder_lr is not None and not (self.text_encoder_lr > 0 and math.isfinite(self.text_encoder_lr)):
-            raise SdtuneError(f"--text-encoder-lr must be positive and finite, got {self.text_encoder_lr}")
-        if self.text_encoder_lr is not None and not self.train_text_encoder:
-            raise SdtuneError("--text-encoder-lr applies with --train-text-encoder")
+        for name in ("text_encoder_lr", "text_encoder_2_lr"):
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise SdtuneError(f"{flag} must be positive and finite, got {value}")
+            if value is not None and not self.train_text_encoder:
+                raise SdtuneError(f"{flag} applies with --train-text-encoder")
         check_seed(self.seed)
         check_resolution(self.resolution)
         if self.save_every < 0:

@@ -104,7 +104,10 @@ def training_metadata(path: Path, info, native_resolution: str | None = None) ->
     metadata["ss_total_batch_size"] = str(settings["batch_size"] * settings["gradient_accumulation_steps"])
     if settings["train_text_encoder"]:
         text_lr = settings["text_encoder_lr"]
-        metadata["ss_text_encoder_lr"] = str(settings["lr"] if text_lr is None else text_lr)
+        text_lr = settings["lr"] if text_lr is None else text_lr
+        second_lr = settings["text_encoder_2_lr"]
+        # SDXL's two rates as kohya's list of them
+        metadata["ss_text_encoder_lr"] = str(text_lr if second_lr is None else [text_lr, second_lr])
     if settings["resolution"]:
         metadata["ss_resolution"] = str((settings["resolution"], settings["resolution"]))  # kohya's (width, height)
     elif native_resolution:  # trained at the model's own size (modelspec's "WxH")

@@ -370,6 +370,8 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
         check_zero_terminal_snr(config.model, configs)
     if config.debiased_estimation:
         check_debiased_estimation(config.model, configs, config.max_timestep, config.zero_terminal_snr)
+    if config.text_encoder_2_lr is not None and len(configs.text_encoders) < 2:
+        raise SdtuneError(f"--text-encoder-2-lr sets SDXL's second text encoder's rate; {config.model} has one text encoder: use --text-encoder-lr")
     micro_batches = config.steps * config.gradient_accumulation_steps
     if micro_batches > MAX_MICRO_BATCHES:
         raise SdtuneError(

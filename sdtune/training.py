@@ -8,7 +8,8 @@ atomically, a checkpoint every `checkpoint_every` steps.
 
 With `train_text_encoder`, the method is injected into the text encoder(s) too; they stay on the
 device, are prepared by Accelerate, and compute the prompt embeddings in the loop with gradients; their
-parameters are the optimizer's second group, at `text_encoder_lr`.
+parameters are the optimizer's second group, at `text_encoder_lr` (SDXL's second encoder's a third, at
+`text_encoder_2_lr`, when one is given).
 
 The host never waits for the device inside a step: a step's loss and gradient norm stay on the
 device, and the host reads them (one transfer) after it has queued the next step, so the device
@@ -346,6 +347,7 @@ class StepResult:
     started: float  # time.perf_counter() when the step began
     lr: float  # the learning rate the step used
     text_encoder_lr: float | None = None  # with a trained text encoder: its group's
+    text_encoder_2_lr: float | None = None  # with SDXL's second text encoder at its own rate: its group's
     embedding_lr: float | None = None  # with new token embeddings: their group's
     losses: list = field(default_factory=list)  # each micro-batch's loss (a tensor)
     instance_losses: list = field(default_factory=list)  # with prior preservation: the concept images' part
@@ -512,16 +514,25 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         config, processes = self.config, self.accelerator.num_processes
-        # a parameter group per learning rate: the UNet's at --lr, the text encoder's at --text-encoder-lr,
-        # each times the method's factor (LoRA+'s B matrices)
+        # a parameter group per learning rate: the UNet's at --lr, the text encoders' at --text-encoder-lr
+        # (SDXL's second at --text-encoder-2-lr when given), each times the method's factor (LoRA+'s B matrices)
         encoder = {id(p) for p in self.method.text_encoder_parameters()}
-        groups, self.encoder_group = [], None
-        for in_encoder, lr in ((False, config.lr), (True, config.text_encoder_lr)):
+        second = set()
+        if config.text_encoder_2_lr is not None and len(self.trained_encoders) > 1:
+            second = {id(p) for p in self.trained_encoders[1].parameters()} & encoder
+
+        def part(parameter) -> int:  # 0: the UNet, 1: the (first) text encoder, 2: SDXL's second with its own rate
+            return 2 if id(parameter) in second else int(id(parameter) in encoder)
+
+        groups, self.encoder_group, self.encoder_2_group = [], None, None
+        for index, lr in enumerate((config.lr, config.text_encoder_lr, config.text_encoder_2_lr)):
             for parameters, factor in self.method.learning_rate_factors():
-                mine = [p for p in parameters if (id(p) in encoder) == in_encoder]
+                mine = [p for p in parameters if part(p) == index]
                 if mine:
-                    if in_encoder and self.encoder_group is None:
+                    if index == 1 and self.encoder_group is None:
                         self.encoder_group = len(groups)
+                    if index == 2 and self.encoder_2_group is None:
+                        self.encoder_2_group = len(groups)
                     groups.append({"params": mine, "lr": lr * factor})
         self.embedding_group = None
         if self.token_parameters:  # the new token rows: one more group, at --embedding-lr
@@ -771,6 +782,7 @@ class Trainer:
         result = StepResult(
             step=self.global_step + 1, started=time.perf_counter(), lr=groups[0]["lr"],
             text_encoder_lr=groups[self.encoder_group]["lr"] if self.encoder_group is not None else None,
+            text_encoder_2_lr=groups[self.encoder_2_group]["lr"] if self.encoder_2_group is not None else None,
             embedding_lr=groups[self.embedding_group]["lr"] if self.embedding_group is not None else None,
         )
         for micro_batch in range(config.gradient_accumulation_steps):
@@ -934,6 +946,8 @@ class Trainer:
         values = {"loss": loss, "lr": result.lr, "grad_norm": grad_norm if math.isfinite(grad_norm) else None}
         if result.text_encoder_lr is not None:
             values["text_encoder_lr"] = result.text_encoder_lr
+        if result.text_encoder_2_lr is not None:
+            values["text_encoder_2_lr"] = result.text_encoder_2_lr
         if result.embedding_lr is not None:
             values["embedding_lr"] = result.embedding_lr
         if "d" in self.optimizer.param_groups[0]:  # Prodigy: its step-size estimate, which its README says to watch

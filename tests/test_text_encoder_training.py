@@ -295,6 +295,35 @@ def test_sdxl_trains_both_text_encoders_and_exports_lora_te1_and_te2(tmp_path):
     assert prefixes == {"lora_te1", "lora_te2"}
 
 
+def test_sdxl_second_text_encoder_trains_at_its_own_rate(tmp_path):
+    """--text-encoder-2-lr puts SDXL's second encoder in a group of its own (kohya's second value): logged, exported
+    as kohya's list, refused on a one-encoder model before it loads, and a resume must keep or leave it as it began."""
+    settings = dict(model="tiny-sdxl-random", lr=1e-4, text_encoder_lr=3e-5, text_encoder_2_lr=1e-5, checkpoint_every=1)
+    with open_trainer(config(tmp_path / "run", **settings), progress=False) as trainer:
+        groups = trainer.optimizer.param_groups
+        second = {id(p) for p in trainer.trained_encoders[1].parameters()}
+        encoder = {id(p) for p in trainer.method.text_encoder_parameters()}
+        assert [g["lr"] for g in groups] == [1e-4, 3e-5, 1e-5]
+        assert {id(p) for p in groups[2]["params"]} == encoder & second and second & encoder
+        assert {id(p) for p in groups[1]["params"]} == encoder - second
+        trainer.fit()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(row["text_encoder_lr"] == 3e-5 and row["text_encoder_2_lr"] == 1e-5 for row in logged)
+    export_adapter(tmp_path / "run", "kohya", tmp_path / "kohya.safetensors")
+    with safe_open(str(tmp_path / "kohya.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["ss_text_encoder_lr"] == "[3e-05, 1e-05]"
+
+    unset = {**settings, "text_encoder_2_lr": None}
+    with open_trainer(config(tmp_path / "joined", **unset), progress=False) as trainer:
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-4, 3e-5]  # both encoders in one group
+    with pytest.raises(SdtuneError, match="trained with --text-encoder-2-lr .*; resume with it"):
+        train(config(tmp_path / "run", **{**unset, "steps": 3}, resume="latest"), progress=False)
+    with pytest.raises(SdtuneError, match="has one text encoder"):
+        train(config(tmp_path / "sd1", text_encoder_2_lr=1e-5), progress=False)
+    with pytest.raises(SdtuneError, match="--text-encoder-2-lr applies with --train-text-encoder"):
+        config(tmp_path / "off", model="tiny-sdxl-random", train_text_encoder=False, text_encoder_2_lr=1e-5).validate()
+
+
 def test_adapters_name_clip_layers_alike_under_transformers_4_and_5(tmp_path, inputs):
     """transformers 4 kept CLIP's layers below a `text_model` module, transformers 5 at the top: an
     adapter saved with one loads with the other."""
