@@ -312,6 +312,10 @@ def test_sdxl_second_text_encoder_trains_at_its_own_rate(tmp_path):
     export_adapter(tmp_path / "run", "kohya", tmp_path / "kohya.safetensors")
     with safe_open(str(tmp_path / "kohya.safetensors"), framework="pt") as handle:
         assert handle.metadata()["ss_text_encoder_lr"] == "[3e-05, 1e-05]"
+    from sdtune.model_card import write_model_card
+
+    card = write_model_card(tmp_path / "run").output.read_text()
+    assert "| text encoder learning rate | 3e-05 |" in card and "| second text encoder learning rate | 1e-05 |" in card
 
     unset = {**settings, "text_encoder_2_lr": None}
     with open_trainer(config(tmp_path / "joined", **unset), progress=False) as trainer:
