@@ -6,6 +6,11 @@
   (original size, crop top-left, target size: six numbers) is `time_ids`, as diffusers'
   train_text_to_image_sdxl.py and StableDiffusionXLPipeline make them.
 
+With a CLIP skip of k > 1 (SD 1.x and 2.x), the encoder's k-th hidden state from the end, through its final
+layer norm, replaces the last hidden state, as kohya-ss trains and AUTOMATIC1111 and diffusers (`clip_skip`
+k − 1) sample; the pipeline is then given these embeddings (`pipeline_prompts`), so training and sampling
+compute them alike.
+
 Text embeddings are computed once per distinct prompt, one prompt per encoder call, so a prompt's
 embedding never depends on the prompts that came with it. Methods see only the UNet and these tensors.
 
@@ -83,11 +88,12 @@ class PromptConditioning:
     whole batch of prompts, with gradients.
     """
 
-    def __init__(self, pipe, trained: bool = False):
+    def __init__(self, pipe, trained: bool = False, clip_skip: int = 1):
         self.tokenizers = tokenizers(pipe)
         self.text_encoders = text_encoders(pipe)  # replaced by their prepared (wrapped) forms when trained
         self.sdxl = is_sdxl(pipe)
         self.trained = trained
+        self.clip_skip = clip_skip
         self.cache: dict = {}  # prompt -> (hidden states, pooled embedding or None)
         # False (shuffled captions, whose tag orders are too many to keep): the cache keeps what
         # `precompute` put in it, and other prompts are encoded each time they come, to the same values.
@@ -105,7 +111,11 @@ class PromptConditioning:
         """(hidden states, pooled embeddings or None) of a batch of prompts, from their token ids for each encoder."""
         if not self.sdxl:
             encoder = self.text_encoders[0]
-            return encoder(ids_per_encoder[0].to(encoder.device))[0], None
+            ids = ids_per_encoder[0].to(encoder.device)
+            if self.clip_skip == 1:
+                return encoder(ids)[0], None
+            hidden = encoder(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
+            return final_layer_norm(encoder)(hidden), None
         import torch
 
         hidden, pooled = [], None
@@ -162,3 +172,25 @@ class PromptConditioning:
         pooled = pooled.to(device) if self.trained else torch.stack([found[p][1] for p in prompts]).to(device)
         ids = time_ids(batch, len(prompts), tuple(int(s) for s in size)).to(device, pooled.dtype)
         return UNetConditions(hidden, pooled, ids)
+
+
+def final_layer_norm(encoder):
+    """A CLIP text encoder's last layer norm, wherever transformers puts it (also in a DDP wrapper)."""
+    from .methods.base import text_encoder_layers
+
+    return text_encoder_layers(getattr(encoder, "module", encoder)).final_layer_norm
+
+
+def pipeline_prompts(pipe, prompts: list[str], negative_prompt: list[str] | None = None, clip_skip: int = 1) -> dict:
+    """The prompt arguments of a pipeline call: the prompts themselves, or with a CLIP skip the embeddings of them
+    and of the negative prompts (empty where none: classifier-free guidance's unconditional half), computed as in
+    training. (diffusers' own `clip_skip` reads `text_encoder.text_model`, which transformers 5 removed.)"""
+    import torch
+
+    if clip_skip == 1:
+        return {"prompt": prompts, "negative_prompt": negative_prompt}
+    conditioning = PromptConditioning(pipe, clip_skip=clip_skip)
+    negative = negative_prompt or [""] * len(prompts)
+    with torch.no_grad():
+        hidden, _ = conditioning.encode_batch(conditioning.token_ids(list(prompts) + list(negative)))
+    return {"prompt_embeds": hidden[: len(prompts)], "negative_prompt_embeds": hidden[len(prompts) :]}

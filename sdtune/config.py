@@ -148,6 +148,11 @@ def check_sample_dtype(flag: str, dtype: str | None) -> None:
         raise SdtuneError(f"{flag} must be one of {', '.join(SAMPLE_DTYPES)}, got {dtype!r}")
 
 
+def check_clip_skip(clip_skip: int | None) -> None:
+    if clip_skip is not None and clip_skip < 1:
+        raise SdtuneError(f"--clip-skip must be at least 1 (1: CLIP's last layer, 2: the one before it), got {clip_skip}")
+
+
 def check_resolution(resolution: int | None) -> None:
     """An image size the VAE maps to whole latents: a positive multiple of 8 (None: the model's own)."""
     if resolution is not None and (resolution < 8 or resolution % 8):
@@ -172,6 +177,7 @@ class TrainConfig(_Config):
     train_text_encoder: bool = False  # also tune the text encoder(s), for methods that can (lora, loha, lokr)
     text_encoder_lr: float | None = None  # the text encoder's learning rate; default: lr
     text_encoder_2_lr: float | None = None  # SDXL's second text encoder's own rate, as kohya's second value; default: text_encoder_lr
+    clip_skip: int = 1  # condition on CLIP's k-th layer from the end (2: the penultimate), as kohya-ss and AUTOMATIC1111 count
     resolution: int | None = None  # default: the model's native size
     random_flip: bool = False  # mirror concept images left-right at random (not for text, digits, slanted styles)
     seed: int = 0
@@ -276,6 +282,7 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"{flag} applies with --train-text-encoder")
         check_seed(self.seed)
         check_resolution(self.resolution)
+        check_clip_skip(self.clip_skip)
         if self.save_every < 0:
             raise SdtuneError(f"--save-every must be 0 or more, got {self.save_every}")
         for name in ("gradient_accumulation_steps", "lr_cycles", "keep_checkpoints"):
@@ -406,6 +413,8 @@ class TrainConfig(_Config):
         for name, default in (("prodigy_d_coef", 1.0), ("prodigy_d0", 1e-6)):  # as above
             if values.get(name) == default:
                 values.pop(name)
+        if self.clip_skip == 1:  # as above
+            values.pop("clip_skip", None)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
         if not self.token_embeddings:  # a run without new tokens: its config.toml stays as before they existed
@@ -547,6 +556,7 @@ class SampleConfig(_Config):
     # the update's strength: W + scale·ΔW (0: the base model); a list draws every prompt and seed at each,
     # or, with several adapters, gives each its own strength
     adapter_scale: float | list[float] = 1.0
+    clip_skip: int | None = None  # CLIP's k-th layer from the end conditions the images; default: the adapters', else 1
     dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (under fp16 SDXL's VAE decodes in fp32; others in fp16, an overflowing image again in fp32)
     overwrite: bool = False  # replace the images and grid of an earlier sample in the output folder
 
@@ -596,6 +606,7 @@ class SampleConfig(_Config):
             raise SdtuneError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         check_seed(self.seed)
         check_resolution(self.resolution)
+        check_clip_skip(self.clip_skip)
         _check_sampler_settings(self)
         if (isinstance(self.adapter_scale, list) or self.adapter_scale != 1.0) and not self.adapter:
             raise SdtuneError("--adapter-scale needs --adapter")

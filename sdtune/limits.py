@@ -132,6 +132,18 @@ def check_zero_terminal_snr(model: str, configs) -> None:
         raise SdtuneError(f"--zero-terminal-snr needs a v-prediction model (Lin et al. 2023); {model} predicts {prediction}")
 
 
+def check_clip_skip(model: str, configs, clip_skip: int) -> None:
+    """`--clip-skip k` names one of the text encoder's layers, on a one-encoder model: SDXL conditions on its
+    encoders' penultimate layers by design (kohya-ss and AUTOMATIC1111 leave its clip skip aside)."""
+    if clip_skip == 1:
+        return
+    if len(configs.text_encoders) > 1:
+        raise SdtuneError(f"--clip-skip applies to SD 1.x and 2.x; {model} (SDXL) already conditions on its text encoders' penultimate layers")
+    layers = configs.text_encoders[0][1].get("num_hidden_layers", 12)
+    if clip_skip > layers:
+        raise SdtuneError(f"--clip-skip {clip_skip} skips past the first of {model}'s {layers} text-encoder layers; give at most {layers}")
+
+
 def check_debiased_estimation(model: str, configs, most: int | None, zero_terminal_snr: bool = False) -> None:
     """`--debiased-estimation`'s weights exist for the model's scheduler: ε- or v-prediction (sd-scripts' two),
     and under ε a finite 1/√SNR at every timestep drawn (a zero-terminal-SNR schedule's last has SNR 0)."""
@@ -370,6 +382,7 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
         check_zero_terminal_snr(config.model, configs)
     if config.debiased_estimation:
         check_debiased_estimation(config.model, configs, config.max_timestep, config.zero_terminal_snr)
+    check_clip_skip(config.model, configs, config.clip_skip)
     if config.text_encoder_2_lr is not None and len(configs.text_encoders) < 2:
         raise SdtuneError(f"--text-encoder-2-lr sets SDXL's second text encoder's rate; {config.model} has one text encoder: use --text-encoder-lr")
     micro_batches = config.steps * config.gradient_accumulation_steps

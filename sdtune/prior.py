@@ -40,7 +40,8 @@ def class_image_paths(config, pipe, output: Path, resolution: int, accelerator, 
         return paths[: config.num_class_images] if config.num_class_images else paths
     folder = Path(output) / CLASS_IMAGES_FOLDER
     if accelerator.is_main_process:
-        generate_class_images(pipe, config.class_prompt, config.num_class_images, folder, resolution, accelerator, config.seed, progress)
+        generate_class_images(pipe, config.class_prompt, config.num_class_images, folder, resolution, accelerator, config.seed, progress,
+                              config.clip_skip)
     accelerator.wait_for_everyone()
     return list_images(folder)[: config.num_class_images]
 
@@ -59,10 +60,12 @@ def class_image_count(config) -> int:
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
-def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolution: int, accelerator, seed: int, progress: bool) -> int:
+def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolution: int, accelerator, seed: int, progress: bool,
+                          clip_skip: int = 1) -> int:
     """Draw the missing images of `folder` (class-0000.png, ...) with the base model; returns how many were drawn.
 
-    Image i always uses seed + i, so an interrupted generation resumes with the same images.
+    Image i always uses seed + i, so an interrupted generation resumes with the same images. They are drawn with
+    the run's CLIP skip, which the folder records beside the prompt (only when there is one).
     """
     import torch
     from tqdm.auto import tqdm
@@ -72,12 +75,13 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
 
     folder.mkdir(parents=True, exist_ok=True)
     recorded = folder / PROMPT_FILE
-    if recorded.exists() and recorded.read_text(encoding="utf-8").strip() != prompt:
+    drawn_for = prompt if clip_skip == 1 else f"{prompt}\nclip skip {clip_skip}"
+    if recorded.exists() and recorded.read_text(encoding="utf-8").strip() != drawn_for:
         raise SdtuneError(
-            f"{folder} holds class images drawn for {recorded.read_text(encoding='utf-8').strip()!r}, not {prompt!r}: "
+            f"{folder} holds class images drawn for {recorded.read_text(encoding='utf-8').strip()!r}, not {drawn_for!r}: "
             "remove the folder or give --class-images"
         )
-    write_text_atomic(recorded, prompt + "\n")
+    write_text_atomic(recorded, drawn_for + "\n")
     missing = [i for i in range(count) if not _whole_class_image(folder / f"class-{i:04d}.png")]
     if not missing:
         return 0
@@ -93,6 +97,7 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
                 pipe,
                 [prompt] * len(indices),
                 remedy=TRAINING_VAE_REMEDY,
+                clip_skip=clip_skip,
                 generator=generators,
                 num_inference_steps=GENERATION_STEPS,
                 guidance_scale=GENERATION_GUIDANCE,

@@ -770,3 +770,94 @@ def test_bad_training_options_are_one_line_errors(args, pattern, tmp_path, tiny_
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and pattern in errors[0], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP skip
+
+
+def test_clip_skip_conditions_on_the_layer_diffusers_names(tiny_pipe):
+    """--clip-skip k: the text encoder's k-th hidden state from the end through its final layer norm, which is what
+    diffusers' pipelines compute for clip_skip k − 1 (run here on the transformers 4 layout its code expects)."""
+    from sdtune.conditioning import PromptConditioning, pipeline_prompts
+
+    prompts = ["a photo of a castle", "a red door"]
+    last = PromptConditioning(tiny_pipe).encode_prompts(prompts)
+    skipped = PromptConditioning(tiny_pipe, clip_skip=2).encode_prompts(prompts)
+
+    class AsTransformers4(torch.nn.Module):  # CLIPTextModel's shape under transformers 4: layers below text_model
+        def __init__(self, text_model):
+            super().__init__()
+            self.text_model, self.config = text_model, text_model.config
+            self.dtype, self.device = text_model.dtype, text_model.device
+
+        def forward(self, *args, **kwargs):
+            return self.text_model(*args, **kwargs)
+
+    tiny_pipe.text_encoder = AsTransformers4(tiny_pipe.text_encoder)
+    for prompt in prompts:
+        theirs, _ = tiny_pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=1)
+        torch.testing.assert_close(skipped[prompt][0], theirs[0], rtol=0, atol=1e-6)
+        assert (skipped[prompt][0] - last[prompt][0]).abs().max() > 1e-3, "the penultimate layer differs from the last"
+    given = pipeline_prompts(tiny_pipe, prompts, None, clip_skip=2)  # what sampling hands the pipeline
+    unconditional, _ = tiny_pipe.encode_prompt("", "cpu", 1, False, clip_skip=1)
+    torch.testing.assert_close(given["prompt_embeds"], torch.stack([skipped[p][0] for p in prompts]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(given["negative_prompt_embeds"], unconditional.expand(2, -1, -1), rtol=0, atol=1e-6)
+    assert pipeline_prompts(tiny_pipe, prompts) == {"prompt": prompts, "negative_prompt": None}  # no skip: as before
+
+
+def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path, fast_sampling):
+    """The adapter, config.toml, kohya metadata and model card record the clip skip; sampling uses the adapter's
+    (its PNG text says so as AUTOMATIC1111 does) unless --clip-skip overrides it; the validation grid draws with it."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from sdtune.adapter import read_adapter_info
+    from sdtune.config import SampleConfig
+    from sdtune.export import export_adapter
+    from sdtune.model_card import write_model_card
+    from sdtune.sampling import sample
+
+    drawn = []
+    original = validation.sample_grid
+    validation.sample_grid = lambda *a, **k: drawn.append(a[5:] or k.get("clip_skip")) or original(*a, **k)
+    try:
+        run = run_training(tmp_path, "skip", clip_skip=2, validate_every=2)
+    finally:
+        validation.sample_grid = original
+    assert drawn == [(2,)]
+    assert read_adapter_info(run.adapter)[0].extra["clip_skip"] == "2"
+    assert "clip_skip = 2" in (run.output / "config.toml").read_text()
+    export_adapter(run.output, "kohya", tmp_path / "skip.safetensors")
+    with safe_open(str(tmp_path / "skip.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["ss_clip_skip"] == "2"
+    assert "| CLIP skip | 2 |" in write_model_card(run.output).output.read_text()
+
+    settings = dict(adapter=str(run.output), prompt=["a <castle> at dawn"], num_images=1, steps=2, overwrite=True)
+    own = sample(SampleConfig(output=str(tmp_path / "own"), **settings), progress=False)
+    forced = sample(SampleConfig(output=str(tmp_path / "forced"), clip_skip=2, **settings), progress=False)
+    last = sample(SampleConfig(output=str(tmp_path / "last"), clip_skip=1, **settings), progress=False)
+    pixels = [torch.tensor(list(Image.open(result.images[0]).getdata()), dtype=torch.float32) for result in (own, forced, last)]
+    assert torch.equal(pixels[0], pixels[1]) and not torch.equal(pixels[0], pixels[2])
+    assert "Clip skip: 2" in Image.open(own.images[0]).text["parameters"]
+    assert "Clip skip" not in Image.open(last.images[0]).text["parameters"]
+
+    plain = run_training(tmp_path, "plain")  # without it: nothing recorded, bytes as before
+    assert "clip_skip" not in read_adapter_info(plain.adapter)[0].extra
+    assert "clip_skip =" not in (plain.output / "config.toml").read_text()
+    with pytest.raises(SdtuneError, match="trained with different --clip-skip"):
+        sample(SampleConfig(adapter=[str(run.output), str(plain.output)], prompt=["x"], num_images=1, steps=2,
+                            output=str(tmp_path / "stack")), progress=False)
+
+
+@pytest.mark.parametrize("settings, pattern", [
+    (dict(clip_skip=0), "--clip-skip must be at least 1"),
+    (dict(clip_skip=3), "--clip-skip 3 skips past the first of tiny-random's 2 text-encoder layers; give at most 2"),
+    (dict(clip_skip=2, model="tiny-sdxl-random"), "--clip-skip applies to SD 1.x and 2.x"),
+])
+def test_clip_skip_the_model_cannot_take_is_refused_before_it_loads(settings, pattern, tmp_path, tiny_path, monkeypatch):
+    import sdtune.models
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SdtuneError, match=pattern):
+        run_training(tmp_path, "refused", **settings)
