@@ -456,6 +456,7 @@ def export(
     output: Path = typer.Option(..., help="Output file (kohya, diffusers) or new folder (peft)."),
     model: Optional[str] = typer.Option(None, help="kohya: the base model whose UNet config decides the key names (SDXL's differ) and, for diff-style methods, ΔW = merged - base is computed on (default: the adapter's)."),
     full_diff: bool = typer.Option(False, "--full-diff", help="kohya, diff-style methods: a zero .diff beside every .diff_b of a module whose bias alone changed (BitFit, DiffFit), so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too; the zeros cost as much as those weights (the command says how much)."),
+    dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 tensors (half the file; kohya-ss' --save_precision)." + _default(ExportConfig, "dtype")),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output (never the adapter exported) (default: refuse)."),
 ) -> None:
     """Write an adapter in a format other tools load."""
@@ -463,7 +464,8 @@ def export(
 
     config = ExportConfig.load(None, **_config_values(ExportConfig, locals(), format=export_format))
     result = export_adapter(
-        config.source, config.format, config.output, model=config.model, full_diff=config.full_diff, overwrite=config.overwrite
+        config.source, config.format, config.output, model=config.model, full_diff=config.full_diff, overwrite=config.overwrite,
+        dtype=config.dtype,
     )
     typer.echo(f"wrote {result.output} ({result.format}, {result.tensors} tensors)")
     for note in result.notes:

@@ -694,6 +694,7 @@ class ExportConfig(_Config):
     output: str = ""  # a file (kohya, diffusers) or a new folder (peft)
     model: str | None = None  # the base model diff-style kohya exports use (default: the adapter's)
     full_diff: bool = False  # kohya diffs: a zero .diff beside every lone .diff_b, for LyCORIS, A1111, InvokeAI
+    dtype: str = "fp32"  # the written tensors: fp32 (as trained), or fp16 / bf16 at half the size (kohya's --save_precision)
     overwrite: bool = False  # replace an existing output (never the adapter being exported)
 
     def validate(self) -> None:
@@ -703,6 +704,8 @@ class ExportConfig(_Config):
             raise SdtuneError(f"--format {self.format!r} is not available; choose: {', '.join(EXPORT_FORMATS)}")
         if self.full_diff and self.format != "kohya":
             raise SdtuneError(f"--full-diff applies to --format kohya, not {self.format}")
+        if self.dtype not in MERGE_DTYPES:
+            raise SdtuneError(f"--dtype {self.dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
 
 
 EXTRACT_DYNAMIC = ("sv_fro", "sv_cumulative", "sv_ratio")  # kohya-ss resize_lora's --dynamic_method

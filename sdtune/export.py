@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
+from .config import MERGE_DTYPES
 from .errors import SdtuneError
 from .methods.base import exact_module_pattern
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
@@ -135,11 +136,11 @@ def _training_images_metadata(config_class, settings: dict) -> dict[str, str]:
 
 def export_adapter(
     source: str | Path, format: str, output: str | Path, model: str | None = None, full_diff: bool = False,
-    overwrite: bool = False,
+    overwrite: bool = False, dtype: str = "fp32",
 ) -> ExportResult:
     """Write the sdtune adapter `source` (file or run folder) in another `format` to `output`.
 
-    `model` overrides the base model that diff-style kohya exports compute ΔW on, and whose UNet
+    `dtype` (fp32, fp16, bf16): the written tensors' (a new token file's stay fp32). `model` overrides the base model that diff-style kohya exports compute ΔW on, and whose UNet
     config decides kohya key names (`kohya_layout`: SDXL's are the original model's) (default: the
     adapter's own base model). `full_diff` (kohya diffs): a zero `.diff` beside every `.diff_b` whose
     module's weight did not change, so that LyCORIS, AUTOMATIC1111 and InvokeAI read the file too.
@@ -154,6 +155,8 @@ def export_adapter(
         raise SdtuneError(f"--format {format!r} is not available; choose: {', '.join(FORMATS)}")
     if full_diff and format != "kohya":
         raise SdtuneError(f"--full-diff applies to --format kohya, not {format}")
+    if dtype not in MERGE_DTYPES:
+        raise SdtuneError(f"--dtype {dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
     output = Path(output)
     path = adapter_path(source)
     check_output_target(output, [path], overwrite)
@@ -193,17 +196,34 @@ def export_adapter(
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             bundles, bundle_metadata = kohya_bundles(info, token_rows, len(token_rows) > 1) if token_rows else ({}, {})
-            write_kohya(output, {**state, **bundles}, info, {**training_metadata(path, info, spec.get("modelspec.resolution")), **extra, **spec, **bundle_metadata})
+            write_kohya(output, in_dtype({**state, **bundles}, dtype), info, {**training_metadata(path, info, spec.get("modelspec.resolution")), **extra, **spec, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
             # only a LoRA's file is one diffusers would otherwise load
             bundled = [_bundle_note(output)] if bundles and "diffusers" in method.export_formats else []
             return ExportResult(output, format, len(state) + len(bundles), notes + _write_token_file(output, info, token_rows) + bundled)
         if format == "diffusers":
-            count = write_diffusers_lora(output, method, tensors, info.text_encoders)
+            count = write_diffusers_lora(output, method, tensors, info.text_encoders, dtype)
             return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
-        count = write_peft_folder(output, method, info, tensors, overwrite)
+        count = write_peft_folder(output, method, info, tensors, overwrite, dtype)
         return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
+
+
+def in_dtype(state: dict, dtype: str) -> dict:
+    """`state` with its floating tensors in `dtype` (fp32: as they are); refused where a value overflows it."""
+    if dtype == "fp32":
+        return state
+    import torch
+
+    from .precision import DTYPE_NAMES
+    from .safetensors_checks import first_non_finite
+
+    kind = getattr(torch, DTYPE_NAMES[dtype])
+    cast = {key: tensor.to(kind) if tensor.is_floating_point() else tensor for key, tensor in state.items()}
+    overflowed = first_non_finite(cast)
+    if overflowed:  # an update beyond fp16's 65504
+        raise SdtuneError(f"{overflowed} overflows {dtype}; export with --dtype fp32 or bf16")
+    return cast
 
 
 def _write_token_file(output: Path, info, rows: dict) -> list[str]:
@@ -329,7 +349,7 @@ def tensors_by_model(tensors: dict, encoders: tuple[str, ...] | list[str]) -> di
     return parts
 
 
-def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...] = ()) -> int:
+def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...] = (), dtype: str = "fp32") -> int:
     """`unet.<module>.lora_A/B.weight` (and `text_encoder.<module>...` for a trained text encoder) through
     diffusers' own writer, as the method gives them."""
     from .models import quiet_libraries
@@ -345,7 +365,7 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
             # diffusers injects by it into the encoder as built (and maps the keys onto it itself)
             layers = {CLIP_TRANSFORMER + key: tensor for key, tensor in layers.items()}
             metadata = {**metadata, "target_modules": exact_module_pattern(peft_module_names(own), CLIP_TRANSFORMER)}
-        arguments[f"{part}_lora_layers"], arguments[f"{part}_lora_adapter_metadata"] = layers, metadata
+        arguments[f"{part}_lora_layers"], arguments[f"{part}_lora_adapter_metadata"] = in_dtype(layers, dtype), metadata
     writer = StableDiffusionXLPipeline if "text_encoder_2" in encoders else StableDiffusionPipeline
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(output)
@@ -389,7 +409,7 @@ def peft_module_names(tensors) -> list[str]:
     return list(modules)
 
 
-def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = False) -> int:
+def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = False, dtype: str = "fp32") -> int:
     """adapter_config.json (the method's own peft config) + adapter_model.safetensors; a trained text
     encoder's in a subfolder of its name (`text_encoder/`), for `PeftModel.from_pretrained` on it."""
     from safetensors.torch import save_file
@@ -402,7 +422,7 @@ def write_peft_folder(output: Path, method, info, tensors, overwrite: bool = Fal
             config.base_model_name_or_path = info.base_model
             config.inference_mode = True
             config.save_pretrained(str(where))
-            state = {f"base_model.model.{prefix}{key}": tensor.contiguous() for key, tensor in own.items()}
+            state = in_dtype({f"base_model.model.{prefix}{key}": tensor.contiguous() for key, tensor in own.items()}, dtype)
             save_file(state, str(where / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     write_folder(output, fill, overwrite)

@@ -357,6 +357,38 @@ def test_peft_folder_loads_with_peft(name, options, tmp_path, inputs):
     torch.testing.assert_close(run_unet(unet, inputs), tuned, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_exports_hold_the_adapter_rounded_and_load(dtype, tmp_path, inputs):
+    """--dtype fp16/bf16 (kohya-ss' --save_precision): every format's floating tensors in that dtype, each the fp32
+    export's value rounded, at about half the size; diffusers and peft load them; an fp16 overflow is refused."""
+    from peft import PeftModel
+
+    from sdtune.models import load_pipeline
+
+    kind = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    tuned = run_unet(make_adapter("lora", {}, tmp_path / "a.safetensors", scale=0.2).unet, inputs)
+    for format, name in (("kohya", "k.safetensors"), ("diffusers", "d.safetensors"), ("peft", "p")):
+        full, half = tmp_path / f"fp32-{name}", tmp_path / f"{dtype}-{name}"
+        export_adapter(tmp_path / "a.safetensors", format, full)
+        export_adapter(tmp_path / "a.safetensors", format, half, dtype=dtype)
+        files = (full / "adapter_model.safetensors", half / "adapter_model.safetensors") if format == "peft" else (full, half)
+        wide, narrow = load_file(files[0]), load_file(files[1])
+        assert wide.keys() == narrow.keys() and all(t.dtype == kind for t in narrow.values())
+        assert all(torch.equal(narrow[k], wide[k].to(kind)) for k in wide)
+        assert files[1].stat().st_size < 0.6 * files[0].stat().st_size
+    change = (tuned - run_unet(load_pipeline("tiny-random").unet, inputs)).abs().max()  # what the adapter does
+    pipe = load_pipeline("tiny-random")
+    pipe.load_lora_weights(str(tmp_path / f"{dtype}-d.safetensors"))
+    model = PeftModel.from_pretrained(load_pipeline("tiny-random").unet, str(tmp_path / f"{dtype}-p"))
+    for loaded in (pipe.unet, model):  # the rounding moves the outputs by a small part of the adapter's change
+        assert (run_unet(loaded, inputs) - tuned).abs().max() < 0.1 * change
+    if dtype == "fp16":
+        make_adapter("lora", {}, tmp_path / "huge.safetensors", scale=1e5)  # beyond fp16's 65504
+        with pytest.raises(SdtuneError, match="overflows fp16; export with --dtype fp32 or bf16"):
+            export_adapter(tmp_path / "huge.safetensors", "kohya", tmp_path / "huge-k.safetensors", dtype="fp16")
+        assert not (tmp_path / "huge-k.safetensors").exists()
+
+
 def test_formats_a_method_cannot_take_are_refused(tmp_path):
     make_adapter("atoms", {}, tmp_path / "a.safetensors")
     with pytest.raises(SdtuneError, match="--format diffusers holds LoRA"):
