@@ -160,12 +160,14 @@ def check_keep_tokens(captioned: list[tuple[Path, str]], keep_tokens: int) -> No
 
 
 class AugmentedCaptions:
-    """A dataset's items with their prompts shuffled (tags after the first `keep_tokens`) and dropped
-    (with probability `dropout`). Works on raw and cached datasets alike; drawing an item draws the
-    dataset's own random numbers first, then these."""
+    """A dataset's items with their prompts' tags after the first `keep_tokens` shuffled and each dropped with
+    probability `tag_dropout` (in that order, as kohya-ss' sd-scripts), and whole prompts dropped with probability
+    `dropout`. Works on raw and cached datasets alike; drawing an item draws the dataset's own random numbers
+    first, then these."""
 
-    def __init__(self, dataset, shuffle: bool = False, keep_tokens: int = 0, dropout: float = 0.0):
+    def __init__(self, dataset, shuffle: bool = False, keep_tokens: int = 0, dropout: float = 0.0, tag_dropout: float = 0.0):
         self.dataset, self.shuffle, self.keep_tokens, self.dropout = dataset, shuffle, keep_tokens, dropout
+        self.tag_dropout = tag_dropout
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -178,10 +180,14 @@ class AugmentedCaptions:
     def augment(self, prompt: str) -> str:
         import torch
 
-        if self.shuffle:
+        if self.shuffle or self.tag_dropout:
             parts = tags(prompt)
             kept, rest = parts[: self.keep_tokens], parts[self.keep_tokens :]
-            prompt = ", ".join(kept + [rest[i] for i in torch.randperm(len(rest)).tolist()])
+            if self.shuffle:
+                rest = [rest[i] for i in torch.randperm(len(rest)).tolist()]
+            if self.tag_dropout:
+                rest = [tag for tag in rest if not bool(torch.rand(()) < self.tag_dropout)]
+            prompt = ", ".join(kept + rest)
         if self.dropout and bool(torch.rand(()) < self.dropout):
             prompt = ""
         return prompt

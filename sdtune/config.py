@@ -243,7 +243,8 @@ class TrainConfig(_Config):
     buckets: bool = False  # aspect-ratio buckets instead of center-cropping every image to a square
     caption_dropout: float = 0.0  # train on the empty prompt with this probability
     shuffle_caption: bool = False  # shuffle each caption's comma-separated tags every time it is drawn
-    keep_tokens: int = 0  # with shuffle_caption: the first N tags stay in place
+    caption_tag_dropout: float = 0.0  # drop each comma-separated tag (after keep_tokens) with this probability
+    keep_tokens: int = 0  # with shuffle_caption or caption_tag_dropout: the first N tags stay in place
     masked_loss: bool = False  # weight the loss towards each image's subject by its mask (sdtune/masks.py)
     mask_source: str = "files"  # files: masks/STEM.png beside the images; alpha: each image's alpha channel
     unmasked_weight: float = 0.1  # the loss weight where a mask is black (1 where it is white)
@@ -370,6 +371,11 @@ class TrainConfig(_Config):
         return list(self.concept) if isinstance(self.concept, list) else [self.concept]
 
     @property
+    def varied_captions(self) -> bool:
+        """Whether a caption's tags are shuffled or dropped each time it is drawn (too many variants to cache)."""
+        return self.shuffle_caption or self.caption_tag_dropout > 0
+
+    @property
     def concept_tokens(self) -> dict[str, str]:
         """Each concept's name → the text that replaces its placeholder `<name>`."""
         if len(self.concepts) == 1:
@@ -471,7 +477,7 @@ def _split_classes(config) -> None:
         raise SdtuneError(f"--classes takes class names separated by commas, got {config.classes!r}")
 
 
-PHOTO_SETTINGS = ("buckets", "caption_dropout", "shuffle_caption", "keep_tokens", "masked_loss")
+PHOTO_SETTINGS = ("buckets", "caption_dropout", "shuffle_caption", "caption_tag_dropout", "keep_tokens", "masked_loss")
 
 
 def _check_photo_settings(config) -> None:
@@ -497,10 +503,12 @@ def _check_photo_settings(config) -> None:
             raise SdtuneError("prior preservation (class images) takes one --concept")
     if not (0 <= config.caption_dropout < 1):
         raise SdtuneError(f"--caption-dropout must be in [0, 1), got {config.caption_dropout}")
+    if not (0 <= config.caption_tag_dropout < 1):
+        raise SdtuneError(f"--caption-tag-dropout must be in [0, 1), got {config.caption_tag_dropout}")
     if config.keep_tokens < 0:
         raise SdtuneError(f"--keep-tokens must be 0 or more, got {config.keep_tokens}")
-    if config.keep_tokens and not config.shuffle_caption:
-        raise SdtuneError("--keep-tokens applies to --shuffle-caption")
+    if config.keep_tokens and not config.varied_captions:
+        raise SdtuneError("--keep-tokens applies to --shuffle-caption and --caption-tag-dropout")
     if config.buckets and config.dataset is not None:
         raise SdtuneError("--buckets applies to concept images; a labelled dataset's images are center-cropped")
     if config.mask_source not in MASK_SOURCES:

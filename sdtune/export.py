@@ -71,6 +71,7 @@ KOHYA_TRAINING_KEYS = {
     "zero_terminal_snr": "ss_zero_terminal_snr",
     "input_perturbation": "ss_ip_noise_gamma", "prior_loss_weight": "ss_prior_loss_weight",
     "caption_dropout": "ss_caption_dropout_rate", "shuffle_caption": "ss_shuffle_caption", "keep_tokens": "ss_keep_tokens",
+    "caption_tag_dropout": "ss_caption_tag_dropout_rate",
     "random_flip": "ss_flip_aug", "buckets": "ss_enable_bucket",
 }
 

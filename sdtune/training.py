@@ -300,7 +300,7 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
         if not paths:
             raise SdtuneError(f"no readable images in {listed[0].parent} ({len(listed)} file(s) could not be read)")
         captions = read_captions(paths)
-        if config.shuffle_caption:  # a template's prompt is no list of tags: only captions are checked
+        if config.varied_captions:  # a template's prompt is no list of tags: only captions are checked
             check_keep_tokens([(path, caption) for path, caption in zip(paths, captions) if caption], config.keep_tokens)
         for path, caption in zip(paths, captions):
             prompt = fill_placeholders(caption, tokens) if caption else config.concept_prompt(concept)
@@ -608,15 +608,16 @@ class Trainer:
                 + ([""] if config.caption_dropout else [])
             )
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
-            if not config.shuffle_caption and not self.loop_encoders:  # else they run in the loop
+            if not config.varied_captions and not self.loop_encoders:  # else they run in the loop
                 for text_encoder in self.text_encoders:
                     text_encoder.to("cpu")
-        self.prompt_embeddings.remember_new = not config.shuffle_caption  # a shuffled caption's orders are too many
+        self.prompt_embeddings.remember_new = not config.varied_captions  # a shuffled caption's orders are too many
 
         self.data_order = torch.Generator()  # reseeded every epoch (see _batches_from)
         train_data, collate = self.dataset, None
-        if config.shuffle_caption or config.caption_dropout:  # drawn after the dataset's flip, cached or not
-            train_data = AugmentedCaptions(train_data, config.shuffle_caption, config.keep_tokens, config.caption_dropout)
+        if config.varied_captions or config.caption_dropout:  # drawn after the dataset's flip, cached or not
+            train_data = AugmentedCaptions(train_data, config.shuffle_caption, config.keep_tokens, config.caption_dropout,
+                                           config.caption_tag_dropout)
         if self.class_dataset is not None:
             train_data, collate = prior.PriorPreservationDataset(train_data, self.class_dataset), prior.collate_with_prior
         # A dataset draws every class (every concept) equally often; the sampler's indices hold for cached

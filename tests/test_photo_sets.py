@@ -405,12 +405,36 @@ def test_shuffled_captions_keep_their_first_tags_and_dropout_empties_some():
     assert plain[0]["prompt"] == items[0]["prompt"]
 
 
+def test_tag_dropout_drops_each_tag_after_the_kept_ones_as_kohya_does():
+    """--caption-tag-dropout P: each tag after --keep-tokens dropped with probability P, independently, the kept
+    tags never; with --shuffle-caption the survivors come in shuffled order; at 0 nothing is drawn for it."""
+    items = [{"prompt": "sks castle, tower, snow, dusk, red roof"}] * 2000
+    torch.manual_seed(1)
+    drawn = [AugmentedCaptions(items, keep_tokens=1, tag_dropout=0.3)[i]["prompt"].split(", ") for i in range(len(items))]
+    assert all(tags[0] == "sks castle" for tags in drawn)
+    rest = [tags[1:] for tags in drawn]
+    assert all(tags == [t for t in ["tower", "snow", "dusk", "red roof"] if t in tags] for tags in rest)  # order kept
+    for tag in ["tower", "snow", "dusk", "red roof"]:
+        assert 0.26 < 1 - sum(tag in tags for tags in rest) / len(rest) < 0.34
+    torch.manual_seed(1)
+    both = AugmentedCaptions(items, shuffle=True, keep_tokens=1, tag_dropout=0.3)
+    shuffled = [both[i]["prompt"].split(", ") for i in range(400)]
+    assert any(tags[1:] != sorted(tags[1:], key=["tower", "snow", "dusk", "red roof"].index) for tags in shuffled)
+    torch.manual_seed(1)
+    AugmentedCaptions(items, shuffle=True, keep_tokens=1)[0]
+    after_shuffle = torch.rand(())
+    torch.manual_seed(1)
+    AugmentedCaptions(items, shuffle=True, keep_tokens=1, tag_dropout=0.0)[0]
+    assert torch.rand(()) == after_shuffle  # no dropout, no draws: runs without it draw as before
+
+
 @pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
 def test_caption_augmentation_trains_and_resumes_exactly(tmp_path, tiny_path):
     folder = photo_set(tmp_path / "photos", counts=(1, 2, 1))[0].parent
     for i, path in enumerate(sorted(folder.glob("*.png"))):
         path.with_suffix(".txt").write_text(f"<castle>, tag{i}, stone, snow, dusk")
-    settings = dict(images=str(folder), shuffle_caption=True, keep_tokens=1, caption_dropout=0.3, batch_size=2, steps=5)
+    settings = dict(images=str(folder), shuffle_caption=True, keep_tokens=1, caption_dropout=0.3, caption_tag_dropout=0.2,
+                    batch_size=2, steps=5)
     whole = run_training(tmp_path, "whole", **settings)
     run_training(tmp_path, "cut", **{**settings, "steps": 3, "checkpoint_every": 3})
     resumed = run_training(tmp_path, "cut", **{**settings, "checkpoint_every": 3, "resume": "latest"})
@@ -504,11 +528,12 @@ def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sdtune, "train", refuse)
     result = invoke("train", "--concept", "castle", "--concept", "canal", "--images", "a", "--images", "b", "--buckets",
-                    "--caption-dropout", "0.1", "--shuffle-caption", "--keep-tokens", "1")
+                    "--caption-dropout", "0.1", "--shuffle-caption", "--keep-tokens", "1", "--caption-tag-dropout", "0.2")
     assert "stopped before training" in result.stderr, result.output
     config = seen["config"]
     assert config.concepts == ["castle", "canal"] and config.images == ["a", "b"]
     assert config.buckets and config.caption_dropout == 0.1 and config.shuffle_caption and config.keep_tokens == 1
+    assert config.caption_tag_dropout == 0.2
     assert config.concept_tokens == {"castle": "sks castle", "canal": "sks canal"}
     invoke("train", "--concept", "castle", "--concept", "canal", "--token", "zwx tower", "--token", "qrv river")
     config = seen["config"]
@@ -528,6 +553,7 @@ def test_several_concepts_from_the_command_line(tmp_path, monkeypatch):
     (dict(concept=["castle", "canal"], class_prompt="a castle"), "prior preservation .* takes one --concept"),
     (dict(keep_tokens=1), "--keep-tokens applies to --shuffle-caption"),
     (dict(caption_dropout=1.0), r"--caption-dropout must be in \[0, 1\)"),
+    (dict(caption_tag_dropout=-0.1), r"--caption-tag-dropout must be in \[0, 1\)"),
     (dict(buckets=True, dataset="digits"), "--buckets applies to concept images"),
 ])
 def test_photo_settings_that_do_not_combine_are_refused(settings, message):
