@@ -16,6 +16,7 @@ the concept and class examples of a step stack into one tensor, as without bucke
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -38,11 +39,26 @@ def upright_size(image) -> tuple[tuple[int, int], bool]:
 
 
 def open_image(path):
-    """PIL's `Image.open` without PIL's own warnings (see quiet_pil): a JPEG's EXIF block is parsed as it opens."""
+    """PIL's `Image.open` without PIL's own warnings (see quiet_pil): a JPEG's EXIF block is parsed as it opens.
+    HEIC/HEIF photos open too where pillow-heif is installed (`heif_opener`)."""
     from PIL import Image
 
+    heif_opener()
     with quiet_pil():
         return Image.open(path)
+
+
+@functools.cache
+def heif_opener() -> bool:
+    """Whether PIL reads HEIC/HEIF photos (an iPhone's): pillow-heif, where installed (`pip install 'sdtune[heif]'`),
+    registers its opener once. It applies the photo's rotation and mirroring as it decodes, and sets the EXIF
+    orientation it hands PIL to 1, so the photo is not turned twice; it opens the primary image of several."""
+    try:
+        import pillow_heif
+    except (ImportError, OSError):  # not installed, or its libheif cannot load
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 @contextlib.contextmanager

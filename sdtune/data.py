@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buckets import nearest_bucket, open_image, quiet_pil, upright_size
+from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, upright_size
 from .errors import SdtuneError, reading_file
 
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
+HEIF_EXTENSIONS = {".heic", ".heif"}  # an iPhone's photos: images too where pillow-heif is installed (buckets.heif_opener)
 # photos PIL does not decode (without plugins): an iPhone's HEIC, cameras' raw files; named, never silently left out
-UNREAD_PHOTO_EXTENSIONS = {".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+UNREAD_PHOTO_EXTENSIONS = HEIF_EXTENSIONS | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+HEIF_HINT = "pip install 'sdtune[heif]'"  # what reads HEIC/HEIF photos
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
 PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")
 SKIPPED_SHOWN = 3  # files a warning about several names; it counts the rest
@@ -98,9 +100,14 @@ def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
 # Images
 
 
+def image_extensions() -> set[str]:
+    """The extensions (lower case) of the files read as images: HEIC/HEIF too where pillow-heif is installed."""
+    return IMAGE_EXTENSIONS | HEIF_EXTENSIONS if heif_opener() else IMAGE_EXTENSIONS
+
+
 def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
-    """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (an iPhone's
-    HEIC, a camera's raw files) are named in a warning, or in the error where the folder has no other image.
+    """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (a camera's raw
+    files; an iPhone's HEIC without pillow-heif) are named in a warning, or in the error where the folder has no other image.
     `what` names the folder in errors. (A setting's `~` was expanded with the config: `config.PATH_SETTINGS`.)"""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -111,19 +118,21 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
         entries = sorted(folder.iterdir())
         # a broken link too: skipped, and named, as files that cannot be read are
         files = [p for p in entries if is_image_name(p) and (p.is_file() or (p.is_symlink() and not p.exists()))]
-        unread = [p.name for p in entries if p.suffix.lower() in UNREAD_PHOTO_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
+        unread_extensions = UNREAD_PHOTO_EXTENSIONS - image_extensions()
+        unread = [p.name for p in entries if p.suffix.lower() in unread_extensions and not p.name.startswith(".") and p.is_file()]
     except OSError as error:
         raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
     if unread:
         kinds = "/".join(sorted({Path(name).suffix.lower()[1:].upper() for name in unread}))
-        unread_text = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG"
+        heif = f", or for HEIC/HEIF photos {HEIF_HINT}" if any(Path(name).suffix.lower() in HEIF_EXTENSIONS for name in unread) else ""
+        unread_text = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG{heif}"
         if not files:
             raise SdtuneError(f"{what} {folder} has {unread_text}")
         warnings.warn(f"{folder}: skipping {unread_text}", stacklevel=2)
     if not files:
         within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
         hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
-        raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}")
+        raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(image_extensions()))}){hint}")
     return files
 
 
@@ -137,7 +146,7 @@ def _holds_images(folder: Path) -> bool:
 def is_image_name(path: Path) -> bool:
     """Whether a file's name is an image's: an image extension (any case), and not hidden. Hidden files are
     never photos: macOS writes `._IMG_0001.JPG` (AppleDouble metadata) beside every photo on a FAT or network disk."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in image_extensions() and not path.name.startswith(".")
 
 
 def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
@@ -146,6 +155,7 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
     an image damaged further in is found, and skipped, when it is decoded."""
     from PIL import Image
 
+    heif_opener()  # HEIC/HEIF photos, where pillow-heif is installed
     readable, skipped, odd = [], [], []
     for path in paths:
         try:
@@ -328,8 +338,9 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = open_image(path)
     with image:
-        # an animation's frames; a phone's MPO JPEG holds the photo first, then its previews, depth or gain maps
-        if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+        # an animation's frames; a phone's MPO JPEG holds the photo first, then its previews, depth or gain maps; a HEIC
+        # opens at its primary image (heif_opener)
+        if getattr(image, "n_frames", 1) > 1 and image.format not in ("MPO", "HEIF"):
             kept.frames.append((path.name, image.n_frames))
         (width, height), turned = upright_size(image)
         sizes = sizes_of(width, height)

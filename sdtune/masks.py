@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS, MASK_FOLDER
+from .data import MASK_FOLDER, image_extensions
 from .errors import SdtuneError
 
 MASK_SOURCES = ("files", "alpha")
@@ -29,7 +29,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 def mask_file(image: Path) -> Path | None:
     """The mask file of a concept image: `masks/STEM.*` beside it (a PNG first), or None."""
     folder = image.parent / MASK_FOLDER
-    for extension in [".png", *sorted(IMAGE_EXTENSIONS - {".png"})]:
+    for extension in [".png", *sorted(image_extensions() - {".png"})]:
         for candidate in (folder / (image.stem + extension), folder / (image.stem + extension.upper())):
             if candidate.is_file():
                 return candidate

@@ -226,7 +226,7 @@ def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
         load_framed_images([tmp_path / "a.gif"], 64)
 
 
-def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path):
+def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path, without_heif):
     phone = tmp_path / "phone"
     phone.mkdir()
     Image.new("RGB", (64, 64), "red").save(phone / "web.jfif", format="JPEG")  # what browsers save JPEGs as
@@ -239,8 +239,12 @@ def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path):
         assert len(load_images(list_images(phone), 32)) == 2
     for name in ("new.avif", "web.jfif"):
         (phone / name).unlink()
-    with pytest.raises(SdtuneError, match=r"phone has 2 DNG/HEIC photo\(s\) .*: convert them to JPEG or PNG"):
+    with pytest.raises(SdtuneError, match=r"phone has 2 DNG/HEIC photo\(s\) .*: convert them to JPEG or PNG, or for HEIC/HEIF "
+                                          r"photos pip install 'sdtune\[heif\]'"):
         list_images(phone)
+    (phone / "IMG_0001.HEIC").unlink()
+    with pytest.raises(SdtuneError, match=r"phone has 1 DNG photo\(s\) \(IMG_0002.dng\), a format sdtune does not read: convert them to JPEG or PNG$"):
+        list_images(phone)  # no pip hint where no HEIC is among them
     (tmp_path / "parent" / "castle").mkdir(parents=True)
     (tmp_path / "parent" / "masks").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "parent" / "castle" / "a.png")

@@ -182,6 +182,37 @@ def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_lo
     assert said[False][0].endswith(", or add --buckets")
 
 
+def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(tmp_path, tiny_path):
+    """An iPhone's HEIC, written by pillow-heif's own encoder (x265), stored turned as a phone held upright stores it."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    from sdtune.data import list_images, load_framed_images
+    from sdtune.training import plan_run
+
+    folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent
+    stored = Image.new("RGB", (80, 60), "red")
+    stored.paste((0, 0, 255), (40, 0, 80, 60))  # left red, right blue as stored
+    turned = Image.Exif()
+    turned[0x0112] = 6  # shown turned a quarter clockwise: 60x80, red on top
+    pillow_heif.from_pillow(stored).save(folder / "IMG_0001.HEIC", quality=95, exif=turned.tobytes())
+    pillow_heif.from_pillow(stored).save(folder / "IMG_0002.heif", quality=95)
+    stored.save(folder / "IMG_0003.jpg", quality=95, exif=turned.tobytes())  # the same photo as a JPEG
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named as unread nowhere
+        assert [p.name for p in list_images(folder)][:3] == ["IMG_0001.HEIC", "IMG_0002.heif", "IMG_0003.jpg"]
+        heic, heif, jpeg = load_framed_images([folder / "IMG_0001.HEIC", folder / "IMG_0002.heif", folder / "IMG_0003.jpg"], 64,
+                                              bucket_sizes(64))
+    assert heic.original_size == jpeg.original_size == (80, 60) and heif.original_size == (60, 80)
+    assert heic.image.mode == "RGB" and heic.image.size == jpeg.image.size == (56, 72)
+    for framed in (heic, jpeg):  # upright as the JPEG's EXIF orientation turns it, not turned twice
+        assert framed.image.getpixel((28, 4))[0] > 200 and framed.image.getpixel((28, 68))[2] > 200
+    config = TrainConfig(model="tiny-random", images=str(folder), buckets=True, output=str(tmp_path / "run"))
+    lines = plan_run(config).summary()
+    assert lines[1].startswith("6 training images of castle")
+    assert lines[2] == "4 aspect-ratio buckets (width x height): 56x72 (3 images), 64x64 (1 image), 72x56 (1 image), 80x48 (1 image)"
+    run = run_training(tmp_path, "heic", images=str(folder), buckets=True)
+    assert run.adapter.is_file() and len(run.losses) == 2
+
+
 def test_an_undecodable_held_out_image_is_skipped_and_warnings_are_given_once(tmp_path, tiny_path):
     """A file whose header reads but whose pixels do not (a truncated JPEG) is found only as it is decoded."""
     import warnings
