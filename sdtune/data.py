@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, upright_size
+from .captions import decode_text
 from .errors import SdtuneError, reading_file
 
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
@@ -51,10 +52,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
             data = handle.read(MAX_PROMPT_FILE_BYTES + 1)  # also /dev/stdin, a FIFO or a process substitution
     if len(data) > MAX_PROMPT_FILE_BYTES:
         raise SdtuneError(f"prompt file {path} holds more than {MAX_PROMPT_FILE_BYTES // 2**20} MB; give one prompt a line")
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
-    except UnicodeDecodeError as error:
-        raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    text = decode_text(data, str(path))  # UTF-8 or UTF-16 with its mark; a byte-order mark is not part of the first prompt
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:

@@ -18,11 +18,23 @@ def test_prompt_file_skips_comments_and_blank_lines(tmp_path):
     assert read_prompt_file(path) == ["photo of a <castle>.", "The <castle> at night."]
 
 
-@pytest.mark.parametrize("content", [b"", b"# only comments\n\n", b"\xff\xfe\x00bad"])
+@pytest.mark.parametrize("content", [b"", b"# only comments\n\n", b"\xff\xfe\x00ba", b"caf\xe9", "a".encode("utf-16-le")])
 def test_empty_or_undecodable_prompt_file_is_refused(tmp_path, content):
     path = tmp_path / "p.txt"
     path.write_bytes(content)
     with pytest.raises(SdtuneError):
+        read_prompt_file(path)
+
+
+def test_utf16_prompt_files_with_their_byte_order_mark_are_read(tmp_path):
+    """As captions are (captions.decode_text): Notepad's "Unicode", little endian, and big endian."""
+    path = tmp_path / "p.txt"
+    for encoded in ("# Notepad\r\nphoto of a <castle>.\r\nthe <castle> at night\r\n".encode("utf-16"),
+                    b"\xfe\xff" + "photo of a <castle>.\nthe <castle> at night".encode("utf-16-be")):
+        path.write_bytes(encoded)
+        assert read_prompt_file(path) == ["photo of a <castle>.", "the <castle> at night"]
+    path.write_bytes(b"\xff\xfe" + "a <castle>".encode("utf-16-le")[:-1])  # cut mid-character
+    with pytest.raises(SdtuneError, match=r"p.txt: not UTF-16 text, though it starts with UTF-16's byte-order mark \(byte 20\)$"):
         read_prompt_file(path)
 
 

@@ -396,7 +396,9 @@ def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\xff\xfe caption", r"portrait-0.txt: not UTF-8 text \(byte 0\)"),
+    (b"caf\xe9 caption", r"portrait-0.txt: not UTF-8 text \(byte 3\); save it as UTF-8"),  # Latin-1
+    (b"\xff\xfea", r"portrait-0.txt: not UTF-16 text, though it starts with UTF-16's byte-order mark \(byte 2\)"),
+    ("a caption".encode("utf-16-le"), r"portrait-0.txt: not UTF-8 text \(a NUL character at byte 1: UTF-16 without its byte-order mark\?\)"),
     (b"  \n ", r"portrait-0.txt is empty"),
 ])
 def test_a_bad_caption_file_is_refused(tmp_path, content, message):
@@ -404,6 +406,17 @@ def test_a_bad_caption_file_is_refused(tmp_path, content, message):
     (tmp_path / "portrait-0.txt").write_bytes(content)
     with pytest.raises(SdtuneError, match=message):
         read_captions(paths)
+
+
+def test_utf16_caption_and_metadata_files_with_their_byte_order_mark_are_read(tmp_path):
+    """Windows Notepad saves "Unicode" as UTF-16 little endian with its mark (and CRLF); Windows PowerShell 5's
+    `Out-File` writes a metadata.jsonl so by default."""
+    paths = photo_set(tmp_path, counts=(2, 1, 0))
+    (tmp_path / "portrait-0.txt").write_bytes("a <castle> at dusk, café\r\n".encode("utf-16"))  # with its mark
+    (tmp_path / "portrait-1.txt").write_bytes(b"\xfe\xff" + "the <castle>, 城".encode("utf-16-be"))
+    row = json.dumps({"file_name": "square-0.png", "text": "a <castle> from above"})
+    (tmp_path / "metadata.jsonl").write_bytes(f"{row}\r\n".encode("utf-16"))
+    assert read_captions(paths) == ["a <castle> at dusk, café", "the <castle>, 城", "a <castle> from above"]
 
 
 def test_caption_files_in_kohyas_conventions_and_any_case(tmp_path):
