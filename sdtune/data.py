@@ -148,9 +148,10 @@ def is_image_name(path: Path) -> bool:
 
 
 def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
-    """The images whose header PIL reads, within its decompression-bomb limit. The other files are skipped
-    with one warning naming them (the first few, with why; `what` names their kind). Only headers are read:
-    an image damaged further in is found, and skipped, when it is decoded."""
+    """The images whose header PIL reads, within its decompression-bomb limit, and that are not cut short
+    (`cut_short`: a JPEG without its end). The other files are skipped with one warning naming
+    them (the first few, with why; `what` names their kind). Nothing is decoded: an image damaged further in
+    is found, and skipped, when it is decoded."""
     from PIL import Image
 
     heif_opener()  # HEIC/HEIF photos, where pillow-heif is installed
@@ -162,9 +163,13 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_framed_sizes reads it
                 with Image.open(path) as image:  # reads the header alone
                     image.getexif()  # and its EXIF block, which PIL warns of when it is corrupt
+                    short = cut_short(path, image.format)
         except Exception as error:  # PIL raises many kinds for files that are not images
             skipped.append((path, unreadable_because(path, error)))
         else:
+            if short:
+                skipped.append((path, short))
+                continue
             readable.append(path)
             odd += [f"{path.name} ({' '.join(first_line(w.message).split())})" for w in said if issubclass(w.category, UserWarning)][:1]
     if odd:
@@ -177,6 +182,57 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
         warnings.warn(f"skipping {len(skipped)} files that are not readable {what}s: {shown}{more}", stacklevel=2)
     return readable
+
+
+TAIL_BYTES = 4096  # a whole JPEG's end is looked for here first: past it only where something follows the image
+CHUNK_BYTES = 2**20
+JPEG_END = b"\xff\xd9"  # EOI; in the entropy-coded data an FF byte is followed by 00 or a restart marker only
+
+
+def cut_short(path: Path, image_format: str | None) -> str | None:
+    """Why a JPEG whose header reads ends before its image does (a copy or download interrupted), or None; found
+    from its bytes, without decoding: no end-of-image marker after its first scan starts. It is looked for in the
+    last few KB, then, where something follows the image (a phone's motion photo carries its video there), from
+    the first scan on. Only JPEGs: PIL decodes a PNG whole where its EXIF is asked for (an eXIf chunk may follow
+    the pixels), and parses a WebP whole as it opens, so those are found cut by their header already; other
+    formats fail as they are decoded."""
+    if image_format not in ("JPEG", "MPO"):
+        return None
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        start = _jpeg_scan_start(handle)
+        if start is None:
+            return None  # markers PIL read past but this walk does not: left to the decoder
+        handle.seek(max(start, size - TAIL_BYTES))
+        if JPEG_END in handle.read():
+            return None
+        handle.seek(start)
+        carried = b""
+        while chunk := handle.read(CHUNK_BYTES):
+            if JPEG_END in carried + chunk:
+                return None
+            carried = chunk[-(len(JPEG_END) - 1):]
+    return "cut short: no end-of-image marker (FF D9) after its data, as a copy or download that stopped leaves it"
+
+
+def _jpeg_scan_start(handle) -> int | None:
+    """The offset of a JPEG's first scan data (after its first SOS segment), walking the segments from its start,
+    so that an embedded thumbnail's own end marker (in EXIF) is passed over; None where the walk fails."""
+    handle.seek(2)  # past SOI
+    while True:
+        marker = handle.read(2)
+        while len(marker) == 2 and marker == b"\xff\xff":  # fill bytes before a marker
+            marker = b"\xff" + handle.read(1)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        if 0xD0 <= marker[1] <= 0xD7 or marker[1] == 0x01:  # standalone markers: no length
+            continue
+        length = int.from_bytes(handle.read(2), "big")
+        if length < 2:
+            return None
+        if marker[1] == 0xDA:  # SOS: its header, then the scan
+            return handle.tell() + length - 2
+        handle.seek(length - 2, os.SEEK_CUR)
 
 
 def duplicate_images(paths: list[Path]) -> list[list[Path]]:

@@ -163,6 +163,38 @@ def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
         plan_run(config)
 
 
+def test_jpegs_cut_short_are_left_out_before_the_model_loads_and_motion_photos_kept(tmp_path):
+    """An interrupted copy leaves a JPEG without its end marker; found from its bytes, without decoding, and named
+    with the files that are no images (as a PNG cut short is: PIL decodes a PNG to find its EXIF). A phone's motion
+    photo (its video after the JPEG's end) and a JPEG whose EXIF thumbnail has an end marker of its own are told apart."""
+    from sdtune.data import cut_short, readable_images
+    from sdtune.training import plan_run
+
+    folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    thumbnail = b"\xff\xd8" + bytes(50) + b"\xff\xd9"  # an EXIF block holding a JPEG's end marker
+    noise.save(tmp_path / "whole.jpg", quality=95, exif=b"Exif\x00\x00" + thumbnail)
+    noise.save(tmp_path / "whole.png")
+    jpeg, png = (tmp_path / "whole.jpg").read_bytes(), (tmp_path / "whole.png").read_bytes()
+    (folder / "IMG_0001.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "IMG_0002.jpg").write_bytes(jpeg[:-2])  # only the end marker lost: PIL cannot decode it either
+    (folder / "IMG_0003.png").write_bytes(png[: len(png) // 2])
+    (folder / "PXL_0004.MP.jpg").write_bytes(jpeg + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)  # motion photo
+    (folder / "IMG_0005.jpg").write_bytes(jpeg + bytes(5000))  # zeros after the end, as some cameras pad
+    cut_bmp(folder / "IMG_0006.bmp")  # other formats: found as they are decoded
+    assert cut_short(folder / "IMG_0001.jpg", "JPEG") and cut_short(folder / "IMG_0003.png", "PNG") is None
+    with pytest.warns(UserWarning, match=r"skipping 3 files that are not readable images: .*IMG_0001.jpg \(cut short: no "
+                                         r"end-of-image marker \(FF D9\) after its data, as a copy or download that stopped "
+                                         r"leaves it\); .*IMG_0002.jpg \(cut short: .*\); .*IMG_0003.png \(image file is truncated\)$"):
+        lines = plan_run(TrainConfig(model="tiny-random", images=str(folder), output=str(tmp_path / "run"))).summary()
+    assert lines[1].startswith("6 training images of castle")
+    kept = [path.name for path in readable_images([folder / "PXL_0004.MP.jpg", folder / "IMG_0005.jpg"])]
+    assert kept == ["PXL_0004.MP.jpg", "IMG_0005.jpg"]
+    for name in kept:  # and both decode
+        with Image.open(folder / name) as image:
+            image.load()
+
+
 def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_loads(tmp_path):
     import warnings
 
@@ -213,16 +245,21 @@ def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(
     assert run.adapter.is_file() and len(run.losses) == 2
 
 
+def cut_bmp(path: Path) -> Path:
+    """A BMP cut in half: its header reads, its pixels do not (found only as it is decoded)."""
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(path, format="BMP")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
 def test_an_undecodable_held_out_image_is_skipped_and_warnings_are_given_once(tmp_path, tiny_path):
-    """A file whose header reads but whose pixels do not (a truncated JPEG) is found only as it is decoded."""
+    """A file whose header reads but whose pixels do not (a BMP cut short) is found only as it is decoded."""
     import warnings
 
     folder = photo_set(tmp_path / "photos", counts=(2, 2, 2))[0].parent
     Image.new("RGB", (20, 20), "red").save(folder / "small.png")
-    whole = tmp_path / "whole.jpg"
-    Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(whole, quality=95)
     for name in ("z-cut-0.jpg", "z-cut-1.jpg"):
-        (folder / name).write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        cut_bmp(folder / name)  # a BMP named .jpg is read as what it is
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # seed 0 holds out wide-1.png and z-cut-1.jpg
