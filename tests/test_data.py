@@ -264,6 +264,53 @@ def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path, wi
         list_images(tmp_path / "parent")
 
 
+def test_photos_in_display_p3_or_another_rgb_profile_are_converted_to_srgb(tmp_path):
+    """An iPhone's photos embed Display P3: their pixel values, read as sRGB, are duller than the photo; a viewer
+    converts them, and so does sdtune. sRGB, damaged profiles and images without one stay as they are."""
+    import importlib.util
+
+    from helpers import DISPLAY_P3, SRGB, icc_profile
+
+    from sdtune.data import load_framed
+
+    p3 = icc_profile("Display P3", *DISPLAY_P3)
+    colour = np.array([180, 120, 90])
+
+    def decode(v):
+        return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+    def encode(v):
+        return np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+
+    # P3 to XYZ by its primaries, XYZ to sRGB by sRGB's: (190, 117, 84), redder than the file's values
+    expected = encode(np.linalg.solve(np.array(SRGB).T, np.array(DISPLAY_P3).T @ decode(colour / 255))) * 255
+    assert np.abs(expected - [190.3, 116.6, 84.0]).max() < 0.1
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    flat.save(tmp_path / "p3.png", icc_profile=p3)
+    turned = flat.getexif()
+    turned[0x0112] = 6
+    flat.save(tmp_path / "p3.jpg", icc_profile=p3, exif=turned, quality=100)  # turned upright, decoded at a draft
+    transparent = Image.new("RGBA", (40, 30), (*colour, 255))
+    transparent.paste((0, 0, 0, 0), (0, 0, 20, 30))
+    transparent.save(tmp_path / "p3-alpha.png", icc_profile=p3)
+    flat.save(tmp_path / "srgb.png", icc_profile=icc_profile("sRGB IEC61966-2.1", *SRGB))
+    flat.save(tmp_path / "damaged.png", icc_profile=b"not a profile")
+    flat.save(tmp_path / "none.png")
+    names = ["p3.png", "p3.jpg", "p3-alpha.png", "srgb.png", "damaged.png", "none.png"]
+    if importlib.util.find_spec("pillow_heif"):
+        import pillow_heif
+
+        pillow_heif.from_pillow(flat).save(tmp_path / "p3.heic", quality=-1, icc_profile=p3)  # lossless
+        names.append("p3.heic")
+    for name in names:
+        framed = load_framed(tmp_path / name, 16)
+        centre = np.array(framed.image.getpixel((12, 8)))
+        want = expected if name.startswith("p3") else colour
+        assert np.abs(centre - want).max() <= 2, (name, centre)
+    alpha = load_framed(tmp_path / "p3-alpha.png", 16).image
+    assert alpha.getpixel((1, 8)) == (255, 255, 255)  # white stays white
+
+
 def test_a_corrupt_exif_block_is_named_once_with_its_file(tmp_path):
     import io
     import struct
