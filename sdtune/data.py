@@ -24,9 +24,13 @@ from .errors import SdtuneError, reading_file
 
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
-HEIF_EXTENSIONS = {".heic", ".heif"}  # an iPhone's photos: images too where pillow-heif is installed (buckets.heif_opener)
-# photos PIL does not decode (without plugins): an iPhone's HEIC, cameras' raw files; named, never silently left out
-UNREAD_PHOTO_EXTENSIONS = HEIF_EXTENSIONS | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+# an iPhone's photos, and cameras' (Sony, Canon, Fujifilm write .HIF): images too where pillow-heif is installed
+# (buckets.heif_opener)
+HEIF_EXTENSIONS = {".heic", ".heif", ".hif"}
+# photos PIL does not decode (without plugins): HEIC without pillow-heif, JPEG XL, cameras' raw files; named, never
+# silently left out
+UNREAD_PHOTO_EXTENSIONS = HEIF_EXTENSIONS | {".jxl", ".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2",
+                                             ".raf", ".orf", ".rw2", ".rwl", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".erf"}
 HEIF_HINT = "pip install 'sdtune[heif]'"  # what reads HEIC/HEIF photos
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
 PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")

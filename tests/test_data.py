@@ -245,8 +245,15 @@ def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path, wi
     Image.new("RGB", (64, 64), "red").save(phone / "new.avif")
     (phone / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
     (phone / "IMG_0002.dng").write_bytes(b"II*\x00")
-    with pytest.warns(UserWarning, match=r"skipping 2 DNG/HEIC photo\(s\) \(IMG_0001.HEIC, IMG_0002.dng\), a format sdtune does not read"):
+    (phone / "IMG_0003.jxl").write_bytes(b"\xff\x0a")  # JPEG XL
+    (phone / "DSC_0004.NRW").write_bytes(b"II*\x00")  # a Nikon compact's raw file
+    (phone / "DSC_0005.HIF").write_bytes(b"\x00\x00\x00\x18ftypheix")  # a Sony or Canon camera's HEIF
+    with pytest.warns(UserWarning, match=r"skipping 5 DNG/HEIC/HIF/JXL/NRW photo\(s\) \(DSC_0004.NRW, DSC_0005.HIF, IMG_0001.HEIC, "
+                                         r"and 2 more\), a format sdtune does not read: convert them to JPEG or PNG, or for "
+                                         r"HEIC/HEIF photos pip install 'sdtune\[heif\]'$"):
         assert [p.name for p in list_images(phone)] == ["new.avif", "web.jfif"]
+    for name in ("IMG_0003.jxl", "DSC_0004.NRW", "DSC_0005.HIF"):
+        (phone / name).unlink()
     with pytest.warns(UserWarning, match="HEIC"):
         assert len(load_images(list_images(phone), 32)) == 2
     for name in ("new.avif", "web.jfif"):

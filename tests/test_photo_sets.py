@@ -226,12 +226,12 @@ def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(
     turned = Image.Exif()
     turned[0x0112] = 6  # shown turned a quarter clockwise: 60x80, red on top
     pillow_heif.from_pillow(stored).save(folder / "IMG_0001.HEIC", quality=95, exif=turned.tobytes())
-    pillow_heif.from_pillow(stored).save(folder / "IMG_0002.heif", quality=95)
+    pillow_heif.from_pillow(stored).save(folder / "IMG_0002.HIF", quality=95)  # as Sony, Canon and Fujifilm cameras name it
     stored.save(folder / "IMG_0003.jpg", quality=95, exif=turned.tobytes())  # the same photo as a JPEG
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # named as unread nowhere
-        assert [p.name for p in list_images(folder)][:3] == ["IMG_0001.HEIC", "IMG_0002.heif", "IMG_0003.jpg"]
-        heic, heif, jpeg = load_framed_images([folder / "IMG_0001.HEIC", folder / "IMG_0002.heif", folder / "IMG_0003.jpg"], 64,
+        assert [p.name for p in list_images(folder)][:3] == ["IMG_0001.HEIC", "IMG_0002.HIF", "IMG_0003.jpg"]
+        heic, heif, jpeg = load_framed_images([folder / "IMG_0001.HEIC", folder / "IMG_0002.HIF", folder / "IMG_0003.jpg"], 64,
                                               bucket_sizes(64))
     assert heic.original_size == jpeg.original_size == (80, 60) and heif.original_size == (60, 80)
     assert heic.image.mode == "RGB" and heic.image.size == jpeg.image.size == (56, 72)
