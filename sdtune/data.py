@@ -155,8 +155,8 @@ def is_image_name(path: Path) -> bool:
 def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
     """The images whose header PIL reads, within its decompression-bomb limit, and that are not cut short
     (`cut_short`: a JPEG without its end). The other files are skipped with one warning naming
-    them (the first few, with why; `what` names their kind). Nothing is decoded: an image damaged further in
-    is found, and skipped, when it is decoded."""
+    them (the first few, with why; `what` names their kind). Nothing is decoded here but PNGs (PIL decodes one to
+    find an EXIF chunk after its pixels): an image damaged further in is found, and skipped, when it is decoded."""
     from PIL import Image
 
     heif_opener()  # HEIC/HEIF photos, where pillow-heif is installed
