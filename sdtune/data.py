@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, upright_size
+from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, refuse_bomb, upright_size
 from .captions import decode_text
 from .errors import SdtuneError, reading_file
 
@@ -165,8 +165,8 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
         try:
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_framed_sizes reads it
                 with Image.open(path) as image:  # reads the header alone
+                    refuse_bomb(image, said)  # over PIL's decompression-bomb limit, as open_image refuses it
                     image.getexif()  # and its EXIF block, which PIL warns of when it is corrupt
                     short = cut_short(path, image.format)
         except Exception as error:  # PIL raises many kinds for files that are not images
@@ -421,10 +421,7 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
     from PIL import Image, ImageOps
 
     kept = notes if notes is not None else LoadNotes()
-    with warnings.catch_warnings():
-        # PIL only warns between its limit and twice it, and would still decode the whole image
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = open_image(path)
+    image = open_image(path)  # over PIL's decompression-bomb limit: refused, but a JPEG (decoded at a fraction, below)
     with image:
         # an animation's frames; a phone's MPO JPEG holds the photo first, then its previews, depth or gain maps; a HEIC
         # opens at its primary image (heif_opener)
@@ -434,6 +431,9 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         sizes = sizes_of(width, height)
         largest = (max(w for w, _ in sizes), max(h for _, h in sizes))  # a draft covering it covers every size
         image.draft("RGB", largest[::-1] if turned else largest)  # JPEGs decode at reduced size when large
+        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # a JPEG that draft left large
+            raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds limit of "
+                                               f"{Image.MAX_IMAGE_PIXELS} pixels even decoded at a fraction of its size")
         with quiet_pil():  # a corrupt EXIF block was named once, by readable_images
             image = ImageOps.exif_transpose(image)
         mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel

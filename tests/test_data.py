@@ -198,6 +198,34 @@ def test_files_that_are_no_images_are_skipped_by_their_header_with_one_warning(t
         assert readable_images([good, tmp_path / "zero.png"]) == [good]
 
 
+def test_a_jpeg_over_the_bomb_limit_is_read_at_a_fraction_of_its_size(tmp_path, monkeypatch):
+    """A 100-megapixel camera's JPEG is over PIL's limit (89 megapixels) but below twice it: decoded at 1/8 (PIL's
+    draft), it costs less than a phone photo; kept, where a PNG of that size is still refused. A JPEG that the
+    training size keeps from being drafted small enough is refused as it is decoded."""
+    import warnings
+
+    from sdtune.data import load_framed, load_framed_images, readable_images
+
+    Image.new("RGB", (130, 130), "red").save(tmp_path / "large.jpg", quality=95)  # 16,900 pixels
+    Image.new("RGB", (130, 130), "red").save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # PIL warns from 10,000 pixels, refuses from 20,000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert readable_images([tmp_path / "large.jpg", tmp_path / "large.png"]) == [tmp_path / "large.jpg"]
+        framed = load_framed(tmp_path / "large.jpg", 32)  # drafted at 1/4: 33x33
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "large.png: not a readable image (over PIL's decompression-bomb limit: Image size (16900 pixels)" in said[0], said
+    assert framed.original_size == (130, 130) and framed.image.getpixel((16, 16))[0] > 240
+    with pytest.warns(UserWarning, match=r"skipping .*large.jpg: not a readable image \(over PIL's decompression-bomb limit: "
+                                         r"Image size \(16900 pixels\) exceeds limit of 10000 pixels even decoded at a "
+                                         r"fraction of its size\)"):
+        with pytest.raises(SdtuneError, match="no readable images"):
+            load_framed_images([tmp_path / "large.jpg"], 128)  # 128 px of 130: not drafted
+    Image.new("RGB", (150, 150)).save(tmp_path / "huge.jpg")  # over twice the limit: PIL refuses it, JPEG or not
+    with pytest.warns(UserWarning, match=r"huge.jpg: not a readable image \(over PIL's decompression-bomb limit"):
+        assert readable_images([tmp_path / "huge.jpg"]) == []
+
+
 def test_copies_of_an_image_are_named_in_one_warning(tmp_path):
     from sdtune.data import duplicate_images, warn_duplicates
 

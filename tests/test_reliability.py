@@ -106,6 +106,8 @@ class TestImages:
         """Loading runs under a 1 GiB address-space limit: decoding 20000x20000 RGB would need 1.2 GB."""
         (tmp_path / "bomb.png").write_bytes(png_header_only(20000, 20000))
         (tmp_path / "big.png").write_bytes(png_header_only(10000, 10000))  # between PIL's warning and its error
+        # a 90-megapixel JPEG, just over the limit: read at 1/8 of its size (PIL's draft), within the 1 GiB
+        Image.new("L", (9500, 9500), 200).save(tmp_path / "large.jpg", quality=50)
         Image.new("RGB", (64, 64), "red").save(tmp_path / "good.png")
         code = f"""
 import resource, warnings
@@ -122,7 +124,7 @@ print(len(images), skipped)
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
         assert result.returncode == 0, result.stderr[-2000:]
         bomb, big = tmp_path / "bomb.png", tmp_path / "big.png"
-        assert result.stdout.strip() == f"1 {[f'skipping {big}', f'skipping {bomb}']}"
+        assert result.stdout.strip() == f"2 {[f'skipping {big}', f'skipping {bomb}']}"
 
     @pytest.mark.parametrize(
         "mode,extension",
