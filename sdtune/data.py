@@ -9,7 +9,6 @@ decompression-bomb guard stays on.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 
 from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, refuse_bomb, upright_size
 from .captions import decode_text
+from .colour import colour_profile, in_srgb
 from .errors import SdtuneError, reading_file
 
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
@@ -338,7 +338,7 @@ def to_rgb(image):
     import numpy as np
     from PIL import Image
 
-    profile = image.info.get("icc_profile")  # compositing below makes a new image, without it
+    profile = colour_profile(image)  # compositing below makes a new image, without it
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
@@ -357,34 +357,6 @@ def to_rgb(image):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return in_srgb(image.convert("RGB"), profile)
-
-
-def in_srgb(image, profile: bytes | None):
-    """An RGB image in sRGB: where its embedded ICC `profile` is another RGB space's (an iPhone's Display P3, Adobe
-    RGB, ProPhoto), converted from it, as a browser or photo viewer shows it; SD was trained on, and its VAE
-    decodes to, sRGB, so P3 pixel values read as they are would train duller colours. No profile, an sRGB one, one
-    of another colour space (a greyscale or CMYK one) or one ImageCms cannot read: the pixels as they are."""
-    import io
-
-    from PIL import ImageCms
-
-    if not profile:
-        return image
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        if source.profile.xcolor_space.strip() != "RGB" or "srgb" in (source.profile.profile_description or "").lower():
-            return image  # an sRGB profile converts to (nearly) itself: spare the transform
-        # perceptual: what viewers use; for the matrix profiles of cameras and phones it is relative colorimetric
-        return ImageCms.profileToProfile(image, source, _srgb_profile(), ImageCms.Intent.PERCEPTUAL, outputMode="RGB")
-    except (OSError, ValueError, ImageCms.PyCMSError):  # a damaged profile
-        return image
-
-
-@functools.cache
-def _srgb_profile():
-    from PIL import ImageCms
-
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 @dataclass

@@ -346,6 +346,29 @@ def test_photos_in_display_p3_or_another_rgb_profile_are_converted_to_srgb(tmp_p
     assert alpha.getpixel((1, 8)) == (255, 255, 255)  # white stays white
 
 
+def test_a_cameras_adobe_rgb_jpeg_without_a_profile_is_converted_by_its_exif(tmp_path):
+    """A camera set to Adobe RGB embeds no ICC profile: its EXIF says "uncalibrated" and DCF's interoperability
+    index R03 (the Adobe RGB option file). sdtune reads it as Adobe RGB; EXIF's sRGB, or uncalibrated alone, not."""
+    from sdtune.data import load_framed
+
+    colour = np.array([180, 120, 90])
+    adobe = np.array([(0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457)]).T
+    srgb = np.array([(0.43607, 0.22249, 0.01392), (0.38515, 0.71687, 0.09708), (0.14307, 0.06061, 0.71410)]).T
+    linear = np.linalg.solve(srgb, adobe @ (colour / 255) ** (563 / 256))  # Adobe RGB's gamma, then its primaries
+    expected = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055) * 255
+    assert np.abs(expected - [199.5, 120.8, 87.9]).max() < 0.1
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    for name, colour_space, index, orientation in [("_DSC0001.JPG", 0xFFFF, "R03", 1), ("_DSC0002.JPG", 0xFFFF, "R03", 6),
+                                                   ("DSC0003.JPG", 1, "R98", 1), ("DSC0004.JPG", 0xFFFF, None, 1)]:
+        exif = Image.Exif()
+        exif[0x8769] = {0xA001: colour_space, **({0xA005: {0x0001: index}} if index else {})}
+        exif[0x0112] = orientation
+        flat.save(tmp_path / name, exif=exif, quality=100)
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((8, 8)))
+        want = expected if name.startswith("_") else colour  # DCF names Adobe RGB files with a leading underscore
+        assert np.abs(centre - want).max() <= 2, (name, centre)
+
+
 def test_a_corrupt_exif_block_is_named_once_with_its_file(tmp_path):
     import io
     import struct
