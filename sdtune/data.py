@@ -260,9 +260,27 @@ def duplicate_images(paths: list[Path]) -> list[list[Path]]:
     return sorted((sorted(group, key=order.__getitem__) for group in groups.values() if len(group) > 1), key=lambda g: order[g[0]])
 
 
+def same_names(paths: list[Path]) -> list[list[Path]]:
+    """Groups of images of one folder with one name but their extensions (`IMG_0001.HEIC`, `IMG_0001.JPG`, the case
+    aside), in the order given: one photo in two formats, as an iPhone's export or a converter leaves the original beside."""
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for path in paths:
+        groups.setdefault((path.parent, path.stem.casefold()), []).append(path)
+    return [group for group in groups.values() if len({p.suffix.lower() for p in group}) > 1]
+
+
 def warn_duplicates(paths: list[Path]) -> None:
-    """One warning naming the images that are the same file twice or more: each copy is drawn as another image."""
+    """One warning naming the images that are the same file twice or more: each copy is drawn as another image; and
+    one naming those of one name with several extensions (likely one photo, converted), but where they are copies."""
     groups = duplicate_images(paths)
+    copies = {path for group in groups for path in group}
+    named = [group for group in same_names(paths) if not set(group) <= copies]
+    if named:
+        shown = "; ".join(", ".join(path.name for path in group) for group in named[:SKIPPED_SHOWN])
+        more = f"; and {len(named) - SKIPPED_SHOWN} more" if len(named) > SKIPPED_SHOWN else ""
+        warnings.warn(f"images with one name and several extensions: {shown}{more}; likely one photo saved twice or converted "
+                      "(an iPhone's export keeps the HEIC beside the JPEG): each is trained as another image, with the same "
+                      "caption file; remove one of each", stacklevel=2)
     if groups:
         one_folder = len({path.parent for group in groups for path in group}) == 1
         shown = "; ".join(" = ".join(path.name if one_folder else str(path) for path in group) for group in groups[:SKIPPED_SHOWN])

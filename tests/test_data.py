@@ -241,6 +241,27 @@ def test_copies_of_an_image_are_named_in_one_warning(tmp_path):
     assert duplicate_images([tmp_path / "a.png", tmp_path / "b.png"]) == []
 
 
+def test_one_photo_with_two_extensions_is_named_in_one_warning(tmp_path):
+    """An iPhone's export keeps IMG_0001.HEIC beside IMG_0001.JPG: now both are read, the photo would be drawn twice."""
+    import warnings
+
+    from sdtune.data import warn_duplicates
+
+    rng = np.random.default_rng(0)
+    photos = {stem: Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for stem in ("IMG_0001", "IMG_0002", "IMG_0003", "IMG_0004")}
+    for name, quality in (("IMG_0001.JPG", 90), ("IMG_0001.png", 0), ("IMG_0002.jpg", 90), ("IMG_0003.JPG", 90),
+                          ("IMG_0003.jpeg", 70), ("IMG_0004.jpg", 90)):
+        photos[name[:8]].save(tmp_path / name, format="PNG" if name.endswith("png") else "JPEG", quality=quality)
+    (tmp_path / "img_0004.JPG").write_bytes((tmp_path / "IMG_0004.jpg").read_bytes())  # a copy: named as one, once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_duplicates(list_images(tmp_path))
+    said = [str(w.message) for w in caught]
+    assert said[0].startswith("images with one name and several extensions: IMG_0001.JPG, IMG_0001.png; IMG_0003.JPG, "
+                              "IMG_0003.jpeg; likely one photo saved twice or converted") and said[0].endswith("remove one of each")
+    assert len(said) == 2 and said[1].startswith("the same image more than once: IMG_0004.jpg = img_0004.JPG;")
+
+
 def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
     import warnings
 
