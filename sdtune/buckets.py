@@ -16,6 +16,7 @@ the concept and class examples of a step stack into one tensor, as without bucke
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -38,11 +39,49 @@ def upright_size(image) -> tuple[tuple[int, int], bool]:
 
 
 def open_image(path):
-    """PIL's `Image.open` without PIL's own warnings (see quiet_pil): a JPEG's EXIF block is parsed as it opens."""
+    """PIL's `Image.open` without PIL's own warnings (see quiet_pil): a JPEG's EXIF block is parsed as it opens.
+    HEIC/HEIF photos open too where pillow-heif is installed (`heif_opener`). An image over PIL's decompression-bomb
+    limit raises PIL's DecompressionBombError, but a JPEG below twice it (`refuse_bomb`)."""
     from PIL import Image
 
-    with quiet_pil():
-        return Image.open(path)
+    heif_opener()
+    with quiet_pil(), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    refuse_bomb(image, said)
+    for warning in said:  # any other warning is shown as it would have been
+        if not issubclass(warning.category, Image.DecompressionBombWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return image
+
+
+DRAFT_FORMATS = ("JPEG", "MPO")  # decoded at a fraction of their size (PIL's draft: 1/2, 1/4, 1/8) where that covers the training size
+
+
+def refuse_bomb(image, said) -> None:
+    """Raise PIL's DecompressionBombError for an image PIL warned of, as over its limit (`said`: the warnings its
+    opening gave; over twice the limit PIL raises itself), and close it; but keep a JPEG: it is decoded at a fraction
+    of its size, and refused only if that still is over the limit (data.load_framed_sizes). A 100-megapixel camera's
+    photo (Fujifilm GFX, Hasselblad X2D) is just over the limit, and a JPEG's draft decodes it at 1/8, 1.6 megapixels."""
+    from PIL import Image
+
+    bombs = [warning for warning in said if issubclass(warning.category, Image.DecompressionBombWarning)]
+    if bombs and image.format not in DRAFT_FORMATS:
+        image.close()
+        raise Image.DecompressionBombError(str(bombs[0].message))
+
+
+@functools.cache
+def heif_opener() -> bool:
+    """Whether PIL reads HEIC/HEIF photos (an iPhone's): pillow-heif, where installed (`pip install 'sdtune[heif]'`),
+    registers its opener once. It applies the photo's rotation and mirroring as it decodes, and sets the EXIF
+    orientation it hands PIL to 1, so the photo is not turned twice; it opens the primary image of several."""
+    try:
+        import pillow_heif
+    except (ImportError, OSError):  # not installed, or its libheif cannot load
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 @contextlib.contextmanager

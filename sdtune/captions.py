@@ -14,6 +14,7 @@ epoch (and process), so a resumed run draws what the uninterrupted one drew.
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -73,14 +74,42 @@ def _caption_files(folder: Path) -> dict[tuple[str, str], Path]:
 
 
 def read_utf8(path: Path, what: str = "") -> str:
-    """A text file's content (a byte-order mark dropped); one line naming the file where it is not UTF-8
-    or cannot be read. `what` names the kind of file in the message ("caption file ")."""
+    """A text file's content (a byte-order mark dropped): UTF-8, or UTF-16 that starts with its byte-order mark
+    (`decode_text`); one line naming the file where it is neither or cannot be read. `what` names the kind of
+    file in the message ("caption file ")."""
     try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise SdtuneError(f"{what}{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+        data = path.read_bytes()
     except OSError as error:
         raise SdtuneError(f"{what}{path} cannot be read: {error.strerror or error}") from None
+    return decode_text(data, f"{what}{path}", "; save it as UTF-8")
+
+
+UTF16_BOMS = ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def decode_text(data: bytes, name: str, hint: str = "") -> str:
+    """A text file's bytes as text, its byte-order mark dropped: UTF-8, or UTF-16 (little or big endian) where
+    UTF-16's byte-order mark starts it, as Windows Notepad saves "Unicode" and Windows PowerShell 5 writes by
+    default. Anything else is one line naming the file (`name`), with `hint` after it: no other encoding can
+    be told from its bytes, and a NUL character, valid UTF-8 as it is, is no caption's (UTF-16 without its mark)."""
+    for mark, codec in UTF16_BOMS:
+        if data.startswith(mark):
+            try:
+                text = data[len(mark):].decode(codec)
+            except UnicodeDecodeError as error:
+                raise SdtuneError(f"{name}: not UTF-16 text, though it starts with UTF-16's byte-order mark "
+                                  f"(byte {len(mark) + error.start}){hint}") from None
+            if "\0" in text:  # UTF-32's mark starts with UTF-16 little endian's
+                raise SdtuneError(f"{name}: not UTF-16 text (a NUL character; UTF-32?){hint}")
+            return text
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SdtuneError(f"{name}: not UTF-8 text (byte {error.start}){hint}") from None
+    if "\0" in text:
+        raise SdtuneError(f"{name}: not UTF-8 text (a NUL character at byte {data.index(0)}: UTF-16 without its "
+                          f"byte-order mark?){hint}")
+    return text
 
 
 def caption_text(path: Path) -> str:

@@ -17,13 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buckets import nearest_bucket, open_image, quiet_pil, upright_size
+from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, refuse_bomb, upright_size
+from .captions import decode_text
+from .colour import colour_profile, in_srgb
 from .errors import SdtuneError, reading_file
 
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
-# photos PIL does not decode (without plugins): an iPhone's HEIC, cameras' raw files; named, never silently left out
-UNREAD_PHOTO_EXTENSIONS = {".heic", ".heif", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"}
+# an iPhone's photos, and cameras' (Sony, Canon, Fujifilm write .HIF): images too where pillow-heif is installed
+# (buckets.heif_opener)
+HEIF_EXTENSIONS = {".heic", ".heif", ".hif"}
+# photos PIL does not decode (without plugins): HEIC without pillow-heif, JPEG XL, cameras' raw files; named, never
+# silently left out
+UNREAD_PHOTO_EXTENSIONS = HEIF_EXTENSIONS | {".jxl", ".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2",
+                                             ".raf", ".orf", ".rw2", ".rwl", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".erf"}
+HEIF_HINT = "pip install 'sdtune[heif]'"  # what reads HEIC/HEIF photos
 # <name>, but not a trained token's own name (<s0>, <s1>, ...: token_embeddings.py), which a prompt may write as is
 PLACEHOLDER = re.compile(r"<(?!s\d+>)([^<>\s]+)>")
 SKIPPED_SHOWN = 3  # files a warning about several names; it counts the rest
@@ -49,10 +57,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
             data = handle.read(MAX_PROMPT_FILE_BYTES + 1)  # also /dev/stdin, a FIFO or a process substitution
     if len(data) > MAX_PROMPT_FILE_BYTES:
         raise SdtuneError(f"prompt file {path} holds more than {MAX_PROMPT_FILE_BYTES // 2**20} MB; give one prompt a line")
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first prompt
-    except UnicodeDecodeError as error:
-        raise SdtuneError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    text = decode_text(data, str(path))  # UTF-8 or UTF-16 with its mark; a byte-order mark is not part of the first prompt
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
@@ -98,9 +103,14 @@ def fill_placeholders(prompt: str, token: str | dict[str, str] | None) -> str:
 # Images
 
 
+def image_extensions() -> set[str]:
+    """The extensions (lower case) of the files read as images: HEIC/HEIF too where pillow-heif is installed."""
+    return IMAGE_EXTENSIONS | HEIF_EXTENSIONS if heif_opener() else IMAGE_EXTENSIONS
+
+
 def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
-    """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (an iPhone's
-    HEIC, a camera's raw files) are named in a warning, or in the error where the folder has no other image.
+    """The images of a folder (not of its subfolders), by name. Photos in a format PIL cannot read (a camera's raw
+    files; an iPhone's HEIC without pillow-heif) are named in a warning, or in the error where the folder has no other image.
     `what` names the folder in errors. (A setting's `~` was expanded with the config: `config.PATH_SETTINGS`.)"""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -111,19 +121,21 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
         entries = sorted(folder.iterdir())
         # a broken link too: skipped, and named, as files that cannot be read are
         files = [p for p in entries if is_image_name(p) and (p.is_file() or (p.is_symlink() and not p.exists()))]
-        unread = [p.name for p in entries if p.suffix.lower() in UNREAD_PHOTO_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
+        unread_extensions = UNREAD_PHOTO_EXTENSIONS - image_extensions()
+        unread = [p.name for p in entries if p.suffix.lower() in unread_extensions and not p.name.startswith(".") and p.is_file()]
     except OSError as error:
         raise SdtuneError(f"cannot read image folder {folder}: {error.strerror or error}") from None
     if unread:
         kinds = "/".join(sorted({Path(name).suffix.lower()[1:].upper() for name in unread}))
-        unread_text = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG"
+        heif = f", or for HEIC/HEIF photos {HEIF_HINT}" if any(Path(name).suffix.lower() in HEIF_EXTENSIONS for name in unread) else ""
+        unread_text = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG{heif}"
         if not files:
             raise SdtuneError(f"{what} {folder} has {unread_text}")
         warnings.warn(f"{folder}: skipping {unread_text}", stacklevel=2)
     if not files:
         within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
         hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
-        raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}){hint}")
+        raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(image_extensions()))}){hint}")
     return files
 
 
@@ -137,26 +149,32 @@ def _holds_images(folder: Path) -> bool:
 def is_image_name(path: Path) -> bool:
     """Whether a file's name is an image's: an image extension (any case), and not hidden. Hidden files are
     never photos: macOS writes `._IMG_0001.JPG` (AppleDouble metadata) beside every photo on a FAT or network disk."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in image_extensions() and not path.name.startswith(".")
 
 
 def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
-    """The images whose header PIL reads, within its decompression-bomb limit. The other files are skipped
-    with one warning naming them (the first few, with why; `what` names their kind). Only headers are read:
-    an image damaged further in is found, and skipped, when it is decoded."""
+    """The images whose header PIL reads, within its decompression-bomb limit, and that are not cut short
+    (`cut_short`: a JPEG without its end). The other files are skipped with one warning naming
+    them (the first few, with why; `what` names their kind). Nothing is decoded here but PNGs (PIL decodes one to
+    find an EXIF chunk after its pixels): an image damaged further in is found, and skipped, when it is decoded."""
     from PIL import Image
 
+    heif_opener()  # HEIC/HEIF photos, where pillow-heif is installed
     readable, skipped, odd = [], [], []
     for path in paths:
         try:
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_framed_sizes reads it
                 with Image.open(path) as image:  # reads the header alone
+                    refuse_bomb(image, said)  # over PIL's decompression-bomb limit, as open_image refuses it
                     image.getexif()  # and its EXIF block, which PIL warns of when it is corrupt
+                    short = cut_short(path, image.format)
         except Exception as error:  # PIL raises many kinds for files that are not images
             skipped.append((path, unreadable_because(path, error)))
         else:
+            if short:
+                skipped.append((path, short))
+                continue
             readable.append(path)
             odd += [f"{path.name} ({' '.join(first_line(w.message).split())})" for w in said if issubclass(w.category, UserWarning)][:1]
     if odd:
@@ -169,6 +187,57 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
         warnings.warn(f"skipping {len(skipped)} files that are not readable {what}s: {shown}{more}", stacklevel=2)
     return readable
+
+
+TAIL_BYTES = 4096  # a whole JPEG's end is looked for here first: past it only where something follows the image
+CHUNK_BYTES = 2**20
+JPEG_END = b"\xff\xd9"  # EOI; in the entropy-coded data an FF byte is followed by 00 or a restart marker only
+
+
+def cut_short(path: Path, image_format: str | None) -> str | None:
+    """Why a JPEG whose header reads ends before its image does (a copy or download interrupted), or None; found
+    from its bytes, without decoding: no end-of-image marker after its first scan starts. It is looked for in the
+    last few KB, then, where something follows the image (a phone's motion photo carries its video there), from
+    the first scan on. Only JPEGs: PIL decodes a PNG whole where its EXIF is asked for (an eXIf chunk may follow
+    the pixels), and parses a WebP whole as it opens, so those are found cut by their header already; other
+    formats fail as they are decoded."""
+    if image_format not in ("JPEG", "MPO"):
+        return None
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        start = _jpeg_scan_start(handle)
+        if start is None:
+            return None  # markers PIL read past but this walk does not: left to the decoder
+        handle.seek(max(start, size - TAIL_BYTES))
+        if JPEG_END in handle.read():
+            return None
+        handle.seek(start)
+        carried = b""
+        while chunk := handle.read(CHUNK_BYTES):
+            if JPEG_END in carried + chunk:
+                return None
+            carried = chunk[-(len(JPEG_END) - 1):]
+    return "cut short: no end-of-image marker (FF D9) after its data, as a copy or download that stopped leaves it"
+
+
+def _jpeg_scan_start(handle) -> int | None:
+    """The offset of a JPEG's first scan data (after its first SOS segment), walking the segments from its start,
+    so that an embedded thumbnail's own end marker (in EXIF) is passed over; None where the walk fails."""
+    handle.seek(2)  # past SOI
+    while True:
+        marker = handle.read(2)
+        while len(marker) == 2 and marker == b"\xff\xff":  # fill bytes before a marker
+            marker = b"\xff" + handle.read(1)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        if 0xD0 <= marker[1] <= 0xD7 or marker[1] == 0x01:  # standalone markers: no length
+            continue
+        length = int.from_bytes(handle.read(2), "big")
+        if length < 2:
+            return None
+        if marker[1] == 0xDA:  # SOS: its header, then the scan
+            return handle.tell() + length - 2
+        handle.seek(length - 2, os.SEEK_CUR)
 
 
 def duplicate_images(paths: list[Path]) -> list[list[Path]]:
@@ -191,9 +260,27 @@ def duplicate_images(paths: list[Path]) -> list[list[Path]]:
     return sorted((sorted(group, key=order.__getitem__) for group in groups.values() if len(group) > 1), key=lambda g: order[g[0]])
 
 
+def same_names(paths: list[Path]) -> list[list[Path]]:
+    """Groups of images of one folder with one name but their extensions (`IMG_0001.HEIC`, `IMG_0001.JPG`, the case
+    aside), in the order given: one photo in two formats, as an iPhone's export or a converter leaves the original beside."""
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for path in paths:
+        groups.setdefault((path.parent, path.stem.casefold()), []).append(path)
+    return [group for group in groups.values() if len({p.suffix.lower() for p in group}) > 1]
+
+
 def warn_duplicates(paths: list[Path]) -> None:
-    """One warning naming the images that are the same file twice or more: each copy is drawn as another image."""
+    """One warning naming the images that are the same file twice or more: each copy is drawn as another image; and
+    one naming those of one name with several extensions (likely one photo, converted), but where they are copies."""
     groups = duplicate_images(paths)
+    copies = {path for group in groups for path in group}
+    named = [group for group in same_names(paths) if not set(group) <= copies]
+    if named:
+        shown = "; ".join(", ".join(path.name for path in group) for group in named[:SKIPPED_SHOWN])
+        more = f"; and {len(named) - SKIPPED_SHOWN} more" if len(named) > SKIPPED_SHOWN else ""
+        warnings.warn(f"images with one name and several extensions: {shown}{more}; likely one photo saved twice or converted "
+                      "(an iPhone's export keeps the HEIC beside the JPEG): each is trained as another image, with the same "
+                      "caption file; remove one of each", stacklevel=2)
     if groups:
         one_folder = len({path.parent for group in groups for path in group}) == 1
         shown = "; ".join(" = ".join(path.name if one_folder else str(path) for path in group) for group in groups[:SKIPPED_SHOWN])
@@ -261,7 +348,7 @@ def damaged_image(path: str | Path) -> str | None:
 
 
 def to_rgb(image):
-    """Any PIL image as 8-bit RGB; transparency is composited on white.
+    """Any PIL image as 8-bit RGB; transparency is composited on white; colours in sRGB (`in_srgb`).
 
     16-bit greyscale (a 16-bit PNG or TIFF, and 32-bit integers within 0..65535) keeps its tones: 65535 is
     white. Floats within 0..1 are scaled by 255. Other integer or float images, whose white is unknown,
@@ -269,6 +356,7 @@ def to_rgb(image):
     import numpy as np
     from PIL import Image
 
+    profile = colour_profile(image)  # compositing below makes a new image, without it
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
@@ -286,7 +374,7 @@ def to_rgb(image):
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
+    return in_srgb(image.convert("RGB"), profile)
 
 
 @dataclass
@@ -323,18 +411,19 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
     from PIL import Image, ImageOps
 
     kept = notes if notes is not None else LoadNotes()
-    with warnings.catch_warnings():
-        # PIL only warns between its limit and twice it, and would still decode the whole image
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = open_image(path)
+    image = open_image(path)  # over PIL's decompression-bomb limit: refused, but a JPEG (decoded at a fraction, below)
     with image:
-        # an animation's frames; a phone's MPO JPEG holds the photo first, then its previews, depth or gain maps
-        if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
+        # an animation's frames; a phone's MPO JPEG holds the photo first, then its previews, depth or gain maps; a HEIC
+        # opens at its primary image (heif_opener)
+        if getattr(image, "n_frames", 1) > 1 and image.format not in ("MPO", "HEIF"):
             kept.frames.append((path.name, image.n_frames))
         (width, height), turned = upright_size(image)
         sizes = sizes_of(width, height)
         largest = (max(w for w, _ in sizes), max(h for _, h in sizes))  # a draft covering it covers every size
         image.draft("RGB", largest[::-1] if turned else largest)  # JPEGs decode at reduced size when large
+        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # a JPEG that draft left large
+            raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds limit of "
+                                               f"{Image.MAX_IMAGE_PIXELS} pixels even decoded at a fraction of its size")
         with quiet_pil():  # a corrupt EXIF block was named once, by readable_images
             image = ImageOps.exif_transpose(image)
         mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel

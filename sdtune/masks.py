@@ -5,7 +5,8 @@ file of the image's stem in a `masks/` folder beside the images (`photos/a.jpg` 
 any image format; kohya-ss reads masks of the same names from a folder of their own too), or with
 `mask_source="alpha"` from the image's own alpha channel (kohya-ss' `--alpha_mask`). A mask is matched
 to the image as it is shown: both are turned upright by their own EXIF orientation, and a mask must then
-have its image's size. It is framed with exactly its image's geometry (resize, crop, bucket, flip;
+have its image's aspect ratio (within a pixel's rounding): one of another size (a half-size mask) is resized
+to its image's size first. It is framed with exactly its image's geometry (resize, crop, bucket, flip;
 see data.py) and averaged over each latent pixel's area.
 
 Each latent element's error is weighted by w = u + (1 − u)·m, m the mask's value there and u the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import IMAGE_EXTENSIONS, MASK_FOLDER
+from .data import MASK_FOLDER, image_extensions
 from .errors import SdtuneError
 
 MASK_SOURCES = ("files", "alpha")
@@ -29,7 +30,7 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 def mask_file(image: Path) -> Path | None:
     """The mask file of a concept image: `masks/STEM.*` beside it (a PNG first), or None."""
     folder = image.parent / MASK_FOLDER
-    for extension in [".png", *sorted(IMAGE_EXTENSIONS - {".png"})]:
+    for extension in [".png", *sorted(image_extensions() - {".png"})]:
         for candidate in (folder / (image.stem + extension), folder / (image.stem + extension.upper())):
             if candidate.is_file():
                 return candidate
@@ -54,13 +55,28 @@ def upright_mask(path: Path, upright_image, source: str):
         raise SdtuneError(f"--masked-loss: {path.name} has no mask {MASK_FOLDER}/{path.stem}.png beside it")
     with open_image(mask_path) as mask, quiet_pil():
         mask = ImageOps.exif_transpose(mask).convert("L")
-    if mask.size != upright_image.size:  # the image was decoded at a reduced size (a large JPEG's draft)
-        mask = mask.resize(upright_image.size, Image.Resampling.BOX)
+    if mask.size != upright_image.size:  # a mask of another size, or the image decoded at a reduced size (a large JPEG's draft)
+        # Larger: BOX averages each image pixel's area, as the loss later averages each latent pixel's. Smaller
+        # (a half-size mask): BILINEAR, so an edge stays where the mask drew it, at most a grey pixel wide, and grey
+        # weights stay grey (NEAREST would move an edge by up to half a mask pixel). kohya-ss resizes a mask
+        # (its conditioning image) with INTER_AREA or Lanczos where it is not the training size, but with buckets
+        # refuses one of another size than its image; the 8x8 area average leaves little between these filters.
+        larger = mask.width >= upright_image.width
+        mask = mask.resize(upright_image.size, Image.Resampling.BOX if larger else Image.Resampling.BILINEAR)
     return mask
 
 
+def same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether two (width, height) sizes have one aspect ratio, within the rounding of a pixel of the smaller one's
+    sides: a 2016x1512 or 2017x1513 mask of a 4033x3025 photo. |w·H − h·W| ≤ max(W, H), W×H the larger size, says
+    that scaling it to the smaller's width (or height) misses the other side by at most a pixel."""
+    (width, height), (large_width, large_height) = sorted((size, other))
+    return abs(width * large_height - height * large_width) <= max(large_width, large_height)
+
+
 def check_masks(paths: list[Path], source: str) -> None:
-    """Before the model loads: every concept image has a mask of its own size that is not black everywhere."""
+    """Before the model loads: every concept image has a mask of its own aspect ratio (of any size: it is resized
+    to its image's) that is not black everywhere."""
     from .buckets import open_image, upright_size
 
     lacking, problems = [], []
@@ -85,9 +101,9 @@ def check_masks(paths: list[Path], source: str) -> None:
         try:
             with open_image(mask_path) as mask:
                 mask_size, _ = upright_size(mask)
-                if mask_size != size:
+                if not same_aspect(mask_size, size):
                     problems.append(f"{describe} is {mask_size[0]}x{mask_size[1]}, its image {path.name} {size[0]}x{size[1]}: "
-                                    "a mask must have its image's size")
+                                    "a mask must have its image's aspect ratio (its size, or that scaled)")
                     continue
                 values = mask.convert("RGBA").getchannel("A") if source == "alpha" else mask.convert("L")
         except Exception as error:  # PIL raises many kinds for unreadable files

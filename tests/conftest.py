@@ -27,6 +27,19 @@ def private_cache(tmp_path_factory):
         os.environ["SDTUNE_CACHE"] = previous
 
 
+@pytest.fixture
+def without_heif(monkeypatch):
+    """As where pillow-heif is not installed: importing it fails, so HEIC/HEIF photos are no images to sdtune."""
+    import sys
+
+    from sdtune.buckets import heif_opener
+
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # `import pillow_heif` raises ImportError
+    heif_opener.cache_clear()
+    yield
+    heif_opener.cache_clear()  # the next test finds pillow-heif again, where it is installed
+
+
 @pytest.fixture(scope="session")
 def tiny_path(private_cache):
     from sdtune.models import tiny_random_path

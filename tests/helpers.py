@@ -62,3 +62,37 @@ def kohya_tucker_conv(generator: torch.Generator) -> dict:
         f"{KOHYA_CONV}.lora_up.weight": torch.randn(64, 3, 1, 1, generator=generator) * 0.1,
         f"{KOHYA_CONV}.alpha": torch.tensor(1.5),
     }
+
+
+def icc_profile(name: str, red, green, blue) -> bytes:
+    """A matrix ICC profile (v2, monitor class, RGB to XYZ) with sRGB's tone curve, `red`, `green` and `blue` the
+    primaries' XYZ (D50-adapted) and `name` its description: what a phone or camera embeds in its photos."""
+    import struct
+
+    def fixed(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))  # s15Fixed16
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + fixed(x) + fixed(y) + fixed(z)
+
+    # parametric curve type 3: sRGB's, (a·v + b)^g above d, c·v below
+    srgb_curve = b"para" + bytes(4) + struct.pack(">HH", 3, 0) + b"".join(fixed(v) for v in (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045))
+    text = name.encode() + b"\0"
+    description = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8 + 3 + 67)  # no Unicode nor Mac name
+    tags = [(b"desc", description), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(*red)), (b"gXYZ", xyz(*green)),
+            (b"bXYZ", xyz(*blue)), (b"rTRC", srgb_curve), (b"gTRC", srgb_curve), (b"bTRC", srgb_curve),
+            (b"cprt", b"text" + bytes(4) + b"none\0")]
+    start = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for signature, data in tags:
+        body += bytes(-(start + len(body)) % 4)  # tags start on 4-byte boundaries
+        table += signature + struct.pack(">II", start + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", start + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntr" + b"RGB " + b"XYZ " + bytes(12)
+              + b"acsp" + bytes(24) + bytes(4) + fixed(0.9642) + fixed(1.0) + fixed(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+# the primaries of Apple's Display P3 (an iPhone's photos) and of sRGB, D50-adapted, as their ICC profiles give them
+DISPLAY_P3 = ((0.51512, 0.24120, -0.00105), (0.29198, 0.69225, 0.04189), (0.15710, 0.06657, 0.78407))
+SRGB = ((0.43607, 0.22249, 0.01392), (0.38515, 0.71687, 0.09708), (0.14307, 0.06061, 0.71410))

@@ -18,11 +18,23 @@ def test_prompt_file_skips_comments_and_blank_lines(tmp_path):
     assert read_prompt_file(path) == ["photo of a <castle>.", "The <castle> at night."]
 
 
-@pytest.mark.parametrize("content", [b"", b"# only comments\n\n", b"\xff\xfe\x00bad"])
+@pytest.mark.parametrize("content", [b"", b"# only comments\n\n", b"\xff\xfe\x00ba", b"caf\xe9", "a".encode("utf-16-le")])
 def test_empty_or_undecodable_prompt_file_is_refused(tmp_path, content):
     path = tmp_path / "p.txt"
     path.write_bytes(content)
     with pytest.raises(SdtuneError):
+        read_prompt_file(path)
+
+
+def test_utf16_prompt_files_with_their_byte_order_mark_are_read(tmp_path):
+    """As captions are (captions.decode_text): Notepad's "Unicode", little endian, and big endian."""
+    path = tmp_path / "p.txt"
+    for encoded in ("# Notepad\r\nphoto of a <castle>.\r\nthe <castle> at night\r\n".encode("utf-16"),
+                    b"\xfe\xff" + "photo of a <castle>.\nthe <castle> at night".encode("utf-16-be")):
+        path.write_bytes(encoded)
+        assert read_prompt_file(path) == ["photo of a <castle>.", "the <castle> at night"]
+    path.write_bytes(b"\xff\xfe" + "a <castle>".encode("utf-16-le")[:-1])  # cut mid-character
+    with pytest.raises(SdtuneError, match=r"p.txt: not UTF-16 text, though it starts with UTF-16's byte-order mark \(byte 20\)$"):
         read_prompt_file(path)
 
 
@@ -186,6 +198,34 @@ def test_files_that_are_no_images_are_skipped_by_their_header_with_one_warning(t
         assert readable_images([good, tmp_path / "zero.png"]) == [good]
 
 
+def test_a_jpeg_over_the_bomb_limit_is_read_at_a_fraction_of_its_size(tmp_path, monkeypatch):
+    """A 100-megapixel camera's JPEG is over PIL's limit (89 megapixels) but below twice it: decoded at 1/8 (PIL's
+    draft), it costs less than a phone photo; kept, where a PNG of that size is still refused. A JPEG that the
+    training size keeps from being drafted small enough is refused as it is decoded."""
+    import warnings
+
+    from sdtune.data import load_framed, load_framed_images, readable_images
+
+    Image.new("RGB", (130, 130), "red").save(tmp_path / "large.jpg", quality=95)  # 16,900 pixels
+    Image.new("RGB", (130, 130), "red").save(tmp_path / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)  # PIL warns from 10,000 pixels, refuses from 20,000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert readable_images([tmp_path / "large.jpg", tmp_path / "large.png"]) == [tmp_path / "large.jpg"]
+        framed = load_framed(tmp_path / "large.jpg", 32)  # drafted at 1/4: 33x33
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "large.png: not a readable image (over PIL's decompression-bomb limit: Image size (16900 pixels)" in said[0], said
+    assert framed.original_size == (130, 130) and framed.image.getpixel((16, 16))[0] > 240
+    with pytest.warns(UserWarning, match=r"skipping .*large.jpg: not a readable image \(over PIL's decompression-bomb limit: "
+                                         r"Image size \(16900 pixels\) exceeds limit of 10000 pixels even decoded at a "
+                                         r"fraction of its size\)"):
+        with pytest.raises(SdtuneError, match="no readable images"):
+            load_framed_images([tmp_path / "large.jpg"], 128)  # 128 px of 130: not drafted
+    Image.new("RGB", (150, 150)).save(tmp_path / "huge.jpg")  # over twice the limit: PIL refuses it, JPEG or not
+    with pytest.warns(UserWarning, match=r"huge.jpg: not a readable image \(over PIL's decompression-bomb limit"):
+        assert readable_images([tmp_path / "huge.jpg"]) == []
+
+
 def test_copies_of_an_image_are_named_in_one_warning(tmp_path):
     from sdtune.data import duplicate_images, warn_duplicates
 
@@ -199,6 +239,27 @@ def test_copies_of_an_image_are_named_in_one_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"the same image more than once: a copy.png = a.png = link.png; "):
         warn_duplicates(paths)
     assert duplicate_images([tmp_path / "a.png", tmp_path / "b.png"]) == []
+
+
+def test_one_photo_with_two_extensions_is_named_in_one_warning(tmp_path):
+    """An iPhone's export keeps IMG_0001.HEIC beside IMG_0001.JPG: now both are read, the photo would be drawn twice."""
+    import warnings
+
+    from sdtune.data import warn_duplicates
+
+    rng = np.random.default_rng(0)
+    photos = {stem: Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for stem in ("IMG_0001", "IMG_0002", "IMG_0003", "IMG_0004")}
+    for name, quality in (("IMG_0001.JPG", 90), ("IMG_0001.png", 0), ("IMG_0002.jpg", 90), ("IMG_0003.JPG", 90),
+                          ("IMG_0003.jpeg", 70), ("IMG_0004.jpg", 90)):
+        photos[name[:8]].save(tmp_path / name, format="PNG" if name.endswith("png") else "JPEG", quality=quality)
+    (tmp_path / "img_0004.JPG").write_bytes((tmp_path / "IMG_0004.jpg").read_bytes())  # a copy: named as one, once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_duplicates(list_images(tmp_path))
+    said = [str(w.message) for w in caught]
+    assert said[0].startswith("images with one name and several extensions: IMG_0001.JPG, IMG_0001.png; IMG_0003.JPG, "
+                              "IMG_0003.jpeg; likely one photo saved twice or converted") and said[0].endswith("remove one of each")
+    assert len(said) == 2 and said[1].startswith("the same image more than once: IMG_0004.jpg = img_0004.JPG;")
 
 
 def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
@@ -226,26 +287,107 @@ def test_small_and_animated_images_are_named_in_one_warning_a_kind(tmp_path):
         load_framed_images([tmp_path / "a.gif"], 64)
 
 
-def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path):
+def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path, without_heif):
     phone = tmp_path / "phone"
     phone.mkdir()
     Image.new("RGB", (64, 64), "red").save(phone / "web.jfif", format="JPEG")  # what browsers save JPEGs as
     Image.new("RGB", (64, 64), "red").save(phone / "new.avif")
     (phone / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")
     (phone / "IMG_0002.dng").write_bytes(b"II*\x00")
-    with pytest.warns(UserWarning, match=r"skipping 2 DNG/HEIC photo\(s\) \(IMG_0001.HEIC, IMG_0002.dng\), a format sdtune does not read"):
+    (phone / "IMG_0003.jxl").write_bytes(b"\xff\x0a")  # JPEG XL
+    (phone / "DSC_0004.NRW").write_bytes(b"II*\x00")  # a Nikon compact's raw file
+    (phone / "DSC_0005.HIF").write_bytes(b"\x00\x00\x00\x18ftypheix")  # a Sony or Canon camera's HEIF
+    with pytest.warns(UserWarning, match=r"skipping 5 DNG/HEIC/HIF/JXL/NRW photo\(s\) \(DSC_0004.NRW, DSC_0005.HIF, IMG_0001.HEIC, "
+                                         r"and 2 more\), a format sdtune does not read: convert them to JPEG or PNG, or for "
+                                         r"HEIC/HEIF photos pip install 'sdtune\[heif\]'$"):
         assert [p.name for p in list_images(phone)] == ["new.avif", "web.jfif"]
+    for name in ("IMG_0003.jxl", "DSC_0004.NRW", "DSC_0005.HIF"):
+        (phone / name).unlink()
     with pytest.warns(UserWarning, match="HEIC"):
         assert len(load_images(list_images(phone), 32)) == 2
     for name in ("new.avif", "web.jfif"):
         (phone / name).unlink()
-    with pytest.raises(SdtuneError, match=r"phone has 2 DNG/HEIC photo\(s\) .*: convert them to JPEG or PNG"):
+    with pytest.raises(SdtuneError, match=r"phone has 2 DNG/HEIC photo\(s\) .*: convert them to JPEG or PNG, or for HEIC/HEIF "
+                                          r"photos pip install 'sdtune\[heif\]'"):
         list_images(phone)
+    (phone / "IMG_0001.HEIC").unlink()
+    with pytest.raises(SdtuneError, match=r"phone has 1 DNG photo\(s\) \(IMG_0002.dng\), a format sdtune does not read: convert them to JPEG or PNG$"):
+        list_images(phone)  # no pip hint where no HEIC is among them
     (tmp_path / "parent" / "castle").mkdir(parents=True)
     (tmp_path / "parent" / "masks").mkdir()
     Image.new("RGB", (64, 64)).save(tmp_path / "parent" / "castle" / "a.png")
     with pytest.raises(SdtuneError, match=r"images in a subfolder are not read: give the subfolder \(.*parent/castle\)"):
         list_images(tmp_path / "parent")
+
+
+def test_photos_in_display_p3_or_another_rgb_profile_are_converted_to_srgb(tmp_path):
+    """An iPhone's photos embed Display P3: their pixel values, read as sRGB, are duller than the photo; a viewer
+    converts them, and so does sdtune. sRGB, damaged profiles and images without one stay as they are."""
+    from helpers import DISPLAY_P3, SRGB, icc_profile
+
+    from sdtune.data import load_framed
+
+    p3 = icc_profile("Display P3", *DISPLAY_P3)
+    colour = np.array([180, 120, 90])
+
+    def decode(v):
+        return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+    def encode(v):
+        return np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+
+    # P3 to XYZ by its primaries, XYZ to sRGB by sRGB's: (190, 117, 84), redder than the file's values
+    expected = encode(np.linalg.solve(np.array(SRGB).T, np.array(DISPLAY_P3).T @ decode(colour / 255))) * 255
+    assert np.abs(expected - [190.3, 116.6, 84.0]).max() < 0.1
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    flat.save(tmp_path / "p3.png", icc_profile=p3)
+    turned = flat.getexif()
+    turned[0x0112] = 6
+    flat.save(tmp_path / "p3.jpg", icc_profile=p3, exif=turned, quality=100)  # turned upright, decoded at a draft
+    transparent = Image.new("RGBA", (40, 30), (*colour, 255))
+    transparent.paste((0, 0, 0, 0), (0, 0, 20, 30))
+    transparent.save(tmp_path / "p3-alpha.png", icc_profile=p3)
+    flat.save(tmp_path / "srgb.png", icc_profile=icc_profile("sRGB IEC61966-2.1", *SRGB))
+    flat.save(tmp_path / "damaged.png", icc_profile=b"not a profile")
+    flat.save(tmp_path / "none.png")
+    names = ["p3.png", "p3.jpg", "p3-alpha.png", "srgb.png", "damaged.png", "none.png"]
+    try:
+        import pillow_heif
+    except ImportError:  # the HEIC case needs pillow-heif (sdtune[heif])
+        pillow_heif = None
+    if pillow_heif is not None:
+        pillow_heif.from_pillow(flat).save(tmp_path / "p3.heic", quality=-1, icc_profile=p3)  # lossless
+        names.append("p3.heic")
+    for name in names:
+        framed = load_framed(tmp_path / name, 16)
+        centre = np.array(framed.image.getpixel((12, 8)))
+        want = expected if name.startswith("p3") else colour
+        assert np.abs(centre - want).max() <= 2, (name, centre)
+    alpha = load_framed(tmp_path / "p3-alpha.png", 16).image
+    assert alpha.getpixel((1, 8)) == (255, 255, 255)  # white stays white
+
+
+def test_a_cameras_adobe_rgb_jpeg_without_a_profile_is_converted_by_its_exif(tmp_path):
+    """A camera set to Adobe RGB embeds no ICC profile: its EXIF says "uncalibrated" and DCF's interoperability
+    index R03 (the Adobe RGB option file). sdtune reads it as Adobe RGB; EXIF's sRGB, or uncalibrated alone, not."""
+    from sdtune.data import load_framed
+
+    colour = np.array([180, 120, 90])
+    adobe = np.array([(0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457)]).T
+    srgb = np.array([(0.43607, 0.22249, 0.01392), (0.38515, 0.71687, 0.09708), (0.14307, 0.06061, 0.71410)]).T
+    linear = np.linalg.solve(srgb, adobe @ (colour / 255) ** (563 / 256))  # Adobe RGB's gamma, then its primaries
+    expected = np.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055) * 255
+    assert np.abs(expected - [199.5, 120.8, 87.9]).max() < 0.1
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    for name, colour_space, index, orientation in [("_DSC0001.JPG", 0xFFFF, "R03", 1), ("_DSC0002.JPG", 0xFFFF, "R03", 6),
+                                                   ("DSC0003.JPG", 1, "R98", 1), ("DSC0004.JPG", 0xFFFF, None, 1)]:
+        exif = Image.Exif()
+        exif[0x8769] = {0xA001: colour_space, **({0xA005: {0x0001: index}} if index else {})}
+        exif[0x0112] = orientation
+        flat.save(tmp_path / name, exif=exif, quality=100)
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((8, 8)))
+        want = expected if name.startswith("_") else colour  # DCF names Adobe RGB files with a leading underscore
+        assert np.abs(centre - want).max() <= 2, (name, centre)
 
 
 def test_a_corrupt_exif_block_is_named_once_with_its_file(tmp_path):

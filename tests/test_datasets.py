@@ -199,7 +199,7 @@ def test_class_folders_with_captions_beside_and_odd_modes(tmp_path):
     assert class_captions("imagefolder", tmp_path) == [("owl", "a photo of a owl."), ("red_fox", "a photo of a red fox.")]
 
 
-def test_empty_class_folder_is_refused(tmp_path):
+def test_empty_class_folder_is_refused(tmp_path, without_heif):
     write_png(tmp_path / "cat" / "a.png", 1)
     (tmp_path / "dog").mkdir()
     (tmp_path / "dog" / "notes.txt").write_text("x")

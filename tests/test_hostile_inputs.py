@@ -200,7 +200,8 @@ CASES = [
     ("train-masks-missing", (*TRAIN, "--images", "{tmp}/masks-missing", "--masked-loss"), 2,
      "--masked-loss: 2 of 3 concept images have no mask in masks/ beside them (of the same stem: masks/b.png): b.png, c.png"),
     ("train-mask-size", (*TRAIN, "--images", "{tmp}/masks-size", "--masked-loss"), 2,
-     "--masked-loss: mask {tmp}/masks-size/masks/b.png is 64x64, its image b.png 96x128: a mask must have its image's size"),
+     "--masked-loss: mask {tmp}/masks-size/masks/b.png is 64x64, its image b.png 96x128: a mask must have its image's "
+     "aspect ratio (its size, or that scaled)"),
     ("train-mask-black", (*TRAIN, "--images", "{tmp}/masks-black", "--masked-loss"), 2,
      "--masked-loss: mask {tmp}/masks-black/masks/c.png is black everywhere: nothing of c.png would be trained"),
     ("train-mask-no-alpha", (*TRAIN, "--images", "{tmp}/masks-black", "--masked-loss", "--mask-source", "alpha"), 2,

@@ -116,6 +116,36 @@ def test_a_large_jpeg_decoded_at_reduced_size_keeps_its_mask_in_place(tmp_path):
     assert subject.sum() > 300 and (subject == mask).mean() > 0.97
 
 
+def test_a_mask_of_its_images_aspect_ratio_but_another_size_is_resized_to_it(tmp_path, tiny_path):
+    """Half-size masks (as a mask tool exports them), a double-size one, and a half-size one of an odd side (rounded
+    either way) are fitted to their image; one of another aspect ratio is refused before the model loads."""
+    from sdtune.data import load_framed
+    from sdtune.masks import check_masks, upright_mask
+
+    images = tmp_path / "photos"
+    (images / "masks").mkdir(parents=True)
+    sizes = {"half": (160, 90), "double": (96, 128), "odd": (151, 91)}
+    mask_sizes = {"half": (80, 45), "double": (192, 256), "odd": (76, 45)}  # 75.5x45.5, rounded
+    for index, (name, (width, height)) in enumerate(sizes.items()):
+        photo = subject_photo(width, height, (width // 8, height // 6, width // 2, height * 2 // 3), seed=index)
+        photo.convert("RGB").save(images / f"{name}.png")
+        photo.getchannel("A").resize(mask_sizes[name], Image.Resampling.BOX).save(images / "masks" / f"{name}.png")
+    paths = sorted(images.glob("*.png"))
+    check_masks(paths, "files")
+    for path in paths:
+        for buckets in (None, bucket_sizes(64)):
+            framed = load_framed(path, 64, buckets, mask_of=lambda p, image: upright_mask(p, image, "files"))
+            assert framed.mask.size == framed.image.size
+            subject, mask = red_part(framed.image), np.asarray(framed.mask) > 127
+            assert subject.sum() > 100 and (subject == mask).mean() > 0.95, path.name  # the edges blur differently
+    run = run_training(tmp_path, "half", images=str(images), masked_loss=True, buckets=True)
+    assert run.adapter.is_file()
+    Image.new("L", (80, 47), 255).save(images / "masks" / "half.png")  # 2 px off 16:9 at that size
+    with pytest.raises(SdtuneError, match=r"--masked-loss: mask .*half.png is 80x47, its image half.png 160x90: a mask must have "
+                                          r"its image's aspect ratio \(its size, or that scaled\)$"):
+        check_masks(paths, "files")
+
+
 def test_class_images_weigh_one_and_a_dataset_without_loss_masks_has_none(tmp_path):
     from sdtune.data import ConceptDataset, load_framed
 

@@ -163,6 +163,38 @@ def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
         plan_run(config)
 
 
+def test_jpegs_cut_short_are_left_out_before_the_model_loads_and_motion_photos_kept(tmp_path):
+    """An interrupted copy leaves a JPEG without its end marker; found from its bytes, without decoding, and named
+    with the files that are no images (as a PNG cut short is: PIL decodes a PNG to find its EXIF). A phone's motion
+    photo (its video after the JPEG's end) and a JPEG whose EXIF thumbnail has an end marker of its own are told apart."""
+    from sdtune.data import cut_short, readable_images
+    from sdtune.training import plan_run
+
+    folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    thumbnail = b"\xff\xd8" + bytes(50) + b"\xff\xd9"  # an EXIF block holding a JPEG's end marker
+    noise.save(tmp_path / "whole.jpg", quality=95, exif=b"Exif\x00\x00" + thumbnail)
+    noise.save(tmp_path / "whole.png")
+    jpeg, png = (tmp_path / "whole.jpg").read_bytes(), (tmp_path / "whole.png").read_bytes()
+    (folder / "IMG_0001.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "IMG_0002.jpg").write_bytes(jpeg[:-2])  # only the end marker lost: PIL cannot decode it either
+    (folder / "IMG_0003.png").write_bytes(png[: len(png) // 2])
+    (folder / "PXL_0004.MP.jpg").write_bytes(jpeg + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)  # motion photo
+    (folder / "IMG_0005.jpg").write_bytes(jpeg + bytes(5000))  # zeros after the end, as some cameras pad
+    cut_bmp(folder / "IMG_0006.bmp")  # other formats: found as they are decoded
+    assert cut_short(folder / "IMG_0001.jpg", "JPEG") and cut_short(folder / "IMG_0003.png", "PNG") is None
+    with pytest.warns(UserWarning, match=r"skipping 3 files that are not readable images: .*IMG_0001.jpg \(cut short: no "
+                                         r"end-of-image marker \(FF D9\) after its data, as a copy or download that stopped "
+                                         r"leaves it\); .*IMG_0002.jpg \(cut short: .*\); .*IMG_0003.png \(image file is truncated\)$"):
+        lines = plan_run(TrainConfig(model="tiny-random", images=str(folder), output=str(tmp_path / "run"))).summary()
+    assert lines[1].startswith("6 training images of castle")
+    kept = [path.name for path in readable_images([folder / "PXL_0004.MP.jpg", folder / "IMG_0005.jpg"])]
+    assert kept == ["PXL_0004.MP.jpg", "IMG_0005.jpg"]
+    for name in kept:  # and both decode
+        with Image.open(folder / name) as image:
+            image.load()
+
+
 def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_loads(tmp_path):
     import warnings
 
@@ -182,16 +214,52 @@ def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_lo
     assert said[False][0].endswith(", or add --buckets")
 
 
+def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(tmp_path, tiny_path):
+    """An iPhone's HEIC, written by pillow-heif's own encoder (x265), stored turned as a phone held upright stores it."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    from sdtune.data import list_images, load_framed_images
+    from sdtune.training import plan_run
+
+    folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent
+    stored = Image.new("RGB", (80, 60), "red")
+    stored.paste((0, 0, 255), (40, 0, 80, 60))  # left red, right blue as stored
+    turned = Image.Exif()
+    turned[0x0112] = 6  # shown turned a quarter clockwise: 60x80, red on top
+    pillow_heif.from_pillow(stored).save(folder / "IMG_0001.HEIC", quality=95, exif=turned.tobytes())
+    pillow_heif.from_pillow(stored).save(folder / "IMG_0002.HIF", quality=95)  # as Sony, Canon and Fujifilm cameras name it
+    stored.save(folder / "IMG_0003.jpg", quality=95, exif=turned.tobytes())  # the same photo as a JPEG
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named as unread nowhere
+        assert [p.name for p in list_images(folder)][:3] == ["IMG_0001.HEIC", "IMG_0002.HIF", "IMG_0003.jpg"]
+        heic, heif, jpeg = load_framed_images([folder / "IMG_0001.HEIC", folder / "IMG_0002.HIF", folder / "IMG_0003.jpg"], 64,
+                                              bucket_sizes(64))
+    assert heic.original_size == jpeg.original_size == (80, 60) and heif.original_size == (60, 80)
+    assert heic.image.mode == "RGB" and heic.image.size == jpeg.image.size == (56, 72)
+    for framed in (heic, jpeg):  # upright as the JPEG's EXIF orientation turns it, not turned twice
+        assert framed.image.getpixel((28, 4))[0] > 200 and framed.image.getpixel((28, 68))[2] > 200
+    config = TrainConfig(model="tiny-random", images=str(folder), buckets=True, output=str(tmp_path / "run"))
+    lines = plan_run(config).summary()
+    assert lines[1].startswith("6 training images of castle")
+    assert lines[2] == "4 aspect-ratio buckets (width x height): 56x72 (3 images), 64x64 (1 image), 72x56 (1 image), 80x48 (1 image)"
+    run = run_training(tmp_path, "heic", images=str(folder), buckets=True)
+    assert run.adapter.is_file() and len(run.losses) == 2
+
+
+def cut_bmp(path: Path) -> Path:
+    """A BMP cut in half: its header reads, its pixels do not (found only as it is decoded)."""
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(path, format="BMP")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
 def test_an_undecodable_held_out_image_is_skipped_and_warnings_are_given_once(tmp_path, tiny_path):
-    """A file whose header reads but whose pixels do not (a truncated JPEG) is found only as it is decoded."""
+    """A file whose header reads but whose pixels do not (a BMP cut short) is found only as it is decoded."""
     import warnings
 
     folder = photo_set(tmp_path / "photos", counts=(2, 2, 2))[0].parent
     Image.new("RGB", (20, 20), "red").save(folder / "small.png")
-    whole = tmp_path / "whole.jpg"
-    Image.fromarray(np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(whole, quality=95)
     for name in ("z-cut-0.jpg", "z-cut-1.jpg"):
-        (folder / name).write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+        cut_bmp(folder / name)  # a BMP named .jpg is read as what it is
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # seed 0 holds out wide-1.png and z-cut-1.jpg
@@ -365,7 +433,9 @@ def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\xff\xfe caption", r"portrait-0.txt: not UTF-8 text \(byte 0\)"),
+    (b"caf\xe9 caption", r"portrait-0.txt: not UTF-8 text \(byte 3\); save it as UTF-8"),  # Latin-1
+    (b"\xff\xfea", r"portrait-0.txt: not UTF-16 text, though it starts with UTF-16's byte-order mark \(byte 2\)"),
+    ("a caption".encode("utf-16-le"), r"portrait-0.txt: not UTF-8 text \(a NUL character at byte 1: UTF-16 without its byte-order mark\?\)"),
     (b"  \n ", r"portrait-0.txt is empty"),
 ])
 def test_a_bad_caption_file_is_refused(tmp_path, content, message):
@@ -373,6 +443,17 @@ def test_a_bad_caption_file_is_refused(tmp_path, content, message):
     (tmp_path / "portrait-0.txt").write_bytes(content)
     with pytest.raises(SdtuneError, match=message):
         read_captions(paths)
+
+
+def test_utf16_caption_and_metadata_files_with_their_byte_order_mark_are_read(tmp_path):
+    """Windows Notepad saves "Unicode" as UTF-16 little endian with its mark (and CRLF); Windows PowerShell 5's
+    `Out-File` writes a metadata.jsonl so by default."""
+    paths = photo_set(tmp_path, counts=(2, 1, 0))
+    (tmp_path / "portrait-0.txt").write_bytes("a <castle> at dusk, café\r\n".encode("utf-16"))  # with its mark
+    (tmp_path / "portrait-1.txt").write_bytes(b"\xfe\xff" + "the <castle>, 城".encode("utf-16-be"))
+    row = json.dumps({"file_name": "square-0.png", "text": "a <castle> from above"})
+    (tmp_path / "metadata.jsonl").write_bytes(f"{row}\r\n".encode("utf-16"))
+    assert read_captions(paths) == ["a <castle> at dusk, café", "the <castle>, 城", "a <castle> from above"]
 
 
 def test_caption_files_in_kohyas_conventions_and_any_case(tmp_path):
