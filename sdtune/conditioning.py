@@ -6,10 +6,14 @@
   (original size, crop top-left, target size: six numbers) is `time_ids`, as diffusers'
   train_text_to_image_sdxl.py and StableDiffusionXLPipeline make them.
 
-With a CLIP skip of k > 1 (SD 1.x and 2.x), the encoder's k-th hidden state from the end, through its final
-layer norm, replaces the last hidden state, as kohya-ss trains and AUTOMATIC1111 and diffusers (`clip_skip`
-k − 1) sample; the pipeline is then given these embeddings (`pipeline_prompts`), so training and sampling
-compute them alike.
+How prompts are read (`PromptReading`), as kohya-ss' sd-scripts read them:
+- a CLIP skip of k > 1 (SD 1.x and 2.x): the encoder's k-th hidden state from the end, through its final layer
+  norm, replaces the last hidden state (AUTOMATIC1111's "Clip skip"; diffusers' `clip_skip` k − 1);
+- a longer token limit (150 or 225, kohya's `--max_token_length`): a prompt's tokens are read in chunks of 75,
+  each with the start and end tokens around it, through each encoder; the hidden states are joined as kohya
+  joins them (the first start token, each chunk's 75, the last end token: 77 → 152 or 227 tokens), and SDXL's
+  pooled embedding is the first chunk's.
+Either way the pipeline is given these embeddings (`pipeline_prompts`), so training and sampling compute them alike.
 
 Text embeddings are computed once per distinct prompt, one prompt per encoder call, so a prompt's
 embedding never depends on the prompts that came with it. Methods see only the UNet and these tensors.
@@ -24,6 +28,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .models import is_sdxl, text_encoders, tokenizers
+
+
+TOKENS_PER_CHUNK = 75  # CLIP's 77 without its start and end tokens
+MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya-ss' --max_token_length: one, two or three chunks
+
+
+@dataclass(frozen=True)
+class PromptReading:
+    """How prompts become text embeddings beyond a pipeline's own way: the CLIP layer read and the token limit.
+    A run's, recorded in its adapter (only where not the default) and used wherever the adapter draws."""
+
+    clip_skip: int = 1  # the text encoder's k-th hidden state from the end (1: its last)
+    max_token_length: int = TOKENS_PER_CHUNK  # tokens read (without start and end): 75, 150 or 225
+
+    @property
+    def plain(self) -> bool:
+        """The pipeline's own reading: no CLIP skip, one 77-token window."""
+        return self == PromptReading()
+
+    @property
+    def chunks(self) -> int:
+        return self.max_token_length // TOKENS_PER_CHUNK
+
+    def metadata(self) -> dict[str, str]:
+        """An adapter's keys for the reading (none at the defaults: other adapters keep their bytes)."""
+        default = PromptReading()
+        return {name: str(getattr(self, name)) for name in ("clip_skip", "max_token_length") if getattr(self, name) != getattr(default, name)}
 
 
 @dataclass
@@ -88,42 +119,55 @@ class PromptConditioning:
     whole batch of prompts, with gradients.
     """
 
-    def __init__(self, pipe, trained: bool = False, clip_skip: int = 1):
+    def __init__(self, pipe, trained: bool = False, reading: PromptReading = PromptReading()):
         self.tokenizers = tokenizers(pipe)
         self.text_encoders = text_encoders(pipe)  # replaced by their prepared (wrapped) forms when trained
         self.sdxl = is_sdxl(pipe)
         self.trained = trained
-        self.clip_skip = clip_skip
+        self.reading = reading
         self.cache: dict = {}  # prompt -> (hidden states, pooled embedding or None)
         # False (shuffled captions, whose tag orders are too many to keep): the cache keeps what
         # `precompute` put in it, and other prompts are encoded each time they come, to the same values.
         self.remember_new = True
 
     def token_ids(self, prompts) -> list:
-        """The prompts' token ids for each encoder, padded to its length."""
+        """The prompts' token ids for each encoder, padded to its length: (prompts, 77); with a longer token limit
+        (prompts, chunks, 77), each chunk 75 tokens between a start and an end token (`chunked`)."""
+        if self.reading.chunks == 1:
+            return [
+                tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+                for tokenizer in self.tokenizers
+            ]
+        length = self.reading.max_token_length + 2
         return [
-            tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
+            chunked(tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids,
+                    tokenizer)
             for tokenizer in self.tokenizers
         ]
 
     def encode_batch(self, ids_per_encoder):
         """(hidden states, pooled embeddings or None) of a batch of prompts, from their token ids for each encoder."""
-        if not self.sdxl:
-            encoder = self.text_encoders[0]
-            ids = ids_per_encoder[0].to(encoder.device)
-            if self.clip_skip == 1:
-                return encoder(ids)[0], None
-            hidden = encoder(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
-            return final_layer_norm(encoder)(hidden), None
         import torch
 
+        chunks = ids_per_encoder[0].shape[1] if ids_per_encoder[0].ndim == 3 else 1
         hidden, pooled = [], None
         for encoder, ids in zip(self.text_encoders, ids_per_encoder):
-            output = encoder(ids.to(encoder.device), output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])
-            pooled = output[0]  # the last encoder's projected embedding (CLIPTextModelWithProjection)
-        return torch.cat([h.to(hidden[-1].dtype) for h in hidden], dim=-1), pooled
+            ids = ids.reshape(-1, ids.shape[-1]).to(encoder.device)  # every chunk through the encoder alike
+            if not self.sdxl and self.reading.clip_skip == 1:
+                hidden.append(encoder(ids)[0])
+                continue
+            output = encoder(ids, output_hidden_states=True)
+            if self.sdxl:  # SDXL's penultimate layers, without the final layer norm
+                hidden.append(output.hidden_states[-2])
+                pooled = output[0]  # the last encoder's projected embedding (CLIPTextModelWithProjection)
+            else:
+                hidden.append(final_layer_norm(encoder)(output.hidden_states[-self.reading.clip_skip]))
+        hidden = torch.cat([h.to(hidden[-1].dtype) for h in hidden], dim=-1)
+        if chunks == 1:
+            return hidden, pooled
+        hidden = hidden.reshape(-1, chunks * hidden.shape[1], hidden.shape[-1])
+        return joined_chunks(hidden, chunks), None if pooled is None else pooled.reshape(-1, chunks, pooled.shape[-1])[:, 0]
 
     def encode(self, ids_per_encoder):
         """One prompt's (hidden states, pooled embedding or None) from its token ids for each encoder."""
@@ -181,16 +225,53 @@ def final_layer_norm(encoder):
     return text_encoder_layers(getattr(encoder, "module", encoder)).final_layer_norm
 
 
-def pipeline_prompts(pipe, prompts: list[str], negative_prompt: list[str] | None = None, clip_skip: int = 1) -> dict:
-    """The prompt arguments of a pipeline call: the prompts themselves, or with a CLIP skip the embeddings of them
-    and of the negative prompts (empty where none: classifier-free guidance's unconditional half), computed as in
-    training. (diffusers' own `clip_skip` reads `text_encoder.text_model`, which transformers 5 removed.)"""
+def chunked(ids, tokenizer):
+    """(prompts, L + 2) token ids → (prompts, L / 75, 77): each 75 tokens after the start token between the
+    start token and the last token, as kohya-ss' sd-scripts chunk them. Where padding is not the end token (SD 2.x,
+    SDXL's second encoder), a chunk whose text runs to its end gets an end token, and an empty chunk reads
+    start, end, padding, as a prompt of no text does."""
     import torch
 
-    if clip_skip == 1:
+    start, last = ids[:, :1], ids[:, -1:]
+    chunks = []
+    for first in range(1, ids.shape[1] - 1, TOKENS_PER_CHUNK):
+        chunk = torch.cat([start, ids[:, first : first + TOKENS_PER_CHUNK], last], dim=1)
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:
+            ends = (chunk[:, -2] != tokenizer.eos_token_id) & (chunk[:, -2] != tokenizer.pad_token_id)
+            chunk[ends, -1] = tokenizer.eos_token_id
+            chunk[chunk[:, 1] == tokenizer.pad_token_id, 1] = tokenizer.eos_token_id
+        chunks.append(chunk)
+    return torch.stack(chunks, dim=1)
+
+
+def joined_chunks(hidden, chunks: int):
+    """(prompts, chunks × 77, width) → (prompts, 2 + chunks × 75, width): the first start token, each chunk's 75
+    tokens, the last chunk's end token, as kohya-ss' sd-scripts join them."""
+    import torch
+
+    window = TOKENS_PER_CHUNK + 2
+    parts = [hidden[:, :1]] + [hidden[:, k * window + 1 : k * window + 1 + TOKENS_PER_CHUNK] for k in range(chunks)]
+    return torch.cat(parts + [hidden[:, -1:]], dim=1)
+
+
+def pipeline_prompts(pipe, prompts: list[str], negative_prompt: list[str] | None = None,
+                     reading: PromptReading = PromptReading()) -> dict:
+    """The prompt arguments of a pipeline call: the prompts themselves, or with a `reading` of their own the
+    embeddings of them and of the negative prompts, computed as in training (empty negative prompts where none are
+    given: classifier-free guidance's unconditional half; SDXL's zeros where its config says so, as its pipeline
+    does). (diffusers' own `clip_skip` reads `text_encoder.text_model`, which transformers 5 removed.)"""
+    import torch
+
+    if reading.plain:
         return {"prompt": prompts, "negative_prompt": negative_prompt}
-    conditioning = PromptConditioning(pipe, clip_skip=clip_skip)
+    conditioning = PromptConditioning(pipe, reading=reading)
     negative = negative_prompt or [""] * len(prompts)
     with torch.no_grad():
-        hidden, _ = conditioning.encode_batch(conditioning.token_ids(list(prompts) + list(negative)))
-    return {"prompt_embeds": hidden[: len(prompts)], "negative_prompt_embeds": hidden[len(prompts) :]}
+        hidden, pooled = conditioning.encode_batch(conditioning.token_ids(list(prompts) + list(negative)))
+    arguments = {"prompt_embeds": hidden[: len(prompts)], "negative_prompt_embeds": hidden[len(prompts) :]}
+    if pooled is not None:  # SDXL
+        arguments.update(pooled_prompt_embeds=pooled[: len(prompts)], negative_pooled_prompt_embeds=pooled[len(prompts) :])
+        if negative_prompt is None and pipe.config.get("force_zeros_for_empty_prompt", False):
+            arguments["negative_prompt_embeds"] = torch.zeros_like(arguments["negative_prompt_embeds"])
+            arguments["negative_pooled_prompt_embeds"] = torch.zeros_like(arguments["negative_pooled_prompt_embeds"])
+    return arguments

@@ -148,9 +148,13 @@ def check_sample_dtype(flag: str, dtype: str | None) -> None:
         raise SdtuneError(f"{flag} must be one of {', '.join(SAMPLE_DTYPES)}, got {dtype!r}")
 
 
-def check_clip_skip(clip_skip: int | None) -> None:
+def check_prompt_reading(clip_skip: int | None, max_token_length: int | None) -> None:
+    from .conditioning import MAX_TOKEN_LENGTHS
+
     if clip_skip is not None and clip_skip < 1:
         raise SdtuneError(f"--clip-skip must be at least 1 (1: CLIP's last layer, 2: the one before it), got {clip_skip}")
+    if max_token_length is not None and max_token_length not in MAX_TOKEN_LENGTHS:
+        raise SdtuneError(f"--max-token-length must be one of {', '.join(map(str, MAX_TOKEN_LENGTHS))} (chunks of 75), got {max_token_length}")
 
 
 def check_resolution(resolution: int | None) -> None:
@@ -178,6 +182,7 @@ class TrainConfig(_Config):
     text_encoder_lr: float | None = None  # the text encoder's learning rate; default: lr
     text_encoder_2_lr: float | None = None  # SDXL's second text encoder's own rate, as kohya's second value; default: text_encoder_lr
     clip_skip: int = 1  # condition on CLIP's k-th layer from the end (2: the penultimate), as kohya-ss and AUTOMATIC1111 count
+    max_token_length: int = 75  # tokens a prompt is read to: 75, or 150 / 225 in chunks of 75 (kohya-ss' --max_token_length)
     resolution: int | None = None  # default: the model's native size
     random_flip: bool = False  # mirror concept images left-right at random (not for text, digits, slanted styles)
     seed: int = 0
@@ -283,7 +288,7 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"{flag} applies with --train-text-encoder")
         check_seed(self.seed)
         check_resolution(self.resolution)
-        check_clip_skip(self.clip_skip)
+        check_prompt_reading(self.clip_skip, self.max_token_length)
         if self.save_every < 0:
             raise SdtuneError(f"--save-every must be 0 or more, got {self.save_every}")
         for name in ("gradient_accumulation_steps", "lr_cycles", "keep_checkpoints"):
@@ -371,6 +376,13 @@ class TrainConfig(_Config):
         return list(self.concept) if isinstance(self.concept, list) else [self.concept]
 
     @property
+    def prompt_reading(self):
+        """How the run reads prompts (conditioning.PromptReading)."""
+        from .conditioning import PromptReading
+
+        return PromptReading(self.clip_skip, self.max_token_length)
+
+    @property
     def varied_captions(self) -> bool:
         """Whether a caption's tags are shuffled or dropped each time it is drawn (too many variants to cache)."""
         return self.shuffle_caption or self.caption_tag_dropout > 0
@@ -419,8 +431,9 @@ class TrainConfig(_Config):
         for name, default in (("prodigy_d_coef", 1.0), ("prodigy_d0", 1e-6)):  # as above
             if values.get(name) == default:
                 values.pop(name)
-        if self.clip_skip == 1:  # as above
-            values.pop("clip_skip", None)
+        for name, default in (("clip_skip", 1), ("max_token_length", 75)):  # as above
+            if values.get(name) == default:
+                values.pop(name)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
         if not self.token_embeddings:  # a run without new tokens: its config.toml stays as before they existed
@@ -565,6 +578,7 @@ class SampleConfig(_Config):
     # or, with several adapters, gives each its own strength
     adapter_scale: float | list[float] = 1.0
     clip_skip: int | None = None  # CLIP's k-th layer from the end conditions the images; default: the adapters', else 1
+    max_token_length: int | None = None  # tokens a prompt is read to (75, 150, 225); default: the adapters', else 75
     dtype: str | None = None  # fp16, bf16 or fp32; default: fp16 on a GPU, fp32 on a CPU (under fp16 SDXL's VAE decodes in fp32; others in fp16, an overflowing image again in fp32)
     overwrite: bool = False  # replace the images and grid of an earlier sample in the output folder
 
@@ -614,7 +628,7 @@ class SampleConfig(_Config):
             raise SdtuneError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         check_seed(self.seed)
         check_resolution(self.resolution)
-        check_clip_skip(self.clip_skip)
+        check_prompt_reading(self.clip_skip, self.max_token_length)
         _check_sampler_settings(self)
         if (isinstance(self.adapter_scale, list) or self.adapter_scale != 1.0) and not self.adapter:
             raise SdtuneError("--adapter-scale needs --adapter")

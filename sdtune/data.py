@@ -65,10 +65,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
-    """One warning for the prompts longer than the text encoder reads (77 tokens for CLIP, with start and end):
-    the first, with what of it is not read, and how many more (a tagger's captions are often all long)."""
-    limit = tokenizer.model_max_length
+def warn_truncated_prompts(tokenizer, max_token_length: int, prompts: list[str]) -> None:
+    """One warning for the prompts longer than the text encoder reads (`max_token_length` tokens with start and
+    end: 77 for CLIP's one window): the first, with what of it is not read, and how many more (a tagger's captions
+    are often all long)."""
+    limit = max_token_length + 2
     long = []
     for prompt in prompts:
         ids = tokenizer(prompt, truncation=False).input_ids
@@ -80,7 +81,8 @@ def warn_truncated_prompts(tokenizer, prompts: list[str]) -> None:
         more = f"; and {len(long) - 1} more prompt(s) over {limit} tokens, truncated alike" if len(long) > 1 else ""
         warnings.warn(
             f"prompt {_shorten(prompt)!r} is {len(ids)} tokens, over the text encoder's {limit}: "
-            f"truncated, {_shorten(dropped)!r} is not read{more}",
+            f"truncated, {_shorten(dropped)!r} is not read{more}"
+            + ("" if max_token_length >= 225 else "; --max-token-length 225 reads up to 227 (in chunks of 75)"),
             stacklevel=2,
         )
 

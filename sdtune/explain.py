@@ -151,10 +151,10 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
         from .data import fill_placeholders
 
         text = fill_placeholders(prompt, token or info.placeholder_tokens())
-        from .sampling import adapters_clip_skip
+        from .sampling import adapters_reading
 
-        clip_skip = adapters_clip_skip([path], [info])  # the image drawn as the adapter was trained
-        image, maps, timing = gift_cluster_maps(pipe, method, chosen, text, step, steps, guidance, seed, resolution, clip_skip)
+        reading = adapters_reading([path], [info])  # the image drawn as the adapter was trained
+        image, maps, timing = gift_cluster_maps(pipe, method, chosen, text, step, steps, guidance, seed, resolution, reading)
         result.image = save(image, "image.png")
         for name in chosen:
             if name not in maps:
@@ -174,7 +174,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     return result
 
 
-def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, resolution, clip_skip: int = 1):
+def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, resolution, reading=None):
     """Generate one image and return it with {layer: maps (M, h, w)} and a note of the step used."""
     import torch
 
@@ -215,7 +215,7 @@ def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, re
         image = draw(
             pipe,
             text,
-            clip_skip=clip_skip,
+            reading=reading,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=resolution,

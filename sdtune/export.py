@@ -67,7 +67,7 @@ KOHYA_TRAINING_KEYS = {
     "cache_latents": "ss_cache_latents", "noise_offset": "ss_noise_offset",
     "multires_noise_iterations": "ss_multires_noise_iterations", "multires_noise_discount": "ss_multires_noise_discount",
     "snr_gamma": "ss_min_snr_gamma", "debiased_estimation": "ss_debiased_estimation",
-    "clip_skip": "ss_clip_skip", "loss_type": "ss_loss_type", "huber_schedule": "ss_huber_schedule", "huber_c": "ss_huber_c",
+    "clip_skip": "ss_clip_skip", "max_token_length": "ss_max_token_length", "loss_type": "ss_loss_type", "huber_schedule": "ss_huber_schedule", "huber_c": "ss_huber_c",
     "zero_terminal_snr": "ss_zero_terminal_snr",
     "input_perturbation": "ss_ip_noise_gamma", "prior_loss_weight": "ss_prior_loss_weight",
     "caption_dropout": "ss_caption_dropout_rate", "shuffle_caption": "ss_shuffle_caption", "keep_tokens": "ss_keep_tokens",

@@ -27,7 +27,7 @@ SETTINGS = {
     "lr": "learning rate", "lr_scheduler": "learning-rate schedule", "lr_warmup_steps": "warm-up steps",
     "optimizer": "optimizer", "resolution": "resolution", "mixed_precision": "mixed precision", "seed": "seed",
     "train_text_encoder": "text encoder trained", "text_encoder_lr": "text encoder learning rate",
-    "text_encoder_2_lr": "second text encoder learning rate", "clip_skip": "CLIP skip", "snr_gamma": "min-SNR γ", "noise_offset": "noise offset",
+    "text_encoder_2_lr": "second text encoder learning rate", "clip_skip": "CLIP skip", "max_token_length": "tokens read", "snr_gamma": "min-SNR γ", "noise_offset": "noise offset",
     "debiased_estimation": "debiased estimation", "zero_terminal_snr": "zero terminal SNR", "multires_noise_iterations": "multires noise iterations",
     "multires_noise_discount": "multires noise discount",
     "loss_type": "loss", "class_prompt": "prior preservation (class prompt)", "dataset": "dataset",
@@ -194,7 +194,8 @@ def _worth_showing(key: str, value) -> bool:
         return False
     if key == "seed":
         return True
-    return not (value == 0 or (key in ("gradient_accumulation_steps", "clip_skip") and value == 1))
+    left_off = {"gradient_accumulation_steps": 1, "clip_skip": 1, "max_token_length": 75}  # their defaults
+    return not (value == 0 or (key in left_off and value == left_off[key]))
 
 
 def trained_parameters(info, method) -> int:

@@ -41,7 +41,7 @@ def class_image_paths(config, pipe, output: Path, resolution: int, accelerator, 
     folder = Path(output) / CLASS_IMAGES_FOLDER
     if accelerator.is_main_process:
         generate_class_images(pipe, config.class_prompt, config.num_class_images, folder, resolution, accelerator, config.seed, progress,
-                              config.clip_skip)
+                              config.prompt_reading)
     accelerator.wait_for_everyone()
     return list_images(folder)[: config.num_class_images]
 
@@ -61,11 +61,12 @@ def class_image_count(config) -> int:
 
 
 def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolution: int, accelerator, seed: int, progress: bool,
-                          clip_skip: int = 1) -> int:
+                          reading=None) -> int:
     """Draw the missing images of `folder` (class-0000.png, ...) with the base model; returns how many were drawn.
 
     Image i always uses seed + i, so an interrupted generation resumes with the same images. They are drawn with
-    the run's CLIP skip, which the folder records beside the prompt (only when there is one).
+    the run's way of reading prompts (conditioning.PromptReading), which the folder records beside the prompt
+    where it is not the pipeline's own.
     """
     import torch
     from tqdm.auto import tqdm
@@ -75,7 +76,10 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
 
     folder.mkdir(parents=True, exist_ok=True)
     recorded = folder / PROMPT_FILE
-    drawn_for = prompt if clip_skip == 1 else f"{prompt}\nclip skip {clip_skip}"
+    from .conditioning import PromptReading
+
+    reading = reading or PromptReading()
+    drawn_for = "\n".join([prompt] + [f"{name} {value}" for name, value in reading.metadata().items()])
     if recorded.exists() and recorded.read_text(encoding="utf-8").strip() != drawn_for:
         raise SdtuneError(
             f"{folder} holds class images drawn for {recorded.read_text(encoding='utf-8').strip()!r}, not {drawn_for!r}: "
@@ -97,7 +101,7 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
                 pipe,
                 [prompt] * len(indices),
                 remedy=TRAINING_VAE_REMEDY,
-                clip_skip=clip_skip,
+                reading=reading,
                 generator=generators,
                 num_inference_steps=GENERATION_STEPS,
                 guidance_scale=GENERATION_GUIDANCE,

@@ -86,6 +86,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from .distributed import lock_on_main_process, process_state
     from .errors import SdtuneError
     from .fileio import OutputLock, ensure_writable_folder
+    from .conditioning import PromptReading
     from .limits import check_clip_skip, check_sample_fits
     from .models import DEFAULT_MODEL, read_model_configs
 
@@ -103,8 +104,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
     token = config.token or placeholders or None
     check_sample_fits(model, config, len(prompts), grid_size)  # sizes the model or the machine cannot take, before it loads
-    clip_skip = config.clip_skip or adapters_clip_skip(config.adapters, infos)
-    check_clip_skip(model, read_model_configs(model), clip_skip)
+    trained = adapters_reading(config.adapters, infos)
+    reading = PromptReading(config.clip_skip or trained.clip_skip, config.max_token_length or trained.max_token_length)
+    check_clip_skip(model, read_model_configs(model), reading.clip_skip)
     if config.output:
         output = Path(config.output)
     elif config.adapters:
@@ -139,13 +141,13 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
             )
         # any adapter (of a stack too) trained with --zero-terminal-snr samples on the rescaled, trailing schedule
         zero_snr = zero_snr_adapters(config.adapters, infos)
-        return _sample(config, prompts, files, model, token, output, state, progress, started, zero_snr, clip_skip)
+        return _sample(config, prompts, files, model, token, output, state, progress, started, zero_snr, reading)
     finally:
         lock.release()
 
 
 def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, token: str | None, output: Path, state,
-            progress: bool, started: float, zero_snr: list[str] | None = None, clip_skip: int = 1) -> SampleResult:
+            progress: bool, started: float, zero_snr: list[str] | None = None, reading=None) -> SampleResult:
     """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid."""
     import time
 
@@ -172,7 +174,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     seeds = [config.seed + j for j in range(config.num_images)]
     filled = [fill_placeholders(prompt, token) for prompt in prompts]
     if state.is_main_process:
-        warn_truncated_prompts(pipe.tokenizer, filled)
+        warn_truncated_prompts(pipe.tokenizer, reading.max_token_length, filled)
     negative_prompt = fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
@@ -195,12 +197,12 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         if startup is None:
             startup = time.perf_counter() - started
             draw_started = time.perf_counter()
-        settings = generation_settings(pipe, config, model, resolution, dtype, negative_prompt, scale, clip_skip)
+        settings = generation_settings(pipe, config, model, resolution, dtype, negative_prompt, scale, reading)
         with state.split_between_processes(batches) as mine:
             rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
                                     progress and state.is_main_process, negative_prompt=negative_prompt,
                                     description=f"sample at {strength_name(scale)}" if sweep else "sample",
-                                    settings=settings, clip_skip=clip_skip)
+                                    settings=settings, reading=reading)
     draw_seconds = time.perf_counter() - draw_started
     drawn = sum(len(row) for scale in scales for row in rows[scale].values())
     timing = dict(dtype=dtype_name(dtype), startup_seconds=startup, draw_seconds=draw_seconds, images_drawn=drawn)
@@ -301,7 +303,7 @@ def sampler_name(scheduler) -> str:
 
 
 def generation_settings(pipe, config: SampleConfig, model: str, resolution: int, dtype, negative_prompt: str | None,
-                        scale: float, clip_skip: int = 1) -> dict:
+                        scale: float, reading=None) -> dict:
     """What every image of a sample shares, for its PNG text: names, never local paths."""
     from .version import __version__
 
@@ -311,8 +313,8 @@ def generation_settings(pipe, config: SampleConfig, model: str, resolution: int,
         "width": resolution, "height": resolution, "model": shown_name(model), "dtype": dtype_name(dtype),
         "version": f"sdtune {__version__}",
     }
-    if clip_skip > 1:  # AUTOMATIC1111's "Clip skip", only where it is not the default
-        settings["clip_skip"] = clip_skip
+    if reading is not None:  # clip_skip (AUTOMATIC1111's "Clip skip"), max_token_length: only where not the default
+        settings.update({name: int(value) for name, value in reading.metadata().items()})
     if config.stacked:
         settings.update(adapter=[shown_name(a) for a in config.adapters], adapter_scale=config.stack_scales)
     elif config.adapters:
@@ -369,20 +371,26 @@ def load_png(path: Path):
 ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-terminal-SNR models
 
 
-def adapters_clip_skip(adapters: list, infos: list) -> int:
-    """The CLIP skip the adapters were trained with (1 where they recorded none); stacked adapters must agree."""
+def adapters_reading(adapters: list, infos: list):
+    """How the adapters were trained to read prompts (conditioning.PromptReading; the defaults where they recorded
+    nothing); stacked adapters must agree on each setting."""
+    from .conditioning import MAX_TOKEN_LENGTHS, PromptReading
     from .errors import SdtuneError
 
-    found = {}
-    for adapter, info in zip(adapters, infos):
-        recorded = str(info.extra.get("clip_skip", "1"))
-        if not recorded.isdigit() or int(recorded) < 1:
-            raise SdtuneError(f"{adapter} records clip_skip {recorded!r}, not a whole number from 1: the file is damaged")
-        found[str(adapter)] = int(recorded)
-    if len(set(found.values())) > 1:
-        trained = ", ".join(f"{name}: {value}" for name, value in found.items())
-        raise SdtuneError(f"the stacked adapters were trained with different --clip-skip ({trained}); give --clip-skip for the stack")
-    return next(iter(found.values()), 1)
+    values = {}
+    for name, default in (("clip_skip", 1), ("max_token_length", 75)):
+        found = {}
+        for adapter, info in zip(adapters, infos):
+            recorded = str(info.extra.get(name, default))
+            if not recorded.isdigit() or int(recorded) < 1 or (name == "max_token_length" and int(recorded) not in MAX_TOKEN_LENGTHS):
+                raise SdtuneError(f"{adapter} records {name} {recorded!r}, which no run writes: the file is damaged")
+            found[str(adapter)] = int(recorded)
+        if len(set(found.values())) > 1:
+            trained = ", ".join(f"{adapter}: {value}" for adapter, value in found.items())
+            flag = "--" + name.replace("_", "-")
+            raise SdtuneError(f"the stacked adapters were trained with different {flag} ({trained}); give {flag} for the stack")
+        values[name] = next(iter(found.values()), default)
+    return PromptReading(**values)
 
 
 def zero_snr_adapters(adapters: list, infos: list) -> list[str]:
@@ -418,7 +426,7 @@ def guidance_rescale(config: SampleConfig, pipe) -> float:
 def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
               config: SampleConfig, resolution: int, device, progress: bool,
               negative_prompt: str | None = None, description: str = "sample",
-              settings: dict | None = None, clip_skip: int = 1) -> dict[int, list]:
+              settings: dict | None = None, reading=None) -> dict[int, list]:
     """Draw each batch of prompt indices (one image per seed, each with its own seeded generator), write
     every image to its file (with `settings`, its prompt and seed in the PNG's text) and return the rows
     by prompt index."""
@@ -439,7 +447,7 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
                 pipe,
                 [prompts[index] for index in batch],
                 negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-                clip_skip=clip_skip,
+                reading=reading,
                 num_images_per_prompt=len(seeds),
                 generator=generators,
                 num_inference_steps=config.steps,
@@ -462,15 +470,16 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
     return rows
 
 
-def draw(pipe, prompts, remedy=None, clip_skip: int = 1, negative_prompt=None, **settings) -> list:
-    """PIL images from the pipeline: its denoising loop, then `decode` (`remedy`: as there); `clip_skip`: see
-    `conditioning.pipeline_prompts`."""
+def draw(pipe, prompts, remedy=None, reading=None, negative_prompt=None, **settings) -> list:
+    """PIL images from the pipeline: its denoising loop, then `decode` (`remedy`: as there); `reading` (how prompts
+    are read, default the pipeline's own): see `conditioning.pipeline_prompts`."""
     import torch
 
-    from .conditioning import pipeline_prompts
+    from .conditioning import PromptReading, pipeline_prompts
 
     with torch.no_grad():
-        prompts = pipeline_prompts(pipe, list(prompts) if isinstance(prompts, (list, tuple)) else [prompts], negative_prompt, clip_skip)
+        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
+        prompts = pipeline_prompts(pipe, prompts, negative_prompt, reading or PromptReading())
         latents = pipe(**prompts, output_type="latent", **settings).images
     return decode(pipe, latents, remedy)
 

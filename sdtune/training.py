@@ -561,7 +561,7 @@ class Trainer:
         warn_half_vae(self.pipe, self.weight_dtype, self.config.no_half_vae)
         self.unet.to(self.device)
         # prompts -> the UNet's conditioning (with gradients, through trained text encoders)
-        self.prompt_embeddings = PromptConditioning(self.pipe, trained=bool(self.loop_encoders), clip_skip=self.config.clip_skip)
+        self.prompt_embeddings = PromptConditioning(self.pipe, trained=bool(self.loop_encoders), reading=self.config.prompt_reading)
 
     def _prepare_data(self) -> None:
         """The validation loss's images, the latent cache and the loader."""
@@ -576,7 +576,7 @@ class Trainer:
 
         config, inputs, device = self.config, self.inputs, self.device
         labelled = inputs.labelled
-        warn_truncated_prompts(self.tokenizer, self.dataset.captions if labelled is not None else sorted(set(self.image_prompts)))
+        warn_truncated_prompts(self.tokenizer, self.config.max_token_length, self.dataset.captions if labelled is not None else sorted(set(self.image_prompts)))
         self.validation_loss = None
         if config.validate_every and self.accelerator.is_main_process:
             held_out = self.dataset
@@ -1017,8 +1017,7 @@ class Trainer:
         extra = dict(placeholder=config.placeholder, token=config.token or "", step=str(self.global_step))
         if config.zero_terminal_snr:  # only when on: other adapters keep their bytes
             extra["zero_terminal_snr"] = "true"
-        if config.clip_skip > 1:  # sampling conditions as training did; only when set, as above
-            extra["clip_skip"] = str(config.clip_skip)
+        extra.update(config.prompt_reading.metadata())  # sampling reads prompts as training did; only when set, as above
         if is_sdxl(self.pipe):  # for what reads the file alone (a model card's tags); SD 1.x/2.x adapters keep their bytes
             extra["base_model_family"] = "sdxl"
         if len(config.concepts) > 1 and not config.dataset:  # sampling fills each <name> with its own token
@@ -1083,7 +1082,7 @@ class Trainer:
                 if dtype == torch.float32 and self.weight_dtype is not None:
                     dtype = self.weight_dtype  # frozen weights stored in half run in half
                 grid = validation.sample_grid(self.pipe, self.inputs.sample_prompts, self.resolution, self.device, dtype,
-                                              self.config.clip_skip)
+                                              self.config.prompt_reading)
             validation.save_grid(grid, self.output, self.global_step)
             log_image(accelerator, "samples", grid, self.global_step)
         accelerator.wait_for_everyone()
@@ -1098,7 +1097,7 @@ class Trainer:
 
         embeddings, precision = self.prompt_embeddings, contextlib.nullcontext()
         if self.loop_encoders:  # their trained layers are fp32, their frozen ones maybe half: as in the loop
-            embeddings, precision = PromptConditioning(self.pipe, trained=True, clip_skip=self.config.clip_skip), self.accelerator.autocast()
+            embeddings, precision = PromptConditioning(self.pipe, trained=True, reading=self.config.prompt_reading), self.accelerator.autocast()
         with torch.no_grad(), precision:
             return embeddings(self.validation_prompts, self.device, self.validation_framing, self.validation_size)
 

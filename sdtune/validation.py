@@ -132,7 +132,7 @@ def on_device(modules, device):
             module.to(place)
 
 
-def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None, clip_skip: int = 1):
+def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None, reading=None):
     """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet.
 
     The UNet being trained keeps its weights; with `dtype` fp16 or bf16 (see `sdtune sample --dtype`) it
@@ -142,7 +142,7 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None, c
     """
     import torch
 
-    from .conditioning import pipeline_prompts
+    from .conditioning import PromptReading, pipeline_prompts
     from .models import text_encoders
     from .precision import TRAINING_VAE_REMEDY
     from .sampling import IMAGES_PER_CALL, decode, make_grid, zero_snr_guidance_rescale
@@ -157,7 +157,7 @@ def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None, c
             generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in SAMPLE_SEEDS]
             with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
                 latents = pipe(
-                    **pipeline_prompts(pipe, batch, clip_skip=clip_skip),
+                    **pipeline_prompts(pipe, batch, reading=reading or PromptReading()),
                     num_images_per_prompt=len(SAMPLE_SEEDS),
                     generator=generators,
                     num_inference_steps=SAMPLE_STEPS,

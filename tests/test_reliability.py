@@ -222,14 +222,20 @@ class TestPrompts:
         assert len(tiny_pipe.tokenizer(words).input_ids) == 77
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            warn_truncated_prompts(tiny_pipe.tokenizer, [words, "a castle"])
+            warn_truncated_prompts(tiny_pipe.tokenizer, 75, [words, "a castle"])
         with pytest.warns(UserWarning, match="78 tokens.*'lake' is not read"):
-            warn_truncated_prompts(tiny_pipe.tokenizer, [words + "lake"])
+            warn_truncated_prompts(tiny_pipe.tokenizer, 75, [words + "lake"])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            warn_truncated_prompts(tiny_pipe.tokenizer, [words + "lake", "a castle", words + "lake lake", words + "snow"])
+            warn_truncated_prompts(tiny_pipe.tokenizer, 75, [words + "lake", "a castle", words + "lake lake", words + "snow"])
         assert len(caught) == 1, "one warning, however many captions are long"
-        assert str(caught[0].message).endswith("'lake' is not read; and 2 more prompt(s) over 77 tokens, truncated alike")
+        assert str(caught[0].message).endswith("'lake' is not read; and 2 more prompt(s) over 77 tokens, truncated alike; "
+                                               "--max-token-length 225 reads up to 227 (in chunks of 75)")
+        with warnings.catch_warnings():  # read in two chunks of 75, 152 tokens with the start and end
+            warnings.simplefilter("error")
+            warn_truncated_prompts(tiny_pipe.tokenizer, 150, [words + "lake", words + words])
+        with pytest.warns(UserWarning, match="153 tokens, over the text encoder's 152"):
+            warn_truncated_prompts(tiny_pipe.tokenizer, 150, [words + words + "lake"])
 
 
 # ---------------------------------------------------------------------------------------------

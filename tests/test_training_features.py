@@ -779,11 +779,11 @@ def test_bad_training_options_are_one_line_errors(args, pattern, tmp_path, tiny_
 def test_clip_skip_conditions_on_the_layer_diffusers_names(tiny_pipe):
     """--clip-skip k: the text encoder's k-th hidden state from the end through its final layer norm, which is what
     diffusers' pipelines compute for clip_skip k − 1 (run here on the transformers 4 layout its code expects)."""
-    from sdtune.conditioning import PromptConditioning, pipeline_prompts
+    from sdtune.conditioning import PromptConditioning, PromptReading, pipeline_prompts
 
     prompts = ["a photo of a castle", "a red door"]
     last = PromptConditioning(tiny_pipe).encode_prompts(prompts)
-    skipped = PromptConditioning(tiny_pipe, clip_skip=2).encode_prompts(prompts)
+    skipped = PromptConditioning(tiny_pipe, reading=PromptReading(clip_skip=2)).encode_prompts(prompts)
 
     class AsTransformers4(torch.nn.Module):  # CLIPTextModel's shape under transformers 4: layers below text_model
         def __init__(self, text_model):
@@ -799,7 +799,7 @@ def test_clip_skip_conditions_on_the_layer_diffusers_names(tiny_pipe):
         theirs, _ = tiny_pipe.encode_prompt(prompt, "cpu", 1, False, clip_skip=1)
         torch.testing.assert_close(skipped[prompt][0], theirs[0], rtol=0, atol=1e-6)
         assert (skipped[prompt][0] - last[prompt][0]).abs().max() > 1e-3, "the penultimate layer differs from the last"
-    given = pipeline_prompts(tiny_pipe, prompts, None, clip_skip=2)  # what sampling hands the pipeline
+    given = pipeline_prompts(tiny_pipe, prompts, None, PromptReading(clip_skip=2))  # what sampling hands the pipeline
     unconditional, _ = tiny_pipe.encode_prompt("", "cpu", 1, False, clip_skip=1)
     torch.testing.assert_close(given["prompt_embeds"], torch.stack([skipped[p][0] for p in prompts]), rtol=0, atol=1e-6)
     torch.testing.assert_close(given["negative_prompt_embeds"], unconditional.expand(2, -1, -1), rtol=0, atol=1e-6)
@@ -813,6 +813,7 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     from safetensors import safe_open
 
     from sdtune.adapter import read_adapter_info
+    from sdtune.conditioning import PromptReading
     from sdtune.config import SampleConfig
     from sdtune.export import export_adapter
     from sdtune.model_card import write_model_card
@@ -825,7 +826,7 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
         run = run_training(tmp_path, "skip", clip_skip=2, validate_every=2)
     finally:
         validation.sample_grid = original
-    assert drawn == [(2,)]
+    assert drawn == [(PromptReading(clip_skip=2),)]
     assert read_adapter_info(run.adapter)[0].extra["clip_skip"] == "2"
     assert "clip_skip = 2" in (run.output / "config.toml").read_text()
     export_adapter(run.output, "kohya", tmp_path / "skip.safetensors")
@@ -861,3 +862,82 @@ def test_clip_skip_the_model_cannot_take_is_refused_before_it_loads(settings, pa
     monkeypatch.setattr(sdtune.models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     with pytest.raises(SdtuneError, match=pattern):
         run_training(tmp_path, "refused", **settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Long prompts: --max-token-length
+
+
+def test_long_prompts_are_read_in_chunks_of_75_as_kohya_joins_them(tiny_pipe):
+    """--max-token-length 150: two chunks of start + 75 tokens + end through the encoder, joined as kohya-ss' sd-scripts
+    join them (the first start token, each chunk's 75, the last end token: 152); a prompt within 75 tokens reads its
+    first chunk exactly as the one 77-token window (SD 1.x pads with the end token), and the tokens past 75 count."""
+    from sdtune.conditioning import PromptConditioning, PromptReading
+
+    short, long = "a photo of a castle", "a castle " + "by the lake with snow on the mountains " * 12
+    window = PromptConditioning(tiny_pipe).encode_prompts([short, long])
+    chunks = PromptConditioning(tiny_pipe, reading=PromptReading(max_token_length=150)).encode_prompts([short, long])
+    assert chunks[short][0].shape == (152, 32) and window[short][0].shape == (77, 32)
+    torch.testing.assert_close(chunks[short][0][:76], window[short][0][:76], rtol=0, atol=1e-6)
+    ids = tiny_pipe.tokenizer(long, truncation=False).input_ids
+    assert 77 < len(ids) <= 152
+    encoder = tiny_pipe.text_encoder
+    with torch.no_grad():  # by hand: the second chunk is start, tokens 76..150, end
+        second_ids = torch.tensor([[ids[0], *ids[76:-1], ids[-1]] + [ids[-1]] * (77 - (len(ids) - 76) - 1)])
+        second = encoder(second_ids)[0][0]
+    torch.testing.assert_close(chunks[long][0][76:151], second[1:76], rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunks[long][0][-1], second[-1], rtol=0, atol=1e-6)
+
+
+def test_chunks_where_padding_is_not_the_end_token_end_as_kohya_ends_them():
+    """SD 2.x and SDXL's second tokenizer pad with another token than the end: a chunk whose text runs to its end gets
+    an end token, one with no text reads start, end, padding."""
+    from types import SimpleNamespace
+
+    from sdtune.conditioning import chunked
+
+    bos, eos, pad = 1, 2, 0
+    tokenizer = SimpleNamespace(eos_token_id=eos, pad_token_id=pad)
+    full = torch.tensor([[bos] + list(range(10, 160)) + [eos]])  # 150 tokens of text: both chunks full
+    short = torch.tensor([[bos] + list(range(10, 40)) + [eos] + [pad] * 120])  # 30 tokens: the second chunk empty
+    both = chunked(torch.cat([full, short]), tokenizer)
+    assert both.shape == (2, 2, 77)
+    assert both[0, 0].tolist() == [bos, *range(10, 85), eos] and both[0, 1].tolist() == [bos, *range(85, 160), eos]
+    assert both[1, 0].tolist() == [bos, *range(10, 40), eos] + [pad] * 44 + [pad]
+    assert both[1, 1].tolist() == [bos, eos] + [pad] * 75
+
+
+def test_a_run_with_long_prompts_records_the_limit_and_samples_with_it(tmp_path, tiny_path, fast_sampling):
+    """Training on a long template reads it whole (no truncation warning); the adapter, config.toml and kohya export
+    record the limit; sampling reads prompts as training did, SDXL's pooled embeddings too."""
+    import warnings
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    from sdtune.adapter import read_adapter_info
+    from sdtune.config import SampleConfig
+    from sdtune.export import export_adapter
+    from sdtune.sampling import sample
+
+    template = "{token} " + "by the lake with snow on the mountains " * 12
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*truncated")
+        run = run_training(tmp_path, "long", template=template, max_token_length=150, validate_every=2)
+    assert read_adapter_info(run.adapter)[0].extra["max_token_length"] == "150"
+    assert "max_token_length = 150" in (run.output / "config.toml").read_text()
+    export_adapter(run.output, "kohya", tmp_path / "long.safetensors")
+    with safe_open(str(tmp_path / "long.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["ss_max_token_length"] == "150"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*truncated")
+        result = sample(SampleConfig(adapter=str(run.output), prompt=[template.format(token="<castle>")], num_images=1,
+                                     steps=2, output=str(tmp_path / "drawn")), progress=False)
+    import json
+
+    assert json.loads(Image.open(result.images[0]).text["sdtune"])["max_token_length"] == 150
+    xl = sample(SampleConfig(model="tiny-sdxl-random", prompt=["a castle", template.format(token="x")], num_images=1,
+                             steps=2, max_token_length=225, negative_prompt="blurry", output=str(tmp_path / "xl")), progress=False)
+    assert len(xl.images) == 2
+    with pytest.raises(SdtuneError, match="--max-token-length must be one of 75, 150, 225"):
+        run_training(tmp_path, "bad", max_token_length=100)
