@@ -272,15 +272,35 @@ def _unique_names(runs: list[RunSummary]) -> None:
             run.name = f"{run.name}-{counts[run.name]}"
 
 
+def unavailable_notes(runs: list[RunSummary]) -> list[str]:
+    """One line for each reason a metric was unavailable, naming its metrics and runs: a sweep's runs all miss the
+    same models, which a line per metric and run would repeat dozens of times."""
+    by_reason: dict[str, dict[str, list[str]]] = {}  # reason -> metric -> runs
+    for run in runs:
+        for metric, why in run.unavailable.items():
+            if metric in METRICS:
+                by_reason.setdefault(why, {}).setdefault(metric, []).append(run.name)
+    lines = []
+    for why, metrics in by_reason.items():
+        by_runs: dict[tuple[str, ...], list[str]] = {}  # the metrics missed by the same runs share a line
+        for metric in METRICS:
+            if metric in metrics:
+                by_runs.setdefault(tuple(metrics[metric]), []).append(METRICS[metric][0])
+        for names, titles in by_runs.items():
+            who = "every run" if len(runs) > 1 and len(names) == len(runs) else ", ".join(names)
+            lines.append(f"- {', '.join(titles)} unavailable for {who}: {why}")
+    return lines
+
+
 def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list[str]:
     from .data import read_prompt_file
-    from .evaluation import run_prompt
+    from .evaluation import run_prompts
 
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if prompts:
         return prompts
     first = runs[0]
-    return first.eval_prompts or [run_prompt(first.path, first.placeholder or "<concept>")]
+    return first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>")
 
 
 def compare(runs: list[str], output: str, progress: bool = True, **options: Any) -> Comparison:
@@ -322,7 +342,7 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
         "step time from metrics.jsonl. Peak MB: peak memory, where the run logged it."
     )
     lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
-    notes = [f"- {run.name}: {METRICS[m][0]} unavailable ({why})" for run in summaries for m, why in run.unavailable.items() if m in METRICS]
+    notes = unavailable_notes(summaries)
     missing = [f"- {run.name}: not evaluated (no eval.json; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
     if notes or missing:
         lines += ["", "## Missing metrics", "", *missing, *notes]

@@ -296,16 +296,19 @@ def _to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def read_images(paths: list[Path], resolution: int | None = None) -> list:
-    """uint8 tensors (3, H, W): as they are, or resized and center-cropped to `resolution`."""
+def read_images(paths: list, resolution: int | None = None) -> list:
+    """uint8 tensors (3, H, W): as they are, or resized and center-cropped to `resolution`. Besides files,
+    `paths` may hold PIL images (an in-memory dataset's examples, as `run_reference` gives them)."""
     from PIL import Image
 
-    from .data import load_images, to_rgb
+    from .data import frame, load_images, to_rgb
 
     if resolution:
+        files = [path for path in paths if not isinstance(path, Image.Image)]
+        in_memory = [frame(to_rgb(image), resolution, resolution).image for image in paths if isinstance(image, Image.Image)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small reference images are upscaled: expected here
-            return [_to_tensor(image) for image in load_images(paths, resolution)]
+            return [_to_tensor(image) for image in (load_images(files, resolution) if files else []) + in_memory]
     images = []
     for path in paths:
         try:
@@ -379,13 +382,51 @@ def run_prompt(run: Path, placeholder: str) -> str:
         ) from None
 
 
-def run_reference(run: Path) -> list[Path]:
-    """The images the run was trained on."""
+def run_dataset(run: Path):
+    """The labelled dataset a run trained on (its classes, split and images per class), or None for a concept's run."""
+    from .config import read_toml
+    from .datasets import load_dataset, readable_examples
+
+    settings = read_toml(run / "config.toml") if (run / "config.toml").is_file() else {}
+    if not settings.get("dataset"):
+        return None
+    try:
+        return readable_examples(load_dataset(
+            settings["dataset"], settings.get("data_root"), classes=settings.get("classes") or None,
+            max_per_class=settings.get("max_per_class") or 0, split=settings.get("split"),
+            template=settings.get("class_template"), seed=settings.get("seed") or 0,
+        ))
+    except (SdtuneError, TypeError, ValueError) as error:  # moved data, or a config.toml edited by hand
+        raise MetricUnavailable(f"no reference images ({error_line(error)}; give --reference DIR)") from None
+
+
+def run_prompts(run: Path, placeholder: str) -> list[str]:
+    """The prompts a run is measured with by default: a dataset run's caption of each class (as `sdtune sample
+    --dataset` draws them), else its training prompt."""
+    from .config import read_toml
+    from .datasets import class_captions
+
+    settings = read_toml(run / "config.toml") if (run / "config.toml").is_file() else {}
+    if settings.get("dataset"):
+        return [caption for _, caption in class_captions(
+            settings["dataset"], settings.get("data_root"), settings.get("classes") or None, settings.get("class_template"))]
+    return [run_prompt(run, placeholder)]
+
+
+def run_reference(run: Path) -> list:
+    """The images the run was trained on: files, or (a dataset held in memory, such as digits) PIL images."""
     from .config import read_toml
     from .datasets import concept_images
 
     if not (run / "config.toml").is_file():
         raise MetricUnavailable(f"no reference images: {run} has no config.toml (give --reference DIR)")
+    dataset = run_dataset(run)
+    if dataset is not None:
+        from PIL import Image
+
+        if dataset.arrays is not None:
+            return [Image.fromarray(dataset.arrays[example.image]) for example in dataset.examples]
+        return [example.image for example in dataset.examples]
     settings = read_toml(run / "config.toml")
     concepts, folders = settings.get("concept", ""), settings.get("images")
     if not isinstance(concepts, list):  # one concept (several: a list, with a list of folders or none)
@@ -398,6 +439,18 @@ def run_reference(run: Path) -> list[Path]:
                 for path in concept_images(concept, folder, settings.get("data_root"))]
     except SdtuneError as error:
         raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
+
+
+def reference_source(config: EvaluateConfig, run: Path | None, reference_files: list) -> str | None:
+    """Where the reference images came from, for eval.json: the folder, or a dataset run's dataset."""
+    from .config import read_toml
+
+    if not reference_files:
+        return None
+    if not config.reference and run is not None and (settings := read_toml(run / "config.toml")).get("dataset"):
+        root = settings.get("data_root")
+        return f"dataset {settings['dataset']}" + (f" ({root})" if root else "")
+    return str(Path(reference_files[0]).parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +473,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     run = adapter_path(config.run).parent if config.run else None
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if not prompts and info is not None:
-        prompts = [run_prompt(run, info.placeholder or "<concept>")]
+        prompts = run_prompts(run, info.placeholder or "<concept>")
     files = one_strength(image_folder(config.images), config.adapter_scale, config.images) if config.images else []
     if config.output:
         output = Path(config.output)
@@ -538,7 +591,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         "format": FORMAT,
         "run": str(run) if run else None,
         "images": str(Path(files[0]).parent),
-        "reference": str(reference_files[0].parent) if reference_files else None,
+        "reference": reference_source(config, run, reference_files),
         "prompts": prompts,
         "generated_images": len(generated),
         "reference_images": len(reference),

@@ -458,3 +458,46 @@ def test_reference_images_come_from_the_runs_data_root(tmp_path):
     run.mkdir()
     (run / "config.toml").write_text(f'concept = "castle"\ndata_root = "{tmp_path / "photos"}"\n')
     assert sorted(p.name for p in run_reference(run)) == ["0.png", "1.png"]
+
+
+def test_a_dataset_runs_reference_and_prompts_are_its_dataset(tmp_path):
+    """A run trained with --dataset is measured against its dataset's images (its classes only) with one caption
+    a class, not against a concept's folder that does not exist with its training prompt."""
+    from sdtune.evaluation import read_images, reference_source, run_prompts, run_reference
+    from sdtune.config import EvaluateConfig
+
+    root = tmp_path / "shapes"
+    for name in ("red_ball", "blue_box", "green_cone"):
+        (root / name).mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), (index * 100, 0, 0)).save(root / name / f"{index}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(
+        f'concept = "castle"\ntemplate = "photo of a {{token}}."\ndataset = "imagefolder"\ndata_root = "{root}"\n'
+        'classes = ["red ball", "green_cone"]\nmax_per_class = 0\nseed = 0\n'
+    )
+    assert sorted(str(p.relative_to(root)) for p in run_reference(run)) == [
+        "green_cone/0.png", "green_cone/1.png", "red_ball/0.png", "red_ball/1.png"]
+    assert run_prompts(run, "<castle>") == ["a photo of a red ball.", "a photo of a green cone."]
+    assert reference_source(EvaluateConfig(run=str(run)), run, run_reference(run)) == f"dataset imagefolder ({root})"
+
+    # digits lives in memory: its examples come as images, read like files
+    (run / "config.toml").write_text('dataset = "digits"\nclasses = ["three"]\nmax_per_class = 3\nseed = 0\n')
+    images = read_images(run_reference(run), resolution=16)
+    assert len(images) == 3 and all(tuple(image.shape) == (3, 16, 16) for image in images)
+    assert run_prompts(run, "") == ["This is a picture of the handwritten digit three."]
+
+
+def test_missing_metrics_are_one_line_a_reason_not_a_line_a_metric_and_run(tmp_path):
+    from sdtune.comparison import RunSummary, unavailable_notes
+
+    offline = "--clip-model x: not in the local Hugging Face cache and the hub is offline"
+    runs = [RunSummary(name, tmp_path / name, "lora", "defaults", 1, 1,
+                       unavailable={"clip_t": offline, "clip_i": offline, "fid": "--fid-features none"}) for name in ("a", "b")]
+    runs.append(RunSummary("c", tmp_path / "c", "atoms", "defaults", 1, 1, unavailable={"fid": "--fid-features none"}))
+    assert unavailable_notes(runs) == [
+        f"- CLIP-T, CLIP-I unavailable for a, b: {offline}",
+        "- FID unavailable for every run: --fid-features none",
+    ]
+    assert unavailable_notes(runs[2:]) == ["- FID unavailable for c: --fid-features none"]
