@@ -357,3 +357,30 @@ def test_a_sweep_under_two_processes_trains_each_run_on_both(tmp_path, private_c
         run = tmp_path / "out" / "runs" / name
         assert json.loads((run / "sweep-run.json").read_text())["state"] == "finished"
         assert json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())["num_processes"] == 2
+
+
+def test_the_report_gathers_the_runs_that_differ_only_in_their_seed():
+    """Mean ± sample standard deviation over the finished seeds of each (method, lr) group, in plan order; a
+    pending seed is counted but not averaged; the trainable count is shown as it is, not averaged."""
+    from sdtune.report import across_seeds, seeds_csv, seeds_section
+
+    def run(method, seed, state, dino=None):
+        values = {"trainable_parameters": 4212 if method == "atoms" else 213152, "train_seconds_per_step": 0.1}
+        if dino is not None:
+            values["dino"] = dino
+        return {"method": method, "lr_scale": "lr1x", "seed": f"seed{seed}"}, state, values if state == "finished" else {}
+
+    runs = [run("lora", 0, "finished", 0.5), run("lora", 1, "finished", 0.7), run("lora", 2, "finished", 0.6),
+            run("atoms", 0, "finished", 0.4), run("atoms", 1, "pending")]
+    groups = across_seeds(runs, ["method", "lr_scale", "seed"], ["train_seconds_per_step", "dino"])
+    assert [(g["axes"]["method"], g["finished"], g["seeds"], g["trainable"]) for g in groups] == [
+        ("lora", 3, 3, [213152]), ("atoms", 1, 2, [4212])]
+    mean, spread = groups[0]["stats"]["dino"]
+    assert mean == pytest.approx(0.6) and spread == pytest.approx(0.1)  # n − 1: sqrt((0.01 + 0 + 0.01) / 2)
+    assert groups[1]["stats"]["dino"] == (pytest.approx(0.4), None)  # one seed: no spread
+    keys = [("train_seconds_per_step", "s/step"), ("dino", "DINO")]
+    page = "".join(seeds_section(groups, ["method", "lr_scale"], keys))
+    assert ">0.6 ± 0.1<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4<" in page
+    lines = seeds_csv(groups, ["method", "lr_scale"], [key for key, _ in keys]).splitlines()
+    assert lines[0] == "method,lr_scale,seeds,finished,trainable_parameters,train_seconds_per_step_mean,train_seconds_per_step_std,dino_mean,dino_std"
+    assert lines[2].startswith("atoms,lr1x,2,1,4212,0.1,,0.4,")
