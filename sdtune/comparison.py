@@ -12,6 +12,7 @@ import csv
 import io
 import os
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class RunSummary:
     unavailable: dict[str, str] = field(default_factory=dict)
     eval_prompts: list[str] = field(default_factory=list)
     placeholder: str = ""
+    unfinished: str = ""  # why the adapter is not the run's last ("step 16 of 40, training now (pid 7 on host)")
 
     def row(self) -> dict[str, Any]:
         """The CSV row: numbers as they are, blanks where nothing was logged or measured."""
@@ -84,6 +86,32 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
 
 
+def unfinished_run(path: Path, adapter_step: str) -> str:
+    """"" for a run whose adapter is of its last step; else its step of the run's --steps, and whether a
+    training process holds the folder now (its lock's holder alive) or the run stopped early."""
+    from .config import read_toml
+    from .fileio import LOCK_FILE, _holder_alive, _read_holder
+
+    try:
+        steps, step = read_toml(path / "config.toml").get("steps"), int(adapter_step)
+    except (SdtuneError, ValueError):  # no config.toml, or an adapter without its step: nothing to tell
+        return ""
+    if not isinstance(steps, int) or step >= steps:
+        return ""
+    holder = None
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDONLY)  # read, never locked: a run starting now must not be refused
+    except OSError:
+        pass
+    else:
+        try:
+            holder = _read_holder(fd)
+        finally:
+            os.close(fd)
+    where = f"training now (pid {holder[0]} on {holder[1]})" if _holder_alive(holder) else "stopped early"
+    return f"step {step} of {steps}, {where}"
+
+
 def summarize_run(path: str | Path) -> RunSummary:
     from .adapter import ADAPTER_FILE, read_adapter_info
 
@@ -111,6 +139,7 @@ def summarize_run(path: str | Path) -> RunSummary:
         unavailable=dict(report.get("unavailable", {})),
         eval_prompts=list(report.get("prompts", [])),
         placeholder=info.placeholder,
+        unfinished=unfinished_run(path, info.extra.get("step", "")),
     )
 
 
@@ -120,7 +149,7 @@ def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for run in runs:
         cells = [
-            run.name,
+            run.name + (" (unfinished)" if run.unfinished else ""),
             run.method,
             run.variant,
             f"{run.num_parameters:,}",
@@ -312,6 +341,9 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     config = CompareConfig.load(None, runs=[str(r) for r in runs], output=str(output), **options)
     summaries = [summarize_run(path) for path in config.runs]
     _unique_names(summaries)
+    for run in summaries:
+        if run.unfinished:
+            warnings.warn(f"{run.name} is unfinished: its adapter is of {run.unfinished}; it is compared as it is now", stacklevel=2)
     out = Path(config.output)
     # Everything that can refuse is checked before the first file is written: an earlier comparison
     # in `out` stays whole.
@@ -343,6 +375,9 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     )
     lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
     notes = unavailable_notes(summaries)
+    unfinished = [f"- {run.name} is unfinished: its adapter is of {run.unfinished}." for run in summaries if run.unfinished]
+    if unfinished:
+        lines += ["", "## Unfinished runs", "", *unfinished]
     missing = [f"- {run.name}: not evaluated (no eval.json; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
     if notes or missing:
         lines += ["", "## Missing metrics", "", *missing, *notes]

@@ -461,7 +461,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     """Sample with the run's adapter (or read --images), measure every metric, write eval.json."""
     import torch
 
-    from .adapter import adapter_path, read_adapter_info
+    from .adapter import ADAPTER_FILE, adapter_path, read_adapter_info
     from .config import SampleConfig
     from .data import fill_placeholders, read_prompt_file
     from .fileio import output_file_lock, write_text_atomic
@@ -471,6 +471,11 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     quiet_libraries()
     info = read_adapter_info(config.run)[0] if config.run else None
     run = adapter_path(config.run).parent if config.run else None
+    if run is not None and adapter_path(config.run).name == ADAPTER_FILE:
+        from .comparison import unfinished_run
+
+        if unfinished := unfinished_run(run, info.extra.get("step", "")):
+            warnings.warn(f"{run} is unfinished: its adapter is of {unfinished}; it is measured as it is now", stacklevel=2)
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if not prompts and info is not None:
         prompts = run_prompts(run, info.placeholder or "<concept>")

@@ -501,3 +501,25 @@ def test_missing_metrics_are_one_line_a_reason_not_a_line_a_metric_and_run(tmp_p
         "- FID unavailable for every run: --fid-features none",
     ]
     assert unavailable_notes(runs[2:]) == ["- FID unavailable for c: --fid-features none"]
+
+
+def test_a_run_whose_adapter_is_not_of_its_last_step_is_named_unfinished(tmp_path):
+    """compare and evaluate say when a run's adapter is of an earlier step than its --steps: training now (its lock's
+    holder alive) or stopped early; a finished run, or one without config.toml, says nothing."""
+    import socket
+    import subprocess
+
+    from sdtune.comparison import unfinished_run
+
+    (tmp_path / "config.toml").write_text("steps = 40\n")
+    assert unfinished_run(tmp_path, "40") == ""
+    assert unfinished_run(tmp_path, "16") == "step 16 of 40, stopped early"
+    trainer = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / ".sdtune.lock").write_text(f"{trainer.pid} {socket.gethostname()}\n")
+        assert unfinished_run(tmp_path, "16") == f"step 16 of 40, training now (pid {trainer.pid} on {socket.gethostname()})"
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert unfinished_run(tmp_path, "16") == "step 16 of 40, stopped early"  # a killed run's lock file tells nothing
+    assert unfinished_run(tmp_path, "") == "" and unfinished_run(tmp_path / "none", "16") == ""
