@@ -111,6 +111,8 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, private_c
         (run / name).unlink()
     for step in (2, 3):
         shutil.rmtree(run / "checkpoints" / f"step-{step}")
+    dry = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].split()[2] == "partial" and dry[-1] == "partial: its training stopped with checkpoints of these settings; it resumes from the latest"
     result, lines = sweep(plan, tmp_path / "out")
     assert result.ran == ["castle-atoms"], lines
     assert any("resuming from its latest checkpoint" in line for line in lines), lines
@@ -150,6 +152,8 @@ def test_a_changed_setting_retrains_the_run(finished, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
     changed = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '"lora"').replace("steps = 2\nlog", "steps = 1\nlog"))
+    dry = invoke("sweep", changed, "--dry-run", "--output", copy).stdout.splitlines()
+    assert dry[1].split()[1:3] == ["castle-lora", "changed"] and dry[-1].startswith("changed: trained before with other settings")
     result, lines = sweep(changed, copy)
     assert result.ran == ["castle-lora"], lines
     assert any(line.endswith(": training") for line in lines), lines
@@ -384,3 +388,39 @@ def test_the_report_gathers_the_runs_that_differ_only_in_their_seed():
     lines = seeds_csv(groups, ["method", "lr_scale"], [key for key, _ in keys]).splitlines()
     assert lines[0] == "method,lr_scale,seeds,finished,trainable_parameters,train_seconds_per_step_mean,train_seconds_per_step_std,dino_mean,dino_std"
     assert lines[2].startswith("atoms,lr1x,2,1,4212,0.1,,0.4,")
+
+
+def test_a_report_written_while_another_shard_finishes_a_run_is_written_again(finished, tmp_path, monkeypatch):
+    """Two shards finishing together: the one that read the states before the other's last run finished writes its
+    report again, so whichever writes last, the report holds every finished run."""
+    import sdtune.report
+
+    plan, output = finished
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    marker = copy / "runs" / "castle-lora" / "sweep-run.json"
+    saved = marker.read_bytes()
+    marker.unlink()  # castle-lora is still running in the other shard
+    write_html_report, calls = sdtune.report.write_html_report, []
+
+    def other_shard_finishes_meanwhile(plan, comparison):
+        path = write_html_report(plan, comparison)
+        calls.append(len(comparison.runs))
+        if not marker.exists():
+            marker.write_bytes(saved)
+        return path
+
+    monkeypatch.setattr(sdtune.report, "write_html_report", other_shard_finishes_meanwhile)
+    result, lines = sweep(plan, copy, report_only=True)
+    assert calls == [1, 2] and lines[-1].startswith("report: 2 of 2 runs finished"), (calls, lines)
+    assert "2 runs: 2 finished" in (copy / "report" / "index.html").read_text()
+
+
+def test_metrics_that_cannot_be_measured_are_one_warning_a_reason(recwarn):
+    from sdtune.sweep import each_warning_once, warn_unavailable
+
+    offline = "--clip-model x: not in the local Hugging Face cache and the hub is offline"
+    with each_warning_once():
+        for _ in range(3):  # three runs of a sweep, all offline alike
+            warn_unavailable({"clip_t": offline, "clip_i": offline, "fid": "--fid-features none"})
+    assert [str(w.message) for w in recwarn] == [f"CLIP-T, CLIP-I unavailable: {offline}", "FID unavailable: --fid-features none"]
