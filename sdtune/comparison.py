@@ -28,7 +28,7 @@ CSV_FILE = "comparison.csv"
 LOSS_PLOT = "loss.png"
 GRID_FILE = "grid.png"
 BASE_COLUMNS = (
-    "run", "method", "variant", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+    "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
 )
 
 
@@ -49,6 +49,8 @@ class RunSummary:
     unavailable: dict[str, str] = field(default_factory=dict)
     eval_prompts: list[str] = field(default_factory=list)
     placeholder: str = ""
+    model: str = ""  # the base model the adapter was trained on
+    resolution: int | None = None  # the run's --resolution; None: the model's own size
     unfinished: str = ""  # why the adapter is not the run's last ("step 16 of 40, training now (pid 7 on host)")
 
     def row(self) -> dict[str, Any]:
@@ -57,6 +59,8 @@ class RunSummary:
             "run": self.name,
             "method": self.method,
             "variant": self.variant,
+            "model": self.model,
+            "resolution": self.resolution,
             "trainable_parameters": self.num_parameters,
             "adapter_bytes": self.adapter_bytes,
             "train_seconds_per_step": self.seconds_per_step,
@@ -140,18 +144,36 @@ def summarize_run(path: str | Path) -> RunSummary:
         eval_prompts=list(report.get("prompts", [])),
         placeholder=info.placeholder,
         unfinished=unfinished_run(path, info.extra.get("step", "")),
+        model=info.base_model,
+        resolution=run_resolution(path),
     )
 
 
+def run_resolution(path: Path) -> int | None:
+    """The run's --resolution from its config.toml; None where it trained at the model's own size (or says nothing)."""
+    from .config import read_toml
+
+    try:
+        resolution = read_toml(path / "config.toml").get("resolution")
+    except SdtuneError:
+        return None
+    return resolution if isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0 else None
+
+
 def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
-    header = ["run", "method", "variant", "trainable", "adapter", "s/step", "peak MB"]
+    # the base model and training size are shown where the runs differ in them: a sweep's runs mostly share both
+    settings = [("model", "model"), ("resolution", "px")]
+    settings = [(key, title) for key, title in settings if len({getattr(run, key) for run in runs}) > 1]
+    header = ["run", "method", "variant", *(title for _, title in settings), "trainable", "adapter", "s/step", "peak MB"]
     header += [METRICS[name][0] for name in metric_names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    texts = 3 + len(settings)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * texts + ["---:"] * (len(header) - texts)) + "|"]
     for run in runs:
         cells = [
             run.name + (" (unfinished)" if run.unfinished else ""),
             run.method,
             run.variant,
+            *(("native" if getattr(run, key) is None else str(getattr(run, key))) for key, _ in settings),
             f"{run.num_parameters:,}",
             human_bytes(run.adapter_bytes),
             f"{run.seconds_per_step:.3f}" if run.seconds_per_step is not None else "",

@@ -382,7 +382,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
         rows = list(csv.DictReader(handle))
     assert [row["run"] for row in rows] == ["atoms", "lora"] and [row["method"] for row in rows] == ["atoms", "lora"]
     assert list(rows[0]) == [
-        "run", "method", "variant", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+        "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
         "clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "diversity",
         "digit_fidelity", "style_fidelity", "preservation",
     ]
@@ -523,3 +523,16 @@ def test_a_run_whose_adapter_is_not_of_its_last_step_is_named_unfinished(tmp_pat
         trainer.wait()
     assert unfinished_run(tmp_path, "16") == "step 16 of 40, stopped early"  # a killed run's lock file tells nothing
     assert unfinished_run(tmp_path, "") == "" and unfinished_run(tmp_path / "none", "16") == ""
+
+
+def test_the_comparison_shows_base_model_and_size_where_the_runs_differ_in_them(tmp_path):
+    from sdtune.comparison import RunSummary, markdown_table
+
+    same = [RunSummary(name, tmp_path / name, "lora", "defaults", 1, 1, model="tiny") for name in ("a", "b")]
+    assert markdown_table(same, []).splitlines()[0] == "| run | method | variant | trainable | adapter | s/step | peak MB |"
+    mixed = same + [RunSummary("c", tmp_path / "c", "atoms", "defaults", 1, 1, model="tiny-sdxl-random", resolution=32)]
+    lines = markdown_table(mixed, []).splitlines()
+    assert lines[0] == "| run | method | variant | model | px | trainable | adapter | s/step | peak MB |"
+    assert lines[1] == "|---|---|---|---|---|---:|---:|---:|---:|"
+    assert lines[2].startswith("| a | lora | defaults | tiny | native | 1 |") and lines[4].startswith("| c | atoms | defaults | tiny-sdxl-random | 32 |")
+    assert mixed[2].row()["model"] == "tiny-sdxl-random" and mixed[2].row()["resolution"] == 32 and mixed[0].row()["resolution"] == ""
