@@ -310,12 +310,24 @@ def sample_grid(runs: list[RunSummary], prompts: list[str], configs: list, outpu
 
 
 def _unique_names(runs: list[RunSummary]) -> None:
-    seen: dict[str, int] = {}
+    """Runs of the same folder name (two sweeps' runs/lora-seed0) named by as many of their parent folders as tell
+    them apart (sweep-a-runs-lora-seed0, sweep-b-runs-lora-seed0); the same folder given twice is numbered."""
+    def name_of(run: RunSummary, depth: int) -> str:
+        parts = [part for part in run.path.resolve().parts if part not in ("", "/")]
+        return "-".join(parts[-depth:])
+
+    seen: dict[str, list[RunSummary]] = {}
     for run in runs:
-        seen[run.name] = seen.get(run.name, 0) + 1
-    for run in runs:
-        if seen[run.name] > 1:
-            run.name = f"{run.path.parent.name}-{run.name}" if run.path.parent.name else str(run.path)
+        seen.setdefault(run.name, []).append(run)
+    for same in seen.values():
+        if len(same) < 2:
+            continue
+        depth = deepest = max(len(run.path.resolve().parts) for run in same)
+        for depth in range(2, deepest + 1):
+            if len({name_of(run, depth) for run in same}) == len({run.path.resolve() for run in same}):
+                break
+        for run in same:
+            run.name = name_of(run, depth)
     counts: dict[str, int] = {}
     for run in runs:  # still the same (the same folder given twice): number them
         counts[run.name] = counts.get(run.name, 0) + 1

@@ -536,3 +536,15 @@ def test_the_comparison_shows_base_model_and_size_where_the_runs_differ_in_them(
     assert lines[1] == "|---|---|---|---|---|---:|---:|---:|---:|"
     assert lines[2].startswith("| a | lora | defaults | tiny | native | 1 |") and lines[4].startswith("| c | atoms | defaults | tiny-sdxl-random | 32 |")
     assert mixed[2].row()["model"] == "tiny-sdxl-random" and mixed[2].row()["resolution"] == 32 and mixed[0].row()["resolution"] == ""
+
+
+def test_runs_of_the_same_name_are_named_by_the_folders_that_tell_them_apart(tmp_path):
+    """Two sweeps' runs/lora-seed0 are told apart by their sweep's folder, not both named runs-lora-seed0."""
+    from sdtune.comparison import RunSummary, _unique_names
+
+    paths = [tmp_path / "sweep-a" / "runs" / "lora-seed0", tmp_path / "sweep-b" / "runs" / "lora-seed0",
+             tmp_path / "sweep-a" / "runs" / "lora-seed0", tmp_path / "other" / "atoms"]
+    runs = [RunSummary(path.name, path, "lora", "defaults", 1, 1) for path in paths]
+    _unique_names(runs)
+    assert [run.name for run in runs] == [
+        "sweep-a-runs-lora-seed0", "sweep-b-runs-lora-seed0", "sweep-a-runs-lora-seed0-2", "atoms"]
