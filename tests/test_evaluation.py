@@ -548,3 +548,29 @@ def test_runs_of_the_same_name_are_named_by_the_folders_that_tell_them_apart(tmp
     _unique_names(runs)
     assert [run.name for run in runs] == [
         "sweep-a-runs-lora-seed0", "sweep-b-runs-lora-seed0", "sweep-a-runs-lora-seed0-2", "atoms"]
+
+
+def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
+    import socket
+    import subprocess
+
+    from sdtune.comparison import summarize_run
+    from sdtune.errors import SdtuneError
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "sweep-run.json").write_text('{"state": "failed", "error": "out of memory"}')
+    with pytest.raises(SdtuneError, match=r"failed: not a run folder \(no adapter.safetensors; its sweep run failed: out of memory\)$"):
+        summarize_run(failed)
+    training = tmp_path / "training"
+    training.mkdir()
+    trainer = subprocess.Popen(["sleep", "60"])
+    try:
+        (training / ".sdtune.lock").write_text(f"{trainer.pid} {socket.gethostname()}\n")
+        with pytest.raises(SdtuneError, match=rf"it is training now \(pid {trainer.pid} on .*\) and has saved no adapter yet\)$"):
+            summarize_run(training)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    with pytest.raises(SdtuneError, match=r"training: not a run folder \(no adapter.safetensors\)$"):
+        summarize_run(training)
