@@ -258,26 +258,34 @@ def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
     return _save(figure, path)
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def plot_losses(runs: list[RunSummary], path: Path) -> Path:
-    """Every run's training loss per step: the raw values faint, a moving average on top."""
+    """Every run's training loss per step: the raw values faint, a moving average on top. Runs are coloured by
+    method and told apart within it by line style (a sweep has more runs than a palette has colours), and the
+    legend stands beside the plot, where it hides no curve."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4))
-    palette = plt.get_cmap("tab10")
-    for i, run in enumerate(runs):
+    colors = _method_colors(runs)
+    drawn: dict[str, int] = {}  # runs drawn so far of each method
+    for run in runs:
         if not run.losses:
             continue
         steps = [s for s, _ in run.losses]
         values = [v for _, v in run.losses]
-        color = palette(i % 10)
+        color = colors[run.method]
+        style = LINE_STYLES[drawn.get(run.method, 0) % len(LINE_STYLES)]
+        drawn[run.method] = drawn.get(run.method, 0) + 1
         window = max(1, len(values) // 20)
         smooth = [sum(values[max(0, k - window + 1) : k + 1]) / len(values[max(0, k - window + 1) : k + 1]) for k in range(len(values))]
-        axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        axes.plot(steps, smooth, color=color, linewidth=1.6, label=f"{run.name} ({run.method})")
+        axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, linestyle=style)
+        axes.plot(steps, smooth, color=color, linewidth=1.6, linestyle=style, label=f"{run.name} ({run.method})")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("training loss")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + sum(drawn.values()) // 30)
     return _save(figure, path)
 
 

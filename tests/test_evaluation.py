@@ -574,3 +574,22 @@ def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
         trainer.wait()
     with pytest.raises(SdtuneError, match=r"training: not a run folder \(no adapter.safetensors\)$"):
         summarize_run(training)
+
+
+def test_the_loss_plot_colours_runs_by_method_and_keeps_its_legend_off_the_curves(tmp_path, monkeypatch):
+    """Eleven runs: the atoms run does not take the first LoRA run's colour (a ten-colour palette cycled by run
+    did), runs of one method differ in line style, and the legend stands outside the axes."""
+    import sdtune.comparison as comparison
+
+    figures = []
+    monkeypatch.setattr(comparison, "_save", lambda figure, path: figures.append(figure) or path)
+    runs = [comparison.RunSummary(f"lora-{i}", tmp_path, "lora", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.4)]) for i in range(10)]
+    runs.append(comparison.RunSummary("atoms-0", tmp_path, "atoms", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.3)]))
+    comparison.plot_losses(runs, tmp_path / "loss.png")
+    axes = figures[0].axes[0]
+    labelled = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
+    lora_colours = {labelled[f"lora-{i} (lora)"].get_color() for i in range(10)}
+    assert len(lora_colours) == 1 and labelled["atoms-0 (atoms)"].get_color() not in lora_colours
+    assert labelled["lora-0 (lora)"].get_linestyle() != labelled["lora-1 (lora)"].get_linestyle()
+    anchor = axes.get_legend().get_bbox_to_anchor().transformed(axes.transAxes.inverted())
+    assert anchor.x0 > 1  # right of the plot
