@@ -189,7 +189,16 @@ def across_seeds(runs: list[tuple[dict[str, Any], str, dict[str, Any]]], axes: l
 
 
 def _mean_spread(mean: float, spread: float | None) -> str:
-    return f"{mean:.4g}" if spread is None else f"{mean:.4g} ± {spread:.2g}"
+    """'0.8751 ± 0.0012': the spread to two significant digits and the mean to the same decimal place, as a paper
+    writes them; the mean alone (4 significant digits) for one seed."""
+    import math
+
+    if spread is None or not math.isfinite(spread) or not math.isfinite(mean):
+        return f"{mean:.4g}"
+    if spread == 0:
+        return f"{mean:.4g} ± 0"
+    decimals = min(max(0, 1 - math.floor(math.log10(spread))), 10)
+    return f"{mean:.{decimals}f} ± {spread:.{decimals}f}"
 
 
 def seeds_section(groups: list[dict[str, Any]], axes: list[str], keys: list[tuple[str, str]]) -> list[str]:

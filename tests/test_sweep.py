@@ -384,7 +384,7 @@ def test_the_report_gathers_the_runs_that_differ_only_in_their_seed():
     assert groups[1]["stats"]["dino"] == (pytest.approx(0.4), None)  # one seed: no spread
     keys = [("train_seconds_per_step", "s/step"), ("dino", "DINO")]
     page = "".join(seeds_section(groups, ["method", "lr_scale"], keys))
-    assert ">0.6 ± 0.1<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4<" in page
+    assert ">0.60 ± 0.10<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4<" in page
     lines = seeds_csv(groups, ["method", "lr_scale"], [key for key, _ in keys]).splitlines()
     assert lines[0] == "method,lr_scale,seeds,finished,trainable_parameters,train_seconds_per_step_mean,train_seconds_per_step_std,dino_mean,dino_std"
     assert lines[2].startswith("atoms,lr1x,2,1,4212,0.1,,0.4,")
@@ -424,3 +424,11 @@ def test_metrics_that_cannot_be_measured_are_one_warning_a_reason(recwarn):
         for _ in range(3):  # three runs of a sweep, all offline alike
             warn_unavailable({"clip_t": offline, "clip_i": offline, "fid": "--fid-features none"})
     assert [str(w.message) for w in recwarn] == [f"CLIP-T, CLIP-I unavailable: {offline}", "FID unavailable: --fid-features none"]
+
+
+def test_a_mean_is_shown_to_the_decimal_place_of_its_spread():
+    from sdtune.report import _mean_spread
+
+    assert _mean_spread(0.8751454, 7.7e-05) == "0.875145 ± 0.000077"
+    assert _mean_spread(123.4, 12.3) == "123 ± 12"
+    assert _mean_spread(0.9444, 0.0) == "0.9444 ± 0" and _mean_spread(0.4, None) == "0.4"
