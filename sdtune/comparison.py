@@ -235,21 +235,45 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+LABEL_GAP = 10  # points between the labels of runs at one parameter count (8-point text)
+
+
+def label_offsets(axes, points: list[tuple[float, float]]) -> list[float]:
+    """Each point's label offset upwards, in points: 4 above it, except where a run of the same parameter count
+    (another seed, another rate) is labelled close above; such labels are pushed down to LABEL_GAP apart."""
+    axes.autoscale_view()
+    figure = axes.get_figure()
+    to_points = 72 / figure.dpi
+    heights = [axes.transData.transform(point)[1] * to_points for point in points]
+    offsets = [4.0] * len(points)
+    by_count: dict[float, list[int]] = {}
+    for index, (count, _) in enumerate(points):
+        by_count.setdefault(count, []).append(index)
+    for indices in by_count.values():
+        below = None  # the lowest label placed so far, in points from the figure's foot
+        for index in sorted(indices, key=lambda i: -heights[i]):
+            label = heights[index] + 4
+            if below is not None and label > below - LABEL_GAP:
+                label = below - LABEL_GAP
+            offsets[index], below = label - heights[index], label
+    return offsets
+
+
 def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
     """The metric against trainable parameters (log axis), one labelled point per run, coloured by method."""
     plt = _pyplot()
     colors = _method_colors(runs)
     figure, axes = plt.subplots(figsize=(6, 4))
     shown = set()
-    for run in runs:
-        if metric not in run.metrics or run.num_parameters <= 0:
-            continue
+    plotted = [run for run in runs if metric in run.metrics and run.num_parameters > 0]
+    for run in plotted:
         label = run.method if run.method not in shown else None
         shown.add(run.method)
         axes.scatter(run.num_parameters, run.metrics[metric], color=colors[run.method], label=label, s=40, zorder=3)
-        axes.annotate(run.name, (run.num_parameters, run.metrics[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    title = METRICS[metric][0]
     axes.set_xscale("log")
+    for run, offset in zip(plotted, label_offsets(axes, [(run.num_parameters, run.metrics[metric]) for run in plotted])):
+        axes.annotate(run.name, (run.num_parameters, run.metrics[metric]), textcoords="offset points", xytext=(5, offset), fontsize=8)
+    title = METRICS[metric][0]
     axes.set_xlabel("trainable parameters")
     axes.set_ylabel(title)
     axes.set_title(f"{title} vs trainable parameters")

@@ -593,3 +593,20 @@ def test_the_loss_plot_colours_runs_by_method_and_keeps_its_legend_off_the_curve
     assert labelled["lora-0 (lora)"].get_linestyle() != labelled["lora-1 (lora)"].get_linestyle()
     anchor = axes.get_legend().get_bbox_to_anchor().transformed(axes.transAxes.inverted())
     assert anchor.x0 > 1  # right of the plot
+
+
+def test_labels_of_runs_at_one_parameter_count_do_not_overlap():
+    """Two seeds of a run, with the same count and near-equal metric: their labels are LABEL_GAP points apart, the
+    higher one's above its point; a run of another count keeps its label just above its point."""
+    from sdtune.comparison import LABEL_GAP, _pyplot, label_offsets
+
+    figure, axes = _pyplot().subplots(figsize=(6, 4))
+    points = [(4212, 0.944), (4212, 0.9441), (22980, 0.944), (4212, 1.0)]
+    axes.scatter(*zip(*points))
+    axes.set_xscale("log")
+    offsets = label_offsets(axes, points)
+    heights = [axes.transData.transform(point)[1] * 72 / figure.dpi for point in points]
+    labels = [height + offset for height, offset in zip(heights, offsets)]
+    assert offsets[1] == 4 and offsets[3] == 4 and offsets[2] == 4
+    assert labels[1] - labels[0] == pytest.approx(LABEL_GAP)
+    _pyplot().close(figure)
