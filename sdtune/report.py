@@ -3,8 +3,8 @@
 It holds the runs' table (click a header to sort), the plots `sdtune compare` draws, and for every
 prompt the runs' images side by side, each linked to its run's config.toml. Images and plots are
 inlined as data URIs so that the file is the whole report: images up to THUMBNAIL pixels a side are
-inlined as the PNGs they are (the tiny models' 64 px images are a few KB); larger ones (SD's 512 px)
-as THUMBNAIL-pixel JPEG previews, which keeps a 20-prompt, 30-run report near 10 MB; the full images
+inlined as the PNGs they are (the tiny models' 64 px images are a few KB), and so are the plots, whose
+text a preview would blur; larger images (SD's 512 px) as THUMBNAIL-pixel JPEG previews, which keeps a 20-prompt, 30-run report near 10 MB; the full images
 stay in the run folders. Opened as `index.html?selftest=1` the page checks itself (every image
 decoded, the table sorts) and writes the outcome into `#selftest`, which headless Chromium's
 `--dump-dom` reads in the tests.
@@ -104,7 +104,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertic
 th.sortable { cursor: pointer; background: #f3f3f3; user-select: none; }
 th[aria-sort=ascending]::after { content: " \\25B2"; }
 th[aria-sort=descending]::after { content: " \\25BC"; }
-td.number { text-align: right; font-variant-numeric: tabular-nums; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.failed td { background: #fde8e8; }
 tr.pending td { color: #888; }
 .plots img { max-width: 48%; margin: 0.3em; border: 1px solid #ddd; }
@@ -117,12 +117,13 @@ figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1p
 """
 
 
-def data_uri(path: Path) -> str:
-    """The image as a data URI: as it is when small, else a THUMBNAIL-pixel JPEG preview."""
+def data_uri(path: Path, full: bool = False) -> str:
+    """The image as a data URI: as it is when small (or `full`: a plot, whose text a preview would blur away),
+    else a THUMBNAIL-pixel JPEG preview."""
     from PIL import Image
 
     with Image.open(path) as image:
-        if max(image.size) <= THUMBNAIL and path.suffix.lower() == ".png":
+        if (full or max(image.size) <= THUMBNAIL) and path.suffix.lower() == ".png":
             return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
         preview = image.convert("RGB")
         preview.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -329,7 +330,7 @@ def write_html_report(plan, comparison) -> Path:
     plots = [path for path in (comparison.files if comparison else []) if path.suffix == ".png" and path.is_file()]
     if plots:
         parts.append('<h2>Plots</h2><div class="plots">')
-        parts += [f'<img src="{data_uri(path)}" alt="{html.escape(path.stem)}">' for path in plots]
+        parts += [f'<img src="{data_uri(path, full=True)}" alt="{html.escape(path.stem)}">' for path in plots]
         parts.append("</div>")
     if prompts:
         parts.append("<h2>Samples</h2><p>Each image links to its run's config.toml.</p>")

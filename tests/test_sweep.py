@@ -432,3 +432,18 @@ def test_a_mean_is_shown_to_the_decimal_place_of_its_spread():
     assert _mean_spread(0.8751454, 7.7e-05) == "0.875145 ± 0.000077"
     assert _mean_spread(123.4, 12.3) == "123 ± 12"
     assert _mean_spread(0.9444, 0.0) == "0.9444 ± 0" and _mean_spread(0.4, None) == "0.4"
+
+
+def test_the_reports_plots_are_inlined_whole_not_as_previews(finished):
+    """A 256-pixel preview of a plot blurs its labels away: plots are inlined as the PNGs they are."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    _, output = finished
+    page = (output / "report" / "index.html").read_text()
+    encoded = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="loss">', page)
+    assert encoded, "the loss plot is not inlined as a PNG"
+    inlined = Image.open(io.BytesIO(base64.b64decode(encoded.group(1))))
+    assert inlined.size == Image.open(output / "report" / "compare" / "loss.png").size and max(inlined.size) > 256
