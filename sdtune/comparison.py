@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import CompareConfig
 from .errors import SdtuneError
-from .evaluation import METRICS, format_metric, read_evaluation
+from .evaluation import METRICS, format_metric, read_evaluation, stale_evaluation
 from .fileio import human_bytes
 from .tracking import METRICS_FILE, read_metrics_log
 
@@ -51,6 +51,7 @@ class RunSummary:
     placeholder: str = ""
     model: str = ""  # the base model the adapter was trained on
     resolution: int | None = None  # the run's --resolution; None: the model's own size
+    stale_evaluation: str = ""  # why its eval.json's metrics were left out (they measured another adapter)
     unfinished: str = ""  # why the adapter is not the run's last ("step 16 of 40, training now (pid 7 on host)")
 
     def row(self) -> dict[str, Any]:
@@ -151,6 +152,10 @@ def summarize_run(path: str | Path) -> RunSummary:
     memory += [r["peak_memory_bytes"] / 2**20 for r in records if isinstance(r.get("peak_memory_bytes"), (int, float))]
     losses = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and "loss" in r]
     report = read_evaluation(path) or {}
+    stale = stale_evaluation(report, path, info.method, info.options) if report else ""
+    if stale:  # another adapter's numbers would be read as this one's
+        warnings.warn(f"{path}: {stale}; its metrics are left out (run `sdtune evaluate --run {path}` again)", stacklevel=2)
+        report = {}
     return RunSummary(
         name=path.name,
         path=path,
@@ -168,6 +173,7 @@ def summarize_run(path: str | Path) -> RunSummary:
         unfinished=unfinished_run(path, info.extra.get("step", "")),
         model=info.base_model,
         resolution=run_resolution(path),
+        stale_evaluation=stale,
     )
 
 
@@ -466,7 +472,8 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     unfinished = [f"- {run.name} is unfinished: its adapter is of {run.unfinished}." for run in summaries if run.unfinished]
     if unfinished:
         lines += ["", "## Unfinished runs", "", *unfinished]
-    missing = [f"- {run.name}: not evaluated (no eval.json; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
+    missing = [f"- {run.name}: not evaluated (" + (f"{run.stale_evaluation}" if run.stale_evaluation else "no eval.json")
+               + f"; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
     if notes or missing:
         lines += ["", "## Missing metrics", "", *missing, *notes]
     if plots:

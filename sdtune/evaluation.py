@@ -613,10 +613,50 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     elif sweep_strength(files[0]) is not None:  # one strength of a sweep's images: say which
         report.update(adapter_scale=config.adapter_scale)
     if info is not None:
-        report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)))
+        report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)),
+                      adapter=adapter_path(config.run).name, adapter_digest=adapter_digest(adapter_path(config.run)))
     with output_file_lock(output):  # one writer at a time; what a killed evaluation left of it is swept
         write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     return Evaluation(output=output, metrics=report["metrics"], unavailable=report["unavailable"], report=report)
+
+
+DIGEST_WHOLE = 64 * 2**20  # adapters up to this size are hashed whole
+DIGEST_WINDOWS, DIGEST_WINDOW = 64, 2**20  # larger ones (a full fine-tune's UNet) by this many evenly spaced windows
+
+
+def adapter_digest(path: Path) -> str:
+    """What tells one training's adapter from another's (a run trained again, resumed or extended after it was
+    measured): the sha256 of the file, whose bytes the same weights always give, or for a file over DIGEST_WHOLE
+    of its size and DIGEST_WINDOWS windows spread over it, so that a full model's gigabytes are not read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if size <= DIGEST_WHOLE:
+            for block in iter(lambda: handle.read(DIGEST_WINDOW), b""):
+                digest.update(block)
+        else:
+            digest.update(str(size).encode())
+            for k in range(DIGEST_WINDOWS):
+                handle.seek((size - DIGEST_WINDOW) * k // (DIGEST_WINDOWS - 1))
+                digest.update(handle.read(DIGEST_WINDOW))
+    return digest.hexdigest()[:32]
+
+
+def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: dict[str, Any]) -> str:
+    """Why a run's eval.json does not measure its adapter.safetensors as it is now ("" where it does): it measured
+    another adapter file, or an adapter that has been replaced since (the run trained again, resumed or extended)."""
+    from .adapter import ADAPTER_FILE
+
+    if report.get("adapter") not in (None, ADAPTER_FILE):
+        return f"eval.json measured {report['adapter']}, not {ADAPTER_FILE}"
+    if "adapter_digest" in report:
+        if report["adapter_digest"] != adapter_digest(run / ADAPTER_FILE):
+            return f"eval.json measured an earlier {ADAPTER_FILE} (the run was trained again or further since)"
+    elif "method" in report and (report["method"] != method or report.get("options", options) != options):
+        return f"eval.json measured an adapter trained with {report['method']}, not this one of {method} (the run was trained again since)"
+    return ""
 
 
 def read_evaluation(run: str | Path) -> dict[str, Any] | None:

@@ -610,3 +610,52 @@ def test_labels_of_runs_at_one_parameter_count_do_not_overlap():
     assert offsets[1] == 4 and offsets[3] == 4 and offsets[2] == 4
     assert labels[1] - labels[0] == pytest.approx(LABEL_GAP)
     _pyplot().close(figure)
+
+
+def test_an_evaluation_of_an_earlier_adapter_is_not_read_as_the_runs(tmp_path, monkeypatch):
+    """eval.json records the digest of the adapter it measured: a run trained again (or resumed, or extended) after
+    its evaluation has stale metrics, which compare leaves out; an eval.json of before the digest falls back to the
+    method and options; one that measured the EMA adapter is not the run's adapter.safetensors's."""
+    import sdtune.evaluation as evaluation
+
+    (tmp_path / "adapter.safetensors").write_bytes(b"first training" * 100)
+    digest = evaluation.adapter_digest(tmp_path / "adapter.safetensors")
+    report = {"method": "lora", "options": {"rank": 4}, "adapter": "adapter.safetensors", "adapter_digest": digest}
+    assert evaluation.stale_evaluation(report, tmp_path, "lora", {"rank": 4}) == ""
+    (tmp_path / "adapter.safetensors").write_bytes(b"second training" * 100)
+    assert "measured an earlier adapter.safetensors" in evaluation.stale_evaluation(report, tmp_path, "lora", {"rank": 4})
+    older = {"method": "lora", "options": {"rank": 4}}
+    assert evaluation.stale_evaluation(older, tmp_path, "lora", {"rank": 4}) == ""
+    assert "measured an adapter trained with lora, not this one of atoms" in evaluation.stale_evaluation(older, tmp_path, "atoms", {"m": 9})
+    assert "measured adapter-ema.safetensors" in evaluation.stale_evaluation({**report, "adapter": "adapter-ema.safetensors"}, tmp_path, "lora", {"rank": 4})
+
+    # a full fine-tune's adapter is hashed by windows: a change anywhere in one is seen, and the file not read whole
+    monkeypatch.setattr(evaluation, "DIGEST_WHOLE", 1000)
+    monkeypatch.setattr(evaluation, "DIGEST_WINDOW", 100)
+    monkeypatch.setattr(evaluation, "DIGEST_WINDOWS", 3)
+    big = bytearray(5000)
+    (tmp_path / "big.safetensors").write_bytes(bytes(big))
+    before = evaluation.adapter_digest(tmp_path / "big.safetensors")
+    big[4999] = 1  # in the last window
+    (tmp_path / "big.safetensors").write_bytes(bytes(big))
+    assert evaluation.adapter_digest(tmp_path / "big.safetensors") != before
+
+
+def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
+    """A run trained again with --overwrite after `sdtune evaluate`: compare blanks the old numbers and says why."""
+    from sdtune.comparison import summarize_run
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, output=str(run)), progress=False)
+    from sdtune.evaluation import adapter_digest
+
+    report = {"format": "sdtune-eval/1", "metrics": {"dino": 0.9}, "unavailable": {}, "method": "lora",
+              "adapter": "adapter.safetensors", "adapter_digest": adapter_digest(run / "adapter.safetensors")}
+    (run / "eval.json").write_text(json.dumps(report))
+    assert summarize_run(run).metrics == {"dino": 0.9}
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, seed=1, output=str(run), overwrite=True), progress=False)
+    with pytest.warns(UserWarning, match="measured an earlier adapter.safetensors"):
+        summary = summarize_run(run)
+    assert summary.metrics == {} and "trained again" in summary.stale_evaluation
