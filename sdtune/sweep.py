@@ -259,8 +259,12 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
         raise SdtuneError(f"metrics {plan.metrics} measures the sampled images: give a [sample] section")
     sample = None
     if plan.sample is not None:
-        sample = SampleConfig.load(None, **substitute(plan.sample, names), adapter=str(folder),
-                                   output=str(folder / SAMPLES_FOLDER), overwrite=True)
+        sampled = substitute(plan.sample, names)
+        if train.dataset and not any(sampled.get(key) for key in ("prompt", "prompts", "dataset")):
+            # a run trained on a dataset samples its classes, one row each, as `sdtune sample --dataset` draws them
+            sampled.update(dataset=train.dataset, data_root=train.data_root, classes=train.classes or None,
+                           class_template=train.class_template)
+        sample = SampleConfig.load(None, **sampled, adapter=str(folder), output=str(folder / SAMPLES_FOLDER), overwrite=True)
     evaluate = substitute(plan.evaluate, names)
     EvaluateConfig.load(None, **evaluate, run=str(folder))
     resolved = train.resolved(default_lr)

@@ -447,3 +447,14 @@ def test_the_reports_plots_are_inlined_whole_not_as_previews(finished):
     assert encoded, "the loss plot is not inlined as a PNG"
     inlined = Image.open(io.BytesIO(base64.b64decode(encoded.group(1))))
     assert inlined.size == Image.open(output / "report" / "compare" / "loss.png").size and max(inlined.size) > 256
+
+
+def test_a_dataset_runs_samples_are_its_classes_unless_the_plan_gives_prompts(tmp_path):
+    from sdtune.sweep import read_plan
+
+    text = ('name = "ds"\n[train]\nmodel = "tiny"\ndataset = "digits"\nclasses = ["three", "seven"]\nsteps = 1\n'
+            '[axes]\nmethod = ["atoms"]\n[sample]\nnum_images = 1\n')
+    sample = read_plan(write_plan(tmp_path, text), tmp_path / "out").runs[0].sample
+    assert (sample.dataset, sample.classes, sample.num_images) == ("digits", ["three", "seven"], 1)
+    given = read_plan(write_plan(tmp_path, text + 'prompt = ["a three"]\n', name="given.toml"), tmp_path / "out").runs[0].sample
+    assert given.dataset is None and given.prompt == ["a three"]
