@@ -102,48 +102,19 @@ def unfinished_run(path: Path, adapter_step: str) -> str:
         return ""
     if not isinstance(steps, int) or step >= steps:
         return ""
+    from .adapter import training_holder
+
     holder = training_holder(path)
     where = f"training now (pid {holder[0]} on {holder[1]})" if holder else "stopped early"
     return f"step {step} of {steps}, {where}"
 
 
-def training_holder(path: Path) -> tuple[int, str] | None:
-    """(pid, host) of the live process that holds the run folder's lock (a training run), or None."""
-    from .fileio import LOCK_FILE, _holder_alive, _read_holder
-
-    try:
-        fd = os.open(path / LOCK_FILE, os.O_RDONLY)  # read, never locked: a run starting now must not be refused
-    except OSError:
-        return None
-    try:
-        holder = _read_holder(fd)
-    finally:
-        os.close(fd)
-    return holder if _holder_alive(holder) else None
-
-
-def not_a_run_because(path: Path) -> str:
-    """Why a folder without an adapter has none, where it tells: its sweep run failed, or it is training now."""
-    from .fileio import read_json
-
-    holder = training_holder(path)
-    if holder:
-        return f"it is training now (pid {holder[0]} on {holder[1]}) and has saved no adapter yet"
-    try:
-        marker = read_json(path / "sweep-run.json")
-    except (SdtuneError, OSError):  # a damaged or unreadable marker tells nothing
-        marker = None
-    if isinstance(marker, dict) and marker.get("state") == "failed":
-        return f"its sweep run failed: {marker.get('error', 'no reason recorded')}"
-    return ""
-
-
 def summarize_run(path: str | Path) -> RunSummary:
-    from .adapter import ADAPTER_FILE, read_adapter_info
+    from .adapter import ADAPTER_FILE, missing_adapter_reason, read_adapter_info
 
     path = Path(path)
     if not (path / ADAPTER_FILE).is_file():
-        why = not_a_run_because(path) if path.is_dir() else ""
+        why = missing_adapter_reason(path) if path.is_dir() else ""
         raise SdtuneError(f"{path}: not a run folder (no {ADAPTER_FILE}" + (f"; {why})" if why else ")"))
     info = read_adapter_info(path)[0]
     records = read_metrics_log(path / METRICS_FILE)

@@ -562,6 +562,10 @@ def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
     (failed / "sweep-run.json").write_text('{"state": "failed", "error": "out of memory"}')
     with pytest.raises(SdtuneError, match=r"failed: not a run folder \(no adapter.safetensors; its sweep run failed: out of memory\)$"):
         summarize_run(failed)
+    from sdtune.adapter import adapter_path  # what sample, evaluate, export... say of it
+
+    with pytest.raises(SdtuneError, match=r"adapter not found: .*failed/adapter.safetensors \(its sweep run failed: out of memory\)$"):
+        adapter_path(failed)
     training = tmp_path / "training"
     training.mkdir()
     trainer = subprocess.Popen(["sleep", "60"])
