@@ -4,8 +4,9 @@ It holds the runs' table (click a header to sort), the plots `sdtune compare` dr
 prompt the runs' images side by side, each linked to its run's config.toml. Images and plots are
 inlined as data URIs so that the file is the whole report: images up to THUMBNAIL pixels a side are
 inlined as the PNGs they are (the tiny models' 64 px images are a few KB), and so are the plots, whose
-text a preview would blur; larger images (SD's 512 px) as THUMBNAIL-pixel JPEG previews, which keeps a 20-prompt, 30-run report near 10 MB; the full images
-stay in the run folders. Opened as `index.html?selftest=1` the page checks itself (every image
+text a preview would blur; larger images (SD's 512 px) as THUMBNAIL-pixel JPEG previews, which keeps a
+20-prompt, 30-run report near 10 MB; the full images stay in the run folders. With a seed axis, the runs
+that differ only in their seed are gathered into one row each: mean ± standard deviation over the seeds. Opened as `index.html?selftest=1` the page checks itself (every image
 decoded, the table sorts) and writes the outcome into `#selftest`, which headless Chromium's
 `--dump-dom` reads in the tests.
 """
