@@ -6,9 +6,9 @@ inlined as data URIs so that the file is the whole report: images up to THUMBNAI
 inlined as the PNGs they are (the tiny models' 64 px images are a few KB), and so are the plots, whose
 text a preview would blur; larger images (SD's 512 px) as THUMBNAIL-pixel JPEG previews, which keeps a
 20-prompt, 30-run report near 10 MB; the full images stay in the run folders. With a seed axis, the runs
-that differ only in their seed are gathered into one row each: mean ± standard deviation over the seeds. Opened as `index.html?selftest=1` the page checks itself (every image
-decoded, the table sorts) and writes the outcome into `#selftest`, which headless Chromium's
-`--dump-dom` reads in the tests.
+that differ only in their seed are gathered into one row each: mean ± standard deviation over the seeds.
+Opened as `index.html?selftest=1` the page checks itself (every image decoded, the table sorts) and
+writes the outcome into `#selftest`, which headless Chromium's `--dump-dom` reads in the tests.
 """
 
 from __future__ import annotations
