@@ -382,20 +382,31 @@ def run_prompt(run: Path, placeholder: str) -> str:
         ) from None
 
 
+MAX_DATASET_REFERENCE = 2000  # a dataset run's reference images at most: 50,000 at 512 px would be 39 GB of RAM
+
+
 def run_dataset(run: Path):
-    """The labelled dataset a run trained on (its classes, split and images per class), or None for a concept's run."""
+    """The labelled dataset a run trained on (its classes, split and images per class), or None for a concept's run;
+    over MAX_DATASET_REFERENCE images, that many drawn evenly over its classes (seeded by the run's seed)."""
+    from dataclasses import replace
+
     from .config import read_toml
-    from .datasets import load_dataset, readable_examples
+    from .datasets import balanced_subset, load_dataset, readable_examples
 
     settings = read_toml(run / "config.toml") if (run / "config.toml").is_file() else {}
     if not settings.get("dataset"):
         return None
     try:
-        return readable_examples(load_dataset(
+        seed = settings.get("seed") or 0
+        dataset = load_dataset(
             settings["dataset"], settings.get("data_root"), classes=settings.get("classes") or None,
             max_per_class=settings.get("max_per_class") or 0, split=settings.get("split"),
-            template=settings.get("class_template"), seed=settings.get("seed") or 0,
-        ))
+            template=settings.get("class_template"), seed=seed,
+        )
+        if len(dataset.examples) > MAX_DATASET_REFERENCE:
+            per_class = max(1, MAX_DATASET_REFERENCE // len({example.label for example in dataset.examples}))
+            dataset = replace(dataset, examples=balanced_subset(dataset.examples, per_class, seed))
+        return readable_examples(dataset)
     except (SdtuneError, TypeError, ValueError) as error:  # moved data, or a config.toml edited by hand
         raise MetricUnavailable(f"no reference images ({error_line(error)}; give --reference DIR)") from None
 

@@ -488,6 +488,13 @@ def test_a_dataset_runs_reference_and_prompts_are_its_dataset(tmp_path):
     assert len(images) == 3 and all(tuple(image.shape) == (3, 16, 16) for image in images)
     assert run_prompts(run, "") == ["This is a picture of the handwritten digit three."]
 
+    # all 5,000 digits: at most MAX_DATASET_REFERENCE, as many of each class
+    from sdtune.evaluation import MAX_DATASET_REFERENCE, run_dataset
+
+    (run / "config.toml").write_text('dataset = "digits"\nseed = 0\n')
+    labels = [example.label for example in run_dataset(run).examples]
+    assert len(labels) == MAX_DATASET_REFERENCE == 2000 and {labels.count(label) for label in set(labels)} == {200}
+
 
 def test_missing_metrics_are_one_line_a_reason_not_a_line_a_metric_and_run(tmp_path):
     from sdtune.comparison import RunSummary, unavailable_notes
