@@ -39,11 +39,44 @@ def adapter_path(path: str | Path) -> Path:
             f"{path}: {path.suffix} files are pickles, which can run code when loaded; "
             "sdtune reads adapters only as safetensors"
         )
-    if path.is_dir():
+    folder = path if path.is_dir() else None
+    if folder is not None:
         path = path / ADAPTER_FILE
     if not path.is_file():
-        raise SdtuneError(f"adapter not found: {path}")
+        why = missing_adapter_reason(folder) if folder is not None else ""
+        raise SdtuneError(f"adapter not found: {path}" + (f" ({why})" if why else ""))
     return path
+
+
+def training_holder(path: Path) -> tuple[int, str] | None:
+    """(pid, host) of the live process that holds the run folder's lock (a training run), or None."""
+    from .fileio import LOCK_FILE, _holder_alive, _read_holder
+
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDONLY)  # read, never locked: a run starting now must not be refused
+    except OSError:
+        return None
+    try:
+        holder = _read_holder(fd)
+    finally:
+        os.close(fd)
+    return holder if _holder_alive(holder) else None
+
+
+def missing_adapter_reason(path: Path) -> str:
+    """Why a folder without an adapter has none, where it tells: its sweep run failed, or it is training now."""
+    from .fileio import read_json
+
+    holder = training_holder(path)
+    if holder:
+        return f"it is training now (pid {holder[0]} on {holder[1]}) and has saved no adapter yet"
+    try:
+        marker = read_json(path / "sweep-run.json")
+    except (SdtuneError, OSError):  # a damaged or unreadable marker tells nothing
+        marker = None
+    if isinstance(marker, dict) and marker.get("state") == "failed":
+        return f"its sweep run failed: {marker.get('error', 'no reason recorded')}"
+    return ""
 
 
 def adapter_bytes(method) -> int:

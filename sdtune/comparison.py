@@ -12,13 +12,14 @@ import csv
 import io
 import os
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import CompareConfig
 from .errors import SdtuneError
-from .evaluation import METRICS, format_metric, read_evaluation
+from .evaluation import METRICS, format_metric, read_evaluation, stale_evaluation
 from .fileio import human_bytes
 from .tracking import METRICS_FILE, read_metrics_log
 
@@ -27,7 +28,7 @@ CSV_FILE = "comparison.csv"
 LOSS_PLOT = "loss.png"
 GRID_FILE = "grid.png"
 BASE_COLUMNS = (
-    "run", "method", "variant", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+    "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
 )
 
 
@@ -48,6 +49,10 @@ class RunSummary:
     unavailable: dict[str, str] = field(default_factory=dict)
     eval_prompts: list[str] = field(default_factory=list)
     placeholder: str = ""
+    model: str = ""  # the base model the adapter was trained on
+    resolution: int | None = None  # the run's --resolution; None: the model's own size
+    stale_evaluation: str = ""  # why its eval.json's metrics were left out (they measured another adapter)
+    unfinished: str = ""  # why the adapter is not the run's last ("step 16 of 40, training now (pid 7 on host)")
 
     def row(self) -> dict[str, Any]:
         """The CSV row: numbers as they are, blanks where nothing was logged or measured."""
@@ -55,6 +60,8 @@ class RunSummary:
             "run": self.name,
             "method": self.method,
             "variant": self.variant,
+            "model": self.model,
+            "resolution": self.resolution,
             "trainable_parameters": self.num_parameters,
             "adapter_bytes": self.adapter_bytes,
             "train_seconds_per_step": self.seconds_per_step,
@@ -84,12 +91,31 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
 
 
+def unfinished_run(path: Path, adapter_step: str) -> str:
+    """"" for a run whose adapter is of its last step; else its step of the run's --steps, and whether a
+    training process holds the folder now (its lock's holder alive) or the run stopped early."""
+    from .config import read_toml
+
+    try:
+        steps, step = read_toml(path / "config.toml").get("steps"), int(adapter_step)
+    except (SdtuneError, ValueError):  # no config.toml, or an adapter without its step: nothing to tell
+        return ""
+    if not isinstance(steps, int) or step >= steps:
+        return ""
+    from .adapter import training_holder
+
+    holder = training_holder(path)
+    where = f"training now (pid {holder[0]} on {holder[1]})" if holder else "stopped early"
+    return f"step {step} of {steps}, {where}"
+
+
 def summarize_run(path: str | Path) -> RunSummary:
-    from .adapter import ADAPTER_FILE, read_adapter_info
+    from .adapter import ADAPTER_FILE, missing_adapter_reason, read_adapter_info
 
     path = Path(path)
     if not (path / ADAPTER_FILE).is_file():
-        raise SdtuneError(f"{path}: not a run folder (no {ADAPTER_FILE})")
+        why = missing_adapter_reason(path) if path.is_dir() else ""
+        raise SdtuneError(f"{path}: not a run folder (no {ADAPTER_FILE}" + (f"; {why})" if why else ")"))
     info = read_adapter_info(path)[0]
     records = read_metrics_log(path / METRICS_FILE)
     seconds = [r["step_seconds"] for r in records if isinstance(r.get("step_seconds"), (int, float))]
@@ -97,6 +123,10 @@ def summarize_run(path: str | Path) -> RunSummary:
     memory += [r["peak_memory_bytes"] / 2**20 for r in records if isinstance(r.get("peak_memory_bytes"), (int, float))]
     losses = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and "loss" in r]
     report = read_evaluation(path) or {}
+    stale = stale_evaluation(report, path, info.method, info.options) if report else ""
+    if stale:  # another adapter's numbers would be read as this one's
+        warnings.warn(f"{path}: {stale}; its metrics are left out (run `sdtune evaluate --run {path}` again)", stacklevel=2)
+        report = {}
     return RunSummary(
         name=path.name,
         path=path,
@@ -111,18 +141,38 @@ def summarize_run(path: str | Path) -> RunSummary:
         unavailable=dict(report.get("unavailable", {})),
         eval_prompts=list(report.get("prompts", [])),
         placeholder=info.placeholder,
+        unfinished=unfinished_run(path, info.extra.get("step", "")),
+        model=info.base_model,
+        resolution=run_resolution(path),
+        stale_evaluation=stale,
     )
 
 
+def run_resolution(path: Path) -> int | None:
+    """The run's --resolution from its config.toml; None where it trained at the model's own size (or says nothing)."""
+    from .config import read_toml
+
+    try:
+        resolution = read_toml(path / "config.toml").get("resolution")
+    except SdtuneError:
+        return None
+    return resolution if isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0 else None
+
+
 def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
-    header = ["run", "method", "variant", "trainable", "adapter", "s/step", "peak MB"]
+    # the base model and training size are shown where the runs differ in them: a sweep's runs mostly share both
+    settings = [("model", "model"), ("resolution", "px")]
+    settings = [(key, title) for key, title in settings if len({getattr(run, key) for run in runs}) > 1]
+    header = ["run", "method", "variant", *(title for _, title in settings), "trainable", "adapter", "s/step", "peak MB"]
     header += [METRICS[name][0] for name in metric_names]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    texts = 3 + len(settings)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * texts + ["---:"] * (len(header) - texts)) + "|"]
     for run in runs:
         cells = [
-            run.name,
+            run.name + (" (unfinished)" if run.unfinished else ""),
             run.method,
             run.variant,
+            *(("native" if getattr(run, key) is None else str(getattr(run, key))) for key, _ in settings),
             f"{run.num_parameters:,}",
             human_bytes(run.adapter_bytes),
             f"{run.seconds_per_step:.3f}" if run.seconds_per_step is not None else "",
@@ -162,21 +212,45 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+LABEL_GAP = 10  # points between the labels of runs at one parameter count (8-point text)
+
+
+def label_offsets(axes, points: list[tuple[float, float]]) -> list[float]:
+    """Each point's label offset upwards, in points: 4 above it, except where a run of the same parameter count
+    (another seed, another rate) is labelled close above; such labels are pushed down to LABEL_GAP apart."""
+    axes.autoscale_view()
+    figure = axes.get_figure()
+    to_points = 72 / figure.dpi
+    heights = [axes.transData.transform(point)[1] * to_points for point in points]
+    offsets = [4.0] * len(points)
+    by_count: dict[float, list[int]] = {}
+    for index, (count, _) in enumerate(points):
+        by_count.setdefault(count, []).append(index)
+    for indices in by_count.values():
+        below = None  # the lowest label placed so far, in points from the figure's foot
+        for index in sorted(indices, key=lambda i: -heights[i]):
+            label = heights[index] + 4
+            if below is not None and label > below - LABEL_GAP:
+                label = below - LABEL_GAP
+            offsets[index], below = label - heights[index], label
+    return offsets
+
+
 def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
     """The metric against trainable parameters (log axis), one labelled point per run, coloured by method."""
     plt = _pyplot()
     colors = _method_colors(runs)
     figure, axes = plt.subplots(figsize=(6, 4))
     shown = set()
-    for run in runs:
-        if metric not in run.metrics or run.num_parameters <= 0:
-            continue
+    plotted = [run for run in runs if metric in run.metrics and run.num_parameters > 0]
+    for run in plotted:
         label = run.method if run.method not in shown else None
         shown.add(run.method)
         axes.scatter(run.num_parameters, run.metrics[metric], color=colors[run.method], label=label, s=40, zorder=3)
-        axes.annotate(run.name, (run.num_parameters, run.metrics[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    title = METRICS[metric][0]
     axes.set_xscale("log")
+    for run, offset in zip(plotted, label_offsets(axes, [(run.num_parameters, run.metrics[metric]) for run in plotted])):
+        axes.annotate(run.name, (run.num_parameters, run.metrics[metric]), textcoords="offset points", xytext=(5, offset), fontsize=8)
+    title = METRICS[metric][0]
     axes.set_xlabel("trainable parameters")
     axes.set_ylabel(title)
     axes.set_title(f"{title} vs trainable parameters")
@@ -185,26 +259,34 @@ def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
     return _save(figure, path)
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def plot_losses(runs: list[RunSummary], path: Path) -> Path:
-    """Every run's training loss per step: the raw values faint, a moving average on top."""
+    """Every run's training loss per step: the raw values faint, a moving average on top. Runs are coloured by
+    method and told apart within it by line style (a sweep has more runs than a palette has colours), and the
+    legend stands beside the plot, where it hides no curve."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4))
-    palette = plt.get_cmap("tab10")
-    for i, run in enumerate(runs):
+    colors = _method_colors(runs)
+    drawn: dict[str, int] = {}  # runs drawn so far of each method
+    for run in runs:
         if not run.losses:
             continue
         steps = [s for s, _ in run.losses]
         values = [v for _, v in run.losses]
-        color = palette(i % 10)
+        color = colors[run.method]
+        style = LINE_STYLES[drawn.get(run.method, 0) % len(LINE_STYLES)]
+        drawn[run.method] = drawn.get(run.method, 0) + 1
         window = max(1, len(values) // 20)
         smooth = [sum(values[max(0, k - window + 1) : k + 1]) / len(values[max(0, k - window + 1) : k + 1]) for k in range(len(values))]
-        axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        axes.plot(steps, smooth, color=color, linewidth=1.6, label=f"{run.name} ({run.method})")
+        axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, linestyle=style)
+        axes.plot(steps, smooth, color=color, linewidth=1.6, linestyle=style, label=f"{run.name} ({run.method})")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("training loss")
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + sum(drawn.values()) // 30)
     return _save(figure, path)
 
 
@@ -259,12 +341,24 @@ def sample_grid(runs: list[RunSummary], prompts: list[str], configs: list, outpu
 
 
 def _unique_names(runs: list[RunSummary]) -> None:
-    seen: dict[str, int] = {}
+    """Runs of the same folder name (two sweeps' runs/lora-seed0) named by as many of their parent folders as tell
+    them apart (sweep-a-runs-lora-seed0, sweep-b-runs-lora-seed0); the same folder given twice is numbered."""
+    def name_of(run: RunSummary, depth: int) -> str:
+        parts = [part for part in run.path.resolve().parts if part not in ("", "/")]
+        return "-".join(parts[-depth:])
+
+    seen: dict[str, list[RunSummary]] = {}
     for run in runs:
-        seen[run.name] = seen.get(run.name, 0) + 1
-    for run in runs:
-        if seen[run.name] > 1:
-            run.name = f"{run.path.parent.name}-{run.name}" if run.path.parent.name else str(run.path)
+        seen.setdefault(run.name, []).append(run)
+    for same in seen.values():
+        if len(same) < 2:
+            continue
+        depth = deepest = max(len(run.path.resolve().parts) for run in same)
+        for depth in range(2, deepest + 1):
+            if len({name_of(run, depth) for run in same}) == len({run.path.resolve() for run in same}):
+                break
+        for run in same:
+            run.name = name_of(run, depth)
     counts: dict[str, int] = {}
     for run in runs:  # still the same (the same folder given twice): number them
         counts[run.name] = counts.get(run.name, 0) + 1
@@ -272,15 +366,35 @@ def _unique_names(runs: list[RunSummary]) -> None:
             run.name = f"{run.name}-{counts[run.name]}"
 
 
+def unavailable_notes(runs: list[RunSummary]) -> list[str]:
+    """One line for each reason a metric was unavailable, naming its metrics and runs: a sweep's runs all miss the
+    same models, which a line per metric and run would repeat dozens of times."""
+    by_reason: dict[str, dict[str, list[str]]] = {}  # reason -> metric -> runs
+    for run in runs:
+        for metric, why in run.unavailable.items():
+            if metric in METRICS:
+                by_reason.setdefault(why, {}).setdefault(metric, []).append(run.name)
+    lines = []
+    for why, metrics in by_reason.items():
+        by_runs: dict[tuple[str, ...], list[str]] = {}  # the metrics missed by the same runs share a line
+        for metric in METRICS:
+            if metric in metrics:
+                by_runs.setdefault(tuple(metrics[metric]), []).append(METRICS[metric][0])
+        for names, titles in by_runs.items():
+            who = "every run" if len(runs) > 1 and len(names) == len(runs) else ", ".join(names)
+            lines.append(f"- {', '.join(titles)} unavailable for {who}: {why}")
+    return lines
+
+
 def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list[str]:
     from .data import read_prompt_file
-    from .evaluation import run_prompt
+    from .evaluation import run_prompts
 
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if prompts:
         return prompts
     first = runs[0]
-    return first.eval_prompts or [run_prompt(first.path, first.placeholder or "<concept>")]
+    return first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>")
 
 
 def compare(runs: list[str], output: str, progress: bool = True, **options: Any) -> Comparison:
@@ -292,6 +406,9 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     config = CompareConfig.load(None, runs=[str(r) for r in runs], output=str(output), **options)
     summaries = [summarize_run(path) for path in config.runs]
     _unique_names(summaries)
+    for run in summaries:
+        if run.unfinished:
+            warnings.warn(f"{run.name} is unfinished: its adapter is of {run.unfinished}; it is compared as it is now", stacklevel=2)
     out = Path(config.output)
     # Everything that can refuse is checked before the first file is written: an earlier comparison
     # in `out` stays whole.
@@ -322,8 +439,12 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
         "step time from metrics.jsonl. Peak MB: peak memory, where the run logged it."
     )
     lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
-    notes = [f"- {run.name}: {METRICS[m][0]} unavailable ({why})" for run in summaries for m, why in run.unavailable.items() if m in METRICS]
-    missing = [f"- {run.name}: not evaluated (no eval.json; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
+    notes = unavailable_notes(summaries)
+    unfinished = [f"- {run.name} is unfinished: its adapter is of {run.unfinished}." for run in summaries if run.unfinished]
+    if unfinished:
+        lines += ["", "## Unfinished runs", "", *unfinished]
+    missing = [f"- {run.name}: not evaluated (" + (f"{run.stale_evaluation}" if run.stale_evaluation else "no eval.json")
+               + f"; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
     if notes or missing:
         lines += ["", "## Missing metrics", "", *missing, *notes]
     if plots:

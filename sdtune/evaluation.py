@@ -296,16 +296,19 @@ def _to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def read_images(paths: list[Path], resolution: int | None = None) -> list:
-    """uint8 tensors (3, H, W): as they are, or resized and center-cropped to `resolution`."""
+def read_images(paths: list, resolution: int | None = None) -> list:
+    """uint8 tensors (3, H, W): as they are, or resized and center-cropped to `resolution`. Besides files,
+    `paths` may hold PIL images (an in-memory dataset's examples, as `run_reference` gives them)."""
     from PIL import Image
 
-    from .data import load_images, to_rgb
+    from .data import frame, load_images, to_rgb
 
     if resolution:
+        files = [path for path in paths if not isinstance(path, Image.Image)]
+        in_memory = [frame(to_rgb(image), resolution, resolution).image for image in paths if isinstance(image, Image.Image)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small reference images are upscaled: expected here
-            return [_to_tensor(image) for image in load_images(paths, resolution)]
+            return [_to_tensor(image) for image in (load_images(files, resolution) if files else []) + in_memory]
     images = []
     for path in paths:
         try:
@@ -379,13 +382,62 @@ def run_prompt(run: Path, placeholder: str) -> str:
         ) from None
 
 
-def run_reference(run: Path) -> list[Path]:
-    """The images the run was trained on."""
+MAX_DATASET_REFERENCE = 2000  # a dataset run's reference images at most: 50,000 at 512 px would be 39 GB of RAM
+
+
+def run_dataset(run: Path):
+    """The labelled dataset a run trained on (its classes, split and images per class), or None for a concept's run;
+    over MAX_DATASET_REFERENCE images, that many drawn evenly over its classes (seeded by the run's seed)."""
+    from dataclasses import replace
+
+    from .config import read_toml
+    from .datasets import balanced_subset, load_dataset, readable_examples
+
+    settings = read_toml(run / "config.toml") if (run / "config.toml").is_file() else {}
+    if not settings.get("dataset"):
+        return None
+    try:
+        seed = settings.get("seed") or 0
+        dataset = load_dataset(
+            settings["dataset"], settings.get("data_root"), classes=settings.get("classes") or None,
+            max_per_class=settings.get("max_per_class") or 0, split=settings.get("split"),
+            template=settings.get("class_template"), seed=seed,
+        )
+        if len(dataset.examples) > MAX_DATASET_REFERENCE:
+            per_class = max(1, MAX_DATASET_REFERENCE // len({example.label for example in dataset.examples}))
+            dataset = replace(dataset, examples=balanced_subset(dataset.examples, per_class, seed))
+        return readable_examples(dataset)
+    except (SdtuneError, TypeError, ValueError) as error:  # moved data, or a config.toml edited by hand
+        raise MetricUnavailable(f"no reference images ({error_line(error)}; give --reference DIR)") from None
+
+
+def run_prompts(run: Path, placeholder: str) -> list[str]:
+    """The prompts a run is measured with by default: a dataset run's caption of each class (as `sdtune sample
+    --dataset` draws them), else its training prompt."""
+    from .config import read_toml
+    from .datasets import class_captions
+
+    settings = read_toml(run / "config.toml") if (run / "config.toml").is_file() else {}
+    if settings.get("dataset"):
+        return [caption for _, caption in class_captions(
+            settings["dataset"], settings.get("data_root"), settings.get("classes") or None, settings.get("class_template"))]
+    return [run_prompt(run, placeholder)]
+
+
+def run_reference(run: Path) -> list:
+    """The images the run was trained on: files, or (a dataset held in memory, such as digits) PIL images."""
     from .config import read_toml
     from .datasets import concept_images
 
     if not (run / "config.toml").is_file():
         raise MetricUnavailable(f"no reference images: {run} has no config.toml (give --reference DIR)")
+    dataset = run_dataset(run)
+    if dataset is not None:
+        from PIL import Image
+
+        if dataset.arrays is not None:
+            return [Image.fromarray(dataset.arrays[example.image]) for example in dataset.examples]
+        return [example.image for example in dataset.examples]
     settings = read_toml(run / "config.toml")
     concepts, folders = settings.get("concept", ""), settings.get("images")
     if not isinstance(concepts, list):  # one concept (several: a list, with a list of folders or none)
@@ -400,6 +452,18 @@ def run_reference(run: Path) -> list[Path]:
         raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
 
 
+def reference_source(config: EvaluateConfig, run: Path | None, reference_files: list) -> str | None:
+    """Where the reference images came from, for eval.json: the folder, or a dataset run's dataset."""
+    from .config import read_toml
+
+    if not reference_files:
+        return None
+    if not config.reference and run is not None and (settings := read_toml(run / "config.toml")).get("dataset"):
+        root = settings.get("data_root")
+        return f"dataset {settings['dataset']}" + (f" ({root})" if root else "")
+    return str(Path(reference_files[0]).parent)
+
+
 # ---------------------------------------------------------------------------------------------
 # The evaluation
 
@@ -408,7 +472,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     """Sample with the run's adapter (or read --images), measure every metric, write eval.json."""
     import torch
 
-    from .adapter import adapter_path, read_adapter_info
+    from .adapter import ADAPTER_FILE, adapter_path, read_adapter_info
     from .config import SampleConfig
     from .data import fill_placeholders, read_prompt_file
     from .fileio import output_file_lock, write_text_atomic
@@ -418,9 +482,14 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     quiet_libraries()
     info = read_adapter_info(config.run)[0] if config.run else None
     run = adapter_path(config.run).parent if config.run else None
+    if run is not None and adapter_path(config.run).name == ADAPTER_FILE:
+        from .comparison import unfinished_run
+
+        if unfinished := unfinished_run(run, info.extra.get("step", "")):
+            warnings.warn(f"{run} is unfinished: its adapter is of {unfinished}; it is measured as it is now", stacklevel=2)
     prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
     if not prompts and info is not None:
-        prompts = [run_prompt(run, info.placeholder or "<concept>")]
+        prompts = run_prompts(run, info.placeholder or "<concept>")
     files = one_strength(image_folder(config.images), config.adapter_scale, config.images) if config.images else []
     if config.output:
         output = Path(config.output)
@@ -538,7 +607,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         "format": FORMAT,
         "run": str(run) if run else None,
         "images": str(Path(files[0]).parent),
-        "reference": str(reference_files[0].parent) if reference_files else None,
+        "reference": reference_source(config, run, reference_files),
         "prompts": prompts,
         "generated_images": len(generated),
         "reference_images": len(reference),
@@ -555,10 +624,50 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     elif sweep_strength(files[0]) is not None:  # one strength of a sweep's images: say which
         report.update(adapter_scale=config.adapter_scale)
     if info is not None:
-        report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)))
+        report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)),
+                      adapter=adapter_path(config.run).name, adapter_digest=adapter_digest(adapter_path(config.run)))
     with output_file_lock(output):  # one writer at a time; what a killed evaluation left of it is swept
         write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     return Evaluation(output=output, metrics=report["metrics"], unavailable=report["unavailable"], report=report)
+
+
+DIGEST_WHOLE = 64 * 2**20  # adapters up to this size are hashed whole
+DIGEST_WINDOWS, DIGEST_WINDOW = 64, 2**20  # larger ones (a full fine-tune's UNet) by this many evenly spaced windows
+
+
+def adapter_digest(path: Path) -> str:
+    """What tells one training's adapter from another's (a run trained again, resumed or extended after it was
+    measured): the sha256 of the file, whose bytes the same weights always give, or for a file over DIGEST_WHOLE
+    of its size and DIGEST_WINDOWS windows spread over it, so that a full model's gigabytes are not read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if size <= DIGEST_WHOLE:
+            for block in iter(lambda: handle.read(DIGEST_WINDOW), b""):
+                digest.update(block)
+        else:
+            digest.update(str(size).encode())
+            for k in range(DIGEST_WINDOWS):
+                handle.seek((size - DIGEST_WINDOW) * k // (DIGEST_WINDOWS - 1))
+                digest.update(handle.read(DIGEST_WINDOW))
+    return digest.hexdigest()[:32]
+
+
+def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: dict[str, Any]) -> str:
+    """Why a run's eval.json does not measure its adapter.safetensors as it is now ("" where it does): it measured
+    another adapter file, or an adapter that has been replaced since (the run trained again, resumed or extended)."""
+    from .adapter import ADAPTER_FILE
+
+    if report.get("adapter") not in (None, ADAPTER_FILE):
+        return f"eval.json measured {report['adapter']}, not {ADAPTER_FILE}"
+    if "adapter_digest" in report:
+        if report["adapter_digest"] != adapter_digest(run / ADAPTER_FILE):
+            return f"eval.json measured an earlier {ADAPTER_FILE} (the run was trained again or further since)"
+    elif "method" in report and (report["method"] != method or report.get("options", options) != options):
+        return f"eval.json measured an adapter trained with {report['method']}, not this one of {method} (the run was trained again since)"
+    return ""
 
 
 def read_evaluation(run: str | Path) -> dict[str, Any] | None:

@@ -105,10 +105,10 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
 
     if isinstance(run, ExplainConfig):
         if settings:
-            raise TypeError("explain takes an ExplainConfig or a run with settings, not both")
+            raise SdtuneError("explain takes an ExplainConfig or a run with settings, not both")
         config = run
-    else:
-        config = ExplainConfig(run=run, **settings)
+    else:  # a misspelt setting is named as the other commands' API names it, not a TypeError
+        config = ExplainConfig.load(None, run=str(run), **settings)
     path = adapter_path(config.run)
     info = read_adapter_info(path)[0]
     config.validate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
             lines.append(f"| final loss (mean of the last {min(LOSS_WINDOW, len(losses))} steps) | {mean:.4f} |")
         if (run / "config.toml").exists():
             lines += ["", "`sdtune train --config config.toml` replays the run (`--output` elsewhere)."]
-    lines += evaluation_lines(run)
+    lines += evaluation_lines(run, info)
     files = [f for f in (path.name, "config.toml", "metrics.jsonl", "eval.json", GRID.as_posix()) if (run / f).is_file()]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).strip() + "\n"))
@@ -174,12 +175,15 @@ def final_losses(run: Path) -> list[float]:
     return losses
 
 
-def evaluation_lines(run: Path) -> list[str]:
-    """The metrics table of the run's eval.json, if `sdtune evaluate` wrote one."""
-    from .evaluation import METRICS, format_metric, read_evaluation
+def evaluation_lines(run: Path, info) -> list[str]:
+    """The metrics table of the run's eval.json, if `sdtune evaluate` wrote one of the adapter as it is now."""
+    from .evaluation import METRICS, format_metric, read_evaluation, stale_evaluation
 
     report = read_evaluation(run)
     if not report or not report.get("metrics"):
+        return []
+    if stale := stale_evaluation(report, run, info.method, info.options):  # another adapter's numbers
+        warnings.warn(f"{run}: {stale}; the card leaves its metrics out (run `sdtune evaluate --run {run}` again)", stacklevel=2)
         return []
     lines = ["", "## Evaluation (`sdtune evaluate`)", "", "| metric | value | meaning |", "| --- | ---: | --- |"]
     for key, (title, meaning) in METRICS.items():

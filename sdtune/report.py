@@ -3,11 +3,12 @@
 It holds the runs' table (click a header to sort), the plots `sdtune compare` draws, and for every
 prompt the runs' images side by side, each linked to its run's config.toml. Images and plots are
 inlined as data URIs so that the file is the whole report: images up to THUMBNAIL pixels a side are
-inlined as the PNGs they are (the tiny models' 64 px images are a few KB); larger ones (SD's 512 px)
-as THUMBNAIL-pixel JPEG previews, which keeps a 20-prompt, 30-run report near 10 MB; the full images
-stay in the run folders. Opened as `index.html?selftest=1` the page checks itself (every image
-decoded, the table sorts) and writes the outcome into `#selftest`, which headless Chromium's
-`--dump-dom` reads in the tests.
+inlined as the PNGs they are (the tiny models' 64 px images are a few KB), and so are the plots, whose
+text a preview would blur; larger images (SD's 512 px) as THUMBNAIL-pixel JPEG previews, which keeps a
+20-prompt, 30-run report near 10 MB; the full images stay in the run folders. With a seed axis, the runs
+that differ only in their seed are gathered into one row each: mean ± standard deviation over the seeds.
+Opened as `index.html?selftest=1` the page checks itself (every image decoded, the table sorts) and
+writes the outcome into `#selftest`, which headless Chromium's `--dump-dom` reads in the tests.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertic
 th.sortable { cursor: pointer; background: #f3f3f3; user-select: none; }
 th[aria-sort=ascending]::after { content: " \\25B2"; }
 th[aria-sort=descending]::after { content: " \\25BC"; }
-td.number { text-align: right; font-variant-numeric: tabular-nums; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.failed td { background: #fde8e8; }
 tr.pending td { color: #888; }
 .plots img { max-width: 48%; margin: 0.3em; border: 1px solid #ddd; }
@@ -117,12 +118,13 @@ figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1p
 """
 
 
-def data_uri(path: Path) -> str:
-    """The image as a data URI: as it is when small, else a THUMBNAIL-pixel JPEG preview."""
+def data_uri(path: Path, full: bool = False) -> str:
+    """The image as a data URI: as it is when small (or `full`: a plot, whose text a preview would blur away),
+    else a THUMBNAIL-pixel JPEG preview."""
     from PIL import Image
 
     with Image.open(path) as image:
-        if max(image.size) <= THUMBNAIL and path.suffix.lower() == ".png":
+        if (full or max(image.size) <= THUMBNAIL) and path.suffix.lower() == ".png":
             return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
         preview = image.convert("RGB")
         preview.thumbnail((THUMBNAIL, THUMBNAIL))
@@ -155,6 +157,90 @@ def _number(value: Any) -> str:
     return str(value)
 
 
+SEEDS_FILE = "seeds.csv"
+
+
+def across_seeds(runs: list[tuple[dict[str, Any], str, dict[str, Any]]], axes: list[str], keys: list[str]) -> list[dict[str, Any]]:
+    """The runs (axis labels, state, values) grouped by every axis but `seed`, in plan order: for each group,
+    its axis labels, how many of its seeds finished, their trainable-parameter counts (one, unless an option
+    depends on the seed) and each key's mean and sample standard deviation (n − 1; None for one seed) over its
+    finished runs' values."""
+    import statistics
+
+    others = [axis for axis in axes if axis != "seed"]
+    groups: dict[tuple, dict[str, Any]] = {}
+    for labels, state, values in runs:
+        group = groups.setdefault(tuple(labels.get(axis, "") for axis in others),
+                                  {"axes": {axis: labels.get(axis, "") for axis in others}, "seeds": 0, "finished": 0,
+                                   "trainable": [], "values": {}})
+        group["seeds"] += 1
+        if state != "finished":
+            continue
+        group["finished"] += 1
+        if isinstance(values.get("trainable_parameters"), int) and values["trainable_parameters"] not in group["trainable"]:
+            group["trainable"].append(values["trainable_parameters"])
+        for key in keys:
+            if isinstance(values.get(key), (int, float)) and not isinstance(values.get(key), bool):
+                group["values"].setdefault(key, []).append(float(values[key]))
+    rows = []
+    for group in groups.values():
+        stats = {key: (statistics.fmean(found), statistics.stdev(found) if len(found) > 1 else None)
+                 for key, found in group.pop("values").items()}
+        rows.append({**group, "stats": stats})
+    return rows
+
+
+def _mean_spread(mean: float, spread: float | None) -> str:
+    """'0.8751 ± 0.0012': the spread to two significant digits and the mean to the same decimal place, as a paper
+    writes them; the mean alone (4 significant digits) for one seed."""
+    import math
+
+    if spread is None or not math.isfinite(spread) or not math.isfinite(mean):
+        return f"{mean:.4g}"
+    if spread == 0:
+        return f"{mean:.4g} ± 0"
+    decimals = min(max(0, 1 - math.floor(math.log10(spread))), 10)
+    return f"{mean:.{decimals}f} ± {spread:.{decimals}f}"
+
+
+def seeds_section(groups: list[dict[str, Any]], axes: list[str], keys: list[tuple[str, str]]) -> list[str]:
+    """The across-seeds table of the HTML report."""
+    head = "".join(f'<th class="sortable" data-key="{html.escape(axis)}">{html.escape(axis)}</th>' for axis in axes)
+    head += '<th class="sortable" data-key="seeds">seeds</th><th class="sortable" data-key="trainable">trainable</th>'
+    head += "".join(f'<th class="sortable" data-key="{html.escape(key)}">{html.escape(title)}</th>' for key, title in keys)
+    body = []
+    for group in groups:
+        cells = [f'<td data-value="{html.escape(str(group["axes"][axis]))}">{html.escape(str(group["axes"][axis]))}</td>' for axis in axes]
+        cells.append(f'<td class="number" data-value="{group["finished"]}">{group["finished"]} of {group["seeds"]}</td>')
+        trainable = group["trainable"]
+        cells.append(f'<td class="number" data-value="{trainable[0] if trainable else ""}">{", ".join(f"{n:,}" for n in trainable)}</td>')
+        for key, _ in keys:
+            mean, spread = group["stats"].get(key, (None, None))
+            shown = "" if mean is None else _mean_spread(mean, spread)
+            cells.append(f'<td class="number" data-value="{"" if mean is None else mean}">{html.escape(shown)}</td>')
+        body.append(f'<tr>{"".join(cells)}</tr>')
+    return [
+        "<h2>Across seeds</h2><p>The runs that differ only in their seed, together: mean ± sample standard deviation "
+        f"(n − 1) over the finished seeds; also in <code>{SEEDS_FILE}</code>.</p>",
+        f'<table id="seeds"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>',
+    ]
+
+
+def seeds_csv(groups: list[dict[str, Any]], axes: list[str], keys: list[str]) -> str:
+    """The across-seeds table as CSV: each key's mean and standard deviation in columns of their own."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*axes, "seeds", "finished", "trainable_parameters"] + [f"{key}_{part}" for key in keys for part in ("mean", "std")])
+    for group in groups:
+        stats = [group["stats"].get(key, (None, None)) for key in keys]
+        trainable = " ".join(str(n) for n in group["trainable"])
+        writer.writerow([*(group["axes"][axis] for axis in axes), group["seeds"], group["finished"], trainable]
+                        + ["" if value is None else value for pair in stats for value in pair])
+    return buffer.getvalue()
+
+
 def write_html_report(plan, comparison) -> Path:
     """Write plan.output/report/index.html (atomically: shards may write it at the same time)."""
     from .evaluation import METRICS
@@ -182,11 +268,13 @@ def write_html_report(plan, comparison) -> Path:
     body = []
     prompts: dict[str, list[tuple[Any, list[Path]]]] = {}
     counts = {"finished": 0, "failed": 0, "pending": 0}
+    seeded: list[tuple[dict[str, Any], str, dict[str, Any]]] = []  # every run's axis labels, state and values
     for run in plan.runs:
         state = run.state()
         counts[state] = counts.get(state, 0) + 1
         marker = run.marker() or {}
         row = rows_by_folder.get(run.folder.resolve(), {}) if state == "finished" else {}
+        seeded.append((run.axes, state, row))
         values: dict[str, Any] = {"index": run.index, "run": run.name, "state": state,
                                   "error": marker.get("error", "") if state == "failed" else ""}
         values.update({f"axis-{axis}": run.axes.get(axis, "") for axis in axes})
@@ -230,12 +318,20 @@ def write_html_report(plan, comparison) -> Path:
         f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it.</p>"
     )
     parts.append(f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    seed_values = dict(plan.axes).get("seed", [])
+    if len(seed_values) > 1:  # a metric's spread over seeds is what tells a difference between methods from noise
+        others = [axis for axis in axes if axis != "seed"]
+        keys = [("train_seconds_per_step", "s/step")]
+        keys += [(name, METRICS[name][0]) for name in metric_names]
+        groups = across_seeds(seeded, axes, [key for key, _ in keys])
+        parts += seeds_section(groups, others, keys)
+        write_text_atomic(folder / SEEDS_FILE, seeds_csv(groups, others, [key for key, _ in keys]))
     if metric_names:
         parts.append("<ul>" + "".join(f"<li>{html.escape(METRICS[n][0])}: {html.escape(METRICS[n][1])}</li>" for n in metric_names) + "</ul>")
     plots = [path for path in (comparison.files if comparison else []) if path.suffix == ".png" and path.is_file()]
     if plots:
         parts.append('<h2>Plots</h2><div class="plots">')
-        parts += [f'<img src="{data_uri(path)}" alt="{html.escape(path.stem)}">' for path in plots]
+        parts += [f'<img src="{data_uri(path, full=True)}" alt="{html.escape(path.stem)}">' for path in plots]
         parts.append("</div>")
     if prompts:
         parts.append("<h2>Samples</h2><p>Each image links to its run's config.toml.</p>")

@@ -42,6 +42,7 @@ BASE_FOLDER = "base"
 SAMPLES_FOLDER = "samples"
 PLAN_KEYS = ("name", "description", "output", "metrics", "train", "axes", "sample", "evaluate")
 MAX_RUNS = 10_000  # every run trains a model: more is a plan typed wrong, and expanding it would take minutes
+REPORT_TRIES = 3  # a report is written again while runs change state under it, at most this many times
 LR_SCALE_AXIS = "lr_scale"  # multiples of each run's method's own default learning rate
 # what a plan's text settings may refer to as {name}; other braces ({token}, {class}) are left as they are
 PLACEHOLDERS = ("concept", "dataset", "method", "seed", "sweep")
@@ -258,8 +259,12 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
         raise SdtuneError(f"metrics {plan.metrics} measures the sampled images: give a [sample] section")
     sample = None
     if plan.sample is not None:
-        sample = SampleConfig.load(None, **substitute(plan.sample, names), adapter=str(folder),
-                                   output=str(folder / SAMPLES_FOLDER), overwrite=True)
+        sampled = substitute(plan.sample, names)
+        if train.dataset and not any(sampled.get(key) for key in ("prompt", "prompts", "dataset")):
+            # a run trained on a dataset samples its classes, one row each, as `sdtune sample --dataset` draws them
+            sampled.update(dataset=train.dataset, data_root=train.data_root, classes=train.classes or None,
+                           class_template=train.class_template)
+        sample = SampleConfig.load(None, **sampled, adapter=str(folder), output=str(folder / SAMPLES_FOLDER), overwrite=True)
     evaluate = substitute(plan.evaluate, names)
     EvaluateConfig.load(None, **evaluate, run=str(folder))
     resolved = train.resolved(default_lr)
@@ -336,7 +341,22 @@ class StandardMetrics:
             settings.update(images=str(samples.output / "images"), prompt=list(samples.prompts))
             settings.pop("prompts", None)
         result = evaluate(EvaluateConfig.load(None, **settings, run=str(run.folder)), progress=False)
+        warn_unavailable(result.unavailable)
         return result.report
+
+
+def warn_unavailable(unavailable: dict[str, str]) -> None:
+    """A warning for each reason some metrics could not be measured (a model not in the cache, offline): the
+    sweep shows each once, rather than leaving every run's metrics silently blank until the report."""
+    import warnings
+
+    from .evaluation import METRICS
+
+    by_reason: dict[str, list[str]] = {}
+    for name, why in unavailable.items():
+        by_reason.setdefault(why, []).append(METRICS[name][0] if name in METRICS else name)
+    for why, titles in by_reason.items():
+        warnings.warn(f"{', '.join(titles)} unavailable: {why}", stacklevel=2)
 
 
 class NoMetrics:
@@ -394,21 +414,54 @@ class SweepResult:
         return 1 if self.failed else 0
 
 
+# what a pending run's folder already holds, as the dry run says it; the run goes on from there
+PENDING_STATES = {
+    "trained": "its training finished with these settings; it is only sampled and measured",
+    "partial": "its training stopped with checkpoints of these settings; it resumes from the latest",
+    "changed": "trained before with other settings; it is trained afresh, replacing that run",
+}
+
+
+def pending_state(run: RunSpec) -> str:
+    """pending (nothing of it yet, or only a start without a checkpoint), trained, partial or changed."""
+    from .methods import method_class
+    from .training import RUN_CONTROL
+
+    progress = training_state(run)
+    if progress == "trained":
+        return "trained"
+    if progress == "resumable":
+        return "partial"
+    try:
+        written = {k: v for k, v in read_toml(run.folder / "config.toml").items() if k not in RUN_CONTROL}
+    except SdtuneError:  # no config.toml (nothing started), or not one to read: trained afresh either way
+        return "pending"
+    same = written == train_settings(run.train.resolved(method_class(run.train.method).default_lr))
+    return "pending" if same or not (run.folder / ADAPTER_FILE).is_file() else "changed"
+
+
 def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
-    """One line a run: index, name, state, and what it trains."""
+    """One line a run: index, name, state, and what it trains; then what the states other than pending,
+    finished and failed mean."""
     from .methods import method_class
 
     width = max((len(run.name) for run in runs), default=0)
     lines = []
+    said: list[str] = []
     for run in runs:
         train = run.train
         options = ", ".join(f"{k}={v}" for k, v in train.options.items())
         # the rate it will train at: the method's (or the optimiser's) default where the plan sets none
         lr = f"lr {train.lr:g}" if train.lr else f"lr {train.resolved(method_class(train.method).default_lr).lr:g} (default)"
         what = train.dataset or train.concept
-        lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {run.state():<8}  {train.method}"
+        state = run.state()
+        if state == "pending":
+            state = pending_state(run)
+            if state in PENDING_STATES and state not in said:
+                said.append(state)
+        lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {state:<8}  {train.method}"
                      f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps")
-    return lines
+    return lines + [f"{state}: {PENDING_STATES[state]}" for state in said]
 
 
 def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
@@ -587,15 +640,22 @@ def write_report(plan: Plan, log: Callable[[str], None] = print) -> Path:
     """OUTPUT/report: `sdtune compare`'s table and plots over the finished runs, and index.html."""
     from .report import write_html_report
 
-    finished = [run for run in plan.runs if run.state() == "finished"]
-    comparison = None
-    if finished:
-        from .comparison import compare
+    # Shards finishing together each write the report, the last writer's staying: one that read the runs' states
+    # before another shard's last run finished may write after that shard's report. Writing again while the states
+    # changed meanwhile leaves the last report with every run finished before it was written.
+    for _ in range(REPORT_TRIES):
+        states = [run.state() for run in plan.runs]
+        finished = [run for run, state in zip(plan.runs, states) if state == "finished"]
+        comparison = None
+        if finished:
+            from .comparison import compare
 
-        comparison = compare([str(run.folder) for run in finished], str(plan.report_folder / "compare"),
-                             progress=False, grid=False)
-    path = write_html_report(plan, comparison)
-    failed = sum(run.state() == "failed" for run in plan.runs)
+            comparison = compare([str(run.folder) for run in finished], str(plan.report_folder / "compare"),
+                                 progress=False, grid=False)
+        path = write_html_report(plan, comparison)
+        if [run.state() for run in plan.runs] == states:
+            break
+    failed = states.count("failed")
     log(f"report: {len(finished)} of {len(plan.runs)} runs finished"
         + (f", {failed} failed" if failed else "") + f"; wrote {path}")
     return path

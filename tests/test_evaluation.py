@@ -382,7 +382,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
         rows = list(csv.DictReader(handle))
     assert [row["run"] for row in rows] == ["atoms", "lora"] and [row["method"] for row in rows] == ["atoms", "lora"]
     assert list(rows[0]) == [
-        "run", "method", "variant", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+        "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
         "clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "diversity",
         "digit_fidelity", "style_fidelity", "preservation",
     ]
@@ -458,3 +458,215 @@ def test_reference_images_come_from_the_runs_data_root(tmp_path):
     run.mkdir()
     (run / "config.toml").write_text(f'concept = "castle"\ndata_root = "{tmp_path / "photos"}"\n')
     assert sorted(p.name for p in run_reference(run)) == ["0.png", "1.png"]
+
+
+def test_a_dataset_runs_reference_and_prompts_are_its_dataset(tmp_path):
+    """A run trained with --dataset is measured against its dataset's images (its classes only) with one caption
+    a class, not against a concept's folder that does not exist with its training prompt."""
+    from sdtune.evaluation import read_images, reference_source, run_prompts, run_reference
+    from sdtune.config import EvaluateConfig
+
+    root = tmp_path / "shapes"
+    for name in ("red_ball", "blue_box", "green_cone"):
+        (root / name).mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), (index * 100, 0, 0)).save(root / name / f"{index}.png")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(
+        f'concept = "castle"\ntemplate = "photo of a {{token}}."\ndataset = "imagefolder"\ndata_root = "{root}"\n'
+        'classes = ["red ball", "green_cone"]\nmax_per_class = 0\nseed = 0\n'
+    )
+    assert sorted(str(p.relative_to(root)) for p in run_reference(run)) == [
+        "green_cone/0.png", "green_cone/1.png", "red_ball/0.png", "red_ball/1.png"]
+    assert run_prompts(run, "<castle>") == ["a photo of a red ball.", "a photo of a green cone."]
+    assert reference_source(EvaluateConfig(run=str(run)), run, run_reference(run)) == f"dataset imagefolder ({root})"
+
+    # digits lives in memory: its examples come as images, read like files
+    (run / "config.toml").write_text('dataset = "digits"\nclasses = ["three"]\nmax_per_class = 3\nseed = 0\n')
+    images = read_images(run_reference(run), resolution=16)
+    assert len(images) == 3 and all(tuple(image.shape) == (3, 16, 16) for image in images)
+    assert run_prompts(run, "") == ["This is a picture of the handwritten digit three."]
+
+    # all 5,000 digits: at most MAX_DATASET_REFERENCE, as many of each class
+    from sdtune.evaluation import MAX_DATASET_REFERENCE, run_dataset
+
+    (run / "config.toml").write_text('dataset = "digits"\nseed = 0\n')
+    labels = [example.label for example in run_dataset(run).examples]
+    assert len(labels) == MAX_DATASET_REFERENCE == 2000 and {labels.count(label) for label in set(labels)} == {200}
+
+
+def test_missing_metrics_are_one_line_a_reason_not_a_line_a_metric_and_run(tmp_path):
+    from sdtune.comparison import RunSummary, unavailable_notes
+
+    offline = "--clip-model x: not in the local Hugging Face cache and the hub is offline"
+    runs = [RunSummary(name, tmp_path / name, "lora", "defaults", 1, 1,
+                       unavailable={"clip_t": offline, "clip_i": offline, "fid": "--fid-features none"}) for name in ("a", "b")]
+    runs.append(RunSummary("c", tmp_path / "c", "atoms", "defaults", 1, 1, unavailable={"fid": "--fid-features none"}))
+    assert unavailable_notes(runs) == [
+        f"- CLIP-T, CLIP-I unavailable for a, b: {offline}",
+        "- FID unavailable for every run: --fid-features none",
+    ]
+    assert unavailable_notes(runs[2:]) == ["- FID unavailable for c: --fid-features none"]
+
+
+def test_a_run_whose_adapter_is_not_of_its_last_step_is_named_unfinished(tmp_path):
+    """compare and evaluate say when a run's adapter is of an earlier step than its --steps: training now (its lock's
+    holder alive) or stopped early; a finished run, or one without config.toml, says nothing."""
+    import socket
+    import subprocess
+
+    from sdtune.comparison import unfinished_run
+
+    (tmp_path / "config.toml").write_text("steps = 40\n")
+    assert unfinished_run(tmp_path, "40") == ""
+    assert unfinished_run(tmp_path, "16") == "step 16 of 40, stopped early"
+    trainer = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / ".sdtune.lock").write_text(f"{trainer.pid} {socket.gethostname()}\n")
+        assert unfinished_run(tmp_path, "16") == f"step 16 of 40, training now (pid {trainer.pid} on {socket.gethostname()})"
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert unfinished_run(tmp_path, "16") == "step 16 of 40, stopped early"  # a killed run's lock file tells nothing
+    assert unfinished_run(tmp_path, "") == "" and unfinished_run(tmp_path / "none", "16") == ""
+
+
+def test_the_comparison_shows_base_model_and_size_where_the_runs_differ_in_them(tmp_path):
+    from sdtune.comparison import RunSummary, markdown_table
+
+    same = [RunSummary(name, tmp_path / name, "lora", "defaults", 1, 1, model="tiny") for name in ("a", "b")]
+    assert markdown_table(same, []).splitlines()[0] == "| run | method | variant | trainable | adapter | s/step | peak MB |"
+    mixed = same + [RunSummary("c", tmp_path / "c", "atoms", "defaults", 1, 1, model="tiny-sdxl-random", resolution=32)]
+    lines = markdown_table(mixed, []).splitlines()
+    assert lines[0] == "| run | method | variant | model | px | trainable | adapter | s/step | peak MB |"
+    assert lines[1] == "|---|---|---|---|---|---:|---:|---:|---:|"
+    assert lines[2].startswith("| a | lora | defaults | tiny | native | 1 |") and lines[4].startswith("| c | atoms | defaults | tiny-sdxl-random | 32 |")
+    assert mixed[2].row()["model"] == "tiny-sdxl-random" and mixed[2].row()["resolution"] == 32 and mixed[0].row()["resolution"] == ""
+
+
+def test_runs_of_the_same_name_are_named_by_the_folders_that_tell_them_apart(tmp_path):
+    """Two sweeps' runs/lora-seed0 are told apart by their sweep's folder, not both named runs-lora-seed0."""
+    from sdtune.comparison import RunSummary, _unique_names
+
+    paths = [tmp_path / "sweep-a" / "runs" / "lora-seed0", tmp_path / "sweep-b" / "runs" / "lora-seed0",
+             tmp_path / "sweep-a" / "runs" / "lora-seed0", tmp_path / "other" / "atoms"]
+    runs = [RunSummary(path.name, path, "lora", "defaults", 1, 1) for path in paths]
+    _unique_names(runs)
+    assert [run.name for run in runs] == [
+        "sweep-a-runs-lora-seed0", "sweep-b-runs-lora-seed0", "sweep-a-runs-lora-seed0-2", "atoms"]
+
+
+def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
+    import socket
+    import subprocess
+
+    from sdtune.comparison import summarize_run
+    from sdtune.errors import SdtuneError
+
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "sweep-run.json").write_text('{"state": "failed", "error": "out of memory"}')
+    with pytest.raises(SdtuneError, match=r"failed: not a run folder \(no adapter.safetensors; its sweep run failed: out of memory\)$"):
+        summarize_run(failed)
+    from sdtune.adapter import adapter_path  # what sample, evaluate, export... say of it
+
+    with pytest.raises(SdtuneError, match=r"adapter not found: .*failed/adapter.safetensors \(its sweep run failed: out of memory\)$"):
+        adapter_path(failed)
+    training = tmp_path / "training"
+    training.mkdir()
+    trainer = subprocess.Popen(["sleep", "60"])
+    try:
+        (training / ".sdtune.lock").write_text(f"{trainer.pid} {socket.gethostname()}\n")
+        with pytest.raises(SdtuneError, match=rf"it is training now \(pid {trainer.pid} on .*\) and has saved no adapter yet\)$"):
+            summarize_run(training)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    with pytest.raises(SdtuneError, match=r"training: not a run folder \(no adapter.safetensors\)$"):
+        summarize_run(training)
+
+
+def test_the_loss_plot_colours_runs_by_method_and_keeps_its_legend_off_the_curves(tmp_path, monkeypatch):
+    """Eleven runs: the atoms run does not take the first LoRA run's colour (a ten-colour palette cycled by run
+    did), runs of one method differ in line style, and the legend stands outside the axes."""
+    import sdtune.comparison as comparison
+
+    figures = []
+    monkeypatch.setattr(comparison, "_save", lambda figure, path: figures.append(figure) or path)
+    runs = [comparison.RunSummary(f"lora-{i}", tmp_path, "lora", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.4)]) for i in range(10)]
+    runs.append(comparison.RunSummary("atoms-0", tmp_path, "atoms", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.3)]))
+    comparison.plot_losses(runs, tmp_path / "loss.png")
+    axes = figures[0].axes[0]
+    labelled = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
+    lora_colours = {labelled[f"lora-{i} (lora)"].get_color() for i in range(10)}
+    assert len(lora_colours) == 1 and labelled["atoms-0 (atoms)"].get_color() not in lora_colours
+    assert labelled["lora-0 (lora)"].get_linestyle() != labelled["lora-1 (lora)"].get_linestyle()
+    anchor = axes.get_legend().get_bbox_to_anchor().transformed(axes.transAxes.inverted())
+    assert anchor.x0 > 1  # right of the plot
+
+
+def test_labels_of_runs_at_one_parameter_count_do_not_overlap():
+    """Two seeds of a run, with the same count and near-equal metric: their labels are LABEL_GAP points apart, the
+    higher one's above its point; a run of another count keeps its label just above its point."""
+    from sdtune.comparison import LABEL_GAP, _pyplot, label_offsets
+
+    figure, axes = _pyplot().subplots(figsize=(6, 4))
+    points = [(4212, 0.944), (4212, 0.9441), (22980, 0.944), (4212, 1.0)]
+    axes.scatter(*zip(*points))
+    axes.set_xscale("log")
+    offsets = label_offsets(axes, points)
+    heights = [axes.transData.transform(point)[1] * 72 / figure.dpi for point in points]
+    labels = [height + offset for height, offset in zip(heights, offsets)]
+    assert offsets[1] == 4 and offsets[3] == 4 and offsets[2] == 4
+    assert labels[1] - labels[0] == pytest.approx(LABEL_GAP)
+    _pyplot().close(figure)
+
+
+def test_an_evaluation_of_an_earlier_adapter_is_not_read_as_the_runs(tmp_path, monkeypatch):
+    """eval.json records the digest of the adapter it measured: a run trained again (or resumed, or extended) after
+    its evaluation has stale metrics, which compare leaves out; an eval.json of before the digest falls back to the
+    method and options; one that measured the EMA adapter is not the run's adapter.safetensors's."""
+    import sdtune.evaluation as evaluation
+
+    (tmp_path / "adapter.safetensors").write_bytes(b"first training" * 100)
+    digest = evaluation.adapter_digest(tmp_path / "adapter.safetensors")
+    report = {"method": "lora", "options": {"rank": 4}, "adapter": "adapter.safetensors", "adapter_digest": digest}
+    assert evaluation.stale_evaluation(report, tmp_path, "lora", {"rank": 4}) == ""
+    (tmp_path / "adapter.safetensors").write_bytes(b"second training" * 100)
+    assert "measured an earlier adapter.safetensors" in evaluation.stale_evaluation(report, tmp_path, "lora", {"rank": 4})
+    older = {"method": "lora", "options": {"rank": 4}}
+    assert evaluation.stale_evaluation(older, tmp_path, "lora", {"rank": 4}) == ""
+    assert "measured an adapter trained with lora, not this one of atoms" in evaluation.stale_evaluation(older, tmp_path, "atoms", {"m": 9})
+    assert "measured adapter-ema.safetensors" in evaluation.stale_evaluation({**report, "adapter": "adapter-ema.safetensors"}, tmp_path, "lora", {"rank": 4})
+
+    # a full fine-tune's adapter is hashed by windows: a change anywhere in one is seen, and the file not read whole
+    monkeypatch.setattr(evaluation, "DIGEST_WHOLE", 1000)
+    monkeypatch.setattr(evaluation, "DIGEST_WINDOW", 100)
+    monkeypatch.setattr(evaluation, "DIGEST_WINDOWS", 3)
+    big = bytearray(5000)
+    (tmp_path / "big.safetensors").write_bytes(bytes(big))
+    before = evaluation.adapter_digest(tmp_path / "big.safetensors")
+    big[4999] = 1  # in the last window
+    (tmp_path / "big.safetensors").write_bytes(bytes(big))
+    assert evaluation.adapter_digest(tmp_path / "big.safetensors") != before
+
+
+def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
+    """A run trained again with --overwrite after `sdtune evaluate`: compare blanks the old numbers and says why."""
+    from sdtune.comparison import summarize_run
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, output=str(run)), progress=False)
+    from sdtune.evaluation import adapter_digest
+
+    report = {"format": "sdtune-eval/1", "metrics": {"dino": 0.9}, "unavailable": {}, "method": "lora",
+              "adapter": "adapter.safetensors", "adapter_digest": adapter_digest(run / "adapter.safetensors")}
+    (run / "eval.json").write_text(json.dumps(report))
+    assert summarize_run(run).metrics == {"dino": 0.9}
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, seed=1, output=str(run), overwrite=True), progress=False)
+    with pytest.warns(UserWarning, match="measured an earlier adapter.safetensors"):
+        summary = summarize_run(run)
+    assert summary.metrics == {} and "trained again" in summary.stale_evaluation

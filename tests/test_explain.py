@@ -10,6 +10,7 @@ from PIL import Image
 
 from sdtune import methods
 from sdtune.adapter import save_adapter
+from sdtune.config import ExplainConfig
 from sdtune.errors import SdtuneError
 from sdtune.explain import GRID_PAD, HEADER, cluster_maps, explain, gift_cluster_maps, heat_colours, minmax_per_map, token_grid
 
@@ -154,6 +155,10 @@ def test_explain_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SdtuneError, match="adapter not found"):
         explain(tmp_path / "empty", prompt="x")
+    with pytest.raises(SdtuneError, match=r"unknown setting\(s\): colour"):
+        explain(run, prompt="x", colour=3)
+    with pytest.raises(SdtuneError, match="not both"):
+        explain(ExplainConfig(run=str(run)), prompt="x")
 
 
 def test_explain_cli(tmp_path):

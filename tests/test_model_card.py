@@ -80,3 +80,20 @@ def test_an_sdxl_adapter_is_tagged_for_sdxl(tmp_path, tiny_path):
         "sdtune", "stable-diffusion-xl", "text-to-image", "lora"]
     with safe_open(str(output / "adapter.safetensors"), framework="pt") as handle:
         assert handle.metadata()["base_model_family"] == "sdxl"
+
+
+def test_the_card_leaves_out_the_metrics_of_an_earlier_training(run, tmp_path):
+    """An eval.json that measured another adapter (the folder trained again with another method since) is not the
+    card's evaluation."""
+    import shutil
+
+    from sdtune.model_card import write_model_card
+
+    copy = tmp_path / "castle-lora"
+    shutil.copytree(run, copy)
+    (copy / "README.md").unlink(missing_ok=True)
+    (copy / EVAL_FILE).write_text(json.dumps({"format": FORMAT, "metrics": {"clip_t": 27.25}, "unavailable": {},
+                                              "method": "atoms", "options": {"m": 9}}))
+    with pytest.warns(UserWarning, match="eval.json measured an adapter trained with atoms, not this one of lora"):
+        write_model_card(copy)
+    assert "27.25" not in (copy / "README.md").read_text()

@@ -111,6 +111,8 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, private_c
         (run / name).unlink()
     for step in (2, 3):
         shutil.rmtree(run / "checkpoints" / f"step-{step}")
+    dry = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].split()[2] == "partial" and dry[-1] == "partial: its training stopped with checkpoints of these settings; it resumes from the latest"
     result, lines = sweep(plan, tmp_path / "out")
     assert result.ran == ["castle-atoms"], lines
     assert any("resuming from its latest checkpoint" in line for line in lines), lines
@@ -150,6 +152,8 @@ def test_a_changed_setting_retrains_the_run(finished, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
     changed = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '"lora"').replace("steps = 2\nlog", "steps = 1\nlog"))
+    dry = invoke("sweep", changed, "--dry-run", "--output", copy).stdout.splitlines()
+    assert dry[1].split()[1:3] == ["castle-lora", "changed"] and dry[-1].startswith("changed: trained before with other settings")
     result, lines = sweep(changed, copy)
     assert result.ran == ["castle-lora"], lines
     assert any(line.endswith(": training") for line in lines), lines
@@ -357,3 +361,100 @@ def test_a_sweep_under_two_processes_trains_each_run_on_both(tmp_path, private_c
         run = tmp_path / "out" / "runs" / name
         assert json.loads((run / "sweep-run.json").read_text())["state"] == "finished"
         assert json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())["num_processes"] == 2
+
+
+def test_the_report_gathers_the_runs_that_differ_only_in_their_seed():
+    """Mean ± sample standard deviation over the finished seeds of each (method, lr) group, in plan order; a
+    pending seed is counted but not averaged; the trainable count is shown as it is, not averaged."""
+    from sdtune.report import across_seeds, seeds_csv, seeds_section
+
+    def run(method, seed, state, dino=None):
+        values = {"trainable_parameters": 4212 if method == "atoms" else 213152, "train_seconds_per_step": 0.1}
+        if dino is not None:
+            values["dino"] = dino
+        return {"method": method, "lr_scale": "lr1x", "seed": f"seed{seed}"}, state, values if state == "finished" else {}
+
+    runs = [run("lora", 0, "finished", 0.5), run("lora", 1, "finished", 0.7), run("lora", 2, "finished", 0.6),
+            run("atoms", 0, "finished", 0.4), run("atoms", 1, "pending")]
+    groups = across_seeds(runs, ["method", "lr_scale", "seed"], ["train_seconds_per_step", "dino"])
+    assert [(g["axes"]["method"], g["finished"], g["seeds"], g["trainable"]) for g in groups] == [
+        ("lora", 3, 3, [213152]), ("atoms", 1, 2, [4212])]
+    mean, spread = groups[0]["stats"]["dino"]
+    assert mean == pytest.approx(0.6) and spread == pytest.approx(0.1)  # n − 1: sqrt((0.01 + 0 + 0.01) / 2)
+    assert groups[1]["stats"]["dino"] == (pytest.approx(0.4), None)  # one seed: no spread
+    keys = [("train_seconds_per_step", "s/step"), ("dino", "DINO")]
+    page = "".join(seeds_section(groups, ["method", "lr_scale"], keys))
+    assert ">0.60 ± 0.10<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4<" in page
+    lines = seeds_csv(groups, ["method", "lr_scale"], [key for key, _ in keys]).splitlines()
+    assert lines[0] == "method,lr_scale,seeds,finished,trainable_parameters,train_seconds_per_step_mean,train_seconds_per_step_std,dino_mean,dino_std"
+    assert lines[2].startswith("atoms,lr1x,2,1,4212,0.1,,0.4,")
+
+
+def test_a_report_written_while_another_shard_finishes_a_run_is_written_again(finished, tmp_path, monkeypatch):
+    """Two shards finishing together: the one that read the states before the other's last run finished writes its
+    report again, so whichever writes last, the report holds every finished run."""
+    import sdtune.report
+
+    plan, output = finished
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    marker = copy / "runs" / "castle-lora" / "sweep-run.json"
+    saved = marker.read_bytes()
+    marker.unlink()  # castle-lora is still running in the other shard
+    write_html_report, calls = sdtune.report.write_html_report, []
+
+    def other_shard_finishes_meanwhile(plan, comparison):
+        path = write_html_report(plan, comparison)
+        calls.append(len(comparison.runs))
+        if not marker.exists():
+            marker.write_bytes(saved)
+        return path
+
+    monkeypatch.setattr(sdtune.report, "write_html_report", other_shard_finishes_meanwhile)
+    result, lines = sweep(plan, copy, report_only=True)
+    assert calls == [1, 2] and lines[-1].startswith("report: 2 of 2 runs finished"), (calls, lines)
+    assert "2 runs: 2 finished" in (copy / "report" / "index.html").read_text()
+
+
+def test_metrics_that_cannot_be_measured_are_one_warning_a_reason(recwarn):
+    from sdtune.sweep import each_warning_once, warn_unavailable
+
+    offline = "--clip-model x: not in the local Hugging Face cache and the hub is offline"
+    with each_warning_once():
+        for _ in range(3):  # three runs of a sweep, all offline alike
+            warn_unavailable({"clip_t": offline, "clip_i": offline, "fid": "--fid-features none"})
+    assert [str(w.message) for w in recwarn] == [f"CLIP-T, CLIP-I unavailable: {offline}", "FID unavailable: --fid-features none"]
+
+
+def test_a_mean_is_shown_to_the_decimal_place_of_its_spread():
+    from sdtune.report import _mean_spread
+
+    assert _mean_spread(0.8751454, 7.7e-05) == "0.875145 ± 0.000077"
+    assert _mean_spread(123.4, 12.3) == "123 ± 12"
+    assert _mean_spread(0.9444, 0.0) == "0.9444 ± 0" and _mean_spread(0.4, None) == "0.4"
+
+
+def test_the_reports_plots_are_inlined_whole_not_as_previews(finished):
+    """A 256-pixel preview of a plot blurs its labels away: plots are inlined as the PNGs they are."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    _, output = finished
+    page = (output / "report" / "index.html").read_text()
+    encoded = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="loss">', page)
+    assert encoded, "the loss plot is not inlined as a PNG"
+    inlined = Image.open(io.BytesIO(base64.b64decode(encoded.group(1))))
+    assert inlined.size == Image.open(output / "report" / "compare" / "loss.png").size and max(inlined.size) > 256
+
+
+def test_a_dataset_runs_samples_are_its_classes_unless_the_plan_gives_prompts(tmp_path):
+    from sdtune.sweep import read_plan
+
+    text = ('name = "ds"\n[train]\nmodel = "tiny"\ndataset = "digits"\nclasses = ["three", "seven"]\nsteps = 1\n'
+            '[axes]\nmethod = ["atoms"]\n[sample]\nnum_images = 1\n')
+    sample = read_plan(write_plan(tmp_path, text), tmp_path / "out").runs[0].sample
+    assert (sample.dataset, sample.classes, sample.num_images) == ("digits", ["three", "seven"], 1)
+    given = read_plan(write_plan(tmp_path, text + 'prompt = ["a three"]\n', name="given.toml"), tmp_path / "out").runs[0].sample
+    assert given.dataset is None and given.prompt == ["a three"]
