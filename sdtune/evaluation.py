@@ -296,16 +296,17 @@ def _to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def read_images(paths: list[Path], resolution: int | None = None) -> list:
-    """uint8 tensors (3, H, W): as they are, or resized and center-cropped to `resolution`."""
+def read_images(paths: list[Path], size: tuple[int, int] | None = None) -> list:
+    """uint8 tensors (3, H, W): as they are, or resized to cover `size` (width, height) and center-cropped to it."""
     from PIL import Image
 
-    from .data import load_images, to_rgb
+    from .data import load_framed_images, to_rgb
 
-    if resolution:
+    if size:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small reference images are upscaled: expected here
-            return [_to_tensor(image) for image in load_images(paths, resolution)]
+            # one bucket: every image framed to exactly that size, whatever its own aspect
+            return [_to_tensor(framed.image) for framed in load_framed_images(paths, max(size), buckets=[size])]
     images = []
     for path in paths:
         try:
@@ -461,6 +462,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
                 guidance=config.guidance,
                 seed=config.seed,
                 resolution=config.resolution,
+                width=config.width,
+                height=config.height,
                 negative_prompt=config.negative_prompt,
                 scheduler=config.scheduler,
                 adapter_scale=config.adapter_scale,
@@ -474,7 +477,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     # The reference images, at the generated images' size so that both sets are treated alike.
     metrics: dict[str, float] = {}
-    reference = read_images(reference_files, resolution=generated[0].shape[-1]) if reference_files else []
+    height, width = generated[0].shape[-2:]
+    reference = read_images(reference_files, size=(width, height)) if reference_files else []
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

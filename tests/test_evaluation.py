@@ -402,7 +402,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
     assert "| atoms | atoms | defaults |" in table and "lora: not evaluated" in table
     assert "![grid](grid.png)" in table and "![loss](loss.png)" in table
     grid = Image.open(out / "grid.png")
-    assert grid.size == grid_size(rows=2, columns=2, image_size=64, header=True)
+    assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64), header=True)
 
 
 def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):
