@@ -555,6 +555,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         report.update(
             num_images=config.num_images, steps=config.steps, guidance=config.guidance,
             negative_prompt=config.negative_prompt, scheduler=config.scheduler, adapter_scale=config.adapter_scale,
+            width=width, height=height,
         )
     elif sweep_strength(files[0]) is not None:  # one strength of a sweep's images: say which
         report.update(adapter_scale=config.adapter_scale)
