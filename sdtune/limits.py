@@ -5,8 +5,8 @@ their settings are valid and before any weight is read, so a size the model or t
 take is one line and exit code 2, not a library error (or an hour of work) later. Everything here
 reads the model's configs only (`models.read_model_configs`), never its weights:
 
-- the smallest resolution: below it some GroupNorm of the UNet or the VAE would see a single value
-  per group at batch size 1, which torch refuses to normalise (the tiny model's 32 channels in 32
+- the smallest resolution (of a width × height drawing, its smaller side): below it some GroupNorm of the
+  UNet or the VAE would see a single value per group at batch size 1, which torch refuses to normalise (the tiny model's 32 channels in 32
   groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
 - denoising steps: at most the scheduler's training timesteps (1000 for SD), as diffusers'
   schedulers require;
