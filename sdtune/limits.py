@@ -6,8 +6,8 @@ take is one line and exit code 2, not a library error (or an hour of work) later
 reads the model's configs only (`models.read_model_configs`), never its weights:
 
 - the smallest resolution (of a width × height drawing, its smaller side): below it some GroupNorm of the
-  UNet or the VAE would see a single value per group at batch size 1, which torch refuses to normalise (the tiny model's 32 channels in 32
-  groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
+  UNet or the VAE would see a single value per group at batch size 1, which torch refuses to normalise (the
+  tiny model's 32 channels in 32 groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
 - denoising steps: at most the scheduler's training timesteps (1000 for SD), as diffusers'
   schedulers require;
 - memory: a lower bound of what the run keeps at once (the UNet's and the VAE's weights, the trained parameters
