@@ -157,10 +157,23 @@ def check_prompt_reading(clip_skip: int | None, max_token_length: int | None) ->
         raise SdtuneError(f"--max-token-length must be one of {', '.join(map(str, MAX_TOKEN_LENGTHS))} (chunks of 75), got {max_token_length}")
 
 
-def check_resolution(resolution: int | None) -> None:
+def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
     """An image size the VAE maps to whole latents: a positive multiple of 8 (None: the model's own)."""
     if resolution is not None and (resolution < 8 or resolution % 8):
-        raise SdtuneError(f"--resolution must be a positive multiple of 8, got {resolution}")
+        raise SdtuneError(f"{flag} must be a positive multiple of 8, got {resolution}")
+
+
+def check_image_sides(config) -> None:
+    """A sampling config's --resolution, --width and --height, each a size the VAE maps to whole latents."""
+    for flag, value in (("--resolution", config.resolution), ("--width", config.width), ("--height", config.height)):
+        check_resolution(value, flag)
+
+
+def drawn_size(width: int | None, height: int | None, resolution: int | None, native: int) -> tuple[int, int]:
+    """The (width, height) sampling draws: --width and --height each where given, else --resolution's square,
+    else the model's native size."""
+    square = resolution or native
+    return width or square, height or square
 
 
 @dataclass
@@ -563,7 +576,9 @@ class SampleConfig(_Config):
     steps: int = 30
     guidance: float = 7.5
     seed: int = 0
-    resolution: int | None = None
+    resolution: int | None = None  # a square's side; default: the model's native size
+    width: int | None = None  # default: resolution (A1111's and kohya's --w)
+    height: int | None = None  # default: resolution (A1111's and kohya's --h)
     token: str | None = None  # default: the adapter's token
     dataset: str | None = None  # one row per class, captioned from the dataset's template
     data_root: str | None = None  # only for datasets whose classes come from their folder
@@ -627,7 +642,7 @@ class SampleConfig(_Config):
         if self.guidance_rescale is not None and not 0 <= self.guidance_rescale <= 1:
             raise SdtuneError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
         check_seed(self.seed)
-        check_resolution(self.resolution)
+        check_image_sides(self)
         check_prompt_reading(self.clip_skip, self.max_token_length)
         _check_sampler_settings(self)
         if (isinstance(self.adapter_scale, list) or self.adapter_scale != 1.0) and not self.adapter:
@@ -853,6 +868,8 @@ class EvaluateConfig(_Config):
     steps: int = 30
     guidance: float = 7.5
     resolution: int | None = None
+    width: int | None = None  # default: resolution
+    height: int | None = None  # default: resolution
     negative_prompt: str | None = None  # sampling settings as `sdtune sample`'s
     scheduler: str = "default"
     adapter_scale: float = 1.0
@@ -869,7 +886,7 @@ class EvaluateConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         check_guidance(self.guidance)
         check_seed(self.seed)
-        check_resolution(self.resolution)
+        check_image_sides(self)
         if self.fid_features not in FID_FEATURES:
             raise SdtuneError(f"--fid-features must be one of {', '.join(FID_FEATURES)}, got {self.fid_features!r}")
         _check_sampler_settings(self)

@@ -312,7 +312,7 @@ def torch_stack_resized(paths, size: int):
 
     from .evaluation import read_images
 
-    return torch.stack([image.float() / 255 for image in read_images(list(paths), resolution=size)])
+    return torch.stack([image.float() / 255 for image in read_images(list(paths), size=(size, size))])
 
 
 PRESERVATION_FLOOR = 0.10  # a learning-rate pick may lose at most 10 points of preservation

@@ -296,19 +296,21 @@ def _to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def read_images(paths: list, resolution: int | None = None) -> list:
-    """uint8 tensors (3, H, W): as they are, or resized and center-cropped to `resolution`. Besides files,
-    `paths` may hold PIL images (an in-memory dataset's examples, as `run_reference` gives them)."""
+def read_images(paths: list, size: tuple[int, int] | None = None) -> list:
+    """uint8 tensors (3, H, W): as they are, or resized to cover `size` (width, height) and center-cropped to it.
+    Besides files, `paths` may hold PIL images (an in-memory dataset's examples, as `run_reference` gives them)."""
     from PIL import Image
 
-    from .data import frame, load_images, to_rgb
+    from .data import frame, load_framed_images, to_rgb
 
-    if resolution:
+    if size:
         files = [path for path in paths if not isinstance(path, Image.Image)]
-        in_memory = [frame(to_rgb(image), resolution, resolution).image for image in paths if isinstance(image, Image.Image)]
+        in_memory = [frame(to_rgb(image), *size).image for image in paths if isinstance(image, Image.Image)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small reference images are upscaled: expected here
-            return [_to_tensor(image) for image in (load_images(files, resolution) if files else []) + in_memory]
+            # one bucket: every image framed to exactly that size, whatever its own aspect
+            framed = [framed.image for framed in load_framed_images(files, max(size), buckets=[size])] if files else []
+            return [_to_tensor(image) for image in framed + in_memory]
     images = []
     for path in paths:
         try:
@@ -530,6 +532,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
                 guidance=config.guidance,
                 seed=config.seed,
                 resolution=config.resolution,
+                width=config.width,
+                height=config.height,
                 negative_prompt=config.negative_prompt,
                 scheduler=config.scheduler,
                 adapter_scale=config.adapter_scale,
@@ -543,7 +547,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     # The reference images, at the generated images' size so that both sets are treated alike.
     metrics: dict[str, float] = {}
-    reference = read_images(reference_files, resolution=generated[0].shape[-1]) if reference_files else []
+    height, width = generated[0].shape[-2:]
+    reference = read_images(reference_files, size=(width, height)) if reference_files else []
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -620,6 +625,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         report.update(
             num_images=config.num_images, steps=config.steps, guidance=config.guidance,
             negative_prompt=config.negative_prompt, scheduler=config.scheduler, adapter_scale=config.adapter_scale,
+            width=width, height=height,
         )
     elif sweep_strength(files[0]) is not None:  # one strength of a sweep's images: say which
         report.update(adapter_scale=config.adapter_scale)

@@ -5,9 +5,9 @@ their settings are valid and before any weight is read, so a size the model or t
 take is one line and exit code 2, not a library error (or an hour of work) later. Everything here
 reads the model's configs only (`models.read_model_configs`), never its weights:
 
-- the smallest resolution: below it some GroupNorm of the UNet or the VAE would see a single value
-  per group at batch size 1, which torch refuses to normalise (the tiny model's 32 channels in 32
-  groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
+- the smallest resolution (of a width × height drawing, its smaller side): below it some GroupNorm of the
+  UNet or the VAE would see a single value per group at batch size 1, which torch refuses to normalise (the
+  tiny model's 32 channels in 32 groups, downsampled to 1×1 at 16 px, reach that; SD v1.4's widths never do);
 - denoising steps: at most the scheduler's training timesteps (1000 for SD), as diffusers'
   schedulers require;
 - memory: a lower bound of what the run keeps at once (the UNet's and the VAE's weights, the trained parameters
@@ -97,15 +97,36 @@ def smallest_resolution(configs) -> int:
 
 def check_resolution(model: str, configs, resolution: int | None) -> int:
     """The resolution a run uses (the model's native one by default); too small a one is refused."""
-    resolution = resolution or configs.native_resolution
+    return check_image_size(model, configs, resolution)[0]
+
+
+def check_image_size(model: str, configs, resolution: int | None, width: int | None = None,
+                     height: int | None = None) -> tuple[int, int]:
+    """The (width, height) a drawing uses (`config.drawn_size`); too small a one is refused. The smaller side
+    decides, named by the flag that set it: an image at least that side's square has at least that square's
+    values in every GroupNorm group."""
+    from .config import drawn_size
+
+    size = drawn_size(width, height, resolution, configs.native_resolution)
     least = smallest_resolution(configs)
-    if resolution < least:
-        _, where = fewest_values_per_group(configs, resolution)
+    side = min(size)
+    if side < least:
+        given = width if size[0] == side else height
+        flag = ("--width" if size[0] == side else "--height") if given else "--resolution"
+        _, where = fewest_values_per_group(configs, side)
         raise SdtuneError(
-            f"--resolution {resolution} is too small for {model}: at least {least} (below it, a GroupNorm of the "
+            f"{flag} {side} is too small for {model}: at least {least} (below it, a GroupNorm of the "
             f"{where} would normalise a single value per group)"
         )
-    return resolution
+    return size
+
+
+def size_flags(resolution: int | None, width: int | None, height: int | None, size: tuple[int, int]) -> str:
+    """The flags that set a drawing's size, as a message names them: `--width 64 --height 128`, `--resolution 512`."""
+    flags = [f"--width {width}"] * bool(width) + [f"--height {height}"] * bool(height)
+    if not (width and height) and (resolution or not flags):  # --resolution (or the model's own size) sets a side
+        flags.append(f"--resolution {resolution or size[0]}")
+    return " ".join(flags)
 
 
 def check_sampling_steps(model: str, configs, steps: int) -> None:
@@ -219,10 +240,10 @@ def check_memory(on_device: list[tuple[str, str, int]], on_host: list[tuple[str,
             raise SdtuneError(f"this run needs at least {human_bytes(total)} of memory ({listed}), and {device}")
 
 
-def vae_feature_map_bytes(configs, resolution: int, dtype_bytes: int, maps: int) -> int:
-    """`maps` of the VAE's full-resolution feature maps for one image."""
+def vae_feature_map_bytes(configs, width: int, height: int, dtype_bytes: int, maps: int) -> int:
+    """`maps` of the VAE's full-resolution feature maps for one image of `width` × `height`."""
     channels = int(configs.vae.get("block_out_channels", [128])[0])
-    return maps * channels * resolution * resolution * dtype_bytes
+    return maps * channels * width * height * dtype_bytes
 
 
 def text_encoder_backward_bytes(configs, compute_bytes: int) -> int:
@@ -425,7 +446,7 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     vae_weights = (f"--model {config.model}", "the VAE's frozen weights", vae_parameters * vae_bytes)
     # the VAE encodes one image per call under no_grad: only its live full-resolution maps count (ENCODER_MAPS)
     encoder_maps = (f"--resolution {resolution}", "one image's first VAE encoder feature maps",
-                    vae_feature_map_bytes(configs, resolution, vae_bytes, ENCODER_MAPS))
+                    vae_feature_map_bytes(configs, resolution, resolution, vae_bytes, ENCODER_MAPS))
     if config.cache_latents:
         # before the loop, every image encoded while the trained parameters have neither gradients nor optimiser state;
         # the loop's batches then hold the latents' mean and log-variance, not the pixels
@@ -474,35 +495,37 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
                     step, encode, tuple(part[1] for part in on_host if part[2]))
 
 
-def check_sample_fits(model: str, config, prompts: int, grid_size) -> int:
+def check_sample_fits(model: str, config, prompts: int, grid_size) -> tuple[int, int]:
     """`sdtune sample`'s sizes (`config`: a SampleConfig, for `prompts` prompts; `grid_size`: the size of
-    its grid, as `sampling.grid_size`) against the model and the machine; returns the resolution it draws at."""
+    its grid, as `sampling.grid_size`) against the model and the machine; returns the (width, height) it draws at."""
     columns = config.num_images * len(config.adapter_scales)
     asked = f"--num-images {config.num_images:,} for {prompts:,} prompt(s)"
     if len(config.adapter_scales) > 1:
         asked += f" at {len(config.adapter_scales)} strengths"
 
-    def grid_bytes(resolution: int) -> int:
-        width, height = grid_size(rows=prompts, columns=columns, image_size=resolution, header=True)
-        return width * height * 3
+    def grid_bytes(width: int, height: int) -> int:
+        grid_width, grid_height = grid_size(rows=prompts, columns=columns, image_size=(width, height), header=True)
+        return grid_width * grid_height * 3
 
-    return check_drawing_fits(model, config.resolution, config.steps, prompts * columns, asked, grid_bytes)
+    return check_drawing_fits(model, config.resolution, config.steps, prompts * columns, asked, grid_bytes,
+                              width=config.width, height=config.height)
 
 
 def check_drawing_fits(model: str, resolution: int | None, steps: int, images: int = 1, asked: str = "",
-                       grid_bytes=None) -> int:
-    """What drawing `images` images (`asked`: the settings that ask for them) and their grid
-    (`grid_bytes(resolution)`, if any) needs; returns the resolution used."""
+                       grid_bytes=None, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """What drawing `images` images of `width` × `height` (each side by default `resolution`'s; `asked`: the settings
+    that ask for them) and their grid (`grid_bytes(width, height)`, if any) needs; returns the (width, height) used."""
     from .models import read_model_configs
 
     configs = read_model_configs(model)
-    resolution = check_resolution(model, configs, resolution)
+    size = check_image_size(model, configs, resolution, width, height)
     check_sampling_steps(model, configs, steps)
-    kept = images * resolution * resolution * 3 + (grid_bytes(resolution) if grid_bytes else 0)  # 8-bit RGB
+    sized = size_flags(resolution, width, height, size)
+    kept = images * size[0] * size[1] * 3 + (grid_bytes(*size) if grid_bytes else 0)  # 8-bit RGB
     # float32: SDXL's VAE decodes in it, and the images whose fp16 decode overflows are decoded again in it (`sampling.decode`)
-    decoder = vae_feature_map_bytes(configs, resolution, 4, DECODER_MAPS)
+    decoder = vae_feature_map_bytes(configs, *size, 4, DECODER_MAPS)
     check_memory(
-        [(f"--resolution {resolution}", "one image's last VAE decoder feature maps", decoder)],
-        [(asked or f"--resolution {resolution}", f"the {images:,} image(s) kept for the grid", kept)],
+        [(sized, "one image's last VAE decoder feature maps", decoder)],
+        [(asked or sized, f"the {images:,} image(s) kept for the grid", kept)],
     )
-    return resolution
+    return size

@@ -8,7 +8,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SampleConfig, strength_name
+from .config import SampleConfig, drawn_size, strength_name
 
 CAPTION_LINE_HEIGHT = 14
 CAPTION_LINES = 2
@@ -36,22 +36,32 @@ class SampleResult:
         return self.draw_seconds / self.images_drawn if self.images_drawn else 0.0
 
 
-def grid_size(rows: int, columns: int, image_size: int, header: bool = False) -> tuple[int, int]:
-    """Width and height of a grid of `rows` x `columns` square images with captions (and column labels)."""
-    cell = max(image_size, MIN_CELL)
-    width = columns * cell + (columns + 1) * GRID_PAD
-    height = rows * (cell + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD) + GRID_PAD
+def cell_size(image_size: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) an image of `image_size` takes in a grid: its own aspect, a small one enlarged until
+    its smaller side is MIN_CELL."""
+    width, height = image_size
+    scale = max(1.0, MIN_CELL / min(width, height))
+    return round(width * scale), round(height * scale)
+
+
+def grid_size(rows: int, columns: int, image_size: tuple[int, int], header: bool = False) -> tuple[int, int]:
+    """Width and height of a grid of `rows` x `columns` images of `image_size` (width, height) with captions
+    (and column labels)."""
+    cell_width, cell_height = cell_size(image_size)
+    width = columns * cell_width + (columns + 1) * GRID_PAD
+    height = rows * (cell_height + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD) + GRID_PAD
     if header:
         height += CAPTION_LINES * CAPTION_LINE_HEIGHT
     return width, height
 
 
 def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | None = None):
-    """One image: each row of PIL images with its caption written below it, labels above the columns."""
+    """One image: each row of PIL images with its caption written below it, labels above the columns. Every cell
+    has the first image's shape."""
     from PIL import Image, ImageDraw, ImageFont
 
-    image_size = rows[0][0].size[0]
-    cell = max(image_size, MIN_CELL)
+    image_size = rows[0][0].size
+    cell_width, cell_height = cell_size(image_size)
     columns = max(len(row) for row in rows)
     grid = Image.new("RGB", grid_size(len(rows), columns, image_size, header=bool(column_labels)), "white")
     draw = ImageDraw.Draw(grid)
@@ -60,14 +70,15 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
     y = GRID_PAD
     if column_labels:
         for column, label in enumerate(column_labels):
-            lines = textwrap.wrap(label, max(4, cell // 6))[:CAPTION_LINES] or [""]
+            lines = textwrap.wrap(label, max(4, cell_width // 6))[:CAPTION_LINES] or [""]
             for k, line in enumerate(lines):
-                draw.text((GRID_PAD + column * (cell + GRID_PAD), y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
+                draw.text((GRID_PAD + column * (cell_width + GRID_PAD), y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
         y += CAPTION_LINES * CAPTION_LINE_HEIGHT
     for row, caption in zip(rows, captions):
         for column, image in enumerate(row):
-            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (GRID_PAD + column * (cell + GRID_PAD), y))
-        y += cell
+            grid.paste(image.resize((cell_width, cell_height), Image.Resampling.NEAREST),
+                       (GRID_PAD + column * (cell_width + GRID_PAD), y))
+        y += cell_height
         lines = textwrap.wrap(caption, chars)[:CAPTION_LINES] or [""]
         for k, line in enumerate(lines):
             draw.text((GRID_PAD, y + 1 + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
@@ -167,7 +178,7 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         if state.is_main_process:
             print(f"{' and '.join(zero_snr)} {'was' if len(zero_snr) == 1 else 'were'} trained with --zero-terminal-snr: "
                   f"sampling with {type(pipe.scheduler).__name__}, betas rescaled to zero terminal SNR, trailing timesteps")
-    resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = drawn_size(config.width, config.height, config.resolution, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list) and not config.stacked
 
@@ -197,9 +208,9 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         if startup is None:
             startup = time.perf_counter() - started
             draw_started = time.perf_counter()
-        settings = generation_settings(pipe, config, model, resolution, dtype, negative_prompt, scale, reading)
+        settings = generation_settings(pipe, config, model, size, dtype, negative_prompt, scale, reading)
         with state.split_between_processes(batches) as mine:
-            rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, resolution, device,
+            rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, size, device,
                                     progress and state.is_main_process, negative_prompt=negative_prompt,
                                     description=f"sample at {strength_name(scale)}" if sweep else "sample",
                                     settings=settings, reading=reading)
@@ -302,7 +313,7 @@ def sampler_name(scheduler) -> str:
     return name + " Karras" if getattr(scheduler.config, "use_karras_sigmas", False) else name
 
 
-def generation_settings(pipe, config: SampleConfig, model: str, resolution: int, dtype, negative_prompt: str | None,
+def generation_settings(pipe, config: SampleConfig, model: str, size: tuple[int, int], dtype, negative_prompt: str | None,
                         scale: float, reading=None) -> dict:
     """What every image of a sample shares, for its PNG text: names, never local paths."""
     from .version import __version__
@@ -310,7 +321,7 @@ def generation_settings(pipe, config: SampleConfig, model: str, resolution: int,
     settings = {
         "negative_prompt": negative_prompt, "steps": config.steps, "guidance": config.guidance,
         "guidance_rescale": guidance_rescale(config, pipe), "sampler": sampler_name(pipe.scheduler),
-        "width": resolution, "height": resolution, "model": shown_name(model), "dtype": dtype_name(dtype),
+        "width": size[0], "height": size[1], "model": shown_name(model), "dtype": dtype_name(dtype),
         "version": f"sdtune {__version__}",
     }
     if reading is not None:  # clip_skip (AUTOMATIC1111's "Clip skip"), max_token_length: only where not the default
@@ -424,12 +435,12 @@ def guidance_rescale(config: SampleConfig, pipe) -> float:
 
 
 def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
-              config: SampleConfig, resolution: int, device, progress: bool,
+              config: SampleConfig, size: tuple[int, int], device, progress: bool,
               negative_prompt: str | None = None, description: str = "sample",
               settings: dict | None = None, reading=None) -> dict[int, list]:
-    """Draw each batch of prompt indices (one image per seed, each with its own seeded generator), write
-    every image to its file (with `settings`, its prompt and seed in the PNG's text) and return the rows
-    by prompt index."""
+    """Draw each batch of prompt indices at `size` (width, height), one image per seed, each with its own seeded
+    generator; write every image to its file (with `settings`, its prompt and seed in the PNG's text) and return
+    the rows by prompt index."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
@@ -453,8 +464,8 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
                 num_inference_steps=config.steps,
                 guidance_scale=config.guidance,
                 guidance_rescale=guidance_rescale(config, pipe),
-                height=resolution,
-                width=resolution,
+                width=size[0],
+                height=size[1],
             )
             for offset, index in enumerate(batch):
                 row = images[offset * len(seeds) : (offset + 1) * len(seeds)]

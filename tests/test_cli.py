@@ -167,7 +167,7 @@ def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
     assert first.exit_code == 0, first.output
     invoke(*args, "--output", tmp_path / "b")
     grid = Image.open(tmp_path / "a" / "grid.png")
-    assert grid.size == grid_size(rows=2, columns=2, image_size=64)
+    assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64))
     names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
     assert names == ["000-seed0.png", "000-seed1.png", "001-seed0.png", "001-seed1.png"]
     for name in names:
@@ -179,6 +179,52 @@ def test_sample_base_model_without_adapter(tmp_path, private_cache):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "grid.png").exists()
     assert f"wrote 1 image and {tmp_path / 'grid.png'} (fp32; " in result.stdout
+
+
+def test_sample_draws_at_any_aspect_ratio(tmp_path, private_cache):
+    """--width and --height: images of that size, grid cells of their aspect (not squashed into squares), the
+    PNG text's Size width x height; --width/--height win over --resolution, which sets the other side."""
+    common = ("sample", "--model", "tiny-random", "--prompt", "a castle", "--steps", 1)
+    result = invoke(*common, "--num-images", 2, "--width", 64, "--height", 128, "--output", tmp_path / "portrait")
+    assert result.exit_code == 0, result.output
+    for seed in (0, 1):
+        with Image.open(tmp_path / "portrait" / "images" / f"000-seed{seed}.png") as image:
+            assert image.size == (64, 128)
+            assert ", Size: 64x128, " in image.text["parameters"]
+            settings = json.loads(image.text["sdtune"])
+            assert (settings["width"], settings["height"]) == (64, 128)
+            drawn = image.convert("RGB")
+    # two cells of 128x256 (enlarged until the smaller side is 128), padded, with a caption under the row
+    assert grid_size(rows=1, columns=2, image_size=(64, 128)) == (2 * 128 + 3 * 4, 256 + 2 * 14 + 2 * 4)
+    grid = Image.open(tmp_path / "portrait" / "grid.png").convert("RGB")
+    assert grid.size == (268, 292)
+    second_cell = grid.crop((4 + 128 + 4, 4, 4 + 128 + 4 + 128, 4 + 256))
+    assert second_cell.tobytes() == drawn.resize((128, 256), Image.Resampling.NEAREST).tobytes()
+
+    result = invoke(*common, "--num-images", 1, "--resolution", 64, "--width", 128, "--output", tmp_path / "landscape")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "landscape" / "images" / "000-seed0.png") as image:
+        assert image.size == (128, 64) and ", Size: 128x64, " in image.text["parameters"]
+    assert Image.open(tmp_path / "landscape" / "grid.png").size == grid_size(rows=1, columns=1, image_size=(128, 64))
+
+
+def test_sample_refuses_bad_widths_and_heights_before_the_model_loads(tmp_path, monkeypatch):
+    import sdtune.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", never)
+    common = ("sample", "--model", "tiny-random", "--prompt", "a castle", "--output", tmp_path / "out")
+    assert_one_line_error(invoke(*common, "--width", 60), 2, "--width must be a positive multiple of 8, got 60")
+    assert_one_line_error(invoke(*common, "--height", 0), 2, "--height must be a positive multiple of 8, got 0")
+    # the smaller side decides, named by the flag that set it
+    too_small = "is too small for tiny-random: at least 24 (below it, a GroupNorm of the UNet block 1"
+    assert_one_line_error(invoke(*common, "--width", 256, "--height", 16), 2, f"--height 16 {too_small}")
+    assert_one_line_error(invoke(*common, "--width", 16), 2, f"--width 16 {too_small}")
+    assert_one_line_error(invoke(*common, "--resolution", 16, "--height", 64), 2, f"--resolution 16 {too_small}")
+    assert_one_line_error(invoke("evaluate", "--run", tmp_path, "--width", 12), 2, "--width must be a positive multiple of 8, got 12")
+    assert not (tmp_path / "out").exists()
 
 
 def pixels_of(path) -> bytes:
@@ -241,7 +287,7 @@ def test_sample_sweeps_adapter_strengths(trained_run, tmp_path):
     images = tmp_path / "sweep" / "images"
     names = sorted(p.name for p in images.iterdir())
     assert names == ["000-scale0-seed0.png", "000-scale0-seed1.png", "000-scale1-seed0.png", "000-scale1-seed1.png"]
-    assert Image.open(tmp_path / "sweep" / "grid.png").size == grid_size(rows=1, columns=4, image_size=64, header=True)
+    assert Image.open(tmp_path / "sweep" / "grid.png").size == grid_size(rows=1, columns=4, image_size=(64, 64), header=True)
     # each strength draws what a run at that one strength draws; 0 after 1 is the base model again
     assert invoke("sample", *common, "--adapter", trained_run, "--output", tmp_path / "plain").exit_code == 0
     assert invoke("sample", *common, "--model", "tiny-random", "--token", "sks castle", "--output", tmp_path / "base").exit_code == 0

@@ -383,7 +383,7 @@ def test_train_on_digits_then_sample_one_row_per_class(tmp_path, private_cache):
 
     result = invoke("sample", "--adapter", run, "--dataset", "digits", "--classes", "one,seven", "--num-images", 2, "--steps", 1)
     assert result.exit_code == 0, result.output
-    assert Image.open(run / "samples" / "grid.png").size == grid_size(rows=2, columns=2, image_size=64)
+    assert Image.open(run / "samples" / "grid.png").size == grid_size(rows=2, columns=2, image_size=(64, 64))
     assert sorted(p.name for p in (run / "samples" / "images").iterdir()) == [
         "000-seed0.png", "000-seed1.png", "001-seed0.png", "001-seed1.png",
     ]  # fmt: skip
@@ -402,7 +402,7 @@ def test_train_on_digits_with_cached_latents(tmp_path, private_cache):
 def test_sample_dataset_without_adapter_draws_every_class(tmp_path, private_cache):
     result = invoke("sample", "--model", "tiny-random", "--dataset", "digits", "--num-images", 1, "--steps", 1, "--output", tmp_path)
     assert result.exit_code == 0, result.output
-    assert Image.open(tmp_path / "grid.png").size == grid_size(rows=10, columns=1, image_size=64)
+    assert Image.open(tmp_path / "grid.png").size == grid_size(rows=10, columns=1, image_size=(64, 64))
 
 
 def test_default_output_folder_is_named_after_the_dataset():

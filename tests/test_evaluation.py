@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import statistics
 
 import numpy as np
@@ -347,6 +348,23 @@ def test_evaluate_command_samples_the_run_and_writes_eval_json(two_runs, metric_
         assert title in result.stdout
 
 
+def test_evaluate_samples_at_width_and_height_and_frames_the_reference_alike(two_runs, metric_models, tmp_path):
+    from sdtune.evaluation import read_images, run_reference
+
+    clip_path, dino_path = metric_models
+    run = shutil.copytree(two_runs[0], tmp_path / "run")  # its eval-samples/ are the shared run's otherwise
+    output = tmp_path / "eval.json"
+    result = invoke("evaluate", "--run", run, "--num-images", 1, "--steps", 1, "--width", 64, "--height", 32,
+                    "--clip-model", clip_path, "--dino-model", dino_path, "--fid-features", "none", "--output", output)
+    assert result.exit_code == 0, result.output
+    report = json.loads(output.read_text())
+    assert (report["width"], report["height"]) == (64, 32) and {"clip_i", "dino"} <= set(report["metrics"])
+    assert [Image.open(path).size for path in (run / "eval-samples" / "images").iterdir()] == [(64, 32)]
+    # the reference images as the metrics see them: covering 64x32 and center-cropped to it, not squares
+    reference = read_images(run_reference(run), size=(64, 32))
+    assert {tuple(image.shape) for image in reference} == {(3, 32, 64)}
+
+
 @pytest.mark.parametrize(
     "args,pattern",
     [
@@ -402,7 +420,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
     assert "| atoms | atoms | defaults |" in table and "lora: not evaluated" in table
     assert "![grid](grid.png)" in table and "![loss](loss.png)" in table
     grid = Image.open(out / "grid.png")
-    assert grid.size == grid_size(rows=2, columns=2, image_size=64, header=True)
+    assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64), header=True)
 
 
 def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):

@@ -266,7 +266,26 @@ def test_sampling_refuses_a_resolution_whose_decoding_cannot_fit(monkeypatch, tm
     assert_one_line_error(result, 2, "--resolution 8192 needs more memory than there is: 24.0 GB for one image's last "
                                      "VAE decoder feature maps alone, and this machine has 16.0 GB of memory")
     assert not (tmp_path / "out").exists()
-    assert limits.check_drawing_fits("tiny-random", 4096, 20) == 4096
+    assert limits.check_drawing_fits("tiny-random", 4096, 20) == (4096, 4096)
+
+    # width x height counts: 4096 x 16384 has 8192²'s pixels, whatever --resolution says
+    result = invoke("sample", "--model", "tiny-random", "--prompt", "a castle", "--resolution", 64, "--width", 4096,
+                    "--height", 16384, "--output", tmp_path / "out")
+    assert_one_line_error(result, 2, "--width 4096 --height 16384 needs more memory than there is: 24.0 GB for one image's "
+                                     "last VAE decoder feature maps alone")
+    assert not (tmp_path / "out").exists()
+    assert limits.check_drawing_fits("tiny-random", None, 20, width=8192) == (8192, 64)  # the other side: the model's own
+    assert limits.check_drawing_fits("tiny-random", 8192, 20, height=64) == (8192, 64)
+    # the images a sample keeps for its grid, and the grid itself, at width x height too (cells of their aspect)
+    from sdtune.config import SampleConfig
+    from sdtune.errors import SdtuneError
+    from sdtune.sampling import grid_size
+
+    many = dict(prompt=["a castle"], num_images=2400, steps=1)
+    assert limits.check_sample_fits("tiny-random", SampleConfig(**many, resolution=64), 1, grid_size) == (64, 64)
+    with pytest.raises(SdtuneError, match=r"^--num-images 2,400 for 1 prompt\(s\) needs more memory than there is: .* "
+                                          r"for the 2,400 image\(s\) kept for the grid alone"):
+        limits.check_sample_fits("tiny-random", SampleConfig(**many, width=64, height=8192), 1, grid_size)
 
     monkeypatch.setattr(limits, "device_memory", lambda: (8 * 2**30, "the GPU has 8.0 GB"))
     vae = {"block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
@@ -274,4 +293,4 @@ def test_sampling_refuses_a_resolution_whose_decoding_cannot_fit(monkeypatch, tm
                                  ("StableDiffusionXLPipeline", {**models.sd14_unet_config(), "sample_size": 128}, 1024)):
         configs = models.ModelConfigs(pipeline, unet, vae, {"num_train_timesteps": 1000})
         monkeypatch.setattr(models, "read_model_configs", lambda model, configs=configs: configs)
-        assert limits.check_drawing_fits("some/model", size, 30, images=4) == size
+        assert limits.check_drawing_fits("some/model", size, 30, images=4) == (size, size)

@@ -512,7 +512,7 @@ def test_validation_samples_loss_and_tensorboard_events(tmp_path, tiny_path, fas
     run = run_training(tmp_path, "validate", steps=4, validate_every=2, validation_images=2, log_with="tensorboard")
     for step in (2, 4):
         grid = Image.open(run.output / "samples" / f"step-{step}.png")
-        assert grid.size == grid_size(rows=len(validation.DEFAULT_PROMPTS), columns=len(validation.SAMPLE_SEEDS), image_size=64)
+        assert grid.size == grid_size(rows=len(validation.DEFAULT_PROMPTS), columns=len(validation.SAMPLE_SEEDS), image_size=(64, 64))
     records = read_metrics(run)
     assert ["val_loss" in r for r in records] == [False, True, False, True]
     assert sorted(run.validation_losses) == [2, 4]
