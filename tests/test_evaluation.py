@@ -502,7 +502,7 @@ def test_a_dataset_runs_reference_and_prompts_are_its_dataset(tmp_path):
 
     # digits lives in memory: its examples come as images, read like files
     (run / "config.toml").write_text('dataset = "digits"\nclasses = ["three"]\nmax_per_class = 3\nseed = 0\n')
-    images = read_images(run_reference(run), resolution=16)
+    images = read_images(run_reference(run), size=(16, 16))
     assert len(images) == 3 and all(tuple(image.shape) == (3, 16, 16) for image in images)
     assert run_prompts(run, "") == ["This is a picture of the handwritten digit three."]
 
