@@ -392,7 +392,7 @@ def train(
 @app.command()
 @handle_errors
 def sample(
-    prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token. As in kohya-ss' sample prompts, a line may end in its own settings: 'a castle --n blurry --w 512 --h 768 --d 42 --s 30 --l 7.5' (negative prompt, width, height, first seed, steps, guidance)."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     adapter: List[Path] = typer.Option([], help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled. Repeat it to stack adapters: their updates are added."),
     model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
@@ -409,7 +409,7 @@ def sample(
     data_root: Optional[Path] = typer.Option(None, help="The dataset's folder, for datasets whose classes come from it (imagefolder)."),
     classes: Optional[str] = typer.Option(None, help="With --dataset: only these classes, comma-separated."),
     class_template: Optional[str] = typer.Option(None, help="With --dataset: caption template with {class} (default: the dataset's own)."),
-    negative_prompt: Optional[str] = typer.Option(None, help="What guidance steers away from, for every prompt (placeholders filled)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="What guidance steers away from, for every prompt (placeholders filled; a prompt file's --n wins for its line)."),
     clip_skip: Optional[int] = typer.Option(None, help="SD 1.x/2.x: condition on CLIP's k-th layer from the end (2: the penultimate) (default: the adapter's, else 1)."),
     max_token_length: Optional[int] = typer.Option(None, help="Read prompts up to 75, 150 or 225 tokens, in chunks of 75 (default: the adapter's, else 75)."),
     guidance_rescale: Optional[float] = typer.Option(None, help="Rescale the guided prediction, 0 to 1 (default: 0.7 for a zero-terminal-SNR model, else 0)."),

@@ -27,6 +27,8 @@ TABLE_FILE = "comparison.md"
 CSV_FILE = "comparison.csv"
 LOSS_PLOT = "loss.png"
 GRID_FILE = "grid.png"
+# why the grid's prompt file's kohya-ss options (--n, --w, ...) are not used
+COMPARE_OPTIONS_UNUSED = "compare's grid draws every run at one setting (its --steps, --guidance and --seed), to be compared"
 BASE_COLUMNS = (
     "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
 )
@@ -390,7 +392,7 @@ def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list[str]:
     from .data import read_prompt_file
     from .evaluation import run_prompts
 
-    prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+    prompts = list(config.prompt) + (read_prompt_file(config.prompts, COMPARE_OPTIONS_UNUSED) if config.prompts else [])
     if prompts:
         return prompts
     first = runs[0]

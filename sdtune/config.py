@@ -567,7 +567,7 @@ def _check_dataset(config) -> None:
 class SampleConfig(_Config):
     """Everything `sdtune sample` needs."""
 
-    prompts: str | None = None  # a prompt file; one prompt a line, '#' comments
+    prompts: str | None = None  # a prompt file; one prompt a line, '#' comments, kohya-ss' --n, --w, ... after a prompt its own
     prompt: list[str] = field(default_factory=list)  # prompts given directly
     adapter: str | list[str] | None = None  # adapter file or run folder (several stack); none samples the base model
     model: str | None = None  # default: the (first) adapter's base model, else SD v1.4

@@ -9,6 +9,7 @@ decompression-bomb guard stays on.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, refuse_
 from .captions import decode_text
 from .colour import colour_profile, in_srgb
 from .errors import SdtuneError, reading_file
+from .fileio import counted
 
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
@@ -42,10 +44,118 @@ MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt
 # Prompt files
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a text file: one a line; blank lines and lines starting with '#' are skipped.
+# kohya-ss' sample-prompt options, as its `line_to_prompt_dict` reads them: the line is cut at every " --"; the
+# first piece is the prompt, each other piece an option (its letter, case aside, then its value)
+PROMPT_OPTIONS = {"n": "negative prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """A prompt and the kohya-ss options its line gave (None: the command's own setting)."""
+
+    prompt: str
+    where: str = ""  # "FILE line N", for messages; empty for a prompt not from a file
+    negative_prompt: str | None = None  # --n
+    width: int | None = None  # --w
+    height: int | None = None  # --h
+    seed: int | None = None  # --d: the first seed
+    steps: int | None = None  # --s
+    guidance: float | None = None  # --l: the classifier-free guidance scale
+
+    @property
+    def options(self) -> list[str]:
+        """The options the line gave, as it wrote them: `--w`, `--n`, ..."""
+        given = {"n": self.negative_prompt, "w": self.width, "h": self.height, "d": self.seed, "s": self.steps, "l": self.guidance}
+        return [f"--{letter}" for letter, value in given.items() if value is not None]
+
+
+def parse_prompt_line(line: str, where: str = "") -> tuple[PromptLine, list[str]]:
+    """A prompt file's line, read as kohya-ss reads its sample prompts (`a castle --n blurry --w 512 --d 42`): the
+    prompt and its options, and the options sdtune does not know (kohya-ss' --ss, --cn, a typo), which it ignores as
+    kohya-ss does. Text after " --" is never part of the prompt, as there. A value that is not what its option takes
+    is refused, naming `where`."""
+    from .config import MAX_SEED
+
+    prompt, *pieces = line.split(" --")
+    values: dict[str, Any] = {}
+    unknown = []
+    for piece in pieces:
+        if not piece.strip():  # "castle --": nothing given
+            continue
+        letter, _, value = piece.partition(" ")
+        letter, value = letter.lower(), value.strip()
+        if letter not in PROMPT_OPTIONS:
+            unknown.append(f"--{letter}")
+            continue
+        what = PROMPT_OPTIONS[letter]
+        if not value:
+            raise SdtuneError(f"{where}: --{letter} needs a value (the {what})")
+        if letter == "n":
+            values["negative_prompt"] = value
+            continue
+        if letter == "l":
+            number = _number(value, float)
+            if number is None or not math.isfinite(number):
+                raise SdtuneError(f"{where}: --l takes the guidance scale, a number, got {value!r}")
+            values["guidance"] = number
+            continue
+        number = _number(value, int) if value.isdigit() else None
+        if letter in "wh" and (number is None or number < 8 or number % 8):
+            raise SdtuneError(f"{where}: --{letter} takes the {what} in pixels, a positive multiple of 8, got {value!r}")
+        if letter == "d" and (number is None or number > MAX_SEED):
+            raise SdtuneError(f"{where}: --d takes the seed, a whole number from 0 to {MAX_SEED}, got {value!r}")
+        if letter == "s" and (number is None or number < 1):
+            raise SdtuneError(f"{where}: --s takes the denoising steps, a whole number of at least 1, got {value!r}")
+        values[{"w": "width", "h": "height", "d": "seed", "s": "steps"}[letter]] = number
+    return PromptLine(prompt.strip(), where, **values), unknown
+
+
+def _number(text: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
+def read_prompt_lines(path: str | Path) -> list[PromptLine]:
+    """The prompts of a prompt file, each with the kohya-ss options of its line (`parse_prompt_line`): one a line;
+    blank lines and lines starting with '#' are skipped. The options sdtune does not know are named in one warning.
 
     `-` reads standard input; a FIFO or /dev/stdin is read as any file is."""
+    name, lines = _prompt_file_lines(path)
+    read, ignored = [], []
+    for number, line in lines:
+        prompt, unknown = parse_prompt_line(line, f"{name} line {number}")
+        read.append(prompt)
+        ignored += [f"{option} (line {number})" for option in unknown]
+    if ignored:
+        shown = ", ".join(ignored[:SKIPPED_SHOWN]) + (f" and {len(ignored) - SKIPPED_SHOWN} more" if len(ignored) > SKIPPED_SHOWN else "")
+        warnings.warn(
+            f"prompt file {name}: ignored {shown}; sdtune reads "
+            + ", ".join(f"--{letter} ({what})" for letter, what in PROMPT_OPTIONS.items())
+            + " after a prompt, as kohya-ss does, and ignores the others as it does",
+            stacklevel=2,
+        )
+    return read
+
+
+def read_prompt_file(path: str | Path, options_unused: str = "this command draws every prompt with its own settings") -> list[str]:
+    """The prompts of a prompt file (`read_prompt_lines`) without their kohya-ss options: where a line gives any,
+    one warning names them and why they are not used (`options_unused`)."""
+    lines = read_prompt_lines(path)
+    given = [line for line in lines if line.options]
+    if given:
+        options = sorted({option for line in given for option in line.options})
+        warnings.warn(
+            f"prompt file {Path(path) if str(path) != '-' else 'standard input'}: {counted(len(given), 'line')} give "
+            f"{', '.join(options)} (kohya-ss' options), left unused: {options_unused}",
+            stacklevel=2,
+        )
+    return [line.prompt for line in lines]
+
+
+def _prompt_file_lines(path: str | Path) -> tuple[str, list[tuple[int, str]]]:
+    """(the file's name for messages, its prompt lines with their numbers from 1, stripped)."""
     path = Path(path)
     if str(path) == "-":  # standard input, as command-line tools read it
         stream = sys.stdin.buffer if hasattr(sys.stdin, "buffer") else sys.stdin
@@ -58,11 +168,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if len(data) > MAX_PROMPT_FILE_BYTES:
         raise SdtuneError(f"prompt file {path} holds more than {MAX_PROMPT_FILE_BYTES // 2**20} MB; give one prompt a line")
     text = decode_text(data, str(path))  # UTF-8 or UTF-16 with its mark; a byte-order mark is not part of the first prompt
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)]
+    lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
+    if not lines:
         raise SdtuneError(f"prompt file {path} has no prompts")
-    return prompts
+    return str(path), lines
 
 
 def warn_truncated_prompts(tokenizer, max_token_length: int, prompts: list[str]) -> None:

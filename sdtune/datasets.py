@@ -556,7 +556,7 @@ def custom_concept(root: str | Path, concept: str) -> CustomConcept:
     prompt_file = root / entry.get("prompt_filename", "")
     prompts = []
     if entry.get("prompt_filename") and prompt_file.is_file():
-        prompts = [p.replace("{}", f"<{concept}>") for p in read_prompt_file(prompt_file)]
+        prompts = [p.replace("{}", f"<{concept}>") for p in read_prompt_file(prompt_file, "a concept's prompts are drawn alike")]
     return CustomConcept(
         name=concept,
         folder=folder,

@@ -28,6 +28,8 @@ from .errors import SdtuneError, error_line, first_sentence
 EVAL_FILE = "eval.json"
 FORMAT = "sdtune-eval/1"
 SAMPLES_FOLDER = "eval-samples"
+# why an evaluation's prompt file's kohya-ss options (--n, --w, ...) are not used
+EVALUATE_OPTIONS_UNUSED = "evaluate draws every prompt at its own --negative-prompt, size, --seed, --steps and --guidance: the metrics compare one set of images drawn alike"
 BATCH = 32
 KID_MAX_SUBSET = 1000
 INCEPTION_FEATURES = 2048
@@ -489,7 +491,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
         if unfinished := unfinished_run(run, info.extra.get("step", "")):
             warnings.warn(f"{run} is unfinished: its adapter is of {unfinished}; it is measured as it is now", stacklevel=2)
-    prompts = list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+    # the metrics compare one set of images drawn alike: a prompt file's own --n, --w, ... are not used
+    prompts = list(config.prompt) + (read_prompt_file(config.prompts, EVALUATE_OPTIONS_UNUSED) if config.prompts else [])
     if not prompts and info is not None:
         prompts = run_prompts(run, info.placeholder or "<concept>")
     files = one_strength(image_folder(config.images), config.adapter_scale, config.images) if config.images else []

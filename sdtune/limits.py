@@ -495,20 +495,38 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
                     step, encode, tuple(part[1] for part in on_host if part[2]))
 
 
-def check_sample_fits(model: str, config, prompts: int, grid_size) -> tuple[int, int]:
+def check_sample_fits(model: str, config, prompts: int, grid_size, lines=()) -> tuple[int, int]:
     """`sdtune sample`'s sizes (`config`: a SampleConfig, for `prompts` prompts; `grid_size`: the size of
-    its grid, as `sampling.grid_size`) against the model and the machine; returns the (width, height) it draws at."""
+    its grid, as `sampling.grid_size`; `lines`: the prompts' `data.PromptLine`s, whose prompt-file options --w, --h
+    and --s are checked each, naming its line) against the model and the machine; returns the (width, height) it
+    draws at (with prompts of their own sizes, the widest width and tallest height: what the memory is checked for)."""
+    from .config import drawn_size
+    from .models import read_model_configs
+
     columns = config.num_images * len(config.adapter_scales)
     asked = f"--num-images {config.num_images:,} for {prompts:,} prompt(s)"
     if len(config.adapter_scales) > 1:
         asked += f" at {len(config.adapter_scales)} strengths"
+    own = [line for line in lines if line.width or line.height or line.steps]
+    width, height, steps = config.width, config.height, config.steps
+    if own:
+        configs = read_model_configs(model)
+        sizes = [drawn_size(config.width, config.height, config.resolution, configs.native_resolution)]
+        for line in own:
+            try:
+                sizes.append(check_image_size(model, configs, config.resolution, line.width or config.width, line.height or config.height))
+                check_sampling_steps(model, configs, line.steps or config.steps)
+            except SdtuneError as error:
+                raise SdtuneError(f"{line.where}: {error}") from None
+        # every image as large as the largest, and the grid's every row as tall as the tallest: a bound from above
+        width, height = max(size[0] for size in sizes), max(size[1] for size in sizes)
+        steps = max(line.steps or config.steps for line in lines)
 
     def grid_bytes(width: int, height: int) -> int:
         grid_width, grid_height = grid_size(rows=prompts, columns=columns, image_size=(width, height), header=True)
         return grid_width * grid_height * 3
 
-    return check_drawing_fits(model, config.resolution, config.steps, prompts * columns, asked, grid_bytes,
-                              width=config.width, height=config.height)
+    return check_drawing_fits(model, config.resolution, steps, prompts * columns, asked, grid_bytes, width=width, height=height)
 
 
 def check_drawing_fits(model: str, resolution: int | None, steps: int, images: int = 1, asked: str = "",

@@ -44,41 +44,48 @@ def cell_size(image_size: tuple[int, int]) -> tuple[int, int]:
     return round(width * scale), round(height * scale)
 
 
-def grid_size(rows: int, columns: int, image_size: tuple[int, int], header: bool = False) -> tuple[int, int]:
+def grid_size(rows: int, columns: int, image_size: tuple[int, int], header: bool = False,
+              row_sizes: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """Width and height of a grid of `rows` x `columns` images of `image_size` (width, height) with captions
-    (and column labels)."""
-    cell_width, cell_height = cell_size(image_size)
-    width = columns * cell_width + (columns + 1) * GRID_PAD
-    height = rows * (cell_height + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD) + GRID_PAD
+    (and column labels); with `row_sizes`, each row's images of its own size (`grid_layout`)."""
+    width, heights = grid_layout(row_sizes or [image_size] * rows, columns)
+    height = sum(cell_height + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD for cell_height in heights) + GRID_PAD
     if header:
         height += CAPTION_LINES * CAPTION_LINE_HEIGHT
-    return width, height
+    return columns * width + (columns + 1) * GRID_PAD, height
+
+
+def grid_layout(row_sizes: list[tuple[int, int]], columns: int) -> tuple[int, list[int]]:
+    """(the columns' width, each row's height) of a grid whose rows hold images of `row_sizes`: every column as
+    wide as the widest cell, so that rows of different sizes (a prompt file's --w and --h) line up."""
+    cells = [cell_size(size) for size in row_sizes]
+    return max(width for width, _ in cells), [height for _, height in cells]
 
 
 def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | None = None):
-    """One image: each row of PIL images with its caption written below it, labels above the columns. Every cell
-    has the first image's shape."""
+    """One image: each row of PIL images with its caption written below it, labels above the columns. A row's
+    cells have its first image's shape; a narrower row's cells are left-aligned in the widest row's columns."""
     from PIL import Image, ImageDraw, ImageFont
 
-    image_size = rows[0][0].size
-    cell_width, cell_height = cell_size(image_size)
+    row_sizes = [row[0].size for row in rows]
     columns = max(len(row) for row in rows)
-    grid = Image.new("RGB", grid_size(len(rows), columns, image_size, header=bool(column_labels)), "white")
+    column_width, row_heights = grid_layout(row_sizes, columns)
+    grid = Image.new("RGB", grid_size(len(rows), columns, row_sizes[0], header=bool(column_labels), row_sizes=row_sizes), "white")
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=11)
     chars = max(10, int((grid.size[0] - 2 * GRID_PAD) / 6))
     y = GRID_PAD
     if column_labels:
         for column, label in enumerate(column_labels):
-            lines = textwrap.wrap(label, max(4, cell_width // 6))[:CAPTION_LINES] or [""]
+            lines = textwrap.wrap(label, max(4, column_width // 6))[:CAPTION_LINES] or [""]
             for k, line in enumerate(lines):
-                draw.text((GRID_PAD + column * (cell_width + GRID_PAD), y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
+                draw.text((GRID_PAD + column * (column_width + GRID_PAD), y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
         y += CAPTION_LINES * CAPTION_LINE_HEIGHT
-    for row, caption in zip(rows, captions):
+    for row, caption, size, row_height in zip(rows, captions, row_sizes, row_heights):
+        cell = cell_size(size)
         for column, image in enumerate(row):
-            grid.paste(image.resize((cell_width, cell_height), Image.Resampling.NEAREST),
-                       (GRID_PAD + column * (cell_width + GRID_PAD), y))
-        y += cell_height
+            grid.paste(image.resize(cell, Image.Resampling.NEAREST), (GRID_PAD + column * (column_width + GRID_PAD), y))
+        y += row_height
         lines = textwrap.wrap(caption, chars)[:CAPTION_LINES] or [""]
         for k, line in enumerate(lines):
             draw.text((GRID_PAD, y + 1 + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
@@ -93,7 +100,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
 
     started = time.perf_counter()
     from .adapter import adapter_info, adapter_path
-    from .data import read_prompt_file
+    from .data import PromptLine, read_prompt_lines
     from .distributed import lock_on_main_process, process_state
     from .errors import SdtuneError
     from .fileio import OutputLock, ensure_writable_folder
@@ -102,19 +109,21 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from .models import DEFAULT_MODEL, read_model_configs
 
     config.validate()
-    prompts = []
+    lines = []
     if config.dataset:
         from .datasets import class_captions
 
         # One row per class, captioned as training captioned that class.
-        prompts += [caption for _, caption in class_captions(config.dataset, config.data_root, config.classes, config.class_template)]
-    prompts += list(config.prompt) + (read_prompt_file(config.prompts) if config.prompts else [])
+        lines += [PromptLine(caption) for _, caption in class_captions(config.dataset, config.data_root, config.classes, config.class_template)]
+    # a prompt file's lines may set their own negative prompt, size, seed, steps and guidance (kohya-ss' --n, --w, ...)
+    lines += [PromptLine(prompt) for prompt in config.prompt] + (read_prompt_lines(config.prompts) if config.prompts else [])
+    prompts = [line.prompt for line in lines]
     infos = [adapter_info(adapter) for adapter in config.adapters]
     info = infos[0] if infos else None
     model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
     placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
     token = config.token or placeholders or None
-    check_sample_fits(model, config, len(prompts), grid_size)  # sizes the model or the machine cannot take, before it loads
+    check_sample_fits(model, config, len(prompts), grid_size, lines)  # sizes the model or the machine cannot take, before it loads
     trained = adapters_reading(config.adapters, infos)
     reading = PromptReading(config.clip_skip or trained.clip_skip, config.max_token_length or trained.max_token_length)
     check_clip_skip(model, read_model_configs(model), reading.clip_skip)
@@ -138,9 +147,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
             lock.sweep(lambda name: name == GRID_FILE)
             lock.sweep(lambda name: name.endswith(".png"), output / "images")
         sweep = isinstance(config.adapter_scale, list) and not config.stacked
-        seeds = [config.seed + j for j in range(config.num_images)]
         files = {
-            scale: [output / "images" / image_name(index, seed, scale if sweep else None) for index in range(len(prompts)) for seed in seeds]
+            scale: [output / "images" / image_name(index, seed, scale if sweep else None)
+                    for index, line in enumerate(lines) for seed in prompt_seeds(config, line)]
             for scale in config.adapter_scales
         }
         earlier = [path for path in [output / GRID_FILE, *(p for paths in files.values() for p in paths)] if path.exists()]
@@ -152,14 +161,15 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
             )
         # any adapter (of a stack too) trained with --zero-terminal-snr samples on the rescaled, trailing schedule
         zero_snr = zero_snr_adapters(config.adapters, infos)
-        return _sample(config, prompts, files, model, token, output, state, progress, started, zero_snr, reading)
+        return _sample(config, lines, files, model, token, output, state, progress, started, zero_snr, reading)
     finally:
         lock.release()
 
 
-def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, token: str | None, output: Path, state,
+def _sample(config: SampleConfig, lines: list, files: dict, model: str, token: str | None, output: Path, state,
             progress: bool, started: float, zero_snr: list[str] | None = None, reading=None) -> SampleResult:
-    """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid."""
+    """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid; `lines`: the
+    prompts with the settings their prompt file's lines gave them (`data.PromptLine`)."""
     import time
 
     from .data import fill_placeholders, warn_truncated_prompts
@@ -178,20 +188,19 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         if state.is_main_process:
             print(f"{' and '.join(zero_snr)} {'was' if len(zero_snr) == 1 else 'were'} trained with --zero-terminal-snr: "
                   f"sampling with {type(pipe.scheduler).__name__}, betas rescaled to zero terminal SNR, trailing timesteps")
-    size = drawn_size(config.width, config.height, config.resolution, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list) and not config.stacked
 
-    seeds = [config.seed + j for j in range(config.num_images)]
-    filled = [fill_placeholders(prompt, token) for prompt in prompts]
+    filled = [fill_placeholders(line.prompt, token) for line in lines]
     if state.is_main_process:
         warn_truncated_prompts(pipe.tokenizer, reading.max_token_length, filled)
-    negative_prompt = fill_placeholders(config.negative_prompt, token) if config.negative_prompt else None
+    per_prompt = [prompt_settings(config, line, native, token) for line in lines]
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
     # of processes (the images whose fp16 decode overflows too: decoded again in fp32, the VAE staying fp16: `decode`).
-    per_call = max(1, IMAGES_PER_CALL // len(seeds))
-    batches = [list(range(first, min(first + per_call, len(filled)))) for first in range(0, len(filled), per_call)]
+    per_call = max(1, IMAGES_PER_CALL // config.num_images)
+    batches = [group[first : first + per_call] for group in call_groups(per_prompt) for first in range(0, len(group), per_call)]
     rows = {}
     startup = draw_started = None
     for position, scale in enumerate(scales):
@@ -208,10 +217,10 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
         if startup is None:
             startup = time.perf_counter() - started
             draw_started = time.perf_counter()
-        settings = generation_settings(pipe, config, model, size, dtype, negative_prompt, scale, reading)
+        settings = generation_settings(pipe, config, model, dtype, scale, reading)
         with state.split_between_processes(batches) as mine:
-            rows[scale] = draw_rows(pipe, filled, mine, seeds, files[scale], config, size, device,
-                                    progress and state.is_main_process, negative_prompt=negative_prompt,
+            rows[scale] = draw_rows(pipe, filled, mine, per_prompt, files[scale], config, device,
+                                    progress and state.is_main_process,
                                     description=f"sample at {strength_name(scale)}" if sweep else "sample",
                                     settings=settings, reading=reading)
     draw_seconds = time.perf_counter() - draw_started
@@ -225,9 +234,13 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
     for scale in scales:
         for index in range(len(filled)):
             if index not in rows[scale]:  # drawn by another process
-                rows[scale][index] = [load_png(path) for path in files[scale][index * len(seeds) : (index + 1) * len(seeds)]]
+                count = config.num_images
+                rows[scale][index] = [load_png(path) for path in files[scale][index * count : (index + 1) * count]]
     grid_rows = [[image for scale in scales for image in rows[scale][index]] for index in range(len(filled))]
-    labels = [f"scale {strength_name(scale)}, seed {seed}" for scale in scales for seed in seeds] if sweep else None
+    # a sweep's columns: strength, then seed (or the image's number where a prompt file's --d gave rows seeds of their own)
+    seeds = per_prompt[0].seeds if len({settings.seeds for settings in per_prompt}) == 1 else None
+    labels = [f"scale {strength_name(scale)}, " + (f"seed {seeds[j]}" if seeds else f"image {j + 1}")
+              for scale in scales for j in range(config.num_images)] if sweep else None
     with atomic_write(grid_path) as tmp:
         make_grid(grid_rows, filled, column_labels=labels).save(tmp, format="PNG")
     if config.overwrite:  # an earlier sample's images that this one did not draw again would mix with it
@@ -235,6 +248,57 @@ def _sample(config: SampleConfig, prompts: list[str], files: dict, model: str, t
             if IMAGE_NAME.match(stale.name):
                 stale.unlink(missing_ok=True)
     return SampleResult(output=output, images=every_file, grid=grid_path, prompts=filled, **timing)
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How one prompt is drawn: the command's settings, or those its prompt file's line gave."""
+
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]
+
+    def call(self) -> tuple:
+        """What the prompts of one pipeline call share (their seeds and negative prompts are each their own; a
+        missing negative prompt is not an empty one to SDXL: `conditioning.pipeline_prompts`)."""
+        return self.negative_prompt is None, self.width, self.height, self.steps, self.guidance
+
+    def shown(self) -> dict:
+        """These settings as an image's PNG text writes them."""
+        return {"negative_prompt": self.negative_prompt, "width": self.width, "height": self.height, "steps": self.steps,
+                "guidance": self.guidance}
+
+
+def prompt_seeds(config: SampleConfig, line) -> tuple[int, ...]:
+    """A prompt's seeds: its line's --d, else --seed, and the next num_images - 1."""
+    first = config.seed if line.seed is None else line.seed
+    return tuple(first + j for j in range(config.num_images))
+
+
+def prompt_settings(config: SampleConfig, line, native: int, token) -> PromptSettings:
+    """How `line` (a `data.PromptLine`) is drawn: each of its options wins over the command's setting, as
+    kohya-ss' sample prompts do; `native`: the model's own image size; `token` fills placeholders."""
+    from .data import fill_placeholders
+
+    negative = line.negative_prompt if line.negative_prompt is not None else config.negative_prompt
+    width, height = drawn_size(line.width or config.width, line.height or config.height, config.resolution, native)
+    return PromptSettings(
+        negative_prompt=fill_placeholders(negative, token) if negative else None, width=width, height=height,
+        steps=line.steps or config.steps, guidance=config.guidance if line.guidance is None else line.guidance,
+        seeds=prompt_seeds(config, line),
+    )
+
+
+def call_groups(per_prompt: list[PromptSettings]) -> list[list[int]]:
+    """The prompts' indices grouped by what a pipeline call shares, each group in the prompts' order, the groups
+    in the order of their first prompt: prompts of one setting still go through the pipeline together."""
+    groups: dict[tuple, list[int]] = {}
+    for index, settings in enumerate(per_prompt):
+        groups.setdefault(settings.call(), []).append(index)
+    return list(groups.values())
 
 
 def image_name(index: int, seed: int, scale: float | None = None) -> str:
@@ -313,15 +377,14 @@ def sampler_name(scheduler) -> str:
     return name + " Karras" if getattr(scheduler.config, "use_karras_sigmas", False) else name
 
 
-def generation_settings(pipe, config: SampleConfig, model: str, size: tuple[int, int], dtype, negative_prompt: str | None,
-                        scale: float, reading=None) -> dict:
-    """What every image of a sample shares, for its PNG text: names, never local paths."""
+def generation_settings(pipe, config: SampleConfig, model: str, dtype, scale: float, reading=None) -> dict:
+    """What every image of a sample shares, for its PNG text: names, never local paths. (Each prompt's negative
+    prompt, size, steps and guidance are its own: `PromptSettings.shown`.)"""
     from .version import __version__
 
     settings = {
-        "negative_prompt": negative_prompt, "steps": config.steps, "guidance": config.guidance,
         "guidance_rescale": guidance_rescale(config, pipe), "sampler": sampler_name(pipe.scheduler),
-        "width": size[0], "height": size[1], "model": shown_name(model), "dtype": dtype_name(dtype),
+        "model": shown_name(model), "dtype": dtype_name(dtype),
         "version": f"sdtune {__version__}",
     }
     if reading is not None:  # clip_skip (AUTOMATIC1111's "Clip skip"), max_token_length: only where not the default
@@ -434,13 +497,12 @@ def guidance_rescale(config: SampleConfig, pipe) -> float:
     return zero_snr_guidance_rescale(pipe.scheduler)
 
 
-def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[int], files: list[Path],
-              config: SampleConfig, size: tuple[int, int], device, progress: bool,
-              negative_prompt: str | None = None, description: str = "sample",
+def draw_rows(pipe, prompts: list[str], batches: list[list[int]], per_prompt: list[PromptSettings], files: list[Path],
+              config: SampleConfig, device, progress: bool, description: str = "sample",
               settings: dict | None = None, reading=None) -> dict[int, list]:
-    """Draw each batch of prompt indices at `size` (width, height), one image per seed, each with its own seeded
-    generator; write every image to its file (with `settings`, its prompt and seed in the PNG's text) and return
-    the rows by prompt index."""
+    """Draw each batch of prompt indices (prompts of one `PromptSettings.call`) as `per_prompt` says, one image per
+    seed, each with its own seeded generator; write every image to its file (with `settings`, its prompt, seed and
+    own settings in the PNG's text) and return the rows by prompt index."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
@@ -452,26 +514,29 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], seeds: list[in
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its own truncation notice repeats sdtune's warning
     try:
+        count = config.num_images
         for batch in batches:
-            generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in seeds]
+            shared = per_prompt[batch[0]]
+            generators = [torch.Generator(device).manual_seed(seed) for index in batch for seed in per_prompt[index].seeds]
             images = draw(
                 pipe,
                 [prompts[index] for index in batch],
-                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                negative_prompt=[per_prompt[index].negative_prompt for index in batch] if shared.negative_prompt is not None else None,
                 reading=reading,
-                num_images_per_prompt=len(seeds),
+                num_images_per_prompt=count,
                 generator=generators,
-                num_inference_steps=config.steps,
-                guidance_scale=config.guidance,
+                num_inference_steps=shared.steps,
+                guidance_scale=shared.guidance,
                 guidance_rescale=guidance_rescale(config, pipe),
-                width=size[0],
-                height=size[1],
+                width=shared.width,
+                height=shared.height,
             )
             for offset, index in enumerate(batch):
-                row = images[offset * len(seeds) : (offset + 1) * len(seeds)]
+                row = images[offset * count : (offset + 1) * count]
                 for column, image in enumerate(row):
-                    text = png_text({"prompt": prompts[index], "seed": seeds[column], **(settings or {})})
-                    with atomic_write(files[index * len(seeds) + column]) as tmp:
+                    own = {**(settings or {}), **per_prompt[index].shown()}
+                    text = png_text({"prompt": prompts[index], "seed": per_prompt[index].seeds[column], **own})
+                    with atomic_write(files[index * count + column]) as tmp:
                         image.save(tmp, format="PNG", pnginfo=text)
                 rows[index] = row
             bar.update(len(batch))

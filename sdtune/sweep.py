@@ -492,11 +492,11 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
         metric_set = METRIC_SETS[plan.metrics]()
         if main:
             metric_set.prepare(plan, log)
-            from .data import read_prompt_file
+            from .data import read_prompt_lines
 
-            # a missing or empty prompt file stops the sweep now, not after each run's training
+            # a missing or empty prompt file, or a line's bad option, stops the sweep now, not after each run's training
             for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
-                read_prompt_file(prompts)
+                read_prompt_lines(prompts)
         with each_warning_once():  # the runs of a sweep share their inputs, and so their warnings
             for number, run in enumerate(runs, 1):
                 prefix = f"[{number}/{len(runs)}] {run.name}"

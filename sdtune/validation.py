@@ -18,6 +18,8 @@ DEFAULT_PROMPTS = ("photo of a <{concept}>.", "a <{concept}> in the snow", "an o
 SAMPLE_SEEDS = (0, 1)
 SAMPLE_STEPS = 30
 SAMPLE_GUIDANCE = 7.5
+# why a --validation-prompts file's kohya-ss options (--n, --w, ...) are not used
+VALIDATION_OPTIONS_UNUSED = "validation grids are drawn alike at every check (the training resolution, fixed seeds, steps and guidance), to be compared"
 LOSS_TIMESTEPS = 5  # evenly spaced over the schedule
 LOSS_SEED = 1234
 LOSS_BATCH = 8
@@ -29,7 +31,7 @@ def validation_prompts(config) -> list[str]:
     from .data import fill_placeholders, read_prompt_file
 
     if config.validation_prompts:
-        prompts = read_prompt_file(config.validation_prompts)
+        prompts = read_prompt_file(config.validation_prompts, VALIDATION_OPTIONS_UNUSED)
     else:
         prompts = [p.format(concept=concept) for concept in config.concepts for p in DEFAULT_PROMPTS]
     return [fill_placeholders(p, config.concept_tokens if len(config.concepts) > 1 else config.token) for p in prompts]

@@ -227,6 +227,86 @@ def test_sample_refuses_bad_widths_and_heights_before_the_model_loads(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_prompt_files_lines_draw_with_their_own_settings(tmp_path, private_cache, monkeypatch):
+    """kohya-ss' options after a prompt (--n, --w, --h, --d, --s, --l) win over the command's for that prompt, exactly
+    as the command's own flags would draw it; prompts of one setting still share a pipeline call; each image's PNG
+    text holds its own settings; the grid's rows keep their sizes; options sdtune does not read are named."""
+    import sdtune.sampling as sampling
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle at dusk --n blurry --w 64 --h 128 --d 42 --s 2 --l 5\n"
+                       "a plain castle\n"
+                       "a wide castle --W 128 --ss euler_a\n"
+                       "a plain tower\n")
+    calls = []
+    original = sampling.draw
+
+    def spy(pipe, prompts, **settings):
+        calls.append((list(prompts), settings["width"], settings["height"], settings["num_inference_steps"],
+                      settings["guidance_scale"], settings["negative_prompt"]))
+        return original(pipe, prompts, **settings)
+
+    monkeypatch.setattr(sampling, "draw", spy)
+    common = ("sample", "--model", "tiny-random", "--num-images", 2)
+    with pytest.warns(UserWarning, match=f"^prompt file {prompts}: ignored --ss \\(line 3\\); sdtune reads --n \\(negative prompt\\)"):
+        result = invoke(*common, "--prompts", prompts, "--steps", 1, "--negative-prompt", "ugly", "--output", tmp_path / "file")
+    assert result.exit_code == 0, result.output
+    assert calls == [
+        (["a castle at dusk"], 64, 128, 2, 5.0, ["blurry"]),
+        (["a plain castle", "a plain tower"], 64, 64, 1, 7.5, ["ugly", "ugly"]),
+        (["a wide castle"], 128, 64, 1, 7.5, ["ugly"]),
+    ]
+    images = tmp_path / "file" / "images"
+    assert sorted(p.name for p in images.iterdir()) == [
+        "000-seed42.png", "000-seed43.png", "001-seed0.png", "001-seed1.png", "002-seed0.png", "002-seed1.png",
+        "003-seed0.png", "003-seed1.png"]
+    with Image.open(images / "000-seed43.png") as image:
+        assert image.size == (64, 128)
+        assert image.text["parameters"].startswith("a castle at dusk\nNegative prompt: blurry\nSteps: 2, Sampler: PLMS, "
+                                                   "CFG scale: 5.0, Seed: 43, Size: 64x128, ")
+        settings = json.loads(image.text["sdtune"])
+        assert (settings["negative_prompt"], settings["width"], settings["height"], settings["seed"], settings["steps"],
+                settings["guidance"]) == ("blurry", 64, 128, 43, 2, 5.0)
+    with Image.open(images / "002-seed0.png") as image:
+        assert image.size == (128, 64)
+        assert json.loads(image.text["sdtune"])["negative_prompt"] == "ugly" and ", Size: 128x64, " in image.text["parameters"]
+    # cells of 128x256, 128x128, 256x128, 128x128 (enlarged until the smaller side is 128), columns as wide as the widest
+    expected = grid_size(rows=4, columns=2, image_size=(64, 64), row_sizes=[(64, 128), (64, 64), (128, 64), (64, 64)])
+    assert expected == (2 * 256 + 3 * 4, 256 + 3 * 128 + 4 * (2 * 14 + 4) + 4)
+    grid = Image.open(tmp_path / "file" / "grid.png").convert("RGB")
+    assert grid.size == expected
+    with Image.open(images / "002-seed1.png") as wide:
+        cell = grid.crop((4 + 256 + 4, 4 + 256 + 32 + 128 + 32, 4 + 256 + 4 + 256, 4 + 256 + 32 + 128 + 32 + 128))
+        assert cell.tobytes() == wide.convert("RGB").resize((256, 128), Image.Resampling.NEAREST).tobytes()
+
+    # the line's options draw what the command's own flags draw
+    alone = invoke(*common, "--prompt", "a castle at dusk", "--negative-prompt", "blurry", "--width", 64, "--height", 128,
+                   "--seed", 42, "--steps", 2, "--guidance", 5, "--output", tmp_path / "flags")
+    assert alone.exit_code == 0, alone.output
+    for seed in (42, 43):
+        assert pixels_of(images / f"000-seed{seed}.png") == pixels_of(tmp_path / "flags" / "images" / f"000-seed{seed}.png")
+
+
+def test_a_prompt_files_bad_options_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import sdtune.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", never)
+    prompts = tmp_path / "prompts.txt"
+    common = ("sample", "--model", "tiny-random", "--prompts", prompts, "--output", tmp_path / "out")
+    for lines, message in (
+        ("a castle\na castle --w abc\n", f"{prompts} line 2: --w takes the width in pixels, a positive multiple of 8, got 'abc'"),
+        ("a castle --h 100\n", f"{prompts} line 1: --h takes the height in pixels, a positive multiple of 8, got '100'"),
+        ("a castle --w 16\n", f"{prompts} line 1: --width 16 is too small for tiny-random: at least 24"),
+        ("a castle\n\na castle --s 5000\n", f"{prompts} line 3: --steps 5,000: tiny-random's scheduler has 1000 timesteps"),
+    ):
+        prompts.write_text(lines)
+        assert_one_line_error(invoke(*common), 2, message)
+    assert not (tmp_path / "out").exists()
+
+
 def pixels_of(path) -> bytes:
     """An image's pixels, without its PNG text (which names the adapter and its strength)."""
     with Image.open(path) as image:

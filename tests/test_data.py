@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune.data import fill_placeholders, list_images, load_images, read_prompt_file
+from sdtune.data import PromptLine, fill_placeholders, list_images, load_images, read_prompt_file, read_prompt_lines
 from sdtune.datasets import concept_images
 from sdtune.demo_images import DEMO_COUNT, demo_concept_folder, draw_demo_image
 from sdtune.errors import SdtuneError
@@ -16,6 +16,57 @@ def test_prompt_file_skips_comments_and_blank_lines(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("# comment\n\nphoto of a <castle>.\n  The <castle> at night.  \n", encoding="utf-8")
     assert read_prompt_file(path) == ["photo of a <castle>.", "The <castle> at night."]
+
+
+def test_prompt_lines_carry_kohya_ss_options(tmp_path):
+    """As kohya-ss' sample prompts write them: the line cut at every " --", the first piece the prompt, each other an
+    option by its letter in either case; the last of an option repeated wins; text after " --" is never the prompt."""
+    path = tmp_path / "p.txt"
+    path.write_text(
+        "a <castle> at dusk --n blurry, low-res --w 512 --h 768 --d 42 --s 30 --l 7.5\n"
+        "# a comment --w 8\n"
+        "plain--text, low-res\n"
+        "a castle --W 64 --L 3 --w 128 --\n"
+        "a sign reading --hello there\n",
+        encoding="utf-8",
+    )
+    with pytest.warns(UserWarning) as caught:
+        lines = read_prompt_lines(path)
+    assert lines == [
+        PromptLine("a <castle> at dusk", f"{path} line 1", negative_prompt="blurry, low-res", width=512, height=768,
+                   seed=42, steps=30, guidance=7.5),
+        PromptLine("plain--text, low-res", f"{path} line 3"),
+        PromptLine("a castle", f"{path} line 4", width=128, guidance=3.0),
+        PromptLine("a sign reading", f"{path} line 5"),
+    ]
+    assert lines[0].options == ["--n", "--w", "--h", "--d", "--s", "--l"]
+    assert len(caught) == 1 and f"prompt file {path}: ignored --hello (line 5); sdtune reads --n (negative prompt)" in str(caught[0].message)
+
+    # where a command does not use them, the prompts come without them, and one warning says why
+    with pytest.warns(UserWarning) as caught:
+        prompts = read_prompt_file(path, "the reason")
+    assert prompts == ["a <castle> at dusk", "plain--text, low-res", "a castle", "a sign reading"]
+    unused = [str(w.message) for w in caught if "left unused" in str(w.message)]
+    assert unused == [f"prompt file {path}: 2 lines give --d, --h, --l, --n, --s, --w (kohya-ss' options), left unused: the reason"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("a --w abc", "--w takes the width in pixels, a positive multiple of 8, got 'abc'"),
+    ("a --h 500", "--h takes the height in pixels, a positive multiple of 8, got '500'"),
+    ("a --w 512px", "--w takes the width in pixels, a positive multiple of 8, got '512px'"),
+    ("a --d -1", "--d takes the seed, a whole number from 0 to 4294967295, got '-1'"),
+    ("a --d 4294967296", "--d takes the seed, a whole number from 0 to 4294967295, got '4294967296'"),
+    ("a --s 0", "--s takes the denoising steps, a whole number of at least 1, got '0'"),
+    ("a --l nan", "--l takes the guidance scale, a number, got 'nan'"),
+    ("a --l 7.5.3", "--l takes the guidance scale, a number, got '7.5.3'"),
+    ("a --n", "--n needs a value (the negative prompt)"),
+])
+def test_a_bad_option_value_names_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "p.txt"
+    path.write_text(f"fine --w 64\n\n{line}\n", encoding="utf-8")
+    with pytest.raises(SdtuneError) as raised:
+        read_prompt_lines(path)
+    assert str(raised.value) == f"{path} line 3: {message}"
 
 
 @pytest.mark.parametrize("content", [b"", b"# only comments\n\n", b"\xff\xfe\x00ba", b"caf\xe9", "a".encode("utf-16-le")])

@@ -688,3 +688,28 @@ def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
     with pytest.warns(UserWarning, match="measured an earlier adapter.safetensors"):
         summary = summarize_run(run)
     assert summary.metrics == {} and "trained again" in summary.stale_evaluation
+
+
+def test_evaluate_compare_and_validation_read_prompt_files_without_their_kohya_options(metric_models, image_sets, tmp_path):
+    """Where one setting draws every prompt, a line's --n, --w, ... are left unused with one warning saying why; CLIP-T
+    scores the prompt alone, as given without them."""
+    from types import SimpleNamespace
+
+    from sdtune.comparison import grid_prompts
+    from sdtune.validation import validation_prompts
+
+    clip_path, dino_path = metric_models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle --n blurry --w 512\na tower\na bridge --D 3\na gate\n")  # one an image
+    common = dict(images=str(image_sets[0]), clip_model=str(clip_path), dino_model=str(dino_path), fid_features="none")
+    with pytest.warns(UserWarning, match=f"^prompt file {prompts}: 2 lines give --d, --n, --w \\(kohya-ss' options\\), left unused: evaluate draws"):
+        result = evaluate(EvaluateConfig(prompts=str(prompts), output=str(tmp_path / "file.json"), **common), progress=False)
+    plain = evaluate(EvaluateConfig(prompt=["a castle", "a tower", "a bridge", "a gate"], output=str(tmp_path / "plain.json"), **common), progress=False)
+    assert result.report["prompts"] == ["a castle", "a tower", "a bridge", "a gate"]
+    assert result.metrics["clip_t"] == plain.metrics["clip_t"]
+
+    with pytest.warns(UserWarning, match="left unused: compare's grid draws every run at one setting"):
+        assert grid_prompts(SimpleNamespace(prompt=["first"], prompts=str(prompts)), []) == ["first", "a castle", "a tower", "a bridge", "a gate"]
+    with pytest.warns(UserWarning, match="left unused: validation grids are drawn alike at every check"):
+        config = SimpleNamespace(validation_prompts=str(prompts), concepts=["castle"], token="sks castle")
+        assert validation_prompts(config) == ["a castle", "a tower", "a bridge", "a gate"]
