@@ -50,17 +50,33 @@ def adapter_path(path: str | Path) -> Path:
 
 def training_holder(path: Path) -> tuple[int, str] | None:
     """(pid, host) of the live process that holds the run folder's lock (a training run), or None."""
-    from .fileio import LOCK_FILE, _holder_alive, _read_holder
+    from .fileio import LOCK_FILE, holder_alive, read_holder
 
     try:
         fd = os.open(path / LOCK_FILE, os.O_RDONLY)  # read, never locked: a run starting now must not be refused
     except OSError:
         return None
     try:
-        holder = _read_holder(fd)
+        holder = read_holder(fd)
     finally:
         os.close(fd)
-    return holder if _holder_alive(holder) else None
+    return holder if holder_alive(holder) else None
+
+
+def unfinished_run(path: Path, adapter_step: str) -> str:
+    """"" for a run whose adapter is of its last step; else its step of the run's --steps, and whether a
+    training process holds the folder now (its lock's holder alive) or the run stopped early."""
+    from .config import read_toml
+
+    try:
+        steps, step = read_toml(path / "config.toml").get("steps"), int(adapter_step)
+    except (SdtuneError, ValueError):  # no config.toml, or an adapter without its step: nothing to tell
+        return ""
+    if not isinstance(steps, int) or step >= steps:
+        return ""
+    holder = training_holder(path)
+    where = f"training now (pid {holder[0]} on {holder[1]})" if holder else "stopped early"
+    return f"step {step} of {steps}, {where}"
 
 
 def missing_adapter_reason(path: Path) -> str:

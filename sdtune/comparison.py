@@ -93,26 +93,8 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
 
 
-def unfinished_run(path: Path, adapter_step: str) -> str:
-    """"" for a run whose adapter is of its last step; else its step of the run's --steps, and whether a
-    training process holds the folder now (its lock's holder alive) or the run stopped early."""
-    from .config import read_toml
-
-    try:
-        steps, step = read_toml(path / "config.toml").get("steps"), int(adapter_step)
-    except (SdtuneError, ValueError):  # no config.toml, or an adapter without its step: nothing to tell
-        return ""
-    if not isinstance(steps, int) or step >= steps:
-        return ""
-    from .adapter import training_holder
-
-    holder = training_holder(path)
-    where = f"training now (pid {holder[0]} on {holder[1]})" if holder else "stopped early"
-    return f"step {step} of {steps}, {where}"
-
-
 def summarize_run(path: str | Path) -> RunSummary:
-    from .adapter import ADAPTER_FILE, missing_adapter_reason, read_adapter_info
+    from .adapter import ADAPTER_FILE, missing_adapter_reason, read_adapter_info, unfinished_run
 
     path = Path(path)
     if not (path / ADAPTER_FILE).is_file():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import MAX_SEED
 from .errors import SdtuneError, reading_file
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
@@ -30,7 +31,6 @@ from .tracking import PROJECT_NAME, check_log_with, resolve_log_with
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAMPLE_DTYPES = ("fp16", "bf16", "fp32")  # sample/evaluate --dtype, train --validation-dtype
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept
 # `sdtune sample --scheduler`: "default" keeps the model's own (PNDM for SD v1.4); the rest are diffusers'
 # classes, built from the model's scheduler config (the names follow diffusers' and the web UIs' usage)
 SCHEDULERS = ("default", "ddim", "pndm", "euler", "euler-ancestral", "dpm++", "dpm++-karras", "unipc", "heun", "ddpm")
@@ -167,13 +167,6 @@ def check_image_sides(config) -> None:
     """A sampling config's --resolution, --width and --height, each a size the VAE maps to whole latents."""
     for flag, value in (("--resolution", config.resolution), ("--width", config.width), ("--height", config.height)):
         check_resolution(value, flag)
-
-
-def drawn_size(width: int | None, height: int | None, resolution: int | None, native: int) -> tuple[int, int]:
-    """The (width, height) sampling draws: --width and --height each where given, else --resolution's square,
-    else the model's native size."""
-    square = resolution or native
-    return width or square, height or square
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .colour import colour_profile, in_srgb
 from .errors import SdtuneError, reading_file
 from .fileio import counted
 
+MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept (--seed, a prompt line's --d)
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
 # an iPhone's photos, and cameras' (Sony, Canon, Fujifilm write .HIF): images too where pillow-heif is installed
@@ -74,8 +75,6 @@ def parse_prompt_line(line: str, where: str = "") -> tuple[PromptLine, list[str]
     prompt and its options, and the options sdtune does not know (kohya-ss' --ss, --cn, a typo), which it ignores as
     kohya-ss does. Text after " --" is never part of the prompt, as there. A value that is not what its option takes
     is refused, naming `where`."""
-    from .config import MAX_SEED
-
     prompt, *pieces = line.split(" --")
     values: dict[str, Any] = {}
     unknown = []

@@ -487,7 +487,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     info = read_adapter_info(config.run)[0] if config.run else None
     run = adapter_path(config.run).parent if config.run else None
     if run is not None and adapter_path(config.run).name == ADAPTER_FILE:
-        from .comparison import unfinished_run
+        from .adapter import unfinished_run
 
         if unfinished := unfinished_run(run, info.extra.get("step", "")):
             warnings.warn(f"{run} is unfinished: its adapter is of {unfinished}; it is measured as it is now", stacklevel=2)

@@ -543,9 +543,9 @@ class OutputLock:
                 try:
                     held = not _try_flock(fd)
                 except OSError:  # no flock here (some network file systems): fall back to the pid
-                    held = _holder_alive(_read_holder(fd))
+                    held = holder_alive(read_holder(fd))
                 if held:
-                    holder = _read_holder(fd)
+                    holder = read_holder(fd)
                     os.close(fd)
                     fd = None
                     who = f"pid {holder[0]} on {holder[1]}" if holder else "another process"
@@ -643,7 +643,7 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
-def _read_holder(fd: int) -> tuple[int, str] | None:
+def read_holder(fd: int) -> tuple[int, str] | None:
     os.lseek(fd, 0, os.SEEK_SET)
     fields = os.read(fd, 256).decode(errors="replace").split()
     try:
@@ -652,7 +652,7 @@ def _read_holder(fd: int) -> tuple[int, str] | None:
         return None
 
 
-def _holder_alive(holder: tuple[int, str] | None) -> bool:
+def holder_alive(holder: tuple[int, str] | None) -> bool:
     if holder is None:
         return False
     pid, host = holder

@@ -95,6 +95,13 @@ def smallest_resolution(configs) -> int:
     return resolution
 
 
+def drawn_size(width: int | None, height: int | None, resolution: int | None, native: int) -> tuple[int, int]:
+    """The (width, height) sampling draws: --width and --height each where given, else --resolution's square,
+    else the model's native size."""
+    square = resolution or native
+    return width or square, height or square
+
+
 def check_resolution(model: str, configs, resolution: int | None) -> int:
     """The resolution a run uses (the model's native one by default); too small a one is refused."""
     return check_image_size(model, configs, resolution)[0]
@@ -102,10 +109,9 @@ def check_resolution(model: str, configs, resolution: int | None) -> int:
 
 def check_image_size(model: str, configs, resolution: int | None, width: int | None = None,
                      height: int | None = None) -> tuple[int, int]:
-    """The (width, height) a drawing uses (`config.drawn_size`); too small a one is refused. The smaller side
+    """The (width, height) a drawing uses (`drawn_size`); too small a one is refused. The smaller side
     decides, named by the flag that set it: an image at least that side's square has at least that square's
     values in every GroupNorm group."""
-    from .config import drawn_size
 
     size = drawn_size(width, height, resolution, configs.native_resolution)
     least = smallest_resolution(configs)
@@ -500,7 +506,6 @@ def check_sample_fits(model: str, config, prompts: int, grid_size, lines=()) -> 
     its grid, as `sampling.grid_size`; `lines`: the prompts' `data.PromptLine`s, whose prompt-file options --w, --h
     and --s are checked each, naming its line) against the model and the machine; returns the (width, height) it
     draws at (with prompts of their own sizes, the widest width and tallest height: what the memory is checked for)."""
-    from .config import drawn_size
     from .models import read_model_configs
 
     columns = config.num_images * len(config.adapter_scales)

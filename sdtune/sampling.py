@@ -8,7 +8,8 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SampleConfig, drawn_size, strength_name
+from .config import SampleConfig, strength_name
+from .limits import drawn_size
 
 CAPTION_LINE_HEIGHT = 14
 CAPTION_LINES = 2

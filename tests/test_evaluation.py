@@ -534,7 +534,7 @@ def test_a_run_whose_adapter_is_not_of_its_last_step_is_named_unfinished(tmp_pat
     import socket
     import subprocess
 
-    from sdtune.comparison import unfinished_run
+    from sdtune.adapter import unfinished_run
 
     (tmp_path / "config.toml").write_text("steps = 40\n")
     assert unfinished_run(tmp_path, "40") == ""
