@@ -806,6 +806,22 @@ def test_clip_skip_conditions_on_the_layer_diffusers_names(tiny_pipe):
     assert pipeline_prompts(tiny_pipe, prompts) == {"prompt": prompts, "negative_prompt": None}  # no skip: as before
 
 
+def test_pipeline_prompts_takes_one_prompt_and_one_negative_prompt_as_strings(tiny_pipe):
+    """As a pipeline takes them: a string is one prompt (not one a character), and one negative prompt serves every
+    prompt; a list of negative prompts of another length is refused."""
+    from sdtune.conditioning import PromptReading, pipeline_prompts
+
+    reading = PromptReading(clip_skip=2)
+    listed = pipeline_prompts(tiny_pipe, ["a castle", "a door"], ["blurry", "blurry"], reading)
+    one = pipeline_prompts(tiny_pipe, "a castle", "blurry", reading)
+    assert one["prompt_embeds"].shape == (1, 77, 32) and one["negative_prompt_embeds"].shape == (1, 77, 32)
+    torch.testing.assert_close(one["prompt_embeds"][0], listed["prompt_embeds"][0], rtol=0, atol=1e-6)
+    shared = pipeline_prompts(tiny_pipe, ["a castle", "a door"], "blurry", reading)
+    torch.testing.assert_close(shared["negative_prompt_embeds"], listed["negative_prompt_embeds"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
+        pipeline_prompts(tiny_pipe, ["a castle", "a door"], ["a", "b", "c"], reading)
+
+
 def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path, fast_sampling):
     """The adapter, config.toml, kohya metadata and model card record the clip skip; sampling uses the adapter's
     (its PNG text says so as AUTOMATIC1111 does) unless --clip-skip overrides it; the validation grid draws with it."""
