@@ -664,7 +664,7 @@ class Trainer:
             self.unet, self.optimizer, self.loader, self.lr_scheduler
         )
         if self.loop_encoders:  # trained (or holding new token rows): prepared too (DDP, autocast), the embeddings come from them
-            self.loop_encoders = [accelerator.prepare(encoder) for encoder in self.loop_encoders]
+            self.loop_encoders = [prepare_allowing_unused_parameters(accelerator, encoder) for encoder in self.loop_encoders]
             self.prompt_embeddings.text_encoders = self.loop_encoders
             if self.trained_encoders:
                 self.trained_encoders = self.loop_encoders
@@ -1145,6 +1145,21 @@ def changed_settings(saved: dict, config: TrainConfig) -> str:
     if config.lr_scheduler in STEP_COUNT_FREE_SCHEDULES and isinstance(saved.get("steps"), int) and saved["steps"] < config.steps:
         names.remove("steps")  # extending the run: no draw and no rate depends on the step count, so it ends as a longer run would
     return ", ".join(f"{n}: {saved.get(n)} -> {current.get(n)}" for n in names if saved.get(n) != current.get(n))
+
+
+def prepare_allowing_unused_parameters(accelerator, model):
+    """accelerator.prepare for a text encoder: under DDP it may hold trained layers that never reach the conditioning
+    (SDXL reads its first encoder's penultimate layer, --clip-skip K skips K − 1 layers), whose gradients never come,
+    so DDP must look for them each step or it waits for their reduction and fails at the next step. Their gradients
+    stay None on every process, as in one process."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    kept = accelerator.ddp_handler
+    accelerator.ddp_handler = DistributedDataParallelKwargs(**{**(kept.to_kwargs() if kept else {}), "find_unused_parameters": True})
+    try:
+        return accelerator.prepare(model)
+    finally:
+        accelerator.ddp_handler = kept
 
 
 def make_accelerator(config: TrainConfig, output: Path):
