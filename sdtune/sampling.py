@@ -115,7 +115,8 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
     token = config.token or placeholders or None
     check_sample_fits(model, config, len(prompts), grid_size)  # sizes the model or the machine cannot take, before it loads
-    trained = adapters_reading(config.adapters, infos)
+    given = {"clip_skip": config.clip_skip, "max_token_length": config.max_token_length}
+    trained = adapters_reading(config.adapters, infos, given)
     reading = PromptReading(config.clip_skip or trained.clip_skip, config.max_token_length or trained.max_token_length)
     check_clip_skip(model, read_model_configs(model), reading.clip_skip)
     if config.output:
@@ -382,9 +383,10 @@ def load_png(path: Path):
 ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-terminal-SNR models
 
 
-def adapters_reading(adapters: list, infos: list):
+def adapters_reading(adapters: list, infos: list, given: dict | None = None):
     """How the adapters were trained to read prompts (conditioning.PromptReading; the defaults where they recorded
-    nothing); stacked adapters must agree on each setting."""
+    nothing); stacked adapters must agree on each setting that `given` (a setting's name → the value asked for, or
+    None) does not set."""
     from .conditioning import MAX_TOKEN_LENGTHS, PromptReading
     from .errors import SdtuneError
 
@@ -396,7 +398,7 @@ def adapters_reading(adapters: list, infos: list):
             if not recorded.isdigit() or int(recorded) < 1 or (name == "max_token_length" and int(recorded) not in MAX_TOKEN_LENGTHS):
                 raise SdtuneError(f"{adapter} records {name} {recorded!r}, which no run writes: the file is damaged")
             found[str(adapter)] = int(recorded)
-        if len(set(found.values())) > 1:
+        if len(set(found.values())) > 1 and (given or {}).get(name) is None:
             trained = ", ".join(f"{adapter}: {value}" for adapter, value in found.items())
             flag = "--" + name.replace("_", "-")
             raise SdtuneError(f"the stacked adapters were trained with different {flag} ({trained}); give {flag} for the stack")

@@ -862,9 +862,11 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     plain = run_training(tmp_path, "plain")  # without it: nothing recorded, bytes as before
     assert "clip_skip" not in read_adapter_info(plain.adapter)[0].extra
     assert "clip_skip =" not in (plain.output / "config.toml").read_text()
+    stack = dict(adapter=[str(run.output), str(plain.output)], prompt=["x"], num_images=1, steps=2)
     with pytest.raises(SdtuneError, match="trained with different --clip-skip"):
-        sample(SampleConfig(adapter=[str(run.output), str(plain.output)], prompt=["x"], num_images=1, steps=2,
-                            output=str(tmp_path / "stack")), progress=False)
+        sample(SampleConfig(output=str(tmp_path / "stack"), **stack), progress=False)
+    chosen = sample(SampleConfig(output=str(tmp_path / "stack"), clip_skip=2, **stack), progress=False)  # as it says
+    assert "Clip skip: 2" in Image.open(chosen.images[0]).text["parameters"]
 
 
 @pytest.mark.parametrize("settings, pattern", [
