@@ -831,7 +831,10 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     from sdtune.adapter import read_adapter_info
     from sdtune.conditioning import PromptReading
     from sdtune.config import SampleConfig
+    import json
+
     from sdtune.export import export_adapter
+    from sdtune.merging import merge_adapter
     from sdtune.model_card import write_model_card
     from sdtune.sampling import sample
 
@@ -849,6 +852,9 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     with safe_open(str(tmp_path / "skip.safetensors"), framework="pt") as handle:
         assert handle.metadata()["ss_clip_skip"] == "2"
     assert "| CLIP skip | 2 |" in write_model_card(run.output).output.read_text()
+    merged = merge_adapter(run.output, tmp_path / "merged")  # weights cannot hold the clip skip: recorded and said
+    assert merged.reading_flags == {str(run.output): "--clip-skip 2"}
+    assert json.loads((tmp_path / "merged" / "sdtune_merge.json").read_text())["clip_skip"] == 2
 
     settings = dict(adapter=str(run.output), prompt=["a <castle> at dawn"], num_images=1, steps=2, overwrite=True)
     own = sample(SampleConfig(output=str(tmp_path / "own"), **settings), progress=False)
@@ -860,6 +866,7 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     assert "Clip skip" not in Image.open(last.images[0]).text["parameters"]
 
     plain = run_training(tmp_path, "plain")  # without it: nothing recorded, bytes as before
+    assert merge_adapter(plain.output, tmp_path / "merged-plain").reading_flags == {}
     assert "clip_skip" not in read_adapter_info(plain.adapter)[0].extra
     assert "clip_skip =" not in (plain.output / "config.toml").read_text()
     stack = dict(adapter=[str(run.output), str(plain.output)], prompt=["x"], num_images=1, steps=2)
