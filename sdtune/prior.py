@@ -60,6 +60,12 @@ def class_image_count(config) -> int:
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
+def _described(drawn_for: str) -> str:
+    """A prompt.txt's record on one line: the prompt, then how it was read (`'a dog' (clip_skip 2)`)."""
+    prompt, *reading = drawn_for.strip().split("\n")
+    return repr(prompt) + (f" ({', '.join(reading)})" if reading else "")
+
+
 def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolution: int, accelerator, seed: int, progress: bool,
                           reading=None) -> int:
     """Draw the missing images of `folder` (class-0000.png, ...) with the base model; returns how many were drawn.
@@ -82,8 +88,8 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
     drawn_for = "\n".join([prompt] + [f"{name} {value}" for name, value in reading.metadata().items()])
     if recorded.exists() and recorded.read_text(encoding="utf-8").strip() != drawn_for:
         raise SdtuneError(
-            f"{folder} holds class images drawn for {recorded.read_text(encoding='utf-8').strip()!r}, not {drawn_for!r}: "
-            "remove the folder or give --class-images"
+            f"{folder} holds class images drawn for {_described(recorded.read_text(encoding='utf-8'))}, not "
+            f"{_described(drawn_for)}: remove the folder or give --class-images"
         )
     write_text_atomic(recorded, drawn_for + "\n")
     missing = [i for i in range(count) if not _whole_class_image(folder / f"class-{i:04d}.png")]

@@ -477,6 +477,9 @@ def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fas
     with pytest.raises(SdtuneError, match="class images drawn for"):
         run_training(tmp_path, "prior", class_prompt="photo of a tower", num_class_images=2, overwrite=True)
     assert (run.output / "adapter.safetensors").read_bytes() == adapter, "a refused run replaces nothing"
+    # read another way: the same prompt's images differ, and the record says how each was read, on one line
+    with pytest.raises(SdtuneError, match=r"drawn for 'photo of a castle', not 'photo of a castle' \(clip_skip 2\):"):
+        run_training(tmp_path, "prior", clip_skip=2, overwrite=True, **settings)
 
 
 def test_prior_batches_hold_instance_then_class_examples():
