@@ -1144,7 +1144,12 @@ def changed_settings(saved: dict, config: TrainConfig) -> str:
     names = sorted((set(saved) | set(current)) - RUN_CONTROL)
     if config.lr_scheduler in STEP_COUNT_FREE_SCHEDULES and isinstance(saved.get("steps"), int) and saved["steps"] < config.steps:
         names.remove("steps")  # extending the run: no draw and no rate depends on the step count, so it ends as a longer run would
-    return ", ".join(f"{n}: {saved.get(n)} -> {current.get(n)}" for n in names if saved.get(n) != current.get(n))
+    defaults = TrainConfig()
+
+    def shown(values: dict, name: str):  # a setting at its default is left out of the dict: its default, not None
+        return values[name] if values.get(name) is not None else getattr(defaults, name, None)
+
+    return ", ".join(f"{n}: {shown(saved, n)} -> {shown(current, n)}" for n in names if saved.get(n) != current.get(n))
 
 
 def prepare_allowing_unused_parameters(accelerator, model):
