@@ -394,7 +394,7 @@ def adapters_reading(adapters: list, infos: list, given: dict | None = None):
     for name, default in (("clip_skip", 1), ("max_token_length", 75)):
         found = {}
         for adapter, info in zip(adapters, infos):
-            recorded = str(info.extra.get(name, default))
+            recorded = str(info.extra[name]) if name in info.extra else kohya_recorded(info, name, default)
             if not recorded.isdigit() or int(recorded) < 1 or (name == "max_token_length" and int(recorded) not in MAX_TOKEN_LENGTHS):
                 raise SdtuneError(f"{adapter} records {name} {recorded!r}, which no run writes: the file is damaged")
             found[str(adapter)] = int(recorded)
@@ -404,6 +404,18 @@ def adapters_reading(adapters: list, infos: list, given: dict | None = None):
             raise SdtuneError(f"the stacked adapters were trained with different {flag} ({trained}); give {flag} for the stack")
         values[name] = next(iter(found.values()), default)
     return PromptReading(**values)
+
+
+def kohya_recorded(info, name: str, default: int) -> str:
+    """A kohya-format file's record of a prompt-reading setting (`ss_clip_skip`, `ss_max_token_length`, as kohya-ss
+    and sdtune's kohya export write them), else `default`: kohya-ss writes 'None' where the option was not given, and
+    its SDXL trainer ignores a clip skip."""
+    from .conditioning import MAX_TOKEN_LENGTHS
+
+    value = str(info.extra.get(f"ss_{name}", ""))
+    sdxl = str(info.extra.get("ss_base_model_version", "")).startswith("sdxl")
+    usable = value.isdigit() and int(value) >= 1 and (int(value) in MAX_TOKEN_LENGTHS if name == "max_token_length" else not sdxl)
+    return value if usable else str(default)
 
 
 def zero_snr_adapters(adapters: list, infos: list) -> list[str]:

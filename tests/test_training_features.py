@@ -866,6 +866,10 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     pixels = [torch.tensor(list(Image.open(result.images[0]).getdata()), dtype=torch.float32) for result in (own, forced, last)]
     assert torch.equal(pixels[0], pixels[1]) and not torch.equal(pixels[0], pixels[2])
     assert "Clip skip: 2" in Image.open(own.images[0]).text["parameters"]
+    # its kohya export samples as the adapter does: read from ss_clip_skip, as kohya-ss trainers record it
+    kohya = sample(SampleConfig(output=str(tmp_path / "kohya"), **{**settings, "adapter": str(tmp_path / "skip.safetensors")}),
+                   progress=False)
+    assert torch.equal(torch.tensor(list(Image.open(kohya.images[0]).getdata()), dtype=torch.float32), pixels[0])
     assert "Clip skip" not in Image.open(last.images[0]).text["parameters"]
 
     plain = run_training(tmp_path, "plain")  # without it: nothing recorded, bytes as before
@@ -877,6 +881,21 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
         sample(SampleConfig(output=str(tmp_path / "stack"), **stack), progress=False)
     chosen = sample(SampleConfig(output=str(tmp_path / "stack"), clip_skip=2, **stack), progress=False)  # as it says
     assert "Clip skip: 2" in Image.open(chosen.images[0]).text["parameters"]
+
+
+def test_a_kohya_file_s_record_of_how_it_read_prompts_is_used_where_it_can_be():
+    """kohya-ss writes 'None' for an option not given, and its SDXL trainer ignores a clip skip."""
+    from types import SimpleNamespace
+
+    from sdtune.sampling import adapters_reading
+
+    def kohya(**metadata):
+        return SimpleNamespace(extra={f"ss_{name}": value for name, value in metadata.items()})
+
+    read = adapters_reading(["anime.safetensors"], [kohya(clip_skip="2", max_token_length="225", base_model_version="sd_v1")])
+    assert (read.clip_skip, read.max_token_length) == (2, 225)
+    read = adapters_reading(["xl.safetensors"], [kohya(clip_skip="2", max_token_length="None", base_model_version="sdxl_base_v1-0")])
+    assert (read.clip_skip, read.max_token_length) == (1, 75)
 
 
 @pytest.mark.parametrize("settings, pattern", [
