@@ -177,9 +177,11 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         from .masks import check_masks
 
         check_masks(inputs.image_paths, config.mask_source)
-    from .prior import class_image_count
+    from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_image_count
 
     sizes = check_run_fits(config, method, len(inputs.image_paths), class_image_count(config))  # and sizes the model or the machine cannot take
+    if config.with_prior_preservation and not config.class_images:  # images drawn before, for another prompt or reading
+        check_class_images_record(Path(config.output) / CLASS_IMAGES_FOLDER, config.class_prompt, config.prompt_reading)
     if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
         from .token_embeddings import check_tokenizers, load_tokenizers
 

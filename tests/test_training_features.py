@@ -453,7 +453,7 @@ def test_concept_images_are_mirrored_only_with_random_flip():
 # Prior preservation
 
 
-def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fast_sampling, loaded_pipes):
+def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fast_sampling, loaded_pipes, monkeypatch):
     settings = dict(class_prompt="photo of a castle", num_class_images=2, prior_loss_weight=0.5)
     run = run_training(tmp_path, "prior", **settings)
     folder = run.output / "class-images"
@@ -477,9 +477,14 @@ def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fas
     with pytest.raises(SdtuneError, match="class images drawn for"):
         run_training(tmp_path, "prior", class_prompt="photo of a tower", num_class_images=2, overwrite=True)
     assert (run.output / "adapter.safetensors").read_bytes() == adapter, "a refused run replaces nothing"
-    # read another way: the same prompt's images differ, and the record says how each was read, on one line
-    with pytest.raises(SdtuneError, match=r"drawn for 'photo of a castle', not 'photo of a castle' \(clip_skip 2\):"):
-        run_training(tmp_path, "prior", clip_skip=2, overwrite=True, **settings)
+    # read another way: the same prompt's images differ, and the record says how each was read, on one line, before
+    # the model loads (a dry run says so too)
+    import sdtune.models
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sdtune.models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+        with pytest.raises(SdtuneError, match=r"drawn for 'photo of a castle', not 'photo of a castle' \(clip_skip 2\):"):
+            run_training(tmp_path, "prior", clip_skip=2, overwrite=True, **settings)
 
 
 def test_prior_batches_hold_instance_then_class_examples():
