@@ -543,6 +543,9 @@ def merge(
         config.sources, config.output, dtype=config.dtype, model=config.model, scale=config.scales, overwrite=config.overwrite
     )
     typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
+    for merged, flags in result.reading_flags.items():  # what weights cannot hold: how the prompts are read
+        typer.echo(f"note: {merged} was trained reading prompts with {flags}; sample the merged pipeline with "
+                   f"`sdtune sample --model {result.output} {flags}` (its own way reads them otherwise)")
 
 @app.command()
 @handle_errors

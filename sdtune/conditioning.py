@@ -254,7 +254,7 @@ def joined_chunks(hidden, chunks: int):
     return torch.cat(parts + [hidden[:, -1:]], dim=1)
 
 
-def pipeline_prompts(pipe, prompts: list[str], negative_prompt: list[str] | None = None,
+def pipeline_prompts(pipe, prompts: str | list[str], negative_prompt: str | list[str] | None = None,
                      reading: PromptReading = PromptReading()) -> dict:
     """The prompt arguments of a pipeline call: the prompts themselves, or with a `reading` of their own the
     embeddings of them and of the negative prompts, computed as in training (empty negative prompts where none are
@@ -264,6 +264,12 @@ def pipeline_prompts(pipe, prompts: list[str], negative_prompt: list[str] | None
 
     if reading.plain:
         return {"prompt": prompts, "negative_prompt": negative_prompt}
+    # one prompt may be a string, as a pipeline takes it (list() would read its characters as prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * len(prompts)
+    if negative_prompt is not None and len(negative_prompt) != len(prompts):
+        raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts: give one, or one a prompt")
     conditioning = PromptConditioning(pipe, reading=reading)
     negative = negative_prompt or [""] * len(prompts)
     with torch.no_grad():

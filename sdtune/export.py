@@ -207,7 +207,7 @@ def export_adapter(
             count = write_diffusers_lora(output, method, tensors, info.text_encoders, dtype)
             return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
         count = write_peft_folder(output, method, info, tensors, overwrite, dtype)
-        return ExportResult(output, format, count, _write_token_file(output, info, token_rows))
+        return ExportResult(output, format, count, _write_token_file(output, info, token_rows, folder=True))
 
 
 def in_dtype(state: dict, dtype: str) -> dict:
@@ -227,11 +227,12 @@ def in_dtype(state: dict, dtype: str) -> dict:
     return cast
 
 
-def _write_token_file(output: Path, info, rows: dict) -> list[str]:
-    """The new tokens' embedding file beside (or in) the export, and the note that says how to load it."""
+def _write_token_file(output: Path, info, rows: dict, folder: bool = False) -> list[str]:
+    """The new tokens' embedding file beside the exported file (in the exported `folder`), and the note that says how
+    to load it."""
     if not rows:
         return []
-    path = embedding_file_path(output)
+    path = embedding_file_path(output, folder)
     write_embedding_file(path, info, rows)
     encoders = [k.removeprefix(TENSOR_PREFIX) for k in rows]
     keys = [EMBEDDING_FILE_KEYS[encoder] for encoder in encoders]

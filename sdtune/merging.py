@@ -20,6 +20,8 @@ class MergeResult:
     dtype: str
     method: str
     token_renames: list = field(default_factory=list)  # stacked: each adapter's renamed new tokens ({}: unchanged)
+    # the flags each adapter read prompts with beyond a pipeline's own way (`--clip-skip 2`): weights cannot hold them
+    reading_flags: dict = field(default_factory=dict)  # source → "--clip-skip 2 --max-token-length 150"
 
 
 def merge_adapter(
@@ -50,6 +52,7 @@ def merge_adapter(
     output = Path(output)
     check_output_target(output, [adapter_path(s) for s in sources], overwrite)
     infos = [adapter_info(s) for s in sources]
+    flags = {str(source): reading_flags(source, info) for source, info in zip(sources, infos) if reading_flags(source, info)}
     with output_file_lock(output):
         pipe = load_pipeline(model or infos[0].base_model or DEFAULT_MODEL)
         keys = set(pipe.unet.state_dict())
@@ -68,7 +71,19 @@ def merge_adapter(
                               + (" or a wider --dtype" if dtype != "fp32" else ""))
         provenance = [_provenance(*row, dtype) for row in zip(sources, infos, scales, renames)]
         _write_pipeline(pipe, output, provenance[0] if len(sources) == 1 else {"stacked": provenance, "dtype": dtype}, overwrite)
-    return MergeResult(output, dtype, "+".join(info.method for info in infos), renames if len(sources) > 1 else [])
+    return MergeResult(output, dtype, "+".join(info.method for info in infos), renames if len(sources) > 1 else [], flags)
+
+
+def _reading(source, info):
+    """How the adapter was trained to read prompts (conditioning.PromptReading)."""
+    from .sampling import adapters_reading
+
+    return adapters_reading([source], [info])
+
+
+def reading_flags(source, info) -> str:
+    """The sample flags that read prompts as the adapter was trained to, where not a pipeline's own way ('' if none)."""
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in _reading(source, info).metadata().items())
 
 
 def _provenance(source, info, scale: float, rename: dict, dtype: str) -> dict:
@@ -86,6 +101,7 @@ def _provenance(source, info, scale: float, rename: dict, dtype: str) -> dict:
         "scale": scale,
         "dtype": dtype,
         **({"renamed_tokens": rename} if rename else {}),
+        **{name: int(value) for name, value in _reading(source, info).metadata().items()},  # clip_skip, max_token_length
     }
 
 

@@ -60,6 +60,28 @@ def class_image_count(config) -> int:
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
+def check_class_images_record(folder: Path, prompt: str, reading=None) -> str:
+    """What a folder of generated class images records they were drawn for (the prompt, and the way it is read where
+    that is not the pipeline's own); refused where the folder records another (checked before the model loads, and
+    again before drawing)."""
+    from .conditioning import PromptReading
+
+    drawn_for = "\n".join([prompt] + [f"{name} {value}" for name, value in (reading or PromptReading()).metadata().items()])
+    recorded = folder / PROMPT_FILE
+    if recorded.is_file() and recorded.read_text(encoding="utf-8").strip() != drawn_for:
+        raise SdtuneError(
+            f"{folder} holds class images drawn for {_described(recorded.read_text(encoding='utf-8'))}, not "
+            f"{_described(drawn_for)}: remove the folder or give --class-images"
+        )
+    return drawn_for
+
+
+def _described(drawn_for: str) -> str:
+    """A prompt.txt's record on one line: the prompt, then how it was read (`'a dog' (clip_skip 2)`)."""
+    prompt, *reading = drawn_for.strip().split("\n")
+    return repr(prompt) + (f" ({', '.join(reading)})" if reading else "")
+
+
 def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolution: int, accelerator, seed: int, progress: bool,
                           reading=None) -> int:
     """Draw the missing images of `folder` (class-0000.png, ...) with the base model; returns how many were drawn.
@@ -75,17 +97,8 @@ def generate_class_images(pipe, prompt: str, count: int, folder: Path, resolutio
     from .sampling import draw
 
     folder.mkdir(parents=True, exist_ok=True)
-    recorded = folder / PROMPT_FILE
-    from .conditioning import PromptReading
-
-    reading = reading or PromptReading()
-    drawn_for = "\n".join([prompt] + [f"{name} {value}" for name, value in reading.metadata().items()])
-    if recorded.exists() and recorded.read_text(encoding="utf-8").strip() != drawn_for:
-        raise SdtuneError(
-            f"{folder} holds class images drawn for {recorded.read_text(encoding='utf-8').strip()!r}, not {drawn_for!r}: "
-            "remove the folder or give --class-images"
-        )
-    write_text_atomic(recorded, drawn_for + "\n")
+    drawn_for = check_class_images_record(folder, prompt, reading)
+    write_text_atomic(folder / PROMPT_FILE, drawn_for + "\n")
     missing = [i for i in range(count) if not _whole_class_image(folder / f"class-{i:04d}.png")]
     if not missing:
         return 0

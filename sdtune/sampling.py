@@ -125,7 +125,8 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
     token = config.token or placeholders or None
     check_sample_fits(model, config, len(prompts), grid_size, lines)  # sizes the model or the machine cannot take, before it loads
-    trained = adapters_reading(config.adapters, infos)
+    given = {"clip_skip": config.clip_skip, "max_token_length": config.max_token_length}
+    trained = adapters_reading(config.adapters, infos, given)
     reading = PromptReading(config.clip_skip or trained.clip_skip, config.max_token_length or trained.max_token_length)
     check_clip_skip(model, read_model_configs(model), reading.clip_skip)
     if config.output:
@@ -446,9 +447,10 @@ def load_png(path: Path):
 ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-terminal-SNR models
 
 
-def adapters_reading(adapters: list, infos: list):
+def adapters_reading(adapters: list, infos: list, given: dict | None = None):
     """How the adapters were trained to read prompts (conditioning.PromptReading; the defaults where they recorded
-    nothing); stacked adapters must agree on each setting."""
+    nothing); stacked adapters must agree on each setting that `given` (a setting's name → the value asked for, or
+    None) does not set."""
     from .conditioning import MAX_TOKEN_LENGTHS, PromptReading
     from .errors import SdtuneError
 
@@ -456,16 +458,28 @@ def adapters_reading(adapters: list, infos: list):
     for name, default in (("clip_skip", 1), ("max_token_length", 75)):
         found = {}
         for adapter, info in zip(adapters, infos):
-            recorded = str(info.extra.get(name, default))
+            recorded = str(info.extra[name]) if name in info.extra else kohya_recorded(info, name, default)
             if not recorded.isdigit() or int(recorded) < 1 or (name == "max_token_length" and int(recorded) not in MAX_TOKEN_LENGTHS):
                 raise SdtuneError(f"{adapter} records {name} {recorded!r}, which no run writes: the file is damaged")
             found[str(adapter)] = int(recorded)
-        if len(set(found.values())) > 1:
+        if len(set(found.values())) > 1 and (given or {}).get(name) is None:
             trained = ", ".join(f"{adapter}: {value}" for adapter, value in found.items())
             flag = "--" + name.replace("_", "-")
             raise SdtuneError(f"the stacked adapters were trained with different {flag} ({trained}); give {flag} for the stack")
         values[name] = next(iter(found.values()), default)
     return PromptReading(**values)
+
+
+def kohya_recorded(info, name: str, default: int) -> str:
+    """A kohya-format file's record of a prompt-reading setting (`ss_clip_skip`, `ss_max_token_length`, as kohya-ss
+    and sdtune's kohya export write them), else `default`: kohya-ss writes 'None' where the option was not given, and
+    its SDXL trainer ignores a clip skip."""
+    from .conditioning import MAX_TOKEN_LENGTHS
+
+    value = str(info.extra.get(f"ss_{name}", ""))
+    sdxl = str(info.extra.get("ss_base_model_version", "")).startswith("sdxl")
+    usable = value.isdigit() and int(value) >= 1 and (int(value) in MAX_TOKEN_LENGTHS if name == "max_token_length" else not sdxl)
+    return value if usable else str(default)
 
 
 def zero_snr_adapters(adapters: list, infos: list) -> list[str]:

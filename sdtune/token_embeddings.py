@@ -381,11 +381,13 @@ def kohya_bundles(info, rows: dict, sdxl: bool) -> tuple[dict, dict]:
     return state, metadata
 
 
-def embedding_file_path(output) -> Path:
-    """Where an export's standalone embedding file goes: beside a file (`x_emb.safetensors`, as the advanced
-    scripts name theirs), inside a folder."""
+def embedding_file_path(output, folder: bool = False) -> Path:
+    """Where an export's standalone embedding file goes: beside a file (`x_emb.safetensors` for `x.safetensors`, as
+    the advanced scripts name theirs; a file named without a suffix too), inside a `folder`."""
     output = Path(output)
-    return output.parent / f"{output.stem}_emb.safetensors" if output.suffix else output / "token_embeddings.safetensors"
+    if folder:
+        return output / "token_embeddings.safetensors"
+    return output.parent / f"{output.stem if output.suffix else output.name}_emb.safetensors"
 
 
 def write_embedding_file(path, info, rows: dict) -> None:

@@ -177,9 +177,11 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         from .masks import check_masks
 
         check_masks(inputs.image_paths, config.mask_source)
-    from .prior import class_image_count
+    from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_image_count
 
     sizes = check_run_fits(config, method, len(inputs.image_paths), class_image_count(config))  # and sizes the model or the machine cannot take
+    if config.with_prior_preservation and not config.class_images:  # images drawn before, for another prompt or reading
+        check_class_images_record(Path(config.output) / CLASS_IMAGES_FOLDER, config.class_prompt, config.prompt_reading)
     if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
         from .token_embeddings import check_tokenizers, load_tokenizers
 
@@ -664,7 +666,7 @@ class Trainer:
             self.unet, self.optimizer, self.loader, self.lr_scheduler
         )
         if self.loop_encoders:  # trained (or holding new token rows): prepared too (DDP, autocast), the embeddings come from them
-            self.loop_encoders = [accelerator.prepare(encoder) for encoder in self.loop_encoders]
+            self.loop_encoders = [prepare_allowing_unused_parameters(accelerator, encoder) for encoder in self.loop_encoders]
             self.prompt_embeddings.text_encoders = self.loop_encoders
             if self.trained_encoders:
                 self.trained_encoders = self.loop_encoders
@@ -1144,7 +1146,27 @@ def changed_settings(saved: dict, config: TrainConfig) -> str:
     names = sorted((set(saved) | set(current)) - RUN_CONTROL)
     if config.lr_scheduler in STEP_COUNT_FREE_SCHEDULES and isinstance(saved.get("steps"), int) and saved["steps"] < config.steps:
         names.remove("steps")  # extending the run: no draw and no rate depends on the step count, so it ends as a longer run would
-    return ", ".join(f"{n}: {saved.get(n)} -> {current.get(n)}" for n in names if saved.get(n) != current.get(n))
+    defaults = TrainConfig()
+
+    def shown(values: dict, name: str):  # a setting at its default is left out of the dict: its default, not None
+        return values[name] if values.get(name) is not None else getattr(defaults, name, None)
+
+    return ", ".join(f"{n}: {shown(saved, n)} -> {shown(current, n)}" for n in names if saved.get(n) != current.get(n))
+
+
+def prepare_allowing_unused_parameters(accelerator, model):
+    """accelerator.prepare for a text encoder: under DDP it may hold trained layers that never reach the conditioning
+    (SDXL reads its first encoder's penultimate layer, --clip-skip K skips K − 1 layers), whose gradients never come,
+    so DDP must look for them each step or it waits for their reduction and fails at the next step. Their gradients
+    stay None on every process, as in one process."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    kept = accelerator.ddp_handler
+    accelerator.ddp_handler = DistributedDataParallelKwargs(**{**(kept.to_kwargs() if kept else {}), "find_unused_parameters": True})
+    try:
+        return accelerator.prepare(model)
+    finally:
+        accelerator.ddp_handler = kept
 
 
 def make_accelerator(config: TrainConfig, output: Path):

@@ -71,3 +71,24 @@ def test_two_processes_share_the_prompts_and_draw_what_one_process_draws(tmp_pat
     for name in names:
         assert (tmp_path / "one" / "images" / name).read_bytes() == (tmp_path / "two" / "images" / name).read_bytes(), name
     assert (tmp_path / "one" / "grid.png").read_bytes() == (tmp_path / "two" / "grid.png").read_bytes()
+
+
+def test_two_processes_train_a_text_encoder_whose_last_layers_clip_skip_leaves_unread(tmp_path, tiny_path):
+    """With --clip-skip 2 the text encoder's last layer never reaches the conditioning, so its trained layers get no
+    gradient: DDP must not wait for them. They stay at their start, the read layer trains, and the run resumes exactly."""
+    from safetensors import safe_open
+
+    output = tmp_path / "run"
+    args = ["--steps", "4", "--checkpoint-every", "2", "--method", "lora", "--train-text-encoder", "--clip-skip", "2",
+            "--output", str(output)]
+    result = two_processes("train", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with safe_open(str(output / "adapter.safetensors"), framework="pt") as adapter:
+        moved = {name.split(".layers.")[1].split(".")[0] for name in adapter.keys()
+                 if name.startswith("text_encoder.") and "lora_B" in name and adapter.get_tensor(name).abs().max() > 0}
+    assert moved == {"0"}  # tiny-random's encoder has 2 layers; clip skip 2 reads the first's output
+
+    expected = (output / "adapter.safetensors").read_bytes()
+    again = two_processes("train", *args, "--resume", str(output / "checkpoints" / "step-2"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (output / "adapter.safetensors").read_bytes() == expected

@@ -249,6 +249,10 @@ def test_kohya_and_diffusers_exports_carry_the_embeddings(trained_run, tmp_path)
 
     export_adapter(run.output, "diffusers", tmp_path / "diffusers" / "lora.safetensors")
     assert (tmp_path / "diffusers" / "lora_emb.safetensors").is_file()
+    for format in ("kohya", "diffusers"):  # a file named without a suffix: its embeddings beside it, not inside it
+        result = export_adapter(run.output, format, tmp_path / f"bare-{format}", dtype="fp16")
+        assert (tmp_path / f"bare-{format}").is_file() and (tmp_path / f"bare-{format}_emb.safetensors").is_file()
+        assert any(f"bare-{format}_emb.safetensors" in note for note in result.notes)
 
 
 def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monkeypatch):

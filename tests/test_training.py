@@ -317,6 +317,9 @@ def test_changed_settings_and_metrics_until(tmp_path):
     saved = TrainConfig(output="a", checkpoint_every=2).to_dict()
     assert changed_settings(saved, TrainConfig(output="b", checkpoint_every=5, resume="latest")) == ""
     assert changed_settings(saved, TrainConfig(output="a", lr=0.5)) == "lr: None -> 0.5"
+    # settings at their defaults, which config.toml leaves out, are shown as their values
+    read_otherwise = TrainConfig(output="a", checkpoint_every=2, clip_skip=2, shuffle_caption=True, caption_tag_dropout=0.3).to_dict()
+    assert changed_settings(read_otherwise, TrainConfig(output="a", shuffle_caption=True)) == "caption_tag_dropout: 0.3 -> 0.0, clip_skip: 2 -> 1"
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
     assert metrics_until(path, 2) == '{"step": 1}\n{"step": 2}\n'

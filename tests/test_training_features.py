@@ -453,7 +453,7 @@ def test_concept_images_are_mirrored_only_with_random_flip():
 # Prior preservation
 
 
-def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fast_sampling, loaded_pipes):
+def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fast_sampling, loaded_pipes, monkeypatch):
     settings = dict(class_prompt="photo of a castle", num_class_images=2, prior_loss_weight=0.5)
     run = run_training(tmp_path, "prior", **settings)
     folder = run.output / "class-images"
@@ -477,6 +477,14 @@ def test_prior_preservation_generates_class_images_once(tmp_path, tiny_path, fas
     with pytest.raises(SdtuneError, match="class images drawn for"):
         run_training(tmp_path, "prior", class_prompt="photo of a tower", num_class_images=2, overwrite=True)
     assert (run.output / "adapter.safetensors").read_bytes() == adapter, "a refused run replaces nothing"
+    # read another way: the same prompt's images differ, and the record says how each was read, on one line, before
+    # the model loads (a dry run says so too)
+    import sdtune.models
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sdtune.models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+        with pytest.raises(SdtuneError, match=r"drawn for 'photo of a castle', not 'photo of a castle' \(clip_skip 2\):"):
+            run_training(tmp_path, "prior", clip_skip=2, overwrite=True, **settings)
 
 
 def test_prior_batches_hold_instance_then_class_examples():
@@ -806,6 +814,22 @@ def test_clip_skip_conditions_on_the_layer_diffusers_names(tiny_pipe):
     assert pipeline_prompts(tiny_pipe, prompts) == {"prompt": prompts, "negative_prompt": None}  # no skip: as before
 
 
+def test_pipeline_prompts_takes_one_prompt_and_one_negative_prompt_as_strings(tiny_pipe):
+    """As a pipeline takes them: a string is one prompt (not one a character), and one negative prompt serves every
+    prompt; a list of negative prompts of another length is refused."""
+    from sdtune.conditioning import PromptReading, pipeline_prompts
+
+    reading = PromptReading(clip_skip=2)
+    listed = pipeline_prompts(tiny_pipe, ["a castle", "a door"], ["blurry", "blurry"], reading)
+    one = pipeline_prompts(tiny_pipe, "a castle", "blurry", reading)
+    assert one["prompt_embeds"].shape == (1, 77, 32) and one["negative_prompt_embeds"].shape == (1, 77, 32)
+    torch.testing.assert_close(one["prompt_embeds"][0], listed["prompt_embeds"][0], rtol=0, atol=1e-6)
+    shared = pipeline_prompts(tiny_pipe, ["a castle", "a door"], "blurry", reading)
+    torch.testing.assert_close(shared["negative_prompt_embeds"], listed["negative_prompt_embeds"], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
+        pipeline_prompts(tiny_pipe, ["a castle", "a door"], ["a", "b", "c"], reading)
+
+
 def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path, fast_sampling):
     """The adapter, config.toml, kohya metadata and model card record the clip skip; sampling uses the adapter's
     (its PNG text says so as AUTOMATIC1111 does) unless --clip-skip overrides it; the validation grid draws with it."""
@@ -815,7 +839,10 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     from sdtune.adapter import read_adapter_info
     from sdtune.conditioning import PromptReading
     from sdtune.config import SampleConfig
+    import json
+
     from sdtune.export import export_adapter
+    from sdtune.merging import merge_adapter
     from sdtune.model_card import write_model_card
     from sdtune.sampling import sample
 
@@ -833,6 +860,9 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     with safe_open(str(tmp_path / "skip.safetensors"), framework="pt") as handle:
         assert handle.metadata()["ss_clip_skip"] == "2"
     assert "| CLIP skip | 2 |" in write_model_card(run.output).output.read_text()
+    merged = merge_adapter(run.output, tmp_path / "merged")  # weights cannot hold the clip skip: recorded and said
+    assert merged.reading_flags == {str(run.output): "--clip-skip 2"}
+    assert json.loads((tmp_path / "merged" / "sdtune_merge.json").read_text())["clip_skip"] == 2
 
     settings = dict(adapter=str(run.output), prompt=["a <castle> at dawn"], num_images=1, steps=2, overwrite=True)
     own = sample(SampleConfig(output=str(tmp_path / "own"), **settings), progress=False)
@@ -841,14 +871,36 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     pixels = [torch.tensor(list(Image.open(result.images[0]).getdata()), dtype=torch.float32) for result in (own, forced, last)]
     assert torch.equal(pixels[0], pixels[1]) and not torch.equal(pixels[0], pixels[2])
     assert "Clip skip: 2" in Image.open(own.images[0]).text["parameters"]
+    # its kohya export samples as the adapter does: read from ss_clip_skip, as kohya-ss trainers record it
+    kohya = sample(SampleConfig(output=str(tmp_path / "kohya"), **{**settings, "adapter": str(tmp_path / "skip.safetensors")}),
+                   progress=False)
+    assert torch.equal(torch.tensor(list(Image.open(kohya.images[0]).getdata()), dtype=torch.float32), pixels[0])
     assert "Clip skip" not in Image.open(last.images[0]).text["parameters"]
 
     plain = run_training(tmp_path, "plain")  # without it: nothing recorded, bytes as before
+    assert merge_adapter(plain.output, tmp_path / "merged-plain").reading_flags == {}
     assert "clip_skip" not in read_adapter_info(plain.adapter)[0].extra
     assert "clip_skip =" not in (plain.output / "config.toml").read_text()
+    stack = dict(adapter=[str(run.output), str(plain.output)], prompt=["x"], num_images=1, steps=2)
     with pytest.raises(SdtuneError, match="trained with different --clip-skip"):
-        sample(SampleConfig(adapter=[str(run.output), str(plain.output)], prompt=["x"], num_images=1, steps=2,
-                            output=str(tmp_path / "stack")), progress=False)
+        sample(SampleConfig(output=str(tmp_path / "stack"), **stack), progress=False)
+    chosen = sample(SampleConfig(output=str(tmp_path / "stack"), clip_skip=2, **stack), progress=False)  # as it says
+    assert "Clip skip: 2" in Image.open(chosen.images[0]).text["parameters"]
+
+
+def test_a_kohya_file_s_record_of_how_it_read_prompts_is_used_where_it_can_be():
+    """kohya-ss writes 'None' for an option not given, and its SDXL trainer ignores a clip skip."""
+    from types import SimpleNamespace
+
+    from sdtune.sampling import adapters_reading
+
+    def kohya(**metadata):
+        return SimpleNamespace(extra={f"ss_{name}": value for name, value in metadata.items()})
+
+    read = adapters_reading(["anime.safetensors"], [kohya(clip_skip="2", max_token_length="225", base_model_version="sd_v1")])
+    assert (read.clip_skip, read.max_token_length) == (2, 225)
+    read = adapters_reading(["xl.safetensors"], [kohya(clip_skip="2", max_token_length="None", base_model_version="sdxl_base_v1-0")])
+    assert (read.clip_skip, read.max_token_length) == (1, 75)
 
 
 @pytest.mark.parametrize("settings, pattern", [
