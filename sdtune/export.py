@@ -104,6 +104,8 @@ def training_metadata(path: Path, info, native_resolution: str | None = None) ->
     weight_decay = method_class(info.method).weight_decay
     metadata["ss_optimizer"] = kohya_optimizer_name(SimpleNamespace(**settings), weight_decay)
     metadata["ss_total_batch_size"] = str(settings["batch_size"] * settings["gradient_accumulation_steps"])
+    if info.extra.get("base_model_family") == "sdxl":  # SDXL reads its penultimate layers by design: kohya-ss writes None
+        metadata["ss_clip_skip"] = "None"
     if settings["train_text_encoder"]:
         text_lr = settings["text_encoder_lr"]
         text_lr = settings["lr"] if text_lr is None else text_lr

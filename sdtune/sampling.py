@@ -195,9 +195,10 @@ def _sample(config: SampleConfig, lines: list, files: dict, model: str, token: s
     sweep = isinstance(config.adapter_scale, list) and not config.stacked
 
     filled = [fill_placeholders(line.prompt, token) for line in lines]
-    if state.is_main_process:
-        warn_truncated_prompts(pipe.tokenizer, reading.max_token_length, filled)
     per_prompt = [prompt_settings(config, line, native, token) for line in lines]
+    if state.is_main_process:
+        negatives = sorted({settings.negative_prompt for settings in per_prompt if settings.negative_prompt})
+        warn_truncated_prompts(pipe.tokenizer, reading.max_token_length, filled + negatives)  # a negative prompt is read alike
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
     # of processes (the images whose fp16 decode overflows too: decoded again in fp32, the VAE staying fp16: `decode`).

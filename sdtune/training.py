@@ -152,6 +152,11 @@ class RunPlan:
             + f": {counted(seen, 'image')} drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
             f"{config.optimizer}, mixed precision {config.mixed_precision}"
         )
+        if config.train_text_encoder:
+            second = f", SDXL's second encoder lr {config.text_encoder_2_lr:g}" if config.text_encoder_2_lr else ""
+            lines.append(f"text encoder{'s' if not second else ''} trained too: lr {config.text_encoder_lr:g}{second}")
+        if not config.prompt_reading.plain:
+            lines.append("prompts read with " + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in config.prompt_reading.metadata().items()))
         held = ", ".join(sizes.held_in_ram[:-1]) + " and " * (len(sizes.held_in_ram) > 1) + "".join(sizes.held_in_ram[-1:])
         ram = f", and {human_bytes(sizes.host_bytes)} of RAM for {held}" if sizes.host_bytes else ""
         lines.append(f"memory: at least {human_bytes(sizes.device_bytes)} where it computes{ram}")

@@ -521,6 +521,11 @@ def test_caption_augmentation_trains_and_resumes_exactly(tmp_path, tiny_path):
     resumed = run_training(tmp_path, "cut", **{**settings, "checkpoint_every": 3, "resume": "latest"})
     assert resumed.losses == whole.losses[3:]
     assert (resumed.output / "adapter.safetensors").read_bytes() == (whole.output / "adapter.safetensors").read_bytes()
+    from sdtune.model_card import write_model_card
+
+    card = write_model_card(whole.output).output.read_text()
+    assert all(row in card for row in ("| caption dropout | 0.3 |", "| caption tags shuffled | yes |", "| caption tag dropout | 0.2 |",
+                                       "| caption tags kept in place | 1 |"))
 
 
 def test_captions_reach_the_validation_loss_and_prior_preservation(tmp_path, tiny_path, monkeypatch):

@@ -209,6 +209,13 @@ class TestPrompts:
         assert len(truncated) == 1 and "photo of a castle by the lake" in truncated[0]
         assert "mountains" in truncated[0].split("truncated, ")[1], "the warning shows what is dropped"
 
+    def test_a_long_negative_prompt_is_named_as_a_prompt_is(self, tmp_path, private_cache):
+        with pytest.warns(UserWarning, match=r"tokens, over the text encoder's 77: truncated") as record:
+            result = invoke("sample", "--model", "tiny-random", "--prompt", "a short one", "--negative-prompt", LONG_PROMPT,
+                            "--num-images", 1, "--steps", 1, "--output", tmp_path)
+        assert result.exit_code == 0, result.output
+        assert any("photo of a castle by the lake" in str(w.message) for w in record)
+
     def test_long_training_prompt_is_truncated_with_a_warning(self, tmp_path, private_cache):
         template = "{token} " + "by the lake with snow on the mountains " * 12
         with pytest.warns(UserWarning, match=r"tokens, over the text encoder's 77: truncated"):

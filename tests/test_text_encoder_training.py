@@ -311,11 +311,18 @@ def test_sdxl_second_text_encoder_trains_at_its_own_rate(tmp_path):
     assert logged and all(row["text_encoder_lr"] == 3e-5 and row["text_encoder_2_lr"] == 1e-5 for row in logged)
     export_adapter(tmp_path / "run", "kohya", tmp_path / "kohya.safetensors")
     with safe_open(str(tmp_path / "kohya.safetensors"), framework="pt") as handle:
-        assert handle.metadata()["ss_text_encoder_lr"] == "[3e-05, 1e-05]"
+        metadata = handle.metadata()
+    assert metadata["ss_text_encoder_lr"] == "[3e-05, 1e-05]"
     from sdtune.model_card import write_model_card
 
     card = write_model_card(tmp_path / "run").output.read_text()
+    assert metadata["ss_clip_skip"] == "None"  # SDXL reads its penultimate layers by design, as kohya-ss records it
     assert "| text encoder learning rate | 3e-05 |" in card and "| second text encoder learning rate | 1e-05 |" in card
+
+    from sdtune.training import plan_run
+
+    planned = "\n".join(plan_run(config(tmp_path / "planned", **settings)).summary())
+    assert "text encoder trained too: lr 3e-05, SDXL's second encoder lr 1e-05" in planned
 
     unset = {**settings, "text_encoder_2_lr": None}
     with open_trainer(config(tmp_path / "joined", **unset), progress=False) as trainer:

@@ -977,6 +977,10 @@ def test_a_run_with_long_prompts_records_the_limit_and_samples_with_it(tmp_path,
         warnings.filterwarnings("error", message=".*truncated")
         run = run_training(tmp_path, "long", template=template, max_token_length=150, validate_every=2)
     assert read_adapter_info(run.adapter)[0].extra["max_token_length"] == "150"
+    from sdtune.training import plan_run
+
+    planned = plan_run(TrainConfig(model="tiny-random", template=template, max_token_length=150, clip_skip=2), output_state=False)
+    assert "prompts read with clip skip 2, max token length 150" in planned.summary()
     assert "max_token_length = 150" in (run.output / "config.toml").read_text()
     export_adapter(run.output, "kohya", tmp_path / "long.safetensors")
     with safe_open(str(tmp_path / "long.safetensors"), framework="pt") as handle:
