@@ -484,8 +484,10 @@ def kohya_recorded(info, name: str, default: int) -> str:
 
 
 def zero_snr_adapters(adapters: list, infos: list) -> list[str]:
-    """The adapters (as given) whose header records training with --zero-terminal-snr."""
-    return [str(adapter) for adapter, info in zip(adapters, infos) if info.extra.get("zero_terminal_snr") == "true"]
+    """The adapters (as given) whose header records training with --zero-terminal-snr: sdtune's key, or a kohya-format
+    file's `ss_zero_terminal_snr` (kohya-ss' and sdtune's export write "True")."""
+    return [str(adapter) for adapter, info in zip(adapters, infos)
+            if info.extra.get("zero_terminal_snr") == "true" or str(info.extra.get("ss_zero_terminal_snr")) == "True"]
 
 
 def zero_snr_scheduler(scheduler):

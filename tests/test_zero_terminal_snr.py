@@ -177,14 +177,24 @@ def test_train_then_sample_from_the_command_line(plain, tmp_path, tiny_path):
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
-def test_kohya_export_says_so(run, tmp_path):
+def test_kohya_export_says_so_and_samples_as_its_adapter(run, plain, tmp_path, capsys):
+    """The export records it as kohya-ss does, and sampling the kohya file (sdtune's, or one kohya-ss trained with
+    --zero_terminal_snr) uses the rescaled, trailing scheduler, as its adapter does; a plain run's export does not."""
     from safetensors import safe_open
 
+    from sdtune.config import SampleConfig
     from sdtune.export import export_adapter
+    from sdtune.sampling import sample
 
     path = export_adapter(str(run.output), "kohya", str(tmp_path / "k.safetensors")).output
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["ss_zero_terminal_snr"] == "True"
+    plain_path = export_adapter(str(plain), "kohya", str(tmp_path / "plain.safetensors")).output
+    capsys.readouterr()
+    for adapter, rescaled in ((path, True), (plain_path, False)):
+        sample(SampleConfig(adapter=str(adapter), prompt=["a photo"], steps=2, num_images=1,
+                            output=str(tmp_path / adapter.stem)), progress=False)
+        assert ("trained with --zero-terminal-snr" in capsys.readouterr().out) == rescaled
 
 
 def test_a_sampler_without_the_option_becomes_ddim():
