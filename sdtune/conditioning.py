@@ -53,8 +53,9 @@ class PromptReading:
 
     def metadata(self) -> dict[str, str]:
         """An adapter's keys for the reading (none at the defaults: other adapters keep their bytes)."""
-        default = PromptReading()
-        return {name: str(getattr(self, name)) for name in ("clip_skip", "max_token_length") if getattr(self, name) != getattr(default, name)}
+        from dataclasses import fields
+
+        return {f.name: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) != f.default}
 
 
 @dataclass

@@ -437,9 +437,9 @@ class TrainConfig(_Config):
         for name, default in (("prodigy_d_coef", 1.0), ("prodigy_d0", 1e-6)):  # as above
             if values.get(name) == default:
                 values.pop(name)
-        for name, default in (("clip_skip", 1), ("max_token_length", 75)):  # as above
-            if values.get(name) == default:
-                values.pop(name)
+        for name in ("clip_skip", "max_token_length"):  # as above (PromptReading's: only where not its default)
+            if name not in self.prompt_reading.metadata():
+                values.pop(name, None)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
         if not self.token_embeddings:  # a run without new tokens: its config.toml stays as before they existed

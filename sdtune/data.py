@@ -48,6 +48,8 @@ MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read no further: /dev/zero is not a prompt
 # kohya-ss' sample-prompt options, as its `line_to_prompt_dict` reads them: the line is cut at every " --"; the
 # first piece is the prompt, each other piece an option (its letter, case aside, then its value)
 PROMPT_OPTIONS = {"n": "negative prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
+# each option's field of PromptLine
+PROMPT_FIELDS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "guidance"}
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,7 @@ class PromptLine:
     @property
     def options(self) -> list[str]:
         """The options the line gave, as it wrote them: `--w`, `--n`, ..."""
-        given = {"n": self.negative_prompt, "w": self.width, "h": self.height, "d": self.seed, "s": self.steps, "l": self.guidance}
-        return [f"--{letter}" for letter, value in given.items() if value is not None]
+        return [f"--{letter}" for letter, name in PROMPT_FIELDS.items() if getattr(self, name) is not None]
 
 
 def parse_prompt_line(line: str, where: str = "") -> tuple[PromptLine, list[str]]:
@@ -105,7 +106,7 @@ def parse_prompt_line(line: str, where: str = "") -> tuple[PromptLine, list[str]
             raise SdtuneError(f"{where}: --d takes the seed, a whole number from 0 to {MAX_SEED}, got {value!r}")
         if letter == "s" and (number is None or number < 1):
             raise SdtuneError(f"{where}: --s takes the denoising steps, a whole number of at least 1, got {value!r}")
-        values[{"w": "width", "h": "height", "d": "seed", "s": "steps"}[letter]] = number
+        values[PROMPT_FIELDS[letter]] = number
     return PromptLine(prompt.strip(), where, **values), unknown
 
 

@@ -105,7 +105,6 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from .distributed import lock_on_main_process, process_state
     from .errors import SdtuneError
     from .fileio import OutputLock, ensure_writable_folder
-    from .conditioning import PromptReading
     from .limits import check_clip_skip, check_sample_fits
     from .models import DEFAULT_MODEL, read_model_configs
 
@@ -125,9 +124,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
     token = config.token or placeholders or None
     check_sample_fits(model, config, len(prompts), grid_size, lines)  # sizes the model or the machine cannot take, before it loads
-    given = {"clip_skip": config.clip_skip, "max_token_length": config.max_token_length}
-    trained = adapters_reading(config.adapters, infos, given)
-    reading = PromptReading(config.clip_skip or trained.clip_skip, config.max_token_length or trained.max_token_length)
+    reading = adapters_reading(config.adapters, infos, {"clip_skip": config.clip_skip, "max_token_length": config.max_token_length})
     check_clip_skip(model, read_model_configs(model), reading.clip_skip)
     if config.output:
         output = Path(config.output)
@@ -449,21 +446,27 @@ ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-ter
 
 
 def adapters_reading(adapters: list, infos: list, given: dict | None = None):
-    """How the adapters were trained to read prompts (conditioning.PromptReading; the defaults where they recorded
-    nothing); stacked adapters must agree on each setting that `given` (a setting's name → the value asked for, or
-    None) does not set."""
+    """How prompts are read (conditioning.PromptReading): each setting as `given` (a setting's name → the value asked
+    for, or None) sets it, else as the adapters were trained (the default where they recorded nothing), on which
+    stacked adapters must then agree."""
+    from dataclasses import fields
+
     from .conditioning import MAX_TOKEN_LENGTHS, PromptReading
     from .errors import SdtuneError
 
     values = {}
-    for name, default in (("clip_skip", 1), ("max_token_length", 75)):
+    for setting in fields(PromptReading):
+        name, default, asked = setting.name, setting.default, (given or {}).get(setting.name)
         found = {}
         for adapter, info in zip(adapters, infos):
             recorded = str(info.extra[name]) if name in info.extra else kohya_recorded(info, name, default)
             if not recorded.isdigit() or int(recorded) < 1 or (name == "max_token_length" and int(recorded) not in MAX_TOKEN_LENGTHS):
                 raise SdtuneError(f"{adapter} records {name} {recorded!r}, which no run writes: the file is damaged")
             found[str(adapter)] = int(recorded)
-        if len(set(found.values())) > 1 and (given or {}).get(name) is None:
+        if asked is not None:
+            values[name] = asked
+            continue
+        if len(set(found.values())) > 1:
             trained = ", ".join(f"{adapter}: {value}" for adapter, value in found.items())
             flag = "--" + name.replace("_", "-")
             raise SdtuneError(f"the stacked adapters were trained with different {flag} ({trained}); give {flag} for the stack")
@@ -572,9 +575,8 @@ def draw(pipe, prompts, remedy=None, reading=None, negative_prompt=None, **setti
     from .conditioning import PromptReading, pipeline_prompts
 
     with torch.no_grad():
-        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
-        prompts = pipeline_prompts(pipe, prompts, negative_prompt, reading or PromptReading())
-        latents = pipe(**prompts, output_type="latent", **settings).images
+        arguments = pipeline_prompts(pipe, prompts, negative_prompt, reading or PromptReading())
+        latents = pipe(**arguments, output_type="latent", **settings).images
     return decode(pipe, latents, remedy)
 
 
