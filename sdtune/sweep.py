@@ -8,7 +8,9 @@ table and plots) is written over whatever runs have finished.
 
 Runs are found again, never redone: a run whose marker (RUN/sweep-run.json) holds the same settings is
 skipped; a run whose training finished with the same settings is only sampled and measured again; one
-interrupted with checkpoints of the same settings resumes from the latest. `--shard i/N` (i from 0)
+interrupted with checkpoints of the same settings resumes from the latest; one whose plan only raised its steps is
+extended from its latest checkpoint where training's rule (`training.continuation`) says it then ends as a run
+trained to them in one go (a constant rate), and trained afresh otherwise. `--shard i/N` (i from 0)
 takes the runs whose index in the expansion order is i modulo N, so N processes (GPUs, Slurm array
 tasks) share a plan with no coordinator: every run writes only its own folder, and the report is
 written atomically by whichever shard finishes.
@@ -418,26 +420,32 @@ class SweepResult:
 PENDING_STATES = {
     "trained": "its training finished with these settings; it is only sampled and measured",
     "partial": "its training stopped with checkpoints of these settings; it resumes from the latest",
+    "extends": "trained before with fewer steps, under a rate that does not depend on the step count; it resumes from its "
+               "latest checkpoint to the plan's steps, ending as a run trained to them in one go, and is sampled and measured again",
     "changed": "trained before with other settings; it is trained afresh, replacing that run",
 }
+WHY_WIDTH = 120  # the dry run's note on what changed, cut to this many characters
 
 
-def pending_state(run: RunSpec) -> str:
-    """pending (nothing of it yet, or only a start without a checkpoint), trained, partial or changed."""
+def pending_state(run: RunSpec) -> tuple[str, str]:
+    """pending (nothing of it yet, or only a start without a checkpoint), trained, partial, extends or changed; and a
+    few words on where an extension starts or why a changed run is trained afresh."""
     from .methods import method_class
     from .training import RUN_CONTROL
 
-    progress = training_state(run)
+    progress, note = training_state(run)
     if progress == "trained":
-        return "trained"
+        return "trained", ""
     if progress == "resumable":
-        return "partial"
+        return "partial", ""
+    if progress == "extendable":
+        return "extends", note
     try:
         written = {k: v for k, v in read_toml(run.folder / "config.toml").items() if k not in RUN_CONTROL}
     except SdtuneError:  # no config.toml (nothing started), or not one to read: trained afresh either way
-        return "pending"
+        return "pending", ""
     same = written == train_settings(run.train.resolved(method_class(run.train.method).default_lr))
-    return "pending" if same or not (run.folder / ADAPTER_FILE).is_file() else "changed"
+    return ("pending", "") if same or not (run.folder / ADAPTER_FILE).is_file() else ("changed", note)
 
 
 def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
@@ -454,13 +462,16 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
         # the rate it will train at: the method's (or the optimiser's) default where the plan sets none
         lr = f"lr {train.lr:g}" if train.lr else f"lr {train.resolved(method_class(train.method).default_lr).lr:g} (default)"
         what = train.dataset or train.concept
-        state = run.state()
+        state, note = run.state(), ""
         if state == "pending":
-            state = pending_state(run)
+            state, note = pending_state(run)
             if state in PENDING_STATES and state not in said:
                 said.append(state)
+        if len(note) > WHY_WIDTH:
+            note = note[:WHY_WIDTH - 3] + "..."
         lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {state:<8}  {train.method}"
-                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps")
+                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps"
+                     + (f"; {note}" if note else ""))
     return lines + [f"{state}: {PENDING_STATES[state]}" for state in said]
 
 
@@ -566,12 +577,15 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
 
     started = time.perf_counter()
     run.folder.mkdir(parents=True, exist_ok=True)
-    state = training_state(run)
+    state, note = training_state(run)
     if state == "trained":
         log("trained earlier with these settings; sampling and measuring")
     else:
-        resume = state == "resumable"
-        log("resuming from its latest checkpoint" if resume else "training")
+        resume = state in ("resumable", "extendable")
+        if state == "extendable":
+            log(f"extending its training to {run.train.steps} steps: {note}")
+        else:
+            log("resuming from its latest checkpoint" if resume else "training")
         config = dataclasses.replace(run.train, resume="latest" if resume else None, overwrite=not resume)
         train(config, progress=False)
     samples = None
@@ -594,30 +608,61 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
     log(f"finished in {time.perf_counter() - started:.1f}s")
 
 
-def training_state(run: RunSpec) -> str:
-    """trained (finished with these settings), resumable (checkpoints of these settings) or fresh."""
+def training_state(run: RunSpec) -> tuple[str, str]:
+    """trained (finished with these settings), resumable (checkpoints of these settings), extendable (checkpoints of
+    these settings but fewer steps, see `extension`) or fresh; with extendable where it resumes, with fresh why a run
+    trained before is not extended ("" where there is none, or it differs in more than its steps)."""
     from .checkpoints import list_checkpoints
     from .methods import method_class
     from .tracking import METRICS_FILE, read_metrics_log
 
     config_path = run.folder / "config.toml"
     if not config_path.is_file():
-        return "fresh"
+        return "fresh", ""
     from .training import RUN_CONTROL
 
     try:
         written = {k: v for k, v in read_toml(config_path).items() if k not in RUN_CONTROL}
     except SdtuneError:
-        return "fresh"
+        return "fresh", ""
     if written != train_settings(run.train.resolved(method_class(run.train.method).default_lr)):
-        return "fresh"
+        extends, note = extension(run, written)
+        return ("extendable" if extends else "fresh"), note
     records = read_metrics_log(run.folder / METRICS_FILE) if (run.folder / METRICS_FILE).is_file() else []
     last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=0)
     # the adapter's own step, not the log's: a run stopped after logging its last step but before writing its last
     # adapter holds an earlier checkpoint's adapter
     if last >= run.train.steps and adapter_step(run.folder) == run.train.steps:
-        return "trained"
-    return "resumable" if list_checkpoints(run.folder) else "fresh"
+        return "trained", ""
+    return ("resumable" if list_checkpoints(run.folder) else "fresh"), ""
+
+
+def extension(run: RunSpec, written: dict[str, Any]) -> tuple[bool, str]:
+    """Whether resuming the run folder's run from its latest checkpoint with the plan's settings, more steps, ends as a
+    run trained to them in one go: training's rule (`continuation`, as `sdtune train --resume` applies it) on the
+    checkpoint's settings, else on config.toml's (`written`). With where it resumes, or why not in a few words."""
+    from .checkpoints import DamagedCheckpoint, list_checkpoints, read_state
+    from .methods import method_class
+    from .training import continuation
+
+    wanted = run.train.resolved(method_class(run.train.method).default_lr)
+    saved, step = written, None
+    for number, folder in reversed(list_checkpoints(run.folder)):  # the newest readable, as --resume latest takes
+        try:
+            state = read_state(folder)
+        except DamagedCheckpoint:
+            continue
+        if isinstance(state.get("config"), dict):
+            saved, step = state["config"], number
+            break
+    kind, changes = continuation(saved, wanted)
+    if kind == "differs":
+        return False, changes
+    if kind == "resumes":  # the same settings as the checkpoint's, not as config.toml's: trained afresh to be sure
+        return False, ""
+    if step is None:
+        return False, f"no checkpoint to extend its {saved.get('steps')} steps from"
+    return True, f"resumes at step {step}"
 
 
 def adapter_step(folder: Path) -> int | None:

@@ -69,6 +69,7 @@ class Run:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: Path | None = None
+    extended_from: int | None = None  # the steps of the finished (or stopped) run this one extended to more
     validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
     token_numbers: int = 0  # numbers the new token rows trained beside the method (--token-embeddings)
 
@@ -206,12 +207,24 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     if not output_state:
         start = "not read"
     elif checkpoint is not None:
-        start = f"resumes from {checkpoint.folder}"
+        start = resume_start(checkpoint, config)
     elif earlier:
         start = f"replaces an earlier run: {', '.join(earlier)}"
     else:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets)
+
+
+def resume_start(checkpoint, config: TrainConfig) -> str:
+    """Where a resumed run starts and how it goes on, for a person (the dry run's words)."""
+    kind, changes = continuation(checkpoint.state["config"], config)
+    if kind == "extends":
+        saved_steps = checkpoint.state["config"].get("steps", TrainConfig.steps)
+        return (f"extends a run of {saved_steps} steps to {config.steps} from {checkpoint.folder}, ending as a run of "
+                f"{config.steps} steps trained in one go would")
+    if kind == "differs":
+        return f"resumes from {checkpoint.folder} with other settings ({changes}): it will differ from an uninterrupted run"
+    return f"resumes from {checkpoint.folder}"
 
 
 def run_start(output: Path, resume: str | None, overwrite: bool, config: TrainConfig):
@@ -396,6 +409,7 @@ class Trainer:
 
         self.checkpoint = self._find_checkpoint(resume, overwrite)
         self.resume_from = self.checkpoint.folder if self.checkpoint is not None else None
+        self.extended_from: int | None = None  # the steps of the run a resume extends (more steps, see continuation)
         set_seed(config.seed)
         self._load_model()
         self._load_data()
@@ -691,7 +705,9 @@ class Trainer:
         resumed = load_checkpoint(accelerator, self.checkpoint, self.parameters, self.ema)
         self.global_step, self.micro_batches = resumed["step"], resumed["micro_batches"]
         accelerator.step = 0  # accumulate()'s micro-batch counter, aligned with the loop's
-        changed = changed_settings(resumed["config"], self.config)
+        kind, changed = continuation(resumed["config"], self.config)
+        if kind == "extends":
+            self.extended_from = resumed["config"].get("steps", TrainConfig.steps)
         if changed or resumed["num_processes"] != accelerator.num_processes:
             warnings.warn(
                 f"resuming with other settings ({changed or 'number of processes'}): "
@@ -735,7 +751,7 @@ class Trainer:
             self.close_logs()
         return Run(
             output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
-            losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from,
+            losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from, extended_from=self.extended_from,
             validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
         )
 
@@ -1143,20 +1159,49 @@ def data_workers(dataset, processes: int = 1) -> int:
     return max(0, min(4, (os.cpu_count() or 1) // processes - 1))
 
 
+def steps_change(saved_steps: Any, config: TrainConfig) -> str:
+    """How a run of `saved_steps` steps, resumed with `config.steps`, ends otherwise than a run trained to config.steps
+    in one go, in a few words; "" where it does not: as many steps, or more under a schedule whose rate at a step does
+    not depend on their number (no draw of the loop does), which extends the run."""
+    if not isinstance(saved_steps, int) or saved_steps == config.steps:
+        return ""
+    if saved_steps > config.steps:
+        return "fewer steps"
+    if config.lr_scheduler not in STEP_COUNT_FREE_SCHEDULES:
+        return f"the {config.lr_scheduler} rate depends on the step count"
+    return ""
+
+
 def changed_settings(saved: dict, config: TrainConfig) -> str:
     """The settings, other than run control (checkpointing, output), that differ from a checkpoint's. A setting
-    the checkpoint lacks is one an earlier sdtune did not have: that run had its default."""
+    the checkpoint lacks is one an earlier sdtune did not have: that run had its default. Raised steps that extend
+    the run (`steps_change`) are no difference."""
     current = config.to_dict()
     saved = {**TrainConfig().to_dict(), **saved}
     names = sorted((set(saved) | set(current)) - RUN_CONTROL)
-    if config.lr_scheduler in STEP_COUNT_FREE_SCHEDULES and isinstance(saved.get("steps"), int) and saved["steps"] < config.steps:
-        names.remove("steps")  # extending the run: no draw and no rate depends on the step count, so it ends as a longer run would
+    steps_differ = steps_change(saved.get("steps"), config)
+    if not steps_differ:
+        names.remove("steps")
     defaults = TrainConfig()
 
     def shown(values: dict, name: str):  # a setting at its default is left out of the dict: its default, not None
         return values[name] if values.get(name) is not None else getattr(defaults, name, None)
 
-    return ", ".join(f"{n}: {shown(saved, n)} -> {shown(current, n)}" for n in names if saved.get(n) != current.get(n))
+    def why(name: str) -> str:
+        return f" ({steps_differ})" if name == "steps" else ""
+
+    return ", ".join(f"{n}: {shown(saved, n)} -> {shown(current, n)}{why(n)}" for n in names if saved.get(n) != current.get(n))
+
+
+def continuation(saved: dict, config: TrainConfig) -> tuple[str, str]:
+    """How a run goes on from a checkpoint whose settings are `saved`: ("resumes", ""), with its own settings;
+    ("extends", ""), with more steps it ends as a run trained to them in one go would; or ("differs", the settings
+    that differ, as `changed_settings` names them). `sdtune train --resume` and a sweep decide by this alone."""
+    changes = changed_settings(saved, config)
+    if changes:
+        return "differs", changes
+    saved_steps = saved.get("steps", TrainConfig.steps)
+    return ("extends" if isinstance(saved_steps, int) and saved_steps < config.steps else "resumes"), ""
 
 
 def prepare_allowing_unused_parameters(accelerator, model):

@@ -159,6 +159,76 @@ def test_a_changed_setting_retrains_the_run(finished, tmp_path):
     assert any(line.endswith(": training") for line in lines), lines
 
 
+def test_raised_steps_extend_a_finished_run_to_the_bytes_of_one_trained_in_one_go(finished, tmp_path, monkeypatch):
+    """A plan whose steps are raised under a constant rate resumes its finished runs from their last checkpoint: the
+    adapter is the one a run trained to the new steps from the start writes, and its samples, eval.json and the
+    report's metrics are of that adapter, not the earlier one's."""
+    import dataclasses
+
+    from sdtune.comparison import summarize_run
+    from sdtune.evaluation import adapter_digest
+    from sdtune.sweep import read_plan
+    from sdtune.tracking import read_metrics_log
+    from sdtune.training import train
+
+    plan, output = finished
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    run = copy / "runs" / "castle-lora"
+    images = {path: path.stat().st_mtime_ns for path in (run / "samples" / "images").iterdir()}
+    old_digest = json.loads((run / "eval.json").read_text())["adapter_digest"]
+    longer = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '"lora"').replace("steps = 2\nlog", "steps = 3\nlog"))
+    dry = invoke("sweep", longer, "--dry-run", "--output", copy).stdout.splitlines()
+    assert dry[1].split()[1:3] == ["castle-lora", "extends"] and dry[1].endswith("3 steps; resumes at step 2"), dry
+    assert dry[-1].startswith("extends: trained before with fewer steps, under a rate that does not depend on the step count")
+    from sdtune.training import Trainer
+
+    steps, step = [], Trainer.step
+    monkeypatch.setattr(Trainer, "step", lambda self: steps.append(self.global_step) or step(self))
+    result, lines = sweep(longer, copy)
+    monkeypatch.undo()
+    assert result.ran == ["castle-lora"] and steps == [2], (steps, lines)  # the one step more, not all three again
+    assert any(line.endswith("extending its training to 3 steps: resumes at step 2") for line in lines), lines
+    assert [record["step"] for record in read_metrics_log(run / "metrics.jsonl")] == [1, 2, 3]
+
+    one_go = dataclasses.replace(read_plan(longer, str(copy)).runs[0].train, output=str(tmp_path / "one-go"))
+    assert (run / "adapter.safetensors").read_bytes() == train(one_go, progress=False).adapter.read_bytes()
+    report = json.loads((run / "eval.json").read_text())
+    assert report["adapter_digest"] == adapter_digest(run / "adapter.safetensors") != old_digest
+    summary = summarize_run(run)
+    assert summary.stale_evaluation == "" and summary.metrics == report["metrics"]
+    assert json.loads((run / "sweep-run.json").read_text())["metrics"] == report["metrics"]
+    assert all(path.stat().st_mtime_ns > when for path, when in images.items())
+    assert "report: 1 of 1 runs finished" in lines[-1]
+
+
+def test_raised_steps_a_run_cannot_be_extended_to_are_trained_afresh_and_the_dry_run_says_why(tmp_path, private_cache):
+    """A schedule whose rate depends on the step count, no checkpoint to resume from, fewer steps, or another setting
+    changed with the steps: each run is `changed`, with why in a few words."""
+    def plan_text(raised: int, lowered: int) -> str:
+        return ('name = "grow"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nlog_with = "none"\ncheckpoint_every = 1\n'
+                '[axes]\nconcept = ["castle"]\nlr_scheduler = [\n'
+                f'  {{ name = "cosine", lr_scheduler = "cosine", steps = {raised} }},\n'
+                f'  {{ name = "unsaved", checkpoint_every = 0, steps = {raised} }},\n'
+                f'  {{ name = "lowered", steps = {lowered} }},\n'
+                f'  {{ name = "other", steps = {raised}, seed = {raised} }},\n]\n')
+
+    result, lines = sweep(write_plan(tmp_path, plan_text(2, 2)), tmp_path / "out")
+    assert result.exit_code == 0 and len(result.ran) == 4, lines
+    changed = write_plan(tmp_path, plan_text(3, 1), name="changed.toml")
+    dry = invoke("sweep", changed, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    states = {line.split()[1]: (line.split()[2], line.split("steps; ")[-1]) for line in dry[1:5]}
+    assert states == {
+        "castle-cosine": ("changed", "steps: 2 -> 3 (the cosine rate depends on the step count)"),
+        "castle-unsaved": ("changed", "no checkpoint to extend its 2 steps from"),
+        "castle-lowered": ("changed", "steps: 2 -> 1 (fewer steps)"),
+        "castle-other": ("changed", "seed: 2 -> 3"),
+    }, dry
+    assert dry[5:] == ["changed: trained before with other settings; it is trained afresh, replacing that run"]
+    result, lines = sweep(changed, tmp_path / "out")
+    assert len(result.ran) == 4 and sum(line.endswith(": training") for line in lines) == 4, lines
+
+
 def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache):
     plan = write_plan(tmp_path, TINY_PLAN.replace(
         'concept = ["castle"]', 'images = [{ name = "missing", images = "{sweep}/missing" }, { name = "present", images = "{sweep}/images" }]')

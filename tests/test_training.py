@@ -205,17 +205,29 @@ def test_resume_with_another_optimizer_is_refused_and_loses_nothing(tmp_path, ti
 
 def test_extending_a_finished_run_ends_as_the_longer_run_would(tmp_path, tiny_path, recwarn):
     """Under a constant rate nothing the loop draws depends on --steps: raising it is no change worth a warning,
-    and the extended run ends with the longer run's bytes. A schedule that spans the steps is named as changed."""
+    and the extended run ends with the longer run's bytes. A schedule that spans the steps is named as changed,
+    with why; the dry run says which of the two a resume is (a sweep decides by the same rule: test_sweep)."""
+    from sdtune.training import continuation, plan_run
+
     longer = train(config(tmp_path / "longer", steps=3, checkpoint_every=2), progress=False)
     train(config(tmp_path / "extended", steps=2, checkpoint_every=2), progress=False)
+    start = plan_run(config(tmp_path / "extended", steps=3, checkpoint_every=2, resume="latest")).start
+    assert start.startswith("extends a run of 2 steps to 3 from ") and start.endswith("ending as a run of 3 steps trained in one go would")
     extended = train(config(tmp_path / "extended", steps=3, checkpoint_every=2, resume="latest"), progress=False)
     assert not [w for w in recwarn if "resuming with other settings" in str(w.message)]
     assert extended.adapter.read_bytes() == longer.adapter.read_bytes()
+    assert extended.extended_from == 2 and longer.extended_from is None
     saved = TrainConfig(output="a", steps=2).to_dict()
+    assert continuation(saved, TrainConfig(output="a", steps=3)) == ("extends", "")
+    assert continuation(saved, TrainConfig(output="a", steps=2, checkpoint_every=5)) == ("resumes", "")
     assert changed_settings(saved, TrainConfig(output="a", steps=3, lr_scheduler="constant_with_warmup")) == "lr_scheduler: constant -> constant_with_warmup"
-    assert changed_settings(saved, TrainConfig(output="a", steps=1)) == "steps: 2 -> 1"
+    assert changed_settings(saved, TrainConfig(output="a", steps=1)) == "steps: 2 -> 1 (fewer steps)"
     cosine = TrainConfig(output="a", steps=2, lr_scheduler="cosine").to_dict()
-    assert changed_settings(cosine, TrainConfig(output="a", steps=3, lr_scheduler="cosine")) == "steps: 2 -> 3"
+    assert continuation(cosine, TrainConfig(output="a", steps=3, lr_scheduler="cosine")) == (
+        "differs", "steps: 2 -> 3 (the cosine rate depends on the step count)")
+    train(config(tmp_path / "cosine", steps=2, checkpoint_every=2, lr_scheduler="cosine"), progress=False)
+    start = plan_run(config(tmp_path / "cosine", steps=3, checkpoint_every=2, lr_scheduler="cosine", resume="latest")).start
+    assert "with other settings (steps: 2 -> 3 (the cosine rate depends on the step count)): it will differ" in start
 
 
 def test_resume_latest_without_checkpoints_starts_at_step_zero(tmp_path, tiny_path):
