@@ -666,7 +666,9 @@ def adapter_digest(path: Path) -> str:
 
 def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: dict[str, Any]) -> str:
     """Why a run's eval.json does not measure its adapter.safetensors as it is now ("" where it does): it measured
-    another adapter file, or an adapter that has been replaced since (the run trained again, resumed or extended)."""
+    another adapter file, or an adapter that has been replaced since (the run trained again, resumed or extended). An
+    eval.json of before the adapter digest is taken as the adapter's where the adapter is older than it, and with a
+    warning (its metrics kept) where it is newer."""
     from .adapter import ADAPTER_FILE
 
     if report.get("adapter") not in (None, ADAPTER_FILE):
@@ -676,7 +678,23 @@ def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: di
             return f"eval.json measured an earlier {ADAPTER_FILE} (the run was trained again or further since)"
     elif "method" in report and (report["method"] != method or report.get("options", options) != options):
         return f"eval.json measured an adapter trained with {report['method']}, not this one of {method} (the run was trained again since)"
+    elif written_after_evaluation(run):
+        # an eval.json of before the digest: the adapter it measured was older than it; this one may be a later training's
+        # or only a copy's (copies need not keep times), so its numbers stay, with a warning
+        warnings.warn(f"{run}: eval.json records no digest of the adapter it measured (an earlier sdtune wrote it) and "
+                      f"{ADAPTER_FILE} was written after it: its metrics may be an earlier training's (run `sdtune evaluate "
+                      f"--run {run}` again to be sure)", stacklevel=3)
     return ""
+
+
+def written_after_evaluation(run: Path) -> bool:
+    """Whether the run's adapter file was written after its eval.json (by modification time; False where either is missing)."""
+    from .adapter import ADAPTER_FILE
+
+    try:
+        return (run / ADAPTER_FILE).stat().st_mtime_ns > (run / EVAL_FILE).stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def read_evaluation(run: str | Path) -> dict[str, Any] | None:

@@ -690,6 +690,39 @@ def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
     assert summary.metrics == {} and "trained again" in summary.stale_evaluation
 
 
+def test_an_evaluation_of_before_the_adapter_digest_is_read_by_the_files_times(tmp_path, recwarn):
+    """An eval.json an earlier sdtune wrote records no digest: compare and the model card take its metrics as the
+    adapter's where the adapter is older than it (evaluate wrote it after reading the adapter), and keep them with a
+    warning where the adapter was written after it (trained again since, or only copied: times cannot tell)."""
+    import warnings
+
+    from sdtune.adapter import read_adapter_info
+    from sdtune.comparison import summarize_run
+    from sdtune.config import TrainConfig
+    from sdtune.evaluation import METRICS
+    from sdtune.model_card import evaluation_lines
+    from sdtune.training import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, output=str(run)), progress=False)
+    report = {"format": "sdtune-eval/1", "metrics": {"dino": 0.9}, "unavailable": {}, "method": "lora",
+              "options": read_adapter_info(run)[0].options}
+    (run / "eval.json").write_text(json.dumps(report))
+    adapter_time = (run / "adapter.safetensors").stat().st_mtime_ns
+    os.utime(run / "eval.json", ns=(adapter_time + 10**9, adapter_time + 10**9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the evaluation is of this adapter
+        assert summarize_run(run).metrics == {"dino": 0.9}
+        assert any(line.startswith(f"| {METRICS['dino'][0]} |") for line in evaluation_lines(run, read_adapter_info(run)[0]))
+    os.utime(run / "eval.json", ns=(adapter_time - 10**9, adapter_time - 10**9))
+    with pytest.warns(UserWarning, match="records no digest of the adapter it measured .* was written after it"):
+        summary = summarize_run(run)
+    assert summary.metrics == {"dino": 0.9} and summary.stale_evaluation == ""
+    (run / "eval.json").write_text(json.dumps({**report, "method": "atoms"}))  # another method: left out, as before
+    with pytest.warns(UserWarning, match="not this one of lora"):
+        assert summarize_run(run).metrics == {}
+
+
 def test_evaluate_compare_and_validation_read_prompt_files_without_their_kohya_options(metric_models, image_sets, tmp_path):
     """Where one setting draws every prompt, a line's --n, --w, ... are left unused with one warning saying why; CLIP-T
     scores the prompt alone, as given without them."""
