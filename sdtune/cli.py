@@ -383,7 +383,7 @@ def train(
     final = f"{run.losses[-1]:.4f}" if run.losses else "n/a"
     resumed = f" (resumed from {run.resumed_from})" if run.resumed_from else ""
     if run.extended_from:
-        resumed = f" (extended a run of {run.extended_from} steps to {run.config.steps}, from {run.resumed_from})"
+        resumed = f" (extended a run of {counted(run.extended_from, 'step')} to {run.config.steps:,}, from {run.resumed_from})"
     rows = f", and {run.token_numbers:,} numbers of new token rows" if run.token_numbers else ""
     typer.echo(
         f"trained {run.method.describe()}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"

@@ -33,7 +33,7 @@ from typing import Any, Callable
 from .adapter import ADAPTER_FILE
 from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
 from .errors import SdtuneError, error_line
-from .fileio import OutputLock, check_no_file_in_the_way
+from .fileio import OutputLock, check_no_file_in_the_way, counted
 
 RUN_MARKER = "sweep-run.json"
 RUN_LOCK = ".sdtune-sweep.lock"  # held by the sweep process working on a run, beside training's own lock
@@ -661,7 +661,7 @@ def extension(run: RunSpec, written: dict[str, Any]) -> tuple[bool, str]:
     if kind == "resumes":  # the same settings as the checkpoint's, not as config.toml's: trained afresh to be sure
         return False, ""
     if step is None:
-        return False, f"no checkpoint to extend its {saved.get('steps')} steps from"
+        return False, f"no checkpoint to extend its {counted(saved.get('steps', TrainConfig.steps), 'step')} from"
     return True, f"resumes at step {step}"
 
 

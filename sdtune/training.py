@@ -220,8 +220,8 @@ def resume_start(checkpoint, config: TrainConfig) -> str:
     kind, changes = continuation(checkpoint.state["config"], config)
     if kind == "extends":
         saved_steps = checkpoint.state["config"].get("steps", TrainConfig.steps)
-        return (f"extends a run of {saved_steps} steps to {config.steps} from {checkpoint.folder}, ending as a run of "
-                f"{config.steps} steps trained in one go would")
+        return (f"extends a run of {counted(saved_steps, 'step')} to {config.steps:,} from {checkpoint.folder}, ending as a run "
+                f"of {counted(config.steps, 'step')} trained in one go would")
     if kind == "differs":
         return f"resumes from {checkpoint.folder} with other settings ({changes}): it will differ from an uninterrupted run"
     return f"resumes from {checkpoint.folder}"

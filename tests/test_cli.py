@@ -110,6 +110,17 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_train_resume_with_more_steps_says_it_extends_the_run(tmp_path, private_cache):
+    """As a sweep whose plan raised its steps: the dry run and the run say the run is extended, not changed."""
+    output = tmp_path / "run"
+    assert invoke("train", "--model", "tiny-random", "--steps", 1, "--checkpoint-every", 1, "--output", output).exit_code == 0
+    more = ("train", "--model", "tiny-random", "--steps", 2, "--checkpoint-every", 1, "--resume", "latest", "--output", output)
+    dry = invoke(*more, "--dry-run")
+    assert f"output: {output} (extends a run of 1 step to 2 from {output / 'checkpoints' / 'step-1'}" in dry.output, dry.output
+    result = invoke(*more)
+    assert result.exit_code == 0 and f"(extended a run of 1 step to 2, from {output / 'checkpoints' / 'step-1'})" in result.output, result.output
+
+
 def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_run, tmp_path, monkeypatch):
     import sdtune.models
     from sdtune import methods
