@@ -49,14 +49,31 @@ def make_folder(folder: Path, pngs: int, jpegs: int) -> None:
             Image.fromarray(np.roll(np.asarray(base_jpeg), index, axis=0)).save(path, quality=90, exif=exif)
 
 
+# the dry run's checks alone, in a fresh process whose imports (torch, diffusers, peft) are done first: what the
+# photos cost, apart from the imports that dominate a dry run of a small folder
+PLAN_ONLY = """
+import sys, time, warnings
+warnings.simplefilter("ignore")
+from sdtune.config import TrainConfig
+from sdtune.training import plan_run
+config = TrainConfig(model="tiny-random", method="lora", concept="castle", images=sys.argv[1], output=sys.argv[2],
+                     steps=1, buckets=sys.argv[3] == "buckets")
+plan_run(TrainConfig(model="tiny-random", method="lora", output=sys.argv[2], steps=1))  # imports and the model's configs, once
+start = time.perf_counter()
+plan_run(config)
+print(time.perf_counter() - start)
+"""
+
+
 def timed(arguments: list[str], output: Path) -> float:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "sdtune", *arguments], env=environment, capture_output=True, text=True)
+    command = [sys.executable, "-c", PLAN_ONLY, *arguments[1:]] if arguments[0] == "plan" else [sys.executable, "-m", "sdtune", *arguments]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"sdtune {' '.join(arguments)} failed:\n{done.stderr[-2000:]}")
-    return seconds
+    return float(done.stdout.split()[-1]) if arguments[0] == "plan" else seconds
 
 
 def main() -> None:
@@ -71,7 +88,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         train = ["train", "--concept", "castle", "--images", str(folder), "--model", "tiny-random", "--method", "lora",
                  "--steps", "1"]
-        rows = {"`sdtune --help` (imports only)": ["--help"],
+        rows = {"`plan_run` alone (the dry run's checks, imports done)": ["plan", str(folder), f"{scratch}/plan", "square"],
+                "`plan_run --buckets` alone": ["plan", str(folder), f"{scratch}/plan", "buckets"],
+                "`sdtune --help` (imports only)": ["--help"],
                 "`sdtune train --dry-run`": [*train, "--output", f"{scratch}/dry", "--dry-run"],
                 "`sdtune train --dry-run --buckets`": [*train, "--output", f"{scratch}/dry", "--dry-run", "--buckets"],
                 "`sdtune train --steps 1` (start to step 1, saved)": [*train, "--output", f"{scratch}/run", "--overwrite"]}

@@ -112,34 +112,37 @@ def _read_facts(path) -> ImageFacts:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_TAIL_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")  # what PIL reads into `info` after the pixels as it decodes them
-PNG_CUT = "cut short: it ends before its IEND chunk, as a copy or download that stopped leaves it"
+PNG_CUT = "cut short: it ends inside a chunk, as a copy or download that stopped leaves it"
 
 
 def png_tail(path) -> tuple[dict, str | None]:
     """A PNG's chunks that PIL reads only as it decodes its pixels (EXIF and text after the image data, up to an
     animation's second frame, where PIL's decode stops), read by PIL's own chunk readers into what they add to the
-    image's `info`; and why the file is cut short (no IEND chunk), or None. Only the chunks' headers are read on the
-    way: the image data is skipped, not decoded."""
+    image's `info`; and why the file is cut short (it ends inside a chunk, or before its image data), or None. Only
+    the chunks' headers are read on the way: the image data is skipped, not decoded. A file that ends between two
+    chunks without its IEND is left to the decoder, which reads one whose image data is whole, as PIL does."""
     kept, after_pixels, reading = [], False, True
     with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
         if handle.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
             return {}, None
         while True:
             header = handle.read(8)
+            if not header and after_pixels:
+                break
             if len(header) < 8:
                 return _tail_info(kept), PNG_CUT
             length, kind = struct.unpack(">I4s", header)
             if kind == b"IEND":
                 break
+            if handle.tell() + length + 4 > size:  # its data or CRC is not there
+                return _tail_info(kept), PNG_CUT
             if kind == b"IDAT":
                 after_pixels = True
             elif after_pixels and kind == b"fcTL":  # the next frame: PIL's decode of the first stops here
                 reading = False
             elif after_pixels and reading and kind in PNG_TAIL_CHUNKS:
-                data = handle.read(length)
-                if len(data) < length:
-                    return _tail_info(kept), PNG_CUT
-                kept.append((kind, data))
+                kept.append((kind, handle.read(length)))
                 length = 0
             handle.seek(length + 4, os.SEEK_CUR)  # past the data and its CRC
     return _tail_info(kept), None

@@ -267,7 +267,7 @@ def is_image_name(path: Path) -> bool:
 
 def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
     """The images whose header PIL reads, within its decompression-bomb limit, and that are not cut short
-    (`cut_short`: a JPEG without its end, a PNG without its last chunk). The other files are skipped with one warning
+    (`cut_short`: a JPEG without its end, a PNG that ends inside a chunk). The other files are skipped with one warning
     naming them (the first few, with why; `what` names their kind). Nothing is decoded here (`buckets.image_facts`,
     kept for the rest of the start): an image damaged further in is found, and skipped, when it is decoded."""
     readable, skipped, odd = [], [], []
@@ -304,7 +304,7 @@ def cut_short(path: Path, image_format: str | None) -> str | None:
     """Why a JPEG or PNG whose header reads ends before its image does (a copy or download interrupted), or None;
     found from its bytes, without decoding. A JPEG: no end-of-image marker after its first scan starts, looked for in
     the last few KB, then, where something follows the image (a phone's motion photo carries its video there), from
-    the first scan on. A PNG: its chunks, walked by their lengths, end before its IEND chunk (`buckets.png_tail`).
+    the first scan on. A PNG: its chunks, walked by their lengths, end inside one (`buckets.png_tail`).
     PIL parses a WebP whole as it opens, so one cut is found by its header already; other formats fail as they are
     decoded."""
     if image_format == "PNG":

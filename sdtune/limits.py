@@ -16,7 +16,7 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
   activations where the backward runs through them (trained, or training new token rows), the batch with its
   class examples; apart from those, as they are never alive together: the VAE encoding one image, with its live
   full-resolution maps) against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
-  in RAM either way (the training and class images, the fp32 VAE decoder fp16 training keeps for overflowing
+  in RAM either way (the training and class images, at their buckets' sizes and as often as buckets frame them, the fp32 VAE decoder fp16 training keeps for overflowing
   decodes, the images sampling keeps for its grid) against
   the RAM. The bound is never above what the run needs, so a refusal is certain; a run that passes
   may still run out;
@@ -398,10 +398,11 @@ class RunSizes:
 
 
 def check_run_fits(config, method, image_count: int = 0, class_count: int = 0, image_frames: list | None = None,
-                   class_frames: list | None = None) -> RunSizes:
+                   class_frames: dict | None = None) -> RunSizes:
     """`sdtune train`'s sizes against the model and the machine (`config` resolved; `image_count` training and
-    `class_count` class examples); what it found. `image_frames` and `class_frames`: the (width, height) each training
-    image and class example is held at (their buckets'; `prior.class_frames`); without them, the resolution square."""
+    `class_count` class examples); what it found. `image_frames`: the (width, height) each training image is held at
+    (its bucket's); `class_frames`: how many class examples are held at each (width, height) (`prior.class_frames`);
+    without them, the resolution square."""
     from .models import read_model_configs
 
     configs = read_model_configs(config.model)
@@ -488,7 +489,7 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0, i
                           f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
                           examples * per_prompt))
     image_area = sum(w * h for w, h in image_frames) if image_frames is not None else image_count * resolution * resolution
-    class_area = sum(w * h for w, h in class_frames) if class_frames is not None else class_count * resolution * resolution
+    class_area = sum(w * h * n for (w, h), n in class_frames.items()) if class_frames is not None else class_count * resolution * resolution
     on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", 3 * 4 * image_area)]
     if config.masked_loss:  # 8-bit, one a pixel
         on_host.append(("--masked-loss", "the training images' masks", image_area))

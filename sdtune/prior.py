@@ -60,15 +60,15 @@ def class_image_count(config) -> int:
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
-def class_frames(config, resolution: int, instance_buckets: list) -> list[tuple[int, int]]:
-    """The (width, height) of every class example a run with prior preservation holds in RAM, found before the model
-    loads. Without buckets each class image once, at `resolution` square. With buckets (`instance_buckets`: the concept
-    images' buckets, `buckets.image_buckets`) each class image is framed into every bucket whose pool holds it
+def class_frames(config, resolution: int, instance_buckets: list) -> dict[tuple[int, int], int]:
+    """How many class examples a run with prior preservation holds in RAM at each (width, height), found before the
+    model loads. Without buckets each class image once, at `resolution` square. With buckets (`instance_buckets`: the
+    concept images' buckets, `buckets.image_buckets`) each class image is framed into every bucket whose pool holds it
     (`bucketed_class_images`): into several where the concept images' buckets have fewer than a batch of class images
     of their own shape, into none where no bucket draws on its shape. Generated class images are drawn square."""
     count = class_image_count(config)  # 0 without prior preservation
     if not config.buckets or not count:
-        return [(resolution, resolution)] * count
+        return {(resolution, resolution): count} if count else {}
     from .buckets import bucket_sizes, class_pools, image_facts, nearest_bucket
 
     sizes = bucket_sizes(resolution)
@@ -79,10 +79,9 @@ def class_frames(config, resolution: int, instance_buckets: list) -> list[tuple[
             warnings.simplefilter("ignore")
             paths = readable_images(list_images(config.class_images), "class image")[:count]
         own = [nearest_bucket(*image_facts(path).size, sizes) for path in paths]
-    else:
+    else:  # drawn before the loop; as many as asked
         own = [(resolution, resolution)] * count
-    pools = class_pools(instance_buckets, own, config.batch_size)
-    return [size for size, pool in pools.items() for _ in pool]
+    return {size: len(pool) for size, pool in class_pools(instance_buckets, own, config.batch_size).items() if pool}
 
 
 def check_class_images_record(folder: Path, prompt: str, reading=None) -> str:

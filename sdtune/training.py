@@ -197,7 +197,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     # what training holds in RAM: each image framed at its bucket's size (or the resolution), the class images as framed
     frames = [size for size in buckets if size is not None] if config.buckets else None
     classes = class_frames(config, resolution, buckets)
-    sizes = check_run_fits(config, method, len(inputs.image_paths), len(classes), frames, classes)  # and sizes the model or the machine cannot take
+    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes)  # and sizes the model or the machine cannot take
     if config.with_prior_preservation and not config.class_images:  # images drawn before, for another prompt or reading
         check_class_images_record(Path(config.output) / CLASS_IMAGES_FOLDER, config.class_prompt, config.prompt_reading)
     if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
