@@ -121,13 +121,10 @@ def _srgb_decode(value: float) -> float:
     return value / 12.92 if value <= 0.04045 else ((value + 0.055) / 1.055) ** 2.4
 
 
-def _bt709_decode(value: float) -> float:  # BT.709's camera curve, inverted (H.273 codes 1, 6, 14, 15)
-    return value / 4.5 if value < 0.081 else ((value + 0.099) / 1.099) ** (1 / 0.45)
-
-
-# H.273 transfer characteristics: encoded value (0..1) to linear light; PQ and HLG (HDR) are left as they are
-NCLX_TRANSFERS = {1: _bt709_decode, 2: _srgb_decode, 4: lambda v: v**2.2, 5: lambda v: v**2.8, 6: _bt709_decode,
-                  8: lambda v: v, 13: _srgb_decode, 14: _bt709_decode, 15: _bt709_decode}
+# H.273 transfer characteristics: encoded value (0..1) to linear light. BT.709's (1, 6, 14, 15), a camera's curve, is
+# shown by viewers as sRGB's, and read so; PQ and HLG (HDR) are left as they are
+NCLX_TRANSFERS = {1: _srgb_decode, 2: _srgb_decode, 4: lambda v: v**2.2, 5: lambda v: v**2.8, 6: _srgb_decode,
+                  8: lambda v: v, 13: _srgb_decode, 14: _srgb_decode, 15: _srgb_decode}
 BRADFORD = ((0.8951, 0.2664, -0.1614), (-0.7502, 1.7135, 0.0367), (0.0389, -0.0685, 1.0296))
 
 

@@ -423,7 +423,7 @@ def test_a_heic_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp_
     primaries with sRGB's curve is read as Display P3 is, as pillow-heif hands it over (`info["nclx_profile"]`);
     sRGB's own codes, or HDR curves (PQ), stay as they are."""
     pillow_heif = pytest.importorskip("pillow_heif")
-    from helpers import DISPLAY_P3, SRGB, icc_profile
+    from helpers import DISPLAY_P3, icc_profile
 
     from sdtune.colour import nclx_icc
     from sdtune.data import load_framed
