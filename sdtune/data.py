@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .buckets import heif_opener, image_facts, nearest_bucket, open_image, png_tail, quiet_pil, upright_size
-from .captions import decode_text
+from .captions import decode_text, same_name
 from . import colour
 from .colour import cmyk_to_rgb, colour_profile, in_srgb
 from .errors import SdtuneError, reading_file
@@ -390,11 +390,28 @@ def same_names(paths: list[Path]) -> list[list[Path]]:
     return [group for group in groups.values() if len({p.suffix.lower() for p in group}) > 1]
 
 
+def spelled_twice(paths: list[Path]) -> list[list[Path]]:
+    """Groups of images of one folder whose names are one in Unicode's composed form (`captions.same_name`) but differ
+    byte for byte (`café.jpg` saved on a Mac, decomposed, beside one saved elsewhere), in the order given."""
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for path in paths:
+        groups.setdefault((path.parent, same_name(path.name)), []).append(path)
+    return [group for group in groups.values() if len({p.name for p in group}) > 1]
+
+
 def warn_duplicates(paths: list[Path]) -> None:
-    """One warning naming the images that are the same file twice or more: each copy is drawn as another image; and
-    one naming those of one name with several extensions (likely one photo, converted), but where they are copies."""
+    """One warning naming the images that are the same file twice or more: each copy is drawn as another image; one
+    naming those of one name with several extensions (likely one photo, converted), and one naming those whose names
+    are one in NFC (`spelled_twice`), but where they are copies."""
     groups = duplicate_images(paths)
     copies = {path for group in groups for path in group}
+    spelled = [group for group in spelled_twice(paths) if not set(group) <= copies]
+    if spelled:
+        shown = "; ".join(", ".join(ascii(path.name) for path in group) for group in spelled[:SKIPPED_SHOWN])
+        more = f"; and {len(spelled) - SKIPPED_SHOWN} more" if len(spelled) > SKIPPED_SHOWN else ""
+        warnings.warn(f"images whose names differ only in their Unicode form: {shown}{more}; one was likely saved on a Mac, "
+                      "which decomposes accents: each is trained as another image, with the same caption; remove one of each",
+                      stacklevel=2)
     named = [group for group in same_names(paths) if not set(group) <= copies]
     if named:
         shown = "; ".join(", ".join(path.name for path in group) for group in named[:SKIPPED_SHOWN])

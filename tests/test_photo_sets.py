@@ -541,8 +541,8 @@ def test_captions_masks_and_metadata_named_on_a_mac_match_photos_named_elsewhere
 
     folder = tmp_path / "photos"
     folder.mkdir()
-    for name in ("café", nfd("crème"), "déjà"):
-        Image.new("RGB", (40, 30), "red").save(folder / f"{name}.png")
+    for index, name in enumerate(("café", nfd("crème"), "déjà")):
+        Image.new("RGB", (40, 30), (60 * index, 0, 0)).save(folder / f"{name}.png")
     paths = sorted(folder.glob("*.png"))
     (folder / f"{nfd('café')}.txt").write_text("a <castle> at the café")  # saved on a Mac
     (folder / "crème.TXT").write_text("a <castle> in cream")
@@ -559,6 +559,12 @@ def test_captions_masks_and_metadata_named_on_a_mac_match_photos_named_elsewhere
     (folder / "café.txt").write_text("typed on Linux")  # now both spellings are there
     with pytest.warns(UserWarning, match=r"caption files in .*photos: café.txt is there twice, spelled in two Unicode forms"):
         assert read_captions([folder / "café.png"]) == ["typed on Linux"]
+    from sdtune.data import warn_duplicates
+
+    Image.new("RGB", (40, 30), "blue").save(folder / f"{nfd('café')}.png")  # another photo of one name
+    with pytest.warns(UserWarning, match=r"images whose names differ only in their Unicode form: 'cafe\\u0301.png', "
+                                         r"'caf\\xe9.png'; one was likely saved on a Mac"):
+        warn_duplicates(sorted(folder.glob("*.png"), key=lambda path: path.name.encode()))
 
 
 def test_caption_files_in_kohyas_conventions_and_any_case(tmp_path):
