@@ -67,6 +67,12 @@ _FACTS: dict[tuple, ImageFacts] = {}  # by path and the file's identity: a file 
 FACTS_KEPT = 100_000  # files remembered at most (a few hundred bytes each)
 
 
+def forget_image_facts() -> None:
+    """Read every file again from here on (a run's planning starts so: a file rewritten in place within the clock's
+    granularity keeps its size, time and inode)."""
+    _FACTS.clear()
+
+
 def image_facts(path) -> ImageFacts:
     """An image file's `ImageFacts`, read once per process and file version (kept by path, size, modification time
     and inode), so that checking, bucketing and framing a large folder reads each header once. Raises what PIL raises
