@@ -71,16 +71,15 @@ def class_frames(config, resolution: int, instance_buckets: list) -> dict[tuple[
         return {(resolution, resolution): count} if count else {}
     from .buckets import bucket_sizes, class_pools, image_facts, nearest_bucket
 
-    sizes = bucket_sizes(resolution)
-    if config.class_images:
-        from .data import list_images, readable_images
+    if not config.class_images:  # drawn square before the loop, as many as asked: every bucket's pool holds them all
+        return {size: count for size in sorted({size for size in instance_buckets if size is not None})}
+    from .data import list_images, readable_images
 
-        with warnings.catch_warnings():  # named by class_image_count
-            warnings.simplefilter("ignore")
-            paths = readable_images(list_images(config.class_images), "class image")[:count]
-        own = [nearest_bucket(*image_facts(path).size, sizes) for path in paths]
-    else:  # drawn before the loop; as many as asked
-        own = [(resolution, resolution)] * count
+    with warnings.catch_warnings():  # named by class_image_count
+        warnings.simplefilter("ignore")
+        paths = readable_images(list_images(config.class_images), "class image")[:count]
+    sizes = bucket_sizes(resolution)
+    own = [nearest_bucket(*image_facts(path).size, sizes) for path in paths]
     return {size: len(pool) for size, pool in class_pools(instance_buckets, own, config.batch_size).items() if pool}
 
 

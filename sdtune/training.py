@@ -185,10 +185,9 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         from .masks import check_masks
 
         check_masks(inputs.image_paths, config.mask_source)
-    from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_frames
-
     from .limits import check_resolution
     from .models import read_model_configs
+    from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_frames
 
     resolution = check_resolution(config.model, read_model_configs(config.model), config.resolution)
     buckets = []

@@ -9,6 +9,7 @@ from torch import nn
 
 from sdtune import methods
 from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
 from sdtune import limits
 from sdtune.limits import text_encoder_backward_bytes
 from sdtune.methods.base import DeltaLayer
@@ -232,6 +233,10 @@ def test_bucketed_class_images_are_counted_as_often_as_they_are_framed(tmp_path,
     assert plain.host_bytes == 3 * 4 * 2 * (square[0] * square[1] + wide[0] * wide[1])  # the training images at their buckets'
     assert wide[0] * wide[1] < plain.resolution**2
     assert any("10 class examples" in part for part in prior.held_in_ram)
+    drawn = plan_run(config(tmp_path / "drawn", **settings, class_prompt="a castle", num_class_images=3)).sizes
+    assert drawn.host_bytes - plain.host_bytes == 3 * 4 * 3 * (square[0] * square[1] + wide[0] * wide[1])  # drawn square
+    with pytest.raises(SdtuneError, match=r"--num-class-images 1,000,000,000,000 with --buckets .*needs more memory"):
+        plan_run(config(tmp_path / "huge", **settings, class_prompt="a castle", num_class_images=10**12))
 
 
 def test_the_vae_encoding_is_counted_apart_from_the_step_with_its_live_maps(tmp_path, tiny_path):
