@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import colour
 from .buckets import heif_opener, image_facts, nearest_bucket, open_image, png_tail, quiet_pil, upright_size
 from .captions import decode_text, same_name
-from . import colour
 from .colour import cmyk_to_rgb, colour_profile, in_srgb
 from .errors import SdtuneError, reading_file
 from .fileio import counted
