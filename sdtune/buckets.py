@@ -16,14 +16,19 @@ the concept and class examples of a step stack into one tensor, as without bucke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
+import os
+import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from .errors import SdtuneError
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # PIL's modes with an alpha channel
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a photo is stored turned or mirrored
 MAX_STEP = 64  # px: SD's latent grid (VAE ×8) stays divisible by the UNet's three downsamplings (×8)
 VAE_FACTOR = 8  # pixels per latent cell of SD's VAE: every side is a multiple of it
@@ -31,11 +36,133 @@ VAE_FACTOR = 8  # pixels per latent cell of SD's VAE: every side is a multiple o
 
 def upright_size(image) -> tuple[tuple[int, int], bool]:
     """An opened PIL image's (width, height) as it is shown, after its EXIF orientation, and whether it
-    is stored turned by a quarter (then its stored width and height are swapped)."""
-    width, height = image.size
+    is stored turned by a quarter (then its stored width and height are swapped). A PNG not yet decoded is
+    decoded to find an EXIF chunk after its pixels (PIL's way): `image_facts` reads a file's without decoding."""
     with quiet_pil():
-        turned = image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-    return ((height, width) if turned else (width, height)), turned
+        return _upright(image.size, image.getexif().get(EXIF_ORIENTATION, 1))
+
+
+def _upright(size: tuple[int, int], orientation) -> tuple[tuple[int, int], bool]:
+    turned = orientation in (5, 6, 7, 8)
+    return (size[::-1] if turned else size), turned
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the start of a run needs of an image file, read from its header (and, for a PNG, its chunks' headers)
+    once, no pixel decoded: `image_facts`."""
+
+    format: str | None  # PIL's name of its format: "JPEG", "PNG", ...
+    size: tuple[int, int]  # (width, height) as it is shown, its EXIF orientation applied
+    turned: bool  # stored turned by a quarter: its stored width and height are `size` swapped
+    mode: str  # PIL's mode of its pixels as stored ("RGB", "CMYK", "P", ...)
+    alpha: bool  # it has an alpha channel, or a palette's transparency
+    frames: int  # an animation's frames; a phone's MPO its images
+    colour_profile: bytes | None  # the ICC profile of its pixels' colour space (colour.colour_profile), None for sRGB
+    odd: str | None  # the first warning PIL gave reading its header and EXIF (a corrupt EXIF block), or None
+    cut: str | None  # why it ends before its image does (a copy that stopped), or None
+
+
+_FACTS: dict[tuple, ImageFacts] = {}  # by path and the file's identity: a file changed since is read again
+FACTS_KEPT = 100_000  # files remembered at most (a few hundred bytes each)
+
+
+def forget_image_facts() -> None:
+    """Read every file again from here on (a run's planning starts so: a file rewritten in place within the clock's
+    granularity keeps its size, time and inode)."""
+    _FACTS.clear()
+
+
+def image_facts(path) -> ImageFacts:
+    """An image file's `ImageFacts`, read once per process and file version (kept by path, size, modification time
+    and inode), so that checking, bucketing and framing a large folder reads each header once. Raises what PIL raises
+    for a file that is no readable image, and DecompressionBombError where `open_image` would (never kept)."""
+    stat = os.stat(path)
+    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+    if key in _FACTS:
+        return _FACTS[key]
+    facts = _read_facts(path)
+    if len(_FACTS) >= FACTS_KEPT:
+        _FACTS.clear()
+    _FACTS[key] = facts
+    return facts
+
+
+def _read_facts(path) -> ImageFacts:
+    from PIL import Image
+
+    from .colour import colour_profile
+    from .data import cut_short
+
+    heif_opener()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with Image.open(path) as image:  # reads the header alone
+            refuse_bomb(image, said)  # over PIL's decompression-bomb limit, as open_image refuses it
+            if image.format == "PNG":
+                tail, cut = png_tail(path)
+                image.info.update(tail)  # what PIL adds to it as it decodes the pixels
+                exif = Image.Image.getexif(image)  # PIL's own reading of them, without PngImageFile's decode first
+            else:
+                exif = image.getexif()  # parsed as it opened (JPEG, WebP, HEIC), or read from its header (TIFF)
+                cut = cut_short(path, image.format)
+            size, turned = _upright(image.size, exif.get(EXIF_ORIENTATION, 1))
+            alpha = image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+            facts = ImageFacts(image.format, size, turned, image.mode, alpha, getattr(image, "n_frames", 1),
+                               colour_profile(image, exif), None, cut)
+    odd = [w for w in said if issubclass(w.category, UserWarning) and not issubclass(w.category, Image.DecompressionBombWarning)]
+    if odd:  # PIL's message, on one line
+        facts = dataclasses.replace(facts, odd=" ".join((str(odd[0].message).strip().splitlines() or [""])[0][:100].split()))
+    return facts
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_TAIL_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")  # what PIL reads into `info` after the pixels as it decodes them
+PNG_CUT = "cut short: it ends inside a chunk, as a copy or download that stopped leaves it"
+
+
+def png_tail(path) -> tuple[dict, str | None]:
+    """A PNG's chunks that PIL reads only as it decodes its pixels (EXIF and text after the image data, up to an
+    animation's second frame, where PIL's decode stops), read by PIL's own chunk readers into what they add to the
+    image's `info`; and why the file is cut short (it ends inside a chunk, or before its image data), or None. Only
+    the chunks' headers are read on the way: the image data is skipped, not decoded. A file that ends between two
+    chunks without its IEND is left to the decoder, which reads one whose image data is whole, as PIL does."""
+    kept, after_pixels, reading = [], False, True
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if handle.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            return {}, None
+        while True:
+            header = handle.read(8)
+            if not header and after_pixels:
+                break
+            if len(header) < 8:
+                return _tail_info(kept), PNG_CUT
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IEND":
+                break
+            if handle.tell() + length + 4 > size:  # its data or CRC is not there
+                return _tail_info(kept), PNG_CUT
+            if kind == b"IDAT":
+                after_pixels = True
+            elif after_pixels and kind == b"fcTL":  # the next frame: PIL's decode of the first stops here
+                reading = False
+            elif after_pixels and reading and kind in PNG_TAIL_CHUNKS:
+                kept.append((kind, handle.read(length)))
+                length = 0
+            handle.seek(length + 4, os.SEEK_CUR)  # past the data and its CRC
+    return _tail_info(kept), None
+
+
+def _tail_info(chunks: list[tuple[bytes, bytes]]) -> dict:
+    import io
+
+    from PIL import PngImagePlugin
+
+    stream = PngImagePlugin.PngStream(io.BytesIO(b"".join(data for _, data in chunks)))
+    for kind, data in chunks:
+        stream.call(kind, 0, len(data))
+    return stream.im_info
 
 
 def open_image(path):
@@ -224,7 +351,7 @@ class BucketBatchSampler:
 
 
 def image_buckets(config, paths: list) -> list[tuple[int, int]]:
-    """The bucket of each image, from its header alone (no pixel is decoded), before the model loads; None
+    """The bucket of each image, from its header alone (no pixel is decoded: `image_facts`), before the model loads; None
     for an unreadable image (loading skips it with a warning). A bucket too small for the model is refused."""
     from .limits import smallest_resolution
     from .models import read_model_configs
@@ -235,8 +362,7 @@ def image_buckets(config, paths: list) -> list[tuple[int, int]]:
     found = []
     for path in paths:
         try:
-            with open_image(path) as image:
-                (width, height), _ = upright_size(image)
+            width, height = image_facts(path).size
         except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
             found.append(None)
             continue

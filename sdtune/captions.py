@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import unicodedata
+import warnings
 from pathlib import Path
 
 from .errors import SdtuneError
@@ -37,40 +39,63 @@ def read_captions(images: list[Path]) -> list[str | None]:
         if beside is not None:
             captions.append(_read_caption_file(beside))
         else:
-            captions.append(metadata[folder].get(image.name))
+            captions.append(metadata[folder].get(same_name(image.name)))
     return captions
+
+
+def same_name(name: str) -> str:
+    """A file name as names are compared: in Unicode's composed form (NFC). macOS writes names decomposed (NFD: `é` as
+    `e` and a combining accent) where Linux and Windows keep them as typed (mostly NFC), so `café.txt` saved on a Mac
+    beside `café.jpg` saved on Linux differ byte for byte, and are one name to their user."""
+    return unicodedata.normalize("NFC", name)
 
 
 def caption_file(image: Path, listed: dict[Path, dict] | None = None) -> Path | None:
     """The caption file beside an image: `STEM.txt`, else `STEM.caption`, the extension in any case (a camera's
-    `IMG_1.JPG` with `IMG_1.TXT`; the lower-case name first where both are there); None without one. `listed`
-    keeps each folder's caption files between calls, so a folder of many images is listed once."""
+    `IMG_1.JPG` with `IMG_1.TXT`; the lower-case name first where both are there), the stem compared in NFC
+    (`same_name`: one saved on macOS matches); None without one. `listed` keeps each folder's caption files between
+    calls, so a folder of many images is listed once."""
     listed = {} if listed is None else listed
     folder = image.parent
     if folder not in listed:
         listed[folder] = _caption_files(folder)
     for suffix in CAPTION_SUFFIXES:
-        found = listed[folder].get((image.stem, suffix))
-        if found is not None:
-            return found
+        found = listed[folder].get((same_name(image.stem), suffix))
+        if found:  # where several names are one in NFC (named in a warning), the image's own spelling first
+            return next((path for path in found if path.stem == image.stem), found[0])
     return None
 
 
-def _caption_files(folder: Path) -> dict[tuple[str, str], Path]:
-    """(stem, lower-case extension) → path of each caption file in `folder`."""
+def _caption_files(folder: Path) -> dict[tuple[str, str], list[Path]]:
+    """(stem in NFC, lower-case extension) → the caption files of `folder` of that stem and extension: the lower-case
+    extension's first. Files whose names differ only in their Unicode form are named in a warning."""
     try:
         entries = sorted(folder.iterdir())
     except OSError:  # an unreadable folder is named where its images are listed
         return {}
-    found: dict[tuple[str, str], Path] = {}
+    found: dict[tuple[str, str], list[Path]] = {}
     for path in entries:
         suffix = path.suffix.lower()
         if suffix in CAPTION_SUFFIXES and path.is_file():
-            if path.suffix == suffix:  # the lower-case name wins
-                found[(path.stem, suffix)] = path
-            else:
-                found.setdefault((path.stem, suffix), path)
+            found.setdefault((same_name(path.stem), suffix), []).append(path)
+    for paths in found.values():
+        paths.sort(key=lambda path: path.suffix != path.suffix.lower())  # the lower-case name wins, as before
+    warn_same_names([path.name for paths in found.values() for path in paths], f"caption files in {folder}")
     return found
+
+
+def warn_same_names(names: list[str], what: str) -> None:
+    """One warning naming the `names` that are one name in NFC (`same_name`) but differ byte for byte: one saved on
+    macOS, one elsewhere; only one of them is read."""
+    spelled: dict[str, set[str]] = {}
+    for name in names:
+        spelled.setdefault(same_name(name), set()).add(name)
+    clashes = sorted(same for same, spellings in spelled.items() if len(spellings) > 1)
+    if clashes:
+        shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+        warnings.warn(f"{what}: {shown} {'is' if len(clashes) == 1 else 'are'} there twice, spelled in two Unicode forms "
+                      "(one saved on macOS, which decomposes accents): only one of each is read; remove the other",
+                      stacklevel=3)
 
 
 def read_utf8(path: Path, what: str = "") -> str:
@@ -139,15 +164,18 @@ def metadata_rows(path: Path, lines: list[str]):
 
 
 def _read_metadata(path: Path) -> dict[str, str | None]:
-    """file name → caption from a concept folder's metadata.jsonl (none: an empty map)."""
+    """file name (in NFC: `same_name`) → caption from a concept folder's metadata.jsonl (none: an empty map)."""
     if not path.is_file():
         return {}
     captions: dict[str, str | None] = {}
+    names = []
     for number, row in metadata_rows(path, read_utf8(path).splitlines()):
         text = row.get("text")
         if text is not None and (not isinstance(text, str) or not text.strip()):
             raise SdtuneError(f"{path} line {number}: \"text\" must be a caption (non-empty text), got {text!r}")
-        captions[Path(row["file_name"]).name] = " ".join(text.split()) if text else None
+        names.append(Path(row["file_name"]).name)
+        captions[same_name(names[-1])] = " ".join(text.split()) if text else None
+    warn_same_names(names, f"{path}'s \"file_name\"s")
     return captions
 
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .buckets import heif_opener, nearest_bucket, open_image, quiet_pil, refuse_bomb, upright_size
-from .captions import decode_text
-from .colour import colour_profile, in_srgb
+from . import colour
+from .buckets import heif_opener, image_facts, nearest_bucket, open_image, png_tail, quiet_pil, upright_size
+from .captions import decode_text, same_name
+from .colour import cmyk_to_rgb, colour_profile, in_srgb
 from .errors import SdtuneError, reading_file
 from .fileio import counted
 
@@ -266,29 +267,22 @@ def is_image_name(path: Path) -> bool:
 
 def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
     """The images whose header PIL reads, within its decompression-bomb limit, and that are not cut short
-    (`cut_short`: a JPEG without its end). The other files are skipped with one warning naming
-    them (the first few, with why; `what` names their kind). Nothing is decoded here but PNGs (PIL decodes one to
-    find an EXIF chunk after its pixels): an image damaged further in is found, and skipped, when it is decoded."""
-    from PIL import Image
-
-    heif_opener()  # HEIC/HEIF photos, where pillow-heif is installed
+    (`cut_short`: a JPEG without its end, a PNG that ends inside a chunk). The other files are skipped with one warning
+    naming them (the first few, with why; `what` names their kind). Nothing is decoded here (`buckets.image_facts`,
+    kept for the rest of the start): an image damaged further in is found, and skipped, when it is decoded."""
     readable, skipped, odd = [], [], []
     for path in paths:
         try:
-            with warnings.catch_warnings(record=True) as said:
-                warnings.simplefilter("always")
-                with Image.open(path) as image:  # reads the header alone
-                    refuse_bomb(image, said)  # over PIL's decompression-bomb limit, as open_image refuses it
-                    image.getexif()  # and its EXIF block, which PIL warns of when it is corrupt
-                    short = cut_short(path, image.format)
+            facts = image_facts(path)
         except Exception as error:  # PIL raises many kinds for files that are not images
             skipped.append((path, unreadable_because(path, error)))
-        else:
-            if short:
-                skipped.append((path, short))
-                continue
-            readable.append(path)
-            odd += [f"{path.name} ({' '.join(first_line(w.message).split())})" for w in said if issubclass(w.category, UserWarning)][:1]
+            continue
+        if facts.cut:
+            skipped.append((path, facts.cut))
+            continue
+        readable.append(path)
+        if facts.odd is not None:
+            odd.append(f"{path.name} ({facts.odd})")
     if odd:
         warnings.warn(f"PIL finds odd data in {listed(odd)}: read as far as it can, an EXIF orientation it cannot read "
                       "not applied", stacklevel=2)
@@ -307,12 +301,14 @@ JPEG_END = b"\xff\xd9"  # EOI; in the entropy-coded data an FF byte is followed 
 
 
 def cut_short(path: Path, image_format: str | None) -> str | None:
-    """Why a JPEG whose header reads ends before its image does (a copy or download interrupted), or None; found
-    from its bytes, without decoding: no end-of-image marker after its first scan starts. It is looked for in the
-    last few KB, then, where something follows the image (a phone's motion photo carries its video there), from
-    the first scan on. Only JPEGs: PIL decodes a PNG whole where its EXIF is asked for (an eXIf chunk may follow
-    the pixels), and parses a WebP whole as it opens, so those are found cut by their header already; other
-    formats fail as they are decoded."""
+    """Why a JPEG or PNG whose header reads ends before its image does (a copy or download interrupted), or None;
+    found from its bytes, without decoding. A JPEG: no end-of-image marker after its first scan starts, looked for in
+    the last few KB, then, where something follows the image (a phone's motion photo carries its video there), from
+    the first scan on. A PNG: its chunks, walked by their lengths, end inside one (`buckets.png_tail`).
+    PIL parses a WebP whole as it opens, so one cut is found by its header already; other formats fail as they are
+    decoded."""
+    if image_format == "PNG":
+        return png_tail(path)[1]
     if image_format not in ("JPEG", "MPO"):
         return None
     with open(path, "rb") as handle:
@@ -352,20 +348,33 @@ def _jpeg_scan_start(handle) -> int | None:
         handle.seek(length - 2, os.SEEK_CUR)
 
 
+ENDS_BYTES = 65536  # files of one size are told apart by their first and last bytes before the whole is read
+
+
 def duplicate_images(paths: list[Path]) -> list[list[Path]]:
     """Groups of files with the same bytes (a copy, or a link to another of the files), each in the order
-    given; only files of the same size are read."""
+    given; only files of the same size are read, and of those, whole only where their first and last bytes agree
+    (exported photos of one size are common, copies rare)."""
     import hashlib
+
+    def same_ends(path: Path, size: int) -> bytes:
+        with open(path, "rb") as handle:
+            start = handle.read(ENDS_BYTES)
+            handle.seek(max(0, size - ENDS_BYTES))
+            return start + handle.read(ENDS_BYTES)
 
     by_size: dict[int, list[Path]] = {}
     for path in paths:
         with contextlib.suppress(OSError):  # an unreadable file is named where it is read
             by_size.setdefault(path.stat().st_size, []).append(path)
-    groups: dict[tuple[int, str], list[Path]] = {}
+    candidates: dict[tuple[int, bytes], list[Path]] = {}
     for size, same_size in by_size.items():
-        if len(same_size) < 2:
-            continue
-        for path in same_size:
+        for path in same_size if len(same_size) > 1 else ():
+            with contextlib.suppress(OSError):
+                candidates.setdefault((size, hashlib.sha256(same_ends(path, size)).digest()), []).append(path)
+    groups: dict[tuple[int, str], list[Path]] = {}
+    for (size, _), same_ends_paths in candidates.items():
+        for path in same_ends_paths if len(same_ends_paths) > 1 else ():
             with contextlib.suppress(OSError), open(path, "rb") as handle:
                 groups.setdefault((size, hashlib.file_digest(handle, "sha256").hexdigest()), []).append(path)
     order = {path: index for index, path in enumerate(paths)}
@@ -381,11 +390,28 @@ def same_names(paths: list[Path]) -> list[list[Path]]:
     return [group for group in groups.values() if len({p.suffix.lower() for p in group}) > 1]
 
 
+def spelled_twice(paths: list[Path]) -> list[list[Path]]:
+    """Groups of images of one folder whose names are one in Unicode's composed form (`captions.same_name`) but differ
+    byte for byte (`café.jpg` saved on a Mac, decomposed, beside one saved elsewhere), in the order given."""
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for path in paths:
+        groups.setdefault((path.parent, same_name(path.name)), []).append(path)
+    return [group for group in groups.values() if len({p.name for p in group}) > 1]
+
+
 def warn_duplicates(paths: list[Path]) -> None:
-    """One warning naming the images that are the same file twice or more: each copy is drawn as another image; and
-    one naming those of one name with several extensions (likely one photo, converted), but where they are copies."""
+    """One warning naming the images that are the same file twice or more: each copy is drawn as another image; one
+    naming those of one name with several extensions (likely one photo, converted), and one naming those whose names
+    are one in NFC (`spelled_twice`), but where they are copies."""
     groups = duplicate_images(paths)
     copies = {path for group in groups for path in group}
+    spelled = [group for group in spelled_twice(paths) if not set(group) <= copies]
+    if spelled:
+        shown = "; ".join(", ".join(ascii(path.name) for path in group) for group in spelled[:SKIPPED_SHOWN])
+        more = f"; and {len(spelled) - SKIPPED_SHOWN} more" if len(spelled) > SKIPPED_SHOWN else ""
+        warnings.warn(f"images whose names differ only in their Unicode form: {shown}{more}; one was likely saved on a Mac, "
+                      "which decomposes accents: each is trained as another image, with the same caption; remove one of each",
+                      stacklevel=2)
     named = [group for group in same_names(paths) if not set(group) <= copies]
     if named:
         shown = "; ".join(", ".join(path.name for path in group) for group in named[:SKIPPED_SHOWN])
@@ -410,8 +436,7 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
         if frame_size is None:
             continue
         try:
-            with open_image(path) as image:
-                (width, height), _ = upright_size(image)
+            width, height = image_facts(path).size
         except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
             continue
         ratio, frame_ratio = width / height, frame_size[0] / frame_size[1]
@@ -459,8 +484,11 @@ def damaged_image(path: str | Path) -> str | None:
     return None
 
 
-def to_rgb(image):
-    """Any PIL image as 8-bit RGB; transparency is composited on white; colours in sRGB (`in_srgb`).
+def to_rgb(image, plain_cmyk: bool | None = None):
+    """Any PIL image as 8-bit RGB; transparency is composited on white; colours in sRGB (`in_srgb`; CMYK by its
+    profile, `colour.cmyk_to_rgb`). `plain_cmyk`: whether the image is a CMYK JPEG PIL read inverted
+    (`colour.plain_cmyk`), told by the caller where the image is no longer the opened file (turned upright); None:
+    told from the image.
 
     16-bit greyscale (a 16-bit PNG or TIFF, and 32-bit integers within 0..65535) keeps its tones: 65535 is
     white. Floats within 0..1 are scaled by 255. Other integer or float images, whose white is unknown,
@@ -469,6 +497,8 @@ def to_rgb(image):
     from PIL import Image
 
     profile = colour_profile(image)  # compositing below makes a new image, without it
+    if image.mode == "CMYK":
+        return cmyk_to_rgb(image, profile, colour.plain_cmyk(image) if plain_cmyk is None else plain_cmyk)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         low, high = float(array.min()), float(array.max())
@@ -536,10 +566,11 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # a JPEG that draft left large
             raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds limit of "
                                                f"{Image.MAX_IMAGE_PIXELS} pixels even decoded at a fraction of its size")
+        plain_cmyk = colour.plain_cmyk(image)  # told by the file's format, which the upright copy has not
         with quiet_pil():  # a corrupt EXIF block was named once, by readable_images
             image = ImageOps.exif_transpose(image)
         mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel
-        image = to_rgb(image)
+        image = to_rgb(image, plain_cmyk)
     size = sizes[0]
     if warn_upscaled and max(size[0] / width, size[1] / height) > 1:
         kept.upscaled.append((path.name, (width, height), size))

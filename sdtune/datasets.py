@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from .captions import METADATA_FILE, caption_file, caption_text, metadata_rows, read_utf8
+from .captions import METADATA_FILE, caption_file, caption_text, metadata_rows, read_utf8, same_name, warn_same_names
 from .data import is_image_name, list_images, read_prompt_file
 from .errors import SdtuneError
 
@@ -447,6 +447,16 @@ def _beside_caption(image: Path, listed: dict) -> str | None:
     return (caption_text(found) or None) if found is not None else None
 
 
+def _spelled_otherwise(image: Path) -> Path:
+    """The file of `image`'s folder whose name is `image`'s in NFC (`captions.same_name`: a metadata.jsonl written on
+    Linux naming a photo copied from a Mac, or the other way round), else `image` itself."""
+    wanted = same_name(image.name)
+    try:
+        return next((path for path in sorted(image.parent.iterdir()) if same_name(path.name) == wanted), image)
+    except OSError:  # no such folder: the image is not found
+        return image
+
+
 def _folder_labels(folders: list[str], class_names: list[str], root: Path, name: str) -> list[int]:
     probe = LabelledDataset(name, class_names, "", [])
     labels = []
@@ -469,10 +479,14 @@ def _read_metadata(root: Path, template: str, name: str, class_names: list[str] 
     """
     path = root / METADATA_FILE
     rows = []
+    names = []
     for number, row in metadata_rows(path, read_utf8(path).splitlines()):
         image = root / row["file_name"]
         if not image.is_file():
+            image = _spelled_otherwise(image)
+        if not image.is_file():
             raise SdtuneError(f"{path} line {number}: image not found: {image}")
+        names.append(row["file_name"])
         if "label" in row or "class" in row:
             class_key = row.get("label", row.get("class"))
         else:
@@ -481,6 +495,7 @@ def _read_metadata(root: Path, template: str, name: str, class_names: list[str] 
         rows.append((image, row.get("text"), class_key))
     if not rows:
         raise SdtuneError(f"{path} lists no images")
+    warn_same_names(names, f"{path}'s \"file_name\"s")
     keys = [key for _, _, key in rows]
     if class_names:
         names = list(class_names)

@@ -16,7 +16,7 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
   activations where the backward runs through them (trained, or training new token rows), the batch with its
   class examples; apart from those, as they are never alive together: the VAE encoding one image, with its live
   full-resolution maps) against the memory of the device the run uses (the GPU, else the machine's RAM), and what stays
-  in RAM either way (the training and class images, the fp32 VAE decoder fp16 training keeps for overflowing
+  in RAM either way (the training and class images, at their buckets' sizes and as often as buckets frame them, the fp32 VAE decoder fp16 training keeps for overflowing
   decodes, the images sampling keeps for its grid) against
   the RAM. The bound is never above what the run needs, so a refusal is certain; a run that passes
   may still run out;
@@ -397,9 +397,12 @@ class RunSizes:
     held_in_ram: tuple[str, ...] = ()  # what host_bytes holds
 
 
-def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -> RunSizes:
+def check_run_fits(config, method, image_count: int = 0, class_count: int = 0, image_frames: list | None = None,
+                   class_frames: dict | None = None) -> RunSizes:
     """`sdtune train`'s sizes against the model and the machine (`config` resolved; `image_count` training and
-    `class_count` class images, `prior.class_image_count`); what it found."""
+    `class_count` class examples); what it found. `image_frames`: the (width, height) each training image is held at
+    (its bucket's); `class_frames`: how many class examples are held at each (width, height) (`prior.class_frames`);
+    without them, the resolution square."""
     from .models import read_model_configs
 
     configs = read_model_configs(config.model)
@@ -485,12 +488,17 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
         on_device.append((f"{asked} with --batch-size {config.batch_size:,}",
                           f"the text encoders' activations kept for backward ({examples:,} prompts of {tokens} tokens)",
                           examples * per_prompt))
-    on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", image_count * pixels)]
+    image_area = sum(w * h for w, h in image_frames) if image_frames is not None else image_count * resolution * resolution
+    class_area = sum(w * h * n for (w, h), n in class_frames.items()) if class_frames is not None else class_count * resolution * resolution
+    on_host = [(f"--resolution {resolution} with {image_count} training images", "the training images", 3 * 4 * image_area)]
     if config.masked_loss:  # 8-bit, one a pixel
-        on_host.append(("--masked-loss", "the training images' masks", image_count * resolution * resolution))
+        on_host.append(("--masked-loss", "the training images' masks", image_area))
     if class_count:
         asked = f"--num-class-images {config.num_class_images:,}" if config.num_class_images else f"--class-images {config.class_images}"
-        on_host.append((asked, f"{class_count:,} class images", class_count * pixels))
+        # with buckets a class image is framed into each bucket that draws on it: once, several times or not at all
+        framed = f"{class_count:,} class examples (class images framed into the buckets that draw on them)"
+        on_host.append((f"{asked} with --buckets" if config.buckets else asked,
+                        framed if config.buckets else f"{class_count:,} class images", 3 * 4 * class_area))
     if config.mixed_precision == "fp16" and not config.no_half_vae:  # `precision.place_frozen_models`
         on_host.append(("--mixed-precision fp16", "the VAE decoder's fp32 weights (for overflowing fp16 decodes)",
                         decoder_parameters * 4))

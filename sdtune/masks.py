@@ -18,23 +18,44 @@ an all-white mask gives the unmasked loss. Class images (prior preservation) hav
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+from .buckets import ALPHA_MODES
+from .captions import same_name, warn_same_names
 from .data import MASK_FOLDER, image_extensions
 from .errors import SdtuneError
 
 MASK_SOURCES = ("files", "alpha")
-ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
-def mask_file(image: Path) -> Path | None:
-    """The mask file of a concept image: `masks/STEM.*` beside it (a PNG first), or None."""
+def mask_file(image: Path, listed: dict[Path, dict] | None = None) -> Path | None:
+    """The mask file of a concept image: `masks/STEM.*` beside it (a PNG first; the extension in any case, the
+    lower-case one first), the stem compared in NFC (`captions.same_name`: a mask saved on macOS matches), or None.
+    `listed` keeps each masks folder's files between calls, so a folder of many masks is listed once."""
+    listed = {} if listed is None else listed
     folder = image.parent / MASK_FOLDER
-    for extension in [".png", *sorted(image_extensions() - {".png"})]:
-        for candidate in (folder / (image.stem + extension), folder / (image.stem + extension.upper())):
-            if candidate.is_file():
-                return candidate
-    return None
+    if folder not in listed:
+        listed[folder] = _mask_files(folder)
+    found = listed[folder].get(same_name(image.stem), [])
+    order = [".png", *sorted(image_extensions() - {".png"})]
+    # where several names are one in NFC (named in a warning), the image's own spelling first
+    found = sorted(found, key=lambda path: (order.index(path.suffix.lower()), path.suffix != path.suffix.lower(), path.stem != image.stem))
+    return next((path for path in found if path.is_file()), None)
+
+
+def _mask_files(folder: Path) -> dict[str, list[Path]]:
+    """Stem in NFC → the image files of that stem in a masks folder (empty where there is none)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # no masks folder: every image lacks its mask, which check_masks names
+        return {}
+    found: dict[str, list[Path]] = {}
+    for path in entries:
+        if path.suffix.lower() in image_extensions() and not path.name.startswith("."):
+            found.setdefault(same_name(path.stem), []).append(path)
+    warn_same_names([path.stem for paths in found.values() for path in paths], f"masks in {folder}")
+    return found
 
 
 def has_alpha(image) -> bool:
@@ -50,7 +71,9 @@ def upright_mask(path: Path, upright_image, source: str):
 
     if source == "alpha":
         return upright_image.convert("RGBA").getchannel("A")
-    mask_path = mask_file(path)
+    with warnings.catch_warnings():  # names spelled twice were named as the run was planned (check_masks)
+        warnings.simplefilter("ignore")
+        mask_path = mask_file(path)
     if mask_path is None:  # checked before the model loads; the folder may have changed since
         raise SdtuneError(f"--masked-loss: {path.name} has no mask {MASK_FOLDER}/{path.stem}.png beside it")
     with open_image(mask_path) as mask, quiet_pil():
@@ -77,23 +100,22 @@ def same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
 def check_masks(paths: list[Path], source: str) -> None:
     """Before the model loads: every concept image has a mask of its own aspect ratio (of any size: it is resized
     to its image's) that is not black everywhere."""
-    from .buckets import open_image, upright_size
+    from .buckets import image_facts, open_image, upright_size
 
-    lacking, problems = [], []
+    lacking, problems, listed = [], [], {}
     for path in paths:
         try:
-            with open_image(path) as image:
-                size, _ = upright_size(image)
-                alpha = has_alpha(image)
+            facts = image_facts(path)
         except Exception:  # PIL raises many kinds for unreadable files; loading skips them with a warning
             continue
+        size = facts.size
         if source == "alpha":
-            if not alpha:
+            if not facts.alpha:
                 lacking.append(path.name)
                 continue
             mask_path, describe = path, f"the alpha channel of {path.name}"
         else:
-            mask_path = mask_file(path)
+            mask_path = mask_file(path, listed)
             if mask_path is None:
                 lacking.append(path.name)
                 continue

@@ -60,6 +60,29 @@ def class_image_count(config) -> int:
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
+def class_frames(config, resolution: int, instance_buckets: list) -> dict[tuple[int, int], int]:
+    """How many class examples a run with prior preservation holds in RAM at each (width, height), found before the
+    model loads. Without buckets each class image once, at `resolution` square. With buckets (`instance_buckets`: the
+    concept images' buckets, `buckets.image_buckets`) each class image is framed into every bucket whose pool holds it
+    (`bucketed_class_images`): into several where the concept images' buckets have fewer than a batch of class images
+    of their own shape, into none where no bucket draws on its shape. Generated class images are drawn square."""
+    count = class_image_count(config)  # 0 without prior preservation
+    if not config.buckets or not count:
+        return {(resolution, resolution): count} if count else {}
+    from .buckets import bucket_sizes, class_pools, image_facts, nearest_bucket
+
+    if not config.class_images:  # drawn square before the loop, as many as asked: every bucket's pool holds them all
+        return {size: count for size in sorted({size for size in instance_buckets if size is not None})}
+    from .data import list_images, readable_images
+
+    with warnings.catch_warnings():  # named by class_image_count
+        warnings.simplefilter("ignore")
+        paths = readable_images(list_images(config.class_images), "class image")[:count]
+    sizes = bucket_sizes(resolution)
+    own = [nearest_bucket(*image_facts(path).size, sizes) for path in paths]
+    return {size: len(pool) for size, pool in class_pools(instance_buckets, own, config.batch_size).items() if pool}
+
+
 def check_class_images_record(folder: Path, prompt: str, reading=None) -> str:
     """What a folder of generated class images records they were drawn for (the prompt, and the way it is read where
     that is not the pipeline's own); refused where the folder records another (checked before the model loads, and
@@ -150,7 +173,7 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
     """
     from PIL import Image, UnidentifiedImageError
 
-    from .buckets import bucket_sizes, class_pools, nearest_bucket, open_image, upright_size
+    from .buckets import bucket_sizes, class_pools, image_facts, nearest_bucket
     from .data import LoadNotes, listed, load_framed_sizes, unreadable_because
 
     sizes = bucket_sizes(resolution)
@@ -158,8 +181,7 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
     problems: dict[int, str] = {}
     for index, path in enumerate(paths):
         try:
-            with open_image(path) as image:
-                own.append(nearest_bucket(*upright_size(image)[0], sizes))
+            own.append(nearest_bucket(*image_facts(path).size, sizes))
         except Exception as error:  # PIL raises many kinds for unreadable files
             own.append(None)
             problems[index] = unreadable_because(path, error)

@@ -178,26 +178,35 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         raise SdtuneError(f"--train-text-encoder: method {method.name!r} cannot train the text encoder; {', '.join(able)} can")
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
+    from .buckets import forget_image_facts
+
+    forget_image_facts()  # each image's header is read once from here on, kept for the checks that follow
     inputs = read_inputs(config)  # bad input fails before the model loads
     if config.masked_loss:
         from .masks import check_masks
 
         check_masks(inputs.image_paths, config.mask_source)
-    from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_image_count
+    from .limits import check_resolution
+    from .models import read_model_configs
+    from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_frames
 
-    sizes = check_run_fits(config, method, len(inputs.image_paths), class_image_count(config))  # and sizes the model or the machine cannot take
-    if config.with_prior_preservation and not config.class_images:  # images drawn before, for another prompt or reading
-        check_class_images_record(Path(config.output) / CLASS_IMAGES_FOLDER, config.class_prompt, config.prompt_reading)
-    if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
-        from .token_embeddings import check_tokenizers, load_tokenizers
-
-        check_tokenizers(config, load_tokenizers(config.model))
+    resolution = check_resolution(config.model, read_model_configs(config.model), config.resolution)
     buckets = []
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
         buckets = image_buckets(config, inputs.image_paths)
         check_buckets(buckets, config.batch_size, [p.name for p in inputs.image_paths])
+    # what training holds in RAM: each image framed at its bucket's size (or the resolution), the class images as framed
+    frames = [size for size in buckets if size is not None] if config.buckets else None
+    classes = class_frames(config, resolution, buckets)
+    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes)  # and sizes the model or the machine cannot take
+    if config.with_prior_preservation and not config.class_images:  # images drawn before, for another prompt or reading
+        check_class_images_record(Path(config.output) / CLASS_IMAGES_FOLDER, config.class_prompt, config.prompt_reading)
+    if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
+        from .token_embeddings import check_tokenizers, load_tokenizers
+
+        check_tokenizers(config, load_tokenizers(config.model))
     if inputs.labelled is None:
         from .data import warn_cropped_away
 

@@ -96,3 +96,35 @@ def icc_profile(name: str, red, green, blue) -> bytes:
 # the primaries of Apple's Display P3 (an iPhone's photos) and of sRGB, D50-adapted, as their ICC profiles give them
 DISPLAY_P3 = ((0.51512, 0.24120, -0.00105), (0.29198, 0.69225, 0.04189), (0.15710, 0.06657, 0.78407))
 SRGB = ((0.43607, 0.22249, 0.01392), (0.38515, 0.71687, 0.09708), (0.14307, 0.06061, 0.71410))
+
+
+def cmyk_profile(name: str, lab_of) -> bytes:
+    """A CMYK output ICC profile (v2, printer class, CMYK to Lab) of one A2B0 table (lut16Type) over the 16 corners of
+    the CMYK cube: `lab_of(c, m, y, k)` (each 0 or 1) gives each corner's Lab; lcms interpolates between them. What a
+    print file's JPEG embeds (ImageCms builds only sRGB, Lab and XYZ profiles)."""
+    import itertools
+    import struct
+
+    def fixed(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def lab16(lightness: float, a: float, b: float) -> bytes:  # version 2's 16-bit Lab: L 0..100 on 0..0xFF00, a and b + 128
+        return struct.pack(">3H", round(lightness * 0xFF00 / 100), round((a + 128) * 256), round((b + 128) * 256))
+
+    grid = b"".join(lab16(*lab_of(*corner)) for corner in itertools.product((0, 1), repeat=4))  # C slowest, K fastest
+    identity = b"".join(fixed(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    ramp = struct.pack(">2H", 0, 65535)
+    lut = b"mft2" + bytes(4) + bytes([4, 3, 2, 0]) + identity + struct.pack(">HH", 2, 2) + ramp * 4 + grid + ramp * 3
+    text = name.encode() + b"\0"
+    description = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8 + 3 + 67)
+    white = b"XYZ " + bytes(4) + fixed(0.9642) + fixed(1.0) + fixed(0.8249)
+    tags = [(b"desc", description), (b"wtpt", white), (b"A2B0", lut), (b"cprt", b"text" + bytes(4) + b"none\0")]
+    start = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for signature, data in tags:
+        body += bytes(-(start + len(body)) % 4)
+        table += signature + struct.pack(">II", start + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", start + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"prtr" + b"CMYK" + b"Lab " + bytes(12)
+              + b"acsp" + bytes(24) + bytes(4) + fixed(0.9642) + fixed(1.0) + fixed(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body

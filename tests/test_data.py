@@ -418,6 +418,75 @@ def test_photos_in_display_p3_or_another_rgb_profile_are_converted_to_srgb(tmp_p
     assert alpha.getpixel((1, 8)) == (255, 255, 255)  # white stays white
 
 
+def test_a_heic_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp_path):
+    """A HEIC or AVIF may describe its colours by an nclx box (H.273 codes) instead of an ICC profile: Display P3's
+    primaries with sRGB's curve is read as Display P3 is, as pillow-heif hands it over (`info["nclx_profile"]`);
+    sRGB's own codes, or HDR curves (PQ), stay as they are."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    from helpers import DISPLAY_P3, icc_profile
+
+    from sdtune.colour import nclx_icc
+    from sdtune.data import load_framed
+
+    colour = np.array([180, 120, 90])
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    flat.save(tmp_path / "p3.png", icc_profile=icc_profile("Display P3", *DISPLAY_P3))
+    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))  # as its ICC profile converts it
+    assert np.abs(expected - colour).max() > 5
+    for name, (primaries, transfer), want in [("p3.heic", (12, 13), expected), ("srgb.heic", (1, 13), colour),
+                                              ("pq.heic", (9, 16), colour)]:
+        pillow_heif.from_pillow(flat).save(tmp_path / name, quality=-1, color_primaries=primaries, transfer_characteristics=transfer,
+                                           matrix_coefficients=6, full_range_flag=1)  # lossless
+        with Image.open(tmp_path / name) as image:
+            assert image.info["nclx_profile"]["color_primaries"] == primaries and "icc_profile" not in image.info
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((12, 8)))
+        assert np.abs(centre - want).max() <= 2, (name, centre)
+    # the primaries' codes alone (no coordinates) give the same profile's conversion
+    coded = nclx_icc((("color_primaries", 12), ("transfer_characteristics", 13)))
+    from sdtune.colour import in_srgb
+
+    assert np.abs(np.array(in_srgb(flat, coded).getpixel((1, 1))) - expected).max() <= 2
+    assert nclx_icc((("color_primaries", 1), ("transfer_characteristics", 13))) is None
+
+
+def test_cmyk_jpegs_are_converted_by_their_profile_and_their_polarity(tmp_path):
+    """A print file's CMYK JPEG is converted by its ICC profile (a press's cyan is no screen's), else by PIL's formula.
+    Adobe's software writes each CMYK value inverted and says so by its APP14 marker, as PIL assumes of every CMYK JPEG;
+    one without the marker holds its values as they are and is not read as a negative."""
+    import io
+
+    from helpers import cmyk_profile
+    from PIL import ImageChops, ImageCms
+
+    from sdtune.data import load_framed
+
+    def press(c, m, y, k):  # a press whose cyan is a deep blue
+        return (5, 0, 0) if k else (max(10, 100 - 45 * c - 40 * m - 10 * y), 70 * m - 20 * c - 10 * y, 80 * y - 60 * c - 40 * m)
+
+    profile = cmyk_profile("Test press", press)
+    ink = Image.new("CMYK", (40, 30), (230, 20, 0, 10))  # mostly cyan
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    by_profile = ImageCms.profileToProfile(ink, ImageCms.ImageCmsProfile(io.BytesIO(profile)), srgb, outputMode="RGB").getpixel((1, 1))
+    by_formula = ink.convert("RGB").getpixel((1, 1))
+    assert np.abs(np.array(by_profile) - by_formula).max() > 40
+    ink.save(tmp_path / "profiled.jpg", icc_profile=profile, quality=100)
+    ink.save(tmp_path / "adobe.jpg", quality=100)  # PIL writes Adobe's APP14 marker and inverted values, as Photoshop does
+
+    def without_app14(data: bytes) -> bytes:
+        start = data.index(b"\xff\xee")
+        return data[:start] + data[start + 2 + int.from_bytes(data[start + 2 : start + 4], "big") :]
+
+    buffer = io.BytesIO()
+    ImageChops.invert(ink).save(buffer, format="JPEG", quality=100)  # PIL inverts as it writes: the values as they are
+    (tmp_path / "plain.jpg").write_bytes(without_app14(buffer.getvalue()))
+    with Image.open(tmp_path / "plain.jpg") as plain, Image.open(tmp_path / "adobe.jpg") as adobe:
+        assert "adobe" not in plain.info and adobe.info["adobe"]
+        assert np.abs(np.array(plain.getpixel((1, 1))) - (25, 235, 255, 245)).max() <= 3  # PIL's reading: a negative
+    for name, want in [("profiled.jpg", by_profile), ("adobe.jpg", by_formula), ("plain.jpg", by_formula)]:
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((8, 8)))
+        assert np.abs(centre - want).max() <= 3, (name, centre, want)
+
+
 def test_a_cameras_adobe_rgb_jpeg_without_a_profile_is_converted_by_its_exif(tmp_path):
     """A camera set to Adobe RGB embeds no ICC profile: its EXIF says "uncalibrated" and DCF's interoperability
     index R03 (the Adobe RGB option file). sdtune reads it as Adobe RGB; EXIF's sRGB, or uncalibrated alone, not."""

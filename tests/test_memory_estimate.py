@@ -9,6 +9,7 @@ from torch import nn
 
 from sdtune import methods
 from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
 from sdtune import limits
 from sdtune.limits import text_encoder_backward_bytes
 from sdtune.methods.base import DeltaLayer
@@ -200,6 +201,42 @@ def test_prior_preservation_holds_a_class_example_per_concept_example_and_every_
     assert prior.step_bytes - plain.step_bytes == prior.encoding_bytes - plain.encoding_bytes == 2 * image  # their pixels
     fewer = plan_run(config(tmp_path / "fewer", batch_size=2, class_images=str(classes), class_prompt="a castle", num_class_images=3)).sizes
     assert fewer.host_bytes - plain.host_bytes == 3 * image
+
+
+def test_bucketed_class_images_are_counted_as_often_as_they_are_framed(tmp_path, tiny_path):
+    """With --buckets each class image is framed into every bucket that draws on it (prior.bucketed_class_images):
+    square class images serve the square bucket and, having no wide one beside them, the wide bucket too, so RAM holds
+    them twice; and each image is held at its bucket's size, which holds at most the resolution squared."""
+    from PIL import Image
+
+    from sdtune.buckets import bucket_sizes, nearest_bucket
+    from sdtune.prior import bucketed_class_images
+    from sdtune.training import plan_run
+
+    photos, classes = tmp_path / "photos", tmp_path / "classes"
+    photos.mkdir()
+    classes.mkdir()
+    for index in range(2):
+        Image.new("RGB", (64, 64), (index * 40, 0, 0)).save(photos / f"square-{index}.png")
+        Image.new("RGB", (128, 64), (index * 40, 0, 0)).save(photos / f"wide-{index}.png")
+    for index in range(5):
+        Image.new("RGB", (64, 64), (index * 40, 0, 0)).save(classes / f"{index}.png")
+    settings = dict(batch_size=2, buckets=True, images=str(photos))
+    plain = plan_run(config(tmp_path / "plain", **settings)).sizes
+    prior = plan_run(config(tmp_path / "prior", **settings, class_images=str(classes), class_prompt="a castle")).sizes
+    sizes = bucket_sizes(plain.resolution)
+    square, wide = nearest_bucket(64, 64, sizes), nearest_bucket(128, 64, sizes)
+    framed, _ = bucketed_class_images(sorted(classes.iterdir()), plain.resolution, [square, wide], 2)
+    assert sorted(example.image.size for example in framed) == sorted([square] * 5 + [wide] * 5)  # what training holds
+    area = 5 * (square[0] * square[1] + wide[0] * wide[1])
+    assert prior.host_bytes - plain.host_bytes == 3 * 4 * area  # float32 RGB, as the dataset holds them
+    assert plain.host_bytes == 3 * 4 * 2 * (square[0] * square[1] + wide[0] * wide[1])  # the training images at their buckets'
+    assert wide[0] * wide[1] < plain.resolution**2
+    assert any("10 class examples" in part for part in prior.held_in_ram)
+    drawn = plan_run(config(tmp_path / "drawn", **settings, class_prompt="a castle", num_class_images=3)).sizes
+    assert drawn.host_bytes - plain.host_bytes == 3 * 4 * 3 * (square[0] * square[1] + wide[0] * wide[1])  # drawn square
+    with pytest.raises(SdtuneError, match=r"--num-class-images 1,000,000,000,000 with --buckets .*needs more memory"):
+        plan_run(config(tmp_path / "huge", **settings, class_prompt="a castle", num_class_images=10**12))
 
 
 def test_the_vae_encoding_is_counted_apart_from_the_step_with_its_live_maps(tmp_path, tiny_path):

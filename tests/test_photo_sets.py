@@ -112,6 +112,75 @@ def test_a_phone_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     assert framed.original_size == (160, 90) and framed.image.size[0] < framed.image.size[1]
 
 
+def png_with_late_exif(path: Path, image, orientation: int) -> None:
+    """A PNG whose eXIf chunk follows its pixels, where Android's and exiftool's PNGs have it (PIL writes it before
+    them, where PIL reads it as the file opens)."""
+    import io
+    import struct
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    data, chunks, position = buffer.getvalue(), [], 8
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        chunks.append(data[position : position + 12 + length])
+        position += 12 + length
+    late = [chunk for chunk in chunks if chunk[4:8] == b"eXIf"]
+    rest = [chunk for chunk in chunks if chunk[4:8] != b"eXIf"]
+    assert len(late) == 1 and rest[-1][4:8] == b"IEND"
+    path.write_bytes(data[:8] + b"".join(rest[:-1]) + late[0] + rest[-1])
+
+
+def test_the_start_reads_each_photo_header_once_and_decodes_no_png(tmp_path, monkeypatch):
+    """Before the model loads, a run's checks (readable, buckets, crops, masks, class images) read each image's header
+    once (`buckets.image_facts`), and no PNG's pixels: PIL decodes a PNG whole to find an EXIF chunk after them; sdtune
+    walks its chunks instead, and turns a photo whose EXIF comes last upright all the same."""
+    import collections
+
+    from PIL import PngImagePlugin
+
+    from sdtune.buckets import image_facts
+    from sdtune.training import plan_run
+
+    paths = photo_set(tmp_path / "photos", counts=(2, 2, 2))
+    png_with_late_exif(tmp_path / "photos" / "turned.png", Image.new("RGB", (160, 90), "red"), 6)  # shown 90x160
+    (tmp_path / "photos" / "masks").mkdir()
+    for path in [*paths, tmp_path / "photos" / "turned.png"]:
+        with Image.open(path) as image:
+            Image.new("L", image.size if path.stem != "turned" else (90, 160), 255).save(tmp_path / "photos" / "masks" / path.name)
+    classes = photo_set(tmp_path / "classes", counts=(1, 2, 0), seed=1)
+    with Image.open(tmp_path / "photos" / "turned.png") as image:  # PIL finds the EXIF only once the pixels are decoded
+        assert "exif" not in image.info and image.getexif()[0x0112] == 6
+    opened, decoded = collections.Counter(), []
+    open_image, load = Image.open, PngImagePlugin.PngImageFile.load
+
+    def counted_open(path, *args, **kwargs):
+        opened[Path(path).relative_to(tmp_path).as_posix()] += 1
+        return open_image(path, *args, **kwargs)
+
+    def counted_load(image):
+        decoded.append(Path(image.filename).relative_to(tmp_path).as_posix())
+        return load(image)
+
+    monkeypatch.setattr(Image, "open", counted_open)
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counted_load)
+    plan = plan_run(TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), output=str(tmp_path / "run"), buckets=True,
+                                masked_loss=True, class_images=str(tmp_path / "classes"), class_prompt="a castle"))
+    names = [path.name for path in plan.inputs.image_paths]
+    assert sorted(names) == sorted([path.name for path in paths] + ["turned.png"])
+    images = {path: count for path, count in opened.items() if not path.startswith("photos/masks/")}
+    assert images == {**{f"photos/{name}": 1 for name in names}, **{f"classes/{path.name}": 1 for path in classes}}  # once each
+    assert decoded and all(path.startswith("photos/masks/") for path in decoded), decoded  # the masks, for their black check
+    assert image_facts(tmp_path / "photos" / "turned.png").size == (90, 160)
+    assert plan.buckets[names.index("turned.png")] == nearest_bucket(90, 160, bucket_sizes(64))  # a portrait's
+    monkeypatch.undo()
+    from sdtune.data import load_framed
+
+    assert load_framed(tmp_path / "photos" / "turned.png", 64, bucket_sizes(64)).original_size == (160, 90)  # as decoded
+
+
 def test_bucket_batches_come_from_one_bucket_and_repeat_exactly():
     bucket_of = [(48, 80)] * 3 + [(64, 64)] * 4 + [(96, 40)] * 2
     sampler = BucketBatchSampler(bucket_of, batch_size=2)
@@ -164,9 +233,9 @@ def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
 
 
 def test_jpegs_cut_short_are_left_out_before_the_model_loads_and_motion_photos_kept(tmp_path):
-    """An interrupted copy leaves a JPEG without its end marker; found from its bytes, without decoding, and named
-    with the files that are no images (as a PNG cut short is: PIL decodes a PNG to find its EXIF). A phone's motion
-    photo (its video after the JPEG's end) and a JPEG whose EXIF thumbnail has an end marker of its own are told apart."""
+    """An interrupted copy leaves a JPEG without its end marker, a PNG without its last chunks; found from their bytes,
+    without decoding, and named with the files that are no images. A phone's motion photo (its video after the JPEG's
+    end) and a JPEG whose EXIF thumbnail has an end marker of its own are told apart."""
     from sdtune.data import cut_short, readable_images
     from sdtune.training import plan_run
 
@@ -182,10 +251,12 @@ def test_jpegs_cut_short_are_left_out_before_the_model_loads_and_motion_photos_k
     (folder / "PXL_0004.MP.jpg").write_bytes(jpeg + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40)  # motion photo
     (folder / "IMG_0005.jpg").write_bytes(jpeg + bytes(5000))  # zeros after the end, as some cameras pad
     cut_bmp(folder / "IMG_0006.bmp")  # other formats: found as they are decoded
-    assert cut_short(folder / "IMG_0001.jpg", "JPEG") and cut_short(folder / "IMG_0003.png", "PNG") is None
+    assert cut_short(folder / "IMG_0001.jpg", "JPEG") and cut_short(folder / "IMG_0003.png", "PNG")
+    assert cut_short(tmp_path / "whole.png", "PNG") is None
     with pytest.warns(UserWarning, match=r"skipping 3 files that are not readable images: .*IMG_0001.jpg \(cut short: no "
                                          r"end-of-image marker \(FF D9\) after its data, as a copy or download that stopped "
-                                         r"leaves it\); .*IMG_0002.jpg \(cut short: .*\); .*IMG_0003.png \(image file is truncated\)$"):
+                                         r"leaves it\); .*IMG_0002.jpg \(cut short: .*\); .*IMG_0003.png \(cut short: it ends "
+                                         r"inside a chunk, as a copy or download that stopped leaves it\)$"):
         lines = plan_run(TrainConfig(model="tiny-random", images=str(folder), output=str(tmp_path / "run"))).summary()
     assert lines[1].startswith("6 training images of castle")
     kept = [path.name for path in readable_images([folder / "PXL_0004.MP.jpg", folder / "IMG_0005.jpg"])]
@@ -454,6 +525,46 @@ def test_utf16_caption_and_metadata_files_with_their_byte_order_mark_are_read(tm
     row = json.dumps({"file_name": "square-0.png", "text": "a <castle> from above"})
     (tmp_path / "metadata.jsonl").write_bytes(f"{row}\r\n".encode("utf-16"))
     assert read_captions(paths) == ["a <castle> at dusk, café", "the <castle>, 城", "a <castle> from above"]
+
+
+def test_captions_masks_and_metadata_named_on_a_mac_match_photos_named_elsewhere(tmp_path):
+    """macOS writes names decomposed (NFD), Linux and Windows as typed (NFC): `café.txt` from a Mac beside `café.jpg`
+    from Linux is one name to its user, and is matched so, as masks and metadata.jsonl's file names are. Two files
+    that are one name so are named in a warning, and the image's own spelling is read."""
+    import unicodedata
+
+    from sdtune.datasets import read_folder
+    from sdtune.masks import mask_file
+
+    def nfd(name: str) -> str:
+        return unicodedata.normalize("NFD", name)
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, name in enumerate(("café", nfd("crème"), "déjà")):
+        Image.new("RGB", (40, 30), (60 * index, 0, 0)).save(folder / f"{name}.png")
+    paths = sorted(folder.glob("*.png"))
+    (folder / f"{nfd('café')}.txt").write_text("a <castle> at the café")  # saved on a Mac
+    (folder / "crème.TXT").write_text("a <castle> in cream")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": nfd("déjà.png"), "text": "seen before"}) + "\n")
+    assert "café.png".encode() != nfd("café.png").encode()  # byte for byte, two names
+    by_name = dict(zip([unicodedata.normalize("NFC", path.stem) for path in paths], read_captions(paths)))
+    assert by_name == {"café": "a <castle> at the café", "crème": "a <castle> in cream", "déjà": "seen before"}
+    (folder / "masks").mkdir()
+    Image.new("L", (40, 30), 255).save(folder / "masks" / f"{nfd('café')}.png")
+    Image.new("L", (40, 30), 255).save(folder / "masks" / "crème.png")
+    assert [mask_file(path) for path in paths] == [folder / "masks" / f"{nfd('café')}.png", folder / "masks" / "crème.png", None]
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "crème.png", "text": "from Linux"}) + "\n")
+    assert [example.caption for example in read_folder(folder, "a photo").examples if "cr" in example.image.name] == ["from Linux"]
+    (folder / "café.txt").write_text("typed on Linux")  # now both spellings are there
+    with pytest.warns(UserWarning, match=r"caption files in .*photos: café.txt is there twice, spelled in two Unicode forms"):
+        assert read_captions([folder / "café.png"]) == ["typed on Linux"]
+    from sdtune.data import warn_duplicates
+
+    Image.new("RGB", (40, 30), "blue").save(folder / f"{nfd('café')}.png")  # another photo of one name
+    with pytest.warns(UserWarning, match=r"images whose names differ only in their Unicode form: 'cafe\\u0301.png', "
+                                         r"'caf\\xe9.png'; one was likely saved on a Mac"):
+        warn_duplicates(sorted(folder.glob("*.png"), key=lambda path: path.name.encode()))
 
 
 def test_caption_files_in_kohyas_conventions_and_any_case(tmp_path):

@@ -1,0 +1,104 @@
+"""How long a large photo folder takes before training starts: `sdtune train --dry-run`, and a real run to its
+first step, on a generated folder of PNGs (a screenshot or export folder) and large JPEGs (a camera's).
+
+    python benchmarks/photo_startup.py --pngs 300 --jpegs 50 [--folder /tmp/photos] [--repeats 2]
+
+The folder is generated once (kept, reused when it holds the images asked for). Each timing is a fresh
+`sdtune train` process (tiny-random model, one thread), so imports are counted too; the model-free
+`sdtune --help` start is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def photo(width: int, height: int, seed: int):
+    """A photo-like image: smooth gradients with mild noise (compresses as a photo does, not as noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = [127 + 100 * np.sin(x / rng.uniform(40, 200) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(40, 200)) for _ in range(3)]
+    pixels = np.stack(channels, -1) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def make_folder(folder: Path, pngs: int, jpegs: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base_png, base_jpeg = photo(1024, 768, 0), photo(4032, 3024, 1)
+    for index in range(pngs):
+        path = folder / f"shot-{index:04d}.png"
+        if not path.exists():  # shifted copies: same cost to decode, different bytes (no duplicate warning)
+            Image.fromarray(np.roll(np.asarray(base_png), index, axis=1)).save(path)
+    for index in range(jpegs):
+        path = folder / f"IMG_{index:04d}.jpg"
+        if not path.exists():
+            exif = Image.Exif()
+            exif[0x0112] = 6 if index % 2 else 1  # half stored turned, as a phone stores portrait photos
+            Image.fromarray(np.roll(np.asarray(base_jpeg), index, axis=0)).save(path, quality=90, exif=exif)
+
+
+# the dry run's checks alone, in a fresh process whose imports (torch, diffusers, peft) are done first: what the
+# photos cost, apart from the imports that dominate a dry run of a small folder
+PLAN_ONLY = """
+import sys, time, warnings
+warnings.simplefilter("ignore")
+from sdtune.config import TrainConfig
+from sdtune.training import plan_run
+config = TrainConfig(model="tiny-random", method="lora", concept="castle", images=sys.argv[1], output=sys.argv[2],
+                     steps=1, buckets=sys.argv[3] == "buckets")
+plan_run(TrainConfig(model="tiny-random", method="lora", output=sys.argv[2], steps=1))  # imports and the model's configs, once
+start = time.perf_counter()
+plan_run(config)
+print(time.perf_counter() - start)
+"""
+
+
+def timed(arguments: list[str], output: Path) -> float:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    command = [sys.executable, "-c", PLAN_ONLY, *arguments[1:]] if arguments[0] == "plan" else [sys.executable, "-m", "sdtune", *arguments]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"sdtune {' '.join(arguments)} failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.split()[-1]) if arguments[0] == "plan" else seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pngs", type=int, default=300)
+    parser.add_argument("--jpegs", type=int, default=50)
+    parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "sdtune-photo-startup"))
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    folder = Path(args.folder)
+    make_folder(folder, args.pngs, args.jpegs)
+    with tempfile.TemporaryDirectory() as scratch:
+        train = ["train", "--concept", "castle", "--images", str(folder), "--model", "tiny-random", "--method", "lora",
+                 "--steps", "1"]
+        rows = {"`plan_run` alone (the dry run's checks, imports done)": ["plan", str(folder), f"{scratch}/plan", "square"],
+                "`plan_run --buckets` alone": ["plan", str(folder), f"{scratch}/plan", "buckets"],
+                "`sdtune --help` (imports only)": ["--help"],
+                "`sdtune train --dry-run`": [*train, "--output", f"{scratch}/dry", "--dry-run"],
+                "`sdtune train --dry-run --buckets`": [*train, "--output", f"{scratch}/dry", "--dry-run", "--buckets"],
+                "`sdtune train --steps 1` (start to step 1, saved)": [*train, "--output", f"{scratch}/run", "--overwrite"]}
+        print(f"{args.pngs} PNGs 1024x768 and {args.jpegs} JPEGs 4032x3024 in {folder}; best of {args.repeats}\n")
+        print("| | seconds |\n| --- | ---: |")
+        for name, arguments in rows.items():
+            print(f"| {name} | {min(timed(arguments, Path(scratch)) for _ in range(args.repeats)):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
