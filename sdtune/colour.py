@@ -18,7 +18,7 @@ import functools
 import io
 import struct
 
-from .buckets import quiet_pil
+from .errors import quiet_pil
 
 EXIF_IFD, INTEROP_IFD = 0x8769, 0xA005
 EXIF_COLOUR_SPACE, INTEROP_INDEX = 0xA001, 0x0001

@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from . import colour
-from .buckets import heif_opener, image_facts, nearest_bucket, open_image, png_tail, quiet_pil, upright_size
+from .buckets import nearest_bucket
 from .captions import decode_text, same_name
 from .colour import cmyk_to_rgb, colour_profile, in_srgb
-from .errors import SdtuneError, reading_file
+from .errors import SdtuneError, quiet_pil, reading_file
 from .fileio import counted
+from .image_files import heif_opener, image_facts, open_image, upright_size
 
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept (--seed, a prompt line's --d)
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".webp", ".avif", ".bmp", ".tif", ".tiff", ".gif"}  # a GIF's first frame
 # an iPhone's photos, and cameras' (Sony, Canon, Fujifilm write .HIF): images too where pillow-heif is installed
-# (buckets.heif_opener)
+# (image_files.heif_opener)
 HEIF_EXTENSIONS = {".heic", ".heif", ".hif"}
 # photos PIL does not decode (without plugins): HEIC without pillow-heif, JPEG XL, cameras' raw files; named, never
 # silently left out
@@ -268,7 +269,7 @@ def is_image_name(path: Path) -> bool:
 def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
     """The images whose header PIL reads, within its decompression-bomb limit, and that are not cut short
     (`cut_short`: a JPEG without its end, a PNG that ends inside a chunk). The other files are skipped with one warning
-    naming them (the first few, with why; `what` names their kind). Nothing is decoded here (`buckets.image_facts`,
+    naming them (the first few, with why; `what` names their kind). Nothing is decoded here (`image_files.image_facts`,
     kept for the rest of the start): an image damaged further in is found, and skipped, when it is decoded."""
     readable, skipped, odd = [], [], []
     for path in paths:
@@ -293,59 +294,6 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
         warnings.warn(f"skipping {len(skipped)} files that are not readable {what}s: {shown}{more}", stacklevel=2)
     return readable
-
-
-TAIL_BYTES = 4096  # a whole JPEG's end is looked for here first: past it only where something follows the image
-CHUNK_BYTES = 2**20
-JPEG_END = b"\xff\xd9"  # EOI; in the entropy-coded data an FF byte is followed by 00 or a restart marker only
-
-
-def cut_short(path: Path, image_format: str | None) -> str | None:
-    """Why a JPEG or PNG whose header reads ends before its image does (a copy or download interrupted), or None;
-    found from its bytes, without decoding. A JPEG: no end-of-image marker after its first scan starts, looked for in
-    the last few KB, then, where something follows the image (a phone's motion photo carries its video there), from
-    the first scan on. A PNG: its chunks, walked by their lengths, end inside one (`buckets.png_tail`).
-    PIL parses a WebP whole as it opens, so one cut is found by its header already; other formats fail as they are
-    decoded."""
-    if image_format == "PNG":
-        return png_tail(path)[1]
-    if image_format not in ("JPEG", "MPO"):
-        return None
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        start = _jpeg_scan_start(handle)
-        if start is None:
-            return None  # markers PIL read past but this walk does not: left to the decoder
-        handle.seek(max(start, size - TAIL_BYTES))
-        if JPEG_END in handle.read():
-            return None
-        handle.seek(start)
-        carried = b""
-        while chunk := handle.read(CHUNK_BYTES):
-            if JPEG_END in carried + chunk:
-                return None
-            carried = chunk[-(len(JPEG_END) - 1):]
-    return "cut short: no end-of-image marker (FF D9) after its data, as a copy or download that stopped leaves it"
-
-
-def _jpeg_scan_start(handle) -> int | None:
-    """The offset of a JPEG's first scan data (after its first SOS segment), walking the segments from its start,
-    so that an embedded thumbnail's own end marker (in EXIF) is passed over; None where the walk fails."""
-    handle.seek(2)  # past SOI
-    while True:
-        marker = handle.read(2)
-        while len(marker) == 2 and marker == b"\xff\xff":  # fill bytes before a marker
-            marker = b"\xff" + handle.read(1)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        if 0xD0 <= marker[1] <= 0xD7 or marker[1] == 0x01:  # standalone markers: no length
-            continue
-        length = int.from_bytes(handle.read(2), "big")
-        if length < 2:
-            return None
-        if marker[1] == 0xDA:  # SOS: its header, then the scan
-            return handle.tell() + length - 2
-        handle.seek(length - 2, os.SEEK_CUR)
 
 
 ENDS_BYTES = 65536  # files of one size are told apart by their first and last bytes before the whole is read

@@ -1,7 +1,10 @@
-"""Errors that the CLI turns into one line on stderr and a meaningful exit code."""
+"""Errors that the CLI turns into one line on stderr and a meaningful exit code; PIL's own warnings kept quiet where
+sdtune names the file itself."""
 
 import re
+import warnings
 from contextlib import contextmanager
+from typing import Iterator
 
 
 class SdtuneError(Exception):
@@ -66,3 +69,12 @@ def error_line(error: BaseException) -> str:
     if isinstance(error, SdtuneError):
         return str(error)
     return f"{type(error).__name__}: {first_sentence(error, 300)}" if str(error).strip() else type(error).__name__
+
+
+@contextmanager
+def quiet_pil() -> Iterator[None]:
+    """A block in which PIL's own warnings (corrupt EXIF data, ...) are not shown: they name no file, and would
+    come again each time a header is read; data.readable_images names them once, with their file."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield

@@ -21,7 +21,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .buckets import ALPHA_MODES
+from .image_files import ALPHA_MODES
 from .captions import same_name, warn_same_names
 from .data import MASK_FOLDER, image_extensions
 from .errors import SdtuneError
@@ -67,7 +67,8 @@ def upright_mask(path: Path, upright_image, source: str):
     size (the image as decoded, its EXIF orientation applied)."""
     from PIL import Image, ImageOps
 
-    from .buckets import open_image, quiet_pil
+    from .errors import quiet_pil
+    from .image_files import open_image
 
     if source == "alpha":
         return upright_image.convert("RGBA").getchannel("A")
@@ -100,7 +101,7 @@ def same_aspect(size: tuple[int, int], other: tuple[int, int]) -> bool:
 def check_masks(paths: list[Path], source: str) -> None:
     """Before the model loads: every concept image has a mask of its own aspect ratio (of any size: it is resized
     to its image's) that is not black everywhere."""
-    from .buckets import image_facts, open_image, upright_size
+    from .image_files import image_facts, open_image, upright_size
 
     lacking, problems, listed = [], [], {}
     for path in paths:

@@ -69,7 +69,8 @@ def class_frames(config, resolution: int, instance_buckets: list) -> dict[tuple[
     count = class_image_count(config)  # 0 without prior preservation
     if not config.buckets or not count:
         return {(resolution, resolution): count} if count else {}
-    from .buckets import bucket_sizes, class_pools, image_facts, nearest_bucket
+    from .buckets import bucket_sizes, class_pools, nearest_bucket
+    from .image_files import image_facts
 
     if not config.class_images:  # drawn square before the loop, as many as asked: every bucket's pool holds them all
         return {size: count for size in sorted({size for size in instance_buckets if size is not None})}
@@ -173,7 +174,8 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
     """
     from PIL import Image, UnidentifiedImageError
 
-    from .buckets import bucket_sizes, class_pools, image_facts, nearest_bucket
+    from .buckets import bucket_sizes, class_pools, nearest_bucket
+    from .image_files import image_facts
     from .data import LoadNotes, listed, load_framed_sizes, unreadable_because
 
     sizes = bucket_sizes(resolution)

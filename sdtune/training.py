@@ -178,7 +178,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         raise SdtuneError(f"--train-text-encoder: method {method.name!r} cannot train the text encoder; {', '.join(able)} can")
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
-    from .buckets import forget_image_facts
+    from .image_files import forget_image_facts
 
     forget_image_facts()  # each image's header is read once from here on, kept for the checks that follow
     inputs = read_inputs(config)  # bad input fails before the model loads

@@ -32,7 +32,7 @@ def without_heif(monkeypatch):
     """As where pillow-heif is not installed: importing it fails, so HEIC/HEIF photos are no images to sdtune."""
     import sys
 
-    from sdtune.buckets import heif_opener
+    from sdtune.image_files import heif_opener
 
     monkeypatch.setitem(sys.modules, "pillow_heif", None)  # `import pillow_heif` raises ImportError
     heif_opener.cache_clear()

@@ -135,13 +135,13 @@ def png_with_late_exif(path: Path, image, orientation: int) -> None:
 
 def test_the_start_reads_each_photo_header_once_and_decodes_no_png(tmp_path, monkeypatch):
     """Before the model loads, a run's checks (readable, buckets, crops, masks, class images) read each image's header
-    once (`buckets.image_facts`), and no PNG's pixels: PIL decodes a PNG whole to find an EXIF chunk after them; sdtune
+    once (`image_files.image_facts`), and no PNG's pixels: PIL decodes a PNG whole to find an EXIF chunk after them; sdtune
     walks its chunks instead, and turns a photo whose EXIF comes last upright all the same."""
     import collections
 
     from PIL import PngImagePlugin
 
-    from sdtune.buckets import image_facts
+    from sdtune.image_files import image_facts
     from sdtune.training import plan_run
 
     paths = photo_set(tmp_path / "photos", counts=(2, 2, 2))
@@ -236,7 +236,8 @@ def test_jpegs_cut_short_are_left_out_before_the_model_loads_and_motion_photos_k
     """An interrupted copy leaves a JPEG without its end marker, a PNG without its last chunks; found from their bytes,
     without decoding, and named with the files that are no images. A phone's motion photo (its video after the JPEG's
     end) and a JPEG whose EXIF thumbnail has an end marker of its own are told apart."""
-    from sdtune.data import cut_short, readable_images
+    from sdtune.data import readable_images
+    from sdtune.image_files import cut_short
     from sdtune.training import plan_run
 
     folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent
