@@ -690,13 +690,12 @@ def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
     assert summary.metrics == {} and "trained again" in summary.stale_evaluation
 
 
-def test_evaluate_compare_and_validation_read_prompt_files_without_their_kohya_options(metric_models, image_sets, tmp_path):
+def test_evaluate_and_compare_read_prompt_files_without_their_kohya_options(metric_models, image_sets, tmp_path):
     """Where one setting draws every prompt, a line's --n, --w, ... are left unused with one warning saying why; CLIP-T
     scores the prompt alone, as given without them."""
     from types import SimpleNamespace
 
     from sdtune.comparison import grid_prompts
-    from sdtune.validation import validation_prompts
 
     clip_path, dino_path = metric_models
     prompts = tmp_path / "prompts.txt"
@@ -710,6 +709,3 @@ def test_evaluate_compare_and_validation_read_prompt_files_without_their_kohya_o
 
     with pytest.warns(UserWarning, match="left unused: compare's grid draws every run at one setting"):
         assert grid_prompts(SimpleNamespace(prompt=["first"], prompts=str(prompts)), []) == ["first", "a castle", "a tower", "a bridge", "a gate"]
-    with pytest.warns(UserWarning, match="left unused: validation grids are drawn alike at every check"):
-        config = SimpleNamespace(validation_prompts=str(prompts), concepts=["castle"], token="sks castle")
-        assert validation_prompts(config) == ["a castle", "a tower", "a bridge", "a gate"]
