@@ -446,6 +446,9 @@ def explain(
     steps: Optional[int] = typer.Option(None, help="gift: denoising steps." + _default(ExplainConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="gift: classifier-free guidance scale." + _default(ExplainConfig, "guidance")),
     seed: Optional[int] = typer.Option(None, help="gift: seed of the generated image." + _default(ExplainConfig, "seed")),
+    resolution: Optional[int] = typer.Option(None, help="gift: the generated image's side, a multiple of 8 (default: the model's native size)."),
+    width: Optional[int] = typer.Option(None, help="gift: the generated image's width, a multiple of 8 (default: --resolution)."),
+    height: Optional[int] = typer.Option(None, help="gift: the generated image's height, a multiple of 8 (default: --resolution)."),
 ) -> None:
     """Draw what an adapter learned: GIFT cluster maps, filter-atom updates, per-layer update norms."""
     from .explain import explain as run_explain

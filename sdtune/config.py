@@ -926,6 +926,8 @@ class ExplainConfig(_Config):
     guidance: float = 7.5
     seed: int = 0  # seed of the generated image
     resolution: int | None = None  # default: the model's native size
+    width: int | None = None  # the generated image's width; default: resolution (as `sdtune sample --width`)
+    height: int | None = None  # the generated image's height; default: resolution
     token: str | None = None  # text for <name> placeholders; default: the adapter's token
     model: str | None = None  # default: the adapter's base model
 
@@ -938,7 +940,7 @@ class ExplainConfig(_Config):
             raise SdtuneError(f"--step counts denoising steps from 0, got {self.step}")
         check_guidance(self.guidance)
         check_seed(self.seed)
-        check_resolution(self.resolution)
+        check_image_sides(self)
 
 
 @dataclass
