@@ -49,16 +49,17 @@ def grid_size(rows: int, columns: int, image_size: tuple[int, int], header: bool
               row_sizes: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """Width and height of a grid of `rows` x `columns` images of `image_size` (width, height) with captions
     (and column labels); with `row_sizes`, each row's images of its own size (`grid_layout`)."""
-    return grid_extent(grid_layout([[size] * columns for size in row_sizes or [image_size] * rows]), header)
+    (width,), heights, _ = grid_layout([[size] for size in row_sizes or [image_size] * rows])  # every column alike
+    return grid_extent(columns * width, columns, heights, header)  # counted, not laid out: --num-images may be huge
 
 
-def grid_extent(layout: tuple[list[int], list[int], list[list[tuple[int, int]]]], header: bool = False) -> tuple[int, int]:
-    """Width and height of a grid laid out as `grid_layout` says, with captions (and column labels)."""
-    widths, heights, _ = layout
+def grid_extent(widths: int, columns: int, heights: list[int], header: bool = False) -> tuple[int, int]:
+    """Width and height of a grid of `columns` columns `widths` wide together and rows of `heights`, with captions
+    (and column labels)."""
     height = sum(cell_height + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD for cell_height in heights) + GRID_PAD
     if header:
         height += CAPTION_LINES * CAPTION_LINE_HEIGHT
-    return sum(widths) + (len(widths) + 1) * GRID_PAD, height
+    return widths + (columns + 1) * GRID_PAD, height
 
 
 def grid_layout(sizes: list[list[tuple[int, int]]]) -> tuple[list[int], list[int], list[list[tuple[int, int]]]]:
@@ -81,10 +82,9 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
     keeps its aspect (`grid_layout`), left-aligned in its column."""
     from PIL import Image, ImageDraw, ImageFont
 
-    layout = grid_layout([[image.size for image in row] for row in rows])
-    column_widths, row_heights, cells = layout
+    column_widths, row_heights, cells = grid_layout([[image.size for image in row] for row in rows])
     lefts = [GRID_PAD + sum(column_widths[:column]) + column * GRID_PAD for column in range(len(column_widths))]
-    grid = Image.new("RGB", grid_extent(layout, header=bool(column_labels)), "white")
+    grid = Image.new("RGB", grid_extent(sum(column_widths), len(column_widths), row_heights, header=bool(column_labels)), "white")
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=11)
     chars = max(10, int((grid.size[0] - 2 * GRID_PAD) / 6))
