@@ -570,6 +570,13 @@ def test_validation_prompts_are_drawn_with_their_lines_options_as_sample_draws_t
     unvalidated = run_training(tmp_path, "unvalidated", **{**settings, "validate_every": 0})
     assert run.adapter.read_bytes() == unvalidated.adapter.read_bytes()
 
+    from sdtune.training import earlier_run, remove_earlier_run
+
+    (run.output / "samples" / "step-2.png").unlink()
+    assert "samples/step-N/" in earlier_run(run.output)  # the images alone are an earlier run's, which --overwrite removes
+    remove_earlier_run(run.output)
+    assert not images.exists() and earlier_run(run.output) == []
+
 
 def test_a_run_drawing_validation_prompts_with_their_own_options_resumes_exactly(tmp_path, tiny_path, monkeypatch):
     from helpers import uninterrupted_and_resumed
