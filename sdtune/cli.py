@@ -327,10 +327,12 @@ def train(
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: the class images' prompt (default: the template with the plain concept name)."),
     num_class_images: Optional[int] = typer.Option(None, help=f"Prior preservation: class images to use, generated if missing (default: {DEFAULT_CLASS_IMAGES}, or all of --class-images)."),
     prior_loss_weight: Optional[float] = typer.Option(None, help="Prior preservation: weight of the class images' loss." + _default(TrainConfig, "prior_loss_weight")),
-    validate_every: Optional[int] = typer.Option(None, help="Every N steps, sample the validation prompts into OUTPUT/samples/step-N.png and log the validation loss (0: never)." + _default(TrainConfig, "validate_every")),
-    validation_prompts: Optional[Path] = typer.Option(None, help="Prompt file for validation samples (default: three prompts with the concept)."),
+    validate_every: Optional[int] = typer.Option(None, help="Every N steps, sample the validation prompts into OUTPUT/samples/step-N.png (each image in step-N/) and log the validation loss (0: never)." + _default(TrainConfig, "validate_every")),
+    validation_prompts: Optional[Path] = typer.Option(None, help="Prompt file for validation samples, a line's kohya-ss options (--n, --w, --h, --d, --s, --l) its own, as in `sdtune sample` (default: three prompts with the concept)."),
     validation_images: Optional[int] = typer.Option(None, help="Images held out of training for the validation loss (0: the training images)." + _default(TrainConfig, "validation_images")),
     validation_dtype: Optional[str] = typer.Option(None, help="The validation grids' precision: fp16, bf16 or fp32 (default: fp16 on a GPU, fp32 on a CPU)."),
+    validation_width: Optional[int] = typer.Option(None, help="The validation images' width in pixels, a multiple of 8 (default: --resolution; a prompt line's --w wins)."),
+    validation_height: Optional[int] = typer.Option(None, help="The validation images' height in pixels, a multiple of 8 (default: --resolution; a prompt line's --h wins)."),
     log_with: Optional[str] = typer.Option(None, help="Trackers, comma-separated: tensorboard (event files in OUTPUT/logs), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; or none (default: tensorboard when installed)."),
     tracker_project: Optional[str] = typer.Option(None, help="The trackers' project: the W&B project, TensorBoard's folder in OUTPUT/logs." + _default(TrainConfig, "tracker_project")),
     dataset: Optional[str] = typer.Option(None, help="Train on a whole class-labelled dataset instead of a concept (see `sdtune datasets`); each image is captioned from the dataset's template."),
@@ -446,6 +448,9 @@ def explain(
     steps: Optional[int] = typer.Option(None, help="gift: denoising steps." + _default(ExplainConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="gift: classifier-free guidance scale." + _default(ExplainConfig, "guidance")),
     seed: Optional[int] = typer.Option(None, help="gift: seed of the generated image." + _default(ExplainConfig, "seed")),
+    resolution: Optional[int] = typer.Option(None, help="gift: the generated image's side, a multiple of 8 (default: the model's native size)."),
+    width: Optional[int] = typer.Option(None, help="gift: the generated image's width, a multiple of 8 (default: --resolution)."),
+    height: Optional[int] = typer.Option(None, help="gift: the generated image's height, a multiple of 8 (default: --resolution)."),
 ) -> None:
     """Draw what an adapter learned: GIFT cluster maps, filter-atom updates, per-layer update norms."""
     from .explain import explain as run_explain

@@ -27,8 +27,8 @@ TABLE_FILE = "comparison.md"
 CSV_FILE = "comparison.csv"
 LOSS_PLOT = "loss.png"
 GRID_FILE = "grid.png"
-# why the grid's prompt file's kohya-ss options (--n, --w, ...) are not used
-COMPARE_OPTIONS_UNUSED = "compare's grid draws every run at one setting (its --steps, --guidance and --seed), to be compared"
+# the grid's --prompts lines with their kohya-ss options (--n, --w, ...), in OUTPUT/samples: what every run's sample reads
+GRID_PROMPTS_FILE = "grid-prompts.txt"
 BASE_COLUMNS = (
     "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
 )
@@ -274,8 +274,10 @@ def plot_losses(runs: list[RunSummary], path: Path) -> Path:
     return _save(figure, path)
 
 
-def grid_sample_configs(runs: list[RunSummary], prompts: list[str], config: CompareConfig, output: Path) -> list:
-    """Each run's sampling of the grid, checked against its model and the machine before anything is written."""
+def grid_sample_configs(runs: list[RunSummary], lines: list, config: CompareConfig, output: Path) -> list:
+    """Each run's sampling of the grid (`lines`: `grid_prompts`), checked against its model and the machine before
+    anything is written: the prompts given as they are, a prompt file's lines with their options
+    (`write_grid_prompts` writes them for `sample` to read)."""
     from .adapter import adapter_info
     from .config import SampleConfig
     from .limits import check_sample_fits
@@ -283,10 +285,12 @@ def grid_sample_configs(runs: list[RunSummary], prompts: list[str], config: Comp
     from .sampling import grid_size
 
     configs = []
+    filed = any(line.where for line in lines)
     for run in runs:
         sample_config = SampleConfig(
             adapter=str(run.path),
-            prompt=prompts,
+            prompt=[line.prompt for line in lines if not line.where],  # `sample` draws these first, as `grid_prompts` lists them
+            prompts=str(output / "samples" / GRID_PROMPTS_FILE) if filed else None,
             output=str(output / "samples" / run.name),
             num_images=1,
             steps=config.steps,
@@ -296,18 +300,32 @@ def grid_sample_configs(runs: list[RunSummary], prompts: list[str], config: Comp
         )
         sample_config.validate()
         model = adapter_info(run.path).base_model or DEFAULT_MODEL
-        check_sample_fits(model, sample_config, len(prompts), grid_size)
+        check_sample_fits(model, sample_config, len(lines), grid_size, lines)  # a line's --w, --h, --s: named by its file and line
         configs.append(sample_config)
     return configs
 
 
-def sample_grid(runs: list[RunSummary], prompts: list[str], configs: list, output: Path, progress: bool) -> Path:
-    """Sample every run on the same prompts with the same seed; rows = prompts, columns = runs."""
+def write_grid_prompts(lines: list, output: Path) -> None:
+    """The prompt file's lines of the grid, with their options, where every run's `sample` reads them."""
+    from .data import prompt_line_text
+    from .fileio import write_text_atomic
+
+    filed = [prompt_line_text(line) for line in lines if line.where]
+    if filed:
+        (output / "samples").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output / "samples" / GRID_PROMPTS_FILE, "\n".join(filed) + "\n")
+
+
+def sample_grid(runs: list[RunSummary], lines: list, configs: list, output: Path, progress: bool) -> Path:
+    """Sample every run on the same prompts with the same seed (a prompt line's --d, --w, ... its own, alike for every
+    run); rows = prompts, columns = runs, each image keeping its aspect."""
     from PIL import Image
 
     from .fileio import atomic_write
     from .sampling import make_grid, sample
 
+    write_grid_prompts(lines, output)
+    prompts = [line.prompt for line in lines if not line.where] + [line.prompt for line in lines if line.where]
     columns = []
     for sample_config in configs:
         result = sample(sample_config, progress=progress)
@@ -370,15 +388,18 @@ def unavailable_notes(runs: list[RunSummary]) -> list[str]:
     return lines
 
 
-def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list[str]:
-    from .data import read_prompt_file
+def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
+    """The grid's prompts (`data.PromptLine`s): --prompt's as given, then --prompts' lines with their kohya-ss options
+    (--n, --w, --h, --d, --s, --l, as `sdtune sample` reads them: every run draws a line alike), else the first run's
+    evaluation prompts, else its training prompt."""
+    from .data import PromptLine, read_prompt_lines
     from .evaluation import run_prompts
 
-    prompts = list(config.prompt) + (read_prompt_file(config.prompts, COMPARE_OPTIONS_UNUSED) if config.prompts else [])
-    if prompts:
-        return prompts
+    lines = [PromptLine(prompt) for prompt in config.prompt] + (read_prompt_lines(config.prompts) if config.prompts else [])
+    if lines:
+        return lines
     first = runs[0]
-    return first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>")
+    return [PromptLine(prompt) for prompt in first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>")]
 
 
 def compare(runs: list[str], output: str, progress: bool = True, **options: Any) -> Comparison:

@@ -240,6 +240,10 @@ class TrainConfig(_Config):
     validation_prompts: str | None = None  # prompt file; default: a few prompts with the concept
     validation_images: int = 0  # images held out of training for the validation loss (0: the training images)
     validation_dtype: str | None = None  # the validation grids' precision, as `sdtune sample --dtype`
+    # the validation images' size, as `sdtune sample --width/--height` (kohya-ss' --w/--h); each side by default the
+    # resolution's (a prompt line's --w and --h win)
+    validation_width: int | None = None
+    validation_height: int | None = None
     log_with: str | None = None  # comma-separated trackers (tensorboard, wandb, mlflow, ...) or none; default: tensorboard when installed
     tracker_project: str = PROJECT_NAME  # the trackers' project (W&B project, TensorBoard's folder in OUTPUT/logs)
     # Whole-dataset training (sdtune/datasets.py): every image captioned from the dataset's template.
@@ -359,6 +363,8 @@ class TrainConfig(_Config):
         if self.num_class_images is not None and self.num_class_images < 1:
             raise SdtuneError(f"--num-class-images must be at least 1, got {self.num_class_images}")
         check_sample_dtype("--validation-dtype", self.validation_dtype)
+        check_resolution(self.validation_width, "--validation-width")
+        check_resolution(self.validation_height, "--validation-height")
         check_token_settings(self)
         check_log_with(self.log_with)
         if not self.tracker_project or not self.tracker_project.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -920,6 +926,8 @@ class ExplainConfig(_Config):
     guidance: float = 7.5
     seed: int = 0  # seed of the generated image
     resolution: int | None = None  # default: the model's native size
+    width: int | None = None  # the generated image's width; default: resolution (as `sdtune sample --width`)
+    height: int | None = None  # the generated image's height; default: resolution
     token: str | None = None  # text for <name> placeholders; default: the adapter's token
     model: str | None = None  # default: the adapter's base model
 
@@ -932,7 +940,7 @@ class ExplainConfig(_Config):
             raise SdtuneError(f"--step counts denoising steps from 0, got {self.step}")
         check_guidance(self.guidance)
         check_seed(self.seed)
-        check_resolution(self.resolution)
+        check_image_sides(self)
 
 
 @dataclass

@@ -73,6 +73,12 @@ class PromptLine:
         return [f"--{letter}" for letter, name in PROMPT_FIELDS.items() if getattr(self, name) is not None]
 
 
+def prompt_line_text(line: PromptLine) -> str:
+    """`line` as a prompt file's line that `parse_prompt_line` reads back as it is: the prompt, then its options."""
+    options = [f" --{letter} {getattr(line, name)}" for letter, name in PROMPT_FIELDS.items() if getattr(line, name) is not None]
+    return line.prompt + "".join(options)
+
+
 def parse_prompt_line(line: str, where: str = "") -> tuple[PromptLine, list[str]]:
     """A prompt file's line, read as kohya-ss reads its sample prompts (`a castle --n blurry --w 512 --d 42`): the
     prompt and its options, and the options sdtune does not know (kohya-ss' --ss, --cn, a typo), which it ignores as

@@ -62,16 +62,12 @@ def heat_colours(values):
 
 
 def token_grid(tokens: int, latent_height: int, latent_width: int) -> tuple[int, int] | None:
-    """(h, w) with h*w = tokens and the latent's aspect ratio, or None for a non-spatial layer."""
-    if tokens < 1:
-        return None
-    height = round(math.sqrt(tokens * latent_height / latent_width))
-    if height < 1 or tokens % height:
-        return None
-    width = tokens // height
-    if height * latent_width != width * latent_height:
-        return None
-    return height, width
+    """(h, w) with h*w = tokens: the latent's own grid or one the UNet's stride-2 downsamplings make of it (each side
+    halved, rounded up: a 13 x 20 latent's 7 x 10), or None for a non-spatial layer."""
+    height, width = latent_height, latent_width
+    while height * width > tokens and (height, width) != (1, 1):
+        height, width = -(-height // 2), -(-width // 2)
+    return (height, width) if height * width == tokens else None
 
 
 def cluster_maps(outputs, clusters, height: int, width: int):
@@ -128,7 +124,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     output = Path(config.output) if config.output else path.parent / "explain"
     check_no_file_in_the_way(output, "output folder")
     if explanation == "clusters":  # it draws an image: sizes the model or the machine cannot take stop here
-        check_drawing_fits(model or info.base_model, resolution, steps)
+        check_drawing_fits(model or info.base_model, resolution, steps, width=config.width, height=config.height)
 
     pipe = load_pipeline(model or info.base_model)
     base = {name: p.detach().to("cpu", copy=True) for name, p in tuned_weights(pipe, info.text_encoders).items()}
@@ -154,7 +150,8 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
         from .sampling import adapters_reading
 
         reading = adapters_reading([path], [info])  # the image drawn as the adapter was trained
-        image, maps, timing = gift_cluster_maps(pipe, method, chosen, text, step, steps, guidance, seed, resolution, reading)
+        image, maps, timing = gift_cluster_maps(pipe, method, chosen, text, step, steps, guidance, seed, resolution, reading,
+                                                width=config.width, height=config.height)
         result.image = save(image, "image.png")
         for name in chosen:
             if name not in maps:
@@ -174,16 +171,20 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     return result
 
 
-def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, resolution, reading=None):
-    """Generate one image and return it with {layer: maps (M, h, w)} and a note of the step used."""
+def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, resolution, reading=None,
+                      width: int | None = None, height: int | None = None):
+    """Generate one image (`width` × `height`, each side by default `resolution`'s, as `sdtune sample` draws) and return
+    it with {layer: maps (M, h, w)}, each layer's tokens laid out on the latent's grid (`token_grid`), and a note of
+    the step used."""
     import torch
 
+    from .limits import drawn_size
     from .sampling import draw
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe.to(device)
-    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latent = resolution // pipe.vae_scale_factor
+    width, height = drawn_size(width, height, resolution, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    latent_height, latent_width = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
     # A step is one UNet evaluation; some schedulers (PNDM, SD v1.x's default) add one at the start.
     pipe.scheduler.set_timesteps(steps)
     evaluations = len(pipe.scheduler.timesteps)
@@ -218,8 +219,8 @@ def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, re
             reading=reading,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            height=resolution,
-            width=resolution,
+            height=height,
+            width=width,
             generator=torch.Generator(device).manual_seed(seed),
         )[0]
     finally:
@@ -232,7 +233,7 @@ def gift_cluster_maps(pipe, method, names, text, step, steps, guidance, seed, re
         if not counts[name]:
             continue
         outputs = sums[name] / counts[name]  # tokens x d_out
-        grid = token_grid(outputs.shape[0], latent, latent)
+        grid = token_grid(outputs.shape[0], latent_height, latent_width)
         if grid is None:
             continue
         maps[name] = cluster_maps(outputs, clusters[name], *grid)

@@ -108,17 +108,17 @@ def check_resolution(model: str, configs, resolution: int | None) -> int:
 
 
 def check_image_size(model: str, configs, resolution: int | None, width: int | None = None,
-                     height: int | None = None) -> tuple[int, int]:
+                     height: int | None = None, flags: tuple[str, str] = ("--width", "--height")) -> tuple[int, int]:
     """The (width, height) a drawing uses (`drawn_size`); too small a one is refused. The smaller side
-    decides, named by the flag that set it: an image at least that side's square has at least that square's
-    values in every GroupNorm group."""
+    decides, named by the flag that set it (`flags`: those of the width and height): an image at least that side's
+    square has at least that square's values in every GroupNorm group."""
 
     size = drawn_size(width, height, resolution, configs.native_resolution)
     least = smallest_resolution(configs)
     side = min(size)
     if side < least:
         given = width if size[0] == side else height
-        flag = ("--width" if size[0] == side else "--height") if given else "--resolution"
+        flag = (flags[0] if size[0] == side else flags[1]) if given else "--resolution"
         _, where = fewest_values_per_group(configs, side)
         raise SdtuneError(
             f"{flag} {side} is too small for {model}: at least {least} (below it, a GroupNorm of the "
@@ -127,9 +127,11 @@ def check_image_size(model: str, configs, resolution: int | None, width: int | N
     return size
 
 
-def size_flags(resolution: int | None, width: int | None, height: int | None, size: tuple[int, int]) -> str:
-    """The flags that set a drawing's size, as a message names them: `--width 64 --height 128`, `--resolution 512`."""
-    flags = [f"--width {width}"] * bool(width) + [f"--height {height}"] * bool(height)
+def size_flags(resolution: int | None, width: int | None, height: int | None, size: tuple[int, int],
+               names: tuple[str, str] = ("--width", "--height")) -> str:
+    """The flags that set a drawing's size, as a message names them: `--width 64 --height 128`, `--resolution 512`
+    (`names`: the width's and height's flags)."""
+    flags = [f"{names[0]} {width}"] * bool(width) + [f"{names[1]} {height}"] * bool(height)
     if not (width and height) and (resolution or not flags):  # --resolution (or the model's own size) sets a side
         flags.append(f"--resolution {resolution or size[0]}")
     return " ".join(flags)
@@ -509,22 +511,27 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0, i
                     step, encode, tuple(part[1] for part in on_host if part[2]))
 
 
-def check_sample_fits(model: str, config, prompts: int, grid_size, lines=()) -> tuple[int, int]:
+def check_sample_fits(model: str, config, prompts: int, grid_size, lines=(),
+                      flags: tuple[str, str] = ("--width", "--height"), asked: str | None = None) -> tuple[int, int]:
     """`sdtune sample`'s sizes (`config`: a SampleConfig, for `prompts` prompts; `grid_size`: the size of
     its grid, as `sampling.grid_size`; `lines`: the prompts' `data.PromptLine`s, whose prompt-file options --w, --h
     and --s are checked each, naming its line) against the model and the machine; returns the (width, height) it
-    draws at (with prompts of their own sizes, the widest width and tallest height: what the memory is checked for)."""
+    draws at (with prompts of their own sizes, the widest width and tallest height: what the memory is checked for).
+    `flags`: what sets `config.width` and `config.height`, `asked`: what asks for the images (`train --validate-every`
+    draws as `sample` does)."""
     from .models import read_model_configs
 
     columns = config.num_images * len(config.adapter_scales)
-    asked = f"--num-images {config.num_images:,} for {prompts:,} prompt(s)"
+    asked = asked or f"--num-images {config.num_images:,} for {prompts:,} prompt(s)"
     if len(config.adapter_scales) > 1:
         asked += f" at {len(config.adapter_scales)} strengths"
     own = [line for line in lines if line.width or line.height or line.steps]
     width, height, steps = config.width, config.height, config.steps
     if own:
         configs = read_model_configs(model)
-        sizes = [drawn_size(config.width, config.height, config.resolution, configs.native_resolution)]
+        sizes = []
+        if len(own) < len(lines) or any(not (line.width and line.height) for line in own):  # some draw at the default size
+            sizes.append(check_image_size(model, configs, config.resolution, config.width, config.height, flags))
         for line in own:
             try:
                 sizes.append(check_image_size(model, configs, config.resolution, line.width or config.width, line.height or config.height))
@@ -539,19 +546,22 @@ def check_sample_fits(model: str, config, prompts: int, grid_size, lines=()) -> 
         grid_width, grid_height = grid_size(rows=prompts, columns=columns, image_size=(width, height), header=True)
         return grid_width * grid_height * 3
 
-    return check_drawing_fits(model, config.resolution, steps, prompts * columns, asked, grid_bytes, width=width, height=height)
+    return check_drawing_fits(model, config.resolution, steps, prompts * columns, asked, grid_bytes, width=width, height=height,
+                              flags=flags)
 
 
 def check_drawing_fits(model: str, resolution: int | None, steps: int, images: int = 1, asked: str = "",
-                       grid_bytes=None, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+                       grid_bytes=None, width: int | None = None, height: int | None = None,
+                       flags: tuple[str, str] = ("--width", "--height")) -> tuple[int, int]:
     """What drawing `images` images of `width` × `height` (each side by default `resolution`'s; `asked`: the settings
-    that ask for them) and their grid (`grid_bytes(width, height)`, if any) needs; returns the (width, height) used."""
+    that ask for them; `flags`: the width's and height's) and their grid (`grid_bytes(width, height)`, if any) needs;
+    returns the (width, height) used."""
     from .models import read_model_configs
 
     configs = read_model_configs(model)
-    size = check_image_size(model, configs, resolution, width, height)
+    size = check_image_size(model, configs, resolution, width, height, flags)
     check_sampling_steps(model, configs, steps)
-    sized = size_flags(resolution, width, height, size)
+    sized = size_flags(resolution, width, height, size, flags)
     kept = images * size[0] * size[1] * 3 + (grid_bytes(*size) if grid_bytes else 0)  # 8-bit RGB
     # float32: SDXL's VAE decodes in it, and the images whose fp16 decode overflows are decoded again in it (`sampling.decode`)
     decoder = vae_feature_map_bytes(configs, *size, 4, DECODER_MAPS)

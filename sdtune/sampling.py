@@ -49,43 +49,55 @@ def grid_size(rows: int, columns: int, image_size: tuple[int, int], header: bool
               row_sizes: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """Width and height of a grid of `rows` x `columns` images of `image_size` (width, height) with captions
     (and column labels); with `row_sizes`, each row's images of its own size (`grid_layout`)."""
-    width, heights = grid_layout(row_sizes or [image_size] * rows, columns)
+    (width,), heights, _ = grid_layout([[size] for size in row_sizes or [image_size] * rows])  # every column alike
+    return grid_extent(columns * width, columns, heights, header)  # counted, not laid out: --num-images may be huge
+
+
+def grid_extent(widths: int, columns: int, heights: list[int], header: bool = False) -> tuple[int, int]:
+    """Width and height of a grid of `columns` columns `widths` wide together and rows of `heights`, with captions
+    (and column labels)."""
     height = sum(cell_height + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD for cell_height in heights) + GRID_PAD
     if header:
         height += CAPTION_LINES * CAPTION_LINE_HEIGHT
-    return columns * width + (columns + 1) * GRID_PAD, height
+    return widths + (columns + 1) * GRID_PAD, height
 
 
-def grid_layout(row_sizes: list[tuple[int, int]], columns: int) -> tuple[int, list[int]]:
-    """(the columns' width, each row's height) of a grid whose rows hold images of `row_sizes`: every column as
-    wide as the widest cell, so that rows of different sizes (a prompt file's --w and --h) line up."""
-    cells = [cell_size(size) for size in row_sizes]
-    return max(width for width, _ in cells), [height for _, height in cells]
+def grid_layout(sizes: list[list[tuple[int, int]]]) -> tuple[list[int], list[int], list[list[tuple[int, int]]]]:
+    """(each column's width, each row's height, each image's cell) of a grid of images of `sizes` (rows of
+    (width, height)): a row is as tall as its tallest `cell_size`, and each of its images is scaled to that height
+    keeping its aspect (a prompt file's --w and --h, runs of other models); a column is as wide as its widest cell,
+    so that rows of different sizes line up."""
+    cells, heights = [], []
+    for row in sizes:
+        height = max(cell_size(size)[1] for size in row)
+        heights.append(height)
+        cells.append([(round(width * height / own_height), height) for width, own_height in row])
+    columns = max(len(row) for row in cells)
+    widths = [max(row[column][0] for row in cells if column < len(row)) for column in range(columns)]
+    return widths, heights, cells
 
 
 def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | None = None):
-    """One image: each row of PIL images with its caption written below it, labels above the columns. A row's
-    cells have its first image's shape; a narrower row's cells are left-aligned in the widest row's columns."""
+    """One image: each row of PIL images with its caption written below it, labels above the columns. Every image
+    keeps its aspect (`grid_layout`), left-aligned in its column."""
     from PIL import Image, ImageDraw, ImageFont
 
-    row_sizes = [row[0].size for row in rows]
-    columns = max(len(row) for row in rows)
-    column_width, row_heights = grid_layout(row_sizes, columns)
-    grid = Image.new("RGB", grid_size(len(rows), columns, row_sizes[0], header=bool(column_labels), row_sizes=row_sizes), "white")
+    column_widths, row_heights, cells = grid_layout([[image.size for image in row] for row in rows])
+    lefts = [GRID_PAD + sum(column_widths[:column]) + column * GRID_PAD for column in range(len(column_widths))]
+    grid = Image.new("RGB", grid_extent(sum(column_widths), len(column_widths), row_heights, header=bool(column_labels)), "white")
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=11)
     chars = max(10, int((grid.size[0] - 2 * GRID_PAD) / 6))
     y = GRID_PAD
     if column_labels:
-        for column, label in enumerate(column_labels):
-            lines = textwrap.wrap(label, max(4, column_width // 6))[:CAPTION_LINES] or [""]
+        for left, width, label in zip(lefts, column_widths, column_labels):
+            lines = textwrap.wrap(label, max(4, width // 6))[:CAPTION_LINES] or [""]
             for k, line in enumerate(lines):
-                draw.text((GRID_PAD + column * (column_width + GRID_PAD), y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
+                draw.text((left, y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
         y += CAPTION_LINES * CAPTION_LINE_HEIGHT
-    for row, caption, size, row_height in zip(rows, captions, row_sizes, row_heights):
-        cell = cell_size(size)
-        for column, image in enumerate(row):
-            grid.paste(image.resize(cell, Image.Resampling.NEAREST), (GRID_PAD + column * (column_width + GRID_PAD), y))
+    for row, caption, row_cells, row_height in zip(rows, captions, cells, row_heights):
+        for left, image, cell in zip(lefts, row, row_cells):
+            grid.paste(image.resize(cell, Image.Resampling.NEAREST), (left, y))
         y += row_height
         lines = textwrap.wrap(caption, chars)[:CAPTION_LINES] or [""]
         for k, line in enumerate(lines):
@@ -199,8 +211,7 @@ def _sample(config: SampleConfig, lines: list, files: dict, model: str, token: s
     # Prompts go through the pipeline several at a time, and processes take whole batches: a batch's
     # images depend (in the last bit) on what else is in it, so the images are the same on any number
     # of processes (the images whose fp16 decode overflows too: decoded again in fp32, the VAE staying fp16: `decode`).
-    per_call = max(1, IMAGES_PER_CALL // config.num_images)
-    batches = [group[first : first + per_call] for group in call_groups(per_prompt) for first in range(0, len(group), per_call)]
+    batches = prompt_batches(per_prompt, config.num_images)
     rows = {}
     startup = draw_started = None
     for position, scale in enumerate(scales):
@@ -299,6 +310,13 @@ def call_groups(per_prompt: list[PromptSettings]) -> list[list[int]]:
     for index, settings in enumerate(per_prompt):
         groups.setdefault(settings.call(), []).append(index)
     return list(groups.values())
+
+
+def prompt_batches(per_prompt: list[PromptSettings], num_images: int) -> list[list[int]]:
+    """The pipeline calls that draw the prompts (lists of their indices): prompts of one `call_groups` group,
+    IMAGES_PER_CALL images a call at most."""
+    per_call = max(1, IMAGES_PER_CALL // num_images)
+    return [group[first : first + per_call] for group in call_groups(per_prompt) for first in range(0, len(group), per_call)]
 
 
 def image_name(index: int, seed: int, scale: float | None = None) -> str:
@@ -518,12 +536,12 @@ def guidance_rescale(config: SampleConfig, pipe) -> float:
     return zero_snr_guidance_rescale(pipe.scheduler)
 
 
-def draw_rows(pipe, prompts: list[str], batches: list[list[int]], per_prompt: list[PromptSettings], files: list[Path],
+def draw_rows(pipe, prompts: list[str], batches: list[list[int]], per_prompt: list[PromptSettings], files: list[Path] | None,
               config: SampleConfig, device, progress: bool, description: str = "sample",
-              settings: dict | None = None, reading=None) -> dict[int, list]:
+              settings: dict | None = None, reading=None, remedy: str | None = None) -> dict[int, list]:
     """Draw each batch of prompt indices (prompts of one `PromptSettings.call`) as `per_prompt` says, one image per
-    seed, each with its own seeded generator; write every image to its file (with `settings`, its prompt, seed and
-    own settings in the PNG's text) and return the rows by prompt index."""
+    seed, each with its own seeded generator; write every image to its file, if `files` (with `settings`, its prompt,
+    seed and own settings in the PNG's text) and return the rows by prompt index. `remedy`: as `decode`'s."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
@@ -542,6 +560,7 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], per_prompt: li
             images = draw(
                 pipe,
                 [prompts[index] for index in batch],
+                remedy=remedy,
                 negative_prompt=[per_prompt[index].negative_prompt for index in batch] if shared.negative_prompt is not None else None,
                 reading=reading,
                 num_images_per_prompt=count,
@@ -554,7 +573,7 @@ def draw_rows(pipe, prompts: list[str], batches: list[list[int]], per_prompt: li
             )
             for offset, index in enumerate(batch):
                 row = images[offset * count : (offset + 1) * count]
-                for column, image in enumerate(row):
+                for column, image in enumerate(row if files is not None else []):
                     own = {**(settings or {}), **per_prompt[index].shown()}
                     text = png_text({"prompt": prompts[index], "seed": per_prompt[index].seeds[column], **own})
                     with atomic_write(files[index * count + column]) as tmp:

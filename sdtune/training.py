@@ -55,7 +55,7 @@ RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "s
 # what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
 RUN_FILES = (ADAPTER_FILE, EMA_ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)
 RUN_FOLDERS = (LOGS_FOLDER, "checkpoints")
-VALIDATION_GRIDS = "samples"  # OUTPUT/samples/step-N.png (sample's grid.png and images/ there are not the run's)
+VALIDATION_GRIDS = "samples"  # OUTPUT/samples/step-N.png and its images step-N/ (sample's grid.png and images/ there are not the run's)
 
 
 @dataclass
@@ -112,6 +112,7 @@ class RunPlan:
     overwrite: bool
     start: str  # where the run would start: a new folder, a checkpoint, or over an earlier run (or "not read")
     buckets: list = field(default_factory=list)  # with --buckets: each concept image's (width, height)
+    validation_size: tuple[int, int] | None = None  # with --validate-every: the largest (width, height) its images take
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -141,6 +142,11 @@ class RunPlan:
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
+        if self.validation_size:
+            own = sum(bool(line.options) for line in inputs.sample_lines)
+            lines.append(f"validation every {counted(config.validate_every, 'step')}: {counted(len(inputs.sample_lines), 'prompt')} "
+                         f"up to {self.validation_size[0]}x{self.validation_size[1]}"
+                         + (f" ({own} with settings of their own)" if own else ""))
         if config.token_embeddings:
             lines.append("new token embeddings: " + "; ".join(f"<{name}> is {token!r}" for name, token in config.concept_tokens.items())
                          + f"; lr {config.embedding_lr:g}, from {config.embedding_init or 'each concept name'}"
@@ -201,6 +207,11 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     frames = [size for size in buckets if size is not None] if config.buckets else None
     classes = class_frames(config, resolution, buckets)
     sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes)  # and sizes the model or the machine cannot take
+    validation_size = None
+    if config.validate_every:  # the validation prompts' sizes and steps (a line's --w, --h, --s too)
+        from .validation import check_validation_fits
+
+        validation_size = check_validation_fits(config, inputs.sample_lines)
     if config.with_prior_preservation and not config.class_images:  # images drawn before, for another prompt or reading
         check_class_images_record(Path(config.output) / CLASS_IMAGES_FOLDER, config.class_prompt, config.prompt_reading)
     if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
@@ -221,7 +232,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = f"replaces an earlier run: {', '.join(earlier)}"
     else:
         start = "a new run"
-    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets)
+    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:
@@ -288,10 +299,14 @@ class Inputs:
     labelled: Any  # a LabelledDataset when training on a whole dataset, else None
     image_paths: list[Path]  # the concepts' training images
     held_out_paths: list[Path]  # the concepts' images held out for the validation loss
-    sample_prompts: list[str]  # the validation samples' prompts
+    sample_lines: list  # the validation samples' prompts, each with its line's options (data.PromptLine)
     prompts: list[str] = field(default_factory=list)  # each training image's prompt: its caption, else the template's
     held_out_prompts: list[str] = field(default_factory=list)
     concept_labels: list[int] = field(default_factory=list)  # each training image's concept (index into config.concepts)
+
+    @property
+    def sample_prompts(self) -> list[str]:
+        return [line.prompt for line in self.sample_lines]
 
 
 def read_inputs(config: TrainConfig) -> Inputs:
@@ -305,8 +320,8 @@ def read_inputs(config: TrainConfig) -> Inputs:
         warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=3)
     held_out_count = config.validation_images if config.validate_every else 0
     training, held_out = validation.hold_out(images, held_out_count, config.seed)
-    sample_prompts = validation.validation_prompts(config) if config.validate_every else []
-    inputs = Inputs(labelled, [p for p, _, _ in training], [p for p, _, _ in held_out], sample_prompts,
+    sample_lines = validation.validation_lines(config) if config.validate_every else []
+    inputs = Inputs(labelled, [p for p, _, _ in training], [p for p, _, _ in held_out], sample_lines,
                     prompts=[t for _, t, _ in training], held_out_prompts=[t for _, t, _ in held_out],
                     concept_labels=[c for _, _, c in training])
     return inputs
@@ -341,10 +356,13 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
 def sweep_run_folder(lock: OutputLock) -> None:
     """Remove the temporaries a killed run left in its folder (the lock is held: they are older than it)."""
     from .prior import CLASS_IMAGES_FOLDER
+    from .sampling import IMAGE_NAME
 
     output = lock.folder
     lock.sweep(lambda name: name in RUN_FILES + RUN_FOLDERS + (VALIDATION_GRIDS, CLASS_IMAGES_FOLDER))
     lock.sweep(lambda name: name.startswith("step-") and name.endswith(".png"), output / VALIDATION_GRIDS)
+    for images in validation_image_folders(output):
+        lock.sweep(lambda name: IMAGE_NAME.match(name) is not None, images)
     lock.sweep(lambda name: name.startswith("class-"), output / CLASS_IMAGES_FOLDER)
     lock.sweep(lambda name: name.startswith("step-"), output / "checkpoints")
 
@@ -355,7 +373,15 @@ def earlier_run(output: Path) -> list[str]:
     grids = output / VALIDATION_GRIDS
     if grids.is_dir() and any(grids.glob("step-*.png")):
         found.append(f"{VALIDATION_GRIDS}/step-N.png")
+    if validation_image_folders(output):
+        found.append(f"{VALIDATION_GRIDS}/step-N/")
     return found
+
+
+def validation_image_folders(output: Path) -> list[Path]:
+    """OUTPUT/samples/step-N: each validation's images, beside its grid step-N.png."""
+    grids = output / VALIDATION_GRIDS
+    return [path for path in grids.glob("step-*") if path.is_dir() and path.name[5:].isdigit()] if grids.is_dir() else []
 
 
 def remove_earlier_run(output: Path) -> None:
@@ -366,6 +392,8 @@ def remove_earlier_run(output: Path) -> None:
         remove_directory(output / name)
     for grid in (output / VALIDATION_GRIDS).glob("step-*.png"):
         grid.unlink(missing_ok=True)
+    for images in validation_image_folders(output):
+        remove_directory(images)
 
 
 @dataclass
@@ -1113,8 +1141,11 @@ class Trainer:
                 dtype = sampling_dtype(self.config.validation_dtype, self.device)
                 if dtype == torch.float32 and self.weight_dtype is not None:
                     dtype = self.weight_dtype  # frozen weights stored in half run in half
-                grid = validation.sample_grid(self.pipe, self.inputs.sample_prompts, self.resolution, self.device, dtype,
-                                              self.config.prompt_reading)
+                grid = validation.sample_grid(
+                    self.pipe, self.inputs.sample_lines, self.resolution, self.device, dtype, self.config.prompt_reading,
+                    width=self.config.validation_width, height=self.config.validation_height, model=self.config.model,
+                    folder=self.output / VALIDATION_GRIDS / f"step-{self.global_step}", step=self.global_step,
+                )
             validation.save_grid(grid, self.output, self.global_step)
             log_image(accelerator, "samples", grid, self.global_step)
         accelerator.wait_for_everyone()

@@ -15,26 +15,56 @@ from pathlib import Path
 from .fileio import atomic_write, counted
 
 DEFAULT_PROMPTS = ("photo of a <{concept}>.", "a <{concept}> in the snow", "an oil painting of a <{concept}>")
+# a prompt's seeds, steps and guidance where its line in --validation-prompts gives no --d, --s, --l (a --d gives the
+# first seed: consecutive, as `sdtune sample --seed` with --num-images)
 SAMPLE_SEEDS = (0, 1)
 SAMPLE_STEPS = 30
 SAMPLE_GUIDANCE = 7.5
-# why a --validation-prompts file's kohya-ss options (--n, --w, ...) are not used
-VALIDATION_OPTIONS_UNUSED = "validation grids are drawn alike at every check (the training resolution, fixed seeds, steps and guidance), to be compared"
+SIZE_FLAGS = ("--validation-width", "--validation-height")
 LOSS_TIMESTEPS = 5  # evenly spaced over the schedule
 LOSS_SEED = 1234
 LOSS_BATCH = 8
 MIN_TRAINING_IMAGES = 3  # what must remain after holding images out
 
 
-def validation_prompts(config) -> list[str]:
-    """The prompts of `config.validation_prompts` (a file), else a few with the concept; placeholders filled."""
-    from .data import fill_placeholders, read_prompt_file
+def validation_lines(config) -> list:
+    """The prompts of `config.validation_prompts` (a file), each with its line's kohya-ss options (`data.PromptLine`:
+    --n, --w, --h, --d, --s, --l, as `sdtune sample` and kohya-ss' --sample_prompts read them), else a few with the
+    concept; placeholders filled, in negative prompts too."""
+    from dataclasses import replace
+
+    from .data import PromptLine, fill_placeholders, read_prompt_lines
 
     if config.validation_prompts:
-        prompts = read_prompt_file(config.validation_prompts, VALIDATION_OPTIONS_UNUSED)
+        lines = read_prompt_lines(config.validation_prompts)
     else:
-        prompts = [p.format(concept=concept) for concept in config.concepts for p in DEFAULT_PROMPTS]
-    return [fill_placeholders(p, config.concept_tokens if len(config.concepts) > 1 else config.token) for p in prompts]
+        lines = [PromptLine(p.format(concept=concept)) for concept in config.concepts for p in DEFAULT_PROMPTS]
+    token = config.concept_tokens if len(config.concepts) > 1 else config.token
+    return [replace(line, prompt=fill_placeholders(line.prompt, token),
+                    negative_prompt=fill_placeholders(line.negative_prompt, token) if line.negative_prompt else line.negative_prompt)
+            for line in lines]
+
+
+def sampling_config(resolution: int | None, width: int | None = None, height: int | None = None):
+    """Validation's drawing as `sdtune sample`'s settings: SAMPLE_SEEDS, SAMPLE_STEPS and SAMPLE_GUIDANCE at `width` ×
+    `height` (--validation-width and --validation-height; each by default the training resolution's side), for
+    `sampling.prompt_settings` to apply each line's options over."""
+    from .config import SampleConfig
+
+    return SampleConfig(num_images=len(SAMPLE_SEEDS), seed=SAMPLE_SEEDS[0], steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
+                        resolution=resolution, width=width, height=height)
+
+
+def check_validation_fits(config, lines: list) -> tuple[int, int]:
+    """The validation images' sizes and steps (`config`: a resolved TrainConfig; `lines`: `validation_lines`) against the
+    model and the machine, as `sdtune sample` checks its own, each line's --w, --h and --s naming its file and line,
+    before the model loads; returns the largest (width, height) drawn."""
+    from .limits import check_sample_fits
+    from .sampling import grid_size
+
+    drawing = sampling_config(config.resolution, config.validation_width, config.validation_height)
+    asked = f"--validate-every with {counted(len(lines), 'validation prompt')} at {counted(len(SAMPLE_SEEDS), 'seed')}"
+    return check_sample_fits(config.model, drawing, len(lines), grid_size, lines, flags=SIZE_FLAGS, asked=asked)
 
 
 def hold_out(paths: list[Path], count: int, seed: int) -> tuple[list[Path], list[Path]]:
@@ -134,44 +164,44 @@ def on_device(modules, device):
             module.to(place)
 
 
-def sample_grid(pipe, prompts: list[str], resolution: int, device, dtype=None, reading=None):
-    """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet.
+def sample_grid(pipe, prompts: list, resolution: int, device, dtype=None, reading=None, *, width: int | None = None,
+                height: int | None = None, folder: Path | None = None, model: str = "", step: int | None = None):
+    """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet, as `sdtune sample`
+    draws (`sampling.draw_rows`): each prompt (a `data.PromptLine`, or its text) with its line's negative prompt, size,
+    seed, steps and guidance where the line gives them, else validation's own (`sampling_config`: `width` × `height`,
+    each by default `resolution`), prompts of one setting through the pipeline together. With `folder`, every image
+    is written there too, its PNG text naming its prompt, seed and settings, `model` and the training `step`.
 
     The UNet being trained keeps its weights; with `dtype` fp16 or bf16 (see `sdtune sample --dtype`) it
     and the text encoder run under autocast in that dtype, and the VAE decodes in its own dtype (the images
-    that overflow in fp16 are decoded again in fp32, and the VAE stays fp16: `sampling.decode`). Every
-    prompt and seed goes through the pipeline at once (a few calls for many prompts).
+    that overflow in fp16 are decoded again in fp32, and the VAE stays fp16: `sampling.decode`).
     """
     import torch
 
-    from .conditioning import PromptReading, pipeline_prompts
+    from .conditioning import PromptReading
+    from .data import PromptLine
     from .models import text_encoders
     from .precision import TRAINING_VAE_REMEDY
-    from .sampling import IMAGES_PER_CALL, decode, make_grid, zero_snr_guidance_rescale
+    from .sampling import draw_rows, generation_settings, image_name, make_grid, prompt_batches, prompt_settings
 
-    pipe.set_progress_bar_config(disable=True)
+    lines = [prompt if isinstance(prompt, PromptLine) else PromptLine(prompt) for prompt in prompts]
+    texts = [line.prompt for line in lines]
+    config = sampling_config(resolution, width, height)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    per_prompt = [prompt_settings(config, line, native, None) for line in lines]  # placeholders filled: `validation_lines`
+    reading = reading or PromptReading()
     dtype = dtype or torch.float32
-    per_call = max(1, IMAGES_PER_CALL // len(SAMPLE_SEEDS))
-    images = []
-    with torch.no_grad(), evaluating([pipe.unet]), on_device([pipe.vae, *text_encoders(pipe)], device):
-        for first in range(0, len(prompts), per_call):
-            batch = prompts[first : first + per_call]
-            generators = [torch.Generator(device).manual_seed(seed) for _ in batch for seed in SAMPLE_SEEDS]
-            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-                latents = pipe(
-                    **pipeline_prompts(pipe, batch, reading=reading or PromptReading()),
-                    num_images_per_prompt=len(SAMPLE_SEEDS),
-                    generator=generators,
-                    num_inference_steps=SAMPLE_STEPS,
-                    guidance_scale=SAMPLE_GUIDANCE,
-                    guidance_rescale=zero_snr_guidance_rescale(pipe.scheduler),
-                    height=resolution,
-                    width=resolution,
-                    output_type="latent",
-                ).images
-            images += decode(pipe, latents, TRAINING_VAE_REMEDY)
-    rows = [images[i * len(SAMPLE_SEEDS) : (i + 1) * len(SAMPLE_SEEDS)] for i in range(len(prompts))]
-    return make_grid(rows, prompts)
+    files = settings = None
+    if folder is not None:
+        files = [Path(folder) / image_name(index, seed) for index, own in enumerate(per_prompt) for seed in own.seeds]
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        settings = {**generation_settings(pipe, config, model, dtype, 1.0, reading), "step": step}
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad(), evaluating([pipe.unet]), on_device([pipe.vae, *text_encoders(pipe)], device), \
+            torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+        rows = draw_rows(pipe, texts, prompt_batches(per_prompt, config.num_images), per_prompt, files, config, device,
+                         progress=False, description="validation", settings=settings, reading=reading, remedy=TRAINING_VAE_REMEDY)
+    return make_grid([rows[index] for index in range(len(lines))], texts)
 
 
 def save_grid(grid, output: Path, step: int) -> Path:

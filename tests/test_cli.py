@@ -219,6 +219,21 @@ def test_sample_draws_at_any_aspect_ratio(tmp_path, private_cache):
     assert Image.open(tmp_path / "landscape" / "grid.png").size == grid_size(rows=1, columns=1, image_size=(128, 64))
 
 
+def test_a_grid_keeps_every_images_aspect_in_rows_and_columns_of_mixed_sizes():
+    """Runs or prompts of other sizes side by side (`compare`'s grid): a row as tall as its tallest cell, each image
+    scaled to that height keeping its aspect, each column as wide as its widest cell."""
+    from sdtune.sampling import make_grid
+
+    square, wide, tall = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (128, 64), "blue"), Image.new("RGB", (32, 64), "green")
+    grid = make_grid([[square, wide], [tall, square]], ["first", "second"])
+    # row 1: cells 128x128 and 256x128; row 2: the tall one 64x128 (enlarged until its smaller side is 128: 128x256), so
+    # the row is 256 tall and the square beside it 256x256; columns 128 and 256 wide
+    assert grid.size == (4 + 128 + 4 + 256 + 4, 4 + 128 + 28 + 4 + 256 + 28 + 4)
+    cells = {(4, 4, 132, 132): "red", (136, 4, 392, 132): "blue", (4, 164, 132, 420): "green", (136, 164, 392, 420): "red"}
+    for box, colour in cells.items():
+        assert set(grid.crop(box).getdata()) == {Image.new("RGB", (1, 1), colour).getpixel((0, 0))}, box
+
+
 def test_sample_refuses_bad_widths_and_heights_before_the_model_loads(tmp_path, monkeypatch):
     import sdtune.models
 

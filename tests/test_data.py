@@ -50,6 +50,18 @@ def test_prompt_lines_carry_kohya_ss_options(tmp_path):
     assert unused == [f"prompt file {path}: 2 lines give --d, --h, --l, --n, --s, --w (kohya-ss' options), left unused: the reason"]
 
 
+def test_a_prompt_line_written_back_reads_as_it_was(tmp_path):
+    from sdtune.data import parse_prompt_line, prompt_line_text
+
+    lines = [
+        PromptLine("a <castle> at dusk", negative_prompt="blurry, low-res", width=512, height=768, seed=42, steps=30, guidance=7.5),
+        PromptLine("plain--text", height=64, guidance=3.0),
+        PromptLine("a castle"),
+    ]
+    assert prompt_line_text(lines[0]) == "a <castle> at dusk --n blurry, low-res --w 512 --h 768 --d 42 --s 30 --l 7.5"
+    assert [parse_prompt_line(prompt_line_text(line))[0] for line in lines] == lines
+
+
 @pytest.mark.parametrize("line, message", [
     ("a --w abc", "--w takes the width in pixels, a positive multiple of 8, got 'abc'"),
     ("a --h 500", "--h takes the height in pixels, a positive multiple of 8, got '500'"),

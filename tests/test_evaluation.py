@@ -423,6 +423,34 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
     assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64), header=True)
 
 
+def test_compare_grid_draws_prompt_lines_with_their_options_keeping_each_images_aspect(two_runs, tmp_path):
+    """A --prompts line's --w, --h, --d, ... are drawn alike for every run (as `sdtune sample` draws them); the grid lays
+    rows of other aspects out as they are; a line's size the model cannot take is refused, naming it, before anything
+    is written."""
+    from sdtune.comparison import GRID_PROMPTS_FILE
+    from sdtune.data import read_prompt_lines
+    from sdtune.errors import SdtuneError
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# grid\na <castle> --w 128 --h 64 --d 3 --n fog --l 4.5\na <castle> at night --h 96\n")
+    out = tmp_path / "cmp"
+    sdtune.compare([str(run) for run in two_runs], str(out), prompt=["plain <castle>"], prompts=str(prompts), steps=1, progress=False)
+    grid = Image.open(out / "grid.png")
+    assert grid.size == grid_size(rows=3, columns=2, image_size=(64, 64), header=True, row_sizes=[(64, 64), (128, 64), (64, 96)])
+    for run in two_runs:
+        drawn = sorted((out / "samples" / run.name / "images").iterdir())
+        assert [path.name for path in drawn] == ["000-seed0.png", "001-seed3.png", "002-seed0.png"]
+        assert [Image.open(path).size for path in drawn] == [(64, 64), (128, 64), (64, 96)]
+    written = read_prompt_lines(out / "samples" / GRID_PROMPTS_FILE)
+    assert [(line.prompt, line.width, line.height, line.seed, line.negative_prompt, line.guidance) for line in written] == [
+        ("a <castle>", 128, 64, 3, "fog", 4.5), ("a <castle> at night", None, 96, None, None, None)]
+
+    prompts.write_text("a castle\na tower --w 8\n")
+    with pytest.raises(SdtuneError, match=f"^{prompts} line 2: --width 8 is too small for tiny-random"):
+        sdtune.compare([str(run) for run in two_runs], str(tmp_path / "refused"), prompts=str(prompts), steps=1, progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):
     result = invoke("compare", *two_runs, "--output", tmp_path / "cmp", "--no-grid")
     assert result.exit_code == 0, result.output
@@ -723,13 +751,12 @@ def test_an_evaluation_of_before_the_adapter_digest_is_read_by_the_files_times(t
         assert summarize_run(run).metrics == {}
 
 
-def test_evaluate_compare_and_validation_read_prompt_files_without_their_kohya_options(metric_models, image_sets, tmp_path):
+def test_evaluate_reads_prompt_files_without_their_kohya_options_and_compare_with_them(metric_models, image_sets, tmp_path):
     """Where one setting draws every prompt, a line's --n, --w, ... are left unused with one warning saying why; CLIP-T
-    scores the prompt alone, as given without them."""
+    scores the prompt alone, as given without them. Compare's grid draws every run with a line's own options."""
     from types import SimpleNamespace
 
     from sdtune.comparison import grid_prompts
-    from sdtune.validation import validation_prompts
 
     clip_path, dino_path = metric_models
     prompts = tmp_path / "prompts.txt"
@@ -741,8 +768,6 @@ def test_evaluate_compare_and_validation_read_prompt_files_without_their_kohya_o
     assert result.report["prompts"] == ["a castle", "a tower", "a bridge", "a gate"]
     assert result.metrics["clip_t"] == plain.metrics["clip_t"]
 
-    with pytest.warns(UserWarning, match="left unused: compare's grid draws every run at one setting"):
-        assert grid_prompts(SimpleNamespace(prompt=["first"], prompts=str(prompts)), []) == ["first", "a castle", "a tower", "a bridge", "a gate"]
-    with pytest.warns(UserWarning, match="left unused: validation grids are drawn alike at every check"):
-        config = SimpleNamespace(validation_prompts=str(prompts), concepts=["castle"], token="sks castle")
-        assert validation_prompts(config) == ["a castle", "a tower", "a bridge", "a gate"]
+    lines = grid_prompts(SimpleNamespace(prompt=["first"], prompts=str(prompts)), [])  # compare's grid draws a line's options
+    assert [line.prompt for line in lines] == ["first", "a castle", "a tower", "a bridge", "a gate"]
+    assert (lines[1].negative_prompt, lines[1].width, lines[3].seed) == ("blurry", 512, 3)

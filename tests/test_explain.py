@@ -49,6 +49,11 @@ def test_token_grid():
     assert token_grid(16, 64, 64) == (4, 4)
     assert token_grid(8, 4, 8) == (2, 4)
     assert token_grid(77, 8, 8) is None  # text tokens (cross-attention keys) are not an image
+    # a latent of another aspect (--width/--height, a prompt line's --w/--h), at every stride-2 level of the UNet
+    assert token_grid(96, 12, 8) == (12, 8) and token_grid(24, 12, 8) == (6, 4) and token_grid(6, 12, 8) == (3, 2)
+    assert token_grid(70, 13, 20) == (7, 10)  # odd sides round up, as a stride-2 convolution with padding 1 does
+    assert token_grid(6, 4, 5) == (2, 3)
+    assert token_grid(12, 8, 8) is None and token_grid(12, 2, 6) == (2, 6)
 
 
 def expected_grid_size(maps: int, cell: int) -> tuple[int, int]:
@@ -105,6 +110,38 @@ def test_maps_use_the_conditional_half_at_the_chosen_step(tmp_path):
     torch.testing.assert_close(
         mean_maps[name], cluster_maps(sum(c[1] for c in calls) / 4, method.layers[name].clusters(), 8, 8)
     )
+
+
+def test_cluster_maps_of_a_non_square_image_lie_on_its_latent_grid(tmp_path):
+    """An image taller than wide (--width 64 --height 96: 12 x 8 latents): each layer's tokens are read on its own
+    level's grid of that shape, and the overlays keep the image's aspect."""
+    from sdtune.adapter import load_adapter
+    from sdtune.models import load_pipeline
+
+    run, _ = make_run(tmp_path, "gift", {"clusters": 4})
+    pipe = load_pipeline("tiny-random")
+    method = load_adapter(run, pipe, merge=False)
+    calls = {}
+    handles = [method.layers[name].register_forward_hook(lambda m, a, out, name=name: calls.setdefault(name, out.detach().clone()))
+               for name in method.target_names]
+    image, maps, _ = gift_cluster_maps(pipe, method, method.target_names, "a castle", step=0, steps=2, guidance=7.5, seed=0,
+                                       resolution=None, width=64, height=96)
+    for handle in handles:
+        handle.remove()
+    assert image.size == (64, 96)
+    levels = [(12, 8), (6, 4), (3, 2), (2, 1)]  # each side halved, rounded up, by the UNet's stride-2 downsamplings
+    assert {tuple(found.shape[1:]) for found in maps.values()} <= set(levels)
+    assert {(12, 8), (6, 4)} <= {tuple(found.shape[1:]) for found in maps.values()}
+    for name, found in maps.items():
+        tokens = calls[name][1]  # step 0's conditional half
+        torch.testing.assert_close(found, cluster_maps(tokens, method.layers[name].clusters(), *found.shape[1:]))
+
+    result = explain(run, prompt="a castle", steps=2, width=64, height=96, output=tmp_path / "tall")
+    assert Image.open(result.image).size == (64, 96)
+    name = method.target_names[0]
+    columns = rows = 2  # four clusters
+    assert Image.open(result.output / f"{name}.png").size == (
+        columns * 64 + (columns + 1) * GRID_PAD, HEADER + rows * 96 + (rows + 1) * GRID_PAD)
 
 
 def test_atoms_explain_draws_tiles_and_norms(tmp_path):
@@ -188,6 +225,8 @@ def test_explain_config_checks_its_settings():
         ExplainConfig.load(None, run="runs/castle-gift", steps=0)
     with pytest.raises(SdtuneError, match="--resolution must be a positive multiple of 8, got 12"):
         ExplainConfig.load(None, run="runs/castle-gift", resolution=12)
+    with pytest.raises(SdtuneError, match="--height must be a positive multiple of 8, got 100"):
+        ExplainConfig.load(None, run="runs/castle-gift", height=100)
     with pytest.raises(SdtuneError, match="unknown setting"):
         ExplainConfig.load(None, run="runs/castle-gift", strength=2)
 

@@ -538,6 +538,99 @@ def test_validation_samples_loss_and_tensorboard_events(tmp_path, tiny_path, fas
     assert "samples" in tags["images"] and [e.step for e in events.Images("samples")] == [2, 4]
 
 
+def test_validation_prompts_are_drawn_with_their_lines_options_as_sample_draws_them(tmp_path, tiny_path, fast_sampling):
+    """A --validation-prompts line's --n, --w, --h, --d, --s and --l are its own (kohya-ss' --sample_prompts reads them
+    alike), the others drawn at --validation-width x --validation-height; each image's PNG text says how it was
+    drawn; the grid keeps each row's aspect; and drawing them leaves the training as it is."""
+    import json
+
+    from PIL import Image
+
+    from sdtune.sampling import SETTINGS_CHUNK, grid_size
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a <castle> --n blurry <castle> --w 64 --h 128 --d 7 --s 3 --l 5\nplain <castle>\n")
+    settings = dict(steps=2, seed=3, validate_every=2)
+    run = run_training(tmp_path, "options", validation_prompts=str(prompts), validation_width=128, **settings)
+    grid = Image.open(run.output / "samples" / "step-2.png")
+    assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64), row_sizes=[(64, 128), (128, 64)])
+    images = run.output / "samples" / "step-2"
+    assert sorted(path.name for path in images.iterdir()) == ["000-seed7.png", "000-seed8.png", "001-seed0.png", "001-seed1.png"]
+    own = Image.open(images / "000-seed8.png")
+    shown = json.loads(own.text[SETTINGS_CHUNK])
+    assert own.size == (64, 128)
+    assert {key: shown[key] for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "step")} == {
+        "prompt": "a sks castle", "negative_prompt": "blurry sks castle", "seed": 8, "steps": 3, "guidance": 5,
+        "width": 64, "height": 128, "step": 2,
+    }
+    plain = json.loads(Image.open(images / "001-seed0.png").text[SETTINGS_CHUNK])
+    assert (plain["prompt"], plain["steps"], plain["guidance"], plain["width"], plain["height"]) == (
+        "plain sks castle", validation.SAMPLE_STEPS, validation.SAMPLE_GUIDANCE, 128, 64)
+    assert "negative_prompt" not in plain and plain["model"] == "tiny-random"
+    unvalidated = run_training(tmp_path, "unvalidated", **{**settings, "validate_every": 0})
+    assert run.adapter.read_bytes() == unvalidated.adapter.read_bytes()
+
+    from sdtune.training import earlier_run, remove_earlier_run
+
+    (run.output / "samples" / "step-2.png").unlink()
+    assert "samples/step-N/" in earlier_run(run.output)  # the images alone are an earlier run's, which --overwrite removes
+    remove_earlier_run(run.output)
+    assert not images.exists() and earlier_run(run.output) == []
+
+
+def test_a_run_drawing_validation_prompts_with_their_own_options_resumes_exactly(tmp_path, tiny_path, monkeypatch):
+    from helpers import uninterrupted_and_resumed
+
+    prompts = tmp_path / "prompts.txt"  # each line its own steps: few, and the same in the resumed run
+    prompts.write_text("a <castle> --w 64 --h 96 --d 5 --s 2 --n fog\nanother <castle> --l 3 --s 2\n")
+
+    def configure(output, **changes):
+        return TrainConfig(**{"model": "tiny-random", "steps": 3, "checkpoint_every": 1, "validate_every": 1, "log_with": "none",
+                              "validation_prompts": str(prompts), "validation_height": 72, "output": str(output), **changes})
+
+    whole, resumed = uninterrupted_and_resumed(configure, tmp_path, monkeypatch, 2)
+    assert resumed.resumed_from is not None and resumed.losses == whole.losses[2:]
+    assert resumed.adapter.read_bytes() == whole.adapter.read_bytes()
+    for name in ("000-seed5.png", "001-seed1.png"):  # the last step's images: the same weights draw the same images
+        assert (resumed.output / "samples" / "step-3" / name).read_bytes() == (whole.output / "samples" / "step-3" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "line,settings,message",
+    [
+        ("a castle", dict(validation_width=8), "^--validation-width 8 is too small for tiny-random: at least"),
+        ("a castle --h 8", dict(), "^{prompts} line 2: --height 8 is too small for tiny-random"),
+        ("a castle --s 5000", dict(), "^{prompts} line 2: --steps 5,000: tiny-random's scheduler has 1000 timesteps"),
+        ("a castle --w 12", dict(), "^{prompts} line 2: --w takes the width in pixels, a positive multiple of 8, got '12'"),
+    ],
+)
+def test_validation_sizes_and_steps_are_refused_before_the_model_loads(tmp_path, tiny_path, line, settings, message):
+    import re
+
+    from sdtune.training import plan_run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# sizes\n{line}\n")
+    config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validate_every=1, validation_prompts=str(prompts), **settings)
+    with pytest.raises(SdtuneError, match=re.escape(message.format(prompts=prompts)).replace("\\^", "^")):
+        plan_run(config)
+
+
+def test_validation_width_and_height_are_multiples_of_8(tmp_path):
+    with pytest.raises(SdtuneError, match="^--validation-height must be a positive multiple of 8, got 100$"):
+        TrainConfig(validation_height=100).validate()
+
+
+def test_the_dry_run_says_the_validation_size(tmp_path, tiny_path):
+    from sdtune.training import plan_run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle --w 96\na tower\n")
+    config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validate_every=5, validation_prompts=str(prompts),
+                         validation_height=80)
+    assert "validation every 5 steps: 2 prompts up to 96x80 (1 with settings of their own)" in plan_run(config).summary()
+
+
 def wandb_records(path):
     """The records of an offline W&B run file (a LevelDB-style log of protobuf records, 32 KiB blocks)."""
     import struct
@@ -708,12 +801,16 @@ def test_hold_out_and_its_fallback(tmp_path):
 
 
 def test_validation_prompts_fill_the_token(tmp_path):
+    from sdtune.data import PromptLine
+
     config = TrainConfig(concept="castle").resolved(1e-3)
-    assert validation.validation_prompts(config)[0] == "photo of a sks castle."
+    assert validation.validation_lines(config)[0] == PromptLine("photo of a sks castle.")
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# comment\nthe <castle> at night\n")
+    prompts.write_text("# comment\nthe <castle> at night --n a <castle> by day --d 3\n")
     config = TrainConfig(concept="castle", validation_prompts=str(prompts)).resolved(1e-3)
-    assert validation.validation_prompts(config) == ["the sks castle at night"]
+    assert validation.validation_lines(config) == [
+        PromptLine("the sks castle at night", f"{prompts} line 2", negative_prompt="a sks castle by day", seed=3)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
