@@ -303,6 +303,17 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     return method
 
 
+def warn_missing_base_adapters(paths: list) -> None:
+    """Warn, once per adapter, where one of `paths` was trained on top of base adapters (`sdtune train
+    --base-adapters`) that are not among `paths`: what it learned is drawn on another model without them."""
+    import warnings
+
+    from .starting_weights import missing_base_adapters
+
+    for notice in missing_base_adapters([str(p) for p in paths], [adapter_info(p) for p in paths]):
+        warnings.warn(notice, stacklevel=3)
+
+
 def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
     """Apply the adapter at `path` to `pipeline` at strength `scale` (W + scale·ΔW); merged by default.
 
@@ -317,6 +328,7 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     if not merge and is_kohya_file(path):
         raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
     checked_scale(scale)  # before the adapter is bound: a refused scale leaves the pipeline as it was
+    warn_missing_base_adapters([path])
     adapter = open_adapter(path, pipeline)
     if scale != 1.0:
         adapter.set_scale(scale)
@@ -385,6 +397,7 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     stack = stacked_tokens(paths, pipeline)  # before any adapter is bound: a refusal leaves the pipeline as it was
     if stack.notice:
         warnings.warn(stack.notice, stacklevel=2)
+    warn_missing_base_adapters(paths)
     # by weight: the module, the parameter name, and in the adapters' order each one's update (a function) or, where
     # the first ones held theirs already (kohya files, weights trained in place), their sum so far (a tensor)
     pending: dict[tuple[int, str], tuple] = {}

@@ -332,6 +332,8 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         "sdtune_placeholder": info.placeholder,
         "sdtune_token": info.token,
         **{key: info.extra[key] for key in (CONCEPT_TOKENS,) if key in info.extra},  # several concepts' tokens
+        # where training started (--init-weights, --base-adapters): kohya-ss records neither, so sdtune's own keys
+        **{f"sdtune_{key}": info.extra[key] for key in ("init_weights", "base_adapters") if key in info.extra},
     }
     metadata["ss_v2"] = str(metadata["ss_base_model_version"] == "sd_v2")
     if "modelspec.prediction_type" in metadata:  # kohya-ss' --v_parameterization, which model managers read too

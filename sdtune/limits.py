@@ -491,6 +491,13 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0) -
     if class_count:
         asked = f"--num-class-images {config.num_class_images:,}" if config.num_class_images else f"--class-images {config.class_images}"
         on_host.append((asked, f"{class_count:,} class images", class_count * pixels))
+    if config.base_adapters:  # read whole while they are merged into the frozen weights (adapter.load_adapters)
+        from .adapter import adapter_path
+        from .starting_weights import parse_base_adapter
+
+        files = [adapter_path(parse_base_adapter(entry).path) for entry in config.base_adapters]
+        on_host.append((f"--base-adapters ({len(files)})", "the base adapters' tensors while they are merged",
+                        sum(f.stat().st_size for f in files)))
     if config.mixed_precision == "fp16" and not config.no_half_vae:  # `precision.place_frozen_models`
         on_host.append(("--mixed-precision fp16", "the VAE decoder's fp32 weights (for overflowing fp16 decodes)",
                         decoder_parameters * 4))
