@@ -165,13 +165,15 @@ def init_weights_options(config) -> StartingOptions:
         if bool(info.text_encoders) and not config.train_text_encoder:
             raise SdtuneError(f"{where} trained the text encoder too: add --train-text-encoder to start from all of it")
         file_options = dict(info.options)
+    # an sdtune adapter records every option; a kohya file's tensors fix only those it gave (targets stay the run's)
+    judged = set(file_options) if is_kohya_file(path) else None
 
     def resolved(options: dict[str, Any]) -> dict[str, Any]:
         return dataclasses.asdict(method_class(**options).options)
 
     from_file, run, defaults = resolved(file_options), resolved({**file_options, **config.options}), resolved({})
     for name, value in run.items():
-        if name not in method_class.training_only_options and value != from_file[name]:
+        if name not in method_class.training_only_options and (judged is None or name in judged) and value != from_file[name]:
             raise SdtuneError(f"{where} holds tensors of {name} {from_file[name]!r}; the run sets {value!r} "
                               f"(leave the option out to take the file's)")
     taken = {name: value for name, value in file_options.items()
