@@ -34,13 +34,15 @@ def trained(tmp_path_factory, tiny_path):
     """A LoRA (rank 2, alpha 1), a LoHa and a LoKr trained a few steps on tiny-random, and their kohya exports."""
     root = tmp_path_factory.mktemp("start")
     runs = {}
-    for method, options in (("lora", {"rank": 2, "alpha": 1.0}), ("loha", {"rank": 2}), ("lokr", {"rank": 2})):
-        run = train(settings(root / method, method=method, options=options, steps=4, lr=3e-2), progress=False).output
-        kohya = root / f"{method}-kohya.safetensors"
+    kinds = (("lora", "lora", {"rank": 2, "alpha": 1.0}), ("loha", "loha", {"rank": 2}), ("lokr", "lokr", {"rank": 2}),
+             ("lora-dora", "lora", {"rank": 2, "dora": True}))
+    for name, method, options in kinds:
+        run = train(settings(root / name, method=method, options=options, steps=4, lr=3e-2), progress=False).output
+        kohya = root / f"{name}-kohya.safetensors"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # LyCORIS' loader notes
             export_adapter(run, "kohya", kohya)
-        runs[method], runs[f"{method}-kohya"] = run, kohya
+        runs[name], runs[f"{name}-kohya"] = run, kohya
     return runs
 
 
@@ -58,7 +60,7 @@ def sampled_output(adapters, inputs, scales=None) -> torch.Tensor:
     return run_unet(pipe.unet, inputs)
 
 
-@pytest.mark.parametrize("source", ["lora", "lora-kohya", "loha-kohya", "lokr-kohya", "loha", "lokr"])
+@pytest.mark.parametrize("source", ["lora", "lora-kohya", "loha-kohya", "lokr-kohya", "lora-dora-kohya", "loha", "lokr"])
 def test_step_zero_with_init_weights_is_the_adapter_loaded(source, trained, tmp_path, inputs):
     """Rank and alpha come from the file (--dim_from_weights); the run's UNet before its first step computes what
     sampling with the file computes, for sdtune adapters and kohya/LyCORIS files alike."""
@@ -66,8 +68,9 @@ def test_step_zero_with_init_weights_is_the_adapter_loaded(source, trained, tmp_
     config = settings(tmp_path / "run", method=method, init_weights=str(trained[source]))
     plan = plan_run(config)
     assert plan.config.options["rank"] == 2 and plan.taken_options["rank"] == 2
-    if method == "lora":
+    if source == "lora-kohya":
         assert plan.config.options["alpha"] == 1.0 and plan.taken_options["alpha"] == 1.0
+    assert plan.config.options.get("dora", False) == ("dora" in source)
     assert any(f"start from {trained[source]}" in line for line in plan.summary())
     fresh = step_zero_output(settings(tmp_path / "fresh", method=method, options={"rank": 2}), inputs)
     started = step_zero_output(config, inputs)
