@@ -189,7 +189,7 @@ def load_init_weights(path: str | Path, method, pipeline) -> None:
 
     from .adapter import adapter_path, read_adapter_info
     from .kohya import is_kohya_file, kohya_module_lookup, read_kohya
-    from .methods.base import check_state_shapes, fingerprint_of, same_weights
+    from .methods.base import check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample
     from .models import TEXT_ENCODER_COMPONENTS
     from .safetensors_checks import first_non_finite, read_tensors
 
@@ -215,10 +215,14 @@ def load_init_weights(path: str | Path, method, pipeline) -> None:
             raise SdtuneError(f"{where}: {error}") from None
     else:
         info, _ = read_adapter_info(path)
-        if info.structure != method.base_structure:
+        # the layers the adapter tuned: the UNet's alone where it trained no text encoder (the run may add them)
+        targets = [name for name in method.target_names if info.text_encoders or name.partition(".")[0] not in method.text_encoders]
+        structure = structure_digest(method.models, targets)
+        sample = weight_sample(method.models, targets, base=True)
+        if info.structure != structure:
             raise SdtuneError(f"{where} was trained on base model {info.base_model!r}; this model's layers have other names or shapes")
         expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
-        if fingerprint_of(info.structure, method.base_sample) != info.fingerprint and not same_weights(expected, method.base_sample):
+        if fingerprint_of(info.structure, sample) != info.fingerprint and not same_weights(expected, sample):
             raise SdtuneError(f"{where} was trained on base model {info.base_model!r}; this model's weights differ")
         from .token_embeddings import split_state
 

@@ -206,3 +206,26 @@ def test_base_adapters_in_toml_and_from_the_command_line(trained, tmp_path):
     assert f"{trained['lokr']} at 0.25" in result.output and f"{trained['loha']}" not in result.output
     result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--dry-run", "--base-adapters", str(tmp_path / "none:0.5")])
     assert result.exit_code == 2 and "adapter not found" in result.output, result.output
+
+
+def test_init_weights_start_the_text_encoder_too(trained, tmp_path):
+    """An adapter (and its kohya export) that trained the text encoder starts a --train-text-encoder run's text encoder
+    layers too; a UNet-only adapter starts such a run's UNet layers, its text encoder layers fresh."""
+    te_run = train(settings(tmp_path / "te", method="lora", options={"rank": 2}, train_text_encoder=True, steps=3, lr=3e-2),
+                   progress=False).output
+    exported = tmp_path / "te.safetensors"
+    export_adapter(te_run, "kohya", exported)
+    tokenizer = load_pipeline("tiny-random").tokenizer
+    ids = tokenizer(["a photo of a castle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    for source in (te_run, exported):
+        config = settings(tmp_path / f"from-{source.name}", method="lora", train_text_encoder=True, init_weights=str(source))
+        with open_trainer(config, progress=False) as trainer, torch.no_grad():
+            started = trainer.pipe.text_encoder.eval()(ids)[0]
+        pipe = load_pipeline("tiny-random")
+        load_adapter(source, pipe)
+        with torch.no_grad():
+            torch.testing.assert_close(started, pipe.text_encoder(ids)[0], atol=1e-5, rtol=1e-4)
+            assert not torch.allclose(started, load_pipeline("tiny-random").text_encoder(ids)[0], atol=1e-3)
+    config = settings(tmp_path / "unet-only", method="lora", train_text_encoder=True, init_weights=str(trained["lora"]))
+    with open_trainer(config, progress=False) as trainer:
+        assert trainer.method.text_encoders  # the UNet's tensors from the file, the text encoder's as a fresh run's
