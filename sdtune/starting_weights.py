@@ -181,15 +181,44 @@ def init_weights_options(config) -> StartingOptions:
     return StartingOptions({**file_options, **config.options}, taken)
 
 
-def load_init_weights(path: str | Path, method, pipeline) -> None:
-    """Copy the file's tensors into the injected `method` (on `pipeline`'s UNet and the text encoders it trains),
-    checked against the base model: an sdtune adapter's fingerprint, a kohya file's module names and shapes."""
+def check_init_weights_base(path: str | Path, method, unet, text_encoders: list) -> None:
+    """Before `method` is injected into `unet` (and `text_encoders`): refuse an sdtune adapter trained on another base
+    model, by its fingerprint of the layers it tuned (the UNet's alone where it trained no text encoder, which the run
+    may add), as `load_adapter` does; the weights before any base adapter was merged count (adapters stack). A kohya
+    file's modules are checked by name and shape as they load (`load_init_weights`)."""
     import numpy as np
     import torch
 
     from .adapter import adapter_path, read_adapter_info
+    from .kohya import is_kohya_file
+    from .methods.base import (
+        ModelParts, fingerprint_of, same_weights, structure_digest, text_encoder_layers, text_encoder_prefix, weight_sample,
+    )
+
+    path = adapter_path(path)
+    if is_kohya_file(path):
+        return
+    info, _ = read_adapter_info(path)
+    encoders = {text_encoder_prefix(i): text_encoder_layers(e) for i, e in enumerate(text_encoders)} if info.text_encoders else {}
+    parts = ModelParts(unet, encoders)
+    targets = method.all_targets(unet, encoders)
+    trained_on = f"--init-weights {path} was trained on base model {info.base_model!r}"
+    if info.structure != structure_digest(parts, targets):
+        raise SdtuneError(f"{trained_on}; this model's layers have other names or shapes")
+    sample = weight_sample(parts, targets, base=True)
+    expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
+    if fingerprint_of(info.structure, sample) != info.fingerprint and not same_weights(expected, sample):
+        raise SdtuneError(f"{trained_on}; this model's weights differ")
+
+
+def load_init_weights(path: str | Path, method, pipeline) -> None:
+    """Copy the file's tensors into the injected `method` (on `pipeline`'s UNet and the text encoders it trains): a
+    kohya file's checked by module name and shape, an sdtune adapter's by shape (its base: `check_init_weights_base`)."""
+    import torch
+
+    from .adapter import adapter_path
     from .kohya import is_kohya_file, kohya_module_lookup, read_kohya
-    from .methods.base import check_state_shapes, fingerprint_of, same_weights, structure_digest, weight_sample
+    from .methods.base import check_state_shapes
     from .models import TEXT_ENCODER_COMPONENTS
     from .safetensors_checks import first_non_finite, read_tensors
 
@@ -214,16 +243,6 @@ def load_init_weights(path: str | Path, method, pipeline) -> None:
         except SdtuneError as error:
             raise SdtuneError(f"{where}: {error}") from None
     else:
-        info, _ = read_adapter_info(path)
-        # the layers the adapter tuned: the UNet's alone where it trained no text encoder (the run may add them)
-        targets = [name for name in method.target_names if info.text_encoders or name.partition(".")[0] not in method.text_encoders]
-        structure = structure_digest(method.models, targets)
-        sample = weight_sample(method.models, targets, base=True)
-        if info.structure != structure:
-            raise SdtuneError(f"{where} was trained on base model {info.base_model!r}; this model's layers have other names or shapes")
-        expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
-        if fingerprint_of(info.structure, sample) != info.fingerprint and not same_weights(expected, sample):
-            raise SdtuneError(f"{where} was trained on base model {info.base_model!r}; this model's weights differ")
         from .token_embeddings import split_state
 
         state, _ = split_state(read_tensors(path))

@@ -548,6 +548,10 @@ class Trainer:
             text_encoder.requires_grad_(False)
         # with --train-text-encoder the method tunes them too: they run in the loop, with gradients
         self.trained_encoders = list(self.text_encoders) if config.train_text_encoder else []
+        if config.init_weights:  # its base model, by the weights before the method wraps them
+            from .starting_weights import check_init_weights_base
+
+            check_init_weights_base(config.init_weights, method, self.unet, self.trained_encoders)
         self.parameters = parameters = method.inject(self.unet, self.trained_encoders)
         if config.init_weights:  # a resumed run then loads its checkpoint's tensors over these
             from .starting_weights import load_init_weights

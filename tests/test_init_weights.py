@@ -229,3 +229,14 @@ def test_init_weights_start_the_text_encoder_too(trained, tmp_path):
     config = settings(tmp_path / "unet-only", method="lora", train_text_encoder=True, init_weights=str(trained["lora"]))
     with open_trainer(config, progress=False) as trainer:
         assert trainer.method.text_encoders  # the UNet's tensors from the file, the text encoder's as a fresh run's
+
+
+def test_init_weights_for_another_base_model_are_refused(trained, tmp_path):
+    """An adapter's fingerprint is checked against the run's model: weights that another adapter was merged into (a
+    folder `sdtune merge` wrote) are another base model; the same adapter merged beneath with --base-adapters is not."""
+    other = merge_adapter(trained["loha"], tmp_path / "other", scale=1.0).output
+    with pytest.raises(SdtuneError, match="was trained on base model 'tiny-random'; this model's weights differ"):
+        step_zero_output(settings(tmp_path / "run", method="lora", model=str(other), init_weights=str(trained["lora"])), None)
+    on_base = settings(tmp_path / "based", method="lora", init_weights=str(trained["lora"]), base_adapters=[str(trained["loha"])])
+    with open_trainer(on_base, progress=False):
+        pass
