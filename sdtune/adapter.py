@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .adapter_info import AdapterInfo
+from .adapter_info import BASE_ADAPTERS_KEY, INIT_WEIGHTS_KEY, AdapterInfo
 from .errors import SdtuneError, TrainingFailed
 from .fileio import save_safetensors
 from .kohya import is_kohya_file, kohya_info, read_kohya, read_kohya_updates
@@ -21,6 +21,9 @@ from .safetensors_checks import (
     TensorEntry, check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
 )
 from .version import __version__
+
+DIGEST_WHOLE = 64 * 2**20  # adapters up to this size are hashed whole
+DIGEST_WINDOWS, DIGEST_WINDOW = 64, 2**20  # larger ones (a full fine-tune's UNet) by this many evenly spaced windows
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
@@ -303,6 +306,15 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     return method
 
 
+def warn_missing_base_adapters(paths: list) -> None:
+    """Warn, once per adapter, where one of `paths` was trained on top of base adapters (`sdtune train
+    --base-adapters`) that are not among `paths`: what it learned is drawn on another model without them."""
+    import warnings
+
+    for notice in missing_base_adapters([str(p) for p in paths], [adapter_info(p) for p in paths]):
+        warnings.warn(notice, stacklevel=3)
+
+
 def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
     """Apply the adapter at `path` to `pipeline` at strength `scale` (W + scale·ΔW); merged by default.
 
@@ -317,6 +329,7 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     if not merge and is_kohya_file(path):
         raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
     checked_scale(scale)  # before the adapter is bound: a refused scale leaves the pipeline as it was
+    warn_missing_base_adapters([path])
     adapter = open_adapter(path, pipeline)
     if scale != 1.0:
         adapter.set_scale(scale)
@@ -385,6 +398,7 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     stack = stacked_tokens(paths, pipeline)  # before any adapter is bound: a refusal leaves the pipeline as it was
     if stack.notice:
         warnings.warn(stack.notice, stacklevel=2)
+    warn_missing_base_adapters(paths)
     # by weight: the module, the parameter name, and in the adapters' order each one's update (a function) or, where
     # the first ones held theirs already (kohya files, weights trained in place), their sum so far (a tensor)
     pending: dict[tuple[int, str], tuple] = {}
@@ -440,3 +454,64 @@ def stacked_tokens(paths: list, pipeline=None):
         for tokenizer in tokenizers(pipeline):
             taken.update(tokenizer.get_vocab())
     return stack_new_tokens([str(f) for f in files], infos, taken)
+
+
+def adapter_digest(path: Path) -> str:
+    """What tells one training's adapter from another's (a run trained again, resumed or extended after it was
+    measured): the sha256 of the file, whose bytes the same weights always give, or for a file over DIGEST_WHOLE
+    of its size and DIGEST_WINDOWS windows spread over it, so that a full model's gigabytes are not read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if size <= DIGEST_WHOLE:
+            for block in iter(lambda: handle.read(DIGEST_WINDOW), b""):
+                digest.update(block)
+        else:
+            digest.update(str(size).encode())
+            for k in range(DIGEST_WINDOWS):
+                handle.seek((size - DIGEST_WINDOW) * k // (DIGEST_WINDOWS - 1))
+                digest.update(handle.read(DIGEST_WINDOW))
+    return digest.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a trained adapter records, read back
+
+
+def recorded_base_adapters(info) -> list[dict[str, Any]]:
+    """The base adapters an adapter was trained on top of (none for kohya files and older adapters)."""
+    try:
+        records = json.loads(info.extra.get(BASE_ADAPTERS_KEY, "[]"))
+    except ValueError:
+        return []
+    return [r for r in records if isinstance(r, dict) and "name" in r] if isinstance(records, list) else []
+
+
+def recorded_init_weights(info) -> dict[str, str] | None:
+    try:
+        record = json.loads(info.extra.get(INIT_WEIGHTS_KEY, "null"))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "name" in record else None
+
+
+def base_adapters_text(records: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['name']} at {float(r.get('strength', 1.0)):g}" for r in records)
+
+
+def missing_base_adapters(paths: list, infos: list) -> list[str]:
+    """One warning per adapter of `paths` trained on base adapters that are not among `paths` (by digest)."""
+    notices, digests = [], None
+    for path, info in zip(paths, infos):
+        records = recorded_base_adapters(info)
+        if not records:
+            continue
+        if digests is None:
+            digests = {adapter_digest(adapter_path(p)) for p in paths}
+        missing = [r for r in records if r.get("digest") not in digests]
+        if missing:
+            notices.append(f"{path} was trained on top of base adapters that are not loaded with it: {base_adapters_text(missing)}; "
+                           "give them too (sdtune sample --adapter BASE --adapter THIS --scale ...) to draw what it learned")
+    return notices

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+INIT_WEIGHTS_KEY = "init_weights"  # adapter metadata: {"name", "digest"} of the file the trained tensors started from
+BASE_ADAPTERS_KEY = "base_adapters"  # adapter metadata: [{"name", "digest", "strength"}], merged beneath in this order
 CONCEPT_TOKENS = "concept_tokens"  # metadata of an adapter of several concepts: JSON {name: token}
 
 

@@ -306,6 +306,8 @@ def train(
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest intact one in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an earlier run's adapter, logs and checkpoints in OUTPUT (default: refuse)."),
+    init_weights: Optional[Path] = typer.Option(None, help="Start the method's trained tensors from this adapter (file or run folder) of the same method, or a kohya/LyCORIS file whose update the method holds exactly (a LoRA/LoCon, LoHa or LoKr for the method of that kind), as kohya-ss' --network_weights; options the run does not set (rank, alpha, ...) come from the file, as --dim_from_weights. A new run: a fresh optimizer and schedule (--resume continues a run)."),
+    base_adapters: Optional[List[str]] = typer.Option(None, help="FILE[:STRENGTH]: merge this adapter or kohya file (at STRENGTH, default 1) into the frozen model before the method is injected, as kohya-ss' --base_weights and --base_weights_multiplier; repeatable. The adapter records them; sample with them too."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16; trainable parameters stay fp32, the frozen models are stored in the half dtype." + _default(TrainConfig, "mixed_precision")),
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (for a VAE that overflows in fp16, as SDXL's does) (default: half)."),
     snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting with this γ (5 is the paper's value) (default: off)."),
@@ -366,6 +368,7 @@ def train(
     for name in ("concept", "images"):  # repeatable: one value stays one setting
         values = [str(value) for value in settings[name] or []]
         settings[name] = None if not values else values[0] if len(values) == 1 else values
+    settings["base_adapters"] = list(base_adapters) if base_adapters else None  # none given: the config file's
     file_values = TrainConfig.load(config) if config else TrainConfig()
     options = dict(file_values.options)
     options.update(method_options_from_flags(method or file_values.method, method_options))
@@ -387,6 +390,8 @@ def train(
     if run.extended_from:
         resumed = f" (extended a run of {counted(run.extended_from, 'step')} to {run.config.steps:,}, from {run.resumed_from})"
     rows = f", and {run.token_numbers:,} numbers of new token rows" if run.token_numbers else ""
+    if run.taken_options:
+        typer.echo(f"from --init-weights {run.config.init_weights}: " + ", ".join(f"{name} {value}" for name, value in run.taken_options.items()))
     typer.echo(
         f"trained {run.method.describe()}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"

@@ -41,7 +41,7 @@ DEFAULT_CLASS_IMAGES = 100  # as diffusers' DreamBooth script
 # (`--output=~/runs/x`, TOML values and the Python API are not expanded by one).
 PATH_SETTINGS = frozenset({
     "source", "output", "runs", "prompts", "run", "images", "reference", "clip_model", "dino_model", "adapter",
-    "model", "data_root", "plan", "resume", "class_images", "validation_prompts",
+    "model", "data_root", "plan", "resume", "class_images", "validation_prompts", "init_weights", "base_adapters",
 })
 
 
@@ -169,6 +169,30 @@ def check_image_sides(config) -> None:
         check_resolution(value, flag)
 
 
+@dataclass(frozen=True)
+class BaseAdapter:
+    """One `--base-adapters FILE[:STRENGTH]` entry."""
+
+    path: str
+    strength: float = 1.0
+
+
+def parse_base_adapter(entry: str) -> BaseAdapter:
+    """`FILE` or `FILE:STRENGTH`; a colon followed by no number belongs to the file's name."""
+    head, sep, tail = entry.rpartition(":")
+    if sep and head:
+        try:
+            strength = float(tail)
+        except ValueError:
+            return BaseAdapter(entry)
+        if not math.isfinite(strength):
+            raise SdtuneError(f"--base-adapters {entry}: the strength must be a finite number, got {tail!r}")
+        return BaseAdapter(head, strength)
+    if not entry:
+        raise SdtuneError("--base-adapters takes FILE or FILE:STRENGTH, got an empty entry")
+    return BaseAdapter(entry)
+
+
 @dataclass
 class TrainConfig(_Config):
     """Everything `sdtune train` needs. Unset values are resolved by `resolved()`."""
@@ -213,6 +237,9 @@ class TrainConfig(_Config):
     keep_checkpoints: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder; never written to config.toml
     overwrite: bool = False  # replace an earlier run's files in the output folder; never written to config.toml
+    # Starting weights (sdtune/starting_weights.py)
+    init_weights: str | None = None  # the method's tensors start from this adapter or kohya file (kohya-ss' --network_weights)
+    base_adapters: list[str] = field(default_factory=list)  # FILE[:STRENGTH] merged into the frozen model first (--base_weights)
     # Loss
     snr_gamma: float | None = None  # min-SNR-γ loss weighting (5 is the paper's value); unset: plain MSE
     debiased_estimation: bool = False  # weight each example by 1/√SNR(t) (v-prediction: 1/(SNR(t)+1)), as kohya-ss'
@@ -329,6 +356,10 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
         if self.resume is not None and not self.resume:
             raise SdtuneError("--resume takes 'latest' or a checkpoint folder")
+        if self.init_weights is not None and not self.init_weights:
+            raise SdtuneError("--init-weights takes an adapter file or run folder")
+        for entry in self.base_adapters:
+            parse_base_adapter(entry)
         if self.resume and self.overwrite:
             raise SdtuneError("give --resume to continue a run or --overwrite to replace it, not both")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -453,6 +484,8 @@ class TrainConfig(_Config):
                 values.pop(name, None)
         if not self.retract_embeddings:  # as it was before the setting existed
             values.pop("retract_embeddings", None)
+        if not self.base_adapters:  # as above
+            values.pop("base_adapters", None)
         if not self.dataset:  # a concept run's config.toml stays free of dataset settings
             for name in ("classes", "max_per_class", "split", "class_template", "balance_classes"):
                 values.pop(name, None)
@@ -474,6 +507,7 @@ class TrainConfig(_Config):
             self,
             options=dict(self.options),
             classes=list(self.classes),
+            base_adapters=list(self.base_adapters),
             output=self.output or str(Path("runs") / f"{name}-{self.method}"),
             token=None if self.dataset else self.token if len(self.concepts) > 1 else self.token or self.default_token(self.concept),
             lr=self.lr or lr,

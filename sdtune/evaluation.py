@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import EvaluateConfig, strength_name
+from .adapter import adapter_digest
 from .errors import SdtuneError, error_line, first_sentence
 
 EVAL_FILE = "eval.json"
@@ -638,30 +639,6 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     with output_file_lock(output):  # one writer at a time; what a killed evaluation left of it is swept
         write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     return Evaluation(output=output, metrics=report["metrics"], unavailable=report["unavailable"], report=report)
-
-
-DIGEST_WHOLE = 64 * 2**20  # adapters up to this size are hashed whole
-DIGEST_WINDOWS, DIGEST_WINDOW = 64, 2**20  # larger ones (a full fine-tune's UNet) by this many evenly spaced windows
-
-
-def adapter_digest(path: Path) -> str:
-    """What tells one training's adapter from another's (a run trained again, resumed or extended after it was
-    measured): the sha256 of the file, whose bytes the same weights always give, or for a file over DIGEST_WHOLE
-    of its size and DIGEST_WINDOWS windows spread over it, so that a full model's gigabytes are not read."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        if size <= DIGEST_WHOLE:
-            for block in iter(lambda: handle.read(DIGEST_WINDOW), b""):
-                digest.update(block)
-        else:
-            digest.update(str(size).encode())
-            for k in range(DIGEST_WINDOWS):
-                handle.seek((size - DIGEST_WINDOW) * k // (DIGEST_WINDOWS - 1))
-                digest.update(handle.read(DIGEST_WINDOW))
-    return digest.hexdigest()[:32]
 
 
 def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
-from .adapter_info import CONCEPT_TOKENS, AdapterInfo
+from .adapter_info import BASE_ADAPTERS_KEY, CONCEPT_TOKENS, INIT_WEIGHTS_KEY, AdapterInfo
 from .errors import SdtuneError
 from .safetensors_checks import (
     check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
@@ -332,6 +332,8 @@ def write_kohya(output: Path, state: dict, info, extra: dict[str, str]) -> Path:
         "sdtune_placeholder": info.placeholder,
         "sdtune_token": info.token,
         **{key: info.extra[key] for key in (CONCEPT_TOKENS,) if key in info.extra},  # several concepts' tokens
+        # where training started (--init-weights, --base-adapters): kohya-ss records neither, so sdtune's own keys
+        **{f"sdtune_{key}": info.extra[key] for key in (INIT_WEIGHTS_KEY, BASE_ADAPTERS_KEY) if key in info.extra},
     }
     metadata["ss_v2"] = str(metadata["ss_base_model_version"] == "sd_v2")
     if "modelspec.prediction_type" in metadata:  # kohya-ss' --v_parameterization, which model managers read too

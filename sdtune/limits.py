@@ -400,11 +400,11 @@ class RunSizes:
 
 
 def check_run_fits(config, method, image_count: int = 0, class_count: int = 0, image_frames: list | None = None,
-                   class_frames: dict | None = None) -> RunSizes:
+                   class_frames: dict | None = None, base_adapter_bytes: int = 0) -> RunSizes:
     """`sdtune train`'s sizes against the model and the machine (`config` resolved; `image_count` training and
     `class_count` class examples); what it found. `image_frames`: the (width, height) each training image is held at
     (its bucket's); `class_frames`: how many class examples are held at each (width, height) (`prior.class_frames`);
-    without them, the resolution square."""
+    without them, the resolution square. `base_adapter_bytes`: the --base-adapters files' sizes."""
     from .models import read_model_configs
 
     configs = read_model_configs(config.model)
@@ -501,6 +501,9 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0, i
         framed = f"{class_count:,} class examples (class images framed into the buckets that draw on them)"
         on_host.append((f"{asked} with --buckets" if config.buckets else asked,
                         framed if config.buckets else f"{class_count:,} class images", 3 * 4 * class_area))
+    if base_adapter_bytes:  # read whole while they are merged into the frozen weights (adapter.load_adapters)
+        on_host.append((f"--base-adapters ({len(config.base_adapters)})", "the base adapters' tensors while they are merged",
+                        base_adapter_bytes))
     if config.mixed_precision == "fp16" and not config.no_half_vae:  # `precision.place_frozen_models`
         on_host.append(("--mixed-precision fp16", "the VAE decoder's fp32 weights (for overflowing fp16 decodes)",
                         decoder_parameters * 4))

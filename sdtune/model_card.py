@@ -117,6 +117,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
         lines += ["", f"It also trained the embeddings of new tokens ({tokens}), which sdtune adds to the tokenizer "
                   "when it loads the adapter. Every export also writes them as `NAME_emb.safetensors` for diffusers' "
                   "`load_textual_inversion`, and the kohya file bundles them for ComfyUI and AUTOMATIC1111."]
+    lines += starting_lines(info)
     if grid.is_file():
         lines += ["", f"![samples]({GRID.as_posix()})"]
     placeholder = info.placeholder or "<concept>"
@@ -147,6 +148,24 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     files = [f for f in (path.name, "config.toml", "metrics.jsonl", "eval.json", GRID.as_posix()) if (run / f).is_file()]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).strip() + "\n"))
+
+
+def starting_lines(info) -> list[str]:
+    """What the adapter records of where its training started: the file its tensors started from
+    (--init-weights) and the base adapters merged beneath it (--base-adapters), each by name and digest."""
+    from .adapter import recorded_base_adapters, recorded_init_weights
+
+    lines = []
+    start = recorded_init_weights(info)
+    if start:
+        lines += ["", f"Training continued from `{start['name']}` (sha256 digest `{start.get('digest', '?')}`): its tensors "
+                  "were the starting point, with a fresh optimizer and schedule."]
+    bases = recorded_base_adapters(info)
+    if bases:
+        lines += ["", "It was trained on top of these adapters, merged into the base model first; load them with it "
+                  "(`sdtune sample --adapter BASE ... --adapter THIS`) at these strengths:", ""]
+        lines += [f"- `{r['name']}` at strength {float(r.get('strength', 1.0)):g} (digest `{r.get('digest', '?')}`)" for r in bases]
+    return lines
 
 
 def read_settings(run: Path) -> dict:

@@ -350,13 +350,14 @@ def sampling_pipeline(model: str, adapter_files: list[str], device, stack_scales
     unmerged: (pipeline, adapter or None, None). Several adapters stack, merged at their strengths (`stack_scales`,
     `adapter.load_adapters`), and no adapter is left to rescale: (pipeline, None, the stack's `StackedTokens`). The weights go to the device first, so adapters are
     injected and merged there (a GPU merges SD v1.4 in milliseconds, a CPU takes seconds)."""
-    from .adapter import load_adapters, open_adapter
+    from .adapter import load_adapters, open_adapter, warn_missing_base_adapters
     from .models import load_pipeline
 
     pipe = load_pipeline(model)
     pipe.to(device)
     if len(adapter_files) > 1:
         return pipe, None, load_adapters(adapter_files, pipe, stack_scales)
+    warn_missing_base_adapters(adapter_files)
     adapter = open_adapter(adapter_files[0], pipe) if adapter_files else None
     return pipe, adapter, None
 

@@ -27,6 +27,7 @@ hardware and library versions).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -72,6 +73,7 @@ class Run:
     extended_from: int | None = None  # the steps of the finished (or stopped) run this one extended to more
     validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
     token_numbers: int = 0  # numbers the new token rows trained beside the method (--token-embeddings)
+    taken_options: dict = field(default_factory=dict)  # method options --init-weights gave (the run did not set them)
 
 
 def derived_seed(*keys: int) -> int:
@@ -113,6 +115,7 @@ class RunPlan:
     start: str  # where the run would start: a new folder, a checkpoint, or over an earlier run (or "not read")
     buckets: list = field(default_factory=list)  # with --buckets: each concept image's (width, height)
     validation_size: tuple[int, int] | None = None  # with --validate-every: the largest (width, height) its images take
+    taken_options: dict = field(default_factory=dict)  # the method options --init-weights gave (the run did not set them)
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -159,6 +162,15 @@ class RunPlan:
             + f": {counted(seen, 'image')} drawn, {seen / max(images, 1):.1f} epochs; lr {config.lr:g} ({config.lr_scheduler}), "
             f"{config.optimizer}, mixed precision {config.mixed_precision}"
         )
+        if config.base_adapters:
+            from .config import parse_base_adapter
+
+            lines.append("base adapters merged into the frozen model first: " + ", ".join(
+                f"{base.path} at {base.strength:g}" for base in map(parse_base_adapter, config.base_adapters)))
+        if config.init_weights:
+            taken = ", ".join(f"{name} {value}" for name, value in self.taken_options.items())
+            lines.append(f"trained tensors start from {config.init_weights} (a fresh optimizer and schedule)"
+                         + (f"; from the file: {taken}" if taken else ""))
         if config.train_text_encoder:
             second = f", SDXL's second encoder lr {config.text_encoder_2_lr:g}" if config.text_encoder_2_lr else ""
             lines.append(f"text encoder{'s' if not second else ''} trained too: lr {config.text_encoder_lr:g}{second}")
@@ -178,6 +190,18 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
 
     config.validate()
     check_optimizer_ready(config.optimizer)
+    taken: dict = {}
+    if config.init_weights:  # the file's options where the run sets none: the method is made with them
+        from .starting_weights import init_weights_options
+
+        methods.method_class(config.method)  # an unknown method first
+        starting = init_weights_options(config)
+        config, taken = dataclasses.replace(config, options=starting.options), starting.taken
+    base_bytes = 0
+    if config.base_adapters:
+        from .starting_weights import base_adapter_bytes, check_base_adapters
+
+        base_bytes = base_adapter_bytes(check_base_adapters(config.base_adapters))
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     if config.train_text_encoder and not method.trains_text_encoder:
         able = [name for name in methods.available() if methods.method_class(name).trains_text_encoder]
@@ -206,7 +230,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     # what training holds in RAM: each image framed at its bucket's size (or the resolution), the class images as framed
     frames = [size for size in buckets if size is not None] if config.buckets else None
     classes = class_frames(config, resolution, buckets)
-    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes)  # and sizes the model or the machine cannot take
+    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes,
+                           base_bytes)  # and sizes the model or the machine cannot take
     validation_size = None
     if config.validate_every:  # the validation prompts' sizes and steps (a line's --w, --h, --s too)
         from .validation import check_validation_fits
@@ -232,7 +257,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = f"replaces an earlier run: {', '.join(earlier)}"
     else:
         start = "a new run"
-    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size)
+    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:
@@ -287,7 +312,9 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
         lock_on_main_process(accelerator, lock)  # every process raises the same one-line error if it is taken
         if accelerator.is_main_process:
             sweep_run_folder(lock)
-        yield Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
+        trainer = Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
+        trainer.taken_options = plan.taken_options
+        yield trainer
     finally:
         lock.release()
 
@@ -443,6 +470,16 @@ class Trainer:
         self.last_read = 0.0  # time.perf_counter() when the host last read a step's values
         self.replaces: list[str] = []  # an earlier run's files that --overwrite replaces
         self._one_group: bool | None = None  # see _parameters_in_one_group
+        self.taken_options: dict = {}  # method options --init-weights gave (open_trainer sets them)
+        # what the adapter records of the files the run started from (their names and digests), read once
+        from .adapter_info import BASE_ADAPTERS_KEY, INIT_WEIGHTS_KEY
+        from .starting_weights import base_adapter_records, file_record
+
+        self.starting_records: dict[str, str] = {}
+        if config.base_adapters:
+            self.starting_records[BASE_ADAPTERS_KEY] = json.dumps(base_adapter_records(config.base_adapters))
+        if config.init_weights:
+            self.starting_records[INIT_WEIGHTS_KEY] = json.dumps(file_record(config.init_weights))
 
         self.checkpoint = self._find_checkpoint(resume, overwrite)
         self.resume_from = self.checkpoint.folder if self.checkpoint is not None else None
@@ -499,6 +536,12 @@ class Trainer:
         else:
             self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.resolution = self.config.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
+        if self.config.base_adapters:  # merged into the frozen weights before anything (class images too) uses them
+            from .adapter import load_adapters
+            from .config import parse_base_adapter
+
+            bases = [parse_base_adapter(entry) for entry in self.config.base_adapters]
+            load_adapters([base.path for base in bases], pipe, [base.strength for base in bases])
 
     def _load_data(self) -> None:
         """The training images (and the class images, drawn by the base model before the method is injected)."""
@@ -545,7 +588,15 @@ class Trainer:
             text_encoder.requires_grad_(False)
         # with --train-text-encoder the method tunes them too: they run in the loop, with gradients
         self.trained_encoders = list(self.text_encoders) if config.train_text_encoder else []
+        if config.init_weights:  # its base model, by the weights before the method wraps them
+            from .starting_weights import check_init_weights_base
+
+            check_init_weights_base(config.init_weights, method, self.unet, self.trained_encoders)
         self.parameters = parameters = method.inject(self.unet, self.trained_encoders)
+        if config.init_weights:  # a resumed run then loads its checkpoint's tensors over these
+            from .starting_weights import load_init_weights
+
+            load_init_weights(config.init_weights, method, self.pipe)
         # new token embeddings: rows of every text encoder, which then runs in the loop (trained or not)
         self.token_parameters = []
         if config.token_embeddings:
@@ -790,6 +841,7 @@ class Trainer:
             output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from, extended_from=self.extended_from,
             validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
+            taken_options=self.taken_options,
         )
 
     def advance(self) -> None:
@@ -1085,6 +1137,7 @@ class Trainer:
         from .token_embeddings import trained_rows
 
         extra.update(self.training_images_record)
+        extra.update(self.starting_records)  # only when set, as above
 
         def token_rows():  # the new tokens' rows as the parameters hold them now
             return trained_rows(self.pipe) if self.token_parameters else None

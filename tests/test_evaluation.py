@@ -687,15 +687,17 @@ def test_an_evaluation_of_an_earlier_adapter_is_not_read_as_the_runs(tmp_path, m
     assert "measured adapter-ema.safetensors" in evaluation.stale_evaluation({**report, "adapter": "adapter-ema.safetensors"}, tmp_path, "lora", {"rank": 4})
 
     # a full fine-tune's adapter is hashed by windows: a change anywhere in one is seen, and the file not read whole
-    monkeypatch.setattr(evaluation, "DIGEST_WHOLE", 1000)
-    monkeypatch.setattr(evaluation, "DIGEST_WINDOW", 100)
-    monkeypatch.setattr(evaluation, "DIGEST_WINDOWS", 3)
+    from sdtune import adapter
+
+    monkeypatch.setattr(adapter, "DIGEST_WHOLE", 1000)
+    monkeypatch.setattr(adapter, "DIGEST_WINDOW", 100)
+    monkeypatch.setattr(adapter, "DIGEST_WINDOWS", 3)
     big = bytearray(5000)
     (tmp_path / "big.safetensors").write_bytes(bytes(big))
-    before = evaluation.adapter_digest(tmp_path / "big.safetensors")
+    before = adapter.adapter_digest(tmp_path / "big.safetensors")
     big[4999] = 1  # in the last window
     (tmp_path / "big.safetensors").write_bytes(bytes(big))
-    assert evaluation.adapter_digest(tmp_path / "big.safetensors") != before
+    assert adapter.adapter_digest(tmp_path / "big.safetensors") != before
 
 
 def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
@@ -706,7 +708,7 @@ def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
 
     run = tmp_path / "run"
     train(TrainConfig(model="tiny-random", method="lora", steps=1, output=str(run)), progress=False)
-    from sdtune.evaluation import adapter_digest
+    from sdtune.adapter import adapter_digest
 
     report = {"format": "sdtune-eval/1", "metrics": {"dino": 0.9}, "unavailable": {}, "method": "lora",
               "adapter": "adapter.safetensors", "adapter_digest": adapter_digest(run / "adapter.safetensors")}

@@ -166,7 +166,7 @@ def test_raised_steps_extend_a_finished_run_to_the_bytes_of_one_trained_in_one_g
     import dataclasses
 
     from sdtune.comparison import summarize_run
-    from sdtune.evaluation import adapter_digest
+    from sdtune.adapter import adapter_digest
     from sdtune.sweep import read_plan
     from sdtune.tracking import read_metrics_log
     from sdtune.training import train

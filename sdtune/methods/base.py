@@ -91,6 +91,10 @@ class Method(ABC):
     trains_text_encoder: ClassVar[bool] = False
     # whether `pending_updates` computes each update only when asked (else they are all held already)
     updates_on_demand: ClassVar[bool] = False
+    # options that act in training only (dropouts, learning-rate factors): a run that starts from an adapter's
+    # tensors (`sdtune train --init-weights`) may set them otherwise than the adapter did; every other option
+    # gives the tensors their meaning and must be the adapter's
+    training_only_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any):
         known = {f.name for f in dataclasses.fields(self.Options)}
@@ -236,7 +240,9 @@ class Method(ABC):
         targets = self.all_targets(unet, encoders)
         parts = ModelParts(unet, encoders)
         self.base_structure = structure_digest(parts, targets)
-        self.base_sample = weight_sample(parts, targets)
+        # the weights before any sdtune merge changed them (`remember_base_samples`): an adapter trained on top of
+        # merged ones (--base-adapters) loads on the base model, and stacks with them
+        self.base_sample = weight_sample(parts, targets, base=True)
         self.base_fingerprint = fingerprint_of(self.base_structure, self.base_sample)
         self.target_names = targets
         self._unet = unet
@@ -348,6 +354,22 @@ class Method(ABC):
         """What to warn about when the adapter's `tensors` are written in `format`: known loaders that
         read the file wrongly for this method's options (none by default)."""
         return []
+
+    # -- starting from a kohya/LyCORIS file (`sdtune train --init-weights`) ------------------------
+    @classmethod
+    def kohya_init_options(cls, kinds: set[str], shapes: dict[str, dict[str, tuple[int, ...]]],
+                           alphas: dict[str, float], network_args: dict[str, str]) -> dict[str, Any]:
+        """The options a kohya/LyCORIS file's update needs to be held exactly by this method, read from the file
+        alone (`kinds`: its update kinds, kohya.KOHYA_KINDS' names; `shapes`: kohya module name → {suffix: shape};
+        `alphas`: module → its `.alpha`; `network_args`: its `ss_network_args`). Refuses, in one line, a file
+        the method cannot hold; by default every file: only methods with kohya tensors of their own can."""
+        raise SdtuneError(f"method {cls.name!r} cannot start from a kohya/LyCORIS file; start from an sdtune adapter of {cls.name}")
+
+    def state_from_kohya(self, modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """This injected method's state (`state_dict()`'s keys, every one) holding the update of a kohya file's
+        `modules` (sdtune module name, text encoders' as `text_encoder.<name>`, → {kohya suffix: tensor}); a
+        target the file leaves alone keeps its initial tensors. Refuses a module it has no target for."""
+        raise SdtuneError(f"method {self.name!r} cannot start from a kohya/LyCORIS file")
 
     def to_peft_config(self, module_names: list[str]):
         """The peft config (a `peft.PeftConfig`) that wraps exactly `module_names` with this method's layers."""

@@ -137,12 +137,74 @@ def _group_by_module(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return groups
 
 
+KOHYA_TO_PEFT = {kohya: peft for peft, kohya in PEFT_TO_KOHYA.items()}
+# a kohya module's tensors that hold its rank r first (the low-rank "down" or "b" factors), by update kind
+RANK_TENSORS = {"lora": ("lora_down.weight",), "loha": ("hada_w1_b",), "lokr": ("lokr_w1_b", "lokr_w2_b")}
+
+
 class _PeftLowRank(WrappedLayers):
     """What LoRA, LoHa and LoKr share: target choice, peft injection, state, merge."""
 
     default_lr = 1e-4  # the usual SD LoRA rate with alpha = rank (scale 1); LoHa's measured pick (LoRA, LoKr: 3e-5)
     export_formats = ("kohya", "peft")
     trains_text_encoder = True  # the same peft layers on the text encoder's attention and MLP linears
+    training_only_options = ("dropout", "rank_dropout", "module_dropout", "loraplus_lr_ratio")
+    kohya_kind: str  # the kohya/LyCORIS update kind this method holds exactly (kohya.KOHYA_KINDS' name)
+
+    @classmethod
+    def kohya_init_options(cls, kinds: set[str], shapes: dict[str, dict[str, tuple[int, ...]]],
+                           alphas: dict[str, float], network_args: dict[str, str]) -> dict[str, Any]:
+        """rank from the factors' shapes (kohya-ss' --dim_from_weights), alpha from `.alpha` (none: the rank, scale
+        1), tucker from the cores; refuses other kinds and a file whose modules differ in rank or alpha."""
+        if kinds - {"dora"} != {cls.kohya_kind}:
+            raise SdtuneError(f"method {cls.name!r} holds kohya {cls.kohya_kind} updates exactly; this file holds "
+                              f"{', '.join(sorted(kinds))} updates (start from it with the method of that kind)")
+        ranks = {parts[name][0] for parts in shapes.values() for name in RANK_TENSORS[cls.kohya_kind] if name in parts}
+        if len(ranks) > 1:
+            raise SdtuneError(f"the file's modules have ranks {', '.join(map(str, sorted(ranks)))}; {cls.name} trains one rank for all")
+        options: dict[str, Any] = {}
+        if ranks:
+            options["rank"] = ranks.pop()
+            # alpha of the modules whose rank it scales (a LoKr module with both factors full has scale 1)
+            scaled = {alphas.get(module, float(options["rank"])) for module, parts in shapes.items()
+                      if any(name in parts for name in RANK_TENSORS[cls.kohya_kind])}
+            if len(scaled) > 1:
+                raise SdtuneError(f"the file's modules have alphas {', '.join(f'{a:g}' for a in sorted(scaled))}; "
+                                  f"{cls.name} trains one alpha for all")
+            options["alpha"] = scaled.pop()
+        options.update(cls._kohya_structure(kinds, shapes, network_args))
+        return options
+
+    @classmethod
+    def _kohya_structure(cls, kinds: set[str], shapes: dict[str, dict[str, tuple[int, ...]]],
+                         network_args: dict[str, str]) -> dict[str, Any]:
+        """The options besides rank and alpha that a file's tensors call for (the cores: tucker)."""
+        if "dora" in kinds:
+            raise SdtuneError(f"method {cls.name!r} cannot hold DoRA's dora_scale; only lora --dora can")
+        return {"tucker": any(name in parts for parts in shapes.values() for name in ("hada_t1", "lokr_t2"))}
+
+    def state_from_kohya(self, modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """peft's names of the file's tensors (the inverse of `kohya_tensors`); untouched targets keep their start."""
+        state = {key: tensor.detach().clone() for key, tensor in self.state_dict().items()}
+        outside = sorted(set(modules) - set(self.layers))
+        if outside:
+            raise SdtuneError(f"the file changes {len(outside)} module(s) that {self.name} --targets {self.options.targets} does not "
+                              f"tune ({outside[0]}, …): start with --targets all, or from a file of those layers")
+        for module, parts in modules.items():
+            parts = self._factors_from_kohya({KOHYA_TO_PEFT[suffix]: tensor for suffix, tensor in parts.items() if suffix != "alpha"})
+            for suffix, tensor in parts.items():
+                key = f"{module}.{suffix}"
+                if key not in state:
+                    raise SdtuneError(f"{module}: the file's {PEFT_TO_KOHYA[suffix]} has no place in {self.describe()}")
+                own = state[key]
+                if suffix == "lora_magnitude_vector" and tensor.numel() == own.numel() and tensor.shape[0] == own.numel():
+                    tensor = tensor.reshape(own.shape)  # LyCORIS' (out, 1, …) per output channel, peft's (out,)
+                state[key] = tensor.to(own.dtype)
+        return state
+
+    def _factors_from_kohya(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One module's tensors from LyCORIS' maths to peft's (the same, but for LoKr's full factors)."""
+        return parts
 
     def validate_options(self) -> None:
         o = self.options
@@ -387,6 +449,13 @@ class Lora(_PeftLowRank):
     variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"rank": 16}, {"dora": True})
     export_formats = ("kohya", "diffusers", "peft")
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 28 points of preservation
+    kohya_kind = "lora"
+
+    @classmethod
+    def _kohya_structure(cls, kinds, shapes, network_args) -> dict[str, Any]:
+        if any("lora_mid.weight" in parts for parts in shapes.values()):
+            raise SdtuneError("the file's LoRA has Tucker cores (lora_mid), which peft's LoRA has no place for")
+        return {"dora": True} if "dora" in kinds else {}
 
     def to_peft_config(self, module_names: list[str]):
         from peft import LoraConfig
@@ -639,6 +708,7 @@ class Loha(_Lycoris):
     summary = "LoHa: Hadamard product of two low-rank updates (B1·A1)⊙(B2·A2) (peft)"
     Options = LohaOptions
     variants = ({}, {"targets": "conv3x3"})
+    kohya_kind = "loha"
 
     def layer_mixin(self) -> type | None:
         return _FiniteRankDropout if self.options.rank_dropout else super().layer_mixin()
@@ -669,6 +739,22 @@ class Lokr(_Lycoris):
     Options = LokrOptions
     variants = ({}, {"targets": "conv3x3"}, {"decompose_both": True})
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 11 points
+    kohya_kind = "lokr"
+
+    @classmethod
+    def _kohya_structure(cls, kinds, shapes, network_args) -> dict[str, Any]:
+        options = super()._kohya_structure(kinds, shapes, network_args)
+        options["decompose_both"] = any("lokr_w1_a" in parts for parts in shapes.values())
+        factor = str(network_args.get("factor", ""))
+        if factor.lstrip("-").isdigit():  # LyCORIS' and sdtune's network args record it
+            options["factor"] = int(factor)
+        return options
+
+    def _factors_from_kohya(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "lokr_w1" in parts and "lokr_w2" in parts:  # both full: the file's scale is 1, peft's alpha/rank (see _kohya_factors)
+            w1 = parts["lokr_w1"]
+            parts = {**parts, "lokr_w1": (w1.float() / (self.options.alpha / self.options.rank)).to(w1.dtype)}
+        return parts
 
     def merge_layer(self, layer: nn.Module) -> None:
         if not add_lokr_in_place(layer):

@@ -1,0 +1,238 @@
+"""Where a run's weights start: a trained adapter's tensors (`--init-weights`, kohya-ss' --network_weights) and
+adapters merged into the frozen model before the method is injected (`--base-adapters`, kohya-ss' --base_weights
+and --base_weights_multiplier).
+
+Both differ from `--resume`: a resumed run goes on with its own optimizer and schedule; a run started from weights
+is a new run (a fresh optimizer and schedule) whose trained tensors start from a file. The file is an sdtune
+adapter of the run's method, or a kohya/LyCORIS file of an update kind the method holds exactly (its
+`kohya_init_options` and `state_from_kohya` say which and how). The run's adapter records where it started and
+what was merged beneath it (each file's name and digest), which `load_adapter` and the model card read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import BaseAdapter, parse_base_adapter
+from .errors import SdtuneError
+
+
+
+def file_record(path: str | Path) -> dict[str, str]:
+    """What an adapter records of a file it depends on: its name and digest (adapter.adapter_digest)."""
+    from .adapter import ADAPTER_FILE, adapter_path
+    from .adapter import adapter_digest
+
+    path = adapter_path(path)
+    name = f"{path.parent.name}/{path.name}" if path.name == ADAPTER_FILE else path.name  # a run's adapter: by its run
+    return {"name": name, "digest": adapter_digest(path)}
+
+
+def base_adapter_records(entries: list[str]) -> list[dict[str, Any]]:
+    return [{**file_record(base.path), "strength": base.strength} for base in map(parse_base_adapter, entries)]
+
+
+def check_base_adapters(entries: list[str]) -> list[BaseAdapter]:
+    """The entries parsed, each file read far enough to refuse what no loader takes (before the model loads)."""
+    from .adapter import adapter_info
+
+    bases = [parse_base_adapter(entry) for entry in entries]
+    for base in bases:
+        try:
+            adapter_info(base.path)
+        except SdtuneError as error:
+            raise SdtuneError(f"--base-adapters: {error}") from None
+    return bases
+
+
+def base_adapter_bytes(bases: list[BaseAdapter]) -> int:
+    """The base adapters' files' sizes: what merging them reads whole (the memory check's lower bound)."""
+    from .adapter import adapter_path
+
+    return sum(adapter_path(base.path).stat().st_size for base in bases)
+
+
+# ---------------------------------------------------------------------------------------------
+# --init-weights
+
+
+@dataclass
+class KohyaHeader:
+    """What a kohya/LyCORIS file says about its update without its tensors (but the `.alpha` scalars)."""
+
+    kinds: set[str]  # its modules' update kinds, and "dora" where one has a dora_scale
+    shapes: dict[str, dict[str, tuple[int, ...]]]  # kohya module name → {suffix: shape}
+    alphas: dict[str, float]
+    metadata: dict[str, str]
+
+
+def read_kohya_header(path: Path) -> KohyaHeader:
+    from safetensors import safe_open
+
+    from .kohya import DORA_SCALE, kohya_kind
+    from .safetensors_checks import check_adapter_dtypes, read_safetensors_header
+    from .token_embeddings import BUNDLE_PREFIX
+
+    metadata, entries = read_safetensors_header(path)
+    check_adapter_dtypes(path, entries)
+    if any(key.startswith(BUNDLE_PREFIX) for key in entries):
+        raise SdtuneError(f"--init-weights {path}: the file bundles token embeddings, which a run cannot start from")
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, entry in entries.items():
+        module, _, suffix = key.partition(".")
+        shapes.setdefault(module, {})[suffix] = tuple(entry.shape)
+    kinds = {kohya_kind(parts, f"{path}: {module}") for module, parts in shapes.items()}
+    if any(DORA_SCALE in parts for parts in shapes.values()):
+        kinds.add("dora")
+    alphas = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for module, parts in shapes.items():
+            if "alpha" in parts:
+                alphas[module] = float(handle.get_tensor(f"{module}.alpha").float().item())
+    return KohyaHeader(kinds, shapes, alphas, metadata)
+
+
+def network_args(metadata: dict[str, str]) -> dict[str, str]:
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:
+        return {}
+    return args if isinstance(args, dict) else {}
+
+
+@dataclass
+class StartingOptions:
+    """The run's method options once `--init-weights` is read, and which of them came from the file."""
+
+    options: dict[str, Any]
+    taken: dict[str, Any]  # the file's options the run did not set and that differ from the method's defaults
+
+
+def init_weights_options(config) -> StartingOptions:
+    """The options the run trains with: the file's where `config.options` does not set them (kohya-ss'
+    --dim_from_weights, for every option), the run's own where the file's tensors mean the same with either (the
+    method's `training_only_options`). Refuses, in one line and before the model loads, a file of another
+    method or update kind, another model family, or options that give its tensors another meaning."""
+    from . import methods
+    from .adapter import adapter_path, read_adapter_info
+    from .kohya import TEXT_ENCODER_PREFIX, is_kohya_file, kohya_layout
+    from .models import read_model_configs
+
+    method_class = methods.method_class(config.method)
+    path = adapter_path(config.init_weights)
+    where = f"--init-weights {path}"
+    if is_kohya_file(path):
+        header = read_kohya_header(path)
+        recorded = header.metadata.get("ss_base_model_version", "")
+        family = kohya_layout(read_model_configs(config.model).unet).base_model_version
+        if recorded and recorded.split("_")[:2] != family.split("_")[:2]:  # sd_v1, sd_v2, sdxl_base...
+            raise SdtuneError(f"{where} was trained on a {recorded} model; --model {config.model} is {family}")
+        if any(module.startswith(TEXT_ENCODER_PREFIX) for module in header.shapes) and not config.train_text_encoder:
+            raise SdtuneError(f"{where} changes the text encoder too: add --train-text-encoder to start from all of it")
+        try:
+            file_options = method_class.kohya_init_options(header.kinds, header.shapes, header.alphas, network_args(header.metadata))
+        except SdtuneError as error:
+            raise SdtuneError(f"{where}: {error}") from None
+    else:
+        info = read_adapter_info(path)[0]
+        if info.method != config.method:
+            raise SdtuneError(f"{where} is a {info.method} adapter; start from it with --method {info.method}")
+        if info.new_tokens:
+            raise SdtuneError(f"{where} trained new token embeddings ({', '.join(info.new_tokens)}), which a run cannot start from")
+        if bool(info.text_encoders) and not config.train_text_encoder:
+            raise SdtuneError(f"{where} trained the text encoder too: add --train-text-encoder to start from all of it")
+        file_options = dict(info.options)
+    # an sdtune adapter records every option; a kohya file's tensors fix only those it gave (targets stay the run's)
+    judged = set(file_options) if is_kohya_file(path) else None
+
+    def resolved(options: dict[str, Any]) -> dict[str, Any]:
+        return dataclasses.asdict(method_class(**options).options)
+
+    from_file, run, defaults = resolved(file_options), resolved({**file_options, **config.options}), resolved({})
+    for name, value in run.items():
+        if name not in method_class.training_only_options and (judged is None or name in judged) and value != from_file[name]:
+            raise SdtuneError(f"{where} holds tensors of {name} {from_file[name]!r}; the run sets {value!r} "
+                              f"(leave the option out to take the file's)")
+    taken = {name: value for name, value in file_options.items()
+             if name not in config.options and from_file.get(name) != defaults.get(name)}
+    return StartingOptions({**file_options, **config.options}, taken)
+
+
+def check_init_weights_base(path: str | Path, method, unet, text_encoders: list) -> None:
+    """Before `method` is injected into `unet` (and `text_encoders`): refuse an sdtune adapter trained on another base
+    model, by its fingerprint of the layers it tuned (the UNet's alone where it trained no text encoder, which the run
+    may add), as `load_adapter` does; the weights before any base adapter was merged count (adapters stack). A kohya
+    file's modules are checked by name and shape as they load (`load_init_weights`)."""
+    import numpy as np
+    import torch
+
+    from .adapter import adapter_path, read_adapter_info
+    from .kohya import is_kohya_file
+    from .methods.base import (
+        ModelParts, fingerprint_of, same_weights, structure_digest, text_encoder_layers, text_encoder_prefix, weight_sample,
+    )
+
+    path = adapter_path(path)
+    if is_kohya_file(path):
+        return
+    info, _ = read_adapter_info(path)
+    encoders = {text_encoder_prefix(i): text_encoder_layers(e) for i, e in enumerate(text_encoders)} if info.text_encoders else {}
+    parts = ModelParts(unet, encoders)
+    targets = method.all_targets(unet, encoders)
+    trained_on = f"--init-weights {path} was trained on base model {info.base_model!r}"
+    if info.structure != structure_digest(parts, targets):
+        raise SdtuneError(f"{trained_on}; this model's layers have other names or shapes")
+    sample = weight_sample(parts, targets, base=True)
+    expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
+    if fingerprint_of(info.structure, sample) != info.fingerprint and not same_weights(expected, sample):
+        raise SdtuneError(f"{trained_on}; this model's weights differ")
+
+
+def load_init_weights(path: str | Path, method, pipeline) -> None:
+    """Copy the file's tensors into the injected `method` (on `pipeline`'s UNet and the text encoders it trains): a
+    kohya file's checked by module name and shape, an sdtune adapter's by shape (its base: `check_init_weights_base`)."""
+    import torch
+
+    from .adapter import adapter_path
+    from .kohya import is_kohya_file, kohya_module_lookup, read_kohya
+    from .methods.base import check_state_shapes
+    from .models import TEXT_ENCODER_COMPONENTS
+    from .safetensors_checks import first_non_finite, read_tensors
+
+    path = adapter_path(path)
+    where = f"--init-weights {path}"
+    own = method.state_dict()
+    if is_kohya_file(path):
+        _, tensors = read_kohya(path)
+        encoders = {name: getattr(pipeline, name) for name in TEXT_ENCODER_COMPONENTS if name in method.text_encoders}
+        lookup = kohya_module_lookup(pipeline.unet, encoders)
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            kohya_module, _, suffix = key.partition(".")
+            if kohya_module not in lookup:
+                raise SdtuneError(f"{where}: key {key} matches no module of this model")
+            component, name, _ = lookup[kohya_module]
+            if component != "unet":  # the method names a text encoder's modules from its transformer (text_model)
+                name = f"{component}.{name.removeprefix('text_model.')}"
+            modules.setdefault(name, {})[suffix] = tensor.float()
+        try:
+            state = method.state_from_kohya(modules)
+        except SdtuneError as error:
+            raise SdtuneError(f"{where}: {error}") from None
+    else:
+        from .token_embeddings import split_state
+
+        state, _ = split_state(read_tensors(path))
+        bad = first_non_finite(state)
+        if bad:
+            raise SdtuneError(f"{path}: tensor {bad} holds NaN or infinite values")
+        extra = sorted(set(state) - set(own))
+        if extra:
+            raise SdtuneError(f"{where} holds tensor {extra[0]}, which this {method.name} run has no place for")
+        state = {**{key: tensor.detach().clone() for key, tensor in own.items()}, **state}
+    check_state_shapes({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state.items()}, where)
+    method.load_state_dict({key: tensor.to(own[key].device, own[key].dtype) for key, tensor in state.items()})
