@@ -7,14 +7,17 @@ comparison live in `training`, `sampling`, `evaluation` and `comparison` so that
 """
 
 import logging
+import os
 
+from .errors import SdtuneError, TrainingFailed
 from .version import __version__
 
 # bitsandbytes, which peft and transformers import whenever it is installed (`--optimizer adamw8bit`), warns on
 # every CPU import that an optional 4-bit matmul kernel is missing; sdtune uses no 4-bit matmul
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "extract_lora", "__version__"]
+__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "extract_lora",
+           "SdtuneError", "TrainingFailed", "__version__"]
 
 
 def _checked_config(config, kind: str):
@@ -28,36 +31,51 @@ def _checked_config(config, kind: str):
 
 
 def train(config):
-    """Train an adapter as `config` (a `sdtune.config.TrainConfig`) says; returns a `Run`."""
+    """Train an adapter as `config` (a `sdtune.config.TrainConfig`) says; returns a `sdtune.training.Run`: the run's
+    folder (`output`), its adapter file (`adapter`), the settings it resolved, the losses and the seconds it took.
+
+    A refused setting or input raises `SdtuneError`; a run that cannot go on (a non-finite loss) `TrainingFailed`."""
     from .training import train as _train
 
     return _train(_checked_config(config, "TrainConfig"))
 
 
 def sample(config):
-    """Draw images and a grid as `config` (a `sdtune.config.SampleConfig`) says."""
+    """Draw images and a grid as `config` (a `sdtune.config.SampleConfig`) says; returns a `sdtune.sampling.SampleResult`:
+    the output folder, the image files, the grid file, the prompts as drawn and the timings."""
     from .sampling import sample as _sample
 
     return _sample(_checked_config(config, "SampleConfig"))
 
 
 def evaluate(config):
-    """Measure a run's images as `config` (a `sdtune.config.EvaluateConfig`) says; writes eval.json."""
+    """Measure a run's images as `config` (a `sdtune.config.EvaluateConfig`) says; writes eval.json and returns a
+    `sdtune.evaluation.Evaluation`: `metrics` (name → value), `unavailable` (name → why) and `table()`."""
     from .evaluation import evaluate as _evaluate
 
     return _evaluate(_checked_config(config, "EvaluateConfig"))
 
 
-def compare(runs, output, **options):
-    """Compare run folders into `output`: table (md, csv), plots, image grid; options: `CompareConfig`'s."""
+def compare(runs, output=None, progress: bool = True, **options):
+    """Compare run folders into `output`: table (md, csv), plots, image grid; options: `CompareConfig`'s, or a whole
+    `sdtune.config.CompareConfig` in place of `runs`. Returns a `sdtune.comparison.Comparison` (`runs`, `files`, `table`)."""
     from .comparison import compare as _compare
+    from .config import CompareConfig
 
-    return _compare(runs, output, **options)
+    if isinstance(runs, CompareConfig):
+        if output is not None or options:
+            raise SdtuneError("give a CompareConfig alone, or runs, output and options, not both")
+        values = runs.to_dict()
+        return _compare(values.pop("runs"), values.pop("output"), progress, **values)
+    if output is None:
+        raise SdtuneError("give the folder to write the comparison to: sdtune.compare(runs, output)")
+    return _compare(runs, output, progress, **options)
 
 
 def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
     """Apply an sdtune adapter file or run folder to `pipeline`'s UNet at strength `scale`
-    (W + scale·ΔW; 0: the base weights), merged by default; returns the method.
+    (W + scale·ΔW; 0: the base weights), merged by default; returns the method (`set_scale`, `merge`, `unmerge`:
+    merged here, the update is in the weights for good; `open_adapter`, then `merge()`, keeps it undoable).
 
     A kohya-format file (LoRA, LoHa, LoKr, full-weight diffs, from any trainer) is added to the
     base weights instead (always merged, its ΔW times `scale`)."""
@@ -72,7 +90,7 @@ def load_adapters(paths, pipeline, scales=None):
     tokens are named in the stack (`StackedTokens`: later adapters' `<s0><s1>` become the next free names)."""
     from .adapter import load_adapters as _load
 
-    return _load(list(paths), pipeline, scales)
+    return _load(paths if isinstance(paths, (str, os.PathLike)) else list(paths), pipeline, scales)
 
 
 def open_adapter(path, pipeline):

@@ -53,7 +53,25 @@ def expand_home(value: Any) -> Any:
     return value
 
 
-class _Config:
+def check_setting_names(config_class, names, where: str = "") -> None:
+    """Refuse names that are no setting of `config_class`, all of them in one line."""
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(config_class)})
+    if unknown:
+        raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
+
+
+class _ConfigType(type):
+    """Building a config in Python (`TrainConfig(stepz=3)`) refuses a misspelt setting as TOML and flags do,
+    in one SdtuneError line, where the dataclass's own `__init__` would raise a TypeError."""
+
+    def __call__(cls, *args: Any, **values: Any):
+        if args:
+            raise SdtuneError(f"give {cls.__name__}'s settings by name, as in {cls.__name__}(output=\"out\"); got {len(args)} positional value(s)")
+        check_setting_names(cls, values)
+        return super().__call__(**values)
+
+
+class _Config(metaclass=_ConfigType):
     """TOML in, TOML out, with clear errors for unknown keys and bad values."""
 
     @classmethod
@@ -62,11 +80,7 @@ class _Config:
         if path is not None:
             values.update(read_toml(path))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            where = f" in {path}" if path else ""
-            raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
+        check_setting_names(cls, values, f" in {path}" if path else "")
         config = cls(**values)
         config.validate()
         return config

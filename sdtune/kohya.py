@@ -414,7 +414,7 @@ class KohyaAdapter:
 
         scale = checked_scale(scale)
         if self.merged:
-            raise RuntimeError("kohya: unmerge() before changing the scale")
+            raise SdtuneError("kohya: merged; unmerge() before changing the scale")
         self.scale = scale
 
     def merge(self, keep_base: bool = True) -> None:
@@ -457,7 +457,9 @@ class KohyaAdapter:
         if not self.merged:
             return
         if self._unmerged_weights is None:
-            raise RuntimeError("kohya: merged with keep_base=False; there is nothing to unmerge to")
+            from .methods.base import ONE_WAY_MERGE
+
+            raise SdtuneError(f"kohya: {ONE_WAY_MERGE}")
         modules = {update.name: update.module for update in self.updates}
         with torch.no_grad():
             for (name, attr), value in self._unmerged_weights.items():

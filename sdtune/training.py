@@ -60,14 +60,19 @@ VALIDATION_GRIDS = "samples"  # OUTPUT/samples/step-N.png (sample's grid.png and
 
 @dataclass
 class Run:
-    """What a finished training run produced."""
+    """What a finished training run produced.
 
-    output: Path
-    adapter: Path
-    config: TrainConfig
+    `method` is the trained method, still injected into the run's UNet (and text encoders): it keeps that
+    model alive, on the device it trained on, for as long as the `Run` is kept. A notebook that trains run
+    after run keeps what it needs (`output`, `adapter`, `losses`) and drops the rest (`run.method = None`),
+    then loads adapters back with `sdtune.load_adapter`."""
+
+    output: Path  # the run's folder (config.toml, metrics.jsonl, logs, samples)
+    adapter: Path  # the adapter file in it
+    config: TrainConfig  # the settings as resolved (every default filled in), as config.toml holds them
     method: object
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # each step's training loss, from the first step this process ran
+    seconds: float = 0.0  # wall-clock seconds of the loop
     resumed_from: Path | None = None
     validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
     token_numbers: int = 0  # numbers the new token rows trained beside the method (--token-embeddings)
