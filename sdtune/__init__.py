@@ -1,9 +1,18 @@
 """sdtune: parameter-efficient fine-tuning of Stable Diffusion (SD 1.x, 2.x and SDXL).
 
+    import sdtune
+    run = sdtune.train(sdtune.TrainConfig(concept="castle", method="lora", model="tiny", steps=200))
+    sdtune.sample(sdtune.SampleConfig(adapter=str(run.output), prompt=["a <castle> at dawn"]))
+    sdtune.load_adapter(run.output, pipe, scale=0.8)   # into a diffusers pipeline you loaded
+
+Each function takes a config (`TrainConfig`, `SampleConfig`, `EvaluateConfig`, `ExtractConfig`: built
+directly, or `.load("run.toml", steps=50)` from TOML with overrides) and returns what it produced:
+`train` a `training.Run`, `sample` a `sampling.SampleResult`, `evaluate` an `evaluation.Evaluation`,
+`compare` a `comparison.Comparison`. Every refusal is an `SdtuneError` of one line.
+
 Heavy libraries (torch, diffusers) are imported only when a function that needs them is called,
-so `import sdtune` and `sdtune --help` stay fast. The loop, the sampler, the metrics and the
-comparison live in `training`, `sampling`, `evaluation` and `comparison` so that `sdtune.train`,
-`sdtune.sample`, `sdtune.evaluate` and `sdtune.compare` stay the functions below.
+so `import sdtune` and `sdtune --help` stay fast; so are the configs and submodules (`sdtune.config`,
+`sdtune.methods`, ...), on first use.
 """
 
 import logging
@@ -17,7 +26,25 @@ from .version import __version__
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "extract_lora",
+           "TrainConfig", "SampleConfig", "EvaluateConfig", "CompareConfig", "ExtractConfig",
            "SdtuneError", "TrainingFailed", "__version__"]
+CONFIGS = ("TrainConfig", "SampleConfig", "EvaluateConfig", "CompareConfig", "ExtractConfig")
+
+
+def __getattr__(name: str):
+    """The configs (`sdtune.TrainConfig`) and submodules (`sdtune.config`) on first use, not at `import sdtune`."""
+    import importlib
+    import importlib.util
+
+    if name in CONFIGS:
+        return getattr(importlib.import_module(".config", __name__), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def _checked_config(config, kind: str):

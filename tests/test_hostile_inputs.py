@@ -492,6 +492,7 @@ def test_the_library_names_a_notebooks_mistakes_in_one_line(runs, tmp_path, priv
     from sdtune.models import load_pipeline
 
     assert sdtune.SdtuneError is sdtune.errors.SdtuneError and "SdtuneError" in sdtune.__all__
+    assert sdtune.TrainConfig is TrainConfig and sdtune.config.CompareConfig is CompareConfig  # on first use
     with pytest.raises(sdtune.SdtuneError, match=r"^unknown setting\(s\): stepz$"):
         TrainConfig(steps=3, stepz=3)
     with pytest.raises(sdtune.SdtuneError, match=r"^give TrainConfig's settings by name"):
