@@ -104,8 +104,15 @@ class _Config(metaclass=_ConfigType):
 
 
 def checked_value(name: str, value: Any, hint: Any) -> Any:
-    """`value` if it has the type `hint` allows (an int also passes as a float); else a one-line error."""
+    """`value` if it has the type `hint` allows (an int also passes as a float, a path as text, a tuple as a list, and
+    one text where only a list of text is allowed as that list); else a one-line error."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, tuple):  # Python's other sequence: (0, 0.5, 1), ("castle", "canal")
+        value = list(value)
+    if isinstance(value, list):  # paths (a Run's output, pathlib) where text is asked for, as a single path passes
+        value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
+    if allowed == (list[str],) and isinstance(value, (str, os.PathLike)):  # prompt="a castle": a list of one
+        value = [os.fspath(value)]
     for kind in allowed:
         origin = typing.get_origin(kind) or kind
         if kind is type(None) and value is None:

@@ -529,3 +529,19 @@ def test_the_library_names_a_notebooks_mistakes_in_one_line(runs, tmp_path, priv
     assert [run.name for run in sdtune.compare(config, progress=False).runs] == ["lora"]
     with pytest.raises(sdtune.SdtuneError, match=r"^give the folder to write the comparison to"):
         sdtune.compare([str(runs / "lora")])
+
+
+def test_configs_take_what_python_code_holds(tmp_path):
+    """Paths (a Run's output) in a list of paths, tuples for lists and one prompt for a list of prompts are taken
+    as the CLI's text would be; what is still of the wrong type is named."""
+    from sdtune.config import CompareConfig, SampleConfig, TrainConfig
+    from sdtune.errors import SdtuneError
+
+    runs = [tmp_path / "castle-lora", tmp_path / "castle-atoms"]
+    assert SampleConfig(adapter=runs).adapter == [str(run) for run in runs]
+    assert TrainConfig(concept=("castle", "canal"), images=runs).images == [str(run) for run in runs]
+    assert CompareConfig(runs=tuple(runs)).runs == [str(run) for run in runs]
+    assert SampleConfig(prompt="a <castle> at dawn").prompt == ["a <castle> at dawn"]
+    assert SampleConfig(adapter=runs[0], adapter_scale=(0, 0.5, 1)).adapter_scale == [0.0, 0.5, 1.0]
+    with pytest.raises(SdtuneError, match=r"^setting prompt must be a list of text, got \['a', 3\]$"):
+        SampleConfig(prompt=("a", 3))
