@@ -333,6 +333,8 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     from .methods.base import checked_scale
 
     path = adapter_path(path)
+    if not isinstance(merge, bool):  # merge="no" would merge
+        raise SdtuneError(f"merge is True or False, got {merge!r}")
     if not merge and is_kohya_file(path):
         raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
     scale = checked_scale(scale)  # before the adapter is bound: a refused scale leaves the pipeline as it was

@@ -53,8 +53,10 @@ def merge_adapter(
         raise SdtuneError(f"--dtype {dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
     if not sources or len(scales) != len(sources):
         raise SdtuneError(f"give one --scale for all adapters or one each: {len(sources)} adapters, {len(scales)} scales")
-    if not all(math.isfinite(s) for s in scales):
-        raise SdtuneError(f"--scale must be a finite number, got {scales_text(scales)}")
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scales):
+        shown = scales_text(scales) if all(isinstance(s, (int, float)) for s in scales) else repr(scale)
+        raise SdtuneError(f"--scale must be a finite number, got {shown}")
+    scales = [float(s) for s in scales]
     output = Path(output)
     check_output_target(output, [adapter_path(s) for s in sources], overwrite)
     infos = [adapter_info(s) for s in sources]

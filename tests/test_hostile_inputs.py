@@ -489,6 +489,7 @@ def test_the_library_names_a_notebooks_mistakes_in_one_line(runs, tmp_path, priv
     import sdtune
     from sdtune.config import CompareConfig, TrainConfig
     from sdtune.export import export_adapter
+    from sdtune.merging import merge_adapter
     from sdtune.models import load_pipeline
 
     assert sdtune.SdtuneError is sdtune.errors.SdtuneError and "SdtuneError" in sdtune.__all__
@@ -503,6 +504,11 @@ def test_the_library_names_a_notebooks_mistakes_in_one_line(runs, tmp_path, priv
             sdtune.load_adapter(runs / "lora", not_a_pipeline)
         with pytest.raises(sdtune.SdtuneError, match=r"^give a diffusers pipeline"):
             sdtune.load_adapters([runs / "lora"], not_a_pipeline)
+    with pytest.raises(sdtune.SdtuneError, match=r"^merge is True or False, got 'no'$"):
+        sdtune.load_adapter(runs / "lora", pipe, merge="no")
+    with pytest.raises(sdtune.SdtuneError, match=r"^--scale must be a finite number, got '1'$"):
+        merge_adapter(runs / "lora", tmp_path / "merged", scale="1")
+    assert not (tmp_path / "merged").exists()
     method = sdtune.load_adapter(runs / "atoms", pipe)
     with pytest.raises(sdtune.SdtuneError, match=r"^atoms: merged for good .* bind it with sdtune.open_adapter and merge\(\)$"):
         method.unmerge()
