@@ -595,7 +595,10 @@ class Trainer:
             # framed as training frames them: SDXL's time ids give each image's original size and crop
             if inputs.held_out_paths:  # a file that cannot be decoded is skipped with its prompt
                 skipped: list[Path] = []
-                framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped)
+                with warnings.catch_warnings():
+                    if config.buckets:  # framed square for the loss alone: no training size is upscaled to
+                        warnings.filterwarnings("ignore", message=r".* smaller than .*upscaled")
+                    framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped)
                 prompts = [prompt for path, prompt in zip(inputs.held_out_paths, inputs.held_out_prompts) if path not in skipped]
                 held_out = ConceptDataset(framed, prompts)
             elif config.buckets:  # the loss is measured on one batch of square images
