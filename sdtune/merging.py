@@ -16,6 +16,8 @@ from .safetensors_checks import first_non_finite
 
 @dataclass
 class MergeResult:
+    """What `merge_adapter` wrote: the pipeline folder, its dtype, and what sampling it needs beyond the weights."""
+
     output: Path
     dtype: str
     method: str
