@@ -240,3 +240,26 @@ def test_a_merged_pipeline_samples_as_its_adapter(run, plain, tmp_path):
     assert result.zero_terminal_snr == []
     scheduler = json.loads((tmp_path / "plain-merged" / "scheduler" / "scheduler_config.json").read_text())
     assert not scheduler.get("rescale_betas_zero_snr") and scheduler["timestep_spacing"] != "trailing"
+
+
+def test_the_model_cards_python_draws_on_the_rescaled_schedule(run, plain, tmp_path, monkeypatch):
+    """The card's Python snippet, run as a reader would run it beside the adapter, draws with the rescaled, trailing
+    scheduler and guidance rescale 0.7, as `sdtune sample` does; a plain run's snippet keeps the model's own."""
+    import re
+
+    import diffusers
+
+    from sdtune.model_card import write_model_card
+
+    calls = []
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "__call__",
+                        lambda pipe, prompt, **settings: calls.append((pipe.scheduler.config, settings)) or SimpleNamespace(images=[None]))
+    for folder, rescaled in ((run.output, True), (plain, False)):
+        write_model_card(folder, overwrite=True)
+        snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+        monkeypatch.chdir(folder)
+        exec(snippet, {})
+        scheduler, settings = calls[-1]
+        assert bool(scheduler.get("rescale_betas_zero_snr")) == rescaled
+        assert (scheduler.timestep_spacing == "trailing") == rescaled
+        assert settings == ({"guidance_rescale": 0.7} if rescaled else {})
