@@ -123,9 +123,14 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     if grid.is_file():
         lines += ["", f"![samples]({GRID.as_posix()})"]
     placeholder = info.placeholder or "<concept>"
-    from .sampling import zero_snr_adapters
+    from .sampling import adapters_reading, zero_snr_adapters
 
     zero_snr = bool(zero_snr_adapters([path], [info]))  # drawn as sdtune sample draws it: rescaled, trailing schedule
+    reading = adapters_reading([path], [info])
+    # read as it trained: diffusers' clip_skip counts one less than sdtune's (kohya-ss', AUTOMATIC1111's)
+    call = "".join([f", clip_skip={reading.clip_skip - 1}"] * (reading.clip_skip > 1) + [", guidance_rescale=0.7"] * zero_snr)
+    long_prompts = [f"# trained reading prompts to {reading.max_token_length} tokens; this pipeline reads 75 (sdtune sample "
+                    f"reads {reading.max_token_length})"] * (reading.max_token_length != 75)
     lines += [
         "", "## Use it", "", "```bash",
         f'sdtune sample --adapter {path.name} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
@@ -137,8 +142,8 @@ def model_card(path: Path, info, license: str | None = None) -> str:
           ["from sdtune.models import load_pipeline", "", f'pipe = load_pipeline("{info.base_model}")']),
         f'sdtune.load_adapter("{path.name}", pipe)   # merged; scale=0.8 weakens it',
         *[ZERO_SNR_SCHEDULER] * zero_snr,
-        f'image = pipe("{fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())}"'
-        f'{", guidance_rescale=0.7" * zero_snr}).images[0]',
+        *long_prompts,
+        f'image = pipe("{fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())}"{call}).images[0]',
         "```",
     ]
     rows = [(label, _shown(settings[key])) for key, label in SETTINGS.items() if _worth_showing(key, settings.get(key))]
