@@ -254,13 +254,16 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     from .distributed import lock_on_main_process
 
     accelerator = make_accelerator(config, output)
-    lock = OutputLock(output)
+    lock, trainer = OutputLock(output), None
     try:  # taken inside the try: an interrupt just after it is taken still releases it
         lock_on_main_process(accelerator, lock)  # every process raises the same one-line error if it is taken
         if accelerator.is_main_process:
             sweep_run_folder(lock)
-        yield Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
+        trainer = Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
+        yield trainer
     finally:
+        if trainer is not None:
+            trainer.stop_data_workers()
         lock.release()
 
 
@@ -1139,6 +1142,20 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         finish_trackers(self.accelerator)
+
+    def stop_data_workers(self) -> None:
+        """End the loader's worker processes now. Persistent workers otherwise live on after the run, in a
+        notebook that trains again, until the garbage collector happens to free the trainer."""
+        batches = getattr(self, "batches", None)
+        if batches is not None:
+            batches.close()  # its loop over the loader: the loader's iterator is then held by the loader alone
+        loader = getattr(self, "loader", None)
+        iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps its persistent workers' iterator
+        if iterator is not None:
+            loader._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def data_workers(dataset, processes: int = 1) -> int:
