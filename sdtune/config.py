@@ -60,19 +60,19 @@ def check_setting_names(config_class, names, where: str = "") -> None:
         raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
 
 
-class _ConfigType(type):
-    """Building a config in Python (`TrainConfig(stepz=3)`) refuses a misspelt setting as TOML and flags do,
-    in one SdtuneError line, where the dataclass's own `__init__` would raise a TypeError."""
+class _Config:
+    """TOML in, TOML out, with clear errors for unknown keys and bad values.
 
-    def __call__(cls, *args: Any, **values: Any):
+    Each setting is its command's flag of the same name (`max_grad_norm`: `--max-grad-norm`), which `sdtune
+    COMMAND --help` and the README describe; `load(path, **overrides)` reads a TOML file and applies overrides."""
+
+    def __new__(cls, *args: Any, **values: Any):
+        # before the dataclass's own __init__, which would raise a TypeError: a setting misspelt in Python
+        # (`TrainConfig(stepz=3)`) is refused as TOML and flags refuse it, in one SdtuneError line
         if args:
             raise SdtuneError(f"give {cls.__name__}'s settings by name, as in {cls.__name__}(output=\"out\"); got {len(args)} positional value(s)")
         check_setting_names(cls, values)
-        return super().__call__(**values)
-
-
-class _Config(metaclass=_ConfigType):
-    """TOML in, TOML out, with clear errors for unknown keys and bad values."""
+        return super().__new__(cls)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any):
@@ -192,7 +192,8 @@ def check_image_sides(config) -> None:
 
 @dataclass
 class TrainConfig(_Config):
-    """Everything `sdtune train` needs. Unset values are resolved by `resolved()`."""
+    """Everything `sdtune train` needs, each setting its flag of the same name (`sdtune train --help`). Unset values
+    are resolved by `resolved()`."""
 
     concept: str | list[str] = "castle"  # several train one adapter, each with its own images and placeholder
     method: str = DEFAULT_METHOD

@@ -543,6 +543,10 @@ def test_configs_take_what_python_code_holds(tmp_path):
     from sdtune.config import CompareConfig, SampleConfig, TrainConfig
     from sdtune.errors import SdtuneError
 
+    import inspect
+
+    # a notebook's signature help shows the settings, not the check that refuses misspelt ones
+    assert {"steps", "method", "buckets"} <= set(inspect.signature(TrainConfig).parameters)
     runs = [tmp_path / "castle-lora", tmp_path / "castle-atoms"]
     assert SampleConfig(adapter=runs).adapter == [str(run) for run in runs]
     assert TrainConfig(concept=("castle", "canal"), images=runs).images == [str(run) for run in runs]
