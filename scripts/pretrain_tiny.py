@@ -416,6 +416,10 @@ def main(argv=None) -> int:
 
         shutil.rmtree(staging)
     pipe.save_pretrained(staging, safe_serialization=True)
+    # transformers reads the text encoder in the dtype its config names, diffusers the other parts in float32: a plain
+    # `StableDiffusionPipeline.from_pretrained(folder)` would mix float16 and float32 and fail at its first call
+    encoder_config = staging / "text_encoder" / "config.json"
+    encoder_config.write_text(json.dumps({**json.loads(encoder_config.read_text()), "dtype": "float32"}, indent=2) + "\n")
     if output.exists():
         import shutil
 

@@ -1,20 +1,50 @@
 """sdtune: parameter-efficient fine-tuning of Stable Diffusion (SD 1.x, 2.x and SDXL).
 
+    import sdtune
+    run = sdtune.train(sdtune.TrainConfig(concept="castle", method="lora", model="tiny", steps=200))
+    sdtune.sample(sdtune.SampleConfig(adapter=str(run.output), prompt=["a <castle> at dawn"]))
+    sdtune.load_adapter(run.output, pipe, scale=0.8)   # into a diffusers pipeline you loaded
+
+Each function takes a config (`TrainConfig`, `SampleConfig`, `EvaluateConfig`, `ExtractConfig`: built
+directly, or `.load("run.toml", steps=50)` from TOML with overrides) and returns what it produced:
+`train` a `training.Run`, `sample` a `sampling.SampleResult`, `evaluate` an `evaluation.Evaluation`,
+`compare` a `comparison.Comparison`. Every refusal is an `SdtuneError` of one line.
+
 Heavy libraries (torch, diffusers) are imported only when a function that needs them is called,
-so `import sdtune` and `sdtune --help` stay fast. The loop, the sampler, the metrics and the
-comparison live in `training`, `sampling`, `evaluation` and `comparison` so that `sdtune.train`,
-`sdtune.sample`, `sdtune.evaluate` and `sdtune.compare` stay the functions below.
+so `import sdtune` and `sdtune --help` stay fast; so are the configs and submodules (`sdtune.config`,
+`sdtune.methods`, ...), on first use.
 """
 
 import logging
+import os
 
+from .errors import SdtuneError, TrainingFailed
 from .version import __version__
 
 # bitsandbytes, which peft and transformers import whenever it is installed (`--optimizer adamw8bit`), warns on
 # every CPU import that an optional 4-bit matmul kernel is missing; sdtune uses no 4-bit matmul
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "extract_lora", "__version__"]
+__all__ = ["train", "sample", "evaluate", "compare", "load_adapter", "load_adapters", "open_adapter", "extract_lora",
+           "TrainConfig", "SampleConfig", "EvaluateConfig", "CompareConfig", "ExtractConfig",
+           "SdtuneError", "TrainingFailed", "__version__"]
+CONFIGS = ("TrainConfig", "SampleConfig", "EvaluateConfig", "CompareConfig", "ExtractConfig")
+
+
+def __getattr__(name: str):
+    """The configs (`sdtune.TrainConfig`) and submodules (`sdtune.config`) on first use, not at `import sdtune`."""
+    import importlib
+    import importlib.util
+
+    if name in CONFIGS:
+        return getattr(importlib.import_module(".config", __name__), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def _checked_config(config, kind: str):
@@ -28,36 +58,51 @@ def _checked_config(config, kind: str):
 
 
 def train(config):
-    """Train an adapter as `config` (a `sdtune.config.TrainConfig`) says; returns a `Run`."""
+    """Train an adapter as `config` (a `sdtune.config.TrainConfig`) says; returns a `sdtune.training.Run`: the run's
+    folder (`output`), its adapter file (`adapter`), the settings it resolved, the losses and the seconds it took.
+
+    A refused setting or input raises `SdtuneError`; a run that cannot go on (a non-finite loss) `TrainingFailed`."""
     from .training import train as _train
 
     return _train(_checked_config(config, "TrainConfig"))
 
 
 def sample(config):
-    """Draw images and a grid as `config` (a `sdtune.config.SampleConfig`) says."""
+    """Draw images and a grid as `config` (a `sdtune.config.SampleConfig`) says; returns a `sdtune.sampling.SampleResult`:
+    the output folder, the image files, the grid file, the prompts as drawn and the timings."""
     from .sampling import sample as _sample
 
     return _sample(_checked_config(config, "SampleConfig"))
 
 
 def evaluate(config):
-    """Measure a run's images as `config` (a `sdtune.config.EvaluateConfig`) says; writes eval.json."""
+    """Measure a run's images as `config` (a `sdtune.config.EvaluateConfig`) says; writes eval.json and returns a
+    `sdtune.evaluation.Evaluation`: `metrics` (name → value), `unavailable` (name → why) and `table()`."""
     from .evaluation import evaluate as _evaluate
 
     return _evaluate(_checked_config(config, "EvaluateConfig"))
 
 
-def compare(runs, output, **options):
-    """Compare run folders into `output`: table (md, csv), plots, image grid; options: `CompareConfig`'s."""
+def compare(runs, output=None, progress: bool = True, **options):
+    """Compare run folders into `output`: table (md, csv), plots, image grid; options: `CompareConfig`'s, or a whole
+    `sdtune.config.CompareConfig` in place of `runs`. Returns a `sdtune.comparison.Comparison` (`runs`, `files`, `table`)."""
     from .comparison import compare as _compare
+    from .config import CompareConfig
 
-    return _compare(runs, output, **options)
+    if isinstance(runs, CompareConfig):
+        if output is not None or options:
+            raise SdtuneError("give a CompareConfig alone, or runs, output and options, not both")
+        values = runs.to_dict()
+        return _compare(values.pop("runs"), values.pop("output"), progress, **values)
+    if output is None:
+        raise SdtuneError("give the folder to write the comparison to: sdtune.compare(runs, output)")
+    return _compare(runs, output, progress, **options)
 
 
 def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
     """Apply an sdtune adapter file or run folder to `pipeline`'s UNet at strength `scale`
-    (W + scale·ΔW; 0: the base weights), merged by default; returns the method.
+    (W + scale·ΔW; 0: the base weights), merged by default; returns the method (`set_scale`, `merge`, `unmerge`:
+    merged here, the update is in the weights for good; `open_adapter`, then `merge()`, keeps it undoable).
 
     A kohya-format file (LoRA, LoHa, LoKr, full-weight diffs, from any trainer) is added to the
     base weights instead (always merged, its ΔW times `scale`)."""
@@ -72,7 +117,7 @@ def load_adapters(paths, pipeline, scales=None):
     tokens are named in the stack (`StackedTokens`: later adapters' `<s0><s1>` become the next free names)."""
     from .adapter import load_adapters as _load
 
-    return _load(list(paths), pipeline, scales)
+    return _load(paths if isinstance(paths, (str, os.PathLike)) else list(paths), pipeline, scales)
 
 
 def open_adapter(path, pipeline):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ ADAPTER_FILE = "adapter.safetensors"
 FORMAT = "sdtune-adapter/1"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 REQUIRED_METADATA = ("method", "options", "base_model", "fingerprint", "structure", "weight_sample")
+# a key of diffusers' own LoRA layout (`sdtune export --format diffusers`, diffusers' training scripts)
+DIFFUSERS_LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\..+\.(lora_[AB]\.weight|lora_magnitude_vector)$")
 KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token", "text_encoders", "token_embeddings"}
 
 
@@ -89,6 +92,9 @@ def missing_adapter_reason(path: Path) -> str:
     holder = training_holder(path)
     if holder:
         return f"it is training now (pid {holder[0]} on {holder[1]}) and has saved no adapter yet"
+    if (path / "adapter_config.json").is_file():
+        return ("it is a peft adapter folder, as `sdtune export --format peft` writes, which sdtune does not read: load it "
+                "with peft's PeftModel.from_pretrained, or give the run folder or a kohya export")
     try:
         marker = read_json(path / "sweep-run.json")
     except (SdtuneError, OSError):  # a damaged or unreadable marker tells nothing
@@ -148,6 +154,9 @@ def read_adapter_info(path: str | Path) -> tuple[AdapterInfo, dict[str, TensorEn
     path = adapter_path(path)
     metadata, entries = read_safetensors_header(path)
     if metadata.get("format") != FORMAT:
+        if entries and all(DIFFUSERS_LORA_KEY.match(key) for key in entries):
+            raise SdtuneError(f"{path}: a diffusers-format LoRA (as `sdtune export --format diffusers` writes), which sdtune does "
+                              "not read: load it with diffusers' pipe.load_lora_weights, or give the run folder or a kohya export")
         raise SdtuneError(f"{path}: not an sdtune adapter (no '{FORMAT}' metadata)")
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
@@ -235,6 +244,15 @@ def adapter_info(path: str | Path) -> AdapterInfo:
     return read_adapter_info(path)[0]
 
 
+def check_pipeline(pipeline) -> None:
+    """Refuse, in one line, anything but a diffusers pipeline with a UNet (a model name, a bare UNet, None)."""
+    import torch
+
+    if not isinstance(getattr(pipeline, "unet", None), torch.nn.Module):
+        raise SdtuneError("give a diffusers pipeline to load the adapter into (such as sdtune.models.load_pipeline(\"tiny\")), "
+                          f"got {type(pipeline).__name__}")
+
+
 def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = None):
     """The adapter at `path` bound to `pipeline`, at strength 1 and not merged; its new tokens (if any) join the
     pipeline's tokenizer(s), under the names `rename` gives where it does (a stack's `stack_new_tokens`).
@@ -264,6 +282,7 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     )
 
     path = adapter_path(path)
+    check_pipeline(pipeline)
     check_no_unmerged_method(pipeline.unet, f"loading {path}")
     if is_kohya_file(path):
         return read_kohya_updates(path, pipeline, rename)
@@ -326,9 +345,11 @@ def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 
     from .methods.base import checked_scale
 
     path = adapter_path(path)
+    if not isinstance(merge, bool):  # merge="no" would merge
+        raise SdtuneError(f"merge is True or False, got {merge!r}")
     if not merge and is_kohya_file(path):
         raise SdtuneError(f"{path}: kohya-format files are applied merged; merge=False is not available")
-    checked_scale(scale)  # before the adapter is bound: a refused scale leaves the pipeline as it was
+    scale = checked_scale(scale)  # before the adapter is bound: a refused scale leaves the pipeline as it was
     warn_missing_base_adapters([path])
     adapter = open_adapter(path, pipeline)
     if scale != 1.0:
@@ -366,8 +387,8 @@ def check_merged_weights_finite(pipeline, what: str) -> None:
 
 def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     """Stack adapters onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ the update adapter i makes on the base
-    weights it was trained on (`scales`: one each, default 1). Returns the stack's `StackedTokens`: adapters' new
-    tokens (--token-embeddings) named apart, each later adapter's under the next free names (<s2><s3> after
+    weights it was trained on (`scales`: one each, or one number for all; default 1). Returns the stack's
+    `StackedTokens`: adapters' new tokens (--token-embeddings) named apart, each later adapter's under the next free names (<s2><s3> after
     another's <s0><s1>, said in one warning line), and what each `<name>` placeholder then becomes.
 
     Filter atoms, GIFT and DiffFit derive their update from the weights they meet, so every adapter's update of a
@@ -390,11 +411,15 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
 
     from .methods.base import checked_scale, remember_base_samples
 
-    scales = [1.0] * len(paths) if scales is None else list(scales)
+    if isinstance(paths, (str, os.PathLike)):  # one adapter, not a list of one-letter paths
+        paths = [paths]
+    check_pipeline(pipeline)
+    if scales is None or not isinstance(scales, (list, tuple)):  # one strength for all (default 1)
+        scales = [1.0 if scales is None else scales] * len(paths)
+    scales = list(scales)
     if len(scales) != len(paths):
         raise SdtuneError(f"give one strength per adapter: {len(paths)} adapters, {len(scales)} strengths")
-    for scale in scales:
-        checked_scale(scale)
+    scales = [checked_scale(scale) for scale in scales]
     stack = stacked_tokens(paths, pipeline)  # before any adapter is bound: a refusal leaves the pipeline as it was
     if stack.notice:
         warnings.warn(stack.notice, stacklevel=2)

@@ -555,6 +555,10 @@ def merge(
         config.sources, config.output, dtype=config.dtype, model=config.model, scale=config.scales, overwrite=config.overwrite
     )
     typer.echo(f"wrote {result.output} ({result.method} merged, {result.dtype})")
+    if result.zero_terminal_snr:
+        typer.echo(f"note: {' and '.join(result.zero_terminal_snr)} {'was' if len(result.zero_terminal_snr) == 1 else 'were'} "
+                   "trained with --zero-terminal-snr: the merged pipeline's scheduler is rescaled to SNR 0 with trailing "
+                   "timesteps, as sdtune sample draws it (which also rescales guidance by 0.7)")
     for merged, flags in result.reading_flags.items():  # what weights cannot hold: how the prompts are read
         typer.echo(f"note: {merged} was trained reading prompts with {flags}; sample the merged pipeline with "
                    f"`sdtune sample --model {result.output} {flags}` (its own way reads them otherwise)")

@@ -53,8 +53,26 @@ def expand_home(value: Any) -> Any:
     return value
 
 
+def check_setting_names(config_class, names, where: str = "") -> None:
+    """Refuse names that are no setting of `config_class`, all of them in one line."""
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(config_class)})
+    if unknown:
+        raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
+
+
 class _Config:
-    """TOML in, TOML out, with clear errors for unknown keys and bad values."""
+    """TOML in, TOML out, with clear errors for unknown keys and bad values.
+
+    Each setting is its command's flag of the same name (`max_grad_norm`: `--max-grad-norm`), which `sdtune
+    COMMAND --help` and the README describe; `load(path, **overrides)` reads a TOML file and applies overrides."""
+
+    def __new__(cls, *args: Any, **values: Any):
+        # before the dataclass's own __init__, which would raise a TypeError: a setting misspelt in Python
+        # (`TrainConfig(stepz=3)`) is refused as TOML and flags refuse it, in one SdtuneError line
+        if args:
+            raise SdtuneError(f"give {cls.__name__}'s settings by name, as in {cls.__name__}(output=\"out\"); got {len(args)} positional value(s)")
+        check_setting_names(cls, values)
+        return super().__new__(cls)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any):
@@ -62,11 +80,7 @@ class _Config:
         if path is not None:
             values.update(read_toml(path))
         values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            where = f" in {path}" if path else ""
-            raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
+        check_setting_names(cls, values, f" in {path}" if path else "")
         config = cls(**values)
         config.validate()
         return config
@@ -90,8 +104,15 @@ class _Config:
 
 
 def checked_value(name: str, value: Any, hint: Any) -> Any:
-    """`value` if it has the type `hint` allows (an int also passes as a float); else a one-line error."""
+    """`value` if it has the type `hint` allows (an int also passes as a float, a path as text, a tuple as a list, and
+    one text where only a list of text is allowed as that list); else a one-line error."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if isinstance(value, tuple):  # Python's other sequence: (0, 0.5, 1), ("castle", "canal")
+        value = list(value)
+    if isinstance(value, list):  # paths (a Run's output, pathlib) where text is asked for, as a single path passes
+        value = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
+    if allowed == (list[str],) and isinstance(value, (str, os.PathLike)):  # prompt="a castle": a list of one
+        value = [os.fspath(value)]
     for kind in allowed:
         origin = typing.get_origin(kind) or kind
         if kind is type(None) and value is None:
@@ -195,7 +216,8 @@ def parse_base_adapter(entry: str) -> BaseAdapter:
 
 @dataclass
 class TrainConfig(_Config):
-    """Everything `sdtune train` needs. Unset values are resolved by `resolved()`."""
+    """Everything `sdtune train` needs, each setting its flag of the same name (`sdtune train --help`). Unset values
+    are resolved by `resolved()`."""
 
     concept: str | list[str] = "castle"  # several train one adapter, each with its own images and placeholder
     method: str = DEFAULT_METHOD

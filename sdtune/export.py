@@ -52,6 +52,8 @@ from .token_embeddings import (
 
 @dataclass
 class ExportResult:
+    """What `export_adapter` wrote: the file or folder, its format, how many tensors, and notes on who reads it."""
+
     output: Path
     format: str
     tensors: int

@@ -51,6 +51,8 @@ class LayerExtraction:
 
 @dataclass
 class ExtractResult:
+    """What `extract_lora` wrote: the LoRA file, its per-layer summary, and each layer's rank and kept fraction."""
+
     output: Path
     summary: Path  # the per-layer JSON beside the file
     layers: list[LayerExtraction]

@@ -52,6 +52,7 @@ that `sdtune merge` can save.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
@@ -416,7 +417,7 @@ class KohyaAdapter:
 
         scale = checked_scale(scale)
         if self.merged:
-            raise RuntimeError("kohya: unmerge() before changing the scale")
+            raise SdtuneError("kohya: merged; unmerge() before changing the scale")
         self.scale = scale
 
     def merge(self, keep_base: bool = True) -> None:
@@ -459,7 +460,9 @@ class KohyaAdapter:
         if not self.merged:
             return
         if self._unmerged_weights is None:
-            raise RuntimeError("kohya: merged with keep_base=False; there is nothing to unmerge to")
+            from .methods.base import ONE_WAY_MERGE
+
+            raise SdtuneError(f"kohya: {ONE_WAY_MERGE}")
         modules = {update.name: update.module for update in self.updates}
         with torch.no_grad():
             for (name, attr), value in self._unmerged_weights.items():
@@ -698,10 +701,9 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
     `text_encoder_2`, → encoder), not yet added.
 
     Every key is matched to a module and every ΔW checked against its weight; a key that matches
-    no module, or an update whose shape does not fit, is a one-line error.
+    no module, or an update whose shape does not fit, is a one-line error (naming the family a file of another
+    family was made for).
     """
-    import torch
-
     path = Path(path)
     metadata, tensors = read_kohya(path)
     warn_absurd_values(path, tensors)
@@ -710,13 +712,37 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
     if not kohya_keys_only(tensors):
         odd = next((key for key in tensors if not kohya_keys_only([key])), "")
         raise SdtuneError(f"{path}: key {odd!r} is not a kohya-format key (lora_unet_..., lora_te_..., lora_te1_... or lora_te2_...)")
-    lookup, layout, updated = kohya_module_lookup(unet, text_encoders), kohya_layout(unet.config), set()
+    lookup, layout = kohya_module_lookup(unet, text_encoders), kohya_layout(unet.config)
     groups: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         lora_name, _, suffix = key.partition(".")
         groups.setdefault(lora_name, {})[suffix] = tensor
 
-    updates = []
+    made_for, model_is = model_family(metadata.get("ss_base_model_version", "")), model_family(layout.base_model_version)
+    other_family = f"the file was made for {made_for}, this model is {model_is}" if made_for and made_for != model_is else ""
+    try:
+        updates = _module_updates(path, groups, lookup, layout)
+    except SdtuneError as error:  # a file of another family fits nowhere: say which family it was made for
+        if other_family:
+            raise SdtuneError(f"{error} ({other_family})") from None
+        raise
+    if other_family:  # every module fits (small models can), yet its metadata names another family
+        warnings.warn(f"{path}: {other_family}; its updates fit and are applied", stacklevel=3)
+    return KohyaAdapter(kohya_info(path, metadata), updates, bundled_embeddings=bundled)
+
+
+def model_family(base_model_version: str) -> str:
+    """The model family a kohya `ss_base_model_version` names ("" where it names none)."""
+    if base_model_version.startswith("sdxl"):
+        return "SDXL"
+    return {"sd_v1": "SD 1.x", "sd_v2": "SD 2.x"}.get(base_model_version, base_model_version)
+
+
+def _module_updates(path: Path, groups: dict[str, dict[str, Any]], lookup: dict, layout: KohyaLayout) -> list:
+    """Each kohya module's update (`KohyaUpdate`), checked against the module it names in `lookup`."""
+    import torch
+
+    updates, updated = [], set()
     for lora_name, parts in groups.items():
         where = f"{path}: {lora_name}"
         if lora_name not in lookup:
@@ -746,4 +772,4 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
             raise SdtuneError(f"{where}: {name} is updated twice in the file (under two spellings of its name)")
         updated.add(id(module))
         updates.append(KohyaUpdate(name, module, delta_weight, delta_bias))
-    return KohyaAdapter(kohya_info(path, metadata), updates, bundled_embeddings=bundled)
+    return updates

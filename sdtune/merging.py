@@ -16,12 +16,16 @@ from .safetensors_checks import first_non_finite
 
 @dataclass
 class MergeResult:
+    """What `merge_adapter` wrote: the pipeline folder, its dtype, and what sampling it needs beyond the weights."""
+
     output: Path
     dtype: str
     method: str
     token_renames: list = field(default_factory=list)  # stacked: each adapter's renamed new tokens ({}: unchanged)
     # the flags each adapter read prompts with beyond a pipeline's own way (`--clip-skip 2`): weights cannot hold them
     reading_flags: dict = field(default_factory=dict)  # source → "--clip-skip 2 --max-token-length 150"
+    # the adapters trained with --zero-terminal-snr: the folder's scheduler is then rescaled as sampling them is
+    zero_terminal_snr: list = field(default_factory=list)
 
 
 def merge_adapter(
@@ -33,13 +37,17 @@ def merge_adapter(
     `source` is an sdtune adapter (file or run folder) or a kohya-format file, or a list of them, which stack:
     their updates are added (`adapter.load_adapters`), each at its own strength where `scale` is a list. Every component is
     saved with safetensors; `StableDiffusionPipeline.from_pretrained(output)` loads it with no sdtune
-    installed. The folder is built beside `output` and renamed onto it. An existing `output` is
-    refused unless `overwrite`; one that is, or holds, an adapter is refused always.
+    installed. Where an adapter was trained with --zero-terminal-snr, the folder's scheduler is the one `sdtune sample`
+    draws that adapter with (rescaled to SNR 0 at its last timestep, trailing timesteps): `sdtune sample` of the
+    folder then draws what it draws of the adapter (diffusers: pass guidance_rescale=0.7 as it does). The folder is
+    built beside `output` and renamed onto it. An existing `output` is refused unless `overwrite`; one that is, or
+    holds, an adapter is refused always.
     """
     import torch
 
     from .adapter import adapter_info, adapter_path, load_adapter, load_adapters
     from .models import DEFAULT_MODEL, load_pipeline
+    from .sampling import zero_snr_adapters, zero_snr_scheduler
 
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
     scales = strengths(scale, len(sources))
@@ -47,8 +55,10 @@ def merge_adapter(
         raise SdtuneError(f"--dtype {dtype!r} is not available; choose: {', '.join(MERGE_DTYPES)}")
     if not sources or len(scales) != len(sources):
         raise SdtuneError(f"give one --scale for all adapters or one each: {len(sources)} adapters, {len(scales)} scales")
-    if not all(math.isfinite(s) for s in scales):
-        raise SdtuneError(f"--scale must be a finite number, got {scales_text(scales)}")
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scales):
+        shown = scales_text(scales) if all(isinstance(s, (int, float)) for s in scales) else repr(scale)
+        raise SdtuneError(f"--scale must be a finite number, got {shown}")
+    scales = [float(s) for s in scales]
     output = Path(output)
     check_output_target(output, [adapter_path(s) for s in sources], overwrite)
     infos = [adapter_info(s) for s in sources]
@@ -63,6 +73,9 @@ def merge_adapter(
             renames = load_adapters(sources, pipe, scales).renames
         if set(pipe.unet.state_dict()) != keys or hasattr(pipe.unet, "peft_config"):
             raise RuntimeError("the merged UNet is not the base model's architecture")
+        zero_snr = zero_snr_adapters(sources, infos)
+        if zero_snr:  # weights trained on a schedule ending at SNR 0 are drawn with it (sampling.zero_snr_scheduler)
+            pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
         with quiet_diffusers():  # it warns, naming no module, that none must stay in float32
             pipe.to(dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
         overflowed = first_non_finite(dict(pipe.unet.named_parameters()))
@@ -71,7 +84,8 @@ def merge_adapter(
                               + (" or a wider --dtype" if dtype != "fp32" else ""))
         provenance = [_provenance(*row, dtype) for row in zip(sources, infos, scales, renames)]
         _write_pipeline(pipe, output, provenance[0] if len(sources) == 1 else {"stacked": provenance, "dtype": dtype}, overwrite)
-    return MergeResult(output, dtype, "+".join(info.method for info in infos), renames if len(sources) > 1 else [], flags)
+    return MergeResult(output, dtype, "+".join(info.method for info in infos), renames if len(sources) > 1 else [], flags,
+                       zero_snr)
 
 
 def _reading(source, info):

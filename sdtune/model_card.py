@@ -22,6 +22,9 @@ from .version import __version__
 CARD_FILE = "README.md"
 GRID = Path("samples") / "grid.png"
 LOSS_WINDOW = 10  # the final loss is the mean of the last steps' losses
+# an adapter trained with --zero-terminal-snr is drawn on the schedule it trained on, as `sdtune sample` draws it
+ZERO_SNR_SCHEDULER = ('pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True, '
+                      'timestep_spacing="trailing")  # trained with --zero-terminal-snr: its schedule ends at SNR 0')
 # the training settings a card lists, with their labels, when config.toml has them
 SETTINGS = {
     "steps": "steps", "batch_size": "batch size", "gradient_accumulation_steps": "gradient accumulation",
@@ -121,17 +124,27 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     if grid.is_file():
         lines += ["", f"![samples]({GRID.as_posix()})"]
     placeholder = info.placeholder or "<concept>"
+    from .sampling import adapters_reading, zero_snr_adapters
+
+    zero_snr = bool(zero_snr_adapters([path], [info]))  # drawn as sdtune sample draws it: rescaled, trailing schedule
+    reading = adapters_reading([path], [info])
+    # read as it trained: diffusers' clip_skip counts one less than sdtune's (kohya-ss', AUTOMATIC1111's)
+    call = "".join([f", clip_skip={reading.clip_skip - 1}"] * (reading.clip_skip > 1) + [", guidance_rescale=0.7"] * zero_snr)
+    long_prompts = [f"# trained reading prompts to {reading.max_token_length} tokens; this pipeline reads 75 (sdtune sample "
+                    f"reads {reading.max_token_length})"] * (reading.max_token_length != 75)
     lines += [
         "", "## Use it", "", "```bash",
         f'sdtune sample --adapter {path.name} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
         f"sdtune export {path.name} --format kohya --output {name}.safetensors      # ComfyUI, AUTOMATIC1111, LyCORIS, InvokeAI",
         f"sdtune merge {path.name} --output {name}-merged/                        # a whole diffusers pipeline",
-        "```", "", "```python", "import sdtune",
+        "```", "", "```python", "import sdtune", *["from diffusers import DDIMScheduler"] * zero_snr,
         *(["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{info.base_model}")']
           if is_hub_id(info.base_model) else
           ["from sdtune.models import load_pipeline", "", f'pipe = load_pipeline("{info.base_model}")']),
         f'sdtune.load_adapter("{path.name}", pipe)   # merged; scale=0.8 weakens it',
-        f'image = pipe("{fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())}").images[0]',
+        *[ZERO_SNR_SCHEDULER] * zero_snr,
+        *long_prompts,
+        f'image = pipe("{fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())}"{call}).images[0]',
         "```",
     ]
     rows = [(label, _shown(settings[key])) for key, label in SETTINGS.items() if _worth_showing(key, settings.get(key))]

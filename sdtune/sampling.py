@@ -23,6 +23,9 @@ IMAGE_NAME = re.compile(r"^\d{3,}-(scale.+-)?seed\d+\.png$")  # what `image_name
 
 @dataclass
 class SampleResult:
+    """What `sample` drew: the output folder, each image file, the grid, the prompts as drawn (placeholders filled
+    in), and how long start-up and drawing took."""
+
     output: Path
     images: list[Path]
     grid: Path

@@ -61,14 +61,19 @@ VALIDATION_GRIDS = "samples"  # OUTPUT/samples/step-N.png and its images step-N/
 
 @dataclass
 class Run:
-    """What a finished training run produced."""
+    """What a finished training run produced.
 
-    output: Path
-    adapter: Path
-    config: TrainConfig
+    `method` is the trained method, still injected into the run's UNet (and text encoders): it keeps that
+    model alive, on the device it trained on, for as long as the `Run` is kept. A notebook that trains run
+    after run keeps what it needs (`output`, `adapter`, `losses`) and drops the rest (`run.method = None`),
+    then loads adapters back with `sdtune.load_adapter`."""
+
+    output: Path  # the run's folder (config.toml, metrics.jsonl, logs, samples)
+    adapter: Path  # the adapter file in it
+    config: TrainConfig  # the settings as resolved (every default filled in), as config.toml holds them
     method: object
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)  # each step's training loss, from the first step this process ran
+    seconds: float = 0.0  # wall-clock seconds of the loop
     resumed_from: Path | None = None
     extended_from: int | None = None  # the steps of the finished (or stopped) run this one extended to more
     validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
@@ -307,7 +312,7 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
     from .distributed import lock_on_main_process
 
     accelerator = make_accelerator(config, output)
-    lock = OutputLock(output)
+    lock, trainer = OutputLock(output), None
     try:  # taken inside the try: an interrupt just after it is taken still releases it
         lock_on_main_process(accelerator, lock)  # every process raises the same one-line error if it is taken
         if accelerator.is_main_process:
@@ -316,6 +321,8 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
         trainer.taken_options = plan.taken_options
         yield trainer
     finally:
+        if trainer is not None:
+            trainer.stop_data_workers()
         lock.release()
 
 
@@ -692,7 +699,10 @@ class Trainer:
             # framed as training frames them: SDXL's time ids give each image's original size and crop
             if inputs.held_out_paths:  # a file that cannot be decoded is skipped with its prompt
                 skipped: list[Path] = []
-                framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped)
+                with warnings.catch_warnings():
+                    if config.buckets:  # framed square for the loss alone: no training size is upscaled to
+                        warnings.filterwarnings("ignore", message=r".* smaller than .*upscaled")
+                    framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped)
                 prompts = [prompt for path, prompt in zip(inputs.held_out_paths, inputs.held_out_prompts) if path not in skipped]
                 held_out = ConceptDataset(framed, prompts)
             elif config.buckets:  # the loss is measured on one batch of square images
@@ -1240,6 +1250,20 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.close()
         finish_trackers(self.accelerator)
+
+    def stop_data_workers(self) -> None:
+        """End the loader's worker processes now. Persistent workers otherwise live on after the run, in a
+        notebook that trains again, until the garbage collector happens to free the trainer."""
+        batches = getattr(self, "batches", None)
+        if batches is not None:
+            batches.close()  # its loop over the loader: the loader's iterator is then held by the loader alone
+        loader = getattr(self, "loader", None)
+        iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps its persistent workers' iterator
+        if iterator is not None:
+            loader._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def data_workers(dataset, processes: int = 1) -> int:

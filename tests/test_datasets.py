@@ -245,6 +245,29 @@ def test_an_image_that_fails_in_a_loader_worker_is_one_line(tmp_path):
     assert "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
 
 
+def test_a_run_ends_its_loader_workers_as_it_returns(tmp_path, tiny_path, monkeypatch):
+    """Images decoded as they are drawn, uncached, come from persistent worker processes: a notebook that trains
+    run after run finds none of them left when `train` returns (not only once the garbage collector runs)."""
+    import gc
+
+    import psutil
+
+    import sdtune.training
+    from sdtune.training import train
+
+    for index in range(4):
+        write_png(tmp_path / "data" / ("cat" if index % 2 else "dog") / f"{index}.png", index)
+    monkeypatch.setattr(sdtune.training, "data_workers", lambda dataset, processes=1: 1)  # one, whatever the CPUs
+    earlier = set(psutil.Process().children(recursive=True))  # another test's loader may not have ended yet
+    gc.disable()  # what a run leaves behind stays until it is ended, not until a collection happens to run
+    try:
+        run = train(TrainConfig(model="tiny-random", dataset="imagefolder", data_root=str(tmp_path / "data"), steps=2,
+                                cache_latents=False, log_with="none", output=str(tmp_path / "run")), progress=False)
+        assert len(run.losses) == 2 and set(psutil.Process().children(recursive=True)) <= earlier
+    finally:
+        gc.enable()
+
+
 def test_metadata_jsonl(tmp_path):
     write_png(tmp_path / "train" / "a.png", 1)
     write_png(tmp_path / "train" / "b.png", 2)

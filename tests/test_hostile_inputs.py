@@ -468,7 +468,7 @@ def test_the_library_refuses_bad_arguments_leaving_the_pipeline_as_it_was(runs, 
 
     pipe = load_pipeline("tiny-random")
     names = set(pipe.unet.state_dict())
-    for scale in (float("nan"), float("inf"), "strong", None, True):
+    for scale in (float("nan"), float("inf"), "strong", "0.5", None, True):
         with pytest.raises(SdtuneError, match=r"^an adapter's scale must be a finite number, got "):
             sdtune.load_adapter(runs / "lora", pipe, scale=scale)
         assert set(pipe.unet.state_dict()) == names
@@ -481,3 +481,81 @@ def test_the_library_refuses_bad_arguments_leaving_the_pipeline_as_it_was(runs, 
         sdtune.evaluate("runs/castle")
     comparison = sdtune.compare(str(runs / "lora"), tmp_path / "comparison", grid=False, progress=False)
     assert [run.name for run in comparison.runs] == ["lora"]
+
+
+def test_the_library_names_a_notebooks_mistakes_in_one_line(runs, tmp_path, private_cache):
+    """What a researcher gets wrong in Python is an SdtuneError (exported as sdtune.SdtuneError) of one line, never
+    a TypeError or AttributeError from deep inside: a misspelt or positional setting, no pipeline, an adapter
+    merged for good then unmerged, another library's export given as an adapter; one path stacks as one adapter,
+    and compare takes a whole CompareConfig."""
+    import torch
+
+    import sdtune
+    from sdtune.config import CompareConfig, TrainConfig
+    from sdtune.export import export_adapter
+    from sdtune.merging import merge_adapter
+    from sdtune.models import load_pipeline
+
+    assert sdtune.SdtuneError is sdtune.errors.SdtuneError and "SdtuneError" in sdtune.__all__
+    assert sdtune.TrainConfig is TrainConfig and sdtune.config.CompareConfig is CompareConfig  # on first use
+    with pytest.raises(sdtune.SdtuneError, match=r"^unknown setting\(s\): stepz$"):
+        TrainConfig(steps=3, stepz=3)
+    with pytest.raises(sdtune.SdtuneError, match=r"^give TrainConfig's settings by name"):
+        TrainConfig("castle")
+    pipe = load_pipeline("tiny-random")
+    for not_a_pipeline in (None, "tiny-random", pipe.unet):
+        with pytest.raises(sdtune.SdtuneError, match=r"^give a diffusers pipeline to load the adapter into .*, got \w+$"):
+            sdtune.load_adapter(runs / "lora", not_a_pipeline)
+        with pytest.raises(sdtune.SdtuneError, match=r"^give a diffusers pipeline"):
+            sdtune.load_adapters([runs / "lora"], not_a_pipeline)
+    with pytest.raises(sdtune.SdtuneError, match=r"^merge is True or False, got 'no'$"):
+        sdtune.load_adapter(runs / "lora", pipe, merge="no")
+    with pytest.raises(sdtune.SdtuneError, match=r"^--scale must be a finite number, got '1'$"):
+        merge_adapter(runs / "lora", tmp_path / "merged", scale="1")
+    assert not (tmp_path / "merged").exists()
+    method = sdtune.load_adapter(runs / "atoms", pipe)
+    with pytest.raises(sdtune.SdtuneError, match=r"^atoms: merged for good .* bind it with sdtune.open_adapter and merge\(\)$"):
+        method.unmerge()
+    with pytest.raises(sdtune.SdtuneError, match=r"^atoms: merged; unmerge\(\) before changing the scale$"):
+        method.set_scale(0.5)
+    kohya = sdtune.open_adapter(runs / "atoms-kohya.safetensors", load_pipeline("tiny-random"))
+    kohya.merge(keep_base=False)
+    with pytest.raises(sdtune.SdtuneError, match=r"^kohya: merged for good"):
+        kohya.unmerge()
+
+    one, stacked = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    sdtune.load_adapter(runs / "lora", one, scale=0.5)
+    sdtune.load_adapters(str(runs / "lora"), stacked, 0.5)  # one path, one number: not a stack of its letters
+    assert all(torch.equal(value, stacked.unet.state_dict()[key]) for key, value in one.unet.state_dict().items())
+
+    export_adapter(runs / "lora", "diffusers", tmp_path / "diffusers.safetensors")
+    with pytest.raises(sdtune.SdtuneError, match=r"diffusers-format LoRA .* load it with diffusers' pipe.load_lora_weights"):
+        sdtune.load_adapter(tmp_path / "diffusers.safetensors", load_pipeline("tiny-random"))
+    export_adapter(runs / "lora", "peft", tmp_path / "peft")
+    with pytest.raises(sdtune.SdtuneError, match=r"peft adapter folder.*PeftModel.from_pretrained"):
+        sdtune.load_adapter(tmp_path / "peft", load_pipeline("tiny-random"))
+
+    config = CompareConfig(runs=[str(runs / "lora")], output=str(tmp_path / "comparison"), grid=False)
+    assert [run.name for run in sdtune.compare(config, progress=False).runs] == ["lora"]
+    with pytest.raises(sdtune.SdtuneError, match=r"^give the folder to write the comparison to"):
+        sdtune.compare([str(runs / "lora")])
+
+
+def test_configs_take_what_python_code_holds(tmp_path):
+    """Paths (a Run's output) in a list of paths, tuples for lists and one prompt for a list of prompts are taken
+    as the CLI's text would be; what is still of the wrong type is named."""
+    from sdtune.config import CompareConfig, SampleConfig, TrainConfig
+    from sdtune.errors import SdtuneError
+
+    import inspect
+
+    # a notebook's signature help shows the settings, not the check that refuses misspelt ones
+    assert {"steps", "method", "buckets"} <= set(inspect.signature(TrainConfig).parameters)
+    runs = [tmp_path / "castle-lora", tmp_path / "castle-atoms"]
+    assert SampleConfig(adapter=runs).adapter == [str(run) for run in runs]
+    assert TrainConfig(concept=("castle", "canal"), images=runs).images == [str(run) for run in runs]
+    assert CompareConfig(runs=tuple(runs)).runs == [str(run) for run in runs]
+    assert SampleConfig(prompt="a <castle> at dawn").prompt == ["a <castle> at dawn"]
+    assert SampleConfig(adapter=runs[0], adapter_scale=(0, 0.5, 1)).adapter_scale == [0.0, 0.5, 1.0]
+    with pytest.raises(SdtuneError, match=r"^setting prompt must be a list of text, got \['a', 3\]$"):
+        SampleConfig(prompt=("a", 3))

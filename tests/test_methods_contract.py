@@ -293,6 +293,19 @@ def test_adapter_scale_scales_the_update(name, halved, tiny_pipe, unet_inputs, t
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
+def test_merging_at_strength_zero_unloads_to_the_exact_base(name, options, lr, tiny_pipe):
+    """set_scale(0) and a one-way merge leave the plain UNet with its base weights bit for bit: peft's unload()."""
+    base = {key: value.clone() for key, value in tiny_pipe.unet.state_dict().items()}
+    method = methods.create(name, **options)
+    method.inject(tiny_pipe.unet)
+    perturb(method)
+    method.set_scale(0.0)
+    method.merge(keep_base=False)
+    after = tiny_pipe.unet.state_dict()
+    assert after.keys() == base.keys() and all(torch.equal(after[key], value) for key, value in base.items())
+
+
+@pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
 def test_strength_merge_and_unmerge(name, options, lr, tiny_pipe, unet_inputs):
     """set_scale acts alike merged and unmerged, and unmerge gives back the exact base weights and layers."""
     from sdtune.models import load_pipeline
@@ -314,7 +327,7 @@ def test_strength_merge_and_unmerge(name, options, lr, tiny_pipe, unet_inputs):
     method.merge()
     assert all(type(m).__module__.startswith(("torch.", "diffusers.")) for m in tiny_pipe.unet.modules())
     torch.testing.assert_close(run_unet(tiny_pipe.unet, unet_inputs), half, rtol=0, atol=1e-5)
-    with pytest.raises(RuntimeError, match="unmerge"):
+    with pytest.raises(SdtuneError, match="unmerge"):
         method.set_scale(1.0)
     method.unmerge()
     torch.testing.assert_close(run_unet(tiny_pipe.unet, unet_inputs), half, rtol=0, atol=1e-5)
@@ -329,7 +342,7 @@ def test_strength_merge_and_unmerge(name, options, lr, tiny_pipe, unet_inputs):
     with pytest.raises(SdtuneError, match="finite"):
         method.set_scale(float("nan"))
     method.merge(keep_base=False)
-    with pytest.raises(RuntimeError, match="keep_base=False"):
+    with pytest.raises(SdtuneError, match="keep_base=False"):
         method.unmerge()
 
 

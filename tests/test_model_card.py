@@ -97,3 +97,28 @@ def test_the_card_leaves_out_the_metrics_of_an_earlier_training(run, tmp_path):
     with pytest.warns(UserWarning, match="eval.json measured an adapter trained with atoms, not this one of lora"):
         write_model_card(copy)
     assert "27.25" not in (copy / "README.md").read_text()
+
+
+def test_the_cards_python_reads_prompts_as_the_run_trained(tmp_path, tiny_path, monkeypatch):
+    """A run trained with --clip-skip 2 is drawn with diffusers' clip_skip=1 (one less, as diffusers counts), and one
+    trained on long prompts says that the pipeline reads 75 tokens; a run at the defaults passes neither."""
+    import re
+    from types import SimpleNamespace
+
+    import diffusers
+
+    import sdtune
+    from sdtune.model_card import write_model_card
+
+    calls = []
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "__call__",
+                        lambda pipe, prompt, **settings: calls.append(settings) or SimpleNamespace(images=[None]))
+    for name, reading, settings in (("skip", {"clip_skip": 2, "max_token_length": 150}, {"clip_skip": 1}), ("plain", {}, {})):
+        output = tmp_path / name
+        sdtune.train(TrainConfig(method="lora", model="tiny-random", steps=1, output=str(output), log_with="none", **reading))
+        write_model_card(output)
+        snippet = re.search(r"```python\n(.*?)```", (output / "README.md").read_text(), re.S).group(1)
+        assert ("# trained reading prompts to 150 tokens; this pipeline reads 75" in snippet) == bool(reading)
+        monkeypatch.chdir(output)
+        exec(snippet, {})
+        assert calls[-1] == settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,21 @@ def test_shipped_tiny_is_the_tiny_architecture_with_other_weights():
     assert not torch.allclose(shipped.unet.conv_in.weight, random.unet.conv_in.weight)
     assert not torch.allclose(shipped.vae.encoder.conv_in.weight, random.vae.encoder.conv_in.weight)
     assert shipped.vae.config.scaling_factor != random.vae.config.scaling_factor
+
+
+@pytest.mark.skipif(not _shipped_tiny_exists(), reason="the pretrained tiny weights are not installed")
+def test_shipped_tiny_loads_in_plain_diffusers_in_one_dtype_and_draws():
+    """Its weights are float16 files; diffusers reads every part but the text encoder in float32, transformers the
+    text encoder in the dtype its config names: float32 there too, or the first call fails on mixed dtypes."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdtune.models import resolve_model
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model("tiny"), safety_checker=None)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    image = pipe("This is a picture of the handwritten digit seven.", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
 @pytest.mark.parametrize("model", ["/no/such/folder", "someone/not-cached-model"])

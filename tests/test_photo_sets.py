@@ -343,6 +343,21 @@ def test_an_undecodable_held_out_image_is_skipped_and_warnings_are_given_once(tm
     assert sum("skipping " in m and "z-cut-1.jpg" in m for m in said) == 2, said
 
 
+def test_held_out_photos_that_fit_their_bucket_are_not_called_upscaled(tmp_path, tiny_path):
+    """With buckets, a wide photo's bucket needs no upscaling; held out for the validation loss it is framed square
+    (the loss's one batch), where its short side is upscaled: that is no size it is trained at, and said nowhere."""
+    import warnings
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    for index in range(4):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (60, 120, 3), dtype=np.uint8)).save(folder / f"w{index}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = run_training(tmp_path, "held", images=str(folder), buckets=True, validate_every=2, validation_images=1)
+    assert run.validation_losses and not [str(w.message) for w in caught if "upscaled" in str(w.message)]
+
+
 @pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
 def test_buckets_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path):
     """Three shapes in batches of 2 (3 batches an epoch): the cached run equals the uncached one bit for

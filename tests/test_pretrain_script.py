@@ -40,6 +40,8 @@ def test_pretrain_script_trains_saves_and_evaluates(tmp_path):
     assert "overall" in result.stdout
     assert "[transformers]" not in result.stderr, result.stderr[-2000:]  # library notices are silenced
 
+    # float16 files, read by plain diffusers in one dtype: the text encoder's config names float32 as the rest default to
+    assert json.loads((output / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
     pipe = load_pipeline(str(output))
     assert pipe.vae.config.scaling_factor == pytest.approx(report["vae"]["scaling_factor"])
     assert pipe.unet.config.sample_size == 8

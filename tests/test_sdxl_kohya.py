@@ -474,6 +474,33 @@ def test_kohya_sdxl_file_errors_are_one_line(tmp_path):
         assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
 
 
+def test_a_file_of_another_family_is_named_so(tmp_path):
+    """A file whose `ss_base_model_version` names another family says so: beside the module that does not fit, or,
+    where every module fits (small models can), in a warning."""
+    import warnings
+
+    fits = {"lora_unet_middle_block_1_proj_out.diff": torch.zeros(64, 64)}
+    does_not = {"lora_unet_middle_block_1_proj_out.diff": torch.zeros(32, 32)}
+    for state, version in ((fits, "sdxl_base_v1-0"), (does_not, "sdxl_base_v1-0"), (fits, "sd_v2"), (does_not, "sd_v1")):
+        path = tmp_path / f"{version}-{len(state)}.safetensors"
+        save_file(state, str(path), metadata={"ss_base_model_version": version})
+        family = {"sdxl_base_v1-0": "SDXL", "sd_v1": "SD 1.x", "sd_v2": "SD 2.x"}[version]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                kohya_updates(path, tiny_sdxl_unet(), tiny_text_encoders())
+                refused = ""
+            except SdtuneError as error:
+                refused = str(error)
+        said = [str(w.message) for w in caught if "made for" in str(w.message)]
+        if family == "SDXL":  # its own family: nothing more said
+            assert not said and "made for" not in refused
+        elif state is fits:
+            assert said == [f"{path}: the file was made for {family}, this model is SDXL; its updates fit and are applied"]
+        else:
+            assert refused.endswith(f"proj_out's weight has shape (64, 64) (the file was made for {family}, this model is SDXL)")
+
+
 def test_export_falls_back_to_sd_names_where_the_base_model_is_unreadable(tmp_path):
     """An adapter whose base model's config cannot be read is written with SD 1.x/2.x's names, and says so."""
     from sdtune.export import export_adapter

@@ -166,7 +166,7 @@ class Method(ABC):
         """
         scale = checked_scale(scale)
         if self.merged:
-            raise RuntimeError(f"{self.name}: unmerge() before changing the scale")
+            raise SdtuneError(f"{self.name}: merged; unmerge() before changing the scale")
         self._apply_scale(scale)
         self.scale = scale
 
@@ -191,7 +191,7 @@ class Method(ABC):
         if not self.merged:
             return
         if self._unmerged_weights is None:
-            raise RuntimeError(f"{self.name}: merged with keep_base=False; there is nothing to unmerge to")
+            raise SdtuneError(f"{self.name}: {ONE_WAY_MERGE}")
         self._unmerge()
         changed = self._changed_modules()
         with torch.no_grad():
@@ -718,13 +718,19 @@ def same_weights(expected: torch.Tensor, found: torch.Tensor, relative: float = 
     return bool(((expected - found).abs() <= relative * expected.abs() + 1e-3 * scale).all())
 
 
+# why a merge cannot be undone: what load_adapter(merge=True) and merge(keep_base=False) do, and what to do instead
+ONE_WAY_MERGE = ("merged for good (load_adapter merges so, as merge(keep_base=False) does): there is nothing to unmerge to; "
+                 "to unmerge later, bind it with sdtune.open_adapter and merge()")
+
+
 def checked_scale(scale) -> float:
-    """An adapter's strength as a float; anything but a finite number (True and False included) is refused."""
+    """An adapter's strength as a float; anything but a finite number (True and False, and text such as "0.5",
+    included) is refused."""
     try:
         value = float(scale)
     except (TypeError, ValueError):
         value = math.nan
-    if isinstance(scale, bool) or not math.isfinite(value):
+    if isinstance(scale, (bool, str, bytes)) or not math.isfinite(value):
         raise SdtuneError(f"an adapter's scale must be a finite number, got {scale!r}")
     return value
 
