@@ -41,28 +41,28 @@ def conv_shapes(latent: int, batch: int, device: str, dtype, kernel_sizes=(3,)) 
     from sdtune.methods.base import named_convs
     from sdtune.models import build_sd14_unet, quiet_libraries
 
-    quiet_libraries()
-    unet = build_sd14_unet(device).to(dtype)
-    seen: dict[tuple, int] = {}
+    with quiet_libraries():
+        unet = build_sd14_unet(device).to(dtype)
+        seen: dict[tuple, int] = {}
 
-    def record(module, inputs, output):
-        x = inputs[0]
-        key = (module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0], x.shape[-2], x.shape[-1])
-        seen[key] = seen.get(key, 0) + 1
+        def record(module, inputs, output):
+            x = inputs[0]
+            key = (module.in_channels, module.out_channels, module.kernel_size[0], module.stride[0], x.shape[-2], x.shape[-1])
+            seen[key] = seen.get(key, 0) + 1
 
-    hooks = [conv.register_forward_hook(record) for _, conv in named_convs(unet, set(kernel_sizes))]
-    with torch.no_grad():
-        unet(
-            torch.randn(batch, 4, latent, latent, device=device, dtype=dtype),
-            torch.zeros(batch, dtype=torch.long, device=device),
-            torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype),
-        )
-    for hook in hooks:
-        hook.remove()
-    del unet
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return sorted(seen.items())
+        hooks = [conv.register_forward_hook(record) for _, conv in named_convs(unet, set(kernel_sizes))]
+        with torch.no_grad():
+            unet(
+                torch.randn(batch, 4, latent, latent, device=device, dtype=dtype),
+                torch.zeros(batch, dtype=torch.long, device=device),
+                torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype),
+            )
+        for hook in hooks:
+            hook.remove()
+        del unet
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return sorted(seen.items())
 
 
 def synchronize(device: str) -> None:

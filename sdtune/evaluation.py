@@ -25,6 +25,7 @@ from typing import Any, Callable
 from .config import EvaluateConfig, strength_name
 from .adapter import adapter_digest
 from .errors import SdtuneError, error_line, first_sentence
+from .models import quiet_libraries
 
 EVAL_FILE = "eval.json"
 FORMAT = "sdtune-eval/1"
@@ -473,6 +474,7 @@ def reference_source(config: EvaluateConfig, run: Path | None, reference_files: 
 # The evaluation
 
 
+@quiet_libraries()
 def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     """Sample with the run's adapter (or read --images), measure every metric, write eval.json."""
     import torch
@@ -481,10 +483,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     from .config import SampleConfig
     from .data import fill_placeholders, read_prompt_file
     from .fileio import output_file_lock, write_text_atomic
-    from .models import quiet_libraries
 
     config.validate()
-    quiet_libraries()
     info = read_adapter_info(config.run)[0] if config.run else None
     run = adapter_path(config.run).parent if config.run else None
     if run is not None and adapter_path(config.run).name == ADAPTER_FILE:

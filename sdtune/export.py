@@ -360,8 +360,8 @@ def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...
     diffusers' own writer, as the method gives them."""
     from .models import quiet_libraries
 
-    quiet_libraries()  # the pipelines' import pulls in transformers' image processors, which announce missing backends
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    with quiet_libraries():  # the pipelines' import pulls in transformers' image processors, which announce missing backends
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     arguments = {}
     for part, own in tensors_by_model(tensors, encoders).items():

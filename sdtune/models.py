@@ -20,12 +20,14 @@ from their configs without weights, for counting (`sdtune methods --model sdxl-a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 from .errors import SdtuneError, first_sentence
 from .fileio import publish_directory
@@ -44,14 +46,29 @@ FAMILY_TINY_VERSION = 1  # bump when build_tiny_sd2_pipeline or build_tiny_sdxl_
 PICKLE_WEIGHTS = {".bin", ".ckpt", ".pt", ".pth", ".pkl"}
 
 
-def quiet_libraries() -> None:
-    """Silence the libraries' load-time chatter and progress bars; sdtune shows its own."""
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence transformers' and diffusers' load-time chatter and progress bars while the block runs (sdtune
+    shows its own); their verbosity and progress-bar settings are given back on the way out, also on an error,
+    so a notebook's own `from_pretrained` afterwards warns and draws its bars as before."""
     import transformers
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    verbosity = transformers.logging.get_verbosity()
+    transformers_bars = transformers.logging.is_progress_bar_enabled()
+    diffusers_bars = diffusers_logging.is_progress_bar_enabled()
+    hub_bars_off = are_progress_bars_disabled()
     transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    transformers.logging.disable_progress_bar()  # the hub's bars too
     diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        (transformers.logging.enable_progress_bar if transformers_bars else transformers.logging.disable_progress_bar)()
+        (diffusers_logging.enable_progress_bar if diffusers_bars else diffusers_logging.disable_progress_bar)()
+        (disable_progress_bars if hub_bars_off else enable_progress_bars)()  # transformers' switch set the hub's too
 
 
 def cache_dir() -> Path:
@@ -175,9 +192,9 @@ def _sd14_scheduler():
     )
 
 
+@quiet_libraries()
 def build_tiny_pipeline(seed: int = TINY_SEED):
     """Build the tiny SD-architecture pipeline in memory, deterministically from `seed`."""
-    quiet_libraries()
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -248,10 +265,10 @@ def tiny_sd2_unet_config() -> dict:
     return config
 
 
+@quiet_libraries()
 def build_tiny_sd2_pipeline(seed: int = TINY_SEED):
     """SD 2.x's architecture at tiny widths with random weights, deterministically from `seed`: a
     v-prediction DDIM schedule as SD 2.1's, and an OpenCLIP-style text encoder (gelu)."""
-    quiet_libraries()
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -287,10 +304,10 @@ def tiny_sdxl_unet_config() -> dict:
     return config
 
 
+@quiet_libraries()
 def build_tiny_sdxl_pipeline(seed: int = TINY_SEED):
     """SDXL's architecture at tiny widths with random weights, deterministically from `seed`: a CLIP text
     encoder and a second one with a projection (pooled embedding), SDXL's VAE scaling and Euler schedule."""
-    quiet_libraries()
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -319,12 +336,12 @@ def _resource_config(name: str) -> dict:
     return config
 
 
+@quiet_libraries()
 def build_sd14_pipeline(seed: int = TINY_SEED, device: str = "cpu"):
     """SD v1.4's architecture at full size with random weights, deterministically from `seed`: its UNet,
     KL VAE and CLIP ViT-L/14 text encoder built from their configs (shipped with the package), with the
     tiny model's offline tokenizer. It draws noise, at SD v1.4's cost in time and memory: for benchmarks.
     `device` is where the weights are initialised (a GPU does it in a moment)."""
-    quiet_libraries()
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -654,13 +671,13 @@ def hub_reason(error: BaseException) -> str:
     return first_sentence(error)
 
 
+@quiet_libraries()
 def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
     """Load a Stable Diffusion pipeline from "tiny", "tiny-random", a hub id or a local diffusers folder.
 
     A hub id is read from the local Hugging Face cache first and downloaded only where that fails
     and the network is allowed. The safety checker and its feature extractor are not loaded.
     """
-    quiet_libraries()
     import diffusers
     import torch
     from diffusers.utils import logging as diffusers_logging

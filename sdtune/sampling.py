@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import SampleConfig, strength_name
 from .limits import drawn_size
+from .models import quiet_libraries
 
 CAPTION_LINE_HEIGHT = 14
 CAPTION_LINES = 2
@@ -109,6 +110,7 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
     return grid
 
 
+@quiet_libraries()
 def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     """Draw every prompt at every seed (and strength) into OUTPUT/images, and the grid. The output folder
     is locked while it is written; an earlier sample's files there are refused unless `config.overwrite`."""

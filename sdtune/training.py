@@ -102,7 +102,9 @@ def seed_global_rng(seed: int, device) -> None:
 
 
 def train(config: TrainConfig, progress: bool = True) -> Run:
-    with open_trainer(config, progress) as trainer:
+    from .models import quiet_libraries
+
+    with quiet_libraries(), open_trainer(config, progress) as trainer:
         return trainer.fit()
 
 

@@ -207,3 +207,39 @@ def test_full_size_sd14_pipeline_for_benchmarks_has_sd14_shapes():
     assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 64
     ids = pipe.tokenizer("photo of a sks castle.").input_ids
     assert max(ids) < pipe.text_encoder.config.vocab_size and ids[-1] == pipe.text_encoder.config.eos_token_id
+
+
+@pytest.fixture
+def loud_libraries():
+    """transformers and diffusers as a notebook leaves them: info messages and progress bars on (then as they were)."""
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    before = (transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled(),
+              diffusers_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
+    transformers.logging.set_verbosity_info()
+    transformers.logging.enable_progress_bar()
+    diffusers_logging.enable_progress_bar()
+    yield lambda: (transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled(),
+                   diffusers_logging.is_progress_bar_enabled(), are_progress_bars_disabled())
+    transformers.logging.set_verbosity(before[0])
+    (transformers.logging.enable_progress_bar if before[1] else transformers.logging.disable_progress_bar)()
+    (diffusers_logging.enable_progress_bar if before[2] else diffusers_logging.disable_progress_bar)()
+    (disable_progress_bars if before[3] else enable_progress_bars)()
+
+
+def test_loading_quiets_the_libraries_only_while_it_loads(tiny_path, loud_libraries):
+    import logging
+
+    from sdtune.models import quiet_libraries
+
+    loud = (logging.INFO, True, True, False)
+    assert loud_libraries() == loud
+    with quiet_libraries():
+        assert loud_libraries() == (logging.ERROR, False, False, True)
+    load_pipeline("tiny-random")
+    assert loud_libraries() == loud  # a notebook's own from_pretrained afterwards still warns and draws its bars
+    with pytest.raises(SdtuneError):
+        load_pipeline(str(tiny_path / "no-such-model"))
+    assert loud_libraries() == loud  # a refused load gives them back too
