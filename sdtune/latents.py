@@ -64,10 +64,14 @@ class CachedLatents:
                 _Examples(dataset, flip), batch_size=ENCODE_BATCH, num_workers=workers, collate_fn=list
             )
             parameters, self.items[flip] = [], []
-            for examples in loader:
-                for example in examples:  # one image per VAE call (encode_images), whatever their sizes
-                    parameters.append(encode_images(vae, example["pixels"][None])[0].cpu())
-                self.items[flip] += [{k: v for k, v in example.items() if k != "pixels"} for example in examples]
+            batches = iter(loader)
+            try:
+                for examples in batches:
+                    for example in examples:  # one image per VAE call (encode_images), whatever their sizes
+                        parameters.append(encode_images(vae, example["pixels"][None])[0].cpu())
+                    self.items[flip] += [{k: v for k, v in example.items() if k != "pixels"} for example in examples]
+            finally:  # a worker's error keeps this iterator in its traceback, and so the workers, while the error is kept
+                end_loader_workers(batches)
             one_size = len({tuple(p.shape) for p in parameters}) == 1
             self.parameters[flip] = torch.stack(parameters) if one_size else parameters
 
@@ -80,6 +84,13 @@ class CachedLatents:
 
     def prompts(self) -> list[str]:
         return [item["prompt"] for item in self.items[False]]
+
+
+def end_loader_workers(batches) -> None:
+    """End a DataLoader iterator's worker processes now, not when the iterator is freed (if it has any)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multiprocessing iterator alone has workers
+    if shutdown is not None:
+        shutdown()
 
 
 def batch_latents(batch, vae):

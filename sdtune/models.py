@@ -417,7 +417,8 @@ def _built_pipeline_path(name: str, build) -> Path:
     staging = temp_path(target)
     try:
         make_temp_folder(staging)
-        build().save_pretrained(staging, safe_serialization=True)
+        with quiet_libraries():  # diffusers' "Writing model shards" bar too
+            build().save_pretrained(staging, safe_serialization=True)
         write_manifest(staging)
         try:
             publish_directory(staging, target, replace=problem is not None)

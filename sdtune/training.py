@@ -1262,10 +1262,10 @@ class Trainer:
         loader = getattr(self, "loader", None)
         iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps its persistent workers' iterator
         if iterator is not None:
+            from .latents import end_loader_workers
+
             loader._iterator = None
-            shutdown = getattr(iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            end_loader_workers(iterator)
 
 
 def data_workers(dataset, processes: int = 1) -> int:

@@ -239,10 +239,50 @@ def test_an_image_that_fails_in_a_loader_worker_is_one_line(tmp_path):
     (tmp_path / "cat" / "b.png").write_bytes(write_png(tmp_path / "whole.png", 2).read_bytes()[:60])
     dataset = ClassImageDataset(load_dataset("imagefolder", tmp_path / "cat"), 16)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1)
-    with pytest.raises(SdtuneError) as raised:
-        next(iter(loader))
+    batches = iter(loader)
+    try:
+        with pytest.raises(SdtuneError) as raised:
+            next(batches)
+    finally:
+        batches._shutdown_workers()  # the error's traceback holds the iterator: its worker would outlive the test
     assert str(raised.value).startswith("cannot read image ") and "b.png" in str(raised.value)
     assert "\n" not in str(raised.value) and "Traceback" not in str(raised.value)
+
+
+@pytest.mark.parametrize("cache_latents", [True, False])
+def test_a_run_that_fails_in_a_loader_worker_ends_its_workers(tmp_path, tiny_path, monkeypatch, cache_latents):
+    """An image that fails as a worker decodes it stops the run; its error, kept by a notebook (`sys.last_exc`), holds
+    the loader's iterator in its traceback: the workers are ended as the run fails, not when the error is dropped."""
+    import gc
+
+    import psutil
+
+    import sdtune.training
+    from sdtune.training import train
+
+    for index in range(4):
+        write_png(tmp_path / "data" / "cat" / f"{index}.png", index)
+    from sdtune import data
+
+    load_framed = data.load_framed
+
+    def cut_short_since_checked(path, resolution):  # as a file a copy overwrites while the run reads it
+        if path.name == "3.png":
+            raise OSError("image file is truncated")
+        return load_framed(path, resolution)
+
+    monkeypatch.setattr(data, "load_framed", cut_short_since_checked)  # the forked worker decodes with it too
+    monkeypatch.setattr(sdtune.training, "data_workers", lambda dataset, processes=1: 1)  # one, whatever the CPUs
+    earlier = set(psutil.Process().children(recursive=True))  # another test's loader may not have ended yet
+    gc.disable()  # what the failed run leaves behind stays until it is ended, not until a collection happens to run
+    try:
+        with pytest.raises(SdtuneError, match="cannot read image .*3.png") as raised:
+            train(TrainConfig(model="tiny-random", dataset="imagefolder", data_root=str(tmp_path / "data"), steps=2,
+                              cache_latents=cache_latents, log_with="none", output=str(tmp_path / "run")), progress=False)
+        assert raised.value.__traceback__ is not None  # still held, as a notebook holds it
+        assert set(psutil.Process().children(recursive=True)) <= earlier
+    finally:
+        gc.enable()
 
 
 def test_a_run_ends_its_loader_workers_as_it_returns(tmp_path, tiny_path, monkeypatch):
