@@ -123,14 +123,18 @@ class RunPlan:
     buckets: list = field(default_factory=list)  # with --buckets: each concept image's (width, height)
     validation_size: tuple[int, int] | None = None  # with --validate-every: the largest (width, height) its images take
     taken_options: dict = field(default_factory=dict)  # the method options --init-weights gave (the run did not set them)
+    prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
         config, sizes, inputs = self.config, self.sizes, self.inputs
+        predicts = " (v-prediction)" if self.prediction_type == "v_prediction" else ""
         lines = [
-            f"{self.method.describe()} on {config.model} at {sizes.resolution} px: {sizes.trained:,} trained parameters, "
+            f"{self.method.describe()} on {config.model}{predicts} at {sizes.resolution} px: {sizes.trained:,} trained parameters, "
             f"{sizes.unet_frozen + sizes.text_frozen:,} frozen",
         ]
+        if config.zero_terminal_snr:
+            lines.append("zero terminal SNR: the noise schedule's betas rescaled so its last timestep is pure noise (SNR 0)")
         if inputs.labelled is not None:
             images = len(inputs.labelled)
             lines.append(f"dataset {inputs.labelled.name}: {images:,} images in {len(inputs.labelled.class_names):,} classes, "
@@ -227,7 +231,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     from .models import read_model_configs
     from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_frames
 
-    resolution = check_resolution(config.model, read_model_configs(config.model), config.resolution)
+    model_configs = read_model_configs(config.model)
+    resolution = check_resolution(config.model, model_configs, config.resolution)
     buckets = []
     if config.buckets:
         from .buckets import check_buckets, image_buckets
@@ -264,7 +269,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = f"replaces an earlier run: {', '.join(earlier)}"
     else:
         start = "a new run"
-    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken)
+    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken,
+                   model_configs.scheduler.get("prediction_type", "epsilon"))
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:

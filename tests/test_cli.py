@@ -157,6 +157,19 @@ def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_
     ]
 
 
+def test_train_dry_run_says_the_model_is_v_prediction_and_the_schedule_rescaled(tmp_path):
+    plain = invoke("train", "--model", "tiny-random", "--dry-run", "--steps", 1, "--output", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    assert "v-prediction" not in plain.output and "zero terminal SNR" not in plain.output
+    result = invoke("train", "--model", "tiny-sd2-random", "--dry-run", "--zero-terminal-snr", "--steps", 1, "--output", tmp_path / "v")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert " on tiny-sd2-random (v-prediction) at 64 px: " in lines[0]
+    assert lines[1] == "zero terminal SNR: the noise schedule's betas rescaled so its last timestep is pure noise (SNR 0)"
+    without = invoke("train", "--model", "tiny-sd2-random", "--dry-run", "--steps", 1, "--output", tmp_path / "v")
+    assert "(v-prediction)" in without.output and "zero terminal SNR" not in without.output
+
+
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(tmp_path):
     args = ("train", "--model", "tiny-random", "--steps", 2, "--checkpoint-every", 2, "--output", tmp_path / "run")
     assert invoke(*args).exit_code == 0
