@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_info import BASE_ADAPTERS_KEY, INIT_WEIGHTS_KEY, AdapterInfo
-from .errors import SdtuneError, TrainingFailed
+from .errors import SdtuneError, TrainingFailed, warn
 from .fileio import save_safetensors
 from .kohya import is_kohya_file, kohya_info, read_kohya, read_kohya_updates
 from .safetensors_checks import (
@@ -328,10 +328,9 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
 def warn_missing_base_adapters(paths: list) -> None:
     """Warn, once per adapter, where one of `paths` was trained on top of base adapters (`sdtune train
     --base-adapters`) that are not among `paths`: what it learned is drawn on another model without them."""
-    import warnings
 
     for notice in missing_base_adapters([str(p) for p in paths], [adapter_info(p) for p in paths]):
-        warnings.warn(notice, stacklevel=3)
+        warn(notice)
 
 
 def load_adapter(path: str | Path, pipeline, merge: bool = True, scale: float = 1.0):
@@ -405,7 +404,6 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     concept where either brings new tokens are refused before any is bound. Strengths that make a merged weight
     overflow its dtype raise SdtuneError before that weight changes, with the layers before it merged.
     """
-    import warnings
 
     import torch
 
@@ -422,7 +420,7 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     scales = [checked_scale(scale) for scale in scales]
     stack = stacked_tokens(paths, pipeline)  # before any adapter is bound: a refusal leaves the pipeline as it was
     if stack.notice:
-        warnings.warn(stack.notice, stacklevel=2)
+        warn(stack.notice)
     warn_missing_base_adapters(paths)
     # by weight: the module, the parameter name, and in the adapters' order each one's update (a function) or, where
     # the first ones held theirs already (kohya files, weights trained in place), their sum so far (a tensor)

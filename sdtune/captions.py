@@ -17,10 +17,9 @@ from __future__ import annotations
 import codecs
 import json
 import unicodedata
-import warnings
 from pathlib import Path
 
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 
 CAPTION_SUFFIXES = (".txt", ".caption")  # in this order: kohya-ss' trainers read either, as their caption_extension says
 METADATA_FILE = "metadata.jsonl"
@@ -93,9 +92,8 @@ def warn_same_names(names: list[str], what: str) -> None:
     clashes = sorted(same for same, spellings in spelled.items() if len(spellings) > 1)
     if clashes:
         shown = ", ".join(clashes[:3]) + (f" and {len(clashes) - 3} more" if len(clashes) > 3 else "")
-        warnings.warn(f"{what}: {shown} {'is' if len(clashes) == 1 else 'are'} there twice, spelled in two Unicode forms "
-                      "(one saved on macOS, which decomposes accents): only one of each is read; remove the other",
-                      stacklevel=3)
+        warn(f"{what}: {shown} {'is' if len(clashes) == 1 else 'are'} there twice, spelled in two Unicode forms "
+             "(one saved on macOS, which decomposes accents): only one of each is read; remove the other")
 
 
 def read_utf8(path: Path, what: str = "") -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 from .fileio import disk_full, fsync_directory, is_disk_full, publish_directory, read_json, remove_directory, save_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -124,7 +124,7 @@ def select_checkpoint(resume: str | None, output: str | Path, config) -> Checkpo
             damaged.append(error)
             continue
         for error in damaged:
-            warnings.warn(f"damaged checkpoint: {error}; resuming from {folder.name}", stacklevel=3)
+            warn(f"damaged checkpoint: {error}; resuming from {folder.name}")
         check_resumable(checkpoint, config)
         return checkpoint
     more = f" (and {len(damaged) - 1} older, also damaged)" if len(damaged) > 1 else ""

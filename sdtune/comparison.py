@@ -12,13 +12,12 @@ import csv
 import io
 import os
 import statistics
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import CompareConfig
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 from .evaluation import METRICS, format_metric, read_evaluation, stale_evaluation
 from .fileio import human_bytes
 from .tracking import METRICS_FILE, read_metrics_log
@@ -109,7 +108,7 @@ def summarize_run(path: str | Path) -> RunSummary:
     report = read_evaluation(path) or {}
     stale = stale_evaluation(report, path, info.method, info.options) if report else ""
     if stale:  # another adapter's numbers would be read as this one's
-        warnings.warn(f"{path}: {stale}; its metrics are left out (run `sdtune evaluate --run {path}` again)", stacklevel=2)
+        warn(f"{path}: {stale}; its metrics are left out (run `sdtune evaluate --run {path}` again)")
         report = {}
     return RunSummary(
         name=path.name,
@@ -413,7 +412,7 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     _unique_names(summaries)
     for run in summaries:
         if run.unfinished:
-            warnings.warn(f"{run.name} is unfinished: its adapter is of {run.unfinished}; it is compared as it is now", stacklevel=2)
+            warn(f"{run.name} is unfinished: its adapter is of {run.unfinished}; it is compared as it is now")
     out = Path(config.output)
     # Everything that can refuse is checked before the first file is written: an earlier comparison
     # in `out` stays whole.

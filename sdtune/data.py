@@ -13,7 +13,6 @@ import math
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from . import colour
 from .buckets import nearest_bucket
 from .captions import decode_text, same_name
 from .colour import cmyk_to_rgb, colour_profile, in_srgb
-from .errors import SdtuneError, quiet_pil, reading_file
+from .errors import SdtuneError, quiet_pil, reading_file, warn
 from .fileio import counted
 from .image_files import heif_opener, image_facts, open_image, upright_size
 
@@ -138,11 +137,10 @@ def read_prompt_lines(path: str | Path) -> list[PromptLine]:
         ignored += [f"{option} (line {number})" for option in unknown]
     if ignored:
         shown = ", ".join(ignored[:SKIPPED_SHOWN]) + (f" and {len(ignored) - SKIPPED_SHOWN} more" if len(ignored) > SKIPPED_SHOWN else "")
-        warnings.warn(
+        warn(
             f"prompt file {name}: ignored {shown}; sdtune reads "
             + ", ".join(f"--{letter} ({what})" for letter, what in PROMPT_OPTIONS.items())
             + " after a prompt, as kohya-ss does, and ignores the others as it does",
-            stacklevel=2,
         )
     return read
 
@@ -154,10 +152,9 @@ def read_prompt_file(path: str | Path, options_unused: str = "this command draws
     given = [line for line in lines if line.options]
     if given:
         options = sorted({option for line in given for option in line.options})
-        warnings.warn(
+        warn(
             f"prompt file {Path(path) if str(path) != '-' else 'standard input'}: {counted(len(given), 'line')} give "
             f"{', '.join(options)} (kohya-ss' options), left unused: {options_unused}",
-            stacklevel=2,
         )
     return [line.prompt for line in lines]
 
@@ -197,11 +194,10 @@ def warn_truncated_prompts(tokenizer, max_token_length: int, prompts: list[str])
         prompt, ids = long[0]
         dropped = tokenizer.decode(ids[limit - 1 : -1])
         more = f"; and {len(long) - 1} more prompt(s) over {limit} tokens, truncated alike" if len(long) > 1 else ""
-        warnings.warn(
+        warn(
             f"prompt {_shorten(prompt)!r} is {len(ids)} tokens, over the text encoder's {limit}: "
             f"truncated, {_shorten(dropped)!r} is not read{more}"
             + ("" if max_token_length >= 225 else "; --max-token-length 225 reads up to 227 (in chunks of 75)"),
-            stacklevel=2,
         )
 
 
@@ -251,7 +247,7 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
         unread_text = f"{len(unread)} {kinds} photo(s) ({listed(unread)}), a format sdtune does not read: convert them to JPEG or PNG{heif}"
         if not files:
             raise SdtuneError(f"{what} {folder} has {unread_text}")
-        warnings.warn(f"{folder}: skipping {unread_text}", stacklevel=2)
+        warn(f"{folder}: skipping {unread_text}")
     if not files:
         within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
         hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
@@ -291,14 +287,14 @@ def readable_images(paths: list[Path], what: str = "image") -> list[Path]:
         if facts.odd is not None:
             odd.append(f"{path.name} ({facts.odd})")
     if odd:
-        warnings.warn(f"PIL finds odd data in {listed(odd)}: read as far as it can, an EXIF orientation it cannot read "
-                      "not applied", stacklevel=2)
+        warn(f"PIL finds odd data in {listed(odd)}: read as far as it can, an EXIF orientation it cannot read "
+             "not applied")
     if len(skipped) == 1:
-        warnings.warn(f"skipping {skipped[0][0]}: not a readable {what} ({skipped[0][1]})", stacklevel=2)
+        warn(f"skipping {skipped[0][0]}: not a readable {what} ({skipped[0][1]})")
     elif skipped:
         shown = "; ".join(f"{path} ({why})" for path, why in skipped[:SKIPPED_SHOWN])
         more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
-        warnings.warn(f"skipping {len(skipped)} files that are not readable {what}s: {shown}{more}", stacklevel=2)
+        warn(f"skipping {len(skipped)} files that are not readable {what}s: {shown}{more}")
     return readable
 
 
@@ -363,22 +359,21 @@ def warn_duplicates(paths: list[Path]) -> None:
     if spelled:
         shown = "; ".join(", ".join(ascii(path.name) for path in group) for group in spelled[:SKIPPED_SHOWN])
         more = f"; and {len(spelled) - SKIPPED_SHOWN} more" if len(spelled) > SKIPPED_SHOWN else ""
-        warnings.warn(f"images whose names differ only in their Unicode form: {shown}{more}; one was likely saved on a Mac, "
-                      "which decomposes accents: each is trained as another image, with the same caption; remove one of each",
-                      stacklevel=2)
+        warn(f"images whose names differ only in their Unicode form: {shown}{more}; one was likely saved on a Mac, "
+             "which decomposes accents: each is trained as another image, with the same caption; remove one of each")
     named = [group for group in same_names(paths) if not set(group) <= copies]
     if named:
         shown = "; ".join(", ".join(path.name for path in group) for group in named[:SKIPPED_SHOWN])
         more = f"; and {len(named) - SKIPPED_SHOWN} more" if len(named) > SKIPPED_SHOWN else ""
-        warnings.warn(f"images with one name and several extensions: {shown}{more}; likely one photo saved twice or converted "
-                      "(an iPhone's export keeps the HEIC beside the JPEG): each is trained as another image, with the same "
-                      "caption file; remove one of each", stacklevel=2)
+        warn(f"images with one name and several extensions: {shown}{more}; likely one photo saved twice or converted "
+             "(an iPhone's export keeps the HEIC beside the JPEG): each is trained as another image, with the same "
+             "caption file; remove one of each")
     if groups:
         one_folder = len({path.parent for group in groups for path in group}) == 1
         shown = "; ".join(" = ".join(path.name if one_folder else str(path) for path in group) for group in groups[:SKIPPED_SHOWN])
         more = f"; and {len(groups) - SKIPPED_SHOWN} more" if len(groups) > SKIPPED_SHOWN else ""
-        warnings.warn(f"the same image more than once: {shown}{more}; each copy is trained as another image, so that image is "
-                      "drawn as often as its copies together (remove the copies to train it as often as the others)", stacklevel=2)
+        warn(f"the same image more than once: {shown}{more}; each copy is trained as another image, so that image is "
+             "drawn as often as its copies together (remove the copies to train it as often as the others)")
 
 
 def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
@@ -398,8 +393,8 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
         if kept < 0.5:
             cut.append(f"{path.name} ({width}x{height}: {1 - kept:.0%} cut away)")
     if cut:
-        warnings.warn(f"center-cropping cuts away more than half of {listed(cut)}; crop such photos yourself to keep the part "
-                      f"that matters{hint}", stacklevel=2)
+        warn(f"center-cropping cuts away more than half of {listed(cut)}; crop such photos yourself to keep the part "
+             f"that matters{hint}")
 
 
 def unreadable_because(path: Path, error: BaseException) -> str:
@@ -547,16 +542,16 @@ class LoadNotes:
     def warn(self) -> None:
         if len(self.frames) == 1:
             name, count = self.frames[0]
-            warnings.warn(f"{name} has {count} frames: the first is used", stacklevel=3)
+            warn(f"{name} has {count} frames: the first is used")
         elif self.frames:
-            warnings.warn(f"{listed([name for name, _ in self.frames])} have several frames: the first of each is used", stacklevel=3)
+            warn(f"{listed([name for name, _ in self.frames])} have several frames: the first of each is used")
         if len(self.upscaled) == 1:
             name, (width, height), size = self.upscaled[0]
             smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
-            warnings.warn(f"{name} is {width}x{height}, smaller than {smaller}: upscaled", stacklevel=3)
+            warn(f"{name} is {width}x{height}, smaller than {smaller}: upscaled")
         elif self.upscaled:
             shown = listed([f"{name} ({width}x{height})" for name, (width, height), _ in self.upscaled])
-            warnings.warn(f"{len(self.upscaled)} images are smaller than the size they are trained at, and upscaled: {shown}", stacklevel=3)
+            warn(f"{len(self.upscaled)} images are smaller than the size they are trained at, and upscaled: {shown}")
         self.frames, self.upscaled = [], []
 
 
@@ -607,7 +602,7 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
         except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
             del notes.frames[said[0]:], notes.upscaled[said[1]:]  # a skipped image's notes are not said
             skipped.append(path)
-            warnings.warn(f"skipping {path}: not a readable image ({unreadable_because(path, error)})", stacklevel=2)
+            warn(f"skipping {path}: not a readable image ({unreadable_because(path, error)})")
     notes.warn()
     if not loaded:
         folder = paths[0].parent if paths else "?"

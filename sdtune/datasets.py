@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from .captions import METADATA_FILE, caption_file, caption_text, metadata_rows, read_utf8, same_name, warn_same_names
 from .data import is_image_name, list_images, read_prompt_file
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 VTAB_DIR = PROMPTS_DIR / "vtab"
@@ -430,7 +430,7 @@ def read_folder(root: Path, template: str, name: str = "imagefolder", class_name
             examples += [Example(p, _beside_caption(p, listed) or render(template, all_names[label]), label) for p in files]
         loose = [p for p in root.iterdir() if is_image_name(p) and p.is_file()]
         if loose:
-            warnings.warn(f"{len(loose)} image(s) directly in {root} are not in a class folder: skipped", stacklevel=2)
+            warn(f"{len(loose)} image(s) directly in {root} are not in a class folder: skipped")
         return LabelledDataset(name, list(all_names), template, sorted(examples, key=lambda e: (e.label, str(e.image))))
     if class_names:
         raise SdtuneError(f"no {DEFAULT_SPLIT}.txt (VTAB-1k), class folders or {METADATA_FILE} for {name!r} in {root}")

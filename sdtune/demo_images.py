@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from .errors import warn
+
 DEMO_CONCEPTS = ("castle", "canal")
 DEMO_VERSION = 1
 DEMO_SIZE = 256
@@ -20,7 +22,6 @@ _SUPERSAMPLE = 2
 def demo_concept_folder(concept: str) -> Path:
     """The folder of the demo set's PNGs, drawn on first use. Each cached PNG is checked when the folder
     is read; a damaged one is drawn again, with a warning."""
-    import warnings
 
     from .data import damaged_image
     from .fileio import atomic_write, sweep_dead_temporaries
@@ -35,7 +36,7 @@ def demo_concept_folder(concept: str) -> Path:
             problem = damaged_image(path)
             if problem is None:
                 continue
-            warnings.warn(f"cached demo image {path} is damaged ({problem}): drawn again", stacklevel=3)
+            warn(f"cached demo image {path} is damaged ({problem}): drawn again")
         with atomic_write(path) as tmp:
             draw_demo_image(concept, index).save(tmp, format="PNG")
     return folder

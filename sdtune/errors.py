@@ -1,7 +1,9 @@
 """Errors that the CLI turns into one line on stderr and a meaningful exit code; PIL's own warnings kept quiet where
 sdtune names the file itself."""
 
+import os
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -69,6 +71,25 @@ def error_line(error: BaseException) -> str:
     if isinstance(error, SdtuneError):
         return str(error)
     return f"{type(error).__name__}: {first_sentence(error, 300)}" if str(error).strip() else type(error).__name__
+
+
+PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """`warnings.warn` at the line that called into sdtune (a notebook's cell, a script's `sdtune.train(...)`), not at
+    sdtune's own: the caller of the outermost sdtune frame on the stack, however deep the warning is raised (through
+    contextlib, torch's data loader, ...). `stacklevel` counts frames, and `skip_file_prefixes` needs Python 3.12."""
+    frame, caller = sys._getframe(1), None
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PACKAGE_FOLDER):
+            caller = frame.f_back
+        frame = frame.f_back
+    if caller is None:  # called into from no code of its own (a worker's loop in the package alone)
+        caller = sys._getframe(1)
+    where = caller.f_globals
+    warnings.warn_explicit(message, category, caller.f_code.co_filename, caller.f_lineno, where.get("__name__", "<string>"),
+                           where.setdefault("__warningregistry__", {}), where)
 
 
 @contextmanager

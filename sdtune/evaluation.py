@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from .config import EvaluateConfig, strength_name
 from .adapter import adapter_digest
-from .errors import SdtuneError, error_line, first_sentence
+from .errors import SdtuneError, error_line, first_sentence, warn
 from .models import quiet_libraries
 
 EVAL_FILE = "eval.json"
@@ -491,7 +491,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         from .adapter import unfinished_run
 
         if unfinished := unfinished_run(run, info.extra.get("step", "")):
-            warnings.warn(f"{run} is unfinished: its adapter is of {unfinished}; it is measured as it is now", stacklevel=2)
+            warn(f"{run} is unfinished: its adapter is of {unfinished}; it is measured as it is now")
     # the metrics compare one set of images drawn alike: a prompt file's own --n, --w, ... are not used
     prompts = list(config.prompt) + (read_prompt_file(config.prompts, EVALUATE_OPTIONS_UNUSED) if config.prompts else [])
     if not prompts and info is not None:
@@ -658,9 +658,9 @@ def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: di
     elif written_after_evaluation(run):
         # an eval.json of before the digest: the adapter it measured was older than it; this one may be a later training's
         # or only a copy's (copies need not keep times), so its numbers stay, with a warning
-        warnings.warn(f"{run}: eval.json records no digest of the adapter it measured (an earlier sdtune wrote it) and "
-                      f"{ADAPTER_FILE} was written after it: its metrics may be an earlier training's (run `sdtune evaluate "
-                      f"--run {run}` again to be sure)", stacklevel=3)
+        warn(f"{run}: eval.json records no digest of the adapter it measured (an earlier sdtune wrote it) and "
+             f"{ADAPTER_FILE} was written after it: its metrics may be an earlier training's (run `sdtune evaluate "
+             f"--run {run}` again to be sure)")
     return ""
 
 

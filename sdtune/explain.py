@@ -14,13 +14,12 @@ Images are drawn with PIL only.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import ExplainConfig
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 
 GRID_PAD = 2
 HEADER = 18  # one line of text above every picture
@@ -157,7 +156,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
             if name not in maps:
                 if layer is not None:
                     raise SdtuneError(f"layer {name!r} does not act on image tokens; its clusters cannot be drawn")
-                warnings.warn(f"skipped {name}: its output is not a grid of image tokens")
+                warn(f"skipped {name}: its output is not a grid of image tokens")
                 continue
             title = f"{method.explanation_label()}, {timing}: {name}"
             save(overlay_grid(image, maps[name], title), f"{name}.png")

@@ -33,13 +33,12 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .config import MERGE_DTYPES
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 from .methods.base import exact_module_pattern
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
 from .kohya import (
@@ -182,7 +181,7 @@ def export_adapter(
             "as its own kohya tensors, which need no .diff"
         )
     for message in method.export_warnings(format, tensors):
-        warnings.warn(message, stacklevel=2)
+        warn(message)
 
     with output_file_lock(output):
         check_output_target(output, [path], overwrite)  # again, now that no other command writes it

@@ -52,13 +52,12 @@ that `sdtune merge` can save.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 from .adapter_info import BASE_ADAPTERS_KEY, CONCEPT_TOKENS, INIT_WEIGHTS_KEY, AdapterInfo
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 from .safetensors_checks import (
     check_adapter_dtypes, first_non_finite, read_safetensors_header, read_tensors, warn_absurd_values,
 )
@@ -727,7 +726,7 @@ def kohya_updates(path: str | Path, unet, text_encoders: Mapping[str, Any]) -> K
             raise SdtuneError(f"{error} ({other_family})") from None
         raise
     if other_family:  # every module fits (small models can), yet its metadata names another family
-        warnings.warn(f"{path}: {other_family}; its updates fit and are applied", stacklevel=3)
+        warn(f"{path}: {other_family}; its updates fit and are applied")
     return KohyaAdapter(kohya_info(path, metadata), updates, bundled_embeddings=bundled)
 
 

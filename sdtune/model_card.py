@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import tomllib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 from .version import __version__
 
 CARD_FILE = "README.md"
@@ -216,7 +215,7 @@ def evaluation_lines(run: Path, info) -> list[str]:
     if not report or not report.get("metrics"):
         return []
     if stale := stale_evaluation(report, run, info.method, info.options):  # another adapter's numbers
-        warnings.warn(f"{run}: {stale}; the card leaves its metrics out (run `sdtune evaluate --run {run}` again)", stacklevel=2)
+        warn(f"{run}: {stale}; the card leaves its metrics out (run `sdtune evaluate --run {run}` again)")
         return []
     lines = ["", "## Evaluation (`sdtune evaluate`)", "", "| metric | value | meaning |", "| --- | ---: | --- |"]
     for key, (title, meaning) in METRICS.items():

@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .errors import SdtuneError, first_sentence
+from .errors import SdtuneError, first_sentence, warn
 from .fileio import publish_directory
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -402,7 +402,6 @@ def sd14_random_path(device: str = "cpu") -> Path:
 def _built_pipeline_path(name: str, build) -> Path:
     """A built pipeline's cached folder. It is checked each time (every file against the digest
     written with it); a damaged one is rebuilt, with a warning."""
-    import warnings
 
     from .fileio import make_temp_folder, sweep_dead_temporaries, temp_path
 
@@ -413,7 +412,7 @@ def _built_pipeline_path(name: str, build) -> Path:
     if target.exists() and problem is None:
         return target
     if problem is not None:
-        warnings.warn(f"cached model {target} is damaged ({problem}): rebuilt", stacklevel=3)
+        warn(f"cached model {target} is damaged ({problem}): rebuilt")
     staging = temp_path(target)
     try:
         make_temp_folder(staging)

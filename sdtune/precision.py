@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+from .errors import warn
+
 HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -27,11 +29,10 @@ def frozen_dtype(accelerator):
 
     Accelerate runs fp16 on a CPU without autocast (in fp32), so frozen weights stay fp32 there too.
     """
-    import warnings
 
     mixed_precision = accelerator.mixed_precision
     if mixed_precision == "fp16" and not accelerator.native_amp:
-        warnings.warn(f"--mixed-precision fp16 has no effect on {accelerator.device.type} (training runs in fp32); bf16 does", stacklevel=2)
+        warn(f"--mixed-precision fp16 has no effect on {accelerator.device.type} (training runs in fp32); bf16 does")
     return half_dtype(mixed_precision) if accelerator.native_amp else None
 
 
@@ -74,17 +75,15 @@ def place_frozen_models(device, dtype, text_encoders, vae, no_half_vae: bool, tr
 
 def warn_half_vae(pipe, dtype, no_half_vae: bool) -> None:
     """Advise --no-half-vae where an SDXL VAE that overflows in fp16 (its config's `force_upcast`) would run in fp16."""
-    import warnings
 
     import torch
 
     from .models import is_sdxl
 
     if is_sdxl(pipe) and dtype == torch.float16 and not no_half_vae and getattr(pipe.vae.config, "force_upcast", True):
-        warnings.warn(
+        warn(
             "this SDXL model's VAE overflows in fp16 (its config sets force_upcast): add --no-half-vae to keep "
             "it in fp32, or use --mixed-precision bf16",
-            stacklevel=3,
         )
 
 
@@ -204,12 +203,11 @@ def fp32_decoder(vae):
 
 def warn_vae_overflow(vae, remedy: str) -> None:
     """Say once per VAE, in one line, that its fp16 decode overflowed and what avoids the fp32 decode after it."""
-    import warnings
 
     if vae not in _WARNED_VAES:
         _WARNED_VAES.add(vae)
-        warnings.warn(f"the VAE overflowed in fp16 (inf or NaN): the images that overflow are decoded again in fp32; "
-                      f"for a VAE that overflows often, {remedy} avoids the double decode", stacklevel=3)
+        warn(f"the VAE overflowed in fp16 (inf or NaN): the images that overflow are decoded again in fp32; "
+             f"for a VAE that overflows often, {remedy} avoids the double decode")
 
 
 def cast_pipeline(pipe, dtype) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 from .fileio import atomic_write, write_text_atomic
 
 CLASS_IMAGES_FOLDER = "class-images"
@@ -36,7 +36,7 @@ def class_image_paths(config, pipe, output: Path, resolution: int, accelerator, 
         if not paths:
             raise SdtuneError(f"no readable class images in {config.class_images}")
         if config.num_class_images and len(paths) < config.num_class_images:
-            warnings.warn(f"{config.class_images} has {len(paths)} class images, fewer than the {config.num_class_images} asked for", stacklevel=2)
+            warn(f"{config.class_images} has {len(paths)} class images, fewer than the {config.num_class_images} asked for")
         return paths[: config.num_class_images] if config.num_class_images else paths
     folder = Path(output) / CLASS_IMAGES_FOLDER
     if accelerator.is_main_process:
@@ -161,7 +161,7 @@ def _whole_class_image(path: Path) -> bool:
         return False
     problem = damaged_image(path)
     if problem is not None:
-        warnings.warn(f"class image {path} is damaged ({problem}): drawn again", stacklevel=4)
+        warn(f"class image {path} is damaged ({problem}): drawn again")
     return problem is None
 
 
@@ -203,16 +203,15 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
             del notes.frames[said[0]:], notes.upscaled[said[1]:]
             problems[index] = unreadable_because(path, error)
         if index in problems:
-            warnings.warn(f"skipping class image {path}: not a readable image ({problems[index]})", stacklevel=2)
+            warn(f"skipping class image {path}: not a readable image ({problems[index]})")
             continue
         for size, example in zip(serves, examples):
             pools[size].append(len(framed))
             framed.append(example)
     notes.warn()
     if unused:
-        warnings.warn(
+        warn(
             f"{len(unused)} class image(s) ({listed(unused)}) are of a shape that no bucket of concept images draws from: unused",
-            stacklevel=2,
         )
     empty = [size for size, pool in pools.items() if not pool]
     if empty:

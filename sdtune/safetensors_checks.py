@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 
 MAX_HEADER_BYTES = 16 * 2**20  # an SD v1.4 `full` adapter's header is about 100 KB
 SAFETENSORS_DTYPE_BYTES = {
@@ -129,7 +129,6 @@ ABSURD_VALUE = 1e4
 
 def warn_absurd_values(path: str | Path, tensors: dict) -> None:
     """Warn, naming the tensor, when an adapter holds finite values no training gives (above ABSURD_VALUE)."""
-    import warnings
 
     largest, name = 0.0, None
     for key, tensor in tensors.items():
@@ -138,8 +137,7 @@ def warn_absurd_values(path: str | Path, tensors: dict) -> None:
             if value > largest:
                 largest, name = value, key
     if largest > ABSURD_VALUE:
-        warnings.warn(
+        warn(
             f"{path}: tensor {name} holds values up to {largest:.3g}, far beyond a trained update's; "
             "images drawn with it will likely be black or noise",
-            stacklevel=3,
         )

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from .adapter import ADAPTER_FILE
 from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
-from .errors import SdtuneError, error_line
+from .errors import SdtuneError, error_line, warn
 from .fileio import OutputLock, check_no_file_in_the_way, counted
 
 RUN_MARKER = "sweep-run.json"
@@ -350,15 +350,13 @@ class StandardMetrics:
 def warn_unavailable(unavailable: dict[str, str]) -> None:
     """A warning for each reason some metrics could not be measured (a model not in the cache, offline): the
     sweep shows each once, rather than leaving every run's metrics silently blank until the report."""
-    import warnings
-
     from .evaluation import METRICS
 
     by_reason: dict[str, list[str]] = {}
     for name, why in unavailable.items():
         by_reason.setdefault(why, []).append(METRICS[name][0] if name in METRICS else name)
     for why, titles in by_reason.items():
-        warnings.warn(f"{', '.join(titles)} unavailable: {why}", stacklevel=2)
+        warn(f"{', '.join(titles)} unavailable: {why}")
 
 
 class NoMetrics:

@@ -39,7 +39,7 @@ from typing import Any, Iterator, NoReturn
 
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
-from .errors import SdtuneError, TrainingFailed
+from .errors import SdtuneError, TrainingFailed, warn
 from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .optimizers import check_optimizer_ready, make_optimizer
@@ -359,7 +359,7 @@ def read_inputs(config: TrainConfig) -> Inputs:
     labelled = dataset_from_config(config) if config.dataset else None
     images = [] if labelled is not None else concept_inputs(config)
     if config.validation_images and not config.validate_every:
-        warnings.warn("--validation-images is used only with --validate-every; no image is held out", stacklevel=3)
+        warn("--validation-images is used only with --validate-every; no image is held out")
     held_out_count = config.validation_images if config.validate_every else 0
     training, held_out = validation.hold_out(images, held_out_count, config.seed)
     sample_lines = validation.validation_lines(config) if config.validate_every else []
@@ -526,7 +526,7 @@ class Trainer:
             remove_partial_checkpoints(output)  # staging folders of a killed run
         checkpoint, self.replaces = run_start(output, resume, overwrite, self.config)  # replaced once every input is checked
         if resume == "latest" and checkpoint is None:
-            warnings.warn(f"no checkpoint in {output} yet: starting from step 0", stacklevel=3)
+            warn(f"no checkpoint in {output} yet: starting from step 0")
         return checkpoint
 
     def _replace_earlier_run(self) -> None:
@@ -582,7 +582,7 @@ class Trainer:
             if config.buckets:  # checked before the model loaded, from the images' headers; again as decoded
                 check_buckets(self.dataset.sizes, config.batch_size, [inputs.image_paths[i].name for i in kept])
             if not FEW_SHOT_IMAGES[0] <= len(self.dataset) <= FEW_SHOT_IMAGES[1]:
-                warnings.warn(f"{len(self.dataset)} training images; few-shot concepts usually have 3 to 50", stacklevel=3)
+                warn(f"{len(self.dataset)} training images; few-shot concepts usually have 3 to 50")
         self.class_dataset, self.class_pools = None, None
         if config.with_prior_preservation:
             class_paths = prior.class_image_paths(config, self.pipe, self.output, resolution, self.accelerator, self.progress)
@@ -762,10 +762,9 @@ class Trainer:
         elif concepts > 1:
             self.sampler = BalancedClassSampler(self.concept_labels)
         if config.batch_size > len(train_data):
-            warnings.warn(
+            warn(
                 f"--batch-size {config.batch_size} is more than the {len(train_data)} training images: "
                 f"each step trains on {len(train_data)}",
-                stacklevel=3,
             )
         # Batches go to the device from pinned memory without waiting (see make_accelerator); worker
         # processes decode the images of a dataset read from files, which draws no random numbers.
@@ -815,10 +814,9 @@ class Trainer:
         if kind == "extends":
             self.extended_from = resumed["config"].get("steps", TrainConfig.steps)
         if changed or resumed["num_processes"] != accelerator.num_processes:
-            warnings.warn(
+            warn(
                 f"resuming with other settings ({changed or 'number of processes'}): "
                 "the run will differ from an uninterrupted one",
-                stacklevel=3,
             )
 
     def _batches_from(self, micro_batch: int):

@@ -9,10 +9,10 @@ how well it generalises.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from pathlib import Path
 
 from .fileio import atomic_write, counted
+from .errors import warn
 
 DEFAULT_PROMPTS = ("photo of a <{concept}>.", "a <{concept}> in the snow", "an oil painting of a <{concept}>")
 # a prompt's seeds, steps and guidance where its line in --validation-prompts gives no --d, --s, --l (a --d gives the
@@ -78,10 +78,9 @@ def hold_out(paths: list[Path], count: int, seed: int) -> tuple[list[Path], list
             f"would leave {len(paths) - count} of {len(paths)} images to train on" if count < len(paths)
             else f"is not fewer than the {counted(len(paths), 'image')}"
         )
-        warnings.warn(
+        warn(
             f"--validation-images {count} {leaves} (at least {MIN_TRAINING_IMAGES} must stay); "
             "the validation loss is measured on the training images instead",
-            stacklevel=2,
         )
         return paths, []
     chosen = set(random.Random(seed).sample(range(len(paths)), count))

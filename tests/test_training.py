@@ -454,3 +454,17 @@ def test_loop_benchmark_runs_on_the_tiny_model(tmp_path, tiny_path):
         assert whole > 0 and bare > 0 and floor > 0 and all(r > 0 for r in ratios)
         runs = sorted(tmp_path.glob("*/atoms-batch2"))
         assert len(runs) == call and all([r["step"] for r in records(run)] == [1, 2, 3] for run in runs)
+
+
+def test_a_warning_points_at_the_callers_line_not_into_sdtune(tmp_path):
+    """A notebook's `sdtune.train(...)` that warns shows its own cell's line, not training.py's: the warning comes up
+    through contextlib and the trainer's setup, and each is skipped."""
+    import sys
+
+    import sdtune
+
+    with pytest.warns(UserWarning, match="no checkpoint in .* yet: starting from step 0") as said:
+        line = sys._getframe().f_lineno + 1
+        sdtune.train(config(tmp_path / "run", steps=1, resume="latest"))
+    warning = next(w for w in said if "no checkpoint" in str(w.message))
+    assert (warning.filename, warning.lineno) == (__file__, line)

@@ -37,12 +37,13 @@ candidate routes once on the device and keeping the fastest. All are exact: test
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..errors import warn
 
 # Batch x input positions up to which the tap side is faster than the weight side (CPU, fp32): on
 # 8x8 to 32x32 maps of SD v1.4 the tap side costs 0.5-1.6x the frozen convolution and the weight side
@@ -299,7 +300,7 @@ def triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilatio
             )
             return grad_x, grad_mixing.to(mixing.dtype) if grad_mixing is not None else None
         except Exception as error:  # noqa: BLE001 - an exact library route is always there to fall back on
-            warnings.warn(f"the Triton tap-side kernel failed ({type(error).__name__}: {error}); using the library's", stacklevel=2)
+            warn(f"the Triton tap-side kernel failed ({type(error).__name__}: {error}); using the library's")
             _triton_state["function"] = None
     return _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
 
@@ -548,4 +549,4 @@ def _write_routes(path: Path, routes: dict[str, str]) -> None:
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(routes, indent=1, sort_keys=True) + "\n")
     except OSError as error:  # a read-only cache: the choices still hold for this process
-        warnings.warn(f"could not keep the measured filter-atom routes in {path}: {error}", stacklevel=2)
+        warn(f"could not keep the measured filter-atom routes in {path}: {error}")

@@ -69,7 +69,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SdtuneError
+from ..errors import SdtuneError, warn
 from .atom_kernels import tap_mixed_conv2d
 from .base import ATTENTION_PROJECTIONS, DeltaLayer, WrappedLayers, fingerprint, named_convs, named_linears, replace_module
 
@@ -676,7 +675,7 @@ class FilterAtoms(WrappedLayers):
             cached, problem = read_decomposition(path, plans)
             if cached is not None:
                 return cached
-            warnings.warn(f"cached decomposition {path} is damaged ({problem}): rebuilt", stacklevel=4)
+            warn(f"cached decomposition {path} is damaged ({problem}): rebuilt")
         decomposition = {
             name: decompose(to_blocks(modules[name].weight.detach(), p.block), p.num_atoms, self.options.init, self.options.seed)
             for name, p in plans.items()
