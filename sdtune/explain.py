@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import ExplainConfig
 from .errors import SdtuneError, warn
+from .models import quiet_libraries
 
 GRID_PAD = 2
 HEADER = 18  # one line of text above every picture
@@ -84,6 +85,7 @@ def grid_layout(count: int) -> tuple[int, int]:
 # The command
 
 
+@quiet_libraries()
 def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     """Write the explanation pictures of a run's adapter to `output` (default RUN/explain).
 

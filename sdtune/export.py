@@ -40,6 +40,7 @@ from .config import EXPORT_FORMATS as FORMATS
 from .config import MERGE_DTYPES
 from .errors import SdtuneError, warn
 from .methods.base import exact_module_pattern
+from .models import quiet_libraries
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
 from .kohya import (
     is_kohya_file, kohya_diff_state, kohya_layout, kohya_state, missing_diffs, with_zero_diffs, write_kohya,
@@ -331,6 +332,7 @@ def _check_file_target(output: Path) -> None:
         raise SdtuneError(f"--output {output} is a folder; this format is one file, give a file name")
 
 
+@quiet_libraries()
 def _diffs_on_base_model(path: Path, info, model: str | None):
     """The base model's UNet (and tuned text encoders: the method's `models`) with the adapter merged in,
     and ΔW of every weight the merge changed."""
@@ -354,13 +356,11 @@ def tensors_by_model(tensors: dict, encoders: tuple[str, ...] | list[str]) -> di
     return parts
 
 
+@quiet_libraries()  # the pipelines' import pulls in transformers' image processors, which announce missing backends
 def write_diffusers_lora(output: Path, method, tensors, encoders: tuple[str, ...] = (), dtype: str = "fp32") -> int:
     """`unet.<module>.lora_A/B.weight` (and `text_encoder.<module>...` for a trained text encoder) through
     diffusers' own writer, as the method gives them."""
-    from .models import quiet_libraries
-
-    with quiet_libraries():  # the pipelines' import pulls in transformers' image processors, which announce missing backends
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     arguments = {}
     for part, own in tensors_by_model(tensors, encoders).items():

@@ -32,6 +32,7 @@ from pathlib import Path
 from .config import ExtractConfig
 from .errors import SdtuneError
 from .fileio import check_output_target, output_file_lock, write_text_atomic, written_together
+from .models import quiet_libraries
 from .version import __version__
 
 
@@ -118,6 +119,7 @@ def named_updates(adapter, pipeline) -> list[tuple[str, object, str, object]]:
     return [(names[id(module)], module, attr, delta) for module, attr, delta in updates]
 
 
+@quiet_libraries()
 def extract_lora(config: ExtractConfig) -> ExtractResult:
     """Write `config.source`'s update as a kohya LoRA file at `config.output` (and its summary beside it)."""
     import torch

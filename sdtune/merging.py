@@ -11,6 +11,7 @@ from pathlib import Path
 from .config import MERGE_DTYPES, scales_text, strengths
 from .errors import SdtuneError
 from .fileio import check_output_target, output_file_lock, write_folder, write_text_atomic
+from .models import quiet_libraries
 from .safetensors_checks import first_non_finite
 
 
@@ -28,6 +29,7 @@ class MergeResult:
     zero_terminal_snr: list = field(default_factory=list)
 
 
+@quiet_libraries()
 def merge_adapter(
     source: str | Path | list, output: str | Path, dtype: str = "fp32", model: str | None = None,
     scale: float | list[float] = 1.0, overwrite: bool = False,
