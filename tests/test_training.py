@@ -456,15 +456,26 @@ def test_loop_benchmark_runs_on_the_tiny_model(tmp_path, tiny_path):
         assert len(runs) == call and all([r["step"] for r in records(run)] == [1, 2, 3] for run in runs)
 
 
-def test_a_warning_points_at_the_callers_line_not_into_sdtune(tmp_path):
+def test_a_notebooks_train_warns_at_its_own_line_and_leaves_the_libraries_as_they_were(tmp_path):
     """A notebook's `sdtune.train(...)` that warns shows its own cell's line, not training.py's: the warning comes up
-    through contextlib and the trainer's setup, and each is skipped."""
+    through contextlib and the trainer's setup, and each is skipped. transformers' and diffusers' logging and bars,
+    quiet while it ran, are as the notebook set them afterwards."""
     import sys
+
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
 
     import sdtune
 
-    with pytest.warns(UserWarning, match="no checkpoint in .* yet: starting from step 0") as said:
-        line = sys._getframe().f_lineno + 1
-        sdtune.train(config(tmp_path / "run", steps=1, resume="latest"))
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_info()
+    try:
+        with pytest.warns(UserWarning, match="no checkpoint in .* yet: starting from step 0") as said:
+            line = sys._getframe().f_lineno + 1
+            sdtune.train(config(tmp_path / "run", steps=1, resume="latest"))
+        assert transformers.logging.get_verbosity() == transformers.logging.INFO
+        assert transformers.logging.is_progress_bar_enabled() and diffusers_logging.is_progress_bar_enabled()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     warning = next(w for w in said if "no checkpoint" in str(w.message))
     assert (warning.filename, warning.lineno) == (__file__, line)
