@@ -94,7 +94,7 @@ def test_kohya_targets(unet):
     """`transformer` is kohya-ss' LoRA (networks/lora.py, UNET_TARGET_REPLACE_MODULE): each Linear and Conv2d of the 16
     transformers, 12 a transformer on SD v1.x; `locon` adds its conv_dim blocks' (resnets, down/upsamplers), 278 in all."""
     found = {t: methods.create("lora", targets=t).find_targets(unet) for t in ("transformer", "locon", "attn")}
-    per_transformer = {"proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    per_transformer = {"proj_in", "proj_out", "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
                        *(f"transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))}
     # `down_blocks.0.attentions.1` and `ff.net.2` from `down_blocks.0.attentions.1.transformer_blocks.0.ff.net.2`
     split = [(head + ".attentions." + tail.split(".", 1)[0], tail.split(".", 1)[1])
