@@ -92,7 +92,7 @@ def test_targets(unet):
 
 def test_kohya_targets(unet):
     """`transformer` is kohya-ss' LoRA (networks/lora.py, UNET_TARGET_REPLACE_MODULE): each Linear and Conv2d of the 16
-    transformers, 12 a transformer on SD v1.x; `locon` adds its conv_dim blocks' (resnets, down/upsamplers), 278 in all."""
+    transformers, 12 a transformer on SD v1.x; `locon` adds its conv_dim blocks' (the 22 resnets, 6 down/upsamplers)."""
     found = {t: methods.create("lora", targets=t).find_targets(unet) for t in ("transformer", "locon", "attn")}
     per_transformer = {"proj_in", "proj_out", "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
                        *(f"transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))}
@@ -103,7 +103,8 @@ def test_kohya_targets(unet):
     assert {layer for _, layer in split} == per_transformer
     assert set(found["attn"]) < set(found["transformer"])
     added = [name for name in found["locon"] if name not in found["transformer"]]
-    assert len(added) == 86 and {name.rsplit(".", 1)[-1] for name in added} == {"conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv"}
+    shortcuts = [name for name, _ in unet.named_modules() if name.endswith(".conv_shortcut")]
+    assert len(added) == 22 * 3 + 6 + len(shortcuts) and {name.rsplit(".", 1)[-1] for name in added} == {"conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv"}
     assert not any(name in ("conv_in", "conv_out") or name.startswith("time_embedding") for name in found["locon"])
     order = [name for name, _ in unet.named_modules()]
     assert found["locon"] == sorted(found["locon"], key=order.index)
