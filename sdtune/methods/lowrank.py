@@ -196,7 +196,7 @@ class _PeftLowRank(WrappedLayers):
         outside = sorted(set(modules) - set(self.layers))
         if outside:
             unet_modules = {name for name in modules if name.split(".", 1)[0] not in self.text_encoders}
-            covering = families_covering(self.unet, unet_modules)
+            covering = families_covering(plain_copy(self.unet), unet_modules)
             fix = f"--targets {' or '.join(covering)}" if covering else "--targets of those layers (none of sdtune's covers them all)"
             raise SdtuneError(f"the file changes {len(outside)} module(s) that {self.name} --targets {self.options.targets} does not "
                               f"tune ({outside[0]}, …): start with {fix}")
@@ -353,6 +353,13 @@ class _PeftLowRank(WrappedLayers):
             if getattr(self.options, name):
                 args[name] = f"{getattr(self.options, name):g}"
         return "lycoris.kohya", args
+
+
+def plain_copy(unet: nn.Module) -> nn.Module:
+    """The UNet's architecture without weights (meta device) and without the wrappers injected into it: the layer
+    families are found on plain Linear and Conv2d layers."""
+    with torch.device("meta"):
+        return type(unet).from_config(unet.config)
 
 
 def _lycoris_merge_warning(method) -> str:
