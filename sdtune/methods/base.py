@@ -623,10 +623,10 @@ LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all", "transformer", "locon")  # w
 # (UNET_TARGET_REPLACE_MODULE) for its LoRA, and with `conv_dim` (LoCon) the resnets and resamplers too
 # (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3); LyCORIS' `unet-transformer-only` and `attn-mlp` presets take the first
 KOHYA_TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+KOHYA_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TARGETS_HELP = ("conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out), all (conv and attn), transformer (kohya-ss' "
                 "LoRA: every linear and 1x1 conv of the transformer blocks) or locon (kohya-ss' LoCon: transformer and the "
                 "resnets' and down/upsamplers' layers)")
-KOHYA_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
 def layer_family(unet: nn.Module, family: str) -> list[str]:

@@ -46,7 +46,10 @@ import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import LAYER_FAMILIES, TARGETS_HELP, WrappedLayers, families_covering, family_of, dora_weight, exact_module_pattern, is_whole_number, layer_family
+from .base import (
+    LAYER_FAMILIES, TARGETS_HELP, WrappedLayers, dora_weight, exact_module_pattern, families_covering, family_of, is_whole_number,
+    layer_family,
+)
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
 
