@@ -137,7 +137,11 @@ def init_weights_options(config) -> StartingOptions:
             file_options = method_class.kohya_init_options(header.kinds, header.shapes, header.alphas, network_args(header.metadata))
         except SdtuneError as error:
             raise SdtuneError(f"{where}: {error}") from None
+        # the layers (targets) the file covers exactly, as the rank is taken: the run's own where it chose them
+        layer_options = {name: value for name, value in kohya_layer_options(method_class, config.model, header).items()
+                         if name not in config.options}
     else:
+        layer_options = {}
         info = read_adapter_info(path)[0]
         if info.method != config.method:
             raise SdtuneError(f"{where} is a {info.method} adapter; start from it with --method {info.method}")
@@ -146,7 +150,7 @@ def init_weights_options(config) -> StartingOptions:
         if bool(info.text_encoders) and not config.train_text_encoder:
             raise SdtuneError(f"{where} trained the text encoder too: add --train-text-encoder to start from all of it")
         file_options = dict(info.options)
-    # an sdtune adapter records every option; a kohya file's tensors fix only those it gave (targets stay the run's)
+    # an sdtune adapter records every option; a kohya file's tensors fix only those it gave (its layers: a run may tune more)
     judged = set(file_options) if is_kohya_file(path) else None
 
     def resolved(options: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +163,30 @@ def init_weights_options(config) -> StartingOptions:
                               f"(leave the option out to take the file's)")
     taken = {name: value for name, value in file_options.items()
              if name not in config.options and from_file.get(name) != defaults.get(name)}
-    return StartingOptions({**file_options, **config.options}, taken)
+    taken.update({name: value for name, value in layer_options.items() if value != defaults.get(name)})
+    return StartingOptions({**file_options, **layer_options, **config.options}, taken)
+
+
+def kohya_layer_options(method_class, model: str, header: KohyaHeader) -> dict[str, Any]:
+    """The method's options that choose exactly the UNet layers the kohya file changes (`Method.kohya_layer_options`),
+    found on `model`'s UNet built on the meta device; none where the UNet cannot be built or a module matches none of
+    its layers (loading the file names it)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .kohya import UNET_PREFIX, kohya_module_lookup
+    from .models import read_model_configs
+
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(read_model_configs(model).unet)
+    except Exception:  # loading the model says what is wrong with it
+        return {}
+    lookup = kohya_module_lookup(unet, {})
+    unet_modules = [module for module in header.shapes if module.startswith(UNET_PREFIX + "_")]
+    if not unet_modules or any(module not in lookup for module in unet_modules):
+        return {}
+    return method_class.kohya_layer_options(unet, {lookup[module][1] for module in unet_modules})
 
 
 def check_init_weights_base(path: str | Path, method, unet, text_encoders: list) -> None:

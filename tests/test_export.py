@@ -33,6 +33,8 @@ LOW_RANK = [
     ("lokr", {"alpha": 2.0}),  # tiny layers: both factors full, alpha/rank folded into w1
     ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}),
     ("lokr", {"targets": "conv", "rank": 2, "tucker": True}),
+    ("lora", {"targets": "transformer", "rank": 2}),  # kohya-ss' LoRA layers: ff and proj_in/out (1x1 convs on SD 1.x)
+    ("loha", {"targets": "locon"}),  # kohya-ss' LoCon layers: those and the resnets' (time_emb_proj, conv_shortcut too)
 ]
 DIFF_STYLE = [
     ("atoms", {}),
@@ -143,7 +145,12 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
     for key in state:
         prefix, _, suffix = key.partition(".")
         assert prefix in modules and suffix in expected_suffixes, key
-    assert "lora_unet_down_blocks_0_resnets_0_conv1.alpha" in state or options.get("targets") == "attn"
+    assert ("lora_unet_down_blocks_0_resnets_0_conv1.alpha" in state) == (options.get("targets") not in ("attn", "transformer"))
+    if options.get("targets") in ("transformer", "locon"):  # kohya-ss' names for the feed-forward and projection layers
+        assert {"lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj.alpha",
+                "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"} <= set(state)
+        assert ("lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha" in state) == (options["targets"] == "locon")
+        assert ("conv_dim" in json.loads(metadata["ss_network_args"])) == (name == "lora" and options["targets"] == "locon")
     alpha = options.get("alpha", float(options.get("rank", 4)))
     assert all(state[k].item() == alpha for k in state if k.endswith(".alpha"))
     assert metadata["ss_base_model_version"] == "sd_v1"
@@ -312,10 +319,11 @@ def test_diffusers_export_prints_its_line_alone(tmp_path):
     assert result.stdout.startswith(f"wrote {out} (diffusers, ") and result.stderr == ""
 
 
-def test_diffusers_lora_loads_with_load_lora_weights(tmp_path, inputs):
+@pytest.mark.parametrize("targets", ["all", "transformer"])
+def test_diffusers_lora_loads_with_load_lora_weights(targets, tmp_path, inputs):
     from sdtune.models import load_pipeline
 
-    options = {"rank": 4, "alpha": 2.0}  # scale 0.5: checks that alpha/rank reaches diffusers
+    options = {"rank": 4, "alpha": 2.0, "targets": targets}  # scale 0.5: checks that alpha/rank reaches diffusers
     tuned_pipe = make_adapter("lora", options, tmp_path / "a.safetensors", scale=0.2)
     out = tmp_path / "pytorch_lora_weights.safetensors"
     export_adapter(tmp_path / "a.safetensors", "diffusers", out)

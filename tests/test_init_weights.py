@@ -240,3 +240,78 @@ def test_init_weights_for_another_base_model_are_refused(trained, tmp_path):
     on_base = settings(tmp_path / "based", method="lora", init_weights=str(trained["lora"]), base_adapters=[str(trained["loha"])])
     with open_trainer(on_base, progress=False):
         pass
+
+
+def kohya_lora_by_hand(path, family: str, rank: int = 3, alpha: float = 1.5):
+    """A kohya-ss LoRA of a `--targets` family's layers on tiny-random, written by hand under kohya's names
+    (`lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_0_proj`, `..._proj_in`), no sdtune metadata;
+    a 1x1 conv's factors are 1x1 convs, as kohya-ss stores them."""
+    from sdtune.kohya import UNET_PREFIX, kohya_name
+    from sdtune.methods.base import layer_family
+
+    unet = load_pipeline("tiny-random").unet
+    generator = torch.Generator().manual_seed(13)
+    tensors = {}
+    for name in layer_family(unet, family):
+        layer = unet.get_submodule(name)
+        conv = isinstance(layer, torch.nn.Conv2d)
+        inputs, outputs = (layer.in_channels, layer.out_channels) if conv else (layer.in_features, layer.out_features)
+        key = kohya_name(UNET_PREFIX, name)
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, inputs, *(layer.kernel_size if conv else ()), generator=generator) * 0.3
+        tensors[f"{key}.lora_up.weight"] = torch.randn(outputs, rank, *((1, 1) if conv else ()), generator=generator) * 0.3
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, path, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    return path
+
+
+def restarted_export(config, tmp_path):
+    """The run's method as it starts (before any step), saved and exported to a kohya file: its tensors."""
+    from sdtune.adapter import save_adapter
+
+    with open_trainer(config, progress=False) as trainer:
+        adapter = save_adapter(tmp_path / "start" / "adapter.safetensors", trainer.method, "tiny-random")
+    exported = tmp_path / "again.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_adapter(adapter, "kohya", exported)
+    return load_file(exported)
+
+
+@pytest.mark.parametrize("family", ["transformer", "locon"])
+def test_a_kohya_file_of_transformer_layers_starts_a_run_of_that_family(family, tmp_path, inputs):
+    """A kohya-ss LoRA of the transformer blocks' every layer (ff, proj_in/out: kohya's LoRA; with the resnets': its
+    LoCon), written by hand: the run takes the family that covers exactly its modules as it takes the rank, says so,
+    computes what sampling with the file computes before its first step, and exports the file's tensors bit for bit."""
+    source = kohya_lora_by_hand(tmp_path / "kohya.safetensors", family)
+    assert any("_ff_net_0_proj." in key for key in load_file(source)) and any("_proj_in." in key for key in load_file(source))
+    config = settings(tmp_path / "run", method="lora", init_weights=str(source))
+    plan = plan_run(config)
+    assert plan.config.options["targets"] == family and plan.taken_options == {"targets": family, "rank": 3, "alpha": 1.5}
+    assert any(f"targets {family}" in line for line in plan.summary())
+    torch.testing.assert_close(step_zero_output(config, inputs), sampled_output([source], inputs), atol=2e-5, rtol=1e-4)
+    original, again = load_file(source), restarted_export(config, tmp_path)
+    assert original.keys() == again.keys() and all(torch.equal(original[key], again[key]) for key in original)
+
+
+def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_run_again(tmp_path, inputs):
+    """sdtune's `--targets transformer` run, exported to kohya, holds kohya-ss' names for ff and proj layers; a run
+    started from the export without --targets takes the family back; with a family that lacks its layers it is
+    refused, naming the families that hold them."""
+    run = train(settings(tmp_path / "trained", method="lora", options={"targets": "transformer", "rank": 2}, steps=2), progress=False)
+    exported = tmp_path / "transformer.safetensors"
+    export_adapter(run.output, "kohya", exported)
+    modules = {key.partition(".")[0] for key in load_file(exported)}
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2" in modules
+    assert "lora_unet_up_blocks_1_attentions_2_proj_out" in modules and "lora_unet_up_blocks_1_resnets_0_conv1" not in modules
+    from sdtune.safetensors_checks import read_safetensors_header
+
+    assert "conv_dim" not in json.loads(read_safetensors_header(exported)[0]["ss_network_args"])  # proj_in's 1x1 is plain LoRA
+    config = settings(tmp_path / "run", method="lora", init_weights=str(exported))
+    assert plan_run(config).taken_options["targets"] == "transformer"
+    original, again = load_file(exported), restarted_export(config, tmp_path)
+    assert all(torch.equal(original[key], again[key]) for key in original)
+    with pytest.raises(SdtuneError, match=r"lora --targets attn does not tune .*: start with --targets transformer or locon"):
+        step_zero_output(settings(tmp_path / "attn", method="lora", options={"targets": "attn"}, init_weights=str(exported)), None)
+    wider = settings(tmp_path / "wider", method="lora", options={"targets": "locon"}, init_weights=str(exported))
+    assert plan_run(wider).config.options["targets"] == "locon"  # the run's own choice: its other layers start at 0
+    torch.testing.assert_close(step_zero_output(wider, inputs), sampled_output([exported], inputs), atol=2e-5, rtol=1e-4)

@@ -42,7 +42,7 @@ def randomize(method, seed=0):
         ("lokr", {"rank": True}, "--rank must be a whole number"),
         ("lora", {"alpha": 0}, "--alpha must be a positive number"),
         ("lora", {"alpha": "big"}, "--alpha must be a positive number"),
-        ("loha", {"targets": "mlp"}, "--targets 'mlp' is not available; choose: conv, conv3x3, attn, all"),
+        ("loha", {"targets": "mlp"}, "--targets 'mlp' is not available; choose: conv, conv3x3, attn, all, transformer, locon"),
         ("lokr", {"factor": 0}, "--factor must be -1"),
         ("lokr", {"factor": -2}, "--factor must be -1"),
         ("lokr", {"tucker": "yes"}, "--tucker must be true or false"),
@@ -88,6 +88,26 @@ def test_targets(unet):
     assert sorted(found["all"]) == sorted(convs + projections)
     order = [name for name, _ in unet.named_modules()]
     assert found["all"] == sorted(found["all"], key=order.index)  # module order, so fingerprints are stable
+
+
+def test_kohya_targets(unet):
+    """`transformer` is kohya-ss' LoRA (networks/lora.py, UNET_TARGET_REPLACE_MODULE): each Linear and Conv2d of the 16
+    transformers, 12 a transformer on SD v1.x; `locon` adds its conv_dim blocks' (the 22 resnets, 6 down/upsamplers)."""
+    found = {t: methods.create("lora", targets=t).find_targets(unet) for t in ("transformer", "locon", "attn")}
+    per_transformer = {"proj_in", "proj_out", "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
+                       *(f"transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0"))}
+    # `down_blocks.0.attentions.1` and `ff.net.2` from `down_blocks.0.attentions.1.transformer_blocks.0.ff.net.2`
+    split = [(head + ".attentions." + tail.split(".", 1)[0], tail.split(".", 1)[1])
+             for head, tail in (name.split(".attentions.") for name in found["transformer"])]
+    assert len({block for block, _ in split}) == 16 and len(found["transformer"]) == 16 * 12
+    assert {layer for _, layer in split} == per_transformer
+    assert set(found["attn"]) < set(found["transformer"])
+    added = [name for name in found["locon"] if name not in found["transformer"]]
+    shortcuts = [name for name, _ in unet.named_modules() if name.endswith(".conv_shortcut")]
+    assert len(added) == 22 * 3 + 6 + len(shortcuts) and {name.rsplit(".", 1)[-1] for name in added} == {"conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv"}
+    assert not any(name in ("conv_in", "conv_out") or name.startswith("time_embedding") for name in found["locon"])
+    order = [name for name, _ in unet.named_modules()]
+    assert found["locon"] == sorted(found["locon"], key=order.index)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,8 @@ CASES = [
     ("gift", {"targets": "attn1.to_out.0,attn2.to_out.0", "blocks": 2, "clusters": 8}, 1e-2),
     ("lora", {}, 1e-3),
     ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0}, 1e-3),
+    ("lora", {"targets": "transformer"}, 1e-3),  # kohya-ss' LoRA layers: proj_in/out and ff too
+    ("loha", {"targets": "locon"}, 1e-2),  # kohya-ss' LoCon layers: the resnets' and resamplers' too
     ("lora", {"dora": True}, 1e-3),
     ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0, "dora": True}, 1e-3),
     ("loha", {}, 1e-2),
@@ -127,7 +129,15 @@ def expected_count(name: str, options: dict, unet) -> int:
 
 
 def low_rank_targets(targets: str, unet) -> list:
-    """conv: the 3x3 and 1x1 convolutions (conv3x3: only the 3x3); attn: to_q, to_k, to_v, to_out.0."""
+    """conv: the 3x3 and 1x1 convolutions (conv3x3: only the 3x3); attn: to_q, to_k, to_v, to_out.0; transformer:
+    every Linear and Conv2d under a down/mid/up block's `attentions`; locon: those and every one under its `resnets`,
+    `downsamplers` and `upsamplers` (kohya-ss' LoRA and LoCon: all but conv_in, conv_out and the time embedding)."""
+    def under(*parts: str) -> list:
+        return [module for name, module in unet.named_modules()
+                if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and any(f".{part}." in name for part in parts)]
+
+    if targets in ("transformer", "locon"):
+        return under("attentions") if targets == "transformer" else under("attentions", "resnets", "downsamplers", "upsamplers")
     convs = [conv for _, conv in named_convs(unet, {3, 1})]
     convs3 = [conv for _, conv in named_convs(unet, {3})]
     projections = [
@@ -386,6 +396,14 @@ SD14_COUNTS = [
     ("gift", {"generator": "simple"}, 2 * 16 * (320 + 640 + 1280)),
     ("lora", {"targets": "conv3x3"}, 2_188_960),
     ("lora", {"targets": "attn"}, 797_184),
+    # kohya-ss' LoRA: per transformer of width c, Σ r·(c_in + c_out) = 4·(32c + 2·768) (q/k/v/out of both attentions,
+    # proj_in, proj_out, ff.net.0.proj c→8c, ff.net.2 4c→c), over 5 transformers at 320 and 640 and 6 at 1280
+    ("lora", {"targets": "transformer"}, 4 * (5 * (32 * 320 + 1536) + 5 * (32 * 640 + 1536) + 6 * (32 * 1280 + 1536))),
+    # kohya-ss' LoCon: + the 3x3 convs but conv_in (4→320) and conv_out (320→4), the 22 time_emb_proj (1280 → c_out,
+    # Σ c_out = 20,160) and the 14 conv_shortcut 1x1 convs (Σ c_in + c_out = 84,480 of the 46 1x1 convs less proj_in's
+    # and proj_out's 49,920)
+    ("lora", {"targets": "locon"}, 1_695_744 + 2_188_960 - 4 * (4 * 9 + 320) - 4 * (320 * 9 + 4)
+     + 4 * (22 * 1280 + 20_160) + 4 * (84_480 - 49_920)),
     # the 46 1x1 convolutions add r·(c_in + c_out) each: 337,920 at rank 4
     ("lora", {"targets": "conv"}, 2_188_960 + 337_920),
     ("lora", {}, 2_188_960 + 337_920 + 797_184),

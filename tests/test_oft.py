@@ -226,7 +226,7 @@ def test_coft_keeps_each_layer_within_its_radius(tiny_pipe, unet_inputs):
     ({"block_size": 1}, "--oft-block-size must be a whole number of at least 2, got 1"),
     ({"block_size": 8.5}, "--oft-block-size must be a whole number of at least 2, got 8.5"),
     ({"block_size": True}, "--oft-block-size must be a whole number of at least 2, got True"),
-    ({"targets": "ff"}, "oft targets 'ff' is not available; choose: conv, conv3x3, attn, all"),
+    ({"targets": "ff"}, "oft targets 'ff' is not available; choose: conv, conv3x3, attn, all, transformer, locon"),
     ({"coft": "yes"}, "oft option coft must be true or false, got 'yes'"),
     ({"eps": 0}, "oft option eps must be a positive number (and finite), got 0"),
     ({"eps": float("nan")}, "oft option eps must be a positive number (and finite), got nan"),

@@ -184,6 +184,8 @@ LOW_RANK = [
     ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0}),  # LoCon
     ("loha", {}),  # alpha = rank: LyCORIS' merge applies a LoHa's alpha/rank twice (the export warns)
     ("lokr", {"targets": "attn", "factor": 8, "rank": 2}),
+    ("lora", {"targets": "transformer"}),  # kohya-ss' SDXL LoRA: proj_in/out (linear on SDXL) and ff too
+    ("lora", {"targets": "locon", "rank": 2}),  # kohya-ss' LoCon: the resnets' emb_layers and skip_connection too
 ]
 
 
@@ -241,8 +243,13 @@ def test_sdxl_low_rank_export_has_original_names_and_loads_elsewhere(name, optio
     expected = {layout.key(target) for target in method.target_names}
     assert {key.partition(".")[0] for key in state} == expected
     assert not any("down_blocks" in key or "up_blocks" in key or "mid_block" in key for key in state)
-    if options.get("targets") != "attn":
+    if options.get("targets") not in ("attn", "transformer"):
         assert "lora_unet_input_blocks_1_0_in_layers_2.alpha" in state and "lora_unet_output_blocks_2_2_conv.alpha" in state
+    if options.get("targets") in ("transformer", "locon"):  # kohya-ss' SDXL names of the feed-forward and projections
+        assert {"lora_unet_input_blocks_4_1_transformer_blocks_1_ff_net_0_proj.alpha",
+                "lora_unet_output_blocks_0_1_proj_out.alpha"} <= set(state)
+        assert ("lora_unet_input_blocks_4_0_emb_layers_1.alpha" in state) == (options["targets"] == "locon")
+        assert ("lora_unet_input_blocks_4_0_skip_connection.alpha" in state) == (options["targets"] == "locon")
 
     own = tiny_sdxl_pipeline()  # sdtune reads it back onto a pipeline
     loaded = load_adapter(out, own)
@@ -547,3 +554,22 @@ def test_export_refuses_a_model_the_adapter_does_not_fit(tmp_path, sdxl_folder, 
     export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "xl.safetensors", model=str(copy))
     with safe_open(str(tmp_path / "xl.safetensors"), framework="pt") as handle:
         assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+@pytest.mark.parametrize("targets", ["transformer", "locon", "attn", "all"])
+def test_a_kohya_sdxl_file_names_its_targets_family(targets, tmp_path, sdxl_folder, sdxl_readable):
+    """A run started from a kohya SDXL file (original names: input_blocks, emb_layers, skip_connection) takes the
+    family whose layers are exactly the file's UNet modules, as it does on SD 1.x; a file of some layers of one
+    family alone names none (the run's own targets stay)."""
+    from sdtune.export import export_adapter
+    from sdtune.starting_weights import kohya_layer_options, read_kohya_header
+
+    tuned_adapter("lora", {"targets": targets, "rank": 2}, tmp_path / "a.safetensors", base_model=str(sdxl_folder))
+    out = tmp_path / "k.safetensors"
+    export_adapter(tmp_path / "a.safetensors", "kohya", out)
+    lora = methods.method_class("lora")
+    assert kohya_layer_options(lora, str(sdxl_folder), read_kohya_header(out)) == {"targets": targets}
+    state = load_file(out)
+    part = {key: value for key, value in state.items() if "_ff_net_" not in key and "_to_k." not in key}
+    save_file(part, tmp_path / "part.safetensors")
+    assert kohya_layer_options(lora, str(sdxl_folder), read_kohya_header(tmp_path / "part.safetensors")) == {}

@@ -120,6 +120,12 @@ class Method(ABC):
     def validate_options(self) -> None:
         """Raise SdtuneError for option values that cannot work."""
 
+    @classmethod
+    def kohya_layer_options(cls, unet: nn.Module, modules: set[str]) -> dict[str, Any]:
+        """The options that choose exactly the UNet layers `modules` (diffusers names) a kohya file changes, where
+        an option of this method does (a layer family): what a run started from the file takes when it sets none."""
+        return {}
+
     # -- the interface -------------------------------------------------------------------------
     @abstractmethod
     def find_targets(self, unet: nn.Module) -> list[str]:
@@ -612,12 +618,24 @@ def named_linears(unet: nn.Module, endings: tuple[str, ...] | list[str], within:
             yield name, module
 
 
-LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all")  # what the low-rank methods' and OFT's `targets` name
+LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all", "transformer", "locon")  # what the low-rank methods' and OFT's `targets` name
+# kohya-ss' sd-scripts (networks/lora.py) tunes every Linear and Conv2d inside these diffusers blocks: the transformers
+# (UNET_TARGET_REPLACE_MODULE) for its LoRA, and with `conv_dim` (LoCon) the resnets and resamplers too
+# (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3); LyCORIS' `unet-transformer-only` and `attn-mlp` presets take the first
+KOHYA_TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+KOHYA_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TARGETS_HELP = ("conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out), all (conv and attn), transformer (kohya-ss' "
+                "LoRA: every linear and 1x1 conv of the transformer blocks) or locon (kohya-ss' LoCon: transformer and the "
+                "resnets' and down/upsamplers' layers)")
 
 
 def layer_family(unet: nn.Module, family: str) -> list[str]:
     """The layers a `targets` family names, in module order: `conv` the 3x3 and 1x1 convolutions, `conv3x3`
-    only the 3x3 ones, `attn` the attention projections (to_q, to_k, to_v, to_out.0), `all` both."""
+    only the 3x3 ones, `attn` the attention projections (to_q, to_k, to_v, to_out.0), `all` both;
+    `transformer` kohya-ss' LoRA, every Linear and Conv2d inside the transformer blocks (proj_in, proj_out, the
+    attentions' q/k/v/out, ff.net.0.proj, ff.net.2), `locon` kohya-ss' LoCon (`conv_dim`), those and every Linear
+    and Conv2d inside the resnets and down/upsamplers (conv1, conv2, time_emb_proj, conv_shortcut, the resamplers'
+    conv): everything kohya-ss trains in the UNet but conv_in, conv_out and the time embedding."""
     chosen: set[str] = set()
     if family == "conv3x3":
         chosen.update(name for name, _ in named_convs(unet, {3}))
@@ -625,7 +643,33 @@ def layer_family(unet: nn.Module, family: str) -> list[str]:
         chosen.update(name for name, _ in named_convs(unet, {3, 1}))
     if family in ("attn", "all"):
         chosen.update(attention_projections(unet))
+    if family in ("transformer", "locon"):
+        chosen.update(layers_within(unet, KOHYA_TRANSFORMER_BLOCKS))
+    if family == "locon":
+        chosen.update(layers_within(unet, KOHYA_CONV_BLOCKS))
     return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
+
+
+def layers_within(model: nn.Module, block_types: tuple[str, ...]) -> list[str]:
+    """Every plain Linear and Conv2d inside a module whose class is named in `block_types` (kohya-ss matches
+    blocks by class name, so do we: diffusers' classes move between modules)."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in block_types:
+            found += [f"{name}.{child}" for child, layer in module.named_modules() if type(layer) in (nn.Linear, nn.Conv2d)]
+    return found
+
+
+def family_of(unet: nn.Module, names: set[str]) -> str | None:
+    """The `targets` family whose layers are exactly `names` (UNet module names), or None."""
+    return next((family for family in LAYER_FAMILIES if set(layer_family(unet, family)) == names), None)
+
+
+def families_covering(unet: nn.Module, names: set[str]) -> list[str]:
+    """The `targets` families whose layers include all of `names`, smallest first."""
+    covering = [(len(layers), family) for family in LAYER_FAMILIES
+                if names <= set(layers := layer_family(unet, family))]
+    return [family for _, family in sorted(covering, key=lambda pair: pair[0])]
 
 
 def is_whole_number(value: Any) -> bool:

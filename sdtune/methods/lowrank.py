@@ -25,9 +25,11 @@ Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<p
 The scale is always alpha/rank, as in peft (LyCORIS forces 1 when both LoKr factors are full);
 with the default alpha = rank the two agree.
 
-Targets: `conv` means the UNet's 3×3 and 1×1 convolutions (LoCon), `conv3x3` only the 52 3×3
+Targets: `conv` means the UNet's 3×3 and 1×1 convolutions, `conv3x3` only the 52 3×3
 convolutions that the filter-atom method tunes, `attn` the to_q, to_k, to_v and to_out.0
-projections of every attention, `all` the convolutions and the projections. With text encoders
+projections of every attention, `all` the convolutions and the projections; `transformer` is kohya-ss'
+LoRA layer set (every Linear and 1×1 conv of the transformer blocks: proj_in/out, attention, ff) and `locon`
+kohya-ss' LoCon (`conv_dim`: those and the resnets' and resamplers' layers), as `base.layer_family` says. With text encoders
 (`--train-text-encoder`), the same layers go on their q/k/v/out projections and MLP linears, saved
 under `text_encoder.<module>.<parameter>`.
 """
@@ -44,7 +46,10 @@ import torch
 from torch import nn
 
 from ..errors import SdtuneError
-from .base import LAYER_FAMILIES, WrappedLayers, dora_weight, exact_module_pattern, is_whole_number, layer_family
+from .base import (
+    LAYER_FAMILIES, TARGETS_HELP, WrappedLayers, dora_weight, exact_module_pattern, families_covering, family_of, is_whole_number,
+    layer_family,
+)
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
 
@@ -68,7 +73,7 @@ class LowRankOptions:
     # Both convolutions and attention by default: LoCon/LyCORIS practice for LoHa and LoKr,
     # and the layers the filter-atom comparison tunes (its convs) plus the usual LoRA ones.
     targets: str = field(
-        default="all", metadata={"help": "conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out) or all"}
+        default="all", metadata={"help": TARGETS_HELP}
     )
 
 
@@ -176,6 +181,11 @@ class _PeftLowRank(WrappedLayers):
         return options
 
     @classmethod
+    def kohya_layer_options(cls, unet: nn.Module, modules: set[str]) -> dict[str, Any]:
+        family = family_of(unet, modules)
+        return {"targets": family} if family else {}
+
+    @classmethod
     def _kohya_structure(cls, kinds: set[str], shapes: dict[str, dict[str, tuple[int, ...]]],
                          network_args: dict[str, str]) -> dict[str, Any]:
         """The options besides rank and alpha that a file's tensors call for (the cores: tucker)."""
@@ -188,8 +198,11 @@ class _PeftLowRank(WrappedLayers):
         state = {key: tensor.detach().clone() for key, tensor in self.state_dict().items()}
         outside = sorted(set(modules) - set(self.layers))
         if outside:
+            unet_modules = {name for name in modules if name.split(".", 1)[0] not in self.text_encoders}
+            covering = families_covering(plain_copy(self.unet), unet_modules)
+            fix = f"--targets {' or '.join(covering)}" if covering else "--targets of those layers (none of sdtune's covers them all)"
             raise SdtuneError(f"the file changes {len(outside)} module(s) that {self.name} --targets {self.options.targets} does not "
-                              f"tune ({outside[0]}, …): start with --targets all, or from a file of those layers")
+                              f"tune ({outside[0]}, …): start with {fix}")
         for module, parts in modules.items():
             parts = self._factors_from_kohya({KOHYA_TO_PEFT[suffix]: tensor for suffix, tensor in parts.items() if suffix != "alpha"})
             for suffix, tensor in parts.items():
@@ -317,7 +330,8 @@ class _PeftLowRank(WrappedLayers):
             own = {PEFT_TO_KOHYA[suffix]: tensor for suffix, tensor in self._kohya_factors(parts).items()}
             modules[module] = {**own, "alpha": torch.tensor(alpha, dtype=torch.float32)}
         network, args = self._kohya_network()
-        if any(tensor.ndim == 4 for tensor in tensors.values()):
+        # kohya-ss' conv_dim: LoRA on the 3×3 convolutions (a 1×1 one, such as SD 1.x's proj_in, is its plain LoRA)
+        if any(tensor.ndim == 4 and tensor.shape[-1] > 1 for tensor in tensors.values()):
             args.update(conv_dim=str(rank), conv_alpha=f"{alpha:g}")
         metadata = {
             "ss_network_module": network,
@@ -342,6 +356,13 @@ class _PeftLowRank(WrappedLayers):
             if getattr(self.options, name):
                 args[name] = f"{getattr(self.options, name):g}"
         return "lycoris.kohya", args
+
+
+def plain_copy(unet: nn.Module) -> nn.Module:
+    """The UNet's architecture without weights (meta device) and without the wrappers injected into it: the layer
+    families are found on plain Linear and Conv2d layers."""
+    with torch.device("meta"):
+        return type(unet).from_config(unet.config)
 
 
 def _lycoris_merge_warning(method) -> str:
@@ -446,7 +467,8 @@ class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
-    variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"rank": 16}, {"dora": True})
+    variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"targets": "transformer"},
+                {"targets": "locon"}, {"rank": 16}, {"dora": True})
     export_formats = ("kohya", "diffusers", "peft")
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 28 points of preservation
     kohya_kind = "lora"

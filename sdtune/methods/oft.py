@@ -33,7 +33,8 @@ when b > D), as peft does when it loads the file, so exported files keep the sha
 `conv_in`, D = 4·3·3 = 36, takes b = 36).
 
 Targets: LoRA's families. `conv` (default): the UNet's 3x3 and 1x1 convolutions; `conv3x3`; `attn`: the
-to_q, to_k, to_v and to_out.0 projections of every attention; `all`: both. The paper and its authors'
+to_q, to_k, to_v and to_out.0 projections of every attention; `all`: both; `transformer` and `locon`: kohya-ss'
+LoRA and LoCon layer sets. The paper and its authors'
 peft DreamBooth example (examples/boft_dreambooth/train_oft.sh, UNET_TARGET_MODULES = to_q/to_k/to_v/
 to_out.0) put OFT on the attention projections; the default is the convolutions by measurement
 (sweeps/digits-lr.toml, benchmarks/RESULTS.md): on the digits concept, OFT on the attention projections
@@ -63,7 +64,7 @@ from torch import nn
 
 from ..errors import SdtuneError
 from .atom_kernels import frozen_conv_of_columns, matmul_over_batch
-from .base import LAYER_FAMILIES, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
+from .base import LAYER_FAMILIES, TARGETS_HELP, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
 
 # How a trained layer computes, per device type: "input" turns the layer's input by the blocks (a convolution's
 # unfolded input, `InputRotatedConv`) and applies the frozen W: no weight gradient, no formed weight kept; "weight"
@@ -125,7 +126,7 @@ class InputRotatedConv(torch.autograd.Function):
 class OftOptions:
     block_size: int = field(default=32, metadata={"help": "rotation block size b (peft's oft_block_size)"})
     targets: str = field(
-        default="conv", metadata={"help": "conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out) or all"}
+        default="conv", metadata={"help": TARGETS_HELP}
     )
     coft: bool = field(default=False, metadata={"help": "constrained OFT: keep each Q within a ball of radius eps"})
     eps: float = field(default=6e-5, metadata={"help": "COFT's radius (with coft)"})
@@ -316,8 +317,9 @@ class Oft(WrappedLayers):
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
         """peft's unmerged forward is wrong on k×k convolutions (see the module docstring); its merge is right.
-        Every target choice but `attn` takes the UNet's 3×3 convolutions."""
-        if format != "peft" or self.options.targets == "attn":  # the default (conv) warns
+        Every target choice but `attn` and `transformer` takes the UNet's 3×3 convolutions (`transformer` its 1×1 ones
+        at most, which peft computes right)."""
+        if format != "peft" or self.options.targets in ("attn", "transformer"):  # the default (conv) warns
             return []
         return [f"peft (0.21.2) computes OFT on 3×3 convolutions wrongly unless merged (targets={self.options.targets}): "
                 "its forward sums overlapping input patches (and fails on maps smaller than the kernel); call "
