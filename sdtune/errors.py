@@ -88,8 +88,10 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     if caller is None:  # called into from no code of its own (a worker's loop in the package alone)
         caller = sys._getframe(1)
     where = caller.f_globals
+    # no module_globals, as warnings.warn passes none: with them, the source line is asked of the module's loader,
+    # which raises for code run by `python -c` (__main__'s loader is the built-in importer); linecache reads files
     warnings.warn_explicit(message, category, caller.f_code.co_filename, caller.f_lineno, where.get("__name__", "<string>"),
-                           where.setdefault("__warningregistry__", {}), where)
+                           where.setdefault("__warningregistry__", {}))
 
 
 @contextmanager

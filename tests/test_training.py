@@ -479,3 +479,15 @@ def test_a_notebooks_train_warns_at_its_own_line_and_leaves_the_libraries_as_the
         transformers.logging.set_verbosity(verbosity)
     warning = next(w for w in said if "no checkpoint" in str(w.message))
     assert (warning.filename, warning.lineno) == (__file__, line)
+
+
+def test_sdtunes_warnings_reach_code_run_without_a_file():
+    """`python -c` and other code without a source file (its module's loader has no source) get sdtune's warnings as
+    they get Python's own: the warning is shown at the caller's line, and nothing is raised in its place."""
+    import subprocess
+    import sys
+
+    code = "from sdtune.errors import warn\nwarn('the warning')\nprint('went on')\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert result.stdout == "went on\n" and "<string>:2: UserWarning: the warning" in result.stderr
