@@ -253,6 +253,30 @@ def check_pipeline(pipeline) -> None:
                           f"got {type(pipeline).__name__}")
 
 
+def check_trained_base(info: AdapterInfo, parts, targets: list[str], what: str, model: str, as_merged: bool) -> None:
+    """Refuse an sdtune adapter (`info`) trained on another base model than the one `parts` (a `ModelParts`) holds:
+    other layer names or shapes, or other weights by the adapter's fingerprint of its `targets`, the same weights in
+    another precision (fp16, bf16) accepted. The weights count as they were before any sdtune merge changed them, and,
+    with `as_merged`, as they are now too. `what` and `model` name the file and the model in the message."""
+    import numpy as np
+    import torch
+
+    from .methods.base import fingerprint_of, same_weights, structure_digest, weight_sample
+
+    trained_on = f"{what} was trained on base model {info.base_model!r}"
+    structure = structure_digest(parts, targets)
+    if structure != info.structure:
+        raise SdtuneError(f"{trained_on}; {model}'s layers have other names or shapes")
+    samples = [weight_sample(parts, targets, base=not as_merged)]
+    if fingerprint_of(structure, samples[0]) == info.fingerprint:
+        return
+    if as_merged:
+        samples.append(weight_sample(parts, targets, base=True))
+    expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
+    if not any(same_weights(expected, sample) for sample in samples):
+        raise SdtuneError(f"{trained_on}; {model}'s weights differ")
+
+
 def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = None):
     """The adapter at `path` bound to `pipeline`, at strength 1 and not merged; its new tokens (if any) join the
     pipeline's tokenizer(s), under the names `rename` gives where it does (a stack's `stack_new_tokens`).
@@ -264,21 +288,9 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     its updates, each checked against the module it changes, not yet added (they apply merged).
     Either has `set_scale`, `merge` and `unmerge`.
     """
-    import numpy as np
-    import torch
-
     from . import methods
     from .methods.base import (
-        ModelParts,
-        check_no_unmerged_method,
-        check_state_names,
-        check_state_shapes,
-        fingerprint_of,
-        same_weights,
-        structure_digest,
-        text_encoder_layers,
-        text_encoder_prefix,
-        weight_sample,
+        ModelParts, check_no_unmerged_method, check_state_names, check_state_shapes, text_encoder_layers, text_encoder_prefix,
     )
 
     path = adapter_path(path)
@@ -299,16 +311,8 @@ def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = Non
     check_state_names(shapes, found, f"adapter {path} (trained on base model {info.base_model!r})")
     parts = ModelParts(unet, {text_encoder_prefix(i): text_encoder_layers(encoder) for i, encoder in enumerate(encoders)})
     targets = method.all_targets(unet, parts.text_encoders)
-    trained_on = f"adapter {path} was trained on base model {info.base_model!r}"
-    structure = structure_digest(parts, targets)
-    if structure != info.structure:
-        raise SdtuneError(f"{trained_on}; the loaded model's layers have other names or shapes")
-    sample = weight_sample(parts, targets)
-    if fingerprint_of(structure, sample) != info.fingerprint:  # same weights also in fp16/bf16: compare values
-        expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
-        # or trained on the weights an earlier adapter merged into changed: adapters stack
-        if not (same_weights(expected, sample) or same_weights(expected, weight_sample(parts, targets, base=True))):
-            raise SdtuneError(f"{trained_on}; the loaded model's weights differ")
+    # as they are, or as before an earlier adapter merged into them: adapters stack
+    check_trained_base(info, parts, targets, f"adapter {path}", "the loaded model", as_merged=True)
     check_state_shapes(shapes, found, f"adapter {path}")
     tensors = read_tensors(path)
     bad = first_non_finite(tensors)

@@ -21,11 +21,9 @@ from .config import BaseAdapter, parse_base_adapter
 from .errors import SdtuneError
 
 
-
 def file_record(path: str | Path) -> dict[str, str]:
     """What an adapter records of a file it depends on: its name and digest (adapter.adapter_digest)."""
-    from .adapter import ADAPTER_FILE, adapter_path
-    from .adapter import adapter_digest
+    from .adapter import ADAPTER_FILE, adapter_digest, adapter_path
 
     path = adapter_path(path)
     name = f"{path.parent.name}/{path.name}" if path.name == ADAPTER_FILE else path.name  # a run's adapter: by its run
@@ -194,29 +192,17 @@ def check_init_weights_base(path: str | Path, method, unet, text_encoders: list)
     model, by its fingerprint of the layers it tuned (the UNet's alone where it trained no text encoder, which the run
     may add), as `load_adapter` does; the weights before any base adapter was merged count (adapters stack). A kohya
     file's modules are checked by name and shape as they load (`load_init_weights`)."""
-    import numpy as np
-    import torch
-
-    from .adapter import adapter_path, read_adapter_info
+    from .adapter import adapter_path, check_trained_base, read_adapter_info
     from .kohya import is_kohya_file
-    from .methods.base import (
-        ModelParts, fingerprint_of, same_weights, structure_digest, text_encoder_layers, text_encoder_prefix, weight_sample,
-    )
+    from .methods.base import ModelParts, text_encoder_layers, text_encoder_prefix
 
     path = adapter_path(path)
     if is_kohya_file(path):
         return
     info, _ = read_adapter_info(path)
     encoders = {text_encoder_prefix(i): text_encoder_layers(e) for i, e in enumerate(text_encoders)} if info.text_encoders else {}
-    parts = ModelParts(unet, encoders)
-    targets = method.all_targets(unet, encoders)
-    trained_on = f"--init-weights {path} was trained on base model {info.base_model!r}"
-    if info.structure != structure_digest(parts, targets):
-        raise SdtuneError(f"{trained_on}; this model's layers have other names or shapes")
-    sample = weight_sample(parts, targets, base=True)
-    expected = torch.from_numpy(np.frombuffer(info.weight_sample, dtype="<f4").copy())
-    if fingerprint_of(info.structure, sample) != info.fingerprint and not same_weights(expected, sample):
-        raise SdtuneError(f"{trained_on}; this model's weights differ")
+    check_trained_base(info, ModelParts(unet, encoders), method.all_targets(unet, encoders), f"--init-weights {path}",
+                       "this model", as_merged=False)
 
 
 def load_init_weights(path: str | Path, method, pipeline) -> None:
