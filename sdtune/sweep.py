@@ -488,66 +488,71 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
         return result
     check_no_file_in_the_way(plan.output, "the sweep's folder")
     main = True
+    if not config.report_only:
+        main = train_sample_and_measure(plan, runs, result, log)
+    if main:
+        result.report = write_report(plan, log)
+    return result
+
+
+def train_sample_and_measure(plan: Plan, runs: list[RunSpec], result: SweepResult, log: Callable[[str], None]) -> bool:
+    """Train, sample and measure `runs` (skipping finished ones, and those another sweep process holds), recording each
+    in `result`; whether this is the main process (the one that reports). transformers and diffusers are quiet meanwhile."""
+    from .distributed import lock_on_main_process, process_state
     from .models import quiet_libraries
 
-    # transformers and diffusers are quiet while the runs train, sample and are measured (a report alone loads neither)
-    with contextlib.nullcontext() if config.report_only else quiet_libraries():
-        if not config.report_only:
-            from .distributed import lock_on_main_process, process_state
+    with quiet_libraries():
+        # under `accelerate launch` every process goes through the runs together (training and sampling
+        # are shared out); the main one alone measures, marks and reports
+        state = process_state()
+        main = state.is_main_process
+        log = log if main else (lambda message: None)
+        metric_set = METRIC_SETS[plan.metrics]()
+        if main:
+            metric_set.prepare(plan, log)
+            from .data import read_prompt_lines
 
-            # under `accelerate launch` every process goes through the runs together (training and sampling
-            # are shared out); the main one alone measures, marks and reports
-            state = process_state()
-            main = state.is_main_process
-            log = log if main else (lambda message: None)
-            metric_set = METRIC_SETS[plan.metrics]()
-            if main:
-                metric_set.prepare(plan, log)
-                from .data import read_prompt_lines
-
-                # a missing or empty prompt file, or a line's bad option, stops the sweep now, not after each run's training
-                for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
-                    read_prompt_lines(prompts)
-            with each_warning_once():  # the runs of a sweep share their inputs, and so their warnings
-                for number, run in enumerate(runs, 1):
-                    prefix = f"[{number}/{len(runs)}] {run.name}"
-                    if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():
-                        log(f"{prefix}: finished earlier, skipped")
+            # a missing or empty prompt file, or a line's bad option, stops the sweep now, not after each run's training
+            for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
+                read_prompt_lines(prompts)
+        with each_warning_once():  # the runs of a sweep share their inputs, and so their warnings
+            for number, run in enumerate(runs, 1):
+                prefix = f"[{number}/{len(runs)}] {run.name}"
+                if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():
+                    log(f"{prefix}: finished earlier, skipped")
+                    result.skipped.append(run.name)
+                    continue
+                lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
+                try:  # taken inside the try: an interrupt just after it is taken still releases it
+                    try:
+                        run.folder.mkdir(parents=True, exist_ok=True)
+                        lock_on_main_process(state, lock)
+                    except SdtuneError:  # another sweep process is on this run: its run, not a failure here
+                        log(f"{prefix}: in use by another sweep process, skipped")
                         result.skipped.append(run.name)
                         continue
-                    lock = OutputLock(run.folder, RUN_LOCK, what=f"run {run.name}")
-                    try:  # taken inside the try: an interrupt just after it is taken still releases it
-                        try:
-                            run.folder.mkdir(parents=True, exist_ok=True)
-                            lock_on_main_process(state, lock)
-                        except SdtuneError:  # another sweep process is on this run: its run, not a failure here
-                            log(f"{prefix}: in use by another sweep process, skipped")
+                    try:
+                        if run.state() == "finished":  # finished by another process while this one waited
+                            log(f"{prefix}: finished by another process, skipped")
                             result.skipped.append(run.name)
                             continue
-                        try:
-                            if run.state() == "finished":  # finished by another process while this one waited
-                                log(f"{prefix}: finished by another process, skipped")
-                                result.skipped.append(run.name)
-                                continue
-                            run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
-                        except KeyboardInterrupt:
-                            raise
-                        except Exception as error:  # one run's failure is recorded; the others go on
-                            message = error_line(error)
-                            log(f"{prefix}: failed: {message}")
-                            result.failed[run.name] = message
-                            if main:
-                                try:
-                                    write_marker(run, "failed", error=message)
-                                except OSError:
-                                    pass
-                        else:
-                            result.ran.append(run.name)
-                    finally:
-                        lock.release()
-        if main:
-            result.report = write_report(plan, log)
-    return result
+                        run_one(plan, run, metric_set, lambda message: log(f"{prefix}: {message}"), main=main)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as error:  # one run's failure is recorded; the others go on
+                        message = error_line(error)
+                        log(f"{prefix}: failed: {message}")
+                        result.failed[run.name] = message
+                        if main:
+                            try:
+                                write_marker(run, "failed", error=message)
+                            except OSError:
+                                pass
+                    else:
+                        result.ran.append(run.name)
+                finally:
+                    lock.release()
+    return main
 
 
 @contextlib.contextmanager
