@@ -390,8 +390,10 @@ def train(
     if run.extended_from:
         resumed = f" (extended a run of {counted(run.extended_from, 'step')} to {run.config.steps:,}, from {run.resumed_from})"
     rows = f", and {run.token_numbers:,} numbers of new token rows" if run.token_numbers else ""
-    if run.taken_options:
-        typer.echo(f"from --init-weights {run.config.init_weights}: " + ", ".join(f"{name} {value}" for name, value in run.taken_options.items()))
+    from .starting_weights import describe_taken
+
+    if taken := describe_taken(run.taken_options):
+        typer.echo(f"from --init-weights {run.config.init_weights}: {taken}")
     typer.echo(
         f"trained {run.method.describe()}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"

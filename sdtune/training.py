@@ -179,7 +179,9 @@ class RunPlan:
             lines.append("base adapters merged into the frozen model first: " + ", ".join(
                 f"{base.path} at {base.strength:g}" for base in map(parse_base_adapter, config.base_adapters)))
         if config.init_weights:
-            taken = ", ".join(f"{name} {value}" for name, value in self.taken_options.items())
+            from .starting_weights import describe_taken
+
+            taken = describe_taken(self.taken_options)
             lines.append(f"trained tensors start from {config.init_weights} (a fresh optimizer and schedule)"
                          + (f"; from the file: {taken}" if taken else ""))
         if config.train_text_encoder:

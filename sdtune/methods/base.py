@@ -618,15 +618,22 @@ def named_linears(unet: nn.Module, endings: tuple[str, ...] | list[str], within:
             yield name, module
 
 
-LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all", "transformer", "locon")  # what the low-rank methods' and OFT's `targets` name
+LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all", "transformer", "locon", "full")  # what the low-rank methods' and OFT's `targets` name
 # kohya-ss' sd-scripts (networks/lora.py) tunes every Linear and Conv2d inside these diffusers blocks: the transformers
 # (UNET_TARGET_REPLACE_MODULE) for its LoRA, and with `conv_dim` (LoCon) the resnets and resamplers too
 # (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3); LyCORIS' `unet-transformer-only` and `attn-mlp` presets take the first
 KOHYA_TRANSFORMER_BLOCKS = ("Transformer2DModel",)
 KOHYA_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+# LyCORIS' `full` preset (lycoris/config.py FULL_UNET_MODULES, FULL_UNET_NAMES): LoCon's blocks, the TimestepEmbedding
+# blocks (the time embedding; SDXL's added-conditioning MLP, add_embedding, is one too) and these layers by name
+LYCORIS_FULL_BLOCKS = ("TimestepEmbedding",)
+LYCORIS_FULL_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
+# the kohya-ss and LyCORIS families, which `sdtune methods` counts for every method that takes `targets`
+KOHYA_FAMILY_VARIANTS = ({"targets": "transformer"}, {"targets": "locon"}, {"targets": "full"})
 TARGETS_HELP = ("conv (3x3 and 1x1 convs), conv3x3, attn (to_q/k/v/out), all (conv and attn), transformer (kohya-ss' "
-                "LoRA: every linear and 1x1 conv of the transformer blocks) or locon (kohya-ss' LoCon: transformer and the "
-                "resnets' and down/upsamplers' layers)")
+                "LoRA: every linear and 1x1 conv of the transformer blocks), locon (kohya-ss' LoCon: transformer and the "
+                "resnets' and down/upsamplers' layers) or full (LyCORIS' full preset: locon, conv_in, conv_out and the "
+                "time embedding's linears, on SDXL the added conditioning's too: every linear and conv of the UNet)")
 
 
 def layer_family(unet: nn.Module, family: str) -> list[str]:
@@ -635,7 +642,8 @@ def layer_family(unet: nn.Module, family: str) -> list[str]:
     `transformer` kohya-ss' LoRA, every Linear and Conv2d inside the transformer blocks (proj_in, proj_out, the
     attentions' q/k/v/out, ff.net.0.proj, ff.net.2), `locon` kohya-ss' LoCon (`conv_dim`), those and every Linear
     and Conv2d inside the resnets and down/upsamplers (conv1, conv2, time_emb_proj, conv_shortcut, the resamplers'
-    conv): everything kohya-ss trains in the UNet but conv_in, conv_out and the time embedding."""
+    conv): everything kohya-ss trains in the UNet but conv_in, conv_out and the time embedding; `full` LyCORIS'
+    `full` preset, locon's and those (SDXL: add_embedding's linears too)."""
     chosen: set[str] = set()
     if family == "conv3x3":
         chosen.update(name for name, _ in named_convs(unet, {3}))
@@ -643,10 +651,14 @@ def layer_family(unet: nn.Module, family: str) -> list[str]:
         chosen.update(name for name, _ in named_convs(unet, {3, 1}))
     if family in ("attn", "all"):
         chosen.update(attention_projections(unet))
-    if family in ("transformer", "locon"):
+    if family in ("transformer", "locon", "full"):
         chosen.update(layers_within(unet, KOHYA_TRANSFORMER_BLOCKS))
-    if family == "locon":
+    if family in ("locon", "full"):
         chosen.update(layers_within(unet, KOHYA_CONV_BLOCKS))
+    if family == "full":
+        chosen.update(layers_within(unet, LYCORIS_FULL_BLOCKS))
+        chosen.update(name for name, module in unet.named_modules()
+                      if name in LYCORIS_FULL_NAMES and type(module) in (nn.Linear, nn.Conv2d))
     return [name for name, _ in unet.named_modules() if name in chosen]  # module order, stable
 
 
@@ -660,13 +672,9 @@ def layers_within(model: nn.Module, block_types: tuple[str, ...]) -> list[str]:
     return found
 
 
-def family_of(unet: nn.Module, names: set[str]) -> str | None:
-    """The `targets` family whose layers are exactly `names` (UNet module names), or None."""
-    return next((family for family in LAYER_FAMILIES if set(layer_family(unet, family)) == names), None)
-
-
 def families_covering(unet: nn.Module, names: set[str]) -> list[str]:
-    """The `targets` families whose layers include all of `names`, smallest first."""
+    """The `targets` families whose layers include all of `names`, smallest first (the first: exactly `names`
+    where a family is)."""
     covering = [(len(layers), family) for family in LAYER_FAMILIES
                 if names <= set(layers := layer_family(unet, family))]
     return [family for _, family in sorted(covering, key=lambda pair: pair[0])]

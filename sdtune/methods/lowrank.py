@@ -28,8 +28,10 @@ with the default alpha = rank the two agree.
 Targets: `conv` means the UNet's 3×3 and 1×1 convolutions, `conv3x3` only the 52 3×3
 convolutions that the filter-atom method tunes, `attn` the to_q, to_k, to_v and to_out.0
 projections of every attention, `all` the convolutions and the projections; `transformer` is kohya-ss'
-LoRA layer set (every Linear and 1×1 conv of the transformer blocks: proj_in/out, attention, ff) and `locon`
-kohya-ss' LoCon (`conv_dim`: those and the resnets' and resamplers' layers), as `base.layer_family` says. With text encoders
+LoRA layer set (every Linear and 1×1 conv of the transformer blocks: proj_in/out, attention, ff), `locon`
+kohya-ss' LoCon (`conv_dim`: those and the resnets' and resamplers' layers) and `full` LyCORIS' `full` preset (those,
+conv_in, conv_out and the time embedding, SDXL's added conditioning too: every Linear and Conv2d of the UNet, written
+to kohya files as LyCORIS' network with `preset=full`), as `base.layer_family` says. With text encoders
 (`--train-text-encoder`), the same layers go on their q/k/v/out projections and MLP linears, saved
 under `text_encoder.<module>.<parameter>`.
 """
@@ -47,7 +49,7 @@ from torch import nn
 
 from ..errors import SdtuneError
 from .base import (
-    LAYER_FAMILIES, TARGETS_HELP, WrappedLayers, dora_weight, exact_module_pattern, families_covering, family_of, is_whole_number,
+    KOHYA_FAMILY_VARIANTS, LAYER_FAMILIES, TARGETS_HELP, WrappedLayers, dora_weight, exact_module_pattern, families_covering, is_whole_number,
     layer_family,
 )
 
@@ -182,8 +184,10 @@ class _PeftLowRank(WrappedLayers):
 
     @classmethod
     def kohya_layer_options(cls, unet: nn.Module, modules: set[str]) -> dict[str, Any]:
-        family = family_of(unet, modules)
-        return {"targets": family} if family else {}
+        """The smallest family that holds every module: the file's own set where a family is exactly it, and for a
+        file that leaves some of a family's layers out (kohya-ss' block-wise dims of 0) the family it was cut from."""
+        covering = families_covering(unet, modules)
+        return {"targets": covering[0]} if covering else {}
 
     @classmethod
     def _kohya_structure(cls, kinds: set[str], shapes: dict[str, dict[str, tuple[int, ...]]],
@@ -330,6 +334,8 @@ class _PeftLowRank(WrappedLayers):
             own = {PEFT_TO_KOHYA[suffix]: tensor for suffix, tensor in self._kohya_factors(parts).items()}
             modules[module] = {**own, "alpha": torch.tensor(alpha, dtype=torch.float32)}
         network, args = self._kohya_network()
+        if self.options.targets == "full":  # LyCORIS' preset, as LyCORIS records it: kohya-ss' networks.lora loads no
+            network, args = "lycoris.kohya", {"algo": self.name, **args, "preset": "full"}  # conv_in, conv_out, time embedding
         # kohya-ss' conv_dim: LoRA on the 3×3 convolutions (a 1×1 one, such as SD 1.x's proj_in, is its plain LoRA)
         if any(tensor.ndim == 4 and tensor.shape[-1] > 1 for tensor in tensors.values()):
             args.update(conv_dim=str(rank), conv_alpha=f"{alpha:g}")
@@ -467,8 +473,8 @@ class Lora(_PeftLowRank):
     name = "lora"
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
-    variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, {"targets": "transformer"},
-                {"targets": "locon"}, {"rank": 16}, {"dora": True})
+    variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, *KOHYA_FAMILY_VARIANTS,
+                {"rank": 16}, {"dora": True})
     export_formats = ("kohya", "diffusers", "peft")
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 28 points of preservation
     kohya_kind = "lora"
@@ -729,7 +735,7 @@ class Loha(_Lycoris):
     name = "loha"
     summary = "LoHa: Hadamard product of two low-rank updates (B1·A1)⊙(B2·A2) (peft)"
     Options = LohaOptions
-    variants = ({}, {"targets": "conv3x3"})
+    variants = ({}, {"targets": "conv3x3"}, *KOHYA_FAMILY_VARIANTS)
     kohya_kind = "loha"
 
     def layer_mixin(self) -> type | None:
@@ -759,7 +765,7 @@ class Lokr(_Lycoris):
     name = "lokr"
     summary = "LoKr: Kronecker product update W1 ⊗ W2 with low-rank factors where small (peft)"
     Options = LokrOptions
-    variants = ({}, {"targets": "conv3x3"}, {"decompose_both": True})
+    variants = ({}, {"targets": "conv3x3"}, *KOHYA_FAMILY_VARIANTS, {"decompose_both": True})
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 11 points
     kohya_kind = "lokr"
 

@@ -34,7 +34,7 @@ when b > D), as peft does when it loads the file, so exported files keep the sha
 
 Targets: LoRA's families. `conv` (default): the UNet's 3x3 and 1x1 convolutions; `conv3x3`; `attn`: the
 to_q, to_k, to_v and to_out.0 projections of every attention; `all`: both; `transformer` and `locon`: kohya-ss'
-LoRA and LoCon layer sets. The paper and its authors'
+LoRA and LoCon layer sets; `full`: LyCORIS' full preset (every Linear and Conv2d of the UNet). The paper and its authors'
 peft DreamBooth example (examples/boft_dreambooth/train_oft.sh, UNET_TARGET_MODULES = to_q/to_k/to_v/
 to_out.0) put OFT on the attention projections; the default is the convolutions by measurement
 (sweeps/digits-lr.toml, benchmarks/RESULTS.md): on the digits concept, OFT on the attention projections
@@ -64,7 +64,7 @@ from torch import nn
 
 from ..errors import SdtuneError
 from .atom_kernels import frozen_conv_of_columns, matmul_over_batch
-from .base import LAYER_FAMILIES, TARGETS_HELP, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
+from .base import KOHYA_FAMILY_VARIANTS, LAYER_FAMILIES, TARGETS_HELP, DeltaLayer, WrappedLayers, exact_module_pattern, is_whole_number, layer_family, replace_module
 
 # How a trained layer computes, per device type: "input" turns the layer's input by the blocks (a convolution's
 # unfolded input, `InputRotatedConv`) and applies the frozen W: no weight gradient, no formed weight kept; "weight"
@@ -263,7 +263,7 @@ class Oft(WrappedLayers):
     name = "oft"
     summary = "OFT: block-diagonal orthogonal rotation of each weight's input side, W' = W·Rᵀ (peft's maths)"
     Options = OftOptions
-    variants = ({}, {"targets": "attn"}, {"targets": "all"}, {"block_size": 16}, {"block_share": True})
+    variants = ({}, {"targets": "attn"}, {"targets": "all"}, *KOHYA_FAMILY_VARIANTS, {"block_size": 16}, {"block_share": True})
     # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 18.5 points; also the rate
     # of the OFT authors' SD DreamBooth example in peft (examples/boft_dreambooth/train_oft.sh)
     default_lr = 3e-5
