@@ -35,6 +35,7 @@ LOW_RANK = [
     ("lokr", {"targets": "conv", "rank": 2, "tucker": True}),
     ("lora", {"targets": "transformer", "rank": 2}),  # kohya-ss' LoRA layers: ff and proj_in/out (1x1 convs on SD 1.x)
     ("loha", {"targets": "locon"}),  # kohya-ss' LoCon layers: those and the resnets' (time_emb_proj, conv_shortcut too)
+    ("lora", {"targets": "full", "rank": 2}),  # LyCORIS' full preset: those, conv_in, conv_out and the time embedding
 ]
 DIFF_STYLE = [
     ("atoms", {}),
@@ -151,12 +152,18 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
                 "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"} <= set(state)
         assert ("lora_unet_down_blocks_0_resnets_0_time_emb_proj.alpha" in state) == (options["targets"] == "locon")
         assert ("conv_dim" in json.loads(metadata["ss_network_args"])) == (name == "lora" and options["targets"] == "locon")
+    # LyCORIS' names of the layers its full preset adds, and its network args (kohya-ss' networks.lora loads none of them)
+    time_embedding = {"lora_unet_time_embedding_linear_1.alpha", "lora_unet_time_embedding_linear_2.alpha"}
+    assert (time_embedding & set(state)) == (time_embedding if options.get("targets") == "full" else set())
+    if options.get("targets") == "full":
+        assert {"lora_unet_conv_in.alpha", "lora_unet_conv_out.alpha"} <= set(state)
+        assert json.loads(metadata["ss_network_args"]) == {"algo": "lora", "preset": "full", "conv_dim": "2", "conv_alpha": "2"}
     alpha = options.get("alpha", float(options.get("rank", 4)))
     assert all(state[k].item() == alpha for k in state if k.endswith(".alpha"))
     assert metadata["ss_base_model_version"] == "sd_v1"
     assert metadata["ss_network_dim"] == str(options.get("rank", 4))
     assert float(metadata["ss_network_alpha"]) == alpha
-    assert metadata["ss_network_module"] == ("networks.lora" if name == "lora" else "lycoris.kohya")
+    assert metadata["ss_network_module"] == ("networks.lora" if name == "lora" and options.get("targets") != "full" else "lycoris.kohya")
     assert metadata["ss_output_name"] == "castle"
     assert metadata["ss_training_comment"] == f"exported by sdtune {sdtune.__version__} from an adapter of method {name}"
     if name != "lora":
@@ -319,7 +326,7 @@ def test_diffusers_export_prints_its_line_alone(tmp_path):
     assert result.stdout.startswith(f"wrote {out} (diffusers, ") and result.stderr == ""
 
 
-@pytest.mark.parametrize("targets", ["all", "transformer"])
+@pytest.mark.parametrize("targets", ["all", "transformer", "full"])
 def test_diffusers_lora_loads_with_load_lora_weights(targets, tmp_path, inputs):
     from sdtune.models import load_pipeline
 

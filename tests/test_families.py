@@ -238,6 +238,62 @@ def test_methods_counts_the_full_size_architectures_without_weights():
     assert method.num_parameters() == 3_240  # 40 3x3 convolutions x 9 atoms x 9 taps
 
 
+# LyCORIS' `full` preset beyond kohya-ss' LoCon: conv_in, conv_out, the time embedding (SDXL: the added conditioning too)
+FULL_BEYOND_LOCON = {"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
+SDXL_ADDED_CONDITIONING = {"add_embedding.linear_1", "add_embedding.linear_2"}
+
+
+@pytest.mark.parametrize("arch,locon,full", [("sd14", 278, 282), ("sd2-arch", 278, 282), ("sdxl-arch", 788, 794)])
+def test_the_lycoris_full_family_is_locon_and_the_outer_layers(arch, locon, full):
+    """`--targets full` on the full-size UNets: locon's layers and these by name, every Linear and Conv2d of the UNet."""
+    from sdtune.methods.base import layer_family
+    from sdtune.models import build_arch_unet
+
+    unet = build_arch_unet(arch, "meta")
+    found = {family: layer_family(unet, family) for family in ("locon", "full")}
+    assert (len(found["locon"]), len(found["full"])) == (locon, full)
+    added = FULL_BEYOND_LOCON | (SDXL_ADDED_CONDITIONING if arch == "sdxl-arch" else set())
+    assert set(found["full"]) - set(found["locon"]) == added and set(found["locon"]) < set(found["full"])
+    assert found["full"] == [name for name, module in unet.named_modules() if type(module) in (torch.nn.Linear, torch.nn.Conv2d)]
+
+
+def lycoris_full_preset_names(unet) -> set[str]:
+    """The kohya names of the UNet layers LyCORIS' own network puts its modules on with its `full` preset (lora_dim
+    and conv_dim set, so 3x3 convolutions count too). lycoris-lora 4.1.3 names the time embedding's linears twice,
+    by its block class (TimestepEmbedding) and by name, and asserts against the duplicate: built without those names,
+    which the class holds."""
+    from lycoris.config import PRESET
+    from lycoris.kohya import LycorisNetworkKohya
+
+    preset = dict(PRESET["full"])
+    assert "TimestepEmbedding" in preset["unet_target_module"]
+    preset["unet_target_name"] = [name for name in preset["unet_target_name"] if not name.startswith("time_embedding.")]
+    kept = {key: getattr(LycorisNetworkKohya, key) for key in (
+        "ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
+        "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")}
+    try:
+        LycorisNetworkKohya.apply_preset(preset)
+        network = LycorisNetworkKohya(None, unet, lora_dim=1, conv_lora_dim=1, warn_on_unmatched=False)
+    finally:
+        for key, value in kept.items():
+            setattr(LycorisNetworkKohya, key, value)
+    return {module.lora_name for module in network.unet_loras}
+
+
+@pytest.mark.parametrize("family", ["tiny-random", "tiny-sdxl-random"])
+def test_the_full_family_is_the_layers_lycoris_full_preset_takes(family, built):
+    pytest.importorskip("lycoris.kohya")
+    from sdtune.kohya import UNET_PREFIX, kohya_name
+    from sdtune.methods.base import layer_family
+    from sdtune.models import load_pipeline
+
+    unet = load_pipeline(family).unet
+    ours = {kohya_name(UNET_PREFIX, name) for name in layer_family(unet, "full")}
+    assert lycoris_full_preset_names(unet) == ours
+    assert {"lora_unet_conv_in", "lora_unet_time_embedding_linear_2"} < ours
+    assert ("lora_unet_add_embedding_linear_1" in ours) == (family == "tiny-sdxl-random")
+
+
 def test_evaluate_and_compare_an_sd2_run(built, metric_models, tmp_path):
     """evaluate samples the run's model (v-prediction) and measures it; compare reads the result."""
     import sdtune

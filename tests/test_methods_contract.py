@@ -131,11 +131,14 @@ def expected_count(name: str, options: dict, unet) -> int:
 def low_rank_targets(targets: str, unet) -> list:
     """conv: the 3x3 and 1x1 convolutions (conv3x3: only the 3x3); attn: to_q, to_k, to_v, to_out.0; transformer:
     every Linear and Conv2d under a down/mid/up block's `attentions`; locon: those and every one under its `resnets`,
-    `downsamplers` and `upsamplers` (kohya-ss' LoRA and LoCon: all but conv_in, conv_out and the time embedding)."""
+    `downsamplers` and `upsamplers` (kohya-ss' LoRA and LoCon: all but conv_in, conv_out and the time embedding);
+    full (LyCORIS' preset): every Linear and Conv2d of the UNet."""
     def under(*parts: str) -> list:
         return [module for name, module in unet.named_modules()
                 if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and any(f".{part}." in name for part in parts)]
 
+    if targets == "full":
+        return [module for module in unet.modules() if type(module) in (torch.nn.Linear, torch.nn.Conv2d)]
     if targets in ("transformer", "locon"):
         return under("attentions") if targets == "transformer" else under("attentions", "resnets", "downsamplers", "upsamplers")
     convs = [conv for _, conv in named_convs(unet, {3, 1})]
@@ -404,6 +407,12 @@ SD14_COUNTS = [
     # and proj_out's 49,920)
     ("lora", {"targets": "locon"}, 1_695_744 + 2_188_960 - 4 * (4 * 9 + 320) - 4 * (320 * 9 + 4)
      + 4 * (22 * 1280 + 20_160) + 4 * (84_480 - 49_920)),
+    # LyCORIS' full preset: + conv_in (3x3, 4→320), conv_out (3x3, 320→4), time_embedding.linear_1 (320→1280), linear_2
+    ("lora", {"targets": "full"}, 4_203_264 + 4 * (4 * 9 + 320) + 4 * (320 * 9 + 4) + 4 * (320 + 1280) + 4 * (1280 + 1280)),
+    # LoHa: two LoRA-sized pairs on every layer of a family
+    ("loha", {"targets": "transformer"}, 2 * 1_695_744),
+    ("loha", {"targets": "locon"}, 2 * 4_203_264),
+    ("loha", {"targets": "full"}, 2 * 4_232_864),
     # the 46 1x1 convolutions add r·(c_in + c_out) each: 337,920 at rank 4
     ("lora", {"targets": "conv"}, 2_188_960 + 337_920),
     ("lora", {}, 2_188_960 + 337_920 + 797_184),
@@ -429,6 +438,21 @@ def test_sd14_parameter_counts(name, options, count):
     method = methods.create(name, **options)
     method.inject(build_sd14_unet("meta"))
     assert method.num_parameters() == count
+
+
+@pytest.mark.parametrize("name", ["lora", "loha", "lokr", "oft"])
+@pytest.mark.parametrize("targets,layers", [("transformer", 192), ("locon", 278), ("full", 282)])
+def test_every_method_that_takes_a_family_counts_it_on_sd14_by_its_formula(name, targets, layers):
+    """The kohya-ss and LyCORIS families on SD v1.4 for each method that takes `targets`, as `sdtune methods` lists
+    them (each method's variants): the layer count and its formula over the family's layers' shapes."""
+    from sdtune.models import build_sd14_unet
+
+    assert {"targets": targets} in methods.method_class(name).variants
+    unet = build_sd14_unet("meta")
+    method = methods.create(name, targets=targets)
+    expected = expected_count(name, {"targets": targets}, unet)
+    method.inject(unet)
+    assert len(method.target_names) == layers and method.num_parameters() == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

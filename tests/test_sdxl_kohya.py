@@ -186,7 +186,10 @@ LOW_RANK = [
     ("lokr", {"targets": "attn", "factor": 8, "rank": 2}),
     ("lora", {"targets": "transformer"}),  # kohya-ss' SDXL LoRA: proj_in/out (linear on SDXL) and ff too
     ("lora", {"targets": "locon", "rank": 2}),  # kohya-ss' LoCon: the resnets' emb_layers and skip_connection too
+    ("lora", {"targets": "full", "rank": 2}),  # LyCORIS' full preset: conv_in, conv_out, time and added embeddings too
 ]
+# the time embedding's and the added conditioning's linears by their original names, which only LyCORIS' full preset takes
+SDXL_EMBEDDINGS = {"lora_unet_time_embed_0", "lora_unet_time_embed_2", "lora_unet_label_emb_0_0", "lora_unet_label_emb_0_2"}
 
 
 def tuned_adapter(name: str, options: dict, path, scale: float = 0.05, base_model: str = "tiny-sdxl"):
@@ -250,6 +253,10 @@ def test_sdxl_low_rank_export_has_original_names_and_loads_elsewhere(name, optio
                 "lora_unet_output_blocks_0_1_proj_out.alpha"} <= set(state)
         assert ("lora_unet_input_blocks_4_0_emb_layers_1.alpha" in state) == (options["targets"] == "locon")
         assert ("lora_unet_input_blocks_4_0_skip_connection.alpha" in state) == (options["targets"] == "locon")
+    modules = {key.partition(".")[0] for key in state}
+    assert (SDXL_EMBEDDINGS & modules) == (SDXL_EMBEDDINGS if options.get("targets") == "full" else set())
+    if options.get("targets") == "full":  # and conv_in, conv_out
+        assert {"lora_unet_input_blocks_0_0", "lora_unet_out_2"} <= modules
 
     own = tiny_sdxl_pipeline()  # sdtune reads it back onto a pipeline
     loaded = load_adapter(out, own)
@@ -556,20 +563,27 @@ def test_export_refuses_a_model_the_adapter_does_not_fit(tmp_path, sdxl_folder, 
         assert handle.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
-@pytest.mark.parametrize("targets", ["transformer", "locon", "attn", "all"])
+@pytest.mark.parametrize("targets", ["transformer", "locon", "full", "attn", "all"])
 def test_a_kohya_sdxl_file_names_its_targets_family(targets, tmp_path, sdxl_folder, sdxl_readable):
-    """A run started from a kohya SDXL file (original names: input_blocks, emb_layers, skip_connection) takes the
-    family whose layers are exactly the file's UNet modules, as it does on SD 1.x; a file of some layers of one
-    family alone names none (the run's own targets stay)."""
+    """A run started from a kohya SDXL file (original names: input_blocks, emb_layers, skip_connection, time_embed,
+    label_emb) takes the family whose layers are exactly the file's UNet modules, as it does on SD 1.x; a file of
+    some layers of one family (others left out, as kohya-ss' block-wise dims of 0 leave them) takes that family too,
+    the smallest that holds them all, and the run says how many of its layers start fresh."""
     from sdtune.export import export_adapter
-    from sdtune.starting_weights import kohya_layer_options, read_kohya_header
+    from sdtune.starting_weights import fresh_layers, kohya_layer_options, kohya_unet_layers, read_kohya_header
 
     tuned_adapter("lora", {"targets": targets, "rank": 2}, tmp_path / "a.safetensors", base_model=str(sdxl_folder))
     out = tmp_path / "k.safetensors"
     export_adapter(tmp_path / "a.safetensors", "kohya", out)
     lora = methods.method_class("lora")
-    assert kohya_layer_options(lora, str(sdxl_folder), read_kohya_header(out)) == {"targets": targets}
+    whole = kohya_unet_layers(str(sdxl_folder), read_kohya_header(out))
+    assert kohya_layer_options(lora, whole) == {"targets": targets}
+    assert fresh_layers(lora(targets=targets), whole) == ""
     state = load_file(out)
     part = {key: value for key, value in state.items() if "_ff_net_" not in key and "_to_k." not in key}
     save_file(part, tmp_path / "part.safetensors")
-    assert kohya_layer_options(lora, str(sdxl_folder), read_kohya_header(tmp_path / "part.safetensors")) == {}
+    cut = kohya_unet_layers(str(sdxl_folder), read_kohya_header(tmp_path / "part.safetensors"))
+    assert kohya_layer_options(lora, cut) == {"targets": targets}
+    held, tuned = len(cut.modules), len(whole.modules)
+    assert held < tuned and fresh_layers(lora(targets=targets), cut) == (
+        f"{held} of the run's {tuned} UNet layers (the other {tuned - held} start as in a fresh run)")
