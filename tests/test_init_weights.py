@@ -277,20 +277,70 @@ def restarted_export(config, tmp_path):
     return load_file(exported)
 
 
-@pytest.mark.parametrize("family", ["transformer", "locon"])
+@pytest.mark.parametrize("family", ["transformer", "locon", "full"])
 def test_a_kohya_file_of_transformer_layers_starts_a_run_of_that_family(family, tmp_path, inputs):
     """A kohya-ss LoRA of the transformer blocks' every layer (ff, proj_in/out: kohya's LoRA; with the resnets': its
-    LoCon), written by hand: the run takes the family that covers exactly its modules as it takes the rank, says so,
-    computes what sampling with the file computes before its first step, and exports the file's tensors bit for bit."""
+    LoCon; with conv_in, conv_out and the time embedding, `lora_unet_conv_in`, `lora_unet_time_embedding_linear_1`:
+    LyCORIS' full preset), written by hand: the run takes the family that covers exactly its modules as it takes the
+    rank, says so, computes what sampling with the file computes before its first step, and exports the file's
+    tensors bit for bit."""
     source = kohya_lora_by_hand(tmp_path / "kohya.safetensors", family)
     assert any("_ff_net_0_proj." in key for key in load_file(source)) and any("_proj_in." in key for key in load_file(source))
     config = settings(tmp_path / "run", method="lora", init_weights=str(source))
     plan = plan_run(config)
     assert plan.config.options["targets"] == family and plan.taken_options == {"targets": family, "rank": 3, "alpha": 1.5}
     assert any(f"targets {family}" in line for line in plan.summary())
+    assert plan.taken_options.fresh == "" and not any("fresh run" in line for line in plan.summary())
     torch.testing.assert_close(step_zero_output(config, inputs), sampled_output([source], inputs), atol=2e-5, rtol=1e-4)
     original, again = load_file(source), restarted_export(config, tmp_path)
     assert original.keys() == again.keys() and all(torch.equal(original[key], again[key]) for key in original)
+    if family == "full":
+        assert {"lora_unet_conv_in.alpha", "lora_unet_time_embedding_linear_2.alpha"} <= original.keys()
+
+
+@pytest.mark.parametrize("family,left_out", [
+    ("locon", ("down_blocks_0", "up_blocks_1_resnets")),  # kohya-ss' block-wise dims of 0 for those blocks
+    ("transformer", ("up_blocks_1_attentions_0",)),
+    ("full", ("time_embedding", "mid_block")),  # a LyCORIS full-preset file without a few of its layers
+])
+def test_a_kohya_file_that_left_blocks_out_starts_the_family_it_was_cut_from(family, left_out, tmp_path, inputs):
+    """A kohya file whose blocks were partly left out (block-wise dims of 0) is exactly no family: the run takes the
+    smallest family that holds every layer of it, and the dry run and the closing line say how many of the run's
+    layers the file holds, the others starting as in a fresh run; before its first step the run computes what
+    sampling with the file does."""
+    from sdtune.methods.base import layer_family
+
+    whole = load_file(kohya_lora_by_hand(tmp_path / "whole.safetensors", family))
+    cut = {key: value for key, value in whole.items() if not any(f"lora_unet_{block}" in key for block in left_out)}
+    source = tmp_path / "cut.safetensors"
+    save_file(cut, source, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+    held, tuned = len({key.partition(".")[0] for key in cut}), len(layer_family(load_pipeline("tiny-random").unet, family))
+    assert 0 < held < tuned
+    config = settings(tmp_path / "run", method="lora", init_weights=str(source))
+    plan = plan_run(config)
+    assert plan.config.options["targets"] == family and plan.taken_options == {"targets": family, "rank": 3, "alpha": 1.5}
+    said = f"{held} of the run's {tuned} UNet layers (the other {tuned - held} start as in a fresh run)"
+    assert plan.taken_options.fresh == said
+    assert any(line.endswith(f"; from the file: rank 3, alpha 1.5, targets {family}; {said}") for line in plan.summary())
+    torch.testing.assert_close(step_zero_output(config, inputs), sampled_output([source], inputs), atol=2e-5, rtol=1e-4)
+    again = restarted_export(config, tmp_path)
+    assert all(torch.equal(cut[key], again[key]) for key in cut) and len(again) == len(whole)
+
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--output", str(tmp_path / "cli"), "--log-with", "none",
+                                      "--steps", "1", "--method", "lora", "--init-weights", str(source)])
+    assert result.exit_code == 0, result.output
+    assert f"from --init-weights {source}: rank 3, alpha 1.5, targets {family}; {said}\ntrained lora" in result.output
+
+
+def test_a_wider_family_than_the_files_says_which_layers_start_fresh(tmp_path):
+    """A run that chooses a family wider than the file's own says how many of its layers start fresh; one of the
+    file's own family says nothing of the kind."""
+    source = kohya_lora_by_hand(tmp_path / "kohya.safetensors", "transformer")
+    wider = plan_run(settings(tmp_path / "wider", method="lora", options={"targets": "full"}, init_weights=str(source)))
+    assert "targets" not in wider.taken_options and wider.taken_options.fresh.endswith(" start as in a fresh run)")
+    assert any(line.endswith(f"; from the file: rank 3, alpha 1.5; {wider.taken_options.fresh}") for line in wider.summary())
+    own = plan_run(settings(tmp_path / "own", method="lora", options={"targets": "transformer"}, init_weights=str(source)))
+    assert own.taken_options.fresh == "" and own.taken_options == {"rank": 3, "alpha": 1.5}
 
 
 def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_run_again(tmp_path, inputs):
