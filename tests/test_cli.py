@@ -524,6 +524,13 @@ def test_methods_table_counts_sd14():
     assert "4,212" in result.output
     tunes_encoder = {line.split(":")[0] for line in result.output.splitlines() if "--train-text-encoder" in line}
     assert tunes_encoder == {"atoms", "lora", "loha", "lokr", "oft"}
+    # the kohya-ss and LyCORIS families for every method that takes them: (method, family) → (trainable, layers)
+    rows = {tuple(line.split()[:2]): tuple(line.split()[2:4]) for line in result.output.splitlines() if "targets=" in line}
+    for name in ("lora", "loha", "lokr", "oft"):
+        assert {family: rows[(name, f"targets={family}")][1] for family in ("transformer", "locon", "full")} == {
+            "transformer": "192", "locon": "278", "full": "282"}
+    assert rows[("lora", "targets=transformer")][0] == "1,695,744" and rows[("lora", "targets=locon")][0] == "4,203,264"
+    assert rows[("loha", "targets=transformer")][0] == "3,391,488" and rows[("loha", "targets=locon")][0] == "8,406,528"
 
 
 @pytest.mark.parametrize(
