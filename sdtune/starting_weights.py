@@ -114,7 +114,7 @@ class TakenOptions(dict):
 
 def describe_taken(taken: dict[str, Any]) -> str:
     """What a run took from its `--init-weights` file, for the dry run and the closing line ('' where nothing):
-    'targets locon, rank 3, alpha 1.5; 150 of the run's 278 UNet layers (the other 128 start as in a fresh run)'."""
+    'rank 3, alpha 1.5, targets locon; 246 of the run's 278 UNet layers (the other 32 start as in a fresh run)'."""
     options = ", ".join(f"{name} {value}" for name, value in taken.items())
     return "; ".join(part for part in (options, getattr(taken, "fresh", "")) if part)
 
