@@ -33,6 +33,8 @@ CASES = [
     ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0}, 1e-3),
     ("lora", {"targets": "transformer"}, 1e-3),  # kohya-ss' LoRA layers: proj_in/out and ff too
     ("loha", {"targets": "locon"}, 1e-2),  # kohya-ss' LoCon layers: the resnets' and resamplers' too
+    ("lokr", {"targets": "full"}, 1e-2),  # LyCORIS' full preset: conv_in, conv_out and the time embedding too
+    ("oft", {"targets": "full"}, 1e-2),
     ("lora", {"dora": True}, 1e-3),
     ("lora", {"targets": "conv", "rank": 2, "alpha": 1.0, "dora": True}, 1e-3),
     ("loha", {}, 1e-2),
