@@ -257,11 +257,10 @@ def test_the_lycoris_full_family_is_locon_and_the_outer_layers(arch, locon, full
     assert found["full"] == [name for name, module in unet.named_modules() if type(module) in (torch.nn.Linear, torch.nn.Conv2d)]
 
 
-def lycoris_full_preset_names(unet) -> set[str]:
-    """The kohya names of the UNet layers LyCORIS' own network puts its modules on with its `full` preset (lora_dim
-    and conv_dim set, so 3x3 convolutions count too). lycoris-lora 4.1.3 names the time embedding's linears twice,
-    by its block class (TimestepEmbedding) and by name, and asserts against the duplicate: built without those names,
-    which the class holds."""
+def lycoris_full_preset_network(unet, rank: int = 1):
+    """LyCORIS' own network with its `full` preset on `unet` (lora_dim and conv_dim `rank`, so 3x3 convolutions count
+    too). lycoris-lora 4.1.3 names the time embedding's linears twice, by its block class (TimestepEmbedding) and by
+    name, and asserts against the duplicate: built without those names, which the class holds."""
     from lycoris.config import PRESET
     from lycoris.kohya import LycorisNetworkKohya
 
@@ -273,11 +272,10 @@ def lycoris_full_preset_names(unet) -> set[str]:
         "TEXT_ENCODER_TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")}
     try:
         LycorisNetworkKohya.apply_preset(preset)
-        network = LycorisNetworkKohya(None, unet, lora_dim=1, conv_lora_dim=1, warn_on_unmatched=False)
+        return LycorisNetworkKohya(None, unet, lora_dim=rank, conv_lora_dim=rank, warn_on_unmatched=False)
     finally:
         for key, value in kept.items():
             setattr(LycorisNetworkKohya, key, value)
-    return {module.lora_name for module in network.unet_loras}
 
 
 @pytest.mark.parametrize("family", ["tiny-random", "tiny-sdxl-random"])
@@ -289,9 +287,42 @@ def test_the_full_family_is_the_layers_lycoris_full_preset_takes(family, built):
 
     unet = load_pipeline(family).unet
     ours = {kohya_name(UNET_PREFIX, name) for name in layer_family(unet, "full")}
-    assert lycoris_full_preset_names(unet) == ours
+    assert {module.lora_name for module in lycoris_full_preset_network(unet).unet_loras} == ours
     assert {"lora_unet_conv_in", "lora_unet_time_embedding_linear_2"} < ours
     assert ("lora_unet_add_embedding_linear_1" in ours) == (family == "tiny-sdxl-random")
+
+
+def test_a_file_lycoris_wrote_with_its_full_preset_on_sdxl_starts_a_full_run(built, tmp_path):
+    """LyCORIS' network with the full preset on diffusers' SDXL UNet, saved by LyCORIS (its diffusers spelling:
+    `lora_unet_add_embedding_linear_1`, `lora_unet_conv_in`): a run started from it takes `full`, every layer from
+    the file, and sdtune's reader computes what LyCORIS' own forward does."""
+    pytest.importorskip("lycoris.kohya")
+    from sdtune.starting_weights import fresh_layers, kohya_layer_options, kohya_unet_layers, read_kohya_header
+
+    pipe = fresh_unet("tiny-sdxl-random")
+    network = lycoris_full_preset_network(pipe.unet, rank=2)
+    network.apply_to(None, pipe.unet, apply_text_encoder=False, apply_unet=True)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "lora_up" in name:  # LyCORIS starts them at zero
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    path = tmp_path / "lycoris-full.safetensors"
+    network.save_weights(str(path), None, {"ss_network_module": "lycoris.kohya", "ss_base_model_version": "sdxl_base_v1-0",
+                                           "ss_network_args": json.dumps({"preset": "full", "algo": "locon", "conv_dim": "2"})})
+    header = read_kohya_header(path)
+    assert {"lora_unet_add_embedding_linear_1", "lora_unet_conv_in", "lora_unet_time_embedding_linear_2"} <= set(header.shapes)
+
+    lora = methods.method_class("lora")
+    layers = kohya_unet_layers("tiny-sdxl-random", header)
+    assert kohya_layer_options(lora, layers) == {"targets": "full"} and fresh_layers(lora(targets="full"), layers) == ""
+    inputs = unet_inputs(pipe)
+    with torch.no_grad():
+        lycoris_output = run_unet(pipe.unet, inputs)
+    ours = fresh_unet("tiny-sdxl-random")
+    assert (run_unet(ours.unet, inputs) - lycoris_output).abs().max() > 1e-4
+    load_adapter(path, ours)
+    torch.testing.assert_close(run_unet(ours.unet, inputs), lycoris_output, rtol=0, atol=1e-5)
 
 
 def test_evaluate_and_compare_an_sd2_run(built, metric_models, tmp_path):
