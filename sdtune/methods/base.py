@@ -413,6 +413,13 @@ class Method(ABC):
         self._unmerged_weights = None
         return [(changed[name], attr, delta) for (name, attr), delta in diffs.items()]
 
+    @property
+    def update_reads_weights(self) -> bool:
+        """Whether scale·ΔW depends on the weights it is computed on (filter atoms decompose them, GIFT generates from
+        them, OFT rotates them, DiffFit scales them, in-place methods replace them). Stacked with the base adapters it
+        was trained on, such an update is computed on the weights they leave (`adapter.load_adapters`)."""
+        return True
+
     def pending_updates(self) -> list[tuple[nn.Module, str, Callable[[], torch.Tensor | None]]]:
         """(module, parameter name, a function giving scale·ΔW) for every weight the merge changes: `take_update`
         with each update computed when its function is called (float32 on the CPU, None where it changes
