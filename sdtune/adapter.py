@@ -440,18 +440,21 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     beneath, notices = stacked_base_adapters([str(p) for p in paths], infos, scales)
     for notice in notices:
         warn(notice)
-    order = stacked_order(beneath)
     # bound after the others: an update held from the start is taken on the weights its base adapters leave
     held = {i for i, info in enumerate(infos) if beneath[i] and not methods.method_class(info.method).updates_on_demand}
-    binding = [i for i in range(len(paths)) if i not in held] + [i for i in order if i in held]
+    binding = [i for i in range(len(paths)) if i not in held] + [i for i in stacked_order(beneath) if i in held]
     # by weight: the module, the parameter name, and by adapter (its index in the stack) its update (a function) or,
     # where the first ones held theirs already (kohya files, weights trained in place) and no adapter stacks on
     # another, their sum so far (a tensor, under the first one's index)
     pending: dict[tuple[int, str], tuple] = {}
-    reads: dict[int, bool] = {}  # by adapter: whether its update depends on the weights it is computed on
+    reads: dict[int, bool] = {}  # by adapter, once bound: whether its update depends on the weights it is computed on
+
+    def order() -> list[int]:  # what stacks on other adapters after them (an update the same on any weights: no need)
+        return stacked_order([bases if reads.get(index, True) else [] for index, bases in enumerate(beneath)])
+
     summed_as_read = not any(beneath)
     for index in binding:
-        merged_beneath = _base_adapters_added(pending, beneath[index], order, beneath, reads) if index in held \
+        merged_beneath = _base_adapters_added(pending, beneath[index], order(), beneath, reads) if index in held \
             else contextlib.nullcontext()
         with merged_beneath:
             adapter = open_adapter(paths[index], pipeline, stack.renames[index])
@@ -472,12 +475,13 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
                         taken[index] = delta
                 del delta
         del adapter, updates
+    in_order = order()
     with torch.no_grad():
         while pending:
             module, attr, updates = pending.pop(next(iter(pending)))
             total = None
             # in the stack's order (base adapters before what stacks on them): the same sum, bit for bit
-            for _, delta in _layer_updates(module, attr, updates, order, beneath, reads):
+            for _, delta in _layer_updates(module, attr, updates, in_order, beneath, reads):
                 if delta is not None:
                     total = delta if total is None else total.add_(delta)
                 del delta
@@ -519,8 +523,8 @@ def _layer_updates(module, attr: str, updates: dict, order: list[int], beneath: 
     """(index, scale·ΔW or None) of each adapter's update of one weight (`updates`: by index, a function or a tensor), in
     `order`. An update computed on demand that depends on the weights (`reads`) is computed on the weight with its
     base adapters' updates of it added (`beneath`: those in the stack, as load_adapters adds them), the weight put
-    back at once; any other on the weight as it is. Base adapters' updates are kept (copies: the caller sums into
-    what it is given) only until nothing needs them."""
+    back at once; any other on the weight as it is. The updates that others are computed on are kept for the while
+    (copies: the caller sums into what it is given)."""
     import torch
 
     weight = getattr(module, attr)

@@ -424,8 +424,8 @@ class Method(ABC):
         """(module, parameter name, a function giving scale·ΔW) for every weight the merge changes: `take_update`
         with each update computed when its function is called (float32 on the CPU, None where it changes
         nothing), from the weight as it is then. The UNet is plain at once and this method done with; several
-        adapters' updates of one weight, each computed before it is written, all read the base weights
-        (`adapter.load_adapters`). This default takes them all now (a method that trains weights in place
+        adapters' updates of one weight, each computed before it is written, read the base weights, or those with
+        the updates of the adapter's base adapters added (`adapter.load_adapters`). This default takes them all now (a method that trains weights in place
         holds their initial values anyway)."""
         return [(module, attr, lambda delta=delta: delta) for module, attr, delta in self.take_update()]
 
