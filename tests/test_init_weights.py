@@ -284,12 +284,55 @@ def test_two_adapters_on_one_base_adapter_each_stack_on_it(on_lora, trained):
             torch.testing.assert_close(stacked[key], expected[key], rtol=1e-5, atol=2e-6)
 
 
+def test_an_adapter_on_its_base_adapter_is_still_stacked_a_layer_at_a_time(on_lora, trained, monkeypatch):
+    """Each layer's updates (the LoRA's, then the atoms' on the weight with the LoRA's added) are computed together and
+    written before the next layer's: stacking on base adapters keeps the peak at one layer's updates."""
+    from sdtune.methods.base import WrappedLayers
+
+    computed, layer_update = [], WrappedLayers._layer_update
+
+    def logged(self, layer):
+        computed.append((id(self.layer_base(layer)), self.name))
+        return layer_update(self, layer)
+
+    monkeypatch.setattr(WrappedLayers, "_layer_update", logged)
+    load_adapters([str(on_lora["atoms"]), str(trained["lora"])], load_pipeline("tiny-random"), [1.0, 0.7])
+    runs = [key for i, (key, _) in enumerate(computed) if i == 0 or computed[i - 1][0] != key]
+    assert len(runs) == len(set(runs))  # each layer's updates computed together, never again
+    both = [names for key in runs if len(names := [name for k, name in computed if k == key]) == 2]
+    assert both and all(names == ["lora", "atoms"] for names in both)  # the base adapter's first, the run's on it
+
+
+def test_a_refused_adapter_stacked_on_its_base_adapter_leaves_the_base_weights(on_lora, trained, monkeypatch):
+    """DiffFit's update is taken whole, on weights the LoRA's update is added to for the while: refused there, the
+    weights are put back exactly and the model is plain."""
+    import sdtune.adapter
+
+    pipe = load_pipeline("tiny-random")
+    base, names = unet_weights(pipe), [name for name, _ in pipe.unet.named_modules()]
+    open_adapter = sdtune.adapter.open_adapter
+
+    def refusing(path, pipeline, rename=None):
+        if "difffit" in str(path):
+            assert any(not torch.equal(value, base[key]) for key, value in unet_weights(pipeline).items())  # the LoRA's in
+            raise SdtuneError("refused")
+        return open_adapter(path, pipeline, rename)
+
+    monkeypatch.setattr(sdtune.adapter, "open_adapter", refusing)
+    with pytest.raises(SdtuneError, match="refused"):
+        load_adapters([str(on_lora["difffit"]), str(trained["lora"])], pipe, [1.0, 0.7])
+    after = unet_weights(pipe)
+    assert after.keys() == base.keys() and all(torch.equal(after[key], base[key]) for key in base)
+    assert [name for name, _ in pipe.unet.named_modules()] == names
+
+
 def test_a_low_rank_adapter_on_a_base_adapter_stacks_with_the_same_bits(trained, tmp_path):
     """A LoRA's update is the same on any weights: stacked on the LoHa it was trained on, it is computed on the base
     weights as always, and the stack's weights are bit for bit what they were."""
     run = train(settings(tmp_path / "on-loha", method="lora", options={"rank": 2}, base_adapters=[f"{trained['loha']}:0.7"]),
                 progress=False).output
-    for paths, scales in (([trained["loha"], run], [0.7, 1.0]), ([run, trained["loha"]], [0.5, 0.7])):
+    for paths, scales in (([trained["loha"], run], [0.7, 1.0]), ([run, trained["loha"]], [0.5, 0.7]),
+                          ([run, trained["lokr"], trained["loha"]], [1.0, 0.5, 0.7])):  # summed in the stack's order
         paths = [str(path) for path in paths]
         pipe = load_pipeline("tiny-random")
         load_adapters(paths, pipe, scales)
