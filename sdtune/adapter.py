@@ -680,7 +680,7 @@ def stacked_base_adapters(paths: list, infos: list, scales: list[float] | None =
         beneath.append(sorted(set(found)))
         if missing:
             notices.append(f"{path} was trained on top of base adapters that are not loaded with it: {base_adapters_text(missing)}; "
-                           "give them too (sdtune sample --adapter BASE --adapter THIS --scale ...) to draw what it learned")
+                           "give them too (sdtune sample --adapter BASE --adapter THIS --adapter-scale S,1) to draw what it learned")
         if elsewhere:
             notices.append(f"{path} was trained on top of base adapters loaded with it at another strength: {', '.join(elsewhere)}; "
                            "give them at the strength it records to draw what it learned")
