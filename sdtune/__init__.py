@@ -113,7 +113,8 @@ def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
 
 def load_adapters(paths, pipeline, scales=None):
     """Stack several adapters (sdtune or kohya-format) onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ
-    the update that adapter makes on the base weights it was trained on, whatever the order. Returns how their new
+    the update that adapter makes on the weights it was trained on (the base weights, or those its base adapters
+    leave where they are in the stack at the strengths it records), whatever the order. Returns how their new
     tokens are named in the stack (`StackedTokens`: later adapters' `<s0><s1>` become the next free names)."""
     from .adapter import load_adapters as _load
 

@@ -8,7 +8,9 @@ weights, and the concept's placeholder and token.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -333,7 +335,7 @@ def warn_missing_base_adapters(paths: list) -> None:
     """Warn, once per adapter, where one of `paths` was trained on top of base adapters (`sdtune train
     --base-adapters`) that are not among `paths`: what it learned is drawn on another model without them."""
 
-    for notice in missing_base_adapters([str(p) for p in paths], [adapter_info(p) for p in paths]):
+    for notice in stacked_base_adapters([str(p) for p in paths], [adapter_info(p) for p in paths])[1]:
         warn(notice)
 
 
@@ -389,28 +391,37 @@ def check_merged_weights_finite(pipeline, what: str) -> None:
 
 
 def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
-    """Stack adapters onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ the update adapter i makes on the base
-    weights it was trained on (`scales`: one each, or one number for all; default 1). Returns the stack's
-    `StackedTokens`: adapters' new tokens (--token-embeddings) named apart, each later adapter's under the next free names (<s2><s3> after
+    """Stack adapters onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ the update adapter i makes on the weights it
+    was trained on (`scales`: one each, or one number for all; default 1). Returns the stack's `StackedTokens`:
+    adapters' new tokens (--token-embeddings) named apart, each later adapter's under the next free names (<s2><s3> after
     another's <s0><s1>, said in one warning line), and what each `<name>` placeholder then becomes.
 
-    Filter atoms, GIFT and DiffFit derive their update from the weights they meet, so every adapter's update of a
-    weight is computed on the base weight before any is added to it; the updates add up, which is what kohya
-    loaders do with diffs and LoRAs, and what does not depend on the order. `load_adapter`
-    called again instead merges each adapter into the weights the ones before it left.
+    Filter atoms, GIFT, OFT, DiffFit and the in-place methods derive their update from the weights they meet
+    (`Method.update_reads_weights`). An adapter trained on base adapters (`sdtune train --base-adapters`) that are in
+    the stack at the strengths it records has its update computed on the weights those leave: theirs first, then
+    its own on top, as it was trained and validated. Every other update is computed on the base weights. The updates
+    add up, which is what kohya loaders do with diffs and LoRAs, and what does not depend on the adapters' order. A
+    low-rank update is the same on any weights: computed on the base weights, as always. `load_adapter` called
+    again instead merges each adapter into the weights the ones before it left. A base adapter an adapter records
+    that is missing from the stack, or in it at another strength, is warned of.
 
     Memory: about one layer's update at once. Every adapter is bound and checked first, leaving the model plain
     with its updates pending (`pending_updates`); then a layer at a time, each adapter's update of it is computed
-    on its base weight, in the adapters' order, added up and written before the next layer's. A refused adapter
-    (another base model) is refused before any weight changes. Kohya files and methods that train weights in
-    place hold their whole update from the start (the file's differences, the initial weights): those are added
-    up as they are read, where no update computed on demand comes before them in the stack. Two adapters of the same
-    concept where either brings new tokens are refused before any is bound. Strengths that make a merged weight
-    overflow its dtype raise SdtuneError before that weight changes, with the layers before it merged.
+    (on the base weight, or on it with the updates of its base adapters added), added up and written before the next
+    layer's. Where an adapter stacks on its base adapters, that layer's base adapters' updates are held until the
+    updates computed on them are. A refused adapter (another base model) is refused before any weight changes.
+    Kohya files and methods that train weights in place hold their whole update from the start (the file's
+    differences, the initial weights): those are added up as they are read, where no update computed on demand
+    comes before them in the stack and no adapter stacks on another. One of them trained on base adapters of the
+    stack is bound last, onto weights its base adapters' updates are added to for the while (a layer at a time, each
+    weight they change copied to the CPU to be put back). Two adapters of the same concept where either brings new
+    tokens are refused before any is bound. Strengths that make a merged weight overflow its dtype raise
+    SdtuneError before that weight changes, with the layers before it merged.
     """
 
     import torch
 
+    from . import methods
     from .methods.base import checked_scale, remember_base_samples
 
     if isinstance(paths, (str, os.PathLike)):  # one adapter, not a list of one-letter paths
@@ -425,30 +436,52 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     stack = stacked_tokens(paths, pipeline)  # before any adapter is bound: a refusal leaves the pipeline as it was
     if stack.notice:
         warn(stack.notice)
-    warn_missing_base_adapters(paths)
-    # by weight: the module, the parameter name, and in the adapters' order each one's update (a function) or, where
-    # the first ones held theirs already (kohya files, weights trained in place), their sum so far (a tensor)
+    infos = [adapter_info(path) for path in paths]
+    beneath, notices = stacked_base_adapters([str(p) for p in paths], infos, scales)
+    for notice in notices:
+        warn(notice)
+    # bound after the others: an update held from the start is taken on the weights its base adapters leave
+    held = {i for i, info in enumerate(infos) if beneath[i] and not methods.method_class(info.method).updates_on_demand}
+    binding = [i for i in range(len(paths)) if i not in held] + [i for i in stacked_order(beneath) if i in held]
+    # by weight: the module, the parameter name, and by adapter (its index in the stack) its update (a function) or,
+    # where the first ones held theirs already (kohya files, weights trained in place) and no adapter stacks on
+    # another, their sum so far (a tensor, under the first one's index)
     pending: dict[tuple[int, str], tuple] = {}
-    for path, scale, rename in zip(paths, scales, stack.renames):
-        adapter = open_adapter(path, pipeline, rename)
-        if scale != 1.0:
-            adapter.set_scale(scale)
-        for module, attr, update in adapter.pending_updates():
-            updates = pending.setdefault((id(module), attr), (module, attr, []))[2]
-            if adapter.updates_on_demand or any(callable(earlier) for earlier in updates):
-                updates.append(update)
+    reads: dict[int, bool] = {}  # by adapter, once bound: whether its update depends on the weights it is computed on
+
+    def order() -> list[int]:  # what stacks on other adapters after them (an update the same on any weights: no need)
+        return stacked_order([bases if reads.get(index, True) else [] for index, bases in enumerate(beneath)])
+
+    summed_as_read = not any(beneath)
+    for index in binding:
+        merged_beneath = _base_adapters_added(pending, beneath[index], order(), beneath, reads) if index in held \
+            else contextlib.nullcontext()
+        with merged_beneath:
+            adapter = open_adapter(paths[index], pipeline, stack.renames[index])
+            if scales[index] != 1.0:
+                adapter.set_scale(scales[index])
+            updates = adapter.pending_updates()
+        reads[index] = adapter.update_reads_weights
+        for module, attr, update in updates:
+            taken = pending.setdefault((id(module), attr), (module, attr, {}))[2]
+            if not summed_as_read or adapter.updates_on_demand or any(callable(earlier) for earlier in taken.values()):
+                taken[index] = update
             else:  # held already: added now, as the adapter's own copy can go
                 delta = update()
                 if delta is not None:
-                    updates[:] = [delta if not updates else updates[0].add_(delta)]
+                    if taken:
+                        next(iter(taken.values())).add_(delta)
+                    else:
+                        taken[index] = delta
                 del delta
-        del adapter
+        del adapter, updates
+    in_order = order()
     with torch.no_grad():
         while pending:
             module, attr, updates = pending.pop(next(iter(pending)))
             total = None
-            for update in updates:  # in the adapters' order, each on the base weight: the same sum, bit for bit
-                delta = update() if callable(update) else update
+            # in the stack's order (base adapters before what stacks on them): the same sum, bit for bit
+            for _, delta in _layer_updates(module, attr, updates, in_order, beneath, reads):
                 if delta is not None:
                     total = delta if total is None else total.add_(delta)
                 del delta
@@ -465,6 +498,96 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
                 del merged
             del total
     return stack
+
+
+def stacked_order(beneath: list[list[int]]) -> list[int]:
+    """The stack's indices, each after the adapters it stacks on (`beneath`), else in the stack's order."""
+    order: list[int] = []
+    while len(order) < len(beneath):
+        ready = [i for i in range(len(beneath)) if i not in order and all(j in order for j in beneath[i])]
+        if not ready:  # recorded by digest, an adapter cannot stack on one that stacks on it
+            raise RuntimeError(f"stacked adapters depend on each other: {beneath}")
+        order.append(ready[0])
+    return order
+
+
+def _summed(deltas: list):
+    """The sum of `deltas` in their order, as a new tensor where there are several (they stay as they are)."""
+    total = deltas[0]
+    for delta in deltas[1:]:
+        total = total + delta
+    return total
+
+
+def _layer_updates(module, attr: str, updates: dict, order: list[int], beneath: list[list[int]], reads: dict[int, bool]):
+    """(index, scale·ΔW or None) of each adapter's update of one weight (`updates`: by index, a function or a tensor), in
+    `order`. An update computed on demand that depends on the weights (`reads`) is computed on the weight with its
+    base adapters' updates of it added (`beneath`: those in the stack, as load_adapters adds them), the weight put
+    back at once; any other on the weight as it is. The updates that others are computed on are kept for the while
+    (copies: the caller sums into what it is given)."""
+    import torch
+
+    weight = getattr(module, attr)
+    wanted = {j for i in updates if reads.get(i) and callable(updates[i]) for j in beneath[i]}
+    kept: dict[int, torch.Tensor] = {}
+    for index in order:
+        if index not in updates:
+            continue
+        update = updates[index]
+        under = [kept[j] for j in beneath[index] if j in kept] if callable(update) and reads.get(index) else []
+        if under:
+            with torch.no_grad():
+                original = weight.detach().clone()
+                weight.copy_(weight + _summed(under).to(weight.device, weight.dtype))
+                try:
+                    delta = update()
+                finally:
+                    weight.copy_(original)
+                del original
+        else:
+            delta = update() if callable(update) else update
+        if index in wanted and delta is not None:
+            kept[index] = delta.clone()
+        yield index, delta
+        del delta
+
+
+@contextlib.contextmanager
+def _base_adapters_added(pending: dict, bases: list[int], order: list[int], beneath: list[list[int]], reads: dict[int, bool]):
+    """While inside: every weight the adapters `bases` (indices, bound already: their updates in `pending`) change
+    holds their updates added, as load_adapters adds them; each such weight is copied to the CPU first and put back
+    after, exactly."""
+    import torch
+
+    from .methods.base import remember_base_samples
+
+    needed, unseen = set(), list(bases)  # the base adapters, and those their updates are computed on, and so on
+    while unseen:
+        index = unseen.pop()
+        if index not in needed:
+            needed.add(index)
+            unseen.extend(beneath[index])
+    saved = []
+    try:
+        with torch.no_grad():
+            for module, attr, updates in pending.values():
+                if not any(j in updates for j in bases):
+                    continue
+                own = {j: update for j, update in updates.items() if j in needed}
+                deltas = [delta for index, delta in _layer_updates(module, attr, own, order, beneath, reads)
+                          if index in bases and delta is not None]
+                if not deltas:
+                    continue
+                remember_base_samples([module])  # an adapter bound now is checked against the weights before the change
+                weight = getattr(module, attr)
+                saved.append((weight, weight.detach().to("cpu", copy=True)))
+                weight.copy_(weight + _summed(deltas).to(weight.device, weight.dtype))
+                del deltas
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, value in saved:
+                weight.copy_(value)
 
 
 def stacked_tokens(paths: list, pipeline=None):
@@ -513,7 +636,11 @@ def recorded_base_adapters(info) -> list[dict[str, Any]]:
         records = json.loads(info.extra.get(BASE_ADAPTERS_KEY, "[]"))
     except ValueError:
         return []
-    return [r for r in records if isinstance(r, dict) and "name" in r] if isinstance(records, list) else []
+    def readable(record) -> bool:
+        strength = record.get("strength", 1.0) if isinstance(record, dict) else None
+        return isinstance(strength, (int, float)) and not isinstance(strength, bool) and math.isfinite(strength) and "name" in record
+
+    return [r for r in records if readable(r)] if isinstance(records, list) else []
 
 
 def recorded_init_weights(info) -> dict[str, str] | None:
@@ -528,17 +655,33 @@ def base_adapters_text(records: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['name']} at {float(r.get('strength', 1.0)):g}" for r in records)
 
 
-def missing_base_adapters(paths: list, infos: list) -> list[str]:
-    """One warning per adapter of `paths` trained on base adapters that are not among `paths` (by digest)."""
-    notices, digests = [], None
-    for path, info in zip(paths, infos):
-        records = recorded_base_adapters(info)
-        if not records:
-            continue
-        if digests is None:
-            digests = {adapter_digest(adapter_path(p)) for p in paths}
-        missing = [r for r in records if r.get("digest") not in digests]
+def stacked_base_adapters(paths: list, infos: list, scales: list[float] | None = None) -> tuple[list[list[int]], list[str]]:
+    """For each adapter of `paths` (`infos`, at `scales`): the adapters of `paths` it was trained on top of (`sdtune
+    train --base-adapters`, recorded by digest and strength) that are there at the recorded strength, by index; and
+    one warning per adapter with base adapters that are not among `paths`, and one where they are at another
+    strength. Without `scales` (an adapter loaded alone) strengths are not compared."""
+    beneath: list[list[int]] = []
+    notices: list[str] = []
+    digests = None
+    for index, (path, info) in enumerate(zip(paths, infos)):
+        records, found, missing, elsewhere = recorded_base_adapters(info), [], [], []
+        if records and digests is None:
+            digests = [adapter_digest(adapter_path(p)) for p in paths]
+        for record in records:
+            present = [j for j, digest in enumerate(digests or []) if digest == record.get("digest") and j != index]
+            strength = float(record.get("strength", 1.0))
+            at = [j for j in present if scales is None or math.isclose(scales[j], strength, rel_tol=1e-9, abs_tol=1e-12)]
+            if at:
+                found.append(at[0])
+            elif present:
+                elsewhere.append(f"{record['name']} at {strength:g} (given at {scales[present[0]]:g})")
+            else:
+                missing.append(record)
+        beneath.append(sorted(set(found)))
         if missing:
             notices.append(f"{path} was trained on top of base adapters that are not loaded with it: {base_adapters_text(missing)}; "
-                           "give them too (sdtune sample --adapter BASE --adapter THIS --scale ...) to draw what it learned")
-    return notices
+                           "give them too (sdtune sample --adapter BASE --adapter THIS --adapter-scale S,1) to draw what it learned")
+        if elsewhere:
+            notices.append(f"{path} was trained on top of base adapters loaded with it at another strength: {', '.join(elsewhere)}; "
+                           "give them at the strength it records to draw what it learned")
+    return beneath, notices

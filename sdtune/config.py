@@ -380,8 +380,7 @@ class TrainConfig(_Config):
             raise SdtuneError("--resume takes 'latest' or a checkpoint folder")
         if self.init_weights is not None and not self.init_weights:
             raise SdtuneError("--init-weights takes an adapter file or run folder")
-        for entry in self.base_adapters:
-            parse_base_adapter(entry)
+        self.base_adapter_entries  # each FILE[:STRENGTH] parses
         if self.resume and self.overwrite:
             raise SdtuneError("give --resume to continue a run or --overwrite to replace it, not both")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -434,6 +433,12 @@ class TrainConfig(_Config):
             value = getattr(self, name)
             if isinstance(value, list) and len(value) == 1:
                 setattr(self, name, value[0])
+
+    @property
+    def base_adapter_entries(self) -> list[BaseAdapter]:
+        """`base_adapters` parsed: the one list the plan, the model loading and the records read (the setting itself
+        stays the strings given, as TOML and the command line write them)."""
+        return [parse_base_adapter(entry) for entry in self.base_adapters]
 
     @property
     def concepts(self) -> list[str]:

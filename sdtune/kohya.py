@@ -399,6 +399,7 @@ class KohyaAdapter:
     updates: list[KohyaUpdate]
     name: str = "kohya"
     updates_on_demand: ClassVar[bool] = False  # the file's ΔW are computed as it is read
+    update_reads_weights: ClassVar[bool] = False  # fixed differences (records no base adapters to stack on)
     scale: float = 1.0
     merged: bool = False
     _unmerged_weights: dict | None = None

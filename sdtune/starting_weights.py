@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BaseAdapter, parse_base_adapter
+from .config import BaseAdapter
 from .errors import SdtuneError
 
 
@@ -30,15 +30,15 @@ def file_record(path: str | Path) -> dict[str, str]:
     return {"name": name, "digest": adapter_digest(path)}
 
 
-def base_adapter_records(entries: list[str]) -> list[dict[str, Any]]:
-    return [{**file_record(base.path), "strength": base.strength} for base in map(parse_base_adapter, entries)]
+def base_adapter_records(bases: list[BaseAdapter]) -> list[dict[str, Any]]:
+    return [{**file_record(base.path), "strength": base.strength} for base in bases]
 
 
-def check_base_adapters(entries: list[str]) -> list[BaseAdapter]:
-    """The entries parsed, each file read far enough to refuse what no loader takes (before the model loads)."""
+def check_base_adapters(bases: list[BaseAdapter]) -> list[BaseAdapter]:
+    """`bases` (a config's `base_adapter_entries`), each file read far enough to refuse what no loader takes (before
+    the model loads)."""
     from .adapter import adapter_info
 
-    bases = [parse_base_adapter(entry) for entry in entries]
     for base in bases:
         try:
             adapter_info(base.path)

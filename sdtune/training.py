@@ -174,10 +174,8 @@ class RunPlan:
             f"{config.optimizer}, mixed precision {config.mixed_precision}"
         )
         if config.base_adapters:
-            from .config import parse_base_adapter
-
             lines.append("base adapters merged into the frozen model first: " + ", ".join(
-                f"{base.path} at {base.strength:g}" for base in map(parse_base_adapter, config.base_adapters)))
+                f"{base.path} at {base.strength:g}" for base in config.base_adapter_entries))
         if config.init_weights:
             from .starting_weights import describe_taken
 
@@ -214,7 +212,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     if config.base_adapters:
         from .starting_weights import base_adapter_bytes, check_base_adapters
 
-        base_bytes = base_adapter_bytes(check_base_adapters(config.base_adapters))
+        base_bytes = base_adapter_bytes(check_base_adapters(config.base_adapter_entries))
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     if config.train_text_encoder and not method.trains_text_encoder:
         able = [name for name in methods.available() if methods.method_class(name).trains_text_encoder]
@@ -494,7 +492,7 @@ class Trainer:
 
         self.starting_records: dict[str, str] = {}
         if config.base_adapters:
-            self.starting_records[BASE_ADAPTERS_KEY] = json.dumps(base_adapter_records(config.base_adapters))
+            self.starting_records[BASE_ADAPTERS_KEY] = json.dumps(base_adapter_records(config.base_adapter_entries))
         if config.init_weights:
             self.starting_records[INIT_WEIGHTS_KEY] = json.dumps(file_record(config.init_weights))
 
@@ -555,9 +553,8 @@ class Trainer:
         self.resolution = self.config.resolution or self.unet.config.sample_size * pipe.vae_scale_factor
         if self.config.base_adapters:  # merged into the frozen weights before anything (class images too) uses them
             from .adapter import load_adapters
-            from .config import parse_base_adapter
 
-            bases = [parse_base_adapter(entry) for entry in self.config.base_adapters]
+            bases = self.config.base_adapter_entries
             load_adapters([base.path for base in bases], pipe, [base.strength for base in bases])
 
     def _load_data(self) -> None:

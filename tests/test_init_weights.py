@@ -195,6 +195,163 @@ def test_training_on_base_adapters_equals_training_on_a_model_they_were_merged_i
     assert "loha/adapter.safetensors` at strength 0.7" in card
 
 
+def unet_weights(pipe) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in pipe.unet.state_dict().items()}
+
+
+def each_on_the_base_weights(paths, scales):
+    """A pipeline with the adapters' updates each taken on the base weights, added up in their order: what stacking
+    did for every adapter before it stacked one on its base adapters."""
+    from sdtune.adapter import open_adapter
+    from sdtune.methods.base import remember_base_samples
+
+    pipe, total = load_pipeline("tiny-random"), {}
+    for path, scale in zip(paths, scales):
+        adapter = open_adapter(path, pipe)
+        if scale != 1.0:
+            adapter.set_scale(scale)
+        for module, attr, delta in adapter.take_update():  # the weights are put back: the next one meets the base
+            entry = total.setdefault((id(module), attr), [module, attr, None])
+            entry[2] = delta if entry[2] is None else entry[2].add_(delta)
+    remember_base_samples({id(module): module for module, _, _ in total.values()}.values())
+    with torch.no_grad():
+        for module, attr, delta in total.values():
+            weight = getattr(module, attr)
+            weight.copy_(weight + delta.to(weight.dtype))
+    return pipe
+
+
+def merged_by_hand(base, strength: float, runs: list):
+    """A pipeline with `base` merged at `strength` as --base-adapters merges it, then each of `runs` merged into the
+    weights it left (what each run trained and validated on), their updates added up."""
+    pipe = load_pipeline("tiny-random")
+    load_adapters([str(base)], pipe, [strength])
+    beneath = unet_weights(pipe)
+    total = None
+    for run in runs:
+        with_run = load_pipeline("tiny-random")
+        load_adapters([str(base)], with_run, [strength])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # loaded alone, without its base adapter (merged into the weights already)
+            load_adapter(run, with_run)
+        change = {key: value - beneath[key] for key, value in unet_weights(with_run).items()}
+        total = change if total is None else {key: total[key] + change[key] for key in total}
+    pipe.unet.load_state_dict({key: beneath[key] + total[key] for key in beneath})
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def on_lora(trained, tmp_path_factory):
+    """Filter atoms, GIFT and DiffFit, each trained two steps on the LoRA merged at 0.7."""
+    root = tmp_path_factory.mktemp("on-lora")
+    return {method: train(settings(root / method, method=method, base_adapters=[f"{trained['lora']}:0.7"]), progress=False).output
+            for method in ("atoms", "gift", "difffit")}
+
+
+@pytest.mark.parametrize("method", ["atoms", "gift", "difffit"])
+def test_an_adapter_stacked_on_its_base_adapter_is_what_it_trained_on(method, on_lora, trained, inputs):
+    """Filter atoms, GIFT and DiffFit compute their update from the weights they meet: stacked with the LoRA they were
+    trained on at its strength (in either order), their update is computed on the weights the LoRA leaves, so the
+    stack is what the run trained and validated on: the LoRA merged by hand, the run merged on top."""
+    lora, run = trained["lora"], on_lora[method]
+    expected = merged_by_hand(lora, 0.7, [run])
+    weights, output = unet_weights(expected), run_unet(expected.unet, inputs)
+    for paths, scales in (([lora, run], [0.7, 1.0]), ([run, lora], [1.0, 0.7])):
+        pipe = load_pipeline("tiny-random")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # its base adapter is there, at its strength: nothing to warn of
+            load_adapters([str(path) for path in paths], pipe, scales)
+        stacked = unet_weights(pipe)
+        assert stacked.keys() == weights.keys()
+        for key in weights:
+            torch.testing.assert_close(stacked[key], weights[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(run_unet(pipe.unet, inputs), output, rtol=1e-5, atol=1e-6)
+        # the comparison means something: the run's update on the base weights (as stacks took it) is another one
+        apart = unet_weights(each_on_the_base_weights([str(path) for path in paths], scales))
+        assert max((apart[key] - weights[key]).abs().max().item() for key in weights) > 1e-4
+
+
+def test_two_adapters_on_one_base_adapter_each_stack_on_it(on_lora, trained):
+    """Filter atoms (computed a layer at a time) and DiffFit (its update held whole, taken on the weights the LoRA
+    leaves for the while) both trained on the LoRA: each update is the one on the weights the LoRA leaves, added up."""
+    lora, atoms, difffit = trained["lora"], on_lora["atoms"], on_lora["difffit"]
+    expected = unet_weights(merged_by_hand(lora, 0.7, [atoms, difffit]))
+    for paths, scales in (([difffit, lora, atoms], [1.0, 0.7, 1.0]), ([atoms, difffit, lora], [1.0, 1.0, 0.7])):
+        pipe = load_pipeline("tiny-random")
+        load_adapters([str(path) for path in paths], pipe, scales)
+        stacked = unet_weights(pipe)
+        for key in expected:
+            torch.testing.assert_close(stacked[key], expected[key], rtol=1e-5, atol=2e-6)
+
+
+def test_an_adapter_on_its_base_adapter_is_still_stacked_a_layer_at_a_time(on_lora, trained, monkeypatch):
+    """Each layer's updates (the LoRA's, then the atoms' on the weight with the LoRA's added) are computed together and
+    written before the next layer's: stacking on base adapters keeps the peak at one layer's updates."""
+    from sdtune.methods.base import WrappedLayers
+
+    computed, layer_update = [], WrappedLayers._layer_update
+
+    def logged(self, layer):
+        computed.append((id(self.layer_base(layer)), self.name))
+        return layer_update(self, layer)
+
+    monkeypatch.setattr(WrappedLayers, "_layer_update", logged)
+    load_adapters([str(on_lora["atoms"]), str(trained["lora"])], load_pipeline("tiny-random"), [1.0, 0.7])
+    runs = [key for i, (key, _) in enumerate(computed) if i == 0 or computed[i - 1][0] != key]
+    assert len(runs) == len(set(runs))  # each layer's updates computed together, never again
+    both = [names for key in runs if len(names := [name for k, name in computed if k == key]) == 2]
+    assert both and all(names == ["lora", "atoms"] for names in both)  # the base adapter's first, the run's on it
+
+
+def test_a_refused_adapter_stacked_on_its_base_adapter_leaves_the_base_weights(on_lora, trained, monkeypatch):
+    """DiffFit's update is taken whole, on weights the LoRA's update is added to for the while: refused there, the
+    weights are put back exactly and the model is plain."""
+    import sdtune.adapter
+
+    pipe = load_pipeline("tiny-random")
+    base, names = unet_weights(pipe), [name for name, _ in pipe.unet.named_modules()]
+    open_adapter = sdtune.adapter.open_adapter
+
+    def refusing(path, pipeline, rename=None):
+        if "difffit" in str(path):
+            assert any(not torch.equal(value, base[key]) for key, value in unet_weights(pipeline).items())  # the LoRA's in
+            raise SdtuneError("refused")
+        return open_adapter(path, pipeline, rename)
+
+    monkeypatch.setattr(sdtune.adapter, "open_adapter", refusing)
+    with pytest.raises(SdtuneError, match="refused"):
+        load_adapters([str(on_lora["difffit"]), str(trained["lora"])], pipe, [1.0, 0.7])
+    after = unet_weights(pipe)
+    assert after.keys() == base.keys() and all(torch.equal(after[key], base[key]) for key in base)
+    assert [name for name, _ in pipe.unet.named_modules()] == names
+
+
+def test_a_low_rank_adapter_on_a_base_adapter_stacks_with_the_same_bits(trained, tmp_path):
+    """A LoRA's update is the same on any weights: stacked on the LoHa it was trained on, it is computed on the base
+    weights as always, and the stack's weights are bit for bit what they were."""
+    run = train(settings(tmp_path / "on-loha", method="lora", options={"rank": 2}, base_adapters=[f"{trained['loha']}:0.7"]),
+                progress=False).output
+    for paths, scales in (([trained["loha"], run], [0.7, 1.0]), ([run, trained["loha"]], [0.5, 0.7]),
+                          ([run, trained["lokr"], trained["loha"]], [1.0, 0.5, 0.7])):  # summed in the stack's order
+        paths = [str(path) for path in paths]
+        pipe = load_pipeline("tiny-random")
+        load_adapters(paths, pipe, scales)
+        stacked, expected = unet_weights(pipe), unet_weights(each_on_the_base_weights(paths, scales))
+        assert stacked.keys() == expected.keys() and all(torch.equal(stacked[key], expected[key]) for key in stacked)
+
+
+def test_a_base_adapter_stacked_at_another_strength_is_warned_of(on_lora, trained):
+    """At another strength than the run's, the base adapter leaves other weights than it trained on: a warning says
+    so, and the run's update is taken on the base weights, as for an adapter without base adapters."""
+    paths, scales = [str(trained["lora"]), str(on_lora["atoms"])], [0.5, 1.0]
+    pipe = load_pipeline("tiny-random")
+    with pytest.warns(UserWarning, match=r"atoms was trained on top of base adapters loaded with it at "
+                                         r"another strength: lora/adapter.safetensors at 0.7 \(given at 0.5\)"):
+        load_adapters(paths, pipe, scales)
+    stacked, expected = unet_weights(pipe), unet_weights(each_on_the_base_weights(paths, scales))
+    assert all(torch.equal(stacked[key], expected[key]) for key in stacked)
+
+
 def test_base_adapters_in_toml_and_from_the_command_line(trained, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text(f'method = "lora"\nmodel = "tiny-random"\nbase_adapters = ["{trained["loha"]}:0.5"]\ninit_weights = "{trained["lora"]}"\n')

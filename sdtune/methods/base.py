@@ -413,12 +413,19 @@ class Method(ABC):
         self._unmerged_weights = None
         return [(changed[name], attr, delta) for (name, attr), delta in diffs.items()]
 
+    @property
+    def update_reads_weights(self) -> bool:
+        """Whether scale·ΔW depends on the weights it is computed on (filter atoms decompose them, GIFT generates from
+        them, OFT rotates them, DiffFit scales them, in-place methods replace them). Stacked with the base adapters it
+        was trained on, such an update is computed on the weights they leave (`adapter.load_adapters`)."""
+        return True
+
     def pending_updates(self) -> list[tuple[nn.Module, str, Callable[[], torch.Tensor | None]]]:
         """(module, parameter name, a function giving scale·ΔW) for every weight the merge changes: `take_update`
         with each update computed when its function is called (float32 on the CPU, None where it changes
         nothing), from the weight as it is then. The UNet is plain at once and this method done with; several
-        adapters' updates of one weight, each computed before it is written, all read the base weights
-        (`adapter.load_adapters`). This default takes them all now (a method that trains weights in place
+        adapters' updates of one weight, each computed before it is written, read the base weights, or those with
+        the updates of the adapter's base adapters added (`adapter.load_adapters`). This default takes them all now (a method that trains weights in place
         holds their initial values anyway)."""
         return [(module, attr, lambda delta=delta: delta) for module, attr, delta in self.take_update()]
 

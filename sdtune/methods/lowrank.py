@@ -158,6 +158,11 @@ class _PeftLowRank(WrappedLayers):
     training_only_options = ("dropout", "rank_dropout", "module_dropout", "loraplus_lr_ratio")
     kohya_kind: str  # the kohya/LyCORIS update kind this method holds exactly (kohya.KOHYA_KINDS' name)
 
+    @property
+    def update_reads_weights(self) -> bool:
+        # B·A (or its LoHa/LoKr product) is the same on any weights; DoRA normalises W + B·A
+        return bool(getattr(self.options, "dora", False))
+
     @classmethod
     def kohya_init_options(cls, kinds: set[str], shapes: dict[str, dict[str, tuple[int, ...]]],
                            alphas: dict[str, float], network_args: dict[str, str]) -> dict[str, Any]:
