@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import threading
 
 from .errors import quiet_pil
 
@@ -93,11 +94,17 @@ def in_srgb(image, profile: bytes | None):
         return image
 
 
-@functools.cache
-def _srgb_profile():
-    from PIL import ImageCms
+_PER_THREAD = threading.local()  # images are converted on several threads at a run's start (data.load_framed_images)
 
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+def _srgb_profile():
+    """LittleCMS's sRGB profile, one per thread: a transform reads (and caches into) its profiles as it is built."""
+    profile = getattr(_PER_THREAD, "srgb", None)
+    if profile is None:
+        from PIL import ImageCms
+
+        profile = _PER_THREAD.srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return profile
 
 
 @functools.cache

@@ -21,9 +21,9 @@ from . import colour
 from .buckets import nearest_bucket
 from .captions import decode_text, same_name
 from .colour import cmyk_to_rgb, colour_profile, in_srgb
-from .errors import SdtuneError, quiet_pil, reading_file, warn
+from .errors import SdtuneError, quiet_pil, reading_file, warn, warn_again
 from .fileio import counted
-from .image_files import heif_opener, image_facts, open_image, upright_size
+from .image_files import decode_threads, heif_opener, image_facts, in_threads, open_image, upright_size
 
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept (--seed, a prompt line's --d)
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
@@ -588,21 +588,37 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
-                       skipped: list[Path] | None = None, mask_of=None) -> list[Framed]:
+                       skipped: list[Path] | None = None, mask_of=None, threads: int | None = None) -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
-    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each."""
+    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each.
+    The images are decoded on `threads` threads (None: `image_files.decode_threads`; one with `mask_of`, as masks.py
+    sets warning filters of its own), to the same images, with the same warnings in the same order, as on one."""
     from PIL import Image, UnidentifiedImageError
 
+    unreadable = (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError)
+
+    def decoded(path: Path):  # the framed image and its notes, or why it cannot be read
+        notes = LoadNotes()
+        try:
+            return load_framed(path, resolution, buckets, mask_of, notes), notes
+        except unreadable as error:
+            return error, None
+
+    threads = 1 if mask_of is not None else decode_threads() if threads is None else threads
     loaded, skipped = [], skipped if skipped is not None else []
     notes = LoadNotes()
-    for path in paths:
-        said = (len(notes.frames), len(notes.upscaled))
-        try:
-            loaded.append(load_framed(path, resolution, buckets, mask_of, notes))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
-            del notes.frames[said[0]:], notes.upscaled[said[1]:]  # a skipped image's notes are not said
+    for path, (result, error, said) in zip(paths, in_threads(decoded, paths, threads)):
+        warn_again(said)
+        if error is not None:  # not a file's fault (a mask's check, memory): raised as one thread would
+            raise error
+        framed, own = result
+        if own is None:
             skipped.append(path)
-            warn(f"skipping {path}: not a readable image ({unreadable_because(path, error)})")
+            warn(f"skipping {path}: not a readable image ({unreadable_because(path, framed)})")
+            continue
+        loaded.append(framed)
+        notes.frames += own.frames
+        notes.upscaled += own.upscaled
     notes.warn()
     if not loaded:
         folder = paths[0].parent if paths else "?"

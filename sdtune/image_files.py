@@ -8,11 +8,12 @@ import functools
 import os
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from .colour import colour_profile
-from .errors import quiet_pil
+from .errors import quiet_pil, recorded_warnings, recording, warnings_per_thread
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")  # PIL's modes with an alpha channel
 EXIF_ORIENTATION = 0x0112  # the EXIF tag of how a photo is stored turned or mirrored
@@ -153,13 +154,21 @@ def open_image(path):
     from PIL import Image
 
     heif_opener()
-    with quiet_pil(), warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
+    record = recorded_warnings()
+    if record is None:
+        with quiet_pil(), warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    else:  # a thread decoding for the main one (`in_threads`): what it warns is recorded, none shown here
+        start = len(record)
         image = Image.open(path)
+        said, record[start:] = record[start:], []
     refuse_bomb(image, said)
-    for warning in said:  # any other warning is shown as it would have been
-        if not issubclass(warning.category, Image.DecompressionBombWarning):
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    others = [warning for warning in said if not issubclass(warning.category, Image.DecompressionBombWarning)]
+    if record is not None:
+        record += others
+    for warning in others if record is None else ():  # any other warning is shown as it would have been
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return image
 
 
@@ -243,3 +252,54 @@ def _jpeg_scan_start(handle) -> int | None:
         if marker[1] == 0xDA:  # SOS: its header, then the scan
             return handle.tell() + length - 2
         handle.seek(length - 2, os.SEEK_CUR)
+
+
+DECODE_THREADS_MAX = 8  # PNG inflate and resizing scale to about this many cores; more hold more decoded images at once
+
+
+def decode_threads() -> int:
+    """The threads that decode images at a run's start (`in_threads`): the cores this process may run on (its CPU
+    affinity: a container's or `taskset`'s share, not the machine's count; torch's threads where the system does not
+    say), at most DECODE_THREADS_MAX; 1 on one core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        import torch
+
+        cores = torch.get_num_threads()
+    return max(1, min(cores, DECODE_THREADS_MAX))
+
+
+def in_threads(work, items: list, threads: int) -> list[tuple]:
+    """`work(item)` for each item, on `threads` threads (PIL lets go of the GIL while it decodes and resizes), as
+    (result, error, warnings) in the items' order: `error` what it raised (then `result` is None), `warnings` what it
+    warned, recorded to be raised again in order by the caller (errors.warn_again), after this returns, so that they
+    are the same, in the same order, whatever the threads. After an item's error none further is begun."""
+    heif_opener()  # registered once, before the threads open files
+
+    def recorded(item):
+        with recording() as said:
+            try:
+                return work(item), None, said
+            except Exception as error:
+                return None, error, said
+
+    done = []
+    with warnings_per_thread():
+        if threads <= 1:
+            for item in items:
+                done.append(recorded(item))
+                if done[-1][1] is not None:
+                    break
+            return done
+        with ThreadPoolExecutor(threads, thread_name_prefix="sdtune-decode") as pool:
+            futures = [pool.submit(recorded, item) for item in items]
+            try:
+                for future in futures:
+                    done.append(future.result())
+                    if done[-1][1] is not None:
+                        break
+            finally:
+                for future in futures:
+                    future.cancel()
+    return done
