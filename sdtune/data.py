@@ -441,11 +441,13 @@ def to_rgb(image, plain_cmyk: bool | None = None):
 
     16-bit greyscale (a 16-bit PNG or TIFF, and 32-bit integers within 0..65535) keeps its tones: 65535 is
     white. Floats within 0..1 are scaled by 255. Other integer or float images, whose white is unknown,
-    are stretched from their lowest to their highest value (one value throughout: mid-grey)."""
+    are stretched from their lowest to their highest value (one value throughout: mid-grey). A PNG's narrow-range
+    values (16 to 235, as its cICP chunk may say) are stretched to 0..255."""
     import numpy as np
     from PIL import Image
 
     profile = colour_profile(image)  # compositing below makes a new image, without it
+    narrow = image.info.get("narrow_range")  # a PNG's values from 16 to 235, as its cICP chunk says (image_files.describe_colours)
     if image.mode == "CMYK":
         return cmyk_to_rgb(image, profile, colour.plain_cmyk(image) if plain_cmyk is None else plain_cmyk)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -465,7 +467,12 @@ def to_rgb(image, plain_cmyk: bool | None = None):
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return in_srgb(image.convert("RGB"), profile)
+    image = image.convert("RGB")
+    return in_srgb(image.point(NARROW_TO_FULL_RANGE * 3) if narrow else image, profile)
+
+
+# video's narrow range (black at 16, white at 235) stretched to 0..255
+NARROW_TO_FULL_RANGE = [min(255, max(0, round((value - 16) * 255 / 219))) for value in range(256)]
 
 
 @dataclass

@@ -461,6 +461,102 @@ def test_a_heic_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp_
     assert nclx_icc((("color_primaries", 1), ("transfer_characteristics", 13))) is None
 
 
+def avif_with_nclx(path, image, primaries: int, transfer: int, **save) -> None:
+    """An AVIF whose nclx box names other primaries and transfer than sRGB's, which PIL writes (its pixels as they are)."""
+    import io
+    import struct
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="AVIF", quality=100, subsampling="4:4:4", **save)
+    data = buffer.getvalue()
+    at = data.index(b"colrnclx") + 8
+    assert data[at : at + 4] in (struct.pack(">HH", 1, 13), struct.pack(">HH", 2, 2))  # BT.709 and sRGB's, or unspecified
+    path.write_bytes(data[:at] + struct.pack(">HH", primaries, transfer) + data[at + 4 :])
+
+
+def test_an_avif_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp_path):
+    """PIL's AVIF reader gives an AVIF's ICC profile but not its nclx box (H.273 codes): sdtune reads the primary image's
+    from the file's boxes, as pillow-heif gives a HEIC's, and converts Display P3 as a profile would; sRGB's codes and HDR
+    curves (PQ) stay as they are; an ICC profile beside the box is the one used."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    from helpers import DISPLAY_P3, icc_profile
+
+    from sdtune.colour import nclx_icc
+    from sdtune.data import load_framed
+    from sdtune.image_files import heif_nclx, image_facts
+
+    colour = np.array([180, 120, 90])
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    p3 = icc_profile("Display P3", *DISPLAY_P3)
+    flat.save(tmp_path / "p3.png", icc_profile=p3)
+    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))
+    assert np.abs(expected - colour).max() > 5
+    for name, (primaries, transfer), want, save in [("p3.avif", (12, 13), expected, {}), ("srgb.avif", (1, 13), colour, {}),
+                                                    ("bt709.avif", (1, 1), colour, {}), ("pq.avif", (9, 16), colour, {}),
+                                                    ("profiled.avif", (1, 13), expected, {"icc_profile": p3})]:
+        avif_with_nclx(tmp_path / name, flat, primaries, transfer, **save)
+        described = heif_nclx(tmp_path / name)
+        assert (described["color_primaries"], described["transfer_characteristics"], described["full_range_flag"]) == (primaries, transfer, 1)
+        profile = image_facts(tmp_path / name).colour_profile
+        assert profile == (p3 if save else nclx_icc(tuple(sorted(described.items()))))
+        assert (profile is None) == (name != "p3.avif" and not save)
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((12, 8)))
+        assert np.abs(centre - want).max() <= 3, (name, centre, want)
+    assert heif_nclx(tmp_path / "p3.png") is None
+
+
+def png_with_cicp(path, image, cicp: tuple, **save) -> None:
+    """A PNG with a cICP chunk (PNG's third edition) after its header chunk, its checksum right; PIL writes none."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save)
+    data, body = buffer.getvalue(), bytes(cicp)
+    header_end = 8 + 8 + 13 + 4  # signature, then IHDR: length and type, 13 bytes, checksum
+    chunk = struct.pack(">I", len(body)) + b"cICP" + body + struct.pack(">I", zlib.crc32(b"cICP" + body))
+    path.write_bytes(data[:header_end] + chunk + data[header_end:])
+
+
+def test_a_png_described_by_a_cicp_chunk_is_converted_to_srgb_over_its_icc_profile(tmp_path):
+    """A PNG's cICP chunk (H.273 codes, as an nclx box) is read from its chunks, no pixel decoded, and stands in place of
+    its ICC profile, as PNG's third edition says: Display P3 converted; sRGB's codes over a P3 profile leave the
+    pixels as they are, as do HDR curves (PQ) and a chunk no PNG may hold (a matrix other than RGB's); narrow-range
+    values (16 to 235) are stretched to 0 to 255."""
+    from helpers import DISPLAY_P3, icc_profile
+
+    from sdtune.colour import nclx_icc
+    from sdtune.data import load_framed
+    from sdtune.image_files import image_facts, png_cicp
+
+    colour = np.array([180, 120, 90])
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    p3 = icc_profile("Display P3", *DISPLAY_P3)
+    flat.save(tmp_path / "p3.png", icc_profile=p3)
+    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))
+    assert np.abs(expected - colour).max() > 5
+    narrow = Image.new("RGB", (40, 30), tuple(round(16 + c * 219 / 255) for c in colour))
+    for name, image, cicp, want, save in [("cicp-p3.png", flat, (12, 13, 0, 1), expected, {}),
+                                          ("cicp-srgb.png", flat, (1, 13, 0, 1), colour, {"icc_profile": p3}),
+                                          ("cicp-pq.png", flat, (9, 16, 0, 1), colour, {}),
+                                          ("cicp-yuv.png", flat, (12, 13, 6, 1), expected, {"icc_profile": p3}),
+                                          ("cicp-narrow.png", narrow, (1, 13, 0, 0), colour, {}),
+                                          ("cicp-p3-narrow.png", narrow, (12, 13, 0, 0), expected, {})]:
+        png_with_cicp(tmp_path / name, image, cicp, **save)
+        read = png_cicp(tmp_path / name)
+        assert (read is None) == (name == "cicp-yuv.png")
+        profile = image_facts(tmp_path / name).colour_profile
+        if read is not None:
+            assert tuple(read.values()) == cicp and profile == nclx_icc(tuple(sorted(read.items())))
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((12, 8)))
+        assert np.abs(centre - want).max() <= 2, (name, centre, want)
+    assert png_cicp(tmp_path / "p3.png") is None
+
+
 def test_cmyk_jpegs_are_converted_by_their_profile_and_their_polarity(tmp_path):
     """A print file's CMYK JPEG is converted by its ICC profile (a press's cyan is no screen's), else by PIL's formula.
     Adobe's software writes each CMYK value inverted and says so by its APP14 marker, as PIL assumes of every CMYK JPEG;
