@@ -161,17 +161,23 @@ def open_image(path):
         with quiet_pil(), warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always", Image.DecompressionBombWarning)
             image = Image.open(path)
-    else:  # a thread decoding for the main one (`in_threads`): what it warns is recorded, none shown here
+    else:  # on a thread decoding for the main one (`in_threads`): its warnings are recorded, none shown here
         start = len(record)
         image = Image.open(path)
         said, record[start:] = record[start:], []
     refuse_bomb(image, said)
-    describe_colours(image, path)
-    others = [warning for warning in said if not issubclass(warning.category, Image.DecompressionBombWarning)]
-    if record is not None:
-        record += others
-    for warning in others if record is None else ():  # any other warning is shown as it would have been
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    try:
+        describe_colours(image, path)
+    except OSError:  # the file went meanwhile
+        image.close()
+        raise
+    for warning in said:  # any other warning is shown (or recorded) as it would have been
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            continue
+        if record is None:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        else:
+            record.append(warning)
     return image
 
 
@@ -230,7 +236,6 @@ def png_cicp(path) -> dict | None:
     return None
 
 
-BOX_CONTAINERS = (b"iprp", b"ipco")  # ISO BMFF boxes that hold boxes, walked into on the way to the colr boxes
 META_BYTES_READ = 16 * 2**20  # a HEIF's meta box holds item and property descriptions, some KB: larger is not read
 
 
@@ -245,8 +250,11 @@ def heif_nclx(path) -> dict | None:
             if len(header) < 8:
                 return None
             size, kind = struct.unpack(">I4s", header)
-            if size == 1:
-                size = struct.unpack(">Q", handle.read(8))[0]
+            if size == 1:  # a 64-bit size follows
+                large = handle.read(8)
+                if len(large) < 8:
+                    return None
+                size = struct.unpack(">Q", large)[0]
             elif size == 0:  # to the end of the file
                 size = os.fstat(handle.fileno()).st_size - start
             if kind == b"meta":
