@@ -432,7 +432,8 @@ def in_threads(work, items: list, threads: int) -> list[tuple]:
     """`work(item)` for each item, on `threads` threads (PIL lets go of the GIL while it decodes and resizes), as
     (result, error, warnings) in the items' order: `error` what it raised (then `result` is None), `warnings` what it
     warned, recorded to be raised again in order by the caller (errors.warn_again), after this returns, so that they
-    are the same, in the same order, whatever the threads. After an item's error none further is begun."""
+    are the same, in the same order, whatever the threads. After an item's error, the items not yet begun are not,
+    and the list ends there."""
     heif_opener()  # registered once, before the threads open files
 
     def recorded(item):

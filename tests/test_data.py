@@ -745,3 +745,13 @@ def test_an_error_that_is_no_files_fault_stops_the_threads_after_the_warnings_be
         warnings.simplefilter("always")
         load_framed_images(sorted(tmp_path.glob("*.png")), 64, threads=3)
     assert caught == []  # the small images' note comes at the end, which it does not reach
+
+
+def test_images_are_decoded_on_the_cores_the_process_may_use_at_most_eight(monkeypatch):
+    import os
+
+    from sdtune.image_files import DECODE_THREADS_MAX, decode_threads
+
+    for cores, threads in [({0}, 1), ({2, 5}, 2), (set(range(64)), DECODE_THREADS_MAX)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
+        assert decode_threads() == threads
