@@ -447,7 +447,7 @@ def to_rgb(image, plain_cmyk: bool | None = None):
     from PIL import Image
 
     profile = colour_profile(image)  # compositing below makes a new image, without it
-    narrow = image.info.get("narrow_range")  # a PNG's values from 16 to 235, as its cICP chunk says (image_files.describe_colours)
+    narrow = image.info.get("narrow_range")  # a PNG's values from 16 to 235 (image_files.describe_colours)
     if image.mode == "CMYK":
         return cmyk_to_rgb(image, profile, colour.plain_cmyk(image) if plain_cmyk is None else plain_cmyk)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
