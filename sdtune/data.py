@@ -434,8 +434,8 @@ def damaged_image(path: str | Path) -> str | None:
 
 
 def to_rgb(image, plain_cmyk: bool | None = None):
-    """Any PIL image as 8-bit RGB; transparency is composited on white; colours in sRGB (`in_srgb`; CMYK by its
-    profile, `colour.cmyk_to_rgb`). `plain_cmyk`: whether the image is a CMYK JPEG PIL read inverted
+    """Any PIL image as 8-bit RGB (the image itself where it is that in sRGB already); transparency is composited on
+    white; colours in sRGB (`in_srgb`; CMYK by its profile, `colour.cmyk_to_rgb`). `plain_cmyk`: whether the image is a CMYK JPEG PIL read inverted
     (`colour.plain_cmyk`), told by the caller where the image is no longer the opened file (turned upright); None:
     told from the image.
 
@@ -467,7 +467,7 @@ def to_rgb(image, plain_cmyk: bool | None = None):
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = image.convert("RGB")
+    image = image if image.mode == "RGB" else image.convert("RGB")  # PIL's convert to its own mode copies it whole
     return in_srgb(image.point(NARROW_TO_FULL_RANGE * 3) if narrow else image, profile)
 
 
@@ -522,17 +522,18 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # a JPEG that draft left large
             raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds limit of "
                                                f"{Image.MAX_IMAGE_PIXELS} pixels even decoded at a fraction of its size")
-        plain_cmyk = colour.plain_cmyk(image)  # told by the file's format, which the upright copy has not
+        plain_cmyk = colour.plain_cmyk(image)
         with quiet_pil():  # a corrupt EXIF block was named once, by readable_images
-            image = ImageOps.exif_transpose(image)
+            # turned in place: an upright photo is not copied whole (framing below makes the images kept, while it is open)
+            ImageOps.exif_transpose(image, in_place=True)
         mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel
         image = to_rgb(image, plain_cmyk)
+        framed = [frame(image, *size, mask) for size in sizes]
     size = sizes[0]
     if warn_upscaled and max(size[0] / width, size[1] / height) > 1:
         kept.upscaled.append((path.name, (width, height), size))
     if notes is None:
         kept.warn()
-    framed = [frame(image, *size, mask) for size in sizes]
     for each in framed:
         each.original_size = (height, width)
     return framed
