@@ -4,7 +4,7 @@ SD was trained on, and its VAE decodes to, sRGB. A photo's pixel values are in t
 an iPhone's Display P3 (an ICC profile in its HEIC or JPEG), Adobe RGB (an ICC profile, or, from a camera set to
 Adobe RGB, only its EXIF: DCF's "option file", colour space uncalibrated and interoperability index R03), ProPhoto
 from an editor; or, in a HEIC or AVIF photo, an nclx box (ITU-T H.273 codes: Display P3 primaries, the sRGB curve)
-instead of an ICC profile. Read as if they were sRGB they look, and would train, duller. A viewer converts them; so
+instead of an ICC profile, in a PNG a cICP chunk of the same codes (which stands in place of its ICC profile). Read as if they were sRGB they look, and would train, duller. A viewer converts them; so
 does sdtune.
 
 CMYK JPEGs (print files) are converted by their ICC profile where they embed one; else by PIL's plain formula. PIL reads
@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import struct
+import threading
 
 from .errors import quiet_pil
 
@@ -32,7 +33,8 @@ D50 = (0.9642, 1.0, 0.8249)
 
 def colour_profile(image, exif=None) -> bytes | None:
     """The ICC profile of the space an opened image's pixels are in: the one it embeds; one made from its nclx colour
-    description (a HEIC's or AVIF's, as pillow-heif gives it: `nclx_icc`); or Adobe RGB's where its EXIF (`exif`, else
+    description (a HEIC's, as pillow-heif gives it; an AVIF's nclx box or a PNG's cICP chunk, which
+    image_files.describe_colours adds: `nclx_icc`); or Adobe RGB's where its EXIF (`exif`, else
     the image's own) says so without one (a camera set to Adobe RGB); None where none says (sRGB is assumed, as
     viewers do)."""
     profile = image.info.get("icc_profile")
@@ -93,11 +95,17 @@ def in_srgb(image, profile: bytes | None):
         return image
 
 
-@functools.cache
-def _srgb_profile():
-    from PIL import ImageCms
+_PER_THREAD = threading.local()  # images are converted on several threads at a run's start (data.load_framed_images)
 
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+def _srgb_profile():
+    """LittleCMS's sRGB profile, one per thread: a transform reads (and caches into) its profiles as it is built."""
+    profile = getattr(_PER_THREAD, "srgb", None)
+    if profile is None:
+        from PIL import ImageCms
+
+        profile = _PER_THREAD.srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    return profile
 
 
 @functools.cache

@@ -21,9 +21,9 @@ from . import colour
 from .buckets import nearest_bucket
 from .captions import decode_text, same_name
 from .colour import cmyk_to_rgb, colour_profile, in_srgb
-from .errors import SdtuneError, quiet_pil, reading_file, warn
+from .errors import SdtuneError, quiet_pil, reading_file, warn, warn_again
 from .fileio import counted
-from .image_files import heif_opener, image_facts, open_image, upright_size
+from .image_files import decode_threads, heif_opener, image_facts, in_threads, open_image, upright_size
 
 MAX_SEED = 2**32 - 1  # what numpy's and Python's seeding accept (--seed, a prompt line's --d)
 MASK_FOLDER = "masks"  # the masks of --masked-loss, beside the images (masks.py)
@@ -434,18 +434,20 @@ def damaged_image(path: str | Path) -> str | None:
 
 
 def to_rgb(image, plain_cmyk: bool | None = None):
-    """Any PIL image as 8-bit RGB; transparency is composited on white; colours in sRGB (`in_srgb`; CMYK by its
-    profile, `colour.cmyk_to_rgb`). `plain_cmyk`: whether the image is a CMYK JPEG PIL read inverted
+    """Any PIL image as 8-bit RGB (the image itself where it is that in sRGB already); transparency is composited on
+    white; colours in sRGB (`in_srgb`; CMYK by its profile, `colour.cmyk_to_rgb`). `plain_cmyk`: whether the image is a CMYK JPEG PIL read inverted
     (`colour.plain_cmyk`), told by the caller where the image is no longer the opened file (turned upright); None:
     told from the image.
 
     16-bit greyscale (a 16-bit PNG or TIFF, and 32-bit integers within 0..65535) keeps its tones: 65535 is
     white. Floats within 0..1 are scaled by 255. Other integer or float images, whose white is unknown,
-    are stretched from their lowest to their highest value (one value throughout: mid-grey)."""
+    are stretched from their lowest to their highest value (one value throughout: mid-grey). A PNG's narrow-range
+    values (16 to 235, as its cICP chunk may say) are stretched to 0..255."""
     import numpy as np
     from PIL import Image
 
     profile = colour_profile(image)  # compositing below makes a new image, without it
+    narrow = image.info.get("narrow_range")  # a PNG's values from 16 to 235 (image_files.describe_colours)
     if image.mode == "CMYK":
         return cmyk_to_rgb(image, profile, colour.plain_cmyk(image) if plain_cmyk is None else plain_cmyk)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -465,7 +467,12 @@ def to_rgb(image, plain_cmyk: bool | None = None):
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return in_srgb(image.convert("RGB"), profile)
+    image = image if image.mode == "RGB" else image.convert("RGB")  # PIL's convert to its own mode copies it whole
+    return in_srgb(image.point(NARROW_TO_FULL_RANGE * 3) if narrow else image, profile)
+
+
+# video's narrow range (black at 16, white at 235) stretched to 0..255
+NARROW_TO_FULL_RANGE = [min(255, max(0, round((value - 16) * 255 / 219))) for value in range(256)]
 
 
 @dataclass
@@ -515,17 +522,18 @@ def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=
         if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:  # a JPEG that draft left large
             raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds limit of "
                                                f"{Image.MAX_IMAGE_PIXELS} pixels even decoded at a fraction of its size")
-        plain_cmyk = colour.plain_cmyk(image)  # told by the file's format, which the upright copy has not
+        plain_cmyk = colour.plain_cmyk(image)
         with quiet_pil():  # a corrupt EXIF block was named once, by readable_images
-            image = ImageOps.exif_transpose(image)
+            # turned in place: an upright photo is not copied whole (framing below makes the images kept, while it is open)
+            ImageOps.exif_transpose(image, in_place=True)
         mask = mask_of(path, image) if mask_of else None  # before to_rgb: it may be the alpha channel
         image = to_rgb(image, plain_cmyk)
+        framed = [frame(image, *size, mask) for size in sizes]
     size = sizes[0]
     if warn_upscaled and max(size[0] / width, size[1] / height) > 1:
         kept.upscaled.append((path.name, (width, height), size))
     if notes is None:
         kept.warn()
-    framed = [frame(image, *size, mask) for size in sizes]
     for each in framed:
         each.original_size = (height, width)
     return framed
@@ -588,21 +596,37 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
-                       skipped: list[Path] | None = None, mask_of=None) -> list[Framed]:
+                       skipped: list[Path] | None = None, mask_of=None, threads: int | None = None) -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
-    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each."""
+    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each.
+    The images are decoded on `threads` threads (None: `image_files.decode_threads`; one with `mask_of`, as masks.py
+    sets warning filters of its own), to the same images, with the same warnings in the same order, as on one."""
     from PIL import Image, UnidentifiedImageError
 
+    unreadable = (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError)
+
+    def decoded(path: Path):  # the framed image and its notes, or why it cannot be read
+        notes = LoadNotes()
+        try:
+            return load_framed(path, resolution, buckets, mask_of, notes), notes
+        except unreadable as error:
+            return error, None
+
+    threads = 1 if mask_of is not None else decode_threads() if threads is None else threads
     loaded, skipped = [], skipped if skipped is not None else []
     notes = LoadNotes()
-    for path in paths:
-        said = (len(notes.frames), len(notes.upscaled))
-        try:
-            loaded.append(load_framed(path, resolution, buckets, mask_of, notes))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
-            del notes.frames[said[0]:], notes.upscaled[said[1]:]  # a skipped image's notes are not said
+    for path, (result, error, said) in zip(paths, in_threads(decoded, paths, threads)):
+        warn_again(said)
+        if error is not None:  # not a file's fault (a mask's check, memory): raised as one thread would
+            raise error
+        framed, own = result
+        if own is None:
             skipped.append(path)
-            warn(f"skipping {path}: not a readable image ({unreadable_because(path, error)})")
+            warn(f"skipping {path}: not a readable image ({unreadable_because(path, framed)})")
+            continue
+        loaded.append(framed)
+        notes.frames += own.frames
+        notes.upscaled += own.upscaled
     notes.warn()
     if not loaded:
         folder = paths[0].parent if paths else "?"

@@ -4,6 +4,7 @@ sdtune names the file itself."""
 import os
 import re
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -97,7 +98,72 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
 @contextmanager
 def quiet_pil() -> Iterator[None]:
     """A block in which PIL's own warnings (corrupt EXIF data, ...) are not shown: they name no file, and would
-    come again each time a header is read; data.readable_images names them once, with their file."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    come again each time a header is read; data.readable_images names them once, with their file. On a thread that
+    records its warnings (`recording`), the filter `warnings_per_thread` set once for every thread holds instead:
+    `catch_warnings` swaps the process's one list of filters, which other threads read meanwhile."""
+    if recorded_warnings() is not None:
         yield
+        return
+    with warnings.catch_warnings():
+        _quiet_pil_filter()
+        yield
+
+
+def _quiet_pil_filter() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+
+# Images decoded on threads (data.load_framed_images) warn in the order of the files, as one thread decoding them
+# would: each thread records what it would warn, and the main thread raises it again, file by file.
+_THREAD = threading.local()  # .said: the warnings recorded on this thread, in order; None where it does not record
+
+
+def recorded_warnings() -> list | None:
+    """The list the warnings raised on this thread go to (`recording`), or None where they are shown."""
+    return getattr(_THREAD, "said", None)
+
+
+@contextmanager
+def warnings_per_thread() -> Iterator[None]:
+    """A block, entered by the main thread while others work for it, in which the warnings raised on a thread inside
+    its `recording` block go to its record, every one (no "once per place": which thread came first is chance), PIL's
+    own UserWarnings left out as `quiet_pil` leaves them out; other threads' are shown, every one too. The filters
+    are set here once, for every thread; they are the main thread's again after the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        _quiet_pil_filter()
+        show = warnings.showwarning
+
+        def routed(message, category, filename, lineno, file=None, line=None):
+            said = recorded_warnings()
+            if said is None:
+                show(message, category, filename, lineno, file, line)
+            else:
+                said.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+        warnings.showwarning = routed
+        yield
+
+
+@contextmanager
+def recording() -> Iterator[list]:
+    """A block whose warnings on this thread are kept in the list it gives, in order, inside `warnings_per_thread`,
+    to be raised again by `warn_again`."""
+    _THREAD.said = said = []
+    try:
+        yield said
+    finally:
+        _THREAD.said = None
+
+
+def warn_again(said: list) -> None:
+    """Raise recorded warnings (`recording`) again, in order, as raised where they were: by the filters and the
+    once-per-place registry of the module at their file."""
+    modules = None
+    for warning in said:
+        if modules is None:  # a module's registry, found by its file
+            modules = {getattr(module, "__file__", None): module for module in list(sys.modules.values())}
+        module = modules.get(warning.filename)
+        name = module.__name__ if module is not None else None
+        registry = vars(module).setdefault("__warningregistry__", {}) if module is not None else None
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno, name, registry)

@@ -461,6 +461,102 @@ def test_a_heic_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp_
     assert nclx_icc((("color_primaries", 1), ("transfer_characteristics", 13))) is None
 
 
+def avif_with_nclx(path, image, primaries: int, transfer: int, **save) -> None:
+    """An AVIF whose nclx box names other primaries and transfer than sRGB's, which PIL writes (its pixels as they are)."""
+    import io
+    import struct
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="AVIF", quality=100, subsampling="4:4:4", **save)
+    data = buffer.getvalue()
+    at = data.index(b"colrnclx") + 8
+    assert data[at : at + 4] in (struct.pack(">HH", 1, 13), struct.pack(">HH", 2, 2))  # BT.709 and sRGB's, or unspecified
+    path.write_bytes(data[:at] + struct.pack(">HH", primaries, transfer) + data[at + 4 :])
+
+
+def test_an_avif_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp_path):
+    """PIL's AVIF reader gives an AVIF's ICC profile but not its nclx box (H.273 codes): sdtune reads the primary image's
+    from the file's boxes, as pillow-heif gives a HEIC's, and converts Display P3 as a profile would; sRGB's codes and HDR
+    curves (PQ) stay as they are; an ICC profile beside the box is the one used."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    from helpers import DISPLAY_P3, icc_profile
+
+    from sdtune.colour import nclx_icc
+    from sdtune.data import load_framed
+    from sdtune.image_files import heif_nclx, image_facts
+
+    colour = np.array([180, 120, 90])
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    p3 = icc_profile("Display P3", *DISPLAY_P3)
+    flat.save(tmp_path / "p3.png", icc_profile=p3)
+    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))
+    assert np.abs(expected - colour).max() > 5
+    for name, (primaries, transfer), want, save in [("p3.avif", (12, 13), expected, {}), ("srgb.avif", (1, 13), colour, {}),
+                                                    ("bt709.avif", (1, 1), colour, {}), ("pq.avif", (9, 16), colour, {}),
+                                                    ("profiled.avif", (1, 13), expected, {"icc_profile": p3})]:
+        avif_with_nclx(tmp_path / name, flat, primaries, transfer, **save)
+        described = heif_nclx(tmp_path / name)
+        assert (described["color_primaries"], described["transfer_characteristics"], described["full_range_flag"]) == (primaries, transfer, 1)
+        profile = image_facts(tmp_path / name).colour_profile
+        assert profile == (p3 if save else nclx_icc(tuple(sorted(described.items()))))
+        assert (profile is None) == (name != "p3.avif" and not save)
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((12, 8)))
+        assert np.abs(centre - want).max() <= 3, (name, centre, want)
+    assert heif_nclx(tmp_path / "p3.png") is None
+
+
+def png_with_cicp(path, image, cicp: tuple, **save) -> None:
+    """A PNG with a cICP chunk (PNG's third edition) after its header chunk, its checksum right; PIL writes none."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save)
+    data, body = buffer.getvalue(), bytes(cicp)
+    header_end = 8 + 8 + 13 + 4  # signature, then IHDR: length and type, 13 bytes, checksum
+    chunk = struct.pack(">I", len(body)) + b"cICP" + body + struct.pack(">I", zlib.crc32(b"cICP" + body))
+    path.write_bytes(data[:header_end] + chunk + data[header_end:])
+
+
+def test_a_png_described_by_a_cicp_chunk_is_converted_to_srgb_over_its_icc_profile(tmp_path):
+    """A PNG's cICP chunk (H.273 codes, as an nclx box) is read from its chunks, no pixel decoded, and stands in place of
+    its ICC profile, as PNG's third edition says: Display P3 converted; sRGB's codes over a P3 profile leave the
+    pixels as they are, as do HDR curves (PQ) and a chunk no PNG may hold (a matrix other than RGB's); narrow-range
+    values (16 to 235) are stretched to 0 to 255."""
+    from helpers import DISPLAY_P3, icc_profile
+
+    from sdtune.colour import nclx_icc
+    from sdtune.data import load_framed
+    from sdtune.image_files import image_facts, png_cicp
+
+    colour = np.array([180, 120, 90])
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    p3 = icc_profile("Display P3", *DISPLAY_P3)
+    flat.save(tmp_path / "p3.png", icc_profile=p3)
+    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))
+    assert np.abs(expected - colour).max() > 5
+    narrow = Image.new("RGB", (40, 30), tuple(round(16 + c * 219 / 255) for c in colour))
+    for name, image, cicp, want, save in [("cicp-p3.png", flat, (12, 13, 0, 1), expected, {}),
+                                          ("cicp-srgb.png", flat, (1, 13, 0, 1), colour, {"icc_profile": p3}),
+                                          ("cicp-pq.png", flat, (9, 16, 0, 1), colour, {}),
+                                          ("cicp-yuv.png", flat, (12, 13, 6, 1), expected, {"icc_profile": p3}),
+                                          ("cicp-narrow.png", narrow, (1, 13, 0, 0), colour, {}),
+                                          ("cicp-p3-narrow.png", narrow, (12, 13, 0, 0), expected, {})]:
+        png_with_cicp(tmp_path / name, image, cicp, **save)
+        read = png_cicp(tmp_path / name)
+        assert (read is None) == (name == "cicp-yuv.png")
+        profile = image_facts(tmp_path / name).colour_profile
+        if read is not None:
+            assert tuple(read.values()) == cicp and profile == nclx_icc(tuple(sorted(read.items())))
+        centre = np.array(load_framed(tmp_path / name, 16).image.getpixel((12, 8)))
+        assert np.abs(centre - want).max() <= 2, (name, centre, want)
+    assert png_cicp(tmp_path / "p3.png") is None
+
+
 def test_cmyk_jpegs_are_converted_by_their_profile_and_their_polarity(tmp_path):
     """A print file's CMYK JPEG is converted by its ICC profile (a press's cyan is no screen's), else by PIL's formula.
     Adobe's software writes each CMYK value inverted and says so by its APP14 marker, as PIL assumes of every CMYK JPEG;
@@ -543,3 +639,119 @@ def test_a_corrupt_exif_block_is_named_once_with_its_file(tmp_path):
     assert framed.image.size == (72, 56)
     said = [str(w.message) for w in caught]
     assert len(said) == 1 and said[0].startswith("PIL finds odd data in odd.jpg (Corrupt EXIF data."), said
+
+
+def odd_photo_folder(folder):
+    """A folder of what a start may meet: every mode (`odd_images`), a phone photo stored turned, a P3 photo, a
+    corrupt EXIF block, an animation, thumbnails, a JPEG over PIL's bomb limit (decoded at a fraction) and a PNG over
+    it, a PNG cut short (found by its chunks), a BMP cut short (found only as it is decoded)."""
+    import io
+    import struct
+
+    from helpers import DISPLAY_P3, icc_profile
+
+    folder.mkdir()
+    odd_images(folder)
+    rng = np.random.default_rng(1)
+    noise = Image.fromarray(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise.save(folder / "IMG_0001.jpg", exif=exif, quality=90)
+    noise.save(folder / "IMG_0002.png", icc_profile=icc_profile("Display P3", *DISPLAY_P3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="JPEG")
+    corrupt = b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff" + b"\x01" * 30
+    (folder / "IMG_0003.jpg").write_bytes(buffer.getvalue()[:2] + b"\xff\xe1" + struct.pack(">H", len(corrupt) + 2) + corrupt
+                                          + buffer.getvalue()[2:])
+    frames = [Image.new("RGB", (80, 80), colour) for colour in ("red", "blue")]
+    frames[0].save(folder / "moving.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (30, 20), "green").save(folder / "thumb.jpg")
+    noise.resize((200, 200)).save(folder / "large.jpg", quality=95)  # 40,000 pixels: over the limit the test sets
+    noise.resize((200, 200)).save(folder / "large.png")
+    noise.save(buffer := io.BytesIO(), format="PNG")
+    (folder / "cut.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    noise.save(folder / "cut.bmp")
+    (folder / "cut.bmp").write_bytes((folder / "cut.bmp").read_bytes()[:20000])
+
+
+def test_images_decode_on_threads_to_the_same_pixels_with_the_same_warnings_in_order(tmp_path, monkeypatch):
+    """The start decodes its images on several threads: the same pixels bit for bit, and the same warnings, in the
+    same order, as on one thread, whichever thread finishes first; PIL's own warnings kept quiet on every thread."""
+    import random
+    import threading
+    import time
+    import warnings
+
+    import sdtune.data
+    from sdtune.buckets import bucket_sizes
+    from sdtune.data import load_framed_images, readable_images
+
+    odd_photo_folder(tmp_path / "photos")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150 * 150)  # PIL refuses from twice it, 45,000 pixels
+    threads_used, to_rgb, late = set(), sdtune.data.to_rgb, random.Random(0)
+
+    def slow_to_rgb(image, *args):  # finishing out of order, each image warns as it is converted
+        threads_used.add(threading.current_thread().name)
+        time.sleep(late.uniform(0, 0.03))
+        warnings.warn(f"converting a {image.mode} image", RuntimeWarning)
+        return to_rgb(image, *args)
+
+    monkeypatch.setattr(sdtune.data, "to_rgb", slow_to_rgb)
+
+    def start(threads: int):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            paths = readable_images(list_images(tmp_path / "photos"))
+            framed = load_framed_images(paths, 64, bucket_sizes(64), threads=threads)
+        return [np.asarray(each.image) for each in framed], [(w.category, str(w.message)) for w in caught]
+
+    one_pixels, one_said = start(1)
+    assert threads_used == {threading.current_thread().name}
+    threads_used.clear()
+    for threads in (4, 3):
+        pixels, said = start(threads)
+        assert said == one_said
+        assert len(pixels) == len(one_pixels) and all(np.array_equal(a, b) for a, b in zip(pixels, one_pixels))
+        assert len(threads_used) > 1 and threading.current_thread().name not in threads_used
+    messages = [message for _, message in one_said]
+    assert messages[0].startswith("PIL finds odd data in IMG_0003.jpg (Corrupt EXIF data")
+    assert messages[1].startswith("skipping 2 files that are not readable images: ") and "cut.png (cut short" in messages[1]
+    assert "large.png (over PIL's decompression-bomb limit" in messages[1]
+    converted = [index for index, message in enumerate(messages) if message.startswith("converting")]
+    assert converted == [2, 3, 4, 5] + list(range(7, 15))  # the twelve read, in name order, and cut.bmp between
+    assert messages[6].startswith("skipping ") and "cut.bmp: not a readable image" in messages[6]
+    assert [one_said[i][0] for i in converted] == [RuntimeWarning] * 12
+    assert messages[15:] == ["moving.gif has 2 frames: the first is used",
+                             "2 images are smaller than the size they are trained at, and upscaled: thumb.jpg (30x20), tiny.webp (20x12)"]
+
+
+def test_an_error_that_is_no_files_fault_stops_the_threads_after_the_warnings_before_it(tmp_path, monkeypatch):
+    import warnings
+
+    import sdtune.data
+    from sdtune.data import load_framed_images
+
+    for index in range(6):
+        Image.new("RGB", (20 + index, 20)).save(tmp_path / f"{index}.png")
+    load_framed = sdtune.data.load_framed
+
+    def failing(path, *args):
+        if path.name == "3.png":
+            raise MemoryError("no room for 3.png")
+        return load_framed(path, *args)
+
+    monkeypatch.setattr(sdtune.data, "load_framed", failing)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(MemoryError, match="3.png"):
+        warnings.simplefilter("always")
+        load_framed_images(sorted(tmp_path.glob("*.png")), 64, threads=3)
+    assert caught == []  # the small images' note comes at the end, which it does not reach
+
+
+def test_images_are_decoded_on_the_cores_the_process_may_use_at_most_eight(monkeypatch):
+    import os
+
+    from sdtune.image_files import DECODE_THREADS_MAX, decode_threads
+
+    for cores, threads in [({0}, 1), ({2, 5}, 2), (set(range(64)), DECODE_THREADS_MAX)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
+        assert decode_threads() == threads

@@ -388,6 +388,28 @@ def test_buckets_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path
     assert "buckets = true" in (whole.output / "config.toml").read_text()
 
 
+@pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
+def test_photos_decoded_on_one_thread_or_several_train_the_same_adapter(tmp_path, monkeypatch):
+    """The start decodes its photos on threads (`image_files.decode_threads`): the cached latents, the losses and the
+    adapter are those of one thread's, bit for bit, and a run resumed on another count of threads ends as they do."""
+    import sdtune.data
+
+    images = photo_set(tmp_path / "photos")[0].parent
+    png_with_late_exif(images / "turned.png", Image.fromarray(np.random.default_rng(5).integers(0, 255, (90, 160, 3), dtype=np.uint8)), 6)
+    settings = dict(images=str(images), buckets=True, batch_size=1, seed=3, steps=4, random_flip=True, checkpoint_every=2)
+    runs = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(sdtune.data, "decode_threads", lambda threads=threads: threads)
+        runs[threads] = run_training(tmp_path, f"threads-{threads}", **settings)
+    assert runs[4].losses == runs[1].losses
+    assert (runs[4].output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
+    run_training(tmp_path, "cut", **{**settings, "steps": 2})
+    monkeypatch.setattr(sdtune.data, "decode_threads", lambda: 1)
+    resumed = run_training(tmp_path, "cut", **{**settings, "resume": "latest"})
+    assert resumed.losses == runs[4].losses[2:]
+    assert (resumed.output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
+
+
 def test_each_bucket_draws_class_images_of_its_own_shape_or_the_nearest():
     portrait, square, wide, tall = (56, 72), (64, 64), (80, 48), (40, 104)
     class_buckets = [square, portrait, square, None, square, wide]  # None: an unreadable class image
