@@ -266,13 +266,49 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
             # a run trained on a dataset samples its classes, one row each, as `sdtune sample --dataset` draws them
             sampled.update(dataset=train.dataset, data_root=train.data_root, classes=train.classes or None,
                            class_template=train.class_template)
-        sample = SampleConfig.load(None, **sampled, adapter=str(folder), output=str(folder / SAMPLES_FOLDER), overwrite=True)
+        adapters: list[str] = [str(folder)]
+        if train.base_adapters:
+            adapters, sampled = _stacked_on_base_adapters(train, adapters, sampled)
+        sample = SampleConfig.load(None, **sampled, adapter=adapters, output=str(folder / SAMPLES_FOLDER), overwrite=True)
     evaluate = substitute(plan.evaluate, names)
     EvaluateConfig.load(None, **evaluate, run=str(folder))
     resolved = train.resolved(default_lr)
     spec = RunSpec(index, name, axes, folder, train, sample, evaluate)
     spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics)
     return spec
+
+
+def _stacked_on_base_adapters(train: TrainConfig, adapters: list[str], sampled: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """A run trained on base adapters is drawn on them, as its validation grids are: each stacked beneath it at its
+    strength, and prompts read as training read them (the files may record other readings)."""
+    from .config import parse_base_adapter
+
+    scale = sampled.get("adapter_scale", SampleConfig.adapter_scale)
+    if isinstance(scale, list):
+        raise SdtuneError("[sample] adapter_scale sweeps one adapter's strength, and a run trained on base_adapters is "
+                          "sampled with them stacked beneath it: give one strength")
+    bases = [parse_base_adapter(entry) for entry in train.base_adapters]
+    sampled = {**sampled, "adapter_scale": [base.strength for base in bases] + [scale]}
+    for name in ("clip_skip", "max_token_length"):
+        if sampled.get(name) is None:
+            sampled[name] = getattr(train, name)
+    return [base.path for base in bases] + adapters, sampled
+
+
+def as_trained(config: TrainConfig) -> TrainConfig:
+    """The run's settings as training resolves them and config.toml records them: the method's default rate where
+    none is set, and with init_weights the file's options where the plan sets none (a file that cannot be read yet:
+    the plan's own, for training to refuse)."""
+    from .methods import method_class
+
+    if config.init_weights:
+        from .starting_weights import init_weights_options
+
+        try:
+            config = dataclasses.replace(config, options=init_weights_options(config).options)
+        except (SdtuneError, OSError):
+            pass
+    return config.resolved(method_class(config.method).default_lr)
 
 
 def train_settings(config: TrainConfig) -> dict[str, Any]:
@@ -428,7 +464,6 @@ WHY_WIDTH = 120  # the dry run's note on what changed, cut to this many characte
 def pending_state(run: RunSpec) -> tuple[str, str]:
     """pending (nothing of it yet, or only a start without a checkpoint), trained, partial, extends or changed; and a
     few words on where an extension starts or why a changed run is trained afresh."""
-    from .methods import method_class
     from .training import RUN_CONTROL
 
     progress, note = training_state(run)
@@ -442,7 +477,7 @@ def pending_state(run: RunSpec) -> tuple[str, str]:
         written = {k: v for k, v in read_toml(run.folder / "config.toml").items() if k not in RUN_CONTROL}
     except SdtuneError:  # no config.toml (nothing started), or not one to read: trained afresh either way
         return "pending", ""
-    same = written == train_settings(run.train.resolved(method_class(run.train.method).default_lr))
+    same = written == train_settings(as_trained(run.train))
     return ("pending", "") if same or not (run.folder / ADAPTER_FILE).is_file() else ("changed", note)
 
 
@@ -618,7 +653,6 @@ def training_state(run: RunSpec) -> tuple[str, str]:
     these settings but fewer steps, see `extension`) or fresh; with extendable where it resumes, with fresh why a run
     trained before is not extended ("" where there is none, or it differs in more than its steps)."""
     from .checkpoints import list_checkpoints
-    from .methods import method_class
     from .tracking import METRICS_FILE, read_metrics_log
 
     config_path = run.folder / "config.toml"
@@ -630,7 +664,7 @@ def training_state(run: RunSpec) -> tuple[str, str]:
         written = {k: v for k, v in read_toml(config_path).items() if k not in RUN_CONTROL}
     except SdtuneError:
         return "fresh", ""
-    if written != train_settings(run.train.resolved(method_class(run.train.method).default_lr)):
+    if written != train_settings(as_trained(run.train)):
         extends, note = extension(run, written)
         return ("extendable" if extends else "fresh"), note
     records = read_metrics_log(run.folder / METRICS_FILE) if (run.folder / METRICS_FILE).is_file() else []
@@ -647,10 +681,9 @@ def extension(run: RunSpec, written: dict[str, Any]) -> tuple[bool, str]:
     run trained to them in one go: training's rule (`continuation`, as `sdtune train --resume` applies it) on the
     checkpoint's settings, else on config.toml's (`written`). With where it resumes, or why not in a few words."""
     from .checkpoints import DamagedCheckpoint, list_checkpoints, read_state
-    from .methods import method_class
     from .training import continuation
 
-    wanted = run.train.resolved(method_class(run.train.method).default_lr)
+    wanted = as_trained(run.train)
     saved, step = written, None
     for number, folder in reversed(list_checkpoints(run.folder)):  # the newest readable, as --resume latest takes
         try:

@@ -229,6 +229,34 @@ def test_raised_steps_a_run_cannot_be_extended_to_are_trained_afresh_and_the_dry
     assert len(result.ran) == 4 and sum(line.endswith(": training") for line in lines) == 4, lines
 
 
+def test_a_run_started_from_init_weights_on_base_adapters_extends_and_is_sampled_on_them(tmp_path, private_cache):
+    """init_weights gives the run the file's options (not the plan's), which config.toml records: raised steps still
+    extend it. Its samples are drawn on the base adapters it trained on, stacked beneath it, as its validation was."""
+    from PIL import Image
+
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    start = train(TrainConfig(model="tiny-random", method="lora", options={"targets": "transformer"}, steps=1, resolution=32,
+                              log_with="none", output=str(tmp_path / "start")), progress=False).adapter
+
+    def plan_text(steps: int) -> str:
+        return ('name = "started"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nresolution = 32\nlog_with = "none"\n'
+                f'checkpoint_every = 1\nsteps = {steps}\ninit_weights = "{start}"\nbase_adapters = ["{start}:0.5"]\n'
+                '[axes]\nmethod = ["lora"]\n[sample]\nprompt = ["a <castle>"]\nnum_images = 1\nsteps = 1\n')
+
+    result, lines = sweep(write_plan(tmp_path, plan_text(2)), tmp_path / "out")
+    assert result.ran == ["lora"], lines
+    image = next((tmp_path / "out" / "runs" / "lora" / "samples" / "images").iterdir())
+    drawn = json.loads(Image.open(image).text["sdtune"])
+    assert drawn["adapter"] == ["start/adapter.safetensors", "lora"] and drawn["adapter_scale"] == [0.5, 1.0], drawn
+    longer = write_plan(tmp_path, plan_text(3), name="longer.toml")
+    dry = invoke("sweep", longer, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].split()[1:3] == ["lora", "extends"] and dry[1].endswith("resumes at step 2"), dry
+    result, lines = sweep(longer, tmp_path / "out")
+    assert any(line.endswith("extending its training to 3 steps: resumes at step 2") for line in lines), lines
+
+
 def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache):
     plan = write_plan(tmp_path, TINY_PLAN.replace(
         'concept = ["castle"]', 'images = [{ name = "missing", images = "{sweep}/missing" }, { name = "present", images = "{sweep}/images" }]')
