@@ -539,6 +539,8 @@ def missing_base_adapters(paths: list, infos: list) -> list[str]:
             digests = {adapter_digest(adapter_path(p)) for p in paths}
         missing = [r for r in records if r.get("digest") not in digests]
         if missing:
+            strengths = ",".join(f"{float(r.get('strength', 1.0)):g}" for r in missing)
             notices.append(f"{path} was trained on top of base adapters that are not loaded with it: {base_adapters_text(missing)}; "
-                           "give them too (sdtune sample --adapter BASE --adapter THIS --scale ...) to draw what it learned")
+                           f"stack them beneath it to draw what it learned (sdtune sample --adapter BASE --adapter THIS "
+                           f"--adapter-scale {strengths},1)")
     return notices
