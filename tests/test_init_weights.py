@@ -189,6 +189,12 @@ def test_training_on_base_adapters_equals_training_on_a_model_they_were_merged_i
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapters([str(trained["loha"]), str(based.adapter)], load_pipeline("tiny-random"), [0.7, 1.0])
+    exported = export_adapter(based.output, "kohya", tmp_path / "based.safetensors").output  # its kohya file says so too
+    with pytest.warns(UserWarning, match="based.safetensors was trained on top of base adapters that are not loaded with it"):
+        load_adapter(exported, load_pipeline("tiny-random"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapters([str(trained["loha"]), str(exported)], load_pipeline("tiny-random"), [0.7, 1.0])
     from sdtune.model_card import write_model_card
 
     card = write_model_card(based.output).output.read_text()
