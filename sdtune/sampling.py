@@ -478,21 +478,24 @@ ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-ter
 def adapters_reading(adapters: list, infos: list, given: dict | None = None):
     """How prompts are read (conditioning.PromptReading): each setting as `given` (a setting's name → the value asked
     for, or None) sets it, else as the adapters were trained (the default where they recorded nothing), on which
-    stacked adapters must then agree."""
+    stacked adapters must then agree, but for those another of the stack was trained on top of (its base adapters),
+    which it read prompts through its own way."""
     from dataclasses import fields
 
     from .conditioning import MAX_TOKEN_LENGTHS, PromptReading
     from .errors import SdtuneError
 
+    beneath = base_adapters_among(adapters, infos)
     values = {}
     for setting in fields(PromptReading):
         name, default, asked = setting.name, setting.default, (given or {}).get(setting.name)
         found = {}
-        for adapter, info in zip(adapters, infos):
+        for index, (adapter, info) in enumerate(zip(adapters, infos)):
             recorded = str(info.extra[name]) if name in info.extra else kohya_recorded(info, name, default)
             if not recorded.isdigit() or int(recorded) < 1 or (name == "max_token_length" and int(recorded) not in MAX_TOKEN_LENGTHS):
                 raise SdtuneError(f"{adapter} records {name} {recorded!r}, which no run writes: the file is damaged")
-            found[str(adapter)] = int(recorded)
+            if index not in beneath:
+                found[str(adapter)] = int(recorded)
         if asked is not None:
             values[name] = asked
             continue
@@ -502,6 +505,16 @@ def adapters_reading(adapters: list, infos: list, given: dict | None = None):
             raise SdtuneError(f"the stacked adapters were trained with different {flag} ({trained}); give {flag} for the stack")
         values[name] = next(iter(found.values()), default)
     return PromptReading(**values)
+
+
+def base_adapters_among(adapters: list, infos: list) -> set[int]:
+    """The indices of the stacked adapters that another adapter of the stack records as its base adapters (by digest)."""
+    from .adapter import adapter_digest, adapter_path, recorded_base_adapters
+
+    recorded = {record.get("digest") for info in infos for record in recorded_base_adapters(info)}
+    if len(adapters) < 2 or not recorded:
+        return set()
+    return {index for index, adapter in enumerate(adapters) if adapter_digest(adapter_path(adapter)) in recorded}
 
 
 def kohya_recorded(info, name: str, default: int) -> str:

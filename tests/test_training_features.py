@@ -984,6 +984,13 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
     chosen = sample(SampleConfig(output=str(tmp_path / "stack"), clip_skip=2, **stack), progress=False)  # as it says
     assert "Clip skip: 2" in Image.open(chosen.images[0]).text["parameters"]
 
+    # a run trained on it as a base adapter read prompts its own way: stacked on it, it is drawn so, and merged says nothing
+    on_top = run_training(tmp_path, "on-top", steps=1, base_adapters=[f"{run.adapter}:0.5"])
+    stacked = dict(stack, adapter=[str(run.adapter), str(on_top.output)], adapter_scale=[0.5, 1.0])
+    drawn_on_top = sample(SampleConfig(output=str(tmp_path / "on-top-stack"), **stacked), progress=False)
+    assert "Clip skip" not in Image.open(drawn_on_top.images[0]).text["parameters"]
+    assert merge_adapter([run.adapter, on_top.output], tmp_path / "merged-on-top", scale=[0.5, 1.0]).reading_flags == {}
+
 
 def test_a_kohya_file_s_record_of_how_it_read_prompts_is_used_where_it_can_be():
     """kohya-ss writes 'None' for an option not given, and its SDXL trainer ignores a clip skip."""
