@@ -360,6 +360,10 @@ def read_inputs(config: TrainConfig) -> Inputs:
     images = [] if labelled is not None else concept_inputs(config)
     if config.validation_images and not config.validate_every:
         warn("--validation-images is used only with --validate-every; no image is held out")
+    drawing = [f"--{name.replace('_', '-')}" for name in ("validation_prompts", "validation_width", "validation_height", "validation_dtype")
+               if getattr(config, name) is not None]
+    if drawing and not config.validate_every:  # kohya-ss' --sample_prompts likewise draws nothing without a period
+        warn(f"{', '.join(drawing)} {'is' if len(drawing) == 1 else 'are'} used only with --validate-every; nothing is drawn")
     held_out_count = config.validation_images if config.validate_every else 0
     training, held_out = validation.hold_out(images, held_out_count, config.seed)
     sample_lines = validation.validation_lines(config) if config.validate_every else []

@@ -631,6 +631,17 @@ def test_the_dry_run_says_the_validation_size(tmp_path, tiny_path):
     assert "validation every 5 steps: 2 prompts up to 96x80 (1 with settings of their own)" in plan_run(config).summary()
 
 
+def test_validation_settings_without_validate_every_say_they_draw_nothing(tmp_path, tiny_path):
+    """As kohya-ss' --sample_prompts without a period: nothing is drawn, and a warning says so before the model loads."""
+    from sdtune.training import plan_run
+
+    config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validation_prompts=str(tmp_path / "prompts.txt"),
+                         validation_width=96)
+    with pytest.warns(UserWarning, match="^--validation-prompts, --validation-width are used only with --validate-every; nothing is drawn$"):
+        summary = plan_run(config).summary()
+    assert not any(line.startswith("validation every") for line in summary)
+
+
 def wandb_records(path):
     """The records of an offline W&B run file (a LevelDB-style log of protobuf records, 32 KiB blocks)."""
     import struct
