@@ -124,6 +124,7 @@ class RunPlan:
     validation_size: tuple[int, int] | None = None  # with --validate-every: the largest (width, height) its images take
     taken_options: dict = field(default_factory=dict)  # the method options --init-weights gave (the run did not set them)
     prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
+    resumes: bool = False  # from a checkpoint (its tensors, optimizer and schedule), not from --init-weights
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -180,7 +181,8 @@ class RunPlan:
                 f"{base.path} at {base.strength:g}" for base in map(parse_base_adapter, config.base_adapters)))
         if config.init_weights:
             taken = ", ".join(f"{name} {value}" for name, value in self.taken_options.items())
-            lines.append(f"trained tensors start from {config.init_weights} (a fresh optimizer and schedule)"
+            lines.append((f"trained tensors started from {config.init_weights}; resumed, they are the checkpoint's"
+                          if self.resumes else f"trained tensors start from {config.init_weights} (a fresh optimizer and schedule)")
                          + (f"; from the file: {taken}" if taken else ""))
         if config.train_text_encoder:
             second = f", SDXL's second encoder lr {config.text_encoder_2_lr:g}" if config.text_encoder_2_lr else ""
@@ -270,7 +272,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     else:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken,
-                   model_configs.scheduler.get("prediction_type", "epsilon"))
+                   model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:

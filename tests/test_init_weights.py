@@ -116,6 +116,8 @@ def test_a_resumed_run_with_init_weights_resumes_rather_than_starting_again(trai
     assert resumed.resumed_from is not None and len(resumed.losses) == 2
     first, second = load_file(whole.adapter), load_file(resumed.adapter)
     assert all(torch.equal(first[k], second[k]) for k in first)
+    summary = plan_run(configure(resumed.output, resume="latest")).summary()  # the dry run says whose tensors it resumes
+    assert any(line.startswith(f"trained tensors started from {trained['lora']}; resumed, they are the checkpoint's") for line in summary)
 
 
 @pytest.mark.parametrize("source, args, message", [
