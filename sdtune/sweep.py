@@ -486,6 +486,8 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
     finished and failed mean."""
     from .methods import method_class
 
+    from .config import parse_base_adapter
+
     width = max((len(run.name) for run in runs), default=0)
     lines = []
     said: list[str] = []
@@ -502,8 +504,11 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
                 said.append(state)
         if len(note) > WHY_WIDTH:
             note = note[:WHY_WIDTH - 3] + "..."
+        # where its weights start, as training's dry run says: the file its tensors start from, the adapters beneath
+        start = (f", starts from {train.init_weights}" if train.init_weights else "") + (", on base adapters " + ", ".join(
+            f"{base.path} at {base.strength:g}" for base in map(parse_base_adapter, train.base_adapters)) if train.base_adapters else "")
         lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {state:<8}  {train.method}"
-                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps"
+                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps{start}"
                      + (f"; {note}" if note else ""))
     return lines + [f"{state}: {PENDING_STATES[state]}" for state in said]
 
