@@ -517,6 +517,26 @@ def base_adapters_among(adapters: list, infos: list) -> set[int]:
     return {index for index, adapter in enumerate(adapters) if adapter_digest(adapter_path(adapter)) in recorded}
 
 
+def found_base_adapters(adapter) -> list:
+    """The base adapters (config.BaseAdapter) a run's adapter was trained on, as its config.toml names them, where each
+    file is found with the digest the adapter recorded; none where one is not (it is then drawn alone, with the warning
+    that says so). For the commands that draw runs as they trained and take no adapters to stack: compare, evaluate."""
+    from .adapter import adapter_digest, adapter_info, adapter_path, recorded_base_adapters
+    from .config import parse_base_adapter, read_toml
+    from .errors import SdtuneError
+
+    path = adapter_path(adapter)
+    records = recorded_base_adapters(adapter_info(path))
+    if not records or not (path.parent / "config.toml").is_file():
+        return []
+    try:
+        bases = [parse_base_adapter(entry) for entry in read_toml(path.parent / "config.toml").get("base_adapters", [])]
+        digests = [adapter_digest(adapter_path(base.path)) for base in bases]
+    except (SdtuneError, OSError, TypeError, AttributeError):
+        return []
+    return bases if digests == [record.get("digest") for record in records] else []
+
+
 def kohya_recorded(info, name: str, default: int) -> str:
     """A kohya-format file's record of a prompt-reading setting (`ss_clip_skip`, `ss_max_token_length`, as kohya-ss
     and sdtune's kohya export write them), else `default`: kohya-ss writes 'None' where the option was not given, and
