@@ -296,6 +296,8 @@ def run_start(output: Path, resume: str | None, overwrite: bool, config: TrainCo
     earlier = []
     if not resume:
         earlier = earlier_run(output)
+        if earlier and overwrite:
+            check_not_replacing_inputs(output, config)
         if earlier and not overwrite:
             if list_checkpoints(output):
                 raise SdtuneError(
@@ -413,6 +415,22 @@ def sweep_run_folder(lock: OutputLock) -> None:
         lock.sweep(lambda name: IMAGE_NAME.match(name) is not None, images)
     lock.sweep(lambda name: name.startswith("class-"), output / CLASS_IMAGES_FOLDER)
     lock.sweep(lambda name: name.startswith("step-"), output / "checkpoints")
+
+
+def check_not_replacing_inputs(output: Path, config: TrainConfig) -> None:
+    """No run writes onto its own input: an --init-weights or --base-adapters file that is one of the earlier run's
+    files, which --overwrite replaces, is refused (it would be gone, and the new adapter's record of it with it)."""
+    from .adapter import adapter_path
+    from .config import parse_base_adapter
+
+    replaced = [(output / name).resolve() for name in RUN_FILES + RUN_FOLDERS]
+    inputs = ([("--init-weights", config.init_weights)] if config.init_weights else []) + [
+        ("--base-adapters", base.path) for base in map(parse_base_adapter, config.base_adapters)]
+    for flag, given in inputs:
+        path = adapter_path(given).resolve()
+        if any(path == earlier or earlier in path.parents for earlier in replaced):
+            raise SdtuneError(f"{flag} {given} is the earlier run's in {output}, which --overwrite replaces: copy it out of "
+                              "the folder first, or choose another --output")
 
 
 def earlier_run(output: Path) -> list[str]:

@@ -203,6 +203,19 @@ def test_training_on_base_adapters_equals_training_on_a_model_they_were_merged_i
     assert "loha/adapter.safetensors` at strength 0.7" in card
 
 
+def test_overwriting_the_run_that_holds_the_starting_files_is_refused(trained, tmp_path):
+    """No run writes onto its own input: --overwrite would replace the earlier run's adapter the run starts from or
+    trains on; a file of the user's own in the folder, which it leaves, is fine."""
+    import shutil
+
+    run = shutil.copytree(trained["lora"], tmp_path / "run")
+    for changes in ({"init_weights": str(run)}, {"base_adapters": [f"{run / 'adapter.safetensors'}:0.5"]}):
+        with pytest.raises(SdtuneError, match=r"is the earlier run's in .*, which --overwrite replaces: copy it out of the folder"):
+            plan_run(settings(run, method="lora", overwrite=True, **changes))
+    shutil.copy(run / "adapter.safetensors", run / "mine.safetensors")
+    assert plan_run(settings(run, method="lora", overwrite=True, init_weights=str(run / "mine.safetensors"))).start.startswith("replaces")
+
+
 def test_base_adapters_in_toml_and_from_the_command_line(trained, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text(f'method = "lora"\nmodel = "tiny-random"\nbase_adapters = ["{trained["loha"]}:0.5"]\ninit_weights = "{trained["lora"]}"\n')
