@@ -522,7 +522,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
     result = SweepResult(plan, [], [], {}, None)
     if config.dry_run:
         where = f" (shard {config.shard}: {len(runs)})" if shard else ""
-        log(f"plan {plan.name}: {len(plan.runs)} runs{where}, into {plan.output}")
+        log(f"plan {plan.name}: {counted(len(plan.runs), 'run')}{where}, into {plan.output}")
         for line in dry_run_lines(plan, runs):
             log(line)
         return result

@@ -252,6 +252,7 @@ def test_a_run_started_from_init_weights_on_base_adapters_extends_and_is_sampled
     assert drawn["adapter"] == ["start/adapter.safetensors", "lora"] and drawn["adapter_scale"] == [0.5, 1.0], drawn
     longer = write_plan(tmp_path, plan_text(3), name="longer.toml")
     dry = invoke("sweep", longer, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[0].startswith("plan started: 1 run, into ")
     assert dry[1].split()[1:3] == ["lora", "extends"] and dry[1].endswith(f"3 steps, starts from {start}, on base adapters {start} at 0.5; resumes at step 2"), dry
     result, lines = sweep(longer, tmp_path / "out")
     assert any(line.endswith("extending its training to 3 steps: resumes at step 2") for line in lines), lines
