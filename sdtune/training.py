@@ -725,6 +725,10 @@ class Trainer:
         config, inputs, device = self.config, self.inputs, self.device
         labelled = inputs.labelled
         warn_truncated_prompts(self.tokenizer, self.config.max_token_length, self.dataset.captions if labelled is not None else sorted(set(self.image_prompts)))
+        if config.validate_every and self.accelerator.is_main_process:  # drawn at every check: said once, as sampling says it
+            lines = inputs.sample_lines
+            warn_truncated_prompts(self.tokenizer, config.max_token_length,
+                                   [line.prompt for line in lines] + [line.negative_prompt for line in lines if line.negative_prompt])
         self.validation_loss = None
         if config.validate_every and self.accelerator.is_main_process:
             held_out = self.dataset

@@ -631,6 +631,15 @@ def test_the_dry_run_says_the_validation_size(tmp_path, tiny_path):
     assert "validation every 5 steps: 2 prompts up to 96x80 (1 with settings of their own)" in plan_run(config).summary()
 
 
+def test_a_validation_prompt_longer_than_the_text_encoder_reads_is_named_once(tmp_path, tiny_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a <castle> " + "tower " * 80 + "at dusk --s 1\nshort <castle> --s 1\n")
+    with pytest.warns(UserWarning) as said:
+        run_training(tmp_path, "long", steps=1, validate_every=1, validation_prompts=str(prompts))
+    truncated = [str(w.message) for w in said if "truncated" in str(w.message)]
+    assert len(truncated) == 1 and truncated[0].startswith("prompt 'a sks castle tower") and "is not read" in truncated[0], truncated
+
+
 def test_validation_settings_without_validate_every_say_they_draw_nothing(tmp_path, tiny_path):
     """As kohya-ss' --sample_prompts without a period: nothing is drawn, and a warning says so before the model loads."""
     from sdtune.training import plan_run
