@@ -214,7 +214,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     if config.base_adapters:
         from .starting_weights import base_adapter_bytes, check_base_adapters
 
-        base_bytes = base_adapter_bytes(check_base_adapters(config.base_adapters))
+        base_bytes = base_adapter_bytes(check_base_adapters(config.base_adapters, config.model))
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     if config.train_text_encoder and not method.trains_text_encoder:
         able = [name for name in methods.available() if methods.method_class(name).trains_text_encoder]
