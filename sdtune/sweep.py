@@ -548,14 +548,15 @@ def train_sample_and_measure(plan: Plan, runs: list[RunSpec], result: SweepResul
         main = state.is_main_process
         log = log if main else (lambda message: None)
         metric_set = METRIC_SETS[plan.metrics]()
-        if main:
-            metric_set.prepare(plan, log)
-            from .data import read_prompt_lines
+        # the runs of a sweep share their inputs, and so their warnings: each is shown once, from the checks below on
+        with each_warning_once():
+            if main:
+                metric_set.prepare(plan, log)
+                from .data import read_prompt_lines
 
-            # a missing or empty prompt file, or a line's bad option, stops the sweep now, not after each run's training
-            for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
-                read_prompt_lines(prompts)
-        with each_warning_once():  # the runs of a sweep share their inputs, and so their warnings
+                # a missing or empty prompt file, or a line's bad option, stops the sweep now, not after each run's training
+                for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
+                    read_prompt_lines(prompts)
             for number, run in enumerate(runs, 1):
                 prefix = f"[{number}/{len(runs)}] {run.name}"
                 if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():

@@ -293,6 +293,19 @@ def test_a_warning_every_run_gives_alike_is_shown_once(tmp_path, private_cache):
     assert len(skipped) == 2 and {"first" in message for message in skipped} == {True, False}, skipped
 
 
+def test_a_prompt_files_warning_is_shown_once_for_its_check_and_the_runs_that_read_it(tmp_path, private_cache):
+    """The [sample] prompt file is checked before the first run trains, and read again by each run's validation."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a <castle> --s 1 --ss euler_a\n")
+    plan = write_plan(tmp_path, f'name = "once"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nresolution = 32\nsteps = 1\n'
+                                f'log_with = "none"\nvalidate_every = 1\nvalidation_prompts = "{prompts}"\n'
+                                f'[axes]\nseed = [0, 1]\n[sample]\nprompts = "{prompts}"\nnum_images = 1\nsteps = 1\n')
+    with pytest.warns(UserWarning) as said:
+        result, lines = sweep(plan, tmp_path / "out")
+    assert len(result.ran) == 2, lines
+    assert sum("ignored --ss" in str(warning.message) for warning in said) == 1, [str(w.message) for w in said]
+
+
 def test_a_run_another_sweep_process_holds_is_left_to_it(tmp_path, private_cache):
     from sdtune.fileio import OutputLock
     from sdtune.sweep import RUN_LOCK
