@@ -484,9 +484,8 @@ def pending_state(run: RunSpec) -> tuple[str, str]:
 def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
     """One line a run: index, name, state, and what it trains; then what the states other than pending,
     finished and failed mean."""
-    from .methods import method_class
-
     from .config import parse_base_adapter
+    from .methods import method_class
 
     width = max((len(run.name) for run in runs), default=0)
     lines = []
@@ -505,8 +504,8 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
         if len(note) > WHY_WIDTH:
             note = note[:WHY_WIDTH - 3] + "..."
         # where its weights start, as training's dry run says: the file its tensors start from, the adapters beneath
-        start = (f", starts from {train.init_weights}" if train.init_weights else "") + (", on base adapters " + ", ".join(
-            f"{base.path} at {base.strength:g}" for base in map(parse_base_adapter, train.base_adapters)) if train.base_adapters else "")
+        bases = ", ".join(f"{base.path} at {base.strength:g}" for base in map(parse_base_adapter, train.base_adapters))
+        start = (f", starts from {train.init_weights}" if train.init_weights else "") + (f", on base adapters {bases}" if bases else "")
         lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {state:<8}  {train.method}"
                      f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps{start}"
                      + (f"; {note}" if note else ""))
