@@ -137,13 +137,14 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     bases = recorded_base_adapters(info)
     stack = [r["name"] for r in bases] + [path.name]
     strengths = [float(r.get("strength", 1.0)) for r in bases] + [1.0]
-    scales = f" --adapter-scale {','.join(f'{s:g}' for s in strengths)}" if bases else ""
+    listed = ",".join(f"{s:g}" for s in strengths)
+    sample_scales, merge_scales = (f" --adapter-scale {listed}", f" --scale {listed}") if bases else ("", "")
     lines += [
         "", "## Use it", "", "```bash",
-        f'sdtune sample {" ".join("--adapter " + a for a in stack)}{scales} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
+        f'sdtune sample {" ".join("--adapter " + a for a in stack)}{sample_scales} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
         f"sdtune export {path.name} --format kohya --output {name}.safetensors      # ComfyUI, AUTOMATIC1111, LyCORIS, InvokeAI"
         + (" (beside its base adapters)" if bases else ""),
-        f"sdtune merge {' '.join(stack)}{scales.replace('--adapter-scale', '--scale')} --output {name}-merged/                        # a whole diffusers pipeline",
+        f"sdtune merge {' '.join(stack)}{merge_scales} --output {name}-merged/                        # a whole diffusers pipeline",
         "```", "", "```python", "import sdtune", *["from diffusers import DDIMScheduler"] * zero_snr,
         *(["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{info.base_model}")']
           if is_hub_id(info.base_model) else

@@ -45,7 +45,7 @@ def check_base_adapters(entries: list[str], model: str | None = None) -> list[Ba
         try:
             info = adapter_info(base.path)
             if model is not None and is_kohya_file(adapter_path(base.path)):
-                check_kohya_family(info.extra, model, f"{base.path}")
+                check_kohya_family(info.extra, model, base.path)
         except SdtuneError as error:
             raise SdtuneError(f"--base-adapters: {error}") from None
     return bases
