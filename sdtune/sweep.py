@@ -274,7 +274,7 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
     EvaluateConfig.load(None, **evaluate, run=str(folder))
     resolved = train.resolved(default_lr)
     spec = RunSpec(index, name, axes, folder, train, sample, evaluate)
-    spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics)
+    spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics, starting_digests(train))
     return spec
 
 
@@ -324,14 +324,48 @@ def _toml_round_trip(text: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def fingerprint(train: dict, sample: SampleConfig | None, evaluate: dict, metrics: str) -> str:
+def fingerprint(train: dict, sample: SampleConfig | None, evaluate: dict, metrics: str, starting: list | None = None) -> str:
     sampled = None
     if sample is not None:
         sampled = {k: v for k, v in sample.to_dict().items() if k not in PER_RUN_SAMPLE}
         if sample.prompts and Path(sample.prompts).is_file():  # an edited prompt file is a new setting
             sampled["prompts_text"] = Path(sample.prompts).read_text(encoding="utf-8", errors="replace")
-    text = json.dumps({"train": train, "sample": sampled, "evaluate": evaluate, "metrics": metrics}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    settings = {"train": train, "sample": sampled, "evaluate": evaluate, "metrics": metrics}
+    if starting:  # a starting file written again is a new setting too (a plan without them keeps its fingerprints)
+        settings["starting"] = starting
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def starting_digests(train: TrainConfig) -> list[tuple[str, str | None]]:
+    """Each of the run's init_weights and base_adapters files, in that order, with its digest (None where it is not
+    there yet)."""
+    from .adapter import adapter_digest, adapter_path
+    from .config import parse_base_adapter
+
+    digests: list[tuple[str, str | None]] = []
+    for path in ([train.init_weights] if train.init_weights else []) + [base.path for base in map(parse_base_adapter, train.base_adapters)]:
+        try:
+            digests.append((path, adapter_digest(adapter_path(path))))
+        except (SdtuneError, OSError):
+            digests.append((path, None))
+    return digests
+
+
+def starting_files_changed(run: RunSpec) -> str:
+    """The run's init_weights and base_adapters files that are not the ones its adapter records it trained on (written
+    again since), in a few words; "" where none is, or there is no adapter to tell."""
+    from .adapter import read_adapter_info, recorded_base_adapters, recorded_init_weights
+
+    if not (run.train.init_weights or run.train.base_adapters) or not (run.folder / ADAPTER_FILE).is_file():
+        return ""
+    try:
+        info = read_adapter_info(run.folder)[0]
+    except SdtuneError:
+        return ""
+    start = recorded_init_weights(info) or {}
+    recorded = ([start.get("digest")] if run.train.init_weights else []) + [r.get("digest") for r in recorded_base_adapters(info)]
+    changed = {path for (path, digest), trained_on in zip(starting_digests(run.train), recorded) if digest != trained_on}
+    return f"{', '.join(sorted(changed))} written again since it trained" if changed else ""
 
 
 def shard_runs(runs: list[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
@@ -477,7 +511,7 @@ def pending_state(run: RunSpec) -> tuple[str, str]:
         written = {k: v for k, v in read_toml(run.folder / "config.toml").items() if k not in RUN_CONTROL}
     except SdtuneError:  # no config.toml (nothing started), or not one to read: trained afresh either way
         return "pending", ""
-    same = written == train_settings(as_trained(run.train))
+    same = written == train_settings(as_trained(run.train)) and not note  # a note: why settings alike still retrain
     return ("pending", "") if same or not (run.folder / ADAPTER_FILE).is_file() else ("changed", note)
 
 
@@ -521,7 +555,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
     result = SweepResult(plan, [], [], {}, None)
     if config.dry_run:
         where = f" (shard {config.shard}: {len(runs)})" if shard else ""
-        log(f"plan {plan.name}: {counted(len(plan.runs), 'run')}{where}, into {plan.output}")
+        log(f"plan {plan.name}: {len(plan.runs)} run{'' if len(plan.runs) == 1 else 's'}{where}, into {plan.output}")
         for line in dry_run_lines(plan, runs):
             log(line)
         return result
@@ -656,7 +690,7 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
 def training_state(run: RunSpec) -> tuple[str, str]:
     """trained (finished with these settings), resumable (checkpoints of these settings), extendable (checkpoints of
     these settings but fewer steps, see `extension`) or fresh; with extendable where it resumes, with fresh why a run
-    trained before is not extended ("" where there is none, or it differs in more than its steps)."""
+    trained before is not extended or kept ("" where there is none, or it differs in more than its steps)."""
     from .checkpoints import list_checkpoints
     from .tracking import METRICS_FILE, read_metrics_log
 
@@ -669,6 +703,9 @@ def training_state(run: RunSpec) -> tuple[str, str]:
         written = {k: v for k, v in read_toml(config_path).items() if k not in RUN_CONTROL}
     except SdtuneError:
         return "fresh", ""
+    changed = starting_files_changed(run)
+    if changed:  # trained on other weights than the plan's files hold now: trained afresh, never resumed or extended
+        return "fresh", changed
     if written != train_settings(as_trained(run.train)):
         extends, note = extension(run, written)
         return ("extendable" if extends else "fresh"), note

@@ -256,6 +256,11 @@ def test_a_run_started_from_init_weights_on_base_adapters_extends_and_is_sampled
     assert dry[1].split()[1:3] == ["lora", "extends"] and dry[1].endswith(f"3 steps, starts from {start}, on base adapters {start} at 0.5; resumes at step 2"), dry
     result, lines = sweep(longer, tmp_path / "out")
     assert any(line.endswith("extending its training to 3 steps: resumes at step 2") for line in lines), lines
+    # the file it started from and trained on, written again (trained anew): the run is trained afresh, and says why
+    train(TrainConfig(model="tiny-random", method="lora", options={"targets": "transformer"}, steps=1, resolution=32, seed=1,
+                      log_with="none", output=str(tmp_path / "start"), overwrite=True), progress=False)
+    dry = invoke("sweep", longer, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].split()[2] == "changed" and dry[1].endswith(f"; {start} written again since it trained"), dry
 
 
 def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache):
