@@ -47,7 +47,10 @@ def check_base_adapters(entries: list[str], model: str | None = None) -> list[Ba
             if model is not None and is_kohya_file(adapter_path(base.path)):
                 check_kohya_family(info.extra, model, base.path)
         except SdtuneError as error:
-            raise SdtuneError(f"--base-adapters: {error}") from None
+            head, colon, _ = base.path.rpartition(":")  # FILE:abc, read as a file's name: say what it was taken for
+            hint = (f" ({head} is there: the strength after ':' is a number, such as {head}:0.5)"
+                    if colon and head and not Path(base.path).exists() and Path(head).exists() else "")
+            raise SdtuneError(f"--base-adapters: {error}{hint}") from None
     return bases
 
 

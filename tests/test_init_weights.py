@@ -231,6 +231,8 @@ def test_base_adapters_in_toml_and_from_the_command_line(trained, tmp_path):
     assert result.exit_code == 2 and "adapter not found" in result.output, result.output
     result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--dry-run", "--base-adapters", f"{trained['loha']}:1000"])
     assert result.exit_code == 2 and "the strength must lie within ±100, as sdtune sample's --adapter-scale, got 1000" in result.output
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--dry-run", "--base-adapters", f"{trained['loha']}:abc"])
+    assert result.exit_code == 2 and f"({trained['loha']} is there: the strength after ':' is a number, such as {trained['loha']}:0.5)" in result.output
 
 
 def test_init_weights_start_the_text_encoder_too(trained, tmp_path):
