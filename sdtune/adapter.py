@@ -679,8 +679,10 @@ def stacked_base_adapters(paths: list, infos: list, scales: list[float] | None =
                 missing.append(record)
         beneath.append(sorted(set(found)))
         if missing:
+            strengths = ",".join(f"{float(r.get('strength', 1.0)):g}" for r in missing)
             notices.append(f"{path} was trained on top of base adapters that are not loaded with it: {base_adapters_text(missing)}; "
-                           "give them too (sdtune sample --adapter BASE --adapter THIS --adapter-scale S,1) to draw what it learned")
+                           f"stack them beneath it to draw what it learned (sdtune sample --adapter BASE --adapter THIS "
+                           f"--adapter-scale {strengths},1)")
         if elsewhere:
             notices.append(f"{path} was trained on top of base adapters loaded with it at another strength: {', '.join(elsewhere)}; "
                            "give them at the strength it records to draw what it learned")

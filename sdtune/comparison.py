@@ -281,13 +281,15 @@ def grid_sample_configs(runs: list[RunSummary], lines: list, config: CompareConf
     from .config import SampleConfig
     from .limits import check_sample_fits
     from .models import DEFAULT_MODEL
-    from .sampling import grid_size
+    from .sampling import found_base_adapters, grid_size
 
     configs = []
     filed = any(line.where for line in lines)
     for run in runs:
+        bases = found_base_adapters(run.path)  # a run trained on base adapters is drawn on them, as it trained
         sample_config = SampleConfig(
-            adapter=str(run.path),
+            adapter=[base.path for base in bases] + [str(run.path)],
+            adapter_scale=[base.strength for base in bases] + [1.0] if bases else 1.0,
             prompt=[line.prompt for line in lines if not line.where],  # `sample` draws these first, as `grid_prompts` lists them
             prompts=str(output / "samples" / GRID_PROMPTS_FILE) if filed else None,
             output=str(output / "samples" / run.name),

@@ -208,6 +208,9 @@ def parse_base_adapter(entry: str) -> BaseAdapter:
             return BaseAdapter(entry)
         if not math.isfinite(strength):
             raise SdtuneError(f"--base-adapters {entry}: the strength must be a finite number, got {tail!r}")
+        if abs(strength) > MAX_ADAPTER_SCALE:  # sampling the run stacked on it takes no more
+            raise SdtuneError(f"--base-adapters {entry}: the strength must lie within ±{MAX_ADAPTER_SCALE:g}, as sdtune "
+                              f"sample's --adapter-scale, got {tail}")
         return BaseAdapter(head, strength)
     if not entry:
         raise SdtuneError("--base-adapters takes FILE or FILE:STRENGTH, got an empty entry")

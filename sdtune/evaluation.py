@@ -524,11 +524,12 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     # The generated images: the folder's, or sampled now with the run's adapter.
     if not config.images:
-        from .sampling import sample
+        from .sampling import found_base_adapters, sample
 
+        bases = found_base_adapters(config.run)  # a run trained on base adapters is drawn on them, as it trained
         result = sample(
             SampleConfig(
-                adapter=config.run,
+                adapter=[base.path for base in bases] + [config.run],
                 prompt=prompts,
                 output=str(run / SAMPLES_FOLDER),
                 num_images=config.num_images,
@@ -540,7 +541,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
                 height=config.height,
                 negative_prompt=config.negative_prompt,
                 scheduler=config.scheduler,
-                adapter_scale=config.adapter_scale,
+                adapter_scale=[base.strength for base in bases] + [config.adapter_scale] if bases else config.adapter_scale,
                 dtype=config.dtype,
                 overwrite=True,  # the evaluation's own folder: measuring again draws it again
             ),

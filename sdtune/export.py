@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,7 +202,10 @@ def export_adapter(
                 if full_diff:
                     state = with_zero_diffs(state, missing)
             bundles, bundle_metadata = kohya_bundles(info, token_rows, len(token_rows) > 1) if token_rows else ({}, {})
-            write_kohya(output, in_dtype({**state, **bundles}, dtype), info, {**training_metadata(path, info, spec.get("modelspec.resolution")), **extra, **spec, **bundle_metadata})
+            trained = training_metadata(path, info, spec.get("modelspec.resolution"))
+            if "ss_resolution" in trained:  # kohya-ss' modelspec.resolution is the training resolution too
+                spec = {**spec, "modelspec.resolution": "x".join(re.findall(r"\d+", trained["ss_resolution"]))}
+            write_kohya(output, in_dtype({**state, **bundles}, dtype), info, {**trained, **extra, **spec, **bundle_metadata})
             if missing is not None:
                 notes = _full_diff_notes(missing, state, full_diff, output.stat().st_size)
             # only a LoRA's file is one diffusers would otherwise load

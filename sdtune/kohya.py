@@ -373,7 +373,8 @@ def kohya_info(path: Path, metadata: dict[str, str]) -> AdapterInfo:
         fingerprint="",
         placeholder=metadata.get("sdtune_placeholder", ""),
         token=metadata.get("sdtune_token", ""),
-        extra=dict(metadata),
+        # sdtune_init_weights and sdtune_base_adapters (its export of an adapter's records) read back as those records
+        extra={**metadata, **{key: metadata[f"sdtune_{key}"] for key in (INIT_WEIGHTS_KEY, BASE_ADAPTERS_KEY) if f"sdtune_{key}" in metadata}},
     )
 
 

@@ -49,7 +49,7 @@ def merge_adapter(
 
     from .adapter import adapter_info, adapter_path, load_adapter, load_adapters
     from .models import DEFAULT_MODEL, load_pipeline
-    from .sampling import zero_snr_adapters, zero_snr_scheduler
+    from .sampling import base_adapters_among, zero_snr_adapters, zero_snr_scheduler
 
     sources = list(source) if isinstance(source, (list, tuple)) else [source]
     scales = strengths(scale, len(sources))
@@ -64,7 +64,9 @@ def merge_adapter(
     output = Path(output)
     check_output_target(output, [adapter_path(s) for s in sources], overwrite)
     infos = [adapter_info(s) for s in sources]
-    flags = {str(source): reading_flags(source, info) for source, info in zip(sources, infos) if reading_flags(source, info)}
+    beneath = base_adapters_among(sources, infos)  # another of the stack trained on top of them, reading prompts its own way
+    flags = {str(source): reading_flags(source, info) for index, (source, info) in enumerate(zip(sources, infos))
+             if index not in beneath and reading_flags(source, info)}
     with output_file_lock(output):
         pipe = load_pipeline(model or infos[0].base_model or DEFAULT_MODEL)
         keys = set(pipe.unet.state_dict())

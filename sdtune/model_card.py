@@ -131,16 +131,26 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     call = "".join([f", clip_skip={reading.clip_skip - 1}"] * (reading.clip_skip > 1) + [", guidance_rescale=0.7"] * zero_snr)
     long_prompts = [f"# trained reading prompts to {reading.max_token_length} tokens; this pipeline reads 75 (sdtune sample "
                     f"reads {reading.max_token_length})"] * (reading.max_token_length != 75)
+    # trained on base adapters: drawn stacked on them, each at its strength, as its training drew
+    from .adapter import recorded_base_adapters
+
+    bases = recorded_base_adapters(info)
+    stack = [r["name"] for r in bases] + [path.name]
+    strengths = [float(r.get("strength", 1.0)) for r in bases] + [1.0]
+    listed = ",".join(f"{s:g}" for s in strengths)
+    sample_scales, merge_scales = (f" --adapter-scale {listed}", f" --scale {listed}") if bases else ("", "")
     lines += [
         "", "## Use it", "", "```bash",
-        f'sdtune sample --adapter {path.name} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
-        f"sdtune export {path.name} --format kohya --output {name}.safetensors      # ComfyUI, AUTOMATIC1111, LyCORIS, InvokeAI",
-        f"sdtune merge {path.name} --output {name}-merged/                        # a whole diffusers pipeline",
+        f'sdtune sample {" ".join("--adapter " + a for a in stack)}{sample_scales} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
+        f"sdtune export {path.name} --format kohya --output {name}.safetensors      # ComfyUI, AUTOMATIC1111, LyCORIS, InvokeAI"
+        + (" (beside its base adapters)" if bases else ""),
+        f"sdtune merge {' '.join(stack)}{merge_scales} --output {name}-merged/                        # a whole diffusers pipeline",
         "```", "", "```python", "import sdtune", *["from diffusers import DDIMScheduler"] * zero_snr,
         *(["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{info.base_model}")']
           if is_hub_id(info.base_model) else
           ["from sdtune.models import load_pipeline", "", f'pipe = load_pipeline("{info.base_model}")']),
-        f'sdtune.load_adapter("{path.name}", pipe)   # merged; scale=0.8 weakens it',
+        (f'sdtune.load_adapters({json.dumps(stack)}, pipe, {json.dumps(strengths)})   # merged, each at its strength' if bases else
+         f'sdtune.load_adapter("{path.name}", pipe)   # merged; scale=0.8 weakens it'),
         *[ZERO_SNR_SCHEDULER] * zero_snr,
         *long_prompts,
         f'image = pipe("{fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())}"{call}).images[0]',

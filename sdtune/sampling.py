@@ -421,8 +421,14 @@ def generation_settings(pipe, config: SampleConfig, model: str, dtype, scale: fl
 
 
 def shown_name(source: str) -> str:
-    """A model or adapter as an image may show it: a hub id as it is, a local file or folder by its name."""
+    """A model or adapter as an image may show it: a hub id as it is, a local file or folder by its name (a run's
+    adapter file by its run's too: every run's is adapter.safetensors)."""
+    from .adapter import ADAPTER_FILE
+    from .training import EMA_ADAPTER_FILE
+
     path = Path(source)
+    if path.name in (ADAPTER_FILE, EMA_ADAPTER_FILE) and path.is_file():
+        return f"{path.resolve().parent.name}/{path.name}"
     return path.name if path.exists() else source
 
 
@@ -472,21 +478,24 @@ ZERO_SNR_GUIDANCE_RESCALE = 0.7  # what Lin et al. (2023) recommend for zero-ter
 def adapters_reading(adapters: list, infos: list, given: dict | None = None):
     """How prompts are read (conditioning.PromptReading): each setting as `given` (a setting's name → the value asked
     for, or None) sets it, else as the adapters were trained (the default where they recorded nothing), on which
-    stacked adapters must then agree."""
+    stacked adapters must then agree, but for those another of the stack was trained on top of (its base adapters),
+    which it read prompts through its own way."""
     from dataclasses import fields
 
     from .conditioning import MAX_TOKEN_LENGTHS, PromptReading
     from .errors import SdtuneError
 
+    beneath = base_adapters_among(adapters, infos)
     values = {}
     for setting in fields(PromptReading):
         name, default, asked = setting.name, setting.default, (given or {}).get(setting.name)
         found = {}
-        for adapter, info in zip(adapters, infos):
+        for index, (adapter, info) in enumerate(zip(adapters, infos)):
             recorded = str(info.extra[name]) if name in info.extra else kohya_recorded(info, name, default)
             if not recorded.isdigit() or int(recorded) < 1 or (name == "max_token_length" and int(recorded) not in MAX_TOKEN_LENGTHS):
                 raise SdtuneError(f"{adapter} records {name} {recorded!r}, which no run writes: the file is damaged")
-            found[str(adapter)] = int(recorded)
+            if index not in beneath:
+                found[str(adapter)] = int(recorded)
         if asked is not None:
             values[name] = asked
             continue
@@ -496,6 +505,33 @@ def adapters_reading(adapters: list, infos: list, given: dict | None = None):
             raise SdtuneError(f"the stacked adapters were trained with different {flag} ({trained}); give {flag} for the stack")
         values[name] = next(iter(found.values()), default)
     return PromptReading(**values)
+
+
+def base_adapters_among(adapters: list, infos: list) -> set[int]:
+    """The indices of the stacked adapters that another adapter of the stack records as its base adapters (by digest)."""
+    from .adapter import stacked_base_adapters
+
+    return {index for beneath in stacked_base_adapters([str(a) for a in adapters], infos)[0] for index in beneath}
+
+
+def found_base_adapters(adapter) -> list:
+    """The base adapters (config.BaseAdapter) a run's adapter was trained on, as its config.toml names them, where each
+    file is found with the digest the adapter recorded; none where one is not (it is then drawn alone, with the warning
+    that says so). For the commands that draw runs as they trained and take no adapters to stack: compare, evaluate."""
+    from .adapter import adapter_digest, adapter_info, adapter_path, recorded_base_adapters
+    from .config import parse_base_adapter, read_toml
+    from .errors import SdtuneError
+
+    path = adapter_path(adapter)
+    records = recorded_base_adapters(adapter_info(path))
+    if not records or not (path.parent / "config.toml").is_file():
+        return []
+    try:
+        bases = [parse_base_adapter(entry) for entry in read_toml(path.parent / "config.toml").get("base_adapters", [])]
+        digests = [adapter_digest(adapter_path(base.path)) for base in bases]
+    except (SdtuneError, OSError, TypeError, AttributeError):
+        return []
+    return bases if digests == [record.get("digest") for record in records] else []
 
 
 def kohya_recorded(info, name: str, default: int) -> str:

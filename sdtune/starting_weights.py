@@ -34,17 +34,34 @@ def base_adapter_records(bases: list[BaseAdapter]) -> list[dict[str, Any]]:
     return [{**file_record(base.path), "strength": base.strength} for base in bases]
 
 
-def check_base_adapters(bases: list[BaseAdapter]) -> list[BaseAdapter]:
+def check_base_adapters(bases: list[BaseAdapter], model: str | None = None) -> list[BaseAdapter]:
     """`bases` (a config's `base_adapter_entries`), each file read far enough to refuse what no loader takes (before
-    the model loads)."""
-    from .adapter import adapter_info
+    the model loads): with `model`, also a kohya file recorded for another model family."""
+    from .adapter import adapter_info, adapter_path
+    from .kohya import is_kohya_file
 
     for base in bases:
         try:
-            adapter_info(base.path)
+            info = adapter_info(base.path)
+            if model is not None and is_kohya_file(adapter_path(base.path)):
+                check_kohya_family(info.extra, model, base.path)
         except SdtuneError as error:
-            raise SdtuneError(f"--base-adapters: {error}") from None
+            head, colon, _ = base.path.rpartition(":")  # FILE:abc, read as a file's name: say what it was taken for
+            hint = (f" ({head} is there: the strength after ':' is a number, such as {head}:0.5)"
+                    if colon and head and not Path(base.path).exists() and Path(head).exists() else "")
+            raise SdtuneError(f"--base-adapters: {error}{hint}") from None
     return bases
+
+
+def check_kohya_family(metadata: dict[str, str], model: str, where: str) -> None:
+    """A kohya file recorded (`ss_base_model_version`) for another model family than `model`'s is refused."""
+    from .kohya import kohya_layout
+    from .models import read_model_configs
+
+    recorded = metadata.get("ss_base_model_version", "")
+    family = kohya_layout(read_model_configs(model).unet).base_model_version
+    if recorded and recorded.split("_")[:2] != family.split("_")[:2]:  # sd_v1, sd_v2, sdxl_base...
+        raise SdtuneError(f"{where} was trained on a {recorded} model; --model {model} is {family}")
 
 
 def base_adapter_bytes(bases: list[BaseAdapter]) -> int:
@@ -134,18 +151,14 @@ def init_weights_options(config) -> StartingOptions:
     method or update kind, another model family, or options that give its tensors another meaning."""
     from . import methods
     from .adapter import adapter_path, read_adapter_info
-    from .kohya import TEXT_ENCODER_PREFIX, is_kohya_file, kohya_layout
-    from .models import read_model_configs
+    from .kohya import TEXT_ENCODER_PREFIX, is_kohya_file
 
     method_class = methods.method_class(config.method)
     path = adapter_path(config.init_weights)
     where = f"--init-weights {path}"
     if is_kohya_file(path):
         header = read_kohya_header(path)
-        recorded = header.metadata.get("ss_base_model_version", "")
-        family = kohya_layout(read_model_configs(config.model).unet).base_model_version
-        if recorded and recorded.split("_")[:2] != family.split("_")[:2]:  # sd_v1, sd_v2, sdxl_base...
-            raise SdtuneError(f"{where} was trained on a {recorded} model; --model {config.model} is {family}")
+        check_kohya_family(header.metadata, config.model, where)
         if any(module.startswith(TEXT_ENCODER_PREFIX) for module in header.shapes) and not config.train_text_encoder:
             raise SdtuneError(f"{where} changes the text encoder too: add --train-text-encoder to start from all of it")
         try:

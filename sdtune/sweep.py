@@ -266,13 +266,47 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
             # a run trained on a dataset samples its classes, one row each, as `sdtune sample --dataset` draws them
             sampled.update(dataset=train.dataset, data_root=train.data_root, classes=train.classes or None,
                            class_template=train.class_template)
-        sample = SampleConfig.load(None, **sampled, adapter=str(folder), output=str(folder / SAMPLES_FOLDER), overwrite=True)
+        adapters: list[str] = [str(folder)]
+        if train.base_adapters:
+            adapters, sampled = _stacked_on_base_adapters(train, adapters, sampled)
+        sample = SampleConfig.load(None, **sampled, adapter=adapters, output=str(folder / SAMPLES_FOLDER), overwrite=True)
     evaluate = substitute(plan.evaluate, names)
     EvaluateConfig.load(None, **evaluate, run=str(folder))
     resolved = train.resolved(default_lr)
     spec = RunSpec(index, name, axes, folder, train, sample, evaluate)
-    spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics)
+    spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics, starting_digests(train))
     return spec
+
+
+def _stacked_on_base_adapters(train: TrainConfig, adapters: list[str], sampled: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """A run trained on base adapters is drawn on them, as its validation grids are: each stacked beneath it at its
+    strength, and prompts read as training read them (the files may record other readings)."""
+    scale = sampled.get("adapter_scale", SampleConfig.adapter_scale)
+    if isinstance(scale, list):
+        raise SdtuneError("[sample] adapter_scale sweeps one adapter's strength, and a run trained on base_adapters is "
+                          "sampled with them stacked beneath it: give one strength")
+    bases = train.base_adapter_entries
+    sampled = {**sampled, "adapter_scale": [base.strength for base in bases] + [scale]}
+    for name in ("clip_skip", "max_token_length"):
+        if sampled.get(name) is None:
+            sampled[name] = getattr(train, name)
+    return [base.path for base in bases] + adapters, sampled
+
+
+def as_trained(config: TrainConfig) -> TrainConfig:
+    """The run's settings as training resolves them and config.toml records them: the method's default rate where
+    none is set, and with init_weights the file's options where the plan sets none (a file that cannot be read yet:
+    the plan's own, for training to refuse)."""
+    from .methods import method_class
+
+    if config.init_weights:
+        from .starting_weights import init_weights_options
+
+        try:
+            config = dataclasses.replace(config, options=init_weights_options(config).options)
+        except (SdtuneError, OSError):
+            pass
+    return config.resolved(method_class(config.method).default_lr)
 
 
 def train_settings(config: TrainConfig) -> dict[str, Any]:
@@ -288,14 +322,47 @@ def _toml_round_trip(text: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def fingerprint(train: dict, sample: SampleConfig | None, evaluate: dict, metrics: str) -> str:
+def fingerprint(train: dict, sample: SampleConfig | None, evaluate: dict, metrics: str, starting: list | None = None) -> str:
     sampled = None
     if sample is not None:
         sampled = {k: v for k, v in sample.to_dict().items() if k not in PER_RUN_SAMPLE}
         if sample.prompts and Path(sample.prompts).is_file():  # an edited prompt file is a new setting
             sampled["prompts_text"] = Path(sample.prompts).read_text(encoding="utf-8", errors="replace")
-    text = json.dumps({"train": train, "sample": sampled, "evaluate": evaluate, "metrics": metrics}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    settings = {"train": train, "sample": sampled, "evaluate": evaluate, "metrics": metrics}
+    if starting:  # a starting file written again is a new setting too (a plan without them keeps its fingerprints)
+        settings["starting"] = starting
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def starting_digests(train: TrainConfig) -> list[tuple[str, str | None]]:
+    """Each of the run's init_weights and base_adapters files, in that order, with its digest (None where it is not
+    there yet)."""
+    from .adapter import adapter_digest, adapter_path
+
+    digests: list[tuple[str, str | None]] = []
+    for path in ([train.init_weights] if train.init_weights else []) + [base.path for base in train.base_adapter_entries]:
+        try:
+            digests.append((path, adapter_digest(adapter_path(path))))
+        except (SdtuneError, OSError):
+            digests.append((path, None))
+    return digests
+
+
+def starting_files_changed(run: RunSpec) -> str:
+    """The run's init_weights and base_adapters files that are not the ones its adapter records it trained on (written
+    again since), in a few words; "" where none is, or there is no adapter to tell."""
+    from .adapter import read_adapter_info, recorded_base_adapters, recorded_init_weights
+
+    if not (run.train.init_weights or run.train.base_adapters) or not (run.folder / ADAPTER_FILE).is_file():
+        return ""
+    try:
+        info = read_adapter_info(run.folder)[0]
+    except SdtuneError:
+        return ""
+    start = recorded_init_weights(info) or {}
+    recorded = ([start.get("digest")] if run.train.init_weights else []) + [r.get("digest") for r in recorded_base_adapters(info)]
+    changed = {path for (path, digest), trained_on in zip(starting_digests(run.train), recorded) if digest != trained_on}
+    return f"{', '.join(sorted(changed))} written again since it trained" if changed else ""
 
 
 def shard_runs(runs: list[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:
@@ -428,7 +495,6 @@ WHY_WIDTH = 120  # the dry run's note on what changed, cut to this many characte
 def pending_state(run: RunSpec) -> tuple[str, str]:
     """pending (nothing of it yet, or only a start without a checkpoint), trained, partial, extends or changed; and a
     few words on where an extension starts or why a changed run is trained afresh."""
-    from .methods import method_class
     from .training import RUN_CONTROL
 
     progress, note = training_state(run)
@@ -442,7 +508,7 @@ def pending_state(run: RunSpec) -> tuple[str, str]:
         written = {k: v for k, v in read_toml(run.folder / "config.toml").items() if k not in RUN_CONTROL}
     except SdtuneError:  # no config.toml (nothing started), or not one to read: trained afresh either way
         return "pending", ""
-    same = written == train_settings(run.train.resolved(method_class(run.train.method).default_lr))
+    same = written == train_settings(as_trained(run.train)) and not note  # a note: why settings alike still retrain
     return ("pending", "") if same or not (run.folder / ADAPTER_FILE).is_file() else ("changed", note)
 
 
@@ -467,8 +533,11 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
                 said.append(state)
         if len(note) > WHY_WIDTH:
             note = note[:WHY_WIDTH - 3] + "..."
+        # where its weights start, as training's dry run says: the file its tensors start from, the adapters beneath
+        bases = ", ".join(f"{base.path} at {base.strength:g}" for base in train.base_adapter_entries)
+        start = (f", starts from {train.init_weights}" if train.init_weights else "") + (f", on base adapters {bases}" if bases else "")
         lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {state:<8}  {train.method}"
-                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps"
+                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps{start}"
                      + (f"; {note}" if note else ""))
     return lines + [f"{state}: {PENDING_STATES[state]}" for state in said]
 
@@ -482,7 +551,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepR
     result = SweepResult(plan, [], [], {}, None)
     if config.dry_run:
         where = f" (shard {config.shard}: {len(runs)})" if shard else ""
-        log(f"plan {plan.name}: {len(plan.runs)} runs{where}, into {plan.output}")
+        log(f"plan {plan.name}: {len(plan.runs)} run{'' if len(plan.runs) == 1 else 's'}{where}, into {plan.output}")
         for line in dry_run_lines(plan, runs):
             log(line)
         return result
@@ -508,14 +577,15 @@ def train_sample_and_measure(plan: Plan, runs: list[RunSpec], result: SweepResul
         main = state.is_main_process
         log = log if main else (lambda message: None)
         metric_set = METRIC_SETS[plan.metrics]()
-        if main:
-            metric_set.prepare(plan, log)
-            from .data import read_prompt_lines
+        # the runs of a sweep share their inputs, and so their warnings: each is shown once, from the checks below on
+        with each_warning_once():
+            if main:
+                metric_set.prepare(plan, log)
+                from .data import read_prompt_lines
 
-            # a missing or empty prompt file, or a line's bad option, stops the sweep now, not after each run's training
-            for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
-                read_prompt_lines(prompts)
-        with each_warning_once():  # the runs of a sweep share their inputs, and so their warnings
+                # a missing or empty prompt file, or a line's bad option, stops the sweep now, not after each run's training
+                for prompts in sorted({run.sample.prompts for run in runs if run.sample is not None and run.sample.prompts}):
+                    read_prompt_lines(prompts)
             for number, run in enumerate(runs, 1):
                 prefix = f"[{number}/{len(runs)}] {run.name}"
                 if run.state() == "finished" and (run.folder / ADAPTER_FILE).is_file():
@@ -616,9 +686,8 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
 def training_state(run: RunSpec) -> tuple[str, str]:
     """trained (finished with these settings), resumable (checkpoints of these settings), extendable (checkpoints of
     these settings but fewer steps, see `extension`) or fresh; with extendable where it resumes, with fresh why a run
-    trained before is not extended ("" where there is none, or it differs in more than its steps)."""
+    trained before is not extended or kept ("" where there is none, or it differs in more than its steps)."""
     from .checkpoints import list_checkpoints
-    from .methods import method_class
     from .tracking import METRICS_FILE, read_metrics_log
 
     config_path = run.folder / "config.toml"
@@ -630,7 +699,10 @@ def training_state(run: RunSpec) -> tuple[str, str]:
         written = {k: v for k, v in read_toml(config_path).items() if k not in RUN_CONTROL}
     except SdtuneError:
         return "fresh", ""
-    if written != train_settings(run.train.resolved(method_class(run.train.method).default_lr)):
+    changed = starting_files_changed(run)
+    if changed:  # trained on other weights than the plan's files hold now: trained afresh, never resumed or extended
+        return "fresh", changed
+    if written != train_settings(as_trained(run.train)):
         extends, note = extension(run, written)
         return ("extendable" if extends else "fresh"), note
     records = read_metrics_log(run.folder / METRICS_FILE) if (run.folder / METRICS_FILE).is_file() else []
@@ -647,10 +719,9 @@ def extension(run: RunSpec, written: dict[str, Any]) -> tuple[bool, str]:
     run trained to them in one go: training's rule (`continuation`, as `sdtune train --resume` applies it) on the
     checkpoint's settings, else on config.toml's (`written`). With where it resumes, or why not in a few words."""
     from .checkpoints import DamagedCheckpoint, list_checkpoints, read_state
-    from .methods import method_class
     from .training import continuation
 
-    wanted = run.train.resolved(method_class(run.train.method).default_lr)
+    wanted = as_trained(run.train)
     saved, step = written, None
     for number, folder in reversed(list_checkpoints(run.folder)):  # the newest readable, as --resume latest takes
         try:

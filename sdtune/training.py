@@ -124,6 +124,7 @@ class RunPlan:
     validation_size: tuple[int, int] | None = None  # with --validate-every: the largest (width, height) its images take
     taken_options: dict = field(default_factory=dict)  # the method options --init-weights gave (the run did not set them)
     prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
+    resumes: bool = False  # from a checkpoint (its tensors, optimizer and schedule), not from --init-weights
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -180,7 +181,8 @@ class RunPlan:
             from .starting_weights import describe_taken
 
             taken = describe_taken(self.taken_options)
-            lines.append(f"trained tensors start from {config.init_weights} (a fresh optimizer and schedule)"
+            lines.append((f"trained tensors started from {config.init_weights}; resumed, they are the checkpoint's"
+                          if self.resumes else f"trained tensors start from {config.init_weights} (a fresh optimizer and schedule)")
                          + (f"; from the file: {taken}" if taken else ""))
         if config.train_text_encoder:
             second = f", SDXL's second encoder lr {config.text_encoder_2_lr:g}" if config.text_encoder_2_lr else ""
@@ -212,7 +214,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     if config.base_adapters:
         from .starting_weights import base_adapter_bytes, check_base_adapters
 
-        base_bytes = base_adapter_bytes(check_base_adapters(config.base_adapter_entries))
+        base_bytes = base_adapter_bytes(check_base_adapters(config.base_adapter_entries, config.model))
     method = methods.create(config.method, **config.options)  # bad method or options fail first
     if config.train_text_encoder and not method.trains_text_encoder:
         able = [name for name in methods.available() if methods.method_class(name).trains_text_encoder]
@@ -270,7 +272,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     else:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken,
-                   model_configs.scheduler.get("prediction_type", "epsilon"))
+                   model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:
@@ -294,6 +296,8 @@ def run_start(output: Path, resume: str | None, overwrite: bool, config: TrainCo
     earlier = []
     if not resume:
         earlier = earlier_run(output)
+        if earlier and overwrite:
+            check_not_replacing_inputs(output, config)
         if earlier and not overwrite:
             if list_checkpoints(output):
                 raise SdtuneError(
@@ -360,6 +364,10 @@ def read_inputs(config: TrainConfig) -> Inputs:
     images = [] if labelled is not None else concept_inputs(config)
     if config.validation_images and not config.validate_every:
         warn("--validation-images is used only with --validate-every; no image is held out")
+    drawing = [f"--{name.replace('_', '-')}" for name in ("validation_prompts", "validation_width", "validation_height", "validation_dtype")
+               if getattr(config, name) is not None]
+    if drawing and not config.validate_every:  # kohya-ss' --sample_prompts likewise draws nothing without a period
+        warn(f"{', '.join(drawing)} {'is' if len(drawing) == 1 else 'are'} used only with --validate-every; nothing is drawn")
     held_out_count = config.validation_images if config.validate_every else 0
     training, held_out = validation.hold_out(images, held_out_count, config.seed)
     sample_lines = validation.validation_lines(config) if config.validate_every else []
@@ -407,6 +415,21 @@ def sweep_run_folder(lock: OutputLock) -> None:
         lock.sweep(lambda name: IMAGE_NAME.match(name) is not None, images)
     lock.sweep(lambda name: name.startswith("class-"), output / CLASS_IMAGES_FOLDER)
     lock.sweep(lambda name: name.startswith("step-"), output / "checkpoints")
+
+
+def check_not_replacing_inputs(output: Path, config: TrainConfig) -> None:
+    """No run writes onto its own input: an --init-weights or --base-adapters file that is one of the earlier run's
+    files, which --overwrite replaces, is refused (it would be gone, and the new adapter's record of it with it)."""
+    from .adapter import adapter_path
+
+    replaced = [(output / name).resolve() for name in RUN_FILES + RUN_FOLDERS]
+    inputs = ([("--init-weights", config.init_weights)] if config.init_weights else []) + [
+        ("--base-adapters", base.path) for base in config.base_adapter_entries]
+    for flag, given in inputs:
+        path = adapter_path(given).resolve()
+        if any(path == earlier or earlier in path.parents for earlier in replaced):
+            raise SdtuneError(f"{flag} {given} is the earlier run's in {output}, which --overwrite replaces: copy it out of "
+                              "the folder first, or choose another --output")
 
 
 def earlier_run(output: Path) -> list[str]:
@@ -700,6 +723,10 @@ class Trainer:
         config, inputs, device = self.config, self.inputs, self.device
         labelled = inputs.labelled
         warn_truncated_prompts(self.tokenizer, self.config.max_token_length, self.dataset.captions if labelled is not None else sorted(set(self.image_prompts)))
+        if config.validate_every and self.accelerator.is_main_process:  # drawn at every check: said once, as sampling says it
+            lines = inputs.sample_lines
+            warn_truncated_prompts(self.tokenizer, config.max_token_length,
+                                   [line.prompt for line in lines] + [line.negative_prompt for line in lines if line.negative_prompt])
         self.validation_loss = None
         if config.validate_every and self.accelerator.is_main_process:
             held_out = self.dataset

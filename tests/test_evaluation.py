@@ -451,6 +451,32 @@ def test_compare_grid_draws_prompt_lines_with_their_options_keeping_each_images_
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_run_trained_on_base_adapters_is_compared_and_evaluated_on_them(two_runs, metric_models, tmp_path, monkeypatch):
+    """compare and evaluate take no adapters to stack: a run whose config.toml names base adapters, found with the digests
+    its adapter recorded, is drawn stacked on them, as it trained; without them it is drawn alone, with a warning."""
+    from sdtune.training import train
+
+    monkeypatch.chdir(tmp_path)  # config.toml names the base adapter as given, relative to where the run started
+    shutil.copy(two_runs[1] / "adapter.safetensors", tmp_path / "style.safetensors")
+    on_top = train(TrainConfig(model="tiny-random", method="lora", steps=1, base_adapters=["style.safetensors:0.5"],
+                               output=str(tmp_path / "on-top"), log_with="none"), progress=False).output
+
+    def drawn(folder):
+        settings = json.loads(Image.open(next(folder.iterdir())).text["sdtune"])
+        return settings["adapter"], settings["adapter_scale"]
+
+    sdtune.compare([str(on_top)], str(tmp_path / "cmp"), prompt=["a <castle>"], steps=1, progress=False)
+    assert drawn(tmp_path / "cmp" / "samples" / "on-top" / "images") == (["style.safetensors", "on-top"], [0.5, 1.0])
+    clip_path, dino_path = metric_models
+    sdtune.evaluate(EvaluateConfig(run=str(on_top), num_images=1, steps=1, adapter_scale=0.8, clip_model=str(clip_path),
+                                   dino_model=str(dino_path), fid_features="none"))
+    assert drawn(on_top / "eval-samples" / "images") == (["style.safetensors", "on-top"], [0.5, 0.8])
+    (tmp_path / "style.safetensors").unlink()
+    with pytest.warns(UserWarning, match="on-top was trained on top of base adapters that are not loaded with it"):
+        sdtune.compare([str(on_top)], str(tmp_path / "cmp"), prompt=["a <castle>"], steps=1, progress=False)
+    assert drawn(tmp_path / "cmp" / "samples" / "on-top" / "images") == ("on-top", 1.0)
+
+
 def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):
     result = invoke("compare", *two_runs, "--output", tmp_path / "cmp", "--no-grid")
     assert result.exit_code == 0, result.output

@@ -752,6 +752,19 @@ def test_kohya_export_of_a_run_carries_its_training_settings_and_kohya_hashes(tm
     assert alone_state.keys() == state.keys() and all(torch.equal(alone_state[k], state[k]) for k in state)
 
 
+def test_kohya_export_of_a_run_trained_below_the_native_size_gives_its_size_as_kohya_does(tmp_path):
+    """kohya-ss' ModelSpec resolution is the training resolution (its --resolution), as ss_resolution is."""
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, resolution=32, log_with="none", output=str(tmp_path / "run")),
+          progress=False)
+    export_adapter(tmp_path / "run", "kohya", tmp_path / "small.safetensors")
+    with safe_open(str(tmp_path / "small.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["modelspec.resolution"], metadata["ss_resolution"]) == ("32x32", "(32, 32)")
+
+
 def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
     """ss_tag_frequency: per image folder, how many prompts hold each comma-separated tag (placeholders filled), as the
     adapter recorded them in training, so the images may be gone by export; an adapter without the record (saved

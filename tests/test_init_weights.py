@@ -116,6 +116,8 @@ def test_a_resumed_run_with_init_weights_resumes_rather_than_starting_again(trai
     assert resumed.resumed_from is not None and len(resumed.losses) == 2
     first, second = load_file(whole.adapter), load_file(resumed.adapter)
     assert all(torch.equal(first[k], second[k]) for k in first)
+    summary = plan_run(configure(resumed.output, resume="latest")).summary()  # the dry run says whose tensors it resumes
+    assert any(line.startswith(f"trained tensors started from {trained['lora']}; resumed, they are the checkpoint's") for line in summary)
 
 
 @pytest.mark.parametrize("source, args, message", [
@@ -155,6 +157,8 @@ def test_a_kohya_file_of_another_model_family_or_text_encoder_is_refused(trained
     save_file(tensors, sd2, {"ss_base_model_version": "sd_v2", "ss_network_module": "networks.lora"})
     with pytest.raises(SdtuneError, match="trained on a sd_v2 model; --model tiny-random is sd_v1"):
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(sd2)))
+    with pytest.raises(SdtuneError, match=f"^--base-adapters: {sd2} was trained on a sd_v2 model; --model tiny-random is sd_v1$"):
+        plan_run(settings(tmp_path / "run", method="lora", base_adapters=[f"{sd2}:0.5"]))  # before the model loads too
     with_te = tmp_path / "te.safetensors"
     te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
           "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)}
@@ -184,11 +188,17 @@ def test_training_on_base_adapters_equals_training_on_a_model_they_were_merged_i
     assert based.losses[0] == pytest.approx(by_hand.losses[0], rel=1e-5, abs=1e-6)
     records = json.loads(adapter_info(based.adapter).extra["base_adapters"])
     assert [(r["name"], r["strength"]) for r in records] == [("loha/adapter.safetensors", 0.7)]
-    with pytest.warns(UserWarning, match="trained on top of base adapters that are not loaded with it: loha/adapter.safetensors at 0.7"):
+    with pytest.warns(UserWarning, match=r"trained on top of base adapters that are not loaded with it: loha/adapter.safetensors at 0.7; .*--adapter-scale 0.7,1\)"):
         load_adapter(based.adapter, load_pipeline("tiny-random"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_adapters([str(trained["loha"]), str(based.adapter)], load_pipeline("tiny-random"), [0.7, 1.0])
+    exported = export_adapter(based.output, "kohya", tmp_path / "based.safetensors").output  # its kohya file says so too
+    with pytest.warns(UserWarning, match="based.safetensors was trained on top of base adapters that are not loaded with it"):
+        load_adapter(exported, load_pipeline("tiny-random"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapters([str(trained["loha"]), str(exported)], load_pipeline("tiny-random"), [0.7, 1.0])
     from sdtune.model_card import write_model_card
 
     card = write_model_card(based.output).output.read_text()
@@ -352,6 +362,19 @@ def test_a_base_adapter_stacked_at_another_strength_is_warned_of(on_lora, traine
     assert all(torch.equal(stacked[key], expected[key]) for key in stacked)
 
 
+def test_overwriting_the_run_that_holds_the_starting_files_is_refused(trained, tmp_path):
+    """No run writes onto its own input: --overwrite would replace the earlier run's adapter the run starts from or
+    trains on; a file of the user's own in the folder, which it leaves, is fine."""
+    import shutil
+
+    run = shutil.copytree(trained["lora"], tmp_path / "run")
+    for changes in ({"init_weights": str(run)}, {"base_adapters": [f"{run / 'adapter.safetensors'}:0.5"]}):
+        with pytest.raises(SdtuneError, match=r"is the earlier run's in .*, which --overwrite replaces: copy it out of the folder"):
+            plan_run(settings(run, method="lora", overwrite=True, **changes))
+    shutil.copy(run / "adapter.safetensors", run / "mine.safetensors")
+    assert plan_run(settings(run, method="lora", overwrite=True, init_weights=str(run / "mine.safetensors"))).start.startswith("replaces")
+
+
 def test_base_adapters_in_toml_and_from_the_command_line(trained, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text(f'method = "lora"\nmodel = "tiny-random"\nbase_adapters = ["{trained["loha"]}:0.5"]\ninit_weights = "{trained["lora"]}"\n')
@@ -363,6 +386,10 @@ def test_base_adapters_in_toml_and_from_the_command_line(trained, tmp_path):
     assert f"{trained['lokr']} at 0.25" in result.output and f"{trained['loha']}" not in result.output
     result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--dry-run", "--base-adapters", str(tmp_path / "none:0.5")])
     assert result.exit_code == 2 and "adapter not found" in result.output, result.output
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--dry-run", "--base-adapters", f"{trained['loha']}:1000"])
+    assert result.exit_code == 2 and "the strength must lie within ±100, as sdtune sample's --adapter-scale, got 1000" in result.output
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--dry-run", "--base-adapters", f"{trained['loha']}:abc"])
+    assert result.exit_code == 2 and f"({trained['loha']} is there: the strength after ':' is a number, such as {trained['loha']}:0.5)" in result.output
 
 
 def test_init_weights_start_the_text_encoder_too(trained, tmp_path):

@@ -122,3 +122,21 @@ def test_the_cards_python_reads_prompts_as_the_run_trained(tmp_path, tiny_path, 
         monkeypatch.chdir(output)
         exec(snippet, {})
         assert calls[-1] == settings
+
+
+def test_a_card_of_an_adapter_trained_on_base_adapters_uses_it_stacked_on_them(run):
+    """Its sample, merge and Python lines stack the base adapters beneath it at their strengths, as it trained."""
+    import dataclasses
+
+    from sdtune.adapter import adapter_info
+    from sdtune.adapter_info import BASE_ADAPTERS_KEY
+    from sdtune.model_card import model_card
+
+    path = run / "adapter.safetensors"
+    info = adapter_info(path)
+    records = [{"name": "style.safetensors", "digest": "0" * 32, "strength": 0.8}]
+    text = model_card(path, dataclasses.replace(info, extra={**info.extra, BASE_ADAPTERS_KEY: json.dumps(records)}))
+    assert "sdtune sample --adapter style.safetensors --adapter adapter.safetensors --adapter-scale 0.8,1 --prompt" in text
+    assert "sdtune merge style.safetensors adapter.safetensors --scale 0.8,1 --output castle-lora-merged/" in text
+    assert 'sdtune.load_adapters(["style.safetensors", "adapter.safetensors"], pipe, [0.8, 1.0])' in text
+    assert "- `style.safetensors` at strength 0.8" in text

@@ -229,6 +229,40 @@ def test_raised_steps_a_run_cannot_be_extended_to_are_trained_afresh_and_the_dry
     assert len(result.ran) == 4 and sum(line.endswith(": training") for line in lines) == 4, lines
 
 
+def test_a_run_started_from_init_weights_on_base_adapters_extends_and_is_sampled_on_them(tmp_path, private_cache):
+    """init_weights gives the run the file's options (not the plan's), which config.toml records: raised steps still
+    extend it. Its samples are drawn on the base adapters it trained on, stacked beneath it, as its validation was."""
+    from PIL import Image
+
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    start = train(TrainConfig(model="tiny-random", method="lora", options={"targets": "transformer"}, steps=1, resolution=32,
+                              log_with="none", output=str(tmp_path / "start")), progress=False).adapter
+
+    def plan_text(steps: int) -> str:
+        return ('name = "started"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nresolution = 32\nlog_with = "none"\n'
+                f'checkpoint_every = 1\nsteps = {steps}\ninit_weights = "{start}"\nbase_adapters = ["{start}:0.5"]\n'
+                '[axes]\nmethod = ["lora"]\n[sample]\nprompt = ["a <castle>"]\nnum_images = 1\nsteps = 1\n')
+
+    result, lines = sweep(write_plan(tmp_path, plan_text(2)), tmp_path / "out")
+    assert result.ran == ["lora"], lines
+    image = next((tmp_path / "out" / "runs" / "lora" / "samples" / "images").iterdir())
+    drawn = json.loads(Image.open(image).text["sdtune"])
+    assert drawn["adapter"] == ["start/adapter.safetensors", "lora"] and drawn["adapter_scale"] == [0.5, 1.0], drawn
+    longer = write_plan(tmp_path, plan_text(3), name="longer.toml")
+    dry = invoke("sweep", longer, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[0].startswith("plan started: 1 run, into ")
+    assert dry[1].split()[1:3] == ["lora", "extends"] and dry[1].endswith(f"3 steps, starts from {start}, on base adapters {start} at 0.5; resumes at step 2"), dry
+    result, lines = sweep(longer, tmp_path / "out")
+    assert any(line.endswith("extending its training to 3 steps: resumes at step 2") for line in lines), lines
+    # the file it started from and trained on, written again (trained anew): the run is trained afresh, and says why
+    train(TrainConfig(model="tiny-random", method="lora", options={"targets": "transformer"}, steps=1, resolution=32, seed=1,
+                      log_with="none", output=str(tmp_path / "start"), overwrite=True), progress=False)
+    dry = invoke("sweep", longer, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].split()[2] == "changed" and dry[1].endswith(f"; {start} written again since it trained"), dry
+
+
 def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache):
     plan = write_plan(tmp_path, TINY_PLAN.replace(
         'concept = ["castle"]', 'images = [{ name = "missing", images = "{sweep}/missing" }, { name = "present", images = "{sweep}/images" }]')
@@ -262,6 +296,19 @@ def test_a_warning_every_run_gives_alike_is_shown_once(tmp_path, private_cache):
     assert result.exit_code == 0 and len(result.ran) == 4, lines
     skipped = [str(warning.message) for warning in said if "notes.png" in str(warning.message)]
     assert len(skipped) == 2 and {"first" in message for message in skipped} == {True, False}, skipped
+
+
+def test_a_prompt_files_warning_is_shown_once_for_its_check_and_the_runs_that_read_it(tmp_path, private_cache):
+    """The [sample] prompt file is checked before the first run trains, and read again by each run's validation."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a <castle> --s 1 --ss euler_a\n")
+    plan = write_plan(tmp_path, f'name = "once"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nresolution = 32\nsteps = 1\n'
+                                f'log_with = "none"\nvalidate_every = 1\nvalidation_prompts = "{prompts}"\n'
+                                f'[axes]\nseed = [0, 1]\n[sample]\nprompts = "{prompts}"\nnum_images = 1\nsteps = 1\n')
+    with pytest.warns(UserWarning) as said:
+        result, lines = sweep(plan, tmp_path / "out")
+    assert len(result.ran) == 2, lines
+    assert sum("ignored --ss" in str(warning.message) for warning in said) == 1, [str(w.message) for w in said]
 
 
 def test_a_run_another_sweep_process_holds_is_left_to_it(tmp_path, private_cache):

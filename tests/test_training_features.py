@@ -631,6 +631,26 @@ def test_the_dry_run_says_the_validation_size(tmp_path, tiny_path):
     assert "validation every 5 steps: 2 prompts up to 96x80 (1 with settings of their own)" in plan_run(config).summary()
 
 
+def test_a_validation_prompt_longer_than_the_text_encoder_reads_is_named_once(tmp_path, tiny_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a <castle> " + "tower " * 80 + "at dusk --s 1\nshort <castle> --s 1\n")
+    with pytest.warns(UserWarning) as said:
+        run_training(tmp_path, "long", steps=1, validate_every=1, validation_prompts=str(prompts))
+    truncated = [str(w.message) for w in said if "truncated" in str(w.message)]
+    assert len(truncated) == 1 and truncated[0].startswith("prompt 'a sks castle tower") and "is not read" in truncated[0], truncated
+
+
+def test_validation_settings_without_validate_every_say_they_draw_nothing(tmp_path, tiny_path):
+    """As kohya-ss' --sample_prompts without a period: nothing is drawn, and a warning says so before the model loads."""
+    from sdtune.training import plan_run
+
+    config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validation_prompts=str(tmp_path / "prompts.txt"),
+                         validation_width=96)
+    with pytest.warns(UserWarning, match="^--validation-prompts, --validation-width are used only with --validate-every; nothing is drawn$"):
+        summary = plan_run(config).summary()
+    assert not any(line.startswith("validation every") for line in summary)
+
+
 def wandb_records(path):
     """The records of an offline W&B run file (a LevelDB-style log of protobuf records, 32 KiB blocks)."""
     import struct
@@ -983,6 +1003,13 @@ def test_a_run_with_clip_skip_records_it_and_samples_with_it(tmp_path, tiny_path
         sample(SampleConfig(output=str(tmp_path / "stack"), **stack), progress=False)
     chosen = sample(SampleConfig(output=str(tmp_path / "stack"), clip_skip=2, **stack), progress=False)  # as it says
     assert "Clip skip: 2" in Image.open(chosen.images[0]).text["parameters"]
+
+    # a run trained on it as a base adapter read prompts its own way: stacked on it, it is drawn so, and merged says nothing
+    on_top = run_training(tmp_path, "on-top", steps=1, base_adapters=[f"{run.adapter}:0.5"])
+    stacked = dict(stack, adapter=[str(run.adapter), str(on_top.output)], adapter_scale=[0.5, 1.0])
+    drawn_on_top = sample(SampleConfig(output=str(tmp_path / "on-top-stack"), **stacked), progress=False)
+    assert "Clip skip" not in Image.open(drawn_on_top.images[0]).text["parameters"]
+    assert merge_adapter([run.adapter, on_top.output], tmp_path / "merged-on-top", scale=[0.5, 1.0]).reading_flags == {}
 
 
 def test_a_kohya_file_s_record_of_how_it_read_prompts_is_used_where_it_can_be():
