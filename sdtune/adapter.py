@@ -29,6 +29,7 @@ DIGEST_WHOLE = 64 * 2**20  # adapters up to this size are hashed whole
 DIGEST_WINDOWS, DIGEST_WINDOW = 64, 2**20  # larger ones (a full fine-tune's UNet) by this many evenly spaced windows
 
 ADAPTER_FILE = "adapter.safetensors"
+EMA_ADAPTER_FILE = "adapter-ema.safetensors"  # the moving average of the trained weights (--ema-decay)
 FORMAT = "sdtune-adapter/1"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 REQUIRED_METADATA = ("method", "options", "base_model", "fingerprint", "structure", "weight_sample")

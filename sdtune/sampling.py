@@ -423,8 +423,7 @@ def generation_settings(pipe, config: SampleConfig, model: str, dtype, scale: fl
 def shown_name(source: str) -> str:
     """A model or adapter as an image may show it: a hub id as it is, a local file or folder by its name (a run's
     adapter file by its run's too: every run's is adapter.safetensors)."""
-    from .adapter import ADAPTER_FILE
-    from .training import EMA_ADAPTER_FILE
+    from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE
 
     path = Path(source)
     if path.name in (ADAPTER_FILE, EMA_ADAPTER_FILE) and path.is_file():

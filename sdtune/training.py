@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
-from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
+from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
 from .errors import SdtuneError, TrainingFailed, warn
 from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
@@ -46,7 +46,6 @@ from .optimizers import check_optimizer_ready, make_optimizer
 from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, check_trackers_ready, log_scalars
 
 FEW_SHOT_IMAGES = (3, 50)
-EMA_ADAPTER_FILE = "adapter-ema.safetensors"
 CONFIG_FILE = "config.toml"
 DATA_STREAM, STEP_STREAM, EMBEDDING_STREAM = 0, 1, 2
 # learning-rate schedules whose rate at a step does not depend on the number of steps
