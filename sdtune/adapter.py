@@ -441,8 +441,10 @@ def load_adapters(paths: list, pipeline, scales: list[float] | None = None):
     beneath, notices = stacked_base_adapters([str(p) for p in paths], infos, scales)
     for notice in notices:
         warn(notice)
-    # bound after the others: an update held from the start is taken on the weights its base adapters leave
-    held = {i for i, info in enumerate(infos) if beneath[i] and not methods.method_class(info.method).updates_on_demand}
+    # bound after the others: a method's update held from the start is taken on the weights its base adapters leave
+    # (a kohya file's differences, which may record base adapters too, are the same on any weights)
+    held = {i for i, info in enumerate(infos) if beneath[i] and info.method in methods.available()
+            and not methods.method_class(info.method).updates_on_demand}
     binding = [i for i in range(len(paths)) if i not in held] + [i for i in stacked_order(beneath) if i in held]
     # by weight: the module, the parameter name, and by adapter (its index in the stack) its update (a function) or,
     # where the first ones held theirs already (kohya files, weights trained in place) and no adapter stacks on

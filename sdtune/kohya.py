@@ -400,7 +400,7 @@ class KohyaAdapter:
     updates: list[KohyaUpdate]
     name: str = "kohya"
     updates_on_demand: ClassVar[bool] = False  # the file's ΔW are computed as it is read
-    update_reads_weights: ClassVar[bool] = False  # fixed differences (records no base adapters to stack on)
+    update_reads_weights: ClassVar[bool] = False  # fixed differences, the same on any weights
     scale: float = 1.0
     merged: bool = False
     _unmerged_weights: dict | None = None
