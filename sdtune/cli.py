@@ -41,7 +41,7 @@ from .config import (
     SweepConfig,
     TrainConfig,
 )
-from .errors import SdtuneError, SweepFailed, error_line
+from .errors import SdtuneError, SweepFailed, error_line, spelled_as_flags
 from .fileio import counted
 
 class OneLineErrorsGroup(TyperGroup):
@@ -106,7 +106,8 @@ def handle_errors(command: Callable) -> Callable:
     """Turn sdtune's errors into one line on stderr and the right exit code, never a traceback.
 
     SIGINT and SIGTERM end the command as an interrupt does: every temporary file is removed on the
-    way out, "interrupted" is said, and the exit code is 130 (SIGINT) or 143 (SIGTERM).
+    way out, "interrupted" is said, and the exit code is 130 (SIGINT) or 143 (SIGTERM). Its errors name
+    flags as typed: the library's public functions, called here, leave their messages as they are.
     """
 
     @functools.wraps(command)
@@ -121,7 +122,8 @@ def handle_errors(command: Callable) -> Callable:
         previous_hook = threading.excepthook
         threading.excepthook = functools.partial(_thread_error, previous_hook)
         try:
-            return command(*args, **kwargs)
+            with spelled_as_flags():
+                return command(*args, **kwargs)
         except SdtuneError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None

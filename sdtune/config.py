@@ -8,6 +8,7 @@ replayed with `sdtune train --config runs/NAME/config.toml`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -16,13 +17,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from .data import MAX_SEED
-from .errors import SdtuneError, reading_file
+from .errors import SdtuneError, reading_file, spelled_for_python
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
-from .methods import DEFAULT_METHOD
+from .methods import DEFAULT_METHOD, OPTION_FLAGS
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
 from .token_embeddings import DEFAULT_EMBEDDING_LR, NEW_TOKEN, check_token_settings, default_token, new_token_names
@@ -60,12 +61,145 @@ def check_setting_names(config_class, names, where: str = "") -> None:
         raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Errors raised to Python code name settings as it spells them: `--validation-width` is `validation_width`, the
+# switch `--overwrite` is `overwrite=True`, the method option `--rank` is `options["rank"]`. The CLI keeps flags.
+
+
+class PythonName(NamedTuple):
+    """How Python code gives what one flag sets."""
+
+    setting: str  # the config's field
+    option: str | None = None  # a method option, within `options`
+    value: bool | None = None  # what a switch (`--overwrite`, `--no-dora`) sets
+
+    def spelled(self, value: str | None = None) -> str:
+        """`setting`, `setting=True`, or with the value the message gave, `setting=512`; a method option in `options`."""
+        given = value if value is not None else None if self.value is None else str(self.value)
+        if self.option is None:
+            return self.setting if given is None else f"{self.setting}={given}"
+        return f'{self.setting}["{self.option}"]' if given is None else f'{self.setting}={{"{self.option}": {given}}}'
+
+
+# Fields that are no command's flag: given as arguments (`sdtune export SOURCE`) or `--option KEY=VALUE` pairs
+NOT_FLAGS = frozenset({"options", "runs", "source", "plan"})
+
+
+# commands whose settings hold other commands' as sections: a sweep plan's [train], [sample] and [evaluate]
+COMMANDS_WITHIN = {"sweep": ("train", "sample", "evaluate")}
+
+
+def command_of(config_class: type) -> str:
+    """The command a config is the settings of: TrainConfig's is `sdtune train`."""
+    return config_class.__name__.removesuffix("Config").lower()
+
+
+@functools.cache
+def python_names(command: str) -> dict[str, PythonName]:
+    """`sdtune COMMAND`'s flags → how Python code gives them: its config's fields, each the flag of the same name
+    (underscores for dashes); where the config takes method options, their own flags (`OPTION_FLAGS`)."""
+    config_class = next((c for c in _Config.__subclasses__() if command_of(c) == command), None)
+    if config_class is None:
+        return {}
+    hints = typing.get_type_hints(config_class)
+    names = {
+        "--" + f.name.replace("_", "-"): PythonName(f.name, value=True if hints[f.name] is bool else None)
+        for f in dataclasses.fields(config_class) if f.name not in NOT_FLAGS
+    }
+    for within in COMMANDS_WITHIN.get(command, ()):  # the command's own settings win
+        names = {**python_names(within), **names}
+    if "options" in hints:
+        for flag, spec in OPTION_FLAGS.items():
+            names[flag] = PythonName("options", spec.option, True if spec.type is bool else None)
+            if spec.switch:
+                names[spec.switch.split("/")[1]] = PythonName("options", spec.option, False)
+    return names
+
+
+NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
+# a flag (not kohya-ss' --network_weights, nor one inside a quoted value), and the word after it: its value, or the
+# sentence's own
+FLAG = re.compile(rf"(?<![\w'\"-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w-])(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+-]+))?")
+# commands a message quotes, to be typed as they are: `sdtune sample --dtype bf16`, 'sdtune train --resume latest'
+QUOTED_COMMAND = re.compile(r"`sdtune [^`]*`|'sdtune [^']*'|\"sdtune [^\"]*\"|\(sdtune [^)]*\)")
+
+
+@functools.cache
+def named_values() -> dict[str, tuple[str, ...]]:
+    """The settings that take one of a few words, and those words: what follows such a flag in a message is its
+    value ("--format diffusers" is 'format="diffusers"'), where "--targets of those layers" is a sentence's."""
+    from .datasets import VTAB_SPLITS
+    from .methods import available
+
+    return {
+        "method": tuple(available()), "resume": ("latest",), "mixed_precision": MIXED_PRECISION,
+        "dtype": SAMPLE_DTYPES + MERGE_DTYPES, "validation_dtype": SAMPLE_DTYPES, "format": EXPORT_FORMATS,
+        "optimizer": tuple(OPTIMIZERS), "lr_scheduler": LR_SCHEDULERS, "scheduler": SCHEDULERS, "loss_type": LOSS_TYPES,
+        "huber_schedule": HUBER_SCHEDULES, "mask_source": MASK_SOURCES, "dynamic": EXTRACT_DYNAMIC,
+        "fid_features": FID_FEATURES, "split": VTAB_SPLITS,
+    }
+
+
+def python_value(name: PythonName, word: str) -> str | None:
+    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words, quoted), or
+    None where it is the sentence's next word. 1,000 is a thousand; 0,0.5,1 a list."""
+    if re.fullmatch(rf"{NUMBER}(?:,{NUMBER})*", word):
+        if re.fullmatch(r"[1-9]\d{0,2}(?:,\d{3})+", word):
+            return word.replace(",", "")
+        return f"[{', '.join(word.split(','))}]" if "," in word else word
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", word):
+        return word
+    return f'"{word}"' if name.option is None and word in named_values().get(name.setting, ()) else None
+
+
+def python_spelled(message: str, command: str) -> str:
+    """`message` with each of `sdtune COMMAND`'s flags as Python code gives it: "add --overwrite" is "add
+    overwrite=True", "--rank must be ..." is 'options["rank"] must be ...', "--steps 200" is "steps=200". Quoted
+    commands, flags of no setting (a prompt line's --w) and other tools' flags stay as written."""
+    names = python_names(command)
+
+    def spell(match: re.Match) -> str:
+        name, word = names.get(match["flag"]), match["word"]
+        if name is None:
+            return match[0]
+        value = python_value(name, word) if word is not None and name.value is None else None  # switches take none
+        if value is not None:
+            return name.spelled(value)
+        return name.spelled() + (f" {word}" if word is not None else "")
+
+    pieces, start = [], 0
+    for quoted in QUOTED_COMMAND.finditer(message):
+        pieces += [FLAG.sub(spell, message[start:quoted.start()]), quoted[0]]
+        start = quoted.end()
+    return "".join(pieces) + FLAG.sub(spell, message[start:])
+
+
+def _spelled_for_python(method: Callable) -> Callable:
+    """A config's method (or classmethod's function) whose errors, raised to Python code, name its settings as
+    Python spells them (`errors.spelled_for_python`)."""
+
+    @functools.wraps(method)
+    def wrapper(config, *args: Any, **kwargs: Any):
+        with spelled_for_python(command_of(config if isinstance(config, type) else type(config))):
+            return method(config, *args, **kwargs)
+
+    return wrapper
+
+
 class _Config:
     """TOML in, TOML out, with clear errors for unknown keys and bad values.
 
     Each setting is its command's flag of the same name (`max_grad_norm`: `--max-grad-norm`), which `sdtune
-    COMMAND --help` and the README describe; `load(path, **overrides)` reads a TOML file and applies overrides."""
+    COMMAND --help` and the README describe; `load(path, **overrides)` reads a TOML file and applies overrides.
+    Building, loading or validating one from Python, an error names settings as Python spells them."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("__post_init__", "validate"):  # each config's own checks, as _Config's below
+            if name in vars(cls):
+                setattr(cls, name, _spelled_for_python(vars(cls)[name]))
+
+    @_spelled_for_python
     def __new__(cls, *args: Any, **values: Any):
         # before the dataclass's own __init__, which would raise a TypeError: a setting misspelt in Python
         # (`TrainConfig(stepz=3)`) is refused as TOML and flags refuse it, in one SdtuneError line
@@ -75,6 +209,7 @@ class _Config:
         return super().__new__(cls)
 
     @classmethod
+    @_spelled_for_python
     def load(cls, path: str | Path | None = None, **overrides: Any):
         values: dict[str, Any] = {}
         if path is not None:
@@ -85,12 +220,14 @@ class _Config:
         config.validate()
         return config
 
+    @_spelled_for_python
     def __post_init__(self) -> None:
         # the Python API builds configs directly: types are checked here, for TOML and flags alike
         for name, hint in typing.get_type_hints(type(self)).items():
             value = checked_value(name, getattr(self, name), hint)
             setattr(self, name, expand_home(value) if name in PATH_SETTINGS else value)
 
+    @_spelled_for_python
     def validate(self) -> None:
         pass
 

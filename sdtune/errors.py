@@ -1,11 +1,12 @@
-"""Errors that the CLI turns into one line on stderr and a meaningful exit code; PIL's own warnings kept quiet where
-sdtune names the file itself."""
+"""Errors that the CLI turns into one line on stderr and a meaningful exit code, and that name settings as Python
+spells them when Python code called sdtune; PIL's own warnings kept quiet where sdtune names the file itself."""
 
 import os
 import re
 import sys
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
 
 
@@ -40,6 +41,42 @@ class SweepFailed(SdtuneError):
     """A sweep went through its runs but some failed (each recorded in its folder): exit code 1."""
 
     exit_code = 1
+
+
+# Whether a call in progress already decides how its errors name settings: the CLI's (flags, as typed) or an outer
+# sdtune call's (Python's spelling, once, as the error leaves it). Unset: the next sdtune call is the user's own.
+_spelling_decided: ContextVar[bool] = ContextVar("sdtune_spelling_decided", default=False)
+
+
+@contextmanager
+def spelled_as_flags() -> Iterator[None]:
+    """The CLI's block around a command: errors raised inside keep naming flags (`--overwrite`), as the user typed them."""
+    token = _spelling_decided.set(True)
+    try:
+        yield
+    finally:
+        _spelling_decided.reset(token)
+
+
+@contextmanager
+def spelled_for_python(command: str) -> Iterator[None]:
+    """A public function's block (usable as a decorator): an SdtuneError leaving it names each setting as Python code
+    gives it (`overwrite=True`, `options["rank"]`; `config.python_spelled`, with `sdtune COMMAND`'s settings), unless
+    the CLI or an outer sdtune call is the one answering the user."""
+    if _spelling_decided.get():
+        yield
+        return
+    token = _spelling_decided.set(True)
+    try:
+        yield
+    except SdtuneError as error:
+        if len(error.args) == 1 and isinstance(error.args[0], str):
+            from .config import python_spelled  # the configs' settings, loaded only for an error to spell
+
+            error.args = (python_spelled(error.args[0], command),)
+        raise
+    finally:
+        _spelling_decided.reset(token)
 
 
 @contextmanager

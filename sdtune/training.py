@@ -39,7 +39,7 @@ from typing import Any, Iterator, NoReturn
 
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
 from .config import TrainConfig
-from .errors import SdtuneError, TrainingFailed, warn
+from .errors import SdtuneError, TrainingFailed, spelled_for_python, warn
 from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .optimizers import check_optimizer_ready, make_optimizer
@@ -194,6 +194,7 @@ class RunPlan:
         return lines
 
 
+@spelled_for_python("train")
 def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     """Check a run's settings, inputs, sizes and (with `output_state`) output folder without loading the model
     or writing anything. A run itself reads its output folder's state once the folder is locked."""
