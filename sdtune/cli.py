@@ -189,6 +189,35 @@ def _config_values(config_class: type, settings: dict[str, Any], **renamed: Any)
     }
 
 
+def settings_help(config_class: type) -> dict[str, str]:
+    """Each setting of `config_class` → what `sdtune COMMAND --help` says of its flag, settings named as Python spells
+    them (`Config.help`); the method options' flags for `options`; where a setting has no flag, the comment beside it."""
+    import inspect
+    import re
+
+    from typer.main import get_command
+
+    from .config import command_of, python_names, python_spelled
+
+    command = command_of(config_class)
+    params = get_command(app).commands[command].params
+    option_names = {flag: name for flag, name in python_names(command).items() if name.option is not None and name.value is None}
+    source = inspect.getsource(config_class)
+    texts = {}
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        param = next((p for p in params if p.name == field.name or flag in p.opts), None)
+        if param is not None:
+            text = param.help.replace("\\[", "[")  # rich markup's escape
+        elif field.name == "options":
+            text = "\n".join(f"{name.spelled()}: {methods.option_flag_help(flag)}" for flag, name in option_names.items())
+        else:
+            comment = re.search(rf"^\s+{field.name}: .*?  # (.*)$", source, re.MULTILINE)
+            text = comment[1] if comment else ""
+        texts[field.name] = python_spelled(text, command)
+    return texts
+
+
 # ---------------------------------------------------------------------------------------------
 # Method options as flags: one per `methods.OPTION_FLAGS` entry, with the help of the option's field.
 

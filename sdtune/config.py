@@ -75,10 +75,11 @@ class PythonName(NamedTuple):
 
     def spelled(self, value: str | None = None) -> str:
         """`setting`, `setting=True`, or with the value the message gave, `setting=512`; a method option in `options`."""
-        given = value if value is not None else None if self.value is None else str(self.value)
+        if value is None and self.value is not None:
+            value = str(self.value)
         if self.option is None:
-            return self.setting if given is None else f"{self.setting}={given}"
-        return f'{self.setting}["{self.option}"]' if given is None else f'{self.setting}={{"{self.option}": {given}}}'
+            return self.setting if value is None else f"{self.setting}={value}"
+        return f'{self.setting}["{self.option}"]' if value is None else f'{self.setting}={{"{self.option}": {value}}}'
 
 
 # Fields that are no command's flag: given as arguments (`sdtune export SOURCE`) or `--option KEY=VALUE` pairs
@@ -97,7 +98,8 @@ def command_of(config_class: type) -> str:
 @functools.cache
 def python_names(command: str) -> dict[str, PythonName]:
     """`sdtune COMMAND`'s flags → how Python code gives them: its config's fields, each the flag of the same name
-    (underscores for dashes); where the config takes method options, their own flags (`OPTION_FLAGS`)."""
+    (underscores for dashes); where the config takes method options, their own flags (`OPTION_FLAGS`). A switch's
+    other half (`--no-dora`) is read from its first (`python_spelled`)."""
     config_class = next((c for c in _Config.__subclasses__() if command_of(c) == command), None)
     if config_class is None:
         return {}
@@ -111,8 +113,6 @@ def python_names(command: str) -> dict[str, PythonName]:
     if "options" in hints:
         for flag, spec in OPTION_FLAGS.items():
             names[flag] = PythonName("options", spec.option, True if spec.type is bool else None)
-            if spec.switch:
-                names[spec.switch.split("/")[1]] = PythonName("options", spec.option, False)
     return names
 
 
@@ -159,9 +159,15 @@ def python_spelled(message: str, command: str) -> str:
     names = python_names(command)
 
     def spell(match: re.Match) -> str:
-        name, word = names.get(match["flag"]), match["word"]
+        flag, word = match["flag"], match["word"]
+        name = names.get(flag)
+        negated = names.get("--" + flag.removeprefix("--no-"))
+        if name is None and negated is not None and negated.value:  # a switch's other half: --no-dora
+            name = negated._replace(value=False)
         if name is None:
             return match[0]
+        if name.value is not None and word == "must":  # "--dora must be true or false": the setting, not a value
+            name = name._replace(value=None)
         value = python_value(name, word) if word is not None and name.value is None else None  # switches take none
         if value is not None:
             return name.spelled(value)
@@ -230,6 +236,17 @@ class _Config:
     @_spelled_for_python
     def validate(self) -> None:
         pass
+
+    @classmethod
+    def help(cls, name: str | None = None) -> str:
+        """What setting `name` does, or every setting, one a line (`print(TrainConfig.help())`): the text of `sdtune
+        COMMAND --help` for its flag, with settings named as Python spells them."""
+        from .cli import settings_help
+
+        if name is not None:
+            check_setting_names(cls, [name])
+        texts = settings_help(cls)
+        return texts[name] if name is not None else "\n".join(f"{setting}: {text}" for setting, text in texts.items())
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -353,7 +370,8 @@ def parse_base_adapter(entry: str) -> BaseAdapter:
 
 @dataclass
 class TrainConfig(_Config):
-    """Everything `sdtune train` needs, each setting its flag of the same name (`sdtune train --help`). Unset values
+    """Everything `sdtune train` needs. Each setting is its flag of the same name, which `sdtune train --help` and
+    `TrainConfig.help("name")` describe; method options (`options={"rank": 8}`) are `sdtune methods`'. Unset values
     are resolved by `resolved()`."""
 
     concept: str | list[str] = "castle"  # several train one adapter, each with its own images and placeholder
@@ -757,7 +775,8 @@ def _check_dataset(config) -> None:
 
 @dataclass
 class SampleConfig(_Config):
-    """Everything `sdtune sample` needs."""
+    """Everything `sdtune sample` needs. Each setting is its flag of the same name, which `sdtune sample --help` and
+    `SampleConfig.help("name")` describe."""
 
     prompts: str | None = None  # a prompt file; one prompt a line, '#' comments, kohya-ss' --n, --w, ... after a prompt its own
     prompt: list[str] = field(default_factory=list)  # prompts given directly
@@ -916,7 +935,8 @@ MERGE_DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass
 class ExportConfig(_Config):
-    """Everything `sdtune export` needs."""
+    """Everything `sdtune export` needs. Each setting is its flag of the same name, which `sdtune export --help` and
+    `ExportConfig.help("name")` describe."""
 
     source: str = ""  # an sdtune adapter file or run folder
     format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr, oft)
@@ -942,7 +962,8 @@ EXTRACT_DYNAMIC = ("sv_fro", "sv_cumulative", "sv_ratio")  # kohya-ss resize_lor
 
 @dataclass
 class ExtractConfig(_Config):
-    """Everything `sdtune extract` needs: an adapter's update as a LoRA of the chosen rank."""
+    """Everything `sdtune extract` needs: an adapter's update as a LoRA of the chosen rank. Each setting is its flag of
+    the same name, which `sdtune extract --help` and `ExtractConfig.help("name")` describe."""
 
     source: str = ""  # an sdtune adapter file or run folder, or a kohya-format file
     output: str = ""  # the LoRA file; its summary goes beside it as <name>.extract.json
@@ -985,7 +1006,8 @@ class ExtractConfig(_Config):
 
 @dataclass
 class CardConfig(_Config):
-    """Everything `sdtune card` needs."""
+    """Everything `sdtune card` needs. Each setting is its flag of the same name, which `sdtune card --help` and
+    `CardConfig.help("name")` describe."""
 
     source: str = ""  # an sdtune run folder or adapter file
     output: str | None = None  # default: RUN/README.md
@@ -1001,7 +1023,8 @@ class CardConfig(_Config):
 
 @dataclass
 class MergeConfig(_Config):
-    """Everything `sdtune merge` needs."""
+    """Everything `sdtune merge` needs. Each setting is its flag of the same name, which `sdtune merge --help` and
+    `MergeConfig.help("name")` describe."""
 
     source: str | list[str] = ""  # an sdtune adapter file or run folder, or a kohya-format file; several stack
     output: str = ""  # a new folder for the diffusers pipeline
@@ -1047,7 +1070,8 @@ DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 
 @dataclass
 class EvaluateConfig(_Config):
-    """Everything `sdtune evaluate` needs: what to measure, against what, with which models."""
+    """Everything `sdtune evaluate` needs: what to measure, against what, with which models. Each setting is its flag of
+    the same name, which `sdtune evaluate --help` and `EvaluateConfig.help("name")` describe."""
 
     run: str | None = None  # run folder or adapter file to sample from (and where eval.json goes)
     images: str | None = None  # a folder of generated images instead of sampling (e.g. RUN/samples)
@@ -1086,7 +1110,8 @@ class EvaluateConfig(_Config):
 
 @dataclass
 class CompareConfig(_Config):
-    """Everything `sdtune compare` needs: the runs, where to write, and how to draw the image grid."""
+    """Everything `sdtune compare` needs: the runs, where to write, and how to draw the image grid. Each setting is its
+    flag of the same name, which `sdtune compare --help` and `CompareConfig.help("name")` describe."""
 
     runs: list[str] = field(default_factory=list)
     output: str = "comparison"
@@ -1108,7 +1133,8 @@ class CompareConfig(_Config):
 
 @dataclass
 class ExplainConfig(_Config):
-    """Everything `sdtune explain` needs: the run, and how to draw what its adapter learned."""
+    """Everything `sdtune explain` needs: the run, and how to draw what its adapter learned. Each setting is its flag of
+    the same name, which `sdtune explain --help` and `ExplainConfig.help("name")` describe."""
 
     run: str = ""  # run folder or adapter file
     prompt: str | None = None  # the prompt of the image that maps are drawn over, where a method draws them
@@ -1138,7 +1164,8 @@ class ExplainConfig(_Config):
 
 @dataclass
 class SweepConfig(_Config):
-    """Everything `sdtune sweep` needs: the plan, and which of its runs to do here."""
+    """Everything `sdtune sweep` needs: the plan, and which of its runs to do here. Each setting is its flag of the same
+    name, which `sdtune sweep --help` and `SweepConfig.help("name")` describe."""
 
     plan: str = ""  # the plan's TOML file (sweeps/*.toml)
     output: str | None = None  # default: the plan's own `output`, else runs/sweeps/<plan name>
