@@ -117,9 +117,9 @@ def python_names(command: str) -> dict[str, PythonName]:
 
 
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
-# a flag (not kohya-ss' --network_weights, nor one inside a quoted value), and the word after it: its value, or the
-# sentence's own
-FLAG = re.compile(rf"(?<![\w'\"-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w-])(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+-]+))?")
+# a flag (not kohya-ss' --network_weights, nor one inside a quoted value or a path), and the word after it: its
+# value, or the sentence's own
+FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+-]+))?")
 # commands a message quotes, to be typed as they are: `sdtune sample --dtype bf16`, 'sdtune train --resume latest'
 QUOTED_COMMAND = re.compile(r"`sdtune [^`]*`|'sdtune [^']*'|\"sdtune [^\"]*\"|\(sdtune [^)]*\)")
 

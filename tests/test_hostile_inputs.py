@@ -593,7 +593,7 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("--dora must be true or false; --no-dora") == 'options["dora"] must be true or false; options={"dora": False}'
     assert spelled("--adapter-scale 0,0.5,1 lists a strength twice", "sample") == "adapter_scale=[0, 0.5, 1] lists a strength twice"
     assert spelled("--rank must be 1 or more", "extract") == "rank must be 1 or more"  # extract's own setting, no option
-    assert spelled("got '--steps'; --unknown-flag") == "got '--steps'; --unknown-flag"
+    assert spelled("got '--steps'; --unknown-flag; runs/--steps/x") == "got '--steps'; --unknown-flag; runs/--steps/x"
 
 
 def test_the_python_spelling_table_names_real_flags_and_fields():

@@ -171,7 +171,7 @@ def test_an_optimizer_without_its_package_is_one_line_before_the_model_loads(tmp
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
-    with pytest.raises(SdtuneError, match=r"^--optimizer prodigy needs the prodigyopt package: pip install prodigyopt"):
+    with pytest.raises(SdtuneError, match=r'^optimizer="prodigy" needs the prodigyopt package: pip install prodigyopt'):
         plan_run(TrainConfig(model="no/such-model", output=str(tmp_path / "run"), optimizer="prodigy"))
     assert not (tmp_path / "run").exists()
 

@@ -617,7 +617,7 @@ def test_validation_sizes_and_steps_are_refused_before_the_model_loads(tmp_path,
 
 
 def test_validation_width_and_height_are_multiples_of_8(tmp_path):
-    with pytest.raises(SdtuneError, match="^--validation-height must be a positive multiple of 8, got 100$"):
+    with pytest.raises(SdtuneError, match="^validation_height must be a positive multiple of 8, got 100$"):
         TrainConfig(validation_height=100).validate()
 
 
@@ -1092,5 +1092,5 @@ def test_a_run_with_long_prompts_records_the_limit_and_samples_with_it(tmp_path,
     xl = sample(SampleConfig(model="tiny-sdxl-random", prompt=["a castle", template.format(token="x")], num_images=1,
                              steps=2, max_token_length=225, negative_prompt="blurry", output=str(tmp_path / "xl")), progress=False)
     assert len(xl.images) == 2
-    with pytest.raises(SdtuneError, match="--max-token-length must be one of 75, 150, 225"):
+    with pytest.raises(SdtuneError, match="^max_token_length must be one of 75, 150, 225"):
         run_training(tmp_path, "bad", max_token_length=100)
