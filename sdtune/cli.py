@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import signal
 import sys
 import threading
@@ -192,16 +193,13 @@ def _config_values(config_class: type, settings: dict[str, Any], **renamed: Any)
 def settings_help(config_class: type) -> dict[str, str]:
     """Each setting of `config_class` → what `sdtune COMMAND --help` says of its flag, settings named as Python spells
     them (`Config.help`); the method options' flags for `options`; where a setting has no flag, the comment beside it."""
-    import inspect
-    import re
-
     from typer.main import get_command
 
     from .config import command_of, python_names, python_spelled
 
     command = command_of(config_class)
     params = get_command(app).commands[command].params
-    option_names = {flag: name for flag, name in python_names(command).items() if name.option is not None and name.value is None}
+    options = {flag: name._replace(value=None) for flag, name in python_names(command).items() if name.option is not None}
     source = inspect.getsource(config_class)
     texts = {}
     for field in dataclasses.fields(config_class):
@@ -210,7 +208,7 @@ def settings_help(config_class: type) -> dict[str, str]:
         if param is not None:
             text = param.help.replace("\\[", "[")  # rich markup's escape
         elif field.name == "options":
-            text = "\n".join(f"{name.spelled()}: {methods.option_flag_help(flag)}" for flag, name in option_names.items())
+            text = "\n".join(f"{name.spelled()}: {methods.option_flag_help(flag)}" for flag, name in options.items())
         else:
             comment = re.search(rf"^\s+{field.name}: .*?  # (.*)$", source, re.MULTILINE)
             text = comment[1] if comment else ""

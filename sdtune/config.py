@@ -161,7 +161,7 @@ def python_spelled(message: str, command: str) -> str:
     def spell(match: re.Match) -> str:
         flag, word = match["flag"], match["word"]
         name = names.get(flag)
-        negated = names.get("--" + flag.removeprefix("--no-"))
+        negated = names.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
         if name is None and negated is not None and negated.value:  # a switch's other half: --no-dora
             name = negated._replace(value=False)
         if name is None:
