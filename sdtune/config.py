@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from .data import MAX_SEED
-from .errors import SdtuneError, reading_file, spelled_for_python
+from .errors import SdtuneError, python_spelling, reading_file
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
 from .methods import DEFAULT_METHOD, OPTION_FLAGS
@@ -182,11 +182,11 @@ def python_spelled(message: str, command: str) -> str:
 
 def _spelled_for_python(method: Callable) -> Callable:
     """A config's method (or classmethod's function) whose errors, raised to Python code, name its settings as
-    Python spells them (`errors.spelled_for_python`)."""
+    Python spells them (`errors.python_spelling`)."""
 
     @functools.wraps(method)
     def wrapper(config, *args: Any, **kwargs: Any):
-        with spelled_for_python(command_of(config if isinstance(config, type) else type(config))):
+        with python_spelling(command_of(config if isinstance(config, type) else type(config))):
             return method(config, *args, **kwargs)
 
     return wrapper

@@ -1,13 +1,14 @@
 """Errors that the CLI turns into one line on stderr and a meaningful exit code, and that name settings as Python
 spells them when Python code called sdtune; PIL's own warnings kept quiet where sdtune names the file itself."""
 
+import functools
 import os
 import re
 import sys
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 
 class SdtuneError(Exception):
@@ -59,10 +60,10 @@ def spelled_as_flags() -> Iterator[None]:
 
 
 @contextmanager
-def spelled_for_python(command: str) -> Iterator[None]:
-    """A public function's block (usable as a decorator): an SdtuneError leaving it names each setting as Python code
-    gives it (`overwrite=True`, `options["rank"]`; `config.python_spelled`, with `sdtune COMMAND`'s settings), unless
-    the CLI or an outer sdtune call is the one answering the user."""
+def python_spelling(command: str) -> Iterator[None]:
+    """A block of a public function: an SdtuneError leaving it names each setting as Python code gives it
+    (`overwrite=True`, `options["rank"]`; `config.python_spelled`, with `sdtune COMMAND`'s settings), unless the CLI
+    or an outer sdtune call is the one answering the user."""
     if _spelling_decided.get():
         yield
         return
@@ -77,6 +78,21 @@ def spelled_for_python(command: str) -> Iterator[None]:
         raise
     finally:
         _spelling_decided.reset(token)
+
+
+def spelled_for_python(command: str) -> Callable[[Callable], Callable]:
+    """A public function's decorator: its errors name settings as Python spells them (`python_spelling`). A wrapper
+    of sdtune's own, not contextlib's: `warn` finds the caller's line past every frame of the package."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with python_spelling(command):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 @contextmanager

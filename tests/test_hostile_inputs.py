@@ -569,7 +569,7 @@ def test_errors_raised_to_python_name_settings_as_python_spells_them(runs, tmp_p
     with pytest.raises(sdtune.SdtuneError, match=r"^classes takes class names separated by commas, got ''$"):
         SampleConfig(prompt="x", classes="")  # raised while the config is built
     with pytest.raises(sdtune.SdtuneError, match=r"^give steps=30 or more"):  # a message's value, as Python writes it
-        with sdtune.errors.spelled_for_python("sample"):
+        with sdtune.errors.python_spelling("sample"):
             raise sdtune.SdtuneError("give --steps 30 or more")
 
 

@@ -313,12 +313,12 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradient(tmp_path, tiny_
 
 def test_training_settings_are_validated():
     for settings, message in [
-        (dict(gradient_accumulation_steps=0), "--gradient-accumulation-steps must be at least 1"),
-        (dict(lr_scheduler="step"), "--lr-scheduler must be one of"),
-        (dict(ema_decay=1.0), "--ema-decay must be in [0, 1)"),
-        (dict(max_grad_norm=-1.0), "--max-grad-norm must be 0 or more"),
-        (dict(keep_checkpoints=0), "--keep-checkpoints must be at least 1"),
-        (dict(checkpoint_every=-2), "--checkpoint-every must be 0 or more"),
+        (dict(gradient_accumulation_steps=0), "^gradient_accumulation_steps must be at least 1"),
+        (dict(lr_scheduler="step"), "^lr_scheduler must be one of"),
+        (dict(ema_decay=1.0), "^ema_decay must be in [0, 1)"),
+        (dict(max_grad_norm=-1.0), "^max_grad_norm must be 0 or more"),
+        (dict(keep_checkpoints=0), "^keep_checkpoints must be at least 1"),
+        (dict(checkpoint_every=-2), "^checkpoint_every must be 0 or more"),
     ]:
         with pytest.raises(SdtuneError, match=message.replace("[", r"\[").replace(")", r"\)")):
             TrainConfig(**settings).validate()

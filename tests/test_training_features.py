@@ -598,9 +598,9 @@ def test_a_run_drawing_validation_prompts_with_their_own_options_resumes_exactly
 @pytest.mark.parametrize(
     "line,settings,message",
     [
-        ("a castle", dict(validation_width=8), "^--validation-width 8 is too small for tiny-random: at least"),
+        ("a castle", dict(validation_width=8), "^validation_width=8 is too small for tiny-random: at least"),
         ("a castle --h 8", dict(), "^{prompts} line 2: --height 8 is too small for tiny-random"),
-        ("a castle --s 5000", dict(), "^{prompts} line 2: --steps 5,000: tiny-random's scheduler has 1000 timesteps"),
+        ("a castle --s 5000", dict(), "^{prompts} line 2: steps=5000: tiny-random's scheduler has 1000 timesteps"),
         ("a castle --w 12", dict(), "^{prompts} line 2: --w takes the width in pixels, a positive multiple of 8, got '12'"),
     ],
 )
@@ -1001,9 +1001,9 @@ def test_a_kohya_file_s_record_of_how_it_read_prompts_is_used_where_it_can_be():
 
 
 @pytest.mark.parametrize("settings, pattern", [
-    (dict(clip_skip=0), "--clip-skip must be at least 1"),
-    (dict(clip_skip=3), "--clip-skip 3 skips past the first of tiny-random's 2 text-encoder layers; give at most 2"),
-    (dict(clip_skip=2, model="tiny-sdxl-random"), "--clip-skip applies to SD 1.x and 2.x"),
+    (dict(clip_skip=0), "^clip_skip must be at least 1"),
+    (dict(clip_skip=3), "^clip_skip=3 skips past the first of tiny-random's 2 text-encoder layers; give at most 2"),
+    (dict(clip_skip=2, model="tiny-sdxl-random"), "^clip_skip applies to SD 1.x and 2.x"),
 ])
 def test_clip_skip_the_model_cannot_take_is_refused_before_it_loads(settings, pattern, tmp_path, tiny_path, monkeypatch):
     import sdtune.models
