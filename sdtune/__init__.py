@@ -16,11 +16,11 @@ so `import sdtune` and `sdtune --help` stay fast; so are the configs and submodu
 `sdtune.methods`, ...), on first use.
 """
 
+import functools
 import logging
 import os
 
 from .errors import SdtuneError, TrainingFailed
-from .errors import spelled_for_python as _spelled_for_python  # errors name settings as Python spells them
 from .version import __version__
 
 # bitsandbytes, which peft and transformers import whenever it is installed (`--optimizer adamw8bit`), warns on
@@ -47,6 +47,23 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def _spelled_for_python(command: str):
+    """A public function's decorator: its errors name settings as Python spells them (`config.python_spelling`, as
+    `config.spelled_for_python` does; the configs loaded on the first call, not at `import sdtune`)."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            from .config import python_spelling
+
+            with python_spelling(command):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _checked_config(config, kind: str):

@@ -41,8 +41,9 @@ from .config import (
     SampleConfig,
     SweepConfig,
     TrainConfig,
+    spelled_as_flags,
 )
-from .errors import SdtuneError, SweepFailed, error_line, spelled_as_flags
+from .errors import SdtuneError, SweepFailed, error_line
 from .fileio import counted
 
 class OneLineErrorsGroup(TyperGroup):
@@ -190,9 +191,21 @@ def _config_values(config_class: type, settings: dict[str, Any], **renamed: Any)
     }
 
 
+def setting_help(config_class: type, name: str | None = None) -> str:
+    """What setting `name` of a config does (`setting_help(TrainConfig, "steps")`), or every setting, one a line: the
+    text of `sdtune COMMAND --help` for its flag, with settings named as Python spells them. Here, beside the texts:
+    the configs, which this module imports, cannot import it back."""
+    from .config import check_setting_names
+
+    if name is not None:
+        check_setting_names(config_class, [name])
+    texts = settings_help(config_class)
+    return texts[name] if name is not None else "\n".join(f"{setting}: {text}" for setting, text in texts.items())
+
+
 def settings_help(config_class: type) -> dict[str, str]:
     """Each setting of `config_class` → what `sdtune COMMAND --help` says of its flag, settings named as Python spells
-    them (`Config.help`); the method options' flags for `options`; where a setting has no flag, the comment beside it."""
+    them; the method options' flags for `options`; where a setting has no flag, the comment beside it."""
     from typer.main import get_command
 
     from .config import command_of, python_names, python_spelled

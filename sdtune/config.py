@@ -15,12 +15,14 @@ import re
 import tomllib
 import types
 import typing
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .data import MAX_SEED
-from .errors import SdtuneError, python_spelling, reading_file
+from .errors import SdtuneError, reading_file
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
 from .methods import DEFAULT_METHOD, OPTION_FLAGS
@@ -180,9 +182,57 @@ def python_spelled(message: str, command: str) -> str:
     return "".join(pieces) + FLAG.sub(spell, message[start:])
 
 
+# Whether a call in progress already decides how its errors name settings: the CLI's (flags, as typed) or an outer
+# sdtune call's (Python's spelling, once, as the error leaves it). Unset: the next sdtune call is the user's own.
+_spelling_decided: ContextVar[bool] = ContextVar("sdtune_spelling_decided", default=False)
+
+
+@contextmanager
+def spelled_as_flags() -> Iterator[None]:
+    """The CLI's block around a command: errors raised inside keep naming flags (`--overwrite`), as the user typed them."""
+    token = _spelling_decided.set(True)
+    try:
+        yield
+    finally:
+        _spelling_decided.reset(token)
+
+
+@contextmanager
+def python_spelling(command: str) -> Iterator[None]:
+    """A block of a public function or config method: an SdtuneError leaving it names each setting as Python code gives
+    it (`python_spelled`, with `sdtune COMMAND`'s settings), unless the CLI or an outer sdtune call answers the user."""
+    if _spelling_decided.get():
+        yield
+        return
+    token = _spelling_decided.set(True)
+    try:
+        yield
+    except SdtuneError as error:
+        if len(error.args) == 1 and isinstance(error.args[0], str):
+            error.args = (python_spelled(error.args[0], command),)
+        raise
+    finally:
+        _spelling_decided.reset(token)
+
+
+def spelled_for_python(command: str) -> Callable[[Callable], Callable]:
+    """A public function's decorator: its errors name settings as Python spells them (`python_spelling`). A wrapper
+    of sdtune's own, not contextlib's: `errors.warn` finds the caller's line past every frame of the package."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with python_spelling(command):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def _spelled_for_python(method: Callable) -> Callable:
     """A config's method (or classmethod's function) whose errors, raised to Python code, name its settings as
-    Python spells them (`errors.python_spelling`)."""
+    Python spells them (`python_spelling`)."""
 
     @functools.wraps(method)
     def wrapper(config, *args: Any, **kwargs: Any):
@@ -236,17 +286,6 @@ class _Config:
     @_spelled_for_python
     def validate(self) -> None:
         pass
-
-    @classmethod
-    def help(cls, name: str | None = None) -> str:
-        """What setting `name` does, or every setting, one a line (`print(TrainConfig.help())`): the text of `sdtune
-        COMMAND --help` for its flag, with settings named as Python spells them."""
-        from .cli import settings_help
-
-        if name is not None:
-            check_setting_names(cls, [name])
-        texts = settings_help(cls)
-        return texts[name] if name is not None else "\n".join(f"{setting}: {text}" for setting, text in texts.items())
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -371,8 +410,8 @@ def parse_base_adapter(entry: str) -> BaseAdapter:
 @dataclass
 class TrainConfig(_Config):
     """Everything `sdtune train` needs. Each setting is its flag of the same name, which `sdtune train --help` and
-    `TrainConfig.help("name")` describe; method options (`options={"rank": 8}`) are `sdtune methods`'. Unset values
-    are resolved by `resolved()`."""
+    `sdtune.cli.setting_help(TrainConfig, "name")` describe; method options (`options={"rank": 8}`) are those of
+    `sdtune methods`. Unset values are resolved by `resolved()`."""
 
     concept: str | list[str] = "castle"  # several train one adapter, each with its own images and placeholder
     method: str = DEFAULT_METHOD
@@ -776,7 +815,7 @@ def _check_dataset(config) -> None:
 @dataclass
 class SampleConfig(_Config):
     """Everything `sdtune sample` needs. Each setting is its flag of the same name, which `sdtune sample --help` and
-    `SampleConfig.help("name")` describe."""
+    `sdtune.cli.setting_help(SampleConfig, "name")` describe."""
 
     prompts: str | None = None  # a prompt file; one prompt a line, '#' comments, kohya-ss' --n, --w, ... after a prompt its own
     prompt: list[str] = field(default_factory=list)  # prompts given directly
@@ -936,7 +975,7 @@ MERGE_DTYPES = ("fp32", "fp16", "bf16")
 @dataclass
 class ExportConfig(_Config):
     """Everything `sdtune export` needs. Each setting is its flag of the same name, which `sdtune export --help` and
-    `ExportConfig.help("name")` describe."""
+    `sdtune.cli.setting_help(ExportConfig, "name")` describe."""
 
     source: str = ""  # an sdtune adapter file or run folder
     format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr, oft)
@@ -963,7 +1002,7 @@ EXTRACT_DYNAMIC = ("sv_fro", "sv_cumulative", "sv_ratio")  # kohya-ss resize_lor
 @dataclass
 class ExtractConfig(_Config):
     """Everything `sdtune extract` needs: an adapter's update as a LoRA of the chosen rank. Each setting is its flag of
-    the same name, which `sdtune extract --help` and `ExtractConfig.help("name")` describe."""
+    the same name, which `sdtune extract --help` and `sdtune.cli.setting_help(ExtractConfig, "name")` describe."""
 
     source: str = ""  # an sdtune adapter file or run folder, or a kohya-format file
     output: str = ""  # the LoRA file; its summary goes beside it as <name>.extract.json
@@ -1007,7 +1046,7 @@ class ExtractConfig(_Config):
 @dataclass
 class CardConfig(_Config):
     """Everything `sdtune card` needs. Each setting is its flag of the same name, which `sdtune card --help` and
-    `CardConfig.help("name")` describe."""
+    `sdtune.cli.setting_help(CardConfig, "name")` describe."""
 
     source: str = ""  # an sdtune run folder or adapter file
     output: str | None = None  # default: RUN/README.md
@@ -1024,7 +1063,7 @@ class CardConfig(_Config):
 @dataclass
 class MergeConfig(_Config):
     """Everything `sdtune merge` needs. Each setting is its flag of the same name, which `sdtune merge --help` and
-    `MergeConfig.help("name")` describe."""
+    `sdtune.cli.setting_help(MergeConfig, "name")` describe."""
 
     source: str | list[str] = ""  # an sdtune adapter file or run folder, or a kohya-format file; several stack
     output: str = ""  # a new folder for the diffusers pipeline
@@ -1071,7 +1110,7 @@ DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 @dataclass
 class EvaluateConfig(_Config):
     """Everything `sdtune evaluate` needs: what to measure, against what, with which models. Each setting is its flag of
-    the same name, which `sdtune evaluate --help` and `EvaluateConfig.help("name")` describe."""
+    the same name, which `sdtune evaluate --help` and `sdtune.cli.setting_help(EvaluateConfig, "name")` describe."""
 
     run: str | None = None  # run folder or adapter file to sample from (and where eval.json goes)
     images: str | None = None  # a folder of generated images instead of sampling (e.g. RUN/samples)
@@ -1111,7 +1150,8 @@ class EvaluateConfig(_Config):
 @dataclass
 class CompareConfig(_Config):
     """Everything `sdtune compare` needs: the runs, where to write, and how to draw the image grid. Each setting is its
-    flag of the same name, which `sdtune compare --help` and `CompareConfig.help("name")` describe."""
+    flag of the same name, which `sdtune compare --help` and `sdtune.cli.setting_help(CompareConfig, "name")`
+    describe."""
 
     runs: list[str] = field(default_factory=list)
     output: str = "comparison"
@@ -1134,7 +1174,7 @@ class CompareConfig(_Config):
 @dataclass
 class ExplainConfig(_Config):
     """Everything `sdtune explain` needs: the run, and how to draw what its adapter learned. Each setting is its flag of
-    the same name, which `sdtune explain --help` and `ExplainConfig.help("name")` describe."""
+    the same name, which `sdtune explain --help` and `sdtune.cli.setting_help(ExplainConfig, "name")` describe."""
 
     run: str = ""  # run folder or adapter file
     prompt: str | None = None  # the prompt of the image that maps are drawn over, where a method draws them
@@ -1165,7 +1205,7 @@ class ExplainConfig(_Config):
 @dataclass
 class SweepConfig(_Config):
     """Everything `sdtune sweep` needs: the plan, and which of its runs to do here. Each setting is its flag of the same
-    name, which `sdtune sweep --help` and `SweepConfig.help("name")` describe."""
+    name, which `sdtune sweep --help` and `sdtune.cli.setting_help(SweepConfig, "name")` describe."""
 
     plan: str = ""  # the plan's TOML file (sweeps/*.toml)
     output: str | None = None  # default: the plan's own `output`, else runs/sweeps/<plan name>

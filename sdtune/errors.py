@@ -1,14 +1,12 @@
-"""Errors that the CLI turns into one line on stderr and a meaningful exit code, and that name settings as Python
-spells them when Python code called sdtune; PIL's own warnings kept quiet where sdtune names the file itself."""
+"""Errors that the CLI turns into one line on stderr and a meaningful exit code; PIL's own warnings kept quiet where
+sdtune names the file itself."""
 
-import functools
 import os
 import re
 import sys
 import warnings
 from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 
 class SdtuneError(Exception):
@@ -42,57 +40,6 @@ class SweepFailed(SdtuneError):
     """A sweep went through its runs but some failed (each recorded in its folder): exit code 1."""
 
     exit_code = 1
-
-
-# Whether a call in progress already decides how its errors name settings: the CLI's (flags, as typed) or an outer
-# sdtune call's (Python's spelling, once, as the error leaves it). Unset: the next sdtune call is the user's own.
-_spelling_decided: ContextVar[bool] = ContextVar("sdtune_spelling_decided", default=False)
-
-
-@contextmanager
-def spelled_as_flags() -> Iterator[None]:
-    """The CLI's block around a command: errors raised inside keep naming flags (`--overwrite`), as the user typed them."""
-    token = _spelling_decided.set(True)
-    try:
-        yield
-    finally:
-        _spelling_decided.reset(token)
-
-
-@contextmanager
-def python_spelling(command: str) -> Iterator[None]:
-    """A block of a public function: an SdtuneError leaving it names each setting as Python code gives it
-    (`overwrite=True`, `options["rank"]`; `config.python_spelled`, with `sdtune COMMAND`'s settings), unless the CLI
-    or an outer sdtune call is the one answering the user."""
-    if _spelling_decided.get():
-        yield
-        return
-    token = _spelling_decided.set(True)
-    try:
-        yield
-    except SdtuneError as error:
-        if len(error.args) == 1 and isinstance(error.args[0], str):
-            from .config import python_spelled  # the configs' settings, loaded only for an error to spell
-
-            error.args = (python_spelled(error.args[0], command),)
-        raise
-    finally:
-        _spelling_decided.reset(token)
-
-
-def spelled_for_python(command: str) -> Callable[[Callable], Callable]:
-    """A public function's decorator: its errors name settings as Python spells them (`python_spelling`). A wrapper
-    of sdtune's own, not contextlib's: `warn` finds the caller's line past every frame of the package."""
-
-    def decorate(function: Callable) -> Callable:
-        @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with python_spelling(command):
-                return function(*args, **kwargs)
-
-        return wrapper
-
-    return decorate
 
 
 @contextmanager

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ExplainConfig
-from .errors import SdtuneError, spelled_for_python, warn
+from .config import ExplainConfig, spelled_for_python
+from .errors import SdtuneError, warn
 from .models import quiet_libraries
 
 GRID_PAD = 2

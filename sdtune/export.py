@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
-from .config import MERGE_DTYPES
-from .errors import SdtuneError, spelled_for_python, warn
+from .config import MERGE_DTYPES, spelled_for_python
+from .errors import SdtuneError, warn
 from .methods.base import exact_module_pattern
 from .models import quiet_libraries
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder

@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import MERGE_DTYPES, scales_text, strengths
-from .errors import SdtuneError, spelled_for_python
+from .config import MERGE_DTYPES, scales_text, spelled_for_python, strengths
+from .errors import SdtuneError
 from .fileio import check_output_target, output_file_lock, write_folder, write_text_atomic
 from .models import quiet_libraries
 from .safetensors_checks import first_non_finite

@@ -15,7 +15,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SdtuneError, spelled_for_python, warn
+from .config import spelled_for_python
+from .errors import SdtuneError, warn
 from .version import __version__
 
 CARD_FILE = "README.md"

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .adapter import ADAPTER_FILE
-from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
-from .errors import SdtuneError, error_line, spelled_for_python, warn
+from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml, spelled_for_python
+from .errors import SdtuneError, error_line, warn
 from .fileio import OutputLock, check_no_file_in_the_way, counted
 
 RUN_MARKER = "sweep-run.json"

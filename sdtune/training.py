@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
 from .adapter import ADAPTER_FILE, adapter_bytes, save_adapter
-from .config import TrainConfig
-from .errors import SdtuneError, TrainingFailed, spelled_for_python, warn
+from .config import TrainConfig, spelled_for_python
+from .errors import SdtuneError, TrainingFailed, warn
 from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .optimizers import check_optimizer_ready, make_optimizer

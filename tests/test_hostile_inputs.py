@@ -569,7 +569,7 @@ def test_errors_raised_to_python_name_settings_as_python_spells_them(runs, tmp_p
     with pytest.raises(sdtune.SdtuneError, match=r"^classes takes class names separated by commas, got ''$"):
         SampleConfig(prompt="x", classes="")  # raised while the config is built
     with pytest.raises(sdtune.SdtuneError, match=r"^give steps=30 or more"):  # a message's value, as Python writes it
-        with sdtune.errors.python_spelling("sample"):
+        with sdtune.config.python_spelling("sample"):
             raise sdtune.SdtuneError("give --steps 30 or more")
 
 
@@ -630,26 +630,28 @@ def test_the_python_spelling_table_names_real_flags_and_fields():
 
 
 def test_each_config_says_where_its_settings_are_described():
-    """A config's docstring names `sdtune COMMAND --help` and `Config.help`, which gives that help's text for each
-    setting (its flags respelt for Python), the method options' for `options`, and refuses a setting it lacks."""
+    """A config's docstring names `sdtune COMMAND --help` and `sdtune.cli.setting_help`, which gives that help's text
+    for each setting (its flags respelt for Python), the method options' for `options`, and refuses a setting it lacks."""
     import dataclasses
 
     import sdtune
-    from sdtune.config import EvaluateConfig, TrainConfig, _Config, command_of
+    from sdtune.cli import setting_help
+    from sdtune.config import EvaluateConfig, ExplainConfig, TrainConfig, _Config, command_of
 
     for config in _Config.__subclasses__():
-        assert f"`sdtune {command_of(config)} --help`" in " ".join(config.__doc__.split()), config
-        assert f'`{config.__name__}.help("name")`' in config.__doc__, config
-        lines = config.help().splitlines()
-        assert all(f.name in {line.split(":")[0] for line in lines} for f in dataclasses.fields(config)), config
-        assert all(config.help(f.name).strip() for f in dataclasses.fields(config)), config
-    assert TrainConfig.help("validation_width") == ("The validation images' width in pixels, a multiple of 8 (default: resolution; "
-                                                    "a prompt line's --w wins).")
-    assert TrainConfig.help("steps") == "Optimiser steps. (default: 400)"
-    assert 'options["rank"]: lora/loha/lokr: rank r (default: 4).' in TrainConfig.help("options").splitlines()
-    assert EvaluateConfig.help("prompt") == "A prompt (repeatable); alongside or instead of prompts."
+        doc = " ".join(config.__doc__.split())
+        assert f"`sdtune {command_of(config)} --help`" in doc and f'`sdtune.cli.setting_help({config.__name__}, "name")`' in doc, config
+        names = {line.split(":")[0] for line in setting_help(config).splitlines()}
+        assert {f.name for f in dataclasses.fields(config)} <= names, config
+        assert all(setting_help(config, f.name).strip() for f in dataclasses.fields(config)), config
+    assert setting_help(TrainConfig, "validation_width") == (
+        "The validation images' width in pixels, a multiple of 8 (default: resolution; a prompt line's --w wins).")
+    assert setting_help(TrainConfig, "steps") == "Optimiser steps. (default: 400)"
+    assert 'options["rank"]: lora/loha/lokr: rank r (default: 4).' in setting_help(TrainConfig, "options").splitlines()
+    assert setting_help(EvaluateConfig, "prompt") == "A prompt (repeatable); alongside or instead of prompts."
+    assert setting_help(ExplainConfig, "token") == "text for <name> placeholders; default: the adapter's token"  # no flag
     with pytest.raises(sdtune.SdtuneError, match=r"^unknown setting\(s\): stepz$"):
-        TrainConfig.help("stepz")
+        setting_help(TrainConfig, "stepz")
 
 
 def test_configs_take_what_python_code_holds(tmp_path):
