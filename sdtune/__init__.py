@@ -8,13 +8,15 @@
 Each function takes a config (`TrainConfig`, `SampleConfig`, `EvaluateConfig`, `ExtractConfig`: built
 directly, or `.load("run.toml", steps=50)` from TOML with overrides) and returns what it produced:
 `train` a `training.Run`, `sample` a `sampling.SampleResult`, `evaluate` an `evaluation.Evaluation`,
-`compare` a `comparison.Comparison`. Every refusal is an `SdtuneError` of one line.
+`compare` a `comparison.Comparison`. Every refusal is an `SdtuneError` of one line, naming settings as Python
+spells them (`overwrite=True`, `options["rank"]`; the CLI's name flags).
 
 Heavy libraries (torch, diffusers) are imported only when a function that needs them is called,
 so `import sdtune` and `sdtune --help` stay fast; so are the configs and submodules (`sdtune.config`,
 `sdtune.methods`, ...), on first use.
 """
 
+import functools
 import logging
 import os
 
@@ -47,6 +49,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+def _spelled_for_python(command: str):
+    """A public function's decorator: its errors name settings as Python spells them (`config.python_spelling`, as
+    `config.spelled_for_python` does; the configs loaded on the first call, not at `import sdtune`)."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            from .config import python_spelling
+
+            with python_spelling(command):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 def _checked_config(config, kind: str):
     """`config` if it is a `sdtune.config.<kind>`: anything else is one clear error, not an AttributeError deep inside."""
     from . import config as configs
@@ -57,6 +76,7 @@ def _checked_config(config, kind: str):
     return config
 
 
+@_spelled_for_python("train")
 def train(config):
     """Train an adapter as `config` (a `sdtune.config.TrainConfig`) says; returns a `sdtune.training.Run`: the run's
     folder (`output`), its adapter file (`adapter`), the settings it resolved, the losses and the seconds it took.
@@ -67,6 +87,7 @@ def train(config):
     return _train(_checked_config(config, "TrainConfig"))
 
 
+@_spelled_for_python("sample")
 def sample(config):
     """Draw images and a grid as `config` (a `sdtune.config.SampleConfig`) says; returns a `sdtune.sampling.SampleResult`:
     the output folder, the image files, the grid file, the prompts as drawn and the timings."""
@@ -75,6 +96,7 @@ def sample(config):
     return _sample(_checked_config(config, "SampleConfig"))
 
 
+@_spelled_for_python("evaluate")
 def evaluate(config):
     """Measure a run's images as `config` (a `sdtune.config.EvaluateConfig`) says; writes eval.json and returns a
     `sdtune.evaluation.Evaluation`: `metrics` (name → value), `unavailable` (name → why) and `table()`."""
@@ -83,6 +105,7 @@ def evaluate(config):
     return _evaluate(_checked_config(config, "EvaluateConfig"))
 
 
+@_spelled_for_python("compare")
 def compare(runs, output=None, progress: bool = True, **options):
     """Compare run folders into `output`: table (md, csv), plots, image grid; options: `CompareConfig`'s, or a whole
     `sdtune.config.CompareConfig` in place of `runs`. Returns a `sdtune.comparison.Comparison` (`runs`, `files`, `table`)."""
@@ -99,6 +122,8 @@ def compare(runs, output=None, progress: bool = True, **options):
     return _compare(runs, output, progress, **options)
 
 
+# adapters bound to a pipeline at strengths: the settings of `sdtune merge` (`scale`), which does the same
+@_spelled_for_python("merge")
 def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
     """Apply an sdtune adapter file or run folder to `pipeline`'s UNet at strength `scale`
     (W + scale·ΔW; 0: the base weights), merged by default; returns the method (`set_scale`, `merge`, `unmerge`:
@@ -111,6 +136,7 @@ def load_adapter(path, pipeline, merge: bool = True, scale: float = 1.0):
     return _load(path, pipeline, merge=merge, scale=scale)
 
 
+@_spelled_for_python("merge")
 def load_adapters(paths, pipeline, scales=None):
     """Stack several adapters (sdtune or kohya-format) onto `pipeline`, merged: W + Σ scaleᵢ·ΔWᵢ, each ΔWᵢ
     the update that adapter makes on the weights it was trained on (the base weights, or those its base adapters
@@ -121,6 +147,7 @@ def load_adapters(paths, pipeline, scales=None):
     return _load(paths if isinstance(paths, (str, os.PathLike)) else list(paths), pipeline, scales)
 
 
+@_spelled_for_python("merge")
 def open_adapter(path, pipeline):
     """The adapter bound to `pipeline`, unmerged, with `set_scale`, `merge` and `unmerge`: an sdtune
     adapter's method (its layers compute the update), or a kohya-format file's updates (not yet added)."""
@@ -129,6 +156,7 @@ def open_adapter(path, pipeline):
     return _open(path, pipeline)
 
 
+@_spelled_for_python("extract")
 def extract_lora(config):
     """Write an adapter's update (sdtune or kohya-format) as a kohya LoRA/LoCon file of a chosen rank, as
     `config` (a `sdtune.config.ExtractConfig`) says; returns an `ExtractResult` with each layer's kept fraction."""

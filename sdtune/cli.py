@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,6 +41,7 @@ from .config import (
     SampleConfig,
     SweepConfig,
     TrainConfig,
+    spelled_as_flags,
 )
 from .errors import SdtuneError, SweepFailed, error_line
 from .fileio import counted
@@ -106,7 +108,8 @@ def handle_errors(command: Callable) -> Callable:
     """Turn sdtune's errors into one line on stderr and the right exit code, never a traceback.
 
     SIGINT and SIGTERM end the command as an interrupt does: every temporary file is removed on the
-    way out, "interrupted" is said, and the exit code is 130 (SIGINT) or 143 (SIGTERM).
+    way out, "interrupted" is said, and the exit code is 130 (SIGINT) or 143 (SIGTERM). Its errors name
+    flags as typed: the library's public functions, called here, leave their messages as they are.
     """
 
     @functools.wraps(command)
@@ -121,7 +124,8 @@ def handle_errors(command: Callable) -> Callable:
         previous_hook = threading.excepthook
         threading.excepthook = functools.partial(_thread_error, previous_hook)
         try:
-            return command(*args, **kwargs)
+            with spelled_as_flags():
+                return command(*args, **kwargs)
         except SdtuneError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(error.exit_code) from None
@@ -185,6 +189,44 @@ def _config_values(config_class: type, settings: dict[str, Any], **renamed: Any)
         for name, value in values.items()
         if name in names and value is not None
     }
+
+
+def setting_help(config_class: type, name: str | None = None) -> str:
+    """What setting `name` of a config does (`setting_help(TrainConfig, "steps")`), or every setting, one a line: the
+    text of `sdtune COMMAND --help` for its flag, with settings named as Python spells them. Here, beside the texts:
+    the configs, which this module imports, cannot import it back."""
+    from .config import check_setting_names
+
+    if name is not None:
+        check_setting_names(config_class, [name])
+    texts = settings_help(config_class)
+    return texts[name] if name is not None else "\n".join(f"{setting}: {text}" for setting, text in texts.items())
+
+
+def settings_help(config_class: type) -> dict[str, str]:
+    """Each setting of `config_class` → what `sdtune COMMAND --help` says of its flag, settings named as Python spells
+    them; the method options' flags for `options`; where a setting has no flag, the comment beside it."""
+    from typer.main import get_command
+
+    from .config import command_of, python_names, python_spelled
+
+    command = command_of(config_class)
+    params = get_command(app).commands[command].params
+    options = {flag: name._replace(value=None) for flag, name in python_names(command).items() if name.option is not None}
+    source = inspect.getsource(config_class)
+    texts = {}
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        param = next((p for p in params if p.name == field.name or flag in p.opts), None)
+        if param is not None:
+            text = param.help.replace("\\[", "[")  # rich markup's escape
+        elif field.name == "options":
+            text = "\n".join(f"{name.spelled()}: {methods.option_flag_help(flag)}" for flag, name in options.items())
+        else:
+            comment = re.search(rf"^\s+{field.name}: .*?  # (.*)$", source, re.MULTILINE)
+            text = comment[1] if comment else ""
+        texts[field.name] = python_spelled(text, command)
+    return texts
 
 
 # ---------------------------------------------------------------------------------------------

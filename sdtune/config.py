@@ -8,21 +8,24 @@ replayed with `sdtune train --config runs/NAME/config.toml`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
 import tomllib
 import types
 import typing
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .data import MAX_SEED
 from .errors import SdtuneError, reading_file
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
-from .methods import DEFAULT_METHOD
+from .methods import DEFAULT_METHOD, OPTION_FLAGS
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
 from .token_embeddings import DEFAULT_EMBEDDING_LR, NEW_TOKEN, check_token_settings, default_token, new_token_names
@@ -60,12 +63,199 @@ def check_setting_names(config_class, names, where: str = "") -> None:
         raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Errors raised to Python code name settings as it spells them: `--validation-width` is `validation_width`, the
+# switch `--overwrite` is `overwrite=True`, the method option `--rank` is `options["rank"]`. The CLI keeps flags.
+
+
+class PythonName(NamedTuple):
+    """How Python code gives what one flag sets."""
+
+    setting: str  # the config's field
+    option: str | None = None  # a method option, within `options`
+    value: bool | None = None  # what a switch (`--overwrite`, `--no-dora`) sets
+
+    def spelled(self, value: str | None = None) -> str:
+        """`setting`, `setting=True`, or with the value the message gave, `setting=512`; a method option in `options`."""
+        if value is None and self.value is not None:
+            value = str(self.value)
+        if self.option is None:
+            return self.setting if value is None else f"{self.setting}={value}"
+        return f'{self.setting}["{self.option}"]' if value is None else f'{self.setting}={{"{self.option}": {value}}}'
+
+
+# Fields that are no command's flag: given as arguments (`sdtune export SOURCE`) or `--option KEY=VALUE` pairs
+NOT_FLAGS = frozenset({"options", "runs", "source", "plan"})
+
+
+# commands whose settings hold other commands' as sections: a sweep plan's [train], [sample] and [evaluate]
+COMMANDS_WITHIN = {"sweep": ("train", "sample", "evaluate")}
+
+
+def command_of(config_class: type) -> str:
+    """The command a config is the settings of: TrainConfig's is `sdtune train`."""
+    return config_class.__name__.removesuffix("Config").lower()
+
+
+@functools.cache
+def python_names(command: str) -> dict[str, PythonName]:
+    """`sdtune COMMAND`'s flags → how Python code gives them: its config's fields, each the flag of the same name
+    (underscores for dashes); where the config takes method options, their own flags (`OPTION_FLAGS`). A switch's
+    other half (`--no-dora`) is read from its first (`python_spelled`)."""
+    config_class = next((c for c in _Config.__subclasses__() if command_of(c) == command), None)
+    if config_class is None:
+        return {}
+    hints = typing.get_type_hints(config_class)
+    names = {
+        "--" + f.name.replace("_", "-"): PythonName(f.name, value=True if hints[f.name] is bool else None)
+        for f in dataclasses.fields(config_class) if f.name not in NOT_FLAGS
+    }
+    for within in COMMANDS_WITHIN.get(command, ()):  # the command's own settings win
+        names = {**python_names(within), **names}
+    if "options" in hints:
+        for flag, spec in OPTION_FLAGS.items():
+            names[flag] = PythonName("options", spec.option, True if spec.type is bool else None)
+    return names
+
+
+NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
+# a flag (not kohya-ss' --network_weights, nor one inside a quoted value or a path), and the word after it: its
+# value, or the sentence's own
+FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+-]+))?")
+# commands a message quotes, to be typed as they are: `sdtune sample --dtype bf16`, 'sdtune train --resume latest'
+QUOTED_COMMAND = re.compile(r"`sdtune [^`]*`|'sdtune [^']*'|\"sdtune [^\"]*\"|\(sdtune [^)]*\)")
+
+
+@functools.cache
+def named_values() -> dict[str, tuple[str, ...]]:
+    """The settings that take one of a few words, and those words: what follows such a flag in a message is its
+    value ("--format diffusers" is 'format="diffusers"'), where "--targets of those layers" is a sentence's."""
+    from .datasets import VTAB_SPLITS
+    from .methods import available
+
+    return {
+        "method": tuple(available()), "resume": ("latest",), "mixed_precision": MIXED_PRECISION,
+        "dtype": SAMPLE_DTYPES + MERGE_DTYPES, "validation_dtype": SAMPLE_DTYPES, "format": EXPORT_FORMATS,
+        "optimizer": tuple(OPTIMIZERS), "lr_scheduler": LR_SCHEDULERS, "scheduler": SCHEDULERS, "loss_type": LOSS_TYPES,
+        "huber_schedule": HUBER_SCHEDULES, "mask_source": MASK_SOURCES, "dynamic": EXTRACT_DYNAMIC,
+        "fid_features": FID_FEATURES, "split": VTAB_SPLITS,
+    }
+
+
+def python_value(name: PythonName, word: str) -> str | None:
+    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words, quoted), or
+    None where it is the sentence's next word. 1,000 is a thousand; 0,0.5,1 a list."""
+    if re.fullmatch(rf"{NUMBER}(?:,{NUMBER})*", word):
+        if re.fullmatch(r"[1-9]\d{0,2}(?:,\d{3})+", word):
+            return word.replace(",", "")
+        return f"[{', '.join(word.split(','))}]" if "," in word else word
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", word):
+        return word
+    return f'"{word}"' if name.option is None and word in named_values().get(name.setting, ()) else None
+
+
+def python_spelled(message: str, command: str) -> str:
+    """`message` with each of `sdtune COMMAND`'s flags as Python code gives it: "add --overwrite" is "add
+    overwrite=True", "--rank must be ..." is 'options["rank"] must be ...', "--steps 200" is "steps=200". Quoted
+    commands, flags of no setting (a prompt line's --w) and other tools' flags stay as written."""
+    names = python_names(command)
+
+    def spell(match: re.Match) -> str:
+        flag, word = match["flag"], match["word"]
+        name = names.get(flag)
+        negated = names.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
+        if name is None and negated is not None and negated.value:  # a switch's other half: --no-dora
+            name = negated._replace(value=False)
+        if name is None:
+            return match[0]
+        if name.value is not None and word == "must":  # "--dora must be true or false": the setting, not a value
+            name = name._replace(value=None)
+        value = python_value(name, word) if word is not None and name.value is None else None  # switches take none
+        if value is not None:
+            return name.spelled(value)
+        return name.spelled() + (f" {word}" if word is not None else "")
+
+    pieces, start = [], 0
+    for quoted in QUOTED_COMMAND.finditer(message):
+        pieces += [FLAG.sub(spell, message[start:quoted.start()]), quoted[0]]
+        start = quoted.end()
+    return "".join(pieces) + FLAG.sub(spell, message[start:])
+
+
+# Whether a call in progress already decides how its errors name settings: the CLI's (flags, as typed) or an outer
+# sdtune call's (Python's spelling, once, as the error leaves it). Unset: the next sdtune call is the user's own.
+_spelling_decided: ContextVar[bool] = ContextVar("sdtune_spelling_decided", default=False)
+
+
+@contextmanager
+def spelled_as_flags() -> Iterator[None]:
+    """The CLI's block around a command: errors raised inside keep naming flags (`--overwrite`), as the user typed them."""
+    token = _spelling_decided.set(True)
+    try:
+        yield
+    finally:
+        _spelling_decided.reset(token)
+
+
+@contextmanager
+def python_spelling(command: str) -> Iterator[None]:
+    """A block of a public function or config method: an SdtuneError leaving it names each setting as Python code gives
+    it (`python_spelled`, with `sdtune COMMAND`'s settings), unless the CLI or an outer sdtune call answers the user."""
+    if _spelling_decided.get():
+        yield
+        return
+    token = _spelling_decided.set(True)
+    try:
+        yield
+    except SdtuneError as error:
+        if len(error.args) == 1 and isinstance(error.args[0], str):
+            error.args = (python_spelled(error.args[0], command),)
+        raise
+    finally:
+        _spelling_decided.reset(token)
+
+
+def spelled_for_python(command: str) -> Callable[[Callable], Callable]:
+    """A public function's decorator: its errors name settings as Python spells them (`python_spelling`). A wrapper
+    of sdtune's own, not contextlib's: `errors.warn` finds the caller's line past every frame of the package."""
+
+    def decorate(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with python_spelling(command):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _spelled_for_python(method: Callable) -> Callable:
+    """A config's method (or classmethod's function) whose errors, raised to Python code, name its settings as
+    Python spells them (`python_spelling`)."""
+
+    @functools.wraps(method)
+    def wrapper(config, *args: Any, **kwargs: Any):
+        with python_spelling(command_of(config if isinstance(config, type) else type(config))):
+            return method(config, *args, **kwargs)
+
+    return wrapper
+
+
 class _Config:
     """TOML in, TOML out, with clear errors for unknown keys and bad values.
 
     Each setting is its command's flag of the same name (`max_grad_norm`: `--max-grad-norm`), which `sdtune
-    COMMAND --help` and the README describe; `load(path, **overrides)` reads a TOML file and applies overrides."""
+    COMMAND --help` and the README describe; `load(path, **overrides)` reads a TOML file and applies overrides.
+    Building, loading or validating one from Python, an error names settings as Python spells them."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("__post_init__", "validate"):  # each config's own checks, as _Config's below
+            if name in vars(cls):
+                setattr(cls, name, _spelled_for_python(vars(cls)[name]))
+
+    @_spelled_for_python
     def __new__(cls, *args: Any, **values: Any):
         # before the dataclass's own __init__, which would raise a TypeError: a setting misspelt in Python
         # (`TrainConfig(stepz=3)`) is refused as TOML and flags refuse it, in one SdtuneError line
@@ -75,6 +265,7 @@ class _Config:
         return super().__new__(cls)
 
     @classmethod
+    @_spelled_for_python
     def load(cls, path: str | Path | None = None, **overrides: Any):
         values: dict[str, Any] = {}
         if path is not None:
@@ -85,12 +276,14 @@ class _Config:
         config.validate()
         return config
 
+    @_spelled_for_python
     def __post_init__(self) -> None:
         # the Python API builds configs directly: types are checked here, for TOML and flags alike
         for name, hint in typing.get_type_hints(type(self)).items():
             value = checked_value(name, getattr(self, name), hint)
             setattr(self, name, expand_home(value) if name in PATH_SETTINGS else value)
 
+    @_spelled_for_python
     def validate(self) -> None:
         pass
 
@@ -219,8 +412,9 @@ def parse_base_adapter(entry: str) -> BaseAdapter:
 
 @dataclass
 class TrainConfig(_Config):
-    """Everything `sdtune train` needs, each setting its flag of the same name (`sdtune train --help`). Unset values
-    are resolved by `resolved()`."""
+    """Everything `sdtune train` needs. Each setting is its flag of the same name, which `sdtune train --help` and
+    `sdtune.cli.setting_help(TrainConfig, "name")` describe; method options (`options={"rank": 8}`) are those of
+    `sdtune methods`. Unset values are resolved by `resolved()`."""
 
     concept: str | list[str] = "castle"  # several train one adapter, each with its own images and placeholder
     method: str = DEFAULT_METHOD
@@ -628,7 +822,8 @@ def _check_dataset(config) -> None:
 
 @dataclass
 class SampleConfig(_Config):
-    """Everything `sdtune sample` needs."""
+    """Everything `sdtune sample` needs. Each setting is its flag of the same name, which `sdtune sample --help` and
+    `sdtune.cli.setting_help(SampleConfig, "name")` describe."""
 
     prompts: str | None = None  # a prompt file; one prompt a line, '#' comments, kohya-ss' --n, --w, ... after a prompt its own
     prompt: list[str] = field(default_factory=list)  # prompts given directly
@@ -787,7 +982,8 @@ MERGE_DTYPES = ("fp32", "fp16", "bf16")
 
 @dataclass
 class ExportConfig(_Config):
-    """Everything `sdtune export` needs."""
+    """Everything `sdtune export` needs. Each setting is its flag of the same name, which `sdtune export --help` and
+    `sdtune.cli.setting_help(ExportConfig, "name")` describe."""
 
     source: str = ""  # an sdtune adapter file or run folder
     format: str = "kohya"  # kohya, diffusers (LoRA) or peft (lora, loha, lokr, oft)
@@ -813,7 +1009,8 @@ EXTRACT_DYNAMIC = ("sv_fro", "sv_cumulative", "sv_ratio")  # kohya-ss resize_lor
 
 @dataclass
 class ExtractConfig(_Config):
-    """Everything `sdtune extract` needs: an adapter's update as a LoRA of the chosen rank."""
+    """Everything `sdtune extract` needs: an adapter's update as a LoRA of the chosen rank. Each setting is its flag of
+    the same name, which `sdtune extract --help` and `sdtune.cli.setting_help(ExtractConfig, "name")` describe."""
 
     source: str = ""  # an sdtune adapter file or run folder, or a kohya-format file
     output: str = ""  # the LoRA file; its summary goes beside it as <name>.extract.json
@@ -856,7 +1053,8 @@ class ExtractConfig(_Config):
 
 @dataclass
 class CardConfig(_Config):
-    """Everything `sdtune card` needs."""
+    """Everything `sdtune card` needs. Each setting is its flag of the same name, which `sdtune card --help` and
+    `sdtune.cli.setting_help(CardConfig, "name")` describe."""
 
     source: str = ""  # an sdtune run folder or adapter file
     output: str | None = None  # default: RUN/README.md
@@ -872,7 +1070,8 @@ class CardConfig(_Config):
 
 @dataclass
 class MergeConfig(_Config):
-    """Everything `sdtune merge` needs."""
+    """Everything `sdtune merge` needs. Each setting is its flag of the same name, which `sdtune merge --help` and
+    `sdtune.cli.setting_help(MergeConfig, "name")` describe."""
 
     source: str | list[str] = ""  # an sdtune adapter file or run folder, or a kohya-format file; several stack
     output: str = ""  # a new folder for the diffusers pipeline
@@ -918,7 +1117,8 @@ DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 
 @dataclass
 class EvaluateConfig(_Config):
-    """Everything `sdtune evaluate` needs: what to measure, against what, with which models."""
+    """Everything `sdtune evaluate` needs: what to measure, against what, with which models. Each setting is its flag of
+    the same name, which `sdtune evaluate --help` and `sdtune.cli.setting_help(EvaluateConfig, "name")` describe."""
 
     run: str | None = None  # run folder or adapter file to sample from (and where eval.json goes)
     images: str | None = None  # a folder of generated images instead of sampling (e.g. RUN/samples)
@@ -957,7 +1157,9 @@ class EvaluateConfig(_Config):
 
 @dataclass
 class CompareConfig(_Config):
-    """Everything `sdtune compare` needs: the runs, where to write, and how to draw the image grid."""
+    """Everything `sdtune compare` needs: the runs, where to write, and how to draw the image grid. Each setting is its
+    flag of the same name, which `sdtune compare --help` and `sdtune.cli.setting_help(CompareConfig, "name")`
+    describe."""
 
     runs: list[str] = field(default_factory=list)
     output: str = "comparison"
@@ -979,7 +1181,8 @@ class CompareConfig(_Config):
 
 @dataclass
 class ExplainConfig(_Config):
-    """Everything `sdtune explain` needs: the run, and how to draw what its adapter learned."""
+    """Everything `sdtune explain` needs: the run, and how to draw what its adapter learned. Each setting is its flag of
+    the same name, which `sdtune explain --help` and `sdtune.cli.setting_help(ExplainConfig, "name")` describe."""
 
     run: str = ""  # run folder or adapter file
     prompt: str | None = None  # the prompt of the image that maps are drawn over, where a method draws them
@@ -1009,7 +1212,8 @@ class ExplainConfig(_Config):
 
 @dataclass
 class SweepConfig(_Config):
-    """Everything `sdtune sweep` needs: the plan, and which of its runs to do here."""
+    """Everything `sdtune sweep` needs: the plan, and which of its runs to do here. Each setting is its flag of the same
+    name, which `sdtune sweep --help` and `sdtune.cli.setting_help(SweepConfig, "name")` describe."""
 
     plan: str = ""  # the plan's TOML file (sweeps/*.toml)
     output: str | None = None  # default: the plan's own `output`, else runs/sweeps/<plan name>

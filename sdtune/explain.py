@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ExplainConfig
+from .config import ExplainConfig, spelled_for_python
 from .errors import SdtuneError, warn
 from .models import quiet_libraries
 
@@ -85,6 +85,7 @@ def grid_layout(count: int) -> tuple[int, int]:
 # The command
 
 
+@spelled_for_python("explain")
 @quiet_libraries()
 def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     """Write the explanation pictures of a run's adapter to `output` (default RUN/explain).

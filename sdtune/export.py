@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
-from .config import MERGE_DTYPES
+from .config import MERGE_DTYPES, spelled_for_python
 from .errors import SdtuneError, warn
 from .methods.base import exact_module_pattern
 from .models import quiet_libraries
@@ -140,6 +140,7 @@ def _training_images_metadata(config_class, settings: dict) -> dict[str, str]:
     return {TRAINING_IMAGES_KEYS[name]: value for name, value in record.items()}
 
 
+@spelled_for_python("export")
 def export_adapter(
     source: str | Path, format: str, output: str | Path, model: str | None = None, full_diff: bool = False,
     overwrite: bool = False, dtype: str = "fp32",

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import MERGE_DTYPES, scales_text, strengths
+from .config import MERGE_DTYPES, scales_text, spelled_for_python, strengths
 from .errors import SdtuneError
 from .fileio import check_output_target, output_file_lock, write_folder, write_text_atomic
 from .models import quiet_libraries
@@ -29,6 +29,7 @@ class MergeResult:
     zero_terminal_snr: list = field(default_factory=list)
 
 
+@spelled_for_python("merge")
 @quiet_libraries()
 def merge_adapter(
     source: str | Path | list, output: str | Path, dtype: str = "fp32", model: str | None = None,

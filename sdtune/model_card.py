@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import spelled_for_python
 from .errors import SdtuneError, warn
 from .version import __version__
 
@@ -54,6 +55,7 @@ def is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
+@spelled_for_python("card")
 def write_model_card(source: str | Path, output: str | Path | None = None, license: str | None = None,
                      overwrite: bool = False) -> CardResult:
     """Write the model card of the run (or adapter file) `source`, by default to RUN/README.md."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .adapter import ADAPTER_FILE
-from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml
+from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml, spelled_for_python
 from .errors import SdtuneError, error_line, warn
 from .fileio import OutputLock, check_no_file_in_the_way, counted
 
@@ -542,6 +542,7 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
     return lines + [f"{state}: {PENDING_STATES[state]}" for state in said]
 
 
+@spelled_for_python("sweep")
 def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> SweepResult:
     """Run `config.plan`'s runs (the shard's), then write the report over every finished run."""
     config.validate()

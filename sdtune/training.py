@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
 from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE, adapter_bytes, save_adapter
-from .config import TrainConfig
+from .config import TrainConfig, spelled_for_python
 from .errors import SdtuneError, TrainingFailed, warn
 from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
@@ -195,6 +195,7 @@ class RunPlan:
         return lines
 
 
+@spelled_for_python("train")
 def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     """Check a run's settings, inputs, sizes and (with `output_state`) output folder without loading the model
     or writing anything. A run itself reads its output folder's state once the folder is locked."""

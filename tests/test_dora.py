@@ -219,7 +219,7 @@ def test_diffusers_export_of_a_dora_text_encoder_is_refused(tmp_path):
     refusal goes when a diffusers release reads them)."""
     pipe, method = perturbed({"targets": "attn"}, text_encoder=True)
     path = save_adapter(tmp_path / "a.safetensors", method, "tiny-random")
-    with pytest.raises(SdtuneError, match="drops a text encoder's DoRA magnitudes; export this adapter with --format peft or kohya"):
+    with pytest.raises(SdtuneError, match="drops a text encoder's DoRA magnitudes; export this adapter with format=\"peft\" or kohya"):
         export_adapter(path, "diffusers", tmp_path / "d.safetensors")
     assert not list(tmp_path.glob("d*"))
 

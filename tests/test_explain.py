@@ -183,11 +183,11 @@ def test_explain_errors(tmp_path):
     run, method = make_run(tmp_path, "gift", {"clusters": 4})
     with pytest.raises(SdtuneError, match="unknown layer 'down_blocks.0.nothing'"):
         explain(run, prompt="x", layer="down_blocks.0.nothing", steps=1)
-    with pytest.raises(SdtuneError, match="needs --prompt"):
+    with pytest.raises(SdtuneError, match="a gift run needs prompt: "):
         explain(run)
-    with pytest.raises(SdtuneError, match="--step must be between 0 and 2; 2 steps take 3 UNet evaluations"):
+    with pytest.raises(SdtuneError, match="step must be between 0 and 2; 2 steps take 3 UNet evaluations"):
         explain(run, prompt="x", steps=2, step=3)
-    with pytest.raises(SdtuneError, match="--step counts denoising steps from 0"):
+    with pytest.raises(SdtuneError, match="step counts denoising steps from 0"):
         explain(run, prompt="x", step=-1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SdtuneError, match="adapter not found"):
@@ -221,11 +221,11 @@ def test_explain_config_checks_its_settings():
     from sdtune.config import ExplainConfig
 
     assert ExplainConfig.load(None, run="runs/castle-gift").steps == 30
-    with pytest.raises(SdtuneError, match="--steps must be at least 1, got 0"):
+    with pytest.raises(SdtuneError, match="^steps must be at least 1, got 0$"):
         ExplainConfig.load(None, run="runs/castle-gift", steps=0)
-    with pytest.raises(SdtuneError, match="--resolution must be a positive multiple of 8, got 12"):
+    with pytest.raises(SdtuneError, match="^resolution must be a positive multiple of 8, got 12$"):
         ExplainConfig.load(None, run="runs/castle-gift", resolution=12)
-    with pytest.raises(SdtuneError, match="--height must be a positive multiple of 8, got 100"):
+    with pytest.raises(SdtuneError, match="^height must be a positive multiple of 8, got 100$"):
         ExplainConfig.load(None, run="runs/castle-gift", height=100)
     with pytest.raises(SdtuneError, match="unknown setting"):
         ExplainConfig.load(None, run="runs/castle-gift", strength=2)

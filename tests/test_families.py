@@ -383,7 +383,7 @@ def test_zero_terminal_snr_models_sample_with_rescaled_guidance(tmp_path, monkey
     pipe.scheduler.register_to_config(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     assert guidance_rescale(plain, pipe) == 0.7
     assert guidance_rescale(SampleConfig(prompt=["x"], guidance_rescale=0.2), pipe) == 0.2
-    with pytest.raises(SdtuneError, match="--guidance-rescale must be in"):
+    with pytest.raises(SdtuneError, match=r"^guidance_rescale must be in \[0, 1\], got 1.5$"):
         SampleConfig(prompt=["x"], guidance_rescale=1.5).validate()
 
     seen = []

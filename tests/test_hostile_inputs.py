@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import invoke
+from test_cli import assert_one_line_error, invoke
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = "1000000000000000000"
@@ -510,7 +510,7 @@ def test_the_library_names_a_notebooks_mistakes_in_one_line(runs, tmp_path, priv
             sdtune.load_adapters([runs / "lora"], not_a_pipeline)
     with pytest.raises(sdtune.SdtuneError, match=r"^merge is True or False, got 'no'$"):
         sdtune.load_adapter(runs / "lora", pipe, merge="no")
-    with pytest.raises(sdtune.SdtuneError, match=r"^--scale must be a finite number, got '1'$"):
+    with pytest.raises(sdtune.SdtuneError, match=r"^scale must be a finite number, got '1'$"):
         merge_adapter(runs / "lora", tmp_path / "merged", scale="1")
     assert not (tmp_path / "merged").exists()
     method = sdtune.load_adapter(runs / "atoms", pipe)
@@ -539,6 +539,119 @@ def test_the_library_names_a_notebooks_mistakes_in_one_line(runs, tmp_path, priv
     assert [run.name for run in sdtune.compare(config, progress=False).runs] == ["lora"]
     with pytest.raises(sdtune.SdtuneError, match=r"^give the folder to write the comparison to"):
         sdtune.compare([str(runs / "lora")])
+
+
+def test_errors_raised_to_python_name_settings_as_python_spells_them(runs, tmp_path, private_cache):
+    """A refusal raised to Python code names the setting as the code gives it (overwrite=True, options["rank"],
+    validation_width, adapter_scale), through the public functions and the configs alike; the same refusal through
+    the CLI, in the same process before and after, names its flag."""
+    import sdtune
+    from sdtune.config import SampleConfig, TrainConfig
+
+    train = ("train", "--model", "tiny-random", "--steps", 1)
+    assert_one_line_error(invoke(*train, "--output", runs / "lora"), 2,
+                          "holds an earlier run (adapter.safetensors): add --overwrite to replace it, or choose another --output")
+    with pytest.raises(sdtune.SdtuneError, match=r"holds an earlier run \(adapter.safetensors\): add overwrite=True to replace it, "
+                                                 r"or choose another output$"):
+        sdtune.train(TrainConfig(model="tiny-random", steps=1, output=str(runs / "lora")))
+    with pytest.raises(sdtune.SdtuneError, match=r'^options\["rank"\] must be a whole number of at least 1, got 0$'):
+        sdtune.train(TrainConfig(model="tiny-random", steps=1, method="lora", options={"rank": 0}, output=str(tmp_path / "r")))
+    with pytest.raises(sdtune.SdtuneError, match=r'^options\["rank_dropout"\] does not apply with options=\{"dora": True\} '):
+        sdtune.train(TrainConfig(model="tiny-random", steps=1, method="lora", options={"dora": True, "rank_dropout": 0.1},
+                                 output=str(tmp_path / "d")))
+    assert_one_line_error(invoke(*train, "--method", "lora", "--rank", 0, "--output", tmp_path / "r"), 2,
+                          "error: --rank must be a whole number of at least 1, got 0")
+    for refused in (lambda: TrainConfig(validation_width=100).validate(), lambda: TrainConfig.load(None, validation_width=100)):
+        with pytest.raises(sdtune.SdtuneError, match=r"^validation_width must be a positive multiple of 8, got 100$"):
+            refused()
+    with pytest.raises(sdtune.SdtuneError, match=r"^adapter_scale must lie within ±100 \(further out"):
+        sdtune.sample(SampleConfig(prompt="x", adapter=str(runs / "lora"), adapter_scale=1e9))
+    with pytest.raises(sdtune.SdtuneError, match=r"^classes takes class names separated by commas, got ''$"):
+        SampleConfig(prompt="x", classes="")  # raised while the config is built
+    with pytest.raises(sdtune.SdtuneError, match=r"^give steps=30 or more"):  # a message's value, as Python writes it
+        with sdtune.config.python_spelling("sample"):
+            raise sdtune.SdtuneError("give --steps 30 or more")
+
+
+def test_python_spelling_leaves_commands_and_other_flags_as_written():
+    """Only the command's own flags are respelt: a quoted command stays one to type, a prompt line's --w and
+    kohya-ss' --network_weights are not sdtune's settings, and a word after a flag is its value only where it is one."""
+    from sdtune.config import python_spelled
+
+    def spelled(message, command="train"):
+        return python_spelled(message, command)
+
+    assert spelled("run `sdtune train --resume latest` or 'sdtune sample --overwrite'") == \
+        "run `sdtune train --resume latest` or 'sdtune sample --overwrite'"
+    assert spelled("use `--mixed-precision bf16` or `--no-half-vae`") == 'use `mixed_precision="bf16"` or `no_half_vae=True`'
+    assert spelled("a line's --w 513, as kohya-ss' --network_weights; --seed 3.") == "a line's --w 513, as kohya-ss' --network_weights; seed=3."
+    assert spelled("add --resume latest to continue it, --overwrite to replace it") == \
+        'add resume="latest" to continue it, overwrite=True to replace it'
+    assert spelled("lora --targets attn does not tune them: start with --targets of those layers") == \
+        'lora options["targets"] attn does not tune them: start with options["targets"] of those layers'
+    assert spelled("--steps 1,000 × --batch-size 4; give --images DIR") == "steps=1000 × batch_size=4; give images=DIR"
+    assert spelled("--dora must be true or false; --no-dora") == 'options["dora"] must be true or false; options={"dora": False}'
+    assert spelled("--adapter-scale 0,0.5,1 lists a strength twice", "sample") == "adapter_scale=[0, 0.5, 1] lists a strength twice"
+    assert spelled("--rank must be 1 or more", "extract") == "rank must be 1 or more"  # extract's own setting, no option
+    assert spelled("got '--steps'; --unknown-flag; runs/--steps/x") == "got '--steps'; --unknown-flag; runs/--steps/x"
+
+
+def test_the_python_spelling_table_names_real_flags_and_fields():
+    """Every flag the table respells is a real flag of some command, and every Python name a real setting: a
+    config's field, or an option of a method; and each command's flags that set its config's fields are in it (a
+    switch's --no- half through its first)."""
+    import dataclasses
+
+    from typer.main import get_command
+
+    from sdtune import methods
+    from sdtune.cli import app
+    from sdtune.config import COMMANDS_WITHIN, _Config, command_of, python_names
+
+    commands = get_command(app).commands
+    flags = {flag for command in commands.values() for param in command.params for flag in param.opts + param.secondary_opts}
+    option_fields = {f.name for name in methods.available() for f in dataclasses.fields(methods.method_class(name).Options)}
+    configs = {command_of(config): config for config in _Config.__subclasses__()}
+    assert set(configs) <= set(commands)
+    for command, config in configs.items():
+        table = python_names(command)
+        settings = {f.name for within in (command, *COMMANDS_WITHIN.get(command, ())) for f in dataclasses.fields(configs[within])}
+        assert table and set(table) <= flags, (command, set(table) - flags)
+        for flag, name in table.items():
+            assert name.setting in settings, (command, flag, name)
+            assert name.option is None or name.option in option_fields, (command, flag, name)
+        fields = {f.name for f in dataclasses.fields(config)}
+        for param in commands[command].params:
+            if param.name in fields and param.opts[0].startswith("--"):
+                assert set(param.opts) <= set(table), (command, param.opts)
+                assert all(table[param.opts[0]].value for _ in param.secondary_opts), (command, param.opts)
+    assert python_names("train")["--rank"].option == "rank" and python_names("extract")["--rank"].option is None
+    assert all(spec.switch is None or python_names("train")[flag].value for flag, spec in methods.OPTION_FLAGS.items())
+
+
+def test_each_config_says_where_its_settings_are_described():
+    """A config's docstring names `sdtune COMMAND --help` and `sdtune.cli.setting_help`, which gives that help's text
+    for each setting (its flags respelt for Python), the method options' for `options`, and refuses a setting it lacks."""
+    import dataclasses
+
+    import sdtune
+    from sdtune.cli import setting_help
+    from sdtune.config import EvaluateConfig, ExplainConfig, TrainConfig, _Config, command_of
+
+    for config in _Config.__subclasses__():
+        doc = " ".join(config.__doc__.split())
+        assert f"`sdtune {command_of(config)} --help`" in doc and f'`sdtune.cli.setting_help({config.__name__}, "name")`' in doc, config
+        names = {line.split(":")[0] for line in setting_help(config).splitlines()}
+        assert {f.name for f in dataclasses.fields(config)} <= names, config
+        assert all(setting_help(config, f.name).strip() for f in dataclasses.fields(config)), config
+    assert setting_help(TrainConfig, "validation_width") == (
+        "The validation images' width in pixels, a multiple of 8 (default: resolution; a prompt line's --w wins).")
+    assert setting_help(TrainConfig, "steps") == "Optimiser steps. (default: 400)"
+    assert 'options["rank"]: lora/loha/lokr: rank r (default: 4).' in setting_help(TrainConfig, "options").splitlines()
+    assert setting_help(EvaluateConfig, "prompt") == "A prompt (repeatable); alongside or instead of prompts."
+    assert setting_help(ExplainConfig, "token") == "text for <name> placeholders; default: the adapter's token"  # no flag
+    with pytest.raises(sdtune.SdtuneError, match=r"^unknown setting\(s\): stepz$"):
+        setting_help(TrainConfig, "stepz")
 
 
 def test_configs_take_what_python_code_holds(tmp_path):

@@ -316,11 +316,11 @@ def test_a_dry_run_says_where_the_masks_come_from(tmp_path):
 def test_mask_settings_check_what_combines():
     TrainConfig(masked_loss=True, mask_source="alpha", unmasked_weight=0.0).validate()
     for settings, message in [
-        (dict(masked_loss=True, mask_source="layers"), "--mask-source must be one of files, alpha"),
-        (dict(masked_loss=True, unmasked_weight=1.0), "--unmasked-weight must be in [0, 1)"),
-        (dict(masked_loss=True, unmasked_weight=float("nan")), "--unmasked-weight must be in [0, 1)"),
-        (dict(unmasked_weight=0.5), "--mask-source and --unmasked-weight apply to --masked-loss"),
-        (dict(masked_loss=True, dataset="digits"), "--masked-loss applies to concept images"),
+        (dict(masked_loss=True, mask_source="layers"), "^mask_source must be one of files, alpha"),
+        (dict(masked_loss=True, unmasked_weight=1.0), "^unmasked_weight must be in [0, 1)"),
+        (dict(masked_loss=True, unmasked_weight=float("nan")), "^unmasked_weight must be in [0, 1)"),
+        (dict(unmasked_weight=0.5), "^mask_source and unmasked_weight apply to masked_loss=True"),
+        (dict(masked_loss=True, dataset="digits"), "^masked_loss=True applies to concept images"),
     ]:
         with pytest.raises(SdtuneError, match=message.replace("[", r"\[").replace(")", r"\)")):
             TrainConfig(**settings).validate()

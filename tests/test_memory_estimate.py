@@ -235,7 +235,7 @@ def test_bucketed_class_images_are_counted_as_often_as_they_are_framed(tmp_path,
     assert any("10 class examples" in part for part in prior.held_in_ram)
     drawn = plan_run(config(tmp_path / "drawn", **settings, class_prompt="a castle", num_class_images=3)).sizes
     assert drawn.host_bytes - plain.host_bytes == 3 * 4 * 3 * (square[0] * square[1] + wide[0] * wide[1])  # drawn square
-    with pytest.raises(SdtuneError, match=r"--num-class-images 1,000,000,000,000 with --buckets .*needs more memory"):
+    with pytest.raises(SdtuneError, match=r"^num_class_images=1000000000000 with buckets=True needs more memory"):
         plan_run(config(tmp_path / "huge", **settings, class_prompt="a castle", num_class_images=10**12))
 
 

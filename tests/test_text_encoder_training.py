@@ -331,7 +331,7 @@ def test_sdxl_second_text_encoder_trains_at_its_own_rate(tmp_path):
         train(config(tmp_path / "run", **{**unset, "steps": 3}, resume="latest"), progress=False)
     with pytest.raises(SdtuneError, match="has one text encoder"):
         train(config(tmp_path / "sd1", text_encoder_2_lr=1e-5), progress=False)
-    with pytest.raises(SdtuneError, match="--text-encoder-2-lr applies with --train-text-encoder"):
+    with pytest.raises(SdtuneError, match="^text_encoder_2_lr applies with train_text_encoder=True$"):
         config(tmp_path / "off", model="tiny-sdxl-random", train_text_encoder=False, text_encoder_2_lr=1e-5).validate()
 
 

@@ -395,7 +395,7 @@ def test_retraction_scales_the_rows_towards_the_vocabulary_spread_after_each_ste
 
     plain = TrainConfig(token_embeddings=2).resolved(1e-4).to_dict()
     assert "retract_embeddings" not in plain and TrainConfig(token_embeddings=2, retract_embeddings=True).resolved(1e-4).to_dict()["retract_embeddings"]
-    with pytest.raises(SdtuneError, match="--retract-embeddings apply with --token-embeddings"):
+    with pytest.raises(SdtuneError, match="retract_embeddings=True apply with token_embeddings=N$"):
         TrainConfig(retract_embeddings=True).validate()
 
     settings = dict(steps=4, checkpoint_every=2, method="bitfit", retract_embeddings=True)

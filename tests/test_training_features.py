@@ -598,9 +598,9 @@ def test_a_run_drawing_validation_prompts_with_their_own_options_resumes_exactly
 @pytest.mark.parametrize(
     "line,settings,message",
     [
-        ("a castle", dict(validation_width=8), "^--validation-width 8 is too small for tiny-random: at least"),
+        ("a castle", dict(validation_width=8), "^validation_width=8 is too small for tiny-random: at least"),
         ("a castle --h 8", dict(), "^{prompts} line 2: --height 8 is too small for tiny-random"),
-        ("a castle --s 5000", dict(), "^{prompts} line 2: --steps 5,000: tiny-random's scheduler has 1000 timesteps"),
+        ("a castle --s 5000", dict(), "^{prompts} line 2: steps=5000: tiny-random's scheduler has 1000 timesteps"),
         ("a castle --w 12", dict(), "^{prompts} line 2: --w takes the width in pixels, a positive multiple of 8, got '12'"),
     ],
 )
@@ -617,7 +617,7 @@ def test_validation_sizes_and_steps_are_refused_before_the_model_loads(tmp_path,
 
 
 def test_validation_width_and_height_are_multiples_of_8(tmp_path):
-    with pytest.raises(SdtuneError, match="^--validation-height must be a positive multiple of 8, got 100$"):
+    with pytest.raises(SdtuneError, match="^validation_height must be a positive multiple of 8, got 100$"):
         TrainConfig(validation_height=100).validate()
 
 
@@ -1028,9 +1028,9 @@ def test_a_kohya_file_s_record_of_how_it_read_prompts_is_used_where_it_can_be():
 
 
 @pytest.mark.parametrize("settings, pattern", [
-    (dict(clip_skip=0), "--clip-skip must be at least 1"),
-    (dict(clip_skip=3), "--clip-skip 3 skips past the first of tiny-random's 2 text-encoder layers; give at most 2"),
-    (dict(clip_skip=2, model="tiny-sdxl-random"), "--clip-skip applies to SD 1.x and 2.x"),
+    (dict(clip_skip=0), "^clip_skip must be at least 1"),
+    (dict(clip_skip=3), "^clip_skip=3 skips past the first of tiny-random's 2 text-encoder layers; give at most 2"),
+    (dict(clip_skip=2, model="tiny-sdxl-random"), "^clip_skip applies to SD 1.x and 2.x"),
 ])
 def test_clip_skip_the_model_cannot_take_is_refused_before_it_loads(settings, pattern, tmp_path, tiny_path, monkeypatch):
     import sdtune.models
@@ -1119,5 +1119,5 @@ def test_a_run_with_long_prompts_records_the_limit_and_samples_with_it(tmp_path,
     xl = sample(SampleConfig(model="tiny-sdxl-random", prompt=["a castle", template.format(token="x")], num_images=1,
                              steps=2, max_token_length=225, negative_prompt="blurry", output=str(tmp_path / "xl")), progress=False)
     assert len(xl.images) == 2
-    with pytest.raises(SdtuneError, match="--max-token-length must be one of 75, 150, 225"):
+    with pytest.raises(SdtuneError, match="^max_token_length must be one of 75, 150, 225"):
         run_training(tmp_path, "bad", max_token_length=100)
