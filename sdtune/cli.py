@@ -480,6 +480,8 @@ def sample(
     sample_config = SampleConfig.load(config, **_config_values(SampleConfig, settings))
     result = run_sampling(sample_config)
     if is_main_process():
+        for note in result.notes:
+            typer.echo(f"note: {note}")
         typer.echo(
             f"wrote {counted(len(result.images), 'image')} and {result.grid} "
             f"({result.dtype}; start-up {result.startup_seconds:.1f} s, {result.seconds_per_image:.2f} s an image)"

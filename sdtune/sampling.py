@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import SampleConfig, strength_name
@@ -35,6 +35,7 @@ class SampleResult:
     startup_seconds: float = 0.0  # libraries, pipeline, adapter and merge, until the first image is begun
     draw_seconds: float = 0.0  # drawing and writing this process's images
     images_drawn: int = 0  # by this process
+    notes: list[str] = field(default_factory=list)  # what the command line says after the images (the schedule chosen)
 
     @property
     def seconds_per_image(self) -> float:
@@ -197,13 +198,13 @@ def _sample(config: SampleConfig, lines: list, files: dict, model: str, token: s
     pipe, adapter, stack = sampling_pipeline(model, config.adapters, device, config.stack_scales)
     if stack is not None and not config.token:  # stacked adapters' new tokens as the stack named them
         token = stack.placeholders
+    notes = []
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     elif zero_snr:  # an explicit --scheduler wins
         pipe.scheduler = zero_snr_scheduler(pipe.scheduler)
-        if state.is_main_process:
-            print(f"{' and '.join(zero_snr)} {'was' if len(zero_snr) == 1 else 'were'} trained with --zero-terminal-snr: "
-                  f"sampling with {type(pipe.scheduler).__name__}, betas rescaled to zero terminal SNR, trailing timesteps")
+        notes.append(f"{' and '.join(zero_snr)} {'was' if len(zero_snr) == 1 else 'were'} trained with --zero-terminal-snr: "
+                     f"sampling with {type(pipe.scheduler).__name__}, betas rescaled to zero terminal SNR, trailing timesteps")
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     scales = config.adapter_scales
     sweep = isinstance(config.adapter_scale, list) and not config.stacked
@@ -241,7 +242,8 @@ def _sample(config: SampleConfig, lines: list, files: dict, model: str, token: s
                                     settings=settings, reading=reading)
     draw_seconds = time.perf_counter() - draw_started
     drawn = sum(len(row) for scale in scales for row in rows[scale].values())
-    timing = dict(dtype=dtype_name(dtype), startup_seconds=startup, draw_seconds=draw_seconds, images_drawn=drawn)
+    timing = dict(dtype=dtype_name(dtype), startup_seconds=startup, draw_seconds=draw_seconds, images_drawn=drawn,
+                  notes=notes)
     state.wait_for_everyone()
     grid_path = output / GRID_FILE
     every_file = [path for scale in scales for path in files[scale]]

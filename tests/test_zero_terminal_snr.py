@@ -116,9 +116,10 @@ def test_the_adapter_records_it_and_sampling_uses_the_rescaled_trailing_schedule
 
     sampling.generation_settings = spy
     try:
-        sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1,
-                            output=str(tmp_path / "samples")), progress=False)
-        assert "trained with --zero-terminal-snr" in capsys.readouterr().out
+        result = sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1,
+                                     output=str(tmp_path / "samples")), progress=False)
+        assert "trained with --zero-terminal-snr" in " ".join(result.notes)
+        assert capsys.readouterr().out == ""  # the library prints nothing: the command line says the notes
         assert drawn[-1].rescale_betas_zero_snr is True and drawn[-1].timestep_spacing == "trailing"
         sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1, scheduler="euler",
                             output=str(tmp_path / "euler")), progress=False)  # an explicit --scheduler wins
@@ -133,7 +134,7 @@ def plain(tmp_path_factory, tiny_path):
     return train(config(tmp_path_factory.mktemp("plain") / "run", steps=1, zero_terminal_snr=False), progress=False).output
 
 
-def test_a_stack_samples_rescaled_when_any_of_its_adapters_asks(run, plain, tmp_path, capsys, monkeypatch):
+def test_a_stack_samples_rescaled_when_any_of_its_adapters_asks(run, plain, tmp_path, monkeypatch):
     import sdtune.sampling as sampling
     from sdtune.config import SampleConfig
 
@@ -147,16 +148,15 @@ def test_a_stack_samples_rescaled_when_any_of_its_adapters_asks(run, plain, tmp_
     monkeypatch.setattr(sampling, "generation_settings", spy)
     common = dict(prompt=["a photo"], steps=2, num_images=1)
     for name, stack in (("second", [str(plain), str(run.output)]), ("both", [str(run.output), str(run.output)])):
-        sampling.sample(SampleConfig(adapter=stack, output=str(tmp_path / name), **common), progress=False)
+        notes = sampling.sample(SampleConfig(adapter=stack, output=str(tmp_path / name), **common), progress=False).notes
         asked = " and ".join(a for a in stack if a == str(run.output))
-        assert f"{asked} {'were' if ' and ' in asked else 'was'} trained with --zero-terminal-snr: " in capsys.readouterr().out
+        assert f"{asked} {'were' if ' and ' in asked else 'was'} trained with --zero-terminal-snr: " in " ".join(notes)
         assert drawn[-1].rescale_betas_zero_snr is True and drawn[-1].timestep_spacing == "trailing"
-    sampling.sample(SampleConfig(adapter=[str(plain), str(plain)], output=str(tmp_path / "neither"), **common), progress=False)
-    assert "zero-terminal-snr" not in capsys.readouterr().out
+    assert not sampling.sample(SampleConfig(adapter=[str(plain), str(plain)], output=str(tmp_path / "neither"), **common),
+                               progress=False).notes
     assert not drawn[-1].get("rescale_betas_zero_snr", False)
-    sampling.sample(SampleConfig(adapter=[str(plain), str(run.output)], scheduler="euler", output=str(tmp_path / "euler"),
-                                 **common), progress=False)  # an explicit --scheduler wins
-    assert "zero-terminal-snr" not in capsys.readouterr().out
+    assert not sampling.sample(SampleConfig(adapter=[str(plain), str(run.output)], scheduler="euler", output=str(tmp_path / "euler"),
+                                            **common), progress=False).notes  # an explicit --scheduler wins
     assert not drawn[-1].get("rescale_betas_zero_snr", False)
 
 
@@ -177,7 +177,7 @@ def test_train_then_sample_from_the_command_line(plain, tmp_path, tiny_path):
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
-def test_kohya_export_says_so_and_samples_as_its_adapter(run, plain, tmp_path, capsys):
+def test_kohya_export_says_so_and_samples_as_its_adapter(run, plain, tmp_path):
     """The export records it as kohya-ss does, and sampling the kohya file (sdtune's, or one kohya-ss trained with
     --zero_terminal_snr) uses the rescaled, trailing scheduler, as its adapter does; a plain run's export does not."""
     from safetensors import safe_open
@@ -190,11 +190,10 @@ def test_kohya_export_says_so_and_samples_as_its_adapter(run, plain, tmp_path, c
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["ss_zero_terminal_snr"] == "True"
     plain_path = export_adapter(str(plain), "kohya", str(tmp_path / "plain.safetensors")).output
-    capsys.readouterr()
     for adapter, rescaled in ((path, True), (plain_path, False)):
-        sample(SampleConfig(adapter=str(adapter), prompt=["a photo"], steps=2, num_images=1,
-                            output=str(tmp_path / adapter.stem)), progress=False)
-        assert ("trained with --zero-terminal-snr" in capsys.readouterr().out) == rescaled
+        notes = sample(SampleConfig(adapter=str(adapter), prompt=["a photo"], steps=2, num_images=1,
+                                    output=str(tmp_path / adapter.stem)), progress=False).notes
+        assert ("trained with --zero-terminal-snr" in " ".join(notes)) == rescaled
 
 
 def test_a_sampler_without_the_option_becomes_ddim():
