@@ -16,13 +16,13 @@ import tomllib
 import types
 import typing
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
+from . import errors
 from .data import MAX_SEED
-from .errors import SdtuneError, reading_file
+from .errors import AS_TYPED, SdtuneError, reading_file, settings_spelled_for
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
 from .methods import DEFAULT_METHOD, OPTION_FLAGS
@@ -101,7 +101,8 @@ def command_of(config_class: type) -> str:
 def python_names(command: str) -> dict[str, PythonName]:
     """`sdtune COMMAND`'s flags → how Python code gives them: its config's fields, each the flag of the same name
     (underscores for dashes); where the config takes method options, their own flags (`OPTION_FLAGS`). A switch's
-    other half (`--no-dora`) is read from its first (`python_spelled`)."""
+    other half (`--no-dora`) is read from its first (`python_spelled`), but for a switch whose field says "no"
+    (`no_half_vae`): its other half (`--half-vae`) is `no_half_vae=False`."""
     config_class = next((c for c in _Config.__subclasses__() if command_of(c) == command), None)
     if config_class is None:
         return {}
@@ -110,6 +111,9 @@ def python_names(command: str) -> dict[str, PythonName]:
         "--" + f.name.replace("_", "-"): PythonName(f.name, value=True if hints[f.name] is bool else None)
         for f in dataclasses.fields(config_class) if f.name not in NOT_FLAGS
     }
+    for flag, name in list(names.items()):  # a switch named for its "no" half has its other half: --half-vae
+        if name.value and flag.startswith("--no-"):
+            names["--" + flag[len("--no-"):]] = name._replace(value=False)
     for within in COMMANDS_WITHIN.get(command, ()):  # the command's own settings win
         names = {**python_names(within), **names}
     if "options" in hints:
@@ -182,29 +186,30 @@ def python_spelled(message: str, command: str) -> str:
     return "".join(pieces) + FLAG.sub(spell, message[start:])
 
 
-# Whether a call in progress already decides how its errors name settings: the CLI's (flags, as typed) or an outer
-# sdtune call's (Python's spelling, once, as the error leaves it). Unset: the next sdtune call is the user's own.
-_spelling_decided: ContextVar[bool] = ContextVar("sdtune_spelling_decided", default=False)
+errors.respell = python_spelled  # warnings raised to Python code name settings as its errors do (`errors.warn`)
 
 
 @contextmanager
 def spelled_as_flags() -> Iterator[None]:
-    """The CLI's block around a command: errors raised inside keep naming flags (`--overwrite`), as the user typed them."""
-    token = _spelling_decided.set(True)
+    """The CLI's block around a command: errors and warnings raised inside keep naming flags (`--overwrite`), as the
+    user typed them."""
+    token = settings_spelled_for.set(AS_TYPED)
     try:
         yield
     finally:
-        _spelling_decided.reset(token)
+        settings_spelled_for.reset(token)
 
 
 @contextmanager
 def python_spelling(command: str) -> Iterator[None]:
-    """A block of a public function or config method: an SdtuneError leaving it names each setting as Python code gives
-    it (`python_spelled`, with `sdtune COMMAND`'s settings), unless the CLI or an outer sdtune call answers the user."""
-    if _spelling_decided.get():
+    """A block of a public function or config method: an SdtuneError leaving it, and a warning raised inside
+    (`errors.warn`), names each setting as Python code gives it (`python_spelled`, with `sdtune COMMAND`'s settings),
+    unless the CLI or an outer sdtune call answers the user (an outer call's command is the one its settings are
+    named by)."""
+    if settings_spelled_for.get() is not None:
         yield
         return
-    token = _spelling_decided.set(True)
+    token = settings_spelled_for.set(command)
     try:
         yield
     except SdtuneError as error:
@@ -212,7 +217,7 @@ def python_spelling(command: str) -> Iterator[None]:
             error.args = (python_spelled(error.args[0], command),)
         raise
     finally:
-        _spelling_decided.reset(token)
+        settings_spelled_for.reset(token)
 
 
 def spelled_for_python(command: str) -> Callable[[Callable], Callable]:

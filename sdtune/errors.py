@@ -7,7 +7,8 @@ import sys
 import threading
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 
 class SdtuneError(Exception):
@@ -74,13 +75,30 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_sentence(error, 300)}" if str(error).strip() else type(error).__name__
 
 
+# How the sdtune call in progress names settings in what it says (errors, warnings): a Python call's command
+# (`config.python_spelling`), whose settings it names as Python spells them (`overwrite=True`); AS_TYPED where the
+# CLI answers (flags, as the user typed them); None before a call decides (the next sdtune call is the user's own).
+AS_TYPED = ""
+settings_spelled_for: ContextVar[str | None] = ContextVar("sdtune_settings_spelled_for", default=None)
+# `config.python_spelled(message, command)`, set as config is imported: config imports this module, not this it
+respell: Callable[[str, str], str] | None = None
+
+
+def said_to_caller(message: str) -> str:
+    """`message` as the call in progress says it: settings as Python spells them inside a Python call, else as written."""
+    command = settings_spelled_for.get()
+    return respell(message, command) if command and respell is not None else message
+
+
 PACKAGE_FOLDER = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """`warnings.warn` at the line that called into sdtune (a notebook's cell, a script's `sdtune.train(...)`), not at
     sdtune's own: the caller of the outermost sdtune frame on the stack, however deep the warning is raised (through
-    contextlib, torch's data loader, ...). `stacklevel` counts frames, and `skip_file_prefixes` needs Python 3.12."""
+    contextlib, torch's data loader, ...). `stacklevel` counts frames, and `skip_file_prefixes` needs Python 3.12.
+    Raised to Python code, its settings are named as Python spells them (`said_to_caller`); the CLI's name flags."""
+    message = said_to_caller(message)
     frame, caller = sys._getframe(1), None
     while frame is not None:
         if frame.f_code.co_filename.startswith(PACKAGE_FOLDER):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from .config import EvaluateConfig, strength_name
 from .adapter import adapter_digest
-from .errors import SdtuneError, error_line, first_sentence, warn
+from .errors import SdtuneError, error_line, first_sentence, said_to_caller, warn
 from .models import quiet_libraries
 
 EVAL_FILE = "eval.json"
@@ -64,8 +64,11 @@ class Evaluation:
 
     output: Path
     metrics: dict[str, float]
-    unavailable: dict[str, str]
+    unavailable: dict[str, str]  # returned to Python, its reasons name settings as it spells them; eval.json's flags
     report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.unavailable = {name: said_to_caller(why) for name, why in self.unavailable.items()}
 
     def table(self) -> str:
         """The metrics as aligned text: name, value (or why it is unavailable), meaning."""

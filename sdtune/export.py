@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .config import MERGE_DTYPES, spelled_for_python
-from .errors import SdtuneError, warn
+from .errors import SdtuneError, said_to_caller, warn
 from .methods.base import exact_module_pattern
 from .models import quiet_libraries
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
@@ -59,6 +59,9 @@ class ExportResult:
     format: str
     tensors: int
     notes: list[str] = field(default_factory=list)  # what the command says about the file, a line each
+
+    def __post_init__(self) -> None:
+        self.notes = [said_to_caller(note) for note in self.notes]  # returned to Python: settings as it spells them
 
 
 # sdtune's settings under the names kohya-ss' train_network.py records them (`ss_*`, each value as its str())

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ExtractConfig
-from .errors import SdtuneError
+from .errors import SdtuneError, said_to_caller
 from .fileio import check_output_target, output_file_lock, write_text_atomic, written_together
 from .models import quiet_libraries
 from .version import __version__
@@ -61,6 +61,9 @@ class ExtractResult:
     left_out: list[dict] = field(default_factory=list)  # {"module", "parameter", "norm"} of changes LoRA cannot hold
     notes: list[str] = field(default_factory=list)
     kept: list[dict] = field(default_factory=list)  # {"module", "parameter", "key", "norm"} of biases and norms written exactly
+
+    def __post_init__(self) -> None:
+        self.notes = [said_to_caller(note) for note in self.notes]  # returned to Python: settings as it spells them
 
 
 def summary_path(output: str | Path) -> Path:

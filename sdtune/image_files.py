@@ -9,6 +9,7 @@ import os
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -454,7 +455,8 @@ def in_threads(work, items: list, threads: int) -> list[tuple]:
                     break
             return done
         with ThreadPoolExecutor(threads, thread_name_prefix="sdtune-decode") as pool:
-            futures = [pool.submit(recorded, item) for item in items]
+            # each in a copy of this thread's context: its warnings name settings as the call in progress does
+            futures = [pool.submit(copy_context().run, recorded, item) for item in items]
             try:
                 for future in futures:
                     done.append(future.result())

@@ -236,7 +236,8 @@ def test_kohya_export_loads_in_lycoris(name, options, tmp_path, inputs, monkeypa
 @pytest.mark.parametrize("name", ["bitfit", "difffit"])
 def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs, monkeypatch):
     """A module whose bias alone changed has `.diff_b` alone: LyCORIS refuses the default file and reads
-    the `--full-diff` one, whose zero `.diff`s are the only difference."""
+    the `--full-diff` one, whose zero `.diff`s are the only difference. The notes, returned to Python code, name
+    the setting as it gives it (`full_diff=True`)."""
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
     monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
     from sdtune.models import load_pipeline
@@ -244,6 +245,7 @@ def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs
     tuned = run_unet(make_adapter(name, {}, tmp_path / "a.safetensors").unet, inputs)
     default = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "default.safetensors")
     assert len(default.notes) == 1 and "ComfyUI and sdtune read this file, LyCORIS, AUTOMATIC1111 and InvokeAI refuse it" in default.notes[0]
+    assert "; full_diff=True adds a zero .diff beside each for them (" in default.notes[0]
     state = load_file(tmp_path / "default.safetensors")
     lonely = [key for key in state if key.endswith(".diff_b") and key.removesuffix("_b") not in state]
     assert lonely
@@ -251,7 +253,7 @@ def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs
         lycoris_kohya.create_network_from_weights(1.0, "", None, None, load_pipeline("tiny-random").unet, weights_sd=state)
 
     full = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "full.safetensors", full_diff=True)
-    assert full.notes[0].startswith(f"--full-diff: {len(lonely)} zero .diff tensors beside .diff_b ones")
+    assert full.notes[0].startswith(f"full_diff=True: {len(lonely)} zero .diff tensors beside .diff_b ones")
     full_state = load_file(tmp_path / "full.safetensors")
     added = set(full_state) - set(state)
     assert added == {key.removesuffix("_b") for key in lonely}
