@@ -196,6 +196,23 @@ def test_missing_models_leave_the_other_metrics(metric_models, image_sets, tmp_p
     assert "unavailable" in result.table() and "CLIP-I" in result.table()
 
 
+def test_reasons_returned_to_python_name_settings_as_python_spells_them(image_sets, tmp_path):
+    """Why a metric is unavailable, returned to Python code by `sdtune.evaluate`, names settings as the code gives them;
+    eval.json, which the command line reads too, and `sdtune evaluate`'s table keep the flags."""
+    settings = {"images": str(image_sets[0]), "reference": str(image_sets[1]), "prompt": [PROMPT], "clip_model": "nobody/no-such-clip",
+                "dino_model": "nobody/no-such-dino", "fid_features": "none"}
+    result = sdtune.evaluate(EvaluateConfig(output=str(tmp_path / "python.json"), **settings))
+    assert result.metrics == {}
+    assert result.unavailable["clip_t"] == "clip_model nobody/no-such-clip: not in the local Hugging Face cache and the hub is offline"
+    assert result.unavailable["fid"] == 'fid_features="none"'
+    assert json.loads((tmp_path / "python.json").read_text())["unavailable"]["fid"] == "--fid-features none"
+    flags = [part for name, value in settings.items() for part in (f"--{name.replace('_', '-')}", *([value] if isinstance(value, str) else value))]
+    result = invoke("evaluate", *flags, "--output", tmp_path / "cli.json")
+    assert result.exit_code == 0, result.output
+    assert "--fid-features none" in result.output and "--clip-model nobody/no-such-clip: not in" in result.output
+    assert "fid_features" not in result.output and "clip_model" not in result.output
+
+
 def test_without_reference_only_text_alignment_and_diversity(metric_models, image_sets, tmp_path):
     clip_path, dino_path = metric_models
     result = evaluate(

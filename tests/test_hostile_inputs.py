@@ -573,6 +573,59 @@ def test_errors_raised_to_python_name_settings_as_python_spells_them(runs, tmp_p
             raise sdtune.SdtuneError("give --steps 30 or more")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 autocasts on a GPU: no warning")
+def test_warnings_raised_to_python_name_settings_as_python_spells_them(runs, tmp_path, private_cache):
+    """A warning raised to Python code names settings as the code gives them (validation_width, no_half_vae=True),
+    shown at the line that called sdtune; the same warnings through the CLI name flags, as they always did. Export's
+    notes too: returned to Python, `full_diff=True`; printed by `sdtune export`, `--full-diff`."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import sdtune
+    from sdtune.config import TrainConfig, python_spelling, spelled_as_flags
+    from sdtune.export import export_adapter
+    from sdtune.precision import warn_half_vae
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a castle\n")
+    settings = {"model": "tiny-random", "steps": 1, "method": "difffit", "log_with": "none", "mixed_precision": "fp16",
+                "validation_prompts": str(prompts), "validation_width": 96}
+    python = ["validation_prompts, validation_width are used only with validate_every; nothing is drawn",
+              'mixed_precision="fp16" has no effect on cpu (training runs in fp32); bf16 does']
+    flags = ["--validation-prompts, --validation-width are used only with --validate-every; nothing is drawn",
+             "--mixed-precision fp16 has no effect on cpu (training runs in fp32); bf16 does"]
+
+    def said(caught, expected):
+        return [w for w in caught if str(w.message) in expected]
+
+    with pytest.warns(UserWarning) as caught:
+        line = sys._getframe().f_lineno + 1
+        sdtune.train(TrainConfig(output=str(tmp_path / "python"), **settings))
+    assert sorted(str(w.message) for w in said(caught, python)) == sorted(python), [str(w.message) for w in caught]
+    assert all((w.filename, w.lineno) == (__file__, line) for w in said(caught, python))
+    with pytest.warns(UserWarning) as caught:
+        result = invoke("train", *[part for name, value in settings.items() for part in (f"--{name.replace('_', '-')}", value)],
+                        "--output", tmp_path / "cli")
+    assert result.exit_code == 0, result.output
+    assert sorted(str(w.message) for w in said(caught, flags)) == sorted(flags), [str(w.message) for w in caught]
+
+    sdxl = SimpleNamespace(text_encoder_2=object(), vae=SimpleNamespace(config=SimpleNamespace(force_upcast=True)))
+    advice = "this SDXL model's VAE overflows in fp16 (its config sets force_upcast): add {} to keep it in fp32, or use {}"
+    with pytest.warns(UserWarning) as caught:
+        with python_spelling("train"):
+            warn_half_vae(sdxl, torch.float16, no_half_vae=False)
+        with spelled_as_flags(), python_spelling("train"):  # the CLI answers: an sdtune call inside it keeps flags
+            warn_half_vae(sdxl, torch.float16, no_half_vae=False)
+    assert [str(w.message) for w in caught] == [advice.format("no_half_vae=True", 'mixed_precision="bf16"'),
+                                                 advice.format("--no-half-vae", "--mixed-precision bf16")]
+
+    notes = export_adapter(runs / "bitfit", "kohya", tmp_path / "python.safetensors").notes
+    assert len(notes) == 1 and "; full_diff=True adds a zero .diff beside each for them" in notes[0], notes
+    result = invoke("export", runs / "bitfit", "--format", "kohya", "--output", tmp_path / "cli.safetensors")
+    assert result.exit_code == 0 and "; --full-diff adds a zero .diff beside each for them" in result.output, result.output
+
+
 def test_python_spelling_leaves_commands_and_other_flags_as_written():
     """Only the command's own flags are respelt: a quoted command stays one to type, a prompt line's --w and
     kohya-ss' --network_weights are not sdtune's settings, and a word after a flag is its value only where it is one."""
@@ -584,6 +637,7 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("run `sdtune train --resume latest` or 'sdtune sample --overwrite'") == \
         "run `sdtune train --resume latest` or 'sdtune sample --overwrite'"
     assert spelled("use `--mixed-precision bf16` or `--no-half-vae`") == 'use `mixed_precision="bf16"` or `no_half_vae=True`'
+    assert spelled("--half-vae halves it; --no-half-vae") == "no_half_vae=False halves it; no_half_vae=True"  # a "no" field
     assert spelled("a line's --w 513, as kohya-ss' --network_weights; --seed 3.") == "a line's --w 513, as kohya-ss' --network_weights; seed=3."
     assert spelled("add --resume latest to continue it, --overwrite to replace it") == \
         'add resume="latest" to continue it, overwrite=True to replace it'
@@ -599,7 +653,7 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
 def test_the_python_spelling_table_names_real_flags_and_fields():
     """Every flag the table respells is a real flag of some command, and every Python name a real setting: a
     config's field, or an option of a method; and each command's flags that set its config's fields are in it (a
-    switch's --no- half through its first)."""
+    switch's --no- half through its first, the other half of a switch named for its "no" half, --half-vae, as False)."""
     import dataclasses
 
     from typer.main import get_command
@@ -625,6 +679,9 @@ def test_the_python_spelling_table_names_real_flags_and_fields():
             if param.name in fields and param.opts[0].startswith("--"):
                 assert set(param.opts) <= set(table), (command, param.opts)
                 assert all(table[param.opts[0]].value for _ in param.secondary_opts), (command, param.opts)
+                for flag in param.secondary_opts:  # --no-X is read through --X; --half-vae is in the table
+                    if not flag.startswith("--no-"):
+                        assert table[flag] == table[param.opts[0]]._replace(value=False), (command, flag)
     assert python_names("train")["--rank"].option == "rank" and python_names("extract")["--rank"].option is None
     assert all(spec.switch is None or python_names("train")[flag].value for flag, spec in methods.OPTION_FLAGS.items())
 

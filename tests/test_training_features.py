@@ -641,12 +641,13 @@ def test_a_validation_prompt_longer_than_the_text_encoder_reads_is_named_once(tm
 
 
 def test_validation_settings_without_validate_every_say_they_draw_nothing(tmp_path, tiny_path):
-    """As kohya-ss' --sample_prompts without a period: nothing is drawn, and a warning says so before the model loads."""
+    """As kohya-ss' --sample_prompts without a period: nothing is drawn, and a warning says so before the model loads
+    (raised to Python code, it names settings as the code gives them)."""
     from sdtune.training import plan_run
 
     config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validation_prompts=str(tmp_path / "prompts.txt"),
                          validation_width=96)
-    with pytest.warns(UserWarning, match="^--validation-prompts, --validation-width are used only with --validate-every; nothing is drawn$"):
+    with pytest.warns(UserWarning, match="^validation_prompts, validation_width are used only with validate_every; nothing is drawn$"):
         summary = plan_run(config).summary()
     assert not any(line.startswith("validation every") for line in summary)
 
