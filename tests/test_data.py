@@ -725,6 +725,29 @@ def test_images_decode_on_threads_to_the_same_pixels_with_the_same_warnings_in_o
                              "2 images are smaller than the size they are trained at, and upscaled: thumb.jpg (30x20), tiny.webp (20x12)"]
 
 
+def test_warnings_on_decoding_threads_name_settings_as_the_call_on_the_main_thread_does():
+    """A decoding thread's warning, raised inside a Python call (`config.python_spelling`), names settings as Python
+    spells them, as the main thread's would; inside the CLI's block, flags."""
+    import warnings
+
+    from sdtune.config import python_spelling, spelled_as_flags
+    from sdtune.errors import warn, warn_again
+    from sdtune.image_files import in_threads
+
+    def warned(threads: int) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _, _, said in in_threads(lambda steps: warn(f"--steps {steps} is few"), [1, 2, 3], threads):
+                warn_again(said)
+        return [str(w.message) for w in caught]
+
+    for threads in (1, 3):
+        with python_spelling("train"):
+            assert warned(threads) == ["steps=1 is few", "steps=2 is few", "steps=3 is few"]
+        with spelled_as_flags():
+            assert warned(threads) == ["--steps 1 is few", "--steps 2 is few", "--steps 3 is few"]
+
+
 def test_an_error_that_is_no_files_fault_stops_the_threads_after_the_warnings_before_it(tmp_path, monkeypatch):
     import warnings
 
