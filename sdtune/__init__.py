@@ -9,7 +9,7 @@ Each function takes a config (`TrainConfig`, `SampleConfig`, `EvaluateConfig`, `
 directly, or `.load("run.toml", steps=50)` from TOML with overrides) and returns what it produced:
 `train` a `training.Run`, `sample` a `sampling.SampleResult`, `evaluate` an `evaluation.Evaluation`,
 `compare` a `comparison.Comparison`. Every refusal is an `SdtuneError` of one line, naming settings as Python
-spells them (`overwrite=True`, `options["rank"]`; the CLI's name flags).
+spells them (`overwrite=True`, `options["rank"]`; the CLI's name flags), as every warning does.
 
 Heavy libraries (torch, diffusers) are imported only when a function that needs them is called,
 so `import sdtune` and `sdtune --help` stay fast; so are the configs and submodules (`sdtune.config`,

@@ -108,7 +108,7 @@ def handle_errors(command: Callable) -> Callable:
     """Turn sdtune's errors into one line on stderr and the right exit code, never a traceback.
 
     SIGINT and SIGTERM end the command as an interrupt does: every temporary file is removed on the
-    way out, "interrupted" is said, and the exit code is 130 (SIGINT) or 143 (SIGTERM). Its errors name
+    way out, "interrupted" is said, and the exit code is 130 (SIGINT) or 143 (SIGTERM). Its errors and warnings name
     flags as typed: the library's public functions, called here, leave their messages as they are.
     """
 
