@@ -325,6 +325,8 @@ def test_kept_biases_and_norms_give_difffits_outputs(tmp_path, inputs):
     assert sorted((item["module"], item["parameter"]) for item in plain.left_out) == sorted(
         (item["module"], item["parameter"]) for item in result.kept)
     assert plain.notes[0].endswith("--keep-biases and --keep-norms write them exactly")
+    config = ExtractConfig(source=str(tmp_path / "d.safetensors"), output=str(tmp_path / "python.safetensors"), rank=FULL)
+    assert sdtune.extract_lora(config).notes[0].endswith("keep_biases=True and keep_norms=True write them exactly")  # to Python
     with safe_open(str(tmp_path / "plain.safetensors"), framework="pt") as handle:
         assert "keep" not in handle.metadata()["sdtune_extraction"]  # the default file's bytes are what they were
     assert json.loads(summary_path(tmp_path / "plain.safetensors").read_text())["kept"] == []
