@@ -37,6 +37,11 @@ class SampleResult:
     images_drawn: int = 0  # by this process
     notes: list[str] = field(default_factory=list)  # what the command line says after the images (the schedule chosen)
 
+    def __post_init__(self) -> None:
+        from .errors import said_to_caller
+
+        self.notes = [said_to_caller(note) for note in self.notes]  # returned to Python: settings as it spells them
+
     @property
     def seconds_per_image(self) -> float:
         return self.draw_seconds / self.images_drawn if self.images_drawn else 0.0
