@@ -599,8 +599,8 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
                        skipped: list[Path] | None = None, mask_of=None, threads: int | None = None) -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
     `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each.
-    The images are decoded on `threads` threads (None: `image_files.decode_threads`; one with `mask_of`, as masks.py
-    sets warning filters of its own), to the same images, with the same warnings in the same order, as on one."""
+    The images (and their masks) are decoded on `threads` threads (None: `image_files.decode_threads`), to the same
+    images, with the same warnings in the same order, as on one."""
     from PIL import Image, UnidentifiedImageError
 
     unreadable = (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError)
@@ -612,7 +612,7 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
         except unreadable as error:
             return error, None
 
-    threads = 1 if mask_of is not None else decode_threads() if threads is None else threads
+    threads = decode_threads() if threads is None else threads
     loaded, skipped = [], skipped if skipped is not None else []
     notes = LoadNotes()
     for path, (result, error, said) in zip(paths, in_threads(decoded, paths, threads)):

@@ -18,7 +18,6 @@ an all-white mask gives the unmasked loss. Class images (prior preservation) hav
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from .image_files import ALPHA_MODES
@@ -29,14 +28,15 @@ from .errors import SdtuneError
 MASK_SOURCES = ("files", "alpha")
 
 
-def mask_file(image: Path, listed: dict[Path, dict] | None = None) -> Path | None:
+def mask_file(image: Path, listed: dict[Path, dict] | None = None, warn_names: bool = True) -> Path | None:
     """The mask file of a concept image: `masks/STEM.*` beside it (a PNG first; the extension in any case, the
     lower-case one first), the stem compared in NFC (`captions.same_name`: a mask saved on macOS matches), or None.
-    `listed` keeps each masks folder's files between calls, so a folder of many masks is listed once."""
+    `listed` keeps each masks folder's files between calls, so a folder of many masks is listed once; `warn_names`:
+    name the masks whose names are one in NFC (False where check_masks named them already)."""
     listed = {} if listed is None else listed
     folder = image.parent / MASK_FOLDER
     if folder not in listed:
-        listed[folder] = _mask_files(folder)
+        listed[folder] = _mask_files(folder, warn_names)
     found = listed[folder].get(same_name(image.stem), [])
     order = [".png", *sorted(image_extensions() - {".png"})]
     # where several names are one in NFC (named in a warning), the image's own spelling first
@@ -44,7 +44,7 @@ def mask_file(image: Path, listed: dict[Path, dict] | None = None) -> Path | Non
     return next((path for path in found if path.is_file()), None)
 
 
-def _mask_files(folder: Path) -> dict[str, list[Path]]:
+def _mask_files(folder: Path, warn_names: bool = True) -> dict[str, list[Path]]:
     """Stem in NFC → the image files of that stem in a masks folder (empty where there is none)."""
     try:
         entries = sorted(folder.iterdir())
@@ -54,7 +54,8 @@ def _mask_files(folder: Path) -> dict[str, list[Path]]:
     for path in entries:
         if path.suffix.lower() in image_extensions() and not path.name.startswith("."):
             found.setdefault(same_name(path.stem), []).append(path)
-    warn_same_names([path.stem for paths in found.values() for path in paths], f"masks in {folder}")
+    if warn_names:
+        warn_same_names([path.stem for paths in found.values() for path in paths], f"masks in {folder}")
     return found
 
 
@@ -64,7 +65,8 @@ def has_alpha(image) -> bool:
 
 def upright_mask(path: Path, upright_image, source: str):
     """The mask of the image at `path` as an 8-bit greyscale PIL image, upright and of `upright_image`'s
-    size (the image as decoded, its EXIF orientation applied)."""
+    size (the image as decoded, its EXIF orientation applied). Sets no warning filters of its own, so images and
+    their masks decode on threads (data.load_framed_images)."""
     from PIL import Image, ImageOps
 
     from .errors import quiet_pil
@@ -72,9 +74,7 @@ def upright_mask(path: Path, upright_image, source: str):
 
     if source == "alpha":
         return upright_image.convert("RGBA").getchannel("A")
-    with warnings.catch_warnings():  # names spelled twice were named as the run was planned (check_masks)
-        warnings.simplefilter("ignore")
-        mask_path = mask_file(path)
+    mask_path = mask_file(path, warn_names=False)  # names spelled twice were named as the run was planned (check_masks)
     if mask_path is None:  # checked before the model loads; the folder may have changed since
         raise SdtuneError(f"--masked-loss: {path.name} has no mask {MASK_FOLDER}/{path.stem}.png beside it")
     with open_image(mask_path) as mask, quiet_pil():

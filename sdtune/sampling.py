@@ -181,7 +181,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
                 f"{output} holds an earlier sample ({earlier[0].relative_to(output)}{more}): "
                 "add --overwrite to replace it, or choose another --output"
             )
-        # any adapter (of a stack too) trained with --zero-terminal-snr samples on the rescaled, trailing schedule
+        # any adapter (of a stack too, but for base adapters) trained with --zero-terminal-snr samples on the rescaled, trailing schedule
         zero_snr = zero_snr_adapters(config.adapters, infos)
         return _sample(config, lines, files, model, token, output, state, progress, started, zero_snr, reading)
     finally:
@@ -554,9 +554,12 @@ def kohya_recorded(info, name: str, default: int) -> str:
 
 def zero_snr_adapters(adapters: list, infos: list) -> list[str]:
     """The adapters (as given) whose header records training with --zero-terminal-snr: sdtune's key, or a kohya-format
-    file's `ss_zero_terminal_snr` (kohya-ss' and sdtune's export write "True")."""
-    return [str(adapter) for adapter, info in zip(adapters, infos)
-            if info.extra.get("zero_terminal_snr") == "true" or str(info.extra.get("ss_zero_terminal_snr")) == "True"]
+    file's `ss_zero_terminal_snr` (kohya-ss' and sdtune's export write "True"); but for those another of the stack was
+    trained on top of (its base adapters): that run drew its validation on its own schedule, as for clip skip."""
+    beneath = base_adapters_among(adapters, infos)
+    return [str(adapter) for index, (adapter, info) in enumerate(zip(adapters, infos))
+            if index not in beneath
+            and (info.extra.get("zero_terminal_snr") == "true" or str(info.extra.get("ss_zero_terminal_snr")) == "True")]
 
 
 def zero_snr_scheduler(scheduler):

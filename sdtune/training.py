@@ -1240,6 +1240,7 @@ class Trainer:
                     self.pipe, self.inputs.sample_lines, self.resolution, self.device, dtype, self.config.prompt_reading,
                     width=self.config.validation_width, height=self.config.validation_height, model=self.config.model,
                     folder=self.output / VALIDATION_GRIDS / f"step-{self.global_step}", step=self.global_step,
+                    base_adapters=self.config.base_adapter_entries,
                 )
             validation.save_grid(grid, self.output, self.global_step)
             log_image(accelerator, "samples", grid, self.global_step)

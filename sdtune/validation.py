@@ -164,12 +164,14 @@ def on_device(modules, device):
 
 
 def sample_grid(pipe, prompts: list, resolution: int, device, dtype=None, reading=None, *, width: int | None = None,
-                height: int | None = None, folder: Path | None = None, model: str = "", step: int | None = None):
+                height: int | None = None, folder: Path | None = None, model: str = "", step: int | None = None,
+                base_adapters: list | None = None):
     """A grid (rows = prompts, columns = SAMPLE_SEEDS) drawn with the pipeline's current UNet, as `sdtune sample`
     draws (`sampling.draw_rows`): each prompt (a `data.PromptLine`, or its text) with its line's negative prompt, size,
     seed, steps and guidance where the line gives them, else validation's own (`sampling_config`: `width` × `height`,
     each by default `resolution`), prompts of one setting through the pipeline together. With `folder`, every image
-    is written there too, its PNG text naming its prompt, seed and settings, `model` and the training `step`.
+    is written there too, its PNG text naming its prompt, seed and settings, `model` and the training `step`, and
+    the `base_adapters` (config.BaseAdapter) merged beneath the method as `sdtune sample` names a stack.
 
     The UNet being trained keeps its weights; with `dtype` fp16 or bf16 (see `sdtune sample --dtype`) it
     and the text encoder run under autocast in that dtype, and the VAE decodes in its own dtype (the images
@@ -181,7 +183,7 @@ def sample_grid(pipe, prompts: list, resolution: int, device, dtype=None, readin
     from .data import PromptLine
     from .models import text_encoders
     from .precision import TRAINING_VAE_REMEDY
-    from .sampling import draw_rows, generation_settings, image_name, make_grid, prompt_batches, prompt_settings
+    from .sampling import draw_rows, generation_settings, image_name, make_grid, prompt_batches, prompt_settings, shown_name
 
     lines = [prompt if isinstance(prompt, PromptLine) else PromptLine(prompt) for prompt in prompts]
     texts = [line.prompt for line in lines]
@@ -195,6 +197,9 @@ def sample_grid(pipe, prompts: list, resolution: int, device, dtype=None, readin
         files = [Path(folder) / image_name(index, seed) for index, own in enumerate(per_prompt) for seed in own.seeds]
         Path(folder).mkdir(parents=True, exist_ok=True)
         settings = {**generation_settings(pipe, config, model, dtype, 1.0, reading), "step": step}
+        if base_adapters:  # merged into the model the method trains on: what drew the image beside it
+            settings.update(adapter=[shown_name(base.path) for base in base_adapters],
+                            adapter_scale=[base.strength for base in base_adapters])
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad(), evaluating([pipe.unet]), on_device([pipe.vae, *text_encoders(pipe)], device), \
             torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):

@@ -549,3 +549,20 @@ def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_ru
     wider = settings(tmp_path / "wider", method="lora", options={"targets": "locon"}, init_weights=str(exported))
     assert plan_run(wider).config.options["targets"] == "locon"  # the run's own choice: its other layers start at 0
     torch.testing.assert_close(step_zero_output(wider, inputs), sampled_output([exported], inputs), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flag, toml_line, message", [
+    ("--init-weights", 'init_weights = ""', "--init-weights takes an adapter file or run folder"),
+    ("--base-adapters", 'base_adapters = [""]', "--base-adapters takes FILE or FILE:STRENGTH, got an empty entry"),
+])
+def test_an_empty_path_says_the_same_from_the_command_line_and_toml(flag, toml_line, message, tmp_path):
+    """An empty value is refused as one: not read as the current folder (which said 'adapter not found')."""
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'model = "tiny-random"\n{toml_line}\n')
+    common = ["train", "--dry-run", "--output", str(tmp_path / "run"), "--log-with", "none"]
+    said = []
+    for args in ([*common, "--model", "tiny-random", flag, ""], [*common, "--config", str(toml)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, result.output
+        said.append(result.output.strip())
+    assert said[0] == said[1] and len(said[0].splitlines()) == 1

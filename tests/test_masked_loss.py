@@ -325,3 +325,74 @@ def test_mask_settings_check_what_combines():
         with pytest.raises(SdtuneError, match=message.replace("[", r"\[").replace(")", r"\)")):
             TrainConfig(**settings).validate()
     assert "mask" not in TrainConfig().to_toml() and "masked_loss = true" in TrainConfig(masked_loss=True).to_toml()
+
+
+def test_masks_decode_on_threads_to_the_same_masks_with_the_same_warnings_in_order(tmp_path, monkeypatch):
+    """Images and their masks decode on several threads (data.load_framed_images): the same pixels and masks bit for
+    bit, the same warnings in the same order as on one thread; masks whose names are one in NFC, named as the run was
+    planned (check_masks), are not named again by any thread."""
+    import random
+    import threading
+    import time
+    import unicodedata
+    import warnings
+
+    from sdtune.data import load_framed_images
+    from sdtune.masks import upright_mask
+
+    folder = masked_photo_set(tmp_path / "photos", sizes=((96, 128), (100, 130), (160, 90), (150, 90), (40, 30), (90, 90)))
+    name = unicodedata.normalize("NFC", "café")
+    subject_photo(80, 80, (10, 10, 40, 40)).convert("RGB").save(folder / f"{name}.png")
+    for spelling in (name, unicodedata.normalize("NFD", name)):  # one name in NFC, spelled twice
+        subject_photo(80, 80, (10, 10, 40, 40)).getchannel("A").save(folder / "masks" / f"{spelling}.png")
+    paths = sorted(folder.glob("*.png"))
+    threads_used, late = set(), random.Random(0)
+
+    def mask_of(path, image):  # finishing out of order, each mask warns as it is read
+        threads_used.add(threading.current_thread().name)
+        time.sleep(late.uniform(0, 0.03))
+        warnings.warn(f"reading the mask of {path.name}", RuntimeWarning)
+        return upright_mask(path, image, "files")
+
+    def start(threads: int):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            framed = load_framed_images(paths, 64, bucket_sizes(64), mask_of=mask_of, threads=threads)
+        return framed, [(w.category, str(w.message)) for w in caught]
+
+    one, one_said = start(1)
+    assert threads_used == {threading.current_thread().name}
+    assert [message for _, message in one_said] == [f"reading the mask of {path.name}" for path in paths] + [
+        "photo-4.png is 40x30, smaller than its 72x56 bucket: upscaled"]
+    threads_used.clear()
+    framed, said = start(4)
+    assert said == one_said
+    assert len(threads_used) > 1 and threading.current_thread().name not in threads_used
+    assert len(framed) == len(one) == len(paths)
+    for each, alone in zip(framed, one):
+        assert np.array_equal(np.asarray(each.image), np.asarray(alone.image))
+        assert np.array_equal(np.asarray(each.mask), np.asarray(alone.mask)) and np.asarray(alone.mask).max() == 255
+
+
+def test_a_masked_run_trains_the_same_adapter_on_one_thread_or_several(tmp_path, monkeypatch):
+    """The cached latents and masks of a --masked-loss run decoded on several threads train the adapter of one
+    thread's, bit for bit, with the same warnings."""
+    import warnings
+
+    import sdtune.data
+
+    images = masked_photo_set(tmp_path / "photos", sizes=((96, 128), (100, 130), (160, 90), (150, 90), (40, 30), (44, 33)))
+    settings = dict(images=str(images), buckets=True, batch_size=2, seed=3, steps=2, random_flip=True, masked_loss=True,
+                    unmasked_weight=0.2)
+    runs, said = {}, {}
+    for threads in (1, 4):
+        monkeypatch.setattr(sdtune.data, "decode_threads", lambda threads=threads: threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[threads] = run_training(tmp_path, "run", overwrite=True, **settings)
+        # what the run says (a library's first import deprecates things, once)
+        said[threads] = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert any("photo-4.png (40x30)" in message for message in said[1])
+    assert said[4] == said[1]
+    assert runs[4].losses == runs[1].losses
+    assert (runs[4].output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()

@@ -578,6 +578,26 @@ def test_validation_prompts_are_drawn_with_their_lines_options_as_sample_draws_t
     assert not images.exists() and earlier_run(run.output) == []
 
 
+def test_validation_images_name_the_base_adapters_beneath_the_method(tmp_path, tiny_path, fast_sampling):
+    """A run on --base-adapters draws its validation on the model with them merged: each image's PNG text names them
+    and their strengths as `sdtune sample` names a stack; a run without them names no adapter, as before."""
+    import json
+
+    from PIL import Image
+
+    from sdtune.sampling import PARAMETERS_CHUNK, SETTINGS_CHUNK
+
+    base = run_training(tmp_path, "style", steps=1, validate_every=1, validation_images=1)
+    plain = Image.open(base.output / "samples" / "step-1" / "000-seed0.png")
+    assert "Adapter" not in plain.text[PARAMETERS_CHUNK] and "adapter" not in json.loads(plain.text[SETTINGS_CHUNK])
+    on_top = run_training(tmp_path, "on-top", steps=1, validate_every=1, validation_images=1,
+                          base_adapters=[f"{base.adapter}:0.5", str(base.output)])
+    image = Image.open(on_top.output / "samples" / "step-1" / "000-seed0.png")
+    assert "Model: tiny-random, Adapter: style/adapter.safetensors, style, Adapter strength: 0.5, 1," in image.text[PARAMETERS_CHUNK]
+    shown = json.loads(image.text[SETTINGS_CHUNK])
+    assert (shown["adapter"], shown["adapter_scale"], shown["step"]) == (["style/adapter.safetensors", "style"], [0.5, 1.0], 1)
+
+
 def test_a_run_drawing_validation_prompts_with_their_own_options_resumes_exactly(tmp_path, tiny_path, monkeypatch):
     from helpers import uninterrupted_and_resumed
 

@@ -265,3 +265,32 @@ def test_the_model_cards_python_draws_on_the_rescaled_schedule(run, plain, tmp_p
         assert bool(scheduler.get("rescale_betas_zero_snr")) == rescaled
         assert (scheduler.timestep_spacing == "trailing") == rescaled
         assert settings == ({"guidance_rescale": 0.7} if rescaled else {})
+
+
+def test_a_base_adapter_does_not_decide_the_stacks_schedule(run, tmp_path, monkeypatch):
+    """A run trained without the option on top of a --zero-terminal-snr base adapter drew its validation on the
+    model's schedule: sampling or merging the stack of both draws as it trained, as clip skip leaves base adapters out."""
+    import json
+
+    import sdtune.sampling as sampling
+    from sdtune.config import SampleConfig
+    from sdtune.merging import merge_adapter
+
+    on_top = train(config(tmp_path / "on-top", steps=1, zero_terminal_snr=False, base_adapters=[str(run.output)]),
+                   progress=False).output
+    drawn = []
+    original = sampling.generation_settings
+
+    def spy(pipe, *args, **kwargs):
+        drawn.append(pipe.scheduler.config)
+        return original(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "generation_settings", spy)
+    stack = [str(run.output), str(on_top)]
+    notes = sampling.sample(SampleConfig(adapter=stack, prompt=["a photo"], steps=2, num_images=1,
+                                         output=str(tmp_path / "samples")), progress=False).notes
+    assert not any("zero-terminal-snr" in note for note in notes)
+    assert not drawn[-1].get("rescale_betas_zero_snr", False)
+    assert merge_adapter(stack, tmp_path / "merged").zero_terminal_snr == []
+    scheduler = json.loads((tmp_path / "merged" / "scheduler" / "scheduler_config.json").read_text())
+    assert not scheduler.get("rescale_betas_zero_snr")
