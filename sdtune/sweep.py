@@ -352,6 +352,7 @@ def starting_files_changed(run: RunSpec) -> str:
     """The run's init_weights and base_adapters files that are not the ones its adapter records it trained on (written
     again since), in a few words; "" where none is, or there is no adapter to tell."""
     from .adapter import read_adapter_info, recorded_base_adapters, recorded_init_weights
+    from .sampling import shown_name
 
     if not (run.train.init_weights or run.train.base_adapters) or not (run.folder / ADAPTER_FILE).is_file():
         return ""
@@ -362,7 +363,8 @@ def starting_files_changed(run: RunSpec) -> str:
     start = recorded_init_weights(info) or {}
     recorded = ([start.get("digest")] if run.train.init_weights else []) + [r.get("digest") for r in recorded_base_adapters(info)]
     changed = {path for (path, digest), trained_on in zip(starting_digests(run.train), recorded) if digest != trained_on}
-    return f"{', '.join(sorted(changed))} written again since it trained" if changed else ""
+    # named short (a run's adapter file by its run), as the dry run's line cuts a long note
+    return f"{', '.join(sorted(map(shown_name, changed)))} written again since it trained" if changed else ""
 
 
 def shard_runs(runs: list[RunSpec], shard: tuple[int, int] | None) -> list[RunSpec]:

@@ -157,7 +157,7 @@ def test_a_kohya_file_of_another_model_family_or_text_encoder_is_refused(trained
     save_file(tensors, sd2, {"ss_base_model_version": "sd_v2", "ss_network_module": "networks.lora"})
     with pytest.raises(SdtuneError, match="trained on a sd_v2 model; model tiny-random is sd_v1"):
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(sd2)))
-    with pytest.raises(SdtuneError, match=f"^--base-adapters: {sd2} was trained on a sd_v2 model; --model tiny-random is sd_v1$"):
+    with pytest.raises(SdtuneError, match=f"^base_adapters: {sd2} was trained on a sd_v2 model; model tiny-random is sd_v1$"):
         plan_run(settings(tmp_path / "run", method="lora", base_adapters=[f"{sd2}:0.5"]))  # before the model loads too
     with_te = tmp_path / "te.safetensors"
     te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
@@ -369,7 +369,7 @@ def test_overwriting_the_run_that_holds_the_starting_files_is_refused(trained, t
 
     run = shutil.copytree(trained["lora"], tmp_path / "run")
     for changes in ({"init_weights": str(run)}, {"base_adapters": [f"{run / 'adapter.safetensors'}:0.5"]}):
-        with pytest.raises(SdtuneError, match=r"is the earlier run's in .*, which --overwrite replaces: copy it out of the folder"):
+        with pytest.raises(SdtuneError, match=r"is the earlier run's in .*, which overwrite=True replaces: copy it out of the folder"):
             plan_run(settings(run, method="lora", overwrite=True, **changes))
     shutil.copy(run / "adapter.safetensors", run / "mine.safetensors")
     assert plan_run(settings(run, method="lora", overwrite=True, init_weights=str(run / "mine.safetensors"))).start.startswith("replaces")
