@@ -474,6 +474,21 @@ def avif_with_nclx(path, image, primaries: int, transfer: int, **save) -> None:
     path.write_bytes(data[:at] + struct.pack(">HH", primaries, transfer) + data[at + 4 :])
 
 
+def flat_colour_in_display_p3(tmp_path):
+    """A flat colour, its image, a Display P3 profile, and that colour as sdtune reads it tagged P3 (in sRGB: other)."""
+    from helpers import DISPLAY_P3, icc_profile
+
+    from sdtune.data import load_framed
+
+    colour = np.array([180, 120, 90])
+    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
+    p3 = icc_profile("Display P3", *DISPLAY_P3)
+    flat.save(tmp_path / "p3.png", icc_profile=p3)
+    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))
+    assert np.abs(expected - colour).max() > 5
+    return colour, flat, p3, expected
+
+
 def test_an_avif_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp_path):
     """PIL's AVIF reader gives an AVIF's ICC profile but not its nclx box (H.273 codes): sdtune reads the primary image's
     from the file's boxes, as pillow-heif gives a HEIC's, and converts Display P3 as a profile would; sRGB's codes and HDR
@@ -482,18 +497,11 @@ def test_an_avif_described_by_an_nclx_box_in_display_p3_is_converted_to_srgb(tmp
 
     if not features.check("avif"):
         pytest.skip("this Pillow reads no AVIF")
-    from helpers import DISPLAY_P3, icc_profile
-
     from sdtune.colour import nclx_icc
     from sdtune.data import load_framed
     from sdtune.image_files import heif_nclx, image_facts
 
-    colour = np.array([180, 120, 90])
-    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
-    p3 = icc_profile("Display P3", *DISPLAY_P3)
-    flat.save(tmp_path / "p3.png", icc_profile=p3)
-    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))
-    assert np.abs(expected - colour).max() > 5
+    colour, flat, p3, expected = flat_colour_in_display_p3(tmp_path)
     for name, (primaries, transfer), want, save in [("p3.avif", (12, 13), expected, {}), ("srgb.avif", (1, 13), colour, {}),
                                                     ("bt709.avif", (1, 1), colour, {}), ("pq.avif", (9, 16), colour, {}),
                                                     ("profiled.avif", (1, 13), expected, {"icc_profile": p3})]:
@@ -527,18 +535,11 @@ def test_a_png_described_by_a_cicp_chunk_is_converted_to_srgb_over_its_icc_profi
     its ICC profile, as PNG's third edition says: Display P3 converted; sRGB's codes over a P3 profile leave the
     pixels as they are, as do HDR curves (PQ) and a chunk no PNG may hold (a matrix other than RGB's); narrow-range
     values (16 to 235) are stretched to 0 to 255."""
-    from helpers import DISPLAY_P3, icc_profile
-
     from sdtune.colour import nclx_icc
     from sdtune.data import load_framed
     from sdtune.image_files import image_facts, png_cicp
 
-    colour = np.array([180, 120, 90])
-    flat = Image.new("RGB", (40, 30), tuple(int(c) for c in colour))
-    p3 = icc_profile("Display P3", *DISPLAY_P3)
-    flat.save(tmp_path / "p3.png", icc_profile=p3)
-    expected = np.array(load_framed(tmp_path / "p3.png", 16).image.getpixel((12, 8)))
-    assert np.abs(expected - colour).max() > 5
+    colour, flat, p3, expected = flat_colour_in_display_p3(tmp_path)
     narrow = Image.new("RGB", (40, 30), tuple(round(16 + c * 219 / 255) for c in colour))
     for name, image, cicp, want, save in [("cicp-p3.png", flat, (12, 13, 0, 1), expected, {}),
                                           ("cicp-srgb.png", flat, (1, 13, 0, 1), colour, {"icc_profile": p3}),

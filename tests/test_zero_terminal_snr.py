@@ -95,51 +95,10 @@ def test_resume_is_exact(run, tmp_path, monkeypatch):
     assert (cut / "adapter.safetensors").read_bytes() == (run.output / "adapter.safetensors").read_bytes()
 
 
-def test_the_adapter_records_it_and_sampling_uses_the_rescaled_trailing_scheduler(run, tmp_path, capsys):
-    from sdtune.adapter import adapter_info
-    from sdtune.config import SampleConfig
-    from sdtune.sampling import sample
-
-    assert adapter_info(run.output / "adapter.safetensors").extra["zero_terminal_snr"] == "true"
-    plain = train(config(tmp_path / "plain", steps=1, zero_terminal_snr=False), progress=False)
-    assert "zero_terminal_snr" not in adapter_info(plain.output / "adapter.safetensors").extra
-
-    drawn = []
-
+@pytest.fixture
+def schedulers(monkeypatch) -> list:
+    """The scheduler config of every sampling pipeline as it starts drawing, in order."""
     import sdtune.sampling as sampling
-
-    original = sampling.generation_settings
-
-    def spy(pipe, *args, **kwargs):
-        drawn.append(pipe.scheduler.config)
-        return original(pipe, *args, **kwargs)
-
-    sampling.generation_settings = spy
-    try:
-        import sdtune
-
-        result = sdtune.sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1,
-                                            output=str(tmp_path / "samples")))
-        # the library prints nothing: the command line says the notes (the flag is training's, no setting of sample's)
-        assert "trained with --zero-terminal-snr: sampling with DDIMScheduler" in " ".join(result.notes)
-        assert "zero" not in capsys.readouterr().out
-        assert drawn[-1].rescale_betas_zero_snr is True and drawn[-1].timestep_spacing == "trailing"
-        sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1, scheduler="euler",
-                            output=str(tmp_path / "euler")), progress=False)  # an explicit --scheduler wins
-        assert not drawn[-1].get("rescale_betas_zero_snr", False)
-    finally:
-        sampling.generation_settings = original
-
-
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory, tiny_path):
-    """An adapter of the same model trained without --zero-terminal-snr."""
-    return train(config(tmp_path_factory.mktemp("plain") / "run", steps=1, zero_terminal_snr=False), progress=False).output
-
-
-def test_a_stack_samples_rescaled_when_any_of_its_adapters_asks(run, plain, tmp_path, monkeypatch):
-    import sdtune.sampling as sampling
-    from sdtune.config import SampleConfig
 
     drawn = []
     original = sampling.generation_settings
@@ -149,6 +108,41 @@ def test_a_stack_samples_rescaled_when_any_of_its_adapters_asks(run, plain, tmp_
         return original(pipe, *args, **kwargs)
 
     monkeypatch.setattr(sampling, "generation_settings", spy)
+    return drawn
+
+
+def test_the_adapter_records_it_and_sampling_uses_the_rescaled_trailing_scheduler(run, tmp_path, capsys, schedulers):
+    import sdtune
+    from sdtune.adapter import adapter_info
+    from sdtune.config import SampleConfig
+    from sdtune.sampling import sample
+
+    assert adapter_info(run.output / "adapter.safetensors").extra["zero_terminal_snr"] == "true"
+    plain = train(config(tmp_path / "plain", steps=1, zero_terminal_snr=False), progress=False)
+    assert "zero_terminal_snr" not in adapter_info(plain.output / "adapter.safetensors").extra
+
+    result = sdtune.sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1,
+                                        output=str(tmp_path / "samples")))
+    # the library prints nothing: the command line says the notes (the flag is training's, no setting of sample's)
+    assert "trained with --zero-terminal-snr: sampling with DDIMScheduler" in " ".join(result.notes)
+    assert "zero" not in capsys.readouterr().out
+    assert schedulers[-1].rescale_betas_zero_snr is True and schedulers[-1].timestep_spacing == "trailing"
+    sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1, scheduler="euler",
+                        output=str(tmp_path / "euler")), progress=False)  # an explicit --scheduler wins
+    assert not schedulers[-1].get("rescale_betas_zero_snr", False)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_path):
+    """An adapter of the same model trained without --zero-terminal-snr."""
+    return train(config(tmp_path_factory.mktemp("plain") / "run", steps=1, zero_terminal_snr=False), progress=False).output
+
+
+def test_a_stack_samples_rescaled_when_any_of_its_adapters_asks(run, plain, tmp_path, schedulers):
+    import sdtune.sampling as sampling
+    from sdtune.config import SampleConfig
+
+    drawn = schedulers
     common = dict(prompt=["a photo"], steps=2, num_images=1)
     for name, stack in (("second", [str(plain), str(run.output)]), ("both", [str(run.output), str(run.output)])):
         notes = sampling.sample(SampleConfig(adapter=stack, output=str(tmp_path / name), **common), progress=False).notes
@@ -267,7 +261,7 @@ def test_the_model_cards_python_draws_on_the_rescaled_schedule(run, plain, tmp_p
         assert settings == ({"guidance_rescale": 0.7} if rescaled else {})
 
 
-def test_a_base_adapter_does_not_decide_the_stacks_schedule(run, tmp_path, monkeypatch):
+def test_a_base_adapter_does_not_decide_the_stacks_schedule(run, tmp_path, schedulers):
     """A run trained without the option on top of a --zero-terminal-snr base adapter drew its validation on the
     model's schedule: sampling or merging the stack of both draws as it trained, as clip skip leaves base adapters out."""
     import json
@@ -278,14 +272,7 @@ def test_a_base_adapter_does_not_decide_the_stacks_schedule(run, tmp_path, monke
 
     on_top = train(config(tmp_path / "on-top", steps=1, zero_terminal_snr=False, base_adapters=[str(run.output)]),
                    progress=False).output
-    drawn = []
-    original = sampling.generation_settings
-
-    def spy(pipe, *args, **kwargs):
-        drawn.append(pipe.scheduler.config)
-        return original(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(sampling, "generation_settings", spy)
+    drawn = schedulers
     stack = [str(run.output), str(on_top)]
     notes = sampling.sample(SampleConfig(adapter=stack, prompt=["a photo"], steps=2, num_images=1,
                                          output=str(tmp_path / "samples")), progress=False).notes
