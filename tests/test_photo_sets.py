@@ -283,7 +283,7 @@ def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_lo
     assert said[True] == ["center-cropping cuts away more than half of panorama.png (640x64: 60% cut away); "
                           "crop such photos yourself to keep the part that matters"]  # into the 128x32 bucket, 4:1
     assert len(said[False]) == 1 and "panorama.png (640x64: 90% cut away)" in said[False][0]
-    assert said[False][0].endswith(", or add --buckets")
+    assert said[False][0].endswith(", or add buckets=True")  # said to Python: the setting, as Python spells it
 
 
 def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(tmp_path, tiny_path):
