@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ from .version import __version__
 
 DIGEST_WHOLE = 64 * 2**20  # adapters up to this size are hashed whole
 DIGEST_WINDOWS, DIGEST_WINDOW = 64, 2**20  # larger ones (a full fine-tune's UNet) by this many evenly spaced windows
+DIGESTS_KEPT = 1024  # file versions whose digest is remembered at most, the oldest forgotten first
+# a file changed more recently than this is hashed again on every call: a rewrite in place of the same size within
+# the file system's time granularity (a second, two on FAT) would keep its size, times and inode
+DIGEST_SETTLED_S = 2.0
 
 ADAPTER_FILE = "adapter.safetensors"
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"  # the moving average of the trained weights (--ema-decay)
@@ -609,23 +615,53 @@ def stacked_tokens(paths: list, pipeline=None):
     return stack_new_tokens([str(f) for f in files], infos, taken)
 
 
+_DIGESTS: dict[tuple, str] = {}  # by resolved path and the file's identity (size, times, inode): a version changed is hashed again
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _file_version(path: Path, stat: os.stat_result) -> tuple:
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev)
+
+
 def adapter_digest(path: Path) -> str:
     """What tells one training's adapter from another's (a run trained again, resumed or extended after it was
     measured): the sha256 of the file, whose bytes the same weights always give, or for a file over DIGEST_WHOLE
-    of its size and DIGEST_WINDOWS windows spread over it, so that a full model's gigabytes are not read."""
+    of its size and DIGEST_WINDOWS windows spread over it, so that a full model's gigabytes are not read.
+
+    Read once per process and file version (stacks, sweep fingerprints and the eval.json check ask for one file's
+    several times): kept by resolved path, size, modification and change times and inode, so a file written again
+    atomically (a new inode) or in place (new times) is hashed again; one changed within DIGEST_SETTLED_S is not kept."""
+    path = Path(path).resolve()
+    with _DIGESTS_LOCK:
+        kept = _DIGESTS.get(_file_version(path, path.stat()))
+    if kept is not None:
+        return kept
+    with open(path, "rb") as handle:
+        before = os.fstat(handle.fileno())  # what was opened: a file renamed onto the path since is kept as itself
+        digest = _read_digest(handle, before.st_size)
+        after = os.fstat(handle.fileno())
+    version = _file_version(path, before)
+    changed_last = max(after.st_mtime_ns, after.st_ctime_ns)
+    if version == _file_version(path, after) and time.time_ns() - changed_last >= DIGEST_SETTLED_S * 1e9:
+        with _DIGESTS_LOCK:
+            while len(_DIGESTS) >= DIGESTS_KEPT:
+                del _DIGESTS[next(iter(_DIGESTS))]
+            _DIGESTS[version] = digest
+    return digest
+
+
+def _read_digest(handle, size: int) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        if size <= DIGEST_WHOLE:
-            for block in iter(lambda: handle.read(DIGEST_WINDOW), b""):
-                digest.update(block)
-        else:
-            digest.update(str(size).encode())
-            for k in range(DIGEST_WINDOWS):
-                handle.seek((size - DIGEST_WINDOW) * k // (DIGEST_WINDOWS - 1))
-                digest.update(handle.read(DIGEST_WINDOW))
+    if size <= DIGEST_WHOLE:
+        for block in iter(lambda: handle.read(DIGEST_WINDOW), b""):
+            digest.update(block)
+    else:
+        digest.update(str(size).encode())
+        for k in range(DIGEST_WINDOWS):
+            handle.seek((size - DIGEST_WINDOW) * k // (DIGEST_WINDOWS - 1))
+            digest.update(handle.read(DIGEST_WINDOW))
     return digest.hexdigest()[:32]
 
 

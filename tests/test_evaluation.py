@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import statistics
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -741,6 +743,79 @@ def test_an_evaluation_of_an_earlier_adapter_is_not_read_as_the_runs(tmp_path, m
     big[4999] = 1  # in the last window
     (tmp_path / "big.safetensors").write_bytes(bytes(big))
     assert adapter.adapter_digest(tmp_path / "big.safetensors") != before
+
+
+@pytest.fixture
+def digest_opens(monkeypatch):
+    """adapter_digest with an empty cache: the files it opens, in order."""
+    from sdtune import adapter
+
+    opened = []
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "_DIGESTS", {})
+    monkeypatch.setattr(adapter, "open", counting_open, raising=False)
+    return opened
+
+
+def test_an_adapter_is_hashed_once_per_version(tmp_path, monkeypatch, digest_opens):
+    """A settled file is read once however often its digest is asked for, by any spelling of its path; a rewrite,
+    atomic (a new inode) or in place of the same size with its modification time put back (new change time), is
+    hashed again."""
+    from sdtune import adapter
+    from sdtune.fileio import atomic_write
+
+    monkeypatch.setattr(adapter, "DIGEST_SETTLED_S", 0.0)
+    monkeypatch.chdir(tmp_path)
+    file = tmp_path / "adapter.safetensors"
+    file.write_bytes(b"first training" * 100)
+    first = adapter.adapter_digest(file)
+    assert adapter.adapter_digest(file) == adapter.adapter_digest(Path("adapter.safetensors")) == first
+    assert digest_opens == ["adapter.safetensors"]
+
+    times = file.stat()
+    with atomic_write(file) as tmp:
+        tmp.write_bytes(b"other training" * 100)
+    os.utime(file, ns=(times.st_atime_ns, times.st_mtime_ns))
+    second = adapter.adapter_digest(file)
+    assert second != first and len(digest_opens) == 2
+
+    time.sleep(0.05)  # past the kernel's clock tick, as any rewrite after the digest was kept is
+    times = file.stat()
+    with open(file, "r+b") as handle:
+        handle.write(b"third")
+    os.utime(file, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert file.stat().st_size == times.st_size and file.stat().st_ino == times.st_ino
+    third = adapter.adapter_digest(file)
+    assert third not in (first, second) and adapter.adapter_digest(file) == third and len(digest_opens) == 3
+
+    monkeypatch.setattr(adapter, "DIGESTS_KEPT", 1)  # bounded: the oldest version is forgotten first
+    (tmp_path / "other.safetensors").write_bytes(b"x")
+    adapter.adapter_digest(tmp_path / "other.safetensors")
+    assert len(adapter._DIGESTS) == 1
+    adapter.adapter_digest(file)
+    assert digest_opens[-1] == "adapter.safetensors" and len(digest_opens) == 5
+
+
+def test_a_file_just_written_is_hashed_on_every_call(tmp_path, digest_opens):
+    """Within DIGEST_SETTLED_S of its last change a file is not kept: a rewrite in place of the same size within the
+    clock's tick keeps its size, times and inode, and must still give a new digest (eval.json's and the sweep's
+    "written again" checks)."""
+    from sdtune import adapter
+
+    file = tmp_path / "adapter.safetensors"
+    file.write_bytes(b"first training" * 100)
+    first = adapter.adapter_digest(file)
+    times = file.stat()
+    with open(file, "r+b") as handle:
+        handle.write(b"again")
+    os.utime(file, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert adapter.adapter_digest(file) != first
+    assert adapter.adapter_digest(file) == adapter.adapter_digest(file)
+    assert len(digest_opens) == 4 and adapter._DIGESTS == {}
 
 
 def test_compare_leaves_out_the_metrics_of_an_earlier_training(tmp_path):
