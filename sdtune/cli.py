@@ -435,7 +435,7 @@ def train(
     rows = f", and {run.token_numbers:,} numbers of new token rows" if run.token_numbers else ""
     from .starting_weights import describe_taken
 
-    if taken := describe_taken(run.taken_options):
+    if taken := describe_taken(run.taken_options, run.started_fresh):
         typer.echo(f"from --init-weights {run.config.init_weights}: {taken}")
     typer.echo(
         f"trained {run.method.describe()}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"

@@ -119,29 +119,24 @@ def network_args(metadata: dict[str, str]) -> dict[str, str]:
     return args if isinstance(args, dict) else {}
 
 
-class TakenOptions(dict):
-    """The method options a run took from its `--init-weights` file (name → value: those the run did not set and that
-    differ from the method's defaults), and `fresh`: a phrase saying which UNet layers the run tunes that the file
-    leaves alone (they start as in a fresh run), '' where it holds them all."""
-
-    def __init__(self, options: dict[str, Any] | None = None, fresh: str = ""):
-        super().__init__(options or {})
-        self.fresh = fresh
-
-
-def describe_taken(taken: dict[str, Any]) -> str:
-    """What a run took from its `--init-weights` file, for the dry run and the closing line ('' where nothing):
+def describe_taken(taken: dict[str, Any], started_fresh: str = "") -> str:
+    """What a run took from its `--init-weights` file (`StartingOptions.taken` and `.started_fresh`), for the dry run
+    and the closing line ('' where nothing):
     'rank 3, alpha 1.5, targets locon; 246 of the run's 278 UNet layers (the other 32 start as in a fresh run)'."""
     options = ", ".join(f"{name} {value}" for name, value in taken.items())
-    return "; ".join(part for part in (options, getattr(taken, "fresh", "")) if part)
+    return "; ".join(part for part in (options, started_fresh) if part)
 
 
 @dataclass
 class StartingOptions:
-    """The run's method options once `--init-weights` is read, and which of them came from the file."""
+    """The run's method options once `--init-weights` is read, which of them came from the file, and which of the
+    run's layers the file leaves alone."""
 
     options: dict[str, Any]
-    taken: TakenOptions  # the file's options the run did not set and that differ from the method's defaults
+    taken: dict[str, Any]  # the file's options the run did not set and that differ from the method's defaults
+    # how many of the UNet layers the run tunes the file holds, the others starting as in a fresh run (`fresh_layers`),
+    # as a phrase; '' where it holds them all
+    started_fresh: str = ""
 
 
 def init_weights_options(config) -> StartingOptions:
@@ -194,7 +189,7 @@ def init_weights_options(config) -> StartingOptions:
              if name not in config.options and from_file.get(name) != defaults.get(name)}
     taken.update({name: value for name, value in layer_options.items() if value != defaults.get(name)})
     options = {**file_options, **layer_options, **config.options}
-    return StartingOptions(options, TakenOptions(taken, fresh_layers(method_class(**options), layers)))
+    return StartingOptions(options, taken, fresh_layers(method_class(**options), layers))
 
 
 @dataclass

@@ -78,6 +78,7 @@ class Run:
     validation_losses: dict[int, float] = field(default_factory=dict)  # step → validation loss
     token_numbers: int = 0  # numbers the new token rows trained beside the method (--token-embeddings)
     taken_options: dict = field(default_factory=dict)  # method options --init-weights gave (the run did not set them)
+    started_fresh: str = ""  # which of the run's UNet layers --init-weights left alone (StartingOptions.started_fresh)
 
 
 def derived_seed(*keys: int) -> int:
@@ -122,6 +123,7 @@ class RunPlan:
     buckets: list = field(default_factory=list)  # with --buckets: each concept image's (width, height)
     validation_size: tuple[int, int] | None = None  # with --validate-every: the largest (width, height) its images take
     taken_options: dict = field(default_factory=dict)  # the method options --init-weights gave (the run did not set them)
+    started_fresh: str = ""  # which of the run's UNet layers --init-weights leaves alone (StartingOptions.started_fresh)
     prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
     resumes: bool = False  # from a checkpoint (its tensors, optimizer and schedule), not from --init-weights
 
@@ -179,7 +181,7 @@ class RunPlan:
         if config.init_weights:
             from .starting_weights import describe_taken
 
-            taken = describe_taken(self.taken_options)
+            taken = describe_taken(self.taken_options, self.started_fresh)
             lines.append((f"trained tensors started from {config.init_weights}; resumed, they are the checkpoint's"
                           if self.resumes else f"trained tensors start from {config.init_weights} (a fresh optimizer and schedule)")
                          + (f"; from the file: {taken}" if taken else ""))
@@ -204,12 +206,14 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     config.validate()
     check_optimizer_ready(config.optimizer)
     taken: dict = {}
+    started_fresh = ""
     if config.init_weights:  # the file's options where the run sets none: the method is made with them
         from .starting_weights import init_weights_options
 
         methods.method_class(config.method)  # an unknown method first
         starting = init_weights_options(config)
-        config, taken = dataclasses.replace(config, options=starting.options), starting.taken
+        config = dataclasses.replace(config, options=starting.options)
+        taken, started_fresh = starting.taken, starting.started_fresh
     base_bytes = 0
     if config.base_adapters:
         from .starting_weights import base_adapter_bytes, check_base_adapters
@@ -271,7 +275,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = f"replaces an earlier run: {', '.join(earlier)}"
     else:
         start = "a new run"
-    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken,
+    return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken, started_fresh,
                    model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None)
 
 
@@ -330,7 +334,7 @@ def open_trainer(config: TrainConfig, progress: bool = True) -> Iterator["Traine
         if accelerator.is_main_process:
             sweep_run_folder(lock)
         trainer = Trainer(config, method, inputs, accelerator, output, resume=resume, overwrite=overwrite, progress=progress)
-        trainer.taken_options = plan.taken_options
+        trainer.taken_options, trainer.started_fresh = plan.taken_options, plan.started_fresh
         yield trainer
     finally:
         if trainer is not None:
@@ -509,6 +513,7 @@ class Trainer:
         self.replaces: list[str] = []  # an earlier run's files that --overwrite replaces
         self._one_group: bool | None = None  # see _parameters_in_one_group
         self.taken_options: dict = {}  # method options --init-weights gave (open_trainer sets them)
+        self.started_fresh = ""  # which of the run's UNet layers --init-weights left alone (open_trainer sets it)
         # what the adapter records of the files the run started from (their names and digests), read once
         from .adapter_info import BASE_ADAPTERS_KEY, INIT_WEIGHTS_KEY
         from .starting_weights import base_adapter_records, file_record
@@ -883,7 +888,7 @@ class Trainer:
             output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from, extended_from=self.extended_from,
             validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
-            taken_options=self.taken_options,
+            taken_options=self.taken_options, started_fresh=self.started_fresh,
         )
 
     def advance(self) -> None:

@@ -474,7 +474,7 @@ def test_a_kohya_file_of_transformer_layers_starts_a_run_of_that_family(family, 
     plan = plan_run(config)
     assert plan.config.options["targets"] == family and plan.taken_options == {"targets": family, "rank": 3, "alpha": 1.5}
     assert any(f"targets {family}" in line for line in plan.summary())
-    assert plan.taken_options.fresh == "" and not any("fresh run" in line for line in plan.summary())
+    assert plan.started_fresh == "" and not any("fresh run" in line for line in plan.summary())
     torch.testing.assert_close(step_zero_output(config, inputs), sampled_output([source], inputs), atol=2e-5, rtol=1e-4)
     original, again = load_file(source), restarted_export(config, tmp_path)
     assert original.keys() == again.keys() and all(torch.equal(original[key], again[key]) for key in original)
@@ -504,7 +504,7 @@ def test_a_kohya_file_that_left_blocks_out_starts_the_family_it_was_cut_from(fam
     plan = plan_run(config)
     assert plan.config.options["targets"] == family and plan.taken_options == {"targets": family, "rank": 3, "alpha": 1.5}
     said = f"{held} of the run's {tuned} UNet layers (the other {tuned - held} start as in a fresh run)"
-    assert plan.taken_options.fresh == said
+    assert plan.started_fresh == said
     assert any(line.endswith(f"; from the file: rank 3, alpha 1.5, targets {family}; {said}") for line in plan.summary())
     torch.testing.assert_close(step_zero_output(config, inputs), sampled_output([source], inputs), atol=2e-5, rtol=1e-4)
     again = restarted_export(config, tmp_path)
@@ -521,10 +521,10 @@ def test_a_wider_family_than_the_files_says_which_layers_start_fresh(tmp_path):
     file's own family says nothing of the kind."""
     source = kohya_lora_by_hand(tmp_path / "kohya.safetensors", "transformer")
     wider = plan_run(settings(tmp_path / "wider", method="lora", options={"targets": "full"}, init_weights=str(source)))
-    assert "targets" not in wider.taken_options and wider.taken_options.fresh.endswith(" start as in a fresh run)")
-    assert any(line.endswith(f"; from the file: rank 3, alpha 1.5; {wider.taken_options.fresh}") for line in wider.summary())
+    assert "targets" not in wider.taken_options and wider.started_fresh.endswith(" start as in a fresh run)")
+    assert any(line.endswith(f"; from the file: rank 3, alpha 1.5; {wider.started_fresh}") for line in wider.summary())
     own = plan_run(settings(tmp_path / "own", method="lora", options={"targets": "transformer"}, init_weights=str(source)))
-    assert own.taken_options.fresh == "" and own.taken_options == {"rank": 3, "alpha": 1.5}
+    assert own.started_fresh == "" and own.taken_options == {"rank": 3, "alpha": 1.5}
 
 
 def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_run_again(tmp_path, inputs):
