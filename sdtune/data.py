@@ -601,25 +601,9 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
     `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each.
     The images (and their masks) are decoded on `threads` threads (None: `image_files.decode_threads`), to the same
     images, with the same warnings in the same order, as on one."""
-    from PIL import Image, UnidentifiedImageError
-
-    unreadable = (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError)
-
-    def decoded(path: Path):  # the framed image and its notes, or why it cannot be read
-        notes = LoadNotes()
-        try:
-            return load_framed(path, resolution, buckets, mask_of, notes), notes
-        except unreadable as error:
-            return error, None
-
-    threads = decode_threads() if threads is None else threads
     loaded, skipped = [], skipped if skipped is not None else []
     notes = LoadNotes()
-    for path, (result, error, said) in zip(paths, in_threads(decoded, paths, threads)):
-        warn_again(said)
-        if error is not None:  # not a file's fault (a mask's check, memory): raised as one thread would
-            raise error
-        framed, own = result
+    for path, framed, own in decoded_in_threads(lambda path, own: load_framed(path, resolution, buckets, mask_of, own), paths, threads):
         if own is None:
             skipped.append(path)
             warn(f"skipping {path}: not a readable image ({unreadable_because(path, framed)})")
@@ -632,6 +616,30 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
         folder = paths[0].parent if paths else "?"
         raise SdtuneError(f"no readable images in {folder} ({len(skipped)} file(s) could not be read)")
     return loaded
+
+
+def decoded_in_threads(load, items: list, threads: int | None = None):
+    """`load(item, notes)` for each item on `threads` threads (None: `image_files.decode_threads`), yielded in the items'
+    order as (item, result, notes), each item's warnings raised again just before it, as one thread would raise them;
+    where a file cannot be read (PIL's errors, a bomb, OSError, ValueError) `result` is the error and `notes` None.
+    Any other error (a mask's check, memory) is raised as one thread would, after the warnings before it."""
+    from PIL import Image, UnidentifiedImageError
+
+    unreadable = (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError)
+
+    def decoded(item):
+        notes = LoadNotes()  # each item's own: merged by the caller in the items' order
+        try:
+            return load(item, notes), notes
+        except unreadable as error:
+            return error, None
+
+    threads = decode_threads() if threads is None else threads
+    for item, (result, error, said) in zip(items, in_threads(decoded, items, threads)):
+        warn_again(said)
+        if error is not None:
+            raise error
+        yield item, *result
 
 
 class ConceptDataset:

@@ -165,18 +165,18 @@ def _whole_class_image(path: Path) -> bool:
     return problem is None
 
 
-def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: list, batch_size: int):
+def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: list, batch_size: int, threads: int | None = None):
     """The class images framed for the concept images' buckets, and each bucket's pool: `(framed, pools)`,
     `pools[size]` the indices into `framed` of the class examples the batches of that bucket draw from.
 
     Each image is assigned its bucket from its header, then decoded once and framed (resized to cover,
     center-cropped) into every bucket whose pool holds it; an image in no pool is left out, with a warning.
+    The images are decoded on `threads` threads (None: `image_files.decode_threads`), to the same examples, with the
+    same warnings in the same order, as on one (`data.decoded_in_threads`).
     """
-    from PIL import Image, UnidentifiedImageError
-
     from .buckets import bucket_sizes, class_pools, nearest_bucket
     from .image_files import image_facts
-    from .data import LoadNotes, listed, load_framed_sizes, unreadable_because
+    from .data import LoadNotes, decoded_in_threads, listed, load_framed_sizes, unreadable_because
 
     sizes = bucket_sizes(resolution)
     own: list = []  # each image's own bucket, None where its header cannot be read
@@ -188,24 +188,31 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
             own.append(None)
             problems[index] = unreadable_because(path, error)
     image_pools = class_pools(instance_buckets, own, batch_size)
-    framed, pools, unused = [], {size: [] for size in image_pools}, []
+    # each image's buckets, its own first: only that framing warns when it upscales a small image
+    serves = [sorted((size for size, pool in image_pools.items() if index in pool), key=lambda size: size != own[index])
+              for index in range(len(paths))]
+    unused = [path.name for index, path in enumerate(paths) if own[index] is not None and not serves[index]]
+    decoded = [index for index in range(len(paths)) if serves[index] and index not in problems]
+
+    def load(index: int, notes):
+        return load_framed_sizes(paths[index], lambda width, height: serves[index], serves[index][0] == own[index], notes=notes)
+
+    examples_of = decoded_in_threads(load, decoded, threads)
+    framed, pools = [], {size: [] for size in image_pools}
     notes = LoadNotes()  # small or animated class images, named in one warning a kind
     for index, path in enumerate(paths):
-        # its own bucket first: only that framing warns when it upscales a small image
-        serves = sorted((size for size, pool in image_pools.items() if index in pool), key=lambda size: size != own[index])
-        if own[index] is not None and not serves:
-            unused.append(path.name)
-            continue
-        said = (len(notes.frames), len(notes.upscaled))
-        try:
-            examples = [] if index in problems else load_framed_sizes(path, lambda width, height: serves, serves[0] == own[index], notes=notes)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
-            del notes.frames[said[0]:], notes.upscaled[said[1]:]
-            problems[index] = unreadable_because(path, error)
-        if index in problems:
+        if index in problems:  # its header unreadable: named in order, as its decoding would have named it
             warn(f"skipping class image {path}: not a readable image ({problems[index]})")
             continue
-        for size, example in zip(serves, examples):
+        if not serves[index]:
+            continue
+        _, examples, own_notes = next(examples_of)
+        if own_notes is None:
+            warn(f"skipping class image {path}: not a readable image ({unreadable_because(path, examples)})")
+            continue
+        notes.frames += own_notes.frames
+        notes.upscaled += own_notes.upscaled
+        for size, example in zip(serves[index], examples):
             pools[size].append(len(framed))
             framed.append(example)
     notes.warn()

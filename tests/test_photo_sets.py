@@ -410,6 +410,46 @@ def test_photos_decoded_on_one_thread_or_several_train_the_same_adapter(tmp_path
     assert (resumed.output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
 
 
+def test_bucketed_class_images_decoded_on_one_thread_or_several_train_the_same_adapter(tmp_path, monkeypatch):
+    """Prior preservation's class images, framed into the buckets, decode on the start's threads too: the warnings,
+    the losses and the adapter are those of one thread's, bit for bit."""
+    import threading
+    import time
+    import warnings
+
+    import sdtune.data
+
+    images = photo_set(tmp_path / "photos")[0].parent
+    class_images = photo_set(tmp_path / "class", counts=(2, 3, 0), seed=2)[0].parent  # the wide bucket draws squares
+    png_with_late_exif(class_images / "turned.png", Image.fromarray(np.random.default_rng(5).integers(0, 255, (90, 160, 3), dtype=np.uint8)), 6)
+    Image.new("RGB", (30, 40), "green").save(class_images / "small.png")  # upscaled: named
+    frame_sizes, class_threads = sdtune.data.load_framed_sizes, set()
+
+    def spying(path, *args, **kwargs):
+        if path.parent == class_images:
+            class_threads.add(threading.current_thread().name)
+            time.sleep(0.01)  # each thread takes more than one image
+        return frame_sizes(path, *args, **kwargs)
+
+    monkeypatch.setattr(sdtune.data, "load_framed_sizes", spying)
+    settings = dict(images=str(images), class_images=str(class_images), class_prompt="photo of a castle.", buckets=True,
+                    batch_size=2, seed=3, steps=2, random_flip=True)
+    runs, said = {}, {}
+    for threads in (1, 4):
+        class_threads.clear()
+        monkeypatch.setattr(sdtune.data, "decode_threads", lambda threads=threads: threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[threads] = run_training(tmp_path, f"threads-{threads}", **settings)
+        said[threads] = [str(w.message).replace(f"threads-{threads}", "OUTPUT") for w in caught if issubclass(w.category, UserWarning)]
+        main = threading.current_thread().name
+        assert class_threads == {main} if threads == 1 else len(class_threads) > 1 and main not in class_threads
+    assert any(message.startswith("small.png is 30x40") for message in said[1])
+    assert said[4] == said[1]
+    assert runs[4].losses == runs[1].losses
+    assert (runs[4].output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
+
+
 def test_each_bucket_draws_class_images_of_its_own_shape_or_the_nearest():
     portrait, square, wide, tall = (56, 72), (64, 64), (80, 48), (40, 104)
     class_buckets = [square, portrait, square, None, square, wide]  # None: an unreadable class image
