@@ -391,10 +391,17 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
         ratio, frame_ratio = width / height, frame_size[0] / frame_size[1]
         kept = min(ratio, frame_ratio) / max(ratio, frame_ratio)
         if kept < 0.5:
-            cut.append(f"{path.name} ({width}x{height}: {1 - kept:.0%} cut away)")
+            cut.append(f"{path.name} ({width}x{height}: {share_of(1 - kept)} cut away)")
     if cut:
         warn(f"center-cropping cuts away more than half of {listed(cut)}; crop such photos yourself to keep the part "
              f"that matters{hint}")
+
+
+def share_of(fraction: float) -> str:
+    """A fraction as a percentage, never rounded to 100% where some is left (a 200:1 panorama in a square keeps 0.5%
+    of it: "99.5% cut away", not "100%")."""
+    text = f"{fraction:.0%}"
+    return f"{min(fraction, 0.999):.1%}" if text == "100%" and fraction < 1 else text
 
 
 def unreadable_because(path: Path, error: BaseException) -> str:

@@ -284,6 +284,9 @@ def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_lo
                           "crop such photos yourself to keep the part that matters"]  # into the 128x32 bucket, 4:1
     assert len(said[False]) == 1 and "panorama.png (640x64: 90% cut away)" in said[False][0]
     assert said[False][0].endswith(", or add buckets=True")  # said to Python: the setting, as Python spells it
+    Image.new("RGB", (20000, 100)).save(folder / "panorama.png")  # 200:1: a square keeps 0.5% of it, not nothing
+    with pytest.warns(UserWarning, match=r"panorama.png \(20000x100: 99.5% cut away\)"):
+        plan_run(TrainConfig(model="tiny-random", images=str(folder), output=str(tmp_path / "run")))
 
 
 def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(tmp_path, tiny_path):
