@@ -128,11 +128,26 @@ def decode_text(data: bytes, name: str, hint: str = "") -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise SdtuneError(f"{name}: not UTF-8 text (byte {error.start}){hint}") from None
+        raise SdtuneError(f"{name}: not UTF-8 text ({not_utf8_at(data, error.start)}){hint}") from None
     if "\0" in text:
         raise SdtuneError(f"{name}: not UTF-8 text (a NUL character at byte {data.index(0)}: UTF-16 without its "
                           f"byte-order mark?){hint}")
     return text
+
+
+CONTEXT_CHARACTERS = 24  # of the text before a byte that is not UTF-8, to find it by
+
+
+def not_utf8_at(data: bytes, start: int) -> str:
+    """Where a file stops being UTF-8, for a person to find it: the byte, the text before it, and what Windows-1252
+    (Windows' "ANSI" in the West, Latin-1's superset: the likeliest other encoding of a caption) reads there
+    (`byte 24 is 0xE9, after 'castle, caf': 'é' in Windows-1252`)."""
+    before = data[:start].decode("utf-8-sig")[-CONTEXT_CHARACTERS:]  # valid: the decoding failed at `start`
+    said = f"byte {start} is 0x{data[start]:02X}" + (f", after {before!r}" if before else "")
+    try:
+        return said + f": {data[start:start + 1].decode('cp1252')!r} in Windows-1252"
+    except UnicodeDecodeError:  # one of its five unused bytes
+        return said
 
 
 def caption_text(path: Path) -> str:

@@ -585,7 +585,8 @@ def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"caf\xe9 caption", r"portrait-0.txt: not UTF-8 text \(byte 3\); save it as UTF-8"),  # Latin-1
+    (b"caf\xe9 caption", r"portrait-0.txt: not UTF-8 text \(byte 3 is 0xE9, after 'caf': 'é' in Windows-1252\); save it as UTF-8"),  # Latin-1
+    (b"\x81", r"portrait-0.txt: not UTF-8 text \(byte 0 is 0x81\); save it as UTF-8"),  # no character in Windows-1252
     (b"\xff\xfea", r"portrait-0.txt: not UTF-16 text, though it starts with UTF-16's byte-order mark \(byte 2\)"),
     ("a caption".encode("utf-16-le"), r"portrait-0.txt: not UTF-8 text \(a NUL character at byte 1: UTF-16 without its byte-order mark\?\)"),
     (b"  \n ", r"portrait-0.txt is empty"),
