@@ -553,20 +553,23 @@ class LoadNotes:
 
     frames: list = field(default_factory=list)  # (name, frame count) of each image of several frames
     upscaled: list = field(default_factory=list)  # (name, (width, height), (frame width, frame height)) of each small one
+    what: str = "image"  # their kind, named with them where it is not plain images: "class image"
 
     def warn(self) -> None:
+        # a class image is named as one: a concept folder may hold a file of the same name
+        kind, kinds = ("", "") if self.what == "image" else (f"{self.what} ", f"{self.what}s ")
         if len(self.frames) == 1:
             name, count = self.frames[0]
-            warn(f"{name} has {count} frames: the first is used")
+            warn(f"{kind}{name} has {count} frames: the first is used")
         elif self.frames:
-            warn(f"{listed([name for name, _ in self.frames])} have several frames: the first of each is used")
+            warn(f"{kinds}{listed([name for name, _ in self.frames])} have several frames: the first of each is used")
         if len(self.upscaled) == 1:
             name, (width, height), size = self.upscaled[0]
             smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
-            warn(f"{name} is {width}x{height}, smaller than {smaller}: upscaled")
+            warn(f"{kind}{name} is {width}x{height}, smaller than {smaller}: upscaled")
         elif self.upscaled:
             shown = listed([f"{name} ({width}x{height})" for name, (width, height), _ in self.upscaled])
-            warn(f"{len(self.upscaled)} images are smaller than the size they are trained at, and upscaled: {shown}")
+            warn(f"{len(self.upscaled)} {self.what}s are smaller than the size they are trained at, and upscaled: {shown}")
         self.frames, self.upscaled = [], []
 
 
@@ -603,17 +606,19 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
-                       skipped: list[Path] | None = None, mask_of=None, threads: int | None = None) -> list[Framed]:
+                       skipped: list[Path] | None = None, mask_of=None, threads: int | None = None,
+                       what: str = "image") -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
-    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each.
-    The images (and their masks) are decoded on `threads` threads (None: `image_files.decode_threads`), to the same
-    images, with the same warnings in the same order, as on one."""
+    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each,
+    as `what` ("class image": named as such). The images (and their masks) are decoded on `threads` threads (None:
+    `image_files.decode_threads`), to the same images, with the same warnings in the same order, as on one."""
     loaded, skipped = [], skipped if skipped is not None else []
-    notes = LoadNotes()
+    notes = LoadNotes(what=what)
+    kind = "" if what == "image" else f"{what} "
     for path, framed, own in decoded_in_threads(lambda path, own: load_framed(path, resolution, buckets, mask_of, own), paths, threads):
         if own is None:
             skipped.append(path)
-            warn(f"skipping {path}: not a readable image ({unreadable_because(path, framed)})")
+            warn(f"skipping {kind}{path}: not a readable image ({unreadable_because(path, framed)})")
             continue
         loaded.append(framed)
         notes.frames += own.frames
@@ -621,7 +626,7 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
     notes.warn()
     if not loaded:
         folder = paths[0].parent if paths else "?"
-        raise SdtuneError(f"no readable images in {folder} ({len(skipped)} file(s) could not be read)")
+        raise SdtuneError(f"no readable {what}s in {folder} ({len(skipped)} file(s) could not be read)")
     return loaded
 
 

@@ -199,7 +199,7 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
 
     examples_of = decoded_in_threads(load, decoded, threads)
     framed, pools = [], {size: [] for size in image_pools}
-    notes = LoadNotes()  # small or animated class images, named in one warning a kind
+    notes = LoadNotes(what="class image")  # small or animated class images, named in one warning a kind
     for index, path in enumerate(paths):
         if index in problems:  # its header unreadable: named in order, as its decoding would have named it
             warn(f"skipping class image {path}: not a readable image ({problems[index]})")

@@ -611,7 +611,7 @@ class Trainer:
             if config.buckets:  # each bucket's batches draw class examples of their own size (see prior.py)
                 framed, self.class_pools = prior.bucketed_class_images(class_paths, resolution, self.dataset.sizes, config.batch_size)
             else:
-                framed = load_framed_images(class_paths, resolution)
+                framed = load_framed_images(class_paths, resolution, what="class image")
             self.class_dataset = ConceptDataset(framed, config.class_prompt, config.random_flip, config.masked_loss)  # weight 1
 
     def _inject_method(self) -> None:

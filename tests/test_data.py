@@ -783,8 +783,9 @@ def test_bucketed_class_images_decode_on_threads_to_the_same_examples_with_the_s
     converted = [index for index, message in enumerate(messages) if message.startswith("converting")]
     assert converted[0] < skipped[0] < skipped[1] < converted[-1]  # each in its file's place
     assert len(one_examples) > len(converted)  # some decoded once, framed into two buckets
-    assert messages[-3:-1] == ["moving.gif has 2 frames: the first is used",
-                               "2 images are smaller than the size they are trained at, and upscaled: thumb.jpg (30x20), tiny.webp (20x12)"]
+    assert messages[-3:-1] == ["class image moving.gif has 2 frames: the first is used",  # not taken for a concept image
+                               "2 class images are smaller than the size they are trained at, and upscaled: thumb.jpg (30x20), "
+                               "tiny.webp (20x12)"]
     assert messages[-1].endswith("are of a shape that no bucket of concept images draws from: unused")
 
 

@@ -447,7 +447,7 @@ def test_bucketed_class_images_decoded_on_one_thread_or_several_train_the_same_a
         said[threads] = [str(w.message).replace(f"threads-{threads}", "OUTPUT") for w in caught if issubclass(w.category, UserWarning)]
         main = threading.current_thread().name
         assert class_threads == {main} if threads == 1 else len(class_threads) > 1 and main not in class_threads
-    assert any(message.startswith("small.png is 30x40") for message in said[1])
+    assert "class image small.png is 30x40, smaller than its 56x72 bucket: upscaled" in said[1]
     assert said[4] == said[1]
     assert runs[4].losses == runs[1].losses
     assert (runs[4].output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
@@ -742,8 +742,10 @@ def test_captions_reach_the_validation_loss_and_prior_preservation(tmp_path, tin
 
     original_loss = sdtune.training.Trainer.loss
     monkeypatch.setattr(sdtune.training.Trainer, "loss", lambda self, latents, batch: prompts.extend(batch["prompt"]) or original_loss(self, latents, batch))
-    run = run_training(tmp_path, "prior", images=str(folder), class_images=str(class_images), class_prompt="photo of a castle.",
-                       validate_every=2, validation_images=1, caption_dropout=0.5, batch_size=2, steps=2)
+    Image.new("RGB", (20, 20), "green").save(class_images / "thumb.png")  # named as a class image, not as a concept's
+    with pytest.warns(UserWarning, match=r"^class image thumb.png is 20x20, smaller than 64px: upscaled$"):
+        run = run_training(tmp_path, "prior", images=str(folder), class_images=str(class_images), class_prompt="photo of a castle.",
+                           validate_every=2, validation_images=1, caption_dropout=0.5, batch_size=2, steps=2)
     assert set(run.validation_losses) == {2} and embedded == [1]
     assert {p for p in prompts if p.startswith("a sks castle seen as")} and "photo of a castle." in prompts
     assert len(prompts) == 2 * 2 * 2  # concept and class examples in every batch
