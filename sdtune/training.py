@@ -124,6 +124,31 @@ class RunPlan:
     taken_options: dict = field(default_factory=dict)  # the method options --init-weights gave (the run did not set them)
     prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
     resumes: bool = False  # from a checkpoint (its tensors, optimizer and schedule), not from --init-weights
+    image_sizes: list = field(default_factory=list)  # with --buckets: each concept image's (width, height) as shown
+    class_frames: dict = field(default_factory=dict)  # with prior preservation: class examples held at each (width, height)
+    classes_unused: list = field(default_factory=list)  # with --buckets: the class images no bucket draws on, `name (WxH)`
+
+    def _prior_line(self) -> str:
+        """Prior preservation's class images for the dry run: from where, how many, with which prompt; with buckets,
+        how many class examples each bucket's batches draw on, and which class images none does."""
+        from .data import listed
+        from .prior import CLASS_IMAGES_FOLDER, class_image_count
+
+        config = self.config
+        count = class_image_count(config)
+        if config.class_images:
+            source = f"{counted(count, 'class image')} from {config.class_images}"
+        else:
+            source = (f"{counted(count, 'class image')}, drawn by the base model into "
+                      f"{Path(config.output) / CLASS_IMAGES_FOLDER} where not there yet")
+        line = f"prior preservation: {source}, prompt {config.class_prompt!r}, loss weight {config.prior_loss_weight:g}"
+        if config.buckets and self.class_frames:
+            drawn = [f"{count} ({width}x{height})" for (width, height), count in sorted(self.class_frames.items())]
+            line += f"; the buckets draw on {', '.join(drawn[:-1])}{' and ' if len(drawn) > 1 else ''}{drawn[-1]} of them"
+        if self.classes_unused:
+            line += (f"; {len(self.classes_unused)} unused, of a shape no bucket of concept images draws on: "
+                     + listed(self.classes_unused))
+        return line
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -148,11 +173,13 @@ class RunPlan:
             captioned_note = f" ({captioned} with a caption of their own)" if captioned else ""
             lines.append(f"{counted(images, 'training image')} of {named}{captioned_note}{held}; prompts like {inputs.prompts[0]!r}")
             if self.buckets:
-                from collections import Counter
+                from .buckets import described_buckets
 
-                per_bucket = Counter(self.buckets)
-                lines.append(f"{counted(len(per_bucket), 'aspect-ratio bucket')} (width x height): " + ", ".join(
-                    f"{width}x{height} ({counted(count, 'image')})" for (width, height), count in sorted(per_bucket.items())))
+                held = {bucket for bucket in self.buckets if bucket is not None}
+                lines.append(f"{counted(len(held), 'aspect-ratio bucket')} (width x height): "
+                             + described_buckets(self.buckets, self.image_sizes))
+            if config.with_prior_preservation:
+                lines.append(self._prior_line())
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
@@ -221,7 +248,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         raise SdtuneError(f"--train-text-encoder: method {method.name!r} cannot train the text encoder; {', '.join(able)} can")
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
-    from .image_files import forget_image_facts
+    from .image_files import forget_image_facts, image_facts
 
     forget_image_facts()  # each image's header is read once from here on, kept for the checks that follow
     inputs = read_inputs(config)  # bad input fails before the model loads
@@ -235,15 +262,16 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
 
     model_configs = read_model_configs(config.model)
     resolution = check_resolution(config.model, model_configs, config.resolution)
-    buckets = []
+    buckets, image_sizes = [], []
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
         buckets = image_buckets(config, inputs.image_paths)
+        image_sizes = [None if bucket is None else image_facts(path).size for path, bucket in zip(inputs.image_paths, buckets)]
         check_buckets(buckets, config.batch_size, [p.name for p in inputs.image_paths])
     # what training holds in RAM: each image framed at its bucket's size (or the resolution), the class images as framed
     frames = [size for size in buckets if size is not None] if config.buckets else None
-    classes = class_frames(config, resolution, buckets)
+    classes, classes_unused = class_frames(config, resolution, buckets)
     sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes,
                            base_bytes)  # and sizes the model or the machine cannot take
     validation_size = None
@@ -272,7 +300,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     else:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken,
-                   model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None)
+                   model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None,
+                   image_sizes=image_sizes, class_frames=classes, classes_unused=classes_unused)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:

@@ -206,11 +206,37 @@ def test_a_bucket_with_fewer_images_than_a_batch_is_refused():
 def test_the_dry_run_lists_the_buckets_and_their_images(tmp_path):
     from sdtune.training import plan_run
 
-    photo_set(tmp_path / "photos", counts=(1, 2, 3))
-    config = TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), buckets=True, output=str(tmp_path / "run"))
+    folder = photo_set(tmp_path / "photos", counts=(1, 2, 3))[0].parent
+    phone = Image.Exif()
+    phone[0x0112] = 6  # stored 128x96, shown 96x128: counted as shown
+    Image.new("RGB", (128, 96)).save(folder / "IMG_0001.jpg", exif=phone)
+    for side in (1, 90, 110):  # a pixel, and squares of other sizes: the three commonest named, the rest counted
+        Image.new("RGB", (side, side)).save(folder / f"square-{side}px.png")
+    config = TrainConfig(model="tiny-random", images=str(folder), buckets=True, output=str(tmp_path / "run"))
     lines = plan_run(config).summary()
-    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image), 64x64 (2 images), 80x48 (3 images)"
+    assert lines[2] == ("3 aspect-ratio buckets (width x height): 56x72 (2 images: 96x128 ×2); "
+                        "64x64 (5 images: 100x100 ×2, 1x1, 90x90 and 1 other size); 80x48 (3 images: 160x90 ×3)")
+    assert not any(line.startswith("prior preservation") for line in lines)
     assert not any("bucket" in line for line in plan_run(TrainConfig(model="tiny-random", output=str(tmp_path / "run"))).summary())
+
+
+def test_the_dry_run_says_where_the_class_images_come_from_and_which_buckets_draw_on_them(tmp_path):
+    from sdtune.training import plan_run
+
+    photo_set(tmp_path / "photos")
+    classes = photo_set(tmp_path / "class", counts=(2, 3, 0), seed=2)[0].parent  # no wide one: the wide bucket draws squares
+    Image.new("RGB", (640, 64)).save(classes / "panorama.png")  # 10:1, nearer no concept bucket than the others: unused
+    settings = dict(model="tiny-random", images=str(tmp_path / "photos"), output=str(tmp_path / "run"), class_prompt="photo of a castle.")
+    lines = plan_run(TrainConfig(buckets=True, class_images=str(classes), **settings)).summary()
+    assert lines[3] == (f"prior preservation: 6 class images from {classes}, prompt 'photo of a castle.', loss weight 1; the buckets "
+                        "draw on 2 (56x72), 3 (64x64) and 3 (80x48) of them; 1 unused, of a shape no bucket of concept images draws "
+                        "on: panorama.png (640x64)")
+    lines = plan_run(TrainConfig(class_images=str(classes), prior_loss_weight=0.5, **settings)).summary()
+    assert lines[2] == f"prior preservation: 6 class images from {classes}, prompt 'photo of a castle.', loss weight 0.5"
+    lines = plan_run(TrainConfig(num_class_images=8, buckets=True, **settings)).summary()
+    assert lines[3] == (f"prior preservation: 8 class images, drawn by the base model into {tmp_path / 'run' / 'class-images'} where "
+                        "not there yet, prompt 'photo of a castle.', loss weight 1; the buckets draw on 8 (56x72), 8 (64x64) and 8 "
+                        "(80x48) of them")
 
 
 def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
@@ -225,7 +251,7 @@ def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
         lines = plan_run(config).summary()
     assert not any("._square-0" in str(w.message) for w in caught)
     assert lines[1].startswith("4 training images of castle")
-    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image), 64x64 (2 images), 80x48 (1 image)"
+    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image: 96x128); 64x64 (2 images: 100x100 ×2); 80x48 (1 image: 160x90)"
     for path in (tmp_path / "photos").glob("*-*.png"):
         path.unlink()
     with pytest.raises(SdtuneError, match=r"no readable images in .*photos \(2 file\(s\) could not be read\)"), pytest.warns(UserWarning):
@@ -315,7 +341,8 @@ def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(
     config = TrainConfig(model="tiny-random", images=str(folder), buckets=True, output=str(tmp_path / "run"))
     lines = plan_run(config).summary()
     assert lines[1].startswith("6 training images of castle")
-    assert lines[2] == "4 aspect-ratio buckets (width x height): 56x72 (3 images), 64x64 (1 image), 72x56 (1 image), 80x48 (1 image)"
+    assert lines[2] == ("4 aspect-ratio buckets (width x height): 56x72 (3 images: 60x80 ×2, 96x128); 64x64 (1 image: 100x100); "
+                        "72x56 (1 image: 80x60); 80x48 (1 image: 160x90)")
     run = run_training(tmp_path, "heic", images=str(folder), buckets=True)
     assert run.adapter.is_file() and len(run.losses) == 2
 
