@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import SdtuneError, warn
 from .fileio import atomic_write, write_text_atomic
@@ -60,21 +61,29 @@ def class_image_count(config) -> int:
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
-def class_frames(config, resolution: int, instance_buckets: list) -> tuple[dict[tuple[int, int], int], list[str]]:
-    """How many class examples a run with prior preservation holds in RAM at each (width, height), found before the
-    model loads, and the class images left unused (`name (WxH)`). Without buckets each class image once, at
+class ClassFrames(NamedTuple):
+    """The class images of a run with prior preservation as planned before the model loads (`class_frames`)."""
+
+    count: int  # class images (`class_image_count`)
+    frames: dict[tuple[int, int], int]  # class examples held in RAM at each (width, height)
+    unused: list[str]  # with buckets: the class images no bucket draws on, `name (WxH)`
+
+
+def class_frames(config, resolution: int, instance_buckets: list) -> ClassFrames:
+    """How many class images a run with prior preservation holds, how many class examples at each (width, height),
+    found before the model loads, and the class images left unused (`name (WxH)`). Without buckets each class image once, at
     `resolution` square. With buckets (`instance_buckets`: the concept images' buckets, `buckets.image_buckets`) each
     class image is framed into every bucket whose pool holds it (`bucketed_class_images`): into several where the
     concept images' buckets have fewer than a batch of class images of their own shape, into none (unused) where no
     bucket draws on its shape. Generated class images are drawn square."""
     count = class_image_count(config)  # 0 without prior preservation
     if not config.buckets or not count:
-        return ({(resolution, resolution): count} if count else {}), []
+        return ClassFrames(count, {(resolution, resolution): count} if count else {}, [])
     from .buckets import bucket_sizes, class_pools, nearest_bucket
     from .image_files import image_facts
 
     if not config.class_images:  # drawn square before the loop, as many as asked: every bucket's pool holds them all
-        return {size: count for size in sorted({size for size in instance_buckets if size is not None})}, []
+        return ClassFrames(count, {size: count for size in sorted({size for size in instance_buckets if size is not None})}, [])
     from .data import list_images, readable_images
 
     with warnings.catch_warnings():  # named by class_image_count
@@ -86,7 +95,7 @@ def class_frames(config, resolution: int, instance_buckets: list) -> tuple[dict[
     pools = class_pools(instance_buckets, own, config.batch_size)
     drawn = {index for pool in pools.values() for index in pool}
     unused = [f"{path.name} ({width}x{height})" for index, (path, (width, height)) in enumerate(zip(paths, shown)) if index not in drawn]
-    return {size: len(pool) for size, pool in pools.items() if pool}, unused
+    return ClassFrames(count, {size: len(pool) for size, pool in pools.items() if pool}, unused)
 
 
 def check_class_images_record(folder: Path, prompt: str, reading=None) -> str:

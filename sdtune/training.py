@@ -125,29 +125,26 @@ class RunPlan:
     prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
     resumes: bool = False  # from a checkpoint (its tensors, optimizer and schedule), not from --init-weights
     image_sizes: list = field(default_factory=list)  # with --buckets: each concept image's (width, height) as shown
-    class_frames: dict = field(default_factory=dict)  # with prior preservation: class examples held at each (width, height)
-    classes_unused: list = field(default_factory=list)  # with --buckets: the class images no bucket draws on, `name (WxH)`
+    classes: Any = None  # with prior preservation: its class images, as `prior.class_frames` plans them
 
     def _prior_line(self) -> str:
         """Prior preservation's class images for the dry run: from where, how many, with which prompt; with buckets,
         how many class examples each bucket's batches draw on, and which class images none does."""
         from .data import listed
-        from .prior import CLASS_IMAGES_FOLDER, class_image_count
+        from .prior import CLASS_IMAGES_FOLDER
 
-        config = self.config
-        count = class_image_count(config)
+        config, (count, frames, unused) = self.config, self.classes
         if config.class_images:
             source = f"{counted(count, 'class image')} from {config.class_images}"
         else:
             source = (f"{counted(count, 'class image')}, drawn by the base model into "
                       f"{Path(config.output) / CLASS_IMAGES_FOLDER} where not there yet")
         line = f"prior preservation: {source}, prompt {config.class_prompt!r}, loss weight {config.prior_loss_weight:g}"
-        if config.buckets and self.class_frames:
-            drawn = [f"{count} ({width}x{height})" for (width, height), count in sorted(self.class_frames.items())]
+        if config.buckets and frames:
+            drawn = [f"{held} ({width}x{height})" for (width, height), held in sorted(frames.items())]
             line += f"; the buckets draw on {', '.join(drawn[:-1])}{' and ' if len(drawn) > 1 else ''}{drawn[-1]} of them"
-        if self.classes_unused:
-            line += (f"; {len(self.classes_unused)} unused, of a shape no bucket of concept images draws on: "
-                     + listed(self.classes_unused))
+        if unused:
+            line += f"; {len(unused)} unused, of a shape no bucket of concept images draws on: {listed(unused)}"
         return line
 
     def summary(self) -> list[str]:
@@ -271,8 +268,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         check_buckets(buckets, config.batch_size, [p.name for p in inputs.image_paths])
     # what training holds in RAM: each image framed at its bucket's size (or the resolution), the class images as framed
     frames = [size for size in buckets if size is not None] if config.buckets else None
-    classes, classes_unused = class_frames(config, resolution, buckets)
-    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes,
+    classes = class_frames(config, resolution, buckets)
+    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.frames.values()), frames, classes.frames,
                            base_bytes)  # and sizes the model or the machine cannot take
     validation_size = None
     if config.validate_every:  # the validation prompts' sizes and steps (a line's --w, --h, --s too)
@@ -301,7 +298,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken,
                    model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None,
-                   image_sizes=image_sizes, class_frames=classes, classes_unused=classes_unused)
+                   image_sizes=image_sizes, classes=classes)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:

@@ -221,17 +221,25 @@ def test_the_dry_run_lists_the_buckets_and_their_images(tmp_path):
 
 
 def test_the_dry_run_says_where_the_class_images_come_from_and_which_buckets_draw_on_them(tmp_path):
+    import warnings
+
     from sdtune.training import plan_run
 
     photo_set(tmp_path / "photos")
     classes = photo_set(tmp_path / "class", counts=(2, 3, 0), seed=2)[0].parent  # no wide one: the wide bucket draws squares
     Image.new("RGB", (640, 64)).save(classes / "panorama.png")  # 10:1, nearer no concept bucket than the others: unused
+    (classes / "notes.jpg").write_bytes(b"a text saved as .jpg")
     settings = dict(model="tiny-random", images=str(tmp_path / "photos"), output=str(tmp_path / "run"), class_prompt="photo of a castle.")
-    lines = plan_run(TrainConfig(buckets=True, class_images=str(classes), **settings)).summary()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lines = plan_run(TrainConfig(buckets=True, class_images=str(classes), **settings)).summary()
+    assert [str(w.message) for w in caught if "notes.jpg" in str(w.message)] == [f"skipping {classes / 'notes.jpg'}: not a readable class image (not an image "
+                                                "format PIL reads)"]  # once
     assert lines[3] == (f"prior preservation: 6 class images from {classes}, prompt 'photo of a castle.', loss weight 1; the buckets "
                         "draw on 2 (56x72), 3 (64x64) and 3 (80x48) of them; 1 unused, of a shape no bucket of concept images draws "
                         "on: panorama.png (640x64)")
-    lines = plan_run(TrainConfig(class_images=str(classes), prior_loss_weight=0.5, **settings)).summary()
+    with pytest.warns(UserWarning, match="notes.jpg"):
+        lines = plan_run(TrainConfig(class_images=str(classes), prior_loss_weight=0.5, **settings)).summary()
     assert lines[2] == f"prior preservation: 6 class images from {classes}, prompt 'photo of a castle.', loss weight 0.5"
     lines = plan_run(TrainConfig(num_class_images=8, buckets=True, **settings)).summary()
     assert lines[3] == (f"prior preservation: 8 class images, drawn by the base model into {tmp_path / 'run' / 'class-images'} where "
