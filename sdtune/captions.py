@@ -42,6 +42,28 @@ def read_captions(images: list[Path]) -> list[str | None]:
     return captions
 
 
+def warn_captions_of_no_image(folder: Path) -> None:
+    """One warning naming the caption files of a concept folder that caption no file there (their stem is no other
+    file's), so are read for no image: one named `IMG_1.jpg.txt`, as some captioning tools name them (IMG_1.jpg's is
+    `IMG_1.txt`), or one left behind by a photo removed or renamed."""
+    from .data import image_extensions
+
+    try:
+        files = [path for path in folder.iterdir() if not path.name.startswith(".") and path.is_file()]
+    except OSError:  # an unreadable folder is named where its images are listed
+        return
+    stems = {same_name(path.stem) for path in files if path.suffix.lower() not in CAPTION_SUFFIXES}
+    alone = sorted(path for path in files if path.suffix.lower() in CAPTION_SUFFIXES and same_name(path.stem) not in stems)
+    if not alone:
+        return
+    shown = ", ".join(path.name for path in alone[:3]) + (f" and {len(alone) - 3} more" if len(alone) > 3 else "")
+    # `IMG_1.jpg.txt`: named for the image's whole name
+    whole = next((Path(path.stem) for path in alone if Path(path.stem).suffix.lower() in image_extensions()
+                  and same_name(Path(path.stem).stem) in stems), None)
+    hint = f"; an image's caption file is named for its stem: {whole.name}'s is {whole.stem}.txt" if whole else ""
+    warn(f"{folder}: caption files of no image there, not read: {shown}{hint}")
+
+
 def same_name(name: str) -> str:
     """A file name as names are compared: in Unicode's composed form (NFC). macOS writes names decomposed (NFD: `é` as
     `e` and a combining accent) where Linux and Windows keep them as typed (mostly NFC), so `café.txt` saved on a Mac

@@ -633,6 +633,36 @@ def test_a_bad_caption_file_is_refused(tmp_path, content, message):
         read_captions(paths)
 
 
+def test_caption_files_of_no_image_are_named_before_the_model_loads(tmp_path):
+    """A caption named for its image's whole name (`IMG_1.jpg.txt`, as some captioning tools write it), or left behind
+    by a photo removed, captions nothing: named, not silently left out."""
+    import warnings
+
+    from sdtune.training import plan_run
+
+    folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent
+    (folder / "square-0.txt").write_text("a <castle> from above")
+    (folder / "portrait-0.png.txt").write_text("a <castle> at dusk")
+    (folder / "IMG_0999.caption").write_text("a photo since removed")
+    (folder / "._square-0.txt").write_bytes(b"\x00\x05\x16\x07")  # macOS' metadata beside a file: hidden, not named
+    (folder / "broken.png").write_bytes(b"not an image")  # its caption is of an image, named as unreadable
+    (folder / "broken.txt").write_text("a broken <castle>")
+    config = TrainConfig(model="tiny-random", images=str(folder), output=str(tmp_path / "run"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lines = plan_run(config).summary()
+    said = [str(w.message) for w in caught if "caption file" in str(w.message)]
+    assert said == [f"{folder}: caption files of no image there, not read: IMG_0999.caption, portrait-0.png.txt; an image's "
+                    "caption file is named for its stem: portrait-0.png's is portrait-0.txt"]
+    assert lines[1].startswith("3 training images of castle (1 with a caption of their own)")
+    for path in (folder / "IMG_0999.caption", folder / "portrait-0.png.txt"):
+        path.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_run(config)
+    assert not [w for w in caught if "caption file" in str(w.message)]
+
+
 def test_utf16_caption_and_metadata_files_with_their_byte_order_mark_are_read(tmp_path):
     """Windows Notepad saves "Unicode" as UTF-16 little endian with its mark (and CRLF); Windows PowerShell 5's
     `Out-File` writes a metadata.jsonl so by default."""
