@@ -178,9 +178,11 @@ def caption_text(path: Path) -> str:
 
 
 def _read_caption_file(path: Path) -> str:
-    caption = caption_text(path)
-    if not caption:
-        raise SdtuneError(f"caption file {path} is empty; write the image's caption in it, or remove it to use --template")
+    text = read_utf8(path, "caption file ")
+    caption = " ".join(text.split())
+    if not caption:  # a file of spaces and line ends is not said to be empty: its size is not 0
+        raise SdtuneError(f"caption file {path} is {'blank' if text else 'empty'}; write the image's caption in it, or remove it "
+                          "to use --template")
     return caption
 
 

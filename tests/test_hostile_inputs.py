@@ -190,7 +190,7 @@ CASES = [
     ("train-model-sdxl-one-text-encoder", (*TRAIN[:1], "--model", "{tmp}/sdxl", "--output", "{tmp}/out"), 2,
      "the folder lacks component(s) text_encoder_2, tokenizer_2, which a StableDiffusionXLPipeline needs"),
     ("train-caption-not-utf8", (*TRAIN, "--images", "{tmp}/photos-latin1"), 2, "caption file {tmp}/photos-latin1/a.txt: not UTF-8 text (byte 3 is 0xE9"),
-    ("train-caption-empty", (*TRAIN, "--images", "{tmp}/photos-empty"), 2, "caption file {tmp}/photos-empty/a.txt is empty"),
+    ("train-caption-empty", (*TRAIN, "--images", "{tmp}/photos-empty"), 2, "caption file {tmp}/photos-empty/a.txt is blank"),
     ("train-metadata-not-json", (*TRAIN, "--images", "{tmp}/photos-metadata-json"), 2, "{tmp}/photos-metadata-json/metadata.jsonl line 1: not JSON"),
     ("train-metadata-empty-text", (*TRAIN, "--images", "{tmp}/photos-metadata-text"), 2, "line 1: \"text\" must be a caption (non-empty text)"),
     ("train-bucket-of-one", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--batch-size", 2), 2,

@@ -624,7 +624,9 @@ def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
     (b"\x81", r"portrait-0.txt: not UTF-8 text \(byte 0 is 0x81\); save it as UTF-8"),  # no character in Windows-1252
     (b"\xff\xfea", r"portrait-0.txt: not UTF-16 text, though it starts with UTF-16's byte-order mark \(byte 2\)"),
     ("a caption".encode("utf-16-le"), r"portrait-0.txt: not UTF-8 text \(a NUL character at byte 1: UTF-16 without its byte-order mark\?\)"),
-    (b"  \n ", r"portrait-0.txt is empty"),
+    (b"  \n ", r"portrait-0.txt is blank; write the image's caption in it"),
+    (b"", r"portrait-0.txt is empty; write the image's caption in it"),
+    (b"\xef\xbb\xbf\r\n", r"portrait-0.txt is blank"),  # a byte-order mark and a Windows line end
 ])
 def test_a_bad_caption_file_is_refused(tmp_path, content, message):
     paths = photo_set(tmp_path, counts=(1, 1, 0))
