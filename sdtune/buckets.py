@@ -77,6 +77,30 @@ def class_pools(instance_buckets: list, class_buckets: list, batch_size: int) ->
     return pools
 
 
+SIZES_SHOWN = 3  # image sizes named per bucket in the dry run; it counts the rest
+
+
+def described_buckets(bucket_of: list, image_sizes: list) -> str:
+    """Each bucket (width x height), how many images it holds and of which sizes, the commonest first, for the dry run:
+    `64x64 (5 images: 320x320 ×2, 256x256 ×2, 1x1); 128x32 (1 image: 20000x100)`. `bucket_of[i]`: image i's bucket,
+    `image_sizes[i]`: its (width, height) as shown; None for an unreadable image."""
+    from collections import Counter
+
+    from .fileio import counted
+
+    held: dict[tuple[int, int], Counter] = {}
+    for bucket, size in zip(bucket_of, image_sizes):
+        if bucket is not None:
+            held.setdefault(bucket, Counter())[size] += 1
+    described = []
+    for (width, height), sizes in sorted(held.items()):
+        common = sorted(sizes.items(), key=lambda item: (-item[1], item[0]))
+        shown = ", ".join(f"{w}x{h}" + (f" ×{count}" if count > 1 else "") for (w, h), count in common[:SIZES_SHOWN])
+        more = f" and {counted(len(common) - SIZES_SHOWN, 'other size')}" if len(common) > SIZES_SHOWN else ""
+        described.append(f"{width}x{height} ({counted(sum(sizes.values()), 'image')}: {shown}{more})")
+    return "; ".join(described)
+
+
 def check_buckets(bucket_of: list, batch_size: int, names: list[str] | None = None) -> None:
     """Refuse a bucket holding fewer images than a batch: its batches would be smaller than the others'
     (one image trained alone, as often as a full batch), which kohya-ss does silently."""

@@ -42,6 +42,28 @@ def read_captions(images: list[Path]) -> list[str | None]:
     return captions
 
 
+def warn_captions_of_no_image(folder: Path) -> None:
+    """One warning naming the caption files of a concept folder that caption no file there (their stem is no other
+    file's), so are read for no image: one named `IMG_1.jpg.txt`, as some captioning tools name them (IMG_1.jpg's is
+    `IMG_1.txt`), or one left behind by a photo removed or renamed."""
+    from .data import image_extensions
+
+    try:
+        files = [path for path in folder.iterdir() if not path.name.startswith(".") and path.is_file()]
+    except OSError:  # an unreadable folder is named where its images are listed
+        return
+    stems = {same_name(path.stem) for path in files if path.suffix.lower() not in CAPTION_SUFFIXES}
+    alone = sorted(path for path in files if path.suffix.lower() in CAPTION_SUFFIXES and same_name(path.stem) not in stems)
+    if not alone:
+        return
+    shown = ", ".join(path.name for path in alone[:3]) + (f" and {len(alone) - 3} more" if len(alone) > 3 else "")
+    # `IMG_1.jpg.txt`: named for the image's whole name
+    whole = next((Path(path.stem) for path in alone if Path(path.stem).suffix.lower() in image_extensions()
+                  and same_name(Path(path.stem).stem) in stems), None)
+    hint = f"; an image's caption file is named for its stem: {whole.name}'s is {whole.stem}.txt" if whole else ""
+    warn(f"{folder}: caption files of no image there, not read: {shown}{hint}")
+
+
 def same_name(name: str) -> str:
     """A file name as names are compared: in Unicode's composed form (NFC). macOS writes names decomposed (NFD: `é` as
     `e` and a combining accent) where Linux and Windows keep them as typed (mostly NFC), so `café.txt` saved on a Mac
@@ -128,11 +150,26 @@ def decode_text(data: bytes, name: str, hint: str = "") -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise SdtuneError(f"{name}: not UTF-8 text (byte {error.start}){hint}") from None
+        raise SdtuneError(f"{name}: not UTF-8 text ({not_utf8_at(data, error.start)}){hint}") from None
     if "\0" in text:
         raise SdtuneError(f"{name}: not UTF-8 text (a NUL character at byte {data.index(0)}: UTF-16 without its "
                           f"byte-order mark?){hint}")
     return text
+
+
+CONTEXT_CHARACTERS = 24  # of the text before a byte that is not UTF-8, to find it by
+
+
+def not_utf8_at(data: bytes, start: int) -> str:
+    """Where a file stops being UTF-8, for a person to find it: the byte, the text before it, and what Windows-1252
+    (Windows' "ANSI" in the West, Latin-1's superset: the likeliest other encoding of a caption) reads there
+    (`byte 24 is 0xE9, after 'castle, caf': 'é' in Windows-1252`)."""
+    before = data[:start].decode("utf-8-sig")[-CONTEXT_CHARACTERS:]  # valid: the decoding failed at `start`
+    said = f"byte {start} is 0x{data[start]:02X}" + (f", after {before!r}" if before else "")
+    try:
+        return said + f": {data[start:start + 1].decode('cp1252')!r} in Windows-1252"
+    except UnicodeDecodeError:  # one of its five unused bytes
+        return said
 
 
 def caption_text(path: Path) -> str:
@@ -141,9 +178,11 @@ def caption_text(path: Path) -> str:
 
 
 def _read_caption_file(path: Path) -> str:
-    caption = caption_text(path)
-    if not caption:
-        raise SdtuneError(f"caption file {path} is empty; write the image's caption in it, or remove it to use --template")
+    text = read_utf8(path, "caption file ")
+    caption = " ".join(text.split())
+    if not caption:  # a file of spaces and line ends is not said to be empty: its size is not 0
+        raise SdtuneError(f"caption file {path} is {'blank' if text else 'empty'}; write the image's caption in it, or remove it "
+                          "to use --template")
     return caption
 
 

@@ -391,10 +391,17 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
         ratio, frame_ratio = width / height, frame_size[0] / frame_size[1]
         kept = min(ratio, frame_ratio) / max(ratio, frame_ratio)
         if kept < 0.5:
-            cut.append(f"{path.name} ({width}x{height}: {1 - kept:.0%} cut away)")
+            cut.append(f"{path.name} ({width}x{height}: {share_of(1 - kept)} cut away)")
     if cut:
         warn(f"center-cropping cuts away more than half of {listed(cut)}; crop such photos yourself to keep the part "
              f"that matters{hint}")
+
+
+def share_of(fraction: float) -> str:
+    """A fraction as a percentage, never rounded to 100% where some is left (a 200:1 panorama in a square keeps 0.5%
+    of it: "99.5% cut away", not "100%")."""
+    text = f"{fraction:.0%}"
+    return f"{min(fraction, 0.999):.1%}" if text == "100%" and fraction < 1 else text
 
 
 def unreadable_because(path: Path, error: BaseException) -> str:
@@ -546,20 +553,23 @@ class LoadNotes:
 
     frames: list = field(default_factory=list)  # (name, frame count) of each image of several frames
     upscaled: list = field(default_factory=list)  # (name, (width, height), (frame width, frame height)) of each small one
+    what: str = "image"  # their kind, named with them where it is not plain images: "class image"
 
     def warn(self) -> None:
+        # a class image is named as one: a concept folder may hold a file of the same name
+        kind, kinds = ("", "") if self.what == "image" else (f"{self.what} ", f"{self.what}s ")
         if len(self.frames) == 1:
             name, count = self.frames[0]
-            warn(f"{name} has {count} frames: the first is used")
+            warn(f"{kind}{name} has {count} frames: the first is used")
         elif self.frames:
-            warn(f"{listed([name for name, _ in self.frames])} have several frames: the first of each is used")
+            warn(f"{kinds}{listed([name for name, _ in self.frames])} have several frames: the first of each is used")
         if len(self.upscaled) == 1:
             name, (width, height), size = self.upscaled[0]
             smaller = f"{size[0]}px" if size[0] == size[1] else f"its {size[0]}x{size[1]} bucket"
-            warn(f"{name} is {width}x{height}, smaller than {smaller}: upscaled")
+            warn(f"{kind}{name} is {width}x{height}, smaller than {smaller}: upscaled")
         elif self.upscaled:
             shown = listed([f"{name} ({width}x{height})" for name, (width, height), _ in self.upscaled])
-            warn(f"{len(self.upscaled)} images are smaller than the size they are trained at, and upscaled: {shown}")
+            warn(f"{len(self.upscaled)} {self.what}s are smaller than the size they are trained at, and upscaled: {shown}")
         self.frames, self.upscaled = [], []
 
 
@@ -596,33 +606,19 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
-                       skipped: list[Path] | None = None, mask_of=None, threads: int | None = None) -> list[Framed]:
+                       skipped: list[Path] | None = None, mask_of=None, threads: int | None = None,
+                       what: str = "image") -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
-    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each.
-    The images (and their masks) are decoded on `threads` threads (None: `image_files.decode_threads`), to the same
-    images, with the same warnings in the same order, as on one."""
-    from PIL import Image, UnidentifiedImageError
-
-    unreadable = (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError)
-
-    def decoded(path: Path):  # the framed image and its notes, or why it cannot be read
-        notes = LoadNotes()
-        try:
-            return load_framed(path, resolution, buckets, mask_of, notes), notes
-        except unreadable as error:
-            return error, None
-
-    threads = decode_threads() if threads is None else threads
+    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each,
+    as `what` ("class image": named as such). The images (and their masks) are decoded on `threads` threads (None:
+    `image_files.decode_threads`), to the same images, with the same warnings in the same order, as on one."""
     loaded, skipped = [], skipped if skipped is not None else []
-    notes = LoadNotes()
-    for path, (result, error, said) in zip(paths, in_threads(decoded, paths, threads)):
-        warn_again(said)
-        if error is not None:  # not a file's fault (a mask's check, memory): raised as one thread would
-            raise error
-        framed, own = result
+    notes = LoadNotes(what=what)
+    kind = "" if what == "image" else f"{what} "
+    for path, framed, own in decoded_in_threads(lambda path, own: load_framed(path, resolution, buckets, mask_of, own), paths, threads):
         if own is None:
             skipped.append(path)
-            warn(f"skipping {path}: not a readable image ({unreadable_because(path, framed)})")
+            warn(f"skipping {kind}{path}: not a readable image ({unreadable_because(path, framed)})")
             continue
         loaded.append(framed)
         notes.frames += own.frames
@@ -630,8 +626,32 @@ def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[i
     notes.warn()
     if not loaded:
         folder = paths[0].parent if paths else "?"
-        raise SdtuneError(f"no readable images in {folder} ({len(skipped)} file(s) could not be read)")
+        raise SdtuneError(f"no readable {what}s in {folder} ({len(skipped)} file(s) could not be read)")
     return loaded
+
+
+def decoded_in_threads(load, items: list, threads: int | None = None):
+    """`load(item, notes)` for each item on `threads` threads (None: `image_files.decode_threads`), yielded in the items'
+    order as (item, result, notes), each item's warnings raised again just before it, as one thread would raise them;
+    where a file cannot be read (PIL's errors, a bomb, OSError, ValueError) `result` is the error and `notes` None.
+    Any other error (a mask's check, memory) is raised as one thread would, after the warnings before it."""
+    from PIL import Image, UnidentifiedImageError
+
+    unreadable = (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError)
+
+    def decoded(item):
+        notes = LoadNotes()  # each item's own: merged by the caller in the items' order
+        try:
+            return load(item, notes), notes
+        except unreadable as error:
+            return error, None
+
+    threads = decode_threads() if threads is None else threads
+    for item, (result, error, said) in zip(items, in_threads(decoded, items, threads)):
+        warn_again(said)
+        if error is not None:
+            raise error
+        yield item, *result
 
 
 class ConceptDataset:

@@ -403,7 +403,7 @@ def check_run_fits(config, method, image_count: int = 0, class_count: int = 0, i
                    class_frames: dict | None = None, base_adapter_bytes: int = 0) -> RunSizes:
     """`sdtune train`'s sizes against the model and the machine (`config` resolved; `image_count` training and
     `class_count` class examples); what it found. `image_frames`: the (width, height) each training image is held at
-    (its bucket's); `class_frames`: how many class examples are held at each (width, height) (`prior.class_frames`);
+    (its bucket's); `class_frames`: how many class examples are held at each (width, height) (`prior.class_frames`'s `frames`);
     without them, the resolution square. `base_adapter_bytes`: the --base-adapters files' sizes."""
     from .models import read_model_configs
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import SdtuneError, warn
 from .fileio import atomic_write, write_text_atomic
@@ -60,28 +61,41 @@ def class_image_count(config) -> int:
     return min(found, config.num_class_images) if config.num_class_images else found
 
 
-def class_frames(config, resolution: int, instance_buckets: list) -> dict[tuple[int, int], int]:
-    """How many class examples a run with prior preservation holds in RAM at each (width, height), found before the
-    model loads. Without buckets each class image once, at `resolution` square. With buckets (`instance_buckets`: the
-    concept images' buckets, `buckets.image_buckets`) each class image is framed into every bucket whose pool holds it
-    (`bucketed_class_images`): into several where the concept images' buckets have fewer than a batch of class images
-    of their own shape, into none where no bucket draws on its shape. Generated class images are drawn square."""
+class ClassFrames(NamedTuple):
+    """The class images of a run with prior preservation as planned before the model loads (`class_frames`)."""
+
+    count: int  # class images (`class_image_count`)
+    frames: dict[tuple[int, int], int]  # class examples held in RAM at each (width, height)
+    unused: list[str]  # with buckets: the class images no bucket draws on, `name (WxH)`
+
+
+def class_frames(config, resolution: int, instance_buckets: list) -> ClassFrames:
+    """How many class images a run with prior preservation holds, how many class examples at each (width, height),
+    found before the model loads, and the class images left unused (`name (WxH)`). Without buckets each class image once, at
+    `resolution` square. With buckets (`instance_buckets`: the concept images' buckets, `buckets.image_buckets`) each
+    class image is framed into every bucket whose pool holds it (`bucketed_class_images`): into several where the
+    concept images' buckets have fewer than a batch of class images of their own shape, into none (unused) where no
+    bucket draws on its shape. Generated class images are drawn square."""
     count = class_image_count(config)  # 0 without prior preservation
     if not config.buckets or not count:
-        return {(resolution, resolution): count} if count else {}
+        return ClassFrames(count, {(resolution, resolution): count} if count else {}, [])
     from .buckets import bucket_sizes, class_pools, nearest_bucket
     from .image_files import image_facts
 
     if not config.class_images:  # drawn square before the loop, as many as asked: every bucket's pool holds them all
-        return {size: count for size in sorted({size for size in instance_buckets if size is not None})}
+        return ClassFrames(count, {size: count for size in sorted({size for size in instance_buckets if size is not None})}, [])
     from .data import list_images, readable_images
 
     with warnings.catch_warnings():  # named by class_image_count
         warnings.simplefilter("ignore")
         paths = readable_images(list_images(config.class_images), "class image")[:count]
     sizes = bucket_sizes(resolution)
-    own = [nearest_bucket(*image_facts(path).size, sizes) for path in paths]
-    return {size: len(pool) for size, pool in class_pools(instance_buckets, own, config.batch_size).items() if pool}
+    shown = [image_facts(path).size for path in paths]
+    own = [nearest_bucket(*size, sizes) for size in shown]
+    pools = class_pools(instance_buckets, own, config.batch_size)
+    drawn = {index for pool in pools.values() for index in pool}
+    unused = [f"{path.name} ({width}x{height})" for index, (path, (width, height)) in enumerate(zip(paths, shown)) if index not in drawn]
+    return ClassFrames(count, {size: len(pool) for size, pool in pools.items() if pool}, unused)
 
 
 def check_class_images_record(folder: Path, prompt: str, reading=None) -> str:
@@ -165,18 +179,18 @@ def _whole_class_image(path: Path) -> bool:
     return problem is None
 
 
-def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: list, batch_size: int):
+def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: list, batch_size: int, threads: int | None = None):
     """The class images framed for the concept images' buckets, and each bucket's pool: `(framed, pools)`,
     `pools[size]` the indices into `framed` of the class examples the batches of that bucket draw from.
 
     Each image is assigned its bucket from its header, then decoded once and framed (resized to cover,
     center-cropped) into every bucket whose pool holds it; an image in no pool is left out, with a warning.
+    The images are decoded on `threads` threads (None: `image_files.decode_threads`), to the same examples, with the
+    same warnings in the same order, as on one (`data.decoded_in_threads`).
     """
-    from PIL import Image, UnidentifiedImageError
-
     from .buckets import bucket_sizes, class_pools, nearest_bucket
     from .image_files import image_facts
-    from .data import LoadNotes, listed, load_framed_sizes, unreadable_because
+    from .data import LoadNotes, decoded_in_threads, listed, load_framed_sizes, unreadable_because
 
     sizes = bucket_sizes(resolution)
     own: list = []  # each image's own bucket, None where its header cannot be read
@@ -188,24 +202,31 @@ def bucketed_class_images(paths: list[Path], resolution: int, instance_buckets: 
             own.append(None)
             problems[index] = unreadable_because(path, error)
     image_pools = class_pools(instance_buckets, own, batch_size)
-    framed, pools, unused = [], {size: [] for size in image_pools}, []
-    notes = LoadNotes()  # small or animated class images, named in one warning a kind
+    # each image's buckets, its own first: only that framing warns when it upscales a small image
+    serves = [sorted((size for size, pool in image_pools.items() if index in pool), key=lambda size: size != own[index])
+              for index in range(len(paths))]
+    unused = [path.name for index, path in enumerate(paths) if own[index] is not None and not serves[index]]
+    decoded = [index for index in range(len(paths)) if serves[index] and index not in problems]
+
+    def load(index: int, notes):
+        return load_framed_sizes(paths[index], lambda width, height: serves[index], serves[index][0] == own[index], notes=notes)
+
+    examples_of = decoded_in_threads(load, decoded, threads)
+    framed, pools = [], {size: [] for size in image_pools}
+    notes = LoadNotes(what="class image")  # small or animated class images, named in one warning a kind
     for index, path in enumerate(paths):
-        # its own bucket first: only that framing warns when it upscales a small image
-        serves = sorted((size for size, pool in image_pools.items() if index in pool), key=lambda size: size != own[index])
-        if own[index] is not None and not serves:
-            unused.append(path.name)
-            continue
-        said = (len(notes.frames), len(notes.upscaled))
-        try:
-            examples = [] if index in problems else load_framed_sizes(path, lambda width, height: serves, serves[0] == own[index], notes=notes)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning, UnidentifiedImageError, OSError, ValueError) as error:
-            del notes.frames[said[0]:], notes.upscaled[said[1]:]
-            problems[index] = unreadable_because(path, error)
-        if index in problems:
+        if index in problems:  # its header unreadable: named in order, as its decoding would have named it
             warn(f"skipping class image {path}: not a readable image ({problems[index]})")
             continue
-        for size, example in zip(serves, examples):
+        if not serves[index]:
+            continue
+        _, examples, own_notes = next(examples_of)
+        if own_notes is None:
+            warn(f"skipping class image {path}: not a readable image ({unreadable_because(path, examples)})")
+            continue
+        notes.frames += own_notes.frames
+        notes.upscaled += own_notes.upscaled
+        for size, example in zip(serves[index], examples):
             pools[size].append(len(framed))
             framed.append(example)
     notes.warn()

@@ -126,6 +126,28 @@ class RunPlan:
     started_fresh: str = ""  # which of the run's UNet layers --init-weights leaves alone (StartingOptions.started_fresh)
     prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
     resumes: bool = False  # from a checkpoint (its tensors, optimizer and schedule), not from --init-weights
+    image_sizes: list = field(default_factory=list)  # with --buckets: each concept image's (width, height) as shown
+    classes: Any = None  # with prior preservation: its class images, as `prior.class_frames` plans them
+
+    def _prior_line(self) -> str:
+        """Prior preservation's class images for the dry run: from where, how many, with which prompt; with buckets,
+        how many class examples each bucket's batches draw on, and which class images none does."""
+        from .data import listed
+        from .prior import CLASS_IMAGES_FOLDER
+
+        config, (count, frames, unused) = self.config, self.classes
+        if config.class_images:
+            source = f"{counted(count, 'class image')} from {config.class_images}"
+        else:
+            source = (f"{counted(count, 'class image')}, drawn by the base model into "
+                      f"{Path(config.output) / CLASS_IMAGES_FOLDER} where not there yet")
+        line = f"prior preservation: {source}, prompt {config.class_prompt!r}, loss weight {config.prior_loss_weight:g}"
+        if config.buckets and frames:
+            drawn = [f"{held} ({width}x{height})" for (width, height), held in sorted(frames.items())]
+            line += f"; the buckets draw on {', '.join(drawn[:-1])}{' and ' if len(drawn) > 1 else ''}{drawn[-1]} of them"
+        if unused:
+            line += f"; {len(unused)} unused, of a shape no bucket of concept images draws on: {listed(unused)}"
+        return line
 
     def summary(self) -> list[str]:
         """Lines for a person: what would train, on what, for how long, in how much memory, and where."""
@@ -150,11 +172,13 @@ class RunPlan:
             captioned_note = f" ({captioned} with a caption of their own)" if captioned else ""
             lines.append(f"{counted(images, 'training image')} of {named}{captioned_note}{held}; prompts like {inputs.prompts[0]!r}")
             if self.buckets:
-                from collections import Counter
+                from .buckets import described_buckets
 
-                per_bucket = Counter(self.buckets)
-                lines.append(f"{counted(len(per_bucket), 'aspect-ratio bucket')} (width x height): " + ", ".join(
-                    f"{width}x{height} ({counted(count, 'image')})" for (width, height), count in sorted(per_bucket.items())))
+                held = {bucket for bucket in self.buckets if bucket is not None}
+                lines.append(f"{counted(len(held), 'aspect-ratio bucket')} (width x height): "
+                             + described_buckets(self.buckets, self.image_sizes))
+            if config.with_prior_preservation:
+                lines.append(self._prior_line())
             if config.masked_loss:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
@@ -225,7 +249,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         raise SdtuneError(f"--train-text-encoder: method {method.name!r} cannot train the text encoder; {', '.join(able)} can")
     resume, overwrite = config.resume, config.overwrite
     config = config.resolved(method.default_lr)
-    from .image_files import forget_image_facts
+    from .image_files import forget_image_facts, image_facts
 
     forget_image_facts()  # each image's header is read once from here on, kept for the checks that follow
     inputs = read_inputs(config)  # bad input fails before the model loads
@@ -239,16 +263,17 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
 
     model_configs = read_model_configs(config.model)
     resolution = check_resolution(config.model, model_configs, config.resolution)
-    buckets = []
+    buckets, image_sizes = [], []
     if config.buckets:
         from .buckets import check_buckets, image_buckets
 
         buckets = image_buckets(config, inputs.image_paths)
+        image_sizes = [None if bucket is None else image_facts(path).size for path, bucket in zip(inputs.image_paths, buckets)]
         check_buckets(buckets, config.batch_size, [p.name for p in inputs.image_paths])
     # what training holds in RAM: each image framed at its bucket's size (or the resolution), the class images as framed
     frames = [size for size in buckets if size is not None] if config.buckets else None
     classes = class_frames(config, resolution, buckets)
-    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.values()), frames, classes,
+    sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.frames.values()), frames, classes.frames,
                            base_bytes)  # and sizes the model or the machine cannot take
     validation_size = None
     if config.validate_every:  # the validation prompts' sizes and steps (a line's --w, --h, --s too)
@@ -276,7 +301,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     else:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken, started_fresh,
-                   model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None)
+                   model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None,
+                   image_sizes=image_sizes, classes=classes)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:
@@ -384,7 +410,7 @@ def read_inputs(config: TrainConfig) -> Inputs:
 def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     """(image, prompt, concept index) of every concept's images: a caption beside the image (or in the
     folder's metadata.jsonl) with placeholders filled, else the template's prompt for the concept."""
-    from .captions import check_keep_tokens, read_captions
+    from .captions import check_keep_tokens, read_captions, warn_captions_of_no_image
     from .data import fill_placeholders, readable_images, warn_duplicates
     from .datasets import concept_images
 
@@ -398,6 +424,7 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
         if not paths:
             raise SdtuneError(f"no readable images in {listed[0].parent} ({len(listed)} file(s) could not be read)")
         captions = read_captions(paths)
+        warn_captions_of_no_image(listed[0].parent)
         if config.varied_captions:  # a template's prompt is no list of tags: only captions are checked
             check_keep_tokens([(path, caption) for path, caption in zip(paths, captions) if caption], config.keep_tokens)
         for path, caption in zip(paths, captions):
@@ -616,7 +643,7 @@ class Trainer:
             if config.buckets:  # each bucket's batches draw class examples of their own size (see prior.py)
                 framed, self.class_pools = prior.bucketed_class_images(class_paths, resolution, self.dataset.sizes, config.batch_size)
             else:
-                framed = load_framed_images(class_paths, resolution)
+                framed = load_framed_images(class_paths, resolution, what="class image")
             self.class_dataset = ConceptDataset(framed, config.class_prompt, config.random_flip, config.masked_loss)  # weight 1
 
     def _inject_method(self) -> None:

@@ -726,6 +726,69 @@ def test_images_decode_on_threads_to_the_same_pixels_with_the_same_warnings_in_o
                              "2 images are smaller than the size they are trained at, and upscaled: thumb.jpg (30x20), tiny.webp (20x12)"]
 
 
+def test_bucketed_class_images_decode_on_threads_to_the_same_examples_with_the_same_warnings_in_order(tmp_path, monkeypatch):
+    """Prior preservation's class images, framed into the concept images' buckets (`prior.bucketed_class_images`),
+    decode on threads as the concept images do: the same examples in the same pools, bit for bit, and the same
+    warnings in the same order, as on one thread, whichever thread finishes first."""
+    import random
+    import threading
+    import time
+    import warnings
+
+    import sdtune.data
+    from sdtune.buckets import bucket_sizes, nearest_bucket
+    from sdtune.data import readable_images
+    from sdtune.prior import bucketed_class_images
+
+    odd_photo_folder(tmp_path / "photos")
+    (tmp_path / "photos" / "broken.png").write_bytes(b"not an image")  # its header unreadable: named in its place
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150 * 150)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paths = readable_images(list_images(tmp_path / "photos")) + [tmp_path / "photos" / "broken.png"]
+    paths.sort()
+    square, wide, tall = (64, 64), nearest_bucket(160, 90, bucket_sizes(64)), nearest_bucket(90, 160, bucket_sizes(64))
+    threads_used, to_rgb, late = set(), sdtune.data.to_rgb, random.Random(0)
+
+    def slow_to_rgb(image, *args):
+        threads_used.add(threading.current_thread().name)
+        time.sleep(late.uniform(0, 0.03))
+        warnings.warn(f"converting a {image.mode} image", RuntimeWarning)
+        return to_rgb(image, *args)
+
+    monkeypatch.setattr(sdtune.data, "to_rgb", slow_to_rgb)
+
+    def start(threads: int):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            framed, pools = bucketed_class_images(paths, 64, [square, wide, tall, square], 3, threads=threads)
+        return ([(np.asarray(each.image), each.original_size, each.crop_top_left) for each in framed], pools,
+                [(w.category, str(w.message)) for w in caught])
+
+    one_examples, one_pools, one_said = start(1)
+    assert threads_used == {threading.current_thread().name}
+    assert sorted(one_pools) == sorted([square, wide, tall])
+    for threads in (4, 3):
+        threads_used.clear()
+        examples, pools, said = start(threads)
+        assert said == one_said and pools == one_pools
+        assert len(examples) == len(one_examples)
+        for (pixels, size, crop), (one_pixels, one_size, one_crop) in zip(examples, one_examples):
+            assert np.array_equal(pixels, one_pixels) and (size, crop) == (one_size, one_crop)
+        assert len(threads_used) > 1 and threading.current_thread().name not in threads_used
+    messages = [message for _, message in one_said]
+    skipped = [index for index, message in enumerate(messages) if message.startswith("skipping class image")]
+    assert [messages[i].split(":")[0] for i in skipped] == [f"skipping class image {tmp_path / 'photos' / name}"
+                                                           for name in ("broken.png", "cut.bmp")]
+    converted = [index for index, message in enumerate(messages) if message.startswith("converting")]
+    assert converted[0] < skipped[0] < skipped[1] < converted[-1]  # each in its file's place
+    assert len(one_examples) > len(converted)  # some decoded once, framed into two buckets
+    assert messages[-3:-1] == ["class image moving.gif has 2 frames: the first is used",  # not taken for a concept image
+                               "2 class images are smaller than the size they are trained at, and upscaled: thumb.jpg (30x20), "
+                               "tiny.webp (20x12)"]
+    assert messages[-1].endswith("are of a shape that no bucket of concept images draws from: unused")
+
+
 def test_warnings_on_decoding_threads_name_settings_as_the_call_on_the_main_thread_does():
     """A decoding thread's warning, raised inside a Python call (`config.python_spelling`), names settings as Python
     spells them, as the main thread's would; inside the CLI's block, flags."""

@@ -206,11 +206,45 @@ def test_a_bucket_with_fewer_images_than_a_batch_is_refused():
 def test_the_dry_run_lists_the_buckets_and_their_images(tmp_path):
     from sdtune.training import plan_run
 
-    photo_set(tmp_path / "photos", counts=(1, 2, 3))
-    config = TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), buckets=True, output=str(tmp_path / "run"))
+    folder = photo_set(tmp_path / "photos", counts=(1, 2, 3))[0].parent
+    phone = Image.Exif()
+    phone[0x0112] = 6  # stored 128x96, shown 96x128: counted as shown
+    Image.new("RGB", (128, 96)).save(folder / "IMG_0001.jpg", exif=phone)
+    for side in (1, 90, 110):  # a pixel, and squares of other sizes: the three commonest named, the rest counted
+        Image.new("RGB", (side, side)).save(folder / f"square-{side}px.png")
+    config = TrainConfig(model="tiny-random", images=str(folder), buckets=True, output=str(tmp_path / "run"))
     lines = plan_run(config).summary()
-    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image), 64x64 (2 images), 80x48 (3 images)"
+    assert lines[2] == ("3 aspect-ratio buckets (width x height): 56x72 (2 images: 96x128 ×2); "
+                        "64x64 (5 images: 100x100 ×2, 1x1, 90x90 and 1 other size); 80x48 (3 images: 160x90 ×3)")
+    assert not any(line.startswith("prior preservation") for line in lines)
     assert not any("bucket" in line for line in plan_run(TrainConfig(model="tiny-random", output=str(tmp_path / "run"))).summary())
+
+
+def test_the_dry_run_says_where_the_class_images_come_from_and_which_buckets_draw_on_them(tmp_path):
+    import warnings
+
+    from sdtune.training import plan_run
+
+    photo_set(tmp_path / "photos")
+    classes = photo_set(tmp_path / "class", counts=(2, 3, 0), seed=2)[0].parent  # no wide one: the wide bucket draws squares
+    Image.new("RGB", (640, 64)).save(classes / "panorama.png")  # 10:1, nearer no concept bucket than the others: unused
+    (classes / "notes.jpg").write_bytes(b"a text saved as .jpg")
+    settings = dict(model="tiny-random", images=str(tmp_path / "photos"), output=str(tmp_path / "run"), class_prompt="photo of a castle.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lines = plan_run(TrainConfig(buckets=True, class_images=str(classes), **settings)).summary()
+    assert [str(w.message) for w in caught if "notes.jpg" in str(w.message)] == [f"skipping {classes / 'notes.jpg'}: not a readable class image (not an image "
+                                                "format PIL reads)"]  # once
+    assert lines[3] == (f"prior preservation: 6 class images from {classes}, prompt 'photo of a castle.', loss weight 1; the buckets "
+                        "draw on 2 (56x72), 3 (64x64) and 3 (80x48) of them; 1 unused, of a shape no bucket of concept images draws "
+                        "on: panorama.png (640x64)")
+    with pytest.warns(UserWarning, match="notes.jpg"):
+        lines = plan_run(TrainConfig(class_images=str(classes), prior_loss_weight=0.5, **settings)).summary()
+    assert lines[2] == f"prior preservation: 6 class images from {classes}, prompt 'photo of a castle.', loss weight 0.5"
+    lines = plan_run(TrainConfig(num_class_images=8, buckets=True, **settings)).summary()
+    assert lines[3] == (f"prior preservation: 8 class images, drawn by the base model into {tmp_path / 'run' / 'class-images'} where "
+                        "not there yet, prompt 'photo of a castle.', loss weight 1; the buckets draw on 8 (56x72), 8 (64x64) and 8 "
+                        "(80x48) of them")
 
 
 def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
@@ -225,7 +259,7 @@ def test_files_that_are_no_images_are_left_out_before_the_model_loads(tmp_path):
         lines = plan_run(config).summary()
     assert not any("._square-0" in str(w.message) for w in caught)
     assert lines[1].startswith("4 training images of castle")
-    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image), 64x64 (2 images), 80x48 (1 image)"
+    assert lines[2] == "3 aspect-ratio buckets (width x height): 56x72 (1 image: 96x128); 64x64 (2 images: 100x100 ×2); 80x48 (1 image: 160x90)"
     for path in (tmp_path / "photos").glob("*-*.png"):
         path.unlink()
     with pytest.raises(SdtuneError, match=r"no readable images in .*photos \(2 file\(s\) could not be read\)"), pytest.warns(UserWarning):
@@ -284,6 +318,9 @@ def test_a_panorama_that_its_frame_cuts_mostly_away_is_named_before_the_model_lo
                           "crop such photos yourself to keep the part that matters"]  # into the 128x32 bucket, 4:1
     assert len(said[False]) == 1 and "panorama.png (640x64: 90% cut away)" in said[False][0]
     assert said[False][0].endswith(", or add buckets=True")  # said to Python: the setting, as Python spells it
+    Image.new("RGB", (20000, 100)).save(folder / "panorama.png")  # 200:1: a square keeps 0.5% of it, not nothing
+    with pytest.warns(UserWarning, match=r"panorama.png \(20000x100: 99.5% cut away\)"):
+        plan_run(TrainConfig(model="tiny-random", images=str(folder), output=str(tmp_path / "run")))
 
 
 def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(tmp_path, tiny_path):
@@ -312,7 +349,8 @@ def test_heic_photos_are_read_upright_like_jpegs_where_pillow_heif_is_installed(
     config = TrainConfig(model="tiny-random", images=str(folder), buckets=True, output=str(tmp_path / "run"))
     lines = plan_run(config).summary()
     assert lines[1].startswith("6 training images of castle")
-    assert lines[2] == "4 aspect-ratio buckets (width x height): 56x72 (3 images), 64x64 (1 image), 72x56 (1 image), 80x48 (1 image)"
+    assert lines[2] == ("4 aspect-ratio buckets (width x height): 56x72 (3 images: 60x80 ×2, 96x128); 64x64 (1 image: 100x100); "
+                        "72x56 (1 image: 80x60); 80x48 (1 image: 160x90)")
     run = run_training(tmp_path, "heic", images=str(folder), buckets=True)
     assert run.adapter.is_file() and len(run.losses) == 2
 
@@ -408,6 +446,46 @@ def test_photos_decoded_on_one_thread_or_several_train_the_same_adapter(tmp_path
     resumed = run_training(tmp_path, "cut", **{**settings, "resume": "latest"})
     assert resumed.losses == runs[4].losses[2:]
     assert (resumed.output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
+
+
+def test_bucketed_class_images_decoded_on_one_thread_or_several_train_the_same_adapter(tmp_path, monkeypatch):
+    """Prior preservation's class images, framed into the buckets, decode on the start's threads too: the warnings,
+    the losses and the adapter are those of one thread's, bit for bit."""
+    import threading
+    import time
+    import warnings
+
+    import sdtune.data
+
+    images = photo_set(tmp_path / "photos")[0].parent
+    class_images = photo_set(tmp_path / "class", counts=(2, 3, 0), seed=2)[0].parent  # the wide bucket draws squares
+    png_with_late_exif(class_images / "turned.png", Image.fromarray(np.random.default_rng(5).integers(0, 255, (90, 160, 3), dtype=np.uint8)), 6)
+    Image.new("RGB", (30, 40), "green").save(class_images / "small.png")  # upscaled: named
+    frame_sizes, class_threads = sdtune.data.load_framed_sizes, set()
+
+    def spying(path, *args, **kwargs):
+        if path.parent == class_images:
+            class_threads.add(threading.current_thread().name)
+            time.sleep(0.01)  # each thread takes more than one image
+        return frame_sizes(path, *args, **kwargs)
+
+    monkeypatch.setattr(sdtune.data, "load_framed_sizes", spying)
+    settings = dict(images=str(images), class_images=str(class_images), class_prompt="photo of a castle.", buckets=True,
+                    batch_size=2, seed=3, steps=2, random_flip=True)
+    runs, said = {}, {}
+    for threads in (1, 4):
+        class_threads.clear()
+        monkeypatch.setattr(sdtune.data, "decode_threads", lambda threads=threads: threads)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs[threads] = run_training(tmp_path, f"threads-{threads}", **settings)
+        said[threads] = [str(w.message).replace(f"threads-{threads}", "OUTPUT") for w in caught if issubclass(w.category, UserWarning)]
+        main = threading.current_thread().name
+        assert class_threads == {main} if threads == 1 else len(class_threads) > 1 and main not in class_threads
+    assert "class image small.png is 30x40, smaller than its 56x72 bucket: upscaled" in said[1]
+    assert said[4] == said[1]
+    assert runs[4].losses == runs[1].losses
+    assert (runs[4].output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
 
 
 def test_each_bucket_draws_class_images_of_its_own_shape_or_the_nearest():
@@ -542,16 +620,49 @@ def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"caf\xe9 caption", r"portrait-0.txt: not UTF-8 text \(byte 3\); save it as UTF-8"),  # Latin-1
+    (b"caf\xe9 caption", r"portrait-0.txt: not UTF-8 text \(byte 3 is 0xE9, after 'caf': 'é' in Windows-1252\); save it as UTF-8"),  # Latin-1
+    (b"\x81", r"portrait-0.txt: not UTF-8 text \(byte 0 is 0x81\); save it as UTF-8"),  # no character in Windows-1252
     (b"\xff\xfea", r"portrait-0.txt: not UTF-16 text, though it starts with UTF-16's byte-order mark \(byte 2\)"),
     ("a caption".encode("utf-16-le"), r"portrait-0.txt: not UTF-8 text \(a NUL character at byte 1: UTF-16 without its byte-order mark\?\)"),
-    (b"  \n ", r"portrait-0.txt is empty"),
+    (b"  \n ", r"portrait-0.txt is blank; write the image's caption in it"),
+    (b"", r"portrait-0.txt is empty; write the image's caption in it"),
+    (b"\xef\xbb\xbf\r\n", r"portrait-0.txt is blank"),  # a byte-order mark and a Windows line end
 ])
 def test_a_bad_caption_file_is_refused(tmp_path, content, message):
     paths = photo_set(tmp_path, counts=(1, 1, 0))
     (tmp_path / "portrait-0.txt").write_bytes(content)
     with pytest.raises(SdtuneError, match=message):
         read_captions(paths)
+
+
+def test_caption_files_of_no_image_are_named_before_the_model_loads(tmp_path):
+    """A caption named for its image's whole name (`IMG_1.jpg.txt`, as some captioning tools write it), or left behind
+    by a photo removed, captions nothing: named, not silently left out."""
+    import warnings
+
+    from sdtune.training import plan_run
+
+    folder = photo_set(tmp_path / "photos", counts=(1, 1, 1))[0].parent
+    (folder / "square-0.txt").write_text("a <castle> from above")
+    (folder / "portrait-0.png.txt").write_text("a <castle> at dusk")
+    (folder / "IMG_0999.caption").write_text("a photo since removed")
+    (folder / "._square-0.txt").write_bytes(b"\x00\x05\x16\x07")  # macOS' metadata beside a file: hidden, not named
+    (folder / "broken.png").write_bytes(b"not an image")  # its caption is of an image, named as unreadable
+    (folder / "broken.txt").write_text("a broken <castle>")
+    config = TrainConfig(model="tiny-random", images=str(folder), output=str(tmp_path / "run"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lines = plan_run(config).summary()
+    said = [str(w.message) for w in caught if "caption file" in str(w.message)]
+    assert said == [f"{folder}: caption files of no image there, not read: IMG_0999.caption, portrait-0.png.txt; an image's "
+                    "caption file is named for its stem: portrait-0.png's is portrait-0.txt"]
+    assert lines[1].startswith("3 training images of castle (1 with a caption of their own)")
+    for path in (folder / "IMG_0999.caption", folder / "portrait-0.png.txt"):
+        path.unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_run(config)
+    assert not [w for w in caught if "caption file" in str(w.message)]
 
 
 def test_utf16_caption_and_metadata_files_with_their_byte_order_mark_are_read(tmp_path):
@@ -698,8 +809,10 @@ def test_captions_reach_the_validation_loss_and_prior_preservation(tmp_path, tin
 
     original_loss = sdtune.training.Trainer.loss
     monkeypatch.setattr(sdtune.training.Trainer, "loss", lambda self, latents, batch: prompts.extend(batch["prompt"]) or original_loss(self, latents, batch))
-    run = run_training(tmp_path, "prior", images=str(folder), class_images=str(class_images), class_prompt="photo of a castle.",
-                       validate_every=2, validation_images=1, caption_dropout=0.5, batch_size=2, steps=2)
+    Image.new("RGB", (20, 20), "green").save(class_images / "thumb.png")  # named as a class image, not as a concept's
+    with pytest.warns(UserWarning, match=r"^class image thumb.png is 20x20, smaller than 64px: upscaled$"):
+        run = run_training(tmp_path, "prior", images=str(folder), class_images=str(class_images), class_prompt="photo of a castle.",
+                           validate_every=2, validation_images=1, caption_dropout=0.5, batch_size=2, steps=2)
     assert set(run.validation_losses) == {2} and embedded == [1]
     assert {p for p in prompts if p.startswith("a sks castle seen as")} and "photo of a castle." in prompts
     assert len(prompts) == 2 * 2 * 2  # concept and class examples in every batch
