@@ -42,12 +42,10 @@ def read_captions(images: list[Path]) -> list[str | None]:
     return captions
 
 
-def warn_captions_of_no_image(folder: Path) -> None:
+def warn_captions_of_no_image(folder: Path, image_suffixes: set[str]) -> None:
     """One warning naming the caption files of a concept folder that caption no file there (their stem is no other
     file's), so are read for no image: one named `IMG_1.jpg.txt`, as some captioning tools name them (IMG_1.jpg's is
-    `IMG_1.txt`), or one left behind by a photo removed or renamed."""
-    from .data import image_extensions
-
+    `IMG_1.txt`), or one left behind by a photo removed or renamed. `image_suffixes`: what is read as an image."""
     try:
         files = [path for path in folder.iterdir() if not path.name.startswith(".") and path.is_file()]
     except OSError:  # an unreadable folder is named where its images are listed
@@ -58,7 +56,7 @@ def warn_captions_of_no_image(folder: Path) -> None:
         return
     shown = ", ".join(path.name for path in alone[:3]) + (f" and {len(alone) - 3} more" if len(alone) > 3 else "")
     # `IMG_1.jpg.txt`: named for the image's whole name
-    whole = next((Path(path.stem) for path in alone if Path(path.stem).suffix.lower() in image_extensions()
+    whole = next((Path(path.stem) for path in alone if Path(path.stem).suffix.lower() in image_suffixes
                   and same_name(Path(path.stem).stem) in stems), None)
     hint = f"; an image's caption file is named for its stem: {whole.name}'s is {whole.stem}.txt" if whole else ""
     warn(f"{folder}: caption files of no image there, not read: {shown}{hint}")

@@ -411,7 +411,7 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     """(image, prompt, concept index) of every concept's images: a caption beside the image (or in the
     folder's metadata.jsonl) with placeholders filled, else the template's prompt for the concept."""
     from .captions import check_keep_tokens, read_captions, warn_captions_of_no_image
-    from .data import fill_placeholders, readable_images, warn_duplicates
+    from .data import fill_placeholders, image_extensions, readable_images, warn_duplicates
     from .datasets import concept_images
 
     concepts = config.concepts
@@ -424,7 +424,7 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
         if not paths:
             raise SdtuneError(f"no readable images in {listed[0].parent} ({len(listed)} file(s) could not be read)")
         captions = read_captions(paths)
-        warn_captions_of_no_image(listed[0].parent)
+        warn_captions_of_no_image(listed[0].parent, image_extensions())
         if config.varied_captions:  # a template's prompt is no list of tags: only captions are checked
             check_keep_tokens([(path, caption) for path, caption in zip(paths, captions) if caption], config.keep_tokens)
         for path, caption in zip(paths, captions):
