@@ -362,6 +362,29 @@ def test_a_base_adapter_stacked_at_another_strength_is_warned_of(on_lora, traine
     assert all(torch.equal(stacked[key], expected[key]) for key in stacked)
 
 
+def test_a_base_adapter_given_twice_is_merged_twice_everywhere(trained, tmp_path):
+    """As kohya-ss merges each --base_weights entry, a file given twice is merged twice: recorded twice, and a stack that
+    gives it twice at those strengths has the run's update computed on the weights both leave (the LoRA at 0.5 twice:
+    at 1), without a warning; given once, the other entry is missing."""
+    lora = trained["lora"]
+    config = settings(tmp_path / "twice", method="atoms", base_adapters=[f"{lora}:0.5", f"{lora}:0.5"])
+    assert any(f"first: {lora} at 0.5, {lora} at 0.5" in line for line in plan_run(config).summary())
+    run = train(config, progress=False).output
+    records = json.loads(adapter_info(run).extra["base_adapters"])
+    assert [(r["name"], r["strength"]) for r in records] == [("lora/adapter.safetensors", 0.5)] * 2
+    expected = unet_weights(merged_by_hand(lora, 1.0, [run]))
+    pipe = load_pipeline("tiny-random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapters([str(lora), str(run), str(lora)], pipe, [0.5, 1.0, 0.5])
+    stacked = unet_weights(pipe)
+    for key in expected:
+        torch.testing.assert_close(stacked[key], expected[key], rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"twice was trained on top of base adapters that are not "
+                                         r"loaded with it: lora/adapter.safetensors at 0.5;"):
+        load_adapters([str(lora), str(run)], load_pipeline("tiny-random"), [0.5, 1.0])
+
+
 def test_overwriting_the_run_that_holds_the_starting_files_is_refused(trained, tmp_path):
     """No run writes onto its own input: --overwrite would replace the earlier run's adapter the run starts from or
     trains on; a file of the user's own in the folder, which it leaves, is fine."""
