@@ -205,11 +205,12 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     check_optimizer_ready(config.optimizer)
     taken: dict = {}
     if config.init_weights:  # the file's options where the run sets none: the method is made with them
-        from .starting_weights import init_weights_options
+        from .starting_weights import init_weights_options, warn_other_prompt_reading
 
         methods.method_class(config.method)  # an unknown method first
         starting = init_weights_options(config)
         config, taken = dataclasses.replace(config, options=starting.options), starting.taken
+        warn_other_prompt_reading(config)
     base_bytes = 0
     if config.base_adapters:
         from .starting_weights import base_adapter_bytes, check_base_adapters
