@@ -3,10 +3,10 @@
 
 Each layer's update ΔW (an sdtune adapter's, on the base weights it was trained on with its base adapters merged
 first where it trained on top of some, or a kohya-format file's: `take_update`, what stacked adapters add up) is
-cut to its best rank-r approximation by a truncated SVD in float32 on the CPU, ΔW ≈ U_r·diag(S_r)·V_rᵀ (Eckart–Young: no rank-r matrix is closer
-in Frobenius norm; the error is √Σ of the discarded S²). Written as kohya-ss writes an extracted LoRA:
-`lora_up` = U_r·diag(S_r), `lora_down` = V_rᵀ (a 3×3 conv: a k×k conv down to r channels, a 1×1 conv
-up, LoCon), `.alpha` = r, so alpha/rank = 1.
+cut to its best rank-r approximation by a truncated SVD in float32 on the CPU, ΔW ≈ U_r·diag(S_r)·V_rᵀ
+(Eckart–Young: no rank-r matrix is closer in Frobenius norm; the error is √Σ of the discarded S²). Written as
+kohya-ss writes an extracted LoRA: `lora_up` = U_r·diag(S_r), `lora_down` = V_rᵀ (a 3×3 conv: a k×k conv down to
+r channels, a 1×1 conv up, LoCon), `.alpha` = r, so alpha/rank = 1.
 
 r is `rank` (3×3 convs: `conv_rank`), or with `dynamic` the smallest rank that meets `threshold`
 (kohya-ss' `--dynamic_method`, with `rank` the most a layer takes): `sv_fro` keeps that fraction of
@@ -202,8 +202,8 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         kinds = {id(item): item.pop("kind") for item in left_out + kept}  # for the notes; the summary lists the keys
         notes = _notes(layers, left_out, kept, kinds)
         if bases:
-            notes.append(f"taken on its base adapters {base_adapters_text([{'name': base.path, 'strength': base.strength} for base in bases])}: "
-                         "stack the LoRA on them at those strengths, as the adapter trained")
+            shown = ", ".join(f"{base.path} at {base.strength:g}" for base in bases)
+            notes.append(f"taken on its base adapters {shown}: stack the LoRA on them at those strengths, as the adapter trained")
         result = ExtractResult(output, summary, layers, relative_error, left_out, notes, kept)
         extra = _kohya_metadata(config, info, layout, layers, relative_error, bases)
         base = dataclasses.replace(info, base_model=info.base_model or model)
