@@ -698,25 +698,37 @@ def stacked_base_adapters(paths: list, infos: list, scales: list[float] | None =
     """For each adapter of `paths` (`infos`, at `scales`): the adapters of `paths` it was trained on top of (`sdtune
     train --base-adapters`, recorded by digest and strength) that are there at the recorded strength, by index; and
     one warning per adapter with base adapters that are not among `paths`, and one where they are at another
-    strength. Without `scales` (an adapter loaded alone) strengths are not compared."""
+    strength. Without `scales` (an adapter loaded alone) strengths are not compared. Each record takes its own entry
+    of `paths`: a file trained on twice (merged twice, as kohya-ss merges each --base_weights entry) is beneath it
+    where the stack gives it twice."""
     beneath: list[list[int]] = []
     notices: list[str] = []
     digests = None
     for index, (path, info) in enumerate(zip(paths, infos)):
-        records, found, missing, elsewhere = recorded_base_adapters(info), [], [], []
+        records, found, missing, elsewhere, rest = recorded_base_adapters(info), [], [], [], []
+        taken: set[int] = set()  # the stack's entries a record has taken
         if records and digests is None:
             digests = [adapter_digest(adapter_path(p)) for p in paths]
-        for record in records:
-            present = [j for j, digest in enumerate(digests or []) if digest == record.get("digest") and j != index]
+
+        def free(record) -> list[int]:  # the stack's entries that are the record's file, taken by no other record
+            return [j for j, digest in enumerate(digests or []) if digest == record.get("digest") and j != index and j not in taken]
+
+        for record in records:  # first each record the stack gives at its strength, then the others
             strength = float(record.get("strength", 1.0))
-            at = [j for j in present if scales is None or math.isclose(scales[j], strength, rel_tol=1e-9, abs_tol=1e-12)]
+            at = [j for j in free(record) if scales is None or math.isclose(scales[j], strength, rel_tol=1e-9, abs_tol=1e-12)]
             if at:
                 found.append(at[0])
-            elif present:
-                elsewhere.append(f"{record['name']} at {strength:g} (given at {scales[present[0]]:g})")
+                taken.add(at[0])
+            else:
+                rest.append(record)
+        for record in rest:
+            present = free(record)
+            if present:
+                taken.add(present[0])
+                elsewhere.append(f"{record['name']} at {float(record.get('strength', 1.0)):g} (given at {scales[present[0]]:g})")
             else:
                 missing.append(record)
-        beneath.append(sorted(set(found)))
+        beneath.append(sorted(found))
         if missing:
             strengths = ",".join(f"{float(r.get('strength', 1.0)):g}" for r in missing)
             notices.append(f"{path} was trained on top of base adapters that are not loaded with it: {base_adapters_text(missing)}; "

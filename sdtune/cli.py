@@ -549,6 +549,7 @@ def extract(
     dtype: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 tensors." + _default(ExtractConfig, "dtype")),
     keep_biases: Optional[bool] = typer.Option(None, "--keep-biases", help="Write Linear/Conv2d bias changes exactly as .diff_b keys beside the LoRA ones, as ComfyUI reads them (LyCORIS and diffusers do not: see the README) (default: left out)."),
     keep_norms: Optional[bool] = typer.Option(None, "--keep-norms", help="Write norm layers' changes exactly as LyCORIS' .w_norm/.b_norm keys (LyCORIS and ComfyUI read them; diffusers refuses such a file) (default: left out)."),
+    base_adapters: Optional[List[str]] = typer.Option(None, help="FILE[:STRENGTH]: a base adapter the source was trained on top of (train --base-adapters), merged first so that ΔW is what the source adds on top of it; repeatable (default: those its run folder's config.toml names, where the files are the ones it recorded)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output and summary (never the adapter read) (default: refuse)."),
 ) -> None:
     """Write any adapter's update as a kohya LoRA/LoCon file of a chosen rank (truncated SVD of each layer's ΔW)."""

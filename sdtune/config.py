@@ -1027,11 +1027,13 @@ class ExtractConfig(_Config):
     dtype: str = "fp32"  # the LoRA's tensors: fp32, fp16 or bf16
     keep_biases: bool = False  # write Linear/Conv2d bias changes exactly as `.diff_b` keys (ComfyUI reads them; diffusers refuses the file)
     keep_norms: bool = False  # write norm layers' changes exactly as LyCORIS' `.w_norm`/`.b_norm` keys (diffusers refuses the file)
+    base_adapters: list[str] = field(default_factory=list)  # FILE[:STRENGTH]: the adapter's base adapters, ΔW taken on them
     overwrite: bool = False  # replace an existing output (never the adapter read)
 
     def validate(self) -> None:
         if not self.source or not self.output:
             raise SdtuneError("extract needs an adapter (file or run folder) and --output")
+        self.base_adapter_entries  # each FILE[:STRENGTH] parses
         for flag, value in (("--rank", self.rank), ("--conv-rank", self.conv_rank)):
             if value is not None and value < 1:
                 raise SdtuneError(f"{flag} must be 1 or more, got {value}")
@@ -1054,6 +1056,10 @@ class ExtractConfig(_Config):
     @property
     def layer_conv_rank(self) -> int:
         return self.rank if self.conv_rank is None else self.conv_rank
+
+    @property
+    def base_adapter_entries(self) -> list[BaseAdapter]:
+        return [parse_base_adapter(entry) for entry in self.base_adapters]
 
 
 @dataclass

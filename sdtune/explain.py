@@ -8,6 +8,10 @@
 - Every method: a bar chart of per-layer update norms ‖ΔW‖, from the merged UNet against the base
   weights, which needs nothing from the method but its merge.
 
+A run trained on base adapters (`train --base-adapters`) is explained on them, as it trained: where its
+config.toml names them and each file is the one it recorded (`sampling.found_base_adapters`, as compare and
+evaluate draw it), they are merged first, and the base weights are the ones they leave.
+
 Images are drawn with PIL only.
 """
 
@@ -96,7 +100,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     import torch
 
     from . import methods
-    from .adapter import adapter_path, load_adapter, read_adapter_info
+    from .adapter import adapter_path, load_adapter, load_adapters, open_adapter, read_adapter_info
     from .fileio import atomic_write, check_no_file_in_the_way
     from .limits import check_drawing_fits
     from .models import load_pipeline
@@ -128,9 +132,14 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     if explanation == "clusters":  # it draws an image: sizes the model or the machine cannot take stop here
         check_drawing_fits(model or info.base_model, resolution, steps, width=config.width, height=config.height)
 
+    from .sampling import found_base_adapters
+
+    bases = found_base_adapters(path)  # a run trained on base adapters is drawn on them, as it trained
     pipe = load_pipeline(model or info.base_model)
+    if bases:  # merged beneath it: the bars are then its own update on them
+        load_adapters([base.path for base in bases], pipe, [base.strength for base in bases])
     base = {name: p.detach().to("cpu", copy=True) for name, p in tuned_weights(pipe, info.text_encoders).items()}
-    method = load_adapter(path, pipe, merge=False)
+    method = open_adapter(path, pipe) if bases else load_adapter(path, pipe, merge=False)  # alone: warns of them
     if layer is not None and layer not in method.target_names:
         shown = ", ".join(method.target_names[:4]) + (", …" if len(method.target_names) > 4 else "")
         raise SdtuneError(f"unknown layer {layer!r}; this adapter tunes {len(method.target_names)} layers: {shown}")

@@ -1,12 +1,12 @@
 """Any adapter as a kohya LoRA/LoCon file of a chosen rank (`sdtune extract`), as kohya-ss'
 `extract_lora_from_models.py` and `resize_lora.py` make them.
 
-Each layer's update ΔW (an sdtune adapter's, on the base weights it was trained on, or a kohya-format
-file's: `take_update`, what stacked adapters add up) is cut to its best rank-r approximation by a
-truncated SVD in float32 on the CPU, ΔW ≈ U_r·diag(S_r)·V_rᵀ (Eckart–Young: no rank-r matrix is closer
-in Frobenius norm; the error is √Σ of the discarded S²). Written as kohya-ss writes an extracted LoRA:
-`lora_up` = U_r·diag(S_r), `lora_down` = V_rᵀ (a 3×3 conv: a k×k conv down to r channels, a 1×1 conv
-up, LoCon), `.alpha` = r, so alpha/rank = 1.
+Each layer's update ΔW (an sdtune adapter's, on the base weights it was trained on with its base adapters merged
+first where it trained on top of some, or a kohya-format file's: `take_update`, what stacked adapters add up) is
+cut to its best rank-r approximation by a truncated SVD in float32 on the CPU, ΔW ≈ U_r·diag(S_r)·V_rᵀ
+(Eckart–Young: no rank-r matrix is closer in Frobenius norm; the error is √Σ of the discarded S²). Written as
+kohya-ss writes an extracted LoRA: `lora_up` = U_r·diag(S_r), `lora_down` = V_rᵀ (a 3×3 conv: a k×k conv down to
+r channels, a 1×1 conv up, LoCon), `.alpha` = r, so alpha/rank = 1.
 
 r is `rank` (3×3 convs: `conv_rank`), or with `dynamic` the smallest rank that meets `threshold`
 (kohya-ss' `--dynamic_method`, with `rank` the most a layer takes): `sv_fro` keeps that fraction of
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ExtractConfig
-from .errors import SdtuneError, said_to_caller
+from .errors import SdtuneError, said_to_caller, warn
 from .fileio import check_output_target, output_file_lock, write_text_atomic, written_together
 from .models import quiet_libraries
 from .version import __version__
@@ -111,8 +111,8 @@ def low_rank(delta, limit: int, dynamic: str | None = None, threshold: float | N
 
 def named_updates(adapter, pipeline) -> list[tuple[str, object, str, object]]:
     """(module name, module, parameter name, ΔW in float32) of every change the adapter makes, ΔW on the base weights
-    it was trained on (`take_update`, at strength 1); text encoders' modules named `<component>.<name>`. The
-    pipeline is left with its base weights."""
+    it meets (`take_update`, at strength 1); text encoders' modules named `<component>.<name>`. The pipeline is left
+    with the weights it had."""
     updates = adapter.take_update()
     names = {id(module): name for name, module in pipeline.unet.named_modules()}
     for component in ("text_encoder", "text_encoder_2"):
@@ -128,7 +128,7 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     import torch
     from torch import nn
 
-    from .adapter import adapter_info, adapter_path, open_adapter
+    from .adapter import adapter_info, adapter_path, base_adapters_text, load_adapters, open_adapter, recorded_base_adapters
     from .kohya import bias_and_norm_state, kohya_layout, model_spec, norm_types, write_kohya
     from .merging import quiet_diffusers
     from .models import DEFAULT_MODEL, load_pipeline
@@ -137,23 +137,32 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     config.validate()
     output, summary = Path(config.output), summary_path(config.output)
     path = adapter_path(config.source)
-    for target in (output, summary):
-        if target.is_dir():
-            raise SdtuneError(f"--output {target} is a folder; a LoRA is one file, give a file name")
-        check_output_target(target, [path], config.overwrite)
     info = adapter_info(path)  # the file is read and checked before any model loads
     model = config.model or info.base_model or DEFAULT_MODEL
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.dtype]
+    bases = extraction_base_adapters(config, path, info, model)
+    inputs = [path, *(adapter_path(base.path) for base in bases)]
+    for target in (output, summary):
+        if target.is_dir():
+            raise SdtuneError(f"--output {target} is a folder; a LoRA is one file, give a file name")
+        check_output_target(target, inputs, config.overwrite)
 
     with output_file_lock(output):
         for target in (output, summary):
-            check_output_target(target, [path], config.overwrite)  # again, now that no other command writes it
+            check_output_target(target, inputs, config.overwrite)  # again, now that no other command writes it
         with quiet_diffusers():
             pipeline = load_pipeline(model)
+        if bases:  # merged as training merged them: ΔW is what the adapter adds on the weights they leave
+            load_adapters([base.path for base in bases], pipeline, [base.strength for base in bases])
         layout = kohya_layout(pipeline.unet.config)
         state, layers, left_out, kept, exact = {}, [], [], [], {}
         keep = {"bias": config.keep_biases, "norm": config.keep_norms}
         adapter = open_adapter(path, pipeline)
+        records = recorded_base_adapters(info)
+        if records and not bases and adapter.update_reads_weights:
+            warn(f"{path} was trained on top of base adapters that are not given: {base_adapters_text(records)}; its "
+                 f"{info.method} update depends on the weights it is taken on, so the LoRA is taken on the plain base weights, "
+                 "not what it drew on them: give them with --base-adapters FILE:S")
         for name, module, attr, delta in named_updates(adapter, pipeline):
             if not delta.any():
                 continue
@@ -192,8 +201,11 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
         relative_error = _relative_error(layers, left_out, kept)
         kinds = {id(item): item.pop("kind") for item in left_out + kept}  # for the notes; the summary lists the keys
         notes = _notes(layers, left_out, kept, kinds)
+        if bases:
+            shown = ", ".join(f"{base.path} at {base.strength:g}" for base in bases)
+            notes.append(f"taken on its base adapters {shown}: stack the LoRA on them at those strengths, as the adapter trained")
         result = ExtractResult(output, summary, layers, relative_error, left_out, notes, kept)
-        extra = _kohya_metadata(config, info, layout, layers, relative_error)
+        extra = _kohya_metadata(config, info, layout, layers, relative_error, bases)
         base = dataclasses.replace(info, base_model=info.base_model or model)
         bundles, bundle_metadata, rows = carried_tokens(adapter, path, info)
         spec = model_spec(pipeline.unet.config, pipeline.scheduler.config, pipeline.vae.config, output.stem)
@@ -204,8 +216,30 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
             if rows:
                 write_embedding_file(embedding_file_path(output), info, rows)
                 result.notes.append(f"new tokens {''.join(info.new_tokens)} bundled, and in {embedding_file_path(output)}")
-            write_text_atomic(summary, json.dumps(_summary(config, path, model, result), indent=2) + "\n")
+            write_text_atomic(summary, json.dumps(_summary(config, path, model, result, bases), indent=2) + "\n")
     return result
+
+
+def extraction_base_adapters(config: ExtractConfig, path: Path, info, model: str) -> list:
+    """The base adapters (config.BaseAdapter) ΔW is taken on: those given (`--base-adapters`), which must be the ones
+    the adapter records it trained on top of (by digest) at their strengths, else those its run folder's config.toml
+    names where the files are the ones it recorded (`sampling.found_base_adapters`, as compare and evaluate find
+    them); none for an adapter trained on none. Refused, in one line and before the model loads: other files."""
+    from .adapter import adapter_info, base_adapters_text, recorded_base_adapters, stacked_base_adapters
+    from .sampling import found_base_adapters
+    from .starting_weights import check_base_adapters
+
+    records, given = recorded_base_adapters(info), config.base_adapter_entries
+    if not given:
+        return found_base_adapters(path) if records else []
+    check_base_adapters(given, model)
+    paths, infos = [base.path for base in given] + [str(path)], [adapter_info(base.path) for base in given] + [info]
+    beneath = stacked_base_adapters(paths, infos, [base.strength for base in given] + [1.0])[0][-1]
+    if len(beneath) != len(given) or len(given) != len(records):
+        trained = f"was trained on top of {base_adapters_text(records)}" if records else "was trained on no base adapters"
+        raise SdtuneError(f"--base-adapters: {path} {trained}; give those files at those strengths (as it records them), "
+                          "or none")
+    return given
 
 
 def carried_tokens(adapter, path: Path, info) -> tuple[dict, dict, dict]:
@@ -267,7 +301,8 @@ def _counts(items: list[tuple[dict, str | None]], biases: str, norms: str) -> li
     return [text.format(count) for count, text in ((bias_count, biases), (norm_count, norms)) if count]
 
 
-def _kohya_metadata(config: ExtractConfig, info, layout, layers: list[LayerExtraction], relative_error: float) -> dict[str, str]:
+def _kohya_metadata(config: ExtractConfig, info, layout, layers: list[LayerExtraction], relative_error: float,
+                    bases: list = ()) -> dict[str, str]:
     """kohya-ss' `ss_*` entries as its extract and resize scripts write them, and how the file was made."""
     convs = any(len(layer.shape) == 4 and layer.shape[2:] != [1, 1] for layer in layers)
     dim = "Dynamic" if config.dynamic else str(config.rank)
@@ -289,11 +324,12 @@ def _kohya_metadata(config: ExtractConfig, info, layout, layers: list[LayerExtra
             "rank": config.rank, "conv_rank": config.layer_conv_rank, "dynamic": config.dynamic,
             "threshold": config.threshold, "relative_error": relative_error,
             **{flag: True for flag in ("keep_biases", "keep_norms") if getattr(config, flag)},  # absent when off: the same bytes as before
+            **({"base_adapters": [{"name": Path(base.path).name, "strength": base.strength} for base in bases]} if bases else {}),
         }, sort_keys=True),
     }
 
 
-def _summary(config: ExtractConfig, path: Path, model: str, result: ExtractResult) -> dict:
+def _summary(config: ExtractConfig, path: Path, model: str, result: ExtractResult, bases: list = ()) -> dict:
     ranks = [layer.rank for layer in result.layers]  # none: BitFit with --keep-biases, biases alone
     return {
         "source": str(path),
@@ -304,6 +340,7 @@ def _summary(config: ExtractConfig, path: Path, model: str, result: ExtractResul
         "dynamic": config.dynamic,
         "threshold": config.threshold,
         "dtype": config.dtype,
+        "base_adapters": [{"path": base.path, "strength": base.strength} for base in bases],  # ΔW taken on them
         "relative_error": result.relative_error,
         "ranks": {"min": min(ranks, default=None), "max": max(ranks, default=None), "total": sum(ranks)},
         "keep_biases": config.keep_biases,

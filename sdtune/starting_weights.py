@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BaseAdapter
-from .errors import SdtuneError
+from .errors import SdtuneError, warn
 
 
 def file_record(path: str | Path) -> dict[str, str]:
@@ -190,6 +190,34 @@ def init_weights_options(config) -> StartingOptions:
     taken.update({name: value for name, value in layer_options.items() if value != defaults.get(name)})
     options = {**file_options, **layer_options, **config.options}
     return StartingOptions(options, taken, fresh_layers(method_class(**options), layers))
+
+
+def warn_other_prompt_reading(config) -> None:
+    """Warn, once, where the run reads prompts another way (`--clip-skip`, `--max-token-length`) than its `--init-weights`
+    file was trained with: an sdtune adapter records both (the defaults where it records neither); a kohya file
+    `ss_clip_skip`/`ss_max_token_length`, where its metadata has them ('None': kohya-ss' default). Its tensors then
+    start from what they learned on other text embeddings."""
+    from .adapter import adapter_path, read_adapter_info
+    from .kohya import is_kohya_file, kohya_info
+    from .safetensors_checks import read_safetensors_header
+    from .sampling import kohya_recorded
+
+    path = adapter_path(config.init_weights)
+    kohya = is_kohya_file(path)
+    info = kohya_info(path, read_safetensors_header(path)[0]) if kohya else read_adapter_info(path)[0]
+    run, differ = config.prompt_reading, []
+    for setting in dataclasses.fields(run):
+        name, flag = setting.name, "--" + setting.name.replace("_", "-")
+        if kohya and f"ss_{name}" not in info.extra:  # another trainer's file that does not say
+            continue
+        recorded = kohya_recorded(info, name, setting.default) if kohya else str(info.extra.get(name, setting.default))
+        if recorded.isdigit() and int(recorded) != getattr(run, name):
+            differ.append((flag, int(recorded), getattr(run, name)))
+    if differ:
+        trained = " and ".join(f"{flag} {value}" for flag, value, _ in differ)
+        reads = " and ".join(f"{flag} {value}" for flag, _, value in differ)
+        warn(f"--init-weights {path} was trained with {trained}; the run reads prompts with {reads}: its tensors start "
+             f"from what they learned on other text embeddings (give {trained} to read them as it did)")
 
 
 @dataclass

@@ -232,12 +232,13 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     taken: dict = {}
     started_fresh = ""
     if config.init_weights:  # the file's options where the run sets none: the method is made with them
-        from .starting_weights import init_weights_options
+        from .starting_weights import init_weights_options, warn_other_prompt_reading
 
         methods.method_class(config.method)  # an unknown method first
         starting = init_weights_options(config)
         config = dataclasses.replace(config, options=starting.options)
         taken, started_fresh = starting.taken, starting.started_fresh
+        warn_other_prompt_reading(config)
     base_bytes = 0
     if config.base_adapters:
         from .starting_weights import base_adapter_bytes, check_base_adapters

@@ -249,3 +249,41 @@ def test_update_norms_cover_the_text_encoders_an_adapter_trained(tmp_path, monke
     explain(run)
     assert set(drawn) == set(method.target_names)
     assert any(name.startswith("text_encoder_2.") for name in drawn) and any(name.startswith("text_encoder.") for name in drawn)
+
+
+def test_a_run_trained_on_a_base_adapter_is_explained_on_it(tmp_path, monkeypatch):
+    """Filter atoms trained on a LoRA merged at 0.7 (named in their config.toml): the LoRA is merged first, with no
+    warning that it is missing, and the bars are the atoms' own update on the weights it leaves, as stacking takes it."""
+    import warnings
+
+    import sdtune.explain as explaining
+    from sdtune.adapter import load_adapters
+    from sdtune.config import TrainConfig
+    from sdtune.explain import update_norms
+    from sdtune.models import load_pipeline
+    from sdtune.training import train
+
+    def trained(name, **changes):
+        config = TrainConfig(output=str(tmp_path / name), concept="castle", model="tiny-random", log_with="none", seed=3,
+                             **{"steps": 2, "lr": 1e-2, **changes})
+        return train(config, progress=False).output
+
+    lora = trained("lora", method="lora", options={"rank": 2}, steps=4, lr=5e-2)  # a change the atoms' norms show
+    run = trained("atoms", method="atoms", base_adapters=[f"{lora}:0.7"])
+    drawn = {}
+    monkeypatch.setattr(explaining, "bar_chart", lambda values, title: drawn.update(values) or Image.new("RGB", (1, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explain(run)
+    beneath, stacked = load_pipeline("tiny-random"), load_pipeline("tiny-random")
+    load_adapters([str(lora)], beneath, [0.7])
+    load_adapters([str(lora), str(run)], stacked, [0.7, 1.0])
+    expected = update_norms(dict(beneath.unet.named_parameters()), stacked.unet)
+    assert drawn.keys() == expected.keys()
+    assert all(drawn[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7) for name in expected)
+    alone = load_pipeline("tiny-random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without its base adapter
+        load_adapters([str(run)], alone)
+    plain = update_norms(dict(load_pipeline("tiny-random").unet.named_parameters()), alone.unet)
+    assert max(abs(plain[name] - expected[name]) / expected[name] for name in expected) > 1e-3  # the LoRA changes them

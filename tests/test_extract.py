@@ -461,3 +461,64 @@ def test_an_interrupt_between_the_lora_and_its_summary_leaves_neither(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         extract(tmp_path / "a.safetensors", out, rank=1, overwrite=True)
     assert (out.read_bytes(), summary.read_bytes()) == earlier
+
+
+def trained_on_a_base_adapter(root):
+    """A LoRA trained two steps, and filter atoms (whose update reads the weights) trained on it merged at 0.7."""
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    def run(name, **changes):
+        config = TrainConfig(output=str(root / name), concept="castle", model="tiny-random", log_with="none", seed=3,
+                             steps=2, lr=1e-2, **changes)
+        return train(config, progress=False).output
+
+    lora = run("lora", method="lora", options={"rank": 2})
+    return lora, run("atoms", method="atoms", base_adapters=[f"{lora}:0.7"])
+
+
+def test_an_adapter_trained_on_base_adapters_is_extracted_on_them(tmp_path, inputs):
+    """What filter atoms add on top of the LoRA they trained on is taken on the weights the LoRA leaves: the LoRA's
+    run folder names it (found as compare finds it) or --base-adapters gives it, and the LoRA at 0.7 with the extracted
+    file is what the run drew. Without it, a warning says the update is taken on the plain base weights."""
+    import shutil
+    import warnings
+
+    from sdtune.adapter import load_adapters
+
+    lora, atoms = trained_on_a_base_adapter(tmp_path)
+    expected = tiny()
+    load_adapters([str(lora), str(atoms)], expected, [0.7, 1.0])
+    drawn = run_unet(expected.unet, inputs)
+    alone = tmp_path / "atoms.safetensors"  # out of its run folder: no config.toml names its base adapter
+    shutil.copy(atoms / "adapter.safetensors", alone)
+
+    def stacked(lora_file):
+        pipe = tiny()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the extracted file records the base adapter, which is there
+            load_adapters([str(lora), str(lora_file)], pipe, [0.7, 1.0])
+        return run_unet(pipe.unet, inputs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = extract(atoms, tmp_path / "found.safetensors", rank=FULL)
+        given = extract(alone, tmp_path / "given.safetensors", rank=FULL, base_adapters=[f"{lora}:0.7"])
+    for result in (found, given):
+        assert any(note.startswith("taken on its base adapters") for note in result.notes)
+        torch.testing.assert_close(stacked(result.output), drawn, rtol=0, atol=1e-4)
+    summary = json.loads(summary_path(found.output).read_text())
+    assert summary["base_adapters"] == [{"path": str(lora), "strength": 0.7}]
+
+    with pytest.warns(UserWarning, match=r"atoms.safetensors was trained on top of base adapters that are not given: "
+                                         r"lora/adapter.safetensors at 0.7; its atoms update depends on the weights"):
+        plain = extract(alone, tmp_path / "plain.safetensors", rank=FULL)
+    assert (stacked(plain.output) - drawn).abs().max() > 1e-3  # on the plain weights: another update
+
+    for wrong in ([f"{lora}:0.5"], [f"{lora}:0.7", f"{lora}:0.7"], [f"{tmp_path / 'plain.safetensors'}:0.7"]):
+        with pytest.raises(SdtuneError, match=r"^--base-adapters: .*atoms.safetensors was trained on top of "
+                                              r"lora/adapter.safetensors at 0.7; give those files at those strengths"):
+            extract(alone, tmp_path / "wrong.safetensors", base_adapters=wrong)
+    result = invoke("extract", alone, "--output", tmp_path / "cli.safetensors", "--base-adapters", f"{lora}:0.5")
+    assert_one_line_error(result, 2, "--base-adapters: ")
+    assert not (tmp_path / "wrong.safetensors").exists() and not (tmp_path / "cli.safetensors").exists()

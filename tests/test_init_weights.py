@@ -362,6 +362,57 @@ def test_a_base_adapter_stacked_at_another_strength_is_warned_of(on_lora, traine
     assert all(torch.equal(stacked[key], expected[key]) for key in stacked)
 
 
+def test_a_base_adapter_given_twice_is_merged_twice_everywhere(trained, tmp_path):
+    """As kohya-ss merges each --base_weights entry, a file given twice is merged twice: recorded twice, and a stack that
+    gives it twice at those strengths has the run's update computed on the weights both leave (the LoRA at 0.5 twice:
+    at 1), without a warning; given once, the other entry is missing."""
+    lora = trained["lora"]
+    config = settings(tmp_path / "twice", method="atoms", base_adapters=[f"{lora}:0.5", f"{lora}:0.5"])
+    assert any(f"first: {lora} at 0.5, {lora} at 0.5" in line for line in plan_run(config).summary())
+    run = train(config, progress=False).output
+    records = json.loads(adapter_info(run).extra["base_adapters"])
+    assert [(r["name"], r["strength"]) for r in records] == [("lora/adapter.safetensors", 0.5)] * 2
+    expected = unet_weights(merged_by_hand(lora, 1.0, [run]))
+    pipe = load_pipeline("tiny-random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapters([str(lora), str(run), str(lora)], pipe, [0.5, 1.0, 0.5])
+    stacked = unet_weights(pipe)
+    for key in expected:
+        torch.testing.assert_close(stacked[key], expected[key], rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"twice was trained on top of base adapters that are not "
+                                         r"loaded with it: lora/adapter.safetensors at 0.5;"):
+        load_adapters([str(lora), str(run)], load_pipeline("tiny-random"), [0.5, 1.0])
+
+
+def test_a_starting_file_trained_reading_prompts_another_way_is_warned_of(trained, tmp_path):
+    """--init-weights of a file trained with another --clip-skip or --max-token-length than the run's: one warning names
+    both values (an sdtune adapter's records, a kohya file's ss_ keys where it has them), the dry run's too."""
+    lora, kohya = trained["lora"], trained["lora-kohya"]
+    assert "clip_skip" not in adapter_info(lora).extra  # trained reading prompts plainly
+    with pytest.warns(UserWarning, match=r"^init_weights .*lora/adapter.safetensors was trained with clip_skip=1 and "
+                                         r"max_token_length=75; the run reads prompts with clip_skip=2 and max_token_length=150: "
+                                         r"its tensors start from what they learned on other text embeddings") as said:
+        plan_run(settings(tmp_path / "run", method="lora", init_weights=str(lora), clip_skip=2, max_token_length=150))
+    assert len([w for w in said if "was trained with" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reading, or a kohya file that does not say
+        plan_run(settings(tmp_path / "run", method="lora", init_weights=str(lora)))
+        bare = tmp_path / "bare.safetensors"
+        save_file(load_file(kohya), bare, {"ss_network_module": "networks.lora"})
+        plan_run(settings(tmp_path / "run", method="lora", init_weights=str(bare), clip_skip=2))
+    said_two = tmp_path / "clip2.safetensors"
+    save_file(load_file(kohya), said_two, {"ss_network_module": "networks.lora", "ss_clip_skip": "2", "ss_max_token_length": "None"})
+    with pytest.warns(UserWarning, match=r"clip2.safetensors was trained with clip_skip=2; the run reads prompts with clip_skip=1:"):
+        plan_run(settings(tmp_path / "run", method="lora", init_weights=str(said_two)))
+    with pytest.warns(UserWarning, match=r"^--init-weights .*clip2.safetensors was trained with --max-token-length 75; "
+                                         r"the run reads prompts with --max-token-length 225: .*\(give --max-token-length 75 "):
+        result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--dry-run", "--method", "lora", "--output",
+                                          str(tmp_path / "run"), "--init-weights", str(said_two), "--clip-skip", "2",
+                                          "--max-token-length", "225"])
+    assert result.exit_code == 0 and "(dry run: no model loaded, nothing written)" in result.output, result.output
+
+
 def test_overwriting_the_run_that_holds_the_starting_files_is_refused(trained, tmp_path):
     """No run writes onto its own input: --overwrite would replace the earlier run's adapter the run starts from or
     trains on; a file of the user's own in the folder, which it leaves, is fine."""
