@@ -389,6 +389,13 @@ BAD_PLANS = [
      "give lr or lr_scale, not both"),
     ("unknown metrics", 'metrics = "fid"\n' + TINY_PLAN, "metrics 'fid' is not a metric set"),
     ("not toml", "name = ", "not valid TOML"),
+    # datasets: what a run would only find after its model loaded
+    ("misspelt class", TINY_PLAN.replace('concept = ["castle"]', 'dataset = [{ name = "d", dataset = "digits", classes = ["three", "sevn"] }]'),
+     "run d-atoms: unknown class 'sevn' for dataset 'digits'"),
+    ("dataset without its folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits", "eurosat"]'),
+     "run eurosat-atoms: dataset 'eurosat' needs --data-root DIR"),
+    ("built-in dataset given a folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits"]').replace("[train]", '[train]\ndata_root = "d"'),
+     "dataset 'digits' is built in; it takes no --data-root"),
 ]
 
 
