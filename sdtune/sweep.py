@@ -269,13 +269,24 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
         adapters: list[str] = [str(folder)]
         if train.base_adapters:
             adapters, sampled = _stacked_on_base_adapters(train, adapters, sampled)
-        sample = SampleConfig.load(None, **sampled, adapter=adapters, output=str(folder / SAMPLES_FOLDER), overwrite=True)
+        with _in_section("sample"):
+            sample = SampleConfig.load(None, **sampled, adapter=adapters, output=str(folder / SAMPLES_FOLDER), overwrite=True)
     evaluate = substitute(plan.evaluate, names)
-    EvaluateConfig.load(None, **evaluate, run=str(folder))
+    with _in_section("evaluate"):
+        EvaluateConfig.load(None, **evaluate, run=str(folder))
     resolved = train.resolved(default_lr)
     spec = RunSpec(index, name, axes, folder, train, sample, evaluate)
     spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics, starting_digests(train))
     return spec
+
+
+@contextlib.contextmanager
+def _in_section(section: str):
+    """A refused [sample] or [evaluate] setting says its section: `steps` is both a training and a sampling setting."""
+    try:
+        yield
+    except SdtuneError as error:
+        raise SdtuneError(f"[{section}] {error}") from None
 
 
 def _stacked_on_base_adapters(train: TrainConfig, adapters: list[str], sampled: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:

@@ -389,6 +389,10 @@ BAD_PLANS = [
      "give lr or lr_scale, not both"),
     ("unknown metrics", 'metrics = "fid"\n' + TINY_PLAN, "metrics 'fid' is not a metric set"),
     ("not toml", "name = ", "not valid TOML"),
+    # steps is a training and a sampling setting: the line says which section refused it
+    ("sampling steps", TINY_PLAN.replace("num_images = 1\nsteps = 2", "num_images = 1\nsteps = 0"),
+     "run castle-atoms: [sample] --steps must be at least 1, got 0"),
+    ("evaluate setting", TINY_PLAN.replace('fid_features = "none"', 'fid_features = "sift"'), "run castle-atoms: [evaluate] --fid-features must be one of"),
     # datasets: what a run would only find after its model loaded
     ("misspelt class", TINY_PLAN.replace('concept = ["castle"]', 'dataset = [{ name = "d", dataset = "digits", classes = ["three", "sevn"] }]'),
      "run d-atoms: unknown class 'sevn' for dataset 'digits'"),
