@@ -375,6 +375,18 @@ def test_the_report_renders_in_a_browser_sorts_and_shows_every_image(finished, t
     assert "images=5 rows=2" in result.stdout  # two prompts × two runs, the loss plot; two table rows
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the report's script")
+def test_the_report_sorts_axis_labels_by_their_numbers():
+    """Clicking a seed or lr_scale column orders seed2 before seed10 and lr3x before lr10x, as a reader expects."""
+    from sdtune.report import SCRIPT
+
+    compare = re.search(r"function compare\(a, b\) \{.*?\n  \}", SCRIPT, re.S).group(0)
+    labels = ["seed10", "seed2", "seed1", "lr10x", "lr3x", "lr0.3x", "3e-05", "0.001"]
+    script = f"{compare}\nconsole.log(JSON.stringify({json.dumps(labels)}.sort(compare)));"
+    result = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout) == ["3e-05", "0.001", "lr0.3x", "lr3x", "lr10x", "seed1", "seed2", "seed10"], result.stderr
+
+
 BAD_PLANS = [
     ("unknown axis", TINY_PLAN.replace("[axes]", "[axes]\ncolour = [1, 2]"), "unknown axis 'colour'"),
     ("unknown method", TINY_PLAN.replace('"atoms", "lora"', '"atoms", "lorax"'), "run castle-lorax: unknown method 'lorax'"),
