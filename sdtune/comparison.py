@@ -265,6 +265,9 @@ def plot_losses(runs: list[RunSummary], path: Path) -> Path:
         smooth = [sum(values[max(0, k - window + 1) : k + 1]) / len(values[max(0, k - window + 1) : k + 1]) for k in range(len(values))]
         axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, linestyle=style)
         axes.plot(steps, smooth, color=color, linewidth=1.6, linestyle=style, label=f"{run.name} ({run.method})")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 2.5 of a short run
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("training loss")

@@ -810,9 +810,17 @@ def _check_photo_settings(config) -> None:
 
 
 def _check_dataset(config) -> None:
-    from .datasets import VTAB_SPLITS, dataset_info
+    from .datasets import VTAB_SPLITS, LabelledDataset, dataset_info, missing_data_root
 
-    dataset_info(config.dataset)  # an unknown name lists the known ones
+    info = dataset_info(config.dataset)  # an unknown name lists the known ones
+    # what needs no image read is checked now, before a model loads (a sweep's whole plan at once)
+    if info.class_names and config.classes:  # a misspelt or repeated class
+        LabelledDataset(info.name, list(info.class_names), info.template, []).select_classes(list(config.classes))
+    if not info.needs_root and config.data_root:
+        raise SdtuneError(f"dataset {info.name!r} is built in; it takes no --data-root")
+    # training reads the images; sampling only where the classes are the folder's
+    if info.needs_root and not config.data_root and (isinstance(config, TrainConfig) or not info.class_names):
+        raise missing_data_root(info)
     if getattr(config, "images", None):
         raise SdtuneError("give --dataset or --images, not both")
     if getattr(config, "max_per_class", 0) < 0:

@@ -279,6 +279,11 @@ def dataset_info(name: str) -> DatasetInfo:
     return datasets[name]
 
 
+def missing_data_root(info: DatasetInfo) -> SdtuneError:
+    where = f"{info.name}/{DEFAULT_SPLIT}.txt (VTAB-1k) or one folder per class" if info.group else "the images"
+    return SdtuneError(f"dataset {info.name!r} needs --data-root DIR, the folder holding {where}")
+
+
 def load_dataset(
     name: str,
     data_root: str | Path | None = None,
@@ -302,8 +307,7 @@ def load_dataset(
         dataset = LabelledDataset(name, list(class_names), template, examples, arrays=images)
     else:
         if not data_root:
-            where = f"{name}/{DEFAULT_SPLIT}.txt (VTAB-1k) or one folder per class" if info.group else "the images"
-            raise SdtuneError(f"dataset {name!r} needs --data-root DIR, the folder holding {where}")
+            raise missing_data_root(info)
         root = Path(data_root).expanduser()
         if not root.is_dir():
             raise SdtuneError(f"--data-root folder not found: {root}")

@@ -11,6 +11,7 @@ and diffusers), how it was trained (from config.toml and metrics.jsonl) and what
 from __future__ import annotations
 
 import json
+import shlex
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ SETTINGS = {
     "debiased_estimation": "debiased estimation", "zero_terminal_snr": "zero terminal SNR", "multires_noise_iterations": "multires noise iterations",
     "multires_noise_discount": "multires noise discount",
     "loss_type": "loss", "class_prompt": "prior preservation (class prompt)", "dataset": "dataset",
+    "classes": "classes", "max_per_class": "images a class, at most",
     "buckets": "aspect-ratio buckets", "ema_decay": "EMA decay", "masked_loss": "masked loss",
     "unmasked_weight": "unmasked weight", "token_embeddings": "new tokens a concept", "embedding_lr": "embedding learning rate",
     "retract_embeddings": "embeddings retracted",
@@ -95,6 +97,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     trained = trained_parameters(info, adapter_method) + token_rows(path)
     template = settings.get("template", "photo of a {token}.")
     prompt = template.format(token=info.token) if info.token and "{token}" in template else None
+    captions = dataset_captions(settings)  # a run trained on a dataset is drawn by its classes' captions, not a token
     family = ["stable-diffusion-xl"] if info.extra.get("base_model_family") == "sdxl" else ["stable-diffusion"]
     tags = ["sdtune", *family, "text-to-image", info.method] + (["textual_inversion"] if info.new_tokens else [])
     grid = run / GRID
@@ -103,7 +106,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
         license=license,
         tags=tags,
         instance_prompt=prompt,
-        widget=[{"text": prompt or name, "output": {"url": GRID.as_posix()}}] if grid.is_file() else None,
+        widget=[{"text": prompt or (captions[0] if captions else name), "output": {"url": GRID.as_posix()}}] if grid.is_file() else None,
     )
     counted = f"{trained:,} trained parameters, " if trained else ""
     lines = [
@@ -141,9 +144,13 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     strengths = [float(r.get("strength", 1.0)) for r in bases] + [1.0]
     listed = ",".join(f"{s:g}" for s in strengths)
     sample_scales, merge_scales = (f" --adapter-scale {listed}", f" --scale {listed}") if bases else ("", "")
+    example = captions[0] if captions else fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())
+    adapters = " ".join("--adapter " + a for a in stack)
     lines += [
         "", "## Use it", "", "```bash",
-        f'sdtune sample {" ".join("--adapter " + a for a in stack)}{sample_scales} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
+        f"sdtune sample {adapters}{sample_scales} {dataset_flags(settings)}   # one row per class, captioned as training captioned it"
+        if captions else
+        f'sdtune sample {adapters}{sample_scales} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
         f"sdtune export {path.name} --format kohya --output {name}.safetensors      # ComfyUI, AUTOMATIC1111, LyCORIS, InvokeAI"
         + (" (beside its base adapters)" if bases else ""),
         f"sdtune merge {' '.join(stack)}{merge_scales} --output {name}-merged/                        # a whole diffusers pipeline",
@@ -155,7 +162,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
          f'sdtune.load_adapter("{path.name}", pipe)   # merged; scale=0.8 weakens it'),
         *[ZERO_SNR_SCHEDULER] * zero_snr,
         *long_prompts,
-        f'image = pipe("{fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())}"{call}).images[0]',
+        f"image = pipe({json.dumps(example, ensure_ascii=False)}{call}).images[0]",
         "```",
     ]
     rows = [(label, _shown(settings[key])) for key, label in SETTINGS.items() if _worth_showing(key, settings.get(key))]
@@ -190,6 +197,34 @@ def starting_lines(info) -> list[str]:
                   "(`sdtune sample --adapter BASE ... --adapter THIS`) at these strengths:", ""]
         lines += [f"- `{r['name']}` at strength {float(r.get('strength', 1.0)):g} (digest `{r.get('digest', '?')}`)" for r in bases]
     return lines
+
+
+def dataset_captions(settings: dict) -> list[str]:
+    """Each trained class's caption, for a run trained on a dataset (none for a concept run, or where its classes
+    cannot be read any more: a folder's classes moved away)."""
+    from .datasets import class_captions
+
+    if not settings.get("dataset"):
+        return []
+    try:
+        return [caption for _, caption in class_captions(settings["dataset"], settings.get("data_root"),
+                                                         settings.get("classes") or None, settings.get("class_template"))]
+    except (SdtuneError, OSError):
+        return []
+
+
+def dataset_flags(settings: dict) -> str:
+    """`sdtune sample`'s flags that draw the run's classes as its training captioned them."""
+    from .datasets import dataset_info
+
+    flags = [f"--dataset {settings['dataset']}"]
+    if not dataset_info(settings["dataset"]).class_names:  # the folder's classes: sampling reads them there
+        flags.append(f"--data-root {shlex.quote(str(settings['data_root']))}")
+    if settings.get("classes"):
+        flags.append(f"--classes {shlex.quote(','.join(settings['classes']))}")
+    if settings.get("class_template"):
+        flags.append(f"--class-template {shlex.quote(settings['class_template'])}")
+    return " ".join(flags)
 
 
 def read_settings(run: Path) -> dict:
@@ -272,4 +307,6 @@ def token_rows(path: Path) -> int:
 
 
 def _shown(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else "yes" if value is True else str(value)

@@ -38,7 +38,7 @@ SCRIPT = r"""
     var x = parseFloat(a), y = parseFloat(b);
     if (!isNaN(x) && !isNaN(y) && String(x) === a.trim() && String(y) === b.trim()) return x - y;
     if (!isNaN(Number(a)) && !isNaN(Number(b))) return Number(a) - Number(b);
-    return a.localeCompare(b);
+    return a.localeCompare(b, undefined, {numeric: true});  // axis labels: seed2 before seed10, lr3x before lr10x
   }
   function sortBy(header) {
     var table = header.closest("table"), body = table.tBodies[0];

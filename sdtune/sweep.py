@@ -158,8 +158,9 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
     root = Path(output or values.get("output") or Path("runs") / "sweeps" / name)
     plan = Plan(path, name, values.get("description", ""), root, metrics, train, axes, sample, evaluate)
 
-    names: dict[str, int] = {}
-    for index, combination in enumerate(itertools.product(*(axis_values for _, axis_values in axes))):
+    names: dict[str, tuple[int, tuple[int, ...]]] = {}  # each run's name: its index and its values' places on the axes
+    for index, places in enumerate(itertools.product(*(range(len(axis_values)) for _, axis_values in axes))):
+        combination = [axis_values[place] for (_, axis_values), place in zip(axes, places)]
         settings = dict(train)
         labels: list[str] = []
         axis_values: dict[str, Any] = {}
@@ -170,14 +171,28 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
             settings.update(changes)
         run_name = "-".join(labels) or "run"
         if run_name in names:
-            raise bad(f"runs {names[run_name]} and {index} are both named {run_name!r}; give the tables a distinct name")
-        names[run_name] = index
+            first, earlier = names[run_name]
+            raise bad(f"runs {first} and {index} are both named {run_name!r}; {_same_name_fix(axes, earlier, places)}")
+        names[run_name] = index, places
         folder = root / RUNS_FOLDER / run_name
         try:
             plan.runs.append(_run_spec(plan, index, run_name, axis_values, folder, settings, methods))
         except SdtuneError as error:
             raise bad(f"run {run_name}: {error}") from None
     return plan
+
+
+def _same_name_fix(axes: list[tuple[str, list[Any]]], first: tuple[int, ...], second: tuple[int, ...]) -> str:
+    """What to change where two combinations of axis values (their places on the axes) name one run."""
+    differing = [(axis, values[a], values[b]) for (axis, values), a, b in zip(axes, first, second) if a != b]
+    if any(isinstance(value, dict) for _, *values in differing for value in values):
+        return "give the tables a distinct name"
+    if len(differing) == 1:
+        axis, a, b = differing[0]
+        if a == b:
+            return f"axis {axis} lists {a!r} twice"
+        return f"axis {axis}'s values {a!r} and {b!r} are labelled alike: drop one, or give it as a table with its own name"
+    return "their values on the axes join into one name: give one as a table with its own name"
 
 
 def _check_keys(bad, section: str, values: dict, config_class: type, per_run: tuple[str, ...]) -> None:
@@ -269,13 +284,24 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
         adapters: list[str] = [str(folder)]
         if train.base_adapters:
             adapters, sampled = _stacked_on_base_adapters(train, adapters, sampled)
-        sample = SampleConfig.load(None, **sampled, adapter=adapters, output=str(folder / SAMPLES_FOLDER), overwrite=True)
+        with _in_section("sample"):
+            sample = SampleConfig.load(None, **sampled, adapter=adapters, output=str(folder / SAMPLES_FOLDER), overwrite=True)
     evaluate = substitute(plan.evaluate, names)
-    EvaluateConfig.load(None, **evaluate, run=str(folder))
+    with _in_section("evaluate"):
+        EvaluateConfig.load(None, **evaluate, run=str(folder))
     resolved = train.resolved(default_lr)
     spec = RunSpec(index, name, axes, folder, train, sample, evaluate)
     spec.fingerprint = fingerprint(train_settings(resolved), sample, evaluate, plan.metrics, starting_digests(train))
     return spec
+
+
+@contextlib.contextmanager
+def _in_section(section: str):
+    """A refused [sample] or [evaluate] setting says its section: `steps` is both a training and a sampling setting."""
+    try:
+        yield
+    except SdtuneError as error:
+        raise SdtuneError(f"[{section}] {error}") from None
 
 
 def _stacked_on_base_adapters(train: TrainConfig, adapters: list[str], sampled: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:

@@ -695,6 +695,8 @@ def test_the_loss_plot_colours_runs_by_method_and_keeps_its_legend_off_the_curve
     assert labelled["lora-0 (lora)"].get_linestyle() != labelled["lora-1 (lora)"].get_linestyle()
     anchor = axes.get_legend().get_bbox_to_anchor().transformed(axes.transAxes.inverted())
     assert anchor.x0 > 1  # right of the plot
+    ticks = [tick for tick in axes.get_xticks() if 1 <= tick <= 2]
+    assert ticks and all(tick == int(tick) for tick in ticks)  # whole steps, not 1.25, 1.5, ...
 
 
 def test_labels_of_runs_at_one_parameter_count_do_not_overlap():

@@ -140,3 +140,22 @@ def test_a_card_of_an_adapter_trained_on_base_adapters_uses_it_stacked_on_them(r
     assert "sdtune merge style.safetensors adapter.safetensors --scale 0.8,1 --output castle-lora-merged/" in text
     assert 'sdtune.load_adapters(["style.safetensors", "adapter.safetensors"], pipe, [0.8, 1.0])' in text
     assert "- `style.safetensors` at strength 0.8" in text
+
+
+def test_a_card_of_a_run_trained_on_a_dataset_draws_its_classes(tmp_path, tiny_path):
+    """A dataset run has no token: the card's examples are its classes' captions, and it lists the classes."""
+    import sdtune
+    from sdtune.model_card import write_model_card
+
+    output = tmp_path / "digits-lora"
+    sdtune.train(TrainConfig(method="lora", model="tiny-random", steps=1, output=str(output), log_with="none",
+                             dataset="digits", classes=["three", "seven"], max_per_class=2))
+    sdtune.sample(SampleConfig(adapter=str(output), dataset="digits", classes=["three", "seven"], num_images=1, steps=1))
+    write_model_card(output)
+    card = ModelCard.load(output / "README.md")
+    caption = "This is a picture of the handwritten digit three."
+    assert card.data.widget[0]["text"] == caption and "instance_prompt" not in card.data.to_dict()
+    assert "sdtune sample --adapter adapter.safetensors --dataset digits --classes three,seven   # one row per class" in card.text
+    assert f'image = pipe("{caption}").images[0]' in card.text and "<concept>" not in card.text
+    assert "| dataset | digits |" in card.text and "| classes | three, seven |" in card.text
+    assert "| images a class, at most | 2 |" in card.text

@@ -375,6 +375,18 @@ def test_the_report_renders_in_a_browser_sorts_and_shows_every_image(finished, t
     assert "images=5 rows=2" in result.stdout  # two prompts × two runs, the loss plot; two table rows
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the report's script")
+def test_the_report_sorts_axis_labels_by_their_numbers():
+    """Clicking a seed or lr_scale column orders seed2 before seed10 and lr3x before lr10x, as a reader expects."""
+    from sdtune.report import SCRIPT
+
+    compare = re.search(r"function compare\(a, b\) \{.*?\n  \}", SCRIPT, re.S).group(0)
+    labels = ["seed10", "seed2", "seed1", "lr10x", "lr3x", "lr0.3x", "3e-05", "0.001"]
+    script = f"{compare}\nconsole.log(JSON.stringify({json.dumps(labels)}.sort(compare)));"
+    result = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=60)
+    assert json.loads(result.stdout) == ["3e-05", "0.001", "lr0.3x", "lr3x", "lr10x", "seed1", "seed2", "seed10"], result.stderr
+
+
 BAD_PLANS = [
     ("unknown axis", TINY_PLAN.replace("[axes]", "[axes]\ncolour = [1, 2]"), "unknown axis 'colour'"),
     ("unknown method", TINY_PLAN.replace('"atoms", "lora"', '"atoms", "lorax"'), "run castle-lorax: unknown method 'lorax'"),
@@ -385,10 +397,26 @@ BAD_PLANS = [
     ("per-run setting", TINY_PLAN.replace("[train]", '[train]\noutput = "x"'), "[train] output is set per run"),
     ("bad option", TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = "big" } }'), "rank"),
     ("same names", TINY_PLAN.replace('"atoms", "lora"', '"lora", { name = "lora", method = "lora" }'), "both named 'castle-lora'"),
+    ("a repeated value", TINY_PLAN.replace("[axes]", "[axes]\nseed = [0, 1, 0]"), "runs 0 and 4 are both named 'seed0-castle-atoms'; axis seed lists 0 twice"),
+    ("values labelled alike", TINY_PLAN.replace("[axes]", "[axes]\nlr_scale = [0.1, 0.10000001]"),
+     "axis lr_scale's values 0.1 and 0.10000001 are labelled alike"),
+    ("values joined alike", TINY_PLAN.replace('"atoms", "lora"]', '"atoms", "lora"]\ntoken = ["sks-x", "sks"]\ntemplate = ["a {token}", "x-a {token}"]'),
+     "their values on the axes join into one name"),
     ("lr and lr_scale", TINY_PLAN.replace("[axes]", '[axes]\nlr_scale = [1]\nseed = [{ name = "s1", seed = 1, lr = 1e-3 }]'),
      "give lr or lr_scale, not both"),
     ("unknown metrics", 'metrics = "fid"\n' + TINY_PLAN, "metrics 'fid' is not a metric set"),
     ("not toml", "name = ", "not valid TOML"),
+    # steps is a training and a sampling setting: the line says which section refused it
+    ("sampling steps", TINY_PLAN.replace("num_images = 1\nsteps = 2", "num_images = 1\nsteps = 0"),
+     "run castle-atoms: [sample] --steps must be at least 1, got 0"),
+    ("evaluate setting", TINY_PLAN.replace('fid_features = "none"', 'fid_features = "sift"'), "run castle-atoms: [evaluate] --fid-features must be one of"),
+    # datasets: what a run would only find after its model loaded
+    ("misspelt class", TINY_PLAN.replace('concept = ["castle"]', 'dataset = [{ name = "d", dataset = "digits", classes = ["three", "sevn"] }]'),
+     "run d-atoms: unknown class 'sevn' for dataset 'digits'"),
+    ("dataset without its folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits", "eurosat"]'),
+     "run eurosat-atoms: dataset 'eurosat' needs --data-root DIR"),
+    ("built-in dataset given a folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits"]').replace("[train]", '[train]\ndata_root = "d"'),
+     "dataset 'digits' is built in; it takes no --data-root"),
 ]
 
 
