@@ -29,7 +29,7 @@ GRID_FILE = "grid.png"
 # the grid's --prompts lines with their kohya-ss options (--n, --w, ...), in OUTPUT/samples: what every run's sample reads
 GRID_PROMPTS_FILE = "grid-prompts.txt"
 BASE_COLUMNS = (
-    "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+    "run", "method", "variant", "settings", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
 )
 
 
@@ -54,6 +54,8 @@ class RunSummary:
     resolution: int | None = None  # the run's --resolution; None: the model's own size
     stale_evaluation: str = ""  # why its eval.json's metrics were left out (they measured another adapter)
     unfinished: str = ""  # why the adapter is not the run's last ("step 16 of 40, training now (pid 7 on host)")
+    settings: dict[str, Any] = field(default_factory=dict)  # its config.toml's training settings, defaults filled in
+    differences: dict[str, str] = field(default_factory=dict)  # the settings the compared runs differ in, as shown
 
     def row(self) -> dict[str, Any]:
         """The CSV row: numbers as they are, blanks where nothing was logged or measured."""
@@ -61,6 +63,7 @@ class RunSummary:
             "run": self.name,
             "method": self.method,
             "variant": self.variant,
+            "settings": ", ".join(self.differences.values()),
             "model": self.model,
             "resolution": self.resolution,
             "trainable_parameters": self.num_parameters,
@@ -128,6 +131,7 @@ def summarize_run(path: str | Path) -> RunSummary:
         model=info.base_model,
         resolution=run_resolution(path),
         stale_evaluation=stale,
+        settings=run_settings(path),
     )
 
 
@@ -142,19 +146,130 @@ def run_resolution(path: Path) -> int | None:
     return resolution if isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0 else None
 
 
+# Training settings the table does not tell runs apart by: those it shows in columns of their own, and those that change
+# neither what a run learns nor what it draws (where it writes and logs, how often it saves, savers of time and memory)
+UNCOMPARED_SETTINGS = frozenset({
+    "method", "options", "model", "resolution", "output", "resume", "overwrite", "save_every", "checkpoint_every",
+    "keep_checkpoints", "gradient_checkpointing", "compile", "cache_latents", "validate_every", "validation_prompts",
+    "validation_dtype", "validation_width", "validation_height", "log_with", "tracker_project",
+})
+
+
+def train_defaults() -> dict[str, Any]:
+    """TrainConfig's settings at their defaults (None where the run resolves one: the learning rate, the token...)."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    return {spec.name: spec.default_factory() if spec.default_factory is not dataclasses.MISSING
+            else None if spec.default is dataclasses.MISSING else spec.default for spec in dataclasses.fields(TrainConfig)}
+
+
+def run_settings(path: Path) -> dict[str, Any]:
+    """The run's training settings from its config.toml, each one it leaves out at TrainConfig's default (config.toml
+    leaves out settings at their defaults, and an older one those that did not exist yet); {} without config.toml."""
+    from .config import read_toml
+
+    try:
+        written = read_toml(path / "config.toml")
+    except SdtuneError:
+        return {}
+    settings = {**train_defaults(), **written}
+    if isinstance(settings.get("concept"), str) and settings.get("token") == f"sks {settings['concept']}":
+        settings["token"] = None  # the default token follows the concept, which is shown
+    return settings
+
+
+def differing_settings(runs: list[RunSummary]) -> list[str]:
+    """The training settings whose values are not the same in every run (config.toml's order)."""
+    import json
+
+    known = [run for run in runs if run.settings]  # a run without config.toml tells nothing of its settings
+    keys = list(dict.fromkeys(key for run in known for key in run.settings if key not in UNCOMPARED_SETTINGS))
+    return [key for key in keys if len({json.dumps(run.settings.get(key), sort_keys=True, default=str) for run in known}) > 1]
+
+
+def short_paths(paths: list[str]) -> dict[str, str]:
+    """Each path by as few of its last parts as tell the paths apart: a run's adapter.safetensors by its run folder
+    (runs/lora-a/adapter.safetensors: lora-a; a/style.safetensors and b/style.safetensors: a/style.safetensors ...)."""
+    from .adapter import ADAPTER_FILE
+
+    def parts(path: str) -> list[str]:
+        found = [part for part in Path(os.path.normpath(path)).parts if part not in ("", "/", ".")]
+        return found[:-1] if len(found) > 1 and found[-1] == ADAPTER_FILE else found
+
+    distinct = list(dict.fromkeys(paths))
+    for depth in range(1, max((len(parts(path)) for path in distinct), default=1) + 1):
+        names = {path: "/".join(parts(path)[-depth:]) for path in distinct}
+        if len(set(names.values())) == len(distinct):
+            return names
+    return {path: path for path in distinct}
+
+
+def _setting_text(key: str, value: Any, short: dict[str, str], default: Any = None) -> str:
+    """One setting as the table shows it: `clip_skip=2`, a flag by its name, files by their short names, base adapters
+    at their strengths as given (`style.safetensors:0.5`); '' where it is off (no file, false, none) or at `default`."""
+    from .config import PATH_SETTINGS, parse_base_adapter
+
+    if value is None or value is False or value == [] or value == {} or value == "" or value == default:
+        return ""
+    if value is True:
+        return key
+    if key == "base_adapters" and isinstance(value, list):
+        shown = []
+        for entry in map(str, value):
+            path = parse_base_adapter(entry).path
+            shown.append(short.get(path, path) + entry[len(path):])  # the strength as written (":0.5"), if any
+        return f"{key}={'+'.join(shown)}"
+    if isinstance(value, list):
+        return f"{key}={'+'.join(short.get(str(item), str(item)) if key in PATH_SETTINGS else str(item) for item in value)}"
+    if key in PATH_SETTINGS and isinstance(value, str):
+        return f"{key}={short.get(value, value)}"
+    if isinstance(value, float):
+        return f"{key}={value:g}"
+    if isinstance(value, str) and (" " in value or "," in value or not value):
+        return f'{key}="{value}"'
+    return f"{key}={value}"
+
+
+def describe_differences(runs: list[RunSummary]) -> None:
+    """Set each run's `differences`: the settings the runs differ in (init_weights, clip_skip, seed, lr ...) that
+    the method, variant, model and resolution do not show, each as `_setting_text` writes it, where the run's is not
+    sdtune's default (a learning rate always: its default is the method's)."""
+    from .config import PATH_SETTINGS, parse_base_adapter
+
+    keys = differing_settings(runs)
+    defaults = train_defaults()
+    for key in keys:
+        paths: list[str] = []
+        if key in PATH_SETTINGS:
+            for run in runs:
+                value = run.settings.get(key)
+                entries = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+                paths += [parse_base_adapter(str(entry)).path if key == "base_adapters" else str(entry) for entry in entries]
+        short = short_paths(paths)
+        for run in runs:
+            text = _setting_text(key, run.settings.get(key), short, defaults.get(key))
+            if text:
+                run.differences[key] = text
+
+
 def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
     # the base model and training size are shown where the runs differ in them: a sweep's runs mostly share both
     settings = [("model", "model"), ("resolution", "px")]
     settings = [(key, title) for key, title in settings if len({getattr(run, key) for run in runs}) > 1]
-    header = ["run", "method", "variant", *(title for _, title in settings), "trainable", "adapter", "s/step", "peak MB"]
+    differ = any(run.differences for run in runs)  # what else tells the runs apart: init_weights, clip_skip, seed ...
+    header = ["run", "method", "variant", *(["settings"] if differ else []), *(title for _, title in settings),
+              "trainable", "adapter", "s/step", "peak MB"]
     header += [METRICS[name][0] for name in metric_names]
-    texts = 3 + len(settings)
+    texts = 3 + differ + len(settings)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * texts + ["---:"] * (len(header) - texts)) + "|"]
     for run in runs:
         cells = [
             run.name + (" (unfinished)" if run.unfinished else ""),
             run.method,
             run.variant,
+            *([", ".join(run.differences.values())] if differ else []),
             *(("native" if getattr(run, key) is None else str(getattr(run, key))) for key, _ in settings),
             f"{run.num_parameters:,}",
             human_bytes(run.adapter_bytes),
@@ -412,6 +527,7 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     config = CompareConfig.load(None, runs=[str(r) for r in runs], output=str(output), **options)
     summaries = [summarize_run(path) for path in config.runs]
     _unique_names(summaries)
+    describe_differences(summaries)
     for run in summaries:
         if run.unfinished:
             warn(f"{run.name} is unfinished: its adapter is of {run.unfinished}; it is compared as it is now")
@@ -444,6 +560,9 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
         "- Trainable: parameters the optimiser updates. Adapter: the adapter file's size. s/step: median training "
         "step time from metrics.jsonl. Peak MB: peak memory, where the run logged it."
     )
+    if any(run.differences for run in summaries):
+        lines.append("- Settings: the training settings (config.toml's) the runs differ in, where a run's is not sdtune's "
+                     "default (a learning rate always: its default is the method's).")
     lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
     notes = unavailable_notes(summaries)
     unfinished = [f"- {run.name} is unfinished: its adapter is of {run.unfinished}." for run in summaries if run.unfinished]

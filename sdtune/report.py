@@ -248,19 +248,25 @@ def write_html_report(plan, comparison) -> Path:
 
     folder = plan.report_folder
     folder.mkdir(parents=True, exist_ok=True)
+    axes = [axis for axis, _ in plan.axes]
     rows_by_folder = {}
     if comparison is not None:
         for summary in comparison.runs:
-            rows_by_folder[Path(summary.path).resolve()] = summary.row()
+            row = summary.row()
+            # what tells the runs apart beside their axes' columns and the lr column (an init_weights a method axis's
+            # table sets, a clip_skip of the plan's [train] that differs ...)
+            row["settings"] = ", ".join(text for key, text in summary.differences.items() if key not in axes and key != "lr")
+            rows_by_folder[Path(summary.path).resolve()] = row
     metric_names = [name for name in METRICS if any(row.get(name) not in ("", None) for row in rows_by_folder.values())]
-    axes = [axis for axis, _ in plan.axes]
 
     def link(run) -> str:
         return html.escape(os.path.relpath(run.folder / "config.toml", folder).replace(os.sep, "/"))
 
     columns = [("index", "#", True), ("run", "run", False), ("state", "state", False)]
     columns += [(f"axis-{axis}", axis, False) for axis in axes]
-    columns += [("variant", "variant", False), ("lr", "lr", True), ("trainable_parameters", "trainable", True),
+    columns += [("variant", "variant", False)]
+    columns += [("settings", "settings", False)] if any(row["settings"] for row in rows_by_folder.values()) else []
+    columns += [("lr", "lr", True), ("trainable_parameters", "trainable", True),
                 ("train_seconds_per_step", "s/step", True)]
     columns += [(name, METRICS[name][0], True) for name in metric_names]
     columns += [("error", "note", False)]

@@ -417,7 +417,8 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
         rows = list(csv.DictReader(handle))
     assert [row["run"] for row in rows] == ["atoms", "lora"] and [row["method"] for row in rows] == ["atoms", "lora"]
     assert list(rows[0]) == [
-        "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+        "run", "method", "variant", "settings", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step",
+        "peak_memory_mb",
         "clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "diversity",
         "digit_fidelity", "style_fidelity", "preservation",
     ]
@@ -816,3 +817,38 @@ def test_evaluate_reads_prompt_files_without_their_kohya_options_and_compare_wit
     lines = grid_prompts(SimpleNamespace(prompt=["first"], prompts=str(prompts)), [])  # compare's grid draws a line's options
     assert [line.prompt for line in lines] == ["first", "a castle", "a tower", "a bridge", "a gate"]
     assert (lines[1].negative_prompt, lines[1].width, lines[3].seed) == ("blurry", 512, 3)
+
+
+def test_the_comparison_says_which_settings_tell_the_runs_apart(tmp_path):
+    """Runs of one method and variant that differ in their starting file, base adapters, prompt reading, schedule or
+    seed: the table and CSV name only the settings the runs differ in, each where a run's is not the default, files by
+    their short names (a run's adapter by its run), strengths as given."""
+    from sdtune.comparison import RunSummary, describe_differences, markdown_table, run_settings
+
+    common = 'method = "lora"\nmodel = "tiny-random"\nlr = 3e-05\nsteps = 2\nseed = 0\nlog_with = "none"\n'
+    written = {
+        "plain": "",
+        "started": 'init_weights = "runs/earlier/adapter.safetensors"\n',
+        "stacked": 'base_adapters = ["styles/a/style.safetensors:0.50", "styles/b/style.safetensors"]\n',
+        "read": "clip_skip = 2\nmax_token_length = 150\n",
+        "snr": "zero_terminal_snr = true\nseed = 1\n",
+    }
+    runs = []
+    for name, extra in written.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.toml").write_text(common.replace("seed = 0\n", "") + ("" if "seed" in extra else "seed = 0\n")
+                                            + f'output = "runs/{name}"\n' + extra)
+        runs.append(RunSummary(name, folder, "lora", "defaults", 1, 1, settings=run_settings(folder)))
+    describe_differences(runs)
+    assert [", ".join(run.differences.values()) for run in runs] == [
+        "", "init_weights=earlier", "base_adapters=a/style.safetensors:0.50+b/style.safetensors",
+        "clip_skip=2, max_token_length=150", "seed=1, zero_terminal_snr"]
+    lines = markdown_table(runs, []).splitlines()
+    assert lines[0] == "| run | method | variant | settings | trainable | adapter | s/step | peak MB |"
+    assert lines[1] == "|---|---|---|---|---:|---:|---:|---:|"
+    assert lines[2].startswith("| plain | lora | defaults |  | 1 |") and lines[5].startswith("| read | lora | defaults | clip_skip=2, max_token_length=150 | 1 |")
+    assert runs[4].row()["settings"] == "seed=1, zero_terminal_snr"
+    alike = [RunSummary(run.name, run.path, "lora", "defaults", 1, 1, settings=run_settings(run.path)) for run in runs[:1] * 2]
+    describe_differences(alike)  # runs that differ in nothing but their folder: no settings column
+    assert markdown_table(alike, []).splitlines()[0] == "| run | method | variant | trainable | adapter | s/step | peak MB |"

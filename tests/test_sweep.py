@@ -575,3 +575,23 @@ def test_a_dataset_runs_samples_are_its_classes_unless_the_plan_gives_prompts(tm
     assert (sample.dataset, sample.classes, sample.num_images) == ("digits", ["three", "seven"], 1)
     given = read_plan(write_plan(tmp_path, text + 'prompt = ["a three"]\n', name="given.toml"), tmp_path / "out").runs[0].sample
     assert given.dataset is None and given.prompt == ["a three"]
+
+
+def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tmp_path, private_cache):
+    """Two runs of one method whose axis values (tables named by their label) set a clip_skip and a zero terminal SNR:
+    the report's table says so, as compare's does; a setting an axis's column shows (seed) is not said twice."""
+    import html
+
+    text = ('name = "reading"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nsteps = 1\nlog_with = "none"\n'
+            '[axes]\nmethod = [{ name = "plain", method = "lora" }, { name = "skip2", method = "lora", clip_skip = 2 }]\n'
+            'seed = [0, 1]\n[sample]\nprompt = ["a <castle>"]\nnum_images = 1\nsteps = 1\n')
+    result, lines = sweep(write_plan(tmp_path, text), tmp_path / "out")
+    assert result.exit_code == 0 and len(result.ran) == 4, lines
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    header = re.search(r'<table id="runs"><thead><tr>(.*?)</tr>', page).group(1)
+    assert re.findall(r'data-key="([^"]+)"', header)[:7] == ["index", "run", "state", "axis-method", "axis-seed", "variant", "settings"]
+    settings = {name: html.unescape(cell) for name, cell in re.findall(
+        r'<tr class="finished" data-run="([^"]+)">(?:<td[^>]*>.*?</td>){6}<td data-value="([^"]*)">', page)}
+    assert settings == {"plain-seed0": "", "plain-seed1": "", "skip2-seed0": "clip_skip=2", "skip2-seed1": "clip_skip=2"}, settings
+    table = (tmp_path / "out" / "report" / "compare" / "comparison.md").read_text()
+    assert "| skip2-seed1 | lora | defaults | clip_skip=2, seed=1 |" in table, table
