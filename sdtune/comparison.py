@@ -504,6 +504,64 @@ def unavailable_notes(runs: list[RunSummary]) -> list[str]:
     return lines
 
 
+def earlier_runs(out: Path) -> list[str]:
+    """The runs of the comparison written into `out` before (its comparison.csv's run column): the names of the
+    samples/<run> folders its grid drew."""
+    try:
+        with open(out / CSV_FILE, newline="", encoding="utf-8") as handle:
+            return [row.get("run") or "" for row in csv.DictReader(handle)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def not_drawn_by_sample(folder: Path) -> list[str]:
+    """What a run's samples folder holds that `sdtune sample` does not write (its images, grid, lock and temporaries),
+    relative to the folder: a person's own files, which a comparison never removes."""
+    from .fileio import LOCK_FILE, temporary_target
+    from .sampling import GRID_FILE as SAMPLE_GRID, IMAGE_NAME
+
+    def sampled(name: str, own) -> bool:
+        return own(name) or own(temporary_target(name) or "")
+
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "images" and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"images/{image.name}" for image in sorted(entry.iterdir())
+                        if image.is_dir() or not sampled(image.name, lambda name: bool(IMAGE_NAME.match(name)))]
+        elif entry.is_dir() or not sampled(entry.name, lambda name: name in (SAMPLE_GRID, LOCK_FILE)):
+            foreign.append(entry.name)
+    return foreign
+
+
+def remove_stale_outputs(out: Path, drawn: set[str], written: set[str]) -> None:
+    """Remove what the comparison written into `out` before wrote that this one does not write again (`drawn`: the runs
+    whose samples/<run> it draws; `written`: the files it writes, relative to `out`): a dropped run's samples, a grid
+    (--no-grid), the plot of a metric no run has now. Only compare's own outputs are removed, and only where `out`
+    holds a comparison: a run's samples folder that holds anything `sdtune sample` did not write stays, with a warning."""
+    from .fileio import remove_directory
+
+    if not (out / CSV_FILE).is_file():  # no comparison here: nothing in `out` is known to be compare's
+        return
+    samples = out / "samples"
+    for name in dict.fromkeys(earlier_runs(out)):
+        folder = samples / name
+        if name in drawn or name in ("", ".", "..") or Path(name).name != name or folder.is_symlink() or not folder.is_dir():
+            continue
+        foreign = not_drawn_by_sample(folder)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            warn(f"{folder} is kept: an earlier comparison drew {name} there, but it also holds {foreign[0]}{more}, which "
+                 f"compare did not write; {name} is not in this comparison")
+            continue
+        remove_directory(folder)
+    own = [GRID_FILE, LOSS_PLOT, f"samples/{GRID_PROMPTS_FILE}", *(f"{name}-vs-parameters.png" for name in METRICS)]
+    for name in own:
+        if name not in written and (out / name).is_file() and not (out / name).is_symlink():
+            (out / name).unlink()
+    if samples.is_dir() and not samples.is_symlink() and not any(samples.iterdir()):
+        samples.rmdir()
+
+
 def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     """The grid's prompts (`data.PromptLine`s): --prompt's as given, then --prompts' lines with their kohya-ss options
     (--n, --w, --h, --d, --s, --l, as `sdtune sample` reads them: every run draws a line alike), else the first run's
@@ -540,6 +598,13 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
 
     files: list[Path] = []
     metric_names = [name for name in METRICS if any(name in run.metrics for run in summaries)]
+    plotted = [name for name in metric_names if name != "kid_std"]
+    losses = any(run.losses for run in summaries)
+    written = {CSV_FILE, TABLE_FILE, *(f"{name}-vs-parameters.png" for name in plotted), *([LOSS_PLOT] if losses else [])}
+    if config.grid:
+        written |= {GRID_FILE, *([f"samples/{GRID_PROMPTS_FILE}"] if any(line.where for line in prompts) else [])}
+    # before this comparison's first file: the earlier one's comparison.csv still names the runs whose samples it drew
+    remove_stale_outputs(out, {run.name for run in summaries} if config.grid else set(), written)
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(BASE_COLUMNS) + list(METRICS), lineterminator="\n")
@@ -549,8 +614,8 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     write_text_atomic(out / CSV_FILE, buffer.getvalue())
     files.append(out / CSV_FILE)
 
-    plots = [plot_metric(summaries, name, out / f"{name}-vs-parameters.png") for name in metric_names if name != "kid_std"]
-    if any(run.losses for run in summaries):
+    plots = [plot_metric(summaries, name, out / f"{name}-vs-parameters.png") for name in plotted]
+    if losses:
         plots.append(plot_losses(summaries, out / LOSS_PLOT))
     grid = sample_grid(summaries, prompts, grid_configs, out, progress) if config.grid else None
 

@@ -852,3 +852,39 @@ def test_the_comparison_says_which_settings_tell_the_runs_apart(tmp_path):
     alike = [RunSummary(run.name, run.path, "lora", "defaults", 1, 1, settings=run_settings(run.path)) for run in runs[:1] * 2]
     describe_differences(alike)  # runs that differ in nothing but their folder: no settings column
     assert markdown_table(alike, []).splitlines()[0] == "| run | method | variant | trainable | adapter | s/step | peak MB |"
+
+
+def test_a_comparison_written_again_leaves_no_earlier_runs_samples_nor_grid_nor_plots(two_runs, tmp_path):
+    """A run dropped from a comparison written again into the same folder loses its samples there; --no-grid drops the
+    grid; a metric no run has now loses its plot. Nothing compare did not write goes: a person's file in a dropped run's
+    samples keeps that folder (with a warning), a folder compare never drew stays, and a folder that holds no
+    comparison is left alone."""
+    runs = []
+    for run in two_runs:
+        shutil.copytree(run, tmp_path / "runs" / run.name, ignore=shutil.ignore_patterns("eval.json"))
+        runs.append(str(tmp_path / "runs" / run.name))
+    out = tmp_path / "cmp"
+    sdtune.compare(runs, str(out), prompt=["a <castle>"], steps=1, progress=False)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["atoms", "lora"]
+    (out / "samples" / "mine").mkdir()
+    (out / "samples" / "mine" / "000-seed0.png").write_bytes(b"a person's own")
+    (out / "fid-vs-parameters.png").write_bytes(b"an earlier evaluation's plot")
+
+    sdtune.compare(runs[:1], str(out), prompt=["a <castle>"], steps=1, progress=False)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["atoms", "mine"]
+    assert not (out / "fid-vs-parameters.png").exists() and (out / "grid.png").is_file()
+
+    sdtune.compare(runs, str(out), prompt=["a <castle>"], steps=1, progress=False)
+    (out / "samples" / "lora" / "notes.txt").write_text("lora looked washed out")
+    with pytest.warns(UserWarning, match=r"samples/lora is kept: an earlier comparison drew lora there, but it also holds "
+                                         r"notes.txt, which compare did not write; lora is not in this comparison$"):
+        sdtune.compare(runs[:1], str(out), grid=False, progress=False)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["lora", "mine"] and not (out / "grid.png").exists()
+    assert (out / "samples" / "lora" / "notes.txt").is_file() and (out / "samples" / "lora" / "images" / "000-seed0.png").is_file()
+
+    foreign = tmp_path / "mine"  # a folder of the same layout that holds no comparison
+    (foreign / "samples" / "lora" / "images").mkdir(parents=True)
+    (foreign / "samples" / "lora" / "images" / "000-seed0.png").write_bytes(b"png")
+    (foreign / "grid.png").write_bytes(b"png")
+    sdtune.compare(runs[:1], str(foreign), grid=False, progress=False)
+    assert (foreign / "samples" / "lora" / "images" / "000-seed0.png").is_file() and (foreign / "grid.png").is_file()
