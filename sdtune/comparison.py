@@ -562,6 +562,16 @@ def remove_stale_outputs(out: Path, drawn: set[str], written: set[str]) -> None:
         samples.rmdir()
 
 
+def missing_evaluations(runs: list[RunSummary]) -> list[str]:
+    """A line for each run that has no metrics (no eval.json, or one of an earlier adapter), naming what to run; one
+    line where none of several runs was evaluated."""
+    missing = [run for run in runs if not run.metrics and not run.unavailable]
+    if len(runs) > 1 and len(missing) == len(runs) and not any(run.stale_evaluation for run in runs):
+        return ["- No run was evaluated (no eval.json): run `sdtune evaluate --run RUN` on each to measure it."]
+    return [f"- {run.name}: not evaluated (" + (f"{run.stale_evaluation}" if run.stale_evaluation else "no eval.json")
+            + f"; run `sdtune evaluate --run {run.path}`)" for run in missing]
+
+
 def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     """The grid's prompts (`data.PromptLine`s): --prompt's as given, then --prompts' lines with their kohya-ss options
     (--n, --w, --h, --d, --s, --l, as `sdtune sample` reads them: every run draws a line alike), else the first run's
@@ -576,8 +586,10 @@ def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     return [PromptLine(prompt) for prompt in first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>")]
 
 
-def compare(runs: list[str], output: str, progress: bool = True, **options: Any) -> Comparison:
-    """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png."""
+def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: bool = True, **options: Any) -> Comparison:
+    """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png. `metrics_asked`
+    False (a sweep of `metrics = "none"`): the table says once that no metrics were asked for, not of every run that it
+    was not evaluated."""
     from .fileio import ensure_writable_folder, write_text_atomic
 
     if isinstance(runs, (str, os.PathLike)):  # one run folder, not a list of one-letter names
@@ -633,8 +645,10 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     unfinished = [f"- {run.name} is unfinished: its adapter is of {run.unfinished}." for run in summaries if run.unfinished]
     if unfinished:
         lines += ["", "## Unfinished runs", "", *unfinished]
-    missing = [f"- {run.name}: not evaluated (" + (f"{run.stale_evaluation}" if run.stale_evaluation else "no eval.json")
-               + f"; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
+    if not metrics_asked:
+        lines.append('- Metrics: none were asked for (the sweep\'s metrics = "none")'
+                     + ("; a run's are shown where `sdtune evaluate` measured it." if metric_names else "."))
+    missing = missing_evaluations(summaries) if metrics_asked else []
     if notes or missing:
         lines += ["", "## Missing metrics", "", *missing, *notes]
     if plots:

@@ -775,7 +775,7 @@ def write_report(plan: Plan, log: Callable[[str], None] = print) -> Path:
             from .comparison import compare
 
             comparison = compare([str(run.folder) for run in finished], str(plan.report_folder / "compare"),
-                                 progress=False, grid=False)
+                                 progress=False, metrics_asked=plan.metrics != "none", grid=False)
         path = write_html_report(plan, comparison)
         if [run.state() for run in plan.runs] == states:
             break

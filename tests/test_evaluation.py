@@ -888,3 +888,25 @@ def test_a_comparison_written_again_leaves_no_earlier_runs_samples_nor_grid_nor_
     (foreign / "grid.png").write_bytes(b"png")
     sdtune.compare(runs[:1], str(foreign), grid=False, progress=False)
     assert (foreign / "samples" / "lora" / "images" / "000-seed0.png").is_file() and (foreign / "grid.png").is_file()
+
+
+def test_runs_none_of_which_was_evaluated_are_said_so_once(two_runs, tmp_path):
+    """Six runs without eval.json are one line, not six; a comparison asked for no metrics (a sweep's metrics = "none")
+    says that instead; where some runs were measured, the others are named each."""
+    from sdtune.comparison import compare, missing_evaluations, summarize_run
+
+    runs = []
+    for index in range(6):
+        shutil.copytree(two_runs[index % 2], tmp_path / f"run{index}", ignore=shutil.ignore_patterns("eval.json"))
+        runs.append(str(tmp_path / f"run{index}"))
+    compare(runs, str(tmp_path / "cmp"), grid=False, progress=False)
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "not evaluated" not in text
+    assert text.count("- No run was evaluated (no eval.json): run `sdtune evaluate --run RUN` on each to measure it.") == 1
+    compare(runs, str(tmp_path / "cmp"), grid=False, progress=False, metrics_asked=False)
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## Missing metrics" not in text and "evaluated" not in text
+    assert '- Metrics: none were asked for (the sweep\'s metrics = "none").' in text
+    summaries = [summarize_run(run) for run in runs[:2]]
+    summaries[0].metrics = {"clip_t": 30.0}
+    assert missing_evaluations(summaries) == [f"- run1: not evaluated (no eval.json; run `sdtune evaluate --run {runs[1]}`)"]

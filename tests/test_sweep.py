@@ -595,3 +595,6 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     assert settings == {"plain-seed0": "", "plain-seed1": "", "skip2-seed0": "clip_skip=2", "skip2-seed1": "clip_skip=2"}, settings
     table = (tmp_path / "out" / "report" / "compare" / "comparison.md").read_text()
     assert "| skip2-seed1 | lora | defaults | clip_skip=2, seed=1 |" in table, table
+    # metrics = "none": said once, not a line a run that it was not evaluated
+    assert "not evaluated" not in table and "Missing metrics" not in table
+    assert table.count('- Metrics: none were asked for (the sweep\'s metrics = "none").') == 1, table
