@@ -68,7 +68,8 @@ class RunSummary:
             "resolution": self.resolution,
             "trainable_parameters": self.num_parameters,
             "adapter_bytes": self.adapter_bytes,
-            "train_seconds_per_step": self.seconds_per_step,
+            # six digits: a median of two float times reads 0.0961, not 0.09609999999999999
+            "train_seconds_per_step": None if self.seconds_per_step is None else float(f"{self.seconds_per_step:.6g}"),
             "peak_memory_mb": self.peak_memory_mb,
         }
         values.update({name: self.metrics.get(name) for name in METRICS})
@@ -171,22 +172,27 @@ def run_settings(path: Path) -> dict[str, Any]:
     from .config import read_toml
 
     try:
-        written = read_toml(path / "config.toml")
+        return with_defaults(read_toml(path / "config.toml"))
     except SdtuneError:
         return {}
+
+
+def with_defaults(written: dict[str, Any]) -> dict[str, Any]:
+    """Training settings as config.toml writes them (`TrainConfig.to_dict`), every one left out at its default."""
     settings = {**train_defaults(), **written}
     if isinstance(settings.get("concept"), str) and settings.get("token") == f"sks {settings['concept']}":
         settings["token"] = None  # the default token follows the concept, which is shown
     return settings
 
 
-def differing_settings(runs: list[RunSummary]) -> list[str]:
-    """The training settings whose values are not the same in every run (config.toml's order)."""
+def differing_settings(settings: list[dict[str, Any]], uncompared: frozenset[str] = UNCOMPARED_SETTINGS) -> list[str]:
+    """The training settings but `uncompared` whose values are not the same in every run's `settings` (config.toml's
+    order)."""
     import json
 
-    known = [run for run in runs if run.settings]  # a run without config.toml tells nothing of its settings
-    keys = list(dict.fromkeys(key for run in known for key in run.settings if key not in UNCOMPARED_SETTINGS))
-    return [key for key in keys if len({json.dumps(run.settings.get(key), sort_keys=True, default=str) for run in known}) > 1]
+    known = [values for values in settings if values]  # a run without config.toml tells nothing of its settings
+    keys = list(dict.fromkeys(key for values in known for key in values if key not in uncompared))
+    return [key for key in keys if len({json.dumps(values.get(key), sort_keys=True, default=str) for values in known}) > 1]
 
 
 def short_paths(paths: list[str]) -> dict[str, str]:
@@ -232,38 +238,49 @@ def _setting_text(key: str, value: Any, short: dict[str, str], default: Any = No
     return f"{key}={value}"
 
 
-def describe_differences(runs: list[RunSummary]) -> None:
-    """Set each run's `differences`: the settings the runs differ in (init_weights, clip_skip, seed, lr ...) that
-    the method, variant, model and resolution do not show, each as `_setting_text` writes it, where the run's is not
-    sdtune's default (a learning rate always: its default is the method's)."""
+def setting_differences(settings: list[dict[str, Any]], uncompared: frozenset[str] = UNCOMPARED_SETTINGS) -> list[dict[str, str]]:
+    """For each run's training settings (`with_defaults`'), the settings but `uncompared` the runs differ in, each as
+    `_setting_text` writes it, where the run's is not sdtune's default (a learning rate always: its default is the
+    method's)."""
     from .config import PATH_SETTINGS, parse_base_adapter
 
-    keys = differing_settings(runs)
     defaults = train_defaults()
-    for key in keys:
+    differences: list[dict[str, str]] = [{} for _ in settings]
+    for key in differing_settings(settings, uncompared):
         paths: list[str] = []
         if key in PATH_SETTINGS:
-            for run in runs:
-                value = run.settings.get(key)
+            for values in settings:
+                value = values.get(key)
                 entries = value if isinstance(value, list) else [value] if isinstance(value, str) else []
                 paths += [parse_base_adapter(str(entry)).path if key == "base_adapters" else str(entry) for entry in entries]
         short = short_paths(paths)
-        for run in runs:
-            text = _setting_text(key, run.settings.get(key), short, defaults.get(key))
+        for values, shown in zip(settings, differences):
+            text = _setting_text(key, values.get(key), short, defaults.get(key))
             if text:
-                run.differences[key] = text
+                shown[key] = text
+    return differences
+
+
+def describe_differences(runs: list[RunSummary]) -> None:
+    """Set each run's `differences`: the settings the runs differ in (init_weights, clip_skip, seed, lr ...) that the
+    method, variant, model and resolution do not show (`setting_differences`)."""
+    for run, differences in zip(runs, setting_differences([run.settings for run in runs])):
+        run.differences = differences
 
 
 def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
+    """The runs' table, its columns padded to one width each (text left, numbers right), so that it reads aligned where
+    it is printed as it is, and renders as any markdown table."""
     # the base model and training size are shown where the runs differ in them: a sweep's runs mostly share both
     settings = [("model", "model"), ("resolution", "px")]
     settings = [(key, title) for key, title in settings if len({getattr(run, key) for run in runs}) > 1]
     differ = any(run.differences for run in runs)  # what else tells the runs apart: init_weights, clip_skip, seed ...
+    memory = any(run.peak_memory_mb is not None for run in runs)  # a column no run logged would stand empty
     header = ["run", "method", "variant", *(["settings"] if differ else []), *(title for _, title in settings),
-              "trainable", "adapter", "s/step", "peak MB"]
+              "trainable", "adapter", "s/step", *(["peak MB"] if memory else [])]
     header += [METRICS[name][0] for name in metric_names]
     texts = 3 + differ + len(settings)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * texts + ["---:"] * (len(header) - texts)) + "|"]
+    rows = []
     for run in runs:
         cells = [
             run.name + (" (unfinished)" if run.unfinished else ""),
@@ -274,11 +291,18 @@ def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
             f"{run.num_parameters:,}",
             human_bytes(run.adapter_bytes),
             f"{run.seconds_per_step:.3f}" if run.seconds_per_step is not None else "",
-            f"{run.peak_memory_mb:,.0f}" if run.peak_memory_mb is not None else "",
+            *([f"{run.peak_memory_mb:,.0f}" if run.peak_memory_mb is not None else ""] if memory else []),
         ]
         cells += [format_metric(name, run.metrics[name]) if name in run.metrics else "" for name in metric_names]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines)
+        rows.append([cell.replace("|", "\\|") for cell in cells])
+    widths = [max(3, len(title), *(len(row[column]) for row in rows)) for column, title in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) if column < texts else cell.rjust(width)
+                                 for column, (cell, width) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) if column < texts else "-" * (width + 1) + ":" for column, width in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +659,8 @@ def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: 
     lines = ["# Comparison", "", table, ""]
     lines.append(
         "- Trainable: parameters the optimiser updates. Adapter: the adapter file's size. s/step: median training "
-        "step time from metrics.jsonl. Peak MB: peak memory, where the run logged it."
+        "step time from metrics.jsonl." + (" Peak MB: peak memory, where the run logged it."
+                                           if any(run.peak_memory_mb is not None for run in summaries) else "")
     )
     if any(run.differences for run in summaries):
         lines.append("- Settings: the training settings (config.toml's) the runs differ in, where a run's is not sdtune's "

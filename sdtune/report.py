@@ -243,7 +243,7 @@ def seeds_csv(groups: list[dict[str, Any]], axes: list[str], keys: list[str]) ->
 
 def write_html_report(plan, comparison) -> Path:
     """Write plan.output/report/index.html (atomically: shards may write it at the same time)."""
-    from .evaluation import METRICS
+    from .evaluation import METRICS, format_metric
     from .fileio import write_text_atomic
 
     folder = plan.report_folder
@@ -292,6 +292,10 @@ def write_html_report(plan, comparison) -> Path:
             value = values.get(key, "")
             raw = "" if value in ("", None) else str(value)
             shown = _number(value) if numeric else raw
+            if isinstance(value, float) and key in METRICS:  # as comparison.md shows them: one precision a column
+                shown = format_metric(key, value)
+            elif isinstance(value, float) and key == "train_seconds_per_step":
+                shown = f"{value:.3f}"
             if key == "run" and state == "finished":
                 shown_html = f'<a href="{link(run)}">{html.escape(shown)}</a>'
             else:

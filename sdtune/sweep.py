@@ -519,9 +519,16 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
     finished and failed mean."""
     from .methods import method_class
 
+    from .comparison import UNCOMPARED_SETTINGS, setting_differences, with_defaults
+
     width = max((len(run.name) for run in runs), default=0)
     lines = []
     said: list[str] = []
+    # what else tells the plan's runs apart (a clip_skip a method axis's table sets ...): its line names the rest
+    named = {"method", "options", "concept", "dataset", "lr", "seed", "steps", "init_weights", "base_adapters"}
+    uncompared = (UNCOMPARED_SETTINGS - {"model", "resolution"}) | named
+    differences = setting_differences([with_defaults(run.train.to_dict()) for run in plan.runs], frozenset(uncompared))
+    others = {run.index: ", ".join(shown.values()) for run, shown in zip(plan.runs, differences)}
     for run in runs:
         train = run.train
         options = ", ".join(f"{k}={v}" for k, v in train.options.items())
@@ -539,7 +546,8 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
         bases = ", ".join(f"{base.path} at {base.strength:g}" for base in train.base_adapter_entries)
         start = (f", starts from {train.init_weights}" if train.init_weights else "") + (f", on base adapters {bases}" if bases else "")
         lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {state:<8}  {train.method}"
-                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps{start}"
+                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {counted(train.steps, 'step')}"
+                     + (f", {others[run.index]}" if others.get(run.index) else "") + start
                      + (f"; {note}" if note else ""))
     return lines + [f"{state}: {PENDING_STATES[state]}" for state in said]
 

@@ -217,7 +217,9 @@ def test_raised_steps_a_run_cannot_be_extended_to_are_trained_afresh_and_the_dry
     assert result.exit_code == 0 and len(result.ran) == 4, lines
     changed = write_plan(tmp_path, plan_text(3, 1), name="changed.toml")
     dry = invoke("sweep", changed, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
-    states = {line.split()[1]: (line.split()[2], line.split("steps; ")[-1]) for line in dry[1:5]}
+    states = {line.split()[1]: (line.split()[2], line.split("; ", 1)[-1]) for line in dry[1:5]}
+    assert dry[1].endswith(", seed 0, 3 steps, lr_scheduler=cosine; steps: 2 -> 3 (the cosine rate depends on the step count)")
+    assert ", seed 0, 1 step; " in dry[3]  # what tells the runs apart beside the steps, and a step counted as one
     assert states == {
         "castle-cosine": ("changed", "steps: 2 -> 3 (the cosine rate depends on the step count)"),
         "castle-unsaved": ("changed", "no checkpoint to extend its 2 steps from"),
@@ -585,7 +587,11 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     text = ('name = "reading"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nsteps = 1\nlog_with = "none"\n'
             '[axes]\nmethod = [{ name = "plain", method = "lora" }, { name = "skip2", method = "lora", clip_skip = 2 }]\n'
             'seed = [0, 1]\n[sample]\nprompt = ["a <castle>"]\nnum_images = 1\nsteps = 1\n')
-    result, lines = sweep(write_plan(tmp_path, text), tmp_path / "out")
+    plan = write_plan(tmp_path, text)
+    dry = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].endswith("  plain-seed0  pending   lora, castle, lr 3e-05 (default), seed 0, 1 step"), dry
+    assert dry[4].endswith("  skip2-seed1  pending   lora, castle, lr 3e-05 (default), seed 1, 1 step, clip_skip=2"), dry
+    result, lines = sweep(plan, tmp_path / "out")
     assert result.exit_code == 0 and len(result.ran) == 4, lines
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     header = re.search(r'<table id="runs"><thead><tr>(.*?)</tr>', page).group(1)
@@ -593,8 +599,31 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     settings = {name: html.unescape(cell) for name, cell in re.findall(
         r'<tr class="finished" data-run="([^"]+)">(?:<td[^>]*>.*?</td>){6}<td data-value="([^"]*)">', page)}
     assert settings == {"plain-seed0": "", "plain-seed1": "", "skip2-seed0": "clip_skip=2", "skip2-seed1": "clip_skip=2"}, settings
-    table = (tmp_path / "out" / "report" / "compare" / "comparison.md").read_text()
+    table = re.sub(" +", " ", (tmp_path / "out" / "report" / "compare" / "comparison.md").read_text())
     assert "| skip2-seed1 | lora | defaults | clip_skip=2, seed=1 |" in table, table
     # metrics = "none": said once, not a line a run that it was not evaluated
     assert "not evaluated" not in table and "Missing metrics" not in table
     assert table.count('- Metrics: none were asked for (the sweep\'s metrics = "none").') == 1, table
+
+
+def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_does(tmp_path, private_cache):
+    """0.86 and 0.8599 in one column read as numbers of different precision: the report shows a metric's column as
+    comparison.md does (CLIP-T 33.20, CLIP-I 0.8600, KID 0.50000, s/step 0.125)."""
+    from sdtune.comparison import compare
+    from sdtune.config import TrainConfig
+    from sdtune.evaluation import FORMAT
+    from sdtune.report import write_html_report
+    from sdtune.sweep import Plan, RunSpec, write_marker
+    from sdtune.training import train
+
+    folder = train(TrainConfig(model="tiny-random", steps=1, log_with="none", output=str(tmp_path / "out" / "runs" / "a")),
+                   progress=False).output
+    (folder / "eval.json").write_text(json.dumps({"format": FORMAT, "unavailable": {},
+                                                  "metrics": {"clip_t": 33.2, "clip_i": 0.86, "kid": 0.5}}))
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "step_seconds": 0.125}\n')
+    run = RunSpec(0, "a", {}, folder, TrainConfig(), None, {}, fingerprint="f")
+    write_marker(run, "finished")
+    plan = Plan(tmp_path / "plan.toml", "one", "", tmp_path / "out", "standard", {}, [], None, {}, runs=[run])
+    page = write_html_report(plan, compare([str(folder)], str(tmp_path / "cmp"), grid=False, progress=False)).read_text()
+    cells = dict(re.findall(r'<td class="number" data-value="([^"]+)">([^<]*)</td>', page))
+    assert cells["33.2"] == "33.20" and cells["0.86"] == "0.8600" and cells["0.5"] == "0.50000" and cells["0.125"] == "0.125", cells
