@@ -265,7 +265,8 @@ def write_html_report(plan, comparison) -> Path:
     columns = [("index", "#", True), ("run", "run", False), ("state", "state", False)]
     columns += [(f"axis-{axis}", axis, False) for axis in axes]
     columns += [("variant", "variant", False)]
-    columns += [("settings", "settings", False)] if any(row["settings"] for row in rows_by_folder.values()) else []
+    differ = any(row["settings"] for row in rows_by_folder.values())
+    columns += [("settings", "settings", False)] if differ else []
     columns += [("lr", "lr", True), ("trainable_parameters", "trainable", True),
                 ("train_seconds_per_step", "s/step", True)]
     columns += [(name, METRICS[name][0], True) for name in metric_names]
@@ -325,9 +326,13 @@ def write_html_report(plan, comparison) -> Path:
     parts.append(
         f"<p>{len(plan.runs)} runs: {counts['finished']} finished, {counts['failed']} failed, "
         f"{counts['pending']} pending. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from "
-        f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it.</p>"
+        f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it."
+        + (' No metrics were asked for (the plan\'s metrics = "none").' if plan.metrics == "none" else "") + "</p>"
     )
     parts.append(f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    if differ:
+        parts.append("<p>Settings: the training settings the runs differ in beside their axes and learning rate, each "
+                     "where a run's is not sdtune's default.</p>")
     seed_values = dict(plan.axes).get("seed", [])
     if len(seed_values) > 1:  # a metric's spread over seeds is what tells a difference between methods from noise
         others = [axis for axis in axes if axis != "seed"]
@@ -336,6 +341,8 @@ def write_html_report(plan, comparison) -> Path:
         groups = across_seeds(seeded, axes, [key for key, _ in keys])
         parts += seeds_section(groups, others, keys)
         write_text_atomic(folder / SEEDS_FILE, seeds_csv(groups, others, [key for key, _ in keys]))
+    else:  # an earlier plan's, with a seed axis this one has not: it would be read as this sweep's
+        (folder / SEEDS_FILE).unlink(missing_ok=True)
     if metric_names:
         parts.append("<ul>" + "".join(f"<li>{html.escape(METRICS[n][0])}: {html.escape(METRICS[n][1])}</li>" for n in metric_names) + "</ul>")
     plots = [path for path in (comparison.files if comparison else []) if path.suffix == ".png" and path.is_file()]

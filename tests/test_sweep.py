@@ -604,11 +604,12 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     # metrics = "none": said once, not a line a run that it was not evaluated
     assert "not evaluated" not in table and "Missing metrics" not in table
     assert table.count('- Metrics: none were asked for (the sweep\'s metrics = "none").') == 1, table
+    assert 'No metrics were asked for (the plan\'s metrics = "none").' in page and "<p>Settings: the training settings" in page
 
 
 def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_does(tmp_path, private_cache):
     """0.86 and 0.8599 in one column read as numbers of different precision: the report shows a metric's column as
-    comparison.md does (CLIP-T 33.20, CLIP-I 0.8600, KID 0.50000, s/step 0.125)."""
+    comparison.md does (CLIP-T 33.20, CLIP-I 0.8600, KID 0.50000, s/step 0.125). An earlier plan's seeds.csv goes."""
     from sdtune.comparison import compare
     from sdtune.config import TrainConfig
     from sdtune.evaluation import FORMAT
@@ -624,6 +625,9 @@ def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_d
     run = RunSpec(0, "a", {}, folder, TrainConfig(), None, {}, fingerprint="f")
     write_marker(run, "finished")
     plan = Plan(tmp_path / "plan.toml", "one", "", tmp_path / "out", "standard", {}, [], None, {}, runs=[run])
+    (plan.report_folder).mkdir(parents=True)
+    (plan.report_folder / "seeds.csv").write_text("method,seeds\nlora,3\n")  # an earlier plan's, with a seed axis
     page = write_html_report(plan, compare([str(folder)], str(tmp_path / "cmp"), grid=False, progress=False)).read_text()
     cells = dict(re.findall(r'<td class="number" data-value="([^"]+)">([^<]*)</td>', page))
     assert cells["33.2"] == "33.20" and cells["0.86"] == "0.8600" and cells["0.5"] == "0.50000" and cells["0.125"] == "0.125", cells
+    assert not (plan.report_folder / "seeds.csv").exists()  # this plan has no seed axis: no spread over seeds to read
