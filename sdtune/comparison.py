@@ -596,6 +596,17 @@ def missing_evaluations(runs: list[RunSummary]) -> list[str]:
             + f"; run `sdtune evaluate --run {run.path}`)" for run in missing]
 
 
+def remove_comparison(out: Path) -> None:
+    """Remove the comparison written into `out` (what `remove_stale_outputs` removes, then its table): where nothing is
+    left to compare (a sweep none of whose runs has finished with its plan's settings), an earlier one would be read as
+    current."""
+    if not (out / CSV_FILE).is_file():
+        return
+    remove_stale_outputs(out, set(), set())
+    for name in (TABLE_FILE, CSV_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
 def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     """The grid's prompts (`data.PromptLine`s): --prompt's as given, then --prompts' lines with their kohya-ss options
     (--n, --w, --h, --d, --s, --l, as `sdtune sample` reads them: every run draws a line alike), else the first run's

@@ -779,7 +779,11 @@ def write_report(plan: Plan, log: Callable[[str], None] = print) -> Path:
         states = [run.state() for run in plan.runs]
         finished = [run for run, state in zip(plan.runs, states) if state == "finished"]
         comparison = None
-        if finished:
+        if not finished:  # an earlier report's comparison, of runs that are no longer finished with these settings
+            from .comparison import remove_comparison
+
+            remove_comparison(plan.report_folder / "compare")
+        else:
             from .comparison import compare
 
             comparison = compare([str(run.folder) for run in finished], str(plan.report_folder / "compare"),

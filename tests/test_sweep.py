@@ -631,3 +631,17 @@ def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_d
     cells = dict(re.findall(r'<td class="number" data-value="([^"]+)">([^<]*)</td>', page))
     assert cells["33.2"] == "33.20" and cells["0.86"] == "0.8600" and cells["0.5"] == "0.50000" and cells["0.125"] == "0.125", cells
     assert not (plan.report_folder / "seeds.csv").exists()  # this plan has no seed axis: no spread over seeds to read
+
+
+def test_a_report_with_no_run_finished_under_its_plan_keeps_no_earlier_comparison(finished, tmp_path):
+    """The plan changed and nothing has run since: the report says 0 finished, and report/compare no longer holds the
+    earlier runs' table and plots, which would be read as this plan's."""
+    _, output = finished
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    assert (copy / "report" / "compare" / "comparison.md").is_file() and (copy / "report" / "compare" / "loss.png").is_file()
+    changed = write_plan(tmp_path, TINY_PLAN.replace("steps = 2\nlog", "steps = 1\nlog"))
+    result, lines = sweep(changed, copy, report_only=True)
+    assert lines[-1].startswith("report: 0 of 2 runs finished"), lines
+    assert not any((copy / "report" / "compare").iterdir())
+    assert "2 runs: 0 finished, 0 failed, 2 pending." in (copy / "report" / "index.html").read_text()
