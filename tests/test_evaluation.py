@@ -916,3 +916,12 @@ def test_runs_none_of_which_was_evaluated_are_said_so_once(two_runs, tmp_path):
     summaries = [summarize_run(run) for run in runs[:2]]
     summaries[0].metrics = {"clip_t": 30.0}
     assert missing_evaluations(summaries) == [f"- run1: not evaluated (no eval.json; run `sdtune evaluate --run {runs[1]}`)"]
+
+
+def test_the_evaluate_command_counts_one_image_as_one(metric_models, tmp_path):
+    clip_path, dino_path = metric_models
+    generated, reference = _draw(tmp_path / "generated", 1, seed=1), _draw(tmp_path / "reference", 1, seed=2)
+    result = invoke("evaluate", "--images", generated, "--prompt", "a castle", "--reference", reference, "--clip-model", clip_path,
+                    "--dino-model", dino_path, "--fid-features", "none", "--output", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "1 generated image, 1 reference image"
