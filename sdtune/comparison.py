@@ -248,7 +248,7 @@ def setting_differences(settings: list[dict[str, Any]], uncompared: frozenset[st
     differences: list[dict[str, str]] = [{} for _ in settings]
     for key in differing_settings(settings, uncompared):
         paths: list[str] = []
-        if key in PATH_SETTINGS:
+        if key in PATH_SETTINGS and key != "model":  # a hub id is a name, not a path to cut short
             for values in settings:
                 value = values.get(key)
                 entries = value if isinstance(value, list) else [value] if isinstance(value, str) else []

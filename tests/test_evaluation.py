@@ -858,6 +858,11 @@ def test_the_comparison_says_which_settings_tell_the_runs_apart(tmp_path):
     alike = [RunSummary(run.name, run.path, "lora", "defaults", 1, 1, settings=run_settings(run.path)) for run in runs[:1] * 2]
     describe_differences(alike)  # runs that differ in nothing but their folder: no settings column
     assert re.sub(" +", " ", markdown_table(alike, []).splitlines()[0]) == "| run | method | variant | trainable | adapter | s/step |"
+    from sdtune.comparison import setting_differences, with_defaults  # where the model is not a column of its own
+
+    models = [with_defaults({"model": "runwayml/stable-diffusion-v1-5"}), with_defaults({"model": "stabilityai/stable-diffusion-2-1"})]
+    assert setting_differences(models, frozenset()) == [{"model": "model=runwayml/stable-diffusion-v1-5"},
+                                                        {"model": "model=stabilityai/stable-diffusion-2-1"}]  # hub ids whole
 
 
 def test_a_comparison_written_again_leaves_no_earlier_runs_samples_nor_grid_nor_plots(two_runs, tmp_path):
