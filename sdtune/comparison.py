@@ -677,13 +677,13 @@ def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: 
         lines.append("- Settings: the training settings (config.toml's) the runs differ in, where a run's is not sdtune's "
                      "default (a learning rate always: its default is the method's).")
     lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
+    if not metrics_asked:
+        lines.append('- Metrics: none were asked for (the sweep\'s metrics = "none")'
+                     + ("; a run's are shown where `sdtune evaluate` measured it." if metric_names else "."))
     notes = unavailable_notes(summaries)
     unfinished = [f"- {run.name} is unfinished: its adapter is of {run.unfinished}." for run in summaries if run.unfinished]
     if unfinished:
         lines += ["", "## Unfinished runs", "", *unfinished]
-    if not metrics_asked:
-        lines.append('- Metrics: none were asked for (the sweep\'s metrics = "none")'
-                     + ("; a run's are shown where `sdtune evaluate` measured it." if metric_names else "."))
     missing = missing_evaluations(summaries) if metrics_asked else []
     if notes or missing:
         lines += ["", "## Missing metrics", "", *missing, *notes]

@@ -914,10 +914,14 @@ def test_runs_none_of_which_was_evaluated_are_said_so_once(two_runs, tmp_path):
     text = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "not evaluated" not in text
     assert text.count("- No run was evaluated (no eval.json): run `sdtune evaluate --run RUN` on each to measure it.") == 1
-    compare(runs, str(tmp_path / "cmp"), grid=False, progress=False, metrics_asked=False)
+    config = tmp_path / "run5" / "config.toml"  # an unfinished run: its section follows the notes on the table
+    config.write_text(re.sub(r"(?m)^steps = \d+$", "steps = 40", config.read_text()))
+    with pytest.warns(UserWarning, match="run5 is unfinished"):
+        compare(runs, str(tmp_path / "cmp"), grid=False, progress=False, metrics_asked=False)
     text = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## Missing metrics" not in text and "evaluated" not in text
     assert '- Metrics: none were asked for (the sweep\'s metrics = "none").' in text
+    assert text.index("- Metrics: none") < text.index("## Unfinished runs")
     summaries = [summarize_run(run) for run in runs[:2]]
     summaries[0].metrics = {"clip_t": 30.0}
     assert missing_evaluations(summaries) == [f"- run1: not evaluated (no eval.json; run `sdtune evaluate --run {runs[1]}`)"]
