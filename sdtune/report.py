@@ -270,14 +270,14 @@ def write_html_report(plan, comparison) -> Path:
     columns += [("lr", "lr", True), ("trainable_parameters", "trainable", True),
                 ("train_seconds_per_step", "s/step", True)]
     columns += [(name, METRICS[name][0], True) for name in metric_names]
-    columns += [("error", "note", False)]
+    states = [run.state() for run in plan.runs]  # read once: a shard may finish a run while the page is written
+    columns += [("error", "note", False)] if "failed" in states else []  # a failed run's reason; else it would stand empty
     head = "".join(f'<th class="sortable" data-key="{html.escape(key)}">{html.escape(title)}</th>' for key, title, _ in columns)
     body = []
     prompts: dict[str, list[tuple[Any, list[Path]]]] = {}
     counts = {"finished": 0, "failed": 0, "pending": 0}
     seeded: list[tuple[dict[str, Any], str, dict[str, Any]]] = []  # every run's axis labels, state and values
-    for run in plan.runs:
-        state = run.state()
+    for run, state in zip(plan.runs, states):
         counts[state] = counts.get(state, 0) + 1
         marker = run.marker() or {}
         row = rows_by_folder.get(run.folder.resolve(), {}) if state == "finished" else {}

@@ -277,7 +277,11 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache)
     marker = json.loads((tmp_path / "out" / "runs" / "missing-lora" / "sweep-run.json").read_text())
     assert marker["state"] == "failed" and "missing" in marker["error"]
     assert json.loads((tmp_path / "out" / "runs" / "present-lora" / "sweep-run.json").read_text())["state"] == "finished"
-    assert "failed" in (tmp_path / "out" / "report" / "index.html").read_text()
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert "failed" in page and 'data-key="error">note</th>' in page  # the failed run's reason, in a column of its own
+    import html
+
+    assert html.escape(marker["error"]) in page
 
 
 def test_a_warning_every_run_gives_alike_is_shown_once(tmp_path, private_cache):
@@ -599,6 +603,7 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     settings = {name: html.unescape(cell) for name, cell in re.findall(
         r'<tr class="finished" data-run="([^"]+)">(?:<td[^>]*>.*?</td>){6}<td data-value="([^"]*)">', page)}
     assert settings == {"plain-seed0": "", "plain-seed1": "", "skip2-seed0": "clip_skip=2", "skip2-seed1": "clip_skip=2"}, settings
+    assert 'data-key="error"' not in page  # no run failed: no note column standing empty
     table = re.sub(" +", " ", (tmp_path / "out" / "report" / "compare" / "comparison.md").read_text())
     assert "| skip2-seed1 | lora | defaults | clip_skip=2, seed=1 |" in table, table
     # metrics = "none": said once, not a line a run that it was not evaluated
