@@ -212,10 +212,20 @@ def short_paths(paths: list[str]) -> dict[str, str]:
     return {path: path for path in distinct}
 
 
+def _base_adapter_path(entry: str) -> str:
+    """The file of a `FILE[:STRENGTH]` entry as config.toml holds it (the entry whole where it does not parse)."""
+    from .config import parse_base_adapter
+
+    try:
+        return parse_base_adapter(entry).path
+    except SdtuneError:  # a config.toml edited by hand: shown as it is rather than refusing the comparison
+        return entry
+
+
 def _setting_text(key: str, value: Any, short: dict[str, str], default: Any = None) -> str:
     """One setting as the table shows it: `clip_skip=2`, a flag by its name, files by their short names, base adapters
     at their strengths as given (`style.safetensors:0.5`); '' where it is off (no file, false, none) or at `default`."""
-    from .config import PATH_SETTINGS, parse_base_adapter
+    from .config import PATH_SETTINGS
 
     if value is None or value is False or value == [] or value == {} or value == "" or value == default:
         return ""
@@ -224,7 +234,7 @@ def _setting_text(key: str, value: Any, short: dict[str, str], default: Any = No
     if key == "base_adapters" and isinstance(value, list):
         shown = []
         for entry in map(str, value):
-            path = parse_base_adapter(entry).path
+            path = _base_adapter_path(entry)
             shown.append(short.get(path, path) + entry[len(path):])  # the strength as written (":0.5"), if any
         return f"{key}={'+'.join(shown)}"
     if isinstance(value, list):
@@ -242,7 +252,7 @@ def setting_differences(settings: list[dict[str, Any]], uncompared: frozenset[st
     """For each run's training settings (`with_defaults`'), the settings but `uncompared` the runs differ in, each as
     `_setting_text` writes it, where the run's is not sdtune's default (a learning rate always: its default is the
     method's)."""
-    from .config import PATH_SETTINGS, parse_base_adapter
+    from .config import PATH_SETTINGS
 
     defaults = train_defaults()
     differences: list[dict[str, str]] = [{} for _ in settings]
@@ -252,7 +262,7 @@ def setting_differences(settings: list[dict[str, Any]], uncompared: frozenset[st
             for values in settings:
                 value = values.get(key)
                 entries = value if isinstance(value, list) else [value] if isinstance(value, str) else []
-                paths += [parse_base_adapter(str(entry)).path if key == "base_adapters" else str(entry) for entry in entries]
+                paths += [_base_adapter_path(str(entry)) if key == "base_adapters" else str(entry) for entry in entries]
         short = short_paths(paths)
         for values, shown in zip(settings, differences):
             text = _setting_text(key, values.get(key), short, defaults.get(key))

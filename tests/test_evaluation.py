@@ -863,6 +863,8 @@ def test_the_comparison_says_which_settings_tell_the_runs_apart(tmp_path):
     models = [with_defaults({"model": "runwayml/stable-diffusion-v1-5"}), with_defaults({"model": "stabilityai/stable-diffusion-2-1"})]
     assert setting_differences(models, frozenset()) == [{"model": "model=runwayml/stable-diffusion-v1-5"},
                                                         {"model": "model=stabilityai/stable-diffusion-2-1"}]  # hub ids whole
+    edited = [with_defaults({"base_adapters": ["style.safetensors:inf"]}), with_defaults({})]  # a config.toml edited by hand
+    assert setting_differences(edited) == [{"base_adapters": "base_adapters=style.safetensors:inf"}, {}]
 
 
 def test_a_comparison_written_again_leaves_no_earlier_runs_samples_nor_grid_nor_plots(two_runs, tmp_path):
