@@ -251,11 +251,15 @@ def write_html_report(plan, comparison) -> Path:
     axes = [axis for axis, _ in plan.axes]
     rows_by_folder = {}
     if comparison is not None:
-        for summary in comparison.runs:
+        from .comparison import UNCOMPARED_SETTINGS, setting_differences
+
+        # what tells the runs apart beside their axes' columns and the lr column (an init_weights or a resolution a
+        # method axis's table sets, a clip_skip ...): the table has no model or size column of its own, as compare's has
+        uncompared = frozenset(UNCOMPARED_SETTINGS - {"model", "resolution"})
+        differences = setting_differences([summary.settings for summary in comparison.runs], uncompared)
+        for summary, shown in zip(comparison.runs, differences):
             row = summary.row()
-            # what tells the runs apart beside their axes' columns and the lr column (an init_weights a method axis's
-            # table sets, a clip_skip of the plan's [train] that differs ...)
-            row["settings"] = ", ".join(text for key, text in summary.differences.items() if key not in axes and key != "lr")
+            row["settings"] = ", ".join(text for key, text in shown.items() if key not in axes and key != "lr")
             rows_by_folder[Path(summary.path).resolve()] = row
     metric_names = [name for name in METRICS if any(row.get(name) not in ("", None) for row in rows_by_folder.values())]
 

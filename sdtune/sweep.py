@@ -517,9 +517,8 @@ def pending_state(run: RunSpec) -> tuple[str, str]:
 def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
     """One line a run: index, name, state, and what it trains; then what the states other than pending,
     finished and failed mean."""
-    from .methods import method_class
-
     from .comparison import UNCOMPARED_SETTINGS, setting_differences, with_defaults
+    from .methods import method_class
 
     width = max((len(run.name) for run in runs), default=0)
     lines = []

@@ -589,12 +589,12 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     import html
 
     text = ('name = "reading"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nsteps = 1\nlog_with = "none"\n'
-            '[axes]\nmethod = [{ name = "plain", method = "lora" }, { name = "skip2", method = "lora", clip_skip = 2 }]\n'
+            '[axes]\nmethod = [{ name = "plain", method = "lora" }, { name = "skip2", method = "lora", clip_skip = 2, resolution = 32 }]\n'
             'seed = [0, 1]\n[sample]\nprompt = ["a <castle>"]\nnum_images = 1\nsteps = 1\n')
     plan = write_plan(tmp_path, text)
     dry = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
     assert dry[1].endswith("  plain-seed0  pending   lora, castle, lr 3e-05 (default), seed 0, 1 step"), dry
-    assert dry[4].endswith("  skip2-seed1  pending   lora, castle, lr 3e-05 (default), seed 1, 1 step, clip_skip=2"), dry
+    assert dry[4].endswith("  skip2-seed1  pending   lora, castle, lr 3e-05 (default), seed 1, 1 step, clip_skip=2, resolution=32"), dry
     result, lines = sweep(plan, tmp_path / "out")
     assert result.exit_code == 0 and len(result.ran) == 4, lines
     page = (tmp_path / "out" / "report" / "index.html").read_text()
@@ -602,10 +602,11 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     assert re.findall(r'data-key="([^"]+)"', header)[:7] == ["index", "run", "state", "axis-method", "axis-seed", "variant", "settings"]
     settings = {name: html.unescape(cell) for name, cell in re.findall(
         r'<tr class="finished" data-run="([^"]+)">(?:<td[^>]*>.*?</td>){6}<td data-value="([^"]*)">', page)}
-    assert settings == {"plain-seed0": "", "plain-seed1": "", "skip2-seed0": "clip_skip=2", "skip2-seed1": "clip_skip=2"}, settings
+    skip2 = "clip_skip=2, resolution=32"  # no column of the report's shows the size, as compare's px column does
+    assert settings == {"plain-seed0": "", "plain-seed1": "", "skip2-seed0": skip2, "skip2-seed1": skip2}, settings
     assert 'data-key="error"' not in page  # no run failed: no note column standing empty
     table = re.sub(" +", " ", (tmp_path / "out" / "report" / "compare" / "comparison.md").read_text())
-    assert "| skip2-seed1 | lora | defaults | clip_skip=2, seed=1 |" in table, table
+    assert "| skip2-seed1 | lora | defaults | clip_skip=2, seed=1 | 32 |" in table, table
     # metrics = "none": said once, not a line a run that it was not evaluated
     assert "not evaluated" not in table and "Missing metrics" not in table
     assert table.count('- Metrics: none were asked for (the sweep\'s metrics = "none").') == 1, table
