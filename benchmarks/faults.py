@@ -666,8 +666,14 @@ def _steady(name: str, text: str, folder: Path) -> object:
         return {key: value for key, value in tomllib.loads(text).items() if key not in RUN_CONTROL}
     if name == "comparison.csv":
         return _without_column(list(csv.reader(io.StringIO(text))), "train_seconds_per_step")
-    if name == "comparison.md":  # the s/step column
-        return [line.split(" | ")[:5] + line.split(" | ")[6:] if line.startswith("| ") else line for line in text.splitlines()]
+    if name == "comparison.md":  # the s/step column, found by its title (the columns before it depend on the runs)
+        rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("|") else line
+                for line in text.splitlines()]
+        header = next((row for row in rows if isinstance(row, list)), [])
+        if "s/step" not in header:
+            return rows
+        column = header.index("s/step")
+        return [row[:column] + row[column + 1:] if isinstance(row, list) else row for row in rows]
     if name == "index.html":  # the sweep report: when written, and the s/step cells
         text = re.sub(r"Written [^<]*? from", "Written from", text)
         text = re.sub(r"data:image/png;base64,([A-Za-z0-9+/=]+)",  # sampled images name their run's folder

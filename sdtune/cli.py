@@ -643,7 +643,7 @@ def evaluate(
     evaluate_config = EvaluateConfig.load(config, **_config_values(EvaluateConfig, settings))
     result = run_evaluation(evaluate_config)
     report = result.report
-    typer.echo(f"{report['generated_images']} generated images, {report['reference_images']} reference images")
+    typer.echo(f"{counted(report['generated_images'], 'generated image')}, {counted(report['reference_images'], 'reference image')}")
     typer.echo(result.table())
     typer.echo(f"wrote {result.output}")
 

@@ -29,7 +29,7 @@ GRID_FILE = "grid.png"
 # the grid's --prompts lines with their kohya-ss options (--n, --w, ...), in OUTPUT/samples: what every run's sample reads
 GRID_PROMPTS_FILE = "grid-prompts.txt"
 BASE_COLUMNS = (
-    "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+    "run", "method", "variant", "settings", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
 )
 
 
@@ -54,6 +54,8 @@ class RunSummary:
     resolution: int | None = None  # the run's --resolution; None: the model's own size
     stale_evaluation: str = ""  # why its eval.json's metrics were left out (they measured another adapter)
     unfinished: str = ""  # why the adapter is not the run's last ("step 16 of 40, training now (pid 7 on host)")
+    settings: dict[str, Any] = field(default_factory=dict)  # its config.toml's training settings, defaults filled in
+    differences: dict[str, str] = field(default_factory=dict)  # the settings the compared runs differ in, as shown
 
     def row(self) -> dict[str, Any]:
         """The CSV row: numbers as they are, blanks where nothing was logged or measured."""
@@ -61,11 +63,13 @@ class RunSummary:
             "run": self.name,
             "method": self.method,
             "variant": self.variant,
+            "settings": ", ".join(self.differences.values()),
             "model": self.model,
             "resolution": self.resolution,
             "trainable_parameters": self.num_parameters,
             "adapter_bytes": self.adapter_bytes,
-            "train_seconds_per_step": self.seconds_per_step,
+            # six digits: a median of two float times reads 0.0961, not 0.09609999999999999
+            "train_seconds_per_step": None if self.seconds_per_step is None else float(f"{self.seconds_per_step:.6g}"),
             "peak_memory_mb": self.peak_memory_mb,
         }
         values.update({name: self.metrics.get(name) for name in METRICS})
@@ -128,6 +132,7 @@ def summarize_run(path: str | Path) -> RunSummary:
         model=info.base_model,
         resolution=run_resolution(path),
         stale_evaluation=stale,
+        settings=run_settings(path),
     )
 
 
@@ -142,28 +147,172 @@ def run_resolution(path: Path) -> int | None:
     return resolution if isinstance(resolution, int) and not isinstance(resolution, bool) and resolution > 0 else None
 
 
+# Training settings the table does not tell runs apart by: those it shows in columns of their own, and those that change
+# neither what a run learns nor what it draws (where it writes and logs, how often it saves, savers of time and memory)
+UNCOMPARED_SETTINGS = frozenset({
+    "method", "options", "model", "resolution", "output", "resume", "overwrite", "save_every", "checkpoint_every",
+    "keep_checkpoints", "gradient_checkpointing", "compile", "cache_latents", "validate_every", "validation_prompts",
+    "validation_dtype", "validation_width", "validation_height", "log_with", "tracker_project",
+})
+
+
+def train_defaults() -> dict[str, Any]:
+    """TrainConfig's settings at their defaults (None where the run resolves one: the learning rate, the token...)."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    return {spec.name: spec.default_factory() if spec.default_factory is not dataclasses.MISSING
+            else None if spec.default is dataclasses.MISSING else spec.default for spec in dataclasses.fields(TrainConfig)}
+
+
+def run_settings(path: Path) -> dict[str, Any]:
+    """The run's training settings from its config.toml, each one it leaves out at TrainConfig's default (config.toml
+    leaves out settings at their defaults, and an older one those that did not exist yet); {} without config.toml."""
+    from .config import read_toml
+
+    try:
+        return with_defaults(read_toml(path / "config.toml"))
+    except SdtuneError:
+        return {}
+
+
+def with_defaults(written: dict[str, Any]) -> dict[str, Any]:
+    """Training settings as config.toml writes them (`TrainConfig.to_dict`), every one left out at its default."""
+    settings = {**train_defaults(), **written}
+    if isinstance(settings.get("concept"), str) and settings.get("token") == f"sks {settings['concept']}":
+        settings["token"] = None  # the default token follows the concept, which is shown
+    return settings
+
+
+def differing_settings(settings: list[dict[str, Any]], uncompared: frozenset[str] = UNCOMPARED_SETTINGS) -> list[str]:
+    """The training settings but `uncompared` whose values are not the same in every run's `settings` (config.toml's
+    order)."""
+    import json
+
+    known = [values for values in settings if values]  # a run without config.toml tells nothing of its settings
+    keys = list(dict.fromkeys(key for values in known for key in values if key not in uncompared))
+    return [key for key in keys if len({json.dumps(values.get(key), sort_keys=True, default=str) for values in known}) > 1]
+
+
+def short_paths(paths: list[str]) -> dict[str, str]:
+    """Each path by as few of its last parts as tell the paths apart: a run's adapter.safetensors by its run folder
+    (runs/lora-a/adapter.safetensors: lora-a; a/style.safetensors and b/style.safetensors: a/style.safetensors ...)."""
+    from .adapter import ADAPTER_FILE
+
+    def parts(path: str) -> list[str]:
+        found = [part for part in Path(os.path.normpath(path)).parts if part not in ("", "/", ".")]
+        return found[:-1] if len(found) > 1 and found[-1] == ADAPTER_FILE else found
+
+    distinct = list(dict.fromkeys(paths))
+    for depth in range(1, max((len(parts(path)) for path in distinct), default=1) + 1):
+        names = {path: "/".join(parts(path)[-depth:]) for path in distinct}
+        if len(set(names.values())) == len(distinct):
+            return names
+    return {path: path for path in distinct}
+
+
+def _base_adapter_path(entry: str) -> str:
+    """The file of a `FILE[:STRENGTH]` entry as config.toml holds it (the entry whole where it does not parse)."""
+    from .config import parse_base_adapter
+
+    try:
+        return parse_base_adapter(entry).path
+    except SdtuneError:  # a config.toml edited by hand: shown as it is rather than refusing the comparison
+        return entry
+
+
+def _setting_text(key: str, value: Any, short: dict[str, str], default: Any = None) -> str:
+    """One setting as the table shows it: `clip_skip=2`, a flag by its name, files by their short names, base adapters
+    at their strengths as given (`style.safetensors:0.5`); '' where it is off (no file, false, none) or at `default`."""
+    from .config import PATH_SETTINGS
+
+    if value is None or value is False or value == [] or value == {} or value == "" or value == default:
+        return ""
+    if value is True:
+        return key
+    if key == "base_adapters" and isinstance(value, list):
+        shown = []
+        for entry in map(str, value):
+            path = _base_adapter_path(entry)
+            shown.append(short.get(path, path) + entry[len(path):])  # the strength as written (":0.5"), if any
+        return f"{key}={'+'.join(shown)}"
+    if isinstance(value, list):
+        return f"{key}={'+'.join(short.get(str(item), str(item)) if key in PATH_SETTINGS else str(item) for item in value)}"
+    if key in PATH_SETTINGS and isinstance(value, str):
+        return f"{key}={short.get(value, value)}"
+    if isinstance(value, float):
+        return f"{key}={value:g}"
+    if isinstance(value, str) and (" " in value or "," in value or not value):
+        return f'{key}="{value}"'
+    return f"{key}={value}"
+
+
+def setting_differences(settings: list[dict[str, Any]], uncompared: frozenset[str] = UNCOMPARED_SETTINGS) -> list[dict[str, str]]:
+    """For each run's training settings (`with_defaults`'), the settings but `uncompared` the runs differ in, each as
+    `_setting_text` writes it, where the run's is not sdtune's default (a learning rate always: its default is the
+    method's)."""
+    from .config import PATH_SETTINGS
+
+    defaults = train_defaults()
+    differences: list[dict[str, str]] = [{} for _ in settings]
+    for key in differing_settings(settings, uncompared):
+        paths: list[str] = []
+        if key in PATH_SETTINGS and key != "model":  # a hub id is a name, not a path to cut short
+            for values in settings:
+                value = values.get(key)
+                entries = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+                paths += [_base_adapter_path(str(entry)) if key == "base_adapters" else str(entry) for entry in entries]
+        short = short_paths(paths)
+        for values, shown in zip(settings, differences):
+            text = _setting_text(key, values.get(key), short, defaults.get(key))
+            if text:
+                shown[key] = text
+    return differences
+
+
+def describe_differences(runs: list[RunSummary]) -> None:
+    """Set each run's `differences`: the settings the runs differ in (init_weights, clip_skip, seed, lr ...) that the
+    method, variant, model and resolution do not show (`setting_differences`)."""
+    for run, differences in zip(runs, setting_differences([run.settings for run in runs])):
+        run.differences = differences
+
+
 def markdown_table(runs: list[RunSummary], metric_names: list[str]) -> str:
+    """The runs' table, its columns padded to one width each (text left, numbers right), so that it reads aligned where
+    it is printed as it is, and renders as any markdown table."""
     # the base model and training size are shown where the runs differ in them: a sweep's runs mostly share both
     settings = [("model", "model"), ("resolution", "px")]
     settings = [(key, title) for key, title in settings if len({getattr(run, key) for run in runs}) > 1]
-    header = ["run", "method", "variant", *(title for _, title in settings), "trainable", "adapter", "s/step", "peak MB"]
+    differ = any(run.differences for run in runs)  # what else tells the runs apart: init_weights, clip_skip, seed ...
+    memory = any(run.peak_memory_mb is not None for run in runs)  # a column no run logged would stand empty
+    header = ["run", "method", "variant", *(["settings"] if differ else []), *(title for _, title in settings),
+              "trainable", "adapter", "s/step", *(["peak MB"] if memory else [])]
     header += [METRICS[name][0] for name in metric_names]
-    texts = 3 + len(settings)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * texts + ["---:"] * (len(header) - texts)) + "|"]
+    texts = 3 + differ + len(settings)
+    rows = []
     for run in runs:
         cells = [
             run.name + (" (unfinished)" if run.unfinished else ""),
             run.method,
             run.variant,
+            *([", ".join(run.differences.values())] if differ else []),
             *(("native" if getattr(run, key) is None else str(getattr(run, key))) for key, _ in settings),
             f"{run.num_parameters:,}",
             human_bytes(run.adapter_bytes),
             f"{run.seconds_per_step:.3f}" if run.seconds_per_step is not None else "",
-            f"{run.peak_memory_mb:,.0f}" if run.peak_memory_mb is not None else "",
+            *([f"{run.peak_memory_mb:,.0f}" if run.peak_memory_mb is not None else ""] if memory else []),
         ]
         cells += [format_metric(name, run.metrics[name]) if name in run.metrics else "" for name in metric_names]
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines)
+        rows.append([cell.replace("|", "\\|") for cell in cells])
+    widths = [max(3, len(title), *(len(row[column]) for row in rows)) for column, title in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.ljust(width) if column < texts else cell.rjust(width)
+                                 for column, (cell, width) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) if column < texts else "-" * (width + 1) + ":" for column, width in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +541,85 @@ def unavailable_notes(runs: list[RunSummary]) -> list[str]:
     return lines
 
 
+def earlier_runs(out: Path) -> list[str]:
+    """The runs of the comparison written into `out` before (its comparison.csv's run column): the names of the
+    samples/<run> folders its grid drew."""
+    try:
+        with open(out / CSV_FILE, newline="", encoding="utf-8") as handle:
+            return [row.get("run") or "" for row in csv.DictReader(handle)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def not_drawn_by_sample(folder: Path) -> list[str]:
+    """What a run's samples folder holds that `sdtune sample` does not write (its images, grid, lock and temporaries),
+    relative to the folder: a person's own files, which a comparison never removes."""
+    from .fileio import LOCK_FILE, temporary_target
+    from .sampling import GRID_FILE as SAMPLE_GRID, IMAGE_NAME
+
+    def sampled(name: str, own) -> bool:
+        return own(name) or own(temporary_target(name) or "")
+
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == "images" and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"images/{image.name}" for image in sorted(entry.iterdir())
+                        if image.is_dir() or not sampled(image.name, lambda name: bool(IMAGE_NAME.match(name)))]
+        elif entry.is_dir() or not sampled(entry.name, lambda name: name in (SAMPLE_GRID, LOCK_FILE)):
+            foreign.append(entry.name)
+    return foreign
+
+
+def remove_stale_outputs(out: Path, drawn: set[str], written: set[str]) -> None:
+    """Remove what the comparison written into `out` before wrote that this one does not write again (`drawn`: the runs
+    whose samples/<run> it draws; `written`: the files it writes, relative to `out`): a dropped run's samples, a grid
+    (--no-grid), the plot of a metric no run has now. Only compare's own outputs are removed, and only where `out`
+    holds a comparison: a run's samples folder that holds anything `sdtune sample` did not write stays, with a warning."""
+    from .fileio import remove_directory
+
+    if not (out / CSV_FILE).is_file():  # no comparison here: nothing in `out` is known to be compare's
+        return
+    samples = out / "samples"
+    for name in dict.fromkeys(earlier_runs(out)):
+        folder = samples / name
+        if name in drawn or name in ("", ".", "..") or Path(name).name != name or folder.is_symlink() or not folder.is_dir():
+            continue
+        foreign = not_drawn_by_sample(folder)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            warn(f"{folder} is kept: an earlier comparison drew {name} there, but it also holds {foreign[0]}{more}, which "
+                 f"compare did not write; {name} is not in this comparison")
+            continue
+        remove_directory(folder)
+    own = [GRID_FILE, LOSS_PLOT, f"samples/{GRID_PROMPTS_FILE}", *(f"{name}-vs-parameters.png" for name in METRICS)]
+    for name in own:
+        if name not in written and (out / name).is_file() and not (out / name).is_symlink():
+            (out / name).unlink()
+    if samples.is_dir() and not samples.is_symlink() and not any(samples.iterdir()):
+        samples.rmdir()
+
+
+def missing_evaluations(runs: list[RunSummary]) -> list[str]:
+    """A line for each run that has no metrics (no eval.json, or one of an earlier adapter), naming what to run; one
+    line where none of several runs was evaluated."""
+    missing = [run for run in runs if not run.metrics and not run.unavailable]
+    if len(runs) > 1 and len(missing) == len(runs) and not any(run.stale_evaluation for run in runs):
+        return ["- No run was evaluated (no eval.json): run `sdtune evaluate --run RUN` on each to measure it."]
+    return [f"- {run.name}: not evaluated (" + (f"{run.stale_evaluation}" if run.stale_evaluation else "no eval.json")
+            + f"; run `sdtune evaluate --run {run.path}`)" for run in missing]
+
+
+def remove_comparison(out: Path) -> None:
+    """Remove the comparison written into `out` (what `remove_stale_outputs` removes, then its table): where nothing is
+    left to compare (a sweep none of whose runs has finished with its plan's settings), an earlier one would be read as
+    current."""
+    if not (out / CSV_FILE).is_file():
+        return
+    remove_stale_outputs(out, set(), set())
+    for name in (TABLE_FILE, CSV_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
 def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     """The grid's prompts (`data.PromptLine`s): --prompt's as given, then --prompts' lines with their kohya-ss options
     (--n, --w, --h, --d, --s, --l, as `sdtune sample` reads them: every run draws a line alike), else the first run's
@@ -406,8 +634,10 @@ def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     return [PromptLine(prompt) for prompt in first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>")]
 
 
-def compare(runs: list[str], output: str, progress: bool = True, **options: Any) -> Comparison:
-    """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png."""
+def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: bool = True, **options: Any) -> Comparison:
+    """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png. `metrics_asked`
+    False (a sweep of `metrics = "none"`): the table says once that no metrics were asked for, not of every run that it
+    was not evaluated."""
     from .fileio import ensure_writable_folder, write_text_atomic
 
     if isinstance(runs, (str, os.PathLike)):  # one run folder, not a list of one-letter names
@@ -415,6 +645,7 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     config = CompareConfig.load(None, runs=[str(r) for r in runs], output=str(output), **options)
     summaries = [summarize_run(path) for path in config.runs]
     _unique_names(summaries)
+    describe_differences(summaries)
     for run in summaries:
         if run.unfinished:
             warn(f"{run.name} is unfinished: its adapter is of {run.unfinished}; it is compared as it is now")
@@ -427,6 +658,13 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
 
     files: list[Path] = []
     metric_names = [name for name in METRICS if any(name in run.metrics for run in summaries)]
+    plotted = [name for name in metric_names if name != "kid_std"]
+    losses = any(run.losses for run in summaries)
+    written = {CSV_FILE, TABLE_FILE, *(f"{name}-vs-parameters.png" for name in plotted), *([LOSS_PLOT] if losses else [])}
+    if config.grid:
+        written |= {GRID_FILE, *([f"samples/{GRID_PROMPTS_FILE}"] if any(line.where for line in prompts) else [])}
+    # before this comparison's first file: the earlier one's comparison.csv still names the runs whose samples it drew
+    remove_stale_outputs(out, {run.name for run in summaries} if config.grid else set(), written)
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(BASE_COLUMNS) + list(METRICS), lineterminator="\n")
@@ -436,8 +674,8 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     write_text_atomic(out / CSV_FILE, buffer.getvalue())
     files.append(out / CSV_FILE)
 
-    plots = [plot_metric(summaries, name, out / f"{name}-vs-parameters.png") for name in metric_names if name != "kid_std"]
-    if any(run.losses for run in summaries):
+    plots = [plot_metric(summaries, name, out / f"{name}-vs-parameters.png") for name in plotted]
+    if losses:
         plots.append(plot_losses(summaries, out / LOSS_PLOT))
     grid = sample_grid(summaries, prompts, grid_configs, out, progress) if config.grid else None
 
@@ -445,15 +683,21 @@ def compare(runs: list[str], output: str, progress: bool = True, **options: Any)
     lines = ["# Comparison", "", table, ""]
     lines.append(
         "- Trainable: parameters the optimiser updates. Adapter: the adapter file's size. s/step: median training "
-        "step time from metrics.jsonl. Peak MB: peak memory, where the run logged it."
+        "step time from metrics.jsonl." + (" Peak MB: peak memory, where the run logged it."
+                                           if any(run.peak_memory_mb is not None for run in summaries) else "")
     )
+    if any(run.differences for run in summaries):
+        lines.append("- Settings: the training settings (config.toml's) the runs differ in, where a run's is not sdtune's "
+                     "default (a learning rate always: its default is the method's).")
     lines += [f"- {METRICS[name][0]}: {METRICS[name][1]}." for name in metric_names]
+    if not metrics_asked:
+        lines.append('- Metrics: none were asked for (the sweep\'s metrics = "none")'
+                     + ("; a run's are shown where `sdtune evaluate` measured it." if metric_names else "."))
     notes = unavailable_notes(summaries)
     unfinished = [f"- {run.name} is unfinished: its adapter is of {run.unfinished}." for run in summaries if run.unfinished]
     if unfinished:
         lines += ["", "## Unfinished runs", "", *unfinished]
-    missing = [f"- {run.name}: not evaluated (" + (f"{run.stale_evaluation}" if run.stale_evaluation else "no eval.json")
-               + f"; run `sdtune evaluate --run {run.path}`)" for run in summaries if not run.metrics and not run.unavailable]
+    missing = missing_evaluations(summaries) if metrics_asked else []
     if notes or missing:
         lines += ["", "## Missing metrics", "", *missing, *notes]
     if plots:

@@ -243,34 +243,45 @@ def seeds_csv(groups: list[dict[str, Any]], axes: list[str], keys: list[str]) ->
 
 def write_html_report(plan, comparison) -> Path:
     """Write plan.output/report/index.html (atomically: shards may write it at the same time)."""
-    from .evaluation import METRICS
+    from .evaluation import METRICS, format_metric
     from .fileio import write_text_atomic
 
     folder = plan.report_folder
     folder.mkdir(parents=True, exist_ok=True)
+    axes = [axis for axis, _ in plan.axes]
     rows_by_folder = {}
     if comparison is not None:
-        for summary in comparison.runs:
-            rows_by_folder[Path(summary.path).resolve()] = summary.row()
+        from .comparison import UNCOMPARED_SETTINGS, setting_differences
+
+        # what tells the runs apart beside their axes' columns and the lr column (an init_weights or a resolution a
+        # method axis's table sets, a clip_skip ...): the table has no model or size column of its own, as compare's has
+        uncompared = frozenset(UNCOMPARED_SETTINGS - {"model", "resolution"})
+        differences = setting_differences([summary.settings for summary in comparison.runs], uncompared)
+        for summary, shown in zip(comparison.runs, differences):
+            row = summary.row()
+            row["settings"] = ", ".join(text for key, text in shown.items() if key not in axes and key != "lr")
+            rows_by_folder[Path(summary.path).resolve()] = row
     metric_names = [name for name in METRICS if any(row.get(name) not in ("", None) for row in rows_by_folder.values())]
-    axes = [axis for axis, _ in plan.axes]
 
     def link(run) -> str:
         return html.escape(os.path.relpath(run.folder / "config.toml", folder).replace(os.sep, "/"))
 
     columns = [("index", "#", True), ("run", "run", False), ("state", "state", False)]
     columns += [(f"axis-{axis}", axis, False) for axis in axes]
-    columns += [("variant", "variant", False), ("lr", "lr", True), ("trainable_parameters", "trainable", True),
+    columns += [("variant", "variant", False)]
+    differ = any(row["settings"] for row in rows_by_folder.values())
+    columns += [("settings", "settings", False)] if differ else []
+    columns += [("lr", "lr", True), ("trainable_parameters", "trainable", True),
                 ("train_seconds_per_step", "s/step", True)]
     columns += [(name, METRICS[name][0], True) for name in metric_names]
-    columns += [("error", "note", False)]
+    states = [run.state() for run in plan.runs]  # read once: a shard may finish a run while the page is written
+    columns += [("error", "note", False)] if "failed" in states else []  # a failed run's reason; else it would stand empty
     head = "".join(f'<th class="sortable" data-key="{html.escape(key)}">{html.escape(title)}</th>' for key, title, _ in columns)
     body = []
     prompts: dict[str, list[tuple[Any, list[Path]]]] = {}
     counts = {"finished": 0, "failed": 0, "pending": 0}
     seeded: list[tuple[dict[str, Any], str, dict[str, Any]]] = []  # every run's axis labels, state and values
-    for run in plan.runs:
-        state = run.state()
+    for run, state in zip(plan.runs, states):
         counts[state] = counts.get(state, 0) + 1
         marker = run.marker() or {}
         row = rows_by_folder.get(run.folder.resolve(), {}) if state == "finished" else {}
@@ -286,6 +297,10 @@ def write_html_report(plan, comparison) -> Path:
             value = values.get(key, "")
             raw = "" if value in ("", None) else str(value)
             shown = _number(value) if numeric else raw
+            if isinstance(value, float) and key in METRICS:  # as comparison.md shows them: one precision a column
+                shown = format_metric(key, value)
+            elif isinstance(value, float) and key == "train_seconds_per_step":
+                shown = f"{value:.3f}"
             if key == "run" and state == "finished":
                 shown_html = f'<a href="{link(run)}">{html.escape(shown)}</a>'
             else:
@@ -315,9 +330,13 @@ def write_html_report(plan, comparison) -> Path:
     parts.append(
         f"<p>{len(plan.runs)} runs: {counts['finished']} finished, {counts['failed']} failed, "
         f"{counts['pending']} pending. Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from "
-        f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it.</p>"
+        f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it."
+        + (' No metrics were asked for (the plan\'s metrics = "none").' if plan.metrics == "none" else "") + "</p>"
     )
     parts.append(f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+    if differ:
+        parts.append("<p>Settings: the training settings the runs differ in beside their axes and learning rate, each "
+                     "where a run's is not sdtune's default.</p>")
     seed_values = dict(plan.axes).get("seed", [])
     if len(seed_values) > 1:  # a metric's spread over seeds is what tells a difference between methods from noise
         others = [axis for axis in axes if axis != "seed"]
@@ -326,6 +345,8 @@ def write_html_report(plan, comparison) -> Path:
         groups = across_seeds(seeded, axes, [key for key, _ in keys])
         parts += seeds_section(groups, others, keys)
         write_text_atomic(folder / SEEDS_FILE, seeds_csv(groups, others, [key for key, _ in keys]))
+    else:  # an earlier plan's, with a seed axis this one has not: it would be read as this sweep's
+        (folder / SEEDS_FILE).unlink(missing_ok=True)
     if metric_names:
         parts.append("<ul>" + "".join(f"<li>{html.escape(METRICS[n][0])}: {html.escape(METRICS[n][1])}</li>" for n in metric_names) + "</ul>")
     plots = [path for path in (comparison.files if comparison else []) if path.suffix == ".png" and path.is_file()]

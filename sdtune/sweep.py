@@ -543,11 +543,17 @@ def pending_state(run: RunSpec) -> tuple[str, str]:
 def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
     """One line a run: index, name, state, and what it trains; then what the states other than pending,
     finished and failed mean."""
+    from .comparison import UNCOMPARED_SETTINGS, setting_differences, with_defaults
     from .methods import method_class
 
     width = max((len(run.name) for run in runs), default=0)
     lines = []
     said: list[str] = []
+    # what else tells the plan's runs apart (a clip_skip a method axis's table sets ...): its line names the rest
+    named = {"method", "options", "concept", "dataset", "lr", "seed", "steps", "init_weights", "base_adapters"}
+    uncompared = (UNCOMPARED_SETTINGS - {"model", "resolution"}) | named
+    differences = setting_differences([with_defaults(run.train.to_dict()) for run in plan.runs], frozenset(uncompared))
+    others = {run.index: ", ".join(shown.values()) for run, shown in zip(plan.runs, differences)}
     for run in runs:
         train = run.train
         options = ", ".join(f"{k}={v}" for k, v in train.options.items())
@@ -565,7 +571,8 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
         bases = ", ".join(f"{base.path} at {base.strength:g}" for base in train.base_adapter_entries)
         start = (f", starts from {train.init_weights}" if train.init_weights else "") + (f", on base adapters {bases}" if bases else "")
         lines.append(f"{run.index:>4}  {run.name.ljust(width)}  {state:<8}  {train.method}"
-                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {train.steps} steps{start}"
+                     f"{' (' + options + ')' if options else ''}, {what}, {lr}, seed {train.seed}, {counted(train.steps, 'step')}"
+                     + (f", {others[run.index]}" if others.get(run.index) else "") + start
                      + (f"; {note}" if note else ""))
     return lines + [f"{state}: {PENDING_STATES[state]}" for state in said]
 
@@ -797,11 +804,15 @@ def write_report(plan: Plan, log: Callable[[str], None] = print) -> Path:
         states = [run.state() for run in plan.runs]
         finished = [run for run, state in zip(plan.runs, states) if state == "finished"]
         comparison = None
-        if finished:
+        if not finished:  # an earlier report's comparison, of runs that are no longer finished with these settings
+            from .comparison import remove_comparison
+
+            remove_comparison(plan.report_folder / "compare")
+        else:
             from .comparison import compare
 
             comparison = compare([str(run.folder) for run in finished], str(plan.report_folder / "compare"),
-                                 progress=False, grid=False)
+                                 progress=False, metrics_asked=plan.metrics != "none", grid=False)
         path = write_html_report(plan, comparison)
         if [run.state() for run in plan.runs] == states:
             break

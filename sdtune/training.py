@@ -126,6 +126,7 @@ class RunPlan:
     started_fresh: str = ""  # which of the run's UNet layers --init-weights leaves alone (StartingOptions.started_fresh)
     prediction_type: str = "epsilon"  # what the model's UNet predicts (its scheduler config says): SD 2.x 768's v_prediction
     resumes: bool = False  # from a checkpoint (its tensors, optimizer and schedule), not from --init-weights
+    validation_sizes: list = field(default_factory=list)  # with --validate-every: each (width, height) its images take
     image_sizes: list = field(default_factory=list)  # with --buckets: each concept image's (width, height) as shown
     classes: Any = None  # with prior preservation: its class images, as `prior.class_frames` plans them
 
@@ -183,9 +184,11 @@ class RunPlan:
                 source = "their alpha channels" if config.mask_source == "alpha" else "masks/ beside them"
                 lines.append(f"masked loss: masks from {source}, weight {config.unmasked_weight:g} where black")
         if self.validation_size:
+            from .validation import describe_sizes
+
             own = sum(bool(line.options) for line in inputs.sample_lines)
             lines.append(f"validation every {counted(config.validate_every, 'step')}: {counted(len(inputs.sample_lines), 'prompt')} "
-                         f"up to {self.validation_size[0]}x{self.validation_size[1]}"
+                         f"{describe_sizes(self.validation_sizes or [self.validation_size])}"
                          + (f" ({own} with settings of their own)" if own else ""))
         if config.token_embeddings:
             lines.append("new token embeddings: " + "; ".join(f"<{name}> is {token!r}" for name, token in config.concept_tokens.items())
@@ -276,11 +279,12 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     classes = class_frames(config, resolution, buckets)
     sizes = check_run_fits(config, method, len(inputs.image_paths), sum(classes.frames.values()), frames, classes.frames,
                            base_bytes)  # and sizes the model or the machine cannot take
-    validation_size = None
+    validation_size, validation_drawn = None, []
     if config.validate_every:  # the validation prompts' sizes and steps (a line's --w, --h, --s too)
-        from .validation import check_validation_fits
+        from .validation import check_validation_fits, validation_sizes
 
         validation_size = check_validation_fits(config, inputs.sample_lines)
+        validation_drawn = validation_sizes(config, inputs.sample_lines)
     if config.with_prior_preservation and not config.class_images:  # images drawn before, for another prompt or reading
         check_class_images_record(Path(config.output) / CLASS_IMAGES_FOLDER, config.class_prompt, config.prompt_reading)
     if config.token_embeddings:  # the new tokens' names and initializer words, from the tokenizer(s) alone
@@ -303,7 +307,7 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken, started_fresh,
                    model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None,
-                   image_sizes=image_sizes, classes=classes)
+                   validation_sizes=validation_drawn, image_sizes=image_sizes, classes=classes)
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:

@@ -67,6 +67,27 @@ def check_validation_fits(config, lines: list) -> tuple[int, int]:
     return check_sample_fits(config.model, drawing, len(lines), grid_size, lines, flags=SIZE_FLAGS, asked=asked)
 
 
+def validation_sizes(config, lines: list) -> list[tuple[int, int]]:
+    """Each (width, height) the validation images are drawn at, once, in the order of the lines that first draw it
+    (`config`: a resolved TrainConfig; `lines`: `validation_lines`, whose --w and --h win over the settings)."""
+    from .limits import drawn_size
+    from .models import read_model_configs
+
+    native = read_model_configs(config.model).native_resolution
+    sizes = [drawn_size(line.width or config.validation_width, line.height or config.validation_height, config.resolution, native)
+             for line in lines]
+    return list(dict.fromkeys(sizes))
+
+
+def describe_sizes(sizes: list[tuple[int, int]]) -> str:
+    """'at 64x64', 'at 32x48 and 48x32', or for many sizes 'at 5 sizes, the largest 96x96' (the most pixels)."""
+    named = [f"{width}x{height}" for width, height in sizes]
+    if len(named) <= 3:
+        return "at " + (", ".join(named[:-1]) + " and " if len(named) > 1 else "") + named[-1]
+    width, height = max(sizes, key=lambda size: (size[0] * size[1], size))
+    return f"at {len(sizes)} sizes, the largest {width}x{height}"
+
+
 def hold_out(paths: list[Path], count: int, seed: int) -> tuple[list[Path], list[Path]]:
     """(training paths, held-out paths): `count` images chosen with `seed`, or none when too few would remain."""
     import random

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import statistics
 import time
@@ -419,7 +420,8 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
         rows = list(csv.DictReader(handle))
     assert [row["run"] for row in rows] == ["atoms", "lora"] and [row["method"] for row in rows] == ["atoms", "lora"]
     assert list(rows[0]) == [
-        "run", "method", "variant", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step", "peak_memory_mb",
+        "run", "method", "variant", "settings", "model", "resolution", "trainable_parameters", "adapter_bytes", "train_seconds_per_step",
+        "peak_memory_mb",
         "clip_t", "clip_i", "dino", "fid", "kid", "kid_std", "diversity",
         "digit_fidelity", "style_fidelity", "preservation",
     ]
@@ -435,8 +437,8 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
         assert float(rows[0][name]) == pytest.approx(value)
     assert all(rows[1][name] == "" for name in metric_names + ["kid_std", "digit_fidelity", "preservation"])
 
-    table = (out / "comparison.md").read_text()
-    assert "| atoms | atoms | defaults |" in table and "lora: not evaluated" in table
+    table = re.sub(" +", " ", (out / "comparison.md").read_text())
+    assert "| atoms | atoms | defaults | lr=0.001 | 4,212 |" in table and "lora: not evaluated" in table
     assert "![grid](grid.png)" in table and "![loss](loss.png)" in table
     grid = Image.open(out / "grid.png")
     assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64), header=True)
@@ -627,13 +629,19 @@ def test_the_comparison_shows_base_model_and_size_where_the_runs_differ_in_them(
     from sdtune.comparison import RunSummary, markdown_table
 
     same = [RunSummary(name, tmp_path / name, "lora", "defaults", 1, 1, model="tiny") for name in ("a", "b")]
-    assert markdown_table(same, []).splitlines()[0] == "| run | method | variant | trainable | adapter | s/step | peak MB |"
+    assert markdown_table(same, []).splitlines()[0] == "| run | method | variant  | trainable | adapter | s/step |"
     mixed = same + [RunSummary("c", tmp_path / "c", "atoms", "defaults", 1, 1, model="tiny-sdxl-random", resolution=32)]
     lines = markdown_table(mixed, []).splitlines()
-    assert lines[0] == "| run | method | variant | model | px | trainable | adapter | s/step | peak MB |"
-    assert lines[1] == "|---|---|---|---|---|---:|---:|---:|---:|"
-    assert lines[2].startswith("| a | lora | defaults | tiny | native | 1 |") and lines[4].startswith("| c | atoms | defaults | tiny-sdxl-random | 32 |")
+    assert lines[0] == "| run | method | variant  | model            | px     | trainable | adapter | s/step |"
+    assert lines[1] == "|-----|--------|----------|------------------|--------|----------:|--------:|-------:|"
+    assert lines[2] == "| a   | lora   | defaults | tiny             | native |         1 |     1 B |        |"
+    assert lines[4] == "| c   | atoms  | defaults | tiny-sdxl-random | 32     |         1 |     1 B |        |"
     assert mixed[2].row()["model"] == "tiny-sdxl-random" and mixed[2].row()["resolution"] == 32 and mixed[0].row()["resolution"] == ""
+    mixed[1].peak_memory_mb, mixed[1].seconds_per_step = 12345.6, 0.5  # peak MB: a column where any run logged it
+    lines = markdown_table(mixed, ["clip_t"]).splitlines()
+    assert lines[0].endswith("| s/step | peak MB | CLIP-T |") and lines[3].endswith("|  0.500 |  12,346 |        |")
+    assert len({len(line) for line in lines}) == 1  # every column one width: it reads aligned as printed
+    assert len({tuple(i for i, c in enumerate(line) if c == "|") for line in lines}) == 1
 
 
 def test_runs_of_the_same_name_are_named_by_the_folders_that_tell_them_apart(tmp_path):
@@ -893,3 +901,115 @@ def test_evaluate_reads_prompt_files_without_their_kohya_options_and_compare_wit
     lines = grid_prompts(SimpleNamespace(prompt=["first"], prompts=str(prompts)), [])  # compare's grid draws a line's options
     assert [line.prompt for line in lines] == ["first", "a castle", "a tower", "a bridge", "a gate"]
     assert (lines[1].negative_prompt, lines[1].width, lines[3].seed) == ("blurry", 512, 3)
+
+
+def test_the_comparison_says_which_settings_tell_the_runs_apart(tmp_path):
+    """Runs of one method and variant that differ in their starting file, base adapters, prompt reading, schedule or
+    seed: the table and CSV name only the settings the runs differ in, each where a run's is not the default, files by
+    their short names (a run's adapter by its run), strengths as given."""
+    from sdtune.comparison import RunSummary, describe_differences, markdown_table, run_settings
+
+    common = 'method = "lora"\nmodel = "tiny-random"\nlr = 3e-05\nsteps = 2\nseed = 0\nlog_with = "none"\n'
+    written = {
+        "plain": "",
+        "started": 'init_weights = "runs/earlier/adapter.safetensors"\n',
+        "stacked": 'base_adapters = ["styles/a/style.safetensors:0.50", "styles/b/style.safetensors"]\n',
+        "read": "clip_skip = 2\nmax_token_length = 150\n",
+        "snr": "zero_terminal_snr = true\nseed = 1\n",
+    }
+    runs = []
+    for name, extra in written.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.toml").write_text(common.replace("seed = 0\n", "") + ("" if "seed" in extra else "seed = 0\n")
+                                            + f'output = "runs/{name}"\n' + extra)
+        runs.append(RunSummary(name, folder, "lora", "defaults", 1, 1, settings=run_settings(folder)))
+    describe_differences(runs)
+    assert [", ".join(run.differences.values()) for run in runs] == [
+        "", "init_weights=earlier", "base_adapters=a/style.safetensors:0.50+b/style.safetensors",
+        "clip_skip=2, max_token_length=150", "seed=1, zero_terminal_snr"]
+    lines = [re.sub(" +", " ", line) for line in markdown_table(runs, []).splitlines()]
+    assert lines[0] == "| run | method | variant | settings | trainable | adapter | s/step |"
+    assert lines[2].startswith("| plain | lora | defaults | | 1 |") and lines[5].startswith("| read | lora | defaults | clip_skip=2, max_token_length=150 | 1 |")
+    assert runs[4].row()["settings"] == "seed=1, zero_terminal_snr"
+    alike = [RunSummary(run.name, run.path, "lora", "defaults", 1, 1, settings=run_settings(run.path)) for run in runs[:1] * 2]
+    describe_differences(alike)  # runs that differ in nothing but their folder: no settings column
+    assert re.sub(" +", " ", markdown_table(alike, []).splitlines()[0]) == "| run | method | variant | trainable | adapter | s/step |"
+    from sdtune.comparison import setting_differences, with_defaults  # where the model is not a column of its own
+
+    models = [with_defaults({"model": "runwayml/stable-diffusion-v1-5"}), with_defaults({"model": "stabilityai/stable-diffusion-2-1"})]
+    assert setting_differences(models, frozenset()) == [{"model": "model=runwayml/stable-diffusion-v1-5"},
+                                                        {"model": "model=stabilityai/stable-diffusion-2-1"}]  # hub ids whole
+    edited = [with_defaults({"base_adapters": ["style.safetensors:inf"]}), with_defaults({})]  # a config.toml edited by hand
+    assert setting_differences(edited) == [{"base_adapters": "base_adapters=style.safetensors:inf"}, {}]
+
+
+def test_a_comparison_written_again_leaves_no_earlier_runs_samples_nor_grid_nor_plots(two_runs, tmp_path):
+    """A run dropped from a comparison written again into the same folder loses its samples there; --no-grid drops the
+    grid; a metric no run has now loses its plot. Nothing compare did not write goes: a person's file in a dropped run's
+    samples keeps that folder (with a warning), a folder compare never drew stays, and a folder that holds no
+    comparison is left alone."""
+    runs = []
+    for run in two_runs:
+        shutil.copytree(run, tmp_path / "runs" / run.name, ignore=shutil.ignore_patterns("eval.json"))
+        runs.append(str(tmp_path / "runs" / run.name))
+    out = tmp_path / "cmp"
+    sdtune.compare(runs, str(out), prompt=["a <castle>"], steps=1, progress=False)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["atoms", "lora"]
+    (out / "samples" / "mine").mkdir()
+    (out / "samples" / "mine" / "000-seed0.png").write_bytes(b"a person's own")
+    (out / "fid-vs-parameters.png").write_bytes(b"an earlier evaluation's plot")
+
+    sdtune.compare(runs[:1], str(out), prompt=["a <castle>"], steps=1, progress=False)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["atoms", "mine"]
+    assert not (out / "fid-vs-parameters.png").exists() and (out / "grid.png").is_file()
+
+    sdtune.compare(runs, str(out), prompt=["a <castle>"], steps=1, progress=False)
+    (out / "samples" / "lora" / "notes.txt").write_text("lora looked washed out")
+    with pytest.warns(UserWarning, match=r"samples/lora is kept: an earlier comparison drew lora there, but it also holds "
+                                         r"notes.txt, which compare did not write; lora is not in this comparison$"):
+        sdtune.compare(runs[:1], str(out), grid=False, progress=False)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["lora", "mine"] and not (out / "grid.png").exists()
+    assert (out / "samples" / "lora" / "notes.txt").is_file() and (out / "samples" / "lora" / "images" / "000-seed0.png").is_file()
+
+    foreign = tmp_path / "mine"  # a folder of the same layout that holds no comparison
+    (foreign / "samples" / "lora" / "images").mkdir(parents=True)
+    (foreign / "samples" / "lora" / "images" / "000-seed0.png").write_bytes(b"png")
+    (foreign / "grid.png").write_bytes(b"png")
+    sdtune.compare(runs[:1], str(foreign), grid=False, progress=False)
+    assert (foreign / "samples" / "lora" / "images" / "000-seed0.png").is_file() and (foreign / "grid.png").is_file()
+
+
+def test_runs_none_of_which_was_evaluated_are_said_so_once(two_runs, tmp_path):
+    """Six runs without eval.json are one line, not six; a comparison asked for no metrics (a sweep's metrics = "none")
+    says that instead; where some runs were measured, the others are named each."""
+    from sdtune.comparison import compare, missing_evaluations, summarize_run
+
+    runs = []
+    for index in range(6):
+        shutil.copytree(two_runs[index % 2], tmp_path / f"run{index}", ignore=shutil.ignore_patterns("eval.json"))
+        runs.append(str(tmp_path / f"run{index}"))
+    compare(runs, str(tmp_path / "cmp"), grid=False, progress=False)
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "not evaluated" not in text
+    assert text.count("- No run was evaluated (no eval.json): run `sdtune evaluate --run RUN` on each to measure it.") == 1
+    config = tmp_path / "run5" / "config.toml"  # an unfinished run: its section follows the notes on the table
+    config.write_text(re.sub(r"(?m)^steps = \d+$", "steps = 40", config.read_text()))
+    with pytest.warns(UserWarning, match="run5 is unfinished"):
+        compare(runs, str(tmp_path / "cmp"), grid=False, progress=False, metrics_asked=False)
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "## Missing metrics" not in text and "evaluated" not in text
+    assert '- Metrics: none were asked for (the sweep\'s metrics = "none").' in text
+    assert text.index("- Metrics: none") < text.index("## Unfinished runs")
+    summaries = [summarize_run(run) for run in runs[:2]]
+    summaries[0].metrics = {"clip_t": 30.0}
+    assert missing_evaluations(summaries) == [f"- run1: not evaluated (no eval.json; run `sdtune evaluate --run {runs[1]}`)"]
+
+
+def test_the_evaluate_command_counts_one_image_as_one(metric_models, tmp_path):
+    clip_path, dino_path = metric_models
+    generated, reference = _draw(tmp_path / "generated", 1, seed=1), _draw(tmp_path / "reference", 1, seed=2)
+    result = invoke("evaluate", "--images", generated, "--prompt", "a castle", "--reference", reference, "--clip-model", clip_path,
+                    "--dino-model", dino_path, "--fid-features", "none", "--output", tmp_path / "eval.json")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == "1 generated image, 1 reference image"

@@ -217,7 +217,9 @@ def test_raised_steps_a_run_cannot_be_extended_to_are_trained_afresh_and_the_dry
     assert result.exit_code == 0 and len(result.ran) == 4, lines
     changed = write_plan(tmp_path, plan_text(3, 1), name="changed.toml")
     dry = invoke("sweep", changed, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
-    states = {line.split()[1]: (line.split()[2], line.split("steps; ")[-1]) for line in dry[1:5]}
+    states = {line.split()[1]: (line.split()[2], line.split("; ", 1)[-1]) for line in dry[1:5]}
+    assert dry[1].endswith(", seed 0, 3 steps, lr_scheduler=cosine; steps: 2 -> 3 (the cosine rate depends on the step count)")
+    assert ", seed 0, 1 step; " in dry[3]  # what tells the runs apart beside the steps, and a step counted as one
     assert states == {
         "castle-cosine": ("changed", "steps: 2 -> 3 (the cosine rate depends on the step count)"),
         "castle-unsaved": ("changed", "no checkpoint to extend its 2 steps from"),
@@ -275,7 +277,11 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache)
     marker = json.loads((tmp_path / "out" / "runs" / "missing-lora" / "sweep-run.json").read_text())
     assert marker["state"] == "failed" and "missing" in marker["error"]
     assert json.loads((tmp_path / "out" / "runs" / "present-lora" / "sweep-run.json").read_text())["state"] == "finished"
-    assert "failed" in (tmp_path / "out" / "report" / "index.html").read_text()
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert "failed" in page and 'data-key="error">note</th>' in page  # the failed run's reason, in a column of its own
+    import html
+
+    assert html.escape(marker["error"]) in page
 
 
 def test_a_warning_every_run_gives_alike_is_shown_once(tmp_path, private_cache):
@@ -603,3 +609,73 @@ def test_a_dataset_runs_samples_are_its_classes_unless_the_plan_gives_prompts(tm
     assert (sample.dataset, sample.classes, sample.num_images) == ("digits", ["three", "seven"], 1)
     given = read_plan(write_plan(tmp_path, text + 'prompt = ["a three"]\n', name="given.toml"), tmp_path / "out").runs[0].sample
     assert given.dataset is None and given.prompt == ["a three"]
+
+
+def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tmp_path, private_cache):
+    """Two runs of one method whose axis values (tables named by their label) set a clip_skip and a zero terminal SNR:
+    the report's table says so, as compare's does; a setting an axis's column shows (seed) is not said twice."""
+    import html
+
+    text = ('name = "reading"\nmetrics = "none"\n[train]\nmodel = "tiny-random"\nsteps = 1\nlog_with = "none"\n'
+            '[axes]\nmethod = [{ name = "plain", method = "lora" }, { name = "skip2", method = "lora", clip_skip = 2, resolution = 32 }]\n'
+            'seed = [0, 1]\n[sample]\nprompt = ["a <castle>"]\nnum_images = 1\nsteps = 1\n')
+    plan = write_plan(tmp_path, text)
+    dry = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].endswith("  plain-seed0  pending   lora, castle, lr 3e-05 (default), seed 0, 1 step"), dry
+    assert dry[4].endswith("  skip2-seed1  pending   lora, castle, lr 3e-05 (default), seed 1, 1 step, clip_skip=2, resolution=32"), dry
+    result, lines = sweep(plan, tmp_path / "out")
+    assert result.exit_code == 0 and len(result.ran) == 4, lines
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    header = re.search(r'<table id="runs"><thead><tr>(.*?)</tr>', page).group(1)
+    assert re.findall(r'data-key="([^"]+)"', header)[:7] == ["index", "run", "state", "axis-method", "axis-seed", "variant", "settings"]
+    settings = {name: html.unescape(cell) for name, cell in re.findall(
+        r'<tr class="finished" data-run="([^"]+)">(?:<td[^>]*>.*?</td>){6}<td data-value="([^"]*)">', page)}
+    skip2 = "clip_skip=2, resolution=32"  # no column of the report's shows the size, as compare's px column does
+    assert settings == {"plain-seed0": "", "plain-seed1": "", "skip2-seed0": skip2, "skip2-seed1": skip2}, settings
+    assert 'data-key="error"' not in page  # no run failed: no note column standing empty
+    table = re.sub(" +", " ", (tmp_path / "out" / "report" / "compare" / "comparison.md").read_text())
+    assert "| skip2-seed1 | lora | defaults | clip_skip=2, seed=1 | 32 |" in table, table
+    # metrics = "none": said once, not a line a run that it was not evaluated
+    assert "not evaluated" not in table and "Missing metrics" not in table
+    assert table.count('- Metrics: none were asked for (the sweep\'s metrics = "none").') == 1, table
+    assert 'No metrics were asked for (the plan\'s metrics = "none").' in page and "<p>Settings: the training settings" in page
+
+
+def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_does(tmp_path, private_cache):
+    """0.86 and 0.8599 in one column read as numbers of different precision: the report shows a metric's column as
+    comparison.md does (CLIP-T 33.20, CLIP-I 0.8600, KID 0.50000, s/step 0.125). An earlier plan's seeds.csv goes."""
+    from sdtune.comparison import compare
+    from sdtune.config import TrainConfig
+    from sdtune.evaluation import FORMAT
+    from sdtune.report import write_html_report
+    from sdtune.sweep import Plan, RunSpec, write_marker
+    from sdtune.training import train
+
+    folder = train(TrainConfig(model="tiny-random", steps=1, log_with="none", output=str(tmp_path / "out" / "runs" / "a")),
+                   progress=False).output
+    (folder / "eval.json").write_text(json.dumps({"format": FORMAT, "unavailable": {},
+                                                  "metrics": {"clip_t": 33.2, "clip_i": 0.86, "kid": 0.5}}))
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "step_seconds": 0.125}\n')
+    run = RunSpec(0, "a", {}, folder, TrainConfig(), None, {}, fingerprint="f")
+    write_marker(run, "finished")
+    plan = Plan(tmp_path / "plan.toml", "one", "", tmp_path / "out", "standard", {}, [], None, {}, runs=[run])
+    (plan.report_folder).mkdir(parents=True)
+    (plan.report_folder / "seeds.csv").write_text("method,seeds\nlora,3\n")  # an earlier plan's, with a seed axis
+    page = write_html_report(plan, compare([str(folder)], str(tmp_path / "cmp"), grid=False, progress=False)).read_text()
+    cells = dict(re.findall(r'<td class="number" data-value="([^"]+)">([^<]*)</td>', page))
+    assert cells["33.2"] == "33.20" and cells["0.86"] == "0.8600" and cells["0.5"] == "0.50000" and cells["0.125"] == "0.125", cells
+    assert not (plan.report_folder / "seeds.csv").exists()  # this plan has no seed axis: no spread over seeds to read
+
+
+def test_a_report_with_no_run_finished_under_its_plan_keeps_no_earlier_comparison(finished, tmp_path):
+    """The plan changed and nothing has run since: the report says 0 finished, and report/compare no longer holds the
+    earlier runs' table and plots, which would be read as this plan's."""
+    _, output = finished
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    assert (copy / "report" / "compare" / "comparison.md").is_file() and (copy / "report" / "compare" / "loss.png").is_file()
+    changed = write_plan(tmp_path, TINY_PLAN.replace("steps = 2\nlog", "steps = 1\nlog"))
+    result, lines = sweep(changed, copy, report_only=True)
+    assert lines[-1].startswith("report: 0 of 2 runs finished"), lines
+    assert not any((copy / "report" / "compare").iterdir())
+    assert "2 runs: 0 finished, 0 failed, 2 pending." in (copy / "report" / "index.html").read_text()

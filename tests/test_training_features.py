@@ -641,14 +641,23 @@ def test_validation_width_and_height_are_multiples_of_8(tmp_path):
         TrainConfig(validation_height=100).validate()
 
 
-def test_the_dry_run_says_the_validation_size(tmp_path, tiny_path):
+def test_the_dry_run_says_the_validation_sizes_drawn(tmp_path, tiny_path):
+    """Each size drawn, not the widest width with the tallest height, which lines of 32x48 and 48x32 never draw."""
     from sdtune.training import plan_run
+    from sdtune.validation import describe_sizes
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a castle --w 96\na tower\n")
     config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validate_every=5, validation_prompts=str(prompts),
                          validation_height=80)
-    assert "validation every 5 steps: 2 prompts up to 96x80 (1 with settings of their own)" in plan_run(config).summary()
+    assert "validation every 5 steps: 2 prompts at 96x80 and 64x80 (1 with settings of their own)" in plan_run(config).summary()
+    prompts.write_text("a castle --w 32 --h 48\na tower --w 48 --h 32\na wall --w 32 --h 48\n")
+    config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validate_every=5, validation_prompts=str(prompts))
+    assert "validation every 5 steps: 3 prompts at 32x48 and 48x32 (3 with settings of their own)" in plan_run(config).summary()
+    config = TrainConfig(model="tiny-random", output=str(tmp_path / "run"), validate_every=5, resolution=32)
+    assert any(line.startswith("validation every 5 steps: 3 prompts at 32x32") for line in plan_run(config).summary())
+    assert describe_sizes([(32, 48), (48, 32), (64, 64)]) == "at 32x48, 48x32 and 64x64"
+    assert describe_sizes([(32, 48), (96, 64), (48, 32), (40, 96), (72, 80)]) == "at 5 sizes, the largest 96x64"
 
 
 def test_a_validation_prompt_longer_than_the_text_encoder_reads_is_named_once(tmp_path, tiny_path):
