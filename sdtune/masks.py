@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .image_files import ALPHA_MODES
 from .captions import same_name, warn_same_names
-from .data import MASK_FOLDER, image_extensions
-from .errors import SdtuneError
+from .data import MASK_FOLDER, image_extensions, listed
+from .errors import SdtuneError, warn
 
 MASK_SOURCES = ("files", "alpha")
 
@@ -57,6 +57,16 @@ def _mask_files(folder: Path, warn_names: bool = True) -> dict[str, list[Path]]:
     if warn_names:
         warn_same_names([path.stem for paths in found.values() for path in paths], f"masks in {folder}")
     return found
+
+
+def warn_masks_unused(paths: list[Path]) -> None:
+    """Without --masked-loss: a masks/ folder of images beside the concept images (where kohya-ss users keep
+    them) is not read. Said once, naming each such folder, before the model loads (a dry run too)."""
+    folders = sorted({path.parent / MASK_FOLDER for path in paths})
+    holding = [str(folder) for folder in folders if _mask_files(folder, warn_names=False)]
+    if holding:
+        warn(f"{listed(holding)}: masks beside the concept images are used only with --masked-loss; "
+             "without it the loss weighs every pixel alike")
 
 
 def has_alpha(image) -> bool:

@@ -310,7 +310,9 @@ def test_a_dry_run_says_where_the_masks_come_from(tmp_path):
     images = masked_photo_set(tmp_path / "photos")
     summary = plan_run(TrainConfig(model="tiny-random", images=str(images), masked_loss=True, unmasked_weight=0.0)).summary()
     assert "masked loss: masks from masks/ beside them, weight 0 where black" in summary
-    assert not any("masked" in line for line in plan_run(TrainConfig(model="tiny-random", images=str(images))).summary())
+    with pytest.warns(UserWarning, match="masks beside the concept images are used only with masked_loss=True"):
+        unmasked = plan_run(TrainConfig(model="tiny-random", images=str(images))).summary()
+    assert not any("masked" in line for line in unmasked)
 
 
 def test_mask_settings_check_what_combines():
@@ -396,3 +398,32 @@ def test_a_masked_run_trains_the_same_adapter_on_one_thread_or_several(tmp_path,
     assert said[4] == said[1]
     assert runs[4].losses == runs[1].losses
     assert (runs[4].output / "adapter.safetensors").read_bytes() == (runs[1].output / "adapter.safetensors").read_bytes()
+
+
+def test_masks_beside_the_images_without_masked_loss_are_named_once_in_the_dry_run_and_at_the_start(tmp_path):
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    images = masked_photo_set(tmp_path / "photos", sizes=((64, 64), (64, 64)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--images", str(images), "--dry-run",
+                                          "--output", str(tmp_path / "dry")])
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught if "masks beside the concept images" in str(w.message)]
+    assert len(said) == 1 and str(images / "masks") in said[0] and "--masked-loss" in said[0], said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_training(tmp_path, "unmasked", images=str(images), steps=1)
+    said = [str(w.message) for w in caught if "masks beside the concept images" in str(w.message)]
+    assert len(said) == 1 and str(images / "masks") in said[0] and "masked_loss=True" in said[0], said
+    with warnings.catch_warnings(record=True) as caught:  # used, or no masks in the folder: nothing is said
+        warnings.simplefilter("always")
+        run_training(tmp_path, "masked", images=str(images), steps=1, masked_loss=True)
+        for mask in (images / "masks").iterdir():
+            mask.unlink()
+        run_training(tmp_path, "empty", images=str(images), steps=1)
+    assert not [w for w in caught if "masks beside the concept images" in str(w.message)]
