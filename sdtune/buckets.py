@@ -116,7 +116,7 @@ def check_buckets(bucket_of: list, batch_size: int, names: list[str] | None = No
             example = " (" + ", ".join(n for n, s in zip(names, bucket_of) if s == (width, height))[:120] + ")"
         raise SdtuneError(
             f"--buckets: the {width}x{height} bucket holds {count} image(s){example}, fewer than --batch-size {batch_size}; "
-            f"give a --batch-size of at most {count}, more images of that shape, or leave --buckets off"
+            f"give a --batch-size of at most {count}, more images of that shape, or leave out --buckets"
         )
 
 

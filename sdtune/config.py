@@ -126,6 +126,10 @@ NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
 # a flag (not kohya-ss' --network_weights, nor one inside a quoted value or a path), and the word after it: its
 # value, or the sentence's own
 FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+-]+))?")
+# a switch a message says to leave off: "leave out --buckets", "leave --buckets off", "without --buckets", which in Python
+# is the switch set the other way ("set buckets=False"), not "leave out buckets=True"
+SWITCHED_OFF = re.compile(r"\b(?:(?P<leave_out>leave out )(?P<flag1>--[a-z0-9-]+)(?![\w/-])|(?P<leave>leave )(?P<flag2>--[a-z0-9-]+) off\b"
+                          r"|(?P<without>without )(?P<flag3>--[a-z0-9-]+)(?![\w/-]))")
 # commands a message quotes, to be typed as they are: `sdtune sample --dtype bf16`, 'sdtune train --resume latest'
 QUOTED_COMMAND = re.compile(r"`sdtune [^`]*`|'sdtune [^']*'|\"sdtune [^\"]*\"|\(sdtune [^)]*\)")
 
@@ -179,11 +183,23 @@ def python_spelled(message: str, command: str) -> str:
             return name.spelled(value)
         return name.spelled() + (f" {word}" if word is not None else "")
 
+    def switch_off(match: re.Match) -> str:
+        flag = match["flag1"] or match["flag2"] or match["flag3"]
+        name = names.get(flag)
+        if name is None and flag.startswith("--no-") and (negated := names.get("--" + flag[len("--no-"):])) is not None:
+            name = negated._replace(value=None if negated.value is None else not negated.value)
+        if name is None or name.value is None:  # no switch (a value's flag): "without ema_decay" reads as it is
+            return match[0]
+        return ("with " if match["without"] else "set ") + name.spelled(str(not name.value))
+
+    def respelled(text: str) -> str:
+        return FLAG.sub(spell, SWITCHED_OFF.sub(switch_off, text))
+
     pieces, start = [], 0
     for quoted in QUOTED_COMMAND.finditer(message):
-        pieces += [FLAG.sub(spell, message[start:quoted.start()]), quoted[0]]
+        pieces += [respelled(message[start:quoted.start()]), quoted[0]]
         start = quoted.end()
-    return "".join(pieces) + FLAG.sub(spell, message[start:])
+    return "".join(pieces) + respelled(message[start:])
 
 
 errors.respell = python_spelled  # warnings raised to Python code name settings as its errors do (`errors.warn`)

@@ -194,7 +194,8 @@ CASES = [
     ("train-metadata-not-json", (*TRAIN, "--images", "{tmp}/photos-metadata-json"), 2, "{tmp}/photos-metadata-json/metadata.jsonl line 1: not JSON"),
     ("train-metadata-empty-text", (*TRAIN, "--images", "{tmp}/photos-metadata-text"), 2, "line 1: \"text\" must be a caption (non-empty text)"),
     ("train-bucket-of-one", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--batch-size", 2), 2,
-     "--buckets: the 56x72 bucket holds 1 image(s) (a.png), fewer than --batch-size 2; give a --batch-size of at most 1"),
+     "--buckets: the 56x72 bucket holds 1 image(s) (a.png), fewer than --batch-size 2; give a --batch-size of at most 1, "
+     "more images of that shape, or leave out --buckets"),
     ("train-bucket-too-small", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--resolution", 32), 2,
      "--buckets: e.png (300x100) goes to the 64x16 bucket, smaller than tiny-random's smallest side (24 px)"),
     ("train-keep-tokens-over-caption", (*TRAIN, "--images", "{tmp}/photos-tags", "--shuffle-caption", "--keep-tokens", 3), 2,
@@ -648,6 +649,12 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("--adapter-scale 0,0.5,1 lists a strength twice", "sample") == "adapter_scale=[0, 0.5, 1] lists a strength twice"
     assert spelled("--rank must be 1 or more", "extract") == "rank must be 1 or more"  # extract's own setting, no option
     assert spelled("got '--steps'; --unknown-flag; runs/--steps/x") == "got '--steps'; --unknown-flag; runs/--steps/x"
+    # a switch left off is the switch set the other way; a value's flag left out reads as it is
+    assert spelled("or leave out --buckets; or leave --buckets off.") == "or set buckets=False; or set buckets=False."
+    assert spelled("run without --dora, or without --no-half-vae") == 'run with options={"dora": False}, or with no_half_vae=False'
+    assert spelled("resume without --ema-decay, or leave out --steps") == "resume without ema_decay, or leave out steps"
+    assert spelled("`sdtune train` without --resume-x; `sdtune train --buckets` leave out") == \
+        "`sdtune train` without --resume-x; `sdtune train --buckets` leave out"
 
 
 def test_the_python_spelling_table_names_real_flags_and_fields():

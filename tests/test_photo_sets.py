@@ -197,10 +197,15 @@ def test_bucket_batches_come_from_one_bucket_and_repeat_exactly():
     assert sorted(i for batch in repeated for i in batch) == sorted([0, 1, 2] * 2 + list(range(3, 9)))
 
 
-def test_a_bucket_with_fewer_images_than_a_batch_is_refused():
+def test_a_bucket_with_fewer_images_than_a_batch_is_refused(tmp_path):
     check_buckets([(64, 64)] * 2 + [(96, 40)], batch_size=1)
     with pytest.raises(SdtuneError, match=r"the 96x40 bucket holds 1 image\(s\) \(wide.png\), fewer than --batch-size 2"):
         check_buckets([(64, 64)] * 2 + [(96, 40)], batch_size=2, names=["a.png", "b.png", "wide.png"])
+    from sdtune.training import plan_run
+
+    photo_set(tmp_path / "photos", counts=(2, 2, 1))  # one 16:9 photo: a bucket of its own
+    with pytest.raises(SdtuneError, match=r"^buckets=True: the \S+ bucket holds 1 image.* more images of that shape, or set buckets=False$"):
+        plan_run(TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), buckets=True, batch_size=2))
 
 
 def test_the_dry_run_lists_the_buckets_and_their_images(tmp_path):
