@@ -397,6 +397,22 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
              f"that matters{hint}")
 
 
+def warn_upscaled_images(paths: list[Path], frames: list) -> None:
+    """Before the model loads (a dry run too): the images smaller than the frame they are trained at, named as loading
+    names them (`LoadNotes`), from their headers. `frames[i]`: image i's (width, height) frame, or None (not read)."""
+    notes = LoadNotes()
+    for path, frame_size in zip(paths, frames):
+        if frame_size is None:
+            continue
+        try:
+            width, height = image_facts(path).size
+        except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
+            continue
+        if max(frame_size[0] / width, frame_size[1] / height) > 1:
+            notes.upscaled.append((path.name, (width, height), tuple(frame_size)))
+    notes.warn()
+
+
 def share_of(fraction: float) -> str:
     """A fraction as a percentage, never rounded to 100% where some is left (a 200:1 panorama in a square keeps 0.5%
     of it: "99.5% cut away", not "100%")."""
@@ -498,14 +514,15 @@ def load_image(path: Path, resolution: int):
     return load_framed(path, resolution).image
 
 
-def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None, mask_of=None, notes=None) -> Framed:
+def load_framed(path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None, mask_of=None, notes=None,
+                warn_upscaled: bool = True) -> Framed:
     """Open, convert and fit an image into a `resolution` square or, with `buckets`, into the (width,
     height) bucket nearest its aspect ratio. A phone photo's EXIF orientation is applied first."""
 
     def own_size(width: int, height: int) -> tuple[int, int]:
         return nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
 
-    return load_framed_sizes(path, lambda width, height: [own_size(width, height)], mask_of=mask_of, notes=notes)[0]
+    return load_framed_sizes(path, lambda width, height: [own_size(width, height)], warn_upscaled, mask_of, notes)[0]
 
 
 def load_framed_sizes(path: Path, sizes_of, warn_upscaled: bool = True, mask_of=None, notes: "LoadNotes | None" = None) -> list[Framed]:
@@ -607,15 +624,17 @@ def load_images(paths: list[Path], resolution: int) -> list:
 
 def load_framed_images(paths: list[Path], resolution: int, buckets: list[tuple[int, int]] | None = None,
                        skipped: list[Path] | None = None, mask_of=None, threads: int | None = None,
-                       what: str = "image") -> list[Framed]:
+                       what: str = "image", warn_upscaled: bool = True) -> list[Framed]:
     """`load_framed` for every readable image; unreadable files are skipped with a warning (and added to
-    `skipped`), none readable is an error. Images of several frames and small ones are named in one warning each,
-    as `what` ("class image": named as such). The images (and their masks) are decoded on `threads` threads (None:
+    `skipped`), none readable is an error. Images of several frames and small ones (unless `warn_upscaled` is False:
+    `warn_upscaled_images` named them as the run was planned) are named in one warning each, as `what` ("class
+    image": named as such). The images (and their masks) are decoded on `threads` threads (None:
     `image_files.decode_threads`), to the same images, with the same warnings in the same order, as on one."""
     loaded, skipped = [], skipped if skipped is not None else []
     notes = LoadNotes(what=what)
     kind = "" if what == "image" else f"{what} "
-    for path, framed, own in decoded_in_threads(lambda path, own: load_framed(path, resolution, buckets, mask_of, own), paths, threads):
+    for path, framed, own in decoded_in_threads(lambda path, own: load_framed(path, resolution, buckets, mask_of, own, warn_upscaled),
+                                                  paths, threads):
         if own is None:
             skipped.append(path)
             warn(f"skipping {kind}{path}: not a readable image ({unreadable_because(path, framed)})")

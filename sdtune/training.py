@@ -296,10 +296,11 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
 
         check_tokenizers(config, load_tokenizers(config.model))
     if inputs.labelled is None:
-        from .data import warn_cropped_away
+        from .data import warn_cropped_away, warn_upscaled_images
 
         # a square where there are no buckets: only the aspect ratio of the frame matters
         warn_cropped_away(inputs.image_paths, buckets or [(1, 1)] * len(inputs.image_paths), "" if config.buckets else ", or add --buckets")
+        warn_upscaled_images(inputs.image_paths, buckets if config.buckets else [(resolution, resolution)] * len(inputs.image_paths))
     checkpoint, earlier = run_start(Path(config.output), resume, overwrite, config) if output_state else (None, [])
     if not output_state:
         start = "not read"
@@ -634,7 +635,9 @@ class Trainer:
         else:
             skipped: list[Path] = []
             mask_of = functools.partial(masks.upright_mask, source=config.mask_source) if config.masked_loss else None
-            framed = load_framed_images(inputs.image_paths, resolution, bucket_sizes(resolution) if config.buckets else None, skipped, mask_of)
+            # an image smaller than its frame was named as the run was planned (data.warn_upscaled_images)
+            framed = load_framed_images(inputs.image_paths, resolution, bucket_sizes(resolution) if config.buckets else None, skipped, mask_of,
+                                        warn_upscaled=False)
             kept = [i for i, path in enumerate(inputs.image_paths) if path not in skipped]
             for each, index in zip(framed, kept) if config.masked_loss else ():
                 masks.check_framed_mask(each.mask, inputs.image_paths[index].name)

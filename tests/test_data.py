@@ -842,3 +842,44 @@ def test_images_are_decoded_on_the_cores_the_process_may_use_at_most_eight(monke
     for cores, threads in [({0}, 1), ({2, 5}, 2), (set(range(64)), DECODE_THREADS_MAX)]:
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
         assert decode_threads() == threads
+
+
+def test_an_image_smaller_than_its_frame_is_named_once_before_the_model_loads(tmp_path, monkeypatch):
+    """A 1x1 (or thumbnail) concept image is named as the run is planned, a dry run too, in the words loading
+    used, and not again as the images load; with buckets too."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from sdtune import models
+    from sdtune.cli import app
+    from sdtune.config import TrainConfig
+    from sdtune.training import plan_run, train
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"p{index}.png")
+    Image.new("RGB", (1, 1), "red").save(folder / "dot.png")
+    said = "dot.png is 1x1, smaller than 64px: upscaled"
+
+    def upscaled(caught) -> list[str]:
+        return [str(w.message) for w in caught if "upscaled" in str(w.message)]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--images", str(folder), "--resolution", "64",
+                                          "--dry-run", "--output", str(tmp_path / "dry")])
+    assert result.exit_code == 0, result.output
+    assert upscaled(caught) == [said]
+    loaded = []
+    monkeypatch.setattr(models, "load_pipeline", lambda *args, real=models.load_pipeline: loaded.append(1) or real(*args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(TrainConfig(model="tiny-random", images=str(folder), resolution=64, steps=1, log_with="none",
+                          output=str(tmp_path / "run")), progress=False)
+    assert upscaled(caught) == [said] and loaded == [1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_run(TrainConfig(model="tiny-random", images=str(folder), resolution=64, buckets=True, output=str(tmp_path / "b")))
+    assert upscaled(caught) == [said]  # its bucket: the 64x64 square
