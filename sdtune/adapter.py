@@ -286,6 +286,16 @@ def check_trained_base(info: AdapterInfo, parts, targets: list[str], what: str, 
         raise SdtuneError(f"{trained_on}; {model}'s weights differ")
 
 
+def update_reads_weights(path: str | Path, info) -> bool:
+    """Whether the adapter's update depends on the weights it is taken on (`Method.update_reads_weights`), from its
+    file alone, before any model loads: a kohya file's differences, a LoRA's B·A, do not."""
+    from . import methods
+
+    if is_kohya_file(adapter_path(path)):
+        return False
+    return methods.create(info.method, **info.options).update_reads_weights
+
+
 def open_adapter(path: str | Path, pipeline, rename: dict[str, str] | None = None):
     """The adapter at `path` bound to `pipeline`, at strength 1 and not merged; its new tokens (if any) join the
     pipeline's tokenizer(s), under the names `rename` gives where it does (a stack's `stack_new_tokens`).

@@ -128,7 +128,9 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     import torch
     from torch import nn
 
-    from .adapter import adapter_info, adapter_path, base_adapters_text, load_adapters, open_adapter, recorded_base_adapters
+    from .adapter import (
+        adapter_info, adapter_path, base_adapters_text, load_adapters, open_adapter, recorded_base_adapters, update_reads_weights,
+    )
     from .kohya import bias_and_norm_state, kohya_layout, model_spec, norm_types, write_kohya
     from .merging import quiet_diffusers
     from .models import DEFAULT_MODEL, load_pipeline
@@ -152,14 +154,16 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
             check_output_target(target, inputs, config.overwrite)  # again, now that no other command writes it
         with quiet_diffusers():
             pipeline = load_pipeline(model)
-        if bases:  # merged as training merged them: ΔW is what the adapter adds on the weights they leave
+        reads_weights = update_reads_weights(path, info)
+        if bases and reads_weights:  # merged as training merged them: ΔW is what the adapter adds on the weights they leave
+            # (an update that reads no weights, a LoRA's B·A, is the same on the plain ones: no merge to wait for)
             load_adapters([base.path for base in bases], pipeline, [base.strength for base in bases])
         layout = kohya_layout(pipeline.unet.config)
         state, layers, left_out, kept, exact = {}, [], [], [], {}
         keep = {"bias": config.keep_biases, "norm": config.keep_norms}
         adapter = open_adapter(path, pipeline)
         records = recorded_base_adapters(info)
-        if records and not bases and adapter.update_reads_weights:
+        if records and not bases and reads_weights:
             warn(f"{path} was trained on top of base adapters that are not given: {base_adapters_text(records)}; its "
                  f"{info.method} update depends on the weights it is taken on, so the LoRA is taken on the plain base weights, "
                  "not what it drew on them: give them with --base-adapters FILE:S")

@@ -522,3 +522,47 @@ def test_an_adapter_trained_on_base_adapters_is_extracted_on_them(tmp_path, inpu
     result = invoke("extract", alone, "--output", tmp_path / "cli.safetensors", "--base-adapters", f"{lora}:0.5")
     assert_one_line_error(result, 2, "--base-adapters: ")
     assert not (tmp_path / "wrong.safetensors").exists() and not (tmp_path / "cli.safetensors").exists()
+
+
+def test_an_update_that_reads_no_weights_is_extracted_without_merging_its_base_adapters(tmp_path, monkeypatch):
+    """A LoRA trained on a base LoRA: its B·A is the same on any weights, so extract merges no base adapter (seconds on
+    a real model): its tensors are byte for byte those taken with no base adapter, as `load_adapters` takes such an
+    update (on the base weights), and the notes still say to stack it on them. Taken on the merged weights instead,
+    ΔW = (W + B·A) − W differs from it only by float32's rounding."""
+    import shutil
+
+    import sdtune.adapter
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    def run(name, **changes):
+        config = TrainConfig(output=str(tmp_path / name), concept="castle", model="tiny-random", log_with="none", seed=3,
+                             steps=2, lr=1e-2, method="lora", options={"rank": 2}, **changes)
+        return train(config, progress=False).output
+
+    base = run("base")
+    on_base = run("on-base", base_adapters=[f"{base}:0.7"])
+    alone = tmp_path / "alone.safetensors"  # out of its run folder: no base adapter is found
+    shutil.copy(on_base / "adapter.safetensors", alone)
+    merged = []
+    real = sdtune.adapter.load_adapters
+    monkeypatch.setattr(sdtune.adapter, "load_adapters", lambda *args, **kwargs: merged.append(args[0]) or real(*args, **kwargs))
+    result = extract(on_base, tmp_path / "found.safetensors", rank=FULL)
+    given = extract(alone, tmp_path / "given.safetensors", rank=FULL, base_adapters=[f"{base}:0.7"])
+    plain = extract(alone, tmp_path / "plain.safetensors", rank=FULL)
+    assert merged == []
+    assert all(any(note.startswith("taken on its base adapters") for note in each.notes) for each in (result, given))
+    expected = load_file(plain.output)
+    for each in (result, given):
+        tensors = load_file(each.output)
+        assert tensors.keys() == expected.keys() and all(torch.equal(tensors[key], expected[key]) for key in expected)
+    assert json.loads(summary_path(result.output).read_text())["base_adapters"] == [{"path": str(base), "strength": 0.7}]
+
+    lora = type(methods.create("lora"))  # as though its update read the weights: the base LoRA merged first
+    monkeypatch.setattr(lora, "update_reads_weights", property(lambda self: True))
+    on_merged = load_file(extract(on_base, tmp_path / "merged.safetensors", rank=FULL).output)
+    assert merged == [[str(base)]]
+    taken, rounded = lora_deltas(expected), lora_deltas(on_merged)
+    assert rounded.keys() == taken.keys()
+    for key in taken:
+        torch.testing.assert_close(rounded[key], taken[key], rtol=0, atol=1e-6)
