@@ -599,8 +599,41 @@ def check_pipeline_class(model: str, index: dict) -> None:
 
 
 def check_hub_id(model: str, source: str) -> None:
+    """A model that is no folder is a hub id, ORG/NAME of the hub's characters (else huggingface_hub raises its own
+    error, in a paragraph, as the cache is looked up)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise SdtuneError(f"--model {model}: no such folder, and not a hub id; use --model tiny or a local folder")
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise SdtuneError(f"--model {model}: no such folder, and not a hub id (ORG/NAME of letters, digits, '-', '_' "
+                          "and '.', not '--' or '..', neither starting nor ending with '-' or '.'); use --model tiny or a "
+                          "local folder") from None
+
+
+BUILT_TINY_MODELS = (TINY_RANDOM, TINY_SD2_RANDOM, TINY_SDXL_RANDOM)  # built on first use: always there
+
+
+def check_model_here(model: str) -> None:
+    """What a run's plan (`read_model_configs`) refuses of `model` from this machine alone, never asking the hub: a
+    name that is no tiny model, folder or hub id; a folder that is no pipeline sdtune trains; a hub id whose
+    model_index.json, in the Hugging Face cache, names one it does not. A hub id not in the cache is left to the run
+    (its own plan refuses it where the hub is offline, its loading where the hub lacks it): a sweep's plan is read,
+    and dry-run, where its model is not."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if model in BUILT_TINY_MODELS:
+        return
+    source = resolve_model(model)  # the pretrained tiny model: installed
+    if Path(source).exists():
+        read_model_configs(model)
+        return
+    check_hub_id(model, source)
+    cached = try_to_load_from_cache(source, "model_index.json")
+    if isinstance(cached, str):
+        check_pipeline_class(model, _read_config(model, Path(cached)))
 
 
 def _read_config(model: str, file: Path) -> dict:

@@ -103,6 +103,7 @@ class Plan:
 def read_plan(path: str | Path, output: str | None = None) -> Plan:
     """The plan at `path`, checked and expanded to its runs; a bad plan is one SdtuneError line."""
     from . import methods
+    from .models import check_model_here
 
     path = Path(path)
     if not path.is_file():
@@ -159,6 +160,7 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
     plan = Plan(path, name, values.get("description", ""), root, metrics, train, axes, sample, evaluate)
 
     names: dict[str, tuple[int, tuple[int, ...]]] = {}  # each run's name: its index and its values' places on the axes
+    models_checked: set[str] = set()
     for index, places in enumerate(itertools.product(*(range(len(axis_values)) for _, axis_values in axes))):
         combination = [axis_values[place] for (_, axis_values), place in zip(axes, places)]
         settings = dict(train)
@@ -177,6 +179,10 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
         folder = root / RUNS_FOLDER / run_name
         try:
             plan.runs.append(_run_spec(plan, index, run_name, axis_values, folder, settings, methods))
+            # a model no run could load, found now rather than as that run starts, after the runs before it trained
+            for model in {plan.runs[-1].train.model, getattr(plan.runs[-1].sample, "model", None)} - models_checked - {None}:
+                check_model_here(model)
+                models_checked.add(model)
         except SdtuneError as error:
             raise bad(f"run {run_name}: {error}") from None
     return plan

@@ -185,6 +185,8 @@ CASES = [
     ("train-images-missing", (*TRAIN, "--images", "{tmp}/no-images"), 2, "image folder not found"),
     ("train-images-empty", (*TRAIN, "--images", "{tmp}/empty-images"), 2, "has no images"),
     ("train-output-is-a-file", (*TRAIN[:3], "--output", "{tmp}/a-file"), 2, "cannot write to output folder"),
+    ("train-model-bad-hub-id", (*TRAIN[:1], "--model", "org/-name", "--output", "{tmp}/out"), 2,
+     "--model org/-name: no such folder, and not a hub id (ORG/NAME of letters"),
     ("train-model-sd3", (*TRAIN[:1], "--model", "{tmp}/sd3", "--output", "{tmp}/out"), 2,
      "is a StableDiffusion3Pipeline, which sdtune does not support yet"),
     ("train-model-sdxl-one-text-encoder", (*TRAIN[:1], "--model", "{tmp}/sdxl", "--output", "{tmp}/out"), 2,

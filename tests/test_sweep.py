@@ -421,6 +421,12 @@ BAD_PLANS = [
      "run d-atoms: unknown class 'sevn' for dataset 'digits'"),
     ("dataset without its folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits", "eurosat"]'),
      "run eurosat-atoms: dataset 'eurosat' needs --data-root DIR"),
+    # a model no run could load: found as the plan is read, not as its runs start after the others trained
+    ("unknown model", TINY_PLAN.replace('model = "tiny"\n', "").replace("[axes]", '[axes]\nmodel = ["tiny", "tiny-sd3-random"]'),
+     "run tiny-sd3-random-castle-atoms: --model tiny-sd3-random: no such folder, and not a hub id"),
+    ("malformed hub id", TINY_PLAN.replace('model = "tiny"', 'model = "org/-name"'), "--model org/-name: no such folder, and not a hub id (ORG/NAME"),
+    ("folder of no pipeline", TINY_PLAN.replace('model = "tiny"', 'model = "/"'), "--model /: not a diffusers pipeline folder"),
+    ("sampling's model", TINY_PLAN.replace("num_images = 1\n", 'num_images = 1\nmodel = "tiny-sd3"\n'), "--model tiny-sd3: no such folder"),
     ("built-in dataset given a folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits"]').replace("[train]", '[train]\ndata_root = "d"'),
      "dataset 'digits' is built in; it takes no --data-root"),
 ]
@@ -679,3 +685,27 @@ def test_a_report_with_no_run_finished_under_its_plan_keeps_no_earlier_compariso
     assert lines[-1].startswith("report: 0 of 2 runs finished"), lines
     assert not any((copy / "report" / "compare").iterdir())
     assert "2 runs: 0 finished, 0 failed, 2 pending." in (copy / "report" / "index.html").read_text()
+
+
+def test_a_plans_hub_models_are_checked_in_the_cache_alone(tmp_path, monkeypatch):
+    """A well-formed hub id not in the cache is read without asking the hub (offline or not; its run finds it out as
+    train does); one whose cached model_index.json names a pipeline sdtune does not train is refused."""
+    import huggingface_hub
+
+    import sdtune.models
+    from sdtune.sweep import read_plan
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(sdtune.models._HubFiles, "__call__", no_network)
+    plan = write_plan(tmp_path, TINY_PLAN.replace('model = "tiny"', 'model = "someone/not-cached-model"'))
+    for offline in ("1", "0"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        assert {run.train.model for run in read_plan(plan, output=str(tmp_path / "out")).runs} == {"someone/not-cached-model"}
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(index) if name == "model_index.json" else None)
+    result = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out")
+    assert_one_line_error(result, 2, "run castle-atoms: --model someone/not-cached-model is a StableDiffusion3Pipeline, which sdtune")
+    assert not (tmp_path / "out").exists()
