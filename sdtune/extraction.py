@@ -3,10 +3,9 @@
 
 Each layer's update ΔW (an sdtune adapter's, on the base weights it was trained on with its base adapters merged
 first where it trained on top of some and its update reads the weights, or a kohya-format file's: `take_update`,
-what stacked adapters add up) is
-cut to its best rank-r approximation by a truncated SVD in float32 on the CPU, ΔW ≈ U_r·diag(S_r)·V_rᵀ
-(Eckart–Young: no rank-r matrix is closer in Frobenius norm; the error is √Σ of the discarded S²). Written as
-kohya-ss writes an extracted LoRA: `lora_up` = U_r·diag(S_r), `lora_down` = V_rᵀ (a 3×3 conv: a k×k conv down to
+what stacked adapters add up) is cut to its best rank-r approximation by a truncated SVD in float32 on the CPU,
+ΔW ≈ U_r·diag(S_r)·V_rᵀ (Eckart–Young: no rank-r matrix is closer in Frobenius norm; the error is √Σ of the
+discarded S²). Written as kohya-ss writes an extracted LoRA: `lora_up` = U_r·diag(S_r), `lora_down` = V_rᵀ (a 3×3 conv: a k×k conv down to
 r channels, a 1×1 conv up, LoCon), `.alpha` = r, so alpha/rank = 1.
 
 r is `rank` (3×3 convs: `conv_rank`), or with `dynamic` the smallest rank that meets `threshold`
