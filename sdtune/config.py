@@ -48,6 +48,17 @@ PATH_SETTINGS = frozenset({
 })
 
 
+def empty_path_message(label: str) -> str:
+    """What an empty path setting is told, by the CLI (`--output ''`, which typer would read as the current folder) and
+    by TOML and Python alike. `label`: the flag, or an argument's name."""
+    return f"{label} must not be empty"
+
+
+def check_path_not_empty(name: str, value: Any) -> None:
+    if value == "" or (isinstance(value, list) and "" in value):
+        raise SdtuneError(empty_path_message(name if name in NOT_FLAGS else "--" + name.replace("_", "-")))
+
+
 def expand_home(value: Any) -> Any:
     if isinstance(value, str) and value.startswith("~"):
         return os.path.expanduser(value)
@@ -286,7 +297,10 @@ class _Config:
         # the Python API builds configs directly: types are checked here, for TOML and flags alike
         for name, hint in typing.get_type_hints(type(self)).items():
             value = checked_value(name, getattr(self, name), hint)
-            setattr(self, name, expand_home(value) if name in PATH_SETTINGS else value)
+            if name in PATH_SETTINGS:
+                check_path_not_empty(name, value)
+                value = expand_home(value)
+            setattr(self, name, value)
 
     @_spelled_for_python
     def validate(self) -> None:
@@ -578,10 +592,6 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} applies to --optimizer prodigy, not {self.optimizer}")
         if not 0 <= self.ema_decay < 1:
             raise SdtuneError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
-        if self.resume is not None and not self.resume:
-            raise SdtuneError("--resume takes 'latest' or a checkpoint folder")
-        if self.init_weights is not None and not self.init_weights:
-            raise SdtuneError("--init-weights takes an adapter file or run folder")
         self.base_adapter_entries  # each FILE[:STRENGTH] parses
         if self.resume and self.overwrite:
             raise SdtuneError("give --resume to continue a run or --overwrite to replace it, not both")

@@ -552,8 +552,8 @@ def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_ru
 
 
 @pytest.mark.parametrize("flag, toml_line, message", [
-    ("--init-weights", 'init_weights = ""', "--init-weights takes an adapter file or run folder"),
-    ("--base-adapters", 'base_adapters = [""]', "--base-adapters takes FILE or FILE:STRENGTH, got an empty entry"),
+    ("--init-weights", 'init_weights = ""', "--init-weights must not be empty"),
+    ("--base-adapters", 'base_adapters = [""]', "--base-adapters must not be empty"),
 ])
 def test_an_empty_path_says_the_same_from_the_command_line_and_toml(flag, toml_line, message, tmp_path):
     """An empty value is refused as one: not read as the current folder (which said 'adapter not found')."""
