@@ -136,7 +136,11 @@ def python_names(command: str) -> dict[str, PythonName]:
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
 # a flag (not kohya-ss' --network_weights, nor one inside a quoted value or a path), and the word after it: its
 # value, or the sentence's own
-FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+-]+))?")
+# a word ends before a sentence's full stop or colon: "--model nobody/x: not found", "--output runs/x."
+FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])"
+                  rf"(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+~/-](?:[\w.+~/:-]*[\w+~/-])?))?")
+# what a path or hub id has and the sentence's own words after a path flag ("--images folder") have not
+PATH_LIKE = re.compile(r"[/\\.~_:\d-]")
 # commands a message quotes, to be typed as they are: `sdtune sample --dtype bf16`, 'sdtune train --resume latest'
 QUOTED_COMMAND = re.compile(r"`sdtune [^`]*`|'sdtune [^']*'|\"sdtune [^\"]*\"|\(sdtune [^)]*\)")
 
@@ -147,9 +151,11 @@ def named_values() -> dict[str, tuple[str, ...]]:
     value ("--format diffusers" is 'format="diffusers"'), where "--targets of those layers" is a sentence's."""
     from .datasets import VTAB_SPLITS
     from .methods import available
+    from .models import TINY, TINY_RANDOM, TINY_SD2_RANDOM, TINY_SDXL_RANDOM
 
     return {
         "method": tuple(available()), "resume": ("latest",), "mixed_precision": MIXED_PRECISION,
+        "model": (TINY, TINY_RANDOM, TINY_SD2_RANDOM, TINY_SDXL_RANDOM),  # the built-in ones, no path to tell them by
         "dtype": SAMPLE_DTYPES + MERGE_DTYPES, "validation_dtype": SAMPLE_DTYPES, "format": EXPORT_FORMATS,
         "optimizer": tuple(OPTIMIZERS), "lr_scheduler": LR_SCHEDULERS, "scheduler": SCHEDULERS, "loss_type": LOSS_TYPES,
         "huber_schedule": HUBER_SCHEDULES, "mask_source": MASK_SOURCES, "dynamic": EXTRACT_DYNAMIC,
@@ -158,14 +164,16 @@ def named_values() -> dict[str, tuple[str, ...]]:
 
 
 def python_value(name: PythonName, word: str) -> str | None:
-    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words, quoted), or
-    None where it is the sentence's next word. 1,000 is a thousand; 0,0.5,1 a list."""
+    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words or a path or hub
+    id, quoted), or None where it is the sentence's next word. 1,000 is a thousand; 0,0.5,1 a list."""
     if re.fullmatch(rf"{NUMBER}(?:,{NUMBER})*", word):
         if re.fullmatch(r"[1-9]\d{0,2}(?:,\d{3})+", word):
             return word.replace(",", "")
         return f"[{', '.join(word.split(','))}]" if "," in word else word
     if re.fullmatch(r"[A-Z][A-Z0-9_]*", word):
         return word
+    if name.option is None and name.setting in PATH_SETTINGS and PATH_LIKE.search(word):  # a file or hub id: text
+        return f'"{word}"'
     return f'"{word}"' if name.option is None and word in named_values().get(name.setting, ()) else None
 
 
