@@ -167,10 +167,28 @@ def test_a_kohya_file_of_another_model_family_or_text_encoder_is_refused(trained
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(with_te)))
 
 
-def test_a_kohya_module_outside_the_targets_is_refused(trained, tmp_path):
-    with pytest.raises(SdtuneError, match=r"module\(s\) that lora --targets attn does not tune"):
-        step_zero_output(settings(tmp_path / "run", method="lora", options={"targets": "attn"},
-                                  init_weights=str(trained["lora-kohya"])), None)
+def test_a_kohya_module_outside_the_targets_is_refused_before_the_model_loads(trained, tmp_path, monkeypatch):
+    """The run's own --targets leave out modules the file changes: the dry run (which loads no model) refuses it, in
+    one line, exit 2, and a run before it loads the model, in the words loading the file would say."""
+    import sdtune.models
+
+    source = trained["lora-kohya"]
+    config = settings(tmp_path / "run", method="lora", options={"targets": "attn"}, init_weights=str(source))
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--model", "tiny-random", "--method", "lora", "--targets", "attn",
+                                      "--init-weights", str(source), "--output", str(tmp_path / "cli"), "--log-with", "none"])
+    said = result.output.strip()
+    assert result.exit_code == 2 and len(said.splitlines()) == 1, result.output
+    assert said.startswith(f"error: --init-weights {source}: the file changes ") and \
+        " module(s) that lora --targets attn does not tune (" in said and said.endswith(": start with --targets all or full"), said
+    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options\["targets"\] attn does not tune'):
+        plan_run(config)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", no_model)
+    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options\["targets"\] attn does not tune'):
+        train(config, progress=False)
 
 
 def test_training_on_base_adapters_equals_training_on_a_model_they_were_merged_into(trained, tmp_path):
@@ -544,8 +562,9 @@ def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_ru
     assert plan_run(config).taken_options["targets"] == "transformer"
     original, again = load_file(exported), restarted_export(config, tmp_path)
     assert all(torch.equal(original[key], again[key]) for key in original)
-    with pytest.raises(SdtuneError, match=r"lora --targets attn does not tune .*: start with --targets transformer or locon"):
-        step_zero_output(settings(tmp_path / "attn", method="lora", options={"targets": "attn"}, init_weights=str(exported)), None)
+    with pytest.raises(SdtuneError, match=r'lora options\["targets"\] attn does not tune .*: start with options\["targets"\] '
+                                          r"transformer or locon"):
+        plan_run(settings(tmp_path / "attn", method="lora", options={"targets": "attn"}, init_weights=str(exported)))
     wider = settings(tmp_path / "wider", method="lora", options={"targets": "locon"}, init_weights=str(exported))
     assert plan_run(wider).config.options["targets"] == "locon"  # the run's own choice: its other layers start at 0
     torch.testing.assert_close(step_zero_output(wider, inputs), sampled_output([exported], inputs), atol=2e-5, rtol=1e-4)
