@@ -477,7 +477,7 @@ def train(
     if taken := describe_taken(run.taken_options):
         typer.echo(f"from --init-weights {run.config.init_weights}: {taken}")
     typer.echo(
-        f"trained {run.method.describe()}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
+        f"trained {run.description}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
     )
 
