@@ -141,6 +141,7 @@ FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-
                   rf"(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+~/-](?:[\w.+~/:-]*[\w+~/-])?))?")
 # what a path or hub id has and the sentence's own words after a path flag ("--images folder") have not
 PATH_LIKE = re.compile(r"[/\\.~_:\d-]")
+TRAINED_WITH = "trained with "  # before a flag: the setting of the run that trained an adapter, `sdtune train`'s
 # commands a message quotes, to be typed as they are: `sdtune sample --dtype bf16`, 'sdtune train --resume latest'
 QUOTED_COMMAND = re.compile(r"`sdtune [^`]*`|'sdtune [^']*'|\"sdtune [^\"]*\"|\(sdtune [^)]*\)")
 
@@ -185,8 +186,10 @@ def python_spelled(message: str, command: str) -> str:
 
     def spell(match: re.Match) -> str:
         flag, word = match["flag"], match["word"]
-        name = names.get(flag)
-        negated = names.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
+        # "trained with --zero-terminal-snr" in another command's note (sample's) names the training setting
+        known = python_names("train") if match.string[:match.start()].endswith(TRAINED_WITH) else names
+        name = known.get(flag)
+        negated = known.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
         if name is None and negated is not None and negated.value:  # a switch's other half: --no-dora
             name = negated._replace(value=False)
         if name is None:

@@ -648,6 +648,9 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("--adapter-scale 0,0.5,1 lists a strength twice", "sample") == "adapter_scale=[0, 0.5, 1] lists a strength twice"
     assert spelled("--rank must be 1 or more", "extract") == "rank must be 1 or more"  # extract's own setting, no option
     assert spelled("got '--steps'; --unknown-flag; runs/--steps/x") == "got '--steps'; --unknown-flag; runs/--steps/x"
+    # a note of sample's on how an adapter was trained names train's setting; train's flag elsewhere stays
+    assert spelled("x was trained with --zero-terminal-snr; --zero-terminal-snr", "sample") == \
+        "x was trained with zero_terminal_snr=True; --zero-terminal-snr"
     # a path or hub id after a path flag is text, as other text values are; the sentence's own words are not
     assert spelled("--clip-model nobody/x: not in the cache", "evaluate") == 'clip_model="nobody/x": not in the cache'
     assert spelled("--output runs/a-b already exists; give --images folder.") == \
