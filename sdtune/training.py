@@ -79,8 +79,9 @@ class Run:
 
     @property
     def method(self):
-        raise AttributeError("a Run keeps no trained method: it would keep the run's model alive; run.description says "
-                             "what trained, and sdtune.open_adapter(run.adapter, sdtune.models.load_pipeline(run.config.model)) loads it back")
+        raise AttributeError("a Run keeps no trained method: it would keep the run's model alive; run.description says what "
+                             "trained, and sdtune.open_adapter(run.adapter, sdtune.models.load_pipeline(run.config.model)) "
+                             "loads it back")
 
     @method.setter
     def method(self, value) -> None:  # `run.method = None`, once the way to let the model go, still does nothing
