@@ -155,9 +155,9 @@ def test_a_kohya_file_of_another_model_family_or_text_encoder_is_refused(trained
     tensors = load_file(trained["lora-kohya"])
     sd2 = tmp_path / "sd2.safetensors"
     save_file(tensors, sd2, {"ss_base_model_version": "sd_v2", "ss_network_module": "networks.lora"})
-    with pytest.raises(SdtuneError, match="trained on a sd_v2 model; model tiny-random is sd_v1"):
+    with pytest.raises(SdtuneError, match='trained on a sd_v2 model; model="tiny-random" is sd_v1'):
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(sd2)))
-    with pytest.raises(SdtuneError, match=f"^base_adapters: {sd2} was trained on a sd_v2 model; model tiny-random is sd_v1$"):
+    with pytest.raises(SdtuneError, match=f"^base_adapters: {sd2} was trained on a sd_v2 model; model=\"tiny-random\" is sd_v1$"):
         plan_run(settings(tmp_path / "run", method="lora", base_adapters=[f"{sd2}:0.5"]))  # before the model loads too
     with_te = tmp_path / "te.safetensors"
     te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
