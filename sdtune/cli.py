@@ -14,8 +14,9 @@ import re
 import signal
 import sys
 import threading
+import typing
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, List, Optional
 
 import typer
@@ -41,6 +42,7 @@ from .config import (
     SampleConfig,
     SweepConfig,
     TrainConfig,
+    empty_path_message,
     spelled_as_flags,
 )
 from .errors import SdtuneError, SweepFailed, error_line
@@ -48,7 +50,13 @@ from .fileio import counted
 
 class OneLineErrorsGroup(TyperGroup):
     """The command group whose usage errors (`--steps ten`, an unknown flag, a missing option) are one
-    line on stderr and exit code 2, as sdtune's own errors, not a box with the usage."""
+    line on stderr and exit code 2, as sdtune's own errors, not a box with the usage. Its commands' path parameters
+    refuse an empty value (`refuse_empty_paths`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in self.commands.values():
+            refuse_empty_paths(command)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -59,6 +67,37 @@ class OneLineErrorsGroup(TyperGroup):
             message = " ".join(error.format_message().split())
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
+
+
+def takes_paths(parameter: Any) -> bool:
+    """Whether a command's parameter is a `Path` (or a list of them)."""
+    descriptor = getattr(parameter, "type_descriptor", None)  # typer 0.2x: the annotation
+    if descriptor is None:  # typer before: click's type
+        return type(getattr(parameter, "type", None)).__name__ == "Path"
+    annotation = descriptor.annotation
+    if typing.get_origin(annotation) in (list, tuple):
+        annotation = typing.get_args(annotation)[0]
+    return isinstance(annotation, type) and issubclass(annotation, PurePath)
+
+
+def refuse_empty_paths(command: Any) -> None:
+    """typer reads an empty `Path` as "." (`--output ''` would write into the current folder): each path parameter
+    of `command` refuses '' as a usage error, before it is converted and before the command runs. The configs refuse
+    the empty text a str setting (`--model ''`) or a TOML file gives in the same words."""
+    for parameter in command.params:
+        if takes_paths(parameter):
+            flag = parameter.opts[0]  # an argument's is its name: its label is its metavar, SOURCE
+            label = flag if flag.startswith("-") else parameter.metavar or parameter.name.upper()
+            parameter.process_value = _refusing_empty(parameter.process_value, label)
+
+
+def _refusing_empty(process_value: Callable, label: str) -> Callable:
+    def checked(ctx: Any, value: Any) -> Any:  # the raw text, one value or a repeated option's several
+        if value == "" or (isinstance(value, (list, tuple)) and "" in value):
+            raise UsageError(empty_path_message(label), ctx=ctx)
+        return process_value(ctx, value)
+
+    return checked
 
 
 app = typer.Typer(
@@ -438,7 +477,7 @@ def train(
     if taken := describe_taken(run.taken_options, run.started_fresh):
         typer.echo(f"from --init-weights {run.config.init_weights}: {taken}")
     typer.echo(
-        f"trained {run.method.describe()}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
+        f"trained {run.description}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
     )
 
@@ -704,6 +743,8 @@ def list_methods(
     from .fileio import human_bytes
     from .models import ARCHITECTURES, build_arch_unet, load_pipeline
 
+    if not model:  # a str, not a path the configs check: an empty one is no folder to look into
+        raise SdtuneError(empty_path_message("--model"))
     rows = []
     for name in methods.available():
         for variant in methods.method_class(name).variants:

@@ -48,6 +48,17 @@ PATH_SETTINGS = frozenset({
 })
 
 
+def empty_path_message(label: str) -> str:
+    """What an empty path setting is told, by the CLI (`--output ''`, which typer would read as the current folder) and
+    by TOML and Python alike. `label`: the flag, or an argument's name."""
+    return f"{label} must not be empty"
+
+
+def check_path_not_empty(name: str, value: Any) -> None:
+    if value == "" or (isinstance(value, list) and "" in value):
+        raise SdtuneError(empty_path_message(name if name in NOT_FLAGS else "--" + name.replace("_", "-")))
+
+
 def expand_home(value: Any) -> Any:
     if isinstance(value, str) and value.startswith("~"):
         return os.path.expanduser(value)
@@ -125,7 +136,12 @@ def python_names(command: str) -> dict[str, PythonName]:
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
 # a flag (not kohya-ss' --network_weights, nor one inside a quoted value or a path), and the word after it: its
 # value, or the sentence's own
-FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+-]+))?")
+# a word ends before a sentence's full stop or colon: "--model nobody/x: not found", "--output runs/x."
+FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])"
+                  rf"(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+~/-](?:[\w.+~/:-]*[\w+~/-])?))?")
+# what a path or hub id has and the sentence's own words after a path flag ("--images folder") have not
+PATH_LIKE = re.compile(r"[/\\.~_:\d-]")
+TRAINED_WITH = "trained with "  # before a flag: the setting of the run that trained an adapter, `sdtune train`'s
 # a switch a message says to leave off: "leave out --buckets", "leave --buckets off", "without --buckets", which in Python
 # is the switch set the other way ("set buckets=False"), not "leave out buckets=True"
 SWITCHED_OFF = re.compile(r"\b(?:(?P<leave_out>leave out )(?P<flag1>--[a-z0-9-]+)(?![\w/-])|(?P<leave>leave )(?P<flag2>--[a-z0-9-]+) off\b"
@@ -140,9 +156,11 @@ def named_values() -> dict[str, tuple[str, ...]]:
     value ("--format diffusers" is 'format="diffusers"'), where "--targets of those layers" is a sentence's."""
     from .datasets import VTAB_SPLITS
     from .methods import available
+    from .models import TINY, TINY_RANDOM, TINY_SD2_RANDOM, TINY_SDXL_RANDOM
 
     return {
         "method": tuple(available()), "resume": ("latest",), "mixed_precision": MIXED_PRECISION,
+        "model": (TINY, TINY_RANDOM, TINY_SD2_RANDOM, TINY_SDXL_RANDOM),  # the built-in ones, no path to tell them by
         "dtype": SAMPLE_DTYPES + MERGE_DTYPES, "validation_dtype": SAMPLE_DTYPES, "format": EXPORT_FORMATS,
         "optimizer": tuple(OPTIMIZERS), "lr_scheduler": LR_SCHEDULERS, "scheduler": SCHEDULERS, "loss_type": LOSS_TYPES,
         "huber_schedule": HUBER_SCHEDULES, "mask_source": MASK_SOURCES, "dynamic": EXTRACT_DYNAMIC,
@@ -151,14 +169,16 @@ def named_values() -> dict[str, tuple[str, ...]]:
 
 
 def python_value(name: PythonName, word: str) -> str | None:
-    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words, quoted), or
-    None where it is the sentence's next word. 1,000 is a thousand; 0,0.5,1 a list."""
+    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words or a path or hub
+    id, quoted), or None where it is the sentence's next word. 1,000 is a thousand; 0,0.5,1 a list."""
     if re.fullmatch(rf"{NUMBER}(?:,{NUMBER})*", word):
         if re.fullmatch(r"[1-9]\d{0,2}(?:,\d{3})+", word):
             return word.replace(",", "")
         return f"[{', '.join(word.split(','))}]" if "," in word else word
     if re.fullmatch(r"[A-Z][A-Z0-9_]*", word):
         return word
+    if name.option is None and name.setting in PATH_SETTINGS and PATH_LIKE.search(word):  # a file or hub id: text
+        return f'"{word}"'
     return f'"{word}"' if name.option is None and word in named_values().get(name.setting, ()) else None
 
 
@@ -170,8 +190,10 @@ def python_spelled(message: str, command: str) -> str:
 
     def spell(match: re.Match) -> str:
         flag, word = match["flag"], match["word"]
-        name = names.get(flag)
-        negated = names.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
+        # "trained with --zero-terminal-snr" in another command's note (sample's) names the training setting
+        known = python_names("train") if match.string[:match.start()].endswith(TRAINED_WITH) else names
+        name = known.get(flag)
+        negated = known.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
         if name is None and negated is not None and negated.value:  # a switch's other half: --no-dora
             name = negated._replace(value=False)
         if name is None:
@@ -302,7 +324,10 @@ class _Config:
         # the Python API builds configs directly: types are checked here, for TOML and flags alike
         for name, hint in typing.get_type_hints(type(self)).items():
             value = checked_value(name, getattr(self, name), hint)
-            setattr(self, name, expand_home(value) if name in PATH_SETTINGS else value)
+            if name in PATH_SETTINGS:
+                check_path_not_empty(name, value)
+                value = expand_home(value)
+            setattr(self, name, value)
 
     @_spelled_for_python
     def validate(self) -> None:
@@ -594,10 +619,6 @@ class TrainConfig(_Config):
                 raise SdtuneError(f"--{name.replace('_', '-')} applies to --optimizer prodigy, not {self.optimizer}")
         if not 0 <= self.ema_decay < 1:
             raise SdtuneError(f"--ema-decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
-        if self.resume is not None and not self.resume:
-            raise SdtuneError("--resume takes 'latest' or a checkpoint folder")
-        if self.init_weights is not None and not self.init_weights:
-            raise SdtuneError("--init-weights takes an adapter file or run folder")
         self.base_adapter_entries  # each FILE[:STRENGTH] parses
         if self.resume and self.overwrite:
             raise SdtuneError("give --resume to continue a run or --overwrite to replace it, not both")

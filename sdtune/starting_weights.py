@@ -189,7 +189,13 @@ def init_weights_options(config) -> StartingOptions:
              if name not in config.options and from_file.get(name) != defaults.get(name)}
     taken.update({name: value for name, value in layer_options.items() if value != defaults.get(name)})
     options = {**file_options, **layer_options, **config.options}
-    return StartingOptions(options, taken, fresh_layers(method_class(**options), layers))
+    method = method_class(**options)
+    if layers is not None:  # the file's UNet modules the run's own --targets leave out: refused before the model loads
+        try:
+            method.check_kohya_unet_modules(layers.unet, layers.modules)
+        except SdtuneError as error:
+            raise SdtuneError(f"{where}: {error}") from None
+    return StartingOptions(options, taken, fresh_layers(method, layers))
 
 
 def warn_other_prompt_reading(config) -> None:
@@ -257,8 +263,8 @@ def kohya_layer_options(method_class, layers: KohyaUnetLayers | None) -> dict[st
 
 def fresh_layers(method, layers: KohyaUnetLayers | None) -> str:
     """Where `method` tunes UNet layers the kohya file leaves alone (a wider family, or a file that left some blocks
-    out), how many: they start as in a fresh run. '' where the file holds them all, or holds others (which loading
-    refuses, naming the families that hold them)."""
+    out), how many: they start as in a fresh run. '' where the file holds them all, or holds others (which
+    `init_weights_options` refuses, naming the families that hold them)."""
     if layers is None:
         return ""
     tuned = set(method.find_targets(layers.unet))

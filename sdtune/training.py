@@ -60,17 +60,15 @@ VALIDATION_GRIDS = "samples"  # OUTPUT/samples/step-N.png and its images step-N/
 
 @dataclass
 class Run:
-    """What a finished training run produced.
-
-    `method` is the trained method, still injected into the run's UNet (and text encoders): it keeps that
-    model alive, on the device it trained on, for as long as the `Run` is kept. A notebook that trains run
-    after run keeps what it needs (`output`, `adapter`, `losses`) and drops the rest (`run.method = None`),
-    then loads adapters back with `sdtune.load_adapter`."""
+    """What a finished training run produced: its files, settings and numbers. Not its model: a notebook that trains
+    run after run and keeps every `Run` holds none of their UNets; `sdtune.open_adapter(run.adapter, pipeline)` loads
+    the trained method back into a pipeline."""
 
     output: Path  # the run's folder (config.toml, metrics.jsonl, logs, samples)
     adapter: Path  # the adapter file in it
     config: TrainConfig  # the settings as resolved (every default filled in), as config.toml holds them
-    method: object
+    description: str  # the trained method, its options and size: "lora (rank=4), 1,234 trainable parameters in 8 layers"
+    num_parameters: int  # the method's trained numbers (beside the new token rows: token_numbers)
     losses: list[float] = field(default_factory=list)  # each step's training loss, from the first step this process ran
     seconds: float = 0.0  # wall-clock seconds of the loop
     resumed_from: Path | None = None
@@ -79,6 +77,17 @@ class Run:
     token_numbers: int = 0  # numbers the new token rows trained beside the method (--token-embeddings)
     taken_options: dict = field(default_factory=dict)  # method options --init-weights gave (the run did not set them)
     started_fresh: str = ""  # which of the run's UNet layers --init-weights left alone (StartingOptions.started_fresh)
+
+    @property
+    def method(self):
+        raise AttributeError("a Run keeps no trained method: it would keep the run's model alive; run.description says what "
+                             "trained, and sdtune.open_adapter(run.adapter, sdtune.models.load_pipeline(run.config.model)) "
+                             "loads it back")
+
+    @method.setter
+    def method(self, value) -> None:  # `run.method = None`, once the way to let the model go, still does nothing
+        if value is not None:
+            raise AttributeError("a Run keeps no trained method")
 
 
 def derived_seed(*keys: int) -> int:
@@ -924,7 +933,8 @@ class Trainer:
         finally:
             self.close_logs()
         return Run(
-            output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, method=self.method,
+            output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, description=self.method.describe(),
+            num_parameters=self.method.num_parameters(),
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from, extended_from=self.extended_from,
             validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
             taken_options=self.taken_options, started_fresh=self.started_fresh,

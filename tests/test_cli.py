@@ -640,3 +640,70 @@ def test_a_warning_prints_on_its_own_line_above_a_progress_bar():
         bar.update(1)
     shown = [line.split("\r")[-1] for line in stream.getvalue().split("\n")]  # what a terminal leaves on each line
     assert "warning: the VAE overflowed in fp16" in shown
+
+
+def _names_path(annotation) -> bool:
+    """Whether a command parameter's annotation is a Path, or holds one (Optional[List[Path]])."""
+    import pathlib
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, pathlib.PurePath):
+        return True
+    return any(_names_path(inner) for inner in typing.get_args(annotation))
+
+
+def test_every_path_parameter_of_every_command_refuses_an_empty_value(tmp_path, monkeypatch):
+    """typer reads `--output ''` as "." (the current folder): each Path option and argument, of every command, says
+    so in one line and exits 2 before the command runs, nothing written where it was started."""
+    import inspect
+
+    import typer
+
+    monkeypatch.chdir(tmp_path)
+    group = typer.main.get_command(app)
+    checked = []
+    for info in app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        annotations = {p.name: p.annotation for p in inspect.signature(info.callback, eval_str=True).parameters.values()}
+        command = group.commands[name]
+        for param in command.params:
+            if not _names_path(annotations[param.name]):
+                continue
+            is_option = param.opts[0].startswith("--")
+            label = param.opts[0] if is_option else param.name.upper()
+            others = []
+            for other in command.params:  # the command's other required values, given so only the empty one is wrong
+                if other is not param and other.required:
+                    value = "kohya" if other.name == "export_format" else str(tmp_path / "given")
+                    others += [other.opts[0], value] if other.opts[0].startswith("--") else [value]
+            given = [param.opts[0], ""] if is_option else [""]
+            result = invoke(name, *given, *others)
+            assert_one_line_error(result, 2, f"error: {label} must not be empty")
+            checked.append(f"{name} {label}")
+    assert {"train --output", "train --images", "sample --adapter", "merge SOURCE", "compare RUNS", "sweep PLAN",
+            "evaluate --reference", "train --config", "extract --output"} <= set(checked), checked
+    assert len(checked) >= 30, checked
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate"])
+def test_an_empty_path_setting_says_the_same_from_a_flag_and_toml(command, tmp_path):
+    """Path settings typed as text (`--model ''`, `--init-weights ''`) and TOML's empty strings are refused as the
+    Path flags are, in the same words; Python code is told the setting's own name."""
+    import dataclasses
+
+    from sdtune.config import NOT_FLAGS, PATH_SETTINGS, EvaluateConfig, SampleConfig, TrainConfig
+
+    config_class = {"train": TrainConfig, "sample": SampleConfig, "evaluate": EvaluateConfig}[command]
+    names = sorted({f.name for f in dataclasses.fields(config_class)} & PATH_SETTINGS - NOT_FLAGS)
+    assert len(names) >= 4, names
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        toml = tmp_path / f"{name}.toml"
+        toml.write_text(f'{name} = ""\n')
+        said = [invoke(command, *args) for args in ([flag, ""], ["--config", toml])]
+        for result in said:
+            assert_one_line_error(result, 2, f"error: {flag} must not be empty")
+        assert said[0].stderr == said[1].stderr
+        with pytest.raises(Exception, match=f"^{name} must not be empty$"):
+            config_class(**{name: ""})

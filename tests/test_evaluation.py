@@ -206,7 +206,7 @@ def test_reasons_returned_to_python_name_settings_as_python_spells_them(image_se
                 "dino_model": "nobody/no-such-dino", "fid_features": "none"}
     result = sdtune.evaluate(EvaluateConfig(output=str(tmp_path / "python.json"), **settings))
     assert result.metrics == {}
-    assert result.unavailable["clip_t"] == "clip_model nobody/no-such-clip: not in the local Hugging Face cache and the hub is offline"
+    assert result.unavailable["clip_t"] == 'clip_model="nobody/no-such-clip": not in the local Hugging Face cache and the hub is offline'
     assert result.unavailable["fid"] == 'fid_features="none"'
     assert json.loads((tmp_path / "python.json").read_text())["unavailable"]["fid"] == "--fid-features none"
     flags = [part for name, value in settings.items() for part in (f"--{name.replace('_', '-')}", *([value] if isinstance(value, str) else value))]

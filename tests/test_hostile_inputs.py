@@ -657,6 +657,15 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("resume without --ema-decay, or leave out --steps") == "resume without ema_decay, or leave out steps"
     assert spelled("`sdtune train` without --resume-x; `sdtune train --buckets` leave out") == \
         "`sdtune train` without --resume-x; `sdtune train --buckets` leave out"
+    # a note of sample's on how an adapter was trained names train's setting; train's flag elsewhere stays
+    assert spelled("x was trained with --zero-terminal-snr; --zero-terminal-snr", "sample") == \
+        "x was trained with zero_terminal_snr=True; --zero-terminal-snr"
+    # a path or hub id after a path flag is text, as other text values are; the sentence's own words are not
+    assert spelled("--clip-model nobody/x: not in the cache", "evaluate") == 'clip_model="nobody/x": not in the cache'
+    assert spelled("--output runs/a-b already exists; give --images folder.") == \
+        'output="runs/a-b" already exists; give images folder.'
+    assert spelled("--base-adapters b.safetensors:0.5: the strength; --model tiny or --model is") == \
+        'base_adapters="b.safetensors:0.5": the strength; model="tiny" or model is'
 
 
 def test_the_python_spelling_table_names_real_flags_and_fields():

@@ -155,9 +155,9 @@ def test_a_kohya_file_of_another_model_family_or_text_encoder_is_refused(trained
     tensors = load_file(trained["lora-kohya"])
     sd2 = tmp_path / "sd2.safetensors"
     save_file(tensors, sd2, {"ss_base_model_version": "sd_v2", "ss_network_module": "networks.lora"})
-    with pytest.raises(SdtuneError, match="trained on a sd_v2 model; model tiny-random is sd_v1"):
+    with pytest.raises(SdtuneError, match='trained on a sd_v2 model; model="tiny-random" is sd_v1'):
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(sd2)))
-    with pytest.raises(SdtuneError, match=f"^base_adapters: {sd2} was trained on a sd_v2 model; model tiny-random is sd_v1$"):
+    with pytest.raises(SdtuneError, match=f"^base_adapters: {sd2} was trained on a sd_v2 model; model=\"tiny-random\" is sd_v1$"):
         plan_run(settings(tmp_path / "run", method="lora", base_adapters=[f"{sd2}:0.5"]))  # before the model loads too
     with_te = tmp_path / "te.safetensors"
     te = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
@@ -167,10 +167,28 @@ def test_a_kohya_file_of_another_model_family_or_text_encoder_is_refused(trained
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(with_te)))
 
 
-def test_a_kohya_module_outside_the_targets_is_refused(trained, tmp_path):
-    with pytest.raises(SdtuneError, match=r"module\(s\) that lora --targets attn does not tune"):
-        step_zero_output(settings(tmp_path / "run", method="lora", options={"targets": "attn"},
-                                  init_weights=str(trained["lora-kohya"])), None)
+def test_a_kohya_module_outside_the_targets_is_refused_before_the_model_loads(trained, tmp_path, monkeypatch):
+    """The run's own --targets leave out modules the file changes: the dry run (which loads no model) refuses it, in
+    one line, exit 2, and a run before it loads the model, in the words loading the file would say."""
+    import sdtune.models
+
+    source = trained["lora-kohya"]
+    config = settings(tmp_path / "run", method="lora", options={"targets": "attn"}, init_weights=str(source))
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--model", "tiny-random", "--method", "lora", "--targets", "attn",
+                                      "--init-weights", str(source), "--output", str(tmp_path / "cli"), "--log-with", "none"])
+    said = result.output.strip()
+    assert result.exit_code == 2 and len(said.splitlines()) == 1, result.output
+    assert said.startswith(f"error: --init-weights {source}: the file changes ") and \
+        " module(s) that lora --targets attn does not tune (" in said and said.endswith(": start with --targets all or full"), said
+    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options\["targets"\] attn does not tune'):
+        plan_run(config)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", no_model)
+    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options\["targets"\] attn does not tune'):
+        train(config, progress=False)
 
 
 def test_training_on_base_adapters_equals_training_on_a_model_they_were_merged_into(trained, tmp_path):
@@ -595,16 +613,17 @@ def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_ru
     assert plan_run(config).taken_options["targets"] == "transformer"
     original, again = load_file(exported), restarted_export(config, tmp_path)
     assert all(torch.equal(original[key], again[key]) for key in original)
-    with pytest.raises(SdtuneError, match=r"lora --targets attn does not tune .*: start with --targets transformer or locon"):
-        step_zero_output(settings(tmp_path / "attn", method="lora", options={"targets": "attn"}, init_weights=str(exported)), None)
+    with pytest.raises(SdtuneError, match=r'lora options\["targets"\] attn does not tune .*: start with options\["targets"\] '
+                                          r"transformer or locon"):
+        plan_run(settings(tmp_path / "attn", method="lora", options={"targets": "attn"}, init_weights=str(exported)))
     wider = settings(tmp_path / "wider", method="lora", options={"targets": "locon"}, init_weights=str(exported))
     assert plan_run(wider).config.options["targets"] == "locon"  # the run's own choice: its other layers start at 0
     torch.testing.assert_close(step_zero_output(wider, inputs), sampled_output([exported], inputs), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("flag, toml_line, message", [
-    ("--init-weights", 'init_weights = ""', "--init-weights takes an adapter file or run folder"),
-    ("--base-adapters", 'base_adapters = [""]', "--base-adapters takes FILE or FILE:STRENGTH, got an empty entry"),
+    ("--init-weights", 'init_weights = ""', "--init-weights must not be empty"),
+    ("--base-adapters", 'base_adapters = [""]', "--base-adapters must not be empty"),
 ])
 def test_an_empty_path_says_the_same_from_the_command_line_and_toml(flag, toml_line, message, tmp_path):
     """An empty value is refused as one: not read as the current folder (which said 'adapter not found')."""

@@ -553,7 +553,7 @@ def test_export_refuses_a_model_the_adapter_does_not_fit(tmp_path, sdxl_folder, 
     from sdtune.export import export_adapter
 
     tuned_adapter("lora", {}, tmp_path / "a.safetensors", base_model=str(sdxl_folder))
-    with pytest.raises(SdtuneError, match=r"trained on base model .*, on model .* does not fit this model"):
+    with pytest.raises(SdtuneError, match=r"trained on base model .*, on model=\".*\", does not fit this model"):
         export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "sd.safetensors", model=str(tiny_path))
     assert not (tmp_path / "sd.safetensors").exists()
     copy = tmp_path / "copy"

@@ -491,3 +491,30 @@ def test_sdtunes_warnings_reach_code_run_without_a_file():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr[-500:]
     assert result.stdout == "went on\n" and "<string>:2: UserWarning: the warning" in result.stderr
+
+
+def test_a_kept_run_does_not_keep_its_model(tmp_path, monkeypatch):
+    """A notebook that trains run after run and keeps every `Run` keeps one model at most, the one in training: a
+    finished run holds what it says (its description, numbers, files), not its UNet; asked for its method, it says
+    how to load it back."""
+    import gc
+    import weakref
+
+    import sdtune.models
+
+    loaded = []
+    load_pipeline = sdtune.models.load_pipeline
+
+    def tracked(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        loaded.append(weakref.ref(pipe.unet))
+        return pipe
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", tracked)
+    runs = [train(config(tmp_path / name, method="lora", steps=1), progress=False) for name in ("first", "second")]
+    gc.collect()
+    assert len(loaded) == 2 and loaded[0]() is None and loaded[1]() is None
+    assert runs[0].description.startswith("lora (") and runs[0].description.endswith(" layers")
+    assert runs[0].num_parameters > 0
+    with pytest.raises(AttributeError, match=r"open_adapter\(run\.adapter, "):
+        runs[0].method

@@ -123,8 +123,9 @@ def test_the_adapter_records_it_and_sampling_uses_the_rescaled_trailing_schedule
 
     result = sdtune.sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1,
                                         output=str(tmp_path / "samples")))
-    # the library prints nothing: the command line says the notes (the flag is training's, no setting of sample's)
-    assert "trained with --zero-terminal-snr: sampling with DDIMScheduler" in " ".join(result.notes)
+    # the library prints nothing: the command line says the notes; returned to Python, the training setting is named
+    # as Python gives it, though it is no setting of sample's
+    assert "trained with zero_terminal_snr=True: sampling with DDIMScheduler" in " ".join(result.notes)
     assert "zero" not in capsys.readouterr().out
     assert schedulers[-1].rescale_betas_zero_snr is True and schedulers[-1].timestep_spacing == "trailing"
     sample(SampleConfig(adapter=str(run.output), prompt=["a photo"], steps=2, num_images=1, scheduler="euler",

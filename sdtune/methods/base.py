@@ -377,6 +377,12 @@ class Method(ABC):
         target the file leaves alone keeps its initial tensors. Refuses a module it has no target for."""
         raise SdtuneError(f"method {self.name!r} cannot start from a kohya/LyCORIS file")
 
+    def check_kohya_unet_modules(self, unet: nn.Module, modules: set[str]) -> None:
+        """Refuse, before the model loads, a kohya file's UNet `modules` (diffusers names, on `unet`: the run's UNet
+        on the meta device, nothing injected) that this method, with its options, does not tune: what
+        `state_from_kohya` refuses once it loads, in the same words. By default nothing: a method that can hold a
+        kohya file says which of its modules it cannot."""
+
     def to_peft_config(self, module_names: list[str]):
         """The peft config (a `peft.PeftConfig`) that wraps exactly `module_names` with this method's layers."""
         raise SdtuneError(f"method {self.name!r} has no peft form")

@@ -208,10 +208,7 @@ class _PeftLowRank(WrappedLayers):
         outside = sorted(set(modules) - set(self.layers))
         if outside:
             unet_modules = {name for name in modules if name.split(".", 1)[0] not in self.text_encoders}
-            covering = families_covering(plain_copy(self.unet), unet_modules)
-            fix = f"--targets {' or '.join(covering)}" if covering else "--targets of those layers (none of sdtune's covers them all)"
-            raise SdtuneError(f"the file changes {len(outside)} module(s) that {self.name} --targets {self.options.targets} does not "
-                              f"tune ({outside[0]}, …): start with {fix}")
+            self._refuse_modules_outside(plain_copy(self.unet), unet_modules, outside)
         for module, parts in modules.items():
             parts = self._factors_from_kohya({KOHYA_TO_PEFT[suffix]: tensor for suffix, tensor in parts.items() if suffix != "alpha"})
             for suffix, tensor in parts.items():
@@ -223,6 +220,18 @@ class _PeftLowRank(WrappedLayers):
                     tensor = tensor.reshape(own.shape)  # LyCORIS' (out, 1, …) per output channel, peft's (out,)
                 state[key] = tensor.to(own.dtype)
         return state
+
+    def check_kohya_unet_modules(self, unet: nn.Module, modules: set[str]) -> None:
+        outside = sorted(set(modules) - set(self.find_targets(unet)))
+        if outside:
+            self._refuse_modules_outside(unet, modules, outside)
+
+    def _refuse_modules_outside(self, unet: nn.Module, unet_modules: set[str], outside: list[str]) -> None:
+        """The file's modules `outside` the run's targets: name the families that would hold its UNet modules."""
+        covering = families_covering(unet, unet_modules)
+        fix = f"--targets {' or '.join(covering)}" if covering else "--targets of those layers (none of sdtune's covers them all)"
+        raise SdtuneError(f"the file changes {len(outside)} module(s) that {self.name} --targets {self.options.targets} does not "
+                          f"tune ({outside[0]}, …): start with {fix}")
 
     def _factors_from_kohya(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One module's tensors from LyCORIS' maths to peft's (the same, but for LoKr's full factors)."""
