@@ -594,10 +594,10 @@ def test_the_reports_plots_are_inlined_whole_not_as_previews(finished):
 
     _, output = finished
     page = (output / "report" / "index.html").read_text()
-    encoded = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="loss">', page)
+    encoded = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="training-loss-vs-step">', page)
     assert encoded, "the loss plot is not inlined as a PNG"
     inlined = Image.open(io.BytesIO(base64.b64decode(encoded.group(1))))
-    assert inlined.size == Image.open(output / "report" / "compare" / "loss.png").size and max(inlined.size) > 256
+    assert inlined.size == Image.open(output / "report" / "compare" / "training-loss-vs-step.png").size and max(inlined.size) > 256
 
 
 def test_a_dataset_runs_samples_are_its_classes_unless_the_plan_gives_prompts(tmp_path):
@@ -673,7 +673,7 @@ def test_a_report_with_no_run_finished_under_its_plan_keeps_no_earlier_compariso
     _, output = finished
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
-    assert (copy / "report" / "compare" / "comparison.md").is_file() and (copy / "report" / "compare" / "loss.png").is_file()
+    assert (copy / "report" / "compare" / "comparison.md").is_file() and (copy / "report" / "compare" / "training-loss-vs-step.png").is_file()
     changed = write_plan(tmp_path, TINY_PLAN.replace("steps = 2\nlog", "steps = 1\nlog"))
     result, lines = sweep(changed, copy, report_only=True)
     assert lines[-1].startswith("report: 0 of 2 runs finished"), lines
