@@ -526,19 +526,22 @@ def test_the_report_gathers_the_runs_that_differ_only_in_their_seed():
         return {"method": method, "lr_scale": "lr1x", "seed": f"seed{seed}"}, state, values if state == "finished" else {}
 
     runs = [run("lora", 0, "finished", 0.5), run("lora", 1, "finished", 0.7), run("lora", 2, "finished", 0.6),
-            run("atoms", 0, "finished", 0.4), run("atoms", 1, "pending")]
+            run("atoms", 0, "finished", 0.4), run("atoms", 1, "pending"),
+            run("loha", 0, "finished", 0.07596), run("loha", 1, "finished", 0.076)]
     groups = across_seeds(runs, ["method", "lr_scale", "seed"], ["train_seconds_per_step", "dino"])
     assert [(g["axes"]["method"], g["finished"], g["seeds"], g["trainable"]) for g in groups] == [
-        ("lora", 3, 3, [213152]), ("atoms", 1, 2, [4212])]
+        ("lora", 3, 3, [213152]), ("atoms", 1, 2, [4212]), ("loha", 2, 2, [213152])]
     mean, spread = groups[0]["stats"]["dino"]
     assert mean == pytest.approx(0.6) and spread == pytest.approx(0.1)  # n − 1: sqrt((0.01 + 0 + 0.01) / 2)
     assert groups[1]["stats"]["dino"] == (pytest.approx(0.4), None)  # one seed: no spread
     keys = [("train_seconds_per_step", "s/step"), ("dino", "DINO")]
     page = "".join(seeds_section(groups, ["method", "lr_scale"], keys))
-    assert ">0.60 ± 0.10<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4<" in page
+    assert ">0.60 ± 0.10<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4000<" in page
+    assert ">0.100<" in page and "second significant digit" in page  # s/step at the run table's 3 places; the rule, once
     lines = seeds_csv(groups, ["method", "lr_scale"], [key for key, _ in keys]).splitlines()
     assert lines[0] == "method,lr_scale,seeds,finished,trainable_parameters,train_seconds_per_step_mean,train_seconds_per_step_std,dino_mean,dino_std"
     assert lines[2].startswith("atoms,lr1x,2,1,4212,0.1,,0.4,")
+    assert lines[3].endswith(",0.07598,2.8284271e-05")  # the mean of 0.07596 and 0.076 is not 0.07597999999999999
 
 
 def test_a_report_written_while_another_shard_finishes_a_run_is_written_again(finished, tmp_path, monkeypatch):
@@ -578,11 +581,28 @@ def test_metrics_that_cannot_be_measured_are_one_warning_a_reason(recwarn):
 
 
 def test_a_mean_is_shown_to_the_decimal_place_of_its_spread():
+    """SPREAD_RULE: the spread's second significant digit, at most two places finer than the column (4 here); a
+    smaller spread in scientific notation. One seed's value reads as the run table shows it: 0.4000 beside 0.8468
+    (it read "0.4", its trailing zeros dropped, as if measured less precisely)."""
     from sdtune.report import _mean_spread
 
     assert _mean_spread(0.8751454, 7.7e-05) == "0.875145 ± 0.000077"
-    assert _mean_spread(123.4, 12.3) == "123 ± 12"
-    assert _mean_spread(0.9444, 0.0) == "0.9444 ± 0" and _mean_spread(0.4, None) == "0.4"
+    assert _mean_spread(123.4, 12.3, 2) == "123 ± 12"
+    assert _mean_spread(0.9444, 0.0) == "0.9444 ± 0" and _mean_spread(0.4, None) == "0.4000"
+    assert _mean_spread(0.84, None) == "0.8400" and _mean_spread(33.2, None, 2) == "33.20"
+    assert _mean_spread(0.860071364, 8.2e-08) == "0.860071 ± 8.2e-08"  # not 0.860071364 ± 0.000000082
+    assert _mean_spread(1.264e-05, 3e-07) == "1.264e-05 ± 3.0e-07"
+
+
+def test_a_metric_reads_alike_everywhere_small_ones_in_scientific_notation():
+    from sdtune.evaluation import format_metric
+    from sdtune.report import _number
+
+    assert format_metric("clip_i", 0.84) == "0.8400" and format_metric("clip_t", 33.2) == "33.20"
+    assert format_metric("diversity", 1.264e-05) == "1.264e-05" and format_metric("diversity", 0.0) == "0.0000"
+    assert format_metric("kid", 0.00004) == "4.000e-05" and format_metric("kid", 0.0004) == "0.00040"
+    assert _number("clip_i", 0.84) == "0.8400" and _number("lr", 1e-05) == "1e-05" and _number("lr", 0.0003) == "0.0003"
+    assert _number("train_seconds_per_step", 0.1) == "0.100" and _number("trainable_parameters", 4212) == "4,212"
 
 
 def test_the_reports_plots_are_inlined_whole_not_as_previews(finished):
@@ -651,10 +671,10 @@ def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_d
     from sdtune.sweep import Plan, RunSpec, write_marker
     from sdtune.training import train
 
-    folder = train(TrainConfig(model="tiny-random", steps=1, log_with="none", output=str(tmp_path / "out" / "runs" / "a")),
+    folder = train(TrainConfig(model="tiny-random", steps=1, lr=1.2345e-4, log_with="none", output=str(tmp_path / "out" / "runs" / "a")),
                    progress=False).output
     (folder / "eval.json").write_text(json.dumps({"format": FORMAT, "unavailable": {},
-                                                  "metrics": {"clip_t": 33.2, "clip_i": 0.86, "kid": 0.5}}))
+                                                  "metrics": {"clip_t": 33.2, "clip_i": 0.86, "kid": 0.5, "diversity": 1.264e-05}}))
     (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "step_seconds": 0.125}\n')
     run = RunSpec(0, "a", {}, folder, TrainConfig(), None, {}, fingerprint="f")
     write_marker(run, "finished")
@@ -664,6 +684,10 @@ def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_d
     page = write_html_report(plan, compare([str(folder)], str(tmp_path / "cmp"), grid=False, progress=False)).read_text()
     cells = dict(re.findall(r'<td class="number" data-value="([^"]+)">([^<]*)</td>', page))
     assert cells["33.2"] == "33.20" and cells["0.86"] == "0.8600" and cells["0.5"] == "0.50000" and cells["0.125"] == "0.125", cells
+    # the learning rate as config.toml writes it, not at a metric's precision; a diversity near 1e-5 as comparison.md
+    # shows it, in scientific notation rather than 0.0000
+    assert cells["0.00012345"] == "0.00012345" and cells["1.264e-05"] == "1.264e-05", cells
+    assert "| 1.264e-05 |" in (tmp_path / "cmp" / "comparison.md").read_text()
     assert not (plan.report_folder / "seeds.csv").exists()  # this plan has no seed axis: no spread over seeds to read
 
 
