@@ -147,6 +147,20 @@ def _run_lr(folder: Path) -> Any:
         return ""
 
 
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
+def duration(seconds: float) -> str:
+    """'42.0 s', '12 min 05 s', '3 h 07 min': a training time as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
 def _number(key: str, value: Any) -> str:
     """A number of the run table as its column shows it: a count with thousands separators, a metric at its fixed
     precision (`format_metric`), s/step at SECONDS_DECIMALS places, the learning rate as config.toml writes it."""
@@ -304,7 +318,7 @@ def write_html_report(plan, comparison) -> Path:
     differ = any(row["settings"] for row in rows_by_folder.values())
     columns += [("settings", "settings", False)] if differ else []
     columns += [("lr", "lr", True), ("trainable_parameters", "trainable", True),
-                ("train_seconds_per_step", "s/step", True)]
+                ("train_seconds_per_step", "s/step", True), ("train_seconds", "train time", True)]
     columns += [(name, METRICS[name][0], True) for name in metric_names]
     states = [run.state() for run in plan.runs]  # read once: a shard may finish a run while the page is written
     columns += [("error", "note", False)] if "failed" in states else []  # a failed run's reason; else it would stand empty
@@ -313,6 +327,7 @@ def write_html_report(plan, comparison) -> Path:
     prompts: dict[str, list[tuple[Any, list[Path]]]] = {}
     counts = {"finished": 0, "failed": 0, "pending": 0}
     seeded: list[tuple[dict[str, Any], str, dict[str, Any]]] = []  # every run's axis labels, state and values
+    trained: list[float] = []  # each run's training seconds, where its marker records them
     for run, state in zip(plan.runs, states):
         counts[state] = counts.get(state, 0) + 1
         marker = run.marker() or {}
@@ -324,11 +339,16 @@ def write_html_report(plan, comparison) -> Path:
         values.update(row)
         if state == "finished":
             values["lr"] = _run_lr(run.folder)
+        if state != "pending" and _seconds(marker.get("train_seconds")) is not None:  # a failed run's training counts too
+            values["train_seconds"] = float(marker["train_seconds"])
+            trained.append(values["train_seconds"])
         cells = []
         for key, _, numeric in columns:
             value = values.get(key, "")
             raw = "" if value in ("", None) else str(value)
             shown = _number(key, value) if numeric else raw  # as comparison.md shows them: one precision a column
+            if key == "train_seconds" and isinstance(value, float):
+                shown = duration(value)
             if key == "run" and state == "finished":
                 shown_html = f'<a href="{link(run)}">{html.escape(shown)}</a>'
             else:
@@ -361,6 +381,10 @@ def write_html_report(plan, comparison) -> Path:
         f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it."
         + (' No metrics were asked for (the plan\'s metrics = "none").' if plan.metrics == "none" else "") + "</p>"
     )
+    if trained:
+        parts.append(f"<p>Training took {duration(sum(trained))} in all, over {len(trained)} runs (train time: a run's "
+                     "training over every invocation of it, resumes and extensions included, as the sweep recorded it; "
+                     "s/step: the median training step).</p>")
     parts.append(f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
     if differ:
         parts.append("<p>Settings: the training settings the runs differ in beside their axes and learning rate, each "

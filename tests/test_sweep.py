@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,17 @@ def test_a_sweep_trains_samples_measures_every_run_and_writes_the_report(finishe
     assert page.count("<img ") >= 4  # two prompts × two runs, and the loss plot
     assert 'href="../runs/castle-atoms/config.toml"' in page
     assert (output / "report" / "compare" / "comparison.csv").is_file()
+    seconds = [json.loads((output / "runs" / name / "sweep-run.json").read_text())["train_seconds"] for name in ("castle-atoms", "castle-lora")]
+    assert all(0 < value <= marker_seconds for value, marker_seconds in zip(seconds, [
+        json.loads((output / "runs" / name / "sweep-run.json").read_text())["seconds"] for name in ("castle-atoms", "castle-lora")]))
+    assert 'data-key="train_seconds">train time</th>' in page and "<p>Training took " in page and "over 2 runs" in page
+
+
+def test_a_training_time_reads_as_a_person_reads_it():
+    from sdtune.report import duration
+
+    assert [duration(s) for s in (4.04, 59.94, 60, 725.4, 3600, 11220)] == ["4.0 s", "59.9 s", "1 min 00 s", "12 min 05 s",
+                                                                             "1 h 00 min", "3 h 07 min"]
 
 
 def test_finished_runs_are_skipped_not_retrained(finished):
@@ -185,7 +197,11 @@ def test_raised_steps_extend_a_finished_run_to_the_bytes_of_one_trained_in_one_g
 
     steps, step = [], Trainer.step
     monkeypatch.setattr(Trainer, "step", lambda self: steps.append(self.global_step) or step(self))
+    marker = json.loads((run / "sweep-run.json").read_text())
+    (run / "sweep-run.json").write_text(json.dumps({**marker, "train_seconds": 1000.0}))  # its first training's, say
+    started = time.perf_counter()
     result, lines = sweep(longer, copy)
+    elapsed = time.perf_counter() - started
     monkeypatch.undo()
     assert result.ran == ["castle-lora"] and steps == [2], (steps, lines)  # the one step more, not all three again
     assert any(line.endswith("extending its training to 3 steps: resumes at step 2") for line in lines), lines
@@ -198,6 +214,10 @@ def test_raised_steps_extend_a_finished_run_to_the_bytes_of_one_trained_in_one_g
     summary = summarize_run(run)
     assert summary.stale_evaluation == "" and summary.metrics == report["metrics"]
     assert json.loads((run / "sweep-run.json").read_text())["metrics"] == report["metrics"]
+    # the training time counts both invocations: the first's 1000 s and the extension's
+    marker = json.loads((run / "sweep-run.json").read_text())
+    assert 1000 < marker["train_seconds"] <= 1000 + elapsed and marker["seconds"] < 1000
+    assert "16 min " in (copy / "report" / "index.html").read_text()
     assert all(path.stat().st_mtime_ns > when for path, when in images.items())
     assert "report: 1 of 1 runs finished" in lines[-1]
 
@@ -275,7 +295,7 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache)
     result = invoke("sweep", plan, "--output", tmp_path / "out")
     assert_one_line_error(result, 1, "1 run(s) failed: missing-lora")
     marker = json.loads((tmp_path / "out" / "runs" / "missing-lora" / "sweep-run.json").read_text())
-    assert marker["state"] == "failed" and "missing" in marker["error"]
+    assert marker["state"] == "failed" and "missing" in marker["error"] and marker["train_seconds"] >= 0  # its training time counts
     assert json.loads((tmp_path / "out" / "runs" / "present-lora" / "sweep-run.json").read_text())["state"] == "finished"
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "failed" in page and 'data-key="error">note</th>' in page  # the failed run's reason, in a column of its own
