@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .adapter import ADAPTER_FILE
-from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml, spelled_for_python
+from .config import (EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, python_spelled, read_toml,
+                     spelled_for_python)
 from .errors import SdtuneError, error_line, warn
 from .fileio import OutputLock, check_no_file_in_the_way, counted
 
@@ -179,8 +180,8 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
         folder = root / RUNS_FOLDER / run_name
         try:
             plan.runs.append(_run_spec(plan, index, run_name, axis_values, folder, settings, methods))
-        except SdtuneError as error:
-            raise bad(f"run {run_name}: {error}") from None
+        except SdtuneError as error:  # a flag's name (--lr) in the key the plan spells it by (lr)
+            raise bad(f"run {run_name}: {python_spelled(str(error), 'train', toml=True)}") from None
     return plan
 
 
@@ -303,7 +304,7 @@ def _in_section(section: str):
     try:
         yield
     except SdtuneError as error:
-        raise SdtuneError(f"[{section}] {error}") from None
+        raise SdtuneError(f"[{section}] {python_spelled(str(error), section, toml=True)}") from None
 
 
 def _stacked_on_base_adapters(train: TrainConfig, adapters: list[str], sampled: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:

@@ -416,12 +416,12 @@ def test_the_report_sorts_axis_labels_by_their_numbers():
 BAD_PLANS = [
     ("unknown axis", TINY_PLAN.replace("[axes]", "[axes]\ncolour = [1, 2]"), "unknown axis 'colour'"),
     ("unknown method", TINY_PLAN.replace('"atoms", "lora"', '"atoms", "lorax"'), "run castle-lorax: unknown method 'lorax'"),
-    ("bad learning rate", TINY_PLAN.replace("[axes]", "[axes]\nlr = [1e-4, -1.0]"), "--lr must be positive and finite, got -1.0"),
+    ("bad learning rate", TINY_PLAN.replace("[axes]", "[axes]\nlr = [1e-4, -1.0]"), "run lr-1-castle-atoms: lr must be positive and finite, got -1.0"),
     ("empty axis", TINY_PLAN.replace('concept = ["castle"]', "concept = []"), "axis concept has no values"),
     ("unknown key", "colour = 1\n" + TINY_PLAN, "unknown key(s) colour"),
     ("unknown train setting", TINY_PLAN.replace("steps = 2\nlog", "stepz = 2\nlog"), "unknown [train] setting(s) stepz"),
     ("per-run setting", TINY_PLAN.replace("[train]", '[train]\noutput = "x"'), "[train] output is set per run"),
-    ("bad option", TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = "big" } }'), "rank"),
+    ("bad option", TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = "big" } }'), "options.rank"),
     ("same names", TINY_PLAN.replace('"atoms", "lora"', '"lora", { name = "lora", method = "lora" }'), "both named 'castle-lora'"),
     ("a repeated value", TINY_PLAN.replace("[axes]", "[axes]\nseed = [0, 1, 0]"), "runs 0 and 4 are both named 'seed0-castle-atoms'; axis seed lists 0 twice"),
     ("values labelled alike", TINY_PLAN.replace("[axes]", "[axes]\nlr_scale = [0.1, 0.10000001]"),
@@ -434,15 +434,15 @@ BAD_PLANS = [
     ("not toml", "name = ", "not valid TOML"),
     # steps is a training and a sampling setting: the line says which section refused it
     ("sampling steps", TINY_PLAN.replace("num_images = 1\nsteps = 2", "num_images = 1\nsteps = 0"),
-     "run castle-atoms: [sample] --steps must be at least 1, got 0"),
-    ("evaluate setting", TINY_PLAN.replace('fid_features = "none"', 'fid_features = "sift"'), "run castle-atoms: [evaluate] --fid-features must be one of"),
+     "run castle-atoms: [sample] steps must be at least 1, got 0"),
+    ("evaluate setting", TINY_PLAN.replace('fid_features = "none"', 'fid_features = "sift"'), "run castle-atoms: [evaluate] fid_features must be one of"),
     # datasets: what a run would only find after its model loaded
     ("misspelt class", TINY_PLAN.replace('concept = ["castle"]', 'dataset = [{ name = "d", dataset = "digits", classes = ["three", "sevn"] }]'),
      "run d-atoms: unknown class 'sevn' for dataset 'digits'"),
     ("dataset without its folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits", "eurosat"]'),
-     "run eurosat-atoms: dataset 'eurosat' needs --data-root DIR"),
+     "run eurosat-atoms: dataset 'eurosat' needs data_root = DIR"),
     ("built-in dataset given a folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits"]').replace("[train]", '[train]\ndata_root = "d"'),
-     "dataset 'digits' is built in; it takes no --data-root"),
+     "dataset 'digits' is built in; it takes no data_root"),
 ]
 
 
@@ -723,3 +723,17 @@ def test_a_report_with_no_run_finished_under_its_plan_keeps_no_earlier_compariso
     assert lines[-1].startswith("report: 0 of 2 runs finished"), lines
     assert not any((copy / "report" / "compare").iterdir())
     assert "2 runs: 0 finished, 0 failed, 2 pending." in (copy / "report" / "index.html").read_text()
+
+
+def test_a_plans_errors_name_its_toml_keys_also_to_python_callers(tmp_path):
+    """A plan is TOML: its refusals name the keys it spells (lr, options.rank), not flags (--lr) nor Python's
+    (options["rank"]), whether the CLI or Python code ran it."""
+    from sdtune.config import SweepConfig
+    from sdtune.errors import SdtuneError
+    from sdtune.sweep import run_sweep
+
+    plan = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = 0 } }'))
+    with pytest.raises(SdtuneError) as refused:
+        run_sweep(SweepConfig(plan=str(plan), output=str(tmp_path / "out")), log=lambda line: None)
+    assert "options.rank" in str(refused.value) and "--rank" not in str(refused.value) and '["rank"]' not in str(refused.value)
+    assert "options.rank" in invoke("sweep", plan, "--output", tmp_path / "out").stderr
