@@ -699,7 +699,7 @@ def compare(
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale for the grid." + _default(CompareConfig, "guidance")),
     grid: Optional[bool] = typer.Option(None, "--grid/--no-grid", help="Sample the side-by-side grid (rows = prompts, columns = runs)" + _default(CompareConfig, "grid") + "."),
 ) -> None:
-    """Compare runs: a table (markdown and CSV), metric-vs-parameters and loss plots, an image grid."""
+    """Compare runs: a table (markdown and CSV), metric-vs-trainable-parameters and training-loss plots, an image grid."""
     from . import compare as run_comparison
 
     result = run_comparison(

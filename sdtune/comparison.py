@@ -1,4 +1,4 @@
-"""Compare runs: one table (markdown and CSV), metric-vs-parameters and loss plots, and an image grid.
+"""Compare runs: one table (markdown and CSV), metric-vs-trainable-parameters and training-loss plots, and an image grid.
 
 Each run folder gives its method and options and trainable-parameter count (the adapter's metadata),
 the adapter's size on disk, the training speed and loss curve (metrics.jsonl) and, where `sdtune
@@ -24,7 +24,9 @@ from .tracking import METRICS_FILE, read_metrics_log
 
 TABLE_FILE = "comparison.md"
 CSV_FILE = "comparison.csv"
-LOSS_PLOT = "loss.png"
+LOSS_PLOT = "training-loss-vs-step.png"
+# the plots an earlier version wrote under other names: an earlier comparison's, removed with its other plots
+OLD_PLOTS = ("loss.png", *(f"{name}-vs-parameters.png" for name in METRICS))
 GRID_FILE = "grid.png"
 # the grid's --prompts lines with their kohya-ss options (--n, --w, ...), in OUTPUT/samples: what every run's sample reads
 GRID_PROMPTS_FILE = "grid-prompts.txt"
@@ -328,13 +330,6 @@ def _pyplot():
     return plt
 
 
-def _method_colors(runs: list[RunSummary]) -> dict[str, Any]:
-    plt = _pyplot()
-    palette = plt.get_cmap("tab10")
-    methods = sorted({run.method for run in runs})
-    return {method: palette(i % 10) for i, method in enumerate(methods)}
-
-
 def _save(figure, path: Path) -> Path:
     from .fileio import atomic_write
 
@@ -344,50 +339,174 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-LABEL_GAP = 10  # points between the labels of runs at one parameter count (8-point text)
+# What a run's metrics are measured against (CLIP-I, DINO, FID: its own reference images) and on: runs that differ in
+# these are plotted in panels of their own, never on one axis where their values would read as comparable
+REFERENCE_SETTINGS = ("dataset", "data_root", "split", "classes", "max_per_class", "concept", "images")
+# each metric's axis: what its numbers are
+METRIC_UNITS = {
+    "clip_t": "CLIP score, 100 × cosine", "clip_i": "cosine similarity", "dino": "cosine similarity",
+    "fid": "Fréchet distance", "kid": "MMD²", "kid_std": "MMD²", "diversity": "1 − mean cosine similarity",
+    "digit_fidelity": "feature cosine similarity", "style_fidelity": "share of gap closed", "preservation": "accuracy",
+}
+PARAMETERS_AXIS = "trainable parameters (count, log scale)"
+LEGEND_WIDTH = 40  # characters a legend line wraps at: a long run name grows the legend downwards, not off the page
 
 
-def label_offsets(axes, points: list[tuple[float, float]]) -> list[float]:
-    """Each point's label offset upwards, in points: 4 above it, except where a run of the same parameter count
-    (another seed, another rate) is labelled close above; such labels are pushed down to LABEL_GAP apart."""
-    axes.autoscale_view()
-    figure = axes.get_figure()
-    to_points = 72 / figure.dpi
-    heights = [axes.transData.transform(point)[1] * to_points for point in points]
-    offsets = [4.0] * len(points)
-    by_count: dict[float, list[int]] = {}
-    for index, (count, _) in enumerate(points):
-        by_count.setdefault(count, []).append(index)
-    for indices in by_count.values():
-        below = None  # the lowest label placed so far, in points from the figure's foot
-        for index in sorted(indices, key=lambda i: -heights[i]):
-            label = heights[index] + 4
-            if below is not None and label > below - LABEL_GAP:
-                label = below - LABEL_GAP
-            offsets[index], below = label - heights[index], label
-    return offsets
+def metric_plot_name(metric: str) -> str:
+    return f"{metric}-vs-trainable-parameters.png"
+
+
+def _reference(run: RunSummary) -> dict[str, Any]:
+    return {**{key: run.settings.get(key) for key in REFERENCE_SETTINGS}, "model": run.model}
+
+
+def panels(runs: list[RunSummary]) -> list[tuple[str, list[RunSummary]]]:
+    """The runs by what they are measured against and on (`REFERENCE_SETTINGS` and the model), first seen first, each
+    group titled by those of its settings that differ between groups ('' where all runs share them)."""
+    from .config import PATH_SETTINGS
+
+    references = [_reference(run) for run in runs]
+    keys = differing_settings(references, frozenset())
+    paths = [str(item) for values in references for key in keys if key in PATH_SETTINGS and key != "model"
+             for item in (values[key] if isinstance(values[key], list) else [values[key]] if values[key] else [])]
+    short = short_paths(paths)
+    groups: dict[str, list[RunSummary]] = {}
+    for run, values in zip(runs, references):
+        title = ", ".join(_setting_text(key, values[key], short) or f"{key}=none" for key in keys)
+        groups.setdefault(title, []).append(run)
+    return list(groups.items())
+
+
+@dataclass
+class SeedGroup:
+    """Runs of one panel that differ only in their seed (or one run), shown as one point or curve."""
+
+    label: str
+    method: str
+    runs: list[RunSummary]
+
+
+def seed_groups(runs: list[RunSummary]) -> list[SeedGroup]:
+    """The runs gathered by everything but their seed (a run without config.toml alone), labelled by method, variant
+    and the settings that tell the groups apart; where two groups would read alike, by their first run's name."""
+    import json
+
+    ignored = {"seed", *REFERENCE_SETTINGS}
+    gathered: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        if run.settings:
+            kept = {key: value for key, value in run.settings.items() if key not in ignored and key not in UNCOMPARED_SETTINGS}
+            key = json.dumps([run.method, run.variant, run.model, kept], sort_keys=True, default=str)
+        else:
+            key = str(run.path.resolve()) + "\0" + run.name
+        gathered.setdefault(key, []).append(run)
+    groups = []
+    for members in gathered.values():
+        first = members[0]
+        parts = [first.method, *([first.variant] if first.variant != "defaults" else []),
+                 *(text for key, text in first.differences.items() if key not in ignored and key != "model")]
+        groups.append(SeedGroup(", ".join(parts), first.method, members))
+    counts: dict[str, int] = {}
+    for group in groups:
+        counts[group.label] = counts.get(group.label, 0) + 1
+    for group in groups:
+        if counts[group.label] > 1:
+            group.label = f"{group.runs[0].name} ({group.method})"
+        if len(group.runs) > 1:
+            group.label += f" [{len(group.runs)} seeds]"
+    return groups
+
+
+def _wrapped(label: str) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, LEGEND_WIDTH, break_long_words=True, break_on_hyphens=True)) or label
+
+
+def _panel_axes(plt, count: int, width: float, height: float):
+    """A figure of `count` panels, two a row; the panels left over hidden."""
+    columns = min(count, 2)
+    rows = -(-count // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    flat = [axes for row in grid for axes in row]
+    for spare in flat[count:]:
+        spare.set_visible(False)
+    return figure, flat[:count]
+
+
+def _legend(figure, handles: dict[str, Any]) -> None:
+    """One legend for every panel, right of them (a group in two panels has one entry): inside the saved figure,
+    over no point or curve."""
+    figure.legend(list(handles.values()), [_wrapped(label) for label in handles], fontsize=7, loc="upper left",
+                  bbox_to_anchor=(1.0, 0.98), ncol=1 + len(handles) // 30, frameon=False)
+
+
+def _group_styles(groups: list[SeedGroup], styles: tuple) -> dict[str, tuple[Any, Any]]:
+    """Each group label's (colour, style): coloured by method, told apart within it by `styles`; alike in every panel."""
+    plt = _pyplot()
+    palette = plt.get_cmap("tab10")
+    methods = sorted({group.method for group in groups})
+    colours = {method: palette(i % 10) for i, method in enumerate(methods)}
+    shown: dict[str, tuple[Any, Any]] = {}
+    per_method: dict[str, int] = {}
+    for group in groups:
+        if group.label not in shown:
+            index = per_method.get(group.method, 0)
+            per_method[group.method] = index + 1
+            shown[group.label] = (colours[group.method], styles[index % len(styles)])
+    return shown
+
+
+def _count_ticks(axes) -> None:
+    """Parameter counts ticked at 1, 2 and 5 of each decade as plain numbers (20,000): the default minor labels
+    (3×10⁴ 4×10⁴) run into each other."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
-    """The metric against trainable parameters (log axis), one labelled point per run, coloured by method."""
+    """The metric against trainable parameters (log axis): one panel for each reference and model (`panels`), one
+    point for each run, or mean ± sample standard deviation (an error bar) for runs that differ only in their seed;
+    a legend beside the panels names them."""
+    import statistics
+
     plt = _pyplot()
-    colors = _method_colors(runs)
-    figure, axes = plt.subplots(figsize=(6, 4))
-    shown = set()
     plotted = [run for run in runs if metric in run.metrics and run.num_parameters > 0]
-    for run in plotted:
-        label = run.method if run.method not in shown else None
-        shown.add(run.method)
-        axes.scatter(run.num_parameters, run.metrics[metric], color=colors[run.method], label=label, s=40, zorder=3)
-    axes.set_xscale("log")
-    for run, offset in zip(plotted, label_offsets(axes, [(run.num_parameters, run.metrics[metric]) for run in plotted])):
-        axes.annotate(run.name, (run.num_parameters, run.metrics[metric]), textcoords="offset points", xytext=(5, offset), fontsize=8)
-    title = METRICS[metric][0]
-    axes.set_xlabel("trainable parameters")
-    axes.set_ylabel(title)
-    axes.set_title(f"{title} vs trainable parameters")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8)
+    sections = [(title, seed_groups(members)) for title, members in panels(plotted)]
+    styles = _group_styles([group for _, groups in sections for group in groups], MARKERS)
+    figure, panel_axes = _panel_axes(plt, max(len(sections), 1), 5.0, 3.6)
+    handles: dict[str, Any] = {}
+    name = METRICS[metric][0]
+    for axes, (title, groups) in zip(panel_axes, sections):
+        for group in groups:
+            colour, marker = styles[group.label]
+            values = [run.metrics[metric] for run in group.runs]
+            count = statistics.fmean(run.num_parameters for run in group.runs)
+            spread = statistics.stdev(values) if len(values) > 1 else None
+            if spread is None:
+                handle = axes.scatter([count], values, color=colour, marker=marker, s=40, zorder=3)
+            else:
+                handle = axes.errorbar([count], [statistics.fmean(values)], yerr=[spread], color=colour, marker=marker,
+                                       markersize=6, capsize=4, linestyle="none", zorder=3)
+            handles.setdefault(group.label, handle)
+        axes.set_xscale("log")
+        _count_ticks(axes)
+        axes.set_xlabel(PARAMETERS_AXIS)
+        axes.set_ylabel(f"{name} ({METRIC_UNITS.get(metric, 'value')})")
+        axes.set_title(title or f"{name} vs trainable parameters", fontsize=9)
+        axes.grid(True, which="both", alpha=0.3)
+    if len(sections) > 1:
+        figure.suptitle(f"{name} vs trainable parameters, by reference data and model")
+    if any(len(group.runs) > 1 for _, groups in sections for group in groups):
+        figure.text(0.0, -0.02, "error bars: ± sample standard deviation over seeds", fontsize=7)
+    _legend(figure, handles)
+    figure.tight_layout()
     return _save(figure, path)
 
 
@@ -395,33 +514,44 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def plot_losses(runs: list[RunSummary], path: Path) -> Path:
-    """Every run's training loss per step: the raw values faint, a moving average on top. Runs are coloured by
-    method and told apart within it by line style (a sweep has more runs than a palette has colours), and the
-    legend stands beside the plot, where it hides no curve."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 4))
-    colors = _method_colors(runs)
-    drawn: dict[str, int] = {}  # runs drawn so far of each method
-    for run in runs:
-        if not run.losses:
-            continue
-        steps = [s for s, _ in run.losses]
-        values = [v for _, v in run.losses]
-        color = colors[run.method]
-        style = LINE_STYLES[drawn.get(run.method, 0) % len(LINE_STYLES)]
-        drawn[run.method] = drawn.get(run.method, 0) + 1
-        window = max(1, len(values) // 20)
-        smooth = [sum(values[max(0, k - window + 1) : k + 1]) / len(values[max(0, k - window + 1) : k + 1]) for k in range(len(values))]
-        axes.plot(steps, values, color=color, alpha=0.25, linewidth=0.8, linestyle=style)
-        axes.plot(steps, smooth, color=color, linewidth=1.6, linestyle=style, label=f"{run.name} ({run.method})")
+    """The training loss per step: one panel for each reference and model (`panels`); each run's, or for runs that
+    differ only in their seed their mean at the steps all logged (the band: ± their standard deviation), raw values
+    faint with a moving average on top. Coloured by method and told apart within it by line style; the legend stands
+    beside the panels, where it hides no curve."""
+    import statistics
+
     from matplotlib.ticker import MaxNLocator
 
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 2.5 of a short run
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title("training loss")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + sum(drawn.values()) // 30)
+    plt = _pyplot()
+    logged = [run for run in runs if run.losses]
+    sections = [(title, seed_groups(members)) for title, members in panels(logged)]
+    styles = _group_styles([group for _, groups in sections for group in groups], LINE_STYLES)
+    figure, panel_axes = _panel_axes(plt, max(len(sections), 1), 5.5, 3.6)
+    handles: dict[str, Any] = {}
+    for axes, (title, groups) in zip(panel_axes, sections):
+        for group in groups:
+            colour, style = styles[group.label]
+            by_step = [dict(run.losses) for run in group.runs]
+            steps = sorted(set.intersection(*(set(losses) for losses in by_step)))
+            values = [statistics.fmean(losses[step] for losses in by_step) for step in steps]
+            if len(group.runs) > 1 and steps:
+                spread = [statistics.stdev(losses[step] for losses in by_step) for step in steps]
+                axes.fill_between(steps, [v - s for v, s in zip(values, spread)], [v + s for v, s in zip(values, spread)],
+                                  color=colour, alpha=0.12, linewidth=0)
+            window = max(1, len(values) // 20)
+            smooth = [statistics.fmean(values[max(0, k - window + 1): k + 1]) for k in range(len(values))]
+            axes.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8, linestyle=style)
+            (line,) = axes.plot(steps, smooth, color=colour, linewidth=1.6, linestyle=style, label=group.label)
+            handles.setdefault(group.label, line)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 2.5 of a short run
+        axes.set_xlabel("training step")
+        axes.set_ylabel("training loss (per-step mean)")
+        axes.set_title(title or "training loss", fontsize=9)
+        axes.grid(True, alpha=0.3)
+    if len(sections) > 1:
+        figure.suptitle("training loss, by reference data and model")
+    _legend(figure, handles)
+    figure.tight_layout()
     return _save(figure, path)
 
 
@@ -591,7 +721,7 @@ def remove_stale_outputs(out: Path, drawn: set[str], written: set[str]) -> None:
                  f"compare did not write; {name} is not in this comparison")
             continue
         remove_directory(folder)
-    own = [GRID_FILE, LOSS_PLOT, f"samples/{GRID_PROMPTS_FILE}", *(f"{name}-vs-parameters.png" for name in METRICS)]
+    own = [GRID_FILE, LOSS_PLOT, f"samples/{GRID_PROMPTS_FILE}", *(metric_plot_name(name) for name in METRICS), *OLD_PLOTS]
     for name in own:
         if name not in written and (out / name).is_file() and not (out / name).is_symlink():
             (out / name).unlink()
@@ -660,7 +790,7 @@ def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: 
     metric_names = [name for name in METRICS if any(name in run.metrics for run in summaries)]
     plotted = [name for name in metric_names if name != "kid_std"]
     losses = any(run.losses for run in summaries)
-    written = {CSV_FILE, TABLE_FILE, *(f"{name}-vs-parameters.png" for name in plotted), *([LOSS_PLOT] if losses else [])}
+    written = {CSV_FILE, TABLE_FILE, *(metric_plot_name(name) for name in plotted), *([LOSS_PLOT] if losses else [])}
     if config.grid:
         written |= {GRID_FILE, *([f"samples/{GRID_PROMPTS_FILE}"] if any(line.where for line in prompts) else [])}
     # before this comparison's first file: the earlier one's comparison.csv still names the runs whose samples it drew
@@ -674,7 +804,7 @@ def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: 
     write_text_atomic(out / CSV_FILE, buffer.getvalue())
     files.append(out / CSV_FILE)
 
-    plots = [plot_metric(summaries, name, out / f"{name}-vs-parameters.png") for name in plotted]
+    plots = [plot_metric(summaries, name, out / metric_plot_name(name)) for name in plotted]
     if losses:
         plots.append(plot_losses(summaries, out / LOSS_PLOT))
     grid = sample_grid(summaries, prompts, grid_configs, out, progress) if config.grid else None

@@ -94,6 +94,14 @@ class PythonName(NamedTuple):
             return self.setting if value is None else f"{self.setting}={value}"
         return f'{self.setting}["{self.option}"]' if value is None else f'{self.setting}={{"{self.option}": {value}}}'
 
+    def toml_spelled(self, value: str | None = None) -> str:
+        """As a TOML file (a sweep plan's section, a config file) gives it: `setting`, `setting = 512`,
+        `options.rank = 8`, a switch `overwrite = true`."""
+        if value is None and self.value is not None:
+            value = str(self.value).lower()
+        key = self.setting if self.option is None else f"{self.setting}.{self.option}"
+        return key if value is None else f"{key} = {value}"
+
 
 # Fields that are no command's flag: given as arguments (`sdtune export SOURCE`) or `--option KEY=VALUE` pairs
 NOT_FLAGS = frozenset({"options", "runs", "source", "plan"})
@@ -182,10 +190,11 @@ def python_value(name: PythonName, word: str) -> str | None:
     return f'"{word}"' if name.option is None and word in named_values().get(name.setting, ()) else None
 
 
-def python_spelled(message: str, command: str) -> str:
+def python_spelled(message: str, command: str, toml: bool = False) -> str:
     """`message` with each of `sdtune COMMAND`'s flags as Python code gives it: "add --overwrite" is "add
-    overwrite=True", "--rank must be ..." is 'options["rank"] must be ...', "--steps 200" is "steps=200". Quoted
-    commands, flags of no setting (a prompt line's --w) and other tools' flags stay as written."""
+    overwrite=True", "--rank must be ..." is 'options["rank"] must be ...', "--steps 200" is "steps=200"; `toml`:
+    as a TOML file's key (`PythonName.toml_spelled`). Quoted commands, flags of no setting (a prompt line's --w) and
+    other tools' flags stay as written."""
     names = python_names(command)
 
     def spell(match: re.Match) -> str:
@@ -201,9 +210,10 @@ def python_spelled(message: str, command: str) -> str:
         if name.value is not None and word == "must":  # "--dora must be true or false": the setting, not a value
             name = name._replace(value=None)
         value = python_value(name, word) if word is not None and name.value is None else None  # switches take none
+        spelled = name.toml_spelled if toml else name.spelled
         if value is not None:
-            return name.spelled(value)
-        return name.spelled() + (f" {word}" if word is not None else "")
+            return spelled(value)
+        return spelled() + (f" {word}" if word is not None else "")
 
     def switch_off(match: re.Match) -> str:
         flag = match["flag1"] or match["flag2"] or match["flag3"]

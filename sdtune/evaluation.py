@@ -82,12 +82,24 @@ class Evaluation:
         return "\n".join(f"{a.ljust(width[0])}  {b.rjust(width[1])}  {c}" for a, b, c in rows)
 
 
+# decimal places each metric is shown at everywhere (tables, reports, cards); 4 for those not named
+METRIC_DECIMALS = {"clip_t": 2, "fid": 2, "kid": 5, "kid_std": 5}
+
+
+def metric_decimals(name: str) -> int:
+    return METRIC_DECIMALS.get(name, 4)
+
+
+def format_fixed(value: float, decimals: int) -> str:
+    """`value` at `decimals` places, trailing zeros kept (0.8400 beside 0.8468); one too small to show two significant
+    digits there in scientific notation with four (1.264e-05, not 0.0000), so that it reads alike wherever it stands."""
+    if value != 0 and abs(value) < 10 ** -(decimals - 1):
+        return f"{value:.3e}"
+    return f"{value:.{decimals}f}"
+
+
 def format_metric(name: str, value: float) -> str:
-    if name == "clip_t" or name == "fid":
-        return f"{value:.2f}"
-    if name in ("kid", "kid_std"):
-        return f"{value:.5f}"
-    return f"{value:.4f}"
+    return format_fixed(value, metric_decimals(name))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,13 +147,35 @@ def _run_lr(folder: Path) -> Any:
         return ""
 
 
-def _number(value: Any) -> str:
-    if value in ("", None):
-        return ""
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
+
+
+def duration(seconds: float) -> str:
+    """'42.0 s', '12 min 05 s', '3 h 07 min': a training time as a person reads it."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def _number(key: str, value: Any) -> str:
+    """A number of the run table as its column shows it: a count with thousands separators, a metric at its fixed
+    precision (`format_metric`), s/step at SECONDS_DECIMALS places, the learning rate as config.toml writes it."""
+    from .evaluation import METRICS, format_fixed, format_metric
+
+    if value in ("", None) or isinstance(value, bool):
+        return "" if value in ("", None) else str(value)
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        if key in METRICS:
+            return format_metric(key, value)
+        if key == "train_seconds_per_step":
+            return format_fixed(value, SECONDS_DECIMALS)
+        return repr(value)  # the learning rate: 0.0001, 1e-05, as written
     return str(value)
 
 
@@ -190,17 +212,41 @@ def across_seeds(runs: list[tuple[dict[str, Any], str, dict[str, Any]]], axes: l
     return rows
 
 
-def _mean_spread(mean: float, spread: float | None) -> str:
+# how the across-seeds table shows a mean and its spread, said once on the page
+SPREAD_RULE = ("Each mean is shown to its spread's second significant digit, but at most two decimal places finer than "
+               "the run table shows the column; a spread too small for that is written in scientific notation, as is "
+               "a value too small for the column's precision; one finished seed reads as the run table does.")
+SECONDS_DECIMALS = 3  # s/step, in every table
+
+
+def column_decimals(key: str) -> int:
+    """The decimal places the run table shows `key` at: a metric's own, s/step's."""
+    from .evaluation import metric_decimals
+
+    return SECONDS_DECIMALS if key == "train_seconds_per_step" else metric_decimals(key)
+
+
+def _mean_spread(mean: float, spread: float | None, decimals: int = 4) -> str:
     """'0.8751 ± 0.0012': the spread to two significant digits and the mean to the same decimal place, as a paper
-    writes them; the mean alone (4 significant digits) for one seed."""
+    writes them, at most two places finer than the column's `decimals` (SPREAD_RULE); the mean alone as the run
+    table shows it (`decimals` places) for one seed."""
     import math
 
+    from .evaluation import format_fixed
+
     if spread is None or not math.isfinite(spread) or not math.isfinite(mean):
-        return f"{mean:.4g}"
+        return format_fixed(mean, decimals)
     if spread == 0:
-        return f"{mean:.4g} ± 0"
-    decimals = min(max(0, 1 - math.floor(math.log10(spread))), 10)
-    return f"{mean:.{decimals}f} ± {spread:.{decimals}f}"
+        return f"{format_fixed(mean, decimals)} ± 0"
+    places = min(max(0, 1 - math.floor(math.log10(spread))), decimals + 2)
+    shown_mean = format_fixed(mean, decimals) if "e" in format_fixed(mean, decimals) else f"{mean:.{places}f}"
+    shown_spread = f"{spread:.{places}f}" if spread >= 10 ** -places else f"{spread:.1e}"
+    return f"{shown_mean} ± {shown_spread}"
+
+
+def _clean(value: float) -> float:
+    """`value` to 8 significant digits: a mean of floats written as 0.07598, not 0.07597999999999999."""
+    return float(f"{value:.8g}")
 
 
 def seeds_section(groups: list[dict[str, Any]], axes: list[str], keys: list[tuple[str, str]]) -> list[str]:
@@ -216,12 +262,12 @@ def seeds_section(groups: list[dict[str, Any]], axes: list[str], keys: list[tupl
         cells.append(f'<td class="number" data-value="{trainable[0] if trainable else ""}">{", ".join(f"{n:,}" for n in trainable)}</td>')
         for key, _ in keys:
             mean, spread = group["stats"].get(key, (None, None))
-            shown = "" if mean is None else _mean_spread(mean, spread)
+            shown = "" if mean is None else _mean_spread(mean, spread, column_decimals(key))
             cells.append(f'<td class="number" data-value="{"" if mean is None else mean}">{html.escape(shown)}</td>')
         body.append(f'<tr>{"".join(cells)}</tr>')
     return [
         "<h2>Across seeds</h2><p>The runs that differ only in their seed, together: mean ± sample standard deviation "
-        f"(n − 1) over the finished seeds; also in <code>{SEEDS_FILE}</code>.</p>",
+        f"(n − 1) over the finished seeds; also in <code>{SEEDS_FILE}</code>. {html.escape(SPREAD_RULE)}</p>",
         f'<table id="seeds"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>',
     ]
 
@@ -237,13 +283,13 @@ def seeds_csv(groups: list[dict[str, Any]], axes: list[str], keys: list[str]) ->
         stats = [group["stats"].get(key, (None, None)) for key in keys]
         trainable = " ".join(str(n) for n in group["trainable"])
         writer.writerow([*(group["axes"][axis] for axis in axes), group["seeds"], group["finished"], trainable]
-                        + ["" if value is None else value for pair in stats for value in pair])
+                        + ["" if value is None else _clean(value) for pair in stats for value in pair])
     return buffer.getvalue()
 
 
 def write_html_report(plan, comparison) -> Path:
     """Write plan.output/report/index.html (atomically: shards may write it at the same time)."""
-    from .evaluation import METRICS, format_metric
+    from .evaluation import METRICS
     from .fileio import write_text_atomic
 
     folder = plan.report_folder
@@ -272,7 +318,7 @@ def write_html_report(plan, comparison) -> Path:
     differ = any(row["settings"] for row in rows_by_folder.values())
     columns += [("settings", "settings", False)] if differ else []
     columns += [("lr", "lr", True), ("trainable_parameters", "trainable", True),
-                ("train_seconds_per_step", "s/step", True)]
+                ("train_seconds_per_step", "s/step", True), ("train_seconds", "train time", True)]
     columns += [(name, METRICS[name][0], True) for name in metric_names]
     states = [run.state() for run in plan.runs]  # read once: a shard may finish a run while the page is written
     columns += [("error", "note", False)] if "failed" in states else []  # a failed run's reason; else it would stand empty
@@ -281,6 +327,7 @@ def write_html_report(plan, comparison) -> Path:
     prompts: dict[str, list[tuple[Any, list[Path]]]] = {}
     counts = {"finished": 0, "failed": 0, "pending": 0}
     seeded: list[tuple[dict[str, Any], str, dict[str, Any]]] = []  # every run's axis labels, state and values
+    trained: list[float] = []  # each run's training seconds, where its marker records them
     for run, state in zip(plan.runs, states):
         counts[state] = counts.get(state, 0) + 1
         marker = run.marker() or {}
@@ -292,15 +339,16 @@ def write_html_report(plan, comparison) -> Path:
         values.update(row)
         if state == "finished":
             values["lr"] = _run_lr(run.folder)
+        if state != "pending" and _seconds(marker.get("train_seconds")) is not None:  # a failed run's training counts too
+            values["train_seconds"] = float(marker["train_seconds"])
+            trained.append(values["train_seconds"])
         cells = []
         for key, _, numeric in columns:
             value = values.get(key, "")
             raw = "" if value in ("", None) else str(value)
-            shown = _number(value) if numeric else raw
-            if isinstance(value, float) and key in METRICS:  # as comparison.md shows them: one precision a column
-                shown = format_metric(key, value)
-            elif isinstance(value, float) and key == "train_seconds_per_step":
-                shown = f"{value:.3f}"
+            shown = _number(key, value) if numeric else raw  # as comparison.md shows them: one precision a column
+            if key == "train_seconds" and isinstance(value, float):
+                shown = duration(value)
             if key == "run" and state == "finished":
                 shown_html = f'<a href="{link(run)}">{html.escape(shown)}</a>'
             else:
@@ -333,6 +381,10 @@ def write_html_report(plan, comparison) -> Path:
         f"<code>{html.escape(str(plan.path))}</code>. Click a column's header to sort by it."
         + (' No metrics were asked for (the plan\'s metrics = "none").' if plan.metrics == "none" else "") + "</p>"
     )
+    if trained:
+        parts.append(f"<p>Training took {duration(sum(trained))} in all, over {len(trained)} runs (train time: a run's "
+                     "training over every invocation of it, resumes and extensions included, as the sweep recorded it; "
+                     "s/step: the median training step).</p>")
     parts.append(f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
     if differ:
         parts.append("<p>Settings: the training settings the runs differ in beside their axes and learning rate, each "

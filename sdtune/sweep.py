@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .adapter import ADAPTER_FILE
-from .config import EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, read_toml, spelled_for_python
+from .config import (EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, python_spelled, read_toml,
+                     spelled_for_python)
 from .errors import SdtuneError, error_line, warn
 from .fileio import OutputLock, check_no_file_in_the_way, counted
 
@@ -70,6 +71,8 @@ class RunSpec:
     sample: SampleConfig | None
     evaluate: dict[str, Any]
     fingerprint: str = ""
+    # its training's seconds over every invocation of this training (resumes, extensions), once this one trained
+    train_seconds: float | None = None
 
     def marker(self) -> dict[str, Any] | None:
         return read_marker(self.folder)
@@ -180,11 +183,16 @@ def read_plan(path: str | Path, output: str | None = None) -> Plan:
         try:
             plan.runs.append(_run_spec(plan, index, run_name, axis_values, folder, settings, methods))
             # a model no run could load, found now rather than as that run starts, after the runs before it trained
-            for model in {plan.runs[-1].train.model, getattr(plan.runs[-1].sample, "model", None)} - models_checked - {None}:
-                check_model_here(model)
-                models_checked.add(model)
-        except SdtuneError as error:
-            raise bad(f"run {run_name}: {error}") from None
+            spec = plan.runs[-1]
+            if spec.train.model not in models_checked:
+                check_model_here(spec.train.model)
+                models_checked.add(spec.train.model)
+            if spec.sample is not None and spec.sample.model and spec.sample.model not in models_checked:
+                with _in_section("sample"):
+                    check_model_here(spec.sample.model)
+                models_checked.add(spec.sample.model)
+        except SdtuneError as error:  # a flag's name (--lr) in the key the plan spells it by (lr)
+            raise bad(f"run {run_name}: {python_spelled(str(error), 'train', toml=True)}") from None
     return plan
 
 
@@ -307,7 +315,7 @@ def _in_section(section: str):
     try:
         yield
     except SdtuneError as error:
-        raise SdtuneError(f"[{section}] {error}") from None
+        raise SdtuneError(f"[{section}] {python_spelled(str(error), section, toml=True)}") from None
 
 
 def _stacked_on_base_adapters(train: TrainConfig, adapters: list[str], sampled: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
@@ -657,7 +665,7 @@ def train_sample_and_measure(plan: Plan, runs: list[RunSpec], result: SweepResul
                         result.failed[run.name] = message
                         if main:
                             try:
-                                write_marker(run, "failed", error=message)
+                                write_marker(run, "failed", error=message, **training_time(run))
                             except OSError:
                                 pass
                     else:
@@ -695,6 +703,8 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
     started = time.perf_counter()
     run.folder.mkdir(parents=True, exist_ok=True)
     state, note = training_state(run)
+    earlier = earlier_train_seconds(run, state)
+    run.train_seconds = earlier
     if state == "trained":
         log("trained earlier with these settings; sampling and measuring")
     else:
@@ -704,7 +714,11 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
         else:
             log("resuming from its latest checkpoint" if resume else "training")
         config = dataclasses.replace(run.train, resume="latest" if resume else None, overwrite=not resume)
-        train(config, progress=False)
+        training_started = time.perf_counter()
+        try:
+            train(config, progress=False)
+        finally:  # a failed invocation's time counts too: a resume goes on from its checkpoints
+            run.train_seconds = round((earlier or 0.0) + time.perf_counter() - training_started, 1)
     samples = None
     if run.sample is not None:
         from .sampling import sample
@@ -721,8 +735,24 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
         images = [[str(Path(p).relative_to(run.folder)) for p in samples.images[i * per_prompt:(i + 1) * per_prompt]]
                   for i in range(len(samples.prompts))]
     write_marker(run, "finished", prompts=list(samples.prompts) if samples else [], images=images,
-                 metrics=report.get("metrics", {}), seconds=round(time.perf_counter() - started, 1))
+                 metrics=report.get("metrics", {}), seconds=round(time.perf_counter() - started, 1), **training_time(run))
     log(f"finished in {time.perf_counter() - started:.1f}s")
+
+
+def earlier_train_seconds(run: RunSpec, state: str) -> float | None:
+    """The training seconds the run folder's marker records of earlier invocations of the training this one goes on
+    with (resumes it, extends it, or finds it trained); 0 for a fresh training; None where a training to go on with
+    has no time recorded (trained before sweeps recorded it, or outside a sweep)."""
+    if state == "fresh":
+        return 0.0
+    earlier = (read_marker(run.folder) or {}).get("train_seconds")
+    return float(earlier) if isinstance(earlier, (int, float)) and not isinstance(earlier, bool) and earlier >= 0 else None
+
+
+def training_time(run: RunSpec) -> dict[str, Any]:
+    """The marker's `train_seconds`: the run's training seconds over every invocation (seconds: this invocation's
+    training, sampling and measuring), where known."""
+    return {} if run.train_seconds is None else {"train_seconds": run.train_seconds}
 
 
 def training_state(run: RunSpec) -> tuple[str, str]:

@@ -412,7 +412,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
     out = tmp_path / "cmp"
     assert callable(sdtune.compare) and callable(sdtune.evaluate)  # the submodules do not shadow the functions
     metric_names = ["clip_t", "clip_i", "dino", "fid", "kid", "diversity"]
-    expected = {"comparison.md", "comparison.csv", "loss.png", "grid.png"} | {f"{m}-vs-parameters.png" for m in metric_names}
+    expected = {"comparison.md", "comparison.csv", "training-loss-vs-step.png", "grid.png"} | {f"{m}-vs-trainable-parameters.png" for m in metric_names}
     assert expected <= {p.name for p in out.iterdir()}
     assert {p.name for p in result.files} == expected
 
@@ -439,7 +439,7 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
 
     table = re.sub(" +", " ", (out / "comparison.md").read_text())
     assert "| atoms | atoms | defaults | lr=0.001 | 4,212 |" in table and "lora: not evaluated" in table
-    assert "![grid](grid.png)" in table and "![loss](loss.png)" in table
+    assert "![grid](grid.png)" in table and "![training-loss-vs-step](training-loss-vs-step.png)" in table
     grid = Image.open(out / "grid.png")
     assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64), header=True)
 
@@ -502,7 +502,7 @@ def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):
     result = invoke("compare", *two_runs, "--output", tmp_path / "cmp", "--no-grid")
     assert result.exit_code == 0, result.output
     names = {p.name for p in (tmp_path / "cmp").iterdir()}
-    assert {"comparison.md", "comparison.csv", "loss.png"} <= names and "grid.png" not in names
+    assert {"comparison.md", "comparison.csv", "training-loss-vs-step.png"} <= names and "grid.png" not in names
     (tmp_path / "not-a-run").mkdir()
     result = invoke("compare", tmp_path / "not-a-run", "--output", tmp_path / "cmp2")
     assert result.exit_code == 2 and "not a run folder" in result.stderr
@@ -523,7 +523,7 @@ def test_compare_reads_the_quality_benchmark_metrics(two_runs, tmp_path):
         row = next(csv.DictReader(handle))
     assert {name: float(row[name]) for name in metrics} == metrics
     assert "| digit fidelity | style fidelity | preservation |" in result.table
-    assert {"digit_fidelity-vs-parameters.png", "preservation-vs-parameters.png"} <= {p.name for p in result.files}
+    assert {"digit_fidelity-vs-trainable-parameters.png", "preservation-vs-trainable-parameters.png"} <= {p.name for p in result.files}
 
 
 def test_read_evaluation_of_missing_damaged_and_foreign_files(tmp_path):
@@ -686,42 +686,102 @@ def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
         summarize_run(training)
 
 
+def _captured_figures(monkeypatch):
+    import sdtune.comparison as comparison
+
+    figures = []
+    monkeypatch.setattr(comparison, "_save", lambda figure, path: figures.append(figure) or path)
+    return figures
+
+
 def test_the_loss_plot_colours_runs_by_method_and_keeps_its_legend_off_the_curves(tmp_path, monkeypatch):
     """Eleven runs: the atoms run does not take the first LoRA run's colour (a ten-colour palette cycled by run
     did), runs of one method differ in line style, and the legend stands outside the axes."""
     import sdtune.comparison as comparison
 
-    figures = []
-    monkeypatch.setattr(comparison, "_save", lambda figure, path: figures.append(figure) or path)
-    runs = [comparison.RunSummary(f"lora-{i}", tmp_path, "lora", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.4)]) for i in range(10)]
-    runs.append(comparison.RunSummary("atoms-0", tmp_path, "atoms", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.3)]))
+    figures = _captured_figures(monkeypatch)
+    runs = [comparison.RunSummary(f"lora-{i}", tmp_path / f"lora-{i}", "lora", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.4)]) for i in range(10)]
+    runs.append(comparison.RunSummary("atoms-0", tmp_path / "atoms-0", "atoms", "defaults", 1, 1, losses=[(1, 0.5), (2, 0.3)]))
     comparison.plot_losses(runs, tmp_path / "loss.png")
     axes = figures[0].axes[0]
     labelled = {line.get_label(): line for line in axes.get_lines() if not line.get_label().startswith("_")}
     lora_colours = {labelled[f"lora-{i} (lora)"].get_color() for i in range(10)}
-    assert len(lora_colours) == 1 and labelled["atoms-0 (atoms)"].get_color() not in lora_colours
+    assert len(lora_colours) == 1 and labelled["atoms"].get_color() not in lora_colours
     assert labelled["lora-0 (lora)"].get_linestyle() != labelled["lora-1 (lora)"].get_linestyle()
-    anchor = axes.get_legend().get_bbox_to_anchor().transformed(axes.transAxes.inverted())
+    legend = figures[0].legends[0]
+    anchor = legend.get_bbox_to_anchor().transformed(axes.transAxes.inverted())
     assert anchor.x0 > 1  # right of the plot
     ticks = [tick for tick in axes.get_xticks() if 1 <= tick <= 2]
     assert ticks and all(tick == int(tick) for tick in ticks)  # whole steps, not 1.25, 1.5, ...
+    assert axes.get_xlabel() == "training step" and "loss" in axes.get_ylabel()
 
 
-def test_labels_of_runs_at_one_parameter_count_do_not_overlap():
-    """Two seeds of a run, with the same count and near-equal metric: their labels are LABEL_GAP points apart, the
-    higher one's above its point; a run of another count keeps its label just above its point."""
-    from sdtune.comparison import LABEL_GAP, _pyplot, label_offsets
+def _sweep_like_runs(tmp_path):
+    """Two methods × three seeds on castle and LoRA × three seeds on dog, with a sweep's long run names."""
+    from sdtune.comparison import RunSummary, describe_differences
 
-    figure, axes = _pyplot().subplots(figsize=(6, 4))
-    points = [(4212, 0.944), (4212, 0.9441), (22980, 0.944), (4212, 1.0)]
-    axes.scatter(*zip(*points))
-    axes.set_xscale("log")
-    offsets = label_offsets(axes, points)
-    heights = [axes.transData.transform(point)[1] * 72 / figure.dpi for point in points]
-    labels = [height + offset for height, offset in zip(heights, offsets)]
-    assert offsets[1] == 4 and offsets[3] == 4 and offsets[2] == 4
-    assert labels[1] - labels[0] == pytest.approx(LABEL_GAP)
-    _pyplot().close(figure)
+    runs = []
+    for concept, methods in (("castle", ("lora", "atoms")), ("dog", ("lora",))):
+        for method in methods:
+            for seed in range(3):
+                name = f"concept-{concept}-method-{method}-with-a-rather-long-variant-label-seed{seed}"
+                settings = {"concept": concept, "method": method, "seed": seed, "lr": 1e-3, "steps": 4, "output": name}
+                runs.append(RunSummary(name, tmp_path / name, method, "defaults", 4212 if method == "atoms" else 22980, 1,
+                                       metrics={"clip_i": 0.8 + 0.01 * seed + (0.1 if concept == "dog" else 0)},
+                                       losses=[(1, 0.5 + 0.01 * seed), (2, 0.4)], settings=settings, model="tiny-random"))
+    describe_differences(runs)
+    return runs
+
+
+def test_the_metric_plot_has_a_panel_per_reference_and_one_error_bar_per_seed_group(tmp_path, monkeypatch):
+    """CLIP-I of castle runs and of dog runs is measured against different images: two panels, titled by concept.
+    Three seeds are one point with an error bar (± their sample standard deviation), not three labelled points;
+    the legend names each group once, wrapped, beside the panels, and no run name is written into a panel."""
+    import statistics
+
+    import sdtune.comparison as comparison
+
+    figures = _captured_figures(monkeypatch)
+    path = comparison.plot_metric(_sweep_like_runs(tmp_path), "clip_i", tmp_path / comparison.metric_plot_name("clip_i"))
+    assert path.name == "clip_i-vs-trainable-parameters.png"
+    figure = figures[0]
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert [axes.get_title() for axes in panels] == ["concept=castle", "concept=dog"]
+    castle, dog = panels
+    assert len(castle.containers) == 2 and len(dog.containers) == 1  # one error bar per method and concept
+    bar = castle.containers[0]
+    (segment,) = bar.lines[2][0].get_segments()
+    assert segment[1][1] - segment[0][1] == pytest.approx(2 * statistics.stdev([0.8, 0.81, 0.82]))
+    assert not castle.texts and not dog.texts
+    assert castle.get_xlabel() == "trainable parameters (count, log scale)" and castle.get_ylabel() == "CLIP-I (cosine similarity)"
+    texts = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert texts == ["lora [3 seeds]", "atoms [3 seeds]"]
+    figure.canvas.draw()  # the legend's lines are wrapped: none longer than LEGEND_WIDTH
+    long = comparison.SeedGroup("x" * 100, "lora", [])
+    assert max(len(line) for line in comparison._wrapped(long.label).splitlines()) <= comparison.LEGEND_WIDTH
+
+
+def test_the_loss_plot_draws_one_curve_per_seed_group_in_a_panel_per_reference(tmp_path, monkeypatch):
+    import sdtune.comparison as comparison
+
+    figures = _captured_figures(monkeypatch)
+    comparison.plot_losses(_sweep_like_runs(tmp_path), tmp_path / comparison.LOSS_PLOT)
+    castle, dog = [axes for axes in figures[0].axes if axes.get_visible()]
+    labelled = [line for line in castle.get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in labelled] == ["lora [3 seeds]", "atoms [3 seeds]"]
+    assert list(labelled[0].get_ydata())[0] == pytest.approx(0.51)  # the seeds' mean at step 1
+    assert len(castle.collections) == 2  # each group's ± std band
+    assert dog.get_title() == "concept=dog" and comparison.LOSS_PLOT == "training-loss-vs-step.png"
+
+
+def test_runs_on_two_models_are_panels_of_their_own_and_one_reference_is_one_panel(tmp_path):
+    from sdtune.comparison import RunSummary, panels
+
+    runs = [RunSummary(f"r{i}", tmp_path, "lora", "defaults", 1, 1, settings={"concept": "castle"}, model=model)
+            for i, model in enumerate(["tiny-random", "tiny-sdxl", "tiny-random"])]
+    assert [(title, [run.name for run in members]) for title, members in panels(runs)] == [
+        ("model=tiny-random", ["r0", "r2"]), ("model=tiny-sdxl", ["r1"])]
+    assert [title for title, _ in panels(runs[:1] + runs[2:])] == [""]
 
 
 def test_an_evaluation_of_an_earlier_adapter_is_not_read_as_the_runs(tmp_path, monkeypatch):
@@ -958,11 +1018,12 @@ def test_a_comparison_written_again_leaves_no_earlier_runs_samples_nor_grid_nor_
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["atoms", "lora"]
     (out / "samples" / "mine").mkdir()
     (out / "samples" / "mine" / "000-seed0.png").write_bytes(b"a person's own")
-    (out / "fid-vs-parameters.png").write_bytes(b"an earlier evaluation's plot")
+    (out / "fid-vs-trainable-parameters.png").write_bytes(b"an earlier evaluation's plot")
+    (out / "fid-vs-parameters.png").write_bytes(b"an earlier version's plot, named as it named them")
 
     sdtune.compare(runs[:1], str(out), prompt=["a <castle>"], steps=1, progress=False)
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["atoms", "mine"]
-    assert not (out / "fid-vs-parameters.png").exists() and (out / "grid.png").is_file()
+    assert not (out / "fid-vs-trainable-parameters.png").exists() and not (out / "fid-vs-parameters.png").exists() and (out / "grid.png").is_file()
 
     sdtune.compare(runs, str(out), prompt=["a <castle>"], steps=1, progress=False)
     (out / "samples" / "lora" / "notes.txt").write_text("lora looked washed out")

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,17 @@ def test_a_sweep_trains_samples_measures_every_run_and_writes_the_report(finishe
     assert page.count("<img ") >= 4  # two prompts × two runs, and the loss plot
     assert 'href="../runs/castle-atoms/config.toml"' in page
     assert (output / "report" / "compare" / "comparison.csv").is_file()
+    seconds = [json.loads((output / "runs" / name / "sweep-run.json").read_text())["train_seconds"] for name in ("castle-atoms", "castle-lora")]
+    assert all(0 < value <= marker_seconds for value, marker_seconds in zip(seconds, [
+        json.loads((output / "runs" / name / "sweep-run.json").read_text())["seconds"] for name in ("castle-atoms", "castle-lora")]))
+    assert 'data-key="train_seconds">train time</th>' in page and "<p>Training took " in page and "over 2 runs" in page
+
+
+def test_a_training_time_reads_as_a_person_reads_it():
+    from sdtune.report import duration
+
+    assert [duration(s) for s in (4.04, 59.94, 60, 725.4, 3600, 11220)] == ["4.0 s", "59.9 s", "1 min 00 s", "12 min 05 s",
+                                                                             "1 h 00 min", "3 h 07 min"]
 
 
 def test_finished_runs_are_skipped_not_retrained(finished):
@@ -185,7 +197,11 @@ def test_raised_steps_extend_a_finished_run_to_the_bytes_of_one_trained_in_one_g
 
     steps, step = [], Trainer.step
     monkeypatch.setattr(Trainer, "step", lambda self: steps.append(self.global_step) or step(self))
+    marker = json.loads((run / "sweep-run.json").read_text())
+    (run / "sweep-run.json").write_text(json.dumps({**marker, "train_seconds": 1000.0}))  # its first training's, say
+    started = time.perf_counter()
     result, lines = sweep(longer, copy)
+    elapsed = time.perf_counter() - started
     monkeypatch.undo()
     assert result.ran == ["castle-lora"] and steps == [2], (steps, lines)  # the one step more, not all three again
     assert any(line.endswith("extending its training to 3 steps: resumes at step 2") for line in lines), lines
@@ -198,6 +214,10 @@ def test_raised_steps_extend_a_finished_run_to_the_bytes_of_one_trained_in_one_g
     summary = summarize_run(run)
     assert summary.stale_evaluation == "" and summary.metrics == report["metrics"]
     assert json.loads((run / "sweep-run.json").read_text())["metrics"] == report["metrics"]
+    # the training time counts both invocations: the first's 1000 s and the extension's
+    marker = json.loads((run / "sweep-run.json").read_text())
+    assert 1000 < marker["train_seconds"] <= 1000 + elapsed and marker["seconds"] < 1000
+    assert "16 min " in (copy / "report" / "index.html").read_text()
     assert all(path.stat().st_mtime_ns > when for path, when in images.items())
     assert "report: 1 of 1 runs finished" in lines[-1]
 
@@ -275,7 +295,7 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path, private_cache)
     result = invoke("sweep", plan, "--output", tmp_path / "out")
     assert_one_line_error(result, 1, "1 run(s) failed: missing-lora")
     marker = json.loads((tmp_path / "out" / "runs" / "missing-lora" / "sweep-run.json").read_text())
-    assert marker["state"] == "failed" and "missing" in marker["error"]
+    assert marker["state"] == "failed" and "missing" in marker["error"] and marker["train_seconds"] >= 0  # its training time counts
     assert json.loads((tmp_path / "out" / "runs" / "present-lora" / "sweep-run.json").read_text())["state"] == "finished"
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "failed" in page and 'data-key="error">note</th>' in page  # the failed run's reason, in a column of its own
@@ -396,12 +416,12 @@ def test_the_report_sorts_axis_labels_by_their_numbers():
 BAD_PLANS = [
     ("unknown axis", TINY_PLAN.replace("[axes]", "[axes]\ncolour = [1, 2]"), "unknown axis 'colour'"),
     ("unknown method", TINY_PLAN.replace('"atoms", "lora"', '"atoms", "lorax"'), "run castle-lorax: unknown method 'lorax'"),
-    ("bad learning rate", TINY_PLAN.replace("[axes]", "[axes]\nlr = [1e-4, -1.0]"), "--lr must be positive and finite, got -1.0"),
+    ("bad learning rate", TINY_PLAN.replace("[axes]", "[axes]\nlr = [1e-4, -1.0]"), "run lr-1-castle-atoms: lr must be positive and finite, got -1.0"),
     ("empty axis", TINY_PLAN.replace('concept = ["castle"]', "concept = []"), "axis concept has no values"),
     ("unknown key", "colour = 1\n" + TINY_PLAN, "unknown key(s) colour"),
     ("unknown train setting", TINY_PLAN.replace("steps = 2\nlog", "stepz = 2\nlog"), "unknown [train] setting(s) stepz"),
     ("per-run setting", TINY_PLAN.replace("[train]", '[train]\noutput = "x"'), "[train] output is set per run"),
-    ("bad option", TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = "big" } }'), "rank"),
+    ("bad option", TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = "big" } }'), "options.rank"),
     ("same names", TINY_PLAN.replace('"atoms", "lora"', '"lora", { name = "lora", method = "lora" }'), "both named 'castle-lora'"),
     ("a repeated value", TINY_PLAN.replace("[axes]", "[axes]\nseed = [0, 1, 0]"), "runs 0 and 4 are both named 'seed0-castle-atoms'; axis seed lists 0 twice"),
     ("values labelled alike", TINY_PLAN.replace("[axes]", "[axes]\nlr_scale = [0.1, 0.10000001]"),
@@ -414,21 +434,21 @@ BAD_PLANS = [
     ("not toml", "name = ", "not valid TOML"),
     # steps is a training and a sampling setting: the line says which section refused it
     ("sampling steps", TINY_PLAN.replace("num_images = 1\nsteps = 2", "num_images = 1\nsteps = 0"),
-     "run castle-atoms: [sample] --steps must be at least 1, got 0"),
-    ("evaluate setting", TINY_PLAN.replace('fid_features = "none"', 'fid_features = "sift"'), "run castle-atoms: [evaluate] --fid-features must be one of"),
+     "run castle-atoms: [sample] steps must be at least 1, got 0"),
+    ("evaluate setting", TINY_PLAN.replace('fid_features = "none"', 'fid_features = "sift"'), "run castle-atoms: [evaluate] fid_features must be one of"),
     # datasets: what a run would only find after its model loaded
     ("misspelt class", TINY_PLAN.replace('concept = ["castle"]', 'dataset = [{ name = "d", dataset = "digits", classes = ["three", "sevn"] }]'),
      "run d-atoms: unknown class 'sevn' for dataset 'digits'"),
     ("dataset without its folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits", "eurosat"]'),
-     "run eurosat-atoms: dataset 'eurosat' needs --data-root DIR"),
+     "run eurosat-atoms: dataset 'eurosat' needs data_root = DIR"),
     # a model no run could load: found as the plan is read, not as its runs start after the others trained
     ("unknown model", TINY_PLAN.replace('model = "tiny"\n', "").replace("[axes]", '[axes]\nmodel = ["tiny", "tiny-sd3-random"]'),
-     "run tiny-sd3-random-castle-atoms: --model tiny-sd3-random: no such folder, and not a hub id"),
-    ("malformed hub id", TINY_PLAN.replace('model = "tiny"', 'model = "org/-name"'), "--model org/-name: no such folder, and not a hub id (ORG/NAME"),
-    ("folder of no pipeline", TINY_PLAN.replace('model = "tiny"', 'model = "/"'), "--model /: not a diffusers pipeline folder"),
-    ("sampling's model", TINY_PLAN.replace("num_images = 1\n", 'num_images = 1\nmodel = "tiny-sd3"\n'), "--model tiny-sd3: no such folder"),
+     'run tiny-sd3-random-castle-atoms: model = "tiny-sd3-random": no such folder, and not a hub id; use model = "tiny"'),
+    ("malformed hub id", TINY_PLAN.replace('model = "tiny"', 'model = "org/-name"'), 'model = "org/-name": no such folder, and not a hub id (ORG/NAME'),
+    ("folder of no pipeline", TINY_PLAN.replace('model = "tiny"', 'model = "/"'), 'model = "/": not a diffusers pipeline folder'),
+    ("sampling's model", TINY_PLAN.replace("num_images = 1\n", 'num_images = 1\nmodel = "tiny-sd3"\n'), 'run castle-atoms: [sample] model = "tiny-sd3": no such folder'),
     ("built-in dataset given a folder", TINY_PLAN.replace('concept = ["castle"]', 'dataset = ["digits"]').replace("[train]", '[train]\ndata_root = "d"'),
-     "dataset 'digits' is built in; it takes no --data-root"),
+     "dataset 'digits' is built in; it takes no data_root"),
 ]
 
 
@@ -532,19 +552,22 @@ def test_the_report_gathers_the_runs_that_differ_only_in_their_seed():
         return {"method": method, "lr_scale": "lr1x", "seed": f"seed{seed}"}, state, values if state == "finished" else {}
 
     runs = [run("lora", 0, "finished", 0.5), run("lora", 1, "finished", 0.7), run("lora", 2, "finished", 0.6),
-            run("atoms", 0, "finished", 0.4), run("atoms", 1, "pending")]
+            run("atoms", 0, "finished", 0.4), run("atoms", 1, "pending"),
+            run("loha", 0, "finished", 0.07596), run("loha", 1, "finished", 0.076)]
     groups = across_seeds(runs, ["method", "lr_scale", "seed"], ["train_seconds_per_step", "dino"])
     assert [(g["axes"]["method"], g["finished"], g["seeds"], g["trainable"]) for g in groups] == [
-        ("lora", 3, 3, [213152]), ("atoms", 1, 2, [4212])]
+        ("lora", 3, 3, [213152]), ("atoms", 1, 2, [4212]), ("loha", 2, 2, [213152])]
     mean, spread = groups[0]["stats"]["dino"]
     assert mean == pytest.approx(0.6) and spread == pytest.approx(0.1)  # n − 1: sqrt((0.01 + 0 + 0.01) / 2)
     assert groups[1]["stats"]["dino"] == (pytest.approx(0.4), None)  # one seed: no spread
     keys = [("train_seconds_per_step", "s/step"), ("dino", "DINO")]
     page = "".join(seeds_section(groups, ["method", "lr_scale"], keys))
-    assert ">0.60 ± 0.10<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4<" in page
+    assert ">0.60 ± 0.10<" in page and ">1 of 2<" in page and ">213,152<" in page and ">0.4000<" in page
+    assert ">0.100<" in page and "second significant digit" in page  # s/step at the run table's 3 places; the rule, once
     lines = seeds_csv(groups, ["method", "lr_scale"], [key for key, _ in keys]).splitlines()
     assert lines[0] == "method,lr_scale,seeds,finished,trainable_parameters,train_seconds_per_step_mean,train_seconds_per_step_std,dino_mean,dino_std"
     assert lines[2].startswith("atoms,lr1x,2,1,4212,0.1,,0.4,")
+    assert lines[3].endswith(",0.07598,2.8284271e-05")  # the mean of 0.07596 and 0.076 is not 0.07597999999999999
 
 
 def test_a_report_written_while_another_shard_finishes_a_run_is_written_again(finished, tmp_path, monkeypatch):
@@ -584,11 +607,28 @@ def test_metrics_that_cannot_be_measured_are_one_warning_a_reason(recwarn):
 
 
 def test_a_mean_is_shown_to_the_decimal_place_of_its_spread():
+    """SPREAD_RULE: the spread's second significant digit, at most two places finer than the column (4 here); a
+    smaller spread in scientific notation. One seed's value reads as the run table shows it: 0.4000 beside 0.8468
+    (it read "0.4", its trailing zeros dropped, as if measured less precisely)."""
     from sdtune.report import _mean_spread
 
     assert _mean_spread(0.8751454, 7.7e-05) == "0.875145 ± 0.000077"
-    assert _mean_spread(123.4, 12.3) == "123 ± 12"
-    assert _mean_spread(0.9444, 0.0) == "0.9444 ± 0" and _mean_spread(0.4, None) == "0.4"
+    assert _mean_spread(123.4, 12.3, 2) == "123 ± 12"
+    assert _mean_spread(0.9444, 0.0) == "0.9444 ± 0" and _mean_spread(0.4, None) == "0.4000"
+    assert _mean_spread(0.84, None) == "0.8400" and _mean_spread(33.2, None, 2) == "33.20"
+    assert _mean_spread(0.860071364, 8.2e-08) == "0.860071 ± 8.2e-08"  # not 0.860071364 ± 0.000000082
+    assert _mean_spread(1.264e-05, 3e-07) == "1.264e-05 ± 3.0e-07"
+
+
+def test_a_metric_reads_alike_everywhere_small_ones_in_scientific_notation():
+    from sdtune.evaluation import format_metric
+    from sdtune.report import _number
+
+    assert format_metric("clip_i", 0.84) == "0.8400" and format_metric("clip_t", 33.2) == "33.20"
+    assert format_metric("diversity", 1.264e-05) == "1.264e-05" and format_metric("diversity", 0.0) == "0.0000"
+    assert format_metric("kid", 0.00004) == "4.000e-05" and format_metric("kid", 0.0004) == "0.00040"
+    assert _number("clip_i", 0.84) == "0.8400" and _number("lr", 1e-05) == "1e-05" and _number("lr", 0.0003) == "0.0003"
+    assert _number("train_seconds_per_step", 0.1) == "0.100" and _number("trainable_parameters", 4212) == "4,212"
 
 
 def test_the_reports_plots_are_inlined_whole_not_as_previews(finished):
@@ -600,10 +640,10 @@ def test_the_reports_plots_are_inlined_whole_not_as_previews(finished):
 
     _, output = finished
     page = (output / "report" / "index.html").read_text()
-    encoded = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="loss">', page)
+    encoded = re.search(r'<img src="data:image/png;base64,([^"]+)" alt="training-loss-vs-step">', page)
     assert encoded, "the loss plot is not inlined as a PNG"
     inlined = Image.open(io.BytesIO(base64.b64decode(encoded.group(1))))
-    assert inlined.size == Image.open(output / "report" / "compare" / "loss.png").size and max(inlined.size) > 256
+    assert inlined.size == Image.open(output / "report" / "compare" / "training-loss-vs-step.png").size and max(inlined.size) > 256
 
 
 def test_a_dataset_runs_samples_are_its_classes_unless_the_plan_gives_prompts(tmp_path):
@@ -657,10 +697,10 @@ def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_d
     from sdtune.sweep import Plan, RunSpec, write_marker
     from sdtune.training import train
 
-    folder = train(TrainConfig(model="tiny-random", steps=1, log_with="none", output=str(tmp_path / "out" / "runs" / "a")),
+    folder = train(TrainConfig(model="tiny-random", steps=1, lr=1.2345e-4, log_with="none", output=str(tmp_path / "out" / "runs" / "a")),
                    progress=False).output
     (folder / "eval.json").write_text(json.dumps({"format": FORMAT, "unavailable": {},
-                                                  "metrics": {"clip_t": 33.2, "clip_i": 0.86, "kid": 0.5}}))
+                                                  "metrics": {"clip_t": 33.2, "clip_i": 0.86, "kid": 0.5, "diversity": 1.264e-05}}))
     (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "step_seconds": 0.125}\n')
     run = RunSpec(0, "a", {}, folder, TrainConfig(), None, {}, fingerprint="f")
     write_marker(run, "finished")
@@ -670,6 +710,10 @@ def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_d
     page = write_html_report(plan, compare([str(folder)], str(tmp_path / "cmp"), grid=False, progress=False)).read_text()
     cells = dict(re.findall(r'<td class="number" data-value="([^"]+)">([^<]*)</td>', page))
     assert cells["33.2"] == "33.20" and cells["0.86"] == "0.8600" and cells["0.5"] == "0.50000" and cells["0.125"] == "0.125", cells
+    # the learning rate as config.toml writes it, not at a metric's precision; a diversity near 1e-5 as comparison.md
+    # shows it, in scientific notation rather than 0.0000
+    assert cells["0.00012345"] == "0.00012345" and cells["1.264e-05"] == "1.264e-05", cells
+    assert "| 1.264e-05 |" in (tmp_path / "cmp" / "comparison.md").read_text()
     assert not (plan.report_folder / "seeds.csv").exists()  # this plan has no seed axis: no spread over seeds to read
 
 
@@ -679,7 +723,7 @@ def test_a_report_with_no_run_finished_under_its_plan_keeps_no_earlier_compariso
     _, output = finished
     copy = tmp_path / "out"
     shutil.copytree(output, copy)
-    assert (copy / "report" / "compare" / "comparison.md").is_file() and (copy / "report" / "compare" / "loss.png").is_file()
+    assert (copy / "report" / "compare" / "comparison.md").is_file() and (copy / "report" / "compare" / "training-loss-vs-step.png").is_file()
     changed = write_plan(tmp_path, TINY_PLAN.replace("steps = 2\nlog", "steps = 1\nlog"))
     result, lines = sweep(changed, copy, report_only=True)
     assert lines[-1].startswith("report: 0 of 2 runs finished"), lines
@@ -707,5 +751,19 @@ def test_a_plans_hub_models_are_checked_in_the_cache_alone(tmp_path, monkeypatch
     index.write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(index) if name == "model_index.json" else None)
     result = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out")
-    assert_one_line_error(result, 2, "run castle-atoms: --model someone/not-cached-model is a StableDiffusion3Pipeline, which sdtune")
+    assert_one_line_error(result, 2, 'run castle-atoms: model = "someone/not-cached-model" is a StableDiffusion3Pipeline, which sdtune')
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plans_errors_name_its_toml_keys_also_to_python_callers(tmp_path):
+    """A plan is TOML: its refusals name the keys it spells (lr, options.rank), not flags (--lr) nor Python's
+    (options["rank"]), whether the CLI or Python code ran it."""
+    from sdtune.config import SweepConfig
+    from sdtune.errors import SdtuneError
+    from sdtune.sweep import run_sweep
+
+    plan = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '{ method = "lora", options = { rank = 0 } }'))
+    with pytest.raises(SdtuneError) as refused:
+        run_sweep(SweepConfig(plan=str(plan), output=str(tmp_path / "out")), log=lambda line: None)
+    assert "options.rank" in str(refused.value) and "--rank" not in str(refused.value) and '["rank"]' not in str(refused.value)
+    assert "options.rank" in invoke("sweep", plan, "--output", tmp_path / "out").stderr
