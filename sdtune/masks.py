@@ -59,12 +59,18 @@ def _mask_files(folder: Path, warn_names: bool = True) -> dict[str, list[Path]]:
     return found
 
 
-def warn_masks_unused(paths: list[Path]) -> None:
-    """Without --masked-loss: a masks/ folder of images beside the concept images (where kohya-ss users keep
-    them) is not read. Said once, naming each such folder, before the model loads (a dry run too)."""
+def warn_masks_unused(paths: list[Path], masked_loss: bool = False) -> None:
+    """Without --masked-loss, or with it and --mask-source alpha: a masks/ folder of images beside the concept
+    images (where kohya-ss users keep them) is not read. Said once, naming each such folder, before the model loads
+    (a dry run too)."""
     folders = sorted({path.parent / MASK_FOLDER for path in paths})
     holding = [str(folder) for folder in folders if _mask_files(folder, warn_names=False)]
-    if holding:
+    if not holding:
+        return
+    if masked_loss:  # the masks come from the alpha channels
+        warn(f"{listed(holding)}: masks beside the concept images are not read with --mask-source alpha, which takes "
+             "each image's alpha channel as its mask; give --mask-source files to use them")
+    else:
         warn(f"{listed(holding)}: masks beside the concept images are used only with --masked-loss; "
              "without it the loss weighs every pixel alike")
 

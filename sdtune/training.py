@@ -270,10 +270,10 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         from .masks import check_masks
 
         check_masks(inputs.image_paths, config.mask_source)
-    elif inputs.labelled is None:
+    if inputs.labelled is None and (not config.masked_loss or config.mask_source == "alpha"):
         from .masks import warn_masks_unused
 
-        warn_masks_unused(inputs.image_paths + inputs.held_out_paths)
+        warn_masks_unused(inputs.image_paths + inputs.held_out_paths, config.masked_loss)
     from .limits import check_resolution
     from .models import read_model_configs
     from .prior import CLASS_IMAGES_FOLDER, check_class_images_record, class_frames

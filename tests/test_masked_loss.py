@@ -427,3 +427,32 @@ def test_masks_beside_the_images_without_masked_loss_are_named_once_in_the_dry_r
             mask.unlink()
         run_training(tmp_path, "empty", images=str(images), steps=1)
     assert not [w for w in caught if "masks beside the concept images" in str(w.message)]
+
+
+def test_masks_beside_images_masked_by_their_alpha_channels_are_named_as_unread(tmp_path):
+    """With --mask-source alpha the masks/ folder is not read: said once before the model loads, in the CLI's
+    flags and Python's spelling; with the masks read from it (files), nothing is said."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+    from sdtune.training import plan_run
+
+    images = masked_photo_set(tmp_path / "photos", sizes=((64, 64), (64, 64)))
+    for index in range(2):  # the photos keep their alpha channels too
+        subject_photo(64, 64, (8, 10, 32, 42), seed=index).save(images / f"photo-{index}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--images", str(images), "--masked-loss",
+                                          "--mask-source", "alpha", "--dry-run", "--output", str(tmp_path / "dry")])
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught if "masks beside the concept images" in str(w.message)]
+    assert len(said) == 1 and str(images / "masks") in said[0], said
+    assert "not read with --mask-source alpha" in said[0] and "give --mask-source files to use them" in said[0], said
+    with pytest.warns(UserWarning, match='not read with mask_source="alpha".*give mask_source="files" to use them'):
+        plan_run(TrainConfig(model="tiny-random", images=str(images), masked_loss=True, mask_source="alpha"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_run(TrainConfig(model="tiny-random", images=str(images), masked_loss=True))
+    assert not [w for w in caught if "masks beside the concept images" in str(w.message)]
