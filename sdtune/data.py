@@ -397,10 +397,11 @@ def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
              f"that matters{hint}")
 
 
-def warn_upscaled_images(paths: list[Path], frames: list) -> None:
+def warn_upscaled_images(paths: list[Path], frames: list, what: str = "image") -> None:
     """Before the model loads (a dry run too): the images smaller than the frame they are trained at, named as loading
-    names them (`LoadNotes`), from their headers. `frames[i]`: image i's (width, height) frame, or None (not read)."""
-    notes = LoadNotes()
+    names them (`LoadNotes`, as `what`: "held-out image"), from their headers. `frames[i]`: image i's (width, height)
+    frame, or None (not read)."""
+    notes = LoadNotes(what=what)
     for path, frame_size in zip(paths, frames):
         if frame_size is None:
             continue

@@ -310,6 +310,16 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         # a square where there are no buckets: only the aspect ratio of the frame matters
         warn_cropped_away(inputs.image_paths, buckets or [(1, 1)] * len(inputs.image_paths), "" if config.buckets else ", or add --buckets")
         warn_upscaled_images(inputs.image_paths, buckets if config.buckets else [(resolution, resolution)] * len(inputs.image_paths))
+        if not config.buckets:  # with buckets, held-out images are framed square for the loss alone: trained at no size
+            warn_upscaled_images(inputs.held_out_paths, [(resolution, resolution)] * len(inputs.held_out_paths), "held-out image")
+    if config.with_prior_preservation and config.class_images and not config.buckets:  # framed square (bucketed ones are named as they are framed)
+        from .data import list_images, readable_images, warn_upscaled_images
+        from .prior import class_image_count
+
+        with warnings.catch_warnings():  # files that are no image were named by class_frames
+            warnings.simplefilter("ignore")
+            class_paths = readable_images(list_images(config.class_images), "class image")[:class_image_count(config)]
+        warn_upscaled_images(class_paths, [(resolution, resolution)] * len(class_paths), "class image")
     checkpoint, earlier = run_start(Path(config.output), resume, overwrite, config) if output_state else (None, [])
     if not output_state:
         start = "not read"
@@ -664,7 +674,8 @@ class Trainer:
             if config.buckets:  # each bucket's batches draw class examples of their own size (see prior.py)
                 framed, self.class_pools = prior.bucketed_class_images(class_paths, resolution, self.dataset.sizes, config.batch_size)
             else:
-                framed = load_framed_images(class_paths, resolution, what="class image")
+                # given ones were named as the run was planned; drawn ones are of the resolution
+                framed = load_framed_images(class_paths, resolution, what="class image", warn_upscaled=not config.class_images)
             self.class_dataset = ConceptDataset(framed, config.class_prompt, config.random_flip, config.masked_loss)  # weight 1
 
     def _inject_method(self) -> None:
@@ -786,10 +797,9 @@ class Trainer:
             # framed as training frames them: SDXL's time ids give each image's original size and crop
             if inputs.held_out_paths:  # a file that cannot be decoded is skipped with its prompt
                 skipped: list[Path] = []
-                with warnings.catch_warnings():
-                    if config.buckets:  # framed square for the loss alone: no training size is upscaled to
-                        warnings.filterwarnings("ignore", message=r".* smaller than .*upscaled")
-                    framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped)
+                # a small one was named as the run was planned (with buckets, framed square for the loss alone: not at all)
+                framed = load_framed_images(inputs.held_out_paths, self.resolution, skipped=skipped, what="held-out image",
+                                            warn_upscaled=False)
                 prompts = [prompt for path, prompt in zip(inputs.held_out_paths, inputs.held_out_prompts) if path not in skipped]
                 held_out = ConceptDataset(framed, prompts)
             elif config.buckets:  # the loss is measured on one batch of square images

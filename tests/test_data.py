@@ -883,3 +883,52 @@ def test_an_image_smaller_than_its_frame_is_named_once_before_the_model_loads(tm
         warnings.simplefilter("always")
         plan_run(TrainConfig(model="tiny-random", images=str(folder), resolution=64, buckets=True, output=str(tmp_path / "b")))
     assert upscaled(caught) == [said]  # its bucket: the 64x64 square
+
+
+def test_small_held_out_and_class_images_are_named_as_such_once_before_the_model_loads(tmp_path, monkeypatch):
+    """Held out for the validation loss (framed square without buckets) or given as class images, an image smaller
+    than the resolution is named as what it is as the run is planned, a dry run too, and not again as it loads."""
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from sdtune import models
+    from sdtune.cli import app
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    folder, class_images = tmp_path / "photos", tmp_path / "class"
+    folder.mkdir()
+    class_images.mkdir()
+    for index in range(4):  # all small: whichever is held out is
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"p{index}.png")
+    Image.new("RGB", (20, 30), "green").save(class_images / "thumb.png")
+    Image.new("RGB", (64, 64), "blue").save(class_images / "large.png")
+    settings = dict(validate_every=1, validation_images=1, class_images=str(class_images), class_prompt="a photo")
+
+    def upscaled(caught) -> list[str]:
+        return [str(w.message) for w in caught if "upscaled" in str(w.message)]
+
+    def expected(said: list[str]) -> None:
+        held = [message for message in said if message.startswith("held-out image ")]
+        assert len(held) == 1 and held[0].endswith("is 40x40, smaller than 64px: upscaled"), said
+        assert "class image thumb.png is 20x30, smaller than 64px: upscaled" in said, said
+        assert "3 images are smaller than the size they are trained at, and upscaled: " in " ".join(said), said
+        assert len(said) == 3, said
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--images", str(folder), "--resolution", "64",
+                                          "--validate-every", "1", "--validation-images", "1",
+                                          "--class-images", str(class_images), "--class-prompt", "a photo",
+                                          "--dry-run", "--output", str(tmp_path / "dry")])
+    assert result.exit_code == 0, result.output
+    expected(upscaled(caught))
+    said_at_load = []
+    monkeypatch.setattr(models, "load_pipeline", lambda *args, real=models.load_pipeline: said_at_load.append(len(upscaled(caught))) or real(*args))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(TrainConfig(model="tiny-random", images=str(folder), resolution=64, steps=1, log_with="none",
+                          output=str(tmp_path / "run"), **settings), progress=False)
+    expected(upscaled(caught))
+    assert said_at_load == [3]
