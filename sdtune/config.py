@@ -25,7 +25,7 @@ from .data import MAX_SEED
 from .errors import AS_TYPED, SdtuneError, reading_file, settings_spelled_for
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
-from .methods import DEFAULT_METHOD, OPTION_FLAGS
+from .methods import DEFAULT_METHOD, OPTION_FLAGS, option_words
 from .models import DEFAULT_MODEL
 from .optimizers import OPTIMIZERS
 from .token_embeddings import DEFAULT_EMBEDDING_LR, NEW_TOKEN, check_token_settings, default_token, new_token_names
@@ -177,8 +177,9 @@ def named_values() -> dict[str, tuple[str, ...]]:
 
 
 def python_value(name: PythonName, word: str) -> str | None:
-    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words or a path or hub
-    id, quoted), or None where it is the sentence's next word. 1,000 is a thousand; 0,0.5,1 a list."""
+    """The value `word` gives `name` in Python (a number, a placeholder such as DIR, one of its words or a method
+    option's (`methods.option_words`), or a path or hub id, quoted), or None where it is the sentence's next word.
+    1,000 is a thousand; 0,0.5,1 a list."""
     if re.fullmatch(rf"{NUMBER}(?:,{NUMBER})*", word):
         if re.fullmatch(r"[1-9]\d{0,2}(?:,\d{3})+", word):
             return word.replace(",", "")
@@ -187,7 +188,8 @@ def python_value(name: PythonName, word: str) -> str | None:
         return word
     if name.option is None and name.setting in PATH_SETTINGS and PATH_LIKE.search(word):  # a file or hub id: text
         return f'"{word}"'
-    return f'"{word}"' if name.option is None and word in named_values().get(name.setting, ()) else None
+    words = named_values().get(name.setting, ()) if name.option is None else option_words(name.option)
+    return f'"{word}"' if word in words else None
 
 
 def python_spelled(message: str, command: str, toml: bool = False) -> str:

@@ -645,7 +645,10 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("add --resume latest to continue it, --overwrite to replace it") == \
         'add resume="latest" to continue it, overwrite=True to replace it'
     assert spelled("lora --targets attn does not tune them: start with --targets of those layers") == \
-        'lora options["targets"] attn does not tune them: start with options["targets"] of those layers'
+        'lora options={"targets": "attn"} does not tune them: start with options["targets"] of those layers'
+    assert spelled("--atoms-init sparse with --gift-generator simple; --rank 8") == \
+        'options={"init": "sparse"} with options={"generator": "simple"}; options={"rank": 8}'
+    assert python_spelled("--targets attn", "train", toml=True) == 'options.targets = "attn"'
     assert spelled("--steps 1,000 × --batch-size 4; give --images DIR") == "steps=1000 × batch_size=4; give images=DIR"
     assert spelled("--dora must be true or false; --no-dora") == 'options["dora"] must be true or false; options={"dora": False}'
     assert spelled("--adapter-scale 0,0.5,1 lists a strength twice", "sample") == "adapter_scale=[0, 0.5, 1] lists a strength twice"

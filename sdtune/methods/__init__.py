@@ -37,20 +37,26 @@ class OptionFlag(NamedTuple):
     option: str  # the option's name in their Options
     type: type  # the flag's value type
     switch: str | None = None  # true/false options: the "--x/--no-x" pair
+    words: tuple[str, ...] = ()  # options that take one of a few words: those (a message's "--targets attn" is a value)
 
+
+# The words of the options that take one of a few; kept here, where listing them imports no method (and no torch)
+LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all", "transformer", "locon", "full")  # what the low-rank methods' and OFT's `targets` name
+ATOMS_INITS = ("svd", "sparse")
+GIFT_GENERATORS = ("simple", "paca")
 
 _LOW_RANK = ("lora", "loha", "lokr")
 # `sdtune train`'s flags for method options, in the order `sdtune train --help` lists them;
 # every other option is reached with `-o KEY=VALUE`.
 OPTION_FLAGS: dict[str, OptionFlag] = {
     "--atoms-m": OptionFlag(("atoms",), "m", int),
-    "--gift-generator": OptionFlag(("gift",), "generator", str),
+    "--gift-generator": OptionFlag(("gift",), "generator", str, words=GIFT_GENERATORS),
     "--gift-rank": OptionFlag(("gift",), "rank", int),
     "--gift-clusters": OptionFlag(("gift",), "clusters", int),
     "--gift-blocks": OptionFlag(("gift",), "blocks", int),
     "--rank": OptionFlag(_LOW_RANK, "rank", int),
     "--alpha": OptionFlag(_LOW_RANK, "alpha", float),
-    "--targets": OptionFlag((*_LOW_RANK, "oft"), "targets", str),
+    "--targets": OptionFlag((*_LOW_RANK, "oft"), "targets", str, words=LAYER_FAMILIES),
     "--dora": OptionFlag(("lora",), "dora", bool, "--dora/--no-dora"),
     "--loraplus-lr-ratio": OptionFlag(("lora",), "loraplus_lr_ratio", float),
     "--lora-dropout": OptionFlag(("lora",), "dropout", float),
@@ -62,7 +68,7 @@ OPTION_FLAGS: dict[str, OptionFlag] = {
     "--atoms-1x1": OptionFlag(("atoms",), "include_1x1", bool, "--atoms-1x1/--no-atoms-1x1"),
     "--atoms-m1": OptionFlag(("atoms",), "m1", int),
     "--atoms-kc": OptionFlag(("atoms",), "kc", int),
-    "--atoms-init": OptionFlag(("atoms",), "init", str),
+    "--atoms-init": OptionFlag(("atoms",), "init", str, words=ATOMS_INITS),
     "--atoms-linear": OptionFlag(("atoms",), "linear", bool, "--atoms-linear/--no-atoms-linear"),
     "--oft-block-size": OptionFlag(("oft",), "block_size", int),
 }
@@ -80,6 +86,12 @@ def method_class(name: str) -> type[Method]:
 
     module_name, class_name = _REGISTRY[name].split(":")
     return getattr(import_module(f"{__name__}.{module_name}"), class_name)
+
+
+def option_words(option: str) -> tuple[str, ...]:
+    """The words a method option of `OPTION_FLAGS` takes where it takes one of a few (`targets`: the layer families),
+    else ()."""
+    return tuple(word for spec in OPTION_FLAGS.values() if spec.option == option for word in spec.words)
 
 
 def create(name: str, **options: Any) -> Method:
@@ -118,4 +130,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Method", "OPTION_FLAGS", "OptionFlag", "available", "create", "method_class", "option_flag_help", "option_help"]
+__all__ = ["Method", "OPTION_FLAGS", "OptionFlag", "available", "create", "method_class", "option_flag_help", "option_help", "option_words"]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
+from . import LAYER_FAMILIES  # what the low-rank methods' and OFT's `targets` name (listed without torch, for messages)
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 CARRIED_METHOD = "_sdtune_method"  # set on a UNet while a method's update is injected and not merged
@@ -631,7 +632,6 @@ def named_linears(unet: nn.Module, endings: tuple[str, ...] | list[str], within:
             yield name, module
 
 
-LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all", "transformer", "locon", "full")  # what the low-rank methods' and OFT's `targets` name
 # kohya-ss' sd-scripts (networks/lora.py) tunes every Linear and Conv2d inside these diffusers blocks: the transformers
 # (UNET_TARGET_REPLACE_MODULE) for its LoRA, and with `conv_dim` (LoCon) the resnets and resamplers too
 # (UNET_TARGET_REPLACE_MODULE_CONV2D_3X3); LyCORIS' `unet-transformer-only` and `attn-mlp` presets take the first

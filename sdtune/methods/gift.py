@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
+from . import GIFT_GENERATORS
 from .base import DeltaLayer, WrappedLayers, named_linears, replace_module
 
-GENERATORS = ("simple", "paca")
+GENERATORS = GIFT_GENERATORS
 MAX_BLOCKS = 64
 
 
