@@ -387,21 +387,29 @@ class SeedGroup:
 
 
 def seed_groups(runs: list[RunSummary]) -> list[SeedGroup]:
-    """The runs gathered by everything but their seed (a run without config.toml alone), labelled by method, variant
-    and the settings that tell the groups apart; where two groups would read alike, by their first run's name."""
+    """The runs gathered by everything but their seed (a run without config.toml alone), each seed once in a group: a
+    run of a seed its group holds already (a copied run folder, the same folder given twice) is a group of its own, as
+    that seed counted twice would narrow the error bar and claim a seed more. Labelled by method, variant and the
+    settings that tell the groups apart; where two groups would read alike, by their first run's name."""
     import json
 
     ignored = {"seed", *REFERENCE_SETTINGS}
-    gathered: dict[str, list[RunSummary]] = {}
+    gathered: dict[str, list[list[RunSummary]]] = {}
     for run in runs:
         if run.settings:
             kept = {key: value for key, value in run.settings.items() if key not in ignored and key not in UNCOMPARED_SETTINGS}
             key = json.dumps([run.method, run.variant, run.model, kept], sort_keys=True, default=str)
         else:
             key = str(run.path.resolve()) + "\0" + run.name
-        gathered.setdefault(key, []).append(run)
+        alike = gathered.setdefault(key, [])
+        seed = run.settings.get("seed")
+        free = next((members for members in alike if all(member.settings.get("seed") != seed for member in members)), None)
+        if free is None:
+            alike.append([run])
+        else:
+            free.append(run)
     groups = []
-    for members in gathered.values():
+    for members in (members for alike in gathered.values() for members in alike):
         first = members[0]
         parts = [first.method, *([first.variant] if first.variant != "defaults" else []),
                  *(text for key, text in first.differences.items() if key not in ignored and key != "model")]

@@ -774,6 +774,22 @@ def test_the_loss_plot_draws_one_curve_per_seed_group_in_a_panel_per_reference(t
     assert dog.get_title() == "concept=dog" and comparison.LOSS_PLOT == "training-loss-vs-step.png"
 
 
+def test_a_copied_run_is_no_seed_more_but_a_point_of_its_own(tmp_path):
+    """Two runs of the same settings and seed (a run folder copied, or given twice) are not two seeds: the copy is a
+    group of its own, named by its run, and the seeds' group keeps its own three."""
+    import dataclasses
+
+    from sdtune.comparison import seed_groups
+
+    castle_lora = _sweep_like_runs(tmp_path)[:3]
+    copied = dataclasses.replace(castle_lora[0], name="copy", path=tmp_path / "copy", settings=dict(castle_lora[0].settings))
+    groups = seed_groups([*castle_lora, copied])
+    assert [[run.name for run in group.runs] for group in groups] == [[run.name for run in castle_lora], ["copy"]]
+    assert [group.label for group in groups] == [f"{castle_lora[0].name} (lora) [3 seeds]", "copy (lora)"]
+    twice = seed_groups([castle_lora[1], castle_lora[1], castle_lora[2]])  # the same folder given twice
+    assert [[run.name for run in group.runs] for group in twice] == [[castle_lora[1].name, castle_lora[2].name], [castle_lora[1].name]]
+
+
 def test_runs_on_two_models_are_panels_of_their_own_and_one_reference_is_one_panel(tmp_path):
     from sdtune.comparison import RunSummary, panels
 
