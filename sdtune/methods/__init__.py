@@ -10,6 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..errors import SdtuneError
+from .choices import ATOMS_INITS, GIFT_GENERATORS, LAYER_FAMILIES
 
 if TYPE_CHECKING:
     from .base import Method
@@ -40,10 +41,6 @@ class OptionFlag(NamedTuple):
     words: tuple[str, ...] = ()  # options that take one of a few words: those (a message's "--targets attn" is a value)
 
 
-# The words of the options that take one of a few; kept here, where listing them imports no method (and no torch)
-LAYER_FAMILIES = ("conv", "conv3x3", "attn", "all", "transformer", "locon", "full")  # what the low-rank methods' and OFT's `targets` name
-ATOMS_INITS = ("svd", "sparse")
-GIFT_GENERATORS = ("simple", "paca")
 
 _LOW_RANK = ("lora", "loha", "lokr")
 # `sdtune train`'s flags for method options, in the order `sdtune train --help` lists them;

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError, warn
-from . import ATOMS_INITS
+from .choices import ATOMS_INITS
 from .atom_kernels import tap_mixed_conv2d
 from .base import ATTENTION_PROJECTIONS, DeltaLayer, WrappedLayers, fingerprint, named_convs, named_linears, replace_module
 

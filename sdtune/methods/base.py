@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
-from . import LAYER_FAMILIES  # what the low-rank methods' and OFT's `targets` name (listed without torch, for messages)
+from .choices import LAYER_FAMILIES  # what the low-rank methods' and OFT's `targets` name (listed without torch, for messages)
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 CARRIED_METHOD = "_sdtune_method"  # set on a UNet while a method's update is injected and not merged

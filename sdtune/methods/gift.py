@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SdtuneError
-from . import GIFT_GENERATORS
+from .choices import GIFT_GENERATORS
 from .base import DeltaLayer, WrappedLayers, named_linears, replace_module
 
 GENERATORS = GIFT_GENERATORS
