@@ -437,19 +437,22 @@ def recorded_prompt(path) -> str | None:
 
 
 def prompt_groups(files: list, prompts: list[str]) -> list[list[int]]:
-    """The indices of the images drawn for each prompt: by the prompt each image's PNG text records, else by the NNN
-    of `sdtune sample`'s NNN-seedS names; where neither tells, every image is of the one prompt there is."""
+    """The indices of the images drawn for each prompt: by the prompt each image's PNG text records (`sdtune sample`
+    writes it); else, as CLIP-T pairs them, every image is of the one prompt given, or of several, the one its
+    NNN-seedS name's NNN indexes."""
     keys: list = []
     for path in files:
         prompt = recorded_prompt(path)
-        match = SAMPLE_NAME.match(Path(path).stem) if prompt is None else None
-        keys.append(("prompt", prompt) if prompt is not None else ("index", int(match.group(1))) if match else None)
-    if None in keys:
-        if len(prompts) > 1 or len(set(keys)) > 1:
-            name = Path(files[keys.index(None)]).name
-            raise MetricUnavailable(f"cannot tell which images share a prompt: {name} records none and is not named "
-                                    "NNN-seedS as sdtune sample names images")
-        return [list(range(len(files)))]
+        match = SAMPLE_NAME.match(Path(path).stem)
+        if prompt is not None:
+            keys.append(("prompt", prompt))
+        elif len(prompts) <= 1:
+            keys.append(("the one prompt",))
+        elif match:
+            keys.append(("index", int(match.group(1))))
+        else:
+            raise MetricUnavailable(f"cannot tell which images share a prompt: {Path(path).name} records none and is not "
+                                    "named NNN-seedS as sdtune sample names images")
     groups: dict = {}
     for index, key in enumerate(keys):
         groups.setdefault(key, []).append(index)
