@@ -736,7 +736,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         "generated_images": len(generated),
         "reference_images": len(reference),
         # CLIP-I and DINO's pairs: each image with its own class's reference images, or with every one
-        "fidelity_pairs": "own class" if generated_classes is not None else "all",
+        "fidelity_pairs": ("own class" if generated_classes is not None else "all") if reference else None,
         "seed": config.seed,
         "models": {"clip": config.clip_model, "dino": config.dino_model, "fid_features": config.fid_features},
         "metrics": {name: metrics[name] for name in METRICS if name in metrics},
