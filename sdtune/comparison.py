@@ -345,7 +345,7 @@ REFERENCE_SETTINGS = ("dataset", "data_root", "split", "classes", "max_per_class
 # each metric's axis: what its numbers are
 METRIC_UNITS = {
     "clip_t": "CLIP score, 100 × cosine", "clip_i": "cosine similarity", "dino": "cosine similarity",
-    "fid": "Fréchet distance", "kid": "MMD²", "kid_std": "MMD²", "diversity": "1 − mean cosine similarity",
+    "fid": "Fréchet distance", "kid": "MMD²", "kid_std": "MMD²", "diversity": "1 − mean cosine similarity within a prompt",
     "digit_fidelity": "feature cosine similarity", "style_fidelity": "share of gap closed", "preservation": "accuracy",
 }
 PARAMETERS_AXIS = "trainable parameters (count, log scale)"

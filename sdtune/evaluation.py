@@ -2,10 +2,12 @@
 
 - CLIP-T: torchmetrics' CLIPScore between each image and its prompt (100 × cosine, floored at 0), the prompt's
   placeholders as plain class words and without sdtune's new tokens (`<s0>`).
-- CLIP-I and DINO: mean cosine similarity over every (generated, reference) pair of image embeddings.
+- CLIP-I and DINO: mean cosine similarity over every (generated, reference) pair of image embeddings; for a run
+  trained on a dataset, each class's generated images with that class's reference images, averaged over the classes.
 - FID and KID: torchmetrics' FrechetInceptionDistance / KernelInceptionDistance between the generated
   and the reference images, on Inception features (torch-fidelity) or on the CLIP or DINO embeddings.
-- diversity: 1 − mean cosine similarity over the pairs of generated images' DINO embeddings.
+- diversity: 1 − mean cosine similarity over the pairs of images drawn for the same prompt (DINO embeddings),
+  averaged over the prompts.
 
 Every model is named by an option and loaded from a folder or the local Hugging Face cache (downloaded
 only where the hub is online). A metric whose model cannot be had is reported unavailable with a
@@ -29,6 +31,17 @@ from .models import quiet_libraries
 
 EVAL_FILE = "eval.json"
 FORMAT = "sdtune-eval/1"
+# What eval.json's metrics mean; raised when one is measured otherwise, with what changed in REDEFINED, so that an
+# earlier eval.json's value is not read as today's (read_evaluation moves it to `unavailable`, saying why).
+METRICS_VERSION = 2
+EVALUATE_AGAIN = "run `sdtune evaluate` again to measure it as now"
+REDEFINED = {
+    2: {
+        "diversity": "an earlier sdtune measured diversity over every prompt's images pooled (now within each prompt)",
+        "clip_i": "an earlier sdtune measured this dataset run's CLIP-I against every class's reference images (now its own class's)",
+        "dino": "an earlier sdtune measured this dataset run's DINO against every class's reference images (now its own class's)",
+    },
+}
 SAMPLES_FOLDER = "eval-samples"
 # why an evaluation's prompt file's kohya-ss options (--n, --w, ...) are not used
 EVALUATE_OPTIONS_UNUSED = "evaluate draws every prompt at its own --negative-prompt, size, --seed, --steps and --guidance: the metrics compare one set of images drawn alike"
@@ -44,7 +57,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "fid": ("FID", "Fréchet distance to the reference images' features (lower is better)"),
     "kid": ("KID", "kernel distance to the reference images' features (lower is better)"),
     "kid_std": ("KID std", "KID's standard deviation over subsets"),
-    "diversity": ("diversity", "1 − mean DINO similarity among the generated images (higher is more varied)"),
+    "diversity": ("diversity", "1 − mean DINO similarity among the images of one prompt (higher is more varied)"),
     # the digits metric set (sdtune.digits.DigitMetrics: a sweep plan's metrics = "digits"), on the tiny digits model
     "digit_fidelity": ("digit fidelity", "digit-classifier feature similarity to the reference images (higher is better)"),
     "style_fidelity": ("style fidelity", "share of the base-to-reference gap in slant and ink closed (1 = reference)"),
@@ -259,6 +272,27 @@ def mean_pairwise_similarity(a) -> float:
     return ((similarities.sum() - similarities.diagonal().sum()) / (n * (n - 1))).item()
 
 
+def mean_diversity_within_groups(a, groups: list[list[int]]) -> float:
+    """1 − mean cosine similarity among the rows of each group (unit vectors), averaged over the groups of 2 or more:
+    variety among images drawn for one prompt, not how different the prompts look."""
+    counted = [group for group in groups if len(group) >= 2]
+    if not counted:
+        prompts = "the one prompt has" if len(groups) == 1 else f"each of the {len(groups)} prompts has"
+        raise MetricUnavailable(f"needs 2 or more images drawn for one prompt, and {prompts} one")
+    return sum(1.0 - mean_pairwise_similarity(a[group]) for group in counted) / len(counted)
+
+
+def mean_cross_similarity_by_class(a, b, a_classes: list[str], b_classes: list[str]) -> float:
+    """Mean cosine similarity of each class's rows of a with that class's rows of b (unit vectors), averaged over the
+    classes of a: fidelity to one's own class's reference images, each class counting alike."""
+    means = []
+    for name in dict.fromkeys(a_classes):
+        rows = [index for index, own in enumerate(a_classes) if own == name]
+        references = [index for index, own in enumerate(b_classes) if own == name]
+        means.append(mean_cross_similarity(a[rows], b[references]))
+    return sum(means) / len(means)
+
+
 def clip_score(model, processor, images: list, texts: list[str]) -> float:
     """torchmetrics' CLIPScore averaged over (image, text) pairs, with an already loaded CLIP."""
     from torchmetrics.multimodal.clip_score import CLIPScore
@@ -387,6 +421,44 @@ def pair_prompts(files: list[Path], prompts: list[str]) -> list[str]:
     return paired
 
 
+def recorded_prompt(path) -> str | None:
+    """The prompt `sdtune sample` recorded in the image's PNG text, or None (another file, or unreadable text)."""
+    from PIL import Image
+
+    from .sampling import SETTINGS_CHUNK
+
+    try:
+        with Image.open(path) as image:
+            settings = json.loads(image.info.get(SETTINGS_CHUNK, "null"))
+    except (OSError, ValueError, TypeError):
+        return None
+    prompt = settings.get("prompt") if isinstance(settings, dict) else None
+    return prompt if isinstance(prompt, str) else None
+
+
+def prompt_groups(files: list, prompts: list[str]) -> list[list[int]]:
+    """The indices of the images drawn for each prompt: by the prompt each image's PNG text records (`sdtune sample`
+    writes it); else, as CLIP-T pairs them, every image is of the one prompt given, or of several, the one its
+    NNN-seedS name's NNN indexes."""
+    keys: list = []
+    for path in files:
+        prompt = recorded_prompt(path)
+        match = SAMPLE_NAME.match(Path(path).stem)
+        if prompt is not None:
+            keys.append(("prompt", prompt))
+        elif len(prompts) <= 1:
+            keys.append(("the one prompt",))
+        elif match:
+            keys.append(("index", int(match.group(1))))
+        else:
+            raise MetricUnavailable(f"cannot tell which images share a prompt: {Path(path).name} records none and is not "
+                                    "named NNN-seedS as sdtune sample names images")
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
 def run_prompt(run: Path, placeholder: str) -> str:
     """The run's training prompt with the placeholder, e.g. 'photo of a <castle>.'."""
     from .config import read_toml
@@ -447,6 +519,12 @@ def run_prompts(run: Path, placeholder: str) -> list[str]:
 
 def run_reference(run: Path) -> list:
     """The images the run was trained on: files, or (a dataset held in memory, such as digits) PIL images."""
+    return run_reference_with_classes(run)[0]
+
+
+def run_reference_with_classes(run: Path) -> tuple[list, list[str] | None]:
+    """The run's reference images (as `run_reference`), with each one's class caption (the prompt sampling draws the
+    class with) for a run trained on a dataset, else None."""
     from .config import read_toml
     from .datasets import concept_images
 
@@ -456,9 +534,10 @@ def run_reference(run: Path) -> list:
     if dataset is not None:
         from PIL import Image
 
+        captions = [dataset.caption(example.label) for example in dataset.examples]
         if dataset.arrays is not None:
-            return [Image.fromarray(dataset.arrays[example.image]) for example in dataset.examples]
-        return [example.image for example in dataset.examples]
+            return [Image.fromarray(dataset.arrays[example.image]) for example in dataset.examples], captions
+        return [example.image for example in dataset.examples], captions
     settings = read_toml(run / "config.toml")
     concepts, folders = settings.get("concept", ""), settings.get("images")
     if not isinstance(concepts, list):  # one concept (several: a list, with a list of folders or none)
@@ -468,7 +547,7 @@ def run_reference(run: Path) -> list:
         raise MetricUnavailable(f"no reference images: {run / 'config.toml'} names its concept or images as other than text (give --reference DIR)")
     try:
         return [path for concept, folder in zip(concepts, folders or [None] * len(concepts))
-                for path in concept_images(concept, folder, settings.get("data_root"))]
+                for path in concept_images(concept, folder, settings.get("data_root"))], None
     except SdtuneError as error:
         raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
 
@@ -524,13 +603,14 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     # The reference images, found before anything is drawn: a run whose config names none says so now.
     unavailable: dict[str, str] = {}
     reference_files: list[Path] = []
+    reference_classes: list[str] | None = None  # each reference image's class caption, for a dataset run
     try:
         if config.reference:
             from .data import list_images
 
             reference_files = list_images(config.reference)
         elif run is not None:
-            reference_files = run_reference(run)
+            reference_files, reference_classes = run_reference_with_classes(run)
         else:
             raise MetricUnavailable("no reference images (give --reference DIR)")
     except MetricUnavailable as error:
@@ -612,10 +692,28 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         paired = pair_prompts(files, texts) if config.images else [t for t in texts for _ in range(config.num_images)]
         return {"clip_t": clip_score(*model("clip"), [g.to(device) for g in generated], paired)}
 
+    # A dataset run's images are measured against their own class's reference images where every image's prompt is
+    # one of its class captions (as sampling a dataset draws them); otherwise against every reference image.
+    generated_classes = None
+    if reference_classes is not None:
+        try:
+            drawn = pair_prompts(files, prompts) if config.images else [p for p in prompts for _ in range(config.num_images)]
+        except MetricUnavailable:
+            drawn = []
+        if drawn and set(drawn) <= set(reference_classes):
+            generated_classes = drawn
+
+    def fidelity(kind: str) -> float:
+        images, references = embeddings(kind)
+        if generated_classes is None:
+            return mean_cross_similarity(images, references)
+        return mean_cross_similarity_by_class(images, references, generated_classes, reference_classes)
+
     measure(("clip_t",), clip_t)
-    measure(("clip_i",), lambda: {"clip_i": mean_cross_similarity(*embeddings("clip"))})
-    measure(("dino",), lambda: {"dino": mean_cross_similarity(*embeddings("dino"))})
-    measure(("diversity",), lambda: {"diversity": 1.0 - mean_pairwise_similarity(embeddings("dino")[0])})
+    measure(("clip_i",), lambda: {"clip_i": fidelity("clip")})
+    measure(("dino",), lambda: {"dino": fidelity("dino")})
+    # within each prompt: variety among one prompt's images, not how different the prompts look
+    measure(("diversity",), lambda: {"diversity": mean_diversity_within_groups(embeddings("dino")[0], prompt_groups(files, prompts))})
 
     def distances() -> dict[str, float]:
         if config.fid_features == "none":
@@ -630,12 +728,15 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     report: dict[str, Any] = {
         "format": FORMAT,
+        "metrics_version": METRICS_VERSION,
         "run": str(run) if run else None,
         "images": str(Path(files[0]).parent),
         "reference": reference_source(config, run, reference_files),
         "prompts": prompts,
         "generated_images": len(generated),
         "reference_images": len(reference),
+        # CLIP-I and DINO's pairs: each image with its own class's reference images, or with every one
+        "fidelity_pairs": ("own class" if generated_classes is not None else "all") if reference else None,
         "seed": config.seed,
         "models": {"clip": config.clip_model, "dino": config.dino_model, "fid_features": config.fid_features},
         "metrics": {name: metrics[name] for name in METRICS if name in metrics},
@@ -700,4 +801,30 @@ def read_evaluation(run: str | Path) -> dict[str, Any] | None:
         return None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise SdtuneError(f"{path}: not an sdtune evaluation (no '{FORMAT}' format)")
-    return report
+    return without_redefined_metrics(report)
+
+
+def without_redefined_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The eval.json with the metrics an earlier sdtune measured otherwise than now moved to `unavailable`, saying
+    so: an earlier value is not compared with today's as if it meant the same."""
+    version = report.get("metrics_version", 1)
+    metrics, unavailable = dict(report.get("metrics") or {}), dict(report.get("unavailable") or {})
+    for since, changes in REDEFINED.items():
+        if isinstance(version, int) and version >= since:
+            continue
+        for name, why in changes.items():
+            if name in metrics and redefined_for(report, name, since):
+                del metrics[name]
+                unavailable[name] = f"{why}: {EVALUATE_AGAIN}"
+    return {**report, "metrics": metrics, "unavailable": unavailable}
+
+
+def redefined_for(report: dict[str, Any], name: str, since: int) -> bool:
+    """Whether `name` of an eval.json of before `since` differs from what it would be now. Version 2 changed diversity
+    where the images were of several prompts (a sampled run of one prompt pooled them alike), and CLIP-I and DINO only
+    for dataset runs' references (`reference` is "dataset ...")."""
+    if since == 2 and name == "diversity":
+        return not ("num_images" in report and len(set(report.get("prompts") or [])) <= 1)
+    if since == 2 and name in ("clip_i", "dino"):
+        return str(report.get("reference") or "").startswith("dataset ")
+    return True

@@ -371,6 +371,10 @@ def fingerprint(train: dict, sample: SampleConfig | None, evaluate: dict, metric
     settings = {"train": train, "sample": sampled, "evaluate": evaluate, "metrics": metrics}
     if starting:  # a starting file written again is a new setting too (a plan without them keeps its fingerprints)
         settings["starting"] = starting
+    if metrics == "standard":  # metrics measured otherwise than a run's eval.json holds: it is sampled and measured again
+        from .evaluation import METRICS_VERSION
+
+        settings["metrics_version"] = METRICS_VERSION
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -1090,3 +1090,152 @@ def test_the_evaluate_command_counts_one_image_as_one(metric_models, tmp_path):
                     "--dino-model", dino_path, "--fid-features", "none", "--output", tmp_path / "eval.json")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[0] == "1 generated image, 1 reference image"
+
+
+# ---------------------------------------------------------------------------------------------
+# How the metrics average: diversity within each prompt, fidelity to each image's own class
+
+
+def _solid(path, colour, prompt=None):
+    """A one-colour image, with `sdtune sample`'s PNG text recording `prompt` where given."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if prompt is not None:
+        info.add_text("sdtune", json.dumps({"prompt": prompt}))
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), colour).save(path, pnginfo=info)
+
+
+@pytest.fixture
+def colour_embeddings(monkeypatch):
+    """CLIP and DINO image embeddings replaced by each image's mean colour: similarities worked out by hand."""
+    from sdtune import evaluation
+
+    features = lambda model, processor: (lambda batch: batch.double().mean(dim=(2, 3)))
+    monkeypatch.setattr(evaluation, "clip_features", features)
+    monkeypatch.setattr(evaluation, "dino_features", features)
+
+
+def _cosine(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+# two prompts, each drawn twice alike: little variety within a prompt, much between the prompts
+REDS, GREENS = [(250, 10, 0), (200, 60, 0)], [(0, 250, 10), (0, 200, 60)]
+
+
+def test_diversity_is_measured_within_each_prompt_and_averaged_over_prompts(metric_models, colour_embeddings, tmp_path):
+    clip_path, dino_path = metric_models
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, colours in enumerate((REDS, GREENS)):
+        for seed, colour in enumerate(colours):
+            _solid(folder / f"{index:03d}-seed{seed}.png", colour)
+    within = statistics.fmean(1 - _cosine(*colours) for colours in (REDS, GREENS))
+    everything = REDS + GREENS
+    pooled = 1 - statistics.fmean(_cosine(a, b) for i, a in enumerate(everything) for j, b in enumerate(everything) if i != j)
+    assert pooled - within > 0.3  # the prompts differ far more than their images do
+
+    def diversity(images, prompts, name):
+        result = evaluate(EvaluateConfig(images=str(images), prompt=prompts, output=str(tmp_path / f"{name}.json"),
+                                         clip_model=str(clip_path), dino_model=str(dino_path), fid_features="none"),
+                          progress=False)
+        return result
+
+    result = diversity(folder, ["a red thing", "a green thing"], "named")
+    assert result.metrics["diversity"] == pytest.approx(within, rel=1e-9)
+    assert result.report["metrics_version"] == 2
+
+    # the prompt each image's PNG text records tells them apart where the names do not, whatever prompts are given
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    for prompt, colours in (("a red thing", REDS), ("a green thing", GREENS)):
+        for seed, colour in enumerate(colours):
+            _solid(recorded / f"{prompt.split()[1]}-{seed}.png", colour, prompt=prompt)
+    assert diversity(recorded, ["a thing"], "recorded").metrics["diversity"] == pytest.approx(within, rel=1e-9)
+
+    # one image a prompt: nothing to measure, and said so
+    single = tmp_path / "single"
+    single.mkdir()
+    for index, colour in enumerate((REDS[0], GREENS[0])):
+        _solid(single / f"{index:03d}-seed0.png", colour)
+    result = diversity(single, ["a red thing", "a green thing"], "single")
+    assert "diversity" not in result.metrics
+    assert result.unavailable["diversity"] == "needs 2 or more images drawn for one prompt, and each of the 2 prompts has one"
+
+    # images neither named nor recorded with their prompt, among several prompts: which share one cannot be told
+    unnamed = tmp_path / "unnamed"
+    unnamed.mkdir()
+    for seed, colour in enumerate(REDS):
+        _solid(unnamed / f"photo{seed}.png", colour)
+    result = diversity(unnamed, ["a red thing", "a green thing"], "unnamed")
+    assert result.unavailable["diversity"].startswith("cannot tell which images share a prompt: photo0.png records none")
+    # of one prompt they are all that prompt's
+    assert diversity(unnamed, ["a red thing"], "one").metrics["diversity"] == pytest.approx(1 - _cosine(*REDS), rel=1e-9)
+
+
+def test_an_earlier_eval_json_s_redefined_metrics_are_not_read_as_todays(tmp_path):
+    """eval.json of before metrics_version 2: its diversity over several prompts (pooled then) and a dataset run's
+    CLIP-I and DINO (against every class then) are moved to `unavailable`, saying why; what did not change stays."""
+    from sdtune.evaluation import EVALUATE_AGAIN, read_evaluation
+
+    base = {"format": "sdtune-eval/1", "metrics": {"clip_t": 30.0, "clip_i": 0.8, "dino": 0.7, "diversity": 0.4},
+            "unavailable": {"fid": "--fid-features none"}, "reference": "photos/castle"}
+
+    def read(**report):
+        (tmp_path / "eval.json").write_text(json.dumps({**base, **report}))
+        return read_evaluation(tmp_path)
+
+    several = read(prompts=["a", "b"], num_images=4)
+    assert several["metrics"] == {"clip_t": 30.0, "clip_i": 0.8, "dino": 0.7}
+    assert several["unavailable"]["diversity"] == (
+        f"an earlier sdtune measured diversity over every prompt's images pooled (now within each prompt): {EVALUATE_AGAIN}")
+    assert several["unavailable"]["fid"] == "--fid-features none"
+    # one prompt sampled: the images were that prompt's alone, pooled alike
+    assert read(prompts=["a"], num_images=4)["metrics"] == base["metrics"]
+    # a folder of images (--images): which prompt each was of was not looked at
+    assert "diversity" not in read(prompts=["a"])["metrics"]
+    dataset = read(prompts=["a"], num_images=4, reference="dataset imagefolder (shapes)")
+    assert set(dataset["metrics"]) == {"clip_t", "diversity"}
+    assert "every class's reference images" in dataset["unavailable"]["clip_i"]
+    # measured as now: kept as it is
+    assert read(prompts=["a", "b"], metrics_version=2, reference="dataset x")["metrics"] == base["metrics"]
+
+
+def test_a_dataset_runs_fidelity_is_to_each_images_own_class(metric_models, colour_embeddings, tmp_path):
+    """CLIP-I and DINO of a run trained on a dataset: each class's images against that class's reference images,
+    averaged over the classes (not against every class's); other prompts than its class captions: every pair."""
+    from sdtune.training import train
+
+    clip_path, dino_path = metric_models
+    root = tmp_path / "shapes"
+    references = {"red ball": [(255, 0, 0), (220, 40, 0)], "green cone": [(0, 255, 0), (0, 220, 40)]}
+    for name, colours in references.items():
+        (root / name.replace(" ", "_")).mkdir(parents=True)
+        for index, colour in enumerate(colours):
+            _solid(root / name.replace(" ", "_") / f"{index}.png", colour)
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, dataset="imagefolder", data_root=str(root),
+                      output=str(run)), progress=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    drawn = {"green cone": [(0, 240, 20), (30, 200, 0)], "red ball": [(240, 20, 0), (200, 0, 30)]}
+    captions = ["a photo of a green cone.", "a photo of a red ball."]
+    for index, name in enumerate(drawn):
+        for seed, colour in enumerate(drawn[name]):
+            _solid(images / f"{index:03d}-seed{seed}.png", colour)
+    own = statistics.fmean(statistics.fmean(_cosine(g, r) for g in drawn[name] for r in references[name]) for name in drawn)
+    every = statistics.fmean(_cosine(g, r) for gs in drawn.values() for g in gs for rs in references.values() for r in rs)
+    assert own - every > 0.3
+
+    def measured(**settings):
+        return evaluate(EvaluateConfig(run=str(run), images=str(images), output=str(tmp_path / "eval.json"), clip_model=str(clip_path),
+                                       dino_model=str(dino_path), fid_features="none", **settings), progress=False)
+
+    result = measured()  # the run's prompts: its class captions, one a class (images 000-* are green cones)
+    assert result.report["prompts"] == captions and result.report["fidelity_pairs"] == "own class"
+    assert result.metrics["clip_i"] == pytest.approx(own, rel=1e-9) and result.metrics["dino"] == pytest.approx(own, rel=1e-9)
+    result = measured(prompt=["a ball on a beach", "a cone in snow"])
+    assert result.report["fidelity_pairs"] == "all"
+    assert result.metrics["dino"] == pytest.approx(every, rel=1e-9)

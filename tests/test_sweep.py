@@ -692,14 +692,14 @@ def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_d
     comparison.md does (CLIP-T 33.20, CLIP-I 0.8600, KID 0.50000, s/step 0.125). An earlier plan's seeds.csv goes."""
     from sdtune.comparison import compare
     from sdtune.config import TrainConfig
-    from sdtune.evaluation import FORMAT
+    from sdtune.evaluation import FORMAT, METRICS_VERSION
     from sdtune.report import write_html_report
     from sdtune.sweep import Plan, RunSpec, write_marker
     from sdtune.training import train
 
     folder = train(TrainConfig(model="tiny-random", steps=1, lr=1.2345e-4, log_with="none", output=str(tmp_path / "out" / "runs" / "a")),
                    progress=False).output
-    (folder / "eval.json").write_text(json.dumps({"format": FORMAT, "unavailable": {},
+    (folder / "eval.json").write_text(json.dumps({"format": FORMAT, "metrics_version": METRICS_VERSION, "unavailable": {},
                                                   "metrics": {"clip_t": 33.2, "clip_i": 0.86, "kid": 0.5, "diversity": 1.264e-05}}))
     (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "step_seconds": 0.125}\n')
     run = RunSpec(0, "a", {}, folder, TrainConfig(), None, {}, fingerprint="f")
@@ -767,3 +767,16 @@ def test_a_plans_errors_name_its_toml_keys_also_to_python_callers(tmp_path):
         run_sweep(SweepConfig(plan=str(plan), output=str(tmp_path / "out")), log=lambda line: None)
     assert "options.rank" in str(refused.value) and "--rank" not in str(refused.value) and '["rank"]' not in str(refused.value)
     assert "options.rank" in invoke("sweep", plan, "--output", tmp_path / "out").stderr
+
+
+def test_a_new_metrics_version_measures_a_standard_plans_finished_runs_again(monkeypatch):
+    """Runs measured by `sdtune evaluate` whose metrics now mean otherwise are not finished with the plan's settings
+    (they are sampled and measured again); a plan of other metric sets keeps its fingerprints."""
+    from sdtune import evaluation
+    from sdtune.sweep import fingerprint
+
+    before = {metrics: fingerprint({"steps": 1}, None, {}, metrics) for metrics in ("standard", "digits", "none")}
+    monkeypatch.setattr(evaluation, "METRICS_VERSION", evaluation.METRICS_VERSION + 1)
+    after = {metrics: fingerprint({"steps": 1}, None, {}, metrics) for metrics in ("standard", "digits", "none")}
+    assert after["standard"] != before["standard"]
+    assert after["digits"] == before["digits"] and after["none"] == before["none"]
