@@ -33,13 +33,17 @@ EVAL_FILE = "eval.json"
 FORMAT = "sdtune-eval/1"
 # What eval.json's metrics mean; raised when one is measured otherwise, with what changed in REDEFINED, so that an
 # earlier eval.json's value is not read as today's (read_evaluation moves it to `unavailable`, saying why).
-METRICS_VERSION = 2
+METRICS_VERSION = 3
 EVALUATE_AGAIN = "run `sdtune evaluate` again to measure it as now"
 REDEFINED = {
     2: {
         "diversity": "an earlier sdtune measured diversity over every prompt's images pooled (now within each prompt)",
         "clip_i": "an earlier sdtune measured this dataset run's CLIP-I against every class's reference images (now its own class's)",
         "dino": "an earlier sdtune measured this dataset run's DINO against every class's reference images (now its own class's)",
+    },
+    3: {
+        "clip_i": "an earlier sdtune measured this run's CLIP-I against every concept's reference images (now its own concept's)",
+        "dino": "an earlier sdtune measured this run's DINO against every concept's reference images (now its own concept's)",
     },
 }
 SAMPLES_FOLDER = "eval-samples"
@@ -282,13 +286,14 @@ def mean_diversity_within_groups(a, groups: list[list[int]]) -> float:
     return sum(1.0 - mean_pairwise_similarity(a[group]) for group in counted) / len(counted)
 
 
-def mean_cross_similarity_by_class(a, b, a_classes: list[str], b_classes: list[str]) -> float:
+def mean_cross_similarity_by_class(a, b, a_classes: list[str | None], b_classes: list[str]) -> float:
     """Mean cosine similarity of each class's rows of a with that class's rows of b (unit vectors), averaged over the
-    classes of a: fidelity to one's own class's reference images, each class counting alike."""
+    classes of a: fidelity to one's own class's reference images, each class counting alike. The rows of class None
+    (of no one class) are one more group, paired with every row of b."""
     means = []
     for name in dict.fromkeys(a_classes):
         rows = [index for index, own in enumerate(a_classes) if own == name]
-        references = [index for index, own in enumerate(b_classes) if own == name]
+        references = [index for index, own in enumerate(b_classes) if own == name or name is None]
         means.append(mean_cross_similarity(a[rows], b[references]))
     return sum(means) / len(means)
 
@@ -421,6 +426,27 @@ def pair_prompts(files: list[Path], prompts: list[str]) -> list[str]:
     return paired
 
 
+def image_prompts(files: list, prompts: list[str], tokens: str | dict[str, str] | None = None) -> list[str]:
+    """Each image's prompt, as diversity groups them: the one its PNG text records (`sdtune sample` writes it), as
+    given where a given prompt fills to it (`<castle>` rather than its token); an image recording none: the one prompt
+    given, or of several the one its NNN-seedS name's NNN indexes."""
+    from .data import fill_placeholders
+
+    as_given = {fill_placeholders(prompt, tokens): prompt for prompt in reversed(prompts)}
+    recorded = [recorded_prompt(path) for path in files]
+    unrecorded = [path for path, prompt in zip(files, recorded) if prompt is None]
+    paired = iter(pair_prompts(unrecorded, prompts) if unrecorded else [])
+    return [next(paired) if prompt is None else as_given.get(prompt, prompt) for prompt in recorded]
+
+
+def indices_by_value(values: list) -> dict:
+    """Each distinct value → the indices it stands at, in order of first appearance."""
+    indices: dict = {}
+    for index, value in enumerate(values):
+        indices.setdefault(value, []).append(index)
+    return indices
+
+
 def recorded_prompt(path) -> str | None:
     """The prompt `sdtune sample` recorded in the image's PNG text, or None (another file, or unreadable text)."""
     from PIL import Image
@@ -525,9 +551,6 @@ def run_reference(run: Path) -> list:
 def run_reference_with_classes(run: Path) -> tuple[list, list[str] | None]:
     """The run's reference images (as `run_reference`), with each one's class caption (the prompt sampling draws the
     class with) for a run trained on a dataset, else None."""
-    from .config import read_toml
-    from .datasets import concept_images
-
     if not (run / "config.toml").is_file():
         raise MetricUnavailable(f"no reference images: {run} has no config.toml (give --reference DIR)")
     dataset = run_dataset(run)
@@ -538,6 +561,14 @@ def run_reference_with_classes(run: Path) -> tuple[list, list[str] | None]:
         if dataset.arrays is not None:
             return [Image.fromarray(dataset.arrays[example.image]) for example in dataset.examples], captions
         return [example.image for example in dataset.examples], captions
+    return [path for _, paths in concept_references(run) for path in paths], None
+
+
+def concept_references(run: Path) -> list[tuple[str, list[Path]]]:
+    """Each of a concept run's concepts (one or several) with its reference images: the folder it trained on."""
+    from .config import read_toml
+    from .datasets import concept_images
+
     settings = read_toml(run / "config.toml")
     concepts, folders = settings.get("concept", ""), settings.get("images")
     if not isinstance(concepts, list):  # one concept (several: a list, with a list of folders or none)
@@ -546,10 +577,32 @@ def run_reference_with_classes(run: Path) -> tuple[list, list[str] | None]:
     if not all(value is None or isinstance(value, str) for value in named):
         raise MetricUnavailable(f"no reference images: {run / 'config.toml'} names its concept or images as other than text (give --reference DIR)")
     try:
-        return [path for concept, folder in zip(concepts, folders or [None] * len(concepts))
-                for path in concept_images(concept, folder, settings.get("data_root"))], None
+        return [(concept, concept_images(concept, folder, settings.get("data_root")))
+                for concept, folder in zip(concepts, folders or [None] * len(concepts))]
     except SdtuneError as error:
         raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
+
+
+def run_concepts(run: Path | None) -> list[str]:
+    """The concepts a run's config.toml names (a list for several), [] for a dataset's run or none readable."""
+    from .config import read_toml
+
+    try:
+        settings = read_toml(run / "config.toml") if run is not None and (run / "config.toml").is_file() else {}
+    except (SdtuneError, OSError, ValueError):
+        return []
+    concepts = settings.get("concept")
+    if settings.get("dataset") or not concepts:
+        return []
+    return [str(name) for name in concepts] if isinstance(concepts, list) else [str(concepts)]
+
+
+def named_concept(prompt: str, tokens: dict[str, str]) -> str | None:
+    """The one concept a prompt names, by its placeholder `<name>` or its token written out (`sks castle`, whole
+    words); None where it names none or several."""
+    named = [name for name, token in tokens.items()
+             if f"<{name}>" in prompt or (token and re.search(rf"(?<!\w){re.escape(token)}(?!\w)", prompt))]
+    return named[0] if len(named) == 1 else None
 
 
 def reference_source(config: EvaluateConfig, run: Path | None, reference_files: list) -> str | None:
@@ -685,23 +738,36 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     from .token_embeddings import without_new_tokens
 
-    # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all: it never learnt them
-    texts = [without_new_tokens(fill_placeholders(p, None)) for p in prompts]
+    # Each image's prompt: as drawn now, or (--images) the one its PNG text records, as diversity groups them
+    tokens = info.placeholder_tokens() if info is not None else None
+    unpaired = MetricUnavailable("no prompts (give --prompts FILE or --prompt TEXT)")
+    try:
+        drawn = image_prompts(files, prompts, tokens) if config.images else [p for p in prompts for _ in range(config.num_images)]
+    except MetricUnavailable as error:
+        drawn, unpaired = [], error
 
     def clip_t() -> dict[str, float]:
-        paired = pair_prompts(files, texts) if config.images else [t for t in texts for _ in range(config.num_images)]
+        if not drawn:
+            raise unpaired
+        # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all
+        paired = [without_new_tokens(fill_placeholders(prompt, None)) for prompt in drawn]
         return {"clip_t": clip_score(*model("clip"), [g.to(device) for g in generated], paired)}
 
     # A dataset run's images are measured against their own class's reference images where every image's prompt is
-    # one of its class captions (as sampling a dataset draws them); otherwise against every reference image.
+    # one of its class captions (as sampling a dataset draws them); a run of several concepts', each image whose
+    # prompt names one concept against that concept's images, the others against every one; else every pair counts.
     generated_classes = None
+    fidelity_pairs = "all"
     if reference_classes is not None:
-        try:
-            drawn = pair_prompts(files, prompts) if config.images else [p for p in prompts for _ in range(config.num_images)]
-        except MetricUnavailable:
-            drawn = []
         if drawn and set(drawn) <= set(reference_classes):
-            generated_classes = drawn
+            generated_classes, fidelity_pairs = drawn, "own class"
+    elif reference_files and not config.reference and len(concepts := run_concepts(run)) > 1 and drawn:
+        concept_tokens = {name: (tokens or {}).get(name, "") if isinstance(tokens, dict) else "" for name in concepts}
+        named = [named_concept(prompt, concept_tokens) for prompt in drawn]
+        if any(name is not None for name in named):
+            reference_classes = [name for name, paths in concept_references(run) for _ in paths]
+            generated_classes = named
+            fidelity_pairs = "own concept" if None not in named else "own concept, else all"
 
     def fidelity(kind: str) -> float:
         images, references = embeddings(kind)
@@ -713,7 +779,9 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     measure(("clip_i",), lambda: {"clip_i": fidelity("clip")})
     measure(("dino",), lambda: {"dino": fidelity("dino")})
     # within each prompt: variety among one prompt's images, not how different the prompts look
-    measure(("diversity",), lambda: {"diversity": mean_diversity_within_groups(embeddings("dino")[0], prompt_groups(files, prompts))})
+    # the images of a prompt as CLIP-T pairs them; where it cannot, as far as the PNG texts and names tell
+    groups = list(indices_by_value(drawn).values()) if drawn else None
+    measure(("diversity",), lambda: {"diversity": mean_diversity_within_groups(embeddings("dino")[0], groups or prompt_groups(files, prompts))})
 
     def distances() -> dict[str, float]:
         if config.fid_features == "none":
@@ -735,8 +803,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         "prompts": prompts,
         "generated_images": len(generated),
         "reference_images": len(reference),
-        # CLIP-I and DINO's pairs: each image with its own class's reference images, or with every one
-        "fidelity_pairs": ("own class" if generated_classes is not None else "all") if reference else None,
+        # CLIP-I and DINO's pairs: each image with its own class's (or concept's) reference images, or with every one
+        "fidelity_pairs": fidelity_pairs if reference else None,
         "seed": config.seed,
         "models": {"clip": config.clip_model, "dino": config.dino_model, "fid_features": config.fid_features},
         "metrics": {name: metrics[name] for name in METRICS if name in metrics},
@@ -801,30 +869,39 @@ def read_evaluation(run: str | Path) -> dict[str, Any] | None:
         return None
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise SdtuneError(f"{path}: not an sdtune evaluation (no '{FORMAT}' format)")
-    return without_redefined_metrics(report)
+    return without_redefined_metrics(report, Path(run))
 
 
-def without_redefined_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    """The eval.json with the metrics an earlier sdtune measured otherwise than now moved to `unavailable`, saying
-    so: an earlier value is not compared with today's as if it meant the same."""
+def without_redefined_metrics(report: dict[str, Any], run: Path | None = None) -> dict[str, Any]:
+    """The eval.json (of `run`, where it is a run's) with the metrics an earlier sdtune measured otherwise than now
+    moved to `unavailable`, saying so: an earlier value is not compared with today's as if it meant the same."""
     version = report.get("metrics_version", 1)
     metrics, unavailable = dict(report.get("metrics") or {}), dict(report.get("unavailable") or {})
     for since, changes in REDEFINED.items():
         if isinstance(version, int) and version >= since:
             continue
         for name, why in changes.items():
-            if name in metrics and redefined_for(report, name, since):
+            if name in metrics and redefined_for(report, name, since, run):
                 del metrics[name]
                 unavailable[name] = f"{why}: {EVALUATE_AGAIN}"
     return {**report, "metrics": metrics, "unavailable": unavailable}
 
 
-def redefined_for(report: dict[str, Any], name: str, since: int) -> bool:
+def redefined_for(report: dict[str, Any], name: str, since: int, run: Path | None = None) -> bool:
     """Whether `name` of an eval.json of before `since` differs from what it would be now. Version 2 changed diversity
     where the images were of several prompts (a sampled run of one prompt pooled them alike), and CLIP-I and DINO only
-    for dataset runs' references (`reference` is "dataset ...")."""
+    for dataset runs' references (`reference` is "dataset ..."); version 3 CLIP-I and DINO of runs of several concepts
+    measured against their own images (not a --reference folder elsewhere than the first concept's)."""
     if since == 2 and name == "diversity":
         return not ("num_images" in report and len(set(report.get("prompts") or [])) <= 1)
     if since == 2 and name in ("clip_i", "dino"):
         return str(report.get("reference") or "").startswith("dataset ")
+    if since == 3 and name in ("clip_i", "dino"):
+        if run is None or len(run_concepts(run)) < 2:
+            return False
+        try:  # an earlier eval.json names the first reference image's folder: the first concept's, unless --reference
+            first_folder = str(Path(concept_references(run)[0][1][0]).parent)
+        except (MetricUnavailable, IndexError):
+            return True
+        return report.get("reference") in (None, first_folder)
     return True

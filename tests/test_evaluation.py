@@ -1145,7 +1145,7 @@ def test_diversity_is_measured_within_each_prompt_and_averaged_over_prompts(metr
 
     result = diversity(folder, ["a red thing", "a green thing"], "named")
     assert result.metrics["diversity"] == pytest.approx(within, rel=1e-9)
-    assert result.report["metrics_version"] == 2
+    assert result.report["metrics_version"] == 3
 
     # the prompt each image's PNG text records tells them apart where the names do not, whatever prompts are given
     recorded = tmp_path / "recorded"
@@ -1239,3 +1239,135 @@ def test_a_dataset_runs_fidelity_is_to_each_images_own_class(metric_models, colo
     result = measured(prompt=["a ball on a beach", "a cone in snow"])
     assert result.report["fidelity_pairs"] == "all"
     assert result.metrics["dino"] == pytest.approx(every, rel=1e-9)
+
+
+def _captured_clip_texts(monkeypatch):
+    """The texts CLIP-T scores each image with, as evaluate pairs them (the score itself still computed)."""
+    from sdtune import evaluation
+
+    texts = []
+    real = evaluation.clip_score
+
+    def capturing(model, processor, images, paired):
+        texts.append(list(paired))
+        return real(model, processor, images, paired)
+
+    monkeypatch.setattr(evaluation, "clip_score", capturing)
+    return texts
+
+
+def test_clip_t_and_diversity_pair_images_with_the_prompt_their_png_text_records(metric_models, colour_embeddings,
+                                                                                  monkeypatch, tmp_path):
+    """Renamed images (000-* drawn for the second prompt): CLIP-T scores each with the prompt it records, as diversity
+    groups them, not with the prompt its name indexes; an image recording none is paired by its name."""
+    clip_path, dino_path = metric_models
+    texts = _captured_clip_texts(monkeypatch)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    prompts = ["a red thing", "a green thing"]
+    for index, (colours, prompt) in enumerate(((REDS, prompts[1]), (GREENS, prompts[0]))):
+        for seed, colour in enumerate(colours):
+            _solid(folder / f"{index:03d}-seed{seed}.png", colour, prompt=prompt)
+    _solid(folder / "001-seed7.png", GREENS[0])  # records no prompt: its name's
+
+    result = evaluate(EvaluateConfig(images=str(folder), prompt=prompts, output=str(tmp_path / "eval.json"),
+                                     clip_model=str(clip_path), dino_model=str(dino_path), fid_features="none"), progress=False)
+    assert texts == [[prompts[1], prompts[1], prompts[0], prompts[0], prompts[1]]]
+    # the same pairing groups diversity: 001-seed7 is drawn with the reds' prompt
+    reds = [*REDS, GREENS[0]]
+    pairs = [(a, b) for i, a in enumerate(reds) for b in reds[i + 1:]]
+    within = statistics.fmean([1 - statistics.fmean(_cosine(a, b) for a, b in pairs), 1 - _cosine(*GREENS)])
+    assert result.metrics["diversity"] == pytest.approx(within, rel=1e-9)
+    # no prompts given: the recorded ones are scored (before, CLIP-T was unavailable without --prompt)
+    (folder / "001-seed7.png").unlink()
+    texts.clear()
+    result = evaluate(EvaluateConfig(images=str(folder), output=str(tmp_path / "eval.json"), clip_model=str(clip_path),
+                                     dino_model=str(dino_path), fid_features="none"), progress=False)
+    assert "clip_t" in result.metrics and texts == [[prompts[1], prompts[1], prompts[0], prompts[0]]]
+
+
+# unlike in colour and in how many images each has: pooled pairs weigh jade's three, the concepts' means weigh alike
+CONCEPT_COLOURS = {"snow": [(240, 240, 235)], "jade": [(0, 255, 0), (0, 220, 40), (30, 240, 0)]}
+
+
+@pytest.fixture
+def two_concept_run(tmp_path):
+    """A 1-step tiny-random run of two concepts, snow and jade, each trained on images of its own colour."""
+    from sdtune.training import train
+
+    folders = []
+    for name, colours in CONCEPT_COLOURS.items():
+        folders.append(tmp_path / name)
+        folders[-1].mkdir()
+        for index, colour in enumerate(colours):
+            _solid(folders[-1] / f"{index}.png", colour)
+    run = tmp_path / "run"
+    train(TrainConfig(model="tiny-random", method="lora", steps=1, concept=list(CONCEPT_COLOURS),
+                      images=[str(folder) for folder in folders], output=str(run)), progress=False)
+    return run
+
+
+def _pixels_mean(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=float).mean(axis=(0, 1))
+
+
+def test_a_run_of_several_concepts_is_measured_against_each_images_own_concept(
+        metric_models, colour_embeddings, two_concept_run, monkeypatch, tmp_path):
+    """CLIP-I and DINO of a run of two concepts: each image against the reference images of the concept its prompt
+    names (by placeholder or token), averaged over the concepts; an image naming none or both against every one."""
+    from sdtune.evaluation import EVALUATE_AGAIN, read_evaluation
+
+    clip_path, dino_path = metric_models
+    run = two_concept_run
+    references = [colour for colours in CONCEPT_COLOURS.values() for colour in colours]
+
+    def measured(**settings):
+        return evaluate(EvaluateConfig(run=str(run), clip_model=str(clip_path), dino_model=str(dino_path),
+                                       fid_features="none", **settings), progress=False)
+
+    # drawn now, one prompt a concept: its images against its own colour
+    result = measured(prompt=["photo of a <snow>.", "photo of a <jade>."], num_images=2, steps=1)
+    assert result.report["fidelity_pairs"] == "own concept" and result.report["metrics_version"] == 3
+    drawn = sorted((run / "eval-samples" / "images").glob("*.png"))
+    means = [_pixels_mean(path) for path in drawn]
+    own = statistics.fmean(statistics.fmean(_cosine(g, r) for g in means[2 * k: 2 * k + 2] for r in colours)
+                           for k, colours in enumerate(CONCEPT_COLOURS.values()))
+    every = statistics.fmean(_cosine(g, r) for g in means for r in references)
+    assert abs(own - every) > 0.02
+    assert result.metrics["clip_i"] == pytest.approx(own, rel=1e-9) and result.metrics["dino"] == pytest.approx(own, rel=1e-9)
+
+    # images of a folder, renamed: each by the prompt its PNG text records (the token written out), scored by CLIP-T as
+    # given (<snow> read as `snow`); one naming both concepts against every reference image
+    texts = _captured_clip_texts(monkeypatch)
+    images = tmp_path / "images"
+    images.mkdir()
+    _solid(images / "000-seed0.png", (250, 250, 250), prompt="photo of a sks snow.")
+    _solid(images / "000-seed1.png", (0, 250, 10), prompt="photo of a sks jade.")
+    _solid(images / "001-seed0.png", (10, 240, 0), prompt="photo of a sks jade.")
+    _solid(images / "001-seed1.png", (120, 120, 0), prompt="sks snow beside sks jade")
+    result = measured(images=str(images), prompt=["photo of a <jade>.", "photo of a <snow>."])
+    assert texts[-1] == ["photo of a snow.", "photo of a jade.", "photo of a jade.", "sks snow beside sks jade"]
+    assert result.report["fidelity_pairs"] == "own concept, else all"
+    snow, jade = CONCEPT_COLOURS.values()
+    expected = statistics.fmean([
+        statistics.fmean(_cosine((250, 250, 250), r) for r in snow),
+        statistics.fmean(_cosine(g, r) for g in [(0, 250, 10), (10, 240, 0)] for r in jade),
+        statistics.fmean(_cosine((120, 120, 0), r) for r in references),
+    ])
+    assert result.metrics["dino"] == pytest.approx(expected, rel=1e-9)
+    # prompts naming no concept: every pair counts
+    result = measured(prompt=["a photo of a gem"], num_images=2, steps=1)
+    assert result.report["fidelity_pairs"] == "all"
+    means = [_pixels_mean(path) for path in sorted((run / "eval-samples" / "images").glob("*.png"))]
+    assert result.metrics["clip_i"] == pytest.approx(statistics.fmean(_cosine(g, r) for g in means for r in references), rel=1e-9)
+
+    # an eval.json of before (version 2) measured this run against every concept's images: not read as today's
+    report = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps({**report, "metrics_version": 2}))
+    earlier = read_evaluation(run)
+    assert "clip_i" not in earlier["metrics"] and "clip_t" in earlier["metrics"]
+    assert earlier["unavailable"]["dino"] == (
+        f"an earlier sdtune measured this run's DINO against every concept's reference images (now its own concept's): {EVALUATE_AGAIN}")
+    # measured against a --reference folder of its own: the same then as now
+    (run / "eval.json").write_text(json.dumps({**report, "metrics_version": 2, "reference": str(tmp_path / "elsewhere")}))
+    assert read_evaluation(run)["metrics"] == report["metrics"]
