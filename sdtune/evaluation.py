@@ -3,7 +3,9 @@
 - CLIP-T: torchmetrics' CLIPScore between each image and its prompt (100 × cosine, floored at 0), the prompt's
   placeholders as plain class words and without sdtune's new tokens (`<s0>`).
 - CLIP-I and DINO: mean cosine similarity over every (generated, reference) pair of image embeddings; for a run
-  trained on a dataset, each class's generated images with that class's reference images, averaged over the classes.
+  trained on a dataset, each class's generated images with that class's reference images, averaged over the classes;
+  for a run of several concepts, each concept's (by the concept its prompt names) with that concept's images.
+- An image's prompt (CLIP-T, diversity, the fidelity pairs alike): as drawn, or the one its PNG text records.
 - FID and KID: torchmetrics' FrechetInceptionDistance / KernelInceptionDistance between the generated
   and the reference images, on Inception features (torch-fidelity) or on the CLIP or DINO embeddings.
 - diversity: 1 − mean cosine similarity over the pairs of images drawn for the same prompt (DINO embeddings),
@@ -463,9 +465,9 @@ def recorded_prompt(path) -> str | None:
 
 
 def prompt_groups(files: list, prompts: list[str]) -> list[list[int]]:
-    """The indices of the images drawn for each prompt: by the prompt each image's PNG text records (`sdtune sample`
-    writes it); else, as CLIP-T pairs them, every image is of the one prompt given, or of several, the one its
-    NNN-seedS name's NNN indexes."""
+    """The indices of the images drawn for each prompt where `image_prompts` cannot tell each image's prompt (no prompt
+    given): by the prompt each image's PNG text records (`sdtune sample` writes it); else every image is of the one
+    prompt given, or of several, the one its NNN-seedS name's NNN indexes."""
     keys: list = []
     for path in files:
         prompt = recorded_prompt(path)
