@@ -408,7 +408,7 @@ def test_a_starting_file_trained_reading_prompts_another_way_is_warned_of(traine
     both values (an sdtune adapter's records, a kohya file's ss_ keys where it has them), the dry run's too."""
     lora, kohya = trained["lora"], trained["lora-kohya"]
     assert "clip_skip" not in adapter_info(lora).extra  # trained reading prompts plainly
-    with pytest.warns(UserWarning, match=r"^init_weights .*lora/adapter.safetensors was trained with clip_skip=1 and "
+    with pytest.warns(UserWarning, match=r"^init_weights=\".*lora/adapter.safetensors\" was trained with clip_skip=1 and "
                                          r"max_token_length=75; the run reads prompts with clip_skip=2 and max_token_length=150: "
                                          r"its tensors start from what they learned on other text embeddings") as said:
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(lora), clip_skip=2, max_token_length=150))
@@ -421,7 +421,7 @@ def test_a_starting_file_trained_reading_prompts_another_way_is_warned_of(traine
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(bare), clip_skip=2))
     said_two = tmp_path / "clip2.safetensors"
     save_file(load_file(kohya), said_two, {"ss_network_module": "networks.lora", "ss_clip_skip": "2", "ss_max_token_length": "None"})
-    with pytest.warns(UserWarning, match=r"clip2.safetensors was trained with clip_skip=2; the run reads prompts with clip_skip=1:"):
+    with pytest.warns(UserWarning, match=r"clip2.safetensors\" was trained with clip_skip=2; the run reads prompts with clip_skip=1:"):
         plan_run(settings(tmp_path / "run", method="lora", init_weights=str(said_two)))
     with pytest.warns(UserWarning, match=r"^--init-weights .*clip2.safetensors was trained with --max-token-length 75; "
                                          r"the run reads prompts with --max-token-length 225: .*\(give --max-token-length 75 "):
