@@ -376,18 +376,25 @@ def warn_duplicates(paths: list[Path]) -> None:
              "drawn as often as its copies together (remove the copies to train it as often as the others)")
 
 
+def _framed_sizes(paths: list[Path], frames: list):
+    """(path, frame, the image's (width, height) from its header) of each image framed (`frames[i]` not None) and
+    readable: loading warns about the others."""
+    for path, frame_size in zip(paths, frames):
+        if frame_size is None:
+            continue
+        try:
+            size = image_facts(path).size
+        except Exception:  # PIL raises many kinds for unreadable files
+            continue
+        yield path, frame_size, size
+
+
 def warn_cropped_away(paths: list[Path], frames: list, hint: str = "") -> None:
     """One warning naming the images whose framing cuts away more than half of them: those of an aspect ratio
     over twice their frame's (a 10:1 panorama in a square, or in a 4:1 bucket). `frames[i]`: the (width,
     height) image i is center-cropped into, or None (not read); `hint` ends the warning."""
     cut = []
-    for path, frame_size in zip(paths, frames):
-        if frame_size is None:
-            continue
-        try:
-            width, height = image_facts(path).size
-        except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
-            continue
+    for path, frame_size, (width, height) in _framed_sizes(paths, frames):
         ratio, frame_ratio = width / height, frame_size[0] / frame_size[1]
         kept = min(ratio, frame_ratio) / max(ratio, frame_ratio)
         if kept < 0.5:
@@ -402,13 +409,7 @@ def warn_upscaled_images(paths: list[Path], frames: list, what: str = "image") -
     names them (`LoadNotes`, as `what`: "held-out image"), from their headers. `frames[i]`: image i's (width, height)
     frame, or None (not read)."""
     notes = LoadNotes(what=what)
-    for path, frame_size in zip(paths, frames):
-        if frame_size is None:
-            continue
-        try:
-            width, height = image_facts(path).size
-        except Exception:  # PIL raises many kinds for unreadable files; loading warns about them
-            continue
+    for path, frame_size, (width, height) in _framed_sizes(paths, frames):
         if max(frame_size[0] / width, frame_size[1] / height) > 1:
             notes.upscaled.append((path.name, (width, height), tuple(frame_size)))
     notes.warn()

@@ -675,29 +675,40 @@ def odd_photo_folder(folder):
     (folder / "cut.bmp").write_bytes((folder / "cut.bmp").read_bytes()[:20000])
 
 
-def test_images_decode_on_threads_to_the_same_pixels_with_the_same_warnings_in_order(tmp_path, monkeypatch):
-    """The start decodes its images on several threads: the same pixels bit for bit, and the same warnings, in the
-    same order, as on one thread, whichever thread finishes first; PIL's own warnings kept quiet on every thread."""
+def converting_slowly(monkeypatch) -> set[str]:
+    """Each image converted after a random pause, so threads finish out of order, and warning as it is converted;
+    returns the names of the threads that converted (filled as they do)."""
     import random
     import threading
     import time
     import warnings
 
     import sdtune.data
-    from sdtune.buckets import bucket_sizes
-    from sdtune.data import load_framed_images, readable_images
 
-    odd_photo_folder(tmp_path / "photos")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150 * 150)  # PIL refuses from twice it, 45,000 pixels
     threads_used, to_rgb, late = set(), sdtune.data.to_rgb, random.Random(0)
 
-    def slow_to_rgb(image, *args):  # finishing out of order, each image warns as it is converted
+    def slow_to_rgb(image, *args):
         threads_used.add(threading.current_thread().name)
         time.sleep(late.uniform(0, 0.03))
         warnings.warn(f"converting a {image.mode} image", RuntimeWarning)
         return to_rgb(image, *args)
 
     monkeypatch.setattr(sdtune.data, "to_rgb", slow_to_rgb)
+    return threads_used
+
+
+def test_images_decode_on_threads_to_the_same_pixels_with_the_same_warnings_in_order(tmp_path, monkeypatch):
+    """The start decodes its images on several threads: the same pixels bit for bit, and the same warnings, in the
+    same order, as on one thread, whichever thread finishes first; PIL's own warnings kept quiet on every thread."""
+    import threading
+    import warnings
+
+    from sdtune.buckets import bucket_sizes
+    from sdtune.data import load_framed_images, readable_images
+
+    odd_photo_folder(tmp_path / "photos")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150 * 150)  # PIL refuses from twice it, 45,000 pixels
+    threads_used = converting_slowly(monkeypatch)
 
     def start(threads: int):
         with warnings.catch_warnings(record=True) as caught:
@@ -730,12 +741,9 @@ def test_bucketed_class_images_decode_on_threads_to_the_same_examples_with_the_s
     """Prior preservation's class images, framed into the concept images' buckets (`prior.bucketed_class_images`),
     decode on threads as the concept images do: the same examples in the same pools, bit for bit, and the same
     warnings in the same order, as on one thread, whichever thread finishes first."""
-    import random
     import threading
-    import time
     import warnings
 
-    import sdtune.data
     from sdtune.buckets import bucket_sizes, nearest_bucket
     from sdtune.data import readable_images
     from sdtune.prior import bucketed_class_images
@@ -748,15 +756,7 @@ def test_bucketed_class_images_decode_on_threads_to_the_same_examples_with_the_s
         paths = readable_images(list_images(tmp_path / "photos")) + [tmp_path / "photos" / "broken.png"]
     paths.sort()
     square, wide, tall = (64, 64), nearest_bucket(160, 90, bucket_sizes(64)), nearest_bucket(90, 160, bucket_sizes(64))
-    threads_used, to_rgb, late = set(), sdtune.data.to_rgb, random.Random(0)
-
-    def slow_to_rgb(image, *args):
-        threads_used.add(threading.current_thread().name)
-        time.sleep(late.uniform(0, 0.03))
-        warnings.warn(f"converting a {image.mode} image", RuntimeWarning)
-        return to_rgb(image, *args)
-
-    monkeypatch.setattr(sdtune.data, "to_rgb", slow_to_rgb)
+    threads_used = converting_slowly(monkeypatch)
 
     def start(threads: int):
         with warnings.catch_warnings(record=True) as caught:
