@@ -180,14 +180,14 @@ def test_a_kohya_module_outside_the_targets_is_refused_before_the_model_loads(tr
     assert result.exit_code == 2 and len(said.splitlines()) == 1, result.output
     assert said.startswith(f"error: --init-weights {source}: the file changes ") and \
         " module(s) that lora --targets attn does not tune (" in said and said.endswith(": start with --targets all or full"), said
-    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options\["targets"\] attn does not tune'):
+    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options=\{"targets": "attn"\} does not tune'):
         plan_run(config)
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(sdtune.models, "load_pipeline", no_model)
-    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options\["targets"\] attn does not tune'):
+    with pytest.raises(SdtuneError, match=r'module\(s\) that lora options=\{"targets": "attn"\} does not tune'):
         train(config, progress=False)
 
 
@@ -613,8 +613,8 @@ def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_ru
     assert plan_run(config).taken_options["targets"] == "transformer"
     original, again = load_file(exported), restarted_export(config, tmp_path)
     assert all(torch.equal(original[key], again[key]) for key in original)
-    with pytest.raises(SdtuneError, match=r'lora options\["targets"\] attn does not tune .*: start with options\["targets"\] '
-                                          r"transformer or locon"):
+    with pytest.raises(SdtuneError, match=r'lora options=\{"targets": "attn"\} does not tune .*: start with '
+                                          r'options=\{"targets": "transformer"\} or locon'):
         plan_run(settings(tmp_path / "attn", method="lora", options={"targets": "attn"}, init_weights=str(exported)))
     wider = settings(tmp_path / "wider", method="lora", options={"targets": "locon"}, init_weights=str(exported))
     assert plan_run(wider).config.options["targets"] == "locon"  # the run's own choice: its other layers start at 0
