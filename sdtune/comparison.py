@@ -8,6 +8,7 @@ and the same seed: rows = prompts, columns = runs.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import os
@@ -414,9 +415,7 @@ def seed_groups(runs: list[RunSummary]) -> list[SeedGroup]:
         parts = [first.method, *([first.variant] if first.variant != "defaults" else []),
                  *(text for key, text in first.differences.items() if key not in ignored and key != "model")]
         groups.append(SeedGroup(", ".join(parts), first.method, members))
-    counts: dict[str, int] = {}
-    for group in groups:
-        counts[group.label] = counts.get(group.label, 0) + 1
+    counts = collections.Counter(group.label for group in groups)
     for group in groups:
         if counts[group.label] > 1:
             group.label = f"{group.runs[0].name} ({group.method})"
@@ -482,8 +481,6 @@ def plot_metric(runs: list[RunSummary], metric: str, path: Path) -> Path:
     """The metric against trainable parameters (log axis): one panel for each reference and model (`panels`), one
     point for each run, or mean ± sample standard deviation (an error bar) for runs that differ only in their seed;
     a legend beside the panels names them."""
-    import statistics
-
     plt = _pyplot()
     plotted = [run for run in runs if metric in run.metrics and run.num_parameters > 0]
     sections = [(title, seed_groups(members)) for title, members in panels(plotted)]
@@ -526,8 +523,6 @@ def plot_losses(runs: list[RunSummary], path: Path) -> Path:
     differ only in their seed their mean at the steps all logged (the band: ± their standard deviation), raw values
     faint with a moving average on top. Coloured by method and told apart within it by line style; the legend stands
     beside the panels, where it hides no curve."""
-    import statistics
-
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()

@@ -481,10 +481,7 @@ def prompt_groups(files: list, prompts: list[str]) -> list[list[int]]:
         else:
             raise MetricUnavailable(f"cannot tell which images share a prompt: {Path(path).name} records none and is not "
                                     "named NNN-seedS as sdtune sample names images")
-    groups: dict = {}
-    for index, key in enumerate(keys):
-        groups.setdefault(key, []).append(index)
-    return list(groups.values())
+    return list(indices_by_value(keys).values())
 
 
 def run_prompt(run: Path, placeholder: str) -> str:
