@@ -6,6 +6,12 @@ either extension in any case) or a row of the folder's `metadata.jsonl`
 prompt for that image; `<name>` placeholders in it become the concept's token. An image without
 either gets the template's prompt.
 
+A caption file of several non-blank lines holds caption variants, as OneTrainer and SimpleTuner read it (kohya-ss
+reads the first line, or with `--enable_wildcard` one at random): each time the image is drawn, one line is drawn
+(`draw_line`). So is one of a metadata row's `"text"` given as a list of strings, as diffusers' text-to-image
+examples read a caption column of lists (HF imagefolder keeps such a column as a list). Such an image's prompt is
+a tuple of its lines; a one-line caption stays a plain string.
+
 In the loop, `--shuffle-caption` shuffles a caption's comma-separated tags, keeping the first
 `--keep-tokens` in place, and `--caption-dropout P` trains on the empty prompt with probability P
 (what classifier-free guidance needs). Both draw from torch's generator, which the loop seeds per
@@ -25,9 +31,14 @@ CAPTION_SUFFIXES = (".txt", ".caption")  # in this order: kohya-ss' trainers rea
 METADATA_FILE = "metadata.jsonl"
 
 
-def read_captions(images: list[Path]) -> list[str | None]:
-    """Each image's caption (whitespace collapsed), or None where it has none."""
-    metadata: dict[Path, dict[str, str | None]] = {}
+# an image's prompt: one text, or the caption variants of which one is drawn each time it is drawn (two or more)
+Prompt = str | tuple[str, ...]
+
+
+def read_captions(images: list[Path]) -> list[Prompt | None]:
+    """Each image's caption (whitespace collapsed; a tuple of its variants where it has several), or None where it
+    has none."""
+    metadata: dict[Path, dict[str, Prompt | None]] = {}
     listed: dict[Path, dict] = {}
     captions = []
     for image in images:
@@ -175,13 +186,46 @@ def caption_text(path: Path) -> str:
     return " ".join(read_utf8(path, "caption file ").split())
 
 
-def _read_caption_file(path: Path) -> str:
+def _read_caption_file(path: Path) -> Prompt:
+    """A caption file's caption: its one non-blank line, or its lines as variants (`variants`)."""
     text = read_utf8(path, "caption file ")
-    caption = " ".join(text.split())
-    if not caption:  # a file of spaces and line ends is not said to be empty: its size is not 0
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:  # a file of spaces and line ends is not said to be empty: its size is not 0
         raise SdtuneError(f"caption file {path} is {'blank' if text else 'empty'}; write the image's caption in it, or remove it "
                           "to use --template")
-    return caption
+    return variants(lines)
+
+
+def variants(lines: list[str]) -> Prompt:
+    """One caption, or a tuple of several to draw from: lines that are all the same are one caption (nothing to draw)."""
+    return lines[0] if len(set(lines)) == 1 else tuple(lines)
+
+
+def prompt_lines(prompt: Prompt) -> tuple[str, ...]:
+    """A prompt's variants: a caption's lines, or the prompt alone."""
+    return prompt if isinstance(prompt, tuple) else (prompt,)
+
+
+def first_line(prompt: Prompt) -> str:
+    """What stands for a prompt where one fixed text is needed (the validation loss, a prompt shown): its first line,
+    as diffusers' examples take a list caption's first outside training."""
+    return prompt_lines(prompt)[0]
+
+
+def every_line(prompts) -> list[str]:
+    """Every variant of every prompt of `prompts`, in order (what the text-embedding cache keeps)."""
+    return [line for prompt in prompts for line in prompt_lines(prompt)]
+
+
+def draw_line(prompt: Prompt) -> str:
+    """One of a prompt's variants, drawn from torch's generator (the loop's seeded per-epoch stream); a prompt of one
+    draws nothing, so runs without several lines draw as before."""
+    if not isinstance(prompt, tuple):
+        return prompt
+    import torch
+
+    return prompt[int(torch.randint(len(prompt), ()))]
 
 
 def metadata_rows(path: Path, lines: list[str]):
@@ -198,18 +242,20 @@ def metadata_rows(path: Path, lines: list[str]):
         yield number, row
 
 
-def _read_metadata(path: Path) -> dict[str, str | None]:
-    """file name (in NFC: `same_name`) → caption from a concept folder's metadata.jsonl (none: an empty map)."""
+def _read_metadata(path: Path) -> dict[str, Prompt | None]:
+    """file name (in NFC: `same_name`) → caption from a concept folder's metadata.jsonl (none: an empty map). A
+    `"text"` may be a list of captions, one drawn each time (as diffusers' text-to-image examples read one)."""
     if not path.is_file():
         return {}
-    captions: dict[str, str | None] = {}
+    captions: dict[str, Prompt | None] = {}
     names = []
     for number, row in metadata_rows(path, read_utf8(path).splitlines()):
         text = row.get("text")
-        if text is not None and (not isinstance(text, str) or not text.strip()):
-            raise SdtuneError(f"{path} line {number}: \"text\" must be a caption (non-empty text), got {text!r}")
+        texts = text if isinstance(text, list) else [text]
+        if text is not None and (not texts or not all(isinstance(each, str) and each.strip() for each in texts)):
+            raise SdtuneError(f"{path} line {number}: \"text\" must be a caption (non-empty text) or a list of them, got {text!r}")
         names.append(Path(row["file_name"]).name)
-        captions[same_name(names[-1])] = " ".join(text.split()) if text else None
+        captions[same_name(names[-1])] = variants([" ".join(each.split()) for each in texts]) if text is not None else None
     warn_same_names(names, f"{path}'s \"file_name\"s")
     return captions
 
@@ -223,15 +269,15 @@ def tags(caption: str) -> list[str]:
 TRAINING_IMAGES_KEYS = {"tag_frequency": "ss_tag_frequency", "dataset_dirs": "ss_dataset_dirs", "num_train_images": "ss_num_train_images"}
 
 
-def training_images_record(images: list[Path], prompts: list[str]) -> dict[str, str]:
+def training_images_record(images: list[Path], prompts: list[Prompt]) -> dict[str, str]:
     """What kohya-ss records of a run's images (each a JSON string, under `TRAINING_IMAGES_KEYS`' sdtune names): per
-    image folder, how many prompts hold each comma-separated tag (the trigger words users look for) and how many
-    images it has; and the number of images."""
+    image folder, how many images' prompts hold each comma-separated tag (the trigger words users look for; an image
+    of several lines counts once for a tag in any of them) and how many images it has; and the number of images."""
     from collections import Counter
 
     frequency: dict[str, Counter] = {}
     for path, prompt in zip(images, prompts):
-        frequency.setdefault(path.parent.name, Counter()).update(set(tags(prompt)))
+        frequency.setdefault(path.parent.name, Counter()).update({tag for line in prompt_lines(prompt) for tag in tags(line)})
     counts = Counter(path.parent.name for path in images)
     return {
         "tag_frequency": json.dumps({folder: dict(found) for folder, found in frequency.items()}),
@@ -240,22 +286,25 @@ def training_images_record(images: list[Path], prompts: list[str]) -> dict[str, 
     }
 
 
-def check_keep_tokens(captioned: list[tuple[Path, str]], keep_tokens: int) -> None:
-    """Refuse a --keep-tokens larger than an image's caption has tags: it would keep the whole caption."""
+def check_keep_tokens(captioned: list[tuple[Path, Prompt]], keep_tokens: int) -> None:
+    """Refuse a --keep-tokens larger than an image's caption (any of its lines) has tags: it would keep the whole
+    caption."""
     for image, prompt in captioned:
-        count = len(tags(prompt))
-        if count < keep_tokens:
-            raise SdtuneError(
-                f"--keep-tokens {keep_tokens} is more than the {count} comma-separated tag(s) of {image.name}'s caption "
-                f"({prompt[:60]!r}); give a smaller --keep-tokens"
-            )
+        for line in prompt_lines(prompt):
+            count = len(tags(line))
+            if count < keep_tokens:
+                caption = f"{image.name}'s caption" if isinstance(prompt, str) else f"a line of {image.name}'s caption"
+                raise SdtuneError(
+                    f"--keep-tokens {keep_tokens} is more than the {count} comma-separated tag(s) of {caption} "
+                    f"({line[:60]!r}); give a smaller --keep-tokens"
+                )
 
 
 class AugmentedCaptions:
-    """A dataset's items with their prompts' tags after the first `keep_tokens` shuffled and each dropped with
-    probability `tag_dropout` (in that order, as kohya-ss' sd-scripts), and whole prompts dropped with probability
-    `dropout`. Works on raw and cached datasets alike; drawing an item draws the dataset's own random numbers
-    first, then these."""
+    """A dataset's items with one line drawn of a prompt of several (`draw_line`), its tags after the first
+    `keep_tokens` shuffled and each dropped with probability `tag_dropout` (in that order, as kohya-ss' sd-scripts),
+    and whole prompts dropped with probability `dropout`. Works on raw and cached datasets alike; drawing an item
+    draws the dataset's own random numbers first, then these."""
 
     def __init__(self, dataset, shuffle: bool = False, keep_tokens: int = 0, dropout: float = 0.0, tag_dropout: float = 0.0):
         self.dataset, self.shuffle, self.keep_tokens, self.dropout = dataset, shuffle, keep_tokens, dropout
@@ -269,9 +318,10 @@ class AugmentedCaptions:
         item["prompt"] = self.augment(item["prompt"])
         return item
 
-    def augment(self, prompt: str) -> str:
+    def augment(self, prompt: Prompt) -> str:
         import torch
 
+        prompt = draw_line(prompt)
         if self.shuffle or self.tag_dropout:
             parts = tags(prompt)
             kept, rest = parts[: self.keep_tokens], parts[self.keep_tokens :]

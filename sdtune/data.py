@@ -680,7 +680,8 @@ class ConceptDataset:
 
     Items are `{"pixels": (3, H, W) tensor, "prompt": str, "original_size": (h, w), "crop_top_left":
     (top, left)}` (the last two as int64 tensors, so the default collate stacks them). `prompt` is one
-    prompt for every image or a list with each image's own (its caption). `images` are PIL images, or
+    prompt for every image or a list with each image's own (its caption; a tuple of its lines where it has several,
+    which `captions.AugmentedCaptions` draws one of). `images` are PIL images, or
     `Framed` ones that also tell their original size and crop; images of several sizes (aspect-ratio
     buckets) are kept one tensor each. `example(index, flip)` gives one item with the flip chosen by
     the caller, so a latent cache can encode both orientations once and still flip at random.

@@ -490,6 +490,9 @@ def _read_metadata(root: Path, template: str, name: str, class_names: list[str] 
             image = _spelled_otherwise(image)
         if not image.is_file():
             raise SdtuneError(f"{path} line {number}: image not found: {image}")
+        if isinstance(row.get("text"), list):  # a class's caption is one text (evaluation groups images by it)
+            raise SdtuneError(f"{path} line {number}: \"text\" is a list of captions, which concept images (--images) draw "
+                              "from; a --dataset image takes one caption")
         names.append(row["file_name"])
         if "label" in row or "class" in row:
             class_key = row.get("label", row.get("class"))

@@ -174,13 +174,18 @@ class RunPlan:
             lines.append(f"dataset {inputs.labelled.name}: {images:,} images in {len(inputs.labelled.class_names):,} classes, "
                          f"captioned like {inputs.labelled.caption(0)!r}")
         else:
+            from .captions import first_line
+
             images = len(inputs.image_paths)
             held = f", {len(inputs.held_out_paths)} held out for the validation loss" if inputs.held_out_paths else ""
             named = ", ".join(config.concepts)
             templates = [config.concept_prompt(config.concepts[label]) for label in inputs.concept_labels]
             captioned = sum(prompt != template for prompt, template in zip(inputs.prompts, templates))
-            captioned_note = f" ({captioned} with a caption of their own)" if captioned else ""
-            lines.append(f"{counted(images, 'training image')} of {named}{captioned_note}{held}; prompts like {inputs.prompts[0]!r}")
+            several = sum(isinstance(prompt, tuple) for prompt in inputs.prompts)  # caption variants: one drawn each time
+            several_note = f"; {several} with several lines, one drawn each time" if several else ""
+            captioned_note = f" ({captioned} with a caption of their own{several_note})" if captioned else ""
+            lines.append(f"{counted(images, 'training image')} of {named}{captioned_note}{held}; "
+                         f"prompts like {first_line(inputs.prompts[0])!r}")
             if self.buckets:
                 from .buckets import described_buckets
 
@@ -405,8 +410,9 @@ class Inputs:
     image_paths: list[Path]  # the concepts' training images
     held_out_paths: list[Path]  # the concepts' images held out for the validation loss
     sample_lines: list  # the validation samples' prompts, each with its line's options (data.PromptLine)
-    prompts: list[str] = field(default_factory=list)  # each training image's prompt: its caption, else the template's
-    held_out_prompts: list[str] = field(default_factory=list)
+    # each training image's prompt: its caption (a tuple of its lines where it has several), else the template's
+    prompts: list = field(default_factory=list)
+    held_out_prompts: list = field(default_factory=list)
     concept_labels: list[int] = field(default_factory=list)  # each training image's concept (index into config.concepts)
 
     @property
@@ -438,7 +444,8 @@ def read_inputs(config: TrainConfig) -> Inputs:
 
 def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
     """(image, prompt, concept index) of every concept's images: a caption beside the image (or in the
-    folder's metadata.jsonl) with placeholders filled, else the template's prompt for the concept."""
+    folder's metadata.jsonl) with placeholders filled (each line of one of several), else the template's prompt for
+    the concept."""
     from .captions import check_keep_tokens, read_captions, warn_captions_of_no_image
     from .data import fill_placeholders, image_extensions, readable_images, warn_duplicates
     from .datasets import concept_images
@@ -457,7 +464,10 @@ def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
         if config.varied_captions:  # a template's prompt is no list of tags: only captions are checked
             check_keep_tokens([(path, caption) for path, caption in zip(paths, captions) if caption], config.keep_tokens)
         for path, caption in zip(paths, captions):
-            prompt = fill_placeholders(caption, tokens) if caption else config.concept_prompt(concept)
+            if isinstance(caption, tuple):
+                prompt = tuple(fill_placeholders(line, tokens) for line in caption)
+            else:
+                prompt = fill_placeholders(caption, tokens) if caption else config.concept_prompt(concept)
             found.append((path, prompt, label))
     warn_duplicates([path for path, _, _ in found])
     return found
@@ -779,14 +789,15 @@ class Trainer:
 
         from . import prior, validation
         from .buckets import BucketBatchSampler
-        from .captions import AugmentedCaptions
+        from .captions import AugmentedCaptions, every_line, first_line
         from .data import ConceptDataset, load_framed_images, warn_truncated_prompts
         from .datasets import BalancedClassSampler
         from .latents import CachedLatents
 
         config, inputs, device = self.config, self.inputs, self.device
         labelled = inputs.labelled
-        warn_truncated_prompts(self.tokenizer, self.config.max_token_length, self.dataset.captions if labelled is not None else sorted(set(self.image_prompts)))
+        warn_truncated_prompts(self.tokenizer, self.config.max_token_length,
+                               self.dataset.captions if labelled is not None else sorted(set(every_line(self.image_prompts))))
         if config.validate_every and self.accelerator.is_main_process:  # drawn at every check: said once, as sampling says it
             lines = inputs.sample_lines
             warn_truncated_prompts(self.tokenizer, config.max_token_length,
@@ -807,7 +818,7 @@ class Trainer:
                     warnings.simplefilter("ignore")  # what these images warn of was said as they were loaded to train
                     held_out = ConceptDataset(load_framed_images(self.image_paths, self.resolution), self.image_prompts)
             examples = [held_out.example(i, False) for i in range(len(held_out))]
-            self.validation_prompts = [example["prompt"] for example in examples]
+            self.validation_prompts = [first_line(example["prompt"]) for example in examples]  # fixed: comparable across steps
             self.validation_framing = {key: torch.stack([example[key] for example in examples])
                                        for key in ("original_size", "crop_top_left") if key in examples[0]}
             self.validation_size = held_out.pixels.shape[-2:]
@@ -819,8 +830,8 @@ class Trainer:
             self.dataset = CachedLatents(self.dataset, self.vae, workers)
             self.class_dataset = CachedLatents(self.class_dataset, self.vae) if self.class_dataset else None
             workers = 0  # drawing a cached item decodes nothing
-            self.prompt_embeddings.precompute(
-                self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else [])
+            self.prompt_embeddings.precompute(  # every line of a caption of several: a finite set, each encoded once
+                every_line(self.dataset.prompts() + (self.class_dataset.prompts() if self.class_dataset else []))
                 + ([""] if config.caption_dropout else [])
             )
             self.vae.to("cpu")  # neither runs again in the loop (validation samples bring them back for a while)
@@ -831,7 +842,8 @@ class Trainer:
 
         self.data_order = torch.Generator()  # reseeded every epoch (see _batches_from)
         train_data, collate = self.dataset, None
-        if config.varied_captions or config.caption_dropout:  # drawn after the dataset's flip, cached or not
+        several_lines = labelled is None and any(isinstance(prompt, tuple) for prompt in self.image_prompts)
+        if config.varied_captions or config.caption_dropout or several_lines:  # drawn after the dataset's flip, cached or not
             train_data = AugmentedCaptions(train_data, config.shuffle_caption, config.keep_tokens, config.caption_dropout,
                                            config.caption_tag_dropout)
         if self.class_dataset is not None:
