@@ -277,7 +277,9 @@ def training_images_record(images: list[Path], prompts: list[Prompt]) -> dict[st
 
     frequency: dict[str, Counter] = {}
     for path, prompt in zip(images, prompts):
-        frequency.setdefault(path.parent.name, Counter()).update({tag for line in prompt_lines(prompt) for tag in tags(line)})
+        # each tag once an image, in the order written: a set's order changes from process to process (and the bytes with it)
+        held = dict.fromkeys(tag for line in prompt_lines(prompt) for tag in tags(line))
+        frequency.setdefault(path.parent.name, Counter()).update(list(held))
     counts = Counter(path.parent.name for path in images)
     return {
         "tag_frequency": json.dumps({folder: dict(found) for folder, found in frequency.items()}),
