@@ -610,7 +610,7 @@ def test_captions_beside_images_and_in_metadata_replace_the_template(tmp_path):
     from sdtune.training import concept_inputs
 
     paths = photo_set(tmp_path / "photos", counts=(2, 1, 1))
-    (tmp_path / "photos" / "portrait-0.txt").write_text("a <castle>  at dusk,\nfog\n")
+    (tmp_path / "photos" / "portrait-0.txt").write_text("a <castle>  at dusk,  fog\n")
     rows = [{"file_name": "square-0.png", "text": "the <castle> from above"}, {"file_name": "wide-0.png"}]
     (tmp_path / "photos" / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert read_captions(paths) == ["a <castle> at dusk, fog", None, "the <castle> from above", None]
@@ -638,6 +638,174 @@ def test_a_bad_caption_file_is_refused(tmp_path, content, message):
     (tmp_path / "portrait-0.txt").write_bytes(content)
     with pytest.raises(SdtuneError, match=message):
         read_captions(paths)
+
+
+def test_a_caption_file_of_several_lines_holds_caption_variants(tmp_path):
+    """Each non-blank line is a caption of its own (OneTrainer's, SimpleTuner's reading), not a part of one; a list of
+    texts in metadata.jsonl is so too (diffusers' text-to-image examples read a caption column of lists). One line, or
+    lines all the same, are one caption, as before."""
+    from sdtune.training import concept_inputs, plan_run
+
+    paths = photo_set(tmp_path / "photos", counts=(2, 2, 2))
+    folder = tmp_path / "photos"
+    (folder / "portrait-0.txt").write_text("a <castle> at dusk\n\n   \n  a <castle>,  in fog \r\nthe <castle> from above\n")
+    (folder / "portrait-1.txt").write_text("\n  a <castle> alone  \n\n")  # one line among blank ones
+    (folder / "square-0.txt").write_text("the same <castle>\nthe  same <castle>\n")  # nothing to draw between
+    rows = [{"file_name": "square-1.png", "text": ["a <castle>, tag", "  another <castle>  "]},
+            {"file_name": "wide-0.png", "text": ["one <castle> in a list"]}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert read_captions(paths) == [
+        ("a <castle> at dusk", "a <castle>, in fog", "the <castle> from above"), "a <castle> alone", "the same <castle>",
+        ("a <castle>, tag", "another <castle>"), "one <castle> in a list", None,
+    ]
+    config = TrainConfig(model="tiny-random", images=str(folder), token="zwx castle", output=str(tmp_path / "run"))
+    prompts = [prompt for _, prompt, _ in concept_inputs(config)]
+    assert prompts[0] == ("a zwx castle at dusk", "a zwx castle, in fog", "the zwx castle from above")
+    assert prompts[3] == ("a zwx castle, tag", "another zwx castle") and prompts[5] == "photo of a zwx castle."
+    assert plan_run(config).summary()[1] == ("6 training images of castle (5 with a caption of their own; 2 with several lines, "
+                                             "one drawn each time); prompts like 'a zwx castle at dusk'")
+
+
+@pytest.mark.parametrize("text, message", [
+    ([], r"line 1: \"text\" must be a caption \(non-empty text\) or a list of them, got \[\]"),
+    (["a castle", "  "], r"line 1: \"text\" must be a caption \(non-empty text\) or a list of them, got \['a castle', '  '\]"),
+    (["a castle", 3], r"line 1: \"text\" must be a caption .* got \['a castle', 3\]"),
+    ("\n \n", r"line 1: \"text\" must be a caption \(non-empty text\) or a list of them"),
+])
+def test_a_metadata_text_that_is_no_caption_nor_a_list_of_them_is_refused(tmp_path, text, message):
+    paths = photo_set(tmp_path, counts=(1, 0, 0))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "portrait-0.png", "text": text}) + "\n")
+    with pytest.raises(SdtuneError, match=message):
+        read_captions(paths)
+
+
+def test_a_dataset_metadata_text_list_is_refused_in_one_line(tmp_path):
+    """A --dataset image's caption is its class's (evaluation groups images by it): one text, never a list."""
+    from sdtune.datasets import read_folder
+
+    photo_set(tmp_path, counts=(1, 0, 0))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "portrait-0.png", "text": ["a", "b"]}) + "\n")
+    with pytest.raises(SdtuneError, match=r"metadata.jsonl line 1: \"text\" is a list of captions, which concept images "
+                                          r"\(--images\) draw from; a --dataset image takes one caption$"):
+        read_folder(tmp_path, "a photo")
+
+
+def test_keep_tokens_is_checked_against_every_line_of_a_caption(tmp_path):
+    from sdtune.training import plan_run
+
+    photo_set(tmp_path / "photos", counts=(1, 1, 1))
+    (tmp_path / "photos" / "square-0.txt").write_text("<castle>, tower, snow\n<castle>\n")
+    config = TrainConfig(model="tiny-random", images=str(tmp_path / "photos"), shuffle_caption=True, keep_tokens=2,
+                         output=str(tmp_path / "run"))
+    with pytest.raises(SdtuneError, match=r"keep_tokens=2 is more than the 1 comma-separated tag\(s\) of a line of "
+                                          r"square-0.png's caption \('<castle>'\)"):
+        plan_run(config)
+
+
+def test_one_line_of_a_caption_is_drawn_each_time_from_the_seeded_stream():
+    """Every line comes up, about equally often, each draw decided by torch's generator (the loop seeds it per epoch
+    and process); a shuffle applies to the line drawn; a caption of one line draws nothing."""
+    lines = ("sks castle, tower, snow", "sks castle, dusk", "a sks castle from above")
+    items = [{"prompt": lines}, {"prompt": "sks castle, alone"}] * 300
+    augmented = AugmentedCaptions(items)
+    torch.manual_seed(0)
+    drawn = [augmented[i]["prompt"] for i in range(0, len(items), 2)]
+    torch.manual_seed(0)
+    assert [augmented[i]["prompt"] for i in range(0, len(items), 2)] == drawn
+    assert set(drawn) == set(lines) and all(80 < drawn.count(line) < 120 for line in lines)
+    torch.manual_seed(0)
+    shuffled = [AugmentedCaptions(items, shuffle=True, keep_tokens=1)[i]["prompt"] for i in range(0, 200, 2)]
+    assert {", ".join(sorted(p.split(", "))) for p in shuffled} == {", ".join(sorted(line.split(", "))) for line in lines}
+    assert "sks castle, snow, tower" in shuffled  # the first line, shuffled after its kept tag
+    torch.manual_seed(3)
+    assert augmented[1]["prompt"] == "sks castle, alone"
+    after_one_line = torch.rand(())
+    torch.manual_seed(3)
+    assert torch.rand(()) == after_one_line  # a caption of one line drew nothing: such runs draw as before
+
+
+def test_the_training_images_record_counts_a_tag_of_any_line_once_an_image():
+    from sdtune.captions import training_images_record
+
+    images = [Path("photos/a.png"), Path("photos/b.png")]
+    record = training_images_record(images, [("sks castle, snow", "sks castle, dusk, snow"), "sks castle, dusk"])
+    assert record["tag_frequency"] == json.dumps({"photos": {"sks castle": 2, "snow": 1, "dusk": 2}})
+    assert record["num_train_images"] == "2"
+
+
+def record_prompts(monkeypatch) -> tuple[list[str], list[str]]:
+    """Lists that the runs after this call fill: the prompts each step trained on, in order, and those the text
+    encoder encoded."""
+    import sdtune.training
+    from sdtune.conditioning import PromptConditioning
+
+    trained: list[str] = []
+    encoded: list[str] = []
+    original_loss, original_encode = sdtune.training.Trainer.loss, PromptConditioning.encode_prompts
+    monkeypatch.setattr(sdtune.training.Trainer, "loss",
+                        lambda self, latents, batch: trained.extend(batch["prompt"]) or original_loss(self, latents, batch))
+    monkeypatch.setattr(PromptConditioning, "encode_prompts",
+                        lambda self, prompts: encoded.extend(sorted(prompts)) or original_encode(self, prompts))
+    return trained, encoded
+
+
+def several_lines_run(tmp_path, recorded, name: str, **settings):
+    """A short run on photos whose captions have several lines (one of one line, one without a caption); what
+    `recorded` (record_prompts' lists) recorded of it, alone."""
+    folder = tmp_path / "photos"
+    if not folder.is_dir():
+        photo_set(folder, counts=(2, 1, 1))
+        (folder / "portrait-0.txt").write_text("a <castle> at dusk\na <castle> in fog\n\nthe <castle> from above\n")
+        (folder / "portrait-1.txt").write_text("a <castle> alone\n")
+        (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "square-0.png", "text": ["x <castle>", "y <castle>"]}) + "\n")
+    for kept in recorded:
+        kept.clear()
+    run = run_training(tmp_path, name, images=str(folder), batch_size=2, **settings)
+    return run, *(list(kept) for kept in recorded)
+
+
+LINES = {"a sks castle at dusk", "a sks castle in fog", "the sks castle from above", "x sks castle", "y sks castle"}
+
+
+@pytest.mark.parametrize("cache_latents", [True, False])
+def test_each_line_is_trained_and_encoded_once(tmp_path, tiny_path, monkeypatch, cache_latents):
+    run, trained, encoded = several_lines_run(tmp_path, record_prompts(monkeypatch), "run", steps=12, cache_latents=cache_latents)
+    assert len(trained) == 24 and LINES <= set(trained)
+    assert set(trained) == LINES | {"a sks castle alone", "photo of a sks castle."}
+    assert sorted(encoded) == sorted(set(encoded)) and set(trained) <= set(encoded)  # each encoded once, and kept
+    if cache_latents:  # every line before the loop: a finite set
+        assert set(encoded) == set(trained)
+
+
+@pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
+def test_caption_lines_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path, monkeypatch):
+    settings = dict(steps=6, shuffle_caption=True, caption_dropout=0.2)
+    recorded = record_prompts(monkeypatch)
+    whole, drawn, _ = several_lines_run(tmp_path, recorded, "whole", **settings)
+    assert len(LINES & set(drawn)) >= 2  # lines drawn (each of one tag: its own shuffle); every one: the test above
+    uncached, drawn_uncached, _ = several_lines_run(tmp_path, recorded, "uncached", **settings, cache_latents=False)
+    several_lines_run(tmp_path, recorded, "cut", **{**settings, "steps": 3, "checkpoint_every": 3})
+    resumed, drawn_resumed, _ = several_lines_run(tmp_path, recorded, "cut", **settings, checkpoint_every=3, resume="latest")
+    assert drawn_uncached == drawn and drawn_resumed == drawn[6:]
+    assert resumed.losses == whole.losses[3:]
+    for run in (uncached, resumed):
+        assert (run.output / "adapter.safetensors").read_bytes() == (whole.output / "adapter.safetensors").read_bytes()
+
+
+def test_one_line_caption_files_train_as_before(tmp_path, tiny_path):
+    """A caption file of one line trains, bit for bit, what it trained before captions had several lines: among blank
+    lines and Windows line ends, twice over, or as a metadata list of one; the run draws nothing for it (the seeded
+    stream after the flips is as it was, so the adapter's bytes are too)."""
+    adapters = []
+    for index, (caption, text) in enumerate([("a <castle>, tower\n", "x <castle>"), ("\r\n a <castle>,  tower \r\n\n", ["x <castle>"]),
+                                             ("a <castle>, tower\na <castle>, tower", ["x <castle>", "x  <castle>"])]):
+        folder = tmp_path / f"set-{index}" / "photos"  # one folder name: the adapter records it
+        photo_set(folder, counts=(1, 1, 1))
+        (folder / "portrait-0.txt").write_text(caption)
+        (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "square-0.png", "text": text}) + "\n")
+        run = run_training(tmp_path, f"run-{index}", images=str(folder), random_flip=True, steps=3)
+        adapters.append((run.output / "adapter.safetensors").read_bytes())
+    assert adapters[1] == adapters[0] and adapters[2] == adapters[0]
 
 
 def test_caption_files_of_no_image_are_named_before_the_model_loads(tmp_path):
