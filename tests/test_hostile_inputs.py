@@ -89,8 +89,10 @@ def make_files(tmp: Path) -> None:
     # photo sets: 3:4, 1:1, 16:9 and 3:1 photos, captioned badly
     from PIL import Image
 
-    metadata = {"metadata-json": b'{"file_name": "a.png", "text": "x"\n', "metadata-text": b'{"file_name": "a.png", "text": ""}\n'}
+    metadata = {"metadata-json": b'{"file_name": "a.png", "text": "x"\n', "metadata-text": b'{"file_name": "a.png", "text": ""}\n',
+                "metadata-list": b'{"file_name": "a.png", "text": ["x", " "]}\n'}
     for name, captions in {"latin1": {"a": "café".encode("latin-1")}, "empty": {"a": b" \n"}, "tags": {"b": b"a <castle>, snow"},
+                           "lines": {"b": b"a <castle>, snow, dusk\r\n\r\na <castle>, fog\r\n"},
                            **{name: {} for name in metadata}}.items():
         folder = tmp / f"photos-{name}"
         folder.mkdir()
@@ -195,6 +197,10 @@ CASES = [
     ("train-caption-empty", (*TRAIN, "--images", "{tmp}/photos-empty"), 2, "caption file {tmp}/photos-empty/a.txt is blank"),
     ("train-metadata-not-json", (*TRAIN, "--images", "{tmp}/photos-metadata-json"), 2, "{tmp}/photos-metadata-json/metadata.jsonl line 1: not JSON"),
     ("train-metadata-empty-text", (*TRAIN, "--images", "{tmp}/photos-metadata-text"), 2, "line 1: \"text\" must be a caption (non-empty text)"),
+    ("train-metadata-text-list-blank", (*TRAIN, "--images", "{tmp}/photos-metadata-list"), 2,
+     "line 1: \"text\" must be a caption (non-empty text) or a list of them, got ['x', ' ']"),
+    ("train-keep-tokens-over-caption-line", (*TRAIN, "--images", "{tmp}/photos-lines", "--shuffle-caption", "--keep-tokens", 3), 2,
+     "--keep-tokens 3 is more than the 2 comma-separated tag(s) of a line of b.png's caption ('a <castle>, fog')"),
     ("train-bucket-of-one", (*TRAIN, "--images", "{tmp}/photos-tags", "--buckets", "--batch-size", 2), 2,
      "--buckets: the 56x72 bucket holds 1 image(s) (a.png), fewer than --batch-size 2; give a --batch-size of at most 1, "
      "more images of that shape, or leave out --buckets"),
