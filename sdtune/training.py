@@ -442,7 +442,7 @@ def read_inputs(config: TrainConfig) -> Inputs:
     return inputs
 
 
-def concept_inputs(config: TrainConfig) -> list[tuple[Path, str, int]]:
+def concept_inputs(config: TrainConfig) -> list[tuple[Path, str | tuple[str, ...], int]]:
     """(image, prompt, concept index) of every concept's images: a caption beside the image (or in the
     folder's metadata.jsonl) with placeholders filled (each line of one of several), else the template's prompt for
     the concept."""
