@@ -777,6 +777,21 @@ def test_each_line_is_trained_and_encoded_once(tmp_path, tiny_path, monkeypatch,
         assert set(encoded) == set(trained)
 
 
+def test_the_validation_loss_measures_an_image_of_several_lines_with_its_first(tmp_path, tiny_path, monkeypatch):
+    """Fixed prompts keep the validation loss comparable from check to check."""
+    import sdtune.training
+    from sdtune import validation
+
+    monkeypatch.setattr(validation, "SAMPLE_STEPS", 2)
+    measured: list[list[str]] = []
+    original = sdtune.training.Trainer.validation_embeddings
+    monkeypatch.setattr(sdtune.training.Trainer, "validation_embeddings",
+                        lambda self: measured.append(list(self.validation_prompts)) or original(self))
+    run, _, _ = several_lines_run(tmp_path, record_prompts(monkeypatch), "run", steps=2, validate_every=1)
+    assert set(run.validation_losses) == {1, 2}
+    assert measured == [["a sks castle at dusk", "a sks castle alone", "x sks castle", "photo of a sks castle."]]  # encoded once
+
+
 @pytest.mark.filterwarnings("ignore:resuming with other settings")  # steps: the cut run stopped early
 def test_caption_lines_train_cached_as_uncached_and_resume_exactly(tmp_path, tiny_path, monkeypatch):
     settings = dict(steps=6, shuffle_caption=True, caption_dropout=0.2)
