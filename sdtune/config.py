@@ -889,6 +889,7 @@ class SampleConfig(_Config):
 
     prompts: str | None = None  # a prompt file; one prompt a line, '#' comments, kohya-ss' --n, --w, ... after a prompt its own
     prompt: list[str] = field(default_factory=list)  # prompts given directly
+    # none of prompts, prompt and dataset: one adapter's training prompt (each concept's in turn, for a run of several)
     adapter: str | list[str] | None = None  # adapter file or run folder (several stack); none samples the base model
     model: str | None = None  # default: the (first) adapter's base model, else SD v1.4
     output: str | None = None  # default: <run>/samples (the first adapter's), else samples/
@@ -953,7 +954,7 @@ class SampleConfig(_Config):
             _check_dataset(self)
         elif self.classes:
             raise SdtuneError("--classes needs --dataset")
-        if not self.prompts and not self.prompt and not self.dataset:
+        if not self.prompts and not self.prompt and not self.dataset and not self.adapter:  # an adapter: its run's prompts
             raise SdtuneError("give a prompt file (--prompts FILE), a prompt (--prompt TEXT) or a dataset (--dataset NAME)")
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
