@@ -147,8 +147,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         from .fileio import counted
 
         lines = [PromptLine(prompt) for prompt in trained_prompts(config.adapters, infos)]
+        each = " each" if len(lines) > 1 else ""
         notes.append(f"no prompt given: drew the adapter's training {'prompts' if len(lines) > 1 else 'prompt'} "
-                     + ", ".join(repr(line.prompt) for line in lines) + + (f", {counted(config.num_images, 'image')} each" if len(lines) > 1 else f", {counted(config.num_images, 'image')}"))
+                     + ", ".join(repr(line.prompt) for line in lines) + f", {counted(config.num_images, 'image')}{each}")
     prompts = [line.prompt for line in lines]
     model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
     placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
