@@ -180,7 +180,14 @@ class RunPlan:
             templates = [config.concept_prompt(config.concepts[label]) for label in inputs.concept_labels]
             captioned = sum(prompt != template for prompt, template in zip(inputs.prompts, templates))
             captioned_note = f" ({captioned} with a caption of their own)" if captioned else ""
-            lines.append(f"{counted(images, 'training image')} of {named}{captioned_note}{held}; prompts like {inputs.prompts[0]!r}")
+            examples, named = repr(inputs.prompts[0]), f" of {named}"
+            if len(config.concepts) > 1:  # each concept's count and first prompt, in the order they were given
+                counts = [f"{inputs.concept_labels.count(label)} of {name}" for label, name in enumerate(config.concepts)]
+                named = " (" + ", ".join(counts) + (f"; {captioned} with a caption of their own" if captioned else "") + ")"
+                captioned_note = ""
+                firsts = {label: prompt for label, prompt in reversed(list(zip(inputs.concept_labels, inputs.prompts)))}
+                examples = ", ".join(repr(firsts[label]) for label in sorted(firsts))
+            lines.append(f"{counted(images, 'training image')}{named}{captioned_note}{held}; prompts like {examples}")
             if self.buckets:
                 from .buckets import described_buckets
 

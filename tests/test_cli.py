@@ -157,6 +157,18 @@ def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_
         "1 step at batch size 1: 1 image drawn, 1.0 epochs; lr 0.001 (constant), adamw, mixed precision no",
     ]
 
+    # several concepts: each one's count and a prompt of each, in the order given (a caption of its own counted)
+    other = tmp_path / "canal-photos"
+    other.mkdir()
+    for index in range(2):
+        Image.new("RGB", (64, 64), (30, 60 + 40 * index, 200)).save(other / f"{index}.png")
+    (other / "1.txt").write_text("a <canal> at night")
+    several = invoke("train", "--model", "tiny-random", "--dry-run", "--concept", "castle", "--images", one, "--concept",
+                     "canal", "--images", other, "--steps", 1, "--output", tmp_path / "several")
+    assert several.exit_code == 0, several.output
+    assert several.output.splitlines()[1] == ("3 training images (1 of castle, 2 of canal; 1 with a caption of their own); "
+                                              "prompts like 'photo of a sks castle.', 'photo of a sks canal.'")
+
 
 def test_train_dry_run_says_the_model_is_v_prediction_and_the_schedule_rescaled(tmp_path):
     plain = invoke("train", "--model", "tiny-random", "--dry-run", "--steps", 1, "--output", tmp_path / "plain")

@@ -1343,6 +1343,15 @@ def test_a_run_of_several_concepts_is_drawn_and_measured_concept_by_concept_by_d
     assert "per concept (each against its own images):" in table
     assert re.match(r"^concept\s+images\s+CLIP-T\s+CLIP-I\s+DINO$", table[-3])
     assert table[-2].split()[:2] == ["snow", "2"] and table[-1].split()[:2] == ["jade", "2"]
+    # compare's grid: a row per concept, from the run's evaluation prompts or, never evaluated, its training prompts
+    from sdtune.comparison import summarize_run
+
+    compared = sdtune.compare([str(run)], str(run.parent / "compared"), steps=1)
+    grid_images = sorted((run.parent / "compared" / "samples" / "run" / "images").glob("*.png"))
+    assert [recorded_prompt(path) for path in grid_images] == ["photo of a sks snow.", "photo of a sks jade."]
+    assert run.parent / "compared" / "grid.png" in compared.files
+    (run / "eval.json").unlink()
+    assert summarize_run(run).eval_prompts == [] and run_prompts(run, "<snow>") == report["prompts"]
     # an adapter file apart from its run (no config.toml): its recorded tokens name the concepts, in order
     alone = run.parent / "alone"
     alone.mkdir()
