@@ -1191,7 +1191,7 @@ class EvaluateConfig(_Config):
 
     run: str | None = None  # run folder or adapter file to sample from (and where eval.json goes)
     images: str | None = None  # a folder of generated images instead of sampling (e.g. RUN/samples)
-    prompts: str | None = None  # prompt file; default: the run's training prompt
+    prompts: str | None = None  # prompt file; default: the run's training prompt (each concept's, for several)
     prompt: list[str] = field(default_factory=list)  # prompts given directly
     reference: str | None = None  # reference images; default: the run's training images
     output: str | None = None  # default: RUN/eval.json, else IMAGES/eval.json
@@ -1232,7 +1232,7 @@ class CompareConfig(_Config):
 
     runs: list[str] = field(default_factory=list)
     output: str = "comparison"
-    prompts: str | None = None  # grid prompts; default: the first run's evaluation prompts, else its training prompt
+    prompts: str | None = None  # grid prompts; default: the first run's evaluation prompts, else its training prompt(s)
     prompt: list[str] = field(default_factory=list)
     seed: int = 0  # the one seed every run samples the grid with
     steps: int = 30
