@@ -816,7 +816,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     measure(("fid", "kid", "kid_std"), distances)
 
     # A run of several concepts: CLIP-T, CLIP-I and DINO of each concept's images too (against its own reference
-    # images), in the order it trained them; the metrics above average the concepts alike.
+    # images), in the order it trained them (CLIP-I and DINO above average these, CLIP-T averages every image's).
     per_concept: dict[str, dict[str, Any]] = {}
     if fidelity_pairs.startswith("own concept"):
         drawn_of = indices_by_value(generated_classes)
