@@ -485,7 +485,7 @@ def train(
 @app.command()
 @handle_errors
 def sample(
-    prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token. As in kohya-ss' sample prompts, a line may end in its own settings: 'a castle --n blurry --w 512 --h 768 --d 42 --s 30 --l 7.5' (negative prompt, width, height, first seed, steps, guidance)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file: one prompt a line, '#' comments; <name> placeholders get the adapter's token (default, with one adapter: its training prompt, each concept's for a run of several). As in kohya-ss' sample prompts, a line may end in its own settings: 'a castle --n blurry --w 512 --h 768 --d 42 --s 30 --l 7.5' (negative prompt, width, height, first seed, steps, guidance)."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     adapter: List[Path] = typer.Option([], help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled. Repeat it to stack adapters: their updates are added."),
     model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
@@ -655,7 +655,7 @@ def merge(
 def evaluate(
     run: Optional[Path] = typer.Option(None, help="Run folder (or adapter file) to sample from; eval.json goes there."),
     images: Optional[Path] = typer.Option(None, help="Measure this folder of generated images instead of sampling (e.g. RUN/samples)."),
-    prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the run's training prompt); <name> reads as the plain name for CLIP-T."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the run's training prompt, each concept's for a run of several); <name> reads as the plain name for CLIP-T."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     reference: Optional[Path] = typer.Option(None, help="Reference images for CLIP-I, DINO, FID and KID (default: the run's training images)."),
     output: Optional[Path] = typer.Option(None, help="Where to write the results (default: RUN/eval.json, else IMAGES/eval.json)."),
@@ -692,7 +692,7 @@ def evaluate(
 def compare(
     runs: List[Path] = typer.Argument(..., help="Run folders to compare (each with its adapter, metrics.jsonl and, if measured, eval.json)."),
     output: Path = typer.Option(..., help="Folder for comparison.md, comparison.csv, the plots and the image grid."),
-    prompts: Optional[Path] = typer.Option(None, help="Grid prompts (default: the first run's evaluation prompts, else its training prompt)."),
+    prompts: Optional[Path] = typer.Option(None, help="Grid prompts (default: the first run's evaluation prompts, else its training prompt, each concept's for a run of several)."),
     prompt: List[str] = typer.Option([], help="A grid prompt (repeatable)."),
     seed: Optional[int] = typer.Option(None, help="The seed every run samples the grid with." + _default(CompareConfig, "seed")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps for the grid." + _default(CompareConfig, "steps")),

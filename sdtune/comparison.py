@@ -53,6 +53,7 @@ class RunSummary:
     unavailable: dict[str, str] = field(default_factory=dict)
     eval_prompts: list[str] = field(default_factory=list)
     placeholder: str = ""
+    placeholder_tokens: str | dict[str, str] | None = None  # each concept's token, for a run of several
     model: str = ""  # the base model the adapter was trained on
     resolution: int | None = None  # the run's --resolution; None: the model's own size
     stale_evaluation: str = ""  # why its eval.json's metrics were left out (they measured another adapter)
@@ -131,6 +132,7 @@ def summarize_run(path: str | Path) -> RunSummary:
         unavailable=dict(report.get("unavailable", {})),
         eval_prompts=list(report.get("prompts", [])),
         placeholder=info.placeholder,
+        placeholder_tokens=info.placeholder_tokens(),
         unfinished=unfinished_run(path, info.extra.get("step", "")),
         model=info.base_model,
         resolution=run_resolution(path),
@@ -756,7 +758,7 @@ def remove_comparison(out: Path) -> None:
 def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     """The grid's prompts (`data.PromptLine`s): --prompt's as given, then --prompts' lines with their kohya-ss options
     (--n, --w, --h, --d, --s, --l, as `sdtune sample` reads them: every run draws a line alike), else the first run's
-    evaluation prompts, else its training prompt."""
+    evaluation prompts, else its training prompt (each concept's in turn, for a run of several)."""
     from .data import PromptLine, read_prompt_lines
     from .evaluation import run_prompts
 
@@ -764,7 +766,7 @@ def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     if lines:
         return lines
     first = runs[0]
-    return [PromptLine(prompt) for prompt in first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>")]
+    return [PromptLine(prompt) for prompt in first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>", first.placeholder_tokens)]
 
 
 def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: bool = True, **options: Any) -> Comparison:

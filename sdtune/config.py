@@ -889,6 +889,7 @@ class SampleConfig(_Config):
 
     prompts: str | None = None  # a prompt file; one prompt a line, '#' comments, kohya-ss' --n, --w, ... after a prompt its own
     prompt: list[str] = field(default_factory=list)  # prompts given directly
+    # none of prompts, prompt and dataset: one adapter's training prompt (each concept's in turn, for a run of several)
     adapter: str | list[str] | None = None  # adapter file or run folder (several stack); none samples the base model
     model: str | None = None  # default: the (first) adapter's base model, else SD v1.4
     output: str | None = None  # default: <run>/samples (the first adapter's), else samples/
@@ -953,7 +954,7 @@ class SampleConfig(_Config):
             _check_dataset(self)
         elif self.classes:
             raise SdtuneError("--classes needs --dataset")
-        if not self.prompts and not self.prompt and not self.dataset:
+        if not self.prompts and not self.prompt and not self.dataset and not self.adapter:  # an adapter: its run's prompts
             raise SdtuneError("give a prompt file (--prompts FILE), a prompt (--prompt TEXT) or a dataset (--dataset NAME)")
         for name in ("num_images", "steps"):
             if getattr(self, name) < 1:
@@ -1190,7 +1191,7 @@ class EvaluateConfig(_Config):
 
     run: str | None = None  # run folder or adapter file to sample from (and where eval.json goes)
     images: str | None = None  # a folder of generated images instead of sampling (e.g. RUN/samples)
-    prompts: str | None = None  # prompt file; default: the run's training prompt
+    prompts: str | None = None  # prompt file; default: the run's training prompt (each concept's, for several)
     prompt: list[str] = field(default_factory=list)  # prompts given directly
     reference: str | None = None  # reference images; default: the run's training images
     output: str | None = None  # default: RUN/eval.json, else IMAGES/eval.json
@@ -1231,7 +1232,7 @@ class CompareConfig(_Config):
 
     runs: list[str] = field(default_factory=list)
     output: str = "comparison"
-    prompts: str | None = None  # grid prompts; default: the first run's evaluation prompts, else its training prompt
+    prompts: str | None = None  # grid prompts; default: the first run's evaluation prompts, else its training prompt(s)
     prompt: list[str] = field(default_factory=list)
     seed: int = 0  # the one seed every run samples the grid with
     steps: int = 30

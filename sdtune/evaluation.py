@@ -98,7 +98,22 @@ class Evaluation:
             elif name in self.unavailable:
                 rows.append((title, "unavailable", self.unavailable[name]))
         width = [max(len(row[i]) for row in rows) for i in range(2)]
-        return "\n".join(f"{a.ljust(width[0])}  {b.rjust(width[1])}  {c}" for a, b, c in rows)
+        return "\n".join(f"{a.ljust(width[0])}  {b.rjust(width[1])}  {c}" for a, b, c in rows) + self.concepts_table()
+
+    def concepts_table(self) -> str:
+        """A run of several concepts' CLIP-T, CLIP-I and DINO of each concept's images, as aligned text after the
+        metrics ("" for other runs)."""
+        per_concept = self.report.get("per_concept") or {}
+        names = [name for name in ("clip_t", "clip_i", "dino") if any(name in values for values in per_concept.values())]
+        if not per_concept:
+            return ""
+        rows = [("concept", "images", *(METRICS[name][0] for name in names))]
+        rows += [(concept, str(values["images"]), *(format_metric(name, values[name]) if name in values else "-" for name in names))
+                 for concept, values in per_concept.items()]
+        width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join([row[0].ljust(width[0]), *(cell.rjust(w) for cell, w in zip(row[1:], width[1:]))]).rstrip()
+                 for row in rows]
+        return "\n\nper concept (each against its own images):\n" + "\n".join(lines)
 
 
 # decimal places each metric is shown at everywhere (tables, reports, cards); 4 for those not named
@@ -529,9 +544,11 @@ def run_dataset(run: Path):
         raise MetricUnavailable(f"no reference images ({error_line(error)}; give --reference DIR)") from None
 
 
-def run_prompts(run: Path, placeholder: str) -> list[str]:
+def run_prompts(run: Path, placeholder: str, tokens: str | dict[str, str] | None = None) -> list[str]:
     """The prompts a run is measured with by default: a dataset run's caption of each class (as `sdtune sample
-    --dataset` draws them), else its training prompt."""
+    --dataset` draws them); a run of several concepts' training prompt with each concept's placeholder in turn, in the
+    order it trained them (its config.toml's, else its adapter's `tokens`: an adapter file apart from its run); else
+    its training prompt."""
     from .config import read_toml
     from .datasets import class_captions
 
@@ -539,6 +556,9 @@ def run_prompts(run: Path, placeholder: str) -> list[str]:
     if settings.get("dataset"):
         return [caption for _, caption in class_captions(
             settings["dataset"], settings.get("data_root"), settings.get("classes") or None, settings.get("class_template"))]
+    concepts = run_concepts(run) or (list(tokens) if isinstance(tokens, dict) else [])
+    if len(concepts) > 1:
+        return [run_prompt(run, f"<{name}>") for name in concepts]
     return [run_prompt(run, placeholder)]
 
 
@@ -641,7 +661,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     # the metrics compare one set of images drawn alike: a prompt file's own --n, --w, ... are not used
     prompts = list(config.prompt) + (read_prompt_file(config.prompts, EVALUATE_OPTIONS_UNUSED) if config.prompts else [])
     if not prompts and info is not None:
-        prompts = run_prompts(run, info.placeholder or "<concept>")
+        prompts = run_prompts(run, info.placeholder or "<concept>", info.placeholder_tokens())
     files = one_strength(image_folder(config.images), config.adapter_scale, config.images) if config.images else []
     if config.output:
         output = Path(config.output)
@@ -745,12 +765,14 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     except MetricUnavailable as error:
         drawn, unpaired = [], error
 
-    def clip_t() -> dict[str, float]:
+    def clip_t(rows: list[int] | None = None) -> dict[str, float]:
+        """CLIP-T of the images at `rows` (all by default)."""
         if not drawn:
             raise unpaired
+        rows = range(len(generated)) if rows is None else rows
         # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all
-        paired = [without_new_tokens(fill_placeholders(prompt, None)) for prompt in drawn]
-        return {"clip_t": clip_score(*model("clip"), [g.to(device) for g in generated], paired)}
+        paired = [without_new_tokens(fill_placeholders(drawn[row], None)) for row in rows]
+        return {"clip_t": clip_score(*model("clip"), [generated[row].to(device) for row in rows], paired)}
 
     # A dataset run's images are measured against their own class's reference images where every image's prompt is
     # one of its class captions (as sampling a dataset draws them); a run of several concepts', each image whose
@@ -793,6 +815,23 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
 
     measure(("fid", "kid", "kid_std"), distances)
 
+    # A run of several concepts: CLIP-T, CLIP-I and DINO of each concept's images too (against its own reference
+    # images), in the order it trained them (CLIP-I and DINO above average these, CLIP-T averages every image's).
+    per_concept: dict[str, dict[str, Any]] = {}
+    if fidelity_pairs.startswith("own concept"):
+        drawn_of = indices_by_value(generated_classes)
+        for name in (name for name in concepts if name in drawn_of):
+            rows = drawn_of[name]
+            references = [index for index, own in enumerate(reference_classes) if own == name]
+            values: dict[str, Any] = {"images": len(rows)}
+            if "clip_t" in metrics:
+                values.update(clip_t(rows))
+            for metric, kind in (("clip_i", "clip"), ("dino", "dino")):
+                if metric in metrics:
+                    images, reference_embeddings = embeddings(kind)
+                    values[metric] = mean_cross_similarity(images[rows], reference_embeddings[references])
+            per_concept[name] = values
+
     report: dict[str, Any] = {
         "format": FORMAT,
         "metrics_version": METRICS_VERSION,
@@ -809,6 +848,8 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         "metrics": {name: metrics[name] for name in METRICS if name in metrics},
         "unavailable": {name: unavailable[name] for name in METRICS if name in unavailable},
     }
+    if per_concept:
+        report["per_concept"] = per_concept
     if not config.images:
         report.update(
             num_images=config.num_images, steps=config.steps, guidance=config.guidance,

@@ -117,6 +117,8 @@ def _provenance(source, info, scale: float, rename: dict, dtype: str) -> dict:
         "base_model": info.base_model,
         "placeholder": info.placeholder,
         "token": renamed(info.token, rename),
+        **({"concept_tokens": {name: renamed(token, rename) for name, token in tokens.items()}}  # several concepts: each one's
+           if isinstance(tokens := info.placeholder_tokens(), dict) else {}),
         "scale": scale,
         "dtype": dtype,
         **({"renamed_tokens": rename} if rename else {}),

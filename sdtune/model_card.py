@@ -97,6 +97,10 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     trained = trained_parameters(info, adapter_method) + token_rows(path)
     template = settings.get("template", "photo of a {token}.")
     prompt = template.format(token=info.token) if info.token and "{token}" in template else None
+    # a run of several concepts: each concept's token and training prompt, in the order it trained them
+    tokens = info.placeholder_tokens()
+    concept_tokens = tokens if isinstance(tokens, dict) and len(tokens) > 1 else {}
+    prompts = [template.format(token=token) for token in concept_tokens.values()] if prompt and concept_tokens else [prompt] * bool(prompt)
     captions = dataset_captions(settings)  # a run trained on a dataset is drawn by its classes' captions, not a token
     family = ["stable-diffusion-xl"] if info.extra.get("base_model_family") == "sdxl" else ["stable-diffusion"]
     tags = ["sdtune", *family, "text-to-image", info.method] + (["textual_inversion"] if info.new_tokens else [])
@@ -105,8 +109,9 @@ def model_card(path: Path, info, license: str | None = None) -> str:
         base_model=info.base_model if is_hub_id(info.base_model) else None,
         license=license,
         tags=tags,
-        instance_prompt=prompt,
-        widget=[{"text": prompt or (captions[0] if captions else name), "output": {"url": GRID.as_posix()}}] if grid.is_file() else None,
+        instance_prompt="; ".join(prompts) or None,
+        widget=[{"text": text, "output": {"url": GRID.as_posix()}} for text in prompts or [captions[0] if captions else name]]
+        if grid.is_file() else None,
     )
     counted = f"{trained:,} trained parameters, " if trained else ""
     lines = [
@@ -117,7 +122,11 @@ def model_card(path: Path, info, license: str | None = None) -> str:
         "",
         f"The method: {adapter_method.summary}.",
     ]
-    if prompt:
+    if concept_tokens and prompt:
+        lines += ["", f"It learnt {len(concept_tokens)} concepts, each with its token:", ""]
+        lines += [f"- `{token}` stands for `<{concept}>` (training prompt: `{text}`)"
+                  for (concept, token), text in zip(concept_tokens.items(), prompts)]
+    elif prompt:
         lines += ["", f"The token `{info.token}` stands for the concept (training prompt: `{prompt}`)."]
     if info.new_tokens:
         tokens = ", ".join(f"`{token}`" for token in info.new_tokens)
@@ -144,13 +153,16 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     strengths = [float(r.get("strength", 1.0)) for r in bases] + [1.0]
     listed = ",".join(f"{s:g}" for s in strengths)
     sample_scales, merge_scales = (f" --adapter-scale {listed}", f" --scale {listed}") if bases else ("", "")
-    example = captions[0] if captions else fill_placeholders(f"a {placeholder} at dawn", info.placeholder_tokens())
+    placeholders = [f"<{concept}>" for concept in concept_tokens] or [placeholder]
+    examples = captions[:1] or [fill_placeholders(f"a {each} at dawn", tokens) for each in placeholders]
     adapters = " ".join("--adapter " + a for a in stack)
+    asked = " ".join(f'--prompt "a {each} at dawn"' for each in placeholders)
     lines += [
         "", "## Use it", "", "```bash",
         f"sdtune sample {adapters}{sample_scales} {dataset_flags(settings)}   # one row per class, captioned as training captioned it"
         if captions else
-        f'sdtune sample {adapters}{sample_scales} --prompt "a {placeholder} at dawn"   # {placeholder} becomes the token',
+        f"sdtune sample {adapters}{sample_scales} {asked}   # each <name> becomes its concept's token" if concept_tokens else
+        f'sdtune sample {adapters}{sample_scales} {asked}   # {placeholder} becomes the token',
         f"sdtune export {path.name} --format kohya --output {name}.safetensors      # ComfyUI, AUTOMATIC1111, LyCORIS, InvokeAI"
         + (" (beside its base adapters)" if bases else ""),
         f"sdtune merge {' '.join(stack)}{merge_scales} --output {name}-merged/                        # a whole diffusers pipeline",
@@ -162,10 +174,13 @@ def model_card(path: Path, info, license: str | None = None) -> str:
          f'sdtune.load_adapter("{path.name}", pipe)   # merged; scale=0.8 weakens it'),
         *[ZERO_SNR_SCHEDULER] * zero_snr,
         *long_prompts,
-        f"image = pipe({json.dumps(example, ensure_ascii=False)}{call}).images[0]",
+        f"images = [pipe(prompt{call}).images[0] for prompt in {json.dumps(examples, ensure_ascii=False)}]" if len(examples) > 1 else
+        f"image = pipe({json.dumps(examples[0], ensure_ascii=False)}{call}).images[0]",
         "```",
     ]
     rows = [(label, _shown(settings[key])) for key, label in SETTINGS.items() if _worth_showing(key, settings.get(key))]
+    if concept_tokens:
+        rows.insert(0, ("concepts", ", ".join(concept_tokens)))
     losses = final_losses(run)
     if rows or losses:
         lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
@@ -268,6 +283,15 @@ def evaluation_lines(run: Path, info) -> list[str]:
     for key, (title, meaning) in METRICS.items():
         if key in report["metrics"]:
             lines.append(f"| {title} | {format_metric(key, report['metrics'][key])} | {meaning} |")
+    per_concept = report.get("per_concept") or {}
+    shown = [key for key in ("clip_t", "clip_i", "dino") if key in report["metrics"]]
+    if per_concept and shown:  # a run of several concepts: each concept's images against its own reference images
+        lines += ["", "Each concept's images (CLIP-I and DINO against that concept's training images):", "",
+                  "| concept | images | " + " | ".join(METRICS[key][0] for key in shown) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in shown) + " |"]
+        lines += [f"| {concept} | {values.get('images', '')} | "
+                  + " | ".join(format_metric(key, values[key]) if key in values else "" for key in shown) + " |"
+                  for concept, values in per_concept.items() if isinstance(values, dict)]
     return lines
 
 

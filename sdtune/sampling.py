@@ -140,9 +140,17 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
         lines += [PromptLine(caption) for _, caption in class_captions(config.dataset, config.data_root, config.classes, config.class_template)]
     # a prompt file's lines may set their own negative prompt, size, seed, steps and guidance (kohya-ss' --n, --w, ...)
     lines += [PromptLine(prompt) for prompt in config.prompt] + (read_prompt_lines(config.prompts) if config.prompts else [])
-    prompts = [line.prompt for line in lines]
     infos = [adapter_info(adapter) for adapter in config.adapters]
     info = infos[0] if infos else None
+    notes = []
+    if not lines:  # no prompt given: the adapter's training prompts (`validate` refuses this without an adapter)
+        from .fileio import counted
+
+        lines = [PromptLine(prompt) for prompt in trained_prompts(config.adapters, infos)]
+        each = " each" if len(lines) > 1 else ""
+        notes.append(f"no prompt given: drew the adapter's training {'prompts' if len(lines) > 1 else 'prompt'} "
+                     + ", ".join(repr(line.prompt) for line in lines) + f", {counted(config.num_images, 'image')}{each}")
+    prompts = [line.prompt for line in lines]
     model = config.model or (info.base_model if info else None) or DEFAULT_MODEL
     placeholders = placeholder_tokens(infos, [str(adapter) for adapter in config.adapters])  # a refused stack: before the model loads
     token = config.token or placeholders or None
@@ -183,15 +191,17 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
             )
         # any adapter (of a stack too, but for base adapters) trained with --zero-terminal-snr samples on the rescaled, trailing schedule
         zero_snr = zero_snr_adapters(config.adapters, infos)
-        return _sample(config, lines, files, model, token, output, state, progress, started, zero_snr, reading)
+        return _sample(config, lines, files, model, token, output, state, progress, started, zero_snr, reading, notes)
     finally:
         lock.release()
 
 
 def _sample(config: SampleConfig, lines: list, files: dict, model: str, token: str | None, output: Path, state,
-            progress: bool, started: float, zero_snr: list[str] | None = None, reading=None) -> SampleResult:
+            progress: bool, started: float, zero_snr: list[str] | None = None, reading=None,
+            notes: list[str] | None = None) -> SampleResult:
     """Draw the images into `files` (by strength: each prompt's images, seed after seed) and the grid; `lines`: the
-    prompts with the settings their prompt file's lines gave them (`data.PromptLine`)."""
+    prompts with the settings their prompt file's lines gave them (`data.PromptLine`); `notes`: what the command says
+    after the images, so far."""
     import time
 
     from .data import fill_placeholders, warn_truncated_prompts
@@ -203,7 +213,7 @@ def _sample(config: SampleConfig, lines: list, files: dict, model: str, token: s
     pipe, adapter, stack = sampling_pipeline(model, config.adapters, device, config.stack_scales)
     if stack is not None and not config.token:  # stacked adapters' new tokens as the stack named them
         token = stack.placeholders
-    notes = []
+    notes = list(notes or [])
     if config.scheduler != "default":
         pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
     elif zero_snr:  # an explicit --scheduler wins
@@ -345,6 +355,24 @@ def torch_float32():
 
 def dtype_name(dtype) -> str:
     return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}[str(dtype)]
+
+
+def trained_prompts(adapters: list, infos: list) -> list[str]:
+    """The prompts an adapter is drawn with where none is given: its run's training prompt, each concept's in turn for
+    a run of several (as `sdtune evaluate` measures it), or a dataset run's class captions; refused for stacked
+    adapters and for a file that records no prompt (a kohya-format file of another trainer)."""
+    from .adapter import adapter_path
+    from .errors import SdtuneError
+    from .evaluation import run_prompts
+
+    asked = "give a prompt file (--prompts FILE), a prompt (--prompt TEXT) or a dataset (--dataset NAME)"
+    if len(adapters) != 1:
+        raise SdtuneError(f"{asked}: stacked adapters have no one training prompt to draw")
+    run, info = adapter_path(adapters[0]).parent, infos[0]
+    tokens = info.placeholder_tokens()
+    if not info.placeholder and not isinstance(tokens, dict) and not (run / "config.toml").is_file():
+        raise SdtuneError(f"{asked}: {adapters[0]} records no training prompt")
+    return run_prompts(run, info.placeholder or "<concept>", tokens)
 
 
 def placeholder_tokens(infos: list, names: list[str] | None = None) -> str | dict[str, str] | None:

@@ -295,6 +295,9 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
             # a run trained on a dataset samples its classes, one row each, as `sdtune sample --dataset` draws them
             sampled.update(dataset=train.dataset, data_root=train.data_root, classes=train.classes or None,
                            class_template=train.class_template)
+        elif not any(sampled.get(key) for key in ("prompt", "prompts", "dataset")):
+            # a concept run samples its training prompt, each concept's in turn, as `sdtune evaluate` measures it
+            sampled.update(prompt=[train.template.format(token=f"<{name}>") for name in train.concepts])
         adapters: list[str] = [str(folder)]
         if train.base_adapters:
             adapters, sampled = _stacked_on_base_adapters(train, adapters, sampled)

@@ -183,9 +183,16 @@ class RunPlan:
             captioned = sum(prompt != template for prompt, template in zip(inputs.prompts, templates))
             several = sum(isinstance(prompt, tuple) for prompt in inputs.prompts)  # caption variants: one drawn each time
             several_note = f"; {several} with several lines, one drawn each time" if several else ""
-            captioned_note = f" ({captioned} with a caption of their own{several_note})" if captioned else ""
-            lines.append(f"{counted(images, 'training image')} of {named}{captioned_note}{held}; "
-                         f"prompts like {first_line(inputs.prompts[0])!r}")
+            own = f"{captioned} with a caption of their own{several_note}" if captioned else ""
+            captioned_note = f" ({own})" if own else ""
+            examples, named = repr(first_line(inputs.prompts[0])), f" of {named}"
+            if len(config.concepts) > 1:  # each concept's count and first prompt, in the order they were given
+                counts = [f"{inputs.concept_labels.count(label)} of {name}" for label, name in enumerate(config.concepts)]
+                named = " (" + ", ".join(counts) + (f"; {own}" if own else "") + ")"
+                captioned_note = ""
+                firsts = {label: prompt for label, prompt in reversed(list(zip(inputs.concept_labels, inputs.prompts)))}
+                examples = ", ".join(repr(first_line(firsts[label])) for label in sorted(firsts))
+            lines.append(f"{counted(images, 'training image')}{named}{captioned_note}{held}; prompts like {examples}")
             if self.buckets:
                 from .buckets import described_buckets
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -156,6 +157,18 @@ def test_train_dry_run_says_what_would_train_without_loading_or_writing(trained_
         "1 step at batch size 1: 1 image drawn, 1.0 epochs; lr 0.001 (constant), adamw, mixed precision no",
     ]
 
+    # several concepts: each one's count and a prompt of each, in the order given (a caption of its own counted)
+    other = tmp_path / "canal-photos"
+    other.mkdir()
+    for index in range(2):
+        Image.new("RGB", (64, 64), (30, 60 + 40 * index, 200)).save(other / f"{index}.png")
+    (other / "1.txt").write_text("a <canal> at night")
+    several = invoke("train", "--model", "tiny-random", "--dry-run", "--concept", "castle", "--images", one, "--concept",
+                     "canal", "--images", other, "--steps", 1, "--output", tmp_path / "several")
+    assert several.exit_code == 0, several.output
+    assert several.output.splitlines()[1] == ("3 training images (1 of castle, 2 of canal; 1 with a caption of their own); "
+                                              "prompts like 'photo of a sks castle.', 'photo of a sks canal.'")
+
 
 def test_train_dry_run_says_the_model_is_v_prediction_and_the_schedule_rescaled(tmp_path):
     plain = invoke("train", "--model", "tiny-random", "--dry-run", "--steps", 1, "--output", tmp_path / "plain")
@@ -196,6 +209,23 @@ def test_sample_writes_images_and_grid_reproducibly(trained_run, tmp_path):
     assert names == ["000-seed0.png", "000-seed1.png", "001-seed0.png", "001-seed1.png"]
     for name in names:
         assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
+
+
+def test_sample_without_a_prompt_draws_the_adapters_training_prompt(trained_run, tmp_path):
+    """A run of one concept: its one training prompt, the images those `--prompt` draws; stacked adapters have no one
+    prompt to draw, and without an adapter there is none (refused, as before)."""
+    result = invoke("sample", "--adapter", trained_run, "--num-images", 2, "--steps", 1, "--output", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert "note: no prompt given: drew the adapter's training prompt 'photo of a <castle>.', 2 images\n" in result.stdout
+    asked = invoke("sample", "--adapter", trained_run, "--prompt", "photo of a <castle>.", "--num-images", 2, "--steps", 1,
+                   "--output", tmp_path / "b")
+    assert asked.exit_code == 0 and "no prompt given" not in asked.stdout
+    for name in ("000-seed0.png", "000-seed1.png", "grid.png"):
+        path = Path("images", name) if name != "grid.png" else Path(name)
+        assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
+    assert not (tmp_path / "a" / "images" / "001-seed0.png").exists()
+    stacked = invoke("sample", "--adapter", trained_run, "--adapter", trained_run / "adapter.safetensors", "--output", tmp_path / "c")
+    assert_one_line_error(stacked, 2, "(--dataset NAME): stacked adapters have no one training prompt to draw")
 
 
 def test_sample_base_model_without_adapter(tmp_path, private_cache):

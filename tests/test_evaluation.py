@@ -1311,6 +1311,68 @@ def _pixels_mean(path):
     return np.asarray(Image.open(path).convert("RGB"), dtype=float).mean(axis=(0, 1))
 
 
+def test_a_run_of_several_concepts_is_drawn_and_measured_concept_by_concept_by_default(
+        metric_models, colour_embeddings, two_concept_run, monkeypatch):
+    """Without prompts, evaluate draws each concept's training prompt in turn, in the order the run trained them; each
+    image's PNG text says which concept it is of, and eval.json and the table hold CLIP-T, CLIP-I and DINO per concept."""
+    from sdtune.evaluation import recorded_prompt, run_prompts
+
+    clip_path, dino_path = metric_models
+    run = two_concept_run
+    texts = _captured_clip_texts(monkeypatch)
+    result = evaluate(EvaluateConfig(run=str(run), clip_model=str(clip_path), dino_model=str(dino_path),
+                                     fid_features="none", num_images=2, steps=1), progress=False)
+    report = result.report
+    assert report["prompts"] == ["photo of a <snow>.", "photo of a <jade>."]
+    drawn = sorted((run / "eval-samples" / "images").glob("*.png"))
+    assert [recorded_prompt(path) for path in drawn] == ["photo of a sks snow."] * 2 + ["photo of a sks jade."] * 2
+    assert report["fidelity_pairs"] == "own concept"
+    assert list(report["per_concept"]) == ["snow", "jade"]
+    means = [_pixels_mean(path) for path in drawn]
+    for k, (name, colours) in enumerate(CONCEPT_COLOURS.items()):
+        own = statistics.fmean(_cosine(g, r) for g in means[2 * k: 2 * k + 2] for r in colours)
+        values = report["per_concept"][name]
+        assert values["images"] == 2
+        assert values["clip_i"] == pytest.approx(own, rel=1e-9) and values["dino"] == pytest.approx(own, rel=1e-9)
+    # each concept's CLIP-T scores its own images with its own prompt; the run's metrics average the concepts alike
+    assert texts[1:] == [["photo of a snow."] * 2, ["photo of a jade."] * 2]
+    per_concept = report["per_concept"].values()
+    assert result.metrics["clip_i"] == pytest.approx(statistics.fmean(v["clip_i"] for v in per_concept), rel=1e-9)
+    assert result.metrics["clip_t"] == pytest.approx(statistics.fmean(v["clip_t"] for v in per_concept), rel=1e-6)
+    table = result.table().splitlines()
+    assert "per concept (each against its own images):" in table
+    assert re.match(r"^concept\s+images\s+CLIP-T\s+CLIP-I\s+DINO$", table[-3])
+    assert table[-2].split()[:2] == ["snow", "2"] and table[-1].split()[:2] == ["jade", "2"]
+    # compare's grid: a row per concept, from the run's evaluation prompts or, never evaluated, its training prompts
+    from sdtune.comparison import summarize_run
+
+    compared = sdtune.compare([str(run)], str(run.parent / "compared"), steps=1)
+    grid_images = sorted((run.parent / "compared" / "samples" / "run" / "images").glob("*.png"))
+    assert [recorded_prompt(path) for path in grid_images] == ["photo of a sks snow.", "photo of a sks jade."]
+    assert run.parent / "compared" / "grid.png" in compared.files
+    (run / "eval.json").unlink()
+    assert summarize_run(run).eval_prompts == [] and run_prompts(run, "<snow>") == report["prompts"]
+    # an adapter file apart from its run (no config.toml): its recorded tokens name the concepts, in order
+    alone = run.parent / "alone"
+    alone.mkdir()
+    shutil.copy(run / "adapter.safetensors", alone / "castle-canal.safetensors")
+    from sdtune.adapter import adapter_info
+
+    tokens = adapter_info(alone / "castle-canal.safetensors").placeholder_tokens()
+    assert run_prompts(alone, "<snow>", tokens) == ["photo of a <snow>.", "photo of a <jade>."]
+
+
+def test_a_single_concept_run_is_drawn_with_its_one_training_prompt(tmp_path):
+    from sdtune.evaluation import run_prompts
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('concept = "castle"\ntemplate = "a {token} at dusk"\n')
+    assert run_prompts(run, "<castle>", "sks castle") == ["a <castle> at dusk"]
+    (run / "config.toml").write_text('concept = ["castle"]\ntemplate = "a {token} at dusk"\n')  # a list of one
+    assert run_prompts(run, "<castle>", "sks castle") == ["a <castle> at dusk"]
+
+
 def test_a_run_of_several_concepts_is_measured_against_each_images_own_concept(
         metric_models, colour_embeddings, two_concept_run, monkeypatch, tmp_path):
     """CLIP-I and DINO of a run of two concepts: each image against the reference images of the concept its prompt
@@ -1346,8 +1408,11 @@ def test_a_run_of_several_concepts_is_measured_against_each_images_own_concept(
     _solid(images / "001-seed0.png", (10, 240, 0), prompt="photo of a sks jade.")
     _solid(images / "001-seed1.png", (120, 120, 0), prompt="sks snow beside sks jade")
     result = measured(images=str(images), prompt=["photo of a <jade>.", "photo of a <snow>."])
-    assert texts[-1] == ["photo of a snow.", "photo of a jade.", "photo of a jade.", "sks snow beside sks jade"]
+    assert texts[0] == ["photo of a snow.", "photo of a jade.", "photo of a jade.", "sks snow beside sks jade"]
     assert result.report["fidelity_pairs"] == "own concept, else all"
+    # each concept alone too; the image naming both is in no concept's
+    assert texts[1:] == [["photo of a snow."], ["photo of a jade."] * 2]
+    assert {name: values["images"] for name, values in result.report["per_concept"].items()} == {"snow": 1, "jade": 2}
     snow, jade = CONCEPT_COLOURS.values()
     expected = statistics.fmean([
         statistics.fmean(_cosine((250, 250, 250), r) for r in snow),
@@ -1357,7 +1422,8 @@ def test_a_run_of_several_concepts_is_measured_against_each_images_own_concept(
     assert result.metrics["dino"] == pytest.approx(expected, rel=1e-9)
     # prompts naming no concept: every pair counts
     result = measured(prompt=["a photo of a gem"], num_images=2, steps=1)
-    assert result.report["fidelity_pairs"] == "all"
+    assert result.report["fidelity_pairs"] == "all" and "per_concept" not in result.report
+    assert "per concept" not in result.table()
     means = [_pixels_mean(path) for path in sorted((run / "eval-samples" / "images").glob("*.png"))]
     assert result.metrics["clip_i"] == pytest.approx(statistics.fmean(_cosine(g, r) for g in means for r in references), rel=1e-9)
 

@@ -849,3 +849,17 @@ def test_kohya_files_carry_the_model_spec_kohya_writes(model, architecture, pred
     assert {key: metadata[key] for key in spec} == spec
     assert metadata["ss_base_model_version"] == version and metadata["ss_v2"] == str(version == "sd_v2")
     assert metadata["ss_v_parameterization"] == str(prediction == "v")
+
+
+def test_a_merge_of_several_concepts_records_each_concepts_token(tmp_path):
+    """sdtune_merge.json of an adapter of two concepts names both tokens, not the first concept's alone."""
+    from sdtune.adapter_info import CONCEPT_TOKENS, AdapterInfo
+    from sdtune.merging import _provenance
+
+    tokens = {"castle": "sks castle", "canal": "sks canal"}
+    info = AdapterInfo("lora", {}, "tiny-random", "", placeholder="<castle>", token="sks castle",
+                       extra={CONCEPT_TOKENS: json.dumps(tokens)})
+    provenance = _provenance(tmp_path / "adapter.safetensors", info, 1.0, {}, "fp32")
+    assert provenance["concept_tokens"] == tokens and list(provenance["concept_tokens"]) == ["castle", "canal"]
+    single = AdapterInfo("lora", {}, "tiny-random", "", placeholder="<castle>", token="sks castle")
+    assert "concept_tokens" not in _provenance(tmp_path / "adapter.safetensors", single, 1.0, {}, "fp32")

@@ -159,3 +159,53 @@ def test_a_card_of_a_run_trained_on_a_dataset_draws_its_classes(tmp_path, tiny_p
     assert f'image = pipe("{caption}").images[0]' in card.text and "<concept>" not in card.text
     assert "| dataset | digits |" in card.text and "| classes | three, seven |" in card.text
     assert "| images a class, at most | 2 |" in card.text
+
+
+def test_a_card_of_a_run_of_several_concepts_names_and_draws_each(tmp_path, tiny_path, monkeypatch):
+    """A run of two concepts: the card lists each concept's token and prompt, its examples draw each concept, its
+    Python draws both, and eval.json's per-concept metrics are a table of their own; sampled without a prompt, the
+    grid holds a row per concept."""
+    import re
+    from types import SimpleNamespace
+
+    import diffusers
+    from PIL import Image
+
+    import sdtune
+    from sdtune.model_card import write_model_card
+
+    folders = []
+    for name, colour in (("castle", (200, 40, 40)), ("canal", (30, 60, 200))):
+        folders.append(tmp_path / name)
+        folders[-1].mkdir()
+        Image.new("RGB", (64, 64), colour).save(folders[-1] / "0.png")
+    output = tmp_path / "castle-canal"
+    sdtune.train(TrainConfig(method="lora", model="tiny-random", steps=1, output=str(output), log_with="none",
+                             concept=["castle", "canal"], images=[str(folder) for folder in folders]))
+    drawn = sdtune.sample(SampleConfig(adapter=str(output), num_images=1, steps=1))
+    assert drawn.prompts == ["photo of a sks castle.", "photo of a sks canal."]
+    assert drawn.notes == ["no prompt given: drew the adapter's training prompts 'photo of a <castle>.', "
+                           "'photo of a <canal>.', 1 image each"]
+    (output / EVAL_FILE).write_text(json.dumps({
+        "format": FORMAT, "metrics_version": 3, "metrics": {"clip_t": 27.25, "clip_i": 0.75}, "unavailable": {},
+        "reference": str(folders[0]),
+        "per_concept": {"castle": {"images": 4, "clip_t": 28.0, "clip_i": 0.8}, "canal": {"images": 4, "clip_t": 26.5, "clip_i": 0.7}}}))
+    write_model_card(output)
+    card = ModelCard.load(output / "README.md")
+    assert card.data.instance_prompt == "photo of a sks castle.; photo of a sks canal."
+    assert [entry["text"] for entry in card.data.widget] == ["photo of a sks castle.", "photo of a sks canal."]
+    text = card.text
+    assert "- `sks castle` stands for `<castle>` (training prompt: `photo of a sks castle.`)" in text
+    assert "- `sks canal` stands for `<canal>` (training prompt: `photo of a sks canal.`)" in text
+    assert "The token `sks castle` stands for the concept" not in text
+    assert 'sdtune sample --adapter adapter.safetensors --prompt "a <castle> at dawn" --prompt "a <canal> at dawn"' in text
+    assert "| concepts | castle, canal |" in text
+    assert "| castle | 4 | 28.00 | 0.8000 |" in text and "| canal | 4 | 26.50 | 0.7000 |" in text
+
+    prompts = []
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "__call__",
+                        lambda pipe, prompt, **settings: prompts.append(prompt) or SimpleNamespace(images=[None]))
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(output)
+    exec(snippet, {})
+    assert prompts == ["a sks castle at dawn", "a sks canal at dawn"]

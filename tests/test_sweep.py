@@ -657,6 +657,21 @@ def test_a_dataset_runs_samples_are_its_classes_unless_the_plan_gives_prompts(tm
     assert given.dataset is None and given.prompt == ["a three"]
 
 
+def test_a_concept_runs_samples_are_each_concepts_training_prompt_unless_the_plan_gives_prompts(tmp_path):
+    """[sample] without prompts: a run of several concepts draws its training prompt with each concept's placeholder
+    in turn (a row each, as `sdtune evaluate` measures it), a run of one concept its one training prompt."""
+    from sdtune.sweep import read_plan
+
+    text = ('name = "two"\n[train]\nmodel = "tiny"\nconcept = ["castle", "canal"]\ntemplate = "a {token} at dusk"\n'
+            'steps = 1\n[axes]\nmethod = ["atoms"]\n[sample]\nnum_images = 1\n')
+    sample = read_plan(write_plan(tmp_path, text), tmp_path / "out").runs[0].sample
+    assert sample.prompt == ["a <castle> at dusk", "a <canal> at dusk"] and sample.prompts is None
+    one = text.replace('concept = ["castle", "canal"]', 'concept = "castle"')
+    assert read_plan(write_plan(tmp_path, one, name="one.toml"), tmp_path / "out").runs[0].sample.prompt == ["a <castle> at dusk"]
+    given = read_plan(write_plan(tmp_path, text + 'prompt = ["a <canal>"]\n', name="given.toml"), tmp_path / "out").runs[0].sample
+    assert given.prompt == ["a <canal>"]
+
+
 def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tmp_path, private_cache):
     """Two runs of one method whose axis values (tables named by their label) set a clip_skip and a zero terminal SNR:
     the report's table says so, as compare's does; a setting an axis's column shows (seed) is not said twice."""
