@@ -760,7 +760,7 @@ def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     (--n, --w, --h, --d, --s, --l, as `sdtune sample` reads them: every run draws a line alike), else the first run's
     evaluation prompts, else its training prompt (each concept's in turn, for a run of several)."""
     from .data import PromptLine, read_prompt_lines
-    from .evaluation import run_prompts
+    from .trained_prompts import run_prompts
 
     lines = [PromptLine(prompt) for prompt in config.prompt] + (read_prompt_lines(config.prompts) if config.prompts else [])
     if lines:

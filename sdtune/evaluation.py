@@ -30,6 +30,7 @@ from .config import EvaluateConfig, strength_name
 from .adapter import adapter_digest
 from .errors import SdtuneError, error_line, first_sentence, said_to_caller, warn
 from .models import quiet_libraries
+from .trained_prompts import run_concepts, run_prompts
 
 EVAL_FILE = "eval.json"
 FORMAT = "sdtune-eval/1"
@@ -499,22 +500,6 @@ def prompt_groups(files: list, prompts: list[str]) -> list[list[int]]:
     return list(indices_by_value(keys).values())
 
 
-def run_prompt(run: Path, placeholder: str) -> str:
-    """The run's training prompt with the placeholder, e.g. 'photo of a <castle>.'."""
-    from .config import read_toml
-
-    template = "photo of a {token}."
-    if (run / "config.toml").is_file():
-        template = read_toml(run / "config.toml").get("template", template)
-    try:
-        return template.format(token=placeholder)
-    except (AttributeError, LookupError, ValueError) as error:  # a config.toml edited by hand, or not sdtune's
-        raise SdtuneError(
-            f"{run / 'config.toml'}: template {template!r} is not a caption template with {{token}} ({error_line(error)}); "
-            "give --prompt or --prompts"
-        ) from None
-
-
 MAX_DATASET_REFERENCE = 2000  # a dataset run's reference images at most: 50,000 at 512 px would be 39 GB of RAM
 
 
@@ -542,24 +527,6 @@ def run_dataset(run: Path):
         return readable_examples(dataset)
     except (SdtuneError, TypeError, ValueError) as error:  # moved data, or a config.toml edited by hand
         raise MetricUnavailable(f"no reference images ({error_line(error)}; give --reference DIR)") from None
-
-
-def run_prompts(run: Path, placeholder: str, tokens: str | dict[str, str] | None = None) -> list[str]:
-    """The prompts a run is measured with by default: a dataset run's caption of each class (as `sdtune sample
-    --dataset` draws them); a run of several concepts' training prompt with each concept's placeholder in turn, in the
-    order it trained them (its config.toml's, else its adapter's `tokens`: an adapter file apart from its run); else
-    its training prompt."""
-    from .config import read_toml
-    from .datasets import class_captions
-
-    settings = read_toml(run / "config.toml") if (run / "config.toml").is_file() else {}
-    if settings.get("dataset"):
-        return [caption for _, caption in class_captions(
-            settings["dataset"], settings.get("data_root"), settings.get("classes") or None, settings.get("class_template"))]
-    concepts = run_concepts(run) or (list(tokens) if isinstance(tokens, dict) else [])
-    if len(concepts) > 1:
-        return [run_prompt(run, f"<{name}>") for name in concepts]
-    return [run_prompt(run, placeholder)]
 
 
 def run_reference(run: Path) -> list:
@@ -600,20 +567,6 @@ def concept_references(run: Path) -> list[tuple[str, list[Path]]]:
                 for concept, folder in zip(concepts, folders or [None] * len(concepts))]
     except SdtuneError as error:
         raise MetricUnavailable(f"no reference images ({error}; give --reference DIR)") from None
-
-
-def run_concepts(run: Path | None) -> list[str]:
-    """The concepts a run's config.toml names (a list for several), [] for a dataset's run or none readable."""
-    from .config import read_toml
-
-    try:
-        settings = read_toml(run / "config.toml") if run is not None and (run / "config.toml").is_file() else {}
-    except (SdtuneError, OSError, ValueError):
-        return []
-    concepts = settings.get("concept")
-    if settings.get("dataset") or not concepts:
-        return []
-    return [str(name) for name in concepts] if isinstance(concepts, list) else [str(concepts)]
 
 
 def named_concept(prompt: str, tokens: dict[str, str]) -> str | None:

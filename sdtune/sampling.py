@@ -363,7 +363,7 @@ def trained_prompts(adapters: list, infos: list) -> list[str]:
     adapters and for a file that records no prompt (a kohya-format file of another trainer)."""
     from .adapter import adapter_path
     from .errors import SdtuneError
-    from .evaluation import run_prompts
+    from .trained_prompts import run_prompts
 
     asked = "give a prompt file (--prompts FILE), a prompt (--prompt TEXT) or a dataset (--dataset NAME)"
     if len(adapters) != 1:
