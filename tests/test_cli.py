@@ -557,6 +557,25 @@ def test_bad_input_is_one_line_exit_2(args, pattern):
     assert_one_line_error(invoke(*args), 2, pattern)
 
 
+@pytest.mark.parametrize("flag,instead", [
+    ("--network_dim", "--rank"),
+    ("--network-dim", "--rank"),  # kohya-ss' flag spelled with dashes
+    ("--max_train_steps", "--steps"),  # click's own guess was --max-timestep
+    ("--network_weights", "--init-weights"),
+])
+def test_a_kohya_ss_flag_is_refused_saying_what_sdtune_takes_instead(flag, instead):
+    """kohya-ss' training flags that sdtune spells otherwise: the one-line refusal says which flag to give, from the
+    README's "Coming from kohya-ss" table, in place of click's guess at a near spelling; another unknown flag keeps it."""
+    result = invoke("train", "--model", "tiny-random", flag, "8")
+    spelled = "--" + flag[2:].replace("-", "_")
+    assert_one_line_error(result, 2, f"No such option: {flag}; for kohya-ss' {spelled}, sdtune takes {instead}")
+    assert "Possible options" not in result.stderr and "Coming from kohya-ss" in result.stderr
+    assert_one_line_error(invoke("train", "--model", "tiny-random", "--max_timestepz", "8"), 2,
+                          "No such option: --max_timestepz (Possible options: --max-timestep")
+    assert_one_line_error(invoke("export", "run", "--format", "kohya", "--output", "x.safetensors", "--save_precision", "fp16"),
+                          2, "for kohya-ss' --save_precision, sdtune takes --dtype of `sdtune export`")
+
+
 def test_empty_image_folder_and_prompt_file(tmp_path, trained_run):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(invoke("train", "--model", "tiny-random", "--images", tmp_path / "empty"), 2, "has no images")
