@@ -88,3 +88,19 @@ def kohya_flag_hint(flag: str) -> str | None:
     spelled = "--" + flag.removeprefix("--").replace("-", "_")
     instead = KOHYA_FLAGS.get(spelled)
     return None if instead is None else f"for kohya-ss' {spelled}, sdtune takes {instead} (the README's \"Coming from kohya-ss\")"
+
+
+# the tables of a kohya-ss dataset config (`--dataset_config`), which a TOML of sdtune settings never holds
+KOHYA_DATASET_TABLES = frozenset({"general", "datasets"})
+
+
+def kohya_settings_hint(names: list[str]) -> str:
+    """For unknown setting names of which some are kohya-ss' (a kohya-ss config file's keys, `network_dim`): what
+    sdtune takes for each, as '; kohya-ss' network_dim is --rank, ...'; '' where none is."""
+    taken = [f"{name} {KOHYA_FLAGS['--' + name].split()[0].rstrip(',:')}" for name in names if "--" + name in KOHYA_FLAGS]
+    parts = []
+    if KOHYA_DATASET_TABLES & set(names):
+        parts.append("a kohya-ss dataset config is not read: give its image folders as --images and --class-images")
+    if taken:
+        parts.append(f"kohya-ss' {taken[0].replace(' ', ' is ', 1)}{''.join(', ' + name for name in taken[1:])}")
+    return f"; {'; '.join(parts)} (the README's \"Coming from kohya-ss\")" if parts else ""

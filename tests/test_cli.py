@@ -589,6 +589,27 @@ def test_unknown_toml_setting(tmp_path):
     assert_one_line_error(invoke("train", "--config", config), 2, "unknown setting(s)")
 
 
+def test_a_kohya_ss_config_file_is_refused_saying_what_sdtune_takes_instead(tmp_path):
+    """A kohya-ss config file's keys (its --config_file) and a kohya-ss dataset config (its [general] and
+    [[datasets]] tables) given to --config: the refusal names sdtune's settings for the keys it knows of, as flags on
+    the command line and as Python spells them from Python; other unknown keys get no such words."""
+    from sdtune.config import TrainConfig
+    from sdtune.errors import SdtuneError
+
+    arguments = tmp_path / "kohya.toml"
+    arguments.write_text('network_dim = 8\nlearning_rate = 1e-4\n')
+    assert_one_line_error(invoke("train", "--config", arguments), 2, "unknown setting(s) in "
+                          f"{arguments}: learning_rate, network_dim; kohya-ss' learning_rate is --lr, network_dim --rank (the README's")
+    dataset = tmp_path / "dataset_config.toml"
+    dataset.write_text('[general]\nenable_bucket = true\n[[datasets]]\nresolution = 512\n')
+    assert_one_line_error(invoke("train", "--config", dataset), 2,
+                          "datasets, general; a kohya-ss dataset config is not read: give its image folders as --images and --class-images")
+    with pytest.raises(SdtuneError, match=r"""network_dim, stepz; kohya-ss' network_dim is options\["rank"\] \(the README's"""):
+        TrainConfig(network_dim=8, stepz=3)
+    with pytest.raises(SdtuneError, match=r"^unknown setting\(s\): stepz$"):
+        TrainConfig(stepz=3)
+
+
 def test_adapter_for_another_base_model_is_refused(trained_run, tmp_path):
     from sdtune.models import build_tiny_pipeline
 
