@@ -335,6 +335,9 @@ def test_sdxl_second_text_encoder_trains_at_its_own_rate(tmp_path):
     assert "text encoder trained too: lr 3e-05, SDXL's second encoder lr 1e-05" in planned
 
     unset = {**settings, "text_encoder_2_lr": None}
+    joined = plan_run(config(tmp_path / "joined-plan", **unset)).summary()
+    assert "text encoders trained too: lr 3e-05" in joined  # SDXL's two at one rate; SD 1.x's one, one
+    assert "text encoder trained too: lr 3e-05" in plan_run(config(tmp_path / "one", **{**unset, "model": "tiny-random"})).summary()
     with open_trainer(config(tmp_path / "joined", **unset), progress=False) as trainer:
         assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-4, 3e-5]  # both encoders in one group
     with pytest.raises(SdtuneError, match="trained with --text-encoder-2-lr .*; resume with it"):
