@@ -671,9 +671,10 @@ class Trainer:
                 check_buckets(self.dataset.sizes, config.batch_size, [inputs.image_paths[i].name for i in kept])
             if not FEW_SHOT_IMAGES[0] <= len(self.dataset) <= FEW_SHOT_IMAGES[1]:
                 warn(f"{len(self.dataset)} training images; few-shot concepts usually have 3 to 50")
-        self.class_dataset, self.class_pools = None, None
+        self.class_dataset, self.class_pools, self.class_paths = None, None, []
         if config.with_prior_preservation:
             class_paths = prior.class_image_paths(config, self.pipe, self.output, resolution, self.accelerator, self.progress)
+            self.class_paths = class_paths
             if config.buckets:  # each bucket's batches draw class examples of their own size (see prior.py)
                 framed, self.class_pools = prior.bucketed_class_images(class_paths, resolution, self.dataset.sizes, config.batch_size)
             else:
@@ -1136,7 +1137,8 @@ class Trainer:
 
         if self.config.dataset:
             return {}
-        return training_images_record(self.image_paths, self.image_prompts)  # those it trained on: none it skipped
+        # those it trained on (none it skipped), and the class images beside them
+        return training_images_record(self.image_paths, self.image_prompts, self.class_paths)
 
     def conditions(self, batch, latents):
         """The UNet's conditioning for a batch: its prompts (and, for SDXL, its images' sizes and crops)."""
