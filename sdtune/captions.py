@@ -266,26 +266,35 @@ def tags(caption: str) -> list[str]:
 
 
 # an adapter's record of the images it was trained on, under the kohya-ss names its kohya export gives them
-TRAINING_IMAGES_KEYS = {"tag_frequency": "ss_tag_frequency", "dataset_dirs": "ss_dataset_dirs", "num_train_images": "ss_num_train_images"}
+TRAINING_IMAGES_KEYS = {"tag_frequency": "ss_tag_frequency", "dataset_dirs": "ss_dataset_dirs", "num_train_images": "ss_num_train_images",
+                        "reg_dataset_dirs": "ss_reg_dataset_dirs", "num_reg_images": "ss_num_reg_images"}
 
 
-def training_images_record(images: list[Path], prompts: list[Prompt]) -> dict[str, str]:
+def training_images_record(images: list[Path], prompts: list[Prompt], class_images: list[Path] = ()) -> dict[str, str]:
     """What kohya-ss records of a run's images (each a JSON string, under `TRAINING_IMAGES_KEYS`' sdtune names): per
     image folder, how many images' prompts hold each comma-separated tag (the trigger words users look for; an image
-    of several lines counts once for a tag in any of them) and how many images it has; and the number of images."""
+    of several lines counts once for a tag in any of them) and how many images it has; and the number of images.
+    With prior preservation's `class_images` (kohya-ss' regularisation images), their folders and number alike;
+    without, no such keys, so other adapters keep their bytes."""
     from collections import Counter
+
+    def folders(paths) -> str:
+        counts = Counter(path.parent.name for path in paths)
+        return json.dumps({folder: {"n_repeats": 1, "img_count": count} for folder, count in counts.items()})
 
     frequency: dict[str, Counter] = {}
     for path, prompt in zip(images, prompts):
         # each tag once an image, in the order written: a set's order changes from process to process (and the bytes with it)
         held = dict.fromkeys(tag for line in prompt_lines(prompt) for tag in tags(line))
         frequency.setdefault(path.parent.name, Counter()).update(list(held))
-    counts = Counter(path.parent.name for path in images)
-    return {
+    record = {
         "tag_frequency": json.dumps({folder: dict(found) for folder, found in frequency.items()}),
-        "dataset_dirs": json.dumps({folder: {"n_repeats": 1, "img_count": count} for folder, count in counts.items()}),
+        "dataset_dirs": folders(images),
         "num_train_images": str(len(images)),
     }
+    if class_images:
+        record.update(reg_dataset_dirs=folders(class_images), num_reg_images=str(len(class_images)))
+    return record
 
 
 def check_keep_tokens(captioned: list[tuple[Path, Prompt]], keep_tokens: int) -> None:

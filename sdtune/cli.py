@@ -47,6 +47,7 @@ from .config import (
 )
 from .errors import SdtuneError, SweepFailed, error_line
 from .fileio import counted
+from .kohya_flags import kohya_flag_hint
 
 class OneLineErrorsGroup(TyperGroup):
     """The command group whose usage errors (`--steps ten`, an unknown flag, a missing option) are one
@@ -65,6 +66,9 @@ class OneLineErrorsGroup(TyperGroup):
             if isinstance(error, NoArgsIsHelpError):
                 raise
             message = " ".join(error.format_message().split())
+            kohya = kohya_flag_hint(getattr(error, "option_name", "") or "")  # an unknown flag kohya-ss has
+            if kohya:  # in place of click's guess, a near spelling (--max_train_steps: --max-timestep)
+                message = f"{error.message}; {kohya}"
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(2) from None
 

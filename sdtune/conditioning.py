@@ -163,7 +163,7 @@ class PromptConditioning:
                 hidden.append(output.hidden_states[-2])
                 pooled = output[0]  # the last encoder's projected embedding (CLIPTextModelWithProjection)
             else:
-                hidden.append(final_layer_norm(encoder)(output.hidden_states[-self.reading.clip_skip]))
+                hidden.append(normed(final_layer_norm(encoder), output.hidden_states[-self.reading.clip_skip]))
         hidden = torch.cat([h.to(hidden[-1].dtype) for h in hidden], dim=-1)
         if chunks == 1:
             return hidden, pooled
@@ -224,6 +224,18 @@ def final_layer_norm(encoder):
     from .methods.base import text_encoder_layers
 
     return text_encoder_layers(getattr(encoder, "module", encoder)).final_layer_norm
+
+
+def normed(norm, hidden):
+    """`hidden` through the layer norm `norm`. A trained encoder's prepared forward hands back fp32 states (Accelerate's
+    autocast) while its frozen norm is stored in the half dtype, which layer_norm refuses: there the norm runs in
+    fp32, as autocast runs layer norms."""
+    import torch
+
+    if hidden.dtype == norm.weight.dtype:
+        return norm(hidden)
+    weight, bias = (None if t is None else t.to(hidden.dtype) for t in (norm.weight, norm.bias))
+    return torch.nn.functional.layer_norm(hidden, norm.normalized_shape, weight, bias, norm.eps)
 
 
 def chunked(ids, tokenizer):

@@ -71,7 +71,9 @@ def check_setting_names(config_class, names, where: str = "") -> None:
     """Refuse names that are no setting of `config_class`, all of them in one line."""
     unknown = sorted(set(names) - {f.name for f in dataclasses.fields(config_class)})
     if unknown:
-        raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}")
+        from .kohya_flags import kohya_settings_hint  # a kohya-ss config file's keys: what to give instead
+
+        raise SdtuneError(f"unknown setting(s){where}: {', '.join(unknown)}{kohya_settings_hint(unknown)}")
 
 
 # ---------------------------------------------------------------------------------------------

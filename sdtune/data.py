@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,9 +251,25 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
         warn(f"{folder}: skipping {unread_text}")
     if not files:
         within = [p.name for p in entries if p.is_dir() and not p.name.startswith(".") and p.name != MASK_FOLDER and _holds_images(p)]
-        hint = f"; images in a subfolder are not read: give the subfolder ({folder / within[0]})" if within else ""
+        hint = f"; images in a subfolder are not read: give the subfolder ({shlex.quote(str(folder / within[0]))})" if within else ""
+        hint += _kohya_folders_hint(within)
         raise SdtuneError(f"{what} {folder} has no images ({', '.join(sorted(image_extensions()))}){hint}")
     return files
+
+
+# kohya-ss' training folder names: `10_sks castle` trains its images 10 times an epoch, prompted 'sks castle'
+KOHYA_FOLDER_NAME = re.compile(r"(?P<repeats>\d+)_(?P<prompt>.+)")
+
+
+def _kohya_folders_hint(names: list[str]) -> str:
+    """For subfolders named as kohya-ss names its training folders: what sdtune takes in place of their names."""
+    kohya = [match for match in map(KOHYA_FOLDER_NAME.fullmatch, names) if match]
+    if not kohya:
+        return ""
+    several = f"; {len(kohya)} such folders: give each its --concept and --images, or move their images into one" if len(kohya) > 1 else ""
+    return (f"; a kohya-ss folder name's repeats and prompt ({kohya[0]['repeats']}, {kohya[0]['prompt']!r}) are not read "
+            f"either: --steps sets a run's length, and an image without a caption file is prompted by --token and "
+            f"--template (class images: --class-prompt){several}")
 
 
 def _holds_images(folder: Path) -> bool:

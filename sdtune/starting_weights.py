@@ -133,7 +133,7 @@ class StartingOptions:
     run's layers the file leaves alone."""
 
     options: dict[str, Any]
-    taken: dict[str, Any]  # the file's options the run did not set and that differ from the method's defaults
+    taken: dict[str, Any]  # the file's options the run did not set and that differ from what it would have without the file
     # how many of the UNet layers the run tunes the file holds, the others starting as in a fresh run (`fresh_layers`),
     # as a phrase; '' where it holds them all
     started_fresh: str = ""
@@ -185,8 +185,13 @@ def init_weights_options(config) -> StartingOptions:
         if name not in method_class.training_only_options and (judged is None or name in judged) and value != from_file[name]:
             raise SdtuneError(f"{where} holds tensors of {name} {from_file[name]!r}; the run sets {value!r} "
                               f"(leave the option out to take the file's)")
+
+    def without_file(name: str) -> Any:  # what the run would have for `name` had the file not given it
+        return resolved({**{other: value for other, value in file_options.items() if other != name}, **config.options}).get(name)
+
+    # against that, not the bare default: alpha 4 of a rank-8 file differs from the alpha 8 a rank-8 run defaults to
     taken = {name: value for name, value in file_options.items()
-             if name not in config.options and from_file.get(name) != defaults.get(name)}
+             if name not in config.options and from_file.get(name) != without_file(name)}
     taken.update({name: value for name, value in layer_options.items() if value != defaults.get(name)})
     options = {**file_options, **layer_options, **config.options}
     method = method_class(**options)

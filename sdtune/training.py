@@ -138,6 +138,7 @@ class RunPlan:
     validation_sizes: list = field(default_factory=list)  # with --validate-every: each (width, height) its images take
     image_sizes: list = field(default_factory=list)  # with --buckets: each concept image's (width, height) as shown
     classes: Any = None  # with prior preservation: its class images, as `prior.class_frames` plans them
+    text_encoders: int = 1  # the model's (SDXL's 2)
 
     def _prior_line(self) -> str:
         """Prior preservation's class images for the dry run: from where, how many, with which prompt; with buckets,
@@ -235,7 +236,8 @@ class RunPlan:
                          + (f"; from the file: {taken}" if taken else ""))
         if config.train_text_encoder:
             second = f", SDXL's second encoder lr {config.text_encoder_2_lr:g}" if config.text_encoder_2_lr else ""
-            lines.append(f"text encoder{'s' if not second else ''} trained too: lr {config.text_encoder_lr:g}{second}")
+            both = self.text_encoders > 1 and not second  # SDXL's two at one rate
+            lines.append(f"text encoder{'s' if both else ''} trained too: lr {config.text_encoder_lr:g}{second}")
         if not config.prompt_reading.plain:
             lines.append("prompts read with " + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in config.prompt_reading.metadata().items()))
         held = ", ".join(sizes.held_in_ram[:-1]) + " and " * (len(sizes.held_in_ram) > 1) + "".join(sizes.held_in_ram[-1:])
@@ -343,7 +345,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
         start = "a new run"
     return RunPlan(config, method, inputs, sizes, resume, overwrite, start, buckets, validation_size, taken, started_fresh,
                    model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None,
-                   validation_sizes=validation_drawn, image_sizes=image_sizes, classes=classes)
+                   validation_sizes=validation_drawn, image_sizes=image_sizes, classes=classes,
+                   text_encoders=len(model_configs.text_encoders))
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:
@@ -685,9 +688,10 @@ class Trainer:
                 check_buckets(self.dataset.sizes, config.batch_size, [inputs.image_paths[i].name for i in kept])
             if not FEW_SHOT_IMAGES[0] <= len(self.dataset) <= FEW_SHOT_IMAGES[1]:
                 warn(f"{len(self.dataset)} training images; few-shot concepts usually have 3 to 50")
-        self.class_dataset, self.class_pools = None, None
+        self.class_dataset, self.class_pools, self.class_paths = None, None, []
         if config.with_prior_preservation:
             class_paths = prior.class_image_paths(config, self.pipe, self.output, resolution, self.accelerator, self.progress)
+            self.class_paths = class_paths
             if config.buckets:  # each bucket's batches draw class examples of their own size (see prior.py)
                 framed, self.class_pools = prior.bucketed_class_images(class_paths, resolution, self.dataset.sizes, config.batch_size)
             else:
@@ -1152,7 +1156,8 @@ class Trainer:
 
         if self.config.dataset:
             return {}
-        return training_images_record(self.image_paths, self.image_prompts)  # those it trained on: none it skipped
+        # those it trained on (none it skipped), and the class images beside them
+        return training_images_record(self.image_paths, self.image_prompts, self.class_paths)
 
     def conditions(self, batch, latents):
         """The UNet's conditioning for a batch: its prompts (and, for SDXL, its images' sizes and crops)."""

@@ -587,6 +587,25 @@ def test_bad_input_is_one_line_exit_2(args, pattern):
     assert_one_line_error(invoke(*args), 2, pattern)
 
 
+@pytest.mark.parametrize("flag,instead", [
+    ("--network_dim", "--rank"),
+    ("--network-dim", "--rank"),  # kohya-ss' flag spelled with dashes
+    ("--max_train_steps", "--steps"),  # click's own guess was --max-timestep
+    ("--network_weights", "--init-weights"),
+])
+def test_a_kohya_ss_flag_is_refused_saying_what_sdtune_takes_instead(flag, instead):
+    """kohya-ss' training flags that sdtune spells otherwise: the one-line refusal says which flag to give, from the
+    README's "Coming from kohya-ss" table, in place of click's guess at a near spelling; another unknown flag keeps it."""
+    result = invoke("train", "--model", "tiny-random", flag, "8")
+    spelled = "--" + flag[2:].replace("-", "_")
+    assert_one_line_error(result, 2, f"No such option: {flag}; for kohya-ss' {spelled}, sdtune takes {instead}")
+    assert "Possible options" not in result.stderr and "Coming from kohya-ss" in result.stderr
+    assert_one_line_error(invoke("train", "--model", "tiny-random", "--max_timestepz", "8"), 2,
+                          "No such option: --max_timestepz (Possible options: --max-timestep")
+    assert_one_line_error(invoke("export", "run", "--format", "kohya", "--output", "x.safetensors", "--save_precision", "fp16"),
+                          2, "for kohya-ss' --save_precision, sdtune takes --dtype of `sdtune export`")
+
+
 def test_empty_image_folder_and_prompt_file(tmp_path, trained_run):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(invoke("train", "--model", "tiny-random", "--images", tmp_path / "empty"), 2, "has no images")
@@ -598,6 +617,27 @@ def test_unknown_toml_setting(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('method = "atoms"\nstepz = 3\n')
     assert_one_line_error(invoke("train", "--config", config), 2, "unknown setting(s)")
+
+
+def test_a_kohya_ss_config_file_is_refused_saying_what_sdtune_takes_instead(tmp_path):
+    """A kohya-ss config file's keys (its --config_file) and a kohya-ss dataset config (its [general] and
+    [[datasets]] tables) given to --config: the refusal names sdtune's settings for the keys it knows of, as flags on
+    the command line and as Python spells them from Python; other unknown keys get no such words."""
+    from sdtune.config import TrainConfig
+    from sdtune.errors import SdtuneError
+
+    arguments = tmp_path / "kohya.toml"
+    arguments.write_text('network_dim = 8\nlearning_rate = 1e-4\n')
+    assert_one_line_error(invoke("train", "--config", arguments), 2, "unknown setting(s) in "
+                          f"{arguments}: learning_rate, network_dim; kohya-ss' learning_rate is --lr, network_dim --rank (the README's")
+    dataset = tmp_path / "dataset_config.toml"
+    dataset.write_text('[general]\nenable_bucket = true\n[[datasets]]\nresolution = 512\n')
+    assert_one_line_error(invoke("train", "--config", dataset), 2,
+                          "datasets, general; a kohya-ss dataset config is not read: give its image folders as --images and --class-images")
+    with pytest.raises(SdtuneError, match=r"""network_dim, stepz; kohya-ss' network_dim is options\["rank"\] \(the README's"""):
+        TrainConfig(network_dim=8, stepz=3)
+    with pytest.raises(SdtuneError, match=r"^unknown setting\(s\): stepz$"):
+        TrainConfig(stepz=3)
 
 
 def test_adapter_for_another_base_model_is_refused(trained_run, tmp_path):

@@ -383,6 +383,32 @@ def test_photos_in_formats_not_read_are_named_and_subfolders_hinted(tmp_path, wi
         list_images(tmp_path / "parent")
 
 
+def test_a_kohya_training_folder_is_refused_naming_the_folder_to_give_and_what_replaces_its_name(tmp_path):
+    """kohya-ss' layout, `train/10_sks castle/`: the refusal names the subfolder quoted as a shell takes it (a space in
+    the name), and says the name's repeats and prompt are not read and what sets them instead; a folder whose name is
+    no kohya-ss one gets no such words."""
+    train = tmp_path / "train"
+    for name in ("10_sks castle", "5_sks castle closeup"):
+        (train / name).mkdir(parents=True)
+        Image.new("RGB", (64, 64)).save(train / name / "a.jpg")
+    with pytest.raises(SdtuneError) as refused:
+        list_images(train)
+    message = str(refused.value)
+    assert f"give the subfolder ('{train / '10_sks castle'}')" in message
+    assert "repeats and prompt (10, 'sks castle') are not read either: --steps sets a run's length" in message
+    assert "prompted by --token and --template (class images: --class-prompt)" in message
+    assert message.endswith("2 such folders: give each its --concept and --images, or move their images into one")
+    (train / "5_sks castle closeup" / "a.jpg").unlink()
+    with pytest.raises(SdtuneError, match=r"--class-prompt\)$"):  # one such folder: nothing of several
+        list_images(train)
+    plain = tmp_path / "plain"
+    (plain / "castle").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(plain / "castle" / "a.jpg")
+    with pytest.raises(SdtuneError) as refused:
+        list_images(plain)
+    assert str(refused.value).endswith(f"give the subfolder ({plain / 'castle'})") and "kohya-ss" not in str(refused.value)
+
+
 def test_photos_in_display_p3_or_another_rgb_profile_are_converted_to_srgb(tmp_path):
     """An iPhone's photos embed Display P3: their pixel values, read as sRGB, are duller than the photo; a viewer
     converts them, and so does sdtune. sRGB, damaged profiles and images without one stay as they are."""

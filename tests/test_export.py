@@ -795,6 +795,7 @@ def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
     }
     assert json.loads(metadata["ss_dataset_dirs"]) == {"dog-photos": {"n_repeats": 1, "img_count": 4}}
     assert metadata["ss_num_train_images"] == "4"
+    assert "ss_num_reg_images" not in metadata and "ss_reg_dataset_dirs" not in metadata  # no class images
 
     adapter = tmp_path / "run" / "adapter.safetensors"
     with safe_open(str(adapter), framework="pt") as handle:
@@ -819,6 +820,32 @@ def test_kohya_export_counts_the_runs_caption_tags_as_kohya_does(tmp_path):
     with safe_open(str(tmp_path / "older-later.safetensors"), framework="pt") as handle:
         older_later = handle.metadata()
     assert "ss_tag_frequency" not in older_later and older_later["ss_learning_rate"] == metadata["ss_learning_rate"]
+
+
+def test_kohya_export_counts_the_class_images_as_kohya_does_its_regularisation_images(tmp_path):
+    """Prior preservation's class images are kohya-ss' regularisation images: the export records their folder and
+    number as kohya-ss does (`ss_reg_dataset_dirs`, `ss_num_reg_images`), from the adapter's record, so the class
+    images may be gone by then."""
+    import shutil
+
+    from PIL import Image
+
+    from sdtune.config import TrainConfig
+    from sdtune.training import train
+
+    for folder, count in (("10_sks castle", 3), ("1_castle", 2)):
+        (tmp_path / folder).mkdir()
+        for index in range(count):
+            Image.new("RGB", (64, 64), (60 * index, 90, 160)).save(tmp_path / folder / f"{index}.png")
+    train(TrainConfig(model="tiny-random", images=str(tmp_path / "10_sks castle"), class_images=str(tmp_path / "1_castle"),
+                      steps=1, log_with="none", output=str(tmp_path / "run")), progress=False)
+    shutil.rmtree(tmp_path / "1_castle")
+    export_adapter(tmp_path / "run", "kohya", tmp_path / "castle.safetensors")
+    with safe_open(str(tmp_path / "castle.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["ss_reg_dataset_dirs"]) == {"1_castle": {"n_repeats": 1, "img_count": 2}}
+    assert metadata["ss_num_reg_images"] == "2" and metadata["ss_num_train_images"] == "3"
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"10_sks castle": {"n_repeats": 1, "img_count": 3}}
 
 
 @pytest.mark.parametrize("model,architecture,prediction,version", [

@@ -596,6 +596,18 @@ def test_a_wider_family_than_the_files_says_which_layers_start_fresh(tmp_path):
     assert own.started_fresh == "" and own.taken_options == {"rank": 3, "alpha": 1.5}
 
 
+def test_a_files_alpha_is_named_where_it_differs_from_what_its_rank_defaults_to(tmp_path):
+    """kohya-ss' common dim 8, alpha 4: alpha 4 is what a rank-4 run defaults to, not what a rank-8 one does (8), so
+    the dry run names it among what the file gave; a file whose alpha is its rank says nothing of alpha."""
+    halved = kohya_lora_by_hand(tmp_path / "halved.safetensors", "transformer", rank=8, alpha=4.0)
+    plan = plan_run(settings(tmp_path / "halved-run", method="lora", init_weights=str(halved)))
+    assert plan.config.options["alpha"] == 4.0 and plan.taken_options == {"targets": "transformer", "rank": 8, "alpha": 4.0}
+    assert any(line.endswith("; from the file: rank 8, alpha 4.0, targets transformer") for line in plan.summary())
+    whole = kohya_lora_by_hand(tmp_path / "whole.safetensors", "transformer", rank=8, alpha=8.0)
+    assert plan_run(settings(tmp_path / "whole-run", method="lora", init_weights=str(whole))).taken_options == {
+        "targets": "transformer", "rank": 8}
+
+
 def test_a_run_trained_on_transformer_layers_exports_kohya_names_and_starts_a_run_again(tmp_path, inputs):
     """sdtune's `--targets transformer` run, exported to kohya, holds kohya-ss' names for ff and proj layers; a run
     started from the export without --targets takes the family back; with a family that lacks its layers it is

@@ -93,3 +93,34 @@ def test_every_readme_option_table_flag_is_its_commands():
     flags = command_flags()
     unknown = [f"line {number}: sdtune {command} {flag}" for number, command, flag in readme_table_flags() if flag not in flags[command]]
     assert not unknown, unknown
+
+
+def kohya_table() -> dict[str, str]:
+    """The "Coming from kohya-ss" table: kohya-ss flag -> its sdtune cell, backticks left out."""
+    rows, inside = {}, False
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            inside = line == "## Coming from kohya-ss"
+        elif inside and (row := re.fullmatch(r"\| `(--\w+)` \| (.*) \|", line)):
+            rows[row[1]] = row[2].replace("`", "")
+    return rows
+
+
+def test_the_kohya_table_is_what_the_cli_says_and_names_flags_sdtune_has():
+    """The README's kohya-ss table holds the rows `sdtune train` adds to its refusal of a kohya-ss flag
+    (`kohya_flags.KOHYA_FLAGS`), word for word; each flag it names is train's, export's where the row names
+    `sdtune export`, or a prompt line's option where it names those; no kohya-ss flag it lists is one of train's."""
+    from sdtune.data import PROMPT_OPTIONS
+    from sdtune.kohya_flags import KOHYA_FLAGS
+
+    table = kohya_table()
+    assert table == {kohya: instead.replace("`", "") for kohya, instead in KOHYA_FLAGS.items()}
+    flags = command_flags()
+    unknown = []
+    for kohya, instead in table.items():
+        has = flags["train"] | (flags["export"] if "sdtune export" in instead else set())
+        if "a line's" in instead:
+            has |= {f"--{option}" for option in PROMPT_OPTIONS}
+        unknown += [f"{kohya}: {flag}" for flag in FLAG.findall(instead) if flag not in has]
+        assert kohya not in flags["train"], f"{kohya} needs no row: sdtune train has it"
+    assert not unknown, unknown

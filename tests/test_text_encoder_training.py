@@ -270,6 +270,16 @@ def test_a_run_trains_the_text_encoder_and_the_adapter_reproduces_it(tmp_path, t
     torch.testing.assert_close(encode(trained), encode(pipe), rtol=0, atol=1e-6)
 
 
+def test_clip_skip_with_a_trained_text_encoder_under_bf16_trains(tmp_path, tiny_path):
+    """kohya-ss users' common setting: clip skip 2, the text encoder trained, bf16. The trained encoder's prepared
+    forward hands back fp32 states while its frozen final layer norm is stored in bf16, which layer_norm refused (a
+    RuntimeError at the first step): the norm runs in fp32 there, as autocast runs it."""
+    run = train(config(tmp_path / "run", steps=2, lr=1e-3, clip_skip=2, mixed_precision="bf16"), progress=False)
+    state = load_file(run.adapter)
+    encoder_b = [v for k, v in state.items() if k.startswith("text_encoder.") and "lora_B" in k]
+    assert encoder_b and all(torch.isfinite(v).all() for v in encoder_b) and any(v.abs().max() > 0 for v in encoder_b)
+
+
 def test_resume_gives_the_uninterrupted_adapter_bytes(tmp_path, tiny_path, monkeypatch):
     settings = dict(steps=4, checkpoint_every=2, lr=1e-3, text_encoder_lr=5e-4)
     whole, resumed = uninterrupted_and_resumed(lambda out, **more: config(out, **settings, **more), tmp_path, monkeypatch, 2)
@@ -325,6 +335,9 @@ def test_sdxl_second_text_encoder_trains_at_its_own_rate(tmp_path):
     assert "text encoder trained too: lr 3e-05, SDXL's second encoder lr 1e-05" in planned
 
     unset = {**settings, "text_encoder_2_lr": None}
+    joined = plan_run(config(tmp_path / "joined-plan", **unset)).summary()
+    assert "text encoders trained too: lr 3e-05" in joined  # SDXL's two at one rate; SD 1.x's one, one
+    assert "text encoder trained too: lr 3e-05" in plan_run(config(tmp_path / "one", **{**unset, "model": "tiny-random"})).summary()
     with open_trainer(config(tmp_path / "joined", **unset), progress=False) as trainer:
         assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-4, 3e-5]  # both encoders in one group
     with pytest.raises(SdtuneError, match="trained with --text-encoder-2-lr .*; resume with it"):
