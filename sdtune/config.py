@@ -192,6 +192,17 @@ def python_value(name: PythonName, word: str) -> str | None:
     return f'"{word}"' if word in words else None
 
 
+def switch_named(flag: str, names: dict[str, PythonName]) -> PythonName | None:
+    """How Python code gives `flag` among `names` (`python_names`), a switch's other half too: `--no-dora` is
+    options={"dora": False}. None for a flag of no setting."""
+    name = names.get(flag)
+    if name is None and flag.startswith("--no-"):
+        negated = names.get("--" + flag[len("--no-"):])
+        if negated is not None and negated.value:  # only a switch has a --no- half; a value's flag has none
+            return negated._replace(value=False)
+    return name
+
+
 def python_spelled(message: str, command: str, toml: bool = False) -> str:
     """`message` with each of `sdtune COMMAND`'s flags as Python code gives it: "add --overwrite" is "add
     overwrite=True", "--rank must be ..." is 'options["rank"] must be ...', "--steps 200" is "steps=200"; `toml`:
@@ -203,10 +214,7 @@ def python_spelled(message: str, command: str, toml: bool = False) -> str:
         flag, word = match["flag"], match["word"]
         # "trained with --zero-terminal-snr" in another command's note (sample's) names the training setting
         known = python_names("train") if match.string[:match.start()].endswith(TRAINED_WITH) else names
-        name = known.get(flag)
-        negated = known.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
-        if name is None and negated is not None and negated.value:  # a switch's other half: --no-dora
-            name = negated._replace(value=False)
+        name = switch_named(flag, known)
         if name is None:
             return match[0]
         if name.value is not None and word == "must":  # "--dora must be true or false": the setting, not a value
@@ -218,13 +226,11 @@ def python_spelled(message: str, command: str, toml: bool = False) -> str:
         return spelled() + (f" {word}" if word is not None else "")
 
     def switch_off(match: re.Match) -> str:
-        flag = match["flag1"] or match["flag2"] or match["flag3"]
-        name = names.get(flag)
-        if name is None and flag.startswith("--no-") and (negated := names.get("--" + flag[len("--no-"):])) is not None:
-            name = negated._replace(value=None if negated.value is None else not negated.value)
+        name = switch_named(match["flag1"] or match["flag2"] or match["flag3"], names)
         if name is None or name.value is None:  # no switch (a value's flag): "without ema_decay" reads as it is
             return match[0]
-        return ("with " if match["without"] else "set ") + name.spelled(str(not name.value))
+        turned = name._replace(value=not name.value)
+        return ("with " if match["without"] else "set ") + (turned.toml_spelled() if toml else turned.spelled())
 
     def respelled(text: str) -> str:
         return FLAG.sub(spell, SWITCHED_OFF.sub(switch_off, text))

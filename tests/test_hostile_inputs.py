@@ -658,6 +658,10 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("or leave out --buckets; or leave --buckets off.") == "or set buckets=False; or set buckets=False."
     assert spelled("run without --dora, or without --no-half-vae") == 'run with options={"dora": False}, or with no_half_vae=False'
     assert spelled("resume without --ema-decay, or leave out --steps") == "resume without ema_decay, or leave out steps"
+    # as a TOML file gives them (a sweep plan's refusals): the same switches, TOML's spelling
+    assert python_spelled("or leave out --buckets; run without --no-dora", "train", toml=True) == \
+        "or set buckets = false; run with options.dora = true"
+    assert python_spelled("leave --half-vae off", "train", toml=True) == "set no_half_vae = true"
     assert spelled("`sdtune train` without --resume-x; `sdtune train --buckets` leave out") == \
         "`sdtune train` without --resume-x; `sdtune train --buckets` leave out"
     # a note of sample's on how an adapter was trained names train's setting; train's flag elsewhere stays
