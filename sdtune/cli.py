@@ -45,7 +45,7 @@ from .config import (
     empty_path_message,
     spelled_as_flags,
 )
-from .errors import SdtuneError, SweepFailed, error_line
+from .errors import SdtuneError, SweepFailed, error_line, shell_word
 from .fileio import counted
 
 class OneLineErrorsGroup(TyperGroup):
@@ -475,7 +475,7 @@ def train(
     from .starting_weights import describe_taken
 
     if taken := describe_taken(run.taken_options, run.started_fresh):
-        typer.echo(f"from --init-weights {run.config.init_weights}: {taken}")
+        typer.echo(f"from --init-weights {shell_word(run.config.init_weights)}: {taken}")
     typer.echo(
         f"trained {run.description}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
@@ -648,7 +648,7 @@ def merge(
                    "timesteps, as sdtune sample draws it (which also rescales guidance by 0.7)")
     for merged, flags in result.reading_flags.items():  # what weights cannot hold: how the prompts are read
         typer.echo(f"note: {merged} was trained reading prompts with {flags}; sample the merged pipeline with "
-                   f"`sdtune sample --model {result.output} {flags}` (its own way reads them otherwise)")
+                   f"`sdtune sample --model {shell_word(result.output)} {flags}` (its own way reads them otherwise)")
 
 @app.command()
 @handle_errors

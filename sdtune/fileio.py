@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import SdtuneError, TrainingFailed
+from .errors import SdtuneError, TrainingFailed, shell_word
 
 TEMP_SUFFIX = ".tmp"
 HEADER_SUFFIX = ".header"  # the rewritten safetensors header's temporary (`save_safetensors`)
@@ -477,9 +477,9 @@ def check_output_target(output: str | os.PathLike, sources: list[str | os.PathLi
     for source in sources:
         source = Path(source).resolve()
         if resolved == source or resolved in source.parents:
-            raise SdtuneError(f"--output {output} is where the input {source} is; write to another path")
+            raise SdtuneError(f"--output {shell_word(output)} is where the input {source} is; write to another path")
     if not overwrite and output.exists() and not (output.is_dir() and not any(output.iterdir())):
-        raise SdtuneError(f"--output {output} already exists; give a new path, or --overwrite to replace it")
+        raise SdtuneError(f"--output {shell_word(output)} already exists; give a new path, or --overwrite to replace it")
     return output
 
 
@@ -620,8 +620,8 @@ def output_file_lock(output: str | os.PathLike) -> Iterator[OutputLock]:
     folder is known to be writable, after sweeping the temporaries a killed command left of it.
     `sdtune export` and `sdtune merge` write this way."""
     output = Path(output)
-    ensure_writable_folder(output.parent, what=f"--output {output}")
-    with OutputLock(output.parent, file_lock_name(output.name), what=f"--output {output}") as lock:
+    ensure_writable_folder(output.parent, what=f"--output {shell_word(output)}")
+    with OutputLock(output.parent, file_lock_name(output.name), what=f"--output {shell_word(output)}") as lock:
         lock.sweep(lambda name: name == output.name)
         yield lock
 

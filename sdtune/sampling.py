@@ -126,7 +126,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from .adapter import adapter_info, adapter_path
     from .data import PromptLine, read_prompt_lines
     from .distributed import lock_on_main_process, process_state
-    from .errors import SdtuneError
+    from .errors import SdtuneError, shell_word
     from .fileio import OutputLock, ensure_writable_folder
     from .limits import check_clip_skip, check_sample_fits
     from .models import DEFAULT_MODEL, read_model_configs
@@ -156,7 +156,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     else:
         output = Path("samples")
     if any(output.resolve() == adapter_path(adapter).resolve() for adapter in config.adapters):
-        raise SdtuneError(f"--output {output} is the adapter file; give a folder for the images")
+        raise SdtuneError(f"--output {shell_word(output)} is the adapter file; give a folder for the images")
     ensure_writable_folder(output / "images")
 
     # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes
