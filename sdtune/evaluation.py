@@ -484,13 +484,10 @@ def prompt_groups(files: list, prompts: list[str]) -> list[list[int]]:
     return list(indices_by_value(keys).values())
 
 
-def run_prompt(run: Path, placeholder: str) -> str:
-    """The run's training prompt with the placeholder, e.g. 'photo of a <castle>.'."""
-    from .config import read_toml
-
-    template = "photo of a {token}."
-    if (run / "config.toml").is_file():
-        template = read_toml(run / "config.toml").get("template", template)
+def run_prompt(run: Path, settings: dict, placeholder: str) -> str:
+    """The run's training prompt with the placeholder, e.g. 'photo of a <castle>.', from `settings`, its config.toml
+    as read (`run_prompts`)."""
+    template = settings.get("template", "photo of a {token}.")
     try:
         return template.format(token=placeholder)
     except (AttributeError, LookupError, ValueError) as error:  # a config.toml edited by hand, or not sdtune's
@@ -539,7 +536,7 @@ def run_prompts(run: Path, placeholder: str) -> list[str]:
     if settings.get("dataset"):
         return [caption for _, caption in class_captions(
             settings["dataset"], settings.get("data_root"), settings.get("classes") or None, settings.get("class_template"))]
-    return [run_prompt(run, placeholder)]
+    return [run_prompt(run, settings, placeholder)]
 
 
 def run_reference(run: Path) -> list:

@@ -589,6 +589,24 @@ def test_a_dataset_runs_reference_and_prompts_are_its_dataset(tmp_path):
     assert len(labels) == MAX_DATASET_REFERENCE == 2000 and {labels.count(label) for label in set(labels)} == {200}
 
 
+def test_a_concept_runs_prompt_is_its_training_template_read_once(tmp_path, monkeypatch):
+    """With no prompt given, a concept run is measured with its training prompt: config.toml's template, the file
+    read once; a run without one has the default template."""
+    import sdtune.config
+    from sdtune.evaluation import run_prompts
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('concept = "castle"\ntemplate = "a painting of {token}"\n')
+    reads = []
+    read_toml = sdtune.config.read_toml
+    monkeypatch.setattr(sdtune.config, "read_toml", lambda path: reads.append(path) or read_toml(path))
+    assert run_prompts(run, "<castle>") == ["a painting of <castle>"]
+    assert reads == [run / "config.toml"]
+    (run / "config.toml").unlink()
+    assert run_prompts(run, "<castle>") == ["photo of a <castle>."]
+
+
 def test_missing_metrics_are_one_line_a_reason_not_a_line_a_metric_and_run(tmp_path):
     from sdtune.comparison import RunSummary, unavailable_notes
 
