@@ -517,6 +517,15 @@ def file_lock_name(name: str) -> str:
     return f".{name}.sdtune.lock"
 
 
+LOCK_POLL_SECONDS = 0.1  # how often a lock that waits (`OutputLock.wait`) tries again
+
+
+class LockHeld(SdtuneError):
+    """Another process holds the lock (past the wait, where the lock waits); `holder` names it."""
+
+    holder = "another process"
+
+
 class OutputLock:
     """An exclusive lock on an output folder (or, with `name`, on one output in it), held for a whole command.
 
@@ -525,18 +534,20 @@ class OutputLock:
     holder's pid and host for the refusal message. Where the file system has no `flock`, the pid is
     checked instead: a lock whose process no longer runs on this host is taken over. `acquired_at`
     (the lock file's modification time) tells the holder's temporaries from those a killed command
-    left before it.
+    left before it. `wait`: seconds to wait for a holder to let go (writers taking turns) before refusing.
     """
 
-    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, what: str | None = None):
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, what: str | None = None, wait: float = 0.0):
         self.folder = Path(folder)
         self.path = self.folder / name
         self.what = what or f"output folder {self.folder}"
+        self.wait = wait
         self.acquired_at = 0.0
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
         fd = None
+        deadline = time.monotonic() + self.wait
         try:
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
@@ -548,11 +559,15 @@ class OutputLock:
                     holder = read_holder(fd)
                     os.close(fd)
                     fd = None
+                    if time.monotonic() < deadline:
+                        time.sleep(LOCK_POLL_SECONDS)
+                        continue
                     who = f"pid {holder[0]} on {holder[1]}" if holder else "another process"
-                    raise SdtuneError(
-                        f"{self.what} is in use by another sdtune run ({who}); "
-                        f"wait for it to finish or choose another --output"
-                    )
+                    waited = f" for over {self.wait:g} s" if self.wait else ""
+                    refusal = LockHeld(f"{self.what} is in use by another sdtune run ({who}){waited}; "
+                                       f"wait for it to finish or choose another --output")
+                    refusal.holder = who
+                    raise refusal
                 if self._is_ours(fd):  # else the holder removed the file between our open and lock: retry on the new one
                     break
                 os.close(fd)
