@@ -237,11 +237,12 @@ def python_spelled(message: str, command: str, toml: bool = False) -> str:
             return match[0]
         if name.value is not None and word == "must":  # "--dora must be true or false": the setting, not a value
             name = name._replace(value=None)
+        value = None
         if word is not None and name.value is None:  # switches take no value
-            value = python_text(unquoted) if match["quoted"] and (unquoted := shell_unquoted(word)) is not None \
-                else python_value(name, word)
-        else:
-            value = None
+            if not match["quoted"]:
+                value = python_value(name, word)
+            elif (unquoted := shell_unquoted(word)) is not None:  # quoted: text, whatever it holds
+                value = python_text(unquoted)
         spelled = name.toml_spelled if toml else name.spelled
         if value is not None:
             return spelled(value)
