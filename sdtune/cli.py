@@ -45,7 +45,7 @@ from .config import (
     empty_path_message,
     spelled_as_flags,
 )
-from .errors import SdtuneError, SweepFailed, error_line
+from .errors import SdtuneError, SweepFailed, error_line, shell_word
 from .fileio import counted
 from .kohya_flags import kohya_flag_hint
 
@@ -391,8 +391,7 @@ def train(
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest intact one in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an earlier run's adapter, logs and checkpoints in OUTPUT (default: refuse)."),
-    # a str, as --resume: typer reads an empty Path as ".", which validation could not tell from a folder
-    init_weights: Optional[str] = typer.Option(None, help="Start the method's trained tensors from this adapter (file or run folder) of the same method, or a kohya/LyCORIS file whose update the method holds exactly (a LoRA/LoCon, LoHa or LoKr for the method of that kind), as kohya-ss' --network_weights; options the run does not set (rank, alpha, ...) come from the file, as --dim_from_weights. A new run: a fresh optimizer and schedule (--resume continues a run)."),
+    init_weights: Optional[Path] = typer.Option(None, help="Start the method's trained tensors from this adapter (file or run folder) of the same method, or a kohya/LyCORIS file whose update the method holds exactly (a LoRA/LoCon, LoHa or LoKr for the method of that kind), as kohya-ss' --network_weights; options the run does not set (rank, alpha, ...) come from the file, as --dim_from_weights. A new run: a fresh optimizer and schedule (--resume continues a run)."),
     base_adapters: Optional[List[str]] = typer.Option(None, help="FILE[:STRENGTH]: merge this adapter or kohya file (at STRENGTH, default 1) into the frozen model before the method is injected, as kohya-ss' --base_weights and --base_weights_multiplier; repeatable. The adapter records them; sample with them too."),
     mixed_precision: Optional[str] = typer.Option(None, help="no, fp16 or bf16; trainable parameters stay fp32, the frozen models are stored in the half dtype." + _default(TrainConfig, "mixed_precision")),
     no_half_vae: Optional[bool] = typer.Option(None, "--no-half-vae/--half-vae", help="Keep the VAE in fp32 under mixed precision (for a VAE that overflows in fp16, as SDXL's does) (default: half)."),
@@ -479,7 +478,7 @@ def train(
     from .starting_weights import describe_taken
 
     if taken := describe_taken(run.taken_options, run.started_fresh):
-        typer.echo(f"from --init-weights {run.config.init_weights}: {taken}")
+        typer.echo(f"from --init-weights {shell_word(run.config.init_weights)}: {taken}")
     typer.echo(
         f"trained {run.description}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
@@ -652,7 +651,7 @@ def merge(
                    "timesteps, as sdtune sample draws it (which also rescales guidance by 0.7)")
     for merged, flags in result.reading_flags.items():  # what weights cannot hold: how the prompts are read
         typer.echo(f"note: {merged} was trained reading prompts with {flags}; sample the merged pipeline with "
-                   f"`sdtune sample --model {result.output} {flags}` (its own way reads them otherwise)")
+                   f"`sdtune sample --model {shell_word(result.output)} {flags}` (its own way reads them otherwise)")
 
 @app.command()
 @handle_errors

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CompareConfig
-from .errors import SdtuneError, warn
+from .errors import SdtuneError, shell_word, warn
 from .evaluation import METRICS, format_metric, read_evaluation, stale_evaluation
 from .fileio import human_bytes
 from .tracking import METRICS_FILE, read_metrics_log
@@ -116,7 +116,7 @@ def summarize_run(path: str | Path) -> RunSummary:
     report = read_evaluation(path) or {}
     stale = stale_evaluation(report, path, info.method, info.options) if report else ""
     if stale:  # another adapter's numbers would be read as this one's
-        warn(f"{path}: {stale}; its metrics are left out (run `sdtune evaluate --run {path}` again)")
+        warn(f"{path}: {stale}; its metrics are left out (run `sdtune evaluate --run {shell_word(path)}` again)")
         report = {}
     return RunSummary(
         name=path.name,
@@ -741,7 +741,7 @@ def missing_evaluations(runs: list[RunSummary]) -> list[str]:
     if len(runs) > 1 and len(missing) == len(runs) and not any(run.stale_evaluation for run in runs):
         return ["- No run was evaluated (no eval.json): run `sdtune evaluate --run RUN` on each to measure it."]
     return [f"- {run.name}: not evaluated (" + (f"{run.stale_evaluation}" if run.stale_evaluation else "no eval.json")
-            + f"; run `sdtune evaluate --run {run.path}`)" for run in missing]
+            + f"; run `sdtune evaluate --run {shell_word(run.path)}`)" for run in missing]
 
 
 def remove_comparison(out: Path) -> None:

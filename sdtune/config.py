@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
+import shlex
 import tomllib
 import types
 import typing
@@ -22,7 +24,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from . import errors
 from .data import MAX_SEED
-from .errors import AS_TYPED, SdtuneError, reading_file, settings_spelled_for
+from .errors import AS_TYPED, SdtuneError, reading_file, settings_spelled_for, shell_word
 from .losses import HUBER_SCHEDULES, LOSS_TYPES
 from .masks import MASK_SOURCES
 from .methods import DEFAULT_METHOD, OPTION_FLAGS, option_words
@@ -147,8 +149,10 @@ NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
 # a flag (not kohya-ss' --network_weights, nor one inside a quoted value or a path), and the word after it: its
 # value, or the sentence's own
 # a word ends before a sentence's full stop or colon: "--model nobody/x: not found", "--output runs/x."
+# a value quoted as a shell reads it (`errors.shell_word`: 'my runs/x', 'it'"'"'s') is the flag's value, whole
 FLAG = re.compile(rf"(?<![\w'\"/.-])(?P<flag>--[a-z0-9]+(?:-[a-z0-9]+)*)(?![\w/-])"
-                  rf"(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+~/-](?:[\w.+~/:-]*[\w+~/-])?))?")
+                  rf"(?: (?P<word>{NUMBER}(?:,{NUMBER})*(?!\w)|[\w.+~/-](?:[\w.+~/:-]*[\w+~/-])?"
+                  r"|(?P<quoted>(?:'[^']*'|\"(?:[^\"\\]|\\.)*\")+)))?")
 # what a path or hub id has and the sentence's own words after a path flag ("--images folder") have not
 PATH_LIKE = re.compile(r"[/\\.~_:\d-]")
 TRAINED_WITH = "trained with "  # before a flag: the setting of the run that trained an adapter, `sdtune train`'s
@@ -194,6 +198,31 @@ def python_value(name: PythonName, word: str) -> str | None:
     return f'"{word}"' if word in words else None
 
 
+def shell_unquoted(word: str) -> str | None:
+    """The one value a shell-quoted `word` stands for, or None where it is not one."""
+    try:
+        words = shlex.split(word)
+    except ValueError:
+        return None
+    return words[0] if len(words) == 1 else None
+
+
+def python_text(text: str) -> str:
+    """`text` as a string literal, as Python code and TOML alike write it ("my runs/x")."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def switch_named(flag: str, names: dict[str, PythonName]) -> PythonName | None:
+    """How Python code gives `flag` among `names` (`python_names`), a switch's other half too: `--no-dora` is
+    options={"dora": False}. None for a flag of no setting."""
+    name = names.get(flag)
+    if name is None and flag.startswith("--no-"):
+        negated = names.get("--" + flag[len("--no-"):])
+        if negated is not None and negated.value:  # only a switch has a --no- half; a value's flag has none
+            return negated._replace(value=False)
+    return name
+
+
 def python_spelled(message: str, command: str, toml: bool = False) -> str:
     """`message` with each of `sdtune COMMAND`'s flags as Python code gives it: "add --overwrite" is "add
     overwrite=True", "--rank must be ..." is 'options["rank"] must be ...', "--steps 200" is "steps=200"; `toml`:
@@ -205,28 +234,28 @@ def python_spelled(message: str, command: str, toml: bool = False) -> str:
         flag, word = match["flag"], match["word"]
         # "trained with --zero-terminal-snr" in another command's note (sample's) names the training setting
         known = python_names("train") if match.string[:match.start()].endswith(TRAINED_WITH) else names
-        name = known.get(flag)
-        negated = known.get("--" + flag[len("--no-"):]) if flag.startswith("--no-") else None
-        if name is None and negated is not None and negated.value:  # a switch's other half: --no-dora
-            name = negated._replace(value=False)
+        name = switch_named(flag, known)
         if name is None:
             return match[0]
         if name.value is not None and word == "must":  # "--dora must be true or false": the setting, not a value
             name = name._replace(value=None)
-        value = python_value(name, word) if word is not None and name.value is None else None  # switches take none
+        value = None
+        if word is not None and name.value is None:  # switches take no value
+            if not match["quoted"]:
+                value = python_value(name, word)
+            elif (unquoted := shell_unquoted(word)) is not None:  # quoted: text, whatever it holds
+                value = python_text(unquoted)
         spelled = name.toml_spelled if toml else name.spelled
         if value is not None:
             return spelled(value)
         return spelled() + (f" {word}" if word is not None else "")
 
     def switch_off(match: re.Match) -> str:
-        flag = match["flag1"] or match["flag2"] or match["flag3"]
-        name = names.get(flag)
-        if name is None and flag.startswith("--no-") and (negated := names.get("--" + flag[len("--no-"):])) is not None:
-            name = negated._replace(value=None if negated.value is None else not negated.value)
+        name = switch_named(match["flag1"] or match["flag2"] or match["flag3"], names)
         if name is None or name.value is None:  # no switch (a value's flag): "without ema_decay" reads as it is
             return match[0]
-        return ("with " if match["without"] else "set ") + name.spelled(str(not name.value))
+        turned = name._replace(value=not name.value)
+        return ("with " if match["without"] else "set ") + (turned.toml_spelled() if toml else turned.spelled())
 
     def respelled(text: str) -> str:
         return FLAG.sub(spell, SWITCHED_OFF.sub(switch_off, text))
@@ -460,9 +489,9 @@ def parse_base_adapter(entry: str) -> BaseAdapter:
         except ValueError:
             return BaseAdapter(entry)
         if not math.isfinite(strength):
-            raise SdtuneError(f"--base-adapters {entry}: the strength must be a finite number, got {tail!r}")
+            raise SdtuneError(f"--base-adapters {shell_word(entry)}: the strength must be a finite number, got {tail!r}")
         if abs(strength) > MAX_ADAPTER_SCALE:  # sampling the run stacked on it takes no more
-            raise SdtuneError(f"--base-adapters {entry}: the strength must lie within ±{MAX_ADAPTER_SCALE:g}, as sdtune "
+            raise SdtuneError(f"--base-adapters {shell_word(entry)}: the strength must lie within ±{MAX_ADAPTER_SCALE:g}, as sdtune "
                               f"sample's --adapter-scale, got {tail}")
         return BaseAdapter(head, strength)
     if not entry:

@@ -3,6 +3,7 @@ sdtune names the file itself."""
 
 import os
 import re
+import shlex
 import sys
 import threading
 import warnings
@@ -73,6 +74,17 @@ def error_line(error: BaseException) -> str:
     if isinstance(error, SdtuneError):
         return str(error)
     return f"{type(error).__name__}: {first_sentence(error, 300)}" if str(error).strip() else type(error).__name__
+
+
+# what a shell would split or expand in a word: a value holding any is quoted in a message, to be read back whole
+SHELL_SPECIAL = re.compile(r"[\s'\"\\$`;&|<>()*?\[\]#!{}]")
+
+
+def shell_word(value) -> str:
+    """`value` as a message gives it after its flag, to be typed back or read as one value (`config.python_spelled`):
+    as it is, or shell-quoted where it holds a space or a character a shell reads (`--output 'my runs/x'`)."""
+    text = str(value)
+    return shlex.quote(text) if not text or SHELL_SPECIAL.search(text) else text
 
 
 # How the sdtune call in progress names settings in what it says (errors, warnings): a Python call's command

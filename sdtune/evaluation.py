@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .config import EvaluateConfig, strength_name
 from .adapter import adapter_digest
-from .errors import SdtuneError, error_line, first_sentence, said_to_caller, warn
+from .errors import SdtuneError, error_line, first_sentence, said_to_caller, shell_word, warn
 from .models import quiet_libraries
 from .trained_prompts import run_concepts, run_prompts
 
@@ -623,7 +623,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     if not output.parent.is_dir():
         raise SdtuneError(f"output folder not found: {output.parent}")
     if output.is_dir():
-        raise SdtuneError(f"--output {output} is a folder; give the path of the results file (such as {output / EVAL_FILE})")
+        raise SdtuneError(f"--output {shell_word(output)} is a folder; give the path of the results file (such as {output / EVAL_FILE})")
 
     # The reference images, found before anything is drawn: a run whose config names none says so now.
     unavailable: dict[str, str] = {}
@@ -838,7 +838,7 @@ def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: di
         # or only a copy's (copies need not keep times), so its numbers stay, with a warning
         warn(f"{run}: eval.json records no digest of the adapter it measured (an earlier sdtune wrote it) and "
              f"{ADAPTER_FILE} was written after it: its metrics may be an earlier training's (run `sdtune evaluate "
-             f"--run {run}` again to be sure)")
+             f"--run {shell_word(run)}` again to be sure)")
     return ""
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .config import EXPORT_FORMATS as FORMATS
 from .config import MERGE_DTYPES, spelled_for_python
-from .errors import SdtuneError, said_to_caller, warn
+from .errors import SdtuneError, said_to_caller, shell_word, warn
 from .methods.base import exact_module_pattern
 from .models import quiet_libraries
 from .fileio import default_mode, failures_named, human_bytes, make_temp_folder, output_file_lock, temp_path, write_folder
@@ -299,7 +299,7 @@ def _check_fits(path: Path, info, tensors: dict, model: str) -> None:
         unet = UNet2DConditionModel.from_config(read_model_configs(model).unet)
     shapes = expected_shapes(info.method, info.options, unet)
     found = {key: tuple(tensor.shape) for key, tensor in tensors.items() if key.partition(".")[0] not in info.text_encoders}
-    what = f"adapter {path} (trained on base model {info.base_model!r}), on --model {model},"
+    what = f"adapter {path} (trained on base model {info.base_model!r}), on --model {shell_word(model)},"
     check_state_names(shapes, found, what)
     check_state_shapes(shapes, found, what)
 
@@ -337,7 +337,7 @@ def _not_available(format: str, method) -> str:
 
 def _check_file_target(output: Path) -> None:
     if output.is_dir():
-        raise SdtuneError(f"--output {output} is a folder; this format is one file, give a file name")
+        raise SdtuneError(f"--output {shell_word(output)} is a folder; this format is one file, give a file name")
 
 
 @quiet_libraries()

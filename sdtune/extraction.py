@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ExtractConfig
-from .errors import SdtuneError, said_to_caller, warn
+from .errors import SdtuneError, said_to_caller, shell_word, warn
 from .fileio import check_output_target, output_file_lock, write_text_atomic, written_together
 from .models import quiet_libraries
 from .version import __version__
@@ -146,7 +146,7 @@ def extract_lora(config: ExtractConfig) -> ExtractResult:
     inputs = [path, *(adapter_path(base.path) for base in bases)]
     for target in (output, summary):
         if target.is_dir():
-            raise SdtuneError(f"--output {target} is a folder; a LoRA is one file, give a file name")
+            raise SdtuneError(f"--output {shell_word(target)} is a folder; a LoRA is one file, give a file name")
         check_output_target(target, inputs, config.overwrite)
 
     with output_file_lock(output):

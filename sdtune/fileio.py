@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import SdtuneError, TrainingFailed
+from .errors import SdtuneError, TrainingFailed, shell_word
 
 TEMP_SUFFIX = ".tmp"
 HEADER_SUFFIX = ".header"  # the rewritten safetensors header's temporary (`save_safetensors`)
@@ -477,9 +477,9 @@ def check_output_target(output: str | os.PathLike, sources: list[str | os.PathLi
     for source in sources:
         source = Path(source).resolve()
         if resolved == source or resolved in source.parents:
-            raise SdtuneError(f"--output {output} is where the input {source} is; write to another path")
+            raise SdtuneError(f"--output {shell_word(output)} is where the input {source} is; write to another path")
     if not overwrite and output.exists() and not (output.is_dir() and not any(output.iterdir())):
-        raise SdtuneError(f"--output {output} already exists; give a new path, or --overwrite to replace it")
+        raise SdtuneError(f"--output {shell_word(output)} already exists; give a new path, or --overwrite to replace it")
     return output
 
 
@@ -517,6 +517,15 @@ def file_lock_name(name: str) -> str:
     return f".{name}.sdtune.lock"
 
 
+LOCK_POLL_SECONDS = 0.1  # how often a lock that waits (`OutputLock.wait`) tries again
+
+
+class LockHeld(SdtuneError):
+    """Another process holds the lock (past the wait, where the lock waits); `holder` names it."""
+
+    holder = "another process"
+
+
 class OutputLock:
     """An exclusive lock on an output folder (or, with `name`, on one output in it), held for a whole command.
 
@@ -525,18 +534,20 @@ class OutputLock:
     holder's pid and host for the refusal message. Where the file system has no `flock`, the pid is
     checked instead: a lock whose process no longer runs on this host is taken over. `acquired_at`
     (the lock file's modification time) tells the holder's temporaries from those a killed command
-    left before it.
+    left before it. `wait`: seconds to wait for a holder to let go (writers taking turns) before refusing.
     """
 
-    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, what: str | None = None):
+    def __init__(self, folder: str | os.PathLike, name: str = LOCK_FILE, what: str | None = None, wait: float = 0.0):
         self.folder = Path(folder)
         self.path = self.folder / name
         self.what = what or f"output folder {self.folder}"
+        self.wait = wait
         self.acquired_at = 0.0
         self._fd: int | None = None
 
     def acquire(self) -> "OutputLock":
         fd = None
+        deadline = time.monotonic() + self.wait
         try:
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
@@ -548,11 +559,15 @@ class OutputLock:
                     holder = read_holder(fd)
                     os.close(fd)
                     fd = None
+                    if time.monotonic() < deadline:
+                        time.sleep(LOCK_POLL_SECONDS)
+                        continue
                     who = f"pid {holder[0]} on {holder[1]}" if holder else "another process"
-                    raise SdtuneError(
-                        f"{self.what} is in use by another sdtune run ({who}); "
-                        f"wait for it to finish or choose another --output"
-                    )
+                    waited = f" for over {self.wait:g} s" if self.wait else ""
+                    refusal = LockHeld(f"{self.what} is in use by another sdtune run ({who}){waited}; "
+                                       f"wait for it to finish or choose another --output")
+                    refusal.holder = who
+                    raise refusal
                 if self._is_ours(fd):  # else the holder removed the file between our open and lock: retry on the new one
                     break
                 os.close(fd)
@@ -620,8 +635,8 @@ def output_file_lock(output: str | os.PathLike) -> Iterator[OutputLock]:
     folder is known to be writable, after sweeping the temporaries a killed command left of it.
     `sdtune export` and `sdtune merge` write this way."""
     output = Path(output)
-    ensure_writable_folder(output.parent, what=f"--output {output}")
-    with OutputLock(output.parent, file_lock_name(output.name), what=f"--output {output}") as lock:
+    ensure_writable_folder(output.parent, what=f"--output {shell_word(output)}")
+    with OutputLock(output.parent, file_lock_name(output.name), what=f"--output {shell_word(output)}") as lock:
         lock.sweep(lambda name: name == output.name)
         yield lock
 

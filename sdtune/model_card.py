@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import spelled_for_python
-from .errors import SdtuneError, warn
+from .errors import SdtuneError, shell_word, warn
 from .version import __version__
 
 CARD_FILE = "README.md"
@@ -69,7 +69,7 @@ def write_model_card(source: str | Path, output: str | Path | None = None, licen
     run = path.parent
     output = Path(output) if output else run / CARD_FILE
     if output.is_dir():
-        raise SdtuneError(f"--output {output} is a folder; give the card's file path (such as {output / CARD_FILE})")
+        raise SdtuneError(f"--output {shell_word(output)} is a folder; give the card's file path (such as {output / CARD_FILE})")
     check_output_target(output, [path], overwrite)
     if is_kohya_file(path):
         raise SdtuneError(f"{path} is a kohya-format file; a card describes an sdtune run or adapter")
@@ -277,7 +277,7 @@ def evaluation_lines(run: Path, info) -> list[str]:
     if not report or not report.get("metrics"):
         return []
     if stale := stale_evaluation(report, run, info.method, info.options):  # another adapter's numbers
-        warn(f"{run}: {stale}; the card leaves its metrics out (run `sdtune evaluate --run {run}` again)")
+        warn(f"{run}: {stale}; the card leaves its metrics out (run `sdtune evaluate --run {shell_word(run)}` again)")
         return []
     lines = ["", "## Evaluation (`sdtune evaluate`)", "", "| metric | value | meaning |", "| --- | ---: | --- |"]
     for key, (title, meaning) in METRICS.items():

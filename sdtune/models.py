@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .errors import SdtuneError, first_sentence, warn
+from .errors import SdtuneError, first_sentence, shell_word, warn
 from .fileio import publish_directory
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -539,20 +539,20 @@ def read_model_configs(model: str) -> ModelConfigs:
     path = Path(source)
     if path.exists():
         if not path.is_dir() or not (path / "model_index.json").is_file():
-            raise SdtuneError(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+            raise SdtuneError(f"--model {shell_word(model)}: not a diffusers pipeline folder (no model_index.json)")
         index = _read_config(model, path / "model_index.json")
         check_pipeline_class(model, index)
         missing = [c for c in SUPPORTED_PIPELINES[index["_class_name"]] if not (path / c).is_dir()]
         if missing:
             raise SdtuneError(
-                f"--model {model}: the folder lacks component(s) {', '.join(missing)}, which a "
+                f"--model {shell_word(model)}: the folder lacks component(s) {', '.join(missing)}, which a "
                 f"{index['_class_name']} needs"
             )
         # a folder of it that model_index.json does not name (`[null, null]`) is loaded as None
         unnamed = [c for c in SUPPORTED_PIPELINES[index["_class_name"]] if not _names_component(index.get(c))]
         if unnamed:
             raise SdtuneError(
-                f"--model {model}: its model_index.json names no {', '.join(unnamed)}, which a "
+                f"--model {shell_word(model)}: its model_index.json names no {', '.join(unnamed)}, which a "
                 f"{index['_class_name']} needs"
             )
         files = {name: path / file for name, file in CONFIG_FILES.items()}
@@ -565,7 +565,7 @@ def read_model_configs(model: str) -> ModelConfigs:
         missing = [c for c in SUPPORTED_PIPELINES[index["_class_name"]] if not _names_component(index.get(c))]
         if missing:
             raise SdtuneError(
-                f"--model {model}: its model_index.json lacks component(s) {', '.join(missing)}, which a "
+                f"--model {shell_word(model)}: its model_index.json lacks component(s) {', '.join(missing)}, which a "
                 f"{index['_class_name']} needs"
             )
         files = {name: fetch(file) for name, file in CONFIG_FILES.items()}
@@ -590,10 +590,10 @@ def check_pipeline_class(model: str, index: dict) -> None:
     """Refuse a pipeline sdtune cannot train (SD3, Flux, ...) by the class its model_index.json names."""
     name = index.get("_class_name")
     if not isinstance(name, str):
-        raise SdtuneError(f"--model {model}: model_index.json names no pipeline class (_class_name)")
+        raise SdtuneError(f"--model {shell_word(model)}: model_index.json names no pipeline class (_class_name)")
     if name not in SUPPORTED_PIPELINES:
         raise SdtuneError(
-            f"--model {model} is a {name}, which sdtune does not support yet; it trains and samples "
+            f"--model {shell_word(model)} is a {name}, which sdtune does not support yet; it trains and samples "
             f"{' and '.join(SUPPORTED_PIPELINES)} models (SD 1.x, 2.x and SDXL)"
         )
 
@@ -604,11 +604,11 @@ def check_hub_id(model: str, source: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise SdtuneError(f"--model {model}: no such folder, and not a hub id; use --model tiny or a local folder")
+        raise SdtuneError(f"--model {shell_word(model)}: no such folder, and not a hub id; use --model tiny or a local folder")
     try:
         validate_repo_id(source)
     except HFValidationError:
-        raise SdtuneError(f"--model {model}: no such folder, and not a hub id (ORG/NAME of letters, digits, '-', '_' "
+        raise SdtuneError(f"--model {shell_word(model)}: no such folder, and not a hub id (ORG/NAME of letters, digits, '-', '_' "
                           "and '.', not '--' or '..', neither starting nor ending with '-' or '.'); use --model tiny or a "
                           "local folder") from None
 
@@ -640,11 +640,11 @@ def _read_config(model: str, file: Path) -> dict:
     try:
         value = json.loads(Path(file).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SdtuneError(f"--model {model}: {Path(file).parent.name}/{Path(file).name} is missing") from None
+        raise SdtuneError(f"--model {shell_word(model)}: {Path(file).parent.name}/{Path(file).name} is missing") from None
     except (OSError, ValueError) as error:
-        raise SdtuneError(f"--model {model}: {Path(file).name} is not a readable JSON config ({type(error).__name__})") from None
+        raise SdtuneError(f"--model {shell_word(model)}: {Path(file).name} is not a readable JSON config ({type(error).__name__})") from None
     if not isinstance(value, dict):
-        raise SdtuneError(f"--model {model}: {Path(file).name} is not a JSON object")
+        raise SdtuneError(f"--model {shell_word(model)}: {Path(file).name} is not a JSON object")
     return value
 
 
@@ -654,7 +654,7 @@ def hub_offline() -> bool:
 
 def not_found(model: str, reason: str) -> str:
     """The one line for a hub id that is not on disk and cannot be fetched."""
-    return f"--model {model}: not in the local Hugging Face cache, and {reason}; use --model tiny or a local folder"
+    return f"--model {shell_word(model)}: not in the local Hugging Face cache, and {reason}; use --model tiny or a local folder"
 
 
 class _HubFiles:
@@ -726,7 +726,7 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
             pickled = [p.name for p in files if p.suffix in PICKLE_WEIGHTS]
             if pickled and not any(p.suffix == ".safetensors" for p in files):
                 raise SdtuneError(
-                    f"--model {model}: {component}/ holds only pickled weights ({pickled[0]}), which can run "
+                    f"--model {shell_word(model)}: {component}/ holds only pickled weights ({pickled[0]}), which can run "
                     "code when loaded; sdtune reads safetensors only"
                 )
 
@@ -748,10 +748,10 @@ def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
             pipe = pipeline_class.from_pretrained(source, local_files_only=True, **kwargs)
         except Exception as local_error:
             if is_folder:
-                raise SdtuneError(f"--model {model}: could not load the folder: {first_sentence(local_error)}") from None
+                raise SdtuneError(f"--model {shell_word(model)}: could not load the folder: {first_sentence(local_error)}") from None
             pipe = _cached_fp16_variant(pipeline_class, source, kwargs)
         if pipe is None:
-            weights = f"--model {model}: its weights are not in the local Hugging Face cache, and"
+            weights = f"--model {shell_word(model)}: its weights are not in the local Hugging Face cache, and"
             if hub_offline():
                 raise SdtuneError(f"{weights} the hub is offline (HF_HUB_OFFLINE); use --model tiny or a local folder") from None
             try:

@@ -87,6 +87,24 @@ def grid_layout(sizes: list[list[tuple[int, int]]]) -> tuple[list[int], list[int
     return widths, heights, cells
 
 
+def fitted_lines(text: str, width: int, font) -> list[str]:
+    """`text` in lines each at most `width` pixels wide in `font`: broken between words, else after a word's hyphens
+    and underscores (run names: castle-lora-seed-1), else within a piece wider than a line."""
+    lines: list[str] = []
+    for word in text.split():
+        for index, piece in enumerate(re.findall(r"[^-_]*[-_]|[^-_]+", word)):
+            joined = lines[-1] + (" " if index == 0 else "") + piece if lines else piece
+            if lines and font.getlength(joined) <= width:
+                lines[-1] = joined
+                continue
+            lines.append("")
+            for char in piece:
+                if lines[-1] and font.getlength(lines[-1] + char) > width:
+                    lines.append("")
+                lines[-1] += char
+    return lines or [""]
+
+
 def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | None = None):
     """One image: each row of PIL images with its caption written below it, labels above the columns. Every image
     keeps its aspect (`grid_layout`), left-aligned in its column."""
@@ -94,17 +112,19 @@ def make_grid(rows: list[list], captions: list[str], column_labels: list[str] | 
 
     column_widths, row_heights, cells = grid_layout([[image.size for image in row] for row in rows])
     lefts = [GRID_PAD + sum(column_widths[:column]) + column * GRID_PAD for column in range(len(column_widths))]
-    grid = Image.new("RGB", grid_extent(sum(column_widths), len(column_widths), row_heights, header=bool(column_labels)), "white")
-    draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=11)
+    # a column's label is shown whole (which run or strength it is), in as many lines as its column's width needs
+    labels = [fitted_lines(label, width, font) for width, label in zip(column_widths, column_labels or [])]
+    header_lines = max([CAPTION_LINES, *map(len, labels)]) if column_labels else 0
+    width, height = grid_extent(sum(column_widths), len(column_widths), row_heights)
+    grid = Image.new("RGB", (width, height + header_lines * CAPTION_LINE_HEIGHT), "white")
+    draw = ImageDraw.Draw(grid)
     chars = max(10, int((grid.size[0] - 2 * GRID_PAD) / 6))
     y = GRID_PAD
-    if column_labels:
-        for left, width, label in zip(lefts, column_widths, column_labels):
-            lines = textwrap.wrap(label, max(4, width // 6))[:CAPTION_LINES] or [""]
-            for k, line in enumerate(lines):
-                draw.text((left, y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
-        y += CAPTION_LINES * CAPTION_LINE_HEIGHT
+    for left, lines in zip(lefts, labels):
+        for k, line in enumerate(lines):
+            draw.text((left, y + k * CAPTION_LINE_HEIGHT), line, fill="black", font=font)
+    y += header_lines * CAPTION_LINE_HEIGHT
     for row, caption, row_cells, row_height in zip(rows, captions, cells, row_heights):
         for left, image, cell in zip(lefts, row, row_cells):
             grid.paste(image.resize(cell, Image.Resampling.NEAREST), (left, y))
@@ -126,7 +146,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     from .adapter import adapter_info, adapter_path
     from .data import PromptLine, read_prompt_lines
     from .distributed import lock_on_main_process, process_state
-    from .errors import SdtuneError
+    from .errors import SdtuneError, shell_word
     from .fileio import OutputLock, ensure_writable_folder
     from .limits import check_clip_skip, check_sample_fits
     from .models import DEFAULT_MODEL, read_model_configs
@@ -164,7 +184,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     else:
         output = Path("samples")
     if any(output.resolve() == adapter_path(adapter).resolve() for adapter in config.adapters):
-        raise SdtuneError(f"--output {output} is the adapter file; give a folder for the images")
+        raise SdtuneError(f"--output {shell_word(output)} is the adapter file; give a folder for the images")
     ensure_writable_folder(output / "images")
 
     # Under `accelerate launch` (or torchrun) every process draws its share of the prompts and writes

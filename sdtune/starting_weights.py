@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import BaseAdapter
-from .errors import SdtuneError, warn
+from .errors import SdtuneError, shell_word, warn
 
 
 def file_record(path: str | Path) -> dict[str, str]:
@@ -61,7 +61,7 @@ def check_kohya_family(metadata: dict[str, str], model: str, where: str) -> None
     recorded = metadata.get("ss_base_model_version", "")
     family = kohya_layout(read_model_configs(model).unet).base_model_version
     if recorded and recorded.split("_")[:2] != family.split("_")[:2]:  # sd_v1, sd_v2, sdxl_base...
-        raise SdtuneError(f"{where} was trained on a {recorded} model; --model {model} is {family}")
+        raise SdtuneError(f"{where} was trained on a {recorded} model; --model {shell_word(model)} is {family}")
 
 
 def base_adapter_bytes(bases: list[BaseAdapter]) -> int:
@@ -95,7 +95,7 @@ def read_kohya_header(path: Path) -> KohyaHeader:
     metadata, entries = read_safetensors_header(path)
     check_adapter_dtypes(path, entries)
     if any(key.startswith(BUNDLE_PREFIX) for key in entries):
-        raise SdtuneError(f"--init-weights {path}: the file bundles token embeddings, which a run cannot start from")
+        raise SdtuneError(f"--init-weights {shell_word(path)}: the file bundles token embeddings, which a run cannot start from")
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, entry in entries.items():
         module, _, suffix = key.partition(".")
@@ -150,7 +150,7 @@ def init_weights_options(config) -> StartingOptions:
 
     method_class = methods.method_class(config.method)
     path = adapter_path(config.init_weights)
-    where = f"--init-weights {path}"
+    where = f"--init-weights {shell_word(path)}"
     if is_kohya_file(path):
         header = read_kohya_header(path)
         check_kohya_family(header.metadata, config.model, where)
@@ -227,7 +227,7 @@ def warn_other_prompt_reading(config) -> None:
     if differ:
         trained = " and ".join(f"{flag} {value}" for flag, value, _ in differ)
         reads = " and ".join(f"{flag} {value}" for flag, _, value in differ)
-        warn(f"--init-weights {path} was trained with {trained}; the run reads prompts with {reads}: its tensors start "
+        warn(f"--init-weights {shell_word(path)} was trained with {trained}; the run reads prompts with {reads}: its tensors start "
              f"from what they learned on other text embeddings (give {trained} to read them as it did)")
 
 
@@ -292,7 +292,7 @@ def check_init_weights_base(path: str | Path, method, unet, text_encoders: list)
         return
     info, _ = read_adapter_info(path)
     encoders = {text_encoder_prefix(i): text_encoder_layers(e) for i, e in enumerate(text_encoders)} if info.text_encoders else {}
-    check_trained_base(info, ModelParts(unet, encoders), method.all_targets(unet, encoders), f"--init-weights {path}",
+    check_trained_base(info, ModelParts(unet, encoders), method.all_targets(unet, encoders), f"--init-weights {shell_word(path)}",
                        "this model", as_merged=False)
 
 
@@ -308,7 +308,7 @@ def load_init_weights(path: str | Path, method, pipeline) -> None:
     from .safetensors_checks import first_non_finite, read_tensors
 
     path = adapter_path(path)
-    where = f"--init-weights {path}"
+    where = f"--init-weights {shell_word(path)}"
     own = method.state_dict()
     if is_kohya_file(path):
         _, tensors = read_kohya(path)

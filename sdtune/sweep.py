@@ -33,8 +33,8 @@ from typing import Any, Callable
 from .adapter import ADAPTER_FILE
 from .config import (EvaluateConfig, SampleConfig, SweepConfig, TrainConfig, parse_shard, python_spelled, read_toml,
                      spelled_for_python)
-from .errors import SdtuneError, error_line, warn
-from .fileio import OutputLock, check_no_file_in_the_way, counted
+from .errors import SdtuneError, error_line, shell_word, warn
+from .fileio import LockHeld, OutputLock, check_no_file_in_the_way, counted, ensure_writable_folder
 
 RUN_MARKER = "sweep-run.json"
 RUN_LOCK = ".sdtune-sweep.lock"  # held by the sweep process working on a run, beside training's own lock
@@ -46,6 +46,7 @@ SAMPLES_FOLDER = "samples"
 PLAN_KEYS = ("name", "description", "output", "metrics", "train", "axes", "sample", "evaluate")
 MAX_RUNS = 10_000  # every run trains a model: more is a plan typed wrong, and expanding it would take minutes
 REPORT_TRIES = 3  # a report is written again while runs change state under it, at most this many times
+REPORT_LOCK_WAIT = 120  # seconds a shard waits for another's report to be written before leaving the report to it
 LR_SCALE_AXIS = "lr_scale"  # multiples of each run's method's own default learning rate
 # what a plan's text settings may refer to as {name}; other braces ({token}, {class}) are left as they are
 PLACEHOLDERS = ("concept", "dataset", "method", "seed", "sweep")
@@ -836,13 +837,31 @@ def adapter_step(folder: Path) -> int | None:
 # The report
 
 
-def write_report(plan: Plan, log: Callable[[str], None] = print) -> Path:
-    """OUTPUT/report: `sdtune compare`'s table and plots over the finished runs, and index.html."""
+def write_report(plan: Plan, log: Callable[[str], None] = print) -> Path | None:
+    """OUTPUT/report: `sdtune compare`'s table and plots over the finished runs, and index.html; None where another
+    process has been writing it for over REPORT_LOCK_WAIT seconds (the report is left to it)."""
+    # Shards finishing together take turns (the report folder's lock): one writing report/compare while another does
+    # would remove the plots the other just wrote as stale
+    folder = ensure_writable_folder(plan.report_folder, what=f"the sweep's report {plan.report_folder}")
+    lock = OutputLock(folder, what=f"the sweep's report {folder}", wait=REPORT_LOCK_WAIT)
+    try:
+        lock.acquire()
+    except LockHeld as held:
+        log(f"report: not written: {held.holder} has been writing {folder} for over {REPORT_LOCK_WAIT:g} s, and it is "
+            f"left to it (`sdtune sweep {shell_word(plan.path)} --report-only` writes it again)")
+        return None
+    try:
+        return _write_report(plan, log)
+    finally:
+        lock.release()
+
+
+def _write_report(plan: Plan, log: Callable[[str], None]) -> Path:
     from .report import write_html_report
 
-    # Shards finishing together each write the report, the last writer's staying: one that read the runs' states
-    # before another shard's last run finished may write after that shard's report. Writing again while the states
-    # changed meanwhile leaves the last report with every run finished before it was written.
+    # Each shard writes the report as it ends, the last writer's staying: one that read the runs' states before another
+    # shard's last run finished may write after that shard's report. Writing again while the states changed meanwhile
+    # leaves the last report with every run finished before it was written.
     for _ in range(REPORT_TRIES):
         states = [run.state() for run in plan.runs]
         finished = [run for run, state in zip(plan.runs, states) if state == "finished"]

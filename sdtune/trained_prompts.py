@@ -8,13 +8,10 @@ from pathlib import Path
 from .errors import SdtuneError, error_line
 
 
-def run_prompt(run: Path, placeholder: str) -> str:
-    """The run's training prompt with the placeholder, e.g. 'photo of a <castle>.'."""
-    from .config import read_toml
-
-    template = "photo of a {token}."
-    if (run / "config.toml").is_file():
-        template = read_toml(run / "config.toml").get("template", template)
+def run_prompt(run: Path, settings: dict, placeholder: str) -> str:
+    """The run's training prompt with the placeholder, e.g. 'photo of a <castle>.', from `settings`, its config.toml
+    as read (`run_prompts`)."""
+    template = settings.get("template", "photo of a {token}.")
     try:
         return template.format(token=placeholder)
     except (AttributeError, LookupError, ValueError) as error:  # a config.toml edited by hand, or not sdtune's
@@ -36,10 +33,10 @@ def run_prompts(run: Path, placeholder: str, tokens: str | dict[str, str] | None
     if settings.get("dataset"):
         return [caption for _, caption in class_captions(
             settings["dataset"], settings.get("data_root"), settings.get("classes") or None, settings.get("class_template"))]
-    concepts = run_concepts(run) or (list(tokens) if isinstance(tokens, dict) else [])
+    concepts = settings_concepts(settings) or (list(tokens) if isinstance(tokens, dict) else [])
     if len(concepts) > 1:
-        return [run_prompt(run, f"<{name}>") for name in concepts]
-    return [run_prompt(run, placeholder)]
+        return [run_prompt(run, settings, f"<{name}>") for name in concepts]
+    return [run_prompt(run, settings, placeholder)]
 
 
 def run_concepts(run: Path | None) -> list[str]:
@@ -50,6 +47,11 @@ def run_concepts(run: Path | None) -> list[str]:
         settings = read_toml(run / "config.toml") if run is not None and (run / "config.toml").is_file() else {}
     except (SdtuneError, OSError, ValueError):
         return []
+    return settings_concepts(settings)
+
+
+def settings_concepts(settings: dict) -> list[str]:
+    """The concepts a run's settings (its config.toml as read) name; [] for a dataset's run."""
     concepts = settings.get("concept")
     if settings.get("dataset") or not concepts:
         return []

@@ -751,7 +751,7 @@ def test_every_path_parameter_of_every_command_refuses_an_empty_value(tmp_path, 
             assert_one_line_error(result, 2, f"error: {label} must not be empty")
             checked.append(f"{name} {label}")
     assert {"train --output", "train --images", "sample --adapter", "merge SOURCE", "compare RUNS", "sweep PLAN",
-            "evaluate --reference", "train --config", "extract --output"} <= set(checked), checked
+            "evaluate --reference", "train --config", "extract --output", "train --init-weights"} <= set(checked), checked
     assert len(checked) >= 30, checked
     assert list(tmp_path.iterdir()) == []
 

@@ -444,6 +444,34 @@ def test_compare_writes_table_csv_plots_and_grid(two_runs, evaluated_run, tmp_pa
     assert grid.size == grid_size(rows=2, columns=2, image_size=(64, 64), header=True)
 
 
+def test_compare_grid_column_labels_show_whole_run_names_within_their_columns():
+    """A tiny model's 64 px images leave narrow columns: each run's label is wrapped to its column's width, in as many
+    lines as it needs (the label band grows), never cut short nor running into the next column."""
+    from PIL import ImageFont
+
+    from sdtune.sampling import CAPTION_LINE_HEIGHT, CAPTION_LINES, GRID_PAD, fitted_lines, make_grid
+
+    labels = ["castle-lora-rank-8-alpha-8-dropout-0.1-conv-seed-3 (lora, 1,234,567)",
+              "WWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWW (atoms, 4,212)"]
+    images = [Image.new("RGB", (64, 64), "white"), Image.new("RGB", (64, 64), "white")]
+    grid = np.asarray(make_grid([images], ["a castle"], column_labels=labels).convert("L"))
+    font = ImageFont.load_default(size=11)
+    column = 128  # a 64 px image is shown at MIN_CELL
+    wrapped = [fitted_lines(label, column, font) for label in labels]
+    for label, lines in zip(labels, wrapped):
+        assert " ".join(lines).replace(" ", "") == label.replace(" ", "") and all(font.getlength(l) <= column for l in lines)
+    header = max(map(len, wrapped))
+    assert header > CAPTION_LINES  # more lines than the band had: a whole label needs them
+    assert grid.shape[0] == GRID_PAD + header * CAPTION_LINE_HEIGHT + 128 + CAPTION_LINES * CAPTION_LINE_HEIGHT + GRID_PAD
+    for index, lines in enumerate(wrapped):
+        left = GRID_PAD + index * (column + GRID_PAD)
+        inked = [(grid[GRID_PAD + k * CAPTION_LINE_HEIGHT: GRID_PAD + (k + 1) * CAPTION_LINE_HEIGHT, left:left + column] < 128).any()
+                 for k in range(header)]
+        assert inked == [k < len(lines) for k in range(header)], (index, inked)
+    between = grid[: GRID_PAD + header * CAPTION_LINE_HEIGHT, GRID_PAD + column: 2 * GRID_PAD + column]
+    assert (between >= 128).all()  # the first label stays in its column
+
+
 def test_compare_grid_draws_prompt_lines_with_their_options_keeping_each_images_aspect(two_runs, tmp_path):
     """A --prompts line's --w, --h, --d, ... are drawn alike for every run (as `sdtune sample` draws them); the grid lays
     rows of other aspects out as they are; a line's size the model cannot take is refused, naming it, before anything
@@ -587,6 +615,24 @@ def test_a_dataset_runs_reference_and_prompts_are_its_dataset(tmp_path):
     (run / "config.toml").write_text('dataset = "digits"\nseed = 0\n')
     labels = [example.label for example in run_dataset(run).examples]
     assert len(labels) == MAX_DATASET_REFERENCE == 2000 and {labels.count(label) for label in set(labels)} == {200}
+
+
+def test_a_concept_runs_prompt_is_its_training_template_read_once(tmp_path, monkeypatch):
+    """With no prompt given, a concept run is measured with its training prompt: config.toml's template, the file
+    read once; a run without one has the default template."""
+    import sdtune.config
+    from sdtune.evaluation import run_prompts
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('concept = "castle"\ntemplate = "a painting of {token}"\n')
+    reads = []
+    read_toml = sdtune.config.read_toml
+    monkeypatch.setattr(sdtune.config, "read_toml", lambda path: reads.append(path) or read_toml(path))
+    assert run_prompts(run, "<castle>") == ["a painting of <castle>"]
+    assert reads == [run / "config.toml"]
+    (run / "config.toml").unlink()
+    assert run_prompts(run, "<castle>") == ["photo of a <castle>."]
 
 
 def test_missing_metrics_are_one_line_a_reason_not_a_line_a_metric_and_run(tmp_path):

@@ -10,6 +10,7 @@ the module's adapters ({atoms}, {bitfit}, {lora}: run folders; {kohya}: a kohya-
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -664,6 +665,10 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
     assert spelled("or leave out --buckets; or leave --buckets off.") == "or set buckets=False; or set buckets=False."
     assert spelled("run without --dora, or without --no-half-vae") == 'run with options={"dora": False}, or with no_half_vae=False'
     assert spelled("resume without --ema-decay, or leave out --steps") == "resume without ema_decay, or leave out steps"
+    # as a TOML file gives them (a sweep plan's refusals): the same switches, TOML's spelling
+    assert python_spelled("or leave out --buckets; run without --no-dora", "train", toml=True) == \
+        "or set buckets = false; run with options.dora = true"
+    assert python_spelled("leave --half-vae off", "train", toml=True) == "set no_half_vae = true"
     assert spelled("`sdtune train` without --resume-x; `sdtune train --buckets` leave out") == \
         "`sdtune train` without --resume-x; `sdtune train --buckets` leave out"
     # a note of sample's on how an adapter was trained names train's setting; train's flag elsewhere stays
@@ -675,6 +680,29 @@ def test_python_spelling_leaves_commands_and_other_flags_as_written():
         'output="runs/a-b" already exists; give images folder.'
     assert spelled("--base-adapters b.safetensors:0.5: the strength; --model tiny or --model is") == \
         'base_adapters="b.safetensors:0.5": the strength; model="tiny" or model is'
+    # a value a message quotes as a shell reads it is the flag's value, whole: a path with spaces, a quote in a name
+    assert spelled("--output 'my runs/x' already exists; give a new path, or --overwrite 'to' x") == \
+        'output="my runs/x" already exists; give a new path, or overwrite=True \'to\' x'
+    assert spelled("--init-weights 'it'\"'\"'s a.safetensors': no; --validation-dtype 'fp64' is not available", "train") == \
+        'init_weights="it\'s a.safetensors": no; validation_dtype="fp64" is not available'
+    assert python_spelled("--output 'my runs/x' exists", "train", toml=True) == 'output = "my runs/x" exists'
+    assert spelled("--output 'unclosed is read as written") == "output 'unclosed is read as written"
+
+
+def test_a_path_with_spaces_is_named_whole_after_its_flag(runs, tmp_path):
+    """A message quotes a path with spaces after its flag, as a shell reads it; raised to Python, the same path is
+    the setting's value, whole."""
+    import sdtune
+    from sdtune.export import export_adapter
+
+    taken = tmp_path / "my runs" / "taken x.safetensors"
+    taken.parent.mkdir()
+    taken.write_bytes(b"mine")
+    assert_one_line_error(invoke("export", runs / "bitfit", "--format", "kohya", "--output", taken), 2,
+                          f"--output '{taken}' already exists; give a new path, or --overwrite to replace it")
+    with pytest.raises(sdtune.SdtuneError, match=rf'^output="{re.escape(str(taken))}" already exists; give a new path, '
+                                                 r"or overwrite=True to replace it$"):
+        export_adapter(runs / "bitfit", "kohya", taken)
 
 
 def test_the_python_spelling_table_names_real_flags_and_fields():

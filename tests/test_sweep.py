@@ -596,6 +596,51 @@ def test_a_report_written_while_another_shard_finishes_a_run_is_written_again(fi
     assert "2 runs: 2 finished" in (copy / "report" / "index.html").read_text()
 
 
+def test_shards_writing_the_report_at_once_take_turns(finished, tmp_path, monkeypatch):
+    """Two shards writing report/compare at once would remove the plots the other just wrote: they take turns on the
+    report folder's lock, each writing a whole report; one kept waiting past REPORT_LOCK_WAIT leaves it to the holder."""
+    import threading
+
+    import sdtune.comparison
+    import sdtune.sweep
+    from sdtune.fileio import OutputLock
+
+    plan, output = finished
+    copy = tmp_path / "out"
+    shutil.copytree(output, copy)
+    compare, writing, overlaps = sdtune.comparison.compare, [], []
+
+    def slow_compare(*args, **kwargs):
+        writing.append(threading.get_ident())
+        overlaps.append(len(writing))
+        try:
+            time.sleep(0.5)  # long enough for the other shard to start meanwhile, were it let
+            return compare(*args, **kwargs)
+        finally:
+            writing.remove(threading.get_ident())
+
+    monkeypatch.setattr(sdtune.comparison, "compare", slow_compare)
+    said: list = []
+    shards = [threading.Thread(target=lambda: said.append(sweep(plan, copy, report_only=True))) for _ in range(2)]
+    for shard in shards:
+        shard.start()
+    for shard in shards:
+        shard.join()
+    assert overlaps == [1, 1], overlaps
+    assert all(result.report == copy / "report" / "index.html" and lines[-1].startswith("report: 2 of 2 runs finished")
+               for result, lines in said), said
+    plots = {path.name for path in (copy / "report" / "compare").iterdir()}
+    assert {"comparison.md", "comparison.csv", "training-loss-vs-step.png"} <= plots and not any(".tmp" in p for p in plots)
+    assert not (copy / "report" / ".sdtune.lock").exists()
+
+    monkeypatch.setattr(sdtune.sweep, "REPORT_LOCK_WAIT", 0.3)
+    with OutputLock(copy / "report"):  # another shard writing the report, for longer than the wait
+        result, lines = sweep(plan, copy, report_only=True)
+    assert result.report is None and overlaps == [1, 1], lines
+    assert re.fullmatch(rf"report: not written: pid {os.getpid()} on \S+ has been writing .*report for over 0.3 s, and it is "
+                        r"left to it \(`sdtune sweep .*plan.toml --report-only` writes it again\)", lines[-1]), lines
+
+
 def test_metrics_that_cannot_be_measured_are_one_warning_a_reason(recwarn):
     from sdtune.sweep import each_warning_once, warn_unavailable
 
