@@ -242,13 +242,19 @@ def setting_help(config_class: type, name: str | None = None) -> str:
 
     if name is not None:
         check_setting_names(config_class, [name])
-    texts = settings_help(config_class)
+    texts = _settings_help(config_class)
     return texts[name] if name is not None else "\n".join(f"{setting}: {text}" for setting, text in texts.items())
 
 
 def settings_help(config_class: type) -> dict[str, str]:
     """Each setting of `config_class` → what `sdtune COMMAND --help` says of its flag, settings named as Python spells
     them; the method options' flags for `options`; where a setting has no flag, the comment beside it."""
+    return dict(_settings_help(config_class))
+
+
+@functools.lru_cache(maxsize=None)
+def _settings_help(config_class: type) -> dict[str, str]:
+    """`settings_help`, worked out once a config: building the commands' help is most of a `setting_help` call."""
     from typer.main import get_command
 
     from .config import command_of, python_names, python_spelled

@@ -26,9 +26,11 @@ reads the model's configs only (`models.read_model_configs`), never its weights:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -324,10 +326,27 @@ def vae_parameter_counts(configs) -> tuple[int, int]:
     return sum(sizes.values()), sum(sizes[name] for name in decoder_side_names(vae))
 
 
+_PROBES: OrderedDict = OrderedDict()  # the last probes made: a sweep (or a notebook) checks run after run of one model
+_KEPT_PROBES = 16
+
+
 def probe_method(configs, method, train_text_encoder: bool = False) -> MethodProbe:
     """Inject a fresh copy of `method` into the UNet (and, with `train_text_encoder`, the text encoders whose
     configs were read) built on the meta device: nothing is allocated, whatever the options. What cannot be
-    built is left out, so what is counted from it is a lower bound."""
+    built is left out, so what is counted from it is a lower bound. Kept for the same configs, method and options
+    (the probe is read, never changed)."""
+    key = json.dumps([configs.unet, configs.text_encoders, method.name, method.options_dict(), train_text_encoder],
+                     sort_keys=True, default=str)
+    if key in _PROBES:
+        _PROBES.move_to_end(key)
+        return _PROBES[key]
+    _PROBES[key] = probe = _probe_method(configs, method, train_text_encoder)
+    if len(_PROBES) > _KEPT_PROBES:
+        _PROBES.popitem(last=False)
+    return probe
+
+
+def _probe_method(configs, method, train_text_encoder: bool) -> MethodProbe:
     import torch
     import transformers
     from diffusers import UNet2DConditionModel
