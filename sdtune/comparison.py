@@ -155,7 +155,7 @@ def run_resolution(path: Path) -> int | None:
 # Training settings the table does not tell runs apart by: those it shows in columns of their own, and those that change
 # neither what a run learns nor what it draws (where it writes and logs, how often it saves, savers of time and memory)
 UNCOMPARED_SETTINGS = frozenset({
-    "method", "options", "model", "resolution", "output", "resume", "overwrite", "save_every", "checkpoint_every",
+    "method", "options", "model", "resolution", "output", "resume", "overwrite", "save_every", "keep_saves", "checkpoint_every",
     "keep_checkpoints", "gradient_checkpointing", "compile", "cache_latents", "validate_every", "validation_prompts",
     "validation_dtype", "validation_width", "validation_height", "log_with", "tracker_project",
 })
