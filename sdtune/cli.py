@@ -484,6 +484,8 @@ def train(
     typer.echo(
         f"trained {run.description}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
+        + (f"\nsaves: {counted(len(run.saves), 'file')}, {run.saves[0].name} to {run.saves[-1].name}" if len(run.saves) > 1
+           else f"\nsave: {run.saves[0]}" if run.saves else "")
     )
 
 

@@ -248,7 +248,7 @@ class RunPlan:
             saves, ema = kept_save_count(config), 1 + bool(config.ema_decay)
             kept = f"the newest {config.keep_saves} kept" if config.keep_saves and saves == config.keep_saves else "all kept"
             lines.append(f"saves every {counted(config.save_every, 'step')}: {counted(saves * ema, 'adapter-step-N file')} at the end "
-                         f"({kept}), about {human_bytes(saves * ema * sizes.trained * 4)} beside adapter.safetensors"
+                         f"({kept}), at least {human_bytes(saves * ema * sizes.trained * 4)} beside adapter.safetensors"
                          + (" (EMA ones too)" if ema > 1 else ""))
         lines.append(f"output: {config.output} ({self.start})")
         return lines
