@@ -985,6 +985,7 @@ class Trainer:
         try:
             # started here, not in the set-up, so that whatever ends the run finishes them (close_logs)
             start_trackers(self.accelerator, self.config, self.output)
+            self.save_missed()
             while self.global_step < self.config.steps:
                 self.advance()
             self.finish_pending()
@@ -1315,6 +1316,15 @@ class Trainer:
             self.ema.restore(self.parameters)
         if kept and config.keep_saves:
             self.prune_saves()
+
+    def save_missed(self) -> None:
+        """A resumed run's save of its checkpoint's step where the folder lacks it: the run was killed between writing
+        the checkpoint and the adapter, or it ended there and this run extends it. The weights are the checkpoint's,
+        so the file is the one an uninterrupted run wrote."""
+        config, step = self.config, self.global_step
+        due = self.resume_from is not None and config.save_every and 0 < step < config.steps and step % config.save_every == 0
+        if due and not (self.output / step_adapter_name(step)).is_file():
+            self.save_adapters(kept=True)
 
     def prune_saves(self) -> None:
         """Keep the newest --keep-saves step files (and their EMA's) up to this step, removing older ones."""

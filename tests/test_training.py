@@ -134,6 +134,18 @@ def test_save_every_keeps_each_save_and_a_resumed_run_writes_them_exactly(tmp_pa
     assert run.resumed_from == tmp_path / "cut" / "checkpoints" / "step-4"
     assert step_files(tmp_path / "cut") == step_files(tmp_path / "whole")  # bit for bit, pruned alike
 
+    # killed between the checkpoint of a save's step and the save, or extended from that step's end: written on resume
+    crash_after_checkpoint(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "at-save", **{**settings, "checkpoint_every": 8}), progress=False)
+    monkeypatch.undo()
+    assert "adapter-step-000008.safetensors" not in step_files(tmp_path / "at-save")
+    train(config(tmp_path / "at-save", resume="latest", **{**settings, "checkpoint_every": 8}), progress=False)
+    assert step_files(tmp_path / "at-save") == step_files(tmp_path / "whole")
+    train(config(tmp_path / "short", **{**settings, "steps": 8, "checkpoint_every": 8}), progress=False)
+    train(config(tmp_path / "short", resume="latest", **{**settings, "checkpoint_every": 8}), progress=False)
+    assert step_files(tmp_path / "short") == step_files(tmp_path / "whole")
+
     # saves alone are an earlier run's; a fresh run with --overwrite leaves none of them
     lone = tmp_path / "lone"
     lone.mkdir()
