@@ -496,7 +496,7 @@ def sample(
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     adapter: List[Path] = typer.Option([], help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled. Repeat it to stack adapters: their updates are added."),
     model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
-    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples of the first adapter, else ./samples)."),
+    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples of the first adapter, RUN/samples-step-N of a step file, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps." + _default(SampleConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale." + _default(SampleConfig, "guidance")),
@@ -660,7 +660,7 @@ def merge(
 @app.command()
 @handle_errors
 def evaluate(
-    run: Optional[Path] = typer.Option(None, help="Run folder (or adapter file) to sample from; eval.json goes there."),
+    run: Optional[Path] = typer.Option(None, help="Run folder (or adapter file) to sample from; eval.json goes there (eval-step-N.json for a run's adapter-step-N.safetensors)."),
     images: Optional[Path] = typer.Option(None, help="Measure this folder of generated images instead of sampling (e.g. RUN/samples)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the run's training prompt, each concept's for a run of several); <name> reads as the plain name for CLIP-T."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
@@ -697,7 +697,7 @@ def evaluate(
 @app.command()
 @handle_errors
 def compare(
-    runs: List[Path] = typer.Argument(..., help="Run folders to compare (each with its adapter, metrics.jsonl and, if measured, eval.json)."),
+    runs: List[Path] = typer.Argument(..., help="Run folders to compare (each with its adapter, metrics.jsonl and, if measured, eval.json), or a run's adapter-step-N.safetensors files (RUN/adapter-step-*.safetensors RUN: one column a step)."),
     output: Path = typer.Option(..., help="Folder for comparison.md, comparison.csv, the plots and the image grid."),
     prompts: Optional[Path] = typer.Option(None, help="Grid prompts (default: the first run's evaluation prompts, else its training prompt, each concept's for a run of several)."),
     prompt: List[str] = typer.Option([], help="A grid prompt (repeatable)."),
