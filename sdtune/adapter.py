@@ -36,12 +36,34 @@ DIGEST_SETTLED_S = 2.0
 
 ADAPTER_FILE = "adapter.safetensors"
 EMA_ADAPTER_FILE = "adapter-ema.safetensors"  # the moving average of the trained weights (--ema-decay)
+# each --save-every save before the last, kept beside adapter.safetensors: adapter-step-000200.safetensors (and
+# adapter-ema-step-000200.safetensors); six digits at least, so that a run's saves sort by step
+STEP_ADAPTER = re.compile(r"^adapter(-ema)?-step-(\d+)\.safetensors$")
+STEP_DIGITS = 6
 FORMAT = "sdtune-adapter/1"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 REQUIRED_METADATA = ("method", "options", "base_model", "fingerprint", "structure", "weight_sample")
 # a key of diffusers' own LoRA layout (`sdtune export --format diffusers`, diffusers' training scripts)
 DIFFUSERS_LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\..+\.(lora_[AB]\.weight|lora_magnitude_vector)$")
 KNOWN_METADATA = {"format", "sdtune_version", *REQUIRED_METADATA, "placeholder", "token", "text_encoders", "token_embeddings"}
+
+
+def step_adapter_name(step: int, ema: bool = False) -> str:
+    """The file name of a run's save at `step` (the EMA's with `ema`)."""
+    return f"adapter{'-ema' if ema else ''}-step-{step:0{STEP_DIGITS}d}.safetensors"
+
+
+def step_adapters(folder: Path) -> list[tuple[int, Path]]:
+    """A run folder's step files (adapter-step-N and adapter-ema-step-N), as (step, path), by step."""
+    found = [(int(match.group(2)), path) for path in folder.glob("adapter*-step-*.safetensors")
+             if (match := STEP_ADAPTER.match(path.name)) and path.is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda each: (each[0], each[1].name))
+
+
+def outputs_suffix(adapter: Path) -> str:
+    """What the folders and files drawn or measured from an adapter add to their names so that a run's step files'
+    never meet its adapter.safetensors' ("-step-000200" for adapter-step-000200.safetensors; "" for any other)."""
+    return adapter.stem[len("adapter"):] if STEP_ADAPTER.match(adapter.name) else ""
 
 
 def adapter_path(path: str | Path) -> Path:

@@ -377,7 +377,8 @@ def train(
     seed: Optional[int] = typer.Option(None, help="Random seed." + _default(TrainConfig, "seed")),
     token: Optional[List[str]] = typer.Option(None, help="Text that replaces the placeholder (default: 'sks <concept>', with --token-embeddings '<s0><s1> <concept>'); with several --concept, one each, in order."),
     template: Optional[str] = typer.Option(None, help="Training prompt; {token} is replaced." + _default(TrainConfig, "template")),
-    save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps (0: only at the end)."),
+    save_every: Optional[int] = typer.Option(None, help="Also write the adapter every N steps, each kept as OUTPUT/adapter-step-N.safetensors to sample and pick from (0: only at the end)."),
+    keep_saves: Optional[int] = typer.Option(None, help="Keep only the newest K of the --save-every files; 0: keep all." + _default(TrainConfig, "keep_saves")),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-batches per optimiser step." + _default(TrainConfig, "gradient_accumulation_steps")),
     optimizer: Optional[str] = typer.Option(None, help="adamw, adam, sgd (momentum 0.9) or adafactor." + _default(TrainConfig, "optimizer")),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default: the method's own, 1e-2, or 0 for methods that train base weights)."),
@@ -488,6 +489,8 @@ def train(
     typer.echo(
         f"trained {run.description}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
+        + (f"\nsaves: {counted(len(run.saves), 'file')}, {run.saves[0].name} to {run.saves[-1].name}" if len(run.saves) > 1
+           else f"\nsave: {run.saves[0]}" if run.saves else "")
     )
 
 
@@ -498,7 +501,7 @@ def sample(
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     adapter: List[Path] = typer.Option([], help="Adapter file or run folder, or a kohya-format LoRA/LoHa/LoKr file; without it the base model is sampled. Repeat it to stack adapters: their updates are added."),
     model: Optional[str] = typer.Option(None, help=f"Base model (default: the adapter's, else {DEFAULT_MODEL})."),
-    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples of the first adapter, else ./samples)."),
+    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/samples of the first adapter, RUN/samples-step-N of a step file, else ./samples)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt (seeds seed, seed+1, ...)." + _default(SampleConfig, "num_images")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps." + _default(SampleConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale." + _default(SampleConfig, "guidance")),
@@ -662,7 +665,7 @@ def merge(
 @app.command()
 @handle_errors
 def evaluate(
-    run: Optional[Path] = typer.Option(None, help="Run folder (or adapter file) to sample from; eval.json goes there."),
+    run: Optional[Path] = typer.Option(None, help="Run folder (or adapter file) to sample from; eval.json goes there (eval-step-N.json for a run's adapter-step-N.safetensors)."),
     images: Optional[Path] = typer.Option(None, help="Measure this folder of generated images instead of sampling (e.g. RUN/samples)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the run's training prompt, each concept's for a run of several); <name> reads as the plain name for CLIP-T."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
@@ -699,7 +702,7 @@ def evaluate(
 @app.command()
 @handle_errors
 def compare(
-    runs: List[Path] = typer.Argument(..., help="Run folders to compare (each with its adapter, metrics.jsonl and, if measured, eval.json)."),
+    runs: List[Path] = typer.Argument(..., help="Run folders to compare (each with its adapter, metrics.jsonl and, if measured, eval.json), or a run's adapter-step-N.safetensors files (RUN/adapter-step-*.safetensors RUN: one column a step)."),
     output: Path = typer.Option(..., help="Folder for comparison.md, comparison.csv, the plots and the image grid."),
     prompts: Optional[Path] = typer.Option(None, help="Grid prompts (default: the first run's evaluation prompts, else its training prompt, each concept's for a run of several)."),
     prompt: List[str] = typer.Option([], help="A grid prompt (repeatable)."),

@@ -101,30 +101,37 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
 
 
 def summarize_run(path: str | Path) -> RunSummary:
-    from .adapter import ADAPTER_FILE, missing_adapter_reason, read_adapter_info, unfinished_run
+    """A run folder, or one of its step files (adapter-step-N.safetensors: the run as it was at that save, named
+    RUN-step-N, with its losses up to that step and its own eval-step-N.json)."""
+    from .adapter import ADAPTER_FILE, STEP_ADAPTER, missing_adapter_reason, outputs_suffix, read_adapter_info, unfinished_run
+    from .evaluation import evaluation_file
 
     path = Path(path)
-    if not (path / ADAPTER_FILE).is_file():
+    step_file = STEP_ADAPTER.match(path.name) is not None and path.is_file()
+    folder, adapter = (path.parent, path) if step_file else (path, path / ADAPTER_FILE)
+    if not adapter.is_file():
         why = missing_adapter_reason(path) if path.is_dir() else ""
         raise SdtuneError(f"{path}: not a run folder (no {ADAPTER_FILE}" + (f"; {why})" if why else ")"))
-    info = read_adapter_info(path)[0]
-    records = read_metrics_log(path / METRICS_FILE)
+    info = read_adapter_info(adapter)[0]
+    records = read_metrics_log(folder / METRICS_FILE)
     seconds = [r["step_seconds"] for r in records if isinstance(r.get("step_seconds"), (int, float))]
     memory = [r["peak_memory_mb"] for r in records if isinstance(r.get("peak_memory_mb"), (int, float))]
     memory += [r["peak_memory_bytes"] / 2**20 for r in records if isinstance(r.get("peak_memory_bytes"), (int, float))]
     losses = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and "loss" in r]
-    report = read_evaluation(path) or {}
-    stale = stale_evaluation(report, path, info.method, info.options) if report else ""
+    if step_file:  # the steps that made it
+        losses = [(step, loss) for step, loss in losses if step <= int(STEP_ADAPTER.match(path.name).group(2))]
+    report = read_evaluation(folder, evaluation_file(adapter).name) or {}
+    stale = stale_evaluation(report, folder, info.method, info.options, adapter.name) if report else ""
     if stale:  # another adapter's numbers would be read as this one's
         warn(f"{path}: {stale}; its metrics are left out (run `sdtune evaluate --run {shell_word(path)}` again)")
         report = {}
     return RunSummary(
-        name=path.name,
+        name=folder.name + outputs_suffix(adapter),  # castle-step-000200 beside castle: their samples' folders differ
         path=path,
         method=info.method,
         variant=variant_of(info.method, info.options),
         num_parameters=int(info.extra.get("num_parameters", 0)),
-        adapter_bytes=(path / ADAPTER_FILE).stat().st_size,
+        adapter_bytes=adapter.stat().st_size,
         seconds_per_step=statistics.median(seconds) if seconds else None,  # the median skips the first step's warm-up
         peak_memory_mb=max(memory) if memory else None,
         losses=losses,
@@ -133,11 +140,11 @@ def summarize_run(path: str | Path) -> RunSummary:
         eval_prompts=list(report.get("prompts", [])),
         placeholder=info.placeholder,
         placeholder_tokens=info.placeholder_tokens(),
-        unfinished=unfinished_run(path, info.extra.get("step", "")),
+        unfinished="" if step_file else unfinished_run(folder, info.extra.get("step", "")),  # a step file is a chosen step
         model=info.base_model,
-        resolution=run_resolution(path),
+        resolution=run_resolution(folder),
         stale_evaluation=stale,
-        settings=run_settings(path),
+        settings=run_settings(folder),
     )
 
 
@@ -155,7 +162,7 @@ def run_resolution(path: Path) -> int | None:
 # Training settings the table does not tell runs apart by: those it shows in columns of their own, and those that change
 # neither what a run learns nor what it draws (where it writes and logs, how often it saves, savers of time and memory)
 UNCOMPARED_SETTINGS = frozenset({
-    "method", "options", "model", "resolution", "output", "resume", "overwrite", "save_every", "checkpoint_every",
+    "method", "options", "model", "resolution", "output", "resume", "overwrite", "save_every", "keep_saves", "checkpoint_every",
     "keep_checkpoints", "gradient_checkpointing", "compile", "cache_latents", "validate_every", "validation_prompts",
     "validation_dtype", "validation_width", "validation_height", "log_with", "tracker_project",
 })
@@ -766,7 +773,7 @@ def grid_prompts(config: CompareConfig, runs: list[RunSummary]) -> list:
     if lines:
         return lines
     first = runs[0]
-    return [PromptLine(prompt) for prompt in first.eval_prompts or run_prompts(first.path, first.placeholder or "<concept>", first.placeholder_tokens)]
+    return [PromptLine(prompt) for prompt in first.eval_prompts or run_prompts(first.path.parent if first.path.is_file() else first.path, first.placeholder or "<concept>", first.placeholder_tokens)]
 
 
 def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: bool = True, **options: Any) -> Comparison:

@@ -524,7 +524,8 @@ class TrainConfig(_Config):
     resolution: int | None = None  # default: the model's native size
     random_flip: bool = False  # mirror concept images left-right at random (not for text, digits, slanted styles)
     seed: int = 0
-    save_every: int = 0  # also save the adapter every N steps (0: only at the end)
+    save_every: int = 0  # also save the adapter every N steps, each kept as adapter-step-N.safetensors (0: only at the end)
+    keep_saves: int = 0  # keep only the newest K of the --save-every files (0: all, as kohya-ss and diffusers do)
     mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
     optimizer: str = "adamw"  # adamw, adam, sgd (momentum 0.9), adafactor, adamw8bit or prodigy (sdtune/optimizers.py)
@@ -636,6 +637,8 @@ class TrainConfig(_Config):
         check_prompt_reading(self.clip_skip, self.max_token_length)
         if self.save_every < 0:
             raise SdtuneError(f"--save-every must be 0 or more, got {self.save_every}")
+        if self.keep_saves < 0:
+            raise SdtuneError(f"--keep-saves must be 0 (keep all) or more, got {self.keep_saves}")
         for name in ("gradient_accumulation_steps", "lr_cycles", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -598,7 +598,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     """Sample with the run's adapter (or read --images), measure every metric, write eval.json."""
     import torch
 
-    from .adapter import ADAPTER_FILE, adapter_path, read_adapter_info
+    from .adapter import ADAPTER_FILE, adapter_path, outputs_suffix, read_adapter_info
     from .config import SampleConfig
     from .data import fill_placeholders, read_prompt_file
     from .fileio import output_file_lock, write_text_atomic
@@ -619,7 +619,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     if config.output:
         output = Path(config.output)
     else:
-        output = (run if run else Path(config.images)) / EVAL_FILE
+        output = evaluation_file(adapter_path(config.run)) if run else Path(config.images) / EVAL_FILE
     if not output.parent.is_dir():
         raise SdtuneError(f"output folder not found: {output.parent}")
     if output.is_dir():
@@ -651,7 +651,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
             SampleConfig(
                 adapter=[base.path for base in bases] + [config.run],
                 prompt=prompts,
-                output=str(run / SAMPLES_FOLDER),
+                output=str(run / f"{SAMPLES_FOLDER}{outputs_suffix(adapter_path(config.run))}"),  # a step file's: its own
                 num_images=config.num_images,
                 steps=config.steps,
                 guidance=config.guidance,
@@ -819,18 +819,27 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     return Evaluation(output=output, metrics=report["metrics"], unavailable=report["unavailable"], report=report)
 
 
-def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: dict[str, Any]) -> str:
-    """Why a run's eval.json does not measure its adapter.safetensors as it is now ("" where it does): it measured
-    another adapter file, or an adapter that has been replaced since (the run trained again, resumed or extended). An
-    eval.json of before the adapter digest is taken as the adapter's where the adapter is older than it, and with a
-    warning (its metrics kept) where it is newer."""
+def evaluation_file(adapter: Path) -> Path:
+    """Where `sdtune evaluate --run` writes by default: a run's eval.json, or for one of its step files
+    (adapter-step-N.safetensors) eval-step-N.json beside it, so that each measured step keeps its numbers."""
+    from .adapter import outputs_suffix
+
+    return adapter.parent / f"eval{outputs_suffix(adapter)}.json"
+
+
+def stale_evaluation(report: dict[str, Any], run: Path, method: str, options: dict[str, Any], adapter: str = "") -> str:
+    """Why a run's eval.json does not measure its adapter.safetensors (or the file named `adapter`: a step file) as it
+    is now ("" where it does): it measured another adapter file, or an adapter that has been replaced since (the run
+    trained again, resumed or extended). An eval.json of before the adapter digest is taken as the adapter's where the
+    adapter is older than it, and with a warning (its metrics kept) where it is newer."""
     from .adapter import ADAPTER_FILE
 
-    if report.get("adapter") not in (None, ADAPTER_FILE):
-        return f"eval.json measured {report['adapter']}, not {ADAPTER_FILE}"
+    adapter = adapter or ADAPTER_FILE
+    if report.get("adapter") not in ((None, ADAPTER_FILE) if adapter == ADAPTER_FILE else (adapter,)):
+        return f"{evaluation_file(run / adapter).name} measured {report.get('adapter')}, not {adapter}"
     if "adapter_digest" in report:
-        if report["adapter_digest"] != adapter_digest(run / ADAPTER_FILE):
-            return f"eval.json measured an earlier {ADAPTER_FILE} (the run was trained again or further since)"
+        if report["adapter_digest"] != adapter_digest(run / adapter):
+            return f"{evaluation_file(run / adapter).name} measured an earlier {adapter} (the run was trained again or further since)"
     elif "method" in report and (report["method"] != method or report.get("options", options) != options):
         return f"eval.json measured an adapter trained with {report['method']}, not this one of {method} (the run was trained again since)"
     elif written_after_evaluation(run):
@@ -852,11 +861,11 @@ def written_after_evaluation(run: Path) -> bool:
         return False
 
 
-def read_evaluation(run: str | Path) -> dict[str, Any] | None:
-    """A run's eval.json, or None when it has none."""
+def read_evaluation(run: str | Path, file: str = EVAL_FILE) -> dict[str, Any] | None:
+    """A run's eval.json (or its `file`: a step file's eval-step-N.json), or None when it has none."""
     from .fileio import read_json
 
-    path = Path(run) / EVAL_FILE
+    path = Path(run) / file
     report = read_json(path)
     if report is None:
         return None

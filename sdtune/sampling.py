@@ -143,7 +143,7 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     import time
 
     started = time.perf_counter()
-    from .adapter import adapter_info, adapter_path
+    from .adapter import adapter_info, adapter_path, outputs_suffix
     from .data import PromptLine, read_prompt_lines
     from .distributed import lock_on_main_process, process_state
     from .errors import SdtuneError, shell_word
@@ -179,8 +179,9 @@ def sample(config: SampleConfig, progress: bool = True) -> SampleResult:
     check_clip_skip(model, read_model_configs(model), reading.clip_skip)
     if config.output:
         output = Path(config.output)
-    elif config.adapters:
-        output = adapter_path(config.adapters[0]).parent / "samples"
+    elif config.adapters:  # a run's step file draws into samples-step-N beside the run's own samples
+        first = adapter_path(config.adapters[0])
+        output = first.parent / f"samples{outputs_suffix(first)}"
     else:
         output = Path("samples")
     if any(output.resolve() == adapter_path(adapter).resolve() for adapter in config.adapters):
@@ -478,10 +479,10 @@ def generation_settings(pipe, config: SampleConfig, model: str, dtype, scale: fl
 def shown_name(source: str) -> str:
     """A model or adapter as an image may show it: a hub id as it is, a local file or folder by its name (a run's
     adapter file by its run's too: every run's is adapter.safetensors)."""
-    from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE
+    from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE, STEP_ADAPTER
 
     path = Path(source)
-    if path.name in (ADAPTER_FILE, EMA_ADAPTER_FILE) and path.is_file():
+    if (path.name in (ADAPTER_FILE, EMA_ADAPTER_FILE) or STEP_ADAPTER.match(path.name)) and path.is_file():
         return f"{path.resolve().parent.name}/{path.name}"
     return path.name if path.exists() else source
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
-from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE, adapter_bytes, save_adapter
+from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE, STEP_ADAPTER, adapter_bytes, save_adapter, step_adapter_name, step_adapters
 from .config import TrainConfig, spelled_for_python
 from .errors import SdtuneError, TrainingFailed, warn
 from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
@@ -51,7 +51,7 @@ DATA_STREAM, STEP_STREAM, EMBEDDING_STREAM = 0, 1, 2
 # learning-rate schedules whose rate at a step does not depend on the number of steps
 STEP_COUNT_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 # settings that may change on resume without making the run differ from an uninterrupted one
-RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "output", "log_with", "tracker_project"}
+RUN_CONTROL = {"resume", "overwrite", "checkpoint_every", "keep_checkpoints", "save_every", "keep_saves", "output", "log_with", "tracker_project"}
 # what a run writes in its folder: an earlier run's are refused, or replaced with --overwrite
 RUN_FILES = (ADAPTER_FILE, EMA_ADAPTER_FILE, CONFIG_FILE, METRICS_FILE)
 RUN_FOLDERS = (LOGS_FOLDER, "checkpoints")
@@ -77,6 +77,7 @@ class Run:
     token_numbers: int = 0  # numbers the new token rows trained beside the method (--token-embeddings)
     taken_options: dict = field(default_factory=dict)  # method options --init-weights gave (the run did not set them)
     started_fresh: str = ""  # which of the run's UNet layers --init-weights left alone (StartingOptions.started_fresh)
+    saves: list[Path] = field(default_factory=list)  # the --save-every files kept in `output` (adapter-step-N), by step
 
     @property
     def method(self):
@@ -243,6 +244,12 @@ class RunPlan:
         held = ", ".join(sizes.held_in_ram[:-1]) + " and " * (len(sizes.held_in_ram) > 1) + "".join(sizes.held_in_ram[-1:])
         ram = f", and {human_bytes(sizes.host_bytes)} of RAM for {held}" if sizes.host_bytes else ""
         lines.append(f"memory: at least {human_bytes(sizes.device_bytes)} where it computes{ram}")
+        if config.save_every:
+            saves, ema = kept_save_count(config), 1 + bool(config.ema_decay)
+            kept = f"the newest {config.keep_saves} kept" if config.keep_saves and saves == config.keep_saves else "all kept"
+            lines.append(f"saves every {counted(config.save_every, 'step')}: {counted(saves * ema, 'adapter-step-N file')} at the end "
+                         f"({kept}), at least {human_bytes(saves * ema * sizes.trained * 4)} beside adapter.safetensors"
+                         + (" (EMA ones too)" if ema > 1 else ""))
         lines.append(f"output: {config.output} ({self.start})")
         return lines
 
@@ -347,6 +354,12 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
                    model_configs.scheduler.get("prediction_type", "epsilon"), resumes=checkpoint is not None,
                    validation_sizes=validation_drawn, image_sizes=image_sizes, classes=classes,
                    text_encoders=len(model_configs.text_encoders))
+
+
+def kept_save_count(config: TrainConfig) -> int:
+    """How many --save-every files (adapter-step-N) a run's folder holds at its end (each EMA one besides)."""
+    saves = (config.steps - 1) // config.save_every if config.save_every else 0  # the last step's is adapter.safetensors
+    return min(saves, config.keep_saves) if config.keep_saves else saves
 
 
 def resume_start(checkpoint, config: TrainConfig) -> str:
@@ -489,7 +502,7 @@ def sweep_run_folder(lock: OutputLock) -> None:
     from .sampling import IMAGE_NAME
 
     output = lock.folder
-    lock.sweep(lambda name: name in RUN_FILES + RUN_FOLDERS + (VALIDATION_GRIDS, CLASS_IMAGES_FOLDER))
+    lock.sweep(lambda name: name in RUN_FILES + RUN_FOLDERS + (VALIDATION_GRIDS, CLASS_IMAGES_FOLDER) or STEP_ADAPTER.match(name))
     lock.sweep(lambda name: name.startswith("step-") and name.endswith(".png"), output / VALIDATION_GRIDS)
     for images in validation_image_folders(output):
         lock.sweep(lambda name: IMAGE_NAME.match(name) is not None, images)
@@ -502,7 +515,7 @@ def check_not_replacing_inputs(output: Path, config: TrainConfig) -> None:
     files, which --overwrite replaces, is refused (it would be gone, and the new adapter's record of it with it)."""
     from .adapter import adapter_path
 
-    replaced = [(output / name).resolve() for name in RUN_FILES + RUN_FOLDERS]
+    replaced = [(output / name).resolve() for name in RUN_FILES + RUN_FOLDERS] + [path.resolve() for _, path in step_adapters(output)]
     inputs = ([("--init-weights", config.init_weights)] if config.init_weights else []) + [
         ("--base-adapters", base.path) for base in config.base_adapter_entries]
     for flag, given in inputs:
@@ -515,6 +528,8 @@ def check_not_replacing_inputs(output: Path, config: TrainConfig) -> None:
 def earlier_run(output: Path) -> list[str]:
     """The files and folders of an earlier run in `output`."""
     found = [name for name in RUN_FILES + RUN_FOLDERS if (output / name).exists()]
+    if step_adapters(output):
+        found.append("adapter-step-N.safetensors")
     grids = output / VALIDATION_GRIDS
     if grids.is_dir() and any(grids.glob("step-*.png")):
         found.append(f"{VALIDATION_GRIDS}/step-N.png")
@@ -533,6 +548,8 @@ def remove_earlier_run(output: Path) -> None:
     """Remove what an earlier run wrote (class images, sampled images and evaluations stay)."""
     for name in RUN_FILES:
         (output / name).unlink(missing_ok=True)
+    for _, path in step_adapters(output):
+        path.unlink(missing_ok=True)
     for name in RUN_FOLDERS:
         remove_directory(output / name)
     for grid in (output / VALIDATION_GRIDS).glob("step-*.png"):
@@ -614,6 +631,7 @@ class Trainer:
         self._prepare()
         if self.checkpoint is not None:
             self._resume()
+            self._drop_saves_after(self.global_step)
         self.batches = self._batches_from(self.micro_batches)
 
     # -----------------------------------------------------------------------------------------
@@ -730,7 +748,8 @@ class Trainer:
         # (the trained weights, AdamW's two moments, the EMA)
         copies = (config.keep_checkpoints + 1) * (3 + bool(config.ema_decay)) if config.checkpoint_every else 0
         trained_bytes = sum(p.numel() * 4 for p in parameters)
-        needed = adapter_bytes(method) * (1 + bool(config.ema_decay)) + copies * trained_bytes
+        saves = kept_save_count(config) * adapter_bytes(method) // 2  # adapter_bytes counts an atomic rewrite's two
+        needed = (adapter_bytes(method) + saves) * (1 + bool(config.ema_decay)) + copies * trained_bytes
         ensure_writable_folder(self.output, needed_bytes=needed)
         self.weight_dtype = frozen_dtype(self.accelerator)
         for model in (self.unet, *self.trained_encoders):
@@ -931,6 +950,15 @@ class Trainer:
                 "the run will differ from an uninterrupted one",
             )
 
+    def _drop_saves_after(self, step: int) -> None:
+        """A resumed run's step files past its checkpoint are the killed run's: the run writes them again as it passes
+        their steps (the same bytes, at the same cadence), so the folder never holds saves of two cadences or runs."""
+        if self.accelerator.is_main_process:
+            for saved, path in step_adapters(self.output):
+                if saved > step:
+                    path.unlink(missing_ok=True)
+        self.accelerator.wait_for_everyone()
+
     def _batches_from(self, micro_batch: int):
         """Micro-batches from number `micro_batch` on, epoch after epoch; resuming replays the epoch's draws."""
         seed = self.config.seed
@@ -957,6 +985,7 @@ class Trainer:
         try:
             # started here, not in the set-up, so that whatever ends the run finishes them (close_logs)
             start_trackers(self.accelerator, self.config, self.output)
+            self.save_missed()
             while self.global_step < self.config.steps:
                 self.advance()
             self.finish_pending()
@@ -971,6 +1000,7 @@ class Trainer:
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from, extended_from=self.extended_from,
             validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
             taken_options=self.taken_options, started_fresh=self.started_fresh,
+            saves=[path for _, path in step_adapters(self.output) if not path.name.startswith("adapter-ema")],
         )
 
     def advance(self) -> None:
@@ -1241,16 +1271,18 @@ class Trainer:
         last step's adapter is written by `fit`)."""
         config, step = self.config, self.global_step
         checkpoint_now = config.checkpoint_every and step % config.checkpoint_every == 0
-        adapter_now = step < config.steps and (checkpoint_now or (config.save_every and step % config.save_every == 0))
+        kept_now = step < config.steps and bool(config.save_every) and step % config.save_every == 0
+        adapter_now = step < config.steps and (checkpoint_now or kept_now)
         if checkpoint_now or adapter_now:
             self.check_weights()
         if checkpoint_now:
             self.save_checkpoint()
         if adapter_now:
-            self.save_adapters()
+            self.save_adapters(kept_now)
 
-    def save_adapters(self) -> None:
-        """adapter.safetensors and, with an EMA, adapter-ema.safetensors (main process)."""
+    def save_adapters(self, kept: bool = False) -> None:
+        """adapter.safetensors and, with an EMA, adapter-ema.safetensors (main process); with `kept` (a --save-every
+        save) also adapter-step-N.safetensors (adapter-ema-step-N), the same bytes, kept when the run goes on."""
         if not self.accelerator.is_main_process:
             return
         from .models import is_sdxl
@@ -1272,13 +1304,35 @@ class Trainer:
         def token_rows():  # the new tokens' rows as the parameters hold them now
             return trained_rows(self.pipe) if self.token_parameters else None
 
-        save_adapter(self.output / ADAPTER_FILE, method, base_model, token_embeddings=token_rows(), **extra)
+        step = self.global_step
+        files = [self.output / ADAPTER_FILE] + ([self.output / step_adapter_name(step)] if kept else [])
+        for path in files:  # each written atomically: a kill leaves the earlier file or the new one, whole
+            save_adapter(path, method, base_model, token_embeddings=token_rows(), **extra)
         if self.ema is not None:  # the EMA weights in the same format, so load_adapter reads them
             self.ema.store(self.parameters)
             self.ema.copy_to(self.parameters)
-            save_adapter(self.output / EMA_ADAPTER_FILE, method, base_model, ema_decay=str(config.ema_decay),
-                         token_embeddings=token_rows(), **extra)
+            for path in [self.output / EMA_ADAPTER_FILE] + ([self.output / step_adapter_name(step, ema=True)] if kept else []):
+                save_adapter(path, method, base_model, ema_decay=str(config.ema_decay), token_embeddings=token_rows(), **extra)
             self.ema.restore(self.parameters)
+        if kept and config.keep_saves:
+            self.prune_saves()
+
+    def save_missed(self) -> None:
+        """A resumed run's save of its checkpoint's step where the folder lacks it: the run was killed between writing
+        the checkpoint and the adapter, or it ended there and this run extends it. The weights are the checkpoint's,
+        so the file is the one an uninterrupted run wrote."""
+        config, step = self.config, self.global_step
+        due = self.resume_from is not None and config.save_every and 0 < step < config.steps and step % config.save_every == 0
+        if due and not (self.output / step_adapter_name(step)).is_file():
+            self.save_adapters(kept=True)
+
+    def prune_saves(self) -> None:
+        """Keep the newest --keep-saves step files (and their EMA's) up to this step, removing older ones."""
+        steps = sorted({saved for saved, _ in step_adapters(self.output) if saved <= self.global_step})
+        stale = set(steps[:-self.config.keep_saves])
+        for saved, path in step_adapters(self.output):
+            if saved in stale:
+                path.unlink(missing_ok=True)
 
     def save_checkpoint(self) -> None:
         """The full training state into checkpoints/step-N (every process takes part)."""

@@ -777,3 +777,44 @@ def test_an_empty_path_setting_says_the_same_from_a_flag_and_toml(command, tmp_p
         assert said[0].stderr == said[1].stderr
         with pytest.raises(Exception, match=f"^{name} must not be empty$"):
             config_class(**{name: ""})
+
+
+def test_a_runs_step_files_are_sampled_evaluated_compared_and_exported_beside_its_adapter(tmp_path, private_cache):
+    from safetensors import safe_open
+
+    run = tmp_path / "castle"
+    dry = invoke("train", "--model", "tiny-random", "--steps", 5, "--save-every", 2, "--output", run, "--dry-run")
+    assert "saves every 2 steps: 2 adapter-step-N files at the end (all kept), at least " in dry.output, dry.output
+    result = invoke("train", "--model", "tiny-random", "--steps", 5, "--save-every", 2, "--output", run)
+    assert result.exit_code == 0, result.output
+    assert "saves: 2 files, adapter-step-000002.safetensors to adapter-step-000004.safetensors" in result.output
+    step = run / "adapter-step-000002.safetensors"
+
+    # drawn into a folder of its own: the run's samples/ stays the final adapter's
+    assert invoke("sample", "--adapter", step, "--prompt", "a <concept>", "--steps", 2, "--num-images", 1).exit_code == 0
+    assert invoke("sample", "--adapter", run, "--prompt", "a <concept>", "--steps", 2, "--num-images", 1).exit_code == 0
+    assert (run / "samples-step-000002" / "grid.png").is_file() and (run / "samples" / "grid.png").is_file()
+    with Image.open(next((run / "samples-step-000002" / "images").glob("*.png"))) as image:
+        assert "castle/adapter-step-000002.safetensors" in image.text["parameters"]
+
+    # measured into eval-step-N.json: the run's eval.json is the final adapter's
+    result = invoke("evaluate", "--run", step, "--steps", 2, "--num-images", 2, "--prompt", "a <concept>")
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "eval-step-000002.json").read_text())
+    assert report["adapter"] == step.name and not (run / "eval.json").exists()
+    assert (run / "eval-samples-step-000002").is_dir()
+
+    # compared with the run as RUN-step-N, with the losses up to its step, each drawn into a folder of its own
+    result = invoke("compare", step, run, "--output", tmp_path / "cmp", "--steps", 2)
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "cmp" / "comparison.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["castle-step-000002", "castle"]
+    assert sorted(p.name for p in (tmp_path / "cmp" / "samples").iterdir()) == ["castle", "castle-step-000002"]
+    from sdtune.comparison import summarize_run
+
+    assert [at for at, _ in summarize_run(step).losses] == [1, 2] and len(summarize_run(run).losses) == 5
+
+    exported = tmp_path / "castle-200.safetensors"
+    assert invoke("export", step, "--format", "kohya", "--output", exported).exit_code == 0
+    with safe_open(str(exported), framework="pt") as handle:
+        assert handle.metadata()["ss_steps"] == "2"

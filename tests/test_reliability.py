@@ -262,6 +262,7 @@ class TestSettings:
             (("--seed", -1), "--seed must be between 0 and"),
             (("--resolution", 60), "--resolution must be a positive multiple of 8"),
             (("--save-every", -1), "--save-every must be 0 or more"),
+            (("--keep-saves", -1), "--keep-saves must be 0 (keep all) or more"),
             (("--mixed-precision", "fp8"), "--mixed-precision must be one of"),
             (("--template", "no token here"), "--template must contain {token}"),
             (("--concept", "../etc"), "--concept must be a plain name"),
@@ -540,7 +541,8 @@ class TestOutputFolders:
     def test_disk_full_while_saving_keeps_the_last_adapter_whole(self, tmp_path, monkeypatch, private_cache):
         import safetensors.torch
 
-        monkeypatch.setattr(safetensors.torch, "save_file", _fail_with_disk_full_after(1, safetensors.torch.save_file))
+        # step 1 writes adapter.safetensors and adapter-step-000001.safetensors; the last step's adapter finds the disk full
+        monkeypatch.setattr(safetensors.torch, "save_file", _fail_with_disk_full_after(2, safetensors.torch.save_file))
         output = tmp_path / "run"
         result = invoke("train", "--model", "tiny-random", "--steps", 2, "--save-every", 1, "--output", output)
         assert_one_line_error(result, 1, f"{output / 'adapter.safetensors'}: No space left on device")

@@ -99,6 +99,63 @@ def test_resume_after_an_interruption_gives_the_same_adapter_bytes(uninterrupted
     assert (output / "adapter.safetensors").read_bytes() == (uninterrupted / "adapter.safetensors").read_bytes()
 
 
+def step_files(output) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(output.glob("adapter*-step-*.safetensors"))}
+
+
+def test_save_every_keeps_each_save_and_a_resumed_run_writes_them_exactly(tmp_path, tiny_path, monkeypatch):
+    from sdtune.training import Trainer
+
+    # saves at 2, 4, 6, 8 (9 is adapter.safetensors), the newest 3 kept; the kill comes after the save of step 6,
+    # past the checkpoint of step 4, so the resumed run meets a save of its own future and writes it again
+    settings = dict(steps=9, save_every=2, keep_saves=3, checkpoint_every=4, ema_decay=0.9, log_with="none")
+    whole = train(config(tmp_path / "whole", **settings), progress=False)
+    kept = [f"adapter{kind}-step-{step:06d}.safetensors" for step in (4, 6, 8) for kind in ("", "-ema")]
+    assert sorted(step_files(tmp_path / "whole")) == sorted(kept)
+    assert [path.name for path in whole.saves] == [name for name in kept if "-ema" not in name]
+    for step in (4, 6, 8):
+        with safe_open(str(tmp_path / "whole" / f"adapter-step-{step:06d}.safetensors"), framework="pt") as handle:
+            assert handle.metadata()["step"] == str(step)
+    assert step_files(tmp_path / "whole")["adapter-step-000004.safetensors"] != (tmp_path / "whole" / "adapter.safetensors").read_bytes()
+
+    original = Trainer.save_adapters
+
+    def save_then_crash(self, kept=False):
+        original(self, kept)
+        if self.global_step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_adapters", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "cut", **settings), progress=False)
+    monkeypatch.undo()
+    assert sorted(step_files(tmp_path / "cut")) == sorted(f"adapter{kind}-step-{step:06d}.safetensors" for step in (2, 4, 6) for kind in ("", "-ema"))
+    run = train(config(tmp_path / "cut", resume="latest", **settings), progress=False)
+    assert run.resumed_from == tmp_path / "cut" / "checkpoints" / "step-4"
+    assert step_files(tmp_path / "cut") == step_files(tmp_path / "whole")  # bit for bit, pruned alike
+
+    # killed between the checkpoint of a save's step and the save, or extended from that step's end: written on resume
+    crash_after_checkpoint(monkeypatch, 8)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "at-save", **{**settings, "checkpoint_every": 8}), progress=False)
+    monkeypatch.undo()
+    assert "adapter-step-000008.safetensors" not in step_files(tmp_path / "at-save")
+    train(config(tmp_path / "at-save", resume="latest", **{**settings, "checkpoint_every": 8}), progress=False)
+    assert step_files(tmp_path / "at-save") == step_files(tmp_path / "whole")
+    train(config(tmp_path / "short", **{**settings, "steps": 8, "checkpoint_every": 8}), progress=False)
+    train(config(tmp_path / "short", resume="latest", **{**settings, "checkpoint_every": 8}), progress=False)
+    assert step_files(tmp_path / "short") == step_files(tmp_path / "whole")
+
+    # saves alone are an earlier run's; a fresh run with --overwrite leaves none of them
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "adapter-step-000002.safetensors").write_bytes(b"saved")
+    with pytest.raises(SdtuneError, match=r"earlier run \(adapter-step-N.safetensors\): add --overwrite"):
+        train(config(lone), progress=False)
+    train(config(tmp_path / "cut", overwrite=True, steps=1), progress=False)
+    assert step_files(tmp_path / "cut") == {}
+
+
 def test_resume_of_a_labelled_dataset_crosses_epochs_exactly(tmp_path, tiny_path):
     # 10 digits in batches of 2: 5 steps an epoch, so the resumed run replays the balanced sampler's
     # draws of the second epoch
