@@ -529,7 +529,7 @@ class TestOutputFolders:
         result = invoke(command, "--model", "tiny-random", "--output", blocker / "run", *args)
         assert_one_line_error(result, 2, "cannot write to output folder")
 
-    def test_too_little_free_space_fails_before_training(self, tmp_path, monkeypatch, private_cache):
+    def test_too_little_free_space_fails_before_training(self, tmp_path, monkeypatch, tiny_path):
         import sdtune.fileio
 
         usage = shutil.disk_usage(tmp_path)
@@ -538,7 +538,8 @@ class TestOutputFolders:
         assert_one_line_error(result, 2, "has 0.0 MB free; this run needs about 0.1 MB")
         assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
-    def test_disk_full_while_saving_keeps_the_last_adapter_whole(self, tmp_path, monkeypatch, private_cache):
+    def test_disk_full_while_saving_keeps_the_last_adapter_whole(self, tmp_path, monkeypatch, tiny_path):
+        # tiny_path: the model is built before the writes fail (run first, the run would build it with the failing writer)
         import safetensors.torch
 
         # step 1 writes adapter.safetensors and adapter-step-000001.safetensors; the last step's adapter finds the disk full
@@ -551,7 +552,7 @@ class TestOutputFolders:
         assert read_adapter_info(output)[0].extra["step"] == "1"
         assert not [p.name for p in output.iterdir() if p.name.endswith(".tmp")]
 
-    def test_disk_full_while_sampling_leaves_no_partial_image(self, tmp_path, monkeypatch, private_cache):
+    def test_disk_full_while_sampling_leaves_no_partial_image(self, tmp_path, monkeypatch, tiny_path):
         monkeypatch.setattr(Image.Image, "save", _fail_with_disk_full_after(1, Image.Image.save))
         result = invoke("sample", "--model", "tiny-random", "--prompt", "x", "--num-images", 2, "--steps", 1, "--output", tmp_path)
         assert_one_line_error(result, 1, "seed1.png: No space left on device")
