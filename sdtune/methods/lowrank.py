@@ -161,13 +161,13 @@ RANK_TENSORS = {"lora": ("lora_down.weight",), "loha": ("hada_w1_b",), "lokr": (
 
 def _kohya_spatial(parts: dict[str, tuple[int, ...]]) -> bool | None:
     """Whether a kohya module's tensors sit on a 3x3 convolution, where their shapes tell (None where not: LoHa's and
-    LoKr's low-rank factors flatten the kernel): LoRA's lora_down and LoKr's full w2 hold the kernel, Tucker cores sit
-    only on such convs."""
+    LoKr's low-rank factors flatten the kernel): Tucker cores sit only on such convs, LoRA's lora_down and LoKr's full w2
+    hold the kernel."""
+    if "lora_mid.weight" in parts or "hada_t1" in parts or "lokr_t2" in parts:
+        return True
     kernels = [parts[name][2:] for name in ("lora_down.weight", "lokr_w2") if name in parts and len(parts[name]) == 4]
     if "lora_down.weight" in parts or kernels:
         return any(tuple(kernel) != (1, 1) for kernel in kernels)
-    if "hada_t1" in parts or "lokr_t2" in parts:
-        return True
     return None
 
 
