@@ -23,7 +23,9 @@ model's train/eval mode, so a pipeline loaded to sample never drops out.
 Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<parameter>`
 (for example `down_blocks.0.resnets.0.conv1.lora_A.weight` or `...to_q.hada_w1_a`).
 The scale is always alpha/rank, as in peft (LyCORIS forces 1 when both LoKr factors are full);
-with the default alpha = rank the two agree.
+with the default alpha = rank the two agree. `conv_rank` and `conv_alpha` (kohya-ss' and LyCORIS' conv_dim, conv_alpha)
+give the 3x3 convolutions a rank and alpha of their own, through peft's rank_pattern and alpha_pattern; 1x1 ones keep
+the rank, as in both. Left unset they are the rank and alpha, and the options, configs and files are as before them.
 
 Targets: `conv` means the UNet's 3×3 and 1×1 convolutions, `conv3x3` only the 52 3×3
 convolutions that the filter-atom method tunes, `attn` the to_q, to_k, to_v and to_out.0
@@ -515,7 +517,8 @@ def plain_copy(unet: nn.Module) -> nn.Module:
 
 def _lycoris_merge_warning(method) -> str:
     o = method.options
-    return (f"{method.name} with alpha {o.alpha:g} ≠ rank {o.rank}: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank "
+    rank, alpha = (o.rank, o.alpha) if o.alpha != o.rank else (o.conv_rank, o.conv_alpha)
+    return (f"{method.name} with alpha {alpha:g} ≠ rank {rank}: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank "
             "twice when it merges this file (merge_to, get_diff_weight; its forward pass is right); ComfyUI and sdtune "
             "read it right, and alpha = rank (the default) avoids it")
 
@@ -616,7 +619,9 @@ class Lora(_PeftLowRank):
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
     variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, *KOHYA_FAMILY_VARIANTS,
-                {"rank": 16}, {"dora": True})
+                {"rank": 16}, {"dora": True},
+                # kohya-ss' common LoCon: network_dim 32, network_alpha 16, conv_dim 8, conv_alpha 4
+                {"targets": "locon", "rank": 32, "alpha": 16.0, "conv_rank": 8, "conv_alpha": 4.0})
     export_formats = ("kohya", "diffusers", "peft")
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 28 points of preservation
     kohya_kind = "lora"
@@ -893,7 +898,8 @@ class Loha(_Lycoris):
             super().merge_layer(layer)
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
-        return [_lycoris_merge_warning(self)] if format == "kohya" and self.options.alpha != self.options.rank else []
+        o = self.options
+        return [_lycoris_merge_warning(self)] if format == "kohya" and (o.alpha != o.rank or o.conv_alpha != o.conv_rank) else []
 
     def to_peft_config(self, module_names: list[str]):
         from peft import LoHaConfig
@@ -965,7 +971,9 @@ class Lokr(_Lycoris):
         modules = _group_by_module(tensors).values()
         found = []
         # both factors full: alpha/rank is folded into w1 and the file's scale is 1, which LyCORIS gets right
-        if self.options.alpha != self.options.rank and any("lokr_w1" not in m or "lokr_w2" not in m for m in modules):
+        scales = {self.layer_rank_alpha(module) for module, parts in _group_by_module(tensors).items()
+                  if "lokr_w1" not in parts or "lokr_w2" not in parts}
+        if any(alpha != rank for rank, alpha in scales):
             found.append(_lycoris_merge_warning(self))
         if any("lokr_t2" in m for m in modules):
             found.append("LyCORIS (lycoris-lora 4.1.3) cannot load Tucker LoKr files, its own included (it reads the "
