@@ -177,6 +177,10 @@ def export_adapter(
     method = methods.create(info.method, **info.options)
     if format not in method.export_formats:
         raise SdtuneError(_not_available(format, method))
+    if method.needs_base_layers:  # what the tensors do not tell (which layers are 3x3 convs): the UNet config's shapes
+        base_unet = _meta_unet(model or info.base_model)
+        if base_unet is not None:
+            method.read_base_layers(base_unet)
     if format in ("kohya", "diffusers"):
         _check_file_target(output)
 
@@ -283,6 +287,21 @@ def _kohya_layout_of(model: str, title: str):
             f"the UNet config of {model} could not be read ({error}); the keys use SD 1.x/2.x's (diffusers') "
             "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
         ]
+
+
+def _meta_unet(model: str):
+    """`model`'s UNet on the meta device (its architecture, no weights), or None where its config cannot be read."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .models import read_model_configs
+
+    try:
+        configs = read_model_configs(model)
+    except SdtuneError:
+        return None
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(configs.unet)
 
 
 def _check_fits(path: Path, info, tensors: dict, model: str) -> None:

@@ -36,6 +36,10 @@ LOW_RANK = [
     ("lora", {"targets": "transformer", "rank": 2}),  # kohya-ss' LoRA layers: ff and proj_in/out (1x1 convs on SD 1.x)
     ("loha", {"targets": "locon"}),  # kohya-ss' LoCon layers: those and the resnets' (time_emb_proj, conv_shortcut too)
     ("lora", {"targets": "full", "rank": 2}),  # LyCORIS' full preset: those, conv_in, conv_out and the time embedding
+    # LoCon's own rank and alpha on the 3x3 convs (kohya-ss' conv_dim/conv_alpha): a per-module alpha in the file
+    ("lora", {"targets": "locon", "rank": 4, "alpha": 2.0, "conv_rank": 2, "conv_alpha": 1.0}),
+    ("loha", {"rank": 2, "conv_rank": 4, "conv_alpha": 1.0}),
+    ("lokr", {"alpha": 2.0, "conv_rank": 8, "conv_alpha": 2.0}),  # both factors full: each module's alpha/rank (1/2, 1/4) in w1
 ]
 DIFF_STYLE = [
     ("atoms", {}),
@@ -159,7 +163,14 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
         assert {"lora_unet_conv_in.alpha", "lora_unet_conv_out.alpha"} <= set(state)
         assert json.loads(metadata["ss_network_args"]) == {"algo": "lora", "preset": "full", "conv_dim": "2", "conv_alpha": "2"}
     alpha = options.get("alpha", float(options.get("rank", 4)))
-    assert all(state[k].item() == alpha for k in state if k.endswith(".alpha"))
+    conv_alpha = options.get("conv_alpha", alpha)
+    convs = {"lora_unet_" + n.replace(".", "_") for n, m in base_pipe.unet.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)}
+    assert all(state[k].item() == (conv_alpha if k.removesuffix(".alpha") in convs else alpha) for k in state if k.endswith(".alpha"))
+    if "conv_rank" in options:  # kohya-ss' network args for LoCon's own rank and alpha
+        args = json.loads(metadata["ss_network_args"])
+        assert (args["conv_dim"], float(args["conv_alpha"])) == (str(options["conv_rank"]), conv_alpha)
+        assert any(k.removesuffix(".alpha") in convs for k in state if k.endswith(".alpha"))
     assert metadata["ss_base_model_version"] == "sd_v1"
     assert metadata["ss_network_dim"] == str(options.get("rank", 4))
     assert float(metadata["ss_network_alpha"]) == alpha
@@ -328,11 +339,12 @@ def test_diffusers_export_prints_its_line_alone(tmp_path):
     assert result.stdout.startswith(f"wrote {out} (diffusers, ") and result.stderr == ""
 
 
-@pytest.mark.parametrize("targets", ["all", "transformer", "full"])
-def test_diffusers_lora_loads_with_load_lora_weights(targets, tmp_path, inputs):
+@pytest.mark.parametrize("targets,conv", [("all", {}), ("transformer", {}), ("full", {}),
+                                          ("locon", {"conv_rank": 2, "conv_alpha": 4.0})])  # the 3x3 convs' own, scale 2
+def test_diffusers_lora_loads_with_load_lora_weights(targets, conv, tmp_path, inputs):
     from sdtune.models import load_pipeline
 
-    options = {"rank": 4, "alpha": 2.0, "targets": targets}  # scale 0.5: checks that alpha/rank reaches diffusers
+    options = {"rank": 4, "alpha": 2.0, "targets": targets, **conv}  # scale 0.5: checks that alpha/rank reaches diffusers
     tuned_pipe = make_adapter("lora", options, tmp_path / "a.safetensors", scale=0.2)
     out = tmp_path / "pytorch_lora_weights.safetensors"
     export_adapter(tmp_path / "a.safetensors", "diffusers", out)

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -495,10 +496,12 @@ def test_init_weights_for_another_base_model_are_refused(trained, tmp_path):
         pass
 
 
-def kohya_lora_by_hand(path, family: str, rank: int = 3, alpha: float = 1.5):
+def kohya_lora_by_hand(path, family: str, rank: int = 3, alpha: float = 1.5, conv_rank: int | None = None,
+                       conv_alpha: float | None = None):
     """A kohya-ss LoRA of a `--targets` family's layers on tiny-random, written by hand under kohya's names
     (`lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_0_proj`, `..._proj_in`), no sdtune metadata;
-    a 1x1 conv's factors are 1x1 convs, as kohya-ss stores them."""
+    a 1x1 conv's factors are 1x1 convs, as kohya-ss stores them. With `conv_rank` (and `conv_alpha`), the 3x3 convs
+    at those, and ss_network_args saying so, as kohya-ss' --network_args conv_dim=... conv_alpha=... writes them."""
     from sdtune.kohya import UNET_PREFIX, kohya_name
     from sdtune.methods.base import layer_family
 
@@ -510,10 +513,15 @@ def kohya_lora_by_hand(path, family: str, rank: int = 3, alpha: float = 1.5):
         conv = isinstance(layer, torch.nn.Conv2d)
         inputs, outputs = (layer.in_channels, layer.out_channels) if conv else (layer.in_features, layer.out_features)
         key = kohya_name(UNET_PREFIX, name)
-        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, inputs, *(layer.kernel_size if conv else ()), generator=generator) * 0.3
-        tensors[f"{key}.lora_up.weight"] = torch.randn(outputs, rank, *((1, 1) if conv else ()), generator=generator) * 0.3
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, path, {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
+        spatial = conv and tuple(layer.kernel_size) != (1, 1) and conv_rank is not None
+        r, a = (conv_rank, conv_alpha if conv_alpha is not None else alpha) if spatial else (rank, alpha)
+        tensors[f"{key}.lora_down.weight"] = torch.randn(r, inputs, *(layer.kernel_size if conv else ()), generator=generator) * 0.3
+        tensors[f"{key}.lora_up.weight"] = torch.randn(outputs, r, *((1, 1) if conv else ()), generator=generator) * 0.3
+        tensors[f"{key}.alpha"] = torch.tensor(a)
+    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}
+    if conv_rank is not None:
+        metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": f"{conv_alpha if conv_alpha is not None else alpha:g}"})
+    save_file(tensors, path, metadata)
     return path
 
 
@@ -594,6 +602,40 @@ def test_a_wider_family_than_the_files_says_which_layers_start_fresh(tmp_path):
     assert any(line.endswith(f"; from the file: rank 3, alpha 1.5; {wider.started_fresh}") for line in wider.summary())
     own = plan_run(settings(tmp_path / "own", method="lora", options={"targets": "transformer"}, init_weights=str(source)))
     assert own.started_fresh == "" and own.taken_options == {"rank": 3, "alpha": 1.5}
+
+
+def test_a_kohya_locon_with_its_own_conv_dim_starts_a_run_at_both_ranks(tmp_path, inputs):
+    """kohya-ss' common LoCon setting, network_dim 32 alpha 16 with conv_dim 8 conv_alpha 4, at tiny-random's scale: the
+    run takes both ranks and alphas from the file, says so, computes before its first step what sampling with the file
+    does, and exports the file's tensors bit for bit, with kohya-ss' conv_dim and conv_alpha."""
+    source = kohya_lora_by_hand(tmp_path / "locon.safetensors", "locon", rank=8, alpha=4.0, conv_rank=2, conv_alpha=1.0)
+    config = settings(tmp_path / "run", method="lora", init_weights=str(source))
+    plan = plan_run(config)
+    assert plan.taken_options == {"targets": "locon", "rank": 8, "alpha": 4.0, "conv_rank": 2, "conv_alpha": 1.0}
+    assert any(line.endswith("; from the file: rank 8, alpha 4.0, conv_rank 2, conv_alpha 1.0, targets locon")
+               for line in plan.summary()), plan.summary()
+    torch.testing.assert_close(step_zero_output(config, inputs), sampled_output([source], inputs), atol=2e-5, rtol=1e-4)
+    original, again = load_file(source), restarted_export(config, tmp_path)
+    assert original.keys() == again.keys() and all(torch.equal(original[key], again[key]) for key in original)
+    with safe_open(str(tmp_path / "again.safetensors"), framework="pt") as handle:
+        args = json.loads(handle.metadata()["ss_network_args"])
+    assert (args["conv_dim"], args["conv_alpha"]) == ("2", "1")
+
+    # the file's tensors fix both ranks: a run that sets another conv rank is refused, in one line
+    with pytest.raises(SdtuneError, match="holds tensors of conv_rank 2; the run sets 3"):
+        plan_run(settings(tmp_path / "other", method="lora", options={"conv_rank": 3}, init_weights=str(source)))
+
+
+def test_a_kohya_file_of_linears_at_two_ranks_is_refused_in_one_line(tmp_path):
+    """sdtune trains one rank for the linears (and 1x1 convs), one for the 3x3 convs: a file whose linears differ is
+    refused, naming the ranks."""
+    four = load_file(kohya_lora_by_hand(tmp_path / "four.safetensors", "transformer", rank=4))
+    eight = load_file(kohya_lora_by_hand(tmp_path / "eight.safetensors", "transformer", rank=8))
+    mixed = {key: (eight if "_attn1_" in key else four)[key] for key in four}
+    save_file(mixed, tmp_path / "mixed.safetensors", {"ss_network_module": "networks.lora"})
+    with pytest.raises(SdtuneError, match=r"the file's modules have ranks 4, 8; .*conv_rank") as raised:
+        plan_run(settings(tmp_path / "run", method="lora", init_weights=str(tmp_path / "mixed.safetensors")))
+    assert "\n" not in str(raised.value)
 
 
 def test_a_files_alpha_is_named_where_it_differs_from_what_its_rank_defaults_to(tmp_path):

@@ -42,6 +42,10 @@ def randomize(method, seed=0):
         ("lokr", {"rank": True}, "--rank must be a whole number"),
         ("lora", {"alpha": 0}, "--alpha must be a positive number"),
         ("lora", {"alpha": "big"}, "--alpha must be a positive number"),
+        ("lora", {"conv_rank": 0}, "--conv-rank must be a whole number of at least 1, got 0"),
+        ("loha", {"conv_rank": 2.5}, "--conv-rank must be a whole number"),
+        ("lokr", {"conv_alpha": -1.0}, "--conv-alpha must be a positive number (and finite), got -1.0"),
+        ("lora", {"conv_alpha": True}, "--conv-alpha must be a positive number"),
         ("loha", {"targets": "mlp"}, "--targets 'mlp' is not available; choose: conv, conv3x3, attn, all, transformer, locon"),
         ("lokr", {"factor": 0}, "--factor must be -1"),
         ("lokr", {"factor": -2}, "--factor must be -1"),
@@ -309,6 +313,8 @@ def test_sd14_counts_match_the_formula_for_every_case():
         (["--method", "lokr", "--targets", "mlp"], "--targets 'mlp' is not available"),
         (["--method", "oft", "--rank-dropout", "0.1"], "--rank-dropout applies to --method lora/loha/lokr, not oft"),
         (["--method", "lora", "--dora", "--rank-dropout", "0.1"], "--rank-dropout does not apply with --dora"),
+        (["--method", "oft", "--conv-rank", "8"], "--conv-rank applies to --method lora/loha/lokr, not oft"),
+        (["--method", "loha", "--conv-rank", "0"], "--conv-rank must be a whole number of at least 1, got 0"),
         (["--method", "loha", "--lora-dropout", "0.1"], "--lora-dropout applies to --method lora, not loha"),
     ],
 )
@@ -623,3 +629,65 @@ def test_lycoris_layers_without_dropout_trace_whole_and_add_what_peft_adds(name,
     dropping = methods.create(name, module_dropout=0.1)
     dropping.inject(copy.deepcopy(base_unet))
     assert all(type(layer).__module__.startswith("peft.") for layer in dropping.layers.values())  # peft's draws
+
+
+@pytest.mark.parametrize("name", LOW_RANK)
+def test_conv_rank_left_to_its_default_changes_no_option_config_or_adapter_byte(name, unet, tmp_path):
+    """conv_rank and conv_alpha default to the rank and alpha: the options recorded, the peft config and the adapter
+    file are those of a run before they existed, and giving them equal to the rank and alpha is the same run."""
+    from sdtune.adapter import save_adapter
+
+    before = {"lora": {"rank": 4, "alpha": 4.0, "targets": "all"},
+              "loha": {"rank": 4, "alpha": 4.0, "targets": "all", "tucker": False},
+              "lokr": {"rank": 4, "alpha": 4.0, "targets": "all", "factor": -1, "decompose_both": False, "tucker": False}}
+    files = []
+    for options in ({}, {"conv_rank": 4, "conv_alpha": 4.0}):
+        method = methods.create(name, **options)
+        assert method.options_dict() == before[name]
+        torch.manual_seed(0)
+        method.inject(copy.deepcopy(unet))
+        config = method.peft_configs[""]["sdtune"]
+        assert (config.rank_pattern, config.alpha_pattern) == ({}, {})
+        randomize(method)
+        save_adapter(tmp_path / f"{len(files)}.safetensors", method, "tiny-random")
+        files.append((tmp_path / f"{len(files)}.safetensors").read_bytes())
+    assert files[0] == files[1]
+
+
+@pytest.mark.parametrize("name", LOW_RANK)
+def test_conv_rank_gives_the_3x3_convs_their_own_rank_and_scale(name, unet):
+    """The 3x3 convs at conv_rank with scale conv_alpha/conv_rank; the 1x1 convs and linears at the rank (kohya-ss'
+    and LyCORIS' conv_dim: a 1x1 conv is a linear to them)."""
+    method = methods.create(name, targets="all", rank=4, alpha=2.0, conv_rank=2, conv_alpha=4.0)
+    method.inject(unet)
+    seen = set()
+    for module, layer in method.layers.items():
+        base = layer.get_base_layer()
+        spatial = isinstance(base, nn.Conv2d) and base.kernel_size != (1, 1)
+        seen.add((type(base).__name__, base.kernel_size if spatial else None))
+        assert (layer.r["sdtune"], layer.scaling["sdtune"]) == ((2, 2.0) if spatial else (4, 0.5)), module
+    assert ("Conv2d", (3, 3)) in seen and ("Conv2d", None) in seen and ("Linear", None) in seen
+    assert method.options_dict()["conv_rank"] == 2 and method.options_dict()["conv_alpha"] == 4.0
+
+
+@pytest.mark.parametrize("targets", ["attn", "transformer"])
+def test_conv_rank_where_no_3x3_conv_is_tuned_is_ignored_with_a_warning(targets, unet):
+    """As LyCORIS, whose conv_dim does nothing under a preset without 3x3 convs: the run trains, said so once."""
+    method = methods.create("lora", targets=targets, conv_rank=8)
+    with pytest.warns(UserWarning, match=f"lora --targets {targets} tunes no 3x3 convolution, so they change nothing"):
+        method.inject(unet)
+    assert {layer.r["sdtune"] for layer in method.layers.values()} == {4}
+
+
+def test_a_kohya_loha_at_two_ranks_takes_the_conv_ones_from_its_network_args():
+    """LoHa's factors flatten a conv's kernel (hada_w1_b is r x in·k·k), so which modules are 3x3 convs comes from
+    ss_network_args' conv_dim and conv_alpha (LyCORIS writes them); without them the file is refused in one line."""
+    conv, linear = "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_attentions_0_proj_out"
+    shapes = {conv: {"hada_w1_a": (32, 2), "hada_w1_b": (2, 288), "hada_w2_a": (32, 2), "hada_w2_b": (2, 288), "alpha": ()},
+              linear: {"hada_w1_a": (32, 8), "hada_w1_b": (8, 32), "hada_w2_a": (32, 8), "hada_w2_b": (8, 32), "alpha": ()}}
+    alphas = {conv: 1.0, linear: 4.0}
+    Loha = methods.method_class("loha")
+    options = Loha.kohya_init_options({"loha"}, shapes, alphas, {"algo": "loha", "conv_dim": "2", "conv_alpha": "1"})
+    assert (options["rank"], options["alpha"], options["conv_rank"], options["conv_alpha"]) == (8, 4.0, 2, 1.0)
+    with pytest.raises(SdtuneError, match="neither its tensors nor its ss_network_args' conv_dim say which are 3x3 convs"):
+        Loha.kohya_init_options({"loha"}, shapes, alphas, {"algo": "loha"})

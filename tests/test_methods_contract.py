@@ -46,6 +46,10 @@ CASES = [
     ("lora", {"rank_dropout": 0.2, "module_dropout": 0.2}, 1e-3),
     ("loha", {"rank_dropout": 0.2, "module_dropout": 0.2}, 1e-2),
     ("lokr", {"rank_dropout": 0.2, "module_dropout": 0.2}, 1e-2),
+    # LoCon's own rank and alpha on the 3x3 convs (kohya-ss' conv_dim, conv_alpha); 1x1 convs keep --rank
+    ("lora", {"targets": "locon", "rank": 8, "alpha": 4.0, "conv_rank": 2, "conv_alpha": 1.0}, 1e-3),
+    ("loha", {"targets": "all", "rank": 2, "conv_rank": 4, "conv_alpha": 2.0}, 1e-2),
+    ("lokr", {"targets": "full", "rank": 2, "alpha": 1.0, "conv_rank": 8}, 1e-2),
     ("atoms", {"kernel": "weight"}, 1e-2),  # the tiny model's feature maps are small: auto takes the tap side
     ("atoms", {"m1": 2}, 1e-2),
     ("atoms", {"kc": 2}, 1e-2),
@@ -164,11 +168,13 @@ def kronecker_split(dim: int, factor: int) -> tuple[int, int]:
 
 def low_rank_count(name: str, options: dict, layer) -> int:
     """Trainable numbers for one layer, from its shape: out x in (x k x k)."""
-    r = options.get("rank", 4)
     tucker = options.get("tucker", False)
     is_conv = isinstance(layer, torch.nn.Conv2d)
     d_out, d_in = layer.weight.shape[:2]
     k = layer.kernel_size[0] if is_conv else 1
+    r = options.get("rank", 4)
+    if k > 1:  # a 3x3 conv: conv_rank (default: the rank), as kohya-ss' conv_dim; a 1x1 one is a linear to kohya-ss
+        r = options.get("conv_rank", r)
     if name == "lora":  # A: d_in*k*k -> r, B: r -> d_out; DoRA: a magnitude per output channel
         return r * (d_in * k * k + d_out) + (d_out if options.get("dora") else 0)
     if name == "loha":  # two low-rank pairs, each with an r x r x k x k core under tucker

@@ -53,6 +53,8 @@ OPTION_FLAGS: dict[str, OptionFlag] = {
     "--gift-blocks": OptionFlag(("gift",), "blocks", int),
     "--rank": OptionFlag(_LOW_RANK, "rank", int),
     "--alpha": OptionFlag(_LOW_RANK, "alpha", float),
+    "--conv-rank": OptionFlag(_LOW_RANK, "conv_rank", int),
+    "--conv-alpha": OptionFlag(_LOW_RANK, "conv_alpha", float),
     "--targets": OptionFlag((*_LOW_RANK, "oft"), "targets", str, words=LAYER_FAMILIES),
     "--dora": OptionFlag(("lora",), "dora", bool, "--dora/--no-dora"),
     "--loraplus-lr-ratio": OptionFlag(("lora",), "loraplus_lr_ratio", float),

@@ -345,6 +345,15 @@ class Method(ABC):
     # What the file writers (`sdtune export`) ask a method instead of testing its name. They read
     # the adapter's saved tensors (`state_dict()`'s keys), with no model and nothing injected.
 
+    @property
+    def needs_base_layers(self) -> bool:
+        """Whether the views below need `read_base_layers` first: what the tensors alone do not tell of the base model's
+        layers (which are 3x3 convolutions, for LoCon's conv_rank). False by default."""
+        return False
+
+    def read_base_layers(self, unet: nn.Module) -> None:
+        """Read what `needs_base_layers` wants off `unet`, the base model's UNet (on the meta device: shapes only)."""
+
     # the `sdtune export --format`s this method's adapters can be written in
     export_formats: ClassVar[tuple[str, ...]] = ("kohya",)
 
@@ -823,3 +832,15 @@ def fingerprint_of(structure: str, sample: torch.Tensor) -> str:
     digest = hashlib.sha256(structure.encode())
     digest.update(sample.to(torch.float16).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def spatial_convs(model: nn.Module, names: list[str]) -> list[str]:
+    """Those of the named modules that are Conv2d layers of a kernel over 1x1 (what kohya-ss' and LyCORIS' conv_dim
+    takes: a 1x1 conv is a linear to them), in the order given."""
+    found = []
+    for name in names:
+        module = model.get_submodule(name)
+        module = getattr(module, "base_layer", module)  # a wrapper injected already: its base layer
+        if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1):
+            found.append(name)
+    return found

@@ -23,7 +23,9 @@ model's train/eval mode, so a pipeline loaded to sample never drops out.
 Adapter tensors are saved under peft's adapter-name-free keys, `<module name>.<parameter>`
 (for example `down_blocks.0.resnets.0.conv1.lora_A.weight` or `...to_q.hada_w1_a`).
 The scale is always alpha/rank, as in peft (LyCORIS forces 1 when both LoKr factors are full);
-with the default alpha = rank the two agree.
+with the default alpha = rank the two agree. `conv_rank` and `conv_alpha` (kohya-ss' and LyCORIS' conv_dim, conv_alpha)
+give the 3x3 convolutions a rank and alpha of their own, through peft's rank_pattern and alpha_pattern; 1x1 ones keep
+the rank, as in both. Left unset they are the rank and alpha, and the options, configs and files are as before them.
 
 Targets: `conv` means the UNet's 3×3 and 1×1 convolutions, `conv3x3` only the 52 3×3
 convolutions that the filter-atom method tunes, `attn` the to_q, to_k, to_v and to_out.0
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,10 +50,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SdtuneError
+from ..errors import SdtuneError, warn
 from .base import (
     KOHYA_FAMILY_VARIANTS, LAYER_FAMILIES, TARGETS_HELP, WrappedLayers, dora_weight, exact_module_pattern, families_covering, is_whole_number,
-    layer_family,
+    layer_family, spatial_convs,
 )
 
 ADAPTER = "sdtune"  # peft's adapter name; it never appears in saved keys
@@ -71,6 +74,15 @@ class LowRankOptions:
     # unset: alpha = rank, so the update's scale α/r is 1
     alpha: float | None = field(
         default=None, metadata={"help": "alpha; the update is scaled by alpha/rank", "default": "the rank"}
+    )
+    # kohya-ss' and LyCORIS' conv_dim/conv_alpha: LoCon's 3x3 convolutions at their own rank (1x1 ones, linear at heart,
+    # keep --rank); unset: the rank and the alpha, as LyCORIS defaults them
+    conv_rank: int | None = field(
+        default=None, metadata={"help": "the rank of the 3x3 convolutions (kohya-ss' and LyCORIS' conv_dim); 1x1 convs and "
+                                         "linears keep --rank", "default": "the rank"}
+    )
+    conv_alpha: float | None = field(
+        default=None, metadata={"help": "the alpha of the 3x3 convolutions (kohya-ss' conv_alpha)", "default": "the alpha"}
     )
     # Both convolutions and attention by default: LoCon/LyCORIS practice for LoHa and LoKr,
     # and the layers the filter-atom comparison tunes (its convs) plus the usual LoRA ones.
@@ -149,6 +161,52 @@ KOHYA_TO_PEFT = {kohya: peft for peft, kohya in PEFT_TO_KOHYA.items()}
 RANK_TENSORS = {"lora": ("lora_down.weight",), "loha": ("hada_w1_b",), "lokr": ("lokr_w1_b", "lokr_w2_b")}
 
 
+def _kohya_spatial(parts: dict[str, tuple[int, ...]]) -> bool | None:
+    """Whether a kohya module's tensors sit on a 3x3 convolution, where their shapes tell (None where not: LoHa's and
+    LoKr's low-rank factors flatten the kernel): Tucker cores sit only on such convs, LoRA's lora_down and LoKr's full w2
+    hold the kernel."""
+    if "lora_mid.weight" in parts or "hada_t1" in parts or "lokr_t2" in parts:
+        return True
+    kernels = [parts[name][2:] for name in ("lora_down.weight", "lokr_w2") if name in parts and len(parts[name]) == 4]
+    if "lora_down.weight" in parts or kernels:
+        return any(tuple(kernel) != (1, 1) for kernel in kernels)
+    return None
+
+
+def _kohya_convs(scales: dict[str, tuple[int, float]], shapes: dict[str, dict[str, tuple[int, ...]]],
+                 network_args: dict[str, str]) -> list[str]:
+    """The modules of a kohya file whose update sits on a 3x3 convolution, where its modules differ in (rank, alpha)
+    (`scales`): told by the tensors where they say (LoRA's lora_down holds the kernel, Tucker cores sit only on such
+    convs, LoKr's full w2 holds it), by ss_network_args' conv_dim and conv_alpha otherwise (LoHa's and LoKr's
+    low-rank factors flatten the kernel); refused where neither tells."""
+    conv_scale = None
+    if str(network_args.get("conv_dim", "")).isdigit():
+        try:
+            conv_alpha = float(network_args.get("conv_alpha", network_args["conv_dim"]))
+        except ValueError:
+            conv_alpha = None
+        conv_scale = (int(network_args["conv_dim"]), conv_alpha)
+    convs = []
+    for module in scales:
+        spatial = _kohya_spatial(shapes[module])
+        if spatial is not None:
+            pass
+        elif conv_scale is not None:
+            spatial = scales[module] == conv_scale if conv_scale[1] is not None else scales[module][0] == conv_scale[0]
+        else:
+            raise SdtuneError("the file's modules differ in rank or alpha, and neither its tensors nor its ss_network_args' "
+                              "conv_dim say which are 3x3 convs (sdtune holds one rank and alpha for those, one for the rest)")
+        if spatial:
+            convs.append(module)
+    if not convs or len(convs) == len(scales):
+        ranks = sorted({rank for rank, _ in scales.values()})
+        what = f"ranks {', '.join(map(str, ranks))}" if len(ranks) > 1 else \
+            f"alphas {', '.join(f'{a:g}' for a in sorted({alpha for _, alpha in scales.values()}))}"
+        raise SdtuneError(f"the file's {'3x3 convs' if convs else 'modules'} have {what}; sdtune trains one rank and alpha "
+                          "for the linears and 1x1 convs and one (--conv-rank, --conv-alpha) for the 3x3 convs")
+    return convs
+
+
 class _PeftLowRank(WrappedLayers):
     """What LoRA, LoHa and LoKr share: target choice, peft injection, state, merge."""
 
@@ -167,23 +225,35 @@ class _PeftLowRank(WrappedLayers):
     def kohya_init_options(cls, kinds: set[str], shapes: dict[str, dict[str, tuple[int, ...]]],
                            alphas: dict[str, float], network_args: dict[str, str]) -> dict[str, Any]:
         """rank from the factors' shapes (kohya-ss' --dim_from_weights), alpha from `.alpha` (none: the rank, scale
-        1), tucker from the cores; refuses other kinds and a file whose modules differ in rank or alpha."""
+        1), the 3x3 convs' own (LoCon's conv_dim, conv_alpha) as conv_rank and conv_alpha, tucker from the cores; refuses
+        other kinds and a file whose linears (or whose 3x3 convs) differ in rank or alpha among themselves."""
         if kinds - {"dora"} != {cls.kohya_kind}:
             raise SdtuneError(f"method {cls.name!r} holds kohya {cls.kohya_kind} updates exactly; this file holds "
                               f"{', '.join(sorted(kinds))} updates (start from it with the method of that kind)")
-        ranks = {parts[name][0] for parts in shapes.values() for name in RANK_TENSORS[cls.kohya_kind] if name in parts}
-        if len(ranks) > 1:
-            raise SdtuneError(f"the file's modules have ranks {', '.join(map(str, sorted(ranks)))}; {cls.name} trains one rank for all")
+        # (rank, alpha) of each module whose rank scales it (a LoKr module with both factors full has scale 1); no
+        # .alpha: the rank, scale 1
+        scales = {module: (rank, alphas.get(module, float(rank))) for module, parts in shapes.items()
+                  for rank in [next((parts[name][0] for name in RANK_TENSORS[cls.kohya_kind] if name in parts), None)]
+                  if rank is not None}
         options: dict[str, Any] = {}
-        if ranks:
-            options["rank"] = ranks.pop()
-            # alpha of the modules whose rank it scales (a LoKr module with both factors full has scale 1)
-            scaled = {alphas.get(module, float(options["rank"])) for module, parts in shapes.items()
-                      if any(name in parts for name in RANK_TENSORS[cls.kohya_kind])}
-            if len(scaled) > 1:
-                raise SdtuneError(f"the file's modules have alphas {', '.join(f'{a:g}' for a in sorted(scaled))}; "
-                                  f"{cls.name} trains one alpha for all")
-            options["alpha"] = scaled.pop()
+        if len(set(scales.values())) > 1:  # LoCon's conv_dim/conv_alpha, or a file sdtune cannot hold
+            convs = _kohya_convs(scales, shapes, network_args)
+            for what, members in (("linears and 1x1 convs", [m for m in scales if m not in convs]), ("3x3 convs", convs)):
+                ranks = sorted({scales[m][0] for m in members})
+                if len(ranks) > 1:
+                    raise SdtuneError(f"the file's {what} have ranks {', '.join(map(str, ranks))}; {cls.name} trains one "
+                                      "rank for all of them (and one, --conv-rank, for the 3x3 convs)")
+                found = sorted({scales[m][1] for m in members})
+                if len(found) > 1:
+                    raise SdtuneError(f"the file's {what} have alphas {', '.join(f'{a:g}' for a in found)}; {cls.name} "
+                                      "trains one alpha for all of them (and one, --conv-alpha, for the 3x3 convs)")
+            options["rank"], options["alpha"] = scales[next(m for m in scales if m not in convs)]
+            options["conv_rank"], options["conv_alpha"] = scales[convs[0]]
+        elif scales:
+            options["rank"], options["alpha"] = next(iter(scales.values()))
+            if "conv_dim" in network_args or any(_kohya_spatial(parts) for parts in shapes.values()):
+                # its 3x3 convs at the one rank: a run's other --conv-rank would not hold them
+                options["conv_rank"], options["conv_alpha"] = options["rank"], options["alpha"]
         options.update(cls._kohya_structure(kinds, shapes, network_args))
         return options
 
@@ -210,7 +280,7 @@ class _PeftLowRank(WrappedLayers):
             unet_modules = {name for name in modules if name.split(".", 1)[0] not in self.text_encoders}
             self._refuse_modules_outside(plain_copy(self.unet), unet_modules, outside)
         for module, parts in modules.items():
-            parts = self._factors_from_kohya({KOHYA_TO_PEFT[suffix]: tensor for suffix, tensor in parts.items() if suffix != "alpha"})
+            parts = self._factors_from_kohya(module, {KOHYA_TO_PEFT[suffix]: tensor for suffix, tensor in parts.items() if suffix != "alpha"})
             for suffix, tensor in parts.items():
                 key = f"{module}.{suffix}"
                 if key not in state:
@@ -233,7 +303,7 @@ class _PeftLowRank(WrappedLayers):
         raise SdtuneError(f"the file changes {len(outside)} module(s) that {self.name} --targets {self.options.targets} does not "
                           f"tune ({outside[0]}, …): start with {fix}")
 
-    def _factors_from_kohya(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _factors_from_kohya(self, module: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One module's tensors from LyCORIS' maths to peft's (the same, but for LoKr's full factors)."""
         return parts
 
@@ -246,6 +316,15 @@ class _PeftLowRank(WrappedLayers):
         elif isinstance(o.alpha, bool) or not isinstance(o.alpha, (int, float)) or not 0 < o.alpha < math.inf:
             raise SdtuneError(f"--alpha must be a positive number (and finite), got {o.alpha!r}")
         o.alpha = float(o.alpha)
+        if o.conv_rank is None:
+            o.conv_rank = o.rank
+        elif not is_whole_number(o.conv_rank) or o.conv_rank < 1:
+            raise SdtuneError(f"--conv-rank must be a whole number of at least 1, got {o.conv_rank!r}")
+        if o.conv_alpha is None:
+            o.conv_alpha = o.alpha
+        elif isinstance(o.conv_alpha, bool) or not isinstance(o.conv_alpha, (int, float)) or not 0 < o.conv_alpha < math.inf:
+            raise SdtuneError(f"--conv-alpha must be a positive number (and finite), got {o.conv_alpha!r}")
+        o.conv_alpha = float(o.conv_alpha)
         if o.targets not in LAYER_FAMILIES:
             raise SdtuneError(f"--targets {o.targets!r} is not available; choose: {', '.join(LAYER_FAMILIES)}")
         for flag in ("tucker", "decompose_both", "dora"):
@@ -263,7 +342,40 @@ class _PeftLowRank(WrappedLayers):
         for name in DROPOUT_FLAGS:
             if options.get(name) == 0:
                 del options[name]  # adapters trained without dropout keep the bytes they had before it
+        if not self.own_conv_scale:
+            del options["conv_rank"], options["conv_alpha"]  # and those of one rank for all, the bytes before conv_rank
         return options
+
+    @property
+    def own_conv_scale(self) -> bool:
+        """Whether the 3x3 convolutions train at a rank or alpha of their own (LoCon's conv_dim, conv_alpha)."""
+        o = self.options
+        return (o.conv_rank, o.conv_alpha) != (o.rank, o.alpha)
+
+    def layer_rank_alpha(self, module: str) -> tuple[int, float]:
+        """(rank, alpha) of one tuned module: the conv ones for a 3x3 convolution, else the rank and alpha."""
+        o = self.options
+        return (o.conv_rank, o.conv_alpha) if module in self.spatial_convs() else (o.rank, o.alpha)
+
+    def spatial_convs(self) -> set[str]:
+        """The tuned modules that are convolutions of a kernel over 1x1, which take conv_rank and conv_alpha (kohya-ss
+        and LyCORIS treat a 1x1 conv as a linear): read off the UNet at injection, or (`read_base_layers`) off its
+        architecture for an adapter's tensors alone; empty where every layer takes one rank and alpha."""
+        if not self.own_conv_scale:
+            return set()
+        if self._spatial_convs is None:
+            raise SdtuneError(f"{self.name} with conv_rank/conv_alpha of their own: which layers are 3x3 convolutions is read "
+                              "from the base model's UNet config, which could not be read; name the base model with --model")
+        return self._spatial_convs
+
+    _spatial_convs: set[str] | None = None
+
+    @property
+    def needs_base_layers(self) -> bool:
+        return self.own_conv_scale and self._spatial_convs is None
+
+    def read_base_layers(self, unet: nn.Module) -> None:
+        self._spatial_convs = set(spatial_convs(unet, self.find_targets(unet)))
 
     def find_targets(self, unet: nn.Module) -> list[str]:
         return layer_family(unet, self.options.targets)
@@ -274,7 +386,22 @@ class _PeftLowRank(WrappedLayers):
 
     def _inject(self, unet: nn.Module, targets: list[str]) -> None:
         self.peft_configs: dict[str, Any] = {}  # inject_adapter_in_model's record per model; a merged one goes without
+        self._spatial_convs = set(spatial_convs(unet, targets))
+        if self.own_conv_scale and not self._spatial_convs:
+            # LyCORIS ignores conv_dim where its preset holds no such conv (kohya-ss' LoRA always adds them): so here
+            warn(f"--conv-rank/--conv-alpha: {self.name} --targets {self.options.targets} tunes no 3x3 convolution, so they "
+                 "change nothing (every layer trains at --rank and --alpha)")
         self._inject_peft(unet, "", targets)
+
+    def _conv_patterns(self, module_names: list[str]) -> dict[str, Any]:
+        """peft's rank_pattern and alpha_pattern giving `module_names`' 3x3 convolutions conv_rank and conv_alpha (none
+        where every layer takes the rank and alpha: configs as before conv_rank). peft matches a pattern key at the end of
+        a module's name after a dot; the one key here is the exact names."""
+        convs = [name for name in module_names if name in self.spatial_convs()]
+        if not convs:
+            return {}
+        key = "(?:" + "|".join(re.escape(name) for name in convs) + ")"
+        return {"rank_pattern": {key: self.options.conv_rank}, "alpha_pattern": {key: self.options.conv_alpha}}
 
     def _inject_text_encoder(self, text_encoder: nn.Module, prefix: str, targets: list[str]) -> None:
         self._inject_peft(text_encoder, prefix, targets)
@@ -345,13 +472,16 @@ class _PeftLowRank(WrappedLayers):
         rank, alpha = self.options.rank, float(self.options.alpha)
         modules: dict[str, dict[str, torch.Tensor]] = {}
         for module, parts in _group_by_module(tensors).items():
-            own = {PEFT_TO_KOHYA[suffix]: tensor for suffix, tensor in self._kohya_factors(parts).items()}
-            modules[module] = {**own, "alpha": torch.tensor(alpha, dtype=torch.float32)}
+            own = {PEFT_TO_KOHYA[suffix]: tensor for suffix, tensor in self._kohya_factors(module, parts).items()}
+            modules[module] = {**own, "alpha": torch.tensor(float(self.layer_rank_alpha(module)[1]), dtype=torch.float32)}
         network, args = self._kohya_network()
         if self.options.targets == "full":  # LyCORIS' preset, as LyCORIS records it: kohya-ss' networks.lora loads no
             network, args = "lycoris.kohya", {"algo": self.name, **args, "preset": "full"}  # conv_in, conv_out, time embedding
         # kohya-ss' conv_dim: LoRA on the 3×3 convolutions (a 1×1 one, such as SD 1.x's proj_in, is its plain LoRA)
-        if any(tensor.ndim == 4 and tensor.shape[-1] > 1 for tensor in tensors.values()):
+        if self.own_conv_scale:
+            if any(module in self.spatial_convs() for module in modules):
+                args.update(conv_dim=str(self.options.conv_rank), conv_alpha=f"{self.options.conv_alpha:g}")
+        elif any(tensor.ndim == 4 and tensor.shape[-1] > 1 for tensor in tensors.values()):
             args.update(conv_dim=str(rank), conv_alpha=f"{alpha:g}")
         metadata = {
             "ss_network_module": network,
@@ -363,7 +493,7 @@ class _PeftLowRank(WrappedLayers):
             metadata["ss_network_dropout"] = f"{self.options.dropout:g}"
         return modules, metadata
 
-    def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _kohya_factors(self, module: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One module's peft tensors as LyCORIS' maths wants them (the same, but for LoKr's full factors)."""
         return parts
 
@@ -387,7 +517,8 @@ def plain_copy(unet: nn.Module) -> nn.Module:
 
 def _lycoris_merge_warning(method) -> str:
     o = method.options
-    return (f"{method.name} with alpha {o.alpha:g} ≠ rank {o.rank}: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank "
+    rank, alpha = (o.rank, o.alpha) if o.alpha != o.rank else (o.conv_rank, o.conv_alpha)
+    return (f"{method.name} with alpha {alpha:g} ≠ rank {rank}: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank "
             "twice when it merges this file (merge_to, get_diff_weight; its forward pass is right); ComfyUI and sdtune "
             "read it right, and alpha = rank (the default) avoids it")
 
@@ -488,7 +619,9 @@ class Lora(_PeftLowRank):
     summary = "LoRA: low-rank update ΔW = B·A on convs and attention projections (peft)"
     Options = LoraOptions
     variants = ({}, {"targets": "conv"}, {"targets": "conv3x3"}, {"targets": "attn"}, *KOHYA_FAMILY_VARIANTS,
-                {"rank": 16}, {"dora": True})
+                {"rank": 16}, {"dora": True},
+                # kohya-ss' common LoCon: network_dim 32, network_alpha 16, conv_dim 8, conv_alpha 4
+                {"targets": "locon", "rank": 32, "alpha": 16.0, "conv_rank": 8, "conv_alpha": 4.0})
     export_formats = ("kohya", "diffusers", "peft")
     default_lr = 3e-5  # measured: sweeps/digits-lr.toml over seeds 0-2 (benchmarks/RESULTS.md): 1e-4 lost 28 points of preservation
     kohya_kind = "lora"
@@ -503,7 +636,8 @@ class Lora(_PeftLowRank):
         from peft import LoraConfig
 
         return LoraConfig(
-            r=self.options.rank, lora_alpha=self.options.alpha, target_modules=exact_module_pattern(module_names),
+            r=self.options.rank, lora_alpha=self.options.alpha, **self._conv_patterns(module_names),
+            target_modules=exact_module_pattern(module_names),
             lora_dropout=self.options.dropout, use_dora=self.options.dora,
         )
 
@@ -577,7 +711,7 @@ class Lora(_PeftLowRank):
         weight = dora_weight(base.float(), layer.get_delta_weight(ADAPTER).float(), dora.weight.float())
         return ((weight - base.float()) * dora.sdtune_strength).to(base.dtype)
 
-    def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _kohya_factors(self, module: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "lora_magnitude_vector" in parts:
             # LyCORIS' dora_scale with wd_on_out: one value per output channel, shaped to broadcast over W
             ndim = parts["lora_A.weight"].ndim
@@ -613,15 +747,19 @@ class Lora(_PeftLowRank):
                 "--format diffusers: diffusers' load_lora_weights (0.42, with transformers 5) drops a text encoder's "
                 "DoRA magnitudes; export this adapter with --format peft or kohya"
             )
-        scale = float(self.options.alpha) / self.options.rank
         layers = {}
         for key, tensor in tensors.items():
-            _, suffix = split_peft_key(key)
+            module, suffix = split_peft_key(key)
             if suffix == "lora_B.weight":
-                tensor = (tensor.float() * scale).to(tensor.dtype)
+                rank, alpha = self.layer_rank_alpha(module) if model == "unet" else (self.options.rank, self.options.alpha)
+                tensor = (tensor.float() * (float(alpha) / rank)).to(tensor.dtype)
             layers[key] = tensor.contiguous()
         modules = list(_group_by_module(tensors))
         metadata = {"r": self.options.rank, "lora_alpha": self.options.rank, "target_modules": exact_module_pattern(modules)}
+        if model == "unet":  # the 3x3 convolutions' own rank (conv_rank), their alpha/rank folded into lora_B as the others'
+            patterns = self._conv_patterns(modules)
+            if patterns:
+                metadata.update(rank_pattern=patterns["rank_pattern"], alpha_pattern=dict(patterns["rank_pattern"]))
         if self.options.dora:
             metadata["use_dora"] = True  # the magnitudes keep peft's names and shapes, which diffusers loads
         return layers, metadata
@@ -760,7 +898,8 @@ class Loha(_Lycoris):
             super().merge_layer(layer)
 
     def export_warnings(self, format: str, tensors: dict[str, torch.Tensor]) -> list[str]:
-        return [_lycoris_merge_warning(self)] if format == "kohya" and self.options.alpha != self.options.rank else []
+        o = self.options
+        return [_lycoris_merge_warning(self)] if format == "kohya" and (o.alpha != o.rank or o.conv_alpha != o.conv_rank) else []
 
     def to_peft_config(self, module_names: list[str]):
         from peft import LoHaConfig
@@ -768,6 +907,7 @@ class Loha(_Lycoris):
         return LoHaConfig(
             r=self.options.rank,
             alpha=self.options.alpha,
+            **self._conv_patterns(module_names),
             target_modules=exact_module_pattern(module_names),
             use_effective_conv2d=self.options.tucker,
             rank_dropout=self.options.rank_dropout,
@@ -792,10 +932,10 @@ class Lokr(_Lycoris):
             options["factor"] = int(factor)
         return options
 
-    def _factors_from_kohya(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _factors_from_kohya(self, module: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "lokr_w1" in parts and "lokr_w2" in parts:  # both full: the file's scale is 1, peft's alpha/rank (see _kohya_factors)
-            w1 = parts["lokr_w1"]
-            parts = {**parts, "lokr_w1": (w1.float() / (self.options.alpha / self.options.rank)).to(w1.dtype)}
+            w1, (rank, alpha) = parts["lokr_w1"], self.layer_rank_alpha(module)
+            parts = {**parts, "lokr_w1": (w1.float() / (alpha / rank)).to(w1.dtype)}
         return parts
 
     def merge_layer(self, layer: nn.Module) -> None:
@@ -814,6 +954,7 @@ class Lokr(_Lycoris):
         return LoKrConfig(
             r=self.options.rank,
             alpha=self.options.alpha,
+            **self._conv_patterns(module_names),
             target_modules=exact_module_pattern(module_names),
             decompose_factor=self.options.factor,
             decompose_both=self.options.decompose_both,
@@ -830,7 +971,9 @@ class Lokr(_Lycoris):
         modules = _group_by_module(tensors).values()
         found = []
         # both factors full: alpha/rank is folded into w1 and the file's scale is 1, which LyCORIS gets right
-        if self.options.alpha != self.options.rank and any("lokr_w1" not in m or "lokr_w2" not in m for m in modules):
+        scales = {self.layer_rank_alpha(module) for module, parts in _group_by_module(tensors).items()
+                  if "lokr_w1" not in parts or "lokr_w2" not in parts}
+        if any(alpha != rank for rank, alpha in scales):
             found.append(_lycoris_merge_warning(self))
         if any("lokr_t2" in m for m in modules):
             found.append("LyCORIS (lycoris-lora 4.1.3) cannot load Tucker LoKr files, its own included (it reads the "
@@ -840,11 +983,11 @@ class Lokr(_Lycoris):
                          "Kronecker factors low-rank, and a layer this small keeps w2 full; ComfyUI and sdtune read it")
         return found
 
-    def _kohya_factors(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _kohya_factors(self, module: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "lokr_w1" in parts and "lokr_w2" in parts:
             # both factors full: LyCORIS and ComfyUI use scale 1, peft alpha/rank; fold it into w1
-            w1 = parts["lokr_w1"]
-            parts = {**parts, "lokr_w1": (w1.float() * (self.options.alpha / self.options.rank)).to(w1.dtype)}
+            w1, (rank, alpha) = parts["lokr_w1"], self.layer_rank_alpha(module)
+            parts = {**parts, "lokr_w1": (w1.float() * (alpha / rank)).to(w1.dtype)}
         return parts
 
     def _kohya_network(self) -> tuple[str, dict[str, str]]:
