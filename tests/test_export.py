@@ -223,6 +223,8 @@ def test_kohya_diff_export_is_merged_minus_base(name, options, tmp_path, inputs)
 # factors only when both are low-rank (peft keeps a small w2 full).
 LYCORIS_CASES = [c for c in LOW_RANK if not (c[0] == "lokr" and (c[1].get("decompose_both") or c[1].get("tucker")))]
 LYCORIS_CASES += [("atoms", {}), ("gift", {}), ("full", {}), ("oft", {"targets": "all"})]
+# rank 2 keeps conv_in's and conv_out's w2 low-rank, which LyCORIS misreads (below); --conv-rank 4 makes it whole
+LYCORIS_CASES += [("lokr", {"rank": 2, "conv_rank": 4}), ("loha", {"rank": 1, "targets": "full"})]
 
 
 @pytest.mark.parametrize("name,options", LYCORIS_CASES, ids=ids(LYCORIS_CASES))
@@ -303,6 +305,12 @@ def test_full_diff_applies_to_kohya_diffs_only(tmp_path):
         ("lokr", {"alpha": 2.0, "targets": "attn"}, []),  # both factors full everywhere: scale 1 in the file
         ("lokr", {"targets": "conv", "rank": 2, "tucker": True}, ["cannot load Tucker LoKr files"]),
         ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}, ["expects both Kronecker factors low-rank"]),
+        ("lokr", {"rank": 2}, ["gets 2 wrong (conv_in, conv_out): on a k×k convolution it counts the kernel into w2_b's "
+                               "input size; --conv-rank 4 keeps those convolutions' w2 whole"]),
+        ("lokr", {"targets": "attn", "factor": 16}, ["with --factor 16 over the square root of a layer's size peft puts "
+                                                     "the larger part in w1, LyCORIS never; a smaller --factor (or -1)"]),
+        ("lokr", {"rank": 2, "conv_rank": 4}, ["applies alpha/rank twice when it merges"]),  # conv_alpha 2 ≠ 4
+        ("lokr", {"rank": 2, "factor": 2}, []),
         ("lora", {"alpha": 2.0}, []),
     ],
     ids=lambda value: str(value),
@@ -320,6 +328,54 @@ def test_kohya_exports_warn_where_lycoris_reads_them_wrongly(name, options, warn
             export_adapter(tmp_path / "a.safetensors", "peft", tmp_path / "peft")  # peft reads its own maths
     messages = [str(w.message) for w in record if "LyCORIS" in str(w.message)]
     assert len(messages) == len(warned) and all(part in message for part, message in zip(warned, messages)), messages
+
+
+@pytest.mark.parametrize("options,misread", [
+    ({"rank": 2}, {"conv_in", "conv_out"}),  # 3x3 convs: LyCORIS counts w2_b's kernel into the input size
+    ({"rank": 1, "targets": "full", "factor": 4}, {"conv_in", "conv_out"}),  # 4 channels split 4·1: w1 the larger
+    ({"targets": "attn", "factor": 16}, "all"),  # every split 16·n with n < 16
+    ({"rank": 2, "targets": "full", "factor": 2}, set()),
+])
+def test_lokr_layers_lycoris_misreads_are_those_named(options, misread, tmp_path):
+    """The layers the export warning names are exactly those lycoris-lora 4.1.3's loader rebuilds in other
+    shapes than the file's (it raises, or broadcasts a copy into a wrong ΔW); the others it loads exactly."""
+    import warnings
+
+    lokr = pytest.importorskip("lycoris.modules.lokr")
+    from sdtune.models import load_pipeline
+
+    make_adapter("lokr", options, tmp_path / "a.safetensors")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "k.safetensors")
+    warned = [str(w.message) for w in record if "guesses each LoKr layer's Kronecker split" in str(w.message)]
+    groups = defaultdict(dict)
+    for key, value in load_file(tmp_path / "k.safetensors").items():
+        prefix, _, suffix = key.partition(".")
+        groups[prefix][suffix] = value
+    unet = load_pipeline("tiny-random").unet
+    names = {"lora_unet_" + name.replace(".", "_"): name for name, _ in unet.named_modules()}
+    failed = set()
+    for prefix, parts in groups.items():
+        layer = unet.get_submodule(names[prefix])
+        try:
+            with torch.no_grad():
+                module = lokr.LokrModule.make_module_from_state_dict(prefix, layer, *(parts.get(n) for n in lokr.LokrModule.weight_list))
+                got = module.get_diff_weight(shape=layer.weight.shape)[0]
+        except RuntimeError:
+            failed.add(names[prefix])
+            continue
+        w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]
+        w2 = parts["lokr_w2"] if "lokr_w2" in parts else (parts["lokr_w2_a"] @ parts["lokr_w2_b"]).reshape(layer.weight.shape[0] // w1.shape[0], -1, *layer.weight.shape[2:])
+        scale = 1.0 if "lokr_w1" in parts and "lokr_w2" in parts else float(parts["alpha"]) / (parts.get("lokr_w1_b", parts.get("lokr_w2_b")).shape[0])
+        want = torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - 2)), w2) * scale
+        if got.shape != want.shape or not torch.allclose(got, want, atol=1e-6):
+            failed.add(names[prefix])
+    assert failed == ({names[p] for p in groups} if misread == "all" else misread)
+    assert len(warned) == (1 if failed else 0)
+    if failed:
+        shown = sorted(failed)[:3] if len(failed) > 3 else sorted(failed)
+        assert f"gets {len(failed)} wrong ({', '.join(shown)}" in warned[0]
 
 
 # ---------------------------------------------------------------------------------------------

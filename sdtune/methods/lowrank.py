@@ -915,6 +915,65 @@ class Loha(_Lycoris):
         )
 
 
+
+def _factorization(dimension: int, factor: int, ordered: bool) -> tuple[int, int]:
+    """LoKr's split of `dimension` into (w1's, w2's) part near `factor` (-1: near the square root); `ordered`:
+    LyCORIS' (the smaller first always), else peft's (a dividing factor first, even the larger)."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (min(m, n), max(m, n)) if ordered else (m, n)
+    factor = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m:
+            new_m += 1
+        if new_m + dimension // new_m > m + n or new_m > factor:
+            break
+        m, n = new_m, dimension // new_m
+    return min(m, n), max(m, n)
+
+
+def _lokr_layout(weight: tuple[int, ...], rank: int, factor: int, decompose_both: bool, tucker: bool,
+                 full: bool = False, ordered: bool = False) -> dict[str, tuple[int, ...]]:
+    """The LoKr tensors' shapes on a layer of weight shape `weight`: peft's (`ordered` False), or LyCORIS 4.1.3's
+    module (`ordered`; `full`: its full_matrix)."""
+    (out_dim, in_dim, *kernel) = weight
+    (a, b), (c, d) = _factorization(out_dim, factor, ordered), _factorization(in_dim, factor, ordered)
+    tucker = tucker and any(k != 1 for k in kernel)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if decompose_both and rank < max(a, c) / 2 and not full:
+        shapes.update(lokr_w1_a=(a, rank), lokr_w1_b=(rank, c))
+    else:
+        shapes["lokr_w1"] = (a, c)
+    if rank >= max(b, d) / 2 or full:
+        shapes["lokr_w2"] = (b, d, *kernel)
+    elif tucker:
+        shapes.update(lokr_t2=(rank, rank, *kernel), lokr_w2_a=(rank, b), lokr_w2_b=(rank, d))
+    else:
+        shapes.update(lokr_w2_a=(b, rank), lokr_w2_b=(rank, d * math.prod(kernel)))
+    return shapes
+
+
+def lycoris_lokr_layout(weight: tuple[int, ...], parts: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The LoKr tensors' shapes lycoris-lora 4.1.3 builds to load a module's `parts` (its
+    `LokrModule.make_module_from_state_dict`), on a layer of weight shape `weight`: it guesses rank and factor from
+    the shapes, and for a convolution counts w2_b's flattened kernel into the input size."""
+    w1 = parts.get("lokr_w1") or (parts["lokr_w1_a"][0], parts["lokr_w1_b"][1])
+    w2 = parts.get("lokr_w2") or (parts["lokr_w2_a"][0], parts["lokr_w2_b"][1])
+    low_rank = parts.get("lokr_w1_a") or parts.get("lokr_w2_a")
+    rank = low_rank[1] if low_rank else 1
+    out_dim, in_dim = w1[0] * w2[0], w1[1] * w2[1]
+    if w1[0] == _factorization(out_dim, -1, True)[0] and w1[1] == _factorization(in_dim, -1, True)[0]:
+        factor = -1
+    else:
+        factor1, factor2 = max(w1), max(w2)
+        fits = [f for f in (factor1, factor2) if not out_dim % f and not in_dim % f and f in (w1[0], w2[0]) and f in (w1[1], w2[1])]
+        factor = fits[0] if fits else min(factor1, factor2)
+    return _lokr_layout(weight, rank, factor, decompose_both="lokr_w1" not in parts and "lokr_w2" not in parts,
+                        tucker="lokr_t2" in parts, full=low_rank is None, ordered=True)
+
+
 class Lokr(_Lycoris):
     name = "lokr"
     summary = "LoKr: Kronecker product update W1 ⊗ W2 with low-rank factors where small (peft)"
@@ -981,7 +1040,62 @@ class Lokr(_Lycoris):
         if any("lokr_w1_a" in m and "lokr_w2" in m for m in modules):
             found.append("LyCORIS (lycoris-lora 4.1.3) cannot load this file: with --decompose-both it expects both "
                          "Kronecker factors low-rank, and a layer this small keeps w2 full; ComfyUI and sdtune read it")
+        misread = self.lycoris_misread_layers(tensors)
+        if misread:
+            found.append(self._misread_warning(misread))
         return found
+
+    _weight_shapes: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def needs_base_layers(self) -> bool:
+        # the layers' shapes: LyCORIS' loader rebuilds a LoKr from them and the file's, which alone do not tell a kernel
+        return super().needs_base_layers or self._weight_shapes is None
+
+    def read_base_layers(self, unet: nn.Module) -> None:
+        super().read_base_layers(unet)
+        self._weight_shapes = {name: tuple(unet.get_submodule(name).weight.shape) for name in self.find_targets(unet)}
+
+    def lycoris_misread_layers(self, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """The UNet layers (and their weight shapes) whose LoKr tensors lycoris-lora 4.1.3 rebuilds in other shapes
+        than the file's, so that it cannot load the file; those of the layouts warned of apart (Tucker cores,
+        --decompose-both beside a full w2) left out, as are layers whose shapes are unknown (no base model config)."""
+        misread = {}
+        for module, parts in _group_by_module(tensors).items():
+            weight = (self._weight_shapes or {}).get(module)
+            shapes = {suffix: tuple(tensor.shape) for suffix, tensor in parts.items()}
+            if weight is None or "lokr_t2" in shapes or ("lokr_w1_a" in shapes and "lokr_w2" in shapes):
+                continue
+            if lycoris_lokr_layout(weight, shapes) != shapes:
+                misread[module] = weight
+        return misread
+
+    def _misread_warning(self, misread: dict[str, tuple[int, ...]]) -> str:
+        """One line: which layers LyCORIS misreads, why, and the option that avoids it."""
+        o = self.options
+        names = ", ".join(sorted(misread)[:3]) + (", …" if len(misread) > 3 else "")
+        head = (f"LyCORIS (lycoris-lora 4.1.3) cannot load this file: it guesses each LoKr layer's Kronecker split from "
+                f"the tensors' shapes and gets {len(misread)} wrong ({names})")
+        tail = "; ComfyUI and sdtune read it"
+        if o.factor > 0 and any(_factorization(dim, o.factor, False)[0] > _factorization(dim, o.factor, True)[0]
+                                for weight in misread.values() for dim in weight[:2]):
+            return (f"{head}: with --factor {o.factor} over the square root of a layer's size peft puts the larger part "
+                    f"in w1, LyCORIS never; a smaller --factor (or -1) avoids it{tail}")
+        convs = [name for name, weight in (self._weight_shapes or {}).items() if len(weight) > 2 and math.prod(weight[2:]) > 1]
+        if all(name in convs for name in misread):
+            rank = self.layer_rank_alpha(next(iter(misread)))[0]
+            fix = next((r for r in range(rank + 1, 2 * max(max(self._weight_shapes[n][:2]) for n in convs) + 1)
+                        if all(self._lycoris_reads(self._weight_shapes[n], r) for n in convs)), None)
+            if fix is not None:
+                return (f"{head}: on a k×k convolution it counts the kernel into w2_b's input size; --conv-rank {fix} "
+                        f"keeps those convolutions' w2 whole, which it reads right{tail}")
+        return f"{head}; leave those layers out of --targets{tail}"
+
+    def _lycoris_reads(self, weight: tuple[int, ...], rank: int) -> bool:
+        """Whether lycoris-lora 4.1.3 loads the LoKr sdtune trains at `rank` on a layer of shape `weight`."""
+        o = self.options
+        shapes = _lokr_layout(weight, rank, o.factor, o.decompose_both, o.tucker)
+        return lycoris_lokr_layout(weight, shapes) == shapes
 
     def _kohya_factors(self, module: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if "lokr_w1" in parts and "lokr_w2" in parts:
