@@ -220,7 +220,8 @@ def test_kohya_diff_export_is_merged_minus_base(name, options, tmp_path, inputs)
 
 # Left out: LyCORIS' loader reads the rank of a Tucker LoKr from lokr_w2_a's second dimension, which
 # its own Tucker layout (rank first, as peft's) does not hold there; and it builds decompose_both
-# factors only when both are low-rank (peft keeps a small w2 full).
+# factors only when both are low-rank (peft keeps a small w2 full). The Kronecker splits it guesses wrong:
+# test_lokr_layers_lycoris_misreads_are_those_named.
 LYCORIS_CASES = [c for c in LOW_RANK if not (c[0] == "lokr" and (c[1].get("decompose_both") or c[1].get("tucker")))]
 LYCORIS_CASES += [("atoms", {}), ("gift", {}), ("full", {}), ("oft", {"targets": "all"})]
 # rank 2 keeps conv_in's and conv_out's w2 low-rank, which LyCORIS misreads (below); --conv-rank 4 makes it whole
@@ -376,6 +377,28 @@ def test_lokr_layers_lycoris_misreads_are_those_named(options, misread, tmp_path
     if failed:
         shown = sorted(failed)[:3] if len(failed) > 3 else sorted(failed)
         assert f"gets {len(failed)} wrong ({', '.join(shown)}" in warned[0]
+
+
+@pytest.mark.parametrize("weight,rank", [((32, 4, 3, 3), 2), ((4, 32, 3, 3), 3), ((640, 1920, 3, 3), 8), ((320, 320, 3, 3), 8),
+                                         ((640, 1920, 3, 3), 32), ((32, 32), 1), ((1280, 320), 4)])
+def test_lycoris_lokr_layout_is_lycoris_own_loader(weight, rank):
+    """sdtune's model of lycoris-lora 4.1.3's LoKr loader: the shapes it rebuilds from a file are those of its own
+    module on the layer, so its own files of the layers it misreads (SD's 640×1920 3×3 conv at rank 8) fail too."""
+    from sdtune.methods.lowrank import lycoris_lokr_layout
+
+    lokr = pytest.importorskip("lycoris.modules.lokr")
+    layer = torch.nn.Conv2d(weight[1], weight[0], weight[2]) if len(weight) == 4 else torch.nn.Linear(weight[1], weight[0])
+    own = lokr.LokrModule("layer", layer, lora_dim=rank, alpha=rank, factor=-1).state_dict()
+    shapes = {name: tuple(tensor.shape) for name, tensor in own.items() if name != "alpha"}
+    rebuilt = lycoris_lokr_layout(weight, shapes)
+    try:
+        with torch.no_grad():
+            lokr.LokrModule.make_module_from_state_dict("layer", layer, *(own.get(name) for name in lokr.LokrModule.weight_list))
+        loads = True
+    except RuntimeError:
+        loads = False
+    assert loads == (rebuilt == shapes)
+    assert loads == (weight not in [(32, 4, 3, 3), (4, 32, 3, 3)] and (weight, rank) != ((640, 1920, 3, 3), 8))
 
 
 # ---------------------------------------------------------------------------------------------
