@@ -307,7 +307,7 @@ def test_full_diff_applies_to_kohya_diffs_only(tmp_path):
         ("lokr", {"targets": "conv", "rank": 2, "tucker": True}, ["cannot load Tucker LoKr files"]),
         ("lokr", {"targets": "attn", "factor": 16, "decompose_both": True}, ["expects both Kronecker factors low-rank"]),
         ("lokr", {"rank": 2}, ["gets 2 wrong (conv_in, conv_out): on a k×k convolution it counts the kernel into w2_b's "
-                               "input size; --conv-rank 4 keeps those convolutions' w2 whole"]),
+                               "input size; --conv-rank 4, the least above 2 whose split it guesses right"]),
         ("lokr", {"targets": "attn", "factor": 16}, ["with --factor 16 over the square root of a layer's size peft puts "
                                                      "the larger part in w1, LyCORIS never; a smaller --factor (or -1)"]),
         ("lokr", {"rank": 2, "conv_rank": 4}, ["applies alpha/rank twice when it merges"]),  # conv_alpha 2 ≠ 4

@@ -1087,8 +1087,8 @@ class Lokr(_Lycoris):
             fix = next((r for r in range(rank + 1, 2 * max(max(self._weight_shapes[n][:2]) for n in convs) + 1)
                         if all(self._lycoris_reads(self._weight_shapes[n], r) for n in convs)), None)
             if fix is not None:
-                return (f"{head}: on a k×k convolution it counts the kernel into w2_b's input size; --conv-rank {fix} "
-                        f"keeps those convolutions' w2 whole, which it reads right{tail}")
+                return (f"{head}: on a k×k convolution it counts the kernel into w2_b's input size; --conv-rank {fix}, "
+                        f"the least above {rank} whose split it guesses right on every 3×3 convolution, avoids it{tail}")
         return f"{head}; leave those layers out of --targets{tail}"
 
     def _lycoris_reads(self, weight: tuple[int, ...], rank: int) -> bool:
