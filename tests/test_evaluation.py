@@ -1373,6 +1373,7 @@ def test_a_run_of_several_concepts_is_drawn_and_measured_concept_by_concept_by_d
     drawn = sorted((run / "eval-samples" / "images").glob("*.png"))
     assert [recorded_prompt(path) for path in drawn] == ["photo of a sks snow."] * 2 + ["photo of a sks jade."] * 2
     assert report["fidelity_pairs"] == "own concept"
+    assert report["reference"] == f"{run.parent / 'snow'}, {run.parent / 'jade'}"  # both folders measured, not the first alone
     assert list(report["per_concept"]) == ["snow", "jade"]
     means = [_pixels_mean(path) for path in drawn]
     for k, (name, colours) in enumerate(CONCEPT_COLOURS.items()):
@@ -1475,7 +1476,9 @@ def test_a_run_of_several_concepts_is_measured_against_each_images_own_concept(
 
     # an eval.json of before (version 2) measured this run against every concept's images: not read as today's
     report = json.loads((run / "eval.json").read_text())
-    (run / "eval.json").write_text(json.dumps({**report, "metrics_version": 2}))
+    assert report["reference"] == f"{tmp_path / 'snow'}, {tmp_path / 'jade'}"
+    # (which named the first concept's folder alone)
+    (run / "eval.json").write_text(json.dumps({**report, "metrics_version": 2, "reference": str(tmp_path / "snow")}))
     earlier = read_evaluation(run)
     assert "clip_i" not in earlier["metrics"] and "clip_t" in earlier["metrics"]
     assert earlier["unavailable"]["dino"] == (
