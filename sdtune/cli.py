@@ -623,7 +623,7 @@ def extract(
 @handle_errors
 def card(
     source: Path = typer.Argument(..., help="sdtune run folder or adapter file."),
-    output: Optional[Path] = typer.Option(None, help="The card's file (default: RUN/README.md, what the Hub shows for the uploaded folder)."),
+    output: Optional[Path] = typer.Option(None, help="The card's file (default: RUN/README.md, what the Hub shows for the uploaded folder; README-step-N.md for a step file)."),
     license: Optional[str] = typer.Option(None, help="The Hub's license id, usually the base model's (creativeml-openrail-m for SD v1.x) (default: none)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing card (default: refuse)."),
 ) -> None:
