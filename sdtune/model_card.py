@@ -98,6 +98,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     # a run's step file (adapter-step-N.safetensors) is the run as it was at step N: its own samples, losses and evaluation
     suffix = outputs_suffix(path)
     step = int(STEP_ADAPTER.match(path.name).group(2)) if suffix and (run / "config.toml").exists() else None
+    run_steps = settings.get("steps")
     if step is not None:
         settings["steps"] = step
     name = run.name + suffix if (run / "config.toml").exists() else path.stem
@@ -198,7 +199,8 @@ def model_card(path: Path, info, license: str | None = None) -> str:
             mean = sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:])
             lines.append(f"| final loss (mean of the last {min(LOSS_WINDOW, len(losses))} steps) | {mean:.4f} |")
         if (run / "config.toml").exists():
-            lines += ["", "`sdtune train --config config.toml` replays the run (`--output` elsewhere)."]
+            lines += ["", "`sdtune train --config config.toml` replays the run (`--output` elsewhere)"
+                      + (f"; of its {run_steps} steps, this file is the save of step {step}." if step is not None else ".")]
     lines += evaluation_lines(run, info, path.name)
     files = [f for f in (path.name, "config.toml", "metrics.jsonl", evaluation_file(path).name, grid_file.as_posix())
              if (run / f).is_file()]

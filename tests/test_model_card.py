@@ -238,4 +238,5 @@ def test_a_step_files_card_is_its_own_beside_the_runs(tmp_path, tiny_path):
     first_loss = json.loads((output / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert "| steps | 1 |" in text and f"| final loss (mean of the last 1 steps) | {first_loss:.4f} |" in text
     assert "| CLIP-T | 22.50 |" in text and "11.50" not in text
+    assert "replays the run (`--output` elsewhere); of its 2 steps, this file is the save of step 1." in text
     assert "- `eval-step-000001.json`" in text and "- `eval.json`" not in text
