@@ -592,6 +592,7 @@ def test_bad_input_is_one_line_exit_2(args, pattern):
     ("--network-dim", "--rank"),  # kohya-ss' flag spelled with dashes
     ("--max_train_steps", "--steps"),  # click's own guess was --max-timestep
     ("--network_weights", "--init-weights"),
+    ("--enable_wildcard", "nothing: a caption file's lines are always read as variants"),  # kohya-ss reads the first alone
 ])
 def test_a_kohya_ss_flag_is_refused_saying_what_sdtune_takes_instead(flag, instead):
     """kohya-ss' training flags that sdtune spells otherwise: the one-line refusal says which flag to give, from the
