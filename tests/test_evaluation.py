@@ -700,6 +700,12 @@ def test_runs_of_the_same_name_are_named_by_the_folders_that_tell_them_apart(tmp
     _unique_names(runs)
     assert [run.name for run in runs] == [
         "sweep-a-runs-lora-seed0", "sweep-b-runs-lora-seed0", "sweep-a-runs-lora-seed0-2", "atoms"]
+    # step files: their run folders' names told apart, then the step (not the file's name)
+    steps = [path / "adapter-step-000200.safetensors" for path in paths[:3]]
+    runs = [RunSummary("lora-seed0-step-000200", path, "lora", "defaults", 1, 1) for path in steps]
+    _unique_names(runs)
+    assert [run.name for run in runs] == [
+        "sweep-a-runs-lora-seed0-step-000200", "sweep-b-runs-lora-seed0-step-000200", "sweep-a-runs-lora-seed0-step-000200-2"]
 
 
 def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
@@ -730,6 +736,12 @@ def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
         trainer.wait()
     with pytest.raises(SdtuneError, match=r"training: not a run folder \(no adapter.safetensors\)$"):
         summarize_run(training)
+    # a step file --keep-saves pruned: not found, naming the ones kept (not "not a run folder")
+    (training / "adapter-step-000004.safetensors").write_bytes(b"")
+    for refused in (summarize_run, adapter_path):
+        with pytest.raises(SdtuneError, match=r"^adapter not found: .*training/adapter-step-000002.safetensors "
+                                              r"\(the run's step files: adapter-step-000004.safetensors\)$"):
+            refused(training / "adapter-step-000002.safetensors")
 
 
 def _captured_figures(monkeypatch):
