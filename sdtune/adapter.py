@@ -80,9 +80,20 @@ def adapter_path(path: str | Path) -> Path:
     if folder is not None:
         path = path / ADAPTER_FILE
     if not path.is_file():
-        why = missing_adapter_reason(folder) if folder is not None else ""
+        why = missing_adapter_reason(folder) if folder is not None else kept_saves_reason(path)
         raise SdtuneError(f"adapter not found: {path}" + (f" ({why})" if why else ""))
     return path
+
+
+def kept_saves_reason(path: Path) -> str:
+    """For a missing step file (a save --keep-saves pruned, or a step never saved): the run's step files there are."""
+    if not STEP_ADAPTER.match(path.name):
+        return ""
+    try:
+        kept = sorted(entry.name for entry in path.parent.iterdir() if STEP_ADAPTER.match(entry.name))
+    except OSError:
+        return ""
+    return f"the run's step files: {', '.join(kept)}" if kept else "the run holds no step files"
 
 
 def training_holder(path: Path) -> tuple[int, str] | None:

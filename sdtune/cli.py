@@ -547,7 +547,7 @@ def explain(
     prompt: Optional[str] = typer.Option(None, help="gift: the prompt whose image the cluster maps are drawn on; <name> placeholders get the adapter's token."),
     layer: Optional[str] = typer.Option(None, help="gift/atoms: only this tuned layer (its full module name; default: all)."),
     step: Optional[int] = typer.Option(None, help="gift: the denoising step to read, from 0 (default: the mean over all steps)."),
-    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/explain)."),
+    output: Optional[Path] = typer.Option(None, help="Output folder (default: RUN/explain; RUN/explain-step-N for a step file)."),
     steps: Optional[int] = typer.Option(None, help="gift: denoising steps." + _default(ExplainConfig, "steps")),
     guidance: Optional[float] = typer.Option(None, help="gift: classifier-free guidance scale." + _default(ExplainConfig, "guidance")),
     seed: Optional[int] = typer.Option(None, help="gift: seed of the generated image." + _default(ExplainConfig, "seed")),
@@ -623,7 +623,7 @@ def extract(
 @handle_errors
 def card(
     source: Path = typer.Argument(..., help="sdtune run folder or adapter file."),
-    output: Optional[Path] = typer.Option(None, help="The card's file (default: RUN/README.md, what the Hub shows for the uploaded folder)."),
+    output: Optional[Path] = typer.Option(None, help="The card's file (default: RUN/README.md, what the Hub shows for the uploaded folder; README-step-N.md for a step file)."),
     license: Optional[str] = typer.Option(None, help="The Hub's license id, usually the base model's (creativeml-openrail-m for SD v1.x) (default: none)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing card (default: refuse)."),
 ) -> None:

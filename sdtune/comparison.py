@@ -103,10 +103,13 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
 def summarize_run(path: str | Path) -> RunSummary:
     """A run folder, or one of its step files (adapter-step-N.safetensors: the run as it was at that save, named
     RUN-step-N, with its losses up to that step and its own eval-step-N.json)."""
-    from .adapter import ADAPTER_FILE, STEP_ADAPTER, missing_adapter_reason, outputs_suffix, read_adapter_info, unfinished_run
+    from .adapter import (ADAPTER_FILE, STEP_ADAPTER, adapter_path, missing_adapter_reason, outputs_suffix, read_adapter_info,
+                          unfinished_run)
     from .evaluation import evaluation_file
 
     path = Path(path)
+    if STEP_ADAPTER.match(path.name) and not path.exists():
+        adapter_path(path)  # refused as sample and evaluate refuse it: not found, naming the step files there are
     step_file = STEP_ADAPTER.match(path.name) is not None and path.is_file()
     folder, adapter = (path.parent, path) if step_file else (path, path / ADAPTER_FILE)
     if not adapter.is_file():
@@ -639,10 +642,18 @@ def sample_grid(runs: list[RunSummary], lines: list, configs: list, output: Path
 
 def _unique_names(runs: list[RunSummary]) -> None:
     """Runs of the same folder name (two sweeps' runs/lora-seed0) named by as many of their parent folders as tell
-    them apart (sweep-a-runs-lora-seed0, sweep-b-runs-lora-seed0); the same folder given twice is numbered."""
+    them apart (sweep-a-runs-lora-seed0, sweep-b-runs-lora-seed0); the same folder given twice is numbered. A step file
+    is named by its run folder's, then its step (sweep-a-runs-lora-seed0-step-000200)."""
+    from .adapter import STEP_ADAPTER, outputs_suffix
+
+    def folder_and_suffix(run: RunSummary) -> tuple[Path, str]:
+        path = run.path.resolve()
+        return (path.parent, outputs_suffix(path)) if STEP_ADAPTER.match(path.name) else (path, "")
+
     def name_of(run: RunSummary, depth: int) -> str:
-        parts = [part for part in run.path.resolve().parts if part not in ("", "/")]
-        return "-".join(parts[-depth:])
+        folder, suffix = folder_and_suffix(run)
+        parts = [part for part in folder.parts if part not in ("", "/")]
+        return "-".join(parts[-depth:]) + suffix
 
     seen: dict[str, list[RunSummary]] = {}
     for run in runs:
@@ -650,7 +661,7 @@ def _unique_names(runs: list[RunSummary]) -> None:
     for same in seen.values():
         if len(same) < 2:
             continue
-        depth = deepest = max(len(run.path.resolve().parts) for run in same)
+        depth = deepest = max(len(folder_and_suffix(run)[0].parts) for run in same)
         for depth in range(2, deepest + 1):
             if len({name_of(run, depth) for run in same}) == len({run.path.resolve() for run in same}):
                 break

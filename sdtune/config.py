@@ -639,6 +639,8 @@ class TrainConfig(_Config):
             raise SdtuneError(f"--save-every must be 0 or more, got {self.save_every}")
         if self.keep_saves < 0:
             raise SdtuneError(f"--keep-saves must be 0 (keep all) or more, got {self.keep_saves}")
+        if self.keep_saves and not self.save_every:  # else no save is kept, and it would say nothing
+            raise SdtuneError("--keep-saves needs --save-every")
         for name in ("gradient_accumulation_steps", "lr_cycles", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise SdtuneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -578,7 +578,8 @@ def named_concept(prompt: str, tokens: dict[str, str]) -> str | None:
 
 
 def reference_source(config: EvaluateConfig, run: Path | None, reference_files: list) -> str | None:
-    """Where the reference images came from, for eval.json: the folder, or a dataset run's dataset."""
+    """Where the reference images came from, for eval.json: the folder (a run of several concepts: each concept's,
+    comma-separated, in the order it trained them), or a dataset run's dataset."""
     from .config import read_toml
 
     if not reference_files:
@@ -586,7 +587,8 @@ def reference_source(config: EvaluateConfig, run: Path | None, reference_files: 
     if not config.reference and run is not None and (settings := read_toml(run / "config.toml")).get("dataset"):
         root = settings.get("data_root")
         return f"dataset {settings['dataset']}" + (f" ({root})" if root else "")
-    return str(Path(reference_files[0]).parent)
+    folders = dict.fromkeys(str(Path(file).parent) for file in reference_files)  # in order, each once
+    return ", ".join(folders)
 
 
 # ---------------------------------------------------------------------------------------------

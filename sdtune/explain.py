@@ -92,7 +92,8 @@ def grid_layout(count: int) -> tuple[int, int]:
 @spelled_for_python("explain")
 @quiet_libraries()
 def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
-    """Write the explanation pictures of a run's adapter to `output` (default RUN/explain).
+    """Write the explanation pictures of a run's adapter to `output` (default RUN/explain; RUN/explain-step-N for its
+    step file adapter-step-N.safetensors, so that the run's own pictures are never replaced).
 
     `run` is an `ExplainConfig`, or a run folder (or adapter file) with the config's other settings
     as keywords: `explain("runs/castle-gift", prompt="photo of a <castle>", steps=20)`.
@@ -100,7 +101,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     import torch
 
     from . import methods
-    from .adapter import adapter_path, load_adapter, load_adapters, open_adapter, read_adapter_info
+    from .adapter import adapter_path, load_adapter, load_adapters, open_adapter, outputs_suffix, read_adapter_info
     from .fileio import atomic_write, check_no_file_in_the_way
     from .limits import check_drawing_fits
     from .models import load_pipeline
@@ -127,7 +128,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
         if given:
             drawn = " and ".join(name for name in methods.available() if methods.method_class(name).explanation == "clusters")
             raise SdtuneError(f"{', '.join(given)} applies to {drawn} runs (maps over a generated image), not to {info.method}")
-    output = Path(config.output) if config.output else path.parent / "explain"
+    output = Path(config.output) if config.output else path.parent / f"explain{outputs_suffix(path)}"
     check_no_file_in_the_way(output, "output folder")
     if explanation == "clusters":  # it draws an image: sizes the model or the machine cannot take stop here
         check_drawing_fits(model or info.base_model, resolution, steps, width=config.width, height=config.height)

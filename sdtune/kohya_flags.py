@@ -48,6 +48,7 @@ KOHYA_FLAGS: dict[str, str] = {
     "--enable_bucket": "--buckets",
     "--flip_aug": "--random-flip",
     "--caption_extension": "nothing: IMG.txt, else IMG.caption, is read",
+    "--enable_wildcard": "nothing: a caption file's lines are always read as variants, one drawn each time",
     "--shuffle_caption": "--shuffle-caption",
     "--keep_tokens": "--keep-tokens",
     "--caption_dropout_rate": "--caption-dropout",

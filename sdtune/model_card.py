@@ -60,14 +60,15 @@ def is_hub_id(name: str) -> bool:
 @spelled_for_python("card")
 def write_model_card(source: str | Path, output: str | Path | None = None, license: str | None = None,
                      overwrite: bool = False) -> CardResult:
-    """Write the model card of the run (or adapter file) `source`, by default to RUN/README.md."""
-    from .adapter import adapter_info, adapter_path
+    """Write the model card of the run (or adapter file) `source`, by default to RUN/README.md (README-step-N.md for
+    a run's adapter-step-N.safetensors, whose card never replaces the run's)."""
+    from .adapter import adapter_info, adapter_path, outputs_suffix
     from .fileio import check_output_target, output_file_lock, write_text_atomic
     from .kohya import is_kohya_file
 
     path = adapter_path(source)
     run = path.parent
-    output = Path(output) if output else run / CARD_FILE
+    output = Path(output) if output else run / f"{Path(CARD_FILE).stem}{outputs_suffix(path)}{Path(CARD_FILE).suffix}"
     if output.is_dir():
         raise SdtuneError(f"--output {shell_word(output)} is a folder; give the card's file path (such as {output / CARD_FILE})")
     check_output_target(output, [path], overwrite)
@@ -86,13 +87,22 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import methods
+    from .adapter import STEP_ADAPTER, outputs_suffix
     from .data import fill_placeholders
+    from .evaluation import evaluation_file
     from .fileio import human_bytes
     from .limits import changed_options
 
     run = path.parent
     settings = read_settings(run)
-    name = run.name if (run / "config.toml").exists() else path.stem
+    # a run's step file (adapter-step-N.safetensors) is the run as it was at step N: its own samples, losses and evaluation
+    suffix = outputs_suffix(path)
+    step = int(STEP_ADAPTER.match(path.name).group(2)) if suffix and (run / "config.toml").exists() else None
+    run_steps = settings.get("steps")
+    if step is not None:
+        settings["steps"] = step
+    name = run.name + suffix if (run / "config.toml").exists() else path.stem
+    grid_file = Path(f"{GRID.parent}{suffix}") / GRID.name
     adapter_method = methods.create(info.method, **info.options)
     trained = trained_parameters(info, adapter_method) + token_rows(path)
     template = settings.get("template", "photo of a {token}.")
@@ -104,13 +114,13 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     captions = dataset_captions(settings)  # a run trained on a dataset is drawn by its classes' captions, not a token
     family = ["stable-diffusion-xl"] if info.extra.get("base_model_family") == "sdxl" else ["stable-diffusion"]
     tags = ["sdtune", *family, "text-to-image", info.method] + (["textual_inversion"] if info.new_tokens else [])
-    grid = run / GRID
+    grid = run / grid_file
     data = ModelCardData(
         base_model=info.base_model if is_hub_id(info.base_model) else None,
         license=license,
         tags=tags,
         instance_prompt="; ".join(prompts) or None,
-        widget=[{"text": text, "output": {"url": GRID.as_posix()}} for text in prompts or [captions[0] if captions else name]]
+        widget=[{"text": text, "output": {"url": grid_file.as_posix()}} for text in prompts or [captions[0] if captions else name]]
         if grid.is_file() else None,
     )
     counted = f"{trained:,} trained parameters, " if trained else ""
@@ -135,7 +145,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
                   "`load_textual_inversion`, and the kohya file bundles them for ComfyUI and AUTOMATIC1111."]
     lines += starting_lines(info)
     if grid.is_file():
-        lines += ["", f"![samples]({GRID.as_posix()})"]
+        lines += ["", f"![samples]({grid_file.as_posix()})"]
     placeholder = info.placeholder or "<concept>"
     from .sampling import adapters_reading, zero_snr_adapters
 
@@ -181,7 +191,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     rows = [(label, _shown(settings[key])) for key, label in SETTINGS.items() if _worth_showing(key, settings.get(key))]
     if concept_tokens:
         rows.insert(0, ("concepts", ", ".join(concept_tokens)))
-    losses = final_losses(run)
+    losses = final_losses(run, step)
     if rows or losses:
         lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {label} | {value} |" for label, value in rows]
@@ -189,9 +199,11 @@ def model_card(path: Path, info, license: str | None = None) -> str:
             mean = sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:])
             lines.append(f"| final loss (mean of the last {min(LOSS_WINDOW, len(losses))} steps) | {mean:.4f} |")
         if (run / "config.toml").exists():
-            lines += ["", "`sdtune train --config config.toml` replays the run (`--output` elsewhere)."]
-    lines += evaluation_lines(run, info)
-    files = [f for f in (path.name, "config.toml", "metrics.jsonl", "eval.json", GRID.as_posix()) if (run / f).is_file()]
+            lines += ["", "`sdtune train --config config.toml` replays the run (`--output` elsewhere)"
+                      + (f"; of its {run_steps} steps, this file is the save of step {step}." if step is not None else ".")]
+    lines += evaluation_lines(run, info, path.name)
+    files = [f for f in (path.name, "config.toml", "metrics.jsonl", evaluation_file(path).name, grid_file.as_posix())
+             if (run / f).is_file()]
     lines += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines).strip() + "\n"))
 
@@ -253,31 +265,38 @@ def read_settings(run: Path) -> dict:
         raise SdtuneError(f"{path}: not a readable run configuration ({error})") from None
 
 
-def final_losses(run: Path) -> list[float]:
-    """Each step's loss from metrics.jsonl (none without it)."""
+def final_losses(run: Path, up_to: int | None = None) -> list[float]:
+    """Each step's loss from metrics.jsonl (none without it), up to step `up_to` where given (a step file's)."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
     losses = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            value = json.loads(line).get("loss")
+            record = json.loads(line)
+            value = record.get("loss")
         except (ValueError, AttributeError):
             continue  # a line cut by a kill
+        if up_to is not None and not (isinstance(record.get("step"), int) and record["step"] <= up_to):
+            continue
         if isinstance(value, (int, float)):
             losses.append(float(value))
     return losses
 
 
-def evaluation_lines(run: Path, info) -> list[str]:
-    """The metrics table of the run's eval.json, if `sdtune evaluate` wrote one of the adapter as it is now."""
-    from .evaluation import METRICS, format_metric, read_evaluation, stale_evaluation
+def evaluation_lines(run: Path, info, adapter: str = "") -> list[str]:
+    """The metrics table of the run's eval.json (eval-step-N.json for its step file `adapter`), if `sdtune evaluate`
+    wrote one of the adapter as it is now."""
+    from .adapter import ADAPTER_FILE
+    from .evaluation import METRICS, evaluation_file, format_metric, read_evaluation, stale_evaluation
 
-    report = read_evaluation(run)
+    adapter = adapter or ADAPTER_FILE
+    report = read_evaluation(run, evaluation_file(run / adapter).name)
     if not report or not report.get("metrics"):
         return []
-    if stale := stale_evaluation(report, run, info.method, info.options):  # another adapter's numbers
-        warn(f"{run}: {stale}; the card leaves its metrics out (run `sdtune evaluate --run {shell_word(run)}` again)")
+    if stale := stale_evaluation(report, run, info.method, info.options, adapter):  # another adapter's numbers
+        measured = run if adapter == ADAPTER_FILE else run / adapter
+        warn(f"{run}: {stale}; the card leaves its metrics out (run `sdtune evaluate --run {shell_word(measured)}` again)")
         return []
     lines = ["", "## Evaluation (`sdtune evaluate`)", "", "| metric | value | meaning |", "| --- | ---: | --- |"]
     for key, (title, meaning) in METRICS.items():

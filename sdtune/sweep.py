@@ -581,7 +581,7 @@ def dry_run_lines(plan: Plan, runs: list[RunSpec]) -> list[str]:
         options = ", ".join(f"{k}={v}" for k, v in train.options.items())
         # the rate it will train at: the method's (or the optimiser's) default where the plan sets none
         lr = f"lr {train.lr:g}" if train.lr else f"lr {train.resolved(method_class(train.method).default_lr).lr:g} (default)"
-        what = train.dataset or train.concept
+        what = train.dataset or (", ".join(train.concept) if isinstance(train.concept, list) else train.concept)
         state, note = run.state(), ""
         if state == "pending":
             state, note = pending_state(run)

@@ -247,9 +247,9 @@ class RunPlan:
         if config.save_every:
             saves, ema = kept_save_count(config), 1 + bool(config.ema_decay)
             kept = f"the newest {config.keep_saves} kept" if config.keep_saves and saves == config.keep_saves else "all kept"
-            lines.append(f"saves every {counted(config.save_every, 'step')}: {counted(saves * ema, 'adapter-step-N file')} at the end "
-                         f"({kept}), at least {human_bytes(saves * ema * sizes.trained * 4)} beside adapter.safetensors"
-                         + (" (EMA ones too)" if ema > 1 else ""))
+            files = counted(saves, "adapter-step-N file") + (f" and {counted(saves, 'adapter-ema-step-N file')}" if ema > 1 else "")
+            lines.append(f"saves every {counted(config.save_every, 'step')}: {files} at the end "
+                         f"({kept}), at least {human_bytes(saves * ema * sizes.trained * 4)} beside adapter.safetensors")
         lines.append(f"output: {config.output} ({self.start})")
         return lines
 

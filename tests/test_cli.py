@@ -592,6 +592,7 @@ def test_bad_input_is_one_line_exit_2(args, pattern):
     ("--network-dim", "--rank"),  # kohya-ss' flag spelled with dashes
     ("--max_train_steps", "--steps"),  # click's own guess was --max-timestep
     ("--network_weights", "--init-weights"),
+    ("--enable_wildcard", "nothing: a caption file's lines are always read as variants"),  # kohya-ss reads the first alone
 ])
 def test_a_kohya_ss_flag_is_refused_saying_what_sdtune_takes_instead(flag, instead):
     """kohya-ss' training flags that sdtune spells otherwise: the one-line refusal says which flag to give, from the
@@ -785,6 +786,10 @@ def test_a_runs_step_files_are_sampled_evaluated_compared_and_exported_beside_it
     run = tmp_path / "castle"
     dry = invoke("train", "--model", "tiny-random", "--steps", 5, "--save-every", 2, "--output", run, "--dry-run")
     assert "saves every 2 steps: 2 adapter-step-N files at the end (all kept), at least " in dry.output, dry.output
+    dry = invoke("train", "--model", "tiny-random", "--steps", 5, "--save-every", 2, "--keep-saves", 1, "--ema-decay", 0.9,
+                 "--output", run, "--dry-run")  # each save's EMA file counted apart, not as more step files
+    assert ("saves every 2 steps: 1 adapter-step-N file and 1 adapter-ema-step-N file at the end (the newest 1 kept), "
+            "at least ") in dry.output, dry.output
     result = invoke("train", "--model", "tiny-random", "--steps", 5, "--save-every", 2, "--output", run)
     assert result.exit_code == 0, result.output
     assert "saves: 2 files, adapter-step-000002.safetensors to adapter-step-000004.safetensors" in result.output

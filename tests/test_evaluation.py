@@ -700,6 +700,12 @@ def test_runs_of_the_same_name_are_named_by_the_folders_that_tell_them_apart(tmp
     _unique_names(runs)
     assert [run.name for run in runs] == [
         "sweep-a-runs-lora-seed0", "sweep-b-runs-lora-seed0", "sweep-a-runs-lora-seed0-2", "atoms"]
+    # step files: their run folders' names told apart, then the step (not the file's name)
+    steps = [path / "adapter-step-000200.safetensors" for path in paths[:3]]
+    runs = [RunSummary("lora-seed0-step-000200", path, "lora", "defaults", 1, 1) for path in steps]
+    _unique_names(runs)
+    assert [run.name for run in runs] == [
+        "sweep-a-runs-lora-seed0-step-000200", "sweep-b-runs-lora-seed0-step-000200", "sweep-a-runs-lora-seed0-step-000200-2"]
 
 
 def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
@@ -730,6 +736,12 @@ def test_compare_says_why_a_folder_has_no_adapter_where_it_can_tell(tmp_path):
         trainer.wait()
     with pytest.raises(SdtuneError, match=r"training: not a run folder \(no adapter.safetensors\)$"):
         summarize_run(training)
+    # a step file --keep-saves pruned: not found, naming the ones kept (not "not a run folder")
+    (training / "adapter-step-000004.safetensors").write_bytes(b"")
+    for refused in (summarize_run, adapter_path):
+        with pytest.raises(SdtuneError, match=r"^adapter not found: .*training/adapter-step-000002.safetensors "
+                                              r"\(the run's step files: adapter-step-000004.safetensors\)$"):
+            refused(training / "adapter-step-000002.safetensors")
 
 
 def _captured_figures(monkeypatch):
@@ -1373,6 +1385,7 @@ def test_a_run_of_several_concepts_is_drawn_and_measured_concept_by_concept_by_d
     drawn = sorted((run / "eval-samples" / "images").glob("*.png"))
     assert [recorded_prompt(path) for path in drawn] == ["photo of a sks snow."] * 2 + ["photo of a sks jade."] * 2
     assert report["fidelity_pairs"] == "own concept"
+    assert report["reference"] == f"{run.parent / 'snow'}, {run.parent / 'jade'}"  # both folders measured, not the first alone
     assert list(report["per_concept"]) == ["snow", "jade"]
     means = [_pixels_mean(path) for path in drawn]
     for k, (name, colours) in enumerate(CONCEPT_COLOURS.items()):
@@ -1475,7 +1488,9 @@ def test_a_run_of_several_concepts_is_measured_against_each_images_own_concept(
 
     # an eval.json of before (version 2) measured this run against every concept's images: not read as today's
     report = json.loads((run / "eval.json").read_text())
-    (run / "eval.json").write_text(json.dumps({**report, "metrics_version": 2}))
+    assert report["reference"] == f"{tmp_path / 'snow'}, {tmp_path / 'jade'}"
+    # (which named the first concept's folder alone)
+    (run / "eval.json").write_text(json.dumps({**report, "metrics_version": 2, "reference": str(tmp_path / "snow")}))
     earlier = read_evaluation(run)
     assert "clip_i" not in earlier["metrics"] and "clip_t" in earlier["metrics"]
     assert earlier["unavailable"]["dino"] == (

@@ -215,6 +215,14 @@ def test_explain_cli(tmp_path):
     assert result.stdout == f"wrote 1 picture to {tmp_path / 'one'}\n"
     bad = runner.invoke(app, ["explain", str(run), "--layer", "nowhere"])
     assert bad.exit_code == 2 and bad.output.startswith("error: unknown layer 'nowhere'")
+    # a step file's pictures go to a folder of their own, beside the run's explain/
+    import shutil
+
+    shutil.copy(lora / "adapter.safetensors", lora / "adapter-step-000002.safetensors")
+    for source, folder in ((lora / "adapter-step-000002.safetensors", "explain-step-000002"), (lora, "explain")):
+        result = runner.invoke(app, ["explain", str(source)])
+        assert result.exit_code == 0 and result.stdout == f"wrote 1 picture to {lora / folder}\n", result.output
+    assert (lora / "explain-step-000002" / "update-norms.png").is_file() and (lora / "explain" / "update-norms.png").is_file()
 
 
 def test_explain_config_checks_its_settings():

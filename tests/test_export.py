@@ -302,6 +302,8 @@ def test_full_diff_applies_to_kohya_diffs_only(tmp_path):
     [
         ("loha", {"alpha": 2.0}, ["applies alpha/rank twice when it merges"]),
         ("loha", {}, []),
+        ("loha", {"targets": "locon", "conv_rank": 2, "conv_alpha": 1.0},  # the 3x3 convs' pair alone differs: named so
+         ["loha with conv alpha 1 ≠ conv rank 2: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank twice"]),
         ("lokr", {"alpha": 2.0}, ["applies alpha/rank twice when it merges"]),  # some factors low-rank
         ("lokr", {"alpha": 2.0, "targets": "attn"}, []),  # both factors full everywhere: scale 1 in the file
         ("lokr", {"targets": "conv", "rank": 2, "tucker": True}, ["cannot load Tucker LoKr files"]),

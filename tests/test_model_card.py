@@ -209,3 +209,34 @@ def test_a_card_of_a_run_of_several_concepts_names_and_draws_each(tmp_path, tiny
     monkeypatch.chdir(output)
     exec(snippet, {})
     assert prompts == ["a sks castle at dawn", "a sks canal at dawn"]
+
+
+def test_a_step_files_card_is_its_own_beside_the_runs(tmp_path, tiny_path):
+    """`sdtune card RUN/adapter-step-N.safetensors` writes README-step-N.md (the run's README.md stays the run's card)
+    from the step's own files: its samples-step-N grid, its losses and steps up to N, its eval-step-N.json."""
+    import sdtune
+    from sdtune.evaluation import adapter_digest
+
+    output = tmp_path / "castle"
+    sdtune.train(TrainConfig(method="lora", model="tiny-random", steps=2, save_every=1, output=str(output), log_with="none"))
+    step_file = output / "adapter-step-000001.safetensors"
+    sdtune.sample(SampleConfig(adapter=str(step_file), prompt=["a <castle>"], num_images=1, steps=1))
+    (output / EVAL_FILE).write_text(json.dumps({"format": FORMAT, "metrics": {"clip_t": 11.5}, "unavailable": {},
+                                                "adapter": "adapter.safetensors",
+                                                "adapter_digest": adapter_digest(output / "adapter.safetensors")}))
+    (output / "eval-step-000001.json").write_text(json.dumps({
+        "format": FORMAT, "metrics": {"clip_t": 22.5}, "unavailable": {}, "adapter": step_file.name,
+        "adapter_digest": adapter_digest(step_file)}))
+    (output / "README.md").write_text("the run's card\n")
+    result = CliRunner().invoke(app, ["card", str(step_file)])
+    assert result.exit_code == 0, result.output
+    assert (output / "README.md").read_text() == "the run's card\n"
+    card = ModelCard.load(output / "README-step-000001.md")
+    assert card.data.widget[0]["output"]["url"] == "samples-step-000001/grid.png"
+    text = card.text
+    assert text.lstrip().startswith("# castle-step-000001\n") and "![samples](samples-step-000001/grid.png)" in text
+    first_loss = json.loads((output / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert "| steps | 1 |" in text and f"| final loss (mean of the last 1 steps) | {first_loss:.4f} |" in text
+    assert "| CLIP-T | 22.50 |" in text and "11.50" not in text
+    assert "replays the run (`--output` elsewhere); of its 2 steps, this file is the save of step 1." in text
+    assert "- `eval-step-000001.json`" in text and "- `eval.json`" not in text

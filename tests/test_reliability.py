@@ -263,6 +263,7 @@ class TestSettings:
             (("--resolution", 60), "--resolution must be a positive multiple of 8"),
             (("--save-every", -1), "--save-every must be 0 or more"),
             (("--keep-saves", -1), "--keep-saves must be 0 (keep all) or more"),
+            (("--keep-saves", 2), "--keep-saves needs --save-every"),
             (("--mixed-precision", "fp8"), "--mixed-precision must be one of"),
             (("--template", "no token here"), "--template must contain {token}"),
             (("--concept", "../etc"), "--concept must be a plain name"),

@@ -73,6 +73,11 @@ def test_dry_run_lists_the_runs_by_name_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
     shard = invoke("sweep", plan, "--dry-run", "--shard", "1/2", "--output", tmp_path / "out")
     assert [line.split()[1] for line in shard.stdout.splitlines()[1:]] == ["castle-lora"]
+    # a run of several concepts names them as a list of words, not Python's ['castle', 'canal']
+    several = write_plan(tmp_path, TINY_PLAN.replace('concept = ["castle"]\n', "").replace(
+        "[train]", '[train]\nconcept = ["castle", "canal"]'), "several.toml")
+    lines = invoke("sweep", several, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert ", castle, canal, lr 0.001 (default), seed 0, 2 steps" in lines[1], lines
 
 
 def test_a_sweep_trains_samples_measures_every_run_and_writes_the_report(finished):

@@ -517,10 +517,12 @@ def plain_copy(unet: nn.Module) -> nn.Module:
 
 def _lycoris_merge_warning(method) -> str:
     o = method.options
-    rank, alpha = (o.rank, o.alpha) if o.alpha != o.rank else (o.conv_rank, o.conv_alpha)
-    return (f"{method.name} with alpha {alpha:g} ≠ rank {rank}: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank "
-            "twice when it merges this file (merge_to, get_diff_weight; its forward pass is right); ComfyUI and sdtune "
-            "read it right, and alpha = rank (the default) avoids it")
+    # the 3x3 convs' own pair where only it differs: named so, since alpha = rank alone would not avoid it
+    rank, alpha, kind, cure = ((o.rank, o.alpha, "", "alpha = rank (the default)") if o.alpha != o.rank else
+                               (o.conv_rank, o.conv_alpha, "conv ", "conv alpha = conv rank"))
+    return (f"{method.name} with {kind}alpha {alpha:g} ≠ {kind}rank {rank}: LyCORIS (lycoris-lora 4.1.3) applies alpha/rank "
+            f"twice when it merges this file (merge_to, get_diff_weight; its forward pass is right); ComfyUI and sdtune "
+            f"read it right, and {cure} avoids it")
 
 
 MERGE_CHUNK_ELEMENTS = 1 << 20  # LoHa's and LoKr's in-place merges form ΔW a few MB of the weight at a time
