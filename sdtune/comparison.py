@@ -93,10 +93,9 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
     from . import methods
 
     try:
-        defaults = methods.create(method).options_dict()
-    except SdtuneError:
-        defaults = {}
-    changed = {k: v for k, v in options.items() if defaults.get(k, object()) != v}
+        changed = methods.create(method).changed_options(options)
+    except SdtuneError:  # a method this sdtune does not know: every option is shown
+        changed = dict(options)
     return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "defaults"
 
 

@@ -396,10 +396,7 @@ def count_text_encoder_parameters(configs, method, train: bool) -> tuple[int, in
 
 def changed_options(method) -> str:
     """The method and the options that differ from its defaults: `gift (rank=100000)`."""
-    from . import methods
-
-    defaults = methods.create(method.name).options_dict()
-    changed = [f"{key}={value}" for key, value in method.options_dict().items() if value != defaults.get(key)]
+    changed = [f"{key}={value}" for key, value in method.changed_options().items()]
     return f"{method.name} ({', '.join(changed)})" if changed else method.name
 
 

@@ -655,6 +655,24 @@ def test_conv_rank_left_to_its_default_changes_no_option_config_or_adapter_byte(
 
 
 @pytest.mark.parametrize("name", LOW_RANK)
+def test_an_alpha_or_conv_scale_that_follows_its_default_is_not_shown_as_changed(name):
+    """The card's and the dry run's "lora (...)" and compare's variant show what the user changed: conv_alpha copied
+    from the alpha, conv_rank from the rank or alpha from the rank are defaults, though the file records them."""
+    from sdtune.comparison import variant_of
+    from sdtune.limits import changed_options
+
+    cases = [({"conv_rank": 2}, "conv_rank=2"), ({"rank": 8}, "rank=8"), ({"rank": 8, "alpha": 8}, "rank=8"),
+             ({"conv_alpha": 2.0}, "conv_alpha=2.0"), ({"rank": 8, "conv_rank": 4}, "rank=8, conv_rank=4"),
+             ({"rank": 8, "alpha": 2, "conv_rank": 2}, "rank=8, alpha=2.0, conv_rank=2"),
+             ({"conv_rank": 2, "conv_alpha": 1.0}, "conv_rank=2, conv_alpha=1.0")]
+    for options, shown in cases:
+        method = methods.create(name, **options)
+        assert changed_options(method) == f"{name} ({shown})", options
+        assert variant_of(name, method.options_dict()) == ", ".join(sorted(shown.split(", "))), options
+    assert methods.create(name, conv_rank=2).options_dict()["conv_alpha"] == 4.0  # the file's bytes keep it
+
+
+@pytest.mark.parametrize("name", LOW_RANK)
 def test_conv_rank_gives_the_3x3_convs_their_own_rank_and_scale(name, unet):
     """The 3x3 convs at conv_rank with scale conv_alpha/conv_rank; the 1x1 convs and linears at the rank (kohya-ss'
     and LyCORIS' conv_dim: a 1x1 conv is a linear to them)."""

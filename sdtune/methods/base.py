@@ -312,6 +312,12 @@ class Method(ABC):
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options)
 
+    def changed_options(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The options (this method's, or `options` as an adapter file holds them) that differ from their defaults."""
+        options = self.options_dict() if options is None else options
+        defaults = type(self)().options_dict()
+        return {key: value for key, value in options.items() if key not in defaults or value != defaults[key]}
+
     def shown_options(self) -> dict[str, Any]:
         """The options as `describe` shows them: an option left to be derived shows what it derives to."""
         return self.options_dict()

@@ -346,6 +346,14 @@ class _PeftLowRank(WrappedLayers):
             del options["conv_rank"], options["conv_alpha"]  # and those of one rank for all, the bytes before conv_rank
         return options
 
+    def changed_options(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        options = self.options_dict() if options is None else options
+        # the user reads alpha's default as the rank, conv_rank's as the rank and conv_alpha's as the alpha: a value
+        # that follows them was not changed, even where the file writes it down
+        follows = {"alpha": options.get("rank"), "conv_rank": options.get("rank"), "conv_alpha": options.get("alpha")}
+        return {key: value for key, value in super().changed_options(options).items()
+                if key not in follows or value != follows[key]}
+
     @property
     def own_conv_scale(self) -> bool:
         """Whether the 3x3 convolutions train at a rank or alpha of their own (LoCon's conv_dim, conv_alpha)."""
