@@ -489,9 +489,15 @@ def train(
     typer.echo(
         f"trained {run.description}{rows} in {run.seconds:.1f} s{resumed}; final loss {final}\n"
         f"adapter: {run.adapter}"
-        + (f"\nsaves: {counted(len(run.saves), 'file')}, {run.saves[0].name} to {run.saves[-1].name}" if len(run.saves) > 1
-           else f"\nsave: {run.saves[0]}" if run.saves else "")
+        + "".join(f"\n{kept_files(files)}" for files in (run.saves, run.ema_saves) if files)
     )
+
+
+def kept_files(files: list[Path]) -> str:
+    """The end-of-run line naming a run's step files of one kind (adapter-step-N, or adapter-ema-step-N)."""
+    if len(files) == 1:
+        return f"save: {files[0]}"
+    return f"saves: {counted(len(files), 'file')}, {files[0].name} to {files[-1].name}"
 
 
 @app.command()

@@ -78,6 +78,7 @@ class Run:
     taken_options: dict = field(default_factory=dict)  # method options --init-weights gave (the run did not set them)
     started_fresh: str = ""  # which of the run's UNet layers --init-weights left alone (StartingOptions.started_fresh)
     saves: list[Path] = field(default_factory=list)  # the --save-every files kept in `output` (adapter-step-N), by step
+    ema_saves: list[Path] = field(default_factory=list)  # with --ema-decay, their EMA twins (adapter-ema-step-N), by step
 
     @property
     def method(self):
@@ -244,7 +245,10 @@ class RunPlan:
         held = ", ".join(sizes.held_in_ram[:-1]) + " and " * (len(sizes.held_in_ram) > 1) + "".join(sizes.held_in_ram[-1:])
         ram = f", and {human_bytes(sizes.host_bytes)} of RAM for {held}" if sizes.host_bytes else ""
         lines.append(f"memory: at least {human_bytes(sizes.device_bytes)} where it computes{ram}")
-        if config.save_every:
+        if config.save_every and not kept_save_count(config):
+            lines.append(f"saves every {counted(config.save_every, 'step')}: no adapter-step-N file is written, as the run "
+                         f"ends at step {config.steps:,} first (its adapter.safetensors)")
+        elif config.save_every:
             saves, ema = kept_save_count(config), 1 + bool(config.ema_decay)
             kept = f"the newest {config.keep_saves} kept" if config.keep_saves and saves == config.keep_saves else "all kept"
             files = counted(saves, "adapter-step-N file") + (f" and {counted(saves, 'adapter-ema-step-N file')}" if ema > 1 else "")
@@ -261,6 +265,8 @@ def plan_run(config: TrainConfig, output_state: bool = True) -> RunPlan:
     from . import methods
 
     config.validate()
+    if config.save_every and config.save_every >= config.steps:  # the last step's save is adapter.safetensors, and none comes before it
+        warn(f"--save-every {config.save_every} is not below --steps {config.steps}: no adapter-step-N file is written")
     check_optimizer_ready(config.optimizer)
     taken: dict = {}
     started_fresh = ""
@@ -1001,6 +1007,7 @@ class Trainer:
             validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
             taken_options=self.taken_options, started_fresh=self.started_fresh,
             saves=[path for _, path in step_adapters(self.output) if not path.name.startswith("adapter-ema")],
+            ema_saves=[path for _, path in step_adapters(self.output) if path.name.startswith("adapter-ema")],
         )
 
     def advance(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -778,6 +779,24 @@ def test_an_empty_path_setting_says_the_same_from_a_flag_and_toml(command, tmp_p
         assert said[0].stderr == said[1].stderr
         with pytest.raises(Exception, match=f"^{name} must not be empty$"):
             config_class(**{name: ""})
+
+
+def test_save_every_not_below_steps_says_no_step_file_is_written_and_the_ema_saves_are_listed(tmp_path, private_cache):
+    run = tmp_path / "castle"
+    for every in (3, 5):
+        with pytest.warns(UserWarning, match=f"^--save-every {every} is not below --steps 3: no adapter-step-N file is written$"):
+            dry = invoke("train", "--model", "tiny-random", "--steps", 3, "--save-every", every, "--output", run, "--dry-run")
+        assert dry.exit_code == 0, dry.output
+        assert f"saves every {every} steps: no adapter-step-N file is written, as the run ends at step 3 first" in dry.output
+        assert "0 adapter-step-N" not in dry.output and "at least 0 B" not in dry.output, dry.output
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert invoke("train", "--model", "tiny-random", "--steps", 3, "--save-every", 2, "--output", run, "--dry-run").exit_code == 0
+    assert not [w for w in caught if "--save-every" in str(w.message)]  # a save before the last step is written
+    result = invoke("train", "--model", "tiny-random", "--steps", 5, "--save-every", 2, "--ema-decay", 0.9, "--output", run)
+    assert result.exit_code == 0, result.output
+    assert "saves: 2 files, adapter-step-000002.safetensors to adapter-step-000004.safetensors\n" in result.output
+    assert "saves: 2 files, adapter-ema-step-000002.safetensors to adapter-ema-step-000004.safetensors" in result.output
 
 
 def test_a_runs_step_files_are_sampled_evaluated_compared_and_exported_beside_its_adapter(tmp_path, private_cache):
