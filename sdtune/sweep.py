@@ -229,6 +229,9 @@ def _axis_value(bad, axis: str, value: Any, train_fields: set[str]) -> tuple[str
         unknown = sorted(set(changes) - train_fields - {LR_SCALE_AXIS})
         if unknown:
             raise bad(f"axis {axis}: unknown setting(s) {', '.join(unknown)} in {value!r}")
+        if label is None and any(isinstance(v, list) for v in changes.values()):
+            # each part made safe alone, so that a list's "+" (castle+canal) stays; tables without one keep their names
+            return "-".join(_safe_name(_label(k, v)) if not isinstance(v, list) else _label(k, v) for k, v in changes.items()), changes
         if label is None:
             label = "-".join(_label(k, v) for k, v in changes.items())
         if not isinstance(label, str) or not label:
@@ -248,6 +251,8 @@ def _label(axis: str, value: Any) -> str:
         return axis.replace("_", "") + ("" if value else "-off")
     if isinstance(value, float):
         return f"{axis.replace('_', '')}{value:g}"
+    if isinstance(value, list):  # a table's several concepts: castle+canal, as the {concept} placeholder writes them
+        return "+".join(_safe_name(str(item)) for item in value)
     if isinstance(value, dict):  # options tables inside a table
         return "-".join(f"{k}{v}" for k, v in value.items())
     return f"{axis.replace('_', '')}{value}"
@@ -256,6 +261,11 @@ def _label(axis: str, value: Any) -> str:
 def _safe_name(text: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("._")
     return name or "run"
+
+
+def joined_names(value: Any) -> Any:
+    """A run's several concepts as one word of a file or run name (castle+canal), not Python's list text."""
+    return "+".join(str(item) for item in value) if isinstance(value, list) else value
 
 
 def substitute(value: Any, names: dict[str, Any]) -> Any:
@@ -283,7 +293,7 @@ def _run_spec(plan: Plan, index: int, name: str, axes: dict, folder: Path, setti
             raise SdtuneError(f"{LR_SCALE_AXIS} must be a positive number, got {scale!r}")
         settings["lr"] = default_lr * scale
     names = {key: settings.get(key, getattr(TrainConfig, key, None)) for key in PLACEHOLDERS if key != "sweep"}
-    names.update(concept=settings.get("concept", TrainConfig.concept), method=method, sweep=str(plan.output))
+    names.update(concept=joined_names(settings.get("concept", TrainConfig.concept)), method=method, sweep=str(plan.output))
     names["dataset"] = names["dataset"] or ""
     settings = substitute(settings, names)
     train = TrainConfig.load(None, **settings, output=str(folder))

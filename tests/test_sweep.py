@@ -80,6 +80,19 @@ def test_dry_run_lists_the_runs_by_name_and_writes_nothing(tmp_path):
     assert ", castle, canal, lr 0.001 (default), seed 0, 2 steps" in lines[1], lines
 
 
+def test_a_runs_several_concepts_fill_placeholders_and_run_names_joined_as_a_file_name(tmp_path):
+    """{concept} of a run of several concepts, and the run name from a table of them: castle+canal, not Python's
+    ['castle', 'canal']."""
+    from sdtune.sweep import read_plan
+
+    plan = write_plan(tmp_path, TINY_PLAN.replace('concept = ["castle"]\n', "").replace(
+        "[train]", '[train]\nconcept = ["castle", "canal"]\nvalidation_prompts = "prompts/{concept}.txt"').replace(
+        'method = ["atoms", "lora"]', 'method = ["lora", {method = "lora", concept = ["canal", "castle"], lr = 1e-4}]'))
+    runs = read_plan(plan, str(tmp_path / "out")).runs
+    assert [run.name for run in runs] == ["lora", "lora-canal+castle-lr0.0001"]
+    assert [run.train.validation_prompts for run in runs] == ["prompts/castle+canal.txt", "prompts/canal+castle.txt"]
+
+
 def test_a_sweep_trains_samples_measures_every_run_and_writes_the_report(finished):
     _, output = finished
     for name in ("castle-atoms", "castle-lora"):
