@@ -723,8 +723,10 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
     state, note = training_state(run)
     earlier = earlier_train_seconds(run, state)
     run.train_seconds = earlier
+    measured = main and plan.metrics != "none"  # metrics = "none": nothing measured, so nothing said of it
     if state == "trained":
-        log("trained earlier with these settings; sampling and measuring")
+        after = [what for what, done in (("sampling", run.sample is not None), ("measuring", measured)) if done]
+        log("trained earlier with these settings" + (f"; {' and '.join(after)}" if after else ""))
     else:
         resume = state in ("resumable", "extendable")
         if state == "extendable":
@@ -745,7 +747,8 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
         samples = sample(run.sample, progress=False)
     if not main:
         return
-    log("measuring")
+    if measured:
+        log("measuring")
     report = metric_set.measure(plan, run, samples, lambda: base_samples(plan, run)) or {}
     images = []
     if samples is not None:

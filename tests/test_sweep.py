@@ -749,6 +749,7 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     assert dry[4].endswith("  skip2-seed1  pending   lora, castle, lr 3e-05 (default), seed 1, 1 step, clip_skip=2, resolution=32"), dry
     result, lines = sweep(plan, tmp_path / "out")
     assert result.exit_code == 0 and len(result.ran) == 4, lines
+    assert sum(line.endswith("sampling") for line in lines) == 4 and not any("measuring" in line for line in lines), lines
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     header = re.search(r'<table id="runs"><thead><tr>(.*?)</tr>', page).group(1)
     assert re.findall(r'data-key="([^"]+)"', header)[:7] == ["index", "run", "state", "axis-method", "axis-seed", "variant", "settings"]
