@@ -764,6 +764,10 @@ def test_the_report_names_the_settings_that_tell_runs_apart_beside_their_axes(tm
     assert "not evaluated" not in table and "Missing metrics" not in table
     assert table.count('- Metrics: none were asked for (the sweep\'s metrics = "none").') == 1, table
     assert 'No metrics were asked for (the plan\'s metrics = "none").' in page and "<p>Settings: the training settings" in page
+    (tmp_path / "out" / "runs" / "plain-seed0" / "sweep-run.json").unlink()  # trained, but not marked finished
+    result, lines = sweep(plan, tmp_path / "out")
+    assert result.ran == ["plain-seed0"], lines
+    assert any(line.endswith("trained earlier with these settings; sampling") for line in lines), lines
 
 
 def test_the_reports_table_shows_each_metric_at_one_precision_as_comparison_md_does(tmp_path, private_cache):
