@@ -255,6 +255,12 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
                 leftover.unlink()
 
 
+def copy_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """`source`'s bytes as `target`, written atomically (`atomic_write`)."""
+    with atomic_write(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
 @contextlib.contextmanager
 def written_together(paths: list[Path]) -> Iterator[None]:
     """The files of one output (a LoRA, its summary, its token file), written in the block: an interrupt or a

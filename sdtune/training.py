@@ -40,7 +40,7 @@ from typing import Any, Iterator, NoReturn
 from .adapter import ADAPTER_FILE, EMA_ADAPTER_FILE, STEP_ADAPTER, adapter_bytes, save_adapter, step_adapter_name, step_adapters
 from .config import TrainConfig, spelled_for_python
 from .errors import SdtuneError, TrainingFailed, warn
-from .fileio import OutputLock, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
+from .fileio import OutputLock, copy_atomic, counted, ensure_writable_folder, human_bytes, remove_directory, write_text_atomic
 from .limits import check_run_fits
 from .optimizers import check_optimizer_ready, make_optimizer
 from .tracking import LOGS_FOLDER, METRICS_FILE, MetricsLog, check_trackers_ready, log_scalars
@@ -1000,14 +1000,15 @@ class Trainer:
             self.accelerator.wait_for_everyone()
         finally:
             self.close_logs()
+        kept = [path for _, path in step_adapters(self.output)]
         return Run(
             output=self.output, adapter=self.output / ADAPTER_FILE, config=self.config, description=self.method.describe(),
             num_parameters=self.method.num_parameters(),
             losses=self.losses, seconds=time.perf_counter() - start, resumed_from=self.resume_from, extended_from=self.extended_from,
             validation_losses=self.validation_losses, token_numbers=sum(p.numel() for p in self.token_parameters),
             taken_options=self.taken_options, started_fresh=self.started_fresh,
-            saves=[path for _, path in step_adapters(self.output) if not path.name.startswith("adapter-ema")],
-            ema_saves=[path for _, path in step_adapters(self.output) if path.name.startswith("adapter-ema")],
+            saves=[path for path in kept if not path.name.startswith("adapter-ema")],
+            ema_saves=[path for path in kept if path.name.startswith("adapter-ema")],
         )
 
     def advance(self) -> None:
@@ -1312,15 +1313,18 @@ class Trainer:
             return trained_rows(self.pipe) if self.token_parameters else None
 
         step = self.global_step
-        files = [self.output / ADAPTER_FILE] + ([self.output / step_adapter_name(step)] if kept else [])
-        for path in files:  # each written atomically: a kill leaves the earlier file or the new one, whole
-            save_adapter(path, method, base_model, token_embeddings=token_rows(), **extra)
+        # each written atomically: a kill leaves the earlier file or the new one, whole; a step file is a copy
+        save_adapter(self.output / ADAPTER_FILE, method, base_model, token_embeddings=token_rows(), **extra)
+        if kept:
+            copy_atomic(self.output / ADAPTER_FILE, self.output / step_adapter_name(step))
         if self.ema is not None:  # the EMA weights in the same format, so load_adapter reads them
             self.ema.store(self.parameters)
             self.ema.copy_to(self.parameters)
-            for path in [self.output / EMA_ADAPTER_FILE] + ([self.output / step_adapter_name(step, ema=True)] if kept else []):
-                save_adapter(path, method, base_model, ema_decay=str(config.ema_decay), token_embeddings=token_rows(), **extra)
+            save_adapter(self.output / EMA_ADAPTER_FILE, method, base_model, ema_decay=str(config.ema_decay),
+                         token_embeddings=token_rows(), **extra)
             self.ema.restore(self.parameters)
+            if kept:
+                copy_atomic(self.output / EMA_ADAPTER_FILE, self.output / step_adapter_name(step, ema=True))
         if kept and config.keep_saves:
             self.prune_saves()
 
