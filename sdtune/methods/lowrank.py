@@ -189,11 +189,9 @@ def _kohya_convs(scales: dict[str, tuple[int, float]], shapes: dict[str, dict[st
     convs = []
     for module in scales:
         spatial = _kohya_spatial(shapes[module])
-        if spatial is not None:
-            pass
-        elif conv_scale is not None:
+        if spatial is None and conv_scale is not None:
             spatial = scales[module] == conv_scale if conv_scale[1] is not None else scales[module][0] == conv_scale[0]
-        else:
+        elif spatial is None:
             raise SdtuneError("the file's modules differ in rank or alpha, and neither its tensors nor its ss_network_args' "
                               "conv_dim say which are 3x3 convs (sdtune holds one rank and alpha for those, one for the rest)")
         if spatial:
@@ -929,19 +927,10 @@ class Loha(_Lycoris):
 def _factorization(dimension: int, factor: int, ordered: bool) -> tuple[int, int]:
     """LoKr's split of `dimension` into (w1's, w2's) part near `factor` (-1: near the square root); `ordered`:
     LyCORIS' (the smaller first always), else peft's (a dividing factor first, even the larger)."""
-    if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (min(m, n), max(m, n)) if ordered else (m, n)
-    factor = dimension if factor < 0 else factor
-    m, n = 1, dimension
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m:
-            new_m += 1
-        if new_m + dimension // new_m > m + n or new_m > factor:
-            break
-        m, n = new_m, dimension // new_m
-    return min(m, n), max(m, n)
+    from peft.tuners.lokr.layer import factorization
+
+    m, n = factorization(dimension, factor)
+    return (min(m, n), max(m, n)) if ordered else (m, n)
 
 
 def _lokr_layout(weight: tuple[int, ...], rank: int, factor: int, decompose_both: bool, tucker: bool,
