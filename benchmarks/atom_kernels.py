@@ -22,7 +22,7 @@ Below the table: the measured rule. For the device's tap-side backward (`TAP_BAC
 limit that minimises the summed time of the UNet's convolutions (each shape times its count) when the
 tap side takes every layer up to the limit and the weight side the rest, against the current limit.
 
-`--check` instead compares the tap side's backwards with autograd on the formed weight in `--dtype` for
+`--check` instead compares the tap side's backwards and the weight side with autograd on the formed weight in `--dtype` for
 every distinct layer (and a strided, odd-sized one), both against a float64 reference, and fails (exit
 status 1) where a route's error exceeds `--tolerance` and twice the autograd route's own error.
 """
@@ -218,17 +218,17 @@ def print_rule(totals, routes, backward: str, current) -> None:
 
 
 def check(args) -> int:
-    """The tap side's bf16/fp16 error against autograd on the formed weight, both against float64."""
+    """The tap and weight sides' bf16/fp16 error against autograd on the formed weight, both against float64."""
     import torch
 
     from sdtune.methods.atom_kernels import tap_mixed_conv2d
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    routes = [r for r in routes_here(args.device) if r.startswith("tap-")]
+    routes = [r for r in routes_here(args.device) if r.startswith("tap-") or r == "weight"]
     shapes = [key for key, _ in conv_shapes(args.latent, args.batch, args.device, dtype)]
     shapes.append((37, 21, 3, 2, 13, 11))  # odd: channels off the tiles, stride 2, odd sizes
     generator = torch.Generator().manual_seed(1)
-    print(f"tap side against autograd on the formed weight, {args.dtype}, {args.device}, batch {args.batch}; "
+    print(f"tap side and weight side against autograd on the formed weight, {args.dtype}, {args.device}, batch {args.batch}; "
           f"relative max error against float64 (max |error| / max |reference|)")
     print("| in | out | stride | size | grad | autograd | " + " | ".join(routes) + " |")
     print("| ---: | ---: | ---: | ---: | --- | ---: |" + " ---: |" * len(routes))

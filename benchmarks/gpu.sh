@@ -87,7 +87,7 @@ loop() {
 }
 
 tiles=16x32x4u,8x256x4,32x32x4,8x64x2  # other Triton tiles for the per-layer tables (default: 4x128x4u)
-kernel_rows="floor,atoms,atoms[tap-triton],atoms[tap-depthwise],atoms[weight],lora"
+kernel_rows="floor,atoms,atoms[autograd],atoms[tap-triton],atoms[tap-depthwise],lora"  # atoms: the weight side on CUDA
 
 # Each part appends its tables as it finishes; the default order puts first what the loop and kernel targets
 # need (correctness, the bf16 steps, fp16 sampling), then what explains them, then the rest.
@@ -114,8 +114,8 @@ part_kernellayers() {  # why: per layer, every route and tile, and the rule that
 }
 
 part_kernel16() {  # fp16 steps and the kernel's fp16 error
-    speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
-    speed --dtype fp16 --batch 4 --rows "floor,atoms,atoms[tap-triton],atoms[weight],lora"
+    speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[autograd],atoms[tap-triton],lora"
+    speed --dtype fp16 --batch 4 --rows "floor,atoms,atoms[autograd],atoms[tap-triton],lora"
     kernels --check --dtype fp16 --batch 2
 }
 

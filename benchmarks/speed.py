@@ -282,14 +282,31 @@ def measure_training(row: str, args) -> dict:
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times += [step() for _ in range(args.warmup + args.steps - 1)]
+    peak = peak_memory_gb(args.device)
     return {
         "row": row,
         "seconds": statistics.median(times[args.warmup :]),
-        "peak_gb": peak_memory_gb(args.device),
+        "peak_gb": peak,
         "first_peak_gb": first_peak,
         "model_gb": memory_before,
         "trainable": trainable,
+        "gpu_busy": gpu_busy_seconds(step) if args.device == "cuda" else None,
     }
+
+
+def gpu_busy_seconds(step) -> float | None:
+    """The seconds the GPU spends in kernels during one more step (torch.profiler): beside the step's own time it
+    says how far the step is bound by the host (launching kernels) rather than by the GPU."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            step()
+        events = profiler.key_averages()
+        return sum(getattr(event, "self_device_time_total", 0) for event in events) / 1e6
+    except Exception as error:  # noqa: BLE001 - a profiler that does not run here leaves the column empty
+        print(f"no GPU busy time: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
 
 
 def routes_lines(device: str) -> list[str]:
@@ -554,19 +571,22 @@ def device_name(device: str) -> str:
 def training_table(results: list[dict]) -> list[str]:
     by_row = {r["row"]: r for r in results if "error" not in r}
     floor, lora = by_row.get("floor"), by_row.get("lora")
+    busy = any(r.get("gpu_busy") is not None for r in by_row.values())
     lines = [
-        "| method | trainable | s/step | peak GB | ×floor | ×LoRA | peak ×floor | peak ×LoRA | first step's peak GB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | trainable | s/step | peak GB | ×floor | ×LoRA | peak ×floor | peak ×LoRA | first step's peak GB |"
+        + (" GPU busy s |" if busy else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if busy else ""),
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['row']} | failed: {r['error']} | | | | | | | |" + (" |" if busy else ""))
             continue
         ratio = lambda base, key, digits=2: f"{r[key] / base[key]:.{digits}f}" if base else "–"  # noqa: E731
         lines.append(
             f"| {r['row']} | {r['trainable']:,} | {r['seconds']:.3f} | {r['peak_gb']:.3f} | "
             f"{ratio(floor, 'seconds')} | {ratio(lora, 'seconds')} | {ratio(floor, 'peak_gb', 3)} | {ratio(lora, 'peak_gb')} | "
             f"{r.get('first_peak_gb', r['peak_gb']):.3f} |"
+            + ((f" {r['gpu_busy']:.3f} |" if r.get("gpu_busy") is not None else " – |") if busy else "")
         )
     if "atoms" in by_row and "atoms-reference" in by_row:
         lines.append("")

@@ -24,9 +24,11 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
     and per-tile partial sums of dL/dM (no unfolded input, no mixed copy of H, no atomics); H is formed
     per block of channels so that little memory is added to the frozen convolution's backward. Under
     torch.compile it is called as the custom op `sdtune::tap_backward_triton`, one op of the backward graph.
-- `FormedWeightConv` (weight side): one library convolution with W + ΔW formed on the fly and not
-  kept; backward forms it again and asks the library for grad_x and grad_W in one call. On CPU, fast
-  on large maps, where the library's weight gradient costs less than H's memory traffic.
+- `ProjectedMixingConv` (weight side): one library convolution with W + ΔW formed on the fly and not kept;
+  backward forms it again and asks the library for grad_x and grad_W in one call. It takes filter atoms' ΔD and P
+  and forms M = P·ΔD itself, so that a layer is one autograd node. On CPU, fast on large maps, where the library's
+  weight gradient costs less than H's memory traffic; on CUDA the default everywhere (`TAP_SIDE_MAX_POSITIONS`).
+  `FormedWeightConv` is the same for one mixing per input channel (D1).
 
 `tap_mixed_conv2d` picks per call by the device, the weight's size and the number of input positions
 (`PLAIN_MAX_WEIGHTS`, `TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with
@@ -54,7 +56,7 @@ from ..errors import warn
 # On CUDA (measured per layer, `MEASURED`) this is the route where nothing is measured; without Triton, CUDA takes the
 # weight side everywhere: on an H200 (SD v1.4, 64x64 latents, batch 1, bf16) it took 0.124 s a step
 # and the library tap side up to 1,024 positions 0.142 s, since cuDNN's weight gradient is cheap there.
-TAP_SIDE_MAX_POSITIONS: dict[str, int | None] = {"cpu": 1024, "cuda": None}
+TAP_SIDE_MAX_POSITIONS: dict[str, int | None] = {"cpu": 1024, "cuda": 0}
 # Which contraction the tap side's backward uses, per device type (see the module docstring).
 TAP_BACKWARD = {"cpu": "unfold", "cuda": "triton"}
 # Convolutions with at most this many weights take plain autograd on the formed weight: the weight
@@ -75,7 +77,7 @@ FOLD_BATCH_MAX_POSITIONS = 64
 # saves cuDNN's weight gradient; H's memory traffic costs most on large maps), so no fixed limit holds on every
 # GPU. The choices are kept in the cache per device name and library versions (`routes_file`): every later run
 # there, a resumed one too, takes the same routes. `measured_routes()` lists them.
-MEASURED = {"cuda"}
+MEASURED: set[str] = set()
 MEASURED_ROUTES = (("tap", "triton"), ("weight", None))
 MEASURE_ROUNDS = 5  # timed forward + backward calls per candidate, after one warm-up call; the median counts
 TAP_BACKWARDS = ("unfold", "depthwise", "triton")
@@ -314,7 +316,8 @@ def _(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
 
 
 class FormedWeightConv(torch.autograd.Function):
-    """conv2d(x, W_r·(I + M)) with the weight formed on the fly and never stored."""
+    """conv2d(x, W_r·(I + M)) with the weight formed on the fly and never stored: the weight side of one mixing per
+    input channel (D1); a shared mixing takes `ProjectedMixingConv`."""
 
     @staticmethod
     def forward(ctx, x, weight, mixing, bias, stride, padding, dilation):
@@ -340,6 +343,85 @@ class FormedWeightConv(torch.autograd.Function):
             rows = weight.reshape(out_channels, channels, taps).transpose(0, 1)
             grad_mixing = torch.bmm(rows.transpose(1, 2), grad_weight.reshape(out_channels, channels, taps).transpose(0, 1))
         return grad_x, None, grad_mixing.to(mixing.dtype), None, None, None, None
+
+
+class ProjectedMixingConv(torch.autograd.Function):
+    """conv2d(x, W_r·(I + s·P·ΔD)), or conv2d(x, W_r·(I + M)) without P: the weight side of a shared mixing, M formed
+    inside.
+
+    One autograd node a layer instead of three (the mixing's product, its cast, the convolution), no route to pick
+    per call and no cast that changes nothing: where the step is bound by the host rather than the GPU, as SD v1.4
+    at 512 px is on an H200 (the frozen step costs the same at batch 1 and 4), every call a layer costs time. Stores
+    x, the frozen W and the k²×k² mixing, never the formed weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, projector, delta, scale, stride, padding, dilation, dtype):
+        taps = delta.shape[-1] if projector is None else projector.shape[0]  # M (k², k²), or ΔD (m, k, k)
+        mixing = delta.reshape(-1, taps) if projector is None else projector @ delta.reshape(-1, taps)
+        if scale != 1.0:
+            mixing = mixing * scale
+        mixing, x = _as(mixing, dtype), _as(x, dtype)
+        flat = _as(weight, dtype).reshape(-1, taps)
+        ctx.save_for_backward(x, weight, projector, mixing)
+        ctx.geometry = (stride, padding, dilation, scale, delta.shape)
+        ctx.delta_dtype = delta.dtype
+        formed = torch.addmm(flat, flat, mixing).view(weight.shape)
+        return F.conv2d(x, formed, _as(bias, dtype) if bias is not None else None, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, projector, mixing = ctx.saved_tensors
+        stride, padding, dilation, scale, delta_shape = ctx.geometry
+        taps = mixing.shape[-1]
+        flat = _as(weight, mixing.dtype).reshape(-1, taps)
+        formed = torch.addmm(flat, flat, mixing).view(weight.shape)
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            _as(grad, mixing.dtype), x, formed, None, stride, padding, dilation, False, (0, 0), 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[4], False],
+        )
+        grad_delta = None
+        if ctx.needs_input_grad[4]:
+            # W'_r = W_r + W_r·s·P·ΔD, so dL/dΔD = s·Pᵀ·W_rᵀ·dL/dW'_r
+            rows, grad_rows = flat, grad_weight.reshape(-1, taps)
+            if rows.dtype == torch.float16:  # a sum over c_out·c_in rows overflows fp16's range under loss scaling
+                rows, grad_rows = rows.float(), grad_rows.float()
+            grad_delta = _as(rows.T @ grad_rows, ctx.delta_dtype)
+            if projector is not None:
+                grad_delta = projector.T @ grad_delta
+            if scale != 1.0:
+                grad_delta = grad_delta * scale
+            grad_delta = grad_delta.reshape(delta_shape)
+        return grad_x, None, None, None, grad_delta, None, None, None, None, None
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without the call where it already is (a call costs host time a layer)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def projected_mixing_conv2d(
+    x: torch.Tensor, conv: nn.Conv2d, projector: torch.Tensor, delta: torch.Tensor, scale: float = 1.0,
+    mode: str = "auto",
+) -> torch.Tensor:
+    """conv(x) with `conv.weight` replaced by W_r·(I + scale·projector·delta), exactly: filter atoms' D variant.
+
+    The weight side runs as `ProjectedMixingConv`; every other route as `tap_mixed_conv2d` with the formed mixing."""
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else conv.weight.dtype
+    if (
+        delta.requires_grad
+        and torch.is_grad_enabled()
+        and (autocast or x.dtype == dtype)
+        and _fast_geometry(conv)
+        and route(x, mode, conv.weight.numel())[0] == "weight"
+    ):
+        return ProjectedMixingConv.apply(
+            x, conv.weight, conv.bias, projector, delta, scale, conv.stride, conv.padding, conv.dilation, dtype
+        )
+    taps = projector.shape[0]
+    mixing = projector.to(delta.dtype) @ delta.reshape(-1, taps)
+    return tap_mixed_conv2d(x, conv, mixing * scale if scale != 1.0 else mixing, mode)
 
 
 def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mode: str = "auto") -> torch.Tensor:
@@ -390,11 +472,14 @@ def route(x: torch.Tensor, mode: str = "auto", weights: int | None = None) -> tu
 
 
 def _takes_plain(x: torch.Tensor, conv: nn.Conv2d, weight_dtype: torch.dtype) -> bool:
-    """Whether no fast route applies: no gradient, mixed dtypes, a trained frozen weight, or a geometry they lack."""
-    return (
-        not torch.is_grad_enabled()
-        or x.dtype != weight_dtype
-        or conv.groups != 1
+    """Whether no fast route applies: no gradient, mixed dtypes, or a layer `_fast_geometry` refuses."""
+    return not torch.is_grad_enabled() or x.dtype != weight_dtype or not _fast_geometry(conv)
+
+
+def _fast_geometry(conv: nn.Conv2d) -> bool:
+    """Whether the fast routes can run this layer: frozen weight and bias, one group, zero padding given in numbers."""
+    return not (
+        conv.groups != 1
         or conv.weight.requires_grad
         or (conv.bias is not None and conv.bias.requires_grad)
         or conv.padding_mode != "zeros"
@@ -411,6 +496,10 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side:
         return conv._conv_forward(x, _mixed_weight(weight, mixing.to(weight.dtype)).to(x.dtype), bias)
     if side == "tap":
         return TapMixedConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation, backward)
+    if mixing.dim() == 2:
+        return ProjectedMixingConv.apply(
+            x, weight, bias, None, mixing, 1.0, conv.stride, conv.padding, conv.dilation, weight.dtype
+        )
     return FormedWeightConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
 
 

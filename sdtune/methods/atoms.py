@@ -80,7 +80,7 @@ from torch import nn
 
 from ..errors import SdtuneError, warn
 from .choices import ATOMS_INITS
-from .atom_kernels import tap_mixed_conv2d
+from .atom_kernels import projected_mixing_conv2d, tap_mixed_conv2d
 from .base import ATTENTION_PROJECTIONS, DeltaLayer, WrappedLayers, fingerprint, named_convs, named_linears, replace_module
 
 INITS = ATOMS_INITS
@@ -392,7 +392,7 @@ class FilterAtomConv2d(_AtomLayer):
         if self.kc != 1:
             return super().forward(x)
         # ΔW = W_r·(P·ΔD): a k²×k² mixing of the taps, which the fast kernels apply exactly
-        return tap_mixed_conv2d(x, self.base_layer, self.tap_mixing(self.delta_atoms.dtype), self.kernel)
+        return projected_mixing_conv2d(x, self.base_layer, self.projector, self.delta_atoms, self.scale, self.kernel)
 
 
 class FilterAtomLinear(_AtomLayer):
