@@ -10,9 +10,13 @@
 #   default  everything but families, interleaved so that what the targets need comes first: the Triton
 #            kernel's bf16 error (kernels.md: PASS or FAIL), the whole train step (loop.md), every kernel's
 #            bf16 step at batch 1 and 4 against the floor and LoRA with peak memory (speed.md), fp16 sampling
-#            against plain diffusers (loop.md); then the per-layer tables with the measured rule, fp16,
+#            against plain diffusers (loop.md); the same bf16 rows in turns in one process, cuDNN
+#            autotuned, channels-last and CUDA graphs; then the per-layer tables with the measured rule, fp16,
 #            --compile, the variants (1x1, D1, kc), bf16 sampling, OFT's two routes, merged sampling, fp32
-#   kernel   filter atoms' kernels alone: kernelcheck kernelspeed kernellayers kernel16 variants
+#   kernel   filter atoms' kernels alone: kernelcheck kernelspeed kernelturns cudnn channelslast graphs kernellayers
+#            kernel16 variants
+#   hostbound  what the 2026-11-30 H200 run left open (about 6 minutes): kernelspeed kernelturns cudnn
+#            channelslast graphs
 #   loop     the whole train step and sampling alone (loop.py): train sample16 compile samplebf16
 #   sampling merged sampling of every method; rest: fp32 tables
 #   families one training step per method on the SDXL-architecture UNet at 1024 px and the SD 2.1 one at
@@ -104,6 +108,25 @@ part_kernelspeed() {  # the training step of every kernel against the floor and 
     speed --dtype bf16 --batch 4 --rows "$kernel_rows"
 }
 
+part_kernelturns() {  # the same rows stepped in turns in one process: ratios that a host's slow spells skew less
+    speed --dtype bf16 --batch 1 --interleave --rows "floor,atoms,atoms[tap-depthwise],lora"
+    speed --dtype bf16 --batch 4 --interleave --rows "floor,atoms,atoms[tap-depthwise],lora"
+}
+
+part_cudnn() {  # cuDNN autotuned (--cudnn-benchmark): does the weight side's bf16 weight gradient get cheaper?
+    speed --dtype bf16 --batch 1 --cudnn-benchmark --rows "floor,atoms,lora"
+    speed --dtype bf16 --batch 4 --cudnn-benchmark --rows "floor,atoms,lora"
+}
+
+part_channelslast() {  # channels-last memory format: cuDNN's NHWC kernels for the weight side's weight gradient
+    speed --dtype bf16 --batch 1 --channels-last --rows "floor,atoms,lora"
+    speed --dtype bf16 --batch 4 --channels-last --rows "floor,atoms,lora"
+}
+
+part_graphs() {  # torch.compile in reduce-overhead mode (CUDA graphs): the step without the host's launches
+    speed --dtype bf16 --batch 1 --compile reduce-overhead --warmup 5 --rows "floor,atoms,lora"
+}
+
 part_sample16() {  # sdtune sample against plain diffusers in fp16: start-up and time per image
     loop --sampling-only --sample-dtype fp16 --sample-rounds 2
 }
@@ -155,8 +178,9 @@ part_families() {  # the later --arch and --latent override the defaults speed()
 }
 
 declare -A group_parts=(
-    [default]="kernelcheck train kernelspeed sample16 kernellayers kernel16 compile variants samplebf16 oft sampling rest"
-    [kernel]="kernelcheck kernelspeed kernellayers kernel16 variants"
+    [default]="kernelcheck train kernelspeed sample16 kernelturns cudnn channelslast graphs kernellayers kernel16 compile variants samplebf16 oft sampling rest"
+    [kernel]="kernelcheck kernelspeed kernelturns cudnn channelslast graphs kernellayers kernel16 variants"
+    [hostbound]="kernelspeed kernelturns cudnn channelslast graphs"
     [loop]="train sample16 compile samplebf16"
     [sampling]="sampling" [rest]="rest" [families]="families"
 )

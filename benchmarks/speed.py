@@ -203,6 +203,11 @@ def training_setup(row: str, args):
             if id(p) not in trainable:
                 p.data = p.data.to(dtype)
     latents, timesteps, embeddings = inputs(unet, args, args.device, dtype)
+    if args.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    if args.compile != "none":
+        unet.compile(mode=None if args.compile == "default" else args.compile)
     target = torch.randn_like(latents)
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True) if params else None  # as sdtune train's
     if row == "floor":
@@ -453,9 +458,10 @@ def run_in_process(kind: str, row: str, args) -> dict:
 def run_child(kind: str, row: str, args) -> dict:
     if args.device.startswith("cuda"):
         return run_in_process(kind, row, args)
+    passed = {k: v for k, v in vars(args).items()
+              if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave", "load", "load_kind")}
     command = [sys.executable, __file__, "--child", kind, "--row", row] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-        if k not in ("child", "row", "rows", "sampling", "sampling_only", "markdown", "cudnn_benchmark", "interleave", "load", "load_kind")
+        f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f"={v}") for k, v in passed.items() if v is not False
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -495,6 +501,15 @@ def main() -> None:
         help="let cuDNN autotune every convolution first (off by default, as in sdtune training; the autotuning "
         "of each row's shapes can take minutes)",
     )
+    parser.add_argument(
+        "--channels-last", action="store_true",
+        help="the UNet's weights and the latents in channels-last memory format (cuDNN's NHWC kernels)",
+    )
+    parser.add_argument(
+        "--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+        help="torch.compile every row's UNet in this mode (reduce-overhead: CUDA graphs, the host out of the step); "
+        "its first steps compile, so give --warmup 3 or more",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -511,6 +526,7 @@ def main() -> None:
         f"{args.arch} UNet, {args.latent}x{args.latent} latents, batch {args.batch}, {args.dtype}, "
         f"{device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} steps after {args.warmup}" + (", cuDNN autotuned" if args.cudnn_benchmark else "")
+        + (", channels-last" if args.channels_last else "") + (f", compiled ({args.compile})" if args.compile != "none" else "")
         + (f", beside {args.load} busy processes ({args.load_kind})" if args.load else "")
     )
     print(header, flush=True)
