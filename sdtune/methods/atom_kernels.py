@@ -33,8 +33,8 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
 `tap_mixed_conv2d` picks per call by the device, the weight's size and the number of input positions
 (`PLAIN_MAX_WEIGHTS`, `TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with
 `benchmarks/atom_kernels.py` and `benchmarks/speed.py`. On CUDA that is the weight side everywhere: an H200's
-whole step was faster so than with the Triton tap side on any layer (`TAP_SIDE_MAX_POSITIONS`); the Triton
-kernel remains for `mode="tap"` or `"tap-triton"`. All are exact: tests compare them with
+whole step was faster so than with the Triton tap side where timing each layer alone ranked it faster (see
+`TAP_SIDE_MAX_POSITIONS`); the Triton kernel remains for `mode="tap"` or `"tap-triton"`. All are exact: tests compare them with
 `conv2d(x, W + W_r·M)` by gradcheck in float64 (the Triton kernel through Triton's CPU interpreter).
 """
 
