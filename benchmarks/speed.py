@@ -14,7 +14,7 @@ The UNet is built from SD v1.4's config (`--arch sd2`: SD 2.1's, `--arch sdxl`: 
 its pooled-embedding and time-id inputs filled in) with random weights (no download). Each configuration runs
 in a fresh process on CPU, so its peak memory is its own max RSS; on a GPU the rows share one
 process and the peak is torch.cuda.max_memory_allocated over the steps after the first (the first step's own peak,
-which on CUDA includes filter atoms timing each layer's candidate routes once, is its own column). One training step = forward, MSE loss, backward, AdamW step; the time is the median of
+which one-time work such as `--cudnn-benchmark`'s algorithm search can raise, is its own column). One training step = forward, MSE loss, backward, AdamW step; the time is the median of
 `--steps` steps after `--warmup` steps. Rows:
 
 - floor: nothing trainable; backward still runs to the input (the least any method can cost)
@@ -48,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,8 +275,8 @@ class BusyProcesses:
 
 
 def measure_training(row: str, args) -> dict:
-    """On a GPU the peak is that of the steps after the first: the first step of a row whose layers measure their
-    routes (`atom_kernels.MEASURED`) also runs each candidate once per layer; its own peak is `first_peak_gb`."""
+    """On a GPU the peak is that of the steps after the first: the first step's one-time work (cuDNN's algorithm
+    search under `--cudnn-benchmark`) is not a step's cost; its own peak is `first_peak_gb`."""
     import torch
 
     step, trainable = training_setup(row, args)
@@ -312,22 +311,6 @@ def gpu_busy_seconds(step) -> float | None:
     except Exception as error:  # noqa: BLE001 - a profiler that does not run here leaves the column empty
         print(f"no GPU busy time: {type(error).__name__}: {error}", file=sys.stderr)
         return None
-
-
-def routes_lines(device: str) -> list[str]:
-    """The filter-atom routes measured on this device (`atom_kernels.MEASURED`, kept by every row's process), one
-    line per geometry."""
-    from sdtune.methods.atom_kernels import MEASURED, measured_routes
-
-    if device.split(":")[0] not in MEASURED:
-        return []
-    routes = measured_routes(device)
-    if not routes:
-        return []
-    counts = Counter(routes.values())
-    lines = ["", "Filter-atom routes measured on this device (dtype|input|weight|stride|padding|dilation|bias|mixing|input "
-             "gradient → route): " + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())), ""]
-    return lines + [f"- `{key}` → {name}" for key, name in sorted(routes.items())]
 
 
 def measure_interleaved(rows: list[str], args, busy: "BusyProcesses | None" = None) -> list[dict]:
@@ -547,7 +530,7 @@ def main() -> None:
     except StoppedEarly:
         cut = True
     if results:
-        lines = (interleaved_table(results) if args.interleave else training_table(results)) + routes_lines(args.device)
+        lines = interleaved_table(results) if args.interleave else training_table(results)
     if sampled:
         lines += [""] + sampling_table(sampled)
     if cut:

@@ -764,7 +764,6 @@ class Trainer:
             self.unet.enable_gradient_checkpointing()
         if config.compile:
             self.unet.compile()  # in place: the module, its parameters and the method's layers stay as they are
-        self.eager_forward_pending = config.compile  # see `loss`
 
     def _make_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -1160,24 +1159,11 @@ class Trainer:
         weights = None
         if "loss_mask" in batch:  # --masked-loss
             weights = loss_weights(batch["loss_mask"], latents.shape[-2:], config.unmasked_weight)
-        conditions = self.conditions(batch, latents)
-
-        def loss_of(unet):
-            return denoising_loss(
-                unet, self.noise_scheduler, latents, conditions, noise, timesteps, self.accelerator.autocast,
-                config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight, self.error_measure,
-                config.input_perturbation, weights=weights, debiased_estimation=config.debiased_estimation,
-            )
-
-        if self.eager_forward_pending and hasattr(torch.compiler, "set_stance"):
-            # --compile: the first micro-batch's forward runs once eagerly too, its result dropped and the RNG left
-            # as it was. Kernels that pick their route by timing it on the device measure
-            # there: nothing can be timed while torch.compile traces, and the compiled graph takes their choice.
-            self.eager_forward_pending = False
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                    torch.compiler.set_stance("force_eager"):
-                loss_of(self.accelerator.unwrap_model(self.unet))
-        return loss_of(self.unet)
+        return denoising_loss(
+            self.unet, self.noise_scheduler, latents, self.conditions(batch, latents), noise, timesteps,
+            self.accelerator.autocast, config.snr_gamma, batch.get("is_prior"), config.prior_loss_weight,
+            self.error_measure, config.input_perturbation, weights=weights, debiased_estimation=config.debiased_estimation,
+        )
 
     @functools.cached_property
     def error_measure(self):

@@ -316,20 +316,18 @@ def test_the_benchmarks_other_tiles_compile_for_sm90(compiled_kernel_module, sm9
                 assert compile_sm90(compiled_kernel_module, sm90_compiler, launch)["REG"] <= 255
 
 
-def test_the_gpu_run_offers_every_sd14_convolution_the_kernel(monkeypatch):
-    """On CUDA every convolution, conv_in and conv_out included (no plain-autograd size limit there), has the
-    Triton tap side as its route before measuring and the candidates `auto` measures are it and cuDNN's weight
-    side; where Triton is unavailable, the weight side alone. `route` reads only the input's device and shape: a
-    stand-in carries a CUDA device without a GPU."""
+def test_the_gpu_run_takes_the_weight_side_and_offers_every_sd14_convolution_the_kernel(monkeypatch):
+    """On CUDA "auto" takes cuDNN's weight side for every convolution, conv_in and conv_out included (no plain-autograd
+    size limit there), with Triton or without; "tap" is the Triton tap side where Triton loads, else the library's.
+    `route` reads only the input's device and shape: a stand-in carries a CUDA device without a GPU."""
     from types import SimpleNamespace
 
     for batch in (1, 4):
         for c_in, c_out, k, _, size in SD14_CONVS:
             x = SimpleNamespace(device=torch.device("cuda"), shape=(batch, c_in, size, size))
             monkeypatch.setitem(atom_kernels._triton_state, "function", lambda *args, **kwargs: None)
-            assert atom_kernels.route(x, "auto", c_out * c_in * k * k) == ("tap", "triton")
-            assert atom_kernels._candidates("cuda") == [("tap", "triton"), ("weight", None)]
+            assert atom_kernels.route(x, "auto", c_out * c_in * k * k) == ("weight", None)
+            assert atom_kernels.route(x, "tap") == ("tap", "triton")
             monkeypatch.setitem(atom_kernels._triton_state, "function", None)
             assert atom_kernels.route(x, "auto", c_out * c_in * k * k) == ("weight", None)
-            assert atom_kernels._candidates("cuda") == [("weight", None)]
             assert atom_kernels.route(x, "tap") == ("tap", "depthwise")

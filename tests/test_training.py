@@ -16,7 +16,6 @@ from sdtune.config import TrainConfig
 from sdtune.errors import SdtuneError
 from sdtune.tracking import metrics_until
 from sdtune.training import changed_settings, train
-from test_atom_kernels import measured_on_cpu  # noqa: F401  (a fixture: routes measured on a CPU)
 
 
 def config(output, **settings) -> TrainConfig:
@@ -475,24 +474,15 @@ def compiled_eagerly(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_path, compiled_eagerly):
-    """Filter atoms' kernels trace whole, and the compiled steps give the eager losses."""
-    settings = dict(steps=3, method="atoms", log_with="none")
+@pytest.mark.parametrize("kernel", ["auto", "weight"])
+def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_path, compiled_eagerly, kernel):
+    """Filter atoms' kernels trace whole, and the compiled steps give the eager losses, on the CPU's own routes and on
+    the weight side everywhere (CUDA's)."""
+    settings = dict(steps=3, method="atoms", options={"kernel": kernel}, log_with="none")
     eager = train(config(tmp_path / "eager", **settings), progress=False)
     run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
     assert compiled_eagerly == ["UNet2DConditionModel"] and run.config.compile
     assert "compile = true" in (run.output / "config.toml").read_text()
-    assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
-
-
-def test_compile_measures_the_kernels_routes_before_it_traces(tmp_path, tiny_path, compiled_eagerly, measured_on_cpu):
-    """Nothing is timed while torch.compile traces, so the first micro-batch's forward runs once eagerly first: the
-    routes are measured there (here on a CPU measured as CUDA is), the compiled graph takes them, and the steps are
-    an eager run's with the same routes."""
-    settings = dict(steps=3, method="atoms", log_with="none")
-    run = train(config(tmp_path / "run", compile=True, **settings), progress=False)
-    assert measured_on_cpu["timed"]  # the fastest (the weight side) chosen for every geometry
-    eager = train(config(tmp_path / "eager", **settings), progress=False)
     assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
 
 

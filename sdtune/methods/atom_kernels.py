@@ -32,14 +32,13 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
 
 `tap_mixed_conv2d` picks per call by the device, the weight's size and the number of input positions
 (`PLAIN_MAX_WEIGHTS`, `TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with
-`benchmarks/atom_kernels.py` and `benchmarks/speed.py`; on CUDA (`MEASURED`) by timing each geometry's
-candidate routes once on the device and keeping the fastest. All are exact: tests compare them with
+`benchmarks/atom_kernels.py` and `benchmarks/speed.py`. On CUDA that is the weight side everywhere: an H200's
+whole step was faster so than with the Triton tap side where timing each layer alone ranked it faster (see
+`TAP_SIDE_MAX_POSITIONS`); the Triton kernel remains for `mode="tap"` or `"tap-triton"`. All are exact: tests compare them with
 `conv2d(x, W + W_r·M)` by gradcheck in float64 (the Triton kernel through Triton's CPU interpreter).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +52,11 @@ from ..errors import warn
 # output convolution and the stride-2 one. With this limit an SD v1.4 step at 32x32 latents took 0.85x
 # the frozen floor (0.78x LoRA's) with the depthwise backward, and 0.93x against its 0.88x with the unfold
 # backward (ten rounds in turns: 3.28 and 3.25 s a step, within this machine's noise).
-# On CUDA (measured per layer, `MEASURED`) this is the route where nothing is measured; without Triton, CUDA takes the
-# weight side everywhere: on an H200 (SD v1.4, 64x64 latents, batch 1, bf16) it took 0.124 s a step
-# and the library tap side up to 1,024 positions 0.142 s, since cuDNN's weight gradient is cheap there.
+# CUDA takes the weight side everywhere (`ProjectedMixingConv` for a shared mixing, `FormedWeightConv` per channel):
+# cuDNN's weight gradient is cheap there and the step is bound by the host. On an H200 (SD v1.4, 64x64 latents, bf16;
+# benchmarks/RESULTS.md) a step took 0.134 s at batch 1 and 0.127 s at batch 4 so, against 0.140 and 0.146 s with the
+# Triton tap side on the 13 of 42 geometries where timing each layer alone had ranked it faster (a layer timed
+# alone misses the host time the whole step waits on). The Triton tap side stays opt-in: `-o kernel=tap`.
 TAP_SIDE_MAX_POSITIONS: dict[str, int | None] = {"cpu": 1024, "cuda": 0}
 # Which contraction the tap side's backward uses, per device type (see the module docstring).
 TAP_BACKWARD = {"cpu": "unfold", "cuda": "triton"}
@@ -71,15 +72,6 @@ PLAIN_MAX_WEIGHTS = {"cpu": 1 << 16}
 # thread, batch 4, forward + backward: 1,280 channels on 2x2 maps 166 -> 22 ms, on 4x4 83 -> 52 ms, 640 on 8x8
 # 57 -> 51 ms); from 16x16 up the copies cost what the wider GEMM saves.
 FOLD_BATCH_MAX_POSITIONS = 64
-# Device types where "auto" measures instead: each convolution geometry's candidate routes (`MEASURED_ROUTES`) are
-# timed once on the device, forward and backward as training runs them, and the fastest is kept, as cuDNN's
-# benchmark mode picks its algorithms. Which route wins depends on the GPU, the dtype and the layer (the tap side
-# saves cuDNN's weight gradient; H's memory traffic costs most on large maps), so no fixed limit holds on every
-# GPU. The choices are kept in the cache per device name and library versions (`routes_file`): every later run
-# there, a resumed one too, takes the same routes. `measured_routes()` lists them.
-MEASURED: set[str] = set()
-MEASURED_ROUTES = (("tap", "triton"), ("weight", None))
-MEASURE_ROUNDS = 5  # timed forward + backward calls per candidate, after one warm-up call; the median counts
 TAP_BACKWARDS = ("unfold", "depthwise", "triton")
 MODES = ("auto", "tap", "weight", "autograd") + tuple(f"tap-{name}" for name in TAP_BACKWARDS)
 
@@ -436,16 +428,10 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
     """
     side, backward = route(x, mode, conv.weight.numel())
     device_type = x.device.type
-    measure = mode == "auto" and side != "autograd" and device_type in MEASURED and torch.is_grad_enabled()
     if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and side != "autograd":
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            x = x.to(dtype)
-            if measure:
-                side, backward = measured_route(x, conv, mixing, dtype, (side, backward))
-            return _fast_or_plain(x, conv, mixing, side, backward, dtype)
-    if measure:
-        side, backward = measured_route(x, conv, mixing, None, (side, backward))
+            return _fast_or_plain(x.to(dtype), conv, mixing, side, backward, dtype)
     return _fast_or_plain(x, conv, mixing, side, backward, None)
 
 
@@ -502,140 +488,3 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side:
         )
     return FormedWeightConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
 
-
-# ---------------------------------------------------------------------------------------------
-# Measured routes (`MEASURED`)
-
-_measured: dict[Path, dict[str, str]] = {}  # routes file -> geometry key -> "tap-<backward>" or "weight"
-_chosen: dict[tuple, tuple[str, str | None]] = {}  # (device, dtype, shapes...) -> (side, backward), this process's
-_routes_files: dict[torch.device, Path] = {}
-
-
-def routes_file(device: torch.device) -> Path:
-    """Where this device's measured routes are kept: one JSON file per device name and library versions."""
-    if device not in _routes_files:
-        _routes_files[device] = _routes_file(device)
-    return _routes_files[device]
-
-
-def _routes_file(device: torch.device) -> Path:
-    import re
-
-    from ..models import cache_dir
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 - no Triton: the key says so
-        triton_version = "none"
-    label = re.sub(r"[^A-Za-z0-9.]+", "-", f"{name}-torch{torch.__version__}-triton{triton_version}").strip("-")
-    return Path(cache_dir()) / "kernels" / f"atom-routes-{label}.json"
-
-
-def _geometry(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor) -> tuple:
-    """What a layer's route depends on: dtype, input shape, weight shape, stride, padding, dilation, bias, mixing,
-    input gradient."""
-    return (str(x.dtype).removeprefix("torch."), tuple(x.shape), tuple(conv.weight.shape), tuple(conv.stride),
-            tuple(conv.padding), tuple(conv.dilation), conv.bias is not None,
-            "per-channel" if mixing.dim() == 3 else "shared", "grad-x" if x.requires_grad else "no-grad-x")
-
-
-def _route_name(side: str, backward: str | None) -> str:
-    return f"tap-{backward}" if side == "tap" else side
-
-
-def _candidates(device_type: str) -> list[tuple[str, str | None]]:
-    return [(side, backward) for side, backward in MEASURED_ROUTES
-            if backward != "triton" or (device_type == "cuda" and triton_tap_backward() is not None)]
-
-
-def measured_route(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, dtype, fallback: tuple[str, str | None]):
-    """The fastest of the candidate routes for this layer's geometry: measured on first sight (or read from the
-    routes file), else `fallback` where nothing is measured (no gradient, a geometry only the plain route takes, a
-    compiled graph being traced, a single candidate)."""
-    # every step asks for every layer: the chosen routes are found by one dict lookup of the layer's geometry
-    geometry = (x.device, *_geometry(x, conv, mixing))
-    chosen = _chosen.get(geometry)
-    if chosen is not None:
-        return chosen
-    weight_dtype = dtype if dtype is not None else conv.weight.dtype
-    candidates = _candidates(x.device.type)
-    if (len(candidates) < 2 or not mixing.requires_grad or _takes_plain(x, conv, weight_dtype)
-            or torch.compiler.is_compiling()
-            or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
-        return fallback
-    path = routes_file(x.device)
-    if path not in _measured:
-        _measured[path] = _read_routes(path)
-    routes = _measured[path]
-    key = "|".join(str(part) for part in geometry[1:])
-    known = {_route_name(*candidate): candidate for candidate in candidates}
-    if routes.get(key) not in known:
-        seconds = {name: _time_route(x, conv, mixing, dtype, *candidate) for name, candidate in known.items()}
-        routes[key] = min(seconds, key=seconds.get)
-        _write_routes(path, routes)
-    _chosen[geometry] = known[routes[key]]
-    return _chosen[geometry]
-
-
-def measured_routes(device: torch.device | str | None = None) -> dict[str, str]:
-    """The routes measured by geometry, "dtype|input shape|weight shape|stride|padding|dilation|bias|mixing|input
-    gradient" -> "tap-triton", "weight"...: those kept for `device` (by every process), or else those this
-    process measured or read."""
-    if device is not None:
-        path = routes_file(torch.device(device))
-        return {**_read_routes(path), **_measured.get(path, {})}
-    return {key: name for routes in _measured.values() for key, name in routes.items()}
-
-
-def _time_route(x, conv, mixing, dtype, side, backward) -> float:
-    """Median seconds of one forward and backward of this layer on a route, on copies that nothing else sees."""
-    import statistics
-    import time
-
-    trial_x = x.detach().requires_grad_(x.requires_grad)
-    trial_mixing = mixing.detach().requires_grad_(True)
-    inputs = [tensor for tensor in (trial_x, trial_mixing) if tensor.requires_grad]
-    synchronize = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    grad = None
-    seconds = []
-    # the trials' own saved tensors bypass any saved-tensor hooks around the layer (gradient checkpointing counts
-    # what a forward saves and expects its recomputation to save the same)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda tensor: tensor, lambda tensor: tensor):
-        for round_ in range(MEASURE_ROUNDS + 1):
-            synchronize()
-            started = time.perf_counter()
-            out = _fast_or_plain(trial_x, conv, trial_mixing, side, backward, dtype)
-            if grad is None:
-                grad = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(0), device=out.device, dtype=out.dtype)
-            torch.autograd.grad(out, inputs, grad)
-            synchronize()
-            if round_:  # the first call compiles and warms the library's caches
-                seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
-
-
-def _read_routes(path: Path) -> dict[str, str]:
-    import json
-
-    try:
-        routes = json.loads(path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: measured again
-        return {}
-    return {key: value for key, value in routes.items() if isinstance(key, str) and isinstance(value, str)} if isinstance(routes, dict) else {}
-
-
-def _write_routes(path: Path, routes: dict[str, str]) -> None:
-    import json
-
-    from ..fileio import atomic_write
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        routes = {**_read_routes(path), **routes}  # another process's choices kept too
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps(routes, indent=1, sort_keys=True) + "\n")
-    except OSError as error:  # a read-only cache: the choices still hold for this process
-        warn(f"could not keep the measured filter-atom routes in {path}: {error}")
