@@ -32,10 +32,9 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
 
 `tap_mixed_conv2d` picks per call by the device, the weight's size and the number of input positions
 (`PLAIN_MAX_WEIGHTS`, `TAP_SIDE_MAX_POSITIONS`, `TAP_BACKWARD`), measured with
-`benchmarks/atom_kernels.py` and `benchmarks/speed.py`. On CUDA that is the weight side everywhere: an H200's
-whole step was faster so than with the Triton tap side where timing each layer alone ranked it faster (see
-`TAP_SIDE_MAX_POSITIONS`); the Triton kernel remains for `mode="tap"` or `"tap-triton"`. All are exact: tests compare them with
-`conv2d(x, W + W_r·M)` by gradcheck in float64 (the Triton kernel through Triton's CPU interpreter).
+`benchmarks/atom_kernels.py` and `benchmarks/speed.py`. On CUDA that is the weight side everywhere (see
+`TAP_SIDE_MAX_POSITIONS`); the Triton kernel remains for `mode="tap"` or `"tap-triton"`. All are exact: tests
+compare them with `conv2d(x, W + W_r·M)` by gradcheck in float64 (the Triton kernel through Triton's CPU interpreter).
 """
 
 from __future__ import annotations
@@ -52,11 +51,12 @@ from ..errors import warn
 # output convolution and the stride-2 one. With this limit an SD v1.4 step at 32x32 latents took 0.85x
 # the frozen floor (0.78x LoRA's) with the depthwise backward, and 0.93x against its 0.88x with the unfold
 # backward (ten rounds in turns: 3.28 and 3.25 s a step, within this machine's noise).
-# CUDA takes the weight side everywhere (`ProjectedMixingConv` for a shared mixing, `FormedWeightConv` per channel):
-# cuDNN's weight gradient is cheap there and the step is bound by the host. On an H200 (SD v1.4, 64x64 latents, bf16;
-# benchmarks/RESULTS.md) a step took 0.134 s at batch 1 and 0.127 s at batch 4 so, against 0.140 and 0.146 s with the
-# Triton tap side on the 13 of 42 geometries where timing each layer alone had ranked it faster (a layer timed
-# alone misses the host time the whole step waits on). The Triton tap side stays opt-in: `-o kernel=tap`.
+# CUDA takes the weight side everywhere (`ProjectedMixingConv` for a shared mixing, `FormedWeightConv` per channel).
+# On an H200 (SD v1.4, 64x64 latents, bf16; benchmarks/RESULTS.md) the step is bound by the host, and the weight side
+# makes the fewest calls a layer of the routes that keep no formed weight: a step took 0.134 s at batch 1 and 0.127 s
+# at batch 4 so, against 0.140 and 0.146 s with the Triton tap side on the 13 of 42 geometries where timing each layer
+# alone had ranked it faster. Its cost is on the GPU: cuDNN's bf16 weight gradient adds about the floor's own kernel
+# time. The Triton tap side stays opt-in: `-o kernel=tap`.
 TAP_SIDE_MAX_POSITIONS: dict[str, int | None] = {"cpu": 1024, "cuda": 0}
 # Which contraction the tap side's backward uses, per device type (see the module docstring).
 TAP_BACKWARD = {"cpu": "unfold", "cuda": "triton"}
