@@ -15,8 +15,8 @@
 #            --compile, the variants (1x1, D1, kc), bf16 sampling, OFT's two routes, merged sampling, fp32
 #   kernel   filter atoms' kernels alone: kernelcheck kernelspeed kernelturns cudnn channelslast graphs kernellayers
 #            kernel16 variants
-#   hostbound  what the 2026-11-30 H200 run left open (about 6 minutes): kernelspeed kernelturns cudnn
-#            channelslast graphs
+#   hostbound  what the 2026-11-30 H200 run left open, most telling first (about 8 minutes in all):
+#            kernelspeed graphs cudnn channelslast kernelturns
 #   loop     the whole train step and sampling alone (loop.py): train sample16 compile samplebf16
 #   sampling merged sampling of every method; rest: fp32 tables
 #   families one training step per method on the SDXL-architecture UNet at 1024 px and the SD 2.1 one at
@@ -180,7 +180,7 @@ part_families() {  # the later --arch and --latent override the defaults speed()
 declare -A group_parts=(
     [default]="kernelcheck train kernelspeed sample16 kernelturns cudnn channelslast graphs kernellayers kernel16 compile variants samplebf16 oft sampling rest"
     [kernel]="kernelcheck kernelspeed kernelturns cudnn channelslast graphs kernellayers kernel16 variants"
-    [hostbound]="kernelspeed kernelturns cudnn channelslast graphs"
+    [hostbound]="kernelspeed graphs cudnn channelslast kernelturns"
     [loop]="train sample16 compile samplebf16"
     [sampling]="sampling" [rest]="rest" [families]="families"
 )

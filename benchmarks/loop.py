@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> str:
         name = {"tiny": "tiny", "sd14": "SD v1.4 architecture (random weights)"}.get(args.model, args.model)
         header = (
             f"{name}, {args.latent}x{args.latent} latents ({args.latent * 8} px), {device_name(args.device)}, "
-            f"torch {torch.__version__}, mixed precision {args.mixed_precision}" + (", compiled" if args.compile else "")
+            f"torch {torch.__version__}, "
+            + (f"sampling in {args.sample_dtype}" if args.sampling_only else f"mixed precision {args.mixed_precision}")
+            + (", compiled" if args.compile else "")
         )
         progress(header)
         lines = [f"**{header}**", ""]
