@@ -722,6 +722,12 @@ def not_drawn_by_sample(folder: Path) -> list[str]:
     return foreign
 
 
+def own_outputs() -> list[str]:
+    """The files a comparison writes into its folder but its table and CSV, relative to it: what a later one removes
+    where it does not write them again."""
+    return [GRID_FILE, LOSS_PLOT, f"samples/{GRID_PROMPTS_FILE}", *(metric_plot_name(name) for name in METRICS), *OLD_PLOTS]
+
+
 def remove_stale_outputs(out: Path, drawn: set[str], written: set[str]) -> None:
     """Remove what the comparison written into `out` before wrote that this one does not write again (`drawn`: the runs
     whose samples/<run> it draws; `written`: the files it writes, relative to `out`): a dropped run's samples, a grid
@@ -743,8 +749,7 @@ def remove_stale_outputs(out: Path, drawn: set[str], written: set[str]) -> None:
                  f"compare did not write; {name} is not in this comparison")
             continue
         remove_directory(folder)
-    own = [GRID_FILE, LOSS_PLOT, f"samples/{GRID_PROMPTS_FILE}", *(metric_plot_name(name) for name in METRICS), *OLD_PLOTS]
-    for name in own:
+    for name in own_outputs():
         if name not in written and (out / name).is_file() and not (out / name).is_symlink():
             (out / name).unlink()
     if samples.is_dir() and not samples.is_symlink() and not any(samples.iterdir()):
@@ -790,7 +795,7 @@ def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: 
     """Summarise `runs` into `output`: comparison.md, comparison.csv, plots and (by default) grid.png. `metrics_asked`
     False (a sweep of `metrics = "none"`): the table says once that no metrics were asked for, not of every run that it
     was not evaluated."""
-    from .fileio import ensure_writable_folder, write_text_atomic
+    from .fileio import OutputLock, ensure_writable_folder
 
     if isinstance(runs, (str, os.PathLike)):  # one run folder, not a list of one-letter names
         runs = [runs]
@@ -807,6 +812,18 @@ def compare(runs: list[str], output: str, progress: bool = True, metrics_asked: 
     prompts = grid_prompts(config, summaries) if config.grid else []
     grid_configs = grid_sample_configs(summaries, prompts, config, out) if config.grid else []
     ensure_writable_folder(out)
+    # one comparison at a time in `out`: another's would remove as stale the files this one is writing
+    with OutputLock(out) as lock:
+        ours = {TABLE_FILE, CSV_FILE, *own_outputs()}
+        lock.sweep(lambda name: name in ours)  # what a killed comparison left half-written
+        lock.sweep(lambda name: f"samples/{name}" in ours, out / "samples")
+        return _write_comparison(config, summaries, prompts, grid_configs, out, progress, metrics_asked)
+
+
+def _write_comparison(config: CompareConfig, summaries: list[RunSummary], prompts: list, grid_configs: list, out: Path,
+                      progress: bool, metrics_asked: bool) -> Comparison:
+    """Write the comparison of `summaries` into `out` (locked, and every input checked): its table, CSV, plots and grid."""
+    from .fileio import write_text_atomic
 
     files: list[Path] = []
     metric_names = [name for name in METRICS if any(name in run.metrics for run in summaries)]

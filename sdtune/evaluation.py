@@ -598,12 +598,9 @@ def reference_source(config: EvaluateConfig, run: Path | None, reference_files: 
 @quiet_libraries()
 def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     """Sample with the run's adapter (or read --images), measure every metric, write eval.json."""
-    import torch
-
-    from .adapter import ADAPTER_FILE, adapter_path, outputs_suffix, read_adapter_info
-    from .config import SampleConfig
-    from .data import fill_placeholders, read_prompt_file
-    from .fileio import output_file_lock, write_text_atomic
+    from .adapter import ADAPTER_FILE, adapter_path, read_adapter_info
+    from .data import read_prompt_file
+    from .fileio import output_file_lock
 
     config.validate()
     info = read_adapter_info(config.run)[0] if config.run else None
@@ -626,6 +623,21 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         raise SdtuneError(f"output folder not found: {output.parent}")
     if output.is_dir():
         raise SdtuneError(f"--output {shell_word(output)} is a folder; give the path of the results file (such as {output / EVAL_FILE})")
+    # held from before the images are drawn: a second evaluation of the same file is refused at once, not after its
+    # work (and, of a run, before it draws over the samples this one measures); what a killed one left of it is swept
+    with output_file_lock(output):
+        return _evaluate(config, progress, info, run, prompts, files, output)
+
+
+def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, prompts: list[str], files: list,
+              output: Path) -> Evaluation:
+    """The evaluation of `evaluate`, its inputs read and `output` locked: the images drawn (or `files`), measured, written."""
+    import torch
+
+    from .adapter import adapter_path, outputs_suffix
+    from .config import SampleConfig
+    from .data import fill_placeholders
+    from .fileio import write_text_atomic
 
     # The reference images, found before anything is drawn: a run whose config names none says so now.
     unavailable: dict[str, str] = {}
@@ -816,8 +828,7 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
     if info is not None:
         report.update(method=info.method, options=info.options, num_parameters=int(info.extra.get("num_parameters", 0)),
                       adapter=adapter_path(config.run).name, adapter_digest=adapter_digest(adapter_path(config.run)))
-    with output_file_lock(output):  # one writer at a time; what a killed evaluation left of it is swept
-        write_text_atomic(output, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(output, json.dumps(report, indent=2) + "\n")
     return Evaluation(output=output, metrics=report["metrics"], unavailable=report["unavailable"], report=report)
 
 

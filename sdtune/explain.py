@@ -98,13 +98,10 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     `run` is an `ExplainConfig`, or a run folder (or adapter file) with the config's other settings
     as keywords: `explain("runs/castle-gift", prompt="photo of a <castle>", steps=20)`.
     """
-    import torch
-
     from . import methods
-    from .adapter import adapter_path, load_adapter, load_adapters, open_adapter, outputs_suffix, read_adapter_info
-    from .fileio import atomic_write, check_no_file_in_the_way
+    from .adapter import adapter_path, outputs_suffix, read_adapter_info
+    from .fileio import OutputLock, check_no_file_in_the_way, ensure_writable_folder
     from .limits import check_drawing_fits
-    from .models import load_pipeline
 
     if isinstance(run, ExplainConfig):
         if settings:
@@ -115,8 +112,7 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     path = adapter_path(config.run)
     info = read_adapter_info(path)[0]
     config.validate()
-    prompt, layer, step, steps, guidance = config.prompt, config.layer, config.step, config.steps, config.guidance
-    seed, resolution, token, model = config.seed, config.resolution, config.token, config.model
+    prompt, layer, step, steps, resolution, model = config.prompt, config.layer, config.step, config.steps, config.resolution, config.model
     explanation = methods.method_class(info.method).explanation
     if explanation == "clusters" and not prompt:
         raise SdtuneError(f"a {info.method} run needs --prompt: its cluster maps are drawn over a generated image")
@@ -132,8 +128,27 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
     check_no_file_in_the_way(output, "output folder")
     if explanation == "clusters":  # it draws an image: sizes the model or the machine cannot take stop here
         check_drawing_fits(model or info.base_model, resolution, steps, width=config.width, height=config.height)
+    ensure_writable_folder(output)
+    lock = OutputLock(output)
+    try:  # taken inside the try: an interrupt just after it is taken still releases it
+        lock.acquire()  # one explanation at a time in `output`: another's pictures would mix with these
+        lock.sweep(lambda name: name.endswith(".png"))  # what a killed explanation left half-written
+        return _explain(config, path, info, explanation, output)
+    finally:
+        lock.release()
 
+
+def _explain(config: ExplainConfig, path: Path, info, explanation: str | None, output: Path) -> ExplainResult:
+    """Draw the pictures of the adapter `path` into `output` (locked, the settings checked)."""
+    import torch
+
+    from .adapter import load_adapter, load_adapters, open_adapter
+    from .fileio import atomic_write
+    from .models import load_pipeline
     from .sampling import found_base_adapters
+
+    prompt, layer, step, steps, guidance = config.prompt, config.layer, config.step, config.steps, config.guidance
+    seed, resolution, token, model = config.seed, config.resolution, config.token, config.model
 
     bases = found_base_adapters(path)  # a run trained on base adapters is drawn on them, as it trained
     pipe = load_pipeline(model or info.base_model)
@@ -145,7 +160,6 @@ def explain(run: ExplainConfig | str | Path, **settings: Any) -> ExplainResult:
         shown = ", ".join(method.target_names[:4]) + (", …" if len(method.target_names) > 4 else "")
         raise SdtuneError(f"unknown layer {layer!r}; this adapter tunes {len(method.target_names)} layers: {shown}")
     chosen = [layer] if layer else list(method.target_names)
-    output.mkdir(parents=True, exist_ok=True)
     result = ExplainResult(output=output, method=info.method)
 
     def save(image, name: str) -> Path:

@@ -77,6 +77,7 @@ def write_model_card(source: str | Path, output: str | Path | None = None, licen
     info = adapter_info(path)
     text = model_card(path, info, license)
     with output_file_lock(output):
+        check_output_target(output, [path], overwrite)  # again, now that no other command writes it
         write_text_atomic(output, text)
     return CardResult(output, info.base_model, info.method)
 

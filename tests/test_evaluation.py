@@ -250,29 +250,26 @@ def test_eval_json_is_written_by_one_evaluation_at_a_time(metric_models, image_s
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
 
 
-@torch.no_grad()
-def test_clip_t_scores_the_prompt_without_its_new_tokens(metric_models, image_sets, tmp_path):
-    """CLIP never learnt `<s0>`: a prompt that writes new tokens out is scored as its words alone."""
-    from transformers import CLIPModel, CLIPProcessor
+def test_an_evaluation_of_a_run_whose_eval_json_is_in_use_is_refused_before_it_draws(two_runs, metric_models, tmp_path):
+    """The eval.json's lock is held for the whole evaluation: a second one of the same run is refused in one line
+    (exit 2) at once, drawing nothing over the samples the other measures and leaving its eval.json as it was."""
+    from test_cli import assert_one_line_error
 
-    from sdtune.token_embeddings import without_new_tokens
+    from sdtune.evaluation import SAMPLES_FOLDER
+    from sdtune.fileio import OutputLock, file_lock_name
 
     clip_path, dino_path = metric_models
-    clip, processor = CLIPModel.from_pretrained(clip_path).eval(), CLIPProcessor.from_pretrained(clip_path)
-    pixels = processor(images=_pil(image_sets[0]), return_tensors="pt")["pixel_values"]
-    images = _unit(clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output))
-
-    def score(text):
-        tokens = processor(text=[text], return_tensors="pt", padding=True)
-        return (100 * images @ _unit(clip.text_projection(clip.text_model(**tokens).pooler_output)).T).mean().item()
-
-    # a prompt this random CLIP scores above 0, and differently with the new tokens read literally
-    candidates = [f"{lead}<s0><s1> {word}" for lead in ("a ", "photo of a ", "") for word in ("castle", "dog", "snow")]
-    prompt = next(p for p in candidates if score(without_new_tokens(p)) > 0 and abs(score(p) - score(without_new_tokens(p))) > 1e-3)
-    assert without_new_tokens("photo of a <s0><s1> castle.") == "photo of a castle."
-    result = evaluate(EvaluateConfig(images=str(image_sets[0]), prompt=[prompt], output=str(tmp_path / "eval.json"),
-                                     clip_model=str(clip_path), dino_model=str(dino_path)), progress=False)
-    assert result.metrics["clip_t"] == pytest.approx(score(without_new_tokens(prompt)), rel=1e-4)
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[1], run, ignore=shutil.ignore_patterns("eval*"))
+    (run / "eval.json").write_text("the other evaluation's\n")
+    (run / SAMPLES_FOLDER).mkdir()  # the other's, being drawn
+    before = {path: path.read_bytes() if path.is_file() else None for path in run.rglob("*")}
+    with OutputLock(run, file_lock_name("eval.json")):
+        result = invoke("evaluate", "--run", run, "--num-images", 1, "--steps", 1, "--clip-model", clip_path,
+                        "--dino-model", dino_path, "--fid-features", "none")
+    assert_one_line_error(result, 2, f"--output {run / 'eval.json'} is in use by another sdtune run (pid {os.getpid()}")
+    assert "sample:" not in result.stderr  # refused before drawing
+    assert {path: path.read_bytes() if path.is_file() else None for path in run.rglob("*")} == before
 
 
 def test_images_pair_with_prompts_by_sample_index(tmp_path):
@@ -535,6 +532,30 @@ def test_compare_command_without_grid_and_bad_run(two_runs, tmp_path):
     result = invoke("compare", tmp_path / "not-a-run", "--output", tmp_path / "cmp2")
     assert result.exit_code == 2 and "not a run folder" in result.stderr
 
+
+def test_a_second_comparison_into_a_folder_in_use_is_refused(two_runs, tmp_path):
+    """Two `sdtune compare` into one folder: the one that finds the other's lock is refused in one line (exit 2) and
+    changes nothing the other wrote; the temporary of a comparison killed mid-write is swept by the next, a person's
+    own file that looks like one is not."""
+    from test_cli import assert_one_line_error
+
+    from sdtune.fileio import LOCK_FILE, OutputLock, temp_path
+
+    out = tmp_path / "cmp"
+    sdtune.compare([str(run) for run in two_runs], str(out), grid=False, progress=False)
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with OutputLock(out):
+        result = invoke("compare", two_runs[0], "--output", out, "--no-grid")
+    assert_one_line_error(result, 2, f"output folder {out} is in use by another sdtune run (pid {os.getpid()}")
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == written
+    killed, foreign = temp_path(out / "comparison.csv"), temp_path(out / "notes.txt")
+    for leftover in (killed, foreign):
+        leftover.write_text("run,method\n")
+        os.utime(leftover, (0, 0))  # older than the next command's lock
+    result = invoke("compare", two_runs[0], "--output", out, "--no-grid")
+    assert result.exit_code == 0, result.output
+    assert not killed.exists() and foreign.exists() and not (out / LOCK_FILE).exists()
+    assert [row["run"] for row in csv.DictReader(open(out / "comparison.csv", newline=""))] == ["atoms"]
 
 def test_compare_reads_the_quality_benchmark_metrics(two_runs, tmp_path):
     """benchmarks/quality.py writes digit fidelity, style fidelity and preservation into eval.json."""

@@ -225,6 +225,35 @@ def test_explain_cli(tmp_path):
     assert (lora / "explain-step-000002" / "update-norms.png").is_file() and (lora / "explain" / "update-norms.png").is_file()
 
 
+def test_a_second_explanation_into_a_folder_in_use_is_refused(tmp_path, monkeypatch):
+    """`sdtune explain` into a folder another explanation is writing is refused in one line (exit 2) before the model
+    loads, the other's pictures untouched; a picture half-written by a killed explanation is swept by the next."""
+    import os
+
+    from typer.testing import CliRunner
+
+    import sdtune.models
+    from sdtune.cli import app
+    from sdtune.fileio import LOCK_FILE, OutputLock, temp_path
+    from test_cli import assert_one_line_error
+
+    run, _ = make_run(tmp_path, "atoms", {"m": 2}, scale=0.01)
+    output = tmp_path / "pictures"
+    output.mkdir()
+    (output / "atoms.png").write_bytes(b"the other explanation's")
+    with monkeypatch.context() as patched, OutputLock(output):
+        patched.setattr(sdtune.models, "load_pipeline", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+        result = CliRunner().invoke(app, ["explain", str(run), "--output", str(output)])
+    assert_one_line_error(result, 2, f"output folder {output} is in use by another sdtune run (pid {os.getpid()}")
+    assert [path.name for path in output.iterdir()] == ["atoms.png"] and (output / "atoms.png").read_bytes() == b"the other explanation's"
+    killed = temp_path(output / "update-norms.png")
+    killed.write_bytes(b"half a picture")
+    os.utime(killed, (0, 0))  # older than the next command's lock
+    result = CliRunner().invoke(app, ["explain", str(run), "--output", str(output)])
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in output.iterdir()) == ["atoms.png", "update-norms.png"]
+    assert (output / "atoms.png").read_bytes() != b"the other explanation's" and not (output / LOCK_FILE).exists()
+
 def test_explain_config_checks_its_settings():
     from sdtune.config import ExplainConfig
 

@@ -59,6 +59,36 @@ def test_an_existing_card_is_kept_and_bad_input_is_one_line(run, tmp_path):
     assert replaced.exit_code == 0 and (run / "README.md").read_text().startswith("---\n")
 
 
+def test_a_card_another_command_is_writing_is_refused_and_kept(run, tmp_path, monkeypatch):
+    """Two `sdtune card` onto one file: the one that finds the other's lock is refused in one line (exit 2), even with
+    --overwrite, and the other's card stays; one whose target the other wrote while it read the run is refused as an
+    existing card once it holds the lock, not written over it."""
+    import os
+
+    import sdtune.model_card
+    from sdtune.fileio import OutputLock, file_lock_name
+    from test_cli import assert_one_line_error
+
+    output = tmp_path / "card.md"
+    output.write_text("the other card\n")
+    with OutputLock(tmp_path, file_lock_name(output.name)):
+        result = CliRunner().invoke(app, ["card", str(run), "--output", str(output), "--overwrite"])
+    assert_one_line_error(result, 2, f"--output {output} is in use by another sdtune run (pid {os.getpid()}")
+    assert output.read_text() == "the other card\n" and [path.name for path in tmp_path.iterdir()] == ["card.md"]
+
+    later = tmp_path / "later.md"
+    card_text = sdtune.model_card.model_card
+
+    def another_card_written_meanwhile(*args, **kwargs):
+        text = card_text(*args, **kwargs)
+        later.write_text("the other card\n")  # another `sdtune card` finished while this one read the run
+        return text
+
+    monkeypatch.setattr(sdtune.model_card, "model_card", another_card_written_meanwhile)
+    result = CliRunner().invoke(app, ["card", str(run), "--output", str(later)])
+    assert_one_line_error(result, 2, f"--output {later} already exists; give a new path, or --overwrite to replace it")
+    assert later.read_text() == "the other card\n"
+
 def test_hub_ids_are_linked_and_local_names_are_not(tmp_path):
     assert is_hub_id("CompVis/stable-diffusion-v1-4") and is_hub_id("stabilityai/stable-diffusion-xl-base-1.0")
     assert not any(map(is_hub_id, ["tiny", str(tmp_path), "./models/sd", "a/b/c", "/abs"]))
