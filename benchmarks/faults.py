@@ -658,8 +658,8 @@ def _steady(name: str, text: str, folder: Path) -> object:
     import re
     import tomllib
 
-    if name == "sweep-run.json":  # the run's time
-        return {key: value for key, value in json.loads(text).items() if key != "seconds"}
+    if name == "sweep-run.json":  # the run's times: this invocation's, and its training's over every invocation
+        return {key: value for key, value in json.loads(text).items() if key not in ("seconds", "train_seconds")}
     if name == "config.toml":  # a resumed run's config names its resume
         from sdtune.training import RUN_CONTROL
 
@@ -674,18 +674,19 @@ def _steady(name: str, text: str, folder: Path) -> object:
             return rows
         column = header.index("s/step")
         return [row[:column] + row[column + 1:] if isinstance(row, list) else row for row in rows]
-    if name == "index.html":  # the sweep report: when written, and the s/step cells
+    if name == "index.html":  # the sweep report: when written, the total training time, the s/step and train time cells
         text = re.sub(r"Written [^<]*? from", "Written from", text)
+        text = re.sub(r"<p>Training took [^<]*? in all,", "<p>Training took in all,", text)
         text = re.sub(r"data:image/png;base64,([A-Za-z0-9+/=]+)",  # sampled images name their run's folder
                       lambda match: hashlib.sha256(repr(_png(io.BytesIO(base64.b64decode(match.group(1))), folder)).encode()).hexdigest(),
                       text)
         keys = re.findall(r'<th class="sortable" data-key="([^"]+)"', text)
-        if "train_seconds_per_step" in keys:
-            column = keys.index("train_seconds_per_step")
+        timed = {keys.index(key) for key in ("train_seconds_per_step", "train_seconds") if key in keys}
+        if timed:
 
             def steady_row(match: re.Match) -> str:
                 cells = re.findall(r"<td.*?</td>", match.group(0))
-                return "".join(cells[:column] + cells[column + 1:])
+                return "".join(cell for column, cell in enumerate(cells) if column not in timed)
 
             text = re.sub(r"<tr class=[^>]*>.*?</tr>", steady_row, text)
         return text

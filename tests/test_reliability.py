@@ -789,3 +789,31 @@ def test_fault_benchmark_signals_at_random_lines_of_experiment_commands(tmp_path
     summary = faults_benchmark().main(["--faults", "lines", "--commands", "evaluate,compare,extract,sweep", "--trials", "2",
                                        "--steps", "4", "--work", str(tmp_path)])
     assert summary == "2 trials, 2 recovered, 0 lost"
+
+
+def test_fault_benchmark_compares_sweep_outputs_without_their_timings(tmp_path):
+    """A resumed sweep's run markers and report differ from its uninterrupted run's in wall times only; a metric,
+    a state or a run counted differently still counts as a difference."""
+    steady = faults_benchmark()._steady
+    marker = {"format": "sdtune-sweep-run/1", "name": "a", "state": "finished", "metrics": {"clip_t": 27.9},
+              "seconds": 6.0, "train_seconds": 4.4}
+
+    def as_json(**changes) -> str:
+        return json.dumps({**marker, **changes})
+
+    assert steady("sweep-run.json", as_json(), tmp_path) == steady("sweep-run.json", as_json(seconds=6.2, train_seconds=3.1), tmp_path)
+    assert steady("sweep-run.json", as_json(), tmp_path) != steady("sweep-run.json", as_json(metrics={"clip_t": 28.0}), tmp_path)
+    assert steady("sweep-run.json", as_json(), tmp_path) != steady("sweep-run.json", as_json(state="failed"), tmp_path)
+
+    def page(total: str, runs: int, per_step: str, train_time: str, clip: str) -> str:
+        keys = ["run", "train_seconds_per_step", "train_seconds", "clip_t"]
+        head = "".join(f'<th class="sortable" data-key="{key}">{key}</th>' for key in keys)
+        row = "".join(f'<td data-value="{value}">{value}</td>' for value in ("a", per_step, train_time, clip))
+        return (f"<p>Written 2026-11-30 02:00 from <code>plan.toml</code>.</p><p>Training took {total} in all, over "
+                f"{runs} runs (train time: ...).</p><table><thead><tr>{head}</tr></thead>"
+                f'<tbody><tr class="finished" data-run="a">{row}</tr></tbody></table>')
+
+    reference = steady("index.html", page("7.4 s", 2, "0.5", "4.4 s", "27.92"), tmp_path)
+    assert steady("index.html", page("1 min 3 s", 2, "0.6", "3.1 s", "27.92"), tmp_path) == reference
+    assert steady("index.html", page("7.4 s", 2, "0.5", "4.4 s", "27.93"), tmp_path) != reference
+    assert steady("index.html", page("7.4 s", 1, "0.5", "4.4 s", "27.92"), tmp_path) != reference
