@@ -73,6 +73,22 @@ def make_adapter(name, options, path, scale=0.05):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def shared_adapter(tmp_path_factory):
+    """`shared_adapter(name, options)`: make_adapter's adapter file and merged pipeline, made once per module for
+    the tests that only read them (several export tests check the same adapters in other readers)."""
+    made = {}
+
+    def get(name, options):
+        key = (name, json.dumps(options, sort_keys=True))
+        if key not in made:
+            path = tmp_path_factory.mktemp("adapter") / "a.safetensors"
+            made[key] = path, make_adapter(name, options, path)
+        return made[key]
+
+    return get
+
+
 def literal_kohya_merge(state: dict, unet) -> list[str]:
     """Add a kohya-format file's updates to `unet` by the literal formulas, key by key; the module names."""
     modules = {"lora_unet_" + name.replace(".", "_"): name for name, _ in unet.named_modules()}
@@ -127,14 +143,15 @@ def literal_kohya_merge(state: dict, unet) -> list[str]:
 
 
 @pytest.mark.parametrize("name,options", LOW_RANK, ids=ids(LOW_RANK))
-def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path, inputs):
+def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path, inputs, shared_adapter):
     from sdtune.models import load_pipeline
 
-    tuned = run_unet(make_adapter(name, options, tmp_path / "a.safetensors").unet, inputs)
+    adapter, tuned_pipe = shared_adapter(name, options)
+    tuned = run_unet(tuned_pipe.unet, inputs)
     base_pipe = load_pipeline("tiny-random")
     assert (tuned - run_unet(base_pipe.unet, inputs)).abs().max() > 1e-4
     out = tmp_path / "castle.safetensors"
-    result = export_adapter(tmp_path / "a.safetensors", "kohya", out)
+    result = export_adapter(adapter, "kohya", out)
     assert result.output == out
     state = load_file(out)
     with safe_open(str(out), framework="pt") as handle:
@@ -194,12 +211,13 @@ def test_kohya_low_rank_export_reconstructs_the_outputs(name, options, tmp_path,
 
 
 @pytest.mark.parametrize("name,options", DIFF_STYLE, ids=ids(DIFF_STYLE))
-def test_kohya_diff_export_is_merged_minus_base(name, options, tmp_path, inputs):
+def test_kohya_diff_export_is_merged_minus_base(name, options, tmp_path, inputs, shared_adapter):
     from sdtune.models import load_pipeline
 
-    merged = make_adapter(name, options, tmp_path / "a.safetensors").unet
+    adapter, merged_pipe = shared_adapter(name, options)
+    merged = merged_pipe.unet
     out = tmp_path / "diff.safetensors"
-    export_adapter(tmp_path / "a.safetensors", "kohya", out)
+    export_adapter(adapter, "kohya", out)
     state = load_file(out)
     assert all(key.startswith("lora_unet_") for key in state)
     suffixes = {key.partition(".")[2] for key in state}
@@ -229,16 +247,17 @@ LYCORIS_CASES += [("lokr", {"rank": 2, "conv_rank": 4}), ("loha", {"rank": 1, "t
 
 
 @pytest.mark.parametrize("name,options", LYCORIS_CASES, ids=ids(LYCORIS_CASES))
-def test_kohya_export_loads_in_lycoris(name, options, tmp_path, inputs, monkeypatch):
+def test_kohya_export_loads_in_lycoris(name, options, tmp_path, inputs, monkeypatch, shared_adapter):
     lycoris_kohya = pytest.importorskip("lycoris.kohya")
     # its network constructor first wraps the UNet by type and by name, and both lists hold the
     # time embedding's linears (a duplicate it asserts against); the loader then replaces them all
     monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
     from sdtune.models import load_pipeline
 
-    tuned = run_unet(make_adapter(name, options, tmp_path / "a.safetensors").unet, inputs)
+    adapter, tuned_pipe = shared_adapter(name, options)
+    tuned = run_unet(tuned_pipe.unet, inputs)
     out = tmp_path / "k.safetensors"
-    export_adapter(tmp_path / "a.safetensors", "kohya", out)
+    export_adapter(adapter, "kohya", out)
     state = load_file(out)
     unet = load_pipeline("tiny-random").unet
     network, _ = lycoris_kohya.create_network_from_weights(1.0, str(out), None, None, unet, weights_sd=state)
@@ -248,7 +267,7 @@ def test_kohya_export_loads_in_lycoris(name, options, tmp_path, inputs, monkeypa
 
 
 @pytest.mark.parametrize("name", ["bitfit", "difffit"])
-def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs, monkeypatch):
+def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs, monkeypatch, shared_adapter):
     """A module whose bias alone changed has `.diff_b` alone: LyCORIS refuses the default file and reads
     the `--full-diff` one, whose zero `.diff`s are the only difference. The notes, returned to Python code, name
     the setting as it gives it (`full_diff=True`)."""
@@ -256,8 +275,9 @@ def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs
     monkeypatch.setattr(lycoris_kohya.LycorisNetworkKohya, "UNET_TARGET_REPLACE_NAME", [])
     from sdtune.models import load_pipeline
 
-    tuned = run_unet(make_adapter(name, {}, tmp_path / "a.safetensors").unet, inputs)
-    default = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "default.safetensors")
+    adapter, tuned_pipe = shared_adapter(name, {})
+    tuned = run_unet(tuned_pipe.unet, inputs)
+    default = export_adapter(adapter, "kohya", tmp_path / "default.safetensors")
     assert len(default.notes) == 1 and "ComfyUI and sdtune read this file, LyCORIS, AUTOMATIC1111 and InvokeAI refuse it" in default.notes[0]
     assert "; full_diff=True adds a zero .diff beside each for them (" in default.notes[0]
     state = load_file(tmp_path / "default.safetensors")
@@ -266,7 +286,7 @@ def test_bias_only_modules_load_in_lycoris_with_full_diff(name, tmp_path, inputs
     with pytest.raises(AttributeError):  # its loader finds no update kind in a module holding .diff_b alone
         lycoris_kohya.create_network_from_weights(1.0, "", None, None, load_pipeline("tiny-random").unet, weights_sd=state)
 
-    full = export_adapter(tmp_path / "a.safetensors", "kohya", tmp_path / "full.safetensors", full_diff=True)
+    full = export_adapter(adapter, "kohya", tmp_path / "full.safetensors", full_diff=True)
     assert full.notes[0].startswith(f"full_diff=True: {len(lonely)} zero .diff tensors beside .diff_b ones")
     full_state = load_file(tmp_path / "full.safetensors")
     added = set(full_state) - set(state)
@@ -445,14 +465,15 @@ def test_diffusers_lora_loads_with_load_lora_weights(targets, conv, tmp_path, in
 
 
 @pytest.mark.parametrize("name,options", LOW_RANK, ids=ids(LOW_RANK))
-def test_peft_folder_loads_with_peft(name, options, tmp_path, inputs):
+def test_peft_folder_loads_with_peft(name, options, tmp_path, inputs, shared_adapter):
     from peft import PeftConfig, PeftModel, inject_adapter_in_model, set_peft_model_state_dict
 
     from sdtune.models import load_pipeline
 
-    tuned = run_unet(make_adapter(name, options, tmp_path / "a.safetensors").unet, inputs)
+    adapter, tuned_pipe = shared_adapter(name, options)
+    tuned = run_unet(tuned_pipe.unet, inputs)
     folder = tmp_path / "peft"
-    export_adapter(tmp_path / "a.safetensors", "peft", folder)
+    export_adapter(adapter, "peft", folder)
     assert {p.name for p in folder.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
 
     model = PeftModel.from_pretrained(load_pipeline("tiny-random").unet, str(folder))

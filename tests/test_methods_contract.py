@@ -203,6 +203,14 @@ def oft_count(options: dict, layer) -> int:
     return (1 if options.get("block_share") else dim // b) * b * (b - 1) // 2
 
 
+@pytest.fixture(scope="module")
+def base_unet(tiny_path):
+    """The base model's UNet, loaded once for the module: tests only run it and read its layout, never change it."""
+    from sdtune.models import load_pipeline
+
+    return load_pipeline("tiny-random").unet
+
+
 def perturb(method, scale=0.05):
     """Give every trainable parameter a non-zero value, as training would."""
     generator = torch.Generator().manual_seed(7)
@@ -245,7 +253,7 @@ def test_training_lowers_the_loss(name, options, lr, tiny_pipe, unet_inputs):
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
-def test_save_load_and_merge_reproduce_outputs(name, options, lr, tiny_pipe, unet_inputs, tmp_path):
+def test_save_load_and_merge_reproduce_outputs(name, options, lr, tiny_pipe, base_unet, unet_inputs, tmp_path):
     from sdtune.models import load_pipeline
 
     # 16x16 latents: at 8x8 the tiny UNet's last down block runs at 1x1, where each GroupNorm
@@ -257,13 +265,12 @@ def test_save_load_and_merge_reproduce_outputs(name, options, lr, tiny_pipe, une
     method.inject(tiny_pipe.unet)
     perturb(method)
     tuned = run_unet(tiny_pipe.unet, unet_inputs)
-    base = run_unet(load_pipeline("tiny-random").unet, unet_inputs)
+    base = run_unet(base_unet, unet_inputs)
     assert (tuned - base).abs().max() > 1e-4, "the perturbed update should change the outputs"
 
     path = save_adapter(tmp_path / "adapter.safetensors", method, "tiny-random", placeholder="<castle>", token="sks castle")
-    unmerged = load_adapter(path, load_pipeline("tiny-random"), merge=False)
     fresh = load_pipeline("tiny-random")
-    load_adapter(path, fresh, merge=False)
+    unmerged = load_adapter(path, fresh, merge=False)
     torch.testing.assert_close(run_unet(fresh.unet, unet_inputs), tuned, rtol=0, atol=1e-5)
 
     merged_pipe = load_pipeline("tiny-random")
@@ -280,7 +287,7 @@ def test_save_load_and_merge_reproduce_outputs(name, options, lr, tiny_pipe, une
     torch.testing.assert_close(run_unet(tiny_pipe.unet, unet_inputs), tuned, rtol=0, atol=1e-5)
     assert all(type(m).__module__.startswith(("torch.", "diffusers.")) for m in tiny_pipe.unet.modules())
     # ... the base's very modules, parameters and buffers, and no hooks: merged sampling costs what the base costs
-    reference = load_pipeline("tiny-random").unet
+    reference = base_unet
     for merged_unet in (tiny_pipe.unet, merged_pipe.unet):
         assert [(n, type(m)) for n, m in merged_unet.named_modules()] == [(n, type(m)) for n, m in reference.named_modules()]
         assert [(n, p.shape) for n, p in merged_unet.named_parameters()] == [(n, p.shape) for n, p in reference.named_parameters()]
@@ -327,13 +334,11 @@ def test_merging_at_strength_zero_unloads_to_the_exact_base(name, options, lr, t
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
-def test_strength_merge_and_unmerge(name, options, lr, tiny_pipe, unet_inputs):
+def test_strength_merge_and_unmerge(name, options, lr, tiny_pipe, base_unet, unet_inputs):
     """set_scale acts alike merged and unmerged, and unmerge gives back the exact base weights and layers."""
-    from sdtune.models import load_pipeline
-
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     unet_inputs = (latents, *unet_inputs[1:])
-    base = run_unet(load_pipeline("tiny-random").unet, unet_inputs)
+    base = run_unet(base_unet, unet_inputs)
     method = methods.create(name, **options)
     method.inject(tiny_pipe.unet)
     perturb(method)
@@ -368,12 +373,10 @@ def test_strength_merge_and_unmerge(name, options, lr, tiny_pipe, unet_inputs):
 
 
 @pytest.mark.parametrize("name,options,lr", CASES, ids=IDS)
-def test_parameter_count_matches_formula(name, options, lr, tiny_pipe):
-    from sdtune.models import load_pipeline
-
+def test_parameter_count_matches_formula(name, options, lr, tiny_pipe, base_unet):
     method = methods.create(name, **options)
     method.inject(tiny_pipe.unet)
-    assert method.num_parameters() == expected_count(name, options, load_pipeline("tiny-random").unet)
+    assert method.num_parameters() == expected_count(name, options, base_unet)
     # what `sdtune train` counts before the model loads: the method injected into a meta-device UNet
     from sdtune.limits import count_parameters
     from sdtune.models import read_model_configs
