@@ -60,6 +60,12 @@ def step_adapters(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, key=lambda each: (each[0], each[1].name))
 
 
+def saved_step(path: Path) -> int | None:
+    """The step of a run's step file (adapter-step-N or adapter-ema-step-N), None for any other file."""
+    match = STEP_ADAPTER.match(path.name)
+    return int(match.group(2)) if match else None
+
+
 def outputs_suffix(adapter: Path) -> str:
     """What the folders and files drawn or measured from an adapter add to their names so that a run's step files'
     never meet its adapter.safetensors' ("-step-000200" for adapter-step-000200.safetensors; "" for any other)."""

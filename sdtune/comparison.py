@@ -102,14 +102,15 @@ def variant_of(method: str, options: dict[str, Any]) -> str:
 def summarize_run(path: str | Path) -> RunSummary:
     """A run folder, or one of its step files (adapter-step-N.safetensors: the run as it was at that save, named
     RUN-step-N, with its losses up to that step and its own eval-step-N.json)."""
-    from .adapter import (ADAPTER_FILE, STEP_ADAPTER, adapter_path, missing_adapter_reason, outputs_suffix, read_adapter_info,
+    from .adapter import (ADAPTER_FILE, adapter_path, missing_adapter_reason, outputs_suffix, read_adapter_info, saved_step,
                           unfinished_run)
     from .evaluation import evaluation_file
 
     path = Path(path)
-    if STEP_ADAPTER.match(path.name) and not path.exists():
+    step = saved_step(path)
+    if step is not None and not path.exists():
         adapter_path(path)  # refused as sample and evaluate refuse it: not found, naming the step files there are
-    step_file = STEP_ADAPTER.match(path.name) is not None and path.is_file()
+    step_file = step is not None and path.is_file()
     folder, adapter = (path.parent, path) if step_file else (path, path / ADAPTER_FILE)
     if not adapter.is_file():
         why = missing_adapter_reason(path) if path.is_dir() else ""
@@ -121,7 +122,7 @@ def summarize_run(path: str | Path) -> RunSummary:
     memory += [r["peak_memory_bytes"] / 2**20 for r in records if isinstance(r.get("peak_memory_bytes"), (int, float))]
     losses = [(int(r["step"]), float(r["loss"])) for r in records if "step" in r and "loss" in r]
     if step_file:  # the steps that made it
-        losses = [(step, loss) for step, loss in losses if step <= int(STEP_ADAPTER.match(path.name).group(2))]
+        losses = [(logged, loss) for logged, loss in losses if logged <= step]
     report = read_evaluation(folder, evaluation_file(adapter).name) or {}
     stale = stale_evaluation(report, folder, info.method, info.options, adapter.name) if report else ""
     if stale:  # another adapter's numbers would be read as this one's

@@ -88,7 +88,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import methods
-    from .adapter import STEP_ADAPTER, outputs_suffix
+    from .adapter import outputs_suffix, saved_step
     from .data import fill_placeholders
     from .evaluation import evaluation_file
     from .fileio import human_bytes
@@ -98,7 +98,7 @@ def model_card(path: Path, info, license: str | None = None) -> str:
     settings = read_settings(run)
     # a run's step file (adapter-step-N.safetensors) is the run as it was at step N: its own samples, losses and evaluation
     suffix = outputs_suffix(path)
-    step = int(STEP_ADAPTER.match(path.name).group(2)) if suffix and (run / "config.toml").exists() else None
+    step = saved_step(path) if (run / "config.toml").exists() else None
     run_steps = settings.get("steps")
     if step is not None:
         settings["steps"] = step

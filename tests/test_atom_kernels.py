@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sdtune.methods import atom_kernels
-from sdtune.methods.atom_kernels import FormedWeightConv, TapMixedConv, route, tap_mixed_conv2d
+from sdtune.methods.atom_kernels import TapMixedConv, route, tap_mixed_conv2d, weight_side_conv
 
 # every exact route: the tap side with each library backward, and the weight side
 ROUTES = ["tap-unfold", "tap-depthwise", "weight"]
@@ -24,7 +24,7 @@ def literal(x, conv, mixing):
 
 def apply(route_name, x, conv, mixing):
     if route_name == "weight":
-        return FormedWeightConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
+        return weight_side_conv(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation)
     backward = route_name.removeprefix("tap-")
     return TapMixedConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation, backward)
 

@@ -308,8 +308,8 @@ def _(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
 
 
 class FormedWeightConv(torch.autograd.Function):
-    """conv2d(x, W_r·(I + M)) with the weight formed on the fly and never stored: the weight side of one mixing per
-    input channel (D1); a shared mixing takes `ProjectedMixingConv`."""
+    """conv2d(x, W_r·(I + M_c)) with one mixing M_c per input channel (D1; `mixing` (c_in, k², k²)), the weight formed on
+    the fly and never stored: the weight side of `weight_side_conv` for such a mixing."""
 
     @staticmethod
     def forward(ctx, x, weight, mixing, bias, stride, padding, dilation):
@@ -327,13 +327,10 @@ class FormedWeightConv(torch.autograd.Function):
             grad, x, formed, None, stride, padding, dilation, False, (0, 0), 1,
             [ctx.needs_input_grad[0], True, False],
         )
-        # W'_r = W_r·(I + M), so dL/dM = W_rᵀ·dL/dW'_r (per input channel for one M per channel)
-        if mixing.dim() == 2:
-            grad_mixing = weight.reshape(-1, taps).T @ grad_weight.reshape(-1, taps)
-        else:
-            out_channels, channels = weight.shape[:2]
-            rows = weight.reshape(out_channels, channels, taps).transpose(0, 1)
-            grad_mixing = torch.bmm(rows.transpose(1, 2), grad_weight.reshape(out_channels, channels, taps).transpose(0, 1))
+        # W'_r[:, c] = W_r[:, c]·(I + M_c), so dL/dM_c = W_r[:, c]ᵀ·dL/dW'_r[:, c]
+        out_channels, channels = weight.shape[:2]
+        rows = weight.reshape(out_channels, channels, taps).transpose(0, 1)
+        grad_mixing = torch.bmm(rows.transpose(1, 2), grad_weight.reshape(out_channels, channels, taps).transpose(0, 1))
         return grad_x, None, grad_mixing.to(mixing.dtype), None, None, None, None
 
 
@@ -482,9 +479,13 @@ def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side:
         return conv._conv_forward(x, _mixed_weight(weight, mixing.to(weight.dtype)).to(x.dtype), bias)
     if side == "tap":
         return TapMixedConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation, backward)
+    return weight_side_conv(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
+
+
+def weight_side_conv(x, weight, mixing, bias, stride, padding, dilation) -> torch.Tensor:
+    """conv2d(x, W_r·(I + M)) on the weight side: `ProjectedMixingConv` for a shared M (k², k²), `FormedWeightConv` for
+    one per input channel (c_in, k², k²)."""
     if mixing.dim() == 2:
-        return ProjectedMixingConv.apply(
-            x, weight, bias, None, mixing, 1.0, conv.stride, conv.padding, conv.dilation, weight.dtype
-        )
-    return FormedWeightConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
+        return ProjectedMixingConv.apply(x, weight, bias, None, mixing, 1.0, stride, padding, dilation, weight.dtype)
+    return FormedWeightConv.apply(x, weight, mixing, bias, stride, padding, dilation)
 

@@ -923,7 +923,6 @@ class Loha(_Lycoris):
         )
 
 
-
 def _factorization(dimension: int, factor: int, ordered: bool) -> tuple[int, int]:
     """LoKr's split of `dimension` into (w1's, w2's) part near `factor` (-1: near the square root); `ordered`:
     LyCORIS' (the smaller first always), else peft's (a dividing factor first, even the larger)."""
