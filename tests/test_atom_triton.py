@@ -62,8 +62,9 @@ GEOMETRIES = {
 CASES = [(name, False) for name in GEOMETRIES] + [("stride 2", True), ("3x2 strided dilated", True)]
 
 
+@pytest.mark.parametrize("kernel", ["fused", "fold"])
 @pytest.mark.parametrize("name,per_channel", CASES)
-def test_kernel_equals_autograd_in_float64(name, per_channel):
+def test_kernel_equals_autograd_in_float64(name, per_channel, kernel):
     batch, c_in, c_out, height, width, kernel, stride, padding, dilation = GEOMETRIES[name]
     generator = torch.Generator().manual_seed(7)
     taps = kernel[0] * kernel[1]
@@ -74,12 +75,14 @@ def test_kernel_equals_autograd_in_float64(name, per_channel):
     grad = torch.randn(out_shape, generator=generator, dtype=torch.float64)
     expected_x, expected_mixing = reference(x, weight, mixing, grad, stride, padding, dilation)
     eye = torch.eye(taps, dtype=torch.float64)
-    grad_x, grad_mixing = tap_backward(x, weight, eye + mixing, grad, stride, padding, dilation)
+    grad_x, grad_mixing = tap_backward(x, weight, eye + mixing, grad, stride, padding, dilation, kernel=kernel)
     torch.testing.assert_close(grad_x, expected_x, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_mixing, expected_mixing, rtol=0, atol=1e-11)
     # H taken in blocks of channels (as for a large layer: here three) gives the same numbers
     chunk_bytes = grad[:, :1].numel() * taps * x.element_size() * -(-c_in // 3)
-    grad_x, grad_mixing = tap_backward(x, weight, eye + mixing, grad, stride, padding, dilation, chunk_bytes=chunk_bytes)
+    grad_x, grad_mixing = tap_backward(
+        x, weight, eye + mixing, grad, stride, padding, dilation, chunk_bytes=chunk_bytes, kernel=kernel
+    )
     torch.testing.assert_close(grad_x, expected_x, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_mixing, expected_mixing, rtol=0, atol=1e-11)
 
@@ -89,31 +92,43 @@ def test_other_tiles_give_the_same_numbers(monkeypatch, tile):
     from sdtune.methods import atom_triton
 
     monkeypatch.setattr(atom_triton, "TAP_TILE", tile)
-    test_kernel_equals_autograd_in_float64("stride 2", False)
+    test_kernel_equals_autograd_in_float64("stride 2", False, "fused")
 
 
-def test_gradcheck_through_the_autograd_function():
+@pytest.mark.parametrize("tile", [(16, 2, 1), (128, 4, 3)])
+def test_other_fold_tiles_give_the_same_numbers(monkeypatch, tile):
+    """Blocks of positions narrower than a map's row or wider than the map, one block a program or several."""
+    from sdtune.methods import atom_triton
+
+    monkeypatch.setattr(atom_triton, "FOLD_TILE", tile)
+    test_kernel_equals_autograd_in_float64("stride 2", True, "fold")
+    test_kernel_equals_autograd_in_float64("37 channels", False, "fold")
+
+
+@pytest.mark.parametrize("route", ["triton", "triton-fold"])
+def test_gradcheck_through_the_autograd_function(route):
     torch.manual_seed(3)
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double().requires_grad_(False)
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
     mixing = (0.3 * torch.randn(9, 9, dtype=torch.float64)).requires_grad_()
 
     def fast(x, mixing):
-        return TapMixedConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation, "triton")
+        return TapMixedConv.apply(x, conv.weight, mixing, conv.bias, conv.stride, conv.padding, conv.dilation, route)
 
     assert torch.autograd.gradcheck(fast, (x, mixing), fast_mode=True)
 
 
-def test_float32_close_to_float64_and_bitwise_repeatable():
+@pytest.mark.parametrize("kernel", ["fused", "fold"])
+def test_float32_close_to_float64_and_bitwise_repeatable(kernel):
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(2, 12, 8, 8, generator=generator, dtype=torch.float64)
     weight = torch.randn(10, 12, 3, 3, generator=generator, dtype=torch.float64)
     mix = torch.eye(9, dtype=torch.float64) + 0.3 * torch.randn(9, 9, generator=generator, dtype=torch.float64)
     grad = torch.randn(2, 10, 8, 8, generator=generator, dtype=torch.float64)
     geometry = ((1, 1), (1, 1), (1, 1))
-    expected_x, expected_mixing = tap_backward(x, weight, mix, grad, *geometry)
-    first = tap_backward(x.float(), weight.float(), mix.float(), grad.float(), *geometry)
-    second = tap_backward(x.float(), weight.float(), mix.float(), grad.float(), *geometry)
+    expected_x, expected_mixing = tap_backward(x, weight, mix, grad, *geometry, kernel=kernel)
+    first = tap_backward(x.float(), weight.float(), mix.float(), grad.float(), *geometry, kernel=kernel)
+    second = tap_backward(x.float(), weight.float(), mix.float(), grad.float(), *geometry, kernel=kernel)
     assert first[0].dtype == torch.float32 and first[1].dtype == torch.float32
     for a, b in zip(first, second):
         assert torch.equal(a, b)  # no atomics: the same sums in the same order every time
@@ -121,27 +136,29 @@ def test_float32_close_to_float64_and_bitwise_repeatable():
     torch.testing.assert_close(first[1].double(), expected_mixing, rtol=1e-5, atol=1e-5 * expected_mixing.abs().max().item())
 
 
-def test_only_the_gradients_asked_for():
+@pytest.mark.parametrize("kernel", ["fused", "fold"])
+def test_only_the_gradients_asked_for(kernel):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(1, 4, 5, 5, generator=generator, dtype=torch.float64)
     weight = torch.randn(3, 4, 3, 3, generator=generator, dtype=torch.float64)
     mix = torch.eye(9, dtype=torch.float64)
     grad = torch.randn(1, 3, 5, 5, generator=generator, dtype=torch.float64)
     geometry = ((1, 1), (1, 1), (1, 1))
-    full_x, full_mixing = tap_backward(x, weight, mix, grad, *geometry)
-    only_x = tap_backward(x, weight, mix, grad, *geometry, need_mixing=False)
-    only_mixing = tap_backward(x, weight, mix, grad, *geometry, need_x=False)
+    full_x, full_mixing = tap_backward(x, weight, mix, grad, *geometry, kernel=kernel)
+    only_x = tap_backward(x, weight, mix, grad, *geometry, need_mixing=False, kernel=kernel)
+    only_mixing = tap_backward(x, weight, mix, grad, *geometry, need_x=False, kernel=kernel)
     assert only_x[1] is None and only_mixing[0] is None
     assert torch.equal(only_x[0], full_x) and torch.equal(only_mixing[1], full_mixing)
 
 
-def test_the_triton_mode_of_the_layer_function():
+@pytest.mark.parametrize("backward", ["triton", "triton-fold"])
+def test_the_triton_mode_of_the_layer_function(backward):
     torch.manual_seed(6)
     conv = nn.Conv2d(6, 5, 3, padding=1).double().requires_grad_(False)
     x = torch.randn(2, 6, 6, 6, dtype=torch.float64, requires_grad=True)
     mixing = (0.2 * torch.randn(9, 9, dtype=torch.float64)).requires_grad_()
-    assert atom_kernels.route(x, "tap-triton") == ("tap", "triton")
-    out = tap_mixed_conv2d(x, conv, mixing, mode="tap-triton")
+    assert atom_kernels.route(x, f"tap-{backward}") == ("tap", backward)
+    out = tap_mixed_conv2d(x, conv, mixing, mode=f"tap-{backward}")
     grads = torch.autograd.grad(out.square().sum(), (x, mixing))
     expected = torch.nn.functional.conv2d(x, formed_weight(conv.weight, mixing), conv.bias, 1, 1)
     expected_grads = torch.autograd.grad(expected.square().sum(), (x, mixing))
@@ -151,7 +168,8 @@ def test_the_triton_mode_of_the_layer_function():
     assert atom_kernels.triton_tap_backward() is not None  # it ran: no fallback to the library
 
 
-def test_torch_compile_takes_the_kernel_whole():
+@pytest.mark.parametrize("backward", ["triton", "triton-fold"])
+def test_torch_compile_takes_the_kernel_whole(backward):
     """torch.compile traces the layer with no graph break and keeps the kernel as one op of the backward graph
     (it cannot trace the kernel's launch itself); the compiled gradients are the eager ones."""
     torch.manual_seed(8)
@@ -160,7 +178,7 @@ def test_torch_compile_takes_the_kernel_whole():
     mixing = (0.2 * torch.randn(5, 9, 9, dtype=torch.float64)).requires_grad_()  # one per channel
 
     def loss(x, mixing):
-        return tap_mixed_conv2d(x, conv, mixing, mode="tap-triton").square().sum()
+        return tap_mixed_conv2d(x, conv, mixing, mode=f"tap-{backward}").square().sum()
 
     torch._dynamo.reset()
     explained = torch._dynamo.explain(loss)(x, mixing)

@@ -24,6 +24,8 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
     and per-tile partial sums of dL/dM (no unfolded input, no mixed copy of H, no atomics); H is formed
     per block of channels so that little memory is added to the frozen convolution's backward. Under
     torch.compile it is called as the custom op `sdtune::tap_backward_triton`, one op of the backward graph.
+  - "triton-fold" (CUDA): `atom_triton.tap_backward_fold`, one kernel that reads H once: dL/dM by a tensor-core dot
+    with x's taps gathered in place, and (I + M)ᵀ·H written over H for the library's fold to sum into grad_x.
 - `ProjectedMixingConv` (weight side): one library convolution with W + ΔW formed on the fly and not kept;
   backward forms it again and asks the library for grad_x and grad_W in one call. It takes filter atoms' ΔD and P
   and forms M = P·ΔD itself, so that a layer is one autograd node. On CPU, fast on large maps, where the library's
@@ -72,7 +74,7 @@ PLAIN_MAX_WEIGHTS = {"cpu": 1 << 16}
 # thread, batch 4, forward + backward: 1,280 channels on 2x2 maps 166 -> 22 ms, on 4x4 83 -> 52 ms, 640 on 8x8
 # 57 -> 51 ms); from 16x16 up the copies cost what the wider GEMM saves.
 FOLD_BATCH_MAX_POSITIONS = 64
-TAP_BACKWARDS = ("unfold", "depthwise", "triton")
+TAP_BACKWARDS = ("unfold", "depthwise", "triton", "triton-fold")
 MODES = ("auto", "tap", "weight", "autograd") + tuple(f"tap-{name}" for name in TAP_BACKWARDS)
 
 _triton_state: dict[str, object] = {}
@@ -130,7 +132,7 @@ class TapMixedConv(torch.autograd.Function):
         out_height = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         out_width = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         positions = out_height * out_width
-        if backward == "triton" or out_channels <= batch * positions:
+        if backward.startswith("triton") or out_channels <= batch * positions:
             # the formed weight is no bigger than the unfolded input: form it and let the library convolve
             return F.conv2d(x, _mixed_weight(weight, mixing.to(x.dtype)), bias, stride, padding, dilation)
         mix = _identity_plus(mixing, x.dtype)
@@ -144,8 +146,11 @@ class TapMixedConv(torch.autograd.Function):
         x, weight, mixing = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
         need_x, need_mixing = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        if ctx.backward_route == "triton":
-            grad_x, grad_mixing = _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+        if ctx.backward_route.startswith("triton"):
+            kernel = "fold" if ctx.backward_route == "triton-fold" else "fused"
+            grad_x, grad_mixing = _triton_backward(
+                x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel
+            )
         else:
             contract = _unfold_backward if ctx.backward_route == "unfold" else _depthwise_backward
             grad_x, grad_mixing = contract(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
@@ -259,13 +264,15 @@ def _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need
     return grad_x, grad_mixing
 
 
-def _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+def _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel="fused"):
     if not torch.compiler.is_compiling():  # eager: the op's dispatch would cost ~30 us a layer of host time
-        return triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+        return triton_or_library_backward(
+            x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel
+        )
     # Traced through a custom op: torch.compile keeps it whole in the backward graph instead of tracing the kernel's
     # launch (whose Python it cannot trace) or the fallback's state.
     grad_x, grad_mixing = torch.ops.sdtune.tap_backward_triton(
-        x, weight, mixing, grad, list(stride), list(padding), list(dilation), need_x, need_mixing
+        x, weight, mixing, grad, list(stride), list(padding), list(dilation), need_x, need_mixing, kernel
     )
     return (grad_x if need_x else None), (grad_mixing if need_mixing else None)
 
@@ -273,34 +280,37 @@ def _triton_backward(x, weight, mixing, grad, stride, padding, dilation, need_x,
 @torch.library.custom_op("sdtune::tap_backward_triton", mutates_args=())
 def _tap_backward_triton(
     x: torch.Tensor, weight: torch.Tensor, mixing: torch.Tensor, grad: torch.Tensor,
-    stride: list[int], padding: list[int], dilation: list[int], need_x: bool, need_mixing: bool,
+    stride: list[int], padding: list[int], dilation: list[int], need_x: bool, need_mixing: bool, kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`triton_or_library_backward` as an op: each gradient not needed is an empty tensor (an op returns tensors)."""
-    grad_x, grad_mixing = triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+    grad_x, grad_mixing = triton_or_library_backward(
+        x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel
+    )
     return (
         grad_x.contiguous() if need_x else x.new_empty(0),
         grad_mixing.contiguous() if need_mixing else mixing.new_empty(0),
     )
 
 
-def triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
-    """(grad_x, dL/dM) by the Triton kernel, or by the depthwise backward where Triton is missing or failed."""
+def triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel="fused"):
+    """(grad_x, dL/dM) by the Triton `kernel` ("fused" or "fold"), or by the depthwise backward where Triton is
+    missing or failed."""
     function = triton_tap_backward()
     if function is not None:
         mix = _identity_plus(mixing, torch.promote_types(mixing.dtype, torch.float32))
         try:
             grad_x, grad_mixing = function(
-                x, weight, mix, grad, stride, padding, dilation, need_x=need_x, need_mixing=need_mixing
+                x, weight, mix, grad, stride, padding, dilation, need_x=need_x, need_mixing=need_mixing, kernel=kernel
             )
             return grad_x, grad_mixing.to(mixing.dtype) if grad_mixing is not None else None
         except Exception as error:  # noqa: BLE001 - an exact library route is always there to fall back on
-            warn(f"the Triton tap-side kernel failed ({type(error).__name__}: {error}); using the library's")
+            warn(f"the Triton tap-side kernel ({kernel}) failed ({type(error).__name__}: {error}); using the library's")
             _triton_state["function"] = None
     return _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
 
 
 @_tap_backward_triton.register_fake
-def _(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing):
+def _(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else x.new_empty(0),
         torch.empty(mixing.shape, dtype=mixing.dtype, device=mixing.device) if need_mixing else mixing.new_empty(0),
@@ -418,7 +428,7 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
 
     `mixing`: (k², k²), or (c_in, k², k²) for one per input channel. `mode`: "auto" (by the device,
     the weight's size and the input positions), "tap" (the device's tap-side backward), "tap-unfold", "tap-depthwise",
-    "tap-triton" (one tap-side backward), "weight", or "autograd" (plain autograd on the formed weight:
+    "tap-triton", "tap-triton-fold" (one tap-side backward), "weight", or "autograd" (plain autograd on the formed weight:
     the reference the others are tested against). When no gradient is needed, the formed weight is
     used directly. Under autocast the fast kernels run in the autocast dtype, as the library
     convolution would; the mixing matrix and its gradient stay fp32.

@@ -17,13 +17,25 @@ H itself: no unfolded input, no mixed copy of H, no depthwise weight gradient.
 H is formed per block of channels (`TAP_H_CHUNK_BYTES`), so it never holds more than that beyond what the
 frozen convolution's backward holds.
 
-Under `TRITON_INTERPRET=1` (set before this module is imported) the kernel runs on CPU tensors, float64
-included: that is how the tests check it without a GPU.
+That kernel ("fused") reads each value of H 9 times (once for each tap t it feeds) and reduces x·H across its
+tile once for each of the k⁴ entries of dL/dM. The "fold" kernel reads H once instead. One program takes one
+channel and a run of output positions p and, per block of positions, loads H's k² rows there (padded to 16) and
+the input's k² taps X_t[p] = x[q_t(p)] gathered in place (q_t(p) the input position tap t reads for output p):
+
+    dL/dM[s, t] += Σ_p H[s, p]·X_t[p]          one tensor-core dot, (16 × positions)·(positions × 16)
+    H'[t, p]     = Σ_s (I + M)[s, t]·H[s, p]    one more, written over H in place
+
+and torch's fold (col2im) then sums H' into grad_x, as the unfold route's backward does. No unfolded input, no
+cross-lane reduction per entry, no second buffer the size of H.
+
+Under `TRITON_INTERPRET=1` (set before this module is imported) the kernels run on CPU tensors, float64
+included: that is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -32,6 +44,9 @@ TAP_H_CHUNK_BYTES = 32 << 20
 # (channels, input positions, warps, unrolled) of one program, or None for `tile`'s choice; the
 # per-layer benchmark times others with --triton-tiles.
 TAP_TILE: tuple[int, int, int, bool] | None = None
+# (output positions a block, warps, blocks a program) of the "fold" kernel's programs; --triton-tiles sets others.
+FOLD_TILE = (64, 4, 8)
+KERNELS = ("fused", "fold")
 
 
 @triton.jit
@@ -132,10 +147,13 @@ def tap_backward(
     need_x: bool = True,
     need_mixing: bool = True,
     chunk_bytes: int | None = None,
+    kernel: str = "fused",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """grad_x and dL/dM of y = conv(x, W_r·mix) given G = dL/dy (`mix` = I + M: (k², k²), or
-    (c_in, k², k²) for one per input channel). dL/dM comes back in fp32 (float64 for float64 inputs),
-    shaped like `mix`."""
+    (c_in, k², k²) for one per input channel), by the `kernel` of `KERNELS`. dL/dM comes back in fp32
+    (float64 for float64 inputs), shaped like `mix`."""
+    if kernel == "fold":
+        return tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, need_x, need_mixing, chunk_bytes)
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     taps = kh * kw
@@ -188,4 +206,116 @@ def tap_backward(
             for partial in sums[1:]:  # in order: the same sum every time
                 grad_mix = grad_mix + partial
             grad_mix = grad_mix.view(taps, taps)
+    return grad_x, grad_mix
+
+
+@triton.jit
+def _tap_fold_kernel(
+    h_ptr, x_ptr, mix_ptr, part_ptr,
+    channels, height, width, out_width, positions, x_batch_stride, x_channel_stride,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, blocks_per_program,
+    KH: tl.constexpr, KW: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_M: tl.constexpr, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr, IEEE: tl.constexpr,
+):
+    split = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    taps: tl.constexpr = KH * KW
+    acc_dtype: tl.constexpr = tl.float64 if FP64 else tl.float32
+    r = tl.arange(0, ROWS)  # a row: tap s of H, or tap t of the input
+    r_ok = r < taps
+    h_rows = h_ptr + (b * channels + c) * (taps * positions) + r[:, None] * positions
+    x_channel = x_ptr + b * x_batch_stride + c * x_channel_stride
+    offset_h = (r // KW) * dil_h - pad_h  # where tap t reads, relative to the output position's corner
+    offset_w = (r % KW) * dil_w - pad_w
+    if NEED_X:  # (I + M)ᵀ, padded with zeros
+        mix_at = mix_ptr + (c * (taps * taps) if PER_CHANNEL else 0)
+        mix_t = tl.load(mix_at + r[None, :] * taps + r[:, None], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
+        mix_t = mix_t.to(acc_dtype)
+    acc = tl.zeros([ROWS, ROWS], dtype=acc_dtype)
+    for i in range(blocks_per_program):
+        p = (split * blocks_per_program + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = p < positions
+        tile_ok = r_ok[:, None] & p_ok[None, :]
+        h = tl.load(h_rows + p[None, :], mask=tile_ok, other=0.0)
+        if NEED_M:
+            qh = (p // out_width)[None, :] * stride_h + offset_h[:, None]
+            qw = (p % out_width)[None, :] * stride_w + offset_w[:, None]
+            inside = tile_ok & (qh >= 0) & (qh < height) & (qw >= 0) & (qw < width)
+            taps_of_x = tl.load(x_channel + qh * width + qw, mask=inside, other=0.0)
+            if IEEE:
+                acc += tl.dot(h.to(acc_dtype), tl.trans(taps_of_x.to(acc_dtype)), input_precision="ieee")
+            else:  # bf16/fp16 products are exact in fp32
+                acc += tl.dot(h, tl.trans(taps_of_x.to(h.dtype)))
+        if NEED_X:
+            if IEEE:
+                mixed = tl.dot(mix_t, h.to(acc_dtype), input_precision="ieee")
+            else:
+                mixed = tl.dot(mix_t, h.to(acc_dtype))  # tf32: finer than the bf16/fp16 it is written in
+            tl.store(h_rows + p[None, :], mixed.to(h_ptr.dtype.element_ty), mask=tile_ok)  # over H: only this program reads it
+    if NEED_M:
+        part = part_ptr + ((b * tl.num_programs(0) + split) * channels + c) * (taps * taps)
+        tl.store(part + r[:, None] * taps + r[None, :], acc, mask=r_ok[:, None] & r_ok[None, :])
+
+
+def fold_tile(positions: int) -> tuple[int, int, int]:
+    """(output positions a block, warps, blocks a program) of the "fold" kernel: `FOLD_TILE`, the block no wider
+    than the map."""
+    block, warps, blocks = FOLD_TILE
+    return min(block, max(16, triton.next_power_of_2(positions))), warps, blocks
+
+
+def tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, need_x=True, need_mixing=True, chunk_bytes=None):
+    """`tap_backward` by the "fold" kernel (see the module docstring): the same arguments and results."""
+    batch, channels, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    taps = kh * kw
+    out_height, out_width = grad.shape[-2:]
+    positions = out_height * out_width
+    per_channel = mix.dim() == 3
+    fp64 = x.dtype == torch.float64
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    x = x.contiguous()
+    grad = grad.contiguous().view(batch, out_channels, positions)
+    mix = mix.to(acc_dtype).contiguous()
+    rows = weight.reshape(out_channels, channels * taps)
+    chunk_bytes = TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    chunk = max(1, min(channels, chunk_bytes // max(batch * taps * positions * x.element_size(), 1)))
+    block_p, warps, blocks = fold_tile(positions)
+    blocks = min(blocks, triton.cdiv(positions, block_p))
+    n_split = triton.cdiv(positions, block_p * blocks)
+    grad_x = torch.empty_like(x) if need_x and chunk < channels else None
+    pieces, sums = [], []
+    for start in range(0, channels, chunk):
+        stop = min(channels, start + chunk)
+        count = stop - start
+        h = torch.matmul(rows[:, start * taps : stop * taps].T, grad)  # H for these channels, (batch, count·k², P)
+        part = torch.empty(batch * n_split, count, taps, taps, dtype=acc_dtype, device=x.device) if need_mixing else h
+        _tap_fold_kernel[(n_split, count, batch)](
+            h, x[:, start:stop], mix[start:stop] if per_channel else mix, part,
+            count, height, width, out_width, positions, x.stride(0), x.stride(1),
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], blocks,
+            KH=kh, KW=kw, ROWS=max(16, triton.next_power_of_2(taps)), BLOCK_P=block_p,
+            NEED_X=need_x, NEED_M=need_mixing, PER_CHANNEL=per_channel, FP64=fp64,
+            IEEE=x.dtype in (torch.float32, torch.float64), num_warps=warps,
+        )
+        if need_x:  # H' summed into the input positions each value came from
+            folded = F.fold(h, (height, width), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+            if grad_x is None:
+                pieces.append(folded)
+            else:
+                grad_x[:, start:stop] = folded
+        del h
+        if need_mixing:
+            sums.append(part.sum(0) if per_channel else part.sum((0, 1)))
+    if need_x and grad_x is None:
+        grad_x = pieces[0]
+    grad_mix = None
+    if need_mixing:
+        if per_channel:
+            grad_mix = torch.cat(sums).view(channels, taps, taps)
+        else:
+            grad_mix = sums[0]
+            for partial in sums[1:]:  # in order: the same sum every time
+                grad_mix = grad_mix + partial
     return grad_x, grad_mix
