@@ -5,17 +5,21 @@
     python benchmarks/atom_kernels.py --device cuda --dtype bf16 --check      # the Triton kernel's bf16 error
     python benchmarks/atom_kernels.py --include-1x1 --per-channel            # 1x1 layers; the D1 variant's mixing
     python benchmarks/atom_kernels.py --device cuda --dtype bf16 --triton-tiles 8x256x4,32x32x4u   # other tiles
+    python benchmarks/atom_kernels.py --device cuda --dtype bf16 --fold-tiles 32x2x8,128x4x4   # the fold kernel's
 
 Runs SD v1.4's UNet (random weights) once to record the input shape of each 3x3 convolution (and 1x1 with
 `--include-1x1`), then times forward + backward of every distinct (channels in, channels out, stride, size)
 with
 - frozen: the library convolution with a frozen weight (only the input gradient: the floor),
 - each route of `tap_mixed_conv2d` (gradients for the input and the atoms): the tap side with each of its
-  backwards (tap-unfold, tap-depthwise, and tap-triton where Triton runs), the weight side, and autograd
-  on the formed weight,
+  backwards (tap-unfold, tap-depthwise, and tap-triton and tap-triton-fold where Triton runs), the weight side,
+  and autograd on the formed weight,
 in turns, and prints milliseconds per call, the median per-round ratio of each to the frozen
 convolution, the input positions (batch × height × width) that `TAP_SIDE_MAX_POSITIONS` compares
-against and, on CUDA, each route's peak memory over the frozen convolution's. `--per-channel` gives every
+against and, on CUDA, each route's peak memory over the frozen convolution's and the time its kernels keep the
+GPU busy (torch.profiler) against the frozen convolution's: a call's wall time on a GPU is mostly the host's
+launches, which a step's other layers overlap, so the GPU time is what a layer costs a step that is not bound
+by the host (CUDA graphs). `--per-channel` gives every
 input channel its own mixing matrix, as the D1 variant's update is.
 
 Below the table: the measured rule. For the device's tap-side backward (`TAP_BACKWARD`), the input-position
@@ -80,16 +84,41 @@ def time_call(function, device: str) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def routes_here(device: str, tiles: str = "") -> list[str]:
-    """The routes to time: "tap-triton@16x32x4u" is the Triton kernel with one tile (channels x positions
-    x warps, u: the taps' gathers unrolled)."""
+def routes_here(device: str, tiles: str = "", fold_tiles: str = "") -> list[str]:
+    """The routes to time: "tap-triton@16x32x4u" is the fused Triton kernel with one tile (channels x positions
+    x warps, u: the taps' gathers unrolled), "tap-triton-fold@32x2x8" the fold kernel with one (positions x warps
+    x blocks a program)."""
     from sdtune.methods.atom_kernels import triton_tap_backward
 
     routes = ["tap-unfold", "tap-depthwise"]
     if device == "cuda" and triton_tap_backward() is not None:
         routes.append("tap-triton")
         routes += [f"tap-triton@{spec}" for spec in filter(None, tiles.split(","))]
+        routes.append("tap-triton-fold")
+        routes += [f"tap-triton-fold@{spec}" for spec in filter(None, fold_tiles.split(","))]
     return routes + ["weight", "autograd"]
+
+
+def parse_fold_tile(spec: str) -> tuple[int, int, int]:
+    positions, warps, blocks = (int(n) for n in spec.split("x"))
+    return positions, warps, blocks
+
+
+def gpu_milliseconds(call, repeats: int = 3) -> float | None:
+    """The median milliseconds one call keeps the GPU busy in kernels (torch.profiler), or None where the profiler
+    does not run."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        times = []
+        for _ in range(repeats):
+            with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+                call()
+            times.append(sum(getattr(e, "self_device_time_total", 0) for e in profiler.key_averages()) / 1e3)
+        return statistics.median(times)
+    except Exception as error:  # noqa: BLE001 - the column stays empty
+        print(f"no GPU time: {type(error).__name__}: {error}", file=sys.stderr)
+        return None
 
 
 def parse_tile(spec: str) -> tuple[int, int, int, bool]:
@@ -115,7 +144,7 @@ def table(args) -> None:
     from sdtune.methods.atom_kernels import TAP_BACKWARD, TAP_SIDE_MAX_POSITIONS, tap_mixed_conv2d
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    routes = routes_here(args.device, args.triton_tiles)
+    routes = routes_here(args.device, args.triton_tiles, args.fold_tiles)
     device_backward = TAP_BACKWARD.get(args.device, "depthwise")
     if f"tap-{device_backward}" not in routes:
         device_backward = "depthwise"
@@ -129,10 +158,14 @@ def table(args) -> None:
     memory = args.device == "cuda"
     header = "| in | out | k | stride | size | count | input positions | frozen ms | " + " | ".join(f"{r} ×" for r in routes)
     header += " | best |" + (" " + " | ".join(f"{r} +MB" for r in routes) + " |" if memory else "")
+    if memory:
+        header += " frozen GPU ms | " + " | ".join(f"{r} GPU ×" for r in routes) + " | best GPU |"
     print(header)
-    print("|" + " ---: |" * (8 + len(routes)) + " --- |" + (" ---: |" * len(routes) if memory else ""))
+    print("|" + " ---: |" * (8 + len(routes)) + " --- |"
+          + (" ---: |" * len(routes) + " ---: |" + " ---: |" * len(routes) + " --- |" if memory else ""))
     generator = torch.Generator().manual_seed(0)
     totals = []  # (positions, count, frozen ms, {route: ms})
+    gpu_totals = []  # (count, {call: GPU ms})
     for (c_in, c_out, k, stride, height, width), count in conv_shapes(
         args.latent, args.batch, args.device, dtype, (3, 1) if args.include_1x1 else (3,)
     ):
@@ -146,17 +179,18 @@ def table(args) -> None:
             mode, _, spec = mode.partition("@")
 
             def call():
-                if spec:
-                    from sdtune.methods import atom_triton
+                from sdtune.methods import atom_triton
 
-                    atom_triton.TAP_TILE = parse_tile(spec)
+                setting = "FOLD_TILE" if mode == "tap-triton-fold" else "TAP_TILE"
+                previous = getattr(atom_triton, setting)
+                if spec:
+                    setattr(atom_triton, setting, parse_fold_tile(spec) if mode == "tap-triton-fold" else parse_tile(spec))
                 try:
                     with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
                         out = tap_mixed_conv2d(x, conv, mixing, mode)
                     out.sum().backward()
                 finally:
-                    if spec:
-                        atom_triton.TAP_TILE = None
+                    setattr(atom_triton, setting, previous)
 
             return call
 
@@ -183,6 +217,12 @@ def table(args) -> None:
         base = statistics.median(times["frozen"])
         ratios = {route: statistics.median(t / b for t, b in zip(times[route], times["frozen"])) for route in routes}
         totals.append((args.batch * height * width, count, base, {route: base * ratios[route] for route in routes}))
+        gpu = {}
+        if memory:
+            for name, call in calls.items():
+                gpu[name] = gpu_milliseconds(call)
+                x.grad = mixing.grad = None
+            gpu_totals.append((count, gpu))
         best = min(ratios, key=ratios.get)
         line = (
             f"| {c_in} | {c_out} | {k} | {stride} | {height} | {count} | {args.batch * height * width} | {base:.3f} | "
@@ -191,8 +231,18 @@ def table(args) -> None:
         )
         if memory:
             line += " " + " | ".join(f"{peaks[r] - peaks['frozen']:+.1f}" for r in routes) + " |"
+            if None not in gpu.values():
+                gpu_ratios = {r: gpu[r] / gpu["frozen"] for r in routes}
+                line += (f" {gpu['frozen']:.3f} | " + " | ".join(f"{gpu_ratios[r]:.2f}" for r in routes)
+                         + f" | {min(gpu_ratios, key=gpu_ratios.get)} |")
         print(line, flush=True)
     print_rule(totals, routes, device_backward, TAP_SIDE_MAX_POSITIONS.get(args.device, 0))
+    if gpu_totals and all(None not in gpu.values() for _, gpu in gpu_totals):
+        frozen = sum(count * gpu["frozen"] for count, gpu in gpu_totals)
+        print(f"GPU time of the UNet's convolutions per step (kernels only), frozen {frozen:.2f} ms:")
+        for route in routes:
+            every = sum(count * gpu[route] for count, gpu in gpu_totals)
+            print(f"  {route} on every layer: {every:.2f} ms GPU ({every / frozen:.2f}×)")
 
 
 def print_rule(totals, routes, backward: str, current) -> None:
@@ -281,6 +331,10 @@ def main() -> None:
     parser.add_argument(
         "--triton-tiles", default="", metavar="SPECS",
         help="also time the Triton kernel with these tiles, e.g. 8x256x4,32x32x4u (channels x positions x warps, u: unrolled)",
+    )
+    parser.add_argument(
+        "--fold-tiles", default="", metavar="SPECS",
+        help="also time the fold kernel with these tiles, e.g. 32x2x8,128x4x4 (positions x warps x blocks a program)",
     )
     parser.add_argument("--check", action="store_true", help="the tap side's error against autograd instead of times")
     parser.add_argument("--tolerance", type=float, default=2e-2, help="--check: largest relative error allowed")

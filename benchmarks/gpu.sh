@@ -17,6 +17,8 @@
 #            kernel16 variants
 #   hostbound  what the 2026-11-30 H200 run left open, most telling first (about 8 minutes in all):
 #            kernelspeed graphs cudnn channelslast kernelturns
+#   fold     the fold kernel (tap-triton-fold) first, then what hostbound measures: kernelcheck kernelspeed
+#            graphs foldlayers kernelturns cudnn channelslast
 #   loop     the whole train step and sampling alone (loop.py): train sample16 compile samplebf16
 #   sampling merged sampling of every method; rest: fp32 tables
 #   families one training step per method on the SDXL-architecture UNet at 1024 px and the SD 2.1 one at
@@ -91,7 +93,8 @@ loop() {
 }
 
 tiles=16x32x4u,8x256x4,32x32x4,8x64x2  # other Triton tiles for the per-layer tables (default: 4x128x4u)
-kernel_rows="floor,atoms,atoms[autograd],atoms[tap-triton],atoms[tap-depthwise],lora"  # atoms: the weight side on CUDA
+fold_tiles=32x2x8,128x4x4,64x4x32  # other tiles of the fold kernel (default: 64x4x8)
+kernel_rows="floor,atoms,atoms[autograd],atoms[tap-triton],atoms[tap-triton-fold],atoms[tap-depthwise],lora"  # atoms: the weight side on CUDA
 
 # Each part appends its tables as it finishes; the default order puts first what the loop and kernel targets
 # need (correctness, the bf16 steps, fp16 sampling), then what explains them, then the rest.
@@ -109,8 +112,8 @@ part_kernelspeed() {  # the training step of every kernel against the floor and 
 }
 
 part_kernelturns() {  # the same rows stepped in turns in one process: ratios that a host's slow spells skew less
-    speed --dtype bf16 --batch 1 --interleave --rows "floor,atoms,atoms[tap-depthwise],lora"
-    speed --dtype bf16 --batch 4 --interleave --rows "floor,atoms,atoms[tap-depthwise],lora"
+    speed --dtype bf16 --batch 1 --interleave --rows "floor,atoms,atoms[tap-triton-fold],lora"
+    speed --dtype bf16 --batch 4 --interleave --rows "floor,atoms,atoms[tap-triton-fold],lora"
 }
 
 part_cudnn() {  # cuDNN autotuned (--cudnn-benchmark): does the weight side's bf16 weight gradient get cheaper?
@@ -124,21 +127,26 @@ part_channelslast() {  # channels-last memory format: cuDNN's NHWC kernels for t
 }
 
 part_graphs() {  # torch.compile in reduce-overhead mode (CUDA graphs): the step without the host's launches
-    speed --dtype bf16 --batch 1 --compile reduce-overhead --warmup 5 --rows "floor,atoms,lora"
+    speed --dtype bf16 --batch 1 --compile reduce-overhead --warmup 5 --rows "floor,atoms,atoms[tap-triton-fold],lora"
 }
 
 part_sample16() {  # sdtune sample against plain diffusers in fp16: start-up and time per image
     loop --sampling-only --sample-dtype fp16 --sample-rounds 2
 }
 
-part_kernellayers() {  # why: per layer, every route and tile, and the rule that the table measures
-    kernels --dtype bf16 --batch 1 --triton-tiles "$tiles"
-    kernels --dtype bf16 --batch 4 --triton-tiles "$tiles"
+part_kernellayers() {  # why: per layer, every route and tile, its GPU time, and the rule that the table measures
+    kernels --dtype bf16 --batch 1 --triton-tiles "$tiles" --fold-tiles "$fold_tiles"
+    kernels --dtype bf16 --batch 4 --triton-tiles "$tiles" --fold-tiles "$fold_tiles"
+}
+
+part_foldlayers() {  # per layer, the routes without the fused kernel's other tiles: the GPU time of each
+    kernels --dtype bf16 --batch 1 --fold-tiles "$fold_tiles"
+    kernels --dtype bf16 --batch 4 --fold-tiles "$fold_tiles"
 }
 
 part_kernel16() {  # fp16 steps and the kernel's fp16 error
-    speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[autograd],atoms[tap-triton],lora"
-    speed --dtype fp16 --batch 4 --rows "floor,atoms,atoms[autograd],atoms[tap-triton],lora"
+    speed --dtype fp16 --batch 1 --rows "floor,atoms,atoms[autograd],atoms[tap-triton],atoms[tap-triton-fold],lora"
+    speed --dtype fp16 --batch 4 --rows "floor,atoms,atoms[autograd],atoms[tap-triton],atoms[tap-triton-fold],lora"
     kernels --check --dtype fp16 --batch 2
 }
 
@@ -181,6 +189,7 @@ declare -A group_parts=(
     [default]="kernelcheck train kernelspeed sample16 kernelturns cudnn channelslast graphs kernellayers kernel16 compile variants samplebf16 oft sampling rest"
     [kernel]="kernelcheck kernelspeed kernelturns cudnn channelslast graphs kernellayers kernel16 variants"
     [hostbound]="kernelspeed graphs cudnn channelslast kernelturns"
+    [fold]="kernelcheck kernelspeed graphs foldlayers kernelturns cudnn channelslast"
     [loop]="train sample16 compile samplebf16"
     [sampling]="sampling" [rest]="rest" [families]="families"
 )

@@ -1,4 +1,4 @@
-"""Compiles the Triton tap-side kernel for sm_90 (or another GPU), one request per line of stdin, for
+"""Compiles the Triton tap-side kernels for sm_90 (or another GPU), one request per line of stdin, for
 test_atom_triton_sm90.py.
 
 Run as `python sm90_compiler.py <path of atom_triton.py>` without TRITON_INTERPRET: Triton decides at its
@@ -6,7 +6,7 @@ first import whether triton.language's own @jit helpers (tl.sum, ...) are interp
 process imports it interpreted (conftest.py), where compiling a kernel that calls them fails.
 
 Request: {"signature": {name: type}, "constexprs": [[path, value]], "attrs": [[path, attrs]], "num_warps": n,
-"arch": 90}.
+"arch": 90, "kernel": "_tap_backward_kernel" (the default) or "_tap_fold_kernel"}.
 Reply: {"cubin": base64, "ptx": text}, or {"error": the traceback}.
 """
 
@@ -27,9 +27,9 @@ def main(kernel_file: str) -> None:
     spec = importlib.util.spec_from_file_location("atom_triton_sm90", kernel_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    kernel = module._tap_backward_kernel
     for line in sys.stdin:
         request = json.loads(line)
+        kernel = getattr(module, request.get("kernel", "_tap_backward_kernel"))
         try:
             source = ASTSource(
                 fn=kernel,

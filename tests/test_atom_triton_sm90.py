@@ -96,10 +96,11 @@ class Sm90Compiler:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment,
         )  # its stderr is the test's: pytest shows it with a failure
 
-    def compile(self, signature: dict, constexprs: dict, attrs: dict, num_warps: int, arch: int = 90) -> tuple[bytes, str]:
+    def compile(self, signature: dict, constexprs: dict, attrs: dict, num_warps: int, arch: int = 90,
+                kernel: str = "_tap_backward_kernel") -> tuple[bytes, str]:
         """(cubin, ptx) of the kernel specialised so, for sm_`arch`."""
         request = {
-            "signature": signature, "num_warps": num_warps, "arch": arch,
+            "signature": signature, "num_warps": num_warps, "arch": arch, "kernel": kernel,
             "constexprs": [[list(path), value] for path, value in constexprs.items()],
             "attrs": [[list(path), value] for path, value in attrs.items()],
         }
@@ -162,18 +163,23 @@ def specialization(kernel, arguments: dict):
     return signature, constexprs, attrs
 
 
-def record_launches(module, dtype_name: str, batch: int, per_channel: bool, needs=((True, True),), convs=SD14_CONVS):
-    """The kernel launches of the tap side's backward for each convolution, on meta tensors."""
-    launches = Launches(module._tap_backward_kernel)
+KERNEL_OF = {"triton": "_tap_backward_kernel", "triton-fold": "_tap_fold_kernel"}
+
+
+def record_launches(module, dtype_name: str, batch: int, per_channel: bool, needs=((True, True),), convs=SD14_CONVS,
+                    backward: str = "triton"):
+    """The kernel launches of the tap side's `backward` for each convolution, on meta tensors."""
+    name = KERNEL_OF[backward]
+    launches = Launches(getattr(module, name))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "_tap_backward_kernel", launches)
+        patch.setattr(module, name, launches)
         patch.setitem(atom_kernels._triton_state, "function", module.tap_backward)
-        run_backwards(DTYPES[dtype_name], batch, per_channel, needs, convs)
+        run_backwards(DTYPES[dtype_name], batch, per_channel, needs, convs, backward)
     assert launches.seen, "the Triton route was not taken"
     return launches.seen
 
 
-def run_backwards(dtype, batch, per_channel, needs, convs) -> None:
+def run_backwards(dtype, batch, per_channel, needs, convs, backward="triton") -> None:
     for c_in, c_out, k, stride, size in convs:
         with torch.device("meta"):
             conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2).requires_grad_(False)
@@ -183,7 +189,7 @@ def run_backwards(dtype, batch, per_channel, needs, convs) -> None:
                 mixing = torch.empty(mixing_shape).requires_grad_(need_mixing)  # the trained parameter: fp32
                 # what tap_mixed_conv2d does under autocast: x and W in its dtype, the mixing fp32
                 out = atom_kernels._fast_or_plain(
-                    x.to(dtype), conv, mixing, "tap", "triton", None if dtype == torch.float32 else dtype
+                    x.to(dtype), conv, mixing, "tap", backward, None if dtype == torch.float32 else dtype
                 )
                 assert out.dtype == dtype
                 inputs = [t for t in (x, mixing) if t.requires_grad]
@@ -194,13 +200,14 @@ def run_backwards(dtype, batch, per_channel, needs, convs) -> None:
 _compiled: dict = {}
 
 
-def compile_sm90(module, compiler: Sm90Compiler, launch, arch: int = 90) -> dict:
-    """Compile one recorded launch for sm_90 or `arch` (cached by its specialisation); its registers and local
-    memory."""
-    signature, constexprs, attrs = specialization(module._tap_backward_kernel, launch["arguments"])
-    key = (arch, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)), launch["num_warps"])
+def compile_sm90(module, compiler: Sm90Compiler, launch, arch: int = 90, kernel: str = "_tap_backward_kernel") -> dict:
+    """Compile one recorded launch of `kernel` for sm_90 or `arch` (cached by its specialisation); its registers and
+    local memory."""
+    signature, constexprs, attrs = specialization(getattr(module, kernel), launch["arguments"])
+    key = (kernel, arch, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(sorted(attrs)),
+           launch["num_warps"])
     if key not in _compiled:
-        binary, ptx = compiler.compile(signature, constexprs, attrs, launch["num_warps"], arch)
+        binary, ptx = compiler.compile(signature, constexprs, attrs, launch["num_warps"], arch, kernel)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(binary)
             cubin.flush()
@@ -276,6 +283,44 @@ def test_every_sd14_launch_compiles_for_sm90_without_spills(compiled_kernel_modu
     assert tiles == {(4, 128, 4, True), (8, 64, 4, True)}
 
 
+def check_fold_launch(launch) -> None:
+    """`check_launch` for the "fold" kernel."""
+    a = launch["arguments"]
+    assert a["FP64"] is False and a["IEEE"] is (a["x_ptr"].dtype == torch.float32)
+    assert a["x_ptr"].dtype != torch.float64 and a["h_ptr"].dtype == a["x_ptr"].dtype
+    assert a["mix_ptr"].dtype == torch.float32
+    if a["NEED_M"]:
+        assert a["part_ptr"].dtype == torch.float32
+    taps = a["KH"] * a["KW"]
+    assert a["ROWS"] >= max(16, taps)
+    assert a["ROWS"] * a["positions"] < 2**31 and a["height"] * a["width"] < 2**31  # the kernel's int32 offsets
+    grid_p, grid_c, grid_b = launch["grid"]
+    assert grid_c == a["channels"] and grid_c < 2**16 and grid_b < 2**16
+    assert grid_p * a["blocks_per_program"] * a["BLOCK_P"] >= a["positions"]  # every position in some program
+    assert (grid_p - 1) * a["blocks_per_program"] * a["BLOCK_P"] < a["positions"]  # and no program without one
+    assert a["h_ptr"].numel() == grid_b * a["channels"] * taps * a["positions"]
+
+
+@pytest.mark.parametrize("dtype_name", ["bf16", pytest.param("fp16", marks=pytest.mark.slow), pytest.param("fp32", marks=pytest.mark.slow)])
+def test_every_sd14_launch_of_the_fold_kernel_compiles_for_sm90_without_spills(compiled_kernel_module, sm90_compiler, dtype_name):
+    """The "fold" kernel as the GPU run launches it (batch 1 and 4, shared mixing; per channel, and each gradient
+    alone, on a few layers): no spills, no float64 arithmetic."""
+    launches = []
+    for batch in (1, 4):
+        launches += record_launches(compiled_kernel_module, dtype_name, batch, per_channel=False, backward="triton-fold")
+    needs = ((True, True), (False, True), (True, False))
+    convs = [(4, 320, 3, 1, 64), (320, 320, 3, 2, 64), (1280, 1280, 3, 1, 8), (320, 320, 1, 1, 64)]
+    launches += record_launches(compiled_kernel_module, dtype_name, 4, per_channel=True, needs=needs, convs=convs,
+                                backward="triton-fold")
+    for launch in launches:
+        check_fold_launch(launch)
+        figures = compile_sm90(compiled_kernel_module, sm90_compiler, launch, kernel="_tap_fold_kernel")
+        a = launch["arguments"]
+        name = f"{dtype_name} {a['KH']}x{a['KW']} block {a['BLOCK_P']} NEED_X={a['NEED_X']} NEED_M={a['NEED_M']}"
+        assert figures["REG"] <= 255 and not figures["LOCAL"] and not figures["STACK"], (name, figures["REG"])
+        assert ".f64" not in figures["ptx"], f"{name}: float64 arithmetic on the GPU run"
+
+
 @pytest.mark.parametrize("arch,dtype_name", [(75, "fp16"), (80, "bf16"), (86, "bf16"), (89, "bf16")],
                          ids=["T4 sm_75 fp16", "A100 sm_80", "RTX 30 sm_86", "RTX 40 and L4 sm_89"])
 def test_sd14_launches_compile_for_other_gpus_without_spills(compiled_kernel_module, sm90_compiler, arch, dtype_name):
@@ -297,6 +342,31 @@ def benchmark_tiles() -> list[tuple]:
     script = (ROOT / "benchmarks/gpu.sh").read_text()
     specs = re.search(r"^tiles=(\S+)", script, re.MULTILINE).group(1).split(",")
     return [benchmark.parse_tile(spec) for spec in specs]
+
+
+def benchmark_fold_tiles() -> list[tuple]:
+    """The fold kernel's tiles that gpu.sh asks benchmarks/atom_kernels.py to time (--fold-tiles)."""
+    spec = importlib.util.spec_from_file_location("atom_kernels_benchmark", ROOT / "benchmarks/atom_kernels.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    script = (ROOT / "benchmarks/gpu.sh").read_text()
+    specs = re.search(r"^fold_tiles=(\S+)", script, re.MULTILINE).group(1).split(",")
+    return [benchmark.parse_fold_tile(spec) for spec in specs]
+
+
+@pytest.mark.slow
+def test_the_benchmarks_fold_tiles_compile_for_sm90(compiled_kernel_module, sm90_compiler, monkeypatch):
+    tiles = benchmark_fold_tiles()
+    assert tiles
+    convs = [(320, 320, 3, 1, 64), (320, 320, 3, 2, 64), (1280, 1280, 3, 1, 8)]
+    for tile in tiles:
+        monkeypatch.setattr(compiled_kernel_module, "FOLD_TILE", tile)
+        for batch in (1, 4):
+            for launch in record_launches(compiled_kernel_module, "bf16", batch, per_channel=False, convs=convs,
+                                          backward="triton-fold"):
+                check_fold_launch(launch)
+                figures = compile_sm90(compiled_kernel_module, sm90_compiler, launch, kernel="_tap_fold_kernel")
+                assert figures["REG"] <= 255, (tile, figures["REG"])
 
 
 @pytest.mark.slow
