@@ -136,6 +136,34 @@ def test_float32_close_to_float64_and_bitwise_repeatable(kernel):
     torch.testing.assert_close(first[1].double(), expected_mixing, rtol=1e-5, atol=1e-5 * expected_mixing.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kernel", ["fused", "fold"])
+def test_half_precision_within_autograds_own_error(kernel, dtype):
+    """In bf16 and fp16 (x, W and dL/dy so, the mixing fp32, as under autocast) each gradient is within 3x the error
+    that autograd on the formed weight makes in the same dtype, both against float64: the GPU check's comparison."""
+    for stride in (1, 2):
+        generator = torch.Generator().manual_seed(stride)
+        x = torch.randn(2, 20, 9, 9, generator=generator, dtype=torch.float64)
+        weight = 0.1 * torch.randn(17, 20, 3, 3, generator=generator, dtype=torch.float64)
+        mixing = 0.05 * torch.randn(9, 9, generator=generator, dtype=torch.float64)
+        geometry = ((stride, stride), (1, 1), (1, 1))
+        out_size = 9 if stride == 1 else 5
+        grad = torch.randn(2, 17, out_size, out_size, generator=generator, dtype=torch.float64)
+        expected = reference(x, weight, mixing, grad, *geometry)
+        low_x = x.to(dtype).requires_grad_()
+        low_mixing = mixing.float().requires_grad_()
+        out = torch.nn.functional.conv2d(low_x, formed_weight(weight.to(dtype), low_mixing.to(dtype)), None, *geometry)
+        autograd = torch.autograd.grad(out, (low_x, low_mixing), grad.to(dtype))
+        got = tap_backward(
+            x.to(dtype), weight.to(dtype), torch.eye(9) + low_mixing.detach(), grad.to(dtype), *geometry, kernel=kernel
+        )
+        assert got[0].dtype == dtype and got[1].dtype == torch.float32
+        for ours, theirs, exact in zip(got, autograd, expected):
+            scale = exact.abs().max().item()
+            error = (ours.double() - exact).abs().max().item() / scale
+            assert error <= 3 * (theirs.double() - exact).abs().max().item() / scale and error < 2e-2
+
+
 @pytest.mark.parametrize("kernel", ["fused", "fold"])
 def test_only_the_gradients_asked_for(kernel):
     generator = torch.Generator().manual_seed(2)

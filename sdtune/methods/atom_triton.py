@@ -245,8 +245,8 @@ def _tap_fold_kernel(
             taps_of_x = tl.load(x_channel + qh * width + qw, mask=inside, other=0.0)
             if IEEE:
                 acc += tl.dot(h.to(acc_dtype), tl.trans(taps_of_x.to(acc_dtype)), input_precision="ieee")
-            else:  # bf16/fp16 products are exact in fp32
-                acc += tl.dot(h, tl.trans(taps_of_x.to(h.dtype)))
+            else:  # tf32 holds bf16 and fp16 values exactly: the products are exact, as a bf16 dot's would be
+                acc += tl.dot(h.to(tl.float32), tl.trans(taps_of_x.to(tl.float32)))
         if NEED_X:
             if IEEE:
                 mixed = tl.dot(mix_t, h.to(acc_dtype), input_precision="ieee")
