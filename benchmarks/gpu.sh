@@ -17,8 +17,8 @@
 #            kernel16 variants
 #   hostbound  what the 2026-11-30 H200 run left open, most telling first (about 8 minutes in all):
 #            kernelspeed graphs cudnn channelslast kernelturns
-#   fold     the fold kernel (tap-triton-fold) first, then what hostbound measures: kernelcheck kernelspeed
-#            graphs foldlayers kernelturns cudnn channelslast
+#   fold     the fold kernel (tap-triton-fold) first, then what hostbound measures: kernelcheck foldlayers
+#            kernelspeed graphs kernelturns cudnn channelslast
 #   loop     the whole train step and sampling alone (loop.py): train sample16 compile samplebf16
 #   sampling merged sampling of every method; rest: fp32 tables
 #   families one training step per method on the SDXL-architecture UNet at 1024 px and the SD 2.1 one at
@@ -189,7 +189,7 @@ declare -A group_parts=(
     [default]="kernelcheck train kernelspeed sample16 kernelturns cudnn channelslast graphs kernellayers kernel16 compile variants samplebf16 oft sampling rest"
     [kernel]="kernelcheck kernelspeed kernelturns cudnn channelslast graphs kernellayers kernel16 variants"
     [hostbound]="kernelspeed graphs cudnn channelslast kernelturns"
-    [fold]="kernelcheck kernelspeed graphs foldlayers kernelturns cudnn channelslast"
+    [fold]="kernelcheck foldlayers kernelspeed graphs kernelturns cudnn channelslast"
     [loop]="train sample16 compile samplebf16"
     [sampling]="sampling" [rest]="rest" [families]="families"
 )
