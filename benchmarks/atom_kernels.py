@@ -104,9 +104,10 @@ def parse_fold_tile(spec: str) -> tuple[int, int, int]:
     return positions, warps, blocks
 
 
-def gpu_milliseconds(call, repeats: int = 3) -> float | None:
-    """The median milliseconds one call keeps the GPU busy in kernels (torch.profiler), or None where the profiler
-    does not run."""
+def gpu_milliseconds(call, repeats: int = 1) -> float | None:
+    """The median milliseconds one call keeps the GPU busy in kernels (torch.profiler; a kernel's time varies far
+    less than a call's wall time, and each profiled call costs the run tens of milliseconds), or None where the
+    profiler does not run."""
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -165,7 +166,7 @@ def table(args) -> None:
           + (" ---: |" * len(routes) + " ---: |" + " ---: |" * len(routes) + " --- |" if memory else ""))
     generator = torch.Generator().manual_seed(0)
     totals = []  # (positions, count, frozen ms, {route: ms})
-    gpu_totals = []  # (count, {call: GPU ms})
+    gpu_totals = []  # as totals, in GPU kernel time
     for (c_in, c_out, k, stride, height, width), count in conv_shapes(
         args.latent, args.batch, args.device, dtype, (3, 1) if args.include_1x1 else (3,)
     ):
@@ -222,7 +223,8 @@ def table(args) -> None:
             for name, call in calls.items():
                 gpu[name] = gpu_milliseconds(call)
                 x.grad = mixing.grad = None
-            gpu_totals.append((count, gpu))
+            if None not in gpu.values() and gpu["frozen"] > 0:
+                gpu_totals.append((args.batch * height * width, count, gpu["frozen"], {r: gpu[r] for r in routes}))
         best = min(ratios, key=ratios.get)
         line = (
             f"| {c_in} | {c_out} | {k} | {stride} | {height} | {count} | {args.batch * height * width} | {base:.3f} | "
@@ -231,22 +233,21 @@ def table(args) -> None:
         )
         if memory:
             line += " " + " | ".join(f"{peaks[r] - peaks['frozen']:+.1f}" for r in routes) + " |"
-            if None not in gpu.values():
+            if None not in gpu.values() and gpu["frozen"] > 0:
                 gpu_ratios = {r: gpu[r] / gpu["frozen"] for r in routes}
                 line += (f" {gpu['frozen']:.3f} | " + " | ".join(f"{gpu_ratios[r]:.2f}" for r in routes)
                          + f" | {min(gpu_ratios, key=gpu_ratios.get)} |")
         print(line, flush=True)
-    print_rule(totals, routes, device_backward, TAP_SIDE_MAX_POSITIONS.get(args.device, 0))
-    if gpu_totals and all(None not in gpu.values() for _, gpu in gpu_totals):
-        frozen = sum(count * gpu["frozen"] for count, gpu in gpu_totals)
-        print(f"GPU time of the UNet's convolutions per step (kernels only), frozen {frozen:.2f} ms:")
-        for route in routes:
-            every = sum(count * gpu[route] for count, gpu in gpu_totals)
-            print(f"  {route} on every layer: {every:.2f} ms GPU ({every / frozen:.2f}×)")
+    current = TAP_SIDE_MAX_POSITIONS.get(args.device, 0)
+    backwards = [device_backward] + (["triton-fold"] if device_backward != "triton-fold" and "tap-triton-fold" in routes else [])
+    for measured, what in ((totals, "ms"), (gpu_totals if len(gpu_totals) == len(totals) else [], "GPU ms")):
+        for index, backward in enumerate(backwards if measured else []):
+            print_rule(measured, routes if index == 0 else [], backward, current, what)
 
 
-def print_rule(totals, routes, backward: str, current) -> None:
-    """The tap-side limit on input positions that minimises the summed time, from the table's rows."""
+def print_rule(totals, routes, backward: str, current, what: str = "ms") -> None:
+    """The tap-side limit on input positions that minimises the summed time (wall ms, or the GPU's kernel time),
+    from the table's rows."""
     tap = f"tap-{backward}"
 
     def summed(limit):
@@ -258,13 +259,13 @@ def print_rule(totals, routes, backward: str, current) -> None:
     name = lambda limit: "at every size" if limit is None else f"up to {limit:,} input positions, the weight side above"  # noqa: E731
     print()
     print(
-        f"measured rule: {tap} {name(best)}: "
-        f"{summed(best):.1f} ms of convolutions per step ({summed(best) / frozen:.2f}× the frozen {frozen:.1f} ms); "
-        f"the current rule ({tap} {name(current)}): {summed(current):.1f} ms ({summed(current) / frozen:.2f}×)"
+        f"measured rule{' by GPU time' if what != 'ms' else ''}: {tap} {name(best)}: "
+        f"{summed(best):.2f} {what} of convolutions per step ({summed(best) / frozen:.2f}× the frozen {frozen:.2f} {what}); "
+        f"the current rule ({tap} {name(current)}): {summed(current):.2f} {what} ({summed(current) / frozen:.2f}×)"
     )
     for route in routes:
         every = sum(count * ms[route] for _, count, _, ms in totals)  # a tile's column: that tile everywhere
-        print(f"  {route} on every layer: {every:.1f} ms ({every / frozen:.2f}×)")
+        print(f"  {route} on every layer: {every:.2f} {what} ({every / frozen:.2f}×)")
 
 
 def check(args) -> int:
