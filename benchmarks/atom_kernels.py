@@ -12,7 +12,7 @@ Runs SD v1.4's UNet (random weights) once to record the input shape of each 3x3 
 with
 - frozen: the library convolution with a frozen weight (only the input gradient: the floor),
 - each route of `tap_mixed_conv2d` (gradients for the input and the atoms): the tap side with each of its
-  backwards (tap-unfold, tap-depthwise, and tap-triton and tap-triton-fold where Triton runs), the weight side,
+  backwards (tap-unfold, tap-depthwise, and tap-triton, tap-triton-fold and tap-triton-dgrad where Triton runs), the weight side,
   and autograd on the formed weight,
 in turns, and prints milliseconds per call, the median per-round ratio of each to the frozen
 convolution, the input positions (batch × height × width) that `TAP_SIDE_MAX_POSITIONS` compares
@@ -96,6 +96,7 @@ def routes_here(device: str, tiles: str = "", fold_tiles: str = "") -> list[str]
         routes += [f"tap-triton@{spec}" for spec in filter(None, tiles.split(","))]
         routes.append("tap-triton-fold")
         routes += [f"tap-triton-fold@{spec}" for spec in filter(None, fold_tiles.split(","))]
+        routes.append("tap-triton-dgrad")
     return routes + ["weight", "autograd"]
 
 

@@ -62,7 +62,7 @@ GEOMETRIES = {
 CASES = [(name, False) for name in GEOMETRIES] + [("stride 2", True), ("3x2 strided dilated", True)]
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fold"])
+@pytest.mark.parametrize("kernel", ["fused", "fold", "dgrad"])
 @pytest.mark.parametrize("name,per_channel", CASES)
 def test_kernel_equals_autograd_in_float64(name, per_channel, kernel):
     batch, c_in, c_out, height, width, kernel, stride, padding, dilation = GEOMETRIES[name]
@@ -105,7 +105,7 @@ def test_other_fold_tiles_give_the_same_numbers(monkeypatch, tile):
     test_kernel_equals_autograd_in_float64("37 channels", False, "fold")
 
 
-@pytest.mark.parametrize("route", ["triton", "triton-fold"])
+@pytest.mark.parametrize("route", ["triton", "triton-fold", "triton-dgrad"])
 def test_gradcheck_through_the_autograd_function(route):
     torch.manual_seed(3)
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double().requires_grad_(False)
@@ -118,7 +118,7 @@ def test_gradcheck_through_the_autograd_function(route):
     assert torch.autograd.gradcheck(fast, (x, mixing), fast_mode=True)
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fold"])
+@pytest.mark.parametrize("kernel", ["fused", "fold", "dgrad"])
 def test_float32_close_to_float64_and_bitwise_repeatable(kernel):
     generator = torch.Generator().manual_seed(11)
     x = torch.randn(2, 12, 8, 8, generator=generator, dtype=torch.float64)
@@ -137,7 +137,7 @@ def test_float32_close_to_float64_and_bitwise_repeatable(kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kernel", ["fused", "fold"])
+@pytest.mark.parametrize("kernel", ["fused", "fold", "dgrad"])
 def test_half_precision_within_autograds_own_error(kernel, dtype):
     """In bf16 and fp16 (x, W and dL/dy so, the mixing fp32, as under autocast) each gradient is within 3x the error
     that autograd on the formed weight makes in the same dtype, both against float64: the GPU check's comparison."""
@@ -164,7 +164,7 @@ def test_half_precision_within_autograds_own_error(kernel, dtype):
             assert error <= 3 * (theirs.double() - exact).abs().max().item() / scale and error < 2e-2
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fold"])
+@pytest.mark.parametrize("kernel", ["fused", "fold", "dgrad"])
 def test_only_the_gradients_asked_for(kernel):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(1, 4, 5, 5, generator=generator, dtype=torch.float64)
@@ -179,7 +179,7 @@ def test_only_the_gradients_asked_for(kernel):
     assert torch.equal(only_x[0], full_x) and torch.equal(only_mixing[1], full_mixing)
 
 
-@pytest.mark.parametrize("backward", ["triton", "triton-fold"])
+@pytest.mark.parametrize("backward", ["triton", "triton-fold", "triton-dgrad"])
 def test_the_triton_mode_of_the_layer_function(backward):
     torch.manual_seed(6)
     conv = nn.Conv2d(6, 5, 3, padding=1).double().requires_grad_(False)
@@ -196,7 +196,7 @@ def test_the_triton_mode_of_the_layer_function(backward):
     assert atom_kernels.triton_tap_backward() is not None  # it ran: no fallback to the library
 
 
-@pytest.mark.parametrize("backward", ["triton", "triton-fold"])
+@pytest.mark.parametrize("backward", ["triton", "triton-fold", "triton-dgrad"])
 def test_torch_compile_takes_the_kernel_whole(backward):
     """torch.compile traces the layer with no graph break and keeps the kernel as one op of the backward graph
     (it cannot trace the kernel's launch itself); the compiled gradients are the eager ones."""

@@ -26,6 +26,7 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
     torch.compile it is called as the custom op `sdtune::tap_backward_triton`, one op of the backward graph.
   - "triton-fold" (CUDA): `atom_triton.tap_backward_fold`, one kernel that reads H once: dL/dM by a tensor-core dot
     with x's taps gathered in place, and (I + M)ᵀ·H written over H for the library's fold to sum into grad_x.
+  - "triton-dgrad" (CUDA): grad_x by the library's input gradient of the formed weight, dL/dM by that kernel alone.
 - `ProjectedMixingConv` (weight side): one library convolution with W + ΔW formed on the fly and not kept;
   backward forms it again and asks the library for grad_x and grad_W in one call. It takes filter atoms' ΔD and P
   and forms M = P·ΔD itself, so that a layer is one autograd node. On CPU, fast on large maps, where the library's
@@ -74,7 +75,7 @@ PLAIN_MAX_WEIGHTS = {"cpu": 1 << 16}
 # thread, batch 4, forward + backward: 1,280 channels on 2x2 maps 166 -> 22 ms, on 4x4 83 -> 52 ms, 640 on 8x8
 # 57 -> 51 ms); from 16x16 up the copies cost what the wider GEMM saves.
 FOLD_BATCH_MAX_POSITIONS = 64
-TAP_BACKWARDS = ("unfold", "depthwise", "triton", "triton-fold")
+TAP_BACKWARDS = ("unfold", "depthwise", "triton", "triton-fold", "triton-dgrad")
 MODES = ("auto", "tap", "weight", "autograd") + tuple(f"tap-{name}" for name in TAP_BACKWARDS)
 
 _triton_state: dict[str, object] = {}
@@ -147,7 +148,7 @@ class TapMixedConv(torch.autograd.Function):
         stride, padding, dilation = ctx.geometry
         need_x, need_mixing = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         if ctx.backward_route.startswith("triton"):
-            kernel = "fold" if ctx.backward_route == "triton-fold" else "fused"
+            kernel = ctx.backward_route.partition("-")[2] or "fused"  # "triton-fold" -> "fold"
             grad_x, grad_mixing = _triton_backward(
                 x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel
             )
@@ -293,7 +294,7 @@ def _tap_backward_triton(
 
 
 def triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel="fused"):
-    """(grad_x, dL/dM) by the Triton `kernel` ("fused" or "fold"), or by the depthwise backward where Triton is
+    """(grad_x, dL/dM) by the Triton `kernel` ("fused", "fold" or "dgrad"), or by the depthwise backward where Triton is
     missing or failed."""
     function = triton_tap_backward()
     if function is not None:
@@ -428,7 +429,7 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
 
     `mixing`: (k², k²), or (c_in, k², k²) for one per input channel. `mode`: "auto" (by the device,
     the weight's size and the input positions), "tap" (the device's tap-side backward), "tap-unfold", "tap-depthwise",
-    "tap-triton", "tap-triton-fold" (one tap-side backward), "weight", or "autograd" (plain autograd on the formed weight:
+    "tap-triton", "tap-triton-fold", "tap-triton-dgrad" (one tap-side backward), "weight", or "autograd" (plain autograd on the formed weight:
     the reference the others are tested against). When no gradient is needed, the formed weight is
     used directly. Under autocast the fast kernels run in the autocast dtype, as the library
     convolution would; the mixing matrix and its gradient stay fp32.
