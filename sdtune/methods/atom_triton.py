@@ -204,14 +204,19 @@ def tap_backward(
         if need_mixing:
             sums.append(part.sum(0) if per_channel else part.sum((0, 1)))
     if need_mixing:
-        if per_channel:
-            grad_mix = torch.cat(sums).view(channels, taps, taps)
-        else:
-            grad_mix = sums[0]
-            for partial in sums[1:]:  # in order: the same sum every time
-                grad_mix = grad_mix + partial
-            grad_mix = grad_mix.view(taps, taps)
+        grad_mix = _summed(sums, per_channel).view(mix.shape)
     return grad_x, grad_mix
+
+
+def _summed(sums: list[torch.Tensor], per_channel: bool) -> torch.Tensor:
+    """dL/dM from each block of channels' partial sums: side by side per channel, else added in order (the same
+    sum every time)."""
+    if per_channel:
+        return torch.cat(sums)
+    total = sums[0]
+    for partial in sums[1:]:
+        total = total + partial
+    return total
 
 
 @triton.jit
@@ -290,7 +295,7 @@ def tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, need_x=Tr
     blocks = min(blocks, triton.cdiv(positions, block_p))
     n_split = triton.cdiv(positions, block_p * blocks)
     grad_x = torch.empty_like(x) if need_x and chunk < channels else None
-    pieces, sums = [], []
+    sums = []
     for start in range(0, channels, chunk):
         stop = min(channels, start + chunk)
         count = stop - start
@@ -306,24 +311,14 @@ def tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, need_x=Tr
         )
         if need_x:  # H' summed into the input positions each value came from
             folded = F.fold(h, (height, width), (kh, kw), dilation=dilation, padding=padding, stride=stride)
-            if grad_x is None:
-                pieces.append(folded)
+            if chunk == channels:
+                grad_x = folded
             else:
                 grad_x[:, start:stop] = folded
         del h
         if need_mixing:
             sums.append(part.sum(0) if per_channel else part.sum((0, 1)))
-    if need_x and grad_x is None:
-        grad_x = pieces[0]
-    grad_mix = None
-    if need_mixing:
-        if per_channel:
-            grad_mix = torch.cat(sums).view(channels, taps, taps)
-        else:
-            grad_mix = sums[0]
-            for partial in sums[1:]:  # in order: the same sum every time
-                grad_mix = grad_mix + partial
-    return grad_x, grad_mix
+    return grad_x, _summed(sums, per_channel) if need_mixing else None
 
 
 def tap_backward_dgrad(x, weight, mix, grad, stride, padding, dilation, need_x=True, need_mixing=True, chunk_bytes=None):
