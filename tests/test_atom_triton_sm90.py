@@ -334,29 +334,20 @@ def test_sd14_launches_compile_for_other_gpus_without_spills(compiled_kernel_mod
         assert figures["REG"] <= 255 and not figures["LOCAL"] and not figures["STACK"], (arch, tile_of(launch), figures)
 
 
-def benchmark_tiles() -> list[tuple]:
-    """The tiles gpu.sh asks benchmarks/atom_kernels.py to time (--triton-tiles), parsed as it parses them."""
+def benchmark_tiles(variable: str = "tiles", parser: str = "parse_tile") -> list[tuple]:
+    """The tiles gpu.sh asks benchmarks/atom_kernels.py to time (`tiles`: --triton-tiles; `fold_tiles`:
+    --fold-tiles), parsed as it parses them."""
     spec = importlib.util.spec_from_file_location("atom_kernels_benchmark", ROOT / "benchmarks/atom_kernels.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     script = (ROOT / "benchmarks/gpu.sh").read_text()
-    specs = re.search(r"^tiles=(\S+)", script, re.MULTILINE).group(1).split(",")
-    return [benchmark.parse_tile(spec) for spec in specs]
-
-
-def benchmark_fold_tiles() -> list[tuple]:
-    """The fold kernel's tiles that gpu.sh asks benchmarks/atom_kernels.py to time (--fold-tiles)."""
-    spec = importlib.util.spec_from_file_location("atom_kernels_benchmark", ROOT / "benchmarks/atom_kernels.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    script = (ROOT / "benchmarks/gpu.sh").read_text()
-    specs = re.search(r"^fold_tiles=(\S+)", script, re.MULTILINE).group(1).split(",")
-    return [benchmark.parse_fold_tile(spec) for spec in specs]
+    specs = re.search(rf"^{variable}=(\S+)", script, re.MULTILINE).group(1).split(",")
+    return [getattr(benchmark, parser)(spec) for spec in specs]
 
 
 @pytest.mark.slow
 def test_the_benchmarks_fold_tiles_compile_for_sm90(compiled_kernel_module, sm90_compiler, monkeypatch):
-    tiles = benchmark_fold_tiles()
+    tiles = benchmark_tiles("fold_tiles", "parse_fold_tile")
     assert tiles
     convs = [(320, 320, 3, 1, 64), (320, 320, 3, 2, 64), (1280, 1280, 3, 1, 8)]
     for tile in tiles:

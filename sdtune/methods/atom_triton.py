@@ -160,30 +160,20 @@ def tap_backward(
     if kernel == "dgrad":
         return tap_backward_dgrad(x, weight, mix, grad, stride, padding, dilation, need_x, need_mixing, chunk_bytes)
     batch, channels, height, width = x.shape
-    out_channels, _, kh, kw = weight.shape
+    kh, kw = weight.shape[-2:]
     taps = kh * kw
     out_height, out_width = grad.shape[-2:]
-    positions = out_height * out_width
     per_channel = mix.dim() == 3
     fp64 = x.dtype == torch.float64
-    acc_dtype = torch.float64 if fp64 else torch.float32
-    x = x.contiguous()
-    grad = grad.contiguous().view(batch, out_channels, positions)
-    mix = mix.to(acc_dtype).contiguous()
-    rows = weight.reshape(out_channels, channels * taps)
+    x, grad, mix, acc_dtype = _prepared(x, grad, mix)
     grad_x = torch.empty_like(x) if need_x else None
     grad_mix = None
-    chunk_bytes = TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    per_channel_bytes = batch * taps * positions * x.element_size()
-    chunk = max(1, min(channels, chunk_bytes // max(per_channel_bytes, 1)))
-    block_c, block_q, warps, unroll = tile(min(chunk, channels), height * width)
+    chunk = _channels_a_block(x, taps, out_height * out_width, chunk_bytes)
+    block_c, block_q, warps, unroll = tile(chunk, height * width)
     n_q = triton.cdiv(height * width, block_q)
     sums = []
-    for start in range(0, channels, chunk):
-        stop = min(channels, start + chunk)
+    for start, stop, h in _blocks_of_h(x, weight, grad, chunk):
         count = stop - start
-        # H for this block of channels: (batch, count·k², positions), the input gradient's GEMM
-        h = torch.matmul(rows[:, start * taps : stop * taps].T, grad)
         n_c = triton.cdiv(count, block_c)
         if need_mixing:
             part = torch.empty(batch * n_q, count, taps * taps, dtype=acc_dtype, device=x.device)
@@ -206,6 +196,32 @@ def tap_backward(
     if need_mixing:
         grad_mix = _summed(sums, per_channel).view(mix.shape)
     return grad_x, grad_mix
+
+
+def _prepared(x: torch.Tensor, grad: torch.Tensor, mix: torch.Tensor):
+    """(x contiguous, dL/dy contiguous as (batch, c_out, positions), (I + M) in the accumulation dtype, that dtype:
+    fp32, or float64 for float64 inputs)."""
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad = grad.contiguous()
+    return x.contiguous(), grad.view(grad.shape[0], grad.shape[1], -1), mix.to(acc_dtype).contiguous(), acc_dtype
+
+
+def _channels_a_block(x: torch.Tensor, taps: int, positions: int, chunk_bytes: int | None) -> int:
+    """How many input channels' H fit in `chunk_bytes` (`TAP_H_CHUNK_BYTES` by default), at least one."""
+    chunk_bytes = TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    batch, channels = x.shape[:2]
+    return max(1, min(channels, chunk_bytes // max(batch * taps * positions * x.element_size(), 1)))
+
+
+def _blocks_of_h(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, chunk: int):
+    """(first channel, channel past the last, H) for each block of `chunk` input channels: H = Wᵀ·G for those
+    channels, (batch, count·k², positions), the input gradient's own GEMM."""
+    out_channels, channels, kh, kw = weight.shape
+    taps = kh * kw
+    rows = weight.reshape(out_channels, channels * taps)
+    for start in range(0, channels, chunk):
+        stop = min(channels, start + chunk)
+        yield start, stop, torch.matmul(rows[:, start * taps : stop * taps].T, grad)
 
 
 def _summed(sums: list[torch.Tensor], per_channel: bool) -> torch.Tensor:
@@ -278,35 +294,27 @@ def fold_tile(positions: int) -> tuple[int, int, int]:
 def tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, need_x=True, need_mixing=True, chunk_bytes=None):
     """`tap_backward` by the "fold" kernel (see the module docstring): the same arguments and results."""
     batch, channels, height, width = x.shape
-    out_channels, _, kh, kw = weight.shape
+    kh, kw = weight.shape[-2:]
     taps = kh * kw
-    out_height, out_width = grad.shape[-2:]
-    positions = out_height * out_width
+    out_width = grad.shape[-1]
+    positions = grad.shape[-2] * out_width
     per_channel = mix.dim() == 3
-    fp64 = x.dtype == torch.float64
-    acc_dtype = torch.float64 if fp64 else torch.float32
-    x = x.contiguous()
-    grad = grad.contiguous().view(batch, out_channels, positions)
-    mix = mix.to(acc_dtype).contiguous()
-    rows = weight.reshape(out_channels, channels * taps)
-    chunk_bytes = TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    chunk = max(1, min(channels, chunk_bytes // max(batch * taps * positions * x.element_size(), 1)))
+    x, grad, mix, acc_dtype = _prepared(x, grad, mix)
+    chunk = _channels_a_block(x, taps, positions, chunk_bytes)
     block_p, warps, blocks = fold_tile(positions)
     blocks = min(blocks, triton.cdiv(positions, block_p))
     n_split = triton.cdiv(positions, block_p * blocks)
     grad_x = torch.empty_like(x) if need_x and chunk < channels else None
     sums = []
-    for start in range(0, channels, chunk):
-        stop = min(channels, start + chunk)
+    for start, stop, h in _blocks_of_h(x, weight, grad, chunk):
         count = stop - start
-        h = torch.matmul(rows[:, start * taps : stop * taps].T, grad)  # H for these channels, (batch, count·k², P)
         part = torch.empty(batch * n_split, count, taps, taps, dtype=acc_dtype, device=x.device) if need_mixing else h
         _tap_fold_kernel[(n_split, count, batch)](
             h, x[:, start:stop], mix[start:stop] if per_channel else mix, part,
             count, height, width, out_width, positions, x.stride(0), x.stride(1),
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], blocks,
             KH=kh, KW=kw, ROWS=max(16, triton.next_power_of_2(taps)), BLOCK_P=block_p,
-            NEED_X=need_x, NEED_M=need_mixing, PER_CHANNEL=per_channel, FP64=fp64,
+            NEED_X=need_x, NEED_M=need_mixing, PER_CHANNEL=per_channel, FP64=x.dtype == torch.float64,
             IEEE=x.dtype in (torch.float32, torch.float64), num_warps=warps,
         )
         if need_x:  # H' summed into the input positions each value came from
