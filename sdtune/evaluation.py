@@ -623,18 +623,44 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         raise SdtuneError(f"output folder not found: {output.parent}")
     if output.is_dir():
         raise SdtuneError(f"--output {shell_word(output)} is a folder; give the path of the results file (such as {output / EVAL_FILE})")
+    samples = None if config.images else samples_folder(output, adapter_path(config.run))
     # held from before the images are drawn: a second evaluation of the same file is refused at once, not after its
-    # work (and, of a run, before it draws over the samples this one measures); what a killed one left of it is swept
-    with output_file_lock(output):
-        return _evaluate(config, progress, info, run, prompts, files, output)
+    # work (and, of a run, before it draws over the samples this one measures); what a killed one left of it is swept.
+    # Its samples folder too, until they are measured: another evaluation drawing there is refused, never mixed in.
+    with output_file_lock(output), samples_lock(samples):
+        return _evaluate(config, progress, info, run, prompts, files, output, samples)
+
+
+def samples_folder(output: Path, adapter: Path) -> Path:
+    """Where an evaluation written to `output` draws its images: for its default eval.json the run's eval-samples/ (a
+    step file's eval-samples-step-N/), else NAME-samples/ beside NAME.json. Each output has its own, which a rerun of
+    that evaluation draws again; two evaluations with different outputs never draw over each other's images."""
+    from .adapter import outputs_suffix
+
+    if output.resolve() == evaluation_file(adapter).resolve():
+        return adapter.parent / f"{SAMPLES_FOLDER}{outputs_suffix(adapter)}"
+    return output.with_name(f"{output.stem}-samples")
+
+
+def samples_lock(samples: Path | None):
+    """The lock of an evaluation's samples folder (beside it: `sdtune sample` locks the folder itself only while it
+    draws), held from before the images are drawn until they are measured; none for --images."""
+    import contextlib
+
+    from .fileio import OutputLock, file_lock_name
+
+    if samples is None:
+        return contextlib.nullcontext()
+    return OutputLock(samples.parent, file_lock_name(samples.name), what=f"samples folder {shell_word(samples)}")
 
 
 def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, prompts: list[str], files: list,
-              output: Path) -> Evaluation:
-    """The evaluation of `evaluate`, its inputs read and `output` locked: the images drawn (or `files`), measured, written."""
+              output: Path, samples: Path | None) -> Evaluation:
+    """The evaluation of `evaluate`, its inputs read and `output` and `samples` locked: the images drawn into `samples`
+    (or `files`), measured, written."""
     import torch
 
-    from .adapter import adapter_path, outputs_suffix
+    from .adapter import adapter_path
     from .config import SampleConfig
     from .data import fill_placeholders
     from .fileio import write_text_atomic
@@ -665,7 +691,7 @@ def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, pr
             SampleConfig(
                 adapter=[base.path for base in bases] + [config.run],
                 prompt=prompts,
-                output=str(run / f"{SAMPLES_FOLDER}{outputs_suffix(adapter_path(config.run))}"),  # a step file's: its own
+                output=str(samples),
                 num_images=config.num_images,
                 steps=config.steps,
                 guidance=config.guidance,
@@ -677,7 +703,7 @@ def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, pr
                 scheduler=config.scheduler,
                 adapter_scale=[base.strength for base in bases] + [config.adapter_scale] if bases else config.adapter_scale,
                 dtype=config.dtype,
-                overwrite=True,  # the evaluation's own folder: measuring again draws it again
+                overwrite=True,  # this evaluation's own folder: measuring again draws it again
             ),
             progress=progress,
         )

@@ -272,6 +272,44 @@ def test_an_evaluation_of_a_run_whose_eval_json_is_in_use_is_refused_before_it_d
     assert {path: path.read_bytes() if path.is_file() else None for path in run.rglob("*")} == before
 
 
+def test_evaluations_of_one_run_with_different_outputs_draw_apart(two_runs, metric_models, tmp_path):
+    """An evaluation with its own --output draws into its own samples folder while the run's default evaluation draws
+    into eval-samples/: neither waits for nor mixes with the other's images; a rerun draws its own folder again; two
+    evaluations that would draw into one folder are refused in one line before drawing."""
+    from test_cli import assert_one_line_error
+
+    from sdtune.evaluation import SAMPLES_FOLDER
+    from sdtune.fileio import OutputLock, file_lock_name
+
+    clip_path, dino_path = metric_models
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[1], run, ignore=shutil.ignore_patterns("eval*"))
+    default_samples = run / SAMPLES_FOLDER
+    (default_samples / "images").mkdir(parents=True)
+    (default_samples / "images" / "000-seed0.png").write_bytes(b"the default evaluation's, being drawn")
+    before = {path: path.read_bytes() for path in default_samples.rglob("*") if path.is_file()}
+    args = ("evaluate", "--run", run, "--num-images", 1, "--steps", 1, "--clip-model", clip_path,
+            "--dino-model", dino_path, "--fid-features", "none")
+    output = tmp_path / "other.json"
+    # the run's default evaluation, drawing: it holds eval.json's lock, its samples folder's and (sample's) the folder's own
+    with OutputLock(run, file_lock_name("eval.json")), OutputLock(run, file_lock_name(SAMPLES_FOLDER)), OutputLock(default_samples):
+        for _ in range(2):  # a rerun draws into the same folder again
+            result = invoke(*args, "--output", output)
+            assert result.exit_code == 0, result.output
+            assert sorted(path.name for path in (tmp_path / "other-samples" / "images").iterdir()) == ["000-seed0.png"]
+    report = json.loads(output.read_text())
+    assert report["images"] == str(tmp_path / "other-samples" / "images") and report["generated_images"] == 1
+    assert {path: path.read_bytes() for path in default_samples.rglob("*") if path.is_file()} == before
+    assert not (run / "eval.json").exists()
+    # other.txt would draw into other-samples/ too: refused while other.json's evaluation holds it, nothing drawn
+    drawn = {path: path.read_bytes() for path in (tmp_path / "other-samples").rglob("*") if path.is_file()}
+    with OutputLock(tmp_path, file_lock_name("other-samples")):
+        result = invoke(*args, "--output", tmp_path / "other.txt")
+    assert_one_line_error(result, 2, f"samples folder {tmp_path / 'other-samples'} is in use by another sdtune run (pid {os.getpid()}")
+    assert "sample:" not in result.stderr and not (tmp_path / "other.txt").exists()
+    assert {path: path.read_bytes() for path in (tmp_path / "other-samples").rglob("*") if path.is_file()} == drawn
+
+
 def test_images_pair_with_prompts_by_sample_index(tmp_path):
     files = [tmp_path / name for name in ("000-seed0.png", "000-seed1.png", "001-seed0.png")]
     assert pair_prompts(files, ["a", "b"]) == ["a", "a", "b"]
@@ -369,14 +407,16 @@ def test_evaluate_samples_at_width_and_height_and_frames_the_reference_alike(two
     from sdtune.evaluation import read_images, run_reference
 
     clip_path, dino_path = metric_models
-    run = shutil.copytree(two_runs[0], tmp_path / "run")  # its eval-samples/ are the shared run's otherwise
+    run = shutil.copytree(two_runs[0], tmp_path / "run", ignore=shutil.ignore_patterns("eval*"))
     output = tmp_path / "eval.json"
     result = invoke("evaluate", "--run", run, "--num-images", 1, "--steps", 1, "--width", 64, "--height", 32,
                     "--clip-model", clip_path, "--dino-model", dino_path, "--fid-features", "none", "--output", output)
     assert result.exit_code == 0, result.output
     report = json.loads(output.read_text())
     assert (report["width"], report["height"]) == (64, 32) and {"clip_i", "dino"} <= set(report["metrics"])
-    assert [Image.open(path).size for path in (run / "eval-samples" / "images").iterdir()] == [(64, 32)]
+    # drawn beside the results file it was given: the run's own eval-samples/ are its default evaluation's
+    assert [Image.open(path).size for path in (tmp_path / "eval-samples" / "images").iterdir()] == [(64, 32)]
+    assert not (run / "eval-samples").exists()
     # the reference images as the metrics see them: covering 64x32 and center-cropped to it, not squares
     reference = read_images(run_reference(run), size=(64, 32))
     assert {tuple(image.shape) for image in reference} == {(3, 32, 64)}
