@@ -676,7 +676,7 @@ def evaluate(
     prompts: Optional[Path] = typer.Option(None, help="Prompt file (default: the run's training prompt, each concept's for a run of several); <name> reads as the plain name for CLIP-T."),
     prompt: List[str] = typer.Option([], help="A prompt (repeatable); alongside or instead of --prompts."),
     reference: Optional[Path] = typer.Option(None, help="Reference images for CLIP-I, DINO, FID and KID (default: the run's training images)."),
-    output: Optional[Path] = typer.Option(None, help="Where to write the results (default: RUN/eval.json, else IMAGES/eval.json)."),
+    output: Optional[Path] = typer.Option(None, help="Where to write the results (default: RUN/eval.json, else IMAGES/eval.json); the images it draws go beside it, in NAME-samples/ (the default's in RUN/eval-samples/)."),
     num_images: Optional[int] = typer.Option(None, help="Images per prompt when sampling." + _default(EvaluateConfig, "num_images")),
     seed: Optional[int] = typer.Option(None, help="First seed when sampling; also seeds KID's subsets." + _default(EvaluateConfig, "seed")),
     steps: Optional[int] = typer.Option(None, help="Denoising steps when sampling." + _default(EvaluateConfig, "steps")),

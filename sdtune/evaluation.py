@@ -316,15 +316,29 @@ def mean_cross_similarity_by_class(a, b, a_classes: list[str | None], b_classes:
     return sum(means) / len(means)
 
 
-def clip_score(model, processor, images: list, texts: list[str]) -> float:
-    """torchmetrics' CLIPScore averaged over (image, text) pairs, with an already loaded CLIP."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
+def clip_pair_scores(model, processor, images: list, texts: list[str]):
+    """torchmetrics' CLIPScore of each (image, text) pair, 100 × the cosine of their CLIP embeddings, with an already
+    loaded CLIP: computed once, batch by batch as CLIPScore's update computes them, for `mean_clip_score` to average
+    over every pair or any subset of them (a concept's) without running CLIP again."""
+    import torch
+    from torchmetrics.functional.multimodal.clip_score import _clip_score_update  # what CLIPScore.update runs
 
-    metric = CLIPScore(model_name_or_path=lambda: (_pooled_clip_class()(model), processor))
-    metric.to(images[0].device if images else "cpu")  # its running sum lives where the scores are computed
-    for start in range(0, len(images), BATCH):
-        metric.update(images[start : start + BATCH], texts[start : start + BATCH])
-    return metric.compute().item()
+    pooled = _pooled_clip_class()(model)
+    with torch.no_grad():  # as a torchmetrics Metric updates
+        return torch.cat([_clip_score_update(images[start : start + BATCH], texts[start : start + BATCH], pooled, processor)[0]
+                          for start in range(0, len(images), BATCH)])
+
+
+def mean_clip_score(scores, rows=None) -> float:
+    """CLIPScore's value of the pairs at `rows` (all by default) of `clip_pair_scores`: their scores summed a batch at a
+    time, as its running sum adds them, averaged, and the mean floored at 0."""
+    import torch
+
+    chosen = scores if rows is None else scores[list(rows)]
+    total = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    for start in range(0, len(chosen), BATCH):
+        total += chosen[start : start + BATCH].sum(0)
+    return torch.max(total / len(chosen), torch.zeros_like(total)).item()
 
 
 def distribution_distances(feature, generated: list, reference: list, seed: int = 0) -> dict[str, float]:
@@ -623,18 +637,44 @@ def evaluate(config: EvaluateConfig, progress: bool = True) -> Evaluation:
         raise SdtuneError(f"output folder not found: {output.parent}")
     if output.is_dir():
         raise SdtuneError(f"--output {shell_word(output)} is a folder; give the path of the results file (such as {output / EVAL_FILE})")
+    samples = None if config.images else samples_folder(output, adapter_path(config.run))
     # held from before the images are drawn: a second evaluation of the same file is refused at once, not after its
-    # work (and, of a run, before it draws over the samples this one measures); what a killed one left of it is swept
-    with output_file_lock(output):
-        return _evaluate(config, progress, info, run, prompts, files, output)
+    # work (and, of a run, before it draws over the samples this one measures); what a killed one left of it is swept.
+    # Its samples folder too, until they are measured: another evaluation drawing there is refused, never mixed in.
+    with output_file_lock(output), samples_lock(samples):
+        return _evaluate(config, progress, info, run, prompts, files, output, samples)
+
+
+def samples_folder(output: Path, adapter: Path) -> Path:
+    """Where an evaluation written to `output` draws its images: for its default eval.json the run's eval-samples/ (a
+    step file's eval-samples-step-N/), else NAME-samples/ beside NAME.json. Each output has its own, which a rerun of
+    that evaluation draws again; two evaluations with different outputs never draw over each other's images."""
+    from .adapter import outputs_suffix
+
+    if output.resolve() == evaluation_file(adapter).resolve():
+        return adapter.parent / f"{SAMPLES_FOLDER}{outputs_suffix(adapter)}"
+    return output.with_name(f"{output.stem}-samples")
+
+
+def samples_lock(samples: Path | None):
+    """The lock of an evaluation's samples folder (beside it: `sdtune sample` locks the folder itself only while it
+    draws), held from before the images are drawn until they are measured; none for --images."""
+    import contextlib
+
+    from .fileio import OutputLock, file_lock_name
+
+    if samples is None:
+        return contextlib.nullcontext()
+    return OutputLock(samples.parent, file_lock_name(samples.name), what=f"samples folder {shell_word(samples)}")
 
 
 def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, prompts: list[str], files: list,
-              output: Path) -> Evaluation:
-    """The evaluation of `evaluate`, its inputs read and `output` locked: the images drawn (or `files`), measured, written."""
+              output: Path, samples: Path | None) -> Evaluation:
+    """The evaluation of `evaluate`, its inputs read and `output` and `samples` locked: the images drawn into `samples`
+    (or `files`), measured, written."""
     import torch
 
-    from .adapter import adapter_path, outputs_suffix
+    from .adapter import adapter_path
     from .config import SampleConfig
     from .data import fill_placeholders
     from .fileio import write_text_atomic
@@ -665,7 +705,7 @@ def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, pr
             SampleConfig(
                 adapter=[base.path for base in bases] + [config.run],
                 prompt=prompts,
-                output=str(run / f"{SAMPLES_FOLDER}{outputs_suffix(adapter_path(config.run))}"),  # a step file's: its own
+                output=str(samples),
                 num_images=config.num_images,
                 steps=config.steps,
                 guidance=config.guidance,
@@ -677,7 +717,7 @@ def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, pr
                 scheduler=config.scheduler,
                 adapter_scale=[base.strength for base in bases] + [config.adapter_scale] if bases else config.adapter_scale,
                 dtype=config.dtype,
-                overwrite=True,  # the evaluation's own folder: measuring again draws it again
+                overwrite=True,  # this evaluation's own folder: measuring again draws it again
             ),
             progress=progress,
         )
@@ -733,13 +773,14 @@ def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, pr
         drawn, unpaired = [], error
 
     def clip_t(rows: list[int] | None = None) -> dict[str, float]:
-        """CLIP-T of the images at `rows` (all by default)."""
+        """CLIP-T of the images at `rows` (all by default), from every image's score, computed once."""
         if not drawn:
             raise unpaired
-        rows = range(len(generated)) if rows is None else rows
-        # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all
-        paired = [without_new_tokens(fill_placeholders(drawn[row], None)) for row in rows]
-        return {"clip_t": clip_score(*model("clip"), [generated[row].to(device) for row in rows], paired)}
+        if "clip-scores" not in models:
+            # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all
+            paired = [without_new_tokens(fill_placeholders(prompt, None)) for prompt in drawn]
+            models["clip-scores"] = clip_pair_scores(*model("clip"), [image.to(device) for image in generated], paired)
+        return {"clip_t": mean_clip_score(models["clip-scores"], rows)}
 
     # A dataset run's images are measured against their own class's reference images where every image's prompt is
     # one of its class captions (as sampling a dataset draws them); a run of several concepts', each image whose

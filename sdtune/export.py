@@ -177,10 +177,12 @@ def export_adapter(
     method = methods.create(info.method, **info.options)
     if format not in method.export_formats:
         raise SdtuneError(_not_available(format, method))
-    if method.needs_base_layers:  # what the tensors do not tell (which layers are 3x3 convs): the UNet config's shapes
-        base_unet = _meta_unet(model or info.base_model)
-        if base_unet is not None:
-            method.read_base_layers(base_unet)
+    base_model = model or info.base_model
+    # the base model's configs, read once for all the export asks of them (a hub id's are fetched, else read from
+    # its cache); where they cannot be read, why not
+    configs, unread = _read_configs(base_model) if method.needs_base_layers or format == "kohya" else (None, "")
+    if method.needs_base_layers and configs is not None:  # what the tensors do not tell (which layers are 3x3 convs): the UNet config's shapes
+        method.read_base_layers(_meta_unet(configs))
     if format in ("kohya", "diffusers"):
         _check_file_target(output)
 
@@ -196,15 +198,15 @@ def export_adapter(
     with output_file_lock(output):
         check_output_target(output, [path], overwrite)  # again, now that no other command writes it
         if format == "kohya":
-            layout, spec, notes = _kohya_layout_of(model or info.base_model, output.stem)
+            layout, spec, notes = _kohya_layout_of(base_model, configs, unread, output.stem)
             if own is not None:
-                if model and model != info.base_model and not notes:  # the file's names and metadata come from it
-                    _check_fits(path, info, tensors, model)
+                if model and model != info.base_model and configs is not None:  # the file's names and metadata come from it
+                    _check_fits(path, info, tensors, model, configs)
                 modules, extra = own
                 state, missing = kohya_state(modules, layout), None
                 extra = {**extra, "ss_base_model_version": layout.base_model_version}
             else:
-                models, diffs = _diffs_on_base_model(path, info, model)
+                models, diffs = _diffs_on_base_model(path, base_model, configs)
                 state, extra = kohya_diff_state(models, diffs, path)
                 missing = missing_diffs(models.unet, state)
                 if full_diff:
@@ -272,50 +274,46 @@ def _bundle_note(output: Path) -> str:
     )
 
 
-def _kohya_layout_of(model: str, title: str):
-    """The kohya layout of `model` from its UNet config (SDXL's names differ), its ModelSpec keys
-    (`kohya.model_spec`, the file's `title`), and a note where the configs cannot be read: then SD 1.x/2.x's
-    names, as before sdtune knew SDXL's, and no ModelSpec keys."""
-    from .kohya import model_spec
+def _read_configs(model: str):
+    """(`model`'s configs, "") or, where they cannot be read, (None, why not)."""
     from .models import read_model_configs
 
     try:
-        configs = read_model_configs(model)
-        return kohya_layout(configs.unet), model_spec(configs.unet, configs.scheduler, configs.vae, title), []
+        return read_model_configs(model), ""
     except SdtuneError as error:
-        return kohya_layout({}), {}, [
-            f"the UNet config of {model} could not be read ({error}); the keys use SD 1.x/2.x's (diffusers') "
-            "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
-        ]
+        return None, str(error)
 
 
-def _meta_unet(model: str):
-    """`model`'s UNet on the meta device (its architecture, no weights), or None where its config cannot be read."""
+def _kohya_layout_of(model: str, configs, unread: str, title: str):
+    """The kohya layout of `model` from its UNet config (`configs`; SDXL's names differ), its ModelSpec keys
+    (`kohya.model_spec`, the file's `title`), and a note where the configs could not be read (`unread` says why): then
+    SD 1.x/2.x's names, as before sdtune knew SDXL's, and no ModelSpec keys."""
+    from .kohya import model_spec
+
+    if configs is not None:
+        return kohya_layout(configs.unet), model_spec(configs.unet, configs.scheduler, configs.vae, title), []
+    return kohya_layout({}), {}, [
+        f"the UNet config of {model} could not be read ({unread}); the keys use SD 1.x/2.x's (diffusers') "
+        "module names, where kohya-ss' SDXL loader wants the original model's; --model names a base model to read"
+    ]
+
+
+def _meta_unet(configs):
+    """The UNet of a model's `configs` on the meta device (its architecture, no weights)."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .models import read_model_configs
-
-    try:
-        configs = read_model_configs(model)
-    except SdtuneError:
-        return None
     with torch.device("meta"):
         return UNet2DConditionModel.from_config(configs.unet)
 
 
-def _check_fits(path: Path, info, tensors: dict, model: str) -> None:
-    """Refuse a `--model` whose UNet does not hold the adapter's UNet tensors (names and shapes, from an injection
-    on the meta device): its kohya names and metadata would describe another model (an SDXL LoRA as SD 2.x's)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
+def _check_fits(path: Path, info, tensors: dict, model: str, configs) -> None:
+    """Refuse a `--model` (its `configs`) whose UNet does not hold the adapter's UNet tensors (names and shapes, from an
+    injection on the meta device): its kohya names and metadata would describe another model (an SDXL LoRA as SD 2.x's)."""
     from .adapter import expected_shapes
     from .methods.base import check_state_names, check_state_shapes
-    from .models import read_model_configs
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(read_model_configs(model).unet)
+    unet = _meta_unet(configs)
     shapes = expected_shapes(info.method, info.options, unet)
     found = {key: tuple(tensor.shape) for key, tensor in tensors.items() if key.partition(".")[0] not in info.text_encoders}
     what = f"adapter {path} (trained on base model {info.base_model!r}), on --model {shell_word(model)},"
@@ -360,13 +358,13 @@ def _check_file_target(output: Path) -> None:
 
 
 @quiet_libraries()
-def _diffs_on_base_model(path: Path, info, model: str | None):
+def _diffs_on_base_model(path: Path, model: str, configs=None):
     """The base model's UNet (and tuned text encoders: the method's `models`) with the adapter merged in,
-    and ΔW of every weight the merge changed."""
+    and ΔW of every weight the merge changed; `configs`: the model's, where already read."""
     from .adapter import open_adapter
     from .models import load_pipeline
 
-    method = open_adapter(path, load_pipeline(model or info.base_model))
+    method = open_adapter(path, load_pipeline(model, configs=configs))
     return method.models, method.weight_diffs()
 
 

@@ -705,17 +705,19 @@ def hub_reason(error: BaseException) -> str:
 
 
 @quiet_libraries()
-def load_pipeline(model: str = DEFAULT_MODEL, dtype=None):
+def load_pipeline(model: str = DEFAULT_MODEL, dtype=None, configs: ModelConfigs | None = None):
     """Load a Stable Diffusion pipeline from "tiny", "tiny-random", a hub id or a local diffusers folder.
 
     A hub id is read from the local Hugging Face cache first and downloaded only where that fails
     and the network is allowed. The safety checker and its feature extractor are not loaded.
+    `configs`: `read_model_configs(model)`, where the caller read them already.
     """
     import diffusers
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    configs = read_model_configs(model)  # a model that is missing, or not a pipeline sdtune trains, stops here
+    if configs is None:
+        configs = read_model_configs(model)  # a model that is missing, or not a pipeline sdtune trains, stops here
     pipeline_class = getattr(diffusers, configs.pipeline)
     source = resolve_model(model)
     path = Path(source)

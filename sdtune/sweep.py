@@ -715,14 +715,33 @@ def each_warning_once():
 
 
 def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], main: bool = True) -> None:
-    """Train (or find trained, or resume), sample, measure; then mark the run finished."""
-    from .training import train
-
+    """Train (or find trained, or resume), sample, measure; then mark the run finished. Interrupted (Ctrl-C, SIGTERM)
+    once it began training, the run is marked pending with the training seconds spent so far, this invocation's
+    included, which the sweep that resumes it counts on from."""
     started = time.perf_counter()
     run.folder.mkdir(parents=True, exist_ok=True)
     state, note = training_state(run)
-    earlier = earlier_train_seconds(run, state)
-    run.train_seconds = earlier
+    run.train_seconds = earlier_train_seconds(run, state)
+    try:
+        finished = _run_one(plan, run, metric_set, log, main, state, note)
+    except KeyboardInterrupt:
+        if main and state != "trained":  # a run found trained spent no training time here
+            with contextlib.suppress(OSError):
+                write_marker(run, "pending", **training_time(run))
+        raise
+    if finished is not None:
+        write_marker(run, "finished", **finished, seconds=round(time.perf_counter() - started, 1), **training_time(run))
+        log(f"finished in {time.perf_counter() - started:.1f}s")
+
+
+def _run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], main: bool, state: str,
+             note: str) -> dict[str, Any] | None:
+    """`run_one`'s work, with the run's training state and note (`training_state`) and the training seconds of its
+    earlier invocations in `run.train_seconds`, which this one's training adds to: what the finished marker records
+    of it (prompts, images, metrics), None on a process other than the main one."""
+    from .training import train
+
+    earlier = run.train_seconds
     measured = main and plan.metrics != "none"  # metrics = "none": nothing measured, so nothing said of it
     if state == "trained":
         after = [what for what, done in (("sampling", run.sample is not None), ("measuring", measured)) if done]
@@ -737,7 +756,7 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
         training_started = time.perf_counter()
         try:
             train(config, progress=False)
-        finally:  # a failed invocation's time counts too: a resume goes on from its checkpoints
+        finally:  # a failed or interrupted invocation's time counts too: a resume goes on from its checkpoints
             run.train_seconds = round((earlier or 0.0) + time.perf_counter() - training_started, 1)
     samples = None
     if run.sample is not None:
@@ -746,7 +765,7 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
         log("sampling")
         samples = sample(run.sample, progress=False)
     if not main:
-        return
+        return None
     if measured:
         log("measuring")
     report = metric_set.measure(plan, run, samples, lambda: base_samples(plan, run)) or {}
@@ -755,9 +774,7 @@ def run_one(plan: Plan, run: RunSpec, metric_set, log: Callable[[str], None], ma
         per_prompt = len(samples.images) // max(len(samples.prompts), 1)
         images = [[str(Path(p).relative_to(run.folder)) for p in samples.images[i * per_prompt:(i + 1) * per_prompt]]
                   for i in range(len(samples.prompts))]
-    write_marker(run, "finished", prompts=list(samples.prompts) if samples else [], images=images,
-                 metrics=report.get("metrics", {}), seconds=round(time.perf_counter() - started, 1), **training_time(run))
-    log(f"finished in {time.perf_counter() - started:.1f}s")
+    return {"prompts": list(samples.prompts) if samples else [], "images": images, "metrics": report.get("metrics", {})}
 
 
 def earlier_train_seconds(run: RunSpec, state: str) -> float | None:

@@ -272,6 +272,44 @@ def test_an_evaluation_of_a_run_whose_eval_json_is_in_use_is_refused_before_it_d
     assert {path: path.read_bytes() if path.is_file() else None for path in run.rglob("*")} == before
 
 
+def test_evaluations_of_one_run_with_different_outputs_draw_apart(two_runs, metric_models, tmp_path):
+    """An evaluation with its own --output draws into its own samples folder while the run's default evaluation draws
+    into eval-samples/: neither waits for nor mixes with the other's images; a rerun draws its own folder again; two
+    evaluations that would draw into one folder are refused in one line before drawing."""
+    from test_cli import assert_one_line_error
+
+    from sdtune.evaluation import SAMPLES_FOLDER
+    from sdtune.fileio import OutputLock, file_lock_name
+
+    clip_path, dino_path = metric_models
+    run = tmp_path / "run"
+    shutil.copytree(two_runs[1], run, ignore=shutil.ignore_patterns("eval*"))
+    default_samples = run / SAMPLES_FOLDER
+    (default_samples / "images").mkdir(parents=True)
+    (default_samples / "images" / "000-seed0.png").write_bytes(b"the default evaluation's, being drawn")
+    before = {path: path.read_bytes() for path in default_samples.rglob("*") if path.is_file()}
+    args = ("evaluate", "--run", run, "--num-images", 1, "--steps", 1, "--clip-model", clip_path,
+            "--dino-model", dino_path, "--fid-features", "none")
+    output = tmp_path / "other.json"
+    # the run's default evaluation, drawing: it holds eval.json's lock, its samples folder's and (sample's) the folder's own
+    with OutputLock(run, file_lock_name("eval.json")), OutputLock(run, file_lock_name(SAMPLES_FOLDER)), OutputLock(default_samples):
+        for _ in range(2):  # a rerun draws into the same folder again
+            result = invoke(*args, "--output", output)
+            assert result.exit_code == 0, result.output
+            assert sorted(path.name for path in (tmp_path / "other-samples" / "images").iterdir()) == ["000-seed0.png"]
+    report = json.loads(output.read_text())
+    assert report["images"] == str(tmp_path / "other-samples" / "images") and report["generated_images"] == 1
+    assert {path: path.read_bytes() for path in default_samples.rglob("*") if path.is_file()} == before
+    assert not (run / "eval.json").exists()
+    # other.txt would draw into other-samples/ too: refused while other.json's evaluation holds it, nothing drawn
+    drawn = {path: path.read_bytes() for path in (tmp_path / "other-samples").rglob("*") if path.is_file()}
+    with OutputLock(tmp_path, file_lock_name("other-samples")):
+        result = invoke(*args, "--output", tmp_path / "other.txt")
+    assert_one_line_error(result, 2, f"samples folder {tmp_path / 'other-samples'} is in use by another sdtune run (pid {os.getpid()}")
+    assert "sample:" not in result.stderr and not (tmp_path / "other.txt").exists()
+    assert {path: path.read_bytes() for path in (tmp_path / "other-samples").rglob("*") if path.is_file()} == drawn
+
+
 def test_images_pair_with_prompts_by_sample_index(tmp_path):
     files = [tmp_path / name for name in ("000-seed0.png", "000-seed1.png", "001-seed0.png")]
     assert pair_prompts(files, ["a", "b"]) == ["a", "a", "b"]
@@ -369,14 +407,16 @@ def test_evaluate_samples_at_width_and_height_and_frames_the_reference_alike(two
     from sdtune.evaluation import read_images, run_reference
 
     clip_path, dino_path = metric_models
-    run = shutil.copytree(two_runs[0], tmp_path / "run")  # its eval-samples/ are the shared run's otherwise
+    run = shutil.copytree(two_runs[0], tmp_path / "run", ignore=shutil.ignore_patterns("eval*"))
     output = tmp_path / "eval.json"
     result = invoke("evaluate", "--run", run, "--num-images", 1, "--steps", 1, "--width", 64, "--height", 32,
                     "--clip-model", clip_path, "--dino-model", dino_path, "--fid-features", "none", "--output", output)
     assert result.exit_code == 0, result.output
     report = json.loads(output.read_text())
     assert (report["width"], report["height"]) == (64, 32) and {"clip_i", "dino"} <= set(report["metrics"])
-    assert [Image.open(path).size for path in (run / "eval-samples" / "images").iterdir()] == [(64, 32)]
+    # drawn beside the results file it was given: the run's own eval-samples/ are its default evaluation's
+    assert [Image.open(path).size for path in (tmp_path / "eval-samples" / "images").iterdir()] == [(64, 32)]
+    assert not (run / "eval-samples").exists()
     # the reference images as the metrics see them: covering 64x32 and center-cropped to it, not squares
     reference = read_images(run_reference(run), size=(64, 32))
     assert {tuple(image.shape) for image in reference} == {(3, 32, 64)}
@@ -1325,14 +1365,36 @@ def _captured_clip_texts(monkeypatch):
     from sdtune import evaluation
 
     texts = []
-    real = evaluation.clip_score
+    real = evaluation.clip_pair_scores
 
     def capturing(model, processor, images, paired):
         texts.append(list(paired))
         return real(model, processor, images, paired)
 
-    monkeypatch.setattr(evaluation, "clip_score", capturing)
+    monkeypatch.setattr(evaluation, "clip_pair_scores", capturing)
     return texts
+
+
+def _counted_clip_inputs(monkeypatch) -> dict[str, int]:
+    """How many images and texts CLIP-T's CLIP embeds, over an evaluation."""
+    from sdtune import evaluation
+
+    counts = {"images": 0, "texts": 0}
+    pooled = evaluation._pooled_clip_class()
+
+    class Counted(pooled):
+        def get_image_features(self, *args, **kwargs):
+            features = super().get_image_features(*args, **kwargs)
+            counts["images"] += len(features)
+            return features
+
+        def get_text_features(self, *args, **kwargs):
+            features = super().get_text_features(*args, **kwargs)
+            counts["texts"] += len(features)
+            return features
+
+    monkeypatch.setattr(evaluation, "_pooled_clip_class", lambda: Counted)
+    return counts
 
 
 def test_clip_t_and_diversity_pair_images_with_the_prompt_their_png_text_records(metric_models, colour_embeddings,
@@ -1399,6 +1461,7 @@ def test_a_run_of_several_concepts_is_drawn_and_measured_concept_by_concept_by_d
     clip_path, dino_path = metric_models
     run = two_concept_run
     texts = _captured_clip_texts(monkeypatch)
+    embedded = _counted_clip_inputs(monkeypatch)
     result = evaluate(EvaluateConfig(run=str(run), clip_model=str(clip_path), dino_model=str(dino_path),
                                      fid_features="none", num_images=2, steps=1), progress=False)
     report = result.report
@@ -1414,8 +1477,23 @@ def test_a_run_of_several_concepts_is_drawn_and_measured_concept_by_concept_by_d
         values = report["per_concept"][name]
         assert values["images"] == 2
         assert values["clip_i"] == pytest.approx(own, rel=1e-9) and values["dino"] == pytest.approx(own, rel=1e-9)
-    # each concept's CLIP-T scores its own images with its own prompt; the run's metrics average the concepts alike
-    assert texts[1:] == [["photo of a snow."] * 2, ["photo of a jade."] * 2]
+    # CLIP embeds every image and prompt once; each concept's CLIP-T is CLIPScore of its own images with its own
+    # prompt, from those scores; the run's metrics average the concepts alike
+    assert texts == [["photo of a snow."] * 2 + ["photo of a jade."] * 2] and embedded == {"images": 4, "texts": 4}
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from sdtune.evaluation import _pooled_clip_class, load_clip, read_images
+
+    clip, processor = load_clip(str(clip_path))
+    generated = read_images(drawn)
+    for k, name in enumerate(CONCEPT_COLOURS):
+        alone = CLIPScore(model_name_or_path=lambda: (_pooled_clip_class()(clip), processor))
+        alone.update(generated[2 * k: 2 * k + 2], [f"photo of a {name}."] * 2)
+        # the same up to float32's last bit: CLIP embedded these images among all four, not in a batch of their own
+        assert report["per_concept"][name]["clip_t"] == pytest.approx(alone.compute().item(), rel=1e-6)
+    whole = CLIPScore(model_name_or_path=lambda: (_pooled_clip_class()(clip), processor))
+    whole.update(generated, texts[0])
+    assert result.metrics["clip_t"] == whole.compute().item()
     per_concept = report["per_concept"].values()
     assert result.metrics["clip_i"] == pytest.approx(statistics.fmean(v["clip_i"] for v in per_concept), rel=1e-9)
     assert result.metrics["clip_t"] == pytest.approx(statistics.fmean(v["clip_t"] for v in per_concept), rel=1e-6)
@@ -1490,8 +1568,8 @@ def test_a_run_of_several_concepts_is_measured_against_each_images_own_concept(
     result = measured(images=str(images), prompt=["photo of a <jade>.", "photo of a <snow>."])
     assert texts[0] == ["photo of a snow.", "photo of a jade.", "photo of a jade.", "sks snow beside sks jade"]
     assert result.report["fidelity_pairs"] == "own concept, else all"
-    # each concept alone too; the image naming both is in no concept's
-    assert texts[1:] == [["photo of a snow."], ["photo of a jade."] * 2]
+    # scored once, each concept's CLIP-T from its own images' scores; the image naming both is in no concept's
+    assert len(texts) == 1
     assert {name: values["images"] for name, values in result.report["per_concept"].items()} == {"snow": 1, "jade": 2}
     snow, jade = CONCEPT_COLOURS.values()
     expected = statistics.fmean([

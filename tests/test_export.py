@@ -531,6 +531,29 @@ def test_formats_a_method_cannot_take_are_refused(tmp_path):
         export_adapter(tmp_path / "b.safetensors", "diffusers", tmp_path / "x.safetensors")
 
 
+def test_an_export_reads_the_base_models_configs_once(tmp_path, tiny_path, monkeypatch):
+    """A LoKr's kohya export on another --model (its layers' shapes, the kohya layout, the check that the adapter fits)
+    and a kohya diff export (the layout, then the base model loaded to merge on) read the model's configs once."""
+    import sdtune.models
+
+    reads = []
+    read_model_configs = sdtune.models.read_model_configs
+    monkeypatch.setattr(sdtune.models, "read_model_configs", lambda model: reads.append(model) or read_model_configs(model))
+    make_adapter("lokr", {"rank": 2}, tmp_path / "lokr.safetensors")
+    reads.clear()
+    export_adapter(tmp_path / "lokr.safetensors", "kohya", tmp_path / "lokr-kohya.safetensors", model=str(tiny_path))
+    assert reads == [str(tiny_path)]
+    make_adapter("atoms", {}, tmp_path / "atoms.safetensors")
+    reads.clear()
+    export_adapter(tmp_path / "atoms.safetensors", "kohya", tmp_path / "atoms-kohya.safetensors")
+    assert reads == ["tiny-random"]
+    # a model whose configs cannot be read: said once, in the export's note, with SD 1.x/2.x's names
+    make_adapter("loha", {}, tmp_path / "loha.safetensors")
+    reads.clear()
+    result = export_adapter(tmp_path / "loha.safetensors", "kohya", tmp_path / "loha-kohya.safetensors", model=str(tmp_path / "gone"))
+    assert reads == [str(tmp_path / "gone")] and any(f"the UNet config of {tmp_path / 'gone'} could not be read" in note for note in result.notes)
+
+
 def test_every_method_says_which_formats_it_exports():
     from sdtune.config import EXPORT_FORMATS
 

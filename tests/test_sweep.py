@@ -177,6 +177,36 @@ def test_a_run_stopped_after_logging_its_last_step_resumes_to_its_last_adapter(t
     assert (tmp_path / "out" / run / "adapter.safetensors").read_bytes() == (tmp_path / "uninterrupted" / run / "adapter.safetensors").read_bytes()
 
 
+def test_an_interrupted_training_keeps_its_time_in_the_run_record(tmp_path, private_cache, monkeypatch):
+    """SIGTERM (or Ctrl-C) during a run's training marks it pending with the seconds it trained, which the sweep that
+    resumes it counts on from: its finished marker's train_seconds covers both invocations."""
+    from sdtune.cli import Terminated
+    from sdtune.training import Trainer
+
+    plan = write_plan(tmp_path, TINY_PLAN.replace('"atoms", "lora"', '"lora"').replace("steps = 2\nlog", "steps = 3\nlog"))
+    save_checkpoint = Trainer.save_checkpoint
+
+    def slow_then_terminated(self):
+        save_checkpoint(self)
+        if self.global_step == 2:
+            time.sleep(1.5)  # training time an interrupt must not lose
+            raise Terminated
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", slow_then_terminated)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(plan, tmp_path / "out")
+    monkeypatch.undo()
+    run = tmp_path / "out" / "runs" / "castle-lora"
+    marker = json.loads((run / "sweep-run.json").read_text())
+    assert marker["state"] == "pending" and marker["train_seconds"] >= 1.5, marker
+    dry = invoke("sweep", plan, "--dry-run", "--output", tmp_path / "out").stdout.splitlines()
+    assert dry[1].split()[2] == "partial", dry  # what its folder holds, as before it was marked
+    result, lines = sweep(plan, tmp_path / "out")
+    assert result.ran == ["castle-lora"] and any("resuming from its latest checkpoint" in line for line in lines), lines
+    resumed = json.loads((run / "sweep-run.json").read_text())
+    assert resumed["state"] == "finished" and resumed["train_seconds"] >= marker["train_seconds"], resumed
+
+
 def test_a_changed_setting_retrains_the_run(finished, tmp_path):
     plan, output = finished
     copy = tmp_path / "out"
