@@ -316,29 +316,15 @@ def mean_cross_similarity_by_class(a, b, a_classes: list[str | None], b_classes:
     return sum(means) / len(means)
 
 
-def clip_pair_scores(model, processor, images: list, texts: list[str]):
-    """torchmetrics' CLIPScore of each (image, text) pair, 100 × the cosine of their CLIP embeddings, with an already
-    loaded CLIP: computed once, batch by batch as CLIPScore's update computes them, for `mean_clip_score` to average
-    over every pair or any subset of them (a concept's) without running CLIP again."""
-    import torch
-    from torchmetrics.functional.multimodal.clip_score import _clip_score_update  # what CLIPScore.update runs
+def clip_score(model, processor, images: list, texts: list[str]) -> float:
+    """torchmetrics' CLIPScore averaged over (image, text) pairs, with an already loaded CLIP."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
 
-    pooled = _pooled_clip_class()(model)
-    with torch.no_grad():  # as a torchmetrics Metric updates
-        return torch.cat([_clip_score_update(images[start : start + BATCH], texts[start : start + BATCH], pooled, processor)[0]
-                          for start in range(0, len(images), BATCH)])
-
-
-def mean_clip_score(scores, rows=None) -> float:
-    """CLIPScore's value of the pairs at `rows` (all by default) of `clip_pair_scores`: their scores summed a batch at a
-    time, as its running sum adds them, averaged, and the mean floored at 0."""
-    import torch
-
-    chosen = scores if rows is None else scores[list(rows)]
-    total = torch.zeros((), dtype=scores.dtype, device=scores.device)
-    for start in range(0, len(chosen), BATCH):
-        total += chosen[start : start + BATCH].sum(0)
-    return torch.max(total / len(chosen), torch.zeros_like(total)).item()
+    metric = CLIPScore(model_name_or_path=lambda: (_pooled_clip_class()(model), processor))
+    metric.to(images[0].device if images else "cpu")  # its running sum lives where the scores are computed
+    for start in range(0, len(images), BATCH):
+        metric.update(images[start : start + BATCH], texts[start : start + BATCH])
+    return metric.compute().item()
 
 
 def distribution_distances(feature, generated: list, reference: list, seed: int = 0) -> dict[str, float]:
@@ -773,14 +759,13 @@ def _evaluate(config: EvaluateConfig, progress: bool, info, run: Path | None, pr
         drawn, unpaired = [], error
 
     def clip_t(rows: list[int] | None = None) -> dict[str, float]:
-        """CLIP-T of the images at `rows` (all by default), from every image's score, computed once."""
+        """CLIP-T of the images at `rows` (all by default)."""
         if not drawn:
             raise unpaired
-        if "clip-scores" not in models:
-            # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all
-            paired = [without_new_tokens(fill_placeholders(prompt, None)) for prompt in drawn]
-            models["clip-scores"] = clip_pair_scores(*model("clip"), [image.to(device) for image in generated], paired)
-        return {"clip_t": mean_clip_score(models["clip-scores"], rows)}
+        rows = range(len(generated)) if rows is None else rows
+        # CLIP reads <castle> as the plain class word, and a prompt's new tokens (<s0><s1> castle) not at all
+        paired = [without_new_tokens(fill_placeholders(drawn[row], None)) for row in rows]
+        return {"clip_t": clip_score(*model("clip"), [generated[row].to(device) for row in rows], paired)}
 
     # A dataset run's images are measured against their own class's reference images where every image's prompt is
     # one of its class captions (as sampling a dataset draws them); a run of several concepts', each image whose
