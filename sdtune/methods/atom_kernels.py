@@ -25,8 +25,10 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
     per block of channels so that little memory is added to the frozen convolution's backward. Under
     torch.compile it is called as the custom op `sdtune::tap_backward_triton`, one op of the backward graph.
 - `ProjectedMixingConv` (weight side): one library convolution with W + ΔW formed on the fly and not kept;
-  backward forms it again and asks the library for grad_x and grad_W in one call. It takes filter atoms' ΔD and P
-  and forms M = P·ΔD itself, so that a layer is one autograd node. On CPU, fast on large maps, where the library's
+  backward forms it again (where x needs a gradient) and asks the library for grad_x and grad_W in one call. It takes
+  filter atoms' ΔD and P and forms M = P·ΔD itself, so that a layer is one autograd node, with as few aten calls as
+  the maths allows (`benchmarks/host_cost.py` counts them: a forward and backward with its loss makes 20 in fp32
+  and 24 under bf16 autocast, against the frozen convolution's 6 and 8). On CPU, fast on large maps, where the library's
   weight gradient costs less than H's memory traffic; on CUDA the default everywhere (`TAP_SIDE_MAX_POSITIONS`).
   `FormedWeightConv` is the same for one mixing per input channel (D1).
 
@@ -344,17 +346,19 @@ class ProjectedMixingConv(torch.autograd.Function):
     One autograd node a layer instead of three (the mixing's product, its cast, the convolution), no route to pick
     per call and no cast that changes nothing: where the step is bound by the host rather than the GPU, as SD v1.4
     at 512 px is on an H200 (the frozen step costs the same at batch 1 and 4), every aten call a layer makes costs
-    time (`benchmarks/host_cost.py` counts them). Stores x, a view of the frozen W and the k²×k² mixing, never the
-    formed weight. Runs with autocast off (`projected_mixing_conv2d` turns it off): the mixing is formed in ΔD's dtype
-    and cast once to W's, the weight formed in W's dtype, the convolution run in `dtype`."""
+    time (`benchmarks/host_cost.py` counts them). Stores x in the compute dtype, W_r as a view of the frozen W, P and
+    the k²×k² mixing, never the formed weight. Runs with autocast off (`projected_mixing_conv2d` turns it off): the
+    mixing is formed in ΔD's dtype and cast once to W's, the weight formed in W's dtype with the scale as the GEMM's
+    alpha, the convolution run in `dtype`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, projector, delta, scale, stride, padding, dilation, dtype):
-        rows = weight.reshape(weight.shape[0] * weight.shape[1], -1)  # W_r: a view of a contiguous W
-        mixing = delta if projector is None else torch.mm(projector, delta.view(delta.shape[0], -1))
+        rows = weight.reshape(weight.shape[0] * weight.shape[1], -1)  # W_r
+        mixing = delta if projector is None else torch.mm(projector, delta.reshape(delta.shape[0], -1))
         mixing = _as(mixing, rows.dtype)
         x = _as(x, dtype)
-        ctx.save_for_backward(x, rows, projector, mixing)
+        # W_r where it is a view of W (backward then reshapes nothing), else W itself: a channels-last W_r is a copy
+        ctx.save_for_backward(x, rows if weight.is_contiguous() else weight, projector, mixing)
         ctx.geometry = (stride, padding, dilation, scale, weight.shape, delta.shape, delta.dtype)
         formed = _as(torch.addmm(rows, rows, mixing, alpha=scale), dtype).view(weight.shape)  # s folded into the GEMM
         return F.conv2d(x, formed, bias if bias is None else _as(bias, dtype), stride, padding, dilation)
@@ -363,6 +367,8 @@ class ProjectedMixingConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, rows, projector, mixing = ctx.saved_tensors
         stride, padding, dilation, scale, weight_shape, delta_shape, delta_dtype = ctx.geometry
+        if rows.dim() == 4:
+            rows = rows.reshape(weight_shape[0] * weight_shape[1], -1)
         need_x, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         if need_x:
             formed = _as(torch.addmm(rows, rows, mixing, alpha=scale), x.dtype).view(weight_shape)
