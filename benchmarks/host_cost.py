@@ -6,7 +6,9 @@ Python cost step time that the GPU's speed cannot win back. This measures that c
 convolution on a 4x4 map does next to no arithmetic: the frozen layer (the floor), each filter-atom route, and peft's
 LoRA (rank 4) on the same layer, one thread, microseconds per forward and backward (median of rounds, the layers
 timed in turns), and the aten operations one forward and backward dispatches to kernels (counted once per layer,
-outside the timing: exact where the times are noisy; views, which cost a dispatch but no kernel, counted apart).
+outside the timing: exact where the times are noisy; views, which cost a dispatch but no kernel, counted apart), with
+every call the dispatcher sees (composite operations and calls made inside kernels too) and the backward's autograd
+nodes as torch's profiler records them.
 
 `--autocast bf16` runs the forward under autocast with the frozen weights stored in bf16, as `sdtune train
 --mixed-precision bf16` does on a GPU (the trainable tensors stay fp32): where the casts a layer adds show.
@@ -58,6 +60,20 @@ def aten_ops(layer, x, autocast_dtype=None) -> list:
     with Recorder() as recorder:
         forward_backward(layer, x, autocast_dtype)
     return recorder.ops
+
+
+def dispatcher_calls(layer, x, autocast_dtype=None) -> tuple[int, int]:
+    """(aten calls, backward nodes) of one forward and backward of `layer` as torch's profiler records them: every call
+    that enters the dispatcher, composite operations and the calls kernels make included (so more than `aten_ops`), and
+    the autograd nodes the backward runs, gradient accumulation included. A second call, as `aten_ops`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    forward_backward(layer, x, autocast_dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        forward_backward(layer, x, autocast_dtype)
+    names = [event.name for event in recorded.events()]
+    return (sum(name.startswith("aten::") for name in names),
+            sum(name.startswith("autograd::engine::evaluate_function") for name in names))
 
 
 def per_call_us(layers: dict, x, calls: int, rounds: int, autocast_dtype=None, clock=time.thread_time) -> dict[str, float]:
@@ -136,6 +152,7 @@ def main() -> None:
         parser.error(f"--show-ops {args.show_ops!r} is none of: {', '.join(layers)}")
     x = torch.randn(1, args.channels, args.size, args.size, requires_grad=True)
     ops = {name: aten_ops(layer, x, autocast_dtype) for name, layer in layers.items()}
+    calls = {name: dispatcher_calls(layer, x, autocast_dtype) for name, layer in layers.items()}
     precision = f"autocast {args.autocast}, frozen weights in {args.autocast}" if args.autocast else "fp32"
     if args.ops_only:
         times = None
@@ -148,15 +165,15 @@ def main() -> None:
               f"of {args.calls} calls, the layers in turns")
     print()
     timed = "" if times is None else " µs a call | over the floor µs |"
-    print(f"| layer |{timed} aten ops a call | of them views |")
-    print("| --- |" + ("" if times is None else " ---: | ---: |") + " ---: | ---: |")
+    print(f"| layer |{timed} aten ops a call | of them views | dispatcher calls | backward nodes |")
+    print("| --- |" + ("" if times is None else " ---: | ---: |") + " ---: | ---: | ---: | ---: |")
     for name, layer_ops in ops.items():
-        views = sum(op.is_view for op in layer_ops)
+        counts = f"{len(layer_ops)} | {sum(op.is_view for op in layer_ops)} | {calls[name][0]} | {calls[name][1]} |"
         if times is None:
-            print(f"| {name} | {len(layer_ops)} | {views} |")
+            print(f"| {name} | {counts}")
         else:
             value = times[name]
-            print(f"| {name} | {value:.1f} | {value - times['floor (frozen)']:+.1f} | {len(layer_ops)} | {views} |")
+            print(f"| {name} | {value:.1f} | {value - times['floor (frozen)']:+.1f} | {counts}")
     if args.show_ops:
         print()
         print(f"{args.show_ops}, in order: " + ", ".join(str(op).removeprefix("aten.") for op in ops[args.show_ops]))
