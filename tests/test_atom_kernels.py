@@ -79,10 +79,11 @@ def test_gradcheck_with_odd_geometry(route_name, batch, height, width, per_chann
 
 
 @pytest.mark.parametrize("route_name", ROUTES)
-def test_only_the_gradients_asked_for(route_name):
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_only_the_gradients_asked_for(route_name, per_channel):
     conv = make_conv(1, True)
     x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
-    mixing = (0.3 * torch.randn(9, 9, dtype=torch.float64)).requires_grad_()
+    mixing = (0.3 * torch.randn(*((5,) if per_channel else ()), 9, 9, dtype=torch.float64)).requires_grad_()
     (grad_mixing,) = torch.autograd.grad(apply(route_name, x, conv, mixing).square().sum(), (mixing,))
     (reference,) = torch.autograd.grad(literal(x, conv, mixing).square().sum(), (mixing,))
     torch.testing.assert_close(grad_mixing, reference, rtol=0, atol=1e-10)
@@ -289,13 +290,12 @@ WEIGHT_SIDE_ATEN_OPS = {"fp32": 20, "bf16": 24}
 def test_the_weight_side_makes_few_host_calls_and_keeps_no_formed_weight(precision):
     from sdtune.methods.atoms import FilterAtomConv2d
 
-    torch.set_num_threads(1)
+    benchmark = host_cost_benchmark()
     autocast = torch.bfloat16 if precision == "bf16" else None
-    layers = host_cost_benchmark().make_layers(16, autocast)
-    layer = layers["atoms[weight]"]
+    layer = benchmark.make_layers(16, autocast)["atoms[weight]"]
     assert isinstance(layer, FilterAtomConv2d)
     x = torch.randn(1, 16, 4, 4, requires_grad=True)
-    ops = host_cost_benchmark().aten_ops(layer, x, autocast)
+    ops = benchmark.aten_ops(layer, x, autocast)
     assert len(ops) <= WEIGHT_SIDE_ATEN_OPS[precision], [str(op) for op in ops]
 
     saved = []
