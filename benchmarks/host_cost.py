@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="forward under autocast, frozen weights in it")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="this thread's CPU time (default: steadier beside other work) or wall time")
-    parser.add_argument("--ops-only", action="store_true", help="count the aten operations, time nothing")
+    parser.add_argument("--ops-only", action="store_true", help="count the operations, time nothing")
     parser.add_argument("--show-ops", metavar="LAYER", help="also list that layer's aten operations in order")
     args = parser.parse_args()
 

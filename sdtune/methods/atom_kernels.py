@@ -28,7 +28,7 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
   backward forms it again (where x needs a gradient) and asks the library for grad_x and grad_W in one call. It takes
   filter atoms' ΔD and P and forms M = P·ΔD itself, so that a layer is one autograd node, with as few aten calls as
   the maths allows (`benchmarks/host_cost.py` counts them: a forward and backward with its loss makes 20 in fp32
-  and 24 under bf16 autocast, against the frozen convolution's 6 and 8). On CPU, fast on large maps, where the library's
+  and 24 under bf16 autocast with bf16 frozen weights, against the frozen convolution's 6 and 8). On CPU, fast on large maps, where the library's
   weight gradient costs less than H's memory traffic; on CUDA the default everywhere (`TAP_SIDE_MAX_POSITIONS`).
   `FormedWeightConv` is the same for one mixing per input channel (D1).
 
