@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from sdtune.methods import atom_kernels
-from sdtune.methods.atom_kernels import TapMixedConv, route, tap_mixed_conv2d, weight_side_conv
+from sdtune.methods.atom_kernels import TapMixedConv, projected_mixing_conv2d, route, tap_mixed_conv2d, weight_side_conv
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # every exact route: the tap side with each library backward, and the weight side
 ROUTES = ["tap-unfold", "tap-depthwise", "weight"]
@@ -73,11 +78,12 @@ def test_gradcheck_with_odd_geometry(route_name, batch, height, width, per_chann
     assert torch.autograd.gradcheck(fast, (x, mixing))
 
 
-@pytest.mark.parametrize("route_name", ["tap-unfold", "tap-depthwise"])
-def test_only_the_gradients_asked_for(route_name):
+@pytest.mark.parametrize("route_name", ROUTES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_only_the_gradients_asked_for(route_name, per_channel):
     conv = make_conv(1, True)
     x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
-    mixing = (0.3 * torch.randn(9, 9, dtype=torch.float64)).requires_grad_()
+    mixing = (0.3 * torch.randn(*((5,) if per_channel else ()), 9, 9, dtype=torch.float64)).requires_grad_()
     (grad_mixing,) = torch.autograd.grad(apply(route_name, x, conv, mixing).square().sum(), (mixing,))
     (reference,) = torch.autograd.grad(literal(x, conv, mixing).square().sum(), (mixing,))
     torch.testing.assert_close(grad_mixing, reference, rtol=0, atol=1e-10)
@@ -209,3 +215,95 @@ def test_the_unfold_route_with_the_batch_folded_or_not_is_the_definition(fold, p
     torch.testing.assert_close(fast(x, mixing), literal(x, conv, mixing), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(fast, (x, mixing))
 
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("x_needs_grad", [True, False])  # without: the weight side forms no weight in backward
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])  # W_r a view of W, or not
+def test_the_projected_weight_side_is_the_definition(scale, bias, x_needs_grad, memory_format):
+    """`projected_mixing_conv2d` on the weight side (`ProjectedMixingConv`) with a projector that is not orthonormal
+    (sparse atoms' D⁺) and a scale: conv2d(x, W + W_r·(s·P·ΔD)), values and gradients."""
+    conv = make_conv(1, bias).to(memory_format=memory_format)
+    torch.manual_seed(6)
+    projector = torch.randn(9, 6, dtype=torch.float64)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64).to(memory_format=memory_format).requires_grad_(x_needs_grad)
+    delta = (0.3 * torch.randn(6, 3, 3, dtype=torch.float64)).requires_grad_()
+
+    def fast(x, delta):
+        return projected_mixing_conv2d(x, conv, projector, delta, scale, mode="weight")
+
+    def reference(x, delta):
+        return literal(x, conv, scale * projector @ delta.reshape(6, 9))
+
+    torch.testing.assert_close(fast(x, delta), reference(x, delta), rtol=0, atol=1e-12)
+    inputs = (x, delta) if x_needs_grad else (delta,)
+    assert torch.autograd.gradcheck(lambda *tensors: fast(*((x,) * (not x_needs_grad) + tensors)), inputs)
+    grads = torch.autograd.grad(fast(x, delta).square().sum(), inputs)
+    expected = torch.autograd.grad(reference(x, delta).square().sum(), inputs)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_the_projected_weight_side_under_autocast_with_half_frozen_weights():
+    """As mixed-precision training runs it: autocast bf16, the frozen weights stored in bf16, ΔD and P in fp32. The
+    weight side gives the autocast convolution's result and ΔD's gradient in fp32, within bf16's rounding."""
+    from sdtune.methods.atoms import FilterAtomConv2d
+    from sdtune.precision import cast_frozen_parameters
+
+    torch.manual_seed(7)
+    base = nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    atoms = torch.linalg.qr(torch.randn(9, 9))[0]
+    results = {}
+    for kernel in ("weight", "autograd"):
+        layer = FilterAtomConv2d(nn.Conv2d(8, 16, 3, padding=1).requires_grad_(False), atoms, kernel=kernel)
+        layer.base_layer.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            layer.delta_atoms.copy_(0.1 * torch.randn(9, 3, 3, generator=torch.Generator().manual_seed(8)))
+        layer.scale = 0.5
+        cast_frozen_parameters(layer, torch.bfloat16, [layer.delta_atoms])
+        x = torch.randn(2, 8, 12, 12, generator=torch.Generator().manual_seed(9), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        results[kernel] = (out, *torch.autograd.grad(out.float().square().mean(), (x, layer.delta_atoms)))
+    out, grad_x, grad_delta = results["weight"]
+    assert out.dtype == torch.bfloat16 and grad_x.dtype == torch.float32 and grad_delta.dtype == torch.float32
+    for fast, plain in zip(results["weight"], results["autograd"]):
+        torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.02 * plain.abs().max().item())
+
+
+def host_cost_benchmark():
+    """benchmarks/host_cost.py as a module: it counts a layer's aten operations."""
+    spec = importlib.util.spec_from_file_location("host_cost", ROOT / "benchmarks" / "host_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# What one forward and backward of a filter-atom layer on the weight side dispatches, with the benchmark's sum and
+# gradient accumulation (6 for the frozen convolution in fp32, 8 under autocast). A change that adds host work to
+# every layer of every step fails here: lower these when a change takes calls away.
+WEIGHT_SIDE_ATEN_OPS = {"fp32": 20, "bf16": 24}
+
+
+@pytest.mark.parametrize("precision", sorted(WEIGHT_SIDE_ATEN_OPS))
+def test_the_weight_side_makes_few_host_calls_and_keeps_no_formed_weight(precision):
+    from sdtune.methods.atoms import FilterAtomConv2d
+
+    benchmark = host_cost_benchmark()
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    layer = benchmark.make_layers(16, autocast)["atoms[weight]"]
+    assert isinstance(layer, FilterAtomConv2d)
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    ops = benchmark.aten_ops(layer, x, autocast)
+    assert len(ops) <= WEIGHT_SIDE_ATEN_OPS[precision], [str(op) for op in ops]
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            layer(x)
+    weight = layer.base_layer.weight
+    shares_weight = [t for t in saved if t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()]
+    new = [t for t in saved if t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()]
+    # the input (cast to the compute dtype), P and the k²×k² mixing; W only as a view of itself
+    assert len(shares_weight) == 1 and sum(t.numel() for t in new) == x.numel() + 2 * 81

@@ -28,8 +28,10 @@ contracted down to k²×k² numbers. Two custom autograd functions avoid that:
     with x's taps gathered in place, and (I + M)ᵀ·H written over H for the library's fold to sum into grad_x.
   - "triton-dgrad" (CUDA): grad_x by the library's input gradient of the formed weight, dL/dM by that kernel alone.
 - `ProjectedMixingConv` (weight side): one library convolution with W + ΔW formed on the fly and not kept;
-  backward forms it again and asks the library for grad_x and grad_W in one call. It takes filter atoms' ΔD and P
-  and forms M = P·ΔD itself, so that a layer is one autograd node. On CPU, fast on large maps, where the library's
+  backward forms it again (where x needs a gradient) and asks the library for grad_x and grad_W in one call. It takes
+  filter atoms' ΔD and P and forms M = P·ΔD itself, so that a layer is one autograd node, with as few aten calls as
+  the maths allows (`benchmarks/host_cost.py` counts them: a forward and backward with its loss makes 20 in fp32
+  and 24 under bf16 autocast with bf16 frozen weights, against the frozen convolution's 6 and 8). On CPU, fast on large maps, where the library's
   weight gradient costs less than H's memory traffic; on CUDA the default everywhere (`TAP_SIDE_MAX_POSITIONS`).
   `FormedWeightConv` is the same for one mixing per input channel (D1).
 
@@ -135,7 +137,7 @@ class TapMixedConv(torch.autograd.Function):
         positions = out_height * out_width
         if backward.startswith("triton") or out_channels <= batch * positions:
             # the formed weight is no bigger than the unfolded input: form it and let the library convolve
-            return F.conv2d(x, _mixed_weight(weight, mixing.to(x.dtype)), bias, stride, padding, dilation)
+            return F.conv2d(x, _mixed_weight(weight, _as(mixing, x.dtype)), bias, stride, padding, dilation)
         mix = _identity_plus(mixing, x.dtype)
         unfolded = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
         mixed = torch.matmul(mix, unfolded.view(batch, channels, taps, positions))
@@ -324,25 +326,28 @@ class FormedWeightConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, mixing, bias, stride, padding, dilation):
-        ctx.save_for_backward(x, weight, mixing)
-        ctx.geometry = (stride, padding, dilation, bias is not None)
-        return F.conv2d(x, _mixed_weight(weight, mixing.to(weight.dtype)), bias, stride, padding, dilation)
+        mixing_for_weight = _as(mixing, weight.dtype)
+        ctx.save_for_backward(x, weight, mixing_for_weight)
+        ctx.geometry = (stride, padding, dilation, mixing.dtype)
+        return F.conv2d(x, _mixed_weight(weight, mixing_for_weight), bias, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, mixing = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.geometry
-        taps = mixing.shape[-1]
-        formed = _mixed_weight(weight, mixing.to(weight.dtype))
-        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, x, formed, None, stride, padding, dilation, False, (0, 0), 1,
-            [ctx.needs_input_grad[0], True, False],
+        stride, padding, dilation, mixing_dtype = ctx.geometry
+        need_x, need_mixing = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        # the weight gradient alone reads only the weight's shape and dtype: no formed weight for it
+        formed = _mixed_weight(weight, mixing) if need_x else torch.empty_like(weight)
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x, formed, None, stride, padding, dilation, False, (0, 0), 1, [need_x, need_mixing, False],
         )
+        if not need_mixing:
+            return grad_x, None, None, None, None, None, None
         # W'_r[:, c] = W_r[:, c]·(I + M_c), so dL/dM_c = W_r[:, c]ᵀ·dL/dW'_r[:, c]
-        out_channels, channels = weight.shape[:2]
+        out_channels, channels, taps = weight.shape[0], weight.shape[1], mixing.shape[-1]
         rows = weight.reshape(out_channels, channels, taps).transpose(0, 1)
         grad_mixing = torch.bmm(rows.transpose(1, 2), grad_weight.reshape(out_channels, channels, taps).transpose(0, 1))
-        return grad_x, None, grad_mixing.to(mixing.dtype), None, None, None, None
+        return grad_x, None, _as(grad_mixing, mixing_dtype), None, None, None, None
 
 
 class ProjectedMixingConv(torch.autograd.Function):
@@ -351,47 +356,67 @@ class ProjectedMixingConv(torch.autograd.Function):
 
     One autograd node a layer instead of three (the mixing's product, its cast, the convolution), no route to pick
     per call and no cast that changes nothing: where the step is bound by the host rather than the GPU, as SD v1.4
-    at 512 px is on an H200 (the frozen step costs the same at batch 1 and 4), every call a layer costs time. Stores
-    x, the frozen W and the k²×k² mixing, never the formed weight."""
+    at 512 px is on an H200 (the frozen step costs the same at batch 1 and 4), every aten call a layer makes costs
+    time (`benchmarks/host_cost.py` counts them). Stores x in the compute dtype, W_r as a view of the frozen W, P and
+    the k²×k² mixing, never the formed weight. Runs with autocast off (`projected_mixing_conv2d` turns it off): the
+    mixing is formed in ΔD's dtype and cast once to W's, the weight formed in W's dtype with the scale as the GEMM's
+    alpha, the convolution run in `dtype`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, projector, delta, scale, stride, padding, dilation, dtype):
-        taps = delta.shape[-1] if projector is None else projector.shape[0]  # M (k², k²), or ΔD (m, k, k)
-        mixing = delta.reshape(-1, taps) if projector is None else projector @ delta.reshape(-1, taps)
-        if scale != 1.0:
-            mixing = mixing * scale
-        mixing, x = _as(mixing, dtype), _as(x, dtype)
-        flat = _as(weight, dtype).reshape(-1, taps)
-        ctx.save_for_backward(x, weight, projector, mixing)
-        ctx.geometry = (stride, padding, dilation, scale, delta.shape)
-        ctx.delta_dtype = delta.dtype
-        formed = torch.addmm(flat, flat, mixing).view(weight.shape)
-        return F.conv2d(x, formed, _as(bias, dtype) if bias is not None else None, stride, padding, dilation)
+        rows = weight.reshape(weight.shape[0] * weight.shape[1], -1)  # W_r
+        mixing = delta if projector is None else torch.mm(projector, delta.reshape(delta.shape[0], -1))
+        mixing = _as(mixing, rows.dtype)
+        x = _as(x, dtype)
+        # W_r where it is a view of W (backward then reshapes nothing), else W itself: a channels-last W_r is a copy
+        ctx.save_for_backward(x, rows if weight.is_contiguous() else weight, projector, mixing)
+        ctx.geometry = (stride, padding, dilation, scale, weight.shape, delta.shape, delta.dtype)
+        formed = _as(torch.addmm(rows, rows, mixing, alpha=scale), dtype).view(weight.shape)  # s folded into the GEMM
+        return F.conv2d(x, formed, bias if bias is None else _as(bias, dtype), stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, projector, mixing = ctx.saved_tensors
-        stride, padding, dilation, scale, delta_shape = ctx.geometry
-        taps = mixing.shape[-1]
-        flat = _as(weight, mixing.dtype).reshape(-1, taps)
-        formed = torch.addmm(flat, flat, mixing).view(weight.shape)
+        x, rows, projector, mixing = ctx.saved_tensors
+        stride, padding, dilation, scale, weight_shape, delta_shape, delta_dtype = ctx.geometry
+        if rows.dim() == 4:
+            rows = rows.reshape(weight_shape[0] * weight_shape[1], -1)
+        need_x, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        if need_x:
+            formed = _as(torch.addmm(rows, rows, mixing, alpha=scale), x.dtype).view(weight_shape)
+        else:  # the weight gradient reads only the weight's shape and dtype: no formed weight to compute
+            formed = x.new_empty(weight_shape)
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            _as(grad, mixing.dtype), x, formed, None, stride, padding, dilation, False, (0, 0), 1,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[4], False],
+            _as(grad, x.dtype), x, formed, None, stride, padding, dilation, False, (0, 0), 1, [need_x, need_delta, False],
         )
-        grad_delta = None
-        if ctx.needs_input_grad[4]:
-            # W'_r = W_r + W_r·s·P·ΔD, so dL/dΔD = s·Pᵀ·W_rᵀ·dL/dW'_r
-            rows, grad_rows = flat, grad_weight.reshape(-1, taps)
-            if rows.dtype == torch.float16:  # a sum over c_out·c_in rows overflows fp16's range under loss scaling
-                rows, grad_rows = rows.float(), grad_rows.float()
-            grad_delta = _as(rows.T @ grad_rows, ctx.delta_dtype)
-            if projector is not None:
-                grad_delta = projector.T @ grad_delta
-            if scale != 1.0:
-                grad_delta = grad_delta * scale
-            grad_delta = grad_delta.reshape(delta_shape)
-        return grad_x, None, None, None, grad_delta, None, None, None, None, None
+        if not need_delta:
+            return grad_x, None, None, None, None, None, None, None, None, None
+        # W'_r = W_r + s·W_r·P·ΔD, so dL/dΔD = s·Pᵀ·(W_rᵀ·dL/dW'_r)
+        grad_rows = grad_weight.reshape(rows.shape)
+        # in fp32 where the dtypes differ, and for fp16, whose range a sum over c_out·c_in rows overflows under loss
+        # scaling (torch.promote_types would be one more aten call)
+        sums = rows.dtype if rows.dtype == grad_rows.dtype and rows.dtype != torch.float16 else torch.float32
+        products = _as(torch.mm(_as(rows, sums).T, _as(grad_rows, sums)), delta_dtype)
+        if projector is not None:
+            transposed = projector.T  # (m, k²), and the shape of the product: addmm's input, ignored at beta=0
+            products = torch.mm(transposed, products) if scale == 1.0 else torch.addmm(
+                transposed, transposed, products, beta=0, alpha=scale
+            )
+        elif scale != 1.0:
+            products = products * scale
+        return grad_x, None, None, None, products.view(delta_shape), None, None, None, None, None
+
+
+def _without_autocast(device_type: str, function, *arguments):
+    """function(*arguments) with autocast off on `device_type` (where it is on). Two flips of its flag cost the host
+    less than an autocast context; under torch.compile the context, which dynamo traces (a flip it refuses)."""
+    if torch.compiler.is_compiling():
+        with torch.autocast(device_type, enabled=False):
+            return function(*arguments)
+    torch.set_autocast_enabled(device_type, False)
+    try:
+        return function(*arguments)
+    finally:
+        torch.set_autocast_enabled(device_type, True)
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -408,17 +433,21 @@ def projected_mixing_conv2d(
     The weight side runs as `ProjectedMixingConv`; every other route as `tap_mixed_conv2d` with the formed mixing."""
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
-    dtype = torch.get_autocast_dtype(device_type) if autocast else conv.weight.dtype
+    weight, bias = conv.weight, conv.bias
+    dtype = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
     if (
         delta.requires_grad
         and torch.is_grad_enabled()
         and (autocast or x.dtype == dtype)
-        and _fast_geometry(conv)
-        and route(x, mode, conv.weight.numel())[0] == "weight"
+        and route(x, mode, weight.numel())[0] == "weight"
+        and _fast_geometry(conv, weight, bias)
     ):
-        return ProjectedMixingConv.apply(
-            x, conv.weight, conv.bias, projector, delta, scale, conv.stride, conv.padding, conv.dilation, dtype
-        )
+        arguments = (x, weight, bias, projector, delta, scale, conv.stride, conv.padding, conv.dilation, dtype)
+        if not autocast:
+            return ProjectedMixingConv.apply(*arguments)
+        # off inside, so that only the casts the function asks for run (autocast would cast P and ΔD to form the
+        # mixing in the half dtype)
+        return _without_autocast(device_type, ProjectedMixingConv.apply, *arguments)
     taps = projector.shape[0]
     mixing = projector.to(delta.dtype) @ delta.reshape(-1, taps)
     return tap_mixed_conv2d(x, conv, mixing * scale if scale != 1.0 else mixing, mode)
@@ -438,8 +467,7 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type) and torch.is_grad_enabled() and side != "autograd":
         dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            return _fast_or_plain(x.to(dtype), conv, mixing, side, backward, dtype)
+        return _without_autocast(device_type, _fast_or_plain, _as(x, dtype), conv, mixing, side, backward, dtype)
     return _fast_or_plain(x, conv, mixing, side, backward, None)
 
 
@@ -467,27 +495,29 @@ def route(x: torch.Tensor, mode: str = "auto", weights: int | None = None) -> tu
 
 def _takes_plain(x: torch.Tensor, conv: nn.Conv2d, weight_dtype: torch.dtype) -> bool:
     """Whether no fast route applies: no gradient, mixed dtypes, or a layer `_fast_geometry` refuses."""
-    return not torch.is_grad_enabled() or x.dtype != weight_dtype or not _fast_geometry(conv)
+    return not torch.is_grad_enabled() or x.dtype != weight_dtype or not _fast_geometry(conv, conv.weight, conv.bias)
 
 
-def _fast_geometry(conv: nn.Conv2d) -> bool:
-    """Whether the fast routes can run this layer: frozen weight and bias, one group, zero padding given in numbers."""
-    return not (
-        conv.groups != 1
-        or conv.weight.requires_grad
-        or (conv.bias is not None and conv.bias.requires_grad)
-        or conv.padding_mode != "zeros"
-        or isinstance(conv.padding, str)
+def _fast_geometry(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the fast routes can run this layer: frozen weight and bias, one group, zero padding given in numbers.
+    `weight` and `bias` are the layer's own, passed by a caller that holds them (a module attribute lookup costs
+    the host a call's worth of time)."""
+    return (
+        conv.groups == 1
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
     )
 
 
 def _fast_or_plain(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, side: str, backward, dtype) -> torch.Tensor:
     weight, bias = conv.weight, conv.bias
     if dtype is not None:
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        weight = _as(weight, dtype)
+        bias = _as(bias, dtype) if bias is not None else None
     if side == "autograd" or _takes_plain(x, conv, weight.dtype):
-        return conv._conv_forward(x, _mixed_weight(weight, mixing.to(weight.dtype)).to(x.dtype), bias)
+        return conv._conv_forward(x, _as(_mixed_weight(weight, _as(mixing, weight.dtype)), x.dtype), bias)
     if side == "tap":
         return TapMixedConv.apply(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation, backward)
     return weight_side_conv(x, weight, mixing, bias, conv.stride, conv.padding, conv.dilation)
