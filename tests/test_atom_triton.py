@@ -62,8 +62,13 @@ GEOMETRIES = {
 CASES = [(name, False) for name in GEOMETRIES] + [("stride 2", True), ("3x2 strided dilated", True)]
 
 
-@pytest.mark.parametrize("kernel", ["fused", "fold", "dgrad"])
-@pytest.mark.parametrize("name,per_channel", CASES)
+# "dgrad" runs the fold kernel for dL/dM and the library for grad_x: three geometries check how it joins them
+KERNEL_CASES = [(name, per_channel, kernel) for name, per_channel in CASES for kernel in ("fused", "fold")] + [
+    ("stride 2", True, "dgrad"), ("37 channels", False, "dgrad"), ("3x2 strided dilated", False, "dgrad"),
+]
+
+
+@pytest.mark.parametrize("name,per_channel,kernel", KERNEL_CASES)
 def test_kernel_equals_autograd_in_float64(name, per_channel, kernel):
     batch, c_in, c_out, height, width, kernel, stride, padding, dilation = GEOMETRIES[name]
     generator = torch.Generator().manual_seed(7)
@@ -136,8 +141,10 @@ def test_float32_close_to_float64_and_bitwise_repeatable(kernel):
     torch.testing.assert_close(first[1].double(), expected_mixing, rtol=1e-5, atol=1e-5 * expected_mixing.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kernel", ["fused", "fold", "dgrad"])
+@pytest.mark.parametrize("kernel,dtype", [
+    ("fused", torch.bfloat16), ("fold", torch.bfloat16), ("fold", torch.float16), ("dgrad", torch.bfloat16),
+    pytest.param("fused", torch.float16, marks=pytest.mark.slow), pytest.param("dgrad", torch.float16, marks=pytest.mark.slow),
+])
 def test_half_precision_within_autograds_own_error(kernel, dtype):
     """In bf16 and fp16 (x, W and dL/dy so, the mixing fp32, as under autocast) each gradient is within 3x the error
     that autograd on the formed weight makes in the same dtype, both against float64: the GPU check's comparison."""
