@@ -216,7 +216,6 @@ def test_the_unfold_route_with_the_batch_folded_or_not_is_the_definition(fold, p
     assert torch.autograd.gradcheck(fast, (x, mixing))
 
 
-
 @pytest.mark.parametrize("scale", [1.0, 0.7])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("x_needs_grad", [True, False])  # without: the weight side forms no weight in backward
