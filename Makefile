@@ -12,8 +12,9 @@ DEMO_STEPS ?= 200
 RUN ?= runs/castle-atoms
 DEMO_MODEL ?= tiny
 # Tests run on one worker per core (at most 4), one thread each: the tiny model's small operations
-# gain nothing from a second thread, and a second worker nearly halves the suite's time.
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4
+# gain nothing from a second thread, and a second worker nearly halves the suite's time. worksteal: a worker
+# that runs out of tests takes some of the other's, instead of idling through the last long ones.
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 .PHONY: env demo test test-all bench clean
 

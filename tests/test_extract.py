@@ -477,6 +477,7 @@ def trained_on_a_base_adapter(root):
     return lora, run("atoms", method="atoms", base_adapters=[f"{lora}:0.7"])
 
 
+@pytest.mark.slow  # 10-35 s on two cores; `make test-all` runs it
 def test_an_adapter_trained_on_base_adapters_is_extracted_on_them(tmp_path, inputs):
     """What filter atoms add on top of the LoRA they trained on is taken on the weights the LoRA leaves: the LoRA's
     run folder names it (found as compare finds it) or --base-adapters gives it, and the LoRA at 0.7 with the extracted

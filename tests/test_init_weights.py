@@ -370,6 +370,7 @@ def test_a_refused_adapter_stacked_on_its_base_adapter_leaves_the_base_weights(o
     assert [name for name, _ in pipe.unet.named_modules()] == names
 
 
+@pytest.mark.slow  # 10-35 s on two cores; `make test-all` runs it
 def test_a_low_rank_adapter_on_a_base_adapter_stacks_with_the_same_bits(trained, tmp_path):
     """A LoRA's update is the same on any weights: stacked on the LoHa it was trained on, it is computed on the base
     weights as always, and the stack's weights are bit for bit what they were."""

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 
 
 def free_port() -> int:
@@ -73,6 +74,7 @@ def test_two_processes_share_the_prompts_and_draw_what_one_process_draws(tmp_pat
     assert (tmp_path / "one" / "grid.png").read_bytes() == (tmp_path / "two" / "grid.png").read_bytes()
 
 
+@pytest.mark.slow  # 10-35 s on two cores; `make test-all` runs it
 def test_two_processes_train_a_text_encoder_whose_last_layers_clip_skip_leaves_unread(tmp_path, tiny_path):
     """With --clip-skip 2 the text encoder's last layer never reaches the conditioning, so its trained layers get no
     gradient: DDP must not wait for them. They stay at their start, the read layer trains, and the run resumes exactly."""

@@ -299,6 +299,7 @@ def test_raised_steps_a_run_cannot_be_extended_to_are_trained_afresh_and_the_dry
     assert len(result.ran) == 4 and sum(line.endswith(": training") for line in lines) == 4, lines
 
 
+@pytest.mark.slow  # 10-35 s on two cores; `make test-all` runs it
 def test_a_run_started_from_init_weights_on_base_adapters_extends_and_is_sampled_on_them(tmp_path, private_cache):
     """init_weights gives the run the file's options (not the plan's), which config.toml records: raised steps still
     extend it. Its samples are drawn on the base adapters it trained on, stacked beneath it, as its validation was."""

@@ -474,7 +474,7 @@ def compiled_eagerly(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kernel", ["auto", "weight"])
+@pytest.mark.parametrize("kernel", [pytest.param("auto", marks=pytest.mark.slow), "weight"])  # weight: CUDA's
 def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_path, compiled_eagerly, kernel):
     """Filter atoms' kernels trace whole, and the compiled steps give the eager losses, on the CPU's own routes and on
     the weight side everywhere (CUDA's)."""
