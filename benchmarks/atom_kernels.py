@@ -179,20 +179,22 @@ def table(args) -> None:
 
         def fast(mode):
             mode, _, spec = mode.partition("@")
+            setting = "FOLD_TILE" if mode == "tap-triton-fold" else "TAP_TILE"  # the tile a spec sets
+            tile = (parse_fold_tile(spec) if mode == "tap-triton-fold" else parse_tile(spec)) if spec else None
 
             def call():
-                from sdtune.methods import atom_triton
+                if tile:
+                    from sdtune.methods import atom_triton
 
-                setting = "FOLD_TILE" if mode == "tap-triton-fold" else "TAP_TILE"
-                previous = getattr(atom_triton, setting)
-                if spec:
-                    setattr(atom_triton, setting, parse_fold_tile(spec) if mode == "tap-triton-fold" else parse_tile(spec))
+                    previous = getattr(atom_triton, setting)
+                    setattr(atom_triton, setting, tile)
                 try:
                     with torch.autocast(args.device, dtype=dtype, enabled=dtype != torch.float32):
                         out = tap_mixed_conv2d(x, conv, mixing, mode)
                     out.sum().backward()
                 finally:
-                    setattr(atom_triton, setting, previous)
+                    if tile:
+                        setattr(atom_triton, setting, previous)
 
             return call
 
