@@ -8,6 +8,7 @@ Shapes are small: the interpreter runs every program of the grid in numpy.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(triton.language.
 
 from sdtune.methods import atom_kernels  # noqa: E402
 from sdtune.methods.atom_kernels import TapMixedConv, tap_mixed_conv2d  # noqa: E402
-from sdtune.methods.atom_triton import tap_backward  # noqa: E402
+from sdtune.methods import atom_triton  # noqa: E402
+from sdtune.methods.atom_triton import tap_backward as triton_tap_backward  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -45,6 +47,26 @@ def reference(x, weight, mixing, grad, stride, padding, dilation):
     mixing = mixing.detach().requires_grad_()
     out = torch.nn.functional.conv2d(x, formed_weight(weight, mixing), None, stride, padding, dilation)
     return torch.autograd.grad(out, (x, mixing), grad)
+
+
+def tap_backward(x, weight, mix, grad, stride, padding, dilation, need_x=True, need_mixing=True, chunk_bytes=None,
+                 kernel="fused"):
+    """`atom_triton.tap_backward`'s kernels, and "dgrad" (the library's grad_x of the formed weight, the "fold" kernel's
+    dL/dM, joined in `atom_kernels`) on the same arguments; the kernels must run, not the library's fallback."""
+    if kernel != "dgrad":
+        return triton_tap_backward(x, weight, mix, grad, stride, padding, dilation, need_x, need_mixing, chunk_bytes, kernel)
+    eye = torch.eye(mix.shape[-1], dtype=mix.dtype)
+    chunk_bytes = atom_triton.TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    original = atom_triton.TAP_H_CHUNK_BYTES
+    try:
+        atom_triton.TAP_H_CHUNK_BYTES = chunk_bytes
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed kernel warns, then falls back to the library
+            return atom_kernels.triton_or_library_backward(
+                x, weight, mix - eye, grad, stride, padding, dilation, need_x, need_mixing, kernel
+            )
+    finally:
+        atom_triton.TAP_H_CHUNK_BYTES = original
 
 
 GEOMETRIES = {
@@ -70,11 +92,11 @@ KERNEL_CASES = [(name, per_channel, kernel) for name, per_channel in CASES for k
 
 @pytest.mark.parametrize("name,per_channel,kernel", KERNEL_CASES)
 def test_kernel_equals_autograd_in_float64(name, per_channel, kernel):
-    batch, c_in, c_out, height, width, kernel, stride, padding, dilation = GEOMETRIES[name]
+    batch, c_in, c_out, height, width, kernel_size, stride, padding, dilation = GEOMETRIES[name]
     generator = torch.Generator().manual_seed(7)
-    taps = kernel[0] * kernel[1]
+    taps = kernel_size[0] * kernel_size[1]
     x = torch.randn(batch, c_in, height, width, generator=generator, dtype=torch.float64)
-    weight = torch.randn(c_out, c_in, *kernel, generator=generator, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, *kernel_size, generator=generator, dtype=torch.float64)
     mixing = 0.3 * torch.randn(*((c_in,) if per_channel else ()), taps, taps, generator=generator, dtype=torch.float64)
     out_shape = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation).shape
     grad = torch.randn(out_shape, generator=generator, dtype=torch.float64)
@@ -94,8 +116,6 @@ def test_kernel_equals_autograd_in_float64(name, per_channel, kernel):
 
 @pytest.mark.parametrize("tile", [(8, 32, 2, False), (16, 16, 4, True)])
 def test_other_tiles_give_the_same_numbers(monkeypatch, tile):
-    from sdtune.methods import atom_triton
-
     monkeypatch.setattr(atom_triton, "TAP_TILE", tile)
     test_kernel_equals_autograd_in_float64("stride 2", False, "fused")
 
@@ -103,8 +123,6 @@ def test_other_tiles_give_the_same_numbers(monkeypatch, tile):
 @pytest.mark.parametrize("tile", [(16, 2, 1), (128, 4, 3)])
 def test_other_fold_tiles_give_the_same_numbers(monkeypatch, tile):
     """Blocks of positions narrower than a map's row or wider than the map, one block a program or several."""
-    from sdtune.methods import atom_triton
-
     monkeypatch.setattr(atom_triton, "FOLD_TILE", tile)
     test_kernel_equals_autograd_in_float64("stride 2", True, "fold")
     test_kernel_equals_autograd_in_float64("37 channels", False, "fold")
@@ -239,3 +257,10 @@ def test_torch_compile_takes_the_kernel_whole(backward):
     assert "sdtune.tap_backward_triton.default" in backward_ops
     assert atom_kernels.triton_tap_backward() is not None  # the kernel ran, not the library's fallback
     torch._dynamo.reset()
+
+
+def test_an_unknown_kernel_is_refused():
+    x = torch.zeros(1, 2, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="no Triton tap-side kernel 'dgrad'"):
+        triton_tap_backward(x, torch.zeros(2, 2, 3, 3, dtype=torch.float64), torch.eye(9, dtype=torch.float64), x,
+                            (1, 1), (1, 1), (1, 1), kernel="dgrad")

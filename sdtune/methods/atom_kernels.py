@@ -296,20 +296,36 @@ def _tap_backward_triton(
 
 
 def triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing, kernel="fused"):
-    """(grad_x, dL/dM) by the Triton `kernel` ("fused", "fold" or "dgrad"), or by the depthwise backward where Triton is
-    missing or failed."""
+    """(grad_x, dL/dM) by the Triton `kernel` ("fused" or "fold" of `atom_triton.KERNELS`, or "dgrad": grad_x by the
+    library's input gradient of the formed weight and dL/dM by the "fold" kernel alone), or by the depthwise backward
+    where Triton is missing or failed."""
     function = triton_tap_backward()
     if function is not None:
         mix = _identity_plus(mixing, torch.promote_types(mixing.dtype, torch.float32))
         try:
-            grad_x, grad_mixing = function(
-                x, weight, mix, grad, stride, padding, dilation, need_x=need_x, need_mixing=need_mixing, kernel=kernel
-            )
+            if kernel == "dgrad":
+                grad_x = _formed_weight_input_grad(x, weight, mixing, grad, stride, padding, dilation) if need_x else None
+                grad_mixing = function(
+                    x, weight, mix, grad, stride, padding, dilation, need_x=False, need_mixing=need_mixing, kernel="fold"
+                )[1]
+            else:
+                grad_x, grad_mixing = function(
+                    x, weight, mix, grad, stride, padding, dilation, need_x=need_x, need_mixing=need_mixing, kernel=kernel
+                )
             return grad_x, grad_mixing.to(mixing.dtype) if grad_mixing is not None else None
         except Exception as error:  # noqa: BLE001 - an exact library route is always there to fall back on
             warn(f"the Triton tap-side kernel ({kernel}) failed ({type(error).__name__}: {error}); using the library's")
             _triton_state["function"] = None
     return _depthwise_backward(x, weight, mixing, grad, stride, padding, dilation, need_x, need_mixing)
+
+
+def _formed_weight_input_grad(x, weight, mixing, grad, stride, padding, dilation) -> torch.Tensor:
+    """grad_x by the library's input gradient of the formed weight W_r·(I + M), as the forward formed it: the frozen
+    convolution's own backward (cuDNN's on a GPU) with a different weight."""
+    formed = _mixed_weight(weight, _as(mixing, x.dtype))
+    return torch.ops.aten.convolution_backward(
+        grad, x, formed, None, stride, padding, dilation, False, (0, 0), 1, [True, False, False]
+    )[0]
 
 
 @_tap_backward_triton.register_fake

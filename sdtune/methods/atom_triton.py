@@ -26,10 +26,8 @@ the input's k² taps X_t[p] = x[q_t(p)] gathered in place (q_t(p) the input posi
     H'[t, p]     = Σ_s (I + M)[s, t]·H[s, p]    one more, written over H in place
 
 and torch's fold (col2im) then sums H' into grad_x, as the unfold route's backward does. No unfolded input, no
-cross-lane reduction per entry, no second buffer the size of H. The "dgrad" variant leaves grad_x to the
-library's input gradient of the formed weight W_r·(I + M) (the frozen convolution's own backward, cuDNN's on a
-GPU) and runs the "fold" kernel for dL/dM alone: H is then extra work, a GEMM where the weight side asks the
-library for a weight gradient of the same size.
+cross-lane reduction per entry, no second buffer the size of H. (`atom_kernels` also offers "dgrad": grad_x by
+the library's input gradient of the formed weight, the "fold" kernel for dL/dM alone.)
 
 Under `TRITON_INTERPRET=1` (set before this module is imported) the kernels run on CPU tensors, float64
 included: that is how the tests check them without a GPU.
@@ -49,7 +47,7 @@ TAP_H_CHUNK_BYTES = 32 << 20
 TAP_TILE: tuple[int, int, int, bool] | None = None
 # (output positions a block, warps, blocks a program) of the "fold" kernel's programs; --triton-tiles sets others.
 FOLD_TILE = (64, 4, 8)
-KERNELS = ("fused", "fold", "dgrad")
+KERNELS = ("fused", "fold")
 
 
 @triton.jit
@@ -157,8 +155,8 @@ def tap_backward(
     (float64 for float64 inputs), shaped like `mix`."""
     if kernel == "fold":
         return tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, need_x, need_mixing, chunk_bytes)
-    if kernel == "dgrad":
-        return tap_backward_dgrad(x, weight, mix, grad, stride, padding, dilation, need_x, need_mixing, chunk_bytes)
+    if kernel != "fused":
+        raise ValueError(f"no Triton tap-side kernel {kernel!r}; the kernels are {', '.join(KERNELS)}")
     batch, channels, height, width = x.shape
     kh, kw = weight.shape[-2:]
     taps = kh * kw
@@ -327,26 +325,3 @@ def tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, need_x=Tr
         if need_mixing:
             sums.append(part.sum(0) if per_channel else part.sum((0, 1)))
     return grad_x, _summed(sums, per_channel) if need_mixing else None
-
-
-def tap_backward_dgrad(x, weight, mix, grad, stride, padding, dilation, need_x=True, need_mixing=True, chunk_bytes=None):
-    """`tap_backward` with grad_x by the library's input gradient of the formed weight and dL/dM by the "fold"
-    kernel alone: the same arguments and results."""
-    grad_x = None
-    if need_x:
-        taps = mix.shape[-1]
-        change = (mix - torch.eye(taps, dtype=mix.dtype, device=mix.device)).to(weight.dtype)  # M: 1 + M in bf16 would lose M
-        if mix.dim() == 2:
-            flat = weight.reshape(-1, taps)
-            formed = torch.addmm(flat, flat, change).view(weight.shape)
-        else:
-            out_channels, channels = weight.shape[:2]
-            rows = weight.reshape(out_channels, channels, taps).transpose(0, 1)
-            formed = torch.baddbmm(rows, rows, change).transpose(0, 1).reshape(weight.shape)
-        grad_x = torch.ops.aten.convolution_backward(
-            grad, x, formed, None, stride, padding, dilation, False, (0, 0), 1, [True, False, False]
-        )[0]
-    grad_mix = None
-    if need_mixing:
-        grad_mix = tap_backward_fold(x, weight, mix, grad, stride, padding, dilation, False, True, chunk_bytes)[1]
-    return grad_x, grad_mix
