@@ -122,6 +122,7 @@ def measure_training(method: str, batch: int, folder: str, args, floor_unet, wor
     config = TrainConfig(
         model=folder, method=method, batch_size=batch, steps=rounds, seed=0, resolution=args.latent * 8,
         mixed_precision=args.mixed_precision, output=str(work / f"{method}-batch{batch}"), compile=args.compile,
+        compile_mode=args.compile_mode,
     )
     with open_trainer(config, progress=False) as trainer:
         embeddings = trainer.prompt_embeddings([trainer.config.prompt], trainer.device).encoder_hidden_states  # SD 1.x models
@@ -349,6 +350,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="train with --compile (the bare step then runs compiled too)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="with --compile: train with this --compile-mode (default, reduce-overhead: CUDA graphs on a "
+                        "GPU, max-autotune or max-autotune-no-cudagraphs)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (rounds, on a CPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
@@ -372,6 +376,12 @@ def main(argv: list[str] | None = None) -> str:
     if args.child:
         print(json.dumps(sample_child(args)))
         return ""
+    from sdtune.config import COMPILE_MODES  # not before a sampling child's clock starts
+
+    if args.compile_mode not in COMPILE_MODES:
+        parser.error(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {args.compile_mode!r}")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} applies with --compile")
 
     import torch
 
@@ -391,7 +401,7 @@ def main(argv: list[str] | None = None) -> str:
             f"{name}, {args.latent}x{args.latent} latents ({args.latent * 8} px), {device_name(args.device)}, "
             f"torch {torch.__version__}, "
             + (f"sampling in {args.sample_dtype}" if args.sampling_only else f"mixed precision {args.mixed_precision}")
-            + (", compiled" if args.compile else "")
+            + ((", compiled" + (f" ({args.compile_mode})" if args.compile_mode != "default" else "")) if args.compile else "")
         )
         progress(header)
         lines = [f"**{header}**", ""]

@@ -394,6 +394,7 @@ def train(
     ema_decay: Optional[float] = typer.Option(None, help="Also write adapter-ema.safetensors, an EMA of the trained weights with this decay; 0: none." + _default(TrainConfig, "ema_decay")),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute UNet activations in the backward pass: less memory, more time" + _default(TrainConfig, "gradient_checkpointing") + "."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the UNet: the first steps compile (minutes for SD), later ones may run faster" + _default(TrainConfig, "compile") + "."),
+    compile_mode: Optional[str] = typer.Option(None, help="With --compile, torch.compile's mode: default, reduce-overhead (CUDA graphs: the host's launch time out of the step), max-autotune (tuned kernels and CUDA graphs) or max-autotune-no-cudagraphs." + _default(TrainConfig, "compile_mode")),
     checkpoint_every: Optional[int] = typer.Option(None, help="Write the full training state to OUTPUT/checkpoints/step-N every N steps; 0: never." + _default(TrainConfig, "checkpoint_every")),
     keep_checkpoints: Optional[int] = typer.Option(None, help="Keep only the newest K checkpoints." + _default(TrainConfig, "keep_checkpoints")),
     resume: Optional[str] = typer.Option(None, help="Continue from a checkpoint: 'latest' (the newest intact one in OUTPUT/checkpoints; none yet: start at step 0) or a checkpoint folder."),

@@ -166,7 +166,7 @@ def run_resolution(path: Path) -> int | None:
 # neither what a run learns nor what it draws (where it writes and logs, how often it saves, savers of time and memory)
 UNCOMPARED_SETTINGS = frozenset({
     "method", "options", "model", "resolution", "output", "resume", "overwrite", "save_every", "keep_saves", "checkpoint_every",
-    "keep_checkpoints", "gradient_checkpointing", "compile", "cache_latents", "validate_every", "validation_prompts",
+    "keep_checkpoints", "gradient_checkpointing", "compile", "compile_mode", "cache_latents", "validate_every", "validation_prompts",
     "validation_dtype", "validation_width", "validation_height", "log_with", "tracker_project",
 })
 

@@ -40,6 +40,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # classes, built from the model's scheduler config (the names follow diffusers' and the web UIs' usage)
 SCHEDULERS = ("default", "ddim", "pndm", "euler", "euler-ancestral", "dpm++", "dpm++-karras", "unipc", "heun", "ddpm")
 DEFAULT_CLASS_IMAGES = 100  # as diffusers' DreamBooth script
+# torch.compile's modes (`train --compile-mode`); "default" is torch.compile's own (mode=None)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs (on a CUDA device)
 
 
 # Settings that name files or folders: a leading `~` is the home folder, as a shell would expand it
@@ -177,7 +180,7 @@ def named_values() -> dict[str, tuple[str, ...]]:
         "model": (TINY, TINY_RANDOM, TINY_SD2_RANDOM, TINY_SDXL_RANDOM),  # the built-in ones, no path to tell them by
         "dtype": SAMPLE_DTYPES + MERGE_DTYPES, "validation_dtype": SAMPLE_DTYPES, "format": EXPORT_FORMATS,
         "optimizer": tuple(OPTIMIZERS), "lr_scheduler": LR_SCHEDULERS, "scheduler": SCHEDULERS, "loss_type": LOSS_TYPES,
-        "huber_schedule": HUBER_SCHEDULES, "mask_source": MASK_SOURCES, "dynamic": EXTRACT_DYNAMIC,
+        "huber_schedule": HUBER_SCHEDULES, "mask_source": MASK_SOURCES, "dynamic": EXTRACT_DYNAMIC, "compile_mode": COMPILE_MODES,
         "fid_features": FID_FEATURES, "split": VTAB_SPLITS,
     }
 
@@ -542,6 +545,7 @@ class TrainConfig(_Config):
     ema_decay: float = 0.0  # keep an EMA of the trained weights with this decay (0: none)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the UNet: slow first steps, then faster ones (measure before using)
+    compile_mode: str = "default"  # torch.compile's mode, one of COMPILE_MODES (reduce-overhead: CUDA graphs)
     checkpoint_every: int = 0  # full training state every N steps into checkpoints/step-N (0: none)
     keep_checkpoints: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder; never written to config.toml
@@ -672,6 +676,10 @@ class TrainConfig(_Config):
             raise SdtuneError("give --resume to continue a run or --overwrite to replace it, not both")
         if self.mixed_precision not in MIXED_PRECISION:
             raise SdtuneError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise SdtuneError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        if self.compile_mode != "default" and not self.compile:  # else the mode would silently do nothing
+            raise SdtuneError(f"--compile-mode {self.compile_mode} applies with --compile")
         if "{token}" not in self.template:
             raise SdtuneError(f"--template must contain {{token}}, got {self.template!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -791,6 +799,8 @@ class TrainConfig(_Config):
         for name in ("clip_skip", "max_token_length"):  # as above (PromptReading's: only where not its default)
             if name not in self.prompt_reading.metadata():
                 values.pop(name, None)
+        if self.compile_mode == "default":  # as above
+            values.pop("compile_mode", None)
         if not self.train_text_encoder:  # a UNet-only run's config.toml stays as before the setting existed
             values.pop("train_text_encoder", None)
         if not self.token_embeddings:  # a run without new tokens: its config.toml stays as before they existed

@@ -611,6 +611,7 @@ class Trainer:
         self.last_read = 0.0  # time.perf_counter() when the host last read a step's values
         self.replaces: list[str] = []  # an earlier run's files that --overwrite replaces
         self._one_group: bool | None = None  # see _parameters_in_one_group
+        self.gradients_in_graph_memory = False  # see _compile_unet
         self.taken_options: dict = {}  # method options --init-weights gave (open_trainer sets them)
         self.started_fresh = ""  # which of the run's UNet layers --init-weights left alone (open_trainer sets it)
         # what the adapter records of the files the run started from (their names and digests), read once
@@ -763,7 +764,23 @@ class Trainer:
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if config.compile:
-            self.unet.compile()  # in place: the module, its parameters and the method's layers stay as they are
+            self._compile_unet()
+
+    def _compile_unet(self) -> None:
+        """torch.compile the UNet in place (the module, its parameters and the method's layers stay as they are) in
+        --compile-mode. Under CUDA graphs every call of it begins a new step (`mark_each_call_a_step`)."""
+        from .config import CUDA_GRAPH_COMPILE_MODES
+
+        mode, device = self.config.compile_mode, self.accelerator.device
+        graphs = mode in CUDA_GRAPH_COMPILE_MODES
+        if graphs and not records_cuda_graphs(device):  # Inductor skips the graphs there; the mode's other choices still apply
+            warn(f"--compile-mode {mode}: CUDA graphs need a CUDA device; the UNet compiles without them on {device.type}")
+            graphs = False
+        self.unet.compile(mode=None if mode == "default" else mode)
+        if graphs:
+            mark_each_call_a_step(self.unet)
+            # a gradient the compiled backward gives lies in the graphs' memory, which the next micro-batch's call reuses
+            self.gradients_in_graph_memory = self.config.gradient_accumulation_steps > 1
 
     def _make_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -1073,6 +1090,8 @@ class Trainer:
                 latents = batch_latents(batch, self.vae)
                 loss = self.loss(latents, batch)
                 accelerator.backward(loss.total)
+                if self.gradients_in_graph_memory and not accelerator.sync_gradients:
+                    keep_gradients(self.parameters)
                 if accelerator.sync_gradients:
                     result.grad_norm = self.grad_norm()
                 self.optimizer_step()
@@ -1436,6 +1455,39 @@ class Trainer:
 
             loader._iterator = None
             end_loader_workers(iterator)
+
+
+def records_cuda_graphs(device) -> bool:
+    """Whether a mode of CUDA graphs records them on `device`: Inductor records them on CUDA devices alone."""
+    return device.type == "cuda"
+
+
+def mark_each_call_a_step(module) -> None:
+    """Begin a new CUDA-graph step before each call of `module`, compiled in place with CUDA graphs: the training loop,
+    the validation loss and the validation pipeline's sampling all call it, and once a step is marked anywhere torch
+    no longer tells steps apart by itself (a call not marked would record one more graph after the last).
+    `nn.Module.compile` keeps the compiled call as `_compiled_call_impl`, which `module(...)` runs: the mark goes
+    around it, outside the compiled code, which it must not be traced into."""
+    import torch
+
+    compiled = module._compiled_call_impl
+    mark_step_begin = torch.compiler.cudagraph_mark_step_begin
+
+    def marked_call(*args, **kwargs):
+        mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    module._compiled_call_impl = marked_call
+
+
+def keep_gradients(parameters) -> None:
+    """Copy each gradient out of the CUDA graphs' memory, where the compiled backward left it, so that the next
+    micro-batch adds its own to it: the next call of the UNet begins a new step (`mark_each_call_a_step`), whose graphs
+    write over that memory (torch then refuses to read it). The same values; one copy of the trained tensors'
+    gradients a micro-batch."""
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad = parameter.grad.clone()
 
 
 def data_workers(dataset, processes: int = 1) -> int:

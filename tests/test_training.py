@@ -4,6 +4,8 @@ gradient checkpointing."""
 from __future__ import annotations
 
 import json
+import tomllib
+import warnings
 
 import pytest
 import torch
@@ -486,6 +488,138 @@ def test_compile_compiles_the_unet_in_place_and_trains_as_eager(tmp_path, tiny_p
     assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
 
 
+@pytest.fixture
+def compile_modes(monkeypatch):
+    """`Module.compile` recording each module's class and mode, and compiling nothing (the module's own call stands in
+    for the compiled one): Inductor takes minutes on a CPU, and CUDA graphs need a GPU."""
+    compiled = []
+
+    def record(module, *args, **kwargs):
+        compiled.append((type(module).__name__, kwargs.get("mode")))
+        module._compiled_call_impl = module._call_impl
+
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
+    return compiled
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_mode_reaches_the_unet_and_cuda_graphs_wait_for_a_cuda_device(tmp_path, tiny_path, compile_modes, monkeypatch,
+                                                                                mode):
+    """torch.compile's own default is mode=None; on the CPU a mode of CUDA graphs says once that the UNet compiles
+    without them, and no step is marked."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run = train(config(tmp_path / "run", compile=True, compile_mode=mode, log_with="none"), progress=False)
+    assert compile_modes == [("UNet2DConditionModel", None if mode == "default" else mode)]
+    graphs = [str(w.message) for w in said if "CUDA graphs" in str(w.message)]
+    if mode == "default":
+        assert not graphs
+    else:
+        assert graphs == ["--compile-mode reduce-overhead: CUDA graphs need a CUDA device; the UNet compiles without them on cpu"]
+    assert not marks
+    written = tomllib.loads((run.output / "config.toml").read_text())
+    assert written["compile"] is True and written.get("compile_mode") == (None if mode == "default" else mode)
+
+
+def test_under_cuda_graphs_every_call_of_the_unet_begins_a_step_and_accumulated_gradients_are_kept(
+        tmp_path, tiny_path, compile_modes, monkeypatch):
+    """As on a CUDA device: each call of the compiled UNet, in the loop, the validation loss and the validation grid,
+    marks a new CUDA-graph step first, and a micro-batch's gradients, copied out of the graphs' memory before the
+    next one's call, add up to the eager run's (the same losses and adapter)."""
+    import sdtune.training
+    from sdtune import validation
+
+    monkeypatch.setattr(validation, "SAMPLE_STEPS", 2)
+    settings = dict(steps=2, gradient_accumulation_steps=2, validate_every=2, validation_images=1, log_with="none")
+    eager = train(config(tmp_path / "eager", **settings), progress=False)
+
+    events = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("mark"))
+    monkeypatch.setattr(sdtune.training, "records_cuda_graphs", lambda device: True)
+    kept = []
+    keep_gradients = sdtune.training.keep_gradients
+
+    def keep(parameters):
+        kept.append(len(events))
+        keep_gradients(parameters)
+
+    monkeypatch.setattr(sdtune.training, "keep_gradients", keep)
+    import sdtune.models
+
+    load_pipeline = sdtune.models.load_pipeline
+
+    def calls_recorded(*args, **kwargs):  # every call of the run's UNet, with or without gradients
+        pipe = load_pipeline(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(lambda module, inputs: events.append("grad" if torch.is_grad_enabled() else "no-grad"))
+        return pipe
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", calls_recorded)
+    run = train(config(tmp_path / "graphs", compile=True, compile_mode="reduce-overhead", **settings), progress=False)
+
+    assert compile_modes == [("UNet2DConditionModel", "reduce-overhead")]
+    calls = [event for event in events if event != "mark"]
+    assert events == [item for call in calls for item in ("mark", call)]  # a mark before every call
+    assert calls.count("grad") == 4 and calls.count("no-grad") > 1  # 2 steps of 2 micro-batches; validation
+    first_calls = [index for index, event in enumerate(events) if event == "grad"][::2]
+    assert kept == [index + 1 for index in first_calls]  # after each step's first micro-batch, before its second
+    assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
+    assert tensors(run.adapter).keys() == tensors(eager.adapter).keys()
+    assert all(torch.equal(tensors(run.adapter)[k], tensors(eager.adapter)[k]) for k in tensors(eager.adapter))
+
+
+def test_cuda_graph_modes_are_those_torch_records_graphs_in():
+    from torch._inductor import list_mode_options
+
+    from sdtune.config import COMPILE_MODES, CUDA_GRAPH_COMPILE_MODES
+
+    assert COMPILE_MODES[0] == "default" and set(CUDA_GRAPH_COMPILE_MODES) <= set(COMPILE_MODES)
+    assert [m for m in COMPILE_MODES if list_mode_options(m).get("triton.cudagraphs")] == list(CUDA_GRAPH_COMPILE_MODES)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("--compile-mode", "reduce-overhead"), "--compile-mode reduce-overhead applies with --compile"),
+    (("--no-compile", "--compile-mode", "max-autotune"), "--compile-mode max-autotune applies with --compile"),
+    (("--compile", "--compile-mode", "fast"),
+     "--compile-mode must be one of default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs, got 'fast'"),
+])
+def test_a_compile_mode_needs_compile_and_a_known_mode(tmp_path, args, pattern):
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--model", "tiny-random", "--output", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: {pattern}"] and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_compile_mode_from_toml_and_python(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('compile = true\ncompile_mode = "max-autotune-no-cudagraphs"\n')
+    loaded = TrainConfig.load(toml)
+    assert (loaded.compile, loaded.compile_mode) == (True, "max-autotune-no-cudagraphs")
+    written = tmp_path / "written.toml"
+    written.write_text(loaded.to_toml())
+    assert TrainConfig.load(written) == loaded
+    assert "compile_mode" not in TrainConfig(compile=True).to_toml()  # at its default, left out as before it existed
+    with pytest.raises(SdtuneError, match=r'^compile_mode="reduce-overhead" applies with compile=True$'):
+        TrainConfig(compile_mode="reduce-overhead").validate()
+    toml.write_text('compile_mode = "reduce-overhead"\n')
+    with pytest.raises(SdtuneError, match="applies with compile"):
+        TrainConfig.load(toml)
+
+
+def test_resuming_in_another_compile_mode_is_named_as_a_difference():
+    saved = TrainConfig(compile=True, compile_mode="reduce-overhead").to_dict()
+    assert changed_settings(saved, TrainConfig(compile=True)) == "compile_mode: reduce-overhead -> default"
+    assert changed_settings(saved, TrainConfig(compile=True, compile_mode="reduce-overhead")) == ""
+    assert changed_settings(TrainConfig().to_dict(), TrainConfig(compile=True, compile_mode="max-autotune")) == (
+        "compile: False -> True, compile_mode: default -> max-autotune")
+
+
 def test_loop_benchmark_runs_on_the_tiny_model(tmp_path, tiny_path):
     import importlib.util
     from pathlib import Path
@@ -501,6 +635,23 @@ def test_loop_benchmark_runs_on_the_tiny_model(tmp_path, tiny_path):
         assert whole > 0 and bare > 0 and floor > 0 and all(r > 0 for r in ratios)
         runs = sorted(tmp_path.glob("*/atoms-batch2"))
         assert len(runs) == call and all([r["step"] for r in records(run)] == [1, 2, 3] for run in runs)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--compile-mode", "reduce-overhead"], "--compile-mode reduce-overhead applies with --compile"),
+    (["--compile", "--compile-mode", "fast"], "--compile-mode must be one of default, reduce-overhead"),
+])
+def test_loop_benchmark_refuses_a_compile_mode_it_would_not_use(args, pattern, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loop.py"
+    spec = importlib.util.spec_from_file_location("loop_benchmark", path)
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    with pytest.raises(SystemExit) as exit:
+        loop.main(args)
+    assert exit.value.code == 2 and pattern in capsys.readouterr().err
 
 
 def test_a_notebooks_train_warns_at_its_own_line_and_leaves_the_libraries_as_they_were(tmp_path):
