@@ -17,9 +17,9 @@
 #            kernel16 variants
 #   hostbound  what the 2026-11-30 H200 run left open, most telling first (about 8 minutes in all):
 #            kernelspeed graphs cudnn channelslast kernelturns
-#   fold     the fold kernel (tap-triton-fold) first, then what hostbound measures: kernelcheck foldlayers
-#            kernelspeed graphs kernelturns cudnn channelslast
-#   loop     the whole train step and sampling alone (loop.py): train sample16 compile samplebf16
+#   fold     the fold kernel (tap-triton-fold) first, then what hostbound measures, then `sdtune train` under
+#            CUDA graphs: kernelcheck foldlayers kernelspeed graphs kernelturns cudnn channelslast traingraphs
+#   loop     the whole train step and sampling alone (loop.py): train sample16 compile traingraphs samplebf16
 #   sampling merged sampling of every method; rest: fp32 tables
 #   families one training step per method on the SDXL-architecture UNet at 1024 px and the SD 2.1 one at
 #            768 px, bf16 batch 1, with peak memory (not in the default)
@@ -130,6 +130,10 @@ part_graphs() {  # torch.compile in reduce-overhead mode (CUDA graphs): the step
     speed --dtype bf16 --batch 1 --compile reduce-overhead --warmup 5 --rows "floor,atoms,atoms[tap-triton-fold],lora"
 }
 
+part_traingraphs() {  # the whole sdtune train step under CUDA graphs (--compile-mode reduce-overhead), batch 1
+    loop --mixed-precision bf16 --methods atoms,lora --batches 1 --compile --compile-mode reduce-overhead --steps 20 --warmup 10
+}
+
 part_sample16() {  # sdtune sample against plain diffusers in fp16: start-up and time per image
     loop --sampling-only --sample-dtype fp16 --sample-rounds 2
 }
@@ -186,11 +190,11 @@ part_families() {  # the later --arch and --latent override the defaults speed()
 }
 
 declare -A group_parts=(
-    [default]="kernelcheck train kernelspeed sample16 kernelturns cudnn channelslast graphs kernellayers kernel16 compile variants samplebf16 oft sampling rest"
+    [default]="kernelcheck train kernelspeed sample16 kernelturns cudnn channelslast graphs kernellayers kernel16 compile traingraphs variants samplebf16 oft sampling rest"
     [kernel]="kernelcheck kernelspeed kernelturns cudnn channelslast graphs kernellayers kernel16 variants"
     [hostbound]="kernelspeed graphs cudnn channelslast kernelturns"
-    [fold]="kernelcheck foldlayers kernelspeed graphs kernelturns cudnn channelslast"
-    [loop]="train sample16 compile samplebf16"
+    [fold]="kernelcheck foldlayers kernelspeed graphs kernelturns cudnn channelslast traingraphs"
+    [loop]="train sample16 compile traingraphs samplebf16"
     [sampling]="sampling" [rest]="rest" [families]="families"
 )
 for group in ${groups//,/ }; do
