@@ -34,6 +34,7 @@ status 1) where a route's error exceeds `--tolerance` and twice the autograd rou
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -91,7 +92,8 @@ def routes_here(device: str, tiles: str = "", fold_tiles: str = "") -> list[str]
     from sdtune.methods.atom_kernels import triton_tap_backward
 
     routes = ["tap-unfold", "tap-depthwise"]
-    if device == "cuda" and triton_tap_backward() is not None:
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the Triton rows on a CPU, slowly: a check of this script
+    if (device == "cuda" or interpreted) and triton_tap_backward() is not None:
         routes.append("tap-triton")
         routes += [f"tap-triton@{spec}" for spec in filter(None, tiles.split(","))]
         routes.append("tap-triton-fold")

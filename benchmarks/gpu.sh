@@ -31,7 +31,8 @@
 # /tmp/sdtune-cache), never into OUT_DIR.
 # DEVICE, ARCH and LATENT override cuda, sd14 and 64: `DEVICE=cpu ARCH=tiny LATENT=8` checks the
 # script itself in a few minutes on a machine without a GPU (per-layer tables at SD v1.4's layers
-# with LATENT-sized latents; the Triton rows fall back to the library there).
+# with LATENT-sized latents; the Triton rows fall back to the library there). With TRITON_INTERPRET=1 too,
+# atom_kernels.py runs the Triton routes through Triton's interpreter (13 minutes for `--check` alone).
 set -u
 out=${1:?output folder}
 budget=${2:-420}
