@@ -165,7 +165,9 @@ class OftLayer(DeltaLayer):
         dim = base.weight[0].numel()  # d_in, or c_in·k·k
         size = layer_block_size(dim, options.block_size)
         self.blocks = dim // size
-        with torch.device(base.weight.device):  # on the meta device when `sdtune train` counts
+        device = base.weight.device  # the meta device when `sdtune train` or `sdtune methods` counts
+        # on the meta device peft's index tables take milliseconds a layer to build: built on the CPU and moved there
+        with torch.device("cpu" if device.type == "meta" else device):
             self.oft_R = OFTRotationModule(
                 1 if options.block_share else self.blocks,
                 size * (size - 1) // 2,
@@ -178,6 +180,8 @@ class OftLayer(DeltaLayer):
                 use_cayley_neumann=options.cayley_neumann,
                 num_cayley_neumann_terms=options.neumann_terms,
             )
+        if device.type == "meta":
+            self.oft_R.to(device)
         nn.init.zeros_(self.oft_R.weight)  # Q = 0: R = I
 
     def rotation(self) -> torch.Tensor:
