@@ -801,6 +801,20 @@ def list_datasets() -> None:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+@app.command("env")
+@handle_errors
+def show_environment(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (for scripts) instead of Markdown lines."),
+) -> None:
+    """Print the versions, devices and settings a bug report needs: paste it into the issue."""
+    import json
+
+    from .environment import report
+
+    environment = report()
+    typer.echo(json.dumps(environment.as_dict(), indent=2) if as_json else environment.as_text())
+
+
 def version_callback(value: bool) -> None:
     if value:
         from . import __version__

@@ -11,7 +11,7 @@ from sdtune.cli import app
 
 README = Path(__file__).parents[1] / "README.md"
 FLAG = re.compile(r"(?<![\w-])--[a-z0-9][a-z0-9-]*")
-COMMAND_LINE = re.compile(r"\bsdtune (train|sample|explain|export|extract|merge|evaluate|compare|sweep|methods|datasets)\b(.*)")
+COMMAND_LINE = re.compile(r"\bsdtune (train|sample|explain|export|extract|merge|evaluate|compare|sweep|methods|datasets|env)\b(.*)")
 
 # the sections whose option tables are one command's (the methods' tables give train's flags)
 TABLE_COMMANDS = {

@@ -490,7 +490,12 @@ def tap_mixed_conv2d(x: torch.Tensor, conv: nn.Conv2d, mixing: torch.Tensor, mod
 def route(x: torch.Tensor, mode: str = "auto", weights: int | None = None) -> tuple[str, str | None]:
     """(side, tap-side backward) that `mode` takes for input x and a weight of `weights` numbers:
     ("tap", "unfold"), ("weight", None), ("autograd", None)..."""
-    device_type = x.device.type
+    return device_route(x.device.type, x.shape[0] * x.shape[2] * x.shape[3], mode, weights)
+
+
+def device_route(device_type: str, positions: int, mode: str = "auto", weights: int | None = None) -> tuple[str, str | None]:
+    """`route` for an input of `positions` batch x input positions on `device_type`, with no tensor needed (what
+    `sdtune env` reports per device)."""
     if mode.startswith("tap-"):
         return "tap", mode[4:]
     if mode in ("weight", "autograd"):
@@ -505,7 +510,6 @@ def route(x: torch.Tensor, mode: str = "auto", weights: int | None = None) -> tu
     if mode == "tap":
         return "tap", backward
     limit = TAP_SIDE_MAX_POSITIONS.get(device_type, 0)  # elsewhere (mps, xpu): the library's own route
-    positions = x.shape[0] * x.shape[2] * x.shape[3]
     return ("tap", backward) if limit is None or positions <= limit else ("weight", None)
 
 

@@ -80,6 +80,7 @@ from torch import nn
 
 from ..errors import SdtuneError, warn
 from .choices import ATOMS_INITS
+from . import atom_kernels
 from .atom_kernels import projected_mixing_conv2d, tap_mixed_conv2d
 from .base import ATTENTION_PROJECTIONS, DeltaLayer, WrappedLayers, fingerprint, named_convs, named_linears, replace_module
 
@@ -548,6 +549,29 @@ class FilterAtoms(WrappedLayers):
 
     def merge_layer(self, layer: nn.Module) -> None:
         layer.merge_into_base()
+
+    @classmethod
+    def device_notes(cls, device_type: str) -> list[str]:
+        """The route the default and D1 variants' convolutions take on `device_type` under `-o kernel=auto`, read from
+        `atom_kernels`' tables (`device_route`), and whether the Triton tap side can be asked for there."""
+        side, backward = atom_kernels.device_route(device_type, 1)
+        limit = atom_kernels.TAP_SIDE_MAX_POSITIONS.get(device_type, 0)
+        if side != "tap":
+            routes = "the weight side at every size"
+        elif limit is None:
+            routes = f"the tap side ({backward} backward) at every size"
+        else:
+            routes = f"the tap side ({backward} backward) up to {limit:,} batch x input positions, else the weight side"
+        plain = atom_kernels.PLAIN_MAX_WEIGHTS.get(device_type, 0)
+        if plain:
+            routes += f"; those of at most {plain:,} weights plain autograd on the formed weight"
+        notes = [f"convolutions take {routes}"]
+        tap_backward = atom_kernels.device_route(device_type, 1, "tap")[1]
+        if tap_backward.startswith("triton"):
+            notes.append(f"Triton tap-side kernels available: -o kernel=tap (the {tap_backward} backward)")
+        elif atom_kernels.TAP_BACKWARD.get(device_type, "").startswith("triton"):
+            notes.append(f"Triton tap-side kernels not available (Triton missing or failed): -o kernel=tap takes the {tap_backward} backward")
+        return notes
 
     def validate_options(self) -> None:
         o = self.options

@@ -127,6 +127,13 @@ class Method(ABC):
         an option of this method does (a layer family): what a run started from the file takes when it sets none."""
         return {}
 
+    @classmethod
+    def device_notes(cls, device_type: str) -> list[str]:
+        """Lines on how this method computes a training step on `device_type` ("cpu", "cuda", "mps") under its
+        default options, where it chooses by device (which kernel, which side of the layer); `sdtune env` lists them.
+        Most methods run as the library does everywhere: none."""
+        return []
+
     # -- the interface -------------------------------------------------------------------------
     @abstractmethod
     def find_targets(self, unet: nn.Module) -> list[str]:

@@ -72,6 +72,17 @@ from .base import KOHYA_FAMILY_VARIANTS, LAYER_FAMILIES, TARGETS_HELP, DeltaLaye
 # a step with OFT on the convolutions cost 4.9x the frozen floor with 1.64x its peak memory through the formed
 # weight (benchmarks/RESULTS.md); CUDA keeps the formed weight until measured there.
 ROUTE = {"cpu": "input"}
+ROUTE_WORDS = {
+    "input": "the input route (the input, unfolded for a convolution, turned by the blocks: no weight gradient, no formed weight kept)",
+    "weight": "the formed weight W + S·ΔW (autograd's weight gradient)",
+}
+
+
+def default_route(device_type: str, autocast: bool) -> str:
+    """"input" or "weight": the route a layer takes on `device_type` unless told (`OftLayer.route`). Under autocast the
+    formed weight, the route measured before, until the input route is measured where mixed precision runs (CUDA); on
+    a CPU's bf16 the tiny model's two routes cost the same."""
+    return (None if autocast else ROUTE.get(device_type)) or "weight"
 
 
 class InputRotatedConv(torch.autograd.Function):
@@ -196,11 +207,10 @@ class OftLayer(DeltaLayer):
         return blocks.expand(self.blocks, -1, -1)
 
     def training_route(self, device_type: str, autocast: bool) -> str:
-        """"input" or "weight": how this layer computes a training step on `device_type`, under autocast or not.
-        Under autocast the default is the formed weight, the route measured before, until the input route is
-        measured where mixed precision runs (CUDA); on a CPU's bf16 the tiny model's two routes cost the same."""
+        """"input" or "weight": how this layer computes a training step on `device_type`, under autocast or not
+        (`default_route` unless `route` is set)."""
         base = self.base_layer
-        route = self.route or (None if autocast else ROUTE.get(device_type)) or "weight"
+        route = self.route or default_route(device_type, autocast)
         if isinstance(base, nn.Conv2d) and not (base.groups == 1 and base.padding_mode == "zeros" and not isinstance(base.padding, str)):
             return "weight"  # InputRotatedConv takes plain zero-padded, ungrouped convolutions
         return route
@@ -272,6 +282,15 @@ class Oft(WrappedLayers):
     # of the OFT authors' SD DreamBooth example in peft (examples/boft_dreambooth/train_oft.sh)
     default_lr = 3e-5
     export_formats = ("kohya", "peft")
+
+    @classmethod
+    def device_notes(cls, device_type: str) -> list[str]:
+        """The route a plain, zero-padded layer takes on `device_type` (`default_route`), in full precision and under
+        mixed precision."""
+        full, mixed = default_route(device_type, False), default_route(device_type, True)
+        if full == mixed:
+            return [f"layers take {ROUTE_WORDS[full]}"]
+        return [f"layers take {ROUTE_WORDS[full]} in fp32, {ROUTE_WORDS[mixed]} under mixed precision"]
     trains_text_encoder = True
 
     def validate_options(self) -> None:
