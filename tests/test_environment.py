@@ -119,3 +119,23 @@ def test_a_failing_probe_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(environment, "accelerate_config_file", broken)
     facts = dict(environment.report().facts)
     assert facts["Accelerate default config"] == "unknown (OSError: config folder unreadable)"
+
+
+def test_a_gpu_is_described_and_its_device_notes_listed(monkeypatch):
+    """With CUDA present (simulated here: the test machines have no GPU), each GPU gets a line and the methods' notes
+    cover "cuda" too."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(name="Tesla T4", total_memory=15 << 30, major=7, minor=5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    report = environment.report()
+    facts = dict(report.facts)
+    assert facts["CUDA available"] == "yes (1 GPU)"
+    assert facts["GPU 0"] == "Tesla T4, 15.0 GB, compute capability 7.5, bf16: emulated"
+    assert report.method_notes["atoms"]["cuda"] == method_class("atoms").device_notes("cuda")
+    assert set(report.method_notes["atoms"]) == {"cpu", "cuda"}
