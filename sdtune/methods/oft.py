@@ -282,6 +282,7 @@ class Oft(WrappedLayers):
     # of the OFT authors' SD DreamBooth example in peft (examples/boft_dreambooth/train_oft.sh)
     default_lr = 3e-5
     export_formats = ("kohya", "peft")
+    trains_text_encoder = True
 
     @classmethod
     def device_notes(cls, device_type: str) -> list[str]:
@@ -291,7 +292,6 @@ class Oft(WrappedLayers):
         if full == mixed:
             return [f"layers take {ROUTE_WORDS[full]}"]
         return [f"layers take {ROUTE_WORDS[full]} in fp32, {ROUTE_WORDS[mixed]} under mixed precision"]
-    trains_text_encoder = True
 
     def validate_options(self) -> None:
         o = self.options
