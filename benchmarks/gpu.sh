@@ -54,6 +54,7 @@ python3 -c "import torch, diffusers, transformers, accelerate; print('torch', to
 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" >>"$out/loop.log" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, \
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" >>"$out/speed.log" 2>&1
+python3 -m sdtune env >>"$out/loop.log" 2>&1 || echo "sdtune env ended with $?" >>"$out/loop.log"  # the whole environment
 
 left() { echo $((deadline - SECONDS)); }
 
