@@ -13,6 +13,9 @@ them, and checks, with the limits of a GPU run (`--cpu` for a CPU's, where they 
   floor's + 2 %, at batch 1 and 4 in bf16;
 - the Triton kernel's bf16 gradients within tolerance (atom_kernels.py --check).
 
+After the verdicts, every filter-atom route of every bf16 step table (compiled, autotuned, channels-last ones
+included) against the filter-atom limits: which route and settings CUDA's default could take.
+
 The filter-atom limits are a GPU's: a CPU run (`DEVICE=cpu ARCH=tiny`) checks that the tables are read.
 
 A target whose table is missing (a run cut short by its budget) is reported as not measured, never as met.
@@ -125,6 +128,39 @@ def kernel_targets(found: list[dict], kernels_text: str) -> list[tuple]:
     return rows
 
 
+ATOM_LIMITS = (("×floor", 1.10), ("×LoRA", 0.85), ("peak ×floor", 1.02))
+
+
+def route_candidates(found: list[dict]) -> list[str]:
+    """Every filter-atom route of the bf16 step tables (the default and each `atoms[route]` row, not the variants'
+    `atoms{...}` rows) against the three filter-atom limits, per table: which route CUDA's default could take, and
+    under which settings (the tables' titles: compiled, cuDNN autotuned, channels-last, in turns)."""
+    lines = []
+    for table in found:
+        title = table["title"]
+        if "×floor" not in table["columns"] or not re.search(r"\bbatch \d+, bf16\b", title) or title.startswith(("sdxl ", "sd2 ")):
+            continue
+        settings = re.search(r"\bbatch (\d+), bf16\b", title).group(1)
+        extras = [part.strip() for part in title.split(",") if part.strip().startswith(
+            ("compiled", "cuDNN", "channels-last", "beside"))]
+        where = f"batch {settings}" + ("".join(f", {extra}" for extra in extras))
+        for row in table["rows"]:
+            method = row.get("method", "")
+            if not (method == "atoms" or method.startswith("atoms[")) or "{" in method:
+                continue
+            measured = [number(row.get(column)) for column, _ in ATOM_LIMITS]
+            meets = all(value is not None and value <= limit for value, (_, limit) in zip(measured, ATOM_LIMITS))
+            cells = [f"{value:.2f}" if value is not None else "–" for value in measured]
+            lines.append(f"| {where} | {method} | " + " | ".join(cells) + f" | {'yes' if meets else 'no'} |")
+    if not lines:
+        return []
+    header = ["", "Filter atoms' routes against the same limits (≤ " + ", ≤ ".join(
+        f"{limit:.2f} {column}" for column, limit in ATOM_LIMITS) + "), every bf16 step table:", "",
+        "| table | route | " + " | ".join(column for column, _ in ATOM_LIMITS) + " | meets all |",
+        "| --- | --- |" + " ---: |" * len(ATOM_LIMITS) + " --- |"]
+    return header + lines
+
+
 def report(folder: Path, cpu: bool = False) -> str:
     texts = {name: (folder / name).read_text(encoding="utf-8") if (folder / name).is_file() else "" for name in TABLE_FILES}
     found = tables(texts["loop.md"]) + tables(texts["speed.md"])
@@ -136,6 +172,7 @@ def report(folder: Path, cpu: bool = False) -> str:
     met = sum(row[2] == "met" for row in rows)
     lines += ["", f"{met} of {len(rows)} targets met" + ("" if met == len(rows) else
               f"; {sum(row[2] == 'NOT MET' for row in rows)} not met, {sum(row[2] == 'NOT MEASURED' for row in rows)} not measured")]
+    lines += route_candidates(tables(texts["speed.md"]))
     return "\n".join(lines)
 
 

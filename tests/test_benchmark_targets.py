@@ -52,6 +52,7 @@ def write_run(folder: Path, scripts, lora_b4=1.04, atoms_b4_seconds=0.100, sdtun
 
 
 def verdicts(text: str) -> dict:
+    text = text.split("\n\nFilter atoms' routes")[0]  # the verdicts' table alone
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     return {row[0].lstrip("| "): row[3].rstrip(" |") for row in rows}
 
@@ -89,3 +90,29 @@ def test_a_run_cut_short_is_not_measured(tmp_path, scripts):
     assert set(judged.values()) == {"NOT MEASURED"}, judged
     assert "failed: OutOfMemoryError" in text
     assert "0 of 12 targets met; 0 not met, 12 not measured" in text
+
+
+def test_every_atom_route_of_every_bf16_table_is_held_to_the_limits(tmp_path, scripts):
+    """Which route CUDA's default could take: each `atoms[route]` row of each bf16 step table, compiled ones included,
+    against ×floor ≤ 1.10, ×LoRA ≤ 0.85 and peak ×floor ≤ 1.02; the variants' rows are left out."""
+    _, speed, targets = scripts
+    write_run(tmp_path, scripts)
+    tables = (tmp_path / "speed.md").read_text().splitlines()
+    for title, fold_seconds in (("batch 1, bf16, NVIDIA H200, median of 10 steps after 3, compiled (reduce-overhead)", 0.070),
+                                ("batch 4, bf16, NVIDIA H200, median of 10 steps after 3, channels-last", 0.200)):
+        tables += ["", f"**sd14 UNet, 64x64 latents, {title}**", ""]
+        tables += speed.training_table([
+            speed_row("floor", 0.075, 2.69), speed_row("atoms[tap-triton-fold]", fold_seconds, 2.70),
+            speed_row("atoms{m1=4}", 0.070, 2.70), speed_row("lora", 0.117, 2.79)])
+    (tmp_path / "speed.md").write_text("\n".join(tables) + "\n")
+    text = targets.report(tmp_path)
+    routes = [line.strip("|").split(" | ") for line in text.split("Filter atoms' routes")[1].splitlines()
+              if line.startswith("| ") and "---" not in line][1:]
+    found = {(row[0].strip(), row[1]): row[-1].strip() for row in routes}
+    assert found == {
+        ("batch 1", "atoms"): "yes",  # 0.080 s against the floor's 0.075 and LoRA's 0.117
+        ("batch 4", "atoms"): "yes",
+        ("batch 1, compiled (reduce-overhead)", "atoms[tap-triton-fold]"): "yes",
+        ("batch 4, channels-last", "atoms[tap-triton-fold]"): "no",  # 2.67x the floor
+    }, found
+    assert len(verdicts(text)) == 13  # the verdicts are the same
