@@ -759,20 +759,23 @@ def list_methods(
     model: str = typer.Option("sd14", help="Architecture to count on: 'sd14', 'sd2-arch' or 'sdxl-arch' (SD v1.4, SD 2.1, SDXL base, built without weights), 'tiny', 'tiny-random', 'tiny-sd2-random', 'tiny-sdxl-random', a hub id or a folder."),
 ) -> None:
     """List every method with its trainable parameter count and adapter size."""
+    from tqdm.auto import tqdm
+
     from .fileio import human_bytes
     from .models import ARCHITECTURES, build_arch_unet, load_pipeline
 
     if not model:  # a str, not a path the configs check: an empty one is no folder to look into
         raise SdtuneError(empty_path_message("--model"))
     rows = []
-    for name in methods.available():
-        for variant in methods.method_class(name).variants:
-            unet = build_arch_unet(model, "meta") if model in ARCHITECTURES else load_pipeline(model).unet
-            method = methods.create(name, **variant)
-            method.inject(unet)
-            size = sum(t.numel() * t.element_size() for t in method.state_dict().values())
-            options = ", ".join(f"{k}={v}" for k, v in variant.items()) or "defaults"
-            rows.append((name, options, f"{method.num_parameters():,}", f"{len(method.target_names)}", human_bytes(size)))
+    cases = [(name, variant) for name in methods.available() for variant in methods.method_class(name).variants]
+    # on stderr, and only at a terminal: counting injects every case into the architecture (seconds for SD's)
+    for name, variant in tqdm(cases, desc="counting", unit="case", leave=False, disable=None):
+        unet = build_arch_unet(model, "meta") if model in ARCHITECTURES else load_pipeline(model).unet
+        method = methods.create(name, **variant)
+        method.inject(unet)
+        size = sum(t.numel() * t.element_size() for t in method.state_dict().values())
+        options = ", ".join(f"{k}={v}" for k, v in variant.items()) or "defaults"
+        rows.append((name, options, f"{method.num_parameters():,}", f"{len(method.target_names)}", human_bytes(size)))
     header = ("method", "options", "trainable", "layers", "adapter")
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     typer.echo(f"on {ARCHITECTURES[model][1] + ' (no weights)' if model in ARCHITECTURES else model}:")
