@@ -1090,8 +1090,8 @@ class Trainer:
                 latents = batch_latents(batch, self.vae)
                 loss = self.loss(latents, batch)
                 accelerator.backward(loss.total)
-                if self.gradients_in_graph_memory and not accelerator.sync_gradients:
-                    keep_gradients(self.parameters)
+                if self.gradients_in_graph_memory and micro_batch == 0 and not accelerator.sync_gradients:
+                    keep_gradients(self.parameters)  # later micro-batches add into these copies in place
                 if accelerator.sync_gradients:
                     result.grad_norm = self.grad_norm()
                 self.optimizer_step()
@@ -1481,10 +1481,10 @@ def mark_each_call_a_step(module) -> None:
 
 
 def keep_gradients(parameters) -> None:
-    """Copy each gradient out of the CUDA graphs' memory, where the compiled backward left it, so that the next
-    micro-batch adds its own to it: the next call of the UNet begins a new step (`mark_each_call_a_step`), whose graphs
-    write over that memory (torch then refuses to read it). The same values; one copy of the trained tensors'
-    gradients a micro-batch."""
+    """Copy each gradient out of the CUDA graphs' memory, where the compiled backward of a step's first micro-batch
+    left it, so that the next micro-batch adds its own to it: the next call of the UNet begins a new step
+    (`mark_each_call_a_step`), whose graphs write over that memory (torch then refuses to read it). The same values;
+    one copy of the trained tensors' gradients a step (the later micro-batches' add into it in place)."""
     for parameter in parameters:
         if parameter.grad is not None:
             parameter.grad = parameter.grad.clone()

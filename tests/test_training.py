@@ -532,7 +532,7 @@ def test_under_cuda_graphs_every_call_of_the_unet_begins_a_step_and_accumulated_
     from sdtune import validation
 
     monkeypatch.setattr(validation, "SAMPLE_STEPS", 2)
-    settings = dict(steps=2, gradient_accumulation_steps=2, validate_every=2, validation_images=1, log_with="none")
+    settings = dict(steps=2, gradient_accumulation_steps=3, validate_every=2, validation_images=1, log_with="none")
     eager = train(config(tmp_path / "eager", **settings), progress=False)
 
     events = []
@@ -561,9 +561,10 @@ def test_under_cuda_graphs_every_call_of_the_unet_begins_a_step_and_accumulated_
     assert compile_modes == [("UNet2DConditionModel", "reduce-overhead")]
     calls = [event for event in events if event != "mark"]
     assert events == [item for call in calls for item in ("mark", call)]  # a mark before every call
-    assert calls.count("grad") == 4 and calls.count("no-grad") > 1  # 2 steps of 2 micro-batches; validation
-    first_calls = [index for index, event in enumerate(events) if event == "grad"][::2]
-    assert kept == [index + 1 for index in first_calls]  # after each step's first micro-batch, before its second
+    assert calls.count("grad") == 6 and calls.count("no-grad") > 1  # 2 steps of 3 micro-batches; validation
+    first_calls = [index for index, event in enumerate(events) if event == "grad"][::3]
+    # after each step's first micro-batch, before its second: the later ones add into the copies in place
+    assert kept == [index + 1 for index in first_calls]
     assert [r["loss"] for r in records(run.output)] == [r["loss"] for r in records(eager.output)]
     assert tensors(run.adapter).keys() == tensors(eager.adapter).keys()
     assert all(torch.equal(tensors(run.adapter)[k], tensors(eager.adapter)[k]) for k in tensors(eager.adapter))
