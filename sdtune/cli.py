@@ -762,15 +762,17 @@ def list_methods(
     from tqdm.auto import tqdm
 
     from .fileio import human_bytes
-    from .models import ARCHITECTURES, build_arch_unet, load_pipeline
+    from .models import ARCHITECTURES, build_arch_unet, build_unet, read_model_configs
 
     if not model:  # a str, not a path the configs check: an empty one is no folder to look into
         raise SdtuneError(empty_path_message("--model"))
+    # a model's UNet config alone: its architecture on the meta device, no weights loaded (the counts need shapes only)
+    unet_config = None if model in ARCHITECTURES else read_model_configs(model).unet
     rows = []
     cases = [(name, variant) for name in methods.available() for variant in methods.method_class(name).variants]
     # on stderr, and only at a terminal: counting injects every case into the architecture (seconds for SD's)
     for name, variant in tqdm(cases, desc="counting", unit="case", leave=False, disable=None):
-        unet = build_arch_unet(model, "meta") if model in ARCHITECTURES else load_pipeline(model).unet
+        unet = build_arch_unet(model) if unet_config is None else build_unet(unet_config)
         method = methods.create(name, **variant)
         method.inject(unet)
         size = sum(t.numel() * t.element_size() for t in method.state_dict().values())

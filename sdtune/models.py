@@ -100,11 +100,16 @@ ARCHITECTURES = {
 
 def build_arch_unet(name: str, device: str = "meta"):
     """A full-size UNet architecture (`ARCHITECTURES`) with no weights (meta device) or random weights."""
+    return build_unet(_resource_config(ARCHITECTURES[name][0]), device)
+
+
+def build_unet(config: dict, device: str = "meta"):
+    """The UNet of `config` (a UNet2DConditionModel's config.json) with no weights (meta device) or random weights."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):
-        return UNet2DConditionModel.from_config(_resource_config(ARCHITECTURES[name][0]))
+        return UNet2DConditionModel.from_config(config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -564,6 +564,29 @@ def test_methods_table_counts_sd14():
     assert rows[("loha", "targets=transformer")][0] == "3,391,488" and rows[("loha", "targets=locon")][0] == "8,406,528"
 
 
+def test_methods_counts_a_models_unet_from_its_config_without_loading_weights(tiny_path, monkeypatch):
+    """`--model` a pipeline: the counts come from its UNet's config built on the meta device (none of its weights read),
+    and equal those of the method injected into the loaded UNet."""
+    import sdtune.models
+    from sdtune import methods
+
+    expected = {}
+    for name in ("atoms", "lora"):
+        method = methods.create(name)
+        method.inject(sdtune.models.load_pipeline("tiny-random").unet)
+        expected[name] = (f"{method.num_parameters():,}", str(len(method.target_names)))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("sdtune methods loaded a pipeline")
+
+    monkeypatch.setattr(sdtune.models, "load_pipeline", no_weights)
+    monkeypatch.setattr(methods, "available", lambda: ["atoms", "lora"])
+    result = invoke("methods", "--model", "tiny-random")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: tuple(line.split()[2:4]) for line in result.stdout.splitlines() if line.split()[1:2] == ["defaults"]}
+    assert rows == expected
+
+
 @pytest.mark.parametrize(
     "args,pattern",
     [
