@@ -190,7 +190,7 @@ def test_half_precision_within_autograds_own_error(kernel, dtype):
 
 
 @pytest.mark.parametrize("kernel", ["fused", "fold", "dgrad"])
-def test_only_the_gradients_asked_for(kernel):
+def test_only_the_gradients_asked_for(kernel, monkeypatch):
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(1, 4, 5, 5, generator=generator, dtype=torch.float64)
     weight = torch.randn(3, 4, 3, 3, generator=generator, dtype=torch.float64)
@@ -202,6 +202,12 @@ def test_only_the_gradients_asked_for(kernel):
     only_mixing = tap_backward(x, weight, mix, grad, *geometry, need_x=False, kernel=kernel)
     assert only_x[1] is None and only_mixing[0] is None
     assert torch.equal(only_x[0], full_x) and torch.equal(only_mixing[1], full_mixing)
+    if kernel == "dgrad":  # grad_x alone is the library's: no H = Wᵀ·G formed for it
+        formed = []
+        blocks_of_h = atom_triton._blocks_of_h
+        monkeypatch.setattr(atom_triton, "_blocks_of_h", lambda *a: formed.append(1) or blocks_of_h(*a))
+        tap_backward(x, weight, mix, grad, *geometry, need_mixing=False, kernel=kernel)
+        assert not formed
 
 
 @pytest.mark.parametrize("backward", ["triton", "triton-fold", "triton-dgrad"])

@@ -306,8 +306,8 @@ def triton_or_library_backward(x, weight, mixing, grad, stride, padding, dilatio
             if kernel == "dgrad":
                 grad_x = _formed_weight_input_grad(x, weight, mixing, grad, stride, padding, dilation) if need_x else None
                 grad_mixing = function(
-                    x, weight, mix, grad, stride, padding, dilation, need_x=False, need_mixing=need_mixing, kernel="fold"
-                )[1]
+                    x, weight, mix, grad, stride, padding, dilation, need_x=False, need_mixing=True, kernel="fold"
+                )[1] if need_mixing else None  # else its H would be a GEMM for nothing
             else:
                 grad_x, grad_mixing = function(
                     x, weight, mix, grad, stride, padding, dilation, need_x=need_x, need_mixing=need_mixing, kernel=kernel
