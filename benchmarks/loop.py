@@ -376,12 +376,13 @@ def main(argv: list[str] | None = None) -> str:
     if args.child:
         print(json.dumps(sample_child(args)))
         return ""
-    from sdtune.config import COMPILE_MODES  # not before a sampling child's clock starts
+    from sdtune.config import check_compile_mode  # not before a sampling child's clock starts
+    from sdtune.errors import SdtuneError
 
-    if args.compile_mode not in COMPILE_MODES:
-        parser.error(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {args.compile_mode!r}")
-    if args.compile_mode != "default" and not args.compile:
-        parser.error(f"--compile-mode {args.compile_mode} applies with --compile")
+    try:
+        check_compile_mode(args.compile, args.compile_mode)
+    except SdtuneError as error:
+        parser.error(str(error))
 
     import torch
 

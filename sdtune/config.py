@@ -463,6 +463,13 @@ def check_prompt_reading(clip_skip: int | None, max_token_length: int | None) ->
         raise SdtuneError(f"--max-token-length must be one of {', '.join(map(str, MAX_TOKEN_LENGTHS))} (chunks of 75), got {max_token_length}")
 
 
+def check_compile_mode(compile: bool, mode: str) -> None:
+    if mode not in COMPILE_MODES:
+        raise SdtuneError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode != "default" and not compile:  # else the mode would silently do nothing
+        raise SdtuneError(f"--compile-mode {mode} applies with --compile")
+
+
 def check_resolution(resolution: int | None, flag: str = "--resolution") -> None:
     """An image size the VAE maps to whole latents: a positive multiple of 8 (None: the model's own)."""
     if resolution is not None and (resolution < 8 or resolution % 8):
@@ -676,10 +683,7 @@ class TrainConfig(_Config):
             raise SdtuneError("give --resume to continue a run or --overwrite to replace it, not both")
         if self.mixed_precision not in MIXED_PRECISION:
             raise SdtuneError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
-        if self.compile_mode not in COMPILE_MODES:
-            raise SdtuneError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if self.compile_mode != "default" and not self.compile:  # else the mode would silently do nothing
-            raise SdtuneError(f"--compile-mode {self.compile_mode} applies with --compile")
+        check_compile_mode(self.compile, self.compile_mode)
         if "{token}" not in self.template:
             raise SdtuneError(f"--template must contain {{token}}, got {self.template!r}")
         if self.loss_type not in LOSS_TYPES:
