@@ -103,6 +103,10 @@ def loop_targets(found: list[dict], cpu: bool) -> list[tuple]:
     return rows
 
 
+# filter atoms' step against the floor and peft LoRA r4, and their peak memory against the floor's
+ATOM_LIMITS = (("×floor", 1.10), ("×LoRA", 0.85), ("peak ×floor", 1.02))
+
+
 def kernel_targets(found: list[dict], kernels_text: str) -> list[tuple]:
     rows = []
     for batch in ("1", "4"):
@@ -110,8 +114,8 @@ def kernel_targets(found: list[dict], kernels_text: str) -> list[tuple]:
         atoms = next((row for table in found if "×floor" in table["columns"]
                       and re.search(rf"\bbatch {batch}, bf16\b", table["title"]) and not table["title"].startswith(("sdxl ", "sd2 "))
                       for row in table["rows"] if row.get("method") == "atoms"), None)
-        for column, limit, name in (("×floor", 1.10, "filter atoms' step ×floor"), ("×LoRA", 0.85, "filter atoms' step ×peft LoRA r4"),
-                                    ("peak ×floor", 1.02, "filter atoms' peak memory ×floor")):
+        for (column, limit), name in zip(ATOM_LIMITS, ("filter atoms' step ×floor", "filter atoms' step ×peft LoRA r4",
+                                                       "filter atoms' peak memory ×floor")):
             measured = number(atoms.get(column)) if atoms else None
             rows.append((f"{name}, batch {batch}, bf16", *verdict(measured, limit), f"≤ {limit:.2f}"))
     check = None
@@ -128,22 +132,19 @@ def kernel_targets(found: list[dict], kernels_text: str) -> list[tuple]:
     return rows
 
 
-ATOM_LIMITS = (("×floor", 1.10), ("×LoRA", 0.85), ("peak ×floor", 1.02))
-
-
 def route_candidates(found: list[dict]) -> list[str]:
     """Every filter-atom route of the bf16 step tables (the default and each `atoms[route]` row, not the variants'
     `atoms{...}` rows) against the three filter-atom limits, per table: which route CUDA's default could take, and
-    under which settings (the tables' titles: compiled, cuDNN autotuned, channels-last, in turns)."""
+    under which settings (the tables' titles: compiled, cuDNN autotuned, channels-last, beside busy processes)."""
     lines = []
     for table in found:
         title = table["title"]
-        if "×floor" not in table["columns"] or not re.search(r"\bbatch \d+, bf16\b", title) or title.startswith(("sdxl ", "sd2 ")):
+        batch = re.search(r"\bbatch (\d+), bf16\b", title)
+        if "×floor" not in table["columns"] or not batch or title.startswith(("sdxl ", "sd2 ")):
             continue
-        settings = re.search(r"\bbatch (\d+), bf16\b", title).group(1)
         extras = [part.strip() for part in title.split(",") if part.strip().startswith(
             ("compiled", "cuDNN", "channels-last", "beside"))]
-        where = f"batch {settings}" + ("".join(f", {extra}" for extra in extras))
+        where = f"batch {batch.group(1)}" + ("".join(f", {extra}" for extra in extras))
         for row in table["rows"]:
             method = row.get("method", "")
             if not (method == "atoms" or method.startswith("atoms[")) or "{" in method:
