@@ -56,10 +56,10 @@ def tap_backward(x, weight, mix, grad, stride, padding, dilation, need_x=True, n
     if kernel != "dgrad":
         return triton_tap_backward(x, weight, mix, grad, stride, padding, dilation, need_x, need_mixing, chunk_bytes, kernel)
     eye = torch.eye(mix.shape[-1], dtype=mix.dtype)
-    chunk_bytes = atom_triton.TAP_H_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     original = atom_triton.TAP_H_CHUNK_BYTES
     try:
-        atom_triton.TAP_H_CHUNK_BYTES = chunk_bytes
+        if chunk_bytes is not None:
+            atom_triton.TAP_H_CHUNK_BYTES = chunk_bytes
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed kernel warns, then falls back to the library
             return atom_kernels.triton_or_library_backward(
@@ -70,7 +70,7 @@ def tap_backward(x, weight, mix, grad, stride, padding, dilation, need_x=True, n
 
 
 GEOMETRIES = {
-    # name: (batch, c_in, c_out, height, width, kernel, stride, padding, dilation)
+    # name: (batch, c_in, c_out, height, width, kernel size, stride, padding, dilation)
     "3x3": (2, 5, 6, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),
     "stride 2": (2, 5, 6, 7, 8, (3, 3), (2, 2), (1, 1), (1, 1)),
     "3x2 strided dilated": (1, 3, 4, 7, 5, (3, 2), (2, 1), (2, 0), (2, 1)),
